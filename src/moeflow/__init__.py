@@ -1,0 +1,39 @@
+"""moeflow: fast Mixture-of-Experts training and serving on PyTorch.
+
+Heavy sub-packages (torch-based layer, runtime, compress) load lazily, so ``moeflow.plan``
+and ``moeflow.sim`` stay importable without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from moeflow import errors
+from moeflow.config import MoEConfig, ModelPreset, model_preset, preset_names
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "MoELayer": ("moeflow.layer.moe", "MoELayer"),
+    "layer": ("moeflow.layer", None),
+    "kernels": ("moeflow.kernels", None),
+    "comm": ("moeflow.comm", None),
+    "runtime": ("moeflow.runtime", None),
+    "perf": ("moeflow.perf", None),
+    "plan": ("moeflow.plan", None),
+    "sim": ("moeflow.sim", None),
+    "compress": ("moeflow.compress", None),
+    "integrations": ("moeflow.integrations", None),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        mod, attr = _LAZY[name]
+        m = importlib.import_module(mod)
+        return getattr(m, attr) if attr else m
+    raise AttributeError(f"module 'moeflow' has no attribute {name!r}")
+
+
+__all__ = ["MoEConfig", "ModelPreset", "model_preset", "preset_names", "errors", "MoELayer",
+           "__version__"]

@@ -1,0 +1,45 @@
+"""Typed errors. Every error names the offending value and says what is allowed."""
+
+from __future__ import annotations
+
+
+class MoeflowError(Exception):
+    """Base class of every error moeflow raises on purpose."""
+
+
+class ConfigError(MoeflowError, ValueError):
+    """A configuration field holds a value that is not allowed."""
+
+    def __init__(self, field: str, value, allowed: str):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{field}={value!r} is not allowed: {allowed}")
+
+
+class InputError(MoeflowError, ValueError):
+    """A tensor passed in has the wrong shape, dtype or content."""
+
+
+class RoutingError(MoeflowError, ValueError):
+    """Router scores are not finite (NaN or Inf)."""
+
+
+class UnsupportedModelError(MoeflowError, ValueError):
+    """A transformers module class that moeflow cannot convert."""
+
+
+class CorruptDataError(MoeflowError, ValueError):
+    """Compressed bytes are corrupted, truncated, or not moeflow's format."""
+
+
+class DistributedConfigError(MoeflowError, ValueError):
+    """A parallel layout that cannot work (degrees that do not divide, groups too large)."""
+
+
+class CommTimeoutError(MoeflowError, RuntimeError):
+    """A collective did not finish in time: a peer rank died or stalls."""
+
+
+class PlanError(MoeflowError, ValueError):
+    """A planner input that has no feasible plan."""
