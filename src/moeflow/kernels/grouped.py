@@ -1,0 +1,197 @@
+"""Grouped expert FFN: one interface, three implementations.
+
+Shape legend: N rows (token-expert assignments, grouped by expert in expert order),
+D hidden, F FFN width, X = 2F for SwiGLU (gate rows then up rows) or F for GELU, E experts.
+
+* ``grouped_mm`` - ``torch._grouped_mm`` over row offsets; one call per GEMM for all experts.
+* ``bmm``        - pad every expert to the largest count, then one ``torch.bmm``.
+* ``loop``       - a plain per-expert ``F.linear`` loop through autograd; the test reference.
+
+``grouped_mm`` and ``bmm`` run inside :class:`ExpertFFNFunction`, a hand-written autograd
+function: the backward reuses the same grouped GEMM for data and weight gradients and
+recomputes the activation from the saved pre-activation instead of keeping both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeflow.errors import InputError
+
+IMPLS = ("auto", "grouped_mm", "bmm", "loop")
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+def _has_grouped_mm() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+def resolve_impl(impl: str, x: torch.Tensor) -> str:
+    """Pick a concrete implementation for ``impl='auto'``.
+
+    ``torch._grouped_mm`` needs bf16 on CUDA (and sm90+ for the fast path); on CPU it takes
+    fp32 and bf16. Anything else falls back to padded bmm, which works everywhere.
+    """
+    if impl not in IMPLS:
+        raise InputError(f"kernel impl={impl!r} is not allowed: one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    if not _has_grouped_mm():
+        return "bmm"
+    if x.device.type == "cpu":
+        return "grouped_mm" if x.dtype in (torch.float32, torch.bfloat16) else "bmm"
+    if x.device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(x.device)
+        return "grouped_mm" if (x.dtype == torch.bfloat16 and major >= 9) else "bmm"
+    return "bmm"
+
+
+# --------------------------------------------------------------------------- grouped GEMMs
+def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts_E, 0).to(torch.int32)
+
+
+def _pad_index(counts_E: torch.Tensor, n_rows: int):
+    """Row -> (expert, slot) map used to scatter rows into a padded (E, C, .) buffer."""
+    e_N = torch.repeat_interleave(torch.arange(counts_E.numel(), device=counts_E.device), counts_E,
+                                  output_size=n_rows)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    slot_N = torch.arange(n_rows, device=counts_E.device) - starts_E[e_N]
+    return e_N, slot_N
+
+
+class _Groups:
+    """Precomputed grouping of N rows by expert, shared by all GEMMs of one call."""
+
+    def __init__(self, counts_E: torch.Tensor, n_rows: int, impl: str):
+        self.impl = impl
+        self.counts_E = counts_E
+        self.n_rows = n_rows
+        self.num_experts = counts_E.numel()
+        if impl == "grouped_mm":
+            self.offs = _offsets(counts_E)
+        else:
+            self.cap = int(counts_E.max()) if self.num_experts and n_rows else 0
+            self.e_N, self.slot_N = _pad_index(counts_E, n_rows)
+
+    def pad(self, a_NI: torch.Tensor) -> torch.Tensor:
+        out = a_NI.new_zeros(self.num_experts, self.cap, a_NI.shape[1])
+        out[self.e_N, self.slot_N] = a_NI
+        return out
+
+    def unpad(self, a_ECO: torch.Tensor) -> torch.Tensor:
+        return a_ECO[self.e_N, self.slot_N]
+
+    def linear(self, a_NI: torch.Tensor, w_EOI: torch.Tensor) -> torch.Tensor:
+        """Per expert e: rows_e @ w_EOI[e].T -> (N, O)."""
+        if self.n_rows == 0:
+            return a_NI.new_zeros(0, w_EOI.shape[1])
+        if self.impl == "grouped_mm":
+            return torch._grouped_mm(a_NI, w_EOI.transpose(-2, -1), offs=self.offs)
+        return self.unpad(torch.bmm(self.pad(a_NI), w_EOI.transpose(-2, -1)))
+
+    def linear_t(self, a_NO: torch.Tensor, w_EOI: torch.Tensor) -> torch.Tensor:
+        """Per expert e: rows_e @ w_EOI[e] -> (N, I) (the data gradient of :meth:`linear`)."""
+        if self.n_rows == 0:
+            return a_NO.new_zeros(0, w_EOI.shape[2])
+        if self.impl == "grouped_mm":
+            return torch._grouped_mm(a_NO, w_EOI, offs=self.offs)
+        return self.unpad(torch.bmm(self.pad(a_NO), w_EOI))
+
+    def wgrad(self, g_NO: torch.Tensor, a_NI: torch.Tensor) -> torch.Tensor:
+        """Per expert e: g_e.T @ a_e -> (E, O, I) (the weight gradient of :meth:`linear`)."""
+        if self.n_rows == 0:
+            return g_NO.new_zeros(self.num_experts, g_NO.shape[1], a_NI.shape[1])
+        if self.impl == "grouped_mm":
+            return torch._grouped_mm(g_NO.t(), a_NI, offs=self.offs)
+        return torch.bmm(self.pad(g_NO).transpose(1, 2), self.pad(a_NI))
+
+
+# --------------------------------------------------------------------------- activations
+def _act_forward(h_NX: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        gate, up = h_NX.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h_NX, approximate="tanh")
+
+
+def _act_backward(da_NF: torch.Tensor, h_NX: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        gate, up = h_NX.chunk(2, dim=-1)
+        s = torch.sigmoid(gate)
+        silu = gate * s
+        d_gate = da_NF * up * (s * (1 + gate * (1 - s)))
+        d_up = da_NF * silu
+        return torch.cat([d_gate, d_up], dim=-1)
+    return torch.ops.aten.gelu_backward(da_NF, h_NX, approximate="tanh")
+
+
+class ExpertFFNFunction(torch.autograd.Function):
+    """y_ND = act(x_ND @ w_in[e].T) @ w_out[e].T for the rows of each expert e."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_in_EXD, w_out_EDF, counts_E, activation, impl):
+        groups = _Groups(counts_E, x_ND.shape[0], impl)
+        h_NX = groups.linear(x_ND, w_in_EXD)
+        a_NF = _act_forward(h_NX, activation)
+        y_ND = groups.linear(a_NF, w_out_EDF)
+        ctx.groups = groups
+        ctx.activation = activation
+        ctx.save_for_backward(x_ND, w_in_EXD, w_out_EDF, h_NX)
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, gy_ND):
+        x_ND, w_in_EXD, w_out_EDF, h_NX = ctx.saved_tensors
+        groups = ctx.groups
+        gy_ND = gy_ND.contiguous()
+        a_NF = _act_forward(h_NX, ctx.activation)  # recomputed: cheaper than storing it
+        g_w_out = groups.wgrad(gy_ND, a_NF) if ctx.needs_input_grad[2] else None
+        da_NF = groups.linear_t(gy_ND, w_out_EDF)
+        dh_NX = _act_backward(da_NF, h_NX, ctx.activation)
+        g_w_in = groups.wgrad(dh_NX, x_ND) if ctx.needs_input_grad[1] else None
+        g_x = groups.linear_t(dh_NX, w_in_EXD) if ctx.needs_input_grad[0] else None
+        return g_x, g_w_in, g_w_out, None, None, None
+
+
+def expert_ffn_reference(x_ND, counts_E, w_in_EXD, w_out_EDF, activation):
+    """Plain per-expert loop through autograd. Slow and obviously right: the test oracle."""
+    outs = []
+    for e, x_e in enumerate(x_ND.split(counts_E.tolist())):
+        if x_e.shape[0] == 0:
+            continue
+        h = F.linear(x_e, w_in_EXD[e])
+        outs.append(F.linear(_act_forward(h, activation), w_out_EDF[e]))
+    if not outs:
+        return x_ND.new_zeros(0, w_out_EDF.shape[1]) + 0 * w_out_EDF.sum() + 0 * w_in_EXD.sum()
+    return torch.cat(outs)
+
+
+def expert_ffn(x_ND: torch.Tensor, counts_E: torch.Tensor, w_in: torch.Tensor,
+               w_out: torch.Tensor, activation: str = "swiglu", impl: str = "auto") -> torch.Tensor:
+    """Grouped expert FFN over rows grouped by expert.
+
+    Args:
+        x_ND: rows grouped by expert, in expert order.
+        counts_E: rows per expert (long), ``counts_E.sum() == N``.
+        w_in: (E, 2F, D) for SwiGLU (gate rows, then up rows) or (E, F, D) for GELU.
+        w_out: (E, D, F).
+        activation: ``"swiglu"`` or ``"gelu"`` (tanh approximation, as GPT-2).
+        impl: ``"auto"``, ``"grouped_mm"``, ``"bmm"`` or ``"loop"``.
+
+    With an F-slice of the weights (expert-sharding parallelism) the result is that slice's
+    partial sum; the partials of all slices add up to the full result.
+    """
+    if activation not in ACTIVATIONS:
+        raise InputError(f"activation={activation!r} is not allowed: one of {ACTIVATIONS}")
+    if x_ND.dim() != 2:
+        raise InputError(f"x_ND must be 2-D (rows, hidden); got shape {tuple(x_ND.shape)}")
+    E = w_in.shape[0]
+    if counts_E.shape != (E,):
+        raise InputError(f"counts_E must have shape ({E},); got {tuple(counts_E.shape)}")
+    impl = resolve_impl(impl, x_ND)
+    if impl == "loop":
+        return expert_ffn_reference(x_ND, counts_E, w_in, w_out, activation)
+    counts_E = counts_E.to(device=x_ND.device, dtype=torch.long)
+    return ExpertFFNFunction.apply(x_ND.contiguous(), w_in, w_out, counts_E, activation, impl)
