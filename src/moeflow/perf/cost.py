@@ -1,0 +1,177 @@
+"""Linear (alpha-beta) cost models and the per-primitive :class:`PerfModel`.
+
+Every primitive is modelled as ``t(n) = alpha + beta * n`` (SYSTEMS.md, "Cost model shared by
+all of them"). Units throughout moeflow: time in **milliseconds**; ``n`` in **bytes** for
+collectives (the per-rank input buffer: what one rank sends in an a2a, the gathered output of
+an all-gather, the reduced buffer of a reduce-scatter / all-reduce) and in **FLOPs** for GEMMs
+(``2 * m * n * k``). SYSTEMS.md allows FLOPs or M*H*tokens for GEMMs; we read the published
+fits as FLOPs.
+
+Pure Python: no torch, no numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from moeflow.errors import ConfigError, InputError
+
+PRIMITIVES = ("gemm", "a2a", "ag", "rs", "ar")
+SOURCES = ("published", "derived", "measured", "fitted", "assumed")
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    """``t(n) = alpha + beta * n`` in ms (SYSTEMS.md cost model).
+
+    ``r2`` is the coefficient of determination of the least-squares fit that produced it
+    (``None`` for costs that were not fitted here); ``source`` says where the numbers come from.
+    """
+
+    alpha: float
+    beta: float
+    r2: float | None = None
+    source: str = "fitted"
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha) and math.isfinite(self.beta)):
+            raise ConfigError("LinearCost", (self.alpha, self.beta), "finite alpha and beta")
+        if self.source not in SOURCES:
+            raise ConfigError("LinearCost.source", self.source, f"one of {SOURCES}")
+
+    def __call__(self, n: float) -> float:
+        return self.alpha + self.beta * n
+
+    def chunked(self, n: float, r: int) -> float:
+        """Per-chunk time when ``n`` is split into ``r`` equal chunks: ``alpha + beta*n/r``."""
+        return self.alpha + self.beta * n / r
+
+    def inverse(self, t: float) -> float:
+        """``g^-1(t) = (t - alpha) / beta``: the largest ``n`` that fits in time ``t`` (>= 0).
+
+        FSMoE's gradient partitioning uses this to turn idle link time into bytes.
+        """
+        if self.beta <= 0:
+            return math.inf if t >= self.alpha else 0.0
+        return max(0.0, (t - self.alpha) / self.beta)
+
+    @classmethod
+    def fit(cls, n: Iterable[float], t: Iterable[float], *, source: str = "fitted",
+            note: str = "") -> "LinearCost":
+        """Ordinary least squares of ``t`` on ``n`` (closed form), with R^2.
+
+        ``beta = cov(n, t) / var(n)``, ``alpha = mean(t) - beta * mean(n)``,
+        ``R^2 = 1 - SS_res / SS_tot``.
+        """
+        xs = [float(v) for v in n]
+        ys = [float(v) for v in t]
+        if len(xs) != len(ys):
+            raise InputError(f"fit needs as many times as sizes, got {len(xs)} and {len(ys)}")
+        if len(xs) < 2:
+            raise InputError(f"fit needs at least 2 points, got {len(xs)}")
+        mx = sum(xs) / len(xs)
+        my = sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx == 0:
+            raise InputError("fit needs at least 2 distinct sizes")
+        sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+        beta = sxy / sxx
+        alpha = my - beta * mx
+        ss_tot = sum((y - my) ** 2 for y in ys)
+        ss_res = sum((y - (alpha + beta * x)) ** 2 for x, y in zip(xs, ys))
+        r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+        return cls(alpha=alpha, beta=beta, r2=r2, source=source, note=note)
+
+    def to_dict(self) -> dict:
+        return {"alpha": self.alpha, "beta": self.beta, "r2": self.r2, "source": self.source,
+                "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LinearCost":
+        return cls(alpha=float(d["alpha"]), beta=float(d["beta"]),
+                   r2=None if d.get("r2") is None else float(d["r2"]),
+                   source=d.get("source", "fitted"), note=d.get("note", ""))
+
+
+def _check_key(key: str) -> None:
+    base = key.split("@", 1)[0]
+    if base not in PRIMITIVES:
+        raise ConfigError("primitive", key,
+                          f"one of {PRIMITIVES}, optionally '@<link level>' (e.g. 'a2a@inter')")
+
+
+@dataclass(frozen=True)
+class PerfModel:
+    """Costs per primitive: ``gemm``, ``a2a``, ``ag``, ``rs``, ``ar`` and per-level variants
+    such as ``a2a@intra`` / ``a2a@inter``.
+
+    :meth:`cost` resolves ``"a2a@inter"`` to the level-specific fit when there is one and falls
+    back to the plain ``"a2a"`` fit otherwise.
+    """
+
+    name: str
+    costs: Mapping[str, LinearCost]
+    bytes_per_element: int = 2
+    notes: str = ""
+    meta: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for k in self.costs:
+            _check_key(k)
+        if "gemm" not in self.costs:
+            raise ConfigError("PerfModel.costs", sorted(self.costs), "a 'gemm' entry")
+
+    def cost(self, primitive: str) -> LinearCost:
+        _check_key(primitive)
+        if primitive in self.costs:
+            return self.costs[primitive]
+        base = primitive.split("@", 1)[0]
+        if base in self.costs:
+            return self.costs[base]
+        raise ConfigError("primitive", primitive, f"one of {sorted(self.costs)}")
+
+    def has(self, primitive: str) -> bool:
+        return primitive in self.costs or primitive.split("@", 1)[0] in self.costs
+
+    def time(self, primitive: str, n: float) -> float:
+        return self.cost(primitive)(n)
+
+    # ---- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": "moeflow.perf/1", "name": self.name,
+                "bytes_per_element": self.bytes_per_element, "notes": self.notes,
+                "meta": dict(self.meta),
+                "costs": {k: c.to_dict() for k, c in sorted(self.costs.items())}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "PerfModel":
+        if d.get("format") != "moeflow.perf/1":
+            raise InputError(f"not a moeflow perf model: format={d.get('format')!r}, "
+                             "expected 'moeflow.perf/1'")
+        return cls(name=d["name"], bytes_per_element=int(d.get("bytes_per_element", 2)),
+                   notes=d.get("notes", ""), meta=dict(d.get("meta", {})),
+                   costs={k: LinearCost.from_dict(v) for k, v in d["costs"].items()})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, s: str) -> "PerfModel":
+        return cls.from_dict(json.loads(s))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PerfModel":
+        return cls.from_json(Path(path).read_text())
+
+    @classmethod
+    def preset(cls, name: str) -> "PerfModel":
+        from moeflow.perf.presets import perf_preset
+        return perf_preset(name)
