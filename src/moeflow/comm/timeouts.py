@@ -1,0 +1,76 @@
+"""Fault-aware waiting: every collective moeflow issues is waited on with a deadline.
+
+A dead peer makes gloo fail fast ("Connection reset by peer"); a stalled peer makes the
+wait run into ``timeout_s``. Both surface as :class:`moeflow.errors.CommTimeoutError`
+naming the operation, instead of an indefinite hang or an anonymous transport error.
+
+On NCCL, ``Work.wait`` only orders streams; set ``TORCH_NCCL_BLOCKING_WAIT=1`` (or rely on
+the process-group timeout and its watchdog) for the host-side deadline to bite.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Callable, Optional
+
+import torch
+
+from moeflow.errors import CommTimeoutError
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def _timedelta(timeout_s: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(timeout_s))
+
+
+def wait_work(work, op: str, timeout_s: float) -> None:
+    """Wait for an async ``Work`` or raise CommTimeoutError naming ``op``."""
+    if work is None:
+        return
+    try:
+        ok = work.wait(timeout=_timedelta(timeout_s))
+    except CommTimeoutError:
+        raise
+    except Exception as e:  # gloo raises RuntimeError for both timeouts and dead peers
+        raise CommTimeoutError(
+            f"{op} did not finish within {timeout_s:g}s: a peer rank died or stalls "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if ok is False:
+        raise CommTimeoutError(f"{op} did not finish within {timeout_s:g}s")
+
+
+class Pending:
+    """An in-flight collective plus the local step that turns its buffer into the result.
+
+    ``finish`` runs after the wait (e.g. summing reduce-scatter blocks); ``wait()`` is
+    idempotent.
+    """
+
+    __slots__ = ("work", "op", "timeout_s", "_finish", "_value", "_done")
+
+    def __init__(self, work, op: str, timeout_s: float,
+                 finish: Callable[[], torch.Tensor]):
+        self.work, self.op, self.timeout_s = work, op, timeout_s
+        self._finish, self._value, self._done = finish, None, False
+
+    @classmethod
+    def ready(cls, value: torch.Tensor) -> "Pending":
+        p = cls(None, "local", 0.0, lambda: value)
+        return p
+
+    def wait(self) -> torch.Tensor:
+        if not self._done:
+            wait_work(self.work, self.op, self.timeout_s)
+            self._value = self._finish()
+            self._done, self._finish, self.work = True, None, None
+        return self._value
+
+
+def resolve_timeout(timeout_s: Optional[float]) -> float:
+    """``timeout_s`` or the default; must be positive."""
+    from moeflow.errors import ConfigError
+    t = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+    if not (isinstance(t, (int, float)) and t > 0):
+        raise ConfigError("timeout_s", timeout_s, "a number of seconds > 0")
+    return float(t)

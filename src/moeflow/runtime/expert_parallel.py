@@ -1,0 +1,410 @@
+"""ExpertParallel: one MoELayer sharded over ranks, with pipelined comm/compute overlap.
+
+Shapes: T local tokens, D hidden, F FFN width, E experts, N local assignments; W ranks in
+``group``; S = ``esp_size`` ranks share one set of experts (expert-sharding parallelism,
+each with an F/S slice); P = W / S expert-parallel shards, E_l = E / P local experts.
+
+Group layout (group ranks): ESP groups are S consecutive ranks ``{p*S + s}`` (inside one
+node); EP groups are ``{s + S*p}``. EP shard p owns experts ``[p*E_l, (p+1)*E_l)``; ESP rank
+s holds F-slice ``[s*F/S, (s+1)*F/S)`` of each.
+
+Per forward call (FSMoE section "The layer as modules"):
+  route (replicated router, local tokens) -> permute -> count exchange ->
+  r chunks of [dispatch a2a -> ESP all-gather -> expert GEMMs on the F-slice ->
+  ESP reduce-scatter -> combine a2a] (wavefront, :mod:`moeflow.runtime.pipeline`) ->
+  unpermute and weight -> + shared experts (replicated).
+Backward is the mirror image in :class:`PipelinedExperts` with its own degree r_bwd: grads
+travel like tokens (the adjoint of combine is a dispatch, of reduce-scatter an all-gather).
+
+Semantics: routing, capacity (drop mode) and expert choice act on each rank's own batch,
+exactly as the single-device layer on that batch; aux losses are per rank. Token-choice
+dropless routing is per token, so the output equals the single-device layer on the
+global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from moeflow.comm.collectives import all_gather_v, all_reduce, reduce_scatter_v
+from moeflow.comm.dispatch import (DISPATCHERS, CountExchange, TokenDispatcher, make_dispatcher,
+                                   split_offsets, split_sizes, sub_block_index)
+from moeflow.comm.groups import subgroup
+from moeflow.comm.timeouts import resolve_timeout
+from moeflow.comm.topology import Topology
+from moeflow.errors import ConfigError, DistributedConfigError
+from moeflow.kernels import expert_ffn
+from moeflow.layer.routers import Routing, capacity as capacity_of
+from moeflow.runtime.pipeline import run_wavefront
+
+
+def _positive_int(name: str, v) -> int:
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        raise ConfigError(name, v, "a positive int")
+    return v
+
+
+def resolve_degrees(plan, layer_index: int, r_fwd: int, r_bwd: int) -> tuple[int, int]:
+    """``(r_fwd, r_bwd)`` from a plan (``moeflow.plan.degrees_for_layer``) or plain ints."""
+    if plan is not None:
+        if isinstance(plan, int):
+            return _positive_int("plan", plan), plan
+        if isinstance(plan, (tuple, list)) and len(plan) == 2:
+            return _positive_int("plan[0]", plan[0]), _positive_int("plan[1]", plan[1])
+        import moeflow.plan as mplan  # lazy: the runtime works without planners installed
+        rf, rb = mplan.degrees_for_layer(plan, layer_index)
+        return _positive_int("plan r_fwd", int(rf)), _positive_int("plan r_bwd", int(rb))
+    return _positive_int("r_fwd", r_fwd), _positive_int("r_bwd", r_bwd)
+
+
+class _Run:
+    """State of one forward call that backward reuses (exchange, routes, saved inputs)."""
+
+    def __init__(self, ep: "ExpertParallel", ex: CountExchange, r_fwd: int, r_bwd: int):
+        self.ep, self.ex, self.r_fwd, self.r_bwd = ep, ex, r_fwd, r_bwd
+        self.graphs: Optional[list] = None
+        self.x_full: Optional[torch.Tensor] = None
+        self.w_in_d = self.w_out_d = None
+
+    # -- the chunk pipeline, shared by forward and backward -------------------------------
+    def _pipeline(self, rows_ND: torch.Tensor, r: int, compute) -> torch.Tensor:
+        ep, disp, ex = self.ep, self.ep.dispatcher, self.ex
+        S, timeout = ep.esp_size, ep.timeout_s
+        D = rows_ND.shape[-1]
+        pad = ex.padded
+        ext = torch.cat([rows_ND, rows_ND.new_zeros(1, D)]) if pad else rows_ND
+        out = ext.new_zeros(ext.shape)
+        routes = [disp.route(ex, r, c) for c in range(r)]
+        stages = []
+
+        def send(c, _):
+            rt = routes[c]
+            buf = ext.index_select(0, rt.send_index.to(ext.device))
+            return rt.dispatch[0].issue(buf, timeout)
+        stages.append(send)
+        for k in range(1, len(routes[0].dispatch)):
+            stages.append(lambda c, buf, k=k: routes[c].dispatch[k].issue(buf, timeout))
+        if S > 1:
+            def gather(c, buf):
+                sizes = routes[c].recv_SPE.sum((1, 2)).tolist()
+                return all_gather_v(buf, sizes, ep.esp_group,
+                                    f"ESP all-gather (chunk {c + 1}/{r})", timeout)
+            stages.append(gather)
+
+        def experts(c, buf):
+            recv = routes[c].recv_SPE                       # [S, P, E_l] for this chunk
+            idx = sub_block_index(recv, perm=(2, 0, 1)).to(buf.device)   # -> expert-major
+            counts = recv.sum((0, 1))
+            y_e = compute(c, buf.index_select(0, idx), counts)
+            y = buf.new_empty(buf.shape[0], y_e.shape[-1]).index_copy_(0, idx, y_e)
+            if S > 1:
+                return reduce_scatter_v(y, recv.sum((1, 2)).tolist(), ep.esp_group,
+                                        f"ESP reduce-scatter (chunk {c + 1}/{r})", timeout)
+            return routes[c].combine[0].issue(y, timeout)
+        stages.append(experts)
+        if S > 1:
+            stages.append(lambda c, y: routes[c].combine[0].issue(y, timeout))
+        for k in range(1, len(routes[0].combine)):
+            stages.append(lambda c, y, k=k: routes[c].combine[k].issue(y, timeout))
+
+        def place(c, y):
+            out.index_copy_(0, routes[c].send_index.to(out.device), y)
+            return None
+        stages.append(place)
+        run_wavefront(r, stages)
+        return out[: rows_ND.shape[0]] if pad else out
+
+    def _canonical_index(self, r: int, c: int) -> torch.Tensor:
+        """Rows of chunk c (expert-major) inside the full ``[s][p][e]`` received buffer."""
+        R = self.ex.recv_SPE
+        return sub_block_index(R, split_offsets(R, r, c), split_sizes(R, r, c), perm=(2, 0, 1))
+
+    # -- forward / backward ---------------------------------------------------------------
+    def forward(self, x_ND, w_in, w_out, needs_grad: bool) -> torch.Tensor:
+        ep = self.ep
+        keep_graphs = needs_grad and self.r_fwd == self.r_bwd
+        if needs_grad:
+            self.w_in_d = w_in.detach().requires_grad_(True)
+            self.w_out_d = w_out.detach().requires_grad_(True)
+        if keep_graphs:
+            self.graphs = [None] * self.r_fwd
+        elif needs_grad:
+            self.x_full = x_ND.new_empty(int(self.ex.recv_SPE.sum()), x_ND.shape[-1])
+
+        def compute(c, x_e, counts):
+            if x_e.shape[0] == 0:
+                if keep_graphs:
+                    self.graphs[c] = None
+                return x_e.new_zeros(0, x_e.shape[-1])
+            if keep_graphs:
+                xc = x_e.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    yc = expert_ffn(xc, counts, self.w_in_d, self.w_out_d, ep.activation,
+                                    ep.kernel)
+                self.graphs[c] = (xc, yc)
+                return yc.detach()
+            if needs_grad:
+                self.x_full.index_copy_(0, self._canonical_index(self.r_fwd, c).to(x_e.device),
+                                        x_e)
+            return expert_ffn(x_e, counts, w_in, w_out, ep.activation, ep.kernel)
+
+        return self._pipeline(x_ND, self.r_fwd, compute)
+
+    def backward(self, grad_y_ND):
+        ep = self.ep
+        gw_in = torch.zeros_like(self.w_in_d)
+        gw_out = torch.zeros_like(self.w_out_d)
+
+        def compute(c, g_e, counts):
+            if g_e.shape[0] == 0:
+                return g_e.new_zeros(0, g_e.shape[-1])
+            if self.graphs is not None:
+                xc, yc = self.graphs[c]
+                self.graphs[c] = None  # free the chunk's activations as soon as used
+            else:
+                idx = self._canonical_index(self.r_bwd, c).to(g_e.device)
+                xc = self.x_full.index_select(0, idx).requires_grad_(True)
+                with torch.enable_grad():  # recompute: backward chunks differ from forward's
+                    yc = expert_ffn(xc, counts, self.w_in_d, self.w_out_d, ep.activation,
+                                    ep.kernel)
+            gx, gi, go = torch.autograd.grad(yc, (xc, self.w_in_d, self.w_out_d), g_e,
+                                             allow_unused=True)
+            if gi is not None:
+                gw_in.add_(gi)
+            if go is not None:
+                gw_out.add_(go)
+            return gx
+
+        gx = self._pipeline(grad_y_ND.contiguous(), self.r_bwd, compute)
+        self.graphs = self.x_full = None
+        return gx, gw_in, gw_out
+
+
+class PipelinedExperts(torch.autograd.Function):
+    """Dispatch -> experts -> combine over r_fwd chunks; backward over r_bwd chunks.
+
+    Inputs: ``x_ND`` local assignments sorted by expert, the local (ESP-sliced) expert
+    weights, and the call state. Output: ``y_ND`` (expert outputs, unweighted) in x_ND's
+    row order. FSMoE's overlap: chunk i's GEMMs run under chunk i+1's dispatch and chunk
+    i-1's combine, in both directions.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, w_in, w_out, run: _Run):
+        needs = any(ctx.needs_input_grad[:3])
+        y = run.forward(x_ND, w_in, w_out, needs)
+        ctx.run = run
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y_ND):
+        gx, gw_in, gw_out = ctx.run.backward(grad_y_ND)
+        ctx.run = None
+        return gx, gw_in, gw_out, None
+
+
+def _slice_w_in(w_in: torch.Tensor, e0: int, e1: int, s: int, S: int, swiglu: bool) -> torch.Tensor:
+    F = w_in.shape[1] // 2 if swiglu else w_in.shape[1]
+    f = F // S
+    w = w_in[e0:e1]
+    if not swiglu:
+        return w[:, s * f:(s + 1) * f]
+    # gate rows then up rows: keep that layout inside the slice (kernels expect it)
+    return torch.cat([w[:, s * f:(s + 1) * f], w[:, F + s * f:F + (s + 1) * f]], dim=1)
+
+
+class ExpertParallel(nn.Module):
+    """Run ``layer`` (a :class:`moeflow.MoELayer`) with its experts sharded over ``group``.
+
+    Args:
+        layer: the full single-device layer; every rank must pass the same (same seed)
+            layer. Its router and shared experts are used as replicas; its routed experts
+            are sliced into local parameters ``w_in`` (E_l, 2F/S or F/S, D) and
+            ``w_out`` (E_l, D, F/S).
+        group: process group of the W ranks (None: the default group).
+        topology: :class:`Topology` of ``group`` (default ``Topology.from_env``).
+        dispatcher: ``"a2a"`` (flat dropless), ``"capacity"`` (fixed capacity, padded) or
+            ``"2dh"`` (hierarchical intra-node then inter-node).
+        esp_size: S, ranks sharing each expert's FFN (must fit inside a node).
+        r_fwd, r_bwd: pipeline degrees (chunks) of forward and backward.
+        plan: a ``moeflow.plan.Plan`` (read with ``degrees_for_layer(plan, layer_index)``),
+            an int, or a ``(r_fwd, r_bwd)`` pair; overrides r_fwd / r_bwd.
+        timeout_s: deadline of every collective; a dead or stalled peer raises
+            :class:`moeflow.errors.CommTimeoutError` naming the operation.
+
+    Raises DistributedConfigError before any communication when E is not divisible by
+    P = W / S, S does not divide the node, or F is not divisible by S.
+    """
+
+    def __init__(self, layer: nn.Module, group=None, topology: Optional[Topology] = None,
+                 dispatcher: str = "a2a", esp_size: int = 1, r_fwd: int = 1, r_bwd: int = 1,
+                 plan=None, layer_index: int = 0, timeout_s: Optional[float] = None,
+                 kernel: Optional[str] = None):
+        super().__init__()
+        cfg = layer.cfg
+        if dispatcher not in DISPATCHERS:
+            raise ConfigError("dispatcher", dispatcher, f"one of {DISPATCHERS}")
+        esp_size = _positive_int("esp_size", esp_size)
+        self.r_fwd, self.r_bwd = resolve_degrees(plan, layer_index, r_fwd, r_bwd)
+        self.timeout_s = resolve_timeout(timeout_s)
+        if not dist.is_initialized():
+            raise DistributedConfigError("torch.distributed is not initialised: call "
+                                         "init_process_group first")
+        W = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        topology = topology if topology is not None else Topology.from_env(group)
+        if topology.world_size != W:
+            raise DistributedConfigError(
+                f"topology.world_size={topology.world_size} does not match the group size {W}")
+        R = topology.ranks_per_node
+        S = esp_size
+        if S > R or R % S:
+            raise DistributedConfigError(
+                f"esp_size={S} must divide the ranks per node ({R}): an ESP group lives "
+                f"inside one node")
+        P = W // S
+        E, F = cfg.num_experts, cfg.ffn_hidden_size
+        if E % P:
+            raise DistributedConfigError(
+                f"num_experts={E} is not divisible by the expert-parallel size "
+                f"{P} (= world {W} / esp_size {S})")
+        if F % S:
+            raise DistributedConfigError(
+                f"ffn_hidden_size={F} is not divisible by esp_size={S}")
+
+        # Replicated parts (router, shared experts) are the layer's own modules; the full
+        # layer object is kept unregistered so its full expert weights are not ours.
+        self.__dict__["_layer"] = layer
+        self.cfg = cfg
+        for name, child in layer.named_children():
+            if name != "experts":
+                self.add_module(name, child)
+        self.group, self.topology = group, topology
+        self.world_size, self.rank = W, rank
+        self.esp_size, self.ep_size = S, P
+        self.ep_rank, self.esp_rank = rank // S, rank % S
+        self.num_local_experts = E // P
+        self.activation = cfg.expert_type
+        self.kernel = kernel or layer.experts.kernel
+
+        e0, e1 = self.ep_rank * self.num_local_experts, (self.ep_rank + 1) * self.num_local_experts
+        swiglu = cfg.expert_type == "swiglu"
+        f = F // S
+        with torch.no_grad():
+            self.w_in = nn.Parameter(_slice_w_in(layer.experts.w_in.detach(), e0, e1,
+                                                 self.esp_rank, S, swiglu).clone())
+            self.w_out = nn.Parameter(layer.experts.w_out.detach()[
+                e0:e1, :, self.esp_rank * f:(self.esp_rank + 1) * f].clone())
+        self.expert_range = (e0, e1)
+        self.ffn_slice = (self.esp_rank * f, (self.esp_rank + 1) * f)
+
+        # Process groups: every rank builds the same kinds in the same order.
+        t = self.timeout_s
+        self.esp_group = subgroup(group, [self.ep_rank * S + s for s in range(S)], t)
+        ep_members = [self.esp_rank + S * p for p in range(P)]
+        self.ep_group = subgroup(group, ep_members, t)
+        extra = {}
+        if dispatcher == "2dh":
+            L = R // S                       # EP members per node
+            a = self.ep_rank // L
+            j = self.ep_rank % L
+            intra = subgroup(group, [ep_members[a * L + i] for i in range(L)], t)
+            inter = subgroup(group, [ep_members[b * L + j] for b in range(P // L)], t)
+            extra = dict(intra_group=intra, inter_group=inter, ranks_per_node=L)
+        self.dispatcher: TokenDispatcher = make_dispatcher(
+            dispatcher, ep_group=self.ep_group, ep_size=P, ep_rank=self.ep_rank,
+            esp_group=self.esp_group, esp_size=S, esp_rank=self.esp_rank,
+            num_local_experts=self.num_local_experts, timeout_s=t, **extra)
+        self.dispatcher_name = dispatcher
+        self.aux_loss = torch.zeros(())
+        self.last_counts_E = torch.zeros(E, dtype=torch.long)
+
+    @property
+    def layer(self) -> nn.Module:
+        return self._layer
+
+    # -- parameters ----------------------------------------------------------------------
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """This rank's unique expert slices (gradients already hold every rank's tokens)."""
+        return [self.w_in, self.w_out]
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Router and shared-expert parameters, identical on every rank."""
+        ids = {id(p) for p in self.expert_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+    @torch.no_grad()
+    def sync_gradients(self, op: str = "mean") -> None:
+        """Make gradients those of the global loss.
+
+        ``op="sum"``: the loss is a sum over ranks' local losses (replicated grads are
+        all-reduced, expert grads already are sums). ``op="mean"``: the loss is the mean of
+        the local losses (everything divided by W; DDP's convention).
+        """
+        if op not in ("mean", "sum"):
+            raise ConfigError("op", op, "'mean' or 'sum'")
+        grads = [p.grad for p in self.replicated_parameters() if p.grad is not None]
+        if grads and self.world_size > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            all_reduce(flat, self.group, "gradient all-reduce", self.timeout_s)
+            off = 0
+            for g in grads:
+                g.copy_(flat[off:off + g.numel()].view_as(g))
+                off += g.numel()
+        if op == "mean" and self.world_size > 1:
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.div_(self.world_size)
+
+    @torch.no_grad()
+    def update_correction_bias(self, rate: float = 1e-3) -> None:
+        """DeepSeek aux-loss-free bias step from the *global* expert loads (all-reduced)."""
+        counts = self.last_counts_E.to(torch.float64).clone()
+        all_reduce(counts, self.group, "expert-load all-reduce", self.timeout_s)
+        self.router.update_correction_bias(counts, rate)
+
+    # -- forward -------------------------------------------------------------------------
+    def _local_capacity(self, T: int) -> Optional[int]:
+        cfg = self.cfg
+        if cfg.router == "expert_choice":
+            return min(T, capacity_of(T, cfg.top_k, cfg.num_experts, cfg.capacity_factor or 1.0))
+        if cfg.capacity_factor is not None:
+            return capacity_of(T, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
+        return None
+
+    def _empty_routing(self, x_TD: torch.Tensor) -> Routing:
+        E = self.cfg.num_experts
+        z = torch.zeros(0, dtype=torch.long, device=x_TD.device)
+        return Routing(z, z.clone(), x_TD.new_zeros(0), torch.zeros(E, dtype=torch.long,
+                       device=x_TD.device), x_TD.new_zeros(()) + 0.0 * x_TD.sum(),
+                       x_TD.new_zeros(0, E), 0)
+
+    def forward(self, x: torch.Tensor, r_fwd: Optional[int] = None,
+                r_bwd: Optional[int] = None) -> torch.Tensor:
+        layer = self._layer
+        layer.check_input(x)
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        T = x_TD.shape[0]
+        # A rank with no tokens still takes part in every collective.
+        routing = layer.route(x_TD) if T > 0 else self._empty_routing(x_TD)
+        x_ND = layer.permute(x_TD, routing)
+        ex = self.dispatcher.exchange(routing.counts_E, capacity=self._local_capacity(T),
+                                      device=x.device)
+        run = _Run(self, ex, r_fwd or self.r_fwd, r_bwd or self.r_bwd)
+        y_ND = PipelinedExperts.apply(x_ND, self.w_in, self.w_out, run)
+        y_TD = layer.combine(y_ND, routing, T)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        self.aux_loss = routing.aux_loss
+        self.last_counts_E = routing.counts_E.detach()
+        return y_TD.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return (f"dispatcher={self.dispatcher_name}, world={self.world_size}, "
+                f"ep={self.ep_size}, esp={self.esp_size}, local_experts={self.expert_range}, "
+                f"r_fwd={self.r_fwd}, r_bwd={self.r_bwd}")
