@@ -1,0 +1,252 @@
+"""Online profiler: time GEMMs and collectives over a size sweep, fit alpha-beta costs.
+
+    moeflow profile [--nproc N] [--nodes K] [--out perf.json]
+
+* Inside a torchrun job (``torch.distributed`` already initialised) it profiles the current
+  group; otherwise it spawns ``N`` gloo ranks on 127.0.0.1 (a free port) with
+  ``torch.multiprocessing``. NCCL is used when the current group is NCCL (GPUs).
+* Primitives: ``gemm`` (square fp32/bf16 matmuls, n = 2 m^3 FLOPs, every rank at once - the way
+  they run in a step), ``a2a`` (``all_to_all_single``, n = bytes each rank sends), ``ag``
+  (``all_gather_into_tensor``, n = gathered bytes), ``rs`` (``reduce_scatter_tensor``, n = input
+  bytes), ``ar`` (``all_reduce``, n = bytes). With ``--nodes K`` the ranks are declared as K
+  nodes of N/K ranks and ``a2a@intra`` (inside a node) and ``a2a@inter`` (ranks with the same
+  local index across nodes) are timed too.
+* Each point is the best of ``trials`` averages over ``reps`` back-to-back calls, and the time of
+  a point is the slowest rank's (``all_reduce(MAX)``): a collective ends when its last rank
+  ends. Times are fitted by least squares (:meth:`LinearCost.fit`).
+
+This module imports torch; ``moeflow.perf`` itself does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from moeflow.errors import DistributedConfigError
+from moeflow.perf.cost import LinearCost, PerfModel
+
+# torch >= 2.13 renames the tensor variants; older torch only has the *_tensor names.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+DEFAULT_SIZES = tuple(2 ** p for p in range(14, 23, 2))          # 16 KiB .. 4 MiB
+DEFAULT_GEMM = (64, 128, 192, 256, 320, 384)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Progress:
+    """A one-line progress bar on stderr (rank 0 only)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled and total > 0
+        self.t0 = time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 30
+        fill = int(width * self.done / self.total)
+        sys.stderr.write(f"\rprofile [{'#' * fill}{'.' * (width - fill)}] "
+                         f"{self.done}/{self.total} {label:<22} "
+                         f"{time.perf_counter() - self.t0:5.1f}s")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _time_op(fn, reps: int, trials: int, group, device) -> float:
+    """Best-of-trials mean time (ms) of ``fn``; the slowest rank's figure."""
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(trials):
+        if group is not None:
+            dist.barrier(group=group)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) * 1e3 / reps)
+    t = torch.tensor([best], dtype=torch.float64)
+    if group is not None:
+        t = t.to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def _profile_collectives(world_group, rank: int, world: int, nodes: int,
+                         sizes: Sequence[int], gemm_sizes: Sequence[int], reps: int,
+                         trials: int, progress: bool, dtype: torch.dtype,
+                         device: torch.device) -> PerfModel:
+    """Runs on every rank of ``world_group``; every rank returns the same fitted model."""
+    if world % nodes:
+        raise DistributedConfigError(f"--nodes {nodes} must divide the world size {world}")
+    per_node = world // nodes
+    esize = torch.empty((), dtype=dtype).element_size()
+    levels: dict[str, object] = {}
+    if nodes > 1 and per_node > 1:
+        # every rank must create every group, in the same order
+        intra = [dist.new_group(list(range(n * per_node, (n + 1) * per_node)))
+                 for n in range(nodes)]
+        inter = [dist.new_group([n * per_node + i for n in range(nodes)])
+                 for i in range(per_node)]
+        levels = {"a2a@intra": (intra[rank // per_node], per_node),
+                  "a2a@inter": (inter[rank % per_node], nodes)}
+    kinds = ["a2a", "ag", "rs", "ar", *levels]
+    bar = _Progress(len(gemm_sizes) + len(kinds) * len(sizes), progress and rank == 0)
+    samples: dict[str, tuple[list[float], list[float]]] = {}
+
+    def record(key: str, n: float, t: float) -> None:
+        xs, ys = samples.setdefault(key, ([], []))
+        xs.append(n)
+        ys.append(t)
+
+    for m in gemm_sizes:
+        a = torch.randn(m, m, dtype=dtype, device=device)
+        b = torch.randn(m, m, dtype=dtype, device=device)
+        record("gemm", 2.0 * m ** 3, _time_op(lambda: torch.mm(a, b), reps, trials,
+                                              world_group, device))
+        bar.step(f"gemm {m}^3")
+    for kind in kinds:
+        grp, p = (world_group, world) if kind in ("a2a", "ag", "rs", "ar") else levels[kind]
+        for nbytes in sizes:
+            numel = max(p, (nbytes // esize) // p * p)
+            x = torch.randn(numel, dtype=dtype, device=device)
+            if kind.startswith("a2a"):
+                out = torch.empty_like(x)
+                fn = lambda: dist.all_to_all_single(out, x, group=grp)  # noqa: E731
+            elif kind == "ag":
+                part = x[: numel // p].clone()
+                fn = lambda: _ALL_GATHER(x, part, group=grp)  # noqa: E731
+            elif kind == "rs":
+                out = torch.empty(numel // p, dtype=dtype, device=device)
+                fn = lambda: _REDUCE_SCATTER(out, x, group=grp)  # noqa: E731
+            else:
+                fn = lambda: dist.all_reduce(x, group=grp)  # noqa: E731
+            # level groups: time with the world barrier so all groups run at once
+            record(kind, float(numel * esize), _time_op(fn, reps, trials, world_group, device))
+            bar.step(f"{kind} {numel * esize / 2**10:.0f} KiB")
+    costs = {k: LinearCost.fit(xs, ys, source="fitted",
+                               note=f"{'FLOPs' if k == 'gemm' else 'bytes'}, "
+                                    f"{len(xs)} sizes, {dist.get_backend(world_group)}")
+             for k, (xs, ys) in samples.items()}
+    return PerfModel(
+        name=f"profiled-{socket.gethostname()}-{world}r{nodes}n", costs=costs,
+        bytes_per_element=esize, notes="fitted by moeflow profile",
+        meta={"world_size": world, "nodes": nodes, "backend": dist.get_backend(world_group),
+              "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+              "threads_per_rank": torch.get_num_threads(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def _worker(rank: int, world: int, port: int, nodes: int, sizes, gemm_sizes, reps, trials,
+            progress, dtype_name, out_path, threads) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        model = _profile_collectives(dist.group.WORLD, rank, world, nodes, sizes, gemm_sizes,
+                                     reps, trials, progress, getattr(torch, dtype_name),
+                                     torch.device("cpu"))
+        if rank == 0:
+            Path(out_path).write_text(model.to_json())
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def profile(group=None, *, nproc: int = 2, nodes: int = 1,
+            sizes: Sequence[int] = DEFAULT_SIZES, gemm_sizes: Sequence[int] = DEFAULT_GEMM,
+            reps: int = 5, trials: int = 3, progress: bool = True,
+            dtype: str = "float32", threads_per_rank: int | None = None) -> PerfModel:
+    """Profile and fit a :class:`PerfModel`.
+
+    With ``torch.distributed`` initialised (or ``group`` given) the current group is profiled
+    collectively (call it on every rank; all return the same model). Otherwise ``nproc`` gloo
+    ranks are spawned on 127.0.0.1.
+    """
+    if group is not None or (dist.is_available() and dist.is_initialized()):
+        grp = group or dist.group.WORLD
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(grp) == "nccl" else torch.device("cpu")
+        return _profile_collectives(grp, dist.get_rank(grp), dist.get_world_size(grp), nodes,
+                                    sizes, gemm_sizes, reps, trials, progress,
+                                    getattr(torch, dtype), device)
+    if nproc < 1:
+        raise DistributedConfigError(f"nproc={nproc} must be >= 1")
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
+    with tempfile.TemporaryDirectory() as td:
+        out = os.path.join(td, "perf.json")
+        import torch.multiprocessing as mp
+        mp.spawn(_worker, args=(nproc, _free_port(), nodes, tuple(sizes), tuple(gemm_sizes),
+                                reps, trials, progress, dtype, out, threads),
+                 nprocs=nproc, join=True)
+        return PerfModel.load(out)
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=2, help="gloo ranks to spawn (ignored "
+                   "under torchrun)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="declare the ranks as this many nodes (adds a2a@intra / a2a@inter)")
+    p.add_argument("--out", default="perf.json", help="where to write the PerfModel JSON")
+    p.add_argument("--min-kb", type=float, default=16, help="smallest collective size (KiB)")
+    p.add_argument("--max-kb", type=float, default=4096, help="largest collective size (KiB)")
+    p.add_argument("--points", type=int, default=5, help="collective sizes (log-spaced)")
+    p.add_argument("--gemm", type=int, nargs="+", default=list(DEFAULT_GEMM),
+                   help="square GEMM sizes m (n = 2 m^3 FLOPs)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def log_sizes(min_bytes: float, max_bytes: float, points: int) -> list[int]:
+    if points < 2:
+        raise DistributedConfigError(f"--points {points} must be >= 2 to fit a line")
+    ratio = (max_bytes / min_bytes) ** (1 / (points - 1))
+    return sorted({int(min_bytes * ratio ** i) for i in range(points)})
+
+
+def format_table(model: PerfModel) -> str:
+    lines = [f"{'primitive':<10} {'alpha (ms)':>12} {'beta (ms/unit)':>15} {'R^2':>8}  unit"]
+    for k, c in sorted(model.costs.items()):
+        unit = "FLOP" if k == "gemm" else "byte"
+        r2 = "-" if c.r2 is None else f"{c.r2:.4f}"
+        lines.append(f"{k:<10} {c.alpha:>12.4g} {c.beta:>15.4g} {r2:>8}  {unit}")
+    return "\n".join(lines)
+
+
+def run_profile(args) -> int:
+    sizes = log_sizes(args.min_kb * 1024, args.max_kb * 1024, args.points)
+    model = profile(nproc=args.nproc, nodes=args.nodes, sizes=sizes, gemm_sizes=args.gemm,
+                    reps=args.reps, trials=args.trials, progress=not args.quiet,
+                    dtype=args.dtype)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(format_table(model))
+        model.save(args.out)
+        print(f"written to {args.out}")
+    return 0
+
+
+add_arguments = add_profile_arguments
+run = run_profile

@@ -1,0 +1,98 @@
+import json
+import math
+import random
+
+import pytest
+
+from moeflow.errors import ConfigError, InputError
+from moeflow.perf import LinearCost, PerfModel, perf_preset, perf_preset_names
+
+
+def test_fit_recovers_known_alpha_beta_exactly():
+    n = [1e3, 1e4, 1e5, 1e6]
+    t = [0.25 + 3e-6 * x for x in n]
+    c = LinearCost.fit(n, t)
+    assert c.alpha == pytest.approx(0.25, rel=1e-9)
+    assert c.beta == pytest.approx(3e-6, rel=1e-9)
+    assert c.r2 == pytest.approx(1.0)
+
+
+def test_fit_recovers_alpha_beta_from_noisy_data_and_reports_r2():
+    rng = random.Random(0)
+    n = [2 ** p for p in range(10, 24)] * 5
+    t = [0.287 + 2.21e-7 * x + rng.gauss(0, 0.01) for x in n]
+    c = LinearCost.fit(n, t)
+    assert c.beta == pytest.approx(2.21e-7, rel=0.01)
+    assert c.alpha == pytest.approx(0.287, abs=0.02)
+    assert 0.999 < c.r2 <= 1.0
+    # pure noise around a constant has R^2 near 0
+    flat = LinearCost.fit(n, [1.0 + rng.gauss(0, 0.1) for _ in n])
+    assert flat.r2 < 0.2
+
+
+def test_fit_rejects_degenerate_input():
+    with pytest.raises(InputError):
+        LinearCost.fit([1.0], [2.0])
+    with pytest.raises(InputError):
+        LinearCost.fit([3.0, 3.0], [1.0, 2.0])
+    with pytest.raises(InputError):
+        LinearCost.fit([1.0, 2.0], [1.0])
+
+
+def test_chunked_and_inverse():
+    c = LinearCost(0.5, 2e-3)
+    assert c(1000) == pytest.approx(2.5)
+    assert c.chunked(1000, 4) == pytest.approx(0.5 + 0.5)
+    assert c.inverse(c(1234.0)) == pytest.approx(1234.0)
+    assert c.inverse(0.1) == 0.0
+
+
+def test_published_testbed_a_fits():
+    p = perf_preset("fsmoe-testbed-a")
+    assert (p.cost("gemm").alpha, p.cost("gemm").beta) == (4.26e-2, 2.29e-11)
+    assert (p.cost("a2a").alpha, p.cost("a2a").beta) == (2.87e-1, 2.21e-7)
+    assert (p.cost("ag").alpha, p.cost("ag").beta) == (3.37e-1, 2.32e-6)
+    assert (p.cost("rs").alpha, p.cost("rs").beta) == (3.95e-1, 2.34e-7)
+    assert (p.cost("ar").alpha, p.cost("ar").beta) == (5.11e-1, 4.95e-6)
+    assert p.cost("a2a").source == "published"
+    assert p.cost("a2a@intra").source == "derived"
+
+
+def test_testbed_b_is_derived_and_slower_where_hardware_is():
+    a, b = perf_preset("fsmoe-testbed-a"), perf_preset("fsmoe-testbed-b")
+    assert all(c.source == "derived" for c in b.costs.values())
+    assert b.cost("gemm").beta / a.cost("gemm").beta == pytest.approx(154.8 / 53.8)
+    assert b.cost("ag").beta > a.cost("ag").beta  # PCIe 3.0 vs NVLink
+    assert b.cost("a2a").beta == pytest.approx(a.cost("a2a").beta)  # same per-GPU network share
+
+
+def test_h200_preset_marks_measured_and_derived():
+    p = perf_preset("h200-8x-ib")
+    assert p.cost("gemm").source == "measured"
+    # 578 TFLOP/s measured grouped_mm: 1e12 FLOPs take ~1.73 ms
+    assert p.cost("gemm").beta * 1e12 == pytest.approx(1e3 / 578, rel=1e-6)
+    assert p.cost("a2a@intra").source == "derived"
+    assert p.cost("a2a@intra").beta < p.cost("a2a@inter").beta
+
+
+@pytest.mark.parametrize("name", perf_preset_names())
+def test_json_round_trip(name, tmp_path):
+    p = perf_preset(name)
+    assert PerfModel.from_json(p.to_json()) == p
+    p.save(tmp_path / "p.json")
+    assert PerfModel.load(tmp_path / "p.json") == p
+    d = json.loads(p.to_json())
+    assert d["format"] == "moeflow.perf/1"
+
+
+def test_level_fallback_and_errors():
+    p = PerfModel("x", {"gemm": LinearCost(0, 1), "a2a": LinearCost(1, 2)})
+    assert p.cost("a2a@inter") == p.cost("a2a")
+    with pytest.raises(ConfigError):
+        p.cost("ar")
+    with pytest.raises(ConfigError):
+        PerfModel("x", {"gemm": LinearCost(0, 1), "bogus": LinearCost(0, 1)})
+    with pytest.raises(InputError):
+        PerfModel.from_json('{"format": "other"}')
+    with pytest.raises(ConfigError):
+        LinearCost(math.nan, 1.0)

@@ -1,0 +1,48 @@
+"""Real gloo profiling on 127.0.0.1, with a tiny sweep to stay inside the test budget."""
+
+import argparse
+
+import pytest
+
+from moeflow.perf import PerfModel
+
+
+@pytest.mark.dist
+def test_profile_two_nodes_of_one_rank_fits_every_primitive(tmp_path, capsys):
+    from moeflow.perf import profiler
+
+    p = argparse.ArgumentParser()
+    profiler.add_profile_arguments(p)
+    out = tmp_path / "perf.json"
+    args = p.parse_args(["--nproc", "2", "--nodes", "2", "--out", str(out), "--min-kb", "4",
+                         "--max-kb", "256", "--points", "3", "--gemm", "32", "96", "160",
+                         "--reps", "2", "--trials", "1", "--quiet"])
+    assert profiler.run_profile(args) == 0
+    m = PerfModel.load(out)
+    for k in ("gemm", "a2a", "ag", "rs", "ar"):
+        c = m.cost(k)
+        assert c.r2 is not None and c.source == "fitted"
+    assert m.meta["world_size"] == 2 and m.meta["backend"] == "gloo"
+    # bigger GEMMs take longer: the fitted slope is positive
+    assert m.cost("gemm").beta > 0
+    printed = capsys.readouterr().out
+    assert "alpha" in printed and "R^2" in printed and "a2a" in printed
+
+
+def test_log_sizes_and_table():
+    from moeflow.perf.profiler import format_table, log_sizes
+    from moeflow.perf import perf_preset
+
+    s = log_sizes(1024, 1024 * 1024, 4)
+    assert s[0] == 1024 and s[-1] == pytest.approx(1024 * 1024, rel=1e-6) and len(s) == 4
+    assert "ar" in format_table(perf_preset("fsmoe-testbed-a"))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_profile_four_ranks_two_nodes_adds_level_a2a():
+    from moeflow.perf import profile
+
+    m = profile(nproc=4, nodes=2, sizes=(4096, 65536, 262144), gemm_sizes=(32, 96),
+                reps=2, trials=1, progress=False)
+    assert "a2a@intra" in m.costs and "a2a@inter" in m.costs
