@@ -1,0 +1,208 @@
+"""Shared pieces of moeflow's compressed formats: dtype table, checksums, thread pool.
+
+Every codec works on the raw bit patterns of a tensor (``uint16`` for bf16/fp16, ``uint32``
+for fp32), never on float values, so NaN payloads, signed zeros and subnormals survive.
+
+Checksum ("mfx64"): the bytes are cut into fixed 256 KiB segments; each segment gets an
+xxHash64-style digest (four multiply-rotate lanes over little-endian 64-bit words, seeded
+with the segment index), and the segment digests are digested again with the total length.
+Segments are independent, so the checksum of a decoded tensor is computed by the same threads
+that decode it, while the data is still in cache.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+
+from moeflow.errors import InputError
+
+SEGMENT_BYTES = 1 << 18  # checksum segment; entropy chunks are aligned to it
+
+
+@dataclass(frozen=True)
+class DTypeSpec:
+    """Bit layout of a floating-point format: ``sign | exponent | mantissa``."""
+
+    name: str
+    code: int
+    itemsize: int
+    exp_bits: int
+    man_bits: int
+
+    @property
+    def bits(self) -> int:
+        return 8 * self.itemsize
+
+    @property
+    def uint(self):
+        return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[self.itemsize]
+
+
+FLOAT_SPECS = {
+    "bfloat16": DTypeSpec("bfloat16", 1, 2, 8, 7),
+    "float16": DTypeSpec("float16", 2, 2, 5, 10),
+    "float32": DTypeSpec("float32", 3, 4, 8, 23),
+}
+
+# Every dtype safetensors knows, so the raw codec can store any tensor of a checkpoint.
+# code -> (name, itemsize)
+ALL_DTYPES = {
+    1: ("bfloat16", 2), 2: ("float16", 2), 3: ("float32", 4), 4: ("float64", 8),
+    5: ("int8", 1), 6: ("uint8", 1), 7: ("int16", 2), 8: ("uint16", 2), 9: ("int32", 4),
+    10: ("uint32", 4), 11: ("int64", 8), 12: ("uint64", 8), 13: ("bool", 1),
+    14: ("float8_e4m3fn", 1), 15: ("float8_e5m2", 1),
+}
+DTYPE_CODES = {name: code for code, (name, _) in ALL_DTYPES.items()}
+DTYPE_ITEMSIZE = {name: size for _, (name, size) in ALL_DTYPES.items()}
+
+# safetensors' dtype strings
+SAFETENSORS_NAMES = {
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8",
+    "U8": "uint8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
+    "I64": "int64", "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+def float_spec(dtype: str) -> DTypeSpec:
+    try:
+        return FLOAT_SPECS[dtype]
+    except KeyError:
+        raise InputError(f"dtype {dtype!r} has no float bit layout here; "
+                         f"allowed: {sorted(FLOAT_SPECS)}") from None
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def run_parallel(fn, n_items: int, threads: int | None):
+    """Run ``fn(lo, hi)`` over contiguous ranges of ``range(n_items)``; returns the results.
+
+    The numba kernels release the GIL, so Python threads give real parallelism.
+    """
+    threads = default_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise InputError(f"threads={threads} must be >= 1")
+    threads = min(threads, max(1, n_items))
+    if threads == 1:
+        return [fn(0, n_items)]
+    bounds = np.linspace(0, n_items, threads + 1).astype(np.int64)
+    pool = _POOLS.get(threads)
+    if pool is None:
+        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mfz")
+    futs = [pool.submit(fn, int(bounds[i]), int(bounds[i + 1])) for i in range(threads)]
+    return [f.result() for f in futs]
+
+
+# ----------------------------------------------------------------------------- checksum
+_P1 = np.uint64(0x9E3779B185EBCA87)
+_P2 = np.uint64(0xC2B2AE3D27D4EB4F)
+_P3 = np.uint64(0x165667B19E3779F9)
+_P4 = np.uint64(0x85EBCA77C2B2AE63)
+_P5 = np.uint64(0x27D4EB2F165667C5)
+
+
+@nb.njit(inline="always")
+def _rotl(x, r):
+    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
+
+
+@nb.njit(inline="always")
+def _load64(buf, pos):
+    # LLVM folds these byte loads into one unaligned 64-bit load.
+    return (np.uint64(buf[pos]) | (np.uint64(buf[pos + 1]) << np.uint64(8))
+            | (np.uint64(buf[pos + 2]) << np.uint64(16)) | (np.uint64(buf[pos + 3]) << np.uint64(24))
+            | (np.uint64(buf[pos + 4]) << np.uint64(32)) | (np.uint64(buf[pos + 5]) << np.uint64(40))
+            | (np.uint64(buf[pos + 6]) << np.uint64(48)) | (np.uint64(buf[pos + 7]) << np.uint64(56)))
+
+
+@nb.njit(inline="always")
+def _round(acc, lane):
+    acc = acc + lane * _P2
+    acc = _rotl(acc, 31)
+    return acc * _P1
+
+
+@nb.njit(inline="always")
+def _avalanche(h):
+    h ^= h >> np.uint64(33)
+    h *= _P2
+    h ^= h >> np.uint64(29)
+    h *= _P3
+    h ^= h >> np.uint64(32)
+    return h
+
+
+@nb.njit(nogil=True, cache=True)
+def digest_range(buf, words, start, end, seed):
+    """xxHash64-style digest of ``buf[start:end]``; ``words`` is ``buf`` viewed as uint64
+    (its whole-word prefix) and ``start`` is a multiple of 8."""
+    seed = np.uint64(seed)
+    v1 = seed + _P1 + _P2
+    v2 = seed + _P2
+    v3 = seed
+    v4 = seed - _P1
+    w = start // 8
+    wend = end // 8
+    while w + 4 <= wend:
+        v1 = _round(v1, words[w])
+        v2 = _round(v2, words[w + 1])
+        v3 = _round(v3, words[w + 2])
+        v4 = _round(v4, words[w + 3])
+        w += 4
+    h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
+    h += np.uint64(end - start)
+    while w < wend:
+        h ^= _round(np.uint64(0), words[w])
+        h = _rotl(h, 27) * _P1 + _P4
+        w += 1
+    p = wend * 8
+    while p < end:
+        h ^= np.uint64(buf[p]) * _P5
+        h = _rotl(h, 11) * _P1
+        p += 1
+    return _avalanche(h)
+
+
+@nb.njit(nogil=True, cache=True)
+def segment_digests(buf, words, seg_lo, seg_hi, out):
+    """Digest of each 256 KiB segment ``seg_lo..seg_hi`` of ``buf`` into ``out``."""
+    n = buf.shape[0]
+    for s in range(seg_lo, seg_hi):
+        a = s * SEGMENT_BYTES
+        b = min(n, a + SEGMENT_BYTES)
+        out[s] = digest_range(buf, words, a, b, s)
+
+
+def words_view(b: np.ndarray) -> np.ndarray:
+    """uint64 view of the whole-word prefix of a uint8 array (no copy)."""
+    return b[: b.size // 8 * 8].view(np.uint64)
+
+
+def combine_digests(seg: np.ndarray, total_len: int) -> int:
+    seg = np.ascontiguousarray(seg, dtype=np.uint64)
+    return int(digest_range(seg.view(np.uint8), seg, 0, seg.size * 8, total_len))
+
+
+def checksum(buf: np.ndarray, threads: int | None = None) -> int:
+    """mfx64 checksum of a byte view (any contiguous numpy array is viewed as uint8)."""
+    b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+    w = words_view(b)
+    nseg = (b.size + SEGMENT_BYTES - 1) // SEGMENT_BYTES
+    seg = np.zeros(nseg, np.uint64)
+    if nseg:
+        run_parallel(lambda lo, hi: segment_digests(b, w, lo, hi, seg), nseg,
+                     threads if b.size > (8 << 20) else 1)
+    return combine_digests(seg, b.size)

@@ -1,0 +1,574 @@
+"""Entropy codec: Huffman-coded exponents in independent chunks, sign and mantissa stored raw.
+
+DFloat11 / ZipNN idea (SYSTEMS.md, "Published anchors"): in trained weights the exponent byte
+carries ~2.6 bits of information and the sign+mantissa byte ~8, so coding only the exponent
+reaches the bound ``16 / (8 + H_exp)`` for bf16.
+
+Split of each value into a Huffman symbol and raw bytes:
+
+- bf16: symbol = exponent (8 bits); raw = ``sign<<7 | mantissa`` (1 byte).
+- fp16: symbol = high byte ``sign | exponent(5) | mantissa[9:8]``; raw = mantissa[7:0]. The
+  5-bit exponent does not fill a byte, so the three extra bits ride in the Huffman symbol
+  instead of being bit-packed; the code still spends ~3 bits on them.
+- fp32: symbol = exponent (8 bits); raw = 3 bytes ``m[7:0], m[15:8], sign<<7 | m[22:16]``.
+
+Layout (little-endian)::
+
+    payload = u8 dtype_code | u8 max_code_len | u16 0 | u32 chunk_values | u64 n_values
+              | u64 n_chunks | u64 chunk_end[n_chunks] | chunks...
+    chunk   = u8 mode=1 | raw value bytes                         (stored: incompressible)
+            | u8 mode=0 | u8 lo | u8 hi | nibble code lengths of symbols lo..hi
+              | u32 stream_bytes[4] | raw bytes (n * raw_width) | stream0..3
+
+A chunk holds 256 KiB of original bytes (aligned with the checksum segments) and carries its
+own canonical code, so chunks decode independently and in parallel. Inside a chunk, the values
+are split into four contiguous quarters, each its own bit stream (LSB-first, 8 zero bytes of
+padding): the decoder advances the four streams in lockstep, which hides the latency of the
+table lookup. Codes are limited to 12 bits so one 4096-entry table decodes a symbol.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numba as nb
+import numpy as np
+
+from moeflow.errors import CorruptDataError
+from moeflow.compress._format import (SEGMENT_BYTES, FLOAT_SPECS, digest_range, float_spec,
+                                      run_parallel, words_view)
+
+MAX_LEN = 12
+TABLE_SIZE = 1 << MAX_LEN
+_HEAD = struct.Struct("<BBHIQQ")
+_KIND = {"bfloat16": 1, "float16": 2, "float32": 3}
+_RAW_WIDTH = {1: 1, 2: 1, 3: 3}
+CHUNK_OVERHEAD = 1 + 2 + 128 + 16 + 4 * 9  # bound on a Huffman chunk's non-data bytes
+
+
+# ----------------------------------------------------------------------------- value split
+@nb.njit(inline="always")
+def _symbol(kind, v):
+    if kind == 1:
+        return (v >> 7) & 0xFF
+    if kind == 2:
+        return (v >> 8) & 0xFF
+    return (v >> 23) & 0xFF
+
+
+@nb.njit(inline="always")
+def _write_raw(kind, v, out, o):
+    if kind == 1:
+        out[o] = ((v >> 8) & 0x80) | (v & 0x7F)
+    elif kind == 2:
+        out[o] = v & 0xFF
+    else:
+        out[o] = v & 0xFF
+        out[o + 1] = (v >> 8) & 0xFF
+        out[o + 2] = ((v >> 16) & 0x7F) | ((v >> 24) & 0x80)
+
+
+@nb.njit(inline="always")
+def _compose(kind, sym, buf, r):
+    """Inverse of the split: value bits from the symbol and the raw bytes at ``buf[r]``."""
+    if kind == 1:
+        b = np.uint32(buf[r])
+        return ((b & 0x80) << 8) | (np.uint32(sym) << 7) | (b & 0x7F)
+    if kind == 2:
+        return (np.uint32(sym) << 8) | np.uint32(buf[r])
+    b2 = np.uint32(buf[r + 2])
+    return (((b2 & 0x80) << 24) | (np.uint32(sym) << 23) | ((b2 & 0x7F) << 16)
+            | (np.uint32(buf[r + 1]) << 8) | np.uint32(buf[r]))
+
+
+# ----------------------------------------------------------------------------- Huffman code
+@nb.njit(nogil=True, cache=True)
+def huffman_lengths(counts, max_len):
+    """Code lengths (<= max_len) for symbol counts: Huffman's two-queue construction, then a
+    Kraft-sum repair for codes that were too long (rarest symbols get lengthened first)."""
+    lengths = np.zeros(256, np.int64)
+    order = np.argsort(counts, kind="mergesort")
+    m = 0
+    syms = np.empty(256, np.int64)
+    for i in range(256):
+        s = order[i]
+        if counts[s] > 0:
+            syms[m] = s
+            m += 1
+    if m == 0:
+        return lengths
+    if m == 1:
+        lengths[syms[0]] = 1
+        return lengths
+    weight = np.empty(2 * m - 1, np.int64)
+    parent = np.empty(2 * m - 1, np.int64)
+    for i in range(m):
+        weight[i] = counts[syms[i]]
+    leaf = 0
+    inner = m
+    nxt = m
+    for _ in range(m - 1):
+        pick = np.empty(2, np.int64)
+        for t in range(2):
+            if leaf < m and (inner >= nxt or weight[leaf] <= weight[inner]):
+                pick[t] = leaf
+                leaf += 1
+            else:
+                pick[t] = inner
+                inner += 1
+        weight[nxt] = weight[pick[0]] + weight[pick[1]]
+        parent[pick[0]] = nxt
+        parent[pick[1]] = nxt
+        nxt += 1
+    depth = np.zeros(2 * m - 1, np.int64)
+    for node in range(2 * m - 3, -1, -1):
+        depth[node] = depth[parent[node]] + 1
+    cap = 1 << max_len
+    kraft = 0
+    for i in range(m):
+        d = min(depth[i], max_len)
+        lengths[syms[i]] = d
+        kraft += 1 << (max_len - d)
+    while kraft > cap:  # lengthen the rarest codes that still can grow
+        for i in range(m):
+            s = syms[i]
+            if lengths[s] < max_len:
+                kraft -= 1 << (max_len - lengths[s] - 1)
+                lengths[s] += 1
+                if kraft <= cap:
+                    break
+    for i in range(m - 1, -1, -1):  # spend any slack on the most frequent symbols
+        s = syms[i]
+        while lengths[s] > 1 and kraft + (1 << (max_len - lengths[s])) <= cap:
+            kraft += 1 << (max_len - lengths[s])
+            lengths[s] -= 1
+    return lengths
+
+
+@nb.njit(nogil=True, cache=True)
+def canonical_codes(lengths, max_len):
+    """Canonical codes, bit-reversed for an LSB-first stream. Returns (codes, ok) where ok is
+    False when the lengths violate Kraft's inequality (corrupt input)."""
+    bl_count = np.zeros(max_len + 2, np.int64)
+    for s in range(256):
+        if lengths[s] > max_len or lengths[s] < 0:
+            return np.zeros(256, np.uint64), False
+        bl_count[lengths[s]] += 1
+    bl_count[0] = 0
+    kraft = 0
+    for l in range(1, max_len + 1):
+        kraft += bl_count[l] << (max_len - l)
+    if kraft > (1 << max_len):
+        return np.zeros(256, np.uint64), False
+    next_code = np.zeros(max_len + 2, np.int64)
+    code = 0
+    for l in range(1, max_len + 1):
+        code = (code + bl_count[l - 1]) << 1
+        next_code[l] = code
+    codes = np.zeros(256, np.uint64)
+    for s in range(256):
+        l = lengths[s]
+        if l > 0:
+            c = next_code[l]
+            next_code[l] += 1
+            r = 0
+            for _ in range(l):
+                r = (r << 1) | (c & 1)
+                c >>= 1
+            codes[s] = r
+    return codes, True
+
+
+# ----------------------------------------------------------------------------- encode
+@nb.njit(nogil=True, cache=True)
+def _split(vals, a, n, kind, syms, raw):
+    """Symbols into ``syms[:n]`` and raw bytes into ``raw``; a loop LLVM vectorizes."""
+    if kind == 1:
+        for i in range(n):
+            v = vals[a + i]
+            syms[i] = (v >> 7) & 0xFF
+            raw[i] = ((v >> 8) & 0x80) | (v & 0x7F)
+    elif kind == 2:
+        for i in range(n):
+            v = vals[a + i]
+            syms[i] = (v >> 8) & 0xFF
+            raw[i] = v & 0xFF
+    else:
+        for i in range(n):
+            v = vals[a + i]
+            syms[i] = (v >> 23) & 0xFF
+            raw[3 * i] = v & 0xFF
+            raw[3 * i + 1] = (v >> 8) & 0xFF
+            raw[3 * i + 2] = ((v >> 16) & 0x7F) | ((v >> 24) & 0x80)
+
+
+@nb.njit(nogil=True, cache=True)
+def _histogram(syms, n):
+    # four sub-histograms: consecutive equal symbols would otherwise serialize on one counter
+    h = np.zeros((4, 256), np.int64)
+    m = n // 4 * 4
+    for i in range(0, m, 4):
+        h[0, syms[i]] += 1
+        h[1, syms[i + 1]] += 1
+        h[2, syms[i + 2]] += 1
+        h[3, syms[i + 3]] += 1
+    for i in range(m, n):
+        h[0, syms[i]] += 1
+    return h[0] + h[1] + h[2] + h[3]
+
+
+@nb.njit(nogil=True, cache=True)
+def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms):
+    """Encode ``vals[a:a+n]`` at ``out[o:]``; returns the chunk's byte length."""
+    raw_w = 3 if kind == 3 else 1
+    if n == 0:
+        out[o] = 1
+        return 1
+    lens_at_guess = o + 3 + 128 + 16
+    # raw bytes go straight to where a Huffman chunk keeps them; moved if the header is shorter
+    _split(vals, a, n, kind, syms, out[lens_at_guess:lens_at_guess + n * raw_w])
+    counts = _histogram(syms, n)
+    lengths = huffman_lengths(counts, MAX_LEN)
+    bits = 0
+    lo = 255
+    hi = 0
+    for s in range(256):
+        if counts[s] > 0:
+            bits += counts[s] * lengths[s]
+            lo = min(lo, s)
+            hi = max(hi, s)
+    if CHUNK_OVERHEAD + n * raw_w + (bits + 7) // 8 >= n * itemsize:
+        out[o] = 1
+        p = o + 1
+        for i in range(a, a + n):
+            v = np.uint32(vals[i])
+            for b in range(itemsize):
+                out[p + b] = (v >> (8 * b)) & 0xFF
+            p += itemsize
+        return p - o
+    codes, _ok = canonical_codes(lengths, MAX_LEN)
+    out[o] = 0
+    out[o + 1] = lo
+    out[o + 2] = hi
+    p = o + 3
+    nsym = hi - lo + 1
+    for k in range((nsym + 1) // 2):
+        s0 = lo + 2 * k
+        b = lengths[s0]
+        if s0 + 1 <= hi:
+            b |= lengths[s0 + 1] << 4
+        out[p + k] = b
+    p += (nsym + 1) // 2
+    lens_at = p
+    p += 16
+    if p != lens_at_guess:
+        for i in range(n * raw_w):  # forward move to a lower address is safe
+            out[p + i] = out[lens_at_guess + i]
+    p += n * raw_w
+    q = (n + 3) // 4
+    cl = np.zeros(256, np.uint64)  # code | length << 32
+    for s in range(256):
+        cl[s] = codes[s] | (np.uint64(lengths[s]) << np.uint64(32))
+    m32 = np.uint64(0xFFFFFFFF)
+    for j in range(4):
+        start = p
+        acc = np.uint64(0)
+        nacc = np.uint64(0)
+        for i in range(min(n, j * q), min(n, (j + 1) * q)):
+            e = cl[syms[i]]
+            acc |= (e & m32) << nacc
+            nacc += e >> np.uint64(32)
+            if nacc >= 32:
+                out[p] = acc & 0xFF
+                out[p + 1] = (acc >> np.uint64(8)) & 0xFF
+                out[p + 2] = (acc >> np.uint64(16)) & 0xFF
+                out[p + 3] = (acc >> np.uint64(24)) & 0xFF
+                p += 4
+                acc >>= np.uint64(32)
+                nacc -= np.uint64(32)
+        while nacc > 0:
+            out[p] = acc & 0xFF
+            p += 1
+            acc >>= np.uint64(8)
+            nacc = nacc - np.uint64(8) if nacc > 8 else np.uint64(0)
+        for _ in range(8):
+            out[p] = 0
+            p += 1
+        sl = p - start
+        for b in range(4):
+            out[lens_at + 4 * j + b] = (sl >> (8 * b)) & 0xFF
+    return p - o
+
+
+@nb.njit(nogil=True, cache=True)
+def _encode_range(vals, u8, words, c_lo, c_hi, chunk_values, kind, itemsize, out, cap,
+                  lengths_out, seg_out):
+    n_total = vals.shape[0]
+    syms = np.empty(chunk_values, np.uint8)
+    for c in range(c_lo, c_hi):
+        a = c * chunk_values
+        n = min(chunk_values, n_total - a)
+        lengths_out[c] = _encode_chunk(vals, a, n, kind, itemsize, out, c * cap, syms)
+        seg_out[c] = digest_range(u8, words, a * itemsize, (a + n) * itemsize, c)
+
+
+def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
+    """Encode raw value bits (flat uint16/uint32). Returns (payload bytes, segment digests)."""
+    spec = float_spec(dtype)
+    kind = _KIND[dtype]
+    vals = np.ascontiguousarray(bits).reshape(-1)
+    assert vals.dtype == spec.uint
+    n = vals.size
+    chunk_values = SEGMENT_BYTES // spec.itemsize
+    n_chunks = (n + chunk_values - 1) // chunk_values
+    cap = chunk_values * spec.itemsize + 256
+    scratch = np.empty(max(1, n_chunks) * cap, np.uint8)
+    lens = np.zeros(n_chunks, np.int64)
+    seg = np.zeros(n_chunks, np.uint64)
+    u8 = vals.view(np.uint8)
+    w = words_view(u8)
+    if n_chunks:
+        run_parallel(lambda lo, hi: _encode_range(vals, u8, w, lo, hi, chunk_values, kind,
+                                                  spec.itemsize, scratch, cap, lens, seg),
+                     n_chunks, threads)
+    ends = np.cumsum(lens).astype(np.uint64)
+    head = _HEAD.pack(spec.code, MAX_LEN, 0, chunk_values, n, n_chunks) + ends.tobytes()
+    body = len(head) + int(lens.sum())
+    # zero tail: whole 64-bit words, plus one, so the decoder's two-word peeks stay in bounds
+    out = np.zeros(body + (-body) % 8 + 8, np.uint8)
+    out[: len(head)] = np.frombuffer(head, np.uint8)
+    p = len(head)
+    for c in range(n_chunks):
+        out[p:p + lens[c]] = scratch[c * cap: c * cap + lens[c]]
+        p += lens[c]
+    return out, seg
+
+
+# ----------------------------------------------------------------------------- decode
+@nb.njit(inline="always")
+def _peek(words, p):
+    """The 64 bits of the payload from absolute bit ``p`` on (two word loads)."""
+    w = p >> 6
+    o = np.uint64(p & 63)
+    return (words[w] >> o) | ((words[w + 1] << np.uint64(1)) << (np.uint64(63) - o))
+
+
+@nb.njit(nogil=True, cache=True)
+def _compose_all(kind, syms, buf, raw, n, out, a):
+    """Values from decoded symbols and raw bytes; a branch-free loop LLVM vectorizes."""
+    if kind == 1:
+        for i in range(n):
+            b = np.uint16(buf[raw + i])
+            out[a + i] = ((b & 0x80) << 8) | (np.uint16(syms[i]) << 7) | (b & 0x7F)
+    elif kind == 2:
+        for i in range(n):
+            out[a + i] = (np.uint16(syms[i]) << 8) | np.uint16(buf[raw + i])
+    else:
+        for i in range(n):
+            b2 = np.uint32(buf[raw + 3 * i + 2])
+            out[a + i] = (((b2 & 0x80) << 24) | (np.uint32(syms[i]) << 23) | ((b2 & 0x7F) << 16)
+                          | (np.uint32(buf[raw + 3 * i + 1]) << 8) | np.uint32(buf[raw + 3 * i]))
+
+
+@nb.njit(nogil=True, cache=True)
+def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms):
+    """Decode one chunk ``buf[pos:end]`` into ``out[a:a+n]``. Returns 0, or a negative error
+    code; every read is bounds-checked so corrupt bytes cannot crash the process.
+
+    A 4096-entry table maps the next 12 bits to up to three whole symbols (~2.6 bits each for
+    trained bf16 weights), so one lookup usually yields three exponents.
+    """
+    if pos >= end:
+        return -1
+    mode = buf[pos]
+    pos += 1
+    if mode == 1:
+        if end - pos != n * itemsize:
+            return -2
+        for i in range(n):
+            v = np.uint32(0)
+            for b in range(itemsize):
+                v |= np.uint32(buf[pos + i * itemsize + b]) << (8 * b)
+            out[a + i] = v
+        return 0
+    if mode != 0 or n == 0:
+        return -3
+    if pos + 2 > end:
+        return -4
+    lo = np.int64(buf[pos])
+    hi = np.int64(buf[pos + 1])
+    pos += 2
+    if hi < lo:
+        return -5
+    nsym = hi - lo + 1
+    if pos + (nsym + 1) // 2 + 16 > end:
+        return -6
+    lengths = np.zeros(256, np.int64)
+    for k in range(nsym):
+        lengths[lo + k] = (buf[pos + k // 2] >> (4 * (k & 1))) & 15
+    pos += (nsym + 1) // 2
+    slen = np.empty(4, np.int64)
+    for j in range(4):
+        slen[j] = (np.int64(buf[pos + 4 * j]) | (np.int64(buf[pos + 4 * j + 1]) << 8)
+                   | (np.int64(buf[pos + 4 * j + 2]) << 16) | (np.int64(buf[pos + 4 * j + 3]) << 24))
+    pos += 16
+    raw_w = 3 if kind == 3 else 1
+    raw = pos
+    pos += n * raw_w
+    sstart = np.empty(4, np.int64)
+    for j in range(4):
+        if slen[j] < 8:
+            return -7
+        sstart[j] = pos
+        pos += slen[j]
+    if pos != end or (end + 8) // 8 > words.shape[0]:
+        return -8
+    codes, ok = canonical_codes(lengths, MAX_LEN)
+    if not ok:
+        return -9
+    single = np.zeros(TABLE_SIZE, np.uint32)  # sym | len << 8; len 0 = invalid code
+    for s in range(256):
+        l = lengths[s]
+        if l > 0:
+            for idx in range(np.int64(codes[s]), TABLE_SIZE, 1 << l):
+                single[idx] = s | (l << 8)
+    multi = np.zeros(TABLE_SIZE, np.uint32)  # sym0 | sym1<<8 | sym2<<16 | count<<24 | bits<<26
+    for idx in range(TABLE_SIZE):
+        v = idx
+        used = 0
+        cnt = 0
+        ent = 0
+        while cnt < 3:
+            e = single[v]
+            l = e >> 8
+            if l == 0 or used + l > MAX_LEN:
+                break
+            ent |= (e & 0xFF) << (8 * cnt)
+            cnt += 1
+            used += l
+            v >>= l
+        multi[idx] = ent | (cnt << 24) | (used << 26)
+    q = (n + 3) // 4
+    o = np.empty(4, np.int64)
+    oend = np.empty(4, np.int64)
+    pb = np.empty(4, np.int64)
+    lim = np.empty(4, np.int64)
+    for j in range(4):
+        o[j] = min(n, j * q)
+        oend[j] = min(n, (j + 1) * q)
+        pb[j] = sstart[j] * 8
+        lim[j] = (sstart[j] + slen[j] - 8) * 8  # last bit position with 8 readable bytes
+    mask = np.uint64(TABLE_SIZE - 1)
+    o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
+    p0, p1, p2, p3 = pb[0], pb[1], pb[2], pb[3]
+    e0_, e1_, e2_, e3_ = oend[0] - 3, oend[1] - 3, oend[2] - 3, oend[3] - 3
+    l0, l1, l2, l3 = lim[0], lim[1], lim[2], lim[3]
+    while o0 <= e0_ and o1 <= e1_ and o2 <= e2_ and o3 <= e3_:
+        if p0 > l0 or p1 > l1 or p2 > l2 or p3 > l3:
+            return -10
+        t0 = multi[_peek(words, p0) & mask]
+        t1 = multi[_peek(words, p1) & mask]
+        t2 = multi[_peek(words, p2) & mask]
+        t3 = multi[_peek(words, p3) & mask]
+        if ((t0 >> 24) & 3) == 0 or ((t1 >> 24) & 3) == 0 or ((t2 >> 24) & 3) == 0 \
+                or ((t3 >> 24) & 3) == 0:
+            return -11
+        syms[o0] = t0 & 0xFF
+        syms[o0 + 1] = (t0 >> 8) & 0xFF
+        syms[o0 + 2] = (t0 >> 16) & 0xFF
+        syms[o1] = t1 & 0xFF
+        syms[o1 + 1] = (t1 >> 8) & 0xFF
+        syms[o1 + 2] = (t1 >> 16) & 0xFF
+        syms[o2] = t2 & 0xFF
+        syms[o2 + 1] = (t2 >> 8) & 0xFF
+        syms[o2 + 2] = (t2 >> 16) & 0xFF
+        syms[o3] = t3 & 0xFF
+        syms[o3 + 1] = (t3 >> 8) & 0xFF
+        syms[o3 + 2] = (t3 >> 16) & 0xFF
+        o0 += (t0 >> 24) & 3
+        o1 += (t1 >> 24) & 3
+        o2 += (t2 >> 24) & 3
+        o3 += (t3 >> 24) & 3
+        p0 += t0 >> 26
+        p1 += t1 >> 26
+        p2 += t2 >> 26
+        p3 += t3 >> 26
+    o[0], o[1], o[2], o[3] = o0, o1, o2, o3
+    pb[0], pb[1], pb[2], pb[3] = p0, p1, p2, p3
+    for j in range(4):
+        p = pb[j]
+        for i in range(o[j], oend[j]):
+            if p > lim[j]:
+                return -10
+            e = single[_peek(words, p) & mask]
+            if (e >> 8) == 0:
+                return -11
+            syms[i] = e & 0xFF
+            p += e >> 8
+        if (p + 7) // 8 != sstart[j] + slen[j] - 8:  # a stream must end in its last data byte
+            return -12
+    _compose_all(kind, syms, buf, raw, n, out, a)
+    return 0
+
+
+@nb.njit(nogil=True, cache=True)
+def _decode_range(buf, bwords, base, ends, c_lo, c_hi, chunk_values, n_total, kind, itemsize,
+                  out, u8, words, seg_out):
+    syms = np.empty(chunk_values, np.uint8)
+    for c in range(c_lo, c_hi):
+        start = base + (ends[c - 1] if c > 0 else 0)
+        a = c * chunk_values
+        n = min(chunk_values, n_total - a)
+        err = _decode_chunk(buf, bwords, start, base + ends[c], n, kind, itemsize, out, a, syms)
+        if err != 0:
+            return err
+        seg_out[c] = digest_range(u8, words, a * itemsize, (a + n) * itemsize, c)
+    return 0
+
+
+def parse_header(buf: np.ndarray):
+    if buf.size < _HEAD.size:
+        raise CorruptDataError(f"entropy payload of {buf.size} bytes is shorter than its header")
+    code, max_len, _, chunk_values, n, n_chunks = _HEAD.unpack_from(buf, 0)
+    kinds = {s.code: s.name for s in FLOAT_SPECS.values()}
+    if code not in kinds or max_len != MAX_LEN:
+        raise CorruptDataError(f"entropy payload has dtype code {code}, max code length {max_len}")
+    spec = FLOAT_SPECS[kinds[code]]
+    if chunk_values != SEGMENT_BYTES // spec.itemsize:
+        raise CorruptDataError(f"entropy payload chunk size {chunk_values} is not "
+                               f"{SEGMENT_BYTES // spec.itemsize}")
+    if n_chunks != (n + chunk_values - 1) // chunk_values:
+        raise CorruptDataError(f"entropy payload has {n_chunks} chunks for {n} values")
+    base = _HEAD.size + 8 * n_chunks
+    if base > buf.size:
+        raise CorruptDataError("entropy payload is truncated inside its chunk table")
+    ends = buf[_HEAD.size:base].view(np.uint64).astype(np.int64)
+    body = base + (int(ends[-1]) if n_chunks else 0)
+    if n_chunks and (np.any(np.diff(ends) <= 0) or ends[0] <= 0):
+        raise CorruptDataError("entropy payload chunk table is not increasing")
+    if buf.size != body + (-body) % 8 + 8 or np.any(buf[body:]):
+        raise CorruptDataError("entropy payload chunk table does not match the payload size")
+    return spec, n, chunk_values, ends, base
+
+
+def decode(payload, dtype: str, n_expected: int, threads: int | None = None):
+    """Decode a payload. Returns (flat uint bits, segment digests)."""
+    buf = np.frombuffer(payload, np.uint8) if not isinstance(payload, np.ndarray) else payload
+    spec, n, chunk_values, ends, base = parse_header(buf)
+    if spec.name != dtype or n != n_expected:
+        raise CorruptDataError(f"entropy payload holds {n} {spec.name} values; the container "
+                               f"says {n_expected} {dtype}")
+    out = np.empty(n, spec.uint)
+    n_chunks = ends.size
+    seg = np.zeros(n_chunks, np.uint64)
+    u8 = out.view(np.uint8)
+    w = words_view(u8)
+    kind = _KIND[dtype]
+    bw = words_view(buf)
+    errs = run_parallel(lambda lo, hi: _decode_range(buf, bw, base, ends, lo, hi, chunk_values, n,
+                                                     kind, spec.itemsize, out, u8, w, seg),
+                        n_chunks, threads) if n_chunks else [0]
+    bad = [e for e in errs if e != 0]
+    if bad:
+        raise CorruptDataError(f"entropy chunk failed to decode (error {bad[0]})")
+    return out, seg
