@@ -32,6 +32,8 @@ def free_port() -> int:
 
 def _child(fn, rank, world_size, port, args, conn, threads, pg_timeout_s):
     try:
+        import faulthandler
+        faulthandler.enable()
         import torch
         import torch.distributed as dist
         torch.set_num_threads(threads)
@@ -110,5 +112,7 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0,
             p.kill()
         p.join(5)
     if errors:
+        # the root cause first: peers of a failed rank only report the broken collective
+        errors.sort(key=lambda m: ("CommTimeoutError" in m, "exited without" in m))
         raise RankFailed("\n".join(errors))
     return results

@@ -347,7 +347,13 @@ class ExpertParallel(nn.Module):
         """
         if op not in ("mean", "sum"):
             raise ConfigError("op", op, "'mean' or 'sum'")
-        grads = [p.grad for p in self.replicated_parameters() if p.grad is not None]
+        # Every rank must contribute the same buffer, so a parameter that got no gradient
+        # here (e.g. the router of a rank with zero tokens) contributes zeros.
+        params = [p for p in self.replicated_parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
         if grads and self.world_size > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])
             all_reduce(flat, self.group, "gradient all-reduce", self.timeout_s)
@@ -398,8 +404,8 @@ class ExpertParallel(nn.Module):
         run = _Run(self, ex, r_fwd or self.r_fwd, r_bwd or self.r_bwd)
         y_ND = PipelinedExperts.apply(x_ND, self.w_in, self.w_out, run)
         y_TD = layer.combine(y_ND, routing, T)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+        if layer.shared is not None:
+            y_TD = y_TD + layer.shared(x_TD)
         self.aux_loss = routing.aux_loss
         self.last_counts_E = routing.counts_E.detach()
         return y_TD.reshape(shape)
