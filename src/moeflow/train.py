@@ -1,0 +1,256 @@
+"""``moeflow train``: train the demo MoE language model with expert parallelism.
+
+Two launch paths, same training loop:
+  * ``moeflow train --nproc 4`` forks 4 local ranks on gloo/127.0.0.1 itself;
+  * ``torchrun --nproc-per-node 4 -m moeflow.train ...`` (gloo on CPU, NCCL on GPUs).
+Every MoE layer of :mod:`moeflow.demo`'s model is wrapped in
+:class:`moeflow.runtime.ExpertParallel`. All ranks draw the same global batch (same seed)
+and each trains on its slice, so the run follows the single-process run of the same
+global batch (``--nproc 1``), up to per-rank aux-loss statistics. Prints loss and tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import sys
+import time
+
+import torch
+
+from moeflow.errors import ConfigError
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=0,
+                   help="fork this many local gloo ranks (default: 1, or torchrun's world)")
+    p.add_argument("--ranks-per-node", type=int, default=0,
+                   help="ranks per (pretend) node for the topology; 0: LOCAL_WORLD_SIZE "
+                        "under torchrun, else 2 when --nproc is even")
+    p.add_argument("--dispatcher", default="a2a", choices=["a2a", "capacity", "2dh"])
+    p.add_argument("--esp", type=int, default=1, help="expert-sharding group size")
+    p.add_argument("--r-fwd", type=int, default=2, help="forward pipeline degree")
+    p.add_argument("--r-bwd", type=int, default=2, help="backward pipeline degree")
+    p.add_argument("--plan", default=None, help="a moeflow plan JSON (overrides --r-*)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--max-seconds", type=float, default=120.0)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=128, help="expert FFN width")
+    p.add_argument("--router", default="softmax_topk",
+                   choices=["softmax_topk", "switch", "sigmoid", "xmoe", "deepseek"])
+    p.add_argument("--capacity-factor", type=float, default=None)
+    p.add_argument("--aux-loss-coef", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=120.0, help="collective deadline, s")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+
+
+def _model_config(args):
+    from moeflow.demo import DemoModelConfig
+    return DemoModelConfig(dim=args.dim, num_layers=args.layers, seq_len=args.seq_len,
+                           num_experts=args.experts, top_k=args.top_k,
+                           ffn_hidden_size=args.ffn, router=args.router,
+                           aux_loss_coef=args.aux_loss_coef)
+
+
+def build_model(args, group=None, topology=None):
+    """The demo LM; with a process group, every MoE layer becomes ExpertParallel."""
+    import torch.distributed as dist
+    from moeflow.demo import build_demo_model
+    from moeflow.runtime import ExpertParallel
+
+    mcfg = _model_config(args)
+    model = build_demo_model(mcfg, seed=args.seed)
+    if args.capacity_factor is not None:
+        for b in model.blocks:  # rebuild each MoE config with the capacity factor
+            b.moe.cfg = b.moe.cfg.replace(capacity_factor=args.capacity_factor)
+            b.moe.router.cfg = b.moe.cfg
+    plan = None
+    if args.plan:
+        from moeflow.plan import Plan
+        with open(args.plan) as f:
+            plan = Plan.from_json(f.read())
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        for i, b in enumerate(model.blocks):
+            b.moe = ExpertParallel(b.moe, group=group, topology=topology,
+                                   dispatcher=args.dispatcher, esp_size=args.esp,
+                                   r_fwd=args.r_fwd, r_bwd=args.r_bwd, plan=plan,
+                                   layer_index=i, timeout_s=args.timeout)
+    return model
+
+
+def train_loop(args, group=None, topology=None, device=None, verbose=True) -> dict:
+    """Train; returns ``{"losses": [...], "tokens_per_s": float, "steps": int}``.
+
+    ``losses`` are global-batch LM losses (mean over ranks of local means).
+    """
+    import torch.distributed as dist
+    from moeflow.demo import BatchSampler, load_corpus
+    from moeflow.runtime.data_parallel import clip_grad_norm, sync_gradients
+
+    dist_on = dist.is_initialized() and dist.get_world_size(group) > 1
+    W = dist.get_world_size(group) if dist_on else 1
+    rank = dist.get_rank(group) if dist_on else 0
+    if args.batch_size % W:
+        raise ConfigError("batch_size", args.batch_size, f"a multiple of the world size {W}")
+    device = device or torch.device("cpu")
+    model = build_model(args, group, topology).to(device)
+    corpus = getattr(args, "_corpus", None) or load_corpus(
+        max_bytes=getattr(args, "corpus_bytes", 1_000_000))
+    sample = BatchSampler(corpus, args.seq_len, args.batch_size, seed=args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    b = args.batch_size // W
+    losses, tokens = [], 0
+    log = verbose and rank == 0
+    if log:
+        n_local = sum(p.numel() for p in model.parameters())
+        print(f"moeflow train: world {W}, dispatcher {args.dispatcher}, esp {args.esp}, "
+              f"r_fwd/r_bwd {args.r_fwd}/{args.r_bwd}, {args.layers} layers x {args.experts} "
+              f"experts, {n_local / 1e6:.2f} M params on rank 0, global batch "
+              f"{args.batch_size}x{args.seq_len}", flush=True)
+    start = time.perf_counter()
+    step = 0
+    for step in range(1, args.steps + 1):
+        lr = args.lr * min(1.0, step / 10)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = sample()                       # the same global batch on every rank
+        x, y = x[rank * b:(rank + 1) * b].to(device), y[rank * b:(rank + 1) * b].to(device)
+        _, loss, aux = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        (loss + aux).backward()
+        if dist_on:
+            sync_gradients(model, group, "mean", args.timeout)
+            clip_grad_norm(model, 1.0, group, args.timeout)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        lv = loss.detach().reshape(1).double()
+        if dist_on:
+            from moeflow.comm.collectives import all_reduce
+            all_reduce(lv, group, "loss all-reduce", args.timeout)
+            lv /= W
+        losses.append(float(lv))
+        tokens += args.batch_size * args.seq_len
+        elapsed = time.perf_counter() - start
+        if log and (step % args.log_every == 0 or step == 1):
+            print(f"step {step:4d}  loss {losses[-1]:.4f}  {tokens / elapsed:,.0f} tokens/s",
+                  flush=True)
+        stop = torch.tensor([1.0 if elapsed > args.max_seconds else 0.0])
+        if dist_on:  # every rank must stop at the same step
+            from moeflow.comm.collectives import all_reduce
+            all_reduce(stop, group, "stop all-reduce", args.timeout)
+        if stop.item() > 0:
+            break
+    elapsed = time.perf_counter() - start
+    out = {"losses": losses, "tokens_per_s": tokens / elapsed, "steps": step,
+           "seconds": elapsed}
+    if log:
+        print(f"summary: {step} steps, {tokens:,} tokens in {elapsed:.1f} s "
+              f"({tokens / elapsed:,.0f} tokens/s over {W} ranks); loss {losses[0]:.3f} -> "
+              f"{losses[-1]:.3f} (uniform {math.log(256):.3f})", flush=True)
+    return out
+
+
+def _topology(args, world: int):
+    from moeflow.comm import Topology
+    rpn = args.ranks_per_node
+    if not rpn:
+        if os.environ.get("LOCAL_WORLD_SIZE") and not getattr(args, "_forked", False):
+            return Topology.from_env()
+        rpn = 2 if world % 2 == 0 and world > 2 else world
+    return Topology.explicit(world, rpn)
+
+
+def _worker(rank: int, world: int, port: int, args, conn) -> None:
+    import torch.distributed as dist
+    try:
+        torch.set_num_threads(max(1, args.threads))
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world,
+                                timeout=datetime.timedelta(seconds=args.timeout))
+        args._forked = True
+        out = train_loop(args, topology=_topology(args, world))
+        conn.send(("ok", out["losses"][-1] if out["losses"] else float("nan")))
+        dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        import traceback
+        conn.send(("err", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+def _spawn(args) -> int:
+    import multiprocessing as mp
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from moeflow.demo import load_corpus
+    args._corpus = load_corpus(max_bytes=getattr(args, "corpus_bytes", 1_000_000))  # once
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    procs, conns = [], []
+    for r in range(args.nproc):
+        a, b = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_worker, args=(r, args.nproc, port, args, b))
+        p.start()
+        b.close()
+        procs.append(p)
+        conns.append(a)
+    rc = 0
+    for r, (p, c) in enumerate(zip(procs, conns)):
+        try:
+            msg = c.recv()
+        except EOFError:
+            msg = ("err", f"rank {r} died (exit code {p.exitcode})")
+        if msg[0] != "ok":
+            print(msg[1], file=sys.stderr)
+            rc = 1
+    for p in procs:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+    return rc
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:   # launched by torchrun
+        use_cuda = torch.cuda.is_available()
+        backend = "nccl" if use_cuda else "gloo"
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda \
+            else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(max(1, args.threads))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
+        try:
+            train_loop(args, topology=_topology(args, dist.get_world_size()), device=device)
+        finally:
+            dist.destroy_process_group()
+        return 0
+    if args.nproc and args.nproc > 1:
+        return _spawn(args)
+    torch.set_num_threads(max(1, args.threads))
+    train_loop(args)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="moeflow train", description=__doc__.splitlines()[0])
+    add_train_arguments(p)
+    return run_train(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

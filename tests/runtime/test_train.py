@@ -1,0 +1,59 @@
+"""EP training follows the single-process run of the same model, seed and global batch."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from tests._dist import run_ranks
+
+pytestmark = pytest.mark.dist
+
+
+def _args(**kw) -> argparse.Namespace:
+    from moeflow.train import add_train_arguments
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    a = p.parse_args([])
+    # aux loss off: its statistics are per rank in EP and per global batch in one process
+    base = dict(steps=20, batch_size=8, seq_len=32, dim=32, layers=2, experts=8, ffn=64,
+                aux_loss_coef=0.0, max_seconds=1e9, timeout=60.0, lr=3e-3)
+    base.update(kw)
+    for k, v in base.items():
+        setattr(a, k, v)
+    return a
+
+
+def _ep_run(rank, world, args_list, corpus):
+    from moeflow.comm import Topology
+    from moeflow.train import train_loop
+    outs = []
+    for a in args_list:
+        a._corpus = corpus
+        outs.append(train_loop(a, topology=Topology.explicit(world, 2), verbose=False)["losses"])
+    return outs
+
+
+def test_ep_training_matches_single_process_20_steps():
+    from moeflow.demo import load_corpus
+    from moeflow.train import train_loop
+    corpus = load_corpus(max_bytes=100_000)
+    single = _args()
+    single._corpus = corpus
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks use one thread each; 2 threads on a busy box crawl
+    try:
+        ref = train_loop(single, verbose=False)["losses"]
+    finally:
+        torch.set_num_threads(threads)
+    variants = [_args(dispatcher="a2a", r_fwd=2, r_bwd=4),
+                _args(dispatcher="2dh", esp=2, r_fwd=4, r_bwd=1)]
+    res = run_ranks(_ep_run, 4, variants, corpus, timeout_s=240)
+    assert len(ref) == 20 and ref[-1] < ref[0] - 0.5  # it actually trains
+    for losses in res[0]:
+        assert len(losses) == 20
+        worst = max(abs(a - b) for a, b in zip(losses, ref))
+        assert worst < 2e-3, (worst, losses, ref)
+    assert res[1] == res[0]  # every rank reports the same global loss
