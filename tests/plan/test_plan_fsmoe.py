@@ -133,3 +133,12 @@ def test_workload_from_config_and_sizes():
         LayerWorkload(B=1, L=1, M=1, H=1, E=2, k=3)
     with pytest.raises(ConfigError):
         LayerWorkload(B=1, L=1, M=1, H=1, E=2, ffn="moe")
+
+
+def test_runtime_reads_the_plans_degrees():
+    runtime = pytest.importorskip("moeflow.runtime")
+    perf = perf_preset("fsmoe-testbed-b")
+    w = LayerWorkload.from_config(model_preset("mixtral-8x7b"), tokens=2048, n_ep=8, n_esp=4)
+    p = Plan.from_json(fsmoe.plan(w, perf, num_layers=3).to_json())
+    for i in range(3):
+        assert runtime.resolve_degrees(p, i, 1, 1) == degrees_for_layer(p, i)
