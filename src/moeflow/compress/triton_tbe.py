@@ -1,0 +1,223 @@
+"""Triton kernels for ZipServ's TBE format: decode to dense, and fused decompress-GEMM.
+
+SYSTEMS.md, "ZipServ" (Decode / ZipGEMM). One program handles one 64x64 block, which carries
+its own prefix offsets into the covered-byte and fallback streams. In the block, the code of
+element ``(r, c)`` is bit ``8*(r%8) + c%8`` of its tile's three plane words; its slot in a
+stream is the block offset plus an exclusive prefix count of covered (or fallback) flags in
+row-major order, computed with two scans (along the row, then over row totals). The exponent
+is ``b + code``: an add, no table and no variable-length bit stream.
+
+``tbe_linear(x, w)`` computes ``y = x @ W^T`` for a skinny activation ``x`` (1-128 tokens)
+while W stays compressed in global memory: each program decodes its W blocks into registers
+and feeds ``tl.dot`` directly (the ZipGEMM idea), with split-K so that small matrices still
+fill the GPU. Kernels run under ``TRITON_INTERPRET=1`` on CPU for testing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from moeflow.errors import InputError
+from moeflow.compress import tbe
+from moeflow.compress.container import CompressedTensor
+
+
+@dataclass
+class TBEMatrix:
+    """A TBE-compressed matrix resident on a device (tensors mirror ``tbe.TBEParts``)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    rows: int
+    cols: int
+    numel: int
+    base: int
+    planes_per_tile: int
+    planes: torch.Tensor   # int32 [tiles * P * 2]: each 64-bit plane word as (lo, hi)
+    cov_off: torch.Tensor  # int64 [blocks + 1]
+    fb_off: torch.Tensor   # int64 [blocks + 1]
+    covered: torch.Tensor  # uint8 [n_covered] (at least one element)
+    fallback: torch.Tensor  # int16 [n_fallback] (at least one element)
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        return (self.rows + 63) // 64, (self.cols + 63) // 64
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.planes, self.cov_off, self.fb_off, self.covered, self.fallback))
+
+    @classmethod
+    def from_parts(cls, parts: tbe.TBEParts, shape, device) -> "TBEMatrix":
+        def dev(a: np.ndarray, dt) -> torch.Tensor:
+            a = np.ascontiguousarray(a)
+            if a.size == 0:  # keep a valid pointer for masked loads
+                a = np.zeros(1, a.dtype)
+            return torch.from_numpy(a.copy()).view(dt).to(device)
+
+        return cls(dtype=getattr(torch, parts.dtype), shape=tuple(shape), rows=parts.rows,
+                   cols=parts.cols, numel=parts.numel, base=parts.base,
+                   planes_per_tile=parts.planes_per_tile,
+                   planes=dev(parts.planes.view(np.uint32), torch.int32),
+                   cov_off=dev(parts.cov_off, torch.int64), fb_off=dev(parts.fb_off, torch.int64),
+                   covered=dev(parts.covered, torch.uint8),
+                   fallback=dev(parts.fallback.view(np.int16), torch.int16))
+
+    @classmethod
+    def from_tensor(cls, w: torch.Tensor, device=None) -> "TBEMatrix":
+        """Compress ``w`` (bf16/fp16) on the CPU and upload the streams to ``device``."""
+        ct = CompressedTensor.from_tensor(w, "tbe")
+        return cls.from_compressed(ct, device if device is not None else w.device)
+
+    @classmethod
+    def from_compressed(cls, ct: CompressedTensor, device) -> "TBEMatrix":
+        if ct.codec != "tbe":
+            raise InputError(f"expected a TBE-coded tensor, got codec {ct.codec!r}")
+        return cls.from_parts(tbe.parse(ct.payload, ct.dtype, ct.shape), ct.shape, device)
+
+
+@triton.jit
+def _decode_block(planes, cov_ptr, fb_ptr, cov_off, fb_off, br, bc, R, C, n, base,
+                  P: tl.constexpr, IS_BF16: tl.constexpr):
+    """Bits (int32) of block (br, bc) as a [64, 64] tensor, and its in-bounds mask."""
+    r = br * 64 + tl.arange(0, 64)[:, None]
+    c = bc * 64 + tl.arange(0, 64)[None, :]
+    k = r.to(tl.int64) * C + c
+    valid = (r < R) & (c < C) & (k < n)
+    TC = (C + 7) // 8
+    tile = (r // 8).to(tl.int64) * TC + c // 8
+    bit = (r % 8) * 8 + (c % 8)
+    word = (tile * P) * 2 + bit // 32
+    sh = bit % 32
+    w0 = tl.load(planes + word, mask=valid, other=0)
+    w1 = tl.load(planes + word + 2, mask=valid, other=0)
+    w2 = tl.load(planes + word + 4, mask=valid, other=0)
+    code = ((w0 >> sh) & 1) | (((w1 >> sh) & 1) << 1) | (((w2 >> sh) & 1) << 2)
+    covered = valid & (code != 0)
+    fallback = valid & (code == 0)
+    blk = br * ((C + 63) // 64) + bc
+    # exclusive row-major prefix counts inside the block
+    ci = covered.to(tl.int32)
+    crow = tl.sum(ci, axis=1)
+    cidx = (tl.cumsum(crow, axis=0) - crow)[:, None] + tl.cumsum(ci, axis=1) - ci
+    fi = fallback.to(tl.int32)
+    frow = tl.sum(fi, axis=1)
+    fidx = (tl.cumsum(frow, axis=0) - frow)[:, None] + tl.cumsum(fi, axis=1) - fi
+    c0 = tl.load(cov_off + blk)
+    f0 = tl.load(fb_off + blk)
+    sm = tl.load(cov_ptr + c0 + cidx, mask=covered, other=0).to(tl.int32)
+    fb = tl.load(fb_ptr + f0 + fidx, mask=fallback, other=0).to(tl.int32) & 0xFFFF
+    e = base + code
+    if IS_BF16:
+        bits = ((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F)
+    else:
+        w3 = tl.load(planes + word + 6, mask=covered, other=0)
+        w4 = tl.load(planes + word + 8, mask=covered, other=0)
+        w5 = tl.load(planes + word + 10, mask=covered, other=0)
+        x3 = ((w3 >> sh) & 1) | (((w4 >> sh) & 1) << 1) | (((w5 >> sh) & 1) << 2)
+        bits = ((x3 & 4) << 13) | (e << 10) | ((x3 & 3) << 8) | sm
+    bits = tl.where(covered, bits, fb)
+    return bits, valid, k
+
+
+@triton.jit
+def _tbe_decode_kernel(planes, cov_ptr, fb_ptr, cov_off, fb_off, out, R, C, n, base,
+                       P: tl.constexpr, IS_BF16: tl.constexpr):
+    br = tl.program_id(0)
+    bc = tl.program_id(1)
+    bits, valid, k = _decode_block(planes, cov_ptr, fb_ptr, cov_off, fb_off, br, bc, R, C, n,
+                                   base, P, IS_BF16)
+    tl.store(out + k, bits.to(tl.int16), mask=valid)
+
+
+@triton.jit
+def _tbe_linear_kernel(x_ptr, planes, cov_ptr, fb_ptr, cov_off, fb_off, y_ptr, N, R, C, base,
+                       stride_xn, stride_ys, stride_yn, blocks_per_split,
+                       P: tl.constexpr, IS_BF16: tl.constexpr, BN: tl.constexpr,
+                       DOT_F32: tl.constexpr):
+    """y[split, n, r] = sum over this split's K blocks of x[n, k] * W[r, k]."""
+    br = tl.program_id(0)
+    split = tl.program_id(1)
+    BC = (C + 63) // 64
+    nn = tl.arange(0, BN)[:, None]
+    kk = tl.arange(0, 64)[None, :]
+    acc = tl.zeros((BN, 64), dtype=tl.float32)
+    b_lo = split * blocks_per_split
+    b_hi = tl.minimum(b_lo + blocks_per_split, BC)
+    for bc in range(b_lo, b_hi):
+        bits, valid, k = _decode_block(planes, cov_ptr, fb_ptr, cov_off, fb_off, br, bc, R, C,
+                                       R * C, base, P, IS_BF16)
+        bits = tl.where(valid, bits, 0)
+        if IS_BF16:
+            # bf16 bits are the top half of an fp32; the narrowing is exact
+            w = (bits << 16).to(tl.float32, bitcast=True).to(tl.bfloat16)
+        else:
+            w = bits.to(tl.int16).to(tl.float16, bitcast=True)
+        col = bc * 64 + kk
+        x = tl.load(x_ptr + nn * stride_xn + col, mask=(nn < N) & (col < C), other=0.0)
+        if DOT_F32:  # Triton's CPU interpreter gets bf16 tl.dot wrong (3.9); exact in fp32
+            acc += tl.dot(x.to(tl.float32), tl.trans(w).to(tl.float32))
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    rr = br * 64 + tl.arange(0, 64)[None, :]
+    tl.store(y_ptr + split * stride_ys + nn * stride_yn + rr, acc, mask=(nn < N) & (rr < R))
+
+
+def tbe_decode(m: TBEMatrix) -> torch.Tensor:
+    """Dense tensor (original shape and dtype) of a TBE matrix, decoded on its device."""
+    out = torch.empty(max(1, m.numel), dtype=torch.int16, device=m.planes.device)
+    BR, BC = m.blocks
+    if m.numel:
+        _tbe_decode_kernel[(BR, BC)](m.planes, m.covered, m.fallback, m.cov_off, m.fb_off, out,
+                                     m.rows, m.cols, m.numel, m.base, P=m.planes_per_tile,
+                                     IS_BF16=m.dtype == torch.bfloat16, num_warps=4)
+    return out[: m.numel].view(m.dtype).reshape(m.shape)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None) -> torch.Tensor:
+    """``x @ W^T`` with W ``(out_features, in_features)`` kept in TBE form; x is ``(..., in)``
+    with at most 128 rows once flattened. Accumulates in fp32, returns ``x.dtype``."""
+    if len(m.shape) != 2:
+        raise InputError(f"tbe_linear needs a 2-D weight, got shape {m.shape}")
+    if x.dtype != m.dtype or x.shape[-1] != m.cols:
+        raise InputError(f"x {tuple(x.shape)} {x.dtype} does not match W {m.shape} {m.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, m.cols)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    N = x2.shape[0]
+    if N > 128:
+        raise InputError(f"tbe_linear is for skinny activations (<= 128 tokens), got {N}")
+    R, C = m.rows, m.cols
+    BR, BC = m.blocks
+    if split_k is None:  # enough programs to cover every SM about twice
+        split_k = max(1, min(BC, -(-2 * _num_sms(x.device) // max(1, BR))))
+    per = -(-BC // split_k)
+    split_k = -(-BC // per)
+    y = torch.empty((split_k, max(N, 1), R), dtype=torch.float32, device=x.device)
+    BN = max(16, triton.next_power_of_2(max(N, 1)))
+    if N and R:
+        _tbe_linear_kernel[(BR, split_k)](x2, m.planes, m.covered, m.fallback, m.cov_off,
+                                          m.fb_off, y, N, R, C, m.base, x2.stride(0),
+                                          y.stride(0), y.stride(1), per, P=m.planes_per_tile,
+                                          IS_BF16=m.dtype == torch.bfloat16, BN=BN,
+                                          DOT_F32=_interpreted(), num_warps=4)
+    out = (y.sum(0) if split_k > 1 else y[0])[:N]
+    return out.to(x.dtype).reshape(*lead, R)
