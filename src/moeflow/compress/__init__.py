@@ -3,11 +3,33 @@
 ``compress(t, codec="entropy" | "tbe" | "raw" | "auto")`` returns a self-describing blob and
 ``decompress(blob)`` restores the tensor bit for bit (or raises ``CorruptDataError``).
 GPU kernels (Triton) live in ``moeflow.compress.triton_tbe``; the checkpoint CLI in
-``moeflow.compress.cli``.
+``moeflow.compress.cli``. Names load lazily, so the GPU kernels import without numba.
 """
 
-from moeflow.compress.container import CODECS, CompressedTensor, compress, decompress
-from moeflow.compress.stats import TensorStats, best_window, entropy_bits, tensor_stats
+from __future__ import annotations
 
-__all__ = ["CODECS", "CompressedTensor", "TensorStats", "best_window", "compress", "decompress",
-           "entropy_bits", "tensor_stats"]
+import importlib
+
+_LAZY = {
+    "CODECS": "moeflow.compress.container",
+    "CompressedTensor": "moeflow.compress.container",
+    "compress": "moeflow.compress.container",
+    "decompress": "moeflow.compress.container",
+    "TensorStats": "moeflow.compress.stats",
+    "best_window": "moeflow.compress.stats",
+    "entropy_bits": "moeflow.compress.stats",
+    "tensor_stats": "moeflow.compress.stats",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moeflow.compress' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = list(_LAZY)

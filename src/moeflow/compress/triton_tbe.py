@@ -24,8 +24,6 @@ import triton
 import triton.language as tl
 
 from moeflow.errors import InputError
-from moeflow.compress import tbe
-from moeflow.compress.container import CompressedTensor
 
 
 @dataclass
@@ -55,7 +53,8 @@ class TBEMatrix:
                    (self.planes, self.cov_off, self.fb_off, self.covered, self.fallback))
 
     @classmethod
-    def from_parts(cls, parts: tbe.TBEParts, shape, device) -> "TBEMatrix":
+    def from_parts(cls, parts, shape, device) -> "TBEMatrix":
+        """Upload a parsed CPU payload (``tbe.TBEParts``) to ``device``."""
         def dev(a: np.ndarray, dt) -> torch.Tensor:
             a = np.ascontiguousarray(a)
             if a.size == 0:  # keep a valid pointer for masked loads
@@ -72,12 +71,17 @@ class TBEMatrix:
 
     @classmethod
     def from_tensor(cls, w: torch.Tensor, device=None) -> "TBEMatrix":
-        """Compress ``w`` (bf16/fp16) on the CPU and upload the streams to ``device``."""
+        """Compress ``w`` (bf16/fp16) with the CPU codec and upload the streams to ``device``."""
+        from moeflow.compress.container import CompressedTensor
+
         ct = CompressedTensor.from_tensor(w, "tbe")
         return cls.from_compressed(ct, device if device is not None else w.device)
 
     @classmethod
-    def from_compressed(cls, ct: CompressedTensor, device) -> "TBEMatrix":
+    def from_compressed(cls, ct, device) -> "TBEMatrix":
+        """Upload a ``CompressedTensor`` with codec "tbe" to ``device``."""
+        from moeflow.compress import tbe
+
         if ct.codec != "tbe":
             raise InputError(f"expected a TBE-coded tensor, got codec {ct.codec!r}")
         return cls.from_parts(tbe.parse(ct.payload, ct.dtype, ct.shape), ct.shape, device)
@@ -221,3 +225,79 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None) -> tor
                                           DOT_F32=_interpreted(), num_warps=4)
     out = (y.sum(0) if split_k > 1 else y[0])[:N]
     return out.to(x.dtype).reshape(*lead, R)
+
+
+def tbe_encode_torch(w: torch.Tensor) -> TBEMatrix:
+    """TBE-encode ``w`` (bf16/fp16) with torch ops on its own device (GPU or CPU).
+
+    Produces exactly the streams of the CPU codec (``moeflow.compress.tbe``), vectorized:
+    codes are laid out on the padded 64x64 block grid, whose block-major, row-major flattening
+    is the stream order; plane words are sums of distinct powers of two.
+    """
+    if w.dtype not in (torch.bfloat16, torch.float16):
+        raise InputError(f"TBE takes bfloat16/float16, not {w.dtype}")
+    shape = tuple(w.shape)
+    n = w.numel()
+    if n and len(shape) >= 2:
+        R, C = n // shape[-1], shape[-1]
+    else:
+        R, C = (n + 63) // 64, 64
+    bf16 = w.dtype == torch.bfloat16
+    shift, emax, P = (7, 255, 3) if bf16 else (10, 31, 6)
+    dev = w.device
+    flat = w.detach().reshape(-1).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    e = (flat >> shift) & emax
+    hist = torch.bincount(e, minlength=emax + 1)
+    cover = hist.unfold(0, 7, 1).sum(-1)  # window starting at s covers s..s+6, base s-1
+    base = int(torch.argmax(cover).item()) - 1
+    BR, BC = (R + 63) // 64, (C + 63) // 64
+    TR, TC = (R + 7) // 8, (C + 7) // 8
+    Rp, Cp = BR * 64, BC * 64
+    vals = torch.zeros(Rp * Cp, dtype=torch.int32, device=dev)
+    valid = torch.zeros(Rp * Cp, dtype=torch.bool, device=dev)
+    grid = torch.zeros(Rp, Cp, dtype=torch.int64, device=dev)
+    if n:  # element k of the tensor sits at (k // C, k % C) of the padded grid
+        k = torch.arange(n, device=dev)
+        pos = (k // C) * Cp + k % C
+        vals[pos] = flat
+        valid[pos] = True
+    vals = vals.view(Rp, Cp)
+    valid = valid.view(Rp, Cp)
+    d = ((vals >> shift) & emax) - base
+    code = torch.where(valid & (d >= 1) & (d <= 7), d, torch.zeros_like(d))
+    bitpos = (torch.arange(8, device=dev)[:, None] * 8 + torch.arange(8, device=dev)[None, :])
+    weights = (torch.ones((), dtype=torch.int64, device=dev) << bitpos.to(torch.int64))  # [8, 8]
+
+    def plane(bit_RC: torch.Tensor) -> torch.Tensor:
+        t = bit_RC.to(torch.int64).view(Rp // 8, 8, Cp // 8, 8).permute(0, 2, 1, 3)
+        return (t * weights).sum((-1, -2))[:TR, :TC]  # [TR, TC]
+
+    planes = [plane((code >> p) & 1) for p in range(3)]
+    if not bf16:
+        x3 = ((vals >> 13) & 4) | ((vals >> 8) & 3)
+        x3 = torch.where(code != 0, x3, torch.zeros_like(x3))
+        planes += [plane((x3 >> p) & 1) for p in range(3)]
+    planes_t = torch.stack(planes, -1).reshape(-1).contiguous()  # tile-major, then plane
+
+    def blockwise(t: torch.Tensor) -> torch.Tensor:
+        return t.view(BR, 64, BC, 64).permute(0, 2, 1, 3).reshape(-1)
+
+    cov_m = blockwise((code != 0))
+    fb_m = blockwise(valid & (code == 0))
+    vb = blockwise(vals)
+    sm = (((vb >> 8) & 0x80) | (vb & 0x7F)) if bf16 else (vb & 0xFF)
+    covered = sm[cov_m].to(torch.uint8)
+    fallback = vb[fb_m].to(torch.int16)  # low 16 bits, wraps like a uint16 view
+    zero = torch.zeros(1, dtype=torch.int64, device=dev)
+    cov_off = torch.cat([zero, cov_m.view(-1, 4096).sum(1).cumsum(0)])
+    fb_off = torch.cat([zero, fb_m.view(-1, 4096).sum(1).cumsum(0)])
+    planes_i32 = planes_t.view(torch.int32)
+    if planes_i32.numel() == 0:
+        planes_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
+    if covered.numel() == 0:
+        covered = torch.zeros(1, dtype=torch.uint8, device=dev)
+    if fallback.numel() == 0:
+        fallback = torch.zeros(1, dtype=torch.int16, device=dev)
+    return TBEMatrix(dtype=w.dtype, shape=shape, rows=R, cols=C, numel=n, base=base,
+                     planes_per_tile=P, planes=planes_i32, cov_off=cov_off,
+                     fb_off=fb_off, covered=covered, fallback=fallback)
