@@ -255,7 +255,6 @@ def tbe_encode_torch(w: torch.Tensor) -> TBEMatrix:
     Rp, Cp = BR * 64, BC * 64
     vals = torch.zeros(Rp * Cp, dtype=torch.int32, device=dev)
     valid = torch.zeros(Rp * Cp, dtype=torch.bool, device=dev)
-    grid = torch.zeros(Rp, Cp, dtype=torch.int64, device=dev)
     if n:  # element k of the tensor sits at (k // C, k % C) of the padded grid
         k = torch.arange(n, device=dev)
         pos = (k // C) * Cp + k % C
