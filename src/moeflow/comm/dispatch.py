@@ -91,8 +91,9 @@ class CommStep:
     pre_index: Optional[torch.Tensor] = None
     post_index: Optional[torch.Tensor] = None
 
-    def issue(self, buf: torch.Tensor, timeout_s: float) -> Pending:
-        if self.pre_index is not None:
+    def issue(self, buf: torch.Tensor, timeout_s: float, skip_pre: bool = False) -> Pending:
+        """Start the step on ``buf`` (already reordered when ``skip_pre``)."""
+        if self.pre_index is not None and not skip_pre:
             buf = buf.index_select(0, self.pre_index.to(buf.device))
         p = all_to_all_v(buf, self.in_splits, self.out_splits, self.group, self.label, timeout_s)
         if self.post_index is None:

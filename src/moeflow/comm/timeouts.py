@@ -11,6 +11,7 @@ the process-group timeout and its watchdog) for the host-side deadline to bite.
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Callable, Optional
 
 import torch
@@ -28,14 +29,19 @@ def wait_work(work, op: str, timeout_s: float) -> None:
     """Wait for an async ``Work`` or raise CommTimeoutError naming ``op``."""
     if work is None:
         return
+    t0 = time.monotonic()
     try:
         ok = work.wait(timeout=_timedelta(timeout_s))
     except CommTimeoutError:
         raise
     except Exception as e:  # gloo raises RuntimeError for both timeouts and dead peers
+        waited = time.monotonic() - t0
+        why = (f"did not finish within {timeout_s:g}s: a peer rank stalls or died"
+               if waited >= 0.9 * timeout_s else
+               f"failed after {waited:.2f}s (deadline {timeout_s:g}s): a peer rank died "
+               f"or dropped its connection")
         raise CommTimeoutError(
-            f"{op} did not finish within {timeout_s:g}s: a peer rank died or stalls "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+            f"{op} {why} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     if ok is False:
         raise CommTimeoutError(f"{op} did not finish within {timeout_s:g}s")
 
