@@ -18,7 +18,7 @@ from tests.runtime.ep_cases import ROUTER_CFGS, Case, run_cases
 
 pytestmark = pytest.mark.dist
 ROUTERS = list(ROUTER_CFGS)
-R_PAIRS = [(1, 1), (2, 4), (4, 2), (4, 4), (2, 1), (1, 2)]
+R_PAIRS = list(itertools.product((1, 2, 4), repeat=2))   # r_fwd, r_bwd independently
 
 
 def _world2_cases() -> list:
@@ -27,7 +27,7 @@ def _world2_cases() -> list:
     rot = itertools.cycle(ROUTERS)
     for d in ("a2a", "capacity", "2dh"):
         for esp in (1, 2):
-            for rf, rb in R_PAIRS[:4]:
+            for rf, rb in [(1, 1), (2, 4), (4, 2), (4, 4)]:
                 cases.append(Case(router=next(rot), dispatcher=d, esp=esp, r_fwd=rf, r_bwd=rb,
                                   ranks_per_node=2 if esp == 2 else 1,
                                   capacity_factor=1.25 if d == "capacity" else None))
@@ -42,10 +42,13 @@ def _world2_cases() -> list:
 
 def _world4_cases() -> list:
     cases = []
+    # every dispatcher x ESP on/off x all 9 (r_fwd, r_bwd) in {1,2,4}^2, routers cycled
+    rot = itertools.cycle([r for r in ROUTERS if r != "expert_choice"])
     for d in ("a2a", "capacity", "2dh"):
         for esp in (1, 2):
-            for rf, rb in [(1, 1), (2, 4), (4, 2)]:
-                cases.append(Case(dispatcher=d, esp=esp, r_fwd=rf, r_bwd=rb, ranks_per_node=2,
+            for rf, rb in R_PAIRS:
+                cases.append(Case(router=next(rot), dispatcher=d, esp=esp, r_fwd=rf, r_bwd=rb,
+                                  ranks_per_node=2, tokens=(13, 6, 21, 10),
                                   capacity_factor=1.0 if d == "capacity" else None))
     # every router through 2DH with uneven token counts and a rank with no tokens at all
     cases += [Case(router=r, dispatcher="2dh", ranks_per_node=2, r_fwd=2, r_bwd=4,
