@@ -96,3 +96,14 @@ def test_level_fallback_and_errors():
         PerfModel.from_json('{"format": "other"}')
     with pytest.raises(ConfigError):
         LinearCost(math.nan, 1.0)
+
+
+def test_nonneg_alpha_clamps_and_refits_through_origin():
+    n = [1.0, 2.0, 3.0, 4.0]
+    t = [0.5, 2.5, 4.5, 6.5]            # OLS: alpha = -1.5, beta = 2
+    assert LinearCost.fit(n, t).alpha == pytest.approx(-1.5)
+    c = LinearCost.fit(n, t, nonneg_alpha=True)
+    assert c.alpha == 0.0
+    assert c.beta == pytest.approx(sum(x * y for x, y in zip(n, t)) / sum(x * x for x in n))
+    ok = LinearCost.fit(n, [1 + 2 * x for x in n], nonneg_alpha=True)
+    assert (ok.alpha, ok.beta) == (pytest.approx(1.0), pytest.approx(2.0))

@@ -46,3 +46,28 @@ def test_gradient_piece_fills_idle_link_window():
     assert tl.task("bwd.gdisp0") == (11.0, 12.0)          # gar [2,11] delays gdisp0 past 7
     assert tl.makespan == 14.0                              # ... but gdisp1 still ends at 14
     assert pass_time(p, 2, 12.0, backward=True) == 16.0    # gar [2,14]: 14 + 2 a2a
+
+
+def test_wavefront_order_on_the_link_matches_the_runtime_schedule():
+    tl = simulate(moe_pass_graph(pc(a2a=(0.0, 3.0), exp=(0.0, 9.0)), 3, order="wavefront"))
+    link = [t.name for t in tl.graph.tasks if t.resource == "inter"]
+    assert link == ["fwd.disp0", "fwd.disp1", "fwd.comb0", "fwd.disp2", "fwd.comb1",
+                    "fwd.comb2"]
+    # d0 [0,1] d1 [1,2] x0 [1,4] c0 [4,5] d2 [5,6] x1 [4,7] c1 [7,8] x2 [7,10] c2 [10,11]
+    assert tl.task("fwd.disp2") == (5.0, 6.0)
+    assert tl.makespan == 11.0
+
+
+def test_shared_resource_means_no_overlap():
+    p = pc(a2a=(0.5, 3.0), exp=(0.2, 9.0))
+    for r in (1, 2, 4):
+        t = pass_time(p, r, order="wavefront", link="cpu", compute="cpu")
+        assert t == pytest.approx(p.serial_time(r))
+        assert t >= pass_time(p, r)
+
+
+def test_unknown_order_is_rejected():
+    from moeflow.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        moe_pass_graph(pc(), 2, order="random")

@@ -62,11 +62,14 @@ class LinearCost:
 
     @classmethod
     def fit(cls, n: Iterable[float], t: Iterable[float], *, source: str = "fitted",
-            note: str = "") -> "LinearCost":
+            note: str = "", nonneg_alpha: bool = False) -> "LinearCost":
         """Ordinary least squares of ``t`` on ``n`` (closed form), with R^2.
 
         ``beta = cov(n, t) / var(n)``, ``alpha = mean(t) - beta * mean(n)``,
-        ``R^2 = 1 - SS_res / SS_tot``.
+        ``R^2 = 1 - SS_res / SS_tot``. With ``nonneg_alpha`` a negative intercept (noise on a
+        start-up latency that cannot be negative) is clamped to 0 and beta refitted through
+        the origin, ``beta = sum(n t) / sum(n^2)``: a negative alpha would make the planner
+        believe that more chunks are cheaper.
         """
         xs = [float(v) for v in n]
         ys = [float(v) for v in t]
@@ -82,6 +85,9 @@ class LinearCost:
         sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
         beta = sxy / sxx
         alpha = my - beta * mx
+        if nonneg_alpha and alpha < 0:
+            alpha = 0.0
+            beta = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
         ss_tot = sum((y - my) ** 2 for y in ys)
         ss_res = sum((y - (alpha + beta * x)) ** 2 for x, y in zip(xs, ys))
         r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0

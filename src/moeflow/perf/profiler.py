@@ -144,7 +144,7 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
             # level groups: time with the world barrier so all groups run at once
             record(kind, float(numel * esize), _time_op(fn, reps, trials, world_group, device))
             bar.step(f"{kind} {numel * esize / 2**10:.0f} KiB")
-    costs = {k: LinearCost.fit(xs, ys, source="fitted",
+    costs = {k: LinearCost.fit(xs, ys, source="fitted", nonneg_alpha=True,
                                note=f"{'FLOPs' if k == 'gemm' else 'bytes'}, "
                                     f"{len(xs)} sizes, {dist.get_backend(world_group)}")
              for k, (xs, ys) in samples.items()}

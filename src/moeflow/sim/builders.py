@@ -28,35 +28,77 @@ INTER, INTRA, GPU = "inter", "intra", "gpu"
 
 def add_moe_pass(g: TaskGraph, prefix: str, pc: PassCost, r: int,
                  entry: Sequence[int] = (), gar_ms: float = 0.0,
-                 gar_deps: Sequence[int] = (), backward: bool = False) -> list[int]:
-    """Append one chunked MoE pass; return the ids of its last tasks (the r final a2a)."""
+                 gar_deps: Sequence[int] = (), backward: bool = False,
+                 order: str = "fsmoe", link: str = INTER, intra: str = INTRA,
+                 compute: str = GPU) -> list[int]:
+    """Append one chunked MoE pass; return the ids of its last tasks (the r final a2a).
+
+    ``order="fsmoe"``: the per-resource order of the module docstring. ``order="wavefront"``:
+    the order in which :func:`moeflow.runtime.run_wavefront` issues work - at step ``t`` chunk
+    ``c`` (newest first) runs stage ``t - c``, a stage being local work followed by the
+    collective it issues - so the link carries d0, d1, c0, d2, c1, ...
+    ``link`` / ``intra`` / ``compute`` name the resources; give them the same name to model a
+    host where communication and computation share the same cores (no overlap).
+    """
     c = pc.chunk(r)
     esp = pc.has_esp
     first_a2a, last_a2a = ("gcomb", "gdisp") if backward else ("disp", "comb")
-    first_intra, last_intra = ("ag", "rs")
-    d_ids = [g.add(f"{prefix}.{first_a2a}{i}", INTER, c.a2a, entry, kind="a2a")
-             for i in range(r)]
-    if gar_ms > 0:
-        g.add(f"{prefix}.gar", INTER, gar_ms, list(gar_deps) + list(entry), kind="ar")
-    ag_ids = ([g.add(f"{prefix}.{first_intra}{i}", INTRA, c.ag, [d_ids[i]], kind="ag")
-               for i in range(r)] if esp else d_ids)
-    x_ids = [g.add(f"{prefix}.exp{i}", GPU, c.exp, [ag_ids[i]], kind="gemm") for i in range(r)]
-    rs_ids = ([g.add(f"{prefix}.{last_intra}{i}", INTRA, c.rs, [x_ids[i]], kind="rs")
-               for i in range(r)] if esp else x_ids)
-    return [g.add(f"{prefix}.{last_a2a}{i}", INTER, c.a2a, [rs_ids[i]], kind="a2a")
-            for i in range(r)]
+    # one chunk's chain of stages: (name, resource, duration, kind)
+    stages = [(first_a2a, link, c.a2a, "a2a")]
+    if esp:
+        stages.append(("ag", intra, c.ag, "ag"))
+    stages.append(("exp", compute, c.exp, "gemm"))
+    if esp:
+        stages.append(("rs", intra, c.rs, "rs"))
+    stages.append((last_a2a, link, c.a2a, "a2a"))
+    ids: list[list[int]] = [[-1] * len(stages) for _ in range(r)]
+
+    def add(i: int, k: int) -> None:
+        name, res, dur, kind = stages[k]
+        deps = list(entry) if k == 0 else [ids[i][k - 1]]
+        ids[i][k] = g.add(f"{prefix}.{name}{i}", res, dur, deps, kind=kind)
+
+    def add_gar() -> None:
+        if gar_ms > 0:
+            g.add(f"{prefix}.gar", link, gar_ms, list(gar_deps) + list(entry), kind="ar")
+
+    if order == "fsmoe":
+        # by resource: every first-a2a, the gradient piece, then the rest stage by stage
+        for i in range(r):
+            add(i, 0)
+        add_gar()
+        for k in range(1, len(stages)):
+            for i in range(r):
+                add(i, k)
+    elif order == "wavefront":
+        # a runtime stage does its local work and then issues the next collective, so the
+        # expert GEMMs and the collective after them belong to one stage
+        groups = [[0], [1], [2, 3], [4]] if esp else [[0], [1, 2]]
+        n = len(groups)
+        for t in range(r + n - 1):
+            for i in range(min(t, r - 1), max(-1, t - n), -1):
+                for k in groups[t - i]:
+                    add(i, k)
+            if t == 0:
+                add_gar()
+    else:
+        from moeflow.errors import ConfigError
+        raise ConfigError("order", order, "'fsmoe' or 'wavefront'")
+    return [ids[i][-1] for i in range(r)]
 
 
-def moe_pass_graph(pc: PassCost, r: int, gar_ms: float = 0.0,
-                   backward: bool = False) -> TaskGraph:
+def moe_pass_graph(pc: PassCost, r: int, gar_ms: float = 0.0, backward: bool = False,
+                   **kw) -> TaskGraph:
     g = TaskGraph()
-    add_moe_pass(g, "bwd" if backward else "fwd", pc, r, gar_ms=gar_ms, backward=backward)
+    add_moe_pass(g, "bwd" if backward else "fwd", pc, r, gar_ms=gar_ms, backward=backward,
+                 **kw)
     return g
 
 
-def pass_time(pc: PassCost, r: int, gar_ms: float = 0.0, backward: bool = False) -> float:
-    """Simulated makespan of one chunked pass (ms)."""
-    return simulate(moe_pass_graph(pc, r, gar_ms, backward)).makespan
+def pass_time(pc: PassCost, r: int, gar_ms: float = 0.0, backward: bool = False,
+              **kw) -> float:
+    """Simulated makespan of one chunked pass (ms); ``kw`` as :func:`add_moe_pass`."""
+    return simulate(moe_pass_graph(pc, r, gar_ms, backward, **kw)).makespan
 
 
 def pass_idle_inter(pc: PassCost, r: int, backward: bool = True) -> float:
