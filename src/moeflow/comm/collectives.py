@@ -31,7 +31,7 @@ def all_to_all_v(x_RD: torch.Tensor, in_splits: Sequence[int], out_splits: Seque
     out = x_RD.new_empty((sum(out_splits),) + tuple(x_RD.shape[1:]))
     work = dist.all_to_all_single(out, x_RD.contiguous(), out_splits, in_splits, group=group,
                                   async_op=True)
-    return Pending(work, op, timeout_s, lambda: out)
+    return Pending(work, op, timeout_s, lambda: out, stream_ordered=x_RD.is_cuda)
 
 
 def all_gather_v(x_RD: torch.Tensor, sizes: Sequence[int], group, op: str,

@@ -91,10 +91,18 @@ class CommStep:
     pre_index: Optional[torch.Tensor] = None
     post_index: Optional[torch.Tensor] = None
 
+    def to(self, device) -> "CommStep":
+        """Move the reorder indices to ``device`` once (no host sync inside the pipeline)."""
+        if self.pre_index is not None:
+            self.pre_index = self.pre_index.to(device)
+        if self.post_index is not None:
+            self.post_index = self.post_index.to(device)
+        return self
+
     def issue(self, buf: torch.Tensor, timeout_s: float, skip_pre: bool = False) -> Pending:
         """Start the step on ``buf`` (already reordered when ``skip_pre``)."""
         if self.pre_index is not None and not skip_pre:
-            buf = buf.index_select(0, self.pre_index.to(buf.device))
+            buf = buf.index_select(0, self.pre_index)
         p = all_to_all_v(buf, self.in_splits, self.out_splits, self.group, self.label, timeout_s)
         if self.post_index is None:
             return p
@@ -102,7 +110,7 @@ class CommStep:
 
         def finish() -> torch.Tensor:
             out = p.wait()
-            return out.index_select(0, post.to(out.device))
+            return out.index_select(0, post)
 
         return Pending(None, self.label, timeout_s, finish)
 
@@ -120,6 +128,24 @@ class ChunkRoute:
     dispatch: list                    # CommSteps, source -> expert owner
     combine: list                     # CommSteps, expert owner -> source
     recv_SPE: torch.Tensor
+    device: object = None
+    send_gather: Optional[torch.Tensor] = None    # send_index fused with dispatch[0]'s regroup
+    expert_major: Optional[torch.Tensor] = None   # [s][p][e] rows -> expert-major order
+
+    def to(self, device) -> "ChunkRoute":
+        """Build the fused/expert-major indices and move every index to ``device`` once."""
+        if self.device == device:
+            return self
+        gather = self.send_index
+        if self.dispatch[0].pre_index is not None:   # one gather instead of two
+            gather = gather.index_select(0, self.dispatch[0].pre_index.cpu())
+        self.send_gather = gather.to(device)
+        self.send_index = self.send_index.to(device)
+        self.expert_major = sub_block_index(self.recv_SPE, perm=(2, 0, 1)).to(device)
+        for st in (*self.dispatch, *self.combine):
+            st.to(device)
+        self.device = device
+        return self
 
 
 @dataclass

@@ -25,13 +25,19 @@ def _timedelta(timeout_s: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=float(timeout_s))
 
 
-def wait_work(work, op: str, timeout_s: float) -> None:
-    """Wait for an async ``Work`` or raise CommTimeoutError naming ``op``."""
+def wait_work(work, op: str, timeout_s: float, stream_ordered: bool = False) -> None:
+    """Wait for an async ``Work`` or raise CommTimeoutError naming ``op``.
+
+    ``stream_ordered`` (CUDA tensors): make the current stream wait on the collective's
+    stream through its event instead of blocking the host, so the host keeps queueing the
+    next chunk's kernels; the deadline is then the process group's timeout (moeflow creates
+    its sub-groups with ``timeout_s``), enforced by the NCCL watchdog.
+    """
     if work is None:
         return
     t0 = time.monotonic()
     try:
-        ok = work.wait(timeout=_timedelta(timeout_s))
+        ok = work.wait() if stream_ordered else work.wait(timeout=_timedelta(timeout_s))
     except CommTimeoutError:
         raise
     except Exception as e:  # gloo raises RuntimeError for both timeouts and dead peers
@@ -53,12 +59,13 @@ class Pending:
     idempotent.
     """
 
-    __slots__ = ("work", "op", "timeout_s", "_finish", "_value", "_done")
+    __slots__ = ("work", "op", "timeout_s", "_finish", "_value", "_done", "stream_ordered")
 
     def __init__(self, work, op: str, timeout_s: float,
-                 finish: Callable[[], torch.Tensor]):
+                 finish: Callable[[], torch.Tensor], stream_ordered: bool = False):
         self.work, self.op, self.timeout_s = work, op, timeout_s
         self._finish, self._value, self._done = finish, None, False
+        self.stream_ordered = stream_ordered
 
     @classmethod
     def ready(cls, value: torch.Tensor) -> "Pending":
@@ -67,7 +74,7 @@ class Pending:
 
     def wait(self) -> torch.Tensor:
         if not self._done:
-            wait_work(self.work, self.op, self.timeout_s)
+            wait_work(self.work, self.op, self.timeout_s, self.stream_ordered)
             self._value = self._finish()
             self._done, self._finish, self.work = True, None, None
         return self._value

@@ -78,17 +78,14 @@ class _Run:
         pad = ex.padded
         ext = torch.cat([rows_ND, rows_ND.new_zeros(1, D)]) if pad else rows_ND
         out = ext.new_zeros(ext.shape)
-        routes = [disp.route(ex, r, c) for c in range(r)]
+        # all index tensors reach the device before any chunk is queued (no syncs later)
+        routes = [disp.route(ex, r, c).to(ext.device) for c in range(r)]
         stages = []
 
         def send(c, _):
             rt = routes[c]
-            step0 = rt.dispatch[0]
-            idx = rt.send_index
-            if step0.pre_index is not None:   # one gather instead of two (2DH regroups)
-                idx = idx.index_select(0, step0.pre_index)
-            buf = ext.index_select(0, idx.to(ext.device))
-            return step0.issue(buf, timeout, skip_pre=True)
+            buf = ext.index_select(0, rt.send_gather)
+            return rt.dispatch[0].issue(buf, timeout, skip_pre=True)
         stages.append(send)
         for k in range(1, len(routes[0].dispatch)):
             stages.append(lambda c, buf, k=k: routes[c].dispatch[k].issue(buf, timeout))
@@ -101,7 +98,7 @@ class _Run:
 
         def experts(c, buf):
             recv = routes[c].recv_SPE                       # [S, P, E_l] for this chunk
-            idx = sub_block_index(recv, perm=(2, 0, 1)).to(buf.device)   # -> expert-major
+            idx = routes[c].expert_major
             counts = recv.sum((0, 1))
             y_e = compute(c, buf.index_select(0, idx), counts)
             y = buf.new_empty(buf.shape[0], y_e.shape[-1]).index_copy_(0, idx, y_e)
@@ -116,7 +113,7 @@ class _Run:
             stages.append(lambda c, y, k=k: routes[c].combine[k].issue(y, timeout))
 
         def place(c, y):
-            out.index_copy_(0, routes[c].send_index.to(out.device), y)
+            out.index_copy_(0, routes[c].send_index, y)
             return None
         stages.append(place)
         run_wavefront(r, stages)
@@ -138,6 +135,8 @@ class _Run:
             self.graphs = [None] * self.r_fwd
         elif needs_grad:
             self.x_full = x_ND.new_empty(int(self.ex.recv_SPE.sum()), x_ND.shape[-1])
+            canon = [self._canonical_index(self.r_fwd, c).to(x_ND.device)
+                     for c in range(self.r_fwd)]
 
         def compute(c, x_e, counts):
             if x_e.shape[0] == 0:
@@ -152,8 +151,7 @@ class _Run:
                 self.graphs[c] = (xc, yc)
                 return yc.detach()
             if needs_grad:
-                self.x_full.index_copy_(0, self._canonical_index(self.r_fwd, c).to(x_e.device),
-                                        x_e)
+                self.x_full.index_copy_(0, canon[c], x_e)
             return ep._expert_fn(x_e, counts, w_in, w_out, ep.activation, ep.kernel)
 
         return self._pipeline(x_ND, self.r_fwd, compute)
@@ -162,6 +160,8 @@ class _Run:
         ep = self.ep
         gw_in = torch.zeros_like(self.w_in_d)
         gw_out = torch.zeros_like(self.w_out_d)
+        canon = None if self.graphs is not None else [
+            self._canonical_index(self.r_bwd, c).to(grad_y_ND.device) for c in range(self.r_bwd)]
 
         def compute(c, g_e, counts):
             if g_e.shape[0] == 0:
@@ -170,8 +170,7 @@ class _Run:
                 xc, yc = self.graphs[c]
                 self.graphs[c] = None  # free the chunk's activations as soon as used
             else:
-                idx = self._canonical_index(self.r_bwd, c).to(g_e.device)
-                xc = self.x_full.index_select(0, idx).requires_grad_(True)
+                xc = self.x_full.index_select(0, canon[c]).requires_grad_(True)
                 with torch.enable_grad():  # recompute: backward chunks differ from forward's
                     yc = ep._expert_fn(xc, counts, self.w_in_d, self.w_out_d, ep.activation,
                                        ep.kernel)
