@@ -18,6 +18,7 @@ EXPERT_TYPES = ("swiglu", "gelu")
 SCORE_FUNCS = ("softmax", "sigmoid")
 KERNELS = ("auto", "grouped_mm", "bmm", "loop")
 SHARED_GATES = ("none", "sigmoid")
+ROUTER_DTYPES = ("float32", "input")
 
 
 def _require(cond: bool, name: str, value, allowed: str) -> None:
@@ -49,6 +50,11 @@ class MoEConfig:
         ``score_func`` softmax (V2) or sigmoid (V3), the aux-loss-free correction bias
         (``correction_bias``) and ``routed_scaling_factor``.
 
+    Router precision: ``router_dtype="float32"`` (default) computes the router logits in fp32,
+    so routing decisions do not depend on the activation dtype. ``"input"`` computes them in the
+    activation dtype and only the softmax in fp32, exactly as transformers' Mixtral and Qwen
+    blocks do; use it to reproduce those blocks bit for bit in bf16.
+
     Capacity: ``capacity_factor=None`` is dropless (default). Otherwise each expert keeps at
     most ``ceil(capacity_factor * T * K / E)`` tokens (FSMoE: ``k*f*B*L/E``); later tokens
     in token order are dropped (their contribution is zero, the residual is up to the caller).
@@ -64,6 +70,7 @@ class MoEConfig:
     norm_topk_prob: bool = True
     noisy_gating: bool = False
     router_bias: bool = False
+    router_dtype: str = "float32"
     # DeepSeek
     n_group: int = 1
     topk_group: int = 1
@@ -97,6 +104,8 @@ class MoEConfig:
             cf = self.capacity_factor
             _require(isinstance(cf, (int, float)) and not isinstance(cf, bool) and cf > 0,
                      "capacity_factor", cf, "None (dropless) or a float > 0")
+        _require(self.router_dtype in ROUTER_DTYPES, "router_dtype", self.router_dtype,
+                 f"one of {ROUTER_DTYPES}")
         _require(_is_int(self.n_group) and self.n_group >= 1, "n_group", self.n_group,
                  "a positive int")
         _require(self.num_experts % self.n_group == 0, "n_group", self.n_group,

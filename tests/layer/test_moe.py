@@ -163,3 +163,17 @@ def test_aux_loss_is_in_graph():
     assert layer.aux_loss.requires_grad
     layer.aux_loss.backward()
     assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_router_dtype_input_matches_bf16_gemm():
+    torch.manual_seed(0)
+    cfg = _cfg(router_dtype="input")
+    layer = MoELayer(cfg).to(torch.bfloat16)
+    x = torch.randn(40, D, dtype=torch.bfloat16)
+    logits = layer.router.logits(x)
+    assert logits.dtype == torch.float32
+    want = torch.nn.functional.linear(x, layer.router.weight).float()
+    assert torch.equal(logits, want)
+    fp32 = MoELayer(cfg.replace(router_dtype="float32")).to(torch.bfloat16)
+    fp32.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fp32.router.logits(x), x.float() @ fp32.router.weight.float().t())

@@ -135,9 +135,18 @@ class Router(nn.Module, abc.ABC):
             nn.init.zeros_(self.bias)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Router logits in fp32: routing decisions must not depend on the activation dtype."""
-        b = None if self.bias is None else self.bias.float()
-        logits_TE = F.linear(x_TD.float(), self.weight.float(), b)
+        """Router logits, returned in fp32.
+
+        With ``router_dtype="float32"`` the GEMM itself runs in fp32, so routing decisions do
+        not depend on the activation dtype; ``"input"`` runs it in the activation dtype (as
+        transformers' Mixtral/Qwen routers) and only upcasts the result.
+        """
+        if self.cfg.router_dtype == "input":
+            logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype),
+                                 None if self.bias is None else self.bias.to(x_TD.dtype)).float()
+        else:
+            b = None if self.bias is None else self.bias.float()
+            logits_TE = F.linear(x_TD.float(), self.weight.float(), b)
         check_finite(logits_TE)
         return logits_TE
 
