@@ -181,25 +181,37 @@ def canonical_codes(lengths, max_len):
 
 # ----------------------------------------------------------------------------- encode
 @nb.njit(nogil=True, cache=True)
-def _split(vals, a, n, kind, syms, raw):
-    """Symbols into ``syms[:n]`` and raw bytes into ``raw``; a loop LLVM vectorizes."""
+def _split16(kind, vals, syms, raw):
     if kind == 1:
-        for i in range(n):
-            v = vals[a + i]
-            syms[i] = (v >> 7) & 0xFF
-            raw[i] = ((v >> 8) & 0x80) | (v & 0x7F)
-    elif kind == 2:
-        for i in range(n):
-            v = vals[a + i]
-            syms[i] = (v >> 8) & 0xFF
-            raw[i] = v & 0xFF
+        for i in range(vals.shape[0]):
+            v = vals[i]
+            syms[i] = np.uint8((v >> np.uint16(7)) & np.uint16(0xFF))
+            raw[i] = np.uint8(((v >> np.uint16(8)) & np.uint16(0x80)) | (v & np.uint16(0x7F)))
     else:
-        for i in range(n):
-            v = vals[a + i]
-            syms[i] = (v >> 23) & 0xFF
-            raw[3 * i] = v & 0xFF
-            raw[3 * i + 1] = (v >> 8) & 0xFF
-            raw[3 * i + 2] = ((v >> 16) & 0x7F) | ((v >> 24) & 0x80)
+        for i in range(vals.shape[0]):
+            v = vals[i]
+            syms[i] = np.uint8(v >> np.uint16(8))
+            raw[i] = np.uint8(v & np.uint16(0xFF))
+
+
+@nb.njit(nogil=True, cache=True)
+def _split32(vals, syms, raw):
+    for i in range(vals.shape[0]):
+        v = vals[i]
+        syms[i] = np.uint8((v >> np.uint32(23)) & np.uint32(0xFF))
+        raw[3 * i] = np.uint8(v & np.uint32(0xFF))
+        raw[3 * i + 1] = np.uint8((v >> np.uint32(8)) & np.uint32(0xFF))
+        raw[3 * i + 2] = np.uint8(((v >> np.uint32(16)) & np.uint32(0x7F))
+                                  | ((v >> np.uint32(24)) & np.uint32(0x80)))
+
+
+@nb.njit(nogil=True, cache=True)
+def _split(vals, a, n, kind, syms, raw):
+    """Symbols into ``syms[:n]`` and raw bytes into ``raw`` (vectorized loops)."""
+    if kind == 3:
+        _split32(vals[a:a + n], syms[:n], raw[:3 * n])
+    else:
+        _split16(kind, vals[a:a + n], syms[:n], raw[:n])
 
 
 @nb.njit(nogil=True, cache=True)
@@ -217,8 +229,23 @@ def _histogram(syms, n):
     return h[0] + h[1] + h[2] + h[3]
 
 
+@nb.njit(inline="always")
+def _put(e, acc, nacc, k, w32):
+    """Append code ``e`` (code | length << 32) to a 32-bit-word bit stream, branch-free:
+    the current word is always stored, and the cursor moves on once it is full."""
+    acc |= (e & np.uint64(0xFFFFFFFF)) << nacc
+    nacc += e >> np.uint64(32)
+    w32[k] = np.uint32(acc & np.uint64(0xFFFFFFFF))
+    full = nacc >= np.uint64(32)
+    k += np.int64(full)
+    sh = np.uint64(full) << np.uint64(5)
+    acc >>= sh
+    nacc -= sh
+    return acc, nacc, k
+
+
 @nb.njit(nogil=True, cache=True)
-def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms):
+def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, w32):
     """Encode ``vals[a:a+n]`` at ``out[o:]``; returns the chunk's byte length."""
     raw_w = 3 if kind == 3 else 1
     if n == 0:
@@ -269,32 +296,35 @@ def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms):
     cl = np.zeros(256, np.uint64)  # code | length << 32
     for s in range(256):
         cl[s] = codes[s] | (np.uint64(lengths[s]) << np.uint64(32))
-    m32 = np.uint64(0xFFFFFFFF)
+    cap = q * MAX_LEN // 32 + 2  # 32-bit words per stream
+    if w32.shape[0] < 4 * cap:
+        w32 = np.empty(4 * cap, np.uint32)
+    cnt = np.empty(4, np.int64)
     for j in range(4):
-        start = p
-        acc = np.uint64(0)
-        nacc = np.uint64(0)
-        for i in range(min(n, j * q), min(n, (j + 1) * q)):
-            e = cl[syms[i]]
-            acc |= (e & m32) << nacc
-            nacc += e >> np.uint64(32)
-            if nacc >= 32:
-                out[p] = acc & 0xFF
-                out[p + 1] = (acc >> np.uint64(8)) & 0xFF
-                out[p + 2] = (acc >> np.uint64(16)) & 0xFF
-                out[p + 3] = (acc >> np.uint64(24)) & 0xFF
-                p += 4
-                acc >>= np.uint64(32)
-                nacc -= np.uint64(32)
-        while nacc > 0:
-            out[p] = acc & 0xFF
-            p += 1
-            acc >>= np.uint64(8)
-            nacc = nacc - np.uint64(8) if nacc > 8 else np.uint64(0)
-        for _ in range(8):
-            out[p] = 0
-            p += 1
-        sl = p - start
+        cnt[j] = max(0, min(n, (j + 1) * q) - j * q)
+    a0, a1, a2, a3 = np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0)
+    n0, n1, n2, n3 = np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0)
+    k0, k1, k2, k3 = 0, cap, 2 * cap, 3 * cap
+    for i in range(cnt[3]):  # four streams interleaved: independent dependency chains
+        a0, n0, k0 = _put(cl[syms[i]], a0, n0, k0, w32)
+        a1, n1, k1 = _put(cl[syms[q + i]], a1, n1, k1, w32)
+        a2, n2, k2 = _put(cl[syms[2 * q + i]], a2, n2, k2, w32)
+        a3, n3, k3 = _put(cl[syms[3 * q + i]], a3, n3, k3, w32)
+    accs = np.array([a0, a1, a2, a3], np.uint64)
+    nacs = np.array([n0, n1, n2, n3], np.uint64)
+    ks = np.array([k0, k1, k2, k3], np.int64)
+    for j in range(4):
+        acc, nacc, k = accs[j], nacs[j], ks[j]
+        for i in range(j * q + cnt[3], j * q + cnt[j]):
+            acc, nacc, k = _put(cl[syms[i]], acc, nacc, k, w32)
+        w32[k] = np.uint32(acc & np.uint64(0xFFFFFFFF))
+        nbytes = (k - j * cap) * 4 + (np.int64(nacc) + 7) // 8
+        src = w32[j * cap: j * cap + (nbytes + 3) // 4 + 1].view(np.uint8)
+        out[p:p + nbytes] = src[:nbytes]
+        p += nbytes
+        out[p:p + 8] = 0
+        p += 8
+        sl = nbytes + 8
         for b in range(4):
             out[lens_at + 4 * j + b] = (sl >> (8 * b)) & 0xFF
     return p - o
@@ -305,10 +335,11 @@ def _encode_range(vals, u8, words, c_lo, c_hi, chunk_values, kind, itemsize, out
                   lengths_out, seg_out):
     n_total = vals.shape[0]
     syms = np.empty(chunk_values, np.uint8)
+    w32 = np.empty(4 * ((chunk_values + 3) // 4 * MAX_LEN // 32 + 2), np.uint32)
     for c in range(c_lo, c_hi):
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
-        lengths_out[c] = _encode_chunk(vals, a, n, kind, itemsize, out, c * cap, syms)
+        lengths_out[c] = _encode_chunk(vals, a, n, kind, itemsize, out, c * cap, syms, w32)
         seg_out[c] = digest_range(u8, words, a * itemsize, (a + n) * itemsize, c)
 
 
@@ -354,20 +385,54 @@ def _peek(words, p):
 
 
 @nb.njit(nogil=True, cache=True)
-def _compose_all(kind, syms, buf, raw, n, out, a):
-    """Values from decoded symbols and raw bytes; a branch-free loop LLVM vectorizes."""
+def _compose16(kind, syms, raw, out):
+    """bf16/fp16 values from symbols and raw bytes. Same-width constants and whole-slice
+    arguments let LLVM vectorize this loop (10x over offset indexing)."""
     if kind == 1:
-        for i in range(n):
-            b = np.uint16(buf[raw + i])
-            out[a + i] = ((b & 0x80) << 8) | (np.uint16(syms[i]) << 7) | (b & 0x7F)
-    elif kind == 2:
-        for i in range(n):
-            out[a + i] = (np.uint16(syms[i]) << 8) | np.uint16(buf[raw + i])
+        for i in range(out.shape[0]):
+            b = np.uint16(raw[i])
+            out[i] = (((b & np.uint16(0x80)) << np.uint16(8))
+                      | (np.uint16(syms[i]) << np.uint16(7)) | (b & np.uint16(0x7F)))
     else:
-        for i in range(n):
-            b2 = np.uint32(buf[raw + 3 * i + 2])
-            out[a + i] = (((b2 & 0x80) << 24) | (np.uint32(syms[i]) << 23) | ((b2 & 0x7F) << 16)
-                          | (np.uint32(buf[raw + 3 * i + 1]) << 8) | np.uint32(buf[raw + 3 * i]))
+        for i in range(out.shape[0]):
+            out[i] = (np.uint16(syms[i]) << np.uint16(8)) | np.uint16(raw[i])
+
+
+@nb.njit(nogil=True, cache=True)
+def _compose32(syms, raw, out):
+    for i in range(out.shape[0]):
+        b2 = np.uint32(raw[3 * i + 2])
+        out[i] = (((b2 & np.uint32(0x80)) << np.uint32(24)) | (np.uint32(syms[i]) << np.uint32(23))
+                  | ((b2 & np.uint32(0x7F)) << np.uint32(16))
+                  | (np.uint32(raw[3 * i + 1]) << np.uint32(8)) | np.uint32(raw[3 * i]))
+
+
+@nb.njit(nogil=True, cache=True)
+def _compose_all(kind, syms, buf, raw, n, out, a):
+    if kind == 3:
+        _compose32(syms[:n], buf[raw:raw + 3 * n], out[a:a + n])
+    else:
+        _compose16(kind, syms[:n], buf[raw:raw + n], out[a:a + n])
+
+
+@nb.njit(inline="always")
+def _run4(words, multi, p, syms, o):
+    """Four table lookups from one 64-bit peek (each consumes <= 12 bits)."""
+    v = _peek(words, p)
+    mask = np.uint64(TABLE_SIZE - 1)
+    bad = False
+    for _ in range(4):
+        t = multi[v & mask]
+        c = (t >> 24) & 3
+        b = t >> 26
+        syms[o] = t & 0xFF
+        syms[o + 1] = (t >> 8) & 0xFF
+        syms[o + 2] = (t >> 16) & 0xFF
+        o += c
+        p += b
+        v >>= np.uint64(b)
+        bad |= c == 0
+    return o, p, bad
 
 
 @nb.njit(nogil=True, cache=True)
@@ -461,38 +526,17 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms):
     mask = np.uint64(TABLE_SIZE - 1)
     o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
     p0, p1, p2, p3 = pb[0], pb[1], pb[2], pb[3]
-    e0_, e1_, e2_, e3_ = oend[0] - 3, oend[1] - 3, oend[2] - 3, oend[3] - 3
+    e0_, e1_, e2_, e3_ = oend[0] - 12, oend[1] - 12, oend[2] - 12, oend[3] - 12
     l0, l1, l2, l3 = lim[0], lim[1], lim[2], lim[3]
     while o0 <= e0_ and o1 <= e1_ and o2 <= e2_ and o3 <= e3_:
         if p0 > l0 or p1 > l1 or p2 > l2 or p3 > l3:
             return -10
-        t0 = multi[_peek(words, p0) & mask]
-        t1 = multi[_peek(words, p1) & mask]
-        t2 = multi[_peek(words, p2) & mask]
-        t3 = multi[_peek(words, p3) & mask]
-        if ((t0 >> 24) & 3) == 0 or ((t1 >> 24) & 3) == 0 or ((t2 >> 24) & 3) == 0 \
-                or ((t3 >> 24) & 3) == 0:
+        o0, p0, bad0 = _run4(words, multi, p0, syms, o0)
+        o1, p1, bad1 = _run4(words, multi, p1, syms, o1)
+        o2, p2, bad2 = _run4(words, multi, p2, syms, o2)
+        o3, p3, bad3 = _run4(words, multi, p3, syms, o3)
+        if bad0 or bad1 or bad2 or bad3:
             return -11
-        syms[o0] = t0 & 0xFF
-        syms[o0 + 1] = (t0 >> 8) & 0xFF
-        syms[o0 + 2] = (t0 >> 16) & 0xFF
-        syms[o1] = t1 & 0xFF
-        syms[o1 + 1] = (t1 >> 8) & 0xFF
-        syms[o1 + 2] = (t1 >> 16) & 0xFF
-        syms[o2] = t2 & 0xFF
-        syms[o2 + 1] = (t2 >> 8) & 0xFF
-        syms[o2 + 2] = (t2 >> 16) & 0xFF
-        syms[o3] = t3 & 0xFF
-        syms[o3 + 1] = (t3 >> 8) & 0xFF
-        syms[o3 + 2] = (t3 >> 16) & 0xFF
-        o0 += (t0 >> 24) & 3
-        o1 += (t1 >> 24) & 3
-        o2 += (t2 >> 24) & 3
-        o3 += (t3 >> 24) & 3
-        p0 += t0 >> 26
-        p1 += t1 >> 26
-        p2 += t2 >> 26
-        p3 += t3 >> 26
     o[0], o[1], o[2], o[3] = o0, o1, o2, o3
     pb[0], pb[1], pb[2], pb[3] = p0, p1, p2, p3
     for j in range(4):
