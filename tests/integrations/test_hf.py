@@ -255,3 +255,42 @@ def test_supported_classes_listed():
     for want in ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
                  "DeepseekV2Moe", "DeepseekV3MoE"):
         assert want in names
+
+
+# Families whose block/router/experts source equals one of the families above (prefix aside):
+# checked at block level, built straight from their config classes.
+EXTRA_BLOCKS = {
+    "minimax": "MiniMaxSparseMoeBlock", "mellum": "MellumSparseMoeBlock",
+    "qwen3_next": "Qwen3NextSparseMoeBlock", "dots1": "Dots1MoE",
+    "kimi_linear": "KimiLinearMoE", "bailing_hybrid": "BailingHybridMoE",
+    "deepseek_ocr2": "DeepseekOcr2TextMoe", "unlimited_ocr": "UnlimitedOcrTextMoe",
+    "qwen3_vl_moe": "Qwen3VLMoeTextSparseMoeBlock",
+}
+_EXTRA_KW = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                 n_routed_experts=8, num_local_experts=8, num_experts_per_tok=2, n_group=4,
+                 topk_group=2, n_shared_experts=1, shared_expert_intermediate_size=40,
+                 num_attention_heads=4, num_hidden_layers=2, routed_scaling_factor=1.5,
+                 topk_method="group_limited_greedy")
+
+
+@pytest.mark.parametrize("family", sorted(EXTRA_BLOCKS))
+def test_source_identical_family_blocks_match(family):
+    import importlib
+    cls_name = EXTRA_BLOCKS[family]
+    try:
+        mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        cfg = transformers.AutoConfig.for_model(family, **_EXTRA_KW)
+    except (ImportError, ValueError, KeyError) as exc:
+        pytest.skip(f"{family} not available in this transformers: {exc}")
+    if hasattr(cfg, "text_config"):
+        cfg = cfg.text_config
+        for k, v in _EXTRA_KW.items():
+            setattr(cfg, k, v)
+    block = getattr(mod, cls_name)(cfg).float().eval()
+    _randomize(block, seed=7)
+    layer = from_hf_block(block)
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        y_ref, y = block(x), layer(x)
+    assert y_ref.abs().max() > 1e-3
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)

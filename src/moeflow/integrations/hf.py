@@ -37,9 +37,9 @@ class (e.g. PhiMoE's sparsemixer routing, Switch/NLLB capacity routers, GPT-OSS 
 Mixtral's training-time ``router_jitter_noise`` has no moeflow equivalent: a block with a
 non-zero jitter is refused unless ``allow_train_mismatch=True`` (eval outputs are unaffected).
 
-Routing decisions: moeflow computes router logits in fp32. transformers computes Mixtral/Qwen
-logits in the activation dtype, so in bf16 a near-tie can pick a different expert; in fp32 the
-two agree (the tests check 1e-5 on full-model logits).
+Routing decisions: the softmax-top-k families compute their router GEMM in the activation
+dtype, so converted layers use ``router_dtype="input"`` and pick the same experts in bf16 too;
+DeepSeek routers run in fp32 in both libraries.
 """
 
 from __future__ import annotations
@@ -118,8 +118,11 @@ def _softmax_topk(block, router, experts, norm_topk_prob: bool, **extra) -> _Pla
     E, F, D = _experts_dims(experts)
     if getattr(router, "bias", None) is not None:
         raise _fail(block, "its router has a bias")
+    # These routers run their GEMM in the activation dtype (softmax in fp32): router_dtype
+    # "input" reproduces that, so bf16 routing decisions match transformers too.
     cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=int(router.top_k),
-                    router="softmax_topk", norm_topk_prob=bool(norm_topk_prob), **extra)
+                    router="softmax_topk", norm_topk_prob=bool(norm_topk_prob),
+                    router_dtype="input", **extra)
     return _Plan(cfg, router.weight, experts)
 
 

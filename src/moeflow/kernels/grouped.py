@@ -10,9 +10,19 @@ D hidden, F FFN width, X = 2F for SwiGLU (gate rows then up rows) or F for GELU,
 ``grouped_mm`` and ``bmm`` run inside :class:`ExpertFFNFunction`, a hand-written autograd
 function: the backward reuses the same grouped GEMM for data and weight gradients and
 recomputes the activation from the saved pre-activation instead of keeping both.
+
+CPU notes (measured on AVX2-only EPYC, see benchmarks/results/layer_cpu_*):
+* bf16/fp16 GEMMs are ~40x slower than fp32 on CPUs without AVX512-BF16/AMX, so there the
+  GEMMs run in fp32 (inputs upcast once, outputs rounded back): same result dtype, more
+  accurate, and far faster. ``MOEFLOW_CPU_LOWP_GEMM=native|fp32`` overrides the detection.
+* ``torch._grouped_mm`` on CPU needs 16-byte aligned strides; operands that are not (odd
+  widths in bf16, F-slices of weights) go through a per-expert ``mm`` loop instead.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +35,32 @@ ACTIVATIONS = ("swiglu", "gelu")
 
 def _has_grouped_mm() -> bool:
     return hasattr(torch, "_grouped_mm")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_fast_lowp() -> bool:
+    """True when this CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
+    mode = os.environ.get("MOEFLOW_CPU_LOWP_GEMM", "").strip().lower()
+    if mode in ("native", "fp32"):
+        return mode == "native"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in for inputs like ``x`` (fp32 for bf16/fp16 on CPUs
+    without native low-precision dot products; ``x.dtype`` otherwise)."""
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and not _cpu_has_fast_lowp()):
+        return torch.float32
+    return x.dtype
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
@@ -61,6 +97,14 @@ def _pad_index(counts_E: torch.Tensor, n_rows: int):
     return e_N, slot_N
 
 
+def _aligned16(t: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` on CPU wants 16-byte aligned base and strides."""
+    if t.data_ptr() % 16:
+        return False
+    size = t.element_size()
+    return all((st * size) % 16 == 0 for st, n in zip(t.stride(), t.shape) if n > 1 and st != 1)
+
+
 class _Groups:
     """Precomputed grouping of N rows by expert, shared by all GEMMs of one call."""
 
@@ -69,11 +113,38 @@ class _Groups:
         self.counts_E = counts_E
         self.n_rows = n_rows
         self.num_experts = counts_E.numel()
+        self._bounds = None
         if impl == "grouped_mm":
             self.offs = _offsets(counts_E)
         else:
             self.cap = int(counts_E.max()) if self.num_experts and n_rows else 0
             self.e_N, self.slot_N = _pad_index(counts_E, n_rows)
+
+    def bounds(self):
+        """(expert, start, end) of every non-empty expert (one host sync, cached)."""
+        if self._bounds is None:
+            ends = torch.cumsum(self.counts_E, 0).tolist()
+            starts = [0] + ends[:-1]
+            self._bounds = [(e, s, t) for e, (s, t) in enumerate(zip(starts, ends)) if t > s]
+        return self._bounds
+
+    def gmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Grouped ``a[rows_e] @ b[e]`` (2-D a, 3-D b) with an mm-loop fallback."""
+        if a.device.type != "cpu" or (_aligned16(a) and _aligned16(b)):
+            return torch._grouped_mm(a, b, offs=self.offs)
+        out = a.new_zeros(a.shape[0], b.shape[2])
+        for e, s, t in self.bounds():
+            torch.mm(a[s:t], b[e], out=out[s:t])
+        return out
+
+    def gmm_wgrad(self, g_ON: torch.Tensor, a_NI: torch.Tensor) -> torch.Tensor:
+        """Grouped ``g_ON[:, rows_e] @ a_NI[rows_e]`` -> (E, O, I)."""
+        if g_ON.device.type != "cpu" or (_aligned16(g_ON) and _aligned16(a_NI)):
+            return torch._grouped_mm(g_ON, a_NI, offs=self.offs)
+        out = a_NI.new_zeros(self.num_experts, g_ON.shape[0], a_NI.shape[1])
+        for e, s, t in self.bounds():
+            torch.mm(g_ON[:, s:t], a_NI[s:t], out=out[e])
+        return out
 
     def pad(self, a_NI: torch.Tensor) -> torch.Tensor:
         out = a_NI.new_zeros(self.num_experts, self.cap, a_NI.shape[1])
@@ -88,7 +159,7 @@ class _Groups:
         if self.n_rows == 0:
             return a_NI.new_zeros(0, w_EOI.shape[1])
         if self.impl == "grouped_mm":
-            return torch._grouped_mm(a_NI, w_EOI.transpose(-2, -1), offs=self.offs)
+            return self.gmm(a_NI, w_EOI.transpose(-2, -1))
         return self.unpad(torch.bmm(self.pad(a_NI), w_EOI.transpose(-2, -1)))
 
     def linear_t(self, a_NO: torch.Tensor, w_EOI: torch.Tensor) -> torch.Tensor:
@@ -96,7 +167,7 @@ class _Groups:
         if self.n_rows == 0:
             return a_NO.new_zeros(0, w_EOI.shape[2])
         if self.impl == "grouped_mm":
-            return torch._grouped_mm(a_NO, w_EOI, offs=self.offs)
+            return self.gmm(a_NO, w_EOI)
         return self.unpad(torch.bmm(self.pad(a_NO), w_EOI))
 
     def wgrad(self, g_NO: torch.Tensor, a_NI: torch.Tensor) -> torch.Tensor:
@@ -104,7 +175,7 @@ class _Groups:
         if self.n_rows == 0:
             return g_NO.new_zeros(self.num_experts, g_NO.shape[1], a_NI.shape[1])
         if self.impl == "grouped_mm":
-            return torch._grouped_mm(g_NO.t(), a_NI, offs=self.offs)
+            return self.gmm_wgrad(g_NO.t(), a_NI)
         return torch.bmm(self.pad(g_NO).transpose(1, 2), self.pad(a_NI))
 
 
@@ -116,22 +187,37 @@ def _act_forward(h_NX: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(h_NX, approximate="tanh")
 
 
-def _act_backward(da_NF: torch.Tensor, h_NX: torch.Tensor, activation: str) -> torch.Tensor:
+def _act_backward(da_NF: torch.Tensor, h_NX: torch.Tensor, activation: str,
+                  silu_gate_NF: torch.Tensor | None = None) -> torch.Tensor:
+    """d loss / d h from d loss / d a.
+
+    SwiGLU ``a = silu(g) * u``: ``du = da * silu(g)``, ``dg = silu'(g) * (da * u)``; both
+    halves are written straight into one (N, 2F) buffer (no concatenation pass), and
+    ``silu_gate_NF`` is reused when the caller already has it.
+    """
     if activation == "swiglu":
         gate, up = h_NX.chunk(2, dim=-1)
-        s = torch.sigmoid(gate)
-        silu = gate * s
-        d_gate = da_NF * up * (s * (1 + gate * (1 - s)))
-        d_up = da_NF * silu
-        return torch.cat([d_gate, d_up], dim=-1)
+        dh_NX = torch.empty_like(h_NX)
+        d_gate, d_up = dh_NX.chunk(2, dim=-1)
+        s = F.silu(gate) if silu_gate_NF is None else silu_gate_NF
+        torch.mul(da_NF, s, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(da_NF * up, gate, grad_input=d_gate)
+        return dh_NX
     return torch.ops.aten.gelu_backward(da_NF, h_NX, approximate="tanh")
 
 
 class ExpertFFNFunction(torch.autograd.Function):
-    """y_ND = act(x_ND @ w_in[e].T) @ w_out[e].T for the rows of each expert e."""
+    """y_ND = act(x_ND @ w_in[e].T) @ w_out[e].T for the rows of each expert e.
+
+    GEMMs run in :func:`compute_dtype` (fp32 for bf16 on CPUs without native bf16); the
+    output and the gradients come back in the dtypes of the inputs.
+    """
 
     @staticmethod
     def forward(ctx, x_ND, w_in_EXD, w_out_EDF, counts_E, activation, impl):
+        cd = compute_dtype(x_ND)
+        ctx.dtypes = (x_ND.dtype, w_in_EXD.dtype, w_out_EDF.dtype)
+        x_ND, w_in_EXD, w_out_EDF = x_ND.to(cd), w_in_EXD.to(cd), w_out_EDF.to(cd)
         groups = _Groups(counts_E, x_ND.shape[0], impl)
         h_NX = groups.linear(x_ND, w_in_EXD)
         a_NF = _act_forward(h_NX, activation)
@@ -139,20 +225,33 @@ class ExpertFFNFunction(torch.autograd.Function):
         ctx.groups = groups
         ctx.activation = activation
         ctx.save_for_backward(x_ND, w_in_EXD, w_out_EDF, h_NX)
-        return y_ND
+        return y_ND.to(ctx.dtypes[0])
 
     @staticmethod
     def backward(ctx, gy_ND):
         x_ND, w_in_EXD, w_out_EDF, h_NX = ctx.saved_tensors
         groups = ctx.groups
-        gy_ND = gy_ND.contiguous()
-        a_NF = _act_forward(h_NX, ctx.activation)  # recomputed: cheaper than storing it
+        gy_ND = gy_ND.to(x_ND.dtype).contiguous()
+        silu_gate = None
+        if ctx.activation == "swiglu":  # recompute a = silu(g) * u: cheaper than storing it
+            gate, up = h_NX.chunk(2, dim=-1)
+            silu_gate = F.silu(gate)
+            a_NF = silu_gate * up
+        else:
+            a_NF = _act_forward(h_NX, ctx.activation)
         g_w_out = groups.wgrad(gy_ND, a_NF) if ctx.needs_input_grad[2] else None
-        da_NF = groups.linear_t(gy_ND, w_out_EDF)
-        dh_NX = _act_backward(da_NF, h_NX, ctx.activation)
-        g_w_in = groups.wgrad(dh_NX, x_ND) if ctx.needs_input_grad[1] else None
-        g_x = groups.linear_t(dh_NX, w_in_EXD) if ctx.needs_input_grad[0] else None
-        return g_x, g_w_in, g_w_out, None, None, None
+        del a_NF
+        g_x = g_w_in = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            da_NF = groups.linear_t(gy_ND, w_out_EDF)
+            dh_NX = _act_backward(da_NF, h_NX, ctx.activation, silu_gate)
+            del da_NF, silu_gate
+            g_w_in = groups.wgrad(dh_NX, x_ND) if ctx.needs_input_grad[1] else None
+            g_x = groups.linear_t(dh_NX, w_in_EXD) if ctx.needs_input_grad[0] else None
+        x_dt, wi_dt, wo_dt = ctx.dtypes
+        return (None if g_x is None else g_x.to(x_dt),
+                None if g_w_in is None else g_w_in.to(wi_dt),
+                None if g_w_out is None else g_w_out.to(wo_dt), None, None, None)
 
 
 def expert_ffn_reference(x_ND, counts_E, w_in_EXD, w_out_EDF, activation):
