@@ -10,7 +10,8 @@ forward+backward, three ways on the same routing:
 Pure costs: X = experts - local, C = comm - local. Without overlap full = local + X + C;
 FSMoE's overlap can hide at most min(X, C) ("hideable"). Hidden fraction at r:
     hidden(r) = (local + X + C - full) / min(X, C).
-Times are the max over ranks per iteration, median over iterations.
+Times are the max over ranks per iteration; median and minimum over iterations, with
+degrees and modes interleaved inside each iteration (the machine is shared).
 
     python benchmarks/ep_overlap_cpu.py [--tokens 2048 --dim 256 --ffn 64 ...]
 writes benchmarks/results/ep_overlap_cpu_<date>.md (and prints the table).
@@ -45,6 +46,40 @@ def _layer(args):
 def _fake_a2a(x_RD, in_splits, out_splits, group, op, timeout_s):
     from moeflow.comm.timeouts import Pending
     return Pending.ready(x_RD.new_empty((sum(int(s) for s in out_splits),) + tuple(x_RD.shape[1:])))
+
+
+class EmulatedLink:
+    """A rank's network port as a separate resource: ``alpha + bytes / bandwidth`` per send.
+
+    Transfers on one port are serialised (``busy_until``); waiting sleeps, so the link costs
+    wall time but no CPU, as a NIC's DMA does. The real gloo all-to-all still runs (the
+    data must move); its completion is additionally held until the emulated link is done.
+    """
+
+    def __init__(self, mbps: float, alpha_ms: float):
+        self.s_per_byte = 1.0 / (mbps * 1e6)
+        self.alpha_s = alpha_ms * 1e-3
+        self.busy_until = 0.0
+
+    def wrap(self, real):
+        from moeflow.comm.timeouts import Pending
+
+        def a2a(x_RD, in_splits, out_splits, group, op, timeout_s):
+            p = real(x_RD, in_splits, out_splits, group, op, timeout_s)
+            me = dist.get_rank(group) if len(in_splits) > 1 else 0
+            sent = sum(int(n) for j, n in enumerate(in_splits) if j != me)
+            nbytes = sent * x_RD[0].numel() * x_RD.element_size() if x_RD.shape[0] else 0
+            start = max(time.perf_counter(), self.busy_until)
+            self.busy_until = done = start + self.alpha_s + nbytes * self.s_per_byte
+
+            def finish():
+                out = p.wait()
+                left = done - time.perf_counter()
+                if left > 0:
+                    time.sleep(left)
+                return out
+            return Pending(None, op, timeout_s, finish)
+        return a2a
 
 
 def _time_once(fn):
@@ -98,9 +133,14 @@ def _worker(rank, world, port, args, conn):
         rows_out = {}
         modes = ("full", "experts", "comm", "local")
 
+        link = EmulatedLink(args.link_mbps, args.link_alpha_ms) if args.link_mbps else None
+
         def step(mode, r, backward):
             from moeflow.kernels import expert_ffn
             real_a2a = dispatch_mod.all_to_all_v
+            if link is not None and mode in ("full", "comm"):
+                link.busy_until = 0.0
+                dispatch_mod.all_to_all_v = link.wrap(real_a2a)
             if mode in ("experts", "local"):   # no collectives: replayed counts, empty buffers
                 dispatch_mod.all_to_all_v = _fake_a2a
                 ep.dispatcher.exchange = replay_exchange
@@ -118,20 +158,21 @@ def _worker(rank, world, port, args, conn):
                 ep.dispatcher.exchange = real_exchange
                 ep._expert_fn = expert_ffn
 
-        for r in args.degrees:
-            for backward in (False, True):
-                samples = {m: [] for m in modes}
-                for it in range(args.warmup + args.iters):
-                    for m in modes:            # interleaved, so load drift hits all modes
+        for backward in (False, True):
+            samples = {(r, m): [] for r in args.degrees for m in modes}
+            for it in range(args.warmup + args.iters):
+                # interleave degrees and modes, so load from other processes hits all alike
+                for r in args.degrees:
+                    for m in modes:
                         wall, cpu = _time_once(lambda: step(m, r, backward))
                         if it >= args.warmup:
-                            samples[m].append((wall, cpu))
-                for m in modes:
-                    walls = [w for w, _ in samples[m]]
-                    cpus = [c for _, c in samples[m]]
-                    rows_out.setdefault((r, m), {})["fwd+bwd" if backward else "fwd"] = {
-                        "median_ms": statistics.median(walls), "min_ms": min(walls),
-                        "cpu_ms_all_ranks": statistics.median(cpus)}
+                            samples[(r, m)].append((wall, cpu))
+            for (r, m), v in samples.items():
+                walls = [w for w, _ in v]
+                cpus = [c for _, c in v]
+                rows_out.setdefault((r, m), {})["fwd+bwd" if backward else "fwd"] = {
+                    "median_ms": statistics.median(walls), "min_ms": min(walls),
+                    "cpu_ms_all_ranks": statistics.median(cpus)}
         if rank == 0:
             conn.send(("ok", {"rows_per_rank": rows, "cores": os.cpu_count(),
                               "times": {f"{r}|{m}": v for (r, m), v in rows_out.items()}}))
@@ -174,16 +215,14 @@ def table(res: dict, degrees, stat: str = "median_ms") -> tuple[str, dict]:
     t = res["times"]
     lines = ["| r | kind | full | experts-only | comm-only | local | X = exp-local | "
              "C = comm-local | no-overlap = local+X+C | hideable = min(X,C) | hidden | "
-             "hidden % | speedup vs r=1 | CPU busy (full) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "hidden % | speedup vs r=1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     best = {}
-    cores = res.get("cores", 2)
     for kind in ("fwd", "fwd+bwd"):
         base = t["1|full"][kind][stat]
         for r in degrees:
             full, exp, comm, loc = (t[f"{r}|{m}"][kind][stat]
                                     for m in ("full", "experts", "comm", "local"))
-            busy = t[f"{r}|full"][kind]["cpu_ms_all_ranks"] / (t[f"{r}|full"][kind]["median_ms"] * cores)
             X, C = exp - loc, comm - loc
             seq = loc + X + C
             hideable = min(X, C)
@@ -191,10 +230,47 @@ def table(res: dict, degrees, stat: str = "median_ms") -> tuple[str, dict]:
             frac = hidden / hideable if hideable > 0 else float("nan")
             lines.append(f"| {r} | {kind} | {full:.1f} | {exp:.1f} | {comm:.1f} | {loc:.1f} | "
                          f"{X:.1f} | {C:.1f} | {seq:.1f} | {hideable:.1f} | {hidden:.1f} | "
-                         f"{100 * frac:.0f}% | {base / full:.2f}x | {100 * busy:.0f}% |")
+                         f"{100 * frac:.0f}% | {base / full:.2f}x |")
             if kind not in best or full < best[kind][1]:
                 best[kind] = (r, full, frac)
     return "\n".join(lines), best
+
+
+def cpu_table(res: dict, degrees) -> str:
+    """CPU time (user+sys, all threads, summed over ranks) per mode: what the cores did."""
+    t = res["times"]
+    cores = res.get("cores", 2)
+    lines = ["| r | kind | CPU full | CPU experts-only | CPU comm-only | CPU local | "
+             "CPU of comm (comm-local) | full wall (median) | cores busy in full |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for kind in ("fwd", "fwd+bwd"):
+        for r in degrees:
+            cf, ce, cc, cl = (t[f"{r}|{m}"][kind]["cpu_ms_all_ranks"]
+                              for m in ("full", "experts", "comm", "local"))
+            wall = t[f"{r}|full"][kind]["median_ms"]
+            lines.append(f"| {r} | {kind} | {cf:.1f} | {ce:.1f} | {cc:.1f} | {cl:.1f} | "
+                         f"{cc - cl:.1f} | {wall:.1f} | {cf / wall:.2f} of {cores} |")
+    return "\n".join(lines)
+
+
+def render(res: dict, degrees) -> str:
+    """The three tables of a record (median, minimum, CPU time) as markdown."""
+    tab, _ = table(res, degrees, "median_ms")
+    tab_min, _ = table(res, degrees, "min_ms")
+    return (f"Median over iterations (ms)\n\n{tab}\n\nMinimum over iterations (ms)\n\n"
+            f"{tab_min}\n\nCPU time, user+sys, all threads, summed over ranks (ms)\n\n"
+            f"{cpu_table(res, degrees)}\n")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -211,9 +287,14 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--link-mbps", type=float, default=0.0,
+                   help="emulate each rank's port as a separate link of this many MB/s "
+                        "(0: loopback gloo only)")
+    p.add_argument("--link-alpha-ms", type=float, default=0.2)
     p.add_argument("--out", default=None, help="markdown record (default: dated file)")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
+    load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
     res = measure(args)
     tab, best = table(res, args.degrees, "median_ms")
     tab_min, best_min = table(res, args.degrees, "min_ms")
@@ -221,12 +302,18 @@ def main(argv=None) -> int:
     head = (f"EP overlap on CPU: {args.world} gloo ranks as {args.world // args.ranks_per_node} "
             f"nodes x {args.ranks_per_node}, dispatcher {args.dispatcher}, T={args.tokens}/rank, "
             f"D={args.dim}, F={args.ffn}, E={args.experts}, top-{args.top_k}, "
-            f"{res['rows_per_rank']} expert rows/rank, {args.threads} thread/rank")
+            f"{res['rows_per_rank']} expert rows/rank, {args.threads} thread/rank; "
+            f"load average before {load0}"
+            + (f"; EMULATED link {args.link_mbps:g} MB/s + {args.link_alpha_ms:g} ms per send"
+               if args.link_mbps else ""))
     print(head)
     print("median over iterations (ms):")
     print(tab)
     print("minimum over iterations (ms):")
     print(tab_min)
+    ctab = cpu_table(res, args.degrees)
+    print("CPU time, all ranks and threads (ms):")
+    print(ctab)
     for name, b in (("median", best), ("min", best_min)):
         for kind, (r, full, frac) in b.items():
             print(f"best {kind} ({name}): r={r}, {full:.1f} ms, hidden {100 * frac:.0f}% of "
@@ -234,12 +321,14 @@ def main(argv=None) -> int:
     if not args.no_record:
         date = datetime.date.today().isoformat()
         path = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                        f"ep_overlap_cpu_{date}_raw.md")
+                                        f"ep_overlap_cpu_{date}_raw"
+                                        + ("_link" if args.link_mbps else "") + ".md")
         with open(path, "w") as f:
             f.write(f"# {head}\n\ndate {date}; machine: {os.cpu_count()} cores, "
-                    f"{platform.processor() or platform.machine()}, no GPU; "
-                    f"torch {torch.__version__}\n\ncommand: `{cmd}`\n\n{tab}\n\n"
-                    f"```json\n{json.dumps(res, indent=1)}\n```\n")
+                    f"{_cpu_model()}, no GPU; "
+                    f"torch {torch.__version__}\n\ncommand: `{cmd}`\n\n"
+                    + render(res, args.degrees) +
+                    f"\n```json\n{json.dumps(res, indent=1)}\n```\n")
         print(f"wrote {path}")
     return 0
 
