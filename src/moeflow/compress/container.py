@@ -111,7 +111,8 @@ class CompressedTensor:
         return head + struct.pack("<II", zlib.crc32(head), 0)
 
     def to_bytes(self) -> bytes:
-        return self.header_bytes() + self.payload.tobytes()
+        # one copy of the payload (bytes + bytes would make two)
+        return b"".join([self.header_bytes(), memoryview(np.ascontiguousarray(self.payload))])
 
     @classmethod
     def from_bytes(cls, blob, verify: bool = True) -> "CompressedTensor":

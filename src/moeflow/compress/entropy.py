@@ -21,10 +21,12 @@ Layout (little-endian)::
               | u32 stream_bytes[4] | raw bytes (n * raw_width) | stream0..3
 
 A chunk holds 256 KiB of original bytes (aligned with the checksum segments) and carries its
-own canonical code, so chunks decode independently and in parallel. Inside a chunk, the values
-are split into four contiguous quarters, each its own bit stream (LSB-first, 8 zero bytes of
-padding): the decoder advances the four streams in lockstep, which hides the latency of the
-table lookup. Codes are limited to 12 bits so one 4096-entry table decodes a symbol.
+own canonical code, so chunks decode independently and in parallel threads. Inside a chunk,
+the values are split into four contiguous quarters, each its own bit stream (LSB-first, 8 zero
+bytes of padding); encoder and decoder advance the four streams in lockstep, which hides the
+latency of each stream's serial dependency. Codes are limited to 12 bits, so a 4096-entry table
+indexed by the next 12 bits yields up to three whole symbols per lookup, and four lookups run
+off one 64-bit read. The payload ends in zero padding so those reads stay in bounds.
 """
 
 from __future__ import annotations
@@ -44,41 +46,6 @@ _HEAD = struct.Struct("<BBHIQQ")
 _KIND = {"bfloat16": 1, "float16": 2, "float32": 3}
 _RAW_WIDTH = {1: 1, 2: 1, 3: 3}
 CHUNK_OVERHEAD = 1 + 2 + 128 + 16 + 4 * 9  # bound on a Huffman chunk's non-data bytes
-
-
-# ----------------------------------------------------------------------------- value split
-@nb.njit(inline="always")
-def _symbol(kind, v):
-    if kind == 1:
-        return (v >> 7) & 0xFF
-    if kind == 2:
-        return (v >> 8) & 0xFF
-    return (v >> 23) & 0xFF
-
-
-@nb.njit(inline="always")
-def _write_raw(kind, v, out, o):
-    if kind == 1:
-        out[o] = ((v >> 8) & 0x80) | (v & 0x7F)
-    elif kind == 2:
-        out[o] = v & 0xFF
-    else:
-        out[o] = v & 0xFF
-        out[o + 1] = (v >> 8) & 0xFF
-        out[o + 2] = ((v >> 16) & 0x7F) | ((v >> 24) & 0x80)
-
-
-@nb.njit(inline="always")
-def _compose(kind, sym, buf, r):
-    """Inverse of the split: value bits from the symbol and the raw bytes at ``buf[r]``."""
-    if kind == 1:
-        b = np.uint32(buf[r])
-        return ((b & 0x80) << 8) | (np.uint32(sym) << 7) | (b & 0x7F)
-    if kind == 2:
-        return (np.uint32(sym) << 8) | np.uint32(buf[r])
-    b2 = np.uint32(buf[r + 2])
-    return (((b2 & 0x80) << 24) | (np.uint32(sym) << 23) | ((b2 & 0x7F) << 16)
-            | (np.uint32(buf[r + 1]) << 8) | np.uint32(buf[r]))
 
 
 # ----------------------------------------------------------------------------- Huffman code
