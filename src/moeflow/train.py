@@ -51,6 +51,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=120.0, help="collective deadline, s")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--corpus-bytes", type=int, default=1_000_000,
+                   help="bytes of Python stdlib source to train on")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
 
 
@@ -113,8 +115,10 @@ def train_loop(args, group=None, topology=None, device=None, verbose=True) -> di
     log = verbose and rank == 0
     if log:
         n_local = sum(p.numel() for p in model.parameters())
+        degrees = [(m.r_fwd, m.r_bwd) for m in model.modules() if hasattr(m, "dispatcher")]
         print(f"moeflow train: world {W}, dispatcher {args.dispatcher}, esp {args.esp}, "
-              f"r_fwd/r_bwd {args.r_fwd}/{args.r_bwd}, {args.layers} layers x {args.experts} "
+              f"(r_fwd, r_bwd) per layer {degrees or 'n/a (1 rank)'}, "
+              f"{args.layers} layers x {args.experts} "
               f"experts, {n_local / 1e6:.2f} M params on rank 0, global batch "
               f"{args.batch_size}x{args.seq_len}", flush=True)
     start = time.perf_counter()

@@ -159,3 +159,31 @@ def test_degrees_from_plan_ints_and_per_call():
     res = run_ranks(_plan_and_degrees, 2, timeout_s=60)
     assert res[0][:8] == (4, 1, 2, 4, 3, 5, 2, 2)
     assert res[0][8] < 1e-6
+
+
+def _correction_bias(rank, world):
+    """DeepSeek's aux-loss-free bias step uses the global expert loads on every rank."""
+    import copy
+    from moeflow import MoEConfig, MoELayer
+    from moeflow.comm import Topology
+    from moeflow.runtime import ExpertParallel
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2, router="deepseek",
+                    score_func="sigmoid", correction_bias=True)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    ref = copy.deepcopy(layer)
+    torch.manual_seed(5)
+    x_all = torch.randn(4 * world, 8)
+    ep = ExpertParallel(layer, topology=Topology.explicit(world, world))
+    ep(x_all[4 * rank:4 * rank + 4])
+    ep.update_correction_bias(rate=0.1)
+    with torch.no_grad():
+        ref(x_all)
+    ref.router.update_correction_bias(ref.last_counts_E, rate=0.1)
+    return (ep.router.correction_bias - ref.router.correction_bias).abs().max().item(), \
+        ep.router.correction_bias.abs().sum().item()
+
+
+def test_correction_bias_uses_global_loads():
+    res = run_ranks(_correction_bias, 2, timeout_s=60)
+    assert all(err == 0.0 for err, _ in res) and res[0][1] > 0

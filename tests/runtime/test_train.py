@@ -57,3 +57,21 @@ def test_ep_training_matches_single_process_20_steps():
         worst = max(abs(a - b) for a, b in zip(losses, ref))
         assert worst < 2e-3, (worst, losses, ref)
     assert res[1] == res[0]  # every rank reports the same global loss
+
+
+@pytest.mark.slow
+def test_moeflow_train_cli_spawns_ranks(tmp_path):
+    import subprocess
+    import sys
+    from moeflow.plan import LayerPlan, Plan
+    plan = Plan(method="manual", perf={}, workload_table=[],
+                layers=[LayerPlan(index=0, r_fwd=4, r_bwd=2), LayerPlan(index=1, r_fwd=2, r_bwd=1)])
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    out = subprocess.run([sys.executable, "-m", "moeflow.cli", "train", "--nproc", "4",
+                          "--steps", "3", "--log-every", "1", "--dispatcher", "2dh",
+                          "--plan", str(path), "--corpus-bytes", "100000"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[(4, 2), (2, 1)]" in out.stdout
+    assert "tokens/s" in out.stdout and "summary: 3 steps" in out.stdout
