@@ -46,3 +46,23 @@ def test_profile_four_ranks_two_nodes_adds_level_a2a():
     m = profile(nproc=4, nodes=2, sizes=(4096, 65536, 262144), gemm_sizes=(32, 96),
                 reps=2, trials=1, progress=False)
     assert "a2a@intra" in m.costs and "a2a@inter" in m.costs
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_profile_cli_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from moeflow.perf.profiler import _free_port
+
+    out = tmp_path / "perf.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(_free_port()), "-m", "moeflow.cli", "profile",
+                        "--out", str(out), "--points", "2", "--max-kb", "64", "--gemm", "32",
+                        "64", "--reps", "1", "--trials", "1", "--quiet"],
+                       capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert PerfModel.load(out).meta["world_size"] == 2

@@ -173,6 +173,10 @@ def _worker(rank: int, world: int, port: int, nodes: int, sizes, gemm_sizes, rep
         dist.destroy_process_group()
 
 
+def _under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def profile(group=None, *, nproc: int = 2, nodes: int = 1,
             sizes: Sequence[int] = DEFAULT_SIZES, gemm_sizes: Sequence[int] = DEFAULT_GEMM,
             reps: int = 5, trials: int = 3, progress: bool = True,
@@ -180,9 +184,15 @@ def profile(group=None, *, nproc: int = 2, nodes: int = 1,
     """Profile and fit a :class:`PerfModel`.
 
     With ``torch.distributed`` initialised (or ``group`` given) the current group is profiled
-    collectively (call it on every rank; all return the same model). Otherwise ``nproc`` gloo
-    ranks are spawned on 127.0.0.1.
+    collectively (call it on every rank; all return the same model). Under torchrun without a
+    group yet, one is initialised from the environment (NCCL with GPUs, else gloo). Otherwise
+    ``nproc`` gloo ranks are spawned on 127.0.0.1.
     """
+    if group is None and not dist.is_initialized() and _under_torchrun():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
     if group is not None or (dist.is_available() and dist.is_initialized()):
         grp = group or dist.group.WORLD
         device = torch.device("cuda", torch.cuda.current_device()) \
@@ -238,6 +248,7 @@ def format_table(model: PerfModel) -> str:
 
 def run_profile(args) -> int:
     sizes = log_sizes(args.min_kb * 1024, args.max_kb * 1024, args.points)
+    owns_group = not dist.is_initialized() and _under_torchrun()
     model = profile(nproc=args.nproc, nodes=args.nodes, sizes=sizes, gemm_sizes=args.gemm,
                     reps=args.reps, trials=args.trials, progress=not args.quiet,
                     dtype=args.dtype)
@@ -245,6 +256,8 @@ def run_profile(args) -> int:
         print(format_table(model))
         model.save(args.out)
         print(f"written to {args.out}")
+    if owns_group:
+        dist.destroy_process_group()
     return 0
 
 
