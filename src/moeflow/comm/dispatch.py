@@ -10,8 +10,8 @@ Three dispatchers share one interface (FSMoE's "Dispatch" module):
   (an all-to-all of a ``[P, E_l]`` int tensor), then rows move with variable splits.
 * ``CapacityDispatcher`` ("capacity"): fixed-capacity, GShard style. Every (rank, expert)
   sends exactly ``slots`` rows, zero-padded; no count exchange, equal splits. ``slots`` is
-  the largest per-rank capacity ``ceil(f*T*K/E)`` over the EP group (one tiny all-reduce),
-  so drop semantics stay those of the single-device layer on each rank's batch (the router
+  the largest per-rank capacity ``ceil(f*T*K/E)`` over the group (one tiny all-reduce,
+  issued by ``begin`` before routing so it overlaps the router), so drop semantics stay those of the single-device layer on each rank's batch (the router
   has already dropped; padding rows are zeros, which every expert maps to zeros).
 * ``HierarchicalDispatcher`` ("2dh"): 2-D hierarchical all-to-all (FSMoE / Tutel 2DH):
   an intra-node all-to-all that gathers on rank (a, j) every row of node a headed for
@@ -32,7 +32,7 @@ from typing import Optional
 import math
 import torch
 
-from moeflow.comm.collectives import all_gather_equal, all_reduce, all_to_all_equal, all_to_all_v
+from moeflow.comm.collectives import all_gather_equal, all_to_all_equal, all_to_all_v
 from moeflow.comm.timeouts import Pending
 from moeflow.errors import ConfigError
 
@@ -131,6 +131,7 @@ class ChunkRoute:
     device: object = None
     send_gather: Optional[torch.Tensor] = None    # send_index fused with dispatch[0]'s regroup
     expert_major: Optional[torch.Tensor] = None   # [s][p][e] rows -> expert-major order
+    expert_counts: Optional[torch.Tensor] = None  # rows per local expert, on the device
 
     def to(self, device) -> "ChunkRoute":
         """Build the fused/expert-major indices and move every index to ``device`` once."""
@@ -142,6 +143,7 @@ class ChunkRoute:
         self.send_gather = gather.to(device)
         self.send_index = self.send_index.to(device)
         self.expert_major = sub_block_index(self.recv_SPE, perm=(2, 0, 1)).to(device)
+        self.expert_counts = self.recv_SPE.sum((0, 1)).to(device)
         for st in (*self.dispatch, *self.combine):
             st.to(device)
         self.device = device
@@ -181,9 +183,13 @@ class TokenDispatcher:
         self.E_l = num_local_experts
         self.timeout_s = timeout_s
 
+    def begin(self, capacity: Optional[int], device=None) -> Optional[Pending]:
+        """Start whatever can go before routing (capacity mode: agree on the slot count)."""
+        return None
+
     # collective: every rank of the EP and ESP groups must call it, in the same order
     def exchange(self, counts_E: torch.Tensor, *, capacity: Optional[int] = None,
-                 device=None) -> CountExchange:
+                 device=None, started: Optional[Pending] = None) -> CountExchange:
         raise NotImplementedError
 
     def route(self, ex: CountExchange, r: int, c: int) -> ChunkRoute:
@@ -220,7 +226,7 @@ class A2ADispatcher(TokenDispatcher):
 
     name = "a2a"
 
-    def exchange(self, counts_E, *, capacity=None, device=None):
+    def exchange(self, counts_E, *, capacity=None, device=None, started=None):
         counts_E = counts_E.detach().to("cpu", torch.long)
         send_PE = counts_E.view(self.P, self.E_l)
         recv_PE = all_to_all_equal(send_PE.to(device), self.ep_group, "count all-to-all",
@@ -241,19 +247,32 @@ class CapacityDispatcher(TokenDispatcher):
 
     name = "capacity"
 
-    def exchange(self, counts_E, *, capacity=None, device=None):
-        counts_E = counts_E.detach().to("cpu", torch.long)
+    def __init__(self, *, world_group=None, **kw):
+        super().__init__(**kw)
+        self.world_group = world_group
+
+    def _max_over_ranks(self, local: int, device) -> Pending:
         # The router already dropped beyond its per-rank capacity; ranks may have different
-        # T, so agree on the largest slot count (one int; dropless layers use max count).
-        local = int(capacity) if capacity is not None else int(counts_E.max()) if counts_E.numel() else 0
+        # T, so they agree on the largest slot count (one int over the whole group).
         t = torch.tensor([local], dtype=torch.long, device=device)
-        if self.P * self.S > 1:
-            all_reduce(t, self.ep_group, "capacity all-reduce", self.timeout_s,
-                       reduce_op=torch.distributed.ReduceOp.MAX)
-            if self.S > 1:
-                all_reduce(t, self.esp_group, "capacity all-reduce (ESP)", self.timeout_s,
-                           reduce_op=torch.distributed.ReduceOp.MAX)
-        slots = int(t.item())
+        if self.P * self.S == 1:
+            return Pending.ready(t)
+        work = torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX,
+                                            group=self.world_group, async_op=True)
+        return Pending(work, "capacity all-reduce", self.timeout_s, lambda: t)
+
+    def begin(self, capacity, device=None):
+        """With a capacity known from T alone, agree on it while the router runs."""
+        return None if capacity is None else self._max_over_ranks(int(capacity), device)
+
+    def exchange(self, counts_E, *, capacity=None, device=None, started=None):
+        counts_E = counts_E.detach().to("cpu", torch.long)
+        if started is not None:             # issued by begin() before routing
+            slots = int(started.wait().item())
+        else:
+            local = (int(capacity) if capacity is not None
+                     else int(counts_E.max()) if counts_E.numel() else 0)
+            slots = int(self._max_over_ranks(local, device).wait().item())
         if counts_E.numel() and int(counts_E.max()) > slots:
             raise ConfigError("capacity", slots,
                               f"at least the largest expert count {int(counts_E.max())}")
@@ -291,7 +310,7 @@ class HierarchicalDispatcher(TokenDispatcher):
         self.n = self.P // self.L
         self.a_me, self.j_me = divmod(self.p_me, self.L)
 
-    def exchange(self, counts_E, *, capacity=None, device=None):
+    def exchange(self, counts_E, *, capacity=None, device=None, started=None):
         counts_E = counts_E.detach().to("cpu", torch.long)
         send_PE = counts_E.view(self.P, self.E_l)
         full = (all_gather_equal(send_PE.to(device), self.ep_group, "count all-gather (2dh)",
@@ -335,10 +354,12 @@ class HierarchicalDispatcher(TokenDispatcher):
 def make_dispatcher(name: str, **kw) -> TokenDispatcher:
     if name == "a2a":
         kw.pop("intra_group", None), kw.pop("inter_group", None), kw.pop("ranks_per_node", None)
+        kw.pop("world_group", None)
         return A2ADispatcher(**kw)
     if name == "capacity":
         kw.pop("intra_group", None), kw.pop("inter_group", None), kw.pop("ranks_per_node", None)
         return CapacityDispatcher(**kw)
+    kw.pop("world_group", None)
     if name == "2dh":
         return HierarchicalDispatcher(**kw)
     raise ConfigError("dispatcher", name, f"one of {DISPATCHERS}")

@@ -99,7 +99,7 @@ class _Run:
         def experts(c, buf):
             recv = routes[c].recv_SPE                       # [S, P, E_l] for this chunk
             idx = routes[c].expert_major
-            counts = recv.sum((0, 1))
+            counts = routes[c].expert_counts
             y_e = compute(c, buf.index_select(0, idx), counts)
             y = buf.new_empty(buf.shape[0], y_e.shape[-1]).index_copy_(0, idx, y_e)
             if S > 1:
@@ -321,7 +321,7 @@ class ExpertParallel(nn.Module):
         self.dispatcher: TokenDispatcher = make_dispatcher(
             dispatcher, ep_group=self.ep_group, ep_size=P, ep_rank=self.ep_rank,
             esp_group=self.esp_group, esp_size=S, esp_rank=self.esp_rank,
-            num_local_experts=self.num_local_experts, timeout_s=t, **extra)
+            num_local_experts=self.num_local_experts, timeout_s=t, world_group=group, **extra)
         self.dispatcher_name = dispatcher
         # The grouped expert FFN; a seam so benchmarks can time communication alone.
         self._expert_fn = expert_ffn
@@ -401,11 +401,13 @@ class ExpertParallel(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
+        cap = self._local_capacity(T)
+        started = self.dispatcher.begin(cap, device=x.device)   # overlaps routing
         # A rank with no tokens still takes part in every collective.
         routing = layer.route(x_TD) if T > 0 else self._empty_routing(x_TD)
         x_ND = layer.permute(x_TD, routing)
-        ex = self.dispatcher.exchange(routing.counts_E, capacity=self._local_capacity(T),
-                                      device=x.device)
+        ex = self.dispatcher.exchange(routing.counts_E, capacity=cap, device=x.device,
+                                      started=started)
         run = _Run(self, ex, r_fwd or self.r_fwd, r_bwd or self.r_bwd)
         y_ND = PipelinedExperts.apply(x_ND, self.w_in, self.w_out, run)
         y_TD = layer.combine(y_ND, routing, T)
