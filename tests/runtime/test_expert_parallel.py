@@ -151,14 +151,29 @@ def _plan_and_degrees(rank, world):
     # the degrees can also change per call; the result must not
     x = torch.randn(10, 8)
     y1, y2 = c(x), c(x, r_fwd=1, r_bwd=1)
+    # in eval (no_grad) nothing is kept for backward
+    import moeflow.runtime.expert_parallel as m
+    kept = {}
+    orig = m._Run.forward
+
+    def spy(self, *args):
+        out = orig(self, *args)
+        kept["v"] = (self.graphs, self.x_full)
+        return out
+    m._Run.forward = spy
+    try:
+        with torch.no_grad():
+            b(x)
+    finally:
+        m._Run.forward = orig
     return (a.r_fwd, a.r_bwd, b.r_fwd, b.r_bwd, c.r_fwd, c.r_bwd, a.ep_size,
-            a.num_local_experts, float((y1 - y2).abs().max()))
+            a.num_local_experts, float((y1 - y2).abs().max()), kept["v"] == (None, None))
 
 
 def test_degrees_from_plan_ints_and_per_call():
     res = run_ranks(_plan_and_degrees, 2, timeout_s=60)
     assert res[0][:8] == (4, 1, 2, 4, 3, 5, 2, 2)
-    assert res[0][8] < 1e-6
+    assert res[0][8] < 1e-6 and res[0][9] is True
 
 
 def _correction_bias(rank, world):

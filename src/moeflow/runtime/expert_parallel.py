@@ -66,6 +66,7 @@ class _Run:
 
     def __init__(self, ep: "ExpertParallel", ex: CountExchange, r_fwd: int, r_bwd: int):
         self.ep, self.ex, self.r_fwd, self.r_bwd = ep, ex, r_fwd, r_bwd
+        self.grad_enabled = torch.is_grad_enabled()
         self.graphs: Optional[list] = None
         self.x_full: Optional[torch.Tensor] = None
         self.w_in_d = self.w_out_d = None
@@ -198,7 +199,8 @@ class PipelinedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, w_in, w_out, run: _Run):
-        needs = any(ctx.needs_input_grad[:3])
+        # under torch.no_grad (eval) keep nothing for a backward that cannot come
+        needs = run.grad_enabled and any(ctx.needs_input_grad[:3])
         y = run.forward(x_ND, w_in, w_out, needs)
         ctx.run = run
         return y
