@@ -65,6 +65,9 @@ def _world4_cases() -> list:
                    ranks_per_node=2, r_fwd=4, r_bwd=4, tokens=(16, 16, 16, 16))]
     cases += [Case(expert_type="gelu", dispatcher="2dh", esp=2, ranks_per_node=4, r_fwd=4,
                    r_bwd=1)]
+    # 2DH on other layouts: 4 nodes x 1 (no intra step), 1 node x 4 (no inter step)
+    cases += [Case(dispatcher="2dh", ranks_per_node=rpn, r_fwd=2, r_bwd=4, tokens=(3, 9, 0, 5))
+              for rpn in (1, 4)]
     return cases
 
 
