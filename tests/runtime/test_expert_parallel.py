@@ -205,3 +205,26 @@ def _correction_bias(rank, world):
 def test_correction_bias_uses_global_loads():
     res = run_ranks(_correction_bias, 2, timeout_s=60)
     assert all(err == 0.0 for err, _ in res) and res[0][1] > 0
+
+
+def _full_weights(rank, world):
+    """full_expert_weights() reassembles exactly the single-device weights."""
+    from moeflow import MoEConfig, MoELayer
+    from moeflow.comm import Topology
+    from moeflow.runtime import ExpertParallel
+    out = []
+    for expert_type in ("swiglu", "gelu"):
+        for esp in (1, 2):
+            torch.manual_seed(3)
+            layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4,
+                                       expert_type=expert_type))
+            ep = ExpertParallel(layer, topology=Topology.explicit(world, 2), esp_size=esp)
+            w_in, w_out = ep.full_expert_weights()
+            out.append(torch.equal(w_in, layer.experts.w_in) and
+                       torch.equal(w_out, layer.experts.w_out))
+    return out
+
+
+def test_full_expert_weights_roundtrip():
+    res = run_ranks(_full_weights, 4, timeout_s=60)
+    assert all(all(r) for r in res), res

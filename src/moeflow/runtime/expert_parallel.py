@@ -374,6 +374,30 @@ class ExpertParallel(nn.Module):
                     p.grad.div_(self.world_size)
 
     @torch.no_grad()
+    def full_expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts' ``(w_in (E, X, D), w_out (E, D, F))`` on every rank (all-gather).
+
+        The inverse of the slicing in ``__init__``: what a single-device checkpoint holds.
+        """
+        from moeflow.comm.collectives import all_gather_equal
+        S, P, E_l = self.esp_size, self.ep_size, self.num_local_experts
+        w_in = all_gather_equal(self.w_in.detach(), self.group, "expert all-gather",
+                                self.timeout_s)                 # [W, E_l, X/S, D]
+        w_out = all_gather_equal(self.w_out.detach(), self.group, "expert all-gather",
+                                 self.timeout_s)                # [W, E_l, D, F/S]
+        w_in = w_in.view(P, S, *w_in.shape[1:])
+        w_out = w_out.view(P, S, *w_out.shape[1:])
+        if self.activation == "swiglu":                         # slices are [gate_s; up_s]
+            f = w_in.shape[3] // 2
+            gate = w_in[:, :, :, :f].permute(0, 2, 1, 3, 4).reshape(P * E_l, S * f, -1)
+            up = w_in[:, :, :, f:].permute(0, 2, 1, 3, 4).reshape(P * E_l, S * f, -1)
+            full_in = torch.cat([gate, up], dim=1)
+        else:
+            full_in = w_in.permute(0, 2, 1, 3, 4).reshape(P * E_l, -1, w_in.shape[-1])
+        full_out = w_out.permute(0, 2, 3, 1, 4).reshape(P * E_l, w_out.shape[3], -1)
+        return full_in, full_out
+
+    @torch.no_grad()
     def update_correction_bias(self, rate: float = 1e-3) -> None:
         """DeepSeek aux-loss-free bias step from the *global* expert loads (all-reduced)."""
         counts = self.last_counts_E.to(torch.float64).clone()
