@@ -11,8 +11,9 @@ Three dispatchers share one interface (FSMoE's "Dispatch" module):
 * ``CapacityDispatcher`` ("capacity"): fixed-capacity, GShard style. Every (rank, expert)
   sends exactly ``slots`` rows, zero-padded; no count exchange, equal splits. ``slots`` is
   the largest per-rank capacity ``ceil(f*T*K/E)`` over the group (one tiny all-reduce,
-  issued by ``begin`` before routing so it overlaps the router), so drop semantics stay those of the single-device layer on each rank's batch (the router
-  has already dropped; padding rows are zeros, which every expert maps to zeros).
+  issued by ``begin`` before routing so it overlaps the router), so drop semantics stay
+  those of the single-device layer on each rank's batch (the router has already dropped;
+  padding rows are zeros, which every expert maps to zeros).
 * ``HierarchicalDispatcher`` ("2dh"): 2-D hierarchical all-to-all (FSMoE / Tutel 2DH):
   an intra-node all-to-all that gathers on rank (a, j) every row of node a headed for
   local index j on any node, then an inter-node all-to-all among ranks with local index j.
@@ -29,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import math
 import torch
 
 from moeflow.comm.collectives import all_gather_equal, all_to_all_equal, all_to_all_v

@@ -32,7 +32,8 @@ class Topology:
         for name in ("world_size", "ranks_per_node"):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-                raise DistributedConfigError(f"Topology.{name}={v!r} is not allowed: a positive int")
+                raise DistributedConfigError(
+                    f"Topology.{name}={v!r} is not allowed: a positive int")
         if self.world_size % self.ranks_per_node:
             raise DistributedConfigError(
                 f"Topology.ranks_per_node={self.ranks_per_node} does not divide "
