@@ -149,7 +149,7 @@ def train_loop(args, group=None, topology=None, device=None, verbose=True) -> di
         if log and (step % args.log_every == 0 or step == 1):
             print(f"step {step:4d}  loss {losses[-1]:.4f}  {tokens / elapsed:,.0f} tokens/s",
                   flush=True)
-        stop = torch.tensor([1.0 if elapsed > args.max_seconds else 0.0])
+        stop = torch.tensor([1.0 if elapsed > args.max_seconds else 0.0], device=device)
         if dist_on:  # every rank must stop at the same step
             from moeflow.comm.collectives import all_reduce
             all_reduce(stop, group, "stop all-reduce", args.timeout)
