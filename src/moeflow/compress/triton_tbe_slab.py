@@ -80,8 +80,10 @@ def _slab(planes, cov_ptr, fb_ptr, c_run, f_run, br, bc, s, R, C, n, TR, TC, bas
 @triton.jit
 def _to_float(bits, IS_BF16: tl.constexpr):
     if IS_BF16:  # bf16 bits are the top half of an fp32; the narrowing is exact
-        return (bits << 16).to(tl.float32, bitcast=True).to(tl.bfloat16)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True)
+        w = (bits << 16).to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        w = bits.to(tl.int16).to(tl.float16, bitcast=True)
+    return w
 
 
 @triton.jit
