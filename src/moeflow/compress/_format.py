@@ -186,19 +186,27 @@ def segment_digests(buf, words, seg_lo, seg_hi, out):
         out[s] = digest_range(buf, words, a, b, s)
 
 
+def readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view. Kernels only read their inputs; passing every input read-only gives
+    numba one signature per kernel instead of two, which halves cold compile time."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 def words_view(b: np.ndarray) -> np.ndarray:
-    """uint64 view of the whole-word prefix of a uint8 array (no copy)."""
-    return b[: b.size // 8 * 8].view(np.uint64)
+    """Read-only uint64 view of the whole-word prefix of a uint8 array (no copy)."""
+    return readonly(b[: b.size // 8 * 8].view(np.uint64))
 
 
 def combine_digests(seg: np.ndarray, total_len: int) -> int:
-    seg = np.ascontiguousarray(seg, dtype=np.uint64)
-    return int(digest_range(seg.view(np.uint8), seg, 0, seg.size * 8, total_len))
+    seg = readonly(np.ascontiguousarray(seg, dtype=np.uint64))
+    return int(digest_range(readonly(seg.view(np.uint8)), seg, 0, seg.size * 8, total_len))
 
 
 def checksum(buf: np.ndarray, threads: int | None = None) -> int:
     """mfx64 checksum of a byte view (any contiguous numpy array is viewed as uint8)."""
-    b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+    b = readonly(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
     w = words_view(b)
     nseg = (b.size + SEGMENT_BYTES - 1) // SEGMENT_BYTES
     seg = np.zeros(nseg, np.uint64)

@@ -38,7 +38,7 @@ import numpy as np
 
 from moeflow.errors import CorruptDataError
 from moeflow.compress._format import (SEGMENT_BYTES, FLOAT_SPECS, digest_range, float_spec,
-                                      run_parallel, words_view)
+                                      readonly, run_parallel, words_view)
 
 MAX_LEN = 12
 TABLE_SIZE = 1 << MAX_LEN
@@ -54,13 +54,15 @@ def huffman_lengths(counts, max_len):
     """Code lengths (<= max_len) for symbol counts: Huffman's two-queue construction, then a
     Kraft-sum repair for codes that were too long (rarest symbols get lengthened first)."""
     lengths = np.zeros(256, np.int64)
-    order = np.argsort(counts, kind="mergesort")
     m = 0
     syms = np.empty(256, np.int64)
-    for i in range(256):
-        s = order[i]
+    for s in range(256):  # insertion sort by count (stable); cheap to compile, <= 256 items
         if counts[s] > 0:
-            syms[m] = s
+            j = m
+            while j > 0 and counts[syms[j - 1]] > counts[s]:
+                syms[j] = syms[j - 1]
+                j -= 1
+            syms[j] = s
             m += 1
     if m == 0:
         return lengths
@@ -75,17 +77,15 @@ def huffman_lengths(counts, max_len):
     inner = m
     nxt = m
     for _ in range(m - 1):
-        pick = np.empty(2, np.int64)
-        for t in range(2):
+        for _t in range(2):  # take the lighter head of the leaf and inner-node queues
             if leaf < m and (inner >= nxt or weight[leaf] <= weight[inner]):
-                pick[t] = leaf
+                pick = leaf
                 leaf += 1
             else:
-                pick[t] = inner
+                pick = inner
                 inner += 1
-        weight[nxt] = weight[pick[0]] + weight[pick[1]]
-        parent[pick[0]] = nxt
-        parent[pick[1]] = nxt
+            weight[nxt] = weight[nxt] + weight[pick] if _t else weight[pick]
+            parent[pick] = nxt
         nxt += 1
     depth = np.zeros(2 * m - 1, np.int64)
     for node in range(2 * m - 3, -1, -1):
@@ -196,7 +196,7 @@ def _histogram(syms, n):
     return h[0] + h[1] + h[2] + h[3]
 
 
-@nb.njit(inline="always")
+@nb.njit(cache=True)
 def _put(e, acc, nacc, k, w32):
     """Append code ``e`` (code | length << 32) to a 32-bit-word bit stream, branch-free:
     the current word is always stored, and the cursor moves on once it is full."""
@@ -314,7 +314,7 @@ def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
     """Encode raw value bits (flat uint16/uint32). Returns (payload bytes, segment digests)."""
     spec = float_spec(dtype)
     kind = _KIND[dtype]
-    vals = np.ascontiguousarray(bits).reshape(-1)
+    vals = readonly(np.ascontiguousarray(bits).reshape(-1))
     assert vals.dtype == spec.uint
     n = vals.size
     chunk_values = SEGMENT_BYTES // spec.itemsize
@@ -323,7 +323,7 @@ def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
     scratch = np.empty(max(1, n_chunks) * cap, np.uint8)
     lens = np.zeros(n_chunks, np.int64)
     seg = np.zeros(n_chunks, np.uint64)
-    u8 = vals.view(np.uint8)
+    u8 = readonly(vals.view(np.uint8))
     w = words_view(u8)
     if n_chunks:
         run_parallel(lambda lo, hi: _encode_range(vals, u8, w, lo, hi, chunk_values, kind,
@@ -343,7 +343,7 @@ def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
 
 
 # ----------------------------------------------------------------------------- decode
-@nb.njit(inline="always")
+@nb.njit(cache=True)
 def _peek(words, p):
     """The 64 bits of the payload from absolute bit ``p`` on (two word loads)."""
     w = p >> 6
@@ -382,7 +382,7 @@ def _compose_all(kind, syms, buf, raw, n, out, a):
         _compose16(kind, syms[:n], buf[raw:raw + n], out[a:a + n])
 
 
-@nb.njit(inline="always")
+@nb.njit(cache=True)
 def _run4(words, multi, p, syms, o):
     """Four table lookups from one 64-bit peek (each consumes <= 12 bits)."""
     v = _peek(words, p)
@@ -553,7 +553,7 @@ def parse_header(buf: np.ndarray):
     base = _HEAD.size + 8 * n_chunks
     if base > buf.size:
         raise CorruptDataError("entropy payload is truncated inside its chunk table")
-    ends = buf[_HEAD.size:base].view(np.uint64).astype(np.int64)
+    ends = readonly(buf[_HEAD.size:base].view(np.uint64).astype(np.int64))
     body = base + (int(ends[-1]) if n_chunks else 0)
     if n_chunks and (np.any(np.diff(ends) <= 0) or ends[0] <= 0):
         raise CorruptDataError("entropy payload chunk table is not increasing")
@@ -565,6 +565,7 @@ def parse_header(buf: np.ndarray):
 def decode(payload, dtype: str, n_expected: int, threads: int | None = None):
     """Decode a payload. Returns (flat uint bits, segment digests)."""
     buf = np.frombuffer(payload, np.uint8) if not isinstance(payload, np.ndarray) else payload
+    buf = readonly(buf)
     spec, n, chunk_values, ends, base = parse_header(buf)
     if spec.name != dtype or n != n_expected:
         raise CorruptDataError(f"entropy payload holds {n} {spec.name} values; the container "
@@ -572,7 +573,7 @@ def decode(payload, dtype: str, n_expected: int, threads: int | None = None):
     out = np.empty(n, spec.uint)
     n_chunks = ends.size
     seg = np.zeros(n_chunks, np.uint64)
-    u8 = out.view(np.uint8)
+    u8 = readonly(out.view(np.uint8))
     w = words_view(u8)
     kind = _KIND[dtype]
     bw = words_view(buf)

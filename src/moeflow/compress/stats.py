@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
-from moeflow.compress._format import DTypeSpec, float_spec
+from moeflow.compress._format import DTypeSpec, float_spec, readonly
 
 WINDOW = 7  # codes 1..7 address exponents b+1..b+7; code 0 is the fallback
 
@@ -50,7 +50,7 @@ def _exp_hist(vals, shift, mask, nbins):
 
 def exponent_histogram(bits: np.ndarray, spec: DTypeSpec) -> np.ndarray:
     """Counts of each exponent field value of flat raw bits."""
-    vals = np.ascontiguousarray(bits).reshape(-1)
+    vals = readonly(np.ascontiguousarray(bits).reshape(-1))
     return _exp_hist(vals, spec.man_bits, (1 << spec.exp_bits) - 1, 1 << spec.exp_bits)
 
 

@@ -37,7 +37,7 @@ import numba as nb
 import numpy as np
 
 from moeflow.errors import CorruptDataError, InputError
-from moeflow.compress._format import FLOAT_SPECS, run_parallel
+from moeflow.compress._format import FLOAT_SPECS, readonly, run_parallel
 from moeflow.compress.stats import best_window, exponent_histogram
 
 _HEAD = struct.Struct("<BBhIQQQQQ")
@@ -200,7 +200,7 @@ def encode(bits: np.ndarray, dtype: str, shape: tuple[int, ...], threads: int | 
     if dtype not in TBE_DTYPES:
         raise InputError(f"TBE codec takes {TBE_DTYPES}, not {dtype!r}")
     spec = FLOAT_SPECS[dtype]
-    vals = np.ascontiguousarray(bits).reshape(-1)
+    vals = readonly(np.ascontiguousarray(bits).reshape(-1))
     n = vals.size
     R, C = matrix_shape(tuple(shape))
     kind = 1 if dtype == "bfloat16" else 2
@@ -219,6 +219,7 @@ def encode(bits: np.ndarray, dtype: str, shape: tuple[int, ...], threads: int | 
     fb_off = np.zeros(nb_ + 1, np.int64)
     np.cumsum(cov_cnt, out=cov_off[1:])
     np.cumsum(fb_cnt, out=fb_off[1:])
+    cov_off, fb_off = readonly(cov_off), readonly(fb_off)
     n_cov, n_fb = int(cov_off[-1]), int(fb_off[-1])
     head = _HEAD.pack(spec.code, P, base, 0, R, C, n, n_cov, n_fb)
     sizes = [len(head), TR * TC * P * 8, (nb_ + 1) * 16, n_cov + (n_cov & 1), 2 * n_fb]
@@ -271,8 +272,9 @@ def parse(payload, dtype: str | None = None, shape: tuple[int, ...] | None = Non
             raise CorruptDataError(f"TBE {name_} block offsets are not a prefix sum of "
                                    f"per-block counts ending at {total}")
     return TBEParts(dtype=name, base=base, rows=R, cols=C, numel=n, planes_per_tile=P,
-                    planes=buf[at[1]:at[2]].view(np.uint64), cov_off=cov_off, fb_off=fb_off,
-                    covered=buf[at[3]:at[3] + n_cov], fallback=buf[at[4]:at[5]].view(np.uint16))
+                    planes=readonly(buf[at[1]:at[2]].view(np.uint64)), cov_off=readonly(cov_off),
+                    fb_off=readonly(fb_off), covered=readonly(buf[at[3]:at[3] + n_cov]),
+                    fallback=readonly(buf[at[4]:at[5]].view(np.uint16)))
 
 
 def decode_parts(parts: TBEParts, threads: int | None = None) -> np.ndarray:
