@@ -228,3 +228,20 @@ def _full_weights(rank, world):
 def test_full_expert_weights_roundtrip():
     res = run_ranks(_full_weights, 4, timeout_s=60)
     assert all(all(r) for r in res), res
+
+
+def _on_subgroups(rank, world):
+    """Two independent EP groups {0,1} and {2,3} (EP inside a data-parallel job)."""
+    from moeflow.comm.groups import subgroup
+    from tests.runtime.ep_cases import run_case
+    g = subgroup(None, [0, 1] if rank < 2 else [2, 3])
+    me = dist.get_rank(g)
+    cases = [Case(dispatcher=d, esp=e, r_fwd=2, r_bwd=4, ranks_per_node=2, tokens=(7, 12),
+                  capacity_factor=1.0 if d == "capacity" else None)
+             for d in ("a2a", "capacity", "2dh") for e in (1, 2)]
+    return [run_case(me, 2, c, group=g) for c in cases]
+
+
+def test_ep_on_explicit_subgroups():
+    res = run_ranks(_on_subgroups, 4, timeout_s=120)
+    assert all(len(r) == 6 and max(r) < 2e-5 for r in res)
