@@ -1,4 +1,26 @@
-"""Runtime: executes MoE layers across ranks (expert parallelism with pipelined overlap)."""
+"""Runtime: executes MoE layers across ranks (expert parallelism with pipelined overlap).
+
+Usage (every rank, after ``torch.distributed.init_process_group``)::
+
+    import moeflow as mf
+    from moeflow.comm import Topology
+    from moeflow.runtime import ExpertParallel
+
+    torch.manual_seed(0)                         # the same full layer on every rank
+    layer = mf.MoELayer(cfg)
+    ep = ExpertParallel(layer, group=None,       # None: the default group
+                        topology=Topology.from_env(),   # or Topology.explicit(4, 2)
+                        dispatcher="2dh",        # "a2a" | "capacity" | "2dh"
+                        esp_size=1, r_fwd=2, r_bwd=4,    # or plan=moeflow.plan.Plan
+                        timeout_s=120)
+    y = ep(x_local)                              # this rank's tokens, any [..., D] shape
+    (loss(y) + ep.aux_loss).backward()
+    ep.sync_gradients("mean")                    # or runtime.data_parallel.sync_gradients(model)
+
+For a whole model use :func:`moeflow.runtime.data_parallel.sync_gradients` and
+:func:`~moeflow.runtime.data_parallel.clip_grad_norm` (they know which parameters are
+expert slices). ``moeflow train`` is a complete example.
+"""
 
 from moeflow.runtime.expert_parallel import ExpertParallel, PipelinedExperts, resolve_degrees
 from moeflow.runtime.pipeline import run_wavefront
