@@ -130,7 +130,7 @@ class ChunkRoute:
     recv_SPE: torch.Tensor
     device: object = None
     send_gather: Optional[torch.Tensor] = None    # send_index fused with dispatch[0]'s regroup
-    expert_major: Optional[torch.Tensor] = None   # [s][p][e] rows -> expert-major order
+    expert_major: Optional[torch.Tensor] = None   # [s][p][e] -> expert-major (None: same)
     expert_counts: Optional[torch.Tensor] = None  # rows per local expert, on the device
 
     def to(self, device) -> "ChunkRoute":
@@ -142,7 +142,10 @@ class ChunkRoute:
             gather = gather.index_select(0, self.dispatch[0].pre_index.cpu())
         self.send_gather = gather.to(device)
         self.send_index = self.send_index.to(device)
-        self.expert_major = sub_block_index(self.recv_SPE, perm=(2, 0, 1)).to(device)
+        em = sub_block_index(self.recv_SPE, perm=(2, 0, 1))
+        # one local expert, or one source: rows already arrive expert-major (skip 2 copies)
+        identity = bool(torch.equal(em, torch.arange(em.numel())))
+        self.expert_major = None if identity else em.to(device)
         self.expert_counts = self.recv_SPE.sum((0, 1)).to(device)
         for st in (*self.dispatch, *self.combine):
             st.to(device)

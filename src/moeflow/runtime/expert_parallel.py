@@ -101,8 +101,11 @@ class _Run:
             recv = routes[c].recv_SPE                       # [S, P, E_l] for this chunk
             idx = routes[c].expert_major
             counts = routes[c].expert_counts
-            y_e = compute(c, buf.index_select(0, idx), counts)
-            y = buf.new_empty(buf.shape[0], y_e.shape[-1]).index_copy_(0, idx, y_e)
+            if idx is None:
+                y = compute(c, buf, counts)
+            else:
+                y_e = compute(c, buf.index_select(0, idx), counts)
+                y = buf.new_empty(buf.shape[0], y_e.shape[-1]).index_copy_(0, idx, y_e)
             if S > 1:
                 return reduce_scatter_v(y, recv.sum((1, 2)).tolist(), ep.esp_group,
                                         f"ESP reduce-scatter (chunk {c + 1}/{r})", timeout)
