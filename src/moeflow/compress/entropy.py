@@ -196,7 +196,7 @@ def _histogram(syms, n):
     return h[0] + h[1] + h[2] + h[3]
 
 
-@nb.njit(cache=True)
+@nb.njit(inline="always")
 def _put(e, acc, nacc, k, w32):
     """Append code ``e`` (code | length << 32) to a 32-bit-word bit stream, branch-free:
     the current word is always stored, and the cursor moves on once it is full."""
@@ -343,7 +343,7 @@ def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
 
 
 # ----------------------------------------------------------------------------- decode
-@nb.njit(cache=True)
+@nb.njit(inline="always")
 def _peek(words, p):
     """The 64 bits of the payload from absolute bit ``p`` on (two word loads)."""
     w = p >> 6
@@ -382,7 +382,7 @@ def _compose_all(kind, syms, buf, raw, n, out, a):
         _compose16(kind, syms[:n], buf[raw:raw + n], out[a:a + n])
 
 
-@nb.njit(cache=True)
+@nb.njit(inline="always")
 def _run4(words, multi, p, syms, o):
     """Four table lookups from one 64-bit peek (each consumes <= 12 bits)."""
     v = _peek(words, p)
