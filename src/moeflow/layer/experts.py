@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from moeflow.config import MoEConfig
 from moeflow.kernels import expert_ffn
+from moeflow.kernels.grouped import compute_dtype
 
 
 class Experts(nn.Module):
@@ -73,13 +74,16 @@ class SharedExperts(nn.Module):
         nn.init.normal_(self.w_out, std=Fs ** -0.5)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x_TD, self.w_in)
+        out_dtype = x_TD.dtype
+        cd = compute_dtype(x_TD)  # fp32 for bf16 on CPUs without native bf16 GEMMs
+        x_TD = x_TD.to(cd)
+        h = F.linear(x_TD, self.w_in.to(cd))
         if self.expert_type == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             a = F.silu(gate) * up
         else:
             a = F.gelu(h, approximate="tanh")
-        y_TD = F.linear(a, self.w_out)
+        y_TD = F.linear(a, self.w_out.to(cd))
         if self.gate is not None:
-            y_TD = torch.sigmoid(F.linear(x_TD, self.gate)) * y_TD
-        return y_TD
+            y_TD = torch.sigmoid(F.linear(x_TD, self.gate.to(cd))) * y_TD
+        return y_TD.to(out_dtype)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from moeflow.config import MoEConfig
 from moeflow.errors import RoutingError
+from moeflow.kernels.grouped import compute_dtype
 
 
 @dataclass
@@ -142,8 +143,12 @@ class Router(nn.Module, abc.ABC):
         transformers' Mixtral/Qwen routers) and only upcasts the result.
         """
         if self.cfg.router_dtype == "input":
-            logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype),
-                                 None if self.bias is None else self.bias.to(x_TD.dtype)).float()
+            # A bf16 GEMM is an fp32-accumulated product rounded to bf16. On CPUs without native
+            # bf16 dot products compute_dtype is fp32, which gives that result much faster.
+            cd = compute_dtype(x_TD)
+            w = self.weight.to(x_TD.dtype).to(cd)
+            b = None if self.bias is None else self.bias.to(x_TD.dtype).to(cd)
+            logits_TE = F.linear(x_TD.to(cd), w, b).to(x_TD.dtype).float()
         else:
             b = None if self.bias is None else self.bias.float()
             logits_TE = F.linear(x_TD.float(), self.weight.float(), b)
