@@ -5,10 +5,13 @@ three contenders run interleaved in one loop (moeflow, transformers ``experts_im
 "grouped_mm", transformers "eager"), so machine noise hits all of them alike; each reports the
 minimum over ``--repeats`` runs. Ratios are transformers time / moeflow time (>1: moeflow is
 faster). fwd+bwd = forward, ``(y * g).sum().backward()`` with a fixed random ``g``, gradients
-for the input and all weights (router included).
+for the input and all weights (router included), then an in-place ``p.mul_(1.0)`` on every
+parameter for all contenders (as an optimizer step would modify them; moeflow's cached fp32
+copies of bf16 weights must then be refreshed, as in real training).
 
     PYTHONPATH=src python benchmarks/layer_cpu.py [--tokens 2048] [--repeats 3] \
-        [--cases qwen3,mixtral] [--dtypes fp32,bf16] [--modes fwd,fwdbwd] [--out FILE.md]
+        [--cases qwen3,mixtral] [--dtypes fp32,bf16] [--modes fwd,fwdbwd] [--warmup 1] \
+        [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -74,10 +77,16 @@ def make_step(module, x, g, mode: str):
             xi = x.detach().requires_grad_()
             y = module(xi)
             (y * g).sum().backward()
+            # Stand-in for an optimizer step: bump every parameter's version, so nothing keyed
+            # on unchanged weights (moeflow's cached fp32 copies of bf16 weights) is free.
+            with torch.no_grad():
+                for p in params:
+                    p.mul_(1.0)
     return step
 
 
-def run_case(case: str, dtype_name: str, mode: str, T: int, repeats: int, kernel: str):
+def run_case(case: str, dtype_name: str, mode: str, T: int, repeats: int, kernel: str,
+             warmup: int = 1):
     from moeflow.integrations.hf import from_hf_block
     dtype = DTYPES[dtype_name]
     block, cfg = build_hf_block(case, dtype)
@@ -90,8 +99,9 @@ def run_case(case: str, dtype_name: str, mode: str, T: int, repeats: int, kernel
     hf_step = make_step(block, x, g, mode)
     for impl in ("grouped_mm", "eager"):
         steps[f"hf_{impl}"] = (lambda impl=impl: (set_impl(cfg, impl), hf_step()))
-    for fn in steps.values():  # warm-up (allocator, lazy init)
-        fn()
+    for _ in range(warmup):  # allocator, lazy init
+        for fn in steps.values():
+            fn()
     best = {k: float("inf") for k in steps}
     for _ in range(repeats):
         for name, fn in steps.items():  # interleaved
@@ -117,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="qwen3,mixtral")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed interleaved rounds first")
     ap.add_argument("--kernel", default="auto", help="moeflow expert kernel (MoEConfig.kernel)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--out", default="", help="markdown file to write the table to")
@@ -130,7 +141,7 @@ def main(argv=None) -> int:
     for case in args.cases.split(","):
         for dt in args.dtypes.split(","):
             for mode in args.modes.split(","):
-                b = run_case(case, dt, mode, args.tokens, args.repeats, args.kernel)
+                b = run_case(case, dt, mode, args.tokens, args.repeats, args.kernel, args.warmup)
                 r_g = b["hf_grouped_mm"] / b["moeflow"]
                 r_e = b["hf_eager"] / b["moeflow"]
                 row = (CASES[case][0], dt, mode, b["moeflow"] * 1e3, b["hf_grouped_mm"] * 1e3,
@@ -149,7 +160,8 @@ def main(argv=None) -> int:
             f"- torch {torch.__version__}, transformers {transformers.__version__}, "
             f"python {platform.python_version()}",
             f"- command: `{cmd}`",
-            f"- T={args.tokens} tokens, min of {args.repeats} interleaved runs after one warm-up; "
+            f"- T={args.tokens} tokens, min of {args.repeats} interleaved runs after "
+            f"{args.warmup} untimed warm-up round(s); "
             "ratio = transformers time / moeflow time (>1: moeflow faster)", "",
             "| case | dtype | mode | moeflow ms | hf grouped_mm ms | hf eager ms "
             "| vs grouped_mm | vs eager |",

@@ -294,3 +294,37 @@ def test_source_identical_family_blocks_match(family):
         y_ref, y = block(x), layer(x)
     assert y_ref.abs().max() > 1e-3
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe", "deepseek_v3"])
+def test_bf16_block_routes_like_transformers(case):
+    """bf16: the converted layer picks the same experts (router GEMM in the same dtype as
+    transformers), so outputs agree to bf16 rounding, not just on average."""
+    model, block_cls = _build(case, seed=11)
+    _, block = _blocks(model, block_cls)[0]
+    block = block.to(torch.bfloat16)
+    layer = from_hf_block(block)
+    x = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(12)).bfloat16()
+    with torch.no_grad():
+        y_ref, y = block(x).float(), layer(x).float()
+    assert y.dtype == torch.float32 and y_ref.abs().max() > 1e-2
+    torch.testing.assert_close(y, y_ref, atol=4e-2, rtol=4e-2)
+
+
+@pytest.mark.parametrize("run_before_patch", [True, False])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+def test_output_router_logits_and_aux_loss_survive_patching(case, run_before_patch):
+    """transformers' load-balancing loss reads router logits through its output recorder; the
+    patched layers re-emit them, whether transformers installed its hooks before or after."""
+    model, _ = _build(case, seed=2)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=ids, output_router_logits=True)
+    if not run_before_patch:
+        model, _ = _build(case, seed=2)
+    patch_model(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    assert len(out.router_logits) == len(ref.router_logits) == 2
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)

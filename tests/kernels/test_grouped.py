@@ -138,3 +138,45 @@ def test_bf16_compute_paths_match_loop(impl, lowp_native, monkeypatch):
     for a, b in zip(got, ref):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_upcast_weight_cache_follows_inplace_updates(impl, monkeypatch):
+    """bf16 via fp32 GEMMs caches the fp32 weights: an in-place update (optimizer step) must be
+    seen by the next call, and an update between forward and backward must raise."""
+    from moeflow.kernels import grouped
+    monkeypatch.setattr(grouped, "_cpu_has_fast_lowp", lambda: False)
+    counts = torch.tensor([3, 2, 0, 4, 1])
+    x = torch.randn(10, D, generator=torch.Generator().manual_seed(4)).bfloat16()
+    w_in, w_out = _weights("swiglu", torch.bfloat16)
+    w_in.requires_grad_()
+    y1 = expert_ffn(x, counts, w_in, w_out, "swiglu", impl)
+    with torch.no_grad():
+        w_in.mul_(-1.5)
+    y2 = expert_ffn(x, counts, w_in, w_out, "swiglu", impl)
+    # fp32 GEMMs on the bf16 values: equal to an fp32 loop up to the final bf16 rounding.
+    ref2 = expert_ffn(x.float(), counts, w_in.detach().float(), w_out.float(), "swiglu", "loop")
+    torch.testing.assert_close(y2.float(), ref2, atol=1e-2, rtol=1e-2)
+    assert not torch.allclose(y1.float(), y2.float(), atol=1e-2)
+    with torch.no_grad():
+        w_in.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y2.sum().backward()
+    grouped.clear_weight_cache()
+    assert not grouped._UPCAST.entries
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_inplace_activation_matches_loop(impl, activation, dtype):
+    """Without any gradient the activation overwrites the pre-activation buffer."""
+    counts = torch.tensor(COUNTS["mixed"])
+    x = torch.randn(int(counts.sum()), D).to(dtype)
+    w_in, w_out = _weights(activation, dtype)
+    with torch.no_grad():
+        ref = expert_ffn(x, counts, w_in, w_out, activation, "loop")
+        got = expert_ffn(x, counts, w_in, w_out, activation, impl)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref.float(), **tol)

@@ -32,6 +32,11 @@ DeepseekV3MoE                sigmoid + e_score_correction_bias for   -> deepseek
                              renorm, * routed_scaling_factor            + shared
 ==========================  =================================================================
 
+Also converted, because their block/router/experts source is identical to one of the above in
+transformers 5.24 (class-name prefix aside; block-level tests check each): MiniMax (as Mixtral),
+Mellum (as Qwen3), Qwen3-Next (as Qwen2), DeepSeek-OCR2 and UnlimitedOCR text MoE (as V2),
+dots1, Kimi-Linear and Bailing-hybrid (as V3).
+
 Everything else that looks like an MoE block raises :class:`UnsupportedModelError` naming the
 class (e.g. PhiMoE's sparsemixer routing, Switch/NLLB capacity routers, GPT-OSS biased experts).
 Mixtral's training-time ``router_jitter_noise`` has no moeflow equivalent: a block with a
@@ -319,6 +324,67 @@ class PatchSummary:
         return f"moeflow replaced {self.count} MoE block(s): {parts or 'none'}"
 
 
+def _tap_forward(logits_TE: torch.Tensor):
+    """Forward of the router-logits tap: transformers records ``output[0]``."""
+    return (logits_TE,)
+
+
+def _tap_extra_repr() -> str:
+    return "moeflow router-logits tap (no parameters)"
+
+
+def _emit_router_logits(router: nn.Module, inputs, routing) -> None:
+    """Forward hook on our router: pass the logits (in the activation dtype) to the tap."""
+    router.hf_logits_tap(routing.logits_TE.to(inputs[0].dtype))
+
+
+def _attach_router_logits_tap(layer: MoELayer, block: nn.Module) -> None:
+    """Give ``layer.router`` a child that is an instance of the block's transformers router
+    class (made without running its ``__init__``: no parameters), called with the router logits
+    on every forward, so transformers' ``OutputRecorder(<RouterClass>)`` still sees them."""
+    hf_router = getattr(block, "gate", None)
+    if not isinstance(hf_router, nn.Module):
+        hf_router = getattr(block, "router", None)
+    if not isinstance(hf_router, nn.Module):
+        return False
+    cls = type(hf_router)
+    tap = cls.__new__(cls)
+    nn.Module.__init__(tap)
+    tap.forward = _tap_forward
+    tap.extra_repr = _tap_extra_repr
+    layer.router.hf_logits_tap = tap
+    layer.router.register_forward_hook(_emit_router_logits)
+    return True
+
+
+def _hook_taps(model: nn.Module, taps: list) -> None:
+    """transformers installs its output-recording hooks once, on the first forward. If that
+    already happened, hook the new taps the same way (with the capture tasks of the nearest
+    enclosing transformers model, as transformers itself dispatches them)."""
+    if not taps:
+        return
+    try:
+        from transformers.modeling_utils import PreTrainedModel
+        from transformers.utils import output_capturing as oc
+    except ImportError:
+        return
+    hooked = [(p, m) for p, m in model.named_modules()
+              if isinstance(m, PreTrainedModel) and getattr(m, "_output_capturing_hooks_installed",
+                                                            False)]
+    for tap_path, tap in taps:
+        owners = [(p, m) for p, m in hooked if p == "" or tap_path.startswith(p + ".")]
+        if not owners:
+            continue
+        owner_path, owner = max(owners, key=lambda pm: len(pm[0]))
+        tasks = []
+        for key, specs in oc._CAN_RECORD_REGISTRY.get(owner).items():
+            for spec in specs if isinstance(specs, list) else [specs]:
+                if isinstance(spec, oc.OutputRecorder):
+                    tasks.append((key, spec))
+        rel = tap_path[len(owner_path) + 1:] if owner_path else tap_path
+        oc.recursively_install_hooks(tap, rel, tasks)
+
+
 def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """MoE blocks, outermost first; the insides of a block are not searched."""
     found: list[tuple[str, nn.Module]] = []
@@ -346,8 +412,9 @@ def patch_model(model: nn.Module, *, allow_train_mismatch: bool = False,
     modules are never touched. Returns ``model``; the :class:`PatchSummary` of what was
     replaced is also stored as ``model.moeflow_patch_summary``.
 
-    Note: after patching, transformers' ``output_router_logits`` no longer sees router logits
-    (the transformers router modules are gone); use each layer's ``aux_loss`` instead.
+    transformers' ``output_router_logits=True`` (and its load-balancing loss) keeps working: each
+    layer re-emits its router logits through a parameter-free stand-in of the transformers
+    router class, which is what transformers' output recorder hooks.
     """
     blocks = _find_blocks(model)
     if blocks and blocks[0][0] == "":
@@ -358,10 +425,14 @@ def patch_model(model: nn.Module, *, allow_train_mismatch: bool = False,
                                           kernel=kernel))
               for path, block in blocks]
     summary = PatchSummary()
+    taps = []
     for path, block, layer in layers:
+        if _attach_router_logits_tap(layer, block):
+            taps.append((f"{path}.router.hf_logits_tap", layer.router.hf_logits_tap))
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, attr, layer)
         summary.replaced.append((path, type(block).__name__))
+    _hook_taps(model, taps)
     model.moeflow_patch_summary = summary
     return model
