@@ -146,3 +146,23 @@ def test_bad_codec_and_dtype_are_typed_errors():
     same_bits(decompress(compress(ids, codec="auto")), ids)
     flags = torch.tensor([True, False, True])
     same_bits(decompress(compress(flags, codec="raw")), flags)
+
+
+def test_decoder_table_reuse_across_chunks_with_changing_codes():
+    # chunks (131072 bf16 values each) alternate between code tables and stored mode, so the
+    # decoder's "same lengths as the previous chunk" shortcut is exercised both ways
+    rng = np.random.default_rng(5)
+    cv = 131072
+
+    def bf16(x):
+        return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+    parts = [bf16(rng.standard_normal(2 * cv) * 0.02),
+             rng.integers(0, 65536, cv, dtype=np.uint64).astype(np.uint16),
+             bf16(rng.standard_normal(cv) * 3.0),
+             bf16(rng.standard_normal(cv + 17) * 0.02)]
+    bits = np.concatenate(parts)
+    payload, _ = entropy.encode(bits, "bfloat16", 1)
+    for threads in (1, 2):
+        out, _ = entropy.decode(payload, "bfloat16", bits.size, threads)
+        assert np.array_equal(out, bits)

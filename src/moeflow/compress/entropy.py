@@ -403,12 +403,13 @@ def _run4(words, multi, p, syms, o):
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms):
+def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single, multi, prev):
     """Decode one chunk ``buf[pos:end]`` into ``out[a:a+n]``. Returns 0, or a negative error
     code; every read is bounds-checked so corrupt bytes cannot crash the process.
 
     A 4096-entry table maps the next 12 bits to up to three whole symbols (~2.6 bits each for
-    trained bf16 weights), so one lookup usually yields three exponents.
+    trained bf16 weights), so one lookup usually yields three exponents. The tables
+    are rebuilt only when a chunk's code lengths differ from the previous chunk's (``prev``).
     """
     if pos >= end:
         return -1
@@ -455,31 +456,39 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms):
         pos += slen[j]
     if pos != end or (end + 8) // 8 > words.shape[0]:
         return -8
-    codes, ok = canonical_codes(lengths, MAX_LEN)
-    if not ok:
-        return -9
-    single = np.zeros(TABLE_SIZE, np.uint32)  # sym | len << 8; len 0 = invalid code
-    for s in range(256):
-        l = lengths[s]
-        if l > 0:
-            for idx in range(np.int64(codes[s]), TABLE_SIZE, 1 << l):
-                single[idx] = s | (l << 8)
-    multi = np.zeros(TABLE_SIZE, np.uint32)  # sym0 | sym1<<8 | sym2<<16 | count<<24 | bits<<26
-    for idx in range(TABLE_SIZE):
-        v = idx
-        used = 0
-        cnt = 0
-        ent = 0
-        while cnt < 3:
-            e = single[v]
-            l = e >> 8
-            if l == 0 or used + l > MAX_LEN:
-                break
-            ent |= (e & 0xFF) << (8 * cnt)
-            cnt += 1
-            used += l
-            v >>= l
-        multi[idx] = ent | (cnt << 24) | (used << 26)
+    same = True
+    for k in range(256):
+        if lengths[k] != prev[k]:
+            same = False
+            break
+    if not same:
+        codes, ok = canonical_codes(lengths, MAX_LEN)
+        if not ok:
+            prev[0] = -1  # tables are now stale
+            return -9
+        single[:] = 0  # sym | len << 8; len 0 = invalid code
+        for s in range(256):
+            l = lengths[s]
+            if l > 0:
+                for idx in range(np.int64(codes[s]), TABLE_SIZE, 1 << l):
+                    single[idx] = s | (l << 8)
+        # sym0 | sym1 << 8 | sym2 << 16 | count << 24 | bits used << 26
+        for idx in range(TABLE_SIZE):
+            v = idx
+            used = 0
+            cnt = 0
+            ent = 0
+            while cnt < 3:
+                e = single[v]
+                l = e >> 8
+                if l == 0 or used + l > MAX_LEN:
+                    break
+                ent |= (e & 0xFF) << (8 * cnt)
+                cnt += 1
+                used += l
+                v >>= l
+            multi[idx] = ent | (cnt << 24) | (used << 26)
+        prev[:] = lengths
     q = (n + 3) // 4
     o = np.empty(4, np.int64)
     oend = np.empty(4, np.int64)
@@ -526,11 +535,15 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms):
 def _decode_range(buf, bwords, base, ends, c_lo, c_hi, chunk_values, n_total, kind, itemsize,
                   out, u8, words, seg_out):
     syms = np.empty(chunk_values, np.uint8)
+    single = np.zeros(TABLE_SIZE, np.uint32)
+    multi = np.zeros(TABLE_SIZE, np.uint32)
+    prev = np.full(256, -1, np.int64)
     for c in range(c_lo, c_hi):
         start = base + (ends[c - 1] if c > 0 else 0)
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
-        err = _decode_chunk(buf, bwords, start, base + ends[c], n, kind, itemsize, out, a, syms)
+        err = _decode_chunk(buf, bwords, start, base + ends[c], n, kind, itemsize, out, a, syms,
+                            single, multi, prev)
         if err != 0:
             return err
         seg_out[c] = digest_range(u8, words, a * itemsize, (a + n) * itemsize, c)
