@@ -8,8 +8,8 @@ D hidden, F FFN width, X = 2F for SwiGLU (gate rows then up rows) or F for GELU,
 * ``loop``       - a plain per-expert ``F.linear`` loop through autograd; the test reference.
 
 ``grouped_mm`` and ``bmm`` run inside :class:`ExpertFFNFunction`, a hand-written autograd
-function: the backward reuses the same grouped GEMM for data and weight gradients and
-recomputes the activation from the saved pre-activation instead of keeping both.
+function: the backward reuses the same grouped GEMM for data and weight gradients and a fused
+SwiGLU backward that writes both halves of dh in place (no concatenation).
 
 CPU notes (measured on AVX2-only EPYC, see benchmarks/results/layer_cpu_*):
 * bf16/fp16 GEMMs are ~40x slower than fp32 on CPUs without AVX512-BF16/AMX, so there the
@@ -281,31 +281,32 @@ class ExpertFFNFunction(torch.autograd.Function):
         x_c = x_ND.to(cd)
         groups = _Groups(counts_E, x_ND.shape[0], impl)
         h_NX = groups.linear(x_c, _UPCAST.get(w_in_EXD, cd))
-        if any(ctx.needs_input_grad[:3]):
-            a_NF = _act_forward(h_NX, activation)
-        else:  # inference: h is not kept, so the activation overwrites it (no N x F alloc)
+        s_NF = None
+        if not any(ctx.needs_input_grad[:3]):
+            # inference: h is not kept, so the activation overwrites it (no N x F alloc)
             a_NF = _act_forward_(h_NX, activation)
+        elif activation == "swiglu":
+            # keep silu(gate) and a (as autograd would): recomputing them costs ~3% of a
+            # CPU fwd+bwd, for N x 2F of memory
+            gate, up = h_NX.chunk(2, dim=-1)
+            s_NF = F.silu(gate)
+            a_NF = s_NF * up
+        else:
+            a_NF = _act_forward(h_NX, activation)
         y_ND = groups.linear(a_NF, _UPCAST.get(w_out_EDF, cd))
         ctx.groups = groups
         ctx.activation = activation
         # The original weights are saved (autograd checks they are not modified in place before
         # backward); their upcast copies come from the cache again in backward.
-        ctx.save_for_backward(x_c, w_in_EXD, w_out_EDF, h_NX)
+        ctx.save_for_backward(x_c, w_in_EXD, w_out_EDF, h_NX, s_NF, a_NF)
         return y_ND.to(ctx.dtypes[0])
 
     @staticmethod
     def backward(ctx, gy_ND):
-        x_ND, w_in_EXD, w_out_EDF, h_NX = ctx.saved_tensors
+        x_ND, w_in_EXD, w_out_EDF, h_NX, silu_gate, a_NF = ctx.saved_tensors
         w_in_EXD, w_out_EDF = _UPCAST.get(w_in_EXD, ctx.cd), _UPCAST.get(w_out_EDF, ctx.cd)
         groups = ctx.groups
         gy_ND = gy_ND.to(x_ND.dtype).contiguous()
-        silu_gate = None
-        if ctx.activation == "swiglu":  # recompute a = silu(g) * u: cheaper than storing it
-            gate, up = h_NX.chunk(2, dim=-1)
-            silu_gate = F.silu(gate)
-            a_NF = silu_gate * up
-        else:
-            a_NF = _act_forward(h_NX, ctx.activation)
         g_w_out = groups.wgrad(gy_ND, a_NF) if ctx.needs_input_grad[2] else None
         del a_NF
         g_x = g_w_in = None
