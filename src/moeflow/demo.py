@@ -195,7 +195,7 @@ def run_demo(args: argparse.Namespace) -> int:
             (loss + aux).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            value = float(loss)
+            value = float(loss.detach())
             first = value if first is None else first
             ema = value if ema is None else 0.9 * ema + 0.1 * value
             tokens += tokens_per_step
