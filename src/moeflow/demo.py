@@ -136,11 +136,14 @@ class DemoLM(nn.Module):
         return logits, lm_loss, aux
 
     @torch.no_grad()
-    def generate(self, prompt: bytes, n: int) -> bytes:
+    def generate(self, prompt: bytes, n: int, temperature: float = 0.7, seed: int = 0) -> bytes:
+        """Sample ``n`` bytes after ``prompt`` (temperature sampling, seeded, reproducible)."""
+        gen = torch.Generator().manual_seed(seed)
         idx = torch.tensor(list(prompt), dtype=torch.long)[None]
         for _ in range(n):
-            logits = self(idx[:, -self.cfg.seq_len:])
-            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            logits = self(idx[:, -self.cfg.seq_len:])[:, -1]
+            probs = torch.softmax(logits / temperature, dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=gen)], dim=1)
         return bytes(idx[0].tolist())
 
 
@@ -150,7 +153,7 @@ def build_demo_model(cfg: DemoModelConfig | None = None, seed: int = 0) -> DemoL
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
     p.add_argument("--max-seconds", type=float, default=150.0,
                    help="stop early after this many seconds (default 150)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -205,7 +208,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 break
     elapsed = time.perf_counter() - start
     model.eval()
-    text = model.generate(b"def ", 60).decode("utf-8", "replace")
+    text = model.generate(b"    def ", 80).decode("utf-8", "replace")
     print(f"\nsummary: {step} steps, {tokens:,} tokens in {elapsed:.1f} s "
           f"({tokens / elapsed:,.0f} tokens/s)")
     print(f"  loss {first:.3f} -> {ema:.3f} (uniform over bytes would be {math.log(VOCAB):.3f})")

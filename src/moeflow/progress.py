@@ -23,6 +23,7 @@ class Progress:
         self.fields: dict[str, str] = {}
         self.start = time.perf_counter()
         self._last_draw = 0.0
+        self._drawn_n = -1
         self._interval = 0.1 if self._isatty() else log_every
 
     def _isatty(self) -> bool:
@@ -41,6 +42,7 @@ class Progress:
             self._draw(now)
 
     def _draw(self, now: float) -> None:
+        self._drawn_n = self.n
         elapsed = now - self.start
         if self.total:
             frac = min(1.0, self.n / self.total)
@@ -58,7 +60,8 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        self._draw(time.perf_counter())
+        if self._drawn_n != self.n:
+            self._draw(time.perf_counter())
         if self._isatty():
             self.stream.write("\n")
         self.stream.flush()
