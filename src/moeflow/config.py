@@ -26,6 +26,15 @@ def _require(cond: bool, name: str, value, allowed: str) -> None:
         raise ConfigError(name, value, allowed)
 
 
+def dataclass_from_dict(cls, d: dict):
+    """Build dataclass ``cls`` from ``d``; unknown keys raise a ConfigError naming them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(cls.__name__, unknown, f"known fields are {sorted(names)}")
+    return cls(**d)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -149,11 +158,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError("MoEConfig", unknown, f"known fields are {sorted(names)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     @classmethod
     def preset(cls, name: str) -> "MoEConfig":

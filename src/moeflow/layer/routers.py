@@ -228,12 +228,13 @@ class SigmoidRouter(Router):
         return logits_TE, probs_TE, idx_TK, torch.sigmoid(top_logits_TK)
 
 
-class XMoERouter(Router):
+class XMoERouter(SoftmaxTopKRouter):
     """X-MoE cosine routing: ``s_e = cos(P x, e_e) / tau`` in a ``xmoe_dim`` space.
 
     ``self.weight`` is unused by the score; the projection ``proj`` (d, D) and the expert
     embeddings ``expert_emb`` (E, d) are the parameters, and ``tau`` is learned in log space
-    (initial 0.07, as the X-MoE paper).
+    (initial 0.07, as the X-MoE paper). Selection (softmax, top-k, optional renormalisation and
+    noisy gating) is the softmax top-k router's, on these logits.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -255,14 +256,6 @@ class XMoERouter(Router):
         logits_TE = (z_Td @ e_Ed.t()) / self.log_tau.exp()
         check_finite(logits_TE)
         return logits_TE
-
-    def select(self, x_TD):
-        logits_TE = self.logits(x_TD)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        w_TK, idx_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        if self.cfg.norm_topk_prob:
-            w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
-        return logits_TE, probs_TE, idx_TK, w_TK
 
 
 class ExpertChoiceRouter(Router):

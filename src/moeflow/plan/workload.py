@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from moeflow.config import dataclass_from_dict
 from moeflow.errors import ConfigError
 from moeflow.perf.cost import PerfModel
 from moeflow.perf.layer import PassCost
@@ -145,11 +146,7 @@ class LayerWorkload:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerWorkload":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError("LayerWorkload", unknown, f"known fields are {sorted(names)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
 def fsmoe_sweep(*, n_ep: int, n_esp: int, n_dp: int = 1, k: int = 2,
