@@ -184,16 +184,16 @@ def _split(vals, a, n, kind, syms, raw):
 @nb.njit(nogil=True, cache=True)
 def _histogram(syms, n):
     # four sub-histograms: consecutive equal symbols would otherwise serialize on one counter
-    h = np.zeros((4, 256), np.int64)
+    h = np.zeros(1024, np.int64)
     m = n // 4 * 4
     for i in range(0, m, 4):
-        h[0, syms[i]] += 1
-        h[1, syms[i + 1]] += 1
-        h[2, syms[i + 2]] += 1
-        h[3, syms[i + 3]] += 1
+        h[np.uint64(syms[i])] += 1
+        h[np.uint64(256) + np.uint64(syms[i + 1])] += 1
+        h[np.uint64(512) + np.uint64(syms[i + 2])] += 1
+        h[np.uint64(768) + np.uint64(syms[i + 3])] += 1
     for i in range(m, n):
-        h[0, syms[i]] += 1
-    return h[0] + h[1] + h[2] + h[3]
+        h[np.uint64(syms[i])] += 1
+    return h[0:256] + h[256:512] + h[512:768] + h[768:1024]
 
 
 @nb.njit(inline="always")
@@ -204,7 +204,24 @@ def _put(e, acc, nacc, k, w32):
     nacc += e >> np.uint64(32)
     w32[k] = np.uint32(acc & np.uint64(0xFFFFFFFF))
     full = nacc >= np.uint64(32)
-    k += np.int64(full)
+    k += np.uint64(full)
+    sh = np.uint64(full) << np.uint64(5)
+    acc >>= sh
+    nacc -= sh
+    return acc, nacc, k
+
+
+@nb.njit(inline="always")
+def _put2(e, f, acc, nacc, k, w32):
+    """Append two codes (each <= 12 bits), then flush once: after a flush fewer than 32 bits
+    are pending, so 32 + 24 bits still fit the 64-bit accumulator."""
+    acc |= (e & np.uint64(0xFFFFFFFF)) << nacc
+    nacc += e >> np.uint64(32)
+    acc |= (f & np.uint64(0xFFFFFFFF)) << nacc
+    nacc += f >> np.uint64(32)
+    w32[k] = np.uint32(acc & np.uint64(0xFFFFFFFF))
+    full = nacc >= np.uint64(32)
+    k += np.uint64(full)
     sh = np.uint64(full) << np.uint64(5)
     acc >>= sh
     nacc -= sh
@@ -212,15 +229,15 @@ def _put(e, acc, nacc, k, w32):
 
 
 @nb.njit(nogil=True, cache=True)
-def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, w32):
+def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, w32, rawbuf):
     """Encode ``vals[a:a+n]`` at ``out[o:]``; returns the chunk's byte length."""
     raw_w = 3 if kind == 3 else 1
     if n == 0:
         out[o] = 1
         return 1
-    lens_at_guess = o + 3 + 128 + 16
-    # raw bytes go straight to where a Huffman chunk keeps them; moved if the header is shorter
-    _split(vals, a, n, kind, syms, out[lens_at_guess:lens_at_guess + n * raw_w])
+    # raw bytes to a scratch buffer; one memcpy puts them in place once the header is known
+    # (a forward byte move inside ``out`` cannot be vectorized: it may overlap)
+    _split(vals, a, n, kind, syms, rawbuf[:n * raw_w])
     counts = _histogram(syms, n)
     lengths = huffman_lengths(counts, MAX_LEN)
     bits = 0
@@ -255,9 +272,7 @@ def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, w32):
     p += (nsym + 1) // 2
     lens_at = p
     p += 16
-    if p != lens_at_guess:
-        for i in range(n * raw_w):  # forward move to a lower address is safe
-            out[p + i] = out[lens_at_guess + i]
+    out[p:p + n * raw_w] = rawbuf[:n * raw_w]
     p += n * raw_w
     q = (n + 3) // 4
     cl = np.zeros(256, np.uint64)  # code | length << 32
@@ -271,21 +286,28 @@ def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, w32):
         cnt[j] = max(0, min(n, (j + 1) * q) - j * q)
     a0, a1, a2, a3 = np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0)
     n0, n1, n2, n3 = np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0)
-    k0, k1, k2, k3 = 0, cap, 2 * cap, 3 * cap
-    for i in range(cnt[3]):  # four streams interleaved: independent dependency chains
-        a0, n0, k0 = _put(cl[syms[i]], a0, n0, k0, w32)
-        a1, n1, k1 = _put(cl[syms[q + i]], a1, n1, k1, w32)
-        a2, n2, k2 = _put(cl[syms[2 * q + i]], a2, n2, k2, w32)
-        a3, n3, k3 = _put(cl[syms[3 * q + i]], a3, n3, k3, w32)
+    ucap = np.uint64(cap)
+    k0, k1, k2, k3 = np.uint64(0), ucap, np.uint64(2) * ucap, np.uint64(3) * ucap
+    uq = np.uint64(q)
+    # four streams interleaved (independent dependency chains), two symbols per flush
+    for ui in range(0, np.uint64(cnt[3] // 2 * 2), np.uint64(2)):
+        i = np.uint64(ui)
+        a0, n0, k0 = _put2(cl[syms[i]], cl[syms[i + np.uint64(1)]], a0, n0, k0, w32)
+        i += uq
+        a1, n1, k1 = _put2(cl[syms[i]], cl[syms[i + np.uint64(1)]], a1, n1, k1, w32)
+        i += uq
+        a2, n2, k2 = _put2(cl[syms[i]], cl[syms[i + np.uint64(1)]], a2, n2, k2, w32)
+        i += uq
+        a3, n3, k3 = _put2(cl[syms[i]], cl[syms[i + np.uint64(1)]], a3, n3, k3, w32)
     accs = np.array([a0, a1, a2, a3], np.uint64)
     nacs = np.array([n0, n1, n2, n3], np.uint64)
-    ks = np.array([k0, k1, k2, k3], np.int64)
+    ks = np.array([k0, k1, k2, k3], np.uint64)
     for j in range(4):
         acc, nacc, k = accs[j], nacs[j], ks[j]
-        for i in range(j * q + cnt[3], j * q + cnt[j]):
+        for i in range(j * q + cnt[3] // 2 * 2, j * q + cnt[j]):
             acc, nacc, k = _put(cl[syms[i]], acc, nacc, k, w32)
         w32[k] = np.uint32(acc & np.uint64(0xFFFFFFFF))
-        nbytes = (k - j * cap) * 4 + (np.int64(nacc) + 7) // 8
+        nbytes = (np.int64(k) - j * cap) * 4 + (np.int64(nacc) + 7) // 8
         src = w32[j * cap: j * cap + (nbytes + 3) // 4 + 1].view(np.uint8)
         out[p:p + nbytes] = src[:nbytes]
         p += nbytes
@@ -303,10 +325,11 @@ def _encode_range(vals, u8, words, c_lo, c_hi, chunk_values, kind, itemsize, out
     n_total = vals.shape[0]
     syms = np.empty(chunk_values, np.uint8)
     w32 = np.empty(4 * ((chunk_values + 3) // 4 * MAX_LEN // 32 + 2), np.uint32)
+    rawbuf = np.empty(3 * chunk_values, np.uint8)
     for c in range(c_lo, c_hi):
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
-        lengths_out[c] = _encode_chunk(vals, a, n, kind, itemsize, out, c * cap, syms, w32)
+        lengths_out[c] = _encode_chunk(vals, a, n, kind, itemsize, out, c * cap, syms, w32, rawbuf)
         seg_out[c] = digest_range(u8, words, a * itemsize, (a + n) * itemsize, c)
 
 
@@ -346,9 +369,9 @@ def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
 @nb.njit(inline="always")
 def _peek(words, p):
     """The 64 bits of the payload from absolute bit ``p`` on (two word loads)."""
-    w = p >> 6
+    w = np.uint64(p >> 6)
     o = np.uint64(p & 63)
-    return (words[w] >> o) | ((words[w + 1] << np.uint64(1)) << (np.uint64(63) - o))
+    return (words[w] >> o) | ((words[w + np.uint64(1)] << np.uint64(1)) << (np.uint64(63) - o))
 
 
 @nb.njit(nogil=True, cache=True)
@@ -387,19 +410,18 @@ def _run4(words, multi, p, syms, o):
     """Four table lookups from one 64-bit peek (each consumes <= 12 bits)."""
     v = _peek(words, p)
     mask = np.uint64(TABLE_SIZE - 1)
-    bad = False
     for _ in range(4):
         t = multi[v & mask]
         c = (t >> 24) & 3
         b = t >> 26
-        syms[o] = t & 0xFF
-        syms[o + 1] = (t >> 8) & 0xFF
-        syms[o + 2] = (t >> 16) & 0xFF
+        uo = np.uint64(o)
+        syms[uo] = t & 0xFF
+        syms[uo + np.uint64(1)] = (t >> 8) & 0xFF
+        syms[uo + np.uint64(2)] = (t >> 16) & 0xFF
         o += c
         p += b
         v >>= np.uint64(b)
-        bad |= c == 0
-    return o, p, bad
+    return o, p
 
 
 @nb.njit(nogil=True, cache=True)
@@ -473,20 +495,19 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
                 for idx in range(np.int64(codes[s]), TABLE_SIZE, 1 << l):
                     single[idx] = s | (l << 8)
         # sym0 | sym1 << 8 | sym2 << 16 | count << 24 | bits used << 26
-        for idx in range(TABLE_SIZE):
-            v = idx
-            used = 0
-            cnt = 0
-            ent = 0
-            while cnt < 3:
-                e = single[v]
-                l = e >> 8
-                if l == 0 or used + l > MAX_LEN:
-                    break
-                ent |= (e & 0xFF) << (8 * cnt)
-                cnt += 1
-                used += l
-                v >>= l
+        for idx in range(TABLE_SIZE):  # branch-free: the break in a loop mispredicts
+            e1 = np.int64(single[idx])
+            l1 = e1 >> 8
+            e2 = np.int64(single[idx >> l1])
+            l2 = e2 >> 8
+            e3 = np.int64(single[idx >> (l1 + l2)])
+            l3 = e3 >> 8
+            ok1 = l1 != 0
+            ok2 = ok1 and l2 != 0 and l1 + l2 <= MAX_LEN
+            ok3 = ok2 and l3 != 0 and l1 + l2 + l3 <= MAX_LEN
+            cnt = np.int64(ok1) + np.int64(ok2) + np.int64(ok3)
+            used = l1 * ok1 + l2 * ok2 + l3 * ok3
+            ent = ((e1 & 0xFF) * ok1) | (((e2 & 0xFF) << 8) * ok2) | (((e3 & 0xFF) << 16) * ok3)
             multi[idx] = ent | (cnt << 24) | (used << 26)
         prev[:] = lengths
     q = (n + 3) // 4
@@ -504,15 +525,20 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
     p0, p1, p2, p3 = pb[0], pb[1], pb[2], pb[3]
     e0_, e1_, e2_, e3_ = oend[0] - 12, oend[1] - 12, oend[2] - 12, oend[3] - 12
     l0, l1, l2, l3 = lim[0], lim[1], lim[2], lim[3]
+    # An invalid code yields count 0 and stalls its stream (no per-lookup check here): a
+    # valid stream gains >= 4 symbols per round, so the round cap is only reached by a
+    # stalled stream, and the single-symbol tail loop below rejects the stalled position.
+    rounds = q // 4 + 2
     while o0 <= e0_ and o1 <= e1_ and o2 <= e2_ and o3 <= e3_:
         if p0 > l0 or p1 > l1 or p2 > l2 or p3 > l3:
             return -10
-        o0, p0, bad0 = _run4(words, multi, p0, syms, o0)
-        o1, p1, bad1 = _run4(words, multi, p1, syms, o1)
-        o2, p2, bad2 = _run4(words, multi, p2, syms, o2)
-        o3, p3, bad3 = _run4(words, multi, p3, syms, o3)
-        if bad0 or bad1 or bad2 or bad3:
+        rounds -= 1
+        if rounds < 0:
             return -11
+        o0, p0 = _run4(words, multi, p0, syms, o0)
+        o1, p1 = _run4(words, multi, p1, syms, o1)
+        o2, p2 = _run4(words, multi, p2, syms, o2)
+        o3, p3 = _run4(words, multi, p3, syms, o3)
     o[0], o[1], o[2], o[3] = o0, o1, o2, o3
     pb[0], pb[1], pb[2], pb[3] = p0, p1, p2, p3
     for j in range(4):
