@@ -25,7 +25,7 @@ own canonical code, so chunks decode independently and in parallel threads. Insi
 the values are split into four contiguous quarters, each its own bit stream (LSB-first, 8 zero
 bytes of padding); encoder and decoder advance the four streams in lockstep, which hides the
 latency of each stream's serial dependency. Codes are limited to 12 bits, so a 4096-entry table
-indexed by the next 12 bits yields up to three whole symbols per lookup, and four lookups run
+indexed by the next 12 bits yields up to four whole symbols per lookup, and four lookups run
 off one 64-bit read. The payload ends in zero padding so those reads stay in bounds.
 """
 
@@ -412,15 +412,16 @@ def _run4(words, multi, p, syms, o):
     mask = np.uint64(TABLE_SIZE - 1)
     for _ in range(4):
         t = multi[v & mask]
-        c = (t >> 24) & 3
-        b = t >> 26
+        c = np.int64((t >> np.uint64(32)) & np.uint64(7))
+        b = t >> np.uint64(40)
         uo = np.uint64(o)
-        syms[uo] = t & 0xFF
-        syms[uo + np.uint64(1)] = (t >> 8) & 0xFF
-        syms[uo + np.uint64(2)] = (t >> 16) & 0xFF
+        syms[uo] = t & np.uint64(0xFF)
+        syms[uo + np.uint64(1)] = (t >> np.uint64(8)) & np.uint64(0xFF)
+        syms[uo + np.uint64(2)] = (t >> np.uint64(16)) & np.uint64(0xFF)
+        syms[uo + np.uint64(3)] = (t >> np.uint64(24)) & np.uint64(0xFF)
         o += c
-        p += b
-        v >>= np.uint64(b)
+        p += np.int64(b)
+        v >>= b
     return o, p
 
 
@@ -429,8 +430,8 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
     """Decode one chunk ``buf[pos:end]`` into ``out[a:a+n]``. Returns 0, or a negative error
     code; every read is bounds-checked so corrupt bytes cannot crash the process.
 
-    A 4096-entry table maps the next 12 bits to up to three whole symbols (~2.6 bits each for
-    trained bf16 weights), so one lookup usually yields three exponents. The tables
+    A 4096-entry table maps the next 12 bits to up to four whole symbols (~2.6 bits each for
+    trained bf16 weights), so one lookup usually yields three or four exponents. The tables
     are rebuilt only when a chunk's code lengths differ from the previous chunk's (``prev``).
     """
     if pos >= end:
@@ -494,7 +495,7 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
             if l > 0:
                 for idx in range(np.int64(codes[s]), TABLE_SIZE, 1 << l):
                     single[idx] = s | (l << 8)
-        # sym0 | sym1 << 8 | sym2 << 16 | count << 24 | bits used << 26
+        # sym0..sym3 in bytes 0..3 | count << 32 | bits used << 40
         for idx in range(TABLE_SIZE):  # branch-free: the break in a loop mispredicts
             e1 = np.int64(single[idx])
             l1 = e1 >> 8
@@ -502,13 +503,17 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
             l2 = e2 >> 8
             e3 = np.int64(single[idx >> (l1 + l2)])
             l3 = e3 >> 8
+            e4 = np.int64(single[idx >> (l1 + l2 + l3)])
+            l4 = e4 >> 8
             ok1 = l1 != 0
             ok2 = ok1 and l2 != 0 and l1 + l2 <= MAX_LEN
             ok3 = ok2 and l3 != 0 and l1 + l2 + l3 <= MAX_LEN
-            cnt = np.int64(ok1) + np.int64(ok2) + np.int64(ok3)
-            used = l1 * ok1 + l2 * ok2 + l3 * ok3
-            ent = ((e1 & 0xFF) * ok1) | (((e2 & 0xFF) << 8) * ok2) | (((e3 & 0xFF) << 16) * ok3)
-            multi[idx] = ent | (cnt << 24) | (used << 26)
+            ok4 = ok3 and l4 != 0 and l1 + l2 + l3 + l4 <= MAX_LEN
+            cnt = np.int64(ok1) + np.int64(ok2) + np.int64(ok3) + np.int64(ok4)
+            used = l1 * ok1 + l2 * ok2 + l3 * ok3 + l4 * ok4
+            ent = (((e1 & 0xFF) * ok1) | (((e2 & 0xFF) << 8) * ok2) | (((e3 & 0xFF) << 16) * ok3)
+                   | (((e4 & 0xFF) << 24) * ok4))
+            multi[idx] = np.uint64(ent | (cnt << 32) | (used << 40))
         prev[:] = lengths
     q = (n + 3) // 4
     o = np.empty(4, np.int64)
@@ -523,7 +528,8 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
     mask = np.uint64(TABLE_SIZE - 1)
     o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
     p0, p1, p2, p3 = pb[0], pb[1], pb[2], pb[3]
-    e0_, e1_, e2_, e3_ = oend[0] - 12, oend[1] - 12, oend[2] - 12, oend[3] - 12
+    # a round writes <= 16 symbols per stream: stop before they could spill into the next stream
+    e0_, e1_, e2_, e3_ = oend[0] - 16, oend[1] - 16, oend[2] - 16, oend[3] - 16
     l0, l1, l2, l3 = lim[0], lim[1], lim[2], lim[3]
     # An invalid code yields count 0 and stalls its stream (no per-lookup check here): a
     # valid stream gains >= 4 symbols per round, so the round cap is only reached by a
@@ -562,7 +568,7 @@ def _decode_range(buf, bwords, base, ends, c_lo, c_hi, chunk_values, n_total, ki
                   out, u8, words, seg_out):
     syms = np.empty(chunk_values, np.uint8)
     single = np.zeros(TABLE_SIZE, np.uint32)
-    multi = np.zeros(TABLE_SIZE, np.uint32)
+    multi = np.zeros(TABLE_SIZE, np.uint64)
     prev = np.full(256, -1, np.int64)
     for c in range(c_lo, c_hi):
         start = base + (ends[c - 1] if c > 0 else 0)
