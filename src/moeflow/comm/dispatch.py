@@ -27,6 +27,7 @@ needs no further count exchange, and any chunk degree works for forward and back
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -170,7 +171,7 @@ class CountExchange:
         return self.slots is not None
 
 
-class TokenDispatcher:
+class TokenDispatcher(abc.ABC):
     """Interface: ``exchange`` once per forward, then ``route(exchange, r, c)`` per chunk.
 
     ``ep_group`` holds the P expert shards (group rank p owns experts
@@ -191,9 +192,10 @@ class TokenDispatcher:
         return None
 
     # collective: every rank of the EP and ESP groups must call it, in the same order
+    @abc.abstractmethod
     def exchange(self, counts_E: torch.Tensor, *, capacity: Optional[int] = None,
                  device=None, started: Optional[Pending] = None) -> CountExchange:
-        raise NotImplementedError
+        """Exchange per-expert counts; returns what every chunk's routing is derived from."""
 
     def route(self, ex: CountExchange, r: int, c: int) -> ChunkRoute:
         key = (r, c)
@@ -201,8 +203,9 @@ class TokenDispatcher:
             ex.cache[key] = self._route(ex, r, c)
         return ex.cache[key]
 
+    @abc.abstractmethod
     def _route(self, ex: CountExchange, r: int, c: int) -> ChunkRoute:
-        raise NotImplementedError
+        """The send/receive layout of chunk ``c`` of ``r`` (cached by :meth:`route`)."""
 
     # helpers ---------------------------------------------------------------------------
     def _gather_esp(self, recv_PE: torch.Tensor, device) -> torch.Tensor:
