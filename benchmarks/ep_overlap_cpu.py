@@ -24,15 +24,15 @@ import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def _layer(args):
@@ -187,9 +187,9 @@ def _worker(rank, world, port, args, conn):
 
 
 def measure(args) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from moeflow.comm.ports import free_port
+
+    port = free_port()
     ctx = mp.get_context("fork")
     procs, conns = [], []
     for r in range(args.world):
@@ -262,15 +262,6 @@ def render(res: dict, degrees) -> str:
             f"{cpu_table(res, degrees)}\n")
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -325,7 +316,7 @@ def main(argv=None) -> int:
                                         + ("_link" if args.link_mbps else "") + ".md")
         with open(path, "w") as f:
             f.write(f"# {head}\n\ndate {date}; machine: {os.cpu_count()} cores, "
-                    f"{_cpu_model()}, no GPU; "
+                    f"{cpu_name()}, no GPU; "
                     f"torch {torch.__version__}\n\ncommand: `{cmd}`\n\n"
                     + render(res, args.degrees) +
                     f"\n```json\n{json.dumps(res, indent=1)}\n```\n")

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path)
+
 CASES = {
     # name: (family, E, k, D, F)
     "qwen3": ("Qwen3-MoE-mini", 64, 8, 512, 256),
@@ -109,15 +111,6 @@ def run_case(case: str, dtype_name: str, mode: str, T: int, repeats: int, kernel
     return best
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:

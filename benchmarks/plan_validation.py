@@ -313,11 +313,11 @@ def fidelity(iters: int = 5) -> dict:
     import torch.multiprocessing as mp
 
     from moeflow.perf import PerfModel
-    from moeflow.perf.profiler import _free_port
+    from moeflow.comm.ports import free_port
 
     with tempfile.TemporaryDirectory() as td:
         out = os.path.join(td, "fid.json")
-        mp.spawn(_fid_worker, args=(4, _free_port(), out, iters), nprocs=4, join=True)
+        mp.spawn(_fid_worker, args=(4, free_port(), out, iters), nprocs=4, join=True)
         res = json.loads(Path(out).read_text())
     perf = PerfModel.from_dict(res["perf"])
     ref = res.get("reference_ms")

@@ -14,20 +14,15 @@ import datetime
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import time
 import traceback
 from typing import Callable, Optional
 
+from moeflow.comm.ports import free_port
+
 
 class RankFailed(AssertionError):
     """A spawned rank raised, crashed or timed out."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(fn, rank, world_size, port, args, conn, threads, pg_timeout_s):

@@ -10,11 +10,13 @@ class Progress:
     """``with Progress(total, "train") as bar: bar.update(1, loss=2.3)``.
 
     Redraws at most 10 times a second; on a non-terminal stream it prints a line every
-    ``log_every`` seconds instead, so CI logs stay short.
+    ``log_every`` seconds instead, so CI logs stay short. ``enabled=False`` (for example on
+    every rank but 0) keeps the counts and prints nothing.
     """
 
     def __init__(self, total: int | None, desc: str = "", stream=None, width: int = 24,
-                 log_every: float = 5.0):
+                 log_every: float = 5.0, enabled: bool = True):
+        self.enabled = enabled
         self.total = total
         self.desc = desc
         self.stream = stream or sys.stderr
@@ -37,6 +39,8 @@ class Progress:
         for k, v in fields.items():
             self.fields[k] = f"{v:.4g}" if isinstance(v, float) else str(v)
         now = time.perf_counter()
+        if not self.enabled:
+            return
         if now - self._last_draw >= self._interval or (self.total and self.n >= self.total):
             self._last_draw = now
             self._draw(now)
@@ -48,7 +52,7 @@ class Progress:
             frac = min(1.0, self.n / self.total)
             filled = int(frac * self.width)
             bar = "#" * filled + "." * (self.width - filled)
-            head = f"{self.desc} [{bar}] {self.n}/{self.total}"
+            head = f"{self.desc} [{bar}] {100 * frac:5.1f}% {self.n}/{self.total}"
         else:
             head = f"{self.desc} {self.n}"
         tail = " ".join(f"{k} {v}" for k, v in self.fields.items())
@@ -60,6 +64,8 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         if self._drawn_n != self.n:
             self._draw(time.perf_counter())
         if self._isatty():

@@ -195,10 +195,8 @@ def _worker(rank: int, world: int, port: int, args, conn) -> None:
 
 def _spawn(args) -> int:
     import multiprocessing as mp
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from moeflow.comm.ports import free_port
+    port = free_port()
     from moeflow.demo import load_corpus
     args._corpus = load_corpus(max_bytes=getattr(args, "corpus_bytes", 1_000_000))  # once
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")

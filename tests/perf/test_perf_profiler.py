@@ -55,11 +55,11 @@ def test_profile_cli_under_torchrun(tmp_path):
     import subprocess
     import sys
 
-    from moeflow.perf.profiler import _free_port
+    from moeflow.comm.ports import free_port
 
     out = tmp_path / "perf.json"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(_free_port()), "-m", "moeflow.cli", "profile",
+                        "--master_port", str(free_port()), "-m", "moeflow.cli", "profile",
                         "--out", str(out), "--points", "2", "--max-kb", "64", "--gemm", "32",
                         "64", "--reps", "1", "--trials", "1", "--quiet"],
                        capture_output=True, text=True, timeout=180,

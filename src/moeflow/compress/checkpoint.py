@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 import tempfile
 import zlib
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from moeflow.errors import CorruptDataError, InputError
 from moeflow.compress._format import DTYPE_ITEMSIZE, FLOAT_SPECS, SAFETENSORS_NAMES
 from moeflow.compress.container import CompressedTensor, resolve_codec
 from moeflow.compress.stats import stats_from_bits
+from moeflow.progress import Progress
 
 MAGIC = b"MFZ1"
 END = b"MFZEND\0\0"
@@ -38,46 +38,6 @@ _FOOT = struct.Struct("<QQII8s")
 
 
 # ----------------------------------------------------------------------------- helpers
-class Progress:
-    """A small stderr progress bar; uses tqdm when it is installed."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.enabled = enabled
-        self.total = max(1, total)
-        self.done = 0
-        self.desc = desc
-        self._tqdm = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self._tqdm = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
-                                  file=sys.stderr, leave=True)
-            except ImportError:
-                self._tqdm = None
-
-    def update(self, nbytes: int, label: str = "") -> None:
-        self.done += nbytes
-        if not self.enabled:
-            return
-        if self._tqdm is not None:
-            self._tqdm.set_postfix_str(label[-40:], refresh=False)
-            self._tqdm.update(nbytes)
-            return
-        frac = min(1.0, self.done / self.total)
-        bar = "#" * int(30 * frac)
-        sys.stderr.write(f"\r{self.desc} [{bar:<30}] {100 * frac:5.1f}% {label[-40:]:<40}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        if self._tqdm is not None:
-            self._tqdm.close()
-        else:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 @contextmanager
 def atomic_output(path: str):
     """Yield a binary file object whose content replaces ``path`` only on success."""
@@ -146,7 +106,7 @@ def compress_file(src: str, dst: str, codec: str = "auto", threads: int | None =
         data_start, text, header = read_safetensors_header(f)
         data_len = os.fstat(f.fileno()).st_size - data_start
         entries = _tensor_entries(header, data_len)
-        bar = Progress(sum(e[1] - e[0] for e in entries), "compress", progress)
+        bar = Progress(sum(e[1] - e[0] for e in entries), "compress", enabled=progress)
         index = {"format": "moeflow-mfz", "version": VERSION, "safetensors_header": text,
                  "data_bytes": data_len, "tensors": []}
         with atomic_output(dst) as out:
@@ -175,7 +135,7 @@ def compress_file(src: str, dst: str, codec: str = "auto", threads: int | None =
                     ent["exp_entropy"] = abs(stats_from_bits(bits, dtype).exp_entropy)
                 index["tensors"].append(ent)
                 pos += len(blob)
-                bar.update(end - start, name)
+                bar.update(end - start, tensor=name[-40:])
             idx = json.dumps(index).encode("utf-8")
             out.write(idx)
             out.write(_FOOT.pack(pos, len(idx), zlib.crc32(idx), 0, END))
@@ -222,7 +182,7 @@ def decompress_file(src: str, dst: str, threads: int | None = None,
         index = read_index(f)
         text = index["safetensors_header"].encode("utf-8")
         tensors = sorted(index["tensors"], key=lambda t: t["data_offsets"][0])
-        bar = Progress(int(index["data_bytes"]), "decompress", progress)
+        bar = Progress(int(index["data_bytes"]), "decompress", enabled=progress)
         with atomic_output(dst) as out:
             out.write(struct.pack("<Q", len(text)) + text)
             written = 0
@@ -241,7 +201,7 @@ def decompress_file(src: str, dst: str, threads: int | None = None,
                     out.write(b"\0" * (start - written))
                 out.write(bits.view(np.uint8).data)
                 written = end
-                bar.update(end - start, t["name"])
+                bar.update(end - start, tensor=t["name"][-40:])
             if written < int(index["data_bytes"]):
                 out.write(b"\0" * (int(index["data_bytes"]) - written))
         bar.close()

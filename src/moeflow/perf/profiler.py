@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,9 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from moeflow.comm.ports import free_port
 from moeflow.errors import DistributedConfigError
+from moeflow.progress import Progress
 from moeflow.perf.cost import LinearCost, PerfModel
 
 # torch >= 2.13 renames the tensor variants; older torch only has the *_tensor names.
@@ -41,33 +42,6 @@ _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 DEFAULT_SIZES = tuple(2 ** p for p in range(14, 23, 2))          # 16 KiB .. 4 MiB
 DEFAULT_GEMM = (64, 128, 192, 256, 320, 384)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Progress:
-    """A one-line progress bar on stderr (rank 0 only)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, 0, enabled and total > 0
-        self.t0 = time.perf_counter()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        width = 30
-        fill = int(width * self.done / self.total)
-        sys.stderr.write(f"\rprofile [{'#' * fill}{'.' * (width - fill)}] "
-                         f"{self.done}/{self.total} {label:<22} "
-                         f"{time.perf_counter() - self.t0:5.1f}s")
-        if self.done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def _time_op(fn, reps: int, trials: int, group, device) -> float:
@@ -111,7 +85,8 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
         levels = {"a2a@intra": (intra[rank // per_node], per_node),
                   "a2a@inter": (inter[rank % per_node], nodes)}
     kinds = ["a2a", "ag", "rs", "ar", *levels]
-    bar = _Progress(len(gemm_sizes) + len(kinds) * len(sizes), progress and rank == 0)
+    bar = Progress(len(gemm_sizes) + len(kinds) * len(sizes), "profile",
+                   enabled=progress and rank == 0)
     samples: dict[str, tuple[list[float], list[float]]] = {}
 
     def record(key: str, n: float, t: float) -> None:
@@ -124,7 +99,7 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
         b = torch.randn(m, m, dtype=dtype, device=device)
         record("gemm", 2.0 * m ** 3, _time_op(lambda: torch.mm(a, b), reps, trials,
                                               world_group, device))
-        bar.step(f"gemm {m}^3")
+        bar.update(1, op=f"gemm {m}^3")
     for kind in kinds:
         grp, p = (world_group, world) if kind in ("a2a", "ag", "rs", "ar") else levels[kind]
         for nbytes in sizes:
@@ -143,7 +118,8 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
                 fn = lambda: dist.all_reduce(x, group=grp)  # noqa: E731
             # level groups: time with the world barrier so all groups run at once
             record(kind, float(numel * esize), _time_op(fn, reps, trials, world_group, device))
-            bar.step(f"{kind} {numel * esize / 2**10:.0f} KiB")
+            bar.update(1, op=f"{kind} {numel * esize / 2**10:.0f} KiB")
+    bar.close()
     costs = {k: LinearCost.fit(xs, ys, source="fitted", nonneg_alpha=True,
                                note=f"{'FLOPs' if k == 'gemm' else 'bytes'}, "
                                     f"{len(xs)} sizes, {dist.get_backend(world_group)}")
@@ -206,7 +182,7 @@ def profile(group=None, *, nproc: int = 2, nodes: int = 1,
     with tempfile.TemporaryDirectory() as td:
         out = os.path.join(td, "perf.json")
         import torch.multiprocessing as mp
-        mp.spawn(_worker, args=(nproc, _free_port(), nodes, tuple(sizes), tuple(gemm_sizes),
+        mp.spawn(_worker, args=(nproc, free_port(), nodes, tuple(sizes), tuple(gemm_sizes),
                                 reps, trials, progress, dtype, out, threads),
                  nprocs=nproc, join=True)
         return PerfModel.load(out)
