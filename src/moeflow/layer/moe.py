@@ -64,6 +64,14 @@ class MoELayer(nn.Module):
         out = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
         return out.index_add(0, routing.token_idx_N, weighted)
 
+    def combine_with_shared(self, y_ND: torch.Tensor, routing: Routing,
+                            x_TD: torch.Tensor) -> torch.Tensor:
+        """The layer's output rows: combined routed outputs plus the shared experts' output."""
+        y_TD = self.combine(y_ND, routing, x_TD.shape[0])
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD
+
     # -- the layer -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -77,9 +85,7 @@ class MoELayer(nn.Module):
         routing = self.route(x_TD)
         x_ND = self.permute(x_TD, routing)
         y_ND = self.experts(x_ND, routing.counts_E)
-        y_TD = self.combine(y_ND, routing, T)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+        y_TD = self.combine_with_shared(y_ND, routing, x_TD)
         self.aux_loss = routing.aux_loss
         self.last_counts_E = routing.counts_E.detach()
         return y_TD.reshape(shape)

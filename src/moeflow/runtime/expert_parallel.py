@@ -439,9 +439,7 @@ class ExpertParallel(nn.Module):
                                       started=started)
         run = _Run(self, ex, r_fwd or self.r_fwd, r_bwd or self.r_bwd)
         y_ND = PipelinedExperts.apply(x_ND, self.w_in, self.w_out, run)
-        y_TD = layer.combine(y_ND, routing, T)
-        if layer.shared is not None:
-            y_TD = y_TD + layer.shared(x_TD)
+        y_TD = layer.combine_with_shared(y_ND, routing, x_TD)
         self.aux_loss = routing.aux_loss
         self.last_counts_E = routing.counts_E.detach()
         return y_TD.reshape(shape)
