@@ -1,5 +1,7 @@
 """Corrupt or truncated bytes raise CorruptDataError: never a crash, never wrong data."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ _X["tbe"][3, 4] = 1e4  # a fallback value
 _X["entropy16"] = (torch.randn(3000, generator=_g) * 0.02).to(torch.float16)
 _X["entropy32"] = torch.randn(2000, generator=_g) * 0.02
 _BLOBS = {k: compress(v, "entropy" if k.startswith("entropy") else k) for k, v in _X.items()}
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=int(os.environ.get("MOEFLOW_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _same(t, ref):

@@ -6,9 +6,15 @@ Layout (little-endian)::
     | u64 payload_checksum | u64 original_checksum | u64 shape[ndim] | u32 crc32(header) | u32 0
     | payload
 
-Checksums are moeflow's mfx64 (``_format.checksum``): one over the payload, verified before
-anything is decoded, and one over the original bytes, verified after decoding, so a corrupt
-blob raises ``CorruptDataError`` instead of returning wrong data.
+Checksums are moeflow's mfx64 (``_format.checksum``): one over the payload and one over the
+original bytes, so a corrupt blob raises ``CorruptDataError`` instead of returning wrong data.
+``from_bytes`` checks the payload checksum by default (``moeflow inspect --verify`` checks
+both). ``to_bits`` / ``decompress`` always check the original checksum of what they decoded;
+``decompress`` skips the payload checksum, which would cost a second pass over the compressed
+bytes and add no safety: both decoders bounds-check every read and validate their stream
+structure (the corruption fuzz tests feed them corrupt payloads directly), and a payload that
+still decodes to different bits fails the original checksum. The entropy decoder computes
+that checksum in its decoding threads while the data is in cache.
 """
 
 from __future__ import annotations
@@ -125,9 +131,14 @@ class CompressedTensor:
             raise CorruptDataError(f"blob is {buf.size} bytes; header + payload say "
                                    f"{hlen + ct.payload.size}")
         ct.payload = buf[hlen:]
-        if verify and checksum(ct.payload) != ct.payload_checksum:
-            raise CorruptDataError("payload checksum mismatch: the compressed bytes are corrupt")
+        if verify:
+            ct.verify_payload()
         return ct
+
+    def verify_payload(self, threads: int | None = None) -> None:
+        """Check the payload checksum; raises ``CorruptDataError`` on a mismatch."""
+        if checksum(self.payload, threads) != self.payload_checksum:
+            raise CorruptDataError("payload checksum mismatch: the compressed bytes are corrupt")
 
     # ------------------------------------------------------------------ decode
     def to_bits(self, threads: int | None = None) -> np.ndarray:
@@ -146,7 +157,8 @@ class CompressedTensor:
             bits = self.payload.copy()
             got = checksum(bits, threads)
         if got != self.original_checksum:
-            raise CorruptDataError("decoded data does not match the original checksum")
+            raise CorruptDataError("decoded data does not match the original checksum: "
+                                   "the compressed bytes are corrupt")
         return bits
 
     def to_tensor(self, threads: int | None = None):
@@ -216,5 +228,6 @@ def compress(t, codec: str = "entropy", threads: int | None = None) -> bytes:
 
 def decompress(blob, threads: int | None = None):
     """The tensor a blob from :func:`compress` holds (bit-exact), or CorruptDataError."""
-    ct = blob if isinstance(blob, CompressedTensor) else CompressedTensor.from_bytes(blob)
+    ct = blob if isinstance(blob, CompressedTensor) else CompressedTensor.from_bytes(blob,
+                                                                                verify=False)
     return ct.to_tensor(threads)

@@ -198,13 +198,14 @@ def _histogram(syms, n):
 
 @nb.njit(inline="always")
 def _put(e, acc, nacc, k, w32):
-    """Append code ``e`` (code | length << 32) to a 32-bit-word bit stream, branch-free:
-    the current word is always stored, and the cursor moves on once it is full."""
+    """Append code ``e`` (code | length << 32, length <= 24) to a 32-bit-word bit stream,
+    branch-free: the current word is always stored, and the cursor ``k`` moves on once it is
+    full. Fewer than 32 bits are pending before the append, so 24 more fit in 64."""
     acc |= (e & np.uint64(0xFFFFFFFF)) << nacc
     nacc += e >> np.uint64(32)
     w32[k] = np.uint32(acc & np.uint64(0xFFFFFFFF))
     full = nacc >= np.uint64(32)
-    k += np.uint64(full)
+    k += np.int64(full)
     sh = np.uint64(full) << np.uint64(5)
     acc >>= sh
     nacc -= sh
@@ -212,24 +213,12 @@ def _put(e, acc, nacc, k, w32):
 
 
 @nb.njit(inline="always")
-def _put2(e, f, acc, nacc, k, w32):
-    """Append two codes (each <= 12 bits), then flush once: after a flush fewer than 32 bits
-    are pending, so 32 + 24 bits still fit the 64-bit accumulator."""
-    acc |= (e & np.uint64(0xFFFFFFFF)) << nacc
-    nacc += e >> np.uint64(32)
-    acc |= (f & np.uint64(0xFFFFFFFF)) << nacc
-    nacc += f >> np.uint64(32)
-    w32[k] = np.uint32(acc & np.uint64(0xFFFFFFFF))
-    full = nacc >= np.uint64(32)
-    k += np.uint64(full)
-    sh = np.uint64(full) << np.uint64(5)
-    acc >>= sh
-    nacc -= sh
-    return acc, nacc, k
+def _pair_at(syms, i):
+    return np.int64(syms[i]) | (np.int64(syms[i + 1]) << 8)
 
 
 @nb.njit(nogil=True, cache=True)
-def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, w32, rawbuf):
+def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, w32, rawbuf, pair, syms_present):
     """Encode ``vals[a:a+n]`` at ``out[o:]``; returns the chunk's byte length."""
     raw_w = 3 if kind == 3 else 1
     if n == 0:
@@ -278,6 +267,21 @@ def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, w32, rawbuf):
     cl = np.zeros(256, np.uint64)  # code | length << 32
     for s in range(256):
         cl[s] = codes[s] | (np.uint64(lengths[s]) << np.uint64(32))
+    # pair table: entry ``s0 | s1 << 8`` is both codes back to back (<= 24 bits) and their
+    # summed length, so one lookup and one append code two symbols; only pairs of symbols
+    # present in the chunk are written (the others are never read)
+    m = 0
+    for s in range(256):
+        if counts[s] > 0:
+            syms_present[m] = s
+            m += 1
+    for x in range(m):
+        s0 = syms_present[x]
+        l0 = np.uint64(lengths[s0])
+        for y in range(m):
+            s1 = syms_present[y]
+            pair[s0 | (s1 << 8)] = ((codes[s0] | (codes[s1] << l0))
+                                    | ((l0 + np.uint64(lengths[s1])) << np.uint64(32)))
     cap = q * MAX_LEN // 32 + 2  # 32-bit words per stream
     if w32.shape[0] < 4 * cap:
         w32 = np.empty(4 * cap, np.uint32)
@@ -286,28 +290,32 @@ def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, w32, rawbuf):
         cnt[j] = max(0, min(n, (j + 1) * q) - j * q)
     a0, a1, a2, a3 = np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0)
     n0, n1, n2, n3 = np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0)
-    ucap = np.uint64(cap)
-    k0, k1, k2, k3 = np.uint64(0), ucap, np.uint64(2) * ucap, np.uint64(3) * ucap
-    uq = np.uint64(q)
-    # four streams interleaved (independent dependency chains), two symbols per flush
-    for ui in range(0, np.uint64(cnt[3] // 2 * 2), np.uint64(2)):
-        i = np.uint64(ui)
-        a0, n0, k0 = _put2(cl[syms[i]], cl[syms[i + np.uint64(1)]], a0, n0, k0, w32)
-        i += uq
-        a1, n1, k1 = _put2(cl[syms[i]], cl[syms[i + np.uint64(1)]], a1, n1, k1, w32)
-        i += uq
-        a2, n2, k2 = _put2(cl[syms[i]], cl[syms[i + np.uint64(1)]], a2, n2, k2, w32)
-        i += uq
-        a3, n3, k3 = _put2(cl[syms[i]], cl[syms[i + np.uint64(1)]], a3, n3, k3, w32)
+    k0, k1, k2, k3 = 0, cap, 2 * cap, 3 * cap
+    npairs = cnt[3] // 2  # pairs every stream has (stream 3 is the shortest)
+    # four streams interleaved (independent dependency chains), one pair per append
+    if q % 2 == 0:  # every stream starts at an even symbol: read pairs as uint16 words
+        s16 = syms[:n // 2 * 2].view(np.uint16)
+        h = q // 2
+        for i in range(npairs):
+            a0, n0, k0 = _put(pair[s16[i]], a0, n0, k0, w32)
+            a1, n1, k1 = _put(pair[s16[i + h]], a1, n1, k1, w32)
+            a2, n2, k2 = _put(pair[s16[i + 2 * h]], a2, n2, k2, w32)
+            a3, n3, k3 = _put(pair[s16[i + 3 * h]], a3, n3, k3, w32)
+    else:
+        for i in range(0, 2 * npairs, 2):
+            a0, n0, k0 = _put(pair[_pair_at(syms, i)], a0, n0, k0, w32)
+            a1, n1, k1 = _put(pair[_pair_at(syms, i + q)], a1, n1, k1, w32)
+            a2, n2, k2 = _put(pair[_pair_at(syms, i + 2 * q)], a2, n2, k2, w32)
+            a3, n3, k3 = _put(pair[_pair_at(syms, i + 3 * q)], a3, n3, k3, w32)
     accs = np.array([a0, a1, a2, a3], np.uint64)
     nacs = np.array([n0, n1, n2, n3], np.uint64)
-    ks = np.array([k0, k1, k2, k3], np.uint64)
+    ks = np.array([k0, k1, k2, k3], np.int64)
     for j in range(4):
         acc, nacc, k = accs[j], nacs[j], ks[j]
-        for i in range(j * q + cnt[3] // 2 * 2, j * q + cnt[j]):
+        for i in range(j * q + 2 * npairs, j * q + cnt[j]):
             acc, nacc, k = _put(cl[syms[i]], acc, nacc, k, w32)
         w32[k] = np.uint32(acc & np.uint64(0xFFFFFFFF))
-        nbytes = (np.int64(k) - j * cap) * 4 + (np.int64(nacc) + 7) // 8
+        nbytes = (k - j * cap) * 4 + (np.int64(nacc) + 7) // 8
         src = w32[j * cap: j * cap + (nbytes + 3) // 4 + 1].view(np.uint8)
         out[p:p + nbytes] = src[:nbytes]
         p += nbytes
@@ -326,10 +334,13 @@ def _encode_range(vals, u8, words, c_lo, c_hi, chunk_values, kind, itemsize, out
     syms = np.empty(chunk_values, np.uint8)
     w32 = np.empty(4 * ((chunk_values + 3) // 4 * MAX_LEN // 32 + 2), np.uint32)
     rawbuf = np.empty(3 * chunk_values, np.uint8)
+    pair = np.empty(1 << 16, np.uint64)
+    syms_present = np.empty(256, np.int64)
     for c in range(c_lo, c_hi):
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
-        lengths_out[c] = _encode_chunk(vals, a, n, kind, itemsize, out, c * cap, syms, w32, rawbuf)
+        lengths_out[c] = _encode_chunk(vals, a, n, kind, itemsize, out, c * cap, syms, w32, rawbuf,
+                                       pair, syms_present)
         seg_out[c] = digest_range(u8, words, a * itemsize, (a + n) * itemsize, c)
 
 
