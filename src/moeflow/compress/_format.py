@@ -3,11 +3,20 @@
 Every codec works on the raw bit patterns of a tensor (``uint16`` for bf16/fp16, ``uint32``
 for fp32), never on float values, so NaN payloads, signed zeros and subnormals survive.
 
-Checksum ("mfx64"): the bytes are cut into fixed 256 KiB segments; each segment gets an
-xxHash64-style digest (four multiply-rotate lanes over little-endian 64-bit words, seeded
-with the segment index), and the segment digests are digested again with the total length.
-Segments are independent, so the checksum of a decoded tensor is computed by the same threads
-that decode it, while the data is still in cache.
+Checksum ("mfx64"): the bytes are cut into fixed 256 KiB segments; each segment gets a
+64-bit digest seeded with the segment index, and the segment digests are digested again with
+the total length. Segments are independent, so the checksum of a decoded tensor is computed by
+the same threads that decode it, while the data is still in cache.
+
+Two segment digests exist; the container records which one it used (``CHECKSUM_VERSION``):
+
+- version 2 (written now): eight lanes over little-endian 64-bit words. Each word ``d`` is
+  XORed with a lane key that changes every 64-byte stripe, and ``d + lo32(x) * hi32(x)`` is
+  added to the lane (the XXH3 accumulate idea: 32x32->64 multiplies vectorize on AVX2/NEON).
+  The stripe-dependent keys make a word's contribution depend on its position, so moved or
+  swapped words change the digest. Lanes, tail words and tail bytes are folded with xxHash64
+  rounds and its avalanche. About 3x faster than version 1 here (23 vs 7 GB/s in cache).
+- version 1: an xxHash64-style digest (four multiply-rotate lanes), read for old containers.
 """
 
 from __future__ import annotations
@@ -146,9 +155,9 @@ def _avalanche(h):
 
 
 @nb.njit(nogil=True, cache=True)
-def digest_range(buf, words, start, end, seed):
-    """xxHash64-style digest of ``buf[start:end]``; ``words`` is ``buf`` viewed as uint64
-    (its whole-word prefix) and ``start`` is a multiple of 8."""
+def digest_range_v1(buf, words, start, end, seed):
+    """Version-1 digest: xxHash64-style, of ``buf[start:end]``; ``words`` is ``buf`` viewed
+    as uint64 (its whole-word prefix) and ``start`` is a multiple of 8."""
     seed = np.uint64(seed)
     v1 = seed + _P1 + _P2
     v2 = seed + _P2
@@ -176,14 +185,75 @@ def digest_range(buf, words, start, end, seed):
     return _avalanche(h)
 
 
+_M32 = np.uint64(0xFFFFFFFF)
+_G = np.uint64(0x9FB21C651E98DF25)  # odd: the lane keys advance by it every stripe
+_K0, _K1 = np.uint64(0xBE4BA423396CFEB8), np.uint64(0x1CAD21F72C81017C)
+_K2, _K3 = np.uint64(0xDB979083E96DD4DE), np.uint64(0x1F67B3B7A4A44072)
+_K4, _K5 = np.uint64(0x78E5C0CC4EE679CB), np.uint64(0x2172FFCC7DD05A82)
+_K6, _K7 = np.uint64(0x8E2443F7744608B8), np.uint64(0x4C263A81E69035E0)
+
+
+@nb.njit(inline="always")
+def _acc(a, d, k):
+    x = d ^ k
+    return a + d + (x & _M32) * (x >> np.uint64(32))
+
+
+@nb.njit(inline="always")
+def _merge(h, v):
+    h ^= _round(np.uint64(0), v)
+    return _rotl(h, 27) * _P1 + _P4
+
+
 @nb.njit(nogil=True, cache=True)
-def segment_digests(buf, words, seg_lo, seg_hi, out):
-    """Digest of each 256 KiB segment ``seg_lo..seg_hi`` of ``buf`` into ``out``."""
+def digest_range(buf, words, start, end, seed):
+    """Version-2 digest of ``buf[start:end]`` (see the module docstring); ``words`` is
+    ``buf`` viewed as uint64 (its whole-word prefix) and ``start`` is a multiple of 8.
+    Indices are unsigned so that numba emits no negative-index fix-ups, which would stop
+    LLVM from vectorizing the eight lanes."""
+    u = np.uint64
+    sd = u(seed) * _P2
+    a0, a1, a2, a3 = sd ^ _K0, sd ^ _K1, sd ^ _K2, sd ^ _K3
+    a4, a5, a6, a7 = sd ^ _K4, sd ^ _K5, sd ^ _K6, sd ^ _K7
+    k0, k1, k2, k3 = _K0 + sd, _K1 + sd, _K2 + sd, _K3 + sd
+    k4, k5, k6, k7 = _K4 + sd, _K5 + sd, _K6 + sd, _K7 + sd
+    w = u(start) // u(8)
+    wend = u(end) // u(8)
+    while w + u(8) <= wend:
+        a0 = _acc(a0, words[w], k0)
+        a1 = _acc(a1, words[w + u(1)], k1)
+        a2 = _acc(a2, words[w + u(2)], k2)
+        a3 = _acc(a3, words[w + u(3)], k3)
+        a4 = _acc(a4, words[w + u(4)], k4)
+        a5 = _acc(a5, words[w + u(5)], k5)
+        a6 = _acc(a6, words[w + u(6)], k6)
+        a7 = _acc(a7, words[w + u(7)], k7)
+        k0, k1, k2, k3 = k0 + _G, k1 + _G, k2 + _G, k3 + _G
+        k4, k5, k6, k7 = k4 + _G, k5 + _G, k6 + _G, k7 + _G
+        w += u(8)
+    h = (u(end) - u(start)) * _P5 + sd
+    h = _merge(_merge(_merge(_merge(h, a0), a1), a2), a3)
+    h = _merge(_merge(_merge(_merge(h, a4), a5), a6), a7)
+    while w < wend:
+        h = _merge(h, words[w])
+        w += u(1)
+    p = wend * u(8)
+    while p < u(end):
+        h ^= u(buf[p]) * _P5
+        h = _rotl(h, 11) * _P1
+        p += u(1)
+    return _avalanche(h)
+
+
+@nb.njit(nogil=True, cache=True)
+def segment_digests(buf, words, seg_lo, seg_hi, out, version):
+    """Digest (of ``version``) of each 256 KiB segment ``seg_lo..seg_hi`` of ``buf``."""
     n = buf.shape[0]
     for s in range(seg_lo, seg_hi):
         a = s * SEGMENT_BYTES
         b = min(n, a + SEGMENT_BYTES)
-        out[s] = digest_range(buf, words, a, b, s)
+        out[s] = (digest_range(buf, words, a, b, s) if version == 2
+                  else digest_range_v1(buf, words, a, b, s))
 
 
 def readonly(a: np.ndarray) -> np.ndarray:
@@ -199,18 +269,26 @@ def words_view(b: np.ndarray) -> np.ndarray:
     return readonly(b[: b.size // 8 * 8].view(np.uint64))
 
 
-def combine_digests(seg: np.ndarray, total_len: int) -> int:
+CHECKSUM_VERSION = 2  # the digest new containers use; 1 is still read
+CHECKSUM_VERSIONS = (1, 2)
+
+
+def combine_digests(seg: np.ndarray, total_len: int, version: int = CHECKSUM_VERSION) -> int:
     seg = readonly(np.ascontiguousarray(seg, dtype=np.uint64))
-    return int(digest_range(readonly(seg.view(np.uint8)), seg, 0, seg.size * 8, total_len))
+    fn = digest_range if version == 2 else digest_range_v1
+    return int(fn(readonly(seg.view(np.uint8)), seg, 0, seg.size * 8, total_len))
 
 
-def checksum(buf: np.ndarray, threads: int | None = None) -> int:
+def checksum(buf: np.ndarray, threads: int | None = None,
+             version: int = CHECKSUM_VERSION) -> int:
     """mfx64 checksum of a byte view (any contiguous numpy array is viewed as uint8)."""
+    if version not in CHECKSUM_VERSIONS:
+        raise InputError(f"checksum version {version}; known: {CHECKSUM_VERSIONS}")
     b = readonly(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
     w = words_view(b)
     nseg = (b.size + SEGMENT_BYTES - 1) // SEGMENT_BYTES
     seg = np.zeros(nseg, np.uint64)
     if nseg:
-        run_parallel(lambda lo, hi: segment_digests(b, w, lo, hi, seg), nseg,
+        run_parallel(lambda lo, hi: segment_digests(b, w, lo, hi, seg, version), nseg,
                      threads if b.size > (8 << 20) else 1)
-    return combine_digests(seg, b.size)
+    return combine_digests(seg, b.size, version)

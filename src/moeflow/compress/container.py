@@ -8,6 +8,8 @@ Layout (little-endian)::
 
 Checksums are moeflow's mfx64 (``_format.checksum``): one over the payload and one over the
 original bytes, so a corrupt blob raises ``CorruptDataError`` instead of returning wrong data.
+Version 2 (written now) uses the version-2 segment digest; version-1 blobs are still read and
+verified with the version-1 digest.
 ``from_bytes`` checks the payload checksum by default (``moeflow inspect --verify`` checks
 both). ``to_bits`` / ``decompress`` always check the original checksum of what they decoded;
 ``decompress`` skips the payload checksum, which would cost a second pass over the compressed
@@ -31,7 +33,8 @@ from moeflow.compress._format import (ALL_DTYPES, DTYPE_CODES, DTYPE_ITEMSIZE, F
                                       checksum, combine_digests)
 
 MAGIC = b"MFZT"
-VERSION = 1
+VERSION = 2  # written; the container version is also the checksum version (see _format)
+READ_VERSIONS = (1, 2)
 CODECS = {"raw": 0, "entropy": 1, "tbe": 2}
 CODEC_NAMES = {v: k for k, v in CODECS.items()}
 _ALIASES = {"huffman": "entropy", "zipserv": "tbe", "stored": "raw"}
@@ -61,6 +64,7 @@ class CompressedTensor:
     payload: np.ndarray          # uint8
     payload_checksum: int
     original_checksum: int
+    version: int = VERSION  # container (and checksum) version
 
     # ------------------------------------------------------------------ properties
     @property
@@ -83,8 +87,13 @@ class CompressedTensor:
     # ------------------------------------------------------------------ encode
     @classmethod
     def from_bits(cls, bits: np.ndarray, dtype: str, shape, codec: str = "entropy",
-                  threads: int | None = None) -> "CompressedTensor":
-        """Compress raw value bits (flat, the unsigned int of the dtype's width)."""
+                  threads: int | None = None, compact: bool = True) -> "CompressedTensor":
+        """Compress raw value bits (flat, the unsigned int of the dtype's width).
+
+        ``compact=False`` lets the payload stay a view of the encoder's work buffer (about
+        the original size): right for a tensor that is serialised and dropped, as
+        :func:`compress` and checkpoint writing do; the default copies it out so a kept
+        ``CompressedTensor`` holds only its compressed bytes."""
         shape = tuple(int(s) for s in shape)
         codec = resolve_codec(codec, dtype)
         bits = np.ascontiguousarray(bits).reshape(-1)
@@ -95,6 +104,8 @@ class CompressedTensor:
         if codec == "entropy":
             payload, seg = entropy.encode(bits, dtype, threads)
             original = combine_digests(seg, bits.nbytes)
+            if compact:
+                payload = payload.copy()
         elif codec == "tbe":
             payload = tbe.encode(bits, dtype, shape, threads)
             original = checksum(bits, threads)
@@ -104,13 +115,14 @@ class CompressedTensor:
         return cls(codec, dtype, shape, payload, checksum(payload, threads), original)
 
     @classmethod
-    def from_tensor(cls, t, codec: str = "entropy", threads: int | None = None):
+    def from_tensor(cls, t, codec: str = "entropy", threads: int | None = None,
+                    compact: bool = True):
         bits, dtype, shape = tensor_to_bits(t)
-        return cls.from_bits(bits, dtype, shape, codec, threads)
+        return cls.from_bits(bits, dtype, shape, codec, threads, compact)
 
     # ------------------------------------------------------------------ bytes
     def header_bytes(self) -> bytes:
-        head = _FIXED.pack(MAGIC, VERSION, CODECS[self.codec], DTYPE_CODES[self.dtype],
+        head = _FIXED.pack(MAGIC, self.version, CODECS[self.codec], DTYPE_CODES[self.dtype],
                            len(self.shape), self.payload.size, self.payload_checksum,
                            self.original_checksum)
         head += struct.pack(f"<{len(self.shape)}Q", *self.shape)
@@ -137,7 +149,7 @@ class CompressedTensor:
 
     def verify_payload(self, threads: int | None = None) -> None:
         """Check the payload checksum; raises ``CorruptDataError`` on a mismatch."""
-        if checksum(self.payload, threads) != self.payload_checksum:
+        if checksum(self.payload, threads, self.version) != self.payload_checksum:
             raise CorruptDataError("payload checksum mismatch: the compressed bytes are corrupt")
 
     # ------------------------------------------------------------------ decode
@@ -145,17 +157,17 @@ class CompressedTensor:
         """Decoded raw bits (flat), verified against the original checksum."""
         n = self.numel
         if self.codec == "entropy":
-            bits, seg = entropy.decode(self.payload, self.dtype, n, threads)
-            got = combine_digests(seg, bits.nbytes)
+            bits, seg = entropy.decode(self.payload, self.dtype, n, threads, self.version)
+            got = combine_digests(seg, bits.nbytes, self.version)
         elif self.codec == "tbe":
             bits = tbe.decode(self.payload, self.dtype, self.shape, threads)
-            got = checksum(bits, threads)
+            got = checksum(bits, threads, self.version)
         else:
             if self.payload.size != self.original_nbytes:
                 raise CorruptDataError(f"raw payload is {self.payload.size} bytes, expected "
                                        f"{self.original_nbytes}")
             bits = self.payload.copy()
-            got = checksum(bits, threads)
+            got = checksum(bits, threads, self.version)
         if got != self.original_checksum:
             raise CorruptDataError("decoded data does not match the original checksum: "
                                    "the compressed bytes are corrupt")
@@ -172,8 +184,9 @@ def parse_header(buf: np.ndarray) -> tuple[int, CompressedTensor]:
     magic, version, codec, dcode, ndim, plen, pck, ock = _FIXED.unpack_from(buf, 0)
     if magic != MAGIC:
         raise CorruptDataError(f"bad magic {magic!r}: not a moeflow compressed tensor")
-    if version != VERSION:
-        raise CorruptDataError(f"container version {version}; this moeflow reads {VERSION}")
+    if version not in READ_VERSIONS:
+        raise CorruptDataError(f"container version {version}; this moeflow reads "
+                               f"{READ_VERSIONS}")
     if codec not in CODEC_NAMES or dcode not in ALL_DTYPES or ndim > MAX_NDIM:
         raise CorruptDataError(f"header names codec {codec}, dtype {dcode}, ndim {ndim}")
     hlen = _FIXED.size + 8 * ndim + 8
@@ -187,7 +200,7 @@ def parse_header(buf: np.ndarray) -> tuple[int, CompressedTensor]:
     if any(s > (1 << 48) for s in shape):
         raise CorruptDataError(f"implausible shape {shape}")
     ct = CompressedTensor(CODEC_NAMES[codec], dtype, tuple(shape), np.empty(plen, np.uint8)
-                          if plen <= buf.size else np.empty(0, np.uint8), pck, ock)
+                          if plen <= buf.size else np.empty(0, np.uint8), pck, ock, version)
     if plen > buf.size:
         raise CorruptDataError(f"payload of {plen} bytes does not fit a {buf.size}-byte blob")
     return hlen, ct
@@ -223,7 +236,7 @@ def bits_to_tensor(bits: np.ndarray, dtype: str, shape):
 # ----------------------------------------------------------------------------- top level
 def compress(t, codec: str = "entropy", threads: int | None = None) -> bytes:
     """Losslessly compress a tensor into a self-describing blob (``CompressedTensor``)."""
-    return CompressedTensor.from_tensor(t, codec, threads).to_bytes()
+    return CompressedTensor.from_tensor(t, codec, threads, compact=False).to_bytes()
 
 
 def decompress(blob, threads: int | None = None):

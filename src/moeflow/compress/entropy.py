@@ -31,13 +31,15 @@ off one 64-bit read. The payload ends in zero padding so those reads stay in bou
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import numba as nb
 import numpy as np
 
 from moeflow.errors import CorruptDataError
-from moeflow.compress._format import (SEGMENT_BYTES, FLOAT_SPECS, digest_range, float_spec,
+from moeflow.compress._format import (SEGMENT_BYTES, FLOAT_SPECS, CHECKSUM_VERSION, digest_range,
+                                      digest_range_v1, float_spec,
                                       readonly, run_parallel, words_view)
 
 MAX_LEN = 12
@@ -328,7 +330,7 @@ def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, w32, rawbuf, pair, s
 
 
 @nb.njit(nogil=True, cache=True)
-def _encode_range(vals, u8, words, c_lo, c_hi, chunk_values, kind, itemsize, out, cap,
+def _encode_range(vals, u8, words, c_lo, c_hi, chunk_values, kind, itemsize, out, base, cap,
                   lengths_out, seg_out):
     n_total = vals.shape[0]
     syms = np.empty(chunk_values, np.uint8)
@@ -339,13 +341,19 @@ def _encode_range(vals, u8, words, c_lo, c_hi, chunk_values, kind, itemsize, out
     for c in range(c_lo, c_hi):
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
-        lengths_out[c] = _encode_chunk(vals, a, n, kind, itemsize, out, c * cap, syms, w32, rawbuf,
-                                       pair, syms_present)
+        lengths_out[c] = _encode_chunk(vals, a, n, kind, itemsize, out, base + c * cap, syms, w32,
+                                       rawbuf, pair, syms_present)
         seg_out[c] = digest_range(u8, words, a * itemsize, (a + n) * itemsize, c)
 
 
 def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
-    """Encode raw value bits (flat uint16/uint32). Returns (payload bytes, segment digests)."""
+    """Encode raw value bits (flat uint16/uint32). Returns (payload, segment digests).
+
+    Chunks are encoded in parallel into fixed slots of one buffer, then slid down in place
+    behind the header, so no second payload-sized buffer is allocated (fresh memory costs a
+    page fault per 4 KiB on first touch). The payload is a view of that buffer, which is
+    about the original size; copy it to keep only the payload's bytes alive.
+    """
     spec = float_spec(dtype)
     kind = _KIND[dtype]
     vals = readonly(np.ascontiguousarray(bits).reshape(-1))
@@ -353,27 +361,28 @@ def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
     n = vals.size
     chunk_values = SEGMENT_BYTES // spec.itemsize
     n_chunks = (n + chunk_values - 1) // chunk_values
-    cap = chunk_values * spec.itemsize + 256
-    scratch = np.empty(max(1, n_chunks) * cap, np.uint8)
+    cap = chunk_values * spec.itemsize + 256  # > any chunk's bytes, so slot tails stay free
+    base = _HEAD.size + 8 * n_chunks
+    buf = np.empty(base + max(1, n_chunks) * cap, np.uint8)
     lens = np.zeros(n_chunks, np.int64)
     seg = np.zeros(n_chunks, np.uint64)
     u8 = readonly(vals.view(np.uint8))
     w = words_view(u8)
     if n_chunks:
         run_parallel(lambda lo, hi: _encode_range(vals, u8, w, lo, hi, chunk_values, kind,
-                                                  spec.itemsize, scratch, cap, lens, seg),
+                                                  spec.itemsize, buf, base, cap, lens, seg),
                      n_chunks, threads)
-    ends = np.cumsum(lens).astype(np.uint64)
-    head = _HEAD.pack(spec.code, MAX_LEN, 0, chunk_values, n, n_chunks) + ends.tobytes()
-    body = len(head) + int(lens.sum())
+    ends = np.cumsum(lens)
+    buf[:base] = np.frombuffer(_HEAD.pack(spec.code, MAX_LEN, 0, chunk_values, n, n_chunks)
+                               + ends.astype(np.uint64).tobytes(), np.uint8)
+    addr = buf.ctypes.data
+    for c in range(1, n_chunks):  # chunk c moves from its slot to right after chunk c-1
+        ctypes.memmove(addr + base + int(ends[c - 1]), addr + base + c * cap, int(lens[c]))
+    body = base + (int(ends[-1]) if n_chunks else 0)
     # zero tail: whole 64-bit words, plus one, so the decoder's two-word peeks stay in bounds
-    out = np.zeros(body + (-body) % 8 + 8, np.uint8)
-    out[: len(head)] = np.frombuffer(head, np.uint8)
-    p = len(head)
-    for c in range(n_chunks):
-        out[p:p + lens[c]] = scratch[c * cap: c * cap + lens[c]]
-        p += lens[c]
-    return out, seg
+    size = body + (-body) % 8 + 8
+    buf[body:size] = 0
+    return buf[:size], seg
 
 
 # ----------------------------------------------------------------------------- decode
@@ -576,7 +585,7 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
 
 @nb.njit(nogil=True, cache=True)
 def _decode_range(buf, bwords, base, ends, c_lo, c_hi, chunk_values, n_total, kind, itemsize,
-                  out, u8, words, seg_out):
+                  out, u8, words, seg_out, version):
     syms = np.empty(chunk_values, np.uint8)
     single = np.zeros(TABLE_SIZE, np.uint32)
     multi = np.zeros(TABLE_SIZE, np.uint64)
@@ -589,7 +598,8 @@ def _decode_range(buf, bwords, base, ends, c_lo, c_hi, chunk_values, n_total, ki
                             single, multi, prev)
         if err != 0:
             return err
-        seg_out[c] = digest_range(u8, words, a * itemsize, (a + n) * itemsize, c)
+        seg_out[c] = (digest_range(u8, words, a * itemsize, (a + n) * itemsize, c) if version == 2
+                      else digest_range_v1(u8, words, a * itemsize, (a + n) * itemsize, c))
     return 0
 
 
@@ -618,8 +628,9 @@ def parse_header(buf: np.ndarray):
     return spec, n, chunk_values, ends, base
 
 
-def decode(payload, dtype: str, n_expected: int, threads: int | None = None):
-    """Decode a payload. Returns (flat uint bits, segment digests)."""
+def decode(payload, dtype: str, n_expected: int, threads: int | None = None,
+           checksum_version: int = CHECKSUM_VERSION):
+    """Decode a payload. Returns (flat uint bits, segment digests of ``checksum_version``)."""
     buf = np.frombuffer(payload, np.uint8) if not isinstance(payload, np.ndarray) else payload
     buf = readonly(buf)
     spec, n, chunk_values, ends, base = parse_header(buf)
@@ -634,7 +645,8 @@ def decode(payload, dtype: str, n_expected: int, threads: int | None = None):
     kind = _KIND[dtype]
     bw = words_view(buf)
     errs = run_parallel(lambda lo, hi: _decode_range(buf, bw, base, ends, lo, hi, chunk_values, n,
-                                                     kind, spec.itemsize, out, u8, w, seg),
+                                                     kind, spec.itemsize, out, u8, w, seg,
+                                                     checksum_version),
                         n_chunks, threads) if n_chunks else [0]
     bad = [e for e in errs if e != 0]
     if bad:
