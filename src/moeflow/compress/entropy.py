@@ -199,19 +199,45 @@ def _histogram(syms, n):
 
 
 @nb.njit(inline="always")
-def _put(e, acc, nacc, k, w32):
-    """Append code ``e`` (code | length << 32, length <= 24) to a 32-bit-word bit stream,
-    branch-free: the current word is always stored, and the cursor ``k`` moves on once it is
-    full. Fewer than 32 bits are pending before the append, so 24 more fit in 64."""
+def _store8(wb, pos, acc):
+    """``acc`` as 8 little-endian bytes at ``wb[pos:]`` (LLVM merges these into one store)."""
+    u = np.uint64
+    p = u(pos)
+    m = u(0xFF)
+    wb[p] = np.uint8(acc & m)
+    wb[p + u(1)] = np.uint8((acc >> u(8)) & m)
+    wb[p + u(2)] = np.uint8((acc >> u(16)) & m)
+    wb[p + u(3)] = np.uint8((acc >> u(24)) & m)
+    wb[p + u(4)] = np.uint8((acc >> u(32)) & m)
+    wb[p + u(5)] = np.uint8((acc >> u(40)) & m)
+    wb[p + u(6)] = np.uint8((acc >> u(48)) & m)
+    wb[p + u(7)] = np.uint8(acc >> u(56))
+
+
+@nb.njit(inline="always")
+def _flush(acc, nacc, pos, wb):
+    """Store the pending bits and move on by their whole bytes; < 8 bits stay pending."""
+    _store8(wb, pos, acc)
+    nbytes = nacc >> np.uint64(3)
+    return acc >> (nbytes << np.uint64(3)), nacc & np.uint64(7), pos + np.int64(nbytes)
+
+
+@nb.njit(inline="always")
+def _put2b(e, f, acc, nacc, pos, wb):
+    """Append two codes (code | length << 32, each <= 24 bits) to a byte stream, then flush:
+    < 8 bits are pending before, so 8 + 48 bits fit the 64-bit accumulator."""
     acc |= (e & np.uint64(0xFFFFFFFF)) << nacc
     nacc += e >> np.uint64(32)
-    w32[k] = np.uint32(acc & np.uint64(0xFFFFFFFF))
-    full = nacc >= np.uint64(32)
-    k += np.int64(full)
-    sh = np.uint64(full) << np.uint64(5)
-    acc >>= sh
-    nacc -= sh
-    return acc, nacc, k
+    acc |= (f & np.uint64(0xFFFFFFFF)) << nacc
+    nacc += f >> np.uint64(32)
+    return _flush(acc, nacc, pos, wb)
+
+
+@nb.njit(inline="always")
+def _put1b(e, acc, nacc, pos, wb):
+    acc |= (e & np.uint64(0xFFFFFFFF)) << nacc
+    nacc += e >> np.uint64(32)
+    return _flush(acc, nacc, pos, wb)
 
 
 @nb.njit(inline="always")
@@ -220,7 +246,7 @@ def _pair_at(syms, i):
 
 
 @nb.njit(nogil=True, cache=True)
-def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, w32, rawbuf, pair, syms_present):
+def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, wb, rawbuf, pair, syms_present):
     """Encode ``vals[a:a+n]`` at ``out[o:]``; returns the chunk's byte length."""
     raw_w = 3 if kind == 3 else 1
     if n == 0:
@@ -284,42 +310,45 @@ def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, w32, rawbuf, pair, s
             s1 = syms_present[y]
             pair[s0 | (s1 << 8)] = ((codes[s0] | (codes[s1] << l0))
                                     | ((l0 + np.uint64(lengths[s1])) << np.uint64(32)))
-    cap = q * MAX_LEN // 32 + 2  # 32-bit words per stream
-    if w32.shape[0] < 4 * cap:
-        w32 = np.empty(4 * cap, np.uint32)
+    cap = q * MAX_LEN // 8 + 16  # bytes per stream, with room for the 8-byte stores
+    if wb.shape[0] < 4 * cap:
+        wb = np.empty(4 * cap, np.uint8)
     cnt = np.empty(4, np.int64)
     for j in range(4):
         cnt[j] = max(0, min(n, (j + 1) * q) - j * q)
     a0, a1, a2, a3 = np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0)
     n0, n1, n2, n3 = np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0)
     k0, k1, k2, k3 = 0, cap, 2 * cap, 3 * cap
-    npairs = cnt[3] // 2  # pairs every stream has (stream 3 is the shortest)
-    # four streams interleaved (independent dependency chains), one pair per append
+    nquads = cnt[3] // 4  # groups of two pairs every stream has (stream 3 is the shortest)
+    # four streams interleaved (independent dependency chains), two pairs per flush
     if q % 2 == 0:  # every stream starts at an even symbol: read pairs as uint16 words
         s16 = syms[:n // 2 * 2].view(np.uint16)
         h = q // 2
-        for i in range(npairs):
-            a0, n0, k0 = _put(pair[s16[i]], a0, n0, k0, w32)
-            a1, n1, k1 = _put(pair[s16[i + h]], a1, n1, k1, w32)
-            a2, n2, k2 = _put(pair[s16[i + 2 * h]], a2, n2, k2, w32)
-            a3, n3, k3 = _put(pair[s16[i + 3 * h]], a3, n3, k3, w32)
+        for i in range(0, 2 * nquads, 2):
+            a0, n0, k0 = _put2b(pair[s16[i]], pair[s16[i + 1]], a0, n0, k0, wb)
+            a1, n1, k1 = _put2b(pair[s16[i + h]], pair[s16[i + h + 1]], a1, n1, k1, wb)
+            a2, n2, k2 = _put2b(pair[s16[i + 2 * h]], pair[s16[i + 2 * h + 1]], a2, n2, k2, wb)
+            a3, n3, k3 = _put2b(pair[s16[i + 3 * h]], pair[s16[i + 3 * h + 1]], a3, n3, k3, wb)
     else:
-        for i in range(0, 2 * npairs, 2):
-            a0, n0, k0 = _put(pair[_pair_at(syms, i)], a0, n0, k0, w32)
-            a1, n1, k1 = _put(pair[_pair_at(syms, i + q)], a1, n1, k1, w32)
-            a2, n2, k2 = _put(pair[_pair_at(syms, i + 2 * q)], a2, n2, k2, w32)
-            a3, n3, k3 = _put(pair[_pair_at(syms, i + 3 * q)], a3, n3, k3, w32)
+        for i in range(0, 4 * nquads, 4):
+            a0, n0, k0 = _put2b(pair[_pair_at(syms, i)], pair[_pair_at(syms, i + 2)],
+                                a0, n0, k0, wb)
+            a1, n1, k1 = _put2b(pair[_pair_at(syms, i + q)], pair[_pair_at(syms, i + q + 2)],
+                                a1, n1, k1, wb)
+            a2, n2, k2 = _put2b(pair[_pair_at(syms, i + 2 * q)],
+                                pair[_pair_at(syms, i + 2 * q + 2)], a2, n2, k2, wb)
+            a3, n3, k3 = _put2b(pair[_pair_at(syms, i + 3 * q)],
+                                pair[_pair_at(syms, i + 3 * q + 2)], a3, n3, k3, wb)
     accs = np.array([a0, a1, a2, a3], np.uint64)
     nacs = np.array([n0, n1, n2, n3], np.uint64)
     ks = np.array([k0, k1, k2, k3], np.int64)
     for j in range(4):
         acc, nacc, k = accs[j], nacs[j], ks[j]
-        for i in range(j * q + 2 * npairs, j * q + cnt[j]):
-            acc, nacc, k = _put(cl[syms[i]], acc, nacc, k, w32)
-        w32[k] = np.uint32(acc & np.uint64(0xFFFFFFFF))
-        nbytes = (k - j * cap) * 4 + (np.int64(nacc) + 7) // 8
-        src = w32[j * cap: j * cap + (nbytes + 3) // 4 + 1].view(np.uint8)
-        out[p:p + nbytes] = src[:nbytes]
+        for i in range(j * q + 4 * nquads, j * q + cnt[j]):
+            acc, nacc, k = _put1b(cl[syms[i]], acc, nacc, k, wb)
+        _store8(wb, k, acc)
+        nbytes = k - j * cap + (np.int64(nacc) + 7) // 8
+        out[p:p + nbytes] = wb[j * cap: j * cap + nbytes]
         p += nbytes
         out[p:p + 8] = 0
         p += 8
@@ -334,14 +363,14 @@ def _encode_range(vals, u8, words, c_lo, c_hi, chunk_values, kind, itemsize, out
                   lengths_out, seg_out):
     n_total = vals.shape[0]
     syms = np.empty(chunk_values, np.uint8)
-    w32 = np.empty(4 * ((chunk_values + 3) // 4 * MAX_LEN // 32 + 2), np.uint32)
+    wb = np.empty(4 * ((chunk_values + 3) // 4 * MAX_LEN // 8 + 16), np.uint8)
     rawbuf = np.empty(3 * chunk_values, np.uint8)
     pair = np.empty(1 << 16, np.uint64)
     syms_present = np.empty(256, np.int64)
     for c in range(c_lo, c_hi):
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
-        lengths_out[c] = _encode_chunk(vals, a, n, kind, itemsize, out, base + c * cap, syms, w32,
+        lengths_out[c] = _encode_chunk(vals, a, n, kind, itemsize, out, base + c * cap, syms, wb,
                                        rawbuf, pair, syms_present)
         seg_out[c] = digest_range(u8, words, a * itemsize, (a + n) * itemsize, c)
 
@@ -554,17 +583,23 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
     # An invalid code yields count 0 and stalls its stream (no per-lookup check here): a
     # valid stream gains >= 4 symbols per round, so the round cap is only reached by a
     # stalled stream, and the single-symbol tail loop below rejects the stalled position.
+    # Checks are batched: a round moves each stream on by <= 16 symbols and <= 48 bits, so
+    # from a checked state the next ``safe`` rounds cannot pass any limit and run unchecked.
     rounds = q // 4 + 2
     while o0 <= e0_ and o1 <= e1_ and o2 <= e2_ and o3 <= e3_:
         if p0 > l0 or p1 > l1 or p2 > l2 or p3 > l3:
             return -10
-        rounds -= 1
+        safe = min(min((e0_ - o0) // 16, (e1_ - o1) // 16), min((e2_ - o2) // 16, (e3_ - o3) // 16))
+        safe = min(safe, min(min((l0 - p0) // 48, (l1 - p1) // 48),
+                             min((l2 - p2) // 48, (l3 - p3) // 48))) + 1
+        rounds -= safe
         if rounds < 0:
             return -11
-        o0, p0 = _run4(words, multi, p0, syms, o0)
-        o1, p1 = _run4(words, multi, p1, syms, o1)
-        o2, p2 = _run4(words, multi, p2, syms, o2)
-        o3, p3 = _run4(words, multi, p3, syms, o3)
+        for _ in range(safe):
+            o0, p0 = _run4(words, multi, p0, syms, o0)
+            o1, p1 = _run4(words, multi, p1, syms, o1)
+            o2, p2 = _run4(words, multi, p2, syms, o2)
+            o3, p3 = _run4(words, multi, p3, syms, o3)
     o[0], o[1], o[2], o[3] = o0, o1, o2, o3
     pb[0], pb[1], pb[2], pb[3] = p0, p1, p2, p3
     for j in range(4):
