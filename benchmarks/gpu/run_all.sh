@@ -12,4 +12,5 @@ timeout 270 python3 benchmarks/gpu/compress_gpu.py --out "$OUT" > "$OUT/compress
 echo "compress_gpu rc=$?" >> "$OUT/gpu_info.txt"
 timeout 200 python3 benchmarks/gpu/layer_gpu.py --out "$OUT" > "$OUT/layer_gpu.log" 2>&1
 echo "layer_gpu rc=$?" >> "$OUT/gpu_info.txt"
+timeout 150 python3 benchmarks/gpu/tbe_rowpop_gpu.py --out "$OUT" > "$OUT/tbe_rowpop_gpu.log" 2>&1; echo "tbe_rowpop_gpu rc=$?" >> "$OUT/gpu_info.txt"
 tail -n 40 "$OUT"/*.md
