@@ -474,8 +474,86 @@ def _run4(words, multi, p, syms, o):
     return o, p
 
 
+@nb.njit(inline="always")
+def _node(multi, unc, ustart, p, used, ent):
+    """Entry ``ent`` (codes decoded so far: pattern ``p`` of ``used`` bits) goes to every
+    index ``p | x << used`` whose next bits ``x`` start no code that fits the rest."""
+    r = MAX_LEN - used
+    for i in range(ustart[r], ustart[r + 1]):
+        multi[p | (np.int64(unc[i]) << used)] = np.uint64(ent)
+
+
 @nb.njit(nogil=True, cache=True)
-def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single, multi, prev):
+def _build_multi(lengths, codes, single, multi, order, unc):
+    """Multi-symbol table: entry ``idx`` decodes up to four whole codes from the 12 bits
+    ``idx``: sym0..sym3 in bytes 0..3 | count << 32 | bits used << 40.
+
+    Every chunk has its own code and most chunks rebuild this table, so it is written once
+    per entry instead of being searched per entry: a depth-first walk over sequences of up
+    to four codes (symbols by code length, so each level stops at the first code that does
+    not fit), where a sequence owns the indices whose following bits start no code that
+    fits in the bits left. Those "uncovered" patterns depend only on the number of bits
+    left, ``r``, and are listed once per table: ``unc[ustart[r]:ustart[r + 1]]``.
+    """
+    m = 0
+    for l in range(1, MAX_LEN + 1):
+        for s in range(256):
+            if lengths[s] == l:
+                order[m] = s
+                m += 1
+    # a node below the root has used >= the shortest length, so r <= MAX_LEN - shortest;
+    # the root's list (r = MAX_LEN: patterns that start no code) is empty for a complete code
+    ustart = np.zeros(MAX_LEN + 2, np.int64)
+    kraft = 0
+    for i in range(m):
+        kraft += 1 << (MAX_LEN - lengths[order[i]])
+    r_hi = MAX_LEN if kraft < TABLE_SIZE else MAX_LEN - lengths[order[0]] if m else 0
+    k = 0
+    for r in range(MAX_LEN + 1):
+        ustart[r] = k
+        if r > r_hi:
+            continue
+        for x in range(1 << r):
+            l = np.int64(single[x]) >> 8
+            if l == 0 or l > r:
+                unc[k] = x
+                k += 1
+    ustart[MAX_LEN + 1] = k
+    _node(multi, unc, ustart, 0, 0, 0)  # bits that start no code at all: invalid entries
+    for a in range(m):
+        s1 = order[a]
+        u1 = lengths[s1]
+        p1 = np.int64(codes[s1])
+        _node(multi, unc, ustart, p1, u1, s1 | (1 << 32) | (u1 << 40))
+        for b in range(m):
+            s2 = order[b]
+            if u1 + lengths[s2] > MAX_LEN:
+                break
+            p2 = p1 | (np.int64(codes[s2]) << u1)
+            u2 = u1 + lengths[s2]
+            e2 = s1 | (s2 << 8)
+            _node(multi, unc, ustart, p2, u2, e2 | (2 << 32) | (u2 << 40))
+            for c in range(m):
+                s3 = order[c]
+                if u2 + lengths[s3] > MAX_LEN:
+                    break
+                p3 = p2 | (np.int64(codes[s3]) << u2)
+                u3 = u2 + lengths[s3]
+                e3 = e2 | (s3 << 16)
+                _node(multi, unc, ustart, p3, u3, e3 | (3 << 32) | (u3 << 40))
+                for d in range(m):  # four codes: the entry is full, it owns every index
+                    s4 = order[d]
+                    if u3 + lengths[s4] > MAX_LEN:
+                        break
+                    u4 = u3 + lengths[s4]
+                    e4 = np.uint64(e3 | (s4 << 24) | (4 << 32) | (u4 << 40))
+                    for idx in range(p3 | (np.int64(codes[s4]) << u3), TABLE_SIZE, 1 << u4):
+                        multi[idx] = e4
+
+
+@nb.njit(nogil=True, cache=True)
+def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single, multi, order,
+                  unc, prev):
     """Decode one chunk ``buf[pos:end]`` into ``out[a:a+n]``. Returns 0, or a negative error
     code; every read is bounds-checked so corrupt bytes cannot crash the process.
 
@@ -544,25 +622,7 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
             if l > 0:
                 for idx in range(np.int64(codes[s]), TABLE_SIZE, 1 << l):
                     single[idx] = s | (l << 8)
-        # sym0..sym3 in bytes 0..3 | count << 32 | bits used << 40
-        for idx in range(TABLE_SIZE):  # branch-free: the break in a loop mispredicts
-            e1 = np.int64(single[idx])
-            l1 = e1 >> 8
-            e2 = np.int64(single[idx >> l1])
-            l2 = e2 >> 8
-            e3 = np.int64(single[idx >> (l1 + l2)])
-            l3 = e3 >> 8
-            e4 = np.int64(single[idx >> (l1 + l2 + l3)])
-            l4 = e4 >> 8
-            ok1 = l1 != 0
-            ok2 = ok1 and l2 != 0 and l1 + l2 <= MAX_LEN
-            ok3 = ok2 and l3 != 0 and l1 + l2 + l3 <= MAX_LEN
-            ok4 = ok3 and l4 != 0 and l1 + l2 + l3 + l4 <= MAX_LEN
-            cnt = np.int64(ok1) + np.int64(ok2) + np.int64(ok3) + np.int64(ok4)
-            used = l1 * ok1 + l2 * ok2 + l3 * ok3 + l4 * ok4
-            ent = (((e1 & 0xFF) * ok1) | (((e2 & 0xFF) << 8) * ok2) | (((e3 & 0xFF) << 16) * ok3)
-                   | (((e4 & 0xFF) << 24) * ok4))
-            multi[idx] = np.uint64(ent | (cnt << 32) | (used << 40))
+        _build_multi(lengths, codes, single, multi, order, unc)
         prev[:] = lengths
     q = (n + 3) // 4
     o = np.empty(4, np.int64)
@@ -624,13 +684,15 @@ def _decode_range(buf, bwords, base, ends, c_lo, c_hi, chunk_values, n_total, ki
     syms = np.empty(chunk_values, np.uint8)
     single = np.zeros(TABLE_SIZE, np.uint32)
     multi = np.zeros(TABLE_SIZE, np.uint64)
+    order = np.zeros(256, np.int64)
+    unc = np.zeros(2 * TABLE_SIZE, np.int32)
     prev = np.full(256, -1, np.int64)
     for c in range(c_lo, c_hi):
         start = base + (ends[c - 1] if c > 0 else 0)
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
         err = _decode_chunk(buf, bwords, start, base + ends[c], n, kind, itemsize, out, a, syms,
-                            single, multi, prev)
+                            single, multi, order, unc, prev)
         if err != 0:
             return err
         seg_out[c] = (digest_range(u8, words, a * itemsize, (a + n) * itemsize, c) if version == 2
