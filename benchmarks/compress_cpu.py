@@ -10,6 +10,15 @@ buffer it compresses, so it always gets a fresh copy (the copy is not timed). Ea
 is checked bit-exact. Throughput is original bytes / wall time, best of ``--reps``.
 
     PYTHONPATH=src python benchmarks/compress_cpu.py [--synthetic-mb 256] [--reps 3]
+
+Fresh memory matters here: glibc serves allocations above its mmap threshold (at most
+32 MB) with new pages, and a first touch costs a page fault per 4 KiB page (numpy asks for
+huge pages, Python ``bytes`` do not). How much each codec pays depends on what the others
+left in the heap. To compare the codecs' own work, run it again with a heap that keeps its
+memory, and record both:
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \
+        PYTHONPATH=src python benchmarks/compress_cpu.py --tag DATE_warmheap
 """
 
 from __future__ import annotations
@@ -171,13 +180,18 @@ def main(argv=None) -> int:
                       f"enc {row['enc_GBps']:.3f} GB/s dec {row['dec_GBps']:.3f} GB/s", flush=True)
 
     load_after = os.getloadavg()
-    cmd = "PYTHONPATH=src python " + " ".join(["benchmarks/compress_cpu.py"] + sys.argv[1:])
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    cmd = ((env + " ") if env else "") + "PYTHONPATH=src python " + " ".join(
+        ["benchmarks/compress_cpu.py"] + sys.argv[1:])
     lines = [f"# Lossless bf16 compression on CPU ({args.tag})", "",
              "- Machine: 2 cores, AMD EPYC, no GPU (shared with other jobs; throughput is noisy)",
              f"- Load average (1/5/15 min) at start {load_before[0]:.1f}/{load_before[1]:.1f}/"
              f"{load_before[2]:.1f}, at end {load_after[0]:.1f}/{load_after[1]:.1f}/"
              f"{load_after[2]:.1f} (2 cores: above 2 means other jobs competed for the CPU)",
              f"- Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
+             "- glibc malloc settings: " + (", ".join(f"`{k}={v}`" for k, v in sorted(
+                 os.environ.items()) if k.startswith("MALLOC_")) or "defaults (fresh pages for "
+                 "buffers above the mmap threshold)"),
              f"- Command: `{cmd}`", f"- MiniLM weights: `{os.path.relpath(path)}`",
              f"- Best of {args.reps} runs per cell, repetitions interleaved across codecs so all "
              "see the same background load; every round trip verified bit-exact.",
