@@ -125,7 +125,7 @@ def compress_file(src: str, dst: str, codec: str = "auto", threads: int | None =
                     chosen = resolve_codec(codec, dtype)
                 except InputError:
                     chosen = resolve_codec("auto", dtype)
-                ct = CompressedTensor.from_bits(bits, dtype, shape, chosen, threads, compact=False)
+                ct = CompressedTensor.from_bits(bits, dtype, shape, chosen, threads)
                 blob = ct.to_bytes()
                 out.write(blob)
                 ent = {"name": name, "offset": pos, "length": len(blob), "codec": chosen,

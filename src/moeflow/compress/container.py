@@ -87,13 +87,8 @@ class CompressedTensor:
     # ------------------------------------------------------------------ encode
     @classmethod
     def from_bits(cls, bits: np.ndarray, dtype: str, shape, codec: str = "entropy",
-                  threads: int | None = None, compact: bool = True) -> "CompressedTensor":
-        """Compress raw value bits (flat, the unsigned int of the dtype's width).
-
-        ``compact=False`` lets the payload stay a view of the encoder's work buffer (about
-        the original size): right for a tensor that is serialised and dropped, as
-        :func:`compress` and checkpoint writing do; the default copies it out so a kept
-        ``CompressedTensor`` holds only its compressed bytes."""
+                  threads: int | None = None) -> "CompressedTensor":
+        """Compress raw value bits (flat, the unsigned int of the dtype's width)."""
         shape = tuple(int(s) for s in shape)
         codec = resolve_codec(codec, dtype)
         bits = np.ascontiguousarray(bits).reshape(-1)
@@ -104,8 +99,6 @@ class CompressedTensor:
         if codec == "entropy":
             payload, seg = entropy.encode(bits, dtype, threads)
             original = combine_digests(seg, bits.nbytes)
-            if compact:
-                payload = payload.copy()
         elif codec == "tbe":
             payload = tbe.encode(bits, dtype, shape, threads)
             original = checksum(bits, threads)
@@ -115,10 +108,9 @@ class CompressedTensor:
         return cls(codec, dtype, shape, payload, checksum(payload, threads), original)
 
     @classmethod
-    def from_tensor(cls, t, codec: str = "entropy", threads: int | None = None,
-                    compact: bool = True):
+    def from_tensor(cls, t, codec: str = "entropy", threads: int | None = None):
         bits, dtype, shape = tensor_to_bits(t)
-        return cls.from_bits(bits, dtype, shape, codec, threads, compact)
+        return cls.from_bits(bits, dtype, shape, codec, threads)
 
     # ------------------------------------------------------------------ bytes
     def header_bytes(self) -> bytes:
@@ -236,7 +228,7 @@ def bits_to_tensor(bits: np.ndarray, dtype: str, shape):
 # ----------------------------------------------------------------------------- top level
 def compress(t, codec: str = "entropy", threads: int | None = None) -> bytes:
     """Losslessly compress a tensor into a self-describing blob (``CompressedTensor``)."""
-    return CompressedTensor.from_tensor(t, codec, threads, compact=False).to_bytes()
+    return CompressedTensor.from_tensor(t, codec, threads).to_bytes()
 
 
 def decompress(blob, threads: int | None = None):

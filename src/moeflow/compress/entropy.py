@@ -31,7 +31,6 @@ off one 64-bit read. The payload ends in zero padding so those reads stay in bou
 
 from __future__ import annotations
 
-import ctypes
 import struct
 
 import numba as nb
@@ -246,26 +245,79 @@ def _pair_at(syms, i):
 
 
 @nb.njit(nogil=True, cache=True)
-def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, wb, rawbuf, pair, syms_present):
-    """Encode ``vals[a:a+n]`` at ``out[o:]``; returns the chunk's byte length."""
+def _exponents(vals, a, n, kind, syms):
+    """Symbols of ``vals[a:a+n]`` into ``syms[:n]`` (pass 1 needs no raw bytes)."""
+    v = vals[a:a + n]
+    if kind == 3:
+        for i in range(n):
+            syms[i] = np.uint8((v[i] >> np.uint32(23)) & np.uint32(0xFF))
+    elif kind == 1:
+        for i in range(n):
+            syms[i] = np.uint8((v[i] >> np.uint16(7)) & np.uint16(0xFF))
+    else:
+        for i in range(n):
+            syms[i] = np.uint8(v[i] >> np.uint16(8))
+
+
+@nb.njit(nogil=True, cache=True)
+def _plan_chunk(syms, n, kind, itemsize, lengths_row, sbytes_row):
+    """Pass 1 for one chunk: its code lengths and the exact byte length of each of its four
+    streams (``sbytes_row[0] = -1`` marks a chunk stored raw). Returns the chunk's bytes."""
     raw_w = 3 if kind == 3 else 1
+    lengths_row[:] = 0
     if n == 0:
-        out[o] = 1
+        sbytes_row[0] = -1
         return 1
-    # raw bytes to a scratch buffer; one memcpy puts them in place once the header is known
-    # (a forward byte move inside ``out`` cannot be vectorized: it may overlap)
-    _split(vals, a, n, kind, syms, rawbuf[:n * raw_w])
-    counts = _histogram(syms, n)
+    q = (n + 3) // 4
+    hq = np.zeros((4, 256), np.int64)
+    for j in range(4):
+        lo_j = min(n, j * q)
+        hi_j = min(n, (j + 1) * q)
+        hq[j] = _histogram(syms[lo_j:hi_j], hi_j - lo_j)
+    counts = hq[0] + hq[1] + hq[2] + hq[3]
     lengths = huffman_lengths(counts, MAX_LEN)
     bits = 0
     lo = 255
     hi = 0
+    for j in range(4):
+        bj = 0
+        for s in range(256):
+            bj += hq[j, s] * lengths[s]
+        sbytes_row[j] = (bj + 7) // 8
+        bits += bj
     for s in range(256):
         if counts[s] > 0:
-            bits += counts[s] * lengths[s]
             lo = min(lo, s)
             hi = max(hi, s)
     if CHUNK_OVERHEAD + n * raw_w + (bits + 7) // 8 >= n * itemsize:
+        sbytes_row[0] = -1
+        return 1 + n * itemsize
+    for s in range(256):
+        lengths_row[s] = lengths[s]
+    return (3 + (hi - lo + 2) // 2 + 16 + n * raw_w
+            + sbytes_row[0] + sbytes_row[1] + sbytes_row[2] + sbytes_row[3] + 32)
+
+
+@nb.njit(nogil=True, cache=True)
+def _plan_range(vals, u8, words, c_lo, c_hi, chunk_values, kind, itemsize, lengths, sbytes,
+                sizes, seg_out):
+    n_total = vals.shape[0]
+    syms = np.empty(chunk_values, np.uint8)
+    for c in range(c_lo, c_hi):
+        a = c * chunk_values
+        n = min(chunk_values, n_total - a)
+        _exponents(vals, a, n, kind, syms)
+        sizes[c] = _plan_chunk(syms, n, kind, itemsize, lengths[c], sbytes[c])
+        seg_out[c] = digest_range(u8, words, a * itemsize, (a + n) * itemsize, c)
+
+
+@nb.njit(nogil=True, cache=True)
+def _write_chunk(vals, a, n, kind, itemsize, out, o, syms, lengths, sbytes, pair, present):
+    """Pass 2 for one chunk: write it at ``out[o:]``, straight into its final place (its size
+    is known from pass 1). Returns 0, or -1 if the streams came out another size than planned.
+    """
+    raw_w = 3 if kind == 3 else 1
+    if sbytes[0] < 0:  # stored raw
         out[o] = 1
         p = o + 1
         for i in range(a, a + n):
@@ -273,7 +325,16 @@ def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, wb, rawbuf, pair, sy
             for b in range(itemsize):
                 out[p + b] = (v >> (8 * b)) & 0xFF
             p += itemsize
-        return p - o
+        return 0
+    lo = 255
+    hi = 0
+    m = 0
+    for s in range(256):
+        if lengths[s] > 0:
+            lo = min(lo, s)
+            hi = max(hi, s)
+            present[m] = s
+            m += 1
     codes, _ok = canonical_codes(lengths, MAX_LEN)
     out[o] = 0
     out[o + 1] = lo
@@ -287,9 +348,12 @@ def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, wb, rawbuf, pair, sy
             b |= lengths[s0 + 1] << 4
         out[p + k] = b
     p += (nsym + 1) // 2
-    lens_at = p
+    for j in range(4):
+        sl = sbytes[j] + 8
+        for b in range(4):
+            out[p + 4 * j + b] = (sl >> (8 * b)) & 0xFF
     p += 16
-    out[p:p + n * raw_w] = rawbuf[:n * raw_w]
+    _split(vals, a, n, kind, syms, out[p:p + n * raw_w])  # raw bytes land in place
     p += n * raw_w
     q = (n + 3) // 4
     cl = np.zeros(256, np.uint64)  # code | length << 32
@@ -298,90 +362,83 @@ def _encode_chunk(vals, a, n, kind, itemsize, out, o, syms, wb, rawbuf, pair, sy
     # pair table: entry ``s0 | s1 << 8`` is both codes back to back (<= 24 bits) and their
     # summed length, so one lookup and one append code two symbols; only pairs of symbols
     # present in the chunk are written (the others are never read)
-    m = 0
-    for s in range(256):
-        if counts[s] > 0:
-            syms_present[m] = s
-            m += 1
     for x in range(m):
-        s0 = syms_present[x]
+        s0 = present[x]
         l0 = np.uint64(lengths[s0])
         for y in range(m):
-            s1 = syms_present[y]
+            s1 = present[y]
             pair[s0 | (s1 << 8)] = ((codes[s0] | (codes[s1] << l0))
                                     | ((l0 + np.uint64(lengths[s1])) << np.uint64(32)))
-    cap = q * MAX_LEN // 8 + 16  # bytes per stream, with room for the 8-byte stores
-    if wb.shape[0] < 4 * cap:
-        wb = np.empty(4 * cap, np.uint8)
+    start = np.empty(4, np.int64)
     cnt = np.empty(4, np.int64)
     for j in range(4):
+        start[j] = p
+        p += sbytes[j] + 8
         cnt[j] = max(0, min(n, (j + 1) * q) - j * q)
+    # Streams are written in place. A flush stores 8 bytes at the stream's byte cursor, and
+    # the bytes past its pending bits are zero, so a stream never writes beyond its own
+    # 8 bytes of zero padding into the next stream.
     a0, a1, a2, a3 = np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0)
     n0, n1, n2, n3 = np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0)
-    k0, k1, k2, k3 = 0, cap, 2 * cap, 3 * cap
+    k0, k1, k2, k3 = start[0], start[1], start[2], start[3]
     nquads = cnt[3] // 4  # groups of two pairs every stream has (stream 3 is the shortest)
     # four streams interleaved (independent dependency chains), two pairs per flush
     if q % 2 == 0:  # every stream starts at an even symbol: read pairs as uint16 words
         s16 = syms[:n // 2 * 2].view(np.uint16)
         h = q // 2
         for i in range(0, 2 * nquads, 2):
-            a0, n0, k0 = _put2b(pair[s16[i]], pair[s16[i + 1]], a0, n0, k0, wb)
-            a1, n1, k1 = _put2b(pair[s16[i + h]], pair[s16[i + h + 1]], a1, n1, k1, wb)
-            a2, n2, k2 = _put2b(pair[s16[i + 2 * h]], pair[s16[i + 2 * h + 1]], a2, n2, k2, wb)
-            a3, n3, k3 = _put2b(pair[s16[i + 3 * h]], pair[s16[i + 3 * h + 1]], a3, n3, k3, wb)
+            a0, n0, k0 = _put2b(pair[s16[i]], pair[s16[i + 1]], a0, n0, k0, out)
+            a1, n1, k1 = _put2b(pair[s16[i + h]], pair[s16[i + h + 1]], a1, n1, k1, out)
+            a2, n2, k2 = _put2b(pair[s16[i + 2 * h]], pair[s16[i + 2 * h + 1]], a2, n2, k2,
+                                out)
+            a3, n3, k3 = _put2b(pair[s16[i + 3 * h]], pair[s16[i + 3 * h + 1]], a3, n3, k3,
+                                out)
     else:
         for i in range(0, 4 * nquads, 4):
             a0, n0, k0 = _put2b(pair[_pair_at(syms, i)], pair[_pair_at(syms, i + 2)],
-                                a0, n0, k0, wb)
+                                a0, n0, k0, out)
             a1, n1, k1 = _put2b(pair[_pair_at(syms, i + q)], pair[_pair_at(syms, i + q + 2)],
-                                a1, n1, k1, wb)
+                                a1, n1, k1, out)
             a2, n2, k2 = _put2b(pair[_pair_at(syms, i + 2 * q)],
-                                pair[_pair_at(syms, i + 2 * q + 2)], a2, n2, k2, wb)
+                                pair[_pair_at(syms, i + 2 * q + 2)], a2, n2, k2, out)
             a3, n3, k3 = _put2b(pair[_pair_at(syms, i + 3 * q)],
-                                pair[_pair_at(syms, i + 3 * q + 2)], a3, n3, k3, wb)
+                                pair[_pair_at(syms, i + 3 * q + 2)], a3, n3, k3, out)
     accs = np.array([a0, a1, a2, a3], np.uint64)
     nacs = np.array([n0, n1, n2, n3], np.uint64)
     ks = np.array([k0, k1, k2, k3], np.int64)
     for j in range(4):
         acc, nacc, k = accs[j], nacs[j], ks[j]
         for i in range(j * q + 4 * nquads, j * q + cnt[j]):
-            acc, nacc, k = _put1b(cl[syms[i]], acc, nacc, k, wb)
-        _store8(wb, k, acc)
-        nbytes = k - j * cap + (np.int64(nacc) + 7) // 8
-        out[p:p + nbytes] = wb[j * cap: j * cap + nbytes]
-        p += nbytes
-        out[p:p + 8] = 0
-        p += 8
-        sl = nbytes + 8
-        for b in range(4):
-            out[lens_at + 4 * j + b] = (sl >> (8 * b)) & 0xFF
-    return p - o
+            acc, nacc, k = _put1b(cl[syms[i]], acc, nacc, k, out)
+        if k - start[j] + (np.int64(nacc) + 7) // 8 != sbytes[j]:
+            return -1
+        _store8(out, k, acc)  # the last partial byte, then zeros
+        out[start[j] + sbytes[j]:start[j] + sbytes[j] + 8] = 0
+    return 0
 
 
 @nb.njit(nogil=True, cache=True)
-def _encode_range(vals, u8, words, c_lo, c_hi, chunk_values, kind, itemsize, out, base, cap,
-                  lengths_out, seg_out):
+def _write_range(vals, c_lo, c_hi, chunk_values, kind, itemsize, out, offsets, lengths, sbytes):
     n_total = vals.shape[0]
     syms = np.empty(chunk_values, np.uint8)
-    wb = np.empty(4 * ((chunk_values + 3) // 4 * MAX_LEN // 8 + 16), np.uint8)
-    rawbuf = np.empty(3 * chunk_values, np.uint8)
     pair = np.empty(1 << 16, np.uint64)
-    syms_present = np.empty(256, np.int64)
+    present = np.empty(256, np.int64)
     for c in range(c_lo, c_hi):
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
-        lengths_out[c] = _encode_chunk(vals, a, n, kind, itemsize, out, base + c * cap, syms, wb,
-                                       rawbuf, pair, syms_present)
-        seg_out[c] = digest_range(u8, words, a * itemsize, (a + n) * itemsize, c)
+        if _write_chunk(vals, a, n, kind, itemsize, out, offsets[c], syms, lengths[c],
+                        sbytes[c], pair, present) != 0:
+            return -1
+    return 0
 
 
 def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
     """Encode raw value bits (flat uint16/uint32). Returns (payload, segment digests).
 
-    Chunks are encoded in parallel into fixed slots of one buffer, then slid down in place
-    behind the header, so no second payload-sized buffer is allocated (fresh memory costs a
-    page fault per 4 KiB on first touch). The payload is a view of that buffer, which is
-    about the original size; copy it to keep only the payload's bytes alive.
+    Two parallel passes over the chunks. Pass 1 takes each chunk's exponent histograms (one
+    per stream), its code lengths and so its exact size in bytes; pass 2 writes every chunk
+    straight into its final place in a payload allocated at its exact size, so nothing is
+    moved or copied afterwards.
     """
     spec = float_spec(dtype)
     kind = _KIND[dtype]
@@ -390,28 +447,32 @@ def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
     n = vals.size
     chunk_values = SEGMENT_BYTES // spec.itemsize
     n_chunks = (n + chunk_values - 1) // chunk_values
-    cap = chunk_values * spec.itemsize + 256  # > any chunk's bytes, so slot tails stay free
-    base = _HEAD.size + 8 * n_chunks
-    buf = np.empty(base + max(1, n_chunks) * cap, np.uint8)
-    lens = np.zeros(n_chunks, np.int64)
+    lengths = np.zeros((n_chunks, 256), np.int64)
+    sbytes = np.zeros((n_chunks, 4), np.int64)
+    sizes = np.zeros(n_chunks, np.int64)
     seg = np.zeros(n_chunks, np.uint64)
     u8 = readonly(vals.view(np.uint8))
     w = words_view(u8)
     if n_chunks:
-        run_parallel(lambda lo, hi: _encode_range(vals, u8, w, lo, hi, chunk_values, kind,
-                                                  spec.itemsize, buf, base, cap, lens, seg),
+        run_parallel(lambda lo, hi: _plan_range(vals, u8, w, lo, hi, chunk_values, kind,
+                                                spec.itemsize, lengths, sbytes, sizes, seg),
                      n_chunks, threads)
-    ends = np.cumsum(lens)
-    buf[:base] = np.frombuffer(_HEAD.pack(spec.code, MAX_LEN, 0, chunk_values, n, n_chunks)
-                               + ends.astype(np.uint64).tobytes(), np.uint8)
-    addr = buf.ctypes.data
-    for c in range(1, n_chunks):  # chunk c moves from its slot to right after chunk c-1
-        ctypes.memmove(addr + base + int(ends[c - 1]), addr + base + c * cap, int(lens[c]))
+    ends = np.cumsum(sizes)
+    base = _HEAD.size + 8 * n_chunks
     body = base + (int(ends[-1]) if n_chunks else 0)
     # zero tail: whole 64-bit words, plus one, so the decoder's two-word peeks stay in bounds
-    size = body + (-body) % 8 + 8
-    buf[body:size] = 0
-    return buf[:size], seg
+    out = np.empty(body + (-body) % 8 + 8, np.uint8)
+    out[:base] = np.frombuffer(_HEAD.pack(spec.code, MAX_LEN, 0, chunk_values, n, n_chunks)
+                               + ends.astype(np.uint64).tobytes(), np.uint8)
+    out[body:] = 0
+    offsets = base + ends - sizes
+    if n_chunks:
+        errs = run_parallel(lambda lo, hi: _write_range(vals, lo, hi, chunk_values, kind,
+                                                        spec.itemsize, out, offsets, lengths,
+                                                        sbytes), n_chunks, threads)
+        if any(errs):  # an encoder bug, not bad input: never ship a payload that may be wrong
+            raise RuntimeError("entropy encoder wrote streams of another size than planned")
+    return out, seg
 
 
 # ----------------------------------------------------------------------------- decode
