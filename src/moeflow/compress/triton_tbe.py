@@ -162,6 +162,30 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+MAX_TOKENS = 128  # the fused GEMMs are for skinny activations
+
+
+def skinny_input(x, m: TBEMatrix):
+    """Validate ``x`` for ``x @ W^T`` with W in TBE form; returns (leading shape, x as a
+    contiguous-rows ``(N, in_features)`` view). Shared by the fused-GEMM kernels."""
+    if len(m.shape) != 2:
+        raise InputError(f"tbe_linear needs a 2-D weight, got shape {m.shape}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise InputError("tbe_linear needs x as a tensor of shape (..., in_features)")
+    if x.dtype != m.dtype or x.shape[-1] != m.cols:
+        raise InputError(f"x {tuple(x.shape)} {x.dtype} does not match W {m.shape} {m.dtype}: "
+                         f"x must be (..., {m.cols}) {m.dtype}")
+    if x.device != m.planes.device:
+        raise InputError(f"x is on {x.device} but W is on {m.planes.device}")
+    x2 = x.reshape(-1, m.cols)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] > MAX_TOKENS:
+        raise InputError(f"tbe_linear is for skinny activations (1-{MAX_TOKENS} tokens), "
+                         f"got {x2.shape[0]}")
+    return x.shape[:-1], x2
+
+
 def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
                num_warps: int = 4) -> torch.Tensor:
     """``x @ W^T`` with W ``(out_features, in_features)`` kept in TBE form; x is ``(..., in)``

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeflow.compress.triton_tbe import TBEMatrix, _interpreted, _num_sms
+from moeflow.compress.triton_tbe import TBEMatrix, _interpreted, _num_sms, skinny_input
 from moeflow.errors import ConfigError, InputError
 
 SLAB_ROWS = (16, 32, 64)
@@ -352,29 +352,15 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
     """
     if not isinstance(m, TBEMatrix):
         raise InputError(f"tbe_linear takes a TBEMatrix, got {type(m).__name__}")
-    if len(m.shape) != 2:
-        raise InputError(f"tbe_linear needs a 2-D weight, got shape {m.shape}")
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise InputError("tbe_linear needs x as a tensor of shape (..., in_features)")
-    if x.dtype != m.dtype or x.shape[-1] != m.cols:
-        raise InputError(f"x {tuple(x.shape)} {x.dtype} does not match W {m.shape} {m.dtype}: "
-                         f"x must be (..., {m.cols}) {m.dtype}")
-    if x.device != m.planes.device:
-        raise InputError(f"x is on {x.device} but W is on {m.planes.device}")
     if mode not in MODES:
         raise ConfigError("mode", mode, f"one of {MODES}")
     _check_slab_rows(rows_per_slab)
     _check_warps(num_warps)
     _check_layout(layout)
+    lead, x_NC = skinny_input(x, m)
     if out_dtype is None:
         out_dtype = x.dtype
-    lead = x.shape[:-1]
-    x_NC = x.reshape(-1, m.cols)
-    if x_NC.stride(-1) != 1:
-        x_NC = x_NC.contiguous()
     N = x_NC.shape[0]
-    if N > 128:
-        raise InputError(f"tbe_linear is for skinny activations (1-128 tokens), got {N}")
     R, C = m.rows, m.cols
     BR, BC = m.blocks
     if N == 0 or R == 0:

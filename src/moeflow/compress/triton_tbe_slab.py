@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeflow.compress.triton_tbe import TBEMatrix, _interpreted, _num_sms
-from moeflow.errors import InputError
+from moeflow.compress.triton_tbe import TBEMatrix, _interpreted, _num_sms, skinny_input
 
 
 @triton.jit
@@ -169,17 +168,8 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
                num_warps: int = 4) -> torch.Tensor:
     """``x @ W^T`` with W ``(out_features, in_features)`` kept in TBE form; x is ``(..., in)``
     with at most 128 rows once flattened. Accumulates in fp32, returns ``x.dtype``."""
-    if len(m.shape) != 2:
-        raise InputError(f"tbe_linear needs a 2-D weight, got shape {m.shape}")
-    if x.dtype != m.dtype or x.shape[-1] != m.cols:
-        raise InputError(f"x {tuple(x.shape)} {x.dtype} does not match W {m.shape} {m.dtype}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, m.cols)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead, x2 = skinny_input(x, m)
     N = x2.shape[0]
-    if N > 128:
-        raise InputError(f"tbe_linear is for skinny activations (<= 128 tokens), got {N}")
     R, C = m.rows, m.cols
     BR, BC = m.blocks
     if split_k is None:  # enough programs to cover every SM about four times
