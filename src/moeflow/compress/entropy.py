@@ -554,7 +554,8 @@ def _build_multi(lengths, codes, single, multi, order, unc):
     to four codes (symbols by code length, so each level stops at the first code that does
     not fit), where a sequence owns the indices whose following bits start no code that
     fits in the bits left. Those "uncovered" patterns depend only on the number of bits
-    left, ``r``, and are listed once per table: ``unc[ustart[r]:ustart[r + 1]]``.
+    left, ``r``, and are listed once per table: ``unc[ustart[r]:ustart[r + 1]]``. The last
+    level (a fourth code after three) is one pass over the bits left instead.
     """
     m = 0
     for l in range(1, MAX_LEN + 1):
@@ -600,16 +601,16 @@ def _build_multi(lengths, codes, single, multi, order, unc):
                     break
                 p3 = p2 | (np.int64(codes[s3]) << u2)
                 u3 = u2 + lengths[s3]
-                e3 = e2 | (s3 << 16)
-                _node(multi, unc, ustart, p3, u3, e3 | (3 << 32) | (u3 << 40))
-                for d in range(m):  # four codes: the entry is full, it owns every index
-                    s4 = order[d]
-                    if u3 + lengths[s4] > MAX_LEN:
-                        break
-                    u4 = u3 + lengths[s4]
-                    e4 = np.uint64(e3 | (s4 << 24) | (4 << 32) | (u4 << 40))
-                    for idx in range(p3 | (np.int64(codes[s4]) << u3), TABLE_SIZE, 1 << u4):
-                        multi[idx] = e4
+                e3 = e2 | (s3 << 16) | (3 << 32) | (u3 << 40)
+                # the last level in one branch-free pass over the r bits left: a fourth code
+                # that fits (looked up in ``single``) is added to the entry, else it keeps 3
+                r = MAX_LEN - u3
+                for x in range(1 << r):
+                    e = np.int64(single[x])
+                    l = e >> 8
+                    ok = np.int64(l != 0) & np.int64(l <= r)
+                    multi[p3 | (x << u3)] = np.uint64(
+                        e3 + ok * (((e & 0xFF) << 24) | (1 << 32) | (l << 40)))
 
 
 @nb.njit(nogil=True, cache=True)
