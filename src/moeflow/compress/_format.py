@@ -205,21 +205,24 @@ def _merge(h, v):
     return _rotl(h, 27) * _P1 + _P4
 
 
-@nb.njit(nogil=True, cache=True)
-def digest_range(buf, words, start, end, seed):
-    """Version-2 digest of ``buf[start:end]`` (see the module docstring); ``words`` is
-    ``buf`` viewed as uint64 (its whole-word prefix) and ``start`` is a multiple of 8.
-    Indices are unsigned so that numba emits no negative-index fix-ups, which would stop
-    LLVM from vectorizing the eight lanes."""
+@nb.njit(inline="always")
+def digest_init(seed):
+    """Version-2 digest state for a segment seeded with ``seed``: (sd, lanes, keys)."""
+    sd = np.uint64(seed) * _P2
+    return (sd, (sd ^ _K0, sd ^ _K1, sd ^ _K2, sd ^ _K3, sd ^ _K4, sd ^ _K5, sd ^ _K6, sd ^ _K7),
+            (_K0 + sd, _K1 + sd, _K2 + sd, _K3 + sd, _K4 + sd, _K5 + sd, _K6 + sd, _K7 + sd))
+
+
+@nb.njit(inline="always")
+def digest_stripes(words, w, wend, lanes, keys):
+    """Feed the whole 64-byte stripes of ``words[w:wend]`` into the lanes; returns the next
+    word index and the new lanes and keys. Indices are unsigned so that numba emits no
+    negative-index fix-ups, which would stop LLVM from vectorizing the eight lanes."""
     u = np.uint64
-    sd = u(seed) * _P2
-    a0, a1, a2, a3 = sd ^ _K0, sd ^ _K1, sd ^ _K2, sd ^ _K3
-    a4, a5, a6, a7 = sd ^ _K4, sd ^ _K5, sd ^ _K6, sd ^ _K7
-    k0, k1, k2, k3 = _K0 + sd, _K1 + sd, _K2 + sd, _K3 + sd
-    k4, k5, k6, k7 = _K4 + sd, _K5 + sd, _K6 + sd, _K7 + sd
-    w = u(start) // u(8)
-    wend = u(end) // u(8)
-    while w + u(8) <= wend:
+    a0, a1, a2, a3, a4, a5, a6, a7 = lanes
+    k0, k1, k2, k3, k4, k5, k6, k7 = keys
+    w = u(w)
+    while w + u(8) <= u(wend):
         a0 = _acc(a0, words[w], k0)
         a1 = _acc(a1, words[w + u(1)], k1)
         a2 = _acc(a2, words[w + u(2)], k2)
@@ -231,9 +234,19 @@ def digest_range(buf, words, start, end, seed):
         k0, k1, k2, k3 = k0 + _G, k1 + _G, k2 + _G, k3 + _G
         k4, k5, k6, k7 = k4 + _G, k5 + _G, k6 + _G, k7 + _G
         w += u(8)
+    return w, (a0, a1, a2, a3, a4, a5, a6, a7), (k0, k1, k2, k3, k4, k5, k6, k7)
+
+
+@nb.njit(inline="always")
+def digest_finish(buf, words, start, end, w, sd, lanes):
+    """Fold the lanes, then the tail words from ``w`` and the tail bytes, into the digest."""
+    u = np.uint64
+    a0, a1, a2, a3, a4, a5, a6, a7 = lanes
     h = (u(end) - u(start)) * _P5 + sd
     h = _merge(_merge(_merge(_merge(h, a0), a1), a2), a3)
     h = _merge(_merge(_merge(_merge(h, a4), a5), a6), a7)
+    wend = u(end) // u(8)
+    w = u(w)
     while w < wend:
         h = _merge(h, words[w])
         w += u(1)
@@ -243,6 +256,17 @@ def digest_range(buf, words, start, end, seed):
         h = _rotl(h, 11) * _P1
         p += u(1)
     return _avalanche(h)
+
+
+@nb.njit(nogil=True, cache=True)
+def digest_range(buf, words, start, end, seed):
+    """Version-2 digest of ``buf[start:end]`` (see the module docstring); ``words`` is
+    ``buf`` viewed as uint64 (its whole-word prefix) and ``start`` is a multiple of 8.
+    ``digest_init`` / ``digest_stripes`` / ``digest_finish`` compute the same digest piece
+    by piece, so a decoder can digest what it has just written while it is in cache."""
+    sd, lanes, keys = digest_init(seed)
+    w, lanes, keys = digest_stripes(words, start // 8, end // 8, lanes, keys)
+    return digest_finish(buf, words, start, end, w, sd, lanes)
 
 
 @nb.njit(nogil=True, cache=True)

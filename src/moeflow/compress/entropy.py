@@ -37,8 +37,9 @@ import numba as nb
 import numpy as np
 
 from moeflow.errors import CorruptDataError
-from moeflow.compress._format import (SEGMENT_BYTES, FLOAT_SPECS, CHECKSUM_VERSION, digest_range,
-                                      digest_range_v1, float_spec,
+from moeflow.compress._format import (SEGMENT_BYTES, FLOAT_SPECS, CHECKSUM_VERSION, digest_finish,
+                                      digest_init, digest_range, digest_range_v1,
+                                      digest_stripes, float_spec,
                                       readonly, run_parallel, words_view)
 
 MAX_LEN = 12
@@ -507,6 +508,28 @@ def _compose32(syms, raw, out):
                   | (np.uint32(raw[3 * i + 1]) << np.uint32(8)) | np.uint32(raw[3 * i]))
 
 
+COMPOSE_BLOCK = 4096  # values composed, then digested, while they are in L1
+
+
+@nb.njit(nogil=True, cache=True)
+def _compose_digest(kind, itemsize, syms, buf, raw, n, out, a, u8, words, seed):
+    """Compose ``out[a:a+n]`` block by block and feed each block into the version-2 digest
+    of that byte range right after writing it (same digest as ``digest_range``). A block's
+    bytes are a multiple of the 64-byte stripe, so blocks end on stripe boundaries."""
+    raw_w = 3 if kind == 3 else 1
+    start = a * itemsize
+    sd, lanes, keys = digest_init(seed)
+    w = start // 8
+    for b0 in range(0, n, COMPOSE_BLOCK):
+        b1 = min(n, b0 + COMPOSE_BLOCK)
+        if kind == 3:
+            _compose32(syms[b0:b1], buf[raw + 3 * b0:raw + 3 * b1], out[a + b0:a + b1])
+        else:
+            _compose16(kind, syms[b0:b1], buf[raw + b0:raw + b1], out[a + b0:a + b1])
+        w, lanes, keys = digest_stripes(words, w, (a + b1) * itemsize // 8, lanes, keys)
+    return digest_finish(u8, words, start, (a + n) * itemsize, w, sd, lanes)
+
+
 @nb.njit(nogil=True, cache=True)
 def _compose_all(kind, syms, buf, raw, n, out, a):
     if kind == 3:
@@ -615,7 +638,7 @@ def _build_multi(lengths, codes, single, multi, order, unc):
 
 @nb.njit(nogil=True, cache=True)
 def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single, multi, order,
-                  unc, prev):
+                  unc, prev, u8, owords, seg_out, c, version):
     """Decode one chunk ``buf[pos:end]`` into ``out[a:a+n]``. Returns 0, or a negative error
     code; every read is bounds-checked so corrupt bytes cannot crash the process.
 
@@ -635,6 +658,9 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
             for b in range(itemsize):
                 v |= np.uint32(buf[pos + i * itemsize + b]) << (8 * b)
             out[a + i] = v
+        seg_out[c] = (digest_range(u8, owords, a * itemsize, (a + n) * itemsize, c)
+                      if version == 2 else
+                      digest_range_v1(u8, owords, a * itemsize, (a + n) * itemsize, c))
         return 0
     if mode != 0 or n == 0:
         return -3
@@ -736,7 +762,11 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
             p += e >> 8
         if (p + 7) // 8 != sstart[j] + slen[j] - 8:  # a stream must end in its last data byte
             return -12
-    _compose_all(kind, syms, buf, raw, n, out, a)
+    if version == 2:
+        seg_out[c] = _compose_digest(kind, itemsize, syms, buf, raw, n, out, a, u8, owords, c)
+    else:
+        _compose_all(kind, syms, buf, raw, n, out, a)
+        seg_out[c] = digest_range_v1(u8, owords, a * itemsize, (a + n) * itemsize, c)
     return 0
 
 
@@ -754,11 +784,9 @@ def _decode_range(buf, bwords, base, ends, c_lo, c_hi, chunk_values, n_total, ki
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
         err = _decode_chunk(buf, bwords, start, base + ends[c], n, kind, itemsize, out, a, syms,
-                            single, multi, order, unc, prev)
+                            single, multi, order, unc, prev, u8, words, seg_out, c, version)
         if err != 0:
             return err
-        seg_out[c] = (digest_range(u8, words, a * itemsize, (a + n) * itemsize, c) if version == 2
-                      else digest_range_v1(u8, words, a * itemsize, (a + n) * itemsize, c))
     return 0
 
 
