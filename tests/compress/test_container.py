@@ -6,7 +6,7 @@ import torch
 
 from moeflow.compress import CompressedTensor, compress, decompress
 from moeflow.compress.container import MAGIC, VERSION
-from moeflow.errors import CorruptDataError
+from moeflow.errors import CorruptDataError, InputError
 
 
 def test_header_fields_and_bytes_round_trip():
@@ -66,3 +66,33 @@ def test_payload_is_exactly_sized():
     owner = kept.payload if kept.payload.base is None else kept.payload.base
     assert owner.nbytes == kept.payload.nbytes < x.numel() * 2 * 0.75
     assert kept.to_bytes() == compress(x)
+
+
+@pytest.mark.parametrize("codec,dtype", [("entropy", torch.bfloat16), ("entropy", torch.float32),
+                                         ("tbe", torch.float16), ("raw", torch.int32)])
+def test_decompress_into_a_reused_buffer(codec, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(33, 70, generator=g) * 100).to(dtype)
+    blob = compress(x, codec)
+    buf = torch.empty_like(x)
+    got = decompress(blob, out=buf)
+    assert got is buf and torch.equal(buf.view(-1).view(torch.uint8), x.view(-1).view(torch.uint8))
+    y = (torch.randn(33, 70, generator=g) * 100).to(dtype)
+    decompress(compress(y, codec), out=buf)  # the same buffer again, other data
+    assert torch.equal(buf.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8))
+
+
+def test_decompress_out_must_fit():
+    x = torch.randn(8, 9).to(torch.bfloat16)
+    blob = compress(x)
+    for bad in (torch.empty(9, 8, dtype=torch.bfloat16), torch.empty(8, 9),
+                torch.empty(9, 8, dtype=torch.bfloat16).t(), "buffer",
+                torch.empty(8, 9, dtype=torch.bfloat16, requires_grad=True)):
+        with pytest.raises(InputError):
+            decompress(blob, out=bad)
+    with torch.no_grad():  # a parameter-like tensor is fine without autograd
+        p = torch.empty(8, 9, dtype=torch.bfloat16, requires_grad=True)
+        decompress(blob, out=p)
+    assert torch.equal(p.detach().view(torch.int16), x.view(torch.int16))
+    empty = torch.empty(0, 4, dtype=torch.bfloat16)
+    assert decompress(compress(empty), out=empty) is empty

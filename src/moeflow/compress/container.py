@@ -145,28 +145,39 @@ class CompressedTensor:
             raise CorruptDataError("payload checksum mismatch: the compressed bytes are corrupt")
 
     # ------------------------------------------------------------------ decode
-    def to_bits(self, threads: int | None = None) -> np.ndarray:
-        """Decoded raw bits (flat), verified against the original checksum."""
+    def to_bits(self, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Decoded raw bits (flat), verified against the original checksum. ``out`` (flat,
+        contiguous, the dtype's unsigned int) receives them if given; the entropy codec
+        decodes straight into it."""
         n = self.numel
         if self.codec == "entropy":
-            bits, seg = entropy.decode(self.payload, self.dtype, n, threads, self.version)
+            bits, seg = entropy.decode(self.payload, self.dtype, n, threads, self.version, out)
             got = combine_digests(seg, bits.nbytes, self.version)
         elif self.codec == "tbe":
             bits = tbe.decode(self.payload, self.dtype, self.shape, threads)
+            if out is not None:
+                bits = _into(bits, out)
             got = checksum(bits, threads, self.version)
         else:
             if self.payload.size != self.original_nbytes:
                 raise CorruptDataError(f"raw payload is {self.payload.size} bytes, expected "
                                        f"{self.original_nbytes}")
-            bits = self.payload.copy()
+            bits = (self.payload.copy() if out is None
+                    else _into(self.payload.view(_UINT[DTYPE_ITEMSIZE[self.dtype]]), out))
             got = checksum(bits, threads, self.version)
         if got != self.original_checksum:
             raise CorruptDataError("decoded data does not match the original checksum: "
                                    "the compressed bytes are corrupt")
         return bits
 
-    def to_tensor(self, threads: int | None = None):
-        return bits_to_tensor(self.to_bits(threads), self.dtype, self.shape)
+    def to_tensor(self, threads: int | None = None, out=None):
+        """The decoded tensor; with ``out`` (a contiguous CPU tensor of this dtype and shape)
+        the data is decoded into it and ``out`` is returned, so a buffer can be reused
+        without fresh allocations. On ``CorruptDataError`` its contents are undefined."""
+        if out is None:
+            return bits_to_tensor(self.to_bits(threads), self.dtype, self.shape)
+        self.to_bits(threads, _out_bits(out, self.dtype, self.shape))
+        return out
 
 
 def parse_header(buf: np.ndarray) -> tuple[int, CompressedTensor]:
@@ -217,6 +228,36 @@ def tensor_to_bits(t):
     return bits, name, tuple(t.shape)
 
 
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _into(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``bits`` copied into the caller's flat ``out`` array."""
+    bits = bits.reshape(-1)
+    if out.dtype != bits.dtype or out.shape != bits.shape or not out.flags.c_contiguous:
+        raise InputError(f"out must be a contiguous {bits.dtype.name}[{bits.size}] array")
+    out[:] = bits
+    return out
+
+
+def _out_bits(out, dtype: str, shape) -> np.ndarray:
+    """The raw-bits numpy view of a caller's ``out`` tensor, after checking it fits."""
+    import torch
+
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if (str(out.dtype).removeprefix("torch.") != dtype or tuple(out.shape) != tuple(shape)
+            or out.device.type != "cpu" or not out.is_contiguous()):
+        raise InputError(f"out must be a contiguous CPU {dtype} tensor of shape {tuple(shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise InputError("out requires grad; decode into it under torch.no_grad()")
+    flat = out.detach().reshape(-1)
+    if flat.numel() == 0:
+        return np.empty(0, _UINT[DTYPE_ITEMSIZE[dtype]])
+    return flat.view(torch.uint8).numpy().view(_UINT[DTYPE_ITEMSIZE[dtype]])
+
+
 def bits_to_tensor(bits: np.ndarray, dtype: str, shape):
     import torch
 
@@ -231,8 +272,11 @@ def compress(t, codec: str = "entropy", threads: int | None = None) -> bytes:
     return CompressedTensor.from_tensor(t, codec, threads).to_bytes()
 
 
-def decompress(blob, threads: int | None = None):
-    """The tensor a blob from :func:`compress` holds (bit-exact), or CorruptDataError."""
+def decompress(blob, threads: int | None = None, out=None):
+    """The tensor a blob from :func:`compress` holds (bit-exact), or CorruptDataError.
+
+    ``out``: a contiguous CPU tensor of the blob's dtype and shape to decode into (it is
+    returned); reusing one buffer avoids allocating, and first-touching, fresh memory."""
     ct = blob if isinstance(blob, CompressedTensor) else CompressedTensor.from_bytes(blob,
                                                                                 verify=False)
-    return ct.to_tensor(threads)
+    return ct.to_tensor(threads, out)

@@ -36,7 +36,7 @@ import struct
 import numba as nb
 import numpy as np
 
-from moeflow.errors import CorruptDataError
+from moeflow.errors import CorruptDataError, InputError
 from moeflow.compress._format import (SEGMENT_BYTES, FLOAT_SPECS, CHECKSUM_VERSION, digest_finish,
                                       digest_init, digest_range, digest_range_v1,
                                       digest_stripes, float_spec,
@@ -816,15 +816,20 @@ def parse_header(buf: np.ndarray):
 
 
 def decode(payload, dtype: str, n_expected: int, threads: int | None = None,
-           checksum_version: int = CHECKSUM_VERSION):
-    """Decode a payload. Returns (flat uint bits, segment digests of ``checksum_version``)."""
+           checksum_version: int = CHECKSUM_VERSION, out: np.ndarray | None = None):
+    """Decode a payload. Returns (flat uint bits, segment digests of ``checksum_version``);
+    ``out`` (flat, contiguous, the dtype's uint, ``n_expected`` long) receives the bits if
+    given."""
     buf = np.frombuffer(payload, np.uint8) if not isinstance(payload, np.ndarray) else payload
     buf = readonly(buf)
     spec, n, chunk_values, ends, base = parse_header(buf)
     if spec.name != dtype or n != n_expected:
         raise CorruptDataError(f"entropy payload holds {n} {spec.name} values; the container "
                                f"says {n_expected} {dtype}")
-    out = np.empty(n, spec.uint)
+    if out is None:
+        out = np.empty(n, spec.uint)
+    elif out.dtype != spec.uint or out.shape != (n,) or not out.flags.c_contiguous:
+        raise InputError(f"out must be a contiguous {np.dtype(spec.uint).name}[{n}] array")
     n_chunks = ends.size
     seg = np.zeros(n_chunks, np.uint64)
     u8 = readonly(out.view(np.uint8))
