@@ -129,15 +129,6 @@ def _rotl(x, r):
 
 
 @nb.njit(inline="always")
-def _load64(buf, pos):
-    # LLVM folds these byte loads into one unaligned 64-bit load.
-    return (np.uint64(buf[pos]) | (np.uint64(buf[pos + 1]) << np.uint64(8))
-            | (np.uint64(buf[pos + 2]) << np.uint64(16)) | (np.uint64(buf[pos + 3]) << np.uint64(24))
-            | (np.uint64(buf[pos + 4]) << np.uint64(32)) | (np.uint64(buf[pos + 5]) << np.uint64(40))
-            | (np.uint64(buf[pos + 6]) << np.uint64(48)) | (np.uint64(buf[pos + 7]) << np.uint64(56)))
-
-
-@nb.njit(inline="always")
 def _round(acc, lane):
     acc = acc + lane * _P2
     acc = _rotl(acc, 31)
