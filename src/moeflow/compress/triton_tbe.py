@@ -26,6 +26,20 @@ import triton.language as tl
 from moeflow.errors import InputError
 
 
+# Zero padding after the device streams: the unit kernels (triton_tbe_unit) read each tile
+# row's covered bytes and first fallbacks as whole int32 words, up to 12 bytes past its slot.
+COV_PAD = 16
+FB_PAD = 8
+
+
+def _pad_stream(t: torch.Tensor, extra: int, multiple: int) -> torch.Tensor:
+    """``t`` (1-D) followed by at least ``extra`` zeros, its length a multiple of ``multiple``."""
+    n = -(-(t.numel() + extra) // multiple) * multiple
+    out = torch.zeros(n, dtype=t.dtype, device=t.device)
+    out[: t.numel()] = t
+    return out
+
+
 @dataclass
 class TBEMatrix:
     """A TBE-compressed matrix resident on a device (tensors mirror ``tbe.TBEParts``)."""
@@ -40,8 +54,8 @@ class TBEMatrix:
     planes: torch.Tensor   # int32 [tiles * P * 2]: each 64-bit plane word as (lo, hi)
     cov_off: torch.Tensor  # int64 [blocks + 1]
     fb_off: torch.Tensor   # int64 [blocks + 1]
-    covered: torch.Tensor  # uint8 [n_covered] (at least one element)
-    fallback: torch.Tensor  # int16 [n_fallback] (at least one element)
+    covered: torch.Tensor  # uint8 [n_covered + COV_PAD, rounded up to a multiple of 4]
+    fallback: torch.Tensor  # int16 [n_fallback + FB_PAD, rounded up to even]
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -61,13 +75,17 @@ class TBEMatrix:
                 a = np.zeros(1, a.dtype)
             return torch.from_numpy(a.copy()).view(dt).to(device)
 
+        def stream(a: np.ndarray, dt) -> torch.Tensor:  # may be empty: padding follows
+            return torch.from_numpy(np.ascontiguousarray(a).copy()).view(dt).to(device)
+
         return cls(dtype=getattr(torch, parts.dtype), shape=tuple(shape), rows=parts.rows,
                    cols=parts.cols, numel=parts.numel, base=parts.base,
                    planes_per_tile=parts.planes_per_tile,
                    planes=dev(parts.planes.view(np.uint32), torch.int32),
                    cov_off=dev(parts.cov_off, torch.int64), fb_off=dev(parts.fb_off, torch.int64),
-                   covered=dev(parts.covered, torch.uint8),
-                   fallback=dev(parts.fallback.view(np.int16), torch.int16))
+                   covered=_pad_stream(stream(parts.covered, torch.uint8), COV_PAD, 4),
+                   fallback=_pad_stream(stream(parts.fallback.view(np.int16), torch.int16),
+                                        FB_PAD, 2))
 
     @classmethod
     def from_tensor(cls, w: torch.Tensor, device=None) -> "TBEMatrix":
@@ -142,7 +160,23 @@ def _tbe_decode_kernel(planes, cov_ptr, fb_ptr, cov_off, fb_off, out, R, C, n, b
 
 
 def tbe_decode(m: TBEMatrix) -> torch.Tensor:
-    """Dense tensor (original shape and dtype) of a TBE matrix, decoded on its device."""
+    """Dense tensor (original shape and dtype) of a TBE matrix, decoded on its device.
+
+    Runs the tile-row kernel of :mod:`moeflow.compress.triton_tbe_unit` when it takes ``m``
+    (2-D, last dimension a multiple of 8), else the row-mask popcount kernel of
+    :mod:`moeflow.compress.triton_tbe_rowpop`, which takes any TBE matrix."""
+    from moeflow.compress import triton_tbe_rowpop, triton_tbe_unit
+
+    if not isinstance(m, TBEMatrix):
+        raise InputError(f"tbe_decode takes a TBEMatrix, got {type(m).__name__}")
+    if triton_tbe_unit.supported(m):
+        return triton_tbe_unit.tbe_decode(m)
+    return triton_tbe_rowpop.tbe_decode(m)
+
+
+def tbe_decode_block(m: TBEMatrix) -> torch.Tensor:
+    """``tbe_decode`` with the first kernel (one program per block, element scans); kept as
+    the baseline the GPU benchmarks compare against."""
     out = torch.empty(max(1, m.numel), dtype=torch.int16, device=m.planes.device)
     BR, BC = m.blocks
     if m.numel:
@@ -186,17 +220,21 @@ def skinny_input(x, m: TBEMatrix):
     return x.shape[:-1], x2
 
 
-def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
-               num_warps: int = 4) -> torch.Tensor:
+def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None) -> torch.Tensor:
     """``x @ W^T`` with W ``(out_features, in_features)`` kept in TBE form; x is ``(..., in)``
     with at most 128 rows once flattened. Accumulates in fp32, returns ``x.dtype``.
 
-    Runs the slab-wise kernel of :mod:`moeflow.compress.triton_tbe_slab`, which measured 3.4x
-    faster on an H200 than a block-at-once kernel (benchmarks/results/gpu_2026-11-28_run3).
+    Runs :func:`moeflow.compress.triton_tbe_unit.tbe_linear` (weights decoded in registers and
+    multiplied on CUDA cores for few tokens; decode + ``torch.matmul`` for more) when it takes
+    ``m``, else the row-mask popcount kernel of :mod:`moeflow.compress.triton_tbe_rowpop`.
     """
-    from moeflow.compress.triton_tbe_slab import tbe_linear as slab_linear
+    from moeflow.compress import triton_tbe_rowpop, triton_tbe_unit
 
-    return slab_linear(x, m, split_k=split_k, num_warps=num_warps)
+    if not isinstance(m, TBEMatrix):
+        raise InputError(f"tbe_linear takes a TBEMatrix, got {type(m).__name__}")
+    if triton_tbe_unit.supported(m):
+        return triton_tbe_unit.tbe_linear(x, m, split_k=split_k)
+    return triton_tbe_rowpop.tbe_linear(x, m, split_k=split_k)
 
 
 def tbe_encode_torch(w: torch.Tensor) -> TBEMatrix:
@@ -265,10 +303,8 @@ def tbe_encode_torch(w: torch.Tensor) -> TBEMatrix:
     planes_i32 = planes_t.view(torch.int32)
     if planes_i32.numel() == 0:
         planes_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
-    if covered.numel() == 0:
-        covered = torch.zeros(1, dtype=torch.uint8, device=dev)
-    if fallback.numel() == 0:
-        fallback = torch.zeros(1, dtype=torch.int16, device=dev)
+    covered = _pad_stream(covered, COV_PAD, 4)
+    fallback = _pad_stream(fallback, FB_PAD, 2)
     return TBEMatrix(dtype=w.dtype, shape=shape, rows=R, cols=C, numel=n, base=base,
                      planes_per_tile=P, planes=planes_i32, cov_off=cov_off,
                      fb_off=fb_off, covered=covered, fallback=fallback)
