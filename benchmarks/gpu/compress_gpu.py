@@ -5,6 +5,12 @@ Weights are Gaussian bf16 (sigma 0.02, like trained weights), TBE-encoded on the
 checked before it is timed: decode must be bit-exact, and the fused GEMM must match
 ``torch.matmul(x, W.T)`` to bf16 rounding.
 
+Times are ``triton.testing.do_bench`` medians on the GPU (the L2 cache is flushed between
+runs, so a 32 MB weight is read from HBM as it would be in a model). Each row has the public
+``tbe_decode`` / ``tbe_linear`` (the kernels measured so far) and, beside them, the tile-row
+kernels of ``moeflow.compress.triton_tbe_unit`` ("unit"), the candidate default;
+``benchmarks/gpu/tbe_unit_gpu.py`` compares all their configurations.
+
 Targets (issue 5): decode >= 1.5 TB/s of bf16 output on the H200; fused GEMM faster than
 bf16 torch.matmul for N <= 8 on 28672x8192.
 
@@ -26,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
+from moeflow.compress import triton_tbe_unit as unit  # noqa: E402
 from moeflow.compress.triton_tbe import tbe_decode, tbe_encode_torch, tbe_linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
@@ -78,7 +85,13 @@ def main(argv=None) -> int:
     shapes = SMOKE_SHAPES if smoke else SHAPES
     tokens = SMOKE_TOKENS if smoke else TOKENS
     reps = args.reps or (1 if smoke else 20)
-    run = timer(device, warmup=0 if smoke else 3)
+    if device.type == "cuda":  # do_bench flushes the L2 cache between runs (60 MB on H200)
+        import triton.testing
+
+        def run(fn, reps):
+            return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    else:
+        run = timer(device, warmup=0)
     gen = torch.Generator(device=device).manual_seed(0)
     rows, failures = [], []
     for R, C in shapes:
@@ -95,11 +108,18 @@ def main(argv=None) -> int:
         if not exact:
             failures.append(f"decode {R}x{C} not bit-exact")
         del d
+        d = unit.tbe_decode(m)
+        unit_exact = bool(torch.equal(d.view(torch.int16), w.view(torch.int16)))
+        if not unit_exact:
+            failures.append(f"unit decode {R}x{C} not bit-exact")
+        del d
         t_dec = run(lambda: tbe_decode(m), reps)
+        t_unit = run(lambda: unit.tbe_decode(m), reps)
         t_copy = run(lambda: w.clone(), reps)
         row = {"shape": [R, C], "ratio": ratio, "compressed_bytes": m.nbytes,
-               "decode_exact": exact, "decode_ms": t_dec,
-               "decode_TBps_out": dense_bytes / t_dec / 1e9, "copy_ms": t_copy,
+               "decode_exact": exact and unit_exact, "decode_ms": t_dec,
+               "decode_TBps_out": dense_bytes / t_dec / 1e9, "unit_decode_ms": t_unit,
+               "unit_decode_TBps_out": dense_bytes / t_unit / 1e9, "copy_ms": t_copy,
                "copy_TBps": 2 * dense_bytes / t_copy / 1e9, "gemm": []}
         for N in tokens:
             x = torch.randn(N, C, generator=gen, device=device).to(torch.bfloat16)
@@ -111,17 +131,25 @@ def main(argv=None) -> int:
             ok = err <= 1e-2 * scale
             if not ok:
                 failures.append(f"gemm {R}x{C} N={N}: max err {err:.3g} (scale {scale:.3g})")
+            yu = unit.tbe_linear(x, m)
+            err_u = (yu.float() - ref32).abs().max().item()
+            if not err_u <= 1e-2 * scale:
+                failures.append(f"unit gemm {R}x{C} N={N}: max err {err_u:.3g}")
+                ok = False
             t_f = run(lambda: tbe_linear(x, m), reps)
+            t_u = run(lambda: unit.tbe_linear(x, m), reps)
             t_m = run(lambda: torch.matmul(x, w.T), reps)
             row["gemm"].append({
                 "N": N, "ok": ok, "max_abs_err": err, "ref_err_vs_fp32":
                 (ref.float() - ref32).abs().max().item(), "fused_ms": t_f, "matmul_ms": t_m,
-                "speedup": t_m / t_f, "fused_weight_TBps": m.nbytes / t_f / 1e9,
+                "speedup": t_m / t_f, "unit_ms": t_u, "unit_speedup": t_m / t_u,
+                "fused_weight_TBps": m.nbytes / t_f / 1e9,
                 "matmul_weight_TBps": dense_bytes / t_m / 1e9})
         rows.append(row)
-        print(f"{R}x{C}: ratio {ratio:.3f}, decode {row['decode_TBps_out']:.3f} TB/s "
-              f"(exact={exact}); " + ", ".join(
-                  f"N={g['N']} {g['speedup']:.2f}x" for g in row["gemm"]), flush=True)
+        print(f"{R}x{C}: ratio {ratio:.3f}, decode {row['decode_TBps_out']:.3f} TB/s, unit "
+              f"{row['unit_decode_TBps_out']:.3f} (exact={row['decode_exact']}); " + ", ".join(
+                  f"N={g['N']} {g['speedup']:.2f}x / unit {g['unit_speedup']:.2f}x"
+                  for g in row["gemm"]), flush=True)
         del w, m
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -138,18 +166,23 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump(info, f, indent=1)
     lines = [f"# TBE decode and fused decompress-GEMM ({info['device']}, {info['date']})", "",
-             f"Command: `{info['command']}`; median of {reps} runs; torch {info['torch']}.", "",
-             "| W (R x C) | ratio | decode exact | decode TB/s (bf16 out) | copy TB/s |",
-             "| --- | --- | --- | --- | --- |"]
+             f"Command: `{info['command']}`; "
+             + ("triton do_bench medians (L2 flushed)" if not smoke else f"median of {reps} runs")
+             + f"; torch {info['torch']}.", "",
+             "| W (R x C) | ratio | decode exact | decode TB/s (bf16 out) | unit decode TB/s "
+             "| copy TB/s |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['ratio']:.3f} | "
-                     f"{r['decode_exact']} | {r['decode_TBps_out']:.3f} | {r['copy_TBps']:.3f} |")
-    lines += ["", "| W (R x C) | N | ok | fused ms | matmul ms | speedup | fused TB/s "
-              "(compressed W) | matmul TB/s (W) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                     f"{r['decode_exact']} | {r['decode_TBps_out']:.3f} | "
+                     f"{r['unit_decode_TBps_out']:.3f} | {r['copy_TBps']:.3f} |")
+    lines += ["", "| W (R x C) | N | ok | fused ms | unit ms | matmul ms | speedup | unit speedup "
+              "| fused TB/s (compressed W) | matmul TB/s (W) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         for g in r["gemm"]:
             lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {g['N']} | {g['ok']} | "
-                         f"{g['fused_ms']:.4f} | {g['matmul_ms']:.4f} | {g['speedup']:.2f} | "
+                         f"{g['fused_ms']:.4f} | {g['unit_ms']:.4f} | {g['matmul_ms']:.4f} | "
+                         f"{g['speedup']:.2f} | {g['unit_speedup']:.2f} | "
                          f"{g['fused_weight_TBps']:.3f} | {g['matmul_weight_TBps']:.3f} |")
     if failures:
         lines += ["", "FAILURES: " + "; ".join(failures)]

@@ -162,21 +162,10 @@ def _tbe_decode_kernel(planes, cov_ptr, fb_ptr, cov_off, fb_off, out, R, C, n, b
 def tbe_decode(m: TBEMatrix) -> torch.Tensor:
     """Dense tensor (original shape and dtype) of a TBE matrix, decoded on its device.
 
-    Runs the tile-row kernel of :mod:`moeflow.compress.triton_tbe_unit` when it takes ``m``
-    (2-D, last dimension a multiple of 8), else the row-mask popcount kernel of
-    :mod:`moeflow.compress.triton_tbe_rowpop`, which takes any TBE matrix."""
-    from moeflow.compress import triton_tbe_rowpop, triton_tbe_unit
-
-    if not isinstance(m, TBEMatrix):
-        raise InputError(f"tbe_decode takes a TBEMatrix, got {type(m).__name__}")
-    if triton_tbe_unit.supported(m):
-        return triton_tbe_unit.tbe_decode(m)
-    return triton_tbe_rowpop.tbe_decode(m)
-
-
-def tbe_decode_block(m: TBEMatrix) -> torch.Tensor:
-    """``tbe_decode`` with the first kernel (one program per block, element scans); kept as
-    the baseline the GPU benchmarks compare against."""
+    This is the kernel measured bit-exact on an H200 (one program per block, element scans).
+    The tile-row kernels of :mod:`moeflow.compress.triton_tbe_unit` need far fewer
+    instructions per weight but have not run on a GPU yet; ``benchmarks/gpu/run_all.sh``
+    measures both, and the faster one becomes the default once it is measured."""
     out = torch.empty(max(1, m.numel), dtype=torch.int16, device=m.planes.device)
     BR, BC = m.blocks
     if m.numel:
@@ -220,21 +209,19 @@ def skinny_input(x, m: TBEMatrix):
     return x.shape[:-1], x2
 
 
-def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None) -> torch.Tensor:
+def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
+               num_warps: int = 4) -> torch.Tensor:
     """``x @ W^T`` with W ``(out_features, in_features)`` kept in TBE form; x is ``(..., in)``
     with at most 128 rows once flattened. Accumulates in fp32, returns ``x.dtype``.
 
-    Runs :func:`moeflow.compress.triton_tbe_unit.tbe_linear` (weights decoded in registers and
-    multiplied on CUDA cores for few tokens; decode + ``torch.matmul`` for more) when it takes
-    ``m``, else the row-mask popcount kernel of :mod:`moeflow.compress.triton_tbe_rowpop`.
+    Runs the slab-wise kernel of :mod:`moeflow.compress.triton_tbe_slab`, which measured 3.4x
+    faster on an H200 than a block-at-once kernel (benchmarks/results/gpu_2026-11-28_run3).
+    :func:`moeflow.compress.triton_tbe_unit.tbe_linear` is the candidate replacement (see
+    ``tbe_decode``).
     """
-    from moeflow.compress import triton_tbe_rowpop, triton_tbe_unit
+    from moeflow.compress.triton_tbe_slab import tbe_linear as slab_linear
 
-    if not isinstance(m, TBEMatrix):
-        raise InputError(f"tbe_linear takes a TBEMatrix, got {type(m).__name__}")
-    if triton_tbe_unit.supported(m):
-        return triton_tbe_unit.tbe_linear(x, m, split_k=split_k)
-    return triton_tbe_rowpop.tbe_linear(x, m, split_k=split_k)
+    return slab_linear(x, m, split_k=split_k, num_warps=num_warps)
 
 
 def tbe_encode_torch(w: torch.Tensor) -> TBEMatrix:

@@ -10,23 +10,29 @@ row-major order inside a 64x64 block, and a unit is 8 adjacent columns of one ro
 Per unit (amortized over 8 weights):
 
 - ``m = b0 | b1 | b2`` is the covered mask; ``popc(m)`` and ``8 - popc(m)`` are its stream
-  counts, and one scan over the units of a slab (packed as ``cov | fb << 16``) gives each
-  unit's first covered slot ``cu`` and first fallback slot ``fu``;
-- the codes are spread to one byte per weight with a multiply (``(x * 0x204081) &
-  0x01010101`` moves bit j of a nibble to bit 8j) and the window base is added bytewise, so
-  the biased exponent of weight ``i`` is byte ``i % 4`` of ``E[i // 4]``.
+  counts. The stream slots of a unit come from a scan: in ``layout="rows"`` (one thread per
+  matrix row) a thread walks its row's units in order and one scan over the block's row
+  totals adds up; ``layout="units"`` scans ``[rows, 8]`` units of a slab.
+- The unit's covered bytes (at most 8) and first 4 fallback values are loaded as aligned
+  int32 words and funnel-shifted into two registers each (``CA:CB``, ``FA:FB``); the device
+  streams carry zero padding for this (``triton_tbe.COV_PAD`` / ``FB_PAD``).
+- One 16-byte table row, indexed by ``m``, holds a ``prmt`` selector byte per weight: for
+  covered weight j with rank r (covered weights before it), nibbles ``(r, r | 8)`` pick its
+  byte from ``CA:CB`` and replicate its sign into the next byte; for a fallback weight with
+  f fallbacks before it, nibbles ``(2f, 2f + 1)`` pick its 16 bits from ``FA:FB``.
+- Three 8-byte table rows, indexed by the plane bytes, add up to one biased exponent per
+  byte (plane p's bit j sits at bit 8j + p; the window base is folded into plane 0's).
 
-Per weight ``i`` (unrolled, ``i`` is a constant):
-
-- ``rank = popc(m & (2^i - 1))``; the covered byte is ``cov[cu + rank]``, loaded sign-extended,
-  so ``s & 0x807F`` already has the sign at bit 15 and the mantissa at bits 0-6 (bf16);
-- ``bits = (s & 0x807F) | (byte_i(E) << 7)``;
-- a fallback weight (bit ``i`` of ``m`` clear) loads ``fb[fu + i - rank]`` instead.
+Per weight ``j`` (unrolled, so every shift is a constant): one ``prmt`` each for the covered
+byte ``s`` and the fallback value, ``bits = (s & 0x807F) | (exponent byte << 7)`` (bf16), and
+a select on bit j of ``m``. Units with more than 4 fallbacks load the rest one by one (a
+branch taken only when some unit of the program needs it).
 
 Weights are packed two per int32 and stored 16 bytes per unit. The layout needs every tile
-row to be entirely inside or entirely outside the matrix, and a base that keeps each biased
-exponent in its byte: ``supported(m)`` says when (2-D weights whose last dimension is a
-multiple of 8, window base >= 0); other matrices go to :mod:`triton_tbe_rowpop`.
+row to be entirely inside or entirely outside the matrix: ``supported(m)`` says when (2-D
+weights whose last dimension is a multiple of 8, under 2**31 elements); other matrices go to
+:mod:`triton_tbe_rowpop`. Under ``TRITON_INTERPRET=1`` the ``prmt`` and ``popc``
+instructions are emulated with integer ops (``HW=False``).
 """
 
 from __future__ import annotations
@@ -45,8 +51,8 @@ SLAB_ROWS = (16, 32, 64)
 
 def supported(m: TBEMatrix) -> bool:
     """True when the unit kernels handle ``m`` (see the module docstring)."""
-    return (m.cols % 8 == 0 and m.numel == m.rows * m.cols and m.base >= 0
-            and m.numel < 2**31 and m.planes.numel() < 2**31)
+    return (m.cols % 8 == 0 and m.numel == m.rows * m.cols and m.numel < 2**31
+            and m.planes.numel() < 2**31)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -157,7 +163,7 @@ def _load2(ptr, idx):
 
 @triton.jit
 def _unit_words(b0, b1, b2, b3, b4, b5, cu, fu, ok, slow, cov32, fb32, fb_ptr, tab,
-                IS_BF16: tl.constexpr, HW: tl.constexpr):
+                IS_BF16: tl.constexpr, HW: tl.constexpr, NEG: tl.constexpr):
     """The 8 weights of each unit as four int32 words (two bit patterns each, low half
     first), given its plane bytes and its first covered / fallback slots ``cu`` / ``fu``.
     ``slow`` (a scalar) says that some unit has more than 4 fallbacks. ``tab`` holds the
@@ -174,6 +180,9 @@ def _unit_words(b0, b1, b2, b3, b4, b5, cu, fu, ok, slow, cov32, fb32, fb_ptr, t
     s20, s21 = _load2(tab + 2048, b2)
     E0 = s00 + s10 + s20
     E1 = s01 + s11 + s21
+    if NEG:  # window base -1: the tables hold base + 1; covered weights take the 1 back
+        E0 -= ((cm & 0xF) * 0x204081) & 0x01010101
+        E1 -= (((cm >> 4) & 0xF) * 0x204081) & 0x01010101
     # the unit's covered bytes (at most 8) and first 4 fallback values, as aligned words
     cw = cu >> 2
     csh = (cu & 3) * 8
@@ -263,7 +272,7 @@ def _store_units(out32, idx, w0, w1, w2, w3, ok):
 @triton.jit
 def _decode_units_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, C, TC, BC,
                          tab, SR: tl.constexpr, P: tl.constexpr, IS_BF16: tl.constexpr,
-                         HW: tl.constexpr):
+                         HW: tl.constexpr, NEG: tl.constexpr):
     """One program per 64x64 block, as ``64 / SR`` slabs of ``[SR, 8]`` units (row, tile
     column); the slots of a unit come from a scan over the slab."""
     br = tl.program_id(0)
@@ -288,7 +297,7 @@ def _decode_units_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R,
         slow = tl.max(nfb) > 4
         w0, w1, w2, w3 = _unit_words(b0, b1, b2, b3, b4, b5, c_run + (excl & 0xFFFF),
                                      f_run + (excl >> 16), ok, slow, cov32, fb32, fb_ptr,
-                                     tab, IS_BF16, HW)
+                                     tab, IS_BF16, HW, NEG)
         tot = tl.sum(row_tot)
         c_run += tot & 0xFFFF
         f_run += tot >> 16
@@ -306,7 +315,7 @@ def _row_starts(planes, cov_off, fb_off, br, bok, row, rok, bc, BC, TC, wrow, sh
     f0 = tl.load(fb_off + blk, mask=bok, other=0).to(tl.int32)
     tot = row * 0
     most = row * 0                                               # most fallbacks in a unit
-    for t in tl.static_range(8):
+    for t in range(8):
         tc = bc * 8 + t
         ok = rok & ((row * 0 + tc) < TC)
         b0, b1, b2, b3, b4, b5 = _plane_bytes(planes, wrow + tc * (2 * P), sh, ok, P, IS_BF16)
@@ -322,7 +331,7 @@ def _row_starts(planes, cov_off, fb_off, br, bok, row, rok, bc, BC, TC, wrow, sh
 @triton.jit
 def _decode_rows_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, C, TC, BC,
                         tab, RB: tl.constexpr, P: tl.constexpr, IS_BF16: tl.constexpr,
-                        HW: tl.constexpr):
+                        HW: tl.constexpr, NEG: tl.constexpr):
     """One thread per matrix row: a program owns ``RB`` block rows (``64 * RB`` rows) of one
     block column, and each thread walks the 8 units of its row in order, so the slots of a
     unit are the thread's running counts plus one scan over the block's row totals."""
@@ -336,13 +345,13 @@ def _decode_rows_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, 
     run_c, run_f, slow = _row_starts(planes, cov_off, fb_off, br, br * 64 < R, row, rok, bc,
                                      BC, TC, wrow, sh, P, IS_BF16, HW)
     # decode the units in order (the plane loads hit L1)
-    for t in tl.static_range(8):
+    for t in range(8):
         tc = bc * 8 + t
         ok = rok & ((row * 0 + tc) < TC)
         b0, b1, b2, b3, b4, b5 = _plane_bytes(planes, wrow + tc * (2 * P), sh, ok, P, IS_BF16)
         ncov = _popc_hw(b0 | b1 | b2, HW)
         w0, w1, w2, w3 = _unit_words(b0, b1, b2, b3, b4, b5, run_c, run_f, ok, slow, cov32,
-                                     fb32, fb_ptr, tab, IS_BF16, HW)
+                                     fb32, fb_ptr, tab, IS_BF16, HW, NEG)
         _store_units(out32, (row * C + tc * 8) // 2, w0, w1, w2, w3, ok)
         run_c += ncov
         run_f += tl.where(ok, 8, 0) - ncov
@@ -368,7 +377,7 @@ def _as_f32(w, HI: tl.constexpr, IS_BF16: tl.constexpr):
 def _linear_rows_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab, y_ptr,
                         N, R, C, TC, BC, stride_xn, stride_ys, stride_yn, blocks_per_split,
                         RB: tl.constexpr, BN: tl.constexpr, P: tl.constexpr,
-                        IS_BF16: tl.constexpr, HW: tl.constexpr):
+                        IS_BF16: tl.constexpr, HW: tl.constexpr, NEG: tl.constexpr):
     """``y[split, n, r] = sum_k x[n, k] W[r, k]`` over this split's block columns, one thread
     per row r of W, multiplying on CUDA cores as it decodes (the weights stay in registers).
 
@@ -398,7 +407,7 @@ def _linear_rows_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab
     for bc in range(b_lo, b_hi):
         run_c, run_f, slow = _row_starts(planes, cov_off, fb_off, br, bok, row, rok, bc, BC,
                                          TC, wrow, sh, P, IS_BF16, HW)
-        for t in tl.static_range(8):
+        for t in range(8):
             tc = bc * 8 + t
             if tc < TC:  # units past the last column hold no weights
                 ok = rok
@@ -406,7 +415,7 @@ def _linear_rows_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab
                                                       IS_BF16)
                 ncov = _popc_hw(b0 | b1 | b2, HW)
                 w0, w1, w2, w3 = _unit_words(b0, b1, b2, b3, b4, b5, run_c, run_f, ok, slow,
-                                             cov32, fb32, fb_ptr, tab, IS_BF16, HW)
+                                             cov32, fb32, fb_ptr, tab, IS_BF16, HW, NEG)
                 run_c += ncov
                 run_f += tl.where(ok, 8, 0) - ncov
                 # the unit's 8 inputs of each token (one 16-byte load), split into 8 [BN, 1, 1]
@@ -451,8 +460,8 @@ def _check(m: TBEMatrix, layout: str, rows_per_slab: int, num_warps: int,
         raise ConfigError("block_rows", block_rows, "1, 2 or 4")
     if not supported(m):
         raise InputError("the unit TBE kernels need a 2-D matrix whose last dimension is a "
-                         "multiple of 8, under 2**31 elements, and a window base >= 0 (the "
-                         "kernels in triton_tbe_rowpop take any TBE matrix)")
+                         "multiple of 8 and under 2**31 elements (the kernels in "
+                         "triton_tbe_rowpop take any TBE matrix)")
 
 
 _TABLES: dict = {}
@@ -475,7 +484,9 @@ def _tables_np(base: int) -> np.ndarray:
             for j in range(8):
                 if b >> j & 1:
                     sp[p, b, j // 4] += 1 << (8 * (j % 4) + p)
-    sp[0] += base * 0x01010101      # bytes stay below 256: base + code <= 255
+    # bytes stay in 0..255: base + code <= 255, and a base of -1 is stored as 0 (the kernels
+    # subtract 1 from covered weights' bytes then; NEG)
+    sp[0] += max(base, 0) * 0x01010101
     return np.concatenate([qf.reshape(-1), sp.astype(np.uint32).reshape(-1)]).view(np.int32)
 
 
@@ -506,7 +517,7 @@ def tbe_decode(m: TBEMatrix, layout: str = "rows", rows_per_slab: int = 32,
         args = (*_streams(m), m.cov_off, m.fb_off, out.view(torch.int32), m.rows, m.cols,
                 m.cols // 8, BC, _tables(m))
         common = dict(P=m.planes_per_tile, IS_BF16=m.dtype == torch.bfloat16,
-                      HW=not _interpreted())
+                      HW=not _interpreted(), NEG=m.base < 0)
         if layout == "rows":
             _decode_rows_kernel[(-(-BR // block_rows), BC)](*args, RB=block_rows, **common,
                                                             num_warps=2 * block_rows)
@@ -562,7 +573,7 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
     split_k = -(-BC // per)  # no empty splits
     out = torch.empty((N, R), dtype=torch.float32, device=x.device)
     common = dict(P=m.planes_per_tile, IS_BF16=m.dtype == torch.bfloat16,
-                  HW=not _interpreted(), RB=block_rows,
+                  HW=not _interpreted(), NEG=m.base < 0, RB=block_rows,
                   num_warps=2 * block_rows)
     for n0 in range(0, N, FMA_TOKENS):
         xs = x_NC[n0:n0 + FMA_TOKENS]
