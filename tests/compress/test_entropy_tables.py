@@ -26,7 +26,7 @@ def _reference(single):
             syms.append(e & 0xFF)
             used += e >> 8
             x >>= e >> 8
-        out[idx] = sum(s << (8 * i) for i, s in enumerate(syms)) | len(syms) << 32 | used << 40
+        out[idx] = sum(s << (8 * i) for i, s in enumerate(syms)) | used << E.MULTI_USED | len(syms) << E.MULTI_COUNT
     return out
 
 
@@ -69,5 +69,5 @@ def test_single_symbol_code_marks_unused_patterns_invalid():
     E._build_multi(lengths, codes, single, multi, np.zeros(256, np.int64),
                    np.zeros(2 * E.TABLE_SIZE, np.int32))
     assert (multi[1::2] == 0).all()  # odd patterns start no code: count 0 (invalid)
-    assert multi[0] == 77 * 0x01010101 | 4 << 32 | 4 << 40  # four 1-bit codes
+    assert multi[0] == 77 * 0x01010101 | 4 << E.MULTI_USED | 4 << E.MULTI_COUNT  # 4 1-bit codes
     np.testing.assert_array_equal(multi, _reference(single))

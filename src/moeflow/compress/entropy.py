@@ -44,6 +44,10 @@ from moeflow.compress._format import (SEGMENT_BYTES, FLOAT_SPECS, CHECKSUM_VERSI
 
 MAX_LEN = 12
 TABLE_SIZE = 1 << MAX_LEN
+# multi-symbol table entry: sym0..sym3 in bytes 0..3 | bits used << 32 | count << 56, so that
+# ``entry >> 32`` is the step ``bits + (count << 24)`` of the decoder's packed stream state
+MULTI_USED = 32
+MULTI_COUNT = 56
 _HEAD = struct.Struct("<BBHIQQ")
 _KIND = {"bfloat16": 1, "float16": 2, "float32": 3}
 _RAW_WIDTH = {1: 1, 2: 1, 3: 3}
@@ -539,23 +543,27 @@ def _compose_all(kind, syms, buf, raw, n, out, a):
 
 
 @nb.njit(inline="always")
-def _run4(words, multi, p, syms, o):
-    """Four table lookups from one 64-bit peek (each consumes <= 12 bits)."""
-    v = _peek(words, p)
+def _run4(words, multi, pbase, st, syms):
+    """Four table lookups from one 64-bit peek (each consumes <= 12 bits) on a stream whose
+    state is packed in one register, ``st = o << 24 | bits read``: an entry's ``>> 32`` is
+    ``bits + (count << 24)``, so one add moves both, and ``v >>= step`` shifts by the bits
+    alone (the shift count only looks at its low 6 bits)."""
+    v = _peek(words, pbase + (st & M24))
     mask = np.uint64(TABLE_SIZE - 1)
     for _ in range(4):
         t = multi[v & mask]
-        c = np.int64((t >> np.uint64(32)) & np.uint64(7))
-        b = t >> np.uint64(40)
-        uo = np.uint64(o)
+        uo = st >> np.uint64(24)
         syms[uo] = t & np.uint64(0xFF)
         syms[uo + np.uint64(1)] = (t >> np.uint64(8)) & np.uint64(0xFF)
         syms[uo + np.uint64(2)] = (t >> np.uint64(16)) & np.uint64(0xFF)
         syms[uo + np.uint64(3)] = (t >> np.uint64(24)) & np.uint64(0xFF)
-        o += c
-        p += np.int64(b)
-        v >>= b
-    return o, p
+        step = t >> np.uint64(32)
+        v >>= step & np.uint64(63)
+        st += step
+    return st
+
+
+M24 = np.uint64((1 << 24) - 1)
 
 
 @nb.njit(inline="always")
@@ -570,7 +578,7 @@ def _node(multi, unc, ustart, p, used, ent):
 @nb.njit(nogil=True, cache=True)
 def _build_multi(lengths, codes, single, multi, order, unc):
     """Multi-symbol table: entry ``idx`` decodes up to four whole codes from the 12 bits
-    ``idx``: sym0..sym3 in bytes 0..3 | count << 32 | bits used << 40.
+    ``idx``: sym0..sym3 in bytes 0..3 | bits used << 32 | count << 56.
 
     Every chunk has its own code and most chunks rebuild this table, so it is written once
     per entry instead of being searched per entry: a depth-first walk over sequences of up
@@ -609,7 +617,7 @@ def _build_multi(lengths, codes, single, multi, order, unc):
         s1 = order[a]
         u1 = lengths[s1]
         p1 = np.int64(codes[s1])
-        _node(multi, unc, ustart, p1, u1, s1 | (1 << 32) | (u1 << 40))
+        _node(multi, unc, ustart, p1, u1, s1 | (u1 << MULTI_USED) | (1 << MULTI_COUNT))
         for b in range(m):
             s2 = order[b]
             if u1 + lengths[s2] > MAX_LEN:
@@ -617,14 +625,14 @@ def _build_multi(lengths, codes, single, multi, order, unc):
             p2 = p1 | (np.int64(codes[s2]) << u1)
             u2 = u1 + lengths[s2]
             e2 = s1 | (s2 << 8)
-            _node(multi, unc, ustart, p2, u2, e2 | (2 << 32) | (u2 << 40))
+            _node(multi, unc, ustart, p2, u2, e2 | (u2 << MULTI_USED) | (2 << MULTI_COUNT))
             for c in range(m):
                 s3 = order[c]
                 if u2 + lengths[s3] > MAX_LEN:
                     break
                 p3 = p2 | (np.int64(codes[s3]) << u2)
                 u3 = u2 + lengths[s3]
-                e3 = e2 | (s3 << 16) | (3 << 32) | (u3 << 40)
+                e3 = e2 | (s3 << 16) | (u3 << MULTI_USED) | (3 << MULTI_COUNT)
                 # the last level in one branch-free pass over the r bits left: a fourth code
                 # that fits (looked up in ``single``) is added to the entry, else it keeps 3
                 r = MAX_LEN - u3
@@ -633,7 +641,7 @@ def _build_multi(lengths, codes, single, multi, order, unc):
                     l = e >> 8
                     ok = np.int64(l != 0) & np.int64(l <= r)
                     multi[p3 | (x << u3)] = np.uint64(
-                        e3 + ok * (((e & 0xFF) << 24) | (1 << 32) | (l << 40)))
+                        e3 + ok * (((e & 0xFF) << 24) | (l << MULTI_USED) | (1 << MULTI_COUNT)))
 
 
 @nb.njit(nogil=True, cache=True)
@@ -723,6 +731,16 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
         pb[j] = sstart[j] * 8
         lim[j] = (sstart[j] + slen[j] - 8) * 8  # last bit position with 8 readable bytes
     mask = np.uint64(TABLE_SIZE - 1)
+    # packed stream states for the main loop: o << 24 | bits read from the stream's start
+    for j in range(4):
+        if slen[j] * 8 >= 1 << 24:  # never for chunks this encoder writes
+            return -13
+    b0_, b1_ = np.uint64(pb[0]), np.uint64(pb[1])
+    b2_, b3_ = np.uint64(pb[2]), np.uint64(pb[3])
+    s0 = np.uint64(o[0]) << np.uint64(24)
+    s1 = np.uint64(o[1]) << np.uint64(24)
+    s2 = np.uint64(o[2]) << np.uint64(24)
+    s3 = np.uint64(o[3]) << np.uint64(24)
     o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
     p0, p1, p2, p3 = pb[0], pb[1], pb[2], pb[3]
     # a round writes <= 16 symbols per stream: stop before they could spill into the next stream
@@ -744,10 +762,14 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
         if rounds < 0:
             return -11
         for _ in range(safe):
-            o0, p0 = _run4(words, multi, p0, syms, o0)
-            o1, p1 = _run4(words, multi, p1, syms, o1)
-            o2, p2 = _run4(words, multi, p2, syms, o2)
-            o3, p3 = _run4(words, multi, p3, syms, o3)
+            s0 = _run4(words, multi, b0_, s0, syms)
+            s1 = _run4(words, multi, b1_, s1, syms)
+            s2 = _run4(words, multi, b2_, s2, syms)
+            s3 = _run4(words, multi, b3_, s3, syms)
+        o0, p0 = np.int64(s0 >> np.uint64(24)), np.int64(b0_ + (s0 & M24))
+        o1, p1 = np.int64(s1 >> np.uint64(24)), np.int64(b1_ + (s1 & M24))
+        o2, p2 = np.int64(s2 >> np.uint64(24)), np.int64(b2_ + (s2 & M24))
+        o3, p3 = np.int64(s3 >> np.uint64(24)), np.int64(b3_ + (s3 & M24))
     o[0], o[1], o[2], o[3] = o0, o1, o2, o3
     pb[0], pb[1], pb[2], pb[3] = p0, p1, p2, p3
     for j in range(4):
