@@ -5,8 +5,9 @@ For each weight shape of issue 5 (Gaussian bf16, sigma 0.02, TBE-encoded on the 
 - decode: ``triton_tbe_unit`` layouts ("rows" with 1, 2 or 4 blocks per program; "units"
   slabs), the row-mask popcount kernel, and a device copy of the dense weight (read + write);
 - fused GEMM ``x @ W^T`` for N in {1, 8, 32, 128}: ``torch.matmul`` on the dense bf16 weight
-  (cuBLAS), the unit FMA kernel (1 or 2 blocks per program), unit decode + ``torch.matmul``,
-  and the row-mask popcount kernel for N <= 8.
+  (cuBLAS), the unit kernels on CUDA cores ("fma", 1 or 2 blocks per program, or twice the
+  default split-K) and on tensor cores ("dot"), unit decode + ``torch.matmul``, and the
+  row-mask popcount kernel for N <= 8.
 
 Every kernel is checked before it is timed (decode bit-exact; GEMM within bf16 rounding of an
 fp32 reference), first on "hard" weights with many fallbacks, +-0, inf, NaN payloads and
@@ -40,6 +41,8 @@ DECODE = [("rows", dict(layout="rows", block_rows=1)),
 GEMM = [("fma", dict(mode="fma", block_rows=1)),
         ("fma:b2", dict(mode="fma", block_rows=2)),
         ("fma:split2x", None),  # default split_k doubled, filled in at run time
+        ("dot", dict(mode="dot", block_rows=1)),
+        ("dot:b2", dict(mode="dot", block_rows=2)),
         ("decode+mm", dict(mode="decode"))]
 
 
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
             mf = tbe_encode_torch(wf)
             for N in ((1, 13) if smoke else (1, 5, 8, 13)):
                 x = torch.randn(N, shape[1], generator=gen, device=dev).to(dtype)
-                for mode in ("fma", "decode"):
+                for mode in ("fma", "dot", "decode"):
                     ok = gemm_ok(U.tbe_linear(x, mf, mode=mode), x, wf,
                                  f"hard gemm {dtype} {shape} N={N} {mode}")
                     hard_checks.append((str(dtype), shape, f"gemm N={N} {mode}", ok))

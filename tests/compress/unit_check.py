@@ -109,6 +109,7 @@ def interp(big=False):
     check_gemm(wf, mf, 3, g, split_k=2, block_rows=2)
     check_gemm(wf, mf, 9, g, mode="fma")
     check_gemm(wf, mf, 5, g, mode="decode")
+    check_gemm(wf, mf, 17, g, mode="dot", split_k=2)  # 17 tiles: the last pair is half empty
     hf = finite(hard_weights((20, 64), torch.float16, g))
     check_gemm(hf, TBEMatrix.from_tensor(hf, device="cpu"), 8, g)
     x3 = torch.randn(2, 3, 136, generator=g).to(torch.bfloat16)
@@ -126,7 +127,7 @@ def interp(big=False):
            (ConfigError, lambda: U.tbe_decode(mf, layout="units", rows_per_slab=8)),
            (ConfigError, lambda: U.tbe_decode(mf, block_rows=3)),
            (ConfigError, lambda: U.tbe_decode(mf, num_warps=3)),
-           (ConfigError, lambda: U.tbe_linear(x3, mf, mode="dot")),
+           (ConfigError, lambda: U.tbe_linear(x3, mf, mode="mma")),
            (ConfigError, lambda: U.tbe_linear(x3, mf, split_k=0)),
            (InputError, lambda: U.tbe_linear(x3.half(), mf)),
            (InputError, lambda: U.tbe_linear(torch.zeros(129, 136, dtype=torch.bfloat16), mf))]
@@ -177,6 +178,8 @@ def compile_all():
          dict(RB=1, BN=1, P=3, IS_BF16=True, HW=True, NEG=False), 2),
         ("linear bf16 BN8 b2", U._linear_rows_kernel, lin,
          dict(RB=2, BN=8, P=3, IS_BF16=True, HW=True, NEG=False), 4),
+        ("linear dot bf16 BN16 b1", U._linear_dot_kernel, lin,
+         dict(RB=1, BN=16, P=3, IS_BF16=True, HW=True, NEG=False, DOT_F32=False), 2),
     ]
     for name, kernel, sig, cx, nw in cases:
         c = compile_sm90(kernel, sig, cx, nw)
@@ -186,6 +189,8 @@ def compile_all():
         assert "prmt.b32" in ptx and "popc.b32" in ptx, name
         if "decode" in name:  # one 16-byte store per tile row
             assert "st.global.v4.b32" in ptx, name
+        if "dot" in name:  # tensor cores
+            assert "mma" in ptx, name
         assert c.asm.get("cubin"), name
         print(f"{name}: ptx {len(ptx)} chars, prmt x{ptx.count('prmt.b32')}, "
               f"shared {c.metadata.shared} B, cubin {len(c.asm['cubin'])} B")

@@ -442,6 +442,88 @@ def _linear_rows_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab
     tl.store(y_ptr + split * stride_ys + nn3 * stride_yn + rr, y, mask=(nn3 < N) & (rr < R))
 
 
+@triton.jit
+def _half(w, HI: tl.constexpr, DT: tl.constexpr):
+    """The low (or high, HI) 16-bit pattern of each int32 as a ``DT`` (bf16/fp16) value."""
+    if HI:
+        h = (w >> 16).to(tl.int16)
+    else:
+        h = w.to(tl.int16)
+    return h.to(DT, bitcast=True)
+
+
+@triton.jit
+def _linear_dot_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab, y_ptr,
+                       N, R, C, TC, BC, stride_xn, stride_ys, stride_yn, blocks_per_split,
+                       RB: tl.constexpr, BN: tl.constexpr, P: tl.constexpr,
+                       IS_BF16: tl.constexpr, HW: tl.constexpr, NEG: tl.constexpr,
+                       DOT_F32: tl.constexpr):
+    """``y[split, n, r] = sum_k x[n, k] W[r, k]`` on tensor cores: each pair of tile rows
+    (16 columns of W) is decoded as in ``_linear_rows_kernel``, assembled into a
+    ``[64 * RB, 16]`` tile in registers and fed to ``tl.dot`` (Triton moves it into the MMA
+    operand layout through shared memory); the weights never touch global memory."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    br = pid * RB + tl.arange(0, RB)[:, None]
+    row = br * 64 + tl.arange(0, 64)[None, :]
+    rok = row < R
+    bok = br * 64 < R
+    wrow = (row // 8) * TC * (2 * P) + (row % 8) // 4
+    sh = (row % 4) * 8
+    DT: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
+    nn = tl.arange(0, BN)[:, None]
+    kk = tl.arange(0, 16)[None, :]
+    acc = tl.zeros((BN, RB * 64), dtype=tl.float32)
+    b_lo = split * blocks_per_split
+    b_hi = tl.minimum(b_lo + blocks_per_split, BC)
+    for bc in range(b_lo, b_hi):
+        run_c, run_f, slow = _row_starts(planes, cov_off, fb_off, br, bok, row, rok, bc, BC,
+                                         TC, wrow, sh, P, IS_BF16, HW)
+        for tp in range(4):
+            ta = bc * 8 + 2 * tp
+            if ta < TC:
+                b0, b1, b2, b3, b4, b5 = _plane_bytes(planes, wrow + ta * (2 * P), sh, rok, P,
+                                                      IS_BF16)
+                ncov = _popc_hw(b0 | b1 | b2, HW)
+                a0, a1, a2, a3 = _unit_words(b0, b1, b2, b3, b4, b5, run_c, run_f, rok, slow,
+                                             cov32, fb32, fb_ptr, tab, IS_BF16, HW, NEG)
+                run_c += ncov
+                run_f += tl.where(rok, 8, 0) - ncov
+                c0 = a0 * 0
+                c1 = c0
+                c2 = c0
+                c3 = c0
+                if ta + 1 < TC:
+                    b0, b1, b2, b3, b4, b5 = _plane_bytes(planes, wrow + (ta + 1) * (2 * P), sh,
+                                                          rok, P, IS_BF16)
+                    ncov = _popc_hw(b0 | b1 | b2, HW)
+                    c0, c1, c2, c3 = _unit_words(b0, b1, b2, b3, b4, b5, run_c, run_f, rok,
+                                                 slow, cov32, fb32, fb_ptr, tab, IS_BF16, HW,
+                                                 NEG)
+                    run_c += ncov
+                    run_f += tl.where(rok, 8, 0) - ncov
+                # [RB, 64, 2 (unit), 8 (weight)] -> [64 RB, 16]: column t * 8 + i, i = 4a+2b+c
+                p0 = tl.join(_half(a0, False, DT), _half(c0, False, DT))
+                p1 = tl.join(_half(a0, True, DT), _half(c0, True, DT))
+                p2 = tl.join(_half(a1, False, DT), _half(c1, False, DT))
+                p3 = tl.join(_half(a1, True, DT), _half(c1, True, DT))
+                p4 = tl.join(_half(a2, False, DT), _half(c2, False, DT))
+                p5 = tl.join(_half(a2, True, DT), _half(c2, True, DT))
+                p6 = tl.join(_half(a3, False, DT), _half(c3, False, DT))
+                p7 = tl.join(_half(a3, True, DT), _half(c3, True, DT))
+                wt = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)),
+                             tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+                wt = tl.reshape(wt, [RB * 64, 16])
+                k = ta * 8 + kk
+                xt = tl.load(x_ptr + nn * stride_xn + k, mask=(nn < N) & (k < C), other=0.0)
+                if DOT_F32:  # Triton's CPU interpreter gets bf16 tl.dot wrong; exact in fp32
+                    acc += tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)))
+                else:
+                    acc += tl.dot(xt, tl.trans(wt))
+    rr = pid * RB * 64 + tl.arange(0, RB * 64)[None, :]
+    tl.store(y_ptr + split * stride_ys + nn * stride_yn + rr, acc, mask=(nn < N) & (rr < R))
+
+
 # ----------------------------------------------------------------------------- host API
 LAYOUTS = ("rows", "units")
 
@@ -527,7 +609,7 @@ def tbe_decode(m: TBEMatrix, layout: str = "rows", rows_per_slab: int = 32,
     return out[: m.numel].view(m.dtype).reshape(m.shape)
 
 
-MODES = ("auto", "fma", "decode")
+MODES = ("auto", "fma", "dot", "decode")
 FMA_TOKENS = 8        # tokens per fused-kernel pass (accumulators per thread: 8 per token)
 FMA_MAX_TOKENS = 8    # mode="auto" fuses up to this many tokens, else decodes and matmuls
 
@@ -545,9 +627,12 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
     x is ``(..., in_features)`` with 1-128 rows once flattened (0 gives an empty result), same
     dtype and device as W. ``mode="fma"`` runs the fused kernel (one thread per row of W,
     ``block_rows`` 64-row blocks per program, ``split_k`` shares of the K blocks summed in
-    fp32 afterwards; more than ``FMA_TOKENS`` tokens take several passes). ``mode="decode"``
-    decodes W to a dense buffer and calls ``torch.matmul``. ``"auto"`` fuses up to
-    ``FMA_MAX_TOKENS`` tokens. Accumulates in fp32; returns ``out_dtype`` (default x.dtype).
+    fp32 afterwards; more than ``FMA_TOKENS`` tokens take several passes). ``mode="dot"`` is
+    the same kernel shape on tensor cores (tokens padded to 16, all 128 in one pass).
+    ``mode="decode"`` decodes W to a dense buffer and calls ``torch.matmul``. ``"auto"`` fuses
+    up to ``FMA_MAX_TOKENS`` tokens on CUDA cores and decodes for more (until a GPU run says
+    which of "dot" and "decode" wins). Accumulates in fp32; returns ``out_dtype`` (default
+    x.dtype).
     """
     if mode not in MODES:
         raise ConfigError("mode", mode, f"one of {MODES}")
@@ -571,6 +656,15 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
         raise ConfigError("split_k", split_k, "a positive int")
     per = -(-BC // split_k)
     split_k = -(-BC // per)  # no empty splits
+    if mode == "dot":
+        BN = max(16, triton.next_power_of_2(N))
+        y = torch.empty((split_k, N, R), dtype=torch.float32, device=x.device)
+        _linear_dot_kernel[(row_programs, split_k)](
+            x_NC, *_streams(m), m.cov_off, m.fb_off, _tables(m), y, N, R, C, C // 8, BC,
+            x_NC.stride(0), y.stride(0), y.stride(1), per, RB=block_rows, BN=BN,
+            P=m.planes_per_tile, IS_BF16=m.dtype == torch.bfloat16, HW=not _interpreted(),
+            NEG=m.base < 0, DOT_F32=_interpreted(), num_warps=2 * block_rows)
+        return (y.sum(0) if split_k > 1 else y[0]).to(out_dtype).reshape(*lead, R)
     out = torch.empty((N, R), dtype=torch.float32, device=x.device)
     common = dict(P=m.planes_per_tile, IS_BF16=m.dtype == torch.bfloat16,
                   HW=not _interpreted(), NEG=m.base < 0, RB=block_rows,
