@@ -51,10 +51,11 @@ def check_decode(w, **kw):
     return m
 
 
-def check_gemm(w, m, N, g, **kw):
+def check_gemm(w, m, N, g, linear=None, **kw):
+    """``linear(x, m)`` (default the rowpop kernel) against fp32 ``x @ w.T``."""
     x = torch.randn(N, w.shape[1], generator=g).to(w.dtype)
     ref = x.float() @ w.float().T
-    y = RP.tbe_linear(x, m, out_dtype=torch.float32, **kw)
+    y = (linear or RP.tbe_linear)(x, m, out_dtype=torch.float32, **kw)
     assert y.shape == (N, w.shape[0]) and y.dtype == torch.float32
     # fp32 accumulation in another order: error bound from the sum of |terms|
     scale = x.float().abs() @ w.float().abs().T

@@ -17,6 +17,7 @@ from moeflow.compress.triton_tbe import TBEMatrix
 from moeflow.errors import ConfigError, InputError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import rowpop_check  # noqa: E402
 from rowpop_check import bits, hard_weights  # noqa: E402
 
 
@@ -44,13 +45,7 @@ def check_decode(w, **kw):
 
 
 def check_gemm(w, m, N, g, **kw):
-    x = torch.randn(N, w.shape[1], generator=g).to(w.dtype)
-    ref = x.float() @ w.float().T
-    y = U.tbe_linear(x, m, out_dtype=torch.float32, **kw)
-    assert y.shape == (N, w.shape[0]) and y.dtype == torch.float32
-    # fp32 accumulation in another order: error bound from the sum of |terms|
-    scale = x.float().abs() @ w.float().abs().T
-    assert ((y - ref).abs() <= 1e-5 * scale + 1e-30).all(), (w.dtype, tuple(w.shape), N, kw)
+    rowpop_check.check_gemm(w, m, N, g, linear=U.tbe_linear, **kw)
 
 
 def finite(w):

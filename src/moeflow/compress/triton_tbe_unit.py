@@ -96,6 +96,18 @@ def _funnel(lo, hi, sh):
 
 
 @triton.jit
+def _eight_bytes(ptr32, slot, LOG: tl.constexpr, BITS: tl.constexpr):
+    """The 8 bytes from stream slot ``slot`` on (``2**LOG`` slots of ``BITS`` bits per int32
+    word), as two int32: three aligned word loads, funnel-shifted."""
+    w = slot >> LOG
+    sh = (slot & ((1 << LOG) - 1)) * BITS
+    x0 = tl.load(ptr32 + w)
+    x1 = tl.load(ptr32 + w + 1)
+    x2 = tl.load(ptr32 + w + 2)
+    return _funnel(x0, x1, sh), _funnel(x1, x2, sh)
+
+
+@triton.jit
 def _spread(b0, b1, b2, SH: tl.constexpr):
     """Codes of weights SH..SH+3 of a unit, one per byte (3 bits each), from plane bytes:
     ``x * 0x204081`` copies bit j of a nibble to bit 8j (the other copies miss the mask)."""
@@ -184,20 +196,8 @@ def _unit_words(b0, b1, b2, b3, b4, b5, cu, fu, ok, slow, cov32, fb32, fb_ptr, t
         E0 -= ((cm & 0xF) * 0x204081) & 0x01010101
         E1 -= (((cm >> 4) & 0xF) * 0x204081) & 0x01010101
     # the unit's covered bytes (at most 8) and first 4 fallback values, as aligned words
-    cw = cu >> 2
-    csh = (cu & 3) * 8
-    x0 = tl.load(cov32 + cw)
-    x1 = tl.load(cov32 + cw + 1)
-    x2 = tl.load(cov32 + cw + 2)
-    CA = _funnel(x0, x1, csh)
-    CB = _funnel(x1, x2, csh)
-    fw = fu >> 1
-    fsh = (fu & 1) * 16
-    y0 = tl.load(fb32 + fw)
-    y1 = tl.load(fb32 + fw + 1)
-    y2 = tl.load(fb32 + fw + 2)
-    FA = _funnel(y0, y1, fsh)
-    FB = _funnel(y1, y2, fsh)
+    CA, CB = _eight_bytes(cov32, cu, 2, 8)      # covered bytes: 4 per word
+    FA, FB = _eight_bytes(fb32, fu, 1, 16)      # fallback values: 2 per word
     if not IS_BF16:  # planes 3..5: sign, m9, m8 of covered fp16 weights
         X0 = _spread(b3, b4, b5, 0)
         X1 = _spread(b3, b4, b5, 4)
@@ -329,6 +329,28 @@ def _row_starts(planes, cov_off, fb_off, br, bok, row, rok, bc, BC, TC, wrow, sh
 
 
 @triton.jit
+def _row_frame(pid, R, TC, RB: tl.constexpr, P: tl.constexpr):
+    """A program's ``RB`` block rows ``br`` ([RB, 1]) and rows ``row`` ([RB, 64], one per
+    thread), the in-matrix masks of both, and each row's plane-word index and byte shift."""
+    br = pid * RB + tl.arange(0, RB)[:, None]
+    row = br * 64 + tl.arange(0, 64)[None, :]
+    wrow = (row // 8) * TC * (2 * P) + (row % 8) // 4
+    return br, row, row < R, br * 64 < R, wrow, (row % 4) * 8
+
+
+@triton.jit
+def _next_unit(planes, wrow, tc, sh, ok, run_c, run_f, slow, cov32, fb32, fb_ptr, tab,
+               P: tl.constexpr, IS_BF16: tl.constexpr, HW: tl.constexpr, NEG: tl.constexpr):
+    """Decode each row's unit in tile column ``tc`` at its running stream slots; returns the
+    unit's four words and the slots of the row's next unit."""
+    b0, b1, b2, b3, b4, b5 = _plane_bytes(planes, wrow + tc * (2 * P), sh, ok, P, IS_BF16)
+    ncov = _popc_hw(b0 | b1 | b2, HW)
+    w0, w1, w2, w3 = _unit_words(b0, b1, b2, b3, b4, b5, run_c, run_f, ok, slow, cov32, fb32,
+                                 fb_ptr, tab, IS_BF16, HW, NEG)
+    return w0, w1, w2, w3, run_c + ncov, run_f + tl.where(ok, 8, 0) - ncov
+
+
+@triton.jit
 def _decode_rows_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, C, TC, BC,
                         tab, RB: tl.constexpr, P: tl.constexpr, IS_BF16: tl.constexpr,
                         HW: tl.constexpr, NEG: tl.constexpr):
@@ -337,24 +359,17 @@ def _decode_rows_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, 
     unit are the thread's running counts plus one scan over the block's row totals."""
     pid = tl.program_id(0)
     bc = tl.program_id(1)
-    br = pid * RB + tl.arange(0, RB)[:, None]                    # [RB, 1]
-    row = br * 64 + tl.arange(0, 64)[None, :]                    # [RB, 64]
-    rok = row < R
-    wrow = (row // 8) * TC * (2 * P) + (row % 8) // 4
-    sh = (row % 4) * 8
-    run_c, run_f, slow = _row_starts(planes, cov_off, fb_off, br, br * 64 < R, row, rok, bc,
-                                     BC, TC, wrow, sh, P, IS_BF16, HW)
+    br, row, rok, bok, wrow, sh = _row_frame(pid, R, TC, RB, P)
+    run_c, run_f, slow = _row_starts(planes, cov_off, fb_off, br, bok, row, rok, bc, BC, TC,
+                                     wrow, sh, P, IS_BF16, HW)
     # decode the units in order (the plane loads hit L1)
     for t in range(8):
         tc = bc * 8 + t
         ok = rok & ((row * 0 + tc) < TC)
-        b0, b1, b2, b3, b4, b5 = _plane_bytes(planes, wrow + tc * (2 * P), sh, ok, P, IS_BF16)
-        ncov = _popc_hw(b0 | b1 | b2, HW)
-        w0, w1, w2, w3 = _unit_words(b0, b1, b2, b3, b4, b5, run_c, run_f, ok, slow, cov32,
-                                     fb32, fb_ptr, tab, IS_BF16, HW, NEG)
+        w0, w1, w2, w3, run_c, run_f = _next_unit(planes, wrow, tc, sh, ok, run_c, run_f, slow,
+                                                  cov32, fb32, fb_ptr, tab, P, IS_BF16, HW,
+                                                  NEG)
         _store_units(out32, (row * C + tc * 8) // 2, w0, w1, w2, w3, ok)
-        run_c += ncov
-        run_f += tl.where(ok, 8, 0) - ncov
 
 
 @triton.jit
@@ -386,12 +401,7 @@ def _linear_rows_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab
     16-byte load shared by all threads; the 8 lanes are summed once at the end."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    br = pid * RB + tl.arange(0, RB)[:, None]
-    row = br * 64 + tl.arange(0, 64)[None, :]
-    rok = row < R
-    bok = br * 64 < R
-    wrow = (row // 8) * TC * (2 * P) + (row % 8) // 4
-    sh = (row % 4) * 8
+    br, row, rok, bok, wrow, sh = _row_frame(pid, R, TC, RB, P)
     nn2 = tl.arange(0, BN)[:, None]
     ii2 = tl.arange(0, 8)[None, :]
     acc0 = tl.zeros((BN, RB, 64), dtype=tl.float32)
@@ -410,14 +420,9 @@ def _linear_rows_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab
         for t in range(8):
             tc = bc * 8 + t
             if tc < TC:  # units past the last column hold no weights
-                ok = rok
-                b0, b1, b2, b3, b4, b5 = _plane_bytes(planes, wrow + tc * (2 * P), sh, ok, P,
-                                                      IS_BF16)
-                ncov = _popc_hw(b0 | b1 | b2, HW)
-                w0, w1, w2, w3 = _unit_words(b0, b1, b2, b3, b4, b5, run_c, run_f, ok, slow,
-                                             cov32, fb32, fb_ptr, tab, IS_BF16, HW, NEG)
-                run_c += ncov
-                run_f += tl.where(ok, 8, 0) - ncov
+                w0, w1, w2, w3, run_c, run_f = _next_unit(planes, wrow, tc, sh, rok, run_c,
+                                                          run_f, slow, cov32, fb32, fb_ptr, tab,
+                                                          P, IS_BF16, HW, NEG)
                 # the unit's 8 inputs of each token (one 16-byte load), split into 8 [BN, 1, 1]
                 xt = tl.load(x_ptr + nn2 * stride_xn + tc * 8 + ii2, mask=nn2 < N, other=0.0)
                 xt = tl.reshape(xt.to(tl.float32), [BN, 2, 2, 2])
@@ -464,12 +469,7 @@ def _linear_dot_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab,
     operand layout through shared memory); the weights never touch global memory."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    br = pid * RB + tl.arange(0, RB)[:, None]
-    row = br * 64 + tl.arange(0, 64)[None, :]
-    rok = row < R
-    bok = br * 64 < R
-    wrow = (row // 8) * TC * (2 * P) + (row % 8) // 4
-    sh = (row % 4) * 8
+    br, row, rok, bok, wrow, sh = _row_frame(pid, R, TC, RB, P)
     DT: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
     nn = tl.arange(0, BN)[:, None]
     kk = tl.arange(0, 16)[None, :]
@@ -482,26 +482,17 @@ def _linear_dot_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab,
         for tp in range(4):
             ta = bc * 8 + 2 * tp
             if ta < TC:
-                b0, b1, b2, b3, b4, b5 = _plane_bytes(planes, wrow + ta * (2 * P), sh, rok, P,
-                                                      IS_BF16)
-                ncov = _popc_hw(b0 | b1 | b2, HW)
-                a0, a1, a2, a3 = _unit_words(b0, b1, b2, b3, b4, b5, run_c, run_f, rok, slow,
-                                             cov32, fb32, fb_ptr, tab, IS_BF16, HW, NEG)
-                run_c += ncov
-                run_f += tl.where(rok, 8, 0) - ncov
+                a0, a1, a2, a3, run_c, run_f = _next_unit(planes, wrow, ta, sh, rok, run_c,
+                                                          run_f, slow, cov32, fb32, fb_ptr, tab,
+                                                          P, IS_BF16, HW, NEG)
                 c0 = a0 * 0
                 c1 = c0
                 c2 = c0
                 c3 = c0
                 if ta + 1 < TC:
-                    b0, b1, b2, b3, b4, b5 = _plane_bytes(planes, wrow + (ta + 1) * (2 * P), sh,
-                                                          rok, P, IS_BF16)
-                    ncov = _popc_hw(b0 | b1 | b2, HW)
-                    c0, c1, c2, c3 = _unit_words(b0, b1, b2, b3, b4, b5, run_c, run_f, rok,
-                                                 slow, cov32, fb32, fb_ptr, tab, IS_BF16, HW,
-                                                 NEG)
-                    run_c += ncov
-                    run_f += tl.where(rok, 8, 0) - ncov
+                    c0, c1, c2, c3, run_c, run_f = _next_unit(planes, wrow, ta + 1, sh, rok,
+                                                              run_c, run_f, slow, cov32, fb32,
+                                                              fb_ptr, tab, P, IS_BF16, HW, NEG)
                 # [RB, 64, 2 (unit), 8 (weight)] -> [64 RB, 16]: column t * 8 + i, i = 4a+2b+c
                 p0 = tl.join(_half(a0, False, DT), _half(c0, False, DT))
                 p1 = tl.join(_half(a0, True, DT), _half(c0, True, DT))
