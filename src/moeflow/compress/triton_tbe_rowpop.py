@@ -333,9 +333,10 @@ def tbe_decode(m: TBEMatrix, rows_per_slab: int = 16, num_warps: int = 4,
     return out[: m.numel].view(m.dtype).reshape(m.shape)
 
 
-def default_split_k(row_programs: int, k_blocks: int, device: torch.device) -> int:
-    """K splits so that (row slabs x splits) covers every SM about four times."""
-    return max(1, min(k_blocks, -(-4 * _num_sms(device) // max(1, row_programs))))
+def default_split_k(row_programs: int, k_blocks: int, device: torch.device,
+                    waves: int = 4) -> int:
+    """K splits so that (row programs x splits) covers every SM about ``waves`` times."""
+    return max(1, min(k_blocks, -(-waves * _num_sms(device) // max(1, row_programs))))
 
 
 def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,

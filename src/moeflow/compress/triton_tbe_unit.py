@@ -37,12 +37,15 @@ instructions are emulated with integer ops (``HW=False``).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from moeflow.compress.triton_tbe import TBEMatrix, _interpreted, _num_sms, skinny_input
+from moeflow.compress import triton_tbe_rowpop
+from moeflow.compress.triton_tbe import TBEMatrix, _interpreted, skinny_input
 from moeflow.compress.triton_tbe_rowpop import _popc
 from moeflow.errors import ConfigError, InputError
 
@@ -519,22 +522,26 @@ def _linear_dot_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab,
 LAYOUTS = ("rows", "units")
 
 
-def _check(m: TBEMatrix, layout: str, rows_per_slab: int, num_warps: int,
-           block_rows: int) -> None:
+def _check_matrix(m: TBEMatrix, block_rows: int) -> None:
     if not isinstance(m, TBEMatrix):
         raise InputError(f"expected a TBEMatrix, got {type(m).__name__}")
-    if layout not in LAYOUTS:
-        raise ConfigError("layout", layout, f"one of {LAYOUTS}")
-    if rows_per_slab not in SLAB_ROWS:
-        raise ConfigError("rows_per_slab", rows_per_slab, f"one of {SLAB_ROWS}")
-    if num_warps not in (1, 2, 4, 8, 16):
-        raise ConfigError("num_warps", num_warps, "a power of two from 1 to 16")
     if block_rows not in (1, 2, 4):
         raise ConfigError("block_rows", block_rows, "1, 2 or 4")
     if not supported(m):
         raise InputError("the unit TBE kernels need a 2-D matrix whose last dimension is a "
                          "multiple of 8 and under 2**31 elements (the kernels in "
                          "triton_tbe_rowpop take any TBE matrix)")
+
+
+def _check(m: TBEMatrix, layout: str, rows_per_slab: int, num_warps: int,
+           block_rows: int) -> None:
+    if layout not in LAYOUTS:
+        raise ConfigError("layout", layout, f"one of {LAYOUTS}")
+    if rows_per_slab not in SLAB_ROWS:
+        raise ConfigError("rows_per_slab", rows_per_slab, f"one of {SLAB_ROWS}")
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ConfigError("num_warps", num_warps, "a power of two from 1 to 16")
+    _check_matrix(m, block_rows)
 
 
 _TABLES: dict = {}
@@ -605,9 +612,8 @@ FMA_TOKENS = 8        # tokens per fused-kernel pass (accumulators per thread: 8
 FMA_MAX_TOKENS = 8    # mode="auto" fuses up to this many tokens, else decodes and matmuls
 
 
-def default_split_k(row_programs: int, k_blocks: int, device: torch.device) -> int:
-    """K splits so that (row programs x splits) covers every SM about eight times."""
-    return max(1, min(k_blocks, -(-8 * _num_sms(device) // max(1, row_programs))))
+# K splits so that (row programs x splits) covers every SM about eight times
+default_split_k = functools.partial(triton_tbe_rowpop.default_split_k, waves=8)
 
 
 def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
@@ -627,7 +633,7 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
     """
     if mode not in MODES:
         raise ConfigError("mode", mode, f"one of {MODES}")
-    _check(m, "rows", 32, 4, block_rows)
+    _check_matrix(m, block_rows)
     lead, x_NC = skinny_input(x, m)
     if out_dtype is None:
         out_dtype = x.dtype
