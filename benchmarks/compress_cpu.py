@@ -211,6 +211,7 @@ def main(argv=None) -> int:
                 lines.append(f"| {r['codec']} | {r['threads']} | {r['ratio']:.4f} | "
                              f"{r['enc_GBps']:.3f} | {r['dec_GBps']:.3f} |")
         lines.append("")
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"compress_cpu_{args.tag}.json"), "w") as f:
         json.dump({"command": cmd, "load_before": load_before, "load_after": load_after,
                    "rows": rows}, f, indent=1)

@@ -29,6 +29,7 @@ import numba as nb
 import numpy as np
 
 from moeflow.errors import InputError
+from moeflow.compress._intrinsics import fetch_add
 
 SEGMENT_BYTES = 1 << 18  # checksum segment; entropy chunks are aligned to it
 
@@ -114,6 +115,33 @@ def run_parallel(fn, n_items: int, threads: int | None):
     futs = [pool.submit(fn, int(bounds[i]), int(bounds[i + 1])) for i in range(threads)]
     return [f.result() for f in futs]
 
+
+
+def run_shared(fn, n_items: int, threads: int | None):
+    """Run ``fn(counter)`` on ``min(threads, n_items)`` workers that share one work counter;
+    returns their results. A numba kernel takes its next item with ``take(counter)`` until
+    that passes ``n_items``, so items are balanced dynamically: a static split waits for
+    the slower half, and on a shared machine one core is often slower than the other. The
+    calling thread is one of the workers."""
+    threads = default_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise InputError(f"threads={threads} must be >= 1")
+    threads = min(threads, max(1, n_items))
+    counter = np.zeros(1, np.int64)
+    if threads == 1:
+        return [fn(counter)]
+    pool = _POOLS.get(threads - 1)
+    if pool is None:
+        pool = _POOLS[threads - 1] = ThreadPoolExecutor(threads - 1, thread_name_prefix="mfz")
+    futs = [pool.submit(fn, counter) for _ in range(threads - 1)]
+    first = fn(counter)
+    return [first] + [f.result() for f in futs]
+
+
+@nb.njit(inline="always")
+def take(counter):
+    """The next work item of a ``run_shared`` counter (atomic)."""
+    return fetch_add(counter, 0, 1)
 
 # ----------------------------------------------------------------------------- checksum
 _P1 = np.uint64(0x9E3779B185EBCA87)
@@ -261,10 +289,14 @@ def digest_range(buf, words, start, end, seed):
 
 
 @nb.njit(nogil=True, cache=True)
-def segment_digests(buf, words, seg_lo, seg_hi, out, version):
-    """Digest (of ``version``) of each 256 KiB segment ``seg_lo..seg_hi`` of ``buf``."""
+def segment_digests(buf, words, counter, out, version):
+    """Digest (of ``version``) of each 256 KiB segment of ``buf`` into ``out``; segments are
+    taken from a ``run_shared`` counter."""
     n = buf.shape[0]
-    for s in range(seg_lo, seg_hi):
+    while True:
+        s = take(counter)
+        if s >= out.shape[0]:
+            break
         a = s * SEGMENT_BYTES
         b = min(n, a + SEGMENT_BYTES)
         out[s] = (digest_range(buf, words, a, b, s) if version == 2
@@ -304,6 +336,6 @@ def checksum(buf: np.ndarray, threads: int | None = None,
     nseg = (b.size + SEGMENT_BYTES - 1) // SEGMENT_BYTES
     seg = np.zeros(nseg, np.uint64)
     if nseg:
-        run_parallel(lambda lo, hi: segment_digests(b, w, lo, hi, seg, version), nseg,
-                     threads if b.size > (8 << 20) else 1)
+        run_shared(lambda ctr: segment_digests(b, w, ctr, seg, version), nseg,
+                   threads if b.size > (8 << 20) else 1)
     return combine_digests(seg, b.size, version)

@@ -40,7 +40,8 @@ from moeflow.errors import CorruptDataError, InputError
 from moeflow.compress._format import (SEGMENT_BYTES, FLOAT_SPECS, CHECKSUM_VERSION, digest_finish,
                                       digest_init, digest_range, digest_range_v1,
                                       digest_stripes, float_spec,
-                                      readonly, run_parallel, words_view)
+                                      readonly, run_shared, take, words_view)
+from moeflow.compress._intrinsics import load_u64, store_u32
 
 MAX_LEN = 12
 TABLE_SIZE = 1 << MAX_LEN
@@ -304,11 +305,14 @@ def _plan_chunk(syms, n, kind, itemsize, lengths_row, sbytes_row):
 
 
 @nb.njit(nogil=True, cache=True)
-def _plan_range(vals, u8, words, c_lo, c_hi, chunk_values, kind, itemsize, lengths, sbytes,
-                sizes, seg_out):
+def _plan_range(vals, u8, words, counter, n_chunks, chunk_values, kind, itemsize, lengths,
+                sbytes, sizes, seg_out):
     n_total = vals.shape[0]
     syms = np.empty(chunk_values, np.uint8)
-    for c in range(c_lo, c_hi):
+    while True:
+        c = take(counter)
+        if c >= n_chunks:
+            break
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
         _exponents(vals, a, n, kind, syms)
@@ -423,12 +427,16 @@ def _write_chunk(vals, a, n, kind, itemsize, out, o, syms, lengths, sbytes, pair
 
 
 @nb.njit(nogil=True, cache=True)
-def _write_range(vals, c_lo, c_hi, chunk_values, kind, itemsize, out, offsets, lengths, sbytes):
+def _write_range(vals, counter, n_chunks, chunk_values, kind, itemsize, out, offsets, lengths,
+                 sbytes):
     n_total = vals.shape[0]
     syms = np.empty(chunk_values, np.uint8)
     pair = np.empty(1 << 16, np.uint64)
     present = np.empty(256, np.int64)
-    for c in range(c_lo, c_hi):
+    while True:
+        c = take(counter)
+        if c >= n_chunks:
+            break
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
         if _write_chunk(vals, a, n, kind, itemsize, out, offsets[c], syms, lengths[c],
@@ -459,9 +467,9 @@ def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
     u8 = readonly(vals.view(np.uint8))
     w = words_view(u8)
     if n_chunks:
-        run_parallel(lambda lo, hi: _plan_range(vals, u8, w, lo, hi, chunk_values, kind,
-                                                spec.itemsize, lengths, sbytes, sizes, seg),
-                     n_chunks, threads)
+        run_shared(lambda ctr: _plan_range(vals, u8, w, ctr, n_chunks, chunk_values, kind,
+                                           spec.itemsize, lengths, sbytes, sizes, seg),
+                   n_chunks, threads)
     ends = np.cumsum(sizes)
     base = _HEAD.size + 8 * n_chunks
     body = base + (int(ends[-1]) if n_chunks else 0)
@@ -472,9 +480,9 @@ def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
     out[body:] = 0
     offsets = base + ends - sizes
     if n_chunks:
-        errs = run_parallel(lambda lo, hi: _write_range(vals, lo, hi, chunk_values, kind,
-                                                        spec.itemsize, out, offsets, lengths,
-                                                        sbytes), n_chunks, threads)
+        errs = run_shared(lambda ctr: _write_range(vals, ctr, n_chunks, chunk_values, kind,
+                                                   spec.itemsize, out, offsets, lengths, sbytes),
+                          n_chunks, threads)
         if any(errs):  # an encoder bug, not bad input: never ship a payload that may be wrong
             raise RuntimeError("entropy encoder wrote streams of another size than planned")
     return out, seg
@@ -543,20 +551,21 @@ def _compose_all(kind, syms, buf, raw, n, out, a):
 
 
 @nb.njit(inline="always")
-def _run4(words, multi, pbase, st, syms):
+def _run4(buf, multi, pbase, st, syms):
     """Four table lookups from one 64-bit peek (each consumes <= 12 bits) on a stream whose
     state is packed in one register, ``st = o << 24 | bits read``: an entry's ``>> 32`` is
     ``bits + (count << 24)``, so one add moves both, and ``v >>= step`` shifts by the bits
-    alone (the shift count only looks at its low 6 bits)."""
-    v = _peek(words, pbase + (st & M24))
+    alone (the shift count only looks at its low 6 bits).
+
+    The peek is one unaligned load at the byte holding bit ``p``, shifted by ``p & 7``: at
+    least 57 valid bits, 48 used. Each lookup stores its four symbol bytes at once; bytes
+    past ``count`` are overwritten by the stream's next lookup (or its tail loop)."""
+    p = pbase + (st & M24)
+    v = load_u64(buf, p >> np.uint64(3)) >> (p & np.uint64(7))
     mask = np.uint64(TABLE_SIZE - 1)
     for _ in range(4):
         t = multi[v & mask]
-        uo = st >> np.uint64(24)
-        syms[uo] = t & np.uint64(0xFF)
-        syms[uo + np.uint64(1)] = (t >> np.uint64(8)) & np.uint64(0xFF)
-        syms[uo + np.uint64(2)] = (t >> np.uint64(16)) & np.uint64(0xFF)
-        syms[uo + np.uint64(3)] = (t >> np.uint64(24)) & np.uint64(0xFF)
+        store_u32(syms, st >> np.uint64(24), t)
         step = t >> np.uint64(32)
         v >>= step & np.uint64(63)
         st += step
@@ -762,10 +771,10 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
         if rounds < 0:
             return -11
         for _ in range(safe):
-            s0 = _run4(words, multi, b0_, s0, syms)
-            s1 = _run4(words, multi, b1_, s1, syms)
-            s2 = _run4(words, multi, b2_, s2, syms)
-            s3 = _run4(words, multi, b3_, s3, syms)
+            s0 = _run4(buf, multi, b0_, s0, syms)
+            s1 = _run4(buf, multi, b1_, s1, syms)
+            s2 = _run4(buf, multi, b2_, s2, syms)
+            s3 = _run4(buf, multi, b3_, s3, syms)
         o0, p0 = np.int64(s0 >> np.uint64(24)), np.int64(b0_ + (s0 & M24))
         o1, p1 = np.int64(s1 >> np.uint64(24)), np.int64(b1_ + (s1 & M24))
         o2, p2 = np.int64(s2 >> np.uint64(24)), np.int64(b2_ + (s2 & M24))
@@ -793,7 +802,7 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_range(buf, bwords, base, ends, c_lo, c_hi, chunk_values, n_total, kind, itemsize,
+def _decode_range(buf, bwords, base, ends, counter, chunk_values, n_total, kind, itemsize,
                   out, u8, words, seg_out, version):
     syms = np.empty(chunk_values, np.uint8)
     single = np.zeros(TABLE_SIZE, np.uint32)
@@ -801,7 +810,11 @@ def _decode_range(buf, bwords, base, ends, c_lo, c_hi, chunk_values, n_total, ki
     order = np.zeros(256, np.int64)
     unc = np.zeros(2 * TABLE_SIZE, np.int32)
     prev = np.full(256, -1, np.int64)
-    for c in range(c_lo, c_hi):
+    n_chunks = ends.shape[0]
+    while True:
+        c = take(counter)
+        if c >= n_chunks:
+            break
         start = base + (ends[c - 1] if c > 0 else 0)
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
@@ -858,10 +871,10 @@ def decode(payload, dtype: str, n_expected: int, threads: int | None = None,
     w = words_view(u8)
     kind = _KIND[dtype]
     bw = words_view(buf)
-    errs = run_parallel(lambda lo, hi: _decode_range(buf, bw, base, ends, lo, hi, chunk_values, n,
-                                                     kind, spec.itemsize, out, u8, w, seg,
-                                                     checksum_version),
-                        n_chunks, threads) if n_chunks else [0]
+    errs = run_shared(lambda ctr: _decode_range(buf, bw, base, ends, ctr, chunk_values, n, kind,
+                                                spec.itemsize, out, u8, w, seg,
+                                                checksum_version),
+                      n_chunks, threads) if n_chunks else [0]
     bad = [e for e in errs if e != 0]
     if bad:
         raise CorruptDataError(f"entropy chunk failed to decode (error {bad[0]})")
