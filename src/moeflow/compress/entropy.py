@@ -21,7 +21,8 @@ Layout (little-endian)::
               | u32 stream_bytes[4] | raw bytes (n * raw_width) | stream0..3
 
 A chunk holds 256 KiB of original bytes (aligned with the checksum segments) and carries its
-own canonical code, so chunks decode independently and in parallel threads. Inside a chunk,
+own canonical code, so chunks decode independently, in parallel threads that take the next
+chunk from a shared atomic counter (``run_shared``). Inside a chunk,
 the values are split into four contiguous quarters, each its own bit stream (LSB-first, 8 zero
 bytes of padding); encoder and decoder advance the four streams in lockstep, which hides the
 latency of each stream's serial dependency. Codes are limited to 12 bits, so a 4096-entry table
