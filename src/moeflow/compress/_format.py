@@ -97,24 +97,33 @@ def default_threads() -> int:
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
+def _workers(n_items: int, threads: int | None) -> int:
+    """How many workers to run: ``threads`` (default: all cores), at most one per item."""
+    threads = default_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise InputError(f"threads={threads} must be >= 1")
+    return min(threads, max(1, n_items))
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    pool = _POOLS.get(size)
+    if pool is None:
+        pool = _POOLS[size] = ThreadPoolExecutor(size, thread_name_prefix="mfz")
+    return pool
+
+
 def run_parallel(fn, n_items: int, threads: int | None):
     """Run ``fn(lo, hi)`` over contiguous ranges of ``range(n_items)``; returns the results.
 
     The numba kernels release the GIL, so Python threads give real parallelism.
     """
-    threads = default_threads() if threads is None else int(threads)
-    if threads < 1:
-        raise InputError(f"threads={threads} must be >= 1")
-    threads = min(threads, max(1, n_items))
+    threads = _workers(n_items, threads)
     if threads == 1:
         return [fn(0, n_items)]
     bounds = np.linspace(0, n_items, threads + 1).astype(np.int64)
-    pool = _POOLS.get(threads)
-    if pool is None:
-        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mfz")
+    pool = _pool(threads)
     futs = [pool.submit(fn, int(bounds[i]), int(bounds[i + 1])) for i in range(threads)]
     return [f.result() for f in futs]
-
 
 
 def run_shared(fn, n_items: int, threads: int | None):
@@ -123,17 +132,11 @@ def run_shared(fn, n_items: int, threads: int | None):
     that passes ``n_items``, so items are balanced dynamically: a static split waits for
     the slower half, and on a shared machine one core is often slower than the other. The
     calling thread is one of the workers."""
-    threads = default_threads() if threads is None else int(threads)
-    if threads < 1:
-        raise InputError(f"threads={threads} must be >= 1")
-    threads = min(threads, max(1, n_items))
+    threads = _workers(n_items, threads)
     counter = np.zeros(1, np.int64)
     if threads == 1:
         return [fn(counter)]
-    pool = _POOLS.get(threads - 1)
-    if pool is None:
-        pool = _POOLS[threads - 1] = ThreadPoolExecutor(threads - 1, thread_name_prefix="mfz")
-    futs = [pool.submit(fn, counter) for _ in range(threads - 1)]
+    futs = [_pool(threads - 1).submit(fn, counter) for _ in range(threads - 1)]
     first = fn(counter)
     return [first] + [f.result() for f in futs]
 
