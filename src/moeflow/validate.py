@@ -1,0 +1,44 @@
+"""Small argument validators shared by every module (pure Python, no torch).
+
+Each raises :class:`moeflow.errors.ConfigError` naming the field, the value and what is
+allowed, so a bad value reads the same wherever it is caught.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from moeflow.errors import ConfigError
+
+
+def is_int(v) -> bool:
+    """True for Python and numpy integers, False for bools and floats."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def positive_int(name: str, v, *, maximum: int | None = None, allow_none: bool = False):
+    """``v`` as an ``int`` when it is an integer >= 1 (and <= ``maximum``), else ConfigError."""
+    if v is None and allow_none:
+        return None
+    allowed = "a positive int" if maximum is None else f"an int in [1, {maximum}]"
+    if allow_none:
+        allowed = "None or " + allowed
+    if not is_int(v) or v < 1 or (maximum is not None and v > maximum):
+        raise ConfigError(name, v, allowed)
+    return int(v)
+
+
+def nonnegative_int(name: str, v) -> int:
+    """``v`` as an ``int`` when it is an integer >= 0, else ConfigError."""
+    if not is_int(v) or v < 0:
+        raise ConfigError(name, v, "a non-negative int")
+    return int(v)
+
+
+def positive_float(name: str, v, *, allow_zero: bool = False) -> float:
+    """``v`` as a finite ``float`` > 0 (>= 0 with ``allow_zero``), else ConfigError."""
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or v < 0 or (v == 0 and not allow_zero):
+        raise ConfigError(name, v, "a finite number >= 0" if allow_zero else "a finite number > 0")
+    return float(v)
