@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "MoELayer": ("moeflow.layer.moe", "MoELayer"),
+    "ExpertParallel": ("moeflow.runtime.expert_parallel", "ExpertParallel"),
+    "patch_model": ("moeflow.integrations.hf", "patch_model"),
+    "from_hf_block": ("moeflow.integrations.hf", "from_hf_block"),
     "layer": ("moeflow.layer", None),
     "kernels": ("moeflow.kernels", None),
     "comm": ("moeflow.comm", None),
@@ -31,9 +34,15 @@ def __getattr__(name: str):
     if name in _LAZY:
         mod, attr = _LAZY[name]
         m = importlib.import_module(mod)
-        return getattr(m, attr) if attr else m
+        value = getattr(m, attr) if attr else m
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'moeflow' has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = ["MoEConfig", "ModelPreset", "model_preset", "preset_names", "errors", "MoELayer",
-           "__version__"]
+           "ExpertParallel", "patch_model", "from_hf_block", "__version__"]

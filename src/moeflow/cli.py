@@ -3,13 +3,25 @@
 Each sub-command lives next to the code it drives, in a module that defines
 ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their
 command runs, so ``moeflow --help`` stays fast and never imports torch.
+
+Every command runs inside one error boundary (:func:`main`): moeflow's typed errors, ``OSError``
+and interrupts become one line on stderr and a documented exit code; ``--debug`` (anywhere on
+the command line) shows the traceback instead.
+
+Exit codes: 0 success; 1 runtime failure (a rank died, a collective timed out, a disk error, an
+internal error); 2 bad input (a wrong argument or file, corrupt or crafted data, a layout that
+cannot work; argparse's own usage errors too); 130 interrupted (Ctrl-C); 143 terminated
+(SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
+import os
+import signal
 import sys
 
 # name -> (module, one-line help)
@@ -41,7 +53,9 @@ def build_parser(commands: dict[str, tuple[str, str]] | None = None,
     commands = _available() if commands is None else commands
     parser = argparse.ArgumentParser(
         prog="moeflow",
-        description="moeflow: fast Mixture-of-Experts training and serving on PyTorch.")
+        description="moeflow: fast Mixture-of-Experts training and serving on PyTorch.",
+        epilog="--debug (anywhere) prints tracebacks. Exit codes: 0 ok, 1 runtime failure, "
+               "2 bad input, 130 interrupted, 143 terminated.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (mod, help_) in commands.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -52,8 +66,102 @@ def build_parser(commands: dict[str, tuple[str, str]] | None = None,
     return parser
 
 
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+DEBUG_ENV = "MOEFLOW_DEBUG"
+
+# OSErrors that mean "the path the user gave is wrong", not "the machine failed".
+_BAD_PATH_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EACCES,
+                    errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt so ``finally`` blocks clean up."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def exit_code(exc: BaseException) -> int:
+    """The documented exit code for an exception that reached the boundary."""
+    from moeflow.errors import MoeflowError
+
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, Terminated):
+        return EXIT_TERMINATED
+    if isinstance(exc, MoeflowError):
+        return EXIT_BAD_INPUT if isinstance(exc, ValueError) else EXIT_FAILURE
+    if isinstance(exc, OSError):
+        return EXIT_BAD_INPUT if exc.errno in _BAD_PATH_ERRNOS else EXIT_FAILURE
+    return EXIT_FAILURE
+
+
+def error_line(exc: BaseException) -> str:
+    """One line naming what went wrong (no traceback)."""
+    from moeflow.errors import MoeflowError
+
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM)"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        return f"{exc.strerror}{where}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, MoeflowError):
+        return f"{type(exc).__name__}: {text}"
+    if isinstance(exc, MemoryError):
+        return f"out of memory: {text}"
+    return f"internal error: {type(exc).__name__}: {text} (run with --debug for the traceback)"
+
+
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    head, sep, tail = (argv[:argv.index("--")], ["--"], argv[argv.index("--") + 1:]) \
+        if "--" in argv else (argv, [], [])
+    debug = "--debug" in head
+    return [a for a in head if a != "--debug"] + sep + tail, debug
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one command inside the error boundary and return its exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, debug = _split_debug(argv)
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    else:
+        debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    old_term = None
+    try:
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        return _run(argv)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the boundary: every failure becomes one line and a code
+        if debug:
+            import traceback
+            traceback.print_exc()
+        else:
+            print(f"moeflow: {error_line(exc)}", file=sys.stderr)
+        return exit_code(exc)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        try:
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):  # reader went away (e.g. `| head`)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+
+
+def _run(argv: list[str]) -> int:
     commands = _available()
     name = next((a for a in argv if not a.startswith("-")), None)
     load = name if name in commands else None

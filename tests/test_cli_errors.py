@@ -1,0 +1,127 @@
+"""The command line's error boundary: one stderr line and a documented exit code."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from moeflow import cli
+from moeflow.errors import (CommTimeoutError, ConfigError, CorruptDataError,
+                            DistributedConfigError, InputError)
+
+FAKE = textwrap.dedent('''
+    import time
+    from moeflow.errors import ConfigError, CommTimeoutError
+
+    def add_arguments(p):
+        p.add_argument("--mode", default="ok")
+
+    def run(args):
+        if args.mode == "config":
+            raise ConfigError("--widgets", 0, "a positive int")
+        if args.mode == "timeout":
+            raise CommTimeoutError("all_to_all on rank 1 did not finish in 5 s")
+        if args.mode == "missing":
+            open("/nonexistent-dir/x.bin")
+        if args.mode == "bug":
+            return 1 / 0
+        if args.mode == "sleep":
+            print("ready", flush=True)
+            try:
+                time.sleep(60)
+            finally:
+                print("cleaned up", flush=True)
+        return 0
+''')
+
+
+@pytest.fixture
+def fake_command(tmp_path, monkeypatch):
+    (tmp_path / "moeflow_fake_cmd.py").write_text(FAKE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("moeflow_fake_cmd", "a test command"))
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("exc, code", [
+    (ConfigError("x", 0, "a positive int"), 2),
+    (InputError("bad"), 2),
+    (CorruptDataError("bad"), 2),
+    (DistributedConfigError("bad"), 2),
+    (CommTimeoutError("slow"), 1),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "a.st"), 2),
+    (OSError(errno.ENOSPC, "No space left on device"), 1),
+    (KeyboardInterrupt(), 130),
+    (cli.Terminated(), 143),
+    (ZeroDivisionError("x"), 1),
+])
+def test_exit_codes(exc, code):
+    assert cli.exit_code(exc) == code
+    assert "\n" not in cli.error_line(exc)
+
+
+@pytest.mark.parametrize("mode, code, needle", [
+    ("ok", 0, None),
+    ("config", 2, "ConfigError: --widgets=0 is not allowed: a positive int"),
+    ("timeout", 1, "CommTimeoutError: all_to_all on rank 1"),
+    ("missing", 2, "No such file or directory: /nonexistent-dir/x.bin"),
+    ("bug", 1, "internal error: ZeroDivisionError"),
+])
+def test_boundary_in_process(fake_command, capsys, mode, code, needle):
+    assert cli.main(["fake", "--mode", mode]) == code
+    err = capsys.readouterr().err
+    if needle is None:
+        assert err == ""
+    else:
+        assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+
+
+def test_debug_flag_anywhere_prints_traceback(fake_command, capsys):
+    assert cli.main(["fake", "--mode", "config", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ConfigError" in err
+    assert os.environ.get(cli.DEBUG_ENV) == "1"  # launched ranks see it too
+
+
+def test_usage_error_is_exit_2(fake_command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["fake", "--no-such-flag"])
+    assert e.value.code == 2
+
+
+def _spawn_sleeper(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    code = ("import sys; from moeflow import cli; "
+            "cli.COMMANDS['fake'] = ('moeflow_fake_cmd', 'x'); "
+            "sys.exit(cli.main(['fake', '--mode', 'sleep']))")
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, 130, "moeflow: interrupted"),
+                                             (signal.SIGTERM, 143, "moeflow: terminated")])
+def test_signals_unwind_and_exit_with_code(fake_command, sig, code, line):
+    p = _spawn_sleeper(fake_command)
+    time.sleep(0.2)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == code
+    assert "cleaned up" in out  # finally blocks ran: temp files can be removed
+    assert err.strip().startswith(line) and "Traceback" not in err
+
+
+def test_real_command_bad_path_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moeflow.cli", "inspect",
+                        str(tmp_path / "missing.mfz")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "missing.mfz" in r.stderr
