@@ -68,12 +68,12 @@ def build(case: Case) -> tuple[MoELayer, MoEConfig]:
 
 def _ws(layer, ep):
     """Reference weights/grads sliced like this rank's local experts."""
-    from moeflow.runtime.expert_parallel import _slice_w_in
+    from moeflow.runtime.expert_parallel import slice_w_in
     e0, e1 = ep.expert_range
     f0, f1 = ep.ffn_slice
     swiglu = ep.cfg.expert_type == "swiglu"
     def sl(w_in, w_out):
-        return (_slice_w_in(w_in, e0, e1, ep.esp_rank, ep.esp_size, swiglu), w_out[e0:e1, :, f0:f1])
+        return (slice_w_in(w_in, e0, e1, ep.esp_rank, ep.esp_size, swiglu), w_out[e0:e1, :, f0:f1])
     return sl
 
 

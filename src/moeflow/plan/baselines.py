@@ -22,8 +22,8 @@ import time
 from typing import Callable
 
 from moeflow.perf.cost import PerfModel
-from moeflow.plan.fsmoe import R_MAX, _table, partition_gradients
-from moeflow.plan.plan import LayerPlan, Plan
+from moeflow.plan.fsmoe import R_MAX, partition_gradients
+from moeflow.plan.plan import LayerPlan, Plan, build_workload_table
 from moeflow.plan.workload import LayerWorkload
 from moeflow.sim.builders import pass_idle_inter, pass_time, simulate_plan
 
@@ -49,7 +49,7 @@ def _fixed(method: str, workloads, perf: PerfModel, degree: Callable[[LayerWorkl
     if isinstance(workloads, LayerWorkload):
         workloads = [workloads] * (num_layers or 1)
     workloads = list(workloads)
-    table, widx = _table(workloads)
+    table, widx = build_workload_table(workloads)
     ar = perf.cost("ar")
     grads = [w.grad_bytes if w.n_dp * w.n_ep * w.n_esp > 1 else 0.0 for w in workloads]
     rs = [degree(w) for w in workloads]

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 from moeflow.errors import PlanError
 from moeflow.perf.cost import PerfModel
 from moeflow.perf.layer import PassCost
-from moeflow.plan.plan import LayerPlan, Plan
+from moeflow.plan.plan import LayerPlan, Plan, build_workload_table
 from moeflow.plan.workload import LayerWorkload
 from moeflow.sim.builders import pass_idle_inter, pass_time
 
@@ -257,14 +257,6 @@ def partition_gradients(grad_bytes: Sequence[float], window_cost: Callable[[int,
 
 
 # ---- whole plans ----------------------------------------------------------------------------
-def _table(workloads: Sequence[LayerWorkload]) -> tuple[list[dict], list[int]]:
-    keys: dict[LayerWorkload, int] = {}
-    idx = []
-    for w in workloads:
-        idx.append(keys.setdefault(w, len(keys)))
-    return [w.to_dict() for w in keys], idx
-
-
 def plan(workloads: LayerWorkload | Sequence[LayerWorkload], perf: PerfModel, cluster=None, *,
          num_layers: int | None = None, r_max: int = R_MAX, include_attention: bool = True,
          overlap_grad: bool = True, evaluator: str = "sim", model: str = "") -> Plan:
@@ -278,7 +270,7 @@ def plan(workloads: LayerWorkload | Sequence[LayerWorkload], perf: PerfModel, cl
     workloads = list(workloads)
     if not workloads:
         raise PlanError("plan needs at least one layer workload")
-    table, widx = _table(workloads)
+    table, widx = build_workload_table(workloads)
     ar = perf.cost("ar")
     fwd_dec: dict[int, PassDecision] = {}
     for wi, d in enumerate(table):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from moeflow.errors import ConfigError, InputError, PlanError
 from moeflow.perf.cost import PerfModel
@@ -96,6 +97,17 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         return cls.from_json(Path(path).read_text())
+
+
+def build_workload_table(workloads: Sequence[LayerWorkload]) -> tuple[list[dict], list[int]]:
+    """``(table, index)`` for :attr:`Plan.workload_table`: each distinct workload once (as a
+    dict, in first-seen order) and, per layer, the position of its workload in the table.
+
+    A stack of identical layers stores its workload once, so a plan's JSON stays small.
+    """
+    keys: dict[LayerWorkload, int] = {}
+    index = [keys.setdefault(w, len(keys)) for w in workloads]
+    return [w.to_dict() for w in keys], index
 
 
 def degrees_for_layer(plan: Plan, layer_index: int) -> tuple[int, int]:

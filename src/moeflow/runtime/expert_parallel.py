@@ -215,7 +215,12 @@ class PipelinedExperts(torch.autograd.Function):
         return gx, gw_in, gw_out, None
 
 
-def _slice_w_in(w_in: torch.Tensor, e0: int, e1: int, s: int, S: int, swiglu: bool) -> torch.Tensor:
+def slice_w_in(w_in: torch.Tensor, e0: int, e1: int, s: int, S: int, swiglu: bool) -> torch.Tensor:
+    """Experts ``[e0, e1)`` of ``w_in`` (E, X, D), FFN slice ``s`` of ``S`` (ESP rank s).
+
+    For SwiGLU, X = 2F holds gate rows then up rows; the slice keeps that layout,
+    ``[gate_s; up_s]`` (2F/S rows), because the expert kernels split it in the middle.
+    """
     F = w_in.shape[1] // 2 if swiglu else w_in.shape[1]
     f = F // S
     w = w_in[e0:e1]
@@ -303,7 +308,7 @@ class ExpertParallel(nn.Module):
         swiglu = cfg.expert_type == "swiglu"
         f = F // S
         with torch.no_grad():
-            self.w_in = nn.Parameter(_slice_w_in(layer.experts.w_in.detach(), e0, e1,
+            self.w_in = nn.Parameter(slice_w_in(layer.experts.w_in.detach(), e0, e1,
                                                  self.esp_rank, S, swiglu).clone())
             self.w_out = nn.Parameter(layer.experts.w_out.detach()[
                 e0:e1, :, self.esp_rank * f:(self.esp_rank + 1) * f].clone())
