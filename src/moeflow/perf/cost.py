@@ -1,11 +1,15 @@
 """Linear (alpha-beta) cost models and the per-primitive :class:`PerfModel`.
 
-Every primitive is modelled as ``t(n) = alpha + beta * n`` (SYSTEMS.md, "Cost model shared by
-all of them"). Units throughout moeflow: time in **milliseconds**; ``n`` in **bytes** for
-collectives (the per-rank input buffer: what one rank sends in an a2a, the gathered output of
-an all-gather, the reduced buffer of a reduce-scatter / all-reduce) and in **FLOPs** for GEMMs
-(``2 * m * n * k``). SYSTEMS.md allows FLOPs or M*H*tokens for GEMMs; we read the published
-fits as FLOPs.
+Every primitive is modelled as ``t(n) = alpha + beta * n``, fitted by least squares from
+micro-benchmarks taken before training (the alpha-beta model of FSMoE, ASPLOS'25, its online
+profiling; HierMoE writes the same model as its Eq. 1). Units throughout moeflow: time in
+**milliseconds**; ``n`` in **bytes** for collectives (the per-rank input buffer: what one rank
+sends in an a2a, the gathered output of an all-gather, the reduced buffer of a reduce-scatter /
+all-reduce) and in **FLOPs** for GEMMs (``2 * m * n * k``). The papers size GEMMs in FLOPs or
+in M*H*tokens; we read FSMoE's published fits as FLOPs.
+
+Presets live in :mod:`moeflow.perf.presets` (``perf_preset(name)``), which builds on this
+module; nothing here imports them.
 
 Pure Python: no torch, no numpy.
 """
@@ -26,7 +30,7 @@ SOURCES = ("published", "derived", "measured", "fitted", "assumed")
 
 @dataclass(frozen=True)
 class LinearCost:
-    """``t(n) = alpha + beta * n`` in ms (SYSTEMS.md cost model).
+    """``t(n) = alpha + beta * n`` in ms (FSMoE's alpha-beta cost model, ASPLOS'25).
 
     ``r2`` is the coefficient of determination of the least-squares fit that produced it
     (``None`` for costs that were not fitted here); ``source`` says where the numbers come from.
@@ -54,7 +58,8 @@ class LinearCost:
     def inverse(self, t: float) -> float:
         """``g^-1(t) = (t - alpha) / beta``: the largest ``n`` that fits in time ``t`` (>= 0).
 
-        FSMoE's gradient partitioning uses this to turn idle link time into bytes.
+        FSMoE's adaptive gradient partitioning (ASPLOS'25) uses this to turn idle link time
+        into bytes.
         """
         if self.beta <= 0:
             return math.inf if t >= self.alpha else 0.0
@@ -176,8 +181,3 @@ class PerfModel:
     @classmethod
     def load(cls, path: str | Path) -> "PerfModel":
         return cls.from_json(Path(path).read_text())
-
-    @classmethod
-    def preset(cls, name: str) -> "PerfModel":
-        from moeflow.perf.presets import perf_preset
-        return perf_preset(name)

@@ -1,11 +1,11 @@
 """Cost of one MoE pass (forward or backward) split into ``r`` chunks.
 
 This is the shared formula that the FSMoE planner, the baselines and the simulator builders all
-use, so it lives once, here. A pass has four kinds of per-chunk task (SYSTEMS.md, FSMoE
-"Overlap"): a2a (inter-node link), ag and rs (intra-node link, only with an ESP group) and the
-expert GEMMs (GPU). Each kind ``x`` is ``alpha_x + work_x / r`` per chunk, where
-``work_x = beta_x * n_x`` is the whole pass's size-proportional time (SYSTEMS.md: "Splitting a
-task into r chunks costs t_r = alpha + (n/r) beta per chunk").
+use, so it lives once, here. A pass has four kinds of per-chunk task (FSMoE, ASPLOS'25, the
+overlap of chunks on three resources): a2a (inter-node link), ag and rs (intra-node link, only
+with an ESP group) and the expert GEMMs (GPU). Each kind ``x`` is ``alpha_x + work_x / r`` per
+chunk, where ``work_x = beta_x * n_x`` is the whole pass's size-proportional time: FSMoE's
+chunked cost ``t_r = alpha + (n/r) beta`` of a task split into r chunks.
 
 Pure Python.
 """
