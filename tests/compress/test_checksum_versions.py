@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moeflow.compress import CompressedTensor, compress, decompress
-from moeflow.compress._format import (CHECKSUM_VERSION, checksum, digest_range,
-                                      digest_range_v1, readonly, words_view)
+from moeflow.compress.bits import readonly, words_view
+from moeflow.compress.checksum import CHECKSUM_VERSION, checksum, digest_range, digest_range_v1
 from moeflow.errors import CorruptDataError, InputError
 
 DATA = pathlib.Path(__file__).parent / "data"

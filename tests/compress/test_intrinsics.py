@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from moeflow.compress import entropy
-from moeflow.compress._format import readonly, run_shared, take
 from moeflow.compress._intrinsics import fetch_add, load_u64, store_u32
-from moeflow.errors import InputError
+from moeflow.compress.bits import readonly
+from moeflow.compress.parallel import run_shared, take
+from moeflow.errors import ConfigError
 
 
 @nb.njit
@@ -73,7 +74,7 @@ def test_run_shared_caps_workers_and_rejects_bad_thread_counts():
     seen = np.zeros(2, np.int64)
     assert sorted(run_shared(lambda ctr: _claim(ctr, seen), 2, 8)) in ([0, 2], [1, 1])
     assert np.all(seen == 1)
-    with pytest.raises(InputError):
+    with pytest.raises(ConfigError):
         run_shared(lambda ctr: 0, 4, 0)
 
 

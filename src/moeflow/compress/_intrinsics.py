@@ -5,14 +5,18 @@
   ``load_u64`` and ``store_u32`` emit one ``align 1`` load or store (a plain ``mov`` on x86-64
   and AArch64). They do no bounds checks: callers keep ``index + width <= size``.
 - ``fetch_add`` is an atomic read-modify-write, so that threads running numba kernels can
-  share a work counter without the GIL (see ``_format.run_shared``).
+  share a work counter without the GIL (see ``parallel.run_shared``).
 """
 
 from __future__ import annotations
 
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
+from moeflow._deps import require
+
+require("numba", "moeflow.compress")  # a missing numba names the extra to install
+
+from llvmlite import ir  # noqa: E402  (numba's own dependency)
+from numba import types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 
 def _elem_ptr(context, builder, arrty, arr, index, width=None):

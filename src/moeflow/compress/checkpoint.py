@@ -25,10 +25,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from moeflow.errors import CorruptDataError, InputError
-from moeflow.compress._format import DTYPE_ITEMSIZE, FLOAT_SPECS, SAFETENSORS_NAMES
+from moeflow.compress.bits import DTYPE_ITEMSIZE, FLOAT_SPECS, SAFETENSORS_NAMES, UINT
 from moeflow.compress.container import CompressedTensor, resolve_codec
 from moeflow.compress.stats import stats_from_bits
+from moeflow.errors import CorruptDataError, InputError
 from moeflow.progress import Progress
 
 MAGIC = b"MFZ1"
@@ -117,9 +117,7 @@ def compress_file(src: str, dst: str, codec: str = "auto", threads: int | None =
                 buf = np.frombuffer(f.read(end - start), np.uint8)
                 if buf.size != end - start:
                     raise InputError(f"input file is truncated inside tensor {name!r}")
-                uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[
-                    DTYPE_ITEMSIZE[dtype]]
-                bits = buf.view(uint)
+                bits = buf.view(UINT[DTYPE_ITEMSIZE[dtype]])
                 # TBE only takes bf16/fp16; other dtypes fall back to the automatic choice
                 try:
                     chosen = resolve_codec(codec, dtype)

@@ -6,7 +6,7 @@ Layout (little-endian)::
     | u64 payload_checksum | u64 original_checksum | u64 shape[ndim] | u32 crc32(header) | u32 0
     | payload
 
-Checksums are moeflow's mfx64 (``_format.checksum``): one over the payload and one over the
+Checksums are moeflow's mfx64 (``checksum.checksum``): one over the payload and one over the
 original bytes, so a corrupt blob raises ``CorruptDataError`` instead of returning wrong data.
 Version 2 (written now) uses the version-2 segment digest; version-1 blobs are still read and
 verified with the version-1 digest.
@@ -27,19 +27,39 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moeflow.errors import ConfigError, CorruptDataError, InputError
 from moeflow.compress import entropy, tbe
-from moeflow.compress._format import (ALL_DTYPES, DTYPE_CODES, DTYPE_ITEMSIZE, FLOAT_SPECS,
-                                      checksum, combine_digests)
+from moeflow.compress.bits import (
+    ALL_DTYPES,
+    DTYPE_CODES,
+    DTYPE_ITEMSIZE,
+    FLOAT_SPECS,
+    MAX_NDIM,
+    UINT,
+    bits_to_tensor,
+    check_shape,
+    copy_into,
+    numel,
+    out_bits,
+    tensor_to_bits,
+)
+from moeflow.compress.checksum import checksum, combine_digests
+from moeflow.errors import ConfigError, CorruptDataError, InputError
 
 MAGIC = b"MFZT"
-VERSION = 2  # written; the container version is also the checksum version (see _format)
+VERSION = 2  # written; the container version is also the checksum version (see checksum)
 READ_VERSIONS = (1, 2)
 CODECS = {"raw": 0, "entropy": 1, "tbe": 2}
 CODEC_NAMES = {v: k for k, v in CODECS.items()}
 _ALIASES = {"huffman": "entropy", "zipserv": "tbe", "stored": "raw"}
 _FIXED = struct.Struct("<4sHBBB3xQQQ")
-MAX_NDIM = 32
+# Every codec stores at least one byte per two original bytes (raw: 1:1; entropy: the raw
+# sign/mantissa byte(s) of every value; TBE: a byte per covered and two per fallback value),
+# so a header claiming more is crafted, and is refused before anything is allocated.
+MAX_EXPANSION = 2
+_EMPTY_PAYLOAD = 64  # bound on a codec's payload for an empty tensor (headers only)
+
+__all__ = ["CODECS", "CompressedTensor", "MAGIC", "MAX_NDIM", "VERSION", "compress",
+           "decompress", "parse_header", "resolve_codec", "tensor_to_bits", "bits_to_tensor"]
 
 
 def resolve_codec(codec: str, dtype: str) -> str:
@@ -69,7 +89,7 @@ class CompressedTensor:
     # ------------------------------------------------------------------ properties
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape)) if self.shape else 1
+        return numel(self.shape)
 
     @property
     def original_nbytes(self) -> int:
@@ -87,14 +107,12 @@ class CompressedTensor:
     # ------------------------------------------------------------------ encode
     @classmethod
     def from_bits(cls, bits: np.ndarray, dtype: str, shape, codec: str = "entropy",
-                  threads: int | None = None) -> "CompressedTensor":
+                  threads: int | None = None) -> CompressedTensor:
         """Compress raw value bits (flat, the unsigned int of the dtype's width)."""
-        shape = tuple(int(s) for s in shape)
+        shape = check_shape(tuple(shape))  # the rule parse_header applies when reading
         codec = resolve_codec(codec, dtype)
         bits = np.ascontiguousarray(bits).reshape(-1)
-        if len(shape) > MAX_NDIM:
-            raise InputError(f"tensor has {len(shape)} dimensions; at most {MAX_NDIM} allowed")
-        if bits.nbytes != (int(np.prod(shape)) if shape else 1) * DTYPE_ITEMSIZE[dtype]:
+        if bits.nbytes != numel(shape) * DTYPE_ITEMSIZE[dtype]:
             raise InputError(f"{bits.nbytes} bytes do not hold a {dtype} tensor of shape {shape}")
         if codec == "entropy":
             payload, seg = entropy.encode(bits, dtype, threads)
@@ -125,15 +143,15 @@ class CompressedTensor:
         return b"".join([self.header_bytes(), memoryview(np.ascontiguousarray(self.payload))])
 
     @classmethod
-    def from_bytes(cls, blob, verify: bool = True) -> "CompressedTensor":
+    def from_bytes(cls, blob, verify: bool = True) -> CompressedTensor:
         """Parse a blob (bytes-like or uint8 array, exactly one container; not copied)."""
         buf = blob if isinstance(blob, np.ndarray) else np.frombuffer(blob, np.uint8)
         if buf.dtype != np.uint8 or buf.ndim != 1:
             raise CorruptDataError("a compressed tensor is a 1-D byte buffer")
-        hlen, ct = parse_header(buf)
-        if buf.size != hlen + ct.payload.size:
+        hlen, plen, ct = parse_header(buf)
+        if buf.size != hlen + plen:
             raise CorruptDataError(f"blob is {buf.size} bytes; header + payload say "
-                                   f"{hlen + ct.payload.size}")
+                                   f"{hlen + plen}")
         ct.payload = buf[hlen:]
         if verify:
             ct.verify_payload()
@@ -156,14 +174,14 @@ class CompressedTensor:
         elif self.codec == "tbe":
             bits = tbe.decode(self.payload, self.dtype, self.shape, threads)
             if out is not None:
-                bits = _into(bits, out)
+                bits = copy_into(bits, out)
             got = checksum(bits, threads, self.version)
         else:
             if self.payload.size != self.original_nbytes:
                 raise CorruptDataError(f"raw payload is {self.payload.size} bytes, expected "
                                        f"{self.original_nbytes}")
             bits = (self.payload.copy() if out is None
-                    else _into(self.payload.view(_UINT[DTYPE_ITEMSIZE[self.dtype]]), out))
+                    else copy_into(self.payload.view(UINT[DTYPE_ITEMSIZE[self.dtype]]), out))
             got = checksum(bits, threads, self.version)
         if got != self.original_checksum:
             raise CorruptDataError("decoded data does not match the original checksum: "
@@ -176,12 +194,16 @@ class CompressedTensor:
         without fresh allocations. On ``CorruptDataError`` its contents are undefined."""
         if out is None:
             return bits_to_tensor(self.to_bits(threads), self.dtype, self.shape)
-        self.to_bits(threads, _out_bits(out, self.dtype, self.shape))
+        self.to_bits(threads, out_bits(out, self.dtype, self.shape))
         return out
 
 
-def parse_header(buf: np.ndarray) -> tuple[int, CompressedTensor]:
-    """Header length and a CompressedTensor with an empty payload of the declared size."""
+def parse_header(buf: np.ndarray) -> tuple[int, int, CompressedTensor]:
+    """(header length, payload length, CompressedTensor with an empty payload) of a blob.
+
+    The one reader of the container header: every field is checked (magic, version, codec,
+    dtype, ndim, shape, CRC) and the payload length against the blob's real size and the
+    codecs' largest expansion, so nothing sized by the header is allocated before that."""
     if buf.size < _FIXED.size + 8:
         raise CorruptDataError(f"blob of {buf.size} bytes is shorter than a header")
     magic, version, codec, dcode, ndim, plen, pck, ock = _FIXED.unpack_from(buf, 0)
@@ -200,70 +222,18 @@ def parse_header(buf: np.ndarray) -> tuple[int, CompressedTensor]:
     if crc != zlib.crc32(buf[: hlen - 8].tobytes()) or pad != 0:
         raise CorruptDataError("header checksum mismatch")
     dtype = ALL_DTYPES[dcode][0]
-    if any(s > (1 << 48) for s in shape):
-        raise CorruptDataError(f"implausible shape {shape}")
-    ct = CompressedTensor(CODEC_NAMES[codec], dtype, tuple(shape), np.empty(plen, np.uint8)
-                          if plen <= buf.size else np.empty(0, np.uint8), pck, ock, version)
-    if plen > buf.size:
-        raise CorruptDataError(f"payload of {plen} bytes does not fit a {buf.size}-byte blob")
-    return hlen, ct
-
-
-# ----------------------------------------------------------------------------- torch glue
-def tensor_to_bits(t):
-    """(flat raw bits as numpy, dtype name, shape) of a tensor; never writes to ``t``."""
-    import torch
-
-    if isinstance(t, np.ndarray):
-        t = torch.from_numpy(np.array(t, copy=True))
-    if not isinstance(t, torch.Tensor):
-        raise InputError(f"expected a torch.Tensor, got {type(t).__name__}")
-    name = str(t.dtype).removeprefix("torch.")
-    if name not in DTYPE_CODES:
-        raise InputError(f"dtype {t.dtype} is not supported; allowed: {sorted(DTYPE_CODES)}")
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    size = DTYPE_ITEMSIZE[name]
-    uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[size]
-    bits = flat.view(torch.uint8).numpy().view(uint) if flat.numel() else np.empty(0, uint)
-    return bits, name, tuple(t.shape)
-
-
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def _into(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``bits`` copied into the caller's flat ``out`` array."""
-    bits = bits.reshape(-1)
-    if out.dtype != bits.dtype or out.shape != bits.shape or not out.flags.c_contiguous:
-        raise InputError(f"out must be a contiguous {bits.dtype.name}[{bits.size}] array")
-    out[:] = bits
-    return out
-
-
-def _out_bits(out, dtype: str, shape) -> np.ndarray:
-    """The raw-bits numpy view of a caller's ``out`` tensor, after checking it fits."""
-    import torch
-
-    if not isinstance(out, torch.Tensor):
-        raise InputError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if (str(out.dtype).removeprefix("torch.") != dtype or tuple(out.shape) != tuple(shape)
-            or out.device.type != "cpu" or not out.is_contiguous()):
-        raise InputError(f"out must be a contiguous CPU {dtype} tensor of shape {tuple(shape)}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    if out.requires_grad and torch.is_grad_enabled():
-        raise InputError("out requires grad; decode into it under torch.no_grad()")
-    flat = out.detach().reshape(-1)
-    if flat.numel() == 0:
-        return np.empty(0, _UINT[DTYPE_ITEMSIZE[dtype]])
-    return flat.view(torch.uint8).numpy().view(_UINT[DTYPE_ITEMSIZE[dtype]])
-
-
-def bits_to_tensor(bits: np.ndarray, dtype: str, shape):
-    import torch
-
-    u8 = np.ascontiguousarray(bits).reshape(-1).view(np.uint8)
-    t = torch.from_numpy(u8.copy() if not u8.flags.writeable else u8)
-    return t.view(getattr(torch, dtype)).reshape(shape)
+    shape = check_shape(shape, CorruptDataError, "header field shape")
+    if plen > buf.size - hlen:
+        raise CorruptDataError(f"header field payload_len={plen} does not fit a "
+                               f"{buf.size}-byte blob")
+    nbytes = numel(shape) * ALL_DTYPES[dcode][1]
+    if nbytes > MAX_EXPANSION * plen + _EMPTY_PAYLOAD:
+        raise CorruptDataError(f"header says {nbytes} original bytes from a {plen}-byte "
+                               f"payload; no codec expands more than {MAX_EXPANSION}x")
+    # the payload is attached by the caller; an empty placeholder allocates nothing
+    ct = CompressedTensor(CODEC_NAMES[codec], dtype, shape, np.empty(0, np.uint8), pck, ock,
+                          version)
+    return hlen, plen, ct
 
 
 # ----------------------------------------------------------------------------- top level

@@ -1,8 +1,8 @@
 """Entropy codec: Huffman-coded exponents in independent chunks, sign and mantissa stored raw.
 
-DFloat11 / ZipNN idea (SYSTEMS.md, "Published anchors"): in trained weights the exponent byte
-carries ~2.6 bits of information and the sign+mantissa byte ~8, so coding only the exponent
-reaches the bound ``16 / (8 + H_exp)`` for bf16.
+The idea of DFloat11 (Zhang et al., 2025) and ZipNN (Hershcovitch et al., 2024): in trained
+weights the exponent byte carries ~2.6 bits of information and the sign+mantissa byte ~8, so
+coding only the exponent reaches the bound ``16 / (8 + H_exp)`` for bf16.
 
 Split of each value into a Huffman symbol and raw bytes:
 
@@ -34,15 +34,24 @@ from __future__ import annotations
 
 import struct
 
-import numba as nb
 import numpy as np
 
-from moeflow.errors import CorruptDataError, InputError
-from moeflow.compress._format import (SEGMENT_BYTES, FLOAT_SPECS, CHECKSUM_VERSION, digest_finish,
-                                      digest_init, digest_range, digest_range_v1,
-                                      digest_stripes, float_spec,
-                                      readonly, run_shared, take, words_view)
+from moeflow._deps import require
 from moeflow.compress._intrinsics import load_u64, store_u32
+from moeflow.compress.bits import FLOAT_SPECS, float_spec, readonly, words_view
+from moeflow.compress.checksum import (
+    CHECKSUM_VERSION,
+    SEGMENT_BYTES,
+    digest_finish,
+    digest_init,
+    digest_range,
+    digest_range_v1,
+    digest_stripes,
+)
+from moeflow.compress.parallel import run_shared, take
+from moeflow.errors import CorruptDataError, InputError
+
+nb = require("numba", "moeflow.compress")
 
 MAX_LEN = 12
 TABLE_SIZE = 1 << MAX_LEN
@@ -529,7 +538,6 @@ def _compose_digest(kind, itemsize, syms, buf, raw, n, out, a, u8, words, seed):
     """Compose ``out[a:a+n]`` block by block and feed each block into the version-2 digest
     of that byte range right after writing it (same digest as ``digest_range``). A block's
     bytes are a multiple of the 64-byte stripe, so blocks end on stripe boundaries."""
-    raw_w = 3 if kind == 3 else 1
     start = a * itemsize
     sd, lanes, keys = digest_init(seed)
     w = start // 8
@@ -698,8 +706,9 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
     pos += (nsym + 1) // 2
     slen = np.empty(4, np.int64)
     for j in range(4):
-        slen[j] = (np.int64(buf[pos + 4 * j]) | (np.int64(buf[pos + 4 * j + 1]) << 8)
-                   | (np.int64(buf[pos + 4 * j + 2]) << 16) | (np.int64(buf[pos + 4 * j + 3]) << 24))
+        sp = pos + 4 * j
+        slen[j] = (np.int64(buf[sp]) | (np.int64(buf[sp + 1]) << 8)
+                   | (np.int64(buf[sp + 2]) << 16) | (np.int64(buf[sp + 3]) << 24))
     pos += 16
     raw_w = 3 if kind == 3 else 1
     raw = pos
@@ -826,7 +835,18 @@ def _decode_range(buf, bwords, base, ends, counter, chunk_values, n_total, kind,
     return 0
 
 
+def min_chunk_bytes(n: np.ndarray, itemsize: int, raw_width: int) -> np.ndarray:
+    """Fewest bytes a chunk of ``n`` values can take: stored (mode byte + values) or Huffman
+    (mode, lo, hi, >= 1 length byte, four u32 stream lengths, the raw bytes of every value,
+    four streams of >= 8 bytes). Used to bound the value count a payload may claim."""
+    return np.minimum(1 + n * itemsize, 1 + 2 + 1 + 16 + n * raw_width + 4 * 8)
+
+
 def parse_header(buf: np.ndarray):
+    """(spec, n_values, chunk_values, chunk ends, chunk base) of a payload, all validated
+    against the payload's real size: the chunk table must fit, increase, give every chunk at
+    least the bytes its values need (``min_chunk_bytes``), and end at the payload's end; so
+    the value count, hence the output allocation, is bounded by the payload size."""
     if buf.size < _HEAD.size:
         raise CorruptDataError(f"entropy payload of {buf.size} bytes is shorter than its header")
     code, max_len, _, chunk_values, n, n_chunks = _HEAD.unpack_from(buf, 0)
@@ -846,6 +866,15 @@ def parse_header(buf: np.ndarray):
     body = base + (int(ends[-1]) if n_chunks else 0)
     if n_chunks and (np.any(np.diff(ends) <= 0) or ends[0] <= 0):
         raise CorruptDataError("entropy payload chunk table is not increasing")
+    if n_chunks:
+        counts = np.full(n_chunks, chunk_values, np.int64)
+        counts[-1] = n - (n_chunks - 1) * chunk_values
+        lens = np.diff(ends, prepend=0)
+        short = lens < min_chunk_bytes(counts, spec.itemsize, _RAW_WIDTH[_KIND[spec.name]])
+        if np.any(short):
+            c = int(np.argmax(short))
+            raise CorruptDataError(f"entropy payload chunk table gives chunk {c} of "
+                                   f"{int(counts[c])} values only {int(lens[c])} bytes")
     if buf.size != body + (-body) % 8 + 8 or np.any(buf[body:]):
         raise CorruptDataError("entropy payload chunk table does not match the payload size")
     return spec, n, chunk_values, ends, base

@@ -2,19 +2,21 @@
 
 - exponent histogram and its Shannon entropy ``H_exp``;
 - ideal bits per value when only the exponent is entropy-coded: ``bits - exp_bits + H_exp``
-  (bf16: ``8 + H_exp``, so the ratio bound is ``16 / (8 + H_exp)``, SYSTEMS.md "ZipServ");
+  (bf16: ``8 + H_exp``, so the ratio bound is ``16 / (8 + H_exp)``, as in DFloat11 and ZipNN);
 - coverage ``p`` of the best 7-exponent window ``[b+1, b+7]`` and the TBE cost it implies,
-  ``11 p + 19 (1 - p)`` bits for bf16 (SYSTEMS.md: "about 19 - 8p bits").
+  ``11 p + 19 (1 - p) = 19 - 8p`` bits for bf16 (ZipServ's TBE cost).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba as nb
 import numpy as np
 
-from moeflow.compress._format import DTypeSpec, float_spec, readonly
+from moeflow._deps import require
+from moeflow.compress.bits import DTypeSpec, float_spec, readonly, tensor_to_bits
+
+nb = require("numba", "moeflow.compress")
 
 WINDOW = 7  # codes 1..7 address exponents b+1..b+7; code 0 is the fallback
 
@@ -95,7 +97,5 @@ def stats_from_bits(bits: np.ndarray, dtype: str) -> TensorStats:
 
 def tensor_stats(t) -> TensorStats:
     """Statistics of a torch tensor (bf16, fp16 or fp32)."""
-    from moeflow.compress.container import tensor_to_bits
-
     bits, dtype, _ = tensor_to_bits(t)
     return stats_from_bits(bits, dtype)

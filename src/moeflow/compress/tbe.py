@@ -1,6 +1,6 @@
 """TBE codec: ZipServ's fixed-length "tensor-core aware triple bit-plane exponent" format.
 
-SYSTEMS.md, "ZipServ". Per matrix a window of 7 exponents ``[b+1, b+7]`` is chosen; every
+ZipServ, TCA-TBE encoding. Per matrix a window of 7 exponents ``[b+1, b+7]`` is chosen; every
 weight gets a 3-bit code ``c = e - b`` if its exponent is in the window, else ``c = 0``
 (fallback). Codes live in three bit-planes, one 64-bit word per 8x8 tile and plane (bit
 ``8*row + col`` of the tile). Covered weights store one byte in the sign+mantissa stream;
@@ -33,12 +33,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import numba as nb
 import numpy as np
 
-from moeflow.errors import CorruptDataError, InputError
-from moeflow.compress._format import FLOAT_SPECS, readonly, run_parallel
+from moeflow._deps import require
+from moeflow.compress.bits import FLOAT_SPECS, readonly
+from moeflow.compress.parallel import run_parallel
 from moeflow.compress.stats import best_window, exponent_histogram
+from moeflow.errors import CorruptDataError, InputError
+
+nb = require("numba", "moeflow.compress")
 
 _HEAD = struct.Struct("<BBhIQQQQQ")
 TBE_DTYPES = ("bfloat16", "float16")

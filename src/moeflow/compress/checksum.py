@@ -1,12 +1,10 @@
-"""Shared pieces of moeflow's compressed formats: dtype table, checksums, thread pool.
+"""mfx64, the checksum of moeflow's compressed formats: segment digests and their combination.
 
-Every codec works on the raw bit patterns of a tensor (``uint16`` for bf16/fp16, ``uint32``
-for fp32), never on float values, so NaN payloads, signed zeros and subnormals survive.
-
-Checksum ("mfx64"): the bytes are cut into fixed 256 KiB segments; each segment gets a
-64-bit digest seeded with the segment index, and the segment digests are digested again with
-the total length. Segments are independent, so the checksum of a decoded tensor is computed by
-the same threads that decode it, while the data is still in cache.
+The bytes are cut into fixed 256 KiB segments; each segment gets a 64-bit digest seeded with
+the segment index, and the segment digests are digested again with the total length.
+Segments are independent, so the checksum of a decoded tensor is computed by the same threads
+that decode it, while the data is still in cache (the entropy codec's chunks are aligned to
+the segments).
 
 Two segment digests exist; the container records which one it used (``CHECKSUM_VERSION``):
 
@@ -21,132 +19,16 @@ Two segment digests exist; the container records which one it used (``CHECKSUM_V
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-
-import numba as nb
 import numpy as np
 
+from moeflow._deps import require
+from moeflow.compress.bits import readonly, words_view
+from moeflow.compress.parallel import run_shared, take
 from moeflow.errors import InputError
-from moeflow.compress._intrinsics import fetch_add
+
+nb = require("numba", "moeflow.compress")
 
 SEGMENT_BYTES = 1 << 18  # checksum segment; entropy chunks are aligned to it
-
-
-@dataclass(frozen=True)
-class DTypeSpec:
-    """Bit layout of a floating-point format: ``sign | exponent | mantissa``."""
-
-    name: str
-    code: int
-    itemsize: int
-    exp_bits: int
-    man_bits: int
-
-    @property
-    def bits(self) -> int:
-        return 8 * self.itemsize
-
-    @property
-    def uint(self):
-        return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[self.itemsize]
-
-
-FLOAT_SPECS = {
-    "bfloat16": DTypeSpec("bfloat16", 1, 2, 8, 7),
-    "float16": DTypeSpec("float16", 2, 2, 5, 10),
-    "float32": DTypeSpec("float32", 3, 4, 8, 23),
-}
-
-# Every dtype safetensors knows, so the raw codec can store any tensor of a checkpoint.
-# code -> (name, itemsize)
-ALL_DTYPES = {
-    1: ("bfloat16", 2), 2: ("float16", 2), 3: ("float32", 4), 4: ("float64", 8),
-    5: ("int8", 1), 6: ("uint8", 1), 7: ("int16", 2), 8: ("uint16", 2), 9: ("int32", 4),
-    10: ("uint32", 4), 11: ("int64", 8), 12: ("uint64", 8), 13: ("bool", 1),
-    14: ("float8_e4m3fn", 1), 15: ("float8_e5m2", 1),
-}
-DTYPE_CODES = {name: code for code, (name, _) in ALL_DTYPES.items()}
-DTYPE_ITEMSIZE = {name: size for _, (name, size) in ALL_DTYPES.items()}
-
-# safetensors' dtype strings
-SAFETENSORS_NAMES = {
-    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8",
-    "U8": "uint8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
-    "I64": "int64", "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-
-
-def float_spec(dtype: str) -> DTypeSpec:
-    try:
-        return FLOAT_SPECS[dtype]
-    except KeyError:
-        raise InputError(f"dtype {dtype!r} has no float bit layout here; "
-                         f"allowed: {sorted(FLOAT_SPECS)}") from None
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _workers(n_items: int, threads: int | None) -> int:
-    """How many workers to run: ``threads`` (default: all cores), at most one per item."""
-    threads = default_threads() if threads is None else int(threads)
-    if threads < 1:
-        raise InputError(f"threads={threads} must be >= 1")
-    return min(threads, max(1, n_items))
-
-
-def _pool(size: int) -> ThreadPoolExecutor:
-    pool = _POOLS.get(size)
-    if pool is None:
-        pool = _POOLS[size] = ThreadPoolExecutor(size, thread_name_prefix="mfz")
-    return pool
-
-
-def run_parallel(fn, n_items: int, threads: int | None):
-    """Run ``fn(lo, hi)`` over contiguous ranges of ``range(n_items)``; returns the results.
-
-    The numba kernels release the GIL, so Python threads give real parallelism.
-    """
-    threads = _workers(n_items, threads)
-    if threads == 1:
-        return [fn(0, n_items)]
-    bounds = np.linspace(0, n_items, threads + 1).astype(np.int64)
-    pool = _pool(threads)
-    futs = [pool.submit(fn, int(bounds[i]), int(bounds[i + 1])) for i in range(threads)]
-    return [f.result() for f in futs]
-
-
-def run_shared(fn, n_items: int, threads: int | None):
-    """Run ``fn(counter)`` on ``min(threads, n_items)`` workers that share one work counter;
-    returns their results. A numba kernel takes its next item with ``take(counter)`` until
-    that passes ``n_items``, so items are balanced dynamically: a static split waits for
-    the slower half, and on a shared machine one core is often slower than the other. The
-    calling thread is one of the workers."""
-    threads = _workers(n_items, threads)
-    counter = np.zeros(1, np.int64)
-    if threads == 1:
-        return [fn(counter)]
-    futs = [_pool(threads - 1).submit(fn, counter) for _ in range(threads - 1)]
-    first = fn(counter)
-    return [first] + [f.result() for f in futs]
-
-
-@nb.njit(inline="always")
-def take(counter):
-    """The next work item of a ``run_shared`` counter (atomic)."""
-    return fetch_add(counter, 0, 1)
-
-# ----------------------------------------------------------------------------- checksum
 _P1 = np.uint64(0x9E3779B185EBCA87)
 _P2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _P3 = np.uint64(0x165667B19E3779F9)
@@ -304,19 +186,6 @@ def segment_digests(buf, words, counter, out, version):
         b = min(n, a + SEGMENT_BYTES)
         out[s] = (digest_range(buf, words, a, b, s) if version == 2
                   else digest_range_v1(buf, words, a, b, s))
-
-
-def readonly(a: np.ndarray) -> np.ndarray:
-    """A read-only view. Kernels only read their inputs; passing every input read-only gives
-    numba one signature per kernel instead of two, which halves cold compile time."""
-    v = a.view()
-    v.flags.writeable = False
-    return v
-
-
-def words_view(b: np.ndarray) -> np.ndarray:
-    """Read-only uint64 view of the whole-word prefix of a uint8 array (no copy)."""
-    return readonly(b[: b.size // 8 * 8].view(np.uint64))
 
 
 CHECKSUM_VERSION = 2  # the digest new containers use; 1 is still read
