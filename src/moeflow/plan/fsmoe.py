@@ -1,6 +1,6 @@
 """FSMoE planner (ASPLOS'25): pipeline degrees per pass and gradient all-reduce partitioning.
 
-1. **Pipeline degree** (SYSTEMS.md, FSMoE "Finding r"). With per-chunk times
+1. **Pipeline degree** (FSMoE, finding the pipeline degree r). With per-chunk times
    ``t_x,r = alpha_x + work_x / r`` the step time of a pass takes one of four forms:
 
    * inter-node bound: ``2r t_a2a,r + t_gar``
@@ -17,7 +17,7 @@
    with the four-case model, ``evaluator="model"``) and keeps the fastest. Forward and backward
    are planned separately; backward doubles the expert GEMM work and carries ``t_gar``.
 
-2. **Gradient partitioning** (SYSTEMS.md, FSMoE "Adaptive gradient partitioning"). The
+2. **Gradient partitioning** (FSMoE, adaptive gradient partitioning). The
    data-parallel gradient of layer ``l`` is ready after its backward; it can be all-reduced in
    the idle inter-node link time ``t_olp`` of any later (lower-index) MoE backward. Greedy pass:
    ``n_j = g^-1(min(t_grad(available), t_olp_j))`` with ``g^-1(t) = (t - alpha_ar)/beta_ar``;
@@ -67,7 +67,8 @@ class Case:
 
 
 def four_cases(pc: PassCost, gar_ms: float = 0.0) -> list[Case]:
-    """FSMoE's four step-time forms as ``A r + B/r + C`` (SYSTEMS.md, "Finding r")."""
+    """FSMoE's four step-time forms as ``A r + B/r + C`` (FSMoE, ASPLOS'25: the inter-node,
+    compute, a2a and intra-node bound cases of the pipeline degree)."""
     aa, wa = pc.alpha_a2a, pc.work_a2a
     ag_a, ag_w, rs_a, rs_w = pc.alpha_ag, pc.work_ag, pc.alpha_rs, pc.work_rs
     xa, xw = pc.alpha_exp, pc.work_exp

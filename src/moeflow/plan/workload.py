@@ -1,15 +1,16 @@
 """`LayerWorkload`: the sizes of one MoE layer on one GPU, and its per-pass costs.
 
-Notation (SYSTEMS.md): B batch per GPU, L sequence length, M hidden size, H expert FFN size,
+Notation (FSMoE, ASPLOS'25): B batch per GPU, L sequence length, M hidden size, H expert FFN size,
 E experts, k top-k, f capacity factor (``None`` = dropless), N_EP / N_ESP / N_DP degrees.
 
-Message and work sizes (SYSTEMS.md, FSMoE "Overlap"), for the whole pass before chunking:
+Message and work sizes (FSMoE, ASPLOS'25: per-chunk sizes of the overlapped a2a, ag/rs and
+expert GEMMs), for the whole pass before chunking:
   * a2a bytes per GPU:   ``k f B L M b / N_ESP``
   * ag = rs bytes:       ``k f B L M b`` (only when N_ESP > 1)
   * expert GEMM FLOPs:   ``2 k f B L M H / N_ESP * n_gemm`` (n_gemm = 2 for a plain GPT FFN,
     3 for Mixtral's SwiGLU); backward doubles it (FSMoE: "Backward doubles the expert GEMM work").
 
-Our choices where SYSTEMS.md is silent: SYSTEMS.md writes ``f B L M``; we multiply by ``k``
+Our choices where the paper is silent: FSMoE writes ``f B L M``; we multiply by ``k``
 because a token routed to k experts is sent k times (capacity is ``k f B L / E`` per expert).
 Dropless layers use ``f = 1`` (the balanced expected load). ``b`` is bytes per element (2).
 The data-parallel gradient of a layer is its attention and gate weights,
@@ -151,7 +152,7 @@ class LayerWorkload:
 
 def fsmoe_sweep(*, n_ep: int, n_esp: int, n_dp: int = 1, k: int = 2,
                 E: int | None = None) -> list[LayerWorkload]:
-    """FSMoE's layer sweep, 3^6 x 2 = 1458 layers (SYSTEMS.md, "Evaluation").
+    """FSMoE's layer sweep, 3^6 x 2 = 1458 layers (FSMoE, ASPLOS'25, evaluation).
 
     B in {1,2,4}, heads in {8,16,32}, L in {512,1024,2048}, M in {1024,2048,4096},
     H/M in {2,3,4}, f in {1.2, 2.4, dropless}, FFN in {simple, mixtral}. E defaults to one
