@@ -9,8 +9,14 @@ pytest.importorskip("triton")
 from moeflow.compress.gpu import TBEMatrix, tbe_encode_torch  # noqa: E402
 from moeflow.compress.gpu import experimental_unit as U  # noqa: E402
 from moeflow.errors import ConfigError, InputError  # noqa: E402
-from tests.compress.gpu._weights import (all_patterns, assert_gemm_close, bits,  # noqa: E402
-                                         finite, hard_weights, low_exponents)
+from tests.compress.gpu._weights import (  # noqa: E402
+    all_patterns,
+    assert_gemm_close,
+    bits,
+    finite,
+    hard_weights,
+    low_exponents,
+)
 
 # Lanes for rows past the matrix decode whatever in-bounds stream words sit at their slots and
 # are masked at the store; numpy (the interpreter) warns when those values overflow a product.

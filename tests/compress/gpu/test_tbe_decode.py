@@ -7,8 +7,7 @@ pytest.importorskip("triton")
 
 from moeflow.compress.gpu import TBEMatrix, tbe_decode, tbe_encode_torch  # noqa: E402
 from moeflow.errors import InputError  # noqa: E402
-from tests.compress.gpu._weights import (all_patterns, bits, hard_weights,  # noqa: E402
-                                         low_exponents)
+from tests.compress.gpu._weights import all_patterns, bits, hard_weights, low_exponents  # noqa: E402
 
 # partial blocks in both dimensions, a single tile, one row, 1-D and 3-D tensors, empty
 SHAPES = [(70, 130), (8, 8), (1, 200), (200,), (5,), (3, 4, 9), (0,)]

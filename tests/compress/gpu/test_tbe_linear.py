@@ -7,8 +7,7 @@ pytest.importorskip("triton")
 
 from moeflow.compress.gpu import MAX_TOKENS, tbe_decode, tbe_encode_torch, tbe_linear  # noqa: E402
 from moeflow.errors import ConfigError, InputError  # noqa: E402
-from tests.compress.gpu._weights import (assert_gemm_close, bits, finite,  # noqa: E402
-                                         hard_weights)
+from tests.compress.gpu._weights import assert_gemm_close, bits, finite, hard_weights  # noqa: E402
 
 
 def weight(shape, dtype, seed=0):

@@ -10,8 +10,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from moeflow.compress.gpu import MAX_TOKENS, TBEMatrix, skinny_input, tbe_encode_torch  # noqa: E402
-from moeflow.compress.gpu import matrix  # noqa: E402
+from moeflow.compress.gpu import (  # noqa: E402
+    MAX_TOKENS,
+    TBEMatrix,
+    matrix,
+    skinny_input,
+    tbe_encode_torch,
+)
 from moeflow.errors import InputError  # noqa: E402
 from tests.compress.gpu._weights import hard_weights  # noqa: E402
 

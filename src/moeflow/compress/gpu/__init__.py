@@ -19,8 +19,12 @@ require("triton", "moeflow.compress.gpu")
 
 from moeflow.compress.gpu.decode import tbe_decode  # noqa: E402
 from moeflow.compress.gpu.linear import tbe_linear  # noqa: E402
-from moeflow.compress.gpu.matrix import (MAX_TOKENS, TBEMatrix, skinny_input,  # noqa: E402
-                                         tbe_encode_torch)
+from moeflow.compress.gpu.matrix import (  # noqa: E402
+    MAX_TOKENS,
+    TBEMatrix,
+    skinny_input,
+    tbe_encode_torch,
+)
 
 __all__ = ["MAX_TOKENS", "TBEMatrix", "skinny_input", "tbe_decode", "tbe_encode_torch",
            "tbe_linear"]

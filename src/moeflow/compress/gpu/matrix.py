@@ -80,7 +80,7 @@ class TBEMatrix:
                    (self.planes, self.cov_off, self.fb_off, self.covered, self.fallback))
 
     @classmethod
-    def from_parts(cls, parts, shape, device) -> "TBEMatrix":
+    def from_parts(cls, parts, shape, device) -> TBEMatrix:
         """Upload a parsed CPU payload (``tbe.TBEParts``) to ``device``."""
         def dev(a: np.ndarray, dt) -> torch.Tensor:
             a = np.ascontiguousarray(a)
@@ -101,7 +101,7 @@ class TBEMatrix:
                                         FB_PAD, 2))
 
     @classmethod
-    def from_tensor(cls, w: torch.Tensor, device=None) -> "TBEMatrix":
+    def from_tensor(cls, w: torch.Tensor, device=None) -> TBEMatrix:
         """Compress ``w`` (bf16/fp16) with the CPU codec and upload the streams to ``device``."""
         from moeflow.compress.container import CompressedTensor
 
@@ -109,7 +109,7 @@ class TBEMatrix:
         return cls.from_compressed(ct, device if device is not None else w.device)
 
     @classmethod
-    def from_compressed(cls, ct, device) -> "TBEMatrix":
+    def from_compressed(cls, ct, device) -> TBEMatrix:
         """Upload a ``CompressedTensor`` with codec "tbe" to ``device``."""
         from moeflow.compress import tbe
 
@@ -201,7 +201,7 @@ def tbe_encode_torch(w: torch.Tensor) -> TBEMatrix:
     def blockwise(t: torch.Tensor) -> torch.Tensor:
         return t.view(BR, 64, BC, 64).permute(0, 2, 1, 3).reshape(-1)
 
-    cov_m = blockwise((code != 0))
+    cov_m = blockwise(code != 0)
     fb_m = blockwise(valid & (code == 0))
     vb = blockwise(vals)
     sm = (((vb >> 8) & 0x80) | (vb & 0x7F)) if bf16 else (vb & 0xFF)
