@@ -43,3 +43,17 @@ def test_frozen_and_round_trip():
         MoEConfig.from_dict({**c.to_dict(), "bogus": 1})
     with pytest.raises(ConfigError):
         model_preset("gpt-5")
+
+
+def test_integer_fields_share_one_validator():
+    # numpy integers are integers (stored back as int); bools and floats are not
+    np = pytest.importorskip("numpy")
+    c = MoEConfig(hidden_size=np.int64(8), ffn_hidden_size=8, num_experts=np.int32(4))
+    assert type(c.hidden_size) is int and type(c.num_experts) is int
+    assert MoEConfig.from_dict(c.to_dict()) == c
+    for field, value in [("top_k", True), ("ffn_hidden_size", 8.0), ("xmoe_dim", 0)]:
+        with pytest.raises(ConfigError, match=f"{field}=.* a positive int"):
+            MoEConfig(**{"hidden_size": 8, "ffn_hidden_size": 8, "num_experts": 4, field: value})
+    with pytest.raises(ConfigError, match=r"an int in \[1, n_group=2\]") as info:
+        MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, n_group=2, topk_group=3)
+    assert info.value.field == "topk_group"

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from moeflow.errors import ConfigError
+from moeflow.validate import positive_int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,9 +64,8 @@ class ClusterSpec:
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-                raise ConfigError(f"ClusterSpec.{name}", v, "a positive int")
+            object.__setattr__(self, name, positive_int(f"ClusterSpec.{name}",
+                                                        getattr(self, name)))
         for name in ("gpu_tflops", "gpu_mem_GBps", "gpu_mem_GB"):
             v = getattr(self, name)
             if not v > 0:

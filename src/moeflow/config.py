@@ -8,10 +8,11 @@ Every config is a frozen dataclass that validates itself in ``__post_init__`` an
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from moeflow.errors import ConfigError
+from moeflow.validate import nonnegative_int, positive_int
 
 ROUTERS = ("softmax_topk", "switch", "sigmoid", "xmoe", "expert_choice", "deepseek")
 EXPERT_TYPES = ("swiglu", "gelu")
@@ -33,10 +34,6 @@ def dataclass_from_dict(cls, d: dict):
     if unknown:
         raise ConfigError(cls.__name__, unknown, f"known fields are {sorted(names)}")
     return cls(**d)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,9 +96,12 @@ class MoEConfig:
     kernel: str = "auto"
 
     def __post_init__(self) -> None:
+        # integer fields are stored as plain ints (numpy integers are accepted and converted)
+        def store(name: str, value) -> None:
+            object.__setattr__(self, name, value)
+
         for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k"):
-            v = getattr(self, name)
-            _require(_is_int(v) and v >= 1, name, v, "a positive int")
+            store(name, positive_int(name, getattr(self, name)))
         _require(self.router in ROUTERS, "router", self.router, f"one of {ROUTERS}")
         _require(self.expert_type in EXPERT_TYPES, "expert_type", self.expert_type,
                  f"one of {EXPERT_TYPES}")
@@ -115,12 +115,11 @@ class MoEConfig:
                      "capacity_factor", cf, "None (dropless) or a float > 0")
         _require(self.router_dtype in ROUTER_DTYPES, "router_dtype", self.router_dtype,
                  f"one of {ROUTER_DTYPES}")
-        _require(_is_int(self.n_group) and self.n_group >= 1, "n_group", self.n_group,
-                 "a positive int")
+        store("n_group", positive_int("n_group", self.n_group))
         _require(self.num_experts % self.n_group == 0, "n_group", self.n_group,
                  f"a divisor of num_experts={self.num_experts}")
-        _require(_is_int(self.topk_group) and 1 <= self.topk_group <= self.n_group,
-                 "topk_group", self.topk_group, f"an int in [1, n_group={self.n_group}]")
+        store("topk_group", positive_int("topk_group", self.topk_group, maximum=self.n_group,
+                                         maximum_name="n_group"))
         if self.router == "deepseek":
             experts_reachable = self.topk_group * (self.num_experts // self.n_group)
             _require(self.top_k <= experts_reachable, "top_k", self.top_k,
@@ -129,14 +128,11 @@ class MoEConfig:
                  f"one of {SCORE_FUNCS}")
         _require(self.routed_scaling_factor > 0, "routed_scaling_factor",
                  self.routed_scaling_factor, "a float > 0")
-        _require(_is_int(self.xmoe_dim) and self.xmoe_dim >= 1, "xmoe_dim", self.xmoe_dim,
-                 "a positive int")
-        _require(_is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
-                 "num_shared_experts", self.num_shared_experts, "an int >= 0")
-        if self.shared_ffn_hidden_size is not None:
-            _require(_is_int(self.shared_ffn_hidden_size) and self.shared_ffn_hidden_size >= 1,
-                     "shared_ffn_hidden_size", self.shared_ffn_hidden_size,
-                     "None or a positive int")
+        store("xmoe_dim", positive_int("xmoe_dim", self.xmoe_dim))
+        store("num_shared_experts", nonnegative_int("num_shared_experts",
+                                                    self.num_shared_experts))
+        store("shared_ffn_hidden_size", positive_int(
+            "shared_ffn_hidden_size", self.shared_ffn_hidden_size, allow_none=True))
         _require(self.shared_expert_gate in SHARED_GATES, "shared_expert_gate",
                  self.shared_expert_gate, f"one of {SHARED_GATES}")
         for name in ("aux_loss_coef", "z_loss_coef"):

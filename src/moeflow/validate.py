@@ -17,11 +17,17 @@ def is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def positive_int(name: str, v, *, maximum: int | None = None, allow_none: bool = False):
-    """``v`` as an ``int`` when it is an integer >= 1 (and <= ``maximum``), else ConfigError."""
+def positive_int(name: str, v, *, maximum: int | None = None, maximum_name: str | None = None,
+                 allow_none: bool = False):
+    """``v`` as an ``int`` when it is an integer >= 1 (and <= ``maximum``), else ConfigError.
+
+    ``maximum_name`` names where the bound comes from, so the message reads
+    ``an int in [1, n_group=4]`` rather than a bare number.
+    """
     if v is None and allow_none:
         return None
-    allowed = "a positive int" if maximum is None else f"an int in [1, {maximum}]"
+    bound = maximum if maximum_name is None else f"{maximum_name}={maximum}"
+    allowed = "a positive int" if maximum is None else f"an int in [1, {bound}]"
     if allow_none:
         allowed = "None or " + allowed
     if not is_int(v) or v < 1 or (maximum is not None and v > maximum):

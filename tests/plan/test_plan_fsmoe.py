@@ -6,7 +6,8 @@ import pytest
 from moeflow.errors import ConfigError, PlanError
 from moeflow.perf import LinearCost, perf_preset
 from moeflow.perf.layer import PassCost
-from moeflow.plan import LayerWorkload, Plan, baselines, degrees_for_layer, fsmoe, fsmoe_sweep
+from moeflow.plan import (LayerPlan, LayerWorkload, Plan, baselines, degrees_for_layer, fsmoe,
+                          fsmoe_sweep)
 from moeflow.config import model_preset
 from moeflow.sim import pass_time
 
@@ -142,3 +143,16 @@ def test_runtime_reads_the_plans_degrees():
     p = Plan.from_json(fsmoe.plan(w, perf, num_layers=3).to_json())
     for i in range(3):
         assert runtime.resolve_degrees(p, i, 1, 1) == degrees_for_layer(p, i)
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: LayerPlan(index=0, r_fwd=0, r_bwd=1), "LayerPlan.r_fwd"),
+    (lambda: LayerPlan(index=0, r_fwd=1, r_bwd=2.0), "LayerPlan.r_bwd"),
+    (lambda: LayerWorkload(B=1, L=8, M=8, H=8, E=4, n_ep=0), "LayerWorkload.n_ep"),
+    (lambda: LayerWorkload.from_config(model_preset("mixtral-8x7b"), tokens=0),
+     "LayerWorkload.tokens"),
+])
+def test_positive_int_fields_name_themselves(make, field):
+    with pytest.raises(ConfigError, match="a positive int") as info:
+        make()
+    assert info.value.field == field

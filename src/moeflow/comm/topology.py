@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from moeflow.errors import DistributedConfigError
+from moeflow.errors import ConfigError, DistributedConfigError
+from moeflow.validate import positive_int
 
 LINK_LEVELS = ("self", "intra_node", "inter_node")
 
@@ -30,10 +31,11 @@ class Topology:
 
     def __post_init__(self) -> None:
         for name in ("world_size", "ranks_per_node"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-                raise DistributedConfigError(
-                    f"Topology.{name}={v!r} is not allowed: a positive int")
+            try:
+                v = positive_int(f"Topology.{name}", getattr(self, name))
+            except ConfigError as e:  # a layout error: same message, the distributed type
+                raise DistributedConfigError(str(e)) from None
+            object.__setattr__(self, name, v)
         if self.world_size % self.ranks_per_node:
             raise DistributedConfigError(
                 f"Topology.ranks_per_node={self.ranks_per_node} does not divide "

@@ -291,7 +291,7 @@ def plan(workloads: LayerWorkload | Sequence[LayerWorkload], perf: PerfModel, cl
     grads = [w.grad_bytes if w.n_dp * w.n_ep * w.n_esp > 1 else 0.0 for w in workloads]
     if overlap_grad and sum(grads) > 0:
         idle = []
-        for j, wi in enumerate(widx):
+        for wi in widx:
             w = LayerWorkload.from_dict(table[wi])
             idle.append(pass_idle_inter(w.pass_cost(perf, True), bwd_decision(wi, 0.0).r))
         part = partition_gradients(grads, lambda j, n: bwd_decision(widx[j], n).t_ms, idle, ar)

@@ -16,6 +16,7 @@ from typing import Sequence
 from moeflow.errors import ConfigError, InputError, PlanError
 from moeflow.perf.cost import PerfModel
 from moeflow.plan.workload import LayerWorkload
+from moeflow.validate import positive_int
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,7 @@ class LayerPlan:
 
     def __post_init__(self) -> None:
         for name in ("r_fwd", "r_bwd"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-                raise ConfigError(f"LayerPlan.{name}", v, "a positive int")
+            object.__setattr__(self, name, positive_int(f"LayerPlan.{name}", getattr(self, name)))
         if self.gar_bytes < 0:
             raise ConfigError("LayerPlan.gar_bytes", self.gar_bytes, "a float >= 0")
 

@@ -28,13 +28,9 @@ from moeflow.config import dataclass_from_dict
 from moeflow.errors import ConfigError
 from moeflow.perf.cost import PerfModel
 from moeflow.perf.layer import PassCost
+from moeflow.validate import positive_int
 
 FFN_TYPES = ("simple", "mixtral")
-
-
-def _pos_int(name: str, v) -> None:
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-        raise ConfigError(f"LayerWorkload.{name}", v, "a positive int")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +52,8 @@ class LayerWorkload:
     def __post_init__(self) -> None:
         for name in ("B", "L", "M", "H", "E", "k", "heads", "n_ep", "n_esp", "n_dp",
                      "bytes_per_element"):
-            _pos_int(name, getattr(self, name))
+            object.__setattr__(self, name, positive_int(f"LayerWorkload.{name}",
+                                                        getattr(self, name)))
         if self.f is not None and not (isinstance(self.f, (int, float)) and self.f > 0):
             raise ConfigError("LayerWorkload.f", self.f, "None (dropless) or a float > 0")
         if self.ffn not in FFN_TYPES:
@@ -130,7 +127,7 @@ class LayerWorkload:
         """
         preset_heads = getattr(moe_config, "num_attention_heads", None)
         cfg = getattr(moe_config, "moe", moe_config)
-        _pos_int("tokens", tokens)
+        positive_int("LayerWorkload.tokens", tokens)
         L = seq_len or min(tokens, 4096)
         B = max(1, math.ceil(tokens / L))
         return cls(B=B, L=L, M=cfg.hidden_size, H=cfg.ffn_hidden_size, E=cfg.num_experts,

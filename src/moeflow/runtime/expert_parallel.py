@@ -40,25 +40,20 @@ from moeflow.errors import ConfigError, DistributedConfigError
 from moeflow.kernels import expert_ffn
 from moeflow.layer.routers import Routing, capacity as capacity_of
 from moeflow.runtime.pipeline import run_wavefront
-
-
-def _positive_int(name: str, v) -> int:
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-        raise ConfigError(name, v, "a positive int")
-    return v
+from moeflow.validate import positive_int
 
 
 def resolve_degrees(plan, layer_index: int, r_fwd: int, r_bwd: int) -> tuple[int, int]:
     """``(r_fwd, r_bwd)`` from a plan (``moeflow.plan.degrees_for_layer``) or plain ints."""
     if plan is not None:
         if isinstance(plan, int):
-            return _positive_int("plan", plan), plan
+            return positive_int("plan", plan), plan
         if isinstance(plan, (tuple, list)) and len(plan) == 2:
-            return _positive_int("plan[0]", plan[0]), _positive_int("plan[1]", plan[1])
+            return positive_int("plan[0]", plan[0]), positive_int("plan[1]", plan[1])
         import moeflow.plan as mplan  # lazy: the runtime works without planners installed
         rf, rb = mplan.degrees_for_layer(plan, layer_index)
-        return _positive_int("plan r_fwd", int(rf)), _positive_int("plan r_bwd", int(rb))
-    return _positive_int("r_fwd", r_fwd), _positive_int("r_bwd", r_bwd)
+        return positive_int("plan r_fwd", int(rf)), positive_int("plan r_bwd", int(rb))
+    return positive_int("r_fwd", r_fwd), positive_int("r_bwd", r_bwd)
 
 
 class _Run:
@@ -261,7 +256,7 @@ class ExpertParallel(nn.Module):
         cfg = layer.cfg
         if dispatcher not in DISPATCHERS:
             raise ConfigError("dispatcher", dispatcher, f"one of {DISPATCHERS}")
-        esp_size = _positive_int("esp_size", esp_size)
+        esp_size = positive_int("esp_size", esp_size)
         self.r_fwd, self.r_bwd = resolve_degrees(plan, layer_index, r_fwd, r_bwd)
         self.timeout_s = resolve_timeout(timeout_s)
         if not dist.is_initialized():
