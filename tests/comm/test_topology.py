@@ -18,7 +18,7 @@ def test_explicit_layout_and_links():
     assert t.link_level(0, 1) == "intra_node"
     assert t.link_level(1, 2) == "inter_node"
     assert t.link_level(3, 3) == "self"
-    sub = t.strided(2, 0)
+    sub = t.strided(2)
     assert (sub.world_size, sub.ranks_per_node) == (2, 1)
 
 

@@ -17,10 +17,6 @@ import torch.distributed as dist
 from moeflow.comm.timeouts import Pending, wait_work
 
 
-def group_size(group) -> int:
-    return 1 if group is False else dist.get_world_size(group)
-
-
 def all_to_all_v(x_RD: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int],
                  group, op: str, timeout_s: float) -> Pending:
     """Send ``x_RD[sum(in_splits[:j]):...]`` to rank j; receive ``out_splits[j]`` rows from j."""

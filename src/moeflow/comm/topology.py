@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 from moeflow.errors import ConfigError, DistributedConfigError
 from moeflow.validate import positive_int
@@ -103,9 +103,10 @@ class Topology:
             return "self"
         return "intra_node" if self.node_of(a) == self.node_of(b) else "inter_node"
 
-    def strided(self, stride: int, offset: int) -> "Topology":
-        """Topology of the sub-group ``{offset + stride*p}``, e.g. an EP group beside ESP.
+    def strided(self, stride: int) -> "Topology":
+        """Topology of a sub-group ``{offset + stride*p}``, e.g. an EP group beside ESP.
 
+        The layout is the same for every offset in ``[0, stride)``, so none is asked for.
         ``stride`` must divide ``ranks_per_node`` so the sub-group stays node-major.
         """
         if self.ranks_per_node % stride or self.world_size % stride:
@@ -145,12 +146,3 @@ class TopologyGroups:
     intra_node: object
     inter_node: object
 
-
-def check_divides(what: str, value: int, by_name: str, by: int) -> None:
-    """Raise DistributedConfigError unless ``by`` divides ``value``."""
-    if by <= 0 or value % by:
-        raise DistributedConfigError(f"{what}={value} is not divisible by {by_name}={by}")
-
-
-def as_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
-    return tuple(int(r) for r in ranks)
