@@ -1,7 +1,9 @@
 """``moeflow train``: train the demo MoE language model with expert parallelism.
 
 Two launch paths, same training loop:
-  * ``moeflow train --nproc 4`` forks 4 local ranks on gloo/127.0.0.1 itself;
+  * ``moeflow train --nproc 4`` forks 4 local ranks on gloo/127.0.0.1 with
+    :func:`moeflow.launch.launch` (every flag is validated in the parent before forking; a
+    failing or stalled rank ends the run with one line naming it);
   * ``torchrun --nproc-per-node 4 -m moeflow.train ...`` (gloo on CPU, NCCL on GPUs).
 Every MoE layer of :mod:`moeflow.demo`'s model is wrapped in
 :class:`moeflow.runtime.ExpertParallel`. All ranks draw the same global batch (same seed)
@@ -20,12 +22,19 @@ import time
 
 import torch
 
-from moeflow.errors import ConfigError
+from moeflow.errors import ConfigError, DistributedConfigError
+from moeflow.validate import nonnegative_int, positive_float, positive_int
+
+#: the demo model's attention heads (DemoModelConfig.num_heads): --dim must be a multiple
+NUM_HEADS = 4
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nproc", type=int, default=0,
-                   help="fork this many local gloo ranks (default: 1, or torchrun's world)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="fork this many local gloo ranks (default: 1, or torchrun's world); "
+                        "at most a few per CPU unless --force-nproc")
+    p.add_argument("--force-nproc", action="store_true",
+                   help="allow more ranks than the per-CPU cap of --nproc")
     p.add_argument("--ranks-per-node", type=int, default=0,
                    help="ranks per (pretend) node for the topology; 0: LOCAL_WORLD_SIZE "
                         "under torchrun, else 2 when --nproc is even")
@@ -56,6 +65,59 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
 
 
+def _plan_from_file(path):
+    from moeflow.plan.cli import load_plan_file
+    return load_plan_file(path, "--plan")
+
+
+def validate_train_args(args: argparse.Namespace, world: int | None = None) -> None:
+    """Check every flag (and, for ``world`` > 1 ranks, the parallel layout) before any rank
+    starts; raises ConfigError / DistributedConfigError / InputError naming the flag.
+
+    ``world`` defaults to ``--nproc`` (1 when not given). Loads ``--plan`` once and keeps it
+    on ``args`` so the ranks do not read the file again.
+    """
+    if args.nproc is not None:
+        from moeflow.launch import check_nproc
+        args.nproc = check_nproc(args.nproc, force=getattr(args, "force_nproc", False))
+    world = world or args.nproc or 1
+    for flag in ("steps", "batch_size", "seq_len", "dim", "layers", "experts", "top_k",
+                 "ffn", "log_every", "corpus_bytes", "threads", "esp", "r_fwd", "r_bwd"):
+        setattr(args, flag, positive_int("--" + flag.replace("_", "-"), getattr(args, flag)))
+    args.ranks_per_node = nonnegative_int("--ranks-per-node", args.ranks_per_node)
+    for flag in ("max_seconds", "lr", "timeout"):
+        setattr(args, flag, positive_float("--" + flag.replace("_", "-"), getattr(args, flag)))
+    args.aux_loss_coef = positive_float("--aux-loss-coef", args.aux_loss_coef, allow_zero=True)
+    if args.capacity_factor is not None:
+        args.capacity_factor = positive_float("--capacity-factor", args.capacity_factor)
+    if args.dim % NUM_HEADS:
+        raise ConfigError("--dim", args.dim, f"a multiple of the {NUM_HEADS} attention heads")
+    if args.corpus_bytes < args.seq_len + 2:
+        raise ConfigError("--corpus-bytes", args.corpus_bytes,
+                          f"at least --seq-len + 2 = {args.seq_len + 2}")
+    cfg = _model_config(args).moe_config()   # MoEConfig checks top_k, router, sizes
+    if args.capacity_factor is not None:
+        cfg = cfg.replace(capacity_factor=args.capacity_factor)
+    if args.batch_size % world:
+        raise ConfigError("--batch-size", args.batch_size,
+                          f"a multiple of the world size {world}")
+    if args.plan and getattr(args, "_plan", None) is None:
+        args._plan = _plan_from_file(args.plan)
+    if world > 1:
+        topo = _topology(args, world)        # checks that ranks per node divide the world
+        R, S = topo.ranks_per_node, args.esp
+        if S > R or R % S:
+            raise DistributedConfigError(f"--esp {S} must divide the ranks per node ({R}): "
+                                         "an ESP group lives inside one node")
+        if cfg.num_experts % (world // S):
+            raise DistributedConfigError(
+                f"num_experts={cfg.num_experts} (--experts) is not divisible by the "
+                f"expert-parallel size {world // S} (= world {world} / --esp {S})")
+        if cfg.ffn_hidden_size % S:
+            raise DistributedConfigError(f"--ffn {cfg.ffn_hidden_size} is not divisible by "
+                                         f"--esp {S}")
+
+
 def _model_config(args):
     from moeflow.demo import DemoModelConfig
     return DemoModelConfig(dim=args.dim, num_layers=args.layers, seq_len=args.seq_len,
@@ -67,6 +129,7 @@ def _model_config(args):
 def build_model(args, group=None, topology=None):
     """The demo LM; with a process group, every MoE layer becomes ExpertParallel."""
     import torch.distributed as dist
+
     from moeflow.demo import build_demo_model
     from moeflow.runtime import ExpertParallel
 
@@ -76,11 +139,9 @@ def build_model(args, group=None, topology=None):
         for b in model.blocks:  # rebuild each MoE config with the capacity factor
             b.moe.cfg = b.moe.cfg.replace(capacity_factor=args.capacity_factor)
             b.moe.router.cfg = b.moe.cfg
-    plan = None
-    if args.plan:
-        from moeflow.plan import Plan
-        with open(args.plan) as f:
-            plan = Plan.from_json(f.read())
+    plan = getattr(args, "_plan", None)
+    if plan is None and args.plan:
+        plan = args._plan = _plan_from_file(args.plan)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         for i, b in enumerate(model.blocks):
             b.moe = ExpertParallel(b.moe, group=group, topology=topology,
@@ -96,6 +157,7 @@ def train_loop(args, group=None, topology=None, device=None, verbose=True) -> di
     ``losses`` are global-batch LM losses (mean over ranks of local means).
     """
     import torch.distributed as dist
+
     from moeflow.demo import BatchSampler, load_corpus
     from moeflow.runtime.data_parallel import clip_grad_norm, sync_gradients
 
@@ -175,58 +237,29 @@ def _topology(args, world: int):
     return Topology.explicit(world, rpn)
 
 
-def _worker(rank: int, world: int, port: int, args, conn) -> None:
-    import torch.distributed as dist
-    try:
-        torch.set_num_threads(max(1, args.threads))
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world,
-                                timeout=datetime.timedelta(seconds=args.timeout))
-        args._forked = True
-        out = train_loop(args, topology=_topology(args, world))
-        conn.send(("ok", out["losses"][-1] if out["losses"] else float("nan")))
-        dist.destroy_process_group()
-    except BaseException as e:  # noqa: BLE001 - reported by the parent
-        import traceback
-        conn.send(("err", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
-        conn.close()
+def _rank(rank: int, world: int, args) -> float:
+    """One forked rank (the process group is up): train; return the last global loss."""
+    args._forked = True
+    out = train_loop(args, topology=_topology(args, world), verbose=True)
+    return out["losses"][-1] if out["losses"] else float("nan")
 
 
 def _spawn(args) -> int:
-    import multiprocessing as mp
-    from moeflow.comm.ports import free_port
-    port = free_port()
     from moeflow.demo import load_corpus
-    args._corpus = load_corpus(max_bytes=getattr(args, "corpus_bytes", 1_000_000))  # once
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    procs, conns = [], []
-    for r in range(args.nproc):
-        a, b = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(r, args.nproc, port, args, b))
-        p.start()
-        b.close()
-        procs.append(p)
-        conns.append(a)
-    rc = 0
-    for r, (p, c) in enumerate(zip(procs, conns)):
-        try:
-            msg = c.recv()
-        except EOFError:
-            msg = ("err", f"rank {r} died (exit code {p.exitcode})")
-        if msg[0] != "ok":
-            print(msg[1], file=sys.stderr)
-            rc = 1
-    for p in procs:
-        p.join(30)
-        if p.is_alive():
-            p.kill()
-    return rc
+    from moeflow.launch import launch
+
+    args._corpus = load_corpus(max_bytes=args.corpus_bytes)  # read once, shared by fork
+    # a rank whose heartbeat stops for the collective deadline is stalled: end the run
+    launch(_rank, args.nproc, args, force=args.force_nproc, name="moeflow train",
+           stall_timeout_s=args.timeout, pg_timeout_s=args.timeout, threads=args.threads)
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:   # launched by torchrun
+        validate_train_args(args, world=positive_int("WORLD_SIZE",
+                                                     int(os.environ["WORLD_SIZE"])))
         use_cuda = torch.cuda.is_available()
         backend = "nccl" if use_cuda else "gloo"
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda \
@@ -241,6 +274,7 @@ def run_train(args: argparse.Namespace) -> int:
         finally:
             dist.destroy_process_group()
         return 0
+    validate_train_args(args)               # in the parent, before any rank starts
     if args.nproc and args.nproc > 1:
         return _spawn(args)
     torch.set_num_threads(max(1, args.threads))

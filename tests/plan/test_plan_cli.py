@@ -29,11 +29,15 @@ def test_plan_cli_table_and_json(capsys, tmp_path):
     assert Plan.load(tmp_path / "p.json").method == "fsmoe"
 
 
-def test_plan_cli_bad_model_is_a_clean_error(capsys):
+def test_plan_cli_bad_model_is_a_typed_error():
+    import pytest
+
+    from moeflow.errors import ConfigError
     from moeflow.plan import cli
 
-    assert cli.run_plan(_args(cli, "plan", ["--model", "nope"])) == 2
-    assert "nope" in capsys.readouterr().err
+    # the command raises; the `moeflow` error boundary prints one line and exits 2
+    with pytest.raises(ConfigError, match="nope"):
+        cli.run_plan(_args(cli, "plan", ["--model", "nope"]))
 
 
 def test_simulate_cli_writes_trace_and_png(tmp_path, capsys):

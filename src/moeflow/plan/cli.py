@@ -5,15 +5,36 @@
 ``--tokens`` is tokens per GPU per step (B * L). The default layout follows FSMoE: expert
 parallelism across nodes (N_EP = nodes) and expert sharding inside a node
 (N_ESP = GPUs per node); ``--esp 1`` puts all GPUs in one EP group instead.
+
+Every flag is checked by :func:`validate_common_args` / :func:`validate_plan_args` before any
+planning: a bad value raises :class:`moeflow.errors.ConfigError` naming the flag, a missing
+or malformed ``--perf`` file :class:`moeflow.errors.InputError` naming the file, and output
+paths are checked before the work runs. Upper limits keep the run bounded: pipeline degrees
+(``--r-max``, ``--tutel-r``) at most :data:`MAX_DEGREE`, at most :data:`MAX_LAYERS` layers,
+:data:`MAX_NODES` nodes and :data:`MAX_TOKENS` tokens per GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
+import os
+from pathlib import Path
 
-from moeflow.errors import MoeflowError
+from moeflow.errors import ConfigError, InputError
+from moeflow.validate import positive_float, positive_int
+
+#: largest pipeline degree searched or simulated. The simulated task graph has ~4 tasks per
+#: chunk per pass, so time and memory grow with layers x r (r = 10,000 took 20 s and 1.7 GB);
+#: at the caps (MAX_LAYERS layers x r = MAX_DEGREE) a simulation takes ~4 s and 0.2 GB on one
+#: CPU core. The planner's default search bound is 16.
+MAX_DEGREE = 64
+MAX_LAYERS = 512
+MAX_NODES = 65536
+MAX_TOKENS = 2 ** 30
+#: ``--perf`` / ``--plan`` JSON files larger than this are refused before reading
+MAX_JSON_BYTES = 64 * 2 ** 20
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,44 +53,164 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help="number of MoE layers (default: the model's)")
     p.add_argument("--perf", default=None,
                    help="PerfModel JSON (from `moeflow profile`); default: the cluster preset")
-    p.add_argument("--r-max", type=int, default=16, help="largest pipeline degree searched")
+    p.add_argument("--r-max", type=int, default=16,
+                   help=f"largest pipeline degree searched (1..{MAX_DEGREE})")
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
-    p.add_argument("--tutel-r", type=int, default=2, help="Tutel-style fixed degree")
+    p.add_argument("--tutel-r", type=int, default=2,
+                   help=f"Tutel-style fixed degree (1..{MAX_DEGREE})")
     p.add_argument("--lina-chunk-mb", type=float, default=4.0, help="Lina chunk size (MiB)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", default=None, help="write the FSMoE plan JSON here")
+
+
+def _read_json(path, flag: str):
+    """The parsed JSON object in ``path``; InputError naming ``flag``, the file and the fault."""
+    where = f"{flag} {str(path)!r}"
+    try:
+        p = Path(path)
+        if not p.exists():
+            raise InputError(f"{where}: no such file")
+        if not p.is_file():
+            raise InputError(f"{where}: not a regular file")
+        size = p.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise InputError(f"{where}: {size} bytes, larger than the {MAX_JSON_BYTES} byte "
+                             "limit for a JSON file")
+        d = json.loads(p.read_bytes().decode("utf-8"))
+    except InputError:
+        raise
+    except OSError as e:
+        raise InputError(f"{where}: cannot read it: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, "
+                         f"column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _parse(path, flag: str, what: str, build):
+    d = _read_json(path, flag)
+    try:
+        return build(d)
+    except InputError as e:
+        raise InputError(f"{flag} {str(path)!r}: {e}") from None
+    except KeyError as e:
+        raise InputError(f"{flag} {str(path)!r}: not a valid {what}: missing field "
+                         f"{e.args[0]!r}") from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as e:
+        raise InputError(f"{flag} {str(path)!r}: not a valid {what}: "
+                         f"{' '.join(str(e).split())}") from None
+
+
+def load_perf_file(path, flag: str = "--perf"):
+    """A :class:`moeflow.perf.PerfModel` from ``path``, with every primitive the planner
+    uses (``gemm``, ``a2a``, ``ag``, ``rs``, ``ar``); InputError naming the file otherwise."""
+    from moeflow.perf import PerfModel
+    from moeflow.perf.cost import PRIMITIVES
+
+    def build(d):
+        perf = PerfModel.from_dict(d)
+        missing = [k for k in PRIMITIVES if k not in perf.costs]
+        if missing:
+            raise ValueError(f"no cost for {missing} (needs {list(PRIMITIVES)})")
+        positive_int("bytes_per_element", perf.bytes_per_element)
+        return perf
+
+    return _parse(path, flag, "moeflow perf model", build)
+
+
+def load_plan_file(path, flag: str = "--plan"):
+    """A :class:`moeflow.plan.Plan` from ``path`` with 1..MAX_LAYERS layers of degrees in
+    [1, MAX_DEGREE]; InputError naming the file otherwise."""
+    from moeflow.plan import Plan
+
+    def build(d):
+        plan = Plan.from_dict(d)
+        if not 1 <= len(plan.layers) <= MAX_LAYERS:
+            raise ValueError(f"{len(plan.layers)} layers (allowed: 1..{MAX_LAYERS})")
+        for lp in plan.layers:
+            positive_int(f"layers[{lp.index}].r_fwd", lp.r_fwd, maximum=MAX_DEGREE)
+            positive_int(f"layers[{lp.index}].r_bwd", lp.r_bwd, maximum=MAX_DEGREE)
+            for name in ("gar_bytes", "t_fwd_ms", "t_bwd_ms"):
+                positive_float(f"layers[{lp.index}].{name}", getattr(lp, name),
+                               allow_zero=True)
+        return plan
+
+    return _parse(path, flag, "moeflow plan", build)
+
+
+def check_output_path(path, flag: str) -> None:
+    """Before any work: the directory of ``path`` exists and is writable, and ``path`` is
+    not a directory (InputError naming ``flag``)."""
+    if path is None:
+        return
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise InputError(f"{flag} {str(path)!r} is a directory, expected a file path")
+    if not parent.is_dir():
+        raise InputError(f"{flag} {str(path)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {str(path)!r}: directory {str(parent)!r} is not writable")
+
+
+def validate_common_args(args) -> None:
+    """Check the flags shared by ``plan`` and ``simulate`` (ConfigError naming the flag)."""
+    args.tokens = positive_int("--tokens", args.tokens, maximum=MAX_TOKENS)
+    args.seq_len = positive_int("--seq-len", args.seq_len, maximum=args.tokens,
+                                allow_none=True)
+    args.nodes = positive_int("--nodes", args.nodes, maximum=MAX_NODES, allow_none=True)
+    args.esp = positive_int("--esp", args.esp, allow_none=True)
+    args.layers = positive_int("--layers", args.layers, maximum=MAX_LAYERS, allow_none=True)
+    args.r_max = positive_int("--r-max", args.r_max, maximum=MAX_DEGREE)
+    if getattr(args, "tutel_r", None) is not None:
+        args.tutel_r = positive_int("--tutel-r", args.tutel_r, maximum=MAX_DEGREE)
+
+
+def validate_plan_args(args) -> None:
+    """Check every ``moeflow plan`` flag before planning (ConfigError / InputError)."""
+    validate_common_args(args)
+    mb = args.lina_chunk_mb
+    if not (isinstance(mb, (int, float)) and math.isfinite(mb) and mb > 0):
+        raise ConfigError("--lina-chunk-mb", mb, "a finite number > 0 (MiB)")
+    check_output_path(args.out, "--out")
 
 
 def setup(args):
     """(workloads, perf, cluster, model preset) from the common arguments."""
     from moeflow.clusters import cluster_preset
     from moeflow.config import model_preset
-    from moeflow.perf import PerfModel, perf_preset
+    from moeflow.perf import perf_preset
     from moeflow.perf.presets import h200_8x_ib
     from moeflow.plan.workload import LayerWorkload
 
     mp = model_preset(args.model)
     cluster = cluster_preset(args.cluster)
-    if args.nodes:
+    if args.nodes is not None:
         cluster = cluster.with_nodes(args.nodes)
     if args.perf:
-        perf = PerfModel.load(args.perf)
+        perf = load_perf_file(args.perf)
     elif cluster.name == "h200-8x-ib":
         perf = h200_8x_ib(cluster.nodes)
     else:
         perf = perf_preset(cluster.name)
-    esp = args.esp or cluster.gpus_per_node
-    if cluster.world_size % esp:
+    esp = cluster.gpus_per_node if args.esp is None else args.esp
+    if cluster.gpus_per_node % esp:  # an ESP group lives inside one node (FSMoE's layout)
         from moeflow.errors import DistributedConfigError
-        raise DistributedConfigError(f"--esp {esp} must divide the world size "
-                                     f"{cluster.world_size}")
+        raise DistributedConfigError(f"--esp {esp} must divide the GPUs per node "
+                                     f"({cluster.gpus_per_node}) of {cluster.name}")
     w = LayerWorkload.from_config(mp, tokens=args.tokens, seq_len=args.seq_len,
                                   n_ep=cluster.world_size // esp, n_esp=esp, n_dp=1,
                                   bytes_per_element=perf.bytes_per_element)
-    layers = args.layers or mp.num_layers
+    layers = mp.num_layers if args.layers is None else args.layers
     return [w] * layers, perf, cluster, mp
 
 
@@ -100,11 +241,8 @@ def compare(args) -> dict:
 
 
 def run_plan(args) -> int:
-    try:
-        res = compare(args)
-    except MoeflowError as e:
-        print(f"moeflow plan: error: {e}", file=sys.stderr)
-        return 2
+    validate_plan_args(args)
+    res = compare(args)
     fs = res.pop("plan")
     if args.out:
         fs.save(args.out)

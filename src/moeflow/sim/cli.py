@@ -3,14 +3,16 @@
     moeflow simulate --model mixtral-8x7b --cluster fsmoe-testbed-a --tokens 8192 \\
         --trace t.json --png t.png [--method fsmoe|deepspeed-moe|tutel|tutel+pipemoe|lina]
     moeflow simulate --plan plan.json --trace t.json
+
+Flags are checked before anything runs (:func:`validate_simulate_args`): bad values raise
+ConfigError naming the flag, a missing or malformed ``--plan`` InputError naming the file,
+and the directories of ``--trace`` / ``--png`` must exist and be writable before the
+simulation starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-
-from moeflow.errors import MoeflowError
 
 METHODS = ("fsmoe", "deepspeed-moe", "tutel", "tutel+pipemoe", "lina")
 
@@ -21,17 +23,26 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("--method", default="fsmoe", choices=METHODS)
     p.add_argument("--plan", default=None, help="simulate this Plan JSON instead of planning")
-    p.add_argument("--tutel-r", type=int, default=2)
+    p.add_argument("--tutel-r", type=int, default=2, help="Tutel-style fixed degree")
     p.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace JSON here")
     p.add_argument("--png", default=None, help="write a Gantt chart PNG here")
 
 
+def validate_simulate_args(args) -> None:
+    """Check every ``moeflow simulate`` flag and output path before simulating."""
+    from moeflow.plan.cli import check_output_path, validate_common_args
+
+    validate_common_args(args)
+    check_output_path(args.trace, "--trace")
+    check_output_path(args.png, "--png")
+
+
 def _make_plan(args):
-    from moeflow.plan import Plan, baselines, fsmoe
-    from moeflow.plan.cli import setup
+    from moeflow.plan import baselines, fsmoe
+    from moeflow.plan.cli import load_plan_file, setup
 
     if args.plan:
-        return Plan.load(args.plan)
+        return load_plan_file(args.plan, "--plan")
     workloads, perf, cluster, mp = setup(args)
     if args.method == "fsmoe":
         return fsmoe.plan(workloads, perf, cluster, r_max=args.r_max, model=mp.name)
@@ -43,11 +54,8 @@ def _make_plan(args):
 def run_simulate(args) -> int:
     from moeflow.sim.builders import simulate_plan
 
-    try:
-        plan = _make_plan(args)
-    except MoeflowError as e:
-        print(f"moeflow simulate: error: {e}", file=sys.stderr)
-        return 2
+    validate_simulate_args(args)
+    plan = _make_plan(args)
     tl = simulate_plan(plan)
     print(f"plan {plan.method} ({plan.model or 'custom'} on {plan.cluster or 'custom'}): "
           f"{len(plan.layers)} layers, {len(tl.graph)} tasks")
