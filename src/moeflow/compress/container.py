@@ -59,7 +59,8 @@ MAX_EXPANSION = 2
 _EMPTY_PAYLOAD = 64  # bound on a codec's payload for an empty tensor (headers only)
 
 __all__ = ["CODECS", "CompressedTensor", "MAGIC", "MAX_NDIM", "VERSION", "compress",
-           "decompress", "parse_header", "resolve_codec", "tensor_to_bits", "bits_to_tensor"]
+           "decompress", "header_nbytes", "parse_header", "resolve_codec", "tensor_to_bits",
+           "bits_to_tensor"]
 
 
 def resolve_codec(codec: str, dtype: str) -> str:
@@ -97,7 +98,7 @@ class CompressedTensor:
 
     @property
     def nbytes(self) -> int:
-        return _FIXED.size + 8 * len(self.shape) + 8 + self.payload.size
+        return header_nbytes(len(self.shape)) + self.payload.size
 
     @property
     def ratio(self) -> float:
@@ -198,6 +199,11 @@ class CompressedTensor:
         return out
 
 
+def header_nbytes(ndim: int) -> int:
+    """Bytes of the container header of a tensor with ``ndim`` dimensions."""
+    return _FIXED.size + 8 * ndim + 8
+
+
 def parse_header(buf: np.ndarray) -> tuple[int, int, CompressedTensor]:
     """(header length, payload length, CompressedTensor with an empty payload) of a blob.
 
@@ -214,7 +220,7 @@ def parse_header(buf: np.ndarray) -> tuple[int, int, CompressedTensor]:
                                f"{READ_VERSIONS}")
     if codec not in CODEC_NAMES or dcode not in ALL_DTYPES or ndim > MAX_NDIM:
         raise CorruptDataError(f"header names codec {codec}, dtype {dcode}, ndim {ndim}")
-    hlen = _FIXED.size + 8 * ndim + 8
+    hlen = header_nbytes(ndim)
     if buf.size < hlen:
         raise CorruptDataError("blob is truncated inside its header")
     shape = struct.unpack_from(f"<{ndim}Q", buf, _FIXED.size)
