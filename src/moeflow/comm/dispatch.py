@@ -37,7 +37,9 @@ from moeflow.comm.collectives import all_gather_equal, all_to_all_equal, all_to_
 from moeflow.comm.timeouts import Pending
 from moeflow.errors import ConfigError
 
-DISPATCHERS = ("a2a", "capacity", "2dh")
+# keyword arguments every dispatcher takes; each class adds its own in ``options``
+COMMON_ARGS = ("ep_group", "ep_size", "ep_rank", "esp_group", "esp_size", "esp_rank",
+               "num_local_experts", "timeout_s")
 
 
 # -- index arithmetic on variable-size blocks -----------------------------------------------
@@ -179,6 +181,8 @@ class TokenDispatcher(abc.ABC):
     """
 
     name = "base"
+    #: keyword arguments this dispatcher takes beyond :data:`COMMON_ARGS`
+    options: tuple[str, ...] = ()
 
     def __init__(self, *, ep_group, ep_size: int, ep_rank: int, esp_group, esp_size: int,
                  esp_rank: int, num_local_experts: int, timeout_s: float):
@@ -252,6 +256,7 @@ class CapacityDispatcher(TokenDispatcher):
     """Fixed-capacity all-to-all: ``slots`` zero-padded rows per (rank, expert), equal splits."""
 
     name = "capacity"
+    options = ("world_group",)
 
     def __init__(self, *, world_group=None, **kw):
         super().__init__(**kw)
@@ -308,6 +313,7 @@ class HierarchicalDispatcher(TokenDispatcher):
     """
 
     name = "2dh"
+    options = ("intra_group", "inter_group", "ranks_per_node")
 
     def __init__(self, *, intra_group, inter_group, ranks_per_node: int, **kw):
         super().__init__(**kw)
@@ -357,15 +363,33 @@ class HierarchicalDispatcher(TokenDispatcher):
         return ChunkRoute(self._dropless_send_index(ex, r, c), [s1, s2], [k1, k2], recv_c)
 
 
+DISPATCHER_CLASSES: dict[str, type[TokenDispatcher]] = {
+    cls.name: cls for cls in (A2ADispatcher, CapacityDispatcher, HierarchicalDispatcher)}
+DISPATCHERS = tuple(DISPATCHER_CLASSES)
+
+
+def dispatcher_class(name: str) -> type[TokenDispatcher]:
+    """The dispatcher class registered as ``name``; ConfigError naming the known ones."""
+    try:
+        return DISPATCHER_CLASSES[name]
+    except (KeyError, TypeError):
+        raise ConfigError("dispatcher", name, f"one of {DISPATCHERS}") from None
+
+
 def make_dispatcher(name: str, **kw) -> TokenDispatcher:
-    if name == "a2a":
-        kw.pop("intra_group", None), kw.pop("inter_group", None), kw.pop("ranks_per_node", None)
-        kw.pop("world_group", None)
-        return A2ADispatcher(**kw)
-    if name == "capacity":
-        kw.pop("intra_group", None), kw.pop("inter_group", None), kw.pop("ranks_per_node", None)
-        return CapacityDispatcher(**kw)
-    kw.pop("world_group", None)
-    if name == "2dh":
-        return HierarchicalDispatcher(**kw)
-    raise ConfigError("dispatcher", name, f"one of {DISPATCHERS}")
+    """Build dispatcher ``name`` from :data:`COMMON_ARGS` plus the class's own ``options``.
+
+    An argument the class does not declare is a ConfigError naming the ones it takes, so a
+    group meant for another dispatcher is never silently dropped.
+    """
+    cls = dispatcher_class(name)
+    allowed = COMMON_ARGS + cls.options
+    unknown = sorted(set(kw) - set(allowed))
+    if unknown:
+        raise ConfigError(f"make_dispatcher({name!r}) arguments", unknown,
+                          f"the keyword arguments of {cls.__name__}: {list(allowed)}")
+    missing = [a for a in COMMON_ARGS if a not in kw]
+    if missing:
+        raise ConfigError(f"make_dispatcher({name!r}) arguments", sorted(kw),
+                          f"all of {list(COMMON_ARGS)}; missing {missing}")
+    return cls(**kw)

@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moeflow.comm.collectives import all_gather_v, all_reduce, reduce_scatter_v
-from moeflow.comm.dispatch import (DISPATCHERS, CountExchange, TokenDispatcher, make_dispatcher,
-                                   split_offsets, split_sizes, sub_block_index)
+from moeflow.comm.dispatch import (CountExchange, TokenDispatcher, dispatcher_class,
+                                   make_dispatcher, split_offsets, split_sizes, sub_block_index)
 from moeflow.comm.groups import subgroup
 from moeflow.comm.timeouts import resolve_timeout
 from moeflow.comm.topology import Topology
@@ -254,8 +254,7 @@ class ExpertParallel(nn.Module):
                  kernel: Optional[str] = None):
         super().__init__()
         cfg = layer.cfg
-        if dispatcher not in DISPATCHERS:
-            raise ConfigError("dispatcher", dispatcher, f"one of {DISPATCHERS}")
+        dispatcher_cls = dispatcher_class(dispatcher)
         esp_size = positive_int("esp_size", esp_size)
         self.r_fwd, self.r_bwd = resolve_degrees(plan, layer_index, r_fwd, r_bwd)
         self.timeout_s = resolve_timeout(timeout_s)
@@ -315,18 +314,23 @@ class ExpertParallel(nn.Module):
         self.esp_group = subgroup(group, [self.ep_rank * S + s for s in range(S)], t)
         ep_members = [self.esp_rank + S * p for p in range(P)]
         self.ep_group = subgroup(group, ep_members, t)
-        extra = {}
-        if dispatcher == "2dh":
+        # Only the groups the dispatcher declares (``options``) are built: making a group is
+        # collective, and the 2dh groups cost every rank a rendezvous.
+        options = {}
+        if "world_group" in dispatcher_cls.options:
+            options["world_group"] = group
+        if "intra_group" in dispatcher_cls.options:
             L = R // S                       # EP members per node
             a = self.ep_rank // L
             j = self.ep_rank % L
-            intra = subgroup(group, [ep_members[a * L + i] for i in range(L)], t)
-            inter = subgroup(group, [ep_members[b * L + j] for b in range(P // L)], t)
-            extra = dict(intra_group=intra, inter_group=inter, ranks_per_node=L)
+            options["intra_group"] = subgroup(group, [ep_members[a * L + i] for i in range(L)], t)
+            options["inter_group"] = subgroup(group, [ep_members[b * L + j] for b in range(P // L)],
+                                              t)
+            options["ranks_per_node"] = L
         self.dispatcher: TokenDispatcher = make_dispatcher(
             dispatcher, ep_group=self.ep_group, ep_size=P, ep_rank=self.ep_rank,
             esp_group=self.esp_group, esp_size=S, esp_rank=self.esp_rank,
-            num_local_experts=self.num_local_experts, timeout_s=t, world_group=group, **extra)
+            num_local_experts=self.num_local_experts, timeout_s=t, **options)
         self.dispatcher_name = dispatcher
         # The grouped expert FFN; a seam so benchmarks can time communication alone.
         self._expert_fn = expert_ffn
