@@ -177,3 +177,29 @@ def test_router_dtype_input_matches_bf16_gemm():
     fp32 = MoELayer(cfg.replace(router_dtype="float32")).to(torch.bfloat16)
     fp32.load_state_dict(layer.state_dict())
     torch.testing.assert_close(fp32.router.logits(x), x.float() @ fp32.router.weight.float().t())
+
+
+def test_deepcopy_and_averaged_model_after_grad_forward():
+    import copy
+    import pickle
+
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    layer = MoELayer(_cfg(aux_loss_coef=0.1))
+    model = torch.nn.Sequential(torch.nn.Linear(D, D), layer)
+    x = torch.randn(12, D)
+    y = model(x)
+    assert layer.aux_loss.requires_grad  # graph-attached: this used to break deepcopy
+    twin = copy.deepcopy(model)
+    assert not twin[1].aux_loss.requires_grad
+    assert torch.equal(twin[1].aux_loss, layer.aux_loss.detach())
+    assert torch.equal(twin(x), y.detach())  # same weights, independent copy
+    swa = AveragedModel(model)
+    swa.update_parameters(model)
+    assert torch.allclose(swa(x), y.detach())
+    assert pickle.loads(pickle.dumps(layer)).aux_loss.item() == pytest.approx(
+        layer.aux_loss.item())
+    # the original still carries the gradient into the user's loss
+    (y.sum() + layer.aux_loss).backward()
+    assert layer.router.weight.grad is not None

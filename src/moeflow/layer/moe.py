@@ -23,7 +23,8 @@ class MoELayer(nn.Module):
 
     After each forward, ``layer.aux_loss`` holds the weighted auxiliary loss (a 0-d tensor that
     is part of the autograd graph; add it to your loss) and ``layer.last_counts_E`` the tokens
-    each expert received.
+    each expert received. Copies (``copy.deepcopy``, pickling, hence ``AveragedModel`` / EMA)
+    carry a detached ``aux_loss``: a graph cannot be copied, and the copy has not run forward.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -36,6 +37,14 @@ class MoELayer(nn.Module):
         self.shared = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
         self.aux_loss = torch.zeros(())
         self.last_counts_E = torch.zeros(cfg.num_experts, dtype=torch.long)
+
+    def __getstate__(self):
+        # deepcopy and pickle go through here; a graph-attached aux_loss cannot be deep-copied
+        state = dict(super().__getstate__())
+        aux = state.get("aux_loss")
+        if isinstance(aux, torch.Tensor) and aux.requires_grad:
+            state["aux_loss"] = aux.detach()
+        return state
 
     # -- the steps -----------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
