@@ -15,6 +15,11 @@ import torch
 import torch.distributed as dist
 
 from moeflow.comm.timeouts import Pending, wait_work
+from moeflow.errors import ConfigError
+
+# Flat gradient buckets are capped at DDP's default size: large enough that the per-call
+# latency (alpha) is paid a few times per step, small enough to bound the extra memory.
+DEFAULT_BUCKET_BYTES = 25 * 2**20
 
 
 def all_to_all_v(x_RD: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int],
@@ -88,3 +93,79 @@ def all_reduce(x: torch.Tensor, group, op: str, timeout_s: float,
     work = dist.all_reduce(x, op=reduce_op, group=group, async_op=True)
     wait_work(work, op, timeout_s)
     return x
+
+
+def flat_buckets(tensors: Sequence[torch.Tensor],
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[torch.Tensor]]:
+    """Pack ``tensors`` (in order) into buckets of one device and dtype, each at most
+    ``bucket_bytes`` unless a single tensor is larger (it then travels alone).
+
+    The packing depends only on the tensors' shapes, dtypes and order, so every rank that
+    passes the same parameters gets the same buckets: the condition for the all-reduces of
+    :func:`all_reduce_flat` to pair up across ranks.
+    """
+    if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes < 1:
+        raise ConfigError("bucket_bytes", bucket_bytes, "a positive int")
+    buckets: list[list[torch.Tensor]] = []
+    open_: dict[tuple, tuple[list[torch.Tensor], int]] = {}
+    for t in tensors:
+        key = (t.device, t.dtype)
+        nbytes = t.numel() * t.element_size()
+        bucket, used = open_.get(key, (None, 0))
+        if bucket is None or used + nbytes > bucket_bytes:
+            bucket, used = [], 0
+            buckets.append(bucket)
+        bucket.append(t)
+        open_[key] = (bucket, used + nbytes)
+    return buckets
+
+
+def all_reduce_flat(tensors: Sequence[torch.Tensor], group, op: str, timeout_s: float,
+                    bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """Sum ``tensors`` in place over ``group``: flatten them into buckets
+    (:func:`flat_buckets`) and all-reduce each bucket once.
+
+    All buckets are issued before the first wait, so they share the link; each wait has the
+    deadline ``timeout_s``. One collective per bucket instead of one per tensor: a step with
+    hundreds of small replicated gradients pays the start-up latency a few times, not hundreds.
+    """
+    if not tensors or dist.get_world_size(group) == 1:
+        return
+    issued = []
+    for i, bucket in enumerate(flat_buckets(tensors, bucket_bytes)):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        work = dist.all_reduce(flat, group=group, async_op=True)
+        issued.append((f"{op} (bucket {i + 1})", work, flat, bucket))
+    for name, work, flat, bucket in issued:
+        wait_work(work, name, timeout_s)
+        for t, piece in zip(bucket, flat.split([t.numel() for t in bucket])):
+            t.copy_(piece.view_as(t))
+
+
+@torch.no_grad()
+def reduce_gradients(params: Sequence[torch.nn.Parameter],
+                     replicated: Sequence[torch.nn.Parameter], group, *, op: str = "mean",
+                     timeout_s: float, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """Turn local gradients into those of the global loss (data-parallel gradient sync).
+
+    ``replicated`` parameters (identical on every rank) have their gradients summed over
+    ``group`` with :func:`all_reduce_flat`; one that got no gradient here contributes zeros,
+    so every rank packs the same buckets. The other ``params`` (e.g. expert slices, whose
+    gradients already hold every rank's tokens) are not communicated. ``op="sum"``: the global
+    loss is the sum of the ranks' losses; ``op="mean"``: their mean, so every gradient of
+    ``params`` is then divided by the group size (DDP's convention).
+    """
+    if op not in ("mean", "sum"):
+        raise ConfigError("op", op, "'mean' or 'sum'")
+    for p in replicated:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    W = dist.get_world_size(group)
+    if W == 1:
+        return
+    all_reduce_flat([p.grad for p in replicated], group, "gradient all-reduce", timeout_s,
+                    bucket_bytes)
+    if op == "mean":
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(W)

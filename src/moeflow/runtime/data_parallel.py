@@ -1,7 +1,9 @@
 """Gradient synchronisation and clipping for a model whose MoE layers are ExpertParallel.
 
 Non-expert parameters (attention, embeddings, routers, shared experts) are replicated on
-every rank: their gradients are all-reduced (one flat bucket). Expert slices are unique to
+every rank: their gradients are all-reduced in flat buckets
+(:func:`moeflow.comm.collectives.reduce_gradients`, which ``ExpertParallel.sync_gradients``
+uses too). Expert slices are unique to
 their rank and their gradients already sum every rank's tokens (the a2a adjoint), so they
 are only scaled. With ``op="mean"`` the result is the gradient of the mean of the ranks'
 local losses: for equal local batches, the single-process gradient of the global batch.
@@ -14,9 +16,8 @@ import math
 import torch
 import torch.nn as nn
 
-from moeflow.comm.collectives import all_reduce
+from moeflow.comm.collectives import DEFAULT_BUCKET_BYTES, all_reduce, reduce_gradients
 from moeflow.comm.timeouts import resolve_timeout
-from moeflow.errors import ConfigError
 
 
 def expert_parameter_ids(model: nn.Module) -> set[int]:
@@ -29,29 +30,14 @@ def expert_parameter_ids(model: nn.Module) -> set[int]:
 
 
 @torch.no_grad()
-def sync_gradients(model: nn.Module, group=None, op: str = "mean", timeout_s=None) -> None:
+def sync_gradients(model: nn.Module, group=None, op: str = "mean", timeout_s=None,
+                   bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
     """All-reduce replicated gradients over ``group``; scale everything for ``op='mean'``."""
-    import torch.distributed as dist
-    if op not in ("mean", "sum"):
-        raise ConfigError("op", op, "'mean' or 'sum'")
-    timeout_s = resolve_timeout(timeout_s)
-    W = dist.get_world_size(group)
     experts = expert_parameter_ids(model)
-    replicated = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
-    for p in replicated:  # same bucket layout on every rank, even for unused parameters
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if W > 1 and replicated:
-        flat = torch.cat([p.grad.reshape(-1) for p in replicated])
-        all_reduce(flat, group, "gradient all-reduce", timeout_s)
-        off = 0
-        for p in replicated:
-            p.grad.copy_(flat[off:off + p.numel()].view_as(p))
-            off += p.numel()
-    if op == "mean" and W > 1:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.div_(W)
+    params = list(model.parameters())
+    replicated = [p for p in params if p.requires_grad and id(p) not in experts]
+    reduce_gradients(params, replicated, group, op=op, timeout_s=resolve_timeout(timeout_s),
+                     bucket_bytes=bucket_bytes)
 
 
 @torch.no_grad()

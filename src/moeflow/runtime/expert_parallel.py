@@ -30,13 +30,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moeflow.comm.collectives import all_gather_v, all_reduce, reduce_scatter_v
+from moeflow.comm.collectives import (DEFAULT_BUCKET_BYTES, all_gather_v, all_reduce,
+                                      reduce_gradients, reduce_scatter_v)
 from moeflow.comm.dispatch import (CountExchange, TokenDispatcher, dispatcher_class,
                                    make_dispatcher, split_offsets, split_sizes, sub_block_index)
 from moeflow.comm.groups import subgroup
 from moeflow.comm.timeouts import resolve_timeout
 from moeflow.comm.topology import Topology
-from moeflow.errors import ConfigError, DistributedConfigError
+from moeflow.errors import DistributedConfigError
 from moeflow.kernels import expert_ffn
 from moeflow.layer.routers import Routing, capacity as capacity_of
 from moeflow.runtime.pipeline import run_wavefront
@@ -351,34 +352,18 @@ class ExpertParallel(nn.Module):
         ids = {id(p) for p in self.expert_parameters()}
         return [p for p in self.parameters() if id(p) not in ids]
 
-    @torch.no_grad()
-    def sync_gradients(self, op: str = "mean") -> None:
+    def sync_gradients(self, op: str = "mean", bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         """Make gradients those of the global loss.
 
         ``op="sum"``: the loss is a sum over ranks' local losses (replicated grads are
-        all-reduced, expert grads already are sums). ``op="mean"``: the loss is the mean of
-        the local losses (everything divided by W; DDP's convention).
+        all-reduced in flat buckets, expert grads already are sums). ``op="mean"``: the loss
+        is the mean of the local losses (everything divided by W; DDP's convention). A
+        replicated parameter that got no gradient here (e.g. the router of a rank with zero
+        tokens) contributes zeros. See :func:`moeflow.comm.collectives.reduce_gradients`.
         """
-        if op not in ("mean", "sum"):
-            raise ConfigError("op", op, "'mean' or 'sum'")
-        # Every rank must contribute the same buffer, so a parameter that got no gradient
-        # here (e.g. the router of a rank with zero tokens) contributes zeros.
-        params = [p for p in self.replicated_parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        if grads and self.world_size > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            all_reduce(flat, self.group, "gradient all-reduce", self.timeout_s)
-            off = 0
-            for g in grads:
-                g.copy_(flat[off:off + g.numel()].view_as(g))
-                off += g.numel()
-        if op == "mean" and self.world_size > 1:
-            for p in self.parameters():
-                if p.grad is not None:
-                    p.grad.div_(self.world_size)
+        replicated = [p for p in self.replicated_parameters() if p.requires_grad]
+        reduce_gradients(list(self.parameters()), replicated, self.group, op=op,
+                         timeout_s=self.timeout_s, bucket_bytes=bucket_bytes)
 
     @torch.no_grad()
     def full_expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
