@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing as mp
 import os
 import resource
 import statistics
@@ -31,7 +30,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path)
 
 
@@ -98,117 +96,89 @@ def _time_once(fn):
     return float(w) * 1e3, float(c) * 1e3
 
 
-def _worker(rank, world, port, args, conn):
-    try:
-        torch.set_num_threads(args.threads)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=300))
-        import moeflow.comm.dispatch as dispatch_mod
-        from moeflow.comm import Topology
-        from moeflow.runtime import ExpertParallel
+def _rank(rank, world, args):
+    """One rank (forked by moeflow.launch, gloo group up); rank 0 returns the timings."""
+    import moeflow.comm.dispatch as dispatch_mod
+    from moeflow.comm import Topology
+    from moeflow.runtime import ExpertParallel
 
-        ep = ExpertParallel(_layer(args), topology=Topology.explicit(world, args.ranks_per_node),
-                            dispatcher=args.dispatcher, timeout_s=120)
-        torch.manual_seed(100 + rank)
-        x = torch.randn(args.tokens, args.dim)
-        xg = x.clone().requires_grad_(True)
-        real_exchange = ep.dispatcher.exchange
-        ex_cache = {}
+    ep = ExpertParallel(_layer(args), topology=Topology.explicit(world, args.ranks_per_node),
+                        dispatcher=args.dispatcher, timeout_s=120)
+    torch.manual_seed(100 + rank)
+    x = torch.randn(args.tokens, args.dim)
+    xg = x.clone().requires_grad_(True)
+    real_exchange = ep.dispatcher.exchange
+    ex_cache = {}
 
-        def replay_exchange(counts_E, **kw):  # the counts a real call exchanged, no comm
-            return ex_cache["ex"].__class__(**{k: getattr(ex_cache["ex"], k) for k in
-                                              ("counts_E", "send_PE", "recv_SPE", "full_PPE",
-                                               "slots", "num_rows")})
+    def replay_exchange(counts_E, **kw):  # the counts a real call exchanged, no comm
+        return ex_cache["ex"].__class__(**{k: getattr(ex_cache["ex"], k) for k in
+                                          ("counts_E", "send_PE", "recv_SPE", "full_PPE",
+                                           "slots", "num_rows")})
 
-        def record_exchange(counts_E, **kw):
-            ex_cache["ex"] = real_exchange(counts_E, **kw)
-            return ex_cache["ex"]
+    def record_exchange(counts_E, **kw):
+        ex_cache["ex"] = real_exchange(counts_E, **kw)
+        return ex_cache["ex"]
 
-        ep.dispatcher.exchange = record_exchange
-        with torch.no_grad():
-            ep(x)
-        ep.dispatcher.exchange = real_exchange
-        rows = int(ex_cache["ex"].recv_SPE.sum())
+    ep.dispatcher.exchange = record_exchange
+    with torch.no_grad():
+        ep(x)
+    ep.dispatcher.exchange = real_exchange
+    rows = int(ex_cache["ex"].recv_SPE.sum())
 
-        rows_out = {}
-        modes = ("full", "experts", "comm", "local")
+    rows_out = {}
+    modes = ("full", "experts", "comm", "local")
 
-        link = EmulatedLink(args.link_mbps, args.link_alpha_ms) if args.link_mbps else None
+    link = EmulatedLink(args.link_mbps, args.link_alpha_ms) if args.link_mbps else None
 
-        def step(mode, r, backward):
-            from moeflow.kernels import expert_ffn
-            real_a2a = dispatch_mod.all_to_all_v
-            if link is not None and mode in ("full", "comm"):
-                link.busy_until = 0.0
-                dispatch_mod.all_to_all_v = link.wrap(real_a2a)
-            if mode in ("experts", "local"):   # no collectives: replayed counts, empty buffers
-                dispatch_mod.all_to_all_v = _fake_a2a
-                ep.dispatcher.exchange = replay_exchange
-            if mode in ("comm", "local"):      # no expert GEMMs
-                ep._expert_fn = lambda x_e, counts, wi, wo, act, k: x_e * 1.0
-            try:
-                if backward:
-                    ep.zero_grad(set_to_none=True)
-                    ep(xg, r_fwd=r, r_bwd=r).sum().backward()
-                else:
-                    with torch.no_grad():
-                        ep(x, r_fwd=r, r_bwd=r)
-            finally:
-                dispatch_mod.all_to_all_v = real_a2a
-                ep.dispatcher.exchange = real_exchange
-                ep._expert_fn = expert_ffn
+    def step(mode, r, backward):
+        from moeflow.kernels import expert_ffn
+        real_a2a = dispatch_mod.all_to_all_v
+        if link is not None and mode in ("full", "comm"):
+            link.busy_until = 0.0
+            dispatch_mod.all_to_all_v = link.wrap(real_a2a)
+        if mode in ("experts", "local"):   # no collectives: replayed counts, empty buffers
+            dispatch_mod.all_to_all_v = _fake_a2a
+            ep.dispatcher.exchange = replay_exchange
+        if mode in ("comm", "local"):      # no expert GEMMs
+            ep._expert_fn = lambda x_e, counts, wi, wo, act, k: x_e * 1.0
+        try:
+            if backward:
+                ep.zero_grad(set_to_none=True)
+                ep(xg, r_fwd=r, r_bwd=r).sum().backward()
+            else:
+                with torch.no_grad():
+                    ep(x, r_fwd=r, r_bwd=r)
+        finally:
+            dispatch_mod.all_to_all_v = real_a2a
+            ep.dispatcher.exchange = real_exchange
+            ep._expert_fn = expert_ffn
 
-        for backward in (False, True):
-            samples = {(r, m): [] for r in args.degrees for m in modes}
-            for it in range(args.warmup + args.iters):
-                # interleave degrees and modes, so load from other processes hits all alike
-                for r in args.degrees:
-                    for m in modes:
-                        wall, cpu = _time_once(lambda: step(m, r, backward))
-                        if it >= args.warmup:
-                            samples[(r, m)].append((wall, cpu))
-            for (r, m), v in samples.items():
-                walls = [w for w, _ in v]
-                cpus = [c for _, c in v]
-                rows_out.setdefault((r, m), {})["fwd+bwd" if backward else "fwd"] = {
-                    "median_ms": statistics.median(walls), "min_ms": min(walls),
-                    "cpu_ms_all_ranks": statistics.median(cpus)}
-        if rank == 0:
-            conn.send(("ok", {"rows_per_rank": rows, "cores": os.cpu_count(),
-                              "times": {f"{r}|{m}": v for (r, m), v in rows_out.items()}}))
-        else:
-            conn.send(("ok", None))
-        dist.destroy_process_group()
-    except BaseException as e:  # noqa: BLE001
-        import traceback
-        conn.send(("err", f"rank {rank}: {e}\n{traceback.format_exc()}"))
-    finally:
-        conn.close()
+    for backward in (False, True):
+        samples = {(r, m): [] for r in args.degrees for m in modes}
+        for it in range(args.warmup + args.iters):
+            # interleave degrees and modes, so load from other processes hits all alike
+            for r in args.degrees:
+                for m in modes:
+                    wall, cpu = _time_once(lambda m=m, r=r, b=backward: step(m, r, b))
+                    if it >= args.warmup:
+                        samples[(r, m)].append((wall, cpu))
+        for (r, m), v in samples.items():
+            walls = [w for w, _ in v]
+            cpus = [c for _, c in v]
+            rows_out.setdefault((r, m), {})["fwd+bwd" if backward else "fwd"] = {
+                "median_ms": statistics.median(walls), "min_ms": min(walls),
+                "cpu_ms_all_ranks": statistics.median(cpus)}
+    if rank == 0:
+        return {"rows_per_rank": rows, "cores": os.cpu_count(),
+                "times": {f"{r}|{m}": v for (r, m), v in rows_out.items()}}
+    return None
 
 
 def measure(args) -> dict:
-    from moeflow.comm.ports import free_port
+    from moeflow.launch import launch
 
-    port = free_port()
-    ctx = mp.get_context("fork")
-    procs, conns = [], []
-    for r in range(args.world):
-        a, b = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(r, args.world, port, args, b))
-        p.start()
-        b.close()
-        procs.append(p)
-        conns.append(a)
-    out = None
-    for r, c in enumerate(conns):
-        msg = c.recv()
-        if msg[0] != "ok":
-            raise RuntimeError(msg[1])
-        if r == 0:
-            out = msg[1]
-    for p in procs:
-        p.join(60)
-    return out
+    return launch(_rank, args.world, args, name="ep_overlap_cpu", threads=args.threads,
+                  stall_timeout_s=300, pg_timeout_s=300)[0]
 
 
 def table(res: dict, degrees, stat: str = "median_ms") -> tuple[str, dict]:
@@ -289,7 +259,8 @@ def main(argv=None) -> int:
     res = measure(args)
     tab, best = table(res, args.degrees, "median_ms")
     tab_min, best_min = table(res, args.degrees, "min_ms")
-    cmd = "python benchmarks/ep_overlap_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python benchmarks/ep_overlap_cpu.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
     head = (f"EP overlap on CPU: {args.world} gloo ranks as {args.world // args.ranks_per_node} "
             f"nodes x {args.ranks_per_node}, dispatcher {args.dispatcher}, T={args.tokens}/rank, "
             f"D={args.dim}, F={args.ffn}, E={args.experts}, top-{args.top_k}, "

@@ -24,7 +24,6 @@ import sys
 import time
 
 import torch
-
 from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path)
 
 CASES = {

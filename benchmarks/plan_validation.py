@@ -148,7 +148,7 @@ def _calibrate_compute(cfg, reps: int = 3) -> dict:
     from moeflow import MoELayer
     from moeflow.kernels import expert_ffn
     from moeflow.perf import LinearCost
-    from moeflow.perf.profiler import _time_op
+    from moeflow.perf.profiler import time_op
 
     D, F = cfg.hidden_size, cfg.ffn_hidden_size
     E_l = cfg.num_experts // 4
@@ -168,8 +168,8 @@ def _calibrate_compute(cfg, reps: int = 3) -> dict:
             expert_ffn(x, c, w_in, w_out).sum().backward()
 
         ns.append(2.0 * N * D * F * 3)
-        tf.append(_time_op(fwd, reps, 3, grp, dev))
-        tfb.append(_time_op(fwdbwd, reps, 3, grp, dev))
+        tf.append(time_op(fwd, reps, 3, grp, dev))
+        tfb.append(time_op(fwdbwd, reps, 3, grp, dev))
     exp_f = LinearCost.fit(ns, tf, note="expert_ffn forward, n = FLOPs", nonneg_alpha=True)
     exp_b = LinearCost.fit(ns, [b - f for f, b in zip(tf, tfb)], nonneg_alpha=True,
                            note="expert_ffn backward, n = forward FLOPs")
@@ -181,7 +181,7 @@ def _calibrate_compute(cfg, reps: int = 3) -> dict:
         xi = xl.clone().requires_grad_(True)
         layer(xi).sum().backward()
 
-    t_layer = _time_op(full, reps, 3, grp, dev)
+    t_layer = time_op(full, reps, 3, grp, dev)
     rows = cfg.top_k * FID_TOKENS
     # overlap probe: does an async a2a progress while this rank computes?
     xr = torch.randn(rows, D)
@@ -200,7 +200,7 @@ def _calibrate_compute(cfg, reps: int = 3) -> dict:
         comp()
         work.wait()
 
-    t_g, t_a, t_b = (_time_op(f, reps, 3, grp, dev) for f in (comp, comm, both))
+    t_g, t_a, t_b = (time_op(f, reps, 3, grp, dev) for f in (comp, comm, both))
     eta = max(0.0, min(1.0, (t_g + t_a - t_b) / min(t_g, t_a)))
     n_flops = 2.0 * rows * D * F * 3
     rest = t_layer - exp_f(n_flops) - exp_b(n_flops)
@@ -209,13 +209,12 @@ def _calibrate_compute(cfg, reps: int = 3) -> dict:
             "probe": {"compute_ms": t_g, "a2a_ms": t_a, "both_ms": t_b, "overlap": eta}}
 
 
-def _fid_worker(rank, world, port, out_path, iters):
+def _fid_rank(rank, world, iters):
+    """One rank of the fidelity run (forked by moeflow.launch, gloo group up); rank 0
+    returns the record."""
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
     from moeflow import MoEConfig, MoELayer
     from moeflow.perf import profile
 
@@ -269,10 +268,9 @@ def _fid_worker(rank, world, port, out_path, iters):
         res["measured_all"] = times
         res["reference_ms"] = ref_times
         res["runtime"] = "moeflow.runtime.ExpertParallel"
-    if rank == 0:
-        Path(out_path).write_text(json.dumps(res))
     dist.barrier()
-    dist.destroy_process_group()
+    # through JSON, as the record is stored: measured times keyed by str(r)
+    return json.loads(json.dumps(res)) if rank == 0 else None
 
 
 def predict_step(perf, calib: dict, r: int) -> dict:
@@ -308,17 +306,11 @@ def predict_step(perf, calib: dict, r: int) -> dict:
 
 
 def fidelity(iters: int = 5) -> dict:
-    import tempfile
-
-    import torch.multiprocessing as mp
-
+    from moeflow.launch import launch
     from moeflow.perf import PerfModel
-    from moeflow.comm.ports import free_port
 
-    with tempfile.TemporaryDirectory() as td:
-        out = os.path.join(td, "fid.json")
-        mp.spawn(_fid_worker, args=(4, free_port(), out, iters), nprocs=4, join=True)
-        res = json.loads(Path(out).read_text())
+    res = launch(_fid_rank, 4, iters, name="plan_validation fidelity", threads=1,
+                 stall_timeout_s=300, pg_timeout_s=300)[0]
     perf = PerfModel.from_dict(res["perf"])
     ref = res.get("reference_ms")
     # load drift between calibration and measurement: the reference layer's slowdown

@@ -3,8 +3,9 @@
     moeflow profile [--nproc N] [--nodes K] [--out perf.json]
 
 * Inside a torchrun job (``torch.distributed`` already initialised) it profiles the current
-  group; otherwise it spawns ``N`` gloo ranks on 127.0.0.1 (a free port) with
-  ``torch.multiprocessing``. NCCL is used when the current group is NCCL (GPUs).
+  group; otherwise it forks ``N`` gloo ranks on 127.0.0.1 (a free port) with
+  :func:`moeflow.launch.launch` (``N`` and every flag checked before forking). NCCL is
+  used when the current group is NCCL (GPUs).
 * Primitives: ``gemm`` (square fp32/bf16 matmuls, n = 2 m^3 FLOPs, every rank at once - the way
   they run in a step), ``a2a`` (``all_to_all_single``, n = bytes each rank sends), ``ag``
   (``all_gather_into_tensor``, n = gathered bytes), ``rs`` (``reduce_scatter_tensor``, n = input
@@ -23,18 +24,16 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import tempfile
 import time
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from moeflow.comm.ports import free_port
-from moeflow.errors import DistributedConfigError
-from moeflow.progress import Progress
+from moeflow.errors import ConfigError, DistributedConfigError
 from moeflow.perf.cost import LinearCost, PerfModel
+from moeflow.progress import Progress
 
 # torch >= 2.13 renames the tensor variants; older torch only has the *_tensor names.
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -42,9 +41,13 @@ _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 DEFAULT_SIZES = tuple(2 ** p for p in range(14, 23, 2))          # 16 KiB .. 4 MiB
 DEFAULT_GEMM = (64, 128, 192, 256, 320, 384)
+#: upper limits of the CLI flags, so a typo cannot allocate the machine away
+MAX_KB = 2 ** 20          # 1 GiB per collective buffer
+MAX_GEMM = 8192           # three m x m matrices
+MAX_POINTS = 64
 
 
-def _time_op(fn, reps: int, trials: int, group, device) -> float:
+def time_op(fn, reps: int, trials: int, group, device) -> float:
     """Best-of-trials mean time (ms) of ``fn``; the slowest rank's figure."""
     fn()  # warm-up
     best = float("inf")
@@ -97,7 +100,7 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
     for m in gemm_sizes:
         a = torch.randn(m, m, dtype=dtype, device=device)
         b = torch.randn(m, m, dtype=dtype, device=device)
-        record("gemm", 2.0 * m ** 3, _time_op(lambda: torch.mm(a, b), reps, trials,
+        record("gemm", 2.0 * m ** 3, time_op(partial(torch.mm, a, b), reps, trials,
                                               world_group, device))
         bar.update(1, op=f"gemm {m}^3")
     for kind in kinds:
@@ -107,17 +110,17 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
             x = torch.randn(numel, dtype=dtype, device=device)
             if kind.startswith("a2a"):
                 out = torch.empty_like(x)
-                fn = lambda: dist.all_to_all_single(out, x, group=grp)  # noqa: E731
+                fn = partial(dist.all_to_all_single, out, x, group=grp)
             elif kind == "ag":
                 part = x[: numel // p].clone()
-                fn = lambda: _ALL_GATHER(x, part, group=grp)  # noqa: E731
+                fn = partial(_ALL_GATHER, x, part, group=grp)
             elif kind == "rs":
                 out = torch.empty(numel // p, dtype=dtype, device=device)
-                fn = lambda: _REDUCE_SCATTER(out, x, group=grp)  # noqa: E731
+                fn = partial(_REDUCE_SCATTER, out, x, group=grp)
             else:
-                fn = lambda: dist.all_reduce(x, group=grp)  # noqa: E731
+                fn = partial(dist.all_reduce, x, group=grp)
             # level groups: time with the world barrier so all groups run at once
-            record(kind, float(numel * esize), _time_op(fn, reps, trials, world_group, device))
+            record(kind, float(numel * esize), time_op(fn, reps, trials, world_group, device))
             bar.update(1, op=f"{kind} {numel * esize / 2**10:.0f} KiB")
     bar.close()
     costs = {k: LinearCost.fit(xs, ys, source="fitted", nonneg_alpha=True,
@@ -133,20 +136,14 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
-def _worker(rank: int, world: int, port: int, nodes: int, sizes, gemm_sizes, reps, trials,
-            progress, dtype_name, out_path, threads) -> None:
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
-        model = _profile_collectives(dist.group.WORLD, rank, world, nodes, sizes, gemm_sizes,
-                                     reps, trials, progress, getattr(torch, dtype_name),
-                                     torch.device("cpu"))
-        if rank == 0:
-            Path(out_path).write_text(model.to_json())
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _rank_profile(rank: int, world: int, nodes: int, sizes, gemm_sizes, reps, trials,
+                  progress, dtype_name) -> dict | None:
+    """One forked rank (gloo group up): profile; rank 0 returns the model as a dict."""
+    model = _profile_collectives(dist.group.WORLD, rank, world, nodes, sizes, gemm_sizes,
+                                 reps, trials, progress, getattr(torch, dtype_name),
+                                 torch.device("cpu"))
+    dist.barrier()
+    return model.to_dict() if rank == 0 else None
 
 
 def _under_torchrun() -> bool:
@@ -156,13 +153,15 @@ def _under_torchrun() -> bool:
 def profile(group=None, *, nproc: int = 2, nodes: int = 1,
             sizes: Sequence[int] = DEFAULT_SIZES, gemm_sizes: Sequence[int] = DEFAULT_GEMM,
             reps: int = 5, trials: int = 3, progress: bool = True,
-            dtype: str = "float32", threads_per_rank: int | None = None) -> PerfModel:
+            dtype: str = "float32", threads_per_rank: int | None = None,
+            force: bool = False) -> PerfModel:
     """Profile and fit a :class:`PerfModel`.
 
     With ``torch.distributed`` initialised (or ``group`` given) the current group is profiled
     collectively (call it on every rank; all return the same model). Under torchrun without a
     group yet, one is initialised from the environment (NCCL with GPUs, else gloo). Otherwise
-    ``nproc`` gloo ranks are spawned on 127.0.0.1.
+    ``nproc`` gloo ranks are forked on 127.0.0.1 by :func:`moeflow.launch.launch`
+    (``force`` lifts its per-CPU cap on ``nproc``).
     """
     if group is None and not dist.is_initialized() and _under_torchrun():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -176,22 +175,24 @@ def profile(group=None, *, nproc: int = 2, nodes: int = 1,
         return _profile_collectives(grp, dist.get_rank(grp), dist.get_world_size(grp), nodes,
                                     sizes, gemm_sizes, reps, trials, progress,
                                     getattr(torch, dtype), device)
-    if nproc < 1:
-        raise DistributedConfigError(f"nproc={nproc} must be >= 1")
+    from moeflow.launch import check_nproc, launch
+
+    nproc = check_nproc(nproc, force=force)
+    if nodes < 1 or nproc % nodes:
+        raise DistributedConfigError(f"--nodes {nodes} must divide --nproc {nproc}")
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
-    with tempfile.TemporaryDirectory() as td:
-        out = os.path.join(td, "perf.json")
-        import torch.multiprocessing as mp
-        mp.spawn(_worker, args=(nproc, free_port(), nodes, tuple(sizes), tuple(gemm_sizes),
-                                reps, trials, progress, dtype, out, threads),
-                 nprocs=nproc, join=True)
-        return PerfModel.load(out)
+    res = launch(_rank_profile, nproc, nodes, tuple(sizes), tuple(gemm_sizes), reps, trials,
+                 progress, dtype, force=force, name="moeflow profile", threads=threads,
+                 progress=progress)
+    return PerfModel.from_dict(res[0])
 
 
 # ---- CLI ----------------------------------------------------------------------------------
 def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=2, help="gloo ranks to spawn (ignored "
-                   "under torchrun)")
+                   "under torchrun); at most a few per CPU unless --force-nproc")
+    p.add_argument("--force-nproc", action="store_true",
+                   help="allow more ranks than the per-CPU cap of --nproc")
     p.add_argument("--nodes", type=int, default=1,
                    help="declare the ranks as this many nodes (adds a2a@intra / a2a@inter)")
     p.add_argument("--out", default="perf.json", help="where to write the PerfModel JSON")
@@ -204,6 +205,36 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def validate_profile_args(args) -> None:
+    """Check every ``moeflow profile`` flag (and the output directory) before any rank starts;
+    ConfigError / DistributedConfigError / InputError naming the flag."""
+    from moeflow.plan.cli import check_output_path
+    from moeflow.validate import positive_float, positive_int
+
+    args.nodes = positive_int("--nodes", args.nodes)
+    if not _under_torchrun() and not dist.is_initialized():
+        from moeflow.launch import check_nproc
+
+        args.nproc = check_nproc(args.nproc, force=args.force_nproc)
+        if args.nproc % args.nodes:
+            raise DistributedConfigError(f"--nodes {args.nodes} must divide --nproc "
+                                         f"{args.nproc}")
+    args.min_kb = positive_float("--min-kb", args.min_kb)
+    args.max_kb = positive_float("--max-kb", args.max_kb)
+    if args.max_kb > MAX_KB:
+        raise ConfigError("--max-kb", args.max_kb, f"a finite number in (0, {MAX_KB}]")
+    if args.min_kb > args.max_kb:
+        raise ConfigError("--min-kb", args.min_kb, f"at most --max-kb ({args.max_kb:g})")
+    args.points = positive_int("--points", args.points, maximum=MAX_POINTS)
+    if args.points < 2:
+        raise ConfigError("--points", args.points, f"an int in [2, {MAX_POINTS}] (a line "
+                                                   "needs two sizes)")
+    args.gemm = [positive_int("--gemm", m, maximum=MAX_GEMM) for m in args.gemm]
+    args.reps = positive_int("--reps", args.reps)
+    args.trials = positive_int("--trials", args.trials)
+    check_output_path(args.out, "--out")
 
 
 def log_sizes(min_bytes: float, max_bytes: float, points: int) -> list[int]:
@@ -223,11 +254,12 @@ def format_table(model: PerfModel) -> str:
 
 
 def run_profile(args) -> int:
+    validate_profile_args(args)
     sizes = log_sizes(args.min_kb * 1024, args.max_kb * 1024, args.points)
     owns_group = not dist.is_initialized() and _under_torchrun()
     model = profile(nproc=args.nproc, nodes=args.nodes, sizes=sizes, gemm_sizes=args.gemm,
                     reps=args.reps, trials=args.trials, progress=not args.quiet,
-                    dtype=args.dtype)
+                    dtype=args.dtype, force=args.force_nproc)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(format_table(model))
         model.save(args.out)
