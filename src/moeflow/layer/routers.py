@@ -55,6 +55,16 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: flo
 
 
 def check_finite(logits_TE: torch.Tensor) -> None:
+    """Raise :class:`RoutingError` when any router logit is NaN or Inf.
+
+    Eager mode reads the flag on the host. Under ``torch.compile`` / ``torch.export`` that read
+    is a data-dependent branch, so the check becomes an asynchronous assert in the graph instead
+    (a RuntimeError from the runtime, not a RoutingError).
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(logits_TE).all(),
+                            "router logits are not finite (NaN or Inf)")
+        return
     if not bool(torch.isfinite(logits_TE).all()):
         bad = int((~torch.isfinite(logits_TE)).any(dim=-1).sum())
         raise RoutingError(
