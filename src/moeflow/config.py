@@ -16,6 +16,8 @@ from moeflow.validate import nonnegative_int, positive_int
 
 ROUTERS = ("softmax_topk", "switch", "sigmoid", "xmoe", "expert_choice", "deepseek")
 EXPERT_TYPES = ("swiglu", "gelu")
+# silu = swish; gelu = exact (erf) GELU; gelu_tanh = GELU's tanh approximation (GPT-2)
+EXPERT_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 SCORE_FUNCS = ("softmax", "sigmoid")
 KERNELS = ("auto", "grouped_mm", "bmm", "loop")
 SHARED_GATES = ("none", "sigmoid")
@@ -56,6 +58,10 @@ class MoEConfig:
         ``score_func`` softmax (V2) or sigmoid (V3), the aux-loss-free correction bias
         (``correction_bias``) and ``routed_scaling_factor``.
 
+    Experts: ``expert_type="swiglu"`` is gated, ``act(x W_gate) * (x W_up)`` (SwiGLU with the
+    default SiLU, GeGLU with GELU), ``"gelu"`` is a plain MLP ``act(x W_in)``; ``activation``
+    picks ``act`` (one of ``EXPERT_ACTIVATIONS``; None = SiLU for gated, tanh-GELU for plain).
+
     Router precision: ``router_dtype="float32"`` (default) computes the router logits in fp32,
     so routing decisions do not depend on the activation dtype. ``"input"`` computes them in the
     activation dtype and only the softmax in fp32, exactly as transformers' Mixtral and Qwen
@@ -72,6 +78,7 @@ class MoEConfig:
     top_k: int = 2
     router: str = "softmax_topk"
     expert_type: str = "swiglu"
+    activation: Optional[str] = None
     capacity_factor: Optional[float] = None
     norm_topk_prob: bool = True
     noisy_gating: bool = False
@@ -105,6 +112,9 @@ class MoEConfig:
         _require(self.router in ROUTERS, "router", self.router, f"one of {ROUTERS}")
         _require(self.expert_type in EXPERT_TYPES, "expert_type", self.expert_type,
                  f"one of {EXPERT_TYPES}")
+        if self.activation is not None:
+            _require(self.activation in EXPERT_ACTIVATIONS, "activation", self.activation,
+                     f"None or one of {EXPERT_ACTIVATIONS}")
         _require(self.top_k <= self.num_experts, "top_k", self.top_k,
                  f"at most num_experts={self.num_experts}")
         if self.router == "switch":
@@ -139,6 +149,14 @@ class MoEConfig:
             v = getattr(self, name)
             _require(isinstance(v, (int, float)) and v >= 0, name, v, "a float >= 0")
         _require(self.kernel in KERNELS, "kernel", self.kernel, f"one of {KERNELS}")
+
+    @property
+    def expert_activation(self) -> str:
+        """The experts' activation: ``activation``, or by default SiLU for ``swiglu`` (gated)
+        and tanh-GELU for ``gelu`` (plain) experts."""
+        if self.activation is not None:
+            return self.activation
+        return "silu" if self.expert_type == "swiglu" else "gelu_tanh"
 
     @property
     def shared_ffn_size(self) -> int:
