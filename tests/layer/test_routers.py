@@ -246,3 +246,39 @@ def test_non_finite_logits_raise(x, bad):
         r.weight[0, 0] = bad
     with pytest.raises(RoutingError, match="not finite"):
         r(x)
+
+
+def test_token_choice_routers_share_the_top_k_base_and_expert_choice_does_not(x):
+    from moeflow.layer.routers import (ROUTER_CLASSES, ExpertChoiceRouter, Router,
+                                       TopKRouter)
+    for name, cls in ROUTER_CLASSES.items():
+        assert issubclass(cls, Router), name
+        assert issubclass(cls, TopKRouter) == (name != "expert_choice"), name
+    # expert choice has no per-token selection to call or to override
+    ec = build_router(_cfg(router="expert_choice", aux_loss_coef=0.5))
+    assert not hasattr(ec, "select") and not hasattr(ec, "_finish")
+    assert isinstance(ec, ExpertChoiceRouter)
+    # every expert takes the same number of tokens, so the balancing loss is not added
+    r = ec(x)
+    assert float(r.aux_loss) == 0.0 and bool((r.counts_E == r.counts_E[0]).all())
+    # the gate alone cannot route: forward is abstract on Router
+    with pytest.raises(TypeError):
+        Router(_cfg())
+
+
+def test_top_k_base_drives_select(x):
+    # a new token-choice router only writes select(); capacity, sorting and losses come along
+    from moeflow.layer.routers import TopKRouter
+
+    class FirstK(TopKRouter):
+        def select(self, x_TD):
+            logits_TE = self.logits(x_TD)
+            idx_TK = torch.arange(self.top_k).expand(x_TD.shape[0], -1)
+            return logits_TE, torch.softmax(logits_TE, -1), idx_TK, torch.ones(idx_TK.shape)
+
+    r = FirstK(_cfg(capacity_factor=1.0, aux_loss_coef=1.0))(x)
+    cap = math.ceil(1.0 * 2 * T / E)
+    assert r.counts_E.tolist() == [cap, cap] + [0] * (E - 2)
+    assert r.num_dropped == 2 * T - 2 * cap
+    _check_sorted(r)
+    assert float(r.aux_loss) > 0

@@ -5,9 +5,13 @@ C per-expert capacity.
 
 Every router is an ``nn.Module`` with one method that matters, ``forward(x_TD) -> Routing``.
 A :class:`Routing` is a flat list of assignments sorted by expert (stable, so tokens keep their
-order inside an expert), with per-expert counts. Top-k routers produce it from ``(T, K)`` indices
-and weights through :func:`assignments_from_topk`, which also applies the capacity (drop mode);
-expert choice produces it directly.
+order inside an expert), with per-expert counts.
+
+Two families share the gate (:class:`Router`): token-choice routers (:class:`TopKRouter`) pick
+``(T, K)`` indices and weights in ``select`` and turn them into a Routing through
+:func:`assignments_from_topk`, which also applies the capacity (drop mode); expert choice
+(:class:`ExpertChoiceRouter`) picks per expert and builds the Routing directly, so it has no
+``select``.
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 
 class Router(nn.Module, abc.ABC):
-    """Base class: a linear gate ``logits = x W^T (+ b)`` and the shared loss bookkeeping."""
+    """Base class: a linear gate ``logits = x W^T (+ b)``; ``forward(x_TD) -> Routing``."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -165,6 +169,18 @@ class Router(nn.Module, abc.ABC):
         check_finite(logits_TE)
         return logits_TE
 
+    @abc.abstractmethod
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        """Route ``x_TD``: the expert-sorted assignments, counts and auxiliary loss."""
+
+
+class TopKRouter(Router):
+    """Token choice: each token picks experts in :meth:`select`; capacity and losses here.
+
+    The auxiliary loss is the Switch/GShard load-balancing loss (``aux_loss_coef``) plus the
+    router z-loss (``z_loss_coef``); over-capacity choices are dropped GShard-style.
+    """
+
     def _aux(self, logits_TE, probs_TE, topk_idx_TK) -> torch.Tensor:
         aux = logits_TE.new_zeros(())
         if self.cfg.aux_loss_coef > 0:
@@ -190,7 +206,7 @@ class Router(nn.Module, abc.ABC):
         return self._finish(x_TD, logits_TE, probs_TE, idx_TK, w_TK, self.cfg.capacity_factor)
 
 
-class SoftmaxTopKRouter(Router):
+class SoftmaxTopKRouter(TopKRouter):
     """GShard / Mixtral / Qwen3 softmax top-k.
 
     GShard noisy gating (training only): ``H = x W_g + N(0,1) * softplus(x W_noise)``; then
@@ -215,7 +231,7 @@ class SoftmaxTopKRouter(Router):
         return logits_TE, probs_TE, idx_TK, w_TK
 
 
-class SwitchRouter(Router):
+class SwitchRouter(TopKRouter):
     """Switch Transformer top-1: the weight is the chosen expert's softmax probability.
 
     Usually paired with a ``capacity_factor``; tokens over capacity are dropped.
@@ -228,7 +244,7 @@ class SwitchRouter(Router):
         return logits_TE, probs_TE, idx_TK, w_TK
 
 
-class SigmoidRouter(Router):
+class SigmoidRouter(TopKRouter):
     """Top-k by logit; each expert output is scaled by ``sigmoid(logit)`` (BASE/StableMoE)."""
 
     def select(self, x_TD):
@@ -274,6 +290,10 @@ class ExpertChoiceRouter(Router):
     ``S = softmax(x W_g)`` over experts; each expert takes the C tokens with the highest score,
     ``C = ceil(f * T * K / E)`` with ``f = capacity_factor or 1`` (so on average each token
     reaches K experts). The combine weight is ``S[t, e]``. A token may reach zero or many experts.
+
+    It is not a :class:`TopKRouter`: there is no per-token selection to override, and the
+    token-choice load-balancing loss does not apply (every expert takes exactly C tokens), so
+    its auxiliary loss is the z-loss alone.
     """
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
@@ -294,12 +314,8 @@ class ExpertChoiceRouter(Router):
         return Routing(token_idx_N, expert_idx_N, w_EC.reshape(-1).to(x_TD.dtype), counts_E,
                        aux, logits_TE, 0)
 
-    def select(self, x_TD):
-        """Expert choice has no per-token top-k; it builds its assignments in forward()."""
-        raise TypeError("ExpertChoiceRouter routes per expert; call it, not select()")
 
-
-class DeepSeekRouter(Router):
+class DeepSeekRouter(TopKRouter):
     """DeepSeek V2/V3 group-limited top-k.
 
     1. scores = softmax(logits) (V2) or sigmoid(logits) (V3).
