@@ -328,3 +328,19 @@ def test_output_router_logits_and_aux_loss_survive_patching(case, run_before_pat
     assert len(out.router_logits) == len(ref.router_logits) == 2
     torch.testing.assert_close(out.aux_loss, ref.aux_loss, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_integrations_reexports_the_hf_entry_points(monkeypatch):
+    import sys
+
+    import moeflow.integrations as integrations
+    from moeflow.integrations import hf
+    for name in ("patch_model", "from_hf_block", "supported_classes"):
+        assert name in dir(integrations) and name in integrations.__all__
+        assert getattr(integrations, name) is getattr(hf, name)
+    with pytest.raises(AttributeError, match="nope"):
+        integrations.nope
+    # without transformers the first use names the extra to install
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r'pip install "moeflow\[hf\]"'):
+        integrations.__getattr__("patch_model")

@@ -1,1 +1,31 @@
+"""Integrations with other libraries: transformers MoE blocks (:mod:`moeflow.integrations.hf`).
 
+``patch_model``, ``from_hf_block`` and ``supported_classes`` are re-exported here and load on
+first use, so ``import moeflow.integrations`` costs nothing. They need transformers (the
+``hf`` extra); without it the first use raises ImportError naming
+``pip install "moeflow[hf]"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from moeflow._deps import require
+
+_HF_NAMES = ("patch_model", "from_hf_block", "supported_classes")
+
+
+def __getattr__(name: str):
+    if name in _HF_NAMES:
+        require("transformers", f"moeflow.integrations.{name}")
+        value = getattr(importlib.import_module("moeflow.integrations.hf"), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module 'moeflow.integrations' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HF_NAMES))
+
+
+__all__ = list(_HF_NAMES)
