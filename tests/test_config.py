@@ -57,3 +57,19 @@ def test_integer_fields_share_one_validator():
     with pytest.raises(ConfigError, match=r"an int in \[1, n_group=2\]") as info:
         MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, n_group=2, topk_group=3)
     assert info.value.field == "topk_group"
+
+
+def test_shared_validators(tmp_path):
+    from moeflow.errors import InputError
+    from moeflow.validate import output_file, positive_int
+    assert positive_int("n", 3, maximum=4, maximum_name="cap") == 3
+    with pytest.raises(ConfigError, match=r"n=5 is not allowed: an int in \[1, cap=4\]"):
+        positive_int("n", 5, maximum=4, maximum_name="cap")
+    with pytest.raises(ConfigError, match=r"an int in \[1, 4\]"):
+        positive_int("n", 0, maximum=4)
+    output_file("--out", None)
+    output_file("--out", tmp_path / "plan.json")            # a new file in an existing dir
+    with pytest.raises(InputError, match="--out .* is a directory"):
+        output_file("--out", tmp_path)
+    with pytest.raises(InputError, match="--png .* does not exist"):
+        output_file("--png", tmp_path / "missing" / "x.png")

@@ -1,15 +1,18 @@
 """Small argument validators shared by every module (pure Python, no torch).
 
 Each raises :class:`moeflow.errors.ConfigError` naming the field, the value and what is
-allowed, so a bad value reads the same wherever it is caught.
+allowed, so a bad value reads the same wherever it is caught; :func:`output_file` checks a
+path on disk and raises :class:`moeflow.errors.InputError` naming the flag.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 
-from moeflow.errors import ConfigError
+from moeflow.errors import ConfigError, InputError
 
 
 def is_int(v) -> bool:
@@ -48,3 +51,19 @@ def positive_float(name: str, v, *, allow_zero: bool = False) -> float:
     if not ok or v < 0 or (v == 0 and not allow_zero):
         raise ConfigError(name, v, "a finite number >= 0" if allow_zero else "a finite number > 0")
     return float(v)
+
+
+def output_file(flag: str, path) -> None:
+    """Before any work: ``path`` (if not None) is not a directory and its directory exists and
+    is writable, else InputError naming ``flag`` (e.g. ``--out``). For CLIs that write a file
+    at the end of a long run, so a typo fails at once instead of after the run."""
+    if path is None:
+        return
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise InputError(f"{flag} {str(path)!r} is a directory, expected a file path")
+    if not parent.is_dir():
+        raise InputError(f"{flag} {str(path)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {str(path)!r}: directory {str(parent)!r} is not writable")
