@@ -4,7 +4,7 @@ Shapes: N local assignments (rows of ``x_ND``, sorted by global expert), E globa
 P expert-parallel ranks (the EP group), E_l = E / P local experts per EP rank, S the ESP
 group size (ranks that share the same experts, each with an F-slice), r pipeline chunks.
 
-Three dispatchers share one interface (FSMoE's "Dispatch" module):
+Three dispatchers share one interface (FSMoE, ASPLOS'25: the dispatch module of the layer):
 
 * ``A2ADispatcher`` ("a2a"): flat, dropless. Per-expert counts are exchanged first
   (an all-to-all of a ``[P, E_l]`` int tensor), then rows move with variable splits.

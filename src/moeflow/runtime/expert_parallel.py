@@ -8,7 +8,8 @@ Group layout (group ranks): ESP groups are S consecutive ranks ``{p*S + s}`` (in
 node); EP groups are ``{s + S*p}``. EP shard p owns experts ``[p*E_l, (p+1)*E_l)``; ESP rank
 s holds F-slice ``[s*F/S, (s+1)*F/S)`` of each.
 
-Per forward call (FSMoE section "The layer as modules"):
+Per forward call (FSMoE, ASPLOS'25: the MoE layer as swappable modules, gate -> order ->
+dispatch -> expert FFN -> combine):
   route (replicated router, local tokens) -> permute -> count exchange ->
   r chunks of [dispatch a2a -> ESP all-gather -> expert GEMMs on the F-slice ->
   ESP reduce-scatter -> combine a2a] (wavefront, :mod:`moeflow.runtime.pipeline`) ->

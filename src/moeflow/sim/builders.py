@@ -1,7 +1,8 @@
 """Builders: MoE passes, whole plans -> :class:`TaskGraph`.
 
 Resources: ``inter`` (the EP a2a link between nodes), ``intra`` (the ESP ag/rs link inside a
-node) and ``gpu`` (GEMMs). Chunk ``i`` of a forward pass is the chain (FSMoE "Overlap")::
+node) and ``gpu`` (GEMMs). Chunk ``i`` of a forward pass is the chain (FSMoE, ASPLOS'25:
+chunks overlap across the inter-node link, the intra-node link and the GPU)::
 
     dispatch a2a_i (inter) -> ag_i (intra) -> experts_i (gpu) -> rs_i (intra) -> combine a2a_i (inter)
 
