@@ -1,34 +1,90 @@
 """Routed experts stored as 3-D weights, and shared experts.
 
-Shape legend: N rows grouped by expert, D hidden, F FFN width, E experts.
+Shape legend: N rows grouped by expert, D hidden, F FFN width, E experts, X = 2F (gated) or F.
 Layout matches transformers 5.x so weights copy without reshaping:
-``w_in`` is (E, 2F, D) for SwiGLU (gate rows, then up rows) or (E, F, D) for GELU, and
-``w_out`` is (E, D, F).
+``w_in`` is (E, 2F, D) for gated experts (gate rows, then up rows) or (E, F, D) for plain ones,
+and ``w_out`` is (E, D, F).
+
+Experts are gated, ``act(x W_gate) * (x W_up)`` (``expert_type="swiglu"``: SwiGLU with SiLU,
+GeGLU with GELU; Shazeer, "GLU Variants Improve Transformer", 2020, Eq. 5-6), or plain,
+``act(x W_in)`` (``expert_type="gelu"``). The activation is one of
+:data:`moeflow.config.EXPERT_ACTIVATIONS`; the fused grouped kernel covers SiLU-gated and
+tanh-GELU plain experts, the other combinations run a per-expert loop through autograd.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moeflow.config import MoEConfig
+from moeflow.config import EXPERT_ACTIVATIONS, EXPERT_TYPES, MoEConfig
+from moeflow.errors import ConfigError
 from moeflow.kernels import expert_ffn
 from moeflow.kernels.grouped import compute_dtype
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "relu": F.relu}
+
+
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function for an activation name of :data:`EXPERT_ACTIVATIONS`."""
+    try:
+        return _ACT_FNS[name]
+    except KeyError:
+        raise ConfigError("activation", name, f"one of {EXPERT_ACTIVATIONS}") from None
+
+
+def resolve_activation(expert_type: str, activation: Optional[str]) -> str:
+    """``activation``, or the expert type's default (SiLU gated, tanh-GELU plain)."""
+    if expert_type not in EXPERT_TYPES:
+        raise ConfigError("expert_type", expert_type, f"one of {EXPERT_TYPES}")
+    if activation is None:
+        return "silu" if expert_type == "swiglu" else "gelu_tanh"
+    activation_fn(activation)  # validates
+    return activation
+
+
+def apply_activation(h_NX: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    """``act(gate) * up`` over the two halves of ``h_NX`` (gated) or ``act(h_NX)``."""
+    act = activation_fn(activation)
+    if gated:
+        gate, up = h_NX.chunk(2, dim=-1)
+        return act(gate) * up
+    return act(h_NX)
+
+
+def _kernel_activation(gated: bool, activation: str) -> Optional[str]:
+    """The fused kernel's name for this expert kind, or None where it has none."""
+    if gated and activation == "silu":
+        return "swiglu"
+    if not gated and activation == "gelu_tanh":
+        return "gelu"
+    return None
 
 
 class Experts(nn.Module):
     """E independent FFN experts evaluated with one grouped kernel call."""
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int,
-                 expert_type: str = "swiglu", kernel: str = "auto"):
+                 expert_type: str = "swiglu", kernel: str = "auto",
+                 activation: Optional[str] = None):
         super().__init__()
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size
         self.expert_type = expert_type
+        self.activation = resolve_activation(expert_type, activation)
+        self.gated = expert_type == "swiglu"
         self.kernel = kernel
-        rows_in = 2 * ffn_hidden_size if expert_type == "swiglu" else ffn_hidden_size
+        rows_in = 2 * ffn_hidden_size if self.gated else ffn_hidden_size
         self.w_in = nn.Parameter(torch.empty(num_experts, rows_in, hidden_size))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
         self.reset_parameters()
@@ -36,7 +92,7 @@ class Experts(nn.Module):
     @classmethod
     def from_config(cls, cfg: MoEConfig) -> "Experts":
         return cls(cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size, cfg.expert_type,
-                   cfg.kernel)
+                   cfg.kernel, cfg.expert_activation)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.w_in, std=self.hidden_size ** -0.5)
@@ -45,18 +101,49 @@ class Experts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor,
                 kernel: str | None = None) -> torch.Tensor:
         """Apply expert e to its ``counts_E[e]`` consecutive rows of ``x_ND``."""
-        return expert_ffn(x_ND, counts_E, self.w_in, self.w_out, self.expert_type,
+        if torch.compiler.is_compiling():
+            return self._forward_traceable(x_ND, counts_E)
+        kernel_act = _kernel_activation(self.gated, self.activation)
+        if kernel_act is None:
+            return self._forward_loop(x_ND, counts_E)
+        return expert_ffn(x_ND, counts_E, self.w_in, self.w_out, kernel_act,
                           kernel or self.kernel)
+
+    def _forward_loop(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """One ``F.linear`` pair per non-empty expert, through autograd."""
+        cd = compute_dtype(x_ND)
+        outs = [x_ND.new_zeros(0, self.hidden_size, dtype=cd)]
+        for e, x_e in enumerate(x_ND.split(counts_E.tolist())):
+            if x_e.shape[0]:
+                h = F.linear(x_e.to(cd), self.w_in[e].to(cd))
+                a = apply_activation(h, self.activation, self.gated)
+                outs.append(F.linear(a, self.w_out[e].to(cd)))
+        # the zero term keeps every weight in the graph (an all-empty batch gets zero grads)
+        y_ND = torch.cat(outs) + 0 * (self.w_in.sum() + self.w_out.sum())
+        return y_ND.to(x_ND.dtype)
+
+    def _forward_traceable(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Under torch.compile / torch.export: no data-dependent shapes. Each row gathers its
+        expert's weights and one batched GEMM runs per projection (the layout transformers'
+        ``batched_mm`` experts use); memory is N weight copies, so compile for inference or small
+        batches, eager for large training steps."""
+        E, N = self.num_experts, x_ND.shape[0]
+        torch._check(counts_E.shape[0] == E)
+        e_N = torch.arange(E, device=x_ND.device).repeat_interleave(counts_E, output_size=N)
+        h_NX = torch.bmm(self.w_in[e_N].to(x_ND.dtype), x_ND.unsqueeze(-1)).squeeze(-1)
+        a_NF = apply_activation(h_NX, self.activation, self.gated)
+        return torch.bmm(self.w_out[e_N].to(x_ND.dtype), a_NF.unsqueeze(-1)).squeeze(-1)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, "
-                f"ffn={self.ffn_hidden_size}, type={self.expert_type}, kernel={self.kernel}")
+                f"ffn={self.ffn_hidden_size}, type={self.expert_type}, "
+                f"activation={self.activation}, kernel={self.kernel}")
 
 
 class SharedExperts(nn.Module):
     """Always-on experts applied to every token.
 
-    DeepSeek's kind: ``num_shared_experts`` SwiGLU experts fused into one FFN of width
+    DeepSeek's kind: ``num_shared_experts`` gated experts fused into one FFN of width
     ``n * F_shared``, added to the routed output. Qwen2-MoE's kind
     (``shared_expert_gate='sigmoid'``): the output is scaled by ``sigmoid(x w_g)`` per token.
     """
@@ -65,7 +152,9 @@ class SharedExperts(nn.Module):
         super().__init__()
         D, Fs = cfg.hidden_size, cfg.shared_ffn_size
         self.expert_type = cfg.expert_type
-        rows_in = 2 * Fs if cfg.expert_type == "swiglu" else Fs
+        self.activation = cfg.expert_activation
+        self.gated = cfg.expert_type == "swiglu"
+        rows_in = 2 * Fs if self.gated else Fs
         self.w_in = nn.Parameter(torch.empty(rows_in, D))
         self.w_out = nn.Parameter(torch.empty(D, Fs))
         self.gate = (nn.Parameter(torch.zeros(1, D)) if cfg.shared_expert_gate == "sigmoid"
@@ -78,11 +167,7 @@ class SharedExperts(nn.Module):
         cd = compute_dtype(x_TD)  # fp32 for bf16 on CPUs without native bf16 GEMMs
         x_TD = x_TD.to(cd)
         h = F.linear(x_TD, self.w_in.to(cd))
-        if self.expert_type == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            a = F.silu(gate) * up
-        else:
-            a = F.gelu(h, approximate="tanh")
+        a = apply_activation(h, self.activation, self.gated)
         y_TD = F.linear(a, self.w_out.to(cd))
         if self.gate is not None:
             y_TD = torch.sigmoid(F.linear(x_TD, self.gate.to(cd))) * y_TD
