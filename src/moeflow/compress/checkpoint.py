@@ -24,8 +24,10 @@ size, before anything sized by the file is allocated; a bad safetensors file rai
 Tensors are read, compressed and written one at a time, so memory stays at one tensor
 (stored ranges go in pieces of at most ``GAP_PIECE`` bytes). Outputs are written to a
 temporary file in the target directory, fsynced and renamed into place; the temporary file
-is removed on any error, Ctrl-C or SIGTERM. An output equal to the input is refused, and an
-existing output is replaced only with ``overwrite=True`` (the CLI's ``--force``).
+is removed on any error, Ctrl-C or SIGTERM (a signal that arrives while numba compiles a
+kernel is raised right after, between tensors, not inside the JIT's ctypes callbacks).
+An output equal to the input is refused, and an existing output is replaced only with
+``overwrite=True`` (the CLI's ``--force``).
 """
 
 from __future__ import annotations
@@ -81,25 +83,56 @@ class TensorEntry:
 
 
 # ----------------------------------------------------------------------------- file safety
-def _raise_terminated(signum, frame):
+_PENDING: list[int] = []  # signals that arrived during a write (main thread only)
+_OLD_HANDLERS: dict[int, object] = {}
+
+
+def _unwind(signum, frame):
+    """Raise what the previous handler raises (the CLI's ``Terminated``, Python's
+    ``KeyboardInterrupt``), or ``SystemExit(128 + signum)`` where it would have killed."""
+    old = _OLD_HANDLERS.get(signum)
+    if callable(old):
+        old(signum, frame)
     raise SystemExit(128 + signum)
 
 
+def _on_signal(signum, frame):
+    _PENDING.append(signum)
+    module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    if module.split(".")[0] in ("numba", "llvmlite"):
+        # inside the JIT (often a ctypes callback, which would print and swallow the
+        # exception): raised by the next raise_pending_signal instead
+        return
+    _unwind(signum, frame)
+
+
+def raise_pending_signal() -> None:
+    """Raise a SIGINT/SIGTERM that arrived while numba was compiling or loading a kernel
+    (not raised there: inside a ctypes callback the exception would be printed and lost)."""
+    if _PENDING:
+        _unwind(_PENDING[0], None)
+
+
 @contextmanager
-def _sigterm_unwinds():
-    """While writing, SIGTERM raises ``SystemExit(143)`` so cleanup code runs; the old
-    handler is restored after. Only when SIGTERM still has its default action (which kills
-    without cleanup) and we run on the main thread: a handler someone else installed, such
-    as the moeflow CLI's, already unwinds."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+def _signals_unwind():
+    """While writing, SIGINT and SIGTERM raise (through ``_on_signal``) so cleanup code runs,
+    and are remembered so ``raise_pending_signal`` can raise them again; the old handlers
+    are restored after. Ignored signals stay ignored; off the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or _OLD_HANDLERS:
         yield
         return
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old = signal.getsignal(sig)
+        if old is not signal.SIG_IGN and old is not None:
+            _OLD_HANDLERS[sig] = old
+            signal.signal(sig, _on_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig, old in _OLD_HANDLERS.items():
+            signal.signal(sig, old)
+        _OLD_HANDLERS.clear()
+        _PENDING.clear()
 
 
 def check_paths(src: str, dst: str, overwrite: bool) -> None:
@@ -125,7 +158,7 @@ def atomic_output(path: str, overwrite: bool = True):
     and ``path`` is left as it was. Without ``overwrite``, a ``path`` that appeared while
     writing is not replaced (``InputError``)."""
     d = os.path.dirname(os.path.abspath(path)) or "."
-    with _sigterm_unwinds():
+    with _signals_unwind():
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
@@ -133,6 +166,7 @@ def atomic_output(path: str, overwrite: bool = True):
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
+            raise_pending_signal()
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
@@ -283,6 +317,7 @@ def compress_file(src: str, dst: str, codec: str = "auto", threads: int | None =
             out.write(_HEAD.pack(MAGIC, index["version"], 0))
             pos = _HEAD.size
             for start, end, e in items:
+                raise_pending_signal()
                 f.seek(data_start + start)
                 buf = _read_exact(f, end - start, f"data bytes {start}..{end}")
                 if e is None:
@@ -476,6 +511,7 @@ def decompress_file(src: str, dst: str, threads: int | None = None,
         with atomic_output(dst, overwrite) as out:
             out.write(struct.pack("<Q", len(text)) + text)
             for start, end, ent, dtype, shape, codec in _blobs_in_data_order(index):
+                raise_pending_signal()
                 bits = _decode_blob(f, ent, dtype, shape, codec, threads)
                 out.write(bits.view(np.uint8).data)
                 bar.update(end - start, tensor=ent.get("name", "(stored bytes)")[-40:])
