@@ -339,7 +339,7 @@ def test_integrations_reexports_the_hf_entry_points(monkeypatch):
         assert name in dir(integrations) and name in integrations.__all__
         assert getattr(integrations, name) is getattr(hf, name)
     with pytest.raises(AttributeError, match="nope"):
-        integrations.nope
+        integrations.__getattr__("nope")
     # without transformers the first use names the extra to install
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r'pip install "moeflow\[hf\]"'):

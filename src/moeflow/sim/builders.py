@@ -4,7 +4,8 @@ Resources: ``inter`` (the EP a2a link between nodes), ``intra`` (the ESP ag/rs l
 node) and ``gpu`` (GEMMs). Chunk ``i`` of a forward pass is the chain (FSMoE, ASPLOS'25:
 chunks overlap across the inter-node link, the intra-node link and the GPU)::
 
-    dispatch a2a_i (inter) -> ag_i (intra) -> experts_i (gpu) -> rs_i (intra) -> combine a2a_i (inter)
+    dispatch a2a_i (inter) -> ag_i (intra) -> experts_i (gpu) -> rs_i (intra)
+        -> combine a2a_i (inter)
 
 Backward is the mirror image (grad of combine a2a, ag of grads = bwd of rs, expert GEMMs x2,
 rs = bwd of ag, grad of dispatch a2a). Plan order per resource, chosen so that every one of
