@@ -160,11 +160,11 @@ def _calibrate_compute(cfg, reps: int = 3) -> dict:
         x = torch.randn(N, D, requires_grad=True)
         c = torch.tensor([N // E_l] * (E_l - 1) + [N - N // E_l * (E_l - 1)])
 
-        def fwd():
+        def fwd(x=x, c=c):
             with torch.no_grad():
                 expert_ffn(x, c, w_in, w_out)
 
-        def fwdbwd():
+        def fwdbwd(x=x, c=c):
             expert_ffn(x, c, w_in, w_out).sum().backward()
 
         ns.append(2.0 * N * D * F * 3)
@@ -400,8 +400,8 @@ def render(sw: list[dict], mods: dict, fid: dict | None, cmd: str, wall: float,
           "vs DeepSpeed-MoE |", "| --- | --- | --- | --- |"]
     for s in sw:
         sp = s["speedup"]
-        cell = lambda k: (f"mean {sp[k]['mean']:.3f}x, range {sp[k]['min']:.3f}-"  # noqa: E731
-                          f"{sp[k]['max']:.3f}x")
+        cell = lambda k, sp=sp: (f"mean {sp[k]['mean']:.3f}x, range "  # noqa: E731
+                                 f"{sp[k]['min']:.3f}-{sp[k]['max']:.3f}x")
         L.append(f"| {s['cluster']} | {cell('tutel(r=2)')} | {cell('tutel+pipemoe')} | "
                  f"{cell('deepspeed-moe')} |")
     L += ["", "Binding form of the forward pass at the relaxed optimum (four-case model):", "",
@@ -477,8 +477,8 @@ def render(sw: list[dict], mods: dict, fid: dict | None, cmd: str, wall: float,
               f"beta {c['exp_bwd']['beta']:.3g} ms/FLOP (R^2 {c['exp_bwd']['r2']:.4f}). "
               f"Single-device layer forward+backward on the local tokens: "
               f"{c['single_device_layer_ms']:.1f} ms, of which {c['rest_ms']:.1f} ms is not "
-              "expert FFN.", "", "Profiled fits used for the prediction:", "", "| primitive | alpha (ms) | "
-              "beta (ms/unit) | R^2 |", "| --- | --- | --- | --- |"]
+              "expert FFN.", "", "Profiled fits used for the prediction:", "",
+              "| primitive | alpha (ms) | beta (ms/unit) | R^2 |", "| --- | --- | --- | --- |"]
         for k, c in sorted(fid["perf"]["costs"].items()):
             L.append(f"| {k} | {c['alpha']:.4g} | {c['beta']:.4g} | {c['r2']:.4f} |")
     return "\n".join(L) + "\n"

@@ -10,7 +10,7 @@ rank on purpose (fault tests).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
 class RankFailed(AssertionError):
@@ -26,7 +26,7 @@ def _with_faulthandler(rank, world_size, fn, *args):
 
 def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0,
               threads: int = 1, pg_timeout_s: float = 60.0,
-              expect_exit: Optional[set] = None) -> list:
+              expect_exit: set | None = None) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results.
 
     Ranks in ``expect_exit`` may die without reporting (their result is None).

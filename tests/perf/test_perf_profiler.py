@@ -30,8 +30,8 @@ def test_profile_two_nodes_of_one_rank_fits_every_primitive(tmp_path, capsys):
 
 
 def test_log_sizes_and_table():
-    from moeflow.perf.profiler import format_table, log_sizes
     from moeflow.perf import perf_preset
+    from moeflow.perf.profiler import format_table, log_sizes
 
     s = log_sizes(1024, 1024 * 1024, 4)
     assert s[0] == 1024 and s[-1] == pytest.approx(1024 * 1024, rel=1e-6) and len(s) == 4
@@ -66,3 +66,48 @@ def test_profile_cli_under_torchrun(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert PerfModel.load(out).meta["world_size"] == 2
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--nproc", "0"], "--nproc"),
+    (["--nproc", "-1"], "--nproc"),
+    (["--nproc", "100000"], "--nproc"),
+    (["--nproc", "2", "--nodes", "0"], "--nodes"),
+    (["--points", "1"], "--points"),
+    (["--max-kb", "1e12"], "--max-kb"),
+    (["--min-kb", "nan"], "--min-kb"),
+    (["--min-kb", "64", "--max-kb", "16"], "--min-kb"),
+    (["--gemm", "0"], "--gemm"),
+    (["--reps", "0"], "--reps"),
+])
+def test_profile_flags_refused_before_forking(monkeypatch, argv, flag):
+    import os
+
+    from moeflow.errors import ConfigError
+    from moeflow.perf import profiler
+
+    def refuse():
+        raise AssertionError("forked before validating")
+    monkeypatch.setattr(os, "fork", refuse)
+    p = argparse.ArgumentParser()
+    profiler.add_profile_arguments(p)
+    with pytest.raises(ConfigError) as ei:
+        profiler.run_profile(p.parse_args(argv))
+    assert flag in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_profile_layout_and_output_checked_before_forking(monkeypatch, tmp_path):
+    import os
+
+    from moeflow.errors import DistributedConfigError, InputError
+    from moeflow.perf import profiler
+
+    def refuse():
+        raise AssertionError("forked before validating")
+    monkeypatch.setattr(os, "fork", refuse)
+    p = argparse.ArgumentParser()
+    profiler.add_profile_arguments(p)
+    with pytest.raises(DistributedConfigError, match="--nodes 2 must divide --nproc 3"):
+        profiler.run_profile(p.parse_args(["--nproc", "3", "--nodes", "2"]))
+    with pytest.raises(InputError, match="--out"):
+        profiler.run_profile(p.parse_args(["--out", str(tmp_path / "no" / "perf.json")]))

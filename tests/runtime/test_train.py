@@ -63,6 +63,7 @@ def test_ep_training_matches_single_process_20_steps():
 def test_moeflow_train_cli_spawns_ranks(tmp_path):
     import subprocess
     import sys
+
     from moeflow.plan import LayerPlan, Plan
     plan = Plan(method="manual", perf={}, workload_table=[],
                 layers=[LayerPlan(index=0, r_fwd=4, r_bwd=2), LayerPlan(index=1, r_fwd=2, r_bwd=1)])
@@ -75,3 +76,44 @@ def test_moeflow_train_cli_spawns_ranks(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[(4, 2), (2, 1)]" in out.stdout
     assert "tokens/s" in out.stdout and "summary: 3 steps" in out.stdout
+
+
+def _tiny_train_argv(nproc, timeout):
+    return ["--nproc", str(nproc), "--steps", "2", "--batch-size", "4", "--seq-len", "16",
+            "--dim", "16", "--layers", "1", "--experts", "4", "--ffn", "16",
+            "--corpus-bytes", "20000", "--timeout", str(timeout)]
+
+
+@pytest.mark.parametrize("fault", ["sigstop", "raise"])
+def test_train_launcher_ends_the_run_naming_the_rank(monkeypatch, fault):
+    import os
+    import signal
+    import time
+
+    import moeflow.train as train
+    from moeflow.errors import CommTimeoutError
+    from moeflow.launch import RankFailed
+
+    real = train.train_loop
+
+    def faulty(args, group=None, topology=None, device=None, verbose=True):
+        import torch.distributed as dist
+        if dist.get_rank() == 1:
+            if fault == "sigstop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            raise ValueError("rank-local failure")
+        return real(args, group, topology, device, verbose)
+
+    monkeypatch.setattr(train, "train_loop", faulty)   # the forked ranks inherit it
+    t0 = time.monotonic()
+    expected = CommTimeoutError if fault == "sigstop" else RankFailed
+    with pytest.raises(expected) as ei:
+        train.main(_tiny_train_argv(2, timeout=2))
+    # used to wait forever (SIGSTOP) or print one traceback per rank
+    assert time.monotonic() - t0 < 30
+    assert "rank 1" in str(ei.value) and "\n" not in str(ei.value)
+    import multiprocessing
+    deadline = time.monotonic() + 5
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not multiprocessing.active_children()
