@@ -172,3 +172,34 @@ def test_cli_nproc_3_prints_one_line():
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "batch" in lines[0], r.stderr
+
+
+def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
+    code = (
+        "import os, sys, time\n"
+        "from moeflow.launch import launch\n"
+        "def fn(rank, world):\n"
+        f"    open(os.path.join({str(tmp_path)!r}, str(rank)), 'w').write(str(os.getpid()))\n"
+        "    time.sleep(60)\n"
+        "launch(fn, 2, init_group=False, progress=False, stall_timeout_s=0.5)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [int(p.read_text()) for p in tmp_path.iterdir() if p.read_text()]
+        assert len(pids) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    deadline = time.monotonic() + 5
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(alive, pids))  # orphaned ranks do not linger

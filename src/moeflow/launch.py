@@ -83,18 +83,21 @@ def check_nproc(nproc, *, force: bool = False, flag: str = "--nproc") -> int:
 
 
 # ---- the rank side ---------------------------------------------------------------------
-def _heartbeat(beats, rank: int, every_s: float) -> None:
+def _heartbeat(beats, rank: int, every_s: float, parent_pid: int) -> None:
     while True:  # a daemon thread: it stops when the process stops (SIGSTOP) or exits
+        if os.getppid() != parent_pid:  # the launcher died (SIGKILL): do not outlive it
+            os._exit(1)
         beats[rank] = time.monotonic()
         time.sleep(every_s)
 
 
 def _rank_main(fn, rank, world, port, args, conn, beats, every_s, threads, pg_timeout_s,
-               init_group):
+               init_group, parent_pid):
     # the parent decides when ranks end: default SIGTERM, and Ctrl-C reaches the parent only
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_heartbeat, args=(beats, rank, every_s), daemon=True).start()
+    threading.Thread(target=_heartbeat, args=(beats, rank, every_s, parent_pid),
+                     daemon=True).start()
     status = 0
     try:
         import torch
@@ -143,8 +146,12 @@ def _close_group() -> None:
 
 
 # ---- the parent side -------------------------------------------------------------------
-def _end(procs) -> None:
-    """SIGTERM every live rank, then SIGKILL what is left after a grace period."""
+def _end(procs, wait_s: float = 0.0) -> None:
+    """After ``wait_s`` for ranks to exit on their own, SIGTERM every live rank, then
+    SIGKILL what is left after a grace period."""
+    deadline = time.monotonic() + wait_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():
             try:  # a stopped rank cannot act on SIGTERM: kill it at once
@@ -199,14 +206,18 @@ def launch(fn: Callable, nproc: int, *args, force: bool = False, name: str = "mo
     say(f"starting {nproc} rank{'s' if nproc > 1 else ''}"
         + (f" (gloo on 127.0.0.1:{port})" if init_group else ""))
     procs, conns = [], []
+    sys.stdout.flush()  # or the ranks inherit unwritten output and write it again
+    sys.stderr.flush()
     t_start = time.monotonic()
     try:
         for rank in range(nproc):
             beats[rank] = time.monotonic()
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_rank_main, daemon=True,
+            # not daemonic: a rank may start its own workers (data loaders, compilers);
+            # the launcher ends every rank itself, and a rank exits when it is orphaned
+            p = ctx.Process(target=_rank_main,
                             args=(fn, rank, nproc, port, args, child, beats, every_s, threads,
-                                  pg_timeout_s, init_group))
+                                  pg_timeout_s, init_group, os.getpid()))
             p.start()
             child.close()
             procs.append(p)
@@ -221,7 +232,7 @@ def launch(fn: Callable, nproc: int, *args, force: bool = False, name: str = "mo
     finally:
         for c in conns:
             c.close()
-    _end(procs)
+    _end(procs, wait_s=5.0)  # every rank reported: let them tear down their groups
     return results
 
 
