@@ -174,6 +174,17 @@ def test_train_nproc(v):
     assert 1 <= v <= max_ranks() and args.nproc == v
 
 
+@pytest.mark.parametrize("flag", ["--nodes", "--layers", "--esp", "--seq-len", "--r-max",
+                                  "--tutel-r", "--tokens"])
+@pytest.mark.parametrize("v", ["0", "-1"])
+def test_plan_zero_and_negative_no_longer_mean_default(flag, v):
+    # `x or default` used to turn 0 into the default silently
+    args = _parse(plan_cli.add_plan_arguments, [f"{flag}={v}"])
+    with pytest.raises(ConfigError) as ei:
+        plan_cli.validate_plan_args(args)
+    _one_line(ei.value, flag)
+
+
 def test_esp_3_with_8_gpus_per_node_is_refused():
     args = _parse(plan_cli.add_plan_arguments, ["--esp", "3"])   # 6 nodes x 8: 3 | 48
     plan_cli.validate_plan_args(args)
