@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from moeflow import MoEConfig, model_preset, preset_names
@@ -36,7 +38,7 @@ def test_bad_fields_name_themselves(field, value):
 
 def test_frozen_and_round_trip():
     c = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.top_k = 3
     assert MoEConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ConfigError):

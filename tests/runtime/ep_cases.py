@@ -50,7 +50,8 @@ def build(case: Case) -> tuple[MoELayer, MoEConfig]:
         kw["router_bias"] = True
     cfg = MoEConfig(hidden_size=16, ffn_hidden_size=32, num_experts=case.experts,
                     capacity_factor=case.capacity_factor, expert_type=case.expert_type,
-                    num_shared_experts=kw.pop("num_shared_experts", 1 if case.router == "softmax_topk" else 0),
+                    num_shared_experts=kw.pop("num_shared_experts",
+                                              1 if case.router == "softmax_topk" else 0),
                     **kw)
     torch.manual_seed(1234)
     layer = MoELayer(cfg)

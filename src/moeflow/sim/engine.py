@@ -248,7 +248,8 @@ def makespan_of(graph: TaskGraph) -> float:
     return simulate(graph).makespan
 
 
-def chain(graph: TaskGraph, names: Sequence[str], resource: str, durations: Sequence[float]) -> list[int]:
+def chain(graph: TaskGraph, names: Sequence[str], resource: str,
+          durations: Sequence[float]) -> list[int]:
     """Add tasks that each depend on the previous one (a convenience for tests and builders)."""
     ids: list[int] = []
     for nm, d in zip(names, durations):
