@@ -27,6 +27,7 @@ import socket
 import time
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -210,7 +211,6 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
 def validate_profile_args(args) -> None:
     """Check every ``moeflow profile`` flag (and the output directory) before any rank starts;
     ConfigError / DistributedConfigError / InputError naming the flag."""
-    from moeflow.plan.cli import check_output_path
     from moeflow.validate import positive_float, positive_int
 
     args.nodes = positive_int("--nodes", args.nodes)
@@ -234,7 +234,20 @@ def validate_profile_args(args) -> None:
     args.gemm = [positive_int("--gemm", m, maximum=MAX_GEMM) for m in args.gemm]
     args.reps = positive_int("--reps", args.reps)
     args.trials = positive_int("--trials", args.trials)
-    check_output_path(args.out, "--out")
+    _check_out(args.out)
+
+
+def _check_out(path: str) -> None:
+    # before forking; plan.cli has the same check, not imported here (it imports perf)
+    from moeflow.errors import InputError
+
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise InputError(f"--out {path!r} is a directory, expected a file path")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out {path!r}: directory {str(parent)!r} does not exist or is "
+                         "not writable")
 
 
 def log_sizes(min_bytes: float, max_bytes: float, points: int) -> list[int]:
