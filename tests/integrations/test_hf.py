@@ -231,14 +231,39 @@ def test_unknown_moe_like_module_raises():
         patch_model(model)
 
 
-def test_mixtral_jitter_refused_unless_allowed():
+def test_mixtral_router_jitter_matches_transformers():
+    """router_jitter_noise > 0: in training mode the same seed gives the same noise, hence the
+    same outputs and loss as transformers; eval mode has no noise."""
     cfg = _mixtral()
-    cfg.router_jitter_noise = 0.1
-    model = transformers.MixtralForCausalLM(cfg)
-    with pytest.raises(UnsupportedModelError, match="MixtralSparseMoeBlock.*jitter"):
-        patch_model(model)
-    patch_model(model, allow_train_mismatch=True)
+    cfg.router_jitter_noise = 0.3
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).float().train()
+    _randomize(model, 4)
+    _, block = _blocks(model, "MixtralSparseMoeBlock")[0]
+    layer = from_hf_block(block)
+    assert layer.router_jitter_noise == 0.3
+    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(9)
+    y_ref = block(x.clone())
+    torch.manual_seed(9)
+    y = layer(x.clone())
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(10)
+    assert not torch.allclose(layer(x.clone()), y, atol=1e-4)  # the noise is there
+    block.eval()
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), block(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(x), layer(x))  # no noise in eval
+    # whole model, training mode: same loss under the same seed
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(11)
+    ref = model(input_ids=ids, labels=ids).loss
+    patch_model(model)
     assert model.moeflow_patch_summary.count == cfg.num_hidden_layers
+    torch.manual_seed(11)
+    out = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_model_without_moe_is_untouched():
