@@ -1,8 +1,14 @@
-"""Small helpers shared by the benchmark scripts (imported as ``_common`` from benchmarks/)."""
+"""Small helpers shared by the benchmark scripts (imported as ``_common`` from benchmarks/;
+the GPU scripts in benchmarks/gpu/ put benchmarks/ on ``sys.path`` first)."""
 
 from __future__ import annotations
 
+import datetime
+import json
+import os
 import platform
+import sys
+import time
 
 
 def cpu_name() -> str:
@@ -15,3 +21,57 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# --------------------------------------------------------------------------- GPU scripts
+def gpu_timer(smoke: bool, rep_ms: int = 40):
+    """``ms(fn)``: milliseconds per call of ``fn``.
+
+    On a GPU, the median of ``triton.testing.do_bench`` (10 ms warm-up, ``rep_ms`` of timed
+    runs), which flushes the L2 cache between runs, so a weight is read from HBM as it would be
+    in a model. In ``smoke`` mode (CPU, Triton interpreter) one call's wall time: the figure
+    means nothing there, the run only exercises the code paths."""
+    if smoke:
+        def ms(fn) -> float:
+            t = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - t)
+        return ms
+    import triton.testing
+
+    def ms(fn) -> float:
+        return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
+    return ms
+
+
+def run_info(smoke: bool) -> dict:
+    """Machine and software fields every GPU record starts with."""
+    import torch
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.is_available() and not smoke
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if gpu else f"cpu (smoke): {cpu_name()}",
+        "torch": torch.__version__, "triton": triton_version,
+        "python": platform.python_version(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "command": " ".join(["python"] + sys.argv),
+        "smoke": smoke,
+    }
+
+
+def write_record(out_dir: str, tag: str, info: dict, lines: list[str]) -> None:
+    """Write ``<tag>.json`` (every number) and ``<tag>.md`` (the tables) into ``out_dir``,
+    and print the markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, f"{tag}.md"), "w") as f:
+        f.write(text)
+    print(text, end="", flush=True)

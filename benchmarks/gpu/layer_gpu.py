@@ -1,7 +1,7 @@
 """MoELayer vs transformers' own MoE blocks on one GPU, side by side in one run.
 
-Same weights in both (copied with ``moeflow.integrations.hf.from_hf_block``), bf16, the shapes
-of the anchors in ``shared/anchors/h200-hf-moe-blocks-2026-11-28.json``.
+Same weights in both (copied with ``moeflow.integrations.hf.from_hf_block``), bf16, the MoE
+layer shapes of Qwen3-30B-A3B, Mixtral-8x7B and DeepSeek-V3 (their published configs).
 
     PYTHONPATH=src python benchmarks/gpu/layer_gpu.py --out DIR      # on a GPU
     PYTHONPATH=src python benchmarks/gpu/layer_gpu.py --smoke --out DIR   # tiny shapes, CPU
@@ -14,9 +14,13 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
 
 CASES = {
     # name: (hf family, E, k, D, F, shared)
@@ -31,7 +35,7 @@ SMOKE = {
 }
 
 
-def build_hf_block(family, E, k, D, F, shared, impl):
+def build_hf_block(family, E, k, D, F, shared, impl, device="cpu"):
     if family == "qwen3_moe":
         from transformers import Qwen3MoeConfig as C
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as B
@@ -48,7 +52,8 @@ def build_hf_block(family, E, k, D, F, shared, impl):
                 num_experts_per_tok=k, n_shared_experts=shared, n_group=8 if E >= 64 else 2,
                 topk_group=4 if E >= 64 else 1)
     cfg._experts_implementation = impl
-    block = B(cfg)
+    with torch.device(device):  # built and initialised where it runs (GBs of experts)
+        block = B(cfg)
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0, 0.02)
@@ -68,12 +73,12 @@ def timeit(fn, warmup, iters, sync):
     return min(times) * 1e3
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="out")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--cases", default="")
-    args = ap.parse_args()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="out", help="folder for layer_gpu.md and .json")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     from moeflow.integrations.hf import from_hf_block
 
@@ -85,10 +90,10 @@ def main():
         cases = {k: v for k, v in cases.items() if k in args.cases.split(",")}
     token_counts = (64, 8192) if not args.smoke else (4, 64)
     warmup, iters = (3, 10) if dev == "cuda" else (1, 2)
-    rows = []
+    rows, lines = [], []
     for name, spec in cases.items():
         family, E, k, D, F, shared = spec
-        hf = build_hf_block(*spec, impl="grouped_mm").to(dev, dtype)
+        hf = build_hf_block(*spec, impl="grouped_mm", device=dev).to(dev, dtype)
         ours = from_hf_block(hf).to(dev, dtype)
         for T in token_counts:
             torch.manual_seed(0)
@@ -100,12 +105,13 @@ def main():
             row = dict(case=name, T=T, max_abs_err=err, rel_err=err / scale)
             for label, mod in (("hf_grouped_mm", hf), ("moeflow", ours)):
                 with torch.no_grad():
-                    row[f"{label}_fwd_ms"] = timeit(lambda: mod(x), warmup, iters, sync)
+                    row[f"{label}_fwd_ms"] = timeit(lambda mod=mod, x=x: mod(x), warmup, iters,
+                                                    sync)
                 if T == max(token_counts):
                     xg = x.clone().requires_grad_(True)
                     gy = torch.randn_like(x)
 
-                    def step(mod=mod):
+                    def step(mod=mod, xg=xg, gy=gy):
                         mod.zero_grad(set_to_none=True)
                         mod(xg).backward(gy)
                     row[f"{label}_fwdbwd_ms"] = timeit(step, 1, max(3, iters // 2), sync)
@@ -119,10 +125,18 @@ def main():
         del hf, ours
         if dev == "cuda":
             torch.cuda.empty_cache()
+        lines = write_layer_record(args.out, dev, dtype, rows)
+    print("\n".join(lines) if rows else "no cases run")
+    return 0
+
+
+def write_layer_record(out_dir, dev, dtype, rows):
+    """layer_gpu.json and layer_gpu.md in ``out_dir`` (rewritten after every case, so that a
+    run stopped by its time limit still leaves the cases it finished)."""
     meta = dict(date=datetime.date.today().isoformat(), device=(
         torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu"),
         torch=torch.__version__, dtype=str(dtype))
-    with open(os.path.join(args.out, "layer_gpu.json"), "w") as f:
+    with open(os.path.join(out_dir, "layer_gpu.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = [f"# MoELayer vs transformers grouped_mm, {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, bf16, min over timed iterations (ms)", "",
@@ -136,10 +150,9 @@ def main():
             f"{r.get('hf_grouped_mm_fwdbwd_ms', float('nan')):.3f} | "
             f"{r.get('moeflow_fwdbwd_ms', float('nan')):.3f} | "
             f"{r.get('fwdbwd_speedup', float('nan')):.2f}x | {r['rel_err']:.2e} |")
-    with open(os.path.join(args.out, "layer_gpu.md"), "w") as f:
+    with open(os.path.join(out_dir, "layer_gpu.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    return lines
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,8 +19,10 @@ from tests.compress.gpu._weights import (  # noqa: E402
 )
 
 # Lanes for rows past the matrix decode whatever in-bounds stream words sit at their slots and
-# are masked at the store; numpy (the interpreter) warns when those values overflow a product.
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+# are masked at the store; numpy (the interpreter) warns when those values overflow a product
+# or add up to NaN.
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 
 def most_fallbacks_in_a_unit(m: TBEMatrix) -> int:

@@ -1,35 +1,38 @@
-"""Tile-row TBE kernels on the GPU: every configuration side by side, to pick the defaults.
+"""Experimental tile-row TBE kernels on the GPU: every configuration beside the public ones.
 
-For each weight shape of issue 5 (Gaussian bf16, sigma 0.02, TBE-encoded on the GPU):
+Measures ``moeflow.compress.gpu.experimental_unit`` (never run on a GPU yet) to decide whether
+it replaces the public kernels or is deleted (see that module's docstring). For each weight
+shape of issue 5 (Gaussian bf16, sigma 0.02, TBE-encoded on the GPU):
 
-- decode: ``triton_tbe_unit`` layouts ("rows" with 1, 2 or 4 blocks per program; "units"
-  slabs), the row-mask popcount kernel, and a device copy of the dense weight (read + write);
+- decode: the unit layouts ("rows" with 1, 2 or 4 block rows per program; "units" slabs),
+  the public ``tbe_decode`` (block kernel), and a device copy of the dense weight (read +
+  write);
 - fused GEMM ``x @ W^T`` for N in {1, 8, 32, 128}: ``torch.matmul`` on the dense bf16 weight
-  (cuBLAS), the unit kernels on CUDA cores ("fma", 1 or 2 blocks per program, or twice the
-  default split-K) and on tensor cores ("dot"), unit decode + ``torch.matmul``, and the
-  row-mask popcount kernel for N <= 8.
+  (cuBLAS), the unit kernels on CUDA cores ("fma", 1 or 2 block rows per program, or twice the
+  default split-K), on tensor cores ("dot"), unit decode + ``torch.matmul``, and the public
+  ``tbe_linear`` (slab kernel).
 
 Every kernel is checked before it is timed (decode bit-exact; GEMM within bf16 rounding of an
 fp32 reference), first on "hard" weights with many fallbacks, +-0, inf, NaN payloads and
-subnormals (bf16 and fp16), which exercise the paths Gaussian weights rarely take. Times are
-``triton.testing.do_bench`` medians, which flush the L2 cache between runs.
+subnormals (bf16 and fp16), which exercise the paths Gaussian weights rarely take (the
+hardware PRMT/POPC and the slow fallback branch). Times are ``triton.testing.do_bench``
+medians, which flush the L2 cache between runs.
 
-    PYTHONPATH=src python benchmarks/gpu/tbe_unit_gpu.py --out DIR      # on a GPU
-    python benchmarks/gpu/tbe_unit_gpu.py --dry-run --out DIR           # list the plan
+    PYTHONPATH=src python benchmarks/gpu/tbe_experimental_gpu.py --out DIR      # on a GPU
+    python benchmarks/gpu/tbe_experimental_gpu.py --dry-run --out DIR           # the plan
+    TRITON_INTERPRET=1 PYTHONPATH=src \
+        python benchmarks/gpu/tbe_experimental_gpu.py --smoke --out DIR    # CPU check
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
+sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "..", "src")]
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
 TOKENS = [1, 8, 32, 128]
@@ -44,15 +47,16 @@ GEMM = [("fma", dict(mode="fma", block_rows=1)),
         ("dot", dict(mode="dot", block_rows=1)),
         ("dot:b2", dict(mode="dot", block_rows=2)),
         ("decode+mm", dict(mode="decode"))]
+PUBLIC = "public"  # moeflow.compress.gpu.tbe_decode / tbe_linear, the kernels to beat
 
 
 def plan_lines() -> list[str]:
     out = []
     for R, C in SHAPES:
-        out.append(f"{R}x{C}: decode " + ", ".join(n for n, _ in DECODE) + ", rowpop, copy")
+        out.append(f"{R}x{C}: decode " + ", ".join(n for n, _ in DECODE) + f", {PUBLIC}, copy")
         for N in TOKENS:
-            extra = ", rowpop" if N <= 8 else ""
-            out.append(f"  {R}x{C} N={N}: matmul, " + ", ".join(n for n, _ in GEMM) + extra)
+            out.append(f"  {R}x{C} N={N}: matmul, " + ", ".join(n for n, _ in GEMM)
+                       + f", {PUBLIC}")
     return out
 
 
@@ -73,24 +77,22 @@ def hard(shape, dtype, gen, device):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="folder for tbe_experimental_gpu.md and .json")
     ap.add_argument("--dry-run", action="store_true", help="print the plan; needs no GPU")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on CPU (run under TRITON_INTERPRET=1): checks the script")
     ap.add_argument("--budget-s", type=float, default=200.0,
                     help="stop starting new shapes after this many seconds")
     args = ap.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     if args.dry_run:
         print("\n".join(plan_lines()))
         return 0
 
     import torch
-    import triton.testing
+    from _common import gpu_timer, run_info, write_record
 
-    from moeflow.compress import triton_tbe_rowpop as RP
-    from moeflow.compress import triton_tbe_unit as U
-    from moeflow.compress.triton_tbe import tbe_decode, tbe_encode_torch
+    from moeflow.compress.gpu import experimental_unit as U
+    from moeflow.compress.gpu import tbe_decode, tbe_encode_torch, tbe_linear
 
     smoke = args.smoke
     if not smoke and not torch.cuda.is_available():
@@ -101,14 +103,8 @@ def main(argv=None) -> int:
     shapes, tokens = ([(128, 192)], [1, 9]) if smoke else (SHAPES, TOKENS)
     hard_shapes = ((72, 136),) if smoke else ((200, 136), (130, 200), (512, 1024))
     gen = torch.Generator(device=dev).manual_seed(0)
+    bench = gpu_timer(smoke)
     failures: list[str] = []
-
-    def bench(fn) -> float:
-        if smoke:
-            t = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - t)
-        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
     def gemm_ok(y, x, w, what):
         ref = x.float() @ w.float().T
@@ -125,15 +121,12 @@ def main(argv=None) -> int:
         for shape in hard_shapes:
             w = hard(shape, dtype, gen, dev)
             m = tbe_encode_torch(w)
-            for name, kw in DECODE:
-                ok = bool(torch.equal(U.tbe_decode(m, **kw).view(torch.int16), w.view(torch.int16)))
-                hard_checks.append((str(dtype), shape, name, ok))
+            decoders = [(n, (lambda m=m, kw=kw: U.tbe_decode(m, **kw))) for n, kw in DECODE]
+            for name, fn in decoders + [(PUBLIC, lambda m=m: tbe_decode(m))]:
+                ok = bool(torch.equal(fn().view(torch.int16), w.view(torch.int16)))
+                hard_checks.append((str(dtype), shape, f"decode {name}", ok))
                 if not ok:
                     failures.append(f"hard decode {dtype} {shape} {name} not bit-exact")
-            ok = bool(torch.equal(tbe_decode(m).view(torch.int16), w.view(torch.int16)))
-            hard_checks.append((str(dtype), shape, "tbe_decode", ok))
-            if not ok:
-                failures.append(f"hard tbe_decode {dtype} {shape} not bit-exact")
             wf = torch.where(w.float().abs() < 1e4, w, torch.zeros_like(w))  # finite products
             mf = tbe_encode_torch(wf)
             for N in ((1, 13) if smoke else (1, 5, 8, 13)):
@@ -156,9 +149,9 @@ def main(argv=None) -> int:
         dense = w.numel() * 2
         row = {"shape": [R, C], "ratio": dense / m.nbytes, "compressed_bytes": m.nbytes,
                "decode_ms": {}, "decode_exact": {}, "gemm": {}}
-        row["copy_ms"] = bench(lambda: w.clone())
-        dec = {n: (lambda kw=kw: U.tbe_decode(m, **kw)) for n, kw in DECODE}
-        dec["rowpop"] = lambda: RP.tbe_decode(m)
+        row["copy_ms"] = bench(lambda w=w: w.clone())
+        dec = {n: (lambda m=m, kw=kw: U.tbe_decode(m, **kw)) for n, kw in DECODE}
+        dec[PUBLIC] = lambda m=m: tbe_decode(m)
         for name, fn in dec.items():
             exact = bool(torch.equal(fn().view(torch.int16), w.view(torch.int16)))
             row["decode_exact"][name] = exact
@@ -172,15 +165,14 @@ def main(argv=None) -> int:
         BR, BC = m.blocks
         for N in tokens:
             x = torch.randn(N, C, generator=gen, device=dev).to(torch.bfloat16)
-            g = {"matmul": bench(lambda: torch.matmul(x, w.T))}
+            g = {"matmul": bench(lambda x=x, w=w: torch.matmul(x, w.T))}
             variants = {}
             for name, kw in GEMM:
                 if kw is None:
                     kw = dict(mode="fma", block_rows=1,
                               split_k=2 * U.default_split_k(BR, BC, dev))
-                variants[name] = (lambda kw=kw: U.tbe_linear(x, m, **kw))
-            if N <= 8:
-                variants["rowpop"] = lambda: RP.tbe_linear(x, m)
+                variants[name] = (lambda x=x, m=m, kw=kw: U.tbe_linear(x, m, **kw))
+            variants[PUBLIC] = lambda x=x, m=m: tbe_linear(x, m)
             for name, fn in variants.items():
                 if gemm_ok(fn(), x, w, f"gemm {R}x{C} N={N} {name}"):
                     g[name] = bench(fn)
@@ -190,24 +182,20 @@ def main(argv=None) -> int:
                 flush=True)
         rows.append(row)
         del w, m
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": "cpu (smoke)" if smoke else torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "triton": triton.__version__, "python": platform.python_version(),
-            "command": "PYTHONPATH=src python benchmarks/gpu/tbe_unit_gpu.py --out DIR",
-            "failures": failures, "hard_checks": hard_checks, "rows": rows,
-            "wall_s": time.time() - t0}
-    tag = "tbe_unit_gpu_smoke" if smoke else "tbe_unit_gpu"
-    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    names = [n for n, _ in DECODE] + ["rowpop"]
-    lines = [f"# Tile-row TBE kernels, all configurations ({info['device']}, {info['date']})", "",
+    info = dict(run_info(smoke), failures=failures, hard_checks=hard_checks, rows=rows,
+                wall_s=time.time() - t0)
+    names = [n for n, _ in DECODE] + [PUBLIC]
+    lines = [f"# Experimental tile-row TBE kernels, all configurations ({info['device']}, "
+             f"{info['date']})", "",
              f"Command: `{info['command']}`; torch {info['torch']}, triton {info['triton']}; "
-             "do_bench medians (L2 flushed).", "",
+             + ("one call each (smoke: figures mean nothing)" if smoke else
+                "do_bench medians (L2 flushed)") + ".", "",
              f"Hard-weight checks (fallback-heavy, specials; bf16 and fp16): "
              f"{sum(c[3] for c in hard_checks)}/{len(hard_checks)} passed.", "",
-             "Decode, TB/s of bf16 output (copy: read + write):", "",
+             f"Decode, TB/s of bf16 output (copy: read + write; {PUBLIC}: `tbe_decode`):", "",
              "| W | ratio | " + " | ".join(names) + " | copy |",
              "| --- | --- | " + " | ".join("---" for _ in names) + " | --- |"]
     for r in rows:
@@ -215,8 +203,9 @@ def main(argv=None) -> int:
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['ratio']:.3f} | " + " | ".join(
             f"{dense / r['decode_ms'][n] / 1e9:.3f}" for n in names)
             + f" | {2 * dense / r['copy_ms'] / 1e9:.3f} |")
-    gnames = [n for n, _ in GEMM] + ["rowpop"]
-    lines += ["", "Fused GEMM, speedup over bf16 torch.matmul (matmul ms in its column):", "",
+    gnames = [n for n, _ in GEMM] + [PUBLIC]
+    lines += ["", f"Fused GEMM, speedup over bf16 torch.matmul (matmul ms in its column; "
+              f"{PUBLIC}: `tbe_linear`):", "",
               "| W | N | matmul ms | " + " | ".join(gnames) + " |",
               "| --- | --- | --- | " + " | ".join("---" for _ in gnames) + " |"]
     for r in rows:
@@ -226,9 +215,8 @@ def main(argv=None) -> int:
                                       for n in gnames) + " |")
     if failures:
         lines += ["", "FAILURES: " + "; ".join(failures)]
-    with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_record(args.out, "tbe_experimental_gpu_smoke" if smoke else "tbe_experimental_gpu",
+                 info, lines)
     return 1 if failures else 0
 
 
