@@ -322,7 +322,7 @@ def test_hostile_files_are_refused_quickly_under_a_memory_limit(tmp_path):
             "case_raw_shape": "CorruptDataError", "case_sparse_bad_magic": "CorruptDataError",
             "case_sparse_huge_index": "CorruptDataError", "case_sparse_safetensors": "InputError"}
     assert {k: v[0] for k, v in got.items()} == want
-    slow = {k: v[1] for k, v in got.items() if k != "case_data_bytes" and v[1] > 1.0}
+    slow = {k: v[1] for k, v in got.items() if k != "case_data_bytes" and v[1] > 3.0}
     assert not slow, slow
     assert not (tmp_path / "out.st").exists() and not _temps(tmp_path)
 
@@ -470,6 +470,8 @@ def test_cli_needs_force_to_overwrite(tmp_path):
     assert r.returncode == 2 and "--force" in _one_line(r.stderr) and out.read_bytes() == b"old"
     assert _cli("decompress", mfz, out, "--force", "--no-progress").returncode == 0
     assert out.read_bytes() == blob
+    r = _cli("decompress", mfz, tmp_path / "no" / "such" / "dir.safetensors", "--no-progress")
+    assert r.returncode == 2 and "does not exist" in _one_line(r.stderr)
 
 
 def _big_checkpoint(path, n_tensors=40, tensor_mb=4):

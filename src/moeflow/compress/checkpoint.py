@@ -142,6 +142,8 @@ def check_paths(src: str, dst: str, overwrite: bool) -> None:
         raise InputError(f"input file {src!r} does not exist or is not a regular file")
     if os.path.isdir(dst):
         raise InputError(f"output {dst!r} is a directory; give a file name")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
+        raise InputError(f"the directory of output {dst!r} does not exist")
     if os.path.exists(dst) and (os.path.samefile(src, dst)
                                 or os.path.realpath(src) == os.path.realpath(dst)):
         raise InputError(f"output {dst!r} is the input file; write to another path")
