@@ -15,8 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from moeflow import MoELayer  # noqa: E402
 from moeflow.errors import UnsupportedModelError  # noqa: E402
-from moeflow.integrations.hf import (from_hf_block, is_moe_block, patch_model,  # noqa: E402
-                                     supported_classes)
+from moeflow.integrations.hf import from_hf_block, is_moe_block, patch_model, supported_classes  # noqa: E402
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
