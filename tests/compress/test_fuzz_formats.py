@@ -431,6 +431,45 @@ def test_crafted_entropy_chunk_tables_raise_corrupt_data_error(n, data):
         decompress(blob, threads=1)
 
 
+_TBE_X = (np.random.default_rng(1).standard_normal((70, 53)) * 0.02).astype(np.float32)
+_TBE_X[3, 4] = 1e4  # a fallback value
+_TBE_BITS = (_TBE_X.view(np.uint32) >> 16).astype(np.uint16).reshape(-1)
+_TBE = CompressedTensor.from_bits(_TBE_BITS, "bfloat16", (70, 53), "tbe")
+_TBE_HEAD = struct.Struct("<BBhIQQQQQ")
+assert _TBE.payload[_TBE_HEAD.size + 9 * 7 * 3 * 8:][:48].view(np.int64)[0] == 0  # cov_off[0]
+_TBE_FIELD = [st.integers(0, 255), st.integers(0, 255), st.integers(-(2**15), 2**15 - 1),
+              st.integers(0, 2**32 - 1)] + [st.integers(0, 2**64 - 1) | st.integers(0, 5000)] * 5
+
+
+@FUZZ
+@given(data=st.data())
+def test_crafted_tbe_layouts_raise_corrupt_data_error_or_decode_exactly(data):
+    """A TBE payload with crafted header fields (dtype, planes, base, R, C, numel, counts) or
+    block offsets, inside a container whose shape may agree with the crafted sizes."""
+    payload = _TBE.payload.copy()
+    fields = list(_TBE_HEAD.unpack_from(payload, 0))
+    for i in data.draw(st.sets(st.integers(0, 8), max_size=3)):
+        fields[i] = data.draw(_TBE_FIELD[i])
+    _TBE_HEAD.pack_into(payload, 0, *fields)
+    if data.draw(st.booleans()):  # one of the 2 x 3 block offsets (cov_off, fb_off)
+        # 70x53 bf16: 9x7 tiles of 3 planes, then (2 blocks + 1) x 2 int64 offsets
+        at = _TBE_HEAD.size + 9 * 7 * 3 * 8 + 8 * data.draw(st.integers(0, 5))
+        payload[at:at + 8] = np.frombuffer(struct.pack(
+            "<q", data.draw(st.integers(-(2**63), 2**63 - 1))), np.uint8)
+    rows, cols, n = fields[4], fields[5], fields[6]
+    shape = data.draw(st.sampled_from([(70, 53), (rows, cols), (n,)]))
+    try:
+        blob = CompressedTensor("tbe", "bfloat16", shape, payload, 0,
+                                _TBE.original_checksum).to_bytes()
+    except struct.error:
+        return
+    try:
+        bits = CompressedTensor.from_bytes(blob, verify=False).to_bits(threads=1)
+    except CorruptDataError:
+        return
+    assert np.array_equal(bits, _TBE_BITS)
+
+
 # ----------------------------------------------------------------------------- CLI
 def _cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "moeflow.cli", *map(str, args)],
