@@ -88,12 +88,14 @@ _OLD_HANDLERS: dict[int, object] = {}
 
 
 def _unwind(signum, frame):
-    """Raise what the previous handler raises (the CLI's ``Terminated``, Python's
-    ``KeyboardInterrupt``), or ``SystemExit(128 + signum)`` where it would have killed."""
+    """Run the previous handler (the CLI's raises ``Terminated``, Python's SIGINT handler
+    ``KeyboardInterrupt``; one that returns has handled the signal), or raise
+    ``SystemExit(128 + signum)`` where the default action would have killed the process."""
     old = _OLD_HANDLERS.get(signum)
-    if callable(old):
-        old(signum, frame)
-    raise SystemExit(128 + signum)
+    if not callable(old):
+        raise SystemExit(128 + signum)
+    old(signum, frame)
+    _PENDING[:] = [s for s in _PENDING if s != signum]
 
 
 def _on_signal(signum, frame):
