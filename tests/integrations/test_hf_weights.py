@@ -20,7 +20,11 @@ from test_hf import CASES, VOCAB, _build  # noqa: E402
 
 from moeflow import MoELayer  # noqa: E402
 from moeflow.errors import InputError, RoutingError  # noqa: E402
-from moeflow.integrations.hf import patch_model, state_dict_adapter  # noqa: E402
+from moeflow.integrations.hf import (  # noqa: E402
+    moeflow_state_dict_keys,
+    patch_model,
+    state_dict_adapter,
+)
 from moeflow.integrations.hf_state import ADAPTERS  # noqa: E402
 
 FAST = ["mixtral", "qwen2_moe", "deepseek_v3"]
@@ -90,6 +94,14 @@ def test_patched_model_loads_transformers_state_dict(case):
     names = [n for n, _ in model.named_parameters()]
     assert any(n.endswith("mlp.experts.w_in") for n in names)
     assert not any("hf_view" in n for n in names)  # the view owns nothing
+    with moeflow_state_dict_keys(model):
+        ours = model.state_dict()
+    assert set(names) <= set(ours) and not any(".gate_up_proj" in k for k in ours)
+    assert set(model.state_dict()) == set(other.state_dict())  # transformers' names again
+    fresh, _ = _build(case, seed=3)
+    patch_model(fresh)
+    fresh.load_state_dict(ours, strict=True)  # moeflow's names load too
+    torch.testing.assert_close(_logits(fresh, ids), want, atol=1e-5, rtol=1e-5)
 
 
 def test_adapter_round_trip_and_partial_input():

@@ -60,6 +60,7 @@ DeepSeek routers run in fp32 in both libraries.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from collections.abc import Callable
@@ -74,7 +75,7 @@ from moeflow.integrations.hf_state import ADAPTERS, StateDictAdapter
 from moeflow.layer.moe import MoELayer
 
 __all__ = ["from_hf_block", "patch_model", "PatchSummary", "is_moe_block", "supported_classes",
-           "state_dict_adapter"]
+           "state_dict_adapter", "moeflow_state_dict_keys", "HFBlockView"]
 
 
 # --------------------------------------------------------------------------- checks
@@ -512,11 +513,32 @@ def _attach_view(layer: MoELayer, block: nn.Module, adapter: StateDictAdapter) -
 
 
 def _state_dict_to_hf(layer: nn.Module, state_dict, prefix: str, local_metadata) -> None:
-    layer.hf_state_dict_adapter.to_hf_(state_dict, prefix)
+    adapter = layer.__dict__.get("hf_state_dict_adapter")
+    if adapter is not None:  # None inside moeflow_state_dict_keys()
+        adapter.to_hf_(state_dict, prefix)
 
 
 def _load_state_dict_from_hf(layer: nn.Module, state_dict, prefix: str, *args) -> None:
-    layer.hf_state_dict_adapter.from_hf_(state_dict, prefix)
+    adapter = layer.__dict__.get("hf_state_dict_adapter")
+    if adapter is not None:
+        adapter.from_hf_(state_dict, prefix)
+
+
+@contextlib.contextmanager
+def moeflow_state_dict_keys(model: nn.Module):
+    """Within this block a patched model's ``state_dict()`` uses moeflow's names (the
+    parameters' own paths, ``...mlp.experts.w_in``), as tools that map state-dict keys back to
+    parameters need (``torch.distributed.checkpoint``); ``load_state_dict`` takes either naming
+    in both modes."""
+    saved = [(m, m.__dict__["hf_state_dict_adapter"]) for m in model.modules()
+             if m.__dict__.get("hf_state_dict_adapter") is not None]
+    for m, _ in saved:
+        m.hf_state_dict_adapter = None
+    try:
+        yield model
+    finally:
+        for m, adapter in saved:
+            m.hf_state_dict_adapter = adapter
 
 
 _PLAN_ATTRS = ("_tp_plan", "_ep_plan", "_pp_plan")
@@ -632,7 +654,8 @@ def patch_model(model: nn.Module, *, kernel: str = "auto") -> nn.Module:
     * ``state_dict()`` (so ``save_pretrained``) gives transformers' key names and layouts, and
       ``load_state_dict`` accepts them, through each layer's
       :class:`~moeflow.integrations.hf_state.StateDictAdapter` (``layer.hf_state_dict_adapter``);
-      parameters keep moeflow's names (``named_parameters``, optimizers).
+      parameters keep moeflow's names (``named_parameters``, optimizers), and
+      :func:`moeflow_state_dict_keys` gives a state dict in those names.
     * ``layer.hf_view`` is a parameter-free replica of the replaced block whose weights alias the
       layer's: transformers' ``init_weights()`` initialises the layer through it exactly as it
       would the block (same functions, order and ``_is_hf_initialized`` flags), and its router
