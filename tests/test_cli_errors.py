@@ -62,6 +62,7 @@ def fake_command(tmp_path, monkeypatch):
     (KeyboardInterrupt(), 130),
     (cli.Terminated(), 143),
     (ZeroDivisionError("x"), 1),
+    (ImportError('x needs numba: run pip install "moeflow[compress]"'), 1),
 ])
 def test_exit_codes(exc, code):
     assert cli.exit_code(exc) == code
@@ -82,6 +83,11 @@ def test_boundary_in_process(fake_command, capsys, mode, code, needle):
         assert err == ""
     else:
         assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+
+
+def test_missing_extra_reads_as_install_hint():
+    line = cli.error_line(ImportError('compress needs numba: run pip install "moeflow[compress]"'))
+    assert line.startswith("compress needs numba") and "internal error" not in line
 
 
 def test_debug_flag_anywhere_prints_traceback(fake_command, capsys):

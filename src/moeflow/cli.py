@@ -117,6 +117,8 @@ def error_line(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {text}"
     if isinstance(exc, MemoryError):
         return f"out of memory: {text}"
+    if isinstance(exc, ImportError) and "pip install" in text:  # a missing extra (_deps)
+        return text
     return f"internal error: {type(exc).__name__}: {text} (run with --debug for the traceback)"
 
 
