@@ -47,7 +47,7 @@ def fake_command(tmp_path, monkeypatch):
     (tmp_path / "moeflow_fake_cmd.py").write_text(FAKE)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(cli.COMMANDS, "fake", ("moeflow_fake_cmd", "a test command"))
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setenv(cli.DEBUG_ENV, "0")  # restored after the test, whatever main() sets
     return tmp_path
 
 
@@ -127,7 +127,8 @@ def test_signals_unwind_and_exit_with_code(fake_command, sig, code, line):
 
 
 def test_real_command_bad_path_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
     r = subprocess.run([sys.executable, "-m", "moeflow.cli", "inspect",
-                        str(tmp_path / "missing.mfz")], capture_output=True, text=True)
+                        str(tmp_path / "missing.mfz")], capture_output=True, text=True, env=env)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "missing.mfz" in r.stderr
