@@ -47,21 +47,21 @@ def cases():
                  stride_yn="i32", blocks_per_split="i32")
     hw = dict(HW=True, NEG=False)
     return {
-        "decode bf16": (decode._tbe_decode_kernel, dec, dict(P=3, IS_BF16=True), 4),
-        "decode fp16": (decode._tbe_decode_kernel, dec, dict(P=6, IS_BF16=False), 4),
-        "linear bf16 BN16": (linear._linear_kernel, lin,
+        "decode bf16": (decode.tbe_decode_kernel, dec, dict(P=3, IS_BF16=True), 4),
+        "decode fp16": (decode.tbe_decode_kernel, dec, dict(P=6, IS_BF16=False), 4),
+        "linear bf16 BN16": (linear.tbe_linear_kernel, lin,
                              dict(P=3, IS_BF16=True, BN=16, DOT_F32=False), 4),
-        "unit decode rows bf16 b1": (U._decode_rows_kernel, u_dec,
+        "unit decode rows bf16 b1": (U.decode_rows_kernel, u_dec,
                                      dict(RB=1, P=3, IS_BF16=True, **hw), 2),
-        "unit decode rows fp16 b2": (U._decode_rows_kernel, u_dec,
+        "unit decode rows fp16 b2": (U.decode_rows_kernel, u_dec,
                                      dict(RB=2, P=6, IS_BF16=False, **hw), 4),
-        "unit decode units bf16 s64": (U._decode_units_kernel, u_dec,
+        "unit decode units bf16 s64": (U.decode_units_kernel, u_dec,
                                        dict(SR=64, P=3, IS_BF16=True, **hw), 8),
-        "unit fma bf16 BN1 b1": (U._linear_rows_kernel, u_lin,
+        "unit fma bf16 BN1 b1": (U.linear_rows_kernel, u_lin,
                                  dict(RB=1, BN=1, P=3, IS_BF16=True, **hw), 2),
-        "unit fma bf16 BN8 b2": (U._linear_rows_kernel, u_lin,
+        "unit fma bf16 BN8 b2": (U.linear_rows_kernel, u_lin,
                                  dict(RB=2, BN=8, P=3, IS_BF16=True, **hw), 4),
-        "unit dot bf16 BN16 b1": (U._linear_dot_kernel, u_lin,
+        "unit dot bf16 BN16 b1": (U.linear_dot_kernel, u_lin,
                                   dict(RB=1, BN=16, P=3, IS_BF16=True, DOT_F32=False, **hw), 2),
     }
 

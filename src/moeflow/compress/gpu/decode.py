@@ -68,8 +68,8 @@ def _decode_block(planes, cov_ptr, fb_ptr, cov_off, fb_off, br, bc, R, C, n, bas
 
 
 @triton.jit
-def _tbe_decode_kernel(planes, cov_ptr, fb_ptr, cov_off, fb_off, out, R, C, n, base,
-                       P: tl.constexpr, IS_BF16: tl.constexpr):
+def tbe_decode_kernel(planes, cov_ptr, fb_ptr, cov_off, fb_off, out, R, C, n, base,
+                      P: tl.constexpr, IS_BF16: tl.constexpr):
     br = tl.program_id(0)
     bc = tl.program_id(1)
     bits, valid, k = _decode_block(planes, cov_ptr, fb_ptr, cov_off, fb_off, br, bc, R, C, n,
@@ -83,7 +83,7 @@ def tbe_decode(m: TBEMatrix) -> torch.Tensor:
     out = torch.empty(max(1, m.numel), dtype=torch.int16, device=m.planes.device)
     BR, BC = m.blocks
     if m.numel:
-        _tbe_decode_kernel[(BR, BC)](m.planes, m.covered, m.fallback, m.cov_off, m.fb_off, out,
-                                     m.rows, m.cols, m.numel, m.base, P=m.planes_per_tile,
-                                     IS_BF16=m.dtype == torch.bfloat16, num_warps=4)
+        tbe_decode_kernel[(BR, BC)](m.planes, m.covered, m.fallback, m.cov_off, m.fb_off, out,
+                                    m.rows, m.cols, m.numel, m.base, P=m.planes_per_tile,
+                                    IS_BF16=m.dtype == torch.bfloat16, num_warps=4)
     return out[: m.numel].view(m.dtype).reshape(m.shape)

@@ -303,9 +303,9 @@ def _store_units(out32, idx, w0, w1, w2, w3, ok):
 
 
 @triton.jit
-def _decode_units_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, C, TC, BC,
-                         tab, SR: tl.constexpr, P: tl.constexpr, IS_BF16: tl.constexpr,
-                         HW: tl.constexpr, NEG: tl.constexpr):
+def decode_units_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, C, TC, BC,
+                        tab, SR: tl.constexpr, P: tl.constexpr, IS_BF16: tl.constexpr,
+                        HW: tl.constexpr, NEG: tl.constexpr):
     """One program per 64x64 block, as ``64 / SR`` slabs of ``[SR, 8]`` units (row, tile
     column); the slots of a unit come from a scan over the slab."""
     br = tl.program_id(0)
@@ -384,9 +384,9 @@ def _next_unit(planes, wrow, tc, sh, ok, run_c, run_f, slow, cov32, fb32, fb_ptr
 
 
 @triton.jit
-def _decode_rows_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, C, TC, BC,
-                        tab, RB: tl.constexpr, P: tl.constexpr, IS_BF16: tl.constexpr,
-                        HW: tl.constexpr, NEG: tl.constexpr):
+def decode_rows_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, C, TC, BC,
+                       tab, RB: tl.constexpr, P: tl.constexpr, IS_BF16: tl.constexpr,
+                       HW: tl.constexpr, NEG: tl.constexpr):
     """One thread per matrix row: a program owns ``RB`` block rows (``64 * RB`` rows) of one
     block column, and each thread walks the 8 units of its row in order, so the slots of a
     unit are the thread's running counts plus one scan over the block's row totals."""
@@ -422,10 +422,10 @@ def _as_f32(w, HI: tl.constexpr, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _linear_rows_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab, y_ptr,
-                        N, R, C, TC, BC, stride_xn, stride_ys, stride_yn, blocks_per_split,
-                        RB: tl.constexpr, BN: tl.constexpr, P: tl.constexpr,
-                        IS_BF16: tl.constexpr, HW: tl.constexpr, NEG: tl.constexpr):
+def linear_rows_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab, y_ptr,
+                       N, R, C, TC, BC, stride_xn, stride_ys, stride_yn, blocks_per_split,
+                       RB: tl.constexpr, BN: tl.constexpr, P: tl.constexpr,
+                       IS_BF16: tl.constexpr, HW: tl.constexpr, NEG: tl.constexpr):
     """``y[split, n, r] = sum_k x[n, k] W[r, k]`` over this split's block columns, one thread
     per row r of W, multiplying on CUDA cores as it decodes (the weights stay in registers).
 
@@ -491,13 +491,13 @@ def _half(w, HI: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _linear_dot_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab, y_ptr,
-                       N, R, C, TC, BC, stride_xn, stride_ys, stride_yn, blocks_per_split,
-                       RB: tl.constexpr, BN: tl.constexpr, P: tl.constexpr,
-                       IS_BF16: tl.constexpr, HW: tl.constexpr, NEG: tl.constexpr,
-                       DOT_F32: tl.constexpr):
+def linear_dot_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab, y_ptr,
+                      N, R, C, TC, BC, stride_xn, stride_ys, stride_yn, blocks_per_split,
+                      RB: tl.constexpr, BN: tl.constexpr, P: tl.constexpr,
+                      IS_BF16: tl.constexpr, HW: tl.constexpr, NEG: tl.constexpr,
+                      DOT_F32: tl.constexpr):
     """``y[split, n, r] = sum_k x[n, k] W[r, k]`` on tensor cores: each pair of tile rows
-    (16 columns of W) is decoded as in ``_linear_rows_kernel``, assembled into a
+    (16 columns of W) is decoded as in ``linear_rows_kernel``, assembled into a
     ``[64 * RB, 16]`` tile in registers and fed to ``tl.dot`` (Triton moves it into the MMA
     operand layout through shared memory); the weights never touch global memory."""
     pid = tl.program_id(0)
@@ -629,11 +629,11 @@ def tbe_decode(m: TBEMatrix, layout: str = "rows", rows_per_slab: int = 32,
         common = dict(P=m.planes_per_tile, IS_BF16=m.dtype == torch.bfloat16,
                       HW=not interpreted(), NEG=m.base < 0)
         if layout == "rows":
-            _decode_rows_kernel[(-(-BR // block_rows), BC)](*args, RB=block_rows, **common,
-                                                            num_warps=2 * block_rows)
+            decode_rows_kernel[(-(-BR // block_rows), BC)](*args, RB=block_rows, **common,
+                                                           num_warps=2 * block_rows)
         else:
-            _decode_units_kernel[(BR, BC)](*args, SR=rows_per_slab, **common,
-                                           num_warps=num_warps)
+            decode_units_kernel[(BR, BC)](*args, SR=rows_per_slab, **common,
+                                          num_warps=num_warps)
     return out[: m.numel].view(m.dtype).reshape(m.shape)
 
 
@@ -686,7 +686,7 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
     if mode == "dot":
         BN = max(16, triton.next_power_of_2(N))
         y = torch.empty((split_k, N, R), dtype=torch.float32, device=x.device)
-        _linear_dot_kernel[(row_programs, split_k)](
+        linear_dot_kernel[(row_programs, split_k)](
             x_NC, *_streams(m), m.cov_off, m.fb_off, _tables(m), y, N, R, C, C // 8, BC,
             x_NC.stride(0), y.stride(0), y.stride(1), per, RB=block_rows, BN=BN,
             P=m.planes_per_tile, IS_BF16=m.dtype == torch.bfloat16, HW=not interpreted(),
@@ -700,7 +700,7 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
         xs = x_NC[n0:n0 + FMA_TOKENS]
         n = xs.shape[0]
         y = torch.empty((split_k, n, R), dtype=torch.float32, device=x.device)
-        _linear_rows_kernel[(row_programs, split_k)](
+        linear_rows_kernel[(row_programs, split_k)](
             xs, *_streams(m), m.cov_off, m.fb_off, _tables(m), y, n, R, C, C // 8, BC,
             xs.stride(0), y.stride(0), y.stride(1), per,
             BN=max(1, triton.next_power_of_2(n)), **common)

@@ -108,10 +108,10 @@ def _slab_dot(acc, x, planes, cov_ptr, fb_ptr, c_run, f_run, br, bc, s, R, C, TR
 
 
 @triton.jit
-def _linear_kernel(x_ptr, planes, cov_ptr, fb_ptr, cov_off, fb_off, y_ptr, N, R, C, TR, TC,
-                   base, stride_xn, stride_ys, stride_yn, blocks_per_split,
-                   P: tl.constexpr, IS_BF16: tl.constexpr, BN: tl.constexpr,
-                   DOT_F32: tl.constexpr):
+def tbe_linear_kernel(x_ptr, planes, cov_ptr, fb_ptr, cov_off, fb_off, y_ptr, N, R, C, TR,
+                      TC, base, stride_xn, stride_ys, stride_yn, blocks_per_split,
+                      P: tl.constexpr, IS_BF16: tl.constexpr, BN: tl.constexpr,
+                      DOT_F32: tl.constexpr):
     """y[split, n, r] = sum over this split's K blocks of x[n, k] * W[r, k]."""
     br = tl.program_id(0)
     split = tl.program_id(1)
@@ -172,10 +172,10 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
     split_k = -(-BC // per)  # no empty splits
     y = torch.empty((split_k, N, R), dtype=torch.float32, device=x.device)
     BN = max(16, triton.next_power_of_2(N))
-    _linear_kernel[(BR, split_k)](x2, m.planes, m.covered, m.fallback, m.cov_off, m.fb_off, y,
-                                  N, R, C, (R + 7) // 8, (C + 7) // 8, m.base, x2.stride(0),
-                                  y.stride(0), y.stride(1), per, P=m.planes_per_tile,
-                                  IS_BF16=m.dtype == torch.bfloat16, BN=BN,
-                                  DOT_F32=interpreted(), num_warps=num_warps)
+    tbe_linear_kernel[(BR, split_k)](x2, m.planes, m.covered, m.fallback, m.cov_off, m.fb_off, y,
+                                 N, R, C, (R + 7) // 8, (C + 7) // 8, m.base, x2.stride(0),
+                                 y.stride(0), y.stride(1), per, P=m.planes_per_tile,
+                                 IS_BF16=m.dtype == torch.bfloat16, BN=BN,
+                                 DOT_F32=interpreted(), num_warps=num_warps)
     out = y.sum(0) if split_k > 1 else y[0]
     return out.to(x.dtype).reshape(*lead, R)
