@@ -68,7 +68,10 @@ PEERS = ("deepspeed", "tutel", "torchtitan")
 #: which moeflow variants have a peer's semantics (capacity drop + GELU, or dropless SwiGLU)
 DROP_VARIANTS = ("moeflow", "moeflow-a2a", "moeflow-2dh", "moeflow-planned")
 DROPLESS_VARIANT = "moeflow-dropless-swiglu"
-PAIRS = {"deepspeed": DROP_VARIANTS, "tutel": DROP_VARIANTS, "torchtitan": (DROPLESS_VARIANT,)}
+#: the same in bf16 (parameters and activations): torchtitan's grouped GEMMs always run in bf16
+DROPLESS_BF16 = "moeflow-dropless-swiglu-bf16"
+PAIRS = {"deepspeed": DROP_VARIANTS, "tutel": DROP_VARIANTS,
+         "torchtitan": (DROPLESS_VARIANT, DROPLESS_BF16)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,9 +216,13 @@ def _build_moeflow(c: dict, W: int, nodes: int, meta: dict):
     def layer(cfg):
         torch.manual_seed(0)   # every rank the same layer (ExpertParallel slices it)
         return MoELayer(cfg)
+
+    def bf16(m):   # fp32 in and out, as torchtitan's layer; bf16 parameters and GEMMs inside
+        m.to(torch.bfloat16)
+        return (m, lambda x: m(x.to(torch.bfloat16)).float())
     if W == 1:
         a, b = layer(drop), layer(dropless)
-        return {"moeflow": (a, a), DROPLESS_VARIANT: (b, b)}
+        return {"moeflow": (a, a), DROPLESS_VARIANT: (b, b), DROPLESS_BF16: bf16(layer(dropless))}
     from moeflow.comm import Topology
     from moeflow.runtime import ExpertParallel
     topo = Topology.from_env()
@@ -229,6 +236,8 @@ def _build_moeflow(c: dict, W: int, nodes: int, meta: dict):
                           (DROPLESS_VARIANT, dropless, dict(dispatcher="a2a"))):
         ep = ExpertParallel(layer(cfg), topology=topo, timeout_s=600, **kw)
         out[name] = (ep, ep)
+    out[DROPLESS_BF16] = bf16(ExpertParallel(layer(dropless).to(torch.bfloat16), topology=topo,
+                                             timeout_s=600, dispatcher="a2a"))
     return out
 
 
@@ -338,16 +347,23 @@ PROBES = {
 }
 
 
-def probe(python: str, impl: str) -> str | None:
-    """None when ``impl`` imports under ``python``; else why not (the import error)."""
+def probe(python: str, impls) -> dict:
+    """``{impl: None}`` when ``impl`` imports under ``python``, else why not (the error line).
+
+    The imports run in parallel, one interpreter each.
+    """
     if not os.path.exists(python):
-        return f"interpreter {python} does not exist"
-    r = subprocess.run([python, "-c", PROBES[impl]], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    if r.returncode == 0:
-        return None
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else f"exit code {r.returncode}"
+        return {i: f"interpreter {python} does not exist" for i in impls}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    procs = {i: subprocess.Popen([python, "-c", PROBES[i]], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True, env=env) for i in impls}
+    out = {}
+    for i, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        out[i] = None if p.returncode == 0 else (lines[-1] if lines else
+                                                 f"exit code {p.returncode}")
+    return out
 
 
 def _free_port() -> int:
@@ -535,7 +551,7 @@ def ratios(rows: list) -> dict:
 def run(args) -> dict:
     sys.path.insert(0, HERE)
     impls = [i for i in args.impls]
-    status = {i: probe(args.python, i) for i in impls}
+    status = probe(args.python, impls)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "config": {k: getattr(args, k) for k in ("tokens", "dim", "ffn", "experts",
                                                         "top_k", "capacity_factor", "rounds",
@@ -604,7 +620,8 @@ def record_markdown(results: dict, argv: list) -> str:
           "vs DeepSpeed | vs Tutel | vs torchtitan |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     sem = {"deepspeed": "f-drop, GELU", "tutel": "f-drop, GELU",
-           "torchtitan": "dropless, SwiGLU, bf16 GEMMs", DROPLESS_VARIANT: "dropless, SwiGLU"}
+           "torchtitan": "dropless, SwiGLU, bf16 GEMMs", DROPLESS_VARIANT: "dropless, SwiGLU",
+           DROPLESS_BF16: "dropless, SwiGLU, bf16"}
     notes = []
     for name, res in results["cells"].items():
         if "skipped" in res:
@@ -649,8 +666,7 @@ def default_python() -> str:
     return p if os.path.exists(p) else sys.executable
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("worker", help="(internal) one rank under torchrun")
@@ -679,7 +695,12 @@ def main(argv=None) -> int:
     r.add_argument("--out", default=None, help="record path (.md; .json beside it)")
     r.add_argument("--no-record", action="store_true")
     r.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     if args.cmd == "worker":
         return worker(args)
     results = run(args)
