@@ -274,3 +274,9 @@ def test_torch_compile_fullgraph_patched_model():
     torch.testing.assert_close(out.aux_loss, ref.aux_loss, atol=1e-6, rtol=1e-6)
     out.loss.backward()  # the traced experts path trains
     assert model.model.layers[0].mlp.experts.w_in.grad.abs().sum() > 0
+    # the finite check is traced as an assert: a RuntimeError at run time, not a graph break
+    # (a layer of its own, outside any transformers model and its output-capture hooks)
+    cfg = model.model.layers[0].mlp.cfg
+    layer = torch.compile(MoELayer(cfg), fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="not finite"):
+        layer(torch.full((1, 3, 32), float("nan")))
