@@ -152,10 +152,6 @@ def test_graph_covers_the_package():
     assert "torch" in _third_party(known["moeflow.layer.routers"])
 
 
-# Cycles outside the core packages are being removed concurrently: compress
-# (triton_tbe <-> triton_tbe_slab) and the CLIs (perf <-> perf.profiler <-> plan.cli, closed by
-# the profiler importing plan.cli). The lead removes this mark once they are gone.
-@pytest.mark.xfail(strict=False, reason="import cycles outside the core packages remain")
 def test_package_has_no_import_cycles():
     found = cycles(import_graph())
     assert found == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
