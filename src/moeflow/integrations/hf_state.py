@@ -16,6 +16,11 @@ reads or writes checkpoints tensor by tensor. transformers' own checkpoint conve
 Mixtral's per-expert ``w1``/``w3`` on disk <-> the fused ``gate_up_proj`` in memory) sits on
 the other side of these names and is left to transformers.
 
+For sharded loading and export: routed-expert tensors have the experts on dim 0 on both sides
+(``w_in`` = ``gate_up_proj`` (E, 2F, D), ``w_out`` = ``down_proj`` (E, D, F)), so a rank's
+expert range is the same slice of either; only shared-expert and router tensors, which every
+rank holds whole, change layout.
+
 Shape legend: E experts, D hidden, F expert FFN width, Fs shared-expert FFN width.
 """
 
