@@ -14,7 +14,7 @@ tanh-GELU plain experts, the other combinations run a per-expert loop through au
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -42,7 +42,7 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ConfigError("activation", name, f"one of {EXPERT_ACTIVATIONS}") from None
 
 
-def resolve_activation(expert_type: str, activation: Optional[str]) -> str:
+def resolve_activation(expert_type: str, activation: str | None) -> str:
     """``activation``, or the expert type's default (SiLU gated, tanh-GELU plain)."""
     if expert_type not in EXPERT_TYPES:
         raise ConfigError("expert_type", expert_type, f"one of {EXPERT_TYPES}")
@@ -61,7 +61,7 @@ def apply_activation(h_NX: torch.Tensor, activation: str, gated: bool) -> torch.
     return act(h_NX)
 
 
-def _kernel_activation(gated: bool, activation: str) -> Optional[str]:
+def _kernel_activation(gated: bool, activation: str) -> str | None:
     """The fused kernel's name for this expert kind, or None where it has none."""
     if gated and activation == "silu":
         return "swiglu"
@@ -75,7 +75,7 @@ class Experts(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int,
                  expert_type: str = "swiglu", kernel: str = "auto",
-                 activation: Optional[str] = None):
+                 activation: str | None = None):
         super().__init__()
         self.num_experts = num_experts
         self.hidden_size = hidden_size
@@ -90,7 +90,7 @@ class Experts(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_config(cls, cfg: MoEConfig) -> "Experts":
+    def from_config(cls, cfg: MoEConfig) -> Experts:
         return cls(cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size, cfg.expert_type,
                    cfg.kernel, cfg.expert_activation)
 
