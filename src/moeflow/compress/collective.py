@@ -1,0 +1,410 @@
+"""ZipCCL's collective codec: static exponent codes picked per message from the tensor's scale.
+
+ZipCCL (lossless compression inside collectives) observes that activations, gradients and
+parameters in training are close to Gaussian, so the distribution of their exponents follows
+from their scale alone: a code needs no per-message histogram. Its exact construction is not
+published; this one is ours:
+
+- **Tables, built ahead of time.** For a zero-mean generalized Gaussian ``GG(beta)`` of unit
+  RMS (``beta = 2``: the Gaussian), the probability that ``|x|`` falls in the binade
+  ``[2^(k+f), 2^(k+f+1))`` is integrated numerically, for the scale offsets
+  ``f in {0, 1/4, 1/2, 3/4}``. With the probability of an exponent-0 field (zeros) taken from
+  a few zero-fraction classes and a small escape probability, each (shape, offset, zero
+  class) gets a length-limited Huffman code (``entropy.huffman_lengths``, <= 12 bits) over
+  ``WINDOW`` relative exponents, ``ZERO`` and ``ESC``. The table of a message is that of its
+  scale rounded to a quarter binade, shifted by the integer part (``base``).
+- **One cheap statistic.** A strided sample of at most ``SAMPLE`` values gives the mean of
+  the exponents ``floor(log2|x|)`` (the scale: mean minus the model's offset estimates
+  ``log2 RMS``, and one huge outlier cannot move it, as it would move an RMS), their spread
+  (the shape: heavier tails spread wider) and the zero fraction; integer work on 64 Ki
+  values, however large the message.
+- **Escape.** Exponents outside the window, or whose model probability rounds to no code,
+  are sent as ``ESC`` + the raw exponent field, so every bit pattern round-trips.
+- **Checksum on every message.** mfx64 (``checksum.checksum``) over all bytes before it;
+  ``decode`` verifies it first and raises ``CorruptDataError`` on a mismatch.
+
+Message layout (little-endian)::
+
+    b"ZC" | u8 version | u8 dtype code | u8 mode (0 coded, 1 stored) | u8 shape | u8 offset
+    | u8 zero class | i32 base | u32 block_values | u64 n_values | u32 n_blocks | u32 0
+    | u32 stream_bytes[n_blocks] | raw bytes (n * raw width) | streams | 8 zero bytes
+    | u64 checksum                                          (coded)
+    | raw value bits (n * itemsize) | u64 checksum          (stored: did not compress)
+
+The ratio is measured against the message's empirical exponent entropy, the bound of any
+code that stores the other bits raw (``16 / (8 + H_exp)`` for bf16; DFloat11, ZipNN).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from moeflow.compress import collective_kernels as K
+from moeflow.compress.bits import FLOAT_SPECS, float_spec, readonly, tensor_to_bits
+from moeflow.compress.checksum import checksum
+from moeflow.compress.entropy import canonical_codes, huffman_lengths
+from moeflow.compress.parallel import run_shared
+from moeflow.errors import CorruptDataError, InputError
+
+MAGIC = b"ZC"
+VERSION = 1
+SAMPLE = 1 << 16                      # values read by the scale statistic
+SHAPES = (2.0, 1.0, 0.5, 16.0)        # GG beta: Gaussian first, then heavier / flatter tails
+OFFSETS = 4                           # scale resolution: a quarter binade
+ZERO_CLASSES = (0.0, 2.0 ** -10, 2.0 ** -6, 2.0 ** -3, 0.5, 0.9, 0.999)
+ESC_PROB = 2.0 ** -12
+WINDOW_BELOW = 24                     # relative exponents [-24, 7] around floor(log2 RMS)
+_HEAD = struct.Struct("<2sBBBBBBiIQII")
+_KIND = {"bfloat16": 1, "float16": 2, "float32": 3}
+_NAMES = {s.code: s.name for s in FLOAT_SPECS.values()}
+DTYPES = tuple(_KIND)
+#: the Gaussian-only family (``shapes=(2.0,)``): ZipCCL's model, kept for comparisons
+GAUSSIAN = (2.0,)
+
+
+def binade_probs(beta: float, offset: float) -> np.ndarray:
+    """``P(floor(log2|x|) - k = d)`` for ``d in [-WINDOW_BELOW, WINDOW - WINDOW_BELOW)`` of
+    ``x ~ GG(beta)`` with RMS ``2^(k + offset)`` (independent of the integer ``k``).
+
+    Numerical integration of the density of ``u = log2|x|``: ``f(2^u) 2^u ln 2 * 2``, by the
+    midpoint rule with 256 points per binade (the integrand is smooth in ``u``)."""
+    g = math.gamma
+    alpha = math.sqrt(g(1 / beta) / g(3 / beta)) * 2.0 ** offset  # RMS -> GG scale
+    lo = -WINDOW_BELOW
+    pts = 256
+    u = lo + (np.arange(K.WINDOW * pts) + 0.5) / pts
+    x = np.exp2(u)
+    dens = 2 * beta / (2 * alpha * g(1 / beta)) * np.exp(-(x / alpha) ** beta) * x * math.log(2)
+    return dens.reshape(K.WINDOW, pts).sum(1) / pts
+
+
+@dataclass(frozen=True)
+class Table:
+    """One static code: ``lens``/``codes`` per symbol (relative exponents, ZERO, ESC), the
+    decode table (``sym | len << 8`` per 12-bit index) and the model's mean bits per value."""
+
+    shape: int
+    offset: int
+    zero: int
+    lens: np.ndarray
+    codes: np.ndarray
+    dec: np.ndarray
+    model_bits: float
+
+
+def _build(shape: int, offset: int, zero: int) -> Table:
+    p = binade_probs(SHAPES[shape], offset / OFFSETS)
+    z = ZERO_CLASSES[zero]
+    probs = np.empty(K.NSYM)
+    probs[:K.WINDOW] = p / max(p.sum(), 1e-300) * (1 - z - ESC_PROB)
+    probs[K.ZERO] = max(z, ESC_PROB / 16)
+    probs[K.ESC] = ESC_PROB
+    # integer weights for the Huffman builder; a symbol below 2^-30 gets no code (escapes)
+    w = np.floor(probs * 2.0 ** 30).astype(np.int64)
+    counts = np.zeros(256, np.int64)
+    counts[:K.NSYM] = w
+    lens = huffman_lengths(counts, K.MAX_LEN)[:K.NSYM].astype(np.int64)
+    codes, ok = canonical_codes(np.concatenate([lens, np.zeros(256 - K.NSYM, np.int64)]),
+                                K.MAX_LEN)
+    assert ok and lens[K.ESC] > 0
+    codes = codes[:K.NSYM].copy()
+    dec = np.zeros(1 << K.MAX_LEN, np.uint16)
+    for s in range(K.NSYM):
+        if lens[s]:
+            dec[int(codes[s])::1 << int(lens[s])] = s | (int(lens[s]) << 8)
+    model_bits = float((probs * lens).sum() + ESC_PROB * 8)
+    return Table(shape, offset, zero, readonly(lens), readonly(codes), readonly(dec), model_bits)
+
+
+@lru_cache(maxsize=None)
+def table(shape: int, offset: int, zero: int) -> Table:
+    """The static table of (shape index, quarter-binade offset, zero class); built once."""
+    return _build(shape, offset, zero)
+
+
+def build_tables() -> int:
+    """Build every table now (they are otherwise built on first use); returns how many."""
+    for s in range(len(SHAPES)):
+        for f in range(OFFSETS):
+            for z in range(len(ZERO_CLASSES)):
+                table(s, f, z)
+    return len(SHAPES) * OFFSETS * len(ZERO_CLASSES)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A message's table pick: indices, ``base`` (exponent field of relative symbol 0)."""
+
+    shape: int
+    offset: int
+    zero: int
+    base: int
+
+    @property
+    def table(self) -> Table:
+        return table(self.shape, self.offset, self.zero)
+
+
+@lru_cache(maxsize=None)
+def exponent_moments(shape: int) -> tuple[float, float]:
+    """Mean and standard deviation of ``floor(log2|x|) - log2 RMS`` under ``GG(SHAPES[shape])``
+    (from the model's binade probabilities): the statistic's expected values."""
+    p = binade_probs(SHAPES[shape], 0.0)
+    p = p / p.sum()
+    d = np.arange(K.WINDOW) - WINDOW_BELOW
+    mu = float((p * d).sum())
+    return mu, float(math.sqrt((p * (d - mu) ** 2).sum()))
+
+
+def choose(vals: np.ndarray, dtype: str, shapes=SHAPES) -> Choice:
+    """Pick the table of a message from one cheap statistic of a strided sample of at most
+    ``SAMPLE`` values: the mean (and spread) of their exponents ``floor(log2|x|)``, the zero
+    fraction. The mean minus the model's offset estimates ``log2 RMS`` (the scale), robust to
+    outliers; the spread picks the shape. ``shapes``: the GG betas allowed (``GAUSSIAN`` for
+    the plain Gaussian model)."""
+    spec = float_spec(dtype)
+    kind = _KIND[dtype]
+    step = max(1, vals.size // SAMPLE)
+    cnt, zeros, fin, s1, s2 = K.sample_stats(vals, kind, step) if vals.size else (0, 0, 0, 0, 0)
+    zf = zeros / cnt if cnt else 0.0
+    zero = int(np.argmin([abs(math.log2(zf + 2 ** -14) - math.log2(c + 2 ** -14))
+                          for c in ZERO_CLASSES]))
+    allowed = [SHAPES.index(b) for b in shapes]
+    if fin:
+        mean = s1 / fin
+        std = math.sqrt(max(0.0, s2 / fin - mean * mean))
+        shape = min(allowed, key=lambda i: abs(exponent_moments(i)[1] - std))
+        q = round((mean - exponent_moments(shape)[0]) * OFFSETS)
+    else:
+        shape, q = allowed[0], 0
+    k, offset = divmod(q, OFFSETS)
+    bias = (1 << (spec.exp_bits - 1)) - 1
+    return Choice(shape, offset, zero, base=k + bias - WINDOW_BELOW)
+
+
+def _as_bits(x, dtype: str | None):
+    """(flat raw bits, dtype name) of a tensor or of a numpy raw-bits array with ``dtype``."""
+    if isinstance(x, np.ndarray) and x.dtype.kind == "u":
+        if dtype is None:
+            raise InputError("raw bits need dtype=")
+        spec = float_spec(dtype)
+        if x.dtype != spec.uint:
+            raise InputError(f"raw bits of {dtype} must be {np.dtype(spec.uint).name}, "
+                             f"got {x.dtype}")
+        return readonly(np.ascontiguousarray(x).reshape(-1)), dtype
+    bits, name, _ = tensor_to_bits(x)
+    if name not in _KIND:
+        raise InputError(f"collective codec takes {list(DTYPES)}, not {name!r}")
+    return readonly(bits), name
+
+
+def _block_count(n: int) -> int:
+    return (n + K.BLOCK_VALUES - 1) // K.BLOCK_VALUES
+
+
+def encode(x, dtype: str | None = None, threads: int | None = 1, shapes=SHAPES,
+           choice: Choice | None = None) -> np.ndarray:
+    """One message (uint8) holding tensor ``x`` (bf16/fp16/fp32; or raw bits + ``dtype``).
+
+    ``threads`` encode blocks in parallel (``None``: every core). A message that would not
+    be smaller than the raw bits is stored raw, still checksummed."""
+    vals, dtype = _as_bits(x, dtype)
+    spec = float_spec(dtype)
+    kind = _KIND[dtype]
+    _, _, raw_w, _ = K.KIND_LAYOUT[kind]
+    n = vals.size
+    ch = choice or choose(vals, dtype, shapes)
+    tab = ch.table
+    ent = K.exponent_entries(ch.base, tab.lens, tab.codes, spec.exp_bits)
+    nb = _block_count(n)
+    sbits = np.zeros(nb, np.int64)
+    if nb:
+        run_shared(lambda c: K.plan_blocks(vals, c, nb, kind, ent, sbits), nb, threads)
+    sbytes = (sbits + 7) // 8
+    head = _HEAD.size + 4 * nb
+    coded = head + n * raw_w + int(sbytes.sum()) + 16
+    if coded >= _HEAD.size + n * spec.itemsize + 8:
+        out = np.empty(_HEAD.size + n * spec.itemsize + 8, np.uint8)
+        out[:_HEAD.size] = np.frombuffer(_HEAD.pack(MAGIC, VERSION, spec.code, 1, ch.shape,
+                                                    ch.offset, ch.zero, ch.base,
+                                                    K.BLOCK_VALUES, n, nb, 0), np.uint8)
+        out[_HEAD.size:-8] = vals.view(np.uint8)
+    else:
+        out = np.empty(coded, np.uint8)
+        out[:_HEAD.size] = np.frombuffer(_HEAD.pack(MAGIC, VERSION, spec.code, 0, ch.shape,
+                                                    ch.offset, ch.zero, ch.base,
+                                                    K.BLOCK_VALUES, n, nb, 0), np.uint8)
+        out[_HEAD.size:head] = sbytes.astype(np.uint32).view(np.uint8)
+        raw_off = head
+        soff = raw_off + n * raw_w + np.concatenate([[0], np.cumsum(sbytes)[:-1]]).astype(np.int64)
+        out[coded - 16:] = 0
+        if nb:
+            errs = run_shared(lambda c: K.write_blocks(vals, c, nb, kind, ent, out, raw_off,
+                                                       soff, sbytes),
+                              nb, threads)
+            if any(errs):  # an encoder bug, not bad input: never ship a wrong message
+                raise RuntimeError("collective encoder wrote a stream of another size")
+    out[-8:] = np.frombuffer(struct.pack("<Q", checksum(out[:-8], threads)), np.uint8)
+    return out
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    dtype: str
+    n_values: int
+    stored: bool
+    choice: Choice
+    nbytes: int
+
+    @property
+    def ratio(self) -> float:
+        """Original bytes over message bytes (header and checksum included)."""
+        return self.n_values * FLOAT_SPECS[self.dtype].itemsize / self.nbytes
+
+
+def _parse(buf: np.ndarray) -> tuple[MessageInfo, np.ndarray]:
+    if buf.size < _HEAD.size + 8:
+        raise CorruptDataError(f"collective message of {buf.size} bytes is shorter than its "
+                               f"header ({_HEAD.size + 8})")
+    (magic, ver, code, mode, shape, offset, zero, base, bv, n, nb,
+     _) = _HEAD.unpack_from(buf, 0)
+    if magic != MAGIC or ver != VERSION:
+        raise CorruptDataError(f"not a collective message (magic {magic!r}, version {ver})")
+    if code not in _NAMES or _NAMES[code] not in _KIND:
+        raise CorruptDataError(f"collective message has dtype code {code}")
+    if (mode not in (0, 1) or shape >= len(SHAPES) or offset >= OFFSETS
+            or zero >= len(ZERO_CLASSES) or bv != K.BLOCK_VALUES or nb != _block_count(n)
+            or abs(base) > 1 << 20):
+        raise CorruptDataError(f"collective message header is inconsistent (mode {mode}, "
+                               f"table {shape}/{offset}/{zero}, block {bv}, {nb} blocks for "
+                               f"{n} values)")
+    dtype = _NAMES[code]
+    info = MessageInfo(dtype, n, mode == 1, Choice(shape, offset, zero, base), buf.size)
+    if mode == 1:
+        if buf.size != _HEAD.size + n * FLOAT_SPECS[dtype].itemsize + 8:
+            raise CorruptDataError(f"stored collective message of {n} {dtype} values has "
+                                   f"{buf.size} bytes")
+        return info, np.zeros(0, np.int64)
+    head = _HEAD.size + 4 * nb
+    if head + 16 > buf.size:
+        raise CorruptDataError("collective message is truncated inside its block table")
+    sbytes = buf[_HEAD.size:head].view(np.uint32).astype(np.int64)
+    raw_w = K.KIND_LAYOUT[_KIND[dtype]][2]
+    if head + n * raw_w + int(sbytes.sum()) + 16 != buf.size:
+        raise CorruptDataError(f"collective message of {n} {dtype} values has {buf.size} "
+                               "bytes; its block table says otherwise")
+    return info, sbytes
+
+
+def _as_u8(msg) -> np.ndarray:
+    if isinstance(msg, np.ndarray):
+        return readonly(np.ascontiguousarray(msg).reshape(-1).view(np.uint8))
+    try:
+        import torch
+
+        if isinstance(msg, torch.Tensor):
+            return readonly(msg.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    except ImportError:  # pragma: no cover
+        pass
+    return readonly(np.frombuffer(msg, np.uint8))
+
+
+def info(msg) -> MessageInfo:
+    """Header facts of a message (after its checksum is verified)."""
+    buf = _as_u8(msg)
+    _verify(buf)
+    return _parse(buf)[0]
+
+
+def _verify(buf: np.ndarray, threads: int | None = 1) -> None:
+    if buf.size < 8:
+        raise CorruptDataError(f"collective message of {buf.size} bytes has no checksum")
+    want = int(buf[-8:].view(np.uint64)[0])
+    got = checksum(buf[:-8], threads)
+    if want != got:
+        raise CorruptDataError(f"collective message checksum mismatch ({got:#018x} computed, "
+                               f"{want:#018x} stored): the bytes were corrupted in transit")
+
+
+def decode(msg, threads: int | None = 1, out: np.ndarray | None = None,
+           expect: tuple[str, int] | None = None) -> tuple[np.ndarray, str]:
+    """(flat raw bits, dtype) of a message; ``CorruptDataError`` if its checksum or structure
+    is wrong. ``expect=(dtype, n)`` refuses a message of another dtype or length; ``out``
+    (flat, contiguous, the dtype's uint) receives the bits."""
+    buf = _as_u8(msg)
+    _verify(buf, threads)
+    inf, sbytes = _parse(buf)
+    dtype, n = inf.dtype, inf.n_values
+    if expect is not None and (expect[0] != dtype or expect[1] != n):
+        raise CorruptDataError(f"collective message holds {n} {dtype} values; expected "
+                               f"{expect[1]} {expect[0]}")
+    spec = FLOAT_SPECS[dtype]
+    if out is None:
+        out = np.empty(n, spec.uint)
+    elif out.dtype != spec.uint or out.shape != (n,) or not out.flags.c_contiguous:
+        raise InputError(f"out must be a contiguous {np.dtype(spec.uint).name}[{n}] array")
+    if inf.stored:
+        out[:] = buf[_HEAD.size:-8].view(spec.uint)
+        return out, dtype
+    kind = _KIND[dtype]
+    raw_w = K.KIND_LAYOUT[kind][2]
+    nb = sbytes.size
+    head = _HEAD.size + 4 * nb
+    soff = head + n * raw_w + np.concatenate([[0], np.cumsum(sbytes)[:-1]]).astype(np.int64)
+    tab = inf.choice.table
+    if nb:
+        errs = run_shared(lambda c: K.decode_blocks(buf, c, nb, n, kind, inf.choice.base,
+                                                    tab.dec, head, soff, sbytes, out),
+                          nb, threads)
+        bad = [e for e in errs if e]
+        if bad:
+            raise CorruptDataError(f"collective message stream failed to decode (error "
+                                   f"{bad[0]})")
+    return out, dtype
+
+
+def encode_tensor(t, threads: int | None = 1, shapes=SHAPES) -> np.ndarray:
+    """``encode`` of a torch tensor (any shape; the receiver knows the shape)."""
+    return encode(t, None, threads, shapes)
+
+
+def decode_tensor(msg, shape, dtype: str | None = None, threads: int | None = 1):
+    """The torch tensor of ``shape`` held by a message (``dtype`` checked when given)."""
+    import torch
+
+    from moeflow.compress.bits import bits_to_tensor
+
+    n = math.prod(shape)
+    bits, name = decode(msg, threads, expect=None if dtype is None else (dtype, n))
+    if bits.size != n:
+        raise CorruptDataError(f"collective message holds {bits.size} values, shape {tuple(shape)}"
+                               f" needs {n}")
+    t = bits_to_tensor(bits, name, tuple(shape))
+    assert isinstance(t, torch.Tensor)
+    return t
+
+
+def exponent_entropy_bound(x, dtype: str | None = None) -> tuple[float, float]:
+    """(empirical exponent entropy ``H_exp`` in bits, the ratio bound ``bits / (bits -
+    exp_bits + H_exp)``) of a message: the best any code that stores the non-exponent bits
+    raw can do (DFloat11, ZipNN)."""
+    from moeflow.compress.stats import entropy_bits, exponent_histogram
+
+    vals, dtype = _as_bits(x, dtype)
+    spec = float_spec(dtype)
+    h = entropy_bits(exponent_histogram(vals, spec))
+    return h, spec.bits / (spec.bits - spec.exp_bits + h)
+
+
+def expected_ratio(x, dtype: str | None = None, shapes=SHAPES) -> float:
+    """The ratio the chosen table's model predicts for ``x`` (sample statistic only, no
+    encode): what the adaptive switch uses before deciding to compress."""
+    vals, dtype = _as_bits(x, dtype)
+    spec = float_spec(dtype)
+    ch = choose(vals, dtype, shapes)
+    return spec.bits / (spec.bits - spec.exp_bits + ch.table.model_bits)
