@@ -315,7 +315,10 @@ def worker(args) -> int:
     os._exit(0)
 
 
-def _breakdown(variants: dict, step, rank: int, steps: int = 2) -> dict:
+BREAKDOWN_STEPS = 2
+
+
+def _breakdown(variants: dict, step, rank: int, steps: int = BREAKDOWN_STEPS) -> dict:
     """torch.profiler over ``steps`` steps of each variant: where the time goes, by operator.
 
     Self CPU time of the top operators on rank 0, and the share of the step spent waiting
@@ -459,7 +462,9 @@ def run_cell(cell: Cell, impls: list, args, status: dict) -> dict:
                    "PYTHONUNBUFFERED": "1"}
             procs = []
             cmds = _launch_cmds(cell, impl, args.python, d, port, master)
-            out["commands"][impl] = [" ".join(cm) for cm in cmds]
+            out["commands"][impl] = [_scrub(" ".join(
+                ec.node_command(i, cm, env) if cell.rate is not None else cm), d)
+                for i, cm in enumerate(cmds)]
             for i, cmd in enumerate(cmds):
                 if cell.rate is not None:
                     cmd = ec.node_command(i, cmd, env)
@@ -520,6 +525,21 @@ def run_cell(cell: Cell, impls: list, args, status: dict) -> dict:
         else:
             shutil.rmtree(d, ignore_errors=True)
     return out
+
+
+def _scrub(obj, rundir: str = ""):
+    """Paths of this machine out of what the record keeps: the repository becomes ``.``, the
+    rendezvous directory ``$RUNDIR``, the temp directory ``$TMPDIR``."""
+    if isinstance(obj, str):
+        if rundir:
+            obj = obj.replace(rundir, "$RUNDIR")
+        return obj.replace(REPO + os.sep, "").replace(REPO, ".").replace(
+            tempfile.gettempdir() + os.sep, "$TMPDIR/")
+    if isinstance(obj, dict):
+        return {k: _scrub(v, rundir) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_scrub(v, rundir) for v in obj]
+    return obj
 
 
 def summarize(res: dict, tokens: int) -> list:
@@ -615,6 +635,15 @@ def record_markdown(results: dict, argv: list) -> str:
          f"{c['rounds']} rounds x {c['steps']} steps, implementations in turn (rotating order); "
          f"median step (slowest rank) over all rounds. tokens/s = world x T / median.", "",
          "Command: `python benchmarks/peers_ep.py " + " ".join(argv) + "`", ""]
+    L += ["Launch (every implementation alike; shown for moeflow, `--impl` names the others; "
+          "the emulated cells run each node's launcher inside its namespace):", ""]
+    for name, res in results["cells"].items():
+        cm = res.get("commands", {}).get("moeflow")
+        if cm:
+            L += [f"- {name}: " + " ; ".join(f"`{x}`" for x in cm)]
+    L += ["", "Emulated cluster: `python benchmarks/emulated_cluster.py up 2 RATE` (namespaces "
+          "joined through a bridge, `tc qdisc add dev IF root tbf rate RATE burst 256kb latency "
+          "50ms` on both ends of each node's veth link), `... down` after the cell.", ""]
     L += ["## Results", "",
           "| cell | ranks | implementation | semantics | tokens/s | median ms | min ms | "
           "vs DeepSpeed | vs Tutel | vs torchtitan |",
@@ -651,6 +680,23 @@ def record_markdown(results: dict, argv: list) -> str:
     L += ["", "Ratios are moeflow tokens/s over the peer's, for pairs with the same semantics "
           "(the f-drop GELU variants against DeepSpeed and Tutel, the dropless SwiGLU layer "
           "against torchtitan); above 1 means moeflow is faster.", "", *notes, ""]
+    prof = [(n, r) for n, r in results["cells"].items()
+            if any("breakdown" in v for v in r.get("impls", {}).values())]
+    if prof:
+        L += ["## Where the time goes (torch.profiler, rank 0)", "",
+              "Self CPU time per step of the heaviest operators (ms, calls per step), "
+              f"{BREAKDOWN_STEPS} profiled steps per variant after the timed rounds. Time "
+              "spent waiting for a collective shows up as the self time of the op or autograd "
+              "function that waits (gloo's `wait_tensor`, DeepSpeed's `_AllToAll`, moeflow's "
+              "`PipelinedExperts`).", ""]
+        for name, res in prof:
+            L += [f"### {name}", "", "| variant | step ms (profiled) | top operators |",
+                  "|---|---|---|"]
+            for v in res["impls"].values():
+                for vname, b in v.get("breakdown", {}).items():
+                    ops = "; ".join(f"`{k}` {ms:.1f} ({n})" for k, ms, n in b["top"][:6])
+                    L.append(f"| {vname} | {b['step_ms']:.1f} | {ops} |")
+            L.append("")
     L += ["## Not run", ""]
     for impl, st in results["probe"].items():
         if st is not None:
@@ -703,12 +749,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "worker":
         return worker(args)
-    results = run(args)
+    results = _scrub(run(args))
     if not args.no_record:
         date = datetime.date.today().isoformat()
         path = args.out or os.path.join(HERE, "results", f"peers_ep_cpu_2cpu-x86_{date}.md")
         with open(path, "w") as f:
-            f.write(record_markdown(results, argv))
+            f.write(_scrub(record_markdown(results, argv)))
         with open(os.path.splitext(path)[0] + ".json", "w") as f:
             json.dump(results, f, indent=1, default=str)
         print(f"wrote {path}")
