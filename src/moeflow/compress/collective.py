@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -121,7 +121,7 @@ def _build(shape: int, offset: int, zero: int) -> Table:
     return Table(shape, offset, zero, readonly(lens), readonly(codes), readonly(dec), model_bits)
 
 
-@lru_cache(maxsize=None)
+@cache
 def table(shape: int, offset: int, zero: int) -> Table:
     """The static table of (shape index, quarter-binade offset, zero class); built once."""
     return _build(shape, offset, zero)
@@ -150,7 +150,7 @@ class Choice:
         return table(self.shape, self.offset, self.zero)
 
 
-@lru_cache(maxsize=None)
+@cache
 def exponent_moments(shape: int) -> tuple[float, float]:
     """Mean and standard deviation of ``floor(log2|x|) - log2 RMS`` under ``GG(SHAPES[shape])``
     (from the model's binade probabilities): the statistic's expected values."""
