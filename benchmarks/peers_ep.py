@@ -677,6 +677,12 @@ def record_markdown(results: dict, argv: list) -> str:
             notes.append(f"- {name}: {res['link']}; {res['threads_per_rank']} thread(s) per rank")
         else:
             notes.append(f"- {name}: loopback; {res['threads_per_rank']} thread(s) per rank")
+    L += ["", "Every ratio (moeflow / peer, same semantics), per cell:", ""]
+    for name, res in results["cells"].items():
+        if res.get("ratios"):
+            L.append(f"- {name}: " + ", ".join(
+                f"{k.split('|')[0]} / {k.split('|')[1]} {x:.2f}x"
+                for k, x in res["ratios"].items()))
     L += ["", "Ratios are moeflow tokens/s over the peer's, for pairs with the same semantics "
           "(the f-drop GELU variants against DeepSpeed and Tutel, the dropless SwiGLU layer "
           "against torchtitan); above 1 means moeflow is faster.", "", *notes, ""]
