@@ -1,0 +1,205 @@
+"""Load transformers checkpoint directories (Qwen3-MoE, Mixtral) into :class:`MoEDecoder`,
+and export back: one state-dict adapter per family, used both ways.
+
+A checkpoint directory is what ``save_pretrained`` writes: ``config.json`` and
+``model.safetensors`` (or shards with ``model.safetensors.index.json``). On disk transformers
+keeps per-expert tensors (Mixtral ``experts.{e}.w1/w2/w3``, Qwen3-MoE
+``experts.{e}.gate_proj/up_proj/down_proj``); in memory it fuses them
+(``experts.gate_up_proj`` (E, 2F, D), ``experts.down_proj`` (E, D, F)), which is moeflow's
+layout too. Both spellings load.
+
+Other keys map one to one::
+
+    model.embed_tokens.weight                 embed_tokens.weight
+    model.layers.{i}.self_attn.{q,k,v,o}_proj layers.{i}.self_attn.{q,k,v,o}_proj
+    model.layers.{i}.self_attn.{q,k}_norm     layers.{i}.self_attn.{q,k}_norm    (Qwen3)
+    model.layers.{i}.{input,post_attention}_layernorm   the same
+    model.layers.{i}.<moe>.gate.weight        layers.{i}.mlp.router.weight
+    model.norm.weight / lm_head.weight        norm.weight / lm_head.weight
+
+with ``<moe>`` = ``mlp`` (Qwen3-MoE) or ``block_sparse_moe`` (Mixtral).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeflow.config import MoEConfig
+from moeflow.errors import CorruptDataError, InputError, UnsupportedModelError
+from moeflow.models.config import DecoderConfig
+from moeflow.models.decoder import MoEDecoder
+
+
+@dataclass(frozen=True)
+class Family:
+    """A transformers model family: its MoE block's attribute name and per-expert names."""
+
+    model_type: str
+    moe_attr: str
+    gate: str
+    up: str
+    down: str
+    qk_norm: bool
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen3_moe": Family("qwen3_moe", "mlp", "gate_proj", "up_proj", "down_proj", True),
+    "mixtral": Family("mixtral", "block_sparse_moe", "w1", "w3", "w2", False),
+}
+
+
+def config_from_hf(hf: dict) -> tuple[DecoderConfig, Family]:
+    """A :class:`DecoderConfig` from a transformers ``config.json`` dict."""
+    mt = hf.get("model_type")
+    if mt not in FAMILIES:
+        raise UnsupportedModelError(f"model_type={mt!r} is not supported: one of "
+                                    f"{sorted(FAMILIES)}")
+    fam = FAMILIES[mt]
+    if hf.get("sliding_window") not in (None, 0) and mt == "mixtral":
+        raise UnsupportedModelError("Mixtral with sliding_window is not supported (full "
+                                    "attention only)")
+    if hf.get("attention_bias"):
+        raise UnsupportedModelError(f"{mt} with attention_bias=True is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"hidden_act={hf.get('hidden_act')!r} is not supported: "
+                                    "'silu' (SwiGLU experts)")
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        raise UnsupportedModelError(f"rope type {rope.get('rope_type')!r} is not supported: "
+                                    "'default' only")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    D, H = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or D // H
+    if mt == "qwen3_moe":
+        if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+            raise UnsupportedModelError("Qwen3-MoE with dense layers (mlp_only_layers, "
+                                        "decoder_sparse_step) is not supported")
+        moe = MoEConfig(hidden_size=D, ffn_hidden_size=hf["moe_intermediate_size"],
+                        num_experts=hf.get("num_experts") or hf["num_local_experts"],
+                        top_k=hf["num_experts_per_tok"],
+                        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                        router_dtype="input")
+    else:
+        moe = MoEConfig(hidden_size=D, ffn_hidden_size=hf["intermediate_size"],
+                        num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+                        norm_topk_prob=True, router_dtype="input")
+    cfg = DecoderConfig(vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"],
+                        num_heads=H, num_kv_heads=hf.get("num_key_value_heads") or H,
+                        head_dim=head_dim, moe=moe,
+                        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                        rope_theta=float(theta), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                        qk_norm=fam.qk_norm,
+                        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                        family=mt)
+    return cfg, fam
+
+
+def from_hf_state_dict(sd: dict, cfg: DecoderConfig, fam: Family) -> dict:
+    """transformers keys (per-expert or fused) -> :class:`MoEDecoder` keys."""
+    sd = dict(sd)
+    out: dict[str, torch.Tensor] = {}
+
+    def take(key: str) -> torch.Tensor:
+        try:
+            return sd.pop(key)
+        except KeyError:
+            raise CorruptDataError(f"checkpoint has no tensor {key!r}") from None
+
+    out["embed_tokens.weight"] = take("model.embed_tokens.weight")
+    out["norm.weight"] = take("model.norm.weight")
+    if "lm_head.weight" in sd:
+        out["lm_head.weight"] = sd.pop("lm_head.weight")
+    elif cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    else:
+        raise CorruptDataError("checkpoint has no tensor 'lm_head.weight'")
+    E = cfg.moe.num_experts
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        names = ["self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                 "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                 "input_layernorm.weight", "post_attention_layernorm.weight"]
+        if cfg.qk_norm:
+            names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+        for n in names:
+            out[dst + n] = take(src + n)
+        moe = f"{src}{fam.moe_attr}."
+        out[dst + "mlp.router.weight"] = take(moe + "gate.weight")
+        if moe + "experts.gate_up_proj" in sd:
+            out[dst + "mlp.experts.w_in"] = take(moe + "experts.gate_up_proj")
+            out[dst + "mlp.experts.w_out"] = take(moe + "experts.down_proj")
+        else:
+            ex = f"{moe}experts."
+            w_in = [torch.cat([take(f"{ex}{e}.{fam.gate}.weight"),
+                               take(f"{ex}{e}.{fam.up}.weight")]) for e in range(E)]
+            w_out = [take(f"{ex}{e}.{fam.down}.weight") for e in range(E)]
+            out[dst + "mlp.experts.w_in"] = torch.stack(w_in)
+            out[dst + "mlp.experts.w_out"] = torch.stack(w_out)
+    left = sorted(k for k in sd if "rotary_emb" not in k)
+    if left:
+        raise UnsupportedModelError(f"checkpoint tensors moeflow does not model: {left[:5]}"
+                                    + (" ..." if len(left) > 5 else ""))
+    return out
+
+
+def to_hf_state_dict(model: MoEDecoder, fam: Family | str) -> dict:
+    """:class:`MoEDecoder` state -> transformers' on-disk keys (per-expert tensors)."""
+    fam = FAMILIES[fam] if isinstance(fam, str) else fam
+    cfg, sd = model.cfg, model.state_dict()
+    out = {"model.embed_tokens.weight": sd["embed_tokens.weight"],
+           "model.norm.weight": sd["norm.weight"], "lm_head.weight": sd["lm_head.weight"]}
+    F_ = cfg.moe.ffn_hidden_size
+    for i in range(cfg.num_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        for k, v in sd.items():
+            if k.startswith(src) and ".mlp." not in k:
+                out[dst + k[len(src):]] = v
+        moe = f"{dst}{fam.moe_attr}."
+        out[moe + "gate.weight"] = sd[src + "mlp.router.weight"]
+        w_in, w_out = sd[src + "mlp.experts.w_in"], sd[src + "mlp.experts.w_out"]
+        for e in range(cfg.moe.num_experts):
+            out[f"{moe}experts.{e}.{fam.gate}.weight"] = w_in[e, :F_].clone()
+            out[f"{moe}experts.{e}.{fam.up}.weight"] = w_in[e, F_:].clone()
+            out[f"{moe}experts.{e}.{fam.down}.weight"] = w_out[e].clone()
+    return out
+
+
+def _read_tensors(path: Path) -> dict:
+    from moeflow._deps import require
+
+    require("safetensors", "loading transformers checkpoints")
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise InputError(f"{str(path)!r} has no model.safetensors (save the model with "
+                         "save_pretrained(..., safe_serialization=True))")
+    sd: dict = {}
+    for f in files:
+        sd.update(load_file(str(path / f)))
+    return sd
+
+
+def load_pretrained(path, dtype: torch.dtype = torch.float32) -> MoEDecoder:
+    """A :class:`MoEDecoder` with the weights of a transformers checkpoint directory."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise InputError(f"{str(path)!r} is not a checkpoint directory: no config.json")
+    cfg, fam = config_from_hf(json.loads(cfg_file.read_text()))
+    sd = from_hf_state_dict(_read_tensors(path), cfg, fam)
+    model = MoEDecoder(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CorruptDataError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+    return model.to(dtype).eval()

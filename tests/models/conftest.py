@@ -1,0 +1,33 @@
+"""Tiny transformers checkpoints (Qwen3-MoE, Mixtral) saved with ``save_pretrained``."""
+
+import pytest
+
+
+def _tiny(kind: str, path, **over):
+    import torch
+    import transformers
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40,
+                  initializer_range=0.2)
+    if kind == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(moe_intermediate_size=24, num_experts=6,
+                                          num_experts_per_tok=2, norm_topk_prob=True,
+                                          head_dim=8, decoder_sparse_step=1, mlp_only_layers=[],
+                                          **{**common, **over})
+        cls = transformers.Qwen3MoeForCausalLM
+    else:
+        cfg = transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2,
+                                         **{**common, **over})
+        cls = transformers.MixtralForCausalLM
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session", params=["qwen3_moe", "mixtral"])
+def tiny_checkpoint(request, tmp_path_factory):
+    """(transformers model, checkpoint directory) for each family."""
+    path = tmp_path_factory.mktemp(request.param)
+    return _tiny(request.param, path), path
