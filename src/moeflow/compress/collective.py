@@ -8,28 +8,30 @@ published; this one is ours:
 - **Tables, built ahead of time.** For a zero-mean generalized Gaussian ``GG(beta)`` of unit
   RMS (``beta = 2``: the Gaussian), the probability that ``|x|`` falls in the binade
   ``[2^(k+f), 2^(k+f+1))`` is integrated numerically, for the scale offsets
-  ``f in {0, 1/4, 1/2, 3/4}``. With the probability of an exponent-0 field (zeros) taken from
-  a few zero-fraction classes and a small escape probability, each (shape, offset, zero
-  class) gets a length-limited Huffman code (``entropy.huffman_lengths``, <= 12 bits) over
-  ``WINDOW`` relative exponents, ``ZERO`` and ``ESC``. The table of a message is that of its
-  scale rounded to a quarter binade, shifted by the integer part (``base``).
+  ``f in {0, 1/4, 1/2, 3/4}`` and ``WINDOW`` binades around the scale. With the probability
+  of the exponent field 0 (zeros) taken from a few zero-fraction classes, each (shape,
+  offset, zero class) is a model of the exponent distribution up to a shift ``base``; its
+  length-limited Huffman code (``entropy.huffman_lengths``, <= 12 bits) is built once per
+  shift and cached.
 - **One cheap statistic.** A strided sample of at most ``SAMPLE`` values gives the mean of
   the exponents ``floor(log2|x|)`` (the scale: mean minus the model's offset estimates
   ``log2 RMS``, and one huge outlier cannot move it, as it would move an RMS), their spread
   (the shape: heavier tails spread wider) and the zero fraction; integer work on 64 Ki
   values, however large the message.
-- **Escape.** Exponents outside the window, or whose model probability rounds to no code,
-  are sent as ``ESC`` + the raw exponent field, so every bit pattern round-trips.
+- **Escape.** Exponents outside the window share the escape probability ``ESC_PROB``, so
+  each gets a (long, <= 12-bit) code of its own: every bit pattern round-trips, and an
+  outlier costs a few bits more instead of a stored message.
+- **The body** is the entropy codec's chunked payload (``collective_kernels``): each chunk
+  keeps the static lengths of the symbols it contains, so the entropy codec's fast decoder
+  reads it and encoding needs no histogram-driven code construction.
 - **Checksum on every message.** mfx64 (``checksum.checksum``) over all bytes before it;
   ``decode`` verifies it first and raises ``CorruptDataError`` on a mismatch.
 
 Message layout (little-endian)::
 
     b"ZC" | u8 version | u8 dtype code | u8 mode (0 coded, 1 stored) | u8 shape | u8 offset
-    | u8 zero class | i32 base | u32 block_values | u64 n_values | u32 n_blocks | u32 0
-    | u32 stream_bytes[n_blocks] | raw bytes (n * raw width) | streams | 8 zero bytes
-    | u64 checksum                                          (coded)
-    | raw value bits (n * itemsize) | u64 checksum          (stored: did not compress)
+    | u8 zero class | i32 base | u32 0 | u64 n_values | u64 0
+    | entropy payload (coded) or raw value bits (stored) | u64 checksum
 
 The ratio is measured against the message's empirical exponent entropy, the bound of any
 code that stores the other bits raw (``16 / (8 + H_exp)`` for bf16; DFloat11, ZipNN).
@@ -45,28 +47,31 @@ from functools import cache
 import numpy as np
 
 from moeflow.compress import collective_kernels as K
+from moeflow.compress import entropy
 from moeflow.compress.bits import FLOAT_SPECS, float_spec, readonly, tensor_to_bits
-from moeflow.compress.checksum import checksum
-from moeflow.compress.entropy import canonical_codes, huffman_lengths
+from moeflow.compress.checksum import SEGMENT_BYTES, checksum
 from moeflow.compress.parallel import run_shared
 from moeflow.errors import CorruptDataError, InputError
 
 MAGIC = b"ZC"
 VERSION = 1
 SAMPLE = 1 << 16                      # values read by the scale statistic
+WINDOW = 32                           # binades modelled around the scale
 SHAPES = (2.0, 1.0, 0.5, 16.0)        # GG beta: Gaussian first, then heavier / flatter tails
 OFFSETS = 4                           # scale resolution: a quarter binade
 ZERO_CLASSES = (0.0, 2.0 ** -10, 2.0 ** -6, 2.0 ** -3, 0.5, 0.9, 0.999)
 ESC_PROB = 2.0 ** -12
 WINDOW_BELOW = 24                     # relative exponents [-24, 7] around floor(log2 RMS)
-_HEAD = struct.Struct("<2sBBBBBBiIQII")
-_KIND = {"bfloat16": 1, "float16": 2, "float32": 3}
+MAX_LEN = entropy.MAX_LEN
+_HEAD = struct.Struct("<2sBBBBBBiIQQ")
+_KIND = {"bfloat16": 1, "float16": 2, "float32": 3}  # the entropy codec's kinds
 _NAMES = {s.code: s.name for s in FLOAT_SPECS.values()}
 DTYPES = tuple(_KIND)
 #: the Gaussian-only family (``shapes=(2.0,)``): ZipCCL's model, kept for comparisons
 GAUSSIAN = (2.0,)
 
 
+@cache
 def binade_probs(beta: float, offset: float) -> np.ndarray:
     """``P(floor(log2|x|) - k = d)`` for ``d in [-WINDOW_BELOW, WINDOW - WINDOW_BELOW)`` of
     ``x ~ GG(beta)`` with RMS ``2^(k + offset)`` (independent of the integer ``k``).
@@ -77,77 +82,80 @@ def binade_probs(beta: float, offset: float) -> np.ndarray:
     alpha = math.sqrt(g(1 / beta) / g(3 / beta)) * 2.0 ** offset  # RMS -> GG scale
     lo = -WINDOW_BELOW
     pts = 256
-    u = lo + (np.arange(K.WINDOW * pts) + 0.5) / pts
+    u = lo + (np.arange(WINDOW * pts) + 0.5) / pts
     x = np.exp2(u)
     dens = 2 * beta / (2 * alpha * g(1 / beta)) * np.exp(-(x / alpha) ** beta) * x * math.log(2)
-    return dens.reshape(K.WINDOW, pts).sum(1) / pts
+    return readonly(dens.reshape(WINDOW, pts).sum(1) / pts)
 
 
 @dataclass(frozen=True)
 class Table:
-    """One static code: ``lens``/``codes`` per symbol (relative exponents, ZERO, ESC), the
-    decode table (``sym | len << 8`` per 12-bit index) and the model's mean bits per value."""
+    """One static code: Huffman ``lengths`` of the 256 symbols (bf16/fp32: the exponent
+    field; fp16: the high byte ``sign | exponent | m[9:8]``, as in the entropy codec) and the
+    model's mean code bits per value."""
 
-    shape: int
-    offset: int
-    zero: int
-    lens: np.ndarray
-    codes: np.ndarray
-    dec: np.ndarray
+    lengths: np.ndarray
     model_bits: float
 
 
-def _build(shape: int, offset: int, zero: int) -> Table:
+def _exponent_probs(shape: int, offset: int, zero: int, base: int, exp_bits: int):
+    """Model probability of every exponent field value under (shape, offset, zero class)
+    with relative binade 0 at field ``base + WINDOW_BELOW``."""
     p = binade_probs(SHAPES[shape], offset / OFFSETS)
     z = ZERO_CLASSES[zero]
-    probs = np.empty(K.NSYM)
-    probs[:K.WINDOW] = p / max(p.sum(), 1e-300) * (1 - z - ESC_PROB)
-    probs[K.ZERO] = max(z, ESC_PROB / 16)
-    probs[K.ESC] = ESC_PROB
-    # integer weights for the Huffman builder; a symbol below 2^-30 gets no code (escapes)
-    w = np.floor(probs * 2.0 ** 30).astype(np.int64)
-    counts = np.zeros(256, np.int64)
-    counts[:K.NSYM] = w
-    lens = huffman_lengths(counts, K.MAX_LEN)[:K.NSYM].astype(np.int64)
-    codes, ok = canonical_codes(np.concatenate([lens, np.zeros(256 - K.NSYM, np.int64)]),
-                                K.MAX_LEN)
-    assert ok and lens[K.ESC] > 0
-    codes = codes[:K.NSYM].copy()
-    dec = np.zeros(1 << K.MAX_LEN, np.uint16)
-    for s in range(K.NSYM):
-        if lens[s]:
-            dec[int(codes[s])::1 << int(lens[s])] = s | (int(lens[s]) << 8)
-    model_bits = float((probs * lens).sum() + ESC_PROB * 8)
-    return Table(shape, offset, zero, readonly(lens), readonly(codes), readonly(dec), model_bits)
+    probs = np.zeros(1 << exp_bits)
+    e = base + np.arange(WINDOW)
+    ok = (e >= 1) & (e < (1 << exp_bits))
+    probs[e[ok]] = p[ok] / max(p.sum(), 1e-300) * (1 - z - ESC_PROB)
+    probs[0] = max(z, ESC_PROB / 16)
+    rest = probs == 0
+    if rest.any():
+        probs[rest] = ESC_PROB / rest.sum()  # the escape share, spread over the others
+    return probs / probs.sum()
 
 
 @cache
-def table(shape: int, offset: int, zero: int) -> Table:
-    """The static table of (shape index, quarter-binade offset, zero class); built once."""
-    return _build(shape, offset, zero)
+def table(dtype: str, shape: int, offset: int, zero: int, base: int) -> Table:
+    """The static code of a model and shift, built on first use and cached: it depends on
+    the model only, never on a message's data."""
+    spec = float_spec(dtype)
+    pe = _exponent_probs(shape, offset, zero, base, spec.exp_bits)
+    if dtype == "float16":  # symbol = sign | e5 | m[9:8]: the three other bits are uniform
+        sym = pe[(np.arange(256) >> 2) & 0x1F] / 8
+    else:
+        sym = pe
+    counts = np.floor(sym * 2.0 ** 40).astype(np.int64) + 1  # every symbol gets a code
+    lengths = entropy.huffman_lengths(counts, MAX_LEN)
+    return Table(readonly(lengths), float((sym * lengths).sum()))
 
 
-def build_tables() -> int:
-    """Build every table now (they are otherwise built on first use); returns how many."""
-    for s in range(len(SHAPES)):
-        for f in range(OFFSETS):
-            for z in range(len(ZERO_CLASSES)):
-                table(s, f, z)
-    return len(SHAPES) * OFFSETS * len(ZERO_CLASSES)
+def build_tables(dtype: str = "bfloat16") -> int:
+    """Build every table of ``dtype`` a message of normal values can pick now (they are
+    otherwise built on first use); returns how many."""
+    spec = float_spec(dtype)
+    bias = (1 << (spec.exp_bits - 1)) - 1
+    n = 0
+    for k in range(-bias - 8, bias + 2):
+        for s in range(len(SHAPES)):
+            for f in range(OFFSETS):
+                for z in range(len(ZERO_CLASSES)):
+                    table(dtype, s, f, z, k + bias - WINDOW_BELOW)
+                    n += 1
+    return n
 
 
 @dataclass(frozen=True)
 class Choice:
-    """A message's table pick: indices, ``base`` (exponent field of relative symbol 0)."""
+    """A message's pick: model indices and ``base`` (the exponent field of relative binade
+    ``-WINDOW_BELOW``)."""
 
     shape: int
     offset: int
     zero: int
     base: int
 
-    @property
-    def table(self) -> Table:
-        return table(self.shape, self.offset, self.zero)
+    def table(self, dtype: str) -> Table:
+        return table(dtype, self.shape, self.offset, self.zero, self.base)
 
 
 @cache
@@ -156,7 +164,7 @@ def exponent_moments(shape: int) -> tuple[float, float]:
     (from the model's binade probabilities): the statistic's expected values."""
     p = binade_probs(SHAPES[shape], 0.0)
     p = p / p.sum()
-    d = np.arange(K.WINDOW) - WINDOW_BELOW
+    d = np.arange(WINDOW) - WINDOW_BELOW
     mu = float((p * d).sum())
     return mu, float(math.sqrt((p * (d - mu) ** 2).sum()))
 
@@ -203,52 +211,53 @@ def _as_bits(x, dtype: str | None):
     return readonly(bits), name
 
 
-def _block_count(n: int) -> int:
-    return (n + K.BLOCK_VALUES - 1) // K.BLOCK_VALUES
-
-
 def encode(x, dtype: str | None = None, threads: int | None = 1, shapes=SHAPES,
            choice: Choice | None = None) -> np.ndarray:
     """One message (uint8) holding tensor ``x`` (bf16/fp16/fp32; or raw bits + ``dtype``).
 
-    ``threads`` encode blocks in parallel (``None``: every core). A message that would not
+    ``threads`` encode chunks in parallel (``None``: every core). A message that would not
     be smaller than the raw bits is stored raw, still checksummed."""
     vals, dtype = _as_bits(x, dtype)
     spec = float_spec(dtype)
     kind = _KIND[dtype]
-    _, _, raw_w, _ = K.KIND_LAYOUT[kind]
     n = vals.size
     ch = choice or choose(vals, dtype, shapes)
-    tab = ch.table
-    ent = K.exponent_entries(ch.base, tab.lens, tab.codes, spec.exp_bits)
-    nb = _block_count(n)
-    sbits = np.zeros(nb, np.int64)
-    if nb:
-        run_shared(lambda c: K.plan_blocks(vals, c, nb, kind, ent, sbits), nb, threads)
-    sbytes = (sbits + 7) // 8
-    head = _HEAD.size + 4 * nb
-    coded = head + n * raw_w + int(sbytes.sum()) + 16
-    if coded >= _HEAD.size + n * spec.itemsize + 8:
-        out = np.empty(_HEAD.size + n * spec.itemsize + 8, np.uint8)
-        out[:_HEAD.size] = np.frombuffer(_HEAD.pack(MAGIC, VERSION, spec.code, 1, ch.shape,
-                                                    ch.offset, ch.zero, ch.base,
-                                                    K.BLOCK_VALUES, n, nb, 0), np.uint8)
+    tab = ch.table(dtype)
+    chunk_values = SEGMENT_BYTES // spec.itemsize
+    n_chunks = (n + chunk_values - 1) // chunk_values
+    lengths = np.zeros((n_chunks, 256), np.int64)
+    sbytes = np.zeros((n_chunks, 4), np.int64)
+    sizes = np.zeros(n_chunks, np.int64)
+    if n_chunks:
+        run_shared(lambda c: K.plan_static(vals, c, n_chunks, chunk_values, kind, spec.itemsize,
+                                           tab.lengths, lengths, sbytes, sizes),
+                   n_chunks, threads)
+    ends = np.cumsum(sizes)
+    base = entropy._HEAD.size + 8 * n_chunks
+    body = base + (int(ends[-1]) if n_chunks else 0)
+    payload = body + (-body) % 8 + 8  # the entropy payload's zero tail
+    stored = payload >= n * spec.itemsize
+    total = _HEAD.size + (n * spec.itemsize if stored else payload) + 8
+    out = np.empty(total, np.uint8)
+    out[:_HEAD.size] = np.frombuffer(_HEAD.pack(MAGIC, VERSION, spec.code, int(stored),
+                                                ch.shape, ch.offset, ch.zero, ch.base, 0, n,
+                                                0), np.uint8)
+    if stored:
         out[_HEAD.size:-8] = vals.view(np.uint8)
     else:
-        out = np.empty(coded, np.uint8)
-        out[:_HEAD.size] = np.frombuffer(_HEAD.pack(MAGIC, VERSION, spec.code, 0, ch.shape,
-                                                    ch.offset, ch.zero, ch.base,
-                                                    K.BLOCK_VALUES, n, nb, 0), np.uint8)
-        out[_HEAD.size:head] = sbytes.astype(np.uint32).view(np.uint8)
-        raw_off = head
-        soff = raw_off + n * raw_w + np.concatenate([[0], np.cumsum(sbytes)[:-1]]).astype(np.int64)
-        out[coded - 16:] = 0
-        if nb:
-            errs = run_shared(lambda c: K.write_blocks(vals, c, nb, kind, ent, out, raw_off,
-                                                       soff, sbytes),
-                              nb, threads)
+        p = out[_HEAD.size:-8]
+        p[:base] = np.frombuffer(entropy._HEAD.pack(spec.code, MAX_LEN, 0, chunk_values, n,
+                                                    n_chunks)
+                                 + ends.astype(np.uint64).tobytes(), np.uint8)
+        p[body:] = 0
+        offsets = base + ends - sizes
+        if n_chunks:
+            errs = run_shared(lambda c: entropy._write_range(vals, c, n_chunks, chunk_values,
+                                                             kind, spec.itemsize, p, offsets,
+                                                             lengths, sbytes),
+                              n_chunks, threads)
             if any(errs):  # an encoder bug, not bad input: never ship a wrong message
-                raise RuntimeError("collective encoder wrote a stream of another size")
+                raise RuntimeError("collective encoder wrote streams of another size")
     out[-8:] = np.frombuffer(struct.pack("<Q", checksum(out[:-8], threads)), np.uint8)
     return out
 
@@ -267,38 +276,24 @@ class MessageInfo:
         return self.n_values * FLOAT_SPECS[self.dtype].itemsize / self.nbytes
 
 
-def _parse(buf: np.ndarray) -> tuple[MessageInfo, np.ndarray]:
+def _parse(buf: np.ndarray) -> MessageInfo:
     if buf.size < _HEAD.size + 8:
         raise CorruptDataError(f"collective message of {buf.size} bytes is shorter than its "
                                f"header ({_HEAD.size + 8})")
-    (magic, ver, code, mode, shape, offset, zero, base, bv, n, nb,
-     _) = _HEAD.unpack_from(buf, 0)
+    magic, ver, code, mode, shape, offset, zero, base, _, n, _ = _HEAD.unpack_from(buf, 0)
     if magic != MAGIC or ver != VERSION:
         raise CorruptDataError(f"not a collective message (magic {magic!r}, version {ver})")
     if code not in _NAMES or _NAMES[code] not in _KIND:
         raise CorruptDataError(f"collective message has dtype code {code}")
     if (mode not in (0, 1) or shape >= len(SHAPES) or offset >= OFFSETS
-            or zero >= len(ZERO_CLASSES) or bv != K.BLOCK_VALUES or nb != _block_count(n)
-            or abs(base) > 1 << 20):
+            or zero >= len(ZERO_CLASSES) or abs(base) > 1 << 20):
         raise CorruptDataError(f"collective message header is inconsistent (mode {mode}, "
-                               f"table {shape}/{offset}/{zero}, block {bv}, {nb} blocks for "
-                               f"{n} values)")
+                               f"table {shape}/{offset}/{zero}/{base})")
     dtype = _NAMES[code]
-    info = MessageInfo(dtype, n, mode == 1, Choice(shape, offset, zero, base), buf.size)
-    if mode == 1:
-        if buf.size != _HEAD.size + n * FLOAT_SPECS[dtype].itemsize + 8:
-            raise CorruptDataError(f"stored collective message of {n} {dtype} values has "
-                                   f"{buf.size} bytes")
-        return info, np.zeros(0, np.int64)
-    head = _HEAD.size + 4 * nb
-    if head + 16 > buf.size:
-        raise CorruptDataError("collective message is truncated inside its block table")
-    sbytes = buf[_HEAD.size:head].view(np.uint32).astype(np.int64)
-    raw_w = K.KIND_LAYOUT[_KIND[dtype]][2]
-    if head + n * raw_w + int(sbytes.sum()) + 16 != buf.size:
-        raise CorruptDataError(f"collective message of {n} {dtype} values has {buf.size} "
-                               "bytes; its block table says otherwise")
-    return info, sbytes
+    if mode == 1 and buf.size != _HEAD.size + n * FLOAT_SPECS[dtype].itemsize + 8:
+        raise CorruptDataError(f"stored collective message of {n} {dtype} values has "
+                               f"{buf.size} bytes")
+    return MessageInfo(dtype, n, mode == 1, Choice(shape, offset, zero, base), buf.size)
 
 
 def _as_u8(msg) -> np.ndarray:
@@ -318,13 +313,13 @@ def info(msg) -> MessageInfo:
     """Header facts of a message (after its checksum is verified)."""
     buf = _as_u8(msg)
     _verify(buf)
-    return _parse(buf)[0]
+    return _parse(buf)
 
 
 def _verify(buf: np.ndarray, threads: int | None = 1) -> None:
     if buf.size < 8:
         raise CorruptDataError(f"collective message of {buf.size} bytes has no checksum")
-    want = int(buf[-8:].view(np.uint64)[0])
+    want = int(buf[-8:].copy().view(np.uint64)[0])
     got = checksum(buf[:-8], threads)
     if want != got:
         raise CorruptDataError(f"collective message checksum mismatch ({got:#018x} computed, "
@@ -337,8 +332,10 @@ def decode(msg, threads: int | None = 1, out: np.ndarray | None = None,
     is wrong. ``expect=(dtype, n)`` refuses a message of another dtype or length; ``out``
     (flat, contiguous, the dtype's uint) receives the bits."""
     buf = _as_u8(msg)
+    if buf.ctypes.data % 8:  # the decoder reads 64-bit words: align the message
+        buf = readonly(buf.copy())
     _verify(buf, threads)
-    inf, sbytes = _parse(buf)
+    inf = _parse(buf)
     dtype, n = inf.dtype, inf.n_values
     if expect is not None and (expect[0] != dtype or expect[1] != n):
         raise CorruptDataError(f"collective message holds {n} {dtype} values; expected "
@@ -348,23 +345,11 @@ def decode(msg, threads: int | None = 1, out: np.ndarray | None = None,
         out = np.empty(n, spec.uint)
     elif out.dtype != spec.uint or out.shape != (n,) or not out.flags.c_contiguous:
         raise InputError(f"out must be a contiguous {np.dtype(spec.uint).name}[{n}] array")
+    body = buf[_HEAD.size:-8]
     if inf.stored:
-        out[:] = buf[_HEAD.size:-8].view(spec.uint)
+        out[:] = body.view(spec.uint)
         return out, dtype
-    kind = _KIND[dtype]
-    raw_w = K.KIND_LAYOUT[kind][2]
-    nb = sbytes.size
-    head = _HEAD.size + 4 * nb
-    soff = head + n * raw_w + np.concatenate([[0], np.cumsum(sbytes)[:-1]]).astype(np.int64)
-    tab = inf.choice.table
-    if nb:
-        errs = run_shared(lambda c: K.decode_blocks(buf, c, nb, n, kind, inf.choice.base,
-                                                    tab.dec, head, soff, sbytes, out),
-                          nb, threads)
-        bad = [e for e in errs if e]
-        if bad:
-            raise CorruptDataError(f"collective message stream failed to decode (error "
-                                   f"{bad[0]})")
+    entropy.decode(body, dtype, n, threads, out=out)
     return out, dtype
 
 
@@ -406,5 +391,6 @@ def expected_ratio(x, dtype: str | None = None, shapes=SHAPES) -> float:
     encode): what the adaptive switch uses before deciding to compress."""
     vals, dtype = _as_bits(x, dtype)
     spec = float_spec(dtype)
-    ch = choose(vals, dtype, shapes)
-    return spec.bits / (spec.bits - spec.exp_bits + ch.table.model_bits)
+    tab = choose(vals, dtype, shapes).table(dtype)
+    sym_bits = 8 if dtype == "float16" else spec.exp_bits  # bits the symbol replaces
+    return spec.bits / (spec.bits - sym_bits + tab.model_bits)

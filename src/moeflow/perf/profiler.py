@@ -12,6 +12,10 @@
   bytes), ``ar`` (``all_reduce``, n = bytes). With ``--nodes K`` the ranks are declared as K
   nodes of N/K ranks and ``a2a@intra`` (inside a node) and ``a2a@inter`` (ranks with the same
   local index across nodes) are timed too.
+* Codec costs (ZipCCL's switch): ``zipccl_encode`` / ``zipccl_decode``, the collective
+  codec's encode and decode of a Gaussian bf16 message (n = raw bytes), fitted the same way
+  and stored in the model's ``meta["codec_costs"]`` (:func:`profile_codec`), so models
+  written before them still load.
 * Each point is the best of ``trials`` averages over ``reps`` back-to-back calls, and the time of
   a point is the slowest rank's (``all_reduce(MAX)``): a collective ends when its last rank
   ends. Times are fitted by least squares (:meth:`LinearCost.fit`).
@@ -124,6 +128,7 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
             record(kind, float(numel * esize), time_op(fn, reps, trials, world_group, device))
             bar.update(1, op=f"{kind} {numel * esize / 2**10:.0f} KiB")
     bar.close()
+    codec = _codec_meta(sizes, reps, trials)
     costs = {k: LinearCost.fit(xs, ys, source="fitted", nonneg_alpha=True,
                                note=f"{'FLOPs' if k == 'gemm' else 'bytes'}, "
                                     f"{len(xs)} sizes, {dist.get_backend(world_group)}")
@@ -134,7 +139,52 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
         meta={"world_size": world, "nodes": nodes, "backend": dist.get_backend(world_group),
               "dtype": str(dtype).replace("torch.", ""), "device": str(device),
               "threads_per_rank": torch.get_num_threads(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), **codec})
+
+
+CODEC_DTYPE = "bfloat16"
+
+
+def profile_codec(sizes: Sequence[int] = DEFAULT_SIZES, *, threads: int | None = 1,
+                  reps: int = 3, trials: int = 3, dtype: str = CODEC_DTYPE) -> dict:
+    """Fit ``zipccl_encode`` and ``zipccl_decode`` (ms, n = raw bytes) of the collective
+    codec (``moeflow.compress.collective``) on this process's CPU with ``threads`` threads:
+    the costs ZipCCL's switch weighs against the bytes it saves. Each point is the best of
+    ``trials`` means over ``reps`` calls on a Gaussian message of scale 0.02."""
+    from moeflow.compress import collective as codec
+
+    g = torch.Generator().manual_seed(0)
+    samples: dict[str, tuple[list[float], list[float]]] = {"zipccl_encode": ([], []),
+                                                            "zipccl_decode": ([], [])}
+    tdtype = getattr(torch, dtype)
+    esize = torch.empty((), dtype=tdtype).element_size()
+    for nbytes in sizes:
+        x = (torch.randn(max(1, nbytes // esize), generator=g) * 0.02).to(tdtype)
+        msg = codec.encode(x, threads=threads)
+        for key, fn in (("zipccl_encode", partial(codec.encode, x, threads=threads)),
+                        ("zipccl_decode", partial(codec.decode, msg, threads=threads))):
+            fn()  # warm-up (and the JIT on the first call)
+            best = float("inf")
+            for _ in range(trials):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                best = min(best, (time.perf_counter() - t0) * 1e3 / reps)
+            samples[key][0].append(float(x.numel() * esize))
+            samples[key][1].append(best)
+    return {k: LinearCost.fit(xs, ys, source="measured", nonneg_alpha=True,
+                              note=f"bytes, {len(xs)} sizes, {dtype}, {threads} threads")
+            for k, (xs, ys) in samples.items()}
+
+
+def _codec_meta(sizes, reps: int, trials: int) -> dict:
+    """``{"codec_costs": {...}}`` for the model's meta, or ``{}`` without numba."""
+    try:
+        costs = profile_codec(sizes, threads=torch.get_num_threads(), reps=reps,
+                              trials=trials)
+    except ImportError:  # the compress extra is not installed: no codec costs
+        return {}
+    return {"codec_costs": {k: c.to_dict() for k, c in costs.items()}}
 
 
 def _rank_profile(rank: int, world: int, nodes: int, sizes, gemm_sizes, reps, trials,
