@@ -18,9 +18,9 @@ tokens/s counts every rank's tokens (``world * T / step``).
 
 Implementations and what they share (the record repeats this):
   * ``deepspeed`` - ``deepspeed.moe.layer.MoE(ep_size=W, k=2, capacity_factor=f,
-    drop_tokens=True)``, expert = ``Linear(D,F) -> GELU(tanh) -> Linear(F,D)`` without
-    biases (one module per local expert, run in a loop); fixed-capacity all-to-all of
-    ``E x C`` slots.
+    drop_tokens=True, top2_2nd_expert_sampling=False)``, expert = ``Linear(D,F) ->
+    GELU(tanh) -> Linear(F,D)`` without biases (one module per local expert, run in a loop);
+    fixed-capacity all-to-all of ``E x C`` slots.
   * ``tutel`` - ``tutel.moe.moe_layer`` top-2 gate (``capacity_factor=f``, no noise), built-in
     ``ffn`` experts with GELU(tanh) and no biases; fixed-capacity all-to-all.
   * ``torchtitan`` - torchtitan's ``MoE`` (``TokenChoiceTopKRouter`` softmax top-2 with
@@ -130,7 +130,8 @@ def _build_deepspeed(c: dict, W: int):
                            nn.Linear(F, D, bias=False))
     m = MoE(hidden_size=D, expert=expert, num_experts=E, ep_size=W, k=c["top_k"],
             capacity_factor=c["capacity_factor"], eval_capacity_factor=c["capacity_factor"],
-            min_capacity=0, drop_tokens=True, use_rts=False, noisy_gate_policy=None)
+            min_capacity=0, drop_tokens=True, use_rts=False, noisy_gate_policy=None,
+            top2_2nd_expert_sampling=False)   # plain top-2 (its default samples the 2nd)
     m.set_deepspeed_parallelism()   # what the DeepSpeed engine does: creates the EP group
     del deepspeed
     return {"deepspeed": (m, lambda x: m(x)[0])}
@@ -635,6 +636,32 @@ def record_markdown(results: dict, argv: list) -> str:
          f"{c['rounds']} rounds x {c['steps']} steps, implementations in turn (rotating order); "
          f"median step (slowest rank) over all rounds. tokens/s = world x T / median.", "",
          "Command: `python benchmarks/peers_ep.py " + " ".join(argv) + "`", ""]
+    L += ["How the layers compare:", "",
+          "- DeepSpeed-MoE: `deepspeed.moe.layer.MoE(ep_size=W, k=2, capacity_factor=f, "
+          "drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)`: plain top-2 "
+          "(the default draws the second expert with Gumbel noise); softmax, the two kept gates "
+          "renormalised after dropping); expert `Linear(D,F) -> GELU(tanh) -> Linear(F,D)` "
+          "without biases, one module per local expert run in a loop; all-to-all of E x C "
+          "zero-padded slots (fixed size, no count exchange); the layer's own init.",
+          "- Tutel: `tutel.moe.moe_layer` with the top-2 gate (`capacity_factor=f`, no "
+          "noise, `normalize_gate=True`), built-in `ffn` experts with GELU(tanh), no biases "
+          "(`has_fc1_bias=False, has_fc2_bias=False`): one batched GEMM over E x C padded "
+          "slots; its C++ CPU kernels encode/decode; all-to-all of the padded slots; capacity "
+          "`k * int(f * T / E)` (equal to ceil(f k T / E) here).",
+          "- torchtitan: its `MoE` module (softmax top-2 with `route_norm`, `GroupedExperts`, "
+          "`AllToAllTokenDispatcher` on a 1-D `ep` device mesh, parameters as plain local "
+          "shards instead of DTensors, `partial_dtensor` SPMD backend). Dropless, SwiGLU, "
+          "and the grouped GEMMs always run in bf16 (the module casts); tokens travel in fp32. "
+          "Compared with moeflow's dropless SwiGLU layer in fp32 and in bf16 (bf16 parameters "
+          "and activations, so its all-to-all moves half the bytes).",
+          "- moeflow: `MoELayer` (`router=\"softmax_topk\"`, `norm_topk_prob=True`, "
+          "`expert_type=\"gelu\"`, `capacity_factor=f`: same drop rule as GShard/DeepSpeed/Tutel, "
+          "first choices first, then token order) under `ExpertParallel`: `a2a` (counts first, "
+          "then only the kept rows), `2dh` (intra-node then inter-node), and `a2a` with the "
+          "FSMoE planner's degrees (ASPLOS'25) from a `moeflow.perf.profile` of the same ranks "
+          "at start-up. Single device: `MoELayer` itself.",
+          "- Routers and experts are initialised by each library; the inputs are the same "
+          "(seeded per rank); there is no optimizer step, so every step routes alike.", ""]
     L += ["Launch (every implementation alike; shown for moeflow, `--impl` names the others; "
           "the emulated cells run each node's launcher inside its namespace):", ""]
     for name, res in results["cells"].items():
