@@ -93,6 +93,7 @@ class CommStep:
     out_splits: list
     pre_index: Optional[torch.Tensor] = None
     post_index: Optional[torch.Tensor] = None
+    compression: Optional[object] = None  # a comm.compressed.Compression: ZipCCL a2a (CPU)
 
     def to(self, device) -> "CommStep":
         """Move the reorder indices to ``device`` once (no host sync inside the pipeline)."""
@@ -106,7 +107,15 @@ class CommStep:
         """Start the step on ``buf`` (already reordered when ``skip_pre``)."""
         if self.pre_index is not None and not skip_pre:
             buf = buf.index_select(0, self.pre_index)
-        p = all_to_all_v(buf, self.in_splits, self.out_splits, self.group, self.label, timeout_s)
+        if self.compression is not None and not buf.is_cuda and buf.is_floating_point():
+            from moeflow.comm.compressed import all_to_all as compressed_all_to_all
+
+            p = Pending.ready(compressed_all_to_all(
+                buf, self.in_splits, self.out_splits, self.group, self.compression,
+                op=self.label, timeout_s=timeout_s))
+        else:
+            p = all_to_all_v(buf, self.in_splits, self.out_splits, self.group, self.label,
+                             timeout_s)
         if self.post_index is None:
             return p
         post = self.post_index
@@ -201,10 +210,18 @@ class TokenDispatcher(abc.ABC):
                  device=None, started: Optional[Pending] = None) -> CountExchange:
         """Exchange per-expert counts; returns what every chunk's routing is derived from."""
 
+    #: ZipCCL policy (``moeflow.comm.compressed.Compression``) for the row all-to-alls, or
+    #: None (plain); set by ``ExpertParallel(compress=...)``
+    compression = None
+
     def route(self, ex: CountExchange, r: int, c: int) -> ChunkRoute:
         key = (r, c)
         if key not in ex.cache:
-            ex.cache[key] = self._route(ex, r, c)
+            rt = self._route(ex, r, c)
+            if self.compression is not None:
+                for step in rt.dispatch + rt.combine:
+                    step.compression = self.compression
+            ex.cache[key] = rt
         return ex.cache[key]
 
     @abc.abstractmethod

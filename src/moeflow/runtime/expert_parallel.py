@@ -245,6 +245,9 @@ class ExpertParallel(nn.Module):
             an int, or a ``(r_fwd, r_bwd)`` pair; overrides r_fwd / r_bwd.
         timeout_s: deadline of every collective; a dead or stalled peer raises
             :class:`moeflow.errors.CommTimeoutError` naming the operation.
+        compress: ZipCCL lossless compression of the dispatch/combine all-to-alls (CPU):
+            False (default), True, or "auto" (per call, under ``perf``, a PerfModel with
+            codec costs; see :mod:`moeflow.comm.compressed`). Results are bit-identical.
 
     Raises DistributedConfigError before any communication when E is not divisible by
     P = W / S, S does not divide the node, or F is not divisible by S.
@@ -253,7 +256,7 @@ class ExpertParallel(nn.Module):
     def __init__(self, layer: nn.Module, group=None, topology: Optional[Topology] = None,
                  dispatcher: str = "a2a", esp_size: int = 1, r_fwd: int = 1, r_bwd: int = 1,
                  plan=None, layer_index: int = 0, timeout_s: Optional[float] = None,
-                 kernel: Optional[str] = None):
+                 kernel: Optional[str] = None, compress=False, perf=None):
         super().__init__()
         cfg = layer.cfg
         dispatcher_cls = dispatcher_class(dispatcher)
@@ -334,6 +337,10 @@ class ExpertParallel(nn.Module):
             esp_group=self.esp_group, esp_size=S, esp_rank=self.esp_rank,
             num_local_experts=self.num_local_experts, timeout_s=t, **options)
         self.dispatcher_name = dispatcher
+        if compress is not False:  # ZipCCL: compressed row all-to-alls
+            from moeflow.comm.compressed import as_compression
+
+            self.dispatcher.compression = as_compression(compress, perf, timeout_s=t)
         # The grouped expert FFN; a seam so benchmarks can time communication alone.
         self._expert_fn = expert_ffn
         self.aux_loss = torch.zeros(())
