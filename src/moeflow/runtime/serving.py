@@ -1,0 +1,373 @@
+"""Disaggregated expert-parallel serving: attention ranks (AG) and expert ranks (EG).
+
+FinDEP (arXiv 2512.21487) and MegaScale-Infer split an MoE model over two groups of ranks:
+the AG runs embeddings, attention with the KV cache, the router, the shared experts and the
+LM head; the EG runs the routed experts, ``E / eg`` per rank. Every layer, each AG rank sends
+its tokens' rows to the EG ranks that own their experts (a2e) and gets the expert outputs
+back (e2a), as point-to-point transfers.
+
+Ranks ``0 .. ag-1`` are the AG, ``ag .. ag+eg-1`` the EG (one launch: ``torchrun`` or
+:func:`serve`, which forks gloo ranks with :func:`moeflow.launch.launch`). Requests are dealt
+to AG ranks round-robin; each AG rank runs :func:`moeflow.models.generate` with
+:class:`DisaggregatedForward` as its forward pass.
+
+Schedules (:class:`ServeSchedule`), per forward call of ``B`` sequences:
+
+* ``naive``: one micro-batch, one chunk (``r1 = r2 = 1``): AG and EG take turns.
+* ``pppipe``: MegaScale-Infer's ping-pong: ``r1 = 2`` micro-batches (by default) alternate
+  between AG and EG; each micro-batch's expert work is sent whole (``r2 = 1``), ASAS.
+* ``findep``: ``r1`` micro-batches, each layer's MoE input cut into ``r2`` token chunks whose
+  a2e / experts / e2a pipeline, and the order of attention (A) and shared experts (S):
+  ``ASAS`` (A_0 S_0 A_1 S_1 ...) or ``AASS`` (A_0 A_1 ... S_0 S_1 ...); from
+  :func:`moeflow.plan.findep.solve` or given.
+
+Overlap comes from asynchronous transfers (``isend`` / ``irecv``): while the EG computes
+micro-batch ``j``'s experts, the AG runs micro-batch ``j+1``'s attention or ``j``'s shared
+experts. A micro-batch's layer is finished (routed outputs combined, shared output and
+residual added) only when its next layer needs it.
+
+Every wait has a deadline (:func:`moeflow.comm.timeouts.wait_work`): an EG rank that dies
+makes the AG raise :class:`moeflow.errors.CommTimeoutError` naming the transfer (layer,
+micro-batch, chunk, peer). A layout that cannot work (``ag + eg != world``, experts not
+divisible by ``eg``) raises :class:`moeflow.errors.DistributedConfigError` before any
+communication.
+
+Numerics: routing is per token and dropless, so chunking and micro-batching change only which
+rows share a GEMM; logits match single-process generation to rounding (tests: 1e-5, fp32).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moeflow.comm.timeouts import resolve_timeout, wait_work
+from moeflow.errors import CommTimeoutError, ConfigError, DistributedConfigError
+from moeflow.layer.experts import Experts
+from moeflow.validate import positive_int
+
+SCHEDULES = ("naive", "pppipe", "findep")
+ORDERS = ("ASAS", "AASS")
+_CMD_STOP, _CMD_DATA = 0, 1
+
+
+@dataclass(frozen=True)
+class ServeSchedule:
+    """``r1`` micro-batches, ``r2`` chunks, ``order`` ASAS or AASS (see the module doc)."""
+
+    name: str = "findep"
+    r1: int = 1
+    r2: int = 1
+    order: str = "ASAS"
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ConfigError("schedule", self.name, f"one of {SCHEDULES}")
+        positive_int("r1", self.r1)
+        positive_int("r2", self.r2)
+        if self.order not in ORDERS:
+            raise ConfigError("order", self.order, f"one of {ORDERS}")
+        if self.name == "naive" and (self.r1, self.r2) != (1, 1):
+            raise ConfigError("r1, r2", (self.r1, self.r2), "(1, 1) for the naive schedule")
+        if self.name == "pppipe" and (self.r2 != 1 or self.order != "ASAS"):
+            raise ConfigError("r2, order", (self.r2, self.order),
+                              "(1, 'ASAS') for the pppipe schedule")
+
+    @classmethod
+    def naive(cls) -> ServeSchedule:
+        return cls("naive", 1, 1, "ASAS")
+
+    @classmethod
+    def pppipe(cls, r1: int = 2) -> ServeSchedule:
+        return cls("pppipe", r1, 1, "ASAS")
+
+    @classmethod
+    def from_plan(cls, plan) -> ServeSchedule:
+        """From a :class:`moeflow.plan.findep.FinDEPPlan`."""
+        return cls("findep", plan.r1, plan.r2, plan.order)
+
+
+def check_layout(world: int, ag: int, eg: int, num_experts: int) -> None:
+    """DistributedConfigError unless ``ag + eg == world`` and ``eg`` divides the experts."""
+    for name, v in (("ag", ag), ("eg", eg)):
+        if not (isinstance(v, int) and v >= 1):
+            raise DistributedConfigError(f"{name}={v!r} is not allowed: a positive int")
+    if ag + eg != world:
+        raise DistributedConfigError(f"ag={ag} + eg={eg} = {ag + eg} ranks, but the world has "
+                                     f"{world}: ag + eg must equal the world size")
+    if num_experts % eg:
+        raise DistributedConfigError(f"eg={eg} does not divide num_experts={num_experts}: "
+                                     "each EG rank holds num_experts / eg experts")
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous, near-equal, non-empty ranges covering ``range(n)``."""
+    parts = max(1, min(parts, n))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+class _Link:
+    """Point-to-point messages to one peer with sequence-numbered tags (both sides count)."""
+
+    def __init__(self, peer: int, timeout_s: float):
+        self.peer, self.timeout_s = peer, timeout_s
+        self.sent = self.received = 0
+
+    def isend(self, t: torch.Tensor, op: str):
+        import torch.distributed as dist
+
+        self.sent += 1
+        try:
+            return dist.isend(t.contiguous(), self.peer, tag=self.sent)
+        except RuntimeError as e:  # gloo fails at once when the peer is already gone
+            raise CommTimeoutError(f"{op} to rank {self.peer} failed: a peer rank died or "
+                                   f"dropped its connection ({str(e).splitlines()[0][:200]})"
+                                   ) from e
+
+    def irecv(self, t: torch.Tensor, op: str):
+        import torch.distributed as dist
+
+        self.received += 1
+        try:
+            return dist.irecv(t, self.peer, tag=self.received)
+        except RuntimeError as e:
+            raise CommTimeoutError(f"{op} from rank {self.peer} failed: a peer rank died or "
+                                   f"dropped its connection ({str(e).splitlines()[0][:200]})"
+                                   ) from e
+
+
+@dataclass
+class _Chunk:
+    routing: object
+    rows: int
+    parts: list  # per EG rank: (n rows, recv buffer, work, op name) or None
+
+
+class DisaggregatedForward:
+    """The AG side: ``forward(ids_BT, rows_B, start_B) -> logits_BTV`` (the seam of
+    :func:`moeflow.models.generate`), with the routed experts on the EG ranks."""
+
+    def __init__(self, model, cache, schedule: ServeSchedule, ag: int, eg: int,
+                 timeout_s: float | None = None):
+        self.model, self.cache, self.s = model, cache, schedule
+        self.ag, self.eg = ag, eg
+        self.timeout_s = resolve_timeout(timeout_s)
+        self.links = [_Link(ag + e, self.timeout_s) for e in range(eg)]
+        self.local = model.cfg.moe.num_experts // eg
+        self.sends: list = []
+        self.calls = 0
+
+    # -- a2e ---------------------------------------------------------------------------
+    def _send_chunk(self, l: int, j: int, c: int, x_TD: torch.Tensor) -> _Chunk:
+        mlp = self.model.layers[l].mlp
+        routing = mlp.route(x_TD)
+        x_ND = mlp.permute(x_TD, routing)
+        counts_E = routing.counts_E
+        per_rank = counts_E.view(self.eg, self.local)
+        n_R = per_rank.sum(1).tolist()
+        parts, off = [], 0
+        for e, n in enumerate(n_R):
+            header = torch.tensor([_CMD_DATA, l, n, *per_rank[e].tolist()], dtype=torch.long)
+            where = f"(layer {l}, micro-batch {j}, chunk {c}, {n} rows)"
+            self.sends.append(self.links[e].isend(header, f"a2e header {where}"))
+            if n == 0:
+                parts.append(None)
+                continue
+            self.sends.append(self.links[e].isend(x_ND[off:off + n], f"a2e {where}"))
+            buf = torch.empty(n, x_ND.shape[1], dtype=x_ND.dtype)
+            op = f"e2a from EG rank {self.ag + e} {where}"
+            work = self.links[e].irecv(buf, op)
+            parts.append((n, buf, work, op))
+            off += n
+        return _Chunk(routing, x_TD.shape[0], parts)
+
+    def _finish(self, l: int, h_attn, chunks: list[_Chunk], shared_TD) -> torch.Tensor:
+        mlp = self.model.layers[l].mlp
+        ys = []
+        for ch in chunks:
+            outs = []
+            for p in ch.parts:
+                if p is not None:
+                    n, buf, work, op = p
+                    wait_work(work, op, self.timeout_s)
+                    outs.append(buf)
+            y_ND = torch.cat(outs) if outs else h_attn.new_zeros(0, h_attn.shape[-1])
+            ys.append(mlp.combine(y_ND, ch.routing, ch.rows))
+        y_TD = torch.cat(ys)
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
+        return h_attn + y_TD.view_as(h_attn)
+
+    # -- the forward pass ----------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, ids_BT, rows_B, start_B) -> torch.Tensor:
+        m, s = self.model, self.s
+        rows_B, pos_BT = m.positions(ids_BT, rows_B, start_B)
+        B = ids_BT.shape[0]
+        mbs = []
+        for a, b in _split(B, s.r1):
+            h, cos, sin = m.embed(ids_BT[a:b], pos_BT[a:b])
+            mbs.append({"h": h, "cos": cos, "sin": sin, "rows": rows_B[a:b],
+                        "pos": pos_BT[a:b], "pending": None})
+
+        def finish(l, mb):
+            if mb["pending"] is not None:
+                h_attn, chunks, shared_TD = mb["pending"]
+                mb["h"] = self._finish(l - 1, h_attn, chunks, shared_TD)
+                mb["pending"] = None
+
+        for l, layer in enumerate(m.layers):
+            xs = []
+            for j, mb in enumerate(mbs):
+                finish(l, mb)
+                h_attn = layer.attend(mb["h"], mb["cos"], mb["sin"], self.cache, l, mb["rows"],
+                                      mb["pos"])
+                x_TD = layer.ffn_input(h_attn)
+                chunks = [self._send_chunk(l, j, c, x_TD[a:b])
+                          for c, (a, b) in enumerate(_split(x_TD.shape[0], s.r2))]
+                mb["pending"] = [h_attn, chunks, None]
+                xs.append(x_TD)
+                if s.order == "ASAS":
+                    mb["pending"][2] = self._shared(layer, x_TD)
+            if s.order == "AASS":
+                for mb, x_TD in zip(mbs, xs):
+                    mb["pending"][2] = self._shared(layer, x_TD)
+        for mb in mbs:
+            finish(len(m.layers), mb)
+        for w in self.sends:  # sends are long done once their replies arrived
+            wait_work(w, "a2e send", self.timeout_s)
+        self.sends.clear()
+        self.calls += 1
+        return m.head(torch.cat([mb["h"] for mb in mbs]))
+
+    @staticmethod
+    def _shared(layer, x_TD):
+        shared = layer.mlp.shared
+        return None if shared is None else shared(x_TD)
+
+    def close(self) -> None:
+        """Tell every EG rank this AG rank is done."""
+        stop = torch.tensor([_CMD_STOP, 0, 0, *([0] * self.local)], dtype=torch.long)
+        works = [lk.isend(stop.clone(), "stop message") for lk in self.links]
+        for w in works:
+            wait_work(w, "stop message to the EG", self.timeout_s)
+
+
+class ExpertServer:
+    """The EG side: this rank's ``E / eg`` experts of every layer, serving AG ranks until each
+    has sent its stop message. Messages are taken round-robin over the AG ranks."""
+
+    def __init__(self, model, rank: int, ag: int, eg: int, timeout_s: float | None = None,
+                 idle_timeout_s: float | None = None):
+        cfg = model.cfg
+        self.e = rank - ag
+        self.local = cfg.moe.num_experts // eg
+        lo = self.e * self.local
+        self.experts = []
+        for layer in model.layers:
+            full = layer.mlp.experts
+            mine = Experts(self.local, full.hidden_size, full.ffn_hidden_size, full.expert_type,
+                           full.kernel, full.activation)
+            with torch.no_grad():
+                mine.w_in.copy_(full.w_in[lo:lo + self.local])
+                mine.w_out.copy_(full.w_out[lo:lo + self.local])
+            self.experts.append(mine.eval())
+        self.D = cfg.hidden_size
+        self.dtype = model.embed_tokens.weight.dtype
+        self.timeout_s = resolve_timeout(timeout_s)
+        self.idle_timeout_s = resolve_timeout(idle_timeout_s or 10 * self.timeout_s)
+        self.links = {a: _Link(a, self.timeout_s) for a in range(ag)}
+        self.stats = {"messages": 0, "rows": 0, "busy_s": 0.0}
+
+    @torch.no_grad()
+    def run(self) -> dict:
+        active = list(self.links)
+        sends = []
+        while active:
+            for a in list(active):
+                lk = self.links[a]
+                header = torch.empty(3 + self.local, dtype=torch.long)
+                op = f"a2e header from AG rank {a}"
+                wait_work(lk.irecv(header, op), op, self.idle_timeout_s)
+                if int(header[0]) == _CMD_STOP:
+                    active.remove(a)
+                    continue
+                l, n = int(header[1]), int(header[2])
+                if n == 0:
+                    continue
+                x_ND = torch.empty(n, self.D, dtype=self.dtype)
+                op = f"a2e rows from AG rank {a} (layer {l})"
+                wait_work(lk.irecv(x_ND, op), op, self.timeout_s)
+                t0 = time.perf_counter()
+                y_ND = self.experts[l](x_ND, header[3:])
+                self.stats["busy_s"] += time.perf_counter() - t0
+                self.stats["messages"] += 1
+                self.stats["rows"] += n
+                sends.append(lk.isend(y_ND, f"e2a (layer {l})"))
+                if len(sends) > 64:  # keep the list short; old sends are done
+                    for w in sends[:32]:
+                        wait_work(w, f"e2a send to AG rank {a}", self.timeout_s)
+                    del sends[:32]
+        for w in sends:
+            wait_work(w, "e2a send", self.timeout_s)
+        return self.stats
+
+
+def serve_rank(rank: int, world: int, model, requests, ag: int, eg: int,
+               schedule: ServeSchedule, timeout_s: float | None = None,
+               return_logits: bool = False, on_token=None):
+    """One rank of a disaggregated run (call it on every rank of an initialised gloo or NCCL
+    group, e.g. under ``torchrun``). AG ranks return ``[(request index, GenerationResult)]``
+    for their share of ``requests``; EG ranks return their expert statistics."""
+    from moeflow.models.generate import generate
+
+    check_layout(world, ag, eg, model.cfg.moe.num_experts)  # before any communication
+    if rank >= ag:
+        return {"role": "eg", **ExpertServer(model, rank, ag, eg, timeout_s).run()}
+    mine = [i for i in range(len(requests)) if i % ag == rank]
+    cache = model.new_cache(max(1, len(mine)))
+    fwd = DisaggregatedForward(model, cache, schedule, ag, eg, timeout_s)
+    try:
+        res = generate(model, [requests[i] for i in mine], forward=fwd,
+                       return_logits=return_logits, on_token=on_token)
+    except BaseException:
+        try:  # let the EG ranks go if they still listen; the first error is the one to see
+            fwd.close()
+        except Exception:
+            pass
+        raise
+    fwd.close()
+    return list(zip(mine, res))
+
+
+def _serve_rank_portable(rank, world, *args):
+    # torch pickles tensors through shared memory, which a rank that exits right after
+    # sending cannot serve; numpy arrays travel by value
+    out = serve_rank(rank, world, *args)
+    if isinstance(out, list):
+        for _, r in out:
+            r.logits = [t.numpy() for t in r.logits]
+    return out
+
+
+def serve(model, requests, *, ag: int = 1, eg: int = 1, schedule: ServeSchedule | None = None,
+          timeout_s: float = 60.0, return_logits: bool = False, threads: int = 1,
+          progress: bool = False):
+    """Fork ``ag + eg`` gloo ranks on this host, serve ``requests`` and return the
+    :class:`~moeflow.models.generate.GenerationResult` of each, in request order."""
+    from moeflow.launch import launch
+
+    check_layout(ag + eg, ag, eg, model.cfg.moe.num_experts)
+    schedule = schedule or ServeSchedule.naive()
+    out = launch(_serve_rank_portable, ag + eg, model, list(requests), ag, eg, schedule, timeout_s,
+                 return_logits, None, threads=threads, progress=progress, name="serve",
+                 stall_timeout_s=max(30.0, 2 * timeout_s), timeout_s=None)
+    results = [None] * len(requests)
+    for part in out[:ag]:
+        for i, r in part:
+            r.logits = [torch.from_numpy(a) for a in r.logits]
+            results[i] = r
+    return results
