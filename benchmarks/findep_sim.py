@@ -80,14 +80,6 @@ def speedups(quick: bool) -> dict:
     return {"rows": rows, "solve_max_s": solve_max}
 
 
-def summarise(rows, key, group):
-    out = {}
-    for r in rows:
-        if r[key] is not None:
-            out.setdefault(r[group], []).append(r[key])
-    return {g: (min(v), statistics.median(v), max(v), len(v)) for g, v in sorted(out.items())}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a sixteenth of the sweep")
@@ -115,12 +107,13 @@ def main(argv=None) -> int:
     pp = {}
     for r in rows:
         pp.setdefault((r["testbed"], r["model"]), []).append(r)
+    def fmt(rs, key):
+        v = [x[key] for x in rs if x[key] is not None]
+        return (f"{min(v):.3f} / {statistics.median(v):.3f} / {max(v):.3f}" if v
+                else "does not fit")
+
     for (tb, mn), rs in sorted(pp.items()):
-        def fmt(key):
-            v = [x[key] for x in rs if x[key] is not None]
-            return (f"{min(v):.3f} / {statistics.median(v):.3f} / {max(v):.3f}" if v
-                    else "does not fit")
-        lines.append(f"| {tb} | {mn} | {fmt('pppipe')} | {fmt('naive')} | {len(rs)} |")
+        lines.append(f"| {tb} | {mn} | {fmt(rs, 'pppipe')} | {fmt(rs, 'naive')} | {len(rs)} |")
     allp = [r["pppipe"] for r in rows if r["pppipe"] is not None]
     alln = [r["naive"] for r in rows if r["naive"] is not None]
     nofit = sum(r["pppipe"] is None for r in rows)
