@@ -205,7 +205,9 @@ def _plan_degrees(c: dict, W: int, nodes: int, cfg) -> dict:
             "case_fwd": d.fwd.case, "case_bwd": d.bwd.case}
 
 
-def _build_moeflow(c: dict, W: int, nodes: int, meta: dict):
+def _build_moeflow(c: dict, W: int, nodes: int, meta: dict, deferred: dict):
+    """moeflow's variants; the planned one goes into ``deferred``: it profiles the ranks, so
+    it is built in moeflow's first turn, when the other implementations are idle."""
     import torch
 
     from moeflow import MoEConfig, MoELayer
@@ -227,16 +229,18 @@ def _build_moeflow(c: dict, W: int, nodes: int, meta: dict):
     from moeflow.comm import Topology
     from moeflow.runtime import ExpertParallel
     topo = Topology.from_env()
-    plan = _plan_degrees(c, W, nodes, drop)
-    meta["planned"] = plan
-    out = {}
-    for name, cfg, kw in (("moeflow-a2a", drop, dict(dispatcher="a2a")),
-                          ("moeflow-2dh", drop, dict(dispatcher="2dh")),
-                          ("moeflow-planned", drop, dict(dispatcher="a2a", r_fwd=plan["r_fwd"],
-                                                         r_bwd=plan["r_bwd"])),
-                          (DROPLESS_VARIANT, dropless, dict(dispatcher="a2a"))):
-        ep = ExpertParallel(layer(cfg), topology=topo, timeout_s=600, **kw)
-        out[name] = (ep, ep)
+
+    def ep(cfg, **kw):
+        m = ExpertParallel(layer(cfg), topology=topo, timeout_s=600, **kw)
+        return (m, m)
+
+    def planned():
+        plan = _plan_degrees(c, W, nodes, drop)
+        meta["planned"] = plan
+        return ep(drop, dispatcher="a2a", r_fwd=plan["r_fwd"], r_bwd=plan["r_bwd"])
+    deferred["moeflow-planned"] = planned
+    out = {"moeflow-a2a": ep(drop, dispatcher="a2a"), "moeflow-2dh": ep(drop, dispatcher="2dh"),
+           DROPLESS_VARIANT: ep(dropless, dispatcher="a2a")}
     out[DROPLESS_BF16] = bf16(ExpertParallel(layer(dropless).to(torch.bfloat16), topology=topo,
                                              timeout_s=600, dispatcher="a2a"))
     return out
@@ -266,9 +270,10 @@ def worker(args) -> int:
         meta = {"versions": _versions(impl), "world": W, "threads": torch.get_num_threads()}
         build = {"deepspeed": lambda: _build_deepspeed(c, W), "tutel": lambda: _build_tutel(c, W),
                  "torchtitan": lambda: _build_torchtitan(c, W),
-                 "moeflow": lambda: _build_moeflow(c, W, nodes, meta)}[impl]
+                 "moeflow": lambda: _build_moeflow(c, W, nodes, meta, deferred)}[impl]
+        deferred: dict = {}
         variants = build()
-        meta["variants"] = list(variants)
+        meta["variants"] = list(variants) + list(deferred)
         g = torch.Generator().manual_seed(1000 + rank)
         x = torch.randn(c["tokens"], c["dim"], generator=g).requires_grad_(True)
 
@@ -290,6 +295,12 @@ def worker(args) -> int:
             _touch(os.path.join(d, f"{impl}.ready"))
         for r in range(c["rounds"]):
             _wait_file(os.path.join(d, f"go.{impl}.{r}"))
+            for name, make in deferred.items():    # in our turn: the others are idle
+                variants[name] = make()
+                step(*variants[name])
+            if deferred and rank == 0:
+                _touch(os.path.join(d, f"{impl}.meta.json"), json.dumps(meta))
+            deferred = {}
             times = {}
             for name, (module, fn) in variants.items():
                 n = c["steps"] + (c["warmup"] if r == 0 else 0)
@@ -511,6 +522,8 @@ def run_cell(cell: Cell, impls: list, args, status: dict) -> dict:
                     with open(os.path.join(d, f"{impl}.breakdown.json")) as f:
                         out["impls"][impl]["breakdown"] = json.load(f)
         for impl in ready:
+            with open(os.path.join(d, f"{impl}.meta.json")) as f:   # updated in round 0
+                out["impls"][impl]["meta"] = json.load(f)
             for p, _ in launched[impl]:
                 try:
                     p.wait(60)
