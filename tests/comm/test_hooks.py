@@ -52,3 +52,43 @@ def test_hook_gives_ddp_gradients_world2(dtype_name):
         assert sum(v["compressed"] for v in stats_off.values()) == 0
         assert sum(v["wire_bytes"] for v in stats_on.values()) < sum(
             v["raw_bytes"] for v in stats_on.values())
+
+
+def _fsdp_grads(rank, world):
+    import torch.nn as nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from moeflow.comm.hooks import compress_fsdp
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for mode in ("plain", True, False):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
+        for layer in net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        policy = None if mode == "plain" else compress_fsdp(net, mode, timeout_s=30)
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(2):
+            net.zero_grad()
+            net(torch.randn(16, 32, generator=g)).pow(2).mean().backward()
+        out[mode] = ([p.grad.full_tensor().numpy().copy() for p in net.parameters()],
+                     None if policy is None else policy.stats.as_dict())
+    return out
+
+
+def test_fsdp2_custom_collectives_world2():
+    """FSDP2's set_custom_all_gather / set_custom_reduce_scatter with ZipCCL: the gradients
+    of plain FSDP2 (fp32 rounding), the same bits compressed or not."""
+    for res in run_ranks(_fsdp_grads, 2, timeout_s=90):
+        for ref, on, off in zip(res["plain"][0], res[True][0], res[False][0]):
+            assert (on == off).all()
+            torch.testing.assert_close(torch.from_numpy(on), torch.from_numpy(ref),
+                                       rtol=1e-5, atol=1e-7)
+        stats = res[True][1]
+        assert stats["fsdp all-gather"]["compressed"] >= 4
+        assert stats["fsdp reduce-scatter"]["compressed"] >= 2
+        assert res[False][1]["fsdp all-gather"]["compressed"] == 0

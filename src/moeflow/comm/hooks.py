@@ -1,5 +1,5 @@
-"""A DDP communication hook that all-reduces gradient buckets with ZipCCL's compressed
-all-reduce (``moeflow.comm.compressed.all_reduce``).
+"""ZipCCL where PyTorch users plug communication in: a DDP communication hook, and FSDP2's
+custom all-gather / reduce-scatter (``moeflow.comm.compressed``).
 
     from moeflow.comm.hooks import register_comm_hook
     state = register_comm_hook(ddp_model, compress="auto", perf=PerfModel.load("perf.json"))
@@ -11,8 +11,11 @@ encode -> compressed all-gather, then divided by the group size (DDP's mean). Th
 is fixed, so gradients are bit-identical whether a bucket was compressed or not; they match
 DDP's own all-reduce up to fp32 rounding (its ring sums in another order).
 
-FSDP2 (``fully_shard``) in torch 2.13 exposes no public hook for a custom all-gather or
-reduce-scatter implementation on gloo, so there is no FSDP integration here.
+FSDP2: torch 2.13's ``FSDPModule.set_custom_all_gather`` / ``set_custom_reduce_scatter``
+take objects implementing its ``AllGather`` / ``ReduceScatter`` interfaces;
+:func:`compress_fsdp` installs ZipCCL's on every ``fully_shard``-ed module (parameters are
+all-gathered compressed, gradients reduce-scattered compressed with the fp32 rank-order sum).
+The calls complete before returning (FSDP then has no ``Work`` to wait on).
 """
 
 # no ``from __future__ import annotations``: DDP compares the hook's return annotation
@@ -58,4 +61,72 @@ def register_comm_hook(ddp_model, compress="auto", perf=None, *, group=None,
     return state
 
 
-__all__ = ["ZipCCLHookState", "register_comm_hook", "zipccl_hook"]
+# -- FSDP2 ---------------------------------------------------------------------------------
+def _fsdp_api():
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+
+    return AllGather, ReduceScatter
+
+
+def _make_fsdp_comms(compression: Compression):
+    AllGather, ReduceScatter = _fsdp_api()
+    from moeflow.comm.compressed import all_gather, reduce_scatter
+
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    plain_ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    plain_rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+    class ZipCCLAllGather(AllGather):
+        """FSDP2 parameter all-gather through ZipCCL (byte buffers of mixed-dtype groups go
+        through the plain collective: they are not floats)."""
+
+        def allocate(self, size, *, dtype, device):
+            return torch.empty(*size, dtype=dtype, device=device)
+
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            if input_tensor.dtype not in floats or input_tensor.is_cuda:
+                return plain_ag(output_tensor, input_tensor, group=group, async_op=async_op)
+            out = all_gather(input_tensor.reshape(-1), group, compression,
+                             op="fsdp all-gather")
+            output_tensor.copy_(out.view_as(output_tensor))
+            return None
+
+    class ZipCCLReduceScatter(ReduceScatter):
+        """FSDP2 gradient reduce-scatter through ZipCCL (SUM or AVG)."""
+
+        def allocate(self, size, *, dtype, device):
+            return torch.empty(*size, dtype=dtype, device=device)
+
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            avg = op == dist.ReduceOp.AVG
+            if (input_tensor.dtype not in floats or input_tensor.is_cuda
+                    or not (avg or op == dist.ReduceOp.SUM)):
+                return plain_rs(output_tensor, input_tensor, op=op, group=group,
+                                async_op=async_op)
+            out = reduce_scatter(input_tensor.reshape(-1), group, compression,
+                                 op="fsdp reduce-scatter")
+            if avg:
+                out = out.div_(dist.get_world_size(group))
+            output_tensor.copy_(out.view_as(output_tensor))
+            return None
+
+    return ZipCCLAllGather(), ZipCCLReduceScatter()
+
+
+def compress_fsdp(module, compress="auto", perf=None, *, timeout_s: float | None = None,
+                  threads: int | None = 1) -> Compression:
+    """Install ZipCCL's all-gather and reduce-scatter on every ``fully_shard``-ed submodule
+    of ``module`` (FSDP2, torch >= 2.13); returns the shared policy (its ``stats`` count the
+    decisions and bytes)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    compression = as_compression(compress, perf, timeout_s=timeout_s, threads=threads)
+    ag, rs = _make_fsdp_comms(compression)
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.set_custom_all_gather(ag)
+            m.set_custom_reduce_scatter(rs)
+    return compression
+
+
+__all__ = ["ZipCCLHookState", "compress_fsdp", "register_comm_hook", "zipccl_hook"]
