@@ -118,6 +118,10 @@ def _versions(impl: str) -> dict:
         out[impl] = md.version(dist_name)
     except md.PackageNotFoundError:
         out[impl] = "unknown"
+    src = os.path.join(sys.prefix, "tutel-source.txt")   # written by peers/setup_env.sh
+    if impl == "tutel" and os.path.exists(src):
+        with open(src) as f:
+            out[impl] += f" (source {f.read().strip()[:12]})"
     return out
 
 

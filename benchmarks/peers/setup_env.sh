@@ -4,7 +4,8 @@
 # the peers are never moeflow dependencies.
 #
 #   benchmarks/peers/setup_env.sh [VENV]            # default VENV: .venv-peers (git-ignored)
-#   TUTEL_SRC=/path/to/tutel benchmarks/peers/setup_env.sh   # a local Tutel checkout
+#   TUTEL_SRC=/path/to/tutel benchmarks/peers/setup_env.sh   # a local Tutel checkout (or an
+#                                                             export of TUTEL_REF without .git)
 #
 # * torch is pinned (the CPU wheel on a CPU-only machine; never an unpinned torch).
 # * DeepSpeed with DS_BUILD_OPS=0: no ops built at install; the CPU accelerator JIT-builds
@@ -34,6 +35,8 @@ if [ -z "$src" ]; then
   git -C "$src" checkout -q "$TUTEL_REF"
 fi
 NO_CUDA=1 pip install -q --no-build-isolation "$src"
+# which Tutel source was built (peers_ep.py puts it in the record's versions)
+git -C "$src" rev-parse HEAD 2>/dev/null > "$VENV/tutel-source.txt" || echo "$TUTEL_REF" > "$VENV/tutel-source.txt"
 python - <<'PY'
 import importlib.metadata as md
 import torch
