@@ -318,11 +318,12 @@ class ExpertServer:
 
 def serve_rank(rank: int, world: int, model, requests, ag: int, eg: int,
                schedule: ServeSchedule, timeout_s: float | None = None,
-               return_logits: bool = False, on_token=None):
+               return_logits: bool = False, on_token=None, warmup: bool = False):
     """One rank of a disaggregated run (call it on every rank of an initialised gloo or NCCL
     group, e.g. under ``torchrun``). AG ranks return ``[(request index, GenerationResult)]``
-    for their share of ``requests``; EG ranks return their expert statistics."""
-    from moeflow.models.generate import generate
+    for their share of ``requests``; EG ranks return their expert statistics. ``warmup``:
+    one unmeasured one-token request first (gloo connects peers on first use)."""
+    from moeflow.models.generate import Request, SamplingParams, generate
 
     check_layout(world, ag, eg, model.cfg.moe.num_experts)  # before any communication
     if rank >= ag:
@@ -331,6 +332,8 @@ def serve_rank(rank: int, world: int, model, requests, ag: int, eg: int,
     cache = model.new_cache(max(1, len(mine)))
     fwd = DisaggregatedForward(model, cache, schedule, ag, eg, timeout_s)
     try:
+        if warmup:  # slot 0, position 0: the real prefill overwrites it
+            generate(model, [Request([1], SamplingParams(1))], forward=fwd)
         res = generate(model, [requests[i] for i in mine], forward=fwd,
                        return_logits=return_logits, on_token=on_token)
     except BaseException:
@@ -355,7 +358,7 @@ def _serve_rank_portable(rank, world, *args):
 
 def serve(model, requests, *, ag: int = 1, eg: int = 1, schedule: ServeSchedule | None = None,
           timeout_s: float = 60.0, return_logits: bool = False, threads: int = 1,
-          progress: bool = False):
+          progress: bool = False, warmup: bool = False):
     """Fork ``ag + eg`` gloo ranks on this host, serve ``requests`` and return the
     :class:`~moeflow.models.generate.GenerationResult` of each, in request order."""
     from moeflow.launch import launch
@@ -363,7 +366,7 @@ def serve(model, requests, *, ag: int = 1, eg: int = 1, schedule: ServeSchedule 
     check_layout(ag + eg, ag, eg, model.cfg.moe.num_experts)
     schedule = schedule or ServeSchedule.naive()
     out = launch(_serve_rank_portable, ag + eg, model, list(requests), ag, eg, schedule, timeout_s,
-                 return_logits, None, threads=threads, progress=progress, name="serve",
+                 return_logits, None, warmup, threads=threads, progress=progress, name="serve",
                  stall_timeout_s=max(30.0, 2 * timeout_s), timeout_s=None)
     results = [None] * len(requests)
     for part in out[:ag]:

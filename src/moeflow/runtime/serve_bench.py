@@ -1,0 +1,243 @@
+"""``moeflow serve-bench``: naive DEP, PPPipe and FinDEP side by side on forked gloo ranks.
+
+One fixed request set (prompt and output lengths drawn uniformly from the given ranges with
+``--seed``; prompt tokens uniform over the vocabulary; greedy decoding, no stop tokens, so
+every request produces exactly its output length) is served once per schedule by
+``--ag`` attention ranks and ``--eg`` expert ranks (:func:`moeflow.runtime.serving.serve`).
+All requests arrive at once (offline batch, vLLM's ``request_rate=inf``).
+
+Metrics, as vLLM's ``benchmark_serving`` defines them:
+
+* output throughput: generated tokens / duration (first request start to last token);
+* TTFT: time from a request's arrival to its first token;
+* TPOT: ``(latency - TTFT) / (output tokens - 1)`` per request with more than one token;
+* each with mean, median (p50) and p99 (``numpy.percentile``, linear).
+
+Each run forks fresh ranks; before the clock starts they exchange one warm-up token (gloo
+connects peers lazily), so TTFT holds no connection set-up. ``--repeat`` runs every schedule
+several times, interleaved, and keeps each one's best throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+from moeflow.errors import ConfigError, InputError
+from moeflow.validate import output_file, positive_int
+
+SCHEDULE_CHOICES = ("naive", "pppipe", "findep")
+
+
+def add_serve_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``serve-bench`` flags (the caller owns the parser)."""
+    p.add_argument("--model", default="demo",
+                   help="'demo' (a random MoE model, see --demo-*) or a transformers "
+                        "checkpoint directory (Qwen3-MoE, Mixtral)")
+    p.add_argument("--ag", type=int, default=1, help="attention ranks (default 1)")
+    p.add_argument("--eg", type=int, default=1, help="expert ranks (default 1)")
+    p.add_argument("--schedules", default="naive,pppipe,findep",
+                   help="comma-separated, measured in this order (default all three)")
+    p.add_argument("--requests", type=int, default=16, help="number of requests (16)")
+    p.add_argument("--prompt-len", default="32:96",
+                   help="prompt length range lo:hi, uniform (default 32:96)")
+    p.add_argument("--output-len", default="16:32",
+                   help="output length range lo:hi, uniform (default 16:32)")
+    p.add_argument("--seed", type=int, default=0, help="request-set seed (0)")
+    p.add_argument("--pppipe-r1", type=int, default=2, help="PPPipe micro-batches (2)")
+    p.add_argument("--r1", type=int, default=2, help="FinDEP micro-batches (2)")
+    p.add_argument("--r2", type=int, default=2, help="FinDEP expert chunks (2)")
+    p.add_argument("--order", default="AASS", choices=("ASAS", "AASS"),
+                   help="FinDEP order of attention and shared experts (AASS)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per schedule, interleaved; the best throughput is kept (1)")
+    p.add_argument("--demo-layers", type=int, default=4)
+    p.add_argument("--demo-hidden", type=int, default=256)
+    p.add_argument("--demo-experts", type=int, default=8)
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds any transfer may take before CommTimeoutError (120)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the records as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _range(flag: str, text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in str(text).split(":"))
+    except ValueError:
+        raise ConfigError(flag, text, "lo:hi with integers 1 <= lo <= hi") from None
+    if not 1 <= lo <= hi:
+        raise ConfigError(flag, text, "lo:hi with integers 1 <= lo <= hi")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """One schedule's run (times in ms)."""
+
+    schedule: str
+    r1: int
+    r2: int
+    order: str
+    requests: int
+    output_tokens: int
+    duration_s: float
+    output_tok_s: float
+    ttft_ms: tuple[float, float, float]  # mean, p50, p99
+    tpot_ms: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__}
+
+
+def _stats(xs: list[float]) -> tuple[float, float, float]:
+    import numpy as np
+
+    if not xs:
+        return (float("nan"),) * 3
+    a = np.asarray(xs, dtype=float)
+    return float(a.mean()), float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def summarize(results, schedule) -> Metrics:
+    """vLLM's metrics from :class:`~moeflow.models.generate.GenerationResult` timestamps."""
+    ok = [r for r in results if r.ok and r.tokens]
+    if not ok:
+        raise InputError("no request produced a token: nothing to measure")
+    start = min(r.start_time for r in ok)
+    end = max(r.token_times[-1] for r in ok)
+    ttft = [1e3 * (r.token_times[0] - r.start_time) for r in ok]
+    tpot = [1e3 * (r.token_times[-1] - r.token_times[0]) / (len(r.tokens) - 1)
+            for r in ok if len(r.tokens) > 1]
+    n_out = sum(len(r.tokens) for r in ok)
+    dur = max(end - start, 1e-9)
+    return Metrics(schedule.name, schedule.r1, schedule.r2, schedule.order, len(ok), n_out,
+                   dur, n_out / dur, _stats(ttft), _stats(tpot))
+
+
+def _model(args):
+    import torch
+
+    if args.model == "demo":
+        from moeflow.config import MoEConfig
+        from moeflow.models import DecoderConfig, MoEDecoder
+
+        d = positive_int("--demo-hidden", args.demo_hidden)
+        cfg = DecoderConfig(vocab_size=2048, num_layers=positive_int("--demo-layers",
+                                                                     args.demo_layers),
+                            num_heads=8, num_kv_heads=4, head_dim=max(2, d // 8 // 2 * 2),
+                            moe=MoEConfig(hidden_size=d, ffn_hidden_size=2 * d,
+                                          num_experts=positive_int("--demo-experts",
+                                                                   args.demo_experts),
+                                          top_k=2, num_shared_experts=1),
+                            max_position_embeddings=1024)
+        torch.manual_seed(0)
+        return MoEDecoder(cfg).eval()
+    from moeflow.models import load_pretrained
+
+    return load_pretrained(args.model)
+
+
+def request_set(args, vocab_size: int, context: int):
+    """The fixed request set: lengths and tokens from ``--seed``."""
+    import random
+
+    from moeflow.models import Request, SamplingParams
+
+    plo, phi = _range("--prompt-len", args.prompt_len)
+    olo, ohi = _range("--output-len", args.output_len)
+    if phi + ohi > context:
+        raise ConfigError("--prompt-len/--output-len", f"{phi}+{ohi}",
+                          f"at most the model's context {context} together")
+    rng = random.Random(args.seed)
+    out = []
+    for i in range(positive_int("--requests", args.requests)):
+        n, m = rng.randint(plo, phi), rng.randint(olo, ohi)
+        prompt = [rng.randrange(1, vocab_size) for _ in range(n)]
+        out.append(Request(prompt, SamplingParams(max_new_tokens=m), request_id=i))
+    return out
+
+
+def _schedules(args):
+    from moeflow.runtime.serving import ServeSchedule
+
+    names = [s.strip() for s in str(args.schedules).split(",") if s.strip()]
+    bad = [s for s in names if s not in SCHEDULE_CHOICES]
+    if bad or not names or len(set(names)) != len(names):
+        raise ConfigError("--schedules", args.schedules,
+                          f"distinct names from {SCHEDULE_CHOICES}, comma-separated")
+    make = {"naive": ServeSchedule.naive,
+            "pppipe": lambda: ServeSchedule.pppipe(positive_int("--pppipe-r1", args.pppipe_r1)),
+            "findep": lambda: ServeSchedule("findep", positive_int("--r1", args.r1),
+                                            positive_int("--r2", args.r2), args.order)}
+    return [make[n]() for n in names]
+
+
+def format_table(ms: list[Metrics]) -> str:
+    base = next((m.output_tok_s for m in ms if m.schedule == "naive"), None)
+    head = ("| schedule | r1 | r2 | order | output tok/s | vs naive | TTFT mean / p50 / p99 ms "
+            "| TPOT mean / p50 / p99 ms |")
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in ms:
+        rel = f"{m.output_tok_s / base:.2f}x" if base else "-"
+        lines.append(f"| {m.schedule} | {m.r1} | {m.r2} | {m.order} | {m.output_tok_s:.1f} | "
+                     f"{rel} | {' / '.join(f'{v:.1f}' for v in m.ttft_ms)} | "
+                     f"{' / '.join(f'{v:.2f}' for v in m.tpot_ms)} |")
+    return "\n".join(lines)
+
+
+def run_serve_bench(args) -> int:
+    """Run the benchmark; print the table (and write ``--json``). Raises typed errors."""
+    from moeflow.progress import Progress
+    from moeflow.runtime.serving import check_layout, serve
+
+    output_file("--json", args.json)
+    ag, eg = positive_int("--ag", args.ag), positive_int("--eg", args.eg)
+    repeat = positive_int("--repeat", args.repeat)
+    schedules = _schedules(args)
+    _range("--prompt-len", args.prompt_len)
+    _range("--output-len", args.output_len)
+    positive_int("--requests", args.requests)
+    model = _model(args)
+    check_layout(ag + eg, ag, eg, model.cfg.moe.num_experts)
+    reqs = request_set(args, model.cfg.vocab_size, model.cfg.max_position_embeddings)
+    best: dict[str, Metrics] = {}
+    total = repeat * len(schedules)
+    with Progress(total, "serve-bench", enabled=not args.no_progress) as bar:
+        for _ in range(repeat):
+            for s in schedules:  # interleaved, so drift on a shared machine hits all alike
+                res = serve(model, reqs, ag=ag, eg=eg, schedule=s, timeout_s=args.timeout,
+                            warmup=True)
+                failed = [r for r in res if not r.ok]
+                if failed:
+                    raise InputError(f"request {failed[0].request_id} failed: {failed[0].error}")
+                m = summarize(res, s)
+                if s.name not in best or m.output_tok_s > best[s.name].output_tok_s:
+                    best[s.name] = m
+                bar.update(1, **{s.name: round(m.output_tok_s, 1)})
+    ms = [best[s.name] for s in schedules]
+    n_out = sum(r.params.max_new_tokens for r in reqs)
+    plo, phi = _range("--prompt-len", args.prompt_len)
+    olo, ohi = _range("--output-len", args.output_len)
+    print(f"serve-bench: {len(reqs)} requests, prompt {plo}-{phi}, output {olo}-{ohi} tokens "
+          f"(uniform, seed {args.seed}; {n_out} output tokens), ag={ag} eg={eg}, "
+          f"best of {repeat}")
+    print(format_table(ms))
+    if args.json:
+        cfg = model.cfg
+        rec = {"format": "moeflow.serve-bench/1", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                         time.gmtime()),
+               "ag": ag, "eg": eg, "requests": len(reqs), "prompt_len": [plo, phi],
+               "output_len": [olo, ohi], "seed": args.seed, "repeat": repeat,
+               "model": {"source": args.model, "layers": cfg.num_layers,
+                         "hidden": cfg.hidden_size, "experts": cfg.moe.num_experts,
+                         "top_k": cfg.moe.top_k, "shared": cfg.moe.num_shared_experts},
+               "results": [m.to_dict() for m in ms],
+               "median_tok_s": statistics.median(m.output_tok_s for m in ms)}
+        with open(args.json, "w") as f:
+            json.dump(rec, f, indent=1)
+            f.write("\n")
+    return 0
