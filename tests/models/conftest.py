@@ -31,3 +31,15 @@ def tiny_checkpoint(request, tmp_path_factory):
     """(transformers model, checkpoint directory) for each family."""
     path = tmp_path_factory.mktemp(request.param)
     return _tiny(request.param, path), path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: tiny ops (index_add on a few rows) stall for tens of ms when
+    OpenMP threads contend on a busy 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
