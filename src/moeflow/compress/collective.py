@@ -18,9 +18,11 @@ published; this one is ours:
   ``log2 RMS``, and one huge outlier cannot move it, as it would move an RMS), their spread
   (the shape: heavier tails spread wider) and the zero fraction; integer work on 64 Ki
   values, however large the message.
-- **Escape.** Exponents outside the window share the escape probability ``ESC_PROB``, so
-  each gets a (long, <= 12-bit) code of its own: every bit pattern round-trips, and an
-  outlier costs a few bits more instead of a stored message.
+- **Escape.** The static code covers the window and exponent 0. Exponents outside it share
+  the escape probability ``ESC_PROB`` in the model; a chunk that holds one gets a code built
+  from the model's weights restricted to the symbols it holds (which covers them all), so
+  every bit pattern round-trips and an outlier costs a chunk a slightly worse code, not a
+  stored message.
 - **The body** is the entropy codec's chunked payload (``collective_kernels``): each chunk
   keeps the static lengths of the symbols it contains, so the entropy codec's fast decoder
   reads it and encoding needs no histogram-driven code construction.
@@ -91,16 +93,19 @@ def binade_probs(beta: float, offset: float) -> np.ndarray:
 @dataclass(frozen=True)
 class Table:
     """One static code: Huffman ``lengths`` of the 256 symbols (bf16/fp32: the exponent
-    field; fp16: the high byte ``sign | exponent | m[9:8]``, as in the entropy codec) and the
-    model's mean code bits per value."""
+    field; fp16: the high byte ``sign | exponent | m[9:8]``, as in the entropy codec; 0 for
+    symbols outside the window, which escape), the model ``weights`` of every symbol (for
+    the escape code) and the model's mean code bits per value."""
 
     lengths: np.ndarray
+    weights: np.ndarray
     model_bits: float
 
 
 def _exponent_probs(shape: int, offset: int, zero: int, base: int, exp_bits: int):
     """Model probability of every exponent field value under (shape, offset, zero class)
-    with relative binade 0 at field ``base + WINDOW_BELOW``."""
+    with relative binade 0 at field ``base + WINDOW_BELOW``, and which fields are in the
+    window (exponent 0 always is: zeros)."""
     p = binade_probs(SHAPES[shape], offset / OFFSETS)
     z = ZERO_CLASSES[zero]
     probs = np.zeros(1 << exp_bits)
@@ -108,10 +113,10 @@ def _exponent_probs(shape: int, offset: int, zero: int, base: int, exp_bits: int
     ok = (e >= 1) & (e < (1 << exp_bits))
     probs[e[ok]] = p[ok] / max(p.sum(), 1e-300) * (1 - z - ESC_PROB)
     probs[0] = max(z, ESC_PROB / 16)
-    rest = probs == 0
-    if rest.any():
-        probs[rest] = ESC_PROB / rest.sum()  # the escape share, spread over the others
-    return probs / probs.sum()
+    inside = probs > 0
+    if (~inside).any():
+        probs[~inside] = ESC_PROB / (~inside).sum()  # the escape share, spread over the rest
+    return probs / probs.sum(), inside
 
 
 @cache
@@ -119,14 +124,15 @@ def table(dtype: str, shape: int, offset: int, zero: int, base: int) -> Table:
     """The static code of a model and shift, built on first use and cached: it depends on
     the model only, never on a message's data."""
     spec = float_spec(dtype)
-    pe = _exponent_probs(shape, offset, zero, base, spec.exp_bits)
+    pe, inside = _exponent_probs(shape, offset, zero, base, spec.exp_bits)
     if dtype == "float16":  # symbol = sign | e5 | m[9:8]: the three other bits are uniform
-        sym = pe[(np.arange(256) >> 2) & 0x1F] / 8
+        idx = (np.arange(256) >> 2) & 0x1F
+        sym, inside = pe[idx] / 8, inside[idx]
     else:
         sym = pe
-    counts = np.floor(sym * 2.0 ** 40).astype(np.int64) + 1  # every symbol gets a code
-    lengths = entropy.huffman_lengths(counts, MAX_LEN)
-    return Table(readonly(lengths), float((sym * lengths).sum()))
+    weights = np.floor(sym * 2.0 ** 40).astype(np.int64) + 1  # every symbol has a weight
+    lengths = entropy.huffman_lengths(np.where(inside, weights, 0), MAX_LEN)
+    return Table(readonly(lengths), readonly(weights), float((sym * lengths).sum()))
 
 
 def build_tables(dtype: str = "bfloat16") -> int:
@@ -230,7 +236,8 @@ def encode(x, dtype: str | None = None, threads: int | None = 1, shapes=SHAPES,
     sizes = np.zeros(n_chunks, np.int64)
     if n_chunks:
         run_shared(lambda c: K.plan_static(vals, c, n_chunks, chunk_values, kind, spec.itemsize,
-                                           tab.lengths, lengths, sbytes, sizes),
+                                           tab.lengths, tab.weights, lengths, sbytes,
+                                           sizes),
                    n_chunks, threads)
     ends = np.cumsum(sizes)
     base = entropy._HEAD.size + 8 * n_chunks

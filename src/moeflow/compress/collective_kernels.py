@@ -14,7 +14,13 @@ from __future__ import annotations
 import numpy as np
 
 from moeflow._deps import require
-from moeflow.compress.entropy import CHUNK_OVERHEAD, _exponents, _histogram
+from moeflow.compress.entropy import (
+    CHUNK_OVERHEAD,
+    MAX_LEN,
+    _exponents,
+    _histogram,
+    huffman_lengths,
+)
 from moeflow.compress.parallel import take
 
 nb = require("numba", "moeflow.compress")
@@ -53,15 +59,22 @@ def sample_stats(vals, kind, step):
 
 
 @nb.njit(nogil=True, cache=True)
-def plan_static(vals, counter, n_chunks, chunk_values, kind, itemsize, static_len, lengths,
-                sbytes, sizes):
+def plan_static(vals, counter, n_chunks, chunk_values, kind, itemsize, static_len, model_w,
+                lengths, sbytes, sizes):
     """Pass 1 with a static code: per chunk, the lengths of the symbols present (the others
     get none, so the chunk's code tables stay small), the byte length of each of its four
-    streams and its total size (``sbytes[c, 0] = -1``: stored raw, as in the entropy codec:
-    when coding would not save bytes)."""
+    streams and its total size (``sbytes[c, 0] = -1``: stored raw, as in the entropy codec,
+    when coding would not save bytes).
+
+    Escape: a chunk holding a symbol the static code has no code for (an exponent far from
+    the message's scale) gets a code built from the same model weights ``model_w``
+    restricted to the symbols it holds; the model gives every symbol a weight, so this code
+    covers them all. Chunks without one (nearly all) use the static code as it is."""
     n_total = vals.shape[0]
     raw_w = 3 if kind == 3 else 1
     syms = np.empty(chunk_values, np.uint8)
+    hq = np.zeros((4, 256), np.int64)
+    w = np.zeros(256, np.int64)
     while True:
         c = take(counter)
         if c >= n_chunks:
@@ -71,18 +84,28 @@ def plan_static(vals, counter, n_chunks, chunk_values, kind, itemsize, static_le
         lengths[c, :] = 0
         _exponents(vals, a, n, kind, syms)
         q = (n + 3) // 4
+        escape = False
+        for j in range(4):
+            lo_j = min(n, j * q)
+            hi_j = min(n, (j + 1) * q)
+            hq[j] = _histogram(syms[lo_j:hi_j], hi_j - lo_j)
+        for s in range(256):
+            present = hq[0, s] + hq[1, s] + hq[2, s] + hq[3, s] > 0
+            w[s] = model_w[s] if present else 0
+            if present:
+                lengths[c, s] = static_len[s]
+                if static_len[s] == 0:
+                    escape = True
+        if escape:
+            lengths[c, :] = huffman_lengths(w, MAX_LEN)
         bits = 0
         lo = 255
         hi = 0
         for j in range(4):
-            lo_j = min(n, j * q)
-            hi_j = min(n, (j + 1) * q)
-            h = _histogram(syms[lo_j:hi_j], hi_j - lo_j)
             bj = 0
             for s in range(256):
-                if h[s]:
-                    bj += h[s] * static_len[s]
-                    lengths[c, s] = static_len[s]
+                if hq[j, s]:
+                    bj += hq[j, s] * lengths[c, s]
                     lo = min(lo, s)
                     hi = max(hi, s)
             sbytes[c, j] = (bj + 7) // 8
