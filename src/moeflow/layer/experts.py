@@ -10,6 +10,8 @@ GeGLU with GELU; Shazeer, "GLU Variants Improve Transformer", 2020, Eq. 5-6), or
 ``act(x W_in)`` (``expert_type="gelu"``). The activation is one of
 :data:`moeflow.config.EXPERT_ACTIVATIONS`; the fused grouped kernel covers SiLU-gated and
 tanh-GELU plain experts, the other combinations run a per-expert loop through autograd.
+Under ``torch.compile`` the experts are the custom op ``moeflow::experts_ffn`` (same eager
+code inside), under ``torch.export`` a gather-and-bmm graph of aten ops.
 """
 
 from __future__ import annotations
@@ -70,6 +72,110 @@ def _kernel_activation(gated: bool, activation: str) -> str | None:
     return None
 
 
+def _act_backward(grad: torch.Tensor, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """d act(x) / dx applied to ``grad``, without autograd."""
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, x)
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, x, 0)
+    return torch.ops.aten.gelu_backward(grad, x,
+                                        approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _experts_loop(x_ND, counts_E, w_in, w_out, activation: str, gated: bool) -> torch.Tensor:
+    """One ``F.linear`` pair per non-empty expert (through autograd when it is on)."""
+    cd = compute_dtype(x_ND)
+    outs = [x_ND.new_zeros(0, w_out.shape[1], dtype=cd)]
+    for e, x_e in enumerate(x_ND.split(counts_E.tolist())):
+        if x_e.shape[0]:
+            h = F.linear(x_e.to(cd), w_in[e].to(cd))
+            outs.append(F.linear(apply_activation(h, activation, gated), w_out[e].to(cd)))
+    # the zero term keeps every weight in the graph (an all-empty batch gets zero grads)
+    y_ND = torch.cat(outs) + 0 * (w_in.sum() + w_out.sum())
+    return y_ND.to(x_ND.dtype)
+
+
+def _experts_eager(x_ND, counts_E, w_in, w_out, activation: str, gated: bool,
+                   kernel: str) -> torch.Tensor:
+    """The fused grouped kernel where it covers the activation, else the per-expert loop."""
+    kernel_act = _kernel_activation(gated, activation)
+    if kernel_act is None:
+        return _experts_loop(x_ND, counts_E, w_in, w_out, activation, gated)
+    return expert_ffn(x_ND, counts_E, w_in, w_out, kernel_act, kernel)
+
+
+# Under torch.compile the experts run as one opaque op: its eager body may branch on the
+# counts (host syncs, per-expert loops) while the traced graph only sees the static output
+# shape, so the compiled model keeps the eager kernel's speed.
+@torch.library.custom_op("moeflow::experts_ffn", mutates_args=())
+def experts_ffn_op(x_ND: torch.Tensor, counts_E: torch.Tensor, w_in: torch.Tensor,
+                   w_out: torch.Tensor, activation: str, gated: bool,
+                   kernel: str) -> torch.Tensor:
+    """:class:`Experts` forward as a custom op (graph-opaque for torch.compile)."""
+    return _experts_eager(x_ND, counts_E, w_in, w_out, activation, gated, kernel)
+
+
+@experts_ffn_op.register_fake
+def _(x_ND, counts_E, w_in, w_out, activation, gated, kernel):
+    return x_ND.new_empty(x_ND.shape[0], w_out.shape[1])
+
+
+@torch.library.custom_op("moeflow::experts_ffn_backward", mutates_args=())
+def experts_ffn_backward_op(gy_ND: torch.Tensor, x_ND: torch.Tensor, counts_E: torch.Tensor,
+                            w_in: torch.Tensor, w_out: torch.Tensor, activation: str,
+                            gated: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`experts_ffn_op` w.r.t. x, w_in and w_out, per expert by hand (an op
+    body runs without autograd). ``h = x W_in^T`` is recomputed; then ``dW_out = dy^T a``,
+    ``da = dy W_out``, ``dh = act'(h) da`` (GLU: ``[act'(g) (da u); da act(g)]``),
+    ``dW_in = dh^T x`` and ``dx = dh W_in``."""
+    cd = compute_dtype(x_ND)
+    g_x = torch.zeros(x_ND.shape, dtype=cd, device=x_ND.device)
+    g_in = torch.zeros(w_in.shape, dtype=cd, device=w_in.device)
+    g_out = torch.zeros(w_out.shape, dtype=cd, device=w_out.device)
+    act = activation_fn(activation)
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            x_e, gy = x_ND[start:start + n].to(cd), gy_ND[start:start + n].to(cd)
+            w_i, w_o = w_in[e].to(cd), w_out[e].to(cd)
+            h = x_e @ w_i.t()
+            da = gy @ w_o
+            if gated:
+                gate, up = h.chunk(2, dim=-1)
+                s = act(gate)
+                a = s * up
+                dh = torch.cat([_act_backward(da * up, gate, activation), da * s], dim=-1)
+            else:
+                a = act(h)
+                dh = _act_backward(da, h, activation)
+            g_out[e] = gy.t() @ a
+            g_in[e] = dh.t() @ x_e
+            g_x[start:start + n] = dh @ w_i
+        start += n
+    return g_x.to(x_ND.dtype), g_in.to(w_in.dtype), g_out.to(w_out.dtype)
+
+
+@experts_ffn_backward_op.register_fake
+def _(gy_ND, x_ND, counts_E, w_in, w_out, activation, gated):
+    return torch.empty_like(x_ND), torch.empty_like(w_in), torch.empty_like(w_out)
+
+
+def _experts_op_setup(ctx, inputs, output) -> None:
+    x_ND, counts_E, w_in, w_out, activation, gated, _ = inputs
+    ctx.save_for_backward(x_ND, counts_E, w_in, w_out)
+    ctx.activation, ctx.gated = activation, gated
+
+
+def _experts_op_backward(ctx, gy_ND):
+    x_ND, counts_E, w_in, w_out = ctx.saved_tensors
+    g_x, g_in, g_out = experts_ffn_backward_op(gy_ND.contiguous(), x_ND, counts_E, w_in, w_out,
+                                               ctx.activation, ctx.gated)
+    return g_x, None, g_in, g_out, None, None, None
+
+
+experts_ffn_op.register_autograd(_experts_op_backward, setup_context=_experts_op_setup)
+
+
 class Experts(nn.Module):
     """E independent FFN experts evaluated with one grouped kernel call."""
 
@@ -100,33 +206,25 @@ class Experts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor,
                 kernel: str | None = None) -> torch.Tensor:
-        """Apply expert e to its ``counts_E[e]`` consecutive rows of ``x_ND``."""
-        if torch.compiler.is_compiling():
-            return self._forward_traceable(x_ND, counts_E)
-        kernel_act = _kernel_activation(self.gated, self.activation)
-        if kernel_act is None:
-            return self._forward_loop(x_ND, counts_E)
-        return expert_ffn(x_ND, counts_E, self.w_in, self.w_out, kernel_act,
-                          kernel or self.kernel)
+        """Apply expert e to its ``counts_E[e]`` consecutive rows of ``x_ND``.
 
-    def _forward_loop(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """One ``F.linear`` pair per non-empty expert, through autograd."""
-        cd = compute_dtype(x_ND)
-        outs = [x_ND.new_zeros(0, self.hidden_size, dtype=cd)]
-        for e, x_e in enumerate(x_ND.split(counts_E.tolist())):
-            if x_e.shape[0]:
-                h = F.linear(x_e.to(cd), self.w_in[e].to(cd))
-                a = apply_activation(h, self.activation, self.gated)
-                outs.append(F.linear(a, self.w_out[e].to(cd)))
-        # the zero term keeps every weight in the graph (an all-empty batch gets zero grads)
-        y_ND = torch.cat(outs) + 0 * (self.w_in.sum() + self.w_out.sum())
-        return y_ND.to(x_ND.dtype)
+        Eager: the fused kernel (or the per-expert loop). ``torch.compile``: the same, as the
+        opaque op ``moeflow::experts_ffn``. ``torch.export``: plain aten ops with static shapes
+        (:meth:`_forward_traceable`), so exported programs need no moeflow op.
+        """
+        if torch.compiler.is_exporting():
+            return self._forward_traceable(x_ND, counts_E)
+        if torch.compiler.is_compiling():
+            return experts_ffn_op(x_ND, counts_E, self.w_in, self.w_out, self.activation,
+                                  self.gated, kernel or self.kernel)
+        return _experts_eager(x_ND, counts_E, self.w_in, self.w_out, self.activation,
+                              self.gated, kernel or self.kernel)
 
     def _forward_traceable(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Under torch.compile / torch.export: no data-dependent shapes. Each row gathers its
+        """No data-dependent shapes, aten ops only (for torch.export). Each row gathers its
         expert's weights and one batched GEMM runs per projection (the layout transformers'
-        ``batched_mm`` experts use); memory is N weight copies, so compile for inference or small
-        batches, eager for large training steps."""
+        ``batched_mm`` experts use): N weight copies of memory traffic, fine for inference
+        batches, many times slower than the grouped kernel for large training steps."""
         E, N = self.num_experts, x_ND.shape[0]
         torch._check(counts_E.shape[0] == E)
         e_N = torch.arange(E, device=x_ND.device).repeat_interleave(counts_E, output_size=N)
