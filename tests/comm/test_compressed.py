@@ -153,3 +153,29 @@ def test_policy_arguments_and_break_even():
     # a model saved and loaded keeps its codec costs
     again = PerfModel.from_json(SLOW_LINK.to_json())
     assert codec_costs(again)[0].beta == 2e-6
+
+
+def test_profile_codec_fits_costs_that_auto_uses():
+    from moeflow.comm.compressed import Compression, codec_costs
+    from moeflow.perf.profiler import profile_codec
+
+    costs = profile_codec(sizes=(1 << 14, 1 << 17, 1 << 19), reps=1, trials=1)
+    for key in ("zipccl_encode", "zipccl_decode"):
+        c = costs[key]
+        assert c.beta > 0 and c.alpha >= 0 and c.source == "measured"
+        assert 1e-8 < c.beta < 1e-3  # between 1 TB/s and 1 MB/s per byte of input
+    # a model written before the codec existed: "auto" measures the codec itself
+    bare = PerfModel("old", dict(SLOW_LINK.costs))
+    assert codec_costs(bare) is None
+    auto = Compression("auto", bare)
+    assert auto.costs[0].beta > 0 and auto.decide("x", "a2a", 1 << 22, "bfloat16")
+
+
+def test_profiled_model_meta_carries_codec_costs_through_json():
+    from moeflow.comm.compressed import codec_costs
+    from moeflow.perf.profiler import _codec_meta
+
+    meta = _codec_meta((1 << 14, 1 << 16), 1, 1)
+    model = PerfModel("profiled", dict(FAST_LINK.costs), meta=meta)
+    enc, dec = codec_costs(PerfModel.from_json(model.to_json()))
+    assert enc.beta > 0 and dec.beta > 0
