@@ -98,7 +98,7 @@ def _dying_expert_rank(rank, world, model, reqs):
     import torch.distributed as dist
 
     if rank == 1:  # the EG rank takes the first header, then dies
-        dist.recv(torch.empty(3 + 4, dtype=torch.long), 0, tag=1)
+        dist.recv(torch.empty(3 + 4, dtype=torch.long), 0, tag=2)  # header 1: 2 * 1 + 0
         os._exit(1)
     try:
         serve_rank(rank, world, model, reqs, 1, 1, ServeSchedule.pppipe(), timeout_s=5.0)

@@ -110,29 +110,34 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 class _Link:
-    """Point-to-point messages to one peer with sequence-numbered tags (both sides count)."""
+    """Point-to-point messages to one peer. Headers and rows count separately (both sides
+    count), and the tag is ``2 * count + kind``, so a receiver may post the next header
+    before the rows of the current message."""
+
+    HEADER, ROWS = 0, 1
 
     def __init__(self, peer: int, timeout_s: float):
         self.peer, self.timeout_s = peer, timeout_s
-        self.sent = self.received = 0
+        self.sent = [0, 0]
+        self.received = [0, 0]
 
-    def isend(self, t: torch.Tensor, op: str):
+    def isend(self, t: torch.Tensor, op: str, kind: int):
         import torch.distributed as dist
 
-        self.sent += 1
+        self.sent[kind] += 1
         try:
-            return dist.isend(t.contiguous(), self.peer, tag=self.sent)
+            return dist.isend(t.contiguous(), self.peer, tag=2 * self.sent[kind] + kind)
         except RuntimeError as e:  # gloo fails at once when the peer is already gone
             raise CommTimeoutError(f"{op} to rank {self.peer} failed: a peer rank died or "
                                    f"dropped its connection ({str(e).splitlines()[0][:200]})"
                                    ) from e
 
-    def irecv(self, t: torch.Tensor, op: str):
+    def irecv(self, t: torch.Tensor, op: str, kind: int):
         import torch.distributed as dist
 
-        self.received += 1
+        self.received[kind] += 1
         try:
-            return dist.irecv(t, self.peer, tag=self.received)
+            return dist.irecv(t, self.peer, tag=2 * self.received[kind] + kind)
         except RuntimeError as e:
             raise CommTimeoutError(f"{op} from rank {self.peer} failed: a peer rank died or "
                                    f"dropped its connection ({str(e).splitlines()[0][:200]})"
@@ -172,14 +177,15 @@ class DisaggregatedForward:
         for e, n in enumerate(n_R):
             header = torch.tensor([_CMD_DATA, l, n, *per_rank[e].tolist()], dtype=torch.long)
             where = f"(layer {l}, micro-batch {j}, chunk {c}, {n} rows)"
-            self.sends.append(self.links[e].isend(header, f"a2e header {where}"))
+            self.sends.append(self.links[e].isend(header, f"a2e header {where}", _Link.HEADER))
             if n == 0:
                 parts.append(None)
                 continue
-            self.sends.append(self.links[e].isend(x_ND[off:off + n], f"a2e {where}"))
+            self.sends.append(self.links[e].isend(x_ND[off:off + n], f"a2e {where}",
+                                                  _Link.ROWS))
             buf = torch.empty(n, x_ND.shape[1], dtype=x_ND.dtype)
             op = f"e2a from EG rank {self.ag + e} {where}"
-            work = self.links[e].irecv(buf, op)
+            work = self.links[e].irecv(buf, op, _Link.ROWS)
             parts.append((n, buf, work, op))
             off += n
         return _Chunk(routing, x_TD.shape[0], parts)
@@ -251,7 +257,7 @@ class DisaggregatedForward:
     def close(self) -> None:
         """Tell every EG rank this AG rank is done."""
         stop = torch.tensor([_CMD_STOP, 0, 0, *([0] * self.local)], dtype=torch.long)
-        works = [lk.isend(stop.clone(), "stop message") for lk in self.links]
+        works = [lk.isend(stop.clone(), "stop message", _Link.HEADER) for lk in self.links]
         for w in works:
             wait_work(w, "stop message to the EG", self.timeout_s)
 
@@ -286,27 +292,30 @@ class ExpertServer:
     def run(self) -> dict:
         active = list(self.links)
         sends = []
+        # each AG rank's next header is posted as soon as the previous one arrived, so its
+        # latency hides behind this rank's expert work
+        posted = {a: self._post_header(a) for a in active}
         while active:
             for a in list(active):
                 lk = self.links[a]
-                header = torch.empty(3 + self.local, dtype=torch.long)
-                op = f"a2e header from AG rank {a}"
-                wait_work(lk.irecv(header, op), op, self.idle_timeout_s)
+                header, work, op = posted.pop(a)
+                wait_work(work, op, self.idle_timeout_s)
                 if int(header[0]) == _CMD_STOP:
                     active.remove(a)
                     continue
+                posted[a] = self._post_header(a)
                 l, n = int(header[1]), int(header[2])
                 if n == 0:
                     continue
                 x_ND = torch.empty(n, self.D, dtype=self.dtype)
                 op = f"a2e rows from AG rank {a} (layer {l})"
-                wait_work(lk.irecv(x_ND, op), op, self.timeout_s)
+                wait_work(lk.irecv(x_ND, op, _Link.ROWS), op, self.timeout_s)
                 t0 = time.perf_counter()
                 y_ND = self.experts[l](x_ND, header[3:])
                 self.stats["busy_s"] += time.perf_counter() - t0
                 self.stats["messages"] += 1
                 self.stats["rows"] += n
-                sends.append(lk.isend(y_ND, f"e2a (layer {l})"))
+                sends.append(lk.isend(y_ND, f"e2a (layer {l})", _Link.ROWS))
                 if len(sends) > 64:  # keep the list short; old sends are done
                     for w in sends[:32]:
                         wait_work(w, f"e2a send to AG rank {a}", self.timeout_s)
@@ -314,6 +323,11 @@ class ExpertServer:
         for w in sends:
             wait_work(w, "e2a send", self.timeout_s)
         return self.stats
+
+    def _post_header(self, a: int):
+        header = torch.empty(3 + self.local, dtype=torch.long)
+        op = f"a2e header from AG rank {a}"
+        return header, self.links[a].irecv(header, op, _Link.HEADER), op
 
 
 def serve_rank(rank: int, world: int, model, requests, ag: int, eg: int,
