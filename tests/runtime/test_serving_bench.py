@@ -57,7 +57,18 @@ def test_tiny_run_writes_json(tmp_path, capsys):
             parse("--requests", "3", "--prompt-len", "4:8", "--output-len", "3:4"), 2048,
             1024)[i].params.max_new_tokens for i in range(3))
         assert r["output_tok_s"] > 0 and r["ttft_ms"][0] > 0
-    assert "| findep | 2 | 2 | AASS |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| findep |" in out and "FinDEP solver: prefill r1=" in out
+    assert rec["results"][0]["predicted_prefill_ms"] > 0
+
+
+def test_manual_findep_schedule(capsys):
+    rc = run_serve_bench(parse("--requests", "2", "--prompt-len", "3:4", "--output-len", "2:2",
+                               "--demo-layers", "1", "--demo-hidden", "32", "--schedules",
+                               "findep", "--findep", "manual", "--r1", "2", "--r2", "3",
+                               "--order", "ASAS", "--no-progress"))
+    assert rc == 0
+    assert "| findep | 2 / 3 / ASAS | same |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, err, word", [

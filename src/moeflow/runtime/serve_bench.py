@@ -21,6 +21,7 @@ several times, interleaved, and keeps each one's best throughput.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -48,10 +49,16 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPa
                    help="output length range lo:hi, uniform (default 16:32)")
     p.add_argument("--seed", type=int, default=0, help="request-set seed (0)")
     p.add_argument("--pppipe-r1", type=int, default=2, help="PPPipe micro-batches (2)")
-    p.add_argument("--r1", type=int, default=2, help="FinDEP micro-batches (2)")
-    p.add_argument("--r2", type=int, default=2, help="FinDEP expert chunks (2)")
+    p.add_argument("--findep", default="auto", choices=("auto", "manual"),
+                   help="FinDEP's (r1, r2, order): 'auto' (default) profiles this host's GEMM "
+                        "and loopback link and solves FinDEP's model for the prefill batch; "
+                        "'manual' takes --r1/--r2/--order")
+    p.add_argument("--r1", type=int, default=2, help="FinDEP micro-batches with --findep "
+                                                     "manual (2)")
+    p.add_argument("--r2", type=int, default=2, help="FinDEP expert chunks with --findep "
+                                                     "manual (2)")
     p.add_argument("--order", default="AASS", choices=("ASAS", "AASS"),
-                   help="FinDEP order of attention and shared experts (AASS)")
+                   help="FinDEP order of attention and shared experts with --findep manual")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs per schedule, interleaved; the best throughput is kept (1)")
     p.add_argument("--demo-layers", type=int, default=4)
@@ -82,12 +89,14 @@ class Metrics:
     r1: int
     r2: int
     order: str
+    decode: tuple | None
     requests: int
     output_tokens: int
     duration_s: float
     output_tok_s: float
     ttft_ms: tuple[float, float, float]  # mean, p50, p99
     tpot_ms: tuple[float, float, float]
+    predicted_prefill_ms: float | None = None  # FinDEP's closed form for the prefill pass
 
     def to_dict(self) -> dict:
         return {**self.__dict__}
@@ -114,7 +123,8 @@ def summarize(results, schedule) -> Metrics:
             for r in ok if len(r.tokens) > 1]
     n_out = sum(len(r.tokens) for r in ok)
     dur = max(end - start, 1e-9)
-    return Metrics(schedule.name, schedule.r1, schedule.r2, schedule.order, len(ok), n_out,
+    return Metrics(schedule.name, schedule.r1, schedule.r2, schedule.order, schedule.decode,
+                   len(ok), n_out,
                    dur, n_out / dur, _stats(ttft), _stats(tpot))
 
 
@@ -161,7 +171,7 @@ def request_set(args, vocab_size: int, context: int):
     return out
 
 
-def _schedules(args):
+def _schedules(args, plan=None, decode_plan=None):
     from moeflow.runtime.serving import ServeSchedule
 
     names = [s.strip() for s in str(args.schedules).split(",") if s.strip()]
@@ -171,21 +181,117 @@ def _schedules(args):
                           f"distinct names from {SCHEDULE_CHOICES}, comma-separated")
     make = {"naive": ServeSchedule.naive,
             "pppipe": lambda: ServeSchedule.pppipe(positive_int("--pppipe-r1", args.pppipe_r1)),
-            "findep": lambda: ServeSchedule("findep", positive_int("--r1", args.r1),
-                                            positive_int("--r2", args.r2), args.order)}
+            "findep": lambda: (ServeSchedule.from_plan(plan, decode_plan) if plan is not None else
+                               ServeSchedule("findep", positive_int("--r1", args.r1),
+                                             positive_int("--r2", args.r2), args.order))}
     return [make[n]() for n in names]
+
+
+# ---- FinDEP's model of this host ------------------------------------------------------------
+def _fit_gemm(hidden: int):
+    """``t_gm`` (ms, FLOPs) on one thread: ``F.linear`` of m rows through a hidden x hidden
+    weight, m from 16 to 2048, the fastest of 9 runs each (a shared host only ever adds
+    time), least squares."""
+    import torch
+    import torch.nn.functional as F
+
+    from moeflow.perf.cost import LinearCost
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        w = torch.randn(hidden, hidden)
+        flops, ms = [], []
+        for m in (16, 64, 256, 1024, 2048):
+            x = torch.randn(m, hidden)
+            F.linear(x, w)
+            ts = []
+            for _ in range(9):
+                t0 = time.perf_counter()
+                F.linear(x, w)
+                ts.append(1e3 * (time.perf_counter() - t0))
+            flops.append(2.0 * m * hidden * hidden)
+            ms.append(min(ts))
+    finally:
+        torch.set_num_threads(n_threads)
+    return LinearCost.fit(flops, ms, source="measured", note="F.linear, 1 thread, this host",
+                          nonneg_alpha=True)
+
+
+def _pingpong(rank, world, sizes):
+    import torch
+    import torch.distributed as dist
+
+    out = []
+    for n in sizes:
+        x = torch.zeros(n // 4)
+        ts = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(x, 1)
+                dist.recv(x, 1)
+            else:
+                dist.recv(x, 0)
+                dist.send(x, 0)
+            ts.append(1e3 * (time.perf_counter() - t0) / 2)
+        out.append(min(ts[1:]))
+    return out
+
+
+def _fit_link():
+    """``t_c`` (ms, bytes): half the round trip of gloo send/recv between two forked ranks on
+    127.0.0.1, 4 KiB to 16 MiB, the fastest of 14 round trips each."""
+    from moeflow.launch import launch
+    from moeflow.perf.cost import LinearCost
+
+    sizes = [4096, 65536, 1 << 20, 4 << 20, 16 << 20]
+    ms = launch(_pingpong, 2, sizes, progress=False, timeout_s=120)[0]
+    return LinearCost.fit(sizes, ms, source="measured", note="gloo loopback, this host",
+                          nonneg_alpha=True)
+
+
+def findep_workload(cfg, ag: int, eg: int, seq_len: int, seqs: int, gemm, link):
+    """FinDEP's workload of one prefill pass of ``seqs`` sequences of ``seq_len`` tokens per
+    AG rank on this host (memory is not the limit here: ``max_seqs`` is)."""
+    from moeflow.plan import findep as fd
+
+    D, H, K, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    moe = cfg.moe
+    model = fd.FinDEPModel(
+        name="serve-bench", hidden_size=D, expert_ffn=moe.ffn_hidden_size,
+        num_experts=moe.num_experts, top_k=moe.top_k, num_shared=moe.num_shared_experts,
+        shared_ffn=moe.shared_ffn_hidden_size or moe.ffn_hidden_size,
+        attn_proj_params=D * H * d + 2 * D * K * d + H * d * D, attn_core_dim=H * 2 * d,
+        kv_bytes_per_token=2 * K * d * 4, num_layers=cfg.num_layers, bytes_per_element=4,
+        source="derived")
+    tb = fd.Testbed(name="loopback", gpu="cpu thread", ag=ag, eg=eg, mem_GB=64.0, gemm=gemm,
+                    link=link, source="derived", note="profiled on this host")
+    return fd.Workload(model=model, testbed=tb, seq_len=seq_len, max_seqs=seqs, max_r2=8)
+
+
+def predicted_prefill_ms(w, schedule, seqs: int) -> float:
+    """The closed form's time of the prefill pass of ``seqs`` sequences under ``schedule``."""
+    from moeflow.plan import findep as fd
+
+    m_a = -(-seqs // schedule.r1)
+    return fd.predicted_time(w, m_a, schedule.r1, schedule.r2, schedule.order)
 
 
 def format_table(ms: list[Metrics]) -> str:
     base = next((m.output_tok_s for m in ms if m.schedule == "naive"), None)
-    head = ("| schedule | r1 | r2 | order | output tok/s | vs naive | TTFT mean / p50 / p99 ms "
-            "| TPOT mean / p50 / p99 ms |")
+    head = ("| schedule | prefill r1 / r2 / order | decode r1 / r2 / order | output tok/s "
+            "| vs naive | TTFT mean / p50 / p99 ms | TPOT mean / p50 / p99 ms "
+            "| prefill predicted ms |")
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in ms:
         rel = f"{m.output_tok_s / base:.2f}x" if base else "-"
-        lines.append(f"| {m.schedule} | {m.r1} | {m.r2} | {m.order} | {m.output_tok_s:.1f} | "
+        dec = "same" if m.decode is None else " / ".join(str(v) for v in m.decode)
+        lines.append(f"| {m.schedule} | {m.r1} / {m.r2} / {m.order} | {dec} | "
+                     f"{m.output_tok_s:.1f} | "
                      f"{rel} | {' / '.join(f'{v:.1f}' for v in m.ttft_ms)} | "
-                     f"{' / '.join(f'{v:.2f}' for v in m.tpot_ms)} |")
+                     f"{' / '.join(f'{v:.2f}' for v in m.tpot_ms)} | "
+                     + (f"{m.predicted_prefill_ms:.1f} |" if m.predicted_prefill_ms else "- |"))
     return "\n".join(lines)
 
 
@@ -197,13 +303,30 @@ def run_serve_bench(args) -> int:
     output_file("--json", args.json)
     ag, eg = positive_int("--ag", args.ag), positive_int("--eg", args.eg)
     repeat = positive_int("--repeat", args.repeat)
-    schedules = _schedules(args)
+    _schedules(args)  # flags checked before any work
     _range("--prompt-len", args.prompt_len)
     _range("--output-len", args.output_len)
     positive_int("--requests", args.requests)
     model = _model(args)
     check_layout(ag + eg, ag, eg, model.cfg.moe.num_experts)
     reqs = request_set(args, model.cfg.vocab_size, model.cfg.max_position_embeddings)
+    seqs = -(-len(reqs) // ag)
+    mean_prompt = round(statistics.fmean(len(r.prompt) for r in reqs))
+    plan = decode_plan = None
+    gemm, link = _fit_gemm(model.cfg.hidden_size), _fit_link()
+    model_w = findep_workload(model.cfg, ag, eg, mean_prompt, seqs, gemm, link)
+    if args.findep == "auto":
+        from moeflow.plan import findep as fd
+
+        plan = fd.solve(model_w)
+        # a decode step: one token per sequence (FinDEP's model with S = 1)
+        decode_plan = fd.solve(findep_workload(model.cfg, ag, eg, 1, seqs, gemm, link))
+    print(f"serve-bench: this host: gemm {gemm.alpha:.3g} ms + {gemm.beta:.3g} ms/FLOP "
+          f"(R^2 {gemm.r2:.3f}), link {link.alpha:.3g} ms + {link.beta:.3g} ms/B "
+          f"(R^2 {link.r2:.3f})" + (f"; FinDEP solver: prefill r1={plan.r1} r2={plan.r2} "
+                                    f"{plan.order}, decode r1={decode_plan.r1} "
+                                    f"r2={decode_plan.r2} {decode_plan.order}" if plan else ""))
+    schedules = _schedules(args, plan, decode_plan)
     best: dict[str, Metrics] = {}
     total = repeat * len(schedules)
     with Progress(total, "serve-bench", enabled=not args.no_progress) as bar:
@@ -214,7 +337,8 @@ def run_serve_bench(args) -> int:
                 failed = [r for r in res if not r.ok]
                 if failed:
                     raise InputError(f"request {failed[0].request_id} failed: {failed[0].error}")
-                m = summarize(res, s)
+                m = dataclasses.replace(summarize(res, s), predicted_prefill_ms=(
+                    predicted_prefill_ms(model_w, s, seqs)))
                 if s.name not in best or m.output_tok_s > best[s.name].output_tok_s:
                     best[s.name] = m
                 bar.update(1, **{s.name: round(m.output_tok_s, 1)})

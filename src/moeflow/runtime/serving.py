@@ -55,14 +55,31 @@ _CMD_STOP, _CMD_DATA = 0, 1
 
 @dataclass(frozen=True)
 class ServeSchedule:
-    """``r1`` micro-batches, ``r2`` chunks, ``order`` ASAS or AASS (see the module doc)."""
+    """``r1`` micro-batches, ``r2`` chunks, ``order`` ASAS or AASS (see the module doc).
+
+    ``decode`` optionally gives another ``(r1, r2, order)`` for decode steps (one token per
+    sequence): FinDEP's best split of a prefill pass rarely suits a decode step, whose GEMMs
+    are small enough that per-message and per-GEMM latency dominate."""
 
     name: str = "findep"
     r1: int = 1
     r2: int = 1
     order: str = "ASAS"
+    decode: tuple[int, int, str] | None = None
+
+    def for_tokens(self, tokens_per_seq: int) -> ServeSchedule:
+        """The schedule of a forward call with ``tokens_per_seq`` new tokens per sequence."""
+        if tokens_per_seq == 1 and self.decode is not None:
+            r1, r2, order = self.decode
+            return ServeSchedule(self.name, r1, r2, order)
+        return self
 
     def __post_init__(self) -> None:
+        if self.decode is not None:
+            if self.name != "findep" or len(self.decode) != 3:
+                raise ConfigError("decode", self.decode,
+                                  "None or (r1, r2, order) of a findep schedule")
+            ServeSchedule("findep", *self.decode)
         if self.name not in SCHEDULES:
             raise ConfigError("schedule", self.name, f"one of {SCHEDULES}")
         positive_int("r1", self.r1)
@@ -84,9 +101,11 @@ class ServeSchedule:
         return cls("pppipe", r1, 1, "ASAS")
 
     @classmethod
-    def from_plan(cls, plan) -> ServeSchedule:
-        """From a :class:`moeflow.plan.findep.FinDEPPlan`."""
-        return cls("findep", plan.r1, plan.r2, plan.order)
+    def from_plan(cls, plan, decode_plan=None) -> ServeSchedule:
+        """From a :class:`moeflow.plan.findep.FinDEPPlan` (and one for decode steps)."""
+        dec = None if decode_plan is None else (decode_plan.r1, decode_plan.r2,
+                                                 decode_plan.order)
+        return cls("findep", plan.r1, plan.r2, plan.order, dec)
 
 
 def check_layout(world: int, ag: int, eg: int, num_experts: int) -> None:
@@ -210,7 +229,7 @@ class DisaggregatedForward:
     # -- the forward pass ----------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, ids_BT, rows_B, start_B) -> torch.Tensor:
-        m, s = self.model, self.s
+        m, s = self.model, self.s.for_tokens(ids_BT.shape[1])
         rows_B, pos_BT = m.positions(ids_BT, rows_B, start_B)
         B = ids_BT.shape[0]
         mbs = []
