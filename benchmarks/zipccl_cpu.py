@@ -26,6 +26,14 @@ Three parts (``all`` runs them in turn and writes one record):
   (communication) and 1.18x (end to end).
 
     PYTHONPATH=src python benchmarks/zipccl_cpu.py all --tag 2cpu-x86_DATE
+
+``gpu`` (separate, on a GPU machine): the Triton codec (``moeflow.compress.collective_gpu``)
+encode / decode throughput and ratio on Gaussian bf16 and fp32 messages of 1-256 Mi values,
+every round trip checked bit-exact; record ``zipccl_gpu_<tag>``. ``--smoke`` runs tiny
+shapes under ``TRITON_INTERPRET=1`` on CPU (figures mean nothing, checks must pass):
+
+    PYTHONPATH=src python benchmarks/zipccl_cpu.py gpu --tag h200_DATE --out $OUT
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/zipccl_cpu.py gpu --smoke --out /tmp/x
 """
 
 from __future__ import annotations
@@ -313,6 +321,51 @@ def simulate(ratios: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- gpu
+def gpu_part(args) -> int:
+    """Throughput and ratio of the Triton codec; every round trip checked."""
+    from _common import gpu_timer, run_info
+
+    smoke = args.smoke
+    if not smoke and not torch.cuda.is_available():
+        print("no GPU: run with --smoke (under TRITON_INTERPRET=1) on CPU", file=sys.stderr)
+        return 2
+    from moeflow.compress import collective_gpu as G
+
+    dev = torch.device("cpu" if smoke else "cuda")
+    ms = gpu_timer(smoke)
+    sizes = (4096, 70_000) if smoke else (1 << 20, 1 << 24, 1 << 26, 1 << 28)
+    rows, failures = [], []
+    for dname in ("bfloat16", "float32"):
+        for n in sizes:
+            g = torch.Generator(device=dev).manual_seed(0)
+            x = (torch.randn(n, generator=g, device=dev) * 0.02).to(FLOATS[dname])
+            msg = G.gpu_encode(x)
+            y = G.gpu_decode(msg)
+            w = torch.int16 if x.element_size() == 2 else torch.int32
+            if not torch.equal(y.view(w), x.view(w)):
+                failures.append(f"{dname} n={n}: round trip not bit-exact")
+            t_enc = ms(lambda x=x: G.gpu_encode(x))
+            t_dec = ms(lambda msg=msg: G.gpu_decode(msg))
+            nbytes = n * x.element_size()
+            rows.append({"dtype": dname, "n": n, "ratio": nbytes / msg.numel(),
+                         "encode_ms": t_enc, "decode_ms": t_dec,
+                         "encode_GBps": nbytes / t_enc / 1e6, "decode_GBps": nbytes / t_dec / 1e6})
+    info = dict(run_info(smoke), rows=rows, failures=failures)
+    lines = [f"# ZipCCL GPU codec ({info['date']})", "", f"Device: {info['device']}; torch "
+             f"{info['torch']}, triton {info['triton']}.", f"Command: `{info['command']}`", "",
+             "Gaussian (sigma 0.02) messages; " + ("one call each (smoke: figures mean nothing)"
+                                                   if smoke else "median of do_bench") + ".", "",
+             "| dtype | values | ratio | encode ms | decode ms | encode GB/s | decode GB/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['n']} | {r['ratio']:.4f} | {r['encode_ms']:.3f} | "
+                     f"{r['decode_ms']:.3f} | {r['encode_GBps']:.1f} | {r['decode_GBps']:.1f} |")
+    lines += ["", "Failures: " + ("; ".join(failures) if failures else "none")]
+    write_record(args.out, f"zipccl_gpu_{'smoke' if smoke else args.tag}", info, lines)
+    return 1 if failures else 0
+
+
 # ----------------------------------------------------------------------------- record
 def _fmt_traffic(rows: dict) -> list[str]:
     lines = ["| traffic [dtype] | msgs | raw MB | ZipCCL ratio | bound ratio | ZipCCL / bound "
@@ -344,7 +397,8 @@ def _fmt_steps(results: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["all", "traffic", "steps", "simulate", "worker"])
+    ap.add_argument("part", choices=["all", "traffic", "steps", "simulate", "worker", "gpu"])
+    ap.add_argument("--smoke", action="store_true", help="gpu: tiny shapes, Triton interpreter")
     ap.add_argument("--warm-steps", type=int, default=30)
     ap.add_argument("--capture-steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
@@ -360,6 +414,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.part == "worker":
         return _worker(args)
+    if args.part == "gpu":
+        return gpu_part(args)
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{cpu_name()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
             "command": " ".join(["python", "benchmarks/zipccl_cpu.py"] + sys.argv[1:])}
