@@ -188,34 +188,40 @@ def _schedules(args, plan=None, decode_plan=None):
 
 
 # ---- FinDEP's model of this host ------------------------------------------------------------
-def _fit_gemm(hidden: int):
-    """``t_gm`` (ms, FLOPs) on one thread: ``F.linear`` of m rows through a hidden x hidden
-    weight, m from 16 to 2048, the fastest of 9 runs each (a shared host only ever adds
-    time), least squares."""
+def _fit_gemm(cfg, eg: int):
+    """``t_gm`` (ms, FLOPs) as the EG runs it: this host's expert FFN (one thread, ``E / eg``
+    experts, n rows spread evenly, the fastest of 7 runs; a shared host only ever adds time)
+    read through FinDEP's ``t_e = 3 (E/eg) t_gm(2 m_e M H)``, so the intercept holds the
+    per-GEMM and per-call overheads of this runtime."""
     import torch
-    import torch.nn.functional as F
 
+    from moeflow.layer.experts import Experts
     from moeflow.perf.cost import LinearCost
 
+    moe = cfg.moe
+    local = moe.num_experts // eg
     n_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        w = torch.randn(hidden, hidden)
+        ex = Experts(local, moe.hidden_size, moe.ffn_hidden_size, moe.expert_type, moe.kernel,
+                     moe.expert_activation).eval()
         flops, ms = [], []
-        for m in (16, 64, 256, 1024, 2048):
-            x = torch.randn(m, hidden)
-            F.linear(x, w)
-            ts = []
-            for _ in range(9):
-                t0 = time.perf_counter()
-                F.linear(x, w)
-                ts.append(1e3 * (time.perf_counter() - t0))
-            flops.append(2.0 * m * hidden * hidden)
-            ms.append(min(ts))
+        with torch.no_grad():
+            for n in (local * 2, local * 16, local * 64, local * 256):
+                x = torch.randn(n, moe.hidden_size)
+                counts = torch.full((local,), n // local)
+                ex(x, counts)
+                ts = []
+                for _ in range(7):
+                    t0 = time.perf_counter()
+                    ex(x, counts)
+                    ts.append(1e3 * (time.perf_counter() - t0))
+                flops.append(2.0 * (n / local) * moe.hidden_size * moe.ffn_hidden_size)
+                ms.append(min(ts) / (3 * local))
     finally:
         torch.set_num_threads(n_threads)
-    return LinearCost.fit(flops, ms, source="measured", note="F.linear, 1 thread, this host",
-                          nonneg_alpha=True)
+    return LinearCost.fit(flops, ms, source="measured", nonneg_alpha=True,
+                          note="expert FFN of this runtime, 1 thread, per GEMM")
 
 
 def _pingpong(rank, world, sizes):
@@ -223,15 +229,18 @@ def _pingpong(rank, world, sizes):
     import torch.distributed as dist
 
     out = []
+    header = torch.zeros(8, dtype=torch.long)
     for n in sizes:
         x = torch.zeros(n // 4)
         ts = []
         for _ in range(15):
             t0 = time.perf_counter()
-            if rank == 0:
+            if rank == 0:  # an a2e message (header, then rows) and its e2a reply
+                dist.send(header, 1)
                 dist.send(x, 1)
                 dist.recv(x, 1)
             else:
+                dist.recv(header, 0)
                 dist.recv(x, 0)
                 dist.send(x, 0)
             ts.append(1e3 * (time.perf_counter() - t0) / 2)
@@ -240,8 +249,9 @@ def _pingpong(rank, world, sizes):
 
 
 def _fit_link():
-    """``t_c`` (ms, bytes): half the round trip of gloo send/recv between two forked ranks on
-    127.0.0.1, 4 KiB to 16 MiB, the fastest of 14 round trips each."""
+    """``t_c`` (ms, bytes): half the round trip of an a2e message (header and rows) and its
+    e2a reply between two forked gloo ranks on 127.0.0.1, 4 KiB to 16 MiB, the fastest of 14
+    round trips each."""
     from moeflow.launch import launch
     from moeflow.perf.cost import LinearCost
 
@@ -311,10 +321,11 @@ def run_serve_bench(args) -> int:
     check_layout(ag + eg, ag, eg, model.cfg.moe.num_experts)
     reqs = request_set(args, model.cfg.vocab_size, model.cfg.max_position_embeddings)
     seqs = -(-len(reqs) // ag)
-    mean_prompt = round(statistics.fmean(len(r.prompt) for r in reqs))
+    # prefill runs right-padded to the longest prompt, so that is the S the model must see
+    padded_prompt = max(len(r.prompt) for r in reqs)
     plan = decode_plan = None
-    gemm, link = _fit_gemm(model.cfg.hidden_size), _fit_link()
-    model_w = findep_workload(model.cfg, ag, eg, mean_prompt, seqs, gemm, link)
+    gemm, link = _fit_gemm(model.cfg, eg), _fit_link()
+    model_w = findep_workload(model.cfg, ag, eg, padded_prompt, seqs, gemm, link)
     if args.findep == "auto":
         from moeflow.plan import findep as fd
 
