@@ -176,7 +176,7 @@ def _worker(args) -> int:
         t0 = time.perf_counter()
         perf = profile(sizes=(1 << 16, 1 << 18, 1 << 20, 1 << 22), gemm_sizes=(64, 128),
                        reps=2, trials=2, progress=False)
-        codec = profile_codec(threads=args.threads, reps=2, trials=2)
+        codec = profile_codec(threads=args.threads, reps=2, trials=2, group=dist.group.WORLD)
         perf.meta["codec_costs"] = {k: c.to_dict() for k, c in codec.items()}
         t_prof = time.perf_counter() - t0
     corpus = load_corpus(400_000)

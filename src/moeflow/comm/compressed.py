@@ -107,10 +107,13 @@ class Compression:
     """Whether and how a collective compresses: ``mode`` True (always), False (never) or
     "auto" (ZipCCL's per-call switch under ``perf``, a PerfModel with codec costs).
 
-    The auto decision must be the same on every rank of a collective, so it uses only what
-    every rank knows: the message size in bytes (equal for all-gather, reduce-scatter and
-    all-reduce) and a ratio estimate per (operation, dtype) that is updated from the
-    exchanged message sizes of the last compressed call (every rank sees the same sizes).
+    The auto decision must be the same on every rank of a collective, so ``perf`` must be the
+    same on every rank (``moeflow profile`` fits one model for all; without codec costs in it,
+    constructing an "auto" policy measures them collectively over the default group), and the
+    decision uses only what every rank knows: the message size in bytes (equal for
+    all-gather, reduce-scatter and all-reduce) and a ratio estimate per (operation, dtype)
+    that is updated from the exchanged message sizes of the last compressed call (every
+    rank sees the same sizes).
     The uneven all-to-all is decided per sender instead; receivers learn each sender's
     choice in the size exchange.
     """
@@ -129,7 +132,11 @@ class Compression:
             if self.costs is None:  # a model from before the codec: measure the codec now
                 from moeflow.perf.profiler import profile_codec
 
-                c = profile_codec(threads=threads)
+                # every rank must fit the same costs (the slowest rank's), or their
+                # decisions could differ: this is then collective over the default group
+                group = dist.group.WORLD if dist.is_available() and dist.is_initialized() \
+                    else None
+                c = profile_codec(threads=threads, group=group)
                 self.costs = (c[ENCODE], c[DECODE])
         self.threads = threads
         self.timeout_s = resolve_timeout(timeout_s)

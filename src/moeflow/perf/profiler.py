@@ -128,7 +128,7 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
             record(kind, float(numel * esize), time_op(fn, reps, trials, world_group, device))
             bar.update(1, op=f"{kind} {numel * esize / 2**10:.0f} KiB")
     bar.close()
-    codec = _codec_meta(sizes, reps, trials)
+    codec = _codec_meta(sizes, reps, trials, world_group if device.type == "cpu" else None)
     costs = {k: LinearCost.fit(xs, ys, source="fitted", nonneg_alpha=True,
                                note=f"{'FLOPs' if k == 'gemm' else 'bytes'}, "
                                     f"{len(xs)} sizes, {dist.get_backend(world_group)}")
@@ -146,11 +146,16 @@ CODEC_DTYPE = "bfloat16"
 
 
 def profile_codec(sizes: Sequence[int] = DEFAULT_SIZES, *, threads: int | None = 1,
-                  reps: int = 3, trials: int = 3, dtype: str = CODEC_DTYPE) -> dict:
+                  reps: int = 3, trials: int = 3, dtype: str = CODEC_DTYPE,
+                  group=None) -> dict:
     """Fit ``zipccl_encode`` and ``zipccl_decode`` (ms, n = raw bytes) of the collective
     codec (``moeflow.compress.collective``) on this process's CPU with ``threads`` threads:
     the costs ZipCCL's switch weighs against the bytes it saves. Each point is the best of
-    ``trials`` means over ``reps`` calls on a Gaussian message of scale 0.02."""
+    ``trials`` means over ``reps`` calls on a Gaussian message of scale 0.02.
+
+    With ``group``, every rank of it must call this, and each point is the slowest rank's
+    time: every rank then fits the same costs, so the switch decides the same everywhere
+    (collectives whose ranks decided differently would not pair up)."""
     from moeflow.compress import collective as codec
 
     g = torch.Generator().manual_seed(0)
@@ -170,6 +175,10 @@ def profile_codec(sizes: Sequence[int] = DEFAULT_SIZES, *, threads: int | None =
                 for _ in range(reps):
                     fn()
                 best = min(best, (time.perf_counter() - t0) * 1e3 / reps)
+            if group is not None:
+                t = torch.tensor([best], dtype=torch.float64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+                best = float(t.item())
             samples[key][0].append(float(x.numel() * esize))
             samples[key][1].append(best)
     return {k: LinearCost.fit(xs, ys, source="measured", nonneg_alpha=True,
@@ -177,11 +186,12 @@ def profile_codec(sizes: Sequence[int] = DEFAULT_SIZES, *, threads: int | None =
             for k, (xs, ys) in samples.items()}
 
 
-def _codec_meta(sizes, reps: int, trials: int) -> dict:
-    """``{"codec_costs": {...}}`` for the model's meta, or ``{}`` without numba."""
+def _codec_meta(sizes, reps: int, trials: int, group=None) -> dict:
+    """``{"codec_costs": {...}}`` for the model's meta (the slowest rank's of ``group``), or
+    ``{}`` without numba."""
     try:
         costs = profile_codec(sizes, threads=torch.get_num_threads(), reps=reps,
-                              trials=trials)
+                              trials=trials, group=group)
     except ImportError:  # the compress extra is not installed: no codec costs
         return {}
     return {"codec_costs": {k: c.to_dict() for k, c in costs.items()}}
