@@ -175,7 +175,7 @@ def test_profiled_model_meta_carries_codec_costs_through_json():
     from moeflow.comm.compressed import codec_costs
     from moeflow.perf.profiler import _codec_meta
 
-    meta = _codec_meta((1 << 14, 1 << 16), 1, 1)
+    meta = _codec_meta((1 << 15, 1 << 18), 1, 1)
     model = PerfModel("profiled", dict(FAST_LINK.costs), meta=meta)
     enc, dec = codec_costs(PerfModel.from_json(model.to_json()))
     assert enc.beta > 0 and dec.beta > 0

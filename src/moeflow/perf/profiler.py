@@ -181,9 +181,15 @@ def profile_codec(sizes: Sequence[int] = DEFAULT_SIZES, *, threads: int | None =
                 best = float(t.item())
             samples[key][0].append(float(x.numel() * esize))
             samples[key][1].append(best)
-    return {k: LinearCost.fit(xs, ys, source="measured", nonneg_alpha=True,
-                              note=f"bytes, {len(xs)} sizes, {dtype}, {threads} threads")
-            for k, (xs, ys) in samples.items()}
+    out = {}
+    for k, (xs, ys) in samples.items():
+        note = f"bytes, {len(xs)} sizes, {dtype}, {threads} threads"
+        c = LinearCost.fit(xs, ys, source="measured", nonneg_alpha=True, note=note)
+        if c.beta <= 0:  # noise made time fall with size: the slowest per-byte rate instead
+            c = LinearCost(0.0, max(y / x for x, y in zip(xs, ys)), source="measured",
+                           note=note + "; through the origin (the fit was not increasing)")
+        out[k] = c
+    return out
 
 
 def _codec_meta(sizes, reps: int, trials: int, group=None) -> dict:
