@@ -119,7 +119,10 @@ class Testbed:
 
     ``gemm`` is ``t_gm`` (ms, FLOPs), ``link`` is ``t_c`` (ms, bytes per GPU) of the AG<->EG
     path; ``mem_GB`` per GPU and ``reserve_frac`` (the share kept free for the framework and
-    workspace). ``source`` is ``published`` or ``derived``; ``note`` says from what.
+    workspace). ``attention`` (optional, ms vs the attention's FLOPs: projections plus core)
+    replaces ``t_gm(proj) + t_gm(core)`` where attention was profiled as a whole (a host
+    whose attention kernels do not run at GEMM rate). ``source`` is ``published`` or
+    ``derived``; ``note`` says from what.
     """
 
     name: str
@@ -132,6 +135,7 @@ class Testbed:
     reserve_frac: float = 0.1
     source: str = "derived"
     note: str = ""
+    attention: LinearCost | None = None
 
     def __post_init__(self) -> None:
         positive_int("Testbed.ag", self.ag)
@@ -245,7 +249,8 @@ class Workload:
         m, tb, s = self.model, self.testbed, self.seq_len
         gm, c = tb.gemm, tb.link
         tokens = m_a * s
-        t_a = gm(2.0 * tokens * m.attn_proj_params) + gm(m_a * m.attn_core_dim * s * s)
+        proj, core = 2.0 * tokens * m.attn_proj_params, float(m_a * m.attn_core_dim * s * s)
+        t_a = tb.attention(proj + core) if tb.attention is not None else gm(proj) + gm(core)
         t_s = 3 * m.num_shared * gm(2.0 * tokens * m.hidden_size * m.shared_ffn) \
             if m.num_shared else 0.0
         m_e = m_a * tb.ag * m.top_k * s / (r2 * m.num_experts)  # token conservation

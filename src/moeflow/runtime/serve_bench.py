@@ -224,6 +224,43 @@ def _fit_gemm(cfg, eg: int):
                           note="expert FFN of this runtime, 1 thread, per GEMM")
 
 
+def _fit_attention(cfg):
+    """``t_a`` (ms vs FLOPs of projections plus causal core, FinDEP's ``t_a`` terms) of this
+    host's attention half of a layer (norm, projections, RoPE, KV-cache write, SDPA; one
+    thread), over prefill shapes (sequences x tokens), the fastest of 5 runs each."""
+    import torch
+
+    from moeflow.models.decoder import DecoderLayer, KVCache, Rotary
+    from moeflow.perf.cost import LinearCost
+
+    D, H, K, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    proj_params = D * H * d + 2 * D * K * d + H * d * D
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        layer, rotary = DecoderLayer(cfg).eval(), Rotary(d, cfg.rope_theta)
+        flops, ms = [], []
+        with torch.no_grad():
+            for b, s in ((1, 16), (4, 32), (4, 128), (8, 128), (4, 256)):
+                s = min(s, cfg.max_position_embeddings)
+                cache = KVCache(cfg, b, s)
+                h = torch.randn(b, s, D)
+                pos = torch.arange(s).repeat(b, 1)
+                cos, sin = rotary(pos, h.dtype)
+                rows = torch.arange(b)
+                ts = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    layer.attend(h, cos, sin, cache, 0, rows, pos)
+                    ts.append(1e3 * (time.perf_counter() - t0))
+                flops.append(2.0 * b * s * proj_params + b * H * 2 * d * s * s)
+                ms.append(min(ts))
+    finally:
+        torch.set_num_threads(n_threads)
+    return LinearCost.fit(flops, ms, source="measured", nonneg_alpha=True,
+                          note="attention half of a layer, 1 thread, this host")
+
+
 def _pingpong(rank, world, sizes):
     import torch
     import torch.distributed as dist
@@ -261,7 +298,8 @@ def _fit_link():
                           nonneg_alpha=True)
 
 
-def findep_workload(cfg, ag: int, eg: int, seq_len: int, seqs: int, gemm, link):
+def findep_workload(cfg, ag: int, eg: int, seq_len: int, seqs: int, gemm, link,
+                    attention=None):
     """FinDEP's workload of one prefill pass of ``seqs`` sequences of ``seq_len`` tokens per
     AG rank on this host (memory is not the limit here: ``max_seqs`` is)."""
     from moeflow.plan import findep as fd
@@ -276,7 +314,8 @@ def findep_workload(cfg, ag: int, eg: int, seq_len: int, seqs: int, gemm, link):
         kv_bytes_per_token=2 * K * d * 4, num_layers=cfg.num_layers, bytes_per_element=4,
         source="derived")
     tb = fd.Testbed(name="loopback", gpu="cpu thread", ag=ag, eg=eg, mem_GB=64.0, gemm=gemm,
-                    link=link, source="derived", note="profiled on this host")
+                    link=link, source="derived", note="profiled on this host",
+                    attention=attention)
     return fd.Workload(model=model, testbed=tb, seq_len=seq_len, max_seqs=seqs, max_r2=8)
 
 
@@ -324,17 +363,18 @@ def run_serve_bench(args) -> int:
     # prefill runs right-padded to the longest prompt, so that is the S the model must see
     padded_prompt = max(len(r.prompt) for r in reqs)
     plan = decode_plan = None
-    gemm, link = _fit_gemm(model.cfg, eg), _fit_link()
-    model_w = findep_workload(model.cfg, ag, eg, padded_prompt, seqs, gemm, link)
+    gemm, link, attn = _fit_gemm(model.cfg, eg), _fit_link(), _fit_attention(model.cfg)
+    model_w = findep_workload(model.cfg, ag, eg, padded_prompt, seqs, gemm, link, attn)
     if args.findep == "auto":
         from moeflow.plan import findep as fd
 
         plan = fd.solve(model_w)
         # a decode step: one token per sequence (FinDEP's model with S = 1)
-        decode_plan = fd.solve(findep_workload(model.cfg, ag, eg, 1, seqs, gemm, link))
+        decode_plan = fd.solve(findep_workload(model.cfg, ag, eg, 1, seqs, gemm, link, attn))
     print(f"serve-bench: this host: gemm {gemm.alpha:.3g} ms + {gemm.beta:.3g} ms/FLOP "
           f"(R^2 {gemm.r2:.3f}), link {link.alpha:.3g} ms + {link.beta:.3g} ms/B "
-          f"(R^2 {link.r2:.3f})" + (f"; FinDEP solver: prefill r1={plan.r1} r2={plan.r2} "
+          f"(R^2 {link.r2:.3f}), attention {attn.alpha:.3g} ms + {attn.beta:.3g} ms/FLOP "
+          f"(R^2 {attn.r2:.3f})" + (f"; FinDEP solver: prefill r1={plan.r1} r2={plan.r2} "
                                     f"{plan.order}, decode r1={decode_plan.r1} "
                                     f"r2={decode_plan.r2} {decode_plan.order}" if plan else ""))
     schedules = _schedules(args, plan, decode_plan)
