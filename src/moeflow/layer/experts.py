@@ -86,10 +86,13 @@ def _experts_loop(x_ND, counts_E, w_in, w_out, activation: str, gated: bool) -> 
     """One ``F.linear`` pair per non-empty expert (through autograd when it is on)."""
     cd = compute_dtype(x_ND)
     outs = [x_ND.new_zeros(0, w_out.shape[1], dtype=cd)]
+    # unbind once: indexing w_in[e] per expert would make autograd build a full-size weight
+    # gradient per expert
+    w_in_E, w_out_E = w_in.unbind(0), w_out.unbind(0)
     for e, x_e in enumerate(x_ND.split(counts_E.tolist())):
         if x_e.shape[0]:
-            h = F.linear(x_e.to(cd), w_in[e].to(cd))
-            outs.append(F.linear(apply_activation(h, activation, gated), w_out[e].to(cd)))
+            h = F.linear(x_e.to(cd), w_in_E[e].to(cd))
+            outs.append(F.linear(apply_activation(h, activation, gated), w_out_E[e].to(cd)))
     # the zero term keeps every weight in the graph (an all-empty batch gets zero grads)
     y_ND = torch.cat(outs) + 0 * (w_in.sum() + w_out.sum())
     return y_ND.to(x_ND.dtype)
