@@ -146,3 +146,15 @@ def test_planner_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_profiled_attention_replaces_the_two_gemms():
+    w = tiny_workload()
+    att = LinearCost(0.5, 2e-9)
+    w2 = tiny_workload(testbed=dataclasses.replace(w.testbed, attention=att))
+    m = w.model
+    proj = 2.0 * 3 * 256 * m.attn_proj_params
+    core = 3.0 * m.attn_core_dim * 256 * 256
+    assert w2.costs(3, 2).t_a == pytest.approx(att(proj + core))
+    assert w.costs(3, 2).t_a == pytest.approx(w.testbed.gemm(proj) + w.testbed.gemm(core))
+    assert w2.costs(3, 2).t_e == w.costs(3, 2).t_e
