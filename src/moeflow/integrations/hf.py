@@ -503,6 +503,7 @@ def _attach_view(layer: MoELayer, block: nn.Module, adapter: StateDictAdapter) -
     the router class) still sees them. Returns the tap's path inside the layer."""
     view = _build_view(block, layer, adapter)
     layer.hf_view = view
+    view.train(layer.training)
     router_name = _router_path(block)
     if router_name is None:
         return None
