@@ -16,6 +16,14 @@ def _tiny(kind: str, path, **over):
                                           head_dim=8, decoder_sparse_step=1, mlp_only_layers=[],
                                           **{**common, **over})
         cls = transformers.Qwen3MoeForCausalLM
+    elif kind == "deepseek_v2":
+        cfg = transformers.DeepseekV2Config(
+            moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=2, q_lora_rank=12, kv_lora_rank=8, qk_nope_head_dim=8,
+            qk_rope_head_dim=4, v_head_dim=6, first_k_dense_replace=0,
+            topk_method="group_limited_greedy", n_group=4, topk_group=2,
+            routed_scaling_factor=2.0, **{**common, "num_key_value_heads": 4, **over})
+        cls = transformers.DeepseekV2ForCausalLM
     else:
         cfg = transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2,
                                          **{**common, **over})
@@ -26,7 +34,7 @@ def _tiny(kind: str, path, **over):
     return model
 
 
-@pytest.fixture(scope="session", params=["qwen3_moe", "mixtral"])
+@pytest.fixture(scope="session", params=["qwen3_moe", "mixtral", "deepseek_v2"])
 def tiny_checkpoint(request, tmp_path_factory):
     """(transformers model, checkpoint directory) for each family."""
     path = tmp_path_factory.mktemp(request.param)

@@ -132,3 +132,12 @@ def test_loader_errors(tiny_checkpoint, tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(CorruptDataError, match="model.norm.weight"):
         load_pretrained(tmp_path)
+
+
+def test_deepseek_v2_dense_layers_are_refused():
+    from moeflow.models import config_from_hf
+
+    hf = {"model_type": "deepseek_v2", "hidden_size": 32, "num_attention_heads": 4,
+          "first_k_dense_replace": 1}
+    with pytest.raises(UnsupportedModelError, match="first_k_dense_replace"):
+        config_from_hf(hf)

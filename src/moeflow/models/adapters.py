@@ -1,5 +1,5 @@
-"""Load transformers checkpoint directories (Qwen3-MoE, Mixtral) into :class:`MoEDecoder`,
-and export back: one state-dict adapter per family, used both ways.
+"""Load transformers checkpoint directories (Qwen3-MoE, Mixtral, DeepSeek-V2) into
+:class:`MoEDecoder`, and export back: one state-dict adapter per family, used both ways.
 
 A checkpoint directory is what ``save_pretrained`` writes: ``config.json`` and
 ``model.safetensors`` (or shards with ``model.safetensors.index.json``). On disk transformers
@@ -17,7 +17,12 @@ Other keys map one to one::
     model.layers.{i}.<moe>.gate.weight        layers.{i}.mlp.router.weight
     model.norm.weight / lm_head.weight        norm.weight / lm_head.weight
 
-with ``<moe>`` = ``mlp`` (Qwen3-MoE) or ``block_sparse_moe`` (Mixtral).
+with ``<moe>`` = ``mlp`` (Qwen3-MoE, DeepSeek-V2) or ``block_sparse_moe`` (Mixtral).
+DeepSeek-V2's attention keys (``q_a_proj``, ``q_a_layernorm``, ``q_b_proj`` or ``q_proj``,
+``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``) map one to one, and its
+``mlp.shared_experts.{gate,up,down}_proj`` become ``mlp.shared.w_in`` (``[gate; up]``) and
+``mlp.shared.w_out``. Models whose first layers are dense (``first_k_dense_replace > 0``) are
+refused: every moeflow layer is an MoE layer.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from moeflow.models.decoder import MoEDecoder
 
 @dataclass(frozen=True)
 class Family:
-    """A transformers model family: its MoE block's attribute name and per-expert names."""
+    """A transformers model family: its MoE block's attribute name, per-expert names and the
+    name of its shared-expert block (if any)."""
 
     model_type: str
     moe_attr: str
@@ -44,12 +50,56 @@ class Family:
     up: str
     down: str
     qk_norm: bool
+    shared_attr: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("qwen3_moe", "mlp", "gate_proj", "up_proj", "down_proj", True),
     "mixtral": Family("mixtral", "block_sparse_moe", "w1", "w3", "w2", False),
+    "deepseek_v2": Family("deepseek_v2", "mlp", "gate_proj", "up_proj", "down_proj", False,
+                          "shared_experts"),
 }
+
+_GQA_KEYS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+             "self_attn.o_proj.weight")
+_MLA_KEYS = ("self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_layernorm.weight",
+             "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight")
+_MLA_Q = ("self_attn.q_a_proj.weight", "self_attn.q_a_layernorm.weight",
+          "self_attn.q_b_proj.weight")
+
+
+def _attention_keys(cfg: DecoderConfig) -> tuple[str, ...]:
+    if cfg.attention == "mla":
+        q = ("self_attn.q_proj.weight",) if cfg.q_lora_rank is None else _MLA_Q
+        return q + _MLA_KEYS
+    return _GQA_KEYS + (("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+                        if cfg.qk_norm else ())
+
+
+def _deepseek_v2_config(hf: dict) -> tuple[MoEConfig, dict]:
+    if hf.get("first_k_dense_replace", 0) or hf.get("moe_layer_freq", 1) != 1:
+        raise UnsupportedModelError("DeepSeek-V2 with dense layers (first_k_dense_replace > 0 "
+                                    "or moe_layer_freq != 1) is not supported")
+    method = hf.get("topk_method", "greedy")
+    if method == "greedy":
+        n_group, topk_group = 1, 1
+    elif method == "group_limited_greedy":
+        n_group, topk_group = int(hf["n_group"]), int(hf["topk_group"])
+    else:
+        raise UnsupportedModelError(f"topk_method={method!r} is not supported: 'greedy' or "
+                                    "'group_limited_greedy'")
+    n_shared = int(hf.get("n_shared_experts") or 0)
+    moe = MoEConfig(hidden_size=hf["hidden_size"], ffn_hidden_size=hf["moe_intermediate_size"],
+                    num_experts=hf["n_routed_experts"], top_k=hf["num_experts_per_tok"],
+                    router="deepseek", score_func="softmax", n_group=n_group,
+                    topk_group=topk_group, norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                    routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                    num_shared_experts=n_shared,
+                    shared_ffn_hidden_size=hf["moe_intermediate_size"] if n_shared else None)
+    mla = dict(attention="mla", q_lora_rank=hf.get("q_lora_rank"),
+               kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+               v_head_dim=hf["v_head_dim"], head_dim=hf["qk_rope_head_dim"])
+    return moe, mla
 
 
 def config_from_hf(hf: dict) -> tuple[DecoderConfig, Family]:
@@ -74,7 +124,11 @@ def config_from_hf(hf: dict) -> tuple[DecoderConfig, Family]:
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     D, H = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or D // H
-    if mt == "qwen3_moe":
+    extra: dict = {}
+    if mt == "deepseek_v2":
+        moe, extra = _deepseek_v2_config(hf)
+        head_dim = extra.pop("head_dim")
+    elif mt == "qwen3_moe":
         if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
             raise UnsupportedModelError("Qwen3-MoE with dense layers (mlp_only_layers, "
                                         "decoder_sparse_step) is not supported")
@@ -94,7 +148,7 @@ def config_from_hf(hf: dict) -> tuple[DecoderConfig, Family]:
                         rope_theta=float(theta), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                         qk_norm=fam.qk_norm,
                         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                        family=mt)
+                        family=mt, **extra)
     return cfg, fam
 
 
@@ -120,14 +174,16 @@ def from_hf_state_dict(sd: dict, cfg: DecoderConfig, fam: Family) -> dict:
     E = cfg.moe.num_experts
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        names = ["self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                 "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                 "input_layernorm.weight", "post_attention_layernorm.weight"]
-        if cfg.qk_norm:
-            names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+        names = _attention_keys(cfg) + ("input_layernorm.weight",
+                                         "post_attention_layernorm.weight")
         for n in names:
             out[dst + n] = take(src + n)
         moe = f"{src}{fam.moe_attr}."
+        if fam.shared_attr and cfg.moe.num_shared_experts:
+            sh = f"{moe}{fam.shared_attr}."
+            out[dst + "mlp.shared.w_in"] = torch.cat([take(sh + "gate_proj.weight"),
+                                                      take(sh + "up_proj.weight")])
+            out[dst + "mlp.shared.w_out"] = take(sh + "down_proj.weight")
         out[dst + "mlp.router.weight"] = take(moe + "gate.weight")
         if moe + "experts.gate_up_proj" in sd:
             out[dst + "mlp.experts.w_in"] = take(moe + "experts.gate_up_proj")
@@ -160,6 +216,12 @@ def to_hf_state_dict(model: MoEDecoder, fam: Family | str) -> dict:
                 out[dst + k[len(src):]] = v
         moe = f"{dst}{fam.moe_attr}."
         out[moe + "gate.weight"] = sd[src + "mlp.router.weight"]
+        if fam.shared_attr and cfg.moe.num_shared_experts:
+            w_in, Fs = sd[src + "mlp.shared.w_in"], cfg.moe.shared_ffn_size
+            sh = f"{moe}{fam.shared_attr}."
+            out[sh + "gate_proj.weight"] = w_in[:Fs].clone()
+            out[sh + "up_proj.weight"] = w_in[Fs:].clone()
+            out[sh + "down_proj.weight"] = sd[src + "mlp.shared.w_out"]
         w_in, w_out = sd[src + "mlp.experts.w_in"], sd[src + "mlp.experts.w_out"]
         for e in range(cfg.moe.num_experts):
             out[f"{moe}experts.{e}.{fam.gate}.weight"] = w_in[e, :F_].clone()

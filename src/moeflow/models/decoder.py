@@ -69,9 +69,14 @@ class KVCache:
     def __init__(self, cfg: DecoderConfig, slots: int, max_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device=None):
         L = max_len or cfg.max_position_embeddings
-        shape = (slots, L, cfg.num_kv_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        if cfg.attention == "mla":  # the compressed latent and the shared rotary key
+            k_shape, v_shape = (slots, L, 1, cfg.kv_lora_rank), (slots, L, 1, cfg.head_dim)
+        else:
+            k_shape = v_shape = (slots, L, cfg.num_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(k_shape, dtype=dtype, device=device)
+                  for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(v_shape, dtype=dtype, device=device)
+                  for _ in range(cfg.num_layers)]
         self.slots, self.max_len = slots, L
 
     def write_and_read(self, layer: int, rows_B: torch.Tensor, pos_BT: torch.Tensor,
@@ -123,13 +128,73 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.d))
 
 
+def _rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on adjacent pairs ``(x0, x1), (x2, x3), ...`` (DeepSeek-V2's layout);
+    ``cos``/``sin`` hold each frequency twice (halves layout), so the first half is used."""
+    half = cos.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
+    x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, Eq. 9-19): the cache holds
+    a normalised ``kv_lora_rank`` latent and one rotary key per token; keys and values are
+    expanded from the latent per call (no weight absorption: the simple, exact form)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        D, H = cfg.hidden_size, cfg.num_heads
+        self.H, self.r = H, cfg.kv_lora_rank
+        self.nope, self.rope, self.vd = cfg.qk_nope_head_dim, cfg.head_dim, cfg.v_head_dim
+        qk = self.nope + self.rope
+        self.qk = qk
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.r + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.r, 1e-6)
+        self.kv_b_proj = nn.Linear(self.r, H * (self.nope + self.vd), bias=False)
+        self.o_proj = nn.Linear(H * self.vd, D, bias=False)
+
+    def forward(self, x_BTD, cos, sin, cache, layer, rows_B, pos_BT) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q = q.view(B, T, self.H, self.qk).transpose(1, 2)  # B H T qk
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        kv_nope, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([self.r, self.rope], dim=-1)
+        kv_nope = self.kv_a_layernorm(kv_nope)
+        q_pe = _rope_interleaved(q_pe, cos, sin)
+        k_pe = _rope_interleaved(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # B T rope
+        upto = int(pos_BT.max()) + 1
+        lat, kpe = cache.write_and_read(layer, rows_B, pos_BT, kv_nope.unsqueeze(2),
+                                        k_pe.unsqueeze(2), upto)  # B 1 L r, B 1 L rope
+        kv = self.kv_b_proj(lat.squeeze(1).to(x_BTD.dtype))  # B L H*(nope+v)
+        kv = kv.view(B, upto, self.H, self.nope + self.vd).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.vd], dim=-1)
+        k = torch.cat((k_nope, kpe.to(x_BTD.dtype).expand(-1, self.H, -1, -1)), dim=-1)
+        qf = torch.cat((q_nope, q_pe), dim=-1)
+        key_pos = torch.arange(upto, device=x_BTD.device)
+        mask_BTL = key_pos.view(1, 1, -1) <= pos_BT.unsqueeze(-1)
+        out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask_BTL.unsqueeze(1),
+                                             scale=self.qk ** -0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.vd))
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``h + attn(norm(h))`` then ``h + moe(norm(h))``."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = LatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoELayer(cfg.moe)
 
