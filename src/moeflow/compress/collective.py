@@ -13,11 +13,14 @@ published; this one is ours:
   offset, zero class) is a model of the exponent distribution up to a shift ``base``; its
   length-limited Huffman code (``entropy.huffman_lengths``, <= 12 bits) is built once per
   shift and cached.
-- **One cheap statistic.** A strided sample of at most ``SAMPLE`` values gives the mean of
-  the exponents ``floor(log2|x|)`` (the scale: mean minus the model's offset estimates
-  ``log2 RMS``, and one huge outlier cannot move it, as it would move an RMS), their spread
-  (the shape: heavier tails spread wider) and the zero fraction; integer work on 64 Ki
-  values, however large the message.
+- **One cheap statistic.** Per message, and per 256 KiB chunk of a message (a gradient bucket
+  concatenates tensors of different scales), a strided sample of at most ``SAMPLE``
+  (``CHUNK_SAMPLE``) values gives the mean of the exponents ``floor(log2|x|)`` (the scale:
+  mean minus the model's offset estimates ``log2 RMS``, and one huge outlier cannot move
+  it, as it would move an RMS) and the zero fraction. The model then proposes a dozen
+  tables around that scale (each shape, the quarter-binade offset and its neighbours) and
+  the sample's symbol histogram picks the cheapest: integer work on a few thousand values
+  per chunk, however large the message; no code is ever built from data.
 - **Escape.** The static code covers the window and exponent 0. Exponents outside it share
   the escape probability ``ESC_PROB`` in the model; a chunk that holds one gets a code built
   from the model's weights restricted to the symbols it holds (which covers them all), so
@@ -57,7 +60,8 @@ from moeflow.errors import CorruptDataError, InputError
 
 MAGIC = b"ZC"
 VERSION = 1
-SAMPLE = 1 << 16                      # values read by the scale statistic
+SAMPLE = 1 << 16                      # values read by the scale statistic of a message
+CHUNK_SAMPLE = 1 << 12                # ... and of each chunk
 WINDOW = 32                           # binades modelled around the scale
 SHAPES = (2.0, 1.0, 0.5, 16.0)        # GG beta: Gaussian first, then heavier / flatter tails
 OFFSETS = 4                           # scale resolution: a quarter binade
@@ -175,30 +179,44 @@ def exponent_moments(shape: int) -> tuple[float, float]:
     return mu, float(math.sqrt((p * (d - mu) ** 2).sum()))
 
 
-def choose(vals: np.ndarray, dtype: str, shapes=SHAPES) -> Choice:
-    """Pick the table of a message from one cheap statistic of a strided sample of at most
-    ``SAMPLE`` values: the mean (and spread) of their exponents ``floor(log2|x|)``, the zero
-    fraction. The mean minus the model's offset estimates ``log2 RMS`` (the scale), robust to
-    outliers; the spread picks the shape. ``shapes``: the GG betas allowed (``GAUSSIAN`` for
-    the plain Gaussian model)."""
+ESCAPE_BITS = MAX_LEN  # what a sampled symbol without a static code is charged
+
+
+def choose(vals: np.ndarray, dtype: str, shapes=SHAPES, sample: int = SAMPLE) -> Choice:
+    """Pick the table of a message (or chunk) from a strided sample of at most ``sample``
+    values: the mean of their exponents ``floor(log2|x|)`` minus the model's offset estimates
+    ``log2 RMS`` (the scale; one huge outlier cannot move it, as it would move an RMS) and
+    the zero fraction picks the zero class. Around that scale, the candidates (every allowed
+    shape, the estimated quarter-binade offset and its two neighbours) are priced on the
+    sample's symbol histogram, and the cheapest wins: the model proposes, the sample
+    decides between a dozen static tables. ``shapes``: the GG betas allowed (``GAUSSIAN``
+    for the plain Gaussian model)."""
     spec = float_spec(dtype)
     kind = _KIND[dtype]
-    step = max(1, vals.size // SAMPLE)
-    cnt, zeros, fin, s1, s2 = K.sample_stats(vals, kind, step) if vals.size else (0, 0, 0, 0, 0)
+    bias = (1 << (spec.exp_bits - 1)) - 1
+    allowed = [SHAPES.index(b) for b in shapes]
+    if not vals.size:
+        return Choice(allowed[0], 0, 0, bias - WINDOW_BELOW)
+    step = max(1, vals.size // sample)
+    cnt, zeros, fin, s1, _s2 = K.sample_stats(vals, kind, step)
     zf = zeros / cnt if cnt else 0.0
     zero = int(np.argmin([abs(math.log2(zf + 2 ** -14) - math.log2(c + 2 ** -14))
                           for c in ZERO_CLASSES]))
-    allowed = [SHAPES.index(b) for b in shapes]
-    if fin:
-        mean = s1 / fin
-        std = math.sqrt(max(0.0, s2 / fin - mean * mean))
-        shape = min(allowed, key=lambda i: abs(exponent_moments(i)[1] - std))
-        q = round((mean - exponent_moments(shape)[0]) * OFFSETS)
-    else:
-        shape, q = allowed[0], 0
-    k, offset = divmod(q, OFFSETS)
-    bias = (1 << (spec.exp_bits - 1)) - 1
-    return Choice(shape, offset, zero, base=k + bias - WINDOW_BELOW)
+    if not fin:
+        return Choice(allowed[0], 0, zero, bias - WINDOW_BELOW)
+    hist = K.sample_symbols(vals, kind, step)
+    mean = s1 / fin
+    best, best_bits = None, None
+    for shape in allowed:
+        q0 = round((mean - exponent_moments(shape)[0]) * OFFSETS)
+        for q in (q0 - 1, q0, q0 + 1):
+            k, offset = divmod(q, OFFSETS)
+            ch = Choice(shape, offset, zero, base=k + bias - WINDOW_BELOW)
+            lens = ch.table(dtype).lengths
+            bits = int((hist * np.where(lens > 0, lens, ESCAPE_BITS)).sum())
+            if best_bits is None or bits < best_bits:
+                best, best_bits = ch, bits
+    return best
 
 
 def _as_bits(x, dtype: str | None):
@@ -228,16 +246,22 @@ def encode(x, dtype: str | None = None, threads: int | None = 1, shapes=SHAPES,
     kind = _KIND[dtype]
     n = vals.size
     ch = choice or choose(vals, dtype, shapes)
-    tab = ch.table(dtype)
     chunk_values = SEGMENT_BYTES // spec.itemsize
     n_chunks = (n + chunk_values - 1) // chunk_values
+    # one table per chunk, from the chunk's own statistic: a gradient bucket or a flat
+    # parameter buffer concatenates tensors of different scales
+    picks = [ch] * n_chunks if choice is not None or n_chunks <= 1 else [
+        choose(vals[c * chunk_values:(c + 1) * chunk_values], dtype, shapes, CHUNK_SAMPLE)
+        for c in range(n_chunks)]
+    tabs = [p.table(dtype) for p in picks]
+    static_len = np.stack([t.lengths for t in tabs]) if tabs else np.zeros((0, 256), np.int64)
+    model_w = np.stack([t.weights for t in tabs]) if tabs else np.zeros((0, 256), np.int64)
     lengths = np.zeros((n_chunks, 256), np.int64)
     sbytes = np.zeros((n_chunks, 4), np.int64)
     sizes = np.zeros(n_chunks, np.int64)
     if n_chunks:
         run_shared(lambda c: K.plan_static(vals, c, n_chunks, chunk_values, kind, spec.itemsize,
-                                           tab.lengths, tab.weights, lengths, sbytes,
-                                           sizes),
+                                           static_len, model_w, lengths, sbytes, sizes),
                    n_chunks, threads)
     ends = np.cumsum(sizes)
     base = entropy._HEAD.size + 8 * n_chunks

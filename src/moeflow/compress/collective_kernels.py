@@ -59,9 +59,27 @@ def sample_stats(vals, kind, step):
 
 
 @nb.njit(nogil=True, cache=True)
+def sample_symbols(vals, kind, step):
+    """Histogram of the symbols (the entropy codec's: exponent byte, fp16 high byte) of every
+    ``step``-th value: what a candidate table would spend on the sample."""
+    h = np.zeros(256, np.int64)
+    if kind == 1:
+        for i in range(0, vals.shape[0], step):
+            h[(np.uint32(vals[i]) >> np.uint32(7)) & np.uint32(0xFF)] += 1
+    elif kind == 2:
+        for i in range(0, vals.shape[0], step):
+            h[np.uint32(vals[i]) >> np.uint32(8)] += 1
+    else:
+        for i in range(0, vals.shape[0], step):
+            h[(np.uint32(vals[i]) >> np.uint32(23)) & np.uint32(0xFF)] += 1
+    return h
+
+
+@nb.njit(nogil=True, cache=True)
 def plan_static(vals, counter, n_chunks, chunk_values, kind, itemsize, static_len, model_w,
                 lengths, sbytes, sizes):
-    """Pass 1 with a static code: per chunk, the lengths of the symbols present (the others
+    """Pass 1 with static codes (``static_len[c]``: chunk c's table; ``model_w[c]`` its
+    model weights): per chunk, the lengths of the symbols present (the others
     get none, so the chunk's code tables stay small), the byte length of each of its four
     streams and its total size (``sbytes[c, 0] = -1``: stored raw, as in the entropy codec,
     when coding would not save bytes).
@@ -91,10 +109,10 @@ def plan_static(vals, counter, n_chunks, chunk_values, kind, itemsize, static_le
             hq[j] = _histogram(syms[lo_j:hi_j], hi_j - lo_j)
         for s in range(256):
             present = hq[0, s] + hq[1, s] + hq[2, s] + hq[3, s] > 0
-            w[s] = model_w[s] if present else 0
+            w[s] = model_w[c, s] if present else 0
             if present:
-                lengths[c, s] = static_len[s]
-                if static_len[s] == 0:
+                lengths[c, s] = static_len[c, s]
+                if static_len[c, s] == 0:
                     escape = True
         if escape:
             lengths[c, :] = huffman_lengths(w, MAX_LEN)
