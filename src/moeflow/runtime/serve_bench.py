@@ -190,7 +190,7 @@ def _schedules(args, plan=None, decode_plan=None):
 # ---- FinDEP's model of this host ------------------------------------------------------------
 def _fit_gemm(cfg, eg: int):
     """``t_gm`` (ms, FLOPs) as the EG runs it: this host's expert FFN (one thread, ``E / eg``
-    experts, n rows spread evenly, the fastest of 7 runs; a shared host only ever adds time)
+    experts, n rows spread evenly, the fastest of 5 runs; a shared host only ever adds time)
     read through FinDEP's ``t_e = 3 (E/eg) t_gm(2 m_e M H)``, so the intercept holds the
     per-GEMM and per-call overheads of this runtime."""
     import torch
@@ -207,12 +207,12 @@ def _fit_gemm(cfg, eg: int):
                      moe.expert_activation).eval()
         flops, ms = [], []
         with torch.no_grad():
-            for n in (local * 2, local * 16, local * 64, local * 256):
+            for n in (local * 2, local * 16, local * 64, local * 256, local * 512):
                 x = torch.randn(n, moe.hidden_size)
                 counts = torch.full((local,), n // local)
                 ex(x, counts)
                 ts = []
-                for _ in range(7):
+                for _ in range(5):
                     t0 = time.perf_counter()
                     ex(x, counts)
                     ts.append(1e3 * (time.perf_counter() - t0))
