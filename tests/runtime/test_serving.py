@@ -16,11 +16,11 @@ SCHEDULES = [ServeSchedule.naive(), ServeSchedule.pppipe(),
              ServeSchedule("findep", 2, 3, "AASS"), ServeSchedule("findep", 3, 2, "ASAS")]
 
 
-def tiny_model(shared: int = 1) -> MoEDecoder:
+def tiny_model(shared: int = 1, **attention) -> MoEDecoder:
     cfg = DecoderConfig(vocab_size=80, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                         moe=MoEConfig(hidden_size=32, ffn_hidden_size=24, num_experts=4,
                                       top_k=2, num_shared_experts=shared),
-                        max_position_embeddings=40)
+                        max_position_embeddings=40, **attention)
     torch.manual_seed(0)
     model = MoEDecoder(cfg).eval()
     with torch.no_grad():  # larger weights: routing and logits that differ between tokens
@@ -71,6 +71,16 @@ def test_two_attention_ranks_without_shared_experts():
     model, reqs = tiny_model(shared=0), requests()
     ref = reference(model, reqs)
     got = serve(model, reqs, ag=2, eg=2, schedule=ServeSchedule("findep", 2, 2, "AASS"),
+                return_logits=True, timeout_s=30)
+    check_same(ref, got)
+
+
+def test_latent_attention_model_serves_the_same():
+    model = tiny_model(attention="mla", q_lora_rank=12, kv_lora_rank=8, qk_nope_head_dim=8,
+                       v_head_dim=6, head_dim=4)
+    reqs = requests()
+    ref = reference(model, reqs)
+    got = serve(model, reqs, ag=1, eg=2, schedule=ServeSchedule("findep", 2, 2, "ASAS"),
                 return_logits=True, timeout_s=30)
     check_same(ref, got)
 
