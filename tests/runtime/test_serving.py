@@ -17,7 +17,8 @@ SCHEDULES = [ServeSchedule.naive(), ServeSchedule.pppipe(),
 
 
 def tiny_model(shared: int = 1, **attention) -> MoEDecoder:
-    cfg = DecoderConfig(vocab_size=80, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    attention = {"head_dim": 8, **attention}
+    cfg = DecoderConfig(vocab_size=80, num_layers=2, num_heads=4, num_kv_heads=2,
                         moe=MoEConfig(hidden_size=32, ffn_hidden_size=24, num_experts=4,
                                       top_k=2, num_shared_experts=shared),
                         max_position_embeddings=40, **attention)
