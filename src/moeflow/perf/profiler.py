@@ -329,6 +329,10 @@ def format_table(model: PerfModel) -> str:
         unit = "FLOP" if k == "gemm" else "byte"
         r2 = "-" if c.r2 is None else f"{c.r2:.4f}"
         lines.append(f"{k:<10} {c.alpha:>12.4g} {c.beta:>15.4g} {r2:>8}  {unit}")
+    for k, d in sorted((model.meta or {}).get("codec_costs", {}).items()):  # ZipCCL's codec
+        c = LinearCost.from_dict(d)
+        r2 = "-" if c.r2 is None else f"{c.r2:.4f}"
+        lines.append(f"{k:<10} {c.alpha:>12.4g} {c.beta:>15.4g} {r2:>8}  byte")
     return "\n".join(lines)
 
 
