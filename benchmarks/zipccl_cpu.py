@@ -33,7 +33,7 @@ every round trip checked bit-exact; record ``zipccl_gpu_<tag>``. ``--smoke`` run
 shapes under ``TRITON_INTERPRET=1`` on CPU (figures mean nothing, checks must pass):
 
     PYTHONPATH=src python benchmarks/zipccl_cpu.py gpu --tag h200_DATE --out $OUT
-    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/zipccl_cpu.py gpu --smoke --out /tmp/x
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/zipccl_cpu.py gpu --smoke --out DIR
 """
 
 from __future__ import annotations
