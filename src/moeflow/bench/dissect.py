@@ -149,10 +149,11 @@ def attribute(events) -> tuple[list[dict], list[dict], list[list[OpRecord]]]:
         ops: dict = {}
         inv: list[OpRecord] = []
         last_bwd = ["other"]
-        # iterative DFS in time order: (event, phase, row, under_backward_node, top_op)
-        stack = [(root, "forward", "other", False, None)]
+        # iterative DFS in time order: (event, phase, row, under_backward_node, top_op,
+        # under_a_gemm)
+        stack = [(root, "forward", "other", False, None, False)]
         while stack:
-            e, phase, row, in_node, top = stack.pop()
+            e, phase, row, in_node, top, in_gemm = stack.pop()
             name = e.name
             if name.startswith(PHASE):
                 phase = name[len(PHASE):]
@@ -174,11 +175,13 @@ def attribute(events) -> tuple[list[dict], list[dict], list[list[OpRecord]]]:
             if name.startswith(("aten::", "c10d::")) and top is None:
                 top = OpRecord(phase, row, name, us, list(e.input_shapes or []))
                 inv.append(top)
-            if top is not None and name in GEMM_OPS:
+            if top is not None and name in GEMM_OPS and not in_gemm:
+                # a GEMM inside a GEMM (CPU grouped_mm runs mm per group) is counted once
                 top.gemms.append((name, list(e.input_shapes or [])))
+                in_gemm = True
             children = sorted(e.cpu_children, key=lambda c: c.time_range.start, reverse=True)
             for c in children:
-                stack.append((c, phase, row, in_node, top))
+                stack.append((c, phase, row, in_node, top, in_gemm))
         rows_out.append(rows)
         ops_out.append(ops)
         inv_out.append(inv)

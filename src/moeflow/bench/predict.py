@@ -220,13 +220,15 @@ def ep_step_graph(rows: dict, comm: dict, r: int) -> TaskGraph:
     for (phase, row), ms in rows.items():
         if row == "moe_experts" and phase in comm:
             disp, comb = comm[phase]
-            ends = []
-            for c in range(r):
-                deps = () if prev is None else (prev,)
-                a = g.add(f"{phase}/dispatch/{c}", "link", disp / r, deps=deps, kind="a2a")
-                e = g.add(f"{phase}/experts/{c}", "compute", ms / r, deps=(a,), kind=phase)
-                ends.append(g.add(f"{phase}/combine/{c}", "link", comb / r, deps=(e,),
-                                  kind="a2a"))
+            deps = () if prev is None else (prev,)
+            # link order: every dispatch, then every combine (a combine waits for its
+            # chunk's experts, so dispatches queued behind it would stall the pipeline)
+            sends = [g.add(f"{phase}/dispatch/{c}", "link", disp / r, deps=deps, kind="a2a")
+                     for c in range(r)]
+            comps = [g.add(f"{phase}/experts/{c}", "compute", ms / r, deps=(sends[c],),
+                           kind=phase) for c in range(r)]
+            ends = [g.add(f"{phase}/combine/{c}", "link", comb / r, deps=(comps[c],),
+                          kind="a2a") for c in range(r)]
             prev = g.add(f"{phase}/moe_join", None, 0.0, deps=ends)
             continue
         prev = g.add(f"{phase}/{row}", "compute", ms, deps=() if prev is None else (prev,),

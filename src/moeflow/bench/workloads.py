@@ -168,13 +168,17 @@ def _recompute(block: nn.Module) -> None:
 
 
 def _compile(model: nn.Module) -> None:
-    """``torch.compile`` the forward of each timed leaf (hooks stay outside compiled code)."""
+    """``torch.compile`` each timed module that runs no other timed module, and each attention
+    module that holds no MoE layer (its q/k norms compile into it): the hooks of a compiled
+    module stay outside the compiled code, so its row survives. Under compilation the experts
+    take their traceable path (``Experts._forward_traceable``), whatever the kernel setting."""
     mods = timed_modules(model)
     names = [n for n, _, _ in mods]
     for name, mod, cat in mods:
         has_timed_child = any(o.startswith(name + ".") for o in names)
-        if isinstance(mod, MoELayer):
-            continue  # its router and experts are compiled; the layer runs them eagerly
+        holds_moe = any(isinstance(m, MoELayer) for m in mod.modules())
+        if isinstance(mod, MoELayer) or holds_moe:
+            continue  # the MoE layer's router and experts are compiled on their own
         if has_timed_child and cat != "attention":
             continue
         mod.forward = torch.compile(mod.forward, dynamic=True)
