@@ -4,8 +4,16 @@ import pytest
 
 from moeflow.bench import count_flops
 from moeflow.bench.dissect import run_step
-from moeflow.bench.predict import (OP_CLASSES, compare, ep_step_graph, gemm_flops, op_class,
-                                   predict_rows, profile_op_class, step_graph)
+from moeflow.bench.predict import (
+    OP_CLASSES,
+    compare,
+    ep_step_graph,
+    gemm_flops,
+    op_class,
+    predict_rows,
+    profile_op_class,
+    step_graph,
+)
 from moeflow.perf.cost import LinearCost, PerfModel
 from moeflow.sim import simulate
 
