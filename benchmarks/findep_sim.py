@@ -12,7 +12,8 @@
    1.02-1.61x (over PPPipe).
 3. Solve time: the largest per workload, target < 1 s.
 
-Writes ``findep_sim_<date>.md`` (and ``.json``) under ``--out``. Pure Python (no torch).
+Writes ``findep_sim_<host>_<date>.md`` (and ``.json``) under ``--out``. Pure Python (no
+torch); the figures are simulated, only the solve times depend on the machine.
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import cpu_name  # noqa: E402
 
 from moeflow.plan import findep as fd
 from moeflow.sim.findep import sim_time
@@ -84,14 +90,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a sixteenth of the sweep")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--host", default=f"{os.cpu_count()}cpu-x86", help="machine label")
     args = ap.parse_args(argv)
     date = datetime.date.today().isoformat()
     opt = optimality(args.quick)
     sp = speedups(args.quick)
     rows = sp["rows"]
-    lines = [f"# FinDEP solver on the simulator ({date})", "",
+    lines = [f"# FinDEP solver on the simulator ({date}, {args.host})", "",
              "`python benchmarks/findep_sim.py`" + (" --quick" if args.quick else "")
-             + "; pure Python, machine-independent figures (simulated).", "",
+             + "; pure Python, simulated figures (only solve times depend on the machine: "
+             f"{cpu_name()}, Python {platform.python_version()}).", "",
              "## Optimality (target: within 1% of the simulated exhaustive search)", "",
              f"- workloads: {opt['workloads']} (small-batch sweep; "
              f"{opt['schedules_simulated']} schedules simulated in {opt['seconds']:.0f} s)",
@@ -126,8 +134,9 @@ def main(argv=None) -> int:
               "`moeflow.plan.findep` presets for each figure's source."]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"findep_sim_{date}.md").write_text("\n".join(lines) + "\n")
-    (out / f"findep_sim_{date}.json").write_text(json.dumps(
+    stem = f"findep_sim_{args.host}_{date}"
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(
         {"optimality": opt, "speedups": sp}, indent=1, default=str) + "\n")
     print("\n".join(lines))
     return 0

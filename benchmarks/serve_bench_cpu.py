@@ -147,8 +147,13 @@ def main(argv=None) -> int:
         return node_main(args.node_rank, args.master, args.port, args.repeat,
                          SMOKE_FLAGS if args.smoke else SHAPED_FLAGS)
     date = datetime.date.today().isoformat()
+    import platform
+
+    import torch
+
     lines = [f"# serve-bench on loopback ({date}, {args.host})", "",
-             f"CPU: {cpu_name()}; AG = 1, EG = 1 gloo ranks, one thread each; best of "
+             f"CPU: {cpu_name()}; Python {platform.python_version()}, torch {torch.__version__}; "
+             "AG = 1, EG = 1 gloo ranks, one thread each; best of "
              f"{args.repeat} interleaved runs per schedule; demo model (4 layers, hidden 256, "
              "8 experts top-2, 1 shared expert, fp32).", "",
              "`python benchmarks/serve_bench_cpu.py` (each workload is one `moeflow "
