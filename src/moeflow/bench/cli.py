@@ -53,7 +53,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak for MFU (default: measured 1024^3 GEMM per dtype)")
     p.add_argument("--perf", default=None,
-                   help="a PerfModel JSON with bench costs (moeflow bench --profile-out)")
+                   help="a PerfModel JSON (moeflow profile, or --profile-out); operator-class "
+                        "costs are profiled here when it has none")
     p.add_argument("--simulate", action="store_true",
                    help="profile this machine (moeflow.perf.profile) and add the simulator's "
                         "prediction of every setting")
@@ -154,16 +155,22 @@ def run_bench(args) -> int:
     job = build_job(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if job.perf is not None and "bench_costs" not in job.perf.meta:
+        from moeflow.bench.predict import with_op_costs
+        job.perf = with_op_costs(job.perf, tuple(dict.fromkeys(s.dtype for s in job.settings)),
+                                 nproc=job.nproc)
     if args.simulate and job.perf is None:
         from moeflow.bench.predict import profile_machine
         job.perf = profile_machine(tuple(dict.fromkeys(s.dtype for s in job.settings)),
-                                   progress=not args.quiet)
+                                   nproc=job.nproc, progress=not args.quiet)
         if args.profile_out:
             job.perf.save(args.profile_out)
     from moeflow.bench.report import format_table, write_json, write_png
     from moeflow.bench.run import bench
 
     report = bench(job)
+    if report is None:  # a non-zero rank under torchrun
+        return 0
     print(format_table(report))
     if args.json:
         write_json(report, args.json)

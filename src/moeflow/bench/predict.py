@@ -113,27 +113,54 @@ def profile_op_class(cls: str, dtype: str, reps: int = 20, trials: int = 3) -> L
                            f"{torch.get_num_threads()} threads")
 
 
-def profile_machine(dtypes=("float32",), *, reps: int = 5, trials: int = 3,
+def profile_machine(dtypes=("float32",), *, nproc: int = 1, reps: int = 5, trials: int = 3,
                     progress: bool = False) -> PerfModel:
-    """``moeflow.perf.profile`` (one rank: the GEMM fit) per dtype, plus element-wise fits;
-    the extra fits go to ``meta["bench_costs"]`` keyed ``<primitive>@<dtype>``."""
+    """``moeflow.perf.profile`` per dtype on ``nproc`` gloo ranks (the GEMM fit, and with
+    ``nproc > 1`` the collectives), plus the operator-class fits of this process (run with
+    the threads one rank gets); the extra fits go to ``meta["bench_costs"]`` keyed
+    ``<primitive>@<dtype>``."""
     from moeflow.perf import profile
 
     base = None
     extra = {}
+    threads = torch.get_num_threads()
+    per_rank = max(1, threads // nproc)
     for dt in dtypes:
-        pm = profile(nproc=1, sizes=(2 ** 14, 2 ** 16), gemm_sizes=GEMM_SIZES, reps=reps,
-                     trials=trials, progress=progress, dtype=dt,
-                     threads_per_rank=torch.get_num_threads())
+        pm = profile(nproc=nproc, sizes=tuple(2 ** p for p in range(12, 21, 2)),
+                     gemm_sizes=GEMM_SIZES, reps=reps, trials=trials, progress=progress,
+                     dtype=dt, threads_per_rank=per_rank)
         base = base or pm
         extra[f"gemm@{dt}"] = pm.costs["gemm"].to_dict()
-        for cls in ("elementwise", *OP_CLASSES):
-            extra[f"{cls}@{dt}"] = profile_op_class(cls, dt).to_dict()
+        torch.set_num_threads(per_rank)
+        try:
+            for cls in ("elementwise", *OP_CLASSES):
+                extra[f"{cls}@{dt}"] = profile_op_class(cls, dt).to_dict()
+        finally:
+            torch.set_num_threads(threads)
     meta = dict(base.meta)
     meta["bench_costs"] = extra
     return PerfModel(name=base.name, costs=base.costs, bytes_per_element=base.bytes_per_element,
                      notes=base.notes + "; bench_costs: GEMM and element-wise fits per dtype",
                      meta=meta)
+
+
+def with_op_costs(perf: PerfModel, dtypes=("float32",), *, nproc: int = 1) -> PerfModel:
+    """``perf`` (e.g. from ``moeflow profile`` inside a cluster) plus this process's
+    operator-class fits, with the threads one of ``nproc`` ranks gets; its GEMM and collective
+    fits are kept (``gemm@<dtype>`` falls back to its ``gemm``)."""
+    threads = torch.get_num_threads()
+    extra = {}
+    torch.set_num_threads(max(1, threads // nproc))
+    try:
+        for dt in dtypes:
+            for cls in ("elementwise", *OP_CLASSES):
+                extra[f"{cls}@{dt}"] = profile_op_class(cls, dt).to_dict()
+    finally:
+        torch.set_num_threads(threads)
+    meta = dict(perf.meta)
+    meta["bench_costs"] = extra
+    return PerfModel(name=perf.name, costs=perf.costs, bytes_per_element=perf.bytes_per_element,
+                     notes=perf.notes, meta=meta)
 
 
 def _cost(perf: PerfModel, kind: str, dtype: str) -> LinearCost:
@@ -210,15 +237,17 @@ def step_graph(rows: dict) -> TaskGraph:
     return g
 
 
-def ep_step_graph(rows: dict, comm: dict, r: int) -> TaskGraph:
+def ep_step_graph(rows: dict, comm: dict, r: int, moe_row: str = "moe_experts") -> TaskGraph:
     """The same step with each MoE layer's dispatch and combine on the link, chunked ``r``
     ways (FSMoE's pipeline: a2a of chunk i overlaps the experts of chunk i-1).
 
-    ``comm`` is {phase: (dispatch ms, combine ms)} of all MoE layers of a phase."""
+    ``comm`` is {phase: (dispatch ms, combine ms)} of all MoE layers of a phase; ``moe_row``
+    is the row whose compute the link overlaps (``moe_other`` under ExpertParallel, whose
+    expert GEMMs run inside the wrapper)."""
     g = TaskGraph()
     prev = None
     for (phase, row), ms in rows.items():
-        if row == "moe_experts" and phase in comm:
+        if row == moe_row and phase in comm:
             disp, comb = comm[phase]
             deps = () if prev is None else (prev,)
             # link order: every dispatch, then every combine (a combine waits for its
@@ -257,3 +286,24 @@ def compare(d: StepDissection, perf: PerfModel, dtype: str) -> dict:
             "error": abs(tl.makespan - total_m) / total_m if total_m > 0 else None,
             "rows": rows, "gemm_cost": _cost(perf, "gemm", dtype).to_dict(),
             "op_costs": {c: _cost(perf, c, dtype).to_dict() for c in ("elementwise", *OP_CLASSES)}}
+
+
+def compare_ep(d: StepDissection, perf: PerfModel, dtype: str, r: int) -> dict:
+    """:func:`compare` for an expert-parallel step (rank 0's inventory): the all-to-alls of
+    each phase are priced with the PerfModel's ``a2a`` fit (its bytes from the recorded
+    shapes), half dispatch, half combine, and overlap the MoE compute in ``r`` chunks."""
+    from moeflow.bench.ep import _a2a_bytes
+
+    pred = predict_rows(d, perf, dtype)
+    a2a = perf.cost("a2a")
+    comm: dict = {}
+    for phase, n in _a2a_bytes(d.inventory):
+        comm[phase] = comm.get(phase, 0.0) + a2a(n * ESIZE[dtype])
+    halves = {p: (t / 2, t / 2) for p, t in comm.items()}
+    tl = simulate(ep_step_graph(pred, halves, r, moe_row="moe_other"))
+    out = compare(d, perf, dtype)
+    m = d.unprofiled_ms
+    out.update({"predicted_ms": tl.makespan, "ratio": tl.makespan / m if m > 0 else None,
+                "error": abs(tl.makespan - m) / m if m > 0 else None,
+                "comm_predicted_ms": comm, "a2a_cost": a2a.to_dict(), "r": r})
+    return out

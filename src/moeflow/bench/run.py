@@ -169,6 +169,34 @@ def _trace_dir(job: BenchJob, setting: Setting) -> str:
     return os.path.join(job.trace_dir, f"{job.mode}_{setting.label.replace('/', '_')}")
 
 
+def under_torchrun() -> bool:
+    """Started by torchrun (or any launcher that sets the env:// variables), e.g. one rank per
+    node of a cluster."""
+    import os
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _ep_in_group(spec: dict, job: BenchJob) -> list | None:
+    """This rank's part of an env:// job; rank 0 gets every rank's result, others None."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from moeflow.bench.ep import ep_rank
+    from moeflow.errors import DistributedConfigError
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != job.nproc:
+        raise DistributedConfigError(f"--nproc {job.nproc} does not match the launcher's "
+                                     f"WORLD_SIZE={world}")
+    res = ep_rank(rank, world, spec)
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(res, gathered, dst=0)
+    return gathered if rank == 0 else None
+
+
 def _run_ep(job: BenchJob, setting: Setting, peak: float) -> tuple[dict, Workload]:
     from moeflow.bench.ep import ep_rank, summarize
     from moeflow.launch import launch
@@ -177,14 +205,26 @@ def _run_ep(job: BenchJob, setting: Setting, peak: float) -> tuple[dict, Workloa
             "seed": job.seed, "path": job.path, "dims": job.dims, "r": job.r,
             "warmup": job.warmup, "steps": job.steps, "unprofiled": job.unprofiled,
             "trace": job.trace_dir is not None}
-    threads = max(1, torch.get_num_threads() // job.nproc)
-    results = launch(ep_rank, job.nproc, spec, name="moeflow bench", threads=threads,
-                     progress=job.progress)
+    if under_torchrun():
+        results = _ep_in_group(spec, job)
+        if results is None:
+            return None, None  # not rank 0: rank 0 reports
+    else:
+        threads = max(1, torch.get_num_threads() // job.nproc)
+        results = launch(ep_rank, job.nproc, spec, name="moeflow bench", threads=threads,
+                         progress=job.progress)
     ep = summarize(results, job.r)
     d = results[0]["dissection"]
     w = build_workload(job.kind, job.mode, setting, job.shape, seed=job.seed, path=job.path,
                        dims=job.dims)
-    res = _setting_result(job, w, d, peak, None, ep)
+    perf, job.perf = job.perf, None  # the single-process prediction does not apply
+    try:
+        res = _setting_result(job, w, d, peak, None, ep)
+    finally:
+        job.perf = perf
+    if perf is not None:
+        from moeflow.bench.predict import compare_ep
+        res["prediction"] = compare_ep(d, perf, setting.dtype, job.r)
     if job.trace_dir is not None:
         from moeflow.bench.report import write_trace
         for r in results:
@@ -193,8 +233,9 @@ def _run_ep(job: BenchJob, setting: Setting, peak: float) -> tuple[dict, Workloa
     return res, w
 
 
-def bench(job: BenchJob) -> dict:
-    """Run every setting of ``job``; return the ``moeflow.bench/1`` report."""
+def bench(job: BenchJob) -> dict | None:
+    """Run every setting of ``job``; return the ``moeflow.bench/1`` report (None on the
+    non-zero ranks of a job started by torchrun: rank 0 reports)."""
     peaks = dict(job.peak_flops or {})
     source = "stated"
     threads = torch.get_num_threads()
@@ -221,11 +262,17 @@ def bench(job: BenchJob) -> dict:
                 else:
                     res, last = _run_ep(job, s, peaks[s.dtype])
                     bar.update(1)
+                    if res is None:  # a non-zero rank of an env:// job
+                        continue
             except MoeflowError:
                 raise
             except Exception as exc:  # a setting that does not build (compile) fails alone
                 res = _failed(s, exc)
             results.append(res)
+    if job.nproc > 1 and under_torchrun():
+        import torch.distributed as dist
+        if dist.get_rank() != 0:
+            return None
     if last is None:
         last = build_workload(job.kind, job.mode, job.settings[0], job.shape, seed=job.seed,
                               path=job.path, dims=job.dims)
