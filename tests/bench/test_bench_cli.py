@@ -27,6 +27,8 @@ def _args(*argv):
     (["decode", "--compile", "yes"], ConfigError, "--compile"),
     (["train", "--batch-size", "0"], ConfigError, "--batch-size"),
     (["train", "--steps", "0"], ConfigError, "--steps"),
+    (["train", "--batch-size", "100000"], ConfigError, "--batch-size"),
+    (["train", "--dim", "10000000"], ConfigError, "--dim"),
     (["train", "--nproc", "0"], ConfigError, "--nproc"),
     (["train", "--peak-tflops", "-1"], ConfigError, "--peak-tflops"),
     (["train", "--model", "hf"], InputError, "--path"),

@@ -18,6 +18,10 @@ from moeflow.errors import ConfigError, InputError
 from moeflow.validate import output_file, positive_float, positive_int
 
 _ONOFF = {"off": False, "on": True}
+#: upper limits of the size flags, so a typo cannot allocate the machine away
+MAX = {"--batch-size": 4096, "--seq-len": 65536, "--dim": 16384, "--layers": 256,
+       "--experts": 1024, "--top-k": 1024, "--ffn": 65536, "--warmup": 1000, "--steps": 1000,
+       "--unprofiled": 1000, "--r": 64}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -100,8 +104,9 @@ def build_job(args):
             raise ConfigError("--dtype", d, f"one of {DTYPES}")
     rc = _onoff("--recompute", args.recompute)
     cp = _onoff("--compile", args.compile)
-    shape = Shape(batch=positive_int("--batch-size", args.batch_size),
-                  seq_len=positive_int("--seq-len", args.seq_len))
+    shape = Shape(batch=positive_int("--batch-size", args.batch_size,
+                                     maximum=MAX["--batch-size"]),
+                  seq_len=positive_int("--seq-len", args.seq_len, maximum=MAX["--seq-len"]))
     dims = {}
     for flag, key in (("--dim", "dim"), ("--layers", "num_layers"), ("--experts", "num_experts"),
                       ("--top-k", "top_k"), ("--ffn", "ffn_hidden_size")):
@@ -110,7 +115,7 @@ def build_job(args):
             if args.model == "hf" or (args.model == "decoder" and args.path):
                 raise ConfigError(flag, v, "not given with a model directory (its config "
                                            "sets the shape)")
-            dims[key] = positive_int(flag, v)
+            dims[key] = positive_int(flag, v, maximum=MAX[flag])
     if args.model == "hf" and not args.path:
         raise InputError("--model hf needs --path, a transformers model directory")
     if args.path and args.model == "demo":
@@ -141,11 +146,13 @@ def build_job(args):
     return BenchJob(kind=args.model, mode=args.bench_mode, shape=shape,
                     settings=settings_grid(args.kernel, args.dtype, rc, cp,
                                            full=args.full_grid, mode=args.bench_mode),
-                    warmup=positive_int("--warmup", args.warmup),
-                    steps=positive_int("--steps", args.steps),
-                    unprofiled=positive_int("--unprofiled", args.unprofiled), seed=args.seed,
+                    warmup=positive_int("--warmup", args.warmup, maximum=MAX["--warmup"]),
+                    steps=positive_int("--steps", args.steps, maximum=MAX["--steps"]),
+                    unprofiled=positive_int("--unprofiled", args.unprofiled,
+                                            maximum=MAX["--unprofiled"]), seed=args.seed,
                     path=args.path, dims=dims or None, peak_flops=peak, perf=perf,
-                    count=not args.no_count, nproc=nproc, r=positive_int("--r", args.r),
+                    count=not args.no_count, nproc=nproc,
+                    r=positive_int("--r", args.r, maximum=MAX["--r"]),
                     trace_dir=args.trace_dir, progress=not args.quiet)
 
 

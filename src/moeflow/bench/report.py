@@ -219,3 +219,92 @@ def write_trace(trace: dict, directory: str | Path, rank: int, world_size: int,
     path = d / f"rank{rank}.json"
     path.write_text(json.dumps(with_rank_metadata(trace, rank, world_size, backend)))
     return path
+
+
+# ------------------------------------------------------------------------------- markdown
+def format_markdown(report: dict) -> str:
+    """One report as Markdown tables: settings summary, rows x phase of every setting, the
+    baseline's top operators, and the simulator's per-row comparison (for records)."""
+    out = []
+    m, sh = report["model"], report["shape"]
+    out.append(f"### `{report['mode']}`: {m['kind']} model, batch {sh['batch']} x "
+               f"{sh['seq_len']}, {m['params_total'] / 1e6:.2f} M params "
+               f"({m['params_active'] / 1e6:.2f} M active), nproc {report['nproc']}, "
+               f"{report['machine']['threads']} threads")
+    out.append("")
+    out.append(f"Peak for MFU: {report['peak_flops'] / 1e9:.1f} GFLOP/s "
+               f"({report['peak_source']}); steps: {report['steps']['warmup']} warm-up, "
+               f"{report['steps']['unprofiled']} plain (median = step), "
+               f"{report['steps']['profiled']} profiled (mean = breakdown).")
+    out.append("")
+    ok = [s for s in report["settings"] if s["status"] == "ok"]
+    out.append("| setting | step ms | vs first | profiled ms | tok/s | model GFLOP | counted "
+               "GFLOP | MFU % | MFU(6N) % | sim ms | sim/measured |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = ok[0]["step_ms"] if ok else 1.0
+    for s in ok:
+        f = s["flops"]
+        p = s.get("prediction") or {}
+        counted = "-" if f.get("counted") is None else f"{f['counted'] / 1e9:.3f}"
+        sim = "-" if not p else f"{p['predicted_ms']:.2f}"
+        ratio = "-" if not p or p.get("ratio") is None else f"{p['ratio']:.3f}"
+        out.append(f"| {s['setting']['label']} | {s['step_ms']:.2f} | {s['step_ms'] / base:.2f} "
+                   f"| {s['profiled_step_ms']:.2f} | {s['tokens_per_s']:,.0f} | "
+                   f"{f['model'] / 1e9:.3f} | {counted} | {100 * s['mfu']:.2f} | "
+                   f"{100 * s['mfu_6n']:.2f} | {sim} | {ratio} |")
+    for s in report["settings"]:
+        if s["status"] != "ok":
+            out.append(f"| {s['setting']['label']} | failed: {s['error']} |||||||||| ")
+    out.append("")
+    phases = [p for p in PHASES if any(b["phase"] == p for s in ok for b in s["breakdown"])]
+    rows = [r for r in CATEGORIES if any(b["row"] == r for s in ok for b in s["breakdown"])]
+    out.append("Breakdown, ms per step (profiled), " + " / ".join(phases) + ":")
+    out.append("")
+    out.append("| row | " + " | ".join(s["setting"]["label"] for s in ok) + " |")
+    out.append("|---|" + "---:|" * len(ok))
+    for r in rows:
+        cells = []
+        for s in ok:
+            vals = [sum(b["ms"] for b in s["breakdown"] if b["row"] == r and b["phase"] == p)
+                    for p in phases]
+            cells.append(" / ".join(f"{v:.2f}" for v in vals))
+        out.append(f"| {r} | " + " | ".join(cells) + " |")
+    if ok:
+        s = ok[0]
+        out.append("")
+        out.append(f"Top operators of `{s['setting']['label']}` (self time, ms per step):")
+        out.append("")
+        out.append("| operator | phase | row | ms | calls |")
+        out.append("|---|---|---|---:|---:|")
+        for o in sorted(s["operators"], key=lambda o: -o["ms"])[:12]:
+            out.append(f"| `{o['op']}` | {o['phase']} | {o['row']} | {o['ms']:.3f} | "
+                       f"{o['calls']:.0f} |")
+        if s.get("prediction"):
+            p = s["prediction"]
+            out.append("")
+            out.append(f"Simulator vs measured, `{s['setting']['label']}` (measured rows: "
+                       "profiled, scaled to the plain step):")
+            out.append("")
+            out.append("| phase | row | measured ms | predicted ms | predicted/measured |")
+            out.append("|---|---|---:|---:|---:|")
+            for r in p["rows"]:
+                ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+                out.append(f"| {r['phase']} | {r['row']} | {r['measured_ms']:.3f} | "
+                           f"{r['predicted_ms']:.3f} | {ratio} |")
+            out.append(f"| **total** | | {p['measured_ms']:.3f} | {p['predicted_ms']:.3f} | "
+                       f"{p['ratio']:.3f} |")
+    eps = [s for s in ok if s.get("ep")]
+    if eps:
+        out.append("")
+        out.append("Expert parallelism (rank means; waits = exposed communication):")
+        out.append("")
+        out.append("| setting | phase | dispatch wait ms | combine wait ms | experts ms | "
+                   "a2a alone ms | hidden |")
+        out.append("|---|---|---:|---:|---:|---:|---:|")
+        for s in eps:
+            for ph, v in s["ep"]["phases"].items():
+                hid = "-" if v["hidden_fraction"] is None else f"{100 * v['hidden_fraction']:.0f}%"
+                out.append(f"| {s['setting']['label']} r={s['ep']['r']} | {ph} | "
+                           f"{v['dispatch_wait_ms']:.2f} | {v['combine_wait_ms']:.2f} | "
+                           f"{v['experts_ms']:.2f} | {v['comm_ms']:.2f} | {hid} |")
+    return "\n".join(out) + "\n"
