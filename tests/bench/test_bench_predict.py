@@ -3,7 +3,7 @@
 import pytest
 
 from moeflow.bench import count_flops
-from moeflow.bench.dissect import run_step
+from moeflow.bench.dissect import AUTOGRAD_NODE, MODULE_CALL, run_step
 from moeflow.bench.predict import (
     OP_CLASSES,
     compare,
@@ -38,7 +38,8 @@ def test_inventory_gemm_flops_equal_the_flop_counter(demo_train):
 
 def test_prediction_is_cost_times_work(demo_train):
     _, d = demo_train
-    n_gemm_free = sum(1 for rec in d.inventory if not rec.gemms)
+    n_gemm_free = sum(1 for rec in d.inventory
+                      if not rec.gemms and rec.name not in (MODULE_CALL, AUTOGRAD_NODE))
     flops = sum(gemm_flops(n, s) for rec in d.inventory for n, s in rec.gemms)
     rows = predict_rows(d, _perf(), "float32")
     assert sum(rows.values()) == pytest.approx(flops * 1e-9 + n_gemm_free * 1e-3)
@@ -46,6 +47,25 @@ def test_prediction_is_cost_times_work(demo_train):
     rows2 = predict_rows(d, _perf(gemm_beta=2e-9), "float32")
     assert rows2[("forward", "moe_experts")] > rows[("forward", "moe_experts")]
     assert rows2[("forward", "norm")] == pytest.approx(rows[("forward", "norm")])
+
+
+def test_fixed_costs_per_module_call_node_and_python_op(demo_train):
+    """Module calls and backward nodes are counted in the inventory and priced by their
+    own fixed costs; forward and optimizer operators pay their Python overhead."""
+    _, d = demo_train
+    calls = sum(1 for rec in d.inventory if rec.name == MODULE_CALL)
+    nodes = sum(1 for rec in d.inventory if rec.name == AUTOGRAD_NODE)
+    assert calls > 0 and nodes > 0
+    assert all(rec.phase == "backward" for rec in d.inventory if rec.name == AUTOGRAD_NODE)
+    base = _perf(op_alpha=0.0)
+    with_fixed = _perf(op_alpha=0.0)
+    table = dict(with_fixed.meta["bench_costs"])
+    table["module_call"] = LinearCost(0.01, 0.0).to_dict()
+    table["autograd_node"] = LinearCost(0.1, 0.0).to_dict()
+    with_fixed = PerfModel(name="fixed", costs=with_fixed.costs, meta={"bench_costs": table})
+    extra = sum(predict_rows(d, with_fixed, "float32").values()) - \
+        sum(predict_rows(d, base, "float32").values())
+    assert extra == pytest.approx(0.01 * calls + 0.1 * nodes)
 
 
 def test_compare_reports_rows_and_total(demo_train):

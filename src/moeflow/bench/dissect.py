@@ -38,6 +38,9 @@ PHASE = PREFIX + "phase::"
 MODULE = PREFIX + "module::"
 BACKWARD_NODE = "autograd::engine::evaluate_function: "
 PYTHON = "[python]"
+#: inventory entries that are not operators: a module call, a backward node
+MODULE_CALL = "[module call]"
+AUTOGRAD_NODE = "[autograd node]"
 PHASES = ("forward", "backward", "optimizer")
 #: operators that are matrix products (their FLOPs are priced with the GEMM cost)
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
@@ -159,11 +162,13 @@ def attribute(events) -> tuple[list[dict], list[dict], list[list[OpRecord]]]:
                 phase = name[len(PHASE):]
             elif name.startswith(MODULE):
                 row = name[len(MODULE):].split("::", 1)[0]
+                inv.append(OpRecord(phase, row, MODULE_CALL, 0.0, []))
             elif name.startswith(BACKWARD_NODE):
                 row = fwd_row.get(e.sequence_nr, last_bwd[0]) if e.sequence_nr >= 0 \
                     else last_bwd[0]
                 last_bwd[0] = row
                 in_node = True
+                inv.append(OpRecord(phase, row, AUTOGRAD_NODE, 0.0, []))
             elif not in_node and e.sequence_nr >= 0 and "Backward" not in name:
                 fwd_row.setdefault(e.sequence_nr, row)
             op = name if _is_op(name) else PYTHON

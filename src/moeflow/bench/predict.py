@@ -17,13 +17,12 @@ What is measured and what is predicted are kept apart:
 
 from __future__ import annotations
 
-import math
 import time
 from functools import partial
 
 import torch
 
-from moeflow.bench.dissect import StepDissection
+from moeflow.bench.dissect import AUTOGRAD_NODE, MODULE_CALL, StepDissection
 from moeflow.perf.cost import LinearCost, PerfModel
 from moeflow.sim import TaskGraph, simulate
 
@@ -33,15 +32,74 @@ GEMM_SIZES = (32, 64, 128, 192, 256, 384, 512)
 ESIZE = {"float32": 4, "bfloat16": 2}
 
 
+def fit_relative(xs, ys, *, note: str) -> LinearCost:
+    """``alpha + beta * n`` minimizing the *relative* squared error, sum ((fit - t) / t)^2
+    (weighted least squares, weights 1/t^2): every size counts alike, so the few largest
+    sizes do not set the line for the many small operators of a step. ``alpha`` >= 0."""
+    w = [1.0 / (y * y) for y in ys]
+    sw = sum(w)
+    mx = sum(wi * x for wi, x in zip(w, xs)) / sw
+    my = sum(wi * y for wi, y in zip(w, ys)) / sw
+    sxx = sum(wi * (x - mx) ** 2 for wi, x in zip(w, xs))
+    beta = sum(wi * (x - mx) * (y - my) for wi, x, y in zip(w, xs, ys)) / sxx
+    alpha = my - beta * mx
+    if alpha < 0:
+        alpha = 0.0
+        beta = sum(wi * x * y for wi, x, y in zip(w, xs, ys)) / \
+            sum(wi * x * x for wi, x in zip(w, xs))
+    mean = sum(ys) / len(ys)
+    ss_tot = sum((y - mean) ** 2 for y in ys)
+    ss_res = sum((y - alpha - beta * x) ** 2 for x, y in zip(xs, ys))
+    return LinearCost(alpha=alpha, beta=beta, r2=1 - ss_res / ss_tot if ss_tot else 1.0,
+                      source="measured", note=note)
+
+
 def _best_ms(fn, reps: int, trials: int) -> float:
+    """Median over ``trials`` of the mean time (ms) of ``reps`` back-to-back calls: the
+    median, as the measured step is the median of its plain steps (a best-of would pair an
+    optimistic cost with a typical step on a shared machine)."""
     fn()
-    best = math.inf
+    times = []
     for _ in range(trials):
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
-        best = min(best, (time.perf_counter() - t0) * 1e3 / reps)
-    return best
+        times.append((time.perf_counter() - t0) * 1e3 / reps)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _llc_bytes() -> int:
+    """The last-level cache size (Linux sysfs), 32 MiB when unknown."""
+    import glob
+
+    best = 0
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        mult = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    return best or 32 * 2 ** 20
+
+
+def _cold_ms(fn, reps: int) -> float:
+    """Median time (ms) of single calls, each after writing a buffer of twice the last-level
+    cache: the operands come from memory, as a step's weights do (each weight is read once
+    per pass, long after its previous use)."""
+    flush = torch.empty(2 * _llc_bytes() // 4)
+    fn()
+    times = []
+    for _ in range(reps):
+        flush.add_(1.0)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
 
 
 #: operator classes with a cost fit of their own; anything else is ``elementwise``
@@ -113,6 +171,148 @@ def profile_op_class(cls: str, dtype: str, reps: int = 20, trials: int = 3) -> L
                            f"{torch.get_num_threads()} threads")
 
 
+#: GEMM shapes (m, k, n) of the tall-skinny sweep: token rows by model widths
+GEMM_SHAPES = tuple((m, k, n) for m in (64, 256, 1024, 4096) for k in (64, 256, 1024)
+                    for n in (64, 256, 1024))
+
+
+def profile_gemm_shapes(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
+    """``alpha + beta * FLOPs`` over tall-skinny GEMMs (:data:`GEMM_SHAPES`), the shapes a
+    transformer step runs (token rows times model widths), on this process, operands out of
+    cache (:func:`_cold_ms`: a step reads each weight once per pass). Square GEMMs
+    (``moeflow profile``) run closer to peak on CPUs than these, so a square fit underrates
+    the step's GEMMs; both fits are kept and the report shows the prediction with each."""
+    td = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    for m, k, n in GEMM_SHAPES:
+        a = torch.randn(m, k, generator=g).to(td)
+        b = torch.randn(k, n, generator=g).to(td)
+        xs.append(2.0 * m * k * n)
+        ys.append(_cold_ms(partial(torch.mm, a, b), reps * trials))
+    return fit_relative(xs, ys, note=f"FLOPs, {len(xs)} tall-skinny shapes, relative least "
+                                     f"squares, {dtype}, {torch.get_num_threads()} threads")
+
+
+def profile_grouped_gemm(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
+    """``alpha + beta * FLOPs`` of ``torch._grouped_mm`` as the expert kernel calls it (rows
+    grouped by expert, one ``(E, K, N)`` weight seen through a transpose): the expert GEMM
+    cost that FSMoE profiles apart from dense GEMMs (ASPLOS'25, t_exp), over E in {4, 8, 16},
+    64 or 256 rows per expert and three (K, N) pairs. Relative least squares."""
+    if not hasattr(torch, "_grouped_mm"):
+        return profile_gemm_shapes(dtype, reps, trials)
+    td = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    for E in (4, 8, 16):
+        for rows in (64, 256):
+            for K, N in ((128, 512), (512, 128), (256, 256)):
+                a = torch.randn(E * rows, K, generator=g).to(td)
+                w = torch.randn(E, N, K, generator=g).to(td)
+                offs = (torch.arange(1, E + 1) * rows).to(torch.int32)
+                fn = partial(torch._grouped_mm, a, w.transpose(-2, -1), offs=offs)
+                xs.append(2.0 * E * rows * K * N)
+                ys.append(_cold_ms(fn, reps * trials))
+    return fit_relative(xs, ys, note=f"FLOPs, torch._grouped_mm, {len(xs)} shapes, relative "
+                                     f"least squares, {dtype}, {torch.get_num_threads()} threads")
+
+
+def profile_attention(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
+    """``alpha + beta * FLOPs`` of causal ``scaled_dot_product_attention`` (FLOPs over the
+    full rectangle, as :mod:`moeflow.bench.flops` counts them): the attention core, priced
+    apart from GEMMs as FinDEP prices its t_a. Batches 1 and 8, 4 heads, L in {64, 128, 256},
+    head dims 32 and 64. Relative least squares."""
+    import torch.nn.functional as F
+
+    td = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    for B in (1, 8):
+        for L in (64, 128, 256):
+            for d in (32, 64):
+                q, k, v = (torch.randn(B, 4, L, d, generator=g).to(td) for _ in range(3))
+                fn = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+                xs.append(4.0 * B * 4 * L * L * d)
+                ys.append(_best_ms(fn, reps, trials))
+    return fit_relative(xs, ys, note=f"FLOPs, causal SDPA, {len(xs)} shapes, relative least "
+                                     f"squares, {dtype}, {torch.get_num_threads()} threads")
+
+
+def _reference_ops(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Nine small operators written as module code writes them (an RMSNorm and a residual)."""
+    x32 = x.float()
+    v = x32.pow(2).mean(-1, keepdim=True)
+    y = x32 * torch.rsqrt(v + 1e-6)
+    return w * y.to(x.dtype) + x
+
+
+REFERENCE_OPS = 9
+
+
+def profile_python_op(reps: int = 200, trials: int = 5) -> LinearCost:
+    """Time per operator of forward module code on tiny tensors, autograd recording: the
+    interpreter and dispatch cost every forward operator pays, whatever its size (a bare op
+    in a tight loop, the ``alpha`` of the class fits, pays less). ``alpha`` only."""
+    x = torch.randn(1, 16)
+    w = torch.ones(16, requires_grad=True)
+    t = _best_ms(partial(_reference_ops, x, w), reps, trials) / REFERENCE_OPS
+    return LinearCost(alpha=t, beta=0.0, source="measured",
+                      note=f"ms per forward operator of module code ({REFERENCE_OPS} tiny ops, "
+                           "autograd recording)")
+
+
+class _Tiny(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+def profile_module_call(reps: int = 2000, trials: int = 5) -> LinearCost:
+    """Time of one ``nn.Module`` call around a forward that does nothing: what each module
+    of a step adds to its operators. ``alpha`` only."""
+    m, x = _Tiny(), torch.zeros(1)
+    return LinearCost(alpha=_best_ms(partial(m, x), reps, trials), beta=0.0, source="measured",
+                      note="ms per nn.Module call (empty forward)")
+
+
+def profile_autograd_node(reps: int = 200, trials: int = 5) -> LinearCost:
+    """Time per node of a backward pass over tiny tensors (the engine's own work per node:
+    scheduling, grad buffers), from the backward of :func:`_reference_ops`. ``alpha`` only."""
+    w = torch.ones(16, requires_grad=True)
+    x = torch.randn(1, 16, requires_grad=True)
+
+    def run():
+        _reference_ops(x, w).sum().backward()
+
+    def fwd():
+        _reference_ops(x, w).sum()
+    # nodes: the ops with a grad (8: ``float`` of a float tensor is a no-op), the sum, and
+    # two AccumulateGrad
+    nodes = REFERENCE_OPS - 1 + 1 + 2
+    t = _best_ms(run, reps, trials) - _best_ms(fwd, reps, trials)
+    return LinearCost(alpha=max(t, 0.0) / nodes, beta=0.0, source="measured",
+                      note="ms per autograd node (tiny tensors, backward minus forward)")
+
+
+def profile_optimizer_op(params: int = 16, reps: int = 20, trials: int = 5) -> LinearCost:
+    """Time per operator of an ``AdamW`` step over ``params`` tiny tensors: the optimizer's
+    Python loop around its operators (per-parameter bookkeeping, state lookups). ``alpha``
+    only; the operators' own bytes are priced by their class fits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ps = [torch.zeros(16, requires_grad=True) for _ in range(params)]
+    for p in ps:
+        p.grad = torch.ones(16)
+    opt = torch.optim.AdamW(ps, lr=1e-3)
+    t = _best_ms(opt.step, reps, trials)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step()
+    ops = sum(1 for e in prof.events() if e.name.startswith("aten::")
+              and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    return LinearCost(alpha=t / max(1, ops), beta=0.0, source="measured",
+                      note=f"ms per operator of an AdamW step ({params} tiny parameters, "
+                           f"{ops} operators)")
+
+
 def profile_machine(dtypes=("float32",), *, nproc: int = 1, reps: int = 5, trials: int = 3,
                     progress: bool = False) -> PerfModel:
     """``moeflow.perf.profile`` per dtype on ``nproc`` gloo ranks (the GEMM fit, and with
@@ -130,11 +330,18 @@ def profile_machine(dtypes=("float32",), *, nproc: int = 1, reps: int = 5, trial
                      gemm_sizes=GEMM_SIZES, reps=reps, trials=trials, progress=progress,
                      dtype=dt, threads_per_rank=per_rank)
         base = base or pm
-        extra[f"gemm@{dt}"] = pm.costs["gemm"].to_dict()
+        extra[f"gemm_square@{dt}"] = pm.costs["gemm"].to_dict()
         torch.set_num_threads(per_rank)
         try:
+            extra[f"gemm@{dt}"] = profile_gemm_shapes(dt).to_dict()
+            extra[f"grouped_gemm@{dt}"] = profile_grouped_gemm(dt).to_dict()
+            extra[f"attention@{dt}"] = profile_attention(dt).to_dict()
             for cls in ("elementwise", *OP_CLASSES):
                 extra[f"{cls}@{dt}"] = profile_op_class(cls, dt).to_dict()
+            extra["python_op"] = profile_python_op().to_dict()
+            extra["module_call"] = profile_module_call().to_dict()
+            extra["autograd_node"] = profile_autograd_node().to_dict()
+            extra["optimizer_op"] = profile_optimizer_op().to_dict()
         finally:
             torch.set_num_threads(threads)
     meta = dict(base.meta)
@@ -153,8 +360,16 @@ def with_op_costs(perf: PerfModel, dtypes=("float32",), *, nproc: int = 1) -> Pe
     torch.set_num_threads(max(1, threads // nproc))
     try:
         for dt in dtypes:
+            extra[f"gemm_square@{dt}"] = perf.cost("gemm").to_dict()
+            extra[f"gemm@{dt}"] = profile_gemm_shapes(dt).to_dict()
+            extra[f"grouped_gemm@{dt}"] = profile_grouped_gemm(dt).to_dict()
+            extra[f"attention@{dt}"] = profile_attention(dt).to_dict()
             for cls in ("elementwise", *OP_CLASSES):
                 extra[f"{cls}@{dt}"] = profile_op_class(cls, dt).to_dict()
+        extra["python_op"] = profile_python_op().to_dict()
+        extra["module_call"] = profile_module_call().to_dict()
+        extra["autograd_node"] = profile_autograd_node().to_dict()
+        extra["optimizer_op"] = profile_optimizer_op().to_dict()
     finally:
         torch.set_num_threads(threads)
     meta = dict(perf.meta)
@@ -168,8 +383,9 @@ def _cost(perf: PerfModel, kind: str, dtype: str) -> LinearCost:
     key = f"{kind}@{dtype}"
     if key in table:
         return LinearCost.from_dict(table[key])
-    if kind == "gemm":
-        return perf.cost("gemm")
+    if kind in ("gemm", "gemm_square", "grouped_gemm", "attention"):
+        return LinearCost.from_dict(table[f"gemm@{dtype}"]) if f"gemm@{dtype}" in table \
+            and kind != "gemm_square" else perf.cost("gemm")
     from moeflow.errors import ConfigError
     raise ConfigError("perf model", perf.name, f"a meta['bench_costs'] entry {key!r} "
                                                "(profile with moeflow bench --profile)")
@@ -206,21 +422,42 @@ def gemm_flops(name: str, shapes: list) -> int:
     return _sdpa_cpu_flop(s[0], s[1], s[2])
 
 
-def predict_rows(d: StepDissection, perf: PerfModel, dtype: str) -> dict:
-    """{(phase, row): predicted ms} of one step from its inventory and ``perf``."""
-    g = _cost(perf, "gemm", dtype)
+def predict_rows(d: StepDissection, perf: PerfModel, dtype: str,
+                 gemm: str = "gemm") -> dict:
+    """{(phase, row): predicted ms} of one step from its inventory and ``perf``; ``gemm``
+    names the GEMM fit (``gemm``: the tall-skinny sweep when the model has one, else
+    ``moeflow profile``'s square fit; ``gemm_square``: the square fit)."""
+    g = _cost(perf, gemm, dtype)
+    # expert GEMMs and the attention core have fits of their own (same fallback: the GEMM's)
+    grouped = g if gemm == "gemm_square" else _cost(perf, "grouped_gemm", dtype)
+    attn = g if gemm == "gemm_square" else _cost(perf, "attention", dtype)
     cost = {c: _cost(perf, c, dtype) for c in ("elementwise", *OP_CLASSES)}
+    table = perf.meta.get("bench_costs", {})
+    fixed = {k: (LinearCost.from_dict(table[k]).alpha if k in table else 0.0)
+             for k in ("python_op", "module_call", "autograd_node", "optimizer_op")}
+    py = fixed["python_op"]
     es = ESIZE[dtype]
     out: dict = {}
     for rec in d.inventory:
         if rec.name.startswith("c10d::"):
             continue  # collectives are the link's work (ep_step_graph), not compute
+        if rec.name in (MODULE_CALL, AUTOGRAD_NODE):
+            key = (rec.phase, rec.row)
+            cost_key = "module_call" if rec.name == MODULE_CALL else "autograd_node"
+            out[key] = out.get(key, 0.0) + fixed[cost_key]
+            continue
         if rec.gemms:
-            t = sum(g(gemm_flops(n, s)) for n, s in rec.gemms)
+            t = sum((grouped if n == "aten::_grouped_mm" else
+                     attn if "attention" in n else g)(gemm_flops(n, s)) for n, s in rec.gemms)
         else:
             sizes = [_numel(s) for s in rec.shapes if isinstance(s, (list, tuple)) and s]
             nbytes = es * (sum(sizes) + (max(sizes) if sizes else 0))
-            t = cost[op_class(rec.name)](nbytes)
+            c = cost[op_class(rec.name)]
+            t = c(nbytes)
+            if rec.phase == "forward":  # forward ops run from Python module code
+                t += max(0.0, py - c.alpha)
+            elif rec.phase == "optimizer":  # and the optimizer's ops from its Python loop
+                t += max(0.0, fixed["optimizer_op"] - c.alpha)
         key = (rec.phase, rec.row)
         out[key] = out.get(key, 0.0) + t
     return out
@@ -281,10 +518,13 @@ def compare(d: StepDissection, perf: PerfModel, dtype: str) -> dict:
         rows.append({"phase": key[0], "row": key[1], "measured_ms": m, "predicted_ms": p,
                      "ratio": p / m if m > 0 else None})
     total_m = d.unprofiled_ms
+    square = simulate(step_graph(predict_rows(d, perf, dtype, gemm="gemm_square"))).makespan
     return {"perf_model": perf.name, "dtype": dtype, "predicted_ms": tl.makespan,
+            "predicted_ms_square_gemm": square,
             "measured_ms": total_m, "ratio": tl.makespan / total_m if total_m > 0 else None,
             "error": abs(tl.makespan - total_m) / total_m if total_m > 0 else None,
             "rows": rows, "gemm_cost": _cost(perf, "gemm", dtype).to_dict(),
+            "gemm_square_cost": _cost(perf, "gemm_square", dtype).to_dict(),
             "op_costs": {c: _cost(perf, c, dtype).to_dict() for c in ("elementwise", *OP_CLASSES)}}
 
 
