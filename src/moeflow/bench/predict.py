@@ -321,29 +321,21 @@ def profile_machine(dtypes=("float32",), *, nproc: int = 1, reps: int = 5, trial
     ``<primitive>@<dtype>``."""
     from moeflow.perf import profile
 
-    base = None
-    extra = {}
     threads = torch.get_num_threads()
     per_rank = max(1, threads // nproc)
-    for dt in dtypes:
-        pm = profile(nproc=nproc, sizes=tuple(2 ** p for p in range(12, 21, 2)),
-                     gemm_sizes=GEMM_SIZES, reps=reps, trials=trials, progress=progress,
-                     dtype=dt, threads_per_rank=per_rank)
-        base = base or pm
+    # every forked profile first: a process forked after this one has run multi-threaded
+    # OpenMP work can hang in its own OpenMP (GNU libgomp is not fork-safe)
+    profiled = {dt: profile(nproc=nproc, sizes=tuple(2 ** p for p in range(12, 21, 2)),
+                            gemm_sizes=GEMM_SIZES, reps=reps, trials=trials,
+                            progress=progress, dtype=dt, threads_per_rank=per_rank)
+                for dt in dtypes}
+    base = profiled[dtypes[0]]
+    perf = PerfModel(name=base.name, costs=base.costs, bytes_per_element=base.bytes_per_element,
+                     notes=base.notes, meta=dict(base.meta))
+    out = with_op_costs(perf, dtypes, nproc=nproc)
+    extra = dict(out.meta["bench_costs"])
+    for dt, pm in profiled.items():
         extra[f"gemm_square@{dt}"] = pm.costs["gemm"].to_dict()
-        torch.set_num_threads(per_rank)
-        try:
-            extra[f"gemm@{dt}"] = profile_gemm_shapes(dt).to_dict()
-            extra[f"grouped_gemm@{dt}"] = profile_grouped_gemm(dt).to_dict()
-            extra[f"attention@{dt}"] = profile_attention(dt).to_dict()
-            for cls in ("elementwise", *OP_CLASSES):
-                extra[f"{cls}@{dt}"] = profile_op_class(cls, dt).to_dict()
-            extra["python_op"] = profile_python_op().to_dict()
-            extra["module_call"] = profile_module_call().to_dict()
-            extra["autograd_node"] = profile_autograd_node().to_dict()
-            extra["optimizer_op"] = profile_optimizer_op().to_dict()
-        finally:
-            torch.set_num_threads(threads)
     meta = dict(base.meta)
     meta["bench_costs"] = extra
     return PerfModel(name=base.name, costs=base.costs, bytes_per_element=base.bytes_per_element,

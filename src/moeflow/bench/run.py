@@ -138,7 +138,8 @@ def _setting_result(job: BenchJob, w: Workload, d: StepDissection, peak: float,
            "mfu": mfu(fl["total"], step, peak) if step > 0 else 0.0,
            "mfu_6n": mfu(n6, step, peak) if step > 0 else 0.0,
            "prediction": None, "ep": ep}
-    if job.perf is not None:
+    if job.perf is not None and not w.setting.compile:
+        # compiled code runs fused kernels the operator inventory does not list: no prediction
         from moeflow.bench.predict import compare
         res["prediction"] = compare(d, job.perf, w.setting.dtype)
     return res
