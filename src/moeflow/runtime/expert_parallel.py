@@ -39,7 +39,8 @@ from moeflow.comm.groups import subgroup
 from moeflow.comm.timeouts import resolve_timeout
 from moeflow.comm.topology import Topology
 from moeflow.errors import DistributedConfigError
-from moeflow.kernels import expert_ffn
+from moeflow.layer.experts import _experts_eager
+from moeflow.layer.moe import MoELayer
 from moeflow.layer.routers import Routing, capacity as capacity_of
 from moeflow.runtime.pipeline import run_wavefront
 from moeflow.validate import positive_int
@@ -227,6 +228,33 @@ def slice_w_in(w_in: torch.Tensor, e0: int, e1: int, s: int, S: int, swiglu: boo
     return torch.cat([w[:, s * f:(s + 1) * f], w[:, F + s * f:F + (s + 1) * f]], dim=1)
 
 
+def local_expert_ffn(activation: str, gated: bool):
+    """The grouped expert FFN for ``(activation, gated)`` (``MoEConfig.expert_activation``):
+    the fused kernel where it covers the pair, else the per-expert loop; the signature of
+    :func:`moeflow.kernels.expert_ffn` (its activation argument is ignored: bound here)."""
+    def run(x_ND, counts_E, w_in, w_out, _activation, kernel):
+        return _experts_eager(x_ND, counts_E, w_in, w_out, activation, gated, kernel)
+    return run
+
+
+class _LayerSteps(nn.Module):
+    """The steps of a :class:`moeflow.MoELayer` without its routed experts (router, shared
+    experts, config): what every rank replicates. Holding this instead of the layer keeps the
+    full expert weights unreferenced, so they can be freed (or never exist: a meta layer)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.cfg = layer.cfg
+        self.router = layer.router
+        self.shared = layer.shared
+
+    check_input = MoELayer.check_input
+    route = MoELayer.route
+    permute = staticmethod(MoELayer.permute)
+    combine = staticmethod(MoELayer.combine)
+    combine_with_shared = MoELayer.combine_with_shared
+
+
 class ExpertParallel(nn.Module):
     """Run ``layer`` (a :class:`moeflow.MoELayer`) with its experts sharded over ``group``.
 
@@ -288,23 +316,32 @@ class ExpertParallel(nn.Module):
             raise DistributedConfigError(
                 f"ffn_hidden_size={F} is not divisible by esp_size={S}")
 
-        # Replicated parts (router, shared experts) are the layer's own modules; the full
-        # layer object is kept unregistered so its full expert weights are not ours.
-        self.__dict__["_layer"] = layer
+        # Replicated parts (router, shared experts) are the layer's own modules. The full
+        # layer is not kept: only its expert-free steps, so after construction nothing here
+        # references the full expert weights (a layer built on the meta device never has any).
+        self.__dict__["_layer"] = _LayerSteps(layer)
         self.cfg = cfg
         for name, child in layer.named_children():
             if name != "experts":
                 self.add_module(name, child)
+        # forward pre-hooks of the layer (Mixtral's router jitter) act on our input the same way
+        for hook in layer._forward_pre_hooks.values():
+            self.register_forward_pre_hook(hook)
+        if hasattr(layer, "router_jitter_noise"):
+            self.router_jitter_noise = layer.router_jitter_noise
         self.group, self.topology = group, topology
         self.world_size, self.rank = W, rank
         self.esp_size, self.ep_size = S, P
         self.ep_rank, self.esp_rank = rank // S, rank % S
         self.num_local_experts = E // P
-        self.activation = cfg.expert_type
+        # the experts' activation as the single-device layer computes it (GeGLU, exact GELU,
+        # ReLU, ... included), not the expert type's default
+        self.activation = cfg.expert_activation
+        self.gated = cfg.expert_type == "swiglu"
         self.kernel = kernel or layer.experts.kernel
 
         e0, e1 = self.ep_rank * self.num_local_experts, (self.ep_rank + 1) * self.num_local_experts
-        swiglu = cfg.expert_type == "swiglu"
+        swiglu = self.gated
         f = F // S
         with torch.no_grad():
             self.w_in = nn.Parameter(slice_w_in(layer.experts.w_in.detach(), e0, e1,
@@ -342,7 +379,7 @@ class ExpertParallel(nn.Module):
 
             self.dispatcher.compression = as_compression(compress, perf, timeout_s=t)
         # The grouped expert FFN; a seam so benchmarks can time communication alone.
-        self._expert_fn = expert_ffn
+        self._expert_fn = local_expert_ffn(self.activation, self.gated)
         self.aux_loss = torch.zeros(())
         self.last_counts_E = torch.zeros(E, dtype=torch.long)
 
@@ -387,7 +424,7 @@ class ExpertParallel(nn.Module):
                                  self.timeout_s)                # [W, E_l, D, F/S]
         w_in = w_in.view(P, S, *w_in.shape[1:])
         w_out = w_out.view(P, S, *w_out.shape[1:])
-        if self.activation == "swiglu":                         # slices are [gate_s; up_s]
+        if self.gated:                                          # slices are [gate_s; up_s]
             f = w_in.shape[3] // 2
             gate = w_in[:, :, :, :f].permute(0, 2, 1, 3, 4).reshape(P * E_l, S * f, -1)
             up = w_in[:, :, :, f:].permute(0, 2, 1, 3, 4).reshape(P * E_l, S * f, -1)
