@@ -5,11 +5,21 @@ What is measured and what is predicted are kept apart:
 * the *work* of the step comes from its operator inventory (each top-level aten operator,
   its row and phase, its input shapes, the GEMMs inside it), which the profiled run records
   along with the times, but whose times the prediction never reads;
-* the *cost* of each operator comes from the :class:`moeflow.perf.PerfModel`: a GEMM costs
-  ``alpha + beta * FLOPs`` (the ``gemm`` fit of ``moeflow profile``, FSMoE ASPLOS'25 §3.1,
-  per dtype), any other operator ``alpha + beta * bytes`` with bytes = its inputs plus one
-  output the size of its largest input, fitted per operator class (element-wise, reduction,
-  indexing, copy/layout: :func:`profile_op_class`, stored in the same model's meta);
+* the *cost* of each operator comes from the :class:`moeflow.perf.PerfModel` (the
+  alpha-beta model of FSMoE, ASPLOS'25, profiled online before the run), every fit stored in
+  ``meta["bench_costs"]`` under ``<primitive>@<dtype>``:
+
+  - dense GEMMs ``alpha + beta * FLOPs`` over tall-skinny shapes with their operands out of
+    cache (``gemm``; ``moeflow profile``'s square-GEMM fit is kept as ``gemm_square`` and the
+    report also shows the prediction with it), expert GEMMs (``torch._grouped_mm``) and the
+    attention core (causal SDPA) with fits of their own (``grouped_gemm``, ``attention``);
+  - any other operator ``alpha + beta * bytes`` (its inputs plus one output the size of its
+    largest input), fitted per class: element-wise, reduction, indexing, copy/layout;
+  - fixed costs: the Python around each forward operator (``python_op``), each module call
+    (``module_call``), each backward node (``autograd_node``), each optimizer operator
+    (``optimizer_op``);
+
+  fits use relative least squares (:func:`fit_relative`) over medians;
 * :mod:`moeflow.sim` turns the per-(phase, row) costs into a task graph on one compute
   resource and simulates it; with expert parallelism the dispatch and combine run on the link
   resource and overlap the experts (:func:`ep_step_graph`).
