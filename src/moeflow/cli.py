@@ -31,6 +31,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("moeflow.perf.profiler", "time GEMMs and collectives, fit alpha-beta costs"),
     "plan": ("moeflow.plan.cli", "choose FSMoE pipeline degrees and compare with baselines"),
     "simulate": ("moeflow.sim.cli", "simulate a plan; write a Chrome trace and a Gantt PNG"),
+    "serve-bench": ("moeflow.runtime.serve_bench",
+                    "serve the MoE model disaggregated (FinDEP, PPPipe, naive DEP) and time it"),
+    "bench": ("moeflow.bench.cli", "dissect a training or decode step by module and operator"),
     "compress": ("moeflow.compress.cli", "losslessly compress a safetensors checkpoint"),
     "decompress": ("moeflow.compress.cli", "restore a safetensors checkpoint from .mfz"),
     "inspect": ("moeflow.compress.cli", "show per-tensor ratio, entropy and codec of a .mfz"),
@@ -61,7 +64,8 @@ def build_parser(commands: dict[str, tuple[str, str]] | None = None,
         p = sub.add_parser(name, help=help_, description=help_)
         if name == load:
             module = importlib.import_module(mod)
-            adder = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
+            ident = name.replace("-", "_")
+            adder = getattr(module, f"add_{ident}_arguments", None) or module.add_arguments
             adder(p)
     return parser
 
@@ -173,7 +177,8 @@ def _run(argv: list[str]) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(commands[args.command][0])
-    runner = getattr(module, f"run_{args.command}", None) or module.run
+    ident = args.command.replace("-", "_")
+    runner = getattr(module, f"run_{ident}", None) or module.run
     return int(runner(args) or 0)
 
 
