@@ -17,12 +17,23 @@ Usage (every rank, after ``torch.distributed.init_process_group``)::
     (loss(y) + ep.aux_loss).backward()
     ep.sync_gradients("mean")                    # or runtime.data_parallel.sync_gradients(model)
 
-For a whole model use :func:`moeflow.runtime.data_parallel.sync_gradients` and
+For a whole model, :func:`parallelize` (``moeflow.runtime.parallelize``) does all of it on a
+``DeviceMesh``: every MoE layer expert parallel, sharded from the start from a transformers
+checkpoint directory, dense parts data parallel (:func:`sync_gradients`), and
+:func:`export_pretrained` writes a transformers directory back. By hand, use
+:func:`moeflow.runtime.data_parallel.sync_gradients` and
 :func:`~moeflow.runtime.data_parallel.clip_grad_norm` (they know which parameters are
 expert slices). ``moeflow train`` is a complete example.
 """
 
 from moeflow.runtime.expert_parallel import ExpertParallel, PipelinedExperts, resolve_degrees
+from moeflow.runtime.parallelize import (
+    export_pretrained,
+    load_checkpoint,
+    parallelize,
+    sync_gradients,
+)
 from moeflow.runtime.pipeline import run_wavefront
 
-__all__ = ["ExpertParallel", "PipelinedExperts", "resolve_degrees", "run_wavefront"]
+__all__ = ["ExpertParallel", "PipelinedExperts", "resolve_degrees", "run_wavefront",
+           "parallelize", "sync_gradients", "load_checkpoint", "export_pretrained"]
