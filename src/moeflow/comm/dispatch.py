@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from moeflow.comm.collectives import all_gather_equal, all_to_all_equal, all_to_all_v
+from moeflow.comm.dedup import DedupDispatcher
 from moeflow.comm.timeouts import Pending
 from moeflow.errors import ConfigError
 
@@ -380,12 +381,15 @@ class HierarchicalDispatcher(TokenDispatcher):
         return ChunkRoute(self._dropless_send_index(ex, r, c), [s1, s2], [k1, k2], recv_c)
 
 
-DISPATCHER_CLASSES: dict[str, type[TokenDispatcher]] = {
-    cls.name: cls for cls in (A2ADispatcher, CapacityDispatcher, HierarchicalDispatcher)}
+# "dedup" (HierMoE token dedup, :mod:`moeflow.comm.dedup`) moves tokens, not permuted rows:
+# same constructor arguments, its own forward_tokens instead of exchange/route
+DISPATCHER_CLASSES: dict[str, type] = {
+    cls.name: cls for cls in (A2ADispatcher, CapacityDispatcher, HierarchicalDispatcher,
+                              DedupDispatcher)}
 DISPATCHERS = tuple(DISPATCHER_CLASSES)
 
 
-def dispatcher_class(name: str) -> type[TokenDispatcher]:
+def dispatcher_class(name: str) -> type:
     """The dispatcher class registered as ``name``; ConfigError naming the known ones."""
     try:
         return DISPATCHER_CLASSES[name]
@@ -393,7 +397,7 @@ def dispatcher_class(name: str) -> type[TokenDispatcher]:
         raise ConfigError("dispatcher", name, f"one of {DISPATCHERS}") from None
 
 
-def make_dispatcher(name: str, **kw) -> TokenDispatcher:
+def make_dispatcher(name: str, **kw):
     """Build dispatcher ``name`` from :data:`COMMON_ARGS` plus the class's own ``options``.
 
     An argument the class does not declare is a ConfigError naming the ones it takes, so a

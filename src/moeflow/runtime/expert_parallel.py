@@ -276,6 +276,9 @@ class ExpertParallel(nn.Module):
         compress: ZipCCL lossless compression of the dispatch/combine all-to-alls (CPU):
             False (default), True, or "auto" (per call, under ``perf``, a PerfModel with
             codec costs; see :mod:`moeflow.comm.compressed`). Results are bit-identical.
+        dispatcher_options: extra keyword arguments of the dispatcher class, e.g.
+            ``{"level": "auto"}`` for ``dispatcher="dedup"`` (HierMoE token dedup at level
+            0 = rank, 1 = node, or chosen per batch; :mod:`moeflow.comm.dedup`).
 
     Raises DistributedConfigError before any communication when E is not divisible by
     P = W / S, S does not divide the node, or F is not divisible by S.
@@ -284,7 +287,8 @@ class ExpertParallel(nn.Module):
     def __init__(self, layer: nn.Module, group=None, topology: Optional[Topology] = None,
                  dispatcher: str = "a2a", esp_size: int = 1, r_fwd: int = 1, r_bwd: int = 1,
                  plan=None, layer_index: int = 0, timeout_s: Optional[float] = None,
-                 kernel: Optional[str] = None, compress=False, perf=None):
+                 kernel: Optional[str] = None, compress=False, perf=None,
+                 dispatcher_options: Optional[dict] = None):
         super().__init__()
         cfg = layer.cfg
         dispatcher_cls = dispatcher_class(dispatcher)
@@ -369,6 +373,7 @@ class ExpertParallel(nn.Module):
             options["inter_group"] = subgroup(group, [ep_members[b * L + j] for b in range(P // L)],
                                               t)
             options["ranks_per_node"] = L
+        options.update(dispatcher_options or {})
         self.dispatcher: TokenDispatcher = make_dispatcher(
             dispatcher, ep_group=self.ep_group, ep_size=P, ep_rank=self.ep_rank,
             esp_group=self.esp_group, esp_size=S, esp_rank=self.esp_rank,
@@ -468,6 +473,15 @@ class ExpertParallel(nn.Module):
         started = self.dispatcher.begin(cap, device=x.device)   # overlaps routing
         # A rank with no tokens still takes part in every collective.
         routing = layer.route(x_TD) if T > 0 else self._empty_routing(x_TD)
+        if getattr(self.dispatcher, "token_level", False):
+            # HierMoE dedup moves tokens and does the weighted combine itself
+            y_TD = self.dispatcher.forward_tokens(self, x_TD, routing, r_fwd or self.r_fwd,
+                                                  r_bwd or self.r_bwd)
+            if layer.shared is not None:
+                y_TD = y_TD + layer.shared(x_TD)
+            self.aux_loss = routing.aux_loss
+            self.last_counts_E = routing.counts_E.detach()
+            return y_TD.reshape(shape)
         x_ND = layer.permute(x_TD, routing)
         ex = self.dispatcher.exchange(routing.counts_E, capacity=cap, device=x.device,
                                       started=started)

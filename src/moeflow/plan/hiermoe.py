@@ -1,0 +1,189 @@
+"""HierMoE level choice: message sizes after hierarchical token deduplication, and d*.
+
+HierMoE (hierarchical token deduplication and expert swap): in a topology whose level-i
+groups are consecutive blocks of ``U[i]`` ranks (``U[0] = 1`` the rank itself, the last
+entry the whole EP group; the paper's 32-GPU cluster is ``U = [1, 4, 8, 16, 32]``), a
+token routed to several experts under one level-d group crosses the link into that group
+once and is copied to its experts after crossing.
+
+The schedule that realises "dedup at level d" (the one ``moeflow.comm.dedup`` runs):
+
+* hop 1 (into the level-d group): source rank s sends one row per (token, level-d group g
+  holding any of the token's experts) to the relay ``g*U[d] + s % U[d]``, the rank of g at
+  s's position (for ``d = 0`` the relay is the expert's rank: a flat all-to-all with one
+  row per (token, destination rank));
+* hop 2 (inside the group, ``d > 0`` only): the relay sends one row per (token,
+  destination rank) to the ranks of g that own the token's experts.
+
+Combine is the mirror image with partial weighted sums, so it carries the same rows.
+
+Message sizes (HierMoE, Eq. 4-5) are the deduplicated counts
+``p[j] = Σ_tokens OR(routing mask over the experts of group j)``, split per link level: a
+row from rank a to rank b travels the link of the smallest level whose group holds both.
+The time of a hop follows the α-β model of Eq. 1 (``t = α + n·β`` with n the largest
+message a rank sends on that link); a hop that uses several link levels at once takes as
+long as its slowest level. ``t_d`` (Eq. 3) is the sum over the hops of level d's schedule,
+and ``d* = argmin_d t_d`` (Eq. 6).
+
+Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence
+
+from moeflow.errors import ConfigError, PlanError
+from moeflow.validate import positive_int
+
+# α (s) and β (s/byte) per link level, for planning without a measured PerfModel. Assumed
+# figures of a GPU cluster: intra-node NVLink-class (~150 GB/s), inter-node 100 Gb/s IB.
+DEFAULT_LINKS: dict[int, tuple[float, float]] = {
+    1: (5e-6, 1 / 150e9),
+    2: (20e-6, 1 / 12.5e9),
+}
+
+
+@dataclass(frozen=True)
+class HopRows:
+    """Rows one hop sends: ``rows[rank][link_level]`` (self-sends are not on any link)."""
+
+    rows: tuple[dict[int, int], ...]
+
+    def total(self, link: int) -> int:
+        return sum(r.get(link, 0) for r in self.rows)
+
+    def max_rank(self, link: int) -> int:
+        return max((r.get(link, 0) for r in self.rows), default=0)
+
+    def links(self) -> list[int]:
+        return sorted({k for r in self.rows for k, v in r.items() if v})
+
+
+def check_group_sizes(U: Sequence[int]) -> list[int]:
+    """``U`` must start at 1, grow by whole multiples and end at the group size."""
+    U = [positive_int(f"group_sizes[{i}]", u) for i, u in enumerate(U)]
+    if len(U) < 2 or U[0] != 1 or any(b % a for a, b in zip(U, U[1:])) or U != sorted(U):
+        raise ConfigError("group_sizes", U, "a list starting at 1 (the rank), each entry a "
+                          "multiple of the previous, ending at the number of ranks, e.g. "
+                          "[1, 4, 8, 16, 32]")
+    return U
+
+
+def link_level(a: int, b: int, U: Sequence[int]) -> int:
+    """Index of the smallest level whose group holds ranks a and b (0 when a == b)."""
+    for i, u in enumerate(U):
+        if a // u == b // u:
+            return i
+    raise PlanError(f"ranks {a} and {b} share no group of sizes {list(U)}")
+
+
+def contiguous_owner(num_experts: int, num_ranks: int) -> list[int]:
+    """The default placement: rank p owns experts ``[p*E/P, (p+1)*E/P)``."""
+    if num_experts % num_ranks:
+        raise ConfigError("num_experts", num_experts, f"a multiple of the {num_ranks} ranks")
+    per = num_experts // num_ranks
+    return [e // per for e in range(num_experts)]
+
+
+def dedup_hops(assignments: Sequence[Sequence[Iterable[int]]], owner: Sequence[int],
+               U: Sequence[int], level: int) -> list[HopRows]:
+    """Rows per hop, rank and link for dedup at ``level`` (HierMoE, Eq. 4-5).
+
+    ``assignments[s][t]`` are the experts token t of source rank s is routed to (after any
+    capacity drop); ``owner[e]`` is the rank of expert e. One direction (dispatch); combine
+    sends the same rows back.
+    """
+    U = check_group_sizes(U)
+    P = U[-1]
+    if len(assignments) != P:
+        raise ConfigError("assignments", f"{len(assignments)} ranks", f"{P} (= group_sizes[-1])")
+    if not (isinstance(level, int) and 0 <= level < len(U) - 1):
+        raise ConfigError("level", level, f"an int in [0, {len(U) - 1})")
+    u = U[level]
+    hop1 = [dict() for _ in range(P)]
+    hop2 = [dict() for _ in range(P)]
+    for s, tokens in enumerate(assignments):
+        for experts in tokens:
+            ranks = {owner[e] for e in experts}
+            for g in {r // u for r in ranks}:           # one row per level-d group
+                relay = g * u + s % u
+                if relay != s:
+                    lk = link_level(s, relay, U)
+                    hop1[s][lk] = hop1[s].get(lk, 0) + 1
+            if u == 1:
+                continue
+            for r in ranks:                              # one row per destination rank
+                relay = (r // u) * u + s % u
+                if relay != r:
+                    lk = link_level(relay, r, U)
+                    hop2[relay][lk] = hop2[relay].get(lk, 0) + 1
+    hops = [HopRows(tuple(hop1))]
+    if u > 1:
+        hops.append(HopRows(tuple(hop2)))
+    return hops
+
+
+def flat_hops(assignments: Sequence[Sequence[Iterable[int]]], owner: Sequence[int],
+              U: Sequence[int]) -> list[HopRows]:
+    """Rows of the plain all-to-all (one row per assignment, no dedup): the baseline."""
+    U = check_group_sizes(U)
+    rows = [dict() for _ in range(U[-1])]
+    for s, tokens in enumerate(assignments):
+        for experts in tokens:
+            for e in experts:
+                r = owner[e]
+                if r != s:
+                    lk = link_level(s, r, U)
+                    rows[s][lk] = rows[s].get(lk, 0) + 1
+    return [HopRows(tuple(rows))]
+
+
+def level_bytes(hops: Sequence[HopRows], row_bytes: int) -> dict[int, int]:
+    """Bytes sent on each link level, summed over ranks and hops (one direction)."""
+    out: dict[int, int] = {}
+    for h in hops:
+        for lk in h.links():
+            out[lk] = out.get(lk, 0) + h.total(lk) * row_bytes
+    return out
+
+
+def hop_time(hop: HopRows, row_bytes: int, links: Mapping[int, tuple[float, float]]) -> float:
+    """α + n·β of the slowest link level the hop uses (HierMoE, Eq. 1; n the largest message)."""
+    t = 0.0
+    for lk in hop.links():
+        if lk not in links:
+            raise ConfigError("links", sorted(links), f"(alpha, beta) for link level {lk}")
+        a, b = links[lk]
+        t = max(t, a + hop.max_rank(lk) * row_bytes * b)
+    return t
+
+
+def level_time(hops: Sequence[HopRows], row_bytes: int,
+               links: Optional[Mapping[int, tuple[float, float]]] = None) -> float:
+    """``t_d`` (HierMoE, Eq. 3): the hops of the level-d schedule run one after the other."""
+    links = DEFAULT_LINKS if links is None else links
+    return sum(hop_time(h, row_bytes, links) for h in hops)
+
+
+def best_level(times: Sequence[float]) -> int:
+    """``d* = argmin_d t_d`` (HierMoE, Eq. 6); ties go to the lower level (fewer hops)."""
+    if not times:
+        raise PlanError("no level to choose from")
+    return min(range(len(times)), key=lambda d: (times[d], d))
+
+
+def choose_level(assignments, owner, U, row_bytes: int, links=None) -> tuple[int, list[float]]:
+    """``(d*, [t_0, t_1, ...])`` for the routing of one batch."""
+    U = check_group_sizes(U)
+    times = [level_time(dedup_hops(assignments, owner, U, d), row_bytes, links)
+             for d in range(len(U) - 1)]
+    return best_level(times), times
+
+
+def duplication_rate(assignments, owner, U, level: int) -> float:
+    """Fraction of the flat all-to-all's remote rows that dedup at ``level`` removes."""
+    flat = sum(level_bytes(flat_hops(assignments, owner, U), 1).values())
+    ded = level_bytes(dedup_hops(assignments, owner, U, level), 1)
+    # hop 2 rows stay inside a group; the saving counted is on links above level 0
+    return 0.0 if flat == 0 else 1.0 - sum(ded.values()) / flat
