@@ -70,6 +70,7 @@ class ParallelLayout:
     dp_group: object = None            # replicas of this rank's expert shard
     timeout_s: float = 120.0
     layers: list[str] = field(default_factory=list)  # paths of the ExpertParallel modules
+    checkpoint_bytes_read: int = 0     # tensor bytes this rank read from ``checkpoint``
 
     @property
     def world(self) -> int:
@@ -271,7 +272,7 @@ def parallelize(model: nn.Module, mesh, *, dispatcher: str = "a2a", r_fwd: int =
         _init_non_persistent(model)
     if ckpt is not None:
         with ckpt:
-            load_checkpoint(model, ckpt)
+            layout.checkpoint_bytes_read = load_checkpoint(model, ckpt)
     model.moeflow_layout = layout
     return model
 
