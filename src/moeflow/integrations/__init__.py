@@ -1,6 +1,7 @@
 """Integrations with other libraries: transformers MoE blocks (:mod:`moeflow.integrations.hf`).
 
-``patch_model``, ``from_hf_block`` and ``supported_classes`` are re-exported here and load on
+``patch_model``, ``from_hf_block``, ``supported_classes``, ``state_dict_adapter`` and
+``moeflow_state_dict_keys`` are re-exported here and load on
 first use, so ``import moeflow.integrations`` costs nothing. They need transformers (the
 ``hf`` extra); without it the first use raises ImportError naming
 ``pip install "moeflow[hf]"``.
@@ -12,7 +13,8 @@ import importlib
 
 from moeflow._deps import require
 
-_HF_NAMES = ("patch_model", "from_hf_block", "supported_classes")
+_HF_NAMES = ("patch_model", "from_hf_block", "supported_classes", "state_dict_adapter",
+             "moeflow_state_dict_keys")
 
 
 def __getattr__(name: str):
