@@ -35,10 +35,14 @@ def tiny_config(family: str, experts: int = 8):
     raise ValueError(family)
 
 
-def save_tiny(family: str, out_dir, experts: int = 8, seed: int = 0, shard: str = "20KB") -> str:
+def save_tiny(family: str, out_dir, experts: int = 8, seed: int = 0, shard: str = "20KB",
+              **config) -> str:
     """A randomly initialised tiny model saved as sharded safetensors + index."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, experts))
+    cfg = tiny_config(family, experts)
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(str(out_dir), max_shard_size=shard)
     return str(out_dir)
 
@@ -222,3 +226,56 @@ def test_bad_inputs_raise_typed_errors_before_communication(tmp_path):
         json.dump(meta, f)
     res = run_ranks(_expect_error, 2, path, [0, 1], ("ep",), timeout_s=60)
     assert all(r[0] == "InputError" and "layers.1.mlp.experts.5" in r[1] for r in res)
+
+
+# -- router logits and the global-batch load-balancing loss --------------------------------
+def _aux_rank(rank, world, path, use_global):
+    import torch.distributed as dist
+
+    from moeflow.runtime import sync_gradients
+    from moeflow.runtime.parallelize import load_balancing_loss
+
+    model = build_parallel(path, (world,), ("ep",))
+    model.train()
+    cfg = model.config
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    ids = batch(world)[rank:rank + 1]
+    out = []
+    for _ in range(5):
+        o = model(input_ids=ids, labels=ids)
+        assert len(o.router_logits) == cfg.num_hidden_layers  # transformers' outputs work
+        loss = o.loss
+        if use_global:
+            loss = loss + cfg.router_aux_loss_coef * (load_balancing_loss(
+                o.router_logits, cfg.num_experts, cfg.num_experts_per_tok) - o.aux_loss)
+        opt.zero_grad()
+        loss.backward()
+        sync_gradients(model)
+        opt.step()
+        g = loss.detach().clone()
+        dist.all_reduce(g)
+        out.append(g.item() / world)
+    return out
+
+
+def test_router_logits_and_global_batch_aux_loss_match_single_process(tmp_path):
+    path = save_tiny("qwen3_moe", tmp_path / "ckpt", output_router_logits=True,
+                     router_aux_loss_coef=0.5)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from moeflow.integrations import patch_model
+
+    patch_model(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    ids = batch(4)
+    ref = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss   # CE + coef * aux of the global batch
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref.append(loss.item())
+    glob = run_ranks(_aux_rank, 4, path, True, timeout_s=120)[0]
+    local = run_ranks(_aux_rank, 4, path, False, timeout_s=120)[0]
+    assert max(abs(a - b) for a, b in zip(glob, ref)) < TOL, (glob, ref)
+    # the per-rank aux loss is a different objective: the global option is what matches
+    assert max(abs(a - b) for a, b in zip(local, ref)) > 10 * TOL

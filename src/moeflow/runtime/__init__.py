@@ -29,6 +29,7 @@ expert slices). ``moeflow train`` is a complete example.
 from moeflow.runtime.expert_parallel import ExpertParallel, PipelinedExperts, resolve_degrees
 from moeflow.runtime.parallelize import (
     export_pretrained,
+    load_balancing_loss,
     load_checkpoint,
     parallelize,
     sync_gradients,
@@ -36,4 +37,5 @@ from moeflow.runtime.parallelize import (
 from moeflow.runtime.pipeline import run_wavefront
 
 __all__ = ["ExpertParallel", "PipelinedExperts", "resolve_degrees", "run_wavefront",
-           "parallelize", "sync_gradients", "load_checkpoint", "export_pretrained"]
+           "parallelize", "sync_gradients", "load_checkpoint", "export_pretrained",
+           "load_balancing_loss"]

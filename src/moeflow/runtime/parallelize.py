@@ -49,6 +49,7 @@ from moeflow.runtime.expert_parallel import ExpertParallel
 from moeflow.runtime.loading import SafetensorsCheckpoint
 
 __all__ = ["parallelize", "ParallelLayout", "sync_gradients", "load_checkpoint",
+           "load_balancing_loss",
            "expert_state", "gather_hf_state_dict", "export_pretrained", "MESH_DIMS"]
 
 MESH_DIMS = ("dp", "ep", "esp")
@@ -425,3 +426,43 @@ def _init_non_persistent_meta(model: nn.Module) -> None:
             if b is not None and b.is_meta:
                 m._buffers[n] = torch.empty_like(b, device="cpu")
     _init_non_persistent(model)
+
+
+def load_balancing_loss(router_logits, num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None, group=None) -> torch.Tensor:
+    """This rank's share of the load-balancing loss of the *global* batch, from transformers'
+    ``outputs.router_logits`` (one ``[tokens, E]`` tensor per MoE layer).
+
+    The Switch Transformer loss (Fedus et al., JMLR'22, Eq. 4-6) as transformers computes it,
+    ``E * sum_e f_e P_e`` with ``f`` the top-k assignment frequency and ``P`` the mean router
+    probability, both over all layers' rows; here ``f`` and the row count are all-reduced over
+    ``group`` (the world by default), so the mean of the ranks' values is the global-batch
+    loss and, after :func:`sync_gradients` (``op="mean"``), so is the gradient: the
+    single-process value for any split of the batch. Use it in place of ``outputs.aux_loss``
+    (which is the local batch's)::
+
+        loss = out.loss + coef * (load_balancing_loss(out.router_logits, E, k) - out.aux_loss)
+    """
+    from moeflow.comm.collectives import all_reduce
+
+    counts = torch.zeros(num_experts, dtype=torch.float64)
+    prob_sum = None
+    rows = torch.zeros((), dtype=torch.float64)
+    mask = None if attention_mask is None else attention_mask.reshape(-1).to(torch.float32)
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        _, chosen = torch.topk(probs, top_k, dim=-1)
+        w = torch.ones(chosen.shape[0]) if mask is None else mask.to(probs.device)
+        counts += torch.zeros(num_experts, dtype=torch.float64).scatter_add_(
+            0, chosen.reshape(-1).cpu(), w.cpu().double().repeat_interleave(top_k))
+        p = (probs * w.unsqueeze(-1)).sum(0)
+        prob_sum = p if prob_sum is None else prob_sum + p
+        rows += w.double().sum().cpu()
+    if prob_sum is None:
+        raise InputError("router_logits is empty: run the model with output_router_logits=True")
+    stats = torch.cat([counts, rows.reshape(1)])
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        all_reduce(stats, group, "load-balancing statistics all-reduce", resolve_timeout(None))
+    W = dist.get_world_size(group) if dist.is_initialized() else 1
+    f_E = (stats[:-1] / stats[-1]).to(prob_sum.dtype).to(prob_sum.device)
+    return num_experts * W * torch.sum(f_E * prob_sum) / stats[-1].item()
