@@ -35,6 +35,7 @@ from moeflow.comm.collectives import (DEFAULT_BUCKET_BYTES, all_gather_v, all_re
                                       reduce_gradients, reduce_scatter_v)
 from moeflow.comm.dispatch import (CountExchange, TokenDispatcher, dispatcher_class,
                                    make_dispatcher, split_offsets, split_sizes, sub_block_index)
+from moeflow.comm import parm
 from moeflow.comm.groups import subgroup
 from moeflow.comm.timeouts import resolve_timeout
 from moeflow.comm.topology import Topology
@@ -279,6 +280,11 @@ class ExpertParallel(nn.Module):
         dispatcher_options: extra keyword arguments of the dispatcher class, e.g.
             ``{"level": "auto"}`` for ``dispatcher="dedup"`` (HierMoE token dedup at level
             0 = rank, 1 = node, or chosen per batch; :mod:`moeflow.comm.dedup`).
+        mp_group, schedule, parm_cluster: Parm (INFOCOM'24, :mod:`moeflow.comm.parm`): the
+            model-parallel group holding the same tokens on each rank, which must be this
+            rank's ESP group; ``schedule`` ``"plain"`` (every MP rank dispatches the tokens),
+            ``"s1"`` (MP-Split before the gate, MP-AllGather after combine) or ``"auto"``
+            (α-β choice of :mod:`moeflow.plan.parm` under ``parm_cluster``).
 
     Raises DistributedConfigError before any communication when E is not divisible by
     P = W / S, S does not divide the node, or F is not divisible by S.
@@ -288,7 +294,8 @@ class ExpertParallel(nn.Module):
                  dispatcher: str = "a2a", esp_size: int = 1, r_fwd: int = 1, r_bwd: int = 1,
                  plan=None, layer_index: int = 0, timeout_s: Optional[float] = None,
                  kernel: Optional[str] = None, compress=False, perf=None,
-                 dispatcher_options: Optional[dict] = None):
+                 dispatcher_options: Optional[dict] = None, mp_group=None,
+                 schedule: str = "plain", parm_cluster=None):
         super().__init__()
         cfg = layer.cfg
         dispatcher_cls = dispatcher_class(dispatcher)
@@ -387,6 +394,10 @@ class ExpertParallel(nn.Module):
         self._expert_fn = local_expert_ffn(self.activation, self.gated)
         self.aux_loss = torch.zeros(())
         self.last_counts_E = torch.zeros(E, dtype=torch.long)
+        self.parm_schedule = parm.check_mp_group(self, mp_group, schedule)
+        self.mp_group, self.parm_cluster = mp_group, parm_cluster
+        self.parm_bytes: dict = {}
+        self.last_schedule: Optional[str] = None
 
     @property
     def layer(self) -> nn.Module:
@@ -464,6 +475,12 @@ class ExpertParallel(nn.Module):
 
     def forward(self, x: torch.Tensor, r_fwd: Optional[int] = None,
                 r_bwd: Optional[int] = None) -> torch.Tensor:
+        if self.mp_group is not None:   # Parm: tokens replicated over the MP group
+            return parm.parm_forward(self, x, r_fwd, r_bwd)
+        return self._forward_local(x, r_fwd, r_bwd)
+
+    def _forward_local(self, x: torch.Tensor, r_fwd: Optional[int] = None,
+                       r_bwd: Optional[int] = None) -> torch.Tensor:
         layer = self._layer
         layer.check_input(x)
         shape = x.shape

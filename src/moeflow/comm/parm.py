@@ -1,0 +1,173 @@
+"""Parm (INFOCOM'24): MoE schedules for MP + EP + ESP where the MP group is the ESP group.
+
+Shapes: T tokens of the MP group (identical on its S ranks), D hidden, T_s the tokens of
+MP rank s after the split (``T // S`` plus one for the first ``T % S`` ranks).
+
+After model-parallel attention every MP rank holds the same T tokens. ``ExpertParallel(...,
+mp_group=..., schedule=...)`` runs the MoE layer on them with:
+
+* ``plain``: every MP rank routes and dispatches all T tokens, as a naive MP+EP stack does:
+  S copies of each row cross the network and every F-slice computes S copies. The loss is
+  replicated over the MP group, so gradients are scaled by 1/S on the way back (the S
+  copies then add up to one) and the input gradient is all-reduced over the MP group.
+* ``s1``: MP-Split before the gate (rank s takes its T_s tokens), the expert-parallel
+  layer on the split (dispatch all-to-all, ESP all-gather, expert GEMMs on the F-slice,
+  ESP reduce-scatter, combine all-to-all, the ESP collectives of one chunk overlapping the
+  all-to-all of the next on the wavefront), and an MP-AllGather after combine. Each row
+  crosses the network once: 1/S of plain's inter-node bytes.
+* ``auto``: the cheaper of the two under :mod:`moeflow.plan.parm`'s α-β model, per call.
+
+Routing acts on the batch each rank routes (the rule of ``ExpertParallel``): T tokens for
+plain, the split for s1; for dropless token-choice routers both give the same outputs.
+
+``ep.parm_bytes`` counts the bytes of this rank's EP all-to-alls per link level
+(``intra_node`` / ``inter_node``), dispatch + combine, from the splits they were issued
+with.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moeflow.comm.collectives import all_gather_v, all_reduce
+from moeflow.errors import ConfigError
+
+SCHEDULES = ("plain", "s1", "auto")
+
+
+def split_range(T: int, S: int, s: int) -> tuple[int, int]:
+    """Tokens ``[lo, hi)`` of MP rank s when T tokens are cut into S near-equal pieces."""
+    lo = (T // S) * s + min(T % S, s)
+    return lo, lo + T // S + (1 if s < T % S else 0)
+
+
+class _MPCopy(torch.autograd.Function):
+    """Identity forward; backward sums the MP ranks' partial input gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group, timeout_s):
+        ctx.group, ctx.timeout_s = group, timeout_s
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        return all_reduce(g, ctx.group, "Parm MP input-gradient all-reduce", ctx.timeout_s), \
+            None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies by ``scale`` (S duplicates count once)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+class _MPSplit(torch.autograd.Function):
+    """MP-Split: keep rows ``[lo, hi)``; backward all-gathers the pieces' gradients."""
+
+    @staticmethod
+    def forward(ctx, x_TD, sizes, s, group, timeout_s):
+        ctx.sizes, ctx.group, ctx.timeout_s = sizes, group, timeout_s
+        lo = sum(sizes[:s])
+        return x_TD[lo:lo + sizes[s]].clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        full = all_gather_v(g.contiguous(), ctx.sizes, ctx.group, "Parm MP-Split backward "
+                            "all-gather", ctx.timeout_s).wait()
+        return full, None, None, None, None
+
+
+class _MPAllGather(torch.autograd.Function):
+    """MP-AllGather: concatenate the pieces; backward keeps this rank's piece (the loss is
+    replicated over the MP group, so each rank differentiates it once for its own rows)."""
+
+    @staticmethod
+    def forward(ctx, y_sD, sizes, s, group, timeout_s):
+        ctx.lo, ctx.n = sum(sizes[:s]), sizes[s]
+        return all_gather_v(y_sD.contiguous(), sizes, group, "Parm MP-AllGather",
+                            timeout_s).wait()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[ctx.lo:ctx.lo + ctx.n].contiguous(), None, None, None, None
+
+
+def check_mp_group(ep, mp_group, schedule: str) -> str:
+    """The MP group must hold exactly this rank's ESP group (Parm's setting)."""
+    from moeflow.comm.groups import global_ranks
+
+    if schedule not in SCHEDULES:
+        raise ConfigError("schedule", schedule, f"one of {SCHEDULES}")
+    if mp_group is None:
+        if schedule != "plain":
+            raise ConfigError("schedule", schedule, "'plain' unless mp_group is given")
+        return schedule
+    if sorted(global_ranks(mp_group)) != sorted(global_ranks(ep.esp_group)):
+        raise ConfigError("mp_group", global_ranks(mp_group),
+                          f"this rank's ESP group {global_ranks(ep.esp_group)} (Parm: the "
+                          f"MP group is the expert-sharding group; set esp_size to its size)")
+    return schedule
+
+
+def _count_bytes(ep, row_bytes: int) -> None:
+    """Bytes of this call's EP all-to-alls per link level (dispatch + combine)."""
+    P, E_l, S = ep.ep_size, ep.num_local_experts, ep.esp_size
+    if ep.dispatcher_name == "capacity":
+        return   # padded splits: not what this counter models
+    rows_P = ep.last_counts_E.view(P, E_l).sum(1).tolist()
+    me = ep.rank
+    for p, n in enumerate(rows_P):
+        dest = p * S + ep.esp_rank
+        if dest != me and n:
+            link = ep.topology.link_level(me, dest)
+            ep.parm_bytes[link] = ep.parm_bytes.get(link, 0) + 2 * int(n) * row_bytes
+
+
+def choose(ep, T: int, D: int, row_bytes: int) -> str:
+    """``auto``: Parm's choice from the α-β model of :mod:`moeflow.plan.parm`."""
+    from moeflow.plan.parm import ParmLayer, choose_schedule
+
+    layer = ParmLayer(tokens=max(T, 1), hidden=D, top_k=ep.cfg.top_k, mp=ep.esp_size,
+                      nodes=ep.topology.num_nodes, bytes_per_elem=max(row_bytes // D, 1))
+    cluster = ep.parm_cluster
+    if cluster is None:
+        from moeflow.plan.parm import ParmCluster
+        cluster = ParmCluster()
+    return choose_schedule(layer, cluster, ep.r_fwd)[0]
+
+
+def parm_forward(ep, x: torch.Tensor, r_fwd=None, r_bwd=None) -> torch.Tensor:
+    """The MoE layer on the MP group's replicated tokens ``x`` under ``ep.parm_schedule``."""
+    shape = x.shape
+    x_TD = x.reshape(-1, shape[-1])
+    T, D = x_TD.shape
+    S, s, group, t = ep.esp_size, ep.esp_rank, ep.mp_group, ep.timeout_s
+    row_bytes = D * x_TD.element_size()
+    schedule = ep.parm_schedule
+    if schedule == "auto":
+        schedule = choose(ep, T, D, row_bytes)
+    ep.last_schedule = schedule
+    if schedule == "plain" or S == 1:
+        x_in = _MPCopy.apply(x_TD, group, t) if S > 1 else x_TD
+        y_TD = ep._forward_local(x_in, r_fwd, r_bwd)
+        _count_bytes(ep, row_bytes)
+        if S > 1:
+            y_TD = _ScaleGrad.apply(y_TD, 1.0 / S)
+            ep.aux_loss = ep.aux_loss / S    # each MP rank holds the same batch's aux loss
+        return y_TD.reshape(shape)
+    sizes = [split_range(T, S, i)[1] - split_range(T, S, i)[0] for i in range(S)]
+    if dist.get_world_size(group) != S:
+        raise ConfigError("mp_group", dist.get_world_size(group), f"{S} ranks (= esp_size)")
+    x_s = _MPSplit.apply(x_TD, sizes, s, group, t)
+    y_s = ep._forward_local(x_s, r_fwd, r_bwd)
+    _count_bytes(ep, row_bytes)
+    return _MPAllGather.apply(y_s, sizes, s, group, t).reshape(shape)

@@ -1,0 +1,117 @@
+"""Parm schedule choice: α-β cost of the plain MP+EP+ESP schedule and of Parm's MP-Split.
+
+Parm (INFOCOM'24, dedicated schedules for MP+EP+ESP): the model-parallel group (MP) of S
+ranks inside a node is also the expert-sharding group (ESP), so after attention every MP
+rank holds the same T tokens.
+
+* ``plain``: every MP rank routes and dispatches all T tokens (S copies cross the network),
+  the ESP all-gather collects S duplicate copies, and each F-slice computes all of them.
+* ``s1``: MP-Split before the gate (each MP rank takes T/S tokens), the MoE layer runs on
+  the split with the ESP collectives pipelined against the inter-node all-to-all (the
+  chunk wavefront), and an MP-AllGather after combine rebuilds the T outputs.
+
+The paper gives no closed formulas; these are derived from the schedules with the α-β
+model (``t = α + bytes·β`` per collective, HierMoE Eq. 1 / FSMoE's cost model), per MoE
+layer, forward, uniform routing:
+
+* rows a rank dispatches: ``R = k·T_r`` with ``T_r = T`` (plain) or ``T/S`` (s1);
+* EP all-to-all (twice: dispatch and combine): ``α_inter + β_inter·R·D·v·(n-1)/n`` with n
+  nodes (the share of rows that leave the node);
+* ESP all-gather and reduce-scatter (intra): ``α_intra + β_intra·(S-1)·R·D·v`` each;
+* expert GEMMs on the F/S slice of ``S·R`` rows: ``S·R·c_row/S`` with ``c_row`` the time of
+  one row through a whole expert FFN;
+* MP-AllGather (s1 only, intra): ``α_intra + β_intra·(S-1)·(T/S)·D·v``.
+
+With r chunks the ESP collectives of one chunk overlap the all-to-all of the next
+(:mod:`moeflow.runtime.pipeline`); the model takes the pipelined time as
+``max(inter, intra + compute)`` plus the non-overlapped first/last stage, which for r = 1
+is the plain sum. Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moeflow.errors import ConfigError
+from moeflow.validate import positive_int
+
+SCHEDULES = ("plain", "s1")
+
+
+@dataclass(frozen=True)
+class ParmCluster:
+    """Links of one cluster: α (s) and β (s/byte) inside a node and across nodes."""
+
+    alpha_intra: float = 5e-6
+    beta_intra: float = 1 / 150e9
+    alpha_inter: float = 20e-6
+    beta_inter: float = 1 / 12.5e9
+    row_time: float = 0.0        # one row through a whole expert FFN (s); 0 = comm only
+
+
+@dataclass(frozen=True)
+class ParmLayer:
+    """One MoE layer: T tokens per MP group, hidden D, top-k, v bytes per element."""
+
+    tokens: int
+    hidden: int
+    top_k: int
+    mp: int                       # S = MP = ESP group size
+    nodes: int                    # n nodes in the EP dimension
+    bytes_per_elem: int = 2
+
+    def __post_init__(self):
+        for f in ("tokens", "hidden", "top_k", "mp", "nodes", "bytes_per_elem"):
+            positive_int(f"ParmLayer.{f}", getattr(self, f))
+
+
+def schedule_terms(layer: ParmLayer, cluster: ParmCluster, schedule: str) -> dict[str, float]:
+    """Time of each collective and of the expert GEMMs for one forward of ``schedule``."""
+    if schedule not in SCHEDULES:
+        raise ConfigError("schedule", schedule, f"one of {SCHEDULES}")
+    S, n, D, v = layer.mp, layer.nodes, layer.hidden, layer.bytes_per_elem
+    T_r = layer.tokens if schedule == "plain" else layer.tokens / S
+    R = layer.top_k * T_r
+    terms = {
+        "a2a": 2 * (cluster.alpha_inter + cluster.beta_inter * R * D * v * (n - 1) / n),
+        "esp": 2 * (cluster.alpha_intra + cluster.beta_intra * (S - 1) * R * D * v) if S > 1
+        else 0.0,
+        "experts": R * cluster.row_time,     # S·R rows on an F/S slice
+        "mp_allgather": 0.0,
+    }
+    if schedule == "s1" and S > 1:
+        terms["mp_allgather"] = (cluster.alpha_intra
+                                 + cluster.beta_intra * (S - 1) * (layer.tokens / S) * D * v)
+    return terms
+
+
+def schedule_time(layer: ParmLayer, cluster: ParmCluster, schedule: str, r: int = 1) -> float:
+    """Forward time of ``schedule`` with r pipeline chunks (see the module docstring)."""
+    r = positive_int("r", r)
+    t = schedule_terms(layer, cluster, schedule)
+    inter, inner = t["a2a"], t["esp"] + t["experts"]
+    if r == 1:
+        body = inter + inner
+    else:   # chunks overlap: the longer side runs r times over, the other once per edge
+        alpha = 2 * cluster.alpha_inter + (2 * cluster.alpha_intra if layer.mp > 1 else 0.0)
+        body = max(inter, inner) + min(inter, inner) / r + (r - 1) * alpha
+    return body + t["mp_allgather"]
+
+
+def choose_schedule(layer: ParmLayer, cluster: ParmCluster, r: int = 1) -> tuple[str, dict]:
+    """Parm's automatic choice: the schedule with the smaller predicted time."""
+    times = {s: schedule_time(layer, cluster, s, r) for s in SCHEDULES}
+    return min(SCHEDULES, key=lambda s: (times[s], SCHEDULES.index(s))), times
+
+
+def inter_node_bytes(layer: ParmLayer, schedule: str) -> float:
+    """Bytes one MP group puts on inter-node links per forward (dispatch + combine)."""
+    if schedule not in SCHEDULES:
+        raise ConfigError("schedule", schedule, f"one of {SCHEDULES}")
+    S, n = layer.mp, layer.nodes
+    T_r = layer.tokens if schedule == "plain" else layer.tokens / S
+    return 2 * S * layer.top_k * T_r * layer.hidden * layer.bytes_per_elem * (n - 1) / n
+
+
+__all__ = ["SCHEDULES", "ParmCluster", "ParmLayer", "schedule_terms", "schedule_time",
+           "choose_schedule", "inter_node_bytes"]
