@@ -1,4 +1,5 @@
-"""``moeflow train``: train the demo MoE language model with expert parallelism.
+"""``moeflow train``: train the demo MoE language model, or fine-tune a transformers MoE
+checkpoint directory (``--model PATH``), with expert parallelism.
 
 Two launch paths, same training loop:
   * ``moeflow train --nproc 4`` forks 4 local ranks on gloo/127.0.0.1 with
@@ -9,6 +10,15 @@ Every MoE layer of :mod:`moeflow.demo`'s model is wrapped in
 :class:`moeflow.runtime.ExpertParallel`. All ranks draw the same global batch (same seed)
 and each trains on its slice, so the run follows the single-process run of the same
 global batch (``--nproc 1``), up to per-rank aux-loss statistics. Prints loss and tokens/s.
+
+With ``--model PATH`` (a transformers checkpoint directory: Qwen3-MoE, Mixtral, DeepSeek, ...)
+the model is built on the meta device, patched (:func:`moeflow.integrations.patch_model`) and
+:func:`moeflow.runtime.parallelize`-d over a ``(dp, ep, esp)`` mesh, every rank reading only
+its experts from the checkpoint; it trains on ``--data FILE`` (a text file, tokenized with the
+directory's tokenizer when it has one, else as bytes) or the bundled byte corpus, with a
+progress bar, sharded checkpoints every ``--checkpoint-every`` steps in ``--checkpoint-dir``
+(:mod:`moeflow.runtime.checkpoint`), ``--resume`` from there, and ``--export DIR`` writing a
+transformers directory at the end.
 """
 
 from __future__ import annotations
@@ -63,6 +73,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus-bytes", type=int, default=1_000_000,
                    help="bytes of Python stdlib source to train on")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    g = p.add_argument_group("transformers checkpoint fine-tuning")
+    g.add_argument("--model", default=None,
+                   help="a transformers checkpoint directory to fine-tune (else the demo model)")
+    g.add_argument("--data", default=None,
+                   help="a text file to train on (default: the bundled byte corpus)")
+    g.add_argument("--dp", type=int, default=1,
+                   help="data-parallel replicas of each expert shard (ep = world / dp / esp)")
+    g.add_argument("--checkpoint-dir", default=None, help="sharded checkpoints go here")
+    g.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save every N steps (0: only at the end, when --checkpoint-dir is set)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --checkpoint-dir (if there is one)")
+    g.add_argument("--export", default=None,
+                   help="write the fine-tuned model here as a transformers directory")
 
 
 def _plan_from_file(path):
@@ -81,6 +105,9 @@ def validate_train_args(args: argparse.Namespace, world: int | None = None) -> N
         from moeflow.launch import check_nproc
         args.nproc = check_nproc(args.nproc, force=getattr(args, "force_nproc", False))
     world = world or args.nproc or 1
+    if getattr(args, "model", None):
+        validate_hf_args(args, world)
+        return
     for flag in ("steps", "batch_size", "seq_len", "dim", "layers", "experts", "top_k",
                  "ffn", "log_every", "corpus_bytes", "threads", "esp", "r_fwd", "r_bwd"):
         setattr(args, flag, positive_int("--" + flag.replace("_", "-"), getattr(args, flag)))
@@ -227,6 +254,221 @@ def train_loop(args, group=None, topology=None, device=None, verbose=True) -> di
     return out
 
 
+# --------------------------------------------------------------------------- --model PATH
+def _num_experts(config) -> int | None:
+    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def validate_hf_args(args: argparse.Namespace, world: int) -> None:
+    """The ``--model`` flags and the mesh, checked in the parent before any rank starts."""
+    for flag in ("steps", "batch_size", "seq_len", "log_every", "threads", "esp", "dp",
+                 "r_fwd", "r_bwd", "corpus_bytes"):
+        setattr(args, flag, positive_int("--" + flag.replace("_", "-"), getattr(args, flag)))
+    args.checkpoint_every = nonnegative_int("--checkpoint-every", args.checkpoint_every)
+    for flag in ("max_seconds", "lr", "timeout"):
+        setattr(args, flag, positive_float("--" + flag.replace("_", "-"), getattr(args, flag)))
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise ConfigError("--model", args.model, "a transformers checkpoint directory "
+                                                 "(with config.json)")
+    if args.data is not None and not os.path.isfile(args.data):
+        raise ConfigError("--data", args.data, "an existing text file")
+    if args.resume and not args.checkpoint_dir:
+        raise ConfigError("--resume", True, "together with --checkpoint-dir")
+    from moeflow._deps import require
+
+    require("transformers", "moeflow train --model")
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    E = _num_experts(config)
+    if E is None:
+        raise ConfigError("--model", args.model, "a mixture-of-experts model (its config "
+                                                 "names no experts)")
+    if world % (args.dp * args.esp):
+        raise DistributedConfigError(f"--dp {args.dp} x --esp {args.esp} does not divide the "
+                                     f"world size {world}")
+    ep = world // (args.dp * args.esp)
+    if E % ep:
+        raise DistributedConfigError(f"the model's {E} experts are not divisible by the "
+                                     f"expert-parallel size {ep} (= world {world} / --dp "
+                                     f"{args.dp} / --esp {args.esp})")
+    if args.batch_size % world:
+        raise ConfigError("--batch-size", args.batch_size, f"a multiple of the world size {world}")
+    args._hf_config = config
+
+
+def _tokens(args, config) -> torch.Tensor:
+    """The training tokens: ``--data`` through the model's tokenizer when the directory has one,
+    else bytes (folded into the vocabulary when it is smaller than 256)."""
+    from moeflow.demo import load_corpus
+
+    if args.data is not None:
+        with open(args.data, "rb") as f:
+            raw = f.read()
+    else:
+        raw = getattr(args, "_corpus", None) or load_corpus(max_bytes=args.corpus_bytes)
+    tok = None
+    has_tokenizer = any(os.path.exists(os.path.join(args.model, n)) for n in
+                        ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    if args.data is not None and has_tokenizer:
+        try:
+            import transformers
+
+            tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        except Exception:  # no tokenizer files: train on bytes
+            tok = None
+    if tok is not None:
+        ids = torch.tensor(tok(raw.decode("utf-8", "replace"))["input_ids"], dtype=torch.long)
+    else:
+        ids = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long() % config.vocab_size
+    if ids.numel() < args.seq_len + 2:
+        raise ConfigError("--data", args.data, f"at least --seq-len + 2 = {args.seq_len + 2} "
+                                               f"tokens (got {ids.numel()})")
+    return ids
+
+
+def hf_train_loop(args, device=None, verbose=True) -> dict:
+    """Fine-tune ``--model`` (every rank, process group up; or one process). Returns
+    ``{"losses": [...], "first_step": int, "steps": int}`` (global-batch losses)."""
+    import torch.distributed as dist
+    import transformers
+
+    from moeflow.integrations import patch_model
+    from moeflow.progress import Progress
+    from moeflow.runtime import checkpoint as ckpt
+    from moeflow.runtime import export_pretrained, parallelize, sync_gradients
+
+    dist_on = dist.is_initialized() and dist.get_world_size() > 1
+    W = dist.get_world_size() if dist_on else 1
+    rank = dist.get_rank() if dist_on else 0
+    device = device or torch.device("cpu")
+    config = getattr(args, "_hf_config", None) or transformers.AutoConfig.from_pretrained(
+        args.model)
+    if dist_on:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        ep = W // (args.dp * args.esp)
+        dims = [(n, d) for n, d in (("dp", args.dp), ("ep", ep), ("esp", args.esp))
+                if d > 1 or n == "ep"]
+        mesh = init_device_mesh("cpu", tuple(d for _, d in dims),
+                                mesh_dim_names=tuple(n for n, _ in dims))
+        with torch.device("meta"):
+            model = patch_model(transformers.AutoModelForCausalLM.from_config(config))
+        parallelize(model, mesh, checkpoint=args.model, dispatcher=args.dispatcher,
+                    r_fwd=args.r_fwd, r_bwd=args.r_bwd, timeout_s=args.timeout, device=device)
+    else:
+        model = patch_model(transformers.AutoModelForCausalLM.from_pretrained(args.model))
+        model.to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    data = _tokens(args, config)
+    gen = torch.Generator().manual_seed(args.seed)
+    first = 1
+    if args.resume and ckpt.checkpoint_exists(args.checkpoint_dir):
+        if dist_on:
+            extra = ckpt.load_checkpoint(args.checkpoint_dir, model, opt)
+        else:
+            extra = _load_single(args.checkpoint_dir, model, opt)
+        first = int(extra["step"]) + 1
+        gen.set_state(extra["sampler"])
+    b = args.batch_size // W
+    losses = []
+    log = verbose and rank == 0
+
+    def save(step: int) -> None:
+        extra = {"step": step, "sampler": gen.get_state()}
+        if dist_on:
+            ckpt.save_checkpoint(args.checkpoint_dir, model, opt, extra=extra)
+        else:
+            _save_single(args.checkpoint_dir, model, opt, extra)
+
+    step = first - 1
+    with Progress(args.steps, f"moeflow train {os.path.basename(os.path.normpath(args.model))}",
+                  enabled=log) as bar:
+        bar.n = first - 1
+        start = time.perf_counter()
+        for step in range(first, args.steps + 1):
+            # the same global batch on every rank; each takes its rows
+            starts = torch.randint(0, data.numel() - args.seq_len - 1, (args.batch_size,),
+                                   generator=gen)
+            window = data[starts[:, None] + torch.arange(args.seq_len + 1)]
+            x = window[rank * b:(rank + 1) * b, :-1].to(device)
+            y = window[rank * b:(rank + 1) * b, 1:].to(device)
+            logits = model(input_ids=x).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if dist_on:
+                sync_gradients(model)
+            opt.step()
+            lv = loss.detach().reshape(1).double()
+            stop = torch.tensor([1.0 if time.perf_counter() - start > args.max_seconds
+                                 else 0.0])
+            if dist_on:
+                from moeflow.comm.collectives import all_reduce
+                all_reduce(lv, None, "loss all-reduce", args.timeout)
+                lv /= W
+                all_reduce(stop, None, "stop all-reduce", args.timeout)
+            losses.append(float(lv))
+            bar.update(1, loss=losses[-1])
+            if args.checkpoint_dir and args.checkpoint_every and \
+                    step % args.checkpoint_every == 0:
+                save(step)
+            if stop.item() > 0:
+                break
+    if args.checkpoint_dir and (not args.checkpoint_every or step % args.checkpoint_every):
+        save(step)
+    if args.export:
+        if dist_on:
+            export_pretrained(model, args.export)
+        else:
+            model.save_pretrained(args.export)
+    if log:
+        print(f"summary: steps {first}..{step}, loss "
+              f"{losses[0] if losses else float('nan'):.4f} -> "
+              f"{losses[-1] if losses else float('nan'):.4f}", flush=True)
+    return {"losses": losses, "first_step": first, "steps": step}
+
+
+def _save_single(path: str, model, opt, extra: dict) -> None:
+    """One process: the same atomic layout as the sharded save (temp dir, rename)."""
+    import shutil
+
+    from moeflow.integrations import moeflow_state_dict_keys
+
+    tmp = path + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    with moeflow_state_dict_keys(model):
+        state = {"model": model.state_dict(), "optim": opt.state_dict(), "extra": extra}
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, ".metadata"), "w") as f:
+        f.write("moeflow single-process checkpoint\n")
+    old = path + ".old"
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def _load_single(path: str, model, opt) -> dict:
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optim"])
+    return state["extra"]
+
+
+def _hf_rank(rank: int, world: int, args) -> dict:
+    args._forked = True
+    return hf_train_loop(args, verbose=True)
+
+
 def _topology(args, world: int):
     from moeflow.comm import Topology
     rpn = args.ranks_per_node
@@ -248,10 +490,12 @@ def _spawn(args) -> int:
     from moeflow.demo import load_corpus
     from moeflow.launch import launch
 
-    args._corpus = load_corpus(max_bytes=args.corpus_bytes)  # read once, shared by fork
+    if not getattr(args, "data", None):
+        args._corpus = load_corpus(max_bytes=args.corpus_bytes)  # read once, shared by fork
     # a rank whose heartbeat stops for the collective deadline is stalled: end the run
-    launch(_rank, args.nproc, args, force=args.force_nproc, name="moeflow train",
-           stall_timeout_s=args.timeout, pg_timeout_s=args.timeout, threads=args.threads)
+    launch(_hf_rank if getattr(args, "model", None) else _rank, args.nproc, args,
+           force=args.force_nproc, name="moeflow train", stall_timeout_s=args.timeout,
+           pg_timeout_s=args.timeout, threads=args.threads)
     return 0
 
 
@@ -270,7 +514,11 @@ def run_train(args: argparse.Namespace) -> int:
             torch.set_num_threads(max(1, args.threads))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
         try:
-            train_loop(args, topology=_topology(args, dist.get_world_size()), device=device)
+            if getattr(args, "model", None):
+                hf_train_loop(args, device=device)
+            else:
+                train_loop(args, topology=_topology(args, dist.get_world_size()),
+                           device=device)
         finally:
             dist.destroy_process_group()
         return 0
@@ -278,7 +526,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1:
         return _spawn(args)
     torch.set_num_threads(max(1, args.threads))
-    train_loop(args)
+    if getattr(args, "model", None):
+        hf_train_loop(args)
+    else:
+        train_loop(args)
     return 0
 
 

@@ -117,3 +117,59 @@ def test_train_launcher_ends_the_run_naming_the_rank(monkeypatch, fault):
     while multiprocessing.active_children() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not multiprocessing.active_children()
+
+
+# -- moeflow train --model PATH: fine-tuning a transformers checkpoint directory ------------
+def _hf_args(model_dir, **kw) -> argparse.Namespace:
+    from moeflow.train import add_train_arguments
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    a = p.parse_args(["--model", str(model_dir)])
+    base = dict(steps=6, batch_size=4, seq_len=8, lr=1e-2, max_seconds=1e9, timeout=60.0,
+                corpus_bytes=20_000, r_fwd=1, r_bwd=1)
+    base.update(kw)
+    for k, v in base.items():
+        setattr(a, k, v)
+    return a
+
+
+def test_train_model_dir_checkpoints_and_resumes_on_the_same_curve(tmp_path, capfd):
+    pytest.importorskip("transformers")
+    from moeflow.launch import launch
+    from moeflow.train import _hf_rank, main, validate_train_args
+    from tests.runtime.test_parallelize import save_tiny
+
+    model_dir = save_tiny("qwen3_moe", tmp_path / "hf")
+    text = tmp_path / "data.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    full = _hf_args(model_dir, data=str(text))
+    validate_train_args(full, world=4)
+    ref = launch(_hf_rank, 4, full, force=True, timeout_s=120, progress=False)[0]["losses"]
+    assert len(ref) == 6
+    ckpt = tmp_path / "ckpt"
+    # the command line: 3 steps, checkpoint at step 3, exported transformers directory
+    rc = main(["--model", str(model_dir), "--nproc", "4", "--data", str(text), "--steps", "3",
+               "--batch-size", "4", "--seq-len", "8", "--lr", "1e-2", "--r-fwd", "1",
+               "--r-bwd", "1", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "3",
+               "--export", str(tmp_path / "out")])
+    assert rc == 0
+    err = capfd.readouterr().err
+    assert "3/3" in err  # the progress bar reached the end
+    assert (ckpt / ".metadata").exists()
+    assert (tmp_path / "out" / "config.json").exists()
+    resumed = _hf_args(model_dir, data=str(text), checkpoint_dir=str(ckpt), resume=True)
+    validate_train_args(resumed, world=4)
+    out = launch(_hf_rank, 4, resumed, force=True, timeout_s=120, progress=False)[0]
+    assert out["first_step"] == 4
+    assert max(abs(a - b) for a, b in zip(out["losses"], ref[3:])) < 1e-6, (out, ref)
+
+
+def test_train_model_dir_bad_layout_fails_before_forking(tmp_path):
+    pytest.importorskip("transformers")
+    from moeflow.errors import DistributedConfigError
+    from moeflow.train import main
+    from tests.runtime.test_parallelize import save_tiny
+
+    model_dir = save_tiny("qwen3_moe", tmp_path / "hf", experts=6)
+    with pytest.raises(DistributedConfigError, match="6 experts"):
+        main(["--model", str(model_dir), "--nproc", "4", "--steps", "1"])
