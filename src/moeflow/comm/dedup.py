@@ -148,7 +148,17 @@ class DedupDispatcher:
         self.slot_E = torch.arange(self.P * self.E_l) % self.E_l     # expert -> local slot
         self.bytes_sent = {"intra_node": 0, "inter_node": 0}
         self.last_level: Optional[int] = None
+        self.last_routing: Optional[dict] = None
         self.last_times: Optional[list] = None
+
+    def last_assignments(self) -> list:
+        """``[s][t] -> experts`` of the last call's batch on every source rank (the input of
+        :func:`moeflow.plan.hiermoe.swap_step` and of the dedup byte formula)."""
+        g = self.last_routing
+        out = [[[] for _ in range(int(T))] for T in g["T_P"].tolist()]
+        for s, t, e in zip(g["src"].tolist(), g["tok"].tolist(), g["exp"].tolist()):
+            out[s][t].append(e)
+        return out
 
     def reset_bytes(self) -> None:
         self.bytes_sent = {"intra_node": 0, "inter_node": 0}
@@ -328,6 +338,7 @@ class DedupDispatcher:
         """The routed experts' weighted sum per token, ``y_TD`` (shared experts excluded)."""
         T = x_TD.shape[0]
         g = self._gather_routing(routing, T, x_TD.device, x_TD.dtype)
+        self.last_routing = g
         level = self.choose_level(g, x_TD.shape[-1] * x_TD.element_size())
         self.last_level = level
         call = _DedupCall(self, ep, g, level, r_fwd, r_bwd)
@@ -436,4 +447,58 @@ class _DedupExperts(torch.autograd.Function):
         return gx, gweight.to(ctx.weight_dtype), gi, go, None
 
 
-__all__ = ["DedupDispatcher", "LEVELS", "DedupRoute", "Hop"]
+
+# -- expert placement (HierMoE expert swap) --------------------------------------------------
+def local_experts(disp: DedupDispatcher, rank: Optional[int] = None) -> list[int]:
+    """Experts of EP rank ``rank`` (default: this rank) in local-slot order."""
+    p = disp.p_me if rank is None else rank
+    mine = [e for e in range(disp.owner_E.numel()) if int(disp.owner_E[e]) == p]
+    return sorted(mine, key=lambda e: int(disp.slot_E[e]))
+
+
+@torch.no_grad()
+def apply_placement(ep, owner_E, optimizer=None) -> None:
+    """Move experts to the ranks ``owner_E[e]`` names: weights, gradients and the optimizer
+    state shaped like them (e.g. Adam's moments), with no change to the layer's function.
+
+    Collective over the EP group; every rank passes the same ``owner_E`` and the same kind of
+    optimizer. Each rank must keep E_l experts (a swap exchanges two). The new local order
+    is by expert id. The parameters stay the same objects, so optimizers keep them.
+    """
+    disp = ep.dispatcher
+    if not isinstance(disp, DedupDispatcher):
+        raise ConfigError("dispatcher", getattr(ep, "dispatcher_name", type(disp).__name__),
+                          "'dedup' (the dispatcher that takes any expert placement)")
+    P, E_l = disp.P, disp.E_l
+    owner = torch.as_tensor(owner_E, dtype=torch.long).cpu().reshape(-1)
+    if owner.numel() != P * E_l or int(owner.min()) < 0 or int(owner.max()) >= P \
+            or not bool((torch.bincount(owner, minlength=P) == E_l).all()):
+        raise ConfigError("owner_E", owner.tolist(), f"{P * E_l} ranks in [0, {P}), each "
+                          f"rank owning exactly {E_l} experts")
+    old_pos = disp.owner_E * E_l + disp.slot_E            # row of each expert in the gather
+    mine = [e for e in range(P * E_l) if int(owner[e]) == disp.p_me]
+    take = old_pos[torch.tensor(mine, dtype=torch.long)]
+    slot = torch.zeros(P * E_l, dtype=torch.long)
+    for p in range(P):
+        for i, e in enumerate(e for e in range(P * E_l) if int(owner[e]) == p):
+            slot[e] = i
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        full = all_gather_equal(t.contiguous(), disp.ep_group, "expert placement all-gather",
+                                disp.timeout_s)
+        return full.reshape(P * E_l, *t.shape[1:]).index_select(0, take.to(t.device))
+
+    for param in (ep.w_in, ep.w_out):
+        param.data.copy_(moved(param.data))
+        if param.grad is not None:
+            param.grad.copy_(moved(param.grad))
+        state = optimizer.state.get(param, {}) if optimizer is not None else {}
+        for key in sorted(state):
+            v = state[key]
+            if torch.is_tensor(v) and v.shape == param.shape:
+                v.copy_(moved(v))
+    disp.set_placement(owner, slot)
+
+
+__all__ = ["DedupDispatcher", "LEVELS", "DedupRoute", "Hop", "apply_placement",
+           "local_experts"]

@@ -187,3 +187,117 @@ def duplication_rate(assignments, owner, U, level: int) -> float:
     ded = level_bytes(dedup_hops(assignments, owner, U, level), 1)
     # hop 2 rows stay inside a group; the saving counted is on links above level 0
     return 0.0 if flat == 0 else 1.0 - sum(ded.values()) / flat
+
+
+# -- expert swap ---------------------------------------------------------------------------
+def smooth_max(xs: Sequence[float], gamma: float = 10.0) -> float:
+    """``max(x)·(Σ (x_i / max x)^γ)^(1/γ)`` (HierMoE expert swap): a max that still moves
+    when a rank other than the busiest one gets lighter, so the search sees every gain."""
+    m = max(xs, default=0.0)
+    if m <= 0:
+        return 0.0
+    return m * sum((x / m) ** gamma for x in xs) ** (1.0 / gamma)
+
+
+class _RankRows:
+    """Rows of the level-0 dedup all-to-all ``rows[s][q]`` = tokens of source s with an
+    expert on rank q, kept up to date under expert swaps (the incremental update)."""
+
+    def __init__(self, assignments, owner, P: int):
+        self.P = P
+        self.owner = list(owner)
+        self.cnt = []          # cnt[s][t][q]: experts of token t on rank q
+        self.rows = [[0] * P for _ in range(P)]
+        self.users: dict[int, list[tuple[int, int]]] = {}
+        for s, tokens in enumerate(assignments):
+            per = []
+            for t, experts in enumerate(tokens):
+                c: dict[int, int] = {}
+                for e in experts:
+                    c[self.owner[e]] = c.get(self.owner[e], 0) + 1
+                    self.users.setdefault(e, []).append((s, t))
+                for q in c:
+                    self.rows[s][q] += 1
+                per.append(c)
+            self.cnt.append(per)
+
+    def delta(self, r: int, c: int) -> dict[tuple[int, int], int]:
+        """Change of ``rows[s][q]`` if experts r and c swap ranks (only their tokens move)."""
+        a, b = self.owner[r], self.owner[c]
+        out: dict[tuple[int, int], int] = {}
+        moves: dict[tuple[int, int], list[int]] = {}
+        for e, src, dst in ((r, a, b), (c, b, a)):
+            for s, t in self.users.get(e, ()):
+                m = moves.setdefault((s, t), [0, 0])    # net change on a, on b
+                m[0] += -1 if src == a else 1
+                m[1] += -1 if src == b else 1
+        for (s, t), (da, db) in moves.items():
+            cnt = self.cnt[s][t]
+            for q, d in ((a, da), (b, db)):
+                before, after = cnt.get(q, 0) > 0, cnt.get(q, 0) + d > 0
+                if before != after:
+                    out[(s, q)] = out.get((s, q), 0) + (1 if after else -1)
+        return out
+
+    def apply(self, r: int, c: int) -> None:
+        for (s, q), d in self.delta(r, c).items():
+            self.rows[s][q] += d
+        a, b = self.owner[r], self.owner[c]
+        for e, src, dst in ((r, a, b), (c, b, a)):
+            for s, t in self.users.get(e, ()):
+                cnt = self.cnt[s][t]
+                cnt[src] -= 1
+                cnt[dst] = cnt.get(dst, 0) + 1
+        self.owner[r], self.owner[c] = b, a
+
+
+def _swap_time(rows, U, row_bytes: int, links, gamma: float) -> float:
+    """Predicted time of the level-0 dedup all-to-all with the smooth max over senders."""
+    P = len(rows)
+    t = 0.0
+    for lk in range(1, len(U)):
+        per = [sum(rows[s][q] for q in range(P) if q != s and link_level(s, q, U) == lk)
+               for s in range(P)]
+        if any(per):
+            a, b = links[lk]
+            t = max(t, a + b * row_bytes * smooth_max(per, gamma))
+    return t
+
+
+def swap_step(assignments, owner, U, row_bytes: int, links=None, gamma: float = 10.0,
+              state: Optional[_RankRows] = None):
+    """One HierMoE swap: the pair of experts (r, c) on different ranks whose exchange most
+    lowers the predicted all-to-all time (smooth max, γ = 10), or None if none helps.
+
+    Returns ``(pair, new_owner, predicted_time, state)``; pass ``state`` back to the next
+    step of the same batch to reuse the incremental row counts. Each candidate is scored
+    from the rows of the two experts' tokens only (the incremental update), not from a
+    recount of the whole batch.
+    """
+    U = check_group_sizes(U)
+    links = DEFAULT_LINKS if links is None else links
+    P, E = U[-1], len(owner)
+    st = state if state is not None else _RankRows(assignments, owner, P)
+    best = (_swap_time(st.rows, U, row_bytes, links, gamma), None)
+    for r in range(E):
+        for c in range(r + 1, E):
+            if st.owner[r] == st.owner[c]:
+                continue
+            d = st.delta(r, c)
+            if not d:
+                continue
+            rows = [row[:] for row in st.rows]
+            for (s, q), v in d.items():
+                rows[s][q] += v
+            t = _swap_time(rows, U, row_bytes, links, gamma)
+            if t < best[0] - 1e-15:
+                best = (t, (r, c))
+    if best[1] is None:
+        return None, list(st.owner), best[0], st
+    st.apply(*best[1])
+    return best[1], list(st.owner), best[0], st
+
+
+def rank_rows(assignments, owner, P: int) -> list[list[int]]:
+    """``rows[s][q]`` of the level-0 dedup all-to-all, counted from scratch."""
+    return _RankRows(assignments, owner, P).rows

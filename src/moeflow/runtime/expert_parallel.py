@@ -426,6 +426,13 @@ class ExpertParallel(nn.Module):
         reduce_gradients(list(self.parameters()), replicated, self.group, op=op,
                          timeout_s=self.timeout_s, bucket_bytes=bucket_bytes)
 
+    def apply_placement(self, owner_E, optimizer=None) -> None:
+        """HierMoE expert swap: move experts to ranks ``owner_E`` (weights, gradients and
+        optimizer state; dispatcher="dedup"). See :func:`moeflow.comm.dedup.apply_placement`."""
+        from moeflow.comm.dedup import apply_placement
+
+        apply_placement(self, owner_E, optimizer)
+
     @torch.no_grad()
     def full_expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All experts' ``(w_in (E, X, D), w_out (E, D, F))`` on every rank (all-gather).
