@@ -172,3 +172,16 @@ def test_wire_bytes_per_level_equal_the_dedup_formula(dup):
         assert node[2] < flat[2]
     if dup == 1.0:   # both experts on one node: exactly one inter-node row per remote token
         assert node[2] * 2 == flat[2]
+
+
+def _eight(rank, world):
+    cases = [(Case(router="softmax_topk", tokens=(9, 0, 14, 5, 11, 7, 3, 12), r_fwd=2,
+                   r_bwd=3), lvl) for lvl in (0, 1, "auto")]
+    return [_equivalence(rank, world, c, lvl, ranks_per_node=4) for c, lvl in cases]
+
+
+@pytest.mark.slow
+def test_dedup_matches_single_device_8_ranks_as_2_nodes_of_4():
+    res = run_ranks(_eight, 8, timeout_s=600)
+    assert all(err < 2e-5 for per_rank in res for err, _ in per_rank)
+    assert [lvl for _, lvl in res[0][:2]] == [0, 1]

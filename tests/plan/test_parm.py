@@ -1,0 +1,49 @@
+"""Parm's α-β schedule model: each term from its schedule, and the automatic choice."""
+
+import pytest
+
+from moeflow.errors import ConfigError
+from moeflow.plan.parm import (ParmCluster, ParmLayer, choose_schedule, inter_node_bytes,
+                               schedule_terms, schedule_time)
+
+LAYER = ParmLayer(tokens=4096, hidden=1024, top_k=2, mp=4, nodes=4, bytes_per_elem=2)
+
+
+def test_split_divides_the_network_bytes_by_S():
+    assert inter_node_bytes(LAYER, "s1") * 4 == inter_node_bytes(LAYER, "plain")
+    # plain: S ranks each send k*T rows, 3/4 of them leave the node, dispatch + combine
+    assert inter_node_bytes(LAYER, "plain") == 2 * 4 * 2 * 4096 * 1024 * 2 * 3 / 4
+
+
+def test_terms_follow_the_schedules():
+    c = ParmCluster(alpha_intra=1e-6, beta_intra=1e-11, alpha_inter=1e-5, beta_inter=1e-10,
+                    row_time=1e-7)
+    plain, s1 = schedule_terms(LAYER, c, "plain"), schedule_terms(LAYER, c, "s1")
+    rows = 2 * 4096
+    assert plain["a2a"] == pytest.approx(2 * (1e-5 + 1e-10 * rows * 2048 * 0.75))
+    assert plain["esp"] == pytest.approx(2 * (1e-6 + 1e-11 * 3 * rows * 2048))
+    assert plain["experts"] == pytest.approx(rows * 1e-7)
+    assert plain["mp_allgather"] == 0.0
+    assert s1["experts"] == pytest.approx(plain["experts"] / 4)
+    assert s1["mp_allgather"] == pytest.approx(1e-6 + 1e-11 * 3 * 1024 * 2048)
+    # one chunk: the plain sum of the terms
+    assert schedule_time(LAYER, c, "s1") == pytest.approx(sum(s1.values()))
+    # chunks overlap the two sides: never slower than the sum when alpha is small
+    assert schedule_time(LAYER, c, "plain", r=4) < schedule_time(LAYER, c, "plain")
+
+
+def test_choice_depends_on_the_cluster():
+    slow_net = ParmCluster(beta_inter=1e-9)
+    assert choose_schedule(LAYER, slow_net)[0] == "s1"
+    tiny = ParmLayer(tokens=4, hidden=8, top_k=1, mp=2, nodes=2)
+    costly_collective = ParmCluster(alpha_intra=1e-3, beta_intra=0.0, alpha_inter=0.0,
+                                    beta_inter=0.0)
+    name, times = choose_schedule(tiny, costly_collective)
+    assert name == "plain" and times["plain"] < times["s1"]
+
+
+def test_bad_inputs():
+    with pytest.raises(ConfigError):
+        schedule_terms(LAYER, ParmCluster(), "s3")
+    with pytest.raises(ConfigError):
+        ParmLayer(tokens=0, hidden=8, top_k=1, mp=2, nodes=2)
