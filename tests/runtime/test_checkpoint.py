@@ -21,12 +21,12 @@ class Interrupted(Exception):
     pass
 
 
-def _rank(rank, world, path, ckpt_dir, mesh_shape, names):
+def _rank(rank, world, path, ckpt_dir, mesh_shape, names, dense):
     from moeflow.runtime.checkpoint import load_checkpoint, save_checkpoint
     from tests.runtime.test_parallelize import LR, batch, build_parallel, train_steps
 
     ids = batch(world)[rank:rank + 1]
-    model = build_parallel(path, mesh_shape, names)
+    model = build_parallel(path, mesh_shape, names, dense=dense)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     first = train_steps(model, opt, ids, 3, world)
@@ -41,7 +41,7 @@ def _rank(rank, world, path, ckpt_dir, mesh_shape, names):
     except Interrupted:
         pass
     # a fresh model and optimizer resume from the step-3 checkpoint
-    model2 = build_parallel(path, mesh_shape, names)
+    model2 = build_parallel(path, mesh_shape, names, dense=dense)
     model2.train()
     opt2 = torch.optim.AdamW(model2.parameters(), lr=LR)
     extra = load_checkpoint(ckpt_dir, model2, opt2)
@@ -49,14 +49,17 @@ def _rank(rank, world, path, ckpt_dir, mesh_shape, names):
     return first, cont, resumed, extra
 
 
-@pytest.mark.parametrize("layout", [((4,), ("ep",)),
-                                    pytest.param(((2, 2), ("dp", "ep")), marks=pytest.mark.slow)])
-def test_resume_continues_the_loss_curve_and_interrupted_save_keeps_previous(tmp_path, layout):
+@pytest.mark.parametrize("layout,dense", [
+    (((4,), ("ep",)), "replicate"),
+    pytest.param(((2, 2), ("dp", "ep")), "replicate", marks=pytest.mark.slow),
+    pytest.param(((2, 2), ("dp", "ep")), "fsdp", marks=pytest.mark.slow)])
+def test_resume_continues_the_loss_curve_and_interrupted_save_keeps_previous(tmp_path, layout,
+                                                                            dense):
     from tests.runtime.test_parallelize import save_tiny
 
     path = save_tiny("qwen3_moe", tmp_path / "hf")
     ckpt_dir = str(tmp_path / "ckpt")
-    res = run_ranks(_rank, 4, path, ckpt_dir, *layout, timeout_s=240)
+    res = run_ranks(_rank, 4, path, ckpt_dir, *layout, dense, timeout_s=240)
     for first, cont, resumed, extra in res:
         assert extra == {"step": 3}  # the interrupted step-6 save did not replace it
         assert max(abs(a - b) for a, b in zip(cont, resumed)) < 1e-6, (cont, resumed)

@@ -105,10 +105,10 @@ def train_steps(model, opt, ids, steps: int, world: int) -> list[float]:
     return out
 
 
-def _train_and_export(rank, world, path, mesh_shape, names, export_dir):
+def _train_and_export(rank, world, path, mesh_shape, names, export_dir, dense):
     from moeflow.runtime import export_pretrained
 
-    model = build_parallel(path, mesh_shape, names)
+    model = build_parallel(path, mesh_shape, names, dense=dense)
     model.train()
     # sharded from the start: this rank holds only its experts
     expert_numel = sum(m.w_in.numel() + m.w_out.numel() for m in model.modules()
@@ -139,11 +139,13 @@ def _reference_after(path: str, world: int = 4):
     return model, losses
 
 
-def _check_family(tmp_path, family: str, mesh_shape: tuple, names: tuple, export: bool):
+def _check_family(tmp_path, family: str, mesh_shape: tuple, names: tuple, export: bool,
+                  dense: str = "replicate"):
     path = save_tiny(family, tmp_path / "ckpt")
     ref_model, ref = _reference_after(path)
     export_dir = str(tmp_path / "export") if export else None
-    res = run_ranks(_train_and_export, 4, path, mesh_shape, names, export_dir, timeout_s=240)
+    res = run_ranks(_train_and_export, 4, path, mesh_shape, names, export_dir, dense,
+                    timeout_s=240)
     for losses, _ in res:
         assert max(abs(a - b) for a, b in zip(losses, ref)) < TOL, (losses, ref)
     cfg = tiny_config(family)
@@ -169,14 +171,21 @@ def test_qwen3_moe_ep4_matches_single_process_and_exports(tmp_path):
     _check_family(tmp_path, "qwen3_moe", (4,), ("ep",), export=True)
 
 
+def test_mixtral_ep2_dp2_fsdp2_dense_matches_single_process_and_exports(tmp_path):
+    # FSDP2 fully_shard runs on gloo: dense parts sharded over the world, experts EP x DP
+    _check_family(tmp_path, "mixtral", (2, 2), ("dp", "ep"), export=True, dense="fsdp")
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("dense", ["replicate", "fsdp"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("layout", [((4,), ("ep",)), ((2, 2), ("dp", "ep")),
                                     ((2, 2), ("ep", "esp"))])
-def test_families_and_layouts_match_single_process(tmp_path, family, layout):
-    if family == "qwen3_moe" and layout[1] == ("ep",):
-        pytest.skip("the default-suite test")
-    _check_family(tmp_path, family, *layout, export=True)
+def test_families_and_layouts_match_single_process(tmp_path, family, layout, dense):
+    if (family, layout[1], dense) in (("qwen3_moe", ("ep",), "replicate"),
+                                      ("mixtral", ("dp", "ep"), "fsdp")):
+        pytest.skip("a default-suite test")
+    _check_family(tmp_path, family, *layout, export=True, dense=dense)
 
 
 # -- typed errors before any communication ------------------------------------------------

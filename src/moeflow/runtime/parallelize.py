@@ -72,6 +72,7 @@ class ParallelLayout:
     timeout_s: float = 120.0
     layers: list[str] = field(default_factory=list)  # paths of the ExpertParallel modules
     checkpoint_bytes_read: int = 0     # tensor bytes this rank read from ``checkpoint``
+    dense: str = "replicate"           # "replicate" or "fsdp" (see parallelize)
 
     @property
     def world(self) -> int:
@@ -200,7 +201,8 @@ def _relink_view(ep: ExpertParallel) -> None:
 def parallelize(model: nn.Module, mesh, *, dispatcher: str = "a2a", r_fwd: int = 1,
                 r_bwd: int = 1, plan=None, checkpoint: str | None = None,
                 device: str | torch.device = "cpu", timeout_s: float | None = None,
-                kernel: str | None = None, compress=False) -> nn.Module:
+                kernel: str | None = None, compress=False,
+                dense: str = "replicate") -> nn.Module:
     """Make every MoE layer of ``model`` expert parallel over ``mesh``; returns ``model``.
 
     Args:
@@ -214,6 +216,11 @@ def parallelize(model: nn.Module, mesh, *, dispatcher: str = "a2a", r_fwd: int =
         checkpoint: a safetensors file or a transformers checkpoint directory; every rank
             reads the dense tensors and only its own expert slices.
         device: where a meta model is allocated.
+        dense: how the dense parts are data parallel over the world: ``"replicate"`` (every
+            rank holds them; :func:`sync_gradients` all-reduces their gradients in flat
+            buckets, DDP's algorithm) or ``"fsdp"`` (PyTorch FSDP2 ``fully_shard`` on each
+            block of a ``ModuleList`` and on the root, expert slices ignored: parameters
+            sharded over the world, gradients reduce-scattered by FSDP; runs on gloo).
 
     The layout is stored as ``model.moeflow_layout`` (:class:`ParallelLayout`). After
     ``backward`` call :func:`sync_gradients`.
@@ -226,6 +233,8 @@ def parallelize(model: nn.Module, mesh, *, dispatcher: str = "a2a", r_fwd: int =
     if not dist.is_initialized():
         raise DistributedConfigError("torch.distributed is not initialised: call "
                                      "init_process_group first")
+    if dense not in ("replicate", "fsdp"):
+        raise ConfigError("dense", dense, "'replicate' or 'fsdp'")
     sizes, pos, expert_ranks, dp_ranks = _mesh_layout(mesh)
     layers = _moe_layers(model)
     P, S = sizes["ep"], sizes["esp"]
@@ -274,8 +283,31 @@ def parallelize(model: nn.Module, mesh, *, dispatcher: str = "a2a", r_fwd: int =
     if ckpt is not None:
         with ckpt:
             layout.checkpoint_bytes_read = load_checkpoint(model, ckpt)
+    layout.dense = dense
+    if dense == "fsdp":
+        _fully_shard_dense(model, t)
     model.moeflow_layout = layout
     return model
+
+
+def _fully_shard_dense(model: nn.Module, timeout_s: float) -> None:
+    """FSDP2 over the whole world for everything but the expert slices: each block of a
+    ``ModuleList`` that holds an ExpertParallel is one FSDP unit (its parameters gathered for
+    its forward only), the root takes the rest (embeddings, final norm, head)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = dist.get_world_size()
+    dense_mesh = DeviceMesh("cpu", torch.arange(world), mesh_dim_names=("dense",))
+    experts = {p for m in model.modules() if isinstance(m, ExpertParallel)
+               for p in m.expert_parameters()}
+    for m in list(model.modules()):
+        if isinstance(m, nn.ModuleList):
+            for block in m:
+                if any(isinstance(x, ExpertParallel) for x in block.modules()):
+                    fully_shard(block, mesh=dense_mesh,
+                                ignored_params={p for p in block.parameters() if p in experts})
+    fully_shard(model, mesh=dense_mesh, ignored_params=experts)
 
 
 def _init_non_persistent(model: nn.Module) -> None:
@@ -343,8 +375,12 @@ def sync_gradients(model: nn.Module, op: str = "mean",
     params = [p for p in model.parameters() if p.requires_grad]
     dense = [p for p in params if id(p) not in experts]
     expert = [p for p in params if id(p) in experts]
-    reduce_gradients(dense, dense, None, op=op, timeout_s=layout.timeout_s,
-                     bucket_bytes=bucket_bytes)
+    if getattr(layout, "dense", "replicate") == "fsdp":
+        if op != "mean":  # FSDP2 reduce-scatters the average
+            raise ConfigError("op", op, "'mean' with dense='fsdp'")
+    else:
+        reduce_gradients(dense, dense, None, op=op, timeout_s=layout.timeout_s,
+                         bucket_bytes=bucket_bytes)
     if layout.dp_group is not None:
         reduce_gradients(expert, expert, layout.dp_group, op="sum",
                          timeout_s=layout.timeout_s, bucket_bytes=bucket_bytes)
@@ -375,20 +411,26 @@ def gather_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in _named_tensors(model):
         owner = next((p for p in eps if name.startswith(p + ".")), None)
         if owner is None:
-            sd[name] = t.detach()
+            sd[name] = _full(t.detach())
     for path, ep in eps.items():
         w_in, w_out = ep.full_expert_weights()
         block = {"experts.w_in": w_in, "experts.w_out": w_out}
         for name, t in ep.named_parameters():
             if name not in _EP_TO_LAYER:
-                block[name] = t.detach()
+                block[name] = _full(t.detach())
         for name, t in ep.named_buffers():
-            block[name] = t.detach()
+            block[name] = _full(t.detach())
         adapter = ep.__dict__.get("hf_adapter")
         if adapter is not None:
             block = adapter.to_hf(block)
         sd.update({f"{path}.{k}": v for k, v in block.items()})
     return sd
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (a DTensor; collective), else ``t``."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else t
 
 
 def export_pretrained(model: nn.Module, out_dir: str, *, rank0_only: bool = True) -> None:
