@@ -15,10 +15,16 @@ mp_group=..., schedule=...)`` runs the MoE layer on them with:
   ESP reduce-scatter, combine all-to-all, the ESP collectives of one chunk overlapping the
   all-to-all of the next on the wavefront), and an MP-AllGather after combine. Each row
   crosses the network once: 1/S of plain's inter-node bytes.
-* ``auto``: the cheaper of the two under :mod:`moeflow.plan.parm`'s α-β model, per call.
+* ``s2``: MP-Split after the gate: every MP rank routes all T tokens (the same routing
+  everywhere), keeps the assignment rows ``n ≡ s (mod S)``, runs the expert-parallel
+  pipeline on them, and an MP-AllGather of the expert-output rows rebuilds all N rows for
+  the (replicated) combine. Also 1/S of plain's inter-node bytes; the MP collective moves
+  k·T/S rows instead of s1's T/S tokens, in exchange routing and capacity act on the MP
+  group's whole batch, exactly as plain and the single-device layer (s1 routes each split).
+* ``auto``: the cheapest under :mod:`moeflow.plan.parm`'s α-β model, per call.
 
 Routing acts on the batch each rank routes (the rule of ``ExpertParallel``): T tokens for
-plain, the split for s1; for dropless token-choice routers both give the same outputs.
+plain and s2, the split for s1; for dropless token-choice routers all give the same outputs.
 
 ``ep.parm_bytes`` counts the bytes of this rank's EP all-to-alls per link level
 (``intra_node`` / ``inter_node``), dispatch + combine, from the splits they were issued
@@ -30,10 +36,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moeflow.comm.collectives import all_gather_v, all_reduce
+from moeflow.comm.collectives import all_gather_v, all_reduce, reduce_scatter_v
 from moeflow.errors import ConfigError
 
-SCHEDULES = ("plain", "s1", "auto")
+SCHEDULES = ("plain", "s1", "s2", "auto")
 
 
 def split_range(T: int, S: int, s: int) -> tuple[int, int]:
@@ -101,6 +107,48 @@ class _MPAllGather(torch.autograd.Function):
         return g[ctx.lo:ctx.lo + ctx.n].contiguous(), None, None, None, None
 
 
+class _GatherRows(torch.autograd.Function):
+    """S2's MP-AllGather of expert-output rows into the full row order; backward sums the
+    MP ranks' gradients of this rank's rows (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, y_sD, share):
+        ctx.share = share
+        g = all_gather_v(y_sD.contiguous(), share.sizes, share.group,
+                         "Parm S2 MP-AllGather of expert rows", share.timeout_s).wait()
+        return g.new_empty(share.N, g.shape[-1]).index_copy_(0, share.order, g)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        sh = ctx.share
+        g = g_ND.index_select(0, sh.order)
+        own = reduce_scatter_v(g.contiguous(), sh.sizes, sh.group,
+                               "Parm S2 MP reduce-scatter of row gradients", sh.timeout_s)
+        return own.wait(), None
+
+
+class RowShare:
+    """Parm S2: MP rank s keeps the assignment rows ``n ≡ s (mod S)`` (a subsequence of rows
+    sorted by expert stays sorted); ``gather`` puts every rank's expert outputs back."""
+
+    def __init__(self, S: int, s: int, group, timeout_s: float):
+        self.S, self.s, self.group, self.timeout_s = S, s, group, timeout_s
+        self.counts_E = None
+
+    def select(self, x_ND: torch.Tensor, routing):
+        N, S = x_ND.shape[0], self.S
+        self.N = N
+        self.sizes = [len(range(i, N, S)) for i in range(S)]
+        self.order = torch.cat([torch.arange(i, N, S) for i in range(S)]).to(x_ND.device)
+        idx = torch.arange(self.s, N, S, device=x_ND.device)
+        E = routing.counts_E.numel()
+        self.counts_E = torch.bincount(routing.expert_idx_N.index_select(0, idx), minlength=E)
+        return x_ND.index_select(0, idx), self.counts_E
+
+    def gather(self, y_sD: torch.Tensor) -> torch.Tensor:
+        return _GatherRows.apply(y_sD, self)
+
+
 def check_mp_group(ep, mp_group, schedule: str) -> str:
     """The MP group must hold exactly this rank's ESP group (Parm's setting)."""
     from moeflow.comm.groups import global_ranks
@@ -118,12 +166,13 @@ def check_mp_group(ep, mp_group, schedule: str) -> str:
     return schedule
 
 
-def _count_bytes(ep, row_bytes: int) -> None:
+def _count_bytes(ep, row_bytes: int, counts_E=None) -> None:
     """Bytes of this call's EP all-to-alls per link level (dispatch + combine)."""
     P, E_l, S = ep.ep_size, ep.num_local_experts, ep.esp_size
     if ep.dispatcher_name == "capacity":
         return   # padded splits: not what this counter models
-    rows_P = ep.last_counts_E.view(P, E_l).sum(1).tolist()
+    counts_E = ep.last_counts_E if counts_E is None else counts_E
+    rows_P = counts_E.detach().cpu().view(P, E_l).sum(1).tolist()
     me = ep.rank
     for p, n in enumerate(rows_P):
         dest = p * S + ep.esp_rank
@@ -164,9 +213,15 @@ def parm_forward(ep, x: torch.Tensor, r_fwd=None, r_bwd=None) -> torch.Tensor:
             y_TD = _ScaleGrad.apply(y_TD, 1.0 / S)
             ep.aux_loss = ep.aux_loss / S    # each MP rank holds the same batch's aux loss
         return y_TD.reshape(shape)
-    sizes = [split_range(T, S, i)[1] - split_range(T, S, i)[0] for i in range(S)]
     if dist.get_world_size(group) != S:
         raise ConfigError("mp_group", dist.get_world_size(group), f"{S} ranks (= esp_size)")
+    if schedule == "s2":
+        share = RowShare(S, s, group, t)
+        y_TD = ep._forward_local(_MPCopy.apply(x_TD, group, t), r_fwd, r_bwd, mp_rows=share)
+        _count_bytes(ep, row_bytes, share.counts_E)
+        ep.aux_loss = ep.aux_loss / S
+        return _ScaleGrad.apply(y_TD, 1.0 / S).reshape(shape)
+    sizes = [split_range(T, S, i)[1] - split_range(T, S, i)[0] for i in range(S)]
     x_s = _MPSplit.apply(x_TD, sizes, s, group, t)
     y_s = ep._forward_local(x_s, r_fwd, r_bwd)
     _count_bytes(ep, row_bytes)

@@ -9,18 +9,25 @@ rank holds the same T tokens.
 * ``s1``: MP-Split before the gate (each MP rank takes T/S tokens), the MoE layer runs on
   the split with the ESP collectives pipelined against the inter-node all-to-all (the
   chunk wavefront), and an MP-AllGather after combine rebuilds the T outputs.
+* ``s2``: MP-Split after the gate (each MP rank dispatches 1/S of the k·T assignment rows),
+  and an MP-AllGather of the expert-output rows before the replicated combine. In this
+  model s2 is never cheaper than s1 (the same network bytes, k× the MP rows, the gate on
+  all T tokens), so ``auto`` picks plain or s1; s2 is the schedule to ask for when routing
+  and capacity (drop mode) must act on the MP group's whole batch, as in plain.
 
 The paper gives no closed formulas; these are derived from the schedules with the α-β
 model (``t = α + bytes·β`` per collective, HierMoE Eq. 1 / FSMoE's cost model), per MoE
 layer, forward, uniform routing:
 
-* rows a rank dispatches: ``R = k·T_r`` with ``T_r = T`` (plain) or ``T/S`` (s1);
+* rows a rank dispatches: ``R = k·T_r`` with ``T_r = T`` (plain) or ``T/S`` (s1, s2);
 * EP all-to-all (twice: dispatch and combine): ``α_inter + β_inter·R·D·v·(n-1)/n`` with n
   nodes (the share of rows that leave the node);
 * ESP all-gather and reduce-scatter (intra): ``α_intra + β_intra·(S-1)·R·D·v`` each;
 * expert GEMMs on the F/S slice of ``S·R`` rows: ``S·R·c_row/S`` with ``c_row`` the time of
   one row through a whole expert FFN;
-* MP-AllGather (s1 only, intra): ``α_intra + β_intra·(S-1)·(T/S)·D·v``.
+* MP-AllGather (intra): s1 ``α_intra + β_intra·(S-1)·(T/S)·D·v`` (tokens), s2
+  ``α_intra + β_intra·(S-1)·(k·T/S)·D·v`` (expert-output rows);
+* the gate on the tokens a rank routes: ``T_g·gate_time`` with T_g = T/S for s1, T else.
 
 With r chunks the ESP collectives of one chunk overlap the all-to-all of the next
 (:mod:`moeflow.runtime.pipeline`); the model takes the pipelined time as
@@ -35,7 +42,7 @@ from dataclasses import dataclass
 from moeflow.errors import ConfigError
 from moeflow.validate import positive_int
 
-SCHEDULES = ("plain", "s1")
+SCHEDULES = ("plain", "s1", "s2")
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class ParmCluster:
     alpha_inter: float = 20e-6
     beta_inter: float = 1 / 12.5e9
     row_time: float = 0.0        # one row through a whole expert FFN (s); 0 = comm only
+    gate_time: float = 0.0       # one token through the router (s)
 
 
 @dataclass(frozen=True)
@@ -70,18 +78,18 @@ def schedule_terms(layer: ParmLayer, cluster: ParmCluster, schedule: str) -> dic
     if schedule not in SCHEDULES:
         raise ConfigError("schedule", schedule, f"one of {SCHEDULES}")
     S, n, D, v = layer.mp, layer.nodes, layer.hidden, layer.bytes_per_elem
-    T_r = layer.tokens if schedule == "plain" else layer.tokens / S
-    R = layer.top_k * T_r
+    R = layer.top_k * (layer.tokens if schedule == "plain" else layer.tokens / S)
     terms = {
+        "gate": cluster.gate_time * (layer.tokens / S if schedule == "s1" else layer.tokens),
         "a2a": 2 * (cluster.alpha_inter + cluster.beta_inter * R * D * v * (n - 1) / n),
         "esp": 2 * (cluster.alpha_intra + cluster.beta_intra * (S - 1) * R * D * v) if S > 1
         else 0.0,
         "experts": R * cluster.row_time,     # S·R rows on an F/S slice
         "mp_allgather": 0.0,
     }
-    if schedule == "s1" and S > 1:
-        terms["mp_allgather"] = (cluster.alpha_intra
-                                 + cluster.beta_intra * (S - 1) * (layer.tokens / S) * D * v)
+    if schedule != "plain" and S > 1:
+        rows = layer.tokens / S * (layer.top_k if schedule == "s2" else 1)
+        terms["mp_allgather"] = cluster.alpha_intra + cluster.beta_intra * (S - 1) * rows * D * v
     return terms
 
 
@@ -95,7 +103,7 @@ def schedule_time(layer: ParmLayer, cluster: ParmCluster, schedule: str, r: int 
     else:   # chunks overlap: the longer side runs r times over, the other once per edge
         alpha = 2 * cluster.alpha_inter + (2 * cluster.alpha_intra if layer.mp > 1 else 0.0)
         body = max(inter, inner) + min(inter, inner) / r + (r - 1) * alpha
-    return body + t["mp_allgather"]
+    return t["gate"] + body + t["mp_allgather"]
 
 
 def choose_schedule(layer: ParmLayer, cluster: ParmCluster, r: int = 1) -> tuple[str, dict]:

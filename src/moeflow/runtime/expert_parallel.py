@@ -283,8 +283,9 @@ class ExpertParallel(nn.Module):
         mp_group, schedule, parm_cluster: Parm (INFOCOM'24, :mod:`moeflow.comm.parm`): the
             model-parallel group holding the same tokens on each rank, which must be this
             rank's ESP group; ``schedule`` ``"plain"`` (every MP rank dispatches the tokens),
-            ``"s1"`` (MP-Split before the gate, MP-AllGather after combine) or ``"auto"``
-            (α-β choice of :mod:`moeflow.plan.parm` under ``parm_cluster``).
+            ``"s1"`` (MP-Split before the gate, MP-AllGather after combine), ``"s2"``
+            (split of the routed rows after the gate, MP-AllGather of expert outputs) or
+            ``"auto"`` (α-β choice of :mod:`moeflow.plan.parm` under ``parm_cluster``).
 
     Raises DistributedConfigError before any communication when E is not divisible by
     P = W / S, S does not divide the node, or F is not divisible by S.
@@ -487,7 +488,7 @@ class ExpertParallel(nn.Module):
         return self._forward_local(x, r_fwd, r_bwd)
 
     def _forward_local(self, x: torch.Tensor, r_fwd: Optional[int] = None,
-                       r_bwd: Optional[int] = None) -> torch.Tensor:
+                       r_bwd: Optional[int] = None, mp_rows=None) -> torch.Tensor:
         layer = self._layer
         layer.check_input(x)
         shape = x.shape
@@ -507,10 +508,15 @@ class ExpertParallel(nn.Module):
             self.last_counts_E = routing.counts_E.detach()
             return y_TD.reshape(shape)
         x_ND = layer.permute(x_TD, routing)
-        ex = self.dispatcher.exchange(routing.counts_E, capacity=cap, device=x.device,
+        counts_E = routing.counts_E
+        if mp_rows is not None:   # Parm S2: this MP rank's share of the rows (comm.parm)
+            x_ND, counts_E = mp_rows.select(x_ND, routing)
+        ex = self.dispatcher.exchange(counts_E, capacity=cap, device=x.device,
                                       started=started)
         run = _Run(self, ex, r_fwd or self.r_fwd, r_bwd or self.r_bwd)
         y_ND = PipelinedExperts.apply(x_ND, self.w_in, self.w_out, run)
+        if mp_rows is not None:
+            y_ND = mp_rows.gather(y_ND)
         y_TD = layer.combine_with_shared(y_ND, routing, x_TD)
         self.aux_loss = routing.aux_loss
         self.last_counts_E = routing.counts_E.detach()

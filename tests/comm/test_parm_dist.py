@@ -1,9 +1,9 @@
 """Parm schedules on gloo ranks: world 4 as 2 nodes x 2, MP = ESP = 2 (the node).
 
 Every MP rank holds its node's batch. ``plain`` equals the single-device layer on that batch;
-``s1`` (MP-Split) equals it on each split (routing acts on the batch a rank routes); outputs,
-input gradients and every parameter gradient are compared. S1 sends 1/S of plain's
-inter-node bytes.
+``s2`` (split after the gate) equals it too; ``s1`` (MP-Split) equals it on each split
+(routing acts on the batch a rank routes); outputs, input gradients and every parameter
+gradient are compared. S1 and S2 send 1/S of plain's inter-node bytes.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _run(rank, world, case: Case, schedule: str):
     loss, y_ref, xr = 0.0, None, [x.clone().requires_grad_(True) for x in xs]
     for m in range(2):
         T = BATCH[m]
-        pieces = [(0, T)] if schedule == "plain" else [split_range(T, 2, i) for i in range(2)]
+        pieces = [(0, T)] if schedule != "s1" else [split_range(T, 2, i) for i in range(2)]
         ys = []
         for lo, hi in pieces:
             y = ref(xr[m][lo:hi])
@@ -74,10 +74,10 @@ def _run(rank, world, case: Case, schedule: str):
 
 
 def _cases():
-    cases = [(Case(router=r), sch) for r in ROUTER_CFGS for sch in ("plain", "s1")]
+    cases = [(Case(router=r), sch) for r in ROUTER_CFGS for sch in ("plain", "s1", "s2")]
     # drop mode (capacity factor 1) and a chunked pipeline
     cases += [(Case(router="softmax_topk", capacity_factor=1.0, r_fwd=2, r_bwd=3), sch)
-              for sch in ("plain", "s1")]
+              for sch in ("plain", "s1", "s2")]
     return cases
 
 
@@ -85,7 +85,7 @@ def _all(rank, world):
     return [_run(rank, world, c, sch) for c, sch in _cases()]
 
 
-def test_parm_schedules_match_single_device_and_s1_sends_1_over_S():
+def test_parm_schedules_match_single_device_and_split_ones_send_1_over_S():
     res = run_ranks(_all, 4, timeout_s=240)
     cases = _cases()
     assert [r[0] for r in res[0]] == [sch for _, sch in cases]
@@ -93,8 +93,10 @@ def test_parm_schedules_match_single_device_and_s1_sends_1_over_S():
     for c, sch in cases:
         if sch == "plain" and c.router != "expert_choice" and c.capacity_factor is None:
             # token-choice dropless: the same rows cross, S = 2 copies under plain
-            plain, s1 = by[(str(c), "plain")], by[(str(c), "s1")]
-            assert s1 > 0 and plain == 2 * s1, (str(c), plain, s1)
+            plain, s1, s2 = (by[(str(c), sch)] for sch in ("plain", "s1", "s2"))
+            assert s1 > 0 and plain == 2 * s1 == 2 * s2, (str(c), plain, s1, s2)
+        if sch == "plain":  # S2 splits the rows of the same routing: exactly 1/S in any mode
+            assert by[(str(c), "plain")] == 2 * by[(str(c), "s2")], str(c)
 
 
 def _auto(rank, world):
