@@ -64,3 +64,25 @@ def test_bad_inputs_are_config_errors():
         contiguous_owner(6, 4)
     with pytest.raises(ConfigError):
         level_time(dedup_hops([[[4]], [], [], []], OWNER, U, 0), 8, {1: (0.0, 0.0)})
+
+
+def test_plan_cli_method_hiermoe(capsys):
+    import argparse
+    import json
+
+    from moeflow.plan import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_plan_arguments(p)
+    argv = ["--method", "hiermoe", "--model", "qwen3-30b-a3b", "--cluster", "fsmoe-testbed-b",
+            "--esp", "1", "--tokens", "1024", "--layers", "2", "--json"]
+    assert cli.run_plan(p.parse_args(argv)) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["method"] == "hiermoe" and len(d["rows"]) == 2
+    for row in d["rows"]:
+        # top-8 of 128 experts on 8 nodes x 4: many tokens hit 2+ experts of one node
+        assert row["level"] == "node"
+        assert min(row["t_levels_ms"]) == row["t_levels_ms"][1] < row["t_flat_ms"]
+    with pytest.raises(ConfigError):       # 8 experts cannot spread over 32 EP ranks
+        cli.run_plan(p.parse_args(["--method", "hiermoe", "--model", "mixtral-8x7b",
+                                   "--cluster", "fsmoe-testbed-b", "--esp", "1"]))

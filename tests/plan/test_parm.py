@@ -47,3 +47,17 @@ def test_bad_inputs():
         schedule_terms(LAYER, ParmCluster(), "s3")
     with pytest.raises(ConfigError):
         ParmLayer(tokens=0, hidden=8, top_k=1, mp=2, nodes=2)
+
+
+def test_plan_cli_method_parm(capsys):
+    import argparse
+
+    from moeflow.plan import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_plan_arguments(p)
+    argv = ["--method", "parm", "--model", "mixtral-8x7b", "--cluster", "fsmoe-testbed-a",
+            "--tokens", "4096", "--layers", "3"]
+    assert cli.run_plan(p.parse_args(argv)) == 0
+    out = capsys.readouterr().out
+    assert out.count("schedule s1") == 3 and "plain" in out

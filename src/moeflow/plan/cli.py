@@ -35,6 +35,8 @@ MAX_NODES = 65536
 MAX_TOKENS = 2 ** 30
 #: ``--perf`` / ``--plan`` JSON files larger than this are refused before reading
 MAX_JSON_BYTES = 64 * 2 ** 20
+#: ``--method``: FSMoE degrees, HierMoE dedup levels, or Parm schedules
+METHODS = ("fsmoe", "hiermoe", "parm")
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +66,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lina-chunk-mb", type=float, default=4.0, help="Lina chunk size (MiB)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", default=None, help="write the FSMoE plan JSON here")
+    p.add_argument("--method", default="fsmoe", choices=METHODS,
+                   help="fsmoe: pipeline degrees vs baselines; hiermoe: dedup level per layer "
+                   "(HierMoE Eq. 6); parm: MP+EP+ESP schedule per layer (Parm, α-β)")
 
 
 def _read_json(path, flag: str):
@@ -240,8 +245,48 @@ def compare(args) -> dict:
             "perf": perf.name, "rows": rows, "plan": fs}
 
 
+def run_method(args) -> int:
+    """``--method hiermoe|parm``: the choice per layer (dedup level, or Parm schedule)."""
+    from moeflow.plan import hiermoe, parm
+
+    workloads, perf, cluster, mp = setup(args)
+    w = workloads[0]
+    cfg = mp.moe
+    head = {"method": args.method, "model": mp.name, "cluster": cluster.name,
+            "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node,
+            "tokens_per_gpu": args.tokens, "layers": len(workloads)}
+    if args.method == "hiermoe":
+        rows = hiermoe.plan_levels(
+            num_experts=cfg.num_experts, top_k=cfg.top_k, hidden=cfg.hidden_size,
+            bytes_per_elem=perf.bytes_per_element,
+            ranks_per_node=cluster.gpus_per_node // w.n_esp, num_ranks=w.n_ep,
+            tokens=args.tokens, layers=len(workloads),
+            links=hiermoe.links_of(cluster))
+    else:
+        layer = parm.ParmLayer(tokens=args.tokens, hidden=cfg.hidden_size, top_k=cfg.top_k,
+                               mp=w.n_esp, nodes=cluster.nodes,
+                               bytes_per_elem=perf.bytes_per_element)
+        rows = parm.plan_schedules(layer, parm.cluster_of(cluster), len(workloads))
+    if args.json:
+        print(json.dumps({**head, "rows": rows}, indent=2))
+        return 0
+    print(f"{args.method}: model {mp.name} on {cluster.name} ({cluster.nodes} x "
+          f"{cluster.gpus_per_node} GPUs), {args.tokens} tokens/GPU, {len(rows)} MoE layers")
+    for row in rows:
+        if args.method == "hiermoe":
+            ts = ", ".join(f"{t:.3f}" for t in row["t_levels_ms"])
+            print(f"layer {row['layer']:>3}: dedup level {row['level']:<5} t_d (ms) [{ts}]  "
+                  f"flat a2a {row['t_flat_ms']:.3f} ms")
+        else:
+            ts = ", ".join(f"{k} {v:.3f}" for k, v in row["t_ms"].items())
+            print(f"layer {row['layer']:>3}: schedule {row['schedule']:<5} (ms: {ts})")
+    return 0
+
+
 def run_plan(args) -> int:
     validate_plan_args(args)
+    if getattr(args, "method", "fsmoe") != "fsmoe":
+        return run_method(args)
     res = compare(args)
     fs = res.pop("plan")
     if args.out:

@@ -301,3 +301,47 @@ def swap_step(assignments, owner, U, row_bytes: int, links=None, gamma: float = 
 def rank_rows(assignments, owner, P: int) -> list[list[int]]:
     """``rows[s][q]`` of the level-0 dedup all-to-all, counted from scratch."""
     return _RankRows(assignments, owner, P).rows
+
+
+# -- planning without a batch (``moeflow plan --method hiermoe``) -----------------------------
+def synthetic_routing(num_ranks: int, tokens: int, num_experts: int, top_k: int,
+                      seed: int) -> list:
+    """Uniform top-k routing of ``tokens`` tokens on each rank (a stand-in for a batch)."""
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.sample(range(num_experts), top_k) for _ in range(tokens)]
+            for _ in range(num_ranks)]
+
+
+def links_of(cluster) -> dict[int, tuple[float, float]]:
+    """α-β per link level from a :class:`moeflow.clusters.ClusterSpec` (intra, inter)."""
+    intra, inter = cluster.links[0], cluster.links[-1]
+    return {1: (intra.latency_us * 1e-6, 1 / (intra.bandwidth_GBps * 1e9)),
+            2: (inter.latency_us * 1e-6, 1 / (inter.bandwidth_GBps * 1e9))}
+
+
+def plan_levels(*, num_experts: int, top_k: int, hidden: int, bytes_per_elem: int,
+                ranks_per_node: int, num_ranks: int, tokens: int, layers: int, links,
+                sample_tokens: int = 64) -> list[dict]:
+    """d* per layer (HierMoE Eq. 6) from a synthetic batch of each layer (seeded by layer).
+
+    ``tokens`` is tokens per rank; the message sizes of a sample of ``sample_tokens`` tokens
+    are scaled up to it (the dedup counts are sums over tokens).
+    """
+    if num_experts % num_ranks:
+        raise ConfigError("num_experts", num_experts, f"a multiple of the {num_ranks} EP ranks "
+                          "(choose --esp so that the EP size divides the experts)")
+    U = check_group_sizes([1, ranks_per_node, num_ranks] if 1 < ranks_per_node < num_ranks
+                          else [1, num_ranks])
+    owner = contiguous_owner(num_experts, num_ranks)
+    n = min(tokens, sample_tokens)
+    row = hidden * bytes_per_elem * tokens / n
+    out = []
+    for i in range(layers):
+        routes = synthetic_routing(num_ranks, n, num_experts, top_k, seed=i)
+        d, times = choose_level(routes, owner, U, row, links)
+        flat = level_time(flat_hops(routes, owner, U), row, links)
+        out.append({"layer": i, "level": ("rank", "node")[d] if len(U) == 3 else "rank",
+                    "t_levels_ms": [t * 1e3 for t in times], "t_flat_ms": flat * 1e3})
+    return out

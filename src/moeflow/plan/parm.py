@@ -123,3 +123,19 @@ def inter_node_bytes(layer: ParmLayer, schedule: str) -> float:
 
 __all__ = ["SCHEDULES", "ParmCluster", "ParmLayer", "schedule_terms", "schedule_time",
            "choose_schedule", "inter_node_bytes"]
+
+
+def cluster_of(spec, row_time: float = 0.0) -> ParmCluster:
+    """The α-β links of a :class:`moeflow.clusters.ClusterSpec` (intra, inter)."""
+    intra, inter = spec.links[0], spec.links[-1]
+    return ParmCluster(alpha_intra=intra.latency_us * 1e-6,
+                       beta_intra=1 / (intra.bandwidth_GBps * 1e9),
+                       alpha_inter=inter.latency_us * 1e-6,
+                       beta_inter=1 / (inter.bandwidth_GBps * 1e9), row_time=row_time)
+
+
+def plan_schedules(layer: ParmLayer, cluster: ParmCluster, layers: int, r: int = 1) -> list:
+    """The schedule of each MoE layer (all layers share one shape here)."""
+    name, times = choose_schedule(layer, cluster, r)
+    return [{"layer": i, "schedule": name, "t_ms": {k: v * 1e3 for k, v in times.items()}}
+            for i in range(layers)]
