@@ -142,6 +142,21 @@ class SafetensorsCheckpoint:
         return [f"{experts_prefix}{e}.*" for e in range(num_experts)
                 if self._expert_layout(experts_prefix, e) is None]
 
+    @torch.no_grad()
+    def read_experts_into(self, experts_prefix: str, e0: int, e1: int, f0: int, f1: int,
+                          gated: bool, w_in: torch.Tensor, w_out: torch.Tensor) -> None:
+        """:meth:`read_experts` copied straight into ``w_in`` / ``w_out`` one expert at a time,
+        so no second full-share temporary exists while loading."""
+        f = f1 - f0
+        for i, e in enumerate(range(e0, e1)):
+            a, b = self.read_experts(experts_prefix, e, e + 1, f0, f1, gated)
+            if gated:
+                w_in[i, :f].copy_(a[0, :f])
+                w_in[i, f:].copy_(a[0, f:])
+            else:
+                w_in[i].copy_(a[0])
+            w_out[i].copy_(b[0])
+
     def read_experts(self, experts_prefix: str, e0: int, e1: int, f0: int, f1: int,
                      gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Experts ``[e0, e1)`` with FFN columns ``[f0, f1)``: ``w_in`` (E_l, X_l, D) in the

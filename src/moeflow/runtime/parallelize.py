@@ -334,9 +334,7 @@ def load_checkpoint(model: nn.Module, ckpt) -> int:
         adapter = ep.__dict__.get("hf_adapter")
         prefix = _hf_key(path, adapter, "experts.w_in")[0].rpartition(".")[0] + "."
         (e0, e1), (f0, f1) = ep.expert_range, ep.ffn_slice
-        w_in, w_out = ckpt.read_experts(prefix, e0, e1, f0, f1, ep.gated)
-        ep.w_in.copy_(w_in)
-        ep.w_out.copy_(w_out)
+        ckpt.read_experts_into(prefix, e0, e1, f0, f1, ep.gated, ep.w_in, ep.w_out)
     done = set()
     for name, t in _named_tensors(model):
         if id(t) in done:
