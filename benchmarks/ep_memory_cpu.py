@@ -108,7 +108,7 @@ def _rank(rank: int, world: int, args, path: str) -> dict:
     with torch.device("meta"):
         model = patch_model(transformers.AutoModelForCausalLM.from_config(config))
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
-    parallelize(model, mesh, checkpoint=path)
+    parallelize(model, mesh, checkpoint=path, dense=args.dense)
     load_peak = _status_kb("VmHWM")
     eps = [m for m in model.modules() if isinstance(m, ExpertParallel)]
     expert = sum(p.numel() * p.element_size() for m in eps for p in m.expert_parameters())
@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--dense", default="replicate", choices=["replicate", "fsdp"],
+                    help="parallelize(dense=...): the record used replicate")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--host", default=f"{os.cpu_count()}cpu-x86", help="machine label")

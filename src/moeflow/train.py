@@ -80,6 +80,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="a text file to train on (default: the bundled byte corpus)")
     g.add_argument("--dp", type=int, default=1,
                    help="data-parallel replicas of each expert shard (ep = world / dp / esp)")
+    g.add_argument("--dense", default="fsdp", choices=["fsdp", "replicate"],
+                   help="dense parts: FSDP2-sharded over the world, or replicated (DDP-style)")
     g.add_argument("--checkpoint-dir", default=None, help="sharded checkpoints go here")
     g.add_argument("--checkpoint-every", type=int, default=0,
                    help="save every N steps (0: only at the end, when --checkpoint-dir is set)")
@@ -359,7 +361,8 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
         with torch.device("meta"):
             model = patch_model(transformers.AutoModelForCausalLM.from_config(config))
         parallelize(model, mesh, checkpoint=args.model, dispatcher=args.dispatcher,
-                    r_fwd=args.r_fwd, r_bwd=args.r_bwd, timeout_s=args.timeout, device=device)
+                    r_fwd=args.r_fwd, r_bwd=args.r_bwd, timeout_s=args.timeout, device=device,
+                    dense=args.dense)
     else:
         model = patch_model(transformers.AutoModelForCausalLM.from_pretrained(args.model))
         model.to(device)

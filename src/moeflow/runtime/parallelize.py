@@ -16,8 +16,10 @@ layout of GShard (Lepikhin et al., ICLR'21, §2.2: experts sharded, everything e
 and of DeepSpeed-MoE's EP x DP grid (Rajbhandari et al., ICML'22, §5): with a ``dp``
 dimension each expert shard is replicated ``dp`` times and its gradient is summed over those
 replicas. The dense parts (attention, embeddings, norms, routers, shared experts) are
-replicated on every rank and data parallel over the whole world: :func:`sync_gradients` sums
-their gradients in flat buckets (DDP's algorithm) after ``backward``.
+data parallel over the whole world: sharded with FSDP2 ``fully_shard`` (``dense="fsdp"``, the
+default; runs on gloo) or replicated with their gradients summed in flat buckets by
+:func:`sync_gradients` (``dense="replicate"``, DDP's algorithm). Call :func:`sync_gradients`
+after ``backward`` in both cases: it sums the expert gradients over their ``dp`` replicas.
 
 Layout: mesh dimensions are named from ``("dp", "ep", "esp")`` (``ep`` required, the others
 optional, in that order). A rank's expert-parallel group is its ``(ep, esp)`` sub-mesh,
@@ -72,7 +74,7 @@ class ParallelLayout:
     timeout_s: float = 120.0
     layers: list[str] = field(default_factory=list)  # paths of the ExpertParallel modules
     checkpoint_bytes_read: int = 0     # tensor bytes this rank read from ``checkpoint``
-    dense: str = "replicate"           # "replicate" or "fsdp" (see parallelize)
+    dense: str = "fsdp"                # "fsdp" or "replicate" (see parallelize)
 
     @property
     def world(self) -> int:
@@ -202,7 +204,7 @@ def parallelize(model: nn.Module, mesh, *, dispatcher: str = "a2a", r_fwd: int =
                 r_bwd: int = 1, plan=None, checkpoint: str | None = None,
                 device: str | torch.device = "cpu", timeout_s: float | None = None,
                 kernel: str | None = None, compress=False,
-                dense: str = "replicate") -> nn.Module:
+                dense: str = "fsdp") -> nn.Module:
     """Make every MoE layer of ``model`` expert parallel over ``mesh``; returns ``model``.
 
     Args:
@@ -216,11 +218,12 @@ def parallelize(model: nn.Module, mesh, *, dispatcher: str = "a2a", r_fwd: int =
         checkpoint: a safetensors file or a transformers checkpoint directory; every rank
             reads the dense tensors and only its own expert slices.
         device: where a meta model is allocated.
-        dense: how the dense parts are data parallel over the world: ``"replicate"`` (every
-            rank holds them; :func:`sync_gradients` all-reduces their gradients in flat
-            buckets, DDP's algorithm) or ``"fsdp"`` (PyTorch FSDP2 ``fully_shard`` on each
-            block of a ``ModuleList`` and on the root, expert slices ignored: parameters
-            sharded over the world, gradients reduce-scattered by FSDP; runs on gloo).
+        dense: how the dense parts are data parallel over the world: ``"fsdp"`` (default;
+            PyTorch FSDP2 ``fully_shard`` on each block of a ``ModuleList`` and on the root,
+            expert slices ignored: parameters sharded over the world, gradients
+            reduce-scattered by FSDP; it runs on gloo) or ``"replicate"`` (every rank holds
+            them; :func:`sync_gradients` all-reduces their gradients in flat buckets, DDP's
+            algorithm).
 
     The layout is stored as ``model.moeflow_layout`` (:class:`ParallelLayout`). After
     ``backward`` call :func:`sync_gradients`.
