@@ -86,3 +86,28 @@ def test_plan_cli_method_hiermoe(capsys):
     with pytest.raises(ConfigError):       # 8 experts cannot spread over 32 EP ranks
         cli.run_plan(p.parse_args(["--method", "hiermoe", "--model", "mixtral-8x7b",
                                    "--cluster", "fsmoe-testbed-b", "--esp", "1"]))
+
+
+def test_simulated_a2a_of_each_schedule():
+    from moeflow.sim.hiermoe import PRESETS, a2a_ms, schedules_ms, tutel_2dh_hops
+
+    cl = PRESETS["hiermoe-32gpu"]
+    U = list(cl.U)
+    owner = contiguous_owner(64, 32)
+    # every token hits 4 experts on 4 ranks of the upper half (ranks 16..31)
+    routes = [[[32, 40, 48, 56]] * 256 for _ in range(32)]
+    ms = schedules_ms(routes, owner, cl, 4096)
+    # dedup at level 3 crosses the spine (level 4) once per token instead of 4 times
+    spine = {d: level_bytes(dedup_hops(routes, owner, U, d), 1).get(4, 0) for d in range(4)}
+    assert spine[3] * 4 == level_bytes(flat_hops(routes, owner, U), 1)[4] == spine[0]
+    assert ms["dedup3"] < ms["flat"] and ms["dedup3"] < ms["2dh"]
+    # 2DH carries every assignment across the network once: no fewer inter rows than flat
+    inter2dh = level_bytes(tutel_2dh_hops(routes, owner, U), 1)[4]
+    assert inter2dh == level_bytes(flat_hops(routes, owner, U), 1)[4]
+    # a hop costs the alpha-beta time of its slowest level
+    hops = dedup_hops(routes, owner, U, 0)
+    a, b = cl.links[4]
+    assert a2a_ms(hops, 4096, cl.links) == pytest.approx(
+        max((cl.links[k][0] + hops[0].max_rank(k) * 4096 * cl.links[k][1]) * 1e3
+            for k in hops[0].links()))
+    assert a > 0 and b > 0

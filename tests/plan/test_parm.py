@@ -61,3 +61,20 @@ def test_plan_cli_method_parm(capsys):
     assert cli.run_plan(p.parse_args(argv)) == 0
     out = capsys.readouterr().out
     assert out.count("schedule s1") == 3 and "plain" in out
+
+
+@pytest.mark.parametrize("tokens,hidden,mp", [(4096, 1024, 4), (1024, 512, 2), (8192, 4096, 8)])
+def test_formula_agrees_with_the_simulator(tokens, hidden, mp):
+    from moeflow.sim.parm import PRESETS, expert_row_time, layer_ms
+
+    pre = PRESETS["parm-32gpu"]
+    layer = ParmLayer(tokens=tokens, hidden=hidden, top_k=2, mp=mp, nodes=4)
+    c = ParmCluster(alpha_intra=pre.cluster.alpha_intra, beta_intra=pre.cluster.beta_intra,
+                    alpha_inter=pre.cluster.alpha_inter, beta_inter=pre.cluster.beta_inter,
+                    row_time=expert_row_time(hidden, 4 * hidden, pre.flops), gate_time=1e-8)
+    for sch in ("plain", "s1", "s2"):
+        # one chunk: the derivation is exact
+        assert layer_ms(layer, c, sch, 1) == pytest.approx(schedule_time(layer, c, sch) * 1e3)
+        for r in (2, 4, 8):   # pipelined: an estimate, within 15% of the task graph
+            sim, model = layer_ms(layer, c, sch, r), schedule_time(layer, c, sch, r) * 1e3
+            assert 0.85 <= sim / model <= 1.0 + 1e-9, (sch, r, sim, model)

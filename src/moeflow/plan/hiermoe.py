@@ -251,16 +251,24 @@ class _RankRows:
         self.owner[r], self.owner[c] = b, a
 
 
-def _swap_time(rows, U, row_bytes: int, links, gamma: float) -> float:
-    """Predicted time of the level-0 dedup all-to-all with the smooth max over senders."""
+def _per_link(rows, U) -> dict[int, list[int]]:
+    """Rows each sender puts on each link level (self-rows on none)."""
     P = len(rows)
+    per = {lk: [0] * P for lk in range(1, len(U))}
+    for s in range(P):
+        for q in range(P):
+            if q != s and rows[s][q]:
+                per[link_level(s, q, U)][s] += rows[s][q]
+    return per
+
+
+def _swap_time(per, row_bytes: int, links, gamma: float) -> float:
+    """Predicted time of the level-0 dedup all-to-all with the smooth max over senders."""
     t = 0.0
-    for lk in range(1, len(U)):
-        per = [sum(rows[s][q] for q in range(P) if q != s and link_level(s, q, U) == lk)
-               for s in range(P)]
-        if any(per):
+    for lk, xs in per.items():
+        if any(xs):
             a, b = links[lk]
-            t = max(t, a + b * row_bytes * smooth_max(per, gamma))
+            t = max(t, a + b * row_bytes * smooth_max(xs, gamma))
     return t
 
 
@@ -271,14 +279,15 @@ def swap_step(assignments, owner, U, row_bytes: int, links=None, gamma: float = 
 
     Returns ``(pair, new_owner, predicted_time, state)``; pass ``state`` back to the next
     step of the same batch to reuse the incremental row counts. Each candidate is scored
-    from the rows of the two experts' tokens only (the incremental update), not from a
-    recount of the whole batch.
+    from the rows of the two experts' tokens only (the incremental update: the per-sender
+    link loads change only where those rows change), not from a recount of the batch.
     """
     U = check_group_sizes(U)
     links = DEFAULT_LINKS if links is None else links
     P, E = U[-1], len(owner)
     st = state if state is not None else _RankRows(assignments, owner, P)
-    best = (_swap_time(st.rows, U, row_bytes, links, gamma), None)
+    base = _per_link(st.rows, U)
+    best = (_swap_time(base, row_bytes, links, gamma), None)
     for r in range(E):
         for c in range(r + 1, E):
             if st.owner[r] == st.owner[c]:
@@ -286,10 +295,11 @@ def swap_step(assignments, owner, U, row_bytes: int, links=None, gamma: float = 
             d = st.delta(r, c)
             if not d:
                 continue
-            rows = [row[:] for row in st.rows]
+            per = {lk: xs[:] for lk, xs in base.items()}
             for (s, q), v in d.items():
-                rows[s][q] += v
-            t = _swap_time(rows, U, row_bytes, links, gamma)
+                if q != s:
+                    per[link_level(s, q, U)][s] += v
+            t = _swap_time(per, row_bytes, links, gamma)
             if t < best[0] - 1e-15:
                 best = (t, (r, c))
     if best[1] is None:

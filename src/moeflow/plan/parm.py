@@ -30,9 +30,10 @@ layer, forward, uniform routing:
 * the gate on the tokens a rank routes: ``T_g·gate_time`` with T_g = T/S for s1, T else.
 
 With r chunks the ESP collectives of one chunk overlap the all-to-all of the next
-(:mod:`moeflow.runtime.pipeline`); the model takes the pipelined time as
-``max(inter, intra + compute)`` plus the non-overlapped first/last stage, which for r = 1
-is the plain sum. Pure Python, no torch.
+(:mod:`moeflow.runtime.pipeline`); the model takes the busiest resource (inter link, intra
+link, GPU; each chunk pays the start-ups again) plus one chunk of the others (fill and
+drain). For r = 1 it is the plain sum and equals the simulator (:mod:`moeflow.sim.parm`)
+exactly; for r > 1 it is an estimate the simulator checks. Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -97,12 +98,16 @@ def schedule_time(layer: ParmLayer, cluster: ParmCluster, schedule: str, r: int 
     """Forward time of ``schedule`` with r pipeline chunks (see the module docstring)."""
     r = positive_int("r", r)
     t = schedule_terms(layer, cluster, schedule)
-    inter, inner = t["a2a"], t["esp"] + t["experts"]
     if r == 1:
-        body = inter + inner
-    else:   # chunks overlap: the longer side runs r times over, the other once per edge
-        alpha = 2 * cluster.alpha_inter + (2 * cluster.alpha_intra if layer.mp > 1 else 0.0)
-        body = max(inter, inner) + min(inter, inner) / r + (r - 1) * alpha
+        body = t["a2a"] + t["esp"] + t["experts"]
+    else:
+        # per resource: its bandwidth work plus r start-ups per collective; the busiest
+        # resource sets the pace, the others add one chunk's worth (fill and drain)
+        esp_a = 2 * cluster.alpha_intra if layer.mp > 1 else 0.0
+        inter = t["a2a"] + (r - 1) * 2 * cluster.alpha_inter
+        intra = t["esp"] + (r - 1) * esp_a
+        res = (inter, intra, t["experts"])
+        body = max(res) + (sum(res) - max(res)) / r
     return t["gate"] + body + t["mp_allgather"]
 
 
