@@ -14,13 +14,15 @@ Times are the max over ranks per iteration; median and minimum over iterations, 
 degrees and modes interleaved inside each iteration (the machine is shared).
 
     python benchmarks/ep_overlap_cpu.py [--tokens 2048 --dim 256 --ffn 64 ...]
-writes benchmarks/results/ep_overlap_cpu_<date>.md (and prints the table).
+writes benchmarks/results/ep_overlap_cpu_<hardware>_<date>[_link].md and .json (and prints
+the table).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import platform
 import json
 import os
 import resource
@@ -282,15 +284,17 @@ def main(argv=None) -> int:
                   f"hideable comm")
     if not args.no_record:
         date = datetime.date.today().isoformat()
+        hw = f"{os.cpu_count()}cpu-{platform.machine()}"
         path = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                        f"ep_overlap_cpu_{date}_raw"
+                                        f"ep_overlap_cpu_{hw}_{date}"
                                         + ("_link" if args.link_mbps else "") + ".md")
         with open(path, "w") as f:
             f.write(f"# {head}\n\ndate {date}; machine: {os.cpu_count()} cores, "
                     f"{cpu_name()}, no GPU; "
                     f"torch {torch.__version__}\n\ncommand: `{cmd}`\n\n"
-                    + render(res, args.degrees) +
-                    f"\n```json\n{json.dumps(res, indent=1)}\n```\n")
+                    + render(res, args.degrees))
+        with open(os.path.splitext(path)[0] + ".json", "w") as f:
+            json.dump(res, f, indent=1)
         print(f"wrote {path}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Validate the FSMoE planner (issue 4): optimality, speedup, solve time, fidelity.
+"""Validate the FSMoE planner: optimality, speedup, solve time, fidelity.
 
     python benchmarks/plan_validation.py [--fidelity] [--out benchmarks/results]
 
@@ -378,8 +378,8 @@ def render(sw: list[dict], mods: dict, fid: dict | None, cmd: str, wall: float,
          f"- Machine: {MACHINE} ({platform.python_version()}, {platform.machine()})",
          f"- Command: `{cmd}`", f"- Wall time: {wall:.0f} s",
          "- 1-minute load average at start / end: "
-         + " / ".join(f"{x:.1f}" for x in load) + " (the 2 cores are shared with other "
-         "sessions; section 4's timings move with it)", "",
+         + " / ".join(f"{x:.1f}" for x in load) + " (section 4's timings move with the "
+         "machine's load)", "",
          "Cost models: `fsmoe-testbed-a` = FSMoE's published fits; `fsmoe-testbed-b` = derived "
          "from them by datasheet rate ratios (see `moeflow.perf.presets`). Layout: N_EP = nodes, "
          "N_ESP = GPUs per node, one expert per EP rank, top-2, fp16 messages. Rows after the "
@@ -509,7 +509,8 @@ def main(argv=None) -> int:
     md = render(sw, mods, fid, cmd.strip(), time.time() - t0, (load0, os.getloadavg()[0]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"plan_validation_{DATE}" + ("_fidelity" if args.fidelity_only else "")
+    name = (f"plan_validation_{os.cpu_count()}cpu-{platform.machine()}_{DATE}"
+            + ("_fidelity" if args.fidelity_only else ""))
     (out / f"{name}.md").write_text(md)
     (out / f"{name}.json").write_text(json.dumps({"sweep": sw, "models": mods,
                                                   "fidelity": fid}, indent=1))
