@@ -46,7 +46,16 @@ def _rank(rank, world, path, ckpt_dir, mesh_shape, names, dense):
     opt2 = torch.optim.AdamW(model2.parameters(), lr=LR)
     extra = load_checkpoint(ckpt_dir, model2, opt2)
     resumed = train_steps(model2, opt2, ids, 3, world)
-    return first, cont, resumed, extra
+    # another layout finds no keys for its shards: a typed error, not a shape mismatch
+    from moeflow.errors import InputError
+    other = ((2, 2), ("dp", "ep")) if mesh_shape == (4,) else ((4,), ("ep",))
+    model3 = build_parallel(path, *other, dense=dense)
+    try:
+        load_checkpoint(ckpt_dir, model3)
+        mismatch = None
+    except InputError as e:
+        mismatch = str(e)
+    return first, cont, resumed, extra, mismatch
 
 
 @pytest.mark.parametrize("layout,dense", [
@@ -60,7 +69,8 @@ def test_resume_continues_the_loss_curve_and_interrupted_save_keeps_previous(tmp
     path = save_tiny("qwen3_moe", tmp_path / "hf")
     ckpt_dir = str(tmp_path / "ckpt")
     res = run_ranks(_rank, 4, path, ckpt_dir, *layout, dense, timeout_s=240)
-    for first, cont, resumed, extra in res:
+    for first, cont, resumed, extra, mismatch in res:
+        assert mismatch is not None and "does not match this model/layout" in mismatch
         assert extra == {"step": 3}  # the interrupted step-6 save did not replace it
         assert max(abs(a - b) for a, b in zip(cont, resumed)) < 1e-6, (cont, resumed)
         assert cont[0] < first[0]

@@ -3,8 +3,9 @@
 
 Keys (``model.<path>`` / ``optim.<path>.<state>``): replicated tensors (the dense parts, the
 routers) keep their parameter path, so DCP writes them once; expert slices are keyed per shard
-(``<layer>.w_in@ep{p}.esp{s}``, :func:`~moeflow.runtime.parallelize.expert_state`), so each
-shard is written once and read back by the ranks that hold it (its ``dp`` replicas). Resuming
+(``<layer>.w_in@ep{p}of{P}.esp{s}of{S}``, :func:`~moeflow.runtime.parallelize.expert_state`),
+so each shard is written once and read back by the ranks that hold it (its ``dp`` replicas).
+Resuming
 needs the same ``(dp, ep, esp)`` layout: a different one finds no keys for its shards and
 raises InputError. Non-tensor state (the optimizer's hyper-parameters, the step, user extras)
 is replicated and small: rank 0 writes it next to DCP's files (``moeflow_objects.pt``).

@@ -392,12 +392,13 @@ def sync_gradients(model: nn.Module, op: str = "mean",
 
 
 def expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's expert slices keyed by ``<layer path>.w_in@ep{p}.esp{s}``: names unique to
-    the shard (replicas over ``dp`` share them), as a sharded checkpoint needs."""
+    """This rank's expert slices keyed by ``<layer path>.w_in@ep{p}of{P}.esp{s}of{S}``: names
+    unique to the shard (replicas over ``dp`` share them), as a sharded checkpoint needs, and
+    naming the layout, so another layout finds no key instead of a wrongly shaped one."""
     out = {}
     for path, m in model.named_modules():
         if isinstance(m, ExpertParallel):
-            tag = f"@ep{m.ep_rank}.esp{m.esp_rank}"
+            tag = f"@ep{m.ep_rank}of{m.ep_size}.esp{m.esp_rank}of{m.esp_size}"
             out[f"{path}.w_in{tag}"] = m.w_in
             out[f"{path}.w_out{tag}"] = m.w_out
     return out
