@@ -200,21 +200,23 @@ def smooth_max(xs: Sequence[float], gamma: float = 10.0) -> float:
 
 
 class _RankRows:
-    """Rows of the level-0 dedup all-to-all ``rows[s][q]`` = tokens of source s with an
-    expert on rank q, kept up to date under expert swaps (the incremental update)."""
+    """Rows of the first hop of dedup at the level of group size u: ``rows[s][q]`` = tokens
+    of source s with an expert in group q (u = 1: on rank q), kept up to date under expert
+    swaps (the incremental update)."""
 
-    def __init__(self, assignments, owner, P: int):
-        self.P = P
+    def __init__(self, assignments, owner, P: int, u: int = 1):
+        self.P, self.u = P, u
         self.owner = list(owner)
-        self.cnt = []          # cnt[s][t][q]: experts of token t on rank q
-        self.rows = [[0] * P for _ in range(P)]
+        self.cnt = []          # cnt[s][t][q]: experts of token t in group q
+        self.rows = [[0] * (P // u) for _ in range(P)]
         self.users: dict[int, list[tuple[int, int]]] = {}
         for s, tokens in enumerate(assignments):
             per = []
             for t, experts in enumerate(tokens):
                 c: dict[int, int] = {}
                 for e in experts:
-                    c[self.owner[e]] = c.get(self.owner[e], 0) + 1
+                    q = self.owner[e] // u
+                    c[q] = c.get(q, 0) + 1
                     self.users.setdefault(e, []).append((s, t))
                 for q in c:
                     self.rows[s][q] += 1
@@ -223,7 +225,9 @@ class _RankRows:
 
     def delta(self, r: int, c: int) -> dict[tuple[int, int], int]:
         """Change of ``rows[s][q]`` if experts r and c swap ranks (only their tokens move)."""
-        a, b = self.owner[r], self.owner[c]
+        a, b = self.owner[r] // self.u, self.owner[c] // self.u
+        if a == b:
+            return {}
         out: dict[tuple[int, int], int] = {}
         moves: dict[tuple[int, int], list[int]] = {}
         for e, src, dst in ((r, a, b), (c, b, a)):
@@ -242,23 +246,31 @@ class _RankRows:
     def apply(self, r: int, c: int) -> None:
         for (s, q), d in self.delta(r, c).items():
             self.rows[s][q] += d
-        a, b = self.owner[r], self.owner[c]
+        a, b = self.owner[r] // self.u, self.owner[c] // self.u
         for e, src, dst in ((r, a, b), (c, b, a)):
+            if a == b:
+                break
             for s, t in self.users.get(e, ()):
                 cnt = self.cnt[s][t]
                 cnt[src] -= 1
                 cnt[dst] = cnt.get(dst, 0) + 1
-        self.owner[r], self.owner[c] = b, a
+        self.owner[r], self.owner[c] = self.owner[c], self.owner[r]
 
 
-def _per_link(rows, U) -> dict[int, list[int]]:
-    """Rows each sender puts on each link level (self-rows on none)."""
+def _relay(s: int, q: int, u: int) -> int:
+    """The rank of group q (size u) at sender s's position: where hop 1 goes."""
+    return q * u + s % u
+
+
+def _per_link(rows, U, u: int = 1) -> dict[int, list[int]]:
+    """Rows each sender puts on each link level in hop 1 (self-rows on none)."""
     P = len(rows)
     per = {lk: [0] * P for lk in range(1, len(U))}
     for s in range(P):
-        for q in range(P):
-            if q != s and rows[s][q]:
-                per[link_level(s, q, U)][s] += rows[s][q]
+        for q in range(len(rows[s])):
+            dst = _relay(s, q, u)
+            if dst != s and rows[s][q]:
+                per[link_level(s, dst, U)][s] += rows[s][q]
     return per
 
 
@@ -273,7 +285,7 @@ def _swap_time(per, row_bytes: int, links, gamma: float) -> float:
 
 
 def swap_step(assignments, owner, U, row_bytes: int, links=None, gamma: float = 10.0,
-              state: Optional[_RankRows] = None):
+              state: Optional[_RankRows] = None, level: int = 0):
     """One HierMoE swap: the pair of experts (r, c) on different ranks whose exchange most
     lowers the predicted all-to-all time (smooth max, γ = 10), or None if none helps.
 
@@ -281,12 +293,15 @@ def swap_step(assignments, owner, U, row_bytes: int, links=None, gamma: float = 
     step of the same batch to reuse the incremental row counts. Each candidate is scored
     from the rows of the two experts' tokens only (the incremental update: the per-sender
     link loads change only where those rows change), not from a recount of the batch.
+    ``level`` d scores hop 1 of dedup at level d (the rows into each level-d group; swaps
+    inside one group do not change it).
     """
     U = check_group_sizes(U)
     links = DEFAULT_LINKS if links is None else links
     P, E = U[-1], len(owner)
-    st = state if state is not None else _RankRows(assignments, owner, P)
-    base = _per_link(st.rows, U)
+    u = U[level]
+    st = state if state is not None else _RankRows(assignments, owner, P, u)
+    base = _per_link(st.rows, U, u)
     best = (_swap_time(base, row_bytes, links, gamma), None)
     for r in range(E):
         for c in range(r + 1, E):
@@ -297,8 +312,9 @@ def swap_step(assignments, owner, U, row_bytes: int, links=None, gamma: float = 
                 continue
             per = {lk: xs[:] for lk, xs in base.items()}
             for (s, q), v in d.items():
-                if q != s:
-                    per[link_level(s, q, U)][s] += v
+                dst = _relay(s, q, u)
+                if dst != s:
+                    per[link_level(s, dst, U)][s] += v
             t = _swap_time(per, row_bytes, links, gamma)
             if t < best[0] - 1e-15:
                 best = (t, (r, c))

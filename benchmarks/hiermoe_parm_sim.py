@@ -1,0 +1,177 @@
+"""HierMoE dedup + expert swap and Parm's schedules on the simulator, at the papers' scale.
+
+    python benchmarks/hiermoe_parm_sim.py [--quick] [--out benchmarks/results]
+
+1. HierMoE (32 GPUs, U = [1, 4, 8, 16, 32]): simulated dispatch all-to-all of flat a2a,
+   Tutel-2DH, dedup at the best level d* (Eq. 6) and dedup + expert swap (smooth max
+   γ = 10, a few swap steps on the batch) on DeepSeek-V3-half (128 experts, top-8,
+   D = 7168) and Qwen3-30B-A3B (128 experts, top-8, D = 2048) shapes, next to the
+   published 1.55-3.32x (a2a over Megatron-LM / Tutel-2DH / SmartMoE-style baselines).
+   The routing is synthetic (seeded): each token belongs to one of 8 topics, draws 6 of its
+   8 experts from its topic's 16 and 2 uniformly, so experts co-occur as in trained models;
+   the paper used the models' real routing, which is why the duplication here differs.
+2. Parm (8-GPU server and 32-GPU cluster): the simulated layer time of DeepSpeed-MoE's plain
+   MP+EP+ESP schedule over the best of Parm's S1/S2 on a layer sweep (tokens, hidden, top-k,
+   MP size), next to the published 1.13-5.77x over 1296 layers.
+
+Writes ``hiermoe_parm_sim_<host>_<date>.md`` (and ``.json``) under ``--out``. Pure Python
+(no torch); every figure is simulated from the α-β presets (tagged published / derived).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import cpu_name, write_record  # noqa: E402
+
+from moeflow.plan.hiermoe import (contiguous_owner, dedup_hops, level_bytes,  # noqa: E402
+                                  swap_step)
+from moeflow.plan.parm import ParmCluster, ParmLayer  # noqa: E402
+from moeflow.sim import hiermoe as sh  # noqa: E402
+from moeflow.sim import parm as sp  # noqa: E402
+
+SHAPES = {"deepseek-v3-half": (128, 8, 7168), "qwen3-30b-a3b": (128, 8, 2048)}
+
+
+def topic_routing(P: int, T: int, E: int, k: int, seed: int) -> list:
+    rng = random.Random(seed)
+    topics = [rng.sample(range(E), 16) for _ in range(8)]
+    out = []
+    for _ in range(P):
+        toks = []
+        for _ in range(T):
+            pick = set(rng.sample(topics[rng.randrange(8)], k - 2))
+            while len(pick) < k:
+                pick.add(rng.randrange(E))
+            toks.append(sorted(pick))
+        out.append(toks)
+    return out
+
+
+def hiermoe_rows(quick: bool) -> list[dict]:
+    cl = sh.PRESETS["hiermoe-32gpu"]
+    U, P = list(cl.U), cl.U[-1]
+    sample, tokens_per_gpu = (16, 4096) if quick else (32, 4096)
+    swaps = 2 if quick else 6
+    rows = []
+    for name, (E, k, D) in SHAPES.items():
+        routes = topic_routing(P, sample, E, k, seed=1)
+        row_bytes = D * 2 * tokens_per_gpu / sample      # bf16 rows, scaled to the batch
+        owner = contiguous_owner(E, P)
+        base = sh.schedules_ms(routes, owner, cl, row_bytes)
+        d_star = min((v, d) for d, v in enumerate(base[f"dedup{d}"] for d in range(4)))[1]
+        t0 = time.perf_counter()
+        state, steps = None, 0
+        for _ in range(swaps):
+            pair, owner, _, state = swap_step(routes, owner, U, row_bytes, cl.links,
+                                              state=state, level=d_star)
+            steps += pair is not None
+        swap_s = (time.perf_counter() - t0) / max(swaps, 1)
+        swapped = sh.schedules_ms(routes, owner, cl, row_bytes)
+        best_swapped = min(swapped[f"dedup{d}"] for d in range(4))
+        flat_spine = level_bytes(sh.flat_hops(routes, contiguous_owner(E, P), U), 1)[4]
+        dedup_spine = level_bytes(dedup_hops(routes, contiguous_owner(E, P), U, 3), 1)[4]
+        rows.append({
+            "shape": name, "experts": E, "top_k": k, "hidden": D, "d_star": d_star,
+            "flat_ms": base["flat"], "2dh_ms": base["2dh"],
+            "dedup_ms": base[f"dedup{d_star}"], "dedup_swap_ms": best_swapped,
+            "swaps_applied": steps, "swap_step_s": swap_s,
+            "spine_rows_removed": 1 - dedup_spine / flat_spine,
+            "speedup_vs_flat": base["flat"] / best_swapped,
+            "speedup_vs_2dh": base["2dh"] / best_swapped,
+            "speedup_vs_noswap": base[f"dedup{d_star}"] / best_swapped})
+    return rows
+
+
+def parm_rows(quick: bool) -> list[dict]:
+    out = []
+    for pre_name, pre in sp.PRESETS.items():
+        speedups, chosen = [], {}
+        for T, D, k, S in _grid(quick):
+            nodes = pre.gpus_per_node // S if pre.nodes == 1 else pre.nodes
+            if nodes < 2:
+                continue
+            layer = ParmLayer(tokens=T, hidden=D, top_k=k, mp=S, nodes=nodes)
+            c = pre.cluster
+            cl = ParmCluster(alpha_intra=c.alpha_intra, beta_intra=c.beta_intra,
+                             alpha_inter=c.alpha_inter, beta_inter=c.beta_inter,
+                             row_time=sp.expert_row_time(D, 4 * D, pre.flops),
+                             gate_time=sp.expert_row_time(D, 8, pre.flops))
+            t = {s: sp.layer_ms(layer, cl, s) for s in ("plain", "s1", "s2")}
+            best = min(("s1", "s2"), key=t.get)
+            chosen[best] = chosen.get(best, 0) + 1
+            speedups.append(t["plain"] / t[best])
+        out.append({"cluster": pre_name, "tag": pre.tag, "layers": len(speedups),
+                    "min": min(speedups), "median": statistics.median(speedups),
+                    "max": max(speedups), "chosen": chosen})
+    return out
+
+
+def _grid(quick: bool):
+    """Tokens per MP group, hidden size, top-k, MP (= ESP) size."""
+    return itertools.product((1024, 4096) if quick else (1024, 2048, 4096, 8192),
+                             (1024, 4096) if quick else (512, 1024, 2048, 4096),
+                             (1, 2), (2, 4, 8))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--host", default=f"{os.cpu_count()}cpu-x86", help="machine label")
+    args = ap.parse_args(argv)
+    date = datetime.date.today().isoformat()
+    h, p = hiermoe_rows(args.quick), parm_rows(args.quick)
+    lines = [f"# HierMoE and Parm on the simulator ({date}, {args.host})", "",
+             f"Command: `python benchmarks/hiermoe_parm_sim.py{' --quick' if args.quick else ''}`"
+             f"; machine: {cpu_name()}, Python {platform.python_version()}. Every figure is "
+             "simulated (α-β presets; topology/GPU counts published, link figures derived); "
+             "only the swap-step seconds depend on the machine.", "",
+             "## HierMoE: dispatch all-to-all, 32 GPUs, U = [1, 4, 8, 16, 32]", "",
+             "| shape | d* | flat (ms) | Tutel-2DH (ms) | dedup (ms) | dedup + swap (ms) | "
+             "x flat | x 2DH | x no-swap | spine rows removed | swap step (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in h:
+        lines.append(f"| {r['shape']} | {r['d_star']} | {r['flat_ms']:.2f} | {r['2dh_ms']:.2f} | "
+                     f"{r['dedup_ms']:.2f} | {r['dedup_swap_ms']:.2f} | "
+                     f"{r['speedup_vs_flat']:.2f} | {r['speedup_vs_2dh']:.2f} | "
+                     f"{r['speedup_vs_noswap']:.3f} | {r['spine_rows_removed']:.0%} | "
+                     f"{r['swap_step_s']:.2f} |")
+    lines += ["", "Published (HierMoE, 32 GPUs, real routing of the trained models): a2a "
+              "1.55-3.32x over the baselines, end to end 1.18-1.27x (not simulated here: no "
+              "compute model of the whole step).", "",
+              "Why ours differs: the routing is synthetic (topic-correlated, seeded), not a "
+              "trained model's; the swap search scores hop 1 of the chosen level and runs a "
+              "few steps on one batch; Tutel-2DH pays its relay hop on the level-3 links and "
+              "gains nothing from aggregating messages, because this α-β model charges one α "
+              "per hop rather than per message, so it trails flat a2a here.", "",
+              "## Parm: plain (DeepSpeed-MoE MP+EP+ESP) over the best of S1/S2", "",
+              "| cluster | layers | min | median | max | chosen | presets |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in p:
+        lines.append(f"| {r['cluster']} | {r['layers']} | {r['min']:.2f}x | {r['median']:.2f}x | "
+                     f"{r['max']:.2f}x | {r['chosen']} | {r['tag']} |")
+    lines += ["", "Published (Parm): 1.13-5.77x over DeepSpeed-MoE on 1296 layers, about 3x on "
+              "BERT- and GPT-2-based models. The sweep here is smaller (tokens, hidden, top-k, "
+              "MP size) and the model charges no time to kernel launches or memory copies; plain's "
+              "time grows with the MP size (S copies of every row and of the expert GEMMs), so "
+              "the S = 8 layers exceed the published maximum. S2 is never the faster split "
+              "here: it moves k times S1's MP rows (moeflow.plan.parm)."]
+    info = {"date": date, "host": args.host, "machine": cpu_name(),
+            "python": platform.python_version(), "quick": args.quick,
+            "hiermoe": h, "parm": p}
+    write_record(args.out, f"hiermoe_parm_sim_{args.host}_{date}", info, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
