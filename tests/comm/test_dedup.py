@@ -112,7 +112,7 @@ def _synthetic(world, T, E, k, dup, seed):
     return out
 
 
-def _bytes(rank, world, level, dup):
+def _bytes(rank, world, level, routes):
     import torch.distributed as dist
 
     from moeflow.comm import Topology, make_dispatcher
@@ -120,8 +120,8 @@ def _bytes(rank, world, level, dup):
     from moeflow.kernels import expert_ffn
     from moeflow.layer.routers import Routing
 
-    E, D, T = 8, 16, (17, 0, 23, 12)
-    routes = _synthetic(world, T, E, 2, dup, seed=5)
+    E, D = 8, 16
+    T = [len(r) for r in routes]
     topo = Topology.explicit(world, 2)
     a, j = divmod(rank, 2)
     d = make_dispatcher("dedup", ep_group=None, ep_size=world, ep_rank=rank, esp_group=None,
@@ -157,9 +157,9 @@ def test_wire_bytes_per_level_equal_the_dedup_formula(dup):
     from moeflow.plan.hiermoe import contiguous_owner, dedup_hops, flat_hops, level_bytes
 
     U, owner, row = [1, 2, 4], contiguous_owner(8, 4), 16 * 4
-    res0 = run_ranks(_bytes, 4, 0, dup, timeout_s=60)
-    res1 = run_ranks(_bytes, 4, 1, dup, timeout_s=60)
-    routes = res0[0][1]
+    routes = _synthetic(4, (17, 0, 23, 12), 8, 2, dup, seed=5)
+    res0 = run_ranks(_bytes, 4, 0, routes, timeout_s=60)
+    res1 = run_ranks(_bytes, 4, 1, routes, timeout_s=60)
     for level, res in ((0, res0), (1, res1)):
         want = level_bytes(dedup_hops(routes, owner, U, level), row)
         # dispatch and combine carry the same rows
@@ -185,3 +185,46 @@ def test_dedup_matches_single_device_8_ranks_as_2_nodes_of_4():
     res = run_ranks(_eight, 8, timeout_s=600)
     assert all(err < 2e-5 for per_rank in res for err, _ in per_rank)
     assert [lvl for _, lvl in res[0][:2]] == [0, 1]
+
+
+def _trained_routing():
+    """Routing of the first MoE layer of the demo model after a short training run."""
+    from moeflow.demo import BatchSampler, DemoModelConfig, build_demo_model, load_corpus
+
+    torch.manual_seed(0)
+    model = build_demo_model(DemoModelConfig(num_layers=1), seed=0)
+    sample = BatchSampler(load_corpus(max_bytes=200_000), seq_len=32, batch_size=8, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        x, y = sample()
+        _, lm_loss, aux = model(x, y)
+        opt.zero_grad()
+        (lm_loss + aux).backward()
+        opt.step()
+        losses.append(lm_loss.item())
+    layer = model.moe_layers()[0]
+    seen = {}
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(sample()[0])
+        hook.remove()
+        x_TD = seen["x"].reshape(-1, seen["x"].shape[-1])
+        routing = layer.route(x_TD)
+    per_token = [[] for _ in range(x_TD.shape[0])]
+    for t, e in zip(routing.token_idx_N.tolist(), routing.expert_idx_N.tolist()):
+        per_token[t].append(e)
+    n = len(per_token) // 4
+    return [per_token[i * n:(i + 1) * n] for i in range(4)], losses
+
+
+def test_wire_bytes_equal_the_formula_on_a_trained_models_routing():
+    from moeflow.plan.hiermoe import contiguous_owner, dedup_hops, level_bytes
+
+    routes, losses = _trained_routing()
+    assert losses[-1] < losses[0]                 # it did train
+    U, owner, row = [1, 2, 4], contiguous_owner(8, 4), 16 * 4
+    for level in (0, 1):
+        res = run_ranks(_bytes, 4, level, routes, timeout_s=60)
+        want = level_bytes(dedup_hops(routes, owner, U, level), row)
+        assert res[0][0] == [2 * want.get(1, 0), 2 * want.get(2, 0)], level
