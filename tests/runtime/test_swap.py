@@ -67,6 +67,9 @@ def _swapped_equivalence(rank, world):
         ep.apply_placement(placement)                 # weights move before the first step
         mine = local_experts(ep.dispatcher)
         assert mine == [e for e in range(8) if placement[e] == rank]
+        full_in, full_out = ep.full_expert_weights()      # the checkpoint view: by expert id
+        assert torch.equal(full_in, layer.experts.w_in) and torch.equal(full_out,
+                                                                         layer.experts.w_out)
         x = xs[rank].clone().requires_grad_(True)
         y = ep(x)
         ((y * gs[rank]).sum() + ep.aux_loss).backward()

@@ -163,6 +163,10 @@ class DedupDispatcher:
     def reset_bytes(self) -> None:
         self.bytes_sent = {"intra_node": 0, "inter_node": 0}
 
+    def expert_rows(self) -> torch.Tensor:
+        """Row of each expert when the ranks' local experts are stacked in rank order."""
+        return self.owner_E * self.E_l + self.slot_E
+
     def set_placement(self, owner_E: torch.Tensor, slot_E: torch.Tensor) -> None:
         """Expert -> (rank, local slot) map; every rank must set the same one."""
         self.owner_E, self.slot_E = owner_E.to("cpu", torch.long), slot_E.to("cpu", torch.long)

@@ -456,6 +456,9 @@ class ExpertParallel(nn.Module):
         else:
             full_in = w_in.permute(0, 2, 1, 3, 4).reshape(P * E_l, -1, w_in.shape[-1])
         full_out = w_out.permute(0, 2, 3, 1, 4).reshape(P * E_l, w_out.shape[3], -1)
+        rows = getattr(self.dispatcher, "expert_rows", None)   # a swapped placement (dedup)
+        if rows is not None:
+            full_in, full_out = full_in[rows()], full_out[rows()]
         return full_in, full_out
 
     @torch.no_grad()
