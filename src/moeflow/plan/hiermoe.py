@@ -182,10 +182,11 @@ def choose_level(assignments, owner, U, row_bytes: int, links=None) -> tuple[int
 
 
 def duplication_rate(assignments, owner, U, level: int) -> float:
-    """Fraction of the flat all-to-all's remote rows that dedup at ``level`` removes."""
+    """Fraction of the flat all-to-all's remote rows (all link levels together) that dedup
+    at ``level`` saves; negative when the relay hop adds more rows inside the groups than
+    the first hop removes (the level choice weighs the links, this count does not)."""
     flat = sum(level_bytes(flat_hops(assignments, owner, U), 1).values())
     ded = level_bytes(dedup_hops(assignments, owner, U, level), 1)
-    # hop 2 rows stay inside a group; the saving counted is on links above level 0
     return 0.0 if flat == 0 else 1.0 - sum(ded.values()) / flat
 
 
