@@ -522,6 +522,9 @@ def run_train(args: argparse.Namespace) -> int:
             else:
                 train_loop(args, topology=_topology(args, dist.get_world_size()),
                            device=device)
+            # gloo aborts a rank ("terminate called without an active exception") that tears
+            # its groups down while a slower peer still talks to it: leave together
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         return 0

@@ -173,3 +173,28 @@ def test_train_model_dir_bad_layout_fails_before_forking(tmp_path):
     model_dir = save_tiny("qwen3_moe", tmp_path / "hf", experts=6)
     with pytest.raises(DistributedConfigError, match="6 experts"):
         main(["--model", str(model_dir), "--nproc", "4", "--steps", "1"])
+
+
+@pytest.mark.slow
+def test_torchrun_module_fine_tunes_a_model_dir(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    from tests.runtime.test_parallelize import save_tiny
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not installed next to this Python")
+    model_dir = save_tiny("mixtral", tmp_path / "hf")
+    out = subprocess.run([torchrun, "--nproc-per-node", "4", "-m", "moeflow.train", "--model",
+                          model_dir, "--steps", "3", "--batch-size", "4", "--seq-len", "8",
+                          "--corpus-bytes", "20000", "--checkpoint-dir", str(tmp_path / "c"),
+                          "--export", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "summary: steps 1..3" in out.stdout
+    assert (tmp_path / "c" / ".metadata").exists()
+    assert (tmp_path / "out" / "config.json").exists()
