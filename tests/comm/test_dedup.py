@@ -228,3 +228,31 @@ def test_wire_bytes_equal_the_formula_on_a_trained_models_routing():
         res = run_ranks(_bytes, 4, level, routes, timeout_s=60)
         want = level_bytes(dedup_hops(routes, owner, U, level), row)
         assert res[0][0] == [2 * want.get(1, 0), 2 * want.get(2, 0)], level
+
+
+def _config_errors(rank, world):
+    from moeflow.comm import Topology
+    from moeflow.errors import ConfigError
+    from moeflow.runtime import ExpertParallel
+
+    layer, _ = build(Case())
+    fields = []
+    for kw in (dict(compress=True), dict(esp_size=2), dict(dispatcher_options={"level": 2}),
+               dict(dispatcher_options={"level": "socket"})):
+        try:
+            ExpertParallel(copy.deepcopy(layer), topology=Topology.explicit(world, 2),
+                           dispatcher="dedup", **kw)
+        except ConfigError as e:
+            fields.append(e.field)
+    ep = ExpertParallel(copy.deepcopy(layer), topology=Topology.explicit(world, 2),
+                        dispatcher="a2a")
+    try:
+        ep.apply_placement(list(range(8)))
+    except ConfigError as e:
+        fields.append(e.field)
+    return fields
+
+
+def test_dedup_config_errors_name_the_field():
+    res = run_ranks(_config_errors, 4, timeout_s=60)
+    assert res[0] == ["compress", "esp_size", "level", "level", "dispatcher"]

@@ -122,7 +122,16 @@ class DedupDispatcher:
     #: ExpertParallel hands this dispatcher the tokens and the routing (see forward_tokens)
     token_level = True
 
-    compression = None      # ZipCCL does not apply: rows are gathered per hop here
+    @property
+    def compression(self):
+        """ZipCCL compression of the row all-to-alls: not available on the dedup hops."""
+        return None
+
+    @compression.setter
+    def compression(self, value) -> None:
+        if value is not None:
+            raise ConfigError("compress", "on", "False with dispatcher='dedup' (ZipCCL "
+                              "compresses the a2a / capacity / 2dh all-to-alls)")
 
     def __init__(self, *, ep_group, ep_size: int, ep_rank: int, esp_group, esp_size: int,
                  esp_rank: int, num_local_experts: int, timeout_s: float, intra_group,
