@@ -18,7 +18,7 @@ from tests.runtime.ep_cases import Case, build
 pytestmark = pytest.mark.dist
 
 
-def _equivalence(rank, world, case: Case, level, ranks_per_node=2):
+def _equivalence(rank, world, case: Case, level, ranks_per_node=2, placement=None):
     """Max relative error of output and gradients vs the single-device layer."""
     from moeflow.comm import Topology
     from moeflow.runtime import ExpertParallel
@@ -42,15 +42,18 @@ def _equivalence(rank, world, case: Case, level, ranks_per_node=2):
     ep = ExpertParallel(copy.deepcopy(layer), topology=Topology.explicit(world, ranks_per_node),
                         dispatcher="dedup", dispatcher_options={"level": level},
                         r_fwd=case.r_fwd, r_bwd=case.r_bwd, timeout_s=30)
+    if placement is not None:
+        ep.apply_placement(placement)
+    from moeflow.comm.dedup import local_experts
+    mine = local_experts(ep.dispatcher)
     x = x_all[offs[rank]:offs[rank + 1]].clone().requires_grad_(True)
     y = ep(x)
     ((y * g_all[offs[rank]:offs[rank + 1]]).sum() + ep.aux_loss).backward()
     ep.sync_gradients("sum")
-    e0, e1 = ep.expert_range
     checks = [("output", y, y_ref[offs[rank]:offs[rank + 1]]),
               ("grad x", x.grad, xr.grad[offs[rank]:offs[rank + 1]]),
-              ("grad w_in", ep.w_in.grad, ref.experts.w_in.grad[e0:e1]),
-              ("grad w_out", ep.w_out.grad, ref.experts.w_out.grad[e0:e1])]
+              ("grad w_in", ep.w_in.grad, ref.experts.w_in.grad[mine]),
+              ("grad w_out", ep.w_out.grad, ref.experts.w_out.grad[mine])]
     ref_params = dict(ref.named_parameters())
     for name, p in ep.named_parameters():
         if name not in ("w_in", "w_out") and ref_params[name].grad is not None:
@@ -177,11 +180,15 @@ def test_wire_bytes_per_level_equal_the_dedup_formula(dup):
 def _eight(rank, world):
     cases = [(Case(router="softmax_topk", tokens=(9, 0, 14, 5, 11, 7, 3, 12), r_fwd=2,
                    r_bwd=3), lvl) for lvl in (0, 1, "auto")]
-    return [_equivalence(rank, world, c, lvl, ranks_per_node=4) for c, lvl in cases]
+    out = [_equivalence(rank, world, c, lvl, ranks_per_node=4) for c, lvl in cases]
+    swapped = [7, 1, 2, 3, 4, 5, 6, 0]          # experts 0 and 7 trade ranks (nodes)
+    out += [_equivalence(rank, world, cases[0][0], lvl, ranks_per_node=4, placement=swapped)
+            for lvl in (0, 1)]
+    return out
 
 
 @pytest.mark.slow
-def test_dedup_matches_single_device_8_ranks_as_2_nodes_of_4():
+def test_dedup_and_swapped_placement_match_single_device_8_ranks_as_2_nodes_of_4():
     res = run_ranks(_eight, 8, timeout_s=600)
     assert all(err < 2e-5 for per_rank in res for err, _ in per_rank)
     assert [lvl for _, lvl in res[0][:2]] == [0, 1]
