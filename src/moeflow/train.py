@@ -342,7 +342,7 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
     from moeflow.integrations import patch_model
     from moeflow.progress import Progress
     from moeflow.runtime import checkpoint as ckpt
-    from moeflow.runtime import export_pretrained, parallelize, sync_gradients
+    from moeflow.runtime import clip_grad_norm_, export_pretrained, parallelize, sync_gradients
 
     dist_on = dist.is_initialized() and dist.get_world_size() > 1
     W = dist.get_world_size() if dist_on else 1
@@ -407,6 +407,9 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
             loss.backward()
             if dist_on:
                 sync_gradients(model)
+                clip_grad_norm_(model, 1.0)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             lv = loss.detach().reshape(1).double()
             stop = torch.tensor([1.0 if time.perf_counter() - start > args.max_seconds

@@ -336,3 +336,33 @@ def test_demo_model_ep2_dp2_matches_single_process():
     ref = _demo_losses(ref_model, x, y, 5)
     res = run_ranks(_demo_rank, 4, (2, 2), ("dp", "ep"), x, y, timeout_s=120)
     assert max(abs(a - b) for a, b in zip(res[0], ref)) < TOL, (res[0], ref)
+
+
+# -- gradient clipping over the layout --------------------------------------------------------
+def _grad_norm_rank(rank, world, path, mesh_shape, names, dense):
+    from moeflow.runtime.parallelize import clip_grad_norm_, sync_gradients
+
+    model = build_parallel(path, mesh_shape, names, dense=dense)
+    ids = batch(world)[rank:rank + 1]
+    model(input_ids=ids, labels=ids).loss.backward()
+    sync_gradients(model)
+    before = clip_grad_norm_(model, 1e-3)
+    after = clip_grad_norm_(model, 1e9)   # the clipped norm, no further scaling
+    return before, after
+
+
+@pytest.mark.parametrize("layout,dense", [(((2, 2), ("dp", "ep")), "replicate"),
+                                          (((2, 2), ("ep", "esp")), "fsdp")])
+def test_clip_grad_norm_is_the_single_process_norm(tmp_path, layout, dense):
+    from moeflow.integrations import patch_model
+
+    path = save_tiny("qwen3_moe", tmp_path / "ckpt")
+    model = patch_model(transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32))
+    ids = batch(4)
+    model(input_ids=ids, labels=ids).loss.backward()
+    ref = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9))
+    res = run_ranks(_grad_norm_rank, 4, path, *layout, dense, timeout_s=120)
+    for before, after in res:
+        assert abs(before - ref) < 1e-5 * ref, (before, ref)
+        assert abs(after - 1e-3) < 1e-6

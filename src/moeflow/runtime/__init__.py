@@ -28,6 +28,7 @@ expert slices). ``moeflow train`` is a complete example.
 
 from moeflow.runtime.expert_parallel import ExpertParallel, PipelinedExperts, resolve_degrees
 from moeflow.runtime.parallelize import (
+    clip_grad_norm_,
     export_pretrained,
     load_balancing_loss,
     load_checkpoint,
@@ -38,4 +39,4 @@ from moeflow.runtime.pipeline import run_wavefront
 
 __all__ = ["ExpertParallel", "PipelinedExperts", "resolve_degrees", "run_wavefront",
            "parallelize", "sync_gradients", "load_checkpoint", "export_pretrained",
-           "load_balancing_loss"]
+           "load_balancing_loss", "clip_grad_norm_"]

@@ -50,8 +50,8 @@ from moeflow.layer.moe import MoELayer
 from moeflow.runtime.expert_parallel import ExpertParallel
 from moeflow.runtime.loading import SafetensorsCheckpoint
 
-__all__ = ["parallelize", "ParallelLayout", "sync_gradients", "load_checkpoint",
-           "load_balancing_loss",
+__all__ = ["parallelize", "ParallelLayout", "sync_gradients", "clip_grad_norm_",
+           "load_checkpoint", "load_balancing_loss",
            "expert_state", "gather_hf_state_dict", "export_pretrained", "MESH_DIMS"]
 
 MESH_DIMS = ("dp", "ep", "esp")
@@ -389,6 +389,43 @@ def sync_gradients(model: nn.Module, op: str = "mean",
         for p in expert:
             if p.grad is not None:
                 p.grad.div_(layout.world)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
+    """Clip the gradients of a :func:`parallelize`-d model (after :func:`sync_gradients`) to
+    a global 2-norm of ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` on the
+    single-process model would; returns the norm before clipping.
+
+    The squared norm is counted once per distinct tensor: dense gradients once (replicated:
+    any rank's; FSDP2: the sum of the shards over the world), each expert shard once (summed
+    over the expert group; its ``dp`` replicas hold the same values).
+    """
+    from moeflow.comm.collectives import all_reduce
+
+    layout: ParallelLayout = model.moeflow_layout
+    experts = {id(p) for m in model.modules() if isinstance(m, ExpertParallel)
+               for p in m.expert_parameters()}
+    grads = [(id(p) in experts, p.grad) for p in model.parameters() if p.grad is not None]
+    sq = torch.zeros(2, dtype=torch.float64)   # [dense, expert]
+    for is_expert, g in grads:
+        local = g.to_local() if hasattr(g, "to_local") else g
+        sq[int(is_expert)] += local.detach().double().pow(2).sum().cpu()
+    if layout.dense == "fsdp" and layout.world > 1:
+        dense_sq = sq[:1].clone()
+        all_reduce(dense_sq, None, "grad-norm all-reduce (dense shards)", layout.timeout_s)
+        sq[0] = dense_sq[0]
+    if layout.ep * layout.esp > 1:
+        expert_sq = sq[1:].clone()
+        all_reduce(expert_sq, layout.expert_group, "grad-norm all-reduce (expert shards)",
+                   layout.timeout_s)
+        sq[1] = expert_sq[0]
+    total = float(sq.sum().sqrt())
+    coef = float(max_norm) / (total + 1e-6)
+    if coef < 1.0:
+        for _, g in grads:
+            g.mul_(coef)
+    return total
 
 
 def expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
