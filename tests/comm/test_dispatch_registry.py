@@ -7,6 +7,7 @@ import pytest
 from moeflow.comm import (COMMON_ARGS, DISPATCHER_CLASSES, DISPATCHERS, A2ADispatcher,
                           CapacityDispatcher, HierarchicalDispatcher, TokenDispatcher,
                           dispatcher_class, make_dispatcher)
+from moeflow.comm.dedup import DedupDispatcher
 from moeflow.errors import ConfigError
 
 # single-rank arguments: constructors only store them, no collective runs
@@ -14,10 +15,10 @@ COMMON = dict(ep_group=None, ep_size=2, ep_rank=1, esp_group=None, esp_size=1, e
               num_local_experts=4, timeout_s=5.0)
 
 
-def test_registry_lists_the_three_dispatchers():
-    assert DISPATCHERS == ("a2a", "capacity", "2dh")
+def test_registry_lists_the_dispatchers():
+    assert DISPATCHERS == ("a2a", "capacity", "2dh", "dedup")
     assert DISPATCHER_CLASSES == {"a2a": A2ADispatcher, "capacity": CapacityDispatcher,
-                                  "2dh": HierarchicalDispatcher}
+                                  "2dh": HierarchicalDispatcher, "dedup": DedupDispatcher}
     assert dispatcher_class("2dh") is HierarchicalDispatcher
 
 
