@@ -1,5 +1,5 @@
 """Sharded from the start: a 64-expert model over 4 ranks is built on the meta device and each
-rank allocates and reads only its 16 experts (GShard, ICLR'21, §2.2: experts sharded, the rest
+rank allocates and reads only its 16 experts (GShard, ICLR'21: experts sharded, the rest
 replicated). Asserted from parameter sizes, from the bytes read from the checkpoint, and by
 searching the rank's heap for any full-size expert tensor. Also: ExpertParallel computes the
 layer's configured activation."""

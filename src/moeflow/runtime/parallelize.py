@@ -12,8 +12,8 @@
 Every :class:`moeflow.MoELayer` of the model (a transformers model patched by
 :func:`moeflow.integrations.patch_model`, or moeflow's own models) becomes an
 :class:`~moeflow.runtime.ExpertParallel` over the mesh's ``ep`` (and ``esp``) dimensions, the
-layout of GShard (Lepikhin et al., ICLR'21, §2.2: experts sharded, everything else replicated)
-and of DeepSpeed-MoE's EP x DP grid (Rajbhandari et al., ICML'22, §5): with a ``dp``
+layout of GShard (Lepikhin et al., ICLR'21: experts sharded, everything else replicated)
+and of DeepSpeed-MoE's EP x DP grid (Rajbhandari et al., ICML'22): with a ``dp``
 dimension each expert shard is replicated ``dp`` times and its gradient is summed over those
 replicas. The dense parts (attention, embeddings, norms, routers, shared experts) are
 data parallel over the whole world: sharded with FSDP2 ``fully_shard`` (``dense="fsdp"``, the
@@ -23,7 +23,7 @@ after ``backward`` in both cases: it sums the expert gradients over their ``dp``
 
 Layout: mesh dimensions are named from ``("dp", "ep", "esp")`` (``ep`` required, the others
 optional, in that order). A rank's expert-parallel group is its ``(ep, esp)`` sub-mesh,
-ESP-major inside (group rank ``p * S + s``, :class:`~moeflow.runtime.ExpertParallel`'s order).
+ESP innermost (group rank ``p * S + s``, :class:`~moeflow.runtime.ExpertParallel`'s order).
 
 Sharded from the start: on a model built on the meta device, the full experts never exist on
 any rank. Each ExpertParallel slices the meta layer (free), ``to_empty`` allocates only this
@@ -31,6 +31,11 @@ rank's ``E/P`` experts x ``F/S`` columns, and ``checkpoint=`` fills them from a 
 file or a transformers directory, reading only those bytes
 (:class:`~moeflow.runtime.loading.SafetensorsCheckpoint`). Every check (mesh, degrees,
 checkpoint keys) runs before the first collective, so a bad layout fails on every rank alike.
+
+Around it: :func:`clip_grad_norm_` (the single-process global norm), :func:`load_balancing_loss`
+(transformers' aux loss on the global batch), :func:`export_pretrained` (experts gathered, a
+transformers directory written) and :mod:`moeflow.runtime.checkpoint` (sharded DCP
+save/resume).
 """
 
 from __future__ import annotations
