@@ -263,7 +263,9 @@ class ExpertParallel(nn.Module):
         layer: the full single-device layer; every rank must pass the same (same seed)
             layer. Its router and shared experts are used as replicas; its routed experts
             are sliced into local parameters ``w_in`` (E_l, 2F/S or F/S, D) and
-            ``w_out`` (E_l, D, F/S).
+            ``w_out`` (E_l, D, F/S), and the layer's full expert weights are not kept. A
+            layer on the meta device gives meta slices: allocate them with ``to_empty`` and
+            load this rank's share (:func:`moeflow.runtime.parallelize` does both).
         group: process group of the W ranks (None: the default group).
         topology: :class:`Topology` of ``group`` (default ``Topology.from_env``).
         dispatcher: ``"a2a"`` (flat dropless), ``"capacity"`` (fixed capacity, padded) or
