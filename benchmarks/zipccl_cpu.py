@@ -419,8 +419,11 @@ def main(argv=None) -> int:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{cpu_name()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
             "command": " ".join(["python", "benchmarks/zipccl_cpu.py"] + sys.argv[1:])}
+    info["loadavg_start"] = os.getloadavg()
     lines = [f"# ZipCCL on CPU ({info['date']})", "",
-             f"Machine: {info['machine']}; torch {info['torch']}.",
+             f"Machine: {info['machine']}; torch {info['torch']}; 1-minute load average "
+             f"{info['loadavg_start'][0]:.1f} at the start (a shared machine: other jobs "
+             "ran alongside).",
              f"Command: `PYTHONPATH=src {info['command']}`", ""]
     ratios = {"a2a": 1.0, "ar": 1.0, "rs": 1.0, "ag": 1.0}
     if args.part in ("all", "traffic"):

@@ -158,23 +158,29 @@ class Compression:
     def _comm(self, primitive: str, n: float) -> float:
         return self.perf.time(primitive, n)
 
-    def predicted_ms(self, primitive: str, n: float, ratio: float) -> tuple[float, float]:
-        """(raw, compressed) predicted time of one collective step of ``n`` bytes."""
+    def predicted_ms(self, primitive: str, n: float, ratio: float, enc_bytes: float | None = None,
+                     dec_bytes: float | None = None) -> tuple[float, float]:
+        """(raw, compressed) predicted time of one collective step moving ``n`` bytes (the
+        PerfModel's size for ``primitive``) when this rank encodes ``enc_bytes`` and decodes
+        ``dec_bytes`` (default ``n`` each)."""
         enc, dec = self.costs
         raw = self._comm(primitive, n)
-        return raw, enc(n) + self._comm(primitive, n / ratio) + dec(n)
+        e = n if enc_bytes is None else enc_bytes
+        d = n if dec_bytes is None else dec_bytes
+        return raw, enc(e) + self._comm(primitive, n / ratio) + dec(d)
 
     def decide(self, op: str, primitive: str, nbytes: float, dtype: str,
-               steps: Sequence[tuple[str, float]] = ()) -> bool:
-        """Compress this call? ``steps``: extra (primitive, bytes) of the same algorithm
-        (all-reduce: the all-gather after the all-to-all)."""
+               steps: Sequence[tuple] = (), enc_bytes: float | None = None,
+               dec_bytes: float | None = None) -> bool:
+        """Compress this call? ``steps``: extra ``(primitive, bytes, enc_bytes, dec_bytes)``
+        of the same algorithm (all-reduce: the all-gather after the all-to-all)."""
         if self.mode is not True and self.mode is not False:
             if nbytes <= 0:
                 return False
             r = self.ratio_estimate(op, dtype)
-            raw, comp = self.predicted_ms(primitive, nbytes, r)
-            for prim, n in steps:
-                a, b = self.predicted_ms(prim, n, r)
+            raw, comp = self.predicted_ms(primitive, nbytes, r, enc_bytes, dec_bytes)
+            for prim, n, e, d in steps:
+                a, b = self.predicted_ms(prim, n, r, e, d)
                 raw, comp = raw + a, comp + b
             return comp < raw
         return bool(self.mode) and nbytes > 0
@@ -333,7 +339,10 @@ def all_gather(x: torch.Tensor, group=None, compress="auto", perf=None, *,
     raw = sum(counts) * per * x.element_size()
     if W == 1:
         return x.clone()
-    use = cz.decide(op, "ag", raw, dtype)
+    # the PerfModel sizes an all-gather by its output; this rank encodes its own part and
+    # decodes the others'
+    mine_b = x.numel() * x.element_size()
+    use = cz.decide(op, "ag", raw, dtype, enc_bytes=mine_b, dec_bytes=raw - mine_b)
     out = x.new_empty((sum(counts),) + tail)
     outs = out.split(counts)
     if not use:
@@ -401,8 +410,9 @@ def reduce_scatter(x: torch.Tensor, group=None, compress="auto", perf=None, *,
 
 def _decide_all_reduce(cz: Compression, op: str, nbytes: int, dtype: str, W: int) -> bool:
     # the ratio estimate comes from the all-gather step, whose message sizes every rank sees
-    return cz.decide(f"{op} (all-gather)", "a2a", nbytes * (W - 1) / W, dtype,
-                     steps=[("ag", nbytes)])
+    part = nbytes * (W - 1) / W  # sent (and received) in the a2a, received in the all-gather
+    return cz.decide(f"{op} (all-gather)", "a2a", part, dtype,
+                     steps=[("ag", nbytes, nbytes / W, part)])
 
 
 def all_reduce(x: torch.Tensor, group=None, compress="auto", perf=None, *,
