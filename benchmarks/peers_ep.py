@@ -239,7 +239,18 @@ def _build_moeflow(c: dict, W: int, nodes: int, meta: dict, deferred: dict):
         return (m, m)
 
     def planned():
-        plan = _plan_degrees(c, W, nodes, drop)
+        # A profile taken on a loaded machine can fit a negative slope, which the planner
+        # rejects (InputError: negative task duration): profile again, then report it.
+        errors = []
+        for _ in range(2):
+            try:
+                plan = _plan_degrees(c, W, nodes, drop)
+                break
+            except Exception as e:  # noqa: BLE001 - the record names it
+                errors.append(f"{type(e).__name__}: {e}")
+        else:
+            meta["planned_error"] = errors
+            return None
         meta["planned"] = plan
         return ep(drop, dispatcher="a2a", r_fwd=plan["r_fwd"], r_bwd=plan["r_bwd"])
     deferred["moeflow-planned"] = planned
@@ -300,8 +311,10 @@ def worker(args) -> int:
         for r in range(c["rounds"]):
             _wait_file(os.path.join(d, f"go.{impl}.{r}"))
             for name, make in deferred.items():    # in our turn: the others are idle
-                variants[name] = make()
-                step(*variants[name])
+                built = make()
+                if built is not None:
+                    variants[name] = built
+                    step(*built)
             if deferred and rank == 0:
                 _touch(os.path.join(d, f"{impl}.meta.json"), json.dumps(meta))
             deferred = {}
@@ -748,6 +761,10 @@ def record_markdown(results: dict, argv: list) -> str:
                     L.append(f"| {vname} | {b['step_ms']:.1f} | {ops} |")
             L.append("")
     L += ["## Not run", ""]
+    for name, res in results["cells"].items():
+        err = res.get("impls", {}).get("moeflow", {}).get("meta", {}).get("planned_error")
+        if err:
+            L.append(f"- {name}, moeflow-planned: planning failed twice: {err[-1]}")
     for impl, st in results["probe"].items():
         if st is not None:
             L.append(f"- {impl}: not installed under `{results['python']}`: {st}")
