@@ -169,7 +169,7 @@ def write_png(report: dict, path: str | Path) -> None:
     phases = [p for p in PHASES if any(b["phase"] == p for s in ok for b in s["breakdown"])]
     rows = [r for r in CATEGORIES if any(b["row"] == r for s in ok for b in s["breakdown"])]
     cmap = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(ok) * len(phases) + 2), 5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(ok) * (len(phases) + 1) + 2), 4.5))
     xs, labels = [], []
     width = 0.8
     for i, s in enumerate(ok):
