@@ -109,11 +109,14 @@ def shaped(rate: str, repeat: int, smoke: bool):
 
     import emulated_cluster as ec
 
+    # our own namespace names: another benchmark's cluster (default prefix) is never rebuilt
+    # or removed by this run, nor ours by it
+    ec.PREFIX = "mfsb"
     reason = ec.unavailable()
     if reason:
         return None, reason
     if ec.namespaces():
-        return None, "an emulated cluster is already up (someone else's run); not touched"
+        return None, "an emulated cluster of this benchmark is already up; not touched"
     ec.up(2, rate)
     try:
         me = [sys.executable, os.path.abspath(__file__), "--repeat", str(repeat)]
@@ -151,7 +154,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    lines = [f"# serve-bench on loopback ({date}, {args.host})", "",
+    lines = [f"# serve-bench: naive DEP vs PPPipe vs FinDEP, loopback and shaped link ({date}, "
+             f"{args.host})", "",
              f"CPU: {cpu_name()}; Python {platform.python_version()}, torch {torch.__version__}; "
              "AG = 1, EG = 1 gloo ranks, one thread each; best of "
              f"{args.repeat} interleaved runs per schedule; demo model (4 layers, hidden 256, "
