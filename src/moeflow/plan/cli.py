@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 from moeflow.errors import ConfigError, InputError
-from moeflow.validate import positive_float, positive_int
+from moeflow.validate import output_file, positive_float, positive_int
 
 #: largest pipeline degree searched or simulated. The simulated task graph has ~4 tasks per
 #: chunk per pass, so time and memory grow with layers x r (r = 10,000 took 20 s and 1.7 GB);
@@ -152,21 +151,6 @@ def load_plan_file(path, flag: str = "--plan"):
     return _parse(path, flag, "moeflow plan", build)
 
 
-def check_output_path(path, flag: str) -> None:
-    """Before any work: the directory of ``path`` exists and is writable, and ``path`` is
-    not a directory (InputError naming ``flag``)."""
-    if path is None:
-        return
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise InputError(f"{flag} {str(path)!r} is a directory, expected a file path")
-    if not parent.is_dir():
-        raise InputError(f"{flag} {str(path)!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {str(path)!r}: directory {str(parent)!r} is not writable")
-
-
 def validate_common_args(args) -> None:
     """Check the flags shared by ``plan`` and ``simulate`` (ConfigError naming the flag)."""
     args.tokens = positive_int("--tokens", args.tokens, maximum=MAX_TOKENS)
@@ -186,7 +170,7 @@ def validate_plan_args(args) -> None:
     mb = args.lina_chunk_mb
     if not (isinstance(mb, (int, float)) and math.isfinite(mb) and mb > 0):
         raise ConfigError("--lina-chunk-mb", mb, "a finite number > 0 (MiB)")
-    check_output_path(args.out, "--out")
+    output_file("--out", args.out)
 
 
 def setup(args):

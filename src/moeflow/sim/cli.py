@@ -30,11 +30,12 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
 
 def validate_simulate_args(args) -> None:
     """Check every ``moeflow simulate`` flag and output path before simulating."""
-    from moeflow.plan.cli import check_output_path, validate_common_args
+    from moeflow.plan.cli import validate_common_args
+    from moeflow.validate import output_file
 
     validate_common_args(args)
-    check_output_path(args.trace, "--trace")
-    check_output_path(args.png, "--png")
+    output_file("--trace", args.trace)
+    output_file("--png", args.png)
 
 
 def _make_plan(args):
