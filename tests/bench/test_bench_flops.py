@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moeflow.bench import Setting, Shape, build_workload, count_flops, step_flops
-from moeflow.bench.flops import _grouped_mm_flop, active_params, mfu, moe_flops
+from moeflow.bench.flops import grouped_mm_flop, active_params, mfu, moe_flops
 from moeflow.bench.workloads import model_dims, moe_layers
 from moeflow.config import MoEConfig
 
@@ -89,10 +89,10 @@ def test_grouped_mm_formula_against_direct_calls(case):
 
 
 def test_grouped_mm_formula_shapes():
-    assert _grouped_mm_flop((10, 4), (3, 4, 6)) == 2 * 10 * 4 * 6
-    assert _grouped_mm_flop((6, 10), (10, 4)) == 2 * 6 * 10 * 4
-    assert _grouped_mm_flop((3, 5, 4), (3, 4, 6)) == 2 * 3 * 5 * 4 * 6
-    assert _grouped_mm_flop((3, 5, 4), (4, 18)) == 2 * 5 * 4 * 18
+    assert grouped_mm_flop((10, 4), (3, 4, 6)) == 2 * 10 * 4 * 6
+    assert grouped_mm_flop((6, 10), (10, 4)) == 2 * 6 * 10 * 4
+    assert grouped_mm_flop((3, 5, 4), (3, 4, 6)) == 2 * 3 * 5 * 4 * 6
+    assert grouped_mm_flop((3, 5, 4), (4, 18)) == 2 * 5 * 4 * 18
 
 
 def test_moe_flops_are_routed_not_dense():

@@ -81,7 +81,7 @@ def _wait_times(events) -> dict:
     return {k: v / n for k, v in out.items()}
 
 
-def _a2a_bytes(inventory) -> list[tuple[str, int]]:
+def a2a_bytes(inventory) -> list[tuple[str, int]]:
     """(phase, bytes sent) of each all-to-all of the inventory step, in issue order."""
     out = []
     for rec in inventory:
@@ -160,7 +160,7 @@ def ep_rank(rank: int, world: int, job: dict) -> dict:
                 run_step(w)
     waits = _wait_times(prof.events())
     esize = 4 if job["setting"].dtype == "float32" else 2
-    comm = replay_comm(_a2a_bytes(d.inventory), esize)
+    comm = replay_comm(a2a_bytes(d.inventory), esize)
     experts = {}
     for (phase, row, op), (ms, _) in d.ops.items():
         if row in ("moe_experts", "moe_other") and op.startswith("aten::"):

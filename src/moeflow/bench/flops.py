@@ -102,7 +102,7 @@ def mfu(model_flops: float, step_ms: float, peak_flops: float) -> float:
 
 
 # ------------------------------------------------------------------ FlopCounterMode formulas
-def _grouped_mm_flop(a_shape, b_shape, offs_shape=None, *args, out_shape=None, **kwargs) -> int:
+def grouped_mm_flop(a_shape, b_shape, offs_shape=None, *args, out_shape=None, **kwargs) -> int:
     """``torch._grouped_mm``: every output element is one dot product over the shared K.
 
     2-D x 3-D (rows of ``a`` split by ``offs``, one ``b`` per group): ``2*M*K*N``;
@@ -123,7 +123,7 @@ def _grouped_mm_flop(a_shape, b_shape, offs_shape=None, *args, out_shape=None, *
     return 2 * m * k * n
 
 
-def _sdpa_cpu_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+def sdpa_cpu_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
     """CPU flash attention: ``QK^T`` and ``AV`` over the full rectangle, GQA broadcast."""
     b, h, s_q, d = q_shape
     s_k, d_v = k_shape[2], v_shape[3]
@@ -133,7 +133,7 @@ def _sdpa_cpu_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -
 def _sdpa_cpu_backward_flop(grad_out_shape, q_shape, k_shape, v_shape, *args, out_shape=None,
                             **kwargs) -> int:
     """Its backward: dV, dP, dQ and dK, four products of the forward's sizes."""
-    return 2 * _sdpa_cpu_flop(q_shape, k_shape, v_shape)
+    return 2 * sdpa_cpu_flop(q_shape, k_shape, v_shape)
 
 
 def register_formulas() -> None:
@@ -141,9 +141,9 @@ def register_formulas() -> None:
     from torch.utils.flop_counter import flop_registry
 
     aten = torch.ops.aten
-    table = [(getattr(aten, "_grouped_mm", None), _grouped_mm_flop),
+    table = [(getattr(aten, "_grouped_mm", None), grouped_mm_flop),
              (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None),
-              _sdpa_cpu_flop),
+              sdpa_cpu_flop),
              (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
               _sdpa_cpu_backward_flop)]
     for target, formula in table:

@@ -402,7 +402,7 @@ def _numel(shape) -> int:
 
 def gemm_flops(name: str, shapes: list) -> int:
     """FLOPs of one GEMM-like operator from its recorded input shapes."""
-    from moeflow.bench.flops import _grouped_mm_flop, _sdpa_cpu_flop
+    from moeflow.bench.flops import grouped_mm_flop, sdpa_cpu_flop
 
     s = [list(x) for x in shapes]
     if name == "aten::mm":
@@ -418,10 +418,10 @@ def gemm_flops(name: str, shapes: list) -> int:
         (b, m, k), (_, _, n) = s[1], s[2]
         return 2 * b * m * k * n
     if name == "aten::_grouped_mm":
-        return _grouped_mm_flop(s[0], s[1])
+        return grouped_mm_flop(s[0], s[1])
     if name.endswith("_backward"):
-        return 2 * _sdpa_cpu_flop(s[1], s[2], s[3])
-    return _sdpa_cpu_flop(s[0], s[1], s[2])
+        return 2 * sdpa_cpu_flop(s[1], s[2], s[3])
+    return sdpa_cpu_flop(s[0], s[1], s[2])
 
 
 def predict_rows(d: StepDissection, perf: PerfModel, dtype: str,
@@ -534,12 +534,12 @@ def compare_ep(d: StepDissection, perf: PerfModel, dtype: str, r: int) -> dict:
     """:func:`compare` for an expert-parallel step (rank 0's inventory): the all-to-alls of
     each phase are priced with the PerfModel's ``a2a`` fit (its bytes from the recorded
     shapes), half dispatch, half combine, and overlap the MoE compute in ``r`` chunks."""
-    from moeflow.bench.ep import _a2a_bytes
+    from moeflow.bench.ep import a2a_bytes
 
     pred = predict_rows(d, perf, dtype)
     a2a = perf.cost("a2a")
     comm: dict = {}
-    for phase, n in _a2a_bytes(d.inventory):
+    for phase, n in a2a_bytes(d.inventory):
         comm[phase] = comm.get(phase, 0.0) + a2a(n * ESIZE[dtype])
     halves = {p: (t / 2, t / 2) for p, t in comm.items()}
     tl = simulate(ep_step_graph(pred, halves, r, moe_row="moe_other"))

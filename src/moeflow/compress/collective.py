@@ -264,7 +264,7 @@ def encode(x, dtype: str | None = None, threads: int | None = 1, shapes=SHAPES,
                                            static_len, model_w, lengths, sbytes, sizes),
                    n_chunks, threads)
     ends = np.cumsum(sizes)
-    base = entropy._HEAD.size + 8 * n_chunks
+    base = entropy.HEADER.size + 8 * n_chunks
     body = base + (int(ends[-1]) if n_chunks else 0)
     payload = body + (-body) % 8 + 8  # the entropy payload's zero tail
     stored = payload >= n * spec.itemsize
@@ -277,13 +277,13 @@ def encode(x, dtype: str | None = None, threads: int | None = 1, shapes=SHAPES,
         out[_HEAD.size:-8] = vals.view(np.uint8)
     else:
         p = out[_HEAD.size:-8]
-        p[:base] = np.frombuffer(entropy._HEAD.pack(spec.code, MAX_LEN, 0, chunk_values, n,
+        p[:base] = np.frombuffer(entropy.HEADER.pack(spec.code, MAX_LEN, 0, chunk_values, n,
                                                     n_chunks)
                                  + ends.astype(np.uint64).tobytes(), np.uint8)
         p[body:] = 0
         offsets = base + ends - sizes
         if n_chunks:
-            errs = run_shared(lambda c: entropy._write_range(vals, c, n_chunks, chunk_values,
+            errs = run_shared(lambda c: entropy.write_range(vals, c, n_chunks, chunk_values,
                                                              kind, spec.itemsize, p, offsets,
                                                              lengths, sbytes),
                               n_chunks, threads)

@@ -17,8 +17,8 @@ from moeflow._deps import require
 from moeflow.compress.entropy import (
     CHUNK_OVERHEAD,
     MAX_LEN,
-    _exponents,
-    _histogram,
+    exponents_of,
+    chunk_histogram,
     huffman_lengths,
 )
 from moeflow.compress.parallel import take
@@ -100,13 +100,13 @@ def plan_static(vals, counter, n_chunks, chunk_values, kind, itemsize, static_le
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
         lengths[c, :] = 0
-        _exponents(vals, a, n, kind, syms)
+        exponents_of(vals, a, n, kind, syms)
         q = (n + 3) // 4
         escape = False
         for j in range(4):
             lo_j = min(n, j * q)
             hi_j = min(n, (j + 1) * q)
-            hq[j] = _histogram(syms[lo_j:hi_j], hi_j - lo_j)
+            hq[j] = chunk_histogram(syms[lo_j:hi_j], hi_j - lo_j)
         for s in range(256):
             present = hq[0, s] + hq[1, s] + hq[2, s] + hq[3, s] > 0
             w[s] = model_w[c, s] if present else 0

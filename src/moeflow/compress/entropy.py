@@ -59,7 +59,7 @@ TABLE_SIZE = 1 << MAX_LEN
 # ``entry >> 32`` is the step ``bits + (count << 24)`` of the decoder's packed stream state
 MULTI_USED = 32
 MULTI_COUNT = 56
-_HEAD = struct.Struct("<BBHIQQ")
+HEADER = struct.Struct("<BBHIQQ")
 _KIND = {"bfloat16": 1, "float16": 2, "float32": 3}
 _RAW_WIDTH = {1: 1, 2: 1, 3: 3}
 CHUNK_OVERHEAD = 1 + 2 + 128 + 16 + 4 * 9  # bound on a Huffman chunk's non-data bytes
@@ -199,7 +199,7 @@ def _split(vals, a, n, kind, syms, raw):
 
 
 @nb.njit(nogil=True, cache=True)
-def _histogram(syms, n):
+def chunk_histogram(syms, n):
     # four sub-histograms: consecutive equal symbols would otherwise serialize on one counter
     h = np.zeros(1024, np.int64)
     m = n // 4 * 4
@@ -261,7 +261,7 @@ def _pair_at(syms, i):
 
 
 @nb.njit(nogil=True, cache=True)
-def _exponents(vals, a, n, kind, syms):
+def exponents_of(vals, a, n, kind, syms):
     """Symbols of ``vals[a:a+n]`` into ``syms[:n]`` (pass 1 needs no raw bytes)."""
     v = vals[a:a + n]
     if kind == 3:
@@ -289,7 +289,7 @@ def _plan_chunk(syms, n, kind, itemsize, lengths_row, sbytes_row):
     for j in range(4):
         lo_j = min(n, j * q)
         hi_j = min(n, (j + 1) * q)
-        hq[j] = _histogram(syms[lo_j:hi_j], hi_j - lo_j)
+        hq[j] = chunk_histogram(syms[lo_j:hi_j], hi_j - lo_j)
     counts = hq[0] + hq[1] + hq[2] + hq[3]
     lengths = huffman_lengths(counts, MAX_LEN)
     bits = 0
@@ -325,7 +325,7 @@ def _plan_range(vals, u8, words, counter, n_chunks, chunk_values, kind, itemsize
             break
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
-        _exponents(vals, a, n, kind, syms)
+        exponents_of(vals, a, n, kind, syms)
         sizes[c] = _plan_chunk(syms, n, kind, itemsize, lengths[c], sbytes[c])
         seg_out[c] = digest_range(u8, words, a * itemsize, (a + n) * itemsize, c)
 
@@ -437,7 +437,7 @@ def _write_chunk(vals, a, n, kind, itemsize, out, o, syms, lengths, sbytes, pair
 
 
 @nb.njit(nogil=True, cache=True)
-def _write_range(vals, counter, n_chunks, chunk_values, kind, itemsize, out, offsets, lengths,
+def write_range(vals, counter, n_chunks, chunk_values, kind, itemsize, out, offsets, lengths,
                  sbytes):
     n_total = vals.shape[0]
     syms = np.empty(chunk_values, np.uint8)
@@ -481,16 +481,16 @@ def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
                                            spec.itemsize, lengths, sbytes, sizes, seg),
                    n_chunks, threads)
     ends = np.cumsum(sizes)
-    base = _HEAD.size + 8 * n_chunks
+    base = HEADER.size + 8 * n_chunks
     body = base + (int(ends[-1]) if n_chunks else 0)
     # zero tail: whole 64-bit words, plus one, so the decoder's two-word peeks stay in bounds
     out = np.empty(body + (-body) % 8 + 8, np.uint8)
-    out[:base] = np.frombuffer(_HEAD.pack(spec.code, MAX_LEN, 0, chunk_values, n, n_chunks)
+    out[:base] = np.frombuffer(HEADER.pack(spec.code, MAX_LEN, 0, chunk_values, n, n_chunks)
                                + ends.astype(np.uint64).tobytes(), np.uint8)
     out[body:] = 0
     offsets = base + ends - sizes
     if n_chunks:
-        errs = run_shared(lambda ctr: _write_range(vals, ctr, n_chunks, chunk_values, kind,
+        errs = run_shared(lambda ctr: write_range(vals, ctr, n_chunks, chunk_values, kind,
                                                    spec.itemsize, out, offsets, lengths, sbytes),
                           n_chunks, threads)
         if any(errs):  # an encoder bug, not bad input: never ship a payload that may be wrong
@@ -847,9 +847,9 @@ def parse_header(buf: np.ndarray):
     against the payload's real size: the chunk table must fit, increase, give every chunk at
     least the bytes its values need (``min_chunk_bytes``), and end at the payload's end; so
     the value count, hence the output allocation, is bounded by the payload size."""
-    if buf.size < _HEAD.size:
+    if buf.size < HEADER.size:
         raise CorruptDataError(f"entropy payload of {buf.size} bytes is shorter than its header")
-    code, max_len, _, chunk_values, n, n_chunks = _HEAD.unpack_from(buf, 0)
+    code, max_len, _, chunk_values, n, n_chunks = HEADER.unpack_from(buf, 0)
     kinds = {s.code: s.name for s in FLOAT_SPECS.values()}
     if code not in kinds or max_len != MAX_LEN:
         raise CorruptDataError(f"entropy payload has dtype code {code}, max code length {max_len}")
@@ -859,10 +859,10 @@ def parse_header(buf: np.ndarray):
                                f"{SEGMENT_BYTES // spec.itemsize}")
     if n_chunks != (n + chunk_values - 1) // chunk_values:
         raise CorruptDataError(f"entropy payload has {n_chunks} chunks for {n} values")
-    base = _HEAD.size + 8 * n_chunks
+    base = HEADER.size + 8 * n_chunks
     if base > buf.size:
         raise CorruptDataError("entropy payload is truncated inside its chunk table")
-    ends = readonly(buf[_HEAD.size:base].view(np.uint64).astype(np.int64))
+    ends = readonly(buf[HEADER.size:base].view(np.uint64).astype(np.int64))
     body = base + (int(ends[-1]) if n_chunks else 0)
     if n_chunks and (np.any(np.diff(ends) <= 0) or ends[0] <= 0):
         raise CorruptDataError("entropy payload chunk table is not increasing")

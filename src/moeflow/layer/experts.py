@@ -98,7 +98,7 @@ def _experts_loop(x_ND, counts_E, w_in, w_out, activation: str, gated: bool) -> 
     return y_ND.to(x_ND.dtype)
 
 
-def _experts_eager(x_ND, counts_E, w_in, w_out, activation: str, gated: bool,
+def experts_eager(x_ND, counts_E, w_in, w_out, activation: str, gated: bool,
                    kernel: str) -> torch.Tensor:
     """The fused grouped kernel where it covers the activation, else the per-expert loop."""
     kernel_act = _kernel_activation(gated, activation)
@@ -115,7 +115,7 @@ def experts_ffn_op(x_ND: torch.Tensor, counts_E: torch.Tensor, w_in: torch.Tenso
                    w_out: torch.Tensor, activation: str, gated: bool,
                    kernel: str) -> torch.Tensor:
     """:class:`Experts` forward as a custom op (graph-opaque for torch.compile)."""
-    return _experts_eager(x_ND, counts_E, w_in, w_out, activation, gated, kernel)
+    return experts_eager(x_ND, counts_E, w_in, w_out, activation, gated, kernel)
 
 
 @experts_ffn_op.register_fake
@@ -220,7 +220,7 @@ class Experts(nn.Module):
         if torch.compiler.is_compiling():
             return experts_ffn_op(x_ND, counts_E, self.w_in, self.w_out, self.activation,
                                   self.gated, kernel or self.kernel)
-        return _experts_eager(x_ND, counts_E, self.w_in, self.w_out, self.activation,
+        return experts_eager(x_ND, counts_E, self.w_in, self.w_out, self.activation,
                               self.gated, kernel or self.kernel)
 
     def _forward_traceable(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

@@ -35,13 +35,13 @@ _OBJECTS = "moeflow_objects.pt"
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     from moeflow.runtime.expert_parallel import ExpertParallel
-    from moeflow.runtime.parallelize import _named_tensors, expert_state
+    from moeflow.runtime.parallelize import named_tensors, expert_state
 
     expert_ids = {id(p) for m in model.modules() if isinstance(m, ExpertParallel)
                   for p in m.expert_parameters()}
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for name, t in _named_tensors(model):
+    for name, t in named_tensors(model):
         if id(t) in seen or id(t) in expert_ids:
             continue
         seen.add(id(t))

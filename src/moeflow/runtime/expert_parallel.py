@@ -40,7 +40,7 @@ from moeflow.comm.groups import subgroup
 from moeflow.comm.timeouts import resolve_timeout
 from moeflow.comm.topology import Topology
 from moeflow.errors import DistributedConfigError
-from moeflow.layer.experts import _experts_eager
+from moeflow.layer.experts import experts_eager
 from moeflow.layer.moe import MoELayer
 from moeflow.layer.routers import Routing, capacity as capacity_of
 from moeflow.runtime.pipeline import run_wavefront
@@ -234,7 +234,7 @@ def local_expert_ffn(activation: str, gated: bool):
     the fused kernel where it covers the pair, else the per-expert loop; the signature of
     :func:`moeflow.kernels.expert_ffn` (its activation argument is ignored: bound here)."""
     def run(x_ND, counts_E, w_in, w_out, _activation, kernel):
-        return _experts_eager(x_ND, counts_E, w_in, w_out, activation, gated, kernel)
+        return experts_eager(x_ND, counts_E, w_in, w_out, activation, gated, kernel)
     return run
 
 

@@ -163,7 +163,7 @@ def _dense_keys(model: nn.Module, adapters: dict) -> list[str]:
     """transformers' keys of every persistent tensor outside the expert weights (tied
     parameters once, under their first name); ``adapters``: MoE layer path -> its adapter."""
     keys, seen = [], set()
-    for name, t in _named_tensors(model):
+    for name, t in named_tensors(model):
         if id(t) in seen:
             continue
         seen.add(id(t))
@@ -178,7 +178,7 @@ def _dense_keys(model: nn.Module, adapters: dict) -> list[str]:
     return keys
 
 
-def _named_tensors(model: nn.Module):
+def named_tensors(model: nn.Module):
     """Parameters and persistent buffers with their module paths (duplicates included)."""
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         pre = f"{mod_name}." if mod_name else ""
@@ -255,7 +255,7 @@ def parallelize(model: nn.Module, mesh, *, dispatcher: str = "a2a", r_fwd: int =
             raise DistributedConfigError(
                 f"{path}: ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by the "
                 f"mesh's esp={S}")
-    on_meta = any(t.is_meta for _, t in _named_tensors(model))
+    on_meta = any(t.is_meta for _, t in named_tensors(model))
     if on_meta and checkpoint is None:
         raise ConfigError("checkpoint", None, "a checkpoint path: the model is on the meta "
                                               "device and its weights must come from somewhere")
@@ -344,7 +344,7 @@ def load_checkpoint(model: nn.Module, ckpt) -> int:
         (e0, e1), (f0, f1) = ep.expert_range, ep.ffn_slice
         ckpt.read_experts_into(prefix, e0, e1, f0, f1, ep.gated, ep.w_in, ep.w_out)
     done = set()
-    for name, t in _named_tensors(model):
+    for name, t in named_tensors(model):
         if id(t) in done:
             continue
         owner = next((p for p in paths if name.startswith(p + ".")), None)
@@ -452,7 +452,7 @@ def gather_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     gathered from every rank (collective: every rank of each expert group calls it)."""
     sd: dict[str, torch.Tensor] = {}
     eps = {p: m for p, m in model.named_modules() if isinstance(m, ExpertParallel)}
-    for name, t in _named_tensors(model):
+    for name, t in named_tensors(model):
         owner = next((p for p in eps if name.startswith(p + ".")), None)
         if owner is None:
             sd[name] = _full(t.detach())
@@ -496,7 +496,7 @@ def export_pretrained(model: nn.Module, out_dir: str, *, rank0_only: bool = True
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(config)
     hf.load_state_dict(sd, strict=False, assign=True)
-    missing = [n for n, t in _named_tensors(hf) if t.is_meta]
+    missing = [n for n, t in named_tensors(hf) if t.is_meta]
     if missing:
         raise InputError(f"export: the gathered state dict lacks {missing[:8]}")
     hf.tie_weights()
