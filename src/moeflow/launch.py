@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -47,8 +48,9 @@ class RankFailed(MoeflowError, RuntimeError):
     def __init__(self, rank: int, kind: str, message: str, remote_traceback: str = ""):
         self.rank, self.kind, self.remote_traceback = rank, kind, remote_traceback
         text = " ".join(message.split())
-        super().__init__(f"rank {rank} failed: {kind}: {text}" if kind else
-                         f"rank {rank} failed: {text}")
+        super().__init__(
+            f"rank {rank} failed: {kind}: {text}" if kind else f"rank {rank} failed: {text}"
+        )
 
 
 def debug_enabled() -> bool:
@@ -76,9 +78,13 @@ def check_nproc(nproc, *, force: bool = False, flag: str = "--nproc") -> int:
     if not is_int(nproc) or nproc < 1:
         raise ConfigError(flag, nproc, "a positive int (the number of local ranks)")
     if nproc > cap and not force:
-        raise ConfigError(flag, nproc, f"at most {cap} ({RANKS_PER_CPU} ranks per CPU x "
-                                       f"{_cpus()} CPUs); pass --force-nproc (force=True) "
-                                       "to run more")
+        raise ConfigError(
+            flag,
+            nproc,
+            f"at most {cap} ({RANKS_PER_CPU} ranks per CPU x "
+            f"{_cpus()} CPUs); pass --force-nproc (force=True) "
+            "to run more",
+        )
     return int(nproc)
 
 
@@ -91,13 +97,15 @@ def _heartbeat(beats, rank: int, every_s: float, parent_pid: int) -> None:
         time.sleep(every_s)
 
 
-def _rank_main(fn, rank, world, port, args, conn, beats, every_s, threads, pg_timeout_s,
-               init_group, parent_pid):
+def _rank_main(
+    fn, rank, world, port, args, conn, beats, every_s, threads, pg_timeout_s, init_group, parent_pid
+):
     # the parent decides when ranks end: default SIGTERM, and Ctrl-C reaches the parent only
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_heartbeat, args=(beats, rank, every_s, parent_pid),
-                     daemon=True).start()
+    threading.Thread(
+        target=_heartbeat, args=(beats, rank, every_s, parent_pid), daemon=True
+    ).start()
     status = 0
     try:
         import torch
@@ -107,17 +115,21 @@ def _rank_main(fn, rank, world, port, args, conn, beats, every_s, threads, pg_ti
         if init_group:
             import torch.distributed as dist
 
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                    world_size=world,
-                                    timeout=datetime.timedelta(seconds=pg_timeout_s))
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=pg_timeout_s),
+            )
         out = fn(rank, world, *args)
-        conn.send(("ok", out))
+        _send(conn, ("ok", out))
         if init_group:  # after the send: a group with a failed peer may block on teardown
             _close_group()
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent
         status = 1
         try:
-            conn.send(("err", type(e).__name__, str(e), traceback.format_exc()))
+            _send(conn, ("err", type(e).__name__, str(e), traceback.format_exc()))
         except Exception:  # the parent is gone or the pipe broke: the exit code tells
             pass
     finally:
@@ -127,6 +139,14 @@ def _rank_main(fn, rank, world, port, args, conn, beats, every_s, threads, pg_ti
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(status)  # skip the forked parent's atexit handlers
+
+
+def _send(conn, msg) -> None:
+    """Send ``msg`` by value. ``Connection.send`` pickles with multiprocessing's pickler, for
+    which torch registers tensor reductions that pass shared-memory file descriptors; those
+    are fetched from the sender after it may already have exited (the rank exits right after
+    sending), which lost results now and then. Plain pickle copies the data into the pipe."""
+    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _close_group() -> None:
@@ -171,10 +191,20 @@ def _end(procs, wait_s: float = 0.0) -> None:
         p.join(5)
 
 
-def launch(fn: Callable, nproc: int, *args, force: bool = False, name: str = "moeflow",
-           timeout_s: float | None = None, stall_timeout_s: float = 60.0,
-           pg_timeout_s: float = 120.0, threads: int = 1, init_group: bool = True,
-           expect_exit: Sequence[int] = (), progress: bool = True) -> list:
+def launch(
+    fn: Callable,
+    nproc: int,
+    *args,
+    force: bool = False,
+    name: str = "moeflow",
+    timeout_s: float | None = None,
+    stall_timeout_s: float = 60.0,
+    pg_timeout_s: float = 120.0,
+    threads: int = 1,
+    init_group: bool = True,
+    expect_exit: Sequence[int] = (),
+    progress: bool = True,
+) -> list:
     """Run ``fn(rank, nproc, *args)`` on ``nproc`` forked ranks; return their results in rank
     order.
 
@@ -201,10 +231,15 @@ def launch(fn: Callable, nproc: int, *args, force: bool = False, name: str = "mo
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     port = free_port() if init_group else 0
     beats = ctx.Array("d", nproc, lock=False)
-    say = (lambda msg: print(f"{name}: {msg}", file=sys.stderr, flush=True)) if progress \
+    say = (
+        (lambda msg: print(f"{name}: {msg}", file=sys.stderr, flush=True))
+        if progress
         else (lambda msg: None)
-    say(f"starting {nproc} rank{'s' if nproc > 1 else ''}"
-        + (f" (gloo on 127.0.0.1:{port})" if init_group else ""))
+    )
+    say(
+        f"starting {nproc} rank{'s' if nproc > 1 else ''}"
+        + (f" (gloo on 127.0.0.1:{port})" if init_group else "")
+    )
     procs, conns = [], []
     sys.stdout.flush()  # or the ranks inherit unwritten output and write it again
     sys.stderr.flush()
@@ -215,17 +250,31 @@ def launch(fn: Callable, nproc: int, *args, force: bool = False, name: str = "mo
             parent, child = ctx.Pipe(duplex=False)
             # not daemonic: a rank may start its own workers (data loaders, compilers);
             # the launcher ends every rank itself, and a rank exits when it is orphaned
-            p = ctx.Process(target=_rank_main,
-                            args=(fn, rank, nproc, port, args, child, beats, every_s, threads,
-                                  pg_timeout_s, init_group, os.getpid()))
+            p = ctx.Process(
+                target=_rank_main,
+                args=(
+                    fn,
+                    rank,
+                    nproc,
+                    port,
+                    args,
+                    child,
+                    beats,
+                    every_s,
+                    threads,
+                    pg_timeout_s,
+                    init_group,
+                    os.getpid(),
+                ),
+            )
             p.start()
             child.close()
             procs.append(p)
             conns.append(parent)
-        say(f"{nproc} rank{'s' if nproc > 1 else ''} started in "
-            f"{time.monotonic() - t_start:.1f} s")
-        results = _collect(procs, conns, beats, expected, stall_timeout_s, timeout_s, t_start,
-                           every_s)
+        say(f"{nproc} rank{'s' if nproc > 1 else ''} started in {time.monotonic() - t_start:.1f} s")
+        results = _collect(
+            procs, conns, beats, expected, stall_timeout_s, timeout_s, t_start, every_s
+        )
     except BaseException:
         _end(procs)
         raise
@@ -236,23 +285,24 @@ def launch(fn: Callable, nproc: int, *args, force: bool = False, name: str = "mo
     return results
 
 
-def _collect(procs, conns, beats, expected, stall_timeout_s, timeout_s, t_start,
-             every_s) -> list:
+def _collect(procs, conns, beats, expected, stall_timeout_s, timeout_s, t_start, every_s) -> list:
     n = len(procs)
     results: list = [None] * n
     pending = set(range(n))
     by_conn = {c: r for r, c in enumerate(conns)}
     while pending:
-        ready = _wait_any([conns[r] for r in pending] + [procs[r].sentinel for r in pending],
-                          timeout=min(0.25, stall_timeout_s / 4))
+        ready = _wait_any(
+            [conns[r] for r in pending] + [procs[r].sentinel for r in pending],
+            timeout=min(0.25, stall_timeout_s / 4),
+        )
         now = time.monotonic()
         for obj in ready:
             r = by_conn.get(obj)
             if r is None or r not in pending:
                 continue
             try:
-                msg = obj.recv()
-            except (EOFError, OSError):
+                msg = pickle.loads(obj.recv_bytes())
+            except (EOFError, OSError, pickle.UnpicklingError):
                 msg = None
             pending.discard(r)
             if msg is None:  # the pipe closed without a message: the rank died
@@ -265,8 +315,16 @@ def _collect(procs, conns, beats, expected, stall_timeout_s, timeout_s, t_start,
             else:
                 _, kind, text, tb = msg
                 if kind == "CommTimeoutError":  # a peer's timeout: blame a stalled rank first
-                    _raise_if_stalled(procs, beats, pending, expected, stall_timeout_s, now,
-                                      exclude=r, limit_s=4 * every_s)
+                    _raise_if_stalled(
+                        procs,
+                        beats,
+                        pending,
+                        expected,
+                        stall_timeout_s,
+                        now,
+                        exclude=r,
+                        limit_s=4 * every_s,
+                    )
                 if debug_enabled():
                     print(f"---- traceback of rank {r} ----\n{tb}", file=sys.stderr, end="")
                 raise RankFailed(r, kind, text, tb)
@@ -278,8 +336,7 @@ def _collect(procs, conns, beats, expected, stall_timeout_s, timeout_s, t_start,
                     raise _died(r, p.exitcode)
         _raise_if_stalled(procs, beats, pending, expected, stall_timeout_s, now)
         if timeout_s is not None and now - t_start > timeout_s and pending:
-            raise CommTimeoutError(f"ranks {sorted(pending)} did not finish within "
-                                   f"{timeout_s:g} s")
+            raise CommTimeoutError(f"ranks {sorted(pending)} did not finish within {timeout_s:g} s")
     return results
 
 
@@ -298,8 +355,9 @@ def _stopped(pid: int) -> bool:
     return state in (b"T", b"t")
 
 
-def _raise_if_stalled(procs, beats, pending, expected, stall_timeout_s, now, exclude=None,
-                      limit_s=None):
+def _raise_if_stalled(
+    procs, beats, pending, expected, stall_timeout_s, now, exclude=None, limit_s=None
+):
     # limit_s: a peer already timed out, so a few missed heartbeats are suspect enough
     limit = stall_timeout_s if limit_s is None else limit_s
     for r in sorted(pending):
@@ -307,9 +365,12 @@ def _raise_if_stalled(procs, beats, pending, expected, stall_timeout_s, now, exc
             continue
         age = now - beats[r]
         if limit_s is not None and _stopped(procs[r].pid):
-            raise CommTimeoutError(f"rank {r} is stopped (SIGSTOP) and its peers timed out; "
-                                   "the other ranks were ended")
+            raise CommTimeoutError(
+                f"rank {r} is stopped (SIGSTOP) and its peers timed out; the other ranks were ended"
+            )
         if age > limit:
-            raise CommTimeoutError(f"rank {r} made no progress for {age:.1f} s (limit "
-                                   f"{stall_timeout_s:g} s): stopped or hung; the other "
-                                   f"ranks were ended")
+            raise CommTimeoutError(
+                f"rank {r} made no progress for {age:.1f} s (limit "
+                f"{stall_timeout_s:g} s): stopped or hung; the other "
+                f"ranks were ended"
+            )
