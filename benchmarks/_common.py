@@ -32,15 +32,18 @@ def gpu_timer(smoke: bool, rep_ms: int = 40):
     in a model. In ``smoke`` mode (CPU, Triton interpreter) one call's wall time: the figure
     means nothing there, the run only exercises the code paths."""
     if smoke:
+
         def ms(fn) -> float:
             t = time.perf_counter()
             fn()
             return 1e3 * (time.perf_counter() - t)
+
         return ms
     import triton.testing
 
     def ms(fn) -> float:
         return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
+
     return ms
 
 
@@ -50,6 +53,7 @@ def run_info(smoke: bool) -> dict:
 
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
@@ -57,7 +61,8 @@ def run_info(smoke: bool) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if gpu else f"cpu (smoke): {cpu_name()}",
-        "torch": torch.__version__, "triton": triton_version,
+        "torch": torch.__version__,
+        "triton": triton_version,
         "python": platform.python_version(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
         "command": " ".join(["python"] + sys.argv),

@@ -54,8 +54,9 @@ def minilm_bf16() -> tuple[np.ndarray, str]:
     if not files:
         raise SystemExit(f"no .safetensors file under {root}")
     sd = load_file(files[0])
-    flat = torch.cat([v.reshape(-1).to(torch.bfloat16) for v in sd.values()
-                      if v.is_floating_point()])
+    flat = torch.cat(
+        [v.reshape(-1).to(torch.bfloat16) for v in sd.values() if v.is_floating_point()]
+    )
     return flat.view(torch.int16).numpy().view(np.uint16).copy(), files[0]
 
 
@@ -70,15 +71,15 @@ class Moeflow:
         self.bits, self.codec, self.threads = bits, codec, threads
 
     def encode(self):
-        return CompressedTensor.from_bits(self.bits, "bfloat16", (self.bits.size,), self.codec,
-                                          self.threads).to_bytes()
+        return CompressedTensor.from_bits(
+            self.bits, "bfloat16", (self.bits.size,), self.codec, self.threads
+        ).to_bytes()
 
     def decode(self, blob):
         return decompress(blob, self.threads)  # the public API: a tensor, checksum verified
 
     def same(self, out):
-        return np.array_equal(out.view(torch.int16).numpy().view(np.uint16).reshape(-1),
-                              self.bits)
+        return np.array_equal(out.view(torch.int16).numpy().view(np.uint16).reshape(-1), self.bits)
 
 
 class ZipNNCodec:
@@ -162,8 +163,14 @@ def _worker(conn, dname: str, mb: int, name: str, threads: int) -> None:
 
 
 def _summary(best: dict, nbytes: int) -> dict:
-    return {k: {"ratio": nbytes / v[2], "enc_GBps": nbytes / v[0] / 1e9,
-                "dec_GBps": nbytes / v[1] / 1e9} for k, v in best.items()}
+    return {
+        k: {
+            "ratio": nbytes / v[2],
+            "enc_GBps": nbytes / v[0] / 1e9,
+            "dec_GBps": nbytes / v[1] / 1e9,
+        }
+        for k, v in best.items()
+    }
 
 
 def bench_isolated(dname: str, mb: int, nbytes: int, threads: int, reps: int) -> dict:
@@ -220,18 +227,24 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic-mb", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    )
     ap.add_argument("--tag", default=datetime.date.today().isoformat())
-    ap.add_argument("--in-process", action="store_true",
-                    help="run every codec in this process (they share one heap) instead of "
-                         "one process per codec")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every codec in this process (they share one heap) instead of "
+        "one process per codec",
+    )
     args = ap.parse_args(argv)
 
     load_before = os.getloadavg()
     mini, path = minilm_bf16()
-    datasets = [("MiniLM-L6 bf16", mini), (f"Gaussian bf16 {args.synthetic_mb} MB",
-                                          gaussian_bf16(args.synthetic_mb))]
+    datasets = [
+        ("MiniLM-L6 bf16", mini),
+        (f"Gaussian bf16 {args.synthetic_mb} MB", gaussian_bf16(args.synthetic_mb)),
+    ]
     if args.in_process:  # compile the numba kernels outside the timed region
         for codec in ("entropy", "tbe"):
             m = Moeflow(mini[:5000], codec, 1)
@@ -241,58 +254,93 @@ def main(argv=None) -> int:
         s = tensor_stats(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16))
         for th in args.threads:
             if args.in_process:
-                res = bench_round_robin({k: make_codec(k, bits, th) for k in CODECS},
-                                        bits.nbytes, args.reps)
+                res = bench_round_robin(
+                    {k: make_codec(k, bits, th) for k in CODECS}, bits.nbytes, args.reps
+                )
             else:
                 res = bench_isolated(dname, args.synthetic_mb, bits.nbytes, th, args.reps)
             for name, r in res.items():
-                row = {"data": dname, "codec": name, "threads": th, **r, "bytes": bits.nbytes,
-                       "exp_entropy": s.exp_entropy, "bound": s.ideal_ratio,
-                       "window_coverage": s.window_coverage}
+                row = {
+                    "data": dname,
+                    "codec": name,
+                    "threads": th,
+                    **r,
+                    "bytes": bits.nbytes,
+                    "exp_entropy": s.exp_entropy,
+                    "bound": s.ideal_ratio,
+                    "window_coverage": s.window_coverage,
+                }
                 rows.append(row)
-                print(f"{dname:<24} {name:<16} t={th} ratio {row['ratio']:.4f} "
-                      f"enc {row['enc_GBps']:.3f} GB/s dec {row['dec_GBps']:.3f} GB/s", flush=True)
+                print(
+                    f"{dname:<24} {name:<16} t={th} ratio {row['ratio']:.4f} "
+                    f"enc {row['enc_GBps']:.3f} GB/s dec {row['dec_GBps']:.3f} GB/s",
+                    flush=True,
+                )
 
     load_after = os.getloadavg()
     env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
-    cmd = ((env + " ") if env else "") + "PYTHONPATH=src python " + " ".join(
-        ["benchmarks/compress_cpu.py"] + sys.argv[1:])
-    lines = [f"# Lossless bf16 compression on CPU ({args.tag})", "",
-             "- Machine: 2 cores, AMD EPYC, no GPU (shared with other jobs; throughput is noisy)",
-             f"- Load average (1/5/15 min) at start {load_before[0]:.1f}/{load_before[1]:.1f}/"
-             f"{load_before[2]:.1f}, at end {load_after[0]:.1f}/{load_after[1]:.1f}/"
-             f"{load_after[2]:.1f} (2 cores: above 2 means other jobs competed for the CPU)",
-             f"- Python {platform.python_version()}, torch {torch.__version__}, "
-             f"numpy {np.__version__}",
-             "- glibc malloc settings: " + (", ".join(f"`{k}={v}`" for k, v in sorted(
-                 os.environ.items()) if k.startswith("MALLOC_")) or "defaults (fresh pages for "
-                 "buffers above the mmap threshold)"),
-             f"- Command: `{cmd}`", f"- MiniLM weights: `{os.path.relpath(path)}`",
-             f"- Best of {args.reps} runs per cell, repetitions interleaved across codecs so all "
-             "see the same background load; every round trip verified bit-exact.",
-             "- Processes: " + ("all codecs in one process (one shared heap)" if args.in_process
-                                else "one process per codec, started before timing, with one "
-                                "untimed warm-up round trip each"),
-             "- Peer anchors (ZipNN 0.5.4 and zstd level 3, measured side by side on 2026-11-28 "
-             "on a quiet 2-core AMD EPYC): ZipNN ratio 1.504 on MiniLM; encode 0.53 / 0.75 GB/s "
-             "and decode 1.40 / 2.44 GB/s (1 / 2 threads); zstd-3 ratio 1.28.", ""]
+    cmd = (
+        ((env + " ") if env else "")
+        + "PYTHONPATH=src python "
+        + " ".join(["benchmarks/compress_cpu.py"] + sys.argv[1:])
+    )
+    lines = [
+        f"# Lossless bf16 compression on CPU ({args.tag})",
+        "",
+        "- Machine: 2 cores, AMD EPYC, no GPU (shared with other jobs; throughput is noisy)",
+        f"- Load average (1/5/15 min) at start {load_before[0]:.1f}/{load_before[1]:.1f}/"
+        f"{load_before[2]:.1f}, at end {load_after[0]:.1f}/{load_after[1]:.1f}/"
+        f"{load_after[2]:.1f} (2 cores: above 2 means other jobs competed for the CPU)",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
+        "- glibc malloc settings: "
+        + (
+            ", ".join(
+                f"`{k}={v}`" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")
+            )
+            or "defaults (fresh pages for buffers above the mmap threshold)"
+        ),
+        f"- Command: `{cmd}`",
+        f"- MiniLM weights: `{os.path.relpath(path)}`",
+        f"- Best of {args.reps} runs per cell, repetitions interleaved across codecs so all "
+        "see the same background load; every round trip verified bit-exact.",
+        "- Processes: "
+        + (
+            "all codecs in one process (one shared heap)"
+            if args.in_process
+            else "one process per codec, started before timing, with one "
+            "untimed warm-up round trip each"
+        ),
+        "- Peer anchors (ZipNN 0.5.4 and zstd level 3, measured side by side on 2026-11-28 "
+        "on a quiet 2-core AMD EPYC): ZipNN ratio 1.504 on MiniLM; encode 0.53 / 0.75 GB/s "
+        "and decode 1.40 / 2.44 GB/s (1 / 2 threads); zstd-3 ratio 1.28.",
+        "",
+    ]
     for dname, _ in datasets:
         r0 = next(r for r in rows if r["data"] == dname)
-        lines += [f"## {dname}", "",
-                  f"Exponent entropy {r0['exp_entropy']:.3f} bits; bound 16/(8+H) = "
-                  f"{r0['bound']:.4f}; best 7-exponent window covers "
-                  f"{100 * r0['window_coverage']:.1f}%.", "",
-                  "| codec | threads | ratio | encode GB/s | decode GB/s |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## {dname}",
+            "",
+            f"Exponent entropy {r0['exp_entropy']:.3f} bits; bound 16/(8+H) = "
+            f"{r0['bound']:.4f}; best 7-exponent window covers "
+            f"{100 * r0['window_coverage']:.1f}%.",
+            "",
+            "| codec | threads | ratio | encode GB/s | decode GB/s |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for r in rows:
             if r["data"] == dname:
-                lines.append(f"| {r['codec']} | {r['threads']} | {r['ratio']:.4f} | "
-                             f"{r['enc_GBps']:.3f} | {r['dec_GBps']:.3f} |")
+                lines.append(
+                    f"| {r['codec']} | {r['threads']} | {r['ratio']:.4f} | "
+                    f"{r['enc_GBps']:.3f} | {r['dec_GBps']:.3f} |"
+                )
         lines.append("")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"compress_cpu_{args.tag}.json"), "w") as f:
-        json.dump({"command": cmd, "load_before": load_before, "load_after": load_after,
-                   "rows": rows}, f, indent=1)
+        json.dump(
+            {"command": cmd, "load_before": load_before, "load_after": load_after, "rows": rows},
+            f,
+            indent=1,
+        )
     with open(os.path.join(args.out, f"compress_cpu_{args.tag}.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))

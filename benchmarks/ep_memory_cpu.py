@@ -55,10 +55,19 @@ def _config(args):
     import transformers
 
     return transformers.Qwen3MoeConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2,
-        moe_intermediate_size=args.ffn, num_experts=args.experts, num_experts_per_tok=2,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=args.hidden // 4, max_position_embeddings=256, tie_word_embeddings=False)
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 2,
+        moe_intermediate_size=args.ffn,
+        num_experts=args.experts,
+        num_experts_per_tok=2,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=args.hidden // 4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
 
 
 def make_checkpoint(args, out_dir: str) -> None:
@@ -90,8 +99,11 @@ def single_process_load(args, path: str) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
     peak = _status_kb("VmHWM")
     n = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"baseline_mb": base / 1024, "load_peak_increase_mb": (peak - base) / 1024,
-            "param_mb": n / MB}
+    return {
+        "baseline_mb": base / 1024,
+        "load_peak_increase_mb": (peak - base) / 1024,
+        "param_mb": n / MB,
+    }
 
 
 def _rank(rank: int, world: int, args, path: str) -> dict:
@@ -125,12 +137,16 @@ def _rank(rank: int, world: int, args, path: str) -> dict:
         sync_gradients(model)
         opt.step()
     train_peak = _status_kb("VmHWM")
-    return {"rank": rank, "baseline_mb": base / 1024,
-            "load_peak_increase_mb": (load_peak - base) / 1024,
-            "train_peak_increase_mb": (train_peak - base) / 1024,
-            "expert_param_mb": expert / MB, "dense_param_mb": (total - expert) / MB,
-            "checkpoint_read_mb": model.moeflow_layout.checkpoint_bytes_read / MB,
-            "peak_reset_supported": resettable}
+    return {
+        "rank": rank,
+        "baseline_mb": base / 1024,
+        "load_peak_increase_mb": (load_peak - base) / 1024,
+        "train_peak_increase_mb": (train_peak - base) / 1024,
+        "expert_param_mb": expert / MB,
+        "dense_param_mb": (total - expert) / MB,
+        "checkpoint_read_mb": model.moeflow_layout.checkpoint_bytes_read / MB,
+        "peak_reset_supported": resettable,
+    }
 
 
 def main(argv=None) -> int:
@@ -142,8 +158,12 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--dense", default="replicate", choices=["replicate", "fsdp"],
-                    help="parallelize(dense=...): the record used replicate")
+    ap.add_argument(
+        "--dense",
+        default="replicate",
+        choices=["replicate", "fsdp"],
+        help="parallelize(dense=...): the record used replicate",
+    )
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--host", default=f"{os.cpu_count()}cpu-x86", help="machine label")
@@ -162,53 +182,91 @@ def main(argv=None) -> int:
     from moeflow.launch import launch
 
     _import_code()  # in the parent: every forked rank starts with it
-    passthrough = [f"--{k}={getattr(args, k)}" for k in ("experts", "hidden", "ffn", "layers",
-                                                        "vocab")]
+    passthrough = [
+        f"--{k}={getattr(args, k)}" for k in ("experts", "hidden", "ffn", "layers", "vocab")
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ckpt")
         # separate processes: neither the writer's nor the reference's memory is forked
         subprocess.run([sys.executable, __file__, *passthrough, f"--_make={path}"], check=True)
-        single = json.loads(subprocess.run(
-            [sys.executable, __file__, *passthrough, f"--_single={path}"], check=True,
-            capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        single = json.loads(
+            subprocess.run(
+                [sys.executable, __file__, *passthrough, f"--_single={path}"],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         ranks = launch(_rank, args.nproc, args, path, timeout_s=600, progress=False)
     cfg = _config(args)
-    expert_total = cfg.num_hidden_layers * cfg.num_experts * 3 * cfg.hidden_size * \
-        cfg.moe_intermediate_size * 4 / MB
+    expert_total = (
+        cfg.num_hidden_layers
+        * cfg.num_experts
+        * 3
+        * cfg.hidden_size
+        * cfg.moe_intermediate_size
+        * 4
+        / MB
+    )
     date = datetime.date.today().isoformat()
-    record = {"benchmark": "ep_memory_cpu", "date": date, "host": args.host,
-              "torch": torch.__version__, "python": sys.version.split()[0],
-              "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-              "expert_total_mb": expert_total, "single_process": single, "ranks": ranks}
+    record = {
+        "benchmark": "ep_memory_cpu",
+        "date": date,
+        "host": args.host,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "expert_total_mb": expert_total,
+        "single_process": single,
+        "ranks": ranks,
+    }
     stem = args.out or os.path.join(HERE, "results", f"ep_memory_cpu_{args.host}_{date}")
     with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1)
-    rows = ["| rank | baseline RSS MB | load peak +MB | train peak +MB | expert params MB | "
-            "dense params MB | checkpoint read MB |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| rank | baseline RSS MB | load peak +MB | train peak +MB | expert params MB | "
+        "dense params MB | checkpoint read MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in ranks:
-        rows.append(f"| {r['rank']} | {r['baseline_mb']:.0f} | {r['load_peak_increase_mb']:.1f} "
-                    f"| {r['train_peak_increase_mb']:.1f} | {r['expert_param_mb']:.1f} | "
-                    f"{r['dense_param_mb']:.1f} | {r['checkpoint_read_mb']:.1f} |")
-    text = "\n".join([
-        f"# Expert-parallel memory per rank, sharded from the start (CPU, gloo), {date}", "",
-        f"Machine: {args.host}, torch {torch.__version__}, Python {sys.version.split()[0]}. "
-        "Figures depend on the machine only through allocator behaviour; parameter and read "
-        "bytes do not.", "",
-        f"Model: Qwen3-MoE shape, {args.layers} layers, {args.experts} experts, D={args.hidden}, "
-        f"expert FFN {args.ffn}, vocab {args.vocab}, fp32: {expert_total:.1f} MB of expert "
-        f"weights; {args.nproc} ranks, mesh ep={args.nproc}; {args.steps} AdamW steps of "
-        f"{args.batch}x{args.seq} tokens per rank.", "",
-        f"Command: `python benchmarks/ep_memory_cpu.py --experts {args.experts} --nproc "
-        f"{args.nproc} --hidden {args.hidden} --ffn {args.ffn} --layers {args.layers}`", "",
-        *rows, "",
-        f"Single process, `from_pretrained` of the whole model: load peak "
-        f"+{single['load_peak_increase_mb']:.1f} MB over its baseline "
-        f"({single['param_mb']:.1f} MB of parameters).", "",
-        "Peaks are VmHWM reset with /proc/self/clear_refs at the start of each phase, minus "
-        "the rank's resident set at that start. The baseline holds Python, torch, "
-        "transformers and the model's modeling module, imported in the parent before the "
-        "ranks are forked (and before the single process's baseline): that import alone is "
-        "~200 MB on this machine whatever the model size.", ""])
+        rows.append(
+            f"| {r['rank']} | {r['baseline_mb']:.0f} | {r['load_peak_increase_mb']:.1f} "
+            f"| {r['train_peak_increase_mb']:.1f} | {r['expert_param_mb']:.1f} | "
+            f"{r['dense_param_mb']:.1f} | {r['checkpoint_read_mb']:.1f} |"
+        )
+    text = "\n".join(
+        [
+            f"# Expert-parallel memory per rank, sharded from the start (CPU, gloo), {date}",
+            "",
+            f"Machine: {args.host}, torch {torch.__version__}, Python {sys.version.split()[0]}. "
+            "Figures depend on the machine only through allocator behaviour; parameter and read "
+            "bytes do not.",
+            "",
+            f"Model: Qwen3-MoE shape, {args.layers} layers, {args.experts} experts, "
+            f"D={args.hidden}, "
+            f"expert FFN {args.ffn}, vocab {args.vocab}, fp32: {expert_total:.1f} MB of expert "
+            f"weights; {args.nproc} ranks, mesh ep={args.nproc}; {args.steps} AdamW steps of "
+            f"{args.batch}x{args.seq} tokens per rank.",
+            "",
+            f"Command: `python benchmarks/ep_memory_cpu.py --experts {args.experts} --nproc "
+            f"{args.nproc} --hidden {args.hidden} --ffn {args.ffn} --layers {args.layers}`",
+            "",
+            *rows,
+            "",
+            f"Single process, `from_pretrained` of the whole model: load peak "
+            f"+{single['load_peak_increase_mb']:.1f} MB over its baseline "
+            f"({single['param_mb']:.1f} MB of parameters).",
+            "",
+            "Peaks are VmHWM reset with /proc/self/clear_refs at the start of each phase, minus "
+            "the rank's resident set at that start. The baseline holds Python, torch, "
+            "transformers and the model's modeling module, imported in the parent before the "
+            "ranks are forked (and before the single process's baseline): that import alone is "
+            "~200 MB on this machine whatever the model size.",
+            "",
+        ]
+    )
     with open(stem + ".md", "w") as f:
         f.write(text)
     print(text)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import json
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -37,14 +37,21 @@ from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path)
 
 def _layer(args):
     from moeflow import MoEConfig, MoELayer
-    cfg = MoEConfig(hidden_size=args.dim, ffn_hidden_size=args.ffn, num_experts=args.experts,
-                    top_k=args.top_k, router="softmax_topk")
+
+    cfg = MoEConfig(
+        hidden_size=args.dim,
+        ffn_hidden_size=args.ffn,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        router="softmax_topk",
+    )
     torch.manual_seed(0)
     return MoELayer(cfg)
 
 
 def _fake_a2a(x_RD, in_splits, out_splits, group, op, timeout_s):
     from moeflow.comm.timeouts import Pending
+
     return Pending.ready(x_RD.new_empty((sum(int(s) for s in out_splits),) + tuple(x_RD.shape[1:])))
 
 
@@ -78,7 +85,9 @@ class EmulatedLink:
                 if left > 0:
                     time.sleep(left)
                 return out
+
             return Pending(None, op, timeout_s, finish)
+
         return a2a
 
 
@@ -104,8 +113,12 @@ def _rank(rank, world, args):
     from moeflow.comm import Topology
     from moeflow.runtime import ExpertParallel
 
-    ep = ExpertParallel(_layer(args), topology=Topology.explicit(world, args.ranks_per_node),
-                        dispatcher=args.dispatcher, timeout_s=120)
+    ep = ExpertParallel(
+        _layer(args),
+        topology=Topology.explicit(world, args.ranks_per_node),
+        dispatcher=args.dispatcher,
+        timeout_s=120,
+    )
     torch.manual_seed(100 + rank)
     x = torch.randn(args.tokens, args.dim)
     xg = x.clone().requires_grad_(True)
@@ -113,9 +126,12 @@ def _rank(rank, world, args):
     ex_cache = {}
 
     def replay_exchange(counts_E, **kw):  # the counts a real call exchanged, no comm
-        return ex_cache["ex"].__class__(**{k: getattr(ex_cache["ex"], k) for k in
-                                          ("counts_E", "send_PE", "recv_SPE", "full_PPE",
-                                           "slots", "num_rows")})
+        return ex_cache["ex"].__class__(
+            **{
+                k: getattr(ex_cache["ex"], k)
+                for k in ("counts_E", "send_PE", "recv_SPE", "full_PPE", "slots", "num_rows")
+            }
+        )
 
     def record_exchange(counts_E, **kw):
         ex_cache["ex"] = real_exchange(counts_E, **kw)
@@ -134,14 +150,15 @@ def _rank(rank, world, args):
 
     def step(mode, r, backward):
         from moeflow.kernels import expert_ffn
+
         real_a2a = dispatch_mod.all_to_all_v
         if link is not None and mode in ("full", "comm"):
             link.busy_until = 0.0
             dispatch_mod.all_to_all_v = link.wrap(real_a2a)
-        if mode in ("experts", "local"):   # no collectives: replayed counts, empty buffers
+        if mode in ("experts", "local"):  # no collectives: replayed counts, empty buffers
             dispatch_mod.all_to_all_v = _fake_a2a
             ep.dispatcher.exchange = replay_exchange
-        if mode in ("comm", "local"):      # no expert GEMMs
+        if mode in ("comm", "local"):  # no expert GEMMs
             ep._expert_fn = lambda x_e, counts, wi, wo, act, k: x_e * 1.0
         try:
             if backward:
@@ -168,41 +185,58 @@ def _rank(rank, world, args):
             walls = [w for w, _ in v]
             cpus = [c for _, c in v]
             rows_out.setdefault((r, m), {})["fwd+bwd" if backward else "fwd"] = {
-                "median_ms": statistics.median(walls), "min_ms": min(walls),
-                "cpu_ms_all_ranks": statistics.median(cpus)}
+                "median_ms": statistics.median(walls),
+                "min_ms": min(walls),
+                "cpu_ms_all_ranks": statistics.median(cpus),
+            }
     if rank == 0:
-        return {"rows_per_rank": rows, "cores": os.cpu_count(),
-                "times": {f"{r}|{m}": v for (r, m), v in rows_out.items()}}
+        return {
+            "rows_per_rank": rows,
+            "cores": os.cpu_count(),
+            "times": {f"{r}|{m}": v for (r, m), v in rows_out.items()},
+        }
     return None
 
 
 def measure(args) -> dict:
     from moeflow.launch import launch
 
-    return launch(_rank, args.world, args, name="ep_overlap_cpu", threads=args.threads,
-                  stall_timeout_s=300, pg_timeout_s=300)[0]
+    return launch(
+        _rank,
+        args.world,
+        args,
+        name="ep_overlap_cpu",
+        threads=args.threads,
+        stall_timeout_s=300,
+        pg_timeout_s=300,
+    )[0]
 
 
 def table(res: dict, degrees, stat: str = "median_ms") -> tuple[str, dict]:
     t = res["times"]
-    lines = ["| r | kind | full | experts-only | comm-only | local | X = exp-local | "
-             "C = comm-local | no-overlap = local+X+C | hideable = min(X,C) | hidden | "
-             "hidden % | speedup vs r=1 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| r | kind | full | experts-only | comm-only | local | X = exp-local | "
+        "C = comm-local | no-overlap = local+X+C | hideable = min(X,C) | hidden | "
+        "hidden % | speedup vs r=1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     best = {}
     for kind in ("fwd", "fwd+bwd"):
         base = t["1|full"][kind][stat]
         for r in degrees:
-            full, exp, comm, loc = (t[f"{r}|{m}"][kind][stat]
-                                    for m in ("full", "experts", "comm", "local"))
+            full, exp, comm, loc = (
+                t[f"{r}|{m}"][kind][stat] for m in ("full", "experts", "comm", "local")
+            )
             X, C = exp - loc, comm - loc
             seq = loc + X + C
             hideable = min(X, C)
             hidden = seq - full
             frac = hidden / hideable if hideable > 0 else float("nan")
-            lines.append(f"| {r} | {kind} | {full:.1f} | {exp:.1f} | {comm:.1f} | {loc:.1f} | "
-                         f"{X:.1f} | {C:.1f} | {seq:.1f} | {hideable:.1f} | {hidden:.1f} | "
-                         f"{100 * frac:.0f}% | {base / full:.2f}x |")
+            lines.append(
+                f"| {r} | {kind} | {full:.1f} | {exp:.1f} | {comm:.1f} | {loc:.1f} | "
+                f"{X:.1f} | {C:.1f} | {seq:.1f} | {hideable:.1f} | {hidden:.1f} | "
+                f"{100 * frac:.0f}% | {base / full:.2f}x |"
+            )
             if kind not in best or full < best[kind][1]:
                 best[kind] = (r, full, frac)
     return "\n".join(lines), best
@@ -212,16 +246,22 @@ def cpu_table(res: dict, degrees) -> str:
     """CPU time (user+sys, all threads, summed over ranks) per mode: what the cores did."""
     t = res["times"]
     cores = res.get("cores", 2)
-    lines = ["| r | kind | CPU full | CPU experts-only | CPU comm-only | CPU local | "
-             "CPU of comm (comm-local) | full wall (median) | cores busy in full |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| r | kind | CPU full | CPU experts-only | CPU comm-only | CPU local | "
+        "CPU of comm (comm-local) | full wall (median) | cores busy in full |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for kind in ("fwd", "fwd+bwd"):
         for r in degrees:
-            cf, ce, cc, cl = (t[f"{r}|{m}"][kind]["cpu_ms_all_ranks"]
-                              for m in ("full", "experts", "comm", "local"))
+            cf, ce, cc, cl = (
+                t[f"{r}|{m}"][kind]["cpu_ms_all_ranks"]
+                for m in ("full", "experts", "comm", "local")
+            )
             wall = t[f"{r}|full"][kind]["median_ms"]
-            lines.append(f"| {r} | {kind} | {cf:.1f} | {ce:.1f} | {cc:.1f} | {cl:.1f} | "
-                         f"{cc - cl:.1f} | {wall:.1f} | {cf / wall:.2f} of {cores} |")
+            lines.append(
+                f"| {r} | {kind} | {cf:.1f} | {ce:.1f} | {cc:.1f} | {cl:.1f} | "
+                f"{cc - cl:.1f} | {wall:.1f} | {cf / wall:.2f} of {cores} |"
+            )
     return "\n".join(lines)
 
 
@@ -229,11 +269,11 @@ def render(res: dict, degrees) -> str:
     """The three tables of a record (median, minimum, CPU time) as markdown."""
     tab, _ = table(res, degrees, "median_ms")
     tab_min, _ = table(res, degrees, "min_ms")
-    return (f"Median over iterations (ms)\n\n{tab}\n\nMinimum over iterations (ms)\n\n"
-            f"{tab_min}\n\nCPU time, user+sys, all threads, summed over ranks (ms)\n\n"
-            f"{cpu_table(res, degrees)}\n")
-
-
+    return (
+        f"Median over iterations (ms)\n\n{tab}\n\nMinimum over iterations (ms)\n\n"
+        f"{tab_min}\n\nCPU time, user+sys, all threads, summed over ranks (ms)\n\n"
+        f"{cpu_table(res, degrees)}\n"
+    )
 
 
 def main(argv=None) -> int:
@@ -250,9 +290,13 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--link-mbps", type=float, default=0.0,
-                   help="emulate each rank's port as a separate link of this many MB/s "
-                        "(0: loopback gloo only)")
+    p.add_argument(
+        "--link-mbps",
+        type=float,
+        default=0.0,
+        help="emulate each rank's port as a separate link of this many MB/s "
+        "(0: loopback gloo only)",
+    )
     p.add_argument("--link-alpha-ms", type=float, default=0.2)
     p.add_argument("--out", default=None, help="markdown record (default: dated file)")
     p.add_argument("--no-record", action="store_true")
@@ -262,14 +306,20 @@ def main(argv=None) -> int:
     tab, best = table(res, args.degrees, "median_ms")
     tab_min, best_min = table(res, args.degrees, "min_ms")
     cmd = "python benchmarks/ep_overlap_cpu.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    head = (f"EP overlap on CPU: {args.world} gloo ranks as {args.world // args.ranks_per_node} "
-            f"nodes x {args.ranks_per_node}, dispatcher {args.dispatcher}, T={args.tokens}/rank, "
-            f"D={args.dim}, F={args.ffn}, E={args.experts}, top-{args.top_k}, "
-            f"{res['rows_per_rank']} expert rows/rank, {args.threads} thread/rank; "
-            f"load average before {load0}"
-            + (f"; EMULATED link {args.link_mbps:g} MB/s + {args.link_alpha_ms:g} ms per send"
-               if args.link_mbps else ""))
+        argv if argv is not None else sys.argv[1:]
+    )
+    head = (
+        f"EP overlap on CPU: {args.world} gloo ranks as {args.world // args.ranks_per_node} "
+        f"nodes x {args.ranks_per_node}, dispatcher {args.dispatcher}, T={args.tokens}/rank, "
+        f"D={args.dim}, F={args.ffn}, E={args.experts}, top-{args.top_k}, "
+        f"{res['rows_per_rank']} expert rows/rank, {args.threads} thread/rank; "
+        f"load average before {load0}"
+        + (
+            f"; EMULATED link {args.link_mbps:g} MB/s + {args.link_alpha_ms:g} ms per send"
+            if args.link_mbps
+            else ""
+        )
+    )
     print(head)
     print("median over iterations (ms):")
     print(tab)
@@ -280,19 +330,24 @@ def main(argv=None) -> int:
     print(ctab)
     for name, b in (("median", best), ("min", best_min)):
         for kind, (r, full, frac) in b.items():
-            print(f"best {kind} ({name}): r={r}, {full:.1f} ms, hidden {100 * frac:.0f}% of "
-                  f"hideable comm")
+            print(
+                f"best {kind} ({name}): r={r}, {full:.1f} ms, hidden {100 * frac:.0f}% of "
+                f"hideable comm"
+            )
     if not args.no_record:
         date = datetime.date.today().isoformat()
         hw = f"{os.cpu_count()}cpu-{platform.machine()}"
-        path = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                        f"ep_overlap_cpu_{hw}_{date}"
-                                        + ("_link" if args.link_mbps else "") + ".md")
+        path = args.out or os.path.join(
+            os.path.dirname(__file__),
+            "results",
+            f"ep_overlap_cpu_{hw}_{date}" + ("_link" if args.link_mbps else "") + ".md",
+        )
         with open(path, "w") as f:
-            f.write(f"# {head}\n\ndate {date}; machine: {os.cpu_count()} cores, "
-                    f"{cpu_name()}, no GPU; "
-                    f"torch {torch.__version__}\n\ncommand: `{cmd}`\n\n"
-                    + render(res, args.degrees))
+            f.write(
+                f"# {head}\n\ndate {date}; machine: {os.cpu_count()} cores, "
+                f"{cpu_name()}, no GPU; "
+                f"torch {torch.__version__}\n\ncommand: `{cmd}`\n\n" + render(res, args.degrees)
+            )
         with open(os.path.splitext(path)[0] + ".json", "w") as f:
             json.dump(res, f, indent=1)
         print(f"wrote {path}")

@@ -55,12 +55,20 @@ def optimality(quick: bool) -> dict:
         if worst is None or gap > worst[0]:
             worst = (gap, w.name, (p.m_a, p.r1, p.r2, p.order), (e.m_a, e.r1, e.r2, e.order))
         if (i + 1) % 64 == 0:
-            print(f"optimality: {i + 1}/{len(ws)} workloads, worst gap {100 * worst[0]:.3f}%",
-                  file=sys.stderr, flush=True)
-    return {"workloads": len(ws), "schedules_simulated": n_space,
-            "within_1pct": sum(g <= 0.01 for g in gaps), "max_gap": max(gaps),
-            "mean_gap": statistics.fmean(gaps), "worst": worst,
-            "seconds": time.perf_counter() - t0}
+            print(
+                f"optimality: {i + 1}/{len(ws)} workloads, worst gap {100 * worst[0]:.3f}%",
+                file=sys.stderr,
+                flush=True,
+            )
+    return {
+        "workloads": len(ws),
+        "schedules_simulated": n_space,
+        "within_1pct": sum(g <= 0.01 for g in gaps),
+        "max_gap": max(gaps),
+        "mean_gap": statistics.fmean(gaps),
+        "worst": worst,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def speedups(quick: bool) -> dict:
@@ -72,9 +80,14 @@ def speedups(quick: bool) -> dict:
         p = fd.solve(w)
         solve_max = max(solve_max, p.solve_s)
         f = per_seq(w, p)
-        row = {"workload": w.name, "testbed": w.testbed.name, "model": w.model.name,
-               "plan": (p.m_a, p.r1, p.r2, p.order), "solve_s": p.solve_s,
-               "pred_vs_sim": p.time_ms / sim_time(w, p.m_a, p.r1, p.r2, p.order) - 1.0}
+        row = {
+            "workload": w.name,
+            "testbed": w.testbed.name,
+            "model": w.model.name,
+            "plan": (p.m_a, p.r1, p.r2, p.order),
+            "solve_s": p.solve_s,
+            "pred_vs_sim": p.time_ms / sim_time(w, p.m_a, p.r1, p.r2, p.order) - 1.0,
+        }
         for name, fn in (("pppipe", fd.pppipe_plan), ("naive", fd.naive_plan)):
             try:
                 b = fn(w)
@@ -96,48 +109,62 @@ def main(argv=None) -> int:
     opt = optimality(args.quick)
     sp = speedups(args.quick)
     rows = sp["rows"]
-    lines = [f"# FinDEP solver on the simulator ({date}, {args.host})", "",
-             "`python benchmarks/findep_sim.py`" + (" --quick" if args.quick else "")
-             + "; pure Python, simulated figures (only solve times depend on the machine: "
-             f"{cpu_name()}, Python {platform.python_version()}).", "",
-             "## Optimality (target: within 1% of the simulated exhaustive search)", "",
-             f"- workloads: {opt['workloads']} (small-batch sweep; "
-             f"{opt['schedules_simulated']} schedules simulated in {opt['seconds']:.0f} s)",
-             f"- within 1%: {opt['within_1pct']} / {opt['workloads']}",
-             f"- max gap {100 * opt['max_gap']:.3f}%, mean {100 * opt['mean_gap']:.4f}%",
-             f"- worst: {opt['worst'][1]}: solver {opt['worst'][2]}, "
-             f"exhaustive {opt['worst'][3]}", "",
-             "## Simulated speedup of FinDEP (paper grid; published 1.02-1.61x over PPPipe)", "",
-             f"{len(rows)} workloads; largest solve time {1e3 * sp['solve_max_s']:.1f} ms "
-             "(target < 1 s).", "",
-             "| testbed | model | over PPPipe min / median / max | over naive DEP min / "
-             "median / max | n |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# FinDEP solver on the simulator ({date}, {args.host})",
+        "",
+        "`python benchmarks/findep_sim.py`"
+        + (" --quick" if args.quick else "")
+        + "; pure Python, simulated figures (only solve times depend on the machine: "
+        f"{cpu_name()}, Python {platform.python_version()}).",
+        "",
+        "## Optimality (target: within 1% of the simulated exhaustive search)",
+        "",
+        f"- workloads: {opt['workloads']} (small-batch sweep; "
+        f"{opt['schedules_simulated']} schedules simulated in {opt['seconds']:.0f} s)",
+        f"- within 1%: {opt['within_1pct']} / {opt['workloads']}",
+        f"- max gap {100 * opt['max_gap']:.3f}%, mean {100 * opt['mean_gap']:.4f}%",
+        f"- worst: {opt['worst'][1]}: solver {opt['worst'][2]}, exhaustive {opt['worst'][3]}",
+        "",
+        "## Simulated speedup of FinDEP (paper grid; published 1.02-1.61x over PPPipe)",
+        "",
+        f"{len(rows)} workloads; largest solve time {1e3 * sp['solve_max_s']:.1f} ms "
+        "(target < 1 s).",
+        "",
+        "| testbed | model | over PPPipe min / median / max | over naive DEP min / "
+        "median / max | n |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     pp = {}
     for r in rows:
         pp.setdefault((r["testbed"], r["model"]), []).append(r)
+
     def fmt(rs, key):
         v = [x[key] for x in rs if x[key] is not None]
-        return (f"{min(v):.3f} / {statistics.median(v):.3f} / {max(v):.3f}" if v
-                else "does not fit")
+        return f"{min(v):.3f} / {statistics.median(v):.3f} / {max(v):.3f}" if v else "does not fit"
 
     for (tb, mn), rs in sorted(pp.items()):
         lines.append(f"| {tb} | {mn} | {fmt(rs, 'pppipe')} | {fmt(rs, 'naive')} | {len(rs)} |")
     allp = [r["pppipe"] for r in rows if r["pppipe"] is not None]
     alln = [r["naive"] for r in rows if r["naive"] is not None]
     nofit = sum(r["pppipe"] is None for r in rows)
-    lines += ["", f"Overall: {min(allp):.3f}-{max(allp):.3f}x over PPPipe, "
-              f"{min(alln):.3f}-{max(alln):.3f}x over naive DEP; {nofit} workloads fit only "
-              "with chunking (r2 > 1), where the baselines cannot run.",
-              f"Closed form vs simulator on the chosen plans: max "
-              f"{100 * max(abs(r['pred_vs_sim']) for r in rows):.3f}%.", "",
-              "Testbed costs are derived except the A6000 GEMM fit (FSMoE's published fit); see "
-              "`moeflow.plan.findep` presets for each figure's source."]
+    lines += [
+        "",
+        f"Overall: {min(allp):.3f}-{max(allp):.3f}x over PPPipe, "
+        f"{min(alln):.3f}-{max(alln):.3f}x over naive DEP; {nofit} workloads fit only "
+        "with chunking (r2 > 1), where the baselines cannot run.",
+        f"Closed form vs simulator on the chosen plans: max "
+        f"{100 * max(abs(r['pred_vs_sim']) for r in rows):.3f}%.",
+        "",
+        "Testbed costs are derived except the A6000 GEMM fit (FSMoE's published fit); see "
+        "`moeflow.plan.findep` presets for each figure's source.",
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"findep_sim_{args.host}_{date}"
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{stem}.json").write_text(json.dumps(
-        {"optimality": opt, "speedups": sp}, indent=1, default=str) + "\n")
+    (out / f"{stem}.json").write_text(
+        json.dumps({"optimality": opt, "speedups": sp}, indent=1, default=str) + "\n"
+    )
     print("\n".join(lines))
     return 0
 

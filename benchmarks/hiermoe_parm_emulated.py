@@ -45,37 +45,47 @@ def rank_main(rank: int, master: str, port: int, reps: int) -> None:
     from moeflow.sim.hiermoe import tutel_2dh_hops
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank,
-                            world_size=4)
-    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=K,
-                    expert_type="gelu")
+    dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=4)
+    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=K, expert_type="gelu")
     torch.manual_seed(0)
     layer = MoELayer(cfg)
     node = rank // 2
     topo = Topology.explicit(4, 2)
     gen = torch.Generator().manual_seed(10 + rank)
     x_local = torch.randn(T, D, generator=gen)
-    node_gen = torch.Generator().manual_seed(100 + node)      # Parm: the node's shared batch
+    node_gen = torch.Generator().manual_seed(100 + node)  # Parm: the node's shared batch
     x_node = torch.randn(T, D, generator=node_gen)
     mp = subgroup(None, [2 * node, 2 * node + 1])
     out = {}
     for name in CONFIGS:
         if name.startswith("parm"):
-            ep = ExpertParallel(layer, topology=topo, esp_size=2, mp_group=mp,
-                                schedule=name.split("-")[1], timeout_s=600)
+            ep = ExpertParallel(
+                layer,
+                topology=topo,
+                esp_size=2,
+                mp_group=mp,
+                schedule=name.split("-")[1],
+                timeout_s=600,
+            )
             x = x_node
         else:
             opts = {"level": 1} if name.startswith("dedup") else None
-            ep = ExpertParallel(layer, topology=topo, dispatcher=name.split("+")[0],
-                                dispatcher_options=opts, timeout_s=600)
+            ep = ExpertParallel(
+                layer,
+                topology=topo,
+                dispatcher=name.split("+")[0],
+                dispatcher_options=opts,
+                timeout_s=600,
+            )
             x = x_local
         if name == "dedup+swap":
             with torch.no_grad():
                 ep(x)
             owner = contiguous_owner(E, 4)
             for _ in range(4):
-                pair, owner, _, _ = swap_step(ep.dispatcher.last_assignments(), owner,
-                                              [1, 2, 4], D * 4, level=1)
+                pair, owner, _, _ = swap_step(
+                    ep.dispatcher.last_assignments(), owner, [1, 2, 4], D * 4, level=1
+                )
             ep.apply_placement(owner)
         times = []
         for i in range(reps + 1):
@@ -95,7 +105,7 @@ def rank_main(rank: int, master: str, port: int, reps: int) -> None:
         elif name.startswith("parm"):
             b = {k: 2 * v for k, v in ep.parm_bytes.items()}
             how = "from the all-to-all splits (dispatch + combine, fwd + bwd)"
-        else:   # the routing of every rank -> the rows each hop carries
+        else:  # the routing of every rank -> the rows each hop carries
             with torch.no_grad():
                 routing = ep.router(x)
             mine = [[] for _ in range(T)]
@@ -103,17 +113,21 @@ def rank_main(rank: int, master: str, port: int, reps: int) -> None:
                 mine[t_].append(e_)
             allr = [None] * 4
             dist.all_gather_object(allr, mine)
-            hops = (flat_hops if name == "a2a" else tutel_2dh_hops)(allr, contiguous_owner(E, 4),
-                                                                    [1, 2, 4])
-            tot = level_bytes(hops, D * 4)     # the whole group, one direction, one pass
+            hops = (flat_hops if name == "a2a" else tutel_2dh_hops)(
+                allr, contiguous_owner(E, 4), [1, 2, 4]
+            )
+            tot = level_bytes(hops, D * 4)  # the whole group, one direction, one pass
             b = {"intra_node": 4 * tot.get(1, 0), "inter_node": 4 * tot.get(2, 0)}
             how = "from the routing (formula; fwd + bwd, dispatch + combine)"
         bt = torch.tensor([float(b.get("intra_node", 0)), float(b.get("inter_node", 0))])
-        if name not in ("a2a", "2dh"):   # per-rank counters; the formula is the group's
+        if name not in ("a2a", "2dh"):  # per-rank counters; the formula is the group's
             dist.all_reduce(bt)
-        out[name] = {"step_ms": 1e3 * statistics.median(times),
-                     "intra_MB": bt[0].item() / 1e6, "inter_MB": bt[1].item() / 1e6,
-                     "bytes": how}
+        out[name] = {
+            "step_ms": 1e3 * statistics.median(times),
+            "intra_MB": bt[0].item() / 1e6,
+            "inter_MB": bt[1].item() / 1e6,
+            "bytes": how,
+        }
     if rank == 0:
         print(json.dumps(out), flush=True)
     dist.destroy_process_group()
@@ -130,10 +144,22 @@ def shaped(rate: str, reps: int):
     ec.up(2, rate)
     try:
         port = 29733
-        me = [sys.executable, os.path.abspath(__file__), "--master", ec.addr(0), "--port",
-              str(port), "--reps", str(reps)]
-        procs = [subprocess.Popen(ec.node_command(r // 2, me + ["--rank", str(r)]),
-                                  stdout=subprocess.PIPE, text=True) for r in range(4)]
+        me = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--master",
+            ec.addr(0),
+            "--port",
+            str(port),
+            "--reps",
+            str(reps),
+        ]
+        procs = [
+            subprocess.Popen(
+                ec.node_command(r // 2, me + ["--rank", str(r)]), stdout=subprocess.PIPE, text=True
+            )
+            for r in range(4)
+        ]
         outs = [p.communicate(timeout=1500)[0] for p in procs]
         if any(p.returncode for p in procs):
             return None, f"a rank exited with {[p.returncode for p in procs]}"
@@ -158,14 +184,18 @@ def main(argv=None) -> int:
     import torch
 
     date = datetime.date.today().isoformat()
-    lines = [f"# HierMoE dedup and Parm on an emulated 2-node cluster ({date}, {args.host})", "",
-             f"Command: `python benchmarks/hiermoe_parm_emulated.py --rates {args.rates}`; "
-             f"CPU: {cpu_name()}; Python {platform.python_version()}, torch {torch.__version__}. "
-             "World 4 as 2 nodes x 2 (network namespaces, `tc tbf` on the link between them); "
-             f"MoE layer hidden {D}, FFN {F}, {E} experts top-{K}, fp32, {T} tokens per rank, "
-             "one thread per rank; median of "
-             f"{args.reps} forward + backward steps after a warm-up. Bytes: whole group, "
-             "forward + backward, dispatch + combine.", ""]
+    lines = [
+        f"# HierMoE dedup and Parm on an emulated 2-node cluster ({date}, {args.host})",
+        "",
+        f"Command: `python benchmarks/hiermoe_parm_emulated.py --rates {args.rates}`; "
+        f"CPU: {cpu_name()}; Python {platform.python_version()}, torch {torch.__version__}. "
+        "World 4 as 2 nodes x 2 (network namespaces, `tc tbf` on the link between them); "
+        f"MoE layer hidden {D}, FFN {F}, {E} experts top-{K}, fp32, {T} tokens per rank, "
+        "one thread per rank; median of "
+        f"{args.reps} forward + backward steps after a warm-up. Bytes: whole group, "
+        "forward + backward, dispatch + combine.",
+        "",
+    ]
     info = {"date": date, "host": args.host, "machine": cpu_name(), "rates": {}}
     for rate in args.rates.split(","):
         res, why = shaped(rate, args.reps)
@@ -175,21 +205,28 @@ def main(argv=None) -> int:
             info["rates"][rate] = {"skipped": why}
             continue
         info["rates"][rate] = res
-        lines += ["| dispatch | step (ms) | intra-node MB | inter-node MB | bytes |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "| dispatch | step (ms) | intra-node MB | inter-node MB | bytes |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for name in CONFIGS:
             r = res[name]
-            lines.append(f"| {name} | {r['step_ms']:.1f} | {r['intra_MB']:.2f} | "
-                         f"{r['inter_MB']:.2f} | {r['bytes']} |")
+            lines.append(
+                f"| {name} | {r['step_ms']:.1f} | {r['intra_MB']:.2f} | "
+                f"{r['inter_MB']:.2f} | {r['bytes']} |"
+            )
         lines.append("")
-    lines += ["Notes: the 4 ranks share 2 CPU cores with other work on the machine, so the "
-              "1 Gbit times are mostly CPU time and vary between runs. Dedup removes a share of "
-              "the inter-node rows (group total above) but its step also pays the routing "
-              "all-gather, per-chunk index construction, expert recompute in backward and the "
-              "combine-weight gradient all-reduce; at this size those outweigh the saved bytes. "
-              "Parm's byte column counts the EP all-to-alls only (the ESP and MP collectives "
-              "stay inside a node). The formula rows (a2a, 2dh) and the dedup counter are "
-              "checked against each other in tests/comm/test_dedup.py.", ""]
+    lines += [
+        "Notes: the 4 ranks share 2 CPU cores with other work on the machine, so the "
+        "1 Gbit times are mostly CPU time and vary between runs. Dedup removes a share of "
+        "the inter-node rows (group total above) but its step also pays the routing "
+        "all-gather, per-chunk index construction, expert recompute in backward and the "
+        "combine-weight gradient all-reduce; at this size those outweigh the saved bytes. "
+        "Parm's byte column counts the EP all-to-alls only (the ESP and MP collectives "
+        "stay inside a node). The formula rows (a2a, 2dh) and the dedup counter are "
+        "checked against each other in tests/comm/test_dedup.py.",
+        "",
+    ]
     write_record(args.out, f"hiermoe_parm_emulated_{args.host}_{date}", info, lines)
     return 0
 

@@ -33,8 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import cpu_name, write_record  # noqa: E402
 
-from moeflow.plan.hiermoe import (contiguous_owner, dedup_hops, level_bytes,  # noqa: E402
-                                  swap_step)
+from moeflow.plan.hiermoe import contiguous_owner, dedup_hops, level_bytes, swap_step  # noqa: E402
 from moeflow.plan.parm import ParmCluster, ParmLayer  # noqa: E402
 from moeflow.sim import hiermoe as sh  # noqa: E402
 from moeflow.sim import parm as sp  # noqa: E402
@@ -65,30 +64,41 @@ def hiermoe_rows(quick: bool) -> list[dict]:
     rows = []
     for name, (E, k, D) in SHAPES.items():
         routes = topic_routing(P, sample, E, k, seed=1)
-        row_bytes = D * 2 * tokens_per_gpu / sample      # bf16 rows, scaled to the batch
+        row_bytes = D * 2 * tokens_per_gpu / sample  # bf16 rows, scaled to the batch
         owner = contiguous_owner(E, P)
         base = sh.schedules_ms(routes, owner, cl, row_bytes)
         d_star = min((v, d) for d, v in enumerate(base[f"dedup{d}"] for d in range(4)))[1]
         t0 = time.perf_counter()
         state, steps = None, 0
         for _ in range(swaps):
-            pair, owner, _, state = swap_step(routes, owner, U, row_bytes, cl.links,
-                                              state=state, level=d_star)
+            pair, owner, _, state = swap_step(
+                routes, owner, U, row_bytes, cl.links, state=state, level=d_star
+            )
             steps += pair is not None
         swap_s = (time.perf_counter() - t0) / max(swaps, 1)
         swapped = sh.schedules_ms(routes, owner, cl, row_bytes)
         best_swapped = min(swapped[f"dedup{d}"] for d in range(4))
         flat_spine = level_bytes(sh.flat_hops(routes, contiguous_owner(E, P), U), 1)[4]
         dedup_spine = level_bytes(dedup_hops(routes, contiguous_owner(E, P), U, 3), 1)[4]
-        rows.append({
-            "shape": name, "experts": E, "top_k": k, "hidden": D, "d_star": d_star,
-            "flat_ms": base["flat"], "2dh_ms": base["2dh"],
-            "dedup_ms": base[f"dedup{d_star}"], "dedup_swap_ms": best_swapped,
-            "swaps_applied": steps, "swap_step_s": swap_s,
-            "spine_rows_removed": 1 - dedup_spine / flat_spine,
-            "speedup_vs_flat": base["flat"] / best_swapped,
-            "speedup_vs_2dh": base["2dh"] / best_swapped,
-            "speedup_vs_noswap": base[f"dedup{d_star}"] / best_swapped})
+        rows.append(
+            {
+                "shape": name,
+                "experts": E,
+                "top_k": k,
+                "hidden": D,
+                "d_star": d_star,
+                "flat_ms": base["flat"],
+                "2dh_ms": base["2dh"],
+                "dedup_ms": base[f"dedup{d_star}"],
+                "dedup_swap_ms": best_swapped,
+                "swaps_applied": steps,
+                "swap_step_s": swap_s,
+                "spine_rows_removed": 1 - dedup_spine / flat_spine,
+                "speedup_vs_flat": base["flat"] / best_swapped,
+                "speedup_vs_2dh": base["2dh"] / best_swapped,
+                "speedup_vs_noswap": base[f"dedup{d_star}"] / best_swapped,
+            }
+        )
     return rows
 
 
@@ -102,25 +112,40 @@ def parm_rows(quick: bool) -> list[dict]:
                 continue
             layer = ParmLayer(tokens=T, hidden=D, top_k=k, mp=S, nodes=nodes)
             c = pre.cluster
-            cl = ParmCluster(alpha_intra=c.alpha_intra, beta_intra=c.beta_intra,
-                             alpha_inter=c.alpha_inter, beta_inter=c.beta_inter,
-                             row_time=sp.expert_row_time(D, 4 * D, pre.flops),
-                             gate_time=sp.expert_row_time(D, 8, pre.flops))
+            cl = ParmCluster(
+                alpha_intra=c.alpha_intra,
+                beta_intra=c.beta_intra,
+                alpha_inter=c.alpha_inter,
+                beta_inter=c.beta_inter,
+                row_time=sp.expert_row_time(D, 4 * D, pre.flops),
+                gate_time=sp.expert_row_time(D, 8, pre.flops),
+            )
             t = {s: sp.layer_ms(layer, cl, s) for s in ("plain", "s1", "s2")}
             best = min(("s1", "s2"), key=t.get)
             chosen[best] = chosen.get(best, 0) + 1
             speedups.append(t["plain"] / t[best])
-        out.append({"cluster": pre_name, "tag": pre.tag, "layers": len(speedups),
-                    "min": min(speedups), "median": statistics.median(speedups),
-                    "max": max(speedups), "chosen": chosen})
+        out.append(
+            {
+                "cluster": pre_name,
+                "tag": pre.tag,
+                "layers": len(speedups),
+                "min": min(speedups),
+                "median": statistics.median(speedups),
+                "max": max(speedups),
+                "chosen": chosen,
+            }
+        )
     return out
 
 
 def _grid(quick: bool):
     """Tokens per MP group, hidden size, top-k, MP (= ESP) size."""
-    return itertools.product((1024, 4096) if quick else (1024, 2048, 4096, 8192),
-                             (1024, 4096) if quick else (512, 1024, 2048, 4096),
-                             (1, 2), (2, 4, 8))
+    return itertools.product(
+        (1024, 4096) if quick else (1024, 2048, 4096, 8192),
+        (1024, 4096) if quick else (512, 1024, 2048, 4096),
+        (1, 2),
+        (2, 4, 8),
+    )
 
 
 def main(argv=None) -> int:
@@ -131,44 +156,68 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     date = datetime.date.today().isoformat()
     h, p = hiermoe_rows(args.quick), parm_rows(args.quick)
-    lines = [f"# HierMoE and Parm on the simulator ({date}, {args.host})", "",
-             f"Command: `python benchmarks/hiermoe_parm_sim.py{' --quick' if args.quick else ''}`"
-             f"; machine: {cpu_name()}, Python {platform.python_version()}. Every figure is "
-             "simulated (α-β presets; topology/GPU counts published, link figures derived); "
-             "only the swap-step seconds depend on the machine.", "",
-             "## HierMoE: dispatch all-to-all, 32 GPUs, U = [1, 4, 8, 16, 32]", "",
-             "| shape | d* | flat (ms) | Tutel-2DH (ms) | dedup (ms) | dedup + swap (ms) | "
-             "x flat | x 2DH | x no-swap | spine rows removed | swap step (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# HierMoE and Parm on the simulator ({date}, {args.host})",
+        "",
+        f"Command: `python benchmarks/hiermoe_parm_sim.py{' --quick' if args.quick else ''}`"
+        f"; machine: {cpu_name()}, Python {platform.python_version()}. Every figure is "
+        "simulated (α-β presets; topology/GPU counts published, link figures derived); "
+        "only the swap-step seconds depend on the machine.",
+        "",
+        "## HierMoE: dispatch all-to-all, 32 GPUs, U = [1, 4, 8, 16, 32]",
+        "",
+        "| shape | d* | flat (ms) | Tutel-2DH (ms) | dedup (ms) | dedup + swap (ms) | "
+        "x flat | x 2DH | x no-swap | spine rows removed | swap step (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in h:
-        lines.append(f"| {r['shape']} | {r['d_star']} | {r['flat_ms']:.2f} | {r['2dh_ms']:.2f} | "
-                     f"{r['dedup_ms']:.2f} | {r['dedup_swap_ms']:.2f} | "
-                     f"{r['speedup_vs_flat']:.2f} | {r['speedup_vs_2dh']:.2f} | "
-                     f"{r['speedup_vs_noswap']:.3f} | {r['spine_rows_removed']:.0%} | "
-                     f"{r['swap_step_s']:.2f} |")
-    lines += ["", "Published (HierMoE, 32 GPUs, real routing of the trained models): a2a "
-              "1.55-3.32x over the baselines, end to end 1.18-1.27x (not simulated here: no "
-              "compute model of the whole step).", "",
-              "Why ours differs: the routing is synthetic (topic-correlated, seeded), not a "
-              "trained model's; the swap search scores hop 1 of the chosen level and runs a "
-              "few steps on one batch; Tutel-2DH pays its relay hop on the level-3 links and "
-              "gains nothing from aggregating messages, because this α-β model charges one α "
-              "per hop rather than per message, so it trails flat a2a here.", "",
-              "## Parm: plain (DeepSpeed-MoE MP+EP+ESP) over the best of S1/S2", "",
-              "| cluster | layers | min | median | max | chosen | presets |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {r['shape']} | {r['d_star']} | {r['flat_ms']:.2f} | {r['2dh_ms']:.2f} | "
+            f"{r['dedup_ms']:.2f} | {r['dedup_swap_ms']:.2f} | "
+            f"{r['speedup_vs_flat']:.2f} | {r['speedup_vs_2dh']:.2f} | "
+            f"{r['speedup_vs_noswap']:.3f} | {r['spine_rows_removed']:.0%} | "
+            f"{r['swap_step_s']:.2f} |"
+        )
+    lines += [
+        "",
+        "Published (HierMoE, 32 GPUs, real routing of the trained models): a2a "
+        "1.55-3.32x over the baselines, end to end 1.18-1.27x (not simulated here: no "
+        "compute model of the whole step).",
+        "",
+        "Why ours differs: the routing is synthetic (topic-correlated, seeded), not a "
+        "trained model's; the swap search scores hop 1 of the chosen level and runs a "
+        "few steps on one batch; Tutel-2DH pays its relay hop on the level-3 links and "
+        "gains nothing from aggregating messages, because this α-β model charges one α "
+        "per hop rather than per message, so it trails flat a2a here.",
+        "",
+        "## Parm: plain (DeepSpeed-MoE MP+EP+ESP) over the best of S1/S2",
+        "",
+        "| cluster | layers | min | median | max | chosen | presets |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in p:
-        lines.append(f"| {r['cluster']} | {r['layers']} | {r['min']:.2f}x | {r['median']:.2f}x | "
-                     f"{r['max']:.2f}x | {r['chosen']} | {r['tag']} |")
-    lines += ["", "Published (Parm): 1.13-5.77x over DeepSpeed-MoE on 1296 layers, about 3x on "
-              "BERT- and GPT-2-based models. The sweep here is smaller (tokens, hidden, top-k, "
-              "MP size) and the model charges no time to kernel launches or memory copies; plain's "
-              "time grows with the MP size (S copies of every row and of the expert GEMMs), so "
-              "the S = 8 layers exceed the published maximum. S2 is never the faster split "
-              "here: it moves k times S1's MP rows (moeflow.plan.parm)."]
-    info = {"date": date, "host": args.host, "machine": cpu_name(),
-            "python": platform.python_version(), "quick": args.quick,
-            "hiermoe": h, "parm": p}
+        lines.append(
+            f"| {r['cluster']} | {r['layers']} | {r['min']:.2f}x | {r['median']:.2f}x | "
+            f"{r['max']:.2f}x | {r['chosen']} | {r['tag']} |"
+        )
+    lines += [
+        "",
+        "Published (Parm): 1.13-5.77x over DeepSpeed-MoE on 1296 layers, about 3x on "
+        "BERT- and GPT-2-based models. The sweep here is smaller (tokens, hidden, top-k, "
+        "MP size) and the model charges no time to kernel launches or memory copies; plain's "
+        "time grows with the MP size (S copies of every row and of the expert GEMMs), so "
+        "the S = 8 layers exceed the published maximum. S2 is never the faster split "
+        "here: it moves k times S1's MP rows (moeflow.plan.parm).",
+    ]
+    info = {
+        "date": date,
+        "host": args.host,
+        "machine": cpu_name(),
+        "python": platform.python_version(),
+        "quick": args.quick,
+        "hiermoe": h,
+        "parm": p,
+    }
     write_record(args.out, f"hiermoe_parm_sim_{args.host}_{date}", info, lines)
     return 0
 

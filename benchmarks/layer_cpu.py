@@ -36,16 +36,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def build_hf_block(case: str, dtype: torch.dtype):
     import transformers
+
     _, E, k, D, F = CASES[case]
     if case == "qwen3":
-        cfg = transformers.Qwen3MoeConfig(hidden_size=D, moe_intermediate_size=F, num_experts=E,
-                                          num_experts_per_tok=k, norm_topk_prob=True)
+        cfg = transformers.Qwen3MoeConfig(
+            hidden_size=D,
+            moe_intermediate_size=F,
+            num_experts=E,
+            num_experts_per_tok=k,
+            norm_topk_prob=True,
+        )
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
         block = Qwen3MoeSparseMoeBlock(cfg)
     else:
-        cfg = transformers.MixtralConfig(hidden_size=D, intermediate_size=F,
-                                         num_local_experts=E, num_experts_per_tok=k)
+        cfg = transformers.MixtralConfig(
+            hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=k
+        )
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
         block = MixtralSparseMoeBlock(cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -83,12 +92,15 @@ def make_step(module, x, g, mode: str):
             with torch.no_grad():
                 for p in params:
                     p.mul_(1.0)
+
     return step
 
 
-def run_case(case: str, dtype_name: str, mode: str, T: int, repeats: int, kernel: str,
-             warmup: int = 1):
+def run_case(
+    case: str, dtype_name: str, mode: str, T: int, repeats: int, kernel: str, warmup: int = 1
+):
     from moeflow.integrations.hf import from_hf_block
+
     dtype = DTYPES[dtype_name]
     block, cfg = build_hf_block(case, dtype)
     layer = from_hf_block(block, kernel=kernel)
@@ -99,7 +111,7 @@ def run_case(case: str, dtype_name: str, mode: str, T: int, repeats: int, kernel
     steps = {"moeflow": make_step(layer, x, g, mode)}
     hf_step = make_step(block, x, g, mode)
     for impl in ("grouped_mm", "eager"):
-        steps[f"hf_{impl}"] = (lambda impl=impl: (set_impl(cfg, impl), hf_step()))
+        steps[f"hf_{impl}"] = lambda impl=impl: (set_impl(cfg, impl), hf_step())
     for _ in range(warmup):  # allocator, lazy init
         for fn in steps.values():
             fn()
@@ -108,8 +120,6 @@ def run_case(case: str, dtype_name: str, mode: str, T: int, repeats: int, kernel
         for name, fn in steps.items():  # interleaved
             best[name] = min(best[name], time_once(fn))
     return best
-
-
 
 
 def main(argv=None) -> int:
@@ -127,8 +137,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    header = (f"{'case':16s} {'dtype':5s} {'mode':7s} {'moeflow ms':>11s} {'hf grouped ms':>14s} "
-              f"{'hf eager ms':>12s} {'vs grouped':>10s} {'vs eager':>9s}")
+    header = (
+        f"{'case':16s} {'dtype':5s} {'mode':7s} {'moeflow ms':>11s} {'hf grouped ms':>14s} "
+        f"{'hf eager ms':>12s} {'vs grouped':>10s} {'vs eager':>9s}"
+    )
     print(header)
     for case in args.cases.split(","):
         for dt in args.dtypes.split(","):
@@ -136,16 +148,29 @@ def main(argv=None) -> int:
                 b = run_case(case, dt, mode, args.tokens, args.repeats, args.kernel, args.warmup)
                 r_g = b["hf_grouped_mm"] / b["moeflow"]
                 r_e = b["hf_eager"] / b["moeflow"]
-                row = (CASES[case][0], dt, mode, b["moeflow"] * 1e3, b["hf_grouped_mm"] * 1e3,
-                       b["hf_eager"] * 1e3, r_g, r_e)
+                row = (
+                    CASES[case][0],
+                    dt,
+                    mode,
+                    b["moeflow"] * 1e3,
+                    b["hf_grouped_mm"] * 1e3,
+                    b["hf_eager"] * 1e3,
+                    r_g,
+                    r_e,
+                )
                 rows.append(row)
-                print(f"{row[0]:16s} {dt:5s} {mode:7s} {row[3]:11.1f} {row[4]:14.1f} "
-                      f"{row[5]:12.1f} {r_g:9.2f}x {r_e:8.2f}x", flush=True)
+                print(
+                    f"{row[0]:16s} {dt:5s} {mode:7s} {row[3]:11.1f} {row[4]:14.1f} "
+                    f"{row[5]:12.1f} {r_g:9.2f}x {r_e:8.2f}x",
+                    flush=True,
+                )
     if args.out:
         import transformers
+
         cmd = "PYTHONPATH=src python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
         lines = [
-            "# moeflow MoELayer vs transformers MoE block (CPU)", "",
+            "# moeflow MoELayer vs transformers MoE block (CPU)",
+            "",
             f"- date: {_dt.date.today().isoformat()}",
             f"- machine: {os.cpu_count()} cores, {cpu_name()}, no GPU; "
             f"torch threads {torch.get_num_threads()}",
@@ -154,14 +179,17 @@ def main(argv=None) -> int:
             f"- command: `{cmd}`",
             f"- T={args.tokens} tokens, min of {args.repeats} interleaved runs after "
             f"{args.warmup} untimed warm-up round(s); "
-            "ratio = transformers time / moeflow time (>1: moeflow faster)", "",
+            "ratio = transformers time / moeflow time (>1: moeflow faster)",
+            "",
             "| case | dtype | mode | moeflow ms | hf grouped_mm ms | hf eager ms "
             "| vs grouped_mm | vs eager |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in rows:
-            lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.1f} "
-                         f"| {r[6]:.2f}x | {r[7]:.2f}x |")
+            lines.append(
+                f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.1f} "
+                f"| {r[6]:.2f}x | {r[7]:.2f}x |"
+            )
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
         print(f"wrote {args.out}")

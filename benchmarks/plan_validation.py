@@ -60,8 +60,9 @@ def variants() -> list[tuple[str, str, object, int, int]]:
     for name, (ep, esp) in TESTBEDS.items():
         out.append((name, name, perf_preset(name), ep, esp))
     for name, (ep, esp) in TESTBEDS.items():
-        out.append((f"{name}, ESP=1 (EP over all {ep * esp} GPUs)", name, perf_preset(name),
-                    ep * esp, 1))
+        out.append(
+            (f"{name}, ESP=1 (EP over all {ep * esp} GPUs)", name, perf_preset(name), ep * esp, 1)
+        )
         out.append((f"{name}, ag beta := rs beta", name, ag_as_rs(perf_preset(name)), ep, esp))
     return out
 
@@ -93,13 +94,22 @@ def sweep(label: str, perf, ep: int, esp: int) -> dict:
         sp["tutel+pipemoe"].append((tf[rp - 1] + tb[rp - 1]) / d.t_ms)
         sp["deepspeed-moe"].append((tf[0] + tb[0]) / d.t_ms)
     n = len(ws)
-    return {"cluster": name, "layers": n, "n_ep": ep, "n_esp": esp,
-            "within_1pct": within / n, "within_1pct_model_only": within_model / n,
-            "worst_gap": worst, "fwd_ne_bwd": differ, "binding_case_fwd": cases,
-            "solve_ms_median": statistics.median(solve), "solve_ms_p99":
-                sorted(solve)[int(0.99 * n)],
-            "speedup": {k: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
-                        for k, v in sp.items()}}
+    return {
+        "cluster": name,
+        "layers": n,
+        "n_ep": ep,
+        "n_esp": esp,
+        "within_1pct": within / n,
+        "within_1pct_model_only": within_model / n,
+        "worst_gap": worst,
+        "fwd_ne_bwd": differ,
+        "binding_case_fwd": cases,
+        "solve_ms_median": statistics.median(solve),
+        "solve_ms_p99": sorted(solve)[int(0.99 * n)],
+        "speedup": {
+            k: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)} for k, v in sp.items()
+        },
+    }
 
 
 MODELS = {"gpt2-xl-moe": 2048, "mixtral-8x7b": 4096, "mixtral-8x22b": 4096}
@@ -111,17 +121,25 @@ def models(name: str) -> list[dict]:
     rows = []
     for m, tokens in MODELS.items():
         mp = model_preset(m)
-        w = LayerWorkload.from_config(mp, tokens=tokens, seq_len=min(tokens, 2048), n_ep=ep,
-                                      n_esp=esp)
+        w = LayerWorkload.from_config(
+            mp, tokens=tokens, seq_len=min(tokens, 2048), n_ep=ep, n_esp=esp
+        )
         L = mp.num_layers
         fs = fsmoe.plan(w, perf, num_layers=L, model=m)
-        row = {"model": m, "tokens_per_gpu": tokens, "layers": L,
-               "fsmoe_ms": fs.predicted_step_ms, "solve_ms": fs.solve_ms,
-               "fsmoe_degrees": sorted(set(fs.degrees()))}
-        for b in (baselines.deepspeed_moe(w, perf, num_layers=L),
-                  baselines.tutel(w, perf, num_layers=L),
-                  baselines.pipemoe(w, perf, num_layers=L),
-                  baselines.lina(w, perf, num_layers=L)):
+        row = {
+            "model": m,
+            "tokens_per_gpu": tokens,
+            "layers": L,
+            "fsmoe_ms": fs.predicted_step_ms,
+            "solve_ms": fs.solve_ms,
+            "fsmoe_degrees": sorted(set(fs.degrees())),
+        }
+        for b in (
+            baselines.deepspeed_moe(w, perf, num_layers=L),
+            baselines.tutel(w, perf, num_layers=L),
+            baselines.pipemoe(w, perf, num_layers=L),
+            baselines.lina(w, perf, num_layers=L),
+        ):
             row[b.method] = b.predicted_step_ms / fs.predicted_step_ms
         rows.append(row)
     return rows
@@ -171,8 +189,12 @@ def _calibrate_compute(cfg, reps: int = 3) -> dict:
         tf.append(time_op(fwd, reps, 3, grp, dev))
         tfb.append(time_op(fwdbwd, reps, 3, grp, dev))
     exp_f = LinearCost.fit(ns, tf, note="expert_ffn forward, n = FLOPs", nonneg_alpha=True)
-    exp_b = LinearCost.fit(ns, [b - f for f, b in zip(tf, tfb)], nonneg_alpha=True,
-                           note="expert_ffn backward, n = forward FLOPs")
+    exp_b = LinearCost.fit(
+        ns,
+        [b - f for f, b in zip(tf, tfb)],
+        nonneg_alpha=True,
+        note="expert_ffn backward, n = forward FLOPs",
+    )
     torch.manual_seed(0)
     layer = MoELayer(cfg)
     xl = torch.randn(FID_TOKENS, D)
@@ -204,9 +226,13 @@ def _calibrate_compute(cfg, reps: int = 3) -> dict:
     eta = max(0.0, min(1.0, (t_g + t_a - t_b) / min(t_g, t_a)))
     n_flops = 2.0 * rows * D * F * 3
     rest = t_layer - exp_f(n_flops) - exp_b(n_flops)
-    return {"exp_fwd": exp_f.to_dict(), "exp_bwd": exp_b.to_dict(),
-            "single_device_layer_ms": t_layer, "rest_ms": rest,
-            "probe": {"compute_ms": t_g, "a2a_ms": t_a, "both_ms": t_b, "overlap": eta}}
+    return {
+        "exp_fwd": exp_f.to_dict(),
+        "exp_bwd": exp_b.to_dict(),
+        "single_device_layer_ms": t_layer,
+        "rest_ms": rest,
+        "probe": {"compute_ms": t_g, "a2a_ms": t_a, "both_ms": t_b, "overlap": eta},
+    }
 
 
 def _fid_rank(rank, world, iters):
@@ -219,11 +245,21 @@ def _fid_rank(rank, world, iters):
     from moeflow.perf import profile
 
     gemm_m = (96, 160, 224, 288, 352)
-    perf = profile(nodes=2, sizes=(65536, 262144, 1048576, 2097152, 4194304),
-                   gemm_sizes=gemm_m, reps=3, trials=3, progress=rank == 0)
+    perf = profile(
+        nodes=2,
+        sizes=(65536, 262144, 1048576, 2097152, 4194304),
+        gemm_sizes=gemm_m,
+        reps=3,
+        trials=3,
+        progress=rank == 0,
+    )
     cfg = MoEConfig(**FID_CFG)
-    res = {"perf": perf.to_dict(), "calib": _calibrate_compute(cfg), "measured": {},
-           "runtime": None}
+    res = {
+        "perf": perf.to_dict(),
+        "calib": _calibrate_compute(cfg),
+        "measured": {},
+        "runtime": None,
+    }
     try:
         from moeflow.comm import Topology
         from moeflow.runtime import ExpertParallel
@@ -235,8 +271,10 @@ def _fid_rank(rank, world, iters):
         topo = Topology.explicit(world_size=world, ranks_per_node=2)
         torch.manual_seed(100 + rank)
         x = torch.randn(FID_TOKENS, cfg.hidden_size)
-        eps = {r: ExpertParallel(layer, group=None, topology=topo, dispatcher="a2a",
-                                 r_fwd=r, r_bwd=r) for r in FID_RS}
+        eps = {
+            r: ExpertParallel(layer, group=None, topology=topo, dispatcher="a2a", r_fwd=r, r_bwd=r)
+            for r in FID_RS
+        }
         times: dict[int, list[float]] = {r: [] for r in FID_RS}
         # round robin over r, so that load from other processes on this shared host hits
         # every degree alike
@@ -285,9 +323,19 @@ def predict_step(perf, calib: dict, r: int) -> dict:
 
     from moeflow.perf import LinearCost
 
-    w = LayerWorkload(B=1, L=FID_TOKENS, M=FID_CFG["hidden_size"], H=FID_CFG["ffn_hidden_size"],
-                      E=FID_CFG["num_experts"], k=FID_CFG["top_k"], f=None, ffn="mixtral",
-                      n_ep=4, n_esp=1, bytes_per_element=4)
+    w = LayerWorkload(
+        B=1,
+        L=FID_TOKENS,
+        M=FID_CFG["hidden_size"],
+        H=FID_CFG["ffn_hidden_size"],
+        E=FID_CFG["num_experts"],
+        k=FID_CFG["top_k"],
+        f=None,
+        ffn="mixtral",
+        n_ep=4,
+        n_esp=1,
+        bytes_per_element=4,
+    )
     ef, eb = LinearCost.from_dict(calib["exp_fwd"]), LinearCost.from_dict(calib["exp_bwd"])
     n = w.expert_flops
     pf = replace(w.pass_cost(perf), alpha_exp=ef.alpha, work_exp=ef.beta * n)
@@ -309,8 +357,15 @@ def fidelity(iters: int = 5) -> dict:
     from moeflow.launch import launch
     from moeflow.perf import PerfModel
 
-    res = launch(_fid_rank, 4, iters, name="plan_validation fidelity", threads=1,
-                 stall_timeout_s=300, pg_timeout_s=300)[0]
+    res = launch(
+        _fid_rank,
+        4,
+        iters,
+        name="plan_validation fidelity",
+        threads=1,
+        stall_timeout_s=300,
+        pg_timeout_s=300,
+    )[0]
     perf = PerfModel.from_dict(res["perf"])
     ref = res.get("reference_ms")
     # load drift between calibration and measurement: the reference layer's slowdown
@@ -319,20 +374,35 @@ def fidelity(iters: int = 5) -> dict:
     for r in FID_RS:
         pred = predict_step(perf, res["calib"], r)
         meas = res["measured"].get(str(r))
-        rows.append({"r": r, "predicted_ms": pred["total"], "pred_fwd": pred["fwd"],
-                     "mode": pred["mode"], "pred_separate": pred["separate"]["total"],
-                     "pred_shared": pred["shared"]["total"],
-                     "pred_bwd": pred["bwd"], "pred_other": pred["other"],
-                     "measured_all": res.get("measured_all", {}).get(str(r)),
-                     "measured_ms": meas,
-                     "error": None if meas is None else pred["total"] / meas - 1,
-                     "error_drift": None if (meas is None or drift is None) else
-                     pred["total"] * drift / meas - 1,
-                     "error_best": None if not res.get("measured_all") else
-                     pred["total"] / min(res["measured_all"][str(r)]) - 1})
-    return {"perf": res["perf"], "calib": res["calib"], "rows": rows, "drift": drift,
-            "reference_ms": ref,
-            "runtime": res["runtime"]}
+        rows.append(
+            {
+                "r": r,
+                "predicted_ms": pred["total"],
+                "pred_fwd": pred["fwd"],
+                "mode": pred["mode"],
+                "pred_separate": pred["separate"]["total"],
+                "pred_shared": pred["shared"]["total"],
+                "pred_bwd": pred["bwd"],
+                "pred_other": pred["other"],
+                "measured_all": res.get("measured_all", {}).get(str(r)),
+                "measured_ms": meas,
+                "error": None if meas is None else pred["total"] / meas - 1,
+                "error_drift": None
+                if (meas is None or drift is None)
+                else pred["total"] * drift / meas - 1,
+                "error_best": None
+                if not res.get("measured_all")
+                else pred["total"] / min(res["measured_all"][str(r)]) - 1,
+            }
+        )
+    return {
+        "perf": res["perf"],
+        "calib": res["calib"],
+        "rows": rows,
+        "drift": drift,
+        "reference_ms": ref,
+        "runtime": res["runtime"],
+    }
 
 
 def gaps(sw: list[dict], mods: dict) -> str:
@@ -344,141 +414,205 @@ def gaps(sw: list[dict], mods: dict) -> str:
     lina = [r["lina"] for r in rows]
     dsm = [r["deepspeed-moe"] for r in rows]
     rng = lambda v: f"{min(v):.2f}-{max(v):.2f}x"  # noqa: E731
-    txt = ("**Why the simulated per-layer speedups are far below the published 1.18x / "
-           "1.22x.** (a) With the published testbed-A fits, all-gather costs 2.32e-6 ms/B "
-           "(about 0.43 GB/s, ten times reduce-scatter's 2.34e-7). In FSMoE's layout (ESP "
-           "inside a node) a layer's ag/rs then outweigh its a2a and GEMMs, most layers are "
-           "intra-node bound (table above), and in that regime pipelining can only hide the "
-           "small a2a and GEMM terms: every degree, r = 1 included, is within a few percent of "
-           "the best. Testbed B inherits the ratio (derived preset). ")
+    txt = (
+        "**Why the simulated per-layer speedups are far below the published 1.18x / "
+        "1.22x.** (a) With the published testbed-A fits, all-gather costs 2.32e-6 ms/B "
+        "(about 0.43 GB/s, ten times reduce-scatter's 2.34e-7). In FSMoE's layout (ESP "
+        "inside a node) a layer's ag/rs then outweigh its a2a and GEMMs, most layers are "
+        "intra-node bound (table above), and in that regime pipelining can only hide the "
+        "small a2a and GEMM terms: every degree, r = 1 included, is within a few percent of "
+        "the best. Testbed B inherits the ratio (derived preset). "
+    )
     if esp1:
-        txt += ("The sensitivity rows show the planner's gain where a2a and compute are "
-                f"balanced: with all GPUs in one EP group (no ag/rs) FSMoE averages "
-                f"{rng([x['mean'] for x in t2])} over a fixed r = 2 (up to "
-                f"{max(x['max'] for x in t2):.2f}x) and {rng([x['mean'] for x in ds])} over "
-                f"no overlap (up to {max(x['max'] for x in ds):.2f}x). ")
-    txt += ("(b) Our baselines run in the same ideal simulator: Tutel and PipeMoE get the same "
-            "overlap engine (perfectly concurrent streams, no slowdown under contention, no "
-            "framework overhead), so only their degrees differ. The published numbers are "
-            "measured on real systems, where the baselines also differ in kernels, a2a "
-            "implementation and (Tutel) the lack of ag/rs pipelining. ")
+        txt += (
+            "The sensitivity rows show the planner's gain where a2a and compute are "
+            f"balanced: with all GPUs in one EP group (no ag/rs) FSMoE averages "
+            f"{rng([x['mean'] for x in t2])} over a fixed r = 2 (up to "
+            f"{max(x['max'] for x in t2):.2f}x) and {rng([x['mean'] for x in ds])} over "
+            f"no overlap (up to {max(x['max'] for x in ds):.2f}x). "
+        )
+    txt += (
+        "(b) Our baselines run in the same ideal simulator: Tutel and PipeMoE get the same "
+        "overlap engine (perfectly concurrent streams, no slowdown under contention, no "
+        "framework overhead), so only their degrees differ. The published numbers are "
+        "measured on real systems, where the baselines also differ in kernels, a2a "
+        "implementation and (Tutel) the lack of ag/rs pipelining. "
+    )
     if rows:
-        txt += ("(c) Whole-model gains come mostly from hiding the data-parallel all-reduce "
-                "(published ar beta 4.95e-6 ms/B) in idle link time: Lina's greedy placement "
-                f"of the same all-reduce is within {rng(lina)} of FSMoE here, and the "
-                f"{rng(dsm)} over DeepSpeed-MoE is mostly that all-reduce. The paper's 3.01x "
-                "implies a much slower real baseline than our idealised one.")
+        txt += (
+            "(c) Whole-model gains come mostly from hiding the data-parallel all-reduce "
+            "(published ar beta 4.95e-6 ms/B) in idle link time: Lina's greedy placement "
+            f"of the same all-reduce is within {rng(lina)} of FSMoE here, and the "
+            f"{rng(dsm)} over DeepSpeed-MoE is mostly that all-reduce. The paper's 3.01x "
+            "implies a much slower real baseline than our idealised one."
+        )
     return txt
 
 
 # ---- report ---------------------------------------------------------------------------------
-def render(sw: list[dict], mods: dict, fid: dict | None, cmd: str, wall: float,
-           load: tuple = ()) -> str:
-    L = [f"# Plan validation ({DATE})", "",
-         f"- Machine: {MACHINE} ({platform.python_version()}, {platform.machine()})",
-         f"- Command: `{cmd}`", f"- Wall time: {wall:.0f} s",
-         "- 1-minute load average at start / end: "
-         + " / ".join(f"{x:.1f}" for x in load) + " (section 4's timings move with the "
-         "machine's load)", "",
-         "Cost models: `fsmoe-testbed-a` = FSMoE's published fits; `fsmoe-testbed-b` = derived "
-         "from them by datasheet rate ratios (see `moeflow.perf.presets`). Layout: N_EP = nodes, "
-         "N_ESP = GPUs per node, one expert per EP rank, top-2, fp16 messages. Rows after the "
-         "first two are sensitivity checks, not the presets: all GPUs in one EP group "
-         "(no ag/rs), and the published ag beta replaced by rs's (see section 2).", "",
-         "## 1. Optimality over FSMoE's 1458-layer sweep (target: within 1% of the best "
-         "r in 1..16 in >= 99% of layers)", "",
-         "| testbed | layers | within 1% | worst gap | within 1% (four-case model only, no sim "
-         "in the integer search) | r_fwd != r_bwd |",
-         "| --- | --- | --- | --- | --- | --- |"]
+def render(
+    sw: list[dict], mods: dict, fid: dict | None, cmd: str, wall: float, load: tuple = ()
+) -> str:
+    L = [
+        f"# Plan validation ({DATE})",
+        "",
+        f"- Machine: {MACHINE} ({platform.python_version()}, {platform.machine()})",
+        f"- Command: `{cmd}`",
+        f"- Wall time: {wall:.0f} s",
+        "- 1-minute load average at start / end: "
+        + " / ".join(f"{x:.1f}" for x in load)
+        + " (section 4's timings move with the "
+        "machine's load)",
+        "",
+        "Cost models: `fsmoe-testbed-a` = FSMoE's published fits; `fsmoe-testbed-b` = derived "
+        "from them by datasheet rate ratios (see `moeflow.perf.presets`). Layout: N_EP = nodes, "
+        "N_ESP = GPUs per node, one expert per EP rank, top-2, fp16 messages. Rows after the "
+        "first two are sensitivity checks, not the presets: all GPUs in one EP group "
+        "(no ag/rs), and the published ag beta replaced by rs's (see section 2).",
+        "",
+        "## 1. Optimality over FSMoE's 1458-layer sweep (target: within 1% of the best "
+        "r in 1..16 in >= 99% of layers)",
+        "",
+        "| testbed | layers | within 1% | worst gap | within 1% (four-case model only, no sim "
+        "in the integer search) | r_fwd != r_bwd |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for s in sw:
-        L.append(f"| {s['cluster']} | {s['layers']} | {100 * s['within_1pct']:.2f}% | "
-                 f"{100 * s['worst_gap']:.2f}% | {100 * s['within_1pct_model_only']:.2f}% | "
-                 f"{s['fwd_ne_bwd']} of {s['layers']} (paper: 912 of 1458) |")
-    L += ["", "## 2. Simulated speedup of the FSMoE plan", "",
-          "Per layer (forward + backward, no gradient all-reduce), over the 1458 layers:", "",
-          "| testbed | vs Tutel-style r=2 | vs Tutel+PipeMoE (paper: 1.18x A, 1.22x B) | "
-          "vs DeepSpeed-MoE |", "| --- | --- | --- | --- |"]
+        L.append(
+            f"| {s['cluster']} | {s['layers']} | {100 * s['within_1pct']:.2f}% | "
+            f"{100 * s['worst_gap']:.2f}% | {100 * s['within_1pct_model_only']:.2f}% | "
+            f"{s['fwd_ne_bwd']} of {s['layers']} (paper: 912 of 1458) |"
+        )
+    L += [
+        "",
+        "## 2. Simulated speedup of the FSMoE plan",
+        "",
+        "Per layer (forward + backward, no gradient all-reduce), over the 1458 layers:",
+        "",
+        "| testbed | vs Tutel-style r=2 | vs Tutel+PipeMoE (paper: 1.18x A, 1.22x B) | "
+        "vs DeepSpeed-MoE |",
+        "| --- | --- | --- | --- |",
+    ]
     for s in sw:
         sp = s["speedup"]
-        cell = lambda k, sp=sp: (f"mean {sp[k]['mean']:.3f}x, range "  # noqa: E731
-                                 f"{sp[k]['min']:.3f}-{sp[k]['max']:.3f}x")
-        L.append(f"| {s['cluster']} | {cell('tutel(r=2)')} | {cell('tutel+pipemoe')} | "
-                 f"{cell('deepspeed-moe')} |")
-    L += ["", "Binding form of the forward pass at the relaxed optimum (four-case model):", "",
-          "| testbed | " + " | ".join(("inter", "compute", "a2a", "intra")) + " |",
-          "| --- | --- | --- | --- | --- |"]
+        cell = lambda k, sp=sp: (
+            f"mean {sp[k]['mean']:.3f}x, range "  # noqa: E731
+            f"{sp[k]['min']:.3f}-{sp[k]['max']:.3f}x"
+        )
+        L.append(
+            f"| {s['cluster']} | {cell('tutel(r=2)')} | {cell('tutel+pipemoe')} | "
+            f"{cell('deepspeed-moe')} |"
+        )
+    L += [
+        "",
+        "Binding form of the forward pass at the relaxed optimum (four-case model):",
+        "",
+        "| testbed | " + " | ".join(("inter", "compute", "a2a", "intra")) + " |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for s in sw:
         c = s["binding_case_fwd"]
-        L.append(f"| {s['cluster']} | " + " | ".join(str(c.get(k, 0)) for k in
-                                                    ("inter", "compute", "a2a", "intra")) + " |")
+        L.append(
+            f"| {s['cluster']} | "
+            + " | ".join(str(c.get(k, 0)) for k in ("inter", "compute", "a2a", "intra"))
+            + " |"
+        )
     L += ["", gaps(sw, mods)]
-    L += ["", "Whole-model training step (all MoE layers, attention GEMMs, data-parallel "
-          "gradient all-reduce partitioned by FSMoE, after the backward for the baselines; "
-          "Lina fills idle windows greedily). Speedup of FSMoE over each (paper: 1.28-3.01x "
-          "over DeepSpeed-MoE):", "",
-          "| testbed | model | tokens/GPU | FSMoE step (ms) | FSMoE (r_fwd, r_bwd) | "
-          "vs DeepSpeed-MoE | vs Tutel r=2 | vs Tutel+PipeMoE | vs Lina | solve (ms) |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    L += [
+        "",
+        "Whole-model training step (all MoE layers, attention GEMMs, data-parallel "
+        "gradient all-reduce partitioned by FSMoE, after the backward for the baselines; "
+        "Lina fills idle windows greedily). Speedup of FSMoE over each (paper: 1.28-3.01x "
+        "over DeepSpeed-MoE):",
+        "",
+        "| testbed | model | tokens/GPU | FSMoE step (ms) | FSMoE (r_fwd, r_bwd) | "
+        "vs DeepSpeed-MoE | vs Tutel r=2 | vs Tutel+PipeMoE | vs Lina | solve (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for tb, rows in mods.items():
         for r in rows:
             degs = ", ".join(f"({a},{b})" for a, b in r["fsmoe_degrees"][:3])
-            L.append(f"| {tb} | {r['model']} | {r['tokens_per_gpu']} | {r['fsmoe_ms']:.0f} | "
-                     f"{degs} | {r['deepspeed-moe']:.3f}x | {r['tutel(r=2)']:.3f}x | "
-                     f"{r['tutel+pipemoe']:.3f}x | {r['lina']:.3f}x | {r['solve_ms']:.0f} |")
-    L += ["", "## 3. Solve time per layer (forward + backward; target median < 20 ms, "
-          "paper 193 ms)", "", "| testbed | median | p99 |", "| --- | --- | --- |"]
+            L.append(
+                f"| {tb} | {r['model']} | {r['tokens_per_gpu']} | {r['fsmoe_ms']:.0f} | "
+                f"{degs} | {r['deepspeed-moe']:.3f}x | {r['tutel(r=2)']:.3f}x | "
+                f"{r['tutel+pipemoe']:.3f}x | {r['lina']:.3f}x | {r['solve_ms']:.0f} |"
+            )
+    L += [
+        "",
+        "## 3. Solve time per layer (forward + backward; target median < 20 ms, paper 193 ms)",
+        "",
+        "| testbed | median | p99 |",
+        "| --- | --- | --- |",
+    ]
     for s in sw:
         L.append(f"| {s['cluster']} | {s['solve_ms_median']:.2f} ms | {s['solve_ms_p99']:.2f} ms |")
-    L += ["", "## 4. Fidelity on this machine (4 gloo ranks = 2 nodes x 2; target within 15%)",
-          ""]
+    L += ["", "## 4. Fidelity on this machine (4 gloo ranks = 2 nodes x 2; target within 15%)", ""]
     if fid is None:
         L.append("Not run in this invocation (pass `--fidelity`).")
     else:
-        L += [f"Layer: MoEConfig({', '.join(f'{k}={v}' for k, v in FID_CFG.items())}), "
-              f"SwiGLU, dropless, fp32, {FID_TOKENS} tokens per rank, dispatcher a2a, "
-              f"runtime: {fid['runtime']}. Step = forward + backward (median of timed "
-              "iterations, slowest rank; the degrees are timed round robin).", "",
-              "| r | predicted (ms) | of which fwd pass / bwd pass / not overlapped rest | "
-              "other resource model (ms) | measured (ms), median | individual runs (ms) | "
-              "error vs median | error vs fastest run | error vs median, drift-corrected |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        L += [
+            f"Layer: MoEConfig({', '.join(f'{k}={v}' for k, v in FID_CFG.items())}), "
+            f"SwiGLU, dropless, fp32, {FID_TOKENS} tokens per rank, dispatcher a2a, "
+            f"runtime: {fid['runtime']}. Step = forward + backward (median of timed "
+            "iterations, slowest rank; the degrees are timed round robin).",
+            "",
+            "| r | predicted (ms) | of which fwd pass / bwd pass / not overlapped rest | "
+            "other resource model (ms) | measured (ms), median | individual runs (ms) | "
+            "error vs median | error vs fastest run | error vs median, drift-corrected |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in fid["rows"]:
             meas = "-" if r["measured_ms"] is None else f"{r['measured_ms']:.1f}"
             err = "-" if r["error"] is None else f"{100 * r['error']:+.1f}%"
             runs = ", ".join(f"{v:.0f}" for v in (r["measured_all"] or []))
             other = "separate" if r["mode"] == "shared" else "shared"
             err_b = "-" if r["error_best"] is None else f"{100 * r['error_best']:+.1f}%"
-            L.append(f"| {r['r']} | {r['predicted_ms']:.1f} ({r['mode']}) | "
-                     f"{r['pred_fwd']:.1f} / {r['pred_bwd']:.1f} / {r['pred_other']:.1f} | "
-                     f"{r['pred_' + other]:.1f} ({other}) | {meas} | {runs} | {err} | "
-                     f"{err_b} | " + ("-" if r["error_drift"] is None else
-                                      f"{100 * r['error_drift']:+.1f}%") + " |")
+            L.append(
+                f"| {r['r']} | {r['predicted_ms']:.1f} ({r['mode']}) | "
+                f"{r['pred_fwd']:.1f} / {r['pred_bwd']:.1f} / {r['pred_other']:.1f} | "
+                f"{r['pred_' + other]:.1f} ({other}) | {meas} | {runs} | {err} | "
+                f"{err_b} | "
+                + ("-" if r["error_drift"] is None else f"{100 * r['error_drift']:+.1f}%")
+                + " |"
+            )
         c = fid["calib"]
         pr = c["probe"]
         if fid.get("drift"):
-            L += ["", "Drift correction: the single-device layer (forward + backward on the local "
-                  f"tokens) took {c['single_device_layer_ms']:.1f} ms at calibration and a "
-                  f"median {statistics.median(fid['reference_ms']):.1f} ms when timed in the "
-                  "same rounds as the runtime (runs: "
-                  + ", ".join(f"{v:.0f}" for v in fid["reference_ms"]) + f"); the last error "
-                  f"column scales the prediction by that ratio ({fid['drift']:.2f}), i.e. "
-                  "compares with a reference measured under the same load. The target is "
-                  "judged on the plain median column."]
-        L += ["", "Resource model: the simulator builds the runtime's wavefront order. An "
-              "overlap probe (async a2a of the r = 1 dispatch size issued, expert FFN forward "
-              f"run, then waited) measured compute {pr['compute_ms']:.1f} ms, a2a "
-              f"{pr['a2a_ms']:.1f} ms, both {pr['both_ms']:.1f} ms: overlap "
-              f"{pr['overlap']:.2f} of the shorter one. At >= 0.5 link and compute are "
-              "separate resources ('separate'); below, gloo's threads and the compute share "
-              "this host's cores and are one resource ('shared').",
-              "", f"Expert FFN fits (all 4 ranks at once): forward alpha "
-              f"{c['exp_fwd']['alpha']:.3g} ms, beta {c['exp_fwd']['beta']:.3g} ms/FLOP "
-              f"(R^2 {c['exp_fwd']['r2']:.4f}); backward alpha {c['exp_bwd']['alpha']:.3g} ms, "
-              f"beta {c['exp_bwd']['beta']:.3g} ms/FLOP (R^2 {c['exp_bwd']['r2']:.4f}). "
-              f"Single-device layer forward+backward on the local tokens: "
-              f"{c['single_device_layer_ms']:.1f} ms, of which {c['rest_ms']:.1f} ms is not "
-              "expert FFN.", "", "Profiled fits used for the prediction:", "",
-              "| primitive | alpha (ms) | beta (ms/unit) | R^2 |", "| --- | --- | --- | --- |"]
+            L += [
+                "",
+                "Drift correction: the single-device layer (forward + backward on the local "
+                f"tokens) took {c['single_device_layer_ms']:.1f} ms at calibration and a "
+                f"median {statistics.median(fid['reference_ms']):.1f} ms when timed in the "
+                "same rounds as the runtime (runs: "
+                + ", ".join(f"{v:.0f}" for v in fid["reference_ms"])
+                + f"); the last error "
+                f"column scales the prediction by that ratio ({fid['drift']:.2f}), i.e. "
+                "compares with a reference measured under the same load. The target is "
+                "judged on the plain median column.",
+            ]
+        L += [
+            "",
+            "Resource model: the simulator builds the runtime's wavefront order. An "
+            "overlap probe (async a2a of the r = 1 dispatch size issued, expert FFN forward "
+            f"run, then waited) measured compute {pr['compute_ms']:.1f} ms, a2a "
+            f"{pr['a2a_ms']:.1f} ms, both {pr['both_ms']:.1f} ms: overlap "
+            f"{pr['overlap']:.2f} of the shorter one. At >= 0.5 link and compute are "
+            "separate resources ('separate'); below, gloo's threads and the compute share "
+            "this host's cores and are one resource ('shared').",
+            "",
+            f"Expert FFN fits (all 4 ranks at once): forward alpha "
+            f"{c['exp_fwd']['alpha']:.3g} ms, beta {c['exp_fwd']['beta']:.3g} ms/FLOP "
+            f"(R^2 {c['exp_fwd']['r2']:.4f}); backward alpha {c['exp_bwd']['alpha']:.3g} ms, "
+            f"beta {c['exp_bwd']['beta']:.3g} ms/FLOP (R^2 {c['exp_bwd']['r2']:.4f}). "
+            f"Single-device layer forward+backward on the local tokens: "
+            f"{c['single_device_layer_ms']:.1f} ms, of which {c['rest_ms']:.1f} ms is not "
+            "expert FFN.",
+            "",
+            "Profiled fits used for the prediction:",
+            "",
+            "| primitive | alpha (ms) | beta (ms/unit) | R^2 |",
+            "| --- | --- | --- | --- |",
+        ]
         for k, c in sorted(fid["perf"]["costs"].items()):
             L.append(f"| {k} | {c['alpha']:.4g} | {c['beta']:.4g} | {c['r2']:.4f} |")
     return "\n".join(L) + "\n"
@@ -509,11 +643,13 @@ def main(argv=None) -> int:
     md = render(sw, mods, fid, cmd.strip(), time.time() - t0, (load0, os.getloadavg()[0]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = (f"plan_validation_{os.cpu_count()}cpu-{platform.machine()}_{DATE}"
-            + ("_fidelity" if args.fidelity_only else ""))
+    name = f"plan_validation_{os.cpu_count()}cpu-{platform.machine()}_{DATE}" + (
+        "_fidelity" if args.fidelity_only else ""
+    )
     (out / f"{name}.md").write_text(md)
-    (out / f"{name}.json").write_text(json.dumps({"sweep": sw, "models": mods,
-                                                  "fidelity": fid}, indent=1))
+    (out / f"{name}.json").write_text(
+        json.dumps({"sweep": sw, "models": mods, "fidelity": fid}, indent=1)
+    )
     print(md)
     return 0
 

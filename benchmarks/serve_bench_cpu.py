@@ -43,8 +43,18 @@ WORKLOADS = {
 
 
 SHAPED_FLAGS = WORKLOADS["decode-heavy"]
-SMOKE_FLAGS = ["--requests", "3", "--prompt-len", "4:8", "--output-len", "2:3",
-               "--demo-layers", "1", "--demo-hidden", "32"]
+SMOKE_FLAGS = [
+    "--requests",
+    "3",
+    "--prompt-len",
+    "4:8",
+    "--output-len",
+    "2:3",
+    "--demo-layers",
+    "1",
+    "--demo-hidden",
+    "32",
+]
 
 
 def node_main(rank: int, master: str, port: int, repeat: int, flags) -> int:
@@ -60,8 +70,13 @@ def node_main(rank: int, master: str, port: int, repeat: int, flags) -> int:
     from moeflow.runtime.serving import ServeSchedule, serve_rank
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank,
-                            world_size=2, timeout=dt.timedelta(seconds=600))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{master}:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=dt.timedelta(seconds=600),
+    )
     args = add_serve_bench_arguments(argparse.ArgumentParser()).parse_args(flags)
     model = sbm._model(args)
     reqs = sbm.request_set(args, model.cfg.vocab_size, model.cfg.max_position_embeddings)
@@ -77,15 +92,22 @@ def node_main(rank: int, master: str, port: int, repeat: int, flags) -> int:
         w = sbm.findep_workload(model.cfg, 1, 1, width, seqs, gemm, link)
         p = fd.solve(w)
         d = fd.solve(sbm.findep_workload(model.cfg, 1, 1, 1, seqs, gemm, link))
-        plan_t = torch.tensor([p.r1, p.r2, fd.ORDERS.index(p.order), d.r1, d.r2,
-                               fd.ORDERS.index(d.order)])
-        print(json.dumps({"link_alpha_ms": link.alpha, "link_beta_ms_per_B": link.beta,
-                          "link_r2": link.r2}), flush=True)
+        plan_t = torch.tensor(
+            [p.r1, p.r2, fd.ORDERS.index(p.order), d.r1, d.r2, fd.ORDERS.index(d.order)]
+        )
+        print(
+            json.dumps(
+                {"link_alpha_ms": link.alpha, "link_beta_ms_per_B": link.beta, "link_r2": link.r2}
+            ),
+            flush=True,
+        )
     dist.broadcast(plan_t, 0)
     v = plan_t.tolist()
-    schedules = [ServeSchedule.naive(), ServeSchedule.pppipe(),
-                 ServeSchedule("findep", v[0], v[1], fd.ORDERS[v[2]],
-                               (v[3], v[4], fd.ORDERS[v[5]]))]
+    schedules = [
+        ServeSchedule.naive(),
+        ServeSchedule.pppipe(),
+        ServeSchedule("findep", v[0], v[1], fd.ORDERS[v[2]], (v[3], v[4], fd.ORDERS[v[5]])),
+    ]
     best = {}
     for _ in range(repeat):
         for s in schedules:
@@ -122,9 +144,16 @@ def shaped(rate: str, repeat: int, smoke: bool):
         me = [sys.executable, os.path.abspath(__file__), "--repeat", str(repeat)]
         me += ["--smoke"] if smoke else []
         port = 29611
-        procs = [subprocess.Popen(ec.node_command(i, me + ["--node-rank", str(i), "--master",
-                                                           ec.addr(0), "--port", str(port)]),
-                                  stdout=subprocess.PIPE, text=True) for i in (0, 1)]
+        procs = [
+            subprocess.Popen(
+                ec.node_command(
+                    i, me + ["--node-rank", str(i), "--master", ec.addr(0), "--port", str(port)]
+                ),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in (0, 1)
+        ]
         outs = [p.communicate(timeout=1800)[0] for p in procs]
         if any(p.returncode for p in procs):
             return None, f"a node exited with {[p.returncode for p in procs]}"
@@ -147,54 +176,86 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.node_rank is not None:
-        return node_main(args.node_rank, args.master, args.port, args.repeat,
-                         SMOKE_FLAGS if args.smoke else SHAPED_FLAGS)
+        return node_main(
+            args.node_rank,
+            args.master,
+            args.port,
+            args.repeat,
+            SMOKE_FLAGS if args.smoke else SHAPED_FLAGS,
+        )
     date = datetime.date.today().isoformat()
     import platform
 
     import torch
 
-    lines = [f"# serve-bench: naive DEP vs PPPipe vs FinDEP, loopback and shaped link ({date}, "
-             f"{args.host})", "",
-             f"CPU: {cpu_name()}; Python {platform.python_version()}, torch {torch.__version__}; "
-             "AG = 1, EG = 1 gloo ranks, one thread each; best of "
-             f"{args.repeat} interleaved runs per schedule; demo model (4 layers, hidden 256, "
-             "8 experts top-2, 1 shared expert, fp32).", "",
-             "`python benchmarks/serve_bench_cpu.py` (each workload is one `moeflow "
-             "serve-bench` run; flags below).", ""]
+    lines = [
+        f"# serve-bench: naive DEP vs PPPipe vs FinDEP, loopback and shaped link ({date}, "
+        f"{args.host})",
+        "",
+        f"CPU: {cpu_name()}; Python {platform.python_version()}, torch {torch.__version__}; "
+        "AG = 1, EG = 1 gloo ranks, one thread each; best of "
+        f"{args.repeat} interleaved runs per schedule; demo model (4 layers, hidden 256, "
+        "8 experts top-2, 1 shared expert, fp32).",
+        "",
+        "`python benchmarks/serve_bench_cpu.py` (each workload is one `moeflow "
+        "serve-bench` run; flags below).",
+        "",
+    ]
     records = {}
     loads = {"smoke": SMOKE_FLAGS} if args.smoke else WORKLOADS
     for name, flags in ({} if args.skip_loopback else loads).items():
         with tempfile.TemporaryDirectory() as tmp:
             rec_path = Path(tmp) / "rec.json"
             sb = add_serve_bench_arguments(argparse.ArgumentParser())
-            sb_args = sb.parse_args(flags + ["--repeat", str(args.repeat), "--json",
-                                             str(rec_path)])
+            sb_args = sb.parse_args(flags + ["--repeat", str(args.repeat), "--json", str(rec_path)])
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
                 run_serve_bench(sb_args)
             out = buf.getvalue()
             print(out, end="")
             records[name] = json.loads(rec_path.read_text())
-        lines += [f"## {name}", "", f"flags: `{' '.join(flags)} --repeat {args.repeat}`", "",
-                  *[ln for ln in out.splitlines() if ln.startswith(("|", "serve-bench:"))], ""]
+        lines += [
+            f"## {name}",
+            "",
+            f"flags: `{' '.join(flags)} --repeat {args.repeat}`",
+            "",
+            *[ln for ln in out.splitlines() if ln.startswith(("|", "serve-bench:"))],
+            "",
+        ]
     for rate in [r for r in args.shaped.split(",") if r]:
         from moeflow.runtime.serve_bench import Metrics, format_table
 
         ms, info = shaped(rate, args.repeat, args.smoke)
-        lines += [f"## decode-heavy over a {rate} shaped link (AG and EG in two namespaces)",
-                  "", f"flags: `{' '.join(SMOKE_FLAGS if args.smoke else SHAPED_FLAGS)} "
-                  f"--repeat {args.repeat}`", ""]
+        lines += [
+            f"## decode-heavy over a {rate} shaped link (AG and EG in two namespaces)",
+            "",
+            f"flags: `{' '.join(SMOKE_FLAGS if args.smoke else SHAPED_FLAGS)} "
+            f"--repeat {args.repeat}`",
+            "",
+        ]
         if ms is None:
             lines += [f"skipped: {info}", ""]
             records[f"shaped-{rate}"] = {"skipped": info}
             continue
-        lines += [f"link across the shaped link: {info['link_alpha_ms']:.3g} ms + "
-                  f"{info['link_beta_ms_per_B']:.3g} ms/B (R^2 {info['link_r2']:.3f})", "",
-                  format_table([Metrics(**{**m, "ttft_ms": tuple(m["ttft_ms"]),
-                                           "tpot_ms": tuple(m["tpot_ms"]),
-                                           "decode": None if m["decode"] is None
-                                           else tuple(m["decode"])}) for m in ms]), ""]
+        lines += [
+            f"link across the shaped link: {info['link_alpha_ms']:.3g} ms + "
+            f"{info['link_beta_ms_per_B']:.3g} ms/B (R^2 {info['link_r2']:.3f})",
+            "",
+            format_table(
+                [
+                    Metrics(
+                        **{
+                            **m,
+                            "ttft_ms": tuple(m["ttft_ms"]),
+                            "tpot_ms": tuple(m["tpot_ms"]),
+                            "decode": None if m["decode"] is None else tuple(m["decode"]),
+                        }
+                    )
+                    for m in ms
+                ]
+            ),
+            "",
+        ]
         records[f"shaped-{rate}"] = {"link": info, "results": ms}
         print("\n".join(lines[-2:]))
     out_dir = Path(args.out)

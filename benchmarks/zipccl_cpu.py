@@ -59,7 +59,7 @@ FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: GPU codec throughput assumed by ``simulate`` (each of encode and decode): DietGPU's
 #: published exponent-rANS rate on A100 is 250-600 GB/s; we take the middle
 GPU_CODEC_GBPS = 400.0
-GPU_CODEC_ALPHA_MS = 0.01   # one kernel launch each way (assumed)
+GPU_CODEC_ALPHA_MS = 0.01  # one kernel launch each way (assumed)
 
 
 # ----------------------------------------------------------------------------- traffic
@@ -82,8 +82,11 @@ def capture_traffic(warm_steps: int, capture_steps: int, batch: int, seed: int =
         if recording[0]:
             acts["combine"].append(out.detach().reshape(-1, out.shape[-1]).clone())
             if out.requires_grad:
-                out.register_hook(lambda g: acts["dispatch-grad"].append(
-                    g.detach().reshape(-1, g.shape[-1]).clone()))
+                out.register_hook(
+                    lambda g: acts["dispatch-grad"].append(
+                        g.detach().reshape(-1, g.shape[-1]).clone()
+                    )
+                )
 
     for layer in model.moe_layers():
         layer.register_forward_pre_hook(pre)
@@ -99,12 +102,14 @@ def capture_traffic(warm_steps: int, capture_steps: int, batch: int, seed: int =
             grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
             params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
         opt.step()
-    return {"all-to-all: dispatch (MoE inputs)": acts["dispatch"],
-            "all-to-all: combine (MoE outputs)": acts["combine"],
-            "all-to-all: backward dispatch (grads of MoE outputs)": acts["dispatch-grad"],
-            "all-reduce / reduce-scatter: gradients": grads,
-            "all-gather: parameters": params,
-            "_loss": float(loss)}
+    return {
+        "all-to-all: dispatch (MoE inputs)": acts["dispatch"],
+        "all-to-all: combine (MoE outputs)": acts["combine"],
+        "all-to-all: backward dispatch (grads of MoE outputs)": acts["dispatch-grad"],
+        "all-reduce / reduce-scatter: gradients": grads,
+        "all-gather: parameters": params,
+        "_loss": float(loss),
+    }
 
 
 def traffic_table(tensors: dict, threads: int = 1) -> dict:
@@ -139,19 +144,30 @@ def traffic_table(tensors: dict, threads: int = 1) -> dict:
                 t_dec += t2 - t1
                 zip_ += m.size
                 gauss += C.encode(x, threads=threads, shapes=C.GAUSSIAN).size
-                bits = x.view(torch.int16 if spec.itemsize == 2 else torch.int32).numpy().view(
-                    spec.uint)
+                bits = (
+                    x.view(torch.int16 if spec.itemsize == 2 else torch.int32)
+                    .numpy()
+                    .view(spec.uint)
+                )
                 ent += entropy.encode(bits, dname, threads)[0].size
                 h, _ = C.exponent_entropy_bound(x)
                 bound += n * (spec.bits - spec.exp_bits + h) / 8
                 n_msgs += 1
             rows[f"{name} [{dname}]"] = {
-                "messages": n_msgs, "raw_bytes": raw, "zipccl_bytes": zip_,
-                "zipccl_gaussian_bytes": gauss, "entropy_codec_bytes": ent,
-                "bound_bytes": bound, "zipccl_ratio": raw / zip_, "bound_ratio": raw / bound,
-                "zipccl_vs_bound": bound / zip_, "entropy_codec_ratio": raw / ent,
+                "messages": n_msgs,
+                "raw_bytes": raw,
+                "zipccl_bytes": zip_,
+                "zipccl_gaussian_bytes": gauss,
+                "entropy_codec_bytes": ent,
+                "bound_bytes": bound,
+                "zipccl_ratio": raw / zip_,
+                "bound_ratio": raw / bound,
+                "zipccl_vs_bound": bound / zip_,
+                "entropy_codec_ratio": raw / ent,
                 "gaussian_ratio": raw / gauss,
-                "encode_MBps": raw / 1e6 / t_enc, "decode_MBps": raw / 1e6 / t_dec}
+                "encode_MBps": raw / 1e6 / t_enc,
+                "decode_MBps": raw / 1e6 / t_dec,
+            }
     return rows
 
 
@@ -174,15 +190,26 @@ def _worker(args) -> int:
     t_prof = 0.0
     if "auto" in args.modes:
         t0 = time.perf_counter()
-        perf = profile(sizes=(1 << 16, 1 << 18, 1 << 20, 1 << 22), gemm_sizes=(64, 128),
-                       reps=2, trials=2, progress=False)
+        perf = profile(
+            sizes=(1 << 16, 1 << 18, 1 << 20, 1 << 22),
+            gemm_sizes=(64, 128),
+            reps=2,
+            trials=2,
+            progress=False,
+        )
         codec = profile_codec(threads=args.threads, reps=2, trials=2, group=dist.group.WORLD)
         perf.meta["codec_costs"] = {k: c.to_dict() for k, c in codec.items()}
         t_prof = time.perf_counter() - t0
     corpus = load_corpus(400_000)
     dtype = FLOATS[args.dtype]
-    out = {"world": world, "dtype": args.dtype, "threads": args.threads, "link": args.link,
-           "profile_s": t_prof, "modes": {}}
+    out = {
+        "world": world,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "link": args.link,
+        "profile_s": t_prof,
+        "modes": {},
+    }
     if perf is not None:
         out["perf"] = {k: [c.alpha, c.beta] for k, c in perf.costs.items()}
         out["codec"] = {k: [v["alpha"], v["beta"]] for k, v in perf.meta["codec_costs"].items()}
@@ -192,8 +219,9 @@ def _worker(args) -> int:
         policy = None
         if mode != "ddp":
             cz = {"off": False, "on": True, "auto": "auto"}[mode]
-            policy = register_comm_hook(ddp, Compression(cz, perf, timeout_s=300,
-                                                         threads=args.threads)).compression
+            policy = register_comm_hook(
+                ddp, Compression(cz, perf, timeout_s=300, threads=args.threads)
+            ).compression
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         sampler = BatchSampler(corpus, model.cfg.seq_len, args.batch, seed=rank)
         times = []
@@ -209,8 +237,7 @@ def _worker(args) -> int:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if step >= 2:
                 times.append(float(t) * 1e3)
-        rec = {"median_ms": statistics.median(times), "min_ms": min(times),
-               "steps_ms": times}
+        rec = {"median_ms": statistics.median(times), "min_ms": min(times), "steps_ms": times}
         if policy is not None:
             st = policy.stats.as_dict()
             rec["calls"] = sum(v["calls"] for v in st.values())
@@ -225,41 +252,79 @@ def _worker(args) -> int:
     return 0
 
 
-def run_steps(world: int, link: str, modes, steps: int, batch: int, dtype: str,
-              threads: int, timeout_s: float = 900) -> dict:
+def run_steps(
+    world: int,
+    link: str,
+    modes,
+    steps: int,
+    batch: int,
+    dtype: str,
+    threads: int,
+    timeout_s: float = 900,
+) -> dict:
     """Start ``world`` worker processes on the loopback (``link="loopback"``) or one per node
     of an emulated cluster with links shaped to ``link`` (e.g. "1gbit"); returns rank 0's
     JSON record."""
     from moeflow.comm.ports import free_port
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--modes", *modes,
-           "--steps", str(steps), "--batch", str(batch), "--dtype", dtype,
-           "--threads", str(threads), "--link", link]
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "WORLD_SIZE": str(world),
-           "OMP_NUM_THREADS": str(threads)}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "worker",
+        "--modes",
+        *modes,
+        "--steps",
+        str(steps),
+        "--batch",
+        str(batch),
+        "--dtype",
+        dtype,
+        "--threads",
+        str(threads),
+        "--link",
+        link,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(HERE.parent / "src"),
+        "WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": str(threads),
+    }
     procs = []
     ec = None
     try:
         if link == "loopback":
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
             for r in range(world):
-                procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(r)},
-                                              stdout=subprocess.PIPE, text=True))
+                procs.append(
+                    subprocess.Popen(
+                        cmd, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, text=True
+                    )
+                )
         else:
             import emulated_cluster as ec
 
             reason = ec.unavailable()
             if reason:
                 return {"skipped": reason}
-            ec.PREFIX = "mfzc"   # our own namespaces: another benchmark may use the default
+            ec.PREFIX = "mfzc"  # our own namespaces: another benchmark may use the default
             ec.up(world, link)
             env.update(MASTER_ADDR=ec.addr(0), MASTER_PORT="29512")
             for r in range(world):
-                e = {k: env[k] for k in ("PYTHONPATH", "WORLD_SIZE", "OMP_NUM_THREADS",
-                                         "MASTER_ADDR", "MASTER_PORT")}
+                e = {
+                    k: env[k]
+                    for k in (
+                        "PYTHONPATH",
+                        "WORLD_SIZE",
+                        "OMP_NUM_THREADS",
+                        "MASTER_ADDR",
+                        "MASTER_PORT",
+                    )
+                }
                 e["RANK"] = str(r)
-                procs.append(subprocess.Popen(ec.node_command(r, cmd, e),
-                                              stdout=subprocess.PIPE, text=True))
+                procs.append(
+                    subprocess.Popen(ec.node_command(r, cmd, e), stdout=subprocess.PIPE, text=True)
+                )
         outs = [p.communicate(timeout=timeout_s)[0] for p in procs]
     finally:
         for p in procs:
@@ -269,7 +334,7 @@ def run_steps(world: int, link: str, modes, steps: int, batch: int, dtype: str,
             ec.down()
     for line in outs[0].splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     raise RuntimeError(f"rank 0 printed no result (exit codes {[p.returncode for p in procs]})")
 
 
@@ -279,7 +344,7 @@ def _zip_perf(perf, ratios: dict):
     ``beta / ratio + codec betas`` and ``alpha + codec alphas``."""
     from moeflow.perf.cost import LinearCost, PerfModel
 
-    codec_beta = 2 * 1e3 / (GPU_CODEC_GBPS * 1e9)   # encode + decode, ms per byte
+    codec_beta = 2 * 1e3 / (GPU_CODEC_GBPS * 1e9)  # encode + decode, ms per byte
     costs = {}
     for k, c in perf.costs.items():
         prim = k.split("@")[0]
@@ -287,11 +352,19 @@ def _zip_perf(perf, ratios: dict):
             costs[k] = c
             continue
         beta = c.beta / ratios[prim] + codec_beta
-        costs[k] = (LinearCost(c.alpha + 2 * GPU_CODEC_ALPHA_MS, beta, source="derived",
-                               note=f"ZipCCL: beta/{ratios[prim]:.3f} + codec")
-                    if beta < c.beta else c)
-    return PerfModel(name=perf.name + "+zipccl", costs=costs,
-                     bytes_per_element=perf.bytes_per_element)
+        costs[k] = (
+            LinearCost(
+                c.alpha + 2 * GPU_CODEC_ALPHA_MS,
+                beta,
+                source="derived",
+                note=f"ZipCCL: beta/{ratios[prim]:.3f} + codec",
+            )
+            if beta < c.beta
+            else c
+        )
+    return PerfModel(
+        name=perf.name + "+zipccl", costs=costs, bytes_per_element=perf.bytes_per_element
+    )
 
 
 def simulate(ratios: dict) -> dict:
@@ -302,22 +375,30 @@ def simulate(ratios: dict) -> dict:
     from moeflow.plan.fsmoe import plan
 
     out = {}
-    for name, perf in (("h200-8x-ib, 8 nodes (64 GPUs)", h200_8x_ib(nodes=8)),
-                       ("FSMoE testbed A fits (A6000, 200 Gb/s per node)", testbed_a())):
-        w = LayerWorkload(B=4, L=4096, M=4096, H=14336, E=8, k=2, f=1.2, ffn="mixtral",
-                          heads=32, n_ep=8, n_dp=8)
+    for name, perf in (
+        ("h200-8x-ib, 8 nodes (64 GPUs)", h200_8x_ib(nodes=8)),
+        ("FSMoE testbed A fits (A6000, 200 Gb/s per node)", testbed_a()),
+    ):
+        w = LayerWorkload(
+            B=4, L=4096, M=4096, H=14336, E=8, k=2, f=1.2, ffn="mixtral", heads=32, n_ep=8, n_dp=8
+        )
         zperf = _zip_perf(perf, ratios)
         raw = plan(w, perf, num_layers=32)
         zip_ = plan(w, zperf, num_layers=32)
+
         # communication of one layer's step: 2 a2a per pass x (fwd + bwd) + its gradient ar
         def comm(p, w=w):
             return (4 * p.time("a2a", w.a2a_bytes) + p.time("ar", w.grad_bytes)) * 32
-        out[name] = {"raw_step_ms": raw.predicted_step_ms, "zipccl_step_ms":
-                     zip_.predicted_step_ms,
-                     "end_to_end_speedup": raw.predicted_step_ms / zip_.predicted_step_ms,
-                     "raw_comm_ms": comm(perf), "zipccl_comm_ms": comm(zperf),
-                     "comm_speedup": comm(perf) / comm(zperf),
-                     "a2a_bytes_per_layer": w.a2a_bytes}
+
+        out[name] = {
+            "raw_step_ms": raw.predicted_step_ms,
+            "zipccl_step_ms": zip_.predicted_step_ms,
+            "end_to_end_speedup": raw.predicted_step_ms / zip_.predicted_step_ms,
+            "raw_comm_ms": comm(perf),
+            "zipccl_comm_ms": comm(zperf),
+            "comm_speedup": comm(perf) / comm(zperf),
+            "a2a_bytes_per_layer": w.a2a_bytes,
+        }
     return out
 
 
@@ -348,19 +429,36 @@ def gpu_part(args) -> int:
             t_enc = ms(lambda x=x: G.gpu_encode(x))
             t_dec = ms(lambda msg=msg: G.gpu_decode(msg))
             nbytes = n * x.element_size()
-            rows.append({"dtype": dname, "n": n, "ratio": nbytes / msg.numel(),
-                         "encode_ms": t_enc, "decode_ms": t_dec,
-                         "encode_GBps": nbytes / t_enc / 1e6, "decode_GBps": nbytes / t_dec / 1e6})
+            rows.append(
+                {
+                    "dtype": dname,
+                    "n": n,
+                    "ratio": nbytes / msg.numel(),
+                    "encode_ms": t_enc,
+                    "decode_ms": t_dec,
+                    "encode_GBps": nbytes / t_enc / 1e6,
+                    "decode_GBps": nbytes / t_dec / 1e6,
+                }
+            )
     info = dict(run_info(smoke), rows=rows, failures=failures)
-    lines = [f"# ZipCCL GPU codec ({info['date']})", "", f"Device: {info['device']}; torch "
-             f"{info['torch']}, triton {info['triton']}.", f"Command: `{info['command']}`", "",
-             "Gaussian (sigma 0.02) messages; " + ("one call each (smoke: figures mean nothing)"
-                                                   if smoke else "median of do_bench") + ".", "",
-             "| dtype | values | ratio | encode ms | decode ms | encode GB/s | decode GB/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# ZipCCL GPU codec ({info['date']})",
+        "",
+        f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}.",
+        f"Command: `{info['command']}`",
+        "",
+        "Gaussian (sigma 0.02) messages; "
+        + ("one call each (smoke: figures mean nothing)" if smoke else "median of do_bench")
+        + ".",
+        "",
+        "| dtype | values | ratio | encode ms | decode ms | encode GB/s | decode GB/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['dtype']} | {r['n']} | {r['ratio']:.4f} | {r['encode_ms']:.3f} | "
-                     f"{r['decode_ms']:.3f} | {r['encode_GBps']:.1f} | {r['decode_GBps']:.1f} |")
+        lines.append(
+            f"| {r['dtype']} | {r['n']} | {r['ratio']:.4f} | {r['encode_ms']:.3f} | "
+            f"{r['decode_ms']:.3f} | {r['encode_GBps']:.1f} | {r['decode_GBps']:.1f} |"
+        )
     lines += ["", "Failures: " + ("; ".join(failures) if failures else "none")]
     write_record(args.out, f"zipccl_gpu_{'smoke' if smoke else args.tag}", info, lines)
     return 1 if failures else 0
@@ -368,30 +466,39 @@ def gpu_part(args) -> int:
 
 # ----------------------------------------------------------------------------- record
 def _fmt_traffic(rows: dict) -> list[str]:
-    lines = ["| traffic [dtype] | msgs | raw MB | ZipCCL ratio | bound ratio | ZipCCL / bound "
-             "| Gaussian-only ratio | entropy codec ratio | enc MB/s | dec MB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| traffic [dtype] | msgs | raw MB | ZipCCL ratio | bound ratio | ZipCCL / bound "
+        "| Gaussian-only ratio | entropy codec ratio | enc MB/s | dec MB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for k, r in rows.items():
-        lines.append(f"| {k} | {r['messages']} | {r['raw_bytes'] / 1e6:.2f} | "
-                     f"{r['zipccl_ratio']:.4f} | {r['bound_ratio']:.4f} | "
-                     f"{100 * r['zipccl_vs_bound']:.2f}% | {r['gaussian_ratio']:.4f} | "
-                     f"{r['entropy_codec_ratio']:.4f} | {r['encode_MBps']:.0f} | "
-                     f"{r['decode_MBps']:.0f} |")
+        lines.append(
+            f"| {k} | {r['messages']} | {r['raw_bytes'] / 1e6:.2f} | "
+            f"{r['zipccl_ratio']:.4f} | {r['bound_ratio']:.4f} | "
+            f"{100 * r['zipccl_vs_bound']:.2f}% | {r['gaussian_ratio']:.4f} | "
+            f"{r['entropy_codec_ratio']:.4f} | {r['encode_MBps']:.0f} | "
+            f"{r['decode_MBps']:.0f} |"
+        )
     return lines
 
 
 def _fmt_steps(results: list[dict]) -> list[str]:
-    lines = ["| link | world | dtype | mode | median step ms | min ms | compressed calls | "
-             "wire / raw bytes |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| link | world | dtype | mode | median step ms | min ms | compressed calls | "
+        "wire / raw bytes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for res in results:
         if "skipped" in res:
             lines.append(f"| {res.get('link', '?')} | | | skipped: {res['skipped']} | | | | |")
             continue
         for mode, r in res["modes"].items():
             cc = f"{r['compressed_calls']}/{r['calls']}" if "calls" in r else "-"
-            wr = (f"{r['wire_bytes'] / max(r['raw_bytes'], 1):.3f}" if "calls" in r else "-")
-            lines.append(f"| {res['link']} | {res['world']} | {res['dtype']} | {mode} | "
-                         f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | {cc} | {wr} |")
+            wr = f"{r['wire_bytes'] / max(r['raw_bytes'], 1):.3f}" if "calls" in r else "-"
+            lines.append(
+                f"| {res['link']} | {res['world']} | {res['dtype']} | {mode} | "
+                f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | {cc} | {wr} |"
+            )
     return lines
 
 
@@ -416,64 +523,95 @@ def main(argv=None) -> int:
         return _worker(args)
     if args.part == "gpu":
         return gpu_part(args)
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{cpu_name()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
-            "command": " ".join(["python", "benchmarks/zipccl_cpu.py"] + sys.argv[1:])}
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "command": " ".join(["python", "benchmarks/zipccl_cpu.py"] + sys.argv[1:]),
+    }
     info["loadavg_start"] = os.getloadavg()
-    lines = [f"# ZipCCL on CPU ({info['date']})", "",
-             f"Machine: {info['machine']}; torch {info['torch']}; 1-minute load average "
-             f"{info['loadavg_start'][0]:.1f} at the start (a shared machine: other jobs "
-             "ran alongside).",
-             f"Command: `PYTHONPATH=src {info['command']}`", ""]
+    lines = [
+        f"# ZipCCL on CPU ({info['date']})",
+        "",
+        f"Machine: {info['machine']}; torch {info['torch']}; 1-minute load average "
+        f"{info['loadavg_start'][0]:.1f} at the start (a shared machine: other jobs "
+        "ran alongside).",
+        f"Command: `PYTHONPATH=src {info['command']}`",
+        "",
+    ]
     ratios = {"a2a": 1.0, "ar": 1.0, "rs": 1.0, "ag": 1.0}
     if args.part in ("all", "traffic"):
         t = capture_traffic(args.warm_steps, args.capture_steps, args.batch)
         rows = traffic_table(t)
         info["traffic"] = rows
         info["demo_loss_at_capture"] = t["_loss"]
-        lines += ["## Wire bytes of the demo model's traffic", "",
-                  f"`moeflow.demo` model (default config), {args.warm_steps} AdamW steps, then "
-                  f"{args.capture_steps} captured steps, batch {args.batch}x128 (loss "
-                  f"{t['_loss']:.3f} at capture). One message per tensor; ratio = raw / "
-                  "message bytes (headers and checksums included); bound = exponent-entropy "
-                  "bound of each message.", ""] + _fmt_traffic(rows) + [""]
+        lines += (
+            [
+                "## Wire bytes of the demo model's traffic",
+                "",
+                f"`moeflow.demo` model (default config), {args.warm_steps} AdamW steps, then "
+                f"{args.capture_steps} captured steps, batch {args.batch}x128 (loss "
+                f"{t['_loss']:.3f} at capture). One message per tensor; ratio = raw / "
+                "message bytes (headers and checksums included); bound = exponent-entropy "
+                "bound of each message.",
+                "",
+            ]
+            + _fmt_traffic(rows)
+            + [""]
+        )
         bf = {k: v for k, v in rows.items() if k.endswith("[bfloat16]")}
-        pick = {"a2a": "all-to-all: dispatch", "ar": "all-reduce", "rs": "all-reduce",
-                "ag": "all-gather"}
+        pick = {
+            "a2a": "all-to-all: dispatch",
+            "ar": "all-reduce",
+            "rs": "all-reduce",
+            "ag": "all-gather",
+        }
         for prim, prefix in pick.items():
             ratios[prim] = next(v["zipccl_ratio"] for k, v in bf.items() if k.startswith(prefix))
     if args.part in ("all", "steps"):
         results = []
         for link in args.links:
-            res = run_steps(args.world, link, args.modes, args.steps, args.batch, args.dtype,
-                            args.threads)
+            res = run_steps(
+                args.world, link, args.modes, args.steps, args.batch, args.dtype, args.threads
+            )
             res.setdefault("link", link)
             results.append(res)
             print(json.dumps(res)[:400], flush=True)
         info["steps"] = results
-        lines += ["## Step time: DDP on the demo model, ZipCCL hook off / on / auto", "",
-                  f"{args.world} gloo ranks, {args.threads} thread(s) each, {args.dtype} "
-                  f"model and gradients, batch {args.batch}x128 per rank; median of "
-                  f"{args.steps} steps after 2 warm-up steps, slowest rank's time. 'ddp' is "
-                  "DDP's own all-reduce; off/on/auto run ZipCCL's all-reduce algorithm "
-                  "(a2a, fp32 rank-order sum, all-gather) uncompressed / compressed / by the "
-                  "switch under a PerfModel profiled on that link at start.", ""]
+        lines += [
+            "## Step time: DDP on the demo model, ZipCCL hook off / on / auto",
+            "",
+            f"{args.world} gloo ranks, {args.threads} thread(s) each, {args.dtype} "
+            f"model and gradients, batch {args.batch}x128 per rank; median of "
+            f"{args.steps} steps after 2 warm-up steps, slowest rank's time. 'ddp' is "
+            "DDP's own all-reduce; off/on/auto run ZipCCL's all-reduce algorithm "
+            "(a2a, fp32 rank-order sum, all-gather) uncompressed / compressed / by the "
+            "switch under a PerfModel profiled on that link at start.",
+            "",
+        ]
         lines += _fmt_steps(results) + [""]
     if args.part in ("all", "simulate"):
         sim = simulate(ratios)
         info["simulate"] = {"ratios": ratios, "gpu_codec_GBps": GPU_CODEC_GBPS, **sim}
-        lines += ["## Simulated 64-GPU setting", "",
-                  "FSMoE plan + simulator, 32 Mixtral-8x7B-shaped layers (M 4096, H 14336, "
-                  "E 8, top-2, B 4 x L 4096 per GPU, EP 8 x DP 8). ZipCCL costs: beta / "
-                  f"ratio (bf16 ratios measured above: {ratios}) + an assumed GPU codec at "
-                  f"{GPU_CODEC_GBPS:.0f} GB/s each way, used only where it pays. Published "
-                  "ZipCCL: 1.35x communication, 1.18x end to end.", "",
-                  "| setting | comm raw ms | comm ZipCCL ms | comm speedup | step raw ms | "
-                  "step ZipCCL ms | end-to-end speedup |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Simulated 64-GPU setting",
+            "",
+            "FSMoE plan + simulator, 32 Mixtral-8x7B-shaped layers (M 4096, H 14336, "
+            "E 8, top-2, B 4 x L 4096 per GPU, EP 8 x DP 8). ZipCCL costs: beta / "
+            f"ratio (bf16 ratios measured above: {ratios}) + an assumed GPU codec at "
+            f"{GPU_CODEC_GBPS:.0f} GB/s each way, used only where it pays. Published "
+            "ZipCCL: 1.35x communication, 1.18x end to end.",
+            "",
+            "| setting | comm raw ms | comm ZipCCL ms | comm speedup | step raw ms | "
+            "step ZipCCL ms | end-to-end speedup |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, r in sim.items():
-            lines.append(f"| {name} | {r['raw_comm_ms']:.1f} | {r['zipccl_comm_ms']:.1f} | "
-                         f"{r['comm_speedup']:.3f}x | {r['raw_step_ms']:.1f} | "
-                         f"{r['zipccl_step_ms']:.1f} | {r['end_to_end_speedup']:.3f}x |")
+            lines.append(
+                f"| {name} | {r['raw_comm_ms']:.1f} | {r['zipccl_comm_ms']:.1f} | "
+                f"{r['comm_speedup']:.3f}x | {r['raw_step_ms']:.1f} | "
+                f"{r['zipccl_step_ms']:.1f} | {r['end_to_end_speedup']:.3f}x |"
+            )
         lines.append("")
     write_record(args.out, f"zipccl_cpu_{args.tag}", info, lines)
     return 0

@@ -24,9 +24,15 @@ def _with_faulthandler(rank, world_size, fn, *args):
     return fn(rank, world_size, *args)
 
 
-def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0,
-              threads: int = 1, pg_timeout_s: float = 60.0,
-              expect_exit: set | None = None) -> list:
+def run_ranks(
+    fn: Callable,
+    world_size: int,
+    *args,
+    timeout_s: float = 120.0,
+    threads: int = 1,
+    pg_timeout_s: float = 60.0,
+    expect_exit: set | None = None,
+) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results.
 
     Ranks in ``expect_exit`` may die without reporting (their result is None).
@@ -36,10 +42,19 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 120.0,
     from moeflow.launch import launch
 
     try:
-        return launch(_with_faulthandler, world_size, fn, *args, force=True,
-                      timeout_s=timeout_s, stall_timeout_s=timeout_s,
-                      pg_timeout_s=pg_timeout_s, threads=threads,
-                      expect_exit=sorted(expect_exit or ()), progress=False)
+        return launch(
+            _with_faulthandler,
+            world_size,
+            fn,
+            *args,
+            force=True,
+            timeout_s=timeout_s,
+            stall_timeout_s=timeout_s,
+            pg_timeout_s=pg_timeout_s,
+            threads=threads,
+            expect_exit=sorted(expect_exit or ()),
+            progress=False,
+        )
     except LaunchFailed as e:
         raise RankFailed(f"{e}\n{e.remote_traceback}") from None
     except CommTimeoutError as e:

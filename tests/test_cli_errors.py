@@ -13,10 +13,15 @@ import time
 import pytest
 
 from moeflow import cli
-from moeflow.errors import (CommTimeoutError, ConfigError, CorruptDataError,
-                            DistributedConfigError, InputError)
+from moeflow.errors import (
+    CommTimeoutError,
+    ConfigError,
+    CorruptDataError,
+    DistributedConfigError,
+    InputError,
+)
 
-FAKE = textwrap.dedent('''
+FAKE = textwrap.dedent("""
     import time
     from moeflow.errors import ConfigError, CommTimeoutError
 
@@ -39,7 +44,7 @@ FAKE = textwrap.dedent('''
             finally:
                 print("cleaned up", flush=True)
         return 0
-''')
+""")
 
 
 @pytest.fixture
@@ -51,31 +56,37 @@ def fake_command(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("exc, code", [
-    (ConfigError("x", 0, "a positive int"), 2),
-    (InputError("bad"), 2),
-    (CorruptDataError("bad"), 2),
-    (DistributedConfigError("bad"), 2),
-    (CommTimeoutError("slow"), 1),
-    (FileNotFoundError(errno.ENOENT, "No such file or directory", "a.st"), 2),
-    (OSError(errno.ENOSPC, "No space left on device"), 1),
-    (KeyboardInterrupt(), 130),
-    (cli.Terminated(), 143),
-    (ZeroDivisionError("x"), 1),
-    (ImportError('x needs numba: run pip install "moeflow[compress]"'), 1),
-])
+@pytest.mark.parametrize(
+    "exc, code",
+    [
+        (ConfigError("x", 0, "a positive int"), 2),
+        (InputError("bad"), 2),
+        (CorruptDataError("bad"), 2),
+        (DistributedConfigError("bad"), 2),
+        (CommTimeoutError("slow"), 1),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "a.st"), 2),
+        (OSError(errno.ENOSPC, "No space left on device"), 1),
+        (KeyboardInterrupt(), 130),
+        (cli.Terminated(), 143),
+        (ZeroDivisionError("x"), 1),
+        (ImportError('x needs numba: run pip install "moeflow[compress]"'), 1),
+    ],
+)
 def test_exit_codes(exc, code):
     assert cli.exit_code(exc) == code
     assert "\n" not in cli.error_line(exc)
 
 
-@pytest.mark.parametrize("mode, code, needle", [
-    ("ok", 0, None),
-    ("config", 2, "ConfigError: --widgets=0 is not allowed: a positive int"),
-    ("timeout", 1, "CommTimeoutError: all_to_all on rank 1"),
-    ("missing", 2, "No such file or directory: /nonexistent-dir/x.bin"),
-    ("bug", 1, "internal error: ZeroDivisionError"),
-])
+@pytest.mark.parametrize(
+    "mode, code, needle",
+    [
+        ("ok", 0, None),
+        ("config", 2, "ConfigError: --widgets=0 is not allowed: a positive int"),
+        ("timeout", 1, "CommTimeoutError: all_to_all on rank 1"),
+        ("missing", 2, "No such file or directory: /nonexistent-dir/x.bin"),
+        ("bug", 1, "internal error: ZeroDivisionError"),
+    ],
+)
 def test_boundary_in_process(fake_command, capsys, mode, code, needle):
     assert cli.main(["fake", "--mode", mode]) == code
     err = capsys.readouterr().err
@@ -105,17 +116,26 @@ def test_usage_error_is_exit_2(fake_command, capsys):
 
 def _spawn_sleeper(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
-    code = ("import sys; from moeflow import cli; "
-            "cli.COMMANDS['fake'] = ('moeflow_fake_cmd', 'x'); "
-            "sys.exit(cli.main(['fake', '--mode', 'sleep']))")
-    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    code = (
+        "import sys; from moeflow import cli; "
+        "cli.COMMANDS['fake'] = ('moeflow_fake_cmd', 'x'); "
+        "sys.exit(cli.main(['fake', '--mode', 'sleep']))"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert p.stdout.readline().strip() == "ready"
     return p
 
 
-@pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, 130, "moeflow: interrupted"),
-                                             (signal.SIGTERM, 143, "moeflow: terminated")])
+@pytest.mark.parametrize(
+    "sig, code, line",
+    [(signal.SIGINT, 130, "moeflow: interrupted"), (signal.SIGTERM, 143, "moeflow: terminated")],
+)
 def test_signals_unwind_and_exit_with_code(fake_command, sig, code, line):
     p = _spawn_sleeper(fake_command)
     time.sleep(0.2)
@@ -128,7 +148,11 @@ def test_signals_unwind_and_exit_with_code(fake_command, sig, code, line):
 
 def test_real_command_bad_path_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
-    r = subprocess.run([sys.executable, "-m", "moeflow.cli", "inspect",
-                        str(tmp_path / "missing.mfz")], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "moeflow.cli", "inspect", str(tmp_path / "missing.mfz")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "missing.mfz" in r.stderr

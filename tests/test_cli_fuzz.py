@@ -22,16 +22,31 @@ from moeflow.errors import ConfigError, DistributedConfigError, InputError, Moef
 from moeflow.plan import cli as plan_cli
 from moeflow.sim import cli as sim_cli
 
-FUZZ = settings(max_examples=40, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 # ints around every boundary: 0, negatives, small, the caps, and far beyond any cap
-INTS = st.one_of(st.integers(-3, 3), st.integers(-10**6, 10**6),
-                 st.sampled_from([plan_cli.MAX_DEGREE, plan_cli.MAX_DEGREE + 1,
-                                  plan_cli.MAX_LAYERS, plan_cli.MAX_LAYERS + 1, 10**6,
-                                  2**31, 2**63, 10**30]))
-FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
-                   st.sampled_from([0.0, -0.0, -1.0, 1e-300, 1e300, math.nan, math.inf]))
+INTS = st.one_of(
+    st.integers(-3, 3),
+    st.integers(-(10**6), 10**6),
+    st.sampled_from(
+        [
+            plan_cli.MAX_DEGREE,
+            plan_cli.MAX_DEGREE + 1,
+            plan_cli.MAX_LAYERS,
+            plan_cli.MAX_LAYERS + 1,
+            10**6,
+            2**31,
+            2**63,
+            10**30,
+        ]
+    ),
+)
+FLOATS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, -1.0, 1e-300, 1e300, math.nan, math.inf]),
+)
 
 
 def _parse(adder, argv):
@@ -52,7 +67,7 @@ PLAN_INT_FLAGS = {
     "--layers": ("layers", lambda v: 1 <= v <= plan_cli.MAX_LAYERS),
     "--nodes": ("nodes", lambda v: 1 <= v <= plan_cli.MAX_NODES),
     "--tokens": ("tokens", lambda v: 1 <= v <= plan_cli.MAX_TOKENS),
-    "--seq-len": ("seq_len", lambda v: 1 <= v <= 8192),   # at most --tokens (8192)
+    "--seq-len": ("seq_len", lambda v: 1 <= v <= 8192),  # at most --tokens (8192)
     # an ESP group lives inside one node: 8 GPUs per node on fsmoe-testbed-a
     "--esp": ("esp", lambda v: v >= 1 and 8 % v == 0),
 }
@@ -65,13 +80,13 @@ def test_plan_int_flags(flag, v):
     args = _parse(plan_cli.add_plan_arguments, [f"{flag}={v}"])
     try:
         plan_cli.validate_plan_args(args)
-        workloads, *_ = plan_cli.setup(args)   # layout checks (--esp) live here
+        workloads, *_ = plan_cli.setup(args)  # layout checks (--esp) live here
     except (ConfigError, DistributedConfigError) as e:
         assert not valid(v), f"{flag} {v} refused: {e}"
         _one_line(e, flag)
         return
     assert valid(v), f"{flag} {v} accepted"
-    assert getattr(args, attr) == v           # never silently replaced by a default
+    assert getattr(args, attr) == v  # never silently replaced by a default
     if flag == "--layers":
         assert len(workloads) == v
     if flag == "--esp":
@@ -91,8 +106,12 @@ def test_plan_lina_chunk_mb(v):
 
 
 @FUZZ
-@given(flag=st.sampled_from(["--r-max", "--tutel-r", "--layers", "--nodes", "--esp",
-                             "--seq-len", "--tokens"]), v=INTS)
+@given(
+    flag=st.sampled_from(
+        ["--r-max", "--tutel-r", "--layers", "--nodes", "--esp", "--seq-len", "--tokens"]
+    ),
+    v=INTS,
+)
 def test_simulate_int_flags(flag, v):
     attr, valid = PLAN_INT_FLAGS[flag]
     args = _parse(sim_cli.add_simulate_arguments, [f"{flag}={v}"])
@@ -109,11 +128,11 @@ def test_simulate_int_flags(flag, v):
 TRAIN_INT_FLAGS = {
     "--steps": lambda v: v >= 1,
     "--batch-size": lambda v: v >= 1,
-    "--seq-len": lambda v: 1 <= v <= 1_000_000 - 2,    # the corpus must hold a sequence
-    "--dim": lambda v: v >= 1 and v % 4 == 0,          # 4 attention heads
+    "--seq-len": lambda v: 1 <= v <= 1_000_000 - 2,  # the corpus must hold a sequence
+    "--dim": lambda v: v >= 1 and v % 4 == 0,  # 4 attention heads
     "--layers": lambda v: v >= 1,
-    "--experts": lambda v: v >= 2,                     # top-k 2
-    "--top-k": lambda v: 1 <= v <= 8,                  # 8 experts
+    "--experts": lambda v: v >= 2,  # top-k 2
+    "--top-k": lambda v: 1 <= v <= 8,  # 8 experts
     "--ffn": lambda v: v >= 1,
     "--log-every": lambda v: v >= 1,
     "--threads": lambda v: v >= 1,
@@ -140,8 +159,12 @@ def test_train_int_flags(flag, v):
 
 
 @FUZZ
-@given(flag=st.sampled_from(["--lr", "--max-seconds", "--timeout", "--aux-loss-coef",
-                             "--capacity-factor"]), v=FLOATS)
+@given(
+    flag=st.sampled_from(
+        ["--lr", "--max-seconds", "--timeout", "--aux-loss-coef", "--capacity-factor"]
+    ),
+    v=FLOATS,
+)
 def test_train_float_flags(flag, v):
     from moeflow.train import add_train_arguments, validate_train_args
 
@@ -161,8 +184,7 @@ def test_train_nproc(v):
     from moeflow.launch import max_ranks
     from moeflow.train import add_train_arguments, validate_train_args
 
-    args = _parse(add_train_arguments, [f"--nproc={v}", "--batch-size", "840",
-                                        "--experts", "840"])
+    args = _parse(add_train_arguments, [f"--nproc={v}", "--batch-size", "840", "--experts", "840"])
     try:
         validate_train_args(args)
     except (ConfigError, DistributedConfigError) as e:
@@ -174,8 +196,9 @@ def test_train_nproc(v):
     assert 1 <= v <= max_ranks() and args.nproc == v
 
 
-@pytest.mark.parametrize("flag", ["--nodes", "--layers", "--esp", "--seq-len", "--r-max",
-                                  "--tutel-r", "--tokens"])
+@pytest.mark.parametrize(
+    "flag", ["--nodes", "--layers", "--esp", "--seq-len", "--r-max", "--tutel-r", "--tokens"]
+)
 @pytest.mark.parametrize("v", ["0", "-1"])
 def test_plan_zero_and_negative_no_longer_mean_default(flag, v):
     # `x or default` used to turn 0 into the default silently
@@ -186,7 +209,7 @@ def test_plan_zero_and_negative_no_longer_mean_default(flag, v):
 
 
 def test_esp_3_with_8_gpus_per_node_is_refused():
-    args = _parse(plan_cli.add_plan_arguments, ["--esp", "3"])   # 6 nodes x 8: 3 | 48
+    args = _parse(plan_cli.add_plan_arguments, ["--esp", "3"])  # 6 nodes x 8: 3 | 48
     plan_cli.validate_plan_args(args)
     with pytest.raises(DistributedConfigError, match="--esp 3 must divide the GPUs per node"):
         plan_cli.setup(args)
@@ -195,6 +218,7 @@ def test_esp_3_with_8_gpus_per_node_is_refused():
 # ---- files --------------------------------------------------------------------------------
 def _perf_dict():
     from moeflow.perf import perf_preset
+
     return perf_preset("fsmoe-testbed-a").to_dict()
 
 
@@ -222,14 +246,17 @@ def test_bad_perf_and_plan_files(tmp_path, kind, flag):
     assert str(path) in str(ei.value)
 
 
-@pytest.mark.parametrize("mutate, what", [
-    (lambda d: d.pop("costs"), "costs"),
-    (lambda d: d["costs"].pop("a2a"), "a2a"),
-    (lambda d: d["costs"]["gemm"].update(alpha="x"), "could not convert"),
-    (lambda d: d["costs"]["gemm"].update(alpha=float("nan")), "finite"),
-    (lambda d: d.update(costs=[1]), "perf"),
-    (lambda d: d.update(bytes_per_element=0), "bytes_per_element"),
-])
+@pytest.mark.parametrize(
+    "mutate, what",
+    [
+        (lambda d: d.pop("costs"), "costs"),
+        (lambda d: d["costs"].pop("a2a"), "a2a"),
+        (lambda d: d["costs"]["gemm"].update(alpha="x"), "could not convert"),
+        (lambda d: d["costs"]["gemm"].update(alpha=float("nan")), "finite"),
+        (lambda d: d.update(costs=[1]), "perf"),
+        (lambda d: d.update(bytes_per_element=0), "bytes_per_element"),
+    ],
+)
 def test_malformed_perf_fields(tmp_path, mutate, what):
     d = _perf_dict()
     mutate(d)
@@ -240,17 +267,25 @@ def test_malformed_perf_fields(tmp_path, mutate, what):
     _one_line(ei.value, "--perf")
 
 
-@pytest.mark.parametrize("layers, what", [
-    ([], "0 layers"),
-    ([{"index": 0, "r_fwd": 0, "r_bwd": 1}], "r_fwd"),
-    ([{"index": 0, "r_fwd": 1, "r_bwd": 10**6}], "r_bwd"),
-    ([{"index": 0, "r_fwd": 1}], "r_bwd"),
-    ([{"index": 0, "r_fwd": 1, "r_bwd": 1, "gar_bytes": -1.0}], "gar_bytes"),
-    ("x", "plan"),
-])
+@pytest.mark.parametrize(
+    "layers, what",
+    [
+        ([], "0 layers"),
+        ([{"index": 0, "r_fwd": 0, "r_bwd": 1}], "r_fwd"),
+        ([{"index": 0, "r_fwd": 1, "r_bwd": 10**6}], "r_bwd"),
+        ([{"index": 0, "r_fwd": 1}], "r_bwd"),
+        ([{"index": 0, "r_fwd": 1, "r_bwd": 1, "gar_bytes": -1.0}], "gar_bytes"),
+        ("x", "plan"),
+    ],
+)
 def test_malformed_plan_fields(tmp_path, layers, what):
-    d = {"format": "moeflow.plan/1", "method": "m", "perf": {}, "workload_table": [],
-         "layers": layers}
+    d = {
+        "format": "moeflow.plan/1",
+        "method": "m",
+        "perf": {},
+        "workload_table": [],
+        "layers": layers,
+    }
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(d))
     with pytest.raises(InputError, match=what) as ei:
@@ -279,10 +314,13 @@ def test_simulate_checks_output_dirs_before_simulating(tmp_path, monkeypatch):
 
     def must_not_run(plan):
         raise AssertionError("simulated before checking the output paths")
+
     monkeypatch.setattr(builders, "simulate_plan", must_not_run)
     for flag in ("--trace", "--png"):
-        args = _parse(sim_cli.add_simulate_arguments,
-                      ["--layers", "1", flag, str(tmp_path / "nonexistent" / "t.out")])
+        args = _parse(
+            sim_cli.add_simulate_arguments,
+            ["--layers", "1", flag, str(tmp_path / "nonexistent" / "t.out")],
+        )
         with pytest.raises(InputError, match=f"{flag} .*does not exist"):
             sim_cli.run_simulate(args)
     args = _parse(sim_cli.add_simulate_arguments, ["--layers", "1", "--trace", str(tmp_path)])
@@ -301,18 +339,22 @@ def test_train_steps_0_is_a_config_error():
 
 
 # ---- through the `moeflow` error boundary --------------------------------------------------
-@pytest.mark.parametrize("argv", [
-    ["plan", "--r-max", "0"],
-    ["plan", "--tutel-r", "0"],
-    ["plan", "--tutel-r", "1000000"],
-    ["plan", "--lina-chunk-mb", "nan"],
-    ["plan", "--nodes", "0"],
-    ["plan", "--perf", "/nonexistent/perf.json"],
-    ["simulate", "--trace", "/nonexistent/t.json"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "--r-max", "0"],
+        ["plan", "--tutel-r", "0"],
+        ["plan", "--tutel-r", "1000000"],
+        ["plan", "--lina-chunk-mb", "nan"],
+        ["plan", "--nodes", "0"],
+        ["plan", "--perf", "/nonexistent/perf.json"],
+        ["simulate", "--trace", "/nonexistent/t.json"],
+    ],
+)
 def test_cli_bad_input_exit_2_one_line(argv):
-    r = subprocess.run([sys.executable, "-m", "moeflow.cli", *argv], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "moeflow.cli", *argv], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2, (argv, r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moeflow: "), r.stderr

@@ -15,8 +15,9 @@ def test_corpus_is_stdlib_source():
 
 def test_demo_loss_falls_quickly():
     torch.manual_seed(0)
-    cfg = DemoModelConfig(dim=32, num_layers=1, num_heads=2, seq_len=32, num_experts=4,
-                          ffn_hidden_size=64)
+    cfg = DemoModelConfig(
+        dim=32, num_layers=1, num_heads=2, seq_len=32, num_experts=4, ffn_hidden_size=64
+    )
     model = build_demo_model(cfg)
     sample = BatchSampler(load_corpus(max_bytes=300_000), cfg.seq_len, 8, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -32,8 +33,22 @@ def test_demo_loss_falls_quickly():
 
 
 def test_demo_command_runs(capsys):
-    rc = main(["--steps", "8", "--dim", "32", "--layers", "1", "--seq-len", "32",
-               "--batch-size", "4", "--experts", "4"])
+    rc = main(
+        [
+            "--steps",
+            "8",
+            "--dim",
+            "32",
+            "--layers",
+            "1",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--experts",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert "summary: 8 steps" in out and "loss" in out
     assert rc in (0, 1)
@@ -41,8 +56,9 @@ def test_demo_command_runs(capsys):
 
 def test_help_lists_existing_subcommands():
     available = cli._available()
-    out = subprocess.run([sys.executable, "-m", "moeflow.cli", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "moeflow.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "demo" in out
     for name in available:
         assert name in out

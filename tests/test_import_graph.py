@@ -139,7 +139,8 @@ def test_cycle_finder_sees_a_cycle_and_a_lazy_import(tmp_path):
     mod.write_text("def f():\n    from moeflow.perf.presets import perf_preset\n")
     known = {"moeflow.perf.presets": mod, "moeflow.perf": mod, "moeflow.x": mod}
     assert _imports("moeflow.x", mod, known) == [
-        ("moeflow.perf.presets", "moeflow.perf.presets.perf_preset")]
+        ("moeflow.perf.presets", "moeflow.perf.presets.perf_preset")
+    ]
 
 
 def test_graph_covers_the_package():
@@ -168,8 +169,11 @@ def _reachable(start: list[str], graph: dict[str, set[str]]) -> set[str]:
 
 
 def _in(subpackage: str, known) -> list[str]:
-    return [m for m in known if m == f"{PACKAGE}.{subpackage}"
-            or m.startswith(f"{PACKAGE}.{subpackage}.")]
+    return [
+        m
+        for m in known
+        if m == f"{PACKAGE}.{subpackage}" or m.startswith(f"{PACKAGE}.{subpackage}.")
+    ]
 
 
 @pytest.mark.parametrize("subpackage", ["plan", "sim"])
@@ -179,8 +183,9 @@ def test_planners_and_simulator_import_no_torch(subpackage):
     known = _modules()
     mods = _in(subpackage, known)
     assert mods
-    offenders = sorted((m, n) for m in mods for n in _third_party(known[m])
-                       if n.split(".")[0] == "torch")
+    offenders = sorted(
+        (m, n) for m in mods for n in _third_party(known[m]) if n.split(".")[0] == "torch"
+    )
     assert offenders == []
 
 
@@ -188,10 +193,18 @@ def test_planners_and_simulator_load_without_torch():
     # At run time, transitively: importing every plan/ and sim/ module loads no torch.
     known = _modules()
     mods = _in("plan", known) + _in("sim", known)
-    code = ("import sys\n" + "".join(f"import {m}\n" for m in mods)
-            + "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:5])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PYTHONPATH": str(SRC)})
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in mods)
+        + "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:5])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -200,6 +213,7 @@ def test_layer_imports_no_torch_distributed():
     # layer/ is single-device semantics; distribution lives in comm/ and runtime/
     g, known = import_graph(), _modules()
     seen = _reachable(_in("layer", known), g)
-    offenders = sorted((m, n) for m in seen for n in _third_party(known[m])
-                       if n.startswith("torch.distributed"))
+    offenders = sorted(
+        (m, n) for m in seen for n in _third_party(known[m]) if n.startswith("torch.distributed")
+    )
     assert offenders == []

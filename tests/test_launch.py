@@ -18,8 +18,10 @@ from moeflow.launch import RankFailed, check_nproc, launch, max_ranks
 @pytest.fixture
 def no_fork(monkeypatch):
     """Any fork fails the test: validation must happen in the parent first."""
+
     def refuse():
         raise AssertionError("a process was forked")
+
     monkeypatch.setattr(os, "fork", refuse)
 
 
@@ -62,6 +64,7 @@ def test_results_in_rank_order_with_gloo(capsys):
     def fn(rank, world):
         import torch
         import torch.distributed as dist
+
         t = torch.tensor([float(rank + 1)])
         dist.all_reduce(t)
         return rank, float(t)
@@ -119,6 +122,7 @@ def _stop_rank_0_then_collective(rank, world):
     import torch
 
     from moeflow.comm.collectives import all_reduce
+
     if rank == 0:
         os.kill(os.getpid(), signal.SIGSTOP)
     all_reduce(torch.ones(1), None, "test all-reduce", 0.5)
@@ -139,36 +143,48 @@ def test_rank_that_dies_is_named():
         if rank == 2:
             os._exit(3)
         time.sleep(60)
-    with pytest.raises(RankFailed, match=r"rank 2 failed: exited without a result \(exit "
-                                         r"code 3\)"):
+
+    with pytest.raises(
+        RankFailed,
+        match=r"rank 2 failed: exited without a result \(exit "
+        r"code 3\)",
+    ):
         launch(die, 3, init_group=False, progress=False)
     assert _no_children()
 
 
 def test_overall_deadline():
     with pytest.raises(CommTimeoutError, match=r"ranks \[0, 1\] did not finish within 0.5 s"):
-        launch(lambda r, w: time.sleep(60), 2, init_group=False, progress=False,
-               timeout_s=0.5)
+        launch(lambda r, w: time.sleep(60), 2, init_group=False, progress=False, timeout_s=0.5)
     assert _no_children()
 
 
 def test_train_config_errors_raised_before_fork(no_fork):
     from moeflow.errors import DistributedConfigError
     from moeflow.train import main
+
     # 16 sequences do not split over 3 ranks (this used to fail once per rank, after forking)
     with pytest.raises(ConfigError, match="batch"):
         main(["--nproc", "3"])
     with pytest.raises(DistributedConfigError, match="num_experts"):
         main(["--nproc", "4", "--experts", "6"])
-    for bad in (["--nproc", "0"], ["--nproc", "-1"], ["--steps", "0"],
-                ["--nproc", str(max_ranks() + 1)]):
+    for bad in (
+        ["--nproc", "0"],
+        ["--nproc", "-1"],
+        ["--steps", "0"],
+        ["--nproc", str(max_ranks() + 1)],
+    ):
         with pytest.raises(ConfigError):
             main(bad)
 
 
 def test_cli_nproc_3_prints_one_line():
-    r = subprocess.run([sys.executable, "-m", "moeflow.cli", "train", "--nproc", "3"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "moeflow.cli", "train", "--nproc", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "batch" in lines[0], r.stderr
@@ -181,7 +197,8 @@ def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
         "def fn(rank, world):\n"
         f"    open(os.path.join({str(tmp_path)!r}, str(rank)), 'w').write(str(os.getpid()))\n"
         "    time.sleep(60)\n"
-        "launch(fn, 2, init_group=False, progress=False, stall_timeout_s=0.5)\n")
+        "launch(fn, 2, init_group=False, progress=False, stall_timeout_s=0.5)\n"
+    )
     parent = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 30
@@ -199,6 +216,7 @@ def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
                 return f.read().rsplit(")", 1)[1].split()[0] != "Z"
         except OSError:
             return False
+
     deadline = time.monotonic() + 5
     while any(map(alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.05)

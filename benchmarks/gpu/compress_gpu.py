@@ -45,7 +45,7 @@ def hard(shape, dtype, gen, device):
     raw = flat.view(torch.int16)
     specials = [0x0000, -32768, 0x0001, -32767]  # +-0 and the smallest subnormals
     for i, v in enumerate(specials):
-        raw[(7 * i + 3) % raw.numel()::11 * len(specials)] = v
+        raw[(7 * i + 3) % raw.numel() :: 11 * len(specials)] = v
     return w
 
 
@@ -56,7 +56,7 @@ def gemm_error(y, x, w):
 
     ref = x.float() @ w.float().T
     scale = (x.float().abs() @ w.float().abs().T).max().item()
-    eps = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}.get(y.dtype, 0.0)
+    eps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}.get(y.dtype, 0.0)
     err = (y.float() - ref).abs().max().item()
     return err, eps * ref.abs().max().item() + 1e-5 * scale + 1e-6
 
@@ -64,10 +64,17 @@ def gemm_error(y, x, w):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for compress_gpu.md and .json")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny shapes on CPU (run under TRITON_INTERPRET=1): checks the script")
-    ap.add_argument("--budget-s", type=float, default=150.0,
-                    help="stop starting new shapes after this many seconds")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes on CPU (run under TRITON_INTERPRET=1): checks the script",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=150.0,
+        help="stop starting new shapes after this many seconds",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -115,10 +122,17 @@ def main(argv=None) -> int:
             failures.append(f"decode {R}x{C} not bit-exact")
         t_dec = ms(lambda m=m: tbe_decode(m))
         t_copy = ms(lambda w=w: w.clone())
-        row = {"shape": [R, C], "ratio": dense_bytes / m.nbytes, "compressed_bytes": m.nbytes,
-               "decode_exact": exact, "decode_ms": t_dec,
-               "decode_TBps_out": dense_bytes / t_dec / 1e9, "copy_ms": t_copy,
-               "copy_TBps": 2 * dense_bytes / t_copy / 1e9, "gemm": []}
+        row = {
+            "shape": [R, C],
+            "ratio": dense_bytes / m.nbytes,
+            "compressed_bytes": m.nbytes,
+            "decode_exact": exact,
+            "decode_ms": t_dec,
+            "decode_TBps_out": dense_bytes / t_dec / 1e9,
+            "copy_ms": t_copy,
+            "copy_TBps": 2 * dense_bytes / t_copy / 1e9,
+            "gemm": [],
+        }
         for N in tokens:
             x = torch.randn(N, C, generator=gen, device=device).to(torch.bfloat16)
             ok, best = True, None
@@ -126,52 +140,82 @@ def main(argv=None) -> int:
                 err, bound = gemm_error(tbe_linear(x, m, num_warps=nw), x, w)
                 if err > bound:
                     ok = False
-                    failures.append(f"gemm {R}x{C} N={N} warps={nw}: max err {err:.3g} "
-                                    f"(bound {bound:.3g})")
+                    failures.append(
+                        f"gemm {R}x{C} N={N} warps={nw}: max err {err:.3g} (bound {bound:.3g})"
+                    )
                     continue
                 t = ms(lambda x=x, m=m, nw=nw: tbe_linear(x, m, num_warps=nw))
                 if best is None or t < best[0]:
                     best = (t, nw)
             t_m = ms(lambda x=x, w=w: torch.matmul(x, w.T))
-            g = {"N": N, "ok": ok, "matmul_ms": t_m,
-                 "matmul_weight_TBps": dense_bytes / t_m / 1e9}
+            g = {"N": N, "ok": ok, "matmul_ms": t_m, "matmul_weight_TBps": dense_bytes / t_m / 1e9}
             if best is not None:
-                g.update(fused_ms=best[0], fused_warps=best[1], speedup=t_m / best[0],
-                         fused_weight_TBps=m.nbytes / best[0] / 1e9)
+                g.update(
+                    fused_ms=best[0],
+                    fused_warps=best[1],
+                    speedup=t_m / best[0],
+                    fused_weight_TBps=m.nbytes / best[0] / 1e9,
+                )
             row["gemm"].append(g)
         rows.append(row)
-        print(f"{R}x{C}: ratio {row['ratio']:.3f}, decode {row['decode_TBps_out']:.3f} TB/s "
-              f"(exact={exact}); " + ", ".join(
-                  f"N={g['N']} {g.get('speedup', float('nan')):.2f}x" for g in row["gemm"]),
-              flush=True)
+        print(
+            f"{R}x{C}: ratio {row['ratio']:.3f}, decode {row['decode_TBps_out']:.3f} TB/s "
+            f"(exact={exact}); "
+            + ", ".join(f"N={g['N']} {g.get('speedup', float('nan')):.2f}x" for g in row["gemm"]),
+            flush=True,
+        )
         del w, m
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    info = dict(run_info(smoke), failures=failures, hard_checks=hard_checks, rows=rows,
-                wall_s=time.time() - t_start)
-    lines = [f"# TBE decode and fused decompress-GEMM ({info['device']}, {info['date']})", "",
-             f"Command: `{info['command']}`; torch {info['torch']}, triton {info['triton']}; "
-             + ("one call each (smoke: figures mean nothing)" if smoke else
-                "do_bench medians (L2 flushed)") + ".", "",
-             f"Fallback-heavy weights (bf16 and fp16; decode and GEMM checked): "
-             f"{sum(c['ok'] for c in hard_checks)}/{len(hard_checks)} passed.", "",
-             "| W (R x C) | ratio | decode exact | decode TB/s (bf16 out) | copy TB/s |",
-             "| --- | --- | --- | --- | --- |"]
+    info = dict(
+        run_info(smoke),
+        failures=failures,
+        hard_checks=hard_checks,
+        rows=rows,
+        wall_s=time.time() - t_start,
+    )
+    lines = [
+        f"# TBE decode and fused decompress-GEMM ({info['device']}, {info['date']})",
+        "",
+        f"Command: `{info['command']}`; torch {info['torch']}, triton {info['triton']}; "
+        + (
+            "one call each (smoke: figures mean nothing)"
+            if smoke
+            else "do_bench medians (L2 flushed)"
+        )
+        + ".",
+        "",
+        f"Fallback-heavy weights (bf16 and fp16; decode and GEMM checked): "
+        f"{sum(c['ok'] for c in hard_checks)}/{len(hard_checks)} passed.",
+        "",
+        "| W (R x C) | ratio | decode exact | decode TB/s (bf16 out) | copy TB/s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['ratio']:.3f} | "
-                     f"{r['decode_exact']} | {r['decode_TBps_out']:.3f} | "
-                     f"{r['copy_TBps']:.3f} |")
-    lines += ["", "| W (R x C) | N | ok | fused ms (warps) | matmul ms | speedup "
-              "| fused TB/s (compressed W) | matmul TB/s (W) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['ratio']:.3f} | "
+            f"{r['decode_exact']} | {r['decode_TBps_out']:.3f} | "
+            f"{r['copy_TBps']:.3f} |"
+        )
+    lines += [
+        "",
+        "| W (R x C) | N | ok | fused ms (warps) | matmul ms | speedup "
+        "| fused TB/s (compressed W) | matmul TB/s (W) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         for g in r["gemm"]:
-            fused = (f"{g['fused_ms']:.4f} ({g['fused_warps']}) | {g['matmul_ms']:.4f} | "
-                     f"{g['speedup']:.2f} | {g['fused_weight_TBps']:.3f}"
-                     if "fused_ms" in g else f"- | {g['matmul_ms']:.4f} | - | -")
-            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {g['N']} | {g['ok']} | "
-                         f"{fused} | {g['matmul_weight_TBps']:.3f} |")
+            fused = (
+                f"{g['fused_ms']:.4f} ({g['fused_warps']}) | {g['matmul_ms']:.4f} | "
+                f"{g['speedup']:.2f} | {g['fused_weight_TBps']:.3f}"
+                if "fused_ms" in g
+                else f"- | {g['matmul_ms']:.4f} | - | -"
+            )
+            lines.append(
+                f"| {r['shape'][0]}x{r['shape'][1]} | {g['N']} | {g['ok']} | "
+                f"{fused} | {g['matmul_weight_TBps']:.3f} |"
+            )
     if failures:
         lines += ["", "FAILURES: " + "; ".join(failures)]
     write_record(args.out, "compress_gpu_smoke" if smoke else "compress_gpu", info, lines)

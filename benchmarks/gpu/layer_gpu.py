@@ -39,18 +39,32 @@ def build_hf_block(family, E, k, D, F, shared, impl, device="cpu"):
     if family == "qwen3_moe":
         from transformers import Qwen3MoeConfig as C
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as B
-        cfg = C(hidden_size=D, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=k,
-                norm_topk_prob=True)
+
+        cfg = C(
+            hidden_size=D,
+            moe_intermediate_size=F,
+            num_experts=E,
+            num_experts_per_tok=k,
+            norm_topk_prob=True,
+        )
     elif family == "mixtral":
         from transformers import MixtralConfig as C
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as B
+
         cfg = C(hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=k)
     else:
         from transformers import DeepseekV3Config as C
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as B
-        cfg = C(hidden_size=D, moe_intermediate_size=F, n_routed_experts=E,
-                num_experts_per_tok=k, n_shared_experts=shared, n_group=8 if E >= 64 else 2,
-                topk_group=4 if E >= 64 else 1)
+
+        cfg = C(
+            hidden_size=D,
+            moe_intermediate_size=F,
+            n_routed_experts=E,
+            num_experts_per_tok=k,
+            n_shared_experts=shared,
+            n_group=8 if E >= 64 else 2,
+            topk_group=4 if E >= 64 else 1,
+        )
     cfg._experts_implementation = impl
     with torch.device(device):  # built and initialised where it runs (GBs of experts)
         block = B(cfg)
@@ -105,8 +119,9 @@ def main(argv=None):
             row = dict(case=name, T=T, max_abs_err=err, rel_err=err / scale)
             for label, mod in (("hf_grouped_mm", hf), ("moeflow", ours)):
                 with torch.no_grad():
-                    row[f"{label}_fwd_ms"] = timeit(lambda mod=mod, x=x: mod(x), warmup, iters,
-                                                    sync)
+                    row[f"{label}_fwd_ms"] = timeit(
+                        lambda mod=mod, x=x: mod(x), warmup, iters, sync
+                    )
                 if T == max(token_counts):
                     xg = x.clone().requires_grad_(True)
                     gy = torch.randn_like(x)
@@ -114,6 +129,7 @@ def main(argv=None):
                     def step(mod=mod, xg=xg, gy=gy):
                         mod.zero_grad(set_to_none=True)
                         mod(xg).backward(gy)
+
                     row[f"{label}_fwdbwd_ms"] = timeit(step, 1, max(3, iters // 2), sync)
             flops = 2 * T * k * D * F * 3 + (2 * T * D * F * 3 * shared)
             row["moeflow_fwd_tflops"] = flops / row["moeflow_fwd_ms"] / 1e9
@@ -133,26 +149,35 @@ def main(argv=None):
 def write_layer_record(out_dir, dev, dtype, rows):
     """layer_gpu.json and layer_gpu.md in ``out_dir`` (rewritten after every case, so that a
     run stopped by its time limit still leaves the cases it finished)."""
-    meta = dict(date=datetime.date.today().isoformat(), device=(
-        torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu"),
-        torch=torch.__version__, dtype=str(dtype))
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        device=(torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu"),
+        torch=torch.__version__,
+        dtype=str(dtype),
+    )
     with open(os.path.join(out_dir, "layer_gpu.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    lines = [f"# MoELayer vs transformers grouped_mm, {meta['device']}, {meta['date']}", "",
-             f"torch {meta['torch']}, bf16, min over timed iterations (ms)", "",
-             "| case | T | HF grouped_mm fwd | moeflow fwd | speedup | HF fwd+bwd | "
-             "moeflow fwd+bwd | speedup | max rel err |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# MoELayer vs transformers grouped_mm, {meta['device']}, {meta['date']}",
+        "",
+        f"torch {meta['torch']}, bf16, min over timed iterations (ms)",
+        "",
+        "| case | T | HF grouped_mm fwd | moeflow fwd | speedup | HF fwd+bwd | "
+        "moeflow fwd+bwd | speedup | max rel err |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['T']} | {r['hf_grouped_mm_fwd_ms']:.3f} | "
             f"{r['moeflow_fwd_ms']:.3f} | {r['fwd_speedup']:.2f}x | "
             f"{r.get('hf_grouped_mm_fwdbwd_ms', float('nan')):.3f} | "
             f"{r.get('moeflow_fwdbwd_ms', float('nan')):.3f} | "
-            f"{r.get('fwdbwd_speedup', float('nan')):.2f}x | {r['rel_err']:.2e} |")
+            f"{r.get('fwdbwd_speedup', float('nan')):.2f}x | {r['rel_err']:.2e} |"
+        )
     with open(os.path.join(out_dir, "layer_gpu.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return lines
+
 
 if __name__ == "__main__":
     sys.exit(main())

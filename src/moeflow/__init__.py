@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from moeflow import errors
-from moeflow.config import MoEConfig, ModelPreset, model_preset, preset_names
+from moeflow.config import ModelPreset, MoEConfig, model_preset, preset_names
 
 __version__ = "0.1.0"
 
@@ -44,5 +44,15 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["MoEConfig", "ModelPreset", "model_preset", "preset_names", "errors", "MoELayer",
-           "ExpertParallel", "patch_model", "from_hf_block", "__version__"]
+__all__ = [
+    "MoEConfig",
+    "ModelPreset",
+    "model_preset",
+    "preset_names",
+    "errors",
+    "MoELayer",
+    "ExpertParallel",
+    "patch_model",
+    "from_hf_block",
+    "__version__",
+]

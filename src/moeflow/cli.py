@@ -31,8 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("moeflow.perf.profiler", "time GEMMs and collectives, fit alpha-beta costs"),
     "plan": ("moeflow.plan.cli", "choose FSMoE pipeline degrees and compare with baselines"),
     "simulate": ("moeflow.sim.cli", "simulate a plan; write a Chrome trace and a Gantt PNG"),
-    "serve-bench": ("moeflow.runtime.serve_bench",
-                    "serve the MoE model disaggregated (FinDEP, PPPipe, naive DEP) and time it"),
+    "serve-bench": (
+        "moeflow.runtime.serve_bench",
+        "serve the MoE model disaggregated (FinDEP, PPPipe, naive DEP) and time it",
+    ),
     "bench": ("moeflow.bench.cli", "dissect a training or decode step by module and operator"),
     "compress": ("moeflow.compress.cli", "losslessly compress a safetensors checkpoint"),
     "decompress": ("moeflow.compress.cli", "restore a safetensors checkpoint from .mfz"),
@@ -51,14 +53,16 @@ def _available() -> dict[str, tuple[str, str]]:
     return out
 
 
-def build_parser(commands: dict[str, tuple[str, str]] | None = None,
-                 load: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    commands: dict[str, tuple[str, str]] | None = None, load: str | None = None
+) -> argparse.ArgumentParser:
     commands = _available() if commands is None else commands
     parser = argparse.ArgumentParser(
         prog="moeflow",
         description="moeflow: fast Mixture-of-Experts training and serving on PyTorch.",
         epilog="--debug (anywhere) prints tracebacks. Exit codes: 0 ok, 1 runtime failure, "
-               "2 bad input, 130 interrupted, 143 terminated.")
+        "2 bad input, 130 interrupted, 143 terminated.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (mod, help_) in commands.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -78,8 +82,16 @@ EXIT_TERMINATED = 143
 DEBUG_ENV = "MOEFLOW_DEBUG"
 
 # OSErrors that mean "the path the user gave is wrong", not "the machine failed".
-_BAD_PATH_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EACCES,
-                    errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP}
+_BAD_PATH_ERRNOS = {
+    errno.ENOENT,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+}
 
 
 class Terminated(BaseException):
@@ -127,8 +139,11 @@ def error_line(exc: BaseException) -> str:
 
 
 def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
-    head, sep, tail = (argv[:argv.index("--")], ["--"], argv[argv.index("--") + 1:]) \
-        if "--" in argv else (argv, [], [])
+    head, sep, tail = (
+        (argv[: argv.index("--")], ["--"], argv[argv.index("--") + 1 :])
+        if "--" in argv
+        else (argv, [], [])
+    )
     debug = "--debug" in head
     return [a for a in head if a != "--debug"] + sep + tail, debug
 
@@ -153,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # the boundary: every failure becomes one line and a code
         if debug:
             import traceback
+
             traceback.print_exc()
         else:
             print(f"moeflow: {error_line(exc)}", file=sys.stderr)

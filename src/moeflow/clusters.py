@@ -64,8 +64,7 @@ class ClusterSpec:
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node"):
-            object.__setattr__(self, name, positive_int(f"ClusterSpec.{name}",
-                                                        getattr(self, name)))
+            object.__setattr__(self, name, positive_int(f"ClusterSpec.{name}", getattr(self, name)))
         for name in ("gpu_tflops", "gpu_mem_GBps", "gpu_mem_GB"):
             v = getattr(self, name)
             if not v > 0:
@@ -84,23 +83,33 @@ class ClusterSpec:
                 return lv
         raise ConfigError("link", name, f"one of {[lv.name for lv in self.links]}")
 
-    def with_nodes(self, nodes: int) -> "ClusterSpec":
+    def with_nodes(self, nodes: int) -> ClusterSpec:
         """The same hardware with a different node count (plan clusters you do not have)."""
         return replace(self, nodes=nodes)
 
     def to_dict(self) -> dict:
         return {
-            "name": self.name, "nodes": self.nodes, "gpus_per_node": self.gpus_per_node,
-            "gpu_name": self.gpu_name, "gpu_tflops": self.gpu_tflops,
-            "gpu_mem_GBps": self.gpu_mem_GBps, "gpu_mem_GB": self.gpu_mem_GB,
-            "links": [{"name": lv.name, "bandwidth_GBps": lv.bandwidth_GBps,
-                       "latency_us": lv.latency_us, "description": lv.description}
-                      for lv in self.links],
+            "name": self.name,
+            "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node,
+            "gpu_name": self.gpu_name,
+            "gpu_tflops": self.gpu_tflops,
+            "gpu_mem_GBps": self.gpu_mem_GBps,
+            "gpu_mem_GB": self.gpu_mem_GB,
+            "links": [
+                {
+                    "name": lv.name,
+                    "bandwidth_GBps": lv.bandwidth_GBps,
+                    "latency_us": lv.latency_us,
+                    "description": lv.description,
+                }
+                for lv in self.links
+            ],
             "source": self.source,
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ClusterSpec":
+    def from_dict(cls, d: dict) -> ClusterSpec:
         d = dict(d)
         d["links"] = tuple(LinkLevel(**lv) for lv in d.get("links", ()))
         return cls(**d)
@@ -113,48 +122,93 @@ def _add(c: ClusterSpec) -> None:
     _CLUSTERS[c.name] = c
 
 
-_add(ClusterSpec(
-    name="fsmoe-testbed-a", nodes=6, gpus_per_node=8, gpu_name="RTX A6000",
-    # A6000 datasheet: 154.8 TFLOPS fp16 tensor dense, 768 GB/s GDDR6, 48 GB.
-    gpu_tflops=154.8, gpu_mem_GBps=768.0, gpu_mem_GB=48.0,
-    links=(
-        # NVLink bridge (pairs of A6000): 112.5 GB/s bidirectional -> 56.25 GB/s per direction.
-        LinkLevel(name="intra", bandwidth_GBps=56.25, latency_us=5.0,
-                  description="NVLink bridge, 112.5 GB/s bidirectional"),
-        # 200 Gb/s InfiniBand per node shared by 8 GPUs.
-        LinkLevel(name="inter", bandwidth_GBps=25.0 / 8, latency_us=10.0,
-                  description="200 Gb/s InfiniBand per node, 8 GPUs share it"),
-    ),
-    source="FSMoE (ASPLOS'25) testbed A; rates from vendor datasheets"))
+_add(
+    ClusterSpec(
+        name="fsmoe-testbed-a",
+        nodes=6,
+        gpus_per_node=8,
+        gpu_name="RTX A6000",
+        # A6000 datasheet: 154.8 TFLOPS fp16 tensor dense, 768 GB/s GDDR6, 48 GB.
+        gpu_tflops=154.8,
+        gpu_mem_GBps=768.0,
+        gpu_mem_GB=48.0,
+        links=(
+            # NVLink bridge (pairs of A6000): 112.5 GB/s bidirectional -> 56.25 GB/s per direction.
+            LinkLevel(
+                name="intra",
+                bandwidth_GBps=56.25,
+                latency_us=5.0,
+                description="NVLink bridge, 112.5 GB/s bidirectional",
+            ),
+            # 200 Gb/s InfiniBand per node shared by 8 GPUs.
+            LinkLevel(
+                name="inter",
+                bandwidth_GBps=25.0 / 8,
+                latency_us=10.0,
+                description="200 Gb/s InfiniBand per node, 8 GPUs share it",
+            ),
+        ),
+        source="FSMoE (ASPLOS'25) testbed A; rates from vendor datasheets",
+    )
+)
 
-_add(ClusterSpec(
-    name="fsmoe-testbed-b", nodes=8, gpus_per_node=4, gpu_name="RTX 2080Ti",
-    # 2080Ti (GeForce): 107.6 TFLOPS fp16 tensor with fp16 accumulate, half that (53.8) with
-    # fp32 accumulate; 616 GB/s GDDR6, 11 GB.
-    gpu_tflops=53.8, gpu_mem_GBps=616.0, gpu_mem_GB=11.0,
-    links=(
-        # PCIe 3.0 x16: 15.75 GB/s per direction.
-        LinkLevel(name="intra", bandwidth_GBps=15.75, latency_us=10.0,
-                  description="PCIe 3.0 x16"),
-        # 100 Gb/s per node shared by 4 GPUs.
-        LinkLevel(name="inter", bandwidth_GBps=12.5 / 4, latency_us=15.0,
-                  description="100 Gb/s network per node, 4 GPUs share it"),
-    ),
-    source="FSMoE (ASPLOS'25) testbed B; rates from vendor datasheets"))
+_add(
+    ClusterSpec(
+        name="fsmoe-testbed-b",
+        nodes=8,
+        gpus_per_node=4,
+        gpu_name="RTX 2080Ti",
+        # 2080Ti (GeForce): 107.6 TFLOPS fp16 tensor with fp16 accumulate, half that (53.8) with
+        # fp32 accumulate; 616 GB/s GDDR6, 11 GB.
+        gpu_tflops=53.8,
+        gpu_mem_GBps=616.0,
+        gpu_mem_GB=11.0,
+        links=(
+            # PCIe 3.0 x16: 15.75 GB/s per direction.
+            LinkLevel(
+                name="intra", bandwidth_GBps=15.75, latency_us=10.0, description="PCIe 3.0 x16"
+            ),
+            # 100 Gb/s per node shared by 4 GPUs.
+            LinkLevel(
+                name="inter",
+                bandwidth_GBps=12.5 / 4,
+                latency_us=15.0,
+                description="100 Gb/s network per node, 4 GPUs share it",
+            ),
+        ),
+        source="FSMoE (ASPLOS'25) testbed B; rates from vendor datasheets",
+    )
+)
 
-_add(ClusterSpec(
-    name="h200-8x-ib", nodes=2, gpus_per_node=8, gpu_name="H200 SXM",
-    # H200 SXM datasheet: 989 TFLOPS bf16 dense, 4.8 TB/s HBM3e, 141 GB.
-    gpu_tflops=989.0, gpu_mem_GBps=4800.0, gpu_mem_GB=141.0,
-    links=(
-        # NVLink 4: 900 GB/s bidirectional per GPU -> 450 GB/s per direction.
-        LinkLevel(name="intra", bandwidth_GBps=450.0, latency_us=3.0,
-                  description="NVLink 4 / NVSwitch, 900 GB/s bidirectional"),
-        # One 400 Gb/s NDR ConnectX-7 per GPU.
-        LinkLevel(name="inter", bandwidth_GBps=50.0, latency_us=5.0,
-                  description="8 x 400 Gb/s NDR InfiniBand per node, one per GPU"),
-    ),
-    source="NVIDIA H200 and ConnectX-7 datasheets; use with_nodes(n) for n nodes"))
+_add(
+    ClusterSpec(
+        name="h200-8x-ib",
+        nodes=2,
+        gpus_per_node=8,
+        gpu_name="H200 SXM",
+        # H200 SXM datasheet: 989 TFLOPS bf16 dense, 4.8 TB/s HBM3e, 141 GB.
+        gpu_tflops=989.0,
+        gpu_mem_GBps=4800.0,
+        gpu_mem_GB=141.0,
+        links=(
+            # NVLink 4: 900 GB/s bidirectional per GPU -> 450 GB/s per direction.
+            LinkLevel(
+                name="intra",
+                bandwidth_GBps=450.0,
+                latency_us=3.0,
+                description="NVLink 4 / NVSwitch, 900 GB/s bidirectional",
+            ),
+            # One 400 Gb/s NDR ConnectX-7 per GPU.
+            LinkLevel(
+                name="inter",
+                bandwidth_GBps=50.0,
+                latency_us=5.0,
+                description="8 x 400 Gb/s NDR InfiniBand per node, one per GPU",
+            ),
+        ),
+        source="NVIDIA H200 and ConnectX-7 datasheets; use with_nodes(n) for n nodes",
+    )
+)
 
 
 def cluster_names() -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 from moeflow.errors import ConfigError
 from moeflow.validate import nonnegative_int, positive_int
@@ -78,8 +77,8 @@ class MoEConfig:
     top_k: int = 2
     router: str = "softmax_topk"
     expert_type: str = "swiglu"
-    activation: Optional[str] = None
-    capacity_factor: Optional[float] = None
+    activation: str | None = None
+    capacity_factor: float | None = None
     norm_topk_prob: bool = True
     noisy_gating: bool = False
     router_bias: bool = False
@@ -94,7 +93,7 @@ class MoEConfig:
     xmoe_dim: int = 16
     # shared experts
     num_shared_experts: int = 0
-    shared_ffn_hidden_size: Optional[int] = None
+    shared_ffn_hidden_size: int | None = None
     shared_expert_gate: str = "none"
     # losses
     aux_loss_coef: float = 0.0
@@ -110,41 +109,83 @@ class MoEConfig:
         for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k"):
             store(name, positive_int(name, getattr(self, name)))
         _require(self.router in ROUTERS, "router", self.router, f"one of {ROUTERS}")
-        _require(self.expert_type in EXPERT_TYPES, "expert_type", self.expert_type,
-                 f"one of {EXPERT_TYPES}")
+        _require(
+            self.expert_type in EXPERT_TYPES,
+            "expert_type",
+            self.expert_type,
+            f"one of {EXPERT_TYPES}",
+        )
         if self.activation is not None:
-            _require(self.activation in EXPERT_ACTIVATIONS, "activation", self.activation,
-                     f"None or one of {EXPERT_ACTIVATIONS}")
-        _require(self.top_k <= self.num_experts, "top_k", self.top_k,
-                 f"at most num_experts={self.num_experts}")
+            _require(
+                self.activation in EXPERT_ACTIVATIONS,
+                "activation",
+                self.activation,
+                f"None or one of {EXPERT_ACTIVATIONS}",
+            )
+        _require(
+            self.top_k <= self.num_experts,
+            "top_k",
+            self.top_k,
+            f"at most num_experts={self.num_experts}",
+        )
         if self.router == "switch":
             _require(self.top_k == 1, "top_k", self.top_k, "1 for router='switch'")
         if self.capacity_factor is not None:
             cf = self.capacity_factor
-            _require(isinstance(cf, (int, float)) and not isinstance(cf, bool) and cf > 0,
-                     "capacity_factor", cf, "None (dropless) or a float > 0")
-        _require(self.router_dtype in ROUTER_DTYPES, "router_dtype", self.router_dtype,
-                 f"one of {ROUTER_DTYPES}")
+            _require(
+                isinstance(cf, (int, float)) and not isinstance(cf, bool) and cf > 0,
+                "capacity_factor",
+                cf,
+                "None (dropless) or a float > 0",
+            )
+        _require(
+            self.router_dtype in ROUTER_DTYPES,
+            "router_dtype",
+            self.router_dtype,
+            f"one of {ROUTER_DTYPES}",
+        )
         store("n_group", positive_int("n_group", self.n_group))
-        _require(self.num_experts % self.n_group == 0, "n_group", self.n_group,
-                 f"a divisor of num_experts={self.num_experts}")
-        store("topk_group", positive_int("topk_group", self.topk_group, maximum=self.n_group,
-                                         maximum_name="n_group"))
+        _require(
+            self.num_experts % self.n_group == 0,
+            "n_group",
+            self.n_group,
+            f"a divisor of num_experts={self.num_experts}",
+        )
+        store(
+            "topk_group",
+            positive_int(
+                "topk_group", self.topk_group, maximum=self.n_group, maximum_name="n_group"
+            ),
+        )
         if self.router == "deepseek":
             experts_reachable = self.topk_group * (self.num_experts // self.n_group)
-            _require(self.top_k <= experts_reachable, "top_k", self.top_k,
-                     f"at most topk_group*num_experts/n_group={experts_reachable}")
-        _require(self.score_func in SCORE_FUNCS, "score_func", self.score_func,
-                 f"one of {SCORE_FUNCS}")
-        _require(self.routed_scaling_factor > 0, "routed_scaling_factor",
-                 self.routed_scaling_factor, "a float > 0")
+            _require(
+                self.top_k <= experts_reachable,
+                "top_k",
+                self.top_k,
+                f"at most topk_group*num_experts/n_group={experts_reachable}",
+            )
+        _require(
+            self.score_func in SCORE_FUNCS, "score_func", self.score_func, f"one of {SCORE_FUNCS}"
+        )
+        _require(
+            self.routed_scaling_factor > 0,
+            "routed_scaling_factor",
+            self.routed_scaling_factor,
+            "a float > 0",
+        )
         store("xmoe_dim", positive_int("xmoe_dim", self.xmoe_dim))
-        store("num_shared_experts", nonnegative_int("num_shared_experts",
-                                                    self.num_shared_experts))
-        store("shared_ffn_hidden_size", positive_int(
-            "shared_ffn_hidden_size", self.shared_ffn_hidden_size, allow_none=True))
-        _require(self.shared_expert_gate in SHARED_GATES, "shared_expert_gate",
-                 self.shared_expert_gate, f"one of {SHARED_GATES}")
+        store("num_shared_experts", nonnegative_int("num_shared_experts", self.num_shared_experts))
+        store(
+            "shared_ffn_hidden_size",
+            positive_int("shared_ffn_hidden_size", self.shared_ffn_hidden_size, allow_none=True),
+        )
+        _require(
+            self.shared_expert_gate in SHARED_GATES,
+            "shared_expert_gate",
+            self.shared_expert_gate,
+            f"one of {SHARED_GATES}",
+        )
         for name in ("aux_loss_coef", "z_loss_coef"):
             v = getattr(self, name)
             _require(isinstance(v, (int, float)) and v >= 0, name, v, "a float >= 0")
@@ -164,18 +205,18 @@ class MoEConfig:
         per = self.shared_ffn_hidden_size or self.ffn_hidden_size
         return per * self.num_shared_experts
 
-    def replace(self, **changes) -> "MoEConfig":
+    def replace(self, **changes) -> MoEConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MoEConfig":
+    def from_dict(cls, d: dict) -> MoEConfig:
         return dataclass_from_dict(cls, d)
 
     @classmethod
-    def preset(cls, name: str) -> "MoEConfig":
+    def preset(cls, name: str) -> MoEConfig:
         return model_preset(name).moe
 
 
@@ -203,48 +244,147 @@ def _add(p: ModelPreset) -> None:
     _PRESETS[p.name] = p
 
 
-_add(ModelPreset(
-    name="mixtral-8x7b", num_layers=32, num_attention_heads=32, vocab_size=32000,
-    moe=MoEConfig(hidden_size=4096, ffn_hidden_size=14336, num_experts=8, top_k=2,
-                  router="softmax_topk", norm_topk_prob=True, aux_loss_coef=0.02),
-    source="mistralai/Mixtral-8x7B-v0.1 config.json"))
-_add(ModelPreset(
-    name="mixtral-8x22b", num_layers=56, num_attention_heads=48, vocab_size=32768,
-    moe=MoEConfig(hidden_size=6144, ffn_hidden_size=16384, num_experts=8, top_k=2,
-                  router="softmax_topk", norm_topk_prob=True, aux_loss_coef=0.001),
-    source="mistralai/Mixtral-8x22B-v0.1 config.json"))
-_add(ModelPreset(
-    name="qwen3-30b-a3b", num_layers=48, num_attention_heads=32, vocab_size=151936,
-    moe=MoEConfig(hidden_size=2048, ffn_hidden_size=768, num_experts=128, top_k=8,
-                  router="softmax_topk", norm_topk_prob=True, aux_loss_coef=0.001),
-    source="Qwen/Qwen3-30B-A3B config.json"))
-_add(ModelPreset(
-    name="qwen3-235b-a22b", num_layers=94, num_attention_heads=64, vocab_size=151936,
-    moe=MoEConfig(hidden_size=4096, ffn_hidden_size=1536, num_experts=128, top_k=8,
-                  router="softmax_topk", norm_topk_prob=True, aux_loss_coef=0.001),
-    source="Qwen/Qwen3-235B-A22B config.json"))
-_add(ModelPreset(
-    name="deepseek-v2", num_layers=60, num_attention_heads=128, vocab_size=102400,
-    moe=MoEConfig(hidden_size=5120, ffn_hidden_size=1536, num_experts=160, top_k=6,
-                  router="deepseek", score_func="softmax", n_group=8, topk_group=3,
-                  routed_scaling_factor=16.0, norm_topk_prob=False,
-                  num_shared_experts=2, shared_ffn_hidden_size=None, aux_loss_coef=0.003),
-    source="deepseek-ai/DeepSeek-V2 config.json (first_k_dense_replace=1 not modelled)"))
-_add(ModelPreset(
-    name="deepseek-v3", num_layers=61, num_attention_heads=128, vocab_size=129280,
-    moe=MoEConfig(hidden_size=7168, ffn_hidden_size=2048, num_experts=256, top_k=8,
-                  router="deepseek", score_func="sigmoid", n_group=8, topk_group=4,
-                  routed_scaling_factor=2.5, norm_topk_prob=True, correction_bias=True,
-                  num_shared_experts=1),
-    source="deepseek-ai/DeepSeek-V3 config.json (first_k_dense_replace=3 not modelled)"))
-_add(ModelPreset(
-    name="gpt2-xl-moe", num_layers=48, num_attention_heads=25, vocab_size=50257,
-    moe=MoEConfig(hidden_size=1600, ffn_hidden_size=6400, num_experts=48, top_k=2,
-                  router="softmax_topk", expert_type="gelu", norm_topk_prob=False,
-                  capacity_factor=1.2, aux_loss_coef=0.01),
-    source="GPT-2 XL (D=1600, 48 layers, 25 heads, F=4D) with every FFN an MoE layer",
-    notes="FSMoE's GPT2-XL MoE: one expert per GPU of its 48-GPU testbed A and GShard top-2 "
-          "with f=1.2 are our reading; the expert count is not stated in the reachable text."))
+_add(
+    ModelPreset(
+        name="mixtral-8x7b",
+        num_layers=32,
+        num_attention_heads=32,
+        vocab_size=32000,
+        moe=MoEConfig(
+            hidden_size=4096,
+            ffn_hidden_size=14336,
+            num_experts=8,
+            top_k=2,
+            router="softmax_topk",
+            norm_topk_prob=True,
+            aux_loss_coef=0.02,
+        ),
+        source="mistralai/Mixtral-8x7B-v0.1 config.json",
+    )
+)
+_add(
+    ModelPreset(
+        name="mixtral-8x22b",
+        num_layers=56,
+        num_attention_heads=48,
+        vocab_size=32768,
+        moe=MoEConfig(
+            hidden_size=6144,
+            ffn_hidden_size=16384,
+            num_experts=8,
+            top_k=2,
+            router="softmax_topk",
+            norm_topk_prob=True,
+            aux_loss_coef=0.001,
+        ),
+        source="mistralai/Mixtral-8x22B-v0.1 config.json",
+    )
+)
+_add(
+    ModelPreset(
+        name="qwen3-30b-a3b",
+        num_layers=48,
+        num_attention_heads=32,
+        vocab_size=151936,
+        moe=MoEConfig(
+            hidden_size=2048,
+            ffn_hidden_size=768,
+            num_experts=128,
+            top_k=8,
+            router="softmax_topk",
+            norm_topk_prob=True,
+            aux_loss_coef=0.001,
+        ),
+        source="Qwen/Qwen3-30B-A3B config.json",
+    )
+)
+_add(
+    ModelPreset(
+        name="qwen3-235b-a22b",
+        num_layers=94,
+        num_attention_heads=64,
+        vocab_size=151936,
+        moe=MoEConfig(
+            hidden_size=4096,
+            ffn_hidden_size=1536,
+            num_experts=128,
+            top_k=8,
+            router="softmax_topk",
+            norm_topk_prob=True,
+            aux_loss_coef=0.001,
+        ),
+        source="Qwen/Qwen3-235B-A22B config.json",
+    )
+)
+_add(
+    ModelPreset(
+        name="deepseek-v2",
+        num_layers=60,
+        num_attention_heads=128,
+        vocab_size=102400,
+        moe=MoEConfig(
+            hidden_size=5120,
+            ffn_hidden_size=1536,
+            num_experts=160,
+            top_k=6,
+            router="deepseek",
+            score_func="softmax",
+            n_group=8,
+            topk_group=3,
+            routed_scaling_factor=16.0,
+            norm_topk_prob=False,
+            num_shared_experts=2,
+            shared_ffn_hidden_size=None,
+            aux_loss_coef=0.003,
+        ),
+        source="deepseek-ai/DeepSeek-V2 config.json (first_k_dense_replace=1 not modelled)",
+    )
+)
+_add(
+    ModelPreset(
+        name="deepseek-v3",
+        num_layers=61,
+        num_attention_heads=128,
+        vocab_size=129280,
+        moe=MoEConfig(
+            hidden_size=7168,
+            ffn_hidden_size=2048,
+            num_experts=256,
+            top_k=8,
+            router="deepseek",
+            score_func="sigmoid",
+            n_group=8,
+            topk_group=4,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            correction_bias=True,
+            num_shared_experts=1,
+        ),
+        source="deepseek-ai/DeepSeek-V3 config.json (first_k_dense_replace=3 not modelled)",
+    )
+)
+_add(
+    ModelPreset(
+        name="gpt2-xl-moe",
+        num_layers=48,
+        num_attention_heads=25,
+        vocab_size=50257,
+        moe=MoEConfig(
+            hidden_size=1600,
+            ffn_hidden_size=6400,
+            num_experts=48,
+            top_k=2,
+            router="softmax_topk",
+            expert_type="gelu",
+            norm_topk_prob=False,
+            capacity_factor=1.2,
+            aux_loss_coef=0.01,
+        ),
+        source="GPT-2 XL (D=1600, 48 layers, 25 heads, F=4D) with every FFN an MoE layer",
+        notes="FSMoE's GPT2-XL MoE: one expert per GPU of its 48-GPU testbed A and GShard top-2 "
+        "with f=1.2 are our reading; the expert count is not stated in the reachable text.",
+    )
+)
 
 
 def preset_names() -> list[str]:

@@ -32,9 +32,11 @@ def load_corpus(max_bytes: int = 4_000_000) -> bytes:
     root = sysconfig.get_paths()["stdlib"]
     chunks, total = [], 0
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames
-                             if d not in ("site-packages", "test", "tests", "idlelib",
-                                          "__pycache__", "lib2to3"))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if d not in ("site-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3")
+        )
         for name in sorted(filenames):
             if not name.endswith(".py"):
                 continue
@@ -62,8 +64,9 @@ class BatchSampler:
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self):
-        starts = torch.randint(0, self.data.numel() - self.seq_len - 1, (self.batch_size,),
-                               generator=self.gen)
+        starts = torch.randint(
+            0, self.data.numel() - self.seq_len - 1, (self.batch_size,), generator=self.gen
+        )
         idx = starts[:, None] + torch.arange(self.seq_len + 1)
         window = self.data[idx]
         return window[:, :-1], window[:, 1:]
@@ -83,9 +86,14 @@ class DemoModelConfig:
 
     def moe_config(self) -> MoEConfig:
         kw = dict(top_k=1) if self.router == "switch" else dict(top_k=self.top_k)
-        return MoEConfig(hidden_size=self.dim, ffn_hidden_size=self.ffn_hidden_size,
-                         num_experts=self.num_experts, router=self.router,
-                         aux_loss_coef=self.aux_loss_coef, **kw)
+        return MoEConfig(
+            hidden_size=self.dim,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_experts=self.num_experts,
+            router=self.router,
+            aux_loss_coef=self.aux_loss_coef,
+            **kw,
+        )
 
 
 class Block(nn.Module):
@@ -101,8 +109,9 @@ class Block(nn.Module):
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
         B, L, D = x_BLD.shape
         q, k, v = self.qkv(self.norm1(x_BLD)).view(B, L, 3, self.num_heads, -1).unbind(2)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), is_causal=True)
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
         x_BLD = x_BLD + self.proj(a.transpose(1, 2).reshape(B, L, D))
         return x_BLD + self.moe(self.norm2(x_BLD))
 
@@ -141,7 +150,7 @@ class DemoLM(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         idx = torch.tensor(list(prompt), dtype=torch.long)[None]
         for _ in range(n):
-            logits = self(idx[:, -self.cfg.seq_len:])[:, -1]
+            logits = self(idx[:, -self.cfg.seq_len :])[:, -1]
             probs = torch.softmax(logits / temperature, dim=-1)
             idx = torch.cat([idx, torch.multinomial(probs, 1, generator=gen)], dim=1)
         return bytes(idx[0].tolist())
@@ -154,16 +163,23 @@ def build_demo_model(cfg: DemoModelConfig | None = None, seed: int = 0) -> DemoL
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
-    p.add_argument("--max-seconds", type=float, default=150.0,
-                   help="stop early after this many seconds (default 150)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=150.0,
+        help="stop early after this many seconds (default 150)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--router", default="softmax_topk",
-                   choices=["softmax_topk", "switch", "sigmoid", "xmoe", "deepseek"])
+    p.add_argument(
+        "--router",
+        default="softmax_topk",
+        choices=["softmax_topk", "switch", "sigmoid", "xmoe", "deepseek"],
+    )
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -172,15 +188,23 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = DemoModelConfig(dim=args.dim, num_layers=args.layers, seq_len=args.seq_len,
-                          num_experts=args.experts, top_k=args.top_k, router=args.router)
+    cfg = DemoModelConfig(
+        dim=args.dim,
+        num_layers=args.layers,
+        seq_len=args.seq_len,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        router=args.router,
+    )
     corpus = load_corpus()
     model = build_demo_model(cfg, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"moeflow demo: byte-level MoE LM, {cfg.num_layers} layers x {cfg.num_experts} "
-          f"experts (top-{cfg.top_k}, router {cfg.router}), {n_params / 1e6:.2f} M params, "
-          f"corpus {len(corpus) / 1e6:.1f} MB of Python stdlib source, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"moeflow demo: byte-level MoE LM, {cfg.num_layers} layers x {cfg.num_experts} "
+        f"experts (top-{cfg.top_k}, router {cfg.router}), {n_params / 1e6:.2f} M params, "
+        f"corpus {len(corpus) / 1e6:.1f} MB of Python stdlib source, "
+        f"{torch.get_num_threads()} threads"
+    )
     sample = BatchSampler(corpus, cfg.seq_len, args.batch_size, seed=args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     tokens_per_step = args.batch_size * cfg.seq_len
@@ -209,8 +233,10 @@ def run_demo(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     model.eval()
     text = model.generate(b"    def ", 80).decode("utf-8", "replace")
-    print(f"\nsummary: {step} steps, {tokens:,} tokens in {elapsed:.1f} s "
-          f"({tokens / elapsed:,.0f} tokens/s)")
+    print(
+        f"\nsummary: {step} steps, {tokens:,} tokens in {elapsed:.1f} s "
+        f"({tokens / elapsed:,.0f} tokens/s)"
+    )
     print(f"  loss {first:.3f} -> {ema:.3f} (uniform over bytes would be {math.log(VOCAB):.3f})")
     print(f"  sample: {text!r}")
     return 0 if ema < first else 1

@@ -14,8 +14,15 @@ class Progress:
     every rank but 0) keeps the counts and prints nothing.
     """
 
-    def __init__(self, total: int | None, desc: str = "", stream=None, width: int = 24,
-                 log_every: float = 5.0, enabled: bool = True):
+    def __init__(
+        self,
+        total: int | None,
+        desc: str = "",
+        stream=None,
+        width: int = 24,
+        log_every: float = 5.0,
+        enabled: bool = True,
+    ):
         self.enabled = enabled
         self.total = total
         self.desc = desc
@@ -72,7 +79,7 @@ class Progress:
             self.stream.write("\n")
         self.stream.flush()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

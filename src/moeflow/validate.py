@@ -20,8 +20,14 @@ def is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def positive_int(name: str, v, *, maximum: int | None = None, maximum_name: str | None = None,
-                 allow_none: bool = False):
+def positive_int(
+    name: str,
+    v,
+    *,
+    maximum: int | None = None,
+    maximum_name: str | None = None,
+    allow_none: bool = False,
+):
     """``v`` as an ``int`` when it is an integer >= 1 (and <= ``maximum``), else ConfigError.
 
     ``maximum_name`` names where the bound comes from, so the message reads

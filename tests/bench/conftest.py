@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-TINY = {"dim": 32, "num_layers": 1, "num_heads": 4, "num_experts": 4, "top_k": 2,
-        "ffn_hidden_size": 64}
+TINY = {
+    "dim": 32,
+    "num_layers": 1,
+    "num_heads": 4,
+    "num_experts": 4,
+    "top_k": 2,
+    "ffn_hidden_size": 64,
+}
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,20 @@ from moeflow.bench.cli import add_bench_arguments, build_job, run_bench
 from moeflow.bench.report import validate_report
 from moeflow.errors import ConfigError, InputError
 
-TINY = ["--dim", "32", "--layers", "1", "--experts", "4", "--ffn", "64", "--batch-size", "2",
-        "--seq-len", "16"]
+TINY = [
+    "--dim",
+    "32",
+    "--layers",
+    "1",
+    "--experts",
+    "4",
+    "--ffn",
+    "64",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+]
 
 
 def _args(*argv):
@@ -20,21 +32,24 @@ def _args(*argv):
     return p.parse_args(list(argv))
 
 
-@pytest.mark.parametrize("argv, err, flag", [
-    (["train", "--kernel", "cutlass"], ConfigError, "--kernel"),
-    (["train", "--dtype", "float64"], ConfigError, "--dtype"),
-    (["train", "--recompute", "maybe"], ConfigError, "--recompute"),
-    (["decode", "--compile", "yes"], ConfigError, "--compile"),
-    (["train", "--batch-size", "0"], ConfigError, "--batch-size"),
-    (["train", "--steps", "0"], ConfigError, "--steps"),
-    (["train", "--batch-size", "100000"], ConfigError, "--batch-size"),
-    (["train", "--dim", "10000000"], ConfigError, "--dim"),
-    (["train", "--nproc", "0"], ConfigError, "--nproc"),
-    (["train", "--peak-tflops", "-1"], ConfigError, "--peak-tflops"),
-    (["train", "--model", "hf"], InputError, "--path"),
-    (["train", "--path", "x"], ConfigError, "--path"),
-    (["train", "--json", "/nonexistent-dir/x.json"], InputError, "--json"),
-])
+@pytest.mark.parametrize(
+    "argv, err, flag",
+    [
+        (["train", "--kernel", "cutlass"], ConfigError, "--kernel"),
+        (["train", "--dtype", "float64"], ConfigError, "--dtype"),
+        (["train", "--recompute", "maybe"], ConfigError, "--recompute"),
+        (["decode", "--compile", "yes"], ConfigError, "--compile"),
+        (["train", "--batch-size", "0"], ConfigError, "--batch-size"),
+        (["train", "--steps", "0"], ConfigError, "--steps"),
+        (["train", "--batch-size", "100000"], ConfigError, "--batch-size"),
+        (["train", "--dim", "10000000"], ConfigError, "--dim"),
+        (["train", "--nproc", "0"], ConfigError, "--nproc"),
+        (["train", "--peak-tflops", "-1"], ConfigError, "--peak-tflops"),
+        (["train", "--model", "hf"], InputError, "--path"),
+        (["train", "--path", "x"], ConfigError, "--path"),
+        (["train", "--json", "/nonexistent-dir/x.json"], InputError, "--json"),
+    ],
+)
 def test_bad_flags_fail_before_work(argv, err, flag):
     with pytest.raises(err, match=flag.lstrip("-").split("-")[0]):
         build_job(_args(*argv))
@@ -46,14 +61,30 @@ def test_mode_is_required():
 
 
 def test_settings_one_factor_at_a_time():
-    job = build_job(_args("train", "--kernel", "grouped_mm", "bmm", "loop", "--dtype",
-                          "float32", "bfloat16", "--recompute", "off", "on", "--compile",
-                          "off", "on"))
+    job = build_job(
+        _args(
+            "train",
+            "--kernel",
+            "grouped_mm",
+            "bmm",
+            "loop",
+            "--dtype",
+            "float32",
+            "bfloat16",
+            "--recompute",
+            "off",
+            "on",
+            "--compile",
+            "off",
+            "on",
+        )
+    )
     labels = [s.label for s in job.settings]
     assert labels[0] == "grouped_mm/fp32/rc-off/compile-off"
     assert len(labels) == 6 and len(set(labels)) == 6
-    grid = build_job(_args("train", "--kernel", "grouped_mm", "bmm", "--recompute", "off",
-                           "on", "--full-grid"))
+    grid = build_job(
+        _args("train", "--kernel", "grouped_mm", "bmm", "--recompute", "off", "on", "--full-grid")
+    )
     assert len(grid.settings) == 4
     dec = build_job(_args("decode", "--recompute", "off", "on"))
     assert [s.recompute for s in dec.settings] == [False]  # no backward to recompute
@@ -68,8 +99,23 @@ def test_bad_perf_model_file(tmp_path):
 
 def test_tiny_run_writes_report(tmp_path, capsys):
     out = tmp_path / "r.json"
-    rc = run_bench(_args("train", *TINY, "--warmup", "1", "--steps", "1", "--unprofiled",
-                         "1", "--quiet", "--json", str(out), "--peak-tflops", "0.1"))
+    rc = run_bench(
+        _args(
+            "train",
+            *TINY,
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--unprofiled",
+            "1",
+            "--quiet",
+            "--json",
+            str(out),
+            "--peak-tflops",
+            "0.1",
+        )
+    )
     assert rc == 0
     rep = json.loads(out.read_text())
     validate_report(rep)

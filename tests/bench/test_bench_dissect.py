@@ -8,8 +8,14 @@ from moeflow.bench import Setting, Shape, build_workload, dissect
 from moeflow.bench.dissect import attribute
 from moeflow.bench.workloads import timed_modules
 
-TINY = {"dim": 32, "num_layers": 1, "num_heads": 4, "num_experts": 4, "top_k": 2,
-        "ffn_hidden_size": 64}
+TINY = {
+    "dim": 32,
+    "num_layers": 1,
+    "num_heads": 4,
+    "num_experts": 4,
+    "top_k": 2,
+    "ffn_hidden_size": 64,
+}
 
 
 def test_breakdown_sums_to_the_measured_step(demo_train):
@@ -45,12 +51,18 @@ def test_inventory_records_shapes_and_gemms(demo_train):
 def test_recompute_runs_forward_work_in_backward():
     """With recomputation the blocks' forward operators run again inside backward: the
     backward rows gain the forward's GEMM calls."""
+
     def bwd_mm_calls(recompute):
-        w = build_workload("demo", "train", Setting(recompute=recompute),
-                           Shape(batch=2, seq_len=16), dims=TINY)
+        w = build_workload(
+            "demo", "train", Setting(recompute=recompute), Shape(batch=2, seq_len=16), dims=TINY
+        )
         d = dissect(w, warmup=1, steps=1, unprofiled=1)
-        return sum(c for (p, r, o), (_, c) in d.ops.items()
-                   if p == "backward" and r == "attention" and o == "aten::mm")
+        return sum(
+            c
+            for (p, r, o), (_, c) in d.ops.items()
+            if p == "backward" and r == "attention" and o == "aten::mm"
+        )
+
     assert bwd_mm_calls(True) > bwd_mm_calls(False)
 
 
@@ -82,12 +94,21 @@ def test_patched_transformers_model(tmp_path):
     """A tiny Qwen3-MoE saved with save_pretrained, loaded and patched: its MoE blocks are
     moeflow layers and show up as MoE rows, its attention and norms as theirs."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                      moe_intermediate_size=24, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      num_experts=4, num_experts_per_tok=2,
-                                      max_position_embeddings=64, decoder_sparse_step=1,
-                                      mlp_only_layers=[])
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
     torch.manual_seed(0)
     transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path)
     for mode in ("train", "decode"):

@@ -6,15 +6,33 @@ import pytest
 
 from moeflow.bench import BenchJob, Setting, Shape, bench, validate_report
 
-TINY = {"dim": 32, "num_layers": 1, "num_heads": 4, "num_experts": 4, "top_k": 2,
-        "ffn_hidden_size": 64}
+TINY = {
+    "dim": 32,
+    "num_layers": 1,
+    "num_heads": 4,
+    "num_experts": 4,
+    "top_k": 2,
+    "ffn_hidden_size": 64,
+}
 
 
 @pytest.mark.dist
 def test_ep_train_step_on_two_ranks(tmp_path):
-    job = BenchJob(kind="demo", mode="train", shape=Shape(batch=4, seq_len=16), dims=TINY,
-                   settings=[Setting()], warmup=1, steps=2, unprofiled=1, nproc=2, r=2,
-                   peak_flops={"float32": 1e11}, progress=False, trace_dir=str(tmp_path))
+    job = BenchJob(
+        kind="demo",
+        mode="train",
+        shape=Shape(batch=4, seq_len=16),
+        dims=TINY,
+        settings=[Setting()],
+        warmup=1,
+        steps=2,
+        unprofiled=1,
+        nproc=2,
+        r=2,
+        peak_flops={"float32": 1e11},
+        progress=False,
+        trace_dir=str(tmp_path),
+    )
     rep = bench(job)
     validate_report(rep)
     s = rep["settings"][0]

@@ -4,15 +4,22 @@ import pytest
 import torch
 
 from moeflow.bench import Setting, Shape, build_workload, count_flops, step_flops
-from moeflow.bench.flops import grouped_mm_flop, active_params, mfu, moe_flops
+from moeflow.bench.flops import active_params, grouped_mm_flop, mfu, moe_flops
 from moeflow.bench.workloads import model_dims, moe_layers
 from moeflow.config import MoEConfig
 
-TINY = {"dim": 32, "num_layers": 1, "num_heads": 4, "num_experts": 4, "top_k": 2,
-        "ffn_hidden_size": 64}
+TINY = {
+    "dim": 32,
+    "num_layers": 1,
+    "num_heads": 4,
+    "num_experts": 4,
+    "top_k": 2,
+    "ffn_hidden_size": 64,
+}
 
-has_grouped_mm = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"),
-                                    reason="torch._grouped_mm is not in this torch")
+has_grouped_mm = pytest.mark.skipif(
+    not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is not in this torch"
+)
 
 
 def _routed(w):
@@ -25,14 +32,15 @@ def test_train_step_flops_match_flop_counter(kind, kernel):
     """Forward plus backward of the whole model: the analytic count (routed tokens) equals
     what FlopCounterMode counts from the operators that ran, exactly."""
     B, L = 2, 16
-    w = build_workload(kind, "train", Setting(kernel=kernel), Shape(batch=B, seq_len=L),
-                       dims=TINY)
+    w = build_workload(kind, "train", Setting(kernel=kernel), Shape(batch=B, seq_len=L), dims=TINY)
 
     def step():
         w.loss(w.logits(w.ids_BL)).backward()
+
     counted, per_op = count_flops(step)
-    want = step_flops(model_dims(w), batch=B, q_len=L, kv_len=L, train=True,
-                      routed_per_layer=_routed(w))
+    want = step_flops(
+        model_dims(w), batch=B, q_len=L, kv_len=L, train=True, routed_per_layer=_routed(w)
+    )
     assert counted == want["total"]
     if kernel == "grouped_mm" and hasattr(torch, "_grouped_mm"):
         assert per_op.get("aten._grouped_mm", 0) > 0  # the registered formula was used
@@ -44,8 +52,9 @@ def test_decode_step_flops_match_flop_counter():
     w = build_workload("decoder", "decode", Setting(), Shape(batch=B, seq_len=L), dims=TINY)
     w.before_step()
     counted, _ = count_flops(lambda: w.decode_forward())
-    want = step_flops(model_dims(w), batch=B, q_len=1, kv_len=L + 1, train=False,
-                      routed_per_layer=_routed(w))
+    want = step_flops(
+        model_dims(w), batch=B, q_len=1, kv_len=L + 1, train=False, routed_per_layer=_routed(w)
+    )
     assert counted == want["total"] == sum(want["forward"].values())
 
 
@@ -53,11 +62,11 @@ def test_padded_bmm_counts_more_than_routed():
     """The bmm kernel pads every expert to the largest count: more hardware FLOPs than the
     routed model FLOPs, never fewer."""
     B, L = 2, 16
-    w = build_workload("demo", "train", Setting(kernel="bmm"), Shape(batch=B, seq_len=L),
-                       dims=TINY)
+    w = build_workload("demo", "train", Setting(kernel="bmm"), Shape(batch=B, seq_len=L), dims=TINY)
     counted, _ = count_flops(lambda: w.loss(w.logits(w.ids_BL)).backward())
-    want = step_flops(model_dims(w), batch=B, q_len=L, kv_len=L, train=True,
-                      routed_per_layer=_routed(w))["total"]
+    want = step_flops(
+        model_dims(w), batch=B, q_len=L, kv_len=L, train=True, routed_per_layer=_routed(w)
+    )["total"]
     assert counted >= want
 
 
@@ -98,7 +107,7 @@ def test_grouped_mm_formula_shapes():
 def test_moe_flops_are_routed_not_dense():
     cfg = MoEConfig(hidden_size=64, ffn_hidden_size=128, num_experts=16, top_k=2)
     f = moe_flops(cfg, tokens=100)
-    assert f["experts"] == 100 * 2 * 6 * 64 * 128   # T*k rows, not T*E
+    assert f["experts"] == 100 * 2 * 6 * 64 * 128  # T*k rows, not T*E
     assert f["router"] == 2 * 100 * 64 * 16
     dropped = moe_flops(cfg, tokens=100, routed=150)
     assert dropped["experts"] == 150 * 6 * 64 * 128

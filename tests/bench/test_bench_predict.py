@@ -19,11 +19,14 @@ from moeflow.sim import simulate
 
 
 def _perf(gemm_beta=1e-9, op_alpha=1e-3):
-    costs = {f"{c}@float32": LinearCost(op_alpha, 0.0, source="assumed").to_dict()
-             for c in ("elementwise", *OP_CLASSES)}
+    costs = {
+        f"{c}@float32": LinearCost(op_alpha, 0.0, source="assumed").to_dict()
+        for c in ("elementwise", *OP_CLASSES)
+    }
     costs["gemm@float32"] = LinearCost(0.0, gemm_beta, source="assumed").to_dict()
-    return PerfModel(name="synthetic", costs={"gemm": LinearCost(0.0, gemm_beta)},
-                     meta={"bench_costs": costs})
+    return PerfModel(
+        name="synthetic", costs={"gemm": LinearCost(0.0, gemm_beta)}, meta={"bench_costs": costs}
+    )
 
 
 def test_inventory_gemm_flops_equal_the_flop_counter(demo_train):
@@ -38,8 +41,9 @@ def test_inventory_gemm_flops_equal_the_flop_counter(demo_train):
 
 def test_prediction_is_cost_times_work(demo_train):
     _, d = demo_train
-    n_gemm_free = sum(1 for rec in d.inventory
-                      if not rec.gemms and rec.name not in (MODULE_CALL, AUTOGRAD_NODE))
+    n_gemm_free = sum(
+        1 for rec in d.inventory if not rec.gemms and rec.name not in (MODULE_CALL, AUTOGRAD_NODE)
+    )
     flops = sum(gemm_flops(n, s) for rec in d.inventory for n, s in rec.gemms)
     rows = predict_rows(d, _perf(), "float32")
     assert sum(rows.values()) == pytest.approx(flops * 1e-9 + n_gemm_free * 1e-3)
@@ -63,8 +67,9 @@ def test_fixed_costs_per_module_call_node_and_python_op(demo_train):
     table["module_call"] = LinearCost(0.01, 0.0).to_dict()
     table["autograd_node"] = LinearCost(0.1, 0.0).to_dict()
     with_fixed = PerfModel(name="fixed", costs=with_fixed.costs, meta={"bench_costs": table})
-    extra = sum(predict_rows(d, with_fixed, "float32").values()) - \
-        sum(predict_rows(d, base, "float32").values())
+    extra = sum(predict_rows(d, with_fixed, "float32").values()) - sum(
+        predict_rows(d, base, "float32").values()
+    )
     assert extra == pytest.approx(0.01 * calls + 0.1 * nodes)
 
 
@@ -79,6 +84,7 @@ def test_compare_reports_rows_and_total(demo_train):
 
 def test_missing_costs_are_a_config_error(demo_train):
     from moeflow.errors import ConfigError
+
     _, d = demo_train
     bare = PerfModel(name="bare", costs={"gemm": LinearCost(0.0, 1e-9)})
     with pytest.raises(ConfigError, match="bench_costs"):
@@ -91,7 +97,7 @@ def test_ep_graph_overlaps_link_and_compute():
     serial = simulate(step_graph({**rows, ("forward", "a2a"): 4.0})).makespan
     one = simulate(ep_step_graph(rows, comm, 1)).makespan
     four = simulate(ep_step_graph(rows, comm, 4)).makespan
-    assert one == pytest.approx(serial)          # r = 1: nothing overlaps
+    assert one == pytest.approx(serial)  # r = 1: nothing overlaps
     assert four == pytest.approx(1.0 + 0.5 + 4.0 + 0.5)  # chunked: link hides under compute
 
 

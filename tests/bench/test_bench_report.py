@@ -9,19 +9,35 @@ from moeflow.bench import BenchJob, Setting, Shape, bench, format_table, validat
 from moeflow.bench.report import with_rank_metadata, write_json, write_png, write_trace
 from moeflow.errors import InputError
 
-TINY = {"dim": 32, "num_layers": 1, "num_heads": 4, "num_experts": 4, "top_k": 2,
-        "ffn_hidden_size": 64}
+TINY = {
+    "dim": 32,
+    "num_layers": 1,
+    "num_heads": 4,
+    "num_experts": 4,
+    "top_k": 2,
+    "ffn_hidden_size": 64,
+}
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     import torch
+
     torch.set_num_threads(1)
     trace_dir = tmp_path_factory.mktemp("traces")
-    job = BenchJob(kind="demo", mode="train", shape=Shape(batch=2, seq_len=16), dims=TINY,
-                   settings=[Setting(), Setting(kernel="bmm")], warmup=1, steps=1,
-                   unprofiled=1, peak_flops={"float32": 1e11}, progress=False,
-                   trace_dir=str(trace_dir))
+    job = BenchJob(
+        kind="demo",
+        mode="train",
+        shape=Shape(batch=2, seq_len=16),
+        dims=TINY,
+        settings=[Setting(), Setting(kernel="bmm")],
+        warmup=1,
+        steps=1,
+        unprofiled=1,
+        peak_flops={"float32": 1e11},
+        progress=False,
+        trace_dir=str(trace_dir),
+    )
     return bench(job), trace_dir
 
 

@@ -12,18 +12,21 @@ from tests._dist import run_ranks
 
 pytestmark = pytest.mark.dist
 
-CODEC = {"zipccl_encode": LinearCost(0.02, 2e-6, source="assumed").to_dict(),
-         "zipccl_decode": LinearCost(0.02, 2e-6, source="assumed").to_dict()}
+CODEC = {
+    "zipccl_encode": LinearCost(0.02, 2e-6, source="assumed").to_dict(),
+    "zipccl_decode": LinearCost(0.02, 2e-6, source="assumed").to_dict(),
+}
 
 
 def _model(beta_comm: float) -> PerfModel:
     c = LinearCost(0.05, beta_comm, source="assumed")
-    return PerfModel("test", {"gemm": c, "a2a": c, "ag": c, "rs": c, "ar": c},
-                     meta={"codec_costs": CODEC})
+    return PerfModel(
+        "test", {"gemm": c, "a2a": c, "ag": c, "rs": c, "ar": c}, meta={"codec_costs": CODEC}
+    )
 
 
-SLOW_LINK = _model(1e-4)   # 10 MB/s: compressing 2 bytes into 1.4 pays
-FAST_LINK = _model(1e-8)   # 100 GB/s: it never pays
+SLOW_LINK = _model(1e-4)  # 10 MB/s: compressing 2 bytes into 1.4 pays
+FAST_LINK = _model(1e-8)  # 100 GB/s: it never pays
 
 
 def _data(rank: int, n: int, dtype, scale=0.02):
@@ -32,15 +35,21 @@ def _data(rank: int, n: int, dtype, scale=0.02):
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
-        a.view(torch.int16 if a.element_size() == 2 else torch.int32),
-        b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.equal(
+            a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+            b.view(torch.int16 if b.element_size() == 2 else torch.int32),
+        )
+    )
 
 
 def _collectives(rank, world):
     import torch.distributed as dist
 
     from moeflow.comm import compressed as Z
+
     fails = []
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         # all-to-all, uneven: rank r sends (r + j + 1) * 37 rows to rank j (some empty)
@@ -66,7 +75,7 @@ def _collectives(rank, world):
         acc = z_all[0].float()
         for r in range(1, world):
             acc = acc + z_all[r].float()
-        want_rs = acc.to(dtype)[501 * rank: 501 * (rank + 1)]
+        want_rs = acc.to(dtype)[501 * rank : 501 * (rank + 1)]
         want_ar = acc.to(dtype)
         outs = {}
         for mode in (True, False):
@@ -79,8 +88,10 @@ def _collectives(rank, world):
                 fails.append(("ar", dtype, mode))
         # all-reduce of a length that does not divide by the world size
         odd = _data(rank, 7, dtype)[:, :1].reshape(-1)
-        if not _same(Z.all_reduce(odd, None, True, timeout_s=30),
-                     Z.all_reduce(odd, None, False, timeout_s=30)):
+        if not _same(
+            Z.all_reduce(odd, None, True, timeout_s=30),
+            Z.all_reduce(odd, None, False, timeout_s=30),
+        ):
             fails.append(("ar-odd", dtype))
     # the adaptive switch: compresses on a slow link, not on a fast one, same results
     w = _data(rank, 20_000, torch.bfloat16)
@@ -92,14 +103,22 @@ def _collectives(rank, world):
     rp = [2000 * (rank + 1)] * world
     c = Z.all_to_all(_data(rank, sum(sp), torch.bfloat16), sp, rp, None, slow)
     d = Z.all_to_all(_data(rank, sum(sp), torch.bfloat16), sp, rp, None, fast)
-    return (fails, _same(a, b), _same(c, d), slow.stats.as_dict(), fast.stats.as_dict(),
-            slow.stats.bytes_saved, fast.stats.bytes_saved)
+    return (
+        fails,
+        _same(a, b),
+        _same(c, d),
+        slow.stats.as_dict(),
+        fast.stats.as_dict(),
+        slow.stats.bytes_saved,
+        fast.stats.bytes_saved,
+    )
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_compressed_collectives_match_uncompressed(world):
     for fails, ar_same, a2a_same, slow, fast, saved_slow, saved_fast in run_ranks(
-            _collectives, world, timeout_s=120):
+        _collectives, world, timeout_s=120
+    ):
         assert fails == []
         assert ar_same and a2a_same
         assert all(v["compressed"] == v["calls"] for v in slow.values()), slow

@@ -33,27 +33,36 @@ def _equivalence(rank, world, case: Case, level, ranks_per_node=2, placement=Non
     xr = x_all.clone().requires_grad_(True)
     loss, ys = 0.0, []
     for r in range(world):
-        y = ref(xr[offs[r]:offs[r + 1]])
+        y = ref(xr[offs[r] : offs[r + 1]])
         ys.append(y)
-        loss = loss + (y * g_all[offs[r]:offs[r + 1]]).sum() + ref.aux_loss
+        loss = loss + (y * g_all[offs[r] : offs[r + 1]]).sum() + ref.aux_loss
     loss.backward()
     y_ref = torch.cat(ys)
 
-    ep = ExpertParallel(copy.deepcopy(layer), topology=Topology.explicit(world, ranks_per_node),
-                        dispatcher="dedup", dispatcher_options={"level": level},
-                        r_fwd=case.r_fwd, r_bwd=case.r_bwd, timeout_s=30)
+    ep = ExpertParallel(
+        copy.deepcopy(layer),
+        topology=Topology.explicit(world, ranks_per_node),
+        dispatcher="dedup",
+        dispatcher_options={"level": level},
+        r_fwd=case.r_fwd,
+        r_bwd=case.r_bwd,
+        timeout_s=30,
+    )
     if placement is not None:
         ep.apply_placement(placement)
     from moeflow.comm.dedup import local_experts
+
     mine = local_experts(ep.dispatcher)
-    x = x_all[offs[rank]:offs[rank + 1]].clone().requires_grad_(True)
+    x = x_all[offs[rank] : offs[rank + 1]].clone().requires_grad_(True)
     y = ep(x)
-    ((y * g_all[offs[rank]:offs[rank + 1]]).sum() + ep.aux_loss).backward()
+    ((y * g_all[offs[rank] : offs[rank + 1]]).sum() + ep.aux_loss).backward()
     ep.sync_gradients("sum")
-    checks = [("output", y, y_ref[offs[rank]:offs[rank + 1]]),
-              ("grad x", x.grad, xr.grad[offs[rank]:offs[rank + 1]]),
-              ("grad w_in", ep.w_in.grad, ref.experts.w_in.grad[mine]),
-              ("grad w_out", ep.w_out.grad, ref.experts.w_out.grad[mine])]
+    checks = [
+        ("output", y, y_ref[offs[rank] : offs[rank + 1]]),
+        ("grad x", x.grad, xr.grad[offs[rank] : offs[rank + 1]]),
+        ("grad w_in", ep.w_in.grad, ref.experts.w_in.grad[mine]),
+        ("grad w_out", ep.w_out.grad, ref.experts.w_out.grad[mine]),
+    ]
     ref_params = dict(ref.named_parameters())
     for name, p in ep.named_parameters():
         if name not in ("w_in", "w_out") and ref_params[name].grad is not None:
@@ -127,20 +136,31 @@ def _bytes(rank, world, level, routes):
     T = [len(r) for r in routes]
     topo = Topology.explicit(world, 2)
     a, j = divmod(rank, 2)
-    d = make_dispatcher("dedup", ep_group=None, ep_size=world, ep_rank=rank, esp_group=None,
-                        esp_size=1, esp_rank=0, num_local_experts=E // world, timeout_s=20,
-                        intra_group=subgroup(None, topo.node_ranks(a)),
-                        inter_group=subgroup(None, topo.peer_ranks(j)), ranks_per_node=2,
-                        level=level)
+    d = make_dispatcher(
+        "dedup",
+        ep_group=None,
+        ep_size=world,
+        ep_rank=rank,
+        esp_group=None,
+        esp_size=1,
+        esp_rank=0,
+        num_local_experts=E // world,
+        timeout_s=20,
+        intra_group=subgroup(None, topo.node_ranks(a)),
+        inter_group=subgroup(None, topo.peer_ranks(j)),
+        ranks_per_node=2,
+        level=level,
+    )
     pairs = sorted((e, t) for t, es in enumerate(routes[rank]) for e in es)
     tok = torch.tensor([t for _, t in pairs], dtype=torch.long)
     exp = torch.tensor([e for e, _ in pairs], dtype=torch.long)
     torch.manual_seed(rank)
     w = torch.rand(len(pairs))
-    routing = Routing(tok, exp, w, torch.bincount(exp, minlength=E), torch.zeros(()),
-                      torch.zeros(T[rank], E))
+    routing = Routing(
+        tok, exp, w, torch.bincount(exp, minlength=E), torch.zeros(()), torch.zeros(T[rank], E)
+    )
 
-    class _EP:   # the fields forward_tokens reads from ExpertParallel
+    class _EP:  # the fields forward_tokens reads from ExpertParallel
         activation, kernel, _expert_fn = "gelu", "loop", staticmethod(expert_ffn)
         w_in = torch.randn(E // world, 8, D)
         w_out = torch.randn(E // world, D, 8)
@@ -169,21 +189,25 @@ def test_wire_bytes_per_level_equal_the_dedup_formula(dup):
         assert res[0][0] == [2 * want.get(1, 0), 2 * want.get(2, 0)], (level, dup)
     flat = level_bytes(flat_hops(routes, owner, U), row)
     node = level_bytes(dedup_hops(routes, owner, U, 1), row)
-    if dup == 0.0:   # no two experts of a token share a node: nothing to remove
+    if dup == 0.0:  # no two experts of a token share a node: nothing to remove
         assert node[2] == flat[2]
-    else:            # inter-node bytes shrink by the duplicated rows
+    else:  # inter-node bytes shrink by the duplicated rows
         assert node[2] < flat[2]
-    if dup == 1.0:   # both experts on one node: exactly one inter-node row per remote token
+    if dup == 1.0:  # both experts on one node: exactly one inter-node row per remote token
         assert node[2] * 2 == flat[2]
 
 
 def _eight(rank, world):
-    cases = [(Case(router="softmax_topk", tokens=(9, 0, 14, 5, 11, 7, 3, 12), r_fwd=2,
-                   r_bwd=3), lvl) for lvl in (0, 1, "auto")]
+    cases = [
+        (Case(router="softmax_topk", tokens=(9, 0, 14, 5, 11, 7, 3, 12), r_fwd=2, r_bwd=3), lvl)
+        for lvl in (0, 1, "auto")
+    ]
     out = [_equivalence(rank, world, c, lvl, ranks_per_node=4) for c, lvl in cases]
-    swapped = [7, 1, 2, 3, 4, 5, 6, 0]          # experts 0 and 7 trade ranks (nodes)
-    out += [_equivalence(rank, world, cases[0][0], lvl, ranks_per_node=4, placement=swapped)
-            for lvl in (0, 1)]
+    swapped = [7, 1, 2, 3, 4, 5, 6, 0]  # experts 0 and 7 trade ranks (nodes)
+    out += [
+        _equivalence(rank, world, cases[0][0], lvl, ranks_per_node=4, placement=swapped)
+        for lvl in (0, 1)
+    ]
     return out
 
 
@@ -222,14 +246,14 @@ def _trained_routing():
     for t, e in zip(routing.token_idx_N.tolist(), routing.expert_idx_N.tolist()):
         per_token[t].append(e)
     n = len(per_token) // 4
-    return [per_token[i * n:(i + 1) * n] for i in range(4)], losses
+    return [per_token[i * n : (i + 1) * n] for i in range(4)], losses
 
 
 def test_wire_bytes_equal_the_formula_on_a_trained_models_routing():
     from moeflow.plan.hiermoe import contiguous_owner, dedup_hops, level_bytes
 
     routes, losses = _trained_routing()
-    assert losses[-1] < losses[0]                 # it did train
+    assert losses[-1] < losses[0]  # it did train
     U, owner, row = [1, 2, 4], contiguous_owner(8, 4), 16 * 4
     for level in (0, 1):
         res = run_ranks(_bytes, 4, level, routes, timeout_s=60)
@@ -244,15 +268,21 @@ def _config_errors(rank, world):
 
     layer, _ = build(Case())
     fields = []
-    for kw in (dict(compress=True), dict(esp_size=2), dict(dispatcher_options={"level": 2}),
-               dict(dispatcher_options={"level": "socket"})):
+    for kw in (
+        dict(compress=True),
+        dict(esp_size=2),
+        dict(dispatcher_options={"level": 2}),
+        dict(dispatcher_options={"level": "socket"}),
+    ):
         try:
-            ExpertParallel(copy.deepcopy(layer), topology=Topology.explicit(world, 2),
-                           dispatcher="dedup", **kw)
+            ExpertParallel(
+                copy.deepcopy(layer), topology=Topology.explicit(world, 2), dispatcher="dedup", **kw
+            )
         except ConfigError as e:
             fields.append(e.field)
-    ep = ExpertParallel(copy.deepcopy(layer), topology=Topology.explicit(world, 2),
-                        dispatcher="a2a")
+    ep = ExpertParallel(
+        copy.deepcopy(layer), topology=Topology.explicit(world, 2), dispatcher="a2a"
+    )
     try:
         ep.apply_placement(list(range(8)))
     except ConfigError as e:

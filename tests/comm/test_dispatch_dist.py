@@ -12,8 +12,9 @@ pytestmark = pytest.mark.dist
 
 
 def _collectives(rank, world):
-    from moeflow.comm.collectives import all_gather_v, all_to_all_v, reduce_scatter_v
     from moeflow.comm import Topology
+    from moeflow.comm.collectives import all_gather_v, all_to_all_v, reduce_scatter_v
+
     # uneven all-to-all: rank i sends (i + j) rows of value 10*i + j to rank j
     sends = [rank + j for j in range(world)]
     x = torch.cat([torch.full((n, 2), 10.0 * rank + j) for j, n in enumerate(sends)])
@@ -45,6 +46,7 @@ def _roundtrip(rank, world):
     """dispatch -> (tag rows with owner) -> combine returns each row to its sender."""
     from moeflow.comm import Topology, make_dispatcher
     from moeflow.comm.groups import subgroup
+
     E, E_l = 8, 8 // world
     torch.manual_seed(rank)
     results = []
@@ -52,7 +54,7 @@ def _roundtrip(rank, world):
         for r in (1, 3):
             counts = torch.randint(0, 4, (E,))
             if rank == 1:
-                counts.zero_()                     # a rank with nothing to send
+                counts.zero_()  # a rank with nothing to send
             N = int(counts.sum())
             expert_of_row = torch.repeat_interleave(torch.arange(E), counts)
             x = torch.stack([expert_of_row.float(), torch.full((N,), float(rank))], 1)
@@ -60,11 +62,23 @@ def _roundtrip(rank, world):
             if name == "2dh":
                 topo = Topology.explicit(world, 2)
                 a, j = divmod(rank, 2)
-                extra = dict(intra_group=subgroup(None, topo.node_ranks(a)),
-                             inter_group=subgroup(None, topo.peer_ranks(j)), ranks_per_node=2)
-            d = make_dispatcher(name, ep_group=None, ep_size=world, ep_rank=rank,
-                                esp_group=None, esp_size=1, esp_rank=0, num_local_experts=E_l,
-                                timeout_s=20, **extra)
+                extra = dict(
+                    intra_group=subgroup(None, topo.node_ranks(a)),
+                    inter_group=subgroup(None, topo.peer_ranks(j)),
+                    ranks_per_node=2,
+                )
+            d = make_dispatcher(
+                name,
+                ep_group=None,
+                ep_size=world,
+                ep_rank=rank,
+                esp_group=None,
+                esp_size=1,
+                esp_rank=0,
+                num_local_experts=E_l,
+                timeout_s=20,
+                **extra,
+            )
             ex = d.exchange(counts, capacity=3 if name == "capacity" else None)
             back = torch.zeros(N + 1, 2)
             ext = torch.cat([x, torch.full((1, 2), -1.0)])
@@ -78,13 +92,13 @@ def _roundtrip(rank, world):
                 assert bool(((real[:, 0] // E_l) == rank).all()), (name, buf)
                 assert int(rt.recv_SPE[0].sum()) == buf.shape[0]
                 y = buf.clone()
-                y[:, 1] = y[:, 1] * 100 + rank            # owner stamps the row
+                y[:, 1] = y[:, 1] * 100 + rank  # owner stamps the row
                 for step in rt.combine:
                     y = step.issue(y, 20).wait()
                 back.index_copy_(0, rt.send_index, y)
             back = back[:N]
             assert torch.equal(back[:, 0], x[:, 0]), name
-            owners = (x[:, 0] // E_l)
+            owners = x[:, 0] // E_l
             assert torch.equal(back[:, 1], rank * 100 + owners), name
             results.append((name, r, N))
     return results

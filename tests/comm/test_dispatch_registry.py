@@ -4,21 +4,41 @@ import inspect
 
 import pytest
 
-from moeflow.comm import (COMMON_ARGS, DISPATCHER_CLASSES, DISPATCHERS, A2ADispatcher,
-                          CapacityDispatcher, HierarchicalDispatcher, TokenDispatcher,
-                          dispatcher_class, make_dispatcher)
+from moeflow.comm import (
+    COMMON_ARGS,
+    DISPATCHER_CLASSES,
+    DISPATCHERS,
+    A2ADispatcher,
+    CapacityDispatcher,
+    HierarchicalDispatcher,
+    TokenDispatcher,
+    dispatcher_class,
+    make_dispatcher,
+)
 from moeflow.comm.dedup import DedupDispatcher
 from moeflow.errors import ConfigError
 
 # single-rank arguments: constructors only store them, no collective runs
-COMMON = dict(ep_group=None, ep_size=2, ep_rank=1, esp_group=None, esp_size=1, esp_rank=0,
-              num_local_experts=4, timeout_s=5.0)
+COMMON = dict(
+    ep_group=None,
+    ep_size=2,
+    ep_rank=1,
+    esp_group=None,
+    esp_size=1,
+    esp_rank=0,
+    num_local_experts=4,
+    timeout_s=5.0,
+)
 
 
 def test_registry_lists_the_dispatchers():
     assert DISPATCHERS == ("a2a", "capacity", "2dh", "dedup")
-    assert DISPATCHER_CLASSES == {"a2a": A2ADispatcher, "capacity": CapacityDispatcher,
-                                  "2dh": HierarchicalDispatcher, "dedup": DedupDispatcher}
+    assert DISPATCHER_CLASSES == {
+        "a2a": A2ADispatcher,
+        "capacity": CapacityDispatcher,
+        "2dh": HierarchicalDispatcher,
+        "dedup": DedupDispatcher,
+    }
     assert dispatcher_class("2dh") is HierarchicalDispatcher
 
 
@@ -29,8 +49,11 @@ def test_declared_options_are_the_constructor_keywords(cls):
     for klass in cls.__mro__:
         if klass is object or "__init__" not in vars(klass):
             continue
-        params |= {n for n, p in inspect.signature(klass.__init__).parameters.items()
-                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        params |= {
+            n
+            for n, p in inspect.signature(klass.__init__).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
     assert params == set(COMMON_ARGS) | set(cls.options)
     assert set(TokenDispatcher.options) == set()
 
@@ -53,12 +76,18 @@ def test_unknown_name_names_the_known_ones(name):
         assert repr(known) in str(info.value)
 
 
-@pytest.mark.parametrize("name,extra,bad", [
-    ("a2a", {"world_group": None}, "world_group"),
-    ("capacity", {"ranks_per_node": 2}, "ranks_per_node"),
-    ("2dh", {"intra_group": None, "inter_group": None, "ranks_per_node": 1,
-             "world_group": None}, "world_group"),
-])
+@pytest.mark.parametrize(
+    "name,extra,bad",
+    [
+        ("a2a", {"world_group": None}, "world_group"),
+        ("capacity", {"ranks_per_node": 2}, "ranks_per_node"),
+        (
+            "2dh",
+            {"intra_group": None, "inter_group": None, "ranks_per_node": 1, "world_group": None},
+            "world_group",
+        ),
+    ],
+)
 def test_argument_of_another_dispatcher_is_an_error(name, extra, bad):
     with pytest.raises(ConfigError) as info:
         make_dispatcher(name, **COMMON, **extra)

@@ -17,6 +17,7 @@ def _ep(world, timeout_s, **kw):
     from moeflow import MoEConfig, MoELayer
     from moeflow.comm import Topology
     from moeflow.runtime import ExpertParallel
+
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2))
     return ExpertParallel(layer, topology=Topology.explicit(world, 2), timeout_s=timeout_s, **kw)
@@ -24,10 +25,11 @@ def _ep(world, timeout_s, **kw):
 
 def _kill_one(rank, world):
     from moeflow.errors import CommTimeoutError
+
     ep = _ep(world, timeout_s=20, dispatcher="2dh", r_fwd=2, r_bwd=2)
-    ep(torch.randn(6, 8)).sum().backward()          # one healthy step first
+    ep(torch.randn(6, 8)).sum().backward()  # one healthy step first
     if rank == 3:
-        os._exit(1)                                  # the rank dies
+        os._exit(1)  # the rank dies
     t0 = time.monotonic()
     try:
         ep(torch.randn(6, 8)).sum().backward()
@@ -47,11 +49,12 @@ def test_killed_rank_raises_comm_timeout_not_hang():
 
 def _stall_one(rank, world):
     from moeflow.errors import CommTimeoutError
+
     ep = _ep(world, timeout_s=2, r_fwd=2, r_bwd=2)
     x = torch.randn(5, 8, requires_grad=True)
-    y = ep(x)                                        # forward completes on both ranks
+    y = ep(x)  # forward completes on both ranks
     if rank == 1:
-        time.sleep(6)                                # stalls instead of running backward
+        time.sleep(6)  # stalls instead of running backward
         return ("stalled", "", 0.0)
     t0 = time.monotonic()
     try:

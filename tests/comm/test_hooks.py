@@ -32,8 +32,10 @@ def _grads(rank, world, dtype_name):
             ddp(x).float().pow(2).mean().backward()
         # numpy, not tensors: DDP imports torch.multiprocessing, whose tensor pickling
         # would hand the parent shared memory of a rank that has exited
-        out[mode] = ([p.grad.float().numpy().copy() for p in net.parameters()],
-                     None if state is None else state.compression.stats.as_dict())
+        out[mode] = (
+            [p.grad.float().numpy().copy() for p in net.parameters()],
+            None if state is None else state.compression.stats.as_dict(),
+        )
     return out
 
 
@@ -46,12 +48,12 @@ def test_hook_gives_ddp_gradients_world2(dtype_name):
         tol = {"float32": dict(rtol=1e-5, atol=1e-7), "bfloat16": dict(rtol=2e-2, atol=1e-4)}
         for r, a, b in zip(ref, on, off):
             assert (a == b).all()  # the switch never changes the bits
-            torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(r),
-                                       **tol[dtype_name])
+            torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(r), **tol[dtype_name])
         assert sum(v["compressed"] for v in stats_on.values()) >= 4
         assert sum(v["compressed"] for v in stats_off.values()) == 0
         assert sum(v["wire_bytes"] for v in stats_on.values()) < sum(
-            v["raw_bytes"] for v in stats_on.values())
+            v["raw_bytes"] for v in stats_on.values()
+        )
 
 
 def _fsdp_grads(rank, world):
@@ -75,8 +77,10 @@ def _fsdp_grads(rank, world):
         for _ in range(2):
             net.zero_grad()
             net(torch.randn(16, 32, generator=g)).pow(2).mean().backward()
-        out[mode] = ([p.grad.full_tensor().numpy().copy() for p in net.parameters()],
-                     None if policy is None else policy.stats.as_dict())
+        out[mode] = (
+            [p.grad.full_tensor().numpy().copy() for p in net.parameters()],
+            None if policy is None else policy.stats.as_dict(),
+        )
     return out
 
 
@@ -86,8 +90,9 @@ def test_fsdp2_custom_collectives_world2():
     for res in run_ranks(_fsdp_grads, 2, timeout_s=90):
         for ref, on, off in zip(res["plain"][0], res[True][0], res[False][0]):
             assert (on == off).all()
-            torch.testing.assert_close(torch.from_numpy(on), torch.from_numpy(ref),
-                                       rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(
+                torch.from_numpy(on), torch.from_numpy(ref), rtol=1e-5, atol=1e-7
+            )
         stats = res[True][1]
         assert stats["fsdp all-gather"]["compressed"] >= 4
         assert stats["fsdp reduce-scatter"]["compressed"] >= 2

@@ -18,7 +18,7 @@ from tests.runtime.ep_cases import ROUTER_CFGS, Case, _ws, build
 
 pytestmark = pytest.mark.dist
 
-BATCH = (14, 9)          # tokens of node 0 and node 1
+BATCH = (14, 9)  # tokens of node 0 and node 1
 
 
 def _run(rank, world, case: Case, schedule: str):
@@ -50,16 +50,27 @@ def _run(rank, world, case: Case, schedule: str):
     loss.backward()
 
     mp = subgroup(None, [2 * node, 2 * node + 1])
-    ep = ExpertParallel(copy.deepcopy(layer), topology=Topology.explicit(world, 2), esp_size=2,
-                        mp_group=mp, schedule=schedule, r_fwd=case.r_fwd, r_bwd=case.r_bwd,
-                        timeout_s=30)
+    ep = ExpertParallel(
+        copy.deepcopy(layer),
+        topology=Topology.explicit(world, 2),
+        esp_size=2,
+        mp_group=mp,
+        schedule=schedule,
+        r_fwd=case.r_fwd,
+        r_bwd=case.r_bwd,
+        timeout_s=30,
+    )
     x = xs[node].clone().requires_grad_(True)
     y = ep(x)
     ((y * gs[node]).sum() + ep.aux_loss).backward()
     ep.sync_gradients("sum")
     gi, go = _ws(ref, ep)(ref.experts.w_in.grad, ref.experts.w_out.grad)
-    checks = [("output", y, y_ref), ("grad x", x.grad, xr[node].grad),
-              ("grad w_in", ep.w_in.grad, gi), ("grad w_out", ep.w_out.grad, go)]
+    checks = [
+        ("output", y, y_ref),
+        ("grad x", x.grad, xr[node].grad),
+        ("grad w_in", ep.w_in.grad, gi),
+        ("grad w_out", ep.w_out.grad, go),
+    ]
     ref_params = dict(ref.named_parameters())
     for name, p in ep.named_parameters():
         if name not in ("w_in", "w_out") and ref_params[name].grad is not None:
@@ -76,8 +87,10 @@ def _run(rank, world, case: Case, schedule: str):
 def _cases():
     cases = [(Case(router=r), sch) for r in ROUTER_CFGS for sch in ("plain", "s1", "s2")]
     # drop mode (capacity factor 1) and a chunked pipeline
-    cases += [(Case(router="softmax_topk", capacity_factor=1.0, r_fwd=2, r_bwd=3), sch)
-              for sch in ("plain", "s1", "s2")]
+    cases += [
+        (Case(router="softmax_topk", capacity_factor=1.0, r_fwd=2, r_bwd=3), sch)
+        for sch in ("plain", "s1", "s2")
+    ]
     return cases
 
 
@@ -109,21 +122,28 @@ def _auto(rank, world):
     layer, cfg = build(Case())
     node = rank // 2
     mp = subgroup(None, [2 * node, 2 * node + 1])
-    slow_net = ParmCluster(alpha_intra=1e-6, beta_intra=1e-12, alpha_inter=1e-6,
-                           beta_inter=1e-8)
+    slow_net = ParmCluster(alpha_intra=1e-6, beta_intra=1e-12, alpha_inter=1e-6, beta_inter=1e-8)
     latency = ParmCluster(alpha_intra=1.0, beta_intra=0.0, alpha_inter=0.0, beta_inter=0.0)
     chosen = []
     for cluster in (slow_net, latency):
-        ep = ExpertParallel(copy.deepcopy(layer), topology=Topology.explicit(world, 2),
-                            esp_size=2, mp_group=mp, schedule="auto", parm_cluster=cluster,
-                            timeout_s=30)
+        ep = ExpertParallel(
+            copy.deepcopy(layer),
+            topology=Topology.explicit(world, 2),
+            esp_size=2,
+            mp_group=mp,
+            schedule="auto",
+            parm_cluster=cluster,
+            timeout_s=30,
+        )
         torch.manual_seed(node)
         ep(torch.randn(10, cfg.hidden_size))
         chosen.append(ep.last_schedule)
     errors = []
-    for kw in (dict(esp_size=2, mp_group=mp, schedule="s3"),
-               dict(esp_size=1, mp_group=mp, schedule="s1"),
-               dict(esp_size=2, schedule="s1")):
+    for kw in (
+        dict(esp_size=2, mp_group=mp, schedule="s3"),
+        dict(esp_size=1, mp_group=mp, schedule="s1"),
+        dict(esp_size=2, schedule="s1"),
+    ):
         try:
             ExpertParallel(copy.deepcopy(layer), topology=Topology.explicit(world, 2), **kw)
         except ConfigError as e:

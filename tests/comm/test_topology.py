@@ -25,8 +25,9 @@ def test_explicit_layout_and_links():
 def test_from_env_reads_torchrun_variables():
     t = Topology.from_env(env={"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"})
     assert (t.world_size, t.ranks_per_node, t.num_nodes) == (8, 4, 2)
-    t = Topology.from_env(env={"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4",
-                               "MOEFLOW_RANKS_PER_NODE": "2"})
+    t = Topology.from_env(
+        env={"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "MOEFLOW_RANKS_PER_NODE": "2"}
+    )
     assert t.num_nodes == 2
     assert Topology.from_env(env={"WORLD_SIZE": "3"}).num_nodes == 1
 
@@ -53,7 +54,7 @@ def test_split_pieces_cover_each_block_exactly():
 
 
 def test_sub_block_index_reorders_blocks():
-    sizes = torch.tensor([[2, 0, 1], [1, 3, 2]])          # blocks (a, b) stored a-major
+    sizes = torch.tensor([[2, 0, 1], [1, 3, 2]])  # blocks (a, b) stored a-major
     rows = torch.arange(int(sizes.sum()))
     # b-major order: (0,0)=[0,1] (1,0)=[3] (0,1)=[] (1,1)=[4,5,6] (0,2)=[2] (1,2)=[7,8]
     idx = sub_block_index(sizes, perm=(1, 0))

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeflow.compress import CompressedTensor, compress, decompress, tensor_stats
-from moeflow.compress import entropy, tbe
+from moeflow.compress import CompressedTensor, compress, decompress, entropy, tbe, tensor_stats
 from moeflow.errors import ConfigError, InputError
 
 CODECS = ["entropy", "tbe"]
@@ -48,8 +47,20 @@ def test_fp32_special_values_round_trip():
     assert len(blob) < 0.9 * g.numel() * 4
 
 
-SHAPES = [(0,), (1,), (), (7,), (3, 5), (0, 4), (4, 0), (63, 65), (1, 129), (2, 3, 17),
-          (5, 1, 1, 9), (131_073,)]
+SHAPES = [
+    (0,),
+    (1,),
+    (),
+    (7,),
+    (3, 5),
+    (0, 4),
+    (4, 0),
+    (63, 65),
+    (1, 129),
+    (2, 3, 17),
+    (5, 1, 1, 9),
+    (131_073,),
+]
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -93,7 +104,9 @@ def test_entropy_ratio_within_half_percent_of_bound():
 
 
 def test_tbe_ratio_matches_coverage_formula():
-    x = (torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    x = (torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)) * 0.02).to(
+        torch.bfloat16
+    )
     s = tensor_stats(x)
     blob = compress(x, "tbe")
     bits = 8 * len(blob) / x.numel()
@@ -124,7 +137,7 @@ def test_huffman_lengths_respect_limit_and_kraft():
     lengths = entropy.huffman_lengths(counts, 12)
     used = lengths[counts > 0]
     assert used.max() <= 12 and used.min() >= 1
-    assert np.sum(2.0 ** -used) <= 1.0
+    assert np.sum(2.0**-used) <= 1.0
     assert np.all(lengths[counts == 0] == 0)
 
 
@@ -157,10 +170,12 @@ def test_decoder_table_reuse_across_chunks_with_changing_codes():
     def bf16(x):
         return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
 
-    parts = [bf16(rng.standard_normal(2 * cv) * 0.02),
-             rng.integers(0, 65536, cv, dtype=np.uint64).astype(np.uint16),
-             bf16(rng.standard_normal(cv) * 3.0),
-             bf16(rng.standard_normal(cv + 17) * 0.02)]
+    parts = [
+        bf16(rng.standard_normal(2 * cv) * 0.02),
+        rng.integers(0, 65536, cv, dtype=np.uint64).astype(np.uint16),
+        bf16(rng.standard_normal(cv) * 3.0),
+        bf16(rng.standard_normal(cv + 17) * 0.02),
+    ]
     bits = np.concatenate(parts)
     payload, _ = entropy.encode(bits, "bfloat16", 1)
     for threads in (1, 2):

@@ -47,12 +47,14 @@ def test_every_16bit_pattern_round_trips(dtype):
 
 def test_fp32_patterns_round_trip():
     rng = np.random.default_rng(2)
-    special = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001, 0x00000001,
-                        0x807FFFFF, 0x7F7FFFFF], np.uint32)
+    special = np.array(
+        [0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001, 0x00000001, 0x807FFFFF, 0x7F7FFFFF],
+        np.uint32,
+    )
     rand = rng.integers(0, 1 << 32, 50_000, dtype=np.uint64).astype(np.uint32)
     bg = _bits(torch.randn(150_000) * 1e-3).copy()
     bg[::3] = rand
-    bg[:special.size] = special
+    bg[: special.size] = special
     _roundtrip(torch.from_numpy(bg.view(np.int32).copy()).view(torch.float32))
 
 
@@ -70,8 +72,9 @@ def test_empty_and_tiny_messages():
             _roundtrip(torch.randn(n).to(dt))
 
 
-@pytest.mark.parametrize("dist,scale", [("gauss", 0.02), ("gauss", 3e-5), ("laplace", 1.0),
-                                        ("student3", 0.1)])
+@pytest.mark.parametrize(
+    "dist,scale", [("gauss", 0.02), ("gauss", 3e-5), ("laplace", 1.0), ("student3", 0.1)]
+)
 def test_ratio_within_two_percent_of_the_exponent_entropy_bound(dist, scale):
     """ZipCCL's premise: a static table picked from the scale codes the exponents within 2%
     of the message's empirical exponent entropy (and matches per-message Huffman tables)."""
@@ -95,8 +98,7 @@ def test_ratio_within_two_percent_of_the_exponent_entropy_bound(dist, scale):
 
 def test_incompressible_message_is_stored_and_checked():
     rng = np.random.default_rng(4)
-    x = torch.from_numpy(rng.integers(-2 ** 15, 2 ** 15, 5000, dtype=np.int16)).view(
-        torch.bfloat16)
+    x = torch.from_numpy(rng.integers(-(2**15), 2**15, 5000, dtype=np.int16)).view(torch.bfloat16)
     msg = _roundtrip(x)
     assert C.info(msg).stored
     assert msg.size == 2 * 5000 + 40
@@ -127,7 +129,7 @@ def test_table_follows_the_scale():
     x = torch.randn(20_000)
     c0 = C.choose(_bits(x.bfloat16()), "bfloat16")
     for k in (-9, -1, 3):
-        xk = (x * 2.0 ** k).bfloat16()
+        xk = (x * 2.0**k).bfloat16()
         ck = C.choose(_bits(xk), "bfloat16")
         assert (ck.shape, ck.offset, ck.zero) == (c0.shape, c0.offset, c0.zero)
         assert ck.base == c0.base + k
@@ -139,7 +141,7 @@ def test_table_follows_the_scale():
 
 def test_zero_heavy_messages_pick_a_zero_class():
     x = torch.randn(40_000)
-    x[: 20_000] = 0
+    x[:20_000] = 0
     ch = C.choose(_bits(x.bfloat16()), "bfloat16")
     assert C.ZERO_CLASSES[ch.zero] == 0.5
     ratio = C.info(_roundtrip(x.bfloat16())).ratio

@@ -22,8 +22,9 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     w = torch.int16 if a.element_size() == 2 else torch.int32
-    return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(w).cpu(),
-                                              b.reshape(-1).view(w).cpu())
+    return a.dtype == b.dtype and torch.equal(
+        a.reshape(-1).view(w).cpu(), b.reshape(-1).view(w).cpu()
+    )
 
 
 def test_every_bf16_pattern_round_trips():
@@ -53,8 +54,9 @@ def test_round_trip_shapes_and_ratio(n, dtype):
 
 
 def test_fp32_special_values():
-    x = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, 3e38,
-                      -1.5, 1e-3])
+    x = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, 3e38, -1.5, 1e-3]
+    )
     assert _same(G.gpu_decode(G.gpu_encode(x.to(DEV))), x)
 
 

@@ -61,15 +61,23 @@ def test_payload_is_exactly_sized():
     """The encoder writes chunks straight into a payload of their planned size: a kept
     CompressedTensor holds only its compressed bytes, not a work buffer."""
     x = (torch.randn(600, 500, generator=torch.Generator().manual_seed(3)) * 0.02).to(
-        torch.bfloat16)
+        torch.bfloat16
+    )
     kept = CompressedTensor.from_tensor(x)
     owner = kept.payload if kept.payload.base is None else kept.payload.base
     assert owner.nbytes == kept.payload.nbytes < x.numel() * 2 * 0.75
     assert kept.to_bytes() == compress(x)
 
 
-@pytest.mark.parametrize("codec,dtype", [("entropy", torch.bfloat16), ("entropy", torch.float32),
-                                         ("tbe", torch.float16), ("raw", torch.int32)])
+@pytest.mark.parametrize(
+    "codec,dtype",
+    [
+        ("entropy", torch.bfloat16),
+        ("entropy", torch.float32),
+        ("tbe", torch.float16),
+        ("raw", torch.int32),
+    ],
+)
 def test_decompress_into_a_reused_buffer(codec, dtype):
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(33, 70, generator=g) * 100).to(dtype)
@@ -85,9 +93,13 @@ def test_decompress_into_a_reused_buffer(codec, dtype):
 def test_decompress_out_must_fit():
     x = torch.randn(8, 9).to(torch.bfloat16)
     blob = compress(x)
-    for bad in (torch.empty(9, 8, dtype=torch.bfloat16), torch.empty(8, 9),
-                torch.empty(9, 8, dtype=torch.bfloat16).t(), "buffer",
-                torch.empty(8, 9, dtype=torch.bfloat16, requires_grad=True)):
+    for bad in (
+        torch.empty(9, 8, dtype=torch.bfloat16),
+        torch.empty(8, 9),
+        torch.empty(9, 8, dtype=torch.bfloat16).t(),
+        "buffer",
+        torch.empty(8, 9, dtype=torch.bfloat16, requires_grad=True),
+    ):
         with pytest.raises(InputError):
             decompress(blob, out=bad)
     with torch.no_grad():  # a parameter-like tensor is fine without autograd

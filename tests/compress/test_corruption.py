@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moeflow.compress import CompressedTensor, compress, decompress
 from moeflow.errors import CorruptDataError
@@ -20,12 +21,17 @@ _X["tbe"][3, 4] = 1e4  # a fallback value
 _X["entropy16"] = (torch.randn(3000, generator=_g) * 0.02).to(torch.float16)
 _X["entropy32"] = torch.randn(2000, generator=_g) * 0.02
 _BLOBS = {k: compress(v, "entropy" if k.startswith("entropy") else k) for k, v in _X.items()}
-FUZZ = settings(max_examples=int(os.environ.get("MOEFLOW_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("MOEFLOW_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def _same(t, ref):
-    return torch.equal(t.contiguous().view(-1).view(torch.uint8),
-                       ref.contiguous().view(-1).view(torch.uint8))
+    return torch.equal(
+        t.contiguous().view(-1).view(torch.uint8), ref.contiguous().view(-1).view(torch.uint8)
+    )
 
 
 @pytest.mark.parametrize("key", sorted(_BLOBS))

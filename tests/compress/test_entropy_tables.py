@@ -10,7 +10,7 @@ def _single(lengths, codes):
     single = np.zeros(E.TABLE_SIZE, np.uint32)
     for s in range(256):
         if lengths[s]:
-            single[int(codes[s])::1 << int(lengths[s])] = s | (int(lengths[s]) << 8)
+            single[int(codes[s]) :: 1 << int(lengths[s])] = s | (int(lengths[s]) << 8)
     return single
 
 
@@ -26,7 +26,11 @@ def _reference(single):
             syms.append(e & 0xFF)
             used += e >> 8
             x >>= e >> 8
-        out[idx] = sum(s << (8 * i) for i, s in enumerate(syms)) | used << E.MULTI_USED | len(syms) << E.MULTI_COUNT
+        out[idx] = (
+            sum(s << (8 * i) for i, s in enumerate(syms))
+            | used << E.MULTI_USED
+            | len(syms) << E.MULTI_COUNT
+        )
     return out
 
 
@@ -55,8 +59,9 @@ def test_multi_table_matches_code_by_code_decoding(seed):
     lengths, codes = _codes(seed)
     single = _single(lengths, codes)
     multi = np.full(E.TABLE_SIZE, 0xDEAD, np.uint64)  # stale contents must all be overwritten
-    E._build_multi(lengths, codes, single, multi, np.zeros(256, np.int64),
-                   np.zeros(2 * E.TABLE_SIZE, np.int32))
+    E._build_multi(
+        lengths, codes, single, multi, np.zeros(256, np.int64), np.zeros(2 * E.TABLE_SIZE, np.int32)
+    )
     np.testing.assert_array_equal(multi, _reference(single))
 
 
@@ -66,8 +71,9 @@ def test_single_symbol_code_marks_unused_patterns_invalid():
     codes, _ = E.canonical_codes(lengths, E.MAX_LEN)
     single = _single(lengths, codes)
     multi = np.full(E.TABLE_SIZE, 5, np.uint64)
-    E._build_multi(lengths, codes, single, multi, np.zeros(256, np.int64),
-                   np.zeros(2 * E.TABLE_SIZE, np.int32))
+    E._build_multi(
+        lengths, codes, single, multi, np.zeros(256, np.int64), np.zeros(2 * E.TABLE_SIZE, np.int32)
+    )
     assert (multi[1::2] == 0).all()  # odd patterns start no code: count 0 (invalid)
     assert multi[0] == 77 * 0x01010101 | 4 << E.MULTI_USED | 4 << E.MULTI_COUNT  # 4 1-bit codes
     np.testing.assert_array_equal(multi, _reference(single))

@@ -23,9 +23,11 @@ from moeflow.compress import CompressedTensor, decompress
 from moeflow.compress.checkpoint import compress_file, decompress_file, inspect_file
 from moeflow.errors import CorruptDataError, InputError
 
-FUZZ = settings(max_examples=int(os.environ.get("MOEFLOW_FUZZ_EXAMPLES", "150")), deadline=None,
-                suppress_health_check=[HealthCheck.too_slow,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("MOEFLOW_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 _FOOT = struct.Struct("<QQII8s")
 
 
@@ -43,7 +45,7 @@ def _fresh(*paths):
 
 
 def round_trip(d, blob: bytes, codec: str = "auto") -> str:
-    """"exact" when ``blob`` compresses and comes back byte for byte; "refused" when compress
+    """ "exact" when ``blob`` compresses and comes back byte for byte; "refused" when compress
     raises InputError and wrote nothing. Anything else fails the test."""
     src, mfz, out = d / "in.safetensors", d / "x.mfz", d / "out.safetensors"
     _fresh(src, mfz, out)
@@ -79,8 +81,8 @@ def restore_or_corrupt(d, mfz_bytes: bytes, original: bytes) -> str:
 
 def split_mfz(b: bytes):
     """(blob region, index dict) of a .mfz file."""
-    ioff, ilen, _, _, _ = _FOOT.unpack(b[-_FOOT.size:])
-    return b[:ioff], json.loads(b[ioff:ioff + ilen])
+    ioff, ilen, _, _, _ = _FOOT.unpack(b[-_FOOT.size :])
+    return b[:ioff], json.loads(b[ioff : ioff + ilen])
 
 
 def join_mfz(body: bytes, index: dict) -> bytes:
@@ -102,8 +104,10 @@ def _sample_file() -> bytes:
     f16 = (rng.standard_normal(300) * 0.1).astype(np.float16).tobytes()
     i64 = np.arange(10, dtype=np.int64).tobytes()
     hole, tail = b"HOLE!", b"tail-bytes"
-    header = {"__metadata__": {"format": "pt"},
-              "w": {"dtype": "BF16", "shape": [64, 40], "data_offsets": [0, len(bf16)]}}
+    header = {
+        "__metadata__": {"format": "pt"},
+        "w": {"dtype": "BF16", "shape": [64, 40], "data_offsets": [0, len(bf16)]},
+    }
     at = len(bf16) + len(hole)
     header["h"] = {"dtype": "F16", "shape": [300], "data_offsets": [at, at + len(f16)]}
     at += len(f16)
@@ -126,16 +130,29 @@ def test_issue_example_with_trailing_bytes_round_trips_exactly(work):
     assert round_trip(work, blob) == "exact"
 
 
-@pytest.mark.parametrize("header,data", [
-    # hole between two tensors
-    ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
-      "b": {"dtype": "U8", "shape": [2], "data_offsets": [5, 7]}}, b"abXYZcd"),
-    ({}, b"data but no tensors"),
-    ({"__metadata__": {"k": "v"}}, b"\x00\xff" * 9),
-    # hole before the first tensor, and an empty tensor inside the hole
-    ({"a": {"dtype": "BF16", "shape": [3], "data_offsets": [4, 10]},
-      "e": {"dtype": "F32", "shape": [0, 7], "data_offsets": [2, 2]}}, b"0123456789"),
-])
+@pytest.mark.parametrize(
+    "header,data",
+    [
+        # hole between two tensors
+        (
+            {
+                "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                "b": {"dtype": "U8", "shape": [2], "data_offsets": [5, 7]},
+            },
+            b"abXYZcd",
+        ),
+        ({}, b"data but no tensors"),
+        ({"__metadata__": {"k": "v"}}, b"\x00\xff" * 9),
+        # hole before the first tensor, and an empty tensor inside the hole
+        (
+            {
+                "a": {"dtype": "BF16", "shape": [3], "data_offsets": [4, 10]},
+                "e": {"dtype": "F32", "shape": [0, 7], "data_offsets": [2, 2]},
+            },
+            b"0123456789",
+        ),
+    ],
+)
 def test_uncovered_bytes_are_stored_exactly(work, header, data):
     assert round_trip(work, st_file(header, data)) == "exact"
     assert inspect_file(str(work / "x.mfz"), verify=True)["version"] == 2
@@ -148,8 +165,13 @@ def test_files_without_gaps_stay_version_1(work):
 
 
 def test_overlapping_tensors_are_refused_before_writing(work):
-    blob = st_file({"a": {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]},
-                    "b": {"dtype": "F16", "shape": [4], "data_offsets": [4, 12]}}, bytes(16))
+    blob = st_file(
+        {
+            "a": {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]},
+            "b": {"dtype": "F16", "shape": [4], "data_offsets": [4, 12]},
+        },
+        bytes(16),
+    )
     with pytest.raises(InputError, match="overlap"):
         _fresh(work / "in.safetensors", work / "x.mfz")
         (work / "in.safetensors").write_bytes(blob)
@@ -157,30 +179,52 @@ def test_overlapping_tensors_are_refused_before_writing(work):
     assert not (work / "x.mfz").exists()
 
 
-@pytest.mark.parametrize("raw,field", [
-    (b"\xff\xfe{}", "UTF-8"),
-    (b"[1, 2]", "list"),
-    (b"17", "int"),
-    (b"[" * 100_000 + b"]" * 100_000, "deep"),
-    (b'{"a": 1, "a": 2}', "twice"),
-    (json.dumps({"a": {"dtype": "F16", "data_offsets": [0, 2]}}).encode(), "shape"),
-    (json.dumps({"a": {"dtype": "F16", "shape": "4", "data_offsets": [0, 8]}}).encode(), "shape"),
-    (json.dumps({"a": {"dtype": "F16", "shape": [4, True], "data_offsets": [0, 8]}}).encode(),
-     "shape"),
-    (json.dumps({"a": {"dtype": "F16", "shape": [4]}}).encode(), "data_offsets"),
-    (json.dumps({"a": {"dtype": "F16", "shape": [4], "data_offsets": {"x": 1}}}).encode(),
-     "data_offsets"),
-    (json.dumps({"a": {"dtype": "F16", "shape": [4], "data_offsets": [0, 8.0]}}).encode(),
-     "data_offsets"),
-    (json.dumps({"a": {"dtype": 3, "shape": [4], "data_offsets": [0, 8]}}).encode(), "dtype"),
-    (json.dumps({"a": [1]}).encode(), "entry"),
-    (json.dumps({"__metadata__": {"k": 1}}).encode(), "__metadata__"),
-    # element products that overflow int64, and a dimension beyond what a reader accepts
-    (json.dumps({"a": {"dtype": "U8", "shape": [2**32, 2**32, 2**32], "data_offsets": [0, 0]}})
-     .encode(), "2\\*\\*48"),
-    (json.dumps({"a": {"dtype": "U8", "shape": [0, 2**50], "data_offsets": [0, 0]}}).encode(),
-     "2\\*\\*48"),
-])
+@pytest.mark.parametrize(
+    "raw,field",
+    [
+        (b"\xff\xfe{}", "UTF-8"),
+        (b"[1, 2]", "list"),
+        (b"17", "int"),
+        (b"[" * 100_000 + b"]" * 100_000, "deep"),
+        (b'{"a": 1, "a": 2}', "twice"),
+        (json.dumps({"a": {"dtype": "F16", "data_offsets": [0, 2]}}).encode(), "shape"),
+        (
+            json.dumps({"a": {"dtype": "F16", "shape": "4", "data_offsets": [0, 8]}}).encode(),
+            "shape",
+        ),
+        (
+            json.dumps(
+                {"a": {"dtype": "F16", "shape": [4, True], "data_offsets": [0, 8]}}
+            ).encode(),
+            "shape",
+        ),
+        (json.dumps({"a": {"dtype": "F16", "shape": [4]}}).encode(), "data_offsets"),
+        (
+            json.dumps({"a": {"dtype": "F16", "shape": [4], "data_offsets": {"x": 1}}}).encode(),
+            "data_offsets",
+        ),
+        (
+            json.dumps({"a": {"dtype": "F16", "shape": [4], "data_offsets": [0, 8.0]}}).encode(),
+            "data_offsets",
+        ),
+        (json.dumps({"a": {"dtype": 3, "shape": [4], "data_offsets": [0, 8]}}).encode(), "dtype"),
+        (json.dumps({"a": [1]}).encode(), "entry"),
+        (json.dumps({"__metadata__": {"k": 1}}).encode(), "__metadata__"),
+        # element products that overflow int64, and a dimension beyond what a reader accepts
+        (
+            json.dumps(
+                {"a": {"dtype": "U8", "shape": [2**32, 2**32, 2**32], "data_offsets": [0, 0]}}
+            ).encode(),
+            "2\\*\\*48",
+        ),
+        (
+            json.dumps(
+                {"a": {"dtype": "U8", "shape": [0, 2**50], "data_offsets": [0, 0]}}
+            ).encode(),
+            "2\\*\\*48",
+        ),
+    ],
+)
 def test_bad_safetensors_headers_raise_input_error_naming_the_field(work, raw, field):
     blob = st_file(None, bytes(8), raw_header=raw)
     src = work / "bad.safetensors"
@@ -201,24 +245,27 @@ def test_container_refuses_shapes_a_reader_would_refuse():
     assert CompressedTensor.from_bytes(blob.to_bytes()).shape == (2**40, 0, 2**40)
 
 
-@pytest.mark.parametrize("where,key,value", [
-    ("top", "data_bytes", "12"),
-    ("top", "tensors", {"w": 1}),
-    ("top", "safetensors_header", 7),
-    ("top", "version", 1),
-    ("top", "version", "2"),
-    ("tensor", "offset", "16"),
-    ("tensor", "length", -5),
-    ("tensor", "shape", {"a": 1}),
-    ("tensor", "shape", [2**63, 2**63]),
-    ("tensor", "data_offsets", [0]),
-    ("tensor", "codec", None),
-    ("tensor", "dtype", "float128"),
-    ("tensor", "ratio", "fast"),
-    ("tensor", "name", 3),
-    ("gap", "length", 10**12),
-    ("gap", "data_offsets", [5, 2]),
-])
+@pytest.mark.parametrize(
+    "where,key,value",
+    [
+        ("top", "data_bytes", "12"),
+        ("top", "tensors", {"w": 1}),
+        ("top", "safetensors_header", 7),
+        ("top", "version", 1),
+        ("top", "version", "2"),
+        ("tensor", "offset", "16"),
+        ("tensor", "length", -5),
+        ("tensor", "shape", {"a": 1}),
+        ("tensor", "shape", [2**63, 2**63]),
+        ("tensor", "data_offsets", [0]),
+        ("tensor", "codec", None),
+        ("tensor", "dtype", "float128"),
+        ("tensor", "ratio", "fast"),
+        ("tensor", "name", 3),
+        ("gap", "length", 10**12),
+        ("gap", "data_offsets", [5, 2]),
+    ],
+)
 def test_mistyped_index_fields_raise_corrupt_data_error(work, sample, where, key, value):
     original, mfz = sample
     body, index = split_mfz(mfz)
@@ -313,14 +360,23 @@ def test_hostile_files_are_refused_quickly_under_a_memory_limit(tmp_path):
     process runs with its address space capped (~0.5 GiB for python, numpy and numba, plus
     1 GiB), so any allocation near the crafted sizes (2 GB, 3 GB, 48.8 GiB) fails."""
     limit = 1536 << 20
-    r = subprocess.run([sys.executable, "-c", _HOSTILE,
-                        str(tmp_path), str(limit)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", _HOSTILE, str(tmp_path), str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    want = {"case_data_bytes": "CorruptDataError", "case_chunk_table_container":
-            "CorruptDataError", "case_chunk_table_payload": "CorruptDataError",
-            "case_raw_shape": "CorruptDataError", "case_sparse_bad_magic": "CorruptDataError",
-            "case_sparse_huge_index": "CorruptDataError", "case_sparse_safetensors": "InputError"}
+    want = {
+        "case_data_bytes": "CorruptDataError",
+        "case_chunk_table_container": "CorruptDataError",
+        "case_chunk_table_payload": "CorruptDataError",
+        "case_raw_shape": "CorruptDataError",
+        "case_sparse_bad_magic": "CorruptDataError",
+        "case_sparse_huge_index": "CorruptDataError",
+        "case_sparse_safetensors": "InputError",
+    }
     assert {k: v[0] for k, v in got.items()} == want
     slow = {k: v[1] for k, v in got.items() if k != "case_data_bytes" and v[1] > 3.0}
     assert not slow, slow
@@ -331,15 +387,17 @@ def test_hostile_files_are_refused_quickly_under_a_memory_limit(tmp_path):
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=4),
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 _DTYPE = st.sampled_from(["BF16", "F16", "F32", "I64", "U8", "BOOL", "F8_E4M3", "X9"]) | _JSON
 _DIM = st.integers(0, 6) | st.sampled_from([-1, 2**32, 2**48, 2**48 + 1, 2**64])
 _SHAPE = st.lists(_DIM, max_size=4) | _JSON
-_OFFS = st.lists(st.integers(-2, 80) | st.sampled_from([2**64, 1.0, True]), min_size=0,
-                 max_size=3) | _JSON
+_OFFS = (
+    st.lists(st.integers(-2, 80) | st.sampled_from([2**64, 1.0, True]), min_size=0, max_size=3)
+    | _JSON
+)
 _ENTRY = st.fixed_dictionaries({"dtype": _DTYPE, "shape": _SHAPE, "data_offsets": _OFFS}) | _JSON
-_HEADER = (st.dictionaries(st.text(max_size=4) | st.just("__metadata__"), _ENTRY, max_size=4)
-           | _JSON)
+_HEADER = st.dictionaries(st.text(max_size=4) | st.just("__metadata__"), _ENTRY, max_size=4) | _JSON
 
 
 @FUZZ
@@ -349,8 +407,9 @@ def test_generated_headers_round_trip_or_raise_input_error(work, header, data):
 
 
 @FUZZ
-@given(raw=st.binary(max_size=40) | st.text(max_size=40).map(str.encode),
-       data=st.binary(max_size=16))
+@given(
+    raw=st.binary(max_size=40) | st.text(max_size=40).map(str.encode), data=st.binary(max_size=16)
+)
 def test_arbitrary_header_bytes_round_trip_or_raise_input_error(work, raw, data):
     round_trip(work, st_file(None, data, raw_header=raw))
 
@@ -393,7 +452,7 @@ def test_mutated_mfz_raise_corrupt_data_error_or_restore_exactly(work, sample, d
         for i in data.draw(st.sets(st.integers(0, len(b) - 1), min_size=1, max_size=4)):
             b[i] ^= data.draw(st.integers(1, 255))
     elif kind == "truncate":
-        b = b[:data.draw(st.integers(0, len(b) - 1))]
+        b = b[: data.draw(st.integers(0, len(b) - 1))]
     else:
         b += data.draw(st.binary(min_size=1, max_size=16))
     restore_or_corrupt(work, bytes(b), original)
@@ -417,8 +476,15 @@ def test_crafted_entropy_chunk_tables_raise_corrupt_data_error(n, data):
     """A bf16 entropy payload with a crafted value count and chunk table, inside a container
     whose header (shape, CRC) agrees with it, as a forged blob would."""
     n_chunks = data.draw(st.integers(0, 64))
-    ends = sorted(data.draw(st.lists(st.integers(0, 2**64 - 1) | st.integers(1, 4096),
-                                     min_size=n_chunks, max_size=n_chunks)))
+    ends = sorted(
+        data.draw(
+            st.lists(
+                st.integers(0, 2**64 - 1) | st.integers(1, 4096),
+                min_size=n_chunks,
+                max_size=n_chunks,
+            )
+        )
+    )
     head = struct.pack("<BBHIQQ", 1, 12, 0, 131072, n, n_chunks)
     body = head + np.array(ends, np.uint64).tobytes() + data.draw(st.binary(max_size=300))
     payload = np.frombuffer(body + bytes(-len(body) % 8 + 8), np.uint8)
@@ -436,9 +502,13 @@ _TBE_X[3, 4] = 1e4  # a fallback value
 _TBE_BITS = (_TBE_X.view(np.uint32) >> 16).astype(np.uint16).reshape(-1)
 _TBE = CompressedTensor.from_bits(_TBE_BITS, "bfloat16", (70, 53), "tbe")
 _TBE_HEAD = struct.Struct("<BBhIQQQQQ")
-assert _TBE.payload[_TBE_HEAD.size + 9 * 7 * 3 * 8:][:48].view(np.int64)[0] == 0  # cov_off[0]
-_TBE_FIELD = [st.integers(0, 255), st.integers(0, 255), st.integers(-(2**15), 2**15 - 1),
-              st.integers(0, 2**32 - 1)] + [st.integers(0, 2**64 - 1) | st.integers(0, 5000)] * 5
+assert _TBE.payload[_TBE_HEAD.size + 9 * 7 * 3 * 8 :][:48].view(np.int64)[0] == 0  # cov_off[0]
+_TBE_FIELD = [
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.integers(-(2**15), 2**15 - 1),
+    st.integers(0, 2**32 - 1),
+] + [st.integers(0, 2**64 - 1) | st.integers(0, 5000)] * 5
 
 
 @FUZZ
@@ -454,13 +524,15 @@ def test_crafted_tbe_layouts_raise_corrupt_data_error_or_decode_exactly(data):
     if data.draw(st.booleans()):  # one of the 2 x 3 block offsets (cov_off, fb_off)
         # 70x53 bf16: 9x7 tiles of 3 planes, then (2 blocks + 1) x 2 int64 offsets
         at = _TBE_HEAD.size + 9 * 7 * 3 * 8 + 8 * data.draw(st.integers(0, 5))
-        payload[at:at + 8] = np.frombuffer(struct.pack(
-            "<q", data.draw(st.integers(-(2**63), 2**63 - 1))), np.uint8)
+        payload[at : at + 8] = np.frombuffer(
+            struct.pack("<q", data.draw(st.integers(-(2**63), 2**63 - 1))), np.uint8
+        )
     rows, cols, n = fields[4], fields[5], fields[6]
     shape = data.draw(st.sampled_from([(70, 53), (rows, cols), (n,)]))
     try:
-        blob = CompressedTensor("tbe", "bfloat16", shape, payload, 0,
-                                _TBE.original_checksum).to_bytes()
+        blob = CompressedTensor(
+            "tbe", "bfloat16", shape, payload, 0, _TBE.original_checksum
+        ).to_bytes()
     except struct.error:
         return
     try:
@@ -472,8 +544,13 @@ def test_crafted_tbe_layouts_raise_corrupt_data_error_or_decode_exactly(data):
 
 # ----------------------------------------------------------------------------- CLI
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "moeflow.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "moeflow.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kw,
+    )
 
 
 def _one_line(err: str) -> str:
@@ -534,11 +611,28 @@ def test_stopping_a_compress_leaves_no_temp_file_and_no_output(tmp_path_factory,
     src, mfz = d / "big.safetensors", d / "big.mfz"
     _big_checkpoint(src)
     sig = signal.SIGINT if how == "cli-int" else signal.SIGTERM
-    cmd = ([sys.executable, "-m", "moeflow.cli", "compress", str(src), str(mfz), "--threads",
-            "1", "--no-progress"] if how.startswith("cli") else
-           [sys.executable, "-c", "import sys; from moeflow.compress.checkpoint import "
-            "compress_file; compress_file(sys.argv[1], sys.argv[2], threads=1)", str(src),
-            str(mfz)])
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "moeflow.cli",
+            "compress",
+            str(src),
+            str(mfz),
+            "--threads",
+            "1",
+            "--no-progress",
+        ]
+        if how.startswith("cli")
+        else [
+            sys.executable,
+            "-c",
+            "import sys; from moeflow.compress.checkpoint import "
+            "compress_file; compress_file(sys.argv[1], sys.argv[2], threads=1)",
+            str(src),
+            str(mfz),
+        ]
+    )
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

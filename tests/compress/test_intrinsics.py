@@ -43,7 +43,7 @@ def _add(a, v):
 
 def test_load_u64_reads_little_endian_words_at_every_byte_offset():
     buf = readonly(np.random.default_rng(0).integers(0, 256, 67, dtype=np.uint8))
-    want = [int.from_bytes(buf[i:i + 8].tobytes(), "little") for i in range(buf.size - 7)]
+    want = [int.from_bytes(buf[i : i + 8].tobytes(), "little") for i in range(buf.size - 7)]
     assert _loads(buf).tolist() == want
 
 
@@ -52,7 +52,7 @@ def test_store_u32_writes_exactly_four_bytes(offset):
     buf = np.full(10, 0xAA, np.uint8)
     _store(buf, offset, np.uint64(0x1122334455667788))  # the high half is dropped
     want = np.full(10, 0xAA, np.uint8)
-    want[offset:offset + 4] = [0x88, 0x77, 0x66, 0x55]
+    want[offset : offset + 4] = [0x88, 0x77, 0x66, 0x55]
     assert np.array_equal(buf, want)
 
 

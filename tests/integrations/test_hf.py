@@ -18,75 +18,133 @@ from moeflow.errors import UnsupportedModelError  # noqa: E402
 from moeflow.integrations.hf import from_hf_block, is_moe_block, patch_model, supported_classes  # noqa: E402
 
 VOCAB = 97
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 
 
 def _mixtral():
-    return transformers.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=6,
-                                      num_experts_per_tok=2)
+    return transformers.MixtralConfig(
+        **COMMON, intermediate_size=48, num_local_experts=6, num_experts_per_tok=2
+    )
 
 
 def _qwen3():
-    return transformers.Qwen3MoeConfig(**COMMON, head_dim=8, intermediate_size=48,
-                                       moe_intermediate_size=24, num_experts=8,
-                                       num_experts_per_tok=3, norm_topk_prob=True,
-                                       decoder_sparse_step=1, mlp_only_layers=[])
+    return transformers.Qwen3MoeConfig(
+        **COMMON,
+        head_dim=8,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        num_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
 
 
 def _qwen3_nonorm():
-    return transformers.Qwen3MoeConfig(**COMMON, head_dim=8, intermediate_size=48,
-                                       moe_intermediate_size=24, num_experts=8,
-                                       num_experts_per_tok=3, norm_topk_prob=False,
-                                       decoder_sparse_step=1, mlp_only_layers=[1])
+    return transformers.Qwen3MoeConfig(
+        **COMMON,
+        head_dim=8,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        num_experts=8,
+        num_experts_per_tok=3,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+    )
 
 
 def _qwen2():
-    return transformers.Qwen2MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=24,
-                                       shared_expert_intermediate_size=40, num_experts=8,
-                                       num_experts_per_tok=2, norm_topk_prob=False,
-                                       decoder_sparse_step=1, mlp_only_layers=[])
+    return transformers.Qwen2MoeConfig(
+        **COMMON,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
 
 
 def _olmoe():
-    return transformers.OlmoeConfig(**COMMON, intermediate_size=24, num_experts=8,
-                                    num_experts_per_tok=2, norm_topk_prob=False)
+    return transformers.OlmoeConfig(
+        **COMMON, intermediate_size=24, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False
+    )
 
 
 def _granite():
-    return transformers.GraniteMoeConfig(**COMMON, intermediate_size=24, num_local_experts=6,
-                                         num_experts_per_tok=2)
+    return transformers.GraniteMoeConfig(
+        **COMMON, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2
+    )
 
 
-_MLA = dict(COMMON, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24,
-            qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=8)
+_MLA = dict(
+    COMMON,
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    qk_nope_head_dim=8,
+)
 
 
 def _dsv2(method="group_limited_greedy"):
     return transformers.DeepseekV2Config(
-        **_MLA, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-        n_shared_experts=2, num_experts_per_tok=3, n_group=4, topk_group=2,
-        topk_method=method, routed_scaling_factor=1.7, first_k_dense_replace=1)
+        **_MLA,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        topk_method=method,
+        routed_scaling_factor=1.7,
+        first_k_dense_replace=1,
+    )
 
 
 def _dsv3():
     return transformers.DeepseekV3Config(
-        **_MLA, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=16,
-        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-        norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=0)
+        **_MLA,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=0,
+    )
 
 
 CASES = {
     "mixtral": (_mixtral, transformers.MixtralForCausalLM, "MixtralSparseMoeBlock"),
     "qwen3_moe": (_qwen3, transformers.Qwen3MoeForCausalLM, "Qwen3MoeSparseMoeBlock"),
-    "qwen3_moe_nonorm": (_qwen3_nonorm, transformers.Qwen3MoeForCausalLM,
-                         "Qwen3MoeSparseMoeBlock"),
+    "qwen3_moe_nonorm": (_qwen3_nonorm, transformers.Qwen3MoeForCausalLM, "Qwen3MoeSparseMoeBlock"),
     "qwen2_moe": (_qwen2, transformers.Qwen2MoeForCausalLM, "Qwen2MoeSparseMoeBlock"),
     "olmoe": (_olmoe, transformers.OlmoeForCausalLM, "OlmoeSparseMoeBlock"),
     "granitemoe": (_granite, transformers.GraniteMoeForCausalLM, "GraniteMoeMoE"),
     "deepseek_v2": (_dsv2, transformers.DeepseekV2ForCausalLM, "DeepseekV2Moe"),
-    "deepseek_v2_greedy": (lambda: _dsv2("greedy"), transformers.DeepseekV2ForCausalLM,
-                           "DeepseekV2Moe"),
+    "deepseek_v2_greedy": (
+        lambda: _dsv2("greedy"),
+        transformers.DeepseekV2ForCausalLM,
+        "DeepseekV2Moe",
+    ),
     "deepseek_v3": (_dsv3, transformers.DeepseekV3ForCausalLM, "DeepseekV3MoE"),
 }
 
@@ -99,8 +157,10 @@ def _randomize(model: nn.Module, seed: int) -> None:
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 1 else
-                                                             p.shape[-1] ** -0.5))
+                p.copy_(
+                    torch.randn(p.shape, generator=g)
+                    * (0.5 if p.dim() == 1 else p.shape[-1] ** -0.5)
+                )
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.3 * torch.randn(b.shape, generator=g))
@@ -128,8 +188,11 @@ def test_patched_model_logits_match(case):
         before = model(input_ids=ids).logits
     # Non-MoE modules must be the very same objects after patching.
     block_paths = [n for n, _ in _blocks(model, block_cls)]
-    others = {n: m for n, m in model.named_modules()
-              if not any(n == p or n.startswith(p + ".") for p in block_paths)}
+    others = {
+        n: m
+        for n, m in model.named_modules()
+        if not any(n == p or n.startswith(p + ".") for p in block_paths)
+    }
     patch_model(model)
     summary = model.moeflow_patch_summary
     assert summary.count == n_blocks and summary.by_class() == {block_cls: n_blocks}
@@ -161,13 +224,14 @@ def test_block_output_and_grads_match(case):
     (y_ref * g).sum().backward()
     (y * g).sum().backward()
     torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.experts.w_in.grad, block.experts.gate_up_proj.grad,
-                               atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.experts.w_out.grad, block.experts.down_proj.grad,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        layer.experts.w_in.grad, block.experts.gate_up_proj.grad, atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        layer.experts.w_out.grad, block.experts.down_proj.grad, atol=1e-5, rtol=1e-5
+    )
     router = getattr(block, "gate", None)
-    torch.testing.assert_close(layer.router.weight.grad, router.weight.grad, atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(layer.router.weight.grad, router.weight.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_copy_is_exact_and_keeps_dtype_device_mode():
@@ -205,8 +269,9 @@ def test_qwen2_shared_gate_copied():
 
 
 def test_unsupported_family_raises_naming_class():
-    cfg = transformers.PhimoeConfig(**COMMON, intermediate_size=24, num_local_experts=4,
-                                    num_experts_per_tok=2)
+    cfg = transformers.PhimoeConfig(
+        **COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2
+    )
     model = transformers.PhimoeForCausalLM(cfg).eval()
     before = {n: id(m) for n, m in model.named_modules()}
     with pytest.raises(UnsupportedModelError, match="PhimoeSparseMoeBlock"):
@@ -266,8 +331,7 @@ def test_mixtral_router_jitter_matches_transformers():
 
 
 def test_model_without_moe_is_untouched():
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON,
-                                                                   intermediate_size=48))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, intermediate_size=48))
     before = {n: m for n, m in model.named_modules()}
     patch_model(model)
     assert model.moeflow_patch_summary.count == 0
@@ -276,30 +340,52 @@ def test_model_without_moe_is_untouched():
 
 def test_supported_classes_listed():
     names = supported_classes()
-    for want in ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
-                 "DeepseekV2Moe", "DeepseekV3MoE"):
+    for want in (
+        "MixtralSparseMoeBlock",
+        "Qwen3MoeSparseMoeBlock",
+        "Qwen2MoeSparseMoeBlock",
+        "DeepseekV2Moe",
+        "DeepseekV3MoE",
+    ):
         assert want in names
 
 
 # Families whose block/router/experts source equals one of the families above (prefix aside):
 # checked at block level, built straight from their config classes.
 EXTRA_BLOCKS = {
-    "minimax": "MiniMaxSparseMoeBlock", "mellum": "MellumSparseMoeBlock",
-    "qwen3_next": "Qwen3NextSparseMoeBlock", "dots1": "Dots1MoE",
-    "kimi_linear": "KimiLinearMoE", "bailing_hybrid": "BailingHybridMoE",
-    "deepseek_ocr2": "DeepseekOcr2TextMoe", "unlimited_ocr": "UnlimitedOcrTextMoe",
+    "minimax": "MiniMaxSparseMoeBlock",
+    "mellum": "MellumSparseMoeBlock",
+    "qwen3_next": "Qwen3NextSparseMoeBlock",
+    "dots1": "Dots1MoE",
+    "kimi_linear": "KimiLinearMoE",
+    "bailing_hybrid": "BailingHybridMoE",
+    "deepseek_ocr2": "DeepseekOcr2TextMoe",
+    "unlimited_ocr": "UnlimitedOcrTextMoe",
     "qwen3_vl_moe": "Qwen3VLMoeTextSparseMoeBlock",
 }
-_EXTRA_KW = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
-                 n_routed_experts=8, num_local_experts=8, num_experts_per_tok=2, n_group=4,
-                 topk_group=2, n_shared_experts=1, shared_expert_intermediate_size=40,
-                 num_attention_heads=4, num_hidden_layers=2, routed_scaling_factor=1.5,
-                 topk_method="group_limited_greedy")
+_EXTRA_KW = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_experts=8,
+    n_routed_experts=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    n_shared_experts=1,
+    shared_expert_intermediate_size=40,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    routed_scaling_factor=1.5,
+    topk_method="group_limited_greedy",
+)
 
 
 @pytest.mark.parametrize("family", sorted(EXTRA_BLOCKS))
 def test_source_identical_family_blocks_match(family):
     import importlib
+
     cls_name = EXTRA_BLOCKS[family]
     try:
         mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
@@ -359,6 +445,7 @@ def test_integrations_reexports_the_hf_entry_points(monkeypatch):
 
     import moeflow.integrations as integrations
     from moeflow.integrations import hf
+
     for name in ("patch_model", "from_hf_block", "supported_classes"):
         assert name in dir(integrations) and name in integrations.__all__
         assert getattr(integrations, name) is getattr(hf, name)

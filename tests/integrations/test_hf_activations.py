@@ -13,24 +13,40 @@ from test_hf import COMMON, VOCAB, _randomize  # noqa: E402
 from moeflow.errors import UnsupportedModelError  # noqa: E402
 from moeflow.integrations.hf import from_hf_block, patch_model  # noqa: E402
 
-HIDDEN_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "relu": "relu", "silu": "silu", "swish": "silu"}
+HIDDEN_ACTS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
 
 
 def _qwen2_block(hidden_act: str):
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-    cfg = transformers.Qwen2MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=24,
-                                      shared_expert_intermediate_size=40, num_experts=8,
-                                      num_experts_per_tok=2, hidden_act=hidden_act)
+    cfg = transformers.Qwen2MoeConfig(
+        **COMMON,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        num_experts=8,
+        num_experts_per_tok=2,
+        hidden_act=hidden_act,
+    )
     block = Qwen2MoeSparseMoeBlock(cfg).float().train()
     _randomize(block, seed=17)
     return block
 
 
-@pytest.mark.parametrize("hidden_act", [
-    pytest.param(a, marks=pytest.mark.slow) if a == "silu" else a  # silu: covered in test_hf
-    for a in sorted(HIDDEN_ACTS)])
+@pytest.mark.parametrize(
+    "hidden_act",
+    [
+        pytest.param(a, marks=pytest.mark.slow) if a == "silu" else a  # silu: covered in test_hf
+        for a in sorted(HIDDEN_ACTS)
+    ],
+)
 def test_block_with_activation_matches(hidden_act):
     block = _qwen2_block(hidden_act)
     layer = from_hf_block(block)
@@ -44,10 +60,12 @@ def test_block_with_activation_matches(hidden_act):
     (y_ref * g).sum().backward()
     (y * g).sum().backward()
     torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.experts.w_in.grad, block.experts.gate_up_proj.grad,
-                               atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.shared.w_out.grad, block.shared_expert.down_proj.weight.grad,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        layer.experts.w_in.grad, block.experts.gate_up_proj.grad, atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        layer.shared.w_out.grad, block.shared_expert.down_proj.weight.grad, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_mixed_activations_refused():
@@ -61,8 +79,13 @@ def test_mixed_activations_refused():
 
 
 def test_gelu_model_patched_logits_match():
-    cfg = transformers.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=6,
-                                     num_experts_per_tok=2, hidden_act="gelu")
+    cfg = transformers.MixtralConfig(
+        **COMMON,
+        intermediate_size=48,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        hidden_act="gelu",
+    )
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(cfg).float().eval()
     _randomize(model, seed=3)

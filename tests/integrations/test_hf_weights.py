@@ -106,10 +106,15 @@ def test_patched_model_loads_transformers_state_dict(case):
 
 def test_adapter_round_trip_and_partial_input():
     adapter = ADAPTERS["qwen2_moe"]
-    sd = {"x.router.weight": torch.randn(4, 6), "x.experts.w_in": torch.randn(4, 10, 6),
-          "x.experts.w_out": torch.randn(4, 6, 5), "x.shared.w_in": torch.randn(8, 6),
-          "x.shared.w_out": torch.randn(6, 4), "x.shared.gate": torch.randn(1, 6),
-          "other.weight": torch.randn(3)}
+    sd = {
+        "x.router.weight": torch.randn(4, 6),
+        "x.experts.w_in": torch.randn(4, 10, 6),
+        "x.experts.w_out": torch.randn(4, 6, 5),
+        "x.shared.w_in": torch.randn(8, 6),
+        "x.shared.w_out": torch.randn(6, 4),
+        "x.shared.gate": torch.randn(1, 6),
+        "other.weight": torch.randn(3),
+    }
     hf = adapter.to_hf(sd, prefix="x.")
     assert set(hf) == {"x." + k for k in adapter.hf_keys()} | {"other.weight"}
     assert torch.equal(hf["x.shared_expert.gate_proj.weight"], sd["x.shared.w_in"][:4])
@@ -158,8 +163,9 @@ def test_init_weights_after_patch_matches_transformers(case):
         changed += "experts.gate_up_proj" in k
     assert changed > 0
     ids = _ids()
-    torch.testing.assert_close(_logits(patched.eval(), ids), _logits(model.eval(), ids),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _logits(patched.eval(), ids), _logits(model.eval(), ids), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_patched_model_deepcopies_and_pickles():
@@ -200,8 +206,9 @@ def _plans(model):
             for attr in ("_tp_plan", "_ep_plan", "_pp_plan"):
                 out.append((path, attr, dict(getattr(owner, attr, None) or {})))
             if owner is owner.base_model:
-                out.append((path, "config.base_model_tp_plan",
-                            dict(owner.config.base_model_tp_plan or {})))
+                out.append(
+                    (path, "config.base_model_tp_plan", dict(owner.config.base_model_tp_plan or {}))
+                )
     return out
 
 
@@ -211,8 +218,10 @@ def test_parallel_plans_name_only_existing_modules(case):
     or parameter outside the moeflow layers, or is gone (entries transformers lists for other
     configurations, naming nothing in this model, are left as they are)."""
     model, _ = _build(case)
-    before = {(p, a): {k: bool(_resolves(model.get_submodule(p), k)) for k in plan}
-              for p, a, plan in _plans(model)}
+    before = {
+        (p, a): {k: bool(_resolves(model.get_submodule(p), k)) for k in plan}
+        for p, a, plan in _plans(model)
+    }
     n_tp = len(model._tp_plan)
     patch_model(model)
     moe_paths = [n for n, m in model.named_modules() if isinstance(m, MoELayer)]
@@ -240,10 +249,19 @@ def test_parallel_plans_name_only_existing_modules(case):
 
 def _tiny_qwen3():
     cfg = transformers.Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, intermediate_size=48, moe_intermediate_size=24,
-        num_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
-        tie_word_embeddings=False)
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return transformers.Qwen3MoeForCausalLM(cfg).float().eval()
 

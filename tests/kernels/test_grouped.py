@@ -15,8 +15,8 @@ D, F_, E = 24, 20, 5
 def _weights(activation, dtype, seed=0, E=E):
     g = torch.Generator().manual_seed(seed)
     rows = 2 * F_ if activation == "swiglu" else F_
-    w_in = (torch.randn(E, rows, D, generator=g) * D ** -0.5).to(dtype)
-    w_out = (torch.randn(E, D, F_, generator=g) * F_ ** -0.5).to(dtype)
+    w_in = (torch.randn(E, rows, D, generator=g) * D**-0.5).to(dtype)
+    w_out = (torch.randn(E, D, F_, generator=g) * F_**-0.5).to(dtype)
     return w_in, w_out
 
 
@@ -36,8 +36,10 @@ def _run(impl, x, counts, w_in, w_out, activation, gy):
     y = expert_ffn(x, counts, w_in, w_out, activation, impl)
     (y.float() * gy.float()).sum().backward()
     # An empty batch may leave a gradient undefined: that means zero.
-    return tuple(t if t is not None else torch.zeros_like(ref)
-                 for t, ref in ((y, y), (x.grad, x), (w_in.grad, w_in), (w_out.grad, w_out)))
+    return tuple(
+        t if t is not None else torch.zeros_like(ref)
+        for t, ref in ((y, y), (x.grad, x), (w_in.grad, w_in), (w_out.grad, w_out))
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -88,7 +90,7 @@ def test_f_slices_sum_to_full(impl):
     half = F_ // 2
     parts = []
     for sl in (slice(0, half), slice(half, F_)):
-        wi = torch.cat([w_in[:, sl], w_in[:, F_ + sl.start:F_ + sl.stop]], dim=1)
+        wi = torch.cat([w_in[:, sl], w_in[:, F_ + sl.start : F_ + sl.stop]], dim=1)
         parts.append(expert_ffn(x, counts, wi, w_out[:, :, sl], "swiglu", impl))
     torch.testing.assert_close(parts[0] + parts[1], full, atol=1e-5, rtol=1e-5)
 
@@ -100,8 +102,9 @@ def test_noncontiguous_and_larger_shapes_match_loop():
     w_in, w_out = _weights("swiglu", torch.float32, E=E2)
     ref = expert_ffn(x, counts, w_in, w_out, "swiglu", "loop")
     for impl in ("auto", *IMPLS):
-        torch.testing.assert_close(expert_ffn(x, counts, w_in, w_out, "swiglu", impl), ref,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            expert_ffn(x, counts, w_in, w_out, "swiglu", impl), ref, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_resolve_impl_and_bad_inputs():
@@ -127,6 +130,7 @@ def test_bf16_compute_paths_match_loop(impl, lowp_native, monkeypatch):
     both give bf16 results and gradients close to the loop. F=20 makes bf16 rows 40 bytes,
     which also exercises the unaligned per-expert mm fallback of grouped_mm."""
     from moeflow.kernels import grouped
+
     monkeypatch.setattr(grouped, "_cpu_has_fast_lowp", lambda: lowp_native)
     x = torch.randn(15, D).bfloat16()
     assert grouped.compute_dtype(x) == (torch.bfloat16 if lowp_native else torch.float32)
@@ -145,6 +149,7 @@ def test_upcast_weight_cache_follows_inplace_updates(impl, monkeypatch):
     """bf16 via fp32 GEMMs caches the fp32 weights: an in-place update (optimizer step) must be
     seen by the next call, and an update between forward and backward must raise."""
     from moeflow.kernels import grouped
+
     monkeypatch.setattr(grouped, "_cpu_has_fast_lowp", lambda: False)
     counts = torch.tensor([3, 2, 0, 4, 1])
     x = torch.randn(10, D, generator=torch.Generator().manual_seed(4)).bfloat16()

@@ -24,7 +24,7 @@ def _act_ref(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "gelu":
         return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
     if name == "gelu_tanh":
-        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
     assert name == "relu"
     return x.clamp_min(0)
 
@@ -89,8 +89,14 @@ def test_defaults_keep_each_expert_type_activation():
 
 def test_layer_with_geglu_shared_experts():
     """A layer's shared experts use the layer's activation too."""
-    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=2,
-                    activation="gelu", num_shared_experts=1)
+    cfg = MoEConfig(
+        hidden_size=D,
+        ffn_hidden_size=F,
+        num_experts=E,
+        top_k=2,
+        activation="gelu",
+        num_shared_experts=1,
+    )
     torch.manual_seed(0)
     layer = MoELayer(cfg)
     assert layer.experts.activation == layer.shared.activation == "gelu"
@@ -104,8 +110,9 @@ def test_layer_with_geglu_shared_experts():
     assert not torch.allclose(silu(x), layer(x), atol=1e-4)  # the activation is used
 
 
-@pytest.mark.parametrize("act,gated", [("silu", True), ("gelu", True), ("gelu_tanh", False),
-                                       ("relu", False)])
+@pytest.mark.parametrize(
+    "act,gated", [("silu", True), ("gelu", True), ("gelu_tanh", False), ("relu", False)]
+)
 def test_compiled_experts_match_eager(act, gated):
     """Under torch.compile (fullgraph) the experts are the custom op: same outputs and
     gradients as eager, with the hand-written backward."""
@@ -131,5 +138,6 @@ def test_experts_op_registration():
 
     ex = _experts("gelu", True, seed=8)
     x = torch.randn(sum(COUNTS), D, requires_grad=True)
-    torch.library.opcheck(experts_ffn_op, (x, torch.tensor(COUNTS), ex.w_in, ex.w_out, "gelu",
-                                           True, "auto"))
+    torch.library.opcheck(
+        experts_ffn_op, (x, torch.tensor(COUNTS), ex.w_in, ex.w_out, "gelu", True, "auto")
+    )

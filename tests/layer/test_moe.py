@@ -21,8 +21,9 @@ def dense_reference(layer, x_TD):
     routing = layer.route(x_TD)
     ex = layer.experts
     out = torch.zeros_like(x_TD)
-    for t, e, w in zip(routing.token_idx_N.tolist(), routing.expert_idx_N.tolist(),
-                       routing.weight_N):
+    for t, e, w in zip(
+        routing.token_idx_N.tolist(), routing.expert_idx_N.tolist(), routing.weight_N
+    ):
         h = ex.w_in[e] @ x_TD[t]
         if ex.expert_type == "swiglu":
             g, u = h.chunk(2)
@@ -42,10 +43,21 @@ CASES = [
     dict(router="sigmoid"),
     dict(router="xmoe"),
     dict(router="expert_choice"),
-    dict(router="deepseek", n_group=3, topk_group=2, score_func="sigmoid", correction_bias=True,
-         num_shared_experts=2, routed_scaling_factor=2.5),
-    dict(router="softmax_topk", num_shared_experts=1, shared_ffn_hidden_size=8,
-         shared_expert_gate="sigmoid"),
+    dict(
+        router="deepseek",
+        n_group=3,
+        topk_group=2,
+        score_func="sigmoid",
+        correction_bias=True,
+        num_shared_experts=2,
+        routed_scaling_factor=2.5,
+    ),
+    dict(
+        router="softmax_topk",
+        num_shared_experts=1,
+        shared_ffn_hidden_size=8,
+        shared_expert_gate="sigmoid",
+    ),
     dict(router="softmax_topk", capacity_factor=0.5),
 ]
 
@@ -198,8 +210,7 @@ def test_deepcopy_and_averaged_model_after_grad_forward():
     swa = AveragedModel(model)
     swa.update_parameters(model)
     assert torch.allclose(swa(x), y.detach())
-    assert pickle.loads(pickle.dumps(layer)).aux_loss.item() == pytest.approx(
-        layer.aux_loss.item())
+    assert pickle.loads(pickle.dumps(layer)).aux_loss.item() == pytest.approx(layer.aux_loss.item())
     # the original still carries the gradient into the user's loss
     (y.sum() + layer.aux_loss).backward()
     assert layer.router.weight.grad is not None

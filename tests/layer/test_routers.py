@@ -7,8 +7,7 @@ import torch
 
 from moeflow import MoEConfig
 from moeflow.errors import RoutingError
-from moeflow.layer.routers import (assignments_from_topk, build_router, load_balancing_loss,
-                                   z_loss)
+from moeflow.layer.routers import assignments_from_topk, build_router, load_balancing_loss, z_loss
 
 D, E, T = 12, 8, 37
 
@@ -21,8 +20,10 @@ def _cfg(**kw):
 
 def _pairs(routing):
     """{(token, expert): weight} from a Routing."""
-    return {(int(t), int(e)): float(w) for t, e, w in
-            zip(routing.token_idx_N, routing.expert_idx_N, routing.weight_N.detach())}
+    return {
+        (int(t), int(e)): float(w)
+        for t, e, w in zip(routing.token_idx_N, routing.expert_idx_N, routing.weight_N.detach())
+    }
 
 
 def _check_sorted(routing):
@@ -78,8 +79,9 @@ def test_noisy_gating_only_in_training(x):
     c = r(x)
     torch.manual_seed(2)
     d = r(x)
-    assert not (torch.equal(c.expert_idx_N, d.expert_idx_N) and
-                torch.allclose(c.weight_N, d.weight_N))
+    assert not (
+        torch.equal(c.expert_idx_N, d.expert_idx_N) and torch.allclose(c.weight_N, d.weight_N)
+    )
 
 
 def test_switch_top1_capacity_and_drop(x):
@@ -109,8 +111,7 @@ def test_capacity_priority_is_first_choice_first():
     # 4 tokens all want expert 0 first and expert 1 second; capacity 2 per expert.
     idx = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]])
     w = torch.full((4, 2), 0.5)
-    tok, exp, _, counts, dropped = assignments_from_topk(idx, w, num_experts=4,
-                                                        capacity_factor=1.0)
+    tok, exp, _, counts, dropped = assignments_from_topk(idx, w, num_experts=4, capacity_factor=1.0)
     # capacity = ceil(1 * 2 * 4 / 4) = 2
     assert counts.tolist() == [2, 2, 0, 0]
     assert dropped == 4
@@ -171,13 +172,24 @@ def test_expert_choice_each_expert_picks_top_tokens(x):
         assert got[key] == pytest.approx(want[key], rel=1e-5)
 
 
-@pytest.mark.parametrize("score_func,bias,norm,scale", [
-    ("sigmoid", True, True, 2.5),     # DeepSeek-V3
-    ("softmax", False, False, 16.0),  # DeepSeek-V2
-])
+@pytest.mark.parametrize(
+    "score_func,bias,norm,scale",
+    [
+        ("sigmoid", True, True, 2.5),  # DeepSeek-V3
+        ("softmax", False, False, 16.0),  # DeepSeek-V2
+    ],
+)
 def test_deepseek_group_limited(x, score_func, bias, norm, scale):
-    cfg = _cfg(router="deepseek", n_group=4, topk_group=2, score_func=score_func,
-               correction_bias=bias, norm_topk_prob=norm, routed_scaling_factor=scale, top_k=3)
+    cfg = _cfg(
+        router="deepseek",
+        n_group=4,
+        topk_group=2,
+        score_func=score_func,
+        correction_bias=bias,
+        norm_topk_prob=norm,
+        routed_scaling_factor=scale,
+        top_k=3,
+    )
     r = build_router(cfg)
     if bias:
         r.correction_bias.copy_(torch.randn(E) * 0.3)
@@ -197,7 +209,7 @@ def test_deepseek_group_limited(x, score_func, bias, norm, scale):
         c = [s[i] + (float(r.correction_bias[i]) if bias else 0.0) for i in range(E)]
         groups = []
         for g in range(4):
-            vals = sorted(c[g * per:(g + 1) * per], reverse=True)
+            vals = sorted(c[g * per : (g + 1) * per], reverse=True)
             groups.append(sum(vals[:2]) if score_func == "sigmoid" else vals[0])
         keep_groups = _reference_topk(groups, 2)
         eligible = [i for i in range(E) if i // per in keep_groups]
@@ -249,8 +261,8 @@ def test_non_finite_logits_raise(x, bad):
 
 
 def test_token_choice_routers_share_the_top_k_base_and_expert_choice_does_not(x):
-    from moeflow.layer.routers import (ROUTER_CLASSES, ExpertChoiceRouter, Router,
-                                       TopKRouter)
+    from moeflow.layer.routers import ROUTER_CLASSES, ExpertChoiceRouter, Router, TopKRouter
+
     for name, cls in ROUTER_CLASSES.items():
         assert issubclass(cls, Router), name
         assert issubclass(cls, TopKRouter) == (name != "expert_choice"), name

@@ -26,20 +26,22 @@ def test_logits_equal_transformers_per_sequence_in_a_padded_batch(tiny_checkpoin
         for b, p in enumerate(ps):
             ref = hf(torch.tensor([p])).logits[0]
             assert ref.abs().max() > 0.1  # the check below means something
-            torch.testing.assert_close(ours[b, :len(p)], ref, rtol=0, atol=1e-5)
+            torch.testing.assert_close(ours[b, : len(p)], ref, rtol=0, atol=1e-5)
 
 
 def test_cached_greedy_equals_transformers_generate(tiny_checkpoint):
     hf, path = tiny_checkpoint
     model = load_pretrained(path)
     ps = prompts()
-    res = generate(model, [Request(p, SamplingParams(max_new_tokens=7)) for p in ps],
-                   return_logits=True)
+    res = generate(
+        model, [Request(p, SamplingParams(max_new_tokens=7)) for p in ps], return_logits=True
+    )
     for p, r in zip(ps, res):
         assert r.ok and r.finish_reason == "length" and len(r.tokens) == 7
-        out = hf.generate(torch.tensor([p]), max_new_tokens=7, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)
-        assert r.tokens == out[0, len(p):].tolist()
+        out = hf.generate(
+            torch.tensor([p]), max_new_tokens=7, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+        assert r.tokens == out[0, len(p) :].tolist()
         # logits of the last step from the cache equal a full forward over the sequence
         full = hf(torch.tensor([p + r.tokens[:-1]])).logits[0, -1]
         torch.testing.assert_close(r.logits[-1], full, rtol=0, atol=1e-5)
@@ -53,8 +55,10 @@ def test_sampling_is_seeded_per_request(tiny_checkpoint):
     alone = generate(model, [Request(ps[0], sp)])[0].tokens
     batched = generate(model, [Request(ps[1], SamplingParams(4)), Request(ps[0], sp)])[1]
     assert batched.tokens == alone
-    other = [generate(model, [Request(ps[0], SamplingParams(6, 1.5, 0.95, seed=s))])[0].tokens
-             for s in range(4)]
+    other = [
+        generate(model, [Request(ps[0], SamplingParams(6, 1.5, 0.95, seed=s))])[0].tokens
+        for s in range(4)
+    ]
     assert len({tuple(t) for t in other}) > 1  # the seed matters
     # a nucleus smaller than the top token's probability is greedy
     greedy = generate(model, [Request(ps[0], SamplingParams(6))])[0].tokens
@@ -67,18 +71,25 @@ def test_bad_requests_fail_alone(tiny_checkpoint):
     model = load_pretrained(path)
     ps = prompts()
     good = SamplingParams(max_new_tokens=5)
-    reqs = [Request(ps[0], good, "a"),
-            Request([], good, "empty"),
-            Request(list(range(1, 42)), good, "too long"),          # context is 40
-            Request(ps[1], SamplingParams(5, temperature=-1.0), "temp"),
-            Request(ps[1], SamplingParams(5, top_p=0.0), "top_p"),
-            Request(ps[1], SamplingParams(0), "max_new"),
-            Request([5, 96], good, "vocab"),
-            Request(ps[2], good, "c")]
+    reqs = [
+        Request(ps[0], good, "a"),
+        Request([], good, "empty"),
+        Request(list(range(1, 42)), good, "too long"),  # context is 40
+        Request(ps[1], SamplingParams(5, temperature=-1.0), "temp"),
+        Request(ps[1], SamplingParams(5, top_p=0.0), "top_p"),
+        Request(ps[1], SamplingParams(0), "max_new"),
+        Request([5, 96], good, "vocab"),
+        Request(ps[2], good, "c"),
+    ]
     res = generate(model, reqs)
-    expect = {"empty": (InputError, "empty"), "too long": (InputError, "context"),
-              "temp": (ConfigError, "temperature"), "top_p": (ConfigError, "top_p"),
-              "max_new": (ConfigError, "max_new_tokens"), "vocab": (InputError, "vocab")}
+    expect = {
+        "empty": (InputError, "empty"),
+        "too long": (InputError, "context"),
+        "temp": (ConfigError, "temperature"),
+        "top_p": (ConfigError, "top_p"),
+        "max_new": (ConfigError, "max_new_tokens"),
+        "vocab": (InputError, "vocab"),
+    }
     for r in res:
         if r.request_id in expect:
             cls, word = expect[r.request_id]
@@ -106,8 +117,10 @@ def test_export_round_trips_through_transformers(tiny_checkpoint, tmp_path):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    save_file({k: v.contiguous() for k, v in to_hf_state_dict(model, model.cfg.family).items()},
-              str(tmp_path / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in to_hf_state_dict(model, model.cfg.family).items()},
+        str(tmp_path / "model.safetensors"),
+    )
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     ids = torch.tensor([prompts()[0]])
     with torch.no_grad():
@@ -126,6 +139,7 @@ def test_loader_errors(tiny_checkpoint, tmp_path):
     with pytest.raises(UnsupportedModelError, match="llama"):
         load_pretrained(tmp_path)
     from safetensors.torch import load_file, save_file
+
     sd = load_file(str(path / "model.safetensors"))
     sd.pop("model.norm.weight")
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -137,7 +151,11 @@ def test_loader_errors(tiny_checkpoint, tmp_path):
 def test_deepseek_v2_dense_layers_are_refused():
     from moeflow.models import config_from_hf
 
-    hf = {"model_type": "deepseek_v2", "hidden_size": 32, "num_attention_heads": 4,
-          "first_k_dense_replace": 1}
+    hf = {
+        "model_type": "deepseek_v2",
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "first_k_dense_replace": 1,
+    }
     with pytest.raises(UnsupportedModelError, match="first_k_dense_replace"):
         config_from_hf(hf)

@@ -19,7 +19,7 @@ def test_fit_recovers_known_alpha_beta_exactly():
 
 def test_fit_recovers_alpha_beta_from_noisy_data_and_reports_r2():
     rng = random.Random(0)
-    n = [2 ** p for p in range(10, 24)] * 5
+    n = [2**p for p in range(10, 24)] * 5
     t = [0.287 + 2.21e-7 * x + rng.gauss(0, 0.01) for x in n]
     c = LinearCost.fit(n, t)
     assert c.beta == pytest.approx(2.21e-7, rel=0.01)
@@ -100,7 +100,7 @@ def test_level_fallback_and_errors():
 
 def test_nonneg_alpha_clamps_and_refits_through_origin():
     n = [1.0, 2.0, 3.0, 4.0]
-    t = [0.5, 2.5, 4.5, 6.5]            # OLS: alpha = -1.5, beta = 2
+    t = [0.5, 2.5, 4.5, 6.5]  # OLS: alpha = -1.5, beta = 2
     assert LinearCost.fit(n, t).alpha == pytest.approx(-1.5)
     c = LinearCost.fit(n, t, nonneg_alpha=True)
     assert c.alpha == 0.0

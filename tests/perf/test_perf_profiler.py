@@ -14,9 +14,31 @@ def test_profile_two_nodes_of_one_rank_fits_every_primitive(tmp_path, capsys):
     p = argparse.ArgumentParser()
     profiler.add_profile_arguments(p)
     out = tmp_path / "perf.json"
-    args = p.parse_args(["--nproc", "2", "--nodes", "2", "--out", str(out), "--min-kb", "4",
-                         "--max-kb", "256", "--points", "3", "--gemm", "32", "96", "160",
-                         "--reps", "2", "--trials", "1", "--quiet"])
+    args = p.parse_args(
+        [
+            "--nproc",
+            "2",
+            "--nodes",
+            "2",
+            "--out",
+            str(out),
+            "--min-kb",
+            "4",
+            "--max-kb",
+            "256",
+            "--points",
+            "3",
+            "--gemm",
+            "32",
+            "96",
+            "160",
+            "--reps",
+            "2",
+            "--trials",
+            "1",
+            "--quiet",
+        ]
+    )
     assert profiler.run_profile(args) == 0
     m = PerfModel.load(out)
     for k in ("gemm", "a2a", "ag", "rs", "ar"):
@@ -43,8 +65,15 @@ def test_log_sizes_and_table():
 def test_profile_four_ranks_two_nodes_adds_level_a2a():
     from moeflow.perf import profile
 
-    m = profile(nproc=4, nodes=2, sizes=(4096, 65536, 262144), gemm_sizes=(32, 96),
-                reps=2, trials=1, progress=False)
+    m = profile(
+        nproc=4,
+        nodes=2,
+        sizes=(4096, 65536, 262144),
+        gemm_sizes=(32, 96),
+        reps=2,
+        trials=1,
+        progress=False,
+    )
     assert "a2a@intra" in m.costs and "a2a@inter" in m.costs
 
 
@@ -58,28 +87,57 @@ def test_profile_cli_under_torchrun(tmp_path):
     from moeflow.comm.ports import free_port
 
     out = tmp_path / "perf.json"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(free_port()), "-m", "moeflow.cli", "profile",
-                        "--out", str(out), "--points", "2", "--max-kb", "64", "--gemm", "32",
-                        "64", "--reps", "1", "--trials", "1", "--quiet"],
-                       capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "moeflow.cli",
+            "profile",
+            "--out",
+            str(out),
+            "--points",
+            "2",
+            "--max-kb",
+            "64",
+            "--gemm",
+            "32",
+            "64",
+            "--reps",
+            "1",
+            "--trials",
+            "1",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert PerfModel.load(out).meta["world_size"] == 2
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--nproc", "0"], "--nproc"),
-    (["--nproc", "-1"], "--nproc"),
-    (["--nproc", "100000"], "--nproc"),
-    (["--nproc", "2", "--nodes", "0"], "--nodes"),
-    (["--points", "1"], "--points"),
-    (["--max-kb", "1e12"], "--max-kb"),
-    (["--min-kb", "nan"], "--min-kb"),
-    (["--min-kb", "64", "--max-kb", "16"], "--min-kb"),
-    (["--gemm", "0"], "--gemm"),
-    (["--reps", "0"], "--reps"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--nproc", "0"], "--nproc"),
+        (["--nproc", "-1"], "--nproc"),
+        (["--nproc", "100000"], "--nproc"),
+        (["--nproc", "2", "--nodes", "0"], "--nodes"),
+        (["--points", "1"], "--points"),
+        (["--max-kb", "1e12"], "--max-kb"),
+        (["--min-kb", "nan"], "--min-kb"),
+        (["--min-kb", "64", "--max-kb", "16"], "--min-kb"),
+        (["--gemm", "0"], "--gemm"),
+        (["--reps", "0"], "--reps"),
+    ],
+)
 def test_profile_flags_refused_before_forking(monkeypatch, argv, flag):
     import os
 
@@ -88,6 +146,7 @@ def test_profile_flags_refused_before_forking(monkeypatch, argv, flag):
 
     def refuse():
         raise AssertionError("forked before validating")
+
     monkeypatch.setattr(os, "fork", refuse)
     p = argparse.ArgumentParser()
     profiler.add_profile_arguments(p)
@@ -104,6 +163,7 @@ def test_profile_layout_and_output_checked_before_forking(monkeypatch, tmp_path)
 
     def refuse():
         raise AssertionError("forked before validating")
+
     monkeypatch.setattr(os, "fork", refuse)
     p = argparse.ArgumentParser()
     profiler.add_profile_arguments(p)

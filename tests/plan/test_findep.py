@@ -13,11 +13,28 @@ from moeflow.plan import findep as fd
 
 
 def tiny_workload(**kw) -> fd.Workload:
-    model = fd.FinDEPModel(name="tiny", hidden_size=64, expert_ffn=128, num_experts=8, top_k=2,
-                           num_shared=1, shared_ffn=128, attn_proj_params=4 * 64 * 64,
-                           attn_core_dim=4 * 32, kv_bytes_per_token=256, num_layers=4)
-    tb = fd.Testbed(name="toy", gpu="toy", ag=2, eg=2, mem_GB=0.05,
-                    gemm=LinearCost(0.05, 1e-8), link=LinearCost(0.02, 1e-6))
+    model = fd.FinDEPModel(
+        name="tiny",
+        hidden_size=64,
+        expert_ffn=128,
+        num_experts=8,
+        top_k=2,
+        num_shared=1,
+        shared_ffn=128,
+        attn_proj_params=4 * 64 * 64,
+        attn_core_dim=4 * 32,
+        kv_bytes_per_token=256,
+        num_layers=4,
+    )
+    tb = fd.Testbed(
+        name="toy",
+        gpu="toy",
+        ag=2,
+        eg=2,
+        mem_GB=0.05,
+        gemm=LinearCost(0.05, 1e-8),
+        link=LinearCost(0.02, 1e-6),
+    )
     args = dict(model=model, testbed=tb, seq_len=256, max_r2=8)
     args.update(kw)
     return fd.Workload(**args)
@@ -104,7 +121,8 @@ def test_paper_presets_solve_fast_and_beat_baselines():
             assert p.time_ms / (p.r1 * p.m_a) <= base.time_ms / (base.r1 * base.m_a) + 1e-9
         assert p.evaluated <= 2 * 2 * w.max_r2 * w.max_r1 * 70  # independent of memory
         assert p.tokens_per_s == pytest.approx(
-            w.testbed.ag * p.r1 * p.m_a * w.seq_len / (p.time_ms * 1e-3))
+            w.testbed.ag * p.r1 * p.m_a * w.seq_len / (p.time_ms * 1e-3)
+        )
 
 
 def test_walk_visits_far_fewer_schedules_than_brute_force():
@@ -143,8 +161,7 @@ def test_bad_inputs_raise_typed_errors():
 
 def test_planner_imports_no_torch():
     code = "import sys, moeflow.plan.findep, moeflow.sim.findep; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 

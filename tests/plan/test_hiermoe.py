@@ -3,12 +3,21 @@
 import pytest
 
 from moeflow.errors import ConfigError
-from moeflow.plan.hiermoe import (best_level, check_group_sizes, choose_level, contiguous_owner,
-                                  dedup_hops, duplication_rate, flat_hops, level_bytes,
-                                  level_time, link_level)
+from moeflow.plan.hiermoe import (
+    best_level,
+    check_group_sizes,
+    choose_level,
+    contiguous_owner,
+    dedup_hops,
+    duplication_rate,
+    flat_hops,
+    level_bytes,
+    level_time,
+    link_level,
+)
 
-U = [1, 2, 4]                       # 4 ranks, 2 per node
-OWNER = contiguous_owner(8, 4)      # rank p owns experts 2p, 2p+1
+U = [1, 2, 4]  # 4 ranks, 2 per node
+OWNER = contiguous_owner(8, 4)  # rank p owns experts 2p, 2p+1
 
 
 def test_link_levels_and_group_sizes():
@@ -23,9 +32,9 @@ def test_hand_counted_rows():
     # rank 0's one token goes to experts 4, 5 (rank 2) and 6 (rank 3): all on node 1
     routes = [[[4, 5, 6]], [], [], []]
     flat = level_bytes(flat_hops(routes, OWNER, U), 1)
-    assert flat == {2: 3}                         # one inter-node row per assignment
+    assert flat == {2: 3}  # one inter-node row per assignment
     rank = level_bytes(dedup_hops(routes, OWNER, U, 0), 1)
-    assert rank == {2: 2}                         # one per destination rank
+    assert rank == {2: 2}  # one per destination rank
     node = dedup_hops(routes, OWNER, U, 1)
     # hop 1: one row to relay 2 (node 1, rank 0's position); hop 2: relay 2 -> rank 3
     assert [h.rows for h in node] == [({2: 1}, {}, {}, {}), ({}, {}, {1: 1}, {})]
@@ -34,7 +43,7 @@ def test_hand_counted_rows():
 
 
 def test_local_experts_cost_nothing_and_level_zero_has_one_hop():
-    routes = [[[0, 1]], [[2, 3]], [], []]         # every token stays on its own rank
+    routes = [[[0, 1]], [[2, 3]], [], []]  # every token stays on its own rank
     assert level_bytes(dedup_hops(routes, OWNER, U, 0), 4) == {}
     assert len(dedup_hops(routes, OWNER, U, 0)) == 1
     assert len(dedup_hops(routes, OWNER, U, 1)) == 2
@@ -43,7 +52,7 @@ def test_local_experts_cost_nothing_and_level_zero_has_one_hop():
 def test_level_choice_follows_the_links():
     # heavy node-local duplication: every token of rank 0 hits all 4 experts of node 1
     routes = [[[4, 5, 6, 7]] * 50, [], [], []]
-    links = {1: (1e-6, 1e-11), 2: (1e-5, 1e-9)}   # slow network: dedup at the node wins
+    links = {1: (1e-6, 1e-11), 2: (1e-5, 1e-9)}  # slow network: dedup at the node wins
     d, times = choose_level(routes, OWNER, U, 1024, links)
     assert d == 1 and times[1] < times[0]
     fast_net = {1: (1e-6, 1e-9), 2: (1e-6, 1e-9)}  # links alike: the extra hop costs more
@@ -57,7 +66,7 @@ def test_level_choice_follows_the_links():
 
 def test_bad_inputs_are_config_errors():
     with pytest.raises(ConfigError):
-        dedup_hops([[[0]]], OWNER, U, 0)          # one rank's routing for 4 ranks
+        dedup_hops([[[0]]], OWNER, U, 0)  # one rank's routing for 4 ranks
     with pytest.raises(ConfigError):
         dedup_hops([[], [], [], []], OWNER, U, 2)
     with pytest.raises(ConfigError):
@@ -74,8 +83,21 @@ def test_plan_cli_method_hiermoe(capsys):
 
     p = argparse.ArgumentParser()
     cli.add_plan_arguments(p)
-    argv = ["--method", "hiermoe", "--model", "qwen3-30b-a3b", "--cluster", "fsmoe-testbed-b",
-            "--esp", "1", "--tokens", "1024", "--layers", "2", "--json"]
+    argv = [
+        "--method",
+        "hiermoe",
+        "--model",
+        "qwen3-30b-a3b",
+        "--cluster",
+        "fsmoe-testbed-b",
+        "--esp",
+        "1",
+        "--tokens",
+        "1024",
+        "--layers",
+        "2",
+        "--json",
+    ]
     assert cli.run_plan(p.parse_args(argv)) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["method"] == "hiermoe" and len(d["rows"]) == 2
@@ -83,9 +105,21 @@ def test_plan_cli_method_hiermoe(capsys):
         # top-8 of 128 experts on 8 nodes x 4: many tokens hit 2+ experts of one node
         assert row["level"] == "node"
         assert min(row["t_levels_ms"]) == row["t_levels_ms"][1] < row["t_flat_ms"]
-    with pytest.raises(ConfigError):       # 8 experts cannot spread over 32 EP ranks
-        cli.run_plan(p.parse_args(["--method", "hiermoe", "--model", "mixtral-8x7b",
-                                   "--cluster", "fsmoe-testbed-b", "--esp", "1"]))
+    with pytest.raises(ConfigError):  # 8 experts cannot spread over 32 EP ranks
+        cli.run_plan(
+            p.parse_args(
+                [
+                    "--method",
+                    "hiermoe",
+                    "--model",
+                    "mixtral-8x7b",
+                    "--cluster",
+                    "fsmoe-testbed-b",
+                    "--esp",
+                    "1",
+                ]
+            )
+        )
 
 
 def test_simulated_a2a_of_each_schedule():
@@ -108,6 +142,9 @@ def test_simulated_a2a_of_each_schedule():
     hops = dedup_hops(routes, owner, U, 0)
     a, b = cl.links[4]
     assert a2a_ms(hops, 4096, cl.links) == pytest.approx(
-        max((cl.links[k][0] + hops[0].max_rank(k) * 4096 * cl.links[k][1]) * 1e3
-            for k in hops[0].links()))
+        max(
+            (cl.links[k][0] + hops[0].max_rank(k) * 4096 * cl.links[k][1]) * 1e3
+            for k in hops[0].links()
+        )
+    )
     assert a > 0 and b > 0

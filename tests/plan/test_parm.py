@@ -3,8 +3,14 @@
 import pytest
 
 from moeflow.errors import ConfigError
-from moeflow.plan.parm import (ParmCluster, ParmLayer, choose_schedule, inter_node_bytes,
-                               schedule_terms, schedule_time)
+from moeflow.plan.parm import (
+    ParmCluster,
+    ParmLayer,
+    choose_schedule,
+    inter_node_bytes,
+    schedule_terms,
+    schedule_time,
+)
 
 LAYER = ParmLayer(tokens=4096, hidden=1024, top_k=2, mp=4, nodes=4, bytes_per_elem=2)
 
@@ -16,8 +22,9 @@ def test_split_divides_the_network_bytes_by_S():
 
 
 def test_terms_follow_the_schedules():
-    c = ParmCluster(alpha_intra=1e-6, beta_intra=1e-11, alpha_inter=1e-5, beta_inter=1e-10,
-                    row_time=1e-7)
+    c = ParmCluster(
+        alpha_intra=1e-6, beta_intra=1e-11, alpha_inter=1e-5, beta_inter=1e-10, row_time=1e-7
+    )
     plain, s1 = schedule_terms(LAYER, c, "plain"), schedule_terms(LAYER, c, "s1")
     rows = 2 * 4096
     assert plain["a2a"] == pytest.approx(2 * (1e-5 + 1e-10 * rows * 2048 * 0.75))
@@ -36,8 +43,9 @@ def test_choice_depends_on_the_cluster():
     slow_net = ParmCluster(beta_inter=1e-9)
     assert choose_schedule(LAYER, slow_net)[0] == "s1"
     tiny = ParmLayer(tokens=4, hidden=8, top_k=1, mp=2, nodes=2)
-    costly_collective = ParmCluster(alpha_intra=1e-3, beta_intra=0.0, alpha_inter=0.0,
-                                    beta_inter=0.0)
+    costly_collective = ParmCluster(
+        alpha_intra=1e-3, beta_intra=0.0, alpha_inter=0.0, beta_inter=0.0
+    )
     name, times = choose_schedule(tiny, costly_collective)
     assert name == "plain" and times["plain"] < times["s1"]
 
@@ -56,8 +64,18 @@ def test_plan_cli_method_parm(capsys):
 
     p = argparse.ArgumentParser()
     cli.add_plan_arguments(p)
-    argv = ["--method", "parm", "--model", "mixtral-8x7b", "--cluster", "fsmoe-testbed-a",
-            "--tokens", "4096", "--layers", "3"]
+    argv = [
+        "--method",
+        "parm",
+        "--model",
+        "mixtral-8x7b",
+        "--cluster",
+        "fsmoe-testbed-a",
+        "--tokens",
+        "4096",
+        "--layers",
+        "3",
+    ]
     assert cli.run_plan(p.parse_args(argv)) == 0
     out = capsys.readouterr().out
     assert out.count("schedule s1") == 3 and "plain" in out
@@ -69,12 +87,17 @@ def test_formula_agrees_with_the_simulator(tokens, hidden, mp):
 
     pre = PRESETS["parm-32gpu"]
     layer = ParmLayer(tokens=tokens, hidden=hidden, top_k=2, mp=mp, nodes=4)
-    c = ParmCluster(alpha_intra=pre.cluster.alpha_intra, beta_intra=pre.cluster.beta_intra,
-                    alpha_inter=pre.cluster.alpha_inter, beta_inter=pre.cluster.beta_inter,
-                    row_time=expert_row_time(hidden, 4 * hidden, pre.flops), gate_time=1e-8)
+    c = ParmCluster(
+        alpha_intra=pre.cluster.alpha_intra,
+        beta_intra=pre.cluster.beta_intra,
+        alpha_inter=pre.cluster.alpha_inter,
+        beta_inter=pre.cluster.beta_inter,
+        row_time=expert_row_time(hidden, 4 * hidden, pre.flops),
+        gate_time=1e-8,
+    )
     for sch in ("plain", "s1", "s2"):
         # one chunk: the derivation is exact
         assert layer_ms(layer, c, sch, 1) == pytest.approx(schedule_time(layer, c, sch) * 1e3)
-        for r in (2, 4, 8):   # pipelined: an estimate, within 15% of the task graph
+        for r in (2, 4, 8):  # pipelined: an estimate, within 15% of the task graph
             sim, model = layer_ms(layer, c, sch, r), schedule_time(layer, c, sch, r) * 1e3
             assert 0.85 <= sim / model <= 1.0 + 1e-9, (sch, r, sim, model)

@@ -42,5 +42,4 @@ def test_lina_fixed_chunks_and_greedy_gradients():
     assert baselines.lina_degree(x, chunk_bytes=1.0) == 16
     p = baselines.lina(x, perf, num_layers=3)
     assert p.layers[-1].gar_bytes == 0.0
-    assert p.tail_ar_bytes + sum(lp.gar_bytes for lp in p.layers) == \
-        pytest.approx(3 * x.grad_bytes)
+    assert p.tail_ar_bytes + sum(lp.gar_bytes for lp in p.layers) == pytest.approx(3 * x.grad_bytes)

@@ -15,14 +15,23 @@ def _args(mod, name, argv):
 def test_plan_cli_table_and_json(capsys, tmp_path):
     from moeflow.plan import cli
 
-    argv = ["--model", "mixtral-8x7b", "--cluster", "fsmoe-testbed-a", "--tokens", "8192",
-            "--layers", "4"]
+    argv = [
+        "--model",
+        "mixtral-8x7b",
+        "--cluster",
+        "fsmoe-testbed-a",
+        "--tokens",
+        "8192",
+        "--layers",
+        "4",
+    ]
     assert cli.run_plan(_args(cli, "plan", argv)) == 0
     out = capsys.readouterr().out
     for word in ("fsmoe", "deepspeed-moe", "tutel", "tutel+pipemoe", "lina", "speedup"):
         assert word in out
-    assert cli.run_plan(_args(cli, "plan", argv + ["--json", "--out",
-                                                   str(tmp_path / "p.json")])) == 0
+    assert (
+        cli.run_plan(_args(cli, "plan", argv + ["--json", "--out", str(tmp_path / "p.json")])) == 0
+    )
     d = json.loads(capsys.readouterr().out)
     assert d["rows"][0]["method"] == "fsmoe" and d["rows"][0]["fsmoe_speedup"] == 1.0
     assert all(r["fsmoe_speedup"] >= 0.99 for r in d["rows"])
@@ -44,8 +53,20 @@ def test_simulate_cli_writes_trace_and_png(tmp_path, capsys):
     from moeflow.sim import cli
 
     trace, png = tmp_path / "t.json", tmp_path / "t.png"
-    argv = ["--model", "mixtral-8x7b", "--cluster", "fsmoe-testbed-b", "--tokens", "2048",
-            "--layers", "2", "--trace", str(trace), "--png", str(png)]
+    argv = [
+        "--model",
+        "mixtral-8x7b",
+        "--cluster",
+        "fsmoe-testbed-b",
+        "--tokens",
+        "2048",
+        "--layers",
+        "2",
+        "--trace",
+        str(trace),
+        "--png",
+        str(png),
+    ]
     assert cli.run_simulate(_args(cli, "simulate", argv)) == 0
     out = capsys.readouterr().out
     assert "makespan" in out and "critical path" in out
@@ -54,19 +75,35 @@ def test_simulate_cli_writes_trace_and_png(tmp_path, capsys):
 
 
 def test_moeflow_entry_point_dispatches_plan():
-    r = subprocess.run([sys.executable, "-m", "moeflow.cli", "plan", "--cluster",
-                        "fsmoe-testbed-b", "--tokens", "1024", "--layers", "2", "--json"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moeflow.cli",
+            "plan",
+            "--cluster",
+            "fsmoe-testbed-b",
+            "--tokens",
+            "1024",
+            "--layers",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["cluster"] == "fsmoe-testbed-b"
 
 
 def test_plan_and_sim_do_not_import_torch():
-    code = ("import sys, moeflow.plan, moeflow.sim, moeflow.perf, moeflow.clusters, "
-            "moeflow.plan.cli, moeflow.sim.cli; "
-            "from moeflow.plan import fsmoe, baselines; "
-            "print('torch' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60)
+    code = (
+        "import sys, moeflow.plan, moeflow.sim, moeflow.perf, moeflow.clusters, "
+        "moeflow.plan.cli, moeflow.sim.cli; "
+        "from moeflow.plan import fsmoe, baselines; "
+        "print('torch' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"

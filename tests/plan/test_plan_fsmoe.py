@@ -3,12 +3,19 @@ import random
 
 import pytest
 
+from moeflow.config import model_preset
 from moeflow.errors import ConfigError, PlanError
 from moeflow.perf import LinearCost, perf_preset
 from moeflow.perf.layer import PassCost
-from moeflow.plan import (LayerPlan, LayerWorkload, Plan, baselines, degrees_for_layer, fsmoe,
-                          fsmoe_sweep)
-from moeflow.config import model_preset
+from moeflow.plan import (
+    LayerPlan,
+    LayerWorkload,
+    Plan,
+    baselines,
+    degrees_for_layer,
+    fsmoe,
+    fsmoe_sweep,
+)
 from moeflow.sim import pass_time
 
 LAYOUT = {"fsmoe-testbed-a": (6, 8), "fsmoe-testbed-b": (8, 4)}
@@ -16,7 +23,7 @@ LAYOUT = {"fsmoe-testbed-a": (6, 8), "fsmoe-testbed-b": (8, 4)}
 
 def test_sweep_has_1458_distinct_settings():
     ws = fsmoe_sweep(n_ep=6, n_esp=8)
-    assert len(ws) == 1458 == 3 ** 6 * 2
+    assert len(ws) == 1458 == 3**6 * 2
     assert len(set(ws)) == 1458
 
 
@@ -39,8 +46,16 @@ def test_planner_matches_brute_force_on_a_sample(cluster):
 
 
 def test_four_cases_are_the_published_forms():
-    p = PassCost(alpha_a2a=0.3, work_a2a=4.0, alpha_ag=0.2, work_ag=3.0, alpha_rs=0.1,
-                 work_rs=2.0, alpha_exp=0.05, work_exp=10.0)
+    p = PassCost(
+        alpha_a2a=0.3,
+        work_a2a=4.0,
+        alpha_ag=0.2,
+        work_ag=3.0,
+        alpha_rs=0.1,
+        work_rs=2.0,
+        alpha_exp=0.05,
+        work_exp=10.0,
+    )
     cases = {c.name: c for c in fsmoe.four_cases(p, gar_ms=1.5)}
     r = 3
     t = p.chunk(r)
@@ -51,8 +66,16 @@ def test_four_cases_are_the_published_forms():
 
 
 def test_relaxation_is_sqrt_b_over_a_when_compute_bound():
-    p = PassCost(alpha_a2a=0.001, work_a2a=0.5, alpha_ag=0, work_ag=0, alpha_rs=0, work_rs=0,
-                 alpha_exp=0.2, work_exp=40.0)
+    p = PassCost(
+        alpha_a2a=0.001,
+        work_a2a=0.5,
+        alpha_ag=0,
+        work_ag=0,
+        alpha_rs=0,
+        work_rs=0,
+        alpha_exp=0.2,
+        work_exp=40.0,
+    )
     r, case, feasible = fsmoe.relax(fsmoe.four_cases(p), 16)
     assert case == "compute"
     assert r == pytest.approx(math.sqrt(2 * 0.5 / 0.2))
@@ -73,8 +96,10 @@ def test_model_evaluator_is_available_and_valid():
     perf = perf_preset("fsmoe-testbed-b")
     w = fsmoe_sweep(n_ep=8, n_esp=4)[100]
     d = fsmoe.plan_layer(w, perf, evaluator="model")
-    assert d.t_ms == pytest.approx(pass_time(w.pass_cost(perf), d.r_fwd)
-                                   + pass_time(w.pass_cost(perf, True), d.r_bwd, 0.0, True))
+    assert d.t_ms == pytest.approx(
+        pass_time(w.pass_cost(perf), d.r_fwd)
+        + pass_time(w.pass_cost(perf, True), d.r_bwd, 0.0, True)
+    )
     with pytest.raises(PlanError):
         fsmoe.plan_pass(w.pass_cost(perf), evaluator="nope")
 
@@ -87,7 +112,7 @@ def test_gradient_partition_respects_availability_and_improves_on_greedy():
         return 10.0 + max(0.0, (ar(n) if n > 0 else 0.0) - 4.0)
 
     part = fsmoe.partition_gradients(grads, window, [4.0] * 5, ar)
-    assert part.gar_bytes[-1] == 0.0          # the last layer's window has nothing ready yet
+    assert part.gar_bytes[-1] == 0.0  # the last layer's window has nothing ready yet
     assert fsmoe._feasible(part.gar_bytes, grads)
     assert part.objective_ms <= part.greedy_objective_ms + 1e-9
     assert part.tail_bytes == pytest.approx(5000 - sum(part.gar_bytes))
@@ -121,13 +146,23 @@ def test_single_layer_plan_applies_to_every_layer():
 def test_workload_from_config_and_sizes():
     mp = model_preset("mixtral-8x7b")
     w = LayerWorkload.from_config(mp, tokens=8192, n_ep=6, n_esp=8)
-    assert (w.B, w.L, w.M, w.H, w.E, w.k, w.ffn, w.heads) == (2, 4096, 4096, 14336, 8, 2,
-                                                            "mixtral", 32)
+    assert (w.B, w.L, w.M, w.H, w.E, w.k, w.ffn, w.heads) == (
+        2,
+        4096,
+        4096,
+        14336,
+        8,
+        2,
+        "mixtral",
+        32,
+    )
     assert w.f is None and w.load_factor == 1.0
     assert w.a2a_bytes == 2 * 8192 * 4096 * 2 / 8
     assert w.expert_flops == 2 * 2 * 8192 * 4096 * 14336 / 8 * 3
-    bwd, fwd = w.pass_cost(perf_preset("fsmoe-testbed-a"), True), \
-        w.pass_cost(perf_preset("fsmoe-testbed-a"))
+    bwd, fwd = (
+        w.pass_cost(perf_preset("fsmoe-testbed-a"), True),
+        w.pass_cost(perf_preset("fsmoe-testbed-a")),
+    )
     assert bwd.work_exp == pytest.approx(2 * fwd.work_exp)
     assert LayerWorkload.from_dict(w.to_dict()) == w
     with pytest.raises(ConfigError):
@@ -145,13 +180,18 @@ def test_runtime_reads_the_plans_degrees():
         assert runtime.resolve_degrees(p, i, 1, 1) == degrees_for_layer(p, i)
 
 
-@pytest.mark.parametrize("make,field", [
-    (lambda: LayerPlan(index=0, r_fwd=0, r_bwd=1), "LayerPlan.r_fwd"),
-    (lambda: LayerPlan(index=0, r_fwd=1, r_bwd=2.0), "LayerPlan.r_bwd"),
-    (lambda: LayerWorkload(B=1, L=8, M=8, H=8, E=4, n_ep=0), "LayerWorkload.n_ep"),
-    (lambda: LayerWorkload.from_config(model_preset("mixtral-8x7b"), tokens=0),
-     "LayerWorkload.tokens"),
-])
+@pytest.mark.parametrize(
+    "make,field",
+    [
+        (lambda: LayerPlan(index=0, r_fwd=0, r_bwd=1), "LayerPlan.r_fwd"),
+        (lambda: LayerPlan(index=0, r_fwd=1, r_bwd=2.0), "LayerPlan.r_bwd"),
+        (lambda: LayerWorkload(B=1, L=8, M=8, H=8, E=4, n_ep=0), "LayerWorkload.n_ep"),
+        (
+            lambda: LayerWorkload.from_config(model_preset("mixtral-8x7b"), tokens=0),
+            "LayerWorkload.tokens",
+        ),
+    ],
+)
 def test_positive_int_fields_name_themselves(make, field):
     with pytest.raises(ConfigError, match="a positive int") as info:
         make()

@@ -25,7 +25,7 @@ def _rank(rank, world, path, ckpt_dir, mesh_shape, names, dense):
     from moeflow.runtime.checkpoint import load_checkpoint, save_checkpoint
     from tests.runtime.test_parallelize import LR, batch, build_parallel, train_steps
 
-    ids = batch(world)[rank:rank + 1]
+    ids = batch(world)[rank : rank + 1]
     model = build_parallel(path, mesh_shape, names, dense=dense)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -48,6 +48,7 @@ def _rank(rank, world, path, ckpt_dir, mesh_shape, names, dense):
     resumed = train_steps(model2, opt2, ids, 3, world)
     # another layout finds no keys for its shards: a typed error, not a shape mismatch
     from moeflow.errors import InputError
+
     other = ((2, 2), ("dp", "ep")) if mesh_shape == (4,) else ((4,), ("ep",))
     model3 = build_parallel(path, *other, dense=dense)
     try:
@@ -58,12 +59,17 @@ def _rank(rank, world, path, ckpt_dir, mesh_shape, names, dense):
     return first, cont, resumed, extra, mismatch
 
 
-@pytest.mark.parametrize("layout,dense", [
-    (((4,), ("ep",)), "replicate"),
-    pytest.param(((2, 2), ("dp", "ep")), "replicate", marks=pytest.mark.slow),
-    pytest.param(((2, 2), ("dp", "ep")), "fsdp", marks=pytest.mark.slow)])
-def test_resume_continues_the_loss_curve_and_interrupted_save_keeps_previous(tmp_path, layout,
-                                                                            dense):
+@pytest.mark.parametrize(
+    "layout,dense",
+    [
+        (((4,), ("ep",)), "replicate"),
+        pytest.param(((2, 2), ("dp", "ep")), "replicate", marks=pytest.mark.slow),
+        pytest.param(((2, 2), ("dp", "ep")), "fsdp", marks=pytest.mark.slow),
+    ],
+)
+def test_resume_continues_the_loss_curve_and_interrupted_save_keeps_previous(
+    tmp_path, layout, dense
+):
     from tests.runtime.test_parallelize import save_tiny
 
     path = save_tiny("qwen3_moe", tmp_path / "hf")

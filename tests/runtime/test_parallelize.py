@@ -23,20 +23,33 @@ TOL = 1e-5
 
 
 def tiny_config(family: str, experts: int = 8):
-    common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
-                  num_experts_per_tok=2, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
     if family == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(intermediate_size=32, moe_intermediate_size=12,
-                                           num_experts=experts, norm_topk_prob=True, **common)
+        return transformers.Qwen3MoeConfig(
+            intermediate_size=32,
+            moe_intermediate_size=12,
+            num_experts=experts,
+            norm_topk_prob=True,
+            **common,
+        )
     if family == "mixtral":
-        return transformers.MixtralConfig(intermediate_size=12, num_local_experts=experts,
-                                          **common)
+        return transformers.MixtralConfig(intermediate_size=12, num_local_experts=experts, **common)
     raise ValueError(family)
 
 
-def save_tiny(family: str, out_dir, experts: int = 8, seed: int = 0, shard: str = "20KB",
-              **config) -> str:
+def save_tiny(
+    family: str, out_dir, experts: int = 8, seed: int = 0, shard: str = "20KB", **config
+) -> str:
     """A randomly initialised tiny model saved as sharded safetensors + index."""
     torch.manual_seed(seed)
     cfg = tiny_config(family, experts)
@@ -56,8 +69,9 @@ def reference_losses(path: str, world: int = 4, steps: int = STEPS) -> list[floa
     """Single process, the global batch of ``world`` sequences, the patched model."""
     from moeflow.integrations import patch_model
 
-    model = patch_model(transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32))
+    model = patch_model(
+        transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     ids = batch(world)
@@ -80,8 +94,9 @@ def build_parallel(path: str, mesh_shape: tuple, names: tuple, **kw):
 
     config = transformers.AutoConfig.from_pretrained(path)
     with torch.device("meta"):
-        model = patch_model(transformers.AutoModelForCausalLM.from_config(
-            config, dtype=torch.float32))
+        model = patch_model(
+            transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        )
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     return parallelize(model, mesh, checkpoint=path, **kw)
 
@@ -111,10 +126,11 @@ def _train_and_export(rank, world, path, mesh_shape, names, export_dir, dense):
     model = build_parallel(path, mesh_shape, names, dense=dense)
     model.train()
     # sharded from the start: this rank holds only its experts
-    expert_numel = sum(m.w_in.numel() + m.w_out.numel() for m in model.modules()
-                       if hasattr(m, "expert_range"))
+    expert_numel = sum(
+        m.w_in.numel() + m.w_out.numel() for m in model.modules() if hasattr(m, "expert_range")
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses = train_steps(model, opt, batch(world)[rank:rank + 1], STEPS, world)
+    losses = train_steps(model, opt, batch(world)[rank : rank + 1], STEPS, world)
     if export_dir is not None:
         export_pretrained(model, export_dir)
     return losses, expert_numel
@@ -124,8 +140,9 @@ def _reference_after(path: str, world: int = 4):
     """The single-process model after the reference run, and its losses."""
     from moeflow.integrations import patch_model
 
-    model = patch_model(transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32))
+    model = patch_model(
+        transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     ids = batch(world)
@@ -139,32 +156,38 @@ def _reference_after(path: str, world: int = 4):
     return model, losses
 
 
-def _check_family(tmp_path, family: str, mesh_shape: tuple, names: tuple, export: bool,
-                  dense: str = "replicate"):
+def _check_family(
+    tmp_path, family: str, mesh_shape: tuple, names: tuple, export: bool, dense: str = "replicate"
+):
     path = save_tiny(family, tmp_path / "ckpt")
     ref_model, ref = _reference_after(path)
     export_dir = str(tmp_path / "export") if export else None
-    res = run_ranks(_train_and_export, 4, path, mesh_shape, names, export_dir, dense,
-                    timeout_s=240)
+    res = run_ranks(_train_and_export, 4, path, mesh_shape, names, export_dir, dense, timeout_s=240)
     for losses, _ in res:
         assert max(abs(a - b) for a, b in zip(losses, ref)) < TOL, (losses, ref)
     cfg = tiny_config(family)
     E = cfg.num_local_experts if family == "mixtral" else cfg.num_experts
     P = dict(zip(names, mesh_shape)).get("ep", 1) * dict(zip(names, mesh_shape)).get("esp", 1)
-    per_layer = E * 3 * cfg.hidden_size * (cfg.moe_intermediate_size if family == "qwen3_moe"
-                                           else cfg.intermediate_size)
+    per_layer = (
+        E
+        * 3
+        * cfg.hidden_size
+        * (cfg.moe_intermediate_size if family == "qwen3_moe" else cfg.intermediate_size)
+    )
     total = per_layer * cfg.num_hidden_layers
     for _, numel in res:
         assert numel == total // P  # exactly 1/P of the expert weights, no overhead
     if export:
         # the exported directory reloads, unpatched, with the trained model's logits
-        back = transformers.AutoModelForCausalLM.from_pretrained(export_dir,
-                                                                 dtype=torch.float32).eval()
+        back = transformers.AutoModelForCausalLM.from_pretrained(
+            export_dir, dtype=torch.float32
+        ).eval()
         ref_model.eval()
         ids = batch(4, seed=7)
         with torch.no_grad():
-            torch.testing.assert_close(back(input_ids=ids).logits,
-                                       ref_model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                back(input_ids=ids).logits, ref_model(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+            )
 
 
 def test_qwen3_moe_ep4_matches_single_process_and_exports(tmp_path):
@@ -179,11 +202,14 @@ def test_mixtral_ep2_dp2_fsdp2_dense_matches_single_process_and_exports(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("dense", ["replicate", "fsdp"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-@pytest.mark.parametrize("layout", [((4,), ("ep",)), ((2, 2), ("dp", "ep")),
-                                    ((2, 2), ("ep", "esp"))])
+@pytest.mark.parametrize(
+    "layout", [((4,), ("ep",)), ((2, 2), ("dp", "ep")), ((2, 2), ("ep", "esp"))]
+)
 def test_families_and_layouts_match_single_process(tmp_path, family, layout, dense):
-    if (family, layout[1], dense) in (("qwen3_moe", ("ep",), "replicate"),
-                                      ("mixtral", ("dp", "ep"), "fsdp")):
+    if (family, layout[1], dense) in (
+        ("qwen3_moe", ("ep",), "replicate"),
+        ("mixtral", ("dp", "ep"), "fsdp"),
+    ):
         pytest.skip("a default-suite test")
     _check_family(tmp_path, family, *layout, export=True, dense=dense)
 
@@ -203,8 +229,7 @@ def _expect_error(rank, world, path, mesh_ranks, names):
     config = tf.AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = patch_model(tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
-    mesh = DeviceMesh("cpu", torch.tensor(mesh_ranks), mesh_dim_names=names,
-                      _init_backend=False)
+    mesh = DeviceMesh("cpu", torch.tensor(mesh_ranks), mesh_dim_names=names, _init_backend=False)
     try:
         parallelize(model, mesh, checkpoint=path)
     except MoeflowError as e:
@@ -229,8 +254,9 @@ def test_bad_inputs_raise_typed_errors_before_communication(tmp_path):
     index = os.path.join(path, "model.safetensors.index.json")
     with open(index) as f:
         meta = json.load(f)
-    meta["weight_map"] = {k: v for k, v in meta["weight_map"].items()
-                          if ".layers.1.mlp.experts.5." not in k}
+    meta["weight_map"] = {
+        k: v for k, v in meta["weight_map"].items() if ".layers.1.mlp.experts.5." not in k
+    }
     with open(index, "w") as f:
         json.dump(meta, f)
     res = run_ranks(_expect_error, 2, path, [0, 1], ("ep",), timeout_s=60)
@@ -248,15 +274,17 @@ def _aux_rank(rank, world, path, use_global):
     model.train()
     cfg = model.config
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    ids = batch(world)[rank:rank + 1]
+    ids = batch(world)[rank : rank + 1]
     out = []
     for _ in range(5):
         o = model(input_ids=ids, labels=ids)
         assert len(o.router_logits) == cfg.num_hidden_layers  # transformers' outputs work
         loss = o.loss
         if use_global:
-            loss = loss + cfg.router_aux_loss_coef * (load_balancing_loss(
-                o.router_logits, cfg.num_experts, cfg.num_experts_per_tok) - o.aux_loss)
+            loss = loss + cfg.router_aux_loss_coef * (
+                load_balancing_loss(o.router_logits, cfg.num_experts, cfg.num_experts_per_tok)
+                - o.aux_loss
+            )
         opt.zero_grad()
         loss.backward()
         sync_gradients(model)
@@ -268,8 +296,9 @@ def _aux_rank(rank, world, path, use_global):
 
 
 def test_router_logits_and_global_batch_aux_loss_match_single_process(tmp_path):
-    path = save_tiny("qwen3_moe", tmp_path / "ckpt", output_router_logits=True,
-                     router_aux_loss_coef=0.5)
+    path = save_tiny(
+        "qwen3_moe", tmp_path / "ckpt", output_router_logits=True, router_aux_loss_coef=0.5
+    )
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     from moeflow.integrations import patch_model
 
@@ -278,7 +307,7 @@ def test_router_logits_and_global_batch_aux_loss_match_single_process(tmp_path):
     ids = batch(4)
     ref = []
     for _ in range(5):
-        loss = model(input_ids=ids, labels=ids).loss   # CE + coef * aux of the global batch
+        loss = model(input_ids=ids, labels=ids).loss  # CE + coef * aux of the global batch
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -316,13 +345,18 @@ def _demo_rank(rank, world, mesh_shape, names, x, y):
     from moeflow.demo import DemoModelConfig, build_demo_model
     from moeflow.runtime import ExpertParallel, parallelize, sync_gradients
 
-    model = build_demo_model(DemoModelConfig(dim=16, num_layers=2, seq_len=8, num_experts=8,
-                                             ffn_hidden_size=12, aux_loss_coef=0.0), seed=0)
+    model = build_demo_model(
+        DemoModelConfig(
+            dim=16, num_layers=2, seq_len=8, num_experts=8, ffn_hidden_size=12, aux_loss_coef=0.0
+        ),
+        seed=0,
+    )
     parallelize(model, init_device_mesh("cpu", mesh_shape, mesh_dim_names=names))
     assert all(isinstance(b.moe, ExpertParallel) for b in model.blocks)
     b = x.shape[0] // world
-    return _demo_losses(model, x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b], 5,
-                        sync_gradients, world)
+    return _demo_losses(
+        model, x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b], 5, sync_gradients, world
+    )
 
 
 def test_demo_model_ep2_dp2_matches_single_process():
@@ -331,8 +365,12 @@ def test_demo_model_ep2_dp2_matches_single_process():
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 256, (4, 8), generator=g)
     y = torch.randint(0, 256, (4, 8), generator=g)
-    ref_model = build_demo_model(DemoModelConfig(dim=16, num_layers=2, seq_len=8, num_experts=8,
-                                                 ffn_hidden_size=12, aux_loss_coef=0.0), seed=0)
+    ref_model = build_demo_model(
+        DemoModelConfig(
+            dim=16, num_layers=2, seq_len=8, num_experts=8, ffn_hidden_size=12, aux_loss_coef=0.0
+        ),
+        seed=0,
+    )
     ref = _demo_losses(ref_model, x, y, 5)
     res = run_ranks(_demo_rank, 4, (2, 2), ("dp", "ep"), x, y, timeout_s=120)
     assert max(abs(a - b) for a, b in zip(res[0], ref)) < TOL, (res[0], ref)
@@ -343,22 +381,24 @@ def _grad_norm_rank(rank, world, path, mesh_shape, names, dense):
     from moeflow.runtime.parallelize import clip_grad_norm_, sync_gradients
 
     model = build_parallel(path, mesh_shape, names, dense=dense)
-    ids = batch(world)[rank:rank + 1]
+    ids = batch(world)[rank : rank + 1]
     model(input_ids=ids, labels=ids).loss.backward()
     sync_gradients(model)
     before = clip_grad_norm_(model, 1e-3)
-    after = clip_grad_norm_(model, 1e9)   # the clipped norm, no further scaling
+    after = clip_grad_norm_(model, 1e9)  # the clipped norm, no further scaling
     return before, after
 
 
-@pytest.mark.parametrize("layout,dense", [(((2, 2), ("dp", "ep")), "replicate"),
-                                          (((2, 2), ("ep", "esp")), "fsdp")])
+@pytest.mark.parametrize(
+    "layout,dense", [(((2, 2), ("dp", "ep")), "replicate"), (((2, 2), ("ep", "esp")), "fsdp")]
+)
 def test_clip_grad_norm_is_the_single_process_norm(tmp_path, layout, dense):
     from moeflow.integrations import patch_model
 
     path = save_tiny("qwen3_moe", tmp_path / "ckpt")
-    model = patch_model(transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32))
+    model = patch_model(
+        transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    )
     ids = batch(4)
     model(input_ids=ids, labels=ids).loss.backward()
     ref = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9))

@@ -13,7 +13,7 @@ class _SleepWork:
     """A fake async collective: finishes ``seconds`` after it is issued (like a DMA link)."""
 
     def __init__(self, seconds: float, link: dict):
-        start = max(time.perf_counter(), link.get("busy", 0.0))   # one link: serialised
+        start = max(time.perf_counter(), link.get("busy", 0.0))  # one link: serialised
         link["busy"] = self.done_at = start + seconds
         self._event = threading.Event()
         threading.Timer(max(0.0, self.done_at - time.perf_counter()), self._event.set).start()
@@ -30,13 +30,14 @@ def _stages(log, link, comm_s, compute_s):
     def experts(c, v):
         assert v == c
         log.append(("compute", c))
-        time.sleep(compute_s)      # the GEMMs (sleep: the test must not depend on CPU load)
+        time.sleep(compute_s)  # the GEMMs (sleep: the test must not depend on CPU load)
         log.append(("issue combine", c))
         return Pending(_SleepWork(comm_s, link), "c", 5.0, lambda: c)
 
     def place(c, v):
         log.append(("done", c))
         return v
+
     return [dispatch, experts, place]
 
 
@@ -57,7 +58,7 @@ def test_pipelining_hides_link_time_behind_compute():
     comm, compute, r = 0.03, 0.03, 6
     t0 = time.perf_counter()
     run_wavefront(1, _stages([], {}, comm * r, compute * r))
-    serial = time.perf_counter() - t0                      # r = 1: nothing to overlap
+    serial = time.perf_counter() - t0  # r = 1: nothing to overlap
     t0 = time.perf_counter()
     run_wavefront(r, _stages([], {}, comm, compute))
     piped = time.perf_counter() - t0

@@ -12,16 +12,27 @@ from moeflow.models import DecoderConfig, MoEDecoder, Request, SamplingParams, g
 from moeflow.runtime.serving import ServeSchedule, serve, serve_rank
 from tests._dist import run_ranks
 
-SCHEDULES = [ServeSchedule.naive(), ServeSchedule.pppipe(),
-             ServeSchedule("findep", 2, 3, "AASS"), ServeSchedule("findep", 3, 2, "ASAS")]
+SCHEDULES = [
+    ServeSchedule.naive(),
+    ServeSchedule.pppipe(),
+    ServeSchedule("findep", 2, 3, "AASS"),
+    ServeSchedule("findep", 3, 2, "ASAS"),
+]
 
 
 def tiny_model(shared: int = 1, **attention) -> MoEDecoder:
     attention = {"head_dim": 8, **attention}
-    cfg = DecoderConfig(vocab_size=80, num_layers=2, num_heads=4, num_kv_heads=2,
-                        moe=MoEConfig(hidden_size=32, ffn_hidden_size=24, num_experts=4,
-                                      top_k=2, num_shared_experts=shared),
-                        max_position_embeddings=40, **attention)
+    cfg = DecoderConfig(
+        vocab_size=80,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        moe=MoEConfig(
+            hidden_size=32, ffn_hidden_size=24, num_experts=4, top_k=2, num_shared_experts=shared
+        ),
+        max_position_embeddings=40,
+        **attention,
+    )
     torch.manual_seed(0)
     model = MoEDecoder(cfg).eval()
     with torch.no_grad():  # larger weights: routing and logits that differ between tokens
@@ -33,10 +44,14 @@ def tiny_model(shared: int = 1, **attention) -> MoEDecoder:
 def requests():
     g = torch.Generator().manual_seed(1)
     ps = [torch.randint(1, 80, (n,), generator=g).tolist() for n in (7, 2, 11, 4, 5)]
-    return [Request(ps[0], SamplingParams(6)), Request(ps[1], SamplingParams(8)),
-            Request([], SamplingParams(4), "empty"),
-            Request(ps[2], SamplingParams(5, temperature=0.9, top_p=0.8, seed=7)),
-            Request(ps[3], SamplingParams(6)), Request(ps[4], SamplingParams(3))]
+    return [
+        Request(ps[0], SamplingParams(6)),
+        Request(ps[1], SamplingParams(8)),
+        Request([], SamplingParams(4), "empty"),
+        Request(ps[2], SamplingParams(5, temperature=0.9, top_p=0.8, seed=7)),
+        Request(ps[3], SamplingParams(6)),
+        Request(ps[4], SamplingParams(3)),
+    ]
 
 
 def reference(model, reqs):
@@ -71,18 +86,38 @@ def test_every_schedule_matches_single_process(eg):
 def test_two_attention_ranks_without_shared_experts():
     model, reqs = tiny_model(shared=0), requests()
     ref = reference(model, reqs)
-    got = serve(model, reqs, ag=2, eg=2, schedule=ServeSchedule("findep", 2, 2, "AASS"),
-                return_logits=True, timeout_s=30)
+    got = serve(
+        model,
+        reqs,
+        ag=2,
+        eg=2,
+        schedule=ServeSchedule("findep", 2, 2, "AASS"),
+        return_logits=True,
+        timeout_s=30,
+    )
     check_same(ref, got)
 
 
 def test_latent_attention_model_serves_the_same():
-    model = tiny_model(attention="mla", q_lora_rank=12, kv_lora_rank=8, qk_nope_head_dim=8,
-                       v_head_dim=6, head_dim=4)
+    model = tiny_model(
+        attention="mla",
+        q_lora_rank=12,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        v_head_dim=6,
+        head_dim=4,
+    )
     reqs = requests()
     ref = reference(model, reqs)
-    got = serve(model, reqs, ag=1, eg=2, schedule=ServeSchedule("findep", 2, 2, "ASAS"),
-                return_logits=True, timeout_s=30)
+    got = serve(
+        model,
+        reqs,
+        ag=1,
+        eg=2,
+        schedule=ServeSchedule("findep", 2, 2, "ASAS"),
+        return_logits=True,
+        timeout_s=30,
+    )
     check_same(ref, got)
 
 
@@ -119,6 +154,5 @@ def _dying_expert_rank(rank, world, model, reqs):
 
 
 def test_dying_expert_rank_is_a_timeout_naming_the_transfer():
-    out = run_ranks(_dying_expert_rank, 2, tiny_model(), requests(), expect_exit={1},
-                    timeout_s=60)
+    out = run_ranks(_dying_expert_rank, 2, tiny_model(), requests(), expect_exit={1}, timeout_s=60)
     assert "e2a from EG rank 1" in out[0] and "layer 0" in out[0], out[0]

@@ -22,14 +22,13 @@ def parse(*argv):
 
 
 def test_metrics_follow_vllm_definitions():
-    a = GenerationResult(0, 5, tokens=[1, 2, 3], start_time=10.0,
-                         token_times=[10.1, 10.3, 10.5])
+    a = GenerationResult(0, 5, tokens=[1, 2, 3], start_time=10.0, token_times=[10.1, 10.3, 10.5])
     b = GenerationResult(1, 5, tokens=[4], start_time=10.0, token_times=[10.2])
     m = summarize([a, b], ServeSchedule.naive())
     assert m.output_tokens == 4 and m.duration_s == pytest.approx(0.5)
     assert m.output_tok_s == pytest.approx(8.0)
-    assert m.ttft_ms[0] == pytest.approx(150.0)            # mean of 100 and 200 ms
-    assert m.ttft_ms[2] == pytest.approx(199.0)            # p99, linear
+    assert m.ttft_ms[0] == pytest.approx(150.0)  # mean of 100 and 200 ms
+    assert m.ttft_ms[2] == pytest.approx(199.0)  # p99, linear
     assert m.tpot_ms == pytest.approx((200.0, 200.0, 200.0))  # (500 - 100) / 2; b has 1 token
     with pytest.raises(InputError):
         summarize([GenerationResult(0, 1)], ServeSchedule.naive())
@@ -46,16 +45,35 @@ def test_request_set_is_fixed_by_the_seed():
 
 def test_tiny_run_writes_json(tmp_path, capsys):
     out = tmp_path / "rec.json"
-    rc = run_serve_bench(parse("--requests", "3", "--prompt-len", "4:8", "--output-len", "3:4",
-                               "--demo-layers", "1", "--demo-hidden", "32", "--eg", "2",
-                               "--json", str(out), "--no-progress"))
+    rc = run_serve_bench(
+        parse(
+            "--requests",
+            "3",
+            "--prompt-len",
+            "4:8",
+            "--output-len",
+            "3:4",
+            "--demo-layers",
+            "1",
+            "--demo-hidden",
+            "32",
+            "--eg",
+            "2",
+            "--json",
+            str(out),
+            "--no-progress",
+        )
+    )
     assert rc == 0
     rec = json.loads(out.read_text())
     assert [r["schedule"] for r in rec["results"]] == ["naive", "pppipe", "findep"]
     for r in rec["results"]:
-        assert r["output_tokens"] == sum(request_set(
-            parse("--requests", "3", "--prompt-len", "4:8", "--output-len", "3:4"), 2048,
-            1024)[i].params.max_new_tokens for i in range(3))
+        assert r["output_tokens"] == sum(
+            request_set(
+                parse("--requests", "3", "--prompt-len", "4:8", "--output-len", "3:4"), 2048, 1024
+            )[i].params.max_new_tokens
+            for i in range(3)
+        )
         assert r["output_tok_s"] > 0 and r["ttft_ms"][0] > 0
     out = capsys.readouterr().out
     assert "| findep |" in out and "FinDEP solver: prefill r1=" in out
@@ -63,24 +81,55 @@ def test_tiny_run_writes_json(tmp_path, capsys):
 
 
 def test_manual_findep_schedule(capsys):
-    rc = run_serve_bench(parse("--requests", "2", "--prompt-len", "3:4", "--output-len", "2:2",
-                               "--demo-layers", "1", "--demo-hidden", "32", "--schedules",
-                               "findep", "--findep", "manual", "--r1", "2", "--r2", "3",
-                               "--order", "ASAS", "--no-progress"))
+    rc = run_serve_bench(
+        parse(
+            "--requests",
+            "2",
+            "--prompt-len",
+            "3:4",
+            "--output-len",
+            "2:2",
+            "--demo-layers",
+            "1",
+            "--demo-hidden",
+            "32",
+            "--schedules",
+            "findep",
+            "--findep",
+            "manual",
+            "--r1",
+            "2",
+            "--r2",
+            "3",
+            "--order",
+            "ASAS",
+            "--no-progress",
+        )
+    )
     assert rc == 0
     assert "| findep | 2 / 3 / ASAS | same |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, err, word", [
-    (("--schedules", "naive,fast"), ConfigError, "--schedules"),
-    (("--prompt-len", "9:3"), ConfigError, "--prompt-len"),
-    (("--output-len", "x"), ConfigError, "--output-len"),
-    (("--requests", "0"), ConfigError, "--requests"),
-    (("--r2", "0"), ConfigError, "--r2"),
-    (("--eg", "3",), DistributedConfigError, "eg=3"),
-    (("--json", "/nonexistent-dir/x.json"), InputError, "--json"),
-    (("--model", "/nonexistent-dir"), InputError, "config.json"),
-])
+@pytest.mark.parametrize(
+    "argv, err, word",
+    [
+        (("--schedules", "naive,fast"), ConfigError, "--schedules"),
+        (("--prompt-len", "9:3"), ConfigError, "--prompt-len"),
+        (("--output-len", "x"), ConfigError, "--output-len"),
+        (("--requests", "0"), ConfigError, "--requests"),
+        (("--r2", "0"), ConfigError, "--r2"),
+        (
+            (
+                "--eg",
+                "3",
+            ),
+            DistributedConfigError,
+            "eg=3",
+        ),
+        (("--json", "/nonexistent-dir/x.json"), InputError, "--json"),
+        (("--model", "/nonexistent-dir"), InputError, "config.json"),
+    ],
+)
 def test_bad_flags_are_typed_errors(argv, err, word):
     with pytest.raises(err, match=word):
         run_serve_bench(parse(*argv, "--no-progress"))

@@ -40,15 +40,25 @@ def _rank(rank, world, path):
     # no tensor anywhere in this process holds a whole layer's experts
     full_rows = 0
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta and obj.dim() == 3 \
-                and obj.shape[0] == E:
+        if (
+            isinstance(obj, torch.Tensor)
+            and not obj.is_meta
+            and obj.dim() == 3
+            and obj.shape[0] == E
+        ):
             full_rows += 1
     ranges = [m.expert_range for m in eps]
     # and the model computes: one forward on this rank's tokens
     with torch.no_grad():
         logits = model(input_ids=torch.arange(8).reshape(1, 8)).logits
-    return expert, dense, model.moeflow_layout.checkpoint_bytes_read, full_rows, ranges, \
-        bool(torch.isfinite(logits).all())
+    return (
+        expert,
+        dense,
+        model.moeflow_layout.checkpoint_bytes_read,
+        full_rows,
+        ranges,
+        bool(torch.isfinite(logits).all()),
+    )
 
 
 def test_64_experts_over_4_ranks_allocate_and_read_a_quarter(tmp_path):
@@ -75,8 +85,14 @@ def _activation_rank(rank, world, activation, expert_type):
     from moeflow.runtime import ExpertParallel
 
     torch.manual_seed(0)
-    cfg = mf.MoEConfig(hidden_size=8, ffn_hidden_size=6, num_experts=4, top_k=2,
-                       expert_type=expert_type, activation=activation)
+    cfg = mf.MoEConfig(
+        hidden_size=8,
+        ffn_hidden_size=6,
+        num_experts=4,
+        top_k=2,
+        expert_type=expert_type,
+        activation=activation,
+    )
     layer = mf.MoELayer(cfg)
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(rank))
     ref = layer(x)

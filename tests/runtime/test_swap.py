@@ -21,7 +21,7 @@ def test_swap_search_incremental_counts_match_a_recount_and_time_never_rises():
     owner, state, times = contiguous_owner(E, P), None, []
     for _ in range(4):
         pair, owner, t, state = swap_step(routes, owner, U, 256, state=state)
-        assert state.rows == rank_rows(routes, owner, P)       # incremental == from scratch
+        assert state.rows == rank_rows(routes, owner, P)  # incremental == from scratch
         times.append(t)
         assert sorted(owner.count(p) for p in range(P)) == [2] * P
     assert times == sorted(times, reverse=True)
@@ -61,15 +61,21 @@ def _swapped_equivalence(rank, world):
     placement = [3, 0, 2, 1, 1, 2, 0, 3]
     out = []
     for level in (0, 1):
-        ep = ExpertParallel(copy.deepcopy(layer), topology=Topology.explicit(world, 2),
-                            dispatcher="dedup", dispatcher_options={"level": level},
-                            r_fwd=2, timeout_s=30)
-        ep.apply_placement(placement)                 # weights move before the first step
+        ep = ExpertParallel(
+            copy.deepcopy(layer),
+            topology=Topology.explicit(world, 2),
+            dispatcher="dedup",
+            dispatcher_options={"level": level},
+            r_fwd=2,
+            timeout_s=30,
+        )
+        ep.apply_placement(placement)  # weights move before the first step
         mine = local_experts(ep.dispatcher)
         assert mine == [e for e in range(8) if placement[e] == rank]
-        full_in, full_out = ep.full_expert_weights()      # the checkpoint view: by expert id
-        assert torch.equal(full_in, layer.experts.w_in) and torch.equal(full_out,
-                                                                         layer.experts.w_out)
+        full_in, full_out = ep.full_expert_weights()  # the checkpoint view: by expert id
+        assert torch.equal(full_in, layer.experts.w_in) and torch.equal(
+            full_out, layer.experts.w_out
+        )
         x = xs[rank].clone().requires_grad_(True)
         y = ep(x)
         ((y * gs[rank]).sum() + ep.aux_loss).backward()
@@ -95,8 +101,13 @@ def _train(rank, world, steps, swap):
     from moeflow.runtime import ExpertParallel
 
     layer, cfg = build(Case(router="softmax_topk", experts=8))
-    ep = ExpertParallel(layer, topology=Topology.explicit(world, 2), dispatcher="dedup",
-                        dispatcher_options={"level": "auto"}, timeout_s=30)
+    ep = ExpertParallel(
+        layer,
+        topology=Topology.explicit(world, 2),
+        dispatcher="dedup",
+        dispatcher_options={"level": "auto"},
+        timeout_s=30,
+    )
     opt = torch.optim.Adam(ep.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(100 + rank)
     owner = contiguous_owner(8, world)
@@ -113,9 +124,10 @@ def _train(rank, world, steps, swap):
         torch.distributed.all_reduce(total)
         losses.append(total.item())
         if swap:
-            pair, new, _, _ = step_search(ep.dispatcher.last_assignments(), owner,
-                                          [1, 2, world], 4 * cfg.hidden_size)
-            if pair is None:          # a swap every step: fall back to a fixed cross-rank pair
+            pair, new, _, _ = step_search(
+                ep.dispatcher.last_assignments(), owner, [1, 2, world], 4 * cfg.hidden_size
+            )
+            if pair is None:  # a swap every step: fall back to a fixed cross-rank pair
                 new = list(owner)
                 a, b = i % 8, (i + 2) % 8
                 new[a], new[b] = owner[b], owner[a]
@@ -135,7 +147,7 @@ def test_swaps_every_step_keep_the_loss_curve_short():
     (plain, _), (swapped, n) = res[0]
     assert n == 8
     assert max(abs(a - b) for a, b in zip(plain, swapped)) <= 1e-5 * max(map(abs, plain))
-    assert plain[-1] < plain[0]            # it trains
+    assert plain[-1] < plain[0]  # it trains
 
 
 @pytest.mark.slow

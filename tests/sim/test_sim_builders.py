@@ -5,8 +5,16 @@ from moeflow.sim import moe_pass_graph, pass_idle_inter, pass_time, simulate
 
 
 def pc(a2a=(0.0, 2.0), ag=(0.0, 0.0), rs=(0.0, 0.0), exp=(0.0, 6.0)):
-    return PassCost(alpha_a2a=a2a[0], work_a2a=a2a[1], alpha_ag=ag[0], work_ag=ag[1],
-                    alpha_rs=rs[0], work_rs=rs[1], alpha_exp=exp[0], work_exp=exp[1])
+    return PassCost(
+        alpha_a2a=a2a[0],
+        work_a2a=a2a[1],
+        alpha_ag=ag[0],
+        work_ag=ag[1],
+        alpha_rs=rs[0],
+        work_rs=rs[1],
+        alpha_exp=exp[0],
+        work_exp=exp[1],
+    )
 
 
 def test_pass_without_esp_hand_computed():
@@ -41,18 +49,17 @@ def test_gradient_piece_fills_idle_link_window():
     base = pass_time(p, 2, 0.0, backward=True)
     assert base == 14.0
     assert pass_idle_inter(p, 2) == 10.0
-    assert pass_time(p, 2, 5.0, backward=True) == 14.0   # hidden: fits before gdisp0 at 7
+    assert pass_time(p, 2, 5.0, backward=True) == 14.0  # hidden: fits before gdisp0 at 7
     tl = simulate(moe_pass_graph(p, 2, 9.0, backward=True))
-    assert tl.task("bwd.gdisp0") == (11.0, 12.0)          # gar [2,11] delays gdisp0 past 7
-    assert tl.makespan == 14.0                              # ... but gdisp1 still ends at 14
-    assert pass_time(p, 2, 12.0, backward=True) == 16.0    # gar [2,14]: 14 + 2 a2a
+    assert tl.task("bwd.gdisp0") == (11.0, 12.0)  # gar [2,11] delays gdisp0 past 7
+    assert tl.makespan == 14.0  # ... but gdisp1 still ends at 14
+    assert pass_time(p, 2, 12.0, backward=True) == 16.0  # gar [2,14]: 14 + 2 a2a
 
 
 def test_wavefront_order_on_the_link_matches_the_runtime_schedule():
     tl = simulate(moe_pass_graph(pc(a2a=(0.0, 3.0), exp=(0.0, 9.0)), 3, order="wavefront"))
     link = [t.name for t in tl.graph.tasks if t.resource == "inter"]
-    assert link == ["fwd.disp0", "fwd.disp1", "fwd.comb0", "fwd.disp2", "fwd.comb1",
-                    "fwd.comb2"]
+    assert link == ["fwd.disp0", "fwd.disp1", "fwd.comb0", "fwd.disp2", "fwd.comb1", "fwd.comb2"]
     # d0 [0,1] d1 [1,2] x0 [1,4] c0 [4,5] d2 [5,6] x1 [4,7] c1 [7,8] x2 [7,10] c2 [10,11]
     assert tl.task("fwd.disp2") == (5.0, 6.0)
     assert tl.makespan == 11.0

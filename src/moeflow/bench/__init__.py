@@ -15,20 +15,41 @@ the same step with :mod:`moeflow.sim` from a PerfModel profiled on the machine.
 
 from moeflow.bench.dissect import StepDissection, dissect
 from moeflow.bench.flops import (
-                                 active_params,
-                                 attention_flops,
-                                 count_flops,
-                                 embedding_flops,
-                                 mfu,
-                                 moe_flops,
-                                 register_formulas,
-                                 step_flops,
+    active_params,
+    attention_flops,
+    count_flops,
+    embedding_flops,
+    mfu,
+    moe_flops,
+    register_formulas,
+    step_flops,
 )
 from moeflow.bench.report import FORMAT, format_table, validate_report, write_json, write_png
 from moeflow.bench.run import BenchJob, bench, settings_grid
 from moeflow.bench.workloads import CATEGORIES, Setting, Shape, Workload, build_workload
 
-__all__ = ["StepDissection", "dissect", "active_params", "attention_flops", "count_flops",
-           "embedding_flops", "mfu", "moe_flops", "register_formulas", "step_flops", "FORMAT",
-           "format_table", "validate_report", "write_json", "write_png", "BenchJob", "bench",
-           "settings_grid", "CATEGORIES", "Setting", "Shape", "Workload", "build_workload"]
+__all__ = [
+    "StepDissection",
+    "dissect",
+    "active_params",
+    "attention_flops",
+    "count_flops",
+    "embedding_flops",
+    "mfu",
+    "moe_flops",
+    "register_formulas",
+    "step_flops",
+    "FORMAT",
+    "format_table",
+    "validate_report",
+    "write_json",
+    "write_png",
+    "BenchJob",
+    "bench",
+    "settings_grid",
+    "CATEGORIES",
+    "Setting",
+    "Shape",
+    "Workload",
+    "build_workload",
+]

@@ -19,55 +19,101 @@ from moeflow.validate import output_file, positive_float, positive_int
 
 _ONOFF = {"off": False, "on": True}
 #: upper limits of the size flags, so a typo cannot allocate the machine away
-MAX = {"--batch-size": 4096, "--seq-len": 65536, "--dim": 16384, "--layers": 256,
-       "--experts": 1024, "--top-k": 1024, "--ffn": 65536, "--warmup": 1000, "--steps": 1000,
-       "--unprofiled": 1000, "--r": 64}
+MAX = {
+    "--batch-size": 4096,
+    "--seq-len": 65536,
+    "--dim": 16384,
+    "--layers": 256,
+    "--experts": 1024,
+    "--top-k": 1024,
+    "--ffn": 65536,
+    "--warmup": 1000,
+    "--steps": 1000,
+    "--unprofiled": 1000,
+    "--r": 64,
+}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo", choices=["demo", "decoder", "hf"],
-                   help="demo: moeflow demo's LM; decoder: moeflow.models.MoEDecoder (fresh, "
-                        "or --path a transformers checkpoint); hf: a transformers model "
-                        "directory (--path) patched by moeflow.patch_model")
+    p.add_argument(
+        "--model",
+        default="demo",
+        choices=["demo", "decoder", "hf"],
+        help="demo: moeflow demo's LM; decoder: moeflow.models.MoEDecoder (fresh, "
+        "or --path a transformers checkpoint); hf: a transformers model "
+        "directory (--path) patched by moeflow.patch_model",
+    )
     p.add_argument("--path", default=None, help="model directory for --model decoder / hf")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128,
-                   help="tokens per sequence (decode: the context before the new token)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=128,
+        help="tokens per sequence (decode: the context before the new token)",
+    )
     p.add_argument("--dim", type=int, default=None, help="demo/decoder hidden size")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--experts", type=int, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--ffn", type=int, default=None, help="expert FFN width")
-    p.add_argument("--kernel", nargs="+", default=["grouped_mm"],
-                   help="expert kernels to compare: grouped_mm bmm loop")
-    p.add_argument("--dtype", nargs="+", default=["float32"],
-                   help="dtypes to compare: float32 bfloat16")
-    p.add_argument("--recompute", nargs="+", default=["off"],
-                   help="activation recomputation: off on (train only)")
+    p.add_argument(
+        "--kernel",
+        nargs="+",
+        default=["grouped_mm"],
+        help="expert kernels to compare: grouped_mm bmm loop",
+    )
+    p.add_argument(
+        "--dtype", nargs="+", default=["float32"], help="dtypes to compare: float32 bfloat16"
+    )
+    p.add_argument(
+        "--recompute",
+        nargs="+",
+        default=["off"],
+        help="activation recomputation: off on (train only)",
+    )
     p.add_argument("--compile", nargs="+", default=["off"], help="torch.compile: off on")
-    p.add_argument("--full-grid", action="store_true",
-                   help="every combination (default: one factor at a time)")
+    p.add_argument(
+        "--full-grid", action="store_true", help="every combination (default: one factor at a time)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per setting")
     p.add_argument("--steps", type=int, default=3, help="profiled steps averaged")
-    p.add_argument("--unprofiled", type=int, default=3,
-                   help="plain timed steps (their median is the step time)")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="expert parallelism over this many forked gloo ranks")
+    p.add_argument(
+        "--unprofiled",
+        type=int,
+        default=3,
+        help="plain timed steps (their median is the step time)",
+    )
+    p.add_argument(
+        "--nproc", type=int, default=1, help="expert parallelism over this many forked gloo ranks"
+    )
     p.add_argument("--r", type=int, default=2, help="pipeline degree with --nproc")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak for MFU (default: measured 1024^3 GEMM per dtype)")
-    p.add_argument("--perf", default=None,
-                   help="a PerfModel JSON (moeflow profile, or --profile-out); operator-class "
-                        "costs are profiled here when it has none")
-    p.add_argument("--simulate", action="store_true",
-                   help="profile this machine (moeflow.perf.profile) and add the simulator's "
-                        "prediction of every setting")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak for MFU (default: measured 1024^3 GEMM per dtype)",
+    )
+    p.add_argument(
+        "--perf",
+        default=None,
+        help="a PerfModel JSON (moeflow profile, or --profile-out); operator-class "
+        "costs are profiled here when it has none",
+    )
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="profile this machine (moeflow.perf.profile) and add the simulator's "
+        "prediction of every setting",
+    )
     p.add_argument("--profile-out", default=None, help="save the profiled PerfModel here")
     p.add_argument("--no-count", action="store_true", help="skip the FlopCounterMode check")
     p.add_argument("--json", default=None, help="write the moeflow.bench/1 report here")
     p.add_argument("--png", default=None, help="write the stacked-bar chart here")
-    p.add_argument("--trace-dir", default=None,
-                   help="write Chrome traces (one file per rank, HTA layout) under here")
+    p.add_argument(
+        "--trace-dir",
+        default=None,
+        help="write Chrome traces (one file per rank, HTA layout) under here",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,8 +121,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench_mode", metavar="MODE")
-    for mode, help_ in (("train", "dissect a training step (forward, backward, optimizer)"),
-                        ("decode", "dissect a decode step (one new token per sequence)")):
+    for mode, help_ in (
+        ("train", "dissect a training step (forward, backward, optimizer)"),
+        ("decode", "dissect a decode step (one new token per sequence)"),
+    ):
         _common(sub.add_parser(mode, help=help_, description=help_))
 
 
@@ -104,17 +152,24 @@ def build_job(args):
             raise ConfigError("--dtype", d, f"one of {DTYPES}")
     rc = _onoff("--recompute", args.recompute)
     cp = _onoff("--compile", args.compile)
-    shape = Shape(batch=positive_int("--batch-size", args.batch_size,
-                                     maximum=MAX["--batch-size"]),
-                  seq_len=positive_int("--seq-len", args.seq_len, maximum=MAX["--seq-len"]))
+    shape = Shape(
+        batch=positive_int("--batch-size", args.batch_size, maximum=MAX["--batch-size"]),
+        seq_len=positive_int("--seq-len", args.seq_len, maximum=MAX["--seq-len"]),
+    )
     dims = {}
-    for flag, key in (("--dim", "dim"), ("--layers", "num_layers"), ("--experts", "num_experts"),
-                      ("--top-k", "top_k"), ("--ffn", "ffn_hidden_size")):
+    for flag, key in (
+        ("--dim", "dim"),
+        ("--layers", "num_layers"),
+        ("--experts", "num_experts"),
+        ("--top-k", "top_k"),
+        ("--ffn", "ffn_hidden_size"),
+    ):
         v = getattr(args, flag[2:].replace("-", "_"))
         if v is not None:
             if args.model == "hf" or (args.model == "decoder" and args.path):
-                raise ConfigError(flag, v, "not given with a model directory (its config "
-                                           "sets the shape)")
+                raise ConfigError(
+                    flag, v, "not given with a model directory (its config sets the shape)"
+                )
             dims[key] = positive_int(flag, v, maximum=MAX[flag])
     if args.model == "hf" and not args.path:
         raise InputError("--model hf needs --path, a transformers model directory")
@@ -123,6 +178,7 @@ def build_job(args):
     nproc = positive_int("--nproc", args.nproc)
     if nproc > 1:
         from moeflow.launch import check_nproc
+
         nproc = check_nproc(nproc)
         if shape.batch % nproc:
             raise ConfigError("--batch-size", shape.batch, f"a multiple of --nproc={nproc}")
@@ -137,23 +193,34 @@ def build_job(args):
     perf = None
     if args.perf:
         from moeflow.perf import PerfModel
+
         try:
             perf = PerfModel.load(args.perf)
         except (ConfigError, InputError):
             raise
         except (KeyError, ValueError) as e:  # not JSON, or a field missing
             raise InputError(f"--perf {args.perf!r} is not a moeflow perf model: {e}") from e
-    return BenchJob(kind=args.model, mode=args.bench_mode, shape=shape,
-                    settings=settings_grid(args.kernel, args.dtype, rc, cp,
-                                           full=args.full_grid, mode=args.bench_mode),
-                    warmup=positive_int("--warmup", args.warmup, maximum=MAX["--warmup"]),
-                    steps=positive_int("--steps", args.steps, maximum=MAX["--steps"]),
-                    unprofiled=positive_int("--unprofiled", args.unprofiled,
-                                            maximum=MAX["--unprofiled"]), seed=args.seed,
-                    path=args.path, dims=dims or None, peak_flops=peak, perf=perf,
-                    count=not args.no_count, nproc=nproc,
-                    r=positive_int("--r", args.r, maximum=MAX["--r"]),
-                    trace_dir=args.trace_dir, progress=not args.quiet)
+    return BenchJob(
+        kind=args.model,
+        mode=args.bench_mode,
+        shape=shape,
+        settings=settings_grid(
+            args.kernel, args.dtype, rc, cp, full=args.full_grid, mode=args.bench_mode
+        ),
+        warmup=positive_int("--warmup", args.warmup, maximum=MAX["--warmup"]),
+        steps=positive_int("--steps", args.steps, maximum=MAX["--steps"]),
+        unprofiled=positive_int("--unprofiled", args.unprofiled, maximum=MAX["--unprofiled"]),
+        seed=args.seed,
+        path=args.path,
+        dims=dims or None,
+        peak_flops=peak,
+        perf=perf,
+        count=not args.no_count,
+        nproc=nproc,
+        r=positive_int("--r", args.r, maximum=MAX["--r"]),
+        trace_dir=args.trace_dir,
+        progress=not args.quiet,
+    )
 
 
 def run_bench(args) -> int:
@@ -164,12 +231,18 @@ def run_bench(args) -> int:
         torch.set_num_threads(args.threads)
     if job.perf is not None and "bench_costs" not in job.perf.meta:
         from moeflow.bench.predict import with_op_costs
-        job.perf = with_op_costs(job.perf, tuple(dict.fromkeys(s.dtype for s in job.settings)),
-                                 nproc=job.nproc)
+
+        job.perf = with_op_costs(
+            job.perf, tuple(dict.fromkeys(s.dtype for s in job.settings)), nproc=job.nproc
+        )
     if args.simulate and job.perf is None:
         from moeflow.bench.predict import profile_machine
-        job.perf = profile_machine(tuple(dict.fromkeys(s.dtype for s in job.settings)),
-                                   nproc=job.nproc, progress=not args.quiet)
+
+        job.perf = profile_machine(
+            tuple(dict.fromkeys(s.dtype for s in job.settings)),
+            nproc=job.nproc,
+            progress=not args.quiet,
+        )
         if args.profile_out:
             job.perf.save(args.profile_out)
     from moeflow.bench.report import format_table, write_json, write_png

@@ -43,9 +43,15 @@ MODULE_CALL = "[module call]"
 AUTOGRAD_NODE = "[autograd node]"
 PHASES = ("forward", "backward", "optimizer")
 #: operators that are matrix products (their FLOPs are priced with the GEMM cost)
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
-            "aten::_scaled_dot_product_flash_attention_for_cpu",
-            "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+GEMM_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_grouped_mm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+)
 
 
 @dataclass
@@ -64,15 +70,15 @@ class OpRecord:
 class StepDissection:
     """Times in ms, averaged over the profiled steps."""
 
-    step_ms: float                     # profiler's step scope, mean
-    wall_ms: float                     # perf_counter around the same steps, mean
-    unprofiled_ms: float               # perf_counter, no profiler and no hooks, median
-    rows: dict                         # (phase, row) -> ms
-    ops: dict                          # (phase, row, op) -> [ms, calls per step]
+    step_ms: float  # profiler's step scope, mean
+    wall_ms: float  # perf_counter around the same steps, mean
+    unprofiled_ms: float  # perf_counter, no profiler and no hooks, median
+    rows: dict  # (phase, row) -> ms
+    ops: dict  # (phase, row, op) -> [ms, calls per step]
     steps: int
     step_ms_each: list
-    inventory: list                    # OpRecord of the last profiled step
-    trace: dict | None = None          # the Chrome trace of the profiled steps
+    inventory: list  # OpRecord of the last profiled step
+    trace: dict | None = None  # the Chrome trace of the profiled steps
 
     def total(self) -> float:
         return sum(self.rows.values())
@@ -92,10 +98,12 @@ class ModuleScopes:
         self.stack: list = []
         for name, mod, row in timed_modules(model):
             label = f"{MODULE}{row}::{name}"
-            self.handles.append(mod.register_forward_pre_hook(
-                lambda m, a, label=label: self._enter(label)))
-            self.handles.append(mod.register_forward_hook(
-                lambda m, a, o: self._exit(), always_call=True))
+            self.handles.append(
+                mod.register_forward_pre_hook(lambda m, a, label=label: self._enter(label))
+            )
+            self.handles.append(
+                mod.register_forward_hook(lambda m, a, o: self._exit(), always_call=True)
+            )
 
     def _enter(self, label: str) -> None:
         rf = record_function(label)
@@ -159,13 +167,12 @@ def attribute(events) -> tuple[list[dict], list[dict], list[list[OpRecord]]]:
             e, phase, row, in_node, top, in_gemm = stack.pop()
             name = e.name
             if name.startswith(PHASE):
-                phase = name[len(PHASE):]
+                phase = name[len(PHASE) :]
             elif name.startswith(MODULE):
-                row = name[len(MODULE):].split("::", 1)[0]
+                row = name[len(MODULE) :].split("::", 1)[0]
                 inv.append(OpRecord(phase, row, MODULE_CALL, 0.0, []))
             elif name.startswith(BACKWARD_NODE):
-                row = fwd_row.get(e.sequence_nr, last_bwd[0]) if e.sequence_nr >= 0 \
-                    else last_bwd[0]
+                row = fwd_row.get(e.sequence_nr, last_bwd[0]) if e.sequence_nr >= 0 else last_bwd[0]
                 last_bwd[0] = row
                 in_node = True
                 inv.append(OpRecord(phase, row, AUTOGRAD_NODE, 0.0, []))
@@ -193,8 +200,15 @@ def attribute(events) -> tuple[list[dict], list[dict], list[list[OpRecord]]]:
     return rows_out, ops_out, inv_out
 
 
-def dissect(w: Workload, *, warmup: int = 2, steps: int = 3, unprofiled: int = 3,
-            on_step=None, keep_trace: bool = False) -> StepDissection:
+def dissect(
+    w: Workload,
+    *,
+    warmup: int = 2,
+    steps: int = 3,
+    unprofiled: int = 3,
+    on_step=None,
+    keep_trace: bool = False,
+) -> StepDissection:
     """Warm up, time ``unprofiled`` plain steps, then profile ``steps`` steps and attribute.
 
     ``on_step()`` is called after every step (a progress bar). ``keep_trace`` keeps the
@@ -252,8 +266,14 @@ def dissect(w: Workload, *, warmup: int = 2, steps: int = 3, unprofiled: int = 3
                 trace = json.load(f)
         finally:
             os.unlink(tmp)
-    return StepDissection(step_ms=statistics.fmean(step_each) if step_each else 0.0,
-                          wall_ms=statistics.fmean(walls), unprofiled_ms=statistics.median(plain)
-                          if plain else float("nan"), rows=rows, ops=ops, steps=n,
-                          step_ms_each=step_each, inventory=inventory[-1] if inventory else [],
-                          trace=trace)
+    return StepDissection(
+        step_ms=statistics.fmean(step_each) if step_each else 0.0,
+        wall_ms=statistics.fmean(walls),
+        unprofiled_ms=statistics.median(plain) if plain else float("nan"),
+        rows=rows,
+        ops=ops,
+        steps=n,
+        step_ms_each=step_each,
+        inventory=inventory[-1] if inventory else [],
+        trace=trace,
+    )

@@ -50,6 +50,7 @@ def scoped_waits():
             return orig(work, op, *args, **kwargs)
         with record_function(WAIT + op):
             return orig(work, op, *args, **kwargs)
+
     timeouts.wait_work = wait_work
     try:
         yield
@@ -68,11 +69,10 @@ def _wait_times(events) -> dict:
         while stack:
             e, phase = stack.pop()
             if e.name.startswith(PHASE):
-                phase = e.name[len(PHASE):]
+                phase = e.name[len(PHASE) :]
             if e.name.startswith(WAIT):
-                op = e.name[len(WAIT):]
-                kind = "dispatch" if "dispatch" in op else "combine" if "combine" in op \
-                    else "other"
+                op = e.name[len(WAIT) :]
+                kind = "dispatch" if "dispatch" in op else "combine" if "combine" in op else "other"
                 key = (phase, kind)
                 out[key] = out.get(key, 0.0) + e.cpu_time_total / 1e3
                 continue
@@ -133,27 +133,49 @@ def ep_rank(rank: int, world: int, job: dict) -> dict:
     from moeflow.comm import Topology
     from moeflow.runtime import ExpertParallel
 
-    w = build_workload(job["kind"], job["mode"], job["setting"], job["shape"],
-                       seed=job["seed"], path=job.get("path"), dims=job.get("dims"))
+    w = build_workload(
+        job["kind"],
+        job["mode"],
+        job["setting"],
+        job["shape"],
+        seed=job["seed"],
+        path=job.get("path"),
+        dims=job.get("dims"),
+    )
     topo = Topology.explicit(world, job.get("ranks_per_node") or world)
     r = job["r"]
     for parent in list(w.model.modules()):
         for name, child in list(parent.named_children()):
             if type(child).__name__ == "MoELayer":
-                setattr(parent, name, ExpertParallel(child, topology=topo, r_fwd=r, r_bwd=r,
-                                                     dispatcher=job.get("dispatcher", "a2a")))
+                setattr(
+                    parent,
+                    name,
+                    ExpertParallel(
+                        child,
+                        topology=topo,
+                        r_fwd=r,
+                        r_bwd=r,
+                        dispatcher=job.get("dispatcher", "a2a"),
+                    ),
+                )
     # each rank trains on its own slice of the global batch (as moeflow train does)
     B = w.ids_BL.shape[0]
     b = max(1, B // world)
-    w.ids_BL = w.ids_BL[rank * b:(rank + 1) * b]
-    w.targets_BL = w.targets_BL[rank * b:(rank + 1) * b]
+    w.ids_BL = w.ids_BL[rank * b : (rank + 1) * b]
+    w.targets_BL = w.targets_BL[rank * b : (rank + 1) * b]
     if w.mode == "train":
         w.opt = torch.optim.AdamW(w.model.parameters(), lr=1e-4)
     with scoped_waits():
         # waits are timed in a profile of their own, so dissect() keeps its plain run
-        d = dissect(w, warmup=job["warmup"], steps=job["steps"], unprofiled=job["unprofiled"],
-                    keep_trace=job.get("trace", False))
+        d = dissect(
+            w,
+            warmup=job["warmup"],
+            steps=job["steps"],
+            unprofiled=job["unprofiled"],
+            keep_trace=job.get("trace", False),
+        )
         from moeflow.bench.dissect import run_step
+
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(job["steps"] + 1):
                 w.before_step()
@@ -166,15 +188,23 @@ def ep_rank(rank: int, world: int, job: dict) -> dict:
         if row in ("moe_experts", "moe_other") and op.startswith("aten::"):
             experts[phase] = experts.get(phase, 0.0) + ms
     dist.barrier()
-    return {"rank": rank, "step_ms": d.unprofiled_ms, "dissection": d, "waits": waits,
-            "comm": comm, "experts": experts}
+    return {
+        "rank": rank,
+        "step_ms": d.unprofiled_ms,
+        "dissection": d,
+        "waits": waits,
+        "comm": comm,
+        "experts": experts,
+    }
 
 
 def summarize(results: list[dict], r: int) -> dict:
     """The EP figures of a run: rank means, per phase and in total."""
     world = len(results)
-    phases = sorted({p for res in results for p in res["comm"]} |
-                    {p for res in results for (p, _) in res["waits"]})
+    phases = sorted(
+        {p for res in results for p in res["comm"]}
+        | {p for res in results for (p, _) in res["waits"]}
+    )
 
     def mean(phase, key, kind=None):
         if kind is None:
@@ -185,16 +215,26 @@ def summarize(results: list[dict], r: int) -> dict:
     for p in phases:
         disp, comb = mean(p, "waits", "dispatch"), mean(p, "waits", "combine")
         comm = mean(p, "comm")
-        per_phase[p] = {"dispatch_wait_ms": disp, "combine_wait_ms": comb,
-                        "experts_ms": mean(p, "experts"), "comm_ms": comm,
-                        "hidden_fraction": min(1.0, max(0.0, 1 - (disp + comb) / comm))
-                        if comm > 0 else None}
+        per_phase[p] = {
+            "dispatch_wait_ms": disp,
+            "combine_wait_ms": comb,
+            "experts_ms": mean(p, "experts"),
+            "comm_ms": comm,
+            "hidden_fraction": min(1.0, max(0.0, 1 - (disp + comb) / comm)) if comm > 0 else None,
+        }
     disp = sum(v["dispatch_wait_ms"] for v in per_phase.values())
     comb = sum(v["combine_wait_ms"] for v in per_phase.values())
     comm = sum(v["comm_ms"] for v in per_phase.values())
-    return {"world_size": world, "r": r, "dispatch_ms": disp, "combine_ms": comb,
-            "experts_ms": sum(v["experts_ms"] for v in per_phase.values()), "comm_ms": comm,
-            "hidden_fraction": min(1.0, max(0.0, 1 - (disp + comb) / comm)) if comm > 0 else 0.0,
-            "step_ms_per_rank": [res["step_ms"] for res in results], "phases": per_phase,
-            "method": "exposed = host time blocked in dispatch/combine waits; comm = the "
-                      "step's all-to-alls replayed alone (largest size across ranks)"}
+    return {
+        "world_size": world,
+        "r": r,
+        "dispatch_ms": disp,
+        "combine_ms": comb,
+        "experts_ms": sum(v["experts_ms"] for v in per_phase.values()),
+        "comm_ms": comm,
+        "hidden_fraction": min(1.0, max(0.0, 1 - (disp + comb) / comm)) if comm > 0 else 0.0,
+        "step_ms_per_rank": [res["step_ms"] for res in results],
+        "phases": per_phase,
+        "method": "exposed = host time blocked in dispatch/combine waits; comm = the "
+        "step's all-to-alls replayed alone (largest size across ranks)",
+    }

@@ -26,11 +26,21 @@ from moeflow.config import MoEConfig
 
 
 # ------------------------------------------------------------------ analytic, forward only
-def attention_flops(tokens: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
-                    batch: int, q_len: int, kv_len: int) -> dict:
+def attention_flops(
+    tokens: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    batch: int,
+    q_len: int,
+    kv_len: int,
+) -> dict:
     """Forward FLOPs of one attention layer: projections and the core (QK^T, then AV)."""
-    proj = 2 * tokens * hidden * (heads + 2 * kv_heads) * head_dim \
+    proj = (
+        2 * tokens * hidden * (heads + 2 * kv_heads) * head_dim
         + 2 * tokens * heads * head_dim * hidden
+    )
     core = 2 * 2 * batch * heads * q_len * kv_len * head_dim
     return {"proj": proj, "core": core}
 
@@ -55,24 +65,36 @@ def embedding_flops(tokens: int, hidden: int, vocab: int) -> dict:
     return {"lookup": 0, "lm_head": 2 * tokens * hidden * vocab}
 
 
-def step_flops(dims: dict, *, batch: int, q_len: int, kv_len: int, train: bool,
-               routed_per_layer: list[int] | None = None, recompute: bool = False) -> dict:
+def step_flops(
+    dims: dict,
+    *,
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    train: bool,
+    routed_per_layer: list[int] | None = None,
+    recompute: bool = False,
+) -> dict:
     """FLOPs of one step per breakdown row (``attention``, ``moe_router``, ``moe_experts``,
     ``lm_head``), with ``forward`` / ``backward`` apart and ``total``; ``dims`` is
     :func:`moeflow.bench.workloads.model_dims`. ``recompute`` adds the blocks' second forward
     to ``hardware_total`` (not to ``total``, the model FLOPs)."""
     T = batch * q_len
     L = dims["layers"]
-    att = attention_flops(T, dims["hidden"], dims["heads"], dims["kv_heads"], dims["head_dim"],
-                          batch, q_len, kv_len)
+    att = attention_flops(
+        T, dims["hidden"], dims["heads"], dims["kv_heads"], dims["head_dim"], batch, q_len, kv_len
+    )
     n_moe = dims["moe_layers"]
     routed = routed_per_layer or [None] * n_moe
     moe = [moe_flops(dims["moe"], T, r) for r in routed]
     emb = embedding_flops(T, dims["hidden"], dims["vocab"])
-    fwd = {"attention": L * (att["proj"] + att["core"]),
-           "moe_router": sum(m["router"] for m in moe),
-           "moe_experts": sum(m["experts"] + m["shared"] for m in moe),
-           "lm_head": emb["lm_head"], "embedding": emb["lookup"]}
+    fwd = {
+        "attention": L * (att["proj"] + att["core"]),
+        "moe_router": sum(m["router"] for m in moe),
+        "moe_experts": sum(m["experts"] + m["shared"] for m in moe),
+        "lm_head": emb["lm_head"],
+        "embedding": emb["lookup"],
+    }
     out = {"forward": fwd}
     if train:
         out["backward"] = {k: 2 * v for k, v in fwd.items()}
@@ -130,8 +152,9 @@ def sdpa_cpu_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) ->
     return 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * d_v
 
 
-def _sdpa_cpu_backward_flop(grad_out_shape, q_shape, k_shape, v_shape, *args, out_shape=None,
-                            **kwargs) -> int:
+def _sdpa_cpu_backward_flop(
+    grad_out_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs
+) -> int:
     """Its backward: dV, dP, dQ and dK, four products of the forward's sizes."""
     return 2 * sdpa_cpu_flop(q_shape, k_shape, v_shape)
 
@@ -141,11 +164,14 @@ def register_formulas() -> None:
     from torch.utils.flop_counter import flop_registry
 
     aten = torch.ops.aten
-    table = [(getattr(aten, "_grouped_mm", None), grouped_mm_flop),
-             (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None),
-              sdpa_cpu_flop),
-             (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
-              _sdpa_cpu_backward_flop)]
+    table = [
+        (getattr(aten, "_grouped_mm", None), grouped_mm_flop),
+        (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), sdpa_cpu_flop),
+        (
+            getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
+            _sdpa_cpu_backward_flop,
+        ),
+    ]
     for target, formula in table:
         if target is not None and target not in flop_registry:
             register_flop_formula(target)(formula)

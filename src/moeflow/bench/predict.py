@@ -37,7 +37,7 @@ from moeflow.perf.cost import LinearCost, PerfModel
 from moeflow.sim import TaskGraph, simulate
 
 #: sizes (elements) of the element-wise sweep: 4 KiB .. 16 MiB of fp32
-ELEMENTWISE_SIZES = tuple(2 ** p for p in range(10, 23, 2))
+ELEMENTWISE_SIZES = tuple(2**p for p in range(10, 23, 2))
 GEMM_SIZES = (32, 64, 128, 192, 256, 384, 512)
 ESIZE = {"float32": 4, "bfloat16": 2}
 
@@ -55,13 +55,19 @@ def fit_relative(xs, ys, *, note: str) -> LinearCost:
     alpha = my - beta * mx
     if alpha < 0:
         alpha = 0.0
-        beta = sum(wi * x * y for wi, x, y in zip(w, xs, ys)) / \
-            sum(wi * x * x for wi, x in zip(w, xs))
+        beta = sum(wi * x * y for wi, x, y in zip(w, xs, ys)) / sum(
+            wi * x * x for wi, x in zip(w, xs)
+        )
     mean = sum(ys) / len(ys)
     ss_tot = sum((y - mean) ** 2 for y in ys)
     ss_res = sum((y - alpha - beta * x) ** 2 for x, y in zip(xs, ys))
-    return LinearCost(alpha=alpha, beta=beta, r2=1 - ss_res / ss_tot if ss_tot else 1.0,
-                      source="measured", note=note)
+    return LinearCost(
+        alpha=alpha,
+        beta=beta,
+        r2=1 - ss_res / ss_tot if ss_tot else 1.0,
+        source="measured",
+        note=note,
+    )
 
 
 def _best_ms(fn, reps: int, trials: int) -> float:
@@ -89,11 +95,11 @@ def _llc_bytes() -> int:
             text = open(path).read().strip()
         except OSError:
             continue
-        mult = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
         digits = text.rstrip("KMG")
         if digits.isdigit():
             best = max(best, int(digits) * mult)
-    return best or 32 * 2 ** 20
+    return best or 32 * 2**20
 
 
 def _cold_ms(fn, reps: int) -> float:
@@ -114,23 +120,112 @@ def _cold_ms(fn, reps: int) -> float:
 
 #: operator classes with a cost fit of their own; anything else is ``elementwise``
 OP_CLASSES = {
-    "reduce": ("sum", "mean", "amax", "amin", "max", "min", "softmax", "_softmax",
-               "log_softmax", "_log_softmax", "topk", "sort", "argsort", "rms_norm",
-               "_fused_rms_norm", "_fused_rms_norm_backward", "norm", "layer_norm",
-               "native_layer_norm", "native_layer_norm_backward", "var", "std", "cumsum",
-               "nll_loss_forward", "nll_loss_backward", "nll_loss", "nll_loss_nd",
-               "cross_entropy_loss", "_softmax_backward_data", "_log_softmax_backward_data",
-               "linalg_vector_norm", "argmax", "bincount", "histc", "any", "all"),
-    "index": ("index_select", "index", "index_add", "index_add_", "index_put_", "index_put",
-              "scatter", "scatter_", "scatter_add", "scatter_add_", "gather", "embedding",
-              "embedding_dense_backward", "embedding_backward", "index_copy_", "index_copy",
-              "repeat_interleave", "masked_fill", "masked_fill_", "where", "_index_put_impl_"),
-    "copy": ("copy_", "to", "_to_copy", "clone", "contiguous", "cat", "stack", "zeros",
-             "zeros_like", "new_zeros", "zero_", "fill_", "empty", "empty_like", "new_empty",
-             "ones", "ones_like", "full", "arange", "expand", "view", "reshape", "transpose",
-             "t", "permute", "unsqueeze", "squeeze", "select", "slice", "narrow", "chunk",
-             "split", "unbind", "as_strided", "detach", "alias", "_unsafe_view", "flatten",
-             "split_with_sizes", "lift_fresh", "resize_", "empty_strided", "unflatten"),
+    "reduce": (
+        "sum",
+        "mean",
+        "amax",
+        "amin",
+        "max",
+        "min",
+        "softmax",
+        "_softmax",
+        "log_softmax",
+        "_log_softmax",
+        "topk",
+        "sort",
+        "argsort",
+        "rms_norm",
+        "_fused_rms_norm",
+        "_fused_rms_norm_backward",
+        "norm",
+        "layer_norm",
+        "native_layer_norm",
+        "native_layer_norm_backward",
+        "var",
+        "std",
+        "cumsum",
+        "nll_loss_forward",
+        "nll_loss_backward",
+        "nll_loss",
+        "nll_loss_nd",
+        "cross_entropy_loss",
+        "_softmax_backward_data",
+        "_log_softmax_backward_data",
+        "linalg_vector_norm",
+        "argmax",
+        "bincount",
+        "histc",
+        "any",
+        "all",
+    ),
+    "index": (
+        "index_select",
+        "index",
+        "index_add",
+        "index_add_",
+        "index_put_",
+        "index_put",
+        "scatter",
+        "scatter_",
+        "scatter_add",
+        "scatter_add_",
+        "gather",
+        "embedding",
+        "embedding_dense_backward",
+        "embedding_backward",
+        "index_copy_",
+        "index_copy",
+        "repeat_interleave",
+        "masked_fill",
+        "masked_fill_",
+        "where",
+        "_index_put_impl_",
+    ),
+    "copy": (
+        "copy_",
+        "to",
+        "_to_copy",
+        "clone",
+        "contiguous",
+        "cat",
+        "stack",
+        "zeros",
+        "zeros_like",
+        "new_zeros",
+        "zero_",
+        "fill_",
+        "empty",
+        "empty_like",
+        "new_empty",
+        "ones",
+        "ones_like",
+        "full",
+        "arange",
+        "expand",
+        "view",
+        "reshape",
+        "transpose",
+        "t",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "narrow",
+        "chunk",
+        "split",
+        "unbind",
+        "as_strided",
+        "detach",
+        "alias",
+        "_unsafe_view",
+        "flatten",
+        "split_with_sizes",
+        "lift_fresh",
+        "resize_",
+        "empty_strided",
+        "unflatten",
+    ),
 }
 _CLASS_OF = {op: cls for cls, ops in OP_CLASSES.items() for op in ops}
 
@@ -175,15 +270,20 @@ def profile_op_class(cls: str, dtype: str, reps: int = 20, trials: int = 3) -> L
     my = sum(ys) / len(ys)
     ss_tot = sum((y - my) ** 2 for y in ys)
     ss_res = sum((y - alpha - beta * x) ** 2 for x, y in zip(xs, ys))
-    return LinearCost(alpha=alpha, beta=beta, r2=1 - ss_res / ss_tot if ss_tot else 1.0,
-                      source="measured",
-                      note=f"bytes, {cls} ({fn.func.__name__}), {len(xs)} sizes, {dtype}, "
-                           f"{torch.get_num_threads()} threads")
+    return LinearCost(
+        alpha=alpha,
+        beta=beta,
+        r2=1 - ss_res / ss_tot if ss_tot else 1.0,
+        source="measured",
+        note=f"bytes, {cls} ({fn.func.__name__}), {len(xs)} sizes, {dtype}, "
+        f"{torch.get_num_threads()} threads",
+    )
 
 
 #: GEMM shapes (m, k, n) of the tall-skinny sweep: token rows by model widths
-GEMM_SHAPES = tuple((m, k, n) for m in (64, 256, 1024, 4096) for k in (64, 256, 1024)
-                    for n in (64, 256, 1024))
+GEMM_SHAPES = tuple(
+    (m, k, n) for m in (64, 256, 1024, 4096) for k in (64, 256, 1024) for n in (64, 256, 1024)
+)
 
 
 def profile_gemm_shapes(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
@@ -200,8 +300,12 @@ def profile_gemm_shapes(dtype: str, reps: int = 3, trials: int = 3) -> LinearCos
         b = torch.randn(k, n, generator=g).to(td)
         xs.append(2.0 * m * k * n)
         ys.append(_cold_ms(partial(torch.mm, a, b), reps * trials))
-    return fit_relative(xs, ys, note=f"FLOPs, {len(xs)} tall-skinny shapes, relative least "
-                                     f"squares, {dtype}, {torch.get_num_threads()} threads")
+    return fit_relative(
+        xs,
+        ys,
+        note=f"FLOPs, {len(xs)} tall-skinny shapes, relative least "
+        f"squares, {dtype}, {torch.get_num_threads()} threads",
+    )
 
 
 def profile_grouped_gemm(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
@@ -223,8 +327,12 @@ def profile_grouped_gemm(dtype: str, reps: int = 3, trials: int = 3) -> LinearCo
                 fn = partial(torch._grouped_mm, a, w.transpose(-2, -1), offs=offs)
                 xs.append(2.0 * E * rows * K * N)
                 ys.append(_cold_ms(fn, reps * trials))
-    return fit_relative(xs, ys, note=f"FLOPs, torch._grouped_mm, {len(xs)} shapes, relative "
-                                     f"least squares, {dtype}, {torch.get_num_threads()} threads")
+    return fit_relative(
+        xs,
+        ys,
+        note=f"FLOPs, torch._grouped_mm, {len(xs)} shapes, relative "
+        f"least squares, {dtype}, {torch.get_num_threads()} threads",
+    )
 
 
 def profile_attention(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
@@ -244,8 +352,12 @@ def profile_attention(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
                 fn = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
                 xs.append(4.0 * B * 4 * L * L * d)
                 ys.append(_best_ms(fn, reps, trials))
-    return fit_relative(xs, ys, note=f"FLOPs, causal SDPA, {len(xs)} shapes, relative least "
-                                     f"squares, {dtype}, {torch.get_num_threads()} threads")
+    return fit_relative(
+        xs,
+        ys,
+        note=f"FLOPs, causal SDPA, {len(xs)} shapes, relative least "
+        f"squares, {dtype}, {torch.get_num_threads()} threads",
+    )
 
 
 def _reference_ops(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -266,9 +378,13 @@ def profile_python_op(reps: int = 200, trials: int = 5) -> LinearCost:
     x = torch.randn(1, 16)
     w = torch.ones(16, requires_grad=True)
     t = _best_ms(partial(_reference_ops, x, w), reps, trials) / REFERENCE_OPS
-    return LinearCost(alpha=t, beta=0.0, source="measured",
-                      note=f"ms per forward operator of module code ({REFERENCE_OPS} tiny ops, "
-                           "autograd recording)")
+    return LinearCost(
+        alpha=t,
+        beta=0.0,
+        source="measured",
+        note=f"ms per forward operator of module code ({REFERENCE_OPS} tiny ops, "
+        "autograd recording)",
+    )
 
 
 class _Tiny(torch.nn.Module):
@@ -280,8 +396,12 @@ def profile_module_call(reps: int = 2000, trials: int = 5) -> LinearCost:
     """Time of one ``nn.Module`` call around a forward that does nothing: what each module
     of a step adds to its operators. ``alpha`` only."""
     m, x = _Tiny(), torch.zeros(1)
-    return LinearCost(alpha=_best_ms(partial(m, x), reps, trials), beta=0.0, source="measured",
-                      note="ms per nn.Module call (empty forward)")
+    return LinearCost(
+        alpha=_best_ms(partial(m, x), reps, trials),
+        beta=0.0,
+        source="measured",
+        note="ms per nn.Module call (empty forward)",
+    )
 
 
 def profile_autograd_node(reps: int = 200, trials: int = 5) -> LinearCost:
@@ -295,12 +415,17 @@ def profile_autograd_node(reps: int = 200, trials: int = 5) -> LinearCost:
 
     def fwd():
         _reference_ops(x, w).sum()
+
     # nodes: the ops with a grad (8: ``float`` of a float tensor is a no-op), the sum, and
     # two AccumulateGrad
     nodes = REFERENCE_OPS - 1 + 1 + 2
     t = _best_ms(run, reps, trials) - _best_ms(fwd, reps, trials)
-    return LinearCost(alpha=max(t, 0.0) / nodes, beta=0.0, source="measured",
-                      note="ms per autograd node (tiny tensors, backward minus forward)")
+    return LinearCost(
+        alpha=max(t, 0.0) / nodes,
+        beta=0.0,
+        source="measured",
+        note="ms per autograd node (tiny tensors, backward minus forward)",
+    )
 
 
 def profile_optimizer_op(params: int = 16, reps: int = 20, trials: int = 5) -> LinearCost:
@@ -316,15 +441,23 @@ def profile_optimizer_op(params: int = 16, reps: int = 20, trials: int = 5) -> L
     t = _best_ms(opt.step, reps, trials)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         opt.step()
-    ops = sum(1 for e in prof.events() if e.name.startswith("aten::")
-              and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
-    return LinearCost(alpha=t / max(1, ops), beta=0.0, source="measured",
-                      note=f"ms per operator of an AdamW step ({params} tiny parameters, "
-                           f"{ops} operators)")
+    ops = sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+    return LinearCost(
+        alpha=t / max(1, ops),
+        beta=0.0,
+        source="measured",
+        note=f"ms per operator of an AdamW step ({params} tiny parameters, {ops} operators)",
+    )
 
 
-def profile_machine(dtypes=("float32",), *, nproc: int = 1, reps: int = 5, trials: int = 3,
-                    progress: bool = False) -> PerfModel:
+def profile_machine(
+    dtypes=("float32",), *, nproc: int = 1, reps: int = 5, trials: int = 3, progress: bool = False
+) -> PerfModel:
     """``moeflow.perf.profile`` per dtype on ``nproc`` gloo ranks (the GEMM fit, and with
     ``nproc > 1`` the collectives), plus the operator-class fits of this process (run with
     the threads one rank gets); the extra fits go to ``meta["bench_costs"]`` keyed
@@ -335,22 +468,40 @@ def profile_machine(dtypes=("float32",), *, nproc: int = 1, reps: int = 5, trial
     per_rank = max(1, threads // nproc)
     # every forked profile first: a process forked after this one has run multi-threaded
     # OpenMP work can hang in its own OpenMP (GNU libgomp is not fork-safe)
-    profiled = {dt: profile(nproc=nproc, sizes=tuple(2 ** p for p in range(12, 21, 2)),
-                            gemm_sizes=GEMM_SIZES, reps=reps, trials=trials,
-                            progress=progress, dtype=dt, threads_per_rank=per_rank)
-                for dt in dtypes}
+    profiled = {
+        dt: profile(
+            nproc=nproc,
+            sizes=tuple(2**p for p in range(12, 21, 2)),
+            gemm_sizes=GEMM_SIZES,
+            reps=reps,
+            trials=trials,
+            progress=progress,
+            dtype=dt,
+            threads_per_rank=per_rank,
+        )
+        for dt in dtypes
+    }
     base = profiled[dtypes[0]]
-    perf = PerfModel(name=base.name, costs=base.costs, bytes_per_element=base.bytes_per_element,
-                     notes=base.notes, meta=dict(base.meta))
+    perf = PerfModel(
+        name=base.name,
+        costs=base.costs,
+        bytes_per_element=base.bytes_per_element,
+        notes=base.notes,
+        meta=dict(base.meta),
+    )
     out = with_op_costs(perf, dtypes, nproc=nproc)
     extra = dict(out.meta["bench_costs"])
     for dt, pm in profiled.items():
         extra[f"gemm_square@{dt}"] = pm.costs["gemm"].to_dict()
     meta = dict(base.meta)
     meta["bench_costs"] = extra
-    return PerfModel(name=base.name, costs=base.costs, bytes_per_element=base.bytes_per_element,
-                     notes=base.notes + "; bench_costs: GEMM and element-wise fits per dtype",
-                     meta=meta)
+    return PerfModel(
+        name=base.name,
+        costs=base.costs,
+        bytes_per_element=base.bytes_per_element,
+        notes=base.notes + "; bench_costs: GEMM and element-wise fits per dtype",
+        meta=meta,
+    )
 
 
 def with_op_costs(perf: PerfModel, dtypes=("float32",), *, nproc: int = 1) -> PerfModel:
@@ -376,8 +527,13 @@ def with_op_costs(perf: PerfModel, dtypes=("float32",), *, nproc: int = 1) -> Pe
         torch.set_num_threads(threads)
     meta = dict(perf.meta)
     meta["bench_costs"] = extra
-    return PerfModel(name=perf.name, costs=perf.costs, bytes_per_element=perf.bytes_per_element,
-                     notes=perf.notes, meta=meta)
+    return PerfModel(
+        name=perf.name,
+        costs=perf.costs,
+        bytes_per_element=perf.bytes_per_element,
+        notes=perf.notes,
+        meta=meta,
+    )
 
 
 def _cost(perf: PerfModel, kind: str, dtype: str) -> LinearCost:
@@ -386,11 +542,18 @@ def _cost(perf: PerfModel, kind: str, dtype: str) -> LinearCost:
     if key in table:
         return LinearCost.from_dict(table[key])
     if kind in ("gemm", "gemm_square", "grouped_gemm", "attention"):
-        return LinearCost.from_dict(table[f"gemm@{dtype}"]) if f"gemm@{dtype}" in table \
-            and kind != "gemm_square" else perf.cost("gemm")
+        return (
+            LinearCost.from_dict(table[f"gemm@{dtype}"])
+            if f"gemm@{dtype}" in table and kind != "gemm_square"
+            else perf.cost("gemm")
+        )
     from moeflow.errors import ConfigError
-    raise ConfigError("perf model", perf.name, f"a meta['bench_costs'] entry {key!r} "
-                                               "(profile with moeflow bench --profile)")
+
+    raise ConfigError(
+        "perf model",
+        perf.name,
+        f"a meta['bench_costs'] entry {key!r} (profile with moeflow bench --profile)",
+    )
 
 
 def _numel(shape) -> int:
@@ -424,8 +587,7 @@ def gemm_flops(name: str, shapes: list) -> int:
     return sdpa_cpu_flop(s[0], s[1], s[2])
 
 
-def predict_rows(d: StepDissection, perf: PerfModel, dtype: str,
-                 gemm: str = "gemm") -> dict:
+def predict_rows(d: StepDissection, perf: PerfModel, dtype: str, gemm: str = "gemm") -> dict:
     """{(phase, row): predicted ms} of one step from its inventory and ``perf``; ``gemm``
     names the GEMM fit (``gemm``: the tall-skinny sweep when the model has one, else
     ``moeflow profile``'s square fit; ``gemm_square``: the square fit)."""
@@ -435,8 +597,10 @@ def predict_rows(d: StepDissection, perf: PerfModel, dtype: str,
     attn = g if gemm == "gemm_square" else _cost(perf, "attention", dtype)
     cost = {c: _cost(perf, c, dtype) for c in ("elementwise", *OP_CLASSES)}
     table = perf.meta.get("bench_costs", {})
-    fixed = {k: (LinearCost.from_dict(table[k]).alpha if k in table else 0.0)
-             for k in ("python_op", "module_call", "autograd_node", "optimizer_op")}
+    fixed = {
+        k: (LinearCost.from_dict(table[k]).alpha if k in table else 0.0)
+        for k in ("python_op", "module_call", "autograd_node", "optimizer_op")
+    }
     py = fixed["python_op"]
     es = ESIZE[dtype]
     out: dict = {}
@@ -449,8 +613,12 @@ def predict_rows(d: StepDissection, perf: PerfModel, dtype: str,
             out[key] = out.get(key, 0.0) + fixed[cost_key]
             continue
         if rec.gemms:
-            t = sum((grouped if n == "aten::_grouped_mm" else
-                     attn if "attention" in n else g)(gemm_flops(n, s)) for n, s in rec.gemms)
+            t = sum(
+                (grouped if n == "aten::_grouped_mm" else attn if "attention" in n else g)(
+                    gemm_flops(n, s)
+                )
+                for n, s in rec.gemms
+            )
         else:
             sizes = [_numel(s) for s in rec.shapes if isinstance(s, (list, tuple)) and s]
             nbytes = es * (sum(sizes) + (max(sizes) if sizes else 0))
@@ -470,8 +638,7 @@ def step_graph(rows: dict) -> TaskGraph:
     g = TaskGraph()
     prev = None
     for (phase, row), ms in rows.items():
-        i = g.add(f"{phase}/{row}", "compute", ms, deps=() if prev is None else (prev,),
-                  kind=phase)
+        i = g.add(f"{phase}/{row}", "compute", ms, deps=() if prev is None else (prev,), kind=phase)
         prev = i
     return g
 
@@ -491,16 +658,23 @@ def ep_step_graph(rows: dict, comm: dict, r: int, moe_row: str = "moe_experts") 
             deps = () if prev is None else (prev,)
             # link order: every dispatch, then every combine (a combine waits for its
             # chunk's experts, so dispatches queued behind it would stall the pipeline)
-            sends = [g.add(f"{phase}/dispatch/{c}", "link", disp / r, deps=deps, kind="a2a")
-                     for c in range(r)]
-            comps = [g.add(f"{phase}/experts/{c}", "compute", ms / r, deps=(sends[c],),
-                           kind=phase) for c in range(r)]
-            ends = [g.add(f"{phase}/combine/{c}", "link", comb / r, deps=(comps[c],),
-                          kind="a2a") for c in range(r)]
+            sends = [
+                g.add(f"{phase}/dispatch/{c}", "link", disp / r, deps=deps, kind="a2a")
+                for c in range(r)
+            ]
+            comps = [
+                g.add(f"{phase}/experts/{c}", "compute", ms / r, deps=(sends[c],), kind=phase)
+                for c in range(r)
+            ]
+            ends = [
+                g.add(f"{phase}/combine/{c}", "link", comb / r, deps=(comps[c],), kind="a2a")
+                for c in range(r)
+            ]
             prev = g.add(f"{phase}/moe_join", None, 0.0, deps=ends)
             continue
-        prev = g.add(f"{phase}/{row}", "compute", ms, deps=() if prev is None else (prev,),
-                     kind=phase)
+        prev = g.add(
+            f"{phase}/{row}", "compute", ms, deps=() if prev is None else (prev,), kind=phase
+        )
     return g
 
 
@@ -517,17 +691,30 @@ def compare(d: StepDissection, perf: PerfModel, dtype: str) -> dict:
     for key in sorted(set(pred) | set(d.rows)):
         m = d.rows.get(key, 0.0) * scale
         p = pred.get(key, 0.0)
-        rows.append({"phase": key[0], "row": key[1], "measured_ms": m, "predicted_ms": p,
-                     "ratio": p / m if m > 0 else None})
+        rows.append(
+            {
+                "phase": key[0],
+                "row": key[1],
+                "measured_ms": m,
+                "predicted_ms": p,
+                "ratio": p / m if m > 0 else None,
+            }
+        )
     total_m = d.unprofiled_ms
     square = simulate(step_graph(predict_rows(d, perf, dtype, gemm="gemm_square"))).makespan
-    return {"perf_model": perf.name, "dtype": dtype, "predicted_ms": tl.makespan,
-            "predicted_ms_square_gemm": square,
-            "measured_ms": total_m, "ratio": tl.makespan / total_m if total_m > 0 else None,
-            "error": abs(tl.makespan - total_m) / total_m if total_m > 0 else None,
-            "rows": rows, "gemm_cost": _cost(perf, "gemm", dtype).to_dict(),
-            "gemm_square_cost": _cost(perf, "gemm_square", dtype).to_dict(),
-            "op_costs": {c: _cost(perf, c, dtype).to_dict() for c in ("elementwise", *OP_CLASSES)}}
+    return {
+        "perf_model": perf.name,
+        "dtype": dtype,
+        "predicted_ms": tl.makespan,
+        "predicted_ms_square_gemm": square,
+        "measured_ms": total_m,
+        "ratio": tl.makespan / total_m if total_m > 0 else None,
+        "error": abs(tl.makespan - total_m) / total_m if total_m > 0 else None,
+        "rows": rows,
+        "gemm_cost": _cost(perf, "gemm", dtype).to_dict(),
+        "gemm_square_cost": _cost(perf, "gemm_square", dtype).to_dict(),
+        "op_costs": {c: _cost(perf, c, dtype).to_dict() for c in ("elementwise", *OP_CLASSES)},
+    }
 
 
 def compare_ep(d: StepDissection, perf: PerfModel, dtype: str, r: int) -> dict:
@@ -545,7 +732,14 @@ def compare_ep(d: StepDissection, perf: PerfModel, dtype: str, r: int) -> dict:
     tl = simulate(ep_step_graph(pred, halves, r, moe_row="moe_other"))
     out = compare(d, perf, dtype)
     m = d.unprofiled_ms
-    out.update({"predicted_ms": tl.makespan, "ratio": tl.makespan / m if m > 0 else None,
-                "error": abs(tl.makespan - m) / m if m > 0 else None,
-                "comm_predicted_ms": comm, "a2a_cost": a2a.to_dict(), "r": r})
+    out.update(
+        {
+            "predicted_ms": tl.makespan,
+            "ratio": tl.makespan / m if m > 0 else None,
+            "error": abs(tl.makespan - m) / m if m > 0 else None,
+            "comm_predicted_ms": comm,
+            "a2a_cost": a2a.to_dict(),
+            "r": r,
+        }
+    )
     return out

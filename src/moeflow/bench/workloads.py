@@ -41,8 +41,18 @@ DTYPES = ("float32", "bfloat16")
 MODES = ("train", "decode")
 
 #: rows of the breakdown, in the order a forward pass meets them
-CATEGORIES = ("embedding", "attention", "norm", "moe_router", "moe_experts", "moe_other",
-              "lm_head", "loss", "optimizer", "other")
+CATEGORIES = (
+    "embedding",
+    "attention",
+    "norm",
+    "moe_router",
+    "moe_experts",
+    "moe_other",
+    "lm_head",
+    "loss",
+    "optimizer",
+    "other",
+)
 MOE_CATEGORIES = ("moe_router", "moe_experts", "moe_other")
 
 
@@ -64,12 +74,19 @@ class Setting:
     @property
     def label(self) -> str:
         dt = {"float32": "fp32", "bfloat16": "bf16"}[self.dtype]
-        return (f"{self.kernel}/{dt}/rc-{'on' if self.recompute else 'off'}"
-                f"/compile-{'on' if self.compile else 'off'}")
+        return (
+            f"{self.kernel}/{dt}/rc-{'on' if self.recompute else 'off'}"
+            f"/compile-{'on' if self.compile else 'off'}"
+        )
 
     def to_dict(self) -> dict:
-        return {"kernel": self.kernel, "dtype": self.dtype, "recompute": self.recompute,
-                "compile": self.compile, "label": self.label}
+        return {
+            "kernel": self.kernel,
+            "dtype": self.dtype,
+            "recompute": self.recompute,
+            "compile": self.compile,
+            "label": self.label,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,8 +139,11 @@ def timed_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
         if not name:
             continue
         in_moe = any(name.startswith(p + ".") for p in moe_prefixes)
-        if in_moe and name.count(".") > max(p.count(".") for p in moe_prefixes
-                                             if name.startswith(p + ".")) + 1:
+        if (
+            in_moe
+            and name.count(".")
+            > max(p.count(".") for p in moe_prefixes if name.startswith(p + ".")) + 1
+        ):
             continue  # deeper than a direct child of the MoE layer
         if in_moe and name.rsplit(".", 1)[-1] == "layer" and isinstance(mod, MoELayer):
             moe_prefixes.append(name)  # ExpertParallel.layer: its router is timed too
@@ -137,20 +157,28 @@ def timed_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 
 def moe_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules()
-            if isinstance(m, MoELayer) or type(m).__name__ == "ExpertParallel"]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, MoELayer) or type(m).__name__ == "ExpertParallel"
+    ]
 
 
 def _block_list(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks: the longest ``nn.ModuleList`` of modules of one class."""
     best = None
     for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and \
-                len({type(m) for m in mod}) == 1 and (best is None or len(mod) > len(best)):
+        if (
+            isinstance(mod, nn.ModuleList)
+            and len(mod)
+            and len({type(m) for m in mod}) == 1
+            and (best is None or len(mod) > len(best))
+        ):
             best = mod
     if best is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no list of transformer blocks "
-                                    "to recompute")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no list of transformer blocks to recompute"
+        )
     return best
 
 
@@ -164,6 +192,7 @@ def _recompute(block: nn.Module) -> None:
         if not torch.is_grad_enabled():
             return fwd(*args, **kwargs)
         return checkpoint(fwd, *args, use_reentrant=False, **kwargs)
+
     block.forward = forward
 
 
@@ -187,8 +216,17 @@ def _compile(model: nn.Module) -> None:
 class Workload:
     """A model with its batch and step functions. Build with :func:`build_workload`."""
 
-    def __init__(self, kind: str, model: nn.Module, vocab: int, shape: Shape, setting: Setting,
-                 mode: str, seed: int = 0, context: int | None = None):
+    def __init__(
+        self,
+        kind: str,
+        model: nn.Module,
+        vocab: int,
+        shape: Shape,
+        setting: Setting,
+        mode: str,
+        seed: int = 0,
+        context: int | None = None,
+    ):
         self.kind, self.model, self.vocab, self.shape = kind, model, vocab, shape
         self.setting, self.mode, self.seed = setting, mode, seed
         self.context = context
@@ -223,10 +261,17 @@ class Workload:
 
     def loss(self, logits_BLV: torch.Tensor) -> torch.Tensor:
         """Cross-entropy plus every MoE layer's auxiliary loss (as ``moeflow demo`` trains)."""
-        lm = F.cross_entropy(logits_BLV.float().reshape(-1, logits_BLV.shape[-1]),
-                             self.targets_BL.reshape(-1))
-        aux = sum((m.aux_loss.float() for m in moe_layers(self.model)
-                   if isinstance(m.aux_loss, torch.Tensor)), torch.zeros(()))
+        lm = F.cross_entropy(
+            logits_BLV.float().reshape(-1, logits_BLV.shape[-1]), self.targets_BL.reshape(-1)
+        )
+        aux = sum(
+            (
+                m.aux_loss.float()
+                for m in moe_layers(self.model)
+                if isinstance(m.aux_loss, torch.Tensor)
+            ),
+            torch.zeros(()),
+        )
         return lm + aux
 
     # -- decode ---------------------------------------------------------------------------
@@ -286,16 +331,37 @@ def _decoder_model(shape: Shape, seed: int, dims: dict, path: str | None):
     if path:
         model = load_pretrained(path)
         if shape.seq_len + 1 > model.cfg.max_position_embeddings:
-            raise ConfigError("seq_len", shape.seq_len,
-                              f"below max_position_embeddings={model.cfg.max_position_embeddings}")
+            raise ConfigError(
+                "seq_len",
+                shape.seq_len,
+                f"below max_position_embeddings={model.cfg.max_position_embeddings}",
+            )
         return model, model.cfg.vocab_size
-    d = {"dim": 128, "num_layers": 2, "num_heads": 4, "num_experts": 8, "top_k": 2,
-         "ffn_hidden_size": 256, **dims}
-    moe = MoEConfig(hidden_size=d["dim"], ffn_hidden_size=d["ffn_hidden_size"],
-                    num_experts=d["num_experts"], top_k=d["top_k"], aux_loss_coef=0.01)
-    cfg = DecoderConfig(vocab_size=VOCAB, num_layers=d["num_layers"], num_heads=d["num_heads"],
-                        num_kv_heads=d["num_heads"], head_dim=d["dim"] // d["num_heads"],
-                        moe=moe, max_position_embeddings=shape.seq_len + 1)
+    d = {
+        "dim": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_experts": 8,
+        "top_k": 2,
+        "ffn_hidden_size": 256,
+        **dims,
+    }
+    moe = MoEConfig(
+        hidden_size=d["dim"],
+        ffn_hidden_size=d["ffn_hidden_size"],
+        num_experts=d["num_experts"],
+        top_k=d["top_k"],
+        aux_loss_coef=0.01,
+    )
+    cfg = DecoderConfig(
+        vocab_size=VOCAB,
+        num_layers=d["num_layers"],
+        num_heads=d["num_heads"],
+        num_kv_heads=d["num_heads"],
+        head_dim=d["dim"] // d["num_heads"],
+        moe=moe,
+        max_position_embeddings=shape.seq_len + 1,
+    )
     torch.manual_seed(seed)
     return MoEDecoder(cfg), VOCAB
 
@@ -304,11 +370,12 @@ def _hf_model(path: str | None):
     from moeflow._deps import require
 
     if not path:
-        raise InputError("--model hf needs --path, a transformers model directory "
-                         "(config.json and weights, as save_pretrained writes)")
+        raise InputError(
+            "--model hf needs --path, a transformers model directory "
+            "(config.json and weights, as save_pretrained writes)"
+        )
     if not (Path(path) / "config.json").is_file():
-        raise InputError(f"--path {path!r} is not a transformers model directory: no "
-                         "config.json")
+        raise InputError(f"--path {path!r} is not a transformers model directory: no config.json")
     transformers = require("transformers", "moeflow bench --model hf")
     from moeflow.integrations.hf import patch_model
 
@@ -317,8 +384,16 @@ def _hf_model(path: str | None):
     return model, model.config.vocab_size
 
 
-def build_workload(kind: str, mode: str, setting: Setting, shape: Shape = Shape(), *,
-                   seed: int = 0, path: str | None = None, dims: dict | None = None) -> Workload:
+def build_workload(
+    kind: str,
+    mode: str,
+    setting: Setting,
+    shape: Shape = Shape(),
+    *,
+    seed: int = 0,
+    path: str | None = None,
+    dims: dict | None = None,
+) -> Workload:
     """A fresh model (same seed, so every setting sees the same weights and batch)."""
     if kind not in MODELS:
         raise ConfigError("model", kind, f"one of {MODELS}")
@@ -338,17 +413,23 @@ def model_dims(w: Workload) -> dict:
     """The shape facts the FLOP formulas need, read off the model itself."""
     m = w.model
     layers = moe_layers(m)
-    moe = layers[0].layer.cfg if hasattr(layers[0], "layer") and \
-        isinstance(layers[0].layer, MoELayer) else layers[0].cfg
+    moe = (
+        layers[0].layer.cfg
+        if hasattr(layers[0], "layer") and isinstance(layers[0].layer, MoELayer)
+        else layers[0].cfg
+    )
     if w.kind == "demo":
         c = m.cfg
-        heads, kv_heads, head_dim, n_layers = c.num_heads, c.num_heads, c.dim // c.num_heads, \
-            c.num_layers
+        heads, kv_heads, head_dim, n_layers = (
+            c.num_heads,
+            c.num_heads,
+            c.dim // c.num_heads,
+            c.num_layers,
+        )
         tied = False
     elif w.kind == "decoder":
         c = m.cfg
-        heads, kv_heads, head_dim, n_layers = c.num_heads, c.num_kv_heads, c.head_dim, \
-            c.num_layers
+        heads, kv_heads, head_dim, n_layers = c.num_heads, c.num_kv_heads, c.head_dim, c.num_layers
         tied = c.tie_word_embeddings
     else:
         c = m.config
@@ -357,11 +438,31 @@ def model_dims(w: Workload) -> dict:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         n_layers = c.num_hidden_layers
         tied = bool(getattr(c, "tie_word_embeddings", False))
-    return {"hidden": moe.hidden_size, "layers": n_layers, "heads": heads, "kv_heads": kv_heads,
-            "head_dim": head_dim, "vocab": w.vocab, "moe": moe, "moe_layers": len(layers),
-            "tied": tied}
+    return {
+        "hidden": moe.hidden_size,
+        "layers": n_layers,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab": w.vocab,
+        "moe": moe,
+        "moe_layers": len(layers),
+        "tied": tied,
+    }
 
 
-__all__ = ["MODELS", "BENCH_KERNELS", "DTYPES", "MODES", "CATEGORIES", "MOE_CATEGORIES",
-           "Setting", "Shape", "Workload", "build_workload", "timed_modules", "moe_layers",
-           "model_dims"]
+__all__ = [
+    "MODELS",
+    "BENCH_KERNELS",
+    "DTYPES",
+    "MODES",
+    "CATEGORIES",
+    "MOE_CATEGORIES",
+    "Setting",
+    "Shape",
+    "Workload",
+    "build_workload",
+    "timed_modules",
+    "moe_layers",
+    "model_dims",
+]

@@ -9,7 +9,7 @@ as a direct ring for the ESP group sizes used, 2-8).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,21 +22,29 @@ from moeflow.errors import ConfigError
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 
 
-def all_to_all_v(x_RD: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int],
-                 group, op: str, timeout_s: float) -> Pending:
+def all_to_all_v(
+    x_RD: torch.Tensor,
+    in_splits: Sequence[int],
+    out_splits: Sequence[int],
+    group,
+    op: str,
+    timeout_s: float,
+) -> Pending:
     """Send ``x_RD[sum(in_splits[:j]):...]`` to rank j; receive ``out_splits[j]`` rows from j."""
     in_splits = [int(s) for s in in_splits]
     out_splits = [int(s) for s in out_splits]
     if len(in_splits) == 1:  # a group of one: nothing to send
         return Pending.ready(x_RD)
     out = x_RD.new_empty((sum(out_splits),) + tuple(x_RD.shape[1:]))
-    work = dist.all_to_all_single(out, x_RD.contiguous(), out_splits, in_splits, group=group,
-                                  async_op=True)
+    work = dist.all_to_all_single(
+        out, x_RD.contiguous(), out_splits, in_splits, group=group, async_op=True
+    )
     return Pending(work, op, timeout_s, lambda: out, stream_ordered=x_RD.is_cuda)
 
 
-def all_gather_v(x_RD: torch.Tensor, sizes: Sequence[int], group, op: str,
-                 timeout_s: float) -> Pending:
+def all_gather_v(
+    x_RD: torch.Tensor, sizes: Sequence[int], group, op: str, timeout_s: float
+) -> Pending:
     """Concatenate every rank's rows in rank order; rank j contributes ``sizes[j]`` rows."""
     n = len(sizes)
     if n == 1:
@@ -46,8 +54,9 @@ def all_gather_v(x_RD: torch.Tensor, sizes: Sequence[int], group, op: str,
     return all_to_all_v(x_rep, in_splits, sizes, group, op, timeout_s)
 
 
-def reduce_scatter_v(x_RD: torch.Tensor, sizes: Sequence[int], group, op: str,
-                     timeout_s: float) -> Pending:
+def reduce_scatter_v(
+    x_RD: torch.Tensor, sizes: Sequence[int], group, op: str, timeout_s: float
+) -> Pending:
     """Rows ``[sum(sizes[:j]), ...)`` of every rank are summed onto rank j."""
     n = len(sizes)
     if n == 1:
@@ -85,8 +94,9 @@ def all_to_all_equal(x: torch.Tensor, group, op: str, timeout_s: float) -> torch
     return out
 
 
-def all_reduce(x: torch.Tensor, group, op: str, timeout_s: float,
-               reduce_op=dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce(
+    x: torch.Tensor, group, op: str, timeout_s: float, reduce_op=dist.ReduceOp.SUM
+) -> torch.Tensor:
     """Blocking in-place all-reduce with a deadline."""
     if dist.get_world_size(group) == 1:
         return x
@@ -95,8 +105,9 @@ def all_reduce(x: torch.Tensor, group, op: str, timeout_s: float,
     return x
 
 
-def flat_buckets(tensors: Sequence[torch.Tensor],
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[torch.Tensor]]:
+def flat_buckets(
+    tensors: Sequence[torch.Tensor], bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> list[list[torch.Tensor]]:
     """Pack ``tensors`` (in order) into buckets of one device and dtype, each at most
     ``bucket_bytes`` unless a single tensor is larger (it then travels alone).
 
@@ -120,8 +131,13 @@ def flat_buckets(tensors: Sequence[torch.Tensor],
     return buckets
 
 
-def all_reduce_flat(tensors: Sequence[torch.Tensor], group, op: str, timeout_s: float,
-                    bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+def all_reduce_flat(
+    tensors: Sequence[torch.Tensor],
+    group,
+    op: str,
+    timeout_s: float,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> None:
     """Sum ``tensors`` in place over ``group``: flatten them into buckets
     (:func:`flat_buckets`) and all-reduce each bucket once.
 
@@ -143,9 +159,15 @@ def all_reduce_flat(tensors: Sequence[torch.Tensor], group, op: str, timeout_s: 
 
 
 @torch.no_grad()
-def reduce_gradients(params: Sequence[torch.nn.Parameter],
-                     replicated: Sequence[torch.nn.Parameter], group, *, op: str = "mean",
-                     timeout_s: float, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+def reduce_gradients(
+    params: Sequence[torch.nn.Parameter],
+    replicated: Sequence[torch.nn.Parameter],
+    group,
+    *,
+    op: str = "mean",
+    timeout_s: float,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> None:
     """Turn local gradients into those of the global loss (data-parallel gradient sync).
 
     ``replicated`` parameters (identical on every rank) have their gradients summed over
@@ -163,8 +185,9 @@ def reduce_gradients(params: Sequence[torch.nn.Parameter],
     W = dist.get_world_size(group)
     if W == 1:
         return
-    all_reduce_flat([p.grad for p in replicated], group, "gradient all-reduce", timeout_s,
-                    bucket_bytes)
+    all_reduce_flat(
+        [p.grad for p in replicated], group, "gradient all-reduce", timeout_s, bucket_bytes
+    )
     if op == "mean":
         for p in params:
             if p.grad is not None:

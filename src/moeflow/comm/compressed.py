@@ -45,7 +45,7 @@ _UINT = {2: torch.int16, 4: torch.int32}
 PRIOR_RATIO = {"bfloat16": 1.5, "float16": 1.17, "float32": 1.2}
 #: the best ratio a code storing the non-exponent bits raw can reach (exponents free)
 MAX_RATIO = {"bfloat16": 2.0, "float16": 16 / 11, "float32": 32 / 24}
-CODEC_COSTS_KEY = "codec_costs"      # PerfModel.meta entry written by ``moeflow profile``
+CODEC_COSTS_KEY = "codec_costs"  # PerfModel.meta entry written by ``moeflow profile``
 ENCODE, DECODE = "zipccl_encode", "zipccl_decode"
 
 # test hook: called as hook(op, received_bytes_uint8_numpy) on the receiving side before
@@ -70,8 +70,12 @@ class CompressionStats:
     wire_bytes: dict = field(default_factory=dict)
 
     def add(self, op: str, compressed: bool, raw_bytes: int, wire_bytes: int) -> None:
-        for d, v in ((self.calls, 1), (self.compressed, int(compressed)),
-                     (self.raw_bytes, raw_bytes), (self.wire_bytes, wire_bytes)):
+        for d, v in (
+            (self.calls, 1),
+            (self.compressed, int(compressed)),
+            (self.raw_bytes, raw_bytes),
+            (self.wire_bytes, wire_bytes),
+        ):
             d[op] = d.get(op, 0) + v
 
     @property
@@ -79,9 +83,15 @@ class CompressionStats:
         return sum(self.raw_bytes.values()) - sum(self.wire_bytes.values())
 
     def as_dict(self) -> dict:
-        return {op: {"calls": self.calls[op], "compressed": self.compressed.get(op, 0),
-                     "raw_bytes": self.raw_bytes.get(op, 0),
-                     "wire_bytes": self.wire_bytes.get(op, 0)} for op in sorted(self.calls)}
+        return {
+            op: {
+                "calls": self.calls[op],
+                "compressed": self.compressed.get(op, 0),
+                "raw_bytes": self.raw_bytes.get(op, 0),
+                "wire_bytes": self.wire_bytes.get(op, 0),
+            }
+            for op in sorted(self.calls)
+        }
 
 
 def codec_costs(model) -> tuple | None:
@@ -118,8 +128,15 @@ class Compression:
     choice in the size exchange.
     """
 
-    def __init__(self, mode=True, perf=None, *, threads: int | None = 1,
-                 timeout_s: float | None = None, shapes=None):
+    def __init__(
+        self,
+        mode=True,
+        perf=None,
+        *,
+        threads: int | None = 1,
+        timeout_s: float | None = None,
+        shapes=None,
+    ):
         if mode not in (True, False, "auto"):
             raise ConfigError("compress", mode, "True, False or 'auto'")
         self.mode = mode
@@ -127,15 +144,15 @@ class Compression:
         self.costs = codec_costs(perf)
         if mode == "auto":
             if perf is None:
-                raise ConfigError("perf", None, "a PerfModel (e.g. from `moeflow profile`) "
-                                                "when compress='auto'")
+                raise ConfigError(
+                    "perf", None, "a PerfModel (e.g. from `moeflow profile`) when compress='auto'"
+                )
             if self.costs is None:  # a model from before the codec: measure the codec now
                 from moeflow.perf.profiler import profile_codec
 
                 # every rank must fit the same costs (the slowest rank's), or their
                 # decisions could differ: this is then collective over the default group
-                group = dist.group.WORLD if dist.is_available() and dist.is_initialized() \
-                    else None
+                group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
                 c = profile_codec(threads=threads, group=group)
                 self.costs = (c[ENCODE], c[DECODE])
         self.threads = threads
@@ -158,8 +175,14 @@ class Compression:
     def _comm(self, primitive: str, n: float) -> float:
         return self.perf.time(primitive, n)
 
-    def predicted_ms(self, primitive: str, n: float, ratio: float, enc_bytes: float | None = None,
-                     dec_bytes: float | None = None) -> tuple[float, float]:
+    def predicted_ms(
+        self,
+        primitive: str,
+        n: float,
+        ratio: float,
+        enc_bytes: float | None = None,
+        dec_bytes: float | None = None,
+    ) -> tuple[float, float]:
         """(raw, compressed) predicted time of one collective step moving ``n`` bytes (the
         PerfModel's size for ``primitive``) when this rank encodes ``enc_bytes`` and decodes
         ``dec_bytes`` (default ``n`` each)."""
@@ -169,9 +192,16 @@ class Compression:
         d = n if dec_bytes is None else dec_bytes
         return raw, enc(e) + self._comm(primitive, n / ratio) + dec(d)
 
-    def decide(self, op: str, primitive: str, nbytes: float, dtype: str,
-               steps: Sequence[tuple] = (), enc_bytes: float | None = None,
-               dec_bytes: float | None = None) -> bool:
+    def decide(
+        self,
+        op: str,
+        primitive: str,
+        nbytes: float,
+        dtype: str,
+        steps: Sequence[tuple] = (),
+        enc_bytes: float | None = None,
+        dec_bytes: float | None = None,
+    ) -> bool:
         """Compress this call? ``steps``: extra ``(primitive, bytes, enc_bytes, dec_bytes)``
         of the same algorithm (all-reduce: the all-gather after the all-to-all)."""
         if self.mode is not True and self.mode is not False:
@@ -208,8 +238,9 @@ def as_compression(compress, perf=None, **kw) -> Compression:
 # ------------------------------------------------------------------------ helpers
 def _dtype_name(t: torch.Tensor) -> str:
     if t.dtype not in _DTYPES:
-        raise InputError(f"compressed collectives take {sorted(_DTYPES.values())} tensors, "
-                         f"got {t.dtype}")
+        raise InputError(
+            f"compressed collectives take {sorted(_DTYPES.values())} tensors, got {t.dtype}"
+        )
     return _DTYPES[t.dtype]
 
 
@@ -241,9 +272,17 @@ def _recv_hook(op: str, buf: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------ all-to-all
-def all_to_all(x_RD: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int],
-               group=None, compress="auto", perf=None, *, op: str = "all-to-all",
-               timeout_s: float | None = None) -> torch.Tensor:
+def all_to_all(
+    x_RD: torch.Tensor,
+    in_splits: Sequence[int],
+    out_splits: Sequence[int],
+    group=None,
+    compress="auto",
+    perf=None,
+    *,
+    op: str = "all-to-all",
+    timeout_s: float | None = None,
+) -> torch.Tensor:
     """Send rows ``x_RD[sum(in_splits[:j]):...]`` to rank j; receive ``out_splits[j]`` rows
     from j (like ``all_to_all_single`` with uneven splits), each message compressed.
 
@@ -255,8 +294,10 @@ def all_to_all(x_RD: torch.Tensor, in_splits: Sequence[int], out_splits: Sequenc
     in_splits = [int(s) for s in in_splits]
     out_splits = [int(s) for s in out_splits]
     if len(in_splits) != W or len(out_splits) != W or sum(in_splits) != x_RD.shape[0]:
-        raise InputError(f"{op}: in_splits {in_splits} / out_splits {out_splits} must have "
-                         f"{W} entries and in_splits must sum to {x_RD.shape[0]} rows")
+        raise InputError(
+            f"{op}: in_splits {in_splits} / out_splits {out_splits} must have "
+            f"{W} entries and in_splits must sum to {x_RD.shape[0]} rows"
+        )
     dtype = _dtype_name(x_RD)
     x_RD = x_RD.contiguous()
     tail = tuple(x_RD.shape[1:])
@@ -273,8 +314,7 @@ def all_to_all(x_RD: torch.Tensor, in_splits: Sequence[int], out_splits: Sequenc
         use = exchange = bool(cz.mode)
     if not exchange:  # the plain path: no size exchange, bytes as they are
         out = x_RD.new_empty((sum(out_splits),) + tail)
-        work = dist.all_to_all_single(out, x_RD, out_splits, in_splits, group=group,
-                                      async_op=True)
+        work = dist.all_to_all_single(out, x_RD, out_splits, in_splits, group=group, async_op=True)
         _wait(work, op, cz.timeout_s)
         cz.stats.add(op, False, raw_send, raw_send)
         return out
@@ -291,14 +331,20 @@ def all_to_all(x_RD: torch.Tensor, in_splits: Sequence[int], out_splits: Sequenc
             msgs.append(p.reshape(-1).view(torch.uint8))
             sizes[j] = -1
     rsizes = torch.empty(W, dtype=torch.int64)
-    _wait(dist.all_to_all_single(rsizes, sizes, group=group, async_op=True),
-          f"{op} (sizes)", cz.timeout_s)
+    _wait(
+        dist.all_to_all_single(rsizes, sizes, group=group, async_op=True),
+        f"{op} (sizes)",
+        cz.timeout_s,
+    )
     send_b = [int(m.numel()) for m in msgs]
     recv_b = [int(s) if s >= 0 else out_splits[j] * row for j, s in enumerate(rsizes.tolist())]
     sendbuf = torch.cat(msgs) if msgs else torch.empty(0, dtype=torch.uint8)
     recvbuf = torch.empty(sum(recv_b), dtype=torch.uint8)
-    _wait(dist.all_to_all_single(recvbuf, sendbuf, recv_b, send_b, group=group, async_op=True),
-          op, cz.timeout_s)
+    _wait(
+        dist.all_to_all_single(recvbuf, sendbuf, recv_b, send_b, group=group, async_op=True),
+        op,
+        cz.timeout_s,
+    )
     _recv_hook(op, recvbuf)
     wire = sum(send_b) - send_b[me]
     cz.stats.add(op, use, raw_send, wire)
@@ -308,7 +354,7 @@ def all_to_all(x_RD: torch.Tensor, in_splits: Sequence[int], out_splits: Sequenc
     outs = out.split(out_splits)
     offs = np.concatenate([[0], np.cumsum(recv_b)])
     for j in range(W):
-        seg = recvbuf[int(offs[j]):int(offs[j + 1])]
+        seg = recvbuf[int(offs[j]) : int(offs[j + 1])]
         if rsizes[j] < 0:
             outs[j].reshape(-1).view(torch.uint8).copy_(seg)
         else:
@@ -319,9 +365,16 @@ def all_to_all(x_RD: torch.Tensor, in_splits: Sequence[int], out_splits: Sequenc
 
 
 # ------------------------------------------------------------------------ all-gather
-def all_gather(x: torch.Tensor, group=None, compress="auto", perf=None, *,
-               counts: Sequence[int] | None = None, op: str = "all-gather",
-               timeout_s: float | None = None) -> torch.Tensor:
+def all_gather(
+    x: torch.Tensor,
+    group=None,
+    compress="auto",
+    perf=None,
+    *,
+    counts: Sequence[int] | None = None,
+    op: str = "all-gather",
+    timeout_s: float | None = None,
+) -> torch.Tensor:
     """Every rank's ``x`` concatenated along dim 0 in rank order (``all_gather_into_tensor``),
     each rank's contribution sent as one compressed message. ``counts``: rows per rank when
     they differ (default: all equal to ``x.shape[0]``)."""
@@ -333,8 +386,7 @@ def all_gather(x: torch.Tensor, group=None, compress="auto", perf=None, *,
     tail = tuple(x.shape[1:])
     counts = [x.shape[0]] * W if counts is None else [int(c) for c in counts]
     if len(counts) != W or counts[me] != x.shape[0]:
-        raise InputError(f"{op}: counts {counts} must have {W} entries, this rank's = "
-                         f"{x.shape[0]}")
+        raise InputError(f"{op}: counts {counts} must have {W} entries, this rank's = {x.shape[0]}")
     per = math.prod(tail)
     raw = sum(counts) * per * x.element_size()
     if W == 1:
@@ -349,18 +401,22 @@ def all_gather(x: torch.Tensor, group=None, compress="auto", perf=None, *,
         buf = torch.empty(W * max(counts) * per, dtype=x.dtype)
         mine = torch.zeros(max(counts) * per, dtype=x.dtype)
         mine[: x.numel()] = x.reshape(-1)
-        _wait(_ALL_GATHER(buf, mine, group=group, async_op=True), op,
-              cz.timeout_s)
+        _wait(_ALL_GATHER(buf, mine, group=group, async_op=True), op, cz.timeout_s)
         for j in range(W):
-            outs[j].copy_(buf[j * max(counts) * per: j * max(counts) * per + counts[j] * per]
-                          .view_as(outs[j]))
-        cz.stats.add(op, False, x.numel() * x.element_size(), max(counts) * per
-                     * x.element_size())
+            outs[j].copy_(
+                buf[j * max(counts) * per : j * max(counts) * per + counts[j] * per].view_as(
+                    outs[j]
+                )
+            )
+        cz.stats.add(op, False, x.numel() * x.element_size(), max(counts) * per * x.element_size())
         return out
     msg = torch.from_numpy(cz.codec.encode(_bits_np(x), dtype, cz.threads, cz.shapes))
     sizes = torch.empty(W, dtype=torch.int64)
-    _wait(_ALL_GATHER(sizes, torch.tensor([msg.numel()]), group=group,
-                                      async_op=True), f"{op} (sizes)", cz.timeout_s)
+    _wait(
+        _ALL_GATHER(sizes, torch.tensor([msg.numel()]), group=group, async_op=True),
+        f"{op} (sizes)",
+        cz.timeout_s,
+    )
     big = int(sizes.max())
     mine = torch.zeros(big, dtype=torch.uint8)
     mine[: msg.numel()] = msg
@@ -373,9 +429,10 @@ def all_gather(x: torch.Tensor, group=None, compress="auto", perf=None, *,
         if j == me:
             outs[j].copy_(x)
             continue
-        seg = buf[j * big: j * big + int(sizes[j])]
-        cz.codec.decode(seg.numpy(), cz.threads, out=_bits_np(outs[j]),
-                        expect=(dtype, counts[j] * per))
+        seg = buf[j * big : j * big + int(sizes[j])]
+        cz.codec.decode(
+            seg.numpy(), cz.threads, out=_bits_np(outs[j]), expect=(dtype, counts[j] * per)
+        )
     return out
 
 
@@ -388,9 +445,16 @@ def _sum_in_rank_order(blocks: Sequence[torch.Tensor], dtype: torch.dtype) -> to
     return acc.to(dtype)
 
 
-def reduce_scatter(x: torch.Tensor, group=None, compress="auto", perf=None, *,
-                   counts: Sequence[int] | None = None, op: str = "reduce-scatter",
-                   timeout_s: float | None = None) -> torch.Tensor:
+def reduce_scatter(
+    x: torch.Tensor,
+    group=None,
+    compress="auto",
+    perf=None,
+    *,
+    counts: Sequence[int] | None = None,
+    op: str = "reduce-scatter",
+    timeout_s: float | None = None,
+) -> torch.Tensor:
     """Rank j gets the sum over ranks of rows ``[sum(counts[:j]), ...)`` of ``x`` (default
     counts: ``x.shape[0] / W`` each): compressed all-to-all, decode, fp32 sum in rank order."""
     cz = as_compression(compress, perf, timeout_s=timeout_s)
@@ -398,8 +462,9 @@ def reduce_scatter(x: torch.Tensor, group=None, compress="auto", perf=None, *,
     me = dist.get_rank(group)
     if counts is None:
         if x.shape[0] % W:
-            raise InputError(f"{op}: {x.shape[0]} rows do not split into {W} equal blocks; "
-                             "pass counts=")
+            raise InputError(
+                f"{op}: {x.shape[0]} rows do not split into {W} equal blocks; pass counts="
+            )
         counts = [x.shape[0] // W] * W
     counts = [int(c) for c in counts]
     if W == 1:
@@ -411,12 +476,20 @@ def reduce_scatter(x: torch.Tensor, group=None, compress="auto", perf=None, *,
 def _decide_all_reduce(cz: Compression, op: str, nbytes: int, dtype: str, W: int) -> bool:
     # the ratio estimate comes from the all-gather step, whose message sizes every rank sees
     part = nbytes * (W - 1) / W  # sent (and received) in the a2a, received in the all-gather
-    return cz.decide(f"{op} (all-gather)", "a2a", part, dtype,
-                     steps=[("ag", nbytes, nbytes / W, part)])
+    return cz.decide(
+        f"{op} (all-gather)", "a2a", part, dtype, steps=[("ag", nbytes, nbytes / W, part)]
+    )
 
 
-def all_reduce(x: torch.Tensor, group=None, compress="auto", perf=None, *,
-               op: str = "all-reduce", timeout_s: float | None = None) -> torch.Tensor:
+def all_reduce(
+    x: torch.Tensor,
+    group=None,
+    compress="auto",
+    perf=None,
+    *,
+    op: str = "all-reduce",
+    timeout_s: float | None = None,
+) -> torch.Tensor:
     """Sum of ``x`` over the group (a new tensor of ``x``'s shape and dtype): ZipCCL's
     compressed all-to-all -> decode -> fp32 reduce in rank order -> encode -> compressed
     all-gather. The same algorithm runs uncompressed when the switch says so, so the result
@@ -445,6 +518,17 @@ def timed(fn, *args, **kw) -> tuple[object, float]:
     return r, (time.perf_counter() - t0) * 1e3
 
 
-__all__ = ["Compression", "CompressionStats", "all_to_all", "all_gather", "reduce_scatter",
-           "all_reduce", "codec_costs", "set_transit_hook", "DEFAULT_TIMEOUT_S", "ENCODE",
-           "DECODE", "CODEC_COSTS_KEY"]
+__all__ = [
+    "Compression",
+    "CompressionStats",
+    "all_to_all",
+    "all_gather",
+    "reduce_scatter",
+    "all_reduce",
+    "codec_costs",
+    "set_transit_hook",
+    "DEFAULT_TIMEOUT_S",
+    "ENCODE",
+    "DECODE",
+    "CODEC_COSTS_KEY",
+]

@@ -29,7 +29,6 @@ moves only the kept assignments with variable splits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -75,11 +74,11 @@ class Hop:
     send_index: torch.Tensor
     in_splits: list
     out_splits: list
-    prev_rows: int                   # rows of the buffer this hop gathers from
-    dest_links: list                 # link name (or None: self) of each group member
+    prev_rows: int  # rows of the buffer this hop gathers from
+    dest_links: list  # link name (or None: self) of each group member
     label: str
 
-    def to(self, device) -> "Hop":
+    def to(self, device) -> Hop:
         self.send_index = self.send_index.to(device)
         return self
 
@@ -89,14 +88,14 @@ class DedupRoute:
     """The hops of one chunk and the copy from the last hop's rows to expert-major rows."""
 
     hops: list
-    expand_index: torch.Tensor       # last-hop row of each local assignment (expert-major)
-    counts_El: torch.Tensor          # local assignments per local expert
-    weight_M: torch.Tensor           # combine weight of each local assignment
-    gid_M: torch.Tensor              # global id of each local assignment
-    recv_rows: int                   # rows that the last hop delivers here
+    expand_index: torch.Tensor  # last-hop row of each local assignment (expert-major)
+    counts_El: torch.Tensor  # local assignments per local expert
+    weight_M: torch.Tensor  # combine weight of each local assignment
+    gid_M: torch.Tensor  # global id of each local assignment
+    recv_rows: int  # rows that the last hop delivers here
     device: object = None
 
-    def to(self, device) -> "DedupRoute":
+    def to(self, device) -> DedupRoute:
         if self.device != device:
             for h in self.hops:
                 h.to(device)
@@ -130,35 +129,57 @@ class DedupDispatcher:
     @compression.setter
     def compression(self, value) -> None:
         if value is not None:
-            raise ConfigError("compress", "on", "False with dispatcher='dedup' (ZipCCL "
-                              "compresses the a2a / capacity / 2dh all-to-alls)")
+            raise ConfigError(
+                "compress",
+                "on",
+                "False with dispatcher='dedup' (ZipCCL "
+                "compresses the a2a / capacity / 2dh all-to-alls)",
+            )
 
-    def __init__(self, *, ep_group, ep_size: int, ep_rank: int, esp_group, esp_size: int,
-                 esp_rank: int, num_local_experts: int, timeout_s: float, intra_group,
-                 inter_group, ranks_per_node: int, level="auto", links=None):
+    def __init__(
+        self,
+        *,
+        ep_group,
+        ep_size: int,
+        ep_rank: int,
+        esp_group,
+        esp_size: int,
+        esp_rank: int,
+        num_local_experts: int,
+        timeout_s: float,
+        intra_group,
+        inter_group,
+        ranks_per_node: int,
+        level="auto",
+        links=None,
+    ):
         self.ep_group, self.P, self.p_me = ep_group, ep_size, ep_rank
         self.esp_group, self.S, self.s_me = esp_group, esp_size, esp_rank
         self.E_l = num_local_experts
         self.timeout_s = timeout_s
         if self.S != 1:
-            raise ConfigError("esp_size", self.S, "1 with dispatcher='dedup' (a token is "
-                              "copied to whole experts after crossing)")
+            raise ConfigError(
+                "esp_size",
+                self.S,
+                "1 with dispatcher='dedup' (a token is copied to whole experts after crossing)",
+            )
         if level in LEVELS:
             level = LEVELS.index(level)
-        if level != "auto" and not (isinstance(level, int) and not isinstance(level, bool)
-                                    and 0 <= level < len(LEVELS)):
+        if level != "auto" and not (
+            isinstance(level, int) and not isinstance(level, bool) and 0 <= level < len(LEVELS)
+        ):
             raise ConfigError("level", level, f"0, 1, one of {LEVELS} or 'auto'")
         self.level = level
         self.links = links
         self.intra_group, self.inter_group = intra_group, inter_group
         self.L = int(ranks_per_node)
         self.n = self.P // self.L
-        self.owner_E = torch.arange(self.P * self.E_l) // self.E_l   # expert -> EP rank
-        self.slot_E = torch.arange(self.P * self.E_l) % self.E_l     # expert -> local slot
+        self.owner_E = torch.arange(self.P * self.E_l) // self.E_l  # expert -> EP rank
+        self.slot_E = torch.arange(self.P * self.E_l) % self.E_l  # expert -> local slot
         self.bytes_sent = {"intra_node": 0, "inter_node": 0}
-        self.last_level: Optional[int] = None
-        self.last_routing: Optional[dict] = None
-        self.last_times: Optional[list] = None
+        self.last_level: int | None = None
+        self.last_routing: dict | None = None
+        self.last_times: list | None = None
 
     def last_assignments(self) -> list:
         """``[s][t] -> experts`` of the last call's batch on every source rank (the input of
@@ -188,20 +209,33 @@ class DedupDispatcher:
     def _gather_routing(self, routing, T: int, device, dtype):
         """All-gather ``(T, N)`` and every assignment's (token, expert, weight)."""
         N = int(routing.token_idx_N.numel())
-        sizes = all_gather_equal(torch.tensor([T, N], device=device), self.ep_group,
-                                 "dedup size all-gather", self.timeout_s).cpu()
+        sizes = all_gather_equal(
+            torch.tensor([T, N], device=device),
+            self.ep_group,
+            "dedup size all-gather",
+            self.timeout_s,
+        ).cpu()
         T_P, N_P = sizes[:, 0].clone(), sizes[:, 1].clone()
         meta = torch.stack([routing.token_idx_N, routing.expert_idx_N], 1).to(device, torch.long)
         w = routing.weight_N.detach().to(device, dtype).unsqueeze(1)
         if self.P > 1:
-            meta = all_gather_v(meta, N_P.tolist(), self.ep_group, "dedup routing all-gather",
-                                self.timeout_s).wait()
-            w = all_gather_v(w, N_P.tolist(), self.ep_group, "dedup weight all-gather",
-                             self.timeout_s).wait()
+            meta = all_gather_v(
+                meta, N_P.tolist(), self.ep_group, "dedup routing all-gather", self.timeout_s
+            ).wait()
+            w = all_gather_v(
+                w, N_P.tolist(), self.ep_group, "dedup weight all-gather", self.timeout_s
+            ).wait()
         meta = meta.cpu()
         src_A = torch.repeat_interleave(torch.arange(self.P), N_P)
-        return dict(T_P=T_P, N_P=N_P, src=src_A, tok=meta[:, 0], exp=meta[:, 1],
-                    w=w.view(-1), base_P=torch.cumsum(N_P, 0) - N_P)
+        return dict(
+            T_P=T_P,
+            N_P=N_P,
+            src=src_A,
+            tok=meta[:, 0],
+            exp=meta[:, 1],
+            w=w.view(-1),
+            base_P=torch.cumsum(N_P, 0) - N_P,
+        )
 
     def _hop_rows(self, g: dict, level: int, chunk_mask) -> list:
         """Rows of each hop of dedup at ``level`` for the assignments in ``chunk_mask``."""
@@ -217,16 +251,36 @@ class DedupDispatcher:
         key1 = torch.unique((s * P + r // u) * Tmax + t)
         s1, grp, t1 = key1 // (P * Tmax), (key1 // Tmax) % P, key1 % Tmax
         recv1 = grp * u + s1 % u
-        hops.append(dict(key=key1, sender=s1, receiver=recv1, tok=t1, src=s1,
-                         parent=t1, sgr=s1 // u if level else s1, rgr=grp))
+        hops.append(
+            dict(
+                key=key1,
+                sender=s1,
+                receiver=recv1,
+                tok=t1,
+                src=s1,
+                parent=t1,
+                sgr=s1 // u if level else s1,
+                rgr=grp,
+            )
+        )
         if u > 1:
             # hop 2: one row per (source, token, destination rank), relay -> rank in the group
             key2 = torch.unique((s * P + r) * Tmax + t)
             s2, r2, t2 = key2 // (P * Tmax), (key2 // Tmax) % P, key2 % Tmax
             relay = (r2 // u) * u + s2 % u
             parent = torch.searchsorted(key1, (s2 * P + r2 // u) * Tmax + t2)
-            hops.append(dict(key=key2, sender=relay, receiver=r2, tok=t2, src=s2,
-                             parent=parent, sgr=s2 % u, rgr=r2 % u))
+            hops.append(
+                dict(
+                    key=key2,
+                    sender=relay,
+                    receiver=r2,
+                    tok=t2,
+                    src=s2,
+                    parent=parent,
+                    sgr=s2 % u,
+                    rgr=r2 % u,
+                )
+            )
         return hops
 
     def choose_level(self, g: dict, row_bytes: int) -> int:
@@ -258,7 +312,7 @@ class DedupDispatcher:
             return self.inter_group, [b * L + me % L for b in range(self.n)]
         return self.intra_group, [(me // L) * L + i for i in range(L)]
 
-    def _link_name(self, a: int, b: int) -> Optional[str]:
+    def _link_name(self, a: int, b: int) -> str | None:
         if a == b:
             return None
         return "intra_node" if a // self.L == b // self.L else "inter_node"
@@ -285,8 +339,17 @@ class DedupDispatcher:
             in_splits = torch.bincount(h["rgr"][mine], minlength=G).tolist()
             out_splits = torch.bincount(h["sgr"][h["receiver"] == me], minlength=G).tolist()
             tag = f"(level {LEVELS[level]}, hop {k + 1}, chunk {c + 1}/{r})"
-            hops.append(Hop(group, send_index, in_splits, out_splits, prev_rows,
-                            [self._link_name(me, m) for m in members], f"dedup {tag}"))
+            hops.append(
+                Hop(
+                    group,
+                    send_index,
+                    in_splits,
+                    out_splits,
+                    prev_rows,
+                    [self._link_name(me, m) for m in members],
+                    f"dedup {tag}",
+                )
+            )
             prev_rows = int((h["receiver"] == me).sum())
             prev_recv_pos = recv_pos
         # copy each arriving row to the token's local experts, expert-major
@@ -295,12 +358,18 @@ class DedupDispatcher:
         gid = torch.arange(g["src"].numel())[in_chunk]
         w = g["w"][in_chunk.to(g["w"].device)]
         mine = self.owner_E[e] == me
-        key = (s * self.P + self.owner_E[e]) * Tmax + t     # the last hop's (s, rank, t)
+        key = (s * self.P + self.owner_E[e]) * Tmax + t  # the last hop's (s, rank, t)
         row = prev_recv_pos[torch.searchsorted(last["key"], key[mine])]
         slot = self.slot_E[e[mine]]
         order = torch.argsort(slot * (prev_rows + 1) + row, stable=True)
-        return DedupRoute(hops, row[order], torch.bincount(slot, minlength=self.E_l),
-                          w[mine.to(w.device)][order.to(w.device)], gid[mine][order], prev_rows)
+        return DedupRoute(
+            hops,
+            row[order],
+            torch.bincount(slot, minlength=self.E_l),
+            w[mine.to(w.device)][order.to(w.device)],
+            gid[mine][order],
+            prev_rows,
+        )
 
     # -- moving rows -------------------------------------------------------------------
     def _count(self, hop: Hop, splits: list, row_bytes: int) -> None:
@@ -321,33 +390,43 @@ class DedupDispatcher:
 
         out = x_TD.new_zeros(T, expert_stage.out_dim)
         H = len(routes[0].hops)
-        stages = [lambda c, _: self._issue(routes[c].hops[0],
-                                           x_TD.index_select(0, routes[c].hops[0].send_index),
-                                           False)]
+        stages = [
+            lambda c, _: self._issue(
+                routes[c].hops[0], x_TD.index_select(0, routes[c].hops[0].send_index), False
+            )
+        ]
         for k in range(1, H):
-            stages.append(lambda c, buf, k=k: self._issue(
-                routes[c].hops[k], buf.index_select(0, routes[c].hops[k].send_index), False))
+            stages.append(
+                lambda c, buf, k=k: self._issue(
+                    routes[c].hops[k], buf.index_select(0, routes[c].hops[k].send_index), False
+                )
+            )
 
         def experts(c, buf):
-            z = expert_stage(c, buf)          # rows of the last hop, reduced per row
+            z = expert_stage(c, buf)  # rows of the last hop, reduced per row
             return self._issue(routes[c].hops[H - 1], z, True)
+
         stages.append(experts)
         for k in range(H - 1, 0, -1):
+
             def back(c, buf, k=k):
                 hop = routes[c].hops[k]
                 z = buf.new_zeros(hop.prev_rows, buf.shape[-1]).index_add_(0, hop.send_index, buf)
                 return self._issue(routes[c].hops[k - 1], z, True)
+
             stages.append(back)
 
         def place(c, buf):
             out.index_add_(0, routes[c].hops[0].send_index, buf)
             return None
+
         stages.append(place)
         run_wavefront(len(routes), stages)
         return out
 
-    def forward_tokens(self, ep, x_TD: torch.Tensor, routing, r_fwd: int,
-                       r_bwd: int) -> torch.Tensor:
+    def forward_tokens(
+        self, ep, x_TD: torch.Tensor, routing, r_fwd: int, r_bwd: int
+    ) -> torch.Tensor:
         """The routed experts' weighted sum per token, ``y_TD`` (shared experts excluded)."""
         T = x_TD.shape[0]
         g = self._gather_routing(routing, T, x_TD.device, x_TD.dtype)
@@ -431,12 +510,11 @@ class _DedupCall:
                 gw_out.add_(go)
             return gx.new_zeros(rt.recv_rows, D).index_add_(0, rt.expand_index, gx)
 
-        gx_TD = disp.run_chunks(routes, gy_TD.contiguous(), gy_TD.shape[0],
-                                _ExpertStage(stage, D))
+        gx_TD = disp.run_chunks(routes, gy_TD.contiguous(), gy_TD.shape[0], _ExpertStage(stage, D))
         # every assignment's weight gradient was formed at its expert's rank
         all_reduce(gweight_A, disp.ep_group, "dedup weight-gradient all-reduce", disp.timeout_s)
         b, n = int(g["base_P"][disp.p_me]), int(g["N_P"][disp.p_me])
-        return gx_TD, gweight_A[b:b + n], gw_in, gw_out
+        return gx_TD, gweight_A[b : b + n], gw_in, gw_out
 
 
 class _DedupExperts(torch.autograd.Function):
@@ -460,9 +538,8 @@ class _DedupExperts(torch.autograd.Function):
         return gx, gweight.to(ctx.weight_dtype), gi, go, None
 
 
-
 # -- expert placement (HierMoE expert swap) --------------------------------------------------
-def local_experts(disp: DedupDispatcher, rank: Optional[int] = None) -> list[int]:
+def local_experts(disp: DedupDispatcher, rank: int | None = None) -> list[int]:
     """Experts of EP rank ``rank`` (default: this rank) in local-slot order."""
     p = disp.p_me if rank is None else rank
     mine = [e for e in range(disp.owner_E.numel()) if int(disp.owner_E[e]) == p]
@@ -480,15 +557,25 @@ def apply_placement(ep, owner_E, optimizer=None) -> None:
     """
     disp = ep.dispatcher
     if not isinstance(disp, DedupDispatcher):
-        raise ConfigError("dispatcher", getattr(ep, "dispatcher_name", type(disp).__name__),
-                          "'dedup' (the dispatcher that takes any expert placement)")
+        raise ConfigError(
+            "dispatcher",
+            getattr(ep, "dispatcher_name", type(disp).__name__),
+            "'dedup' (the dispatcher that takes any expert placement)",
+        )
     P, E_l = disp.P, disp.E_l
     owner = torch.as_tensor(owner_E, dtype=torch.long).cpu().reshape(-1)
-    if owner.numel() != P * E_l or int(owner.min()) < 0 or int(owner.max()) >= P \
-            or not bool((torch.bincount(owner, minlength=P) == E_l).all()):
-        raise ConfigError("owner_E", owner.tolist(), f"{P * E_l} ranks in [0, {P}), each "
-                          f"rank owning exactly {E_l} experts")
-    old_pos = disp.owner_E * E_l + disp.slot_E            # row of each expert in the gather
+    if (
+        owner.numel() != P * E_l
+        or int(owner.min()) < 0
+        or int(owner.max()) >= P
+        or not bool((torch.bincount(owner, minlength=P) == E_l).all())
+    ):
+        raise ConfigError(
+            "owner_E",
+            owner.tolist(),
+            f"{P * E_l} ranks in [0, {P}), each rank owning exactly {E_l} experts",
+        )
+    old_pos = disp.owner_E * E_l + disp.slot_E  # row of each expert in the gather
     mine = [e for e in range(P * E_l) if int(owner[e]) == disp.p_me]
     take = old_pos[torch.tensor(mine, dtype=torch.long)]
     slot = torch.zeros(P * E_l, dtype=torch.long)
@@ -497,8 +584,9 @@ def apply_placement(ep, owner_E, optimizer=None) -> None:
             slot[e] = i
 
     def moved(t: torch.Tensor) -> torch.Tensor:
-        full = all_gather_equal(t.contiguous(), disp.ep_group, "expert placement all-gather",
-                                disp.timeout_s)
+        full = all_gather_equal(
+            t.contiguous(), disp.ep_group, "expert placement all-gather", disp.timeout_s
+        )
         return full.reshape(P * E_l, *t.shape[1:]).index_select(0, take.to(t.device))
 
     for param in (ep.w_in, ep.w_out):
@@ -513,5 +601,4 @@ def apply_placement(ep, owner_E, optimizer=None) -> None:
     disp.set_placement(owner, slot)
 
 
-__all__ = ["DedupDispatcher", "LEVELS", "DedupRoute", "Hop", "apply_placement",
-           "local_experts"]
+__all__ = ["DedupDispatcher", "LEVELS", "DedupRoute", "Hop", "apply_placement", "local_experts"]

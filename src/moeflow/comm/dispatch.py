@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -39,8 +38,16 @@ from moeflow.comm.timeouts import Pending
 from moeflow.errors import ConfigError
 
 # keyword arguments every dispatcher takes; each class adds its own in ``options``
-COMMON_ARGS = ("ep_group", "ep_size", "ep_rank", "esp_group", "esp_size", "esp_rank",
-               "num_local_experts", "timeout_s")
+COMMON_ARGS = (
+    "ep_group",
+    "ep_size",
+    "ep_rank",
+    "esp_group",
+    "esp_size",
+    "esp_rank",
+    "num_local_experts",
+    "timeout_s",
+)
 
 
 # -- index arithmetic on variable-size blocks -----------------------------------------------
@@ -62,9 +69,12 @@ def exclusive_cumsum(t: torch.Tensor) -> torch.Tensor:
     return out.view(t.shape)
 
 
-def sub_block_index(sizes: torch.Tensor, sub_off: Optional[torch.Tensor] = None,
-                    sub_len: Optional[torch.Tensor] = None,
-                    perm: Optional[tuple] = None) -> torch.Tensor:
+def sub_block_index(
+    sizes: torch.Tensor,
+    sub_off: torch.Tensor | None = None,
+    sub_len: torch.Tensor | None = None,
+    perm: tuple | None = None,
+) -> torch.Tensor:
     """Row index that picks ``[sub_off, sub_off+sub_len)`` of every block and reorders blocks.
 
     Blocks are stored contiguously in C order of ``sizes`` (any number of dims). The result
@@ -79,8 +89,9 @@ def sub_block_index(sizes: torch.Tensor, sub_off: Optional[torch.Tensor] = None,
     base, length = base.reshape(-1), length.reshape(-1)
     total = int(length.sum())
     starts = exclusive_cumsum(length)
-    return (torch.repeat_interleave(base - starts, length, output_size=total)
-            + torch.arange(total, dtype=torch.long))
+    return torch.repeat_interleave(base - starts, length, output_size=total) + torch.arange(
+        total, dtype=torch.long
+    )
 
 
 # -- one communication step of a chunk -----------------------------------------------------
@@ -92,11 +103,11 @@ class CommStep:
     group: object
     in_splits: list
     out_splits: list
-    pre_index: Optional[torch.Tensor] = None
-    post_index: Optional[torch.Tensor] = None
-    compression: Optional[object] = None  # a comm.compressed.Compression: ZipCCL a2a (CPU)
+    pre_index: torch.Tensor | None = None
+    post_index: torch.Tensor | None = None
+    compression: object | None = None  # a comm.compressed.Compression: ZipCCL a2a (CPU)
 
-    def to(self, device) -> "CommStep":
+    def to(self, device) -> CommStep:
         """Move the reorder indices to ``device`` once (no host sync inside the pipeline)."""
         if self.pre_index is not None:
             self.pre_index = self.pre_index.to(device)
@@ -111,12 +122,21 @@ class CommStep:
         if self.compression is not None and not buf.is_cuda and buf.is_floating_point():
             from moeflow.comm.compressed import all_to_all as compressed_all_to_all
 
-            p = Pending.ready(compressed_all_to_all(
-                buf, self.in_splits, self.out_splits, self.group, self.compression,
-                op=self.label, timeout_s=timeout_s))
+            p = Pending.ready(
+                compressed_all_to_all(
+                    buf,
+                    self.in_splits,
+                    self.out_splits,
+                    self.group,
+                    self.compression,
+                    op=self.label,
+                    timeout_s=timeout_s,
+                )
+            )
         else:
-            p = all_to_all_v(buf, self.in_splits, self.out_splits, self.group, self.label,
-                             timeout_s)
+            p = all_to_all_v(
+                buf, self.in_splits, self.out_splits, self.group, self.label, timeout_s
+            )
         if self.post_index is None:
             return p
         post = self.post_index
@@ -137,21 +157,21 @@ class ChunkRoute:
     ``recv_SPE[my_esp_rank]``; the combine steps take that order back to ``send_index``'s.
     """
 
-    send_index: torch.Tensor          # rows of x_ext (index N = a zero padding row)
-    dispatch: list                    # CommSteps, source -> expert owner
-    combine: list                     # CommSteps, expert owner -> source
+    send_index: torch.Tensor  # rows of x_ext (index N = a zero padding row)
+    dispatch: list  # CommSteps, source -> expert owner
+    combine: list  # CommSteps, expert owner -> source
     recv_SPE: torch.Tensor
     device: object = None
-    send_gather: Optional[torch.Tensor] = None    # send_index fused with dispatch[0]'s regroup
-    expert_major: Optional[torch.Tensor] = None   # [s][p][e] -> expert-major (None: same)
-    expert_counts: Optional[torch.Tensor] = None  # rows per local expert, on the device
+    send_gather: torch.Tensor | None = None  # send_index fused with dispatch[0]'s regroup
+    expert_major: torch.Tensor | None = None  # [s][p][e] -> expert-major (None: same)
+    expert_counts: torch.Tensor | None = None  # rows per local expert, on the device
 
-    def to(self, device) -> "ChunkRoute":
+    def to(self, device) -> ChunkRoute:
         """Build the fused/expert-major indices and move every index to ``device`` once."""
         if self.device == device:
             return self
         gather = self.send_index
-        if self.dispatch[0].pre_index is not None:   # one gather instead of two
+        if self.dispatch[0].pre_index is not None:  # one gather instead of two
             gather = gather.index_select(0, self.dispatch[0].pre_index.cpu())
         self.send_gather = gather.to(device)
         self.send_index = self.send_index.to(device)
@@ -170,12 +190,12 @@ class ChunkRoute:
 class CountExchange:
     """Result of the count exchange for one forward call (shared by fwd and bwd chunks)."""
 
-    counts_E: torch.Tensor            # this rank's real assignments per global expert
-    send_PE: torch.Tensor             # rows sent per (EP destination, local expert)
-    recv_SPE: torch.Tensor            # rows received by each ESP peer from each EP source
-    full_PPE: Optional[torch.Tensor] = None   # [src, dst, e] over the EP group (2dh only)
-    slots: Optional[int] = None       # capacity mode: rows per (rank, expert)
-    num_rows: int = 0                 # N
+    counts_E: torch.Tensor  # this rank's real assignments per global expert
+    send_PE: torch.Tensor  # rows sent per (EP destination, local expert)
+    recv_SPE: torch.Tensor  # rows received by each ESP peer from each EP source
+    full_PPE: torch.Tensor | None = None  # [src, dst, e] over the EP group (2dh only)
+    slots: int | None = None  # capacity mode: rows per (rank, expert)
+    num_rows: int = 0  # N
     cache: dict = field(default_factory=dict)
 
     @property
@@ -194,21 +214,37 @@ class TokenDispatcher(abc.ABC):
     #: keyword arguments this dispatcher takes beyond :data:`COMMON_ARGS`
     options: tuple[str, ...] = ()
 
-    def __init__(self, *, ep_group, ep_size: int, ep_rank: int, esp_group, esp_size: int,
-                 esp_rank: int, num_local_experts: int, timeout_s: float):
+    def __init__(
+        self,
+        *,
+        ep_group,
+        ep_size: int,
+        ep_rank: int,
+        esp_group,
+        esp_size: int,
+        esp_rank: int,
+        num_local_experts: int,
+        timeout_s: float,
+    ):
         self.ep_group, self.P, self.p_me = ep_group, ep_size, ep_rank
         self.esp_group, self.S, self.s_me = esp_group, esp_size, esp_rank
         self.E_l = num_local_experts
         self.timeout_s = timeout_s
 
-    def begin(self, capacity: Optional[int], device=None) -> Optional[Pending]:
+    def begin(self, capacity: int | None, device=None) -> Pending | None:
         """Start whatever can go before routing (capacity mode: agree on the slot count)."""
         return None
 
     # collective: every rank of the EP and ESP groups must call it, in the same order
     @abc.abstractmethod
-    def exchange(self, counts_E: torch.Tensor, *, capacity: Optional[int] = None,
-                 device=None, started: Optional[Pending] = None) -> CountExchange:
+    def exchange(
+        self,
+        counts_E: torch.Tensor,
+        *,
+        capacity: int | None = None,
+        device=None,
+        started: Pending | None = None,
+    ) -> CountExchange:
         """Exchange per-expert counts; returns what every chunk's routing is derived from."""
 
     #: ZipCCL policy (``moeflow.comm.compressed.Compression``) for the row all-to-alls, or
@@ -233,8 +269,9 @@ class TokenDispatcher(abc.ABC):
     def _gather_esp(self, recv_PE: torch.Tensor, device) -> torch.Tensor:
         if self.S == 1:
             return recv_PE.unsqueeze(0)
-        t = all_gather_equal(recv_PE.to(device), self.esp_group, "ESP count all-gather",
-                             self.timeout_s)
+        t = all_gather_equal(
+            recv_PE.to(device), self.esp_group, "ESP count all-gather", self.timeout_s
+        )
         return t.cpu()
 
     def _dropless_send_index(self, ex: CountExchange, r: int, c: int) -> torch.Tensor:
@@ -242,10 +279,18 @@ class TokenDispatcher(abc.ABC):
         return sub_block_index(n, split_offsets(n, r, c), split_sizes(n, r, c))
 
     def _flat_steps(self, send_c: torch.Tensor, recv_c: torch.Tensor, c: int, r: int):
-        d = CommStep(f"dispatch all-to-all (chunk {c + 1}/{r})", self.ep_group,
-                     send_c.sum(1).tolist(), recv_c[self.s_me].sum(1).tolist())
-        k = CommStep(f"combine all-to-all (chunk {c + 1}/{r})", self.ep_group,
-                     recv_c[self.s_me].sum(1).tolist(), send_c.sum(1).tolist())
+        d = CommStep(
+            f"dispatch all-to-all (chunk {c + 1}/{r})",
+            self.ep_group,
+            send_c.sum(1).tolist(),
+            recv_c[self.s_me].sum(1).tolist(),
+        )
+        k = CommStep(
+            f"combine all-to-all (chunk {c + 1}/{r})",
+            self.ep_group,
+            recv_c[self.s_me].sum(1).tolist(),
+            send_c.sum(1).tolist(),
+        )
         return [d], [k]
 
 
@@ -257,11 +302,19 @@ class A2ADispatcher(TokenDispatcher):
     def exchange(self, counts_E, *, capacity=None, device=None, started=None):
         counts_E = counts_E.detach().to("cpu", torch.long)
         send_PE = counts_E.view(self.P, self.E_l)
-        recv_PE = all_to_all_equal(send_PE.to(device), self.ep_group, "count all-to-all",
-                                   self.timeout_s).cpu() if self.P > 1 else send_PE
-        return CountExchange(counts_E=counts_E, send_PE=send_PE,
-                             recv_SPE=self._gather_esp(recv_PE, device),
-                             num_rows=int(counts_E.sum()))
+        recv_PE = (
+            all_to_all_equal(
+                send_PE.to(device), self.ep_group, "count all-to-all", self.timeout_s
+            ).cpu()
+            if self.P > 1
+            else send_PE
+        )
+        return CountExchange(
+            counts_E=counts_E,
+            send_PE=send_PE,
+            recv_SPE=self._gather_esp(recv_PE, device),
+            num_rows=int(counts_E.sum()),
+        )
 
     def _route(self, ex, r, c):
         send_c = split_sizes(ex.send_PE, r, c)
@@ -286,8 +339,9 @@ class CapacityDispatcher(TokenDispatcher):
         t = torch.tensor([local], dtype=torch.long, device=device)
         if self.P * self.S == 1:
             return Pending.ready(t)
-        work = torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX,
-                                            group=self.world_group, async_op=True)
+        work = torch.distributed.all_reduce(
+            t, op=torch.distributed.ReduceOp.MAX, group=self.world_group, async_op=True
+        )
         return Pending(work, "capacity all-reduce", self.timeout_s, lambda: t)
 
     def begin(self, capacity, device=None):
@@ -296,19 +350,30 @@ class CapacityDispatcher(TokenDispatcher):
 
     def exchange(self, counts_E, *, capacity=None, device=None, started=None):
         counts_E = counts_E.detach().to("cpu", torch.long)
-        if started is not None:             # issued by begin() before routing
+        if started is not None:  # issued by begin() before routing
             slots = int(started.wait().item())
         else:
-            local = (int(capacity) if capacity is not None
-                     else int(counts_E.max()) if counts_E.numel() else 0)
+            local = (
+                int(capacity)
+                if capacity is not None
+                else int(counts_E.max())
+                if counts_E.numel()
+                else 0
+            )
             slots = int(self._max_over_ranks(local, device).wait().item())
         if counts_E.numel() and int(counts_E.max()) > slots:
-            raise ConfigError("capacity", slots,
-                              f"at least the largest expert count {int(counts_E.max())}")
+            raise ConfigError(
+                "capacity", slots, f"at least the largest expert count {int(counts_E.max())}"
+            )
         send_PE = torch.full((self.P, self.E_l), slots, dtype=torch.long)
         recv_SPE = torch.full((self.S, self.P, self.E_l), slots, dtype=torch.long)
-        return CountExchange(counts_E=counts_E, send_PE=send_PE, recv_SPE=recv_SPE,
-                             slots=slots, num_rows=int(counts_E.sum()))
+        return CountExchange(
+            counts_E=counts_E,
+            send_PE=send_PE,
+            recv_SPE=recv_SPE,
+            slots=slots,
+            num_rows=int(counts_E.sum()),
+        )
 
     def _route(self, ex, r, c):
         E, C, N = ex.counts_E.numel(), ex.slots, ex.num_rows
@@ -317,8 +382,7 @@ class CapacityDispatcher(TokenDispatcher):
         e, j = v // max(C, 1), v % max(C, 1)
         start = exclusive_cumsum(ex.counts_E)
         send_index = torch.where(j < ex.counts_E[e], start[e] + j, torch.full_like(v, N))
-        d, k = self._flat_steps(split_sizes(ex.send_PE, r, c), split_sizes(ex.recv_SPE, r, c),
-                                c, r)
+        d, k = self._flat_steps(split_sizes(ex.send_PE, r, c), split_sizes(ex.recv_SPE, r, c), c, r)
         return ChunkRoute(send_index, d, k, split_sizes(ex.recv_SPE, r, c))
 
 
@@ -343,12 +407,21 @@ class HierarchicalDispatcher(TokenDispatcher):
     def exchange(self, counts_E, *, capacity=None, device=None, started=None):
         counts_E = counts_E.detach().to("cpu", torch.long)
         send_PE = counts_E.view(self.P, self.E_l)
-        full = (all_gather_equal(send_PE.to(device), self.ep_group, "count all-gather (2dh)",
-                                 self.timeout_s).cpu() if self.P > 1 else send_PE.unsqueeze(0))
+        full = (
+            all_gather_equal(
+                send_PE.to(device), self.ep_group, "count all-gather (2dh)", self.timeout_s
+            ).cpu()
+            if self.P > 1
+            else send_PE.unsqueeze(0)
+        )
         recv_PE = full[:, self.p_me]
-        return CountExchange(counts_E=counts_E, send_PE=send_PE,
-                             recv_SPE=self._gather_esp(recv_PE, device), full_PPE=full,
-                             num_rows=int(counts_E.sum()))
+        return CountExchange(
+            counts_E=counts_E,
+            send_PE=send_PE,
+            recv_SPE=self._gather_esp(recv_PE, device),
+            full_PPE=full,
+            num_rows=int(counts_E.sum()),
+        )
 
     def _route(self, ex, r, c):
         n, L, E_l, a, j = self.n, self.L, self.E_l, self.a_me, self.j_me
@@ -358,34 +431,51 @@ class HierarchicalDispatcher(TokenDispatcher):
         tag = f"(chunk {c + 1}/{r})"
         # dispatch step 1 (intra-node): my rows [b][j'][e] regrouped as [j'][b][e]
         mine = send_c.view(n, L, E_l)
-        s1 = CommStep(f"2dh dispatch intra-node all-to-all {tag}", self.intra_group,
-                      mine.sum((0, 2)).tolist(), f5[a, :, :, j, :].sum((1, 2)).tolist(),
-                      pre_index=sub_block_index(mine, perm=(1, 0, 2)))
+        s1 = CommStep(
+            f"2dh dispatch intra-node all-to-all {tag}",
+            self.intra_group,
+            mine.sum((0, 2)).tolist(),
+            f5[a, :, :, j, :].sum((1, 2)).tolist(),
+            pre_index=sub_block_index(mine, perm=(1, 0, 2)),
+        )
         # dispatch step 2 (inter-node): received [i][b][e] regrouped as [b][i][e]
-        m = f5[a, :, :, j, :]                                     # [i, b, e]
-        s2 = CommStep(f"2dh dispatch inter-node all-to-all {tag}", self.inter_group,
-                      m.sum((0, 2)).tolist(), f5[:, :, a, j, :].sum((1, 2)).tolist(),
-                      pre_index=sub_block_index(m, perm=(1, 0, 2)))
+        m = f5[a, :, :, j, :]  # [i, b, e]
+        s2 = CommStep(
+            f"2dh dispatch inter-node all-to-all {tag}",
+            self.inter_group,
+            m.sum((0, 2)).tolist(),
+            f5[:, :, a, j, :].sum((1, 2)).tolist(),
+            pre_index=sub_block_index(m, perm=(1, 0, 2)),
+        )
         # combine step 1 (inter-node): my rows [a'][i][e] back to their nodes
-        back = f5[:, :, a, j, :]                                  # [a', i, e]
-        got = f5[a, :, :, j, :].permute(1, 0, 2)                  # [b', i, e] arrival order
-        k1 = CommStep(f"2dh combine inter-node all-to-all {tag}", self.inter_group,
-                      back.sum((1, 2)).tolist(), got.sum((1, 2)).tolist(),
-                      post_index=sub_block_index(got.contiguous(), perm=(1, 0, 2)))
+        back = f5[:, :, a, j, :]  # [a', i, e]
+        got = f5[a, :, :, j, :].permute(1, 0, 2)  # [b', i, e] arrival order
+        k1 = CommStep(
+            f"2dh combine inter-node all-to-all {tag}",
+            self.inter_group,
+            back.sum((1, 2)).tolist(),
+            got.sum((1, 2)).tolist(),
+            post_index=sub_block_index(got.contiguous(), perm=(1, 0, 2)),
+        )
         # combine step 2 (intra-node): rows [i][b][e] back to local index i; arrive [j'][b][e]
-        mine_back = f5[a, :, :, j, :]                             # [i, b, e] after k1
+        mine_back = f5[a, :, :, j, :]  # [i, b, e] after k1
         arr = send_c.view(n, L, E_l).permute(1, 0, 2).contiguous()  # [j', b, e]
-        k2 = CommStep(f"2dh combine intra-node all-to-all {tag}", self.intra_group,
-                      mine_back.sum((1, 2)).tolist(), arr.sum((1, 2)).tolist(),
-                      post_index=sub_block_index(arr, perm=(1, 0, 2)))
+        k2 = CommStep(
+            f"2dh combine intra-node all-to-all {tag}",
+            self.intra_group,
+            mine_back.sum((1, 2)).tolist(),
+            arr.sum((1, 2)).tolist(),
+            post_index=sub_block_index(arr, perm=(1, 0, 2)),
+        )
         return ChunkRoute(self._dropless_send_index(ex, r, c), [s1, s2], [k1, k2], recv_c)
 
 
 # "dedup" (HierMoE token dedup, :mod:`moeflow.comm.dedup`) moves tokens, not permuted rows:
 # same constructor arguments, its own forward_tokens instead of exchange/route
 DISPATCHER_CLASSES: dict[str, type] = {
-    cls.name: cls for cls in (A2ADispatcher, CapacityDispatcher, HierarchicalDispatcher,
-                              DedupDispatcher)}
+    cls.name: cls
+    for cls in (A2ADispatcher, CapacityDispatcher, HierarchicalDispatcher, DedupDispatcher)
+}
 DISPATCHERS = tuple(DISPATCHER_CLASSES)
 
 
@@ -407,10 +497,16 @@ def make_dispatcher(name: str, **kw):
     allowed = COMMON_ARGS + cls.options
     unknown = sorted(set(kw) - set(allowed))
     if unknown:
-        raise ConfigError(f"make_dispatcher({name!r}) arguments", unknown,
-                          f"the keyword arguments of {cls.__name__}: {list(allowed)}")
+        raise ConfigError(
+            f"make_dispatcher({name!r}) arguments",
+            unknown,
+            f"the keyword arguments of {cls.__name__}: {list(allowed)}",
+        )
     missing = [a for a in COMMON_ARGS if a not in kw]
     if missing:
-        raise ConfigError(f"make_dispatcher({name!r}) arguments", sorted(kw),
-                          f"all of {list(COMMON_ARGS)}; missing {missing}")
+        raise ConfigError(
+            f"make_dispatcher({name!r}) arguments",
+            sorted(kw),
+            f"all of {list(COMMON_ARGS)}; missing {missing}",
+        )
     return cls(**kw)

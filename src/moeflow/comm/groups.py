@@ -8,7 +8,7 @@ global ranks, because a hashed group name can exist only once per process.
 from __future__ import annotations
 
 import datetime
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch.distributed as dist
 
@@ -22,7 +22,7 @@ def global_ranks(group) -> list[int]:
     return list(dist.get_process_group_ranks(group))
 
 
-def subgroup(parent, member_group_ranks: Sequence[int], timeout_s: Optional[float] = None):
+def subgroup(parent, member_group_ranks: Sequence[int], timeout_s: float | None = None):
     """The process group of ``member_group_ranks`` (ranks *within* ``parent``).
 
     Returns ``parent`` itself when the sub-group is all of it, and a cached group otherwise.
@@ -38,8 +38,7 @@ def subgroup(parent, member_group_ranks: Sequence[int], timeout_s: Optional[floa
         kwargs = {}
         if timeout_s is not None:
             kwargs["timeout"] = datetime.timedelta(seconds=float(timeout_s))
-        _CACHE[ranks] = dist.new_group(ranks=list(ranks), use_local_synchronization=True,
-                                       **kwargs)
+        _CACHE[ranks] = dist.new_group(ranks=list(ranks), use_local_synchronization=True, **kwargs)
     return _CACHE[ranks]
 
 

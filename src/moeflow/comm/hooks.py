@@ -47,16 +47,23 @@ def zipccl_hook(state: ZipCCLHookState, bucket) -> torch.futures.Future[torch.Te
     return fut
 
 
-def register_comm_hook(ddp_model, compress="auto", perf=None, *, group=None,
-                       timeout_s: float | None = None,
-                       threads: int | None = 1) -> "ZipCCLHookState":
+def register_comm_hook(
+    ddp_model,
+    compress="auto",
+    perf=None,
+    *,
+    group=None,
+    timeout_s: float | None = None,
+    threads: int | None = 1,
+) -> "ZipCCLHookState":
     """Install :func:`zipccl_hook` on a ``DistributedDataParallel`` model; returns its state.
 
     ``compress``: True, False, "auto" (ZipCCL's switch under ``perf``) or a
     :class:`~moeflow.comm.compressed.Compression`. ``group`` must be the DDP model's process
     group (None: the default group)."""
-    state = ZipCCLHookState(as_compression(compress, perf, timeout_s=timeout_s,
-                                           threads=threads), group)
+    state = ZipCCLHookState(
+        as_compression(compress, perf, timeout_s=timeout_s, threads=threads), group
+    )
     ddp_model.register_comm_hook(state, zipccl_hook)
     return state
 
@@ -86,8 +93,7 @@ def _make_fsdp_comms(compression: Compression):
         def __call__(self, output_tensor, input_tensor, group, async_op=False):
             if input_tensor.dtype not in floats or input_tensor.is_cuda:
                 return plain_ag(output_tensor, input_tensor, group=group, async_op=async_op)
-            out = all_gather(input_tensor.reshape(-1), group, compression,
-                             op="fsdp all-gather")
+            out = all_gather(input_tensor.reshape(-1), group, compression, op="fsdp all-gather")
             output_tensor.copy_(out.view_as(output_tensor))
             return None
 
@@ -99,12 +105,15 @@ def _make_fsdp_comms(compression: Compression):
 
         def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
             avg = op == dist.ReduceOp.AVG
-            if (input_tensor.dtype not in floats or input_tensor.is_cuda
-                    or not (avg or op == dist.ReduceOp.SUM)):
-                return plain_rs(output_tensor, input_tensor, op=op, group=group,
-                                async_op=async_op)
-            out = reduce_scatter(input_tensor.reshape(-1), group, compression,
-                                 op="fsdp reduce-scatter")
+            if (
+                input_tensor.dtype not in floats
+                or input_tensor.is_cuda
+                or not (avg or op == dist.ReduceOp.SUM)
+            ):
+                return plain_rs(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+            out = reduce_scatter(
+                input_tensor.reshape(-1), group, compression, op="fsdp reduce-scatter"
+            )
             if avg:
                 out = out.div_(dist.get_world_size(group))
             output_tensor.copy_(out.view_as(output_tensor))
@@ -113,8 +122,9 @@ def _make_fsdp_comms(compression: Compression):
     return ZipCCLAllGather(), ZipCCLReduceScatter()
 
 
-def compress_fsdp(module, compress="auto", perf=None, *, timeout_s: float | None = None,
-                  threads: int | None = 1) -> Compression:
+def compress_fsdp(
+    module, compress="auto", perf=None, *, timeout_s: float | None = None, threads: int | None = 1
+) -> Compression:
     """Install ZipCCL's all-gather and reduce-scatter on every ``fully_shard``-ed submodule
     of ``module`` (FSDP2, torch >= 2.13); returns the shared policy (its ``stats`` count the
     decisions and bytes)."""

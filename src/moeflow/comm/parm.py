@@ -59,8 +59,11 @@ class _MPCopy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         g = g.contiguous().clone()
-        return all_reduce(g, ctx.group, "Parm MP input-gradient all-reduce", ctx.timeout_s), \
-            None, None
+        return (
+            all_reduce(g, ctx.group, "Parm MP input-gradient all-reduce", ctx.timeout_s),
+            None,
+            None,
+        )
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -83,12 +86,13 @@ class _MPSplit(torch.autograd.Function):
     def forward(ctx, x_TD, sizes, s, group, timeout_s):
         ctx.sizes, ctx.group, ctx.timeout_s = sizes, group, timeout_s
         lo = sum(sizes[:s])
-        return x_TD[lo:lo + sizes[s]].clone()
+        return x_TD[lo : lo + sizes[s]].clone()
 
     @staticmethod
     def backward(ctx, g):
-        full = all_gather_v(g.contiguous(), ctx.sizes, ctx.group, "Parm MP-Split backward "
-                            "all-gather", ctx.timeout_s).wait()
+        full = all_gather_v(
+            g.contiguous(), ctx.sizes, ctx.group, "Parm MP-Split backward all-gather", ctx.timeout_s
+        ).wait()
         return full, None, None, None, None
 
 
@@ -99,12 +103,11 @@ class _MPAllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_sD, sizes, s, group, timeout_s):
         ctx.lo, ctx.n = sum(sizes[:s]), sizes[s]
-        return all_gather_v(y_sD.contiguous(), sizes, group, "Parm MP-AllGather",
-                            timeout_s).wait()
+        return all_gather_v(y_sD.contiguous(), sizes, group, "Parm MP-AllGather", timeout_s).wait()
 
     @staticmethod
     def backward(ctx, g):
-        return g[ctx.lo:ctx.lo + ctx.n].contiguous(), None, None, None, None
+        return g[ctx.lo : ctx.lo + ctx.n].contiguous(), None, None, None, None
 
 
 class _GatherRows(torch.autograd.Function):
@@ -114,16 +117,26 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_sD, share):
         ctx.share = share
-        g = all_gather_v(y_sD.contiguous(), share.sizes, share.group,
-                         "Parm S2 MP-AllGather of expert rows", share.timeout_s).wait()
+        g = all_gather_v(
+            y_sD.contiguous(),
+            share.sizes,
+            share.group,
+            "Parm S2 MP-AllGather of expert rows",
+            share.timeout_s,
+        ).wait()
         return g.new_empty(share.N, g.shape[-1]).index_copy_(0, share.order, g)
 
     @staticmethod
     def backward(ctx, g_ND):
         sh = ctx.share
         g = g_ND.index_select(0, sh.order)
-        own = reduce_scatter_v(g.contiguous(), sh.sizes, sh.group,
-                               "Parm S2 MP reduce-scatter of row gradients", sh.timeout_s)
+        own = reduce_scatter_v(
+            g.contiguous(),
+            sh.sizes,
+            sh.group,
+            "Parm S2 MP reduce-scatter of row gradients",
+            sh.timeout_s,
+        )
         return own.wait(), None
 
 
@@ -160,9 +173,12 @@ def check_mp_group(ep, mp_group, schedule: str) -> str:
             raise ConfigError("schedule", schedule, "'plain' unless mp_group is given")
         return schedule
     if sorted(global_ranks(mp_group)) != sorted(global_ranks(ep.esp_group)):
-        raise ConfigError("mp_group", global_ranks(mp_group),
-                          f"this rank's ESP group {global_ranks(ep.esp_group)} (Parm: the "
-                          f"MP group is the expert-sharding group; set esp_size to its size)")
+        raise ConfigError(
+            "mp_group",
+            global_ranks(mp_group),
+            f"this rank's ESP group {global_ranks(ep.esp_group)} (Parm: the "
+            f"MP group is the expert-sharding group; set esp_size to its size)",
+        )
     return schedule
 
 
@@ -170,7 +186,7 @@ def _count_bytes(ep, row_bytes: int, counts_E=None) -> None:
     """Bytes of this call's EP all-to-alls per link level (dispatch + combine)."""
     P, E_l, S = ep.ep_size, ep.num_local_experts, ep.esp_size
     if ep.dispatcher_name == "capacity":
-        return   # padded splits: not what this counter models
+        return  # padded splits: not what this counter models
     counts_E = ep.last_counts_E if counts_E is None else counts_E
     rows_P = counts_E.detach().cpu().view(P, E_l).sum(1).tolist()
     me = ep.rank
@@ -185,11 +201,18 @@ def choose(ep, T: int, D: int, row_bytes: int) -> str:
     """``auto``: Parm's choice from the α-β model of :mod:`moeflow.plan.parm`."""
     from moeflow.plan.parm import ParmLayer, choose_schedule
 
-    layer = ParmLayer(tokens=max(T, 1), hidden=D, top_k=ep.cfg.top_k, mp=ep.esp_size,
-                      nodes=ep.topology.num_nodes, bytes_per_elem=max(row_bytes // D, 1))
+    layer = ParmLayer(
+        tokens=max(T, 1),
+        hidden=D,
+        top_k=ep.cfg.top_k,
+        mp=ep.esp_size,
+        nodes=ep.topology.num_nodes,
+        bytes_per_elem=max(row_bytes // D, 1),
+    )
     cluster = ep.parm_cluster
     if cluster is None:
         from moeflow.plan.parm import ParmCluster
+
         cluster = ParmCluster()
     return choose_schedule(layer, cluster, ep.r_fwd)[0]
 
@@ -211,7 +234,7 @@ def parm_forward(ep, x: torch.Tensor, r_fwd=None, r_bwd=None) -> torch.Tensor:
         _count_bytes(ep, row_bytes)
         if S > 1:
             y_TD = _ScaleGrad.apply(y_TD, 1.0 / S)
-            ep.aux_loss = ep.aux_loss / S    # each MP rank holds the same batch's aux loss
+            ep.aux_loss = ep.aux_loss / S  # each MP rank holds the same batch's aux loss
         return y_TD.reshape(shape)
     if dist.get_world_size(group) != S:
         raise ConfigError("mp_group", dist.get_world_size(group), f"{S} ranks (= esp_size)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -42,12 +42,15 @@ def wait_work(work, op: str, timeout_s: float, stream_ordered: bool = False) -> 
         raise
     except Exception as e:  # gloo raises RuntimeError for both timeouts and dead peers
         waited = time.monotonic() - t0
-        why = (f"did not finish within {timeout_s:g}s: a peer rank stalls or died"
-               if waited >= 0.9 * timeout_s else
-               f"failed after {waited:.2f}s (deadline {timeout_s:g}s): a peer rank died "
-               f"or dropped its connection")
+        why = (
+            f"did not finish within {timeout_s:g}s: a peer rank stalls or died"
+            if waited >= 0.9 * timeout_s
+            else f"failed after {waited:.2f}s (deadline {timeout_s:g}s): a peer rank died "
+            f"or dropped its connection"
+        )
         raise CommTimeoutError(
-            f"{op} {why} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+            f"{op} {why} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from e
     if ok is False:
         raise CommTimeoutError(f"{op} did not finish within {timeout_s:g}s")
 
@@ -61,14 +64,20 @@ class Pending:
 
     __slots__ = ("work", "op", "timeout_s", "_finish", "_value", "_done", "stream_ordered")
 
-    def __init__(self, work, op: str, timeout_s: float,
-                 finish: Callable[[], torch.Tensor], stream_ordered: bool = False):
+    def __init__(
+        self,
+        work,
+        op: str,
+        timeout_s: float,
+        finish: Callable[[], torch.Tensor],
+        stream_ordered: bool = False,
+    ):
         self.work, self.op, self.timeout_s = work, op, timeout_s
         self._finish, self._value, self._done = finish, None, False
         self.stream_ordered = stream_ordered
 
     @classmethod
-    def ready(cls, value: torch.Tensor) -> "Pending":
+    def ready(cls, value: torch.Tensor) -> Pending:
         p = cls(None, "local", 0.0, lambda: value)
         return p
 
@@ -80,9 +89,10 @@ class Pending:
         return self._value
 
 
-def resolve_timeout(timeout_s: Optional[float]) -> float:
+def resolve_timeout(timeout_s: float | None) -> float:
     """``timeout_s`` or the default; must be positive."""
     from moeflow.errors import ConfigError
+
     t = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
     if not (isinstance(t, (int, float)) and t > 0):
         raise ConfigError("timeout_s", timeout_s, "a number of seconds > 0")

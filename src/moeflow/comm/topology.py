@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 from moeflow.errors import ConfigError, DistributedConfigError
 from moeflow.validate import positive_int
@@ -39,16 +38,17 @@ class Topology:
         if self.world_size % self.ranks_per_node:
             raise DistributedConfigError(
                 f"Topology.ranks_per_node={self.ranks_per_node} does not divide "
-                f"world_size={self.world_size}: nodes must hold the same number of ranks")
+                f"world_size={self.world_size}: nodes must hold the same number of ranks"
+            )
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def explicit(cls, world_size: int, ranks_per_node: int) -> "Topology":
+    def explicit(cls, world_size: int, ranks_per_node: int) -> Topology:
         """A declared layout, e.g. ``Topology.explicit(world_size=4, ranks_per_node=2)``."""
         return cls(world_size=world_size, ranks_per_node=ranks_per_node)
 
     @classmethod
-    def from_env(cls, group=None, env: Optional[dict] = None) -> "Topology":
+    def from_env(cls, group=None, env: dict | None = None) -> Topology:
         """Read the layout torchrun exports (``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``).
 
         Without ``LOCAL_WORLD_SIZE`` all ranks are taken to share one node. When ``group``
@@ -60,6 +60,7 @@ class Topology:
         world = None
         try:
             import torch.distributed as dist
+
             if dist.is_available() and dist.is_initialized():
                 world = dist.get_world_size(group)
         except Exception:  # torch missing or no default group: fall back to the env
@@ -78,7 +79,8 @@ class Topology:
     def _check(self, rank: int) -> None:
         if not 0 <= rank < self.world_size:
             raise DistributedConfigError(
-                f"rank={rank!r} is not allowed: an int in [0, {self.world_size})")
+                f"rank={rank!r} is not allowed: an int in [0, {self.world_size})"
+            )
 
     def node_of(self, rank: int) -> int:
         self._check(rank)
@@ -103,7 +105,7 @@ class Topology:
             return "self"
         return "intra_node" if self.node_of(a) == self.node_of(b) else "inter_node"
 
-    def strided(self, stride: int) -> "Topology":
+    def strided(self, stride: int) -> Topology:
         """Topology of a sub-group ``{offset + stride*p}``, e.g. an EP group beside ESP.
 
         The layout is the same for every offset in ``[0, stride)``, so none is asked for.
@@ -111,12 +113,14 @@ class Topology:
         """
         if self.ranks_per_node % stride or self.world_size % stride:
             raise DistributedConfigError(
-                f"stride={stride} must divide ranks_per_node={self.ranks_per_node}")
-        return Topology(world_size=self.world_size // stride,
-                        ranks_per_node=self.ranks_per_node // stride)
+                f"stride={stride} must divide ranks_per_node={self.ranks_per_node}"
+            )
+        return Topology(
+            world_size=self.world_size // stride, ranks_per_node=self.ranks_per_node // stride
+        )
 
     # -- process groups -----------------------------------------------------------------
-    def build_groups(self, group=None, timeout_s: Optional[float] = None) -> "TopologyGroups":
+    def build_groups(self, group=None, timeout_s: float | None = None) -> TopologyGroups:
         """Create (or fetch cached) intra-node and inter-node groups for the calling rank.
 
         ``group`` is the process group this topology describes (None: the default group).
@@ -124,12 +128,14 @@ class Topology:
         synchronisation, so ranks outside ``group`` need not).
         """
         import torch.distributed as dist
+
         from moeflow.comm.groups import subgroup
 
         size = dist.get_world_size(group)
         if size != self.world_size:
             raise DistributedConfigError(
-                f"Topology.world_size={self.world_size} but the process group has {size} ranks")
+                f"Topology.world_size={self.world_size} but the process group has {size} ranks"
+            )
         me = dist.get_rank(group)
         node, local = self.node_of(me), self.local_index(me)
         intra = subgroup(group, self.node_ranks(node), timeout_s=timeout_s)
@@ -145,4 +151,3 @@ class TopologyGroups:
     rank: int
     intra_node: object
     inter_node: object
-

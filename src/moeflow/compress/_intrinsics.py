@@ -26,8 +26,12 @@ def _elem_ptr(context, builder, arrty, arr, index, width=None):
 
 
 def _c_array(arr, dtype, mutable=False):
-    return (isinstance(arr, types.Array) and arr.dtype == dtype and arr.layout == "C"
-            and (arr.mutable or not mutable))
+    return (
+        isinstance(arr, types.Array)
+        and arr.dtype == dtype
+        and arr.layout == "C"
+        and (arr.mutable or not mutable)
+    )
 
 
 @intrinsic
@@ -37,8 +41,7 @@ def load_u64(typingctx, arr, index):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.load(_elem_ptr(context, builder, sig.args[0], args[0], args[1], 64),
-                            align=1)
+        return builder.load(_elem_ptr(context, builder, sig.args[0], args[0], args[1], 64), align=1)
 
     return types.uint64(arr, index), codegen
 
@@ -46,8 +49,11 @@ def load_u64(typingctx, arr, index):
 @intrinsic
 def store_u32(typingctx, arr, index, value):
     """Write the low 32 bits of ``value`` to ``arr[index:index + 4]`` (``arr``: uint8)."""
-    if not (_c_array(arr, types.uint8, mutable=True) and isinstance(index, types.Integer)
-            and isinstance(value, types.Integer)):
+    if not (
+        _c_array(arr, types.uint8, mutable=True)
+        and isinstance(index, types.Integer)
+        and isinstance(value, types.Integer)
+    ):
         return None
 
     def codegen(context, builder, sig, args):
@@ -66,8 +72,11 @@ def store_u32(typingctx, arr, index, value):
 @intrinsic
 def fetch_add(typingctx, arr, index, value):
     """Atomically ``arr[index] += value``; returns the old value (``arr``: int64)."""
-    if not (_c_array(arr, types.int64, mutable=True) and isinstance(index, types.Integer)
-            and isinstance(value, types.Integer)):
+    if not (
+        _c_array(arr, types.int64, mutable=True)
+        and isinstance(index, types.Integer)
+        and isinstance(value, types.Integer)
+    ):
         return None
 
     def codegen(context, builder, sig, args):

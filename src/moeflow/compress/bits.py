@@ -23,7 +23,7 @@ from moeflow.errors import InputError
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 MAX_NDIM = 32
-MAX_DIM = 1 << 48    # per dimension
+MAX_DIM = 1 << 48  # per dimension
 MAX_NUMEL = 1 << 48  # per tensor (2**48 bf16 values are 512 TiB)
 
 
@@ -55,19 +55,41 @@ FLOAT_SPECS = {
 # Every dtype safetensors knows, so the raw codec can store any tensor of a checkpoint.
 # code -> (name, itemsize)
 ALL_DTYPES = {
-    1: ("bfloat16", 2), 2: ("float16", 2), 3: ("float32", 4), 4: ("float64", 8),
-    5: ("int8", 1), 6: ("uint8", 1), 7: ("int16", 2), 8: ("uint16", 2), 9: ("int32", 4),
-    10: ("uint32", 4), 11: ("int64", 8), 12: ("uint64", 8), 13: ("bool", 1),
-    14: ("float8_e4m3fn", 1), 15: ("float8_e5m2", 1),
+    1: ("bfloat16", 2),
+    2: ("float16", 2),
+    3: ("float32", 4),
+    4: ("float64", 8),
+    5: ("int8", 1),
+    6: ("uint8", 1),
+    7: ("int16", 2),
+    8: ("uint16", 2),
+    9: ("int32", 4),
+    10: ("uint32", 4),
+    11: ("int64", 8),
+    12: ("uint64", 8),
+    13: ("bool", 1),
+    14: ("float8_e4m3fn", 1),
+    15: ("float8_e5m2", 1),
 }
 DTYPE_CODES = {name: code for code, (name, _) in ALL_DTYPES.items()}
 DTYPE_ITEMSIZE = {name: size for _, (name, size) in ALL_DTYPES.items()}
 
 # safetensors' dtype strings
 SAFETENSORS_NAMES = {
-    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8",
-    "U8": "uint8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
-    "I64": "int64", "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "I8": "int8",
+    "U8": "uint8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
 }
 
@@ -76,8 +98,9 @@ def float_spec(dtype: str) -> DTypeSpec:
     try:
         return FLOAT_SPECS[dtype]
     except KeyError:
-        raise InputError(f"dtype {dtype!r} has no float bit layout here; "
-                         f"allowed: {sorted(FLOAT_SPECS)}") from None
+        raise InputError(
+            f"dtype {dtype!r} has no float bit layout here; allowed: {sorted(FLOAT_SPECS)}"
+        ) from None
 
 
 def _is_int(v) -> bool:
@@ -96,8 +119,9 @@ def check_shape(shape, error=InputError, what: str = "shape") -> tuple[int, ...]
         raise error(f"{what} has {len(shape)} dimensions; at most {MAX_NDIM} allowed")
     for s in shape:
         if not _is_int(s) or not 0 <= s <= MAX_DIM:
-            raise error(f"{what} {list(shape)!r} has dimension {s!r}; each must be an int "
-                        f"in [0, 2**48]")
+            raise error(
+                f"{what} {list(shape)!r} has dimension {s!r}; each must be an int in [0, 2**48]"
+            )
     out = tuple(int(s) for s in shape)
     if math.prod(out) > MAX_NUMEL:
         raise error(f"{what} {list(out)} has {math.prod(out)} elements; at most 2**48 allowed")
@@ -165,10 +189,16 @@ def out_bits(out, dtype: str, shape) -> np.ndarray:
 
     if not isinstance(out, torch.Tensor):
         raise InputError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if (str(out.dtype).removeprefix("torch.") != dtype or tuple(out.shape) != tuple(shape)
-            or out.device.type != "cpu" or not out.is_contiguous()):
-        raise InputError(f"out must be a contiguous CPU {dtype} tensor of shape {tuple(shape)}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if (
+        str(out.dtype).removeprefix("torch.") != dtype
+        or tuple(out.shape) != tuple(shape)
+        or out.device.type != "cpu"
+        or not out.is_contiguous()
+    ):
+        raise InputError(
+            f"out must be a contiguous CPU {dtype} tensor of shape {tuple(shape)}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
     if out.requires_grad and torch.is_grad_enabled():
         raise InputError("out requires grad; decode into it under torch.no_grad()")
     flat = out.detach().reshape(-1)

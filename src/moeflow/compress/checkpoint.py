@@ -59,15 +59,15 @@ from moeflow.progress import Progress
 
 MAGIC = b"MFZ1"
 END = b"MFZEND\0\0"
-VERSION = 1           # written when every data byte belongs to a tensor
-VERSION_GAPS = 2      # written when uncovered bytes are stored ("gaps")
+VERSION = 1  # written when every data byte belongs to a tensor
+VERSION_GAPS = 2  # written when uncovered bytes are stored ("gaps")
 READ_VERSIONS = (VERSION, VERSION_GAPS)
 _HEAD = struct.Struct("<4sIQ")
 _FOOT = struct.Struct("<QQII8s")
-MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit on its JSON header
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
 # the index holds the header as a JSON string (escaping at most 6x) plus ~200 B per entry
 MAX_INDEX_BYTES = 6 * MAX_HEADER_BYTES + (64 << 20)
-GAP_PIECE = 64 << 20           # stored byte ranges are cut into blobs of at most this
+GAP_PIECE = 64 << 20  # stored byte ranges are cut into blobs of at most this
 _GAP_BLOB_OVERHEAD = header_nbytes(1)  # a stored range is a raw 1-D uint8 blob
 
 
@@ -146,8 +146,9 @@ def check_paths(src: str, dst: str, overwrite: bool) -> None:
         raise InputError(f"output {dst!r} is a directory; give a file name")
     if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
         raise InputError(f"the directory of output {dst!r} does not exist")
-    if os.path.exists(dst) and (os.path.samefile(src, dst)
-                                or os.path.realpath(src) == os.path.realpath(dst)):
+    if os.path.exists(dst) and (
+        os.path.samefile(src, dst) or os.path.realpath(src) == os.path.realpath(dst)
+    ):
         raise InputError(f"output {dst!r} is the input file; write to another path")
     if os.path.lexists(dst) and not overwrite:
         raise InputError(f"output {dst!r} exists; pass --force to overwrite it")
@@ -175,8 +176,9 @@ def atomic_output(path: str, overwrite: bool = True):
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
             if not overwrite and os.path.lexists(path):
-                raise InputError(f"output {path!r} appeared while writing; pass --force to "
-                                 "overwrite it")
+                raise InputError(
+                    f"output {path!r} appeared while writing; pass --force to overwrite it"
+                )
             os.replace(tmp, path)
             tmp = None
         finally:
@@ -235,24 +237,35 @@ def parse_safetensors_header(raw: bytes, data_len: int, error=InputError):
                 raise error("safetensors __metadata__ must be an object of string values")
             continue
         if not isinstance(info, dict):
-            raise error(f"tensor {name!r}: entry is a JSON {type(info).__name__}; expected an "
-                        "object with dtype, shape and data_offsets")
+            raise error(
+                f"tensor {name!r}: entry is a JSON {type(info).__name__}; expected an "
+                "object with dtype, shape and data_offsets"
+            )
         st_dtype = info.get("dtype")
         if not isinstance(st_dtype, str) or st_dtype not in SAFETENSORS_NAMES:
-            raise error(f"tensor {name!r}: dtype {st_dtype!r}; allowed: "
-                        f"{sorted(SAFETENSORS_NAMES)}")
+            raise error(
+                f"tensor {name!r}: dtype {st_dtype!r}; allowed: {sorted(SAFETENSORS_NAMES)}"
+            )
         dtype = SAFETENSORS_NAMES[st_dtype]
         shape = check_shape(info.get("shape"), error, f"tensor {name!r}: shape")
         offs = info.get("data_offsets")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(x) for x in offs)
-                or not 0 <= offs[0] <= offs[1] <= data_len):
-            raise error(f"tensor {name!r}: data_offsets {offs!r} must be two ints with "
-                        f"0 <= start <= end <= {data_len} (the data bytes)")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(_is_int(x) for x in offs)
+            or not 0 <= offs[0] <= offs[1] <= data_len
+        ):
+            raise error(
+                f"tensor {name!r}: data_offsets {offs!r} must be two ints with "
+                f"0 <= start <= end <= {data_len} (the data bytes)"
+            )
         start, end = offs
         if end - start != numel(shape) * DTYPE_ITEMSIZE[dtype]:
-            raise error(f"tensor {name!r}: data_offsets {start}..{end} hold {end - start} "
-                        f"bytes; shape {list(shape)} of {st_dtype} needs "
-                        f"{numel(shape) * DTYPE_ITEMSIZE[dtype]}")
+            raise error(
+                f"tensor {name!r}: data_offsets {start}..{end} hold {end - start} "
+                f"bytes; shape {list(shape)} of {st_dtype} needs "
+                f"{numel(shape) * DTYPE_ITEMSIZE[dtype]}"
+            )
         entries.append(TensorEntry(start, end, name, dtype, shape))
     entries.sort(key=lambda e: (e.start, e.end))
     return text, entries, _gaps(entries, data_len, error)
@@ -265,8 +278,10 @@ def _gaps(entries, data_len: int, error) -> list[tuple[int, int]]:
         if e.start == e.end:  # an empty tensor covers nothing and cannot overlap
             continue
         if e.start < cursor:
-            raise error(f"tensors {last!r} and {e.name!r} overlap in the data bytes "
-                        f"(at {e.start}..{min(cursor, e.end)})")
+            raise error(
+                f"tensors {last!r} and {e.name!r} overlap in the data bytes "
+                f"(at {e.start}..{min(cursor, e.end)})"
+            )
         if e.start > cursor:
             gaps.append((cursor, e.start))
         cursor, last = e.end, e.name
@@ -285,8 +300,10 @@ def read_safetensors_header(f):
         raise InputError("not a safetensors file: shorter than 8 bytes")
     (hlen,) = struct.unpack("<Q", raw)
     if hlen > size - 8 or hlen > MAX_HEADER_BYTES:
-        raise InputError(f"not a safetensors file: header length {hlen} exceeds the "
-                         f"{size}-byte file or the {MAX_HEADER_BYTES}-byte limit")
+        raise InputError(
+            f"not a safetensors file: header length {hlen} exceeds the "
+            f"{size}-byte file or the {MAX_HEADER_BYTES}-byte limit"
+        )
     text, entries, gaps = parse_safetensors_header(f.read(hlen), size - 8 - hlen)
     return 8 + hlen, text, entries, gaps
 
@@ -299,24 +316,40 @@ def _read_exact(f, n: int, what: str) -> np.ndarray:
     return buf
 
 
-def compress_file(src: str, dst: str, codec: str = "auto", threads: int | None = None,
-                  progress: bool = False, overwrite: bool = False) -> dict:
+def compress_file(
+    src: str,
+    dst: str,
+    codec: str = "auto",
+    threads: int | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Compress a safetensors file into ``.mfz``; returns the index. Nothing is written
     unless the whole input validates; ``overwrite`` allows replacing an existing ``dst``."""
     check_paths(src, dst, overwrite)
     with open(src, "rb") as f:
         data_start, text, entries, gaps = read_safetensors_header(f)
         data_len = os.fstat(f.fileno()).st_size - data_start
-        pieces = [(p, min(p + GAP_PIECE, stop)) for start, stop in gaps
-                  for p in range(start, stop, GAP_PIECE)]
-        index = {"format": "moeflow-mfz", "version": VERSION_GAPS if pieces else VERSION,
-                 "safetensors_header": text, "data_bytes": data_len, "tensors": []}
+        pieces = [
+            (p, min(p + GAP_PIECE, stop))
+            for start, stop in gaps
+            for p in range(start, stop, GAP_PIECE)
+        ]
+        index = {
+            "format": "moeflow-mfz",
+            "version": VERSION_GAPS if pieces else VERSION,
+            "safetensors_header": text,
+            "data_bytes": data_len,
+            "tensors": [],
+        }
         if pieces:
             index["gaps"] = []
         bar = Progress(data_len, "compress", enabled=progress)
         # write in data order, tensors and stored ranges interleaved
-        items = sorted([(e.start, e.end, e) for e in entries] + [(a, b, None) for a, b in pieces],
-                       key=lambda t: (t[0], t[1]))
+        items = sorted(
+            [(e.start, e.end, e) for e in entries] + [(a, b, None) for a, b in pieces],
+            key=lambda t: (t[0], t[1]),
+        )
         with atomic_output(dst, overwrite) as out:
             out.write(_HEAD.pack(MAGIC, index["version"], 0))
             pos = _HEAD.size
@@ -325,10 +358,12 @@ def compress_file(src: str, dst: str, codec: str = "auto", threads: int | None =
                 f.seek(data_start + start)
                 buf = _read_exact(f, end - start, f"data bytes {start}..{end}")
                 if e is None:
-                    blob = CompressedTensor.from_bits(buf, "uint8", (end - start,), "raw",
-                                                      threads).to_bytes()
-                    index["gaps"].append({"offset": pos, "length": len(blob),
-                                          "data_offsets": [start, end]})
+                    blob = CompressedTensor.from_bits(
+                        buf, "uint8", (end - start,), "raw", threads
+                    ).to_bytes()
+                    index["gaps"].append(
+                        {"offset": pos, "length": len(blob), "data_offsets": [start, end]}
+                    )
                 else:
                     bits = buf.view(UINT[DTYPE_ITEMSIZE[e.dtype]])
                     # TBE only takes bf16/fp16; other dtypes fall back to the automatic choice
@@ -336,11 +371,19 @@ def compress_file(src: str, dst: str, codec: str = "auto", threads: int | None =
                         chosen = resolve_codec(codec, e.dtype)
                     except InputError:
                         chosen = resolve_codec("auto", e.dtype)
-                    blob = CompressedTensor.from_bits(bits, e.dtype, e.shape, chosen,
-                                                      threads).to_bytes()
-                    ent = {"name": e.name, "offset": pos, "length": len(blob), "codec": chosen,
-                           "dtype": e.dtype, "shape": list(e.shape),
-                           "data_offsets": [start, end], "ratio": (end - start) / len(blob)}
+                    blob = CompressedTensor.from_bits(
+                        bits, e.dtype, e.shape, chosen, threads
+                    ).to_bytes()
+                    ent = {
+                        "name": e.name,
+                        "offset": pos,
+                        "length": len(blob),
+                        "codec": chosen,
+                        "dtype": e.dtype,
+                        "shape": list(e.shape),
+                        "data_offsets": [start, end],
+                        "ratio": (end - start) / len(blob),
+                    }
                     if e.dtype in FLOAT_SPECS and bits.size:
                         ent["exp_entropy"] = abs(stats_from_bits(bits, e.dtype).exp_entropy)
                     index["tensors"].append(ent)
@@ -349,8 +392,9 @@ def compress_file(src: str, dst: str, codec: str = "auto", threads: int | None =
                 bar.update(end - start, tensor=(e.name if e else "(stored bytes)")[-40:])
             idx = json.dumps(index).encode("utf-8")
             if len(idx) > MAX_INDEX_BYTES:  # the reader's limit: never write what it refuses
-                raise InputError(f"the index would be {len(idx)} bytes; at most "
-                                 f"{MAX_INDEX_BYTES} are allowed")
+                raise InputError(
+                    f"the index would be {len(idx)} bytes; at most {MAX_INDEX_BYTES} are allowed"
+                )
             out.write(idx)
             out.write(_FOOT.pack(pos, len(idx), zlib.crc32(idx), 0, END))
         bar.close()
@@ -364,8 +408,10 @@ def _field(obj: dict, key: str, kind, where: str):
     v = obj.get(key) if isinstance(obj, dict) else None
     ok = _is_int(v) if kind is int else isinstance(v, kind) and not isinstance(v, bool)
     if not ok:
-        raise CorruptDataError(f".mfz index: {where} field {key!r} is {v!r}; expected "
-                               f"{getattr(kind, '__name__', 'a number')}")
+        raise CorruptDataError(
+            f".mfz index: {where} field {key!r} is {v!r}; expected "
+            f"{getattr(kind, '__name__', 'a number')}"
+        )
     return v
 
 
@@ -373,17 +419,25 @@ def _blob_range(ent: dict, where: str, data_end: int) -> tuple[int, int]:
     off = _field(ent, "offset", int, where)
     length = _field(ent, "length", int, where)
     if off < _HEAD.size or length < 0 or off + length > data_end:
-        raise CorruptDataError(f".mfz index: {where} blob {off}+{length} lies outside the "
-                               f"blob region {_HEAD.size}..{data_end}")
+        raise CorruptDataError(
+            f".mfz index: {where} blob {off}+{length} lies outside the "
+            f"blob region {_HEAD.size}..{data_end}"
+        )
     return off, length
 
 
 def _data_range(ent: dict, where: str) -> tuple[int, int]:
     offs = ent.get("data_offsets")
-    if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(x) for x in offs)
-            or not 0 <= offs[0] <= offs[1]):
-        raise CorruptDataError(f".mfz index: {where} field 'data_offsets' is {offs!r}; "
-                               "expected two ints 0 <= start <= end")
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(_is_int(x) for x in offs)
+        or not 0 <= offs[0] <= offs[1]
+    ):
+        raise CorruptDataError(
+            f".mfz index: {where} field 'data_offsets' is {offs!r}; "
+            "expected two ints 0 <= start <= end"
+        )
     return offs[0], offs[1]
 
 
@@ -409,8 +463,9 @@ def read_index(f) -> dict:
     if end != END or zero != 0 or ioff < _HEAD.size or ioff + ilen + _FOOT.size != size:
         raise CorruptDataError(".mfz footer is corrupt or the file is truncated")
     if ilen > MAX_INDEX_BYTES:
-        raise CorruptDataError(f".mfz footer field index_length={ilen} exceeds the "
-                               f"{MAX_INDEX_BYTES}-byte limit")
+        raise CorruptDataError(
+            f".mfz footer field index_length={ilen} exceeds the {MAX_INDEX_BYTES}-byte limit"
+        )
     f.seek(ioff)
     raw = f.read(ilen)
     if zlib.crc32(raw) != crc:
@@ -419,8 +474,10 @@ def read_index(f) -> dict:
     if not isinstance(index, dict) or index.get("format") != "moeflow-mfz":
         raise CorruptDataError(".mfz index has the wrong format tag")
     if _field(index, "version", int, "top-level") != version:
-        raise CorruptDataError(f".mfz index field 'version'={index['version']} differs from "
-                               f"the file's version {version}")
+        raise CorruptDataError(
+            f".mfz index field 'version'={index['version']} differs from "
+            f"the file's version {version}"
+        )
     text = _field(index, "safetensors_header", str, "top-level")
     data_bytes = _field(index, "data_bytes", int, "top-level")
     tensors = _field(index, "tensors", list, "top-level")
@@ -428,8 +485,7 @@ def read_index(f) -> dict:
     if version == VERSION and "gaps" in index:
         raise CorruptDataError(".mfz index of version 1 lists stored byte ranges")
     if not isinstance(gaps, list):
-        raise CorruptDataError(f".mfz index field 'gaps' is {type(gaps).__name__}; "
-                               "expected a list")
+        raise CorruptDataError(f".mfz index field 'gaps' is {type(gaps).__name__}; expected a list")
     spans = []
     for i, t in enumerate(tensors):
         where = f"tensor #{i}"
@@ -439,14 +495,18 @@ def read_index(f) -> dict:
         codec = _field(t, "codec", str, where)
         dtype = _field(t, "dtype", str, where)
         if codec not in CODECS or dtype not in DTYPE_ITEMSIZE:
-            raise CorruptDataError(f".mfz index: {where} has codec {codec!r} and dtype "
-                                   f"{dtype!r}; allowed: {sorted(CODECS)}, "
-                                   f"{sorted(DTYPE_ITEMSIZE)}")
+            raise CorruptDataError(
+                f".mfz index: {where} has codec {codec!r} and dtype "
+                f"{dtype!r}; allowed: {sorted(CODECS)}, "
+                f"{sorted(DTYPE_ITEMSIZE)}"
+            )
         shape = check_shape(t.get("shape"), CorruptDataError, f".mfz index: {where} shape")
         start, stop = _data_range(t, where)
         if stop - start != numel(shape) * DTYPE_ITEMSIZE[dtype]:
-            raise CorruptDataError(f".mfz index: {where} data_offsets {start}..{stop} do not "
-                                   f"hold shape {list(shape)} of {dtype}")
+            raise CorruptDataError(
+                f".mfz index: {where} data_offsets {start}..{stop} do not "
+                f"hold shape {list(shape)} of {dtype}"
+            )
         for key in ("ratio", "exp_entropy"):
             if key in t:
                 _field(t, key, (int, float), where)
@@ -455,10 +515,10 @@ def read_index(f) -> dict:
         where = f"gap #{i}"
         _, length = _blob_range(g, where, ioff)
         start, stop = _data_range(g, where)
-        if (stop == start or stop - start > GAP_PIECE
-                or length != _GAP_BLOB_OVERHEAD + stop - start):
-            raise CorruptDataError(f".mfz index: {where} stores {stop - start} bytes in a "
-                                   f"{length}-byte blob")
+        if stop == start or stop - start > GAP_PIECE or length != _GAP_BLOB_OVERHEAD + stop - start:
+            raise CorruptDataError(
+                f".mfz index: {where} stores {stop - start} bytes in a {length}-byte blob"
+            )
         spans.append((start, stop, None))
     # tensors and stored ranges must tile [0, data_bytes): nothing missing, nothing twice
     cursor = 0
@@ -467,19 +527,23 @@ def read_index(f) -> dict:
             continue
         if start != cursor:
             how = "missing" if start > cursor else "claimed twice"
-            raise CorruptDataError(f".mfz index: data bytes {min(start, cursor)}.."
-                                   f"{max(start, cursor)} are {how}")
+            raise CorruptDataError(
+                f".mfz index: data bytes {min(start, cursor)}..{max(start, cursor)} are {how}"
+            )
         cursor = stop
     if cursor != data_bytes:
-        raise CorruptDataError(f".mfz index field 'data_bytes'={data_bytes}, but its tensors "
-                               f"and stored ranges cover {cursor} bytes")
+        raise CorruptDataError(
+            f".mfz index field 'data_bytes'={data_bytes}, but its tensors "
+            f"and stored ranges cover {cursor} bytes"
+        )
     head = text.encode("utf-8", "surrogatepass")
     _, entries, _ = parse_safetensors_header(head, data_bytes, CorruptDataError)
     want = sorted((e.name, e.dtype, list(e.shape), e.start, e.end) for e in entries)
     got = sorted((t["name"], t["dtype"], list(t["shape"]), *t["data_offsets"]) for t in tensors)
     if want != got:
-        raise CorruptDataError(".mfz index: its tensors differ from those its stored "
-                               "safetensors header lists")
+        raise CorruptDataError(
+            ".mfz index: its tensors differ from those its stored safetensors header lists"
+        )
     return index
 
 
@@ -489,23 +553,36 @@ def _decode_blob(f, ent: dict, dtype: str, shape, codec: str | None, threads, ve
     blob = np.frombuffer(f.read(ent["length"]), np.uint8)
     ct = CompressedTensor.from_bytes(blob, verify=verify)  # to_bits checks the original
     if ct.dtype != dtype or ct.shape != tuple(shape) or (codec and ct.codec != codec):
-        raise CorruptDataError(f"blob at {ent['offset']}: it holds {ct.codec} {ct.dtype} "
-                               f"{list(ct.shape)}; the index says {codec} {dtype} {list(shape)}")
+        raise CorruptDataError(
+            f"blob at {ent['offset']}: it holds {ct.codec} {ct.dtype} "
+            f"{list(ct.shape)}; the index says {codec} {dtype} {list(shape)}"
+        )
     return ct.to_bits(threads)
 
 
 def _blobs_in_data_order(index: dict):
     """(start, end, index entry, dtype, shape, codec) of every blob, by data offset."""
-    out = [(t["data_offsets"][0], t["data_offsets"][1], t, t["dtype"], t["shape"], t["codec"])
-           for t in index["tensors"]]
-    out += [(g["data_offsets"][0], g["data_offsets"][1], g, "uint8",
-             [g["data_offsets"][1] - g["data_offsets"][0]], "raw")
-            for g in index.get("gaps", [])]
+    out = [
+        (t["data_offsets"][0], t["data_offsets"][1], t, t["dtype"], t["shape"], t["codec"])
+        for t in index["tensors"]
+    ]
+    out += [
+        (
+            g["data_offsets"][0],
+            g["data_offsets"][1],
+            g,
+            "uint8",
+            [g["data_offsets"][1] - g["data_offsets"][0]],
+            "raw",
+        )
+        for g in index.get("gaps", [])
+    ]
     return sorted(out, key=lambda b: (b[0], b[1]))
 
 
-def decompress_file(src: str, dst: str, threads: int | None = None,
-                    progress: bool = False, overwrite: bool = False) -> dict:
+def decompress_file(
+    src: str, dst: str, threads: int | None = None, progress: bool = False, overwrite: bool = False
+) -> dict:
     """Rebuild the original safetensors file from ``.mfz`` (byte-identical)."""
     check_paths(src, dst, overwrite)
     with open(src, "rb") as f:

@@ -113,8 +113,11 @@ def _merge(h, v):
 def digest_init(seed):
     """Version-2 digest state for a segment seeded with ``seed``: (sd, lanes, keys)."""
     sd = np.uint64(seed) * _P2
-    return (sd, (sd ^ _K0, sd ^ _K1, sd ^ _K2, sd ^ _K3, sd ^ _K4, sd ^ _K5, sd ^ _K6, sd ^ _K7),
-            (_K0 + sd, _K1 + sd, _K2 + sd, _K3 + sd, _K4 + sd, _K5 + sd, _K6 + sd, _K7 + sd))
+    return (
+        sd,
+        (sd ^ _K0, sd ^ _K1, sd ^ _K2, sd ^ _K3, sd ^ _K4, sd ^ _K5, sd ^ _K6, sd ^ _K7),
+        (_K0 + sd, _K1 + sd, _K2 + sd, _K3 + sd, _K4 + sd, _K5 + sd, _K6 + sd, _K7 + sd),
+    )
 
 
 @nb.njit(inline="always")
@@ -184,8 +187,11 @@ def segment_digests(buf, words, counter, out, version):
             break
         a = s * SEGMENT_BYTES
         b = min(n, a + SEGMENT_BYTES)
-        out[s] = (digest_range(buf, words, a, b, s) if version == 2
-                  else digest_range_v1(buf, words, a, b, s))
+        out[s] = (
+            digest_range(buf, words, a, b, s)
+            if version == 2
+            else digest_range_v1(buf, words, a, b, s)
+        )
 
 
 CHECKSUM_VERSION = 2  # the digest new containers use; 1 is still read
@@ -198,8 +204,7 @@ def combine_digests(seg: np.ndarray, total_len: int, version: int = CHECKSUM_VER
     return int(fn(readonly(seg.view(np.uint8)), seg, 0, seg.size * 8, total_len))
 
 
-def checksum(buf: np.ndarray, threads: int | None = None,
-             version: int = CHECKSUM_VERSION) -> int:
+def checksum(buf: np.ndarray, threads: int | None = None, version: int = CHECKSUM_VERSION) -> int:
     """mfx64 checksum of a byte view (any contiguous numpy array is viewed as uint8)."""
     if version not in CHECKSUM_VERSIONS:
         raise InputError(f"checksum version {version}; known: {CHECKSUM_VERSIONS}")
@@ -208,6 +213,9 @@ def checksum(buf: np.ndarray, threads: int | None = None,
     nseg = (b.size + SEGMENT_BYTES - 1) // SEGMENT_BYTES
     seg = np.zeros(nseg, np.uint64)
     if nseg:
-        run_shared(lambda ctr: segment_digests(b, w, ctr, seg, version), nseg,
-                   threads if b.size > (8 << 20) else 1)
+        run_shared(
+            lambda ctr: segment_digests(b, w, ctr, seg, version),
+            nseg,
+            threads if b.size > (8 << 20) else 1,
+        )
     return combine_digests(seg, b.size, version)

@@ -17,13 +17,20 @@ import sys
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None,
-                   help="worker threads (default: all available cores)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="worker threads (default: all available cores)"
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--progress", dest="progress", action="store_true", default=None,
-                   help="always show the progress bar")
-    g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="never show the progress bar")
+    g.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="always show the progress bar",
+    )
+    g.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show the progress bar"
+    )
 
 
 def _progress(args) -> bool:
@@ -31,17 +38,25 @@ def _progress(args) -> bool:
 
 
 def _force(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--force", action="store_true",
-                   help="replace the output file if it exists (never the input itself)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the output file if it exists (never the input itself)",
+    )
 
 
 def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="safetensors file")
-    p.add_argument("output", help=".mfz file to write (atomically; refused if it exists, "
-                                  "unless --force)")
-    p.add_argument("--codec", default="auto", choices=["auto", "entropy", "tbe", "raw"],
-                   help="auto = Huffman-coded exponents for float tensors, raw otherwise; "
-                        "tbe = ZipServ fixed-length format (bf16/fp16; others use auto)")
+    p.add_argument(
+        "output", help=".mfz file to write (atomically; refused if it exists, unless --force)"
+    )
+    p.add_argument(
+        "--codec",
+        default="auto",
+        choices=["auto", "entropy", "tbe", "raw"],
+        help="auto = Huffman-coded exponents for float tensors, raw otherwise; "
+        "tbe = ZipServ fixed-length format (bf16/fp16; others use auto)",
+    )
     _force(p)
     _common(p)
 
@@ -49,18 +64,23 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
 def run_compress(args) -> int:
     from moeflow.compress.checkpoint import compress_file
 
-    index = compress_file(args.input, args.output, args.codec, args.threads, _progress(args),
-                          overwrite=args.force)
+    index = compress_file(
+        args.input, args.output, args.codec, args.threads, _progress(args), overwrite=args.force
+    )
     ratio = index["data_bytes"] / max(1, index["file_bytes"])
-    print(f"{args.input} -> {args.output}: {len(index['tensors'])} tensors, "
-          f"{index['data_bytes']} -> {index['file_bytes']} bytes (ratio {ratio:.3f})")
+    print(
+        f"{args.input} -> {args.output}: {len(index['tensors'])} tensors, "
+        f"{index['data_bytes']} -> {index['file_bytes']} bytes (ratio {ratio:.3f})"
+    )
     return 0
 
 
 def add_decompress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help=".mfz file")
-    p.add_argument("output", help="safetensors file to write (atomically; refused if it "
-                                  "exists, unless --force)")
+    p.add_argument(
+        "output",
+        help="safetensors file to write (atomically; refused if it exists, unless --force)",
+    )
     _force(p)
     _common(p)
 
@@ -68,8 +88,9 @@ def add_decompress_arguments(p: argparse.ArgumentParser) -> None:
 def run_decompress(args) -> int:
     from moeflow.compress.checkpoint import decompress_file
 
-    index = decompress_file(args.input, args.output, args.threads, _progress(args),
-                            overwrite=args.force)
+    index = decompress_file(
+        args.input, args.output, args.threads, _progress(args), overwrite=args.force
+    )
     print(f"{args.input} -> {args.output}: {len(index['tensors'])} tensors restored")
     return 0
 
@@ -97,12 +118,17 @@ def run_inspect(args) -> int:
         h = f"{t['exp_entropy']:.3f}" if "exp_entropy" in t else "-"
         shape = "x".join(str(s) for s in t["shape"]) or "scalar"
         ratio = f"{t['ratio']:.3f}" if "ratio" in t else "-"
-        print(f"{t['name']:<{w}}  {t['dtype']:<9} {shape:<18} {t['codec']:<8} "
-              f"{ratio:>6} {h:>6}")
+        print(f"{t['name']:<{w}}  {t['dtype']:<9} {shape:<18} {t['codec']:<8} {ratio:>6} {h:>6}")
     total = index["data_bytes"] / max(1, index["file_bytes"])
     gaps = index.get("gaps", [])
-    stored = (f", {sum(g['data_offsets'][1] - g['data_offsets'][0] for g in gaps)} bytes "
-              f"outside tensors stored as is" if gaps else "")
-    print(f"total: {len(rows)} tensors, {index['data_bytes']} bytes -> {index['file_bytes']} "
-          f"bytes, ratio {total:.3f}{stored}" + (", verified" if args.verify else ""))
+    stored = (
+        f", {sum(g['data_offsets'][1] - g['data_offsets'][0] for g in gaps)} bytes "
+        f"outside tensors stored as is"
+        if gaps
+        else ""
+    )
+    print(
+        f"total: {len(rows)} tensors, {index['data_bytes']} bytes -> {index['file_bytes']} "
+        f"bytes, ratio {total:.3f}{stored}" + (", verified" if args.verify else "")
+    )
     return 0

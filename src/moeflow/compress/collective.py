@@ -60,14 +60,14 @@ from moeflow.errors import CorruptDataError, InputError
 
 MAGIC = b"ZC"
 VERSION = 1
-SAMPLE = 1 << 16                      # values read by the scale statistic of a message
-CHUNK_SAMPLE = 1 << 12                # ... and of each chunk
-WINDOW = 32                           # binades modelled around the scale
-SHAPES = (2.0, 1.0, 0.5, 16.0)        # GG beta: Gaussian first, then heavier / flatter tails
-OFFSETS = 4                           # scale resolution: a quarter binade
-ZERO_CLASSES = (0.0, 2.0 ** -10, 2.0 ** -6, 2.0 ** -3, 0.5, 0.9, 0.999)
-ESC_PROB = 2.0 ** -12
-WINDOW_BELOW = 24                     # relative exponents [-24, 7] around floor(log2 RMS)
+SAMPLE = 1 << 16  # values read by the scale statistic of a message
+CHUNK_SAMPLE = 1 << 12  # ... and of each chunk
+WINDOW = 32  # binades modelled around the scale
+SHAPES = (2.0, 1.0, 0.5, 16.0)  # GG beta: Gaussian first, then heavier / flatter tails
+OFFSETS = 4  # scale resolution: a quarter binade
+ZERO_CLASSES = (0.0, 2.0**-10, 2.0**-6, 2.0**-3, 0.5, 0.9, 0.999)
+ESC_PROB = 2.0**-12
+WINDOW_BELOW = 24  # relative exponents [-24, 7] around floor(log2 RMS)
 MAX_LEN = entropy.MAX_LEN
 _HEAD = struct.Struct("<2sBBBBBBiIQQ")
 _KIND = {"bfloat16": 1, "float16": 2, "float32": 3}  # the entropy codec's kinds
@@ -85,12 +85,12 @@ def binade_probs(beta: float, offset: float) -> np.ndarray:
     Numerical integration of the density of ``u = log2|x|``: ``f(2^u) 2^u ln 2 * 2``, by the
     midpoint rule with 256 points per binade (the integrand is smooth in ``u``)."""
     g = math.gamma
-    alpha = math.sqrt(g(1 / beta) / g(3 / beta)) * 2.0 ** offset  # RMS -> GG scale
+    alpha = math.sqrt(g(1 / beta) / g(3 / beta)) * 2.0**offset  # RMS -> GG scale
     lo = -WINDOW_BELOW
     pts = 256
     u = lo + (np.arange(WINDOW * pts) + 0.5) / pts
     x = np.exp2(u)
-    dens = 2 * beta / (2 * alpha * g(1 / beta)) * np.exp(-(x / alpha) ** beta) * x * math.log(2)
+    dens = 2 * beta / (2 * alpha * g(1 / beta)) * np.exp(-((x / alpha) ** beta)) * x * math.log(2)
     return readonly(dens.reshape(WINDOW, pts).sum(1) / pts)
 
 
@@ -134,7 +134,7 @@ def table(dtype: str, shape: int, offset: int, zero: int, base: int) -> Table:
         sym, inside = pe[idx] / 8, inside[idx]
     else:
         sym = pe
-    weights = np.floor(sym * 2.0 ** 40).astype(np.int64) + 1  # every symbol has a weight
+    weights = np.floor(sym * 2.0**40).astype(np.int64) + 1  # every symbol has a weight
     lengths = entropy.huffman_lengths(np.where(inside, weights, 0), MAX_LEN)
     return Table(readonly(lengths), readonly(weights), float((sym * lengths).sum()))
 
@@ -200,8 +200,9 @@ def choose(vals: np.ndarray, dtype: str, shapes=SHAPES, sample: int = SAMPLE) ->
     step = max(1, vals.size // sample)
     cnt, zeros, fin, s1, _s2 = K.sample_stats(vals, kind, step)
     zf = zeros / cnt if cnt else 0.0
-    zero = int(np.argmin([abs(math.log2(zf + 2 ** -14) - math.log2(c + 2 ** -14))
-                          for c in ZERO_CLASSES]))
+    zero = int(
+        np.argmin([abs(math.log2(zf + 2**-14) - math.log2(c + 2**-14)) for c in ZERO_CLASSES])
+    )
     if not fin:
         return Choice(allowed[0], 0, zero, bias - WINDOW_BELOW)
     hist = K.sample_symbols(vals, kind, step)
@@ -226,8 +227,9 @@ def _as_bits(x, dtype: str | None):
             raise InputError("raw bits need dtype=")
         spec = float_spec(dtype)
         if x.dtype != spec.uint:
-            raise InputError(f"raw bits of {dtype} must be {np.dtype(spec.uint).name}, "
-                             f"got {x.dtype}")
+            raise InputError(
+                f"raw bits of {dtype} must be {np.dtype(spec.uint).name}, got {x.dtype}"
+            )
         return readonly(np.ascontiguousarray(x).reshape(-1)), dtype
     bits, name, _ = tensor_to_bits(x)
     if name not in _KIND:
@@ -235,8 +237,13 @@ def _as_bits(x, dtype: str | None):
     return readonly(bits), name
 
 
-def encode(x, dtype: str | None = None, threads: int | None = 1, shapes=SHAPES,
-           choice: Choice | None = None) -> np.ndarray:
+def encode(
+    x,
+    dtype: str | None = None,
+    threads: int | None = 1,
+    shapes=SHAPES,
+    choice: Choice | None = None,
+) -> np.ndarray:
     """One message (uint8) holding tensor ``x`` (bf16/fp16/fp32; or raw bits + ``dtype``).
 
     ``threads`` encode chunks in parallel (``None``: every core). A message that would not
@@ -250,9 +257,14 @@ def encode(x, dtype: str | None = None, threads: int | None = 1, shapes=SHAPES,
     n_chunks = (n + chunk_values - 1) // chunk_values
     # one table per chunk, from the chunk's own statistic: a gradient bucket or a flat
     # parameter buffer concatenates tensors of different scales
-    picks = [ch] * n_chunks if choice is not None or n_chunks <= 1 else [
-        choose(vals[c * chunk_values:(c + 1) * chunk_values], dtype, shapes, CHUNK_SAMPLE)
-        for c in range(n_chunks)]
+    picks = (
+        [ch] * n_chunks
+        if choice is not None or n_chunks <= 1
+        else [
+            choose(vals[c * chunk_values : (c + 1) * chunk_values], dtype, shapes, CHUNK_SAMPLE)
+            for c in range(n_chunks)
+        ]
+    )
     tabs = [p.table(dtype) for p in picks]
     static_len = np.stack([t.lengths for t in tabs]) if tabs else np.zeros((0, 256), np.int64)
     model_w = np.stack([t.weights for t in tabs]) if tabs else np.zeros((0, 256), np.int64)
@@ -260,9 +272,23 @@ def encode(x, dtype: str | None = None, threads: int | None = 1, shapes=SHAPES,
     sbytes = np.zeros((n_chunks, 4), np.int64)
     sizes = np.zeros(n_chunks, np.int64)
     if n_chunks:
-        run_shared(lambda c: K.plan_static(vals, c, n_chunks, chunk_values, kind, spec.itemsize,
-                                           static_len, model_w, lengths, sbytes, sizes),
-                   n_chunks, threads)
+        run_shared(
+            lambda c: K.plan_static(
+                vals,
+                c,
+                n_chunks,
+                chunk_values,
+                kind,
+                spec.itemsize,
+                static_len,
+                model_w,
+                lengths,
+                sbytes,
+                sizes,
+            ),
+            n_chunks,
+            threads,
+        )
     ends = np.cumsum(sizes)
     base = entropy.HEADER.size + 8 * n_chunks
     body = base + (int(ends[-1]) if n_chunks else 0)
@@ -270,23 +296,40 @@ def encode(x, dtype: str | None = None, threads: int | None = 1, shapes=SHAPES,
     stored = payload >= n * spec.itemsize
     total = _HEAD.size + (n * spec.itemsize if stored else payload) + 8
     out = np.empty(total, np.uint8)
-    out[:_HEAD.size] = np.frombuffer(_HEAD.pack(MAGIC, VERSION, spec.code, int(stored),
-                                                ch.shape, ch.offset, ch.zero, ch.base, 0, n,
-                                                0), np.uint8)
+    out[: _HEAD.size] = np.frombuffer(
+        _HEAD.pack(
+            MAGIC, VERSION, spec.code, int(stored), ch.shape, ch.offset, ch.zero, ch.base, 0, n, 0
+        ),
+        np.uint8,
+    )
     if stored:
-        out[_HEAD.size:-8] = vals.view(np.uint8)
+        out[_HEAD.size : -8] = vals.view(np.uint8)
     else:
-        p = out[_HEAD.size:-8]
-        p[:base] = np.frombuffer(entropy.HEADER.pack(spec.code, MAX_LEN, 0, chunk_values, n,
-                                                    n_chunks)
-                                 + ends.astype(np.uint64).tobytes(), np.uint8)
+        p = out[_HEAD.size : -8]
+        p[:base] = np.frombuffer(
+            entropy.HEADER.pack(spec.code, MAX_LEN, 0, chunk_values, n, n_chunks)
+            + ends.astype(np.uint64).tobytes(),
+            np.uint8,
+        )
         p[body:] = 0
         offsets = base + ends - sizes
         if n_chunks:
-            errs = run_shared(lambda c: entropy.write_range(vals, c, n_chunks, chunk_values,
-                                                             kind, spec.itemsize, p, offsets,
-                                                             lengths, sbytes),
-                              n_chunks, threads)
+            errs = run_shared(
+                lambda c: entropy.write_range(
+                    vals,
+                    c,
+                    n_chunks,
+                    chunk_values,
+                    kind,
+                    spec.itemsize,
+                    p,
+                    offsets,
+                    lengths,
+                    sbytes,
+                ),
+                n_chunks,
+                threads,
+            )
             if any(errs):  # an encoder bug, not bad input: never ship a wrong message
                 raise RuntimeError("collective encoder wrote streams of another size")
     out[-8:] = np.frombuffer(struct.pack("<Q", checksum(out[:-8], threads)), np.uint8)
@@ -309,21 +352,30 @@ class MessageInfo:
 
 def _parse(buf: np.ndarray) -> MessageInfo:
     if buf.size < _HEAD.size + 8:
-        raise CorruptDataError(f"collective message of {buf.size} bytes is shorter than its "
-                               f"header ({_HEAD.size + 8})")
+        raise CorruptDataError(
+            f"collective message of {buf.size} bytes is shorter than its header ({_HEAD.size + 8})"
+        )
     magic, ver, code, mode, shape, offset, zero, base, _, n, _ = _HEAD.unpack_from(buf, 0)
     if magic != MAGIC or ver != VERSION:
         raise CorruptDataError(f"not a collective message (magic {magic!r}, version {ver})")
     if code not in _NAMES or _NAMES[code] not in _KIND:
         raise CorruptDataError(f"collective message has dtype code {code}")
-    if (mode not in (0, 1) or shape >= len(SHAPES) or offset >= OFFSETS
-            or zero >= len(ZERO_CLASSES) or abs(base) > 1 << 20):
-        raise CorruptDataError(f"collective message header is inconsistent (mode {mode}, "
-                               f"table {shape}/{offset}/{zero}/{base})")
+    if (
+        mode not in (0, 1)
+        or shape >= len(SHAPES)
+        or offset >= OFFSETS
+        or zero >= len(ZERO_CLASSES)
+        or abs(base) > 1 << 20
+    ):
+        raise CorruptDataError(
+            f"collective message header is inconsistent (mode {mode}, "
+            f"table {shape}/{offset}/{zero}/{base})"
+        )
     dtype = _NAMES[code]
     if mode == 1 and buf.size != _HEAD.size + n * FLOAT_SPECS[dtype].itemsize + 8:
-        raise CorruptDataError(f"stored collective message of {n} {dtype} values has "
-                               f"{buf.size} bytes")
+        raise CorruptDataError(
+            f"stored collective message of {n} {dtype} values has {buf.size} bytes"
+        )
     return MessageInfo(dtype, n, mode == 1, Choice(shape, offset, zero, base), buf.size)
 
 
@@ -353,12 +405,18 @@ def _verify(buf: np.ndarray, threads: int | None = 1) -> None:
     want = int(buf[-8:].copy().view(np.uint64)[0])
     got = checksum(buf[:-8], threads)
     if want != got:
-        raise CorruptDataError(f"collective message checksum mismatch ({got:#018x} computed, "
-                               f"{want:#018x} stored): the bytes were corrupted in transit")
+        raise CorruptDataError(
+            f"collective message checksum mismatch ({got:#018x} computed, "
+            f"{want:#018x} stored): the bytes were corrupted in transit"
+        )
 
 
-def decode(msg, threads: int | None = 1, out: np.ndarray | None = None,
-           expect: tuple[str, int] | None = None) -> tuple[np.ndarray, str]:
+def decode(
+    msg,
+    threads: int | None = 1,
+    out: np.ndarray | None = None,
+    expect: tuple[str, int] | None = None,
+) -> tuple[np.ndarray, str]:
     """(flat raw bits, dtype) of a message; ``CorruptDataError`` if its checksum or structure
     is wrong. ``expect=(dtype, n)`` refuses a message of another dtype or length; ``out``
     (flat, contiguous, the dtype's uint) receives the bits."""
@@ -369,14 +427,15 @@ def decode(msg, threads: int | None = 1, out: np.ndarray | None = None,
     inf = _parse(buf)
     dtype, n = inf.dtype, inf.n_values
     if expect is not None and (expect[0] != dtype or expect[1] != n):
-        raise CorruptDataError(f"collective message holds {n} {dtype} values; expected "
-                               f"{expect[1]} {expect[0]}")
+        raise CorruptDataError(
+            f"collective message holds {n} {dtype} values; expected {expect[1]} {expect[0]}"
+        )
     spec = FLOAT_SPECS[dtype]
     if out is None:
         out = np.empty(n, spec.uint)
     elif out.dtype != spec.uint or out.shape != (n,) or not out.flags.c_contiguous:
         raise InputError(f"out must be a contiguous {np.dtype(spec.uint).name}[{n}] array")
-    body = buf[_HEAD.size:-8]
+    body = buf[_HEAD.size : -8]
     if inf.stored:
         out[:] = body.view(spec.uint)
         return out, dtype
@@ -398,8 +457,9 @@ def decode_tensor(msg, shape, dtype: str | None = None, threads: int | None = 1)
     n = math.prod(shape)
     bits, name = decode(msg, threads, expect=None if dtype is None else (dtype, n))
     if bits.size != n:
-        raise CorruptDataError(f"collective message holds {bits.size} values, shape {tuple(shape)}"
-                               f" needs {n}")
+        raise CorruptDataError(
+            f"collective message holds {bits.size} values, shape {tuple(shape)} needs {n}"
+        )
     t = bits_to_tensor(bits, name, tuple(shape))
     assert isinstance(t, torch.Tensor)
     return t

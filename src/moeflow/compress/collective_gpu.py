@@ -50,13 +50,14 @@ def window_start() -> int:
     from moeflow.compress import collective as C
 
     p = C.binade_probs(2.0, 0.0)
-    cover = [p[s:s + NCODES].sum() for s in range(C.WINDOW - NCODES + 1)]
+    cover = [p[s : s + NCODES].sum() for s in range(C.WINDOW - NCODES + 1)]
     return int(max(range(len(cover)), key=cover.__getitem__)) - C.WINDOW_BELOW
 
 
 @triton.jit
-def _encode_kernel(x_ptr, n, base, code_ptr, raw_ptr, count_ptr, IS_BF16: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _encode_kernel(
+    x_ptr, n, base, code_ptr, raw_ptr, count_ptr, IS_BF16: tl.constexpr, BLOCK: tl.constexpr
+):
     """Codes (two per byte), raw bytes and the block's escape count."""
     pid = tl.program_id(0)
     i = tl.arange(0, BLOCK // 2)[:, None] * 2 + tl.arange(0, 2)[None, :]
@@ -79,14 +80,24 @@ def _encode_kernel(x_ptr, n, base, code_ptr, raw_ptr, count_ptr, IS_BF16: tl.con
     else:
         tl.store(raw_ptr + k, (v & 0xFF).to(tl.uint8), mask=valid)
         tl.store(raw_ptr + n + k, ((v >> 8) & 0xFF).to(tl.uint8), mask=valid)
-        tl.store(raw_ptr + 2 * n + k, (((v >> 16) & 0x7F) | ((v >> 24) & 0x80)).to(tl.uint8),
-                 mask=valid)
+        tl.store(
+            raw_ptr + 2 * n + k, (((v >> 16) & 0x7F) | ((v >> 24) & 0x80)).to(tl.uint8), mask=valid
+        )
     tl.store(count_ptr + pid, tl.sum(tl.sum(esc.to(tl.int32), axis=1), axis=0))
 
 
 @triton.jit
-def _decode_kernel(code_ptr, raw_ptr, esc_ptr, start_ptr, out_ptr, n, base,
-                   IS_BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _decode_kernel(
+    code_ptr,
+    raw_ptr,
+    esc_ptr,
+    start_ptr,
+    out_ptr,
+    n,
+    base,
+    IS_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     i = tl.arange(0, BLOCK // 2)[:, None] * 2 + tl.arange(0, 2)[None, :]
     k = pid.to(tl.int64) * BLOCK + i
@@ -138,8 +149,9 @@ def choose_base(x: torch.Tensor) -> int:
     name = "bfloat16" if x.dtype == torch.bfloat16 else "float32"
     step = max(1, x.numel() // C.SAMPLE)
     sample = _bits(x)[::step].cpu().numpy()
-    ch = C.choose(sample.view("uint16" if x.element_size() == 2 else "uint32"), name,
-                  shapes=C.GAUSSIAN)
+    ch = C.choose(
+        sample.view("uint16" if x.element_size() == 2 else "uint32"), name, shapes=C.GAUSSIAN
+    )
     # Choice.base is the field of relative binade -WINDOW_BELOW
     return ch.base + C.WINDOW_BELOW + window_start()
 
@@ -158,8 +170,9 @@ def gpu_encode(x: torch.Tensor) -> torch.Tensor:
     raw = torch.empty(n * raw_w, dtype=torch.uint8, device=dev)
     counts = torch.zeros(nb, dtype=torch.int32, device=dev)
     if n:
-        _encode_kernel[(nb,)](bits, n, base, codes, raw, counts,
-                              IS_BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK)
+        _encode_kernel[(nb,)](
+            bits, n, base, codes, raw, counts, IS_BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK
+        )
     start = torch.zeros(nb + 1, dtype=torch.int32, device=dev)
     start[1:] = torch.cumsum(counts, 0)
     shift, mask = (7, 0xFF) if x.dtype == torch.bfloat16 else (23, 0xFF)
@@ -167,8 +180,9 @@ def gpu_encode(x: torch.Tensor) -> torch.Tensor:
     d = e - base
     escaped = (e != 0) & ((d < 0) | (d >= NCODES))
     esc = e[escaped].to(torch.uint8)
-    head = torch.tensor([MAGIC, _CODES[x.dtype], n, base, nb, esc.numel(), 0, 0],
-                        dtype=torch.int64, device=dev).view(torch.uint8)
+    head = torch.tensor(
+        [MAGIC, _CODES[x.dtype], n, base, nb, esc.numel(), 0, 0], dtype=torch.int64, device=dev
+    ).view(torch.uint8)
     body = torch.cat([head, start.view(torch.uint8), codes, raw, esc])
     tail = torch.tensor([device_checksum(body)], dtype=torch.int64, device=dev)
     return torch.cat([body, tail.view(torch.uint8)])
@@ -181,32 +195,37 @@ def gpu_decode(msg: torch.Tensor) -> torch.Tensor:
     body = msg[:-8]
     want = int(msg[-8:].clone().view(torch.int64)[0])
     if device_checksum(body) != want:
-        raise CorruptDataError("GPU collective message checksum mismatch: the bytes were "
-                               "corrupted in transit")
+        raise CorruptDataError(
+            "GPU collective message checksum mismatch: the bytes were corrupted in transit"
+        )
     magic, code, n, base, nb, n_esc, _, _ = msg[:_HEAD_BYTES].clone().view(torch.int64).tolist()
     if magic != MAGIC or code not in _DTYPES or nb != max(1, math.ceil(n / BLOCK)):
-        raise CorruptDataError(f"not a GPU collective message (magic {magic:#x}, dtype code "
-                               f"{code}, {nb} blocks for {n} values)")
+        raise CorruptDataError(
+            f"not a GPU collective message (magic {magic:#x}, dtype code "
+            f"{code}, {nb} blocks for {n} values)"
+        )
     dtype = _DTYPES[code]
     raw_w = 1 if dtype == torch.bfloat16 else 3
     o = _HEAD_BYTES
     sizes = [4 * (nb + 1), (n + 1) // 2, n * raw_w, n_esc]
     if o + sum(sizes) != body.numel():
         raise CorruptDataError(f"GPU collective message of {n} values has {msg.numel()} bytes")
-    start = body[o:o + sizes[0]].clone().view(torch.int32)
+    start = body[o : o + sizes[0]].clone().view(torch.int32)
     o += sizes[0]
-    codes = body[o:o + sizes[1]]
+    codes = body[o : o + sizes[1]]
     o += sizes[1]
-    raw = body[o:o + sizes[2]]
+    raw = body[o : o + sizes[2]]
     o += sizes[2]
-    esc = body[o:o + sizes[3]]
+    esc = body[o : o + sizes[3]]
     if int(start[0]) != 0 or int(start[-1]) != n_esc or bool((start[1:] < start[:-1]).any()):
         raise CorruptDataError("GPU collective message escape table is inconsistent")
-    out = torch.empty(n, dtype=torch.int16 if dtype == torch.bfloat16 else torch.int32,
-                      device=msg.device)
+    out = torch.empty(
+        n, dtype=torch.int16 if dtype == torch.bfloat16 else torch.int32, device=msg.device
+    )
     if n:
-        _decode_kernel[(nb,)](codes, raw, esc, start, out, n, base,
-                              IS_BF16=dtype == torch.bfloat16, BLOCK=BLOCK)
+        _decode_kernel[(nb,)](
+            codes, raw, esc, start, out, n, base, IS_BF16=dtype == torch.bfloat16, BLOCK=BLOCK
+        )
     return out.view(dtype)
 
 

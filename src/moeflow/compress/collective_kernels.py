@@ -17,8 +17,8 @@ from moeflow._deps import require
 from moeflow.compress.entropy import (
     CHUNK_OVERHEAD,
     MAX_LEN,
-    exponents_of,
     chunk_histogram,
+    exponents_of,
     huffman_lengths,
 )
 from moeflow.compress.parallel import take
@@ -76,8 +76,19 @@ def sample_symbols(vals, kind, step):
 
 
 @nb.njit(nogil=True, cache=True)
-def plan_static(vals, counter, n_chunks, chunk_values, kind, itemsize, static_len, model_w,
-                lengths, sbytes, sizes):
+def plan_static(
+    vals,
+    counter,
+    n_chunks,
+    chunk_values,
+    kind,
+    itemsize,
+    static_len,
+    model_w,
+    lengths,
+    sbytes,
+    sizes,
+):
     """Pass 1 with static codes (``static_len[c]``: chunk c's table; ``model_w[c]`` its
     model weights): per chunk, the lengths of the symbols present (the others
     get none, so the chunk's code tables stay small), the byte length of each of its four
@@ -133,5 +144,14 @@ def plan_static(vals, counter, n_chunks, chunk_values, kind, itemsize, static_le
             lengths[c, :] = 0
             sizes[c] = 1 + n * itemsize
         else:
-            sizes[c] = (3 + (hi - lo + 2) // 2 + 16 + n * raw_w
-                        + sbytes[c, 0] + sbytes[c, 1] + sbytes[c, 2] + sbytes[c, 3] + 32)
+            sizes[c] = (
+                3
+                + (hi - lo + 2) // 2
+                + 16
+                + n * raw_w
+                + sbytes[c, 0]
+                + sbytes[c, 1]
+                + sbytes[c, 2]
+                + sbytes[c, 3]
+                + 32
+            )

@@ -58,9 +58,20 @@ _FIXED = struct.Struct("<4sHBBB3xQQQ")
 MAX_EXPANSION = 2
 _EMPTY_PAYLOAD = 64  # bound on a codec's payload for an empty tensor (headers only)
 
-__all__ = ["CODECS", "CompressedTensor", "MAGIC", "MAX_NDIM", "VERSION", "compress",
-           "decompress", "header_nbytes", "parse_header", "resolve_codec", "tensor_to_bits",
-           "bits_to_tensor"]
+__all__ = [
+    "CODECS",
+    "CompressedTensor",
+    "MAGIC",
+    "MAX_NDIM",
+    "VERSION",
+    "compress",
+    "decompress",
+    "header_nbytes",
+    "parse_header",
+    "resolve_codec",
+    "tensor_to_bits",
+    "bits_to_tensor",
+]
 
 
 def resolve_codec(codec: str, dtype: str) -> str:
@@ -82,7 +93,7 @@ class CompressedTensor:
     codec: str
     dtype: str
     shape: tuple[int, ...]
-    payload: np.ndarray          # uint8
+    payload: np.ndarray  # uint8
     payload_checksum: int
     original_checksum: int
     version: int = VERSION  # container (and checksum) version
@@ -107,8 +118,9 @@ class CompressedTensor:
 
     # ------------------------------------------------------------------ encode
     @classmethod
-    def from_bits(cls, bits: np.ndarray, dtype: str, shape, codec: str = "entropy",
-                  threads: int | None = None) -> CompressedTensor:
+    def from_bits(
+        cls, bits: np.ndarray, dtype: str, shape, codec: str = "entropy", threads: int | None = None
+    ) -> CompressedTensor:
         """Compress raw value bits (flat, the unsigned int of the dtype's width)."""
         shape = check_shape(tuple(shape))  # the rule parse_header applies when reading
         codec = resolve_codec(codec, dtype)
@@ -133,9 +145,16 @@ class CompressedTensor:
 
     # ------------------------------------------------------------------ bytes
     def header_bytes(self) -> bytes:
-        head = _FIXED.pack(MAGIC, self.version, CODECS[self.codec], DTYPE_CODES[self.dtype],
-                           len(self.shape), self.payload.size, self.payload_checksum,
-                           self.original_checksum)
+        head = _FIXED.pack(
+            MAGIC,
+            self.version,
+            CODECS[self.codec],
+            DTYPE_CODES[self.dtype],
+            len(self.shape),
+            self.payload.size,
+            self.payload_checksum,
+            self.original_checksum,
+        )
         head += struct.pack(f"<{len(self.shape)}Q", *self.shape)
         return head + struct.pack("<II", zlib.crc32(head), 0)
 
@@ -151,8 +170,7 @@ class CompressedTensor:
             raise CorruptDataError("a compressed tensor is a 1-D byte buffer")
         hlen, plen, ct = parse_header(buf)
         if buf.size != hlen + plen:
-            raise CorruptDataError(f"blob is {buf.size} bytes; header + payload say "
-                                   f"{hlen + plen}")
+            raise CorruptDataError(f"blob is {buf.size} bytes; header + payload say {hlen + plen}")
         ct.payload = buf[hlen:]
         if verify:
             ct.verify_payload()
@@ -179,14 +197,20 @@ class CompressedTensor:
             got = checksum(bits, threads, self.version)
         else:
             if self.payload.size != self.original_nbytes:
-                raise CorruptDataError(f"raw payload is {self.payload.size} bytes, expected "
-                                       f"{self.original_nbytes}")
-            bits = (self.payload.copy() if out is None
-                    else copy_into(self.payload.view(UINT[DTYPE_ITEMSIZE[self.dtype]]), out))
+                raise CorruptDataError(
+                    f"raw payload is {self.payload.size} bytes, expected {self.original_nbytes}"
+                )
+            bits = (
+                self.payload.copy()
+                if out is None
+                else copy_into(self.payload.view(UINT[DTYPE_ITEMSIZE[self.dtype]]), out)
+            )
             got = checksum(bits, threads, self.version)
         if got != self.original_checksum:
-            raise CorruptDataError("decoded data does not match the original checksum: "
-                                   "the compressed bytes are corrupt")
+            raise CorruptDataError(
+                "decoded data does not match the original checksum: "
+                "the compressed bytes are corrupt"
+            )
         return bits
 
     def to_tensor(self, threads: int | None = None, out=None):
@@ -216,8 +240,7 @@ def parse_header(buf: np.ndarray) -> tuple[int, int, CompressedTensor]:
     if magic != MAGIC:
         raise CorruptDataError(f"bad magic {magic!r}: not a moeflow compressed tensor")
     if version not in READ_VERSIONS:
-        raise CorruptDataError(f"container version {version}; this moeflow reads "
-                               f"{READ_VERSIONS}")
+        raise CorruptDataError(f"container version {version}; this moeflow reads {READ_VERSIONS}")
     if codec not in CODEC_NAMES or dcode not in ALL_DTYPES or ndim > MAX_NDIM:
         raise CorruptDataError(f"header names codec {codec}, dtype {dcode}, ndim {ndim}")
     hlen = header_nbytes(ndim)
@@ -230,15 +253,19 @@ def parse_header(buf: np.ndarray) -> tuple[int, int, CompressedTensor]:
     dtype = ALL_DTYPES[dcode][0]
     shape = check_shape(shape, CorruptDataError, "header field shape")
     if plen > buf.size - hlen:
-        raise CorruptDataError(f"header field payload_len={plen} does not fit a "
-                               f"{buf.size}-byte blob")
+        raise CorruptDataError(
+            f"header field payload_len={plen} does not fit a {buf.size}-byte blob"
+        )
     nbytes = numel(shape) * ALL_DTYPES[dcode][1]
     if nbytes > MAX_EXPANSION * plen + _EMPTY_PAYLOAD:
-        raise CorruptDataError(f"header says {nbytes} original bytes from a {plen}-byte "
-                               f"payload; no codec expands more than {MAX_EXPANSION}x")
+        raise CorruptDataError(
+            f"header says {nbytes} original bytes from a {plen}-byte "
+            f"payload; no codec expands more than {MAX_EXPANSION}x"
+        )
     # the payload is attached by the caller; an empty placeholder allocates nothing
-    ct = CompressedTensor(CODEC_NAMES[codec], dtype, shape, np.empty(0, np.uint8), pck, ock,
-                          version)
+    ct = CompressedTensor(
+        CODEC_NAMES[codec], dtype, shape, np.empty(0, np.uint8), pck, ock, version
+    )
     return hlen, plen, ct
 
 
@@ -253,6 +280,9 @@ def decompress(blob, threads: int | None = None, out=None):
 
     ``out``: a contiguous CPU tensor of the blob's dtype and shape to decode into (it is
     returned); reusing one buffer avoids allocating, and first-touching, fresh memory."""
-    ct = blob if isinstance(blob, CompressedTensor) else CompressedTensor.from_bytes(blob,
-                                                                                verify=False)
+    ct = (
+        blob
+        if isinstance(blob, CompressedTensor)
+        else CompressedTensor.from_bytes(blob, verify=False)
+    )
     return ct.to_tensor(threads, out)

@@ -185,17 +185,18 @@ def _split32(vals, syms, raw):
         syms[i] = np.uint8((v >> np.uint32(23)) & np.uint32(0xFF))
         raw[3 * i] = np.uint8(v & np.uint32(0xFF))
         raw[3 * i + 1] = np.uint8((v >> np.uint32(8)) & np.uint32(0xFF))
-        raw[3 * i + 2] = np.uint8(((v >> np.uint32(16)) & np.uint32(0x7F))
-                                  | ((v >> np.uint32(24)) & np.uint32(0x80)))
+        raw[3 * i + 2] = np.uint8(
+            ((v >> np.uint32(16)) & np.uint32(0x7F)) | ((v >> np.uint32(24)) & np.uint32(0x80))
+        )
 
 
 @nb.njit(nogil=True, cache=True)
 def _split(vals, a, n, kind, syms, raw):
     """Symbols into ``syms[:n]`` and raw bytes into ``raw`` (vectorized loops)."""
     if kind == 3:
-        _split32(vals[a:a + n], syms[:n], raw[:3 * n])
+        _split32(vals[a : a + n], syms[:n], raw[: 3 * n])
     else:
-        _split16(kind, vals[a:a + n], syms[:n], raw[:n])
+        _split16(kind, vals[a : a + n], syms[:n], raw[:n])
 
 
 @nb.njit(nogil=True, cache=True)
@@ -263,7 +264,7 @@ def _pair_at(syms, i):
 @nb.njit(nogil=True, cache=True)
 def exponents_of(vals, a, n, kind, syms):
     """Symbols of ``vals[a:a+n]`` into ``syms[:n]`` (pass 1 needs no raw bytes)."""
-    v = vals[a:a + n]
+    v = vals[a : a + n]
     if kind == 3:
         for i in range(n):
             syms[i] = np.uint8((v[i] >> np.uint32(23)) & np.uint32(0xFF))
@@ -310,13 +311,34 @@ def _plan_chunk(syms, n, kind, itemsize, lengths_row, sbytes_row):
         return 1 + n * itemsize
     for s in range(256):
         lengths_row[s] = lengths[s]
-    return (3 + (hi - lo + 2) // 2 + 16 + n * raw_w
-            + sbytes_row[0] + sbytes_row[1] + sbytes_row[2] + sbytes_row[3] + 32)
+    return (
+        3
+        + (hi - lo + 2) // 2
+        + 16
+        + n * raw_w
+        + sbytes_row[0]
+        + sbytes_row[1]
+        + sbytes_row[2]
+        + sbytes_row[3]
+        + 32
+    )
 
 
 @nb.njit(nogil=True, cache=True)
-def _plan_range(vals, u8, words, counter, n_chunks, chunk_values, kind, itemsize, lengths,
-                sbytes, sizes, seg_out):
+def _plan_range(
+    vals,
+    u8,
+    words,
+    counter,
+    n_chunks,
+    chunk_values,
+    kind,
+    itemsize,
+    lengths,
+    sbytes,
+    sizes,
+    seg_out,
+):
     n_total = vals.shape[0]
     syms = np.empty(chunk_values, np.uint8)
     while True:
@@ -372,7 +394,7 @@ def _write_chunk(vals, a, n, kind, itemsize, out, o, syms, lengths, sbytes, pair
         for b in range(4):
             out[p + 4 * j + b] = (sl >> (8 * b)) & 0xFF
     p += 16
-    _split(vals, a, n, kind, syms, out[p:p + n * raw_w])  # raw bytes land in place
+    _split(vals, a, n, kind, syms, out[p : p + n * raw_w])  # raw bytes land in place
     p += n * raw_w
     q = (n + 3) // 4
     cl = np.zeros(256, np.uint64)  # code | length << 32
@@ -386,8 +408,9 @@ def _write_chunk(vals, a, n, kind, itemsize, out, o, syms, lengths, sbytes, pair
         l0 = np.uint64(lengths[s0])
         for y in range(m):
             s1 = present[y]
-            pair[s0 | (s1 << 8)] = ((codes[s0] | (codes[s1] << l0))
-                                    | ((l0 + np.uint64(lengths[s1])) << np.uint64(32)))
+            pair[s0 | (s1 << 8)] = (codes[s0] | (codes[s1] << l0)) | (
+                (l0 + np.uint64(lengths[s1])) << np.uint64(32)
+            )
     start = np.empty(4, np.int64)
     cnt = np.empty(4, np.int64)
     for j in range(4):
@@ -403,25 +426,37 @@ def _write_chunk(vals, a, n, kind, itemsize, out, o, syms, lengths, sbytes, pair
     nquads = cnt[3] // 4  # groups of two pairs every stream has (stream 3 is the shortest)
     # four streams interleaved (independent dependency chains), two pairs per flush
     if q % 2 == 0:  # every stream starts at an even symbol: read pairs as uint16 words
-        s16 = syms[:n // 2 * 2].view(np.uint16)
+        s16 = syms[: n // 2 * 2].view(np.uint16)
         h = q // 2
         for i in range(0, 2 * nquads, 2):
             a0, n0, k0 = _put2b(pair[s16[i]], pair[s16[i + 1]], a0, n0, k0, out)
             a1, n1, k1 = _put2b(pair[s16[i + h]], pair[s16[i + h + 1]], a1, n1, k1, out)
-            a2, n2, k2 = _put2b(pair[s16[i + 2 * h]], pair[s16[i + 2 * h + 1]], a2, n2, k2,
-                                out)
-            a3, n3, k3 = _put2b(pair[s16[i + 3 * h]], pair[s16[i + 3 * h + 1]], a3, n3, k3,
-                                out)
+            a2, n2, k2 = _put2b(pair[s16[i + 2 * h]], pair[s16[i + 2 * h + 1]], a2, n2, k2, out)
+            a3, n3, k3 = _put2b(pair[s16[i + 3 * h]], pair[s16[i + 3 * h + 1]], a3, n3, k3, out)
     else:
         for i in range(0, 4 * nquads, 4):
-            a0, n0, k0 = _put2b(pair[_pair_at(syms, i)], pair[_pair_at(syms, i + 2)],
-                                a0, n0, k0, out)
-            a1, n1, k1 = _put2b(pair[_pair_at(syms, i + q)], pair[_pair_at(syms, i + q + 2)],
-                                a1, n1, k1, out)
-            a2, n2, k2 = _put2b(pair[_pair_at(syms, i + 2 * q)],
-                                pair[_pair_at(syms, i + 2 * q + 2)], a2, n2, k2, out)
-            a3, n3, k3 = _put2b(pair[_pair_at(syms, i + 3 * q)],
-                                pair[_pair_at(syms, i + 3 * q + 2)], a3, n3, k3, out)
+            a0, n0, k0 = _put2b(
+                pair[_pair_at(syms, i)], pair[_pair_at(syms, i + 2)], a0, n0, k0, out
+            )
+            a1, n1, k1 = _put2b(
+                pair[_pair_at(syms, i + q)], pair[_pair_at(syms, i + q + 2)], a1, n1, k1, out
+            )
+            a2, n2, k2 = _put2b(
+                pair[_pair_at(syms, i + 2 * q)],
+                pair[_pair_at(syms, i + 2 * q + 2)],
+                a2,
+                n2,
+                k2,
+                out,
+            )
+            a3, n3, k3 = _put2b(
+                pair[_pair_at(syms, i + 3 * q)],
+                pair[_pair_at(syms, i + 3 * q + 2)],
+                a3,
+                n3,
+                k3,
+                out,
+            )
     accs = np.array([a0, a1, a2, a3], np.uint64)
     nacs = np.array([n0, n1, n2, n3], np.uint64)
     ks = np.array([k0, k1, k2, k3], np.int64)
@@ -432,13 +467,14 @@ def _write_chunk(vals, a, n, kind, itemsize, out, o, syms, lengths, sbytes, pair
         if k - start[j] + (np.int64(nacc) + 7) // 8 != sbytes[j]:
             return -1
         _store8(out, k, acc)  # the last partial byte, then zeros
-        out[start[j] + sbytes[j]:start[j] + sbytes[j] + 8] = 0
+        out[start[j] + sbytes[j] : start[j] + sbytes[j] + 8] = 0
     return 0
 
 
 @nb.njit(nogil=True, cache=True)
-def write_range(vals, counter, n_chunks, chunk_values, kind, itemsize, out, offsets, lengths,
-                 sbytes):
+def write_range(
+    vals, counter, n_chunks, chunk_values, kind, itemsize, out, offsets, lengths, sbytes
+):
     n_total = vals.shape[0]
     syms = np.empty(chunk_values, np.uint8)
     pair = np.empty(1 << 16, np.uint64)
@@ -449,8 +485,23 @@ def write_range(vals, counter, n_chunks, chunk_values, kind, itemsize, out, offs
             break
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
-        if _write_chunk(vals, a, n, kind, itemsize, out, offsets[c], syms, lengths[c],
-                        sbytes[c], pair, present) != 0:
+        if (
+            _write_chunk(
+                vals,
+                a,
+                n,
+                kind,
+                itemsize,
+                out,
+                offsets[c],
+                syms,
+                lengths[c],
+                sbytes[c],
+                pair,
+                present,
+            )
+            != 0
+        ):
             return -1
     return 0
 
@@ -477,22 +528,53 @@ def encode(bits: np.ndarray, dtype: str, threads: int | None = None):
     u8 = readonly(vals.view(np.uint8))
     w = words_view(u8)
     if n_chunks:
-        run_shared(lambda ctr: _plan_range(vals, u8, w, ctr, n_chunks, chunk_values, kind,
-                                           spec.itemsize, lengths, sbytes, sizes, seg),
-                   n_chunks, threads)
+        run_shared(
+            lambda ctr: _plan_range(
+                vals,
+                u8,
+                w,
+                ctr,
+                n_chunks,
+                chunk_values,
+                kind,
+                spec.itemsize,
+                lengths,
+                sbytes,
+                sizes,
+                seg,
+            ),
+            n_chunks,
+            threads,
+        )
     ends = np.cumsum(sizes)
     base = HEADER.size + 8 * n_chunks
     body = base + (int(ends[-1]) if n_chunks else 0)
     # zero tail: whole 64-bit words, plus one, so the decoder's two-word peeks stay in bounds
     out = np.empty(body + (-body) % 8 + 8, np.uint8)
-    out[:base] = np.frombuffer(HEADER.pack(spec.code, MAX_LEN, 0, chunk_values, n, n_chunks)
-                               + ends.astype(np.uint64).tobytes(), np.uint8)
+    out[:base] = np.frombuffer(
+        HEADER.pack(spec.code, MAX_LEN, 0, chunk_values, n, n_chunks)
+        + ends.astype(np.uint64).tobytes(),
+        np.uint8,
+    )
     out[body:] = 0
     offsets = base + ends - sizes
     if n_chunks:
-        errs = run_shared(lambda ctr: write_range(vals, ctr, n_chunks, chunk_values, kind,
-                                                   spec.itemsize, out, offsets, lengths, sbytes),
-                          n_chunks, threads)
+        errs = run_shared(
+            lambda ctr: write_range(
+                vals,
+                ctr,
+                n_chunks,
+                chunk_values,
+                kind,
+                spec.itemsize,
+                out,
+                offsets,
+                lengths,
+                sbytes,
+            ),
+            n_chunks,
+            threads,
+        )
         if any(errs):  # an encoder bug, not bad input: never ship a payload that may be wrong
             raise RuntimeError("entropy encoder wrote streams of another size than planned")
     return out, seg
@@ -514,8 +596,11 @@ def _compose16(kind, syms, raw, out):
     if kind == 1:
         for i in range(out.shape[0]):
             b = np.uint16(raw[i])
-            out[i] = (((b & np.uint16(0x80)) << np.uint16(8))
-                      | (np.uint16(syms[i]) << np.uint16(7)) | (b & np.uint16(0x7F)))
+            out[i] = (
+                ((b & np.uint16(0x80)) << np.uint16(8))
+                | (np.uint16(syms[i]) << np.uint16(7))
+                | (b & np.uint16(0x7F))
+            )
     else:
         for i in range(out.shape[0]):
             out[i] = (np.uint16(syms[i]) << np.uint16(8)) | np.uint16(raw[i])
@@ -525,9 +610,13 @@ def _compose16(kind, syms, raw, out):
 def _compose32(syms, raw, out):
     for i in range(out.shape[0]):
         b2 = np.uint32(raw[3 * i + 2])
-        out[i] = (((b2 & np.uint32(0x80)) << np.uint32(24)) | (np.uint32(syms[i]) << np.uint32(23))
-                  | ((b2 & np.uint32(0x7F)) << np.uint32(16))
-                  | (np.uint32(raw[3 * i + 1]) << np.uint32(8)) | np.uint32(raw[3 * i]))
+        out[i] = (
+            ((b2 & np.uint32(0x80)) << np.uint32(24))
+            | (np.uint32(syms[i]) << np.uint32(23))
+            | ((b2 & np.uint32(0x7F)) << np.uint32(16))
+            | (np.uint32(raw[3 * i + 1]) << np.uint32(8))
+            | np.uint32(raw[3 * i])
+        )
 
 
 COMPOSE_BLOCK = 4096  # values composed, then digested, while they are in L1
@@ -544,9 +633,9 @@ def _compose_digest(kind, itemsize, syms, buf, raw, n, out, a, u8, words, seed):
     for b0 in range(0, n, COMPOSE_BLOCK):
         b1 = min(n, b0 + COMPOSE_BLOCK)
         if kind == 3:
-            _compose32(syms[b0:b1], buf[raw + 3 * b0:raw + 3 * b1], out[a + b0:a + b1])
+            _compose32(syms[b0:b1], buf[raw + 3 * b0 : raw + 3 * b1], out[a + b0 : a + b1])
         else:
-            _compose16(kind, syms[b0:b1], buf[raw + b0:raw + b1], out[a + b0:a + b1])
+            _compose16(kind, syms[b0:b1], buf[raw + b0 : raw + b1], out[a + b0 : a + b1])
         w, lanes, keys = digest_stripes(words, w, (a + b1) * itemsize // 8, lanes, keys)
     return digest_finish(u8, words, start, (a + n) * itemsize, w, sd, lanes)
 
@@ -554,9 +643,9 @@ def _compose_digest(kind, itemsize, syms, buf, raw, n, out, a, u8, words, seed):
 @nb.njit(nogil=True, cache=True)
 def _compose_all(kind, syms, buf, raw, n, out, a):
     if kind == 3:
-        _compose32(syms[:n], buf[raw:raw + 3 * n], out[a:a + n])
+        _compose32(syms[:n], buf[raw : raw + 3 * n], out[a : a + n])
     else:
-        _compose16(kind, syms[:n], buf[raw:raw + n], out[a:a + n])
+        _compose16(kind, syms[:n], buf[raw : raw + n], out[a : a + n])
 
 
 @nb.njit(inline="always")
@@ -659,12 +748,33 @@ def _build_multi(lengths, codes, single, multi, order, unc):
                     l = e >> 8
                     ok = np.int64(l != 0) & np.int64(l <= r)
                     multi[p3 | (x << u3)] = np.uint64(
-                        e3 + ok * (((e & 0xFF) << 24) | (l << MULTI_USED) | (1 << MULTI_COUNT)))
+                        e3 + ok * (((e & 0xFF) << 24) | (l << MULTI_USED) | (1 << MULTI_COUNT))
+                    )
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single, multi, order,
-                  unc, prev, u8, owords, seg_out, c, version):
+def _decode_chunk(
+    buf,
+    words,
+    pos,
+    end,
+    n,
+    kind,
+    itemsize,
+    out,
+    a,
+    syms,
+    single,
+    multi,
+    order,
+    unc,
+    prev,
+    u8,
+    owords,
+    seg_out,
+    c,
+    version,
+):
     """Decode one chunk ``buf[pos:end]`` into ``out[a:a+n]``. Returns 0, or a negative error
     code; every read is bounds-checked so corrupt bytes cannot crash the process.
 
@@ -684,9 +794,11 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
             for b in range(itemsize):
                 v |= np.uint32(buf[pos + i * itemsize + b]) << (8 * b)
             out[a + i] = v
-        seg_out[c] = (digest_range(u8, owords, a * itemsize, (a + n) * itemsize, c)
-                      if version == 2 else
-                      digest_range_v1(u8, owords, a * itemsize, (a + n) * itemsize, c))
+        seg_out[c] = (
+            digest_range(u8, owords, a * itemsize, (a + n) * itemsize, c)
+            if version == 2
+            else digest_range_v1(u8, owords, a * itemsize, (a + n) * itemsize, c)
+        )
         return 0
     if mode != 0 or n == 0:
         return -3
@@ -707,8 +819,12 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
     slen = np.empty(4, np.int64)
     for j in range(4):
         sp = pos + 4 * j
-        slen[j] = (np.int64(buf[sp]) | (np.int64(buf[sp + 1]) << 8)
-                   | (np.int64(buf[sp + 2]) << 16) | (np.int64(buf[sp + 3]) << 24))
+        slen[j] = (
+            np.int64(buf[sp])
+            | (np.int64(buf[sp + 1]) << 8)
+            | (np.int64(buf[sp + 2]) << 16)
+            | (np.int64(buf[sp + 3]) << 24)
+        )
     pos += 16
     raw_w = 3 if kind == 3 else 1
     raw = pos
@@ -775,8 +891,13 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
         if p0 > l0 or p1 > l1 or p2 > l2 or p3 > l3:
             return -10
         safe = min(min((e0_ - o0) // 16, (e1_ - o1) // 16), min((e2_ - o2) // 16, (e3_ - o3) // 16))
-        safe = min(safe, min(min((l0 - p0) // 48, (l1 - p1) // 48),
-                             min((l2 - p2) // 48, (l3 - p3) // 48))) + 1
+        safe = (
+            min(
+                safe,
+                min(min((l0 - p0) // 48, (l1 - p1) // 48), min((l2 - p2) // 48, (l3 - p3) // 48)),
+            )
+            + 1
+        )
         rounds -= safe
         if rounds < 0:
             return -11
@@ -812,8 +933,22 @@ def _decode_chunk(buf, words, pos, end, n, kind, itemsize, out, a, syms, single,
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_range(buf, bwords, base, ends, counter, chunk_values, n_total, kind, itemsize,
-                  out, u8, words, seg_out, version):
+def _decode_range(
+    buf,
+    bwords,
+    base,
+    ends,
+    counter,
+    chunk_values,
+    n_total,
+    kind,
+    itemsize,
+    out,
+    u8,
+    words,
+    seg_out,
+    version,
+):
     syms = np.empty(chunk_values, np.uint8)
     single = np.zeros(TABLE_SIZE, np.uint32)
     multi = np.zeros(TABLE_SIZE, np.uint64)
@@ -828,8 +963,28 @@ def _decode_range(buf, bwords, base, ends, counter, chunk_values, n_total, kind,
         start = base + (ends[c - 1] if c > 0 else 0)
         a = c * chunk_values
         n = min(chunk_values, n_total - a)
-        err = _decode_chunk(buf, bwords, start, base + ends[c], n, kind, itemsize, out, a, syms,
-                            single, multi, order, unc, prev, u8, words, seg_out, c, version)
+        err = _decode_chunk(
+            buf,
+            bwords,
+            start,
+            base + ends[c],
+            n,
+            kind,
+            itemsize,
+            out,
+            a,
+            syms,
+            single,
+            multi,
+            order,
+            unc,
+            prev,
+            u8,
+            words,
+            seg_out,
+            c,
+            version,
+        )
         if err != 0:
             return err
     return 0
@@ -855,14 +1010,15 @@ def parse_header(buf: np.ndarray):
         raise CorruptDataError(f"entropy payload has dtype code {code}, max code length {max_len}")
     spec = FLOAT_SPECS[kinds[code]]
     if chunk_values != SEGMENT_BYTES // spec.itemsize:
-        raise CorruptDataError(f"entropy payload chunk size {chunk_values} is not "
-                               f"{SEGMENT_BYTES // spec.itemsize}")
+        raise CorruptDataError(
+            f"entropy payload chunk size {chunk_values} is not {SEGMENT_BYTES // spec.itemsize}"
+        )
     if n_chunks != (n + chunk_values - 1) // chunk_values:
         raise CorruptDataError(f"entropy payload has {n_chunks} chunks for {n} values")
     base = HEADER.size + 8 * n_chunks
     if base > buf.size:
         raise CorruptDataError("entropy payload is truncated inside its chunk table")
-    ends = readonly(buf[HEADER.size:base].view(np.uint64).astype(np.int64))
+    ends = readonly(buf[HEADER.size : base].view(np.uint64).astype(np.int64))
     body = base + (int(ends[-1]) if n_chunks else 0)
     if n_chunks and (np.any(np.diff(ends) <= 0) or ends[0] <= 0):
         raise CorruptDataError("entropy payload chunk table is not increasing")
@@ -873,15 +1029,23 @@ def parse_header(buf: np.ndarray):
         short = lens < min_chunk_bytes(counts, spec.itemsize, _RAW_WIDTH[_KIND[spec.name]])
         if np.any(short):
             c = int(np.argmax(short))
-            raise CorruptDataError(f"entropy payload chunk table gives chunk {c} of "
-                                   f"{int(counts[c])} values only {int(lens[c])} bytes")
+            raise CorruptDataError(
+                f"entropy payload chunk table gives chunk {c} of "
+                f"{int(counts[c])} values only {int(lens[c])} bytes"
+            )
     if buf.size != body + (-body) % 8 + 8 or np.any(buf[body:]):
         raise CorruptDataError("entropy payload chunk table does not match the payload size")
     return spec, n, chunk_values, ends, base
 
 
-def decode(payload, dtype: str, n_expected: int, threads: int | None = None,
-           checksum_version: int = CHECKSUM_VERSION, out: np.ndarray | None = None):
+def decode(
+    payload,
+    dtype: str,
+    n_expected: int,
+    threads: int | None = None,
+    checksum_version: int = CHECKSUM_VERSION,
+    out: np.ndarray | None = None,
+):
     """Decode a payload. Returns (flat uint bits, segment digests of ``checksum_version``);
     ``out`` (flat, contiguous, the dtype's uint, ``n_expected`` long) receives the bits if
     given."""
@@ -889,8 +1053,9 @@ def decode(payload, dtype: str, n_expected: int, threads: int | None = None,
     buf = readonly(buf)
     spec, n, chunk_values, ends, base = parse_header(buf)
     if spec.name != dtype or n != n_expected:
-        raise CorruptDataError(f"entropy payload holds {n} {spec.name} values; the container "
-                               f"says {n_expected} {dtype}")
+        raise CorruptDataError(
+            f"entropy payload holds {n} {spec.name} values; the container says {n_expected} {dtype}"
+        )
     if out is None:
         out = np.empty(n, spec.uint)
     elif out.dtype != spec.uint or out.shape != (n,) or not out.flags.c_contiguous:
@@ -901,10 +1066,30 @@ def decode(payload, dtype: str, n_expected: int, threads: int | None = None,
     w = words_view(u8)
     kind = _KIND[dtype]
     bw = words_view(buf)
-    errs = run_shared(lambda ctr: _decode_range(buf, bw, base, ends, ctr, chunk_values, n, kind,
-                                                spec.itemsize, out, u8, w, seg,
-                                                checksum_version),
-                      n_chunks, threads) if n_chunks else [0]
+    errs = (
+        run_shared(
+            lambda ctr: _decode_range(
+                buf,
+                bw,
+                base,
+                ends,
+                ctr,
+                chunk_values,
+                n,
+                kind,
+                spec.itemsize,
+                out,
+                u8,
+                w,
+                seg,
+                checksum_version,
+            ),
+            n_chunks,
+            threads,
+        )
+        if n_chunks
+        else [0]
+    )
     bad = [e for e in errs if e != 0]
     if bad:
         raise CorruptDataError(f"entropy chunk failed to decode (error {bad[0]})")

@@ -25,14 +25,14 @@ WINDOW = 7  # codes 1..7 address exponents b+1..b+7; code 0 is the fallback
 class TensorStats:
     dtype: str
     numel: int
-    exp_hist: np.ndarray          # counts per exponent value, length 2**exp_bits
-    exp_entropy: float            # H_exp in bits
+    exp_hist: np.ndarray  # counts per exponent value, length 2**exp_bits
+    exp_entropy: float  # H_exp in bits
     distinct_exponents: int
-    ideal_bits: float             # bits per value with an ideal exponent coder
-    ideal_ratio: float            # value bits / ideal_bits
-    window_base: int              # b: the window is [b+1, b+7]
-    window_coverage: float        # fraction of values whose exponent is in the window
-    tbe_bits: float               # bits per value of the TBE format, before padding
+    ideal_bits: float  # bits per value with an ideal exponent coder
+    ideal_ratio: float  # value bits / ideal_bits
+    window_base: int  # b: the window is [b+1, b+7]
+    window_coverage: float  # fraction of values whose exponent is in the window
+    tbe_bits: float  # bits per value of the TBE format, before padding
 
 
 @nb.njit(nogil=True, cache=True)
@@ -89,10 +89,18 @@ def stats_from_bits(bits: np.ndarray, dtype: str) -> TensorStats:
     # TBE: 3 code bits + the stored non-exponent bits (bf16: 8; fp16: 3 planes + 8) when
     # covered; fallback adds the full value.
     tbe = 3 + (spec.bits - spec.exp_bits) + (1 - p) * spec.bits
-    return TensorStats(dtype=dtype, numel=n, exp_hist=hist, exp_entropy=h,
-                       distinct_exponents=int((hist > 0).sum()), ideal_bits=ideal,
-                       ideal_ratio=spec.bits / ideal if n else 1.0, window_base=base,
-                       window_coverage=p, tbe_bits=tbe)
+    return TensorStats(
+        dtype=dtype,
+        numel=n,
+        exp_hist=hist,
+        exp_entropy=h,
+        distinct_exponents=int((hist > 0).sum()),
+        ideal_bits=ideal,
+        ideal_ratio=spec.bits / ideal if n else 1.0,
+        window_base=base,
+        window_coverage=p,
+        tbe_bits=tbe,
+    )
 
 
 def tensor_stats(t) -> TensorStats:

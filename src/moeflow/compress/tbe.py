@@ -66,11 +66,11 @@ class TBEParts:
     cols: int
     numel: int
     planes_per_tile: int
-    planes: np.ndarray     # uint64 [tiles_r * tiles_c * planes_per_tile]
-    cov_off: np.ndarray    # int64 [blocks + 1]
-    fb_off: np.ndarray     # int64 [blocks + 1]
-    covered: np.ndarray    # uint8 [n_covered]
-    fallback: np.ndarray   # uint16 [n_fallback]
+    planes: np.ndarray  # uint64 [tiles_r * tiles_c * planes_per_tile]
+    cov_off: np.ndarray  # int64 [blocks + 1]
+    fb_off: np.ndarray  # int64 [blocks + 1]
+    covered: np.ndarray  # uint8 [n_covered]
+    fallback: np.ndarray  # uint16 [n_fallback]
 
     @property
     def tiles(self) -> tuple[int, int]:
@@ -172,8 +172,11 @@ def _decode_blocks(R, C, n, kind, base, b_lo, b_hi, cov_off, fb_off, planes, P, 
                 t = (tr * TC + (c >> 3)) * P
                 sh = np.uint64(sh0 + (c & 7))
                 one = np.uint64(1)
-                code = (((planes[t] >> sh) & one) | (((planes[t + 1] >> sh) & one) << one)
-                        | (((planes[t + 2] >> sh) & one) << np.uint64(2)))
+                code = (
+                    ((planes[t] >> sh) & one)
+                    | (((planes[t + 1] >> sh) & one) << one)
+                    | (((planes[t + 2] >> sh) & one) << np.uint64(2))
+                )
                 if code != 0:
                     if pc >= ec:
                         return -1
@@ -183,8 +186,11 @@ def _decode_blocks(R, C, n, kind, base, b_lo, b_hi, cov_off, fb_off, planes, P, 
                     if kind == 1:
                         out[k] = ((b & 0x80) << 8) | (e << 7) | (b & 0x7F)
                     else:
-                        x3 = (((planes[t + 3] >> sh) & one) | (((planes[t + 4] >> sh) & one) << one)
-                              | (((planes[t + 5] >> sh) & one) << np.uint64(2)))
+                        x3 = (
+                            ((planes[t + 3] >> sh) & one)
+                            | (((planes[t + 4] >> sh) & one) << one)
+                            | (((planes[t + 5] >> sh) & one) << np.uint64(2))
+                        )
                         x = np.uint32(x3)
                         out[k] = ((x & 4) << 13) | (e << 10) | ((x & 3) << 8) | b
                 else:
@@ -216,8 +222,11 @@ def encode(bits: np.ndarray, dtype: str, shape: tuple[int, ...], threads: int | 
     cov_cnt = np.zeros(nb_, np.int64)
     fb_cnt = np.zeros(nb_, np.int64)
     emask = (1 << spec.exp_bits) - 1
-    run_parallel(lambda lo, hi: _count(vals, R, C, n, spec.man_bits, emask, base, lo, hi,
-                                       cov_cnt, fb_cnt), nb_, threads)
+    run_parallel(
+        lambda lo, hi: _count(vals, R, C, n, spec.man_bits, emask, base, lo, hi, cov_cnt, fb_cnt),
+        nb_,
+        threads,
+    )
     cov_off = np.zeros(nb_ + 1, np.int64)
     fb_off = np.zeros(nb_ + 1, np.int64)
     np.cumsum(cov_cnt, out=cov_off[1:])
@@ -229,12 +238,17 @@ def encode(bits: np.ndarray, dtype: str, shape: tuple[int, ...], threads: int | 
     out = np.zeros(sum(sizes), np.uint8)
     at = np.cumsum([0] + sizes)
     out[: at[1]] = np.frombuffer(head, np.uint8)
-    planes = out[at[1]:at[2]].view(np.uint64)
-    out[at[2]:at[3]] = np.concatenate([cov_off, fb_off]).view(np.uint8)
-    cov = out[at[3]:at[3] + n_cov]
-    fbs = out[at[4]:at[5]].view(np.uint16)
-    run_parallel(lambda lo, hi: _fill(vals, R, C, n, kind, base, lo, hi, cov_off, fb_off,
-                                      planes, P, cov, fbs), nb_, threads)
+    planes = out[at[1] : at[2]].view(np.uint64)
+    out[at[2] : at[3]] = np.concatenate([cov_off, fb_off]).view(np.uint8)
+    cov = out[at[3] : at[3] + n_cov]
+    fbs = out[at[4] : at[5]].view(np.uint16)
+    run_parallel(
+        lambda lo, hi: _fill(
+            vals, R, C, n, kind, base, lo, hi, cov_off, fb_off, planes, P, cov, fbs
+        ),
+        nb_,
+        threads,
+    )
     return out
 
 
@@ -256,28 +270,46 @@ def parse(payload, dtype: str | None = None, shape: tuple[int, ...] | None = Non
     if shape is not None:
         numel = int(np.prod(shape)) if len(shape) else 1
         if (R, C) != matrix_shape(tuple(shape)) or n != numel:
-            raise CorruptDataError(f"TBE payload is a {R}x{C} matrix of {n} values; the "
-                                   f"container says shape {tuple(shape)}")
+            raise CorruptDataError(
+                f"TBE payload is a {R}x{C} matrix of {n} values; the "
+                f"container says shape {tuple(shape)}"
+            )
     if C == 0 or R > (1 << 40) or C > (1 << 40) or n > R * C or n_cov + n_fb != n:
-        raise CorruptDataError(f"TBE payload header is inconsistent: R={R} C={C} n={n} "
-                               f"covered={n_cov} fallback={n_fb}")
+        raise CorruptDataError(
+            f"TBE payload header is inconsistent: R={R} C={C} n={n} covered={n_cov} fallback={n_fb}"
+        )
     TR, TC = (R + 7) // 8, (C + 7) // 8
     nb_ = ((R + 63) // 64) * ((C + 63) // 64)
     sizes = [_HEAD.size, TR * TC * P * 8, (nb_ + 1) * 16, n_cov + (n_cov & 1), 2 * n_fb]
     if sum(sizes) != buf.size:
         raise CorruptDataError(f"TBE payload is {buf.size} bytes; its header implies {sum(sizes)}")
     at = np.cumsum([0] + sizes)
-    offs = buf[at[2]:at[3]].view(np.int64)
-    cov_off, fb_off = offs[: nb_ + 1], offs[nb_ + 1:]
+    offs = buf[at[2] : at[3]].view(np.int64)
+    cov_off, fb_off = offs[: nb_ + 1], offs[nb_ + 1 :]
     for name_, off, total in (("covered", cov_off, n_cov), ("fallback", fb_off, n_fb)):
-        if off[0] != 0 or off[-1] != total or np.any(np.diff(off) < 0) \
-                or np.any(np.diff(off) > 4096):
-            raise CorruptDataError(f"TBE {name_} block offsets are not a prefix sum of "
-                                   f"per-block counts ending at {total}")
-    return TBEParts(dtype=name, base=base, rows=R, cols=C, numel=n, planes_per_tile=P,
-                    planes=readonly(buf[at[1]:at[2]].view(np.uint64)), cov_off=readonly(cov_off),
-                    fb_off=readonly(fb_off), covered=readonly(buf[at[3]:at[3] + n_cov]),
-                    fallback=readonly(buf[at[4]:at[5]].view(np.uint16)))
+        if (
+            off[0] != 0
+            or off[-1] != total
+            or np.any(np.diff(off) < 0)
+            or np.any(np.diff(off) > 4096)
+        ):
+            raise CorruptDataError(
+                f"TBE {name_} block offsets are not a prefix sum of "
+                f"per-block counts ending at {total}"
+            )
+    return TBEParts(
+        dtype=name,
+        base=base,
+        rows=R,
+        cols=C,
+        numel=n,
+        planes_per_tile=P,
+        planes=readonly(buf[at[1] : at[2]].view(np.uint64)),
+        cov_off=readonly(cov_off),
+        fb_off=readonly(fb_off),
+        covered=readonly(buf[at[3] : at[3] + n_cov]),
+        fallback=readonly(buf[at[4] : at[5]].view(np.uint16)),
+    )
 
 
 def decode_parts(parts: TBEParts, threads: int | None = None) -> np.ndarray:
@@ -285,14 +317,35 @@ def decode_parts(parts: TBEParts, threads: int | None = None) -> np.ndarray:
     out = np.empty(parts.numel, np.uint16)
     kind = 1 if parts.dtype == "bfloat16" else 2
     nb_ = parts.cov_off.size - 1
-    errs = run_parallel(lambda lo, hi: _decode_blocks(
-        parts.rows, parts.cols, parts.numel, kind, parts.base, lo, hi, parts.cov_off,
-        parts.fb_off, parts.planes, parts.planes_per_tile, parts.covered, parts.fallback, out),
-        nb_, threads) if nb_ else [0]
+    errs = (
+        run_parallel(
+            lambda lo, hi: _decode_blocks(
+                parts.rows,
+                parts.cols,
+                parts.numel,
+                kind,
+                parts.base,
+                lo,
+                hi,
+                parts.cov_off,
+                parts.fb_off,
+                parts.planes,
+                parts.planes_per_tile,
+                parts.covered,
+                parts.fallback,
+                out,
+            ),
+            nb_,
+            threads,
+        )
+        if nb_
+        else [0]
+    )
     bad = [e for e in errs if e != 0]
     if bad:
-        raise CorruptDataError(f"TBE block stream counts disagree with its bit-planes "
-                               f"(error {bad[0]})")
+        raise CorruptDataError(
+            f"TBE block stream counts disagree with its bit-planes (error {bad[0]})"
+        )
     return out
 
 

@@ -13,8 +13,13 @@ import importlib
 
 from moeflow._deps import require
 
-_HF_NAMES = ("patch_model", "from_hf_block", "supported_classes", "state_dict_adapter",
-             "moeflow_state_dict_keys")
+_HF_NAMES = (
+    "patch_model",
+    "from_hf_block",
+    "supported_classes",
+    "state_dict_adapter",
+    "moeflow_state_dict_keys",
+)
 
 
 def __getattr__(name: str):

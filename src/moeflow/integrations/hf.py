@@ -74,20 +74,35 @@ from moeflow.errors import UnsupportedModelError
 from moeflow.integrations.hf_state import ADAPTERS, StateDictAdapter
 from moeflow.layer.moe import MoELayer
 
-__all__ = ["from_hf_block", "patch_model", "PatchSummary", "is_moe_block", "supported_classes",
-           "state_dict_adapter", "moeflow_state_dict_keys", "HFBlockView"]
+__all__ = [
+    "from_hf_block",
+    "patch_model",
+    "PatchSummary",
+    "is_moe_block",
+    "supported_classes",
+    "state_dict_adapter",
+    "moeflow_state_dict_keys",
+    "HFBlockView",
+]
 
 
 # --------------------------------------------------------------------------- checks
 def _fail(block: nn.Module, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"{type(block).__name__} cannot be converted to a moeflow MoELayer: {why}")
+        f"{type(block).__name__} cannot be converted to a moeflow MoELayer: {why}"
+    )
 
 
 # transformers activation modules (ACT2CLS of 5.24) -> MoEConfig.activation
-_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu",
-                "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
-                "PytorchGELUTanh": "gelu_tanh", "ReLU": "relu"}
+_ACTIVATIONS = {
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "GELUActivation": "gelu",
+    "NewGELUActivation": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "ReLU": "relu",
+}
 
 
 def _activation(block: nn.Module, act: nn.Module, what: str) -> str:
@@ -96,16 +111,24 @@ def _activation(block: nn.Module, act: nn.Module, what: str) -> str:
     if name == "GELU":  # torch.nn.GELU
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
     if name not in _ACTIVATIONS:
-        raise _fail(block, f"{what} activation {name} is not supported (moeflow has "
-                           f"{sorted(set(_ACTIVATIONS.values()))})")
+        raise _fail(
+            block,
+            f"{what} activation {name} is not supported (moeflow has "
+            f"{sorted(set(_ACTIVATIONS.values()))})",
+        )
     return _ACTIVATIONS[name]
 
 
 def _check_experts(block: nn.Module, experts: nn.Module) -> str:
     """The 3-D expert layout we copy: concatenated [gate; up], not transposed, no bias.
     Returns the experts' activation."""
-    for name, want in (("has_gate", True), ("has_bias", False), ("is_transposed", False),
-                       ("is_concatenated", True), ("has_post_expert_norm", False)):
+    for name, want in (
+        ("has_gate", True),
+        ("has_bias", False),
+        ("is_transposed", False),
+        ("is_concatenated", True),
+        ("has_post_expert_norm", False),
+    ):
         got = getattr(experts, name, want)
         if got != want:
             raise _fail(block, f"its experts have {name}={got} (moeflow needs {want})")
@@ -126,8 +149,7 @@ def _check_mlp(block: nn.Module, mlp: nn.Module, activation: str) -> None:
             raise _fail(block, f"its shared expert '{name}' has a bias (moeflow has none)")
     got = _activation(block, mlp.act_fn, "shared-expert")
     if got != activation:
-        raise _fail(block, f"shared-expert activation {got} differs from the experts' "
-                           f"{activation}")
+        raise _fail(block, f"shared-expert activation {got} differs from the experts' {activation}")
 
 
 # --------------------------------------------------------------------------- per family
@@ -161,9 +183,17 @@ def _softmax_topk(block, router, experts, norm_topk_prob: bool, **extra) -> _Pla
         raise _fail(block, "its router has a bias")
     # These routers run their GEMM in the activation dtype (softmax in fp32): router_dtype
     # "input" reproduces that, so bf16 routing decisions match transformers too.
-    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=int(router.top_k),
-                    router="softmax_topk", norm_topk_prob=bool(norm_topk_prob),
-                    router_dtype="input", **_act_field(act), **extra)
+    cfg = MoEConfig(
+        hidden_size=D,
+        ffn_hidden_size=F,
+        num_experts=E,
+        top_k=int(router.top_k),
+        router="softmax_topk",
+        norm_topk_prob=bool(norm_topk_prob),
+        router_dtype="input",
+        **_act_field(act),
+        **extra,
+    )
     return _Plan(cfg, router.weight, experts)
 
 
@@ -177,8 +207,9 @@ def _mixtral(block):
 
 
 def _qwen3(block):
-    return _softmax_topk(block, block.gate, block.experts,
-                         norm_topk_prob=bool(block.gate.norm_topk_prob))
+    return _softmax_topk(
+        block, block.gate, block.experts, norm_topk_prob=bool(block.gate.norm_topk_prob)
+    )
 
 
 def _qwen3_vl(block):
@@ -197,11 +228,15 @@ def _qwen2(block):
     gate = block.shared_expert_gate
     if not isinstance(gate, nn.Linear) or gate.out_features != 1 or gate.bias is not None:
         raise _fail(block, "its shared_expert_gate is not a bias-free Linear(D, 1)")
-    plan = _softmax_topk(block, block.gate, block.experts,
-                         norm_topk_prob=bool(block.gate.norm_topk_prob),
-                         num_shared_experts=1,
-                         shared_ffn_hidden_size=int(block.shared_expert.gate_proj.out_features),
-                         shared_expert_gate="sigmoid")
+    plan = _softmax_topk(
+        block,
+        block.gate,
+        block.experts,
+        norm_topk_prob=bool(block.gate.norm_topk_prob),
+        num_shared_experts=1,
+        shared_ffn_hidden_size=int(block.shared_expert.gate_proj.out_features),
+        shared_expert_gate="sigmoid",
+    )
     plan.shared_mlp = block.shared_expert
     plan.shared_gate_weight = gate.weight
     return plan
@@ -224,18 +259,25 @@ def _deepseek_v2(block):
     elif method == "group_limited_greedy":
         n_group, topk_group = int(router.num_group), int(router.topk_group)
     else:
-        raise _fail(block, f"topk_method={method!r} (supported: 'greedy', "
-                           "'group_limited_greedy')")
+        raise _fail(block, f"topk_method={method!r} (supported: 'greedy', 'group_limited_greedy')")
     # V2 masks ineligible softmax scores to 0 (we use -inf): same top-k while top_k <= the
     # eligible experts, which MoEConfig validates, and softmax scores are > 0.
-    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=int(router.top_k),
-                    router="deepseek", score_func="softmax", n_group=n_group,
-                    topk_group=topk_group, norm_topk_prob=False,
-                    routed_scaling_factor=float(router.routed_scaling_factor),
-                    **_act_field(act),
-                    **_shared_fields(block, block.shared_experts,
-                                     int(getattr(block.config, "n_shared_experts", 1) or 1),
-                                     act))
+    cfg = MoEConfig(
+        hidden_size=D,
+        ffn_hidden_size=F,
+        num_experts=E,
+        top_k=int(router.top_k),
+        router="deepseek",
+        score_func="softmax",
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=False,
+        routed_scaling_factor=float(router.routed_scaling_factor),
+        **_act_field(act),
+        **_shared_fields(
+            block, block.shared_experts, int(getattr(block.config, "n_shared_experts", 1) or 1), act
+        ),
+    )
     return _Plan(cfg, router.weight, experts, shared_mlp=block.shared_experts)
 
 
@@ -245,17 +287,30 @@ def _deepseek_v3(block):
     E, F, D = _experts_dims(experts)
     if E // int(router.num_group) < 2:
         raise _fail(block, "groups of one expert (transformers takes the top-2 per group)")
-    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=int(router.top_k),
-                    router="deepseek", score_func="sigmoid", n_group=int(router.num_group),
-                    topk_group=int(router.topk_group),
-                    norm_topk_prob=bool(router.norm_topk_prob),
-                    routed_scaling_factor=float(router.routed_scaling_factor),
-                    correction_bias=True, **_act_field(act),
-                    **_shared_fields(block, block.shared_experts,
-                                     int(getattr(block.config, "n_shared_experts", 1) or 1),
-                                     act))
-    return _Plan(cfg, router.weight, experts, correction_bias=router.e_score_correction_bias,
-                 shared_mlp=block.shared_experts)
+    cfg = MoEConfig(
+        hidden_size=D,
+        ffn_hidden_size=F,
+        num_experts=E,
+        top_k=int(router.top_k),
+        router="deepseek",
+        score_func="sigmoid",
+        n_group=int(router.num_group),
+        topk_group=int(router.topk_group),
+        norm_topk_prob=bool(router.norm_topk_prob),
+        routed_scaling_factor=float(router.routed_scaling_factor),
+        correction_bias=True,
+        **_act_field(act),
+        **_shared_fields(
+            block, block.shared_experts, int(getattr(block.config, "n_shared_experts", 1) or 1), act
+        ),
+    )
+    return _Plan(
+        cfg,
+        router.weight,
+        experts,
+        correction_bias=router.e_score_correction_bias,
+        shared_mlp=block.shared_experts,
+    )
 
 
 # Families after the first line of each group have block, router and experts source identical
@@ -297,7 +352,8 @@ def state_dict_adapter(block: nn.Module | str) -> StateDictAdapter:
     if name not in _CONVERTERS:
         raise UnsupportedModelError(
             f"{name} is not a supported transformers MoE block; supported: "
-            f"{', '.join(supported_classes())}")
+            f"{', '.join(supported_classes())}"
+        )
     return ADAPTERS[_CONVERTERS[name][1]]
 
 
@@ -333,8 +389,11 @@ def from_hf_block(block: nn.Module, *, kernel: str = "auto") -> MoELayer:
     plan = conv(block)
     hf_keys = set(block.state_dict())
     if hf_keys != set(adapter.hf_keys()):
-        raise _fail(block, f"its weights {sorted(hf_keys)} are not the {adapter.family} "
-                           f"layout {sorted(adapter.hf_keys())}")
+        raise _fail(
+            block,
+            f"its weights {sorted(hf_keys)} are not the {adapter.family} "
+            f"layout {sorted(adapter.hf_keys())}",
+        )
     cfg = plan.cfg.replace(kernel=kernel) if kernel != plan.cfg.kernel else plan.cfg
     layer = MoELayer(cfg)
     _copy_(layer.router.weight, plan.router_weight)
@@ -429,8 +488,11 @@ def _new_view(hf_cls: type) -> nn.Module:
     checks on ``hf_cls`` - transformers' output recorder and ``_init_weights`` - still hold)."""
     cls = _VIEW_CLASSES.get(hf_cls)
     if cls is None:
-        cls = type(hf_cls.__name__, (_LinkedView, hf_cls),
-                   {"__module__": hf_cls.__module__, "__qualname__": hf_cls.__qualname__})
+        cls = type(
+            hf_cls.__name__,
+            (_LinkedView, hf_cls),
+            {"__module__": hf_cls.__module__, "__qualname__": hf_cls.__qualname__},
+        )
         _VIEW_CLASSES[hf_cls] = cls
     return cls.__new__(cls)
 
@@ -470,8 +532,9 @@ def _build_view(block: nn.Module, layer: MoELayer, adapter: StateDictAdapter) ->
         for k, v in orig.__dict__.items():
             if k not in view.__dict__:
                 view.__dict__[k] = v
-        view.__dict__.update(_moeflow_links=links.get(path, {}), _moeflow_layer=layer,
-                             _moeflow_hf_class=type(orig))
+        view.__dict__.update(
+            _moeflow_links=links.get(path, {}), _moeflow_layer=layer, _moeflow_hf_class=type(orig)
+        )
         # absent optional tensors (bias=None) stay visible as None
         for table in ("_parameters", "_buffers"):
             for name, t in getattr(orig, table).items():
@@ -531,8 +594,11 @@ def moeflow_state_dict_keys(model: nn.Module):
     parameters' own paths, ``...mlp.experts.w_in``), as tools that map state-dict keys back to
     parameters need (``torch.distributed.checkpoint``); ``load_state_dict`` takes either naming
     in both modes."""
-    saved = [(m, m.__dict__["hf_state_dict_adapter"]) for m in model.modules()
-             if m.__dict__.get("hf_state_dict_adapter") is not None]
+    saved = [
+        (m, m.__dict__["hf_state_dict_adapter"])
+        for m in model.modules()
+        if m.__dict__.get("hf_state_dict_adapter") is not None
+    ]
     for m, _ in saved:
         m.hf_state_dict_adapter = None
     try:
@@ -579,8 +645,12 @@ def _prune_plans(model: nn.Module, replaced: list[tuple[str, list[str]]]) -> Non
         if not isinstance(owner, PreTrainedModel):
             continue
         start = f"{owner_path}." if owner_path else ""
-        paths = [f"{bp[len(start):]}{'.' + q if q else ''}"
-                 for bp, inner in replaced if bp.startswith(start) for q in inner]
+        paths = [
+            f"{bp[len(start) :]}{'.' + q if q else ''}"
+            for bp, inner in replaced
+            if bp.startswith(start)
+            for q in inner
+        ]
         if not paths:
             continue
         for attr in _PLAN_ATTRS:
@@ -607,9 +677,11 @@ def _hook_taps(model: nn.Module, taps: list) -> None:
         from transformers.utils import output_capturing as oc
     except ImportError:
         return
-    hooked = [(p, m) for p, m in model.named_modules()
-              if isinstance(m, PreTrainedModel) and getattr(m, "_output_capturing_hooks_installed",
-                                                            False)]
+    hooked = [
+        (p, m)
+        for p, m in model.named_modules()
+        if isinstance(m, PreTrainedModel) and getattr(m, "_output_capturing_hooks_installed", False)
+    ]
     for tap_path, tap in taps:
         owners = [(p, m) for p, m in hooked if p == "" or tap_path.startswith(p + ".")]
         if not owners:
@@ -620,7 +692,7 @@ def _hook_taps(model: nn.Module, taps: list) -> None:
             for spec in specs if isinstance(specs, list) else [specs]:
                 if isinstance(spec, oc.OutputRecorder):
                     tasks.append((key, spec))
-        rel = tap_path[len(owner_path) + 1:] if owner_path else tap_path
+        rel = tap_path[len(owner_path) + 1 :] if owner_path else tap_path
         oc.recursively_install_hooks(tap, rel, tasks)
 
 
@@ -670,7 +742,8 @@ def patch_model(model: nn.Module, *, kernel: str = "auto") -> nn.Module:
     if blocks and blocks[0][0] == "":
         raise UnsupportedModelError(
             f"patch_model expects a model that contains MoE blocks; got the block "
-            f"{type(model).__name__} itself (use from_hf_block)")
+            f"{type(model).__name__} itself (use from_hf_block)"
+        )
     layers = [(path, block, from_hf_block(block, kernel=kernel)) for path, block in blocks]
     summary = PatchSummary()
     taps = []
@@ -683,8 +756,11 @@ def patch_model(model: nn.Module, *, kernel: str = "auto") -> nn.Module:
         layer.hf_state_dict_adapter = adapter
         layer.register_state_dict_post_hook(_state_dict_to_hf)
         layer.register_load_state_dict_pre_hook(_load_state_dict_from_hf)
-        inner = ([n for n, _ in block.named_modules()] + list(block.state_dict())
-                 + [n for n, _ in block.named_parameters()])
+        inner = (
+            [n for n, _ in block.named_modules()]
+            + list(block.state_dict())
+            + [n for n, _ in block.named_parameters()]
+        )
         replaced.append((path, inner))
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model

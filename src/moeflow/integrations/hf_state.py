@@ -88,8 +88,10 @@ class StateDictAdapter:
                 continue
             if not all(present):
                 missing = [prefix + k for k, p in zip(r.theirs, present) if not p]
-                raise InputError(f"state dict has part of {prefix + r.ours}: {missing} missing "
-                                 f"(needs all of {[prefix + k for k in r.theirs]})")
+                raise InputError(
+                    f"state dict has part of {prefix + r.ours}: {missing} missing "
+                    f"(needs all of {[prefix + k for k in r.theirs]})"
+                )
             parts = [sd.pop(prefix + k) for k in r.theirs]
             sd[prefix + r.ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
@@ -106,34 +108,51 @@ class StateDictAdapter:
         return out
 
 
-_EXPERTS = (KeyRule("experts.w_in", ("experts.gate_up_proj",)),
-            KeyRule("experts.w_out", ("experts.down_proj",)))
+_EXPERTS = (
+    KeyRule("experts.w_in", ("experts.gate_up_proj",)),
+    KeyRule("experts.w_out", ("experts.down_proj",)),
+)
 
 
 def _shared(name: str) -> tuple[KeyRule, ...]:
-    return (KeyRule("shared.w_in", (f"{name}.gate_proj.weight", f"{name}.up_proj.weight")),
-            KeyRule("shared.w_out", (f"{name}.down_proj.weight",)))
+    return (
+        KeyRule("shared.w_in", (f"{name}.gate_proj.weight", f"{name}.up_proj.weight")),
+        KeyRule("shared.w_out", (f"{name}.down_proj.weight",)),
+    )
 
 
 # Rules are in the block's own key order (transformers initialises in that order too).
 ADAPTERS: dict[str, StateDictAdapter] = {
     # Mixtral, MiniMax, Qwen3-MoE, OLMoE, Mellum, Qwen3-VL-MoE text
     "gate_experts": StateDictAdapter(
-        "gate_experts", (KeyRule("router.weight", ("gate.weight",)), *_EXPERTS)),
+        "gate_experts", (KeyRule("router.weight", ("gate.weight",)), *_EXPERTS)
+    ),
     "granitemoe": StateDictAdapter(
-        "granitemoe", (KeyRule("router.weight", ("router.weight",)), *_EXPERTS)),
+        "granitemoe", (KeyRule("router.weight", ("router.weight",)), *_EXPERTS)
+    ),
     # Qwen2-MoE, Qwen3-Next
     "qwen2_moe": StateDictAdapter(
-        "qwen2_moe", (KeyRule("router.weight", ("gate.weight",)), *_EXPERTS,
-                      *_shared("shared_expert"),
-                      KeyRule("shared.gate", ("shared_expert_gate.weight",)))),
+        "qwen2_moe",
+        (
+            KeyRule("router.weight", ("gate.weight",)),
+            *_EXPERTS,
+            *_shared("shared_expert"),
+            KeyRule("shared.gate", ("shared_expert_gate.weight",)),
+        ),
+    ),
     # DeepSeek-V2 (and its OCR text MoEs)
     "deepseek_v2": StateDictAdapter(
-        "deepseek_v2", (*_EXPERTS, KeyRule("router.weight", ("gate.weight",)),
-                        *_shared("shared_experts"))),
+        "deepseek_v2",
+        (*_EXPERTS, KeyRule("router.weight", ("gate.weight",)), *_shared("shared_experts")),
+    ),
     # DeepSeek-V3, dots1, Kimi-Linear, Bailing-hybrid
     "deepseek_v3": StateDictAdapter(
-        "deepseek_v3", (*_EXPERTS, KeyRule("router.weight", ("gate.weight",)),
-                        KeyRule("router.correction_bias", ("gate.e_score_correction_bias",)),
-                        *_shared("shared_experts"))),
+        "deepseek_v3",
+        (
+            *_EXPERTS,
+            KeyRule("router.weight", ("gate.weight",)),
+            KeyRule("router.correction_bias", ("gate.e_score_correction_bias",)),
+            *_shared("shared_experts"),
+        ),
+    ),
 }

@@ -58,8 +58,11 @@ def _cpu_has_fast_lowp() -> bool:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the expert GEMMs run in for inputs like ``x`` (fp32 for bf16/fp16 on CPUs
     without native low-precision dot products; ``x.dtype`` otherwise)."""
-    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-            and not _cpu_has_fast_lowp()):
+    if (
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and not _cpu_has_fast_lowp()
+    ):
         return torch.float32
     return x.dtype
 
@@ -142,8 +145,9 @@ def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
 
 def _pad_index(counts_E: torch.Tensor, n_rows: int):
     """Row -> (expert, slot) map used to scatter rows into a padded (E, C, .) buffer."""
-    e_N = torch.repeat_interleave(torch.arange(counts_E.numel(), device=counts_E.device), counts_E,
-                                  output_size=n_rows)
+    e_N = torch.repeat_interleave(
+        torch.arange(counts_E.numel(), device=counts_E.device), counts_E, output_size=n_rows
+    )
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     slot_N = torch.arange(n_rows, device=counts_E.device) - starts_E[e_N]
     return e_N, slot_N
@@ -247,8 +251,12 @@ def _act_forward_(h_NX: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.ops.aten.gelu_(h_NX, approximate="tanh")
 
 
-def _act_backward(da_NF: torch.Tensor, h_NX: torch.Tensor, activation: str,
-                  silu_gate_NF: torch.Tensor | None = None) -> torch.Tensor:
+def _act_backward(
+    da_NF: torch.Tensor,
+    h_NX: torch.Tensor,
+    activation: str,
+    silu_gate_NF: torch.Tensor | None = None,
+) -> torch.Tensor:
     """d loss / d h from d loss / d a.
 
     SwiGLU ``a = silu(g) * u``: ``du = da * silu(g)``, ``dg = silu'(g) * (da * u)``; both
@@ -317,9 +325,14 @@ class ExpertFFNFunction(torch.autograd.Function):
             g_w_in = groups.wgrad(dh_NX, x_ND) if ctx.needs_input_grad[1] else None
             g_x = groups.linear_t(dh_NX, w_in_EXD) if ctx.needs_input_grad[0] else None
         x_dt, wi_dt, wo_dt = ctx.dtypes
-        return (None if g_x is None else g_x.to(x_dt),
-                None if g_w_in is None else g_w_in.to(wi_dt),
-                None if g_w_out is None else g_w_out.to(wo_dt), None, None, None)
+        return (
+            None if g_x is None else g_x.to(x_dt),
+            None if g_w_in is None else g_w_in.to(wi_dt),
+            None if g_w_out is None else g_w_out.to(wo_dt),
+            None,
+            None,
+            None,
+        )
 
 
 def expert_ffn_reference(x_ND, counts_E, w_in_EXD, w_out_EDF, activation):
@@ -335,8 +348,14 @@ def expert_ffn_reference(x_ND, counts_E, w_in_EXD, w_out_EDF, activation):
     return torch.cat(outs)
 
 
-def expert_ffn(x_ND: torch.Tensor, counts_E: torch.Tensor, w_in: torch.Tensor,
-               w_out: torch.Tensor, activation: str = "swiglu", impl: str = "auto") -> torch.Tensor:
+def expert_ffn(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: str = "swiglu",
+    impl: str = "auto",
+) -> torch.Tensor:
     """Grouped expert FFN over rows grouped by expert.
 
     Args:

@@ -33,7 +33,11 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 _ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu, "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "relu": F.relu}
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": _gelu_tanh,
+    "relu": F.relu,
+}
 
 
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -78,8 +82,9 @@ def _act_backward(grad: torch.Tensor, x: torch.Tensor, activation: str) -> torch
         return torch.ops.aten.silu_backward(grad, x)
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad, x, 0)
-    return torch.ops.aten.gelu_backward(grad, x,
-                                        approximate="tanh" if activation == "gelu_tanh" else "none")
+    return torch.ops.aten.gelu_backward(
+        grad, x, approximate="tanh" if activation == "gelu_tanh" else "none"
+    )
 
 
 def _experts_loop(x_ND, counts_E, w_in, w_out, activation: str, gated: bool) -> torch.Tensor:
@@ -98,8 +103,9 @@ def _experts_loop(x_ND, counts_E, w_in, w_out, activation: str, gated: bool) -> 
     return y_ND.to(x_ND.dtype)
 
 
-def experts_eager(x_ND, counts_E, w_in, w_out, activation: str, gated: bool,
-                   kernel: str) -> torch.Tensor:
+def experts_eager(
+    x_ND, counts_E, w_in, w_out, activation: str, gated: bool, kernel: str
+) -> torch.Tensor:
     """The fused grouped kernel where it covers the activation, else the per-expert loop."""
     kernel_act = _kernel_activation(gated, activation)
     if kernel_act is None:
@@ -111,9 +117,15 @@ def experts_eager(x_ND, counts_E, w_in, w_out, activation: str, gated: bool,
 # counts (host syncs, per-expert loops) while the traced graph only sees the static output
 # shape, so the compiled model keeps the eager kernel's speed.
 @torch.library.custom_op("moeflow::experts_ffn", mutates_args=())
-def experts_ffn_op(x_ND: torch.Tensor, counts_E: torch.Tensor, w_in: torch.Tensor,
-                   w_out: torch.Tensor, activation: str, gated: bool,
-                   kernel: str) -> torch.Tensor:
+def experts_ffn_op(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: str,
+    gated: bool,
+    kernel: str,
+) -> torch.Tensor:
     """:class:`Experts` forward as a custom op (graph-opaque for torch.compile)."""
     return experts_eager(x_ND, counts_E, w_in, w_out, activation, gated, kernel)
 
@@ -124,9 +136,15 @@ def _(x_ND, counts_E, w_in, w_out, activation, gated, kernel):
 
 
 @torch.library.custom_op("moeflow::experts_ffn_backward", mutates_args=())
-def experts_ffn_backward_op(gy_ND: torch.Tensor, x_ND: torch.Tensor, counts_E: torch.Tensor,
-                            w_in: torch.Tensor, w_out: torch.Tensor, activation: str,
-                            gated: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def experts_ffn_backward_op(
+    gy_ND: torch.Tensor,
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: str,
+    gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`experts_ffn_op` w.r.t. x, w_in and w_out, per expert by hand (an op
     body runs without autograd). ``h = x W_in^T`` is recomputed; then ``dW_out = dy^T a``,
     ``da = dy W_out``, ``dh = act'(h) da`` (GLU: ``[act'(g) (da u); da act(g)]``),
@@ -139,7 +157,7 @@ def experts_ffn_backward_op(gy_ND: torch.Tensor, x_ND: torch.Tensor, counts_E: t
     start = 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
-            x_e, gy = x_ND[start:start + n].to(cd), gy_ND[start:start + n].to(cd)
+            x_e, gy = x_ND[start : start + n].to(cd), gy_ND[start : start + n].to(cd)
             w_i, w_o = w_in[e].to(cd), w_out[e].to(cd)
             h = x_e @ w_i.t()
             da = gy @ w_o
@@ -153,7 +171,7 @@ def experts_ffn_backward_op(gy_ND: torch.Tensor, x_ND: torch.Tensor, counts_E: t
                 dh = _act_backward(da, h, activation)
             g_out[e] = gy.t() @ a
             g_in[e] = dh.t() @ x_e
-            g_x[start:start + n] = dh @ w_i
+            g_x[start : start + n] = dh @ w_i
         start += n
     return g_x.to(x_ND.dtype), g_in.to(w_in.dtype), g_out.to(w_out.dtype)
 
@@ -171,8 +189,9 @@ def _experts_op_setup(ctx, inputs, output) -> None:
 
 def _experts_op_backward(ctx, gy_ND):
     x_ND, counts_E, w_in, w_out = ctx.saved_tensors
-    g_x, g_in, g_out = experts_ffn_backward_op(gy_ND.contiguous(), x_ND, counts_E, w_in, w_out,
-                                               ctx.activation, ctx.gated)
+    g_x, g_in, g_out = experts_ffn_backward_op(
+        gy_ND.contiguous(), x_ND, counts_E, w_in, w_out, ctx.activation, ctx.gated
+    )
     return g_x, None, g_in, g_out, None, None, None
 
 
@@ -182,9 +201,15 @@ experts_ffn_op.register_autograd(_experts_op_backward, setup_context=_experts_op
 class Experts(nn.Module):
     """E independent FFN experts evaluated with one grouped kernel call."""
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int,
-                 expert_type: str = "swiglu", kernel: str = "auto",
-                 activation: str | None = None):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        expert_type: str = "swiglu",
+        kernel: str = "auto",
+        activation: str | None = None,
+    ):
         super().__init__()
         self.num_experts = num_experts
         self.hidden_size = hidden_size
@@ -200,15 +225,22 @@ class Experts(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: MoEConfig) -> Experts:
-        return cls(cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size, cfg.expert_type,
-                   cfg.kernel, cfg.expert_activation)
+        return cls(
+            cfg.num_experts,
+            cfg.hidden_size,
+            cfg.ffn_hidden_size,
+            cfg.expert_type,
+            cfg.kernel,
+            cfg.expert_activation,
+        )
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.w_in, std=self.hidden_size ** -0.5)
-        nn.init.normal_(self.w_out, std=self.ffn_hidden_size ** -0.5)
+        nn.init.normal_(self.w_in, std=self.hidden_size**-0.5)
+        nn.init.normal_(self.w_out, std=self.ffn_hidden_size**-0.5)
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor,
-                kernel: str | None = None) -> torch.Tensor:
+    def forward(
+        self, x_ND: torch.Tensor, counts_E: torch.Tensor, kernel: str | None = None
+    ) -> torch.Tensor:
         """Apply expert e to its ``counts_E[e]`` consecutive rows of ``x_ND``.
 
         Eager: the fused kernel (or the per-expert loop). ``torch.compile``: the same, as the
@@ -218,10 +250,24 @@ class Experts(nn.Module):
         if torch.compiler.is_exporting():
             return self._forward_traceable(x_ND, counts_E)
         if torch.compiler.is_compiling():
-            return experts_ffn_op(x_ND, counts_E, self.w_in, self.w_out, self.activation,
-                                  self.gated, kernel or self.kernel)
-        return experts_eager(x_ND, counts_E, self.w_in, self.w_out, self.activation,
-                              self.gated, kernel or self.kernel)
+            return experts_ffn_op(
+                x_ND,
+                counts_E,
+                self.w_in,
+                self.w_out,
+                self.activation,
+                self.gated,
+                kernel or self.kernel,
+            )
+        return experts_eager(
+            x_ND,
+            counts_E,
+            self.w_in,
+            self.w_out,
+            self.activation,
+            self.gated,
+            kernel or self.kernel,
+        )
 
     def _forward_traceable(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """No data-dependent shapes, aten ops only (for torch.export). Each row gathers its
@@ -236,9 +282,11 @@ class Experts(nn.Module):
         return torch.bmm(self.w_out[e_N].to(x_ND.dtype), a_NF.unsqueeze(-1)).squeeze(-1)
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, "
-                f"ffn={self.ffn_hidden_size}, type={self.expert_type}, "
-                f"activation={self.activation}, kernel={self.kernel}")
+        return (
+            f"num_experts={self.num_experts}, hidden={self.hidden_size}, "
+            f"ffn={self.ffn_hidden_size}, type={self.expert_type}, "
+            f"activation={self.activation}, kernel={self.kernel}"
+        )
 
 
 class SharedExperts(nn.Module):
@@ -258,10 +306,9 @@ class SharedExperts(nn.Module):
         rows_in = 2 * Fs if self.gated else Fs
         self.w_in = nn.Parameter(torch.empty(rows_in, D))
         self.w_out = nn.Parameter(torch.empty(D, Fs))
-        self.gate = (nn.Parameter(torch.zeros(1, D)) if cfg.shared_expert_gate == "sigmoid"
-                     else None)
-        nn.init.normal_(self.w_in, std=D ** -0.5)
-        nn.init.normal_(self.w_out, std=Fs ** -0.5)
+        self.gate = nn.Parameter(torch.zeros(1, D)) if cfg.shared_expert_gate == "sigmoid" else None
+        nn.init.normal_(self.w_in, std=D**-0.5)
+        nn.init.normal_(self.w_out, std=Fs**-0.5)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         out_dtype = x_TD.dtype

@@ -51,11 +51,14 @@ class MoELayer(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise InputError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
-            raise InputError(f"input dtype {x.dtype} is not allowed: a floating dtype "
-                             "(float32, bfloat16, float16)")
+            raise InputError(
+                f"input dtype {x.dtype} is not allowed: a floating dtype "
+                "(float32, bfloat16, float16)"
+            )
         if x.dim() == 0 or x.shape[-1] != self.cfg.hidden_size:
-            raise InputError(f"input shape {tuple(x.shape)} does not end in "
-                             f"hidden_size={self.cfg.hidden_size}")
+            raise InputError(
+                f"input shape {tuple(x.shape)} does not end in hidden_size={self.cfg.hidden_size}"
+            )
 
     def route(self, x_TD: torch.Tensor) -> Routing:
         """Assignments sorted by expert, capacity applied (see :mod:`moeflow.layer.routers`)."""
@@ -73,8 +76,9 @@ class MoELayer(nn.Module):
         out = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
         return out.index_add(0, routing.token_idx_N, weighted)
 
-    def combine_with_shared(self, y_ND: torch.Tensor, routing: Routing,
-                            x_TD: torch.Tensor) -> torch.Tensor:
+    def combine_with_shared(
+        self, y_ND: torch.Tensor, routing: Routing, x_TD: torch.Tensor
+    ) -> torch.Tensor:
         """The layer's output rows: combined routed outputs plus the shared experts' output."""
         y_TD = self.combine(y_ND, routing, x_TD.shape[0])
         if self.shared is not None:
@@ -101,5 +105,7 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return (f"router={c.router}, experts={c.num_experts}, top_k={c.top_k}, "
-                f"capacity_factor={c.capacity_factor}, shared={c.num_shared_experts}")
+        return (
+            f"router={c.router}, experts={c.num_experts}, top_k={c.top_k}, "
+            f"capacity_factor={c.capacity_factor}, shared={c.num_shared_experts}"
+        )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -66,18 +65,24 @@ def check_finite(logits_TE: torch.Tensor) -> None:
     (a RuntimeError from the runtime, not a RoutingError).
     """
     if torch.compiler.is_compiling():
-        torch._assert_async(torch.isfinite(logits_TE).all(),
-                            "router logits are not finite (NaN or Inf)")
+        torch._assert_async(
+            torch.isfinite(logits_TE).all(), "router logits are not finite (NaN or Inf)"
+        )
         return
     if not bool(torch.isfinite(logits_TE).all()):
         bad = int((~torch.isfinite(logits_TE)).any(dim=-1).sum())
         raise RoutingError(
             f"router logits are not finite for {bad} of {logits_TE.shape[0]} tokens "
-            "(NaN or Inf); check the input activations and the router weights")
+            "(NaN or Inf); check the input activations and the router weights"
+        )
 
 
-def assignments_from_topk(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                          num_experts: int, capacity_factor: Optional[float]):
+def assignments_from_topk(
+    topk_idx_TK: torch.Tensor,
+    topk_weight_TK: torch.Tensor,
+    num_experts: int,
+    capacity_factor: float | None,
+):
     """Flatten (T, K) choices into expert-sorted assignments, dropping over capacity.
 
     Drop priority follows GShard: every token's first choice is served before any token's
@@ -100,7 +105,10 @@ def assignments_from_topk(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tenso
         num_dropped = int((~keep).sum())
         if num_dropped:
             expert_flat, token_flat, weight_flat = (
-                expert_flat[keep], token_flat[keep], weight_flat[keep])
+                expert_flat[keep],
+                token_flat[keep],
+                weight_flat[keep],
+            )
     # Sort by (expert, token): key = expert * T + token keeps token order within an expert.
     order = torch.argsort(expert_flat * max(T, 1) + token_flat)
     expert_idx_N = expert_flat[order]
@@ -110,8 +118,9 @@ def assignments_from_topk(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tenso
     return token_idx_N, expert_idx_N, weight_N, counts_E, num_dropped
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor,
-                        num_experts: int) -> torch.Tensor:
+def load_balancing_loss(
+    probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int
+) -> torch.Tensor:
     """Switch/GShard load balancing: ``E * sum_e f_e * P_e``.
 
     ``f_e`` is the fraction of (token, choice) slots routed to expert e, ``P_e`` the mean router
@@ -145,7 +154,7 @@ class Router(nn.Module, abc.ABC):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.cfg.hidden_size ** -0.5)
+        nn.init.normal_(self.weight, std=self.cfg.hidden_size**-0.5)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -185,17 +194,21 @@ class TopKRouter(Router):
         aux = logits_TE.new_zeros(())
         if self.cfg.aux_loss_coef > 0:
             aux = aux + self.cfg.aux_loss_coef * load_balancing_loss(
-                probs_TE, topk_idx_TK, self.num_experts)
+                probs_TE, topk_idx_TK, self.num_experts
+            )
         if self.cfg.z_loss_coef > 0:
             aux = aux + self.cfg.z_loss_coef * z_loss(logits_TE)
         return aux
 
-    def _finish(self, x_TD, logits_TE, probs_TE, topk_idx_TK, topk_w_TK,
-                capacity_factor: Optional[float]) -> Routing:
+    def _finish(
+        self, x_TD, logits_TE, probs_TE, topk_idx_TK, topk_w_TK, capacity_factor: float | None
+    ) -> Routing:
         tok, exp, w, counts, dropped = assignments_from_topk(
-            topk_idx_TK, topk_w_TK.to(x_TD.dtype), self.num_experts, capacity_factor)
-        return Routing(tok, exp, w, counts, self._aux(logits_TE, probs_TE, topk_idx_TK),
-                       logits_TE, dropped)
+            topk_idx_TK, topk_w_TK.to(x_TD.dtype), self.num_experts, capacity_factor
+        )
+        return Routing(
+            tok, exp, w, counts, self._aux(logits_TE, probs_TE, topk_idx_TK), logits_TE, dropped
+        )
 
     @abc.abstractmethod
     def select(self, x_TD: torch.Tensor):
@@ -216,8 +229,11 @@ class SoftmaxTopKRouter(TopKRouter):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
-        self.noise_weight = (nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
-                             if cfg.noisy_gating else None)
+        self.noise_weight = (
+            nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
+            if cfg.noisy_gating
+            else None
+        )
 
     def select(self, x_TD):
         logits_TE = self.logits(x_TD)
@@ -269,7 +285,7 @@ class XMoERouter(SoftmaxTopKRouter):
         self.proj = nn.Parameter(torch.empty(cfg.xmoe_dim, cfg.hidden_size))
         self.expert_emb = nn.Parameter(torch.empty(cfg.num_experts, cfg.xmoe_dim))
         self.log_tau = nn.Parameter(torch.tensor(math.log(0.07)))
-        nn.init.normal_(self.proj, std=cfg.hidden_size ** -0.5)
+        nn.init.normal_(self.proj, std=cfg.hidden_size**-0.5)
         nn.init.orthogonal_(self.expert_emb, gain=0.32)
 
     def reset_parameters(self) -> None:  # weight is replaced in __init__
@@ -311,8 +327,9 @@ class ExpertChoiceRouter(Router):
         aux = logits_TE.new_zeros(())
         if self.cfg.z_loss_coef > 0:
             aux = aux + self.cfg.z_loss_coef * z_loss(logits_TE)
-        return Routing(token_idx_N, expert_idx_N, w_EC.reshape(-1).to(x_TD.dtype), counts_E,
-                       aux, logits_TE, 0)
+        return Routing(
+            token_idx_N, expert_idx_N, w_EC.reshape(-1).to(x_TD.dtype), counts_E, aux, logits_TE, 0
+        )
 
 
 class DeepSeekRouter(TopKRouter):
@@ -331,8 +348,9 @@ class DeepSeekRouter(TopKRouter):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
-        self.register_buffer("correction_bias", torch.zeros(cfg.num_experts),
-                             persistent=cfg.correction_bias)
+        self.register_buffer(
+            "correction_bias", torch.zeros(cfg.num_experts), persistent=cfg.correction_bias
+        )
 
     def select(self, x_TD):
         cfg = self.cfg

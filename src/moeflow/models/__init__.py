@@ -6,23 +6,36 @@ adapters, and batched generation.
 """
 
 from moeflow.models.adapters import (
-                                     FAMILIES,
-                                     config_from_hf,
-                                     from_hf_state_dict,
-                                     load_pretrained,
-                                     to_hf_state_dict,
+    FAMILIES,
+    config_from_hf,
+    from_hf_state_dict,
+    load_pretrained,
+    to_hf_state_dict,
 )
 from moeflow.models.config import DecoderConfig
 from moeflow.models.decoder import DecoderLayer, KVCache, MoEDecoder, RMSNorm
 from moeflow.models.generate import (
-                                     GenerationResult,
-                                     Request,
-                                     SamplingParams,
-                                     generate,
-                                     validate_request,
+    GenerationResult,
+    Request,
+    SamplingParams,
+    generate,
+    validate_request,
 )
 
-__all__ = ["FAMILIES", "config_from_hf", "from_hf_state_dict", "load_pretrained",
-           "to_hf_state_dict", "DecoderConfig", "DecoderLayer", "KVCache", "MoEDecoder",
-           "RMSNorm", "GenerationResult", "Request", "SamplingParams", "generate",
-           "validate_request"]
+__all__ = [
+    "FAMILIES",
+    "config_from_hf",
+    "from_hf_state_dict",
+    "load_pretrained",
+    "to_hf_state_dict",
+    "DecoderConfig",
+    "DecoderLayer",
+    "KVCache",
+    "MoEDecoder",
+    "RMSNorm",
+    "GenerationResult",
+    "Request",
+    "SamplingParams",
+    "generate",
+    "validate_request",
+]

@@ -56,49 +56,77 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("qwen3_moe", "mlp", "gate_proj", "up_proj", "down_proj", True),
     "mixtral": Family("mixtral", "block_sparse_moe", "w1", "w3", "w2", False),
-    "deepseek_v2": Family("deepseek_v2", "mlp", "gate_proj", "up_proj", "down_proj", False,
-                          "shared_experts"),
+    "deepseek_v2": Family(
+        "deepseek_v2", "mlp", "gate_proj", "up_proj", "down_proj", False, "shared_experts"
+    ),
 }
 
-_GQA_KEYS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-             "self_attn.o_proj.weight")
-_MLA_KEYS = ("self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_layernorm.weight",
-             "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight")
-_MLA_Q = ("self_attn.q_a_proj.weight", "self_attn.q_a_layernorm.weight",
-          "self_attn.q_b_proj.weight")
+_GQA_KEYS = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+)
+_MLA_KEYS = (
+    "self_attn.kv_a_proj_with_mqa.weight",
+    "self_attn.kv_a_layernorm.weight",
+    "self_attn.kv_b_proj.weight",
+    "self_attn.o_proj.weight",
+)
+_MLA_Q = (
+    "self_attn.q_a_proj.weight",
+    "self_attn.q_a_layernorm.weight",
+    "self_attn.q_b_proj.weight",
+)
 
 
 def _attention_keys(cfg: DecoderConfig) -> tuple[str, ...]:
     if cfg.attention == "mla":
         q = ("self_attn.q_proj.weight",) if cfg.q_lora_rank is None else _MLA_Q
         return q + _MLA_KEYS
-    return _GQA_KEYS + (("self_attn.q_norm.weight", "self_attn.k_norm.weight")
-                        if cfg.qk_norm else ())
+    return _GQA_KEYS + (
+        ("self_attn.q_norm.weight", "self_attn.k_norm.weight") if cfg.qk_norm else ()
+    )
 
 
 def _deepseek_v2_config(hf: dict) -> tuple[MoEConfig, dict]:
     if hf.get("first_k_dense_replace", 0) or hf.get("moe_layer_freq", 1) != 1:
-        raise UnsupportedModelError("DeepSeek-V2 with dense layers (first_k_dense_replace > 0 "
-                                    "or moe_layer_freq != 1) is not supported")
+        raise UnsupportedModelError(
+            "DeepSeek-V2 with dense layers (first_k_dense_replace > 0 "
+            "or moe_layer_freq != 1) is not supported"
+        )
     method = hf.get("topk_method", "greedy")
     if method == "greedy":
         n_group, topk_group = 1, 1
     elif method == "group_limited_greedy":
         n_group, topk_group = int(hf["n_group"]), int(hf["topk_group"])
     else:
-        raise UnsupportedModelError(f"topk_method={method!r} is not supported: 'greedy' or "
-                                    "'group_limited_greedy'")
+        raise UnsupportedModelError(
+            f"topk_method={method!r} is not supported: 'greedy' or 'group_limited_greedy'"
+        )
     n_shared = int(hf.get("n_shared_experts") or 0)
-    moe = MoEConfig(hidden_size=hf["hidden_size"], ffn_hidden_size=hf["moe_intermediate_size"],
-                    num_experts=hf["n_routed_experts"], top_k=hf["num_experts_per_tok"],
-                    router="deepseek", score_func="softmax", n_group=n_group,
-                    topk_group=topk_group, norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                    routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-                    num_shared_experts=n_shared,
-                    shared_ffn_hidden_size=hf["moe_intermediate_size"] if n_shared else None)
-    mla = dict(attention="mla", q_lora_rank=hf.get("q_lora_rank"),
-               kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-               v_head_dim=hf["v_head_dim"], head_dim=hf["qk_rope_head_dim"])
+    moe = MoEConfig(
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["moe_intermediate_size"],
+        num_experts=hf["n_routed_experts"],
+        top_k=hf["num_experts_per_tok"],
+        router="deepseek",
+        score_func="softmax",
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        num_shared_experts=n_shared,
+        shared_ffn_hidden_size=hf["moe_intermediate_size"] if n_shared else None,
+    )
+    mla = dict(
+        attention="mla",
+        q_lora_rank=hf.get("q_lora_rank"),
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_nope_head_dim=hf["qk_nope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+        head_dim=hf["qk_rope_head_dim"],
+    )
     return moe, mla
 
 
@@ -106,21 +134,25 @@ def config_from_hf(hf: dict) -> tuple[DecoderConfig, Family]:
     """A :class:`DecoderConfig` from a transformers ``config.json`` dict."""
     mt = hf.get("model_type")
     if mt not in FAMILIES:
-        raise UnsupportedModelError(f"model_type={mt!r} is not supported: one of "
-                                    f"{sorted(FAMILIES)}")
+        raise UnsupportedModelError(
+            f"model_type={mt!r} is not supported: one of {sorted(FAMILIES)}"
+        )
     fam = FAMILIES[mt]
     if hf.get("sliding_window") not in (None, 0) and mt == "mixtral":
-        raise UnsupportedModelError("Mixtral with sliding_window is not supported (full "
-                                    "attention only)")
+        raise UnsupportedModelError(
+            "Mixtral with sliding_window is not supported (full attention only)"
+        )
     if hf.get("attention_bias"):
         raise UnsupportedModelError(f"{mt} with attention_bias=True is not supported")
     if hf.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"hidden_act={hf.get('hidden_act')!r} is not supported: "
-                                    "'silu' (SwiGLU experts)")
+        raise UnsupportedModelError(
+            f"hidden_act={hf.get('hidden_act')!r} is not supported: 'silu' (SwiGLU experts)"
+        )
     rope = hf.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
-        raise UnsupportedModelError(f"rope type {rope.get('rope_type')!r} is not supported: "
-                                    "'default' only")
+        raise UnsupportedModelError(
+            f"rope type {rope.get('rope_type')!r} is not supported: 'default' only"
+        )
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     D, H = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or D // H
@@ -130,25 +162,42 @@ def config_from_hf(hf: dict) -> tuple[DecoderConfig, Family]:
         head_dim = extra.pop("head_dim")
     elif mt == "qwen3_moe":
         if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-            raise UnsupportedModelError("Qwen3-MoE with dense layers (mlp_only_layers, "
-                                        "decoder_sparse_step) is not supported")
-        moe = MoEConfig(hidden_size=D, ffn_hidden_size=hf["moe_intermediate_size"],
-                        num_experts=hf.get("num_experts") or hf["num_local_experts"],
-                        top_k=hf["num_experts_per_tok"],
-                        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                        router_dtype="input")
+            raise UnsupportedModelError(
+                "Qwen3-MoE with dense layers (mlp_only_layers, "
+                "decoder_sparse_step) is not supported"
+            )
+        moe = MoEConfig(
+            hidden_size=D,
+            ffn_hidden_size=hf["moe_intermediate_size"],
+            num_experts=hf.get("num_experts") or hf["num_local_experts"],
+            top_k=hf["num_experts_per_tok"],
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            router_dtype="input",
+        )
     else:
-        moe = MoEConfig(hidden_size=D, ffn_hidden_size=hf["intermediate_size"],
-                        num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
-                        norm_topk_prob=True, router_dtype="input")
-    cfg = DecoderConfig(vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"],
-                        num_heads=H, num_kv_heads=hf.get("num_key_value_heads") or H,
-                        head_dim=head_dim, moe=moe,
-                        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-                        rope_theta=float(theta), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-                        qk_norm=fam.qk_norm,
-                        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                        family=mt, **extra)
+        moe = MoEConfig(
+            hidden_size=D,
+            ffn_hidden_size=hf["intermediate_size"],
+            num_experts=hf["num_local_experts"],
+            top_k=hf["num_experts_per_tok"],
+            norm_topk_prob=True,
+            router_dtype="input",
+        )
+    cfg = DecoderConfig(
+        vocab_size=hf["vocab_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=H,
+        num_kv_heads=hf.get("num_key_value_heads") or H,
+        head_dim=head_dim,
+        moe=moe,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(theta),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qk_norm=fam.qk_norm,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        family=mt,
+        **extra,
+    )
     return cfg, fam
 
 
@@ -174,15 +223,15 @@ def from_hf_state_dict(sd: dict, cfg: DecoderConfig, fam: Family) -> dict:
     E = cfg.moe.num_experts
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        names = _attention_keys(cfg) + ("input_layernorm.weight",
-                                         "post_attention_layernorm.weight")
+        names = _attention_keys(cfg) + ("input_layernorm.weight", "post_attention_layernorm.weight")
         for n in names:
             out[dst + n] = take(src + n)
         moe = f"{src}{fam.moe_attr}."
         if fam.shared_attr and cfg.moe.num_shared_experts:
             sh = f"{moe}{fam.shared_attr}."
-            out[dst + "mlp.shared.w_in"] = torch.cat([take(sh + "gate_proj.weight"),
-                                                      take(sh + "up_proj.weight")])
+            out[dst + "mlp.shared.w_in"] = torch.cat(
+                [take(sh + "gate_proj.weight"), take(sh + "up_proj.weight")]
+            )
             out[dst + "mlp.shared.w_out"] = take(sh + "down_proj.weight")
         out[dst + "mlp.router.weight"] = take(moe + "gate.weight")
         if moe + "experts.gate_up_proj" in sd:
@@ -190,15 +239,19 @@ def from_hf_state_dict(sd: dict, cfg: DecoderConfig, fam: Family) -> dict:
             out[dst + "mlp.experts.w_out"] = take(moe + "experts.down_proj")
         else:
             ex = f"{moe}experts."
-            w_in = [torch.cat([take(f"{ex}{e}.{fam.gate}.weight"),
-                               take(f"{ex}{e}.{fam.up}.weight")]) for e in range(E)]
+            w_in = [
+                torch.cat([take(f"{ex}{e}.{fam.gate}.weight"), take(f"{ex}{e}.{fam.up}.weight")])
+                for e in range(E)
+            ]
             w_out = [take(f"{ex}{e}.{fam.down}.weight") for e in range(E)]
             out[dst + "mlp.experts.w_in"] = torch.stack(w_in)
             out[dst + "mlp.experts.w_out"] = torch.stack(w_out)
     left = sorted(k for k in sd if "rotary_emb" not in k)
     if left:
-        raise UnsupportedModelError(f"checkpoint tensors moeflow does not model: {left[:5]}"
-                                    + (" ..." if len(left) > 5 else ""))
+        raise UnsupportedModelError(
+            f"checkpoint tensors moeflow does not model: {left[:5]}"
+            + (" ..." if len(left) > 5 else "")
+        )
     return out
 
 
@@ -206,14 +259,17 @@ def to_hf_state_dict(model: MoEDecoder, fam: Family | str) -> dict:
     """:class:`MoEDecoder` state -> transformers' on-disk keys (per-expert tensors)."""
     fam = FAMILIES[fam] if isinstance(fam, str) else fam
     cfg, sd = model.cfg, model.state_dict()
-    out = {"model.embed_tokens.weight": sd["embed_tokens.weight"],
-           "model.norm.weight": sd["norm.weight"], "lm_head.weight": sd["lm_head.weight"]}
+    out = {
+        "model.embed_tokens.weight": sd["embed_tokens.weight"],
+        "model.norm.weight": sd["norm.weight"],
+        "lm_head.weight": sd["lm_head.weight"],
+    }
     F_ = cfg.moe.ffn_hidden_size
     for i in range(cfg.num_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         for k, v in sd.items():
             if k.startswith(src) and ".mlp." not in k:
-                out[dst + k[len(src):]] = v
+                out[dst + k[len(src) :]] = v
         moe = f"{dst}{fam.moe_attr}."
         out[moe + "gate.weight"] = sd[src + "mlp.router.weight"]
         if fam.shared_attr and cfg.moe.num_shared_experts:
@@ -242,8 +298,10 @@ def _read_tensors(path: Path) -> dict:
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
-        raise InputError(f"{str(path)!r} has no model.safetensors (save the model with "
-                         "save_pretrained(..., safe_serialization=True))")
+        raise InputError(
+            f"{str(path)!r} has no model.safetensors (save the model with "
+            "save_pretrained(..., safe_serialization=True))"
+        )
     sd: dict = {}
     for f in files:
         sd.update(load_file(str(path / f)))
@@ -262,6 +320,8 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32) -> MoEDecoder:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise CorruptDataError(f"checkpoint does not match the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+        raise CorruptDataError(
+            f"checkpoint does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     return model.to(dtype).eval()

@@ -48,16 +48,23 @@ class DecoderConfig:
     v_head_dim: int = 0
 
     def __post_init__(self) -> None:
-        for f in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                  "max_position_embeddings"):
+        for f in (
+            "vocab_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             object.__setattr__(self, f, positive_int(f, getattr(self, f)))
         positive_float("rope_theta", self.rope_theta)
         positive_float("rms_norm_eps", self.rms_norm_eps)
         if not isinstance(self.moe, MoEConfig):
             raise ConfigError("moe", type(self.moe).__name__, "a MoEConfig")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError("num_kv_heads", self.num_kv_heads,
-                              f"a divisor of num_heads={self.num_heads}")
+            raise ConfigError(
+                "num_kv_heads", self.num_kv_heads, f"a divisor of num_heads={self.num_heads}"
+            )
         if self.head_dim % 2:
             raise ConfigError("head_dim", self.head_dim, "an even int (rotary pairs)")
         if self.attention not in ATTENTIONS:

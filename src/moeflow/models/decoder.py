@@ -48,8 +48,7 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float()
-                               / head_dim))
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def forward(self, pos_BT: torch.Tensor, dtype: torch.dtype):
@@ -66,21 +65,32 @@ class KVCache:
     length hold stale values that causal masking never reads and later writes overwrite.
     """
 
-    def __init__(self, cfg: DecoderConfig, slots: int, max_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        slots: int,
+        max_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
         L = max_len or cfg.max_position_embeddings
         if cfg.attention == "mla":  # the compressed latent and the shared rotary key
             k_shape, v_shape = (slots, L, 1, cfg.kv_lora_rank), (slots, L, 1, cfg.head_dim)
         else:
             k_shape = v_shape = (slots, L, cfg.num_kv_heads, cfg.head_dim)
-        self.k = [torch.zeros(k_shape, dtype=dtype, device=device)
-                  for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(v_shape, dtype=dtype, device=device)
-                  for _ in range(cfg.num_layers)]
+        self.k = [torch.zeros(k_shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.slots, self.max_len = slots, L
 
-    def write_and_read(self, layer: int, rows_B: torch.Tensor, pos_BT: torch.Tensor,
-                       k_BTKd: torch.Tensor, v_BTKd: torch.Tensor, upto: int):
+    def write_and_read(
+        self,
+        layer: int,
+        rows_B: torch.Tensor,
+        pos_BT: torch.Tensor,
+        k_BTKd: torch.Tensor,
+        v_BTKd: torch.Tensor,
+        upto: int,
+    ):
         """Store the new keys/values at ``pos_BT`` and return every slot's first ``upto``
         positions, (B, K, upto, d) each."""
         r = rows_B.unsqueeze(1).expand_as(pos_BT)
@@ -105,8 +115,16 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x_BTD: torch.Tensor, cos, sin, cache: KVCache, layer: int,
-                rows_B: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos,
+        sin,
+        cache: KVCache,
+        layer: int,
+        rows_B: torch.Tensor,
+        pos_BT: torch.Tensor,
+    ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q = self.q_proj(x_BTD).view(B, T, self.H, self.d)
         k = self.k_proj(x_BTD).view(B, T, self.K, self.d)
@@ -123,8 +141,9 @@ class Attention(nn.Module):
         v_all = v_all.to(q.dtype).repeat_interleave(rep, dim=1)
         key_pos = torch.arange(upto, device=x_BTD.device)
         mask_BTL = key_pos.view(1, 1, -1) <= pos_BT.unsqueeze(-1)  # causal, per sequence
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask_BTL.unsqueeze(1),
-                                             scale=self.d ** -0.5)
+        out = F.scaled_dot_product_attention(
+            q, k_all, v_all, attn_mask=mask_BTL.unsqueeze(1), scale=self.d**-0.5
+        )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.d))
 
 
@@ -174,8 +193,9 @@ class LatentAttention(nn.Module):
         q_pe = _rope_interleaved(q_pe, cos, sin)
         k_pe = _rope_interleaved(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # B T rope
         upto = int(pos_BT.max()) + 1
-        lat, kpe = cache.write_and_read(layer, rows_B, pos_BT, kv_nope.unsqueeze(2),
-                                        k_pe.unsqueeze(2), upto)  # B 1 L r, B 1 L rope
+        lat, kpe = cache.write_and_read(
+            layer, rows_B, pos_BT, kv_nope.unsqueeze(2), k_pe.unsqueeze(2), upto
+        )  # B 1 L r, B 1 L rope
         kv = self.kv_b_proj(lat.squeeze(1).to(x_BTD.dtype))  # B L H*(nope+v)
         kv = kv.view(B, upto, self.H, self.nope + self.vd).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.vd], dim=-1)
@@ -183,8 +203,9 @@ class LatentAttention(nn.Module):
         qf = torch.cat((q_nope, q_pe), dim=-1)
         key_pos = torch.arange(upto, device=x_BTD.device)
         mask_BTL = key_pos.view(1, 1, -1) <= pos_BT.unsqueeze(-1)
-        out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask_BTL.unsqueeze(1),
-                                             scale=self.qk ** -0.5)
+        out = F.scaled_dot_product_attention(
+            qf, k, v, attn_mask=mask_BTL.unsqueeze(1), scale=self.qk**-0.5
+        )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.vd))
 
 
@@ -200,8 +221,9 @@ class DecoderLayer(nn.Module):
 
     def attend(self, h_BTD, cos, sin, cache, layer, rows_B, pos_BT) -> torch.Tensor:
         """The attention half, residual included (what an AG rank runs)."""
-        return h_BTD + self.self_attn(self.input_layernorm(h_BTD), cos, sin, cache, layer,
-                                      rows_B, pos_BT)
+        return h_BTD + self.self_attn(
+            self.input_layernorm(h_BTD), cos, sin, cache, layer, rows_B, pos_BT
+        )
 
     def ffn_input(self, h_BTD: torch.Tensor) -> torch.Tensor:
         """The MoE FFN's input rows, ``x_TD`` (B*T rows)."""
@@ -243,15 +265,18 @@ class MoEDecoder(nn.Module):
         start_B = torch.zeros(B, dtype=torch.long, device=dev) if start_B is None else start_B
         pos_BT = start_B.view(-1, 1) + torch.arange(T, device=dev).view(1, -1)
         if int(pos_BT.max()) >= self.cfg.max_position_embeddings:
-            raise InputError(f"position {int(pos_BT.max())} is past the context: "
-                             f"max_position_embeddings={self.cfg.max_position_embeddings}")
+            raise InputError(
+                f"position {int(pos_BT.max())} is past the context: "
+                f"max_position_embeddings={self.cfg.max_position_embeddings}"
+            )
         return rows_B, pos_BT
 
     def embed(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor):
         """(h_BTD, cos, sin): the embeddings and the rotary tables every layer uses."""
         if ids_BT.dtype not in (torch.long, torch.int32) or ids_BT.dim() != 2:
-            raise InputError(f"ids must be a 2-D integer tensor, got {ids_BT.dtype} "
-                             f"{tuple(ids_BT.shape)}")
+            raise InputError(
+                f"ids must be a 2-D integer tensor, got {ids_BT.dtype} {tuple(ids_BT.shape)}"
+            )
         if ids_BT.numel() and (int(ids_BT.min()) < 0 or int(ids_BT.max()) >= self.cfg.vocab_size):
             raise InputError(f"token ids must be in [0, vocab_size={self.cfg.vocab_size})")
         h = self.embed_tokens(ids_BT)
@@ -261,9 +286,13 @@ class MoEDecoder(nn.Module):
     def head(self, h_BTD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h_BTD))
 
-    def forward(self, ids_BT: torch.Tensor, cache: KVCache | None = None,
-                rows_B: torch.Tensor | None = None,
-                start_B: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        ids_BT: torch.Tensor,
+        cache: KVCache | None = None,
+        rows_B: torch.Tensor | None = None,
+        start_B: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         rows_B, pos_BT = self.positions(ids_BT, rows_B, start_B)
         if cache is None:
             cache = self.new_cache(ids_BT.shape[0], int(pos_BT.max()) + 1)

@@ -50,8 +50,7 @@ class SamplingParams:
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens", self.max_new_tokens, "an int >= 1")
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
-                or t < 0:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ConfigError("temperature", t, "a finite float >= 0 (0: greedy)")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
@@ -101,19 +100,22 @@ def validate_request(req: Request, vocab_size: int, context: int) -> None:
     if prompt is None or not all(is_int(t) for t in prompt):
         raise InputError(f"request {req.request_id!r}: prompt must be a sequence of token ids")
     if len(prompt) == 0:
-        raise InputError(f"request {req.request_id!r}: prompt is empty; at least one token "
-                         "is needed")
+        raise InputError(
+            f"request {req.request_id!r}: prompt is empty; at least one token is needed"
+        )
     if len(prompt) > context:
-        raise InputError(f"request {req.request_id!r}: prompt has {len(prompt)} tokens, "
-                         f"longer than the context max_position_embeddings={context}")
+        raise InputError(
+            f"request {req.request_id!r}: prompt has {len(prompt)} tokens, "
+            f"longer than the context max_position_embeddings={context}"
+        )
     bad = [t for t in prompt if not 0 <= t < vocab_size]
     if bad:
-        raise InputError(f"request {req.request_id!r}: token ids {bad[:3]} outside "
-                         f"[0, vocab_size={vocab_size})")
+        raise InputError(
+            f"request {req.request_id!r}: token ids {bad[:3]} outside [0, vocab_size={vocab_size})"
+        )
 
 
-def sample(logits_V: torch.Tensor, params: SamplingParams,
-           gen: torch.Generator | None) -> int:
+def sample(logits_V: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     """One token from ``logits_V`` (greedy, or temperature and top-p with ``gen``)."""
     if params.temperature == 0:
         return int(torch.argmax(logits_V))
@@ -126,9 +128,14 @@ def sample(logits_V: torch.Tensor, params: SamplingParams,
     return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
 
-def generate(model, requests: Sequence[Request], *, forward: Callable | None = None,
-             return_logits: bool = False, on_token: Callable | None = None
-             ) -> list[GenerationResult]:
+def generate(
+    model,
+    requests: Sequence[Request],
+    *,
+    forward: Callable | None = None,
+    return_logits: bool = False,
+    on_token: Callable | None = None,
+) -> list[GenerationResult]:
     """Generate for every request in one batch; results in request order.
 
     ``model`` supplies ``cfg`` (vocabulary and context) and, without ``forward``, the
@@ -138,9 +145,12 @@ def generate(model, requests: Sequence[Request], *, forward: Callable | None = N
     cfg = model.cfg
     context = cfg.max_position_embeddings
     t0 = time.perf_counter()
-    results = [GenerationResult(getattr(r, "request_id", None),
-                                len(getattr(r, "prompt", ()) or ()), start_time=t0)
-               for r in requests]
+    results = [
+        GenerationResult(
+            getattr(r, "request_id", None), len(getattr(r, "prompt", ()) or ()), start_time=t0
+        )
+        for r in requests
+    ]
     live: list[int] = []
     for i, r in enumerate(requests):
         try:

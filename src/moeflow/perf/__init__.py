@@ -17,8 +17,8 @@ def profile(*args, **kwargs) -> PerfModel:
     of ``import moeflow.perf``).
     """
     from moeflow.perf.profiler import profile as _profile
+
     return _profile(*args, **kwargs)
 
 
-__all__ = ["PRIMITIVES", "LinearCost", "PerfModel", "perf_preset", "perf_preset_names",
-           "profile"]
+__all__ = ["PRIMITIVES", "LinearCost", "PerfModel", "perf_preset", "perf_preset_names", "profile"]

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from moeflow.errors import ConfigError, InputError
 
@@ -66,8 +66,15 @@ class LinearCost:
         return max(0.0, (t - self.alpha) / self.beta)
 
     @classmethod
-    def fit(cls, n: Iterable[float], t: Iterable[float], *, source: str = "fitted",
-            note: str = "", nonneg_alpha: bool = False) -> "LinearCost":
+    def fit(
+        cls,
+        n: Iterable[float],
+        t: Iterable[float],
+        *,
+        source: str = "fitted",
+        note: str = "",
+        nonneg_alpha: bool = False,
+    ) -> LinearCost:
         """Ordinary least squares of ``t`` on ``n`` (closed form), with R^2.
 
         ``beta = cov(n, t) / var(n)``, ``alpha = mean(t) - beta * mean(n)``,
@@ -99,21 +106,31 @@ class LinearCost:
         return cls(alpha=alpha, beta=beta, r2=r2, source=source, note=note)
 
     def to_dict(self) -> dict:
-        return {"alpha": self.alpha, "beta": self.beta, "r2": self.r2, "source": self.source,
-                "note": self.note}
+        return {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "r2": self.r2,
+            "source": self.source,
+            "note": self.note,
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "LinearCost":
-        return cls(alpha=float(d["alpha"]), beta=float(d["beta"]),
-                   r2=None if d.get("r2") is None else float(d["r2"]),
-                   source=d.get("source", "fitted"), note=d.get("note", ""))
+    def from_dict(cls, d: Mapping) -> LinearCost:
+        return cls(
+            alpha=float(d["alpha"]),
+            beta=float(d["beta"]),
+            r2=None if d.get("r2") is None else float(d["r2"]),
+            source=d.get("source", "fitted"),
+            note=d.get("note", ""),
+        )
 
 
 def _check_key(key: str) -> None:
     base = key.split("@", 1)[0]
     if base not in PRIMITIVES:
-        raise ConfigError("primitive", key,
-                          f"one of {PRIMITIVES}, optionally '@<link level>' (e.g. 'a2a@inter')")
+        raise ConfigError(
+            "primitive", key, f"one of {PRIMITIVES}, optionally '@<link level>' (e.g. 'a2a@inter')"
+        )
 
 
 @dataclass(frozen=True)
@@ -154,30 +171,39 @@ class PerfModel:
 
     # ---- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": "moeflow.perf/1", "name": self.name,
-                "bytes_per_element": self.bytes_per_element, "notes": self.notes,
-                "meta": dict(self.meta),
-                "costs": {k: c.to_dict() for k, c in sorted(self.costs.items())}}
+        return {
+            "format": "moeflow.perf/1",
+            "name": self.name,
+            "bytes_per_element": self.bytes_per_element,
+            "notes": self.notes,
+            "meta": dict(self.meta),
+            "costs": {k: c.to_dict() for k, c in sorted(self.costs.items())},
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "PerfModel":
+    def from_dict(cls, d: Mapping) -> PerfModel:
         if d.get("format") != "moeflow.perf/1":
-            raise InputError(f"not a moeflow perf model: format={d.get('format')!r}, "
-                             "expected 'moeflow.perf/1'")
-        return cls(name=d["name"], bytes_per_element=int(d.get("bytes_per_element", 2)),
-                   notes=d.get("notes", ""), meta=dict(d.get("meta", {})),
-                   costs={k: LinearCost.from_dict(v) for k, v in d["costs"].items()})
+            raise InputError(
+                f"not a moeflow perf model: format={d.get('format')!r}, expected 'moeflow.perf/1'"
+            )
+        return cls(
+            name=d["name"],
+            bytes_per_element=int(d.get("bytes_per_element", 2)),
+            notes=d.get("notes", ""),
+            meta=dict(d.get("meta", {})),
+            costs={k: LinearCost.from_dict(v) for k, v in d["costs"].items()},
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_json(cls, s: str) -> "PerfModel":
+    def from_json(cls, s: str) -> PerfModel:
         return cls.from_dict(json.loads(s))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "PerfModel":
+    def load(cls, path: str | Path) -> PerfModel:
         return cls.from_json(Path(path).read_text())

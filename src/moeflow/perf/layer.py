@@ -47,10 +47,13 @@ class PassCost:
         return (self.alpha_ag + self.work_ag + self.alpha_rs + self.work_rs) > 0
 
     def chunk(self, r: int) -> ChunkTimes:
-        return ChunkTimes(r=r, a2a=self.alpha_a2a + self.work_a2a / r,
-                          ag=self.alpha_ag + self.work_ag / r,
-                          rs=self.alpha_rs + self.work_rs / r,
-                          exp=self.alpha_exp + self.work_exp / r)
+        return ChunkTimes(
+            r=r,
+            a2a=self.alpha_a2a + self.work_a2a / r,
+            ag=self.alpha_ag + self.work_ag / r,
+            rs=self.alpha_rs + self.work_rs / r,
+            exp=self.alpha_exp + self.work_exp / r,
+        )
 
     def serial_time(self, r: int = 1) -> float:
         """No overlap at all (DeepSpeed-MoE): every task back to back."""

@@ -46,14 +46,20 @@ def testbed_a() -> PerfModel:
         "ag": LinearCost(3.37e-1, 2.32e-6, source="published", note=pub),
         "rs": LinearCost(3.95e-1, 2.34e-7, source="published", note=pub),
         "ar": LinearCost(5.11e-1, 4.95e-6, source="published", note=pub),
-        "a2a@intra": LinearCost(intra.latency_us * 1e-3,
-                                _beta_ms_per_byte(intra.bandwidth_GBps, (p - 1) / p),
-                                source="derived",
-                                note=f"NVLink {intra.bandwidth_GBps} GB/s per direction, p={p}"),
+        "a2a@intra": LinearCost(
+            intra.latency_us * 1e-3,
+            _beta_ms_per_byte(intra.bandwidth_GBps, (p - 1) / p),
+            source="derived",
+            note=f"NVLink {intra.bandwidth_GBps} GB/s per direction, p={p}",
+        ),
     }
-    return PerfModel(name="fsmoe-testbed-a", costs=costs, bytes_per_element=2,
-                     notes="published fits of FSMoE testbed A; a2a@intra derived",
-                     meta={"cluster": c.name})
+    return PerfModel(
+        name="fsmoe-testbed-a",
+        costs=costs,
+        bytes_per_element=2,
+        notes="published fits of FSMoE testbed A; a2a@intra derived",
+        meta={"cluster": c.name},
+    )
 
 
 def testbed_b() -> PerfModel:
@@ -72,16 +78,31 @@ def testbed_b() -> PerfModel:
     gemm_x = ca.gpu_tflops / cb.gpu_tflops
     intra_x = ca.link("intra").bandwidth_GBps / cb.link("intra").bandwidth_GBps
     inter_x = ca.link("inter").bandwidth_GBps / cb.link("inter").bandwidth_GBps
-    scale = {"gemm": gemm_x, "ag": intra_x, "rs": intra_x, "a2a@intra": intra_x,
-             "a2a": inter_x, "a2a@inter": inter_x, "ar": inter_x}
+    scale = {
+        "gemm": gemm_x,
+        "ag": intra_x,
+        "rs": intra_x,
+        "a2a@intra": intra_x,
+        "a2a": inter_x,
+        "a2a@inter": inter_x,
+        "ar": inter_x,
+    }
     costs = {}
     for k, ca_cost in a.costs.items():
-        costs[k] = LinearCost(ca_cost.alpha, ca_cost.beta * scale[k], source="derived",
-                              note=f"testbed A {k} beta x {scale[k]:.3f} (hardware rate ratio); "
-                                   "alpha kept from testbed A")
-    return PerfModel(name="fsmoe-testbed-b", costs=costs, bytes_per_element=2,
-                     notes="derived from testbed A's published fits and datasheet rate ratios",
-                     meta={"cluster": cb.name})
+        costs[k] = LinearCost(
+            ca_cost.alpha,
+            ca_cost.beta * scale[k],
+            source="derived",
+            note=f"testbed A {k} beta x {scale[k]:.3f} (hardware rate ratio); "
+            "alpha kept from testbed A",
+        )
+    return PerfModel(
+        name="fsmoe-testbed-b",
+        costs=costs,
+        bytes_per_element=2,
+        notes="derived from testbed A's published fits and datasheet rate ratios",
+        meta={"cluster": cb.name},
+    )
 
 
 def h200_8x_ib(nodes: int | None = None) -> PerfModel:
@@ -106,30 +127,61 @@ def h200_8x_ib(nodes: int | None = None) -> PerfModel:
     inter_frac = (q - 1) / q if q > 1 else (p - 1) / p
     inter_bw = inter.bandwidth_GBps if q > 1 else intra.bandwidth_GBps
     costs = {
-        "gemm": LinearCost(1.0e-2, 1e3 / 578e12, source="measured",
-                           note="beta from 578 TFLOP/s measured for grouped_mm SwiGLU experts "
-                                "(Mixtral-8x7B, T=8192, one H200); alpha assumed 10 us"),
-        "a2a@intra": LinearCost(0.02, _beta_ms_per_byte(intra.bandwidth_GBps, (p - 1) / p),
-                                source="derived", note="NVLink 4 450 GB/s; alpha assumed 20 us"),
-        "ag": LinearCost(0.02, _beta_ms_per_byte(intra.bandwidth_GBps, (p - 1) / p),
-                         source="derived", note="ring over NVLink 4; alpha assumed 20 us"),
-        "rs": LinearCost(0.02, _beta_ms_per_byte(intra.bandwidth_GBps, (p - 1) / p),
-                         source="derived", note="ring over NVLink 4; alpha assumed 20 us"),
-        "a2a": LinearCost(0.03, _beta_ms_per_byte(inter_bw, inter_frac), source="derived",
-                          note=f"NDR 50 GB/s per GPU, {q} nodes; alpha assumed 30 us"),
-        "a2a@inter": LinearCost(0.03, _beta_ms_per_byte(inter_bw, inter_frac), source="derived",
-                                note=f"NDR 50 GB/s per GPU, {q} nodes; alpha assumed 30 us"),
-        "ar": LinearCost(0.05, _beta_ms_per_byte(inter_bw, 2 * (world - 1) / world),
-                         source="derived", note=f"ring over {world} GPUs; alpha assumed 50 us"),
+        "gemm": LinearCost(
+            1.0e-2,
+            1e3 / 578e12,
+            source="measured",
+            note="beta from 578 TFLOP/s measured for grouped_mm SwiGLU experts "
+            "(Mixtral-8x7B, T=8192, one H200); alpha assumed 10 us",
+        ),
+        "a2a@intra": LinearCost(
+            0.02,
+            _beta_ms_per_byte(intra.bandwidth_GBps, (p - 1) / p),
+            source="derived",
+            note="NVLink 4 450 GB/s; alpha assumed 20 us",
+        ),
+        "ag": LinearCost(
+            0.02,
+            _beta_ms_per_byte(intra.bandwidth_GBps, (p - 1) / p),
+            source="derived",
+            note="ring over NVLink 4; alpha assumed 20 us",
+        ),
+        "rs": LinearCost(
+            0.02,
+            _beta_ms_per_byte(intra.bandwidth_GBps, (p - 1) / p),
+            source="derived",
+            note="ring over NVLink 4; alpha assumed 20 us",
+        ),
+        "a2a": LinearCost(
+            0.03,
+            _beta_ms_per_byte(inter_bw, inter_frac),
+            source="derived",
+            note=f"NDR 50 GB/s per GPU, {q} nodes; alpha assumed 30 us",
+        ),
+        "a2a@inter": LinearCost(
+            0.03,
+            _beta_ms_per_byte(inter_bw, inter_frac),
+            source="derived",
+            note=f"NDR 50 GB/s per GPU, {q} nodes; alpha assumed 30 us",
+        ),
+        "ar": LinearCost(
+            0.05,
+            _beta_ms_per_byte(inter_bw, 2 * (world - 1) / world),
+            source="derived",
+            note=f"ring over {world} GPUs; alpha assumed 50 us",
+        ),
     }
-    return PerfModel(name="h200-8x-ib", costs=costs, bytes_per_element=2,
-                     notes="gemm measured (grouped_mm on one H200); links derived from datasheets; "
-                           "latencies assumed",
-                     meta={"cluster": c.name, "nodes": q})
+    return PerfModel(
+        name="h200-8x-ib",
+        costs=costs,
+        bytes_per_element=2,
+        notes="gemm measured (grouped_mm on one H200); links derived from datasheets; "
+        "latencies assumed",
+        meta={"cluster": c.name, "nodes": q},
+    )
 
 
-_BUILDERS = {"fsmoe-testbed-a": testbed_a, "fsmoe-testbed-b": testbed_b,
-             "h200-8x-ib": h200_8x_ib}
+_BUILDERS = {"fsmoe-testbed-a": testbed_a, "fsmoe-testbed-b": testbed_b, "h200-8x-ib": h200_8x_ib}
 
 
 def perf_preset_names() -> list[str]:

@@ -44,11 +44,11 @@ from moeflow.progress import Progress
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-DEFAULT_SIZES = tuple(2 ** p for p in range(14, 23, 2))          # 16 KiB .. 4 MiB
+DEFAULT_SIZES = tuple(2**p for p in range(14, 23, 2))  # 16 KiB .. 4 MiB
 DEFAULT_GEMM = (64, 128, 192, 256, 320, 384)
 #: upper limits of the CLI flags, so a typo cannot allocate the machine away
-MAX_KB = 2 ** 20          # 1 GiB per collective buffer
-MAX_GEMM = 8192           # three m x m matrices
+MAX_KB = 2**20  # 1 GiB per collective buffer
+MAX_GEMM = 8192  # three m x m matrices
 MAX_POINTS = 64
 
 
@@ -74,10 +74,19 @@ def time_op(fn, reps: int, trials: int, group, device) -> float:
     return float(t.item())
 
 
-def _profile_collectives(world_group, rank: int, world: int, nodes: int,
-                         sizes: Sequence[int], gemm_sizes: Sequence[int], reps: int,
-                         trials: int, progress: bool, dtype: torch.dtype,
-                         device: torch.device) -> PerfModel:
+def _profile_collectives(
+    world_group,
+    rank: int,
+    world: int,
+    nodes: int,
+    sizes: Sequence[int],
+    gemm_sizes: Sequence[int],
+    reps: int,
+    trials: int,
+    progress: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> PerfModel:
     """Runs on every rank of ``world_group``; every rank returns the same fitted model."""
     if world % nodes:
         raise DistributedConfigError(f"--nodes {nodes} must divide the world size {world}")
@@ -86,15 +95,18 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
     levels: dict[str, object] = {}
     if nodes > 1 and per_node > 1:
         # every rank must create every group, in the same order
-        intra = [dist.new_group(list(range(n * per_node, (n + 1) * per_node)))
-                 for n in range(nodes)]
-        inter = [dist.new_group([n * per_node + i for n in range(nodes)])
-                 for i in range(per_node)]
-        levels = {"a2a@intra": (intra[rank // per_node], per_node),
-                  "a2a@inter": (inter[rank % per_node], nodes)}
+        intra = [
+            dist.new_group(list(range(n * per_node, (n + 1) * per_node))) for n in range(nodes)
+        ]
+        inter = [dist.new_group([n * per_node + i for n in range(nodes)]) for i in range(per_node)]
+        levels = {
+            "a2a@intra": (intra[rank // per_node], per_node),
+            "a2a@inter": (inter[rank % per_node], nodes),
+        }
     kinds = ["a2a", "ag", "rs", "ar", *levels]
-    bar = Progress(len(gemm_sizes) + len(kinds) * len(sizes), "profile",
-                   enabled=progress and rank == 0)
+    bar = Progress(
+        len(gemm_sizes) + len(kinds) * len(sizes), "profile", enabled=progress and rank == 0
+    )
     samples: dict[str, tuple[list[float], list[float]]] = {}
 
     def record(key: str, n: float, t: float) -> None:
@@ -105,8 +117,9 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
     for m in gemm_sizes:
         a = torch.randn(m, m, dtype=dtype, device=device)
         b = torch.randn(m, m, dtype=dtype, device=device)
-        record("gemm", 2.0 * m ** 3, time_op(partial(torch.mm, a, b), reps, trials,
-                                              world_group, device))
+        record(
+            "gemm", 2.0 * m**3, time_op(partial(torch.mm, a, b), reps, trials, world_group, device)
+        )
         bar.update(1, op=f"gemm {m}^3")
     for kind in kinds:
         grp, p = (world_group, world) if kind in ("a2a", "ag", "rs", "ar") else levels[kind]
@@ -129,25 +142,47 @@ def _profile_collectives(world_group, rank: int, world: int, nodes: int,
             bar.update(1, op=f"{kind} {numel * esize / 2**10:.0f} KiB")
     bar.close()
     codec = _codec_meta(sizes, reps, trials, world_group if device.type == "cpu" else None)
-    costs = {k: LinearCost.fit(xs, ys, source="fitted", nonneg_alpha=True,
-                               note=f"{'FLOPs' if k == 'gemm' else 'bytes'}, "
-                                    f"{len(xs)} sizes, {dist.get_backend(world_group)}")
-             for k, (xs, ys) in samples.items()}
+    costs = {
+        k: LinearCost.fit(
+            xs,
+            ys,
+            source="fitted",
+            nonneg_alpha=True,
+            note=f"{'FLOPs' if k == 'gemm' else 'bytes'}, "
+            f"{len(xs)} sizes, {dist.get_backend(world_group)}",
+        )
+        for k, (xs, ys) in samples.items()
+    }
     return PerfModel(
-        name=f"profiled-{socket.gethostname()}-{world}r{nodes}n", costs=costs,
-        bytes_per_element=esize, notes="fitted by moeflow profile",
-        meta={"world_size": world, "nodes": nodes, "backend": dist.get_backend(world_group),
-              "dtype": str(dtype).replace("torch.", ""), "device": str(device),
-              "threads_per_rank": torch.get_num_threads(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), **codec})
+        name=f"profiled-{socket.gethostname()}-{world}r{nodes}n",
+        costs=costs,
+        bytes_per_element=esize,
+        notes="fitted by moeflow profile",
+        meta={
+            "world_size": world,
+            "nodes": nodes,
+            "backend": dist.get_backend(world_group),
+            "dtype": str(dtype).replace("torch.", ""),
+            "device": str(device),
+            "threads_per_rank": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **codec,
+        },
+    )
 
 
 CODEC_DTYPE = "bfloat16"
 
 
-def profile_codec(sizes: Sequence[int] = DEFAULT_SIZES, *, threads: int | None = 1,
-                  reps: int = 3, trials: int = 3, dtype: str = CODEC_DTYPE,
-                  group=None) -> dict:
+def profile_codec(
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    *,
+    threads: int | None = 1,
+    reps: int = 3,
+    trials: int = 3,
+    dtype: str = CODEC_DTYPE,
+    group=None,
+) -> dict:
     """Fit ``zipccl_encode`` and ``zipccl_decode`` (ms, n = raw bytes) of the collective
     codec (``moeflow.compress.collective``) on this process's CPU with ``threads`` threads:
     the costs ZipCCL's switch weighs against the bytes it saves. Each point is the best of
@@ -159,15 +194,19 @@ def profile_codec(sizes: Sequence[int] = DEFAULT_SIZES, *, threads: int | None =
     from moeflow.compress import collective as codec
 
     g = torch.Generator().manual_seed(0)
-    samples: dict[str, tuple[list[float], list[float]]] = {"zipccl_encode": ([], []),
-                                                            "zipccl_decode": ([], [])}
+    samples: dict[str, tuple[list[float], list[float]]] = {
+        "zipccl_encode": ([], []),
+        "zipccl_decode": ([], []),
+    }
     tdtype = getattr(torch, dtype)
     esize = torch.empty((), dtype=tdtype).element_size()
     for nbytes in sizes:
         x = (torch.randn(max(1, nbytes // esize), generator=g) * 0.02).to(tdtype)
         msg = codec.encode(x, threads=threads)
-        for key, fn in (("zipccl_encode", partial(codec.encode, x, threads=threads)),
-                        ("zipccl_decode", partial(codec.decode, msg, threads=threads))):
+        for key, fn in (
+            ("zipccl_encode", partial(codec.encode, x, threads=threads)),
+            ("zipccl_decode", partial(codec.decode, msg, threads=threads)),
+        ):
             fn()  # warm-up (and the JIT on the first call)
             best = float("inf")
             for _ in range(trials):
@@ -186,8 +225,12 @@ def profile_codec(sizes: Sequence[int] = DEFAULT_SIZES, *, threads: int | None =
         note = f"bytes, {len(xs)} sizes, {dtype}, {threads} threads"
         c = LinearCost.fit(xs, ys, source="measured", nonneg_alpha=True, note=note)
         if c.beta <= 0:  # noise made time fall with size: the slowest per-byte rate instead
-            c = LinearCost(0.0, max(y / x for x, y in zip(xs, ys)), source="measured",
-                           note=note + "; through the origin (the fit was not increasing)")
+            c = LinearCost(
+                0.0,
+                max(y / x for x, y in zip(xs, ys)),
+                source="measured",
+                note=note + "; through the origin (the fit was not increasing)",
+            )
         out[k] = c
     return out
 
@@ -196,19 +239,31 @@ def _codec_meta(sizes, reps: int, trials: int, group=None) -> dict:
     """``{"codec_costs": {...}}`` for the model's meta (the slowest rank's of ``group``), or
     ``{}`` without numba."""
     try:
-        costs = profile_codec(sizes, threads=torch.get_num_threads(), reps=reps,
-                              trials=trials, group=group)
+        costs = profile_codec(
+            sizes, threads=torch.get_num_threads(), reps=reps, trials=trials, group=group
+        )
     except ImportError:  # the compress extra is not installed: no codec costs
         return {}
     return {"codec_costs": {k: c.to_dict() for k, c in costs.items()}}
 
 
-def _rank_profile(rank: int, world: int, nodes: int, sizes, gemm_sizes, reps, trials,
-                  progress, dtype_name) -> dict | None:
+def _rank_profile(
+    rank: int, world: int, nodes: int, sizes, gemm_sizes, reps, trials, progress, dtype_name
+) -> dict | None:
     """One forked rank (gloo group up): profile; rank 0 returns the model as a dict."""
-    model = _profile_collectives(dist.group.WORLD, rank, world, nodes, sizes, gemm_sizes,
-                                 reps, trials, progress, getattr(torch, dtype_name),
-                                 torch.device("cpu"))
+    model = _profile_collectives(
+        dist.group.WORLD,
+        rank,
+        world,
+        nodes,
+        sizes,
+        gemm_sizes,
+        reps,
+        trials,
+        progress,
+        getattr(torch, dtype_name),
+        torch.device("cpu"),
+    )
     dist.barrier()
     return model.to_dict() if rank == 0 else None
 
@@ -217,11 +272,20 @@ def _under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def profile(group=None, *, nproc: int = 2, nodes: int = 1,
-            sizes: Sequence[int] = DEFAULT_SIZES, gemm_sizes: Sequence[int] = DEFAULT_GEMM,
-            reps: int = 5, trials: int = 3, progress: bool = True,
-            dtype: str = "float32", threads_per_rank: int | None = None,
-            force: bool = False) -> PerfModel:
+def profile(
+    group=None,
+    *,
+    nproc: int = 2,
+    nodes: int = 1,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    gemm_sizes: Sequence[int] = DEFAULT_GEMM,
+    reps: int = 5,
+    trials: int = 3,
+    progress: bool = True,
+    dtype: str = "float32",
+    threads_per_rank: int | None = None,
+    force: bool = False,
+) -> PerfModel:
     """Profile and fit a :class:`PerfModel`.
 
     With ``torch.distributed`` initialised (or ``group`` given) the current group is profiled
@@ -237,37 +301,79 @@ def profile(group=None, *, nproc: int = 2, nodes: int = 1,
         dist.init_process_group(backend)
     if group is not None or (dist.is_available() and dist.is_initialized()):
         grp = group or dist.group.WORLD
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend(grp) == "nccl" else torch.device("cpu")
-        return _profile_collectives(grp, dist.get_rank(grp), dist.get_world_size(grp), nodes,
-                                    sizes, gemm_sizes, reps, trials, progress,
-                                    getattr(torch, dtype), device)
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(grp) == "nccl"
+            else torch.device("cpu")
+        )
+        return _profile_collectives(
+            grp,
+            dist.get_rank(grp),
+            dist.get_world_size(grp),
+            nodes,
+            sizes,
+            gemm_sizes,
+            reps,
+            trials,
+            progress,
+            getattr(torch, dtype),
+            device,
+        )
     from moeflow.launch import check_nproc, launch
 
     nproc = check_nproc(nproc, force=force)
     if nodes < 1 or nproc % nodes:
         raise DistributedConfigError(f"--nodes {nodes} must divide --nproc {nproc}")
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
-    res = launch(_rank_profile, nproc, nodes, tuple(sizes), tuple(gemm_sizes), reps, trials,
-                 progress, dtype, force=force, name="moeflow profile", threads=threads,
-                 progress=progress)
+    res = launch(
+        _rank_profile,
+        nproc,
+        nodes,
+        tuple(sizes),
+        tuple(gemm_sizes),
+        reps,
+        trials,
+        progress,
+        dtype,
+        force=force,
+        name="moeflow profile",
+        threads=threads,
+        progress=progress,
+    )
     return PerfModel.from_dict(res[0])
 
 
 # ---- CLI ----------------------------------------------------------------------------------
 def add_profile_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nproc", type=int, default=2, help="gloo ranks to spawn (ignored "
-                   "under torchrun); at most a few per CPU unless --force-nproc")
-    p.add_argument("--force-nproc", action="store_true",
-                   help="allow more ranks than the per-CPU cap of --nproc")
-    p.add_argument("--nodes", type=int, default=1,
-                   help="declare the ranks as this many nodes (adds a2a@intra / a2a@inter)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=2,
+        help="gloo ranks to spawn (ignored "
+        "under torchrun); at most a few per CPU unless --force-nproc",
+    )
+    p.add_argument(
+        "--force-nproc",
+        action="store_true",
+        help="allow more ranks than the per-CPU cap of --nproc",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="declare the ranks as this many nodes (adds a2a@intra / a2a@inter)",
+    )
     p.add_argument("--out", default="perf.json", help="where to write the PerfModel JSON")
     p.add_argument("--min-kb", type=float, default=16, help="smallest collective size (KiB)")
     p.add_argument("--max-kb", type=float, default=4096, help="largest collective size (KiB)")
     p.add_argument("--points", type=int, default=5, help="collective sizes (log-spaced)")
-    p.add_argument("--gemm", type=int, nargs="+", default=list(DEFAULT_GEMM),
-                   help="square GEMM sizes m (n = 2 m^3 FLOPs)")
+    p.add_argument(
+        "--gemm",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_GEMM),
+        help="square GEMM sizes m (n = 2 m^3 FLOPs)",
+    )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -285,8 +391,7 @@ def validate_profile_args(args) -> None:
 
         args.nproc = check_nproc(args.nproc, force=args.force_nproc)
         if args.nproc % args.nodes:
-            raise DistributedConfigError(f"--nodes {args.nodes} must divide --nproc "
-                                         f"{args.nproc}")
+            raise DistributedConfigError(f"--nodes {args.nodes} must divide --nproc {args.nproc}")
     args.min_kb = positive_float("--min-kb", args.min_kb)
     args.max_kb = positive_float("--max-kb", args.max_kb)
     if args.max_kb > MAX_KB:
@@ -295,8 +400,9 @@ def validate_profile_args(args) -> None:
         raise ConfigError("--min-kb", args.min_kb, f"at most --max-kb ({args.max_kb:g})")
     args.points = positive_int("--points", args.points, maximum=MAX_POINTS)
     if args.points < 2:
-        raise ConfigError("--points", args.points, f"an int in [2, {MAX_POINTS}] (a line "
-                                                   "needs two sizes)")
+        raise ConfigError(
+            "--points", args.points, f"an int in [2, {MAX_POINTS}] (a line needs two sizes)"
+        )
     args.gemm = [positive_int("--gemm", m, maximum=MAX_GEMM) for m in args.gemm]
     args.reps = positive_int("--reps", args.reps)
     args.trials = positive_int("--trials", args.trials)
@@ -312,15 +418,16 @@ def _check_out(path: str) -> None:
     if out.is_dir():
         raise InputError(f"--out {path!r} is a directory, expected a file path")
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"--out {path!r}: directory {str(parent)!r} does not exist or is "
-                         "not writable")
+        raise InputError(
+            f"--out {path!r}: directory {str(parent)!r} does not exist or is not writable"
+        )
 
 
 def log_sizes(min_bytes: float, max_bytes: float, points: int) -> list[int]:
     if points < 2:
         raise DistributedConfigError(f"--points {points} must be >= 2 to fit a line")
     ratio = (max_bytes / min_bytes) ** (1 / (points - 1))
-    return sorted({int(min_bytes * ratio ** i) for i in range(points)})
+    return sorted({int(min_bytes * ratio**i) for i in range(points)})
 
 
 def format_table(model: PerfModel) -> str:
@@ -340,9 +447,17 @@ def run_profile(args) -> int:
     validate_profile_args(args)
     sizes = log_sizes(args.min_kb * 1024, args.max_kb * 1024, args.points)
     owns_group = not dist.is_initialized() and _under_torchrun()
-    model = profile(nproc=args.nproc, nodes=args.nodes, sizes=sizes, gemm_sizes=args.gemm,
-                    reps=args.reps, trials=args.trials, progress=not args.quiet,
-                    dtype=args.dtype, force=args.force_nproc)
+    model = profile(
+        nproc=args.nproc,
+        nodes=args.nodes,
+        sizes=sizes,
+        gemm_sizes=args.gemm,
+        reps=args.reps,
+        trials=args.trials,
+        progress=not args.quiet,
+        dtype=args.dtype,
+        force=args.force_nproc,
+    )
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(format_table(model))
         model.save(args.out)

@@ -6,9 +6,18 @@ compared with. The expert-parallel runtime reads a plan through :func:`degrees_f
 
 from __future__ import annotations
 
-from moeflow.plan.workload import FFN_TYPES, LayerWorkload, fsmoe_sweep
+from moeflow.plan import baselines, fsmoe
 from moeflow.plan.plan import LayerPlan, Plan, build_workload_table, degrees_for_layer
-from moeflow.plan import fsmoe, baselines
+from moeflow.plan.workload import FFN_TYPES, LayerWorkload, fsmoe_sweep
 
-__all__ = ["FFN_TYPES", "LayerWorkload", "fsmoe_sweep", "LayerPlan", "Plan",
-           "build_workload_table", "degrees_for_layer", "fsmoe", "baselines"]
+__all__ = [
+    "FFN_TYPES",
+    "LayerWorkload",
+    "fsmoe_sweep",
+    "LayerPlan",
+    "Plan",
+    "build_workload_table",
+    "degrees_for_layer",
+    "fsmoe",
+    "baselines",
+]

@@ -31,9 +31,9 @@ from moeflow.validate import output_file, positive_float, positive_int
 MAX_DEGREE = 64
 MAX_LAYERS = 512
 MAX_NODES = 65536
-MAX_TOKENS = 2 ** 30
+MAX_TOKENS = 2**30
 #: ``--perf`` / ``--plan`` JSON files larger than this are refused before reading
-MAX_JSON_BYTES = 64 * 2 ** 20
+MAX_JSON_BYTES = 64 * 2**20
 #: ``--method``: FSMoE degrees, HierMoE dedup levels, or Parm schedules
 METHODS = ("fsmoe", "hiermoe", "parm")
 
@@ -45,29 +45,44 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mixtral-8x7b", help=f"one of {preset_names()}")
     p.add_argument("--cluster", default="fsmoe-testbed-a", help=f"one of {cluster_names()}")
     p.add_argument("--tokens", type=int, default=8192, help="tokens per GPU per step (B*L)")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length L "
-                   "(default min(tokens, 4096))")
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="sequence length L (default min(tokens, 4096))"
+    )
     p.add_argument("--nodes", type=int, default=None, help="override the cluster's node count")
-    p.add_argument("--esp", type=int, default=None,
-                   help="expert-sharding degree inside a node (default: GPUs per node)")
-    p.add_argument("--layers", type=int, default=None,
-                   help="number of MoE layers (default: the model's)")
-    p.add_argument("--perf", default=None,
-                   help="PerfModel JSON (from `moeflow profile`); default: the cluster preset")
-    p.add_argument("--r-max", type=int, default=16,
-                   help=f"largest pipeline degree searched (1..{MAX_DEGREE})")
+    p.add_argument(
+        "--esp",
+        type=int,
+        default=None,
+        help="expert-sharding degree inside a node (default: GPUs per node)",
+    )
+    p.add_argument(
+        "--layers", type=int, default=None, help="number of MoE layers (default: the model's)"
+    )
+    p.add_argument(
+        "--perf",
+        default=None,
+        help="PerfModel JSON (from `moeflow profile`); default: the cluster preset",
+    )
+    p.add_argument(
+        "--r-max", type=int, default=16, help=f"largest pipeline degree searched (1..{MAX_DEGREE})"
+    )
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
-    p.add_argument("--tutel-r", type=int, default=2,
-                   help=f"Tutel-style fixed degree (1..{MAX_DEGREE})")
+    p.add_argument(
+        "--tutel-r", type=int, default=2, help=f"Tutel-style fixed degree (1..{MAX_DEGREE})"
+    )
     p.add_argument("--lina-chunk-mb", type=float, default=4.0, help="Lina chunk size (MiB)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", default=None, help="write the FSMoE plan JSON here")
-    p.add_argument("--method", default="fsmoe", choices=METHODS,
-                   help="fsmoe: pipeline degrees vs baselines; hiermoe: dedup level per layer "
-                   "(HierMoE Eq. 6); parm: MP+EP+ESP schedule per layer (Parm, α-β)")
+    p.add_argument(
+        "--method",
+        default="fsmoe",
+        choices=METHODS,
+        help="fsmoe: pipeline degrees vs baselines; hiermoe: dedup level per layer "
+        "(HierMoE Eq. 6); parm: MP+EP+ESP schedule per layer (Parm, α-β)",
+    )
 
 
 def _read_json(path, flag: str):
@@ -81,8 +96,10 @@ def _read_json(path, flag: str):
             raise InputError(f"{where}: not a regular file")
         size = p.stat().st_size
         if size > MAX_JSON_BYTES:
-            raise InputError(f"{where}: {size} bytes, larger than the {MAX_JSON_BYTES} byte "
-                             "limit for a JSON file")
+            raise InputError(
+                f"{where}: {size} bytes, larger than the {MAX_JSON_BYTES} byte "
+                "limit for a JSON file"
+            )
         d = json.loads(p.read_bytes().decode("utf-8"))
     except InputError:
         raise
@@ -91,8 +108,9 @@ def _read_json(path, flag: str):
     except UnicodeDecodeError:
         raise InputError(f"{where}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, "
-                         f"column {e.colno})") from None
+        raise InputError(
+            f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+        ) from None
     except RecursionError:
         raise InputError(f"{where}: JSON nested too deeply") from None
     if not isinstance(d, dict):
@@ -107,11 +125,13 @@ def _parse(path, flag: str, what: str, build):
     except InputError as e:
         raise InputError(f"{flag} {str(path)!r}: {e}") from None
     except KeyError as e:
-        raise InputError(f"{flag} {str(path)!r}: not a valid {what}: missing field "
-                         f"{e.args[0]!r}") from None
+        raise InputError(
+            f"{flag} {str(path)!r}: not a valid {what}: missing field {e.args[0]!r}"
+        ) from None
     except (ValueError, TypeError, AttributeError, OverflowError) as e:
-        raise InputError(f"{flag} {str(path)!r}: not a valid {what}: "
-                         f"{' '.join(str(e).split())}") from None
+        raise InputError(
+            f"{flag} {str(path)!r}: not a valid {what}: {' '.join(str(e).split())}"
+        ) from None
 
 
 def load_perf_file(path, flag: str = "--perf"):
@@ -144,8 +164,7 @@ def load_plan_file(path, flag: str = "--plan"):
             positive_int(f"layers[{lp.index}].r_fwd", lp.r_fwd, maximum=MAX_DEGREE)
             positive_int(f"layers[{lp.index}].r_bwd", lp.r_bwd, maximum=MAX_DEGREE)
             for name in ("gar_bytes", "t_fwd_ms", "t_bwd_ms"):
-                positive_float(f"layers[{lp.index}].{name}", getattr(lp, name),
-                               allow_zero=True)
+                positive_float(f"layers[{lp.index}].{name}", getattr(lp, name), allow_zero=True)
         return plan
 
     return _parse(path, flag, "moeflow plan", build)
@@ -154,8 +173,7 @@ def load_plan_file(path, flag: str = "--plan"):
 def validate_common_args(args) -> None:
     """Check the flags shared by ``plan`` and ``simulate`` (ConfigError naming the flag)."""
     args.tokens = positive_int("--tokens", args.tokens, maximum=MAX_TOKENS)
-    args.seq_len = positive_int("--seq-len", args.seq_len, maximum=args.tokens,
-                                allow_none=True)
+    args.seq_len = positive_int("--seq-len", args.seq_len, maximum=args.tokens, allow_none=True)
     args.nodes = positive_int("--nodes", args.nodes, maximum=MAX_NODES, allow_none=True)
     args.esp = positive_int("--esp", args.esp, allow_none=True)
     args.layers = positive_int("--layers", args.layers, maximum=MAX_LAYERS, allow_none=True)
@@ -194,11 +212,19 @@ def setup(args):
     esp = cluster.gpus_per_node if args.esp is None else args.esp
     if cluster.gpus_per_node % esp:  # an ESP group lives inside one node (FSMoE's layout)
         from moeflow.errors import DistributedConfigError
-        raise DistributedConfigError(f"--esp {esp} must divide the GPUs per node "
-                                     f"({cluster.gpus_per_node}) of {cluster.name}")
-    w = LayerWorkload.from_config(mp, tokens=args.tokens, seq_len=args.seq_len,
-                                  n_ep=cluster.world_size // esp, n_esp=esp, n_dp=1,
-                                  bytes_per_element=perf.bytes_per_element)
+
+        raise DistributedConfigError(
+            f"--esp {esp} must divide the GPUs per node ({cluster.gpus_per_node}) of {cluster.name}"
+        )
+    w = LayerWorkload.from_config(
+        mp,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        n_ep=cluster.world_size // esp,
+        n_esp=esp,
+        n_dp=1,
+        bytes_per_element=perf.bytes_per_element,
+    )
     layers = mp.num_layers if args.layers is None else args.layers
     return [w] * layers, perf, cluster, mp
 
@@ -212,21 +238,41 @@ def compare(args) -> dict:
         baselines.deepspeed_moe(workloads, perf, cluster, model=mp.name),
         baselines.tutel(workloads, perf, cluster, r=args.tutel_r, model=mp.name),
         baselines.pipemoe(workloads, perf, cluster, r_max=args.r_max, model=mp.name),
-        baselines.lina(workloads, perf, cluster, chunk_bytes=args.lina_chunk_mb * 2**20,
-                       r_max=args.r_max, model=mp.name),
+        baselines.lina(
+            workloads,
+            perf,
+            cluster,
+            chunk_bytes=args.lina_chunk_mb * 2**20,
+            r_max=args.r_max,
+            model=mp.name,
+        ),
     ]
     rows = []
     for p in [fs, *others]:
         degs = sorted(set(p.degrees()))
-        rows.append({"method": p.method, "degrees": degs,
-                     "step_ms": p.predicted_step_ms,
-                     "fsmoe_speedup": p.predicted_step_ms / fs.predicted_step_ms,
-                     "tail_ar_MB": p.tail_ar_bytes / 1e6,
-                     "solve_ms": p.solve_ms})
-    return {"model": mp.name, "cluster": cluster.name, "nodes": cluster.nodes,
-            "gpus_per_node": cluster.gpus_per_node, "tokens_per_gpu": args.tokens,
-            "n_ep": workloads[0].n_ep, "n_esp": workloads[0].n_esp, "layers": len(workloads),
-            "perf": perf.name, "rows": rows, "plan": fs}
+        rows.append(
+            {
+                "method": p.method,
+                "degrees": degs,
+                "step_ms": p.predicted_step_ms,
+                "fsmoe_speedup": p.predicted_step_ms / fs.predicted_step_ms,
+                "tail_ar_MB": p.tail_ar_bytes / 1e6,
+                "solve_ms": p.solve_ms,
+            }
+        )
+    return {
+        "model": mp.name,
+        "cluster": cluster.name,
+        "nodes": cluster.nodes,
+        "gpus_per_node": cluster.gpus_per_node,
+        "tokens_per_gpu": args.tokens,
+        "n_ep": workloads[0].n_ep,
+        "n_esp": workloads[0].n_esp,
+        "layers": len(workloads),
+        "perf": perf.name,
+        "rows": rows,
+        "plan": fs,
+    }
 
 
 def run_method(args) -> int:
@@ -236,31 +282,51 @@ def run_method(args) -> int:
     workloads, perf, cluster, mp = setup(args)
     w = workloads[0]
     cfg = mp.moe
-    head = {"method": args.method, "model": mp.name, "cluster": cluster.name,
-            "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node,
-            "tokens_per_gpu": args.tokens, "layers": len(workloads)}
+    head = {
+        "method": args.method,
+        "model": mp.name,
+        "cluster": cluster.name,
+        "nodes": cluster.nodes,
+        "gpus_per_node": cluster.gpus_per_node,
+        "tokens_per_gpu": args.tokens,
+        "layers": len(workloads),
+    }
     if args.method == "hiermoe":
         rows = hiermoe.plan_levels(
-            num_experts=cfg.num_experts, top_k=cfg.top_k, hidden=cfg.hidden_size,
+            num_experts=cfg.num_experts,
+            top_k=cfg.top_k,
+            hidden=cfg.hidden_size,
             bytes_per_elem=perf.bytes_per_element,
-            ranks_per_node=cluster.gpus_per_node // w.n_esp, num_ranks=w.n_ep,
-            tokens=args.tokens, layers=len(workloads),
-            links=hiermoe.links_of(cluster))
+            ranks_per_node=cluster.gpus_per_node // w.n_esp,
+            num_ranks=w.n_ep,
+            tokens=args.tokens,
+            layers=len(workloads),
+            links=hiermoe.links_of(cluster),
+        )
     else:
-        layer = parm.ParmLayer(tokens=args.tokens, hidden=cfg.hidden_size, top_k=cfg.top_k,
-                               mp=w.n_esp, nodes=cluster.nodes,
-                               bytes_per_elem=perf.bytes_per_element)
+        layer = parm.ParmLayer(
+            tokens=args.tokens,
+            hidden=cfg.hidden_size,
+            top_k=cfg.top_k,
+            mp=w.n_esp,
+            nodes=cluster.nodes,
+            bytes_per_elem=perf.bytes_per_element,
+        )
         rows = parm.plan_schedules(layer, parm.cluster_of(cluster), len(workloads))
     if args.json:
         print(json.dumps({**head, "rows": rows}, indent=2))
         return 0
-    print(f"{args.method}: model {mp.name} on {cluster.name} ({cluster.nodes} x "
-          f"{cluster.gpus_per_node} GPUs), {args.tokens} tokens/GPU, {len(rows)} MoE layers")
+    print(
+        f"{args.method}: model {mp.name} on {cluster.name} ({cluster.nodes} x "
+        f"{cluster.gpus_per_node} GPUs), {args.tokens} tokens/GPU, {len(rows)} MoE layers"
+    )
     for row in rows:
         if args.method == "hiermoe":
             ts = ", ".join(f"{t:.3f}" for t in row["t_levels_ms"])
-            print(f"layer {row['layer']:>3}: dedup level {row['level']:<5} t_d (ms) [{ts}]  "
-                  f"flat a2a {row['t_flat_ms']:.3f} ms")
+            print(
+                f"layer {row['layer']:>3}: dedup level {row['level']:<5} t_d (ms) [{ts}]  "
+                f"flat a2a {row['t_flat_ms']:.3f} ms"
+            )
         else:
             ts = ", ".join(f"{k} {v:.3f}" for k, v in row["t_ms"].items())
             print(f"layer {row['layer']:>3}: schedule {row['schedule']:<5} (ms: {ts})")
@@ -279,17 +345,23 @@ def run_plan(args) -> int:
         res["fsmoe_plan"] = fs.to_dict()
         print(json.dumps(res, indent=2))
         return 0
-    print(f"model {res['model']} on {res['cluster']} ({res['nodes']} x {res['gpus_per_node']} "
-          f"GPUs, N_EP={res['n_ep']}, N_ESP={res['n_esp']}), {res['tokens_per_gpu']} tokens/GPU, "
-          f"{res['layers']} MoE layers, costs: {res['perf']}")
-    print(f"{'method':<16} {'(r_fwd, r_bwd)':<22} {'step (ms)':>12} {'FSMoE speedup':>14} "
-          f"{'tail AR (MB)':>13}")
+    print(
+        f"model {res['model']} on {res['cluster']} ({res['nodes']} x {res['gpus_per_node']} "
+        f"GPUs, N_EP={res['n_ep']}, N_ESP={res['n_esp']}), {res['tokens_per_gpu']} tokens/GPU, "
+        f"{res['layers']} MoE layers, costs: {res['perf']}"
+    )
+    print(
+        f"{'method':<16} {'(r_fwd, r_bwd)':<22} {'step (ms)':>12} {'FSMoE speedup':>14} "
+        f"{'tail AR (MB)':>13}"
+    )
     for row in res["rows"]:
         degs = ", ".join(f"({a},{b})" for a, b in row["degrees"][:3])
         if len(row["degrees"]) > 3:
             degs += ", ..."
-        print(f"{row['method']:<16} {degs:<22} {row['step_ms']:>12.2f} "
-              f"{row['fsmoe_speedup']:>13.3f}x {row['tail_ar_MB']:>13.1f}")
+        print(
+            f"{row['method']:<16} {degs:<22} {row['step_ms']:>12.2f} "
+            f"{row['fsmoe_speedup']:>13.3f}x {row['tail_ar_MB']:>13.1f}"
+        )
     print(f"FSMoE solve time: {fs.solve_ms:.1f} ms for {len(fs.layers)} layers")
     if args.out:
         print(f"plan written to {args.out}")

@@ -88,14 +88,24 @@ class FinDEPModel:
     note: str = ""
 
     def __post_init__(self) -> None:
-        for f in ("hidden_size", "expert_ffn", "num_experts", "top_k", "attn_proj_params",
-                  "attn_core_dim", "kv_bytes_per_token", "num_layers", "bytes_per_element"):
+        for f in (
+            "hidden_size",
+            "expert_ffn",
+            "num_experts",
+            "top_k",
+            "attn_proj_params",
+            "attn_core_dim",
+            "kv_bytes_per_token",
+            "num_layers",
+            "bytes_per_element",
+        ):
             object.__setattr__(self, f, positive_int(f"FinDEPModel.{f}", getattr(self, f)))
         if not (isinstance(self.num_shared, int) and self.num_shared >= 0):
             raise ConfigError("FinDEPModel.num_shared", self.num_shared, "an int >= 0")
         if self.top_k > self.num_experts:
-            raise ConfigError("FinDEPModel.top_k", self.top_k,
-                              f"at most num_experts={self.num_experts}")
+            raise ConfigError(
+                "FinDEPModel.top_k", self.top_k, f"at most num_experts={self.num_experts}"
+            )
 
     def with_layers(self, num_layers: int) -> FinDEPModel:
         """The model cut to ``num_layers`` layers (the paper cuts its models to 4-48)."""
@@ -165,14 +175,16 @@ class Workload:
         positive_int("max_r1", self.max_r1)
         positive_int("max_r2", self.max_r2)
         if self.model.num_experts % self.testbed.eg:
-            raise ConfigError("eg", self.testbed.eg,
-                              f"a divisor of num_experts={self.model.num_experts}")
+            raise ConfigError(
+                "eg", self.testbed.eg, f"a divisor of num_experts={self.model.num_experts}"
+            )
 
     @property
     def name(self) -> str:
         cap = "" if self.max_seqs is None else f"/B{self.max_seqs}"
-        return (f"{self.model.name}/L{self.model.num_layers}/S{self.seq_len}{cap}"
-                f"@{self.testbed.name}")
+        return (
+            f"{self.model.name}/L{self.model.num_layers}/S{self.seq_len}{cap}@{self.testbed.name}"
+        )
 
     # -- memory ------------------------------------------------------------------------
     def _free_bytes(self) -> tuple[float, float]:
@@ -187,23 +199,31 @@ class Workload:
         while its micro-batch computes) on an AG GPU: the KV cache of every layer plus the
         hidden state parked between layers; the attention and shared-expert activations."""
         m, s = self.model, self.seq_len
-        resident = s * (m.num_layers * m.kv_bytes_per_token + 2 * m.hidden_size
-                        * m.bytes_per_element)
-        work = s * m.bytes_per_element * (4 * m.hidden_size + m.attn_core_dim
-                                          + 2 * max(m.num_shared, 1) * m.shared_ffn)
+        resident = s * (
+            m.num_layers * m.kv_bytes_per_token + 2 * m.hidden_size * m.bytes_per_element
+        )
+        work = (
+            s
+            * m.bytes_per_element
+            * (4 * m.hidden_size + m.attn_core_dim + 2 * max(m.num_shared, 1) * m.shared_ffn)
+        )
         return float(resident), float(work)
 
     def check_fits(self) -> None:
         """PlanError when the weights alone do not fit on the AG or the EG GPUs."""
         ag_free, eg_free = self._free_bytes()
         if eg_free <= 0:
-            raise PlanError(f"{self.name}: the routed experts of {self.model.num_layers} layers "
-                            f"need {-eg_free / 1e9:.1f} GB more than eg={self.testbed.eg} "
-                            f"GPUs of {self.testbed.mem_GB} GB hold")
+            raise PlanError(
+                f"{self.name}: the routed experts of {self.model.num_layers} layers "
+                f"need {-eg_free / 1e9:.1f} GB more than eg={self.testbed.eg} "
+                f"GPUs of {self.testbed.mem_GB} GB hold"
+            )
         if self.max_r1_for(1) < 1 or self.max_m_a() < 1:
-            raise PlanError(f"{self.name}: one sequence of seq_len={self.seq_len} does not fit "
-                            f"on an AG GPU ({ag_free / 1e9:.2f} GB free after weights) or its "
-                            f"chunks on an EG GPU ({eg_free / 1e9:.2f} GB free)")
+            raise PlanError(
+                f"{self.name}: one sequence of seq_len={self.seq_len} does not fit "
+                f"on an AG GPU ({ag_free / 1e9:.2f} GB free after weights) or its "
+                f"chunks on an EG GPU ({eg_free / 1e9:.2f} GB free)"
+            )
 
     def eg_chunk_bytes(self, m_a: int, r2: int) -> float:
         """EG GPU memory for the chunks in flight: each chunk's received tokens, their expert
@@ -251,8 +271,11 @@ class Workload:
         tokens = m_a * s
         proj, core = 2.0 * tokens * m.attn_proj_params, float(m_a * m.attn_core_dim * s * s)
         t_a = tb.attention(proj + core) if tb.attention is not None else gm(proj) + gm(core)
-        t_s = 3 * m.num_shared * gm(2.0 * tokens * m.hidden_size * m.shared_ffn) \
-            if m.num_shared else 0.0
+        t_s = (
+            3 * m.num_shared * gm(2.0 * tokens * m.hidden_size * m.shared_ffn)
+            if m.num_shared
+            else 0.0
+        )
         m_e = m_a * tb.ag * m.top_k * s / (r2 * m.num_experts)  # token conservation
         local = m.num_experts // tb.eg
         t_e = 3 * local * gm(2.0 * m_e * m.hidden_size * m.expert_ffn)
@@ -284,8 +307,12 @@ def eq13_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
     """Time (ms) for ``r1`` micro-batches through ``num_layers`` layers, ASAS (FinDEP Eq. 13):
     ``(T-1) max(G, r1 F) + max(X, G) + (r2-1) Y + (r1-1) F``."""
     t = eq13_terms(c, r1, r2)
-    return ((num_layers - 1) * max(t["G"], r1 * t["F"]) + max(t["X"], t["G"])
-            + (r2 - 1) * t["Y"] + (r1 - 1) * t["F"])
+    return (
+        (num_layers - 1) * max(t["G"], r1 * t["F"])
+        + max(t["X"], t["G"])
+        + (r2 - 1) * t["Y"]
+        + (r1 - 1) * t["F"]
+    )
 
 
 def asas_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
@@ -298,8 +325,7 @@ def asas_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
     over-penalises chunking in shallow models, so the solver ranks schedules with this form.
     """
     t = eq13_terms(c, r1, r2)
-    return ((num_layers - 1) * max(t["G"], r1 * t["F"]) + max(t["X"], t["G"])
-            + (r1 - 1) * t["F"])
+    return (num_layers - 1) * max(t["G"], r1 * t["F"]) + max(t["X"], t["G"]) + (r1 - 1) * t["F"]
 
 
 def aass_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
@@ -357,8 +383,17 @@ class FinDEPPlan:
         return dataclasses.asdict(self)
 
 
-def _plan(w: Workload, schedule: str, m_a: int, r1: int, r2: int, order: str,
-          t_ms: float, solve_s: float = 0.0, evaluated: int = 0) -> FinDEPPlan:
+def _plan(
+    w: Workload,
+    schedule: str,
+    m_a: int,
+    r1: int,
+    r2: int,
+    order: str,
+    t_ms: float,
+    solve_s: float = 0.0,
+    evaluated: int = 0,
+) -> FinDEPPlan:
     tok = w.testbed.ag * r1 * m_a * w.seq_len / (t_ms * 1e-3)
     return FinDEPPlan(schedule, m_a, r1, r2, order, t_ms, tok, solve_s, evaluated)
 
@@ -400,8 +435,12 @@ def _relaxed_time(w: Workload, m_a: int, r1: int, r2: float, order: str) -> floa
     base = w.costs(m_a, 1)
     local = m.num_experts // tb.eg
     m_e = m_a * tb.ag * m.top_k * s / (r2 * m.num_experts)
-    c = StageCosts(base.t_a, base.t_s, 3 * local * gm(2.0 * m_e * m.hidden_size * m.expert_ffn),
-                   link(m_e * local * m.hidden_size * m.bytes_per_element))
+    c = StageCosts(
+        base.t_a,
+        base.t_s,
+        3 * local * gm(2.0 * m_e * m.hidden_size * m.expert_ffn),
+        link(m_e * local * m.hidden_size * m.bytes_per_element),
+    )
     fn = asas_time if order == "ASAS" else aass_time
     return fn(c, r1, r2, m.num_layers)
 
@@ -443,8 +482,9 @@ def solve(w: Workload, orders: tuple[str, ...] = ORDERS) -> FinDEPPlan:
     best = None
     # a larger m_a may need more chunks to fit the EG (min_r2_for), which costs latency, so
     # the walk is repeated for each memory level of r2 (FinDEP's walk is the r2 = max_r2 one)
-    pairs = sorted({p for cap in range(1, w.max_r2 + 1) for p in _candidates(w, r2=cap)},
-                   reverse=True)
+    pairs = sorted(
+        {p for cap in range(1, w.max_r2 + 1) for p in _candidates(w, r2=cap)}, reverse=True
+    )
     for m_a, r1 in pairs:
         for order in orders:
             r2, t = _best_r2(w, m_a, r1, order, count)
@@ -503,8 +543,9 @@ def search_space(w: Workload, max_m_a: int | None = None) -> Iterator[tuple[int,
                     yield m_a, r1, r2, order
 
 
-def exhaustive(w: Workload, time_of: Callable[[Workload, int, int, int, str], float] | None = None
-               ) -> FinDEPPlan:
+def exhaustive(
+    w: Workload, time_of: Callable[[Workload, int, int, int, str], float] | None = None
+) -> FinDEPPlan:
     """The best schedule by brute force over :func:`search_space`; ``time_of(w, m_a, r1, r2,
     order)`` judges (default: the closed form; the simulator in the optimality checks)."""
     judge = time_of or predicted_time
@@ -529,13 +570,23 @@ def _deepseek_v2(layers: int = 60) -> FinDEPModel:
     # qk_nope 128 + qk_rope 64, v_head 128, 128 heads; 160 routed experts (top-6) of width
     # 1536 and 2 shared experts of the same width.
     m, h = 5120, 128
-    proj = (m * 1536 + 1536 * h * 192 + m * (512 + 64) + 512 * h * (128 + 128) + h * 128 * m)
-    return FinDEPModel(name="deepseek-v2", hidden_size=m, expert_ffn=1536, num_experts=160,
-                       top_k=6, num_shared=2, shared_ffn=1536, attn_proj_params=proj,
-                       attn_core_dim=h * (192 + 128), kv_bytes_per_token=(512 + 64) * 2,
-                       num_layers=layers, source=_PUB,
-                       note="deepseek-ai/DeepSeek-V2 config.json; MLA cache = compressed KV "
-                            "(512) + rope key (64) per token; first dense layer not modelled")
+    proj = m * 1536 + 1536 * h * 192 + m * (512 + 64) + 512 * h * (128 + 128) + h * 128 * m
+    return FinDEPModel(
+        name="deepseek-v2",
+        hidden_size=m,
+        expert_ffn=1536,
+        num_experts=160,
+        top_k=6,
+        num_shared=2,
+        shared_ffn=1536,
+        attn_proj_params=proj,
+        attn_core_dim=h * (192 + 128),
+        kv_bytes_per_token=(512 + 64) * 2,
+        num_layers=layers,
+        source=_PUB,
+        note="deepseek-ai/DeepSeek-V2 config.json; MLA cache = compressed KV "
+        "(512) + rope key (64) per token; first dense layer not modelled",
+    )
 
 
 def _qwen3_235b(layers: int = 94) -> FinDEPModel:
@@ -543,10 +594,21 @@ def _qwen3_235b(layers: int = 94) -> FinDEPModel:
     # of width 1536, no shared experts.
     m, hq, hkv, d = 4096, 64, 4, 128
     proj = m * hq * d + 2 * m * hkv * d + hq * d * m
-    return FinDEPModel(name="qwen3-235b-a22b", hidden_size=m, expert_ffn=1536, num_experts=128,
-                       top_k=8, num_shared=0, shared_ffn=1536, attn_proj_params=proj,
-                       attn_core_dim=hq * 2 * d, kv_bytes_per_token=2 * hkv * d * 2,
-                       num_layers=layers, source=_PUB, note="Qwen/Qwen3-235B-A22B config.json")
+    return FinDEPModel(
+        name="qwen3-235b-a22b",
+        hidden_size=m,
+        expert_ffn=1536,
+        num_experts=128,
+        top_k=8,
+        num_shared=0,
+        shared_ffn=1536,
+        attn_proj_params=proj,
+        attn_core_dim=hq * 2 * d,
+        kv_bytes_per_token=2 * hkv * d * 2,
+        num_layers=layers,
+        source=_PUB,
+        note="Qwen/Qwen3-235B-A22B config.json",
+    )
 
 
 _MODELS = {"deepseek-v2": _deepseek_v2, "qwen3-235b-a22b": _qwen3_235b}
@@ -554,45 +616,78 @@ _MODELS = {"deepseek-v2": _deepseek_v2, "qwen3-235b-a22b": _qwen3_235b}
 # FSMoE (ASPLOS'25) publishes the GEMM fit of an RTX A6000: alpha 4.26e-2 ms, beta 2.29e-11
 # ms/FLOP (about 43.7 TFLOP/s sustained, 28% of the 154.8 TFLOPS datasheet rate). The other GPUs
 # get the same alpha and that efficiency applied to their datasheet rate (derived).
-_A6000_GEMM = LinearCost(4.26e-2, 2.29e-11, source="published",
-                         note="FSMoE ASPLOS'25 testbed A GEMM fit (RTX A6000)")
+_A6000_GEMM = LinearCost(
+    4.26e-2, 2.29e-11, source="published", note="FSMoE ASPLOS'25 testbed A GEMM fit (RTX A6000)"
+)
 
 
 def _gemm_like_a6000(tflops: float, gpu: str) -> LinearCost:
-    return LinearCost(4.26e-2, 2.29e-11 * 154.8 / tflops, source="derived",
-                      note=f"A6000 published fit scaled by datasheet rate 154.8/{tflops} "
-                           f"TFLOPS ({gpu})")
+    return LinearCost(
+        4.26e-2,
+        2.29e-11 * 154.8 / tflops,
+        source="derived",
+        note=f"A6000 published fit scaled by datasheet rate 154.8/{tflops} TFLOPS ({gpu})",
+    )
 
 
 def _link(GBps: float, alpha_ms: float, what: str) -> LinearCost:
-    return LinearCost(alpha_ms, 1e3 / (GBps * 1e9), source="derived",
-                      note=f"{what}: {GBps} GB/s per GPU per direction; alpha {alpha_ms} ms "
-                           "assumed")
+    return LinearCost(
+        alpha_ms,
+        1e3 / (GBps * 1e9),
+        source="derived",
+        note=f"{what}: {GBps} GB/s per GPU per direction; alpha {alpha_ms} ms assumed",
+    )
 
 
 def _testbeds() -> dict[str, Testbed]:
     lay = "layout ag=eg=half the GPUs (our choice; the paper's split is not reachable)"
     return {
-        "a6000": Testbed(name="a6000", gpu="RTX A6000", ag=4, eg=4, mem_GB=48.0,
-                         gemm=_A6000_GEMM, link=_link(25.0, 0.03, "PCIe 4.0 x16 (effective)"),
-                         source="derived",
-                         note="8 x RTX A6000 (48 GB) in one PCIe 4.0 server; GEMM fit "
-                              "published by FSMoE; link derived; " + lay),
-        "a10": Testbed(name="a10", gpu="A10", ag=4, eg=4, mem_GB=24.0,
-                       gemm=_gemm_like_a6000(125.0, "A10"),
-                       link=_link(25.0, 0.03, "PCIe 4.0 x16 (effective)"), source="derived",
-                       note="8 x A10 (24 GB, 125 TFLOPS fp16 dense); " + lay),
-        "h20": Testbed(name="h20", gpu="H20", ag=4, eg=4, mem_GB=96.0,
-                       gemm=_gemm_like_a6000(148.0, "H20"),
-                       link=_link(450.0, 0.02, "NVLink 900 GB/s bidirectional"),
-                       source="derived",
-                       note="8 x H20 (96 GB HBM3, 148 TFLOPS bf16 dense, NVLink); " + lay),
-        "h20x32": Testbed(name="h20x32", gpu="H20", ag=16, eg=16, mem_GB=96.0,
-                          gemm=_gemm_like_a6000(148.0, "H20"),
-                          link=_link(50.0, 0.03, "400 Gb/s InfiniBand per GPU"),
-                          source="derived",
-                          note="4 nodes x 8 H20; AG and EG on different nodes, so a2e/e2a "
-                               "cross the 400 Gb/s NIC; " + lay),
+        "a6000": Testbed(
+            name="a6000",
+            gpu="RTX A6000",
+            ag=4,
+            eg=4,
+            mem_GB=48.0,
+            gemm=_A6000_GEMM,
+            link=_link(25.0, 0.03, "PCIe 4.0 x16 (effective)"),
+            source="derived",
+            note="8 x RTX A6000 (48 GB) in one PCIe 4.0 server; GEMM fit "
+            "published by FSMoE; link derived; " + lay,
+        ),
+        "a10": Testbed(
+            name="a10",
+            gpu="A10",
+            ag=4,
+            eg=4,
+            mem_GB=24.0,
+            gemm=_gemm_like_a6000(125.0, "A10"),
+            link=_link(25.0, 0.03, "PCIe 4.0 x16 (effective)"),
+            source="derived",
+            note="8 x A10 (24 GB, 125 TFLOPS fp16 dense); " + lay,
+        ),
+        "h20": Testbed(
+            name="h20",
+            gpu="H20",
+            ag=4,
+            eg=4,
+            mem_GB=96.0,
+            gemm=_gemm_like_a6000(148.0, "H20"),
+            link=_link(450.0, 0.02, "NVLink 900 GB/s bidirectional"),
+            source="derived",
+            note="8 x H20 (96 GB HBM3, 148 TFLOPS bf16 dense, NVLink); " + lay,
+        ),
+        "h20x32": Testbed(
+            name="h20x32",
+            gpu="H20",
+            ag=16,
+            eg=16,
+            mem_GB=96.0,
+            gemm=_gemm_like_a6000(148.0, "H20"),
+            link=_link(50.0, 0.03, "400 Gb/s InfiniBand per GPU"),
+            source="derived",
+            note="4 nodes x 8 H20; AG and EG on different nodes, so a2e/e2a "
+            "cross the 400 Gb/s NIC; " + lay,
+        ),
     }
 
 
@@ -633,8 +728,9 @@ def paper_workloads() -> list[Workload]:
         for mn in model_names():
             for layers in PAPER_LAYERS:
                 for s in PAPER_SEQ_LENS:
-                    w = Workload(model=model_preset(mn, layers), testbed=testbed_preset(tb),
-                                 seq_len=s)
+                    w = Workload(
+                        model=model_preset(mn, layers), testbed=testbed_preset(tb), seq_len=s
+                    )
                     try:
                         w.check_fits()
                     except PlanError:
@@ -643,8 +739,9 @@ def paper_workloads() -> list[Workload]:
     return out
 
 
-def optimality_sweep(layers=(2, 4, 6, 8), seq_lens=PAPER_SEQ_LENS, max_seqs=(4, 8, 12, 16),
-                     max_r2: int = 8) -> list[Workload]:
+def optimality_sweep(
+    layers=(2, 4, 6, 8), seq_lens=PAPER_SEQ_LENS, max_seqs=(4, 8, 12, 16), max_r2: int = 8
+) -> list[Workload]:
     """Small-batch versions of the paper's grid for brute-force checks: every testbed and
     model, few layers, at most ``max_seqs`` sequences per AG GPU and ``max_r2`` chunks, so
     that the exhaustive search (simulated) stays affordable. 512 workloads before dropping
@@ -655,9 +752,13 @@ def optimality_sweep(layers=(2, 4, 6, 8), seq_lens=PAPER_SEQ_LENS, max_seqs=(4, 
             for n_layers in layers:
                 for s in seq_lens:
                     for b in max_seqs:
-                        w = Workload(model=model_preset(mn, n_layers),
-                                     testbed=testbed_preset(tb), seq_len=s, max_seqs=b,
-                                     max_r2=max_r2)
+                        w = Workload(
+                            model=model_preset(mn, n_layers),
+                            testbed=testbed_preset(tb),
+                            seq_len=s,
+                            max_seqs=b,
+                            max_r2=max_r2,
+                        )
                         try:
                             w.check_fits()
                         except PlanError:

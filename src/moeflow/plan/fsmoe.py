@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from moeflow.errors import PlanError
 from moeflow.perf.cost import PerfModel
@@ -123,7 +123,7 @@ def relax(cases: Sequence[Case], r_max: int = R_MAX) -> tuple[float, str, list[f
 @dataclass(frozen=True)
 class PassDecision:
     r: int
-    t_ms: float             # evaluated time of the chosen r
+    t_ms: float  # evaluated time of the chosen r
     r_relaxed: float
     case: str
     candidates: tuple[int, ...]
@@ -139,16 +139,24 @@ def integer_candidates(r_relaxed: float, feasible: Sequence[float], r_max: int) 
     return sorted(cands)
 
 
-def plan_pass(pc: PassCost, *, r_max: int = R_MAX, gar_ms: float = 0.0, backward: bool = False,
-              evaluator: str = "sim") -> PassDecision:
+def plan_pass(
+    pc: PassCost,
+    *,
+    r_max: int = R_MAX,
+    gar_ms: float = 0.0,
+    backward: bool = False,
+    evaluator: str = "sim",
+) -> PassDecision:
     """Choose the pipeline degree of one pass (relaxation, then integer search)."""
     cases = four_cases(pc, gar_ms)
     r_rel, binding, feasible = relax(cases, r_max)
     cands = integer_candidates(r_rel, feasible, r_max)
     if evaluator == "sim":
+
         def ev(r: int) -> float:
             return pass_time(pc, r, gar_ms, backward)
     elif evaluator == "model":
+
         def ev(r: int) -> float:
             return model_time(cases, r)
     else:
@@ -179,21 +187,28 @@ class LayerDecision:
         return self.fwd.t_ms + self.bwd.t_ms
 
 
-def plan_layer(w: LayerWorkload, perf: PerfModel, *, r_max: int = R_MAX,
-               gar_bytes: float = 0.0, evaluator: str = "sim") -> LayerDecision:
+def plan_layer(
+    w: LayerWorkload,
+    perf: PerfModel,
+    *,
+    r_max: int = R_MAX,
+    gar_bytes: float = 0.0,
+    evaluator: str = "sim",
+) -> LayerDecision:
     """Forward and backward degrees of one MoE layer, planned separately."""
     t0 = time.perf_counter()
     gar_ms = perf.cost("ar")(gar_bytes) if gar_bytes > 0 else 0.0
     fwd = plan_pass(w.pass_cost(perf, False), r_max=r_max, evaluator=evaluator)
-    bwd = plan_pass(w.pass_cost(perf, True), r_max=r_max, gar_ms=gar_ms, backward=True,
-                    evaluator=evaluator)
+    bwd = plan_pass(
+        w.pass_cost(perf, True), r_max=r_max, gar_ms=gar_ms, backward=True, evaluator=evaluator
+    )
     return LayerDecision(fwd=fwd, bwd=bwd, solve_ms=(time.perf_counter() - t0) * 1e3)
 
 
 # ---- gradient partitioning ------------------------------------------------------------------
 @dataclass(frozen=True)
 class GradPartition:
-    gar_bytes: tuple[float, ...]    # per layer index: bytes all-reduced in its backward window
+    gar_bytes: tuple[float, ...]  # per layer index: bytes all-reduced in its backward window
     tail_bytes: float
     objective_ms: float
     greedy_objective_ms: float
@@ -212,8 +227,14 @@ def _feasible(n: Sequence[float], grad: Sequence[float]) -> bool:
     return True
 
 
-def partition_gradients(grad_bytes: Sequence[float], window_cost: Callable[[int, float], float],
-                        idle_ms: Sequence[float], ar, *, refine: bool = True) -> GradPartition:
+def partition_gradients(
+    grad_bytes: Sequence[float],
+    window_cost: Callable[[int, float], float],
+    idle_ms: Sequence[float],
+    ar,
+    *,
+    refine: bool = True,
+) -> GradPartition:
     """Greedy placement, then pattern-search refinement (module docstring, part 2).
 
     ``window_cost(j, n)`` is layer ``j``'s backward time with ``n`` gradient bytes placed in it;
@@ -253,14 +274,27 @@ def partition_gradients(grad_bytes: Sequence[float], window_cost: Callable[[int,
                             n, best, improved = trial, val, True
                             break
             step /= 2
-    return GradPartition(gar_bytes=tuple(n), tail_bytes=max(0.0, total - sum(n)),
-                         objective_ms=best, greedy_objective_ms=greedy)
+    return GradPartition(
+        gar_bytes=tuple(n),
+        tail_bytes=max(0.0, total - sum(n)),
+        objective_ms=best,
+        greedy_objective_ms=greedy,
+    )
 
 
 # ---- whole plans ----------------------------------------------------------------------------
-def plan(workloads: LayerWorkload | Sequence[LayerWorkload], perf: PerfModel, cluster=None, *,
-         num_layers: int | None = None, r_max: int = R_MAX, include_attention: bool = True,
-         overlap_grad: bool = True, evaluator: str = "sim", model: str = "") -> Plan:
+def plan(
+    workloads: LayerWorkload | Sequence[LayerWorkload],
+    perf: PerfModel,
+    cluster=None,
+    *,
+    num_layers: int | None = None,
+    r_max: int = R_MAX,
+    include_attention: bool = True,
+    overlap_grad: bool = True,
+    evaluator: str = "sim",
+    model: str = "",
+) -> Plan:
     """FSMoE plan for a stack of MoE layers (one workload, repeated ``num_layers`` times, or one
     workload per layer). Returns a :class:`Plan` whose predicted step time is simulated."""
     from moeflow.sim.builders import simulate_plan
@@ -283,9 +317,13 @@ def plan(workloads: LayerWorkload | Sequence[LayerWorkload], perf: PerfModel, cl
         key = (wi, round(n, 3))
         if key not in bwd_cache:
             w = LayerWorkload.from_dict(table[wi])
-            bwd_cache[key] = plan_pass(w.pass_cost(perf, True), r_max=r_max,
-                                       gar_ms=ar(n) if n > 0 else 0.0, backward=True,
-                                       evaluator=evaluator)
+            bwd_cache[key] = plan_pass(
+                w.pass_cost(perf, True),
+                r_max=r_max,
+                gar_ms=ar(n) if n > 0 else 0.0,
+                backward=True,
+                evaluator=evaluator,
+            )
         return bwd_cache[key]
 
     grads = [w.grad_bytes if w.n_dp * w.n_ep * w.n_esp > 1 else 0.0 for w in workloads]
@@ -296,18 +334,37 @@ def plan(workloads: LayerWorkload | Sequence[LayerWorkload], perf: PerfModel, cl
             idle.append(pass_idle_inter(w.pass_cost(perf, True), bwd_decision(wi, 0.0).r))
         part = partition_gradients(grads, lambda j, n: bwd_decision(widx[j], n).t_ms, idle, ar)
         gar, tail = list(part.gar_bytes), part.tail_bytes
-        meta = {"grad_objective_ms": part.objective_ms,
-                "grad_greedy_objective_ms": part.greedy_objective_ms}
+        meta = {
+            "grad_objective_ms": part.objective_ms,
+            "grad_greedy_objective_ms": part.greedy_objective_ms,
+        }
     else:
         gar, tail, meta = [0.0] * len(workloads), float(sum(grads)), {}
     layers = []
     for j, wi in enumerate(widx):
         b = bwd_decision(wi, gar[j])
-        layers.append(LayerPlan(index=j, r_fwd=fwd_dec[wi].r, r_bwd=b.r, gar_bytes=gar[j],
-                                workload=wi, t_fwd_ms=fwd_dec[wi].t_ms, t_bwd_ms=b.t_ms))
-    p = Plan(method="fsmoe", perf=perf.to_dict(), workload_table=table, layers=layers,
-             tail_ar_bytes=tail, include_attention=include_attention, model=model,
-             cluster=getattr(cluster, "name", cluster or ""), meta=meta)
+        layers.append(
+            LayerPlan(
+                index=j,
+                r_fwd=fwd_dec[wi].r,
+                r_bwd=b.r,
+                gar_bytes=gar[j],
+                workload=wi,
+                t_fwd_ms=fwd_dec[wi].t_ms,
+                t_bwd_ms=b.t_ms,
+            )
+        )
+    p = Plan(
+        method="fsmoe",
+        perf=perf.to_dict(),
+        workload_table=table,
+        layers=layers,
+        tail_ar_bytes=tail,
+        include_attention=include_attention,
+        model=model,
+        cluster=getattr(cluster, "name", cluster or ""),
+        meta=meta,
+    )
     p.solve_ms = (time.perf_counter() - t0) * 1e3
     p.predicted_step_ms = simulate_plan(p).makespan
     return p

@@ -30,8 +30,8 @@ Pure Python, no torch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
 
 from moeflow.errors import ConfigError, PlanError
 from moeflow.validate import positive_int
@@ -64,9 +64,13 @@ def check_group_sizes(U: Sequence[int]) -> list[int]:
     """``U`` must start at 1, grow by whole multiples and end at the group size."""
     U = [positive_int(f"group_sizes[{i}]", u) for i, u in enumerate(U)]
     if len(U) < 2 or U[0] != 1 or any(b % a for a, b in zip(U, U[1:])) or U != sorted(U):
-        raise ConfigError("group_sizes", U, "a list starting at 1 (the rank), each entry a "
-                          "multiple of the previous, ending at the number of ranks, e.g. "
-                          "[1, 4, 8, 16, 32]")
+        raise ConfigError(
+            "group_sizes",
+            U,
+            "a list starting at 1 (the rank), each entry a "
+            "multiple of the previous, ending at the number of ranks, e.g. "
+            "[1, 4, 8, 16, 32]",
+        )
     return U
 
 
@@ -86,8 +90,12 @@ def contiguous_owner(num_experts: int, num_ranks: int) -> list[int]:
     return [e // per for e in range(num_experts)]
 
 
-def dedup_hops(assignments: Sequence[Sequence[Iterable[int]]], owner: Sequence[int],
-               U: Sequence[int], level: int) -> list[HopRows]:
+def dedup_hops(
+    assignments: Sequence[Sequence[Iterable[int]]],
+    owner: Sequence[int],
+    U: Sequence[int],
+    level: int,
+) -> list[HopRows]:
     """Rows per hop, rank and link for dedup at ``level`` (HierMoE, Eq. 4-5).
 
     ``assignments[s][t]`` are the experts token t of source rank s is routed to (after any
@@ -106,14 +114,14 @@ def dedup_hops(assignments: Sequence[Sequence[Iterable[int]]], owner: Sequence[i
     for s, tokens in enumerate(assignments):
         for experts in tokens:
             ranks = {owner[e] for e in experts}
-            for g in {r // u for r in ranks}:           # one row per level-d group
+            for g in {r // u for r in ranks}:  # one row per level-d group
                 relay = g * u + s % u
                 if relay != s:
                     lk = link_level(s, relay, U)
                     hop1[s][lk] = hop1[s].get(lk, 0) + 1
             if u == 1:
                 continue
-            for r in ranks:                              # one row per destination rank
+            for r in ranks:  # one row per destination rank
                 relay = (r // u) * u + s % u
                 if relay != r:
                     lk = link_level(relay, r, U)
@@ -124,8 +132,9 @@ def dedup_hops(assignments: Sequence[Sequence[Iterable[int]]], owner: Sequence[i
     return hops
 
 
-def flat_hops(assignments: Sequence[Sequence[Iterable[int]]], owner: Sequence[int],
-              U: Sequence[int]) -> list[HopRows]:
+def flat_hops(
+    assignments: Sequence[Sequence[Iterable[int]]], owner: Sequence[int], U: Sequence[int]
+) -> list[HopRows]:
     """Rows of the plain all-to-all (one row per assignment, no dedup): the baseline."""
     U = check_group_sizes(U)
     rows = [dict() for _ in range(U[-1])]
@@ -159,8 +168,9 @@ def hop_time(hop: HopRows, row_bytes: int, links: Mapping[int, tuple[float, floa
     return t
 
 
-def level_time(hops: Sequence[HopRows], row_bytes: int,
-               links: Optional[Mapping[int, tuple[float, float]]] = None) -> float:
+def level_time(
+    hops: Sequence[HopRows], row_bytes: int, links: Mapping[int, tuple[float, float]] | None = None
+) -> float:
     """``t_d`` (HierMoE, Eq. 3): the hops of the level-d schedule run one after the other."""
     links = DEFAULT_LINKS if links is None else links
     return sum(hop_time(h, row_bytes, links) for h in hops)
@@ -176,8 +186,10 @@ def best_level(times: Sequence[float]) -> int:
 def choose_level(assignments, owner, U, row_bytes: int, links=None) -> tuple[int, list[float]]:
     """``(d*, [t_0, t_1, ...])`` for the routing of one batch."""
     U = check_group_sizes(U)
-    times = [level_time(dedup_hops(assignments, owner, U, d), row_bytes, links)
-             for d in range(len(U) - 1)]
+    times = [
+        level_time(dedup_hops(assignments, owner, U, d), row_bytes, links)
+        for d in range(len(U) - 1)
+    ]
     return best_level(times), times
 
 
@@ -208,7 +220,7 @@ class _RankRows:
     def __init__(self, assignments, owner, P: int, u: int = 1):
         self.P, self.u = P, u
         self.owner = list(owner)
-        self.cnt = []          # cnt[s][t][q]: experts of token t in group q
+        self.cnt = []  # cnt[s][t][q]: experts of token t in group q
         self.rows = [[0] * (P // u) for _ in range(P)]
         self.users: dict[int, list[tuple[int, int]]] = {}
         for s, tokens in enumerate(assignments):
@@ -231,9 +243,9 @@ class _RankRows:
             return {}
         out: dict[tuple[int, int], int] = {}
         moves: dict[tuple[int, int], list[int]] = {}
-        for e, src, dst in ((r, a, b), (c, b, a)):
+        for e, src in ((r, a), (c, b)):
             for s, t in self.users.get(e, ()):
-                m = moves.setdefault((s, t), [0, 0])    # net change on a, on b
+                m = moves.setdefault((s, t), [0, 0])  # net change on a, on b
                 m[0] += -1 if src == a else 1
                 m[1] += -1 if src == b else 1
         for (s, t), (da, db) in moves.items():
@@ -285,8 +297,16 @@ def _swap_time(per, row_bytes: int, links, gamma: float) -> float:
     return t
 
 
-def swap_step(assignments, owner, U, row_bytes: int, links=None, gamma: float = 10.0,
-              state: Optional[_RankRows] = None, level: int = 0):
+def swap_step(
+    assignments,
+    owner,
+    U,
+    row_bytes: int,
+    links=None,
+    gamma: float = 10.0,
+    state: _RankRows | None = None,
+    level: int = 0,
+):
     """One HierMoE swap: the pair of experts (r, c) on different ranks whose exchange most
     lowers the predicted all-to-all time (smooth max, γ = 10), or None if none helps.
 
@@ -331,36 +351,53 @@ def rank_rows(assignments, owner, P: int) -> list[list[int]]:
 
 
 # -- planning without a batch (``moeflow plan --method hiermoe``) -----------------------------
-def synthetic_routing(num_ranks: int, tokens: int, num_experts: int, top_k: int,
-                      seed: int) -> list:
+def synthetic_routing(num_ranks: int, tokens: int, num_experts: int, top_k: int, seed: int) -> list:
     """Uniform top-k routing of ``tokens`` tokens on each rank (a stand-in for a batch)."""
     import random
 
     rng = random.Random(seed)
-    return [[rng.sample(range(num_experts), top_k) for _ in range(tokens)]
-            for _ in range(num_ranks)]
+    return [
+        [rng.sample(range(num_experts), top_k) for _ in range(tokens)] for _ in range(num_ranks)
+    ]
 
 
 def links_of(cluster) -> dict[int, tuple[float, float]]:
     """α-β per link level from a :class:`moeflow.clusters.ClusterSpec` (intra, inter)."""
     intra, inter = cluster.links[0], cluster.links[-1]
-    return {1: (intra.latency_us * 1e-6, 1 / (intra.bandwidth_GBps * 1e9)),
-            2: (inter.latency_us * 1e-6, 1 / (inter.bandwidth_GBps * 1e9))}
+    return {
+        1: (intra.latency_us * 1e-6, 1 / (intra.bandwidth_GBps * 1e9)),
+        2: (inter.latency_us * 1e-6, 1 / (inter.bandwidth_GBps * 1e9)),
+    }
 
 
-def plan_levels(*, num_experts: int, top_k: int, hidden: int, bytes_per_elem: int,
-                ranks_per_node: int, num_ranks: int, tokens: int, layers: int, links,
-                sample_tokens: int = 64) -> list[dict]:
+def plan_levels(
+    *,
+    num_experts: int,
+    top_k: int,
+    hidden: int,
+    bytes_per_elem: int,
+    ranks_per_node: int,
+    num_ranks: int,
+    tokens: int,
+    layers: int,
+    links,
+    sample_tokens: int = 64,
+) -> list[dict]:
     """d* per layer (HierMoE Eq. 6) from a synthetic batch of each layer (seeded by layer).
 
     ``tokens`` is tokens per rank; the message sizes of a sample of ``sample_tokens`` tokens
     are scaled up to it (the dedup counts are sums over tokens).
     """
     if num_experts % num_ranks:
-        raise ConfigError("num_experts", num_experts, f"a multiple of the {num_ranks} EP ranks "
-                          "(choose --esp so that the EP size divides the experts)")
-    U = check_group_sizes([1, ranks_per_node, num_ranks] if 1 < ranks_per_node < num_ranks
-                          else [1, num_ranks])
+        raise ConfigError(
+            "num_experts",
+            num_experts,
+            f"a multiple of the {num_ranks} EP ranks "
+            "(choose --esp so that the EP size divides the experts)",
+        )
+    U = check_group_sizes(
+        [1, ranks_per_node, num_ranks] if 1 < ranks_per_node < num_ranks else [1, num_ranks]
+    )
     owner = contiguous_owner(num_experts, num_ranks)
     n = min(tokens, sample_tokens)
     row = hidden * bytes_per_elem * tokens / n
@@ -369,6 +406,12 @@ def plan_levels(*, num_experts: int, top_k: int, hidden: int, bytes_per_elem: in
         routes = synthetic_routing(num_ranks, n, num_experts, top_k, seed=i)
         d, times = choose_level(routes, owner, U, row, links)
         flat = level_time(flat_hops(routes, owner, U), row, links)
-        out.append({"layer": i, "level": ("rank", "node")[d] if len(U) == 3 else "rank",
-                    "t_levels_ms": [t * 1e3 for t in times], "t_flat_ms": flat * 1e3})
+        out.append(
+            {
+                "layer": i,
+                "level": ("rank", "node")[d] if len(U) == 3 else "rank",
+                "t_levels_ms": [t * 1e3 for t in times],
+                "t_flat_ms": flat * 1e3,
+            }
+        )
     return out

@@ -54,8 +54,8 @@ class ParmCluster:
     beta_intra: float = 1 / 150e9
     alpha_inter: float = 20e-6
     beta_inter: float = 1 / 12.5e9
-    row_time: float = 0.0        # one row through a whole expert FFN (s); 0 = comm only
-    gate_time: float = 0.0       # one token through the router (s)
+    row_time: float = 0.0  # one row through a whole expert FFN (s); 0 = comm only
+    gate_time: float = 0.0  # one token through the router (s)
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ class ParmLayer:
     tokens: int
     hidden: int
     top_k: int
-    mp: int                       # S = MP = ESP group size
-    nodes: int                    # n nodes in the EP dimension
+    mp: int  # S = MP = ESP group size
+    nodes: int  # n nodes in the EP dimension
     bytes_per_elem: int = 2
 
     def __post_init__(self):
@@ -83,9 +83,10 @@ def schedule_terms(layer: ParmLayer, cluster: ParmCluster, schedule: str) -> dic
     terms = {
         "gate": cluster.gate_time * (layer.tokens / S if schedule == "s1" else layer.tokens),
         "a2a": 2 * (cluster.alpha_inter + cluster.beta_inter * R * D * v * (n - 1) / n),
-        "esp": 2 * (cluster.alpha_intra + cluster.beta_intra * (S - 1) * R * D * v) if S > 1
+        "esp": 2 * (cluster.alpha_intra + cluster.beta_intra * (S - 1) * R * D * v)
+        if S > 1
         else 0.0,
-        "experts": R * cluster.row_time,     # S·R rows on an F/S slice
+        "experts": R * cluster.row_time,  # S·R rows on an F/S slice
         "mp_allgather": 0.0,
     }
     if schedule != "plain" and S > 1:
@@ -126,21 +127,33 @@ def inter_node_bytes(layer: ParmLayer, schedule: str) -> float:
     return 2 * S * layer.top_k * T_r * layer.hidden * layer.bytes_per_elem * (n - 1) / n
 
 
-__all__ = ["SCHEDULES", "ParmCluster", "ParmLayer", "schedule_terms", "schedule_time",
-           "choose_schedule", "inter_node_bytes"]
+__all__ = [
+    "SCHEDULES",
+    "ParmCluster",
+    "ParmLayer",
+    "schedule_terms",
+    "schedule_time",
+    "choose_schedule",
+    "inter_node_bytes",
+]
 
 
 def cluster_of(spec, row_time: float = 0.0) -> ParmCluster:
     """The α-β links of a :class:`moeflow.clusters.ClusterSpec` (intra, inter)."""
     intra, inter = spec.links[0], spec.links[-1]
-    return ParmCluster(alpha_intra=intra.latency_us * 1e-6,
-                       beta_intra=1 / (intra.bandwidth_GBps * 1e9),
-                       alpha_inter=inter.latency_us * 1e-6,
-                       beta_inter=1 / (inter.bandwidth_GBps * 1e9), row_time=row_time)
+    return ParmCluster(
+        alpha_intra=intra.latency_us * 1e-6,
+        beta_intra=1 / (intra.bandwidth_GBps * 1e9),
+        alpha_inter=inter.latency_us * 1e-6,
+        beta_inter=1 / (inter.bandwidth_GBps * 1e9),
+        row_time=row_time,
+    )
 
 
 def plan_schedules(layer: ParmLayer, cluster: ParmCluster, layers: int, r: int = 1) -> list:
     """The schedule of each MoE layer (all layers share one shape here)."""
     name, times = choose_schedule(layer, cluster, r)
-    return [{"layer": i, "schedule": name, "t_ms": {k: v * 1e3 for k, v in times.items()}}
-            for i in range(layers)]
+    return [
+        {"layer": i, "schedule": name, "t_ms": {k: v * 1e3 for k, v in times.items()}}
+        for i in range(layers)
+    ]

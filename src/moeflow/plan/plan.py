@@ -9,9 +9,9 @@ bytes of data-parallel gradient all-reduce placed in that layer's backward windo
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from moeflow.errors import ConfigError, InputError, PlanError
 from moeflow.perf.cost import PerfModel
@@ -25,8 +25,8 @@ class LayerPlan:
     r_fwd: int
     r_bwd: int
     gar_bytes: float = 0.0
-    workload: int = 0          # index into Plan.workload_table
-    t_fwd_ms: float = 0.0      # predicted by the simulator
+    workload: int = 0  # index into Plan.workload_table
+    t_fwd_ms: float = 0.0  # predicted by the simulator
     t_bwd_ms: float = 0.0
 
     def __post_init__(self) -> None:
@@ -39,8 +39,8 @@ class LayerPlan:
 @dataclass
 class Plan:
     method: str
-    perf: dict                               # PerfModel.to_dict()
-    workload_table: list[dict]               # LayerWorkload.to_dict() entries
+    perf: dict  # PerfModel.to_dict()
+    workload_table: list[dict]  # LayerWorkload.to_dict() entries
     layers: list[LayerPlan]
     tail_ar_bytes: float = 0.0
     include_attention: bool = False
@@ -61,40 +61,53 @@ class Plan:
         return [(lp.r_fwd, lp.r_bwd) for lp in self.layers]
 
     def to_dict(self) -> dict:
-        return {"format": "moeflow.plan/1", "method": self.method, "model": self.model,
-                "cluster": self.cluster, "perf": self.perf,
-                "workload_table": self.workload_table,
-                "layers": [dict(lp.__dict__) for lp in self.layers],
-                "tail_ar_bytes": self.tail_ar_bytes,
-                "include_attention": self.include_attention,
-                "predicted_step_ms": self.predicted_step_ms, "solve_ms": self.solve_ms,
-                "meta": self.meta}
+        return {
+            "format": "moeflow.plan/1",
+            "method": self.method,
+            "model": self.model,
+            "cluster": self.cluster,
+            "perf": self.perf,
+            "workload_table": self.workload_table,
+            "layers": [dict(lp.__dict__) for lp in self.layers],
+            "tail_ar_bytes": self.tail_ar_bytes,
+            "include_attention": self.include_attention,
+            "predicted_step_ms": self.predicted_step_ms,
+            "solve_ms": self.solve_ms,
+            "meta": self.meta,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
+    def from_dict(cls, d: dict) -> Plan:
         if d.get("format") != "moeflow.plan/1":
-            raise InputError(f"not a moeflow plan: format={d.get('format')!r}, "
-                             "expected 'moeflow.plan/1'")
-        return cls(method=d["method"], model=d.get("model", ""), cluster=d.get("cluster", ""),
-                   perf=d["perf"], workload_table=d["workload_table"],
-                   layers=[LayerPlan(**lp) for lp in d["layers"]],
-                   tail_ar_bytes=float(d.get("tail_ar_bytes", 0.0)),
-                   include_attention=bool(d.get("include_attention", False)),
-                   predicted_step_ms=float(d.get("predicted_step_ms", 0.0)),
-                   solve_ms=float(d.get("solve_ms", 0.0)), meta=dict(d.get("meta", {})))
+            raise InputError(
+                f"not a moeflow plan: format={d.get('format')!r}, expected 'moeflow.plan/1'"
+            )
+        return cls(
+            method=d["method"],
+            model=d.get("model", ""),
+            cluster=d.get("cluster", ""),
+            perf=d["perf"],
+            workload_table=d["workload_table"],
+            layers=[LayerPlan(**lp) for lp in d["layers"]],
+            tail_ar_bytes=float(d.get("tail_ar_bytes", 0.0)),
+            include_attention=bool(d.get("include_attention", False)),
+            predicted_step_ms=float(d.get("predicted_step_ms", 0.0)),
+            solve_ms=float(d.get("solve_ms", 0.0)),
+            meta=dict(d.get("meta", {})),
+        )
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_json(cls, s: str) -> "Plan":
+    def from_json(cls, s: str) -> Plan:
         return cls.from_dict(json.loads(s))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         return cls.from_json(Path(path).read_text())
 
 
@@ -122,5 +135,6 @@ def degrees_for_layer(plan: Plan, layer_index: int) -> tuple[int, int]:
     for lp in plan.layers:
         if lp.index == layer_index:
             return int(lp.r_fwd), int(lp.r_bwd)
-    raise ConfigError("layer_index", layer_index,
-                      f"one of the plan's layers {[lp.index for lp in plan.layers]}")
+    raise ConfigError(
+        "layer_index", layer_index, f"one of the plan's layers {[lp.index for lp in plan.layers]}"
+    )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from moeflow.config import dataclass_from_dict
 from moeflow.errors import ConfigError
@@ -41,7 +40,7 @@ class LayerWorkload:
     H: int
     E: int
     k: int = 2
-    f: Optional[float] = 1.2
+    f: float | None = 1.2
     ffn: str = "simple"
     heads: int = 16
     n_ep: int = 1
@@ -50,10 +49,22 @@ class LayerWorkload:
     bytes_per_element: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("B", "L", "M", "H", "E", "k", "heads", "n_ep", "n_esp", "n_dp",
-                     "bytes_per_element"):
-            object.__setattr__(self, name, positive_int(f"LayerWorkload.{name}",
-                                                        getattr(self, name)))
+        for name in (
+            "B",
+            "L",
+            "M",
+            "H",
+            "E",
+            "k",
+            "heads",
+            "n_ep",
+            "n_esp",
+            "n_dp",
+            "bytes_per_element",
+        ):
+            object.__setattr__(
+                self, name, positive_int(f"LayerWorkload.{name}", getattr(self, name))
+            )
         if self.f is not None and not (isinstance(self.f, (int, float)) and self.f > 0):
             raise ConfigError("LayerWorkload.f", self.f, "None (dropless) or a float > 0")
         if self.ffn not in FFN_TYPES:
@@ -110,16 +121,31 @@ class LayerWorkload:
             alpha_rs, work_rs = rs.alpha, rs.beta * self.ag_bytes
         else:
             alpha_ag = work_ag = alpha_rs = work_rs = 0.0
-        return PassCost(alpha_a2a=a2a.alpha, work_a2a=a2a.beta * self.a2a_bytes,
-                        alpha_ag=alpha_ag, work_ag=work_ag, alpha_rs=alpha_rs, work_rs=work_rs,
-                        alpha_exp=gemm.alpha * mult,
-                        work_exp=gemm.beta * self.expert_flops * mult)
+        return PassCost(
+            alpha_a2a=a2a.alpha,
+            work_a2a=a2a.beta * self.a2a_bytes,
+            alpha_ag=alpha_ag,
+            work_ag=work_ag,
+            alpha_rs=alpha_rs,
+            work_rs=work_rs,
+            alpha_exp=gemm.alpha * mult,
+            work_exp=gemm.beta * self.expert_flops * mult,
+        )
 
     # ---- construction / JSON -------------------------------------------------------------
     @classmethod
-    def from_config(cls, moe_config, *, tokens: int, seq_len: int | None = None,
-                    heads: int | None = None, n_ep: int = 1, n_esp: int = 1, n_dp: int = 1,
-                    bytes_per_element: int = 2) -> "LayerWorkload":
+    def from_config(
+        cls,
+        moe_config,
+        *,
+        tokens: int,
+        seq_len: int | None = None,
+        heads: int | None = None,
+        n_ep: int = 1,
+        n_esp: int = 1,
+        n_dp: int = 1,
+        bytes_per_element: int = 2,
+    ) -> LayerWorkload:
         """Build from a :class:`moeflow.config.MoEConfig` (or a ``ModelPreset``).
 
         ``tokens`` is the number of tokens per GPU per step (``B * L``); ``seq_len`` defaults
@@ -130,25 +156,36 @@ class LayerWorkload:
         positive_int("LayerWorkload.tokens", tokens)
         L = seq_len or min(tokens, 4096)
         B = max(1, math.ceil(tokens / L))
-        return cls(B=B, L=L, M=cfg.hidden_size, H=cfg.ffn_hidden_size, E=cfg.num_experts,
-                   k=cfg.top_k, f=cfg.capacity_factor,
-                   ffn="mixtral" if cfg.expert_type == "swiglu" else "simple",
-                   heads=heads or preset_heads or 16, n_ep=n_ep, n_esp=n_esp, n_dp=n_dp,
-                   bytes_per_element=bytes_per_element)
+        return cls(
+            B=B,
+            L=L,
+            M=cfg.hidden_size,
+            H=cfg.ffn_hidden_size,
+            E=cfg.num_experts,
+            k=cfg.top_k,
+            f=cfg.capacity_factor,
+            ffn="mixtral" if cfg.expert_type == "swiglu" else "simple",
+            heads=heads or preset_heads or 16,
+            n_ep=n_ep,
+            n_esp=n_esp,
+            n_dp=n_dp,
+            bytes_per_element=bytes_per_element,
+        )
 
-    def replace(self, **changes) -> "LayerWorkload":
+    def replace(self, **changes) -> LayerWorkload:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LayerWorkload":
+    def from_dict(cls, d: dict) -> LayerWorkload:
         return dataclass_from_dict(cls, d)
 
 
-def fsmoe_sweep(*, n_ep: int, n_esp: int, n_dp: int = 1, k: int = 2,
-                E: int | None = None) -> list[LayerWorkload]:
+def fsmoe_sweep(
+    *, n_ep: int, n_esp: int, n_dp: int = 1, k: int = 2, E: int | None = None
+) -> list[LayerWorkload]:
     """FSMoE's layer sweep, 3^6 x 2 = 1458 layers (FSMoE, ASPLOS'25, evaluation).
 
     B in {1,2,4}, heads in {8,16,32}, L in {512,1024,2048}, M in {1024,2048,4096},
@@ -163,7 +200,20 @@ def fsmoe_sweep(*, n_ep: int, n_esp: int, n_dp: int = 1, k: int = 2,
                     for hm in (2, 3, 4):
                         for f in (1.2, 2.4, None):
                             for ffn in FFN_TYPES:
-                                out.append(LayerWorkload(
-                                    B=B, L=L, M=M, H=hm * M, E=E or max(n_ep, k), k=k, f=f,
-                                    ffn=ffn, heads=heads, n_ep=n_ep, n_esp=n_esp, n_dp=n_dp))
+                                out.append(
+                                    LayerWorkload(
+                                        B=B,
+                                        L=L,
+                                        M=M,
+                                        H=hm * M,
+                                        E=E or max(n_ep, k),
+                                        k=k,
+                                        f=f,
+                                        ffn=ffn,
+                                        heads=heads,
+                                        n_ep=n_ep,
+                                        n_esp=n_esp,
+                                        n_dp=n_dp,
+                                    )
+                                )
     return out

@@ -37,6 +37,15 @@ from moeflow.runtime.parallelize import (
 )
 from moeflow.runtime.pipeline import run_wavefront
 
-__all__ = ["ExpertParallel", "PipelinedExperts", "resolve_degrees", "run_wavefront",
-           "parallelize", "sync_gradients", "load_checkpoint", "export_pretrained",
-           "load_balancing_loss", "clip_grad_norm_"]
+__all__ = [
+    "ExpertParallel",
+    "PipelinedExperts",
+    "resolve_degrees",
+    "run_wavefront",
+    "parallelize",
+    "sync_gradients",
+    "load_checkpoint",
+    "export_pretrained",
+    "load_balancing_loss",
+    "clip_grad_norm_",
+]

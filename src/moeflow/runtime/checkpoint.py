@@ -35,10 +35,14 @@ _OBJECTS = "moeflow_objects.pt"
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     from moeflow.runtime.expert_parallel import ExpertParallel
-    from moeflow.runtime.parallelize import named_tensors, expert_state
+    from moeflow.runtime.parallelize import expert_state, named_tensors
 
-    expert_ids = {id(p) for m in model.modules() if isinstance(m, ExpertParallel)
-                  for p in m.expert_parameters()}
+    expert_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, ExpertParallel)
+        for p in m.expert_parameters()
+    }
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, t in named_tensors(model):
@@ -98,8 +102,9 @@ def checkpoint_exists(path: str) -> bool:
     return os.path.exists(os.path.join(os.fspath(path), _META))
 
 
-def save_checkpoint(path: str, model: nn.Module, optimizer=None, extra: dict | None = None,
-                    *, _before_publish=None) -> None:
+def save_checkpoint(
+    path: str, model: nn.Module, optimizer=None, extra: dict | None = None, *, _before_publish=None
+) -> None:
     """Save ``model`` (and ``optimizer``, and the picklable ``extra``) to directory ``path``,
     atomically (see the module docstring). Collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
@@ -113,8 +118,9 @@ def save_checkpoint(path: str, model: nn.Module, optimizer=None, extra: dict | N
     state, groups = _state(model, optimizer)
     dcp.save(state, checkpoint_id=tmp)
     if rank == 0:  # replicated, small: hyper-parameters and the caller's extras
-        torch.save({"param_groups": groups, "extra": dict(extra or {})},
-                   os.path.join(tmp, _OBJECTS))
+        torch.save(
+            {"param_groups": groups, "extra": dict(extra or {})}, os.path.join(tmp, _OBJECTS)
+        )
     dist.barrier()  # every rank's files and the coordinator's metadata are written
     if _before_publish is not None:
         _before_publish()  # tests: an interruption between writing and publishing
@@ -145,8 +151,10 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
     meta = dcp.FileSystemReader(path).read_metadata()
     missing = sorted(k for k in state if k not in meta.state_dict_metadata)
     if missing:
-        raise InputError(f"checkpoint {path!r} does not match this model/layout: it lacks "
-                         f"{missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        raise InputError(
+            f"checkpoint {path!r} does not match this model/layout: it lacks "
+            f"{missing[:6]}{' ...' if len(missing) > 6 else ''}"
+        )
     dcp.load(state, checkpoint_id=path)
     objects = torch.load(os.path.join(path, _OBJECTS), weights_only=False)
     if optimizer is not None:

@@ -22,6 +22,7 @@ from moeflow.comm.timeouts import resolve_timeout
 
 def expert_parameter_ids(model: nn.Module) -> set[int]:
     from moeflow.runtime.expert_parallel import ExpertParallel
+
     ids: set[int] = set()
     for m in model.modules():
         if isinstance(m, ExpertParallel):
@@ -30,14 +31,25 @@ def expert_parameter_ids(model: nn.Module) -> set[int]:
 
 
 @torch.no_grad()
-def sync_gradients(model: nn.Module, group=None, op: str = "mean", timeout_s=None,
-                   bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+def sync_gradients(
+    model: nn.Module,
+    group=None,
+    op: str = "mean",
+    timeout_s=None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> None:
     """All-reduce replicated gradients over ``group``; scale everything for ``op='mean'``."""
     experts = expert_parameter_ids(model)
     params = list(model.parameters())
     replicated = [p for p in params if p.requires_grad and id(p) not in experts]
-    reduce_gradients(params, replicated, group, op=op, timeout_s=resolve_timeout(timeout_s),
-                     bucket_bytes=bucket_bytes)
+    reduce_gradients(
+        params,
+        replicated,
+        group,
+        op=op,
+        timeout_s=resolve_timeout(timeout_s),
+        bucket_bytes=bucket_bytes,
+    )
 
 
 @torch.no_grad()
@@ -56,6 +68,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, group=None, timeout_s=None
         else:
             rep_sq += sq
     import torch.distributed as dist
+
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dev = next(model.parameters()).device
         t = exp_sq.to(dev if dev.type != "cpu" else "cpu").reshape(1)

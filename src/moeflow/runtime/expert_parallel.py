@@ -25,24 +25,35 @@ global batch.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moeflow.comm.collectives import (DEFAULT_BUCKET_BYTES, all_gather_v, all_reduce,
-                                      reduce_gradients, reduce_scatter_v)
-from moeflow.comm.dispatch import (CountExchange, TokenDispatcher, dispatcher_class,
-                                   make_dispatcher, split_offsets, split_sizes, sub_block_index)
 from moeflow.comm import parm
+from moeflow.comm.collectives import (
+    DEFAULT_BUCKET_BYTES,
+    all_gather_v,
+    all_reduce,
+    reduce_gradients,
+    reduce_scatter_v,
+)
+from moeflow.comm.dispatch import (
+    CountExchange,
+    TokenDispatcher,
+    dispatcher_class,
+    make_dispatcher,
+    split_offsets,
+    split_sizes,
+    sub_block_index,
+)
 from moeflow.comm.groups import subgroup
 from moeflow.comm.timeouts import resolve_timeout
 from moeflow.comm.topology import Topology
 from moeflow.errors import DistributedConfigError
 from moeflow.layer.experts import experts_eager
 from moeflow.layer.moe import MoELayer
-from moeflow.layer.routers import Routing, capacity as capacity_of
+from moeflow.layer.routers import Routing
+from moeflow.layer.routers import capacity as capacity_of
 from moeflow.runtime.pipeline import run_wavefront
 from moeflow.validate import positive_int
 
@@ -55,6 +66,7 @@ def resolve_degrees(plan, layer_index: int, r_fwd: int, r_bwd: int) -> tuple[int
         if isinstance(plan, (tuple, list)) and len(plan) == 2:
             return positive_int("plan[0]", plan[0]), positive_int("plan[1]", plan[1])
         import moeflow.plan as mplan  # lazy: the runtime works without planners installed
+
         rf, rb = mplan.degrees_for_layer(plan, layer_index)
         return positive_int("plan r_fwd", int(rf)), positive_int("plan r_bwd", int(rb))
     return positive_int("r_fwd", r_fwd), positive_int("r_bwd", r_bwd)
@@ -63,11 +75,11 @@ def resolve_degrees(plan, layer_index: int, r_fwd: int, r_bwd: int) -> tuple[int
 class _Run:
     """State of one forward call that backward reuses (exchange, routes, saved inputs)."""
 
-    def __init__(self, ep: "ExpertParallel", ex: CountExchange, r_fwd: int, r_bwd: int):
+    def __init__(self, ep: ExpertParallel, ex: CountExchange, r_fwd: int, r_bwd: int):
         self.ep, self.ex, self.r_fwd, self.r_bwd = ep, ex, r_fwd, r_bwd
         self.grad_enabled = torch.is_grad_enabled()
-        self.graphs: Optional[list] = None
-        self.x_full: Optional[torch.Tensor] = None
+        self.graphs: list | None = None
+        self.x_full: torch.Tensor | None = None
         self.w_in_d = self.w_out_d = None
 
     # -- the chunk pipeline, shared by forward and backward -------------------------------
@@ -86,18 +98,22 @@ class _Run:
             rt = routes[c]
             buf = ext.index_select(0, rt.send_gather)
             return rt.dispatch[0].issue(buf, timeout, skip_pre=True)
+
         stages.append(send)
         for k in range(1, len(routes[0].dispatch)):
             stages.append(lambda c, buf, k=k: routes[c].dispatch[k].issue(buf, timeout))
         if S > 1:
+
             def gather(c, buf):
                 sizes = routes[c].recv_SPE.sum((1, 2)).tolist()
-                return all_gather_v(buf, sizes, ep.esp_group,
-                                    f"ESP all-gather (chunk {c + 1}/{r})", timeout)
+                return all_gather_v(
+                    buf, sizes, ep.esp_group, f"ESP all-gather (chunk {c + 1}/{r})", timeout
+                )
+
             stages.append(gather)
 
         def experts(c, buf):
-            recv = routes[c].recv_SPE                       # [S, P, E_l] for this chunk
+            recv = routes[c].recv_SPE  # [S, P, E_l] for this chunk
             idx = routes[c].expert_major
             counts = routes[c].expert_counts
             if idx is None:
@@ -106,9 +122,15 @@ class _Run:
                 y_e = compute(c, buf.index_select(0, idx), counts)
                 y = buf.new_empty(buf.shape[0], y_e.shape[-1]).index_copy_(0, idx, y_e)
             if S > 1:
-                return reduce_scatter_v(y, recv.sum((1, 2)).tolist(), ep.esp_group,
-                                        f"ESP reduce-scatter (chunk {c + 1}/{r})", timeout)
+                return reduce_scatter_v(
+                    y,
+                    recv.sum((1, 2)).tolist(),
+                    ep.esp_group,
+                    f"ESP reduce-scatter (chunk {c + 1}/{r})",
+                    timeout,
+                )
             return routes[c].combine[0].issue(y, timeout)
+
         stages.append(experts)
         if S > 1:
             stages.append(lambda c, y: routes[c].combine[0].issue(y, timeout))
@@ -118,6 +140,7 @@ class _Run:
         def place(c, y):
             out.index_copy_(0, routes[c].send_index, y)
             return None
+
         stages.append(place)
         run_wavefront(r, stages)
         return out[: rows_ND.shape[0]] if pad else out
@@ -138,8 +161,9 @@ class _Run:
             self.graphs = [None] * self.r_fwd
         elif needs_grad:
             self.x_full = x_ND.new_empty(int(self.ex.recv_SPE.sum()), x_ND.shape[-1])
-            canon = [self._canonical_index(self.r_fwd, c).to(x_ND.device)
-                     for c in range(self.r_fwd)]
+            canon = [
+                self._canonical_index(self.r_fwd, c).to(x_ND.device) for c in range(self.r_fwd)
+            ]
 
         def compute(c, x_e, counts):
             if x_e.shape[0] == 0:
@@ -149,8 +173,9 @@ class _Run:
             if keep_graphs:
                 xc = x_e.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    yc = ep._expert_fn(xc, counts, self.w_in_d, self.w_out_d, ep.activation,
-                                       ep.kernel)
+                    yc = ep._expert_fn(
+                        xc, counts, self.w_in_d, self.w_out_d, ep.activation, ep.kernel
+                    )
                 self.graphs[c] = (xc, yc)
                 return yc.detach()
             if needs_grad:
@@ -163,8 +188,13 @@ class _Run:
         ep = self.ep
         gw_in = torch.zeros_like(self.w_in_d)
         gw_out = torch.zeros_like(self.w_out_d)
-        canon = None if self.graphs is not None else [
-            self._canonical_index(self.r_bwd, c).to(grad_y_ND.device) for c in range(self.r_bwd)]
+        canon = (
+            None
+            if self.graphs is not None
+            else [
+                self._canonical_index(self.r_bwd, c).to(grad_y_ND.device) for c in range(self.r_bwd)
+            ]
+        )
 
         def compute(c, g_e, counts):
             if g_e.shape[0] == 0:
@@ -175,10 +205,12 @@ class _Run:
             else:
                 xc = self.x_full.index_select(0, canon[c]).requires_grad_(True)
                 with torch.enable_grad():  # recompute: backward chunks differ from forward's
-                    yc = ep._expert_fn(xc, counts, self.w_in_d, self.w_out_d, ep.activation,
-                                       ep.kernel)
-            gx, gi, go = torch.autograd.grad(yc, (xc, self.w_in_d, self.w_out_d), g_e,
-                                             allow_unused=True)
+                    yc = ep._expert_fn(
+                        xc, counts, self.w_in_d, self.w_out_d, ep.activation, ep.kernel
+                    )
+            gx, gi, go = torch.autograd.grad(
+                yc, (xc, self.w_in_d, self.w_out_d), g_e, allow_unused=True
+            )
             if gi is not None:
                 gw_in.add_(gi)
             if go is not None:
@@ -224,17 +256,19 @@ def slice_w_in(w_in: torch.Tensor, e0: int, e1: int, s: int, S: int, swiglu: boo
     f = F // S
     w = w_in[e0:e1]
     if not swiglu:
-        return w[:, s * f:(s + 1) * f]
+        return w[:, s * f : (s + 1) * f]
     # gate rows then up rows: keep that layout inside the slice (kernels expect it)
-    return torch.cat([w[:, s * f:(s + 1) * f], w[:, F + s * f:F + (s + 1) * f]], dim=1)
+    return torch.cat([w[:, s * f : (s + 1) * f], w[:, F + s * f : F + (s + 1) * f]], dim=1)
 
 
 def local_expert_ffn(activation: str, gated: bool):
     """The grouped expert FFN for ``(activation, gated)`` (``MoEConfig.expert_activation``):
     the fused kernel where it covers the pair, else the per-expert loop; the signature of
     :func:`moeflow.kernels.expert_ffn` (its activation argument is ignored: bound here)."""
+
     def run(x_ND, counts_E, w_in, w_out, _activation, kernel):
         return experts_eager(x_ND, counts_E, w_in, w_out, activation, gated, kernel)
+
     return run
 
 
@@ -293,12 +327,26 @@ class ExpertParallel(nn.Module):
     P = W / S, S does not divide the node, or F is not divisible by S.
     """
 
-    def __init__(self, layer: nn.Module, group=None, topology: Optional[Topology] = None,
-                 dispatcher: str = "a2a", esp_size: int = 1, r_fwd: int = 1, r_bwd: int = 1,
-                 plan=None, layer_index: int = 0, timeout_s: Optional[float] = None,
-                 kernel: Optional[str] = None, compress=False, perf=None,
-                 dispatcher_options: Optional[dict] = None, mp_group=None,
-                 schedule: str = "plain", parm_cluster=None):
+    def __init__(
+        self,
+        layer: nn.Module,
+        group=None,
+        topology: Topology | None = None,
+        dispatcher: str = "a2a",
+        esp_size: int = 1,
+        r_fwd: int = 1,
+        r_bwd: int = 1,
+        plan=None,
+        layer_index: int = 0,
+        timeout_s: float | None = None,
+        kernel: str | None = None,
+        compress=False,
+        perf=None,
+        dispatcher_options: dict | None = None,
+        mp_group=None,
+        schedule: str = "plain",
+        parm_cluster=None,
+    ):
         super().__init__()
         cfg = layer.cfg
         dispatcher_cls = dispatcher_class(dispatcher)
@@ -306,29 +354,32 @@ class ExpertParallel(nn.Module):
         self.r_fwd, self.r_bwd = resolve_degrees(plan, layer_index, r_fwd, r_bwd)
         self.timeout_s = resolve_timeout(timeout_s)
         if not dist.is_initialized():
-            raise DistributedConfigError("torch.distributed is not initialised: call "
-                                         "init_process_group first")
+            raise DistributedConfigError(
+                "torch.distributed is not initialised: call init_process_group first"
+            )
         W = dist.get_world_size(group)
         rank = dist.get_rank(group)
         topology = topology if topology is not None else Topology.from_env(group)
         if topology.world_size != W:
             raise DistributedConfigError(
-                f"topology.world_size={topology.world_size} does not match the group size {W}")
+                f"topology.world_size={topology.world_size} does not match the group size {W}"
+            )
         R = topology.ranks_per_node
         S = esp_size
         if S > R or R % S:
             raise DistributedConfigError(
                 f"esp_size={S} must divide the ranks per node ({R}): an ESP group lives "
-                f"inside one node")
+                f"inside one node"
+            )
         P = W // S
         E, F = cfg.num_experts, cfg.ffn_hidden_size
         if E % P:
             raise DistributedConfigError(
                 f"num_experts={E} is not divisible by the expert-parallel size "
-                f"{P} (= world {W} / esp_size {S})")
+                f"{P} (= world {W} / esp_size {S})"
+            )
         if F % S:
-            raise DistributedConfigError(
-                f"ffn_hidden_size={F} is not divisible by esp_size={S}")
+            raise DistributedConfigError(f"ffn_hidden_size={F} is not divisible by esp_size={S}")
 
         # Replicated parts (router, shared experts) are the layer's own modules. The full
         # layer is not kept: only its expert-free steps, so after construction nothing here
@@ -358,10 +409,14 @@ class ExpertParallel(nn.Module):
         swiglu = self.gated
         f = F // S
         with torch.no_grad():
-            self.w_in = nn.Parameter(slice_w_in(layer.experts.w_in.detach(), e0, e1,
-                                                 self.esp_rank, S, swiglu).clone())
-            self.w_out = nn.Parameter(layer.experts.w_out.detach()[
-                e0:e1, :, self.esp_rank * f:(self.esp_rank + 1) * f].clone())
+            self.w_in = nn.Parameter(
+                slice_w_in(layer.experts.w_in.detach(), e0, e1, self.esp_rank, S, swiglu).clone()
+            )
+            self.w_out = nn.Parameter(
+                layer.experts.w_out.detach()[
+                    e0:e1, :, self.esp_rank * f : (self.esp_rank + 1) * f
+                ].clone()
+            )
         self.expert_range = (e0, e1)
         self.ffn_slice = (self.esp_rank * f, (self.esp_rank + 1) * f)
 
@@ -376,18 +431,27 @@ class ExpertParallel(nn.Module):
         if "world_group" in dispatcher_cls.options:
             options["world_group"] = group
         if "intra_group" in dispatcher_cls.options:
-            L = R // S                       # EP members per node
+            L = R // S  # EP members per node
             a = self.ep_rank // L
             j = self.ep_rank % L
             options["intra_group"] = subgroup(group, [ep_members[a * L + i] for i in range(L)], t)
-            options["inter_group"] = subgroup(group, [ep_members[b * L + j] for b in range(P // L)],
-                                              t)
+            options["inter_group"] = subgroup(
+                group, [ep_members[b * L + j] for b in range(P // L)], t
+            )
             options["ranks_per_node"] = L
         options.update(dispatcher_options or {})
         self.dispatcher: TokenDispatcher = make_dispatcher(
-            dispatcher, ep_group=self.ep_group, ep_size=P, ep_rank=self.ep_rank,
-            esp_group=self.esp_group, esp_size=S, esp_rank=self.esp_rank,
-            num_local_experts=self.num_local_experts, timeout_s=t, **options)
+            dispatcher,
+            ep_group=self.ep_group,
+            ep_size=P,
+            ep_rank=self.ep_rank,
+            esp_group=self.esp_group,
+            esp_size=S,
+            esp_rank=self.esp_rank,
+            num_local_experts=self.num_local_experts,
+            timeout_s=t,
+            **options,
+        )
         self.dispatcher_name = dispatcher
         if compress is not False:  # ZipCCL: compressed row all-to-alls
             from moeflow.comm.compressed import as_compression
@@ -400,7 +464,7 @@ class ExpertParallel(nn.Module):
         self.parm_schedule = parm.check_mp_group(self, mp_group, schedule)
         self.mp_group, self.parm_cluster = mp_group, parm_cluster
         self.parm_bytes: dict = {}
-        self.last_schedule: Optional[str] = None
+        self.last_schedule: str | None = None
 
     @property
     def layer(self) -> nn.Module:
@@ -426,8 +490,14 @@ class ExpertParallel(nn.Module):
         tokens) contributes zeros. See :func:`moeflow.comm.collectives.reduce_gradients`.
         """
         replicated = [p for p in self.replicated_parameters() if p.requires_grad]
-        reduce_gradients(list(self.parameters()), replicated, self.group, op=op,
-                         timeout_s=self.timeout_s, bucket_bytes=bucket_bytes)
+        reduce_gradients(
+            list(self.parameters()),
+            replicated,
+            self.group,
+            op=op,
+            timeout_s=self.timeout_s,
+            bucket_bytes=bucket_bytes,
+        )
 
     def apply_placement(self, owner_E, optimizer=None) -> None:
         """HierMoE expert swap: move experts to ranks ``owner_E`` (weights, gradients and
@@ -443,14 +513,17 @@ class ExpertParallel(nn.Module):
         The inverse of the slicing in ``__init__``: what a single-device checkpoint holds.
         """
         from moeflow.comm.collectives import all_gather_equal
+
         S, P, E_l = self.esp_size, self.ep_size, self.num_local_experts
-        w_in = all_gather_equal(self.w_in.detach(), self.group, "expert all-gather",
-                                self.timeout_s)                 # [W, E_l, X/S, D]
-        w_out = all_gather_equal(self.w_out.detach(), self.group, "expert all-gather",
-                                 self.timeout_s)                # [W, E_l, D, F/S]
+        w_in = all_gather_equal(
+            self.w_in.detach(), self.group, "expert all-gather", self.timeout_s
+        )  # [W, E_l, X/S, D]
+        w_out = all_gather_equal(
+            self.w_out.detach(), self.group, "expert all-gather", self.timeout_s
+        )  # [W, E_l, D, F/S]
         w_in = w_in.view(P, S, *w_in.shape[1:])
         w_out = w_out.view(P, S, *w_out.shape[1:])
-        if self.gated:                                          # slices are [gate_s; up_s]
+        if self.gated:  # slices are [gate_s; up_s]
             f = w_in.shape[3] // 2
             gate = w_in[:, :, :, :f].permute(0, 2, 1, 3, 4).reshape(P * E_l, S * f, -1)
             up = w_in[:, :, :, f:].permute(0, 2, 1, 3, 4).reshape(P * E_l, S * f, -1)
@@ -458,7 +531,7 @@ class ExpertParallel(nn.Module):
         else:
             full_in = w_in.permute(0, 2, 1, 3, 4).reshape(P * E_l, -1, w_in.shape[-1])
         full_out = w_out.permute(0, 2, 3, 1, 4).reshape(P * E_l, w_out.shape[3], -1)
-        rows = getattr(self.dispatcher, "expert_rows", None)   # a swapped placement (dedup)
+        rows = getattr(self.dispatcher, "expert_rows", None)  # a swapped placement (dedup)
         if rows is not None:
             full_in, full_out = full_in[rows()], full_out[rows()]
         return full_in, full_out
@@ -471,7 +544,7 @@ class ExpertParallel(nn.Module):
         self.router.update_correction_bias(counts, rate)
 
     # -- forward -------------------------------------------------------------------------
-    def _local_capacity(self, T: int) -> Optional[int]:
+    def _local_capacity(self, T: int) -> int | None:
         cfg = self.cfg
         if cfg.router == "expert_choice":
             return min(T, capacity_of(T, cfg.top_k, cfg.num_experts, cfg.capacity_factor or 1.0))
@@ -482,31 +555,40 @@ class ExpertParallel(nn.Module):
     def _empty_routing(self, x_TD: torch.Tensor) -> Routing:
         E = self.cfg.num_experts
         z = torch.zeros(0, dtype=torch.long, device=x_TD.device)
-        return Routing(z, z.clone(), x_TD.new_zeros(0), torch.zeros(E, dtype=torch.long,
-                       device=x_TD.device), x_TD.new_zeros(()) + 0.0 * x_TD.sum(),
-                       x_TD.new_zeros(0, E), 0)
+        return Routing(
+            z,
+            z.clone(),
+            x_TD.new_zeros(0),
+            torch.zeros(E, dtype=torch.long, device=x_TD.device),
+            x_TD.new_zeros(()) + 0.0 * x_TD.sum(),
+            x_TD.new_zeros(0, E),
+            0,
+        )
 
-    def forward(self, x: torch.Tensor, r_fwd: Optional[int] = None,
-                r_bwd: Optional[int] = None) -> torch.Tensor:
-        if self.mp_group is not None:   # Parm: tokens replicated over the MP group
+    def forward(
+        self, x: torch.Tensor, r_fwd: int | None = None, r_bwd: int | None = None
+    ) -> torch.Tensor:
+        if self.mp_group is not None:  # Parm: tokens replicated over the MP group
             return parm.parm_forward(self, x, r_fwd, r_bwd)
         return self._forward_local(x, r_fwd, r_bwd)
 
-    def _forward_local(self, x: torch.Tensor, r_fwd: Optional[int] = None,
-                       r_bwd: Optional[int] = None, mp_rows=None) -> torch.Tensor:
+    def _forward_local(
+        self, x: torch.Tensor, r_fwd: int | None = None, r_bwd: int | None = None, mp_rows=None
+    ) -> torch.Tensor:
         layer = self._layer
         layer.check_input(x)
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
         cap = self._local_capacity(T)
-        started = self.dispatcher.begin(cap, device=x.device)   # overlaps routing
+        started = self.dispatcher.begin(cap, device=x.device)  # overlaps routing
         # A rank with no tokens still takes part in every collective.
         routing = layer.route(x_TD) if T > 0 else self._empty_routing(x_TD)
         if getattr(self.dispatcher, "token_level", False):
             # HierMoE dedup moves tokens and does the weighted combine itself
-            y_TD = self.dispatcher.forward_tokens(self, x_TD, routing, r_fwd or self.r_fwd,
-                                                  r_bwd or self.r_bwd)
+            y_TD = self.dispatcher.forward_tokens(
+                self, x_TD, routing, r_fwd or self.r_fwd, r_bwd or self.r_bwd
+            )
             if layer.shared is not None:
                 y_TD = y_TD + layer.shared(x_TD)
             self.aux_loss = routing.aux_loss
@@ -514,10 +596,9 @@ class ExpertParallel(nn.Module):
             return y_TD.reshape(shape)
         x_ND = layer.permute(x_TD, routing)
         counts_E = routing.counts_E
-        if mp_rows is not None:   # Parm S2: this MP rank's share of the rows (comm.parm)
+        if mp_rows is not None:  # Parm S2: this MP rank's share of the rows (comm.parm)
             x_ND, counts_E = mp_rows.select(x_ND, routing)
-        ex = self.dispatcher.exchange(counts_E, capacity=cap, device=x.device,
-                                      started=started)
+        ex = self.dispatcher.exchange(counts_E, capacity=cap, device=x.device, started=started)
         run = _Run(self, ex, r_fwd or self.r_fwd, r_bwd or self.r_bwd)
         y_ND = PipelinedExperts.apply(x_ND, self.w_in, self.w_out, run)
         if mp_rows is not None:
@@ -528,6 +609,8 @@ class ExpertParallel(nn.Module):
         return y_TD.reshape(shape)
 
     def extra_repr(self) -> str:
-        return (f"dispatcher={self.dispatcher_name}, world={self.world_size}, "
-                f"ep={self.ep_size}, esp={self.esp_size}, local_experts={self.expert_range}, "
-                f"r_fwd={self.r_fwd}, r_bwd={self.r_bwd}")
+        return (
+            f"dispatcher={self.dispatcher_name}, world={self.world_size}, "
+            f"ep={self.ep_size}, esp={self.esp_size}, local_experts={self.expert_range}, "
+            f"r_fwd={self.r_fwd}, r_bwd={self.r_bwd}"
+        )

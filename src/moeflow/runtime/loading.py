@@ -34,8 +34,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 #: per-expert on-disk names: (gate, up, down) under ``<block>.experts.{e}.``
-EXPERT_DISK_LAYOUTS = (("gate_proj.weight", "up_proj.weight", "down_proj.weight"),
-                       ("w1.weight", "w3.weight", "w2.weight"))
+EXPERT_DISK_LAYOUTS = (
+    ("gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+    ("w1.weight", "w3.weight", "w2.weight"),
+)
 #: in-memory block path -> on-disk block path renames transformers applies (Mixtral)
 _BLOCK_RENAMES = ((".mlp.", ".block_sparse_moe."),)
 
@@ -61,8 +63,9 @@ class SafetensorsCheckpoint:
             elif os.path.exists(os.path.join(path, SINGLE_NAME)):
                 self._file_of = self._keys_of(os.path.join(path, SINGLE_NAME))
             else:
-                raise InputError(f"checkpoint directory {path!r} has neither {INDEX_NAME} nor "
-                                 f"{SINGLE_NAME}")
+                raise InputError(
+                    f"checkpoint directory {path!r} has neither {INDEX_NAME} nor {SINGLE_NAME}"
+                )
         elif os.path.isfile(path):
             self._file_of = self._keys_of(path)
         else:
@@ -135,16 +138,30 @@ class SafetensorsCheckpoint:
     def missing_experts(self, experts_prefix: str, num_experts: int, gated: bool) -> list[str]:
         """What is missing to read experts ``0..E-1`` under ``experts_prefix``
         (``model.layers.0.mlp.experts.``) in any supported layout; [] when all are present."""
-        fused = (experts_prefix + ("gate_up_proj" if gated else "up_proj"),
-                 experts_prefix + "down_proj")
+        fused = (
+            experts_prefix + ("gate_up_proj" if gated else "up_proj"),
+            experts_prefix + "down_proj",
+        )
         if all(self.resolve(k) is not None for k in fused):
             return []
-        return [f"{experts_prefix}{e}.*" for e in range(num_experts)
-                if self._expert_layout(experts_prefix, e) is None]
+        return [
+            f"{experts_prefix}{e}.*"
+            for e in range(num_experts)
+            if self._expert_layout(experts_prefix, e) is None
+        ]
 
     @torch.no_grad()
-    def read_experts_into(self, experts_prefix: str, e0: int, e1: int, f0: int, f1: int,
-                          gated: bool, w_in: torch.Tensor, w_out: torch.Tensor) -> None:
+    def read_experts_into(
+        self,
+        experts_prefix: str,
+        e0: int,
+        e1: int,
+        f0: int,
+        f1: int,
+        gated: bool,
+        w_in: torch.Tensor,
+        w_out: torch.Tensor,
+    ) -> None:
         """:meth:`read_experts` copied straight into ``w_in`` / ``w_out`` one expert at a time,
         so no second full-share temporary exists while loading."""
         f = f1 - f0
@@ -157,8 +174,9 @@ class SafetensorsCheckpoint:
                 w_in[i].copy_(a[0])
             w_out[i].copy_(b[0])
 
-    def read_experts(self, experts_prefix: str, e0: int, e1: int, f0: int, f1: int,
-                     gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_experts(
+        self, experts_prefix: str, e0: int, e1: int, f0: int, f1: int, gated: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Experts ``[e0, e1)`` with FFN columns ``[f0, f1)``: ``w_in`` (E_l, X_l, D) in the
         ``[gate_s; up_s]`` layout of :func:`moeflow.runtime.expert_parallel.slice_w_in` and
         ``w_out`` (E_l, D, f1 - f0), reading only those rows."""
@@ -167,9 +185,13 @@ class SafetensorsCheckpoint:
         if fused_in is not None and fused_out is not None:
             if gated:
                 F = self.shape(fused_in)[1] // 2
-                w_in = torch.cat([self.read(fused_in, slice(e0, e1), slice(f0, f1)),
-                                  self.read(fused_in, slice(e0, e1), slice(F + f0, F + f1))],
-                                 dim=1)
+                w_in = torch.cat(
+                    [
+                        self.read(fused_in, slice(e0, e1), slice(f0, f1)),
+                        self.read(fused_in, slice(e0, e1), slice(F + f0, F + f1)),
+                    ],
+                    dim=1,
+                )
             else:
                 w_in = self.read(fused_in, slice(e0, e1), slice(f0, f1))
             return w_in, self.read(fused_out, slice(e0, e1), slice(None), slice(f0, f1))
@@ -177,11 +199,16 @@ class SafetensorsCheckpoint:
         for e in range(e0, e1):
             keys = self._expert_layout(experts_prefix, e)
             if keys is None:
-                raise InputError(f"checkpoint {self.path!r} has no weights for expert {e} "
-                                 f"under {experts_prefix!r}")
+                raise InputError(
+                    f"checkpoint {self.path!r} has no weights for expert {e} "
+                    f"under {experts_prefix!r}"
+                )
             gate, up, down = keys
             rows = slice(f0, f1)
-            ins.append(torch.cat([self.read(gate, rows), self.read(up, rows)]) if gated
-                       else self.read(up, rows))
+            ins.append(
+                torch.cat([self.read(gate, rows), self.read(up, rows)])
+                if gated
+                else self.read(up, rows)
+            )
             outs.append(self.read(down, slice(None), rows))
         return torch.stack(ins), torch.stack(outs)

@@ -55,9 +55,18 @@ from moeflow.layer.moe import MoELayer
 from moeflow.runtime.expert_parallel import ExpertParallel
 from moeflow.runtime.loading import SafetensorsCheckpoint
 
-__all__ = ["parallelize", "ParallelLayout", "sync_gradients", "clip_grad_norm_",
-           "load_checkpoint", "load_balancing_loss",
-           "expert_state", "gather_hf_state_dict", "export_pretrained", "MESH_DIMS"]
+__all__ = [
+    "parallelize",
+    "ParallelLayout",
+    "sync_gradients",
+    "clip_grad_norm_",
+    "load_checkpoint",
+    "load_balancing_loss",
+    "expert_state",
+    "gather_hf_state_dict",
+    "export_pretrained",
+    "MESH_DIMS",
+]
 
 MESH_DIMS = ("dp", "ep", "esp")
 #: ExpertParallel parameter -> the MoELayer key the state-dict adapters know
@@ -74,12 +83,12 @@ class ParallelLayout:
     dp_rank: int
     ep_rank: int
     esp_rank: int
-    expert_group: object = None        # the (ep, esp) sub-mesh: an ExpertParallel's group
-    dp_group: object = None            # replicas of this rank's expert shard
+    expert_group: object = None  # the (ep, esp) sub-mesh: an ExpertParallel's group
+    dp_group: object = None  # replicas of this rank's expert shard
     timeout_s: float = 120.0
     layers: list[str] = field(default_factory=list)  # paths of the ExpertParallel modules
-    checkpoint_bytes_read: int = 0     # tensor bytes this rank read from ``checkpoint``
-    dense: str = "fsdp"                # "fsdp" or "replicate" (see parallelize)
+    checkpoint_bytes_read: int = 0  # tensor bytes this rank read from ``checkpoint``
+    dense: str = "fsdp"  # "fsdp" or "replicate" (see parallelize)
 
     @property
     def world(self) -> int:
@@ -92,19 +101,21 @@ def _mesh_layout(mesh) -> tuple[dict[str, int], dict[str, int], list[int], list[
     from torch.distributed.device_mesh import DeviceMesh
 
     if not isinstance(mesh, DeviceMesh):
-        raise DistributedConfigError(f"mesh must be a torch DeviceMesh, got "
-                                     f"{type(mesh).__name__}")
+        raise DistributedConfigError(f"mesh must be a torch DeviceMesh, got {type(mesh).__name__}")
     names = tuple(mesh.mesh_dim_names or ())
     if "ep" not in names or any(n not in MESH_DIMS for n in names) or len(set(names)) != len(names):
         raise DistributedConfigError(
-            f"mesh_dim_names={names}: need 'ep' and optionally 'dp' and 'esp' (each once)")
+            f"mesh_dim_names={names}: need 'ep' and optionally 'dp' and 'esp' (each once)"
+        )
     order = [n for n in MESH_DIMS if n in names]
     if list(names) != order:
         raise DistributedConfigError(f"mesh_dim_names={names} must be in the order {tuple(order)}")
     world = dist.get_world_size()
     if mesh.size() != world:
-        raise DistributedConfigError(f"the mesh has {mesh.size()} ranks {tuple(mesh.shape)} but "
-                                     f"the world has {world}: the mesh must cover the world")
+        raise DistributedConfigError(
+            f"the mesh has {mesh.size()} ranks {tuple(mesh.shape)} but "
+            f"the world has {world}: the mesh must cover the world"
+        )
     coord = mesh.get_coordinate()
     if coord is None:
         raise DistributedConfigError(f"rank {dist.get_rank()} is not in the mesh")
@@ -121,12 +132,18 @@ def _mesh_layout(mesh) -> tuple[dict[str, int], dict[str, int], list[int], list[
 def _moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
     if isinstance(model, MoELayer):
-        raise ConfigError("model", "a MoELayer", "a model that contains MoE layers (wrap a "
-                                                 "single layer with ExpertParallel)")
+        raise ConfigError(
+            "model",
+            "a MoELayer",
+            "a model that contains MoE layers (wrap a single layer with ExpertParallel)",
+        )
     if not found:
-        raise ConfigError("model", type(model).__name__,
-                          "a model with moeflow MoE layers (patch transformers models with "
-                          "moeflow.integrations.patch_model first)")
+        raise ConfigError(
+            "model",
+            type(model).__name__,
+            "a model with moeflow MoE layers (patch transformers models with "
+            "moeflow.integrations.patch_model first)",
+        )
     return found
 
 
@@ -140,23 +157,27 @@ def _hf_key(layer_path: str, adapter, ours: str) -> list[str]:
     return [f"{layer_path}.{ours}"]
 
 
-def _check_checkpoint(ckpt: SafetensorsCheckpoint, model: nn.Module,
-                      layers: list[tuple[str, MoELayer]]) -> None:
+def _check_checkpoint(
+    ckpt: SafetensorsCheckpoint, model: nn.Module, layers: list[tuple[str, MoELayer]]
+) -> None:
     """Every tensor the model needs is in the checkpoint (the experts in any layout)."""
     missing: list[str] = []
     adapters = {p: m.__dict__.get("hf_state_dict_adapter") for p, m in layers}
     for path, layer in layers:
         adapter = layer.__dict__.get("hf_state_dict_adapter")
         prefix = _hf_key(path, adapter, "experts.w_in")[0].rpartition(".")[0] + "."
-        missing += ckpt.missing_experts(prefix, layer.cfg.num_experts,
-                                        layer.cfg.expert_type == "swiglu")
+        missing += ckpt.missing_experts(
+            prefix, layer.cfg.num_experts, layer.cfg.expert_type == "swiglu"
+        )
     for name in _dense_keys(model, adapters):
         if ckpt.resolve(name) is None:
             missing.append(name)
     if missing:
         more = f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
-        raise InputError(f"checkpoint {ckpt.path!r} lacks {len(missing)} tensor(s) the model "
-                         f"needs: {missing[:8]}{more}")
+        raise InputError(
+            f"checkpoint {ckpt.path!r} lacks {len(missing)} tensor(s) the model "
+            f"needs: {missing[:8]}{more}"
+        )
 
 
 def _dense_keys(model: nn.Module, adapters: dict) -> list[str]:
@@ -171,7 +192,7 @@ def _dense_keys(model: nn.Module, adapters: dict) -> list[str]:
         if owner is None:
             keys.append(name)
             continue
-        rel = name[len(owner) + 1:]
+        rel = name[len(owner) + 1 :]
         if rel in ("experts.w_in", "experts.w_out", *_EP_TO_LAYER):
             continue
         keys += _hf_key(owner, adapters[owner], rel)
@@ -201,15 +222,26 @@ def _relink_view(ep: ExpertParallel) -> None:
             m.__dict__["_moeflow_layer"] = ep
             links = m.__dict__.get("_moeflow_links") or {}
             m.__dict__["_moeflow_links"] = {
-                attr: (ours[len("experts."):] if ours.startswith("experts.") else ours, i, n)
-                for attr, (ours, i, n) in links.items()}
+                attr: (ours[len("experts.") :] if ours.startswith("experts.") else ours, i, n)
+                for attr, (ours, i, n) in links.items()
+            }
 
 
-def parallelize(model: nn.Module, mesh, *, dispatcher: str = "a2a", r_fwd: int = 1,
-                r_bwd: int = 1, plan=None, checkpoint: str | None = None,
-                device: str | torch.device = "cpu", timeout_s: float | None = None,
-                kernel: str | None = None, compress=False,
-                dense: str = "fsdp") -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    mesh,
+    *,
+    dispatcher: str = "a2a",
+    r_fwd: int = 1,
+    r_bwd: int = 1,
+    plan=None,
+    checkpoint: str | None = None,
+    device: str | torch.device = "cpu",
+    timeout_s: float | None = None,
+    kernel: str | None = None,
+    compress=False,
+    dense: str = "fsdp",
+) -> nn.Module:
     """Make every MoE layer of ``model`` expert parallel over ``mesh``; returns ``model``.
 
     Args:
@@ -239,8 +271,9 @@ def parallelize(model: nn.Module, mesh, *, dispatcher: str = "a2a", r_fwd: int =
     checkpoint lacks tensors, expert weights included).
     """
     if not dist.is_initialized():
-        raise DistributedConfigError("torch.distributed is not initialised: call "
-                                     "init_process_group first")
+        raise DistributedConfigError(
+            "torch.distributed is not initialised: call init_process_group first"
+        )
     if dense not in ("replicate", "fsdp"):
         raise ConfigError("dense", dense, "'replicate' or 'fsdp'")
     sizes, pos, expert_ranks, dp_ranks = _mesh_layout(mesh)
@@ -250,33 +283,56 @@ def parallelize(model: nn.Module, mesh, *, dispatcher: str = "a2a", r_fwd: int =
         cfg = layer.cfg
         if cfg.num_experts % P:
             raise DistributedConfigError(
-                f"{path}: num_experts={cfg.num_experts} is not divisible by the mesh's ep={P}")
+                f"{path}: num_experts={cfg.num_experts} is not divisible by the mesh's ep={P}"
+            )
         if cfg.ffn_hidden_size % S:
             raise DistributedConfigError(
                 f"{path}: ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by the "
-                f"mesh's esp={S}")
+                f"mesh's esp={S}"
+            )
     on_meta = any(t.is_meta for _, t in named_tensors(model))
     if on_meta and checkpoint is None:
-        raise ConfigError("checkpoint", None, "a checkpoint path: the model is on the meta "
-                                              "device and its weights must come from somewhere")
+        raise ConfigError(
+            "checkpoint",
+            None,
+            "a checkpoint path: the model is on the meta "
+            "device and its weights must come from somewhere",
+        )
     ckpt = SafetensorsCheckpoint(checkpoint) if checkpoint is not None else None
     if ckpt is not None:
         _check_checkpoint(ckpt, model, layers)
 
     # -- communication starts here ---------------------------------------------------------
     t = resolve_timeout(timeout_s)
-    layout = ParallelLayout(dp=sizes["dp"], ep=P, esp=S, dp_rank=pos["dp"], ep_rank=pos["ep"],
-                            esp_rank=pos["esp"], timeout_s=t)
+    layout = ParallelLayout(
+        dp=sizes["dp"],
+        ep=P,
+        esp=S,
+        dp_rank=pos["dp"],
+        ep_rank=pos["ep"],
+        esp_rank=pos["esp"],
+        timeout_s=t,
+    )
     # local-synchronisation sub-groups: each is made by its members only
     layout.expert_group = subgroup(None, expert_ranks, t)
     layout.dp_group = subgroup(None, dp_ranks, t) if len(dp_ranks) > 1 else None
     topo = Topology.explicit(P * S, P * S)
     for i, (path, layer) in enumerate(layers):
         adapter = layer.__dict__.get("hf_state_dict_adapter")
-        ep = ExpertParallel(layer, group=layout.expert_group, topology=topo,
-                            dispatcher=dispatcher, esp_size=S, r_fwd=r_fwd, r_bwd=r_bwd,
-                            plan=plan, layer_index=i, timeout_s=t, kernel=kernel,
-                            compress=compress)
+        ep = ExpertParallel(
+            layer,
+            group=layout.expert_group,
+            topology=topo,
+            dispatcher=dispatcher,
+            esp_size=S,
+            r_fwd=r_fwd,
+            r_bwd=r_bwd,
+            plan=plan,
+            layer_index=i,
+            timeout_s=t,
+            kernel=kernel,
+            compress=compress,
+        )
         ep.hf_adapter = adapter
         ep.layer_path = path
         _relink_view(ep)
@@ -307,14 +363,18 @@ def _fully_shard_dense(model: nn.Module, timeout_s: float) -> None:
 
     world = dist.get_world_size()
     dense_mesh = DeviceMesh("cpu", torch.arange(world), mesh_dim_names=("dense",))
-    experts = {p for m in model.modules() if isinstance(m, ExpertParallel)
-               for p in m.expert_parameters()}
+    experts = {
+        p for m in model.modules() if isinstance(m, ExpertParallel) for p in m.expert_parameters()
+    }
     for m in list(model.modules()):
         if isinstance(m, nn.ModuleList):
             for block in m:
                 if any(isinstance(x, ExpertParallel) for x in block.modules()):
-                    fully_shard(block, mesh=dense_mesh,
-                                ignored_params={p for p in block.parameters() if p in experts})
+                    fully_shard(
+                        block,
+                        mesh=dense_mesh,
+                        ignored_params={p for p in block.parameters() if p in experts},
+                    )
     fully_shard(model, mesh=dense_mesh, ignored_params=experts)
 
 
@@ -349,7 +409,7 @@ def load_checkpoint(model: nn.Module, ckpt) -> int:
             continue
         owner = next((p for p in paths if name.startswith(p + ".")), None)
         if owner is not None:
-            rel = name[len(owner) + 1:]
+            rel = name[len(owner) + 1 :]
             if rel in _EP_TO_LAYER:
                 continue
             keys = _hf_key(owner, eps[owner].__dict__.get("hf_adapter"), rel)
@@ -365,8 +425,9 @@ def load_checkpoint(model: nn.Module, ckpt) -> int:
 
 
 @torch.no_grad()
-def sync_gradients(model: nn.Module, op: str = "mean",
-                   bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+def sync_gradients(
+    model: nn.Module, op: str = "mean", bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> None:
     """Gradients of the global loss after ``backward`` on a :func:`parallelize`-d model.
 
     Dense (replicated) gradients are summed over the world in flat buckets; expert-slice
@@ -376,8 +437,12 @@ def sync_gradients(model: nn.Module, op: str = "mean",
     batches, the single-process gradient of the global batch.
     """
     layout: ParallelLayout = model.moeflow_layout
-    experts = {id(p) for m in model.modules() if isinstance(m, ExpertParallel)
-               for p in m.expert_parameters()}
+    experts = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, ExpertParallel)
+        for p in m.expert_parameters()
+    }
     params = [p for p in model.parameters() if p.requires_grad]
     dense = [p for p in params if id(p) not in experts]
     expert = [p for p in params if id(p) in experts]
@@ -385,11 +450,18 @@ def sync_gradients(model: nn.Module, op: str = "mean",
         if op != "mean":  # FSDP2 reduce-scatters the average
             raise ConfigError("op", op, "'mean' with dense='fsdp'")
     else:
-        reduce_gradients(dense, dense, None, op=op, timeout_s=layout.timeout_s,
-                         bucket_bytes=bucket_bytes)
+        reduce_gradients(
+            dense, dense, None, op=op, timeout_s=layout.timeout_s, bucket_bytes=bucket_bytes
+        )
     if layout.dp_group is not None:
-        reduce_gradients(expert, expert, layout.dp_group, op="sum",
-                         timeout_s=layout.timeout_s, bucket_bytes=bucket_bytes)
+        reduce_gradients(
+            expert,
+            expert,
+            layout.dp_group,
+            op="sum",
+            timeout_s=layout.timeout_s,
+            bucket_bytes=bucket_bytes,
+        )
     if op == "mean" and layout.world > 1:
         for p in expert:
             if p.grad is not None:
@@ -409,10 +481,14 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
     from moeflow.comm.collectives import all_reduce
 
     layout: ParallelLayout = model.moeflow_layout
-    experts = {id(p) for m in model.modules() if isinstance(m, ExpertParallel)
-               for p in m.expert_parameters()}
+    experts = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, ExpertParallel)
+        for p in m.expert_parameters()
+    }
     grads = [(id(p) in experts, p.grad) for p in model.parameters() if p.grad is not None]
-    sq = torch.zeros(2, dtype=torch.float64)   # [dense, expert]
+    sq = torch.zeros(2, dtype=torch.float64)  # [dense, expert]
     for is_expert, g in grads:
         local = g.to_local() if hasattr(g, "to_local") else g
         sq[int(is_expert)] += local.detach().double().pow(2).sum().cpu()
@@ -422,8 +498,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
         sq[0] = dense_sq[0]
     if layout.ep * layout.esp > 1:
         expert_sq = sq[1:].clone()
-        all_reduce(expert_sq, layout.expert_group, "grad-norm all-reduce (expert shards)",
-                   layout.timeout_s)
+        all_reduce(
+            expert_sq, layout.expert_group, "grad-norm all-reduce (expert shards)", layout.timeout_s
+        )
         sq[1] = expert_sq[0]
     total = float(sq.sum().sqrt())
     coef = float(max_norm) / (total + 1e-6)
@@ -489,8 +566,9 @@ def export_pretrained(model: nn.Module, out_dir: str, *, rank0_only: bool = True
         return
     config = getattr(model, "config", None)
     if config is None:
-        raise ConfigError("model", type(model).__name__,
-                          "a transformers model (with .config) to export")
+        raise ConfigError(
+            "model", type(model).__name__, "a transformers model (with .config) to export"
+        )
     import transformers
 
     with torch.device("meta"):
@@ -514,8 +592,13 @@ def _init_non_persistent_meta(model: nn.Module) -> None:
     _init_non_persistent(model)
 
 
-def load_balancing_loss(router_logits, num_experts: int, top_k: int,
-                        attention_mask: torch.Tensor | None = None, group=None) -> torch.Tensor:
+def load_balancing_loss(
+    router_logits,
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+    group=None,
+) -> torch.Tensor:
     """This rank's share of the load-balancing loss of the *global* batch, from transformers'
     ``outputs.router_logits`` (one ``[tokens, E]`` tensor per MoE layer).
 
@@ -540,7 +623,8 @@ def load_balancing_loss(router_logits, num_experts: int, top_k: int,
         _, chosen = torch.topk(probs, top_k, dim=-1)
         w = torch.ones(chosen.shape[0]) if mask is None else mask.to(probs.device)
         counts += torch.zeros(num_experts, dtype=torch.float64).scatter_add_(
-            0, chosen.reshape(-1).cpu(), w.cpu().double().repeat_interleave(top_k))
+            0, chosen.reshape(-1).cpu(), w.cpu().double().repeat_interleave(top_k)
+        )
         p = (probs * w.unsqueeze(-1)).sum(0)
         prob_sum = p if prob_sum is None else prob_sum + p
         rows += w.double().sum().cpu()

@@ -13,7 +13,7 @@ condition for collectives not to deadlock.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from moeflow.comm.timeouts import Pending
 

@@ -77,8 +77,9 @@ class ServeSchedule:
     def __post_init__(self) -> None:
         if self.decode is not None:
             if self.name != "findep" or len(self.decode) != 3:
-                raise ConfigError("decode", self.decode,
-                                  "None or (r1, r2, order) of a findep schedule")
+                raise ConfigError(
+                    "decode", self.decode, "None or (r1, r2, order) of a findep schedule"
+                )
             ServeSchedule("findep", *self.decode)
         if self.name not in SCHEDULES:
             raise ConfigError("schedule", self.name, f"one of {SCHEDULES}")
@@ -89,8 +90,9 @@ class ServeSchedule:
         if self.name == "naive" and (self.r1, self.r2) != (1, 1):
             raise ConfigError("r1, r2", (self.r1, self.r2), "(1, 1) for the naive schedule")
         if self.name == "pppipe" and (self.r2 != 1 or self.order != "ASAS"):
-            raise ConfigError("r2, order", (self.r2, self.order),
-                              "(1, 'ASAS') for the pppipe schedule")
+            raise ConfigError(
+                "r2, order", (self.r2, self.order), "(1, 'ASAS') for the pppipe schedule"
+            )
 
     @classmethod
     def naive(cls) -> ServeSchedule:
@@ -103,8 +105,7 @@ class ServeSchedule:
     @classmethod
     def from_plan(cls, plan, decode_plan=None) -> ServeSchedule:
         """From a :class:`moeflow.plan.findep.FinDEPPlan` (and one for decode steps)."""
-        dec = None if decode_plan is None else (decode_plan.r1, decode_plan.r2,
-                                                 decode_plan.order)
+        dec = None if decode_plan is None else (decode_plan.r1, decode_plan.r2, decode_plan.order)
         return cls("findep", plan.r1, plan.r2, plan.order, dec)
 
 
@@ -114,11 +115,15 @@ def check_layout(world: int, ag: int, eg: int, num_experts: int) -> None:
         if not (isinstance(v, int) and v >= 1):
             raise DistributedConfigError(f"{name}={v!r} is not allowed: a positive int")
     if ag + eg != world:
-        raise DistributedConfigError(f"ag={ag} + eg={eg} = {ag + eg} ranks, but the world has "
-                                     f"{world}: ag + eg must equal the world size")
+        raise DistributedConfigError(
+            f"ag={ag} + eg={eg} = {ag + eg} ranks, but the world has "
+            f"{world}: ag + eg must equal the world size"
+        )
     if num_experts % eg:
-        raise DistributedConfigError(f"eg={eg} does not divide num_experts={num_experts}: "
-                                     "each EG rank holds num_experts / eg experts")
+        raise DistributedConfigError(
+            f"eg={eg} does not divide num_experts={num_experts}: "
+            "each EG rank holds num_experts / eg experts"
+        )
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -147,9 +152,10 @@ class _Link:
         try:
             return dist.isend(t.contiguous(), self.peer, tag=2 * self.sent[kind] + kind)
         except RuntimeError as e:  # gloo fails at once when the peer is already gone
-            raise CommTimeoutError(f"{op} to rank {self.peer} failed: a peer rank died or "
-                                   f"dropped its connection ({str(e).splitlines()[0][:200]})"
-                                   ) from e
+            raise CommTimeoutError(
+                f"{op} to rank {self.peer} failed: a peer rank died or "
+                f"dropped its connection ({str(e).splitlines()[0][:200]})"
+            ) from e
 
     def irecv(self, t: torch.Tensor, op: str, kind: int):
         import torch.distributed as dist
@@ -158,9 +164,10 @@ class _Link:
         try:
             return dist.irecv(t, self.peer, tag=2 * self.received[kind] + kind)
         except RuntimeError as e:
-            raise CommTimeoutError(f"{op} from rank {self.peer} failed: a peer rank died or "
-                                   f"dropped its connection ({str(e).splitlines()[0][:200]})"
-                                   ) from e
+            raise CommTimeoutError(
+                f"{op} from rank {self.peer} failed: a peer rank died or "
+                f"dropped its connection ({str(e).splitlines()[0][:200]})"
+            ) from e
 
 
 @dataclass
@@ -174,8 +181,15 @@ class DisaggregatedForward:
     """The AG side: ``forward(ids_BT, rows_B, start_B) -> logits_BTV`` (the seam of
     :func:`moeflow.models.generate`), with the routed experts on the EG ranks."""
 
-    def __init__(self, model, cache, schedule: ServeSchedule, ag: int, eg: int,
-                 timeout_s: float | None = None):
+    def __init__(
+        self,
+        model,
+        cache,
+        schedule: ServeSchedule,
+        ag: int,
+        eg: int,
+        timeout_s: float | None = None,
+    ):
         self.model, self.cache, self.s = model, cache, schedule
         self.ag, self.eg = ag, eg
         self.timeout_s = resolve_timeout(timeout_s)
@@ -200,8 +214,7 @@ class DisaggregatedForward:
             if n == 0:
                 parts.append(None)
                 continue
-            self.sends.append(self.links[e].isend(x_ND[off:off + n], f"a2e {where}",
-                                                  _Link.ROWS))
+            self.sends.append(self.links[e].isend(x_ND[off : off + n], f"a2e {where}", _Link.ROWS))
             buf = torch.empty(n, x_ND.shape[1], dtype=x_ND.dtype)
             op = f"e2a from EG rank {self.ag + e} {where}"
             work = self.links[e].irecv(buf, op, _Link.ROWS)
@@ -235,8 +248,16 @@ class DisaggregatedForward:
         mbs = []
         for a, b in _split(B, s.r1):
             h, cos, sin = m.embed(ids_BT[a:b], pos_BT[a:b])
-            mbs.append({"h": h, "cos": cos, "sin": sin, "rows": rows_B[a:b],
-                        "pos": pos_BT[a:b], "pending": None})
+            mbs.append(
+                {
+                    "h": h,
+                    "cos": cos,
+                    "sin": sin,
+                    "rows": rows_B[a:b],
+                    "pos": pos_BT[a:b],
+                    "pending": None,
+                }
+            )
 
         def finish(l, mb):
             if mb["pending"] is not None:
@@ -248,11 +269,14 @@ class DisaggregatedForward:
             xs = []
             for j, mb in enumerate(mbs):
                 finish(l, mb)
-                h_attn = layer.attend(mb["h"], mb["cos"], mb["sin"], self.cache, l, mb["rows"],
-                                      mb["pos"])
+                h_attn = layer.attend(
+                    mb["h"], mb["cos"], mb["sin"], self.cache, l, mb["rows"], mb["pos"]
+                )
                 x_TD = layer.ffn_input(h_attn)
-                chunks = [self._send_chunk(l, j, c, x_TD[a:b])
-                          for c, (a, b) in enumerate(_split(x_TD.shape[0], s.r2))]
+                chunks = [
+                    self._send_chunk(l, j, c, x_TD[a:b])
+                    for c, (a, b) in enumerate(_split(x_TD.shape[0], s.r2))
+                ]
                 mb["pending"] = [h_attn, chunks, None]
                 xs.append(x_TD)
                 if s.order == "ASAS":
@@ -285,8 +309,15 @@ class ExpertServer:
     """The EG side: this rank's ``E / eg`` experts of every layer, serving AG ranks until each
     has sent its stop message. Messages are taken round-robin over the AG ranks."""
 
-    def __init__(self, model, rank: int, ag: int, eg: int, timeout_s: float | None = None,
-                 idle_timeout_s: float | None = None):
+    def __init__(
+        self,
+        model,
+        rank: int,
+        ag: int,
+        eg: int,
+        timeout_s: float | None = None,
+        idle_timeout_s: float | None = None,
+    ):
         cfg = model.cfg
         self.e = rank - ag
         self.local = cfg.moe.num_experts // eg
@@ -294,11 +325,17 @@ class ExpertServer:
         self.experts = []
         for layer in model.layers:
             full = layer.mlp.experts
-            mine = Experts(self.local, full.hidden_size, full.ffn_hidden_size, full.expert_type,
-                           full.kernel, full.activation)
+            mine = Experts(
+                self.local,
+                full.hidden_size,
+                full.ffn_hidden_size,
+                full.expert_type,
+                full.kernel,
+                full.activation,
+            )
             with torch.no_grad():
-                mine.w_in.copy_(full.w_in[lo:lo + self.local])
-                mine.w_out.copy_(full.w_out[lo:lo + self.local])
+                mine.w_in.copy_(full.w_in[lo : lo + self.local])
+                mine.w_out.copy_(full.w_out[lo : lo + self.local])
             self.experts.append(mine.eval())
         self.D = cfg.hidden_size
         self.dtype = model.embed_tokens.weight.dtype
@@ -349,9 +386,19 @@ class ExpertServer:
         return header, self.links[a].irecv(header, op, _Link.HEADER), op
 
 
-def serve_rank(rank: int, world: int, model, requests, ag: int, eg: int,
-               schedule: ServeSchedule, timeout_s: float | None = None,
-               return_logits: bool = False, on_token=None, warmup: bool = False):
+def serve_rank(
+    rank: int,
+    world: int,
+    model,
+    requests,
+    ag: int,
+    eg: int,
+    schedule: ServeSchedule,
+    timeout_s: float | None = None,
+    return_logits: bool = False,
+    on_token=None,
+    warmup: bool = False,
+):
     """One rank of a disaggregated run (call it on every rank of an initialised gloo or NCCL
     group, e.g. under ``torchrun``). AG ranks return ``[(request index, GenerationResult)]``
     for their share of ``requests``; EG ranks return their expert statistics. ``warmup``:
@@ -367,8 +414,13 @@ def serve_rank(rank: int, world: int, model, requests, ag: int, eg: int,
     try:
         if warmup:  # slot 0, position 0: the real prefill overwrites it
             generate(model, [Request([1], SamplingParams(1))], forward=fwd)
-        res = generate(model, [requests[i] for i in mine], forward=fwd,
-                       return_logits=return_logits, on_token=on_token)
+        res = generate(
+            model,
+            [requests[i] for i in mine],
+            forward=fwd,
+            return_logits=return_logits,
+            on_token=on_token,
+        )
     except BaseException:
         try:  # let the EG ranks go if they still listen; the first error is the one to see
             fwd.close()
@@ -389,18 +441,43 @@ def _serve_rank_portable(rank, world, *args):
     return out
 
 
-def serve(model, requests, *, ag: int = 1, eg: int = 1, schedule: ServeSchedule | None = None,
-          timeout_s: float = 60.0, return_logits: bool = False, threads: int = 1,
-          progress: bool = False, warmup: bool = False):
+def serve(
+    model,
+    requests,
+    *,
+    ag: int = 1,
+    eg: int = 1,
+    schedule: ServeSchedule | None = None,
+    timeout_s: float = 60.0,
+    return_logits: bool = False,
+    threads: int = 1,
+    progress: bool = False,
+    warmup: bool = False,
+):
     """Fork ``ag + eg`` gloo ranks on this host, serve ``requests`` and return the
     :class:`~moeflow.models.generate.GenerationResult` of each, in request order."""
     from moeflow.launch import launch
 
     check_layout(ag + eg, ag, eg, model.cfg.moe.num_experts)
     schedule = schedule or ServeSchedule.naive()
-    out = launch(_serve_rank_portable, ag + eg, model, list(requests), ag, eg, schedule, timeout_s,
-                 return_logits, None, warmup, threads=threads, progress=progress, name="serve",
-                 stall_timeout_s=max(30.0, 2 * timeout_s), timeout_s=None)
+    out = launch(
+        _serve_rank_portable,
+        ag + eg,
+        model,
+        list(requests),
+        ag,
+        eg,
+        schedule,
+        timeout_s,
+        return_logits,
+        None,
+        warmup,
+        threads=threads,
+        progress=progress,
+        name="serve",
+        stall_timeout_s=max(30.0, 2 * timeout_s),
+        timeout_s=None,
+    )
     results = [None] * len(requests)
     for part in out[:ag]:
         for i, r in part:

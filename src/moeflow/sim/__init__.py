@@ -9,10 +9,16 @@ Pure Python (matplotlib only when a PNG is written)::
 
 from __future__ import annotations
 
+from moeflow.sim.builders import (
+    add_moe_pass,
+    moe_pass_graph,
+    pass_idle_inter,
+    pass_time,
+    plan_graph,
+    simulate_plan,
+)
 from moeflow.sim.engine import Task, TaskGraph, Timeline, chain, makespan_of
 from moeflow.sim.engine import simulate as simulate_graph
-from moeflow.sim.builders import (add_moe_pass, moe_pass_graph, pass_idle_inter, pass_time,
-                                  plan_graph, simulate_plan)
 
 
 def simulate(obj) -> Timeline:
@@ -22,6 +28,18 @@ def simulate(obj) -> Timeline:
     return simulate_plan(obj)
 
 
-__all__ = ["Task", "TaskGraph", "Timeline", "chain", "makespan_of", "simulate",
-           "simulate_graph", "add_moe_pass", "moe_pass_graph", "pass_idle_inter", "pass_time",
-           "plan_graph", "simulate_plan"]
+__all__ = [
+    "Task",
+    "TaskGraph",
+    "Timeline",
+    "chain",
+    "makespan_of",
+    "simulate",
+    "simulate_graph",
+    "add_moe_pass",
+    "moe_pass_graph",
+    "pass_idle_inter",
+    "pass_time",
+    "plan_graph",
+    "simulate_plan",
+]

@@ -20,7 +20,7 @@ Pure Python; :func:`plan_graph` imports :mod:`moeflow.plan.workload` lazily.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from moeflow.perf.layer import PassCost
 from moeflow.sim.engine import TaskGraph, Timeline, simulate
@@ -28,11 +28,20 @@ from moeflow.sim.engine import TaskGraph, Timeline, simulate
 INTER, INTRA, GPU = "inter", "intra", "gpu"
 
 
-def add_moe_pass(g: TaskGraph, prefix: str, pc: PassCost, r: int,
-                 entry: Sequence[int] = (), gar_ms: float = 0.0,
-                 gar_deps: Sequence[int] = (), backward: bool = False,
-                 order: str = "fsmoe", link: str = INTER, intra: str = INTRA,
-                 compute: str = GPU) -> list[int]:
+def add_moe_pass(
+    g: TaskGraph,
+    prefix: str,
+    pc: PassCost,
+    r: int,
+    entry: Sequence[int] = (),
+    gar_ms: float = 0.0,
+    gar_deps: Sequence[int] = (),
+    backward: bool = False,
+    order: str = "fsmoe",
+    link: str = INTER,
+    intra: str = INTRA,
+    compute: str = GPU,
+) -> list[int]:
     """Append one chunked MoE pass; return the ids of its last tasks (the r final a2a).
 
     ``order="fsmoe"``: the per-resource order of the module docstring. ``order="wavefront"``:
@@ -85,20 +94,20 @@ def add_moe_pass(g: TaskGraph, prefix: str, pc: PassCost, r: int,
                 add_gar()
     else:
         from moeflow.errors import ConfigError
+
         raise ConfigError("order", order, "'fsmoe' or 'wavefront'")
     return [ids[i][-1] for i in range(r)]
 
 
-def moe_pass_graph(pc: PassCost, r: int, gar_ms: float = 0.0, backward: bool = False,
-                   **kw) -> TaskGraph:
+def moe_pass_graph(
+    pc: PassCost, r: int, gar_ms: float = 0.0, backward: bool = False, **kw
+) -> TaskGraph:
     g = TaskGraph()
-    add_moe_pass(g, "bwd" if backward else "fwd", pc, r, gar_ms=gar_ms, backward=backward,
-                 **kw)
+    add_moe_pass(g, "bwd" if backward else "fwd", pc, r, gar_ms=gar_ms, backward=backward, **kw)
     return g
 
 
-def pass_time(pc: PassCost, r: int, gar_ms: float = 0.0, backward: bool = False,
-              **kw) -> float:
+def pass_time(pc: PassCost, r: int, gar_ms: float = 0.0, backward: bool = False, **kw) -> float:
     """Simulated makespan of one chunked pass (ms); ``kw`` as :func:`add_moe_pass`."""
     return simulate(moe_pass_graph(pc, r, gar_ms, backward, **kw)).makespan
 
@@ -124,16 +133,17 @@ def plan_graph(plan) -> TaskGraph:
     prev: list[int] = []
     for lp, w in zip(plan.layers, plan.workloads()):
         if plan.include_attention:
-            prev = [g.add(f"L{lp.index}.attn_f", GPU, gemm(w.attention_flops), prev,
-                          kind="attn")]
+            prev = [g.add(f"L{lp.index}.attn_f", GPU, gemm(w.attention_flops), prev, kind="attn")]
         prev = add_moe_pass(g, f"L{lp.index}.f", w.pass_cost(perf, False), lp.r_fwd, prev)
     for lp, w in reversed(list(zip(plan.layers, plan.workloads()))):
         gar = ar(lp.gar_bytes) if lp.gar_bytes > 0 else 0.0
-        prev = add_moe_pass(g, f"L{lp.index}.b", w.pass_cost(perf, True), lp.r_bwd, prev,
-                            gar_ms=gar, backward=True)
+        prev = add_moe_pass(
+            g, f"L{lp.index}.b", w.pass_cost(perf, True), lp.r_bwd, prev, gar_ms=gar, backward=True
+        )
         if plan.include_attention:
-            prev = [g.add(f"L{lp.index}.attn_b", GPU, gemm(2 * w.attention_flops), prev,
-                          kind="attn")]
+            prev = [
+                g.add(f"L{lp.index}.attn_b", GPU, gemm(2 * w.attention_flops), prev, kind="attn")
+            ]
     if plan.tail_ar_bytes > 0:
         g.add("tail.ar", INTER, ar(plan.tail_ar_bytes), prev, kind="ar")
     return g

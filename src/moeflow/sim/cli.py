@@ -58,8 +58,10 @@ def run_simulate(args) -> int:
     validate_simulate_args(args)
     plan = _make_plan(args)
     tl = simulate_plan(plan)
-    print(f"plan {plan.method} ({plan.model or 'custom'} on {plan.cluster or 'custom'}): "
-          f"{len(plan.layers)} layers, {len(tl.graph)} tasks")
+    print(
+        f"plan {plan.method} ({plan.model or 'custom'} on {plan.cluster or 'custom'}): "
+        f"{len(plan.layers)} layers, {len(tl.graph)} tasks"
+    )
     print(f"makespan {tl.makespan:.3f} ms")
     for r, b in tl.busy.items():
         print(f"  {r:<6} busy {b:12.3f} ms  ({100 * b / tl.makespan:5.1f}%)")
@@ -70,8 +72,9 @@ def run_simulate(args) -> int:
         tl.to_chrome_trace(args.trace)
         print(f"trace written to {args.trace} (open in https://ui.perfetto.dev)")
     if args.png:
-        tl.to_png(args.png, title=f"{plan.method}: {plan.model} on {plan.cluster}, "
-                                  f"{tl.makespan:.1f} ms")
+        tl.to_png(
+            args.png, title=f"{plan.method}: {plan.model} on {plan.cluster}, {tl.makespan:.1f} ms"
+        )
         print(f"Gantt chart written to {args.png}")
     return 0
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import heapq
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from moeflow.errors import InputError, PlanError
 
@@ -43,8 +43,14 @@ class TaskGraph:
         self.tasks: list[Task] = []
         self._names: dict[str, int] = {}
 
-    def add(self, name: str, resource: str | None, duration: float,
-            deps: Iterable[int | str] = (), kind: str = "") -> int:
+    def add(
+        self,
+        name: str,
+        resource: str | None,
+        duration: float,
+        deps: Iterable[int | str] = (),
+        kind: str = "",
+    ) -> int:
         if name in self._names:
             raise InputError(f"task name {name!r} is used twice; names must be unique")
         if not (duration >= 0):
@@ -101,8 +107,7 @@ class Timeline:
         return path[::-1]
 
     def utilization(self) -> dict[str, float]:
-        return {r: (b / self.makespan if self.makespan > 0 else 0.0)
-                for r, b in self.busy.items()}
+        return {r: (b / self.makespan if self.makespan > 0 else 0.0) for r, b in self.busy.items()}
 
     def task(self, name: str) -> tuple[float, float]:
         i = self.graph.id(name)
@@ -113,18 +118,31 @@ class Timeline:
         """Chrome / Perfetto trace-event JSON (``ph: X`` complete events, microseconds)."""
         res = self.graph.resources
         tid = {r: i + 1 for i, r in enumerate(res)}
-        events: list[dict] = [{"name": "process_name", "ph": "M", "pid": 0,
-                               "args": {"name": "moeflow.sim"}}]
+        events: list[dict] = [
+            {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "moeflow.sim"}}
+        ]
         for r, t in tid.items():
-            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": t,
-                           "args": {"name": r}})
+            events.append(
+                {"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": r}}
+            )
         for i, task in enumerate(self.graph.tasks):
-            events.append({"name": task.name, "cat": task.kind or "task", "ph": "X", "pid": 0,
-                           "tid": tid.get(task.resource, 0), "ts": self.start[i] * 1e3,
-                           "dur": task.duration * 1e3,
-                           "args": {"resource": task.resource, "duration_ms": task.duration}})
-        return {"traceEvents": events, "displayTimeUnit": "ms",
-                "otherData": {"makespan_ms": self.makespan}}
+            events.append(
+                {
+                    "name": task.name,
+                    "cat": task.kind or "task",
+                    "ph": "X",
+                    "pid": 0,
+                    "tid": tid.get(task.resource, 0),
+                    "ts": self.start[i] * 1e3,
+                    "dur": task.duration * 1e3,
+                    "args": {"resource": task.resource, "duration_ms": task.duration},
+                }
+            )
+        return {
+            "traceEvents": events,
+            "displayTimeUnit": "ms",
+            "otherData": {"makespan_ms": self.makespan},
+        }
 
     def to_chrome_trace(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.chrome_trace()))
@@ -132,6 +150,7 @@ class Timeline:
     def to_png(self, path: str | Path, title: str = "") -> None:
         """Gantt chart, one row per resource (matplotlib, imported here)."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -143,9 +162,13 @@ class Timeline:
         for row, r in enumerate(res):
             for i, t in enumerate(self.graph.tasks):
                 if t.resource == r and t.duration > 0:
-                    ax.broken_barh([(self.start[i], t.duration)], (row - 0.4, 0.8),
-                                   facecolors=color[t.kind or "task"], edgecolor="black",
-                                   linewidth=0.3)
+                    ax.broken_barh(
+                        [(self.start[i], t.duration)],
+                        (row - 0.4, 0.8),
+                        facecolors=color[t.kind or "task"],
+                        edgecolor="black",
+                        linewidth=0.3,
+                    )
         ax.set_yticks(range(len(res)))
         ax.set_yticklabels(res)
         ax.set_xlabel("time (ms)")
@@ -175,7 +198,7 @@ def simulate(graph: TaskGraph) -> Timeline:
     start = [0.0] * n
     end = [0.0] * n
     binding: list[int | None] = [None] * n
-    ready_at = [0.0] * n       # max end of deps
+    ready_at = [0.0] * n  # max end of deps
     ready_by: list[int | None] = [None] * n
     running: dict[str, bool] = {r: False for r in head}
     started = [False] * n
@@ -234,22 +257,31 @@ def simulate(graph: TaskGraph) -> Timeline:
             try_resource(rr, now)
     if done != n:
         stuck = [tasks[i].name for i in range(n) if not started[i]][:8]
-        raise PlanError(f"deadlock: {n - done} of {n} tasks never started (dependencies and "
-                        f"resource order form a cycle); e.g. {stuck}")
+        raise PlanError(
+            f"deadlock: {n - done} of {n} tasks never started (dependencies and "
+            f"resource order form a cycle); e.g. {stuck}"
+        )
     busy: dict[str, float] = {r: 0.0 for r in head}
     for t in tasks:
         if t.resource is not None:
             busy[t.resource] += t.duration
-    return Timeline(graph=graph, start=start, end=end, binding=binding,
-                    makespan=max(end) if end else 0.0, busy=busy)
+    return Timeline(
+        graph=graph,
+        start=start,
+        end=end,
+        binding=binding,
+        makespan=max(end) if end else 0.0,
+        busy=busy,
+    )
 
 
 def makespan_of(graph: TaskGraph) -> float:
     return simulate(graph).makespan
 
 
-def chain(graph: TaskGraph, names: Sequence[str], resource: str,
-          durations: Sequence[float]) -> list[int]:
+def chain(
+    graph: TaskGraph, names: Sequence[str], resource: str, durations: Sequence[float]
+) -> list[int]:
     """Add tasks that each depend on the previous one (a convenience for tests and builders)."""
     ids: list[int] = []
     for nm, d in zip(names, durations):

@@ -28,8 +28,9 @@ AG, A2E, EG, E2A = "ag", "a2e", "eg", "e2a"
 ORDERS = ("ASAS", "AASS")
 
 
-def findep_graph(t_a: float, t_s: float, t_e: float, t_a2e: float, r1: int, r2: int,
-                 order: str, num_layers: int) -> TaskGraph:
+def findep_graph(
+    t_a: float, t_s: float, t_e: float, t_a2e: float, r1: int, r2: int, order: str, num_layers: int
+) -> TaskGraph:
     """The task graph of ``r1`` micro-batches through ``num_layers`` layers.
 
     ``t_a``/``t_s``: attention / shared experts of one micro-batch (ms); ``t_e``/``t_a2e``:

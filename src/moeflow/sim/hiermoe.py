@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeflow.plan.hiermoe import (HopRows, check_group_sizes, dedup_hops, flat_hops,
-                                  link_level)
+from moeflow.plan.hiermoe import HopRows, check_group_sizes, dedup_hops, flat_hops, link_level
 from moeflow.sim.engine import TaskGraph, makespan_of
 
 
@@ -28,17 +27,23 @@ class HierCluster:
     name: str
     U: tuple
     links: dict
-    tag: str                 # "published" (topology) / "derived" (link figures)
+    tag: str  # "published" (topology) / "derived" (link figures)
 
 
 PRESETS = {
     "hiermoe-32gpu": HierCluster(
-        name="hiermoe-32gpu", U=(1, 4, 8, 16, 32),
+        name="hiermoe-32gpu",
+        U=(1, 4, 8, 16, 32),
         # assumed: 1 PCIe 4.0 switch (~25 GB/s), 2 socket (~20 GB/s), 3 a 100 Gb/s leaf
         # switch (12.5 GB/s), 4 the spine, 2:1 oversubscribed (6.25 GB/s)
-        links={1: (3e-6, 1 / 25e9), 2: (5e-6, 1 / 20e9), 3: (20e-6, 1 / 12.5e9),
-               4: (30e-6, 1 / 6.25e9)},
-        tag="topology published (HierMoE, 32 GPUs, U=[1,4,8,16,32]); link figures derived"),
+        links={
+            1: (3e-6, 1 / 25e9),
+            2: (5e-6, 1 / 20e9),
+            3: (20e-6, 1 / 12.5e9),
+            4: (30e-6, 1 / 6.25e9),
+        },
+        tag="topology published (HierMoE, 32 GPUs, U=[1,4,8,16,32]); link figures derived",
+    ),
 }
 
 
@@ -54,7 +59,7 @@ def tutel_2dh_hops(assignments, owner, U) -> list[HopRows]:
         for experts in tokens:
             for e in experts:
                 r = owner[e]
-                if s // u == r // u:                       # same group: one direct hop
+                if s // u == r // u:  # same group: one direct hop
                     if r != s:
                         lk = link_level(s, r, U)
                         hop1[s][lk] = hop1[s].get(lk, 0) + 1
@@ -90,9 +95,10 @@ def a2a_ms(hops, row_bytes: float, links) -> float:
 def schedules_ms(assignments, owner, cluster: HierCluster, row_bytes: float) -> dict:
     """Flat a2a, Tutel-2DH and dedup at every level, for one batch and placement."""
     U = list(cluster.U)
-    out = {"flat": a2a_ms(flat_hops(assignments, owner, U), row_bytes, cluster.links),
-           "2dh": a2a_ms(tutel_2dh_hops(assignments, owner, U), row_bytes, cluster.links)}
+    out = {
+        "flat": a2a_ms(flat_hops(assignments, owner, U), row_bytes, cluster.links),
+        "2dh": a2a_ms(tutel_2dh_hops(assignments, owner, U), row_bytes, cluster.links),
+    }
     for d in range(len(U) - 1):
-        out[f"dedup{d}"] = a2a_ms(dedup_hops(assignments, owner, U, d), row_bytes,
-                                  cluster.links)
+        out[f"dedup{d}"] = a2a_ms(dedup_hops(assignments, owner, U, d), row_bytes, cluster.links)
     return out

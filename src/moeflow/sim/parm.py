@@ -26,7 +26,7 @@ class ParmPreset:
     nodes: int
     gpus_per_node: int
     cluster: ParmCluster
-    flops: float             # effective expert GEMM rate (FLOP/s)
+    flops: float  # effective expert GEMM rate (FLOP/s)
     tag: str
 
 
@@ -34,13 +34,25 @@ _PCIE = (8e-6, 1 / 12e9)
 _NET = (25e-6, 1 / 12.5e9)
 PRESETS = {
     "parm-8gpu": ParmPreset(
-        "parm-8gpu", 1, 8, ParmCluster(alpha_intra=_PCIE[0], beta_intra=_PCIE[1],
-                                       alpha_inter=_PCIE[0], beta_inter=_PCIE[1]),
-        13.5e12, "GPU count published (Parm, 8-GPU server); links and rate derived"),
+        "parm-8gpu",
+        1,
+        8,
+        ParmCluster(
+            alpha_intra=_PCIE[0], beta_intra=_PCIE[1], alpha_inter=_PCIE[0], beta_inter=_PCIE[1]
+        ),
+        13.5e12,
+        "GPU count published (Parm, 8-GPU server); links and rate derived",
+    ),
     "parm-32gpu": ParmPreset(
-        "parm-32gpu", 4, 8, ParmCluster(alpha_intra=_PCIE[0], beta_intra=_PCIE[1],
-                                        alpha_inter=_NET[0], beta_inter=_NET[1]),
-        13.5e12, "GPU count published (Parm, 32-GPU cluster: 4 x 8); links and rate derived"),
+        "parm-32gpu",
+        4,
+        8,
+        ParmCluster(
+            alpha_intra=_PCIE[0], beta_intra=_PCIE[1], alpha_inter=_NET[0], beta_inter=_NET[1]
+        ),
+        13.5e12,
+        "GPU count published (Parm, 32-GPU cluster: 4 x 8); links and rate derived",
+    ),
 }
 
 
@@ -59,9 +71,13 @@ def layer_graph(layer: ParmLayer, cluster: ParmCluster, schedule: str, r: int = 
     a2a = chunk(t["a2a"], a_inter, 2) / 2
     esp = chunk(t["esp"], a_intra, 2) / 2 if S > 1 else 0.0
     exp = t["experts"] * 1e3 / r
-    stages = [("dispatch", "inter", a2a, "comm"), ("esp_ag", "intra", esp, "comm"),
-              ("experts", "gpu", exp, "compute"), ("esp_rs", "intra", esp, "comm"),
-              ("combine", "inter", a2a, "comm")]
+    stages = [
+        ("dispatch", "inter", a2a, "comm"),
+        ("esp_ag", "intra", esp, "comm"),
+        ("experts", "gpu", exp, "compute"),
+        ("esp_rs", "intra", esp, "comm"),
+        ("combine", "inter", a2a, "comm"),
+    ]
     ids: dict[tuple[int, int], int] = {}
     # wavefront order (moeflow.runtime.pipeline): at step w chunk c runs stage w - c,
     # newest chunk first, so resources see the order the runtime issues in

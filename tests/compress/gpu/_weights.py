@@ -26,7 +26,7 @@ def hard_weights(shape, dtype, seed: int = 0) -> torch.Tensor:
         else:
             specials += [0x7C00, 0xFC00, 0x7E01, 0xFFFF, 0x7BFF, 0x03FF]
         for i, v in enumerate(specials):
-            raw[(7 * i + 3) % n::11 * len(specials)] = v - 65536 if v >= 32768 else v
+            raw[(7 * i + 3) % n :: 11 * len(specials)] = v - 65536 if v >= 32768 else v
     return w
 
 
@@ -46,8 +46,11 @@ def low_exponents(shape, seed: int = 0) -> torch.Tensor:
     for s in shape:
         n *= s
     e = torch.randint(0, 7, (n,), generator=g)
-    raw = (torch.randint(0, 2, (n,), generator=g) << 15) | (e << 7) | torch.randint(
-        0, 128, (n,), generator=g)
+    raw = (
+        (torch.randint(0, 2, (n,), generator=g) << 15)
+        | (e << 7)
+        | torch.randint(0, 128, (n,), generator=g)
+    )
     wild = torch.rand(n, generator=g) < 0.1
     raw = torch.where(wild, torch.randint(0, 65536, (n,), generator=g), raw)
     return raw.to(torch.int32).to(torch.int16).view(torch.bfloat16).reshape(shape)
@@ -63,7 +66,7 @@ def assert_gemm_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None
     accumulation in another order: |y - ref| <= eps |ref| + 1e-5 sum_k |x w|."""
     ref = x.float() @ w.float().T
     scale = x.float().abs() @ w.float().abs().T
-    eps = 2.0 ** -8 if x.dtype == torch.bfloat16 else 2.0 ** -10
+    eps = 2.0**-8 if x.dtype == torch.bfloat16 else 2.0**-10
     if x.dtype == torch.float32:
         eps = 0.0
     err = (y.float() - ref).abs()

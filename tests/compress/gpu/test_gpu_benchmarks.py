@@ -11,8 +11,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 GPU = os.path.join(ROOT, "benchmarks", "gpu")
 SCRIPTS = sorted(f[:-3] for f in os.listdir(GPU) if f.endswith(".py"))
 

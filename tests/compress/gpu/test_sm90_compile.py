@@ -14,9 +14,17 @@ pytest.importorskip("triton")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 
-CASES = ["decode bf16", "decode fp16", "linear bf16 BN16", "unit decode rows bf16 b1",
-         "unit decode rows fp16 b2", "unit decode units bf16 s64", "unit fma bf16 BN1 b1",
-         "unit fma bf16 BN8 b2", "unit dot bf16 BN16 b1"]
+CASES = [
+    "decode bf16",
+    "decode fp16",
+    "linear bf16 BN16",
+    "unit decode rows bf16 b1",
+    "unit decode rows fp16 b2",
+    "unit decode units bf16 s64",
+    "unit fma bf16 BN1 b1",
+    "unit fma bf16 BN8 b2",
+    "unit dot bf16 BN16 b1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +33,16 @@ def compiled(tmp_path_factory):
     decorated the kernels for the interpreter; see conftest)."""
     out = tmp_path_factory.mktemp("sm90") / "compiled.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "src"), ROOT,
-                                         env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-W", "ignore", os.path.join(HERE, "_sm90.py"),
-                        str(out), *CASES], env=env, capture_output=True, text=True,
-                       timeout=600)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.join(ROOT, "src"), ROOT, env.get("PYTHONPATH", "")]
+    )
+    r = subprocess.run(
+        [sys.executable, "-W", "ignore", os.path.join(HERE, "_sm90.py"), str(out), *CASES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text())
 

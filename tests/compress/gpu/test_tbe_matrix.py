@@ -40,8 +40,13 @@ def test_torch_encoder_writes_the_cpu_codec_streams(dtype, shape):
     w = hard_weights(shape, dtype, seed=len(shape))
     a = cpu_codec(w)
     b = tbe_encode_torch(w)
-    assert (a.rows, a.cols, a.numel, a.base, a.planes_per_tile) == \
-        (b.rows, b.cols, b.numel, b.base, b.planes_per_tile)
+    assert (a.rows, a.cols, a.numel, a.base, a.planes_per_tile) == (
+        b.rows,
+        b.cols,
+        b.numel,
+        b.base,
+        b.planes_per_tile,
+    )
     for f in STREAMS:
         assert torch.equal(getattr(a, f), getattr(b, f)), f
 
@@ -79,9 +84,9 @@ def test_encoder_takes_only_bf16_and_fp16_tensors(bad):
 def test_default_split_k_covers_the_sms_without_empty_splits():
     cpu = torch.device("cpu")
     assert matrix.num_sms(cpu) == 4
-    assert matrix.default_split_k(1, 100, cpu) == 16          # 4 waves x 4 SMs
+    assert matrix.default_split_k(1, 100, cpu) == 16  # 4 waves x 4 SMs
     assert matrix.default_split_k(1, 100, cpu, waves=8) == 32
-    assert matrix.default_split_k(1, 3, cpu) == 3             # no more splits than K blocks
+    assert matrix.default_split_k(1, 3, cpu) == 3  # no more splits than K blocks
     assert matrix.default_split_k(100, 100, cpu) == 1
 
 
@@ -91,8 +96,9 @@ def test_interpreted_follows_the_environment(monkeypatch):
     assert not matrix.interpreted()
 
 
-W = tbe_encode_torch((torch.randn(24, 40, generator=torch.Generator().manual_seed(0)) * 0.02)
-                     .to(torch.bfloat16))
+W = tbe_encode_torch(
+    (torch.randn(24, 40, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+)
 
 
 def test_skinny_input_flattens_leading_dims_and_makes_rows_contiguous():

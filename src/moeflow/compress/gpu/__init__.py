@@ -26,5 +26,11 @@ from moeflow.compress.gpu.matrix import (  # noqa: E402
     tbe_encode_torch,
 )
 
-__all__ = ["MAX_TOKENS", "TBEMatrix", "skinny_input", "tbe_decode", "tbe_encode_torch",
-           "tbe_linear"]
+__all__ = [
+    "MAX_TOKENS",
+    "TBEMatrix",
+    "skinny_input",
+    "tbe_decode",
+    "tbe_encode_torch",
+    "tbe_linear",
+]

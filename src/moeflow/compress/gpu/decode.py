@@ -24,8 +24,21 @@ import triton.language as tl  # noqa: E402  (after the ImportError that names th
 
 
 @triton.jit
-def _decode_block(planes, cov_ptr, fb_ptr, cov_off, fb_off, br, bc, R, C, n, base,
-                  P: tl.constexpr, IS_BF16: tl.constexpr):
+def _decode_block(
+    planes,
+    cov_ptr,
+    fb_ptr,
+    cov_off,
+    fb_off,
+    br,
+    bc,
+    R,
+    C,
+    n,
+    base,
+    P: tl.constexpr,
+    IS_BF16: tl.constexpr,
+):
     """Bits (int32) of block (br, bc) as a [64, 64] tensor, its in-bounds mask, flat index."""
     r = br * 64 + tl.arange(0, 64)[:, None]
     c = bc * 64 + tl.arange(0, 64)[None, :]
@@ -68,12 +81,25 @@ def _decode_block(planes, cov_ptr, fb_ptr, cov_off, fb_off, br, bc, R, C, n, bas
 
 
 @triton.jit
-def tbe_decode_kernel(planes, cov_ptr, fb_ptr, cov_off, fb_off, out, R, C, n, base,
-                      P: tl.constexpr, IS_BF16: tl.constexpr):
+def tbe_decode_kernel(
+    planes,
+    cov_ptr,
+    fb_ptr,
+    cov_off,
+    fb_off,
+    out,
+    R,
+    C,
+    n,
+    base,
+    P: tl.constexpr,
+    IS_BF16: tl.constexpr,
+):
     br = tl.program_id(0)
     bc = tl.program_id(1)
-    bits, valid, k = _decode_block(planes, cov_ptr, fb_ptr, cov_off, fb_off, br, bc, R, C, n,
-                                   base, P, IS_BF16)
+    bits, valid, k = _decode_block(
+        planes, cov_ptr, fb_ptr, cov_off, fb_off, br, bc, R, C, n, base, P, IS_BF16
+    )
     tl.store(out + k, bits.to(tl.int16), mask=valid)
 
 
@@ -83,7 +109,19 @@ def tbe_decode(m: TBEMatrix) -> torch.Tensor:
     out = torch.empty(max(1, m.numel), dtype=torch.int16, device=m.planes.device)
     BR, BC = m.blocks
     if m.numel:
-        tbe_decode_kernel[(BR, BC)](m.planes, m.covered, m.fallback, m.cov_off, m.fb_off, out,
-                                    m.rows, m.cols, m.numel, m.base, P=m.planes_per_tile,
-                                    IS_BF16=m.dtype == torch.bfloat16, num_warps=4)
+        tbe_decode_kernel[(BR, BC)](
+            m.planes,
+            m.covered,
+            m.fallback,
+            m.cov_off,
+            m.fb_off,
+            out,
+            m.rows,
+            m.cols,
+            m.numel,
+            m.base,
+            P=m.planes_per_tile,
+            IS_BF16=m.dtype == torch.bfloat16,
+            num_warps=4,
+        )
     return out[: m.numel].view(m.dtype).reshape(m.shape)

@@ -74,8 +74,12 @@ SLAB_ROWS = (16, 32, 64)
 
 def supported(m: TBEMatrix) -> bool:
     """True when the unit kernels handle ``m`` (see the module docstring)."""
-    return (m.cols % 8 == 0 and m.numel == m.rows * m.cols and m.numel < 2**31
-            and m.planes.numel() < 2**31)
+    return (
+        m.cols % 8 == 0
+        and m.numel == m.rows * m.cols
+        and m.numel < 2**31
+        and m.planes.numel() < 2**31
+    )
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -95,8 +99,9 @@ def _popc_hw(x, HW: tl.constexpr):
     (the interpreter has no inline assembly). LLVM does not always recognise the SWAR idiom
     once the operand is known to be narrow, so the GPU path names the instruction."""
     if HW:
-        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
-                                         is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1
+        )
     else:
         return _popc_swar(x)
 
@@ -115,8 +120,14 @@ def _prmt(a, b, sel, HW: tl.constexpr):
     """PTX ``prmt.b32`` (default mode) of ``a``, ``b`` and selector ``sel``; only the low two
     result bytes are used here, so the interpreter path computes just those."""
     if HW:
-        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
-                                         dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "prmt.b32 $0, $1, $2, $3;",
+            "=r,r,r,r",
+            [a, b, sel],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
     else:
         return _pick(a, b, sel & 0xF) | (_pick(a, b, (sel >> 4) & 0xF) << 8)
 
@@ -207,8 +218,25 @@ def _load2(ptr, idx):
 
 
 @triton.jit
-def _unit_words(b0, b1, b2, b3, b4, b5, cu, fu, ok, slow, cov32, fb32, fb_ptr, tab,
-                IS_BF16: tl.constexpr, HW: tl.constexpr, NEG: tl.constexpr):
+def _unit_words(
+    b0,
+    b1,
+    b2,
+    b3,
+    b4,
+    b5,
+    cu,
+    fu,
+    ok,
+    slow,
+    cov32,
+    fb32,
+    fb_ptr,
+    tab,
+    IS_BF16: tl.constexpr,
+    HW: tl.constexpr,
+    NEG: tl.constexpr,
+):
     """The 8 weights of each unit as four int32 words (two bit patterns each, low half
     first), given its plane bytes and its first covered / fallback slots ``cu`` / ``fu``.
     ``slow`` (a scalar) says that some unit has more than 4 fallbacks. ``tab`` holds the
@@ -229,8 +257,8 @@ def _unit_words(b0, b1, b2, b3, b4, b5, cu, fu, ok, slow, cov32, fb32, fb_ptr, t
         E0 -= ((cm & 0xF) * 0x204081) & 0x01010101
         E1 -= (((cm >> 4) & 0xF) * 0x204081) & 0x01010101
     # the unit's covered bytes (at most 8) and first 4 fallback values, as aligned words
-    CA, CB = _eight_bytes(cov32, cu, 2, 8)      # covered bytes: 4 per word
-    FA, FB = _eight_bytes(fb32, fu, 1, 16)      # fallback values: 2 per word
+    CA, CB = _eight_bytes(cov32, cu, 2, 8)  # covered bytes: 4 per word
+    FA, FB = _eight_bytes(fb32, fu, 1, 16)  # fallback values: 2 per word
     if not IS_BF16:  # planes 3..5: sign, m9, m8 of covered fp16 weights
         X0 = _spread(b3, b4, b5, 0)
         X1 = _spread(b3, b4, b5, 4)
@@ -296,16 +324,32 @@ def _unit_words(b0, b1, b2, b3, b4, b5, cu, fu, ok, slow, cov32, fb32, fb_ptr, t
 @triton.jit
 def _store_units(out32, idx, w0, w1, w2, w3, ok):
     """Store each unit's four words (16 bytes) at int32 index ``idx`` (2-D, multiples of 4)."""
-    words = tl.join(tl.join(w0, w2), tl.join(w1, w3))   # [a, b, 2, 2] = w0, w1, w2, w3
+    words = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [a, b, 2, 2] = w0, w1, w2, w3
     words = tl.reshape(words, [idx.shape[0], idx.shape[1], 4])
     q = tl.arange(0, 4)[None, None, :]
     tl.store(out32 + (tl.multiple_of(idx, [4, 4])[:, :, None] + q), words, mask=ok[:, :, None])
 
 
 @triton.jit
-def decode_units_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, C, TC, BC,
-                        tab, SR: tl.constexpr, P: tl.constexpr, IS_BF16: tl.constexpr,
-                        HW: tl.constexpr, NEG: tl.constexpr):
+def decode_units_kernel(
+    planes,
+    cov32,
+    fb32,
+    fb_ptr,
+    cov_off,
+    fb_off,
+    out32,
+    R,
+    C,
+    TC,
+    BC,
+    tab,
+    SR: tl.constexpr,
+    P: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    HW: tl.constexpr,
+    NEG: tl.constexpr,
+):
     """One program per 64x64 block, as ``64 / SR`` slabs of ``[SR, 8]`` units (row, tile
     column); the slots of a unit come from a scan over the slab."""
     br = tl.program_id(0)
@@ -324,13 +368,29 @@ def decode_units_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, 
         b0, b1, b2, b3, b4, b5 = _plane_bytes(planes, widx, (row % 4) * 8, ok, P, IS_BF16)
         ncov = _popc_hw(b0 | b1 | b2, HW)
         nfb = tl.where(ok, 8, 0) - ncov
-        cnt = ncov | (nfb << 16)                                  # covered | fallback << 16
+        cnt = ncov | (nfb << 16)  # covered | fallback << 16
         row_tot = tl.sum(cnt, axis=1, keep_dims=True)
         excl = (tl.cumsum(row_tot, axis=0) - row_tot) + (tl.cumsum(cnt, axis=1) - cnt)
         slow = tl.max(nfb) > 4
-        w0, w1, w2, w3 = _unit_words(b0, b1, b2, b3, b4, b5, c_run + (excl & 0xFFFF),
-                                     f_run + (excl >> 16), ok, slow, cov32, fb32, fb_ptr,
-                                     tab, IS_BF16, HW, NEG)
+        w0, w1, w2, w3 = _unit_words(
+            b0,
+            b1,
+            b2,
+            b3,
+            b4,
+            b5,
+            c_run + (excl & 0xFFFF),
+            f_run + (excl >> 16),
+            ok,
+            slow,
+            cov32,
+            fb32,
+            fb_ptr,
+            tab,
+            IS_BF16,
+            HW,
+            NEG,
+        )
         tot = tl.sum(row_tot)
         c_run += tot & 0xFFFF
         f_run += tot >> 16
@@ -338,8 +398,23 @@ def decode_units_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, 
 
 
 @triton.jit
-def _row_starts(planes, cov_off, fb_off, br, bok, row, rok, bc, BC, TC, wrow, sh,
-                P: tl.constexpr, IS_BF16: tl.constexpr, HW: tl.constexpr):
+def _row_starts(
+    planes,
+    cov_off,
+    fb_off,
+    br,
+    bok,
+    row,
+    rok,
+    bc,
+    BC,
+    TC,
+    wrow,
+    sh,
+    P: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    HW: tl.constexpr,
+):
     """Stream slots of the first unit of each row (``[RB, 64]``: block row, row in block) in
     block column ``bc``, and whether some unit there has more than 4 fallbacks. The counts of
     a row's units come from its plane bytes; one scan over the rows of each block adds up."""
@@ -347,7 +422,7 @@ def _row_starts(planes, cov_off, fb_off, br, bok, row, rok, bc, BC, TC, wrow, sh
     c0 = tl.load(cov_off + blk, mask=bok, other=0).to(tl.int32)
     f0 = tl.load(fb_off + blk, mask=bok, other=0).to(tl.int32)
     tot = row * 0
-    most = row * 0                                               # most fallbacks in a unit
+    most = row * 0  # most fallbacks in a unit
     for t in range(8):
         tc = bc * 8 + t
         ok = rok & ((row * 0 + tc) < TC)
@@ -372,36 +447,85 @@ def _row_frame(pid, R, TC, RB: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _next_unit(planes, wrow, tc, sh, ok, run_c, run_f, slow, cov32, fb32, fb_ptr, tab,
-               P: tl.constexpr, IS_BF16: tl.constexpr, HW: tl.constexpr, NEG: tl.constexpr):
+def _next_unit(
+    planes,
+    wrow,
+    tc,
+    sh,
+    ok,
+    run_c,
+    run_f,
+    slow,
+    cov32,
+    fb32,
+    fb_ptr,
+    tab,
+    P: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    HW: tl.constexpr,
+    NEG: tl.constexpr,
+):
     """Decode each row's unit in tile column ``tc`` at its running stream slots; returns the
     unit's four words and the slots of the row's next unit."""
     b0, b1, b2, b3, b4, b5 = _plane_bytes(planes, wrow + tc * (2 * P), sh, ok, P, IS_BF16)
     ncov = _popc_hw(b0 | b1 | b2, HW)
-    w0, w1, w2, w3 = _unit_words(b0, b1, b2, b3, b4, b5, run_c, run_f, ok, slow, cov32, fb32,
-                                 fb_ptr, tab, IS_BF16, HW, NEG)
+    w0, w1, w2, w3 = _unit_words(
+        b0, b1, b2, b3, b4, b5, run_c, run_f, ok, slow, cov32, fb32, fb_ptr, tab, IS_BF16, HW, NEG
+    )
     return w0, w1, w2, w3, run_c + ncov, run_f + tl.where(ok, 8, 0) - ncov
 
 
 @triton.jit
-def decode_rows_kernel(planes, cov32, fb32, fb_ptr, cov_off, fb_off, out32, R, C, TC, BC,
-                       tab, RB: tl.constexpr, P: tl.constexpr, IS_BF16: tl.constexpr,
-                       HW: tl.constexpr, NEG: tl.constexpr):
+def decode_rows_kernel(
+    planes,
+    cov32,
+    fb32,
+    fb_ptr,
+    cov_off,
+    fb_off,
+    out32,
+    R,
+    C,
+    TC,
+    BC,
+    tab,
+    RB: tl.constexpr,
+    P: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    HW: tl.constexpr,
+    NEG: tl.constexpr,
+):
     """One thread per matrix row: a program owns ``RB`` block rows (``64 * RB`` rows) of one
     block column, and each thread walks the 8 units of its row in order, so the slots of a
     unit are the thread's running counts plus one scan over the block's row totals."""
     pid = tl.program_id(0)
     bc = tl.program_id(1)
     br, row, rok, bok, wrow, sh = _row_frame(pid, R, TC, RB, P)
-    run_c, run_f, slow = _row_starts(planes, cov_off, fb_off, br, bok, row, rok, bc, BC, TC,
-                                     wrow, sh, P, IS_BF16, HW)
+    run_c, run_f, slow = _row_starts(
+        planes, cov_off, fb_off, br, bok, row, rok, bc, BC, TC, wrow, sh, P, IS_BF16, HW
+    )
     # decode the units in order (the plane loads hit L1)
     for t in range(8):
         tc = bc * 8 + t
         ok = rok & ((row * 0 + tc) < TC)
-        w0, w1, w2, w3, run_c, run_f = _next_unit(planes, wrow, tc, sh, ok, run_c, run_f, slow,
-                                                  cov32, fb32, fb_ptr, tab, P, IS_BF16, HW,
-                                                  NEG)
+        w0, w1, w2, w3, run_c, run_f = _next_unit(
+            planes,
+            wrow,
+            tc,
+            sh,
+            ok,
+            run_c,
+            run_f,
+            slow,
+            cov32,
+            fb32,
+            fb_ptr,
+            tab,
+            P,
+            IS_BF16,
+            HW,
+            NEG,
+        )
         _store_units(out32, (row * C + tc * 8) // 2, w0, w1, w2, w3, ok)
 
 
@@ -422,10 +546,32 @@ def _as_f32(w, HI: tl.constexpr, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def linear_rows_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab, y_ptr,
-                       N, R, C, TC, BC, stride_xn, stride_ys, stride_yn, blocks_per_split,
-                       RB: tl.constexpr, BN: tl.constexpr, P: tl.constexpr,
-                       IS_BF16: tl.constexpr, HW: tl.constexpr, NEG: tl.constexpr):
+def linear_rows_kernel(
+    x_ptr,
+    planes,
+    cov32,
+    fb32,
+    fb_ptr,
+    cov_off,
+    fb_off,
+    tab,
+    y_ptr,
+    N,
+    R,
+    C,
+    TC,
+    BC,
+    stride_xn,
+    stride_ys,
+    stride_yn,
+    blocks_per_split,
+    RB: tl.constexpr,
+    BN: tl.constexpr,
+    P: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    HW: tl.constexpr,
+    NEG: tl.constexpr,
+):
     """``y[split, n, r] = sum_k x[n, k] W[r, k]`` over this split's block columns, one thread
     per row r of W, multiplying on CUDA cores as it decodes (the weights stay in registers).
 
@@ -448,18 +594,34 @@ def linear_rows_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab,
     b_lo = split * blocks_per_split
     b_hi = tl.minimum(b_lo + blocks_per_split, BC)
     for bc in range(b_lo, b_hi):
-        run_c, run_f, slow = _row_starts(planes, cov_off, fb_off, br, bok, row, rok, bc, BC,
-                                         TC, wrow, sh, P, IS_BF16, HW)
+        run_c, run_f, slow = _row_starts(
+            planes, cov_off, fb_off, br, bok, row, rok, bc, BC, TC, wrow, sh, P, IS_BF16, HW
+        )
         for t in range(8):
             tc = bc * 8 + t
             if tc < TC:  # units past the last column hold no weights
-                w0, w1, w2, w3, run_c, run_f = _next_unit(planes, wrow, tc, sh, rok, run_c,
-                                                          run_f, slow, cov32, fb32, fb_ptr, tab,
-                                                          P, IS_BF16, HW, NEG)
+                w0, w1, w2, w3, run_c, run_f = _next_unit(
+                    planes,
+                    wrow,
+                    tc,
+                    sh,
+                    rok,
+                    run_c,
+                    run_f,
+                    slow,
+                    cov32,
+                    fb32,
+                    fb_ptr,
+                    tab,
+                    P,
+                    IS_BF16,
+                    HW,
+                    NEG,
+                )
                 # the unit's 8 inputs of each token (one 16-byte load), split into 8 [BN, 1, 1]
                 xt = tl.load(x_ptr + nn2 * stride_xn + tc * 8 + ii2, mask=nn2 < N, other=0.0)
                 xt = tl.reshape(xt.to(tl.float32), [BN, 2, 2, 2])
-                xa, xb = tl.split(xt)            # i = 4a + 2b + c: split c, then b, then a
+                xa, xb = tl.split(xt)  # i = 4a + 2b + c: split c, then b, then a
                 xaa, xab = tl.split(xa)
                 xba, xbb = tl.split(xb)
                 x0, x4 = tl.split(xaa)
@@ -491,11 +653,33 @@ def _half(w, HI: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def linear_dot_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab, y_ptr,
-                      N, R, C, TC, BC, stride_xn, stride_ys, stride_yn, blocks_per_split,
-                      RB: tl.constexpr, BN: tl.constexpr, P: tl.constexpr,
-                      IS_BF16: tl.constexpr, HW: tl.constexpr, NEG: tl.constexpr,
-                      DOT_F32: tl.constexpr):
+def linear_dot_kernel(
+    x_ptr,
+    planes,
+    cov32,
+    fb32,
+    fb_ptr,
+    cov_off,
+    fb_off,
+    tab,
+    y_ptr,
+    N,
+    R,
+    C,
+    TC,
+    BC,
+    stride_xn,
+    stride_ys,
+    stride_yn,
+    blocks_per_split,
+    RB: tl.constexpr,
+    BN: tl.constexpr,
+    P: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    HW: tl.constexpr,
+    NEG: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
     """``y[split, n, r] = sum_k x[n, k] W[r, k]`` on tensor cores: each pair of tile rows
     (16 columns of W) is decoded as in ``linear_rows_kernel``, assembled into a
     ``[64 * RB, 16]`` tile in registers and fed to ``tl.dot`` (Triton moves it into the MMA
@@ -510,22 +694,53 @@ def linear_dot_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab, 
     b_lo = split * blocks_per_split
     b_hi = tl.minimum(b_lo + blocks_per_split, BC)
     for bc in range(b_lo, b_hi):
-        run_c, run_f, slow = _row_starts(planes, cov_off, fb_off, br, bok, row, rok, bc, BC,
-                                         TC, wrow, sh, P, IS_BF16, HW)
+        run_c, run_f, slow = _row_starts(
+            planes, cov_off, fb_off, br, bok, row, rok, bc, BC, TC, wrow, sh, P, IS_BF16, HW
+        )
         for tp in range(4):
             ta = bc * 8 + 2 * tp
             if ta < TC:
-                a0, a1, a2, a3, run_c, run_f = _next_unit(planes, wrow, ta, sh, rok, run_c,
-                                                          run_f, slow, cov32, fb32, fb_ptr, tab,
-                                                          P, IS_BF16, HW, NEG)
+                a0, a1, a2, a3, run_c, run_f = _next_unit(
+                    planes,
+                    wrow,
+                    ta,
+                    sh,
+                    rok,
+                    run_c,
+                    run_f,
+                    slow,
+                    cov32,
+                    fb32,
+                    fb_ptr,
+                    tab,
+                    P,
+                    IS_BF16,
+                    HW,
+                    NEG,
+                )
                 c0 = a0 * 0
                 c1 = c0
                 c2 = c0
                 c3 = c0
                 if ta + 1 < TC:
-                    c0, c1, c2, c3, run_c, run_f = _next_unit(planes, wrow, ta + 1, sh, rok,
-                                                              run_c, run_f, slow, cov32, fb32,
-                                                              fb_ptr, tab, P, IS_BF16, HW, NEG)
+                    c0, c1, c2, c3, run_c, run_f = _next_unit(
+                        planes,
+                        wrow,
+                        ta + 1,
+                        sh,
+                        rok,
+                        run_c,
+                        run_f,
+                        slow,
+                        cov32,
+                        fb32,
+                        fb_ptr,
+                        tab,
+                        P,
+                        IS_BF16,
+                        HW,
+                        NEG,
+                    )
                 # [RB, 64, 2 (unit), 8 (weight)] -> [64 RB, 16]: column t * 8 + i, i = 4a+2b+c
                 p0 = tl.join(_half(a0, False, DT), _half(c0, False, DT))
                 p1 = tl.join(_half(a0, True, DT), _half(c0, True, DT))
@@ -535,8 +750,10 @@ def linear_dot_kernel(x_ptr, planes, cov32, fb32, fb_ptr, cov_off, fb_off, tab, 
                 p5 = tl.join(_half(a2, True, DT), _half(c2, True, DT))
                 p6 = tl.join(_half(a3, False, DT), _half(c3, False, DT))
                 p7 = tl.join(_half(a3, True, DT), _half(c3, True, DT))
-                wt = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)),
-                             tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+                wt = tl.join(
+                    tl.join(tl.join(p0, p4), tl.join(p2, p6)),
+                    tl.join(tl.join(p1, p5), tl.join(p3, p7)),
+                )
                 wt = tl.reshape(wt, [RB * 64, 16])
                 k = ta * 8 + kk
                 xt = tl.load(x_ptr + nn * stride_xn + k, mask=(nn < N) & (k < C), other=0.0)
@@ -558,13 +775,14 @@ def _check_matrix(m: TBEMatrix, block_rows: int) -> None:
     if block_rows not in (1, 2, 4):
         raise ConfigError("block_rows", block_rows, "1, 2 or 4")
     if not supported(m):
-        raise InputError(f"the unit TBE kernels need a 2-D matrix whose last dimension is a "
-                         f"multiple of 8 and under 2**31 elements, got shape {m.shape} "
-                         f"(moeflow.compress.gpu.tbe_decode / tbe_linear take any TBE matrix)")
+        raise InputError(
+            f"the unit TBE kernels need a 2-D matrix whose last dimension is a "
+            f"multiple of 8 and under 2**31 elements, got shape {m.shape} "
+            f"(moeflow.compress.gpu.tbe_decode / tbe_linear take any TBE matrix)"
+        )
 
 
-def _check(m: TBEMatrix, layout: str, rows_per_slab: int, num_warps: int,
-           block_rows: int) -> None:
+def _check(m: TBEMatrix, layout: str, rows_per_slab: int, num_warps: int, block_rows: int) -> None:
     if layout not in LAYOUTS:
         raise ConfigError("layout", layout, f"one of {LAYOUTS}")
     if rows_per_slab not in SLAB_ROWS:
@@ -584,8 +802,8 @@ def _tables_np(base: int) -> np.ndarray:
     for cm in range(256):
         for j in range(8):
             r = bin(cm & ((1 << j) - 1)).count("1")
-            q = 0x80 + 0x11 * r            # nibbles (r, r | 8)
-            f = 0x10 + 0x22 * (j - r)      # nibbles (2f, 2f + 1); f >= 4 takes the slow path
+            q = 0x80 + 0x11 * r  # nibbles (r, r | 8)
+            f = 0x10 + 0x22 * (j - r)  # nibbles (2f, 2f + 1); f >= 4 takes the slow path
             qf[cm, j // 4] |= q << (8 * (j % 4))
             qf[cm, 2 + j // 4] |= (f & 0xFF) << (8 * (j % 4))
     sp = np.zeros((3, 256, 2), np.uint64)
@@ -613,8 +831,13 @@ def _streams(m: TBEMatrix):
     return m.planes, m.covered.view(torch.int32), m.fallback.view(torch.int32), m.fallback
 
 
-def tbe_decode(m: TBEMatrix, layout: str = "rows", rows_per_slab: int = 32,
-               num_warps: int = 4, block_rows: int = 1) -> torch.Tensor:
+def tbe_decode(
+    m: TBEMatrix,
+    layout: str = "rows",
+    rows_per_slab: int = 32,
+    num_warps: int = 4,
+    block_rows: int = 1,
+) -> torch.Tensor:
     """Dense tensor (original shape and dtype) of a TBE matrix, decoded on its device.
 
     ``layout="rows"``: one thread per matrix row, ``block_rows`` 64-row blocks per program
@@ -624,31 +847,49 @@ def tbe_decode(m: TBEMatrix, layout: str = "rows", rows_per_slab: int = 32,
     out = torch.empty(max(2, m.numel), dtype=torch.int16, device=m.planes.device)
     BR, BC = m.blocks
     if m.numel:
-        args = (*_streams(m), m.cov_off, m.fb_off, out.view(torch.int32), m.rows, m.cols,
-                m.cols // 8, BC, _tables(m))
-        common = dict(P=m.planes_per_tile, IS_BF16=m.dtype == torch.bfloat16,
-                      HW=not interpreted(), NEG=m.base < 0)
+        args = (
+            *_streams(m),
+            m.cov_off,
+            m.fb_off,
+            out.view(torch.int32),
+            m.rows,
+            m.cols,
+            m.cols // 8,
+            BC,
+            _tables(m),
+        )
+        common = dict(
+            P=m.planes_per_tile,
+            IS_BF16=m.dtype == torch.bfloat16,
+            HW=not interpreted(),
+            NEG=m.base < 0,
+        )
         if layout == "rows":
-            decode_rows_kernel[(-(-BR // block_rows), BC)](*args, RB=block_rows, **common,
-                                                           num_warps=2 * block_rows)
+            decode_rows_kernel[(-(-BR // block_rows), BC)](
+                *args, RB=block_rows, **common, num_warps=2 * block_rows
+            )
         else:
-            decode_units_kernel[(BR, BC)](*args, SR=rows_per_slab, **common,
-                                          num_warps=num_warps)
+            decode_units_kernel[(BR, BC)](*args, SR=rows_per_slab, **common, num_warps=num_warps)
     return out[: m.numel].view(m.dtype).reshape(m.shape)
 
 
 MODES = ("auto", "fma", "dot", "decode")
-FMA_TOKENS = 8        # tokens per fused-kernel pass (accumulators per thread: 8 per token)
-FMA_MAX_TOKENS = 8    # mode="auto" fuses up to this many tokens, else decodes and matmuls
+FMA_TOKENS = 8  # tokens per fused-kernel pass (accumulators per thread: 8 per token)
+FMA_MAX_TOKENS = 8  # mode="auto" fuses up to this many tokens, else decodes and matmuls
 
 
 # K splits so that (row programs x splits) covers every SM about eight times
 default_split_k = functools.partial(matrix.default_split_k, waves=8)
 
 
-def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
-               block_rows: int = 1, mode: str = "auto",
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def tbe_linear(
+    x: torch.Tensor,
+    m: TBEMatrix,
+    split_k: int | None = None,
+    block_rows: int = 1,
+    mode: str = "auto",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """``y = x @ W^T`` with W ``(out_features, in_features)`` kept in TBE form.
 
     x is ``(..., in_features)`` with 1-128 rows once flattened (0 gives an empty result), same
@@ -687,22 +928,62 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
         BN = max(16, triton.next_power_of_2(N))
         y = torch.empty((split_k, N, R), dtype=torch.float32, device=x.device)
         linear_dot_kernel[(row_programs, split_k)](
-            x_NC, *_streams(m), m.cov_off, m.fb_off, _tables(m), y, N, R, C, C // 8, BC,
-            x_NC.stride(0), y.stride(0), y.stride(1), per, RB=block_rows, BN=BN,
-            P=m.planes_per_tile, IS_BF16=m.dtype == torch.bfloat16, HW=not interpreted(),
-            NEG=m.base < 0, DOT_F32=interpreted(), num_warps=2 * block_rows)
+            x_NC,
+            *_streams(m),
+            m.cov_off,
+            m.fb_off,
+            _tables(m),
+            y,
+            N,
+            R,
+            C,
+            C // 8,
+            BC,
+            x_NC.stride(0),
+            y.stride(0),
+            y.stride(1),
+            per,
+            RB=block_rows,
+            BN=BN,
+            P=m.planes_per_tile,
+            IS_BF16=m.dtype == torch.bfloat16,
+            HW=not interpreted(),
+            NEG=m.base < 0,
+            DOT_F32=interpreted(),
+            num_warps=2 * block_rows,
+        )
         return (y.sum(0) if split_k > 1 else y[0]).to(out_dtype).reshape(*lead, R)
     out = torch.empty((N, R), dtype=torch.float32, device=x.device)
-    common = dict(P=m.planes_per_tile, IS_BF16=m.dtype == torch.bfloat16,
-                  HW=not interpreted(), NEG=m.base < 0, RB=block_rows,
-                  num_warps=2 * block_rows)
+    common = dict(
+        P=m.planes_per_tile,
+        IS_BF16=m.dtype == torch.bfloat16,
+        HW=not interpreted(),
+        NEG=m.base < 0,
+        RB=block_rows,
+        num_warps=2 * block_rows,
+    )
     for n0 in range(0, N, FMA_TOKENS):
-        xs = x_NC[n0:n0 + FMA_TOKENS]
+        xs = x_NC[n0 : n0 + FMA_TOKENS]
         n = xs.shape[0]
         y = torch.empty((split_k, n, R), dtype=torch.float32, device=x.device)
         linear_rows_kernel[(row_programs, split_k)](
-            xs, *_streams(m), m.cov_off, m.fb_off, _tables(m), y, n, R, C, C // 8, BC,
-            xs.stride(0), y.stride(0), y.stride(1), per,
-            BN=max(1, triton.next_power_of_2(n)), **common)
-        out[n0:n0 + n] = y.sum(0) if split_k > 1 else y[0]
+            xs,
+            *_streams(m),
+            m.cov_off,
+            m.fb_off,
+            _tables(m),
+            y,
+            n,
+            R,
+            C,
+            C // 8,
+            BC,
+            xs.stride(0),
+            y.stride(0),
+            y.stride(1),
+            per,
+            BN=max(1, triton.next_power_of_2(n)),
+            **common,
+        )
+        out[n0 : n0 + n] = y.sum(0) if split_k > 1 else y[0]
     return out.to(out_dtype).reshape(*lead, R)

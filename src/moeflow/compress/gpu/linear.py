@@ -37,8 +37,24 @@ def _bit(wlo, whi, hi, sh):
 
 
 @triton.jit
-def _slab(planes, cov_ptr, fb_ptr, c_run, f_run, br, bc, s, R, C, n, TR, TC, base,
-          P: tl.constexpr, IS_BF16: tl.constexpr):
+def _slab(
+    planes,
+    cov_ptr,
+    fb_ptr,
+    c_run,
+    f_run,
+    br,
+    bc,
+    s,
+    R,
+    C,
+    n,
+    TR,
+    TC,
+    base,
+    P: tl.constexpr,
+    IS_BF16: tl.constexpr,
+):
     """Bits (int32, [2, 8, 8, 8]) of slab ``s`` of block (br, bc); flat index; validity; the
     stream slots just past the slab."""
     i = tl.arange(0, 2)[:, None, None, None]
@@ -55,12 +71,30 @@ def _slab(planes, cov_ptr, fb_ptr, c_run, f_run, br, bc, s, R, C, n, TR, TC, bas
     wbase = (tile_r.to(tl.int64) * TC + tile_c) * (P * 2)
     hi = ri >= 4
     sh = (ri % 4) * 8 + ci
-    code = _bit(tl.load(planes + wbase, mask=tvalid, other=0),
-                tl.load(planes + wbase + 1, mask=tvalid, other=0), hi, sh)
-    code |= _bit(tl.load(planes + wbase + 2, mask=tvalid, other=0),
-                 tl.load(planes + wbase + 3, mask=tvalid, other=0), hi, sh) << 1
-    code |= _bit(tl.load(planes + wbase + 4, mask=tvalid, other=0),
-                 tl.load(planes + wbase + 5, mask=tvalid, other=0), hi, sh) << 2
+    code = _bit(
+        tl.load(planes + wbase, mask=tvalid, other=0),
+        tl.load(planes + wbase + 1, mask=tvalid, other=0),
+        hi,
+        sh,
+    )
+    code |= (
+        _bit(
+            tl.load(planes + wbase + 2, mask=tvalid, other=0),
+            tl.load(planes + wbase + 3, mask=tvalid, other=0),
+            hi,
+            sh,
+        )
+        << 1
+    )
+    code |= (
+        _bit(
+            tl.load(planes + wbase + 4, mask=tvalid, other=0),
+            tl.load(planes + wbase + 5, mask=tvalid, other=0),
+            hi,
+            sh,
+        )
+        << 2
+    )
     covered = valid & (code != 0)
     fallback = valid & (code == 0)
     ci_flat = tl.reshape(covered.to(tl.int32), [1024])
@@ -73,12 +107,30 @@ def _slab(planes, cov_ptr, fb_ptr, c_run, f_run, br, bc, s, R, C, n, TR, TC, bas
     if IS_BF16:
         bits = ((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F)
     else:  # planes 3..5 carry sign, m9, m8 of covered fp16 weights
-        x3 = _bit(tl.load(planes + wbase + 6, mask=tvalid, other=0),
-                  tl.load(planes + wbase + 7, mask=tvalid, other=0), hi, sh)
-        x3 |= _bit(tl.load(planes + wbase + 8, mask=tvalid, other=0),
-                   tl.load(planes + wbase + 9, mask=tvalid, other=0), hi, sh) << 1
-        x3 |= _bit(tl.load(planes + wbase + 10, mask=tvalid, other=0),
-                   tl.load(planes + wbase + 11, mask=tvalid, other=0), hi, sh) << 2
+        x3 = _bit(
+            tl.load(planes + wbase + 6, mask=tvalid, other=0),
+            tl.load(planes + wbase + 7, mask=tvalid, other=0),
+            hi,
+            sh,
+        )
+        x3 |= (
+            _bit(
+                tl.load(planes + wbase + 8, mask=tvalid, other=0),
+                tl.load(planes + wbase + 9, mask=tvalid, other=0),
+                hi,
+                sh,
+            )
+            << 1
+        )
+        x3 |= (
+            _bit(
+                tl.load(planes + wbase + 10, mask=tvalid, other=0),
+                tl.load(planes + wbase + 11, mask=tvalid, other=0),
+                hi,
+                sh,
+            )
+            << 2
+        )
         bits = ((x3 & 4) << 13) | (e << 10) | ((x3 & 3) << 8) | sm
     bits = tl.where(covered, bits, fb)
     bits = tl.where(valid, bits, 0)
@@ -95,10 +147,29 @@ def _to_float(bits, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _slab_dot(acc, x, planes, cov_ptr, fb_ptr, c_run, f_run, br, bc, s, R, C, TR, TC, base,
-              P: tl.constexpr, IS_BF16: tl.constexpr, DOT_F32: tl.constexpr):
-    bits, k, valid, c_run, f_run = _slab(planes, cov_ptr, fb_ptr, c_run, f_run, br, bc, s,
-                                         R, C, R * C, TR, TC, base, P, IS_BF16)
+def _slab_dot(
+    acc,
+    x,
+    planes,
+    cov_ptr,
+    fb_ptr,
+    c_run,
+    f_run,
+    br,
+    bc,
+    s,
+    R,
+    C,
+    TR,
+    TC,
+    base,
+    P: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    bits, k, valid, c_run, f_run = _slab(
+        planes, cov_ptr, fb_ptr, c_run, f_run, br, bc, s, R, C, R * C, TR, TC, base, P, IS_BF16
+    )
     w = tl.reshape(_to_float(bits, IS_BF16), [16, 64])
     if DOT_F32:  # Triton's CPU interpreter gets bf16 tl.dot wrong; exact in fp32
         acc += tl.dot(x.to(tl.float32), tl.trans(w).to(tl.float32))
@@ -108,10 +179,29 @@ def _slab_dot(acc, x, planes, cov_ptr, fb_ptr, c_run, f_run, br, bc, s, R, C, TR
 
 
 @triton.jit
-def tbe_linear_kernel(x_ptr, planes, cov_ptr, fb_ptr, cov_off, fb_off, y_ptr, N, R, C, TR,
-                      TC, base, stride_xn, stride_ys, stride_yn, blocks_per_split,
-                      P: tl.constexpr, IS_BF16: tl.constexpr, BN: tl.constexpr,
-                      DOT_F32: tl.constexpr):
+def tbe_linear_kernel(
+    x_ptr,
+    planes,
+    cov_ptr,
+    fb_ptr,
+    cov_off,
+    fb_off,
+    y_ptr,
+    N,
+    R,
+    C,
+    TR,
+    TC,
+    base,
+    stride_xn,
+    stride_ys,
+    stride_yn,
+    blocks_per_split,
+    P: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    BN: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
     """y[split, n, r] = sum over this split's K blocks of x[n, k] * W[r, k]."""
     br = tl.program_id(0)
     split = tl.program_id(1)
@@ -130,14 +220,86 @@ def tbe_linear_kernel(x_ptr, planes, cov_ptr, fb_ptr, cov_off, fb_off, y_ptr, N,
         f_run = tl.load(fb_off + blk)
         col = bc * 64 + kk
         x = tl.load(x_ptr + nn * stride_xn + col, mask=(nn < N) & (col < C), other=0.0)
-        acc0, c_run, f_run = _slab_dot(acc0, x, planes, cov_ptr, fb_ptr, c_run, f_run, br, bc,
-                                       0, R, C, TR, TC, base, P, IS_BF16, DOT_F32)
-        acc1, c_run, f_run = _slab_dot(acc1, x, planes, cov_ptr, fb_ptr, c_run, f_run, br, bc,
-                                       1, R, C, TR, TC, base, P, IS_BF16, DOT_F32)
-        acc2, c_run, f_run = _slab_dot(acc2, x, planes, cov_ptr, fb_ptr, c_run, f_run, br, bc,
-                                       2, R, C, TR, TC, base, P, IS_BF16, DOT_F32)
-        acc3, c_run, f_run = _slab_dot(acc3, x, planes, cov_ptr, fb_ptr, c_run, f_run, br, bc,
-                                       3, R, C, TR, TC, base, P, IS_BF16, DOT_F32)
+        acc0, c_run, f_run = _slab_dot(
+            acc0,
+            x,
+            planes,
+            cov_ptr,
+            fb_ptr,
+            c_run,
+            f_run,
+            br,
+            bc,
+            0,
+            R,
+            C,
+            TR,
+            TC,
+            base,
+            P,
+            IS_BF16,
+            DOT_F32,
+        )
+        acc1, c_run, f_run = _slab_dot(
+            acc1,
+            x,
+            planes,
+            cov_ptr,
+            fb_ptr,
+            c_run,
+            f_run,
+            br,
+            bc,
+            1,
+            R,
+            C,
+            TR,
+            TC,
+            base,
+            P,
+            IS_BF16,
+            DOT_F32,
+        )
+        acc2, c_run, f_run = _slab_dot(
+            acc2,
+            x,
+            planes,
+            cov_ptr,
+            fb_ptr,
+            c_run,
+            f_run,
+            br,
+            bc,
+            2,
+            R,
+            C,
+            TR,
+            TC,
+            base,
+            P,
+            IS_BF16,
+            DOT_F32,
+        )
+        acc3, c_run, f_run = _slab_dot(
+            acc3,
+            x,
+            planes,
+            cov_ptr,
+            fb_ptr,
+            c_run,
+            f_run,
+            br,
+            bc,
+            3,
+            R,
+            C,
+            TR,
+            TC,
+            base,
+            P,
+            IS_BF16,
+            DOT_F32,
+        )
     rr = br * 64 + tl.arange(0, 16)[None, :]
     y = y_ptr + split * stride_ys + nn * stride_yn
     m = nn < N
@@ -147,8 +309,9 @@ def tbe_linear_kernel(x_ptr, planes, cov_ptr, fb_ptr, cov_off, fb_off, y_ptr, N,
     tl.store(y + rr + 48, acc3, mask=m & (rr + 48 < R))
 
 
-def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
-               num_warps: int = 4) -> torch.Tensor:
+def tbe_linear(
+    x: torch.Tensor, m: TBEMatrix, split_k: int | None = None, num_warps: int = 4
+) -> torch.Tensor:
     """``x @ W^T`` with W ``(out_features, in_features)`` kept in TBE form; x is ``(..., in)``
     with at most ``MAX_TOKENS`` (128) rows once flattened, same dtype and device as W.
 
@@ -156,8 +319,9 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
     enough programs to cover every SM about four times) are added in fp32 afterwards.
     Accumulates in fp32, returns ``x.dtype``."""
     lead, x2 = skinny_input(x, m)
-    if split_k is not None and (not isinstance(split_k, int) or isinstance(split_k, bool)
-                                or split_k < 1):
+    if split_k is not None and (
+        not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 1
+    ):
         raise ConfigError("split_k", split_k, "a positive int (or None for the default)")
     if num_warps not in NUM_WARPS:
         raise ConfigError("num_warps", num_warps, f"one of {NUM_WARPS}")
@@ -172,10 +336,29 @@ def tbe_linear(x: torch.Tensor, m: TBEMatrix, split_k: int | None = None,
     split_k = -(-BC // per)  # no empty splits
     y = torch.empty((split_k, N, R), dtype=torch.float32, device=x.device)
     BN = max(16, triton.next_power_of_2(N))
-    tbe_linear_kernel[(BR, split_k)](x2, m.planes, m.covered, m.fallback, m.cov_off, m.fb_off, y,
-                                 N, R, C, (R + 7) // 8, (C + 7) // 8, m.base, x2.stride(0),
-                                 y.stride(0), y.stride(1), per, P=m.planes_per_tile,
-                                 IS_BF16=m.dtype == torch.bfloat16, BN=BN,
-                                 DOT_F32=interpreted(), num_warps=num_warps)
+    tbe_linear_kernel[(BR, split_k)](
+        x2,
+        m.planes,
+        m.covered,
+        m.fallback,
+        m.cov_off,
+        m.fb_off,
+        y,
+        N,
+        R,
+        C,
+        (R + 7) // 8,
+        (C + 7) // 8,
+        m.base,
+        x2.stride(0),
+        y.stride(0),
+        y.stride(1),
+        per,
+        P=m.planes_per_tile,
+        IS_BF16=m.dtype == torch.bfloat16,
+        BN=BN,
+        DOT_F32=interpreted(),
+        num_warps=num_warps,
+    )
     out = y.sum(0) if split_k > 1 else y[0]
     return out.to(x.dtype).reshape(*lead, R)

@@ -38,8 +38,7 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
-def default_split_k(row_programs: int, k_blocks: int, device: torch.device,
-                    waves: int = 4) -> int:
+def default_split_k(row_programs: int, k_blocks: int, device: torch.device, waves: int = 4) -> int:
     """K splits so that (row programs x splits) covers every SM about ``waves`` times, and no
     more splits than there are K blocks."""
     return max(1, min(k_blocks, -(-waves * num_sms(device) // max(1, row_programs))))
@@ -64,9 +63,9 @@ class TBEMatrix:
     numel: int
     base: int
     planes_per_tile: int
-    planes: torch.Tensor   # int32 [tiles * P * 2]: each 64-bit plane word as (lo, hi)
+    planes: torch.Tensor  # int32 [tiles * P * 2]: each 64-bit plane word as (lo, hi)
     cov_off: torch.Tensor  # int64 [blocks + 1]
-    fb_off: torch.Tensor   # int64 [blocks + 1]
+    fb_off: torch.Tensor  # int64 [blocks + 1]
     covered: torch.Tensor  # uint8 [n_covered + COV_PAD, rounded up to a multiple of 4]
     fallback: torch.Tensor  # int16 [n_fallback + FB_PAD, rounded up to even]
 
@@ -76,12 +75,15 @@ class TBEMatrix:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in
-                   (self.planes, self.cov_off, self.fb_off, self.covered, self.fallback))
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.planes, self.cov_off, self.fb_off, self.covered, self.fallback)
+        )
 
     @classmethod
     def from_parts(cls, parts, shape, device) -> TBEMatrix:
         """Upload a parsed CPU payload (``tbe.TBEParts``) to ``device``."""
+
         def dev(a: np.ndarray, dt) -> torch.Tensor:
             a = np.ascontiguousarray(a)
             if a.size == 0:  # keep a valid pointer for masked loads
@@ -91,14 +93,20 @@ class TBEMatrix:
         def stream(a: np.ndarray, dt) -> torch.Tensor:  # may be empty: padding follows
             return torch.from_numpy(np.ascontiguousarray(a).copy()).view(dt).to(device)
 
-        return cls(dtype=getattr(torch, parts.dtype), shape=tuple(shape), rows=parts.rows,
-                   cols=parts.cols, numel=parts.numel, base=parts.base,
-                   planes_per_tile=parts.planes_per_tile,
-                   planes=dev(parts.planes.view(np.uint32), torch.int32),
-                   cov_off=dev(parts.cov_off, torch.int64), fb_off=dev(parts.fb_off, torch.int64),
-                   covered=_pad_stream(stream(parts.covered, torch.uint8), COV_PAD, 4),
-                   fallback=_pad_stream(stream(parts.fallback.view(np.int16), torch.int16),
-                                        FB_PAD, 2))
+        return cls(
+            dtype=getattr(torch, parts.dtype),
+            shape=tuple(shape),
+            rows=parts.rows,
+            cols=parts.cols,
+            numel=parts.numel,
+            base=parts.base,
+            planes_per_tile=parts.planes_per_tile,
+            planes=dev(parts.planes.view(np.uint32), torch.int32),
+            cov_off=dev(parts.cov_off, torch.int64),
+            fb_off=dev(parts.fb_off, torch.int64),
+            covered=_pad_stream(stream(parts.covered, torch.uint8), COV_PAD, 4),
+            fallback=_pad_stream(stream(parts.fallback.view(np.int16), torch.int16), FB_PAD, 2),
+        )
 
     @classmethod
     def from_tensor(cls, w: torch.Tensor, device=None) -> TBEMatrix:
@@ -133,16 +141,19 @@ def skinny_input(x, m: TBEMatrix):
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise InputError("tbe_linear needs x as a tensor of shape (..., in_features)")
     if x.dtype != m.dtype or x.shape[-1] != m.cols:
-        raise InputError(f"x {tuple(x.shape)} {x.dtype} does not match W {m.shape} {m.dtype}: "
-                         f"x must be (..., {m.cols}) {m.dtype}")
+        raise InputError(
+            f"x {tuple(x.shape)} {x.dtype} does not match W {m.shape} {m.dtype}: "
+            f"x must be (..., {m.cols}) {m.dtype}"
+        )
     if x.device != m.planes.device:
         raise InputError(f"x is on {x.device} but W is on {m.planes.device}")
     x2 = x.reshape(-1, m.cols)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if x2.shape[0] > MAX_TOKENS:
-        raise InputError(f"tbe_linear is for skinny activations (1-{MAX_TOKENS} tokens), "
-                         f"got {x2.shape[0]}")
+        raise InputError(
+            f"tbe_linear is for skinny activations (1-{MAX_TOKENS} tokens), got {x2.shape[0]}"
+        )
     return x.shape[:-1], x2
 
 
@@ -154,8 +165,9 @@ def tbe_encode_torch(w: torch.Tensor) -> TBEMatrix:
     is the stream order; plane words are sums of distinct powers of two.
     """
     if not isinstance(w, torch.Tensor) or w.dtype not in (torch.bfloat16, torch.float16):
-        raise InputError(f"TBE takes bfloat16/float16 tensors, not "
-                         f"{getattr(w, 'dtype', type(w).__name__)}")
+        raise InputError(
+            f"TBE takes bfloat16/float16 tensors, not {getattr(w, 'dtype', type(w).__name__)}"
+        )
     shape = tuple(w.shape)
     n = w.numel()
     if n and len(shape) >= 2:
@@ -184,8 +196,8 @@ def tbe_encode_torch(w: torch.Tensor) -> TBEMatrix:
     valid = valid.view(Rp, Cp)
     d = ((vals >> shift) & emax) - base
     code = torch.where(valid & (d >= 1) & (d <= 7), d, torch.zeros_like(d))
-    bitpos = (torch.arange(8, device=dev)[:, None] * 8 + torch.arange(8, device=dev)[None, :])
-    weights = (torch.ones((), dtype=torch.int64, device=dev) << bitpos.to(torch.int64))  # [8, 8]
+    bitpos = torch.arange(8, device=dev)[:, None] * 8 + torch.arange(8, device=dev)[None, :]
+    weights = torch.ones((), dtype=torch.int64, device=dev) << bitpos.to(torch.int64)  # [8, 8]
 
     def plane(bit_RC: torch.Tensor) -> torch.Tensor:
         t = bit_RC.to(torch.int64).view(Rp // 8, 8, Cp // 8, 8).permute(0, 2, 1, 3)
@@ -215,6 +227,17 @@ def tbe_encode_torch(w: torch.Tensor) -> TBEMatrix:
         planes_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
     covered = _pad_stream(covered, COV_PAD, 4)
     fallback = _pad_stream(fallback, FB_PAD, 2)
-    return TBEMatrix(dtype=w.dtype, shape=shape, rows=R, cols=C, numel=n, base=base,
-                     planes_per_tile=P, planes=planes_i32, cov_off=cov_off,
-                     fb_off=fb_off, covered=covered, fallback=fallback)
+    return TBEMatrix(
+        dtype=w.dtype,
+        shape=shape,
+        rows=R,
+        cols=C,
+        numel=n,
+        base=base,
+        planes_per_tile=P,
+        planes=planes_i32,
+        cov_off=cov_off,
+        fb_off=fb_off,
+        covered=covered,
+        fallback=fallback,
+    )
