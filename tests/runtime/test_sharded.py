@@ -40,13 +40,16 @@ def _rank(rank, world, path):
     # no tensor anywhere in this process holds a whole layer's experts
     full_rows = 0
     for obj in gc.get_objects():
-        if (
-            isinstance(obj, torch.Tensor)
-            and not obj.is_meta
-            and obj.dim() == 3
-            and obj.shape[0] == E
-        ):
-            full_rows += 1
+        try:
+            is_full = (
+                isinstance(obj, torch.Tensor)
+                and not obj.is_meta
+                and obj.dim() == 3
+                and obj.shape[0] == E
+            )
+        except ReferenceError:  # a weakref proxy whose referent is gone
+            continue
+        full_rows += is_full
     ranges = [m.expert_range for m in eps]
     # and the model computes: one forward on this rank's tokens
     with torch.no_grad():
