@@ -209,10 +209,11 @@ def test_planners_and_simulator_load_without_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_layer_imports_no_torch_distributed():
-    # layer/ is single-device semantics; distribution lives in comm/ and runtime/
+@pytest.mark.parametrize("subpackage", ["layer", "models"])
+def test_single_device_packages_import_no_torch_distributed(subpackage):
+    # layer/ and models/ are single-device semantics; distribution lives in comm/ and runtime/
     g, known = import_graph(), _modules()
-    seen = _reachable(_in("layer", known), g)
+    seen = _reachable(_in(subpackage, known), g)
     offenders = sorted(
         (m, n) for m in seen for n in _third_party(known[m]) if n.startswith("torch.distributed")
     )
