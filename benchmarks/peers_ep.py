@@ -801,7 +801,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--threads", type=int, default=0, help="threads per rank (0: cores/world)")
     r.add_argument("--breakdown", nargs="*", default=[], choices=list(CELLS),
-                   help="cells where every variant is also run under torch.profiler")
+                   help="cells where every variant is also run under torch.profiler "
+                        "(loopback cells: inside the network namespaces the profiler hung "
+                        "DeepSpeed and Tutel ranks)")
     r.add_argument("--start-timeout", type=float, default=600.0)
     r.add_argument("--round-timeout", type=float, default=600.0)
     r.add_argument("--keep-dir", action="store_true", help="keep the rendezvous dir and logs")
