@@ -107,3 +107,12 @@ def test_nonneg_alpha_clamps_and_refits_through_origin():
     assert c.beta == pytest.approx(sum(x * y for x, y in zip(n, t)) / sum(x * x for x in n))
     ok = LinearCost.fit(n, [1 + 2 * x for x in n], nonneg_alpha=True)
     assert (ok.alpha, ok.beta) == (pytest.approx(1.0), pytest.approx(2.0))
+
+
+def test_nonneg_fit_clamps_a_negative_slope_to_the_mean():
+    n = [1e3, 1e4, 1e5]
+    t = [0.30, 0.25, 0.20]  # noise on a loaded machine: time falls as size grows
+    assert LinearCost.fit(n, t).beta < 0
+    c = LinearCost.fit(n, t, nonneg_alpha=True)
+    assert c.beta == 0.0 and c.alpha == pytest.approx(0.25)
+    assert c(1e6) == pytest.approx(0.25)  # never a negative task time for the planner

@@ -81,7 +81,9 @@ class LinearCost:
         ``R^2 = 1 - SS_res / SS_tot``. With ``nonneg_alpha`` a negative intercept (noise on a
         start-up latency that cannot be negative) is clamped to 0 and beta refitted through
         the origin, ``beta = sum(n t) / sum(n^2)``: a negative alpha would make the planner
-        believe that more chunks are cheaper.
+        believe that more chunks are cheaper. Likewise a negative slope (noise on a loaded
+        machine: time cannot fall as the size grows) becomes ``beta = 0``, ``alpha = mean(t)``,
+        which the planner can still use.
         """
         xs = [float(v) for v in n]
         ys = [float(v) for v in t]
@@ -100,6 +102,8 @@ class LinearCost:
         if nonneg_alpha and alpha < 0:
             alpha = 0.0
             beta = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+        if nonneg_alpha and beta < 0:
+            alpha, beta = max(my, 0.0), 0.0
         ss_tot = sum((y - my) ** 2 for y in ys)
         ss_res = sum((y - (alpha + beta * x)) ** 2 for x, y in zip(xs, ys))
         r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
