@@ -260,52 +260,49 @@ def _fid_rank(rank, world, iters):
         "measured": {},
         "runtime": None,
     }
-    try:
-        from moeflow.comm import Topology
-        from moeflow.runtime import ExpertParallel
-    except ImportError as e:  # the runtime is written by another helper
-        res["runtime"] = f"unavailable: {e}"
-    else:
-        torch.manual_seed(0)
-        layer = MoELayer(cfg)
-        topo = Topology.explicit(world_size=world, ranks_per_node=2)
-        torch.manual_seed(100 + rank)
-        x = torch.randn(FID_TOKENS, cfg.hidden_size)
-        eps = {
-            r: ExpertParallel(layer, group=None, topology=topo, dispatcher="a2a", r_fwd=r, r_bwd=r)
-            for r in FID_RS
-        }
-        times: dict[int, list[float]] = {r: [] for r in FID_RS}
-        # round robin over r, so that load from other processes on this shared host hits
-        # every degree alike
-        torch.manual_seed(0)
-        ref_layer = MoELayer(cfg)
-        ref_times: list[float] = []
-        for it in range(iters + 1):
-            # a reference workload timed under the same load: the single-device layer on
-            # the local tokens (what calibration timed as single_device_layer_ms)
+    from moeflow.comm import Topology
+    from moeflow.runtime import ExpertParallel
+
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    topo = Topology.explicit(world_size=world, ranks_per_node=2)
+    torch.manual_seed(100 + rank)
+    x = torch.randn(FID_TOKENS, cfg.hidden_size)
+    eps = {
+        r: ExpertParallel(layer, group=None, topology=topo, dispatcher="a2a", r_fwd=r, r_bwd=r)
+        for r in FID_RS
+    }
+    times: dict[int, list[float]] = {r: [] for r in FID_RS}
+    # round robin over r, so that load from other processes on this shared host hits
+    # every degree alike
+    torch.manual_seed(0)
+    ref_layer = MoELayer(cfg)
+    ref_times: list[float] = []
+    for it in range(iters + 1):
+        # a reference workload timed under the same load: the single-device layer on
+        # the local tokens (what calibration timed as single_device_layer_ms)
+        xi = x.clone().requires_grad_(True)
+        dist.barrier()
+        t0 = time.perf_counter()
+        ref_layer(xi).sum().backward()
+        dt = torch.tensor([(time.perf_counter() - t0) * 1e3])
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        if it >= 1:
+            ref_times.append(float(dt))
+        for r in FID_RS:
             xi = x.clone().requires_grad_(True)
             dist.barrier()
             t0 = time.perf_counter()
-            ref_layer(xi).sum().backward()
+            y = eps[r](xi)
+            y.float().sum().backward()
             dt = torch.tensor([(time.perf_counter() - t0) * 1e3])
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)
             if it >= 1:
-                ref_times.append(float(dt))
-            for r in FID_RS:
-                xi = x.clone().requires_grad_(True)
-                dist.barrier()
-                t0 = time.perf_counter()
-                y = eps[r](xi)
-                y.float().sum().backward()
-                dt = torch.tensor([(time.perf_counter() - t0) * 1e3])
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-                if it >= 1:
-                    times[r].append(float(dt))
-        res["measured"] = {r: statistics.median(v) for r, v in times.items()}
-        res["measured_all"] = times
-        res["reference_ms"] = ref_times
-        res["runtime"] = "moeflow.runtime.ExpertParallel"
+                times[r].append(float(dt))
+    res["measured"] = {r: statistics.median(v) for r, v in times.items()}
+    res["measured_all"] = times
+    res["reference_ms"] = ref_times
+    res["runtime"] = "moeflow.runtime.ExpertParallel"
     dist.barrier()
     # through JSON, as the record is stored: measured times keyed by str(r)
     return json.loads(json.dumps(res)) if rank == 0 else None
