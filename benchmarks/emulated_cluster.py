@@ -104,16 +104,29 @@ def up(nodes: int, rate: str, latency: str = "50ms", burst: str = "256kb") -> li
             ns, port = _ns(i), f"p{i}"
             _run("ip", "netns", "add", ns)
             # create the pair inside the node so its end never lands in the caller's namespace
-            _in(ns, "ip", "link", "add", IFACE, "type", "veth", "peer", "name", port,
-                "netns", sw)
+            _in(ns, "ip", "link", "add", IFACE, "type", "veth", "peer", "name", port, "netns", sw)
             _in(ns, "ip", "addr", "add", f"{addr(i)}/24", "dev", IFACE)
             _in(ns, "ip", "link", "set", IFACE, "up")
             _in(ns, "ip", "link", "set", "lo", "up")
             _in(sw, "ip", "link", "set", port, "master", "br0")
             _in(sw, "ip", "link", "set", port, "up")
-            for where, dev in ((ns, IFACE), (sw, port)):   # shape both directions
-                _in(where, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
-                    "burst", burst, "latency", latency)
+            for where, dev in ((ns, IFACE), (sw, port)):  # shape both directions
+                _in(
+                    where,
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    rate,
+                    "burst",
+                    burst,
+                    "latency",
+                    latency,
+                )
     except BaseException:
         down()
         raise
@@ -123,14 +136,14 @@ def up(nodes: int, rate: str, latency: str = "50ms", burst: str = "256kb") -> li
 def node_command(i: int, cmd: Sequence[str], env: dict | None = None) -> list[str]:
     """``cmd`` wrapped to run inside node ``i`` (with GLOO_SOCKET_IFNAME and ``env``)."""
     extra = {"GLOO_SOCKET_IFNAME": IFACE, **(env or {})}
-    return ["ip", "netns", "exec", _ns(i), "env",
-            *[f"{k}={v}" for k, v in extra.items()], *cmd]
+    return ["ip", "netns", "exec", _ns(i), "env", *[f"{k}={v}" for k, v in extra.items()], *cmd]
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: emulated_cluster.py up N RATE [LATENCY] | addr I | exec I -- CMD... | "
-             "down | check")
+    usage = (
+        "usage: emulated_cluster.py up N RATE [LATENCY] | addr I | exec I -- CMD... | down | check"
+    )
     if not argv:
         print(usage, file=sys.stderr)
         return 2

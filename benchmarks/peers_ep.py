@@ -70,8 +70,11 @@ DROP_VARIANTS = ("moeflow", "moeflow-a2a", "moeflow-2dh", "moeflow-planned")
 DROPLESS_VARIANT = "moeflow-dropless-swiglu"
 #: the same in bf16 (parameters and activations): torchtitan's grouped GEMMs always run in bf16
 DROPLESS_BF16 = "moeflow-dropless-swiglu-bf16"
-PAIRS = {"deepspeed": DROP_VARIANTS, "tutel": DROP_VARIANTS,
-         "torchtitan": (DROPLESS_VARIANT, DROPLESS_BF16)}
+PAIRS = {
+    "deepspeed": DROP_VARIANTS,
+    "tutel": DROP_VARIANTS,
+    "torchtitan": (DROPLESS_VARIANT, DROPLESS_BF16),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,17 +82,25 @@ class Cell:
     name: str
     nodes: int
     ranks_per_node: int
-    rate: str | None = None      # None: loopback; else tc rate of each node's link
+    rate: str | None = None  # None: loopback; else tc rate of each node's link
 
     @property
     def world(self) -> int:
         return self.nodes * self.ranks_per_node
 
 
-CELLS = {c.name: c for c in (
-    Cell("single", 1, 1), Cell("lo2", 1, 2), Cell("lo4", 1, 4),
-    Cell("emu2x1-1gbit", 2, 1, "1gbit"), Cell("emu2x2-1gbit", 2, 2, "1gbit"),
-    Cell("emu2x1-100mbit", 2, 1, "100mbit"), Cell("emu2x2-100mbit", 2, 2, "100mbit"))}
+CELLS = {
+    c.name: c
+    for c in (
+        Cell("single", 1, 1),
+        Cell("lo2", 1, 2),
+        Cell("lo4", 1, 4),
+        Cell("emu2x1-1gbit", 2, 1, "1gbit"),
+        Cell("emu2x2-1gbit", 2, 2, "1gbit"),
+        Cell("emu2x1-100mbit", 2, 1, "100mbit"),
+        Cell("emu2x2-100mbit", 2, 2, "100mbit"),
+    )
+}
 
 
 # ============================================================================================
@@ -111,14 +122,19 @@ def _versions(impl: str) -> dict:
     import importlib.metadata as md
 
     import torch
+
     out = {"torch": torch.__version__}
-    dist_name = {"deepspeed": "deepspeed", "tutel": "tutel", "torchtitan": "torchtitan",
-                 "moeflow": "moeflow"}[impl]
+    dist_name = {
+        "deepspeed": "deepspeed",
+        "tutel": "tutel",
+        "torchtitan": "torchtitan",
+        "moeflow": "moeflow",
+    }[impl]
     try:
         out[impl] = md.version(dist_name)
     except md.PackageNotFoundError:
         out[impl] = "unknown"
-    src = os.path.join(sys.prefix, "tutel-source.txt")   # written by peers/setup_env.sh
+    src = os.path.join(sys.prefix, "tutel-source.txt")  # written by peers/setup_env.sh
     if impl == "tutel" and os.path.exists(src):
         with open(src) as f:
             out[impl] += f" (source {f.read().strip()[:12]})"
@@ -129,14 +145,26 @@ def _build_deepspeed(c: dict, W: int):
     import deepspeed
     import torch.nn as nn
     from deepspeed.moe.layer import MoE
+
     D, F, E = c["dim"], c["ffn"], c["experts"]
-    expert = nn.Sequential(nn.Linear(D, F, bias=False), nn.GELU(approximate="tanh"),
-                           nn.Linear(F, D, bias=False))
-    m = MoE(hidden_size=D, expert=expert, num_experts=E, ep_size=W, k=c["top_k"],
-            capacity_factor=c["capacity_factor"], eval_capacity_factor=c["capacity_factor"],
-            min_capacity=0, drop_tokens=True, use_rts=False, noisy_gate_policy=None,
-            top2_2nd_expert_sampling=False)   # plain top-2 (its default samples the 2nd)
-    m.set_deepspeed_parallelism()   # what the DeepSpeed engine does: creates the EP group
+    expert = nn.Sequential(
+        nn.Linear(D, F, bias=False), nn.GELU(approximate="tanh"), nn.Linear(F, D, bias=False)
+    )
+    m = MoE(
+        hidden_size=D,
+        expert=expert,
+        num_experts=E,
+        ep_size=W,
+        k=c["top_k"],
+        capacity_factor=c["capacity_factor"],
+        eval_capacity_factor=c["capacity_factor"],
+        min_capacity=0,
+        drop_tokens=True,
+        use_rts=False,
+        noisy_gate_policy=None,
+        top2_2nd_expert_sampling=False,
+    )  # plain top-2 (its default samples the 2nd)
+    m.set_deepspeed_parallelism()  # what the DeepSpeed engine does: creates the EP group
     del deepspeed
     return {"deepspeed": (m, lambda x: m(x)[0])}
 
@@ -145,16 +173,27 @@ def _build_tutel(c: dict, W: int):
     import torch.distributed as dist
     import torch.nn.functional as Fn
     from tutel import moe as tutel_moe
+
     D, F, E = c["dim"], c["ffn"], c["experts"]
     m = tutel_moe.moe_layer(
-        gate_type={"type": "top", "k": c["top_k"], "capacity_factor": c["capacity_factor"],
-                   "gate_noise": 0.0},
+        gate_type={
+            "type": "top",
+            "k": c["top_k"],
+            "capacity_factor": c["capacity_factor"],
+            "gate_noise": 0.0,
+        },
         model_dim=D,
-        experts={"type": "ffn", "count_per_node": E // W, "hidden_size_per_expert": F,
-                 "activation_fn": lambda x: Fn.gelu(x, approximate="tanh"),
-                 "has_fc1_bias": False, "has_fc2_bias": False},
+        experts={
+            "type": "ffn",
+            "count_per_node": E // W,
+            "hidden_size_per_expert": F,
+            "activation_fn": lambda x: Fn.gelu(x, approximate="tanh"),
+            "has_fc1_bias": False,
+            "has_fc2_bias": False,
+        },
         scan_expert_func=lambda name, p: setattr(p, "skip_allreduce", True),
-        group=dist.group.WORLD)
+        group=dist.group.WORLD,
+    )
     return {"tutel": (m, m)}
 
 
@@ -169,6 +208,7 @@ def _build_torchtitan(c: dict, W: int):
         TokenChoiceTopKRouter,
     )
     from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher
+
     # the DTensor path: "spmd_types" (the default) needs a model parallelized by the trainer
     set_spmd_backend("partial_dtensor")
     D, F, E, K = c["dim"], c["ffn"], c["experts"], c["top_k"]
@@ -176,18 +216,25 @@ def _build_torchtitan(c: dict, W: int):
         num_experts=E,
         routed_experts=RoutedExperts.Config(
             inner_experts=GroupedExperts.Config(dim=D, hidden_dim=F, num_experts=E // W),
-            token_dispatcher=AllToAllTokenDispatcher.Config(num_experts=E, top_k=K)),
+            token_dispatcher=AllToAllTokenDispatcher.Config(num_experts=E, top_k=K),
+        ),
         router=TokenChoiceTopKRouter.Config(
-            num_experts=E, gate=Linear.Config(in_features=D, out_features=E, bias=False),
-            top_k=K, score_func="softmax", route_norm=True),
-        load_balance_coeff=None)
+            num_experts=E,
+            gate=Linear.Config(in_features=D, out_features=E, bias=False),
+            top_k=K,
+            score_func="softmax",
+            route_norm=True,
+        ),
+        load_balance_coeff=None,
+    )
     m = cfg.build()
-    with torch.no_grad():   # the trainer's init; the expert weights of this rank's shard
+    with torch.no_grad():  # the trainer's init; the expert weights of this rank's shard
         for name, p in m.named_parameters():
-            p.normal_(0.0, D ** -0.5 if "gate" in name else 0.02)
+            p.normal_(0.0, D**-0.5 if "gate" in name else 0.02)
     mesh = None
     if W > 1:
         from torch.distributed.device_mesh import init_device_mesh
+
         mesh = init_device_mesh("cpu", (W,), mesh_dim_names=("ep",))
     m.routed_experts.token_dispatcher.wire_meshes(ep_mesh=mesh)
     return {"torchtitan": (m, lambda x: m(x.view(1, *x.shape)))}
@@ -198,15 +245,28 @@ def _plan_degrees(c: dict, W: int, nodes: int, cfg) -> dict:
     from moeflow.perf import profile
     from moeflow.plan import LayerWorkload
     from moeflow.plan.fsmoe import plan_layer
+
     t0 = time.perf_counter()
-    perf = profile(None, nodes=nodes, sizes=(2 ** 16, 2 ** 18, 2 ** 20),
-                   gemm_sizes=(64, 128, 256), reps=2, trials=1, progress=False)
+    perf = profile(
+        None,
+        nodes=nodes,
+        sizes=(2**16, 2**18, 2**20),
+        gemm_sizes=(64, 128, 256),
+        reps=2,
+        trials=1,
+        progress=False,
+    )
     w = LayerWorkload.from_config(cfg, tokens=c["tokens"], n_ep=W, bytes_per_element=4)
     d = plan_layer(w, perf)
-    return {"r_fwd": d.r_fwd, "r_bwd": d.r_bwd, "profile_s": time.perf_counter() - t0,
-            "a2a_alpha_ms": perf.cost("a2a").alpha,
-            "a2a_GBps": 1e-6 / perf.cost("a2a").beta if perf.cost("a2a").beta > 0 else None,
-            "case_fwd": d.fwd.case, "case_bwd": d.bwd.case}
+    return {
+        "r_fwd": d.r_fwd,
+        "r_bwd": d.r_bwd,
+        "profile_s": time.perf_counter() - t0,
+        "a2a_alpha_ms": perf.cost("a2a").alpha,
+        "a2a_GBps": 1e-6 / perf.cost("a2a").beta if perf.cost("a2a").beta > 0 else None,
+        "case_fwd": d.fwd.case,
+        "case_bwd": d.bwd.case,
+    }
 
 
 def _build_moeflow(c: dict, W: int, nodes: int, meta: dict, deferred: dict):
@@ -215,23 +275,32 @@ def _build_moeflow(c: dict, W: int, nodes: int, meta: dict, deferred: dict):
     import torch
 
     from moeflow import MoEConfig, MoELayer
-    base = dict(hidden_size=c["dim"], ffn_hidden_size=c["ffn"], num_experts=c["experts"],
-                top_k=c["top_k"], router="softmax_topk", norm_topk_prob=True)
+
+    base = dict(
+        hidden_size=c["dim"],
+        ffn_hidden_size=c["ffn"],
+        num_experts=c["experts"],
+        top_k=c["top_k"],
+        router="softmax_topk",
+        norm_topk_prob=True,
+    )
     drop = MoEConfig(**base, expert_type="gelu", capacity_factor=c["capacity_factor"])
     dropless = MoEConfig(**base, expert_type="swiglu", capacity_factor=None)
 
     def layer(cfg):
-        torch.manual_seed(0)   # every rank the same layer (ExpertParallel slices it)
+        torch.manual_seed(0)  # every rank the same layer (ExpertParallel slices it)
         return MoELayer(cfg)
 
-    def bf16(m):   # fp32 in and out, as torchtitan's layer; bf16 parameters and GEMMs inside
+    def bf16(m):  # fp32 in and out, as torchtitan's layer; bf16 parameters and GEMMs inside
         m.to(torch.bfloat16)
         return (m, lambda x: m(x.to(torch.bfloat16)).float())
+
     if W == 1:
         a, b = layer(drop), layer(dropless)
         return {"moeflow": (a, a), DROPLESS_VARIANT: (b, b), DROPLESS_BF16: bf16(layer(dropless))}
     from moeflow.comm import Topology
     from moeflow.runtime import ExpertParallel
+
     topo = Topology.from_env()
 
     def ep(cfg, **kw):
@@ -253,11 +322,18 @@ def _build_moeflow(c: dict, W: int, nodes: int, meta: dict, deferred: dict):
             return None
         meta["planned"] = plan
         return ep(drop, dispatcher="a2a", r_fwd=plan["r_fwd"], r_bwd=plan["r_bwd"])
+
     deferred["moeflow-planned"] = planned
-    out = {"moeflow-a2a": ep(drop, dispatcher="a2a"), "moeflow-2dh": ep(drop, dispatcher="2dh"),
-           DROPLESS_VARIANT: ep(dropless, dispatcher="a2a")}
-    out[DROPLESS_BF16] = bf16(ExpertParallel(layer(dropless).to(torch.bfloat16), topology=topo,
-                                             timeout_s=600, dispatcher="a2a"))
+    out = {
+        "moeflow-a2a": ep(drop, dispatcher="a2a"),
+        "moeflow-2dh": ep(drop, dispatcher="2dh"),
+        DROPLESS_VARIANT: ep(dropless, dispatcher="a2a"),
+    }
+    out[DROPLESS_BF16] = bf16(
+        ExpertParallel(
+            layer(dropless).to(torch.bfloat16), topology=topo, timeout_s=600, dispatcher="a2a"
+        )
+    )
     return out
 
 
@@ -267,6 +343,7 @@ def worker(args) -> int:
 
     import torch
     import torch.distributed as dist
+
     d = args.dir
     with open(os.path.join(d, "config.json")) as f:
         c = json.load(f)
@@ -277,15 +354,18 @@ def worker(args) -> int:
         torch.set_num_threads(int(c["threads"]))
         if impl == "deepspeed":
             import deepspeed
-            deepspeed.init_distributed(dist_backend="gloo",
-                                       timeout=dt.timedelta(seconds=900))
+
+            deepspeed.init_distributed(dist_backend="gloo", timeout=dt.timedelta(seconds=900))
         else:
             dist.init_process_group("gloo", timeout=dt.timedelta(seconds=900))
         W = dist.get_world_size()
         meta = {"versions": _versions(impl), "world": W, "threads": torch.get_num_threads()}
-        build = {"deepspeed": lambda: _build_deepspeed(c, W), "tutel": lambda: _build_tutel(c, W),
-                 "torchtitan": lambda: _build_torchtitan(c, W),
-                 "moeflow": lambda: _build_moeflow(c, W, nodes, meta, deferred)}[impl]
+        build = {
+            "deepspeed": lambda: _build_deepspeed(c, W),
+            "tutel": lambda: _build_tutel(c, W),
+            "torchtitan": lambda: _build_torchtitan(c, W),
+            "moeflow": lambda: _build_moeflow(c, W, nodes, meta, deferred),
+        }[impl]
         deferred: dict = {}
         variants = build()
         meta["variants"] = list(variants) + list(deferred)
@@ -299,10 +379,10 @@ def worker(args) -> int:
             t0 = time.perf_counter()
             fn(x).sum().backward()
             t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)   # a step ends when its last rank ends
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step ends when its last rank ends
             return float(t)
 
-        for module, fn in variants.values():   # one untimed step: lazy init, first-call costs
+        for module, fn in variants.values():  # one untimed step: lazy init, first-call costs
             step(module, fn)
         dist.barrier()
         if rank == 0:
@@ -310,7 +390,7 @@ def worker(args) -> int:
             _touch(os.path.join(d, f"{impl}.ready"))
         for r in range(c["rounds"]):
             _wait_file(os.path.join(d, f"go.{impl}.{r}"))
-            for name, make in deferred.items():    # in our turn: the others are idle
+            for name, make in deferred.items():  # in our turn: the others are idle
                 built = make()
                 if built is not None:
                     variants[name] = built
@@ -322,7 +402,7 @@ def worker(args) -> int:
             for name, (module, fn) in variants.items():
                 n = c["steps"] + (c["warmup"] if r == 0 else 0)
                 ts = [step(module, fn) for _ in range(n)]
-                times[name] = ts[c["warmup"]:] if r == 0 else ts
+                times[name] = ts[c["warmup"] :] if r == 0 else ts
             if rank == 0:
                 _touch(os.path.join(d, f"{impl}.r{r}.json"), json.dumps(times))
                 _touch(os.path.join(d, f"done.{impl}.{r}"))
@@ -334,8 +414,10 @@ def worker(args) -> int:
                 _touch(os.path.join(d, f"done.{impl}.breakdown"))
         dist.barrier()
     except BaseException as e:  # noqa: BLE001 - the driver reports it
-        _touch(os.path.join(d, f"{impl}.error.{rank}"),
-               f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        _touch(
+            os.path.join(d, f"{impl}.error.{rank}"),
+            f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
+        )
         sys.stdout.flush()
         os._exit(1)
     sys.stdout.flush()
@@ -354,6 +436,7 @@ def _breakdown(variants: dict, step, rank: int, steps: int = BREAKDOWN_STEPS) ->
     in collectives (gloo ops), the router, the expert GEMMs and the permutations.
     """
     from torch.profiler import ProfilerActivity, profile
+
     out = {}
     for name, (module, fn) in variants.items():
         step(module, fn)
@@ -363,8 +446,10 @@ def _breakdown(variants: dict, step, rank: int, steps: int = BREAKDOWN_STEPS) ->
         for ev in prof.key_averages():
             rows.append((ev.key, ev.self_cpu_time_total / 1e3 / steps, ev.count // steps))
         rows.sort(key=lambda r: -r[1])
-        out[name] = {"step_ms": wall * 1e3 / steps,
-                     "top": [[k, round(ms, 3), n] for k, ms, n in rows[:14]]}
+        out[name] = {
+            "step_ms": wall * 1e3 / steps,
+            "top": [[k, round(ms, 3), n] for k, ms, n in rows[:14]],
+        }
     return out
 
 
@@ -387,14 +472,23 @@ def probe(python: str, impls) -> dict:
     if not os.path.exists(python):
         return {i: f"interpreter {python} does not exist" for i in impls}
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    procs = {i: subprocess.Popen([python, "-c", PROBES[i]], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True, env=env) for i in impls}
+    procs = {
+        i: subprocess.Popen(
+            [python, "-c", PROBES[i]],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in impls
+    }
     out = {}
     for i, p in procs.items():
         _, err = p.communicate(timeout=300)
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-        out[i] = None if p.returncode == 0 else (lines[-1] if lines else
-                                                 f"exit code {p.returncode}")
+        out[i] = (
+            None if p.returncode == 0 else (lines[-1] if lines else f"exit code {p.returncode}")
+        )
     return out
 
 
@@ -409,10 +503,29 @@ def _free_port() -> int:
 def _launch_cmds(cell: Cell, impl: str, python: str, d: str, port: int, master: str) -> list:
     cmds = []
     for i in range(cell.nodes):
-        cmds.append([python, "-m", "torch.distributed.run", "--nnodes", str(cell.nodes),
-                     "--node-rank", str(i), "--nproc-per-node", str(cell.ranks_per_node),
-                     "--master-addr", master, "--master-port", str(port),
-                     os.path.abspath(__file__), "worker", "--impl", impl, "--dir", d])
+        cmds.append(
+            [
+                python,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                str(cell.nodes),
+                "--node-rank",
+                str(i),
+                "--nproc-per-node",
+                str(cell.ranks_per_node),
+                "--master-addr",
+                master,
+                "--master-port",
+                str(port),
+                os.path.abspath(__file__),
+                "worker",
+                "--impl",
+                impl,
+                "--dir",
+                d,
+            ]
+        )
     return cmds
 
 
@@ -460,6 +573,7 @@ def _kill(procs) -> None:
 def run_cell(cell: Cell, impls: list, args, status: dict) -> dict:
     """Launch every available implementation of ``cell``; rounds in turn; raw results."""
     import emulated_cluster as ec
+
     out = {"cell": dataclasses.asdict(cell), "world": cell.world, "impls": {}, "commands": {}}
     if cell.rate is not None:
         reason = ec.unavailable()
@@ -467,11 +581,20 @@ def run_cell(cell: Cell, impls: list, args, status: dict) -> dict:
             out["skipped"] = f"emulated cluster unavailable: {reason}"
             return out
     cores = os.cpu_count() or 1
-    c = {"dim": args.dim, "ffn": args.ffn, "experts": args.experts, "top_k": args.top_k,
-         "capacity_factor": args.capacity_factor, "tokens": args.tokens,
-         "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
-         "threads": args.threads or max(1, cores // cell.world), "nodes": cell.nodes,
-         "breakdown": cell.name in (args.breakdown or [])}
+    c = {
+        "dim": args.dim,
+        "ffn": args.ffn,
+        "experts": args.experts,
+        "top_k": args.top_k,
+        "capacity_factor": args.capacity_factor,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": args.threads or max(1, cores // cell.world),
+        "nodes": cell.nodes,
+        "breakdown": cell.name in (args.breakdown or []),
+    }
     out["threads_per_rank"] = c["threads"]
     d = tempfile.mkdtemp(prefix=f"peers_ep_{cell.name}_")
     with open(os.path.join(d, "config.json"), "w") as f:
@@ -487,13 +610,17 @@ def run_cell(cell: Cell, impls: list, args, status: dict) -> dict:
                 out["impls"][impl] = {"status": f"not installed: {status[impl]}"}
                 continue
             port = 29600 + k if cell.rate is not None else _free_port()
-            env = {"OMP_NUM_THREADS": str(c["threads"]), "DS_ACCELERATOR": "cpu",
-                   "PYTHONUNBUFFERED": "1"}
+            env = {
+                "OMP_NUM_THREADS": str(c["threads"]),
+                "DS_ACCELERATOR": "cpu",
+                "PYTHONUNBUFFERED": "1",
+            }
             procs = []
             cmds = _launch_cmds(cell, impl, args.python, d, port, master)
-            out["commands"][impl] = [_scrub(" ".join(
-                ec.node_command(i, cm, env) if cell.rate is not None else cm), d)
-                for i, cm in enumerate(cmds)]
+            out["commands"][impl] = [
+                _scrub(" ".join(ec.node_command(i, cm, env) if cell.rate is not None else cm), d)
+                for i, cm in enumerate(cmds)
+            ]
             for i, cmd in enumerate(cmds):
                 if cell.rate is not None:
                     cmd = ec.node_command(i, cmd, env)
@@ -502,8 +629,14 @@ def run_cell(cell: Cell, impls: list, args, status: dict) -> dict:
                     penv = {**os.environ, **env, "GLOO_SOCKET_IFNAME": "lo"}
                 log = os.path.join(d, f"{impl}.node{i}.log")
                 with open(log, "w") as lf:
-                    procs.append((subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT,
-                                                   env=penv, cwd=REPO), log))
+                    procs.append(
+                        (
+                            subprocess.Popen(
+                                cmd, stdout=lf, stderr=subprocess.STDOUT, env=penv, cwd=REPO
+                            ),
+                            log,
+                        )
+                    )
             launched[impl] = procs
         ready = []
         for impl, procs in launched.items():
@@ -516,7 +649,7 @@ def run_cell(cell: Cell, impls: list, args, status: dict) -> dict:
                     out["impls"][impl] = {"status": "ok", "meta": json.load(f), "times": {}}
                 ready.append(impl)
         for r in range(args.rounds):
-            order = ready[r % len(ready):] + ready[:r % len(ready)] if ready else []
+            order = ready[r % len(ready) :] + ready[: r % len(ready)] if ready else []
             for impl in order:
                 if out["impls"][impl]["status"] != "ok":
                     continue
@@ -534,12 +667,14 @@ def run_cell(cell: Cell, impls: list, args, status: dict) -> dict:
                 if out["impls"][impl]["status"] != "ok":
                     continue
                 _touch(os.path.join(d, f"go.{impl}.breakdown"))
-                if _wait(d, impl, f"done.{impl}.breakdown", launched[impl],
-                         args.round_timeout) is None:
+                if (
+                    _wait(d, impl, f"done.{impl}.breakdown", launched[impl], args.round_timeout)
+                    is None
+                ):
                     with open(os.path.join(d, f"{impl}.breakdown.json")) as f:
                         out["impls"][impl]["breakdown"] = json.load(f)
         for impl in ready:
-            with open(os.path.join(d, f"{impl}.meta.json")) as f:   # updated in round 0
+            with open(os.path.join(d, f"{impl}.meta.json")) as f:  # updated in round 0
                 out["impls"][impl]["meta"] = json.load(f)
             for p, _ in launched[impl]:
                 try:
@@ -564,8 +699,11 @@ def _scrub(obj, rundir: str = ""):
     if isinstance(obj, str):
         if rundir:
             obj = obj.replace(rundir, "$RUNDIR")
-        return obj.replace(REPO + os.sep, "").replace(REPO, ".").replace(
-            tempfile.gettempdir() + os.sep, "$TMPDIR/")
+        return (
+            obj.replace(REPO + os.sep, "")
+            .replace(REPO, ".")
+            .replace(tempfile.gettempdir() + os.sep, "$TMPDIR/")
+        )
     if isinstance(obj, dict):
         return {k: _scrub(v, rundir) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -580,9 +718,16 @@ def summarize(res: dict, tokens: int) -> list:
         for name, ts in v.get("times", {}).items():
             if ts:
                 med = statistics.median(ts)
-                rows.append({"variant": name, "impl": impl, "median_ms": med * 1e3,
-                             "min_ms": min(ts) * 1e3, "steps": len(ts),
-                             "tokens_per_s": res["world"] * tokens / med})
+                rows.append(
+                    {
+                        "variant": name,
+                        "impl": impl,
+                        "median_ms": med * 1e3,
+                        "min_ms": min(ts) * 1e3,
+                        "steps": len(ts),
+                        "tokens_per_s": res["world"] * tokens / med,
+                    }
+                )
     return rows
 
 
@@ -603,12 +748,27 @@ def run(args) -> dict:
     sys.path.insert(0, HERE)
     impls = [i for i in args.impls]
     status = probe(args.python, impls)
-    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "config": {k: getattr(args, k) for k in ("tokens", "dim", "ffn", "experts",
-                                                        "top_k", "capacity_factor", "rounds",
-                                                        "steps", "warmup")},
-               "python": args.python, "probe": status, "cells": {},
-               "load_before": os.getloadavg()}
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "tokens",
+                "dim",
+                "ffn",
+                "experts",
+                "top_k",
+                "capacity_factor",
+                "rounds",
+                "steps",
+                "warmup",
+            )
+        },
+        "python": args.python,
+        "probe": status,
+        "cells": {},
+        "load_before": os.getloadavg(),
+    }
     for name in args.cells:
         t0 = time.perf_counter()
         res = run_cell(CELLS[name], impls, args, status)
@@ -630,8 +790,10 @@ def format_cell(name: str, res: dict) -> str:
         if v["status"] != "ok":
             lines.append(f"  {impl}: {v['status']}")
     for r in res["rows"]:
-        lines.append(f"  {r['variant']:<26} {r['tokens_per_s']:>10.0f} tok/s  "
-                     f"median {r['median_ms']:.1f} ms  min {r['min_ms']:.1f} ms  n={r['steps']}")
+        lines.append(
+            f"  {r['variant']:<26} {r['tokens_per_s']:>10.0f} tok/s  "
+            f"median {r['median_ms']:.1f} ms  min {r['min_ms']:.1f} ms  n={r['steps']}"
+        )
     for k, x in res["ratios"].items():
         lines.append(f"  {k.replace('|', ' / ')}: {x:.2f}x")
     return "\n".join(lines)
@@ -639,13 +801,15 @@ def format_cell(name: str, res: dict) -> str:
 
 # ---- record ----------------------------------------------------------------------------------
 def _git_commit() -> str:
-    r = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
     return r.stdout.strip() or "unknown"
 
 
 def record_markdown(results: dict, argv: list) -> str:
     from _common import cpu_name
+
     c = results["config"]
     versions = {}
     for res in results["cells"].values():
@@ -653,66 +817,90 @@ def record_markdown(results: dict, argv: list) -> str:
             if "meta" in v:
                 versions.update(v["meta"]["versions"])
     cf = c["capacity_factor"]
-    L = ["# moeflow expert parallelism vs DeepSpeed-MoE, Tutel, torchtitan (CPU, gloo)", "",
-         f"date {results['date']}; machine: {os.cpu_count()} cores, {cpu_name()}, no GPU; "
-         f"moeflow commit {_git_commit()}; load average before {results['load_before'][0]:.2f}"
-         f", after {results['load_after'][0]:.2f}", "",
-         "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())), "",
-         f"Configuration: D={c['dim']}, F={c['ffn']}, E={c['experts']}, top-{c['top_k']} softmax "
-         f"(renormalised), T={c['tokens']} tokens per rank, fp32, capacity factor {cf} "
-         f"(capacity ceil({cf}*{c['top_k']}*T/E) per expert and rank) for DeepSpeed, Tutel and "
-         f"moeflow's GELU layer; dropless for torchtitan and moeflow's SwiGLU layer. fwd+bwd "
-         f"of `y.sum()`, all parameter gradients; {c['warmup']} warm-up steps, then "
-         f"{c['rounds']} rounds x {c['steps']} steps, implementations in turn (rotating order); "
-         f"median step (slowest rank) over all rounds. tokens/s = world x T / median.", "",
-         "Command: `python benchmarks/peers_ep.py " + " ".join(argv) + "`", ""]
-    L += ["How the layers compare:", "",
-          "- DeepSpeed-MoE: `deepspeed.moe.layer.MoE(ep_size=W, k=2, capacity_factor=f, "
-          "drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)`: plain top-2 "
-          "(the default draws the second expert with Gumbel noise); softmax, the two kept gates "
-          "renormalised after dropping); expert `Linear(D,F) -> GELU(tanh) -> Linear(F,D)` "
-          "without biases, one module per local expert run in a loop; all-to-all of E x C "
-          "zero-padded slots (fixed size, no count exchange); the layer's own init.",
-          "- Tutel: `tutel.moe.moe_layer` with the top-2 gate (`capacity_factor=f`, no "
-          "noise, `normalize_gate=True`), built-in `ffn` experts with GELU(tanh), no biases "
-          "(`has_fc1_bias=False, has_fc2_bias=False`): one batched GEMM over E x C padded "
-          "slots; its C++ CPU kernels encode/decode; all-to-all of the padded slots; capacity "
-          "`k * int(f * T / E)` (equal to ceil(f k T / E) here).",
-          "- torchtitan: its `MoE` module (softmax top-2 with `route_norm`, `GroupedExperts`, "
-          "`AllToAllTokenDispatcher` on a 1-D `ep` device mesh, parameters as plain local "
-          "shards instead of DTensors, `partial_dtensor` SPMD backend). Dropless, SwiGLU, "
-          "and the grouped GEMMs always run in bf16 (the module casts); tokens travel in fp32. "
-          "Compared with moeflow's dropless SwiGLU layer in fp32 and in bf16 (bf16 parameters "
-          "and activations, so its all-to-all moves half the bytes).",
-          "- moeflow: `MoELayer` (`router=\"softmax_topk\"`, `norm_topk_prob=True`, "
-          "`expert_type=\"gelu\"`, `capacity_factor=f`: same drop rule as GShard/DeepSpeed/Tutel, "
-          "first choices first, then token order) under `ExpertParallel`: `a2a` (counts first, "
-          "then only the kept rows), `2dh` (intra-node then inter-node), and `a2a` with the "
-          "FSMoE planner's degrees (ASPLOS'25) from a `moeflow.perf.profile` of the same ranks "
-          "at start-up. Single device: `MoELayer` itself.",
-          "- Routers and experts are initialised by each library; the inputs are the same "
-          "(seeded per rank); there is no optimizer step, so every step routes alike.", ""]
-    L += ["Launch (every implementation alike; shown for moeflow, `--impl` names the others; "
-          "the emulated cells run each node's launcher inside its namespace):", ""]
+    L = [
+        "# moeflow expert parallelism vs DeepSpeed-MoE, Tutel, torchtitan (CPU, gloo)",
+        "",
+        f"date {results['date']}; machine: {os.cpu_count()} cores, {cpu_name()}, no GPU; "
+        f"moeflow commit {_git_commit()}; load average before {results['load_before'][0]:.2f}"
+        f", after {results['load_after'][0]:.2f}",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
+        "",
+        f"Configuration: D={c['dim']}, F={c['ffn']}, E={c['experts']}, top-{c['top_k']} softmax "
+        f"(renormalised), T={c['tokens']} tokens per rank, fp32, capacity factor {cf} "
+        f"(capacity ceil({cf}*{c['top_k']}*T/E) per expert and rank) for DeepSpeed, Tutel and "
+        f"moeflow's GELU layer; dropless for torchtitan and moeflow's SwiGLU layer. fwd+bwd "
+        f"of `y.sum()`, all parameter gradients; {c['warmup']} warm-up steps, then "
+        f"{c['rounds']} rounds x {c['steps']} steps, implementations in turn (rotating order); "
+        f"median step (slowest rank) over all rounds. tokens/s = world x T / median.",
+        "",
+        "Command: `python benchmarks/peers_ep.py " + " ".join(argv) + "`",
+        "",
+    ]
+    L += [
+        "How the layers compare:",
+        "",
+        "- DeepSpeed-MoE: `deepspeed.moe.layer.MoE(ep_size=W, k=2, capacity_factor=f, "
+        "drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)`: plain top-2 "
+        "(the default draws the second expert with Gumbel noise); softmax, the two kept gates "
+        "renormalised after dropping); expert `Linear(D,F) -> GELU(tanh) -> Linear(F,D)` "
+        "without biases, one module per local expert run in a loop; all-to-all of E x C "
+        "zero-padded slots (fixed size, no count exchange); the layer's own init.",
+        "- Tutel: `tutel.moe.moe_layer` with the top-2 gate (`capacity_factor=f`, no "
+        "noise, `normalize_gate=True`), built-in `ffn` experts with GELU(tanh), no biases "
+        "(`has_fc1_bias=False, has_fc2_bias=False`): one batched GEMM over E x C padded "
+        "slots; its C++ CPU kernels encode/decode; all-to-all of the padded slots; capacity "
+        "`k * int(f * T / E)` (equal to ceil(f k T / E) here).",
+        "- torchtitan: its `MoE` module (softmax top-2 with `route_norm`, `GroupedExperts`, "
+        "`AllToAllTokenDispatcher` on a 1-D `ep` device mesh, parameters as plain local "
+        "shards instead of DTensors, `partial_dtensor` SPMD backend). Dropless, SwiGLU, "
+        "and the grouped GEMMs always run in bf16 (the module casts); tokens travel in fp32. "
+        "Compared with moeflow's dropless SwiGLU layer in fp32 and in bf16 (bf16 parameters "
+        "and activations, so its all-to-all moves half the bytes).",
+        '- moeflow: `MoELayer` (`router="softmax_topk"`, `norm_topk_prob=True`, '
+        '`expert_type="gelu"`, `capacity_factor=f`: same drop rule as GShard/DeepSpeed/Tutel, '
+        "first choices first, then token order) under `ExpertParallel`: `a2a` (counts first, "
+        "then only the kept rows), `2dh` (intra-node then inter-node), and `a2a` with the "
+        "FSMoE planner's degrees (ASPLOS'25) from a `moeflow.perf.profile` of the same ranks "
+        "at start-up. Single device: `MoELayer` itself.",
+        "- Routers and experts are initialised by each library; the inputs are the same "
+        "(seeded per rank); there is no optimizer step, so every step routes alike.",
+        "",
+    ]
+    L += [
+        "Launch (every implementation alike; shown for moeflow, `--impl` names the others; "
+        "the emulated cells run each node's launcher inside its namespace):",
+        "",
+    ]
     for name, res in results["cells"].items():
         cm = res.get("commands", {}).get("moeflow")
         if cm:
             L += [f"- {name}: " + " ; ".join(f"`{x}`" for x in cm)]
-    L += ["", "Emulated cluster: `python benchmarks/emulated_cluster.py up 2 RATE` (namespaces "
-          "joined through a bridge, `tc qdisc add dev IF root tbf rate RATE burst 256kb latency "
-          "50ms` on both ends of each node's veth link), `... down` after the cell.", ""]
-    L += ["## Results", "",
-          "| cell | ranks | implementation | semantics | tokens/s | median ms | min ms | "
-          "vs DeepSpeed | vs Tutel | vs torchtitan |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
-    sem = {"deepspeed": "f-drop, GELU", "tutel": "f-drop, GELU",
-           "torchtitan": "dropless, SwiGLU, bf16 GEMMs", DROPLESS_VARIANT: "dropless, SwiGLU",
-           DROPLESS_BF16: "dropless, SwiGLU, bf16"}
+    L += [
+        "",
+        "Emulated cluster: `python benchmarks/emulated_cluster.py up 2 RATE` (namespaces "
+        "joined through a bridge, `tc qdisc add dev IF root tbf rate RATE burst 256kb latency "
+        "50ms` on both ends of each node's veth link), `... down` after the cell.",
+        "",
+    ]
+    L += [
+        "## Results",
+        "",
+        "| cell | ranks | implementation | semantics | tokens/s | median ms | min ms | "
+        "vs DeepSpeed | vs Tutel | vs torchtitan |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    sem = {
+        "deepspeed": "f-drop, GELU",
+        "tutel": "f-drop, GELU",
+        "torchtitan": "dropless, SwiGLU, bf16 GEMMs",
+        DROPLESS_VARIANT: "dropless, SwiGLU",
+        DROPLESS_BF16: "dropless, SwiGLU, bf16",
+    }
     notes = []
     for name, res in results["cells"].items():
         if "skipped" in res:
-            L.append(f"| {name} | {res['world']} | - | - | skipped: {res['skipped']} "
-                     "| | | | | |")
+            L.append(f"| {name} | {res['world']} | - | - | skipped: {res['skipped']} | | | | | |")
             continue
         for impl, v in res["impls"].items():
             if v["status"] != "ok":
@@ -728,8 +916,10 @@ def record_markdown(results: dict, argv: list) -> str:
             if vname == "moeflow-planned":
                 p = res["impls"]["moeflow"]["meta"].get("planned", {})
                 s += f", r_fwd={p.get('r_fwd')}, r_bwd={p.get('r_bwd')}"
-            L.append(f"| {name} | {res['world']} | {vname} | {s} | {r['tokens_per_s']:.0f} | "
-                     f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | " + " | ".join(cells) + " |")
+            L.append(
+                f"| {name} | {res['world']} | {vname} | {s} | {r['tokens_per_s']:.0f} | "
+                f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | " + " | ".join(cells) + " |"
+            )
         if "link" in res:
             notes.append(f"- {name}: {res['link']}; {res['threads_per_rank']} thread(s) per rank")
         else:
@@ -737,24 +927,45 @@ def record_markdown(results: dict, argv: list) -> str:
     L += ["", "Every ratio (moeflow / peer, same semantics), per cell:", ""]
     for name, res in results["cells"].items():
         if res.get("ratios"):
-            L.append(f"- {name}: " + ", ".join(
-                f"{k.split('|')[0]} / {k.split('|')[1]} {x:.2f}x"
-                for k, x in res["ratios"].items()))
-    L += ["", "Ratios are moeflow tokens/s over the peer's, for pairs with the same semantics "
-          "(the f-drop GELU variants against DeepSpeed and Tutel, the dropless SwiGLU layer "
-          "against torchtitan); above 1 means moeflow is faster.", "", *notes, ""]
-    prof = [(n, r) for n, r in results["cells"].items()
-            if any("breakdown" in v for v in r.get("impls", {}).values())]
+            L.append(
+                f"- {name}: "
+                + ", ".join(
+                    f"{k.split('|')[0]} / {k.split('|')[1]} {x:.2f}x"
+                    for k, x in res["ratios"].items()
+                )
+            )
+    L += [
+        "",
+        "Ratios are moeflow tokens/s over the peer's, for pairs with the same semantics "
+        "(the f-drop GELU variants against DeepSpeed and Tutel, the dropless SwiGLU layer "
+        "against torchtitan); above 1 means moeflow is faster.",
+        "",
+        *notes,
+        "",
+    ]
+    prof = [
+        (n, r)
+        for n, r in results["cells"].items()
+        if any("breakdown" in v for v in r.get("impls", {}).values())
+    ]
     if prof:
-        L += ["## Where the time goes (torch.profiler, rank 0)", "",
-              "Self CPU time per step of the heaviest operators (ms, calls per step), "
-              f"{BREAKDOWN_STEPS} profiled steps per variant after the timed rounds. Time "
-              "spent waiting for a collective shows up as the self time of the op or autograd "
-              "function that waits (gloo's `wait_tensor`, DeepSpeed's `_AllToAll`, moeflow's "
-              "`PipelinedExperts`).", ""]
+        L += [
+            "## Where the time goes (torch.profiler, rank 0)",
+            "",
+            "Self CPU time per step of the heaviest operators (ms, calls per step), "
+            f"{BREAKDOWN_STEPS} profiled steps per variant after the timed rounds. Time "
+            "spent waiting for a collective shows up as the self time of the op or autograd "
+            "function that waits (gloo's `wait_tensor`, DeepSpeed's `_AllToAll`, moeflow's "
+            "`PipelinedExperts`).",
+            "",
+        ]
         for name, res in prof:
-            L += [f"### {name}", "", "| variant | step ms (profiled) | top operators |",
-                  "|---|---|---|"]
+            L += [
+                f"### {name}",
+                "",
+                "| variant | step ms (profiled) | top operators |",
+                "|---|---|---|",
+            ]
             for v in res["impls"].values():
                 for vname, b in v.get("breakdown", {}).items():
                     ops = "; ".join(f"`{k}` {ms:.1f} ({n})" for k, ms, n in b["top"][:6])
@@ -768,8 +979,10 @@ def record_markdown(results: dict, argv: list) -> str:
     for impl, st in results["probe"].items():
         if st is not None:
             L.append(f"- {impl}: not installed under `{results['python']}`: {st}")
-    L.append("- Megatron-Core: needs CUDA (its MoE token dispatchers and grouped GEMMs have no "
-             "CPU path); left to the GPU benchmarks.")
+    L.append(
+        "- Megatron-Core: needs CUDA (its MoE token dispatchers and grouped GEMMs have no "
+        "CPU path); left to the GPU benchmarks."
+    )
     L.append("")
     return "\n".join(L)
 
@@ -788,8 +1001,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the cells and write the record")
     r.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
     r.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    r.add_argument("--python", default=default_python(),
-                   help="interpreter with the peers installed (default: .venv-peers)")
+    r.add_argument(
+        "--python",
+        default=default_python(),
+        help="interpreter with the peers installed (default: .venv-peers)",
+    )
     r.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
     r.add_argument("--dim", type=int, default=256)
     r.add_argument("--ffn", type=int, default=512)
@@ -800,10 +1016,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=3, help="timed steps per round")
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--threads", type=int, default=0, help="threads per rank (0: cores/world)")
-    r.add_argument("--breakdown", nargs="*", default=[], choices=list(CELLS),
-                   help="cells where every variant is also run under torch.profiler "
-                        "(loopback cells: inside the network namespaces the profiler hung "
-                        "DeepSpeed and Tutel ranks)")
+    r.add_argument(
+        "--breakdown",
+        nargs="*",
+        default=[],
+        choices=list(CELLS),
+        help="cells where every variant is also run under torch.profiler "
+        "(loopback cells: inside the network namespaces the profiler hung "
+        "DeepSpeed and Tutel ranks)",
+    )
     r.add_argument("--start-timeout", type=float, default=600.0)
     r.add_argument("--round-timeout", type=float, default=600.0)
     r.add_argument("--keep-dir", action="store_true", help="keep the rendezvous dir and logs")

@@ -21,8 +21,24 @@ sys.path.insert(0, str(BENCH))
 import emulated_cluster as ec  # noqa: E402
 import peers_ep  # noqa: E402
 
-TINY = ["--tokens", "32", "--dim", "32", "--ffn", "64", "--experts", "4", "--rounds", "1",
-        "--steps", "2", "--warmup", "0", "--no-record", "--quiet"]
+TINY = [
+    "--tokens",
+    "32",
+    "--dim",
+    "32",
+    "--ffn",
+    "64",
+    "--experts",
+    "4",
+    "--rounds",
+    "1",
+    "--steps",
+    "2",
+    "--warmup",
+    "0",
+    "--no-record",
+    "--quiet",
+]
 
 
 def _args(*extra):
@@ -34,8 +50,7 @@ def test_moeflow_two_ranks_positive_and_absent_peers_reported():
     absent = [p for p in peers_ep.PEERS if importlib.util.find_spec(p) is None]
     if not absent:
         pytest.skip("every peer is installed in this interpreter; the absent path is untested")
-    args = _args("--cells", "lo2", "--python", sys.executable,
-                 "--impls", "moeflow", *absent)
+    args = _args("--cells", "lo2", "--python", sys.executable, "--impls", "moeflow", *absent)
     res = peers_ep.run(args)
     cell = res["cells"]["lo2"]
     assert cell["world"] == 2
@@ -50,19 +65,29 @@ def test_moeflow_two_ranks_positive_and_absent_peers_reported():
         assert rows[v]["tokens_per_s"] > 0 and rows[v]["steps"] == 2, rows
     planned = cell["impls"]["moeflow"]["meta"]["planned"]
     assert planned["r_fwd"] >= 1 and planned["r_bwd"] >= 1
-    assert cell["ratios"] == {}          # no peer ran, so no ratio
+    assert cell["ratios"] == {}  # no peer ran, so no ratio
     md = peers_ep.record_markdown(res, ["run", *TINY])
     for peer in absent:
         assert f"- {peer}: not installed" in md
 
 
 def test_ratios_pair_only_matching_semantics():
-    rows = [{"variant": v, "tokens_per_s": t} for v, t in (
-        ("deepspeed", 100.0), ("tutel", 200.0), ("torchtitan", 50.0),
-        ("moeflow-a2a", 300.0), (peers_ep.DROPLESS_VARIANT, 25.0))]
+    rows = [
+        {"variant": v, "tokens_per_s": t}
+        for v, t in (
+            ("deepspeed", 100.0),
+            ("tutel", 200.0),
+            ("torchtitan", 50.0),
+            ("moeflow-a2a", 300.0),
+            (peers_ep.DROPLESS_VARIANT, 25.0),
+        )
+    ]
     r = peers_ep.ratios(rows)
-    assert r == {("moeflow-a2a", "deepspeed"): 3.0, ("moeflow-a2a", "tutel"): 1.5,
-                 (peers_ep.DROPLESS_VARIANT, "torchtitan"): 0.5}
+    assert r == {
+        ("moeflow-a2a", "deepspeed"): 3.0,
+        ("moeflow-a2a", "tutel"): 1.5,
+        (peers_ep.DROPLESS_VARIANT, "torchtitan"): 0.5,
+    }
     # a capacity-dropping GELU layer is never compared with torchtitan's dropless SwiGLU
     assert ("moeflow-a2a", "torchtitan") not in r
 
@@ -83,8 +108,7 @@ def test_emulated_cluster_without_root_skips_with_reason(monkeypatch, capsys):
     with pytest.raises(ec.ClusterError, match="root"):
         ec.up(2, "1gbit")
     # the benchmark reports the emulated cells as skipped, launching nothing
-    res = peers_ep.run_cell(peers_ep.CELLS["emu2x1-1gbit"], ["moeflow"], _args(),
-                            {"moeflow": None})
+    res = peers_ep.run_cell(peers_ep.CELLS["emu2x1-1gbit"], ["moeflow"], _args(), {"moeflow": None})
     assert res["skipped"].startswith("emulated cluster unavailable") and not res["impls"]
 
 
@@ -127,13 +151,22 @@ def test_emulated_link_is_shaped():
     ec.up(2, "100mbit")
     addr, n = repr(ec.addr(0)), 4 << 20
     try:
+
         def code(src):
             return src.replace("ADDR", addr).replace("NBYTES", str(n))
-        server = subprocess.Popen(ec.node_command(0, [sys.executable, "-c", code(_SERVER)]),
-                                  stdout=subprocess.PIPE, text=True)
+
+        server = subprocess.Popen(
+            ec.node_command(0, [sys.executable, "-c", code(_SERVER)]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(1.0)
-        client = subprocess.run(ec.node_command(1, [sys.executable, "-c", code(_CLIENT)]),
-                                capture_output=True, text=True, timeout=60)
+        client = subprocess.run(
+            ec.node_command(1, [sys.executable, "-c", code(_CLIENT)]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         out, _ = server.communicate(timeout=60)
         assert int(out) == n
         mbit_s = n * 8 / 1e6 / float(client.stdout)
@@ -153,6 +186,8 @@ def test_every_peer_runs_in_the_peers_venv():
     cell = res["cells"]["lo2"]
     for impl in peers_ep.IMPLS:
         assert cell["impls"][impl]["status"] == "ok", cell["impls"][impl]
-    assert {("moeflow-a2a", "deepspeed"), ("moeflow-a2a", "tutel"),
-            (peers_ep.DROPLESS_VARIANT, "torchtitan")} <= set(
-        tuple(k.split("|")) for k in cell["ratios"])
+    assert {
+        ("moeflow-a2a", "deepspeed"),
+        ("moeflow-a2a", "tutel"),
+        (peers_ep.DROPLESS_VARIANT, "torchtitan"),
+    } <= set(tuple(k.split("|")) for k in cell["ratios"])
