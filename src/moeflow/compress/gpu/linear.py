@@ -32,8 +32,20 @@ NUM_WARPS = (1, 2, 4, 8, 16)
 
 
 @triton.jit
-def _bit(wlo, whi, hi, sh):
+def _bit(planes, off, tvalid, hi, sh):
+    """One bit of a weight from the plane pair at ``planes + off`` (words of rows 0-3, 4-7)."""
+    wlo = tl.load(planes + off, mask=tvalid, other=0)
+    whi = tl.load(planes + off + 1, mask=tvalid, other=0)
     return (tl.where(hi, whi, wlo) >> sh) & 1
+
+
+@triton.jit
+def _bits3(planes, off, tvalid, hi, sh):
+    """Three bits from the plane pairs at ``off``, ``off + 2``, ``off + 4`` (low bit first)."""
+    b = _bit(planes, off, tvalid, hi, sh)
+    b |= _bit(planes, off + 2, tvalid, hi, sh) << 1
+    b |= _bit(planes, off + 4, tvalid, hi, sh) << 2
+    return b
 
 
 @triton.jit
@@ -71,30 +83,7 @@ def _slab(
     wbase = (tile_r.to(tl.int64) * TC + tile_c) * (P * 2)
     hi = ri >= 4
     sh = (ri % 4) * 8 + ci
-    code = _bit(
-        tl.load(planes + wbase, mask=tvalid, other=0),
-        tl.load(planes + wbase + 1, mask=tvalid, other=0),
-        hi,
-        sh,
-    )
-    code |= (
-        _bit(
-            tl.load(planes + wbase + 2, mask=tvalid, other=0),
-            tl.load(planes + wbase + 3, mask=tvalid, other=0),
-            hi,
-            sh,
-        )
-        << 1
-    )
-    code |= (
-        _bit(
-            tl.load(planes + wbase + 4, mask=tvalid, other=0),
-            tl.load(planes + wbase + 5, mask=tvalid, other=0),
-            hi,
-            sh,
-        )
-        << 2
-    )
+    code = _bits3(planes, wbase, tvalid, hi, sh)
     covered = valid & (code != 0)
     fallback = valid & (code == 0)
     ci_flat = tl.reshape(covered.to(tl.int32), [1024])
@@ -107,30 +96,7 @@ def _slab(
     if IS_BF16:
         bits = ((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F)
     else:  # planes 3..5 carry sign, m9, m8 of covered fp16 weights
-        x3 = _bit(
-            tl.load(planes + wbase + 6, mask=tvalid, other=0),
-            tl.load(planes + wbase + 7, mask=tvalid, other=0),
-            hi,
-            sh,
-        )
-        x3 |= (
-            _bit(
-                tl.load(planes + wbase + 8, mask=tvalid, other=0),
-                tl.load(planes + wbase + 9, mask=tvalid, other=0),
-                hi,
-                sh,
-            )
-            << 1
-        )
-        x3 |= (
-            _bit(
-                tl.load(planes + wbase + 10, mask=tvalid, other=0),
-                tl.load(planes + wbase + 11, mask=tvalid, other=0),
-                hi,
-                sh,
-            )
-            << 2
-        )
+        x3 = _bits3(planes, wbase + 6, tvalid, hi, sh)
         bits = ((x3 & 4) << 13) | (e << 10) | ((x3 & 3) << 8) | sm
     bits = tl.where(covered, bits, fb)
     bits = tl.where(valid, bits, 0)
