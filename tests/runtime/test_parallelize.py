@@ -65,26 +65,6 @@ def batch(world: int = 4, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 64, (world, SEQ), generator=g)
 
 
-def reference_losses(path: str, world: int = 4, steps: int = STEPS) -> list[float]:
-    """Single process, the global batch of ``world`` sequences, the patched model."""
-    from moeflow.integrations import patch_model
-
-    model = patch_model(
-        transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    )
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    ids = batch(world)
-    out = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        out.append(loss.item())
-    return out
-
-
 def build_parallel(path: str, mesh_shape: tuple, names: tuple, **kw):
     """Meta model -> patch_model -> parallelize with the checkpoint (on every rank)."""
     from torch.distributed.device_mesh import init_device_mesh
