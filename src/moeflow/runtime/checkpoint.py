@@ -34,15 +34,10 @@ _OBJECTS = "moeflow_objects.pt"
 
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    from moeflow.runtime.expert_parallel import ExpertParallel
+    from moeflow.runtime.data_parallel import expert_parameter_ids
     from moeflow.runtime.parallelize import expert_state, named_tensors
 
-    expert_ids = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, ExpertParallel)
-        for p in m.expert_parameters()
-    }
+    expert_ids = expert_parameter_ids(model)
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, t in named_tensors(model):

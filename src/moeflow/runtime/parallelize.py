@@ -52,6 +52,7 @@ from moeflow.comm.timeouts import resolve_timeout
 from moeflow.comm.topology import Topology
 from moeflow.errors import ConfigError, DistributedConfigError, InputError
 from moeflow.layer.moe import MoELayer
+from moeflow.runtime.data_parallel import expert_parameter_ids
 from moeflow.runtime.expert_parallel import ExpertParallel
 from moeflow.runtime.loading import SafetensorsCheckpoint
 
@@ -437,12 +438,7 @@ def sync_gradients(
     batches, the single-process gradient of the global batch.
     """
     layout: ParallelLayout = model.moeflow_layout
-    experts = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, ExpertParallel)
-        for p in m.expert_parameters()
-    }
+    experts = expert_parameter_ids(model)
     params = [p for p in model.parameters() if p.requires_grad]
     dense = [p for p in params if id(p) not in experts]
     expert = [p for p in params if id(p) in experts]
@@ -481,12 +477,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
     from moeflow.comm.collectives import all_reduce
 
     layout: ParallelLayout = model.moeflow_layout
-    experts = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, ExpertParallel)
-        for p in m.expert_parameters()
-    }
+    experts = expert_parameter_ids(model)
     grads = [(id(p) in experts, p.grad) for p in model.parameters() if p.grad is not None]
     sq = torch.zeros(2, dtype=torch.float64)  # [dense, expert]
     for is_expert, g in grads:
