@@ -1,0 +1,1320 @@
+"""Geo-distributed pipeline planning: a device graph, bandwidth clustering and the DAG partition.
+
+FusionLLM (Tang et al., "FusionLLM: A Decentralized LLM Training System on Geo-distributed GPUs
+with Adaptive Compression", arXiv 2410.12707) trains one model over GPUs joined by slow,
+uneven links: the model is an operator graph (OP-DAG), devices are clustered by the bandwidth
+between them (OP-Fence), the graph is cut into pipeline stages placed on a chain of devices,
+and only the slow links carry top-k sparsified tensors (AdaTopK). The paper does not publish
+its partition algorithm, its clustering rule or its compression budget; what follows is our
+derivation of each, stated where it is used.
+
+Inputs
+------
+* :class:`DeviceGraph`: per-device compute rate and memory, a bandwidth matrix (bytes/s, 0 = no
+  direct link) and a latency matrix (s). JSON schema of :meth:`DeviceGraph.from_dict` /
+  :meth:`DeviceGraph.load`::
+
+      {"devices": [{"name": "a0", "tflops": 0.05, "memory_gb": 16, "site": "A"}, ...],
+       "bandwidth_mbps": [[...], ...],       # megabits/s, full N x N matrix, diagonal ignored
+       "latency_ms": [[...], ...]}           # optional with a matrix (default 0)
+
+  or, instead of the matrices, links per site pair (every pair of devices takes the link of
+  its two sites; a site needs an entry in ``sites`` only when it has two or more devices)::
+
+       "sites": {"A": {"bandwidth_mbps": 10000, "latency_ms": 0.1}, ...},
+       "site_links": [{"a": "A", "b": "B", "bandwidth_mbps": 10, "latency_ms": 20}, ...]
+
+  A device gives ``flops`` (FLOP/s) or ``tflops``, and ``memory_bytes`` or ``memory_gb``
+  (1 GB = 1e9 bytes). A site pair missing from ``site_links`` has no direct link. Validation
+  names the offending device: duplicate names, non-positive rates or memory, matrices that are
+  not N x N or hold negative entries, a link present in one direction only, and a graph that
+  is not connected.
+* :class:`OpGraph`: operator nodes in topological order with forward FLOPs, output bytes,
+  parameter bytes and the earlier nodes each reads. :func:`gpt2_opgraph` builds GPT-2's
+  analytically; ``moeflow.runtime.opgraph`` builds one from ``torch.fx``.
+
+Cost model (ours)
+-----------------
+A partition cuts the topological order into contiguous ranges ``[bounds[s], bounds[s+1])``,
+one stage per distinct device. The tensors crossing the cut before node ``i`` are the outputs of
+nodes ``< i`` read by any node ``>= i`` (:meth:`OpGraph.cut_tensors`); a tensor needed two
+stages later is forwarded through the middle stage. Per micro-batch:
+
+* stage compute ``c_s = 3 * sum(flops) / device.flops`` (backward = 2 x forward);
+* link time between stages ``s`` and ``s+1`` on devices ``u`` and ``v``:
+  ``l_s = lat(u,v) + lat(v,u) + cut_bytes * w_s * (1/bw(u,v) + 1/bw(v,u))``, activations
+  forward and their gradients backward (``2 * link_time`` on a symmetric link); ``w_s`` is the
+  wire factor, 1 on exact links and ``density * (VALUE_BYTES + INDEX_BYTES) / VALUE_BYTES`` where
+  AdaTopK sends values with int64 indices;
+* stage time ``t_s = c_s + l_s`` (the last stage has no link): the device computes and sends;
+* bottleneck ``max t_s``; a GPipe step of ``M`` micro-batches takes
+  ``sum t_s + (M - 1) * max t_s`` (a flow line of identical items);
+* memory of a stage: ``4 * param_bytes`` (weights, gradients, two Adam moments) plus ``M``
+  micro-batches of activations (each node's ``act_bytes``, by default its output) must fit the
+  device's memory.
+
+Partition (our derivation)
+--------------------------
+:func:`partition` orders devices into a chain and solves a dynamic program over (node prefix,
+chain position): the value of a state is the best bottleneck of the stages before the stage that
+starts at node ``i`` on chain device ``j``. A pass minimises the bottleneck ``B*``; a second pass
+with the same recurrence minimises the sum of stage times subject to every stage ``<= B*``, which
+gives the shortest GPipe step among the plans with the smallest bottleneck. Chains:
+
+* exhaustive (default for at most 6 devices): every order of the devices, searched depth first
+  over shared prefixes; a plan may use any number of devices (a prefix of some order), so this is
+  the optimum of the cost model over every device order and segmentation;
+* otherwise the devices are clustered by bandwidth (:func:`cluster_devices`, our reading of
+  OP-Fence), each cluster's devices sorted by decreasing FLOP/s (by decreasing memory when
+  that order fits no plan), and the orders of the clusters
+  are searched depth first (every order up to 7 clusters, else a greedy widest-link order from
+  each cluster). A plan uses the fastest devices of each cluster it enters (a prefix of the
+  cluster) and may stop at any cluster; it can miss a plan that only an order visiting a
+  cluster twice, or skipping a device inside one, would fit (devices with very tight memory).
+  Both searches prune a branch whose states are no better than the best complete plan found.
+
+AdaTopK (our derivation of the budget): only links between bandwidth clusters may be
+compressed (inside an OP-Fence cluster every link is fast by construction), and such a link is
+slow when its exact transfer time exceeds the budget, the slowest stage's compute time (the pace
+the pipeline keeps anyway). A slow link gets the density whose compressed transfer takes the
+budget (:func:`adatopk_density`, clamped to ``[min_density, 1]``); every other link stays exact
+(:func:`link_densities`). Since the budget depends on the plan, the planner runs the dynamic
+program for candidate budgets ``b`` (links at their budget-``b`` times, every stage's compute
+``<= b``) and keeps the best plan evaluated at its own budget. A smaller budget only makes
+compressed links faster, so the run whose budget is the optimal plan's own slowest compute finds
+a plan at least as good: with every stage compute time as a candidate the search is exact
+(the exhaustive mode), otherwise ``ADATOPK_BUDGETS`` candidates on a geometric grid are tried.
+
+Pure Python (no torch): plans for clusters you do not have run anywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moeflow.errors import ConfigError, InputError, PlanError
+from moeflow.validate import is_int, positive_int
+
+#: bytes of one value and one index on an AdaTopK wire (fp32 values, int64 flat indices)
+VALUE_BYTES = 4
+INDEX_BYTES = 8
+#: exhaustive device-order search by default up to this many devices
+EXHAUSTIVE_MAX_DEVICES = 6
+#: every order of the clusters is searched up to this many clusters
+CLUSTER_PERMUTATION_MAX = 7
+#: OP-Fence: a link joins two devices when it is at least 1/factor of their fastest links
+CLUSTER_FACTOR = 4.0
+#: candidate AdaTopK budgets tried when the search is not exhaustive
+ADATOPK_BUDGETS = 12
+
+_GB = 1e9
+_INF = math.inf
+
+
+def _gb(x: float) -> str:
+    return f"{x / _GB:.3g} GB"
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---- devices -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Device:
+    """One accelerator: sustained training FLOP/s, usable memory (bytes), optional site label."""
+
+    name: str
+    flops: float
+    memory_bytes: float
+    site: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("Device.name", self.name, "a non-empty string")
+        for f in ("flops", "memory_bytes"):
+            v = getattr(self, f)
+            if not _real(v) or v <= 0:
+                raise ConfigError(f"device {self.name!r} {f}", v, "a finite number > 0")
+            object.__setattr__(self, f, float(v))
+
+
+@dataclass(frozen=True)
+class DeviceGraph:
+    """Devices and the links between them (schema and validation in the module docstring).
+
+    ``bandwidth[i][j]`` is bytes/s from device ``i`` to ``j`` (0: no direct link);
+    ``latency[i][j]`` seconds. Diagonals are ignored.
+    """
+
+    devices: tuple[Device, ...]
+    bandwidth: tuple[tuple[float, ...], ...]
+    latency: tuple[tuple[float, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        devs = tuple(self.devices)
+        if not devs:
+            raise ConfigError("devices", [], "at least one device")
+        for d in devs:
+            if not isinstance(d, Device):
+                raise ConfigError("devices", d, "Device instances")
+        seen: set[str] = set()
+        for d in devs:
+            if d.name in seen:
+                raise ConfigError("devices", d.name, f"unique names; {d.name!r} appears twice")
+            seen.add(d.name)
+        n = len(devs)
+        lat = self.latency if len(self.latency) else tuple((0.0,) * n for _ in range(n))
+        bw = self._matrix("bandwidth", self.bandwidth, devs)
+        lat = self._matrix("latency", lat, devs)
+        for i in range(n):
+            for j in range(n):
+                if i != j and (bw[i][j] > 0) != (bw[j][i] > 0):
+                    a, b = (i, j) if bw[i][j] > 0 else (j, i)
+                    raise ConfigError(
+                        f"bandwidth {devs[b].name!r} -> {devs[a].name!r}",
+                        0.0,
+                        f"a positive rate: the link {devs[a].name!r} -> {devs[b].name!r} "
+                        "exists, and a pipeline needs both directions",
+                    )
+        object.__setattr__(self, "devices", devs)
+        object.__setattr__(self, "bandwidth", bw)
+        object.__setattr__(self, "latency", lat)
+        comps = self.components()
+        if len(comps) > 1:
+            names = [[devs[i].name for i in c] for c in comps]
+            raise PlanError(
+                f"the device graph is not connected: device {names[1][0]!r} has no path of "
+                f"links to device {names[0][0]!r}; connected groups: {names}"
+            )
+
+    @staticmethod
+    def _matrix(what: str, m, devs) -> tuple[tuple[float, ...], ...]:
+        n = len(devs)
+        rows = list(m)
+        if len(rows) != n:
+            raise ConfigError(what, f"{len(rows)} rows", f"{n} rows, one per device")
+        out = []
+        for i, row in enumerate(rows):
+            row = list(row)
+            if len(row) != n:
+                raise ConfigError(
+                    f"{what} row {i} (device {devs[i].name!r})",
+                    f"{len(row)} entries",
+                    f"{n} entries, one per device",
+                )
+            for j, v in enumerate(row):
+                if i != j and (not _real(v) or v < 0):
+                    raise ConfigError(
+                        f"{what} {devs[i].name!r} -> {devs[j].name!r}", v, "a finite number >= 0"
+                    )
+            out.append(tuple(0.0 if i == j else float(v) for j, v in enumerate(row)))
+        return tuple(out)
+
+    # ---- queries ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def index(self, name: str) -> int:
+        for i, d in enumerate(self.devices):
+            if d.name == name:
+                return i
+        raise ConfigError("device", name, f"one of {[d.name for d in self.devices]}")
+
+    def linked(self, i: int, j: int) -> bool:
+        return i != j and self.bandwidth[i][j] > 0
+
+    def link_time(self, i: int, j: int, nbytes: float) -> float:
+        """Seconds to send ``nbytes`` from device ``i`` to ``j``: latency + bytes / bandwidth
+        (``inf`` without a direct link, 0 to itself)."""
+        if i == j:
+            return 0.0
+        bw = self.bandwidth[i][j]
+        if bw <= 0:
+            return _INF
+        return self.latency[i][j] + nbytes / bw
+
+    def components(self) -> list[list[int]]:
+        """Connected groups of devices (links with bandwidth > 0), each ascending."""
+        n = len(self.devices)
+        seen = [False] * n
+        out = []
+        for s in range(n):
+            if seen[s]:
+                continue
+            seen[s], stack, comp = True, [s], []
+            while stack:
+                i = stack.pop()
+                comp.append(i)
+                for j in range(n):
+                    if not seen[j] and self.linked(i, j):
+                        seen[j] = True
+                        stack.append(j)
+            out.append(sorted(comp))
+        return out
+
+    # ---- JSON ------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> DeviceGraph:
+        """Build from the JSON schema of the module docstring."""
+        if not isinstance(d, dict):
+            raise ConfigError("device graph", type(d).__name__, "a JSON object")
+        allowed = {"devices", "bandwidth_mbps", "latency_ms", "sites", "site_links"}
+        extra = sorted(set(d) - allowed)
+        if extra:
+            raise ConfigError("device graph key", extra[0], f"one of {sorted(allowed)}")
+        raw = d.get("devices")
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError("devices", raw, "a non-empty list of device objects")
+        devs = [_device_from_dict(k, x) for k, x in enumerate(raw)]
+        n = len(devs)
+        has_matrix = "bandwidth_mbps" in d
+        has_sites = "sites" in d or "site_links" in d
+        if has_matrix == has_sites:
+            raise ConfigError(
+                "device graph links",
+                sorted(set(d) & (allowed - {"devices"})),
+                "either 'bandwidth_mbps' (with optional 'latency_ms') or 'sites' and 'site_links'",
+            )
+        if has_matrix:
+            bw = cls._matrix("bandwidth_mbps", d["bandwidth_mbps"], devs)
+            lat = cls._matrix("latency_ms", d.get("latency_ms", [[0.0] * n] * n), devs)
+            bw_Bps = [[v * 1e6 / 8 for v in row] for row in bw]
+            lat_s = [[v * 1e-3 for v in row] for row in lat]
+            return cls(tuple(devs), tuple(map(tuple, bw_Bps)), tuple(map(tuple, lat_s)))
+        if "latency_ms" in d:
+            raise ConfigError(
+                "latency_ms", "matrix", "absent with 'sites' (give latency_ms per site)"
+            )
+        return cls._from_sites(devs, d.get("sites", {}), d.get("site_links", []))
+
+    @classmethod
+    def _from_sites(cls, devs: list[Device], sites, site_links) -> DeviceGraph:
+        if not isinstance(sites, dict):
+            raise ConfigError("sites", sites, "an object mapping site name to its link")
+        if not isinstance(site_links, list):
+            raise ConfigError("site_links", site_links, "a list of {a, b, bandwidth_mbps, ...}")
+        count: dict[str, int] = {}
+        for dv in devs:
+            if not dv.site:
+                raise ConfigError(
+                    f"device {dv.name!r} site", dv.site, "a site name when links are per site"
+                )
+            count[dv.site] = count.get(dv.site, 0) + 1
+        links: dict[tuple[str, str], tuple[float, float]] = {}
+        for s, spec in sites.items():
+            links[(s, s)] = _link_spec(f"sites[{s!r}]", spec)
+        for k, spec in enumerate(site_links):
+            if not isinstance(spec, dict) or "a" not in spec or "b" not in spec:
+                raise ConfigError(f"site_links[{k}]", spec, "an object with 'a' and 'b' sites")
+            a, b = spec["a"], spec["b"]
+            for s in (a, b):
+                if s not in count:
+                    raise ConfigError(f"site_links[{k}] site", s, f"one of {sorted(count)}")
+            rest = {x: v for x, v in spec.items() if x not in ("a", "b")}
+            links[(a, b)] = links[(b, a)] = _link_spec(f"site_links[{k}]", rest)
+        for dv in devs:
+            if count[dv.site] > 1 and (dv.site, dv.site) not in links:
+                raise ConfigError(
+                    f"device {dv.name!r} site",
+                    dv.site,
+                    f"a site that 'sites' defines (it has {count[dv.site]} devices)",
+                )
+        n = len(devs)
+        bw = [[0.0] * n for _ in range(n)]
+        lat = [[0.0] * n for _ in range(n)]
+        for i, di in enumerate(devs):
+            for j, dj in enumerate(devs):
+                if i != j and (di.site, dj.site) in links:
+                    bw[i][j], lat[i][j] = links[(di.site, dj.site)]
+        return cls(tuple(devs), tuple(map(tuple, bw)), tuple(map(tuple, lat)))
+
+    @classmethod
+    def load(cls, path) -> DeviceGraph:
+        """Read a device graph from a JSON file (:meth:`from_dict`)."""
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise InputError(f"device file {str(path)!r} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise InputError(f"device file {str(path)!r} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        """The matrix form of the schema (``from_dict(g.to_dict())`` rebuilds ``g``)."""
+        return {
+            "devices": [
+                {"name": d.name, "flops": d.flops, "memory_bytes": d.memory_bytes, "site": d.site}
+                for d in self.devices
+            ],
+            "bandwidth_mbps": [[v * 8 / 1e6 for v in row] for row in self.bandwidth],
+            "latency_ms": [[v * 1e3 for v in row] for row in self.latency],
+        }
+
+
+def _device_from_dict(k: int, x) -> Device:
+    if not isinstance(x, dict) or not isinstance(x.get("name"), str) or not x["name"]:
+        raise ConfigError(f"devices[{k}]", x, "an object with a non-empty 'name'")
+    name = x["name"]
+    allowed = {"name", "flops", "tflops", "memory_bytes", "memory_gb", "site"}
+    extra = sorted(set(x) - allowed)
+    if extra:
+        raise ConfigError(f"device {name!r} key", extra[0], f"one of {sorted(allowed)}")
+
+    def one_of(a: str, b: str, scale: float) -> float:
+        if (a in x) == (b in x):
+            raise ConfigError(
+                f"device {name!r}", sorted(set(x) & {a, b}), f"exactly one of {a}, {b}"
+            )
+        v = x[a] if a in x else x[b]
+        if not _real(v) or v <= 0:
+            raise ConfigError(f"device {name!r} {a if a in x else b}", v, "a finite number > 0")
+        return float(v) if a in x else float(v) * scale
+
+    site = x.get("site", "")
+    if not isinstance(site, str):
+        raise ConfigError(f"device {name!r} site", site, "a string")
+    return Device(
+        name, one_of("flops", "tflops", 1e12), one_of("memory_bytes", "memory_gb", _GB), site
+    )
+
+
+def _link_spec(where: str, spec) -> tuple[float, float]:
+    if not isinstance(spec, dict):
+        raise ConfigError(where, spec, "an object with 'bandwidth_mbps' and optional 'latency_ms'")
+    extra = sorted(set(spec) - {"bandwidth_mbps", "latency_ms"})
+    if extra:
+        raise ConfigError(f"{where} key", extra[0], "bandwidth_mbps or latency_ms")
+    bw, lat = spec.get("bandwidth_mbps"), spec.get("latency_ms", 0.0)
+    if not _real(bw) or bw <= 0:
+        raise ConfigError(f"{where}.bandwidth_mbps", bw, "a finite number > 0")
+    if not _real(lat) or lat < 0:
+        raise ConfigError(f"{where}.latency_ms", lat, "a finite number >= 0")
+    return float(bw) * 1e6 / 8, float(lat) * 1e-3
+
+
+# ---- operator graph -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpNode:
+    """One operator: forward FLOPs and output bytes for one micro-batch, parameter bytes, and the
+    indices of the earlier nodes whose outputs it reads. ``act_bytes`` is what it keeps for the
+    backward pass per micro-batch (``None``: its output)."""
+
+    name: str
+    flops: float
+    out_bytes: float
+    param_bytes: float = 0.0
+    inputs: tuple[int, ...] = ()
+    act_bytes: float | None = None
+
+    @property
+    def saved_bytes(self) -> float:
+        return self.out_bytes if self.act_bytes is None else self.act_bytes
+
+
+@dataclass(frozen=True)
+class OpGraph:
+    """Operator nodes in topological order (each node's inputs come before it)."""
+
+    nodes: tuple[OpNode, ...]
+    _cut: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _last_use: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        nodes = tuple(self.nodes)
+        if not nodes:
+            raise ConfigError("OpGraph.nodes", [], "at least one node")
+        last = list(range(len(nodes)))  # last reader of each output (itself: nobody)
+        for k, nd in enumerate(nodes):
+            if not isinstance(nd, OpNode):
+                raise ConfigError(f"OpGraph.nodes[{k}]", nd, "an OpNode")
+            for f in ("flops", "out_bytes", "param_bytes", "saved_bytes"):
+                v = getattr(nd, f)
+                if not _real(v) or v < 0:
+                    raise ConfigError(f"node {nd.name!r} {f}", v, "a finite number >= 0")
+            ins = tuple(nd.inputs)
+            for p in ins:
+                if not is_int(p) or not 0 <= p < k:
+                    raise ConfigError(
+                        f"node {nd.name!r} (index {k}) input",
+                        p,
+                        f"an index of an earlier node, in [0, {k})",
+                    )
+                last[p] = max(last[p], k)
+        n = len(nodes)
+        diff = [0.0] * (n + 2)
+        for p, q in enumerate(last):
+            if q > p:  # output of p crosses every cut i with p < i <= q
+                diff[p + 1] += nodes[p].out_bytes
+                diff[q + 1] -= nodes[p].out_bytes
+        cut, run = [], 0.0
+        for i in range(n + 1):
+            run += diff[i]
+            cut.append(run if i > 0 else 0.0)
+        object.__setattr__(self, "nodes", nodes)
+        object.__setattr__(self, "_cut", tuple(cut))
+        object.__setattr__(self, "_last_use", tuple(last))
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def _check_cut(self, i: int) -> None:
+        if not is_int(i) or not 0 <= i <= len(self.nodes):
+            raise ConfigError("cut index", i, f"an int in [0, {len(self.nodes)}]")
+
+    def cut_tensors(self, i: int) -> list[int]:
+        """Nodes ``< i`` whose outputs a node ``>= i`` reads (ascending): what crosses a cut
+        placed before node ``i``."""
+        self._check_cut(i)
+        return [p for p in range(i) if self._last_use[p] >= i]
+
+    def cut_bytes(self, i: int) -> float:
+        """Bytes of the tensors crossing a cut before node ``i`` (each tensor once, however many
+        later nodes read it)."""
+        self._check_cut(i)
+        return self._cut[i]
+
+    @property
+    def param_bytes(self) -> float:
+        return sum(nd.param_bytes for nd in self.nodes)
+
+    @property
+    def flops(self) -> float:
+        return sum(nd.flops for nd in self.nodes)
+
+
+# ---- plan ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GeoPlan:
+    """A pipeline partition: stage ``s`` runs nodes ``[bounds[s], bounds[s+1])`` on device
+    ``devices[s]``; ``densities[s]`` is the AdaTopK density of the link from stage ``s`` to
+    ``s + 1`` (1.0: exact). Times are in seconds, for ``microbatches`` micro-batches per step."""
+
+    bounds: tuple[int, ...]
+    devices: tuple[int, ...]
+    densities: tuple[float, ...]
+    stage_times: tuple[float, ...]
+    bottleneck_s: float
+    step_time_s: float
+    microbatches: int
+    device_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        b = tuple(int(x) for x in self.bounds)
+        s = len(b) - 1
+        if s < 1 or b[0] != 0 or any(b[k] >= b[k + 1] for k in range(s)):
+            raise ConfigError("GeoPlan.bounds", self.bounds, "strictly increasing, from 0")
+        if len(self.devices) != s or len(set(self.devices)) != s:
+            raise ConfigError("GeoPlan.devices", self.devices, f"{s} distinct device indices")
+        if len(self.densities) != s - 1 or any(not 0 < x <= 1 for x in self.densities):
+            raise ConfigError("GeoPlan.densities", self.densities, f"{s - 1} values in (0, 1]")
+        if len(self.stage_times) != s:
+            raise ConfigError("GeoPlan.stage_times", self.stage_times, f"{s} values")
+        if self.device_names and len(self.device_names) != s:
+            raise ConfigError("GeoPlan.device_names", self.device_names, f"{s} names or none")
+        positive_int("GeoPlan.microbatches", self.microbatches)
+        object.__setattr__(self, "bounds", b)
+        for f in ("devices", "densities", "stage_times", "device_names"):
+            object.__setattr__(self, f, tuple(getattr(self, f)))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.devices)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": "moeflow.geo_plan/1",
+            "bounds": list(self.bounds),
+            "devices": list(self.devices),
+            "device_names": list(self.device_names),
+            "densities": list(self.densities),
+            "stage_times": list(self.stage_times),
+            "bottleneck_s": self.bottleneck_s,
+            "step_time_s": self.step_time_s,
+            "microbatches": self.microbatches,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GeoPlan:
+        if not isinstance(d, dict) or d.get("format") != "moeflow.geo_plan/1":
+            raise InputError("not a moeflow geo plan (format 'moeflow.geo_plan/1' expected)")
+        try:
+            return cls(
+                bounds=tuple(d["bounds"]),
+                devices=tuple(d["devices"]),
+                densities=tuple(float(x) for x in d["densities"]),
+                stage_times=tuple(float(x) for x in d["stage_times"]),
+                bottleneck_s=float(d["bottleneck_s"]),
+                step_time_s=float(d["step_time_s"]),
+                microbatches=d["microbatches"],
+                device_names=tuple(d.get("device_names", ())),
+            )
+        except KeyError as e:
+            raise InputError(f"geo plan lacks the field {e.args[0]!r}") from None
+
+
+# ---- cost model ---------------------------------------------------------------------------
+def wire_factor(density: float) -> float:
+    """Bytes on the wire per dense byte at ``density`` (1.0: exact, no indices)."""
+    if density >= 1.0:
+        return 1.0
+    return density * (VALUE_BYTES + INDEX_BYTES) / VALUE_BYTES
+
+
+def adatopk_density(
+    bandwidth_Bps: float, dense_bytes: float, budget_s: float, *, min_density: float = 0.01
+) -> float:
+    """The top-k density whose compressed transfer of ``dense_bytes`` takes ``budget_s`` on a
+    link of ``bandwidth_Bps`` (values and int64 indices on the wire), clamped to
+    ``[min_density, 1]``; 1.0 when the exact transfer fits the budget."""
+    if not _real(bandwidth_Bps) or bandwidth_Bps <= 0:
+        raise ConfigError("bandwidth_Bps", bandwidth_Bps, "a finite number > 0")
+    if not _real(dense_bytes) or dense_bytes < 0:
+        raise ConfigError("dense_bytes", dense_bytes, "a finite number >= 0")
+    if not _real(min_density) or not 0 < min_density <= 1:
+        raise ConfigError("min_density", min_density, "a number in (0, 1]")
+    if dense_bytes / bandwidth_Bps <= budget_s:
+        return 1.0
+    d = budget_s * bandwidth_Bps * VALUE_BYTES / (dense_bytes * (VALUE_BYTES + INDEX_BYTES))
+    return min(1.0, max(min_density, d))
+
+
+def _pair_time(graph: DeviceGraph, u: int, v: int, nbytes: float, density: float) -> float:
+    """Forward and backward transfer of a cut between consecutive stages on ``u`` and ``v``."""
+    bu, bv = graph.bandwidth[u][v], graph.bandwidth[v][u]
+    if bu <= 0 or bv <= 0:
+        return _INF
+    return (
+        graph.latency[u][v]
+        + graph.latency[v][u]
+        + nbytes * wire_factor(density) * (1.0 / bu + 1.0 / bv)
+    )
+
+
+def _pair_density(
+    graph: DeviceGraph, u: int, v: int, nbytes: float, budget: float, min_density: float
+) -> float:
+    """AdaTopK density of the link ``u <-> v`` for a budget on its two-way time."""
+    bu, bv = graph.bandwidth[u][v], graph.bandwidth[v][u]
+    if budget == _INF or bu <= 0 or bv <= 0 or nbytes <= 0:
+        return 1.0
+    bw_eff = 1.0 / (1.0 / bu + 1.0 / bv)
+    lat = graph.latency[u][v] + graph.latency[v][u]
+    return adatopk_density(bw_eff, nbytes, budget - lat, min_density=min_density)
+
+
+class _Prefix:
+    """Prefix sums of the op graph, so every range costs O(1) and the search and
+    :func:`evaluate` do the same float arithmetic."""
+
+    def __init__(self, ops: OpGraph, microbatches: int):
+        self.n = len(ops.nodes)
+        self.F = [0.0]
+        self.P = [0.0]
+        self.A = [0.0]
+        for nd in ops.nodes:
+            self.F.append(self.F[-1] + nd.flops)
+            self.P.append(self.P[-1] + nd.param_bytes)
+            self.A.append(self.A[-1] + nd.saved_bytes)
+        self.M = microbatches
+        self.cut = [ops.cut_bytes(i) for i in range(self.n + 1)]
+
+    def compute(self, lo: int, hi: int, flops: float) -> float:
+        return 3.0 * (self.F[hi] - self.F[lo]) / flops
+
+    def memory(self, lo: int, hi: int) -> float:
+        return 4.0 * (self.P[hi] - self.P[lo]) + self.M * (self.A[hi] - self.A[lo])
+
+
+def _check_partition(ops: OpGraph, graph: DeviceGraph, bounds, devices) -> None:
+    n, s = len(ops.nodes), len(devices)
+    b = list(bounds)
+    if len(b) != s + 1 or b[0] != 0 or b[-1] != n or any(b[k] >= b[k + 1] for k in range(s)):
+        raise ConfigError("bounds", bounds, f"{s + 1} strictly increasing ints from 0 to {n}")
+    if len(set(devices)) != s or any(not is_int(d) or not 0 <= d < len(graph) for d in devices):
+        raise ConfigError("devices", devices, f"{s} distinct indices in [0, {len(graph)})")
+
+
+def evaluate(
+    ops: OpGraph,
+    graph: DeviceGraph,
+    *,
+    bounds,
+    devices,
+    microbatches: int,
+    densities=None,
+    check_memory: bool = True,
+) -> GeoPlan:
+    """The :class:`GeoPlan` of a given partition under the cost model of the module docstring.
+
+    Raises PlanError naming the device when a stage does not fit its memory (unless
+    ``check_memory`` is False) and when consecutive stages' devices have no direct link.
+    """
+    m = positive_int("microbatches", microbatches)
+    _check_partition(ops, graph, bounds, devices)
+    s = len(devices)
+    dens = tuple(1.0 for _ in range(s - 1)) if densities is None else tuple(densities)
+    if len(dens) != s - 1:
+        raise ConfigError("densities", densities, f"{s - 1} values, one per link")
+    pre = _Prefix(ops, m)
+    times = []
+    for k in range(s):
+        dv = graph.devices[devices[k]]
+        lo, hi = bounds[k], bounds[k + 1]
+        need = pre.memory(lo, hi)
+        if check_memory and need > dv.memory_bytes:
+            raise PlanError(
+                f"device {dv.name!r} ({_gb(dv.memory_bytes)}) cannot hold stage {k} "
+                f"(nodes {lo}..{hi - 1}): it needs {_gb(need)}"
+            )
+        t = pre.compute(lo, hi, dv.flops)
+        if k < s - 1:
+            link = _pair_time(graph, devices[k], devices[k + 1], pre.cut[hi], dens[k])
+            if link == _INF:
+                raise PlanError(
+                    f"devices {dv.name!r} and {graph.devices[devices[k + 1]].name!r} hold "
+                    f"stages {k} and {k + 1} but have no direct link"
+                )
+            t += link
+        times.append(t)
+    bott = max(times)
+    return GeoPlan(
+        bounds=tuple(bounds),
+        devices=tuple(devices),
+        densities=dens,
+        stage_times=tuple(times),
+        bottleneck_s=bott,
+        step_time_s=sum(times) + (m - 1) * bott,
+        microbatches=m,
+        device_names=tuple(graph.devices[d].name for d in devices),
+    )
+
+
+def stage_costs(
+    ops: OpGraph, graph: DeviceGraph, plan: GeoPlan
+) -> list[tuple[float, float, float]]:
+    """Per stage of ``plan``: (forward compute, forward transfer, backward transfer) seconds per
+    micro-batch; the transfers are those of the link to the next stage (0 for the last stage).
+    Backward compute is twice the forward."""
+    pre = _Prefix(ops, plan.microbatches)
+    out = []
+    for k, d in enumerate(plan.devices):
+        lo, hi = plan.bounds[k], plan.bounds[k + 1]
+        fwd = (pre.F[hi] - pre.F[lo]) / graph.devices[d].flops
+        if k + 1 < len(plan.devices):
+            e = plan.devices[k + 1]
+            nbytes = pre.cut[hi] * wire_factor(plan.densities[k])
+            out.append((fwd, graph.link_time(d, e, nbytes), graph.link_time(e, d, nbytes)))
+        else:
+            out.append((fwd, 0.0, 0.0))
+    return out
+
+
+# ---- clustering ---------------------------------------------------------------------------
+def cluster_devices(graph: DeviceGraph, *, factor: float = CLUSTER_FACTOR) -> list[list[int]]:
+    """OP-Fence-style bandwidth clusters (our derivation of the rule).
+
+    Each device's scale is its fastest link (the slower direction of each pair counts). Two
+    devices are joined when their link is within ``factor`` of the larger of their two scales,
+    and clusters are the connected groups of joined devices (single linkage). A datacenter's
+    fast fabric thus forms one cluster and a wide-area link between datacenters joins nothing,
+    while a site whose own links are slow still clusters by itself. Clusters are returned by
+    their first device, members ascending.
+    """
+    if not _real(factor) or factor < 1:
+        raise ConfigError("factor", factor, "a number >= 1")
+    n = len(graph)
+    sym = [[min(graph.bandwidth[i][j], graph.bandwidth[j][i]) for j in range(n)] for i in range(n)]
+    scale = [max((sym[i][j] for j in range(n) if j != i), default=0.0) for i in range(n)]
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i in range(n):
+        for j in range(i + 1, n):
+            if sym[i][j] > 0 and sym[i][j] * factor >= max(scale[i], scale[j]):
+                parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def _sym_bw(graph: DeviceGraph, u: int, v: int) -> float:
+    return min(graph.bandwidth[u][v], graph.bandwidth[v][u])
+
+
+def _cluster_orders(graph: DeviceGraph, groups: list[list[int]]) -> list[list[int]] | None:
+    """``None`` for 'every order'; else greedy widest-next-link orders, one from each group."""
+    if len(groups) <= CLUSTER_PERMUTATION_MAX:
+        return None
+    orders = []
+    for start in range(len(groups)):
+        order, left = [start], set(range(len(groups))) - {start}
+        while left:
+            cur = groups[order[-1]][0]
+            nxt = max(sorted(left), key=lambda g: _sym_bw(graph, cur, groups[g][0]))
+            order.append(nxt)
+            left.remove(nxt)
+        orders.append(order)
+    return orders
+
+
+def _cluster_of(graph: DeviceGraph) -> list[int]:
+    out = [0] * len(graph)
+    for ci, g in enumerate(cluster_devices(graph)):
+        for d in g:
+            out[d] = ci
+    return out
+
+
+def link_densities(
+    ops: OpGraph,
+    graph: DeviceGraph,
+    *,
+    bounds,
+    devices,
+    microbatches: int,
+    min_density: float = 0.01,
+) -> tuple[float, ...]:
+    """The AdaTopK density of each link of a partition (module docstring): the budget is the
+    slowest stage's compute time; a link between two bandwidth clusters whose exact two-way
+    transfer exceeds it gets the density that meets it, every other link 1.0."""
+    _check_partition(ops, graph, bounds, devices)
+    pre = _Prefix(ops, positive_int("microbatches", microbatches))
+    cluster = _cluster_of(graph)
+    budget = max(
+        pre.compute(bounds[k], bounds[k + 1], graph.devices[d].flops) for k, d in enumerate(devices)
+    )
+    out = []
+    for k in range(len(devices) - 1):
+        u, v = devices[k], devices[k + 1]
+        b = budget if cluster[u] != cluster[v] else _INF
+        out.append(_pair_density(graph, u, v, pre.cut[bounds[k + 1]], b, min_density))
+    return tuple(out)
+
+
+# ---- the search ---------------------------------------------------------------------------
+class _Col:
+    """DP column of one chain device: ``val[c][i]`` is the best objective of the stages before
+    the stage that starts at node ``i`` on ``dev`` after ``c`` earlier stages (one count when
+    the number of stages is not bounded); ``back`` points at the previous stage."""
+
+    __slots__ = ("dev", "val", "back")
+
+    def __init__(self, dev: int, val, back):
+        self.dev, self.val, self.back = dev, val, back
+
+
+class _Search:
+    def __init__(
+        self,
+        ops: OpGraph,
+        graph: DeviceGraph,
+        microbatches: int,
+        groups: list[list[int]],
+        orders: list[list[int]] | None,
+        max_stages: int | None,
+        min_density: float,
+    ):
+        self.g = graph
+        self.pre = _Prefix(ops, microbatches)
+        self.n = self.pre.n
+        self.groups = groups
+        self.orders = orders
+        self.max_stages = max_stages
+        self.C = 1 if max_stages is None else max_stages
+        self.min_density = min_density
+        self.flops = [d.flops for d in graph.devices]
+        self.mem = [d.memory_bytes for d in graph.devices]
+        self.budget = _INF
+        self.cluster = _cluster_of(graph)
+        self._links: dict[tuple[int, int], list[float]] = {}
+
+    def set_budget(self, budget: float) -> None:
+        self.budget = budget
+        self._links = {}
+
+    def link(self, u: int, v: int) -> list[float]:
+        """Two-way link times of every cut between stages on ``u`` and ``v`` at the budget."""
+        key = (u, v)
+        got = self._links.get(key)
+        if got is None:
+            got = []
+            bud = self.budget if self.cluster[u] != self.cluster[v] else _INF
+            for c in self.pre.cut:
+                d = _pair_density(self.g, u, v, c, bud, self.min_density)
+                got.append(_pair_time(self.g, u, v, c, d))
+            self._links[key] = got
+        return got
+
+    # one transition: stages on ``col.dev`` ending at i, then device ``v`` (None: the end)
+    def extend(self, cols: list[_Col], v: int | None, mode: str, cap: float, best: float):
+        """The column of device ``v`` fed from ``cols`` (``v=None``: the best complete plan).
+
+        ``mode`` 'max' minimises the bottleneck, 'sum' the sum of stage times with every stage
+        ``<= cap``; ``best`` is the incumbent, used to cut loops short."""
+        n, C, pre = self.n, self.C, self.pre
+        F, P, A, M = pre.F, pre.P, pre.A, pre.M
+        bud = self.budget
+        is_max = mode == "max"
+        if v is None:
+            targets = [n]
+            val = [[_INF] for _ in range(C)]
+        else:
+            targets = range(1, n)
+            val = [[_INF] * n for _ in range(C)]
+        back: list[list[tuple | None]] = [[None] * len(val[0]) for _ in range(C)]
+        for col in cols:
+            u = col.dev
+            fl, mem = self.flops[u], self.mem[u]
+            link = self.link(u, v) if v is not None else None
+            for c in range(C):
+                h = col.val[c]
+                if min(h) == _INF:
+                    continue
+                nc = c if (C == 1 or v is None) else c + 1
+                if nc >= C:
+                    continue
+                out, bk = val[nc], back[nc]
+                for t in targets:
+                    ti = 0 if v is None else t
+                    lk = 0.0 if link is None else link[t]
+                    if lk == _INF:
+                        continue
+                    cur = out[ti]
+                    for i0 in range(t - 1, -1, -1):
+                        if 4.0 * (P[t] - P[i0]) + M * (A[t] - A[i0]) > mem:
+                            break
+                        comp = 3.0 * (F[t] - F[i0]) / fl
+                        if comp > bud:
+                            break
+                        st = comp + lk
+                        if is_max:
+                            if st >= cur or st >= best:
+                                break
+                            hv = h[i0]
+                            cand = hv if hv > st else st
+                        else:
+                            if st > cap or st >= cur or st >= best:
+                                break
+                            cand = h[i0] + st
+                        if cand < cur:
+                            cur = cand
+                            bk[ti] = (col, c, i0)
+                    out[ti] = cur
+        return _Col(-1 if v is None else v, val, back)
+
+    def start(self, v: int) -> _Col:
+        val = [[_INF] * self.n for _ in range(self.C)]
+        val[0][0] = 0.0
+        return _Col(v, val, [[None] * self.n for _ in range(self.C)])
+
+    def run(self, mode: str, cap: float = _INF):
+        """Depth-first search over cluster orders; returns (objective, end column)."""
+        groups = self.groups
+        best = [_INF, None]
+
+        def group_cols(prev: list[_Col] | None, g: list[int]) -> list[_Col]:
+            cols = []
+            for k, v in enumerate(g):
+                if k == 0:
+                    cols.append(
+                        self.start(v) if prev is None else self.extend(prev, v, mode, cap, best[0])
+                    )
+                else:
+                    cols.append(self.extend([cols[-1]], v, mode, cap, best[0]))
+            return cols
+
+        def finish(cols: list[_Col]) -> None:
+            end = self.extend(cols, None, mode, cap, best[0])
+            v = min(end.val[c][0] for c in range(self.C))
+            if v < best[0]:
+                best[0], best[1] = v, end
+
+        def alive(cols: list[_Col]) -> bool:
+            return any(x < best[0] for col in cols for row in col.val for x in row)
+
+        def rank(last: list[_Col], left: list[int]) -> list[int]:
+            u = last[0].dev
+            return sorted(left, key=lambda gi: -_sym_bw(self.g, u, groups[gi][0]))
+
+        def dfs(prev: list[_Col] | None, left: list[int], depth: int) -> None:
+            cand = left if prev is None else rank(prev, left)
+            for gi in cand:
+                cols = group_cols(prev, groups[gi])
+                finish(cols)
+                rest = [x for x in left if x != gi]
+                if (
+                    rest
+                    and alive(cols)
+                    and (self.max_stages is None or depth + 1 < self.max_stages)
+                ):
+                    dfs(cols, rest, depth + 1)
+
+        if self.orders is None:
+            first = sorted(
+                range(len(groups)), key=lambda gi: -sum(self.flops[d] for d in groups[gi])
+            )
+            dfs(None, first, 0)
+        else:
+            for order in self.orders:
+                cols = None
+                for depth, gi in enumerate(order):
+                    if self.max_stages is not None and depth >= self.max_stages:
+                        break
+                    cols = group_cols(cols, groups[gi])
+                    finish(cols)
+                    if not alive(cols):
+                        break
+        return best[0], best[1]
+
+    def solve(self) -> tuple[list[int], list[int]] | None:
+        """Bounds and devices of the best plan at the current budget (None: infeasible)."""
+        bott, _ = self.run("max")
+        if bott == _INF:
+            return None
+        _, end = self.run("sum", cap=bott * (1 + 1e-12))
+        if end is None:  # the cap is met by construction; guard against float ties
+            _, end = self.run("sum", cap=bott * (1 + 1e-9))
+        c = min(range(self.C), key=lambda k: end.val[k][0])
+        ptr, bounds, devs = end.back[c][0], [self.n], []
+        while ptr is not None:
+            col, cc, i0 = ptr
+            devs.append(col.dev)
+            bounds.append(i0)
+            ptr = col.back[cc][i0]
+        return bounds[::-1], devs[::-1]
+
+
+def _budget_candidates(
+    pre: _Prefix, graph: DeviceGraph, lo: float, hi: float, limit
+) -> list[float]:
+    vals = set()
+    for d in graph.devices:
+        for a in range(pre.n):
+            for b in range(a + 1, pre.n + 1):
+                if pre.memory(a, b) > d.memory_bytes:
+                    break
+                c = pre.compute(a, b, d.flops)
+                if lo * (1 - 1e-12) <= c <= hi:
+                    vals.add(c)
+    vals = sorted(vals)
+    if limit is None or len(vals) <= limit:
+        return vals
+    if lo <= 0:
+        lo = vals[0]
+    picks, k = [], 0
+    for q in range(limit):  # geometric grid between lo and hi, snapped up to real values
+        target = lo * (hi / lo) ** (q / max(1, limit - 1))
+        while k < len(vals) and vals[k] < target:
+            k += 1
+        if k < len(vals) and (not picks or picks[-1] != vals[k]):
+            picks.append(vals[k])
+    return picks
+
+
+def partition(
+    ops: OpGraph,
+    graph: DeviceGraph,
+    *,
+    microbatches: int,
+    adatopk: bool = False,
+    min_density: float = 0.01,
+    max_stages: int | None = None,
+    exhaustive: bool | None = None,
+) -> GeoPlan:
+    """The pipeline partition minimising the bottleneck stage time, then the GPipe step time
+    (search and AdaTopK budget in the module docstring).
+
+    Raises PlanError naming the device when a device cannot hold even the smallest stage, and
+    naming the devices' memory when no partition fits.
+    """
+    m = positive_int("microbatches", microbatches)
+    if not _real(min_density) or not 0 < min_density <= 1:
+        raise ConfigError("min_density", min_density, "a number in (0, 1]")
+    max_stages = positive_int("max_stages", max_stages, allow_none=True)
+    if max_stages is not None and max_stages >= min(len(graph), len(ops.nodes)):
+        max_stages = None
+    if exhaustive is None:
+        exhaustive = len(graph) <= EXHAUSTIVE_MAX_DEVICES
+    pre = _Prefix(ops, m)
+    _check_memory(pre, ops, graph)
+    dv = graph.devices
+    if exhaustive:
+        keys = [None]
+    else:  # the fastest devices of a cluster first; the largest first when that fits nothing
+        keys = [
+            lambda i: (-dv[i].flops, -dv[i].memory_bytes, i),
+            lambda i: (-dv[i].memory_bytes, -dv[i].flops, i),
+        ]
+    for key in keys:
+        if key is None:
+            groups, orders = [[i] for i in range(len(graph))], None
+        else:
+            groups = [sorted(g, key=key) for g in cluster_devices(graph)]
+            orders = _cluster_orders(graph, groups)
+        search = _Search(ops, graph, m, groups, orders, max_stages, min_density)
+        got = search.solve()
+        if got is not None:
+            break
+    if got is None:
+        _raise_infeasible(pre, ops, graph)
+
+    def consistent(bounds, devs) -> GeoPlan:
+        dens = None
+        if adatopk:
+            dens = link_densities(
+                ops, graph, bounds=bounds, devices=devs, microbatches=m, min_density=min_density
+            )
+        return evaluate(ops, graph, bounds=bounds, devices=devs, microbatches=m, densities=dens)
+
+    best = consistent(*got)
+    if adatopk:
+        lo = 3.0 * pre.F[-1] / sum(d.flops for d in graph.devices)
+        limit = None if exhaustive else ADATOPK_BUDGETS
+        for b in _budget_candidates(pre, graph, lo, best.bottleneck_s, limit):
+            search.set_budget(b)
+            got = search.solve()
+            if got is None:
+                continue
+            p = consistent(*got)
+            if _better(p, best):
+                best = p
+    return best
+
+
+def _better(a: GeoPlan, b: GeoPlan) -> bool:
+    """Lexicographic (bottleneck, step time), with a relative tolerance for float ties."""
+    if a.bottleneck_s < b.bottleneck_s * (1 - 1e-12):
+        return True
+    if a.bottleneck_s > b.bottleneck_s * (1 + 1e-12):
+        return False
+    return a.step_time_s < b.step_time_s * (1 - 1e-12)
+
+
+def _check_memory(pre: _Prefix, ops: OpGraph, graph: DeviceGraph) -> None:
+    need = [pre.memory(k, k + 1) for k in range(pre.n)]
+    small = min(range(pre.n), key=lambda k: need[k])
+    for d in graph.devices:
+        if d.memory_bytes < need[small]:
+            raise PlanError(
+                f"device {d.name!r} ({_gb(d.memory_bytes)}) cannot hold any stage: the smallest "
+                f"stage (node {ops.nodes[small].name!r}) needs {_gb(need[small])} for "
+                f"{pre.M} micro-batches"
+            )
+
+
+def _raise_infeasible(pre: _Prefix, ops: OpGraph, graph: DeviceGraph):
+    big = max(graph.devices, key=lambda d: d.memory_bytes)
+    for k in range(pre.n):
+        if pre.memory(k, k + 1) > big.memory_bytes:
+            raise PlanError(
+                f"node {ops.nodes[k].name!r} alone needs {_gb(pre.memory(k, k + 1))}, more than "
+                f"the largest device {big.name!r} holds ({_gb(big.memory_bytes)})"
+            )
+    total = sum(d.memory_bytes for d in graph.devices)
+    held = ", ".join(f"{d.name!r} {_gb(d.memory_bytes)}" for d in graph.devices[:8])
+    more = "" if len(graph) <= 8 else f" and {len(graph) - 8} more"
+    raise PlanError(
+        f"no partition fits: the model needs {_gb(pre.memory(0, pre.n))} (weights, gradients, "
+        f"Adam moments and {pre.M} micro-batches of activations) in contiguous stages; the "
+        f"devices hold {_gb(total)} together ({held}{more})"
+    )
+
+
+# ---- baselines ----------------------------------------------------------------------------
+def even_split(ops: OpGraph, graph: DeviceGraph, *, microbatches: int, devices=None) -> GeoPlan:
+    """Baseline: equal numbers of nodes with parameters ("layers") per device, in the given
+    device order (indices or names; default: the file's order), exact links. Nodes without
+    parameters stay with the layer before them (the first stage takes any leading ones)."""
+    if devices is None:
+        devices = list(range(len(graph)))
+    devs = [graph.index(d) if isinstance(d, str) else d for d in devices]
+    if (
+        not devs
+        or len(set(devs)) != len(devs)
+        or any(not is_int(d) or not 0 <= d < len(graph) for d in devs)
+    ):
+        raise ConfigError(
+            "devices", devices, f"distinct device indices in [0, {len(graph)}) or names"
+        )
+    layers = [k for k, nd in enumerate(ops.nodes) if nd.param_bytes > 0] or list(range(len(ops)))
+    s = min(len(devs), len(layers))
+    q, r = divmod(len(layers), s)
+    bounds, k = [0], 0
+    for st in range(s - 1):
+        k += q + (st < r)
+        bounds.append(layers[k])
+    bounds.append(len(ops))
+    return evaluate(ops, graph, bounds=bounds, devices=devs[:s], microbatches=microbatches)
+
+
+@dataclass(frozen=True)
+class DataParallelCosts:
+    """Plain data parallelism: every device holds the model and runs ``microbatches / N`` of the
+    micro-batches (forward and backward, ``compute_s`` per device), then a ring all-reduce of
+    the gradients in ``2 (N - 1)`` steps; ``hop_s[k]`` is one step's transfer of ``1/N`` of the
+    gradients from ``ring[k]`` to ``ring[k + 1]`` (cyclic)."""
+
+    compute_s: tuple[float, ...]
+    ring: tuple[int, ...]
+    hop_s: tuple[float, ...]
+    steps: int
+
+    @property
+    def step_time_s(self) -> float:
+        return max(self.compute_s) + self.steps * max(self.hop_s, default=0.0)
+
+
+def _widest_paths(graph: DeviceGraph) -> tuple[list[list[float]], list[list[float]]]:
+    """Bandwidth and latency of the widest path between every pair (a ring hop between devices
+    with no direct link is relayed); a direct link is kept unless a relay is wider."""
+    n = len(graph)
+    bw = [[graph.bandwidth[i][j] if i != j else _INF for j in range(n)] for i in range(n)]
+    lat = [list(row) for row in graph.latency]
+    for k in range(n):
+        bk, lk = bw[k], lat[k]
+        for i in range(n):
+            bik = bw[i][k]
+            if i == k or bik <= 0:
+                continue
+            bi, li = bw[i], lat[i]
+            for j in range(n):
+                if j == i or j == k:
+                    continue
+                w = bik if bik < bk[j] else bk[j]
+                if w > bi[j]:
+                    bi[j], li[j] = w, li[k] + lk[j]
+    return bw, lat
+
+
+def data_parallel_costs(
+    ops: OpGraph, graph: DeviceGraph, *, microbatches: int
+) -> DataParallelCosts:
+    """Costs of the plain data-parallel baseline (:class:`DataParallelCosts`).
+
+    A device runs its share micro-batch by micro-batch, so it holds the weights, gradients and
+    Adam moments and one micro-batch of activations (PlanError naming the device otherwise).
+    The ring visits the bandwidth clusters one after another; their order is the one whose
+    slowest hop is fastest (every order up to 8 clusters, else greedy widest-next-link)."""
+    m = positive_int("microbatches", microbatches)
+    pre = _Prefix(ops, 1)
+    n = len(graph)
+    need = pre.memory(0, pre.n)
+    for d in graph.devices:
+        if need > d.memory_bytes:
+            raise PlanError(
+                f"device {d.name!r} ({_gb(d.memory_bytes)}) cannot hold the whole model for data "
+                f"parallelism: it needs {_gb(need)}"
+            )
+    compute = tuple(3.0 * pre.F[-1] * (m / n) / d.flops for d in graph.devices)
+    if n == 1:
+        return DataParallelCosts(compute, (0,), (), 0)
+    chunk = ops.param_bytes / n
+    bw, lat = _widest_paths(graph)
+    groups = cluster_devices(graph)
+
+    def hops(ring: list[int]) -> list[float]:
+        return [lat[a][b] + chunk / bw[a][b] for a, b in zip(ring, ring[1:] + ring[:1])]
+
+    if len(groups) <= CLUSTER_PERMUTATION_MAX + 1:
+        orders = ([0, *p] for p in itertools.permutations(range(1, len(groups))))
+    else:
+        orders = (o for o in _cluster_orders(graph, groups) or [])
+    best = None
+    for order in orders:
+        ring = [d for gi in order for d in groups[gi]]
+        h = hops(ring)
+        if best is None or max(h) < max(best[1]):
+            best = (ring, h)
+    return DataParallelCosts(compute, tuple(best[0]), tuple(best[1]), 2 * (n - 1))
+
+
+def data_parallel_step_s(ops: OpGraph, graph: DeviceGraph, *, microbatches: int) -> float:
+    """Baseline step time of plain data parallelism: the slowest device's share of the
+    micro-batches, then a ring all-reduce of the gradients paced by the ring's slowest hop
+    (:func:`data_parallel_costs`)."""
+    return data_parallel_costs(ops, graph, microbatches=microbatches).step_time_s
+
+
+# ---- GPT-2 -------------------------------------------------------------------------------
+def gpt2_opgraph(
+    *,
+    layers: int,
+    dim: int,
+    seq_len: int,
+    vocab: int,
+    batch: int,
+    bytes_per_value: int = 4,
+    heads: int | None = None,
+) -> OpGraph:
+    """GPT-2's operator graph from its shapes (Radford et al. 2019), one micro-batch of ``batch``
+    sequences of ``seq_len`` tokens.
+
+    Nodes: ``embed`` (token and position tables), per layer ``h{l}.attn`` (pre-norm
+    self-attention plus its residual add) and ``h{l}.mlp`` (pre-norm 4x MLP plus its residual
+    add), each passing on the residual stream ``batch * seq_len * dim`` values, then ``head``
+    (final norm and an untied LM head, whose output is the logits). FLOPs count the matmuls, two
+    per multiply-add: attention ``8 b s d^2 + 4 b s^2 d``, MLP ``16 b s d^2``, head
+    ``2 b s d V`` (norms, softmax and GELU left out). Activation memory per layer follows
+    Korthikanti et al. (MLSys'23, section 4.1: ``s b d (34 + 5 a s / d)`` bytes at 16 bits,
+    scaled to ``bytes_per_value``); ``heads`` defaults to ``dim // 64`` as in GPT-2.
+    """
+    for name, v in (
+        ("layers", layers),
+        ("dim", dim),
+        ("seq_len", seq_len),
+        ("vocab", vocab),
+        ("batch", batch),
+    ):
+        positive_int(name, v)
+    positive_int("bytes_per_value", bytes_per_value)
+    a = positive_int("heads", heads if heads is not None else max(1, dim // 64))
+    b, s, d, V, by = batch, seq_len, dim, vocab, bytes_per_value
+    half = by / 2  # Korthikanti's counts are bytes at 2 bytes per value
+    stream = b * s * d * by
+    nodes = [OpNode("embed", b * s * d, stream, (V + s) * d * by, ())]
+    for l in range(layers):
+        prev = len(nodes) - 1
+        nodes.append(
+            OpNode(
+                f"h{l}.attn",
+                8 * b * s * d * d + 4 * b * s * s * d,
+                stream,
+                (4 * d * d + 6 * d) * by,
+                (prev,),
+                (13 * s * b * d + 5 * a * s * s * b) * half,
+            )
+        )
+        nodes.append(
+            OpNode(
+                f"h{l}.mlp",
+                16 * b * s * d * d,
+                stream,
+                (8 * d * d + 7 * d) * by,
+                (prev + 1,),
+                21 * s * b * d * half,
+            )
+        )
+    nodes.append(
+        OpNode(
+            "head",
+            2 * b * s * d * V,
+            b * s * V * by,
+            (2 * d + d * V) * by,
+            (len(nodes) - 1,),
+            (s * b * d + 2 * s * b * V) * by,
+        )
+    )
+    return OpGraph(tuple(nodes))
