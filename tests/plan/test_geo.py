@@ -515,6 +515,13 @@ def test_data_parallel_by_hand():
     # ring a0 -> a1 -> b0 -> a0; 10 bytes per step; 4 steps of the slowest hop (1 s + 10 s)
     assert sorted(dp.hop_s) == pytest.approx([1.0, 11.0, 11.0])
     assert geo.data_parallel_step_s(ops, g, microbatches=6) == pytest.approx(12 + 4 * 11)
+    # the two A devices alone: 6 micro-batches over 2, one hop each way of 15 bytes at 10 B/s
+    sub = geo.data_parallel_costs(ops, g, microbatches=6, devices=["a0", "a1"])
+    assert sub.devices == (0, 1) and sub.compute_s == pytest.approx((18.0, 9.0))
+    assert sub.hop_s == pytest.approx((1.5, 1.5)) and sub.steps == 2
+    assert sub.step_time_s == pytest.approx(18 + 2 * 1.5)
+    with pytest.raises(ConfigError):
+        geo.data_parallel_costs(ops, g, microbatches=6, devices=[0, 0])
     with pytest.raises(PlanError, match="'a0'"):
         small = json.loads(json.dumps(d))
         small["devices"][0]["memory_bytes"] = 100

@@ -138,6 +138,8 @@ def test_data_parallel_ring_by_hand():
     assert sg.data_parallel_sim_s(ops, g, microbatches=3) == pytest.approx(closed)
     tl = simulate(sg.data_parallel_graph(ops, g, microbatches=3))
     assert len([t for t in tl.graph.tasks if t.kind == "allreduce"]) == 3 * 4
+    # x0 and x1 alone: compute 3 * 4 * 1.5 / 2 = 9 s, two steps of 15 bytes at 10 B/s
+    assert sg.data_parallel_sim_s(ops, g, microbatches=3, devices=[0, 1]) == pytest.approx(12.0)
 
 
 def test_data_parallel_simulation_is_bounded_by_the_closed_form():

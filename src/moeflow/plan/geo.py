@@ -1138,17 +1138,7 @@ def even_split(ops: OpGraph, graph: DeviceGraph, *, microbatches: int, devices=N
     """Baseline: equal numbers of nodes with parameters ("layers") per device, in the given
     device order (indices or names; default: the file's order), exact links. Nodes without
     parameters stay with the layer before them (the first stage takes any leading ones)."""
-    if devices is None:
-        devices = list(range(len(graph)))
-    devs = [graph.index(d) if isinstance(d, str) else d for d in devices]
-    if (
-        not devs
-        or len(set(devs)) != len(devs)
-        or any(not is_int(d) or not 0 <= d < len(graph) for d in devs)
-    ):
-        raise ConfigError(
-            "devices", devices, f"distinct device indices in [0, {len(graph)}) or names"
-        )
+    devs = _device_list(graph, devices)
     layers = [k for k, nd in enumerate(ops.nodes) if nd.param_bytes > 0] or list(range(len(ops)))
     s = min(len(devs), len(layers))
     q, r = divmod(len(layers), s)
@@ -1162,11 +1152,13 @@ def even_split(ops: OpGraph, graph: DeviceGraph, *, microbatches: int, devices=N
 
 @dataclass(frozen=True)
 class DataParallelCosts:
-    """Plain data parallelism: every device holds the model and runs ``microbatches / N`` of the
-    micro-batches (forward and backward, ``compute_s`` per device), then a ring all-reduce of
+    """Plain data parallelism: each of the ``N`` taking ``devices`` holds the model and runs
+    ``microbatches / N`` of the micro-batches (forward and backward, ``compute_s`` per device,
+    in the order of ``devices``), then a ring all-reduce of
     the gradients in ``2 (N - 1)`` steps; ``hop_s[k]`` is one step's transfer of ``1/N`` of the
     gradients from ``ring[k]`` to ``ring[k + 1]`` (cyclic)."""
 
+    devices: tuple[int, ...]
     compute_s: tuple[float, ...]
     ring: tuple[int, ...]
     hop_s: tuple[float, ...]
@@ -1200,30 +1192,34 @@ def _widest_paths(graph: DeviceGraph) -> tuple[list[list[float]], list[list[floa
 
 
 def data_parallel_costs(
-    ops: OpGraph, graph: DeviceGraph, *, microbatches: int
+    ops: OpGraph, graph: DeviceGraph, *, microbatches: int, devices=None
 ) -> DataParallelCosts:
-    """Costs of the plain data-parallel baseline (:class:`DataParallelCosts`).
+    """Costs of the plain data-parallel baseline (:class:`DataParallelCosts`) over ``devices``
+    (indices or names; default every device).
 
     A device runs its share micro-batch by micro-batch, so it holds the weights, gradients and
     Adam moments and one micro-batch of activations (PlanError naming the device otherwise).
     The ring visits the bandwidth clusters one after another; their order is the one whose
     slowest hop is fastest (every order up to 8 clusters, else greedy widest-next-link)."""
     m = positive_int("microbatches", microbatches)
+    devs = _device_list(graph, devices)
     pre = _Prefix(ops, 1)
-    n = len(graph)
+    n = len(devs)
     need = pre.memory(0, pre.n)
-    for d in graph.devices:
+    for i in devs:
+        d = graph.devices[i]
         if need > d.memory_bytes:
             raise PlanError(
                 f"device {d.name!r} ({_gb(d.memory_bytes)}) cannot hold the whole model for data "
                 f"parallelism: it needs {_gb(need)}"
             )
-    compute = tuple(3.0 * pre.F[-1] * (m / n) / d.flops for d in graph.devices)
+    compute = tuple(3.0 * pre.F[-1] * (m / n) / graph.devices[i].flops for i in devs)
     if n == 1:
-        return DataParallelCosts(compute, (0,), (), 0)
+        return DataParallelCosts(tuple(devs), compute, tuple(devs), (), 0)
     chunk = ops.param_bytes / n
     bw, lat = _widest_paths(graph)
-    groups = cluster_devices(graph)
+    taking = set(devs)
+    groups = [g for g in ([i for i in c if i in taking] for c in cluster_devices(graph)) if g]
 
     def hops(ring: list[int]) -> list[float]:
         return [lat[a][b] + chunk / bw[a][b] for a, b in zip(ring, ring[1:] + ring[:1])]
@@ -1238,14 +1234,32 @@ def data_parallel_costs(
         h = hops(ring)
         if best is None or max(h) < max(best[1]):
             best = (ring, h)
-    return DataParallelCosts(compute, tuple(best[0]), tuple(best[1]), 2 * (n - 1))
+    return DataParallelCosts(tuple(devs), compute, tuple(best[0]), tuple(best[1]), 2 * (n - 1))
 
 
-def data_parallel_step_s(ops: OpGraph, graph: DeviceGraph, *, microbatches: int) -> float:
+def data_parallel_step_s(
+    ops: OpGraph, graph: DeviceGraph, *, microbatches: int, devices=None
+) -> float:
     """Baseline step time of plain data parallelism: the slowest device's share of the
     micro-batches, then a ring all-reduce of the gradients paced by the ring's slowest hop
     (:func:`data_parallel_costs`)."""
-    return data_parallel_costs(ops, graph, microbatches=microbatches).step_time_s
+    return data_parallel_costs(ops, graph, microbatches=microbatches, devices=devices).step_time_s
+
+
+def _device_list(graph: DeviceGraph, devices) -> list[int]:
+    """Device indices from indices or names (default: all, in the graph's order)."""
+    if devices is None:
+        return list(range(len(graph)))
+    devs = [graph.index(d) if isinstance(d, str) else d for d in devices]
+    if (
+        not devs
+        or len(set(devs)) != len(devs)
+        or any(not is_int(d) or not 0 <= d < len(graph) for d in devs)
+    ):
+        raise ConfigError(
+            "devices", devices, f"distinct device indices in [0, {len(graph)}) or names"
+        )
+    return devs
 
 
 # ---- GPT-2 -------------------------------------------------------------------------------

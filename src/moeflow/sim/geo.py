@@ -108,14 +108,17 @@ def gpipe_step_s(
     return simulate_gpipe(ops, graph, plan, blocking=blocking).makespan / 1e3
 
 
-def data_parallel_graph(ops: OpGraph, graph: DeviceGraph, *, microbatches: int) -> TaskGraph:
-    """The task graph of one data-parallel step (compute, then the ring all-reduce)."""
-    dp = data_parallel_costs(ops, graph, microbatches=microbatches)
+def data_parallel_graph(
+    ops: OpGraph, graph: DeviceGraph, *, microbatches: int, devices=None
+) -> TaskGraph:
+    """The task graph of one data-parallel step (compute, then the ring all-reduce) over
+    ``devices`` (default all)."""
+    dp = data_parallel_costs(ops, graph, microbatches=microbatches, devices=devices)
     g = TaskGraph()
-    comp = [
-        g.add(f"compute.{d.name}", f"dev:{d.name}", 1e3 * c, kind="compute")
-        for d, c in zip(graph.devices, dp.compute_s)
-    ]
+    comp = {}
+    for i, c in zip(dp.devices, dp.compute_s):
+        name = graph.devices[i].name
+        comp[i] = g.add(f"compute.{name}", f"dev:{name}", 1e3 * c, kind="compute")
     n = len(dp.ring)
     prev: list[int] = []
     for t in range(dp.steps):
@@ -136,6 +139,9 @@ def data_parallel_graph(ops: OpGraph, graph: DeviceGraph, *, microbatches: int) 
     return g
 
 
-def data_parallel_sim_s(ops: OpGraph, graph: DeviceGraph, *, microbatches: int) -> float:
+def data_parallel_sim_s(
+    ops: OpGraph, graph: DeviceGraph, *, microbatches: int, devices=None
+) -> float:
     """Simulated seconds of one step of the data-parallel baseline."""
-    return simulate(data_parallel_graph(ops, graph, microbatches=microbatches)).makespan / 1e3
+    g = data_parallel_graph(ops, graph, microbatches=microbatches, devices=devices)
+    return simulate(g).makespan / 1e3
