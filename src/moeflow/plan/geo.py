@@ -82,8 +82,11 @@ budget (:func:`adatopk_density`, clamped to ``[min_density, 1]``); every other l
 program for candidate budgets ``b`` (links at their budget-``b`` times, every stage's compute
 ``<= b``) and keeps the best plan evaluated at its own budget. A smaller budget only makes
 compressed links faster, so the run whose budget is the optimal plan's own slowest compute finds
-a plan at least as good: with every stage compute time as a candidate the search is exact
-(the exhaustive mode), otherwise ``ADATOPK_BUDGETS`` candidates on a geometric grid are tried.
+a plan at least as good. With every stage compute time as a candidate the search is exact;
+that is done when there are at most ``ADATOPK_EXACT_MAX`` candidates (small graphs); otherwise
+``ADATOPK_BUDGETS`` candidates on a geometric grid are tried, then as many on a finer grid
+between the neighbours of the best one. Candidates above the best bottleneck found are skipped
+(the optimal plan's slowest compute is at most its bottleneck).
 
 Pure Python (no torch): plans for clusters you do not have run anywhere.
 """
@@ -109,7 +112,8 @@ EXHAUSTIVE_MAX_DEVICES = 6
 CLUSTER_PERMUTATION_MAX = 7
 #: OP-Fence: a link joins two devices when it is at least 1/factor of their fastest links
 CLUSTER_FACTOR = 4.0
-#: candidate AdaTopK budgets tried when the search is not exhaustive
+#: AdaTopK budgets: every candidate up to this many, else two geometric grids of ADATOPK_BUDGETS
+ADATOPK_EXACT_MAX = 128
 ADATOPK_BUDGETS = 12
 
 _GB = 1e9
@@ -920,10 +924,11 @@ class _Search:
         val[0][0] = 0.0
         return _Col(v, val, [[None] * self.n for _ in range(self.C)])
 
-    def run(self, mode: str, cap: float = _INF):
-        """Depth-first search over cluster orders; returns (objective, end column)."""
+    def run(self, mode: str, cap: float = _INF, bound: float = _INF):
+        """Depth-first search over cluster orders; returns (objective, end column), or
+        ``(inf, None)`` when no plan beats ``bound``."""
         groups = self.groups
-        best = [_INF, None]
+        best = [bound, None]
 
         def group_cols(prev: list[_Col] | None, g: list[int]) -> list[_Col]:
             cols = []
@@ -979,10 +984,11 @@ class _Search:
                         break
         return best[0], best[1]
 
-    def solve(self) -> tuple[list[int], list[int]] | None:
-        """Bounds and devices of the best plan at the current budget (None: infeasible)."""
-        bott, _ = self.run("max")
-        if bott == _INF:
+    def solve(self, bound: float = _INF) -> tuple[list[int], list[int]] | None:
+        """Bounds and devices of the best plan at the current budget whose bottleneck is below
+        ``bound`` (None: there is none)."""
+        bott, end = self.run("max", bound=bound)
+        if end is None:
             return None
         _, end = self.run("sum", cap=bott * (1 + 1e-12))
         if end is None:  # the cap is met by construction; guard against float ties
@@ -997,9 +1003,8 @@ class _Search:
         return bounds[::-1], devs[::-1]
 
 
-def _budget_candidates(
-    pre: _Prefix, graph: DeviceGraph, lo: float, hi: float, limit
-) -> list[float]:
+def _budget_values(pre: _Prefix, graph: DeviceGraph, lo: float, hi: float) -> list[float]:
+    """Every stage compute time in ``[lo, hi]`` of a stage that fits its device, ascending."""
     vals = set()
     for d in graph.devices:
         for a in range(pre.n):
@@ -1009,17 +1014,21 @@ def _budget_candidates(
                 c = pre.compute(a, b, d.flops)
                 if lo * (1 - 1e-12) <= c <= hi:
                     vals.add(c)
-    vals = sorted(vals)
-    if limit is None or len(vals) <= limit:
-        return vals
-    if lo <= 0:
-        lo = vals[0]
+    return sorted(vals)
+
+
+def _geometric_picks(vals: list[float], count: int) -> list[float]:
+    """About ``count`` of the ascending ``vals``, on a geometric grid from the first to the last
+    (each grid point snapped up to a value)."""
+    if len(vals) <= count:
+        return list(vals)
+    lo, hi = max(vals[0], 1e-300), vals[-1]
     picks, k = [], 0
-    for q in range(limit):  # geometric grid between lo and hi, snapped up to real values
-        target = lo * (hi / lo) ** (q / max(1, limit - 1))
-        while k < len(vals) and vals[k] < target:
+    for q in range(count):
+        target = lo * (hi / lo) ** (q / (count - 1))
+        while k < len(vals) - 1 and vals[k] < target:
             k += 1
-        if k < len(vals) and (not picks or picks[-1] != vals[k]):
+        if not picks or picks[-1] != vals[k]:
             picks.append(vals[k])
     return picks
 
@@ -1082,15 +1091,35 @@ def partition(
     best = consistent(*got)
     if adatopk:
         lo = 3.0 * pre.F[-1] / sum(d.flops for d in graph.devices)
-        limit = None if exhaustive else ADATOPK_BUDGETS
-        for b in _budget_candidates(pre, graph, lo, best.bottleneck_s, limit):
+        vals = _budget_values(pre, graph, lo, best.bottleneck_s)
+        best_b = None
+
+        def attempt(b: float) -> None:
+            nonlocal best, best_b
+            if b > best.bottleneck_s:  # c* <= T* <= the best bottleneck so far
+                return
             search.set_budget(b)
-            got = search.solve()
-            if got is None:
-                continue
-            p = consistent(*got)
-            if _better(p, best):
-                best = p
+            # the plan's own budget only makes it faster, so a run that cannot reach the best
+            # bottleneck (ties included, for the step time) cannot give a better plan
+            got = search.solve(bound=best.bottleneck_s * (1 + 1e-9))
+            if got is not None:
+                p = consistent(*got)
+                if _better(p, best):
+                    best, best_b = p, b
+
+        if len(vals) <= ADATOPK_EXACT_MAX:
+            for b in vals:
+                attempt(b)
+        else:  # a geometric grid, then a finer one between the best point's neighbours
+            picks = _geometric_picks(vals, ADATOPK_BUDGETS)
+            for b in picks:
+                attempt(b)
+            if best_b is not None:
+                k = picks.index(best_b)
+                lo_b, hi_b = picks[max(0, k - 1)], picks[min(len(picks) - 1, k + 1)]
+                inner = [v for v in vals if lo_b < v < hi_b and v != best_b]
+                for b in _geometric_picks(inner, ADATOPK_BUDGETS):
+                    attempt(b)
     return best
 
 
