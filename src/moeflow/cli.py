@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "moeflow.runtime.serve_bench",
         "serve the MoE model disaggregated (FinDEP, PPPipe, naive DEP) and time it",
     ),
+    "geo": (
+        "moeflow.runtime.geo_cli",
+        "plan and run pipeline training over slow, uneven links (FusionLLM)",
+    ),
     "bench": ("moeflow.bench.cli", "dissect a training or decode step by module and operator"),
     "compress": ("moeflow.compress.cli", "losslessly compress a safetensors checkpoint"),
     "decompress": ("moeflow.compress.cli", "restore a safetensors checkpoint from .mfz"),
