@@ -166,7 +166,8 @@ class GeoResult:
     losses: list[float]
     step_times_s: list[float]
     events: list[str] = field(default_factory=list)
-    wire_bytes: list[int] = field(default_factory=list)  # per link s -> s+1, both directions
+    #: per link s -> s+1, both directions, all steps of the last generation of the group
+    wire_bytes: list[int] = field(default_factory=list)
 
 
 # ---- model, data, graph -----------------------------------------------------------------
@@ -649,12 +650,14 @@ def _run(uid, world, job, store, events, result) -> None:
                     if store.add(f"ckpt/{gen}/{step}", 1) == S:
                         _mark_complete(job.checkpoint_dir, step, S)
                         store.set("ckpt/latest", str(step))
+            store.set(f"wire/{gen}/{s}", json.dumps(runner.wire))
             # leave together: nobody tears down while a peer still waits on it
             group.wait(group.pg.barrier())
-            result["wire"] = runner.wire
             result["stage"] = s
             if s == S - 1:  # the last stage reports the whole curve (some of it may be
-                # from a rank that has left since)
+                # from a rank that has left since) and the bytes of every link
+                sent = [json.loads(store.get(f"wire/{gen}/{i}")) for i in range(S)]
+                result["wire"] = [sent[i][0] + sent[i + 1][1] for i in range(S - 1)]
                 result["losses"] = {
                     k: float(store.get(f"loss/{k}"))
                     for k in range(job.steps)
@@ -766,11 +769,7 @@ def merge_results(results: list[dict], losses: dict, job: GeoJob, start: int = 0
         for k, v in r["times"].items():
             times[k] = max(times.get(k, 0.0), v)
         if r.get("wire") is not None:
-            s = r["stage"]
-            if s < job.stages - 1:
-                wire[s] += r["wire"][0]
-            if s > 0:
-                wire[s - 1] += r["wire"][1]
+            wire = r["wire"]
         events += r["events"]
     missing = [k for k in range(start, job.steps) if k not in losses]
     if missing:
