@@ -141,3 +141,17 @@ def test_wrong_inputs_raise_input_errors():
     with pytest.raises(ConfigError, match="density"):
         codec.load_state_dict({"density": 3.0, "residual": None, "dtype": None})
     assert codec.density == 0.5  # a refused state leaves the codec as it was
+
+
+def test_without_feedback_is_plain_topk_every_time():
+    import torch
+
+    from moeflow.comm.adatopk import TopKFeedback
+
+    fb = TopKFeedback(0.25, feedback=False)
+    x = torch.tensor([4.0, -3.0, 2.0, 1.0, 0.5, -0.25, 0.1, 0.0])
+    for _ in range(3):  # no residual carried over: the same input gives the same message
+        values, indices = fb.compress(x)
+        assert indices.tolist() == [0, 1]
+        assert values.tolist() == [4.0, -3.0]
+        assert fb.residual is None

@@ -57,8 +57,10 @@ class TopKFeedback:
     link); the residual carries over.
     """
 
-    def __init__(self, density: float):
+    def __init__(self, density: float, *, feedback: bool = True):
         self._density = _check_density(density)
+        #: keep what was not sent and add it to the next tensor (False: plain top-k)
+        self.feedback = bool(feedback)
         self.residual: torch.Tensor | None = None
         self._dtype: torch.dtype | None = None  # dtype of the tensors this stream carries
 
@@ -115,7 +117,7 @@ class TopKFeedback:
             values = flat[indices].to(x.dtype)
             # what was sent leaves the residual; for float32 this zeroes those entries exactly
             flat[indices] -= values.to(acc_dtype)
-        self.residual = acc
+        self.residual = acc if self.feedback else None
         self._dtype = x.dtype
         return values, indices
 

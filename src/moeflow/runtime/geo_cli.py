@@ -20,6 +20,10 @@ import sys
 
 from moeflow.errors import ConfigError
 
+#: the lowest AdaTopK density ``plan`` uses by default: the convergence run of
+#: benchmarks/geo_train.py (record geo_train_*) picks it
+MIN_DENSITY = 0.25
+
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and batch")
@@ -38,6 +42,12 @@ def add_geo_arguments(p: argparse.ArgumentParser) -> None:
     pl = sub.add_parser("plan", help="partition the model's operator graph over a device file")
     pl.add_argument("--devices", required=True, help="device graph JSON (moeflow.plan.geo)")
     pl.add_argument("--adatopk", action="store_true", help="sparsify the links the plan marks slow")
+    pl.add_argument(
+        "--min-density",
+        type=float,
+        default=MIN_DENSITY,
+        help="lowest AdaTopK density the plan may use (default: %(default)s)",
+    )
     pl.add_argument("--out", help="write the plan as JSON here")
     _model_arguments(pl)
     tr = sub.add_parser("train", help="run a plan as a pipeline of gloo ranks")
@@ -92,7 +102,15 @@ def _plan(args) -> int:
     graph = pgeo.DeviceGraph.load(args.devices)
     job = GeoJob(stages=max(2, len(graph.devices)), **_job_kwargs(args))
     _, traced = trace_job(job)
-    plan = pgeo.partition(traced.ops, graph, microbatches=job.microbatches, adatopk=args.adatopk)
+    if not 0 < args.min_density <= 1:
+        raise ConfigError("--min-density", args.min_density, "a density in (0, 1]")
+    plan = pgeo.partition(
+        traced.ops,
+        graph,
+        microbatches=job.microbatches,
+        adatopk=args.adatopk,
+        min_density=args.min_density,
+    )
     names = [d.name for d in graph.devices]
     print(f"{len(traced.ops.nodes)} graph nodes over {len(names)} devices")
     for s, (dev, t) in enumerate(zip(plan.devices, plan.stage_times, strict=True)):
