@@ -20,8 +20,9 @@ import sys
 
 from moeflow.errors import ConfigError
 
-#: the lowest AdaTopK density ``plan`` uses by default: the convergence run of
-#: benchmarks/geo_train.py (record geo_train_*) picks it
+#: the lowest AdaTopK density ``plan`` uses by default: the lowest that kept the demo model's
+#: 300-step loss within 2% of exact links on a cut after its first block (notes/REJECTED.md;
+#: on a mid-model cut it did not, record geo_train_*)
 MIN_DENSITY = 0.25
 
 
