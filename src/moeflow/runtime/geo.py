@@ -59,6 +59,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -217,19 +218,16 @@ class Batches:
     to a checkpoint sees the same data again."""
 
     def __init__(self, job: GeoJob):
-        from moeflow.demo import load_corpus
+        from moeflow.demo import BatchSampler, load_corpus
 
-        data = load_corpus(job.max_bytes)
-        self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        n = job.microbatch_size * job.microbatches
+        self.sampler = BatchSampler(load_corpus(job.max_bytes), job.seq_len, n)
         self.job = job
 
     def __call__(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         j = self.job
-        gen = torch.Generator().manual_seed(j.seed * 1_000_003 + step)
-        n = j.microbatch_size * j.microbatches
-        starts = torch.randint(0, self.data.numel() - j.seq_len - 1, (n,), generator=gen)
-        window = self.data[starts[:, None] + torch.arange(j.seq_len + 1)]
-        idx, tgt = window[:, :-1], window[:, 1:]
+        self.sampler.gen.manual_seed(j.seed * 1_000_003 + step)
+        idx, tgt = self.sampler()
         return list(zip(idx.split(j.microbatch_size), tgt.split(j.microbatch_size), strict=True))
 
 
@@ -497,8 +495,6 @@ def _mark_complete(root: str, step: int, stages: int) -> None:
     os.replace(tmp, os.path.join(root, "latest"))
     for name in os.listdir(root):  # keep the complete checkpoint and anything newer
         if name.startswith("step") and int(name[4:]) < step:
-            import shutil
-
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
