@@ -87,7 +87,7 @@ def _import_code() -> None:
     import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
 
     import moeflow.integrations.hf  # noqa: F401
-    import moeflow.runtime  # noqa: F401
+    import moeflow.parallel  # noqa: F401
 
 
 def single_process_load(args, path: str) -> dict:
@@ -112,7 +112,7 @@ def _rank(rank: int, world: int, args, path: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from moeflow.integrations import patch_model
-    from moeflow.runtime import ExpertParallel, parallelize, sync_gradients
+    from moeflow.parallel import ExpertParallel, parallelize, sync_gradients
 
     base = _status_kb("VmRSS")
     resettable = _reset_peak()

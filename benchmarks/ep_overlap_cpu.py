@@ -109,9 +109,9 @@ def _time_once(fn):
 
 def _rank(rank, world, args):
     """One rank (forked by moeflow.launch, gloo group up); rank 0 returns the timings."""
-    import moeflow.comm.dispatch as dispatch_mod
+    import moeflow.parallel.dispatch as dispatch_mod
     from moeflow.comm import Topology
-    from moeflow.runtime import ExpertParallel
+    from moeflow.parallel import ExpertParallel
 
     ep = ExpertParallel(
         _layer(args),

@@ -19,7 +19,7 @@ ours is stated here (all figures are our assumptions, not measurements):
   1024 tokens, fp32, micro-batches of one sequence, 32 micro-batches per GPipe step, via
   :func:`moeflow.plan.geo.gpt2_opgraph`.
 
-Methods, every step time from the event simulation (:mod:`moeflow.sim.geo`):
+Methods, every step time from the event simulation (:mod:`moeflow.plan.geo_sim`):
 ``ours`` = :func:`~moeflow.plan.geo.partition` with exact links; ``ours+AdaTopK`` = the same
 with AdaTopK on the slow links between clusters (min density 0.01; 0.1 in a second run);
 ``even-48`` = an even layer split over all 48 GPUs in site order; ``even-same`` = an even layer
@@ -47,7 +47,7 @@ from _common import cpu_name  # noqa: E402
 
 from moeflow.errors import PlanError
 from moeflow.plan import geo
-from moeflow.sim import geo as sg
+from moeflow.plan import geo_sim as sg
 
 GPUS = {  # sustained training FLOP/s, memory bytes (our assumptions)
     "A100": (60e12, 40e9),
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
         f"- closed-form step vs event simulation on our plans: {100 * min(dev):+.2f}% to "
         f"{100 * max(dev):+.2f}% (the simulation runs forward and backward as two flow lines, "
         "the closed form charges each stage's forward and backward together: see "
-        "moeflow.sim.geo; the bound is +16.7%)",
+        "moeflow.plan.geo_sim; the bound is +16.7%)",
         f"- data parallel, closed form vs simulation: max {100 * max(dp_dev, default=0):.2f}%",
         f"- planning time for 48 GPUs: exact links max {max(r['plan_s'] for r in rows):.2f} s, "
         f"with AdaTopK max "

@@ -43,7 +43,7 @@ RANKS_PER_CORE = 2  # 4 ranks on 2 cores: each rank gets about half a core
 
 
 def job(**kw):
-    from moeflow.runtime.geo import GeoJob
+    from moeflow.geo.pipeline import GeoJob
 
     base = dict(MODEL, microbatches=MICROBATCHES, steps=8, timeout_s=1800.0)
     base.update(kw)
@@ -90,7 +90,7 @@ def dp_worker(steps: int, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from moeflow.runtime.geo import Batches, build_module
+    from moeflow.geo.pipeline import Batches, build_module
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1800))
@@ -179,7 +179,7 @@ def emulated(rate: str, plans: dict, steps: int, tmp: str) -> dict:
             with open(plan_file, "w") as f:
                 doc = {"plan": {"bounds": list(plan.bounds), "densities": list(dens)}}
                 json.dump(doc, f)
-            cmd = ["-m", "moeflow.runtime.geo_cli", "train", "--plan", plan_file]
+            cmd = ["-m", "moeflow.cli.geo", "train", "--plan", plan_file]
             cmd += ["--steps", str(steps), "--json", path, "--microbatches", str(MICROBATCHES)]
             cmd += [f"--{k.replace('_', '-')}={v}" for k, v in MODEL.items()]
             port += 1
@@ -214,7 +214,7 @@ def emulated(rate: str, plans: dict, steps: int, tmp: str) -> dict:
 
 
 def convergence(plan, dens, steps: int) -> dict:
-    from moeflow.runtime import geo
+    from moeflow.geo import pipeline as geo
 
     exact = geo.train(job(bounds=plan.bounds, steps=steps, threads=1), progress=False)
     sparse = geo.train(
@@ -254,9 +254,9 @@ def main(argv=None) -> int:
     import emulated_cluster as ec
     import torch
 
+    from moeflow.cli.geo import MIN_DENSITY
+    from moeflow.geo.pipeline import trace_job
     from moeflow.plan import geo as pgeo
-    from moeflow.runtime.geo import trace_job
-    from moeflow.runtime.geo_cli import MIN_DENSITY
 
     module, traced = trace_job(job())
     flops = device_rate(traced, module)

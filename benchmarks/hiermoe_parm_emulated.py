@@ -40,9 +40,9 @@ def rank_main(rank: int, master: str, port: int, reps: int) -> None:
     from moeflow import MoEConfig, MoELayer
     from moeflow.comm import Topology
     from moeflow.comm.groups import subgroup
+    from moeflow.parallel import ExpertParallel
     from moeflow.plan.hiermoe import contiguous_owner, flat_hops, level_bytes, swap_step
-    from moeflow.runtime import ExpertParallel
-    from moeflow.sim.hiermoe import tutel_2dh_hops
+    from moeflow.plan.hiermoe_sim import tutel_2dh_hops
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=4)

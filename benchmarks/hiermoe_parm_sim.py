@@ -33,10 +33,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import cpu_name, write_record  # noqa: E402
 
+from moeflow.plan import hiermoe_sim as sh  # noqa: E402
+from moeflow.plan import parm_sim as sp  # noqa: E402
 from moeflow.plan.hiermoe import contiguous_owner, dedup_hops, level_bytes, swap_step  # noqa: E402
 from moeflow.plan.parm import ParmCluster, ParmLayer  # noqa: E402
-from moeflow.sim import hiermoe as sh  # noqa: E402
-from moeflow.sim import parm as sp  # noqa: E402
 
 SHAPES = {"deepseek-v3-half": (128, 8, 7168), "qwen3-30b-a3b": (128, 8, 2048)}
 

@@ -242,7 +242,7 @@ def _build_torchtitan(c: dict, W: int):
 
 def _plan_degrees(c: dict, W: int, nodes: int, cfg) -> dict:
     """FSMoE degrees for this layer from a profile of the cluster we run on."""
-    from moeflow.perf import profile
+    from moeflow.apps.profile import profile
     from moeflow.plan import LayerWorkload
     from moeflow.plan.fsmoe import plan_layer
 
@@ -299,7 +299,7 @@ def _build_moeflow(c: dict, W: int, nodes: int, meta: dict, deferred: dict):
         a, b = layer(drop), layer(dropless)
         return {"moeflow": (a, a), DROPLESS_VARIANT: (b, b), DROPLESS_BF16: bf16(layer(dropless))}
     from moeflow.comm import Topology
-    from moeflow.runtime import ExpertParallel
+    from moeflow.parallel import ExpertParallel
 
     topo = Topology.from_env()
 
@@ -460,7 +460,7 @@ PROBES = {
     "deepspeed": "import deepspeed.moe.layer",
     "tutel": "import torch, tutel_custom_kernel; from tutel import moe",
     "torchtitan": "import torchtitan.models.common.moe, torchtitan.models.common.token_dispatcher",
-    "moeflow": "import moeflow.runtime",
+    "moeflow": "import moeflow.parallel",
 }
 
 

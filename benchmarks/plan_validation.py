@@ -11,7 +11,7 @@
    1.18x / 1.22x (over Tutel+PipeMoE) and 1.28-3.01x (over DeepSpeed-MoE).
 3. Solve time: median per layer (forward + backward), target < 20 ms (paper: 193 ms).
 4. Fidelity (--fidelity): 4 gloo ranks declared as 2 nodes x 2, profile them, predict the
-   step time (forward + backward) of moeflow.runtime.ExpertParallel for r in {1, 2, 4} with
+   step time (forward + backward) of moeflow.parallel.ExpertParallel for r in {1, 2, 4} with
    the simulator, measure it, report the error (target within 15%).
 
 Layout of the sweep (our reading of FSMoE): expert parallelism across nodes (N_EP = nodes),
@@ -166,7 +166,7 @@ def _calibrate_compute(cfg, reps: int = 3) -> dict:
     from moeflow import MoELayer
     from moeflow.kernels import expert_ffn
     from moeflow.perf import LinearCost
-    from moeflow.perf.profiler import time_op
+    from moeflow.perf.measure import time_ms
 
     D, F = cfg.hidden_size, cfg.ffn_hidden_size
     E_l = cfg.num_experts // 4
@@ -186,8 +186,8 @@ def _calibrate_compute(cfg, reps: int = 3) -> dict:
             expert_ffn(x, c, w_in, w_out).sum().backward()
 
         ns.append(2.0 * N * D * F * 3)
-        tf.append(time_op(fwd, reps, 3, grp, dev))
-        tfb.append(time_op(fwdbwd, reps, 3, grp, dev))
+        tf.append(time_ms(fwd, reps=reps, trials=3, group=grp, device=dev))
+        tfb.append(time_ms(fwdbwd, reps=reps, trials=3, group=grp, device=dev))
     exp_f = LinearCost.fit(ns, tf, note="expert_ffn forward, n = FLOPs", nonneg_alpha=True)
     exp_b = LinearCost.fit(
         ns,
@@ -203,7 +203,7 @@ def _calibrate_compute(cfg, reps: int = 3) -> dict:
         xi = xl.clone().requires_grad_(True)
         layer(xi).sum().backward()
 
-    t_layer = time_op(full, reps, 3, grp, dev)
+    t_layer = time_ms(full, reps=reps, trials=3, group=grp, device=dev)
     rows = cfg.top_k * FID_TOKENS
     # overlap probe: does an async a2a progress while this rank computes?
     xr = torch.randn(rows, D)
@@ -222,7 +222,9 @@ def _calibrate_compute(cfg, reps: int = 3) -> dict:
         comp()
         work.wait()
 
-    t_g, t_a, t_b = (time_op(f, reps, 3, grp, dev) for f in (comp, comm, both))
+    t_g, t_a, t_b = (
+        time_ms(f, reps=reps, trials=3, group=grp, device=dev) for f in (comp, comm, both)
+    )
     eta = max(0.0, min(1.0, (t_g + t_a - t_b) / min(t_g, t_a)))
     n_flops = 2.0 * rows * D * F * 3
     rest = t_layer - exp_f(n_flops) - exp_b(n_flops)
@@ -242,7 +244,7 @@ def _fid_rank(rank, world, iters):
     import torch.distributed as dist
 
     from moeflow import MoEConfig, MoELayer
-    from moeflow.perf import profile
+    from moeflow.apps.profile import profile
 
     gemm_m = (96, 160, 224, 288, 352)
     perf = profile(
@@ -261,7 +263,7 @@ def _fid_rank(rank, world, iters):
         "runtime": None,
     }
     from moeflow.comm import Topology
-    from moeflow.runtime import ExpertParallel
+    from moeflow.parallel import ExpertParallel
 
     torch.manual_seed(0)
     layer = MoELayer(cfg)
@@ -302,7 +304,7 @@ def _fid_rank(rank, world, iters):
     res["measured"] = {r: statistics.median(v) for r, v in times.items()}
     res["measured_all"] = times
     res["reference_ms"] = ref_times
-    res["runtime"] = "moeflow.runtime.ExpertParallel"
+    res["runtime"] = "moeflow.parallel.ExpertParallel"
     dist.barrier()
     # through JSON, as the record is stored: measured times keyed by str(r)
     return json.loads(json.dumps(res)) if rank == 0 else None

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import cpu_name  # noqa: E402
 
-from moeflow.runtime.serve_bench import add_serve_bench_arguments, run_serve_bench  # noqa: E402
+from moeflow.apps.serve_bench import add_serve_bench_arguments, run_serve_bench  # noqa: E402
 
 WORKLOADS = {
     "prefill-heavy": ["--requests", "16", "--prompt-len", "128:256", "--output-len", "2:4"],
@@ -65,9 +65,9 @@ def node_main(rank: int, master: str, port: int, repeat: int, flags) -> int:
     import torch
     import torch.distributed as dist
 
+    from moeflow.apps import serve_bench as sbm
     from moeflow.plan import findep as fd
-    from moeflow.runtime import serve_bench as sbm
-    from moeflow.runtime.serving import ServeSchedule, serve_rank
+    from moeflow.serving.disaggregated import ServeSchedule, serve_rank
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
             "",
         ]
     for rate in [r for r in args.shaped.split(",") if r]:
-        from moeflow.runtime.serve_bench import Metrics, format_table
+        from moeflow.apps.serve_bench import Metrics, format_table
 
         ms, info = shaped(rate, args.repeat, args.smoke)
         lines += [

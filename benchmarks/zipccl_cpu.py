@@ -3,7 +3,7 @@ simulated 64-GPU figure.
 
 Three parts (``all`` runs them in turn and writes one record):
 
-- ``traffic``: trains ``moeflow.demo``'s model for ``--warm-steps`` steps, then captures a
+- ``traffic``: trains ``moeflow.models.demo``'s model for ``--warm-steps`` steps, then captures a
   few steps of what its collectives would carry: the MoE layers' inputs (the rows the
   dispatch all-to-all sends), their outputs (combine), the gradients flowing back into them
   (the backward dispatch), every gradient (DDP all-reduce / FSDP reduce-scatter) and every
@@ -65,7 +65,7 @@ GPU_CODEC_ALPHA_MS = 0.01  # one kernel launch each way (assumed)
 # ----------------------------------------------------------------------------- traffic
 def capture_traffic(warm_steps: int, capture_steps: int, batch: int, seed: int = 0) -> dict:
     """Tensors of a few training steps of the demo model, by collective."""
-    from moeflow.demo import BatchSampler, build_demo_model, load_corpus
+    from moeflow.models.demo import BatchSampler, build_demo_model, load_corpus
 
     model = build_demo_model(seed=seed)
     cfg = model.cfg
@@ -178,10 +178,10 @@ def _worker(args) -> int:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from moeflow.apps.profile import profile, profile_codec
     from moeflow.comm.compressed import Compression
     from moeflow.comm.hooks import register_comm_hook
-    from moeflow.demo import BatchSampler, build_demo_model, load_corpus
-    from moeflow.perf.profiler import profile, profile_codec
+    from moeflow.models.demo import BatchSampler, build_demo_model, load_corpus
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
@@ -549,7 +549,8 @@ def main(argv=None) -> int:
             [
                 "## Wire bytes of the demo model's traffic",
                 "",
-                f"`moeflow.demo` model (default config), {args.warm_steps} AdamW steps, then "
+                f"`moeflow.models.demo` model (default config), {args.warm_steps} AdamW steps, "
+                f"then "
                 f"{args.capture_steps} captured steps, batch {args.batch}x128 (loss "
                 f"{t['_loss']:.3f} at capture). One message per tensor; ratio = raw / "
                 "message bytes (headers and checksums included); bound = exponent-entropy "

@@ -18,9 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from moeflow.cli import plan as plan_cli
+from moeflow.cli import simulate as sim_cli
 from moeflow.errors import ConfigError, DistributedConfigError, InputError, MoeflowError
-from moeflow.plan import cli as plan_cli
-from moeflow.sim import cli as sim_cli
+from moeflow.plan import io as plan_io
 
 FUZZ = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -145,7 +146,7 @@ TRAIN_INT_FLAGS = {
 @FUZZ
 @given(flag=st.sampled_from(sorted(TRAIN_INT_FLAGS)), v=INTS)
 def test_train_int_flags(flag, v):
-    from moeflow.train import add_train_arguments, validate_train_args
+    from moeflow.apps.train import add_train_arguments, validate_train_args
 
     args = _parse(add_train_arguments, [f"{flag}={v}"])
     valid = TRAIN_INT_FLAGS[flag](v)
@@ -166,7 +167,7 @@ def test_train_int_flags(flag, v):
     v=FLOATS,
 )
 def test_train_float_flags(flag, v):
-    from moeflow.train import add_train_arguments, validate_train_args
+    from moeflow.apps.train import add_train_arguments, validate_train_args
 
     args = _parse(add_train_arguments, [f"{flag}={v!r}"])
     valid = math.isfinite(v) and (v >= 0 if flag == "--aux-loss-coef" else v > 0)
@@ -181,8 +182,8 @@ def test_train_float_flags(flag, v):
 @FUZZ
 @given(v=INTS)
 def test_train_nproc(v):
+    from moeflow.apps.train import add_train_arguments, validate_train_args
     from moeflow.launch import max_ranks
-    from moeflow.train import add_train_arguments, validate_train_args
 
     args = _parse(add_train_arguments, [f"--nproc={v}", "--batch-size", "840", "--experts", "840"])
     try:
@@ -239,7 +240,7 @@ def test_bad_perf_and_plan_files(tmp_path, kind, flag):
     path = tmp_path / "f.json"
     if BAD_JSON[kind] is not None:
         path.write_bytes(BAD_JSON[kind])
-    loader = plan_cli.load_perf_file if flag == "--perf" else plan_cli.load_plan_file
+    loader = plan_io.load_perf_file if flag == "--perf" else plan_io.load_plan_file
     with pytest.raises(InputError) as ei:
         loader(path, flag)
     _one_line(ei.value, flag)
@@ -263,7 +264,7 @@ def test_malformed_perf_fields(tmp_path, mutate, what):
     path = tmp_path / "perf.json"
     path.write_text(json.dumps(d))
     with pytest.raises(InputError, match=what) as ei:
-        plan_cli.load_perf_file(path)
+        plan_io.load_perf_file(path)
     _one_line(ei.value, "--perf")
 
 
@@ -289,7 +290,7 @@ def test_malformed_plan_fields(tmp_path, layers, what):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(d))
     with pytest.raises(InputError, match=what) as ei:
-        plan_cli.load_plan_file(path)
+        plan_io.load_plan_file(path)
     _one_line(ei.value, "--plan")
 
 
@@ -302,7 +303,7 @@ def test_plan_with_bad_perf_file_raises_input_error(tmp_path):
 
 
 def test_train_plan_file_checked_in_the_parent(tmp_path):
-    from moeflow.train import add_train_arguments, validate_train_args
+    from moeflow.apps.train import add_train_arguments, validate_train_args
 
     args = _parse(add_train_arguments, ["--plan", str(tmp_path / "missing.json")])
     with pytest.raises(InputError, match="no such file"):
@@ -332,7 +333,7 @@ def test_simulate_checks_output_dirs_before_simulating(tmp_path, monkeypatch):
 
 
 def test_train_steps_0_is_a_config_error():
-    from moeflow.train import main
+    from moeflow.apps.train import main
 
     with pytest.raises(ConfigError, match="--steps"):
         main(["--steps", "0"])

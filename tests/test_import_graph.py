@@ -145,11 +145,11 @@ def test_cycle_finder_sees_a_cycle_and_a_lazy_import(tmp_path):
 
 def test_graph_covers_the_package():
     g = import_graph()
-    assert "moeflow.perf.cost" in g and "moeflow.runtime.expert_parallel" in g
-    assert "moeflow.comm.collectives" in g["moeflow.runtime.expert_parallel"]
+    assert "moeflow.perf.cost" in g and "moeflow.parallel.expert_parallel" in g
+    assert "moeflow.comm.collectives" in g["moeflow.parallel.expert_parallel"]
     # the third-party scan sees what the layering tests look for
     known = _modules()
-    assert "torch.distributed" in _third_party(known["moeflow.runtime.expert_parallel"])
+    assert "torch.distributed" in _third_party(known["moeflow.parallel.expert_parallel"])
     assert "torch" in _third_party(known["moeflow.layer.routers"])
 
 
@@ -218,3 +218,91 @@ def test_single_device_packages_import_no_torch_distributed(subpackage):
         (m, n) for m in seen for n in _third_party(known[m]) if n.startswith("torch.distributed")
     )
     assert offenders == []
+
+
+#: The layer order, lowest first (notes/DESIGN.md explains each). A module may import modules
+#: of its own layer entry and of lower ones, never of a higher one; no exception list.
+LAYERS: list[tuple[str, ...]] = [
+    ("errors",),
+    ("_deps", "_moved", "validate", "files"),
+    ("config", "clusters", "progress"),
+    ("kernels",),
+    ("layer",),
+    ("models",),
+    ("compress",),
+    ("checkpoint",),
+    ("integrations",),
+    ("perf",),
+    ("comm",),
+    ("launch",),
+    ("sim",),
+    ("plan",),
+    ("parallel",),
+    ("serving", "geo"),
+    ("apps",),
+    ("cli",),
+    ("runtime", "bench"),  # deprecated aliases of moved names: nothing may import them
+]
+
+
+def _part(module: str) -> str:
+    """The layer entry of a module: its subpackage, or its own name for a base module."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _rank(module: str) -> int:
+    part = _part(module)
+    for i, names in enumerate(LAYERS):
+        if part in names:
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS: place it")
+
+
+def test_every_module_has_a_layer():
+    for m in import_graph():
+        if m != PACKAGE:
+            _rank(m)
+
+
+#: entries that share a layer without importing each other
+PEERS = {("serving", "geo"), ("runtime", "bench")}
+
+
+def _runs_up(m: str, t: str) -> bool:
+    rm, rt = _rank(m), _rank(t)
+    if rt != rm:
+        return rt > rm
+    return _part(m) != _part(t) and tuple(LAYERS[rm]) in PEERS
+
+
+def test_imports_point_down_the_layers():
+    # the package root is the facade (lazy names only); everything else keeps the order
+    g = import_graph()
+    up = sorted(
+        (m, t)
+        for m, targets in g.items()
+        if m != PACKAGE
+        for t in targets
+        if t != PACKAGE and _runs_up(m, t)
+    )
+    assert up == [], "imports that run up the layers: " + "; ".join(f"{a} -> {b}" for a, b in up)
+
+
+def test_layer_check_catches_an_upward_lazy_import(tmp_path):
+    mod = tmp_path / "m.py"
+    mod.write_text("def f():\n    from moeflow.parallel.dispatch import make_dispatcher\n")
+    known = {"moeflow.parallel.dispatch": mod, "moeflow.comm.x": mod}
+    ((target, _),) = _imports("moeflow.comm.x", mod, known)
+    assert _rank(target) > _rank("moeflow.comm.x")
+
+
+def test_no_module_imports_the_deprecated_aliases():
+    g = import_graph()
+    users = sorted(
+        (m, t)
+        for m, targets in g.items()
+        for t in targets
+        if _part(t) in ("runtime", "bench") and _part(m) not in ("runtime", "bench")
+    )
+    assert users == []

@@ -160,8 +160,8 @@ def test_overall_deadline():
 
 
 def test_train_config_errors_raised_before_fork(no_fork):
+    from moeflow.apps.train import main
     from moeflow.errors import DistributedConfigError
-    from moeflow.train import main
 
     # 16 sequences do not split over 3 ranks (this used to fail once per rank, after forking)
     with pytest.raises(ConfigError, match="batch"):

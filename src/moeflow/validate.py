@@ -7,6 +7,7 @@ path on disk and raises :class:`moeflow.errors.InputError` naming the flag.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -73,3 +74,36 @@ def output_file(flag: str, path) -> None:
         raise InputError(f"{flag} {str(path)!r}: directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {str(path)!r}: directory {str(parent)!r} is not writable")
+
+
+def read_json_file(path, flag: str, max_bytes: int):
+    """The parsed JSON object in ``path`` (at most ``max_bytes``); InputError naming ``flag``,
+    the file and the fault."""
+    where = f"{flag} {str(path)!r}"
+    try:
+        p = Path(path)
+        if not p.exists():
+            raise InputError(f"{where}: no such file")
+        if not p.is_file():
+            raise InputError(f"{where}: not a regular file")
+        size = p.stat().st_size
+        if size > max_bytes:
+            raise InputError(
+                f"{where}: {size} bytes, larger than the {max_bytes} byte limit for a JSON file"
+            )
+        d = json.loads(p.read_bytes().decode("utf-8"))
+    except InputError:
+        raise
+    except OSError as e:
+        raise InputError(f"{where}: cannot read it: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+        ) from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    return d

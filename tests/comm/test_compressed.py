@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeflow.errors import ConfigError
 from moeflow.perf.cost import LinearCost, PerfModel
 from tests._dist import run_ranks
 
@@ -175,24 +176,29 @@ def test_policy_arguments_and_break_even():
 
 
 def test_profile_codec_fits_costs_that_auto_uses():
+    from moeflow.apps.profile import profile_codec
     from moeflow.comm.compressed import Compression, codec_costs
-    from moeflow.perf.profiler import profile_codec
 
     costs = profile_codec(sizes=(1 << 14, 1 << 17, 1 << 19), reps=1, trials=1)
     for key in ("zipccl_encode", "zipccl_decode"):
         c = costs[key]
         assert c.beta > 0 and c.alpha >= 0 and c.source == "measured"
         assert 1e-8 < c.beta < 1e-3  # between 1 TB/s and 1 MB/s per byte of input
-    # a model written before the codec existed: "auto" measures the codec itself
+    # a model written before the codec existed: "auto" names the missing cost, never
+    # profiling inside the constructor
     bare = PerfModel("old", dict(SLOW_LINK.costs))
     assert codec_costs(bare) is None
-    auto = Compression("auto", bare)
-    assert auto.costs[0].beta > 0 and auto.decide("x", "a2a", 1 << 22, "bfloat16")
+    with pytest.raises(ConfigError, match="zipccl_encode"):
+        Compression("auto", bare)
+    meta = {"codec_costs": {k: c.to_dict() for k, c in costs.items()}}
+    auto = Compression("auto", PerfModel("new", dict(SLOW_LINK.costs), meta=meta))
+    assert auto.costs[0].beta == costs["zipccl_encode"].beta
+    assert auto.costs[1].alpha == costs["zipccl_decode"].alpha
 
 
 def test_profiled_model_meta_carries_codec_costs_through_json():
+    from moeflow.apps.profile import _codec_meta
     from moeflow.comm.compressed import codec_costs
-    from moeflow.perf.profiler import _codec_meta
 
     meta = _codec_meta((1 << 15, 1 << 18), 1, 1)
     model = PerfModel("profiled", dict(FAST_LINK.costs), meta=meta)

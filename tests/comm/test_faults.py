@@ -16,7 +16,7 @@ pytestmark = pytest.mark.dist
 def _ep(world, timeout_s, **kw):
     from moeflow import MoEConfig, MoELayer
     from moeflow.comm import Topology
-    from moeflow.runtime import ExpertParallel
+    from moeflow.parallel import ExpertParallel
 
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moeflow.comm import Topology
-from moeflow.comm.dispatch import split_offsets, split_sizes, sub_block_index
 from moeflow.errors import DistributedConfigError
+from moeflow.parallel.dispatch import split_offsets, split_sizes, sub_block_index
 
 
 def test_explicit_layout_and_links():

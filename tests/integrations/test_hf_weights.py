@@ -19,13 +19,13 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from test_hf import CASES, VOCAB, _build  # noqa: E402
 
 from moeflow import MoELayer  # noqa: E402
+from moeflow.checkpoint.hf_keys import ADAPTERS  # noqa: E402
 from moeflow.errors import InputError, RoutingError  # noqa: E402
 from moeflow.integrations.hf import (  # noqa: E402
     moeflow_state_dict_keys,
     patch_model,
     state_dict_adapter,
 )
-from moeflow.integrations.hf_state import ADAPTERS  # noqa: E402
 
 FAST = ["mixtral", "qwen2_moe", "deepseek_v3"]
 SLOW = sorted(set(CASES) - set(FAST))

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
+from moeflow.checkpoint import load_pretrained, to_hf_state_dict
 from moeflow.errors import ConfigError, CorruptDataError, InputError, UnsupportedModelError
-from moeflow.models import Request, SamplingParams, generate, load_pretrained, to_hf_state_dict
+from moeflow.models import Request, SamplingParams, generate
 
 
 def prompts(n_max=9):
@@ -149,7 +150,7 @@ def test_loader_errors(tiny_checkpoint, tmp_path):
 
 
 def test_deepseek_v2_dense_layers_are_refused():
-    from moeflow.models import config_from_hf
+    from moeflow.checkpoint import config_from_hf
 
     hf = {
         "model_type": "deepseek_v2",

@@ -79,7 +79,7 @@ def test_plan_cli_method_hiermoe(capsys):
     import argparse
     import json
 
-    from moeflow.plan import cli
+    from moeflow.cli import plan as cli
 
     p = argparse.ArgumentParser()
     cli.add_plan_arguments(p)
@@ -123,7 +123,7 @@ def test_plan_cli_method_hiermoe(capsys):
 
 
 def test_simulated_a2a_of_each_schedule():
-    from moeflow.sim.hiermoe import PRESETS, a2a_ms, schedules_ms, tutel_2dh_hops
+    from moeflow.plan.hiermoe_sim import PRESETS, a2a_ms, schedules_ms, tutel_2dh_hops
 
     cl = PRESETS["hiermoe-32gpu"]
     U = list(cl.U)

@@ -60,7 +60,7 @@ def test_bad_inputs():
 def test_plan_cli_method_parm(capsys):
     import argparse
 
-    from moeflow.plan import cli
+    from moeflow.cli import plan as cli
 
     p = argparse.ArgumentParser()
     cli.add_plan_arguments(p)
@@ -83,7 +83,7 @@ def test_plan_cli_method_parm(capsys):
 
 @pytest.mark.parametrize("tokens,hidden,mp", [(4096, 1024, 4), (1024, 512, 2), (8192, 4096, 8)])
 def test_formula_agrees_with_the_simulator(tokens, hidden, mp):
-    from moeflow.sim.parm import PRESETS, expert_row_time, layer_ms
+    from moeflow.plan.parm_sim import PRESETS, expert_row_time, layer_ms
 
     pre = PRESETS["parm-32gpu"]
     layer = ParmLayer(tokens=tokens, hidden=hidden, top_k=2, mp=mp, nodes=4)

@@ -13,7 +13,7 @@ def _args(mod, name, argv):
 
 
 def test_plan_cli_table_and_json(capsys, tmp_path):
-    from moeflow.plan import cli
+    from moeflow.cli import plan as cli
 
     argv = [
         "--model",
@@ -41,8 +41,8 @@ def test_plan_cli_table_and_json(capsys, tmp_path):
 def test_plan_cli_bad_model_is_a_typed_error():
     import pytest
 
+    from moeflow.cli import plan as cli
     from moeflow.errors import ConfigError
-    from moeflow.plan import cli
 
     # the command raises; the `moeflow` error boundary prints one line and exits 2
     with pytest.raises(ConfigError, match="nope"):
@@ -50,7 +50,7 @@ def test_plan_cli_bad_model_is_a_typed_error():
 
 
 def test_simulate_cli_writes_trace_and_png(tmp_path, capsys):
-    from moeflow.sim import cli
+    from moeflow.cli import simulate as cli
 
     trace, png = tmp_path / "t.json", tmp_path / "t.png"
     argv = [
@@ -100,7 +100,7 @@ def test_moeflow_entry_point_dispatches_plan():
 def test_plan_and_sim_do_not_import_torch():
     code = (
         "import sys, moeflow.plan, moeflow.sim, moeflow.perf, moeflow.clusters, "
-        "moeflow.plan.cli, moeflow.sim.cli; "
+        "moeflow.cli.plan, moeflow.cli.simulate; "
         "from moeflow.plan import fsmoe, baselines; "
         "print('torch' in sys.modules)"
     )

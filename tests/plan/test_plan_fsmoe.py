@@ -172,7 +172,7 @@ def test_workload_from_config_and_sizes():
 
 
 def test_runtime_reads_the_plans_degrees():
-    runtime = pytest.importorskip("moeflow.runtime")
+    runtime = pytest.importorskip("moeflow.parallel")
     perf = perf_preset("fsmoe-testbed-b")
     w = LayerWorkload.from_config(model_preset("mixtral-8x7b"), tokens=2048, n_ep=8, n_esp=4)
     p = Plan.from_json(fsmoe.plan(w, perf, num_layers=3).to_json())

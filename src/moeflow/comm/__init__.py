@@ -1,38 +1,36 @@
-"""torch.distributed plumbing: topology, token dispatchers, deadlines on every collective."""
+"""torch.distributed plumbing: topology, groups, deadlines on every collective, compressed
+collectives and DDP comm hooks. The expert-parallel engine that uses them is
+:mod:`moeflow.parallel`."""
 
-from moeflow.comm.dispatch import (
-    COMMON_ARGS,
-    DISPATCHER_CLASSES,
-    DISPATCHERS,
-    A2ADispatcher,
-    CapacityDispatcher,
-    ChunkRoute,
-    CommStep,
-    CountExchange,
-    HierarchicalDispatcher,
-    TokenDispatcher,
-    dispatcher_class,
-    make_dispatcher,
-)
+from moeflow._moved import moved_names
 from moeflow.comm.timeouts import DEFAULT_TIMEOUT_S, Pending, wait_work
 from moeflow.comm.topology import LINK_LEVELS, Topology, TopologyGroups
+
+__getattr__ = moved_names(
+    __name__,
+    dict.fromkeys(
+        (
+            "COMMON_ARGS",
+            "DISPATCHER_CLASSES",
+            "DISPATCHERS",
+            "A2ADispatcher",
+            "CapacityDispatcher",
+            "ChunkRoute",
+            "CommStep",
+            "CountExchange",
+            "HierarchicalDispatcher",
+            "TokenDispatcher",
+            "dispatcher_class",
+            "make_dispatcher",
+        ),
+        "moeflow.parallel.dispatch",
+    ),
+)
 
 __all__ = [
     "Topology",
     "TopologyGroups",
     "LINK_LEVELS",
-    "TokenDispatcher",
-    "A2ADispatcher",
-    "CapacityDispatcher",
-    "HierarchicalDispatcher",
-    "make_dispatcher",
-    "dispatcher_class",
-    "DISPATCHERS",
-    "DISPATCHER_CLASSES",
-    "COMMON_ARGS",
-    "CountExchange",
-    "ChunkRoute",
-    "CommStep",
     "Pending",
     "wait_work",
     "DEFAULT_TIMEOUT_S",

@@ -118,8 +118,8 @@ class Compression:
     "auto" (ZipCCL's per-call switch under ``perf``, a PerfModel with codec costs).
 
     The auto decision must be the same on every rank of a collective, so ``perf`` must be the
-    same on every rank (``moeflow profile`` fits one model for all; without codec costs in it,
-    constructing an "auto" policy measures them collectively over the default group), and the
+    same on every rank (``moeflow profile`` fits one model for all, codec costs included; a
+    model without them is refused with a :class:`ConfigError` naming the missing cost), and the
     decision uses only what every rank knows: the message size in bytes (equal for
     all-gather, reduce-scatter and all-reduce) and a ratio estimate per (operation, dtype)
     that is updated from the exchanged message sizes of the last compressed call (every
@@ -147,14 +147,13 @@ class Compression:
                 raise ConfigError(
                     "perf", None, "a PerfModel (e.g. from `moeflow profile`) when compress='auto'"
                 )
-            if self.costs is None:  # a model from before the codec: measure the codec now
-                from moeflow.perf.profiler import profile_codec
-
-                # every rank must fit the same costs (the slowest rank's), or their
-                # decisions could differ: this is then collective over the default group
-                group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
-                c = profile_codec(threads=threads, group=group)
-                self.costs = (c[ENCODE], c[DECODE])
+            if self.costs is None:
+                raise ConfigError(
+                    "perf",
+                    getattr(perf, "name", perf),
+                    f"a PerfModel with the codec costs {ENCODE!r} and {DECODE!r} when "
+                    "compress='auto' (`moeflow profile` measures them)",
+                )
         self.threads = threads
         self.timeout_s = resolve_timeout(timeout_s)
         from moeflow.compress import collective as codec

@@ -3,7 +3,7 @@
 ``compress(t, codec="entropy" | "tbe" | "raw" | "auto")`` returns a self-describing blob and
 ``decompress(blob)`` restores the tensor bit for bit (or raises ``CorruptDataError``).
 GPU kernels (Triton) live in ``moeflow.compress.gpu``; the checkpoint format and its
-validated readers in ``moeflow.compress.checkpoint``, its CLI in ``moeflow.compress.cli``.
+validated readers in ``moeflow.compress.checkpoint``, its CLI in ``moeflow.cli.compress``.
 Modules: ``container`` (the blob) -> codecs ``entropy`` / ``tbe`` / raw -> ``checksum``;
 ``bits`` (dtype tables, raw-bit views, the shape rule), ``parallel`` (worker threads) and
 ``stats`` under them. Names load lazily, so the GPU kernels import without numba (an

@@ -49,7 +49,7 @@ seed), identity in eval mode.
 
 A patched model keeps transformers' view of its weights (:func:`patch_model`): ``state_dict()``
 and ``save_pretrained`` give transformers' key names and layouts through one
-:class:`~moeflow.integrations.hf_state.StateDictAdapter` per family, ``load_state_dict`` takes
+:class:`~moeflow.checkpoint.hf_keys.StateDictAdapter` per family, ``load_state_dict`` takes
 them back, ``init_weights()`` initialises the moeflow tensors as transformers initialises the
 block's, and the parallelism plans drop the entries of the replaced modules.
 
@@ -69,9 +69,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from moeflow.checkpoint.hf_keys import ADAPTERS, StateDictAdapter
 from moeflow.config import MoEConfig
 from moeflow.errors import UnsupportedModelError
-from moeflow.integrations.hf_state import ADAPTERS, StateDictAdapter
 from moeflow.layer.moe import MoELayer
 
 __all__ = [
@@ -726,7 +726,7 @@ def patch_model(model: nn.Module, *, kernel: str = "auto") -> nn.Module:
 
     * ``state_dict()`` (so ``save_pretrained``) gives transformers' key names and layouts, and
       ``load_state_dict`` accepts them, through each layer's
-      :class:`~moeflow.integrations.hf_state.StateDictAdapter` (``layer.hf_state_dict_adapter``);
+      :class:`~moeflow.checkpoint.hf_keys.StateDictAdapter` (``layer.hf_state_dict_adapter``);
       parameters keep moeflow's names (``named_parameters``, optimizers), and
       :func:`moeflow_state_dict_keys` gives a state dict in those names.
     * ``layer.hf_view`` is a parameter-free replica of the replaced block whose weights alias the

@@ -1,17 +1,11 @@
-"""Decoder-only MoE models (no torch.distributed): the model, transformers checkpoint
-adapters, and batched generation.
+"""Decoder-only MoE models (no torch.distributed): the model, the demo model and batched
+generation. Loading a transformers checkpoint is :mod:`moeflow.checkpoint`'s job.
 
-    model = moeflow.models.load_pretrained("path/to/qwen3-moe")      # or Mixtral
+    model = moeflow.checkpoint.load_pretrained("path/to/qwen3-moe")      # or Mixtral
     results = moeflow.models.generate(model, [Request([1, 2, 3], SamplingParams(8))])
 """
 
-from moeflow.models.adapters import (
-    FAMILIES,
-    config_from_hf,
-    from_hf_state_dict,
-    load_pretrained,
-    to_hf_state_dict,
-)
+from moeflow._moved import moved_names
 from moeflow.models.config import DecoderConfig
 from moeflow.models.decoder import DecoderLayer, KVCache, MoEDecoder, RMSNorm
 from moeflow.models.generate import (
@@ -22,12 +16,15 @@ from moeflow.models.generate import (
     validate_request,
 )
 
+__getattr__ = moved_names(
+    __name__,
+    dict.fromkeys(
+        ("FAMILIES", "config_from_hf", "from_hf_state_dict", "load_pretrained", "to_hf_state_dict"),
+        "moeflow.checkpoint",
+    ),
+)
+
 __all__ = [
-    "FAMILIES",
-    "config_from_hf",
-    "from_hf_state_dict",
-    "load_pretrained",
-    "to_hf_state_dict",
     "DecoderConfig",
     "DecoderLayer",
     "KVCache",

@@ -1,24 +1,18 @@
-"""Cost models: alpha-beta fits per primitive, hardware presets, and the profiler.
+"""Cost models: alpha-beta fits per primitive, hardware presets, and the one measuring
+harness (:mod:`moeflow.perf.measure`) that every profiler uses.
 
-``LinearCost``, ``PerfModel`` and the presets are pure Python. ``profile`` (and
-``moeflow.perf.profiler``) import torch only when called.
+``LinearCost``, ``PerfModel`` and the presets are pure Python; ``moeflow.perf.measure``
+imports torch and is not loaded here. The ``moeflow profile`` job is
+:mod:`moeflow.apps.profile`.
 """
 
 from __future__ import annotations
 
+from moeflow._moved import moved_names
 from moeflow.perf.cost import PRIMITIVES, LinearCost, PerfModel
 from moeflow.perf.presets import perf_preset, perf_preset_names
 
-
-def profile(*args, **kwargs) -> PerfModel:
-    """Time GEMMs and collectives on this machine and fit a :class:`PerfModel`.
-
-    See :func:`moeflow.perf.profiler.profile` for the arguments (this wrapper keeps torch out
-    of ``import moeflow.perf``).
-    """
-    from moeflow.perf.profiler import profile as _profile
-
-    return _profile(*args, **kwargs)
+__getattr__ = moved_names(__name__, {"profile": "moeflow.apps.profile"})
 
 
-__all__ = ["PRIMITIVES", "LinearCost", "PerfModel", "perf_preset", "perf_preset_names", "profile"]
+__all__ = ["PRIMITIVES", "LinearCost", "PerfModel", "perf_preset", "perf_preset_names"]

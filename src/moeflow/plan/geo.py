@@ -31,7 +31,7 @@ Inputs
   is not connected.
 * :class:`OpGraph`: operator nodes in topological order with forward FLOPs, output bytes,
   parameter bytes and the earlier nodes each reads. :func:`gpt2_opgraph` builds GPT-2's
-  analytically; ``moeflow.runtime.opgraph`` builds one from ``torch.fx``.
+  analytically; ``moeflow.geo.opgraph`` builds one from ``torch.fx``.
 
 Cost model (ours)
 -----------------

@@ -6,7 +6,7 @@ entry the whole EP group; the paper's 32-GPU cluster is ``U = [1, 4, 8, 16, 32]`
 token routed to several experts under one level-d group crosses the link into that group
 once and is copied to its experts after crossing.
 
-The schedule that realises "dedup at level d" (the one ``moeflow.comm.dedup`` runs):
+The schedule that realises "dedup at level d" (the one ``moeflow.parallel.dedup`` runs):
 
 * hop 1 (into the level-d group): source rank s sends one row per (token, level-d group g
   holding any of the token's experts) to the relay ``g*U[d] + s % U[d]``, the rank of g at

@@ -30,9 +30,9 @@ layer, forward, uniform routing:
 * the gate on the tokens a rank routes: ``T_g·gate_time`` with T_g = T/S for s1, T else.
 
 With r chunks the ESP collectives of one chunk overlap the all-to-all of the next
-(:mod:`moeflow.runtime.pipeline`); the model takes the busiest resource (inter link, intra
+(:mod:`moeflow.parallel.pipeline`); the model takes the busiest resource (inter link, intra
 link, GPU; each chunk pays the start-ups again) plus one chunk of the others (fill and
-drain). For r = 1 it is the plain sum and equals the simulator (:mod:`moeflow.sim.parm`)
+drain). For r = 1 it is the plain sum and equals the simulator (:mod:`moeflow.plan.parm_sim`)
 exactly; for r > 1 it is an estimate the simulator checks. Pure Python, no torch.
 """
 

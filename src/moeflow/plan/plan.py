@@ -1,7 +1,7 @@
 """`Plan`: the planner's output, plain serializable data read by the simulator and the runtime.
 
 A plan has one :class:`LayerPlan` per MoE layer with the forward and backward pipeline degrees
-(``r_fwd``, ``r_bwd``: plain ints, what :class:`moeflow.runtime.ExpertParallel` runs) and the
+(``r_fwd``, ``r_bwd``: plain ints, what :class:`moeflow.parallel.ExpertParallel` runs) and the
 bytes of data-parallel gradient all-reduce placed in that layer's backward window
 (``gar_bytes``). ``tail_ar_bytes`` is all-reduced after the backward pass.
 """

@@ -45,7 +45,7 @@ def add_moe_pass(
     """Append one chunked MoE pass; return the ids of its last tasks (the r final a2a).
 
     ``order="fsmoe"``: the per-resource order of the module docstring. ``order="wavefront"``:
-    the order in which :func:`moeflow.runtime.run_wavefront` issues work - at step ``t`` chunk
+    the order in which :func:`moeflow.parallel.run_wavefront` issues work - at step ``t`` chunk
     ``c`` (newest first) runs stage ``t - c``, a stage being local work followed by the
     collective it issues - so the link carries d0, d1, c0, d2, c1, ...
     ``link`` / ``intra`` / ``compute`` name the resources; give them the same name to model a

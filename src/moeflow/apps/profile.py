@@ -1,0 +1,441 @@
+"""Online profiler: time GEMMs and collectives over a size sweep, fit alpha-beta costs.
+
+    moeflow profile [--nproc N] [--nodes K] [--out perf.json]
+
+* Inside a torchrun job (``torch.distributed`` already initialised) it profiles the current
+  group; otherwise it forks ``N`` gloo ranks on 127.0.0.1 (a free port) with
+  :func:`moeflow.launch.launch` (``N`` and every flag checked before forking). NCCL is
+  used when the current group is NCCL (GPUs).
+* Primitives: ``gemm`` (square fp32/bf16 matmuls, n = 2 m^3 FLOPs, every rank at once - the way
+  they run in a step), ``a2a`` (``all_to_all_single``, n = bytes each rank sends), ``ag``
+  (``all_gather_into_tensor``, n = gathered bytes), ``rs`` (``reduce_scatter_tensor``, n = input
+  bytes), ``ar`` (``all_reduce``, n = bytes). With ``--nodes K`` the ranks are declared as K
+  nodes of N/K ranks and ``a2a@intra`` (inside a node) and ``a2a@inter`` (ranks with the same
+  local index across nodes) are timed too.
+* Codec costs (ZipCCL's switch): ``zipccl_encode`` / ``zipccl_decode``, the collective
+  codec's encode and decode of a Gaussian bf16 message (n = raw bytes), fitted the same way
+  and stored in the model's ``meta["codec_costs"]`` (:func:`profile_codec`), so models
+  written before them still load.
+* Each point is timed and fitted by the one harness, :mod:`moeflow.perf.measure`: the median
+  of ``trials`` means over ``reps`` back-to-back calls, the slowest rank's (a collective ends
+  when its last rank ends), fitted by least squares.
+
+This module imports torch; ``moeflow.perf`` itself does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moeflow.errors import ConfigError, DistributedConfigError
+from moeflow.perf.cost import LinearCost, PerfModel
+from moeflow.perf.measure import fit, time_ms
+from moeflow.progress import Progress
+
+# torch >= 2.13 renames the tensor variants; older torch only has the *_tensor names.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+DEFAULT_SIZES = tuple(2**p for p in range(14, 23, 2))  # 16 KiB .. 4 MiB
+DEFAULT_GEMM = (64, 128, 192, 256, 320, 384)
+#: upper limits of the CLI flags, so a typo cannot allocate the machine away
+MAX_KB = 2**20  # 1 GiB per collective buffer
+MAX_GEMM = 8192  # three m x m matrices
+MAX_POINTS = 64
+
+
+def _profile_collectives(
+    world_group,
+    rank: int,
+    world: int,
+    nodes: int,
+    sizes: Sequence[int],
+    gemm_sizes: Sequence[int],
+    reps: int,
+    trials: int,
+    progress: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> PerfModel:
+    """Runs on every rank of ``world_group``; every rank returns the same fitted model."""
+    if world % nodes:
+        raise DistributedConfigError(f"--nodes {nodes} must divide the world size {world}")
+    per_node = world // nodes
+    esize = torch.empty((), dtype=dtype).element_size()
+    levels: dict[str, object] = {}
+    if nodes > 1 and per_node > 1:
+        # every rank must create every group, in the same order
+        intra = [
+            dist.new_group(list(range(n * per_node, (n + 1) * per_node))) for n in range(nodes)
+        ]
+        inter = [dist.new_group([n * per_node + i for n in range(nodes)]) for i in range(per_node)]
+        levels = {
+            "a2a@intra": (intra[rank // per_node], per_node),
+            "a2a@inter": (inter[rank % per_node], nodes),
+        }
+    kinds = ["a2a", "ag", "rs", "ar", *levels]
+    bar = Progress(
+        len(gemm_sizes) + len(kinds) * len(sizes), "profile", enabled=progress and rank == 0
+    )
+    samples: dict[str, tuple[list[float], list[float]]] = {}
+
+    def record(key: str, n: float, t: float) -> None:
+        xs, ys = samples.setdefault(key, ([], []))
+        xs.append(n)
+        ys.append(t)
+
+    for m in gemm_sizes:
+        a = torch.randn(m, m, dtype=dtype, device=device)
+        b = torch.randn(m, m, dtype=dtype, device=device)
+        record(
+            "gemm",
+            2.0 * m**3,
+            time_ms(
+                partial(torch.mm, a, b), reps=reps, trials=trials, group=world_group, device=device
+            ),
+        )
+        bar.update(1, op=f"gemm {m}^3")
+    for kind in kinds:
+        grp, p = (world_group, world) if kind in ("a2a", "ag", "rs", "ar") else levels[kind]
+        for nbytes in sizes:
+            numel = max(p, (nbytes // esize) // p * p)
+            x = torch.randn(numel, dtype=dtype, device=device)
+            if kind.startswith("a2a"):
+                out = torch.empty_like(x)
+                fn = partial(dist.all_to_all_single, out, x, group=grp)
+            elif kind == "ag":
+                part = x[: numel // p].clone()
+                fn = partial(_ALL_GATHER, x, part, group=grp)
+            elif kind == "rs":
+                out = torch.empty(numel // p, dtype=dtype, device=device)
+                fn = partial(_REDUCE_SCATTER, out, x, group=grp)
+            else:
+                fn = partial(dist.all_reduce, x, group=grp)
+            # level groups: time with the world barrier so all groups run at once
+            record(
+                kind,
+                float(numel * esize),
+                time_ms(fn, reps=reps, trials=trials, group=world_group, device=device),
+            )
+            bar.update(1, op=f"{kind} {numel * esize / 2**10:.0f} KiB")
+    bar.close()
+    codec = _codec_meta(sizes, reps, trials, world_group if device.type == "cpu" else None)
+    costs = {
+        k: fit(
+            xs,
+            ys,
+            note=f"{'FLOPs' if k == 'gemm' else 'bytes'}, "
+            f"{len(xs)} sizes, {dist.get_backend(world_group)}",
+            source="fitted",
+        )
+        for k, (xs, ys) in samples.items()
+    }
+    return PerfModel(
+        name=f"profiled-{socket.gethostname()}-{world}r{nodes}n",
+        costs=costs,
+        bytes_per_element=esize,
+        notes="fitted by moeflow profile",
+        meta={
+            "world_size": world,
+            "nodes": nodes,
+            "backend": dist.get_backend(world_group),
+            "dtype": str(dtype).replace("torch.", ""),
+            "device": str(device),
+            "threads_per_rank": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **codec,
+        },
+    )
+
+
+CODEC_DTYPE = "bfloat16"
+
+
+def profile_codec(
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    *,
+    threads: int | None = 1,
+    reps: int = 3,
+    trials: int = 3,
+    dtype: str = CODEC_DTYPE,
+    group=None,
+) -> dict:
+    """Fit ``zipccl_encode`` and ``zipccl_decode`` (ms, n = raw bytes) of the collective
+    codec (``moeflow.compress.collective``) on this process's CPU with ``threads`` threads:
+    the costs ZipCCL's switch weighs against the bytes it saves. Each point is the median of
+    ``trials`` means over ``reps`` calls (:func:`moeflow.perf.measure.time_ms`) on a Gaussian
+    message of scale 0.02.
+
+    With ``group``, every rank of it must call this, and each point is the slowest rank's
+    time: every rank then fits the same costs, so the switch decides the same everywhere
+    (collectives whose ranks decided differently would not pair up)."""
+    from moeflow.compress import collective as codec
+
+    g = torch.Generator().manual_seed(0)
+    samples: dict[str, tuple[list[float], list[float]]] = {
+        "zipccl_encode": ([], []),
+        "zipccl_decode": ([], []),
+    }
+    tdtype = getattr(torch, dtype)
+    esize = torch.empty((), dtype=tdtype).element_size()
+    for nbytes in sizes:
+        x = (torch.randn(max(1, nbytes // esize), generator=g) * 0.02).to(tdtype)
+        msg = codec.encode(x, threads=threads)
+        for key, fn in (
+            ("zipccl_encode", partial(codec.encode, x, threads=threads)),
+            ("zipccl_decode", partial(codec.decode, msg, threads=threads)),
+        ):
+            # the warm-up call also runs the JIT on the first size
+            ms = time_ms(fn, reps=reps, trials=trials, group=group)
+            samples[key][0].append(float(x.numel() * esize))
+            samples[key][1].append(ms)
+    out = {}
+    for k, (xs, ys) in samples.items():
+        note = f"bytes, {len(xs)} sizes, {dtype}, {threads} threads"
+        out[k] = fit(xs, ys, note=note, increasing=True)
+    return out
+
+
+def _codec_meta(sizes, reps: int, trials: int, group=None) -> dict:
+    """``{"codec_costs": {...}}`` for the model's meta (the slowest rank's of ``group``), or
+    ``{}`` without numba."""
+    try:
+        costs = profile_codec(
+            sizes, threads=torch.get_num_threads(), reps=reps, trials=trials, group=group
+        )
+    except ImportError:  # the compress extra is not installed: no codec costs
+        return {}
+    return {"codec_costs": {k: c.to_dict() for k, c in costs.items()}}
+
+
+def _rank_profile(
+    rank: int, world: int, nodes: int, sizes, gemm_sizes, reps, trials, progress, dtype_name
+) -> dict | None:
+    """One forked rank (gloo group up): profile; rank 0 returns the model as a dict."""
+    model = _profile_collectives(
+        dist.group.WORLD,
+        rank,
+        world,
+        nodes,
+        sizes,
+        gemm_sizes,
+        reps,
+        trials,
+        progress,
+        getattr(torch, dtype_name),
+        torch.device("cpu"),
+    )
+    dist.barrier()
+    return model.to_dict() if rank == 0 else None
+
+
+def _under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def profile(
+    group=None,
+    *,
+    nproc: int = 2,
+    nodes: int = 1,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    gemm_sizes: Sequence[int] = DEFAULT_GEMM,
+    reps: int = 5,
+    trials: int = 3,
+    progress: bool = True,
+    dtype: str = "float32",
+    threads_per_rank: int | None = None,
+    force: bool = False,
+) -> PerfModel:
+    """Profile and fit a :class:`PerfModel`.
+
+    With ``torch.distributed`` initialised (or ``group`` given) the current group is profiled
+    collectively (call it on every rank; all return the same model). Under torchrun without a
+    group yet, one is initialised from the environment (NCCL with GPUs, else gloo). Otherwise
+    ``nproc`` gloo ranks are forked on 127.0.0.1 by :func:`moeflow.launch.launch`
+    (``force`` lifts its per-CPU cap on ``nproc``).
+    """
+    if group is None and not dist.is_initialized() and _under_torchrun():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    if group is not None or (dist.is_available() and dist.is_initialized()):
+        grp = group or dist.group.WORLD
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(grp) == "nccl"
+            else torch.device("cpu")
+        )
+        return _profile_collectives(
+            grp,
+            dist.get_rank(grp),
+            dist.get_world_size(grp),
+            nodes,
+            sizes,
+            gemm_sizes,
+            reps,
+            trials,
+            progress,
+            getattr(torch, dtype),
+            device,
+        )
+    from moeflow.launch import check_nproc, launch
+
+    nproc = check_nproc(nproc, force=force)
+    if nodes < 1 or nproc % nodes:
+        raise DistributedConfigError(f"--nodes {nodes} must divide --nproc {nproc}")
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
+    res = launch(
+        _rank_profile,
+        nproc,
+        nodes,
+        tuple(sizes),
+        tuple(gemm_sizes),
+        reps,
+        trials,
+        progress,
+        dtype,
+        force=force,
+        name="moeflow profile",
+        threads=threads,
+        progress=progress,
+    )
+    return PerfModel.from_dict(res[0])
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=2,
+        help="gloo ranks to spawn (ignored "
+        "under torchrun); at most a few per CPU unless --force-nproc",
+    )
+    p.add_argument(
+        "--force-nproc",
+        action="store_true",
+        help="allow more ranks than the per-CPU cap of --nproc",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="declare the ranks as this many nodes (adds a2a@intra / a2a@inter)",
+    )
+    p.add_argument("--out", default="perf.json", help="where to write the PerfModel JSON")
+    p.add_argument("--min-kb", type=float, default=16, help="smallest collective size (KiB)")
+    p.add_argument("--max-kb", type=float, default=4096, help="largest collective size (KiB)")
+    p.add_argument("--points", type=int, default=5, help="collective sizes (log-spaced)")
+    p.add_argument(
+        "--gemm",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_GEMM),
+        help="square GEMM sizes m (n = 2 m^3 FLOPs)",
+    )
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def validate_profile_args(args) -> None:
+    """Check every ``moeflow profile`` flag (and the output directory) before any rank starts;
+    ConfigError / DistributedConfigError / InputError naming the flag."""
+    from moeflow.validate import positive_float, positive_int
+
+    args.nodes = positive_int("--nodes", args.nodes)
+    if not _under_torchrun() and not dist.is_initialized():
+        from moeflow.launch import check_nproc
+
+        args.nproc = check_nproc(args.nproc, force=args.force_nproc)
+        if args.nproc % args.nodes:
+            raise DistributedConfigError(f"--nodes {args.nodes} must divide --nproc {args.nproc}")
+    args.min_kb = positive_float("--min-kb", args.min_kb)
+    args.max_kb = positive_float("--max-kb", args.max_kb)
+    if args.max_kb > MAX_KB:
+        raise ConfigError("--max-kb", args.max_kb, f"a finite number in (0, {MAX_KB}]")
+    if args.min_kb > args.max_kb:
+        raise ConfigError("--min-kb", args.min_kb, f"at most --max-kb ({args.max_kb:g})")
+    args.points = positive_int("--points", args.points, maximum=MAX_POINTS)
+    if args.points < 2:
+        raise ConfigError(
+            "--points", args.points, f"an int in [2, {MAX_POINTS}] (a line needs two sizes)"
+        )
+    args.gemm = [positive_int("--gemm", m, maximum=MAX_GEMM) for m in args.gemm]
+    args.reps = positive_int("--reps", args.reps)
+    args.trials = positive_int("--trials", args.trials)
+    _check_out(args.out)
+
+
+def _check_out(path: str) -> None:
+    # before forking; plan.cli has the same check, not imported here (it imports perf)
+    from moeflow.errors import InputError
+
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise InputError(f"--out {path!r} is a directory, expected a file path")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(
+            f"--out {path!r}: directory {str(parent)!r} does not exist or is not writable"
+        )
+
+
+def log_sizes(min_bytes: float, max_bytes: float, points: int) -> list[int]:
+    if points < 2:
+        raise DistributedConfigError(f"--points {points} must be >= 2 to fit a line")
+    ratio = (max_bytes / min_bytes) ** (1 / (points - 1))
+    return sorted({int(min_bytes * ratio**i) for i in range(points)})
+
+
+def format_table(model: PerfModel) -> str:
+    lines = [f"{'primitive':<10} {'alpha (ms)':>12} {'beta (ms/unit)':>15} {'R^2':>8}  unit"]
+    for k, c in sorted(model.costs.items()):
+        unit = "FLOP" if k == "gemm" else "byte"
+        r2 = "-" if c.r2 is None else f"{c.r2:.4f}"
+        lines.append(f"{k:<10} {c.alpha:>12.4g} {c.beta:>15.4g} {r2:>8}  {unit}")
+    for k, d in sorted((model.meta or {}).get("codec_costs", {}).items()):  # ZipCCL's codec
+        c = LinearCost.from_dict(d)
+        r2 = "-" if c.r2 is None else f"{c.r2:.4f}"
+        lines.append(f"{k:<10} {c.alpha:>12.4g} {c.beta:>15.4g} {r2:>8}  byte")
+    return "\n".join(lines)
+
+
+def run_profile(args) -> int:
+    validate_profile_args(args)
+    sizes = log_sizes(args.min_kb * 1024, args.max_kb * 1024, args.points)
+    owns_group = not dist.is_initialized() and _under_torchrun()
+    model = profile(
+        nproc=args.nproc,
+        nodes=args.nodes,
+        sizes=sizes,
+        gemm_sizes=args.gemm,
+        reps=args.reps,
+        trials=args.trials,
+        progress=not args.quiet,
+        dtype=args.dtype,
+        force=args.force_nproc,
+    )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(format_table(model))
+        model.save(args.out)
+        print(f"written to {args.out}")
+    if owns_group:
+        dist.destroy_process_group()
+    return 0
+
+
+add_arguments = add_profile_arguments
+run = run_profile

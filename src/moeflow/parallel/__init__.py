@@ -1,0 +1,79 @@
+"""The expert-parallel engine: token dispatchers behind one contract, one chunked pipeline
+(wavefront + autograd) that overlaps them with expert compute, :class:`ExpertParallel`,
+model-parallel schedules, expert placement, and :func:`parallelize` for whole models.
+
+Usage (every rank, after ``torch.distributed.init_process_group``)::
+
+    import moeflow as mf
+    from moeflow.comm import Topology
+    from moeflow.parallel import ExpertParallel
+
+    torch.manual_seed(0)                         # the same full layer on every rank
+    layer = mf.MoELayer(cfg)
+    ep = ExpertParallel(layer, group=None,       # None: the default group
+                        topology=Topology.from_env(),   # or Topology.explicit(4, 2)
+                        dispatcher="2dh",        # "a2a" | "capacity" | "2dh"
+                        esp_size=1, r_fwd=2, r_bwd=4,    # or plan=moeflow.plan.Plan
+                        timeout_s=120)
+    y = ep(x_local)                              # this rank's tokens, any [..., D] shape
+    (loss(y) + ep.aux_loss).backward()
+    ep.sync_gradients("mean")                    # or runtime.data_parallel.sync_gradients(model)
+
+For a whole model, :func:`parallelize` (``moeflow.parallel.parallelize``) does all of it on a
+``DeviceMesh``: every MoE layer expert parallel, sharded from the start from a transformers
+checkpoint directory, dense parts data parallel (:func:`sync_gradients`), and
+:func:`export_pretrained` writes a transformers directory back. By hand, use
+:func:`moeflow.parallel.data_parallel.sync_gradients` and
+:func:`~moeflow.parallel.data_parallel.clip_grad_norm` (they know which parameters are
+expert slices). ``moeflow train`` is a complete example.
+"""
+
+from moeflow.parallel.dispatch import (
+    COMMON_ARGS,
+    DISPATCHER_CLASSES,
+    DISPATCHERS,
+    A2ADispatcher,
+    CapacityDispatcher,
+    ChunkRoute,
+    CommStep,
+    CountExchange,
+    HierarchicalDispatcher,
+    TokenDispatcher,
+    dispatcher_class,
+    make_dispatcher,
+)
+from moeflow.parallel.expert_parallel import ExpertParallel, PipelinedExperts, resolve_degrees
+from moeflow.parallel.parallelize import (
+    clip_grad_norm_,
+    export_pretrained,
+    load_balancing_loss,
+    load_checkpoint,
+    parallelize,
+    sync_gradients,
+)
+from moeflow.parallel.pipeline import run_wavefront
+
+__all__ = [
+    "COMMON_ARGS",
+    "DISPATCHER_CLASSES",
+    "DISPATCHERS",
+    "A2ADispatcher",
+    "CapacityDispatcher",
+    "ChunkRoute",
+    "CommStep",
+    "CountExchange",
+    "HierarchicalDispatcher",
+    "TokenDispatcher",
+    "dispatcher_class",
+    "make_dispatcher",
+    "ExpertParallel",
+    "PipelinedExperts",
+    "resolve_degrees",
+    "run_wavefront",
+    "parallelize",
+    "sync_gradients",
+    "load_checkpoint",
+    "export_pretrained",
+    "load_balancing_loss",
+    "clip_grad_norm_",
+]

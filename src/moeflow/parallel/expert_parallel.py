@@ -1,0 +1,617 @@
+"""ExpertParallel: one MoELayer sharded over ranks, with pipelined comm/compute overlap.
+
+Shapes: T local tokens, D hidden, F FFN width, E experts, N local assignments; W ranks in
+``group``; S = ``esp_size`` ranks share one set of experts (expert-sharding parallelism,
+each with an F/S slice); P = W / S expert-parallel shards, E_l = E / P local experts.
+
+Group layout (group ranks): ESP groups are S consecutive ranks ``{p*S + s}`` (inside one
+node); EP groups are ``{s + S*p}``. EP shard p owns experts ``[p*E_l, (p+1)*E_l)``; ESP rank
+s holds F-slice ``[s*F/S, (s+1)*F/S)`` of each.
+
+Per forward call (FSMoE, ASPLOS'25: the MoE layer as swappable modules, gate -> order ->
+dispatch -> expert FFN -> combine):
+  route (replicated router, local tokens) -> permute -> count exchange ->
+  r chunks of [dispatch a2a -> ESP all-gather -> expert GEMMs on the F-slice ->
+  ESP reduce-scatter -> combine a2a] (wavefront, :mod:`moeflow.parallel.pipeline`) ->
+  unpermute and weight -> + shared experts (replicated).
+Backward is the mirror image in :class:`PipelinedExperts` with its own degree r_bwd: grads
+travel like tokens (the adjoint of combine is a dispatch, of reduce-scatter an all-gather).
+
+Semantics: routing, capacity (drop mode) and expert choice act on each rank's own batch,
+exactly as the single-device layer on that batch; aux losses are per rank. Token-choice
+dropless routing is per token, so the output equals the single-device layer on the
+global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from moeflow.comm.collectives import (
+    DEFAULT_BUCKET_BYTES,
+    all_gather_v,
+    all_reduce,
+    reduce_gradients,
+    reduce_scatter_v,
+)
+from moeflow.comm.groups import subgroup
+from moeflow.comm.timeouts import resolve_timeout
+from moeflow.comm.topology import Topology
+from moeflow.errors import DistributedConfigError
+from moeflow.layer.experts import experts_eager
+from moeflow.layer.moe import MoELayer
+from moeflow.layer.routers import Routing
+from moeflow.layer.routers import capacity as capacity_of
+from moeflow.parallel import mp_schedule as parm
+from moeflow.parallel.dispatch import (
+    CountExchange,
+    TokenDispatcher,
+    dispatcher_class,
+    make_dispatcher,
+    split_offsets,
+    split_sizes,
+    sub_block_index,
+)
+from moeflow.parallel.pipeline import run_wavefront
+from moeflow.validate import positive_int
+
+
+def resolve_degrees(plan, layer_index: int, r_fwd: int, r_bwd: int) -> tuple[int, int]:
+    """``(r_fwd, r_bwd)`` from a plan (``moeflow.plan.degrees_for_layer``) or plain ints."""
+    if plan is not None:
+        if isinstance(plan, int):
+            return positive_int("plan", plan), plan
+        if isinstance(plan, (tuple, list)) and len(plan) == 2:
+            return positive_int("plan[0]", plan[0]), positive_int("plan[1]", plan[1])
+        import moeflow.plan as mplan  # lazy: the runtime works without planners installed
+
+        rf, rb = mplan.degrees_for_layer(plan, layer_index)
+        return positive_int("plan r_fwd", int(rf)), positive_int("plan r_bwd", int(rb))
+    return positive_int("r_fwd", r_fwd), positive_int("r_bwd", r_bwd)
+
+
+class _Run:
+    """State of one forward call that backward reuses (exchange, routes, saved inputs)."""
+
+    def __init__(self, ep: ExpertParallel, ex: CountExchange, r_fwd: int, r_bwd: int):
+        self.ep, self.ex, self.r_fwd, self.r_bwd = ep, ex, r_fwd, r_bwd
+        self.grad_enabled = torch.is_grad_enabled()
+        self.graphs: list | None = None
+        self.x_full: torch.Tensor | None = None
+        self.w_in_d = self.w_out_d = None
+
+    # -- the chunk pipeline, shared by forward and backward -------------------------------
+    def _pipeline(self, rows_ND: torch.Tensor, r: int, compute) -> torch.Tensor:
+        ep, disp, ex = self.ep, self.ep.dispatcher, self.ex
+        S, timeout = ep.esp_size, ep.timeout_s
+        D = rows_ND.shape[-1]
+        pad = ex.padded
+        ext = torch.cat([rows_ND, rows_ND.new_zeros(1, D)]) if pad else rows_ND
+        out = ext.new_zeros(ext.shape)
+        # all index tensors reach the device before any chunk is queued (no syncs later)
+        routes = [disp.route(ex, r, c).to(ext.device) for c in range(r)]
+        stages = []
+
+        def send(c, _):
+            rt = routes[c]
+            buf = ext.index_select(0, rt.send_gather)
+            return rt.dispatch[0].issue(buf, timeout, skip_pre=True)
+
+        stages.append(send)
+        for k in range(1, len(routes[0].dispatch)):
+            stages.append(lambda c, buf, k=k: routes[c].dispatch[k].issue(buf, timeout))
+        if S > 1:
+
+            def gather(c, buf):
+                sizes = routes[c].recv_SPE.sum((1, 2)).tolist()
+                return all_gather_v(
+                    buf, sizes, ep.esp_group, f"ESP all-gather (chunk {c + 1}/{r})", timeout
+                )
+
+            stages.append(gather)
+
+        def experts(c, buf):
+            recv = routes[c].recv_SPE  # [S, P, E_l] for this chunk
+            idx = routes[c].expert_major
+            counts = routes[c].expert_counts
+            if idx is None:
+                y = compute(c, buf, counts)
+            else:
+                y_e = compute(c, buf.index_select(0, idx), counts)
+                y = buf.new_empty(buf.shape[0], y_e.shape[-1]).index_copy_(0, idx, y_e)
+            if S > 1:
+                return reduce_scatter_v(
+                    y,
+                    recv.sum((1, 2)).tolist(),
+                    ep.esp_group,
+                    f"ESP reduce-scatter (chunk {c + 1}/{r})",
+                    timeout,
+                )
+            return routes[c].combine[0].issue(y, timeout)
+
+        stages.append(experts)
+        if S > 1:
+            stages.append(lambda c, y: routes[c].combine[0].issue(y, timeout))
+        for k in range(1, len(routes[0].combine)):
+            stages.append(lambda c, y, k=k: routes[c].combine[k].issue(y, timeout))
+
+        def place(c, y):
+            out.index_copy_(0, routes[c].send_index, y)
+            return None
+
+        stages.append(place)
+        run_wavefront(r, stages)
+        return out[: rows_ND.shape[0]] if pad else out
+
+    def _canonical_index(self, r: int, c: int) -> torch.Tensor:
+        """Rows of chunk c (expert-major) inside the full ``[s][p][e]`` received buffer."""
+        R = self.ex.recv_SPE
+        return sub_block_index(R, split_offsets(R, r, c), split_sizes(R, r, c), perm=(2, 0, 1))
+
+    # -- forward / backward ---------------------------------------------------------------
+    def forward(self, x_ND, w_in, w_out, needs_grad: bool) -> torch.Tensor:
+        ep = self.ep
+        keep_graphs = needs_grad and self.r_fwd == self.r_bwd
+        if needs_grad:
+            self.w_in_d = w_in.detach().requires_grad_(True)
+            self.w_out_d = w_out.detach().requires_grad_(True)
+        if keep_graphs:
+            self.graphs = [None] * self.r_fwd
+        elif needs_grad:
+            self.x_full = x_ND.new_empty(int(self.ex.recv_SPE.sum()), x_ND.shape[-1])
+            canon = [
+                self._canonical_index(self.r_fwd, c).to(x_ND.device) for c in range(self.r_fwd)
+            ]
+
+        def compute(c, x_e, counts):
+            if x_e.shape[0] == 0:
+                if keep_graphs:
+                    self.graphs[c] = None
+                return x_e.new_zeros(0, x_e.shape[-1])
+            if keep_graphs:
+                xc = x_e.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    yc = ep._expert_fn(
+                        xc, counts, self.w_in_d, self.w_out_d, ep.activation, ep.kernel
+                    )
+                self.graphs[c] = (xc, yc)
+                return yc.detach()
+            if needs_grad:
+                self.x_full.index_copy_(0, canon[c], x_e)
+            return ep._expert_fn(x_e, counts, w_in, w_out, ep.activation, ep.kernel)
+
+        return self._pipeline(x_ND, self.r_fwd, compute)
+
+    def backward(self, grad_y_ND):
+        ep = self.ep
+        gw_in = torch.zeros_like(self.w_in_d)
+        gw_out = torch.zeros_like(self.w_out_d)
+        canon = (
+            None
+            if self.graphs is not None
+            else [
+                self._canonical_index(self.r_bwd, c).to(grad_y_ND.device) for c in range(self.r_bwd)
+            ]
+        )
+
+        def compute(c, g_e, counts):
+            if g_e.shape[0] == 0:
+                return g_e.new_zeros(0, g_e.shape[-1])
+            if self.graphs is not None:
+                xc, yc = self.graphs[c]
+                self.graphs[c] = None  # free the chunk's activations as soon as used
+            else:
+                xc = self.x_full.index_select(0, canon[c]).requires_grad_(True)
+                with torch.enable_grad():  # recompute: backward chunks differ from forward's
+                    yc = ep._expert_fn(
+                        xc, counts, self.w_in_d, self.w_out_d, ep.activation, ep.kernel
+                    )
+            gx, gi, go = torch.autograd.grad(
+                yc, (xc, self.w_in_d, self.w_out_d), g_e, allow_unused=True
+            )
+            if gi is not None:
+                gw_in.add_(gi)
+            if go is not None:
+                gw_out.add_(go)
+            return gx
+
+        gx = self._pipeline(grad_y_ND.contiguous(), self.r_bwd, compute)
+        self.graphs = self.x_full = None
+        return gx, gw_in, gw_out
+
+
+class PipelinedExperts(torch.autograd.Function):
+    """Dispatch -> experts -> combine over r_fwd chunks; backward over r_bwd chunks.
+
+    Inputs: ``x_ND`` local assignments sorted by expert, the local (ESP-sliced) expert
+    weights, and the call state. Output: ``y_ND`` (expert outputs, unweighted) in x_ND's
+    row order. FSMoE's overlap: chunk i's GEMMs run under chunk i+1's dispatch and chunk
+    i-1's combine, in both directions.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, w_in, w_out, run: _Run):
+        # under torch.no_grad (eval) keep nothing for a backward that cannot come
+        needs = run.grad_enabled and any(ctx.needs_input_grad[:3])
+        y = run.forward(x_ND, w_in, w_out, needs)
+        ctx.run = run
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y_ND):
+        gx, gw_in, gw_out = ctx.run.backward(grad_y_ND)
+        ctx.run = None
+        return gx, gw_in, gw_out, None
+
+
+def slice_w_in(w_in: torch.Tensor, e0: int, e1: int, s: int, S: int, swiglu: bool) -> torch.Tensor:
+    """Experts ``[e0, e1)`` of ``w_in`` (E, X, D), FFN slice ``s`` of ``S`` (ESP rank s).
+
+    For SwiGLU, X = 2F holds gate rows then up rows; the slice keeps that layout,
+    ``[gate_s; up_s]`` (2F/S rows), because the expert kernels split it in the middle.
+    """
+    F = w_in.shape[1] // 2 if swiglu else w_in.shape[1]
+    f = F // S
+    w = w_in[e0:e1]
+    if not swiglu:
+        return w[:, s * f : (s + 1) * f]
+    # gate rows then up rows: keep that layout inside the slice (kernels expect it)
+    return torch.cat([w[:, s * f : (s + 1) * f], w[:, F + s * f : F + (s + 1) * f]], dim=1)
+
+
+def local_expert_ffn(activation: str, gated: bool):
+    """The grouped expert FFN for ``(activation, gated)`` (``MoEConfig.expert_activation``):
+    the fused kernel where it covers the pair, else the per-expert loop; the signature of
+    :func:`moeflow.kernels.expert_ffn` (its activation argument is ignored: bound here)."""
+
+    def run(x_ND, counts_E, w_in, w_out, _activation, kernel):
+        return experts_eager(x_ND, counts_E, w_in, w_out, activation, gated, kernel)
+
+    return run
+
+
+class _LayerSteps(nn.Module):
+    """The steps of a :class:`moeflow.MoELayer` without its routed experts (router, shared
+    experts, config): what every rank replicates. Holding this instead of the layer keeps the
+    full expert weights unreferenced, so they can be freed (or never exist: a meta layer)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.cfg = layer.cfg
+        self.router = layer.router
+        self.shared = layer.shared
+
+    check_input = MoELayer.check_input
+    route = MoELayer.route
+    permute = staticmethod(MoELayer.permute)
+    combine = staticmethod(MoELayer.combine)
+    combine_with_shared = MoELayer.combine_with_shared
+
+
+class ExpertParallel(nn.Module):
+    """Run ``layer`` (a :class:`moeflow.MoELayer`) with its experts sharded over ``group``.
+
+    Args:
+        layer: the full single-device layer; every rank must pass the same (same seed)
+            layer. Its router and shared experts are used as replicas; its routed experts
+            are sliced into local parameters ``w_in`` (E_l, 2F/S or F/S, D) and
+            ``w_out`` (E_l, D, F/S), and the layer's full expert weights are not kept. A
+            layer on the meta device gives meta slices: allocate them with ``to_empty`` and
+            load this rank's share (:func:`moeflow.parallel.parallelize` does both).
+        group: process group of the W ranks (None: the default group).
+        topology: :class:`Topology` of ``group`` (default ``Topology.from_env``).
+        dispatcher: ``"a2a"`` (flat dropless), ``"capacity"`` (fixed capacity, padded) or
+            ``"2dh"`` (hierarchical intra-node then inter-node).
+        esp_size: S, ranks sharing each expert's FFN (must fit inside a node).
+        r_fwd, r_bwd: pipeline degrees (chunks) of forward and backward.
+        plan: a ``moeflow.plan.Plan`` (read with ``degrees_for_layer(plan, layer_index)``),
+            an int, or a ``(r_fwd, r_bwd)`` pair; overrides r_fwd / r_bwd.
+        timeout_s: deadline of every collective; a dead or stalled peer raises
+            :class:`moeflow.errors.CommTimeoutError` naming the operation.
+        compress: ZipCCL lossless compression of the dispatch/combine all-to-alls (CPU):
+            False (default), True, or "auto" (per call, under ``perf``, a PerfModel with
+            codec costs; see :mod:`moeflow.comm.compressed`). Results are bit-identical.
+        dispatcher_options: extra keyword arguments of the dispatcher class, e.g.
+            ``{"level": "auto"}`` for ``dispatcher="dedup"`` (HierMoE token dedup at level
+            0 = rank, 1 = node, or chosen per batch; :mod:`moeflow.parallel.dedup`).
+        mp_group, schedule, parm_cluster: Parm (INFOCOM'24,
+            :mod:`moeflow.parallel.mp_schedule`): the
+            model-parallel group holding the same tokens on each rank, which must be this
+            rank's ESP group; ``schedule`` ``"plain"`` (every MP rank dispatches the tokens),
+            ``"s1"`` (MP-Split before the gate, MP-AllGather after combine), ``"s2"``
+            (split of the routed rows after the gate, MP-AllGather of expert outputs) or
+            ``"auto"`` (α-β choice of :mod:`moeflow.plan.parm` under ``parm_cluster``).
+
+    Raises DistributedConfigError before any communication when E is not divisible by
+    P = W / S, S does not divide the node, or F is not divisible by S.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        group=None,
+        topology: Topology | None = None,
+        dispatcher: str = "a2a",
+        esp_size: int = 1,
+        r_fwd: int = 1,
+        r_bwd: int = 1,
+        plan=None,
+        layer_index: int = 0,
+        timeout_s: float | None = None,
+        kernel: str | None = None,
+        compress=False,
+        perf=None,
+        dispatcher_options: dict | None = None,
+        mp_group=None,
+        schedule: str = "plain",
+        parm_cluster=None,
+    ):
+        super().__init__()
+        cfg = layer.cfg
+        dispatcher_cls = dispatcher_class(dispatcher)
+        esp_size = positive_int("esp_size", esp_size)
+        self.r_fwd, self.r_bwd = resolve_degrees(plan, layer_index, r_fwd, r_bwd)
+        self.timeout_s = resolve_timeout(timeout_s)
+        if not dist.is_initialized():
+            raise DistributedConfigError(
+                "torch.distributed is not initialised: call init_process_group first"
+            )
+        W = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        topology = topology if topology is not None else Topology.from_env(group)
+        if topology.world_size != W:
+            raise DistributedConfigError(
+                f"topology.world_size={topology.world_size} does not match the group size {W}"
+            )
+        R = topology.ranks_per_node
+        S = esp_size
+        if S > R or R % S:
+            raise DistributedConfigError(
+                f"esp_size={S} must divide the ranks per node ({R}): an ESP group lives "
+                f"inside one node"
+            )
+        P = W // S
+        E, F = cfg.num_experts, cfg.ffn_hidden_size
+        if E % P:
+            raise DistributedConfigError(
+                f"num_experts={E} is not divisible by the expert-parallel size "
+                f"{P} (= world {W} / esp_size {S})"
+            )
+        if F % S:
+            raise DistributedConfigError(f"ffn_hidden_size={F} is not divisible by esp_size={S}")
+
+        # Replicated parts (router, shared experts) are the layer's own modules. The full
+        # layer is not kept: only its expert-free steps, so after construction nothing here
+        # references the full expert weights (a layer built on the meta device never has any).
+        self.__dict__["_layer"] = _LayerSteps(layer)
+        self.cfg = cfg
+        for name, child in layer.named_children():
+            if name != "experts":
+                self.add_module(name, child)
+        # forward pre-hooks of the layer (Mixtral's router jitter) act on our input the same way
+        for hook in layer._forward_pre_hooks.values():
+            self.register_forward_pre_hook(hook)
+        if hasattr(layer, "router_jitter_noise"):
+            self.router_jitter_noise = layer.router_jitter_noise
+        self.group, self.topology = group, topology
+        self.world_size, self.rank = W, rank
+        self.esp_size, self.ep_size = S, P
+        self.ep_rank, self.esp_rank = rank // S, rank % S
+        self.num_local_experts = E // P
+        # the experts' activation as the single-device layer computes it (GeGLU, exact GELU,
+        # ReLU, ... included), not the expert type's default
+        self.activation = cfg.expert_activation
+        self.gated = cfg.expert_type == "swiglu"
+        self.kernel = kernel or layer.experts.kernel
+
+        e0, e1 = self.ep_rank * self.num_local_experts, (self.ep_rank + 1) * self.num_local_experts
+        swiglu = self.gated
+        f = F // S
+        with torch.no_grad():
+            self.w_in = nn.Parameter(
+                slice_w_in(layer.experts.w_in.detach(), e0, e1, self.esp_rank, S, swiglu).clone()
+            )
+            self.w_out = nn.Parameter(
+                layer.experts.w_out.detach()[
+                    e0:e1, :, self.esp_rank * f : (self.esp_rank + 1) * f
+                ].clone()
+            )
+        self.expert_range = (e0, e1)
+        self.ffn_slice = (self.esp_rank * f, (self.esp_rank + 1) * f)
+
+        # Process groups: every rank builds the same kinds in the same order.
+        t = self.timeout_s
+        self.esp_group = subgroup(group, [self.ep_rank * S + s for s in range(S)], t)
+        ep_members = [self.esp_rank + S * p for p in range(P)]
+        self.ep_group = subgroup(group, ep_members, t)
+        # Only the groups the dispatcher declares (``options``) are built: making a group is
+        # collective, and the 2dh groups cost every rank a rendezvous.
+        options = {}
+        if "world_group" in dispatcher_cls.options:
+            options["world_group"] = group
+        if "intra_group" in dispatcher_cls.options:
+            L = R // S  # EP members per node
+            a = self.ep_rank // L
+            j = self.ep_rank % L
+            options["intra_group"] = subgroup(group, [ep_members[a * L + i] for i in range(L)], t)
+            options["inter_group"] = subgroup(
+                group, [ep_members[b * L + j] for b in range(P // L)], t
+            )
+            options["ranks_per_node"] = L
+        options.update(dispatcher_options or {})
+        self.dispatcher: TokenDispatcher = make_dispatcher(
+            dispatcher,
+            ep_group=self.ep_group,
+            ep_size=P,
+            ep_rank=self.ep_rank,
+            esp_group=self.esp_group,
+            esp_size=S,
+            esp_rank=self.esp_rank,
+            num_local_experts=self.num_local_experts,
+            timeout_s=t,
+            **options,
+        )
+        self.dispatcher_name = dispatcher
+        if compress is not False:  # ZipCCL: compressed row all-to-alls
+            from moeflow.comm.compressed import as_compression
+
+            self.dispatcher.compression = as_compression(compress, perf, timeout_s=t)
+        # The grouped expert FFN; a seam so benchmarks can time communication alone.
+        self._expert_fn = local_expert_ffn(self.activation, self.gated)
+        self.aux_loss = torch.zeros(())
+        self.last_counts_E = torch.zeros(E, dtype=torch.long)
+        self.parm_schedule = parm.check_mp_group(self, mp_group, schedule)
+        self.mp_group, self.parm_cluster = mp_group, parm_cluster
+        self.parm_bytes: dict = {}
+        self.last_schedule: str | None = None
+
+    @property
+    def layer(self) -> nn.Module:
+        return self._layer
+
+    # -- parameters ----------------------------------------------------------------------
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """This rank's unique expert slices (gradients already hold every rank's tokens)."""
+        return [self.w_in, self.w_out]
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Router and shared-expert parameters, identical on every rank."""
+        ids = {id(p) for p in self.expert_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+    def sync_gradients(self, op: str = "mean", bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        """Make gradients those of the global loss.
+
+        ``op="sum"``: the loss is a sum over ranks' local losses (replicated grads are
+        all-reduced in flat buckets, expert grads already are sums). ``op="mean"``: the loss
+        is the mean of the local losses (everything divided by W; DDP's convention). A
+        replicated parameter that got no gradient here (e.g. the router of a rank with zero
+        tokens) contributes zeros. See :func:`moeflow.comm.collectives.reduce_gradients`.
+        """
+        replicated = [p for p in self.replicated_parameters() if p.requires_grad]
+        reduce_gradients(
+            list(self.parameters()),
+            replicated,
+            self.group,
+            op=op,
+            timeout_s=self.timeout_s,
+            bucket_bytes=bucket_bytes,
+        )
+
+    def apply_placement(self, owner_E, optimizer=None) -> None:
+        """HierMoE expert swap: move experts to ranks ``owner_E`` (weights, gradients and
+        optimizer state; dispatcher="dedup"). See :func:`moeflow.parallel.dedup.apply_placement`."""
+        from moeflow.parallel.dedup import apply_placement
+
+        apply_placement(self, owner_E, optimizer)
+
+    @torch.no_grad()
+    def full_expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts' ``(w_in (E, X, D), w_out (E, D, F))`` on every rank (all-gather).
+
+        The inverse of the slicing in ``__init__``: what a single-device checkpoint holds.
+        """
+        from moeflow.comm.collectives import all_gather_equal
+
+        S, P, E_l = self.esp_size, self.ep_size, self.num_local_experts
+        w_in = all_gather_equal(
+            self.w_in.detach(), self.group, "expert all-gather", self.timeout_s
+        )  # [W, E_l, X/S, D]
+        w_out = all_gather_equal(
+            self.w_out.detach(), self.group, "expert all-gather", self.timeout_s
+        )  # [W, E_l, D, F/S]
+        w_in = w_in.view(P, S, *w_in.shape[1:])
+        w_out = w_out.view(P, S, *w_out.shape[1:])
+        if self.gated:  # slices are [gate_s; up_s]
+            f = w_in.shape[3] // 2
+            gate = w_in[:, :, :, :f].permute(0, 2, 1, 3, 4).reshape(P * E_l, S * f, -1)
+            up = w_in[:, :, :, f:].permute(0, 2, 1, 3, 4).reshape(P * E_l, S * f, -1)
+            full_in = torch.cat([gate, up], dim=1)
+        else:
+            full_in = w_in.permute(0, 2, 1, 3, 4).reshape(P * E_l, -1, w_in.shape[-1])
+        full_out = w_out.permute(0, 2, 3, 1, 4).reshape(P * E_l, w_out.shape[3], -1)
+        rows = getattr(self.dispatcher, "expert_rows", None)  # a swapped placement (dedup)
+        if rows is not None:
+            full_in, full_out = full_in[rows()], full_out[rows()]
+        return full_in, full_out
+
+    @torch.no_grad()
+    def update_correction_bias(self, rate: float = 1e-3) -> None:
+        """DeepSeek aux-loss-free bias step from the *global* expert loads (all-reduced)."""
+        counts = self.last_counts_E.to(torch.float64).clone()
+        all_reduce(counts, self.group, "expert-load all-reduce", self.timeout_s)
+        self.router.update_correction_bias(counts, rate)
+
+    # -- forward -------------------------------------------------------------------------
+    def _local_capacity(self, T: int) -> int | None:
+        cfg = self.cfg
+        if cfg.router == "expert_choice":
+            return min(T, capacity_of(T, cfg.top_k, cfg.num_experts, cfg.capacity_factor or 1.0))
+        if cfg.capacity_factor is not None:
+            return capacity_of(T, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
+        return None
+
+    def _empty_routing(self, x_TD: torch.Tensor) -> Routing:
+        E = self.cfg.num_experts
+        z = torch.zeros(0, dtype=torch.long, device=x_TD.device)
+        return Routing(
+            z,
+            z.clone(),
+            x_TD.new_zeros(0),
+            torch.zeros(E, dtype=torch.long, device=x_TD.device),
+            x_TD.new_zeros(()) + 0.0 * x_TD.sum(),
+            x_TD.new_zeros(0, E),
+            0,
+        )
+
+    def forward(
+        self, x: torch.Tensor, r_fwd: int | None = None, r_bwd: int | None = None
+    ) -> torch.Tensor:
+        if self.mp_group is not None:  # Parm: tokens replicated over the MP group
+            return parm.parm_forward(self, x, r_fwd, r_bwd)
+        return self._forward_local(x, r_fwd, r_bwd)
+
+    def _forward_local(
+        self, x: torch.Tensor, r_fwd: int | None = None, r_bwd: int | None = None, mp_rows=None
+    ) -> torch.Tensor:
+        layer = self._layer
+        layer.check_input(x)
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        T = x_TD.shape[0]
+        cap = self._local_capacity(T)
+        started = self.dispatcher.begin(cap, device=x.device)  # overlaps routing
+        # A rank with no tokens still takes part in every collective.
+        routing = layer.route(x_TD) if T > 0 else self._empty_routing(x_TD)
+        if getattr(self.dispatcher, "token_level", False):
+            # HierMoE dedup moves tokens and does the weighted combine itself
+            y_TD = self.dispatcher.forward_tokens(
+                self, x_TD, routing, r_fwd or self.r_fwd, r_bwd or self.r_bwd
+            )
+            if layer.shared is not None:
+                y_TD = y_TD + layer.shared(x_TD)
+            self.aux_loss = routing.aux_loss
+            self.last_counts_E = routing.counts_E.detach()
+            return y_TD.reshape(shape)
+        x_ND = layer.permute(x_TD, routing)
+        counts_E = routing.counts_E
+        if mp_rows is not None:  # Parm S2: this MP rank's share of the rows (comm.parm)
+            x_ND, counts_E = mp_rows.select(x_ND, routing)
+        ex = self.dispatcher.exchange(counts_E, capacity=cap, device=x.device, started=started)
+        run = _Run(self, ex, r_fwd or self.r_fwd, r_bwd or self.r_bwd)
+        y_ND = PipelinedExperts.apply(x_ND, self.w_in, self.w_out, run)
+        if mp_rows is not None:
+            y_ND = mp_rows.gather(y_ND)
+        y_TD = layer.combine_with_shared(y_ND, routing, x_TD)
+        self.aux_loss = routing.aux_loss
+        self.last_counts_E = routing.counts_E.detach()
+        return y_TD.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dispatcher={self.dispatcher_name}, world={self.world_size}, "
+            f"ep={self.ep_size}, esp={self.esp_size}, local_experts={self.expert_range}, "
+            f"r_fwd={self.r_fwd}, r_bwd={self.r_bwd}"
+        )

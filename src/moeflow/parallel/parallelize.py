@@ -1,0 +1,629 @@
+"""Expert parallelism for a whole model in one call, on a ``DeviceMesh``.
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    with torch.device("meta"):                       # nothing allocated yet
+        model = patch_model(AutoModelForCausalLM.from_config(config))
+    parallelize(model, mesh, checkpoint="path/to/hf_dir")   # each rank: its experts only
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    sync_gradients(model)                            # the global batch's gradient
+    optimizer.step()
+
+Every :class:`moeflow.MoELayer` of the model (a transformers model patched by
+:func:`moeflow.integrations.patch_model`, or moeflow's own models) becomes an
+:class:`~moeflow.parallel.ExpertParallel` over the mesh's ``ep`` (and ``esp``) dimensions, the
+layout of GShard (Lepikhin et al., ICLR'21: experts sharded, everything else replicated)
+and of DeepSpeed-MoE's EP x DP grid (Rajbhandari et al., ICML'22): with a ``dp``
+dimension each expert shard is replicated ``dp`` times and its gradient is summed over those
+replicas. The dense parts (attention, embeddings, norms, routers, shared experts) are
+data parallel over the whole world: sharded with FSDP2 ``fully_shard`` (``dense="fsdp"``, the
+default; runs on gloo) or replicated with their gradients summed in flat buckets by
+:func:`sync_gradients` (``dense="replicate"``, DDP's algorithm). Call :func:`sync_gradients`
+after ``backward`` in both cases: it sums the expert gradients over their ``dp`` replicas.
+
+Layout: mesh dimensions are named from ``("dp", "ep", "esp")`` (``ep`` required, the others
+optional, in that order). A rank's expert-parallel group is its ``(ep, esp)`` sub-mesh,
+ESP innermost (group rank ``p * S + s``, :class:`~moeflow.parallel.ExpertParallel`'s order).
+
+Sharded from the start: on a model built on the meta device, the full experts never exist on
+any rank. Each ExpertParallel slices the meta layer (free), ``to_empty`` allocates only this
+rank's ``E/P`` experts x ``F/S`` columns, and ``checkpoint=`` fills them from a safetensors
+file or a transformers directory, reading only those bytes
+(:class:`~moeflow.checkpoint.shards.SafetensorsCheckpoint`). Every check (mesh, degrees,
+checkpoint keys) runs before the first collective, so a bad layout fails on every rank alike.
+
+Around it: :func:`clip_grad_norm_` (the single-process global norm), :func:`load_balancing_loss`
+(transformers' aux loss on the global batch), :func:`export_pretrained` (experts gathered, a
+transformers directory written) and :mod:`moeflow.parallel.checkpoint` (sharded DCP
+save/resume).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from moeflow.checkpoint.shards import SafetensorsCheckpoint
+from moeflow.comm.collectives import DEFAULT_BUCKET_BYTES, reduce_gradients
+from moeflow.comm.groups import subgroup
+from moeflow.comm.timeouts import resolve_timeout
+from moeflow.comm.topology import Topology
+from moeflow.errors import ConfigError, DistributedConfigError, InputError
+from moeflow.layer.moe import MoELayer
+from moeflow.parallel.data_parallel import expert_parameter_ids
+from moeflow.parallel.expert_parallel import ExpertParallel
+
+__all__ = [
+    "parallelize",
+    "ParallelLayout",
+    "sync_gradients",
+    "clip_grad_norm_",
+    "load_checkpoint",
+    "load_balancing_loss",
+    "expert_state",
+    "gather_hf_state_dict",
+    "export_pretrained",
+    "MESH_DIMS",
+]
+
+MESH_DIMS = ("dp", "ep", "esp")
+#: ExpertParallel parameter -> the MoELayer key the state-dict adapters know
+_EP_TO_LAYER = {"w_in": "experts.w_in", "w_out": "experts.w_out"}
+
+
+@dataclass
+class ParallelLayout:
+    """Where this rank sits: degrees, coordinates and the process groups built for it."""
+
+    dp: int
+    ep: int
+    esp: int
+    dp_rank: int
+    ep_rank: int
+    esp_rank: int
+    expert_group: object = None  # the (ep, esp) sub-mesh: an ExpertParallel's group
+    dp_group: object = None  # replicas of this rank's expert shard
+    timeout_s: float = 120.0
+    layers: list[str] = field(default_factory=list)  # paths of the ExpertParallel modules
+    checkpoint_bytes_read: int = 0  # tensor bytes this rank read from ``checkpoint``
+    dense: str = "fsdp"  # "fsdp" or "replicate" (see parallelize)
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.ep * self.esp
+
+
+def _mesh_layout(mesh) -> tuple[dict[str, int], dict[str, int], list[int], list[int]]:
+    """Sizes and coordinates per dimension, the ranks of this rank's (ep, esp) sub-mesh and
+    of its dp replicas. Raises DistributedConfigError for a mesh that does not fit."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(mesh, DeviceMesh):
+        raise DistributedConfigError(f"mesh must be a torch DeviceMesh, got {type(mesh).__name__}")
+    names = tuple(mesh.mesh_dim_names or ())
+    if "ep" not in names or any(n not in MESH_DIMS for n in names) or len(set(names)) != len(names):
+        raise DistributedConfigError(
+            f"mesh_dim_names={names}: need 'ep' and optionally 'dp' and 'esp' (each once)"
+        )
+    order = [n for n in MESH_DIMS if n in names]
+    if list(names) != order:
+        raise DistributedConfigError(f"mesh_dim_names={names} must be in the order {tuple(order)}")
+    world = dist.get_world_size()
+    if mesh.size() != world:
+        raise DistributedConfigError(
+            f"the mesh has {mesh.size()} ranks {tuple(mesh.shape)} but "
+            f"the world has {world}: the mesh must cover the world"
+        )
+    coord = mesh.get_coordinate()
+    if coord is None:
+        raise DistributedConfigError(f"rank {dist.get_rank()} is not in the mesh")
+    sizes = {n: 1 for n in MESH_DIMS}
+    pos = {n: 0 for n in MESH_DIMS}
+    for i, n in enumerate(names):
+        sizes[n], pos[n] = int(mesh.shape[i]), int(coord[i])
+    grid = mesh.mesh.reshape(sizes["dp"], sizes["ep"], sizes["esp"])
+    expert_ranks = [int(r) for r in grid[pos["dp"]].reshape(-1)]
+    dp_ranks = [int(r) for r in grid[:, pos["ep"], pos["esp"]]]
+    return sizes, pos, expert_ranks, dp_ranks
+
+
+def _moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
+    if isinstance(model, MoELayer):
+        raise ConfigError(
+            "model",
+            "a MoELayer",
+            "a model that contains MoE layers (wrap a single layer with ExpertParallel)",
+        )
+    if not found:
+        raise ConfigError(
+            "model",
+            type(model).__name__,
+            "a model with moeflow MoE layers (patch transformers models with "
+            "moeflow.integrations.patch_model first)",
+        )
+    return found
+
+
+def _hf_key(layer_path: str, adapter, ours: str) -> list[str]:
+    """transformers' in-memory key(s) of the layer tensor ``ours`` (moeflow's name)."""
+    if adapter is None:
+        return [f"{layer_path}.{ours}"]
+    for rule in adapter.rules:
+        if rule.ours == ours:
+            return [f"{layer_path}.{k}" for k in rule.theirs]
+    return [f"{layer_path}.{ours}"]
+
+
+def _check_checkpoint(
+    ckpt: SafetensorsCheckpoint, model: nn.Module, layers: list[tuple[str, MoELayer]]
+) -> None:
+    """Every tensor the model needs is in the checkpoint (the experts in any layout)."""
+    missing: list[str] = []
+    adapters = {p: m.__dict__.get("hf_state_dict_adapter") for p, m in layers}
+    for path, layer in layers:
+        adapter = layer.__dict__.get("hf_state_dict_adapter")
+        prefix = _hf_key(path, adapter, "experts.w_in")[0].rpartition(".")[0] + "."
+        missing += ckpt.missing_experts(
+            prefix, layer.cfg.num_experts, layer.cfg.expert_type == "swiglu"
+        )
+    for name in _dense_keys(model, adapters):
+        if ckpt.resolve(name) is None:
+            missing.append(name)
+    if missing:
+        more = f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise InputError(
+            f"checkpoint {ckpt.path!r} lacks {len(missing)} tensor(s) the model "
+            f"needs: {missing[:8]}{more}"
+        )
+
+
+def _dense_keys(model: nn.Module, adapters: dict) -> list[str]:
+    """transformers' keys of every persistent tensor outside the expert weights (tied
+    parameters once, under their first name); ``adapters``: MoE layer path -> its adapter."""
+    keys, seen = [], set()
+    for name, t in named_tensors(model):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        owner = next((p for p in adapters if name.startswith(p + ".")), None)
+        if owner is None:
+            keys.append(name)
+            continue
+        rel = name[len(owner) + 1 :]
+        if rel in ("experts.w_in", "experts.w_out", *_EP_TO_LAYER):
+            continue
+        keys += _hf_key(owner, adapters[owner], rel)
+    return keys
+
+
+def named_tensors(model: nn.Module):
+    """Parameters and persistent buffers with their module paths (duplicates included)."""
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        pre = f"{mod_name}." if mod_name else ""
+        for n, p in mod._parameters.items():
+            if p is not None:
+                yield pre + n, p
+        for n, b in mod._buffers.items():
+            if b is not None and n not in mod._non_persistent_buffers_set:
+                yield pre + n, b
+
+
+def _relink_view(ep: ExpertParallel) -> None:
+    """Point a patched layer's transformers view (``hf_view``) at the ExpertParallel module,
+    so it no longer holds the full layer and its expert aliases read the local slices."""
+    view = ep._modules.get("hf_view")
+    if view is None:
+        return
+    for m in view.modules():
+        if "_moeflow_layer" in m.__dict__:
+            m.__dict__["_moeflow_layer"] = ep
+            links = m.__dict__.get("_moeflow_links") or {}
+            m.__dict__["_moeflow_links"] = {
+                attr: (ours[len("experts.") :] if ours.startswith("experts.") else ours, i, n)
+                for attr, (ours, i, n) in links.items()
+            }
+
+
+def parallelize(
+    model: nn.Module,
+    mesh,
+    *,
+    dispatcher: str = "a2a",
+    r_fwd: int = 1,
+    r_bwd: int = 1,
+    plan=None,
+    checkpoint: str | None = None,
+    device: str | torch.device = "cpu",
+    timeout_s: float | None = None,
+    kernel: str | None = None,
+    compress=False,
+    dense: str = "fsdp",
+) -> nn.Module:
+    """Make every MoE layer of ``model`` expert parallel over ``mesh``; returns ``model``.
+
+    Args:
+        model: a model holding :class:`moeflow.MoELayer` modules, on a real device or on the
+            meta device (then ``checkpoint`` is required and only this rank's share is ever
+            allocated).
+        mesh: a ``DeviceMesh`` over the whole world with dimensions named from
+            ``("dp", "ep", "esp")`` in that order, ``ep`` required.
+        dispatcher, r_fwd, r_bwd, plan, timeout_s, kernel, compress: as
+            :class:`~moeflow.parallel.ExpertParallel` (``plan`` is read per layer index).
+        checkpoint: a safetensors file or a transformers checkpoint directory; every rank
+            reads the dense tensors and only its own expert slices.
+        device: where a meta model is allocated.
+        dense: how the dense parts are data parallel over the world: ``"fsdp"`` (default;
+            PyTorch FSDP2 ``fully_shard`` on each block of a ``ModuleList`` and on the root,
+            expert slices ignored: parameters sharded over the world, gradients
+            reduce-scattered by FSDP; it runs on gloo) or ``"replicate"`` (every rank holds
+            them; :func:`sync_gradients` all-reduces their gradients in flat buckets, DDP's
+            algorithm).
+
+    The layout is stored as ``model.moeflow_layout`` (:class:`ParallelLayout`). After
+    ``backward`` call :func:`sync_gradients`.
+
+    Raises (all before any communication): DistributedConfigError (mesh not over the world,
+    unknown dimension names, experts not divisible by ``ep``, FFN not divisible by ``esp``),
+    ConfigError (no MoE layer; a meta model without ``checkpoint``), InputError (the
+    checkpoint lacks tensors, expert weights included).
+    """
+    if not dist.is_initialized():
+        raise DistributedConfigError(
+            "torch.distributed is not initialised: call init_process_group first"
+        )
+    if dense not in ("replicate", "fsdp"):
+        raise ConfigError("dense", dense, "'replicate' or 'fsdp'")
+    sizes, pos, expert_ranks, dp_ranks = _mesh_layout(mesh)
+    layers = _moe_layers(model)
+    P, S = sizes["ep"], sizes["esp"]
+    for path, layer in layers:
+        cfg = layer.cfg
+        if cfg.num_experts % P:
+            raise DistributedConfigError(
+                f"{path}: num_experts={cfg.num_experts} is not divisible by the mesh's ep={P}"
+            )
+        if cfg.ffn_hidden_size % S:
+            raise DistributedConfigError(
+                f"{path}: ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by the "
+                f"mesh's esp={S}"
+            )
+    on_meta = any(t.is_meta for _, t in named_tensors(model))
+    if on_meta and checkpoint is None:
+        raise ConfigError(
+            "checkpoint",
+            None,
+            "a checkpoint path: the model is on the meta "
+            "device and its weights must come from somewhere",
+        )
+    ckpt = SafetensorsCheckpoint(checkpoint) if checkpoint is not None else None
+    if ckpt is not None:
+        _check_checkpoint(ckpt, model, layers)
+
+    # -- communication starts here ---------------------------------------------------------
+    t = resolve_timeout(timeout_s)
+    layout = ParallelLayout(
+        dp=sizes["dp"],
+        ep=P,
+        esp=S,
+        dp_rank=pos["dp"],
+        ep_rank=pos["ep"],
+        esp_rank=pos["esp"],
+        timeout_s=t,
+    )
+    # local-synchronisation sub-groups: each is made by its members only
+    layout.expert_group = subgroup(None, expert_ranks, t)
+    layout.dp_group = subgroup(None, dp_ranks, t) if len(dp_ranks) > 1 else None
+    topo = Topology.explicit(P * S, P * S)
+    for i, (path, layer) in enumerate(layers):
+        adapter = layer.__dict__.get("hf_state_dict_adapter")
+        ep = ExpertParallel(
+            layer,
+            group=layout.expert_group,
+            topology=topo,
+            dispatcher=dispatcher,
+            esp_size=S,
+            r_fwd=r_fwd,
+            r_bwd=r_bwd,
+            plan=plan,
+            layer_index=i,
+            timeout_s=t,
+            kernel=kernel,
+            compress=compress,
+        )
+        ep.hf_adapter = adapter
+        ep.layer_path = path
+        _relink_view(ep)
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, attr, ep)
+        layout.layers.append(path)
+    del layers  # the full layers (and, off meta, their expert weights) can go now
+    if on_meta:
+        model.to_empty(device=device)
+        _init_non_persistent(model)
+    if ckpt is not None:
+        with ckpt:
+            layout.checkpoint_bytes_read = load_checkpoint(model, ckpt)
+    layout.dense = dense
+    if dense == "fsdp":
+        _fully_shard_dense(model, t)
+    model.moeflow_layout = layout
+    return model
+
+
+def _fully_shard_dense(model: nn.Module, timeout_s: float) -> None:
+    """FSDP2 over the whole world for everything but the expert slices: each block of a
+    ``ModuleList`` that holds an ExpertParallel is one FSDP unit (its parameters gathered for
+    its forward only), the root takes the rest (embeddings, final norm, head)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = dist.get_world_size()
+    dense_mesh = DeviceMesh("cpu", torch.arange(world), mesh_dim_names=("dense",))
+    experts = {
+        p for m in model.modules() if isinstance(m, ExpertParallel) for p in m.expert_parameters()
+    }
+    for m in list(model.modules()):
+        if isinstance(m, nn.ModuleList):
+            for block in m:
+                if any(isinstance(x, ExpertParallel) for x in block.modules()):
+                    fully_shard(
+                        block,
+                        mesh=dense_mesh,
+                        ignored_params={p for p in block.parameters() if p in experts},
+                    )
+    fully_shard(model, mesh=dense_mesh, ignored_params=experts)
+
+
+def _init_non_persistent(model: nn.Module) -> None:
+    """Recompute buffers no checkpoint holds (rotary ``inv_freq``) after ``to_empty``, with
+    the model's own initialiser (transformers' ``_init_weights`` rebuilds them)."""
+    init = getattr(model, "_init_weights", None)
+    for m in model.modules():
+        if m._non_persistent_buffers_set and init is not None:
+            init(m)
+
+
+@torch.no_grad()
+def load_checkpoint(model: nn.Module, ckpt) -> int:
+    """Fill a parallelized model from ``ckpt`` (a path or a :class:`SafetensorsCheckpoint`):
+    dense tensors whole, each ExpertParallel's expert range x FFN slice only. Returns the
+    bytes read."""
+    if not isinstance(ckpt, SafetensorsCheckpoint):
+        with SafetensorsCheckpoint(ckpt) as c:
+            return load_checkpoint(model, c)
+    eps = {p: m for p, m in model.named_modules() if isinstance(m, ExpertParallel)}
+    paths = list(eps)
+    before = ckpt.bytes_read
+    for path, ep in eps.items():
+        adapter = ep.__dict__.get("hf_adapter")
+        prefix = _hf_key(path, adapter, "experts.w_in")[0].rpartition(".")[0] + "."
+        (e0, e1), (f0, f1) = ep.expert_range, ep.ffn_slice
+        ckpt.read_experts_into(prefix, e0, e1, f0, f1, ep.gated, ep.w_in, ep.w_out)
+    done = set()
+    for name, t in named_tensors(model):
+        if id(t) in done:
+            continue
+        owner = next((p for p in paths if name.startswith(p + ".")), None)
+        if owner is not None:
+            rel = name[len(owner) + 1 :]
+            if rel in _EP_TO_LAYER:
+                continue
+            keys = _hf_key(owner, eps[owner].__dict__.get("hf_adapter"), rel)
+        else:
+            keys = [name]
+        found = [ckpt.resolve(k) for k in keys]
+        if any(k is None for k in found):
+            raise InputError(f"checkpoint {ckpt.path!r} has no tensor {keys} for {name}")
+        parts = [ckpt.read(k) for k in found]
+        t.copy_(parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
+        done.add(id(t))
+    return ckpt.bytes_read - before
+
+
+@torch.no_grad()
+def sync_gradients(
+    model: nn.Module, op: str = "mean", bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> None:
+    """Gradients of the global loss after ``backward`` on a :func:`parallelize`-d model.
+
+    Dense (replicated) gradients are summed over the world in flat buckets; expert-slice
+    gradients already hold the tokens of their expert group (the all-to-all's adjoint) and are
+    summed over their ``dp`` replicas. ``op="mean"`` (the loss is the mean of the ranks' local
+    losses, DDP's convention) then divides everything by the world size: for equal local
+    batches, the single-process gradient of the global batch.
+    """
+    layout: ParallelLayout = model.moeflow_layout
+    experts = expert_parameter_ids(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    dense = [p for p in params if id(p) not in experts]
+    expert = [p for p in params if id(p) in experts]
+    if getattr(layout, "dense", "replicate") == "fsdp":
+        if op != "mean":  # FSDP2 reduce-scatters the average
+            raise ConfigError("op", op, "'mean' with dense='fsdp'")
+    else:
+        reduce_gradients(
+            dense, dense, None, op=op, timeout_s=layout.timeout_s, bucket_bytes=bucket_bytes
+        )
+    if layout.dp_group is not None:
+        reduce_gradients(
+            expert,
+            expert,
+            layout.dp_group,
+            op="sum",
+            timeout_s=layout.timeout_s,
+            bucket_bytes=bucket_bytes,
+        )
+    if op == "mean" and layout.world > 1:
+        for p in expert:
+            if p.grad is not None:
+                p.grad.div_(layout.world)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
+    """Clip the gradients of a :func:`parallelize`-d model (after :func:`sync_gradients`) to
+    a global 2-norm of ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` on the
+    single-process model would; returns the norm before clipping.
+
+    The squared norm is counted once per distinct tensor: dense gradients once (replicated:
+    any rank's; FSDP2: the sum of the shards over the world), each expert shard once (summed
+    over the expert group; its ``dp`` replicas hold the same values).
+    """
+    from moeflow.comm.collectives import all_reduce
+
+    layout: ParallelLayout = model.moeflow_layout
+    experts = expert_parameter_ids(model)
+    grads = [(id(p) in experts, p.grad) for p in model.parameters() if p.grad is not None]
+    sq = torch.zeros(2, dtype=torch.float64)  # [dense, expert]
+    for is_expert, g in grads:
+        local = g.to_local() if hasattr(g, "to_local") else g
+        sq[int(is_expert)] += local.detach().double().pow(2).sum().cpu()
+    if layout.dense == "fsdp" and layout.world > 1:
+        dense_sq = sq[:1].clone()
+        all_reduce(dense_sq, None, "grad-norm all-reduce (dense shards)", layout.timeout_s)
+        sq[0] = dense_sq[0]
+    if layout.ep * layout.esp > 1:
+        expert_sq = sq[1:].clone()
+        all_reduce(
+            expert_sq, layout.expert_group, "grad-norm all-reduce (expert shards)", layout.timeout_s
+        )
+        sq[1] = expert_sq[0]
+    total = float(sq.sum().sqrt())
+    coef = float(max_norm) / (total + 1e-6)
+    if coef < 1.0:
+        for _, g in grads:
+            g.mul_(coef)
+    return total
+
+
+def expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's expert slices keyed by ``<layer path>.w_in@ep{p}of{P}.esp{s}of{S}``: names
+    unique to the shard (replicas over ``dp`` share them), as a sharded checkpoint needs, and
+    naming the layout, so another layout finds no key instead of a wrongly shaped one."""
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, ExpertParallel):
+            tag = f"@ep{m.ep_rank}of{m.ep_size}.esp{m.esp_rank}of{m.esp_size}"
+            out[f"{path}.w_in{tag}"] = m.w_in
+            out[f"{path}.w_out{tag}"] = m.w_out
+    return out
+
+
+@torch.no_grad()
+def gather_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict in transformers' in-memory keys and layouts, experts
+    gathered from every rank (collective: every rank of each expert group calls it)."""
+    sd: dict[str, torch.Tensor] = {}
+    eps = {p: m for p, m in model.named_modules() if isinstance(m, ExpertParallel)}
+    for name, t in named_tensors(model):
+        owner = next((p for p in eps if name.startswith(p + ".")), None)
+        if owner is None:
+            sd[name] = _full(t.detach())
+    for path, ep in eps.items():
+        w_in, w_out = ep.full_expert_weights()
+        block = {"experts.w_in": w_in, "experts.w_out": w_out}
+        for name, t in ep.named_parameters():
+            if name not in _EP_TO_LAYER:
+                block[name] = _full(t.detach())
+        for name, t in ep.named_buffers():
+            block[name] = _full(t.detach())
+        adapter = ep.__dict__.get("hf_adapter")
+        if adapter is not None:
+            block = adapter.to_hf(block)
+        sd.update({f"{path}.{k}": v for k, v in block.items()})
+    return sd
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (a DTensor; collective), else ``t``."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else t
+
+
+def export_pretrained(model: nn.Module, out_dir: str, *, rank0_only: bool = True) -> None:
+    """Save a parallelized transformers model as a transformers checkpoint directory
+    (``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it, patched or not).
+
+    Collective: every rank gathers the experts; rank 0 builds the unpatched transformers
+    model from ``model.config``, loads the gathered state dict strictly and writes it with
+    ``save_pretrained`` (transformers' own on-disk layout)."""
+    sd = gather_hf_state_dict(model)
+    if rank0_only and dist.get_rank() != 0:
+        return
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ConfigError(
+            "model", type(model).__name__, "a transformers model (with .config) to export"
+        )
+    import transformers
+
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    hf.load_state_dict(sd, strict=False, assign=True)
+    missing = [n for n, t in named_tensors(hf) if t.is_meta]
+    if missing:
+        raise InputError(f"export: the gathered state dict lacks {missing[:8]}")
+    hf.tie_weights()
+    _init_non_persistent_meta(hf)
+    hf.save_pretrained(out_dir)
+
+
+def _init_non_persistent_meta(model: nn.Module) -> None:
+    """Allocate and recompute non-persistent buffers left on the meta device."""
+    for m in model.modules():
+        for n in list(m._non_persistent_buffers_set):
+            b = m._buffers.get(n)
+            if b is not None and b.is_meta:
+                m._buffers[n] = torch.empty_like(b, device="cpu")
+    _init_non_persistent(model)
+
+
+def load_balancing_loss(
+    router_logits,
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+    group=None,
+) -> torch.Tensor:
+    """This rank's share of the load-balancing loss of the *global* batch, from transformers'
+    ``outputs.router_logits`` (one ``[tokens, E]`` tensor per MoE layer).
+
+    The Switch Transformer loss (Fedus et al., JMLR'22, Eq. 4-6) as transformers computes it,
+    ``E * sum_e f_e P_e`` with ``f`` the top-k assignment frequency and ``P`` the mean router
+    probability, both over all layers' rows; here ``f`` and the row count are all-reduced over
+    ``group`` (the world by default), so the mean of the ranks' values is the global-batch
+    loss and, after :func:`sync_gradients` (``op="mean"``), so is the gradient: the
+    single-process value for any split of the batch. Use it in place of ``outputs.aux_loss``
+    (which is the local batch's)::
+
+        loss = out.loss + coef * (load_balancing_loss(out.router_logits, E, k) - out.aux_loss)
+    """
+    from moeflow.comm.collectives import all_reduce
+
+    counts = torch.zeros(num_experts, dtype=torch.float64)
+    prob_sum = None
+    rows = torch.zeros((), dtype=torch.float64)
+    mask = None if attention_mask is None else attention_mask.reshape(-1).to(torch.float32)
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        _, chosen = torch.topk(probs, top_k, dim=-1)
+        w = torch.ones(chosen.shape[0]) if mask is None else mask.to(probs.device)
+        counts += torch.zeros(num_experts, dtype=torch.float64).scatter_add_(
+            0, chosen.reshape(-1).cpu(), w.cpu().double().repeat_interleave(top_k)
+        )
+        p = (probs * w.unsqueeze(-1)).sum(0)
+        prob_sum = p if prob_sum is None else prob_sum + p
+        rows += w.double().sum().cpu()
+    if prob_sum is None:
+        raise InputError("router_logits is empty: run the model with output_router_logits=True")
+    stats = torch.cat([counts, rows.reshape(1)])
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        all_reduce(stats, group, "load-balancing statistics all-reduce", resolve_timeout(None))
+    W = dist.get_world_size(group) if dist.is_initialized() else 1
+    f_E = (stats[:-1] / stats[-1]).to(prob_sum.dtype).to(prob_sum.device)
+    return num_experts * W * torch.sum(f_E * prob_sum) / stats[-1].item()

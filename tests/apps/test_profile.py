@@ -1,0 +1,173 @@
+"""Real gloo profiling on 127.0.0.1, with a tiny sweep to stay inside the test budget."""
+
+import argparse
+
+import pytest
+
+from moeflow.perf import PerfModel
+
+
+@pytest.mark.dist
+def test_profile_two_nodes_of_one_rank_fits_every_primitive(tmp_path, capsys):
+    from moeflow.apps import profile as profiler
+
+    p = argparse.ArgumentParser()
+    profiler.add_profile_arguments(p)
+    out = tmp_path / "perf.json"
+    args = p.parse_args(
+        [
+            "--nproc",
+            "2",
+            "--nodes",
+            "2",
+            "--out",
+            str(out),
+            "--min-kb",
+            "4",
+            "--max-kb",
+            "256",
+            "--points",
+            "3",
+            "--gemm",
+            "32",
+            "96",
+            "160",
+            "--reps",
+            "2",
+            "--trials",
+            "1",
+            "--quiet",
+        ]
+    )
+    assert profiler.run_profile(args) == 0
+    m = PerfModel.load(out)
+    for k in ("gemm", "a2a", "ag", "rs", "ar"):
+        c = m.cost(k)
+        assert c.r2 is not None and c.source == "fitted"
+    assert m.meta["world_size"] == 2 and m.meta["backend"] == "gloo"
+    # bigger GEMMs take longer: the fitted slope is positive
+    assert m.cost("gemm").beta > 0
+    printed = capsys.readouterr().out
+    assert "alpha" in printed and "R^2" in printed and "a2a" in printed
+
+
+def test_log_sizes_and_table():
+    from moeflow.apps.profile import format_table, log_sizes
+    from moeflow.perf import perf_preset
+
+    s = log_sizes(1024, 1024 * 1024, 4)
+    assert s[0] == 1024 and s[-1] == pytest.approx(1024 * 1024, rel=1e-6) and len(s) == 4
+    assert "ar" in format_table(perf_preset("fsmoe-testbed-a"))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_profile_four_ranks_two_nodes_adds_level_a2a():
+    from moeflow.apps.profile import profile
+
+    m = profile(
+        nproc=4,
+        nodes=2,
+        sizes=(4096, 65536, 262144),
+        gemm_sizes=(32, 96),
+        reps=2,
+        trials=1,
+        progress=False,
+    )
+    assert "a2a@intra" in m.costs and "a2a@inter" in m.costs
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_profile_cli_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from moeflow.comm.ports import free_port
+
+    out = tmp_path / "perf.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "moeflow.cli",
+            "profile",
+            "--out",
+            str(out),
+            "--points",
+            "2",
+            "--max-kb",
+            "64",
+            "--gemm",
+            "32",
+            "64",
+            "--reps",
+            "1",
+            "--trials",
+            "1",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert PerfModel.load(out).meta["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--nproc", "0"], "--nproc"),
+        (["--nproc", "-1"], "--nproc"),
+        (["--nproc", "100000"], "--nproc"),
+        (["--nproc", "2", "--nodes", "0"], "--nodes"),
+        (["--points", "1"], "--points"),
+        (["--max-kb", "1e12"], "--max-kb"),
+        (["--min-kb", "nan"], "--min-kb"),
+        (["--min-kb", "64", "--max-kb", "16"], "--min-kb"),
+        (["--gemm", "0"], "--gemm"),
+        (["--reps", "0"], "--reps"),
+    ],
+)
+def test_profile_flags_refused_before_forking(monkeypatch, argv, flag):
+    import os
+
+    from moeflow.apps import profile as profiler
+    from moeflow.errors import ConfigError
+
+    def refuse():
+        raise AssertionError("forked before validating")
+
+    monkeypatch.setattr(os, "fork", refuse)
+    p = argparse.ArgumentParser()
+    profiler.add_profile_arguments(p)
+    with pytest.raises(ConfigError) as ei:
+        profiler.run_profile(p.parse_args(argv))
+    assert flag in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_profile_layout_and_output_checked_before_forking(monkeypatch, tmp_path):
+    import os
+
+    from moeflow.apps import profile as profiler
+    from moeflow.errors import DistributedConfigError, InputError
+
+    def refuse():
+        raise AssertionError("forked before validating")
+
+    monkeypatch.setattr(os, "fork", refuse)
+    p = argparse.ArgumentParser()
+    profiler.add_profile_arguments(p)
+    with pytest.raises(DistributedConfigError, match="--nodes 2 must divide --nproc 3"):
+        profiler.run_profile(p.parse_args(["--nproc", "3", "--nodes", "2"]))
+    with pytest.raises(InputError, match="--out"):
+        profiler.run_profile(p.parse_args(["--out", str(tmp_path / "no" / "perf.json")]))

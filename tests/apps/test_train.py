@@ -1,0 +1,316 @@
+"""EP training follows the single-process run of the same model, seed and global batch."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from tests._dist import run_ranks
+
+pytestmark = pytest.mark.dist
+
+
+def _args(**kw) -> argparse.Namespace:
+    from moeflow.apps.train import add_train_arguments
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    a = p.parse_args([])
+    # aux loss off: its statistics are per rank in EP and per global batch in one process
+    base = dict(
+        steps=20,
+        batch_size=8,
+        seq_len=32,
+        dim=32,
+        layers=2,
+        experts=8,
+        ffn=64,
+        aux_loss_coef=0.0,
+        max_seconds=1e9,
+        timeout=60.0,
+        lr=3e-3,
+    )
+    base.update(kw)
+    for k, v in base.items():
+        setattr(a, k, v)
+    return a
+
+
+def _ep_run(rank, world, args_list, corpus):
+    from moeflow.apps.train import train_loop
+    from moeflow.comm import Topology
+
+    outs = []
+    for a in args_list:
+        a._corpus = corpus
+        outs.append(train_loop(a, topology=Topology.explicit(world, 2), verbose=False)["losses"])
+    return outs
+
+
+def test_ep_training_matches_single_process_20_steps():
+    from moeflow.apps.train import train_loop
+    from moeflow.models.demo import load_corpus
+
+    corpus = load_corpus(max_bytes=100_000)
+    single = _args()
+    single._corpus = corpus
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks use one thread each; 2 threads on a busy box crawl
+    try:
+        ref = train_loop(single, verbose=False)["losses"]
+    finally:
+        torch.set_num_threads(threads)
+    variants = [
+        _args(dispatcher="a2a", r_fwd=2, r_bwd=4),
+        _args(dispatcher="2dh", esp=2, r_fwd=4, r_bwd=1),
+    ]
+    res = run_ranks(_ep_run, 4, variants, corpus, timeout_s=240)
+    assert len(ref) == 20 and ref[-1] < ref[0] - 0.5  # it actually trains
+    for losses in res[0]:
+        assert len(losses) == 20
+        worst = max(abs(a - b) for a, b in zip(losses, ref))
+        assert worst < 2e-3, (worst, losses, ref)
+    assert res[1] == res[0]  # every rank reports the same global loss
+
+
+@pytest.mark.slow
+def test_moeflow_train_cli_spawns_ranks(tmp_path):
+    import subprocess
+    import sys
+
+    from moeflow.plan import LayerPlan, Plan
+
+    plan = Plan(
+        method="manual",
+        perf={},
+        workload_table=[],
+        layers=[LayerPlan(index=0, r_fwd=4, r_bwd=2), LayerPlan(index=1, r_fwd=2, r_bwd=1)],
+    )
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moeflow.cli",
+            "train",
+            "--nproc",
+            "4",
+            "--steps",
+            "3",
+            "--log-every",
+            "1",
+            "--dispatcher",
+            "2dh",
+            "--plan",
+            str(path),
+            "--corpus-bytes",
+            "100000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[(4, 2), (2, 1)]" in out.stdout
+    assert "tokens/s" in out.stdout and "summary: 3 steps" in out.stdout
+
+
+def _tiny_train_argv(nproc, timeout):
+    return [
+        "--nproc",
+        str(nproc),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "16",
+        "--dim",
+        "16",
+        "--layers",
+        "1",
+        "--experts",
+        "4",
+        "--ffn",
+        "16",
+        "--corpus-bytes",
+        "20000",
+        "--timeout",
+        str(timeout),
+    ]
+
+
+@pytest.mark.parametrize("fault", ["sigstop", "raise"])
+def test_train_launcher_ends_the_run_naming_the_rank(monkeypatch, fault):
+    import os
+    import signal
+    import time
+
+    import moeflow.apps.train as train
+    from moeflow.errors import CommTimeoutError
+    from moeflow.launch import RankFailed
+
+    real = train.train_loop
+
+    def faulty(args, group=None, topology=None, device=None, verbose=True):
+        import torch.distributed as dist
+
+        if dist.get_rank() == 1:
+            if fault == "sigstop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            raise ValueError("rank-local failure")
+        return real(args, group, topology, device, verbose)
+
+    monkeypatch.setattr(train, "train_loop", faulty)  # the forked ranks inherit it
+    t0 = time.monotonic()
+    expected = CommTimeoutError if fault == "sigstop" else RankFailed
+    with pytest.raises(expected) as ei:
+        train.main(_tiny_train_argv(2, timeout=2))
+    # used to wait forever (SIGSTOP) or print one traceback per rank
+    assert time.monotonic() - t0 < 30
+    assert "rank 1" in str(ei.value) and "\n" not in str(ei.value)
+    import multiprocessing
+
+    deadline = time.monotonic() + 5
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not multiprocessing.active_children()
+
+
+# -- moeflow train --model PATH: fine-tuning a transformers checkpoint directory ------------
+def _hf_args(model_dir, **kw) -> argparse.Namespace:
+    from moeflow.apps.train import add_train_arguments
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    a = p.parse_args(["--model", str(model_dir)])
+    base = dict(
+        steps=6,
+        batch_size=4,
+        seq_len=8,
+        lr=1e-2,
+        max_seconds=1e9,
+        timeout=60.0,
+        corpus_bytes=20_000,
+        r_fwd=1,
+        r_bwd=1,
+    )
+    base.update(kw)
+    for k, v in base.items():
+        setattr(a, k, v)
+    return a
+
+
+def test_train_model_dir_checkpoints_and_resumes_on_the_same_curve(tmp_path, capfd):
+    pytest.importorskip("transformers")
+    from moeflow.apps.train import _hf_rank, main, validate_train_args
+    from moeflow.launch import launch
+    from tests.parallel.test_parallelize import save_tiny
+
+    model_dir = save_tiny("qwen3_moe", tmp_path / "hf")
+    text = tmp_path / "data.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    full = _hf_args(model_dir, data=str(text))
+    validate_train_args(full, world=4)
+    ref = launch(_hf_rank, 4, full, force=True, timeout_s=120, progress=False)[0]["losses"]
+    assert len(ref) == 6
+    ckpt = tmp_path / "ckpt"
+    # the command line: 3 steps, checkpoint at step 3, exported transformers directory
+    rc = main(
+        [
+            "--model",
+            str(model_dir),
+            "--nproc",
+            "4",
+            "--data",
+            str(text),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "8",
+            "--lr",
+            "1e-2",
+            "--r-fwd",
+            "1",
+            "--r-bwd",
+            "1",
+            "--checkpoint-dir",
+            str(ckpt),
+            "--checkpoint-every",
+            "3",
+            "--export",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert rc == 0
+    err = capfd.readouterr().err
+    assert "3/3" in err  # the progress bar reached the end
+    assert (ckpt / ".metadata").exists()
+    assert (tmp_path / "out" / "config.json").exists()
+    resumed = _hf_args(model_dir, data=str(text), checkpoint_dir=str(ckpt), resume=True)
+    validate_train_args(resumed, world=4)
+    out = launch(_hf_rank, 4, resumed, force=True, timeout_s=120, progress=False)[0]
+    assert out["first_step"] == 4
+    assert max(abs(a - b) for a, b in zip(out["losses"], ref[3:])) < 1e-6, (out, ref)
+
+
+def test_train_model_dir_bad_layout_fails_before_forking(tmp_path):
+    pytest.importorskip("transformers")
+    from moeflow.apps.train import main
+    from moeflow.errors import DistributedConfigError
+    from tests.parallel.test_parallelize import save_tiny
+
+    model_dir = save_tiny("qwen3_moe", tmp_path / "hf", experts=6)
+    with pytest.raises(DistributedConfigError, match="6 experts"):
+        main(["--model", str(model_dir), "--nproc", "4", "--steps", "1"])
+
+
+@pytest.mark.slow
+def test_torchrun_module_fine_tunes_a_model_dir(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    from tests.parallel.test_parallelize import save_tiny
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not installed next to this Python")
+    model_dir = save_tiny("mixtral", tmp_path / "hf")
+    out = subprocess.run(
+        [
+            torchrun,
+            "--nproc-per-node",
+            "4",
+            "-m",
+            "moeflow.apps.train",
+            "--model",
+            model_dir,
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "8",
+            "--corpus-bytes",
+            "20000",
+            "--checkpoint-dir",
+            str(tmp_path / "c"),
+            "--export",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "summary: steps 1..3" in out.stdout
+    assert (tmp_path / "c" / ".metadata").exists()
+    assert (tmp_path / "out" / "config.json").exists()

@@ -1,0 +1,153 @@
+"""The geo pipeline (FusionLLM runtime): equivalence with one process, AdaTopK on a link,
+and a rank that leaves being replaced from the backup pool."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from moeflow.errors import ConfigError
+from moeflow.geo import pipeline as geo
+
+SMALL = dict(dim=32, layers=2, heads=2, seq_len=16, experts=4, ffn=64, microbatch_size=2)
+
+
+def _job(**kw) -> geo.GeoJob:
+    base = dict(SMALL, microbatches=3, steps=30, timeout_s=240.0, max_bytes=200_000)
+    base.update(kw)
+    return geo.GeoJob(**base)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return geo.reference_losses(_job())
+
+
+def test_job_validation():
+    with pytest.raises(ConfigError, match="model"):
+        geo.GeoJob(model="resnet")
+    with pytest.raises(ConfigError, match="bounds"):
+        geo.GeoJob(bounds=(0, 5, 5))
+    with pytest.raises(ConfigError, match="densities"):
+        geo.GeoJob(stages=3, densities=(0.5,))
+    with pytest.raises(ConfigError, match="densities"):
+        geo.GeoJob(stages=2, densities=(0.0,))
+    with pytest.raises(ConfigError, match="checkpoint_dir"):
+        geo.GeoJob(checkpoint_every=2)
+    with pytest.raises(ConfigError, match="kill"):
+        geo.GeoJob(stages=2, kill=(2, 0))
+    with pytest.raises(ConfigError, match="stages"):
+        geo.GeoJob(stages=1)
+
+
+def test_batches_depend_on_step_only():
+    job = _job()
+    a, b = geo.Batches(job), geo.Batches(job)
+    assert all(
+        (x[0] == y[0]).all() and (x[1] == y[1]).all() for x, y in zip(a(7), b(7), strict=True)
+    )
+    assert not (a(7)[0][0] == a(8)[0][0]).all()
+
+
+def test_two_stages_equal_one_process(reference):
+    result = geo.train(_job(stages=2), progress=False)
+    assert len(result.losses) == 30
+    diff = max(abs(a - b) for a, b in zip(result.losses, reference, strict=True))
+    assert diff < 1e-5, diff
+    assert result.losses[-1] < result.losses[0]  # it trains
+
+
+def test_four_uneven_stages_with_skip_tensors_equal_one_process(reference):
+    _, traced = geo.trace_job(_job())
+    n = len(traced.ops.nodes)
+    bounds = (0, 3, n // 2, n - 4, n)
+    # the cuts carry more than one tensor (the residual stream, the targets)
+    assert any(len(traced.ops.cut_tensors(b)) > 1 for b in bounds[1:-1])
+    result = geo.train(_job(bounds=bounds), progress=False)
+    diff = max(abs(a - b) for a, b in zip(result.losses, reference, strict=True))
+    assert diff < 1e-5, diff
+
+
+def test_adatopk_link_sends_fewer_bytes_and_still_trains():
+    exact = geo.train(_job(stages=2, steps=6), progress=False)
+    sparse = geo.train(_job(stages=2, steps=6, densities=(0.1,)), progress=False)
+    # fp32 values + int32 positions at density 0.1: about a fifth of the dense floats
+    assert sparse.wire_bytes[0] < 0.3 * exact.wire_bytes[0]
+    assert all(x == x and x < 10 for x in sparse.losses)  # finite, sane
+    assert sparse.losses != exact.losses
+
+
+def test_failed_rank_is_replaced_from_backup_and_nothing_else_is_lost(tmp_path, reference):
+    job = _job(
+        stages=2,
+        backups=1,
+        kill=(1, 12),
+        checkpoint_dir=str(tmp_path),
+        checkpoint_every=5,
+    )
+    result = geo.train(job, progress=False)
+    text = "\n".join(result.events)
+    assert "rank 1 (stage 1) left during step" in text
+    assert "rank 2 from the backup pool takes it" in text
+    assert "resuming after step 9" in text
+    # restoring the checkpoint and replaying the same data gives the uninterrupted curve
+    diff = max(abs(a - b) for a, b in zip(result.losses, reference, strict=True))
+    assert diff < 1e-5, diff
+    assert geo.latest_checkpoint(str(tmp_path)) == 29
+
+
+def test_no_backup_left_stops_with_checkpoint_then_resume_finishes(tmp_path, reference):
+    job = _job(stages=2, kill=(0, 8), checkpoint_dir=str(tmp_path), checkpoint_every=3)
+    with pytest.raises(geo.GeoJobFailed, match=r"no backup is left; resume from checkpoint step 5"):
+        geo.train(job, progress=False)
+    assert geo.latest_checkpoint(str(tmp_path)) == 5
+    resumed = geo.train(
+        _job(stages=2, checkpoint_dir=str(tmp_path), checkpoint_every=3, resume=True),
+        progress=False,
+    )
+    assert os.path.exists(tmp_path / "latest")
+    diff = max(abs(a - b) for a, b in zip(resumed.losses[6:], reference[6:], strict=True))
+    assert diff < 1e-5, diff
+
+
+def _devices(tmp_path, memory_gb=4):
+    doc = {
+        "devices": [
+            {"name": n, "tflops": 0.02, "memory_gb": memory_gb, "site": n[0]}
+            for n in ("a0", "a1", "b0", "b1")
+        ],
+        "sites": {
+            "a": {"bandwidth_mbps": 1000, "latency_ms": 0.1},
+            "b": {"bandwidth_mbps": 1000, "latency_ms": 0.1},
+        },
+        "site_links": [{"a": "a", "b": "b", "bandwidth_mbps": 10, "latency_ms": 20}],
+    }
+    path = tmp_path / "devices.json"
+    path.write_text(__import__("json").dumps(doc))
+    return path
+
+
+def test_cli_plan_then_train_equals_one_process(tmp_path, capsys):
+    from moeflow.cli import main
+
+    plan = tmp_path / "plan.json"
+    args = ["--dim", "32", "--layers", "2", "--heads", "2", "--seq-len", "16"]
+    assert (
+        main(["geo", "plan", "--devices", str(_devices(tmp_path)), "--out", str(plan)] + args) == 0
+    )
+    out = capsys.readouterr().out
+    assert "stage 0 on" in out and "data parallel" in out
+    assert main(["geo", "train", "--plan", str(plan), "--steps", "3", "--compare"]) == 0
+    out = capsys.readouterr().out
+    worst = float(out.strip().splitlines()[-1].split()[-1])
+    assert worst < 1e-5
+
+
+def test_cli_device_too_small_is_named(tmp_path, capsys):
+    from moeflow.cli import main
+
+    code = main(["geo", "plan", "--devices", str(_devices(tmp_path, memory_gb=1e-6))])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "a0" in err or "b1" in err

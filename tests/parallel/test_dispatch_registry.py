@@ -1,0 +1,105 @@
+"""The dispatcher registry: names and keyword arguments are checked before anything is built."""
+
+import inspect
+
+import pytest
+
+from moeflow.errors import ConfigError
+from moeflow.parallel import (
+    COMMON_ARGS,
+    DISPATCHER_CLASSES,
+    DISPATCHERS,
+    A2ADispatcher,
+    CapacityDispatcher,
+    HierarchicalDispatcher,
+    TokenDispatcher,
+    dispatcher_class,
+    make_dispatcher,
+)
+from moeflow.parallel.dedup import DedupDispatcher
+
+# single-rank arguments: constructors only store them, no collective runs
+COMMON = dict(
+    ep_group=None,
+    ep_size=2,
+    ep_rank=1,
+    esp_group=None,
+    esp_size=1,
+    esp_rank=0,
+    num_local_experts=4,
+    timeout_s=5.0,
+)
+
+
+def test_registry_lists_the_dispatchers():
+    assert DISPATCHERS == ("a2a", "capacity", "2dh", "dedup")
+    assert DISPATCHER_CLASSES == {
+        "a2a": A2ADispatcher,
+        "capacity": CapacityDispatcher,
+        "2dh": HierarchicalDispatcher,
+        "dedup": DedupDispatcher,
+    }
+    assert dispatcher_class("2dh") is HierarchicalDispatcher
+
+
+@pytest.mark.parametrize("cls", list(DISPATCHER_CLASSES.values()))
+def test_declared_options_are_the_constructor_keywords(cls):
+    # the declaration is what make_dispatcher checks against, so it must match the signature
+    params = set()
+    for klass in cls.__mro__:
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        params |= {
+            n
+            for n, p in inspect.signature(klass.__init__).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+    assert params == set(COMMON_ARGS) | set(cls.options)
+    assert set(TokenDispatcher.options) == set()
+
+
+def test_builds_each_dispatcher_with_its_own_arguments():
+    d = make_dispatcher("a2a", **COMMON)
+    assert isinstance(d, A2ADispatcher) and (d.P, d.p_me, d.E_l) == (2, 1, 4)
+    d = make_dispatcher("capacity", world_group=None, **COMMON)
+    assert isinstance(d, CapacityDispatcher)
+    d = make_dispatcher("2dh", intra_group=None, inter_group=None, ranks_per_node=1, **COMMON)
+    assert isinstance(d, HierarchicalDispatcher) and (d.n, d.a_me, d.j_me) == (2, 1, 0)
+
+
+@pytest.mark.parametrize("name", ["alltoall", "", None])
+def test_unknown_name_names_the_known_ones(name):
+    with pytest.raises(ConfigError) as info:
+        make_dispatcher(name, **COMMON)
+    assert info.value.field == "dispatcher"
+    for known in DISPATCHERS:
+        assert repr(known) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name,extra,bad",
+    [
+        ("a2a", {"world_group": None}, "world_group"),
+        ("capacity", {"ranks_per_node": 2}, "ranks_per_node"),
+        (
+            "2dh",
+            {"intra_group": None, "inter_group": None, "ranks_per_node": 1, "world_group": None},
+            "world_group",
+        ),
+    ],
+)
+def test_argument_of_another_dispatcher_is_an_error(name, extra, bad):
+    with pytest.raises(ConfigError) as info:
+        make_dispatcher(name, **COMMON, **extra)
+    assert info.value.value == [bad]
+    msg = str(info.value)
+    assert name in msg and "timeout_s" in msg
+    for opt in dispatcher_class(name).options:
+        assert opt in msg
+
+
+def test_missing_common_argument_is_named():
+    kw = dict(COMMON)
+    del kw["timeout_s"]
+    with pytest.raises(ConfigError, match=r"missing \['timeout_s'\]"):
+        make_dispatcher("a2a", **kw)

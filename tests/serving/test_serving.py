@@ -1,0 +1,158 @@
+"""Disaggregated serving (AG + EG ranks on gloo): every schedule reproduces single-process
+generation; layout errors before communication; a dying EG rank is a CommTimeoutError."""
+
+import os
+
+import pytest
+import torch
+
+from moeflow.config import MoEConfig
+from moeflow.errors import CommTimeoutError, ConfigError, DistributedConfigError, InputError
+from moeflow.models import DecoderConfig, MoEDecoder, Request, SamplingParams, generate
+from moeflow.serving.disaggregated import ServeSchedule, serve, serve_rank
+from tests._dist import run_ranks
+
+SCHEDULES = [
+    ServeSchedule.naive(),
+    ServeSchedule.pppipe(),
+    ServeSchedule("findep", 2, 3, "AASS"),
+    ServeSchedule("findep", 3, 2, "ASAS"),
+]
+
+
+def tiny_model(shared: int = 1, **attention) -> MoEDecoder:
+    attention = {"head_dim": 8, **attention}
+    cfg = DecoderConfig(
+        vocab_size=80,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        moe=MoEConfig(
+            hidden_size=32, ffn_hidden_size=24, num_experts=4, top_k=2, num_shared_experts=shared
+        ),
+        max_position_embeddings=40,
+        **attention,
+    )
+    torch.manual_seed(0)
+    model = MoEDecoder(cfg).eval()
+    with torch.no_grad():  # larger weights: routing and logits that differ between tokens
+        for p in model.parameters():
+            p.mul_(1.5)
+    return model
+
+
+def requests():
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.randint(1, 80, (n,), generator=g).tolist() for n in (7, 2, 11, 4, 5)]
+    return [
+        Request(ps[0], SamplingParams(6)),
+        Request(ps[1], SamplingParams(8)),
+        Request([], SamplingParams(4), "empty"),
+        Request(ps[2], SamplingParams(5, temperature=0.9, top_p=0.8, seed=7)),
+        Request(ps[3], SamplingParams(6)),
+        Request(ps[4], SamplingParams(3)),
+    ]
+
+
+def reference(model, reqs):
+    """Single-process generation with one thread, as each rank runs (the GEMMs' summation
+    order then matches)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return generate(model, reqs, return_logits=True)
+    finally:
+        torch.set_num_threads(n)
+
+
+def check_same(ref, got):
+    for a, b in zip(ref, got):
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+        assert (a.error is None) == (b.error is None)
+        for x, y in zip(a.logits, b.logits):
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("eg", [1, 2])
+def test_every_schedule_matches_single_process(eg):
+    model, reqs = tiny_model(), requests()
+    ref = reference(model, reqs)
+    assert isinstance(ref[2].error, InputError) and len(ref[0].tokens) == 6
+    for s in SCHEDULES:
+        got = serve(model, reqs, ag=1, eg=eg, schedule=s, return_logits=True, timeout_s=30)
+        check_same(ref, got)
+
+
+def test_two_attention_ranks_without_shared_experts():
+    model, reqs = tiny_model(shared=0), requests()
+    ref = reference(model, reqs)
+    got = serve(
+        model,
+        reqs,
+        ag=2,
+        eg=2,
+        schedule=ServeSchedule("findep", 2, 2, "AASS"),
+        return_logits=True,
+        timeout_s=30,
+    )
+    check_same(ref, got)
+
+
+def test_latent_attention_model_serves_the_same():
+    model = tiny_model(
+        attention="mla",
+        q_lora_rank=12,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        v_head_dim=6,
+        head_dim=4,
+    )
+    reqs = requests()
+    ref = reference(model, reqs)
+    got = serve(
+        model,
+        reqs,
+        ag=1,
+        eg=2,
+        schedule=ServeSchedule("findep", 2, 2, "ASAS"),
+        return_logits=True,
+        timeout_s=30,
+    )
+    check_same(ref, got)
+
+
+def test_layout_errors_before_any_communication():
+    model = tiny_model()
+    # no process group exists here: reaching any transfer would fail differently
+    with pytest.raises(DistributedConfigError, match="world"):
+        serve_rank(0, 3, model, requests(), 1, 1, ServeSchedule.naive())
+    with pytest.raises(DistributedConfigError, match="num_experts=4"):
+        serve(model, requests(), ag=1, eg=3)
+    with pytest.raises(DistributedConfigError, match="eg=0"):
+        serve(model, requests(), ag=1, eg=0)
+    with pytest.raises(ConfigError, match="schedule"):
+        ServeSchedule("greedy")
+    with pytest.raises(ConfigError, match="r1"):
+        ServeSchedule("findep", 0)
+    with pytest.raises(ConfigError, match="order"):
+        ServeSchedule("findep", 2, 2, "SASA")
+    with pytest.raises(ConfigError):
+        ServeSchedule("pppipe", 2, 4)
+
+
+def _dying_expert_rank(rank, world, model, reqs):
+    import torch.distributed as dist
+
+    if rank == 1:  # the EG rank takes the first header, then dies
+        dist.recv(torch.empty(3 + 4, dtype=torch.long), 0, tag=2)  # header 1: 2 * 1 + 0
+        os._exit(1)
+    try:
+        serve_rank(rank, world, model, reqs, 1, 1, ServeSchedule.pppipe(), timeout_s=5.0)
+    except CommTimeoutError as e:
+        return str(e)
+    return "no error"
+
+
+def test_dying_expert_rank_is_a_timeout_naming_the_transfer():
+    out = run_ranks(_dying_expert_rank, 2, tiny_model(), requests(), expect_exit={1}, timeout_s=60)
+    assert "e2a from EG rank 1" in out[0] and "layer 0" in out[0], out[0]
