@@ -261,7 +261,7 @@ def train_loop(args, group=None, topology=None, device=None, verbose=True) -> di
     import torch.distributed as dist
 
     from moeflow.models.demo import BatchSampler, load_corpus
-    from moeflow.parallel.data_parallel import clip_grad_norm, sync_gradients
+    from moeflow.parallel.data_parallel import clip_grad_norm_, sync_gradients
 
     dist_on = dist.is_initialized() and dist.get_world_size(group) > 1
     W = dist.get_world_size(group) if dist_on else 1
@@ -302,7 +302,7 @@ def train_loop(args, group=None, topology=None, device=None, verbose=True) -> di
         (loss + aux).backward()
         if dist_on:
             sync_gradients(model, group, "mean", args.timeout)
-            clip_grad_norm(model, 1.0, group, args.timeout)
+            clip_grad_norm_(model, 1.0, group, args.timeout)
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -17,15 +17,15 @@ Usage (every rank, after ``torch.distributed.init_process_group``)::
                         timeout_s=120)
     y = ep(x_local)                              # this rank's tokens, any [..., D] shape
     (loss(y) + ep.aux_loss).backward()
-    ep.sync_gradients("mean")                    # or runtime.data_parallel.sync_gradients(model)
+    ep.sync_gradients("mean")                    # or moeflow.parallel.sync_gradients(model)
 
 For a whole model, :func:`parallelize` (``moeflow.parallel.parallelize``) does all of it on a
 ``DeviceMesh``: every MoE layer expert parallel, sharded from the start from a transformers
 checkpoint directory, dense parts data parallel (:func:`sync_gradients`), and
-:func:`export_pretrained` writes a transformers directory back. By hand, use
-:func:`moeflow.parallel.data_parallel.sync_gradients` and
-:func:`~moeflow.parallel.data_parallel.clip_grad_norm` (they know which parameters are
-expert slices). ``moeflow train`` is a complete example.
+:func:`export_pretrained` writes a transformers directory back. One gradient path serves both
+(:mod:`moeflow.parallel.data_parallel`): :func:`sync_gradients` and :func:`clip_grad_norm_`
+know which parameters are expert slices, whether the model came from :func:`parallelize` or
+was built by hand. ``moeflow train`` is a complete example.
 """
 
 from moeflow.parallel.dispatch import (

@@ -1,23 +1,28 @@
-"""Gradient synchronisation and clipping for a model whose MoE layers are ExpertParallel.
+"""The one gradient path for a model whose MoE layers are :class:`ExpertParallel`: a whole
+:func:`moeflow.parallel.parallelize`-d model (it carries a ``moeflow_layout``) or a model
+built by hand around ``ExpertParallel`` layers on one process group.
 
-Non-expert parameters (attention, embeddings, routers, shared experts) are replicated on
-every rank: their gradients are all-reduced in flat buckets
-(:func:`moeflow.comm.collectives.reduce_gradients`, which ``ExpertParallel.sync_gradients``
-uses too). Expert slices are unique to
-their rank and their gradients already sum every rank's tokens (the a2a adjoint), so they
-are only scaled. With ``op="mean"`` the result is the gradient of the mean of the ranks'
-local losses: for equal local batches, the single-process gradient of the global batch.
+Non-expert (dense) parameters are replicated on every rank: their gradients are all-reduced in
+flat buckets (:func:`moeflow.comm.collectives.reduce_gradients`, which
+``ExpertParallel.sync_gradients`` uses too), or reduce-scattered by FSDP2 when
+``parallelize(dense="fsdp")`` sharded them. Expert slices are unique to their expert group and
+their gradients already sum that group's tokens (the all-to-all's adjoint), so they are only
+summed over their data-parallel replicas and scaled. With ``op="mean"`` the result is the
+gradient of the mean of the ranks' local losses: for equal local batches, the single-process
+gradient of the global batch.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from moeflow.comm.collectives import DEFAULT_BUCKET_BYTES, all_reduce, reduce_gradients
 from moeflow.comm.timeouts import resolve_timeout
+from moeflow.errors import ConfigError
 
 
 def expert_parameter_ids(model: nn.Module) -> set[int]:
@@ -30,6 +35,37 @@ def expert_parameter_ids(model: nn.Module) -> set[int]:
     return ids
 
 
+@dataclass
+class _GradLayout:
+    """Where each kind of gradient is reduced."""
+
+    world: int
+    dense_group: object  # replicas of the dense parameters
+    dense: str  # "replicate" or "fsdp"
+    expert_group: object  # ranks holding different expert shards
+    expert_shards: int  # size of expert_group
+    dp_group: object  # replicas of this rank's expert shard (None: no replicas)
+    timeout_s: float
+
+
+def _grad_layout(model: nn.Module, group, timeout_s) -> _GradLayout:
+    layout = getattr(model, "moeflow_layout", None)
+    if layout is not None:  # parallelize: the mesh decides, ``group`` must be the world
+        if group is not None:
+            raise ConfigError("group", group, "None for a parallelize()-d model (its mesh)")
+        return _GradLayout(
+            world=layout.world,
+            dense_group=None,
+            dense=getattr(layout, "dense", "replicate"),
+            expert_group=layout.expert_group,
+            expert_shards=layout.ep * layout.esp,
+            dp_group=layout.dp_group,
+            timeout_s=layout.timeout_s if timeout_s is None else resolve_timeout(timeout_s),
+        )
+    world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    return _GradLayout(world, group, "replicate", group, world, None, resolve_timeout(timeout_s))
+
+
 @torch.no_grad()
 def sync_gradients(
     model: nn.Module,
@@ -38,46 +74,66 @@ def sync_gradients(
     timeout_s=None,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
 ) -> None:
-    """All-reduce replicated gradients over ``group``; scale everything for ``op='mean'``."""
+    """Gradients of the global loss after ``backward``.
+
+    ``group``: the process group of a hand-built model's ``ExpertParallel`` layers (None: the
+    default group); a :func:`parallelize`-d model uses its mesh and takes no group. Dense
+    gradients are summed over their replicas (skipped under FSDP2, which reduce-scatters the
+    average itself), expert-slice gradients over their data-parallel replicas, and with
+    ``op="mean"`` everything is divided by the world size (DDP's convention)."""
+    if op not in ("mean", "sum"):
+        raise ConfigError("op", op, "'mean' or 'sum'")
+    g = _grad_layout(model, group, timeout_s)
     experts = expert_parameter_ids(model)
-    params = list(model.parameters())
-    replicated = [p for p in params if p.requires_grad and id(p) not in experts]
-    reduce_gradients(
-        params,
-        replicated,
-        group,
-        op=op,
-        timeout_s=resolve_timeout(timeout_s),
-        bucket_bytes=bucket_bytes,
-    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    dense = [p for p in params if id(p) not in experts]
+    expert = [p for p in params if id(p) in experts]
+    if g.dense == "fsdp":
+        if op != "mean":
+            raise ConfigError("op", op, "'mean' with dense='fsdp'")
+    else:
+        reduce_gradients(
+            dense, dense, g.dense_group, op=op, timeout_s=g.timeout_s, bucket_bytes=bucket_bytes
+        )
+    if g.dp_group is not None:
+        reduce_gradients(
+            expert, expert, g.dp_group, op="sum", timeout_s=g.timeout_s, bucket_bytes=bucket_bytes
+        )
+    if op == "mean" and g.world > 1:
+        for p in expert:
+            if p.grad is not None:
+                p.grad.div_(g.world)
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float, group=None, timeout_s=None) -> float:
-    """Global-norm clipping when expert slices live on different ranks (after sync)."""
-    timeout_s = resolve_timeout(timeout_s)
-    experts = expert_parameter_ids(model)
-    rep_sq = torch.zeros((), dtype=torch.float64)
-    exp_sq = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if id(p) in experts:
-            exp_sq += sq
-        else:
-            rep_sq += sq
-    import torch.distributed as dist
+def clip_grad_norm_(model: nn.Module, max_norm: float, group=None, timeout_s=None) -> float:
+    """Clip the gradients (after :func:`sync_gradients`) to a global 2-norm of ``max_norm``,
+    as ``torch.nn.utils.clip_grad_norm_`` on the single-process model would; returns the
+    norm before clipping.
 
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dev = next(model.parameters()).device
-        t = exp_sq.to(dev if dev.type != "cpu" else "cpu").reshape(1)
-        all_reduce(t, group, "grad-norm all-reduce", timeout_s)
-        exp_sq = t.cpu().reshape(())
-    total = math.sqrt(float(rep_sq + exp_sq))
-    coef = max_norm / (total + 1e-6)
+    The squared norm is counted once per distinct tensor: dense gradients once (replicated:
+    any rank's; FSDP2: the sum of the shards over the world), each expert shard once (summed
+    over the expert group; data-parallel replicas hold the same values)."""
+    g = _grad_layout(model, group, timeout_s)
+    experts = expert_parameter_ids(model)
+    grads = [(id(p) in experts, p.grad) for p in model.parameters() if p.grad is not None]
+    sq = torch.zeros(2, dtype=torch.float64)  # [dense, expert]
+    for is_expert, grad in grads:
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        sq[int(is_expert)] += local.detach().double().pow(2).sum().cpu()
+    dev = next(model.parameters()).device
+    on = dev if dev.type != "cpu" else torch.device("cpu")
+    if g.dense == "fsdp" and g.world > 1:
+        dense_sq = sq[:1].clone().to(on)
+        all_reduce(dense_sq, None, "grad-norm all-reduce (dense shards)", g.timeout_s)
+        sq[0] = dense_sq.cpu()[0]
+    if g.expert_shards > 1:
+        expert_sq = sq[1:].clone().to(on)
+        all_reduce(expert_sq, g.expert_group, "grad-norm all-reduce (expert shards)", g.timeout_s)
+        sq[1] = expert_sq.cpu()[0]
+    total = float(sq.sum().sqrt())
+    coef = float(max_norm) / (total + 1e-6)
     if coef < 1.0:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef)
+        for _, grad in grads:
+            grad.mul_(coef)
     return total

@@ -47,13 +47,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moeflow.checkpoint.shards import SafetensorsCheckpoint
-from moeflow.comm.collectives import DEFAULT_BUCKET_BYTES, reduce_gradients
 from moeflow.comm.groups import subgroup
 from moeflow.comm.timeouts import resolve_timeout
 from moeflow.comm.topology import Topology
 from moeflow.errors import ConfigError, DistributedConfigError, InputError
 from moeflow.layer.moe import MoELayer
-from moeflow.parallel.data_parallel import expert_parameter_ids
+from moeflow.parallel.data_parallel import clip_grad_norm_, sync_gradients
 from moeflow.parallel.expert_parallel import ExpertParallel
 
 __all__ = [
@@ -423,82 +422,6 @@ def load_checkpoint(model: nn.Module, ckpt) -> int:
         t.copy_(parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
         done.add(id(t))
     return ckpt.bytes_read - before
-
-
-@torch.no_grad()
-def sync_gradients(
-    model: nn.Module, op: str = "mean", bucket_bytes: int = DEFAULT_BUCKET_BYTES
-) -> None:
-    """Gradients of the global loss after ``backward`` on a :func:`parallelize`-d model.
-
-    Dense (replicated) gradients are summed over the world in flat buckets; expert-slice
-    gradients already hold the tokens of their expert group (the all-to-all's adjoint) and are
-    summed over their ``dp`` replicas. ``op="mean"`` (the loss is the mean of the ranks' local
-    losses, DDP's convention) then divides everything by the world size: for equal local
-    batches, the single-process gradient of the global batch.
-    """
-    layout: ParallelLayout = model.moeflow_layout
-    experts = expert_parameter_ids(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    dense = [p for p in params if id(p) not in experts]
-    expert = [p for p in params if id(p) in experts]
-    if getattr(layout, "dense", "replicate") == "fsdp":
-        if op != "mean":  # FSDP2 reduce-scatters the average
-            raise ConfigError("op", op, "'mean' with dense='fsdp'")
-    else:
-        reduce_gradients(
-            dense, dense, None, op=op, timeout_s=layout.timeout_s, bucket_bytes=bucket_bytes
-        )
-    if layout.dp_group is not None:
-        reduce_gradients(
-            expert,
-            expert,
-            layout.dp_group,
-            op="sum",
-            timeout_s=layout.timeout_s,
-            bucket_bytes=bucket_bytes,
-        )
-    if op == "mean" and layout.world > 1:
-        for p in expert:
-            if p.grad is not None:
-                p.grad.div_(layout.world)
-
-
-@torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
-    """Clip the gradients of a :func:`parallelize`-d model (after :func:`sync_gradients`) to
-    a global 2-norm of ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` on the
-    single-process model would; returns the norm before clipping.
-
-    The squared norm is counted once per distinct tensor: dense gradients once (replicated:
-    any rank's; FSDP2: the sum of the shards over the world), each expert shard once (summed
-    over the expert group; its ``dp`` replicas hold the same values).
-    """
-    from moeflow.comm.collectives import all_reduce
-
-    layout: ParallelLayout = model.moeflow_layout
-    experts = expert_parameter_ids(model)
-    grads = [(id(p) in experts, p.grad) for p in model.parameters() if p.grad is not None]
-    sq = torch.zeros(2, dtype=torch.float64)  # [dense, expert]
-    for is_expert, g in grads:
-        local = g.to_local() if hasattr(g, "to_local") else g
-        sq[int(is_expert)] += local.detach().double().pow(2).sum().cpu()
-    if layout.dense == "fsdp" and layout.world > 1:
-        dense_sq = sq[:1].clone()
-        all_reduce(dense_sq, None, "grad-norm all-reduce (dense shards)", layout.timeout_s)
-        sq[0] = dense_sq[0]
-    if layout.ep * layout.esp > 1:
-        expert_sq = sq[1:].clone()
-        all_reduce(
-            expert_sq, layout.expert_group, "grad-norm all-reduce (expert shards)", layout.timeout_s
-        )
-        sq[1] = expert_sq[0]
-    total = float(sq.sum().sqrt())
-    coef = float(max_norm) / (total + 1e-6)
-    if coef < 1.0:
-        for _, g in grads:
-            g.mul_(coef)
-    return total
 
 
 def expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
