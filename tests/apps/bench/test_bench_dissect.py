@@ -20,10 +20,11 @@ TINY = {
 
 def test_breakdown_sums_to_the_measured_step(demo_train):
     """The rows add up to the step timed with perf_counter (same profiled steps) within 5%,
-    and to the profiler's own step scope exactly."""
+    and to the profiler's interval of the step scope (start to end, not the self times the
+    rows are made of) within 1%: no event is dropped or charged twice."""
     _, d = demo_train
-    assert d.steps == 3
-    assert d.total() == pytest.approx(d.step_ms, rel=1e-9)
+    assert d.steps == 3 and len(d.step_ms_each) == 3
+    assert d.total() == pytest.approx(d.step_ms, rel=0.01)
     assert abs(d.total() - d.wall_ms) <= 0.05 * d.wall_ms
     assert d.unprofiled_ms > 0
 
@@ -38,7 +39,8 @@ def test_rows_and_phases_of_a_training_step(demo_train):
     # the expert GEMMs are charged to the experts, forward and backward
     gemm_rows = {r for (p, r, op) in d.ops if op in ("aten::mm", "aten::_grouped_mm")}
     assert "moe_experts" in gemm_rows
-    assert sum(ms for (p, r, o), (ms, _) in d.ops.items()) == pytest.approx(d.total())
+    # the operators cover the step scope's interval too, each event once
+    assert sum(ms for (p, r, o), (ms, _) in d.ops.items()) == pytest.approx(d.step_ms, rel=0.01)
 
 
 def test_inventory_records_shapes_and_gemms(demo_train):

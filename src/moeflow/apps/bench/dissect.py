@@ -71,7 +71,7 @@ class OpRecord:
 class StepDissection:
     """Times in ms, averaged over the profiled steps."""
 
-    step_ms: float  # profiler's step scope, mean
+    step_ms: float  # profiler's step scope (its start-to-end interval), mean
     wall_ms: float  # perf_counter around the same steps, mean
     unprofiled_ms: float  # perf_counter, no profiler and no hooks, median
     rows: dict  # (phase, row) -> ms
@@ -201,6 +201,14 @@ def attribute(events) -> tuple[list[dict], list[dict], list[list[OpRecord]]]:
     return rows_out, ops_out, inv_out
 
 
+def step_scope_ms(events) -> list[float]:
+    """The duration (ms) of every step scope, from its start and end timestamps: the
+    profiler's interval clock, independent of the per-event self times that
+    :func:`attribute` distributes over rows and operators."""
+    roots = sorted((e for e in events if e.name == STEP), key=lambda e: e.time_range.start)
+    return [(e.time_range.end - e.time_range.start) / 1e3 for e in roots]
+
+
 def dissect(
     w: Workload,
     *,
@@ -252,7 +260,7 @@ def dissect(
             rec = ops.setdefault(k, [0.0, 0.0])
             rec[0] += us / 1e3 / n
             rec[1] += calls / n
-    step_each = [sum(r.values()) / 1e3 for r in rows_s]
+    step_each = step_scope_ms(prof.events())[1:]
     trace = None
     if keep_trace:
         import json
