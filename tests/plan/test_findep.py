@@ -43,13 +43,13 @@ def tiny_workload(**kw) -> fd.Workload:
 def test_eq13_hand_computed():
     c = fd.StageCosts(t_a=2.0, t_s=1.0, t_e=1.5, t_a2e=0.5)
     # X = 3, Y = 1.5, F = max(3, 2*1.5) = 3, G = 2 + 1 + 1.5 + 1.5 = 6
-    assert fd.eq13_terms(c, 2, 2) == {"X": 3.0, "Y": 1.5, "F": 3.0, "G": 6.0}
+    assert fd.asas_terms(c, 2, 2) == {"X": 3.0, "Y": 1.5, "F": 3.0, "G": 6.0}
     # (T-1) max(G, r1 F) + max(X, G) + (r2-1) Y + (r1-1) F with T = 3
-    assert fd.eq13_time(c, 2, 2, 3) == pytest.approx(2 * 6 + 6 + 1.5 + 3)
+    assert fd.published_asas_time(c, 2, 2, 3) == pytest.approx(2 * 6 + 6 + 1.5 + 3)
     # the solver's form counts the chunk fill once
     assert fd.asas_time(c, 2, 2, 3) == pytest.approx(2 * 6 + 6 + 3)
     # r2 = 1: the two forms agree
-    assert fd.eq13_time(c, 3, 1, 5) == fd.asas_time(c, 3, 1, 5)
+    assert fd.published_asas_time(c, 3, 1, 5) == fd.asas_time(c, 3, 1, 5)
 
 
 def test_aass_equals_asas_without_shared_experts_or_micro_batches():

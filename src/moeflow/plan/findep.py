@@ -26,7 +26,7 @@ The closed form (FinDEP Eq. 13) with ``X = t_a + t_s``, ``Y = max(t_e, t_a2e)``,
 
     throughput = r1 m_a / [(T-1) max(G, r1 F) + max(X, G) + (r2-1) Y + (r1-1) F]
 
-is the ASAS form, implemented as published (:func:`eq13_time`). Its last layer counts the
+is the ASAS form, implemented as published (:func:`published_asas_time`). Its last layer counts the
 chunk fill ``(r2-1) Y`` twice (once inside ``G``); :func:`asas_time` counts it once and is what
 the simulator reproduces, so the solver ranks with it. AASS is not given in closed form in
 what is reachable; :func:`aass_time` is our derivation: with every attention first,
@@ -294,7 +294,7 @@ class StageCosts:
 
 
 # ---- the closed form -----------------------------------------------------------------------
-def eq13_terms(c: StageCosts, r1: int, r2: int) -> dict[str, float]:
+def asas_terms(c: StageCosts, r1: int, r2: int) -> dict[str, float]:
     """X, Y, F, G of FinDEP Eq. 13."""
     x = c.t_a + c.t_s
     y = max(c.t_e, c.t_a2e)
@@ -303,16 +303,21 @@ def eq13_terms(c: StageCosts, r1: int, r2: int) -> dict[str, float]:
     return {"X": x, "Y": y, "F": f, "G": g}
 
 
-def eq13_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
+def published_asas_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
     """Time (ms) for ``r1`` micro-batches through ``num_layers`` layers, ASAS (FinDEP Eq. 13):
     ``(T-1) max(G, r1 F) + max(X, G) + (r2-1) Y + (r1-1) F``."""
-    t = eq13_terms(c, r1, r2)
+    t = asas_terms(c, r1, r2)
     return (
         (num_layers - 1) * max(t["G"], r1 * t["F"])
         + max(t["X"], t["G"])
         + (r2 - 1) * t["Y"]
         + (r1 - 1) * t["F"]
     )
+
+
+#: the names of earlier releases (the equation's number in the FinDEP paper)
+eq13_terms = asas_terms
+eq13_time = published_asas_time
 
 
 def asas_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
@@ -324,7 +329,7 @@ def asas_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
     this form to rounding for ASAS, and Eq. 13 exceeds it by exactly ``(r2-1) Y``, which
     over-penalises chunking in shallow models, so the solver ranks schedules with this form.
     """
-    t = eq13_terms(c, r1, r2)
+    t = asas_terms(c, r1, r2)
     return (num_layers - 1) * max(t["G"], r1 * t["F"]) + max(t["X"], t["G"]) + (r1 - 1) * t["F"]
 
 
@@ -339,7 +344,7 @@ def aass_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
     ``max(r1 X, (r1-1) max(t_a, r2 Y) + G)``. Within 1% of the simulator on the optimality
     sweep (it can be optimistic by up to ~0.6% when the AG stalls between layers).
     """
-    t = eq13_terms(c, r1, r2)
+    t = asas_terms(c, r1, r2)
     x, y, f, g = t["X"], t["Y"], t["F"], t["G"]
     drain = max(r1 * x, (r1 - 1) * max(c.t_a, r2 * y) + g)
     return (num_layers - 1) * max(g, r1 * f) + drain
