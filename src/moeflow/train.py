@@ -374,12 +374,10 @@ def validate_hf_args(args: argparse.Namespace, world: int) -> None:
         raise ConfigError("--data", args.data, "an existing text file")
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume", True, "together with --checkpoint-dir")
-    from moeflow._deps import require
+    from moeflow.runtime.parallelize import check_hf_checkpoint
 
-    require("transformers", "moeflow train --model")
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(args.model)
+    # the config, the weights' headers and their shapes, here, before any rank starts
+    config = check_hf_checkpoint(args.model, "--model")
     E = _num_experts(config)
     if E is None:
         raise ConfigError(
@@ -402,7 +400,9 @@ def validate_hf_args(args: argparse.Namespace, world: int) -> None:
     if args.resume:
         from moeflow.runtime.checkpoint import check_checkpoint
 
-        check_checkpoint(args.checkpoint_dir, checkpoint_layout(args, world, config))
+        check_checkpoint(
+            args.checkpoint_dir, checkpoint_layout(args, world, config), sharded=world > 1
+        )
 
 
 #: the model config fields a checkpoint's tensors depend on

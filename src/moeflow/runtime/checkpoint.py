@@ -201,9 +201,17 @@ def recover_checkpoint(path: str) -> None:
             shutil.rmtree(stale)
 
 
-def check_checkpoint(path: str, layout: dict | None = None) -> None:
+def _single_process_error(path: str) -> InputError:
+    return InputError(
+        f"checkpoint {path!r} was saved by a single-process run (state.pt, no DCP shards); "
+        "resume it with one process"
+    )
+
+
+def check_checkpoint(path: str, layout: dict | None = None, sharded: bool | None = None) -> None:
     """Read what a resume from ``path`` reads before the model exists: the layout record, DCP's
-    metadata or the single-process state, the replicated objects. Raises InputError /
+    metadata or the single-process state, the replicated objects. ``sharded``: whether the
+    resuming run is a multi-rank (DCP) one (None: either). Raises InputError /
     CorruptDataError naming the file; meant for the parent before any rank starts."""
     path = os.fspath(path)
     if not checkpoint_exists(path) and checkpoint_exists(path + ".old"):
@@ -212,6 +220,13 @@ def check_checkpoint(path: str, layout: dict | None = None) -> None:
         return
     check_layout(path, layout)
     single = os.path.join(path, "state.pt")
+    if sharded is not None and sharded == os.path.exists(single):
+        if sharded:
+            raise _single_process_error(path)
+        raise InputError(
+            f"checkpoint {path!r} was saved by a multi-rank run (DCP shards, no state.pt); "
+            "resume it with the same --nproc"
+        )
     if os.path.exists(single):
         state = load_plain(single)
         if not isinstance(state, dict) or not {"model", "optim", "extra"} <= set(state):
@@ -342,6 +357,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, *, layout: dict
     if not checkpoint_exists(path):
         raise InputError(f"no checkpoint at {path!r} (no {_META})")
     check_layout(path, layout)
+    if os.path.exists(os.path.join(path, "state.pt")):
+        raise _single_process_error(path)
     objects = load_plain(os.path.join(path, _OBJECTS))
     if not isinstance(objects, dict) or not {"param_groups", "extra"} <= set(objects):
         raise CorruptDataError(f"{os.path.join(path, _OBJECTS)}: not moeflow checkpoint objects")
