@@ -44,7 +44,8 @@ class UnsupportedModelError(MoeflowError, ValueError):
 
 
 class CorruptDataError(MoeflowError, ValueError):
-    """Compressed bytes are corrupted, truncated, or not moeflow's format."""
+    """Bytes read back (compressed data, a checkpoint or model file) are corrupted, truncated,
+    inconsistent, or not in the format expected."""
 
 
 class DistributedConfigError(MoeflowError, ValueError):

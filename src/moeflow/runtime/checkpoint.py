@@ -109,13 +109,14 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_metadata(path: str):
-    """DCP's ``<path>/.metadata``, unpickled with only DCP's metadata classes allowed; a
-    CorruptDataError naming the file when it holds anything else or is damaged."""
+def read_metadata(path: str, rank: int | None = None):
+    """DCP's ``<path>/.metadata`` (``__<rank>.metadata`` with ``rank``), unpickled with only
+    DCP's metadata classes allowed; a CorruptDataError naming the file when it holds anything
+    else or is damaged."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import Metadata
 
-    file = os.path.join(os.fspath(path), _META)
+    file = os.path.join(os.fspath(path), _META if rank is None else f"__{rank}{_META}")
     try:
         with open(file, "rb") as f:
             meta = _MetadataUnpickler(f).load()
@@ -144,7 +145,7 @@ def _reader(path: str):
 
     class _SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            meta = read_metadata(self.path)
+            meta = read_metadata(self.path, kwargs.get("rank"))
             if getattr(meta, "storage_meta", None) is None:
                 from torch.distributed.checkpoint.metadata import StorageMeta
 
