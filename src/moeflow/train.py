@@ -621,9 +621,9 @@ def _save_single(path: str, model, opt, extra: dict, layout: dict | None = None)
     write_layout(tmp, layout)
     with open(os.path.join(tmp, ".metadata"), "w") as f:
         f.write("moeflow single-process checkpoint\n")
-    if os.path.exists(old):
-        shutil.rmtree(old)
-    if os.path.exists(path):
+    if os.path.exists(path):  # else a checkpoint left at old is the only one: keep it
+        if os.path.exists(old):
+            shutil.rmtree(old)
         os.rename(path, old)
     os.rename(tmp, path)
     if os.path.exists(old):

@@ -90,13 +90,23 @@ def _tiny():
 
 
 def _save_rank(rank, world, ckpt_dir, layout):
-    from moeflow.runtime.checkpoint import save_checkpoint
+    """Save; returns whether ``<ckpt_dir>.old`` held a checkpoint just before publishing."""
+    from moeflow.runtime.checkpoint import checkpoint_exists, save_checkpoint
 
     model = _tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.ones(1, 4)).sum().backward()
     opt.step()
-    save_checkpoint(ckpt_dir, model, opt, extra={"step": 7}, layout=layout)
+    seen = []
+    save_checkpoint(
+        ckpt_dir,
+        model,
+        opt,
+        extra={"step": 7},
+        layout=layout,
+        _before_publish=lambda: seen.append(checkpoint_exists(ckpt_dir + ".old")),
+    )
+    return seen[0]
 
 
 def _load_rank(rank, world, ckpt_dir, layout, shape):
@@ -224,3 +234,15 @@ def test_stale_temp_dir_and_interrupted_publish_are_recovered(saved):
     assert checkpoint_exists(str(saved)) and not tmp.exists()
     assert not (saved.parent / "ckpt.old").exists()
     assert run_ranks(_load_rank, 1, str(saved), LAYOUT, 3, timeout_s=60) == [({"step": 7}, True)]
+
+
+def test_save_after_an_interrupted_publish_keeps_a_checkpoint(saved):
+    """The checkpoint left at ``<dir>.old`` is the only one until the next save publishes."""
+    from moeflow.runtime.checkpoint import checkpoint_exists
+
+    old = saved.parent / "ckpt.old"
+    saved.rename(old)
+
+    assert run_ranks(_save_rank, 1, str(saved), LAYOUT, timeout_s=60) == [True]
+    assert checkpoint_exists(str(saved)) and not old.exists()
+    assert not (saved.parent / "ckpt.tmp").exists()

@@ -66,7 +66,8 @@ def load_plain(path: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[-1:])
+        default = lines[-1] if lines else "UnpicklingError"
+        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), default)
         raise CorruptDataError(
             f"{path}: holds more than tensors and plain data; refusing to unpickle it ({why})"
         ) from None
@@ -335,9 +336,9 @@ def save_checkpoint(
         _before_publish()  # tests: an interruption between writing and publishing
     if rank == 0:
         old = path + ".old"
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        if os.path.exists(path):
+        if os.path.exists(path):  # else a checkpoint left at old is the only one: keep it
+            if os.path.exists(old):
+                shutil.rmtree(old)
             os.rename(path, old)
         os.rename(tmp, path)
         if os.path.exists(old):
