@@ -398,3 +398,23 @@ def test_resume_clears_a_stale_temp_dir_and_continues(single_ckpt):
     assert code == 0, err
     assert not tmp.exists() and (ckpt / "state.pt").exists()
     assert any("2/2" in line for line in err)
+
+
+def test_sharded_resume_with_code_in_its_objects_stops_in_the_parent(
+    _single_ckpt_once, tmp_path, code_pickle
+):
+    """``--nproc 2 --resume`` reads the DCP checkpoint's replicated objects before forking:
+    a crafted pickle there is a CorruptDataError, exit 2, and never runs."""
+    import torch
+
+    from tests._dist import run_ranks
+    from tests.runtime.test_checkpoint import _save_rank
+
+    model_dir, _ = _single_ckpt_once
+    ckpt = tmp_path / "ckpt"
+    run_ranks(_save_rank, 1, str(ckpt), None, timeout_s=60)  # a DCP checkpoint, no layout
+    torch.save({"param_groups": [], "extra": code_pickle.payload}, ckpt / "moeflow_objects.pt")
+    code, err = _cli(*_resume_argv(model_dir, ckpt, nproc=2))
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("moeflow: CorruptDataError: ") and "moeflow_objects.pt" in err[0]
+    assert not code_pickle.marker.exists()
