@@ -183,6 +183,7 @@ def test_only_bad_requests_start_no_rank(monkeypatch):
         raise AssertionError("no rank should start when every request is bad")
 
     monkeypatch.setattr(moeflow.launch, "launch", no_launch)
-    got = serve(tiny_model(), [Request([], SamplingParams(2), "e"), Request([1], "x")])
-    assert [type(r.error) for r in got] == [InputError, ConfigError]
-    assert [r.request_id for r in got] == ["e", None] and not any(r.tokens for r in got)
+    reqs = [Request([], SamplingParams(2), "e"), Request([1], "x"), Request(5, request_id="i")]
+    got = serve(tiny_model(), reqs)
+    assert [type(r.error) for r in got] == [InputError, ConfigError, InputError]
+    assert [r.request_id for r in got] == ["e", None, "i"] and not any(r.tokens for r in got)

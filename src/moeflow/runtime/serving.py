@@ -477,9 +477,10 @@ def serve(
             validate_request(r, model.cfg.vocab_size, model.cfg.max_position_embeddings)
             live.append(i)
         except MoeflowError as e:
+            prompt = getattr(r, "prompt", None)
             results[i] = GenerationResult(
                 getattr(r, "request_id", None),
-                len(getattr(r, "prompt", ()) or ()),
+                len(prompt) if isinstance(prompt, (list, tuple, str, bytes)) else 0,
                 finish_reason="error",
                 error=e,
                 start_time=time.perf_counter(),
