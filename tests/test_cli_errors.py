@@ -156,3 +156,48 @@ def test_real_command_bad_path_one_line(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "missing.mfz" in r.stderr
+
+
+def _every_error_class() -> list[type]:
+    import inspect
+
+    import moeflow.errors as errors
+    from moeflow.geo.pipeline import GeoJobFailed
+    from moeflow.launch import RankFailed
+
+    found = [
+        c
+        for c in vars(errors).values()
+        if inspect.isclass(c) and issubclass(c, errors.MoeflowError)
+    ]
+    return sorted(set(found) | {RankFailed, GeoJobFailed}, key=lambda c: c.__name__)
+
+
+#: constructor arguments of the classes whose signature is not ``(message)``
+_ERROR_ARGS = {
+    "ConfigError": ("top_p", float("nan"), "a float in (0, 1]"),
+    "RankFailed": (1, "InputError", "bad  request\nline", "Traceback ..."),
+}
+
+
+@pytest.mark.parametrize("cls", _every_error_class(), ids=lambda c: c.__name__)
+def test_every_error_survives_pickling(cls):
+    import pickle
+
+    err = cls(*_ERROR_ARGS.get(cls.__name__, ("request 3: prompt is empty",)))
+    err.note = "set after construction"
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is cls
+    assert str(back) == str(err)
+    assert back.note == "set after construction"
+    assert {k: v for k, v in vars(back).items() if k != "value"} == {
+        k: v for k, v in vars(err).items() if k != "value"
+    }
+
+
+def test_config_error_keeps_its_fields_through_pickle():
+    import pickle
+
+    back = pickle.loads(pickle.dumps(ConfigError("a", 1, "b")))
+    assert (back.field, back.value, back.allowed) == ("a", 1, "b")
+    assert str(back) == "a=1 is not allowed: b"

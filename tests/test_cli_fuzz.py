@@ -366,3 +366,139 @@ def test_errors_are_moeflow_errors():
     # the boundary maps ValueError-based moeflow errors to exit 2
     for cls in (ConfigError, InputError, DistributedConfigError):
         assert issubclass(cls, MoeflowError) and issubclass(cls, ValueError)
+
+
+# ---- crafted checkpoint directories: --model / --path of train, serve-bench, bench --------
+def _tiny_model_dir(root):
+    import torch
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        moe_intermediate_size=12,
+        num_experts=4,
+        norm_topk_prob=True,
+        mlp_only_layers=[],
+        decoder_sparse_step=1,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(
+        str(root), max_shard_size="20KB"
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    return _tiny_model_dir(tmp_path_factory.mktemp("fuzz_model") / "hf")
+
+
+def _first_shard(d):
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    return d / sorted(set(index["weight_map"].values()))[0]
+
+
+def _craft(d, how):
+    """Damage checkpoint directory ``d``; returns (error class name, text the error names)."""
+    import struct
+
+    shard = _first_shard(d)
+    raw = shard.read_bytes()
+    cfg = json.loads((d / "config.json").read_text())
+    if how == "truncated weights":
+        shard.write_bytes(raw[: len(raw) // 2])
+    elif how == "garbage weights":
+        shard.write_bytes(b"PK\x03\x04 not safetensors" * 8)
+    elif how == "header claims 1e15 bytes":
+        shard.write_bytes(struct.pack("<Q", 10**15) + raw[8:])
+    elif how == "missing shard":
+        shard.unlink()
+        return "InputError", shard.name
+    elif how == "truncated config":
+        (d / "config.json").write_text(json.dumps(cfg)[:50])
+        return "CorruptDataError", "config.json"
+    elif how == "config not an object":
+        (d / "config.json").write_text('["qwen3_moe"]')
+        return "CorruptDataError", "config.json"
+    elif how == "config shapes disagree":
+        (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": 24, "head_dim": 12}))
+        return "CorruptDataError", "weight is"
+    return "CorruptDataError", shard.name
+
+
+CRAFTED = [
+    "truncated weights",
+    "garbage weights",
+    "header claims 1e15 bytes",
+    "missing shard",
+    "truncated config",
+    "config not an object",
+    "config shapes disagree",
+]
+MODEL_COMMANDS = {
+    "train": ["train", "--model", "{d}", "--steps", "1", "--batch-size", "2", "--seq-len", "8"],
+    "train --nproc 2": ["train", "--model", "{d}", "--nproc", "2", "--steps", "1"],
+    "serve-bench": ["serve-bench", "--model", "{d}", "--requests", "2"],
+    "bench --model hf": ["bench", "train", "--model", "hf", "--path", "{d}", "--steps", "1"],
+    "bench --model decoder": ["bench", "decode", "--model", "decoder", "--path", "{d}"],
+}
+
+
+@pytest.mark.parametrize("how", CRAFTED)
+@pytest.mark.parametrize("command", sorted(MODEL_COMMANDS))
+def test_crafted_checkpoint_dir_is_exit_2_one_line(model_dir, tmp_path, capfd, command, how):
+    """Each command checks the directory in the parent, before any rank starts or any
+    weight is read: exit 2 and one ``moeflow: ErrorName: ...`` line naming the file."""
+    import shutil
+
+    from moeflow.cli import main
+
+    d = tmp_path / "hf"
+    shutil.copytree(model_dir, d)
+    kind, needle = _craft(d, how)
+    code = main([a.format(d=d) for a in MODEL_COMMANDS[command]])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(err) == 1 and err[0].startswith(f"moeflow: {kind}: "), err
+    assert needle in err[0], err
+
+
+@FUZZ
+@given(
+    cut=st.integers(0, 4000),
+    flips=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6),
+)
+def test_fuzzed_safetensors_bytes_are_typed_errors(model_dir, tmp_path_factory, cut, flips):
+    """Any truncation and any bytes written over a shard's header: the checks either accept
+    the file (then it reads) or raise a typed moeflow error naming it."""
+    import shutil
+
+    from moeflow.checkpoint.pretrained import check_pretrained
+    from moeflow.checkpoint.shards import SafetensorsCheckpoint
+
+    d = tmp_path_factory.mktemp("fuzz") / "hf"
+    shutil.copytree(model_dir, d)
+    shard = _first_shard(d)
+    raw = bytearray(shard.read_bytes())
+    for pos, byte in flips:
+        if pos < len(raw):
+            raw[pos] = byte
+    shard.write_bytes(bytes(raw[: len(raw) - cut]) if cut else bytes(raw))
+    try:
+        check_pretrained(d)
+        with SafetensorsCheckpoint(str(d)) as ck:
+            for k in ck.keys():
+                ck.read(k)
+    except MoeflowError as e:
+        assert "\n" not in str(e)
+        assert shard.name in str(e) or "config.json" in str(e), e

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 
 class MoeflowError(Exception):
-    """Base class of every error moeflow raises on purpose."""
+    """Base class of every error moeflow raises on purpose.
+
+    Every subclass survives ``pickle`` (errors travel between ranks): a subclass whose
+    constructor does not take ``*args`` as given to ``Exception`` overrides
+    :meth:`_reduce_args` to return its constructor's arguments.
+    """
+
+    def _reduce_args(self) -> tuple:
+        return self.args
+
+    def __reduce__(self):
+        return type(self), self._reduce_args(), self.__dict__ or None
 
 
 class ConfigError(MoeflowError, ValueError):
@@ -15,6 +26,9 @@ class ConfigError(MoeflowError, ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{field}={value!r} is not allowed: {allowed}")
+
+    def _reduce_args(self) -> tuple:
+        return self.field, self.value, self.allowed
 
 
 class InputError(MoeflowError, ValueError):
@@ -30,7 +44,8 @@ class UnsupportedModelError(MoeflowError, ValueError):
 
 
 class CorruptDataError(MoeflowError, ValueError):
-    """Compressed bytes are corrupted, truncated, or not moeflow's format."""
+    """Bytes read back (compressed data, a checkpoint or model file) are corrupted, truncated,
+    inconsistent, or not in the format expected."""
 
 
 class DistributedConfigError(MoeflowError, ValueError):

@@ -47,10 +47,14 @@ class RankFailed(MoeflowError, RuntimeError):
 
     def __init__(self, rank: int, kind: str, message: str, remote_traceback: str = ""):
         self.rank, self.kind, self.remote_traceback = rank, kind, remote_traceback
+        self.message = message
         text = " ".join(message.split())
         super().__init__(
             f"rank {rank} failed: {kind}: {text}" if kind else f"rank {rank} failed: {text}"
         )
+
+    def _reduce_args(self) -> tuple:
+        return self.rank, self.kind, self.message, self.remote_traceback
 
 
 def debug_enabled() -> bool:

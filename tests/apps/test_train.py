@@ -314,3 +314,107 @@ def test_torchrun_module_fine_tunes_a_model_dir(tmp_path):
     assert "summary: steps 1..3" in out.stdout
     assert (tmp_path / "c" / ".metadata").exists()
     assert (tmp_path / "out" / "config.json").exists()
+
+
+# -- --checkpoint-dir / --resume with damaged, hostile or foreign checkpoints ----------------
+def _cli(*argv) -> tuple[int, list[str]]:
+    """``moeflow train ...`` through the command line's error boundary: (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from moeflow import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(["train", *map(str, argv)])
+    return code, err.getvalue().strip().splitlines()
+
+
+def _resume_argv(model_dir, ckpt, nproc=1, steps=2):
+    return [
+        "--model", model_dir, "--nproc", nproc, "--steps", steps, "--batch-size", 4,
+        "--seq-len", 8, "--r-fwd", 1, "--r-bwd", 1, "--corpus-bytes", 4000,
+        "--checkpoint-dir", ckpt, "--resume",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def _single_ckpt_once(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tests.parallel.test_parallelize import save_tiny
+
+    root = tmp_path_factory.mktemp("single")
+    model_dir = save_tiny("qwen3_moe", root / "hf")
+    ckpt = root / "ckpt"
+    code, err = _cli(*_resume_argv(model_dir, ckpt, steps=1))
+    assert code == 0, err
+    assert (ckpt / "state.pt").exists() and (ckpt / "moeflow_layout.json").exists()
+    return model_dir, ckpt
+
+
+@pytest.fixture
+def single_ckpt(_single_ckpt_once, tmp_path):
+    """A tiny model directory and (a copy of) a one-process checkpoint of it after 1 step."""
+    import shutil
+
+    model_dir, ckpt = _single_ckpt_once
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    return model_dir, tmp_path / "ckpt"
+
+
+def test_resume_refuses_code_in_state_pt(single_ckpt, code_pickle):
+    import torch
+
+    model_dir, ckpt = single_ckpt
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    state["extra"]["sampler"] = code_pickle.payload
+    torch.save(state, ckpt / "state.pt")
+    code, err = _cli(*_resume_argv(model_dir, ckpt))
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("moeflow: CorruptDataError: ") and "state.pt" in err[0]
+    assert not code_pickle.marker.exists()
+
+
+def test_resume_with_another_layout_names_what_differs(single_ckpt):
+    model_dir, ckpt = single_ckpt
+    code, err = _cli(*_resume_argv(model_dir, ckpt, nproc=2))
+    assert code == 2 and len(err) == 1, err
+    assert "moeflow: InputError: " in err[0] and "nproc 1 (this run: 2)" in err[0]
+    code, err = _cli(*_resume_argv(model_dir, ckpt), "--dispatcher", "capacity")
+    assert code == 2 and "dispatcher 'a2a' (this run: 'capacity')" in err[0], err
+    (ckpt / "moeflow_layout.json").unlink()  # as saved before layouts were recorded
+    code, err = _cli(*_resume_argv(model_dir, ckpt, nproc=2))
+    assert code == 2 and len(err) == 1 and "saved by a single-process run" in err[0], err
+
+
+def test_resume_clears_a_stale_temp_dir_and_continues(single_ckpt):
+    """A save killed mid-write left ``ckpt.tmp`` with part of the state: the resume deletes it
+    and goes on from the published checkpoint."""
+    model_dir, ckpt = single_ckpt
+    tmp = ckpt.parent / "ckpt.tmp"
+    tmp.mkdir()
+    (tmp / "state.pt").write_bytes(b"half written")
+    code, err = _cli(*_resume_argv(model_dir, ckpt, steps=2))
+    assert code == 0, err
+    assert not tmp.exists() and (ckpt / "state.pt").exists()
+    assert any("2/2" in line for line in err)
+
+
+def test_sharded_resume_with_code_in_its_objects_stops_in_the_parent(
+    _single_ckpt_once, tmp_path, code_pickle
+):
+    """``--nproc 2 --resume`` reads the DCP checkpoint's replicated objects before forking:
+    a crafted pickle there is a CorruptDataError, exit 2, and never runs."""
+    import torch
+    from tests.parallel.test_checkpoint import _save_rank
+
+    from tests._dist import run_ranks
+
+    model_dir, _ = _single_ckpt_once
+    ckpt = tmp_path / "ckpt"
+    run_ranks(_save_rank, 1, str(ckpt), None, timeout_s=60)  # a DCP checkpoint, no layout
+    torch.save({"param_groups": [], "extra": code_pickle.payload}, ckpt / "moeflow_objects.pt")
+    code, err = _cli(*_resume_argv(model_dir, ckpt, nproc=2))
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("moeflow: CorruptDataError: ") and "moeflow_objects.pt" in err[0]
+    assert not code_pickle.marker.exists()

@@ -151,3 +151,62 @@ def test_cli_device_too_small_is_named(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "a0" in err or "b1" in err
+
+
+def _write_checkpoint(root, job: geo.GeoJob, step: int, stages: int = 2) -> None:
+    """The stage files and pointer that a run of ``job`` saving at ``step`` leaves."""
+    import json
+
+    _, traced = geo.trace_job(job)
+    bounds = geo.even_bounds(len(traced.ops.nodes), job.stages)
+    specs = geo._cut_specs(traced, bounds, job)
+    for s in range(job.stages):
+        geo._save(str(root), step, s, geo._StageRunner(job, s, traced, bounds, specs).state(step))
+    (root / "latest").write_text(json.dumps({"step": step, "stages": stages}))
+
+
+def test_resume_refuses_code_in_a_stage_file(tmp_path, code_pickle, capsys):
+    import torch
+
+    from moeflow.cli import main
+    from moeflow.errors import CorruptDataError
+
+    # the job the command line below describes
+    job = geo.GeoJob(
+        dim=32, layers=2, heads=2, seq_len=16, steps=4, checkpoint_dir=str(tmp_path), resume=True
+    )
+    _write_checkpoint(tmp_path, job, 1)
+    torch.save({"params": [code_pickle.payload]}, tmp_path / "step0000001" / "stage1.pt")
+    with pytest.raises(CorruptDataError, match=r"stage1\.pt: holds more than tensors"):
+        geo.train(job, progress=False)
+    argv = ["geo", "train", "--checkpoint-dir", str(tmp_path), "--resume", "--steps", "4"]
+    argv += ["--dim", "32", "--layers", "2", "--heads", "2", "--seq-len", "16"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moeflow: CorruptDataError: "), err
+    assert not code_pickle.marker.exists()
+
+
+def test_resume_names_a_stage_file_of_another_job_and_clears_leftovers(tmp_path):
+    from moeflow.errors import InputError
+
+    job = _job(stages=2, steps=4, checkpoint_dir=str(tmp_path), resume=True)
+    _write_checkpoint(tmp_path, job, 1)
+    (tmp_path / "step0000001" / "stage0.pt.tmp").write_bytes(b"half")
+    (tmp_path / "step0000003").mkdir()  # a save cut short after the last complete one
+    (tmp_path / "step0000003" / "stage1.pt.tmp").write_bytes(b"half")
+    geo.check_resume(job, 1)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step0000001"]
+    assert sorted(os.listdir(tmp_path / "step0000001")) == ["stage0.pt", "stage1.pt"]
+    with pytest.raises(InputError, match="holds 3 stages; this job has 2"):
+        _write_checkpoint(tmp_path, job, 1, stages=3)
+        geo.check_resume(job, 1)
+    wider = _job(stages=2, steps=4, dim=48, heads=2, checkpoint_dir=str(tmp_path))
+    _write_checkpoint(tmp_path, wider, 1)
+    with pytest.raises(InputError, match=r"stage0\.pt does not fit stage 0 of this job"):
+        geo.check_resume(job, 1)
+    (tmp_path / "step0000001" / "stage1.pt").unlink()
+    _write_checkpoint(tmp_path, job, 1)
+    (tmp_path / "step0000001" / "stage1.pt").unlink()
+    with pytest.raises(InputError, match=r"stage1\.pt: no such checkpoint file"):
+        geo.check_resume(job, 1)

@@ -160,3 +160,69 @@ def test_deepseek_v2_dense_layers_are_refused():
     }
     with pytest.raises(UnsupportedModelError, match="first_k_dense_replace"):
         config_from_hf(hf)
+
+
+def _bad_dirs(src, root):
+    """Damaged copies of checkpoint directory ``src``: name -> (dir, error class, needle)."""
+    import shutil
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    raw = (src / "model.safetensors").read_bytes()
+    cfg = json.loads((src / "config.json").read_text())
+    out = {}
+
+    def copy(name, error, needle, **files):
+        d = root / name
+        shutil.copytree(src, d)
+        for fname, data in files.items():
+            fname = fname.replace("_", ".", 1)  # model_safetensors -> model.safetensors
+            (d / fname).write_bytes(data) if isinstance(data, bytes) else (d / fname).write_text(
+                data
+            )
+        out[name] = (d, error, needle)
+        return d
+
+    copy("truncated", CorruptDataError, "model.safetensors", model_safetensors=raw[: len(raw) // 2])
+    copy("garbage", CorruptDataError, "model.safetensors", model_safetensors=b"\x07" * 64)
+    copy(
+        "huge_header",
+        CorruptDataError,
+        "claims 1000000000000000 bytes",
+        model_safetensors=struct.pack("<Q", 10**15) + raw[8:],
+    )
+    copy("config_truncated", CorruptDataError, "config.json", config_json=json.dumps(cfg)[:40])
+    copy("config_list", CorruptDataError, "config.json", config_json="[1, 2]")
+    copy(
+        "config_no_field",
+        CorruptDataError,
+        "config.json: no field 'vocab_size'",
+        config_json=json.dumps({k: v for k, v in cfg.items() if k != "vocab_size"}),
+    )
+    copy(
+        "shapes",
+        CorruptDataError,
+        "embed_tokens.weight is",
+        config_json=json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 5}),
+    )
+    d = copy("missing_shard", InputError, "missing")
+    sd = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    keys = sorted(sd)
+    half = len(keys) // 2
+    save_file({k: sd[k] for k in keys[:half]}, str(d / "model-00001-of-00002.safetensors"))
+    index = {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(keys)}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    return out
+
+
+def test_damaged_checkpoint_directories_are_typed_errors(tiny_checkpoint, tmp_path):
+    """Truncated or garbage weights, a header claiming 10^15 bytes, a damaged or incomplete
+    config, a config whose shapes disagree with the weights, an index naming a missing shard:
+    each a typed one-line error naming the file."""
+    _, path = tiny_checkpoint
+    for name, (d, error, needle) in _bad_dirs(path, tmp_path).items():
+        with pytest.raises(error, match=needle.replace(".", r"\.")) as ei:
+            load_pretrained(d)
+        assert "\n" not in str(ei.value), name

@@ -127,10 +127,11 @@ def _synthetic(world, T, E, k, dup, seed):
 def _bytes(rank, world, level, routes):
     import torch.distributed as dist
 
-    from moeflow.comm import Topology, make_dispatcher
+    from moeflow.comm import Topology
     from moeflow.comm.groups import subgroup
     from moeflow.kernels import expert_ffn
     from moeflow.layer.routers import Routing
+    from moeflow.parallel import make_dispatcher
 
     E, D = 8, 16
     T = [len(r) for r in routes]

@@ -386,3 +386,81 @@ def test_clip_grad_norm_is_the_single_process_norm(tmp_path, layout, dense):
     for before, after in res:
         assert abs(before - ref) < 1e-5 * ref, (before, ref)
         assert abs(after - 1e-3) < 1e-6
+
+
+# -- damaged checkpoint directories: typed errors naming the file, before any tensor is read --
+def _meta_model(path):
+    import transformers as tf
+
+    from moeflow.integrations import patch_model
+
+    config = tf.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return patch_model(tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+
+
+def _damage(path, how):
+    """Damage checkpoint directory ``path`` in one of the ways a file goes bad; returns the
+    file name the error must name."""
+    import json
+    import os
+    import struct
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    with open(index) as f:
+        shard = sorted(set(json.load(f)["weight_map"].values()))[0]
+    file = os.path.join(path, shard)
+    raw = open(file, "rb").read()
+    if how == "truncated":
+        open(file, "wb").write(raw[: len(raw) // 2])
+    elif how == "garbage":
+        open(file, "wb").write(b"\x00garbage" * 100)
+    elif how == "huge header":
+        open(file, "wb").write(struct.pack("<Q", 10**15) + raw[8:])
+    elif how == "missing shard":
+        os.remove(file)
+        return "missing"
+    elif how == "index garbage":
+        open(index, "w").write('{"weight_map": ')
+        return "model.safetensors.index.json"
+    return shard
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated", "garbage", "huge header", "missing shard", "index garbage"]
+)
+def test_damaged_checkpoint_files_are_typed_errors(tmp_path, how):
+    from moeflow.errors import CorruptDataError, InputError
+    from moeflow.parallel.parallelize import check_checkpoint
+
+    path = save_tiny("qwen3_moe", tmp_path / "hf", experts=4)
+    model = _meta_model(path)
+    needle = _damage(path, how)
+    kind = InputError if how == "missing shard" else CorruptDataError
+    with pytest.raises(kind, match=needle) as ei:
+        check_checkpoint(model, path)
+    assert "\n" not in str(ei.value)
+    # the ranks' parallelize() checks the same way, before any communication
+    res = run_ranks(_expect_error, 2, path, [0, 1], ("ep",), timeout_s=60)
+    assert all(r[0] == kind.__name__ and needle in r[1] for r in res), res
+
+
+def test_config_that_disagrees_with_the_weights_names_the_tensor(tmp_path):
+    import json
+    import os
+
+    from moeflow.errors import CorruptDataError
+    from moeflow.parallel.parallelize import check_checkpoint
+
+    path = save_tiny("qwen3_moe", tmp_path / "hf", experts=4)
+    cfg_file = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_file))
+    cfg["moe_intermediate_size"] *= 2
+    json.dump(cfg, open(cfg_file, "w"))
+    with pytest.raises(CorruptDataError, match=r"experts\.0\.gate_proj\.weight is \(\d+, \d+\)"):
+        check_checkpoint(_meta_model(path), path)
+    cfg["moe_intermediate_size"] //= 2
+    cfg["vocab_size"] += 3
+    json.dump(cfg, open(cfg_file, "w"))
+    with pytest.raises(CorruptDataError, match=r"embed_tokens\.weight is"):
+        check_checkpoint(_meta_model(path), path)

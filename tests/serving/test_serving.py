@@ -156,3 +156,34 @@ def _dying_expert_rank(rank, world, model, reqs):
 def test_dying_expert_rank_is_a_timeout_naming_the_transfer():
     out = run_ranks(_dying_expert_rank, 2, tiny_model(), requests(), expect_exit={1}, timeout_s=60)
     assert "e2a from EG rank 1" in out[0] and "layer 0" in out[0], out[0]
+
+
+def test_bad_sampling_params_fail_alone_like_generate():
+    """A request with out-of-range sampling parameters gets its typed error back from the
+    rank (the error crosses the process boundary) and the others are served."""
+    model, reqs = tiny_model(), requests()
+    reqs += [
+        Request([3, 4], SamplingParams(0), "zero"),
+        Request([3, 4], SamplingParams(4, temperature=float("nan")), "nan"),
+        Request([3, 4], SamplingParams(4, temperature=0.5, top_p=0.0), "top_p"),
+    ]
+    ref = reference(model, reqs)
+    got = serve(model, reqs, ag=2, eg=1, return_logits=True, timeout_s=30)
+    check_same(ref, got)
+    fields = [(r.error.field, r.finish_reason) for r in got[-3:]]
+    assert fields == [("max_new_tokens", "error"), ("temperature", "error"), ("top_p", "error")]
+    assert all(isinstance(r.error, ConfigError) for r in got[-3:])
+    assert [len(r.tokens) for r in got[:2]] == [6, 8]
+
+
+def test_only_bad_requests_start_no_rank(monkeypatch):
+    import moeflow.launch
+
+    def no_launch(*a, **k):
+        raise AssertionError("no rank should start when every request is bad")
+
+    monkeypatch.setattr(moeflow.launch, "launch", no_launch)
+    reqs = [Request([], SamplingParams(2), "e"), Request([1], "x"), Request(5, request_id="i")]
+    got = serve(tiny_model(), reqs)
+    assert [type(r.error) for r in got] == [InputError, ConfigError, InputError]
+    assert [r.request_id for r in got] == ["e", None, "i"] and not any(r.tokens for r in got)

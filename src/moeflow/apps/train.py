@@ -374,12 +374,10 @@ def validate_hf_args(args: argparse.Namespace, world: int) -> None:
         raise ConfigError("--data", args.data, "an existing text file")
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume", True, "together with --checkpoint-dir")
-    from moeflow._deps import require
+    from moeflow.parallel.parallelize import check_hf_checkpoint
 
-    require("transformers", "moeflow train --model")
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(args.model)
+    # the config, the weights' headers and their shapes, here, before any rank starts
+    config = check_hf_checkpoint(args.model, "--model")
     E = _num_experts(config)
     if E is None:
         raise ConfigError(
@@ -399,6 +397,46 @@ def validate_hf_args(args: argparse.Namespace, world: int) -> None:
     if args.batch_size % world:
         raise ConfigError("--batch-size", args.batch_size, f"a multiple of the world size {world}")
     args._hf_config = config
+    if args.resume:
+        from moeflow.parallel.checkpoint import check_checkpoint
+
+        check_checkpoint(
+            args.checkpoint_dir, checkpoint_layout(args, world, config), sharded=world > 1
+        )
+
+
+#: the model config fields a checkpoint's tensors depend on
+_SHAPE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "tie_word_embeddings",
+)
+
+
+def checkpoint_layout(args, world: int, config) -> dict:
+    """What a ``--checkpoint-dir`` checkpoint of this run depends on: the ranks and their mesh,
+    the dispatcher and the model's shape (recorded at save, compared at ``--resume``)."""
+    shape = {
+        k: getattr(config, k)
+        for k in _SHAPE_FIELDS
+        if isinstance(getattr(config, k, None), (int, str, bool))
+    }
+    shape["experts"] = _num_experts(config)
+    return {
+        "nproc": world,
+        "dp": args.dp,
+        "esp": args.esp,
+        "dense": args.dense if world > 1 else None,
+        "dispatcher": args.dispatcher,
+        "model": shape,
+    }
 
 
 def _tokens(args, config) -> torch.Tensor:
@@ -487,13 +525,19 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
     data = _tokens(args, config)
     gen = torch.Generator().manual_seed(args.seed)
     first = 1
+    layout = checkpoint_layout(args, W, config)
+    if args.resume:
+        if rank == 0:  # a save cut short left a stale temp dir or the checkpoint aside
+            ckpt.recover_checkpoint(args.checkpoint_dir)
+        if dist_on:
+            dist.barrier()
     if args.resume and ckpt.checkpoint_exists(args.checkpoint_dir):
         if dist_on:
-            extra = ckpt.load_checkpoint(args.checkpoint_dir, model, opt)
+            extra = ckpt.load_checkpoint(args.checkpoint_dir, model, opt, layout=layout)
         else:
-            extra = _load_single(args.checkpoint_dir, model, opt)
-        first = int(extra["step"]) + 1
-        gen.set_state(extra["sampler"])
+            extra = _load_single(args.checkpoint_dir, model, opt, layout)
+        first, sampler = _resume_point(args.checkpoint_dir, extra)
+        gen.set_state(sampler)
     b = args.batch_size // W
     losses = []
     log = verbose and rank == 0
@@ -501,9 +545,9 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
     def save(step: int) -> None:
         extra = {"step": step, "sampler": gen.get_state()}
         if dist_on:
-            ckpt.save_checkpoint(args.checkpoint_dir, model, opt, extra=extra)
+            ckpt.save_checkpoint(args.checkpoint_dir, model, opt, extra=extra, layout=layout)
         else:
-            _save_single(args.checkpoint_dir, model, opt, extra)
+            _save_single(args.checkpoint_dir, model, opt, extra, layout)
 
     step = first - 1
     with Progress(
@@ -560,34 +604,69 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
     return {"losses": losses, "first_step": first, "steps": step}
 
 
-def _save_single(path: str, model, opt, extra: dict) -> None:
+def _save_single(path: str, model, opt, extra: dict, layout: dict | None = None) -> None:
     """One process: the same atomic layout as the sharded save (temp dir, rename)."""
     import shutil
 
     from moeflow.integrations import moeflow_state_dict_keys
+    from moeflow.parallel.checkpoint import write_layout
 
-    tmp = path + ".tmp"
+    tmp, old = path + ".tmp", path + ".old"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     with moeflow_state_dict_keys(model):
         state = {"model": model.state_dict(), "optim": opt.state_dict(), "extra": extra}
     torch.save(state, os.path.join(tmp, "state.pt"))
+    write_layout(tmp, layout)
     with open(os.path.join(tmp, ".metadata"), "w") as f:
         f.write("moeflow single-process checkpoint\n")
-    old = path + ".old"
-    if os.path.exists(path):
+    if os.path.exists(path):  # else a checkpoint left at old is the only one: keep it
+        if os.path.exists(old):
+            shutil.rmtree(old)
         os.rename(path, old)
     os.rename(tmp, path)
     if os.path.exists(old):
         shutil.rmtree(old)
 
 
-def _load_single(path: str, model, opt) -> dict:
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optim"])
+def _load_single(path: str, model, opt, layout: dict | None = None) -> dict:
+    from moeflow.errors import CorruptDataError, InputError
+    from moeflow.parallel.checkpoint import check_layout, load_plain
+
+    check_layout(path, layout)
+    file = os.path.join(path, "state.pt")
+    if not os.path.exists(file):
+        raise InputError(
+            f"checkpoint {path!r} is not a single-process checkpoint (no state.pt): it was "
+            "saved by a run with more ranks; resume it with the same --nproc"
+        )
+    state = load_plain(file)
+    if not isinstance(state, dict) or not {"model", "optim", "extra"} <= set(state):
+        raise CorruptDataError(f"{file}: not a moeflow single-process checkpoint")
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        text = " ".join(str(e).split())
+        raise InputError(f"{file} does not match this model: {text[:300]}") from None
+    try:
+        opt.load_state_dict(state["optim"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise InputError(f"{file} does not match this optimizer: {e}") from None
     return state["extra"]
+
+
+def _resume_point(path: str, extra) -> tuple[int, torch.Tensor]:
+    """The first step to run and the batch sampler's state, from a checkpoint's ``extra``."""
+    from moeflow.errors import CorruptDataError
+
+    step = extra.get("step") if isinstance(extra, dict) else None
+    sampler = extra.get("sampler") if isinstance(extra, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CorruptDataError(f"checkpoint {path!r}: no step count in its extras")
+    if not isinstance(sampler, torch.Tensor) or sampler.dtype != torch.uint8:
+        raise CorruptDataError(f"checkpoint {path!r}: no batch sampler state in its extras")
+    return step + 1, sampler
 
 
 def _hf_rank(rank: int, world: int, args) -> dict:

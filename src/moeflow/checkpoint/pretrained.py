@@ -27,7 +27,6 @@ refused: every moeflow layer is an MoE layer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,36 +285,103 @@ def to_hf_state_dict(model: MoEDecoder, fam: Family | str) -> dict:
     return out
 
 
-def _read_tensors(path: Path) -> dict:
+def _config(path: Path) -> tuple[DecoderConfig, Family]:
+    """The checked ``config.json`` of ``path`` as a :class:`DecoderConfig`; a field that is
+    missing or of the wrong type is a CorruptDataError naming the file."""
+    from moeflow.checkpoint.shards import read_config
+    from moeflow.errors import MoeflowError
+
+    hf = read_config(path)
+    try:
+        return config_from_hf(hf)
+    except MoeflowError:
+        raise
+    except KeyError as e:
+        raise CorruptDataError(f"{path / 'config.json'}: no field {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        raise CorruptDataError(f"{path / 'config.json'}: a field has a wrong value ({e})") from None
+
+
+def _convert(sd: dict, cfg: DecoderConfig, fam: Family, path: Path) -> dict:
+    """:func:`from_hf_state_dict`, with tensors that cannot be joined (experts of different
+    shapes) a CorruptDataError naming the directory."""
+    try:
+        return from_hf_state_dict(sd, cfg, fam)
+    except CorruptDataError as e:
+        raise CorruptDataError(f"{path}: {e}") from None
+    except RuntimeError as e:
+        text = " ".join(str(e).split())[:200]
+        raise CorruptDataError(
+            f"{path}: tensor shapes disagree with each other or with config.json ({text})"
+        ) from None
+
+
+def check_pretrained(path) -> tuple[DecoderConfig, Family]:
+    """Everything :func:`load_pretrained` checks, without reading a weight: ``config.json``,
+    every safetensors header (:func:`moeflow.checkpoint.shards.checkpoint_tensors`), and that
+    every tensor the config implies is there with its shape. Raises InputError (missing
+    files), CorruptDataError (damaged files, shapes that disagree with the config, naming the
+    tensor) or UnsupportedModelError."""
     from moeflow._deps import require
+    from moeflow.checkpoint.shards import checkpoint_tensors
 
     require("safetensors", "loading transformers checkpoints")
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
+    path = Path(path)
+    cfg, fam = _config(path)
+    try:
+        stored = checkpoint_tensors(path)
+    except InputError as e:
+        if "neither" not in str(e):
+            raise
         raise InputError(
             f"{str(path)!r} has no model.safetensors (save the model with "
             "save_pretrained(..., safe_serialization=True))"
+        ) from None
+    fake = {k: torch.empty(shape, device="meta") for k, (_, _, shape) in stored.items()}
+    sd = _convert(fake, cfg, fam, path)
+    with torch.device("meta"):
+        want = MoEDecoder(cfg).state_dict()
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    if missing or unexpected:
+        raise CorruptDataError(
+            f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
         )
+    wrong = [
+        f"{k} is {tuple(sd[k].shape)}, config.json implies {tuple(t.shape)}"
+        for k, t in want.items()
+        if tuple(sd[k].shape) != tuple(t.shape)
+    ]
+    if wrong:
+        raise CorruptDataError(
+            f"{path}: tensor shapes disagree with config.json: {'; '.join(wrong[:4])}"
+            + (f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else "")
+        )
+    return cfg, fam
+
+
+def _read_tensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from moeflow.checkpoint.shards import checkpoint_tensors
+
     sd: dict = {}
-    for f in files:
-        sd.update(load_file(str(path / f)))
+    for f in sorted({file for file, _, _ in checkpoint_tensors(path).values()}):
+        try:
+            sd.update(load_file(f))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CorruptDataError(f"{f}: unreadable safetensors file ({e})") from None
     return sd
 
 
 def load_pretrained(path, dtype: torch.dtype = torch.float32) -> MoEDecoder:
-    """A :class:`MoEDecoder` with the weights of a transformers checkpoint directory."""
+    """A :class:`MoEDecoder` with the weights of a transformers checkpoint directory (checked
+    first with :func:`check_pretrained`)."""
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise InputError(f"{str(path)!r} is not a checkpoint directory: no config.json")
-    cfg, fam = config_from_hf(json.loads(cfg_file.read_text()))
-    sd = from_hf_state_dict(_read_tensors(path), cfg, fam)
+    cfg, fam = check_pretrained(path)
+    sd = _convert(_read_tensors(path), cfg, fam, path)
     model = MoEDecoder(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]

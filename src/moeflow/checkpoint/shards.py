@@ -17,21 +17,187 @@ keys of the transformers block (``<block>.experts.gate_up_proj`` (E, 2F, D) and
   ``experts.{e}.w1/w3/w2.weight`` (Mixtral, whose block is ``block_sparse_moe`` on disk).
 
 Shape legend: E experts, D hidden, F expert FFN width, X = 2F (gated) or F.
+
+Nothing read from a checkpoint directory is trusted: :func:`read_config` and
+:func:`checkpoint_tensors` check ``config.json``, the index and every file's safetensors header
+(its length, its JSON, each tensor's dtype, shape and byte range against the file's size)
+before any tensor is read, and raise :class:`~moeflow.errors.CorruptDataError` (damaged or
+inconsistent files) or :class:`~moeflow.errors.InputError` (missing files) naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 
 import torch
 
-from moeflow.errors import InputError
+from moeflow.errors import CorruptDataError, InputError
 
-__all__ = ["SafetensorsCheckpoint", "EXPERT_DISK_LAYOUTS"]
+__all__ = [
+    "SafetensorsCheckpoint",
+    "EXPERT_DISK_LAYOUTS",
+    "checkpoint_tensors",
+    "read_config",
+    "safetensors_header",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+#: safetensors refuses headers above 100 MB; so do we, before reading one
+MAX_HEADER_BYTES = 100_000_000
+#: bytes per element of safetensors' dtype names (others are not size-checked)
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "C64": 8,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+}
+
+
+def _read_json(file: str, what: str):
+    try:
+        with open(file, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise InputError(f"{file}: no such file ({what})") from None
+    except IsADirectoryError:
+        raise InputError(f"{file}: a directory, not {what}") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptDataError(f"{file}: not {what} (invalid JSON: {e})") from None
+    except RecursionError:
+        raise CorruptDataError(f"{file}: not {what} (JSON nested too deeply)") from None
+
+
+def read_config(path: str) -> dict:
+    """The ``config.json`` of checkpoint directory ``path`` as a dict: InputError when it is
+    missing, CorruptDataError when it is not a JSON object (truncated, garbage, a list)."""
+    path = os.fspath(path)
+    file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise InputError(f"{path!r} is not a checkpoint directory: no {CONFIG_NAME}")
+    doc = _read_json(file, "a model config")
+    if not isinstance(doc, dict):
+        raise CorruptDataError(f"{file}: not a model config (a JSON {type(doc).__name__})")
+    return doc
+
+
+def safetensors_header(file: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` from the header of safetensors file ``file``, after checking
+    it against the file: the header length fits the file, the header is a JSON object, every
+    tensor's byte range lies in the data and matches its dtype and shape. CorruptDataError
+    naming the file and the tensor otherwise."""
+    file = os.fspath(file)
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CorruptDataError(f"{file}: truncated safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise CorruptDataError(
+                    f"{file}: safetensors header claims {n} bytes; the file has {size - 8} "
+                    "after the length (truncated or not a safetensors file)"
+                )
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise InputError(f"{file}: no such safetensors file") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CorruptDataError(f"{file}: safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CorruptDataError(f"{file}: safetensors header is not a JSON object")
+    data = size - 8 - n
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (b, e) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = (
+                isinstance(dtype, str)
+                and isinstance(shape, list)
+                and all(type(d) is int and d >= 0 for d in shape)
+                and type(b) is int
+                and type(e) is int
+            )
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CorruptDataError(f"{file}: tensor {name!r} has a malformed header entry")
+        if not 0 <= b <= e <= data:
+            raise CorruptDataError(
+                f"{file}: tensor {name!r} lies at bytes [{b}, {e}) of a {data}-byte data "
+                "section (truncated file?)"
+            )
+        width = DTYPE_BYTES.get(dtype)
+        if width is not None and e - b != math.prod(shape) * width:
+            raise CorruptDataError(
+                f"{file}: tensor {name!r} ({dtype} {shape}) needs "
+                f"{math.prod(shape) * width} bytes, its range holds {e - b}"
+            )
+        out[name] = (dtype, tuple(shape))
+    return out
+
+
+def checkpoint_tensors(path: str) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """``{name: (file, dtype, shape)}`` of every tensor of a safetensors file or a transformers
+    checkpoint directory (single file, or shards listed by the index), every header checked
+    (:func:`safetensors_header`). InputError when the path, the weights or a shard the index
+    names is missing; CorruptDataError when the index or a file is damaged, or the index puts
+    a tensor in a shard that does not hold it."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return {k: (path, *v) for k, v in safetensors_header(path).items()}
+    if not os.path.isdir(path):
+        raise InputError(f"checkpoint path {path!r} does not exist")
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.exists(index):
+        doc = _read_json(index, "a safetensors index")
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CorruptDataError(f"{index}: no 'weight_map' object of file names")
+        stored = {}
+        for shard in sorted(set(weight_map.values())):
+            file = os.path.join(path, shard)
+            if os.path.basename(shard) != shard:
+                raise CorruptDataError(f"{index}: shard {shard!r} is outside the directory")
+            if not os.path.isfile(file):
+                raise InputError(f"{index} names shard {shard!r}, which is missing from {path}")
+            stored[shard] = safetensors_header(file)
+        out = {}  # the index says which tensors the checkpoint has
+        for key, shard in weight_map.items():
+            if key not in stored[shard]:
+                raise CorruptDataError(f"{index}: tensor {key!r} is not in shard {shard!r}")
+            out[key] = (os.path.join(path, shard), *stored[shard][key])
+        return out
+    single = os.path.join(path, SINGLE_NAME)
+    if os.path.exists(single):
+        return {k: (single, *v) for k, v in safetensors_header(single).items()}
+    raise InputError(f"checkpoint directory {path!r} has neither {INDEX_NAME} nor {SINGLE_NAME}")
+
 
 #: per-expert on-disk names: (gate, up, down) under ``<block>.experts.{e}.``
 EXPERT_DISK_LAYOUTS = (
@@ -52,33 +218,10 @@ class SafetensorsCheckpoint:
         require("safetensors", "loading a sharded checkpoint")
         path = os.fspath(path)
         self.path = path
-        if os.path.isdir(path):
-            index = os.path.join(path, INDEX_NAME)
-            if os.path.exists(index):
-                with open(index) as f:
-                    weight_map = json.load(f).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise InputError(f"{index} has no 'weight_map' object")
-                self._file_of = {k: os.path.join(path, v) for k, v in weight_map.items()}
-            elif os.path.exists(os.path.join(path, SINGLE_NAME)):
-                self._file_of = self._keys_of(os.path.join(path, SINGLE_NAME))
-            else:
-                raise InputError(
-                    f"checkpoint directory {path!r} has neither {INDEX_NAME} nor {SINGLE_NAME}"
-                )
-        elif os.path.isfile(path):
-            self._file_of = self._keys_of(path)
-        else:
-            raise InputError(f"checkpoint path {path!r} does not exist")
+        self._meta = checkpoint_tensors(path)
+        self._file_of = {k: v[0] for k, v in self._meta.items()}
         self._handles: dict[str, object] = {}
         self.bytes_read = 0
-
-    @staticmethod
-    def _keys_of(file: str) -> dict[str, str]:
-        from safetensors import safe_open
-
-        with safe_open(file, framework="pt") as f:
-            return {k: file for k in f.keys()}
 
     def __enter__(self) -> SafetensorsCheckpoint:
         return self
@@ -105,7 +248,7 @@ class SafetensorsCheckpoint:
         return h
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return self._meta[key][2]
 
     def read(self, key: str, *index: slice) -> torch.Tensor:
         """Tensor ``key``, or its slice ``[index...]`` (only those bytes are read)."""
@@ -148,6 +291,34 @@ class SafetensorsCheckpoint:
             f"{experts_prefix}{e}.*"
             for e in range(num_experts)
             if self._expert_layout(experts_prefix, e) is None
+        ]
+
+    def expert_shape_errors(
+        self,
+        experts_prefix: str,
+        num_experts: int,
+        gated: bool,
+        w_in_shape: tuple[int, ...],
+        w_out_shape: tuple[int, ...],
+    ) -> list[str]:
+        """How the stored expert weights under ``experts_prefix`` disagree with a layer whose
+        ``w_in`` is ``w_in_shape`` (E, X, D) and ``w_out`` is ``w_out_shape`` (E, D, F), in
+        whichever layout they are stored; [] when they agree (or are absent)."""
+        fused_in = self.resolve(experts_prefix + ("gate_up_proj" if gated else "up_proj"))
+        fused_out = self.resolve(experts_prefix + "down_proj")
+        if fused_in is not None and fused_out is not None:
+            want = ((fused_in, tuple(w_in_shape)), (fused_out, tuple(w_out_shape)))
+        else:
+            E, X, D = w_in_shape
+            F = X // 2 if gated else X
+            want = []
+            for e in range(num_experts):
+                keys = self._expert_layout(experts_prefix, e)
+                if keys is not None:
+                    gate, up, down = keys
+                    want += [(up, (F, D)), (down, (D, F))] + ([(gate, (F, D))] if gated else [])
+        return [
+            f"{k} is {self.shape(k)}, the model needs {w}" for k, w in want if self.shape(k) != w
         ]
 
     @torch.no_grad()

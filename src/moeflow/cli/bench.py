@@ -175,6 +175,14 @@ def build_job(args):
         raise InputError("--model hf needs --path, a transformers model directory")
     if args.path and args.model == "demo":
         raise ConfigError("--path", args.path, "only with --model decoder or hf")
+    if args.path and args.model == "decoder":  # checked here, not once per setting
+        from moeflow.checkpoint.pretrained import check_pretrained
+
+        check_pretrained(args.path)
+    elif args.path:
+        from moeflow.parallel.parallelize import check_hf_checkpoint
+
+        check_hf_checkpoint(args.path, "--path")
     nproc = positive_int("--nproc", args.nproc)
     if nproc > 1:
         from moeflow.launch import check_nproc

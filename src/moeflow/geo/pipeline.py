@@ -446,6 +446,22 @@ class _StageRunner:
             "fb_grad": {n: f.state_dict() for n, f in self.fb_grad.items()},
         }
 
+    def load_file(self, path: str) -> None:
+        """:meth:`load` the stage file ``path`` (tensors and plain data only); a typed error
+        naming the file when it is damaged or belongs to another job."""
+        from moeflow.parallel.checkpoint import load_plain
+
+        st = load_plain(path)
+        try:
+            self.load(st)
+        except MoeflowError as e:
+            raise InputError(f"{path}: {e}") from None
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            text = " ".join(str(e).split())[:300]
+            raise InputError(
+                f"{path} does not fit stage {self.s} of this job ({type(e).__name__}: {text})"
+            ) from None
+
     def load(self, st: dict) -> None:
         with torch.no_grad():
             for p, v in zip(self.params, st["params"], strict=True):
@@ -484,8 +500,38 @@ def latest_checkpoint(root: str) -> int | None:
             return int(json.load(f)["step"])
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, OSError) as e:
-        raise InputError(f"{root}/latest: unreadable checkpoint pointer ({e})") from None
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise InputError(f"{root}/latest: unreadable checkpoint pointer ({e!r})") from None
+
+
+def check_resume(job: GeoJob, step: int) -> None:
+    """Before any rank starts: every stage file of checkpoint ``step`` loads into its stage
+    (tensors and plain data only; a typed error naming the file otherwise). Removes what
+    saves cut short left behind: temp files, and step directories after ``step``."""
+    root = job.checkpoint_dir
+    with open(os.path.join(root, "latest")) as f:
+        saved_stages = json.load(f).get("stages", job.stages)
+    if saved_stages != job.stages:
+        raise InputError(
+            f"{root}: checkpoint step {step} holds {saved_stages} stages; this job has "
+            f"{job.stages} (resume with the same plan)"
+        )
+    for name in os.listdir(root):
+        full = os.path.join(root, name)
+        if name.endswith(".tmp"):
+            os.remove(full)
+        elif name.startswith("step") and name[4:].isdigit() and int(name[4:]) > step:
+            shutil.rmtree(full, ignore_errors=True)
+    folder = os.path.dirname(_stage_file(root, step, 0))
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(folder, name))
+    _, traced = trace_job(job)
+    bounds = job.bounds or even_bounds(len(traced.ops.nodes), job.stages)
+    specs = _cut_specs(traced, bounds, job)
+    for s in range(job.stages):
+        _StageRunner(job, s, traced, bounds, specs).load_file(_stage_file(root, step, s))
 
 
 def _mark_complete(root: str, step: int, stages: int) -> None:
@@ -494,7 +540,7 @@ def _mark_complete(root: str, step: int, stages: int) -> None:
         json.dump({"step": step, "stages": stages}, f)
     os.replace(tmp, os.path.join(root, "latest"))
     for name in os.listdir(root):  # keep the complete checkpoint and anything newer
-        if name.startswith("step") and int(name[4:]) < step:
+        if name.startswith("step") and name[4:].isdigit() and int(name[4:]) < step:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
@@ -622,8 +668,7 @@ def _run(uid, world, job, store, events, result) -> None:
             runner = _StageRunner(job, s, traced, bounds, specs)
         start = members["resume"] + 1
         if members["resume"] >= 0:
-            path = _stage_file(job.checkpoint_dir, members["resume"], s)
-            runner.load(torch.load(path, weights_only=False))
+            runner.load_file(_stage_file(job.checkpoint_dir, members["resume"], s))
         elif gen > 0:  # no checkpoint yet: everyone restarts from the seeded model
             _, traced = trace_job(job)
             runner = _StageRunner(job, s, traced, bounds, specs)
@@ -733,6 +778,7 @@ def train(job: GeoJob, *, force: bool = False, progress: bool = True) -> GeoResu
         step = latest_checkpoint(job.checkpoint_dir)
         if step is None:
             raise InputError(f"{job.checkpoint_dir}: no complete checkpoint to resume from")
+        check_resume(job, step)
         start = step + 1
     store = TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
     expect = [job.kill[0]] if job.kill else []

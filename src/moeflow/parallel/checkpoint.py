@@ -13,24 +13,231 @@ is replicated and small: rank 0 writes it next to DCP's files (``moeflow_objects
 A save is atomic: DCP writes into ``<path>.tmp``; after every rank has finished, rank 0 moves
 the previous checkpoint aside, renames the new one into place and deletes the old one. A save
 interrupted at any point before the rename leaves the previous checkpoint at ``path``
-untouched (and a stale ``<path>.tmp`` that the next save clears).
+untouched (and a stale ``<path>.tmp`` that :func:`recover_checkpoint` or the next save
+clears); one interrupted between the two renames leaves it at ``<path>.old``, which
+:func:`recover_checkpoint` moves back.
+
+Nothing in a checkpoint is trusted to run code: every file is read as tensors and plain data
+(``torch.load(weights_only=True)``, :func:`load_plain`; DCP's ``.metadata`` pickle through an
+unpickler that knows only DCP's metadata classes). A file that needs more, is truncated or is
+not a checkpoint raises :class:`~moeflow.errors.CorruptDataError` naming it. ``layout`` (a
+small JSON-able dict the caller chooses: world size, mesh, model shape) is written next to
+the state (``moeflow_layout.json``) and compared before anything is loaded, so a resume with
+another layout is an InputError naming what differs.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import shutil
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moeflow.errors import InputError
+from moeflow.errors import CorruptDataError, InputError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_exists"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_exists",
+    "check_checkpoint",
+    "check_layout",
+    "load_plain",
+    "recover_checkpoint",
+    "write_layout",
+]
 
 _META = ".metadata"  # what DCP's coordinator writes last
 _OBJECTS = "moeflow_objects.pt"
+LAYOUT = "moeflow_layout.json"
+
+
+def load_plain(path: str):
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain data only. A file
+    that is missing is an InputError; one that holds anything else (a pickled object, code)
+    or is truncated or not a torch file is a CorruptDataError naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        default = lines[-1] if lines else "UnpicklingError"
+        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), default)
+        raise CorruptDataError(
+            f"{path}: holds more than tensors and plain data; refusing to unpickle it ({why})"
+        ) from None
+    except MemoryError:
+        raise CorruptDataError(f"{path}: claims more data than fits in memory") from None
+    except Exception as e:  # noqa: BLE001 - zip, pickle and storage errors of a damaged file
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CorruptDataError(
+            f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first[:200]})"
+        ) from None
+
+
+#: the only globals DCP's ``.metadata`` pickle may name
+_META_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "TensorProperties",
+        "ChunkStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        ok = name in _META_GLOBALS.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        )
+        if not ok:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not DCP metadata")
+        return super().find_class(module, name)
+
+
+def read_metadata(path: str, rank: int | None = None):
+    """DCP's ``<path>/.metadata`` (``__<rank>.metadata`` with ``rank``), unpickled with only
+    DCP's metadata classes allowed; a CorruptDataError naming the file when it holds anything
+    else or is damaged."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    file = os.path.join(os.fspath(path), _META if rank is None else f"__{rank}{_META}")
+    try:
+        with open(file, "rb") as f:
+            meta = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise InputError(f"no checkpoint at {os.fspath(path)!r} (no {_META})") from None
+    except MemoryError:
+        raise CorruptDataError(f"{file}: claims more data than fits in memory") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure of a damaged file
+        raise CorruptDataError(
+            f"{file}: not DCP checkpoint metadata ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(meta, Metadata) or not isinstance(meta.state_dict_metadata, dict):
+        raise CorruptDataError(f"{file}: not DCP checkpoint metadata ({type(meta).__name__})")
+    for info in (meta.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(info, _StorageInfo) or not isinstance(rel, str):
+            raise CorruptDataError(f"{file}: a storage entry is not a file in the checkpoint")
+        if os.path.basename(rel) != rel or rel in ("", ".", ".."):
+            raise CorruptDataError(f"{file}: storage file {rel!r} is outside the checkpoint")
+    return meta
+
+
+def _reader(path: str):
+    """A DCP FileSystemReader whose metadata goes through :func:`read_metadata`."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class _SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            meta = read_metadata(self.path, kwargs.get("rank"))
+            if getattr(meta, "storage_meta", None) is None:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                meta.storage_meta = StorageMeta()
+            meta.storage_meta.load_id = self.load_id
+            return meta
+
+    return _SafeReader(path)
+
+
+def write_layout(path: str, layout: dict | None) -> None:
+    """Record ``layout`` in checkpoint directory ``path`` (nothing when None)."""
+    if layout is None:
+        return
+    with open(os.path.join(os.fspath(path), LAYOUT), "w") as f:
+        json.dump(layout, f, sort_keys=True)
+
+
+def check_layout(path: str, layout: dict | None) -> None:
+    """InputError naming every entry of ``layout`` that differs from the one the checkpoint at
+    ``path`` was saved with (nothing to check when either side has none)."""
+    file = os.path.join(os.fspath(path), LAYOUT)
+    if layout is None or not os.path.exists(file):
+        return
+    try:
+        with open(file) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CorruptDataError(f"{file}: not a layout record ({e})") from None
+    if not isinstance(saved, dict):
+        raise CorruptDataError(f"{file}: not a layout record (a {type(saved).__name__})")
+    want = json.loads(json.dumps(layout))  # tuples as lists, as the file has them
+    diff = [
+        f"{k} {saved.get(k, 'unset')!r} (this run: {want.get(k, 'unset')!r})"
+        for k in sorted(set(saved) | set(want))
+        if saved.get(k) != want.get(k)
+    ]
+    if diff:
+        raise InputError(
+            f"checkpoint {os.fspath(path)!r} was saved with another layout: " + ", ".join(diff)
+        )
+
+
+def recover_checkpoint(path: str) -> None:
+    """Clean up after a save that was cut short: move a checkpoint left at ``<path>.old``
+    (interrupted between the two renames) back to ``path`` and delete a stale ``<path>.tmp``.
+    Call it from one process only (rank 0), before anyone reads ``path``."""
+    path = os.fspath(path)
+    old, tmp = path + ".old", path + ".tmp"
+    if not os.path.exists(path) and checkpoint_exists(old):
+        os.rename(old, path)
+    for stale in (tmp, old):
+        if os.path.exists(stale):
+            shutil.rmtree(stale)
+
+
+def _single_process_error(path: str) -> InputError:
+    return InputError(
+        f"checkpoint {path!r} was saved by a single-process run (state.pt, no DCP shards); "
+        "resume it with one process"
+    )
+
+
+def check_checkpoint(path: str, layout: dict | None = None, sharded: bool | None = None) -> None:
+    """Read what a resume from ``path`` reads before the model exists: the layout record, DCP's
+    metadata or the single-process state, the replicated objects. ``sharded``: whether the
+    resuming run is a multi-rank (DCP) one (None: either). Raises InputError /
+    CorruptDataError naming the file; meant for the parent before any rank starts."""
+    path = os.fspath(path)
+    if not checkpoint_exists(path) and checkpoint_exists(path + ".old"):
+        path += ".old"  # what recover_checkpoint will publish
+    if not checkpoint_exists(path):
+        return
+    check_layout(path, layout)
+    single = os.path.join(path, "state.pt")
+    if sharded is not None and sharded == os.path.exists(single):
+        if sharded:
+            raise _single_process_error(path)
+        raise InputError(
+            f"checkpoint {path!r} was saved by a multi-rank run (DCP shards, no state.pt); "
+            "resume it with the same --nproc"
+        )
+    if os.path.exists(single):
+        state = load_plain(single)
+        if not isinstance(state, dict) or not {"model", "optim", "extra"} <= set(state):
+            raise CorruptDataError(f"{single}: not a moeflow single-process checkpoint")
+        return
+    read_metadata(path)
+    objects = load_plain(os.path.join(path, _OBJECTS))
+    if not isinstance(objects, dict) or not {"param_groups", "extra"} <= set(objects):
+        raise CorruptDataError(f"{os.path.join(path, _OBJECTS)}: not moeflow checkpoint objects")
 
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -98,10 +305,17 @@ def checkpoint_exists(path: str) -> bool:
 
 
 def save_checkpoint(
-    path: str, model: nn.Module, optimizer=None, extra: dict | None = None, *, _before_publish=None
+    path: str,
+    model: nn.Module,
+    optimizer=None,
+    extra: dict | None = None,
+    *,
+    layout: dict | None = None,
+    _before_publish=None,
 ) -> None:
-    """Save ``model`` (and ``optimizer``, and the picklable ``extra``) to directory ``path``,
-    atomically (see the module docstring). Collective: every rank calls it."""
+    """Save ``model`` (and ``optimizer``, and ``extra``: tensors and plain data) to directory
+    ``path``, atomically, with ``layout`` (see the module docstring). Collective: every rank
+    calls it."""
     import torch.distributed.checkpoint as dcp
 
     path = os.fspath(path)
@@ -116,14 +330,15 @@ def save_checkpoint(
         torch.save(
             {"param_groups": groups, "extra": dict(extra or {})}, os.path.join(tmp, _OBJECTS)
         )
+        write_layout(tmp, layout)
     dist.barrier()  # every rank's files and the coordinator's metadata are written
     if _before_publish is not None:
         _before_publish()  # tests: an interruption between writing and publishing
     if rank == 0:
         old = path + ".old"
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        if os.path.exists(path):
+        if os.path.exists(path):  # else a checkpoint left at old is the only one: keep it
+            if os.path.exists(old):
+                shutil.rmtree(old)
             os.rename(path, old)
         os.rename(tmp, path)
         if os.path.exists(old):
@@ -131,28 +346,64 @@ def save_checkpoint(
     dist.barrier()
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
+def load_checkpoint(path: str, model: nn.Module, optimizer=None, *, layout: dict | None = None):
     """Load a :func:`save_checkpoint` directory into ``model`` (and ``optimizer``) in place;
     returns the saved ``extra``. Collective. Raises InputError when ``path`` holds no
-    checkpoint or not one of this model and layout."""
+    checkpoint or not one of this model and layout (naming what differs), CorruptDataError
+    when a file of it is damaged or holds more than tensors and plain data."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = os.fspath(path)
     if not checkpoint_exists(path):
         raise InputError(f"no checkpoint at {path!r} (no {_META})")
+    check_layout(path, layout)
+    if os.path.exists(os.path.join(path, "state.pt")):
+        raise _single_process_error(path)
+    objects = load_plain(os.path.join(path, _OBJECTS))
+    if not isinstance(objects, dict) or not {"param_groups", "extra"} <= set(objects):
+        raise CorruptDataError(f"{os.path.join(path, _OBJECTS)}: not moeflow checkpoint objects")
     if optimizer is not None:
         _ensure_optimizer_state(optimizer)
     state, _ = _state(model, optimizer)
-    meta = dcp.FileSystemReader(path).read_metadata()
-    missing = sorted(k for k in state if k not in meta.state_dict_metadata)
+    saved = read_metadata(path).state_dict_metadata
+    missing = sorted(k for k in state if k not in saved)
     if missing:
         raise InputError(
             f"checkpoint {path!r} does not match this model/layout: it lacks "
             f"{missing[:6]}{' ...' if len(missing) > 6 else ''}"
         )
-    dcp.load(state, checkpoint_id=path)
-    objects = torch.load(os.path.join(path, _OBJECTS), weights_only=False)
+    for k, t in state.items():
+        md = saved[k]
+        if not isinstance(md, TensorStorageMetadata):
+            raise CorruptDataError(f"{path}/{_META}: {k} is not stored as a tensor")
+        if tuple(md.size) != tuple(t.shape):
+            raise InputError(
+                f"checkpoint {path!r} does not match this model/layout: {k} has shape "
+                f"{tuple(md.size)} there, {tuple(t.shape)} here"
+            )
+    try:
+        dcp.load(state, storage_reader=_reader(path))
+    except CheckpointException as e:
+        failures = getattr(e, "failures", {}) or {}
+        first = next(iter(failures.values()), e)
+        if isinstance(first, tuple):  # (exception, traceback) on some versions
+            first = first[0]
+        if isinstance(first, (InputError, CorruptDataError)):
+            raise first from None
+        text = str(first).splitlines()[0] if str(first) else type(first).__name__
+        raise CorruptDataError(
+            f"checkpoint {path!r}: a shard file is unreadable ({text})"
+        ) from None
+    groups = objects["param_groups"]
     if optimizer is not None:
-        for g, saved in zip(optimizer.param_groups, objects["param_groups"]):
-            g.update(saved)
+        if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+            raise InputError(
+                f"checkpoint {path!r} does not match this optimizer: "
+                f"{len(groups) if isinstance(groups, list) else groups!r} parameter groups, "
+                f"this optimizer has {len(optimizer.param_groups)}"
+            )
+        for g, saved_group in zip(optimizer.param_groups, groups):
+            g.update(saved_group)
     return objects["extra"]

@@ -40,6 +40,7 @@ save/resume).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -50,7 +51,7 @@ from moeflow.checkpoint.shards import SafetensorsCheckpoint
 from moeflow.comm.groups import subgroup
 from moeflow.comm.timeouts import resolve_timeout
 from moeflow.comm.topology import Topology
-from moeflow.errors import ConfigError, DistributedConfigError, InputError
+from moeflow.errors import ConfigError, CorruptDataError, DistributedConfigError, InputError
 from moeflow.layer.moe import MoELayer
 from moeflow.parallel.data_parallel import clip_grad_norm_, sync_gradients
 from moeflow.parallel.expert_parallel import ExpertParallel
@@ -61,6 +62,8 @@ __all__ = [
     "sync_gradients",
     "clip_grad_norm_",
     "load_checkpoint",
+    "check_checkpoint",
+    "check_hf_checkpoint",
     "load_balancing_loss",
     "expert_state",
     "gather_hf_state_dict",
@@ -160,29 +163,97 @@ def _hf_key(layer_path: str, adapter, ours: str) -> list[str]:
 def _check_checkpoint(
     ckpt: SafetensorsCheckpoint, model: nn.Module, layers: list[tuple[str, MoELayer]]
 ) -> None:
-    """Every tensor the model needs is in the checkpoint (the experts in any layout)."""
+    """Every tensor the model needs is in the checkpoint (the experts in any layout), with the
+    shape the model has (InputError / CorruptDataError naming them otherwise)."""
     missing: list[str] = []
+    wrong: list[str] = []
     adapters = {p: m.__dict__.get("hf_state_dict_adapter") for p, m in layers}
     for path, layer in layers:
         adapter = layer.__dict__.get("hf_state_dict_adapter")
         prefix = _hf_key(path, adapter, "experts.w_in")[0].rpartition(".")[0] + "."
-        missing += ckpt.missing_experts(
-            prefix, layer.cfg.num_experts, layer.cfg.expert_type == "swiglu"
+        gated = layer.cfg.expert_type == "swiglu"
+        missing += ckpt.missing_experts(prefix, layer.cfg.num_experts, gated)
+        w_in, w_out = layer.experts.w_in, layer.experts.w_out
+        wrong += ckpt.expert_shape_errors(
+            prefix, layer.cfg.num_experts, gated, tuple(w_in.shape), tuple(w_out.shape)
         )
-    for name in _dense_keys(model, adapters):
-        if ckpt.resolve(name) is None:
+    for name, shape in _dense_keys(model, adapters):
+        found = ckpt.resolve(name)
+        if found is None:
             missing.append(name)
+        elif ckpt.shape(found) != shape:
+            wrong.append(f"{found} is {ckpt.shape(found)}, the model needs {shape}")
     if missing:
         more = f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
         raise InputError(
             f"checkpoint {ckpt.path!r} lacks {len(missing)} tensor(s) the model "
             f"needs: {missing[:8]}{more}"
         )
+    if wrong:
+        more = f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else ""
+        raise CorruptDataError(
+            f"checkpoint {ckpt.path!r}: tensor shapes disagree with its config: "
+            f"{'; '.join(wrong[:4])}{more}"
+        )
 
 
-def _dense_keys(model: nn.Module, adapters: dict) -> list[str]:
+def check_hf_checkpoint(path: str, what: str = "--model"):
+    """Check a transformers checkpoint directory before any rank starts, reading no weight:
+    ``config.json`` (:func:`~moeflow.checkpoint.shards.read_config`), a model built from it on
+    the meta device and patched, and every tensor that model needs in the safetensors files
+    with its shape (:func:`check_checkpoint`). Returns the transformers config. Raises
+    InputError / CorruptDataError / UnsupportedModelError naming the file (``what`` names
+    the flag in the messages)."""
+    from moeflow._deps import require
+    from moeflow.checkpoint.shards import read_config
+    from moeflow.errors import MoeflowError, UnsupportedModelError
+    from moeflow.integrations import patch_model
+
+    transformers = require("transformers", f"{what} (a transformers checkpoint directory)")
+    path = os.fspath(path)
+    doc = read_config(path)
+    file = os.path.join(path, "config.json")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as e:
+        if "model_type" in str(e) or "Unrecognized" in str(e):
+            raise UnsupportedModelError(
+                f"{file}: model_type={doc.get('model_type')!r} is not a transformers model "
+                "this installation knows"
+            ) from None
+        raise CorruptDataError(f"{file}: {' '.join(str(e).split())[:200]}") from None
+    except (TypeError, AttributeError, OSError) as e:
+        raise CorruptDataError(f"{file}: {' '.join(str(e).split())[:200]}") from None
+    try:
+        with torch.device("meta"):
+            model = patch_model(transformers.AutoModelForCausalLM.from_config(config))
+    except MoeflowError:
+        raise
+    except (ValueError, KeyError) as e:
+        raise UnsupportedModelError(
+            f"{file}: not a causal LM transformers can build ({' '.join(str(e).split())[:200]})"
+        ) from None
+    except (TypeError, AttributeError, RuntimeError, ZeroDivisionError) as e:
+        raise CorruptDataError(
+            f"{file}: a field has a wrong value ({' '.join(str(e).split())[:200]})"
+        ) from None
+    check_checkpoint(model, path)
+    return config
+
+
+def check_checkpoint(model: nn.Module, checkpoint: str) -> None:
+    """Check, without reading any tensor, that ``checkpoint`` (a safetensors file or a
+    transformers directory) holds every tensor of ``model`` (a patched model, e.g. on the meta
+    device) with its shape, as :func:`parallelize` does before loading; a launcher calls it
+    before starting ranks. Raises InputError / CorruptDataError naming the file or tensor."""
+    _check_checkpoint(SafetensorsCheckpoint(checkpoint), model, _moe_layers(model))
+
+
+def _dense_keys(model: nn.Module, adapters: dict) -> list[tuple[str, tuple[int, ...]]]:
     """transformers' keys of every persistent tensor outside the expert weights (tied
-    parameters once, under their first name); ``adapters``: MoE layer path -> its adapter."""
+    parameters once, under their first name) with the shape each must have (a tensor held as
+    n parts along dim 0 gives each part 1/n of its rows); ``adapters``: MoE layer path -> its
+    adapter."""
     keys, seen = [], set()
     for name, t in named_tensors(model):
         if id(t) in seen:
@@ -190,12 +261,16 @@ def _dense_keys(model: nn.Module, adapters: dict) -> list[str]:
         seen.add(id(t))
         owner = next((p for p in adapters if name.startswith(p + ".")), None)
         if owner is None:
-            keys.append(name)
-            continue
-        rel = name[len(owner) + 1 :]
-        if rel in ("experts.w_in", "experts.w_out", *_EP_TO_LAYER):
-            continue
-        keys += _hf_key(owner, adapters[owner], rel)
+            parts = [name]
+        else:
+            rel = name[len(owner) + 1 :]
+            if rel in ("experts.w_in", "experts.w_out", *_EP_TO_LAYER):
+                continue
+            parts = _hf_key(owner, adapters[owner], rel)
+        shape = tuple(t.shape)
+        if len(parts) > 1 and shape:
+            shape = (shape[0] // len(parts), *shape[1:])
+        keys += [(k, shape) for k in parts]
     return keys
 
 

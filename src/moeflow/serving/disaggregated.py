@@ -455,16 +455,43 @@ def serve(
     warmup: bool = False,
 ):
     """Fork ``ag + eg`` gloo ranks on this host, serve ``requests`` and return the
-    :class:`~moeflow.models.generate.GenerationResult` of each, in request order."""
+    :class:`~moeflow.models.generate.GenerationResult` of each, in request order.
+
+    As in :func:`~moeflow.models.generate.generate`, a bad request (empty prompt, ids out of
+    range, sampling parameters out of range) gets a result with its typed ``error`` and no
+    tokens, and the others are served; bad requests are found here, before any rank starts.
+    """
+    import time
+
+    from moeflow.errors import MoeflowError
     from moeflow.launch import launch
+    from moeflow.models.generate import GenerationResult, validate_request
 
     check_layout(ag + eg, ag, eg, model.cfg.moe.num_experts)
     schedule = schedule or ServeSchedule.naive()
+    requests = list(requests)
+    results = [None] * len(requests)
+    live = []
+    for i, r in enumerate(requests):
+        try:
+            validate_request(r, model.cfg.vocab_size, model.cfg.max_position_embeddings)
+            live.append(i)
+        except MoeflowError as e:
+            prompt = getattr(r, "prompt", None)
+            results[i] = GenerationResult(
+                getattr(r, "request_id", None),
+                len(prompt) if isinstance(prompt, (list, tuple, str, bytes)) else 0,
+                finish_reason="error",
+                error=e,
+                start_time=time.perf_counter(),
+            )
+    if not live:
+        return results
     out = launch(
         _serve_rank_portable,
         ag + eg,
         model,
-        list(requests),
+        [requests[i] for i in live],
         ag,
         eg,
         schedule,
@@ -478,9 +505,8 @@ def serve(
         stall_timeout_s=max(30.0, 2 * timeout_s),
         timeout_s=None,
     )
-    results = [None] * len(requests)
     for part in out[:ag]:
-        for i, r in part:
+        for j, r in part:
             r.logits = [torch.from_numpy(a) for a in r.logits]
-            results[i] = r
+            results[live[j]] = r
     return results
