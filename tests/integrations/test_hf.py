@@ -351,7 +351,9 @@ def test_supported_classes_listed():
 
 
 # Families whose block/router/experts source equals one of the families above (prefix aside):
-# checked at block level, built straight from their config classes.
+# checked at block level, built straight from their config classes. Bailing-hybrid's experts
+# and shared experts clip the SwiGLU from transformers 5.25 where their per-layer limits are set;
+# with the default limits (off) they compute DeepSeek-V3's function, as in 5.24.
 EXTRA_BLOCKS = {
     "minimax": "MiniMaxSparseMoeBlock",
     "mellum": "MellumSparseMoeBlock",
@@ -382,28 +384,65 @@ _EXTRA_KW = dict(
 )
 
 
-@pytest.mark.parametrize("family", sorted(EXTRA_BLOCKS))
-def test_source_identical_family_blocks_match(family):
+def _extra_block(family, layer_idx=0, **overrides):
+    """The family's MoE block (of layer ``layer_idx`` where the block takes a layer index),
+    random weights."""
     import importlib
+    import inspect
 
-    cls_name = EXTRA_BLOCKS[family]
     try:
         mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        cfg = transformers.AutoConfig.for_model(family, **_EXTRA_KW)
+        cfg = transformers.AutoConfig.for_model(family, **_EXTRA_KW, **overrides)
     except (ImportError, ValueError, KeyError) as exc:
         pytest.skip(f"{family} not available in this transformers: {exc}")
     if hasattr(cfg, "text_config"):
         cfg = cfg.text_config
         for k, v in _EXTRA_KW.items():
             setattr(cfg, k, v)
-    block = getattr(mod, cls_name)(cfg).float().eval()
+    cls = getattr(mod, EXTRA_BLOCKS[family])
+    kw = {"layer_idx": layer_idx} if "layer_idx" in inspect.signature(cls).parameters else {}
+    block = cls(cfg, **kw).float().eval()
     _randomize(block, seed=7)
+    return block
+
+
+@pytest.mark.parametrize("family", sorted(EXTRA_BLOCKS))
+def test_source_identical_family_blocks_match(family):
+    block = _extra_block(family)
     layer = from_hf_block(block)
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         y_ref, y = block(x), layer(x)
     assert y_ref.abs().max() > 1e-3
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("limits", "what"),
+    [
+        (dict(expert_swiglu_limit_list=[0.5, 0.0]), "experts"),
+        (dict(share_expert_swiglu_limit_list=[0.5, 0.0]), "shared experts"),
+    ],
+)
+def test_bailing_hybrid_swiglu_clipping_raises(limits, what):
+    """A Bailing-hybrid layer whose SwiGLU clipping is on is refused (moeflow does not clip); a
+    layer of the same model with it off converts and matches."""
+    block = _extra_block("bailing_hybrid", layer_idx=0, **limits)
+    clipped = block.experts if what == "experts" else block.shared_experts
+    if getattr(clipped, "limit", None) is None:
+        pytest.skip(f"this transformers' Bailing-hybrid {what} do not clip")
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        y_clipped = block(x)
+        limit, clipped.limit = clipped.limit, None
+        assert not torch.allclose(y_clipped, block(x), atol=1e-4)  # the clipping is active
+        clipped.limit = limit
+    with pytest.raises(UnsupportedModelError, match=f"BailingHybridMoE.*its {what} clip"):
+        from_hf_block(block)
+    unclipped = _extra_block("bailing_hybrid", layer_idx=1, **limits)
+    layer = from_hf_block(unclipped)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), unclipped(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["qwen3_moe", "deepseek_v3"])

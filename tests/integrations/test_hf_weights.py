@@ -216,15 +216,27 @@ def _plans(model):
 def test_parallel_plans_name_only_existing_modules(case):
     """After patching, every plan entry that named something still names an existing module
     or parameter outside the moeflow layers, or is gone (entries transformers lists for other
-    configurations, naming nothing in this model, are left as they are)."""
-    model, _ = _build(case)
-    before = {
-        (p, a): {k: bool(_resolves(model.get_submodule(p), k)) for k in plan}
-        for p, a, plan in _plans(model)
-    }
-    n_tp = len(model._tp_plan)
+    configurations, naming nothing in this model, are left as they are). Exactly the entries
+    that named something inside a replaced block are gone: the TP plan's where transformers
+    lists the experts there (5.24; 5.25 lists them in the EP plan only), always the EP plan's."""
+    model, block_cls = _build(case)
+    block_paths = [n for n, m in model.named_modules() if type(m).__name__ == block_cls]
+    assert block_paths
+
+    def in_block(full):
+        return any(f == p or f.startswith(p + ".") for f in full for p in block_paths)
+
+    before = {}
+    for p, a, plan in _plans(model):
+        owner = model.get_submodule(p)
+        before[(p, a)] = {k: [f"{p}.{h}" if p else h for h in _resolves(owner, k)] for k in plan}
+    n_tp, n_ep = len(model._tp_plan), len(model._ep_plan)
+    tp_block = {k for k, full in before[("", "_tp_plan")].items() if in_block(full)}
+    if case == "deepseek_v2":  # its shared experts are in the TP plan in every 5.x
+        assert tp_block
     patch_model(model)
     moe_paths = [n for n, m in model.named_modules() if isinstance(m, MoELayer)]
+    assert sorted(moe_paths) == sorted(block_paths)
     checked = 0
     for path, attr, plan in _plans(model):
         owner = model.get_submodule(path)
@@ -235,9 +247,12 @@ def test_parallel_plans_name_only_existing_modules(case):
             assert not any(f == p or f.startswith(p + ".") for f in full for p in moe_paths), key
             checked += bool(hits)
         removed = set(before[(path, attr)]) - set(plan)
-        assert all(before[(path, attr)][k] for k in removed)  # only what the blocks held
+        named_block = {k for k, full in before[(path, attr)].items() if in_block(full)}
+        assert removed == named_block, (path, attr)  # only, and all of, what the blocks held
     assert checked > 0
-    assert len(model._tp_plan) < n_tp
+    assert len(model._ep_plan) < n_ep
+    assert len(model._tp_plan) == n_tp - len(tp_block)
+    assert tp_block.isdisjoint(model._tp_plan)
     assert "lm_head" in model._tp_plan  # the dense entries stay
     # device_map and fp32 pins: classes and state-dict keys that still exist
     classes = {type(m).__name__ for m in model.modules()}

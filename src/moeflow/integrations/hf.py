@@ -12,7 +12,7 @@ copy without reshaping. Shared experts are ``gate_proj``/``up_proj``/``down_proj
 ``[gate; up]`` stacked is our ``SharedExperts.w_in`` (2Fs, D).
 
 A family is supported only where our router computes the same function (checked against the
-transformers source of 5.24, and by the logits-equality tests in ``tests/integrations``):
+transformers source of 5.24 and 5.25, and by the logits-equality tests in ``tests/integrations``):
 
 ==========================  =================================================================
 block class                  routing in transformers -> moeflow router
@@ -33,9 +33,13 @@ DeepseekV3MoE                sigmoid + e_score_correction_bias for   -> deepseek
 ==========================  =================================================================
 
 Also converted, because their block/router/experts source is identical to one of the above in
-transformers 5.24 (class-name prefix aside; block-level tests check each): MiniMax (as Mixtral),
-Mellum (as Qwen3), Qwen3-Next (as Qwen2), DeepSeek-OCR2 and UnlimitedOCR text MoE (as V2),
-dots1, Kimi-Linear and Bailing-hybrid (as V3).
+transformers 5.24 and 5.25 (class-name prefix aside; block-level tests check each): MiniMax (as
+Mixtral), Mellum (as Qwen3), Qwen3-Next (as Qwen2), DeepSeek-OCR2 and UnlimitedOCR text MoE (as
+V2), dots1 and Kimi-Linear (as V3). Bailing-hybrid is DeepSeek-V3's source in 5.24; from 5.25 its
+experts and shared experts can clip the SwiGLU per layer (``swiglu_limits``,
+``swiglu_limits_shared``: ``act(gate)`` at most ``limit``, ``up`` within ``+-limit``), which
+moeflow does not do, so it is converted (as V3) only where the block's limits are off (0 or
+unset), and raises :class:`UnsupportedModelError` otherwise.
 
 Everything else that looks like an MoE block raises :class:`UnsupportedModelError` naming the
 class (e.g. PhiMoE's sparsemixer routing, Switch/NLLB capacity routers, GPT-OSS biased experts).
@@ -119,9 +123,17 @@ def _activation(block: nn.Module, act: nn.Module, what: str) -> str:
     return _ACTIVATIONS[name]
 
 
+def _check_unclipped(block: nn.Module, module: nn.Module, what: str) -> None:
+    """No SwiGLU clipping: transformers experts/MLPs that clip (GPT-OSS, Step3p7, Bailing-hybrid
+    from 5.25) hold the clip value in ``limit``, None where clipping is off."""
+    limit = getattr(module, "limit", None)
+    if limit is not None:
+        raise _fail(block, f"its {what} clip the SwiGLU at limit={limit} (moeflow does not clip)")
+
+
 def _check_experts(block: nn.Module, experts: nn.Module) -> str:
-    """The 3-D expert layout we copy: concatenated [gate; up], not transposed, no bias.
-    Returns the experts' activation."""
+    """The 3-D expert layout we copy: concatenated [gate; up], not transposed, no bias, no
+    SwiGLU clipping. Returns the experts' activation."""
     for name, want in (
         ("has_gate", True),
         ("has_bias", False),
@@ -135,18 +147,20 @@ def _check_experts(block: nn.Module, experts: nn.Module) -> str:
     for name in ("gate_up_proj", "down_proj"):
         if not isinstance(getattr(experts, name, None), torch.Tensor):
             raise _fail(block, f"its experts have no 3-D '{name}' weight")
+    _check_unclipped(block, experts, "experts")
     return _activation(block, experts.act_fn, "expert")
 
 
 def _check_mlp(block: nn.Module, mlp: nn.Module, activation: str) -> None:
-    """A shared-expert MLP: gate_proj/up_proj/down_proj linears without bias, and the routed
-    experts' activation (moeflow has one activation per layer)."""
+    """A shared-expert MLP: gate_proj/up_proj/down_proj linears without bias, no SwiGLU clipping,
+    and the routed experts' activation (moeflow has one activation per layer)."""
     for name in ("gate_proj", "up_proj", "down_proj"):
         lin = getattr(mlp, name, None)
         if not isinstance(lin, nn.Linear):
             raise _fail(block, f"its shared expert has no linear '{name}'")
         if lin.bias is not None:
             raise _fail(block, f"its shared expert '{name}' has a bias (moeflow has none)")
+    _check_unclipped(block, mlp, "shared experts")
     got = _activation(block, mlp.act_fn, "shared-expert")
     if got != activation:
         raise _fail(block, f"shared-expert activation {got} differs from the experts' {activation}")
@@ -314,7 +328,8 @@ def _deepseek_v3(block):
 
 
 # Families after the first line of each group have block, router and experts source identical
-# to the first one's in transformers 5.24 (class-name prefix aside); the structural checks
+# to the first one's in transformers 5.24 (class-name prefix aside; Bailing-hybrid from 5.25
+# adds SwiGLU clipping, which _check_unclipped rejects where it is on); the structural checks
 # above still run on every block, and the block's state-dict keys must be the adapter's.
 _CONVERTERS: dict[str, tuple[Callable, str]] = {
     "MixtralSparseMoeBlock": (_mixtral, "gate_experts"),
@@ -626,6 +641,9 @@ def _prune_plans(model: nn.Module, replaced: list[tuple[str, list[str]]]) -> Non
     its config (``base_model_tp_plan``, ``base_model_pp_plan``, keyed from the base model).
     ``config.base_model_ep_plan`` is left alone: config.json saves it, so a change would leak
     into the saved model's unpatched reloads; transformers reads the model's ``_ep_plan``.
+    Which plan names a block's modules depends on the transformers version (5.24 lists routed
+    experts in the TP and EP plans, 5.25 in the EP plan only); each plan is pruned by what it
+    names. FSDP plans (``_fsdp_plan``) are left alone: FSDP wraps any module, moeflow's too.
     """
     try:
         from transformers.modeling_utils import PreTrainedModel
@@ -735,8 +753,8 @@ def patch_model(model: nn.Module, *, kernel: str = "auto") -> nn.Module:
       re-emits the router logits, so ``output_router_logits=True`` and transformers'
       load-balancing loss keep working.
     * ``_tp_plan`` / ``_ep_plan`` / ``_pp_plan`` and the config's ``base_model_tp_plan`` lose the
-      entries that named the replaced modules (tensor-parallel styles for transformers' expert
-      tensors do not apply to moeflow's layer).
+      entries that named the replaced modules (tensor- and expert-parallel styles for
+      transformers' expert tensors do not apply to moeflow's layer).
     """
     blocks = _find_blocks(model)
     if blocks and blocks[0][0] == "":
