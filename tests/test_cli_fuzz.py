@@ -365,3 +365,305 @@ def test_errors_are_moeflow_errors():
     # the boundary maps ValueError-based moeflow errors to exit 2
     for cls in (ConfigError, InputError, DistributedConfigError):
         assert issubclass(cls, MoeflowError) and issubclass(cls, ValueError)
+
+
+# ---- serve-bench ----------------------------------------------------------------------------
+def _serve_args(*argv):
+    from moeflow.runtime import serve_bench
+
+    return _parse(serve_bench.add_serve_bench_arguments, list(argv))
+
+
+def _no_model(monkeypatch):
+    """Make building the serve-bench model fail loudly: validation must come first."""
+    from moeflow.runtime import serve_bench
+
+    def must_not_run(args):
+        raise AssertionError("the model was built before every flag was checked")
+
+    monkeypatch.setattr(serve_bench, "_model", must_not_run)
+
+
+def _hf_dir(tmp_path):
+    d = tmp_path / "qwen"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "qwen3_moe"}')
+    (d / "model.safetensors").write_bytes(b"weights")
+    return d
+
+
+SERVE_INT_FLAGS = {
+    "--requests": lambda v: 1 <= v <= 10_000,
+    "--demo-layers": lambda v: 1 <= v <= 64,
+    "--demo-hidden": lambda v: 1 <= v <= 8192,
+    "--demo-experts": lambda v: 1 <= v <= 256,
+    "--repeat": lambda v: 1 <= v <= 100,
+    "--pppipe-r1": lambda v: 1 <= v <= 64,
+    "--r1": lambda v: 1 <= v <= 64,
+    "--r2": lambda v: 1 <= v <= 64,
+}
+
+
+@FUZZ
+@given(flag=st.sampled_from(sorted(SERVE_INT_FLAGS)), v=INTS)
+def test_serve_bench_sizes_are_bounded(flag, v):
+    from moeflow.runtime.serve_bench import MAX_DEMO_PARAMS, demo_params, validate_serve_bench_args
+
+    args = _serve_args(f"{flag}={v}")
+    valid = SERVE_INT_FLAGS[flag](v)
+    if valid and flag.startswith("--demo-"):
+        valid = demo_params(args.demo_layers, args.demo_hidden, args.demo_experts) <= (
+            MAX_DEMO_PARAMS
+        )
+    try:
+        validate_serve_bench_args(args)
+    except ConfigError as e:
+        assert not valid, f"{flag} {v} refused: {e}"
+        _one_line(e, flag)
+        return
+    assert valid, f"{flag} {v} accepted"
+
+
+def test_serve_bench_demo_model_size_is_checked_before_building(monkeypatch):
+    from moeflow.runtime.serve_bench import run_serve_bench
+
+    _no_model(monkeypatch)
+    argv = ["--demo-layers", "64", "--demo-hidden", "8192", "--demo-experts", "256"]
+    with pytest.raises(ConfigError, match="--demo-hidden.*parameters"):
+        run_serve_bench(_serve_args(*argv))
+
+
+@FUZZ
+@given(v=FLOATS)
+def test_serve_bench_timeout_checked_first(v):
+    from moeflow.runtime.serve_bench import validate_serve_bench_args
+
+    args = _serve_args(f"--timeout={v!r}")
+    if math.isfinite(v) and v > 0:
+        validate_serve_bench_args(args)
+    else:
+        with pytest.raises(ConfigError) as ei:
+            validate_serve_bench_args(args)
+        _one_line(ei.value, "--timeout")
+
+
+def test_serve_bench_nproc_cap_and_force_nproc(monkeypatch):
+    from moeflow import launch
+    from moeflow.runtime.serve_bench import validate_serve_bench_args
+
+    monkeypatch.setattr(launch, "max_ranks", lambda: 2)
+    monkeypatch.setattr(launch, "_cpus", lambda: 1)
+    args = _serve_args("--ag", "2", "--eg", "1")
+    with pytest.raises(ConfigError, match="--ag \\+ --eg.*--force-nproc"):
+        validate_serve_bench_args(args)
+    validate_serve_bench_args(_serve_args("--ag", "2", "--eg", "1", "--force-nproc"))
+
+
+def test_serve_bench_json_never_overwrites_an_input(tmp_path, monkeypatch):
+    from moeflow.runtime.serve_bench import run_serve_bench
+
+    _no_model(monkeypatch)
+    model = _hf_dir(tmp_path)
+    cfg = model / "config.json"
+    before = cfg.read_bytes()
+    (tmp_path / "link.json").symlink_to(cfg)
+    monkeypatch.chdir(tmp_path)
+    for out in (str(cfg), "./qwen/config.json", "qwen//config.json", "link.json"):
+        for force in ([], ["--force"]):
+            args = _serve_args("--model", "./qwen/", "--json", out, *force)
+            with pytest.raises(InputError, match="--json .*input") as ei:
+                run_serve_bench(args)
+            _one_line(ei.value, "--json")
+    assert cfg.read_bytes() == before
+
+
+def test_serve_bench_existing_json_needs_force(tmp_path, monkeypatch):
+    from moeflow.runtime.serve_bench import run_serve_bench
+
+    _no_model(monkeypatch)
+    out = tmp_path / "rec.json"
+    out.write_text("keep")
+    with pytest.raises(InputError, match="--json .*exists; pass --force"):
+        run_serve_bench(_serve_args("--json", str(out)))
+    with pytest.raises(AssertionError, match="model was built"):  # passed validation
+        run_serve_bench(_serve_args("--json", str(out), "--force"))
+    assert out.read_text() == "keep"
+
+
+# ---- geo plan | train -----------------------------------------------------------------------
+def _geo_args(*argv):
+    from moeflow.runtime import geo_cli
+
+    return _parse(geo_cli.add_geo_arguments, list(argv))
+
+
+def _devices_file(tmp_path):
+    doc = {
+        "devices": [
+            {"name": "a0", "tflops": 10, "memory_gb": 16, "site": "a"},
+            {"name": "b0", "tflops": 10, "memory_gb": 16, "site": "b"},
+        ],
+        "sites": {
+            "a": {"bandwidth_mbps": 1000, "latency_ms": 0.1},
+            "b": {"bandwidth_mbps": 1000, "latency_ms": 0.1},
+        },
+        "site_links": [{"a": "a", "b": "b", "bandwidth_mbps": 10, "latency_ms": 20}],
+    }
+    path = tmp_path / "sites.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+GEO_INT_FLAGS = {
+    "--dim": ("dim", 8192),
+    "--layers": ("layers", 128),
+    "--heads": ("heads", 128),
+    "--seq-len": ("seq_len", 8192),
+    "--experts": ("experts", 256),
+    "--microbatch-size": ("microbatch_size", 1024),
+    "--microbatches": ("microbatches", 1024),
+}
+
+
+@FUZZ
+@given(flag=st.sampled_from(sorted(GEO_INT_FLAGS)), v=INTS, sub=st.sampled_from(["plan", "train"]))
+def test_geo_sizes_are_bounded(flag, v, sub):
+    from moeflow.runtime.geo_cli import validate_model_args
+
+    extra = ["--devices", "d.json"] if sub == "plan" else []
+    args = _geo_args(sub, f"{flag}={v}", *extra)
+    attr, cap = GEO_INT_FLAGS[flag]
+    try:
+        validate_model_args(args)
+    except ConfigError as e:
+        assert not 1 <= v <= cap, f"{flag} {v} refused: {e}"
+        _one_line(e, flag)
+        return
+    assert 1 <= v <= cap and getattr(args, attr) == v
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--layers", "100000"], "--layers"),
+        (["--dim", "10000000"], "--dim"),
+        (["--seq-len", "100000000"], "--seq-len"),
+        (["--dim", "8192", "--layers", "128"], "--dim/--layers/--experts"),
+        (["--seq-len", "8192", "--microbatch-size", "1024"], "--microbatch-size/--seq-len"),
+    ],
+)
+def test_geo_train_sizes_refused_before_building(argv, flag, monkeypatch):
+    from moeflow.runtime import geo, geo_cli
+
+    monkeypatch.setattr(geo, "build_module", lambda job: pytest.fail("built the model"))
+    with pytest.raises(ConfigError) as ei:
+        geo_cli.job_from_args(_geo_args("train", *argv))
+    _one_line(ei.value, flag)
+
+
+def test_geo_plan_sizes_refused_before_tracing(tmp_path, monkeypatch):
+    from moeflow.runtime import geo, geo_cli
+
+    monkeypatch.setattr(geo, "build_module", lambda job: pytest.fail("built the model"))
+    args = _geo_args("plan", "--devices", str(_devices_file(tmp_path)), "--layers", "100000")
+    with pytest.raises(ConfigError, match="--layers"):
+        geo_cli.run_geo(args)
+
+
+@pytest.mark.parametrize("v", ["0", "1", "-3"])
+def test_geo_train_stages_below_2_refused(v):
+    from moeflow.runtime import geo_cli
+
+    with pytest.raises(ConfigError) as ei:
+        geo_cli.job_from_args(_geo_args("train", "--stages", v))
+    _one_line(ei.value, "--stages")
+
+
+@FUZZ
+@given(v=FLOATS)
+def test_geo_train_timeout(v):
+    from moeflow.runtime import geo_cli
+
+    args = _geo_args("train", f"--timeout={v!r}")
+    if math.isfinite(v) and v > 0:
+        assert geo_cli.job_from_args(args).timeout_s == v
+    else:
+        with pytest.raises(ConfigError) as ei:
+            geo_cli.job_from_args(args)
+        _one_line(ei.value, "--timeout")
+
+
+def test_geo_train_bad_plan_bounds_refused_before_forking(tmp_path, monkeypatch):
+    import moeflow.launch as launch
+    from moeflow.runtime import geo_cli
+
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("forked"))
+    plan = tmp_path / "plan.json"
+    small = {"dim": 16, "layers": 1, "heads": 2, "seq_len": 8}
+    for bounds in ([0, 3, 10**6], [0, 10**6]):
+        d = {"plan": {"bounds": bounds, "densities": [1.0] * (len(bounds) - 2)}, "job": small}
+        plan.write_text(json.dumps(d))
+        with pytest.raises(ConfigError, match="--plan .*bounds"):
+            geo_cli.run_geo(_geo_args("train", "--plan", str(plan), "--steps", "1"))
+    plan.write_text(json.dumps({"plan": {"bounds": [0, 5], "densities": []}, "job": {"x": 1}}))
+    with pytest.raises(ConfigError, match="--plan"):
+        geo_cli.run_geo(_geo_args("train", "--plan", str(plan)))
+
+
+def test_geo_train_checkpoint_dir_file_refused_first(tmp_path, monkeypatch):
+    from moeflow.runtime import geo, geo_cli
+
+    monkeypatch.setattr(geo, "build_module", lambda job: pytest.fail("built the model"))
+    f = tmp_path / "ckpt"
+    f.write_text("x")
+    with pytest.raises(InputError, match="--checkpoint-dir .*is a file"):
+        geo_cli.run_geo(_geo_args("train", "--checkpoint-dir", str(f), "--checkpoint-every", "1"))
+
+
+def test_geo_outputs_never_overwrite_inputs(tmp_path, monkeypatch):
+    from moeflow.runtime import geo, geo_cli
+
+    monkeypatch.setattr(geo, "build_module", lambda job: pytest.fail("built the model"))
+    devices = _devices_file(tmp_path)
+    before = devices.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link.json").symlink_to(devices)
+    for out in (str(devices), "./sites.json", "link.json"):
+        with pytest.raises(InputError, match="--out .*is the input"):
+            geo_cli.run_geo(_geo_args("plan", "--devices", "sites.json", "--out", out, "--force"))
+    assert devices.read_bytes() == before
+    other = tmp_path / "old.json"
+    other.write_text("keep")
+    with pytest.raises(InputError, match="--out .*--force"):
+        geo_cli.run_geo(_geo_args("plan", "--devices", "sites.json", "--out", str(other)))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"plan": {"bounds": [0, 5, 9], "densities": [1.0]}}))
+    for out in (str(plan), "./plan.json"):
+        with pytest.raises(InputError, match="--json .*is the input"):
+            geo_cli.run_geo(_geo_args("train", "--plan", "plan.json", "--json", out, "--force"))
+    with pytest.raises(InputError, match="--json .*--force"):
+        geo_cli.run_geo(_geo_args("train", "--json", str(other)))
+    assert other.read_text() == "keep"
+
+
+def test_geo_plan_devices_not_utf8(tmp_path):
+    from moeflow.runtime import geo_cli
+
+    bad = tmp_path / "sites.json"
+    bad.write_bytes(b'{"devices": "\xff\xfe"}')
+    with pytest.raises(InputError, match="UTF-8") as ei:
+        geo_cli.run_geo(_geo_args("plan", "--devices", str(bad)))
+    _one_line(ei.value, str(bad))
+
+
+def test_geo_plan_writes_atomically_with_force(tmp_path):
+    from moeflow.runtime import geo_cli
+
+    out = tmp_path / "plan.json"
+    out.write_text("old")
+    argv = ["--dim", "16", "--layers", "1", "--heads", "2", "--seq-len", "8"]
+    args = _geo_args("plan", "--devices", str(_devices_file(tmp_path)), "--out", str(out), *argv)
+    args.force = True
+    assert geo_cli.run_geo(args) == 0
+    assert json.loads(out.read_text())["plan"]["bounds"][0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "sites.json"]

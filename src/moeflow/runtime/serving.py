@@ -453,12 +453,19 @@ def serve(
     threads: int = 1,
     progress: bool = False,
     warmup: bool = False,
+    force: bool = False,
 ):
     """Fork ``ag + eg`` gloo ranks on this host, serve ``requests`` and return the
-    :class:`~moeflow.models.generate.GenerationResult` of each, in request order."""
-    from moeflow.launch import launch
+    :class:`~moeflow.models.generate.GenerationResult` of each, in request order.
 
+    ``timeout_s`` bounds every transfer; ``force`` allows more ranks than
+    :func:`moeflow.launch.max_ranks`. Both are checked before any rank starts."""
+    from moeflow.launch import check_nproc, launch
+    from moeflow.validate import positive_float
+
+    timeout_s = positive_float("timeout_s", timeout_s)
     check_layout(ag + eg, ag, eg, model.cfg.moe.num_experts)
+    check_nproc(ag + eg, force=force, flag="ag + eg")
     schedule = schedule or ServeSchedule.naive()
     out = launch(
         _serve_rank_portable,
@@ -475,6 +482,7 @@ def serve(
         threads=threads,
         progress=progress,
         name="serve",
+        force=force,
         stall_timeout_s=max(30.0, 2 * timeout_s),
         timeout_s=None,
     )
