@@ -127,13 +127,13 @@ def test_simulate_int_flags(flag, v):
 
 TRAIN_INT_FLAGS = {
     "--steps": lambda v: v >= 1,
-    "--batch-size": lambda v: v >= 1,
-    "--seq-len": lambda v: 1 <= v <= 1_000_000 - 2,  # the corpus must hold a sequence
-    "--dim": lambda v: v >= 1 and v % 4 == 0,  # 4 attention heads
-    "--layers": lambda v: v >= 1,
-    "--experts": lambda v: v >= 2,  # top-k 2
+    "--batch-size": lambda v: 1 <= v <= 4096,
+    "--seq-len": lambda v: 1 <= v <= 65536,  # the 1 MB corpus holds a sequence of them all
+    "--dim": lambda v: 1 <= v <= 8192 and v % 4 == 0,  # 4 attention heads
+    "--layers": lambda v: 1 <= v <= 128,
+    "--experts": lambda v: 2 <= v <= 1024,  # top-k 2
     "--top-k": lambda v: 1 <= v <= 8,  # 8 experts
-    "--ffn": lambda v: v >= 1,
+    "--ffn": lambda v: 1 <= v <= 65536,
     "--log-every": lambda v: v >= 1,
     "--threads": lambda v: v >= 1,
     "--r-fwd": lambda v: v >= 1,
@@ -329,6 +329,31 @@ def test_simulate_checks_output_dirs_before_simulating(tmp_path, monkeypatch):
     args = _parse(plan_cli.add_plan_arguments, ["--out", str(tmp_path / "no" / "p.json")])
     with pytest.raises(InputError, match="--out"):
         plan_cli.run_plan(args)
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--dim", "10000000"], "--dim"),
+        (["--seq-len", "100000000"], "--seq-len"),
+        (["--dim", "8192", "--layers", "128"], "--dim/--layers/--experts/--ffn"),
+        (["--batch-size", "4096", "--seq-len", "65536"], "--batch-size/--seq-len"),
+    ],
+)
+def test_train_sizes_refused_before_building(argv, flag, monkeypatch):
+    import moeflow.train as train
+
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("built the model"))
+    with pytest.raises(ConfigError) as ei:
+        train.main(argv)
+    _one_line(ei.value, flag)
+
+
+def test_train_export_without_model_is_refused():
+    from moeflow.train import add_train_arguments, validate_train_args
+
+    with pytest.raises(ConfigError, match="--export.*--model"):
+        validate_train_args(_parse(add_train_arguments, ["--export", "out"]))
 
 
 def test_train_steps_0_is_a_config_error():
@@ -667,3 +692,105 @@ def test_geo_plan_writes_atomically_with_force(tmp_path):
     assert geo_cli.run_geo(args) == 0
     assert json.loads(out.read_text())["plan"]["bounds"][0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "sites.json"]
+
+
+# ---- train --model DIR: --export, --checkpoint-dir, --data -----------------------------------
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tests.runtime.test_parallelize import save_tiny
+
+    return save_tiny("qwen3_moe", tmp_path_factory.mktemp("hf") / "qwen")
+
+
+def _snapshot(d) -> dict:
+    from pathlib import Path
+
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+
+
+def _train_refuses(monkeypatch, argv, err, match):
+    import moeflow.launch as launch
+    import moeflow.train as train
+
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("forked"))
+    monkeypatch.setattr(train, "hf_train_loop", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(err, match=match) as ei:
+        train.main(argv)
+    assert "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2", "--batch-size", "2"]])
+def test_train_export_never_replaces_the_input_model(tiny_qwen, tmp_path, monkeypatch, nproc):
+    import os
+
+    before = _snapshot(tiny_qwen)
+    parent, name = os.path.split(tiny_qwen)
+    (tmp_path / "link").symlink_to(tiny_qwen)
+    monkeypatch.chdir(parent)
+    for export in (name, f"./{name}/", str(tmp_path / "link"), f"{name}/sub", parent):
+        argv = ["--model", name, "--export", export, "--force", "--steps", "1", *nproc]
+        _train_refuses(monkeypatch, argv, InputError, "--export .*input")
+    assert _snapshot(tiny_qwen) == before
+
+
+def test_train_export_existing_dir_or_file(tiny_qwen, tmp_path, monkeypatch):
+    old = tmp_path / "out"
+    old.mkdir()
+    (old / "keep.txt").write_text("x")
+    argv = ["--model", tiny_qwen, "--steps", "1", "--export"]
+    _train_refuses(monkeypatch, [*argv, str(old)], InputError, "--export .*--force")
+    f = tmp_path / "some_file"
+    f.write_text("x")
+    _train_refuses(monkeypatch, [*argv, str(f), "--force"], InputError, "not a directory")
+    _train_refuses(monkeypatch, [*argv, str(tmp_path / "no" / "dir")], InputError, "does not exist")
+
+
+def test_train_checkpoint_dir_file_and_empty_data_refused_first(tiny_qwen, tmp_path, monkeypatch):
+    f = tmp_path / "ckpt"
+    f.write_text("x")
+    argv = ["--model", tiny_qwen, "--steps", "1"]
+    _train_refuses(monkeypatch, [*argv, "--checkpoint-dir", str(f)], InputError, "--checkpoint-dir")
+    _train_refuses(
+        monkeypatch, [*argv, "--checkpoint-dir", tiny_qwen], InputError, "--checkpoint-dir"
+    )
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    _train_refuses(monkeypatch, [*argv, "--data", str(empty)], ConfigError, "--data")
+
+
+def test_train_export_force_replaces_the_directory_whole(tiny_qwen, tmp_path):
+    from moeflow.train import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.safetensors").write_text("old weights")
+    argv = ["--model", tiny_qwen, "--steps", "1", "--batch-size", "1", "--seq-len", "8"]
+    argv += ["--corpus-bytes", "2000", "--export", str(out), "--force"]
+    assert main(argv) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "config.json" in names and "stale.safetensors" not in names  # not mixed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporaries left
+
+
+def test_export_pretrained_checks_before_gathering(tiny_qwen, tmp_path, monkeypatch):
+    import importlib
+
+    import transformers
+
+    from moeflow.runtime import export_pretrained
+
+    par = importlib.import_module("moeflow.runtime.parallelize")
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    monkeypatch.setattr(par, "gather_hf_state_dict", lambda m: pytest.fail("gathered"))
+    with pytest.raises(InputError, match="is the input"):
+        export_pretrained(model, tiny_qwen, overwrite=True)
+    existing = tmp_path / "e"
+    existing.mkdir()
+    with pytest.raises(InputError, match="--force"):
+        export_pretrained(model, str(existing))
+    f = tmp_path / "f"
+    f.write_text("x")
+    with pytest.raises(InputError, match="not a directory"):
+        export_pretrained(model, str(f), overwrite=True)
