@@ -794,3 +794,84 @@ def test_export_pretrained_checks_before_gathering(tiny_qwen, tmp_path, monkeypa
     f.write_text("x")
     with pytest.raises(InputError, match="not a directory"):
         export_pretrained(model, str(f), overwrite=True)
+
+
+# ---- bench train | decode -------------------------------------------------------------------
+def _bench_args(*argv):
+    from moeflow.bench.cli import add_bench_arguments
+
+    return _parse(add_bench_arguments, list(argv))
+
+
+@pytest.mark.parametrize("mode", ["train", "decode"])
+@pytest.mark.parametrize("flag", ["--json", "--png", "--profile-out"])
+def test_bench_outputs_never_overwrite_inputs(tiny_qwen, tmp_path, monkeypatch, mode, flag):
+    import os
+
+    from moeflow.bench.cli import build_job
+
+    cfg = os.path.join(tiny_qwen, "config.json")
+    before = open(cfg, "rb").read()
+    perf = tmp_path / "perf.json"
+    perf.write_text(json.dumps(_perf_dict()))
+    monkeypatch.chdir(os.path.dirname(tiny_qwen))
+    for out in (cfg, "./qwen/config.json"):
+        args = _bench_args(mode, "--model", "decoder", "--path", "qwen", flag, out, "--force")
+        with pytest.raises(InputError, match=f"{flag} .*input") as ei:
+            build_job(args)
+        _one_line(ei.value, flag)
+    args = _bench_args(mode, "--perf", str(perf), flag, str(perf), "--force")
+    with pytest.raises(InputError, match="is the input"):
+        build_job(args)
+    old = tmp_path / "old.out"
+    old.write_text("keep")
+    with pytest.raises(InputError, match=f"{flag} .*--force"):
+        build_job(_bench_args(mode, flag, str(old)))
+    build_job(_bench_args(mode, flag, str(old), "--force"))
+    assert open(cfg, "rb").read() == before and old.read_text() == "keep"
+
+
+def test_bench_trace_dir_that_is_a_file(tmp_path):
+    from moeflow.bench.cli import build_job
+
+    f = tmp_path / "t"
+    f.write_text("x")
+    with pytest.raises(InputError, match="--trace-dir .*not a directory") as ei:
+        build_job(_bench_args("train", "--trace-dir", str(f), "--force"))
+    _one_line(ei.value, "--trace-dir")
+    with pytest.raises(InputError, match="--trace-dir .*--force"):
+        build_job(_bench_args("train", "--trace-dir", str(tmp_path)))
+    assert build_job(_bench_args("train", "--trace-dir", str(tmp_path), "--force")).trace_dir
+
+
+def test_bench_trace_dir_file_exit_2_one_line(tmp_path):
+    f = tmp_path / "t"
+    f.write_text("x")
+    r = subprocess.run(
+        [sys.executable, "-m", "moeflow.cli", "bench", "train", "--trace-dir", str(f)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--trace-dir" in r.stderr
+
+
+def test_bench_hf_dense_model_refused_before_any_step(tmp_path):
+    from moeflow.bench.cli import build_job
+
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    with pytest.raises(ConfigError, match="--path.*mixture-of-experts") as ei:
+        build_job(_bench_args("train", "--model", "hf", "--path", str(d)))
+    _one_line(ei.value, "--path")
+
+
+def test_bench_hf_model_without_moe_layers_refused_at_build(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from moeflow.bench import workloads
+
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match="--path.*no MoE layer"):
+        workloads._hf_model(str(tmp_path / "gpt2"))
