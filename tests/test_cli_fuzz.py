@@ -875,3 +875,50 @@ def test_bench_hf_model_without_moe_layers_refused_at_build(tmp_path, monkeypatc
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ConfigError, match="--path.*no MoE layer"):
         workloads._hf_model(str(tmp_path / "gpt2"))
+
+
+# ---- plan --out, simulate --trace/--png, profile --out --------------------------------------
+def test_plan_and_simulate_outputs_never_overwrite_inputs(tmp_path, monkeypatch):
+    perf = tmp_path / "perf.json"
+    perf.write_text(json.dumps(_perf_dict()))
+    before = perf.read_bytes()
+    (tmp_path / "link.json").symlink_to(perf)
+    monkeypatch.chdir(tmp_path)
+    for out in (str(perf), "./perf.json", "link.json"):
+        args = _parse(plan_cli.add_plan_arguments, ["--perf", "perf.json", "--out", out])
+        args.force = True
+        with pytest.raises(InputError, match="--out .*is the input"):
+            plan_cli.validate_plan_args(args)
+        for flag in ("--trace", "--png"):
+            args = _parse(sim_cli.add_simulate_arguments, ["--perf", "perf.json", flag, out])
+            args.force = True
+            with pytest.raises(InputError, match=f"{flag} .*is the input"):
+                sim_cli.validate_simulate_args(args)
+    assert perf.read_bytes() == before
+
+
+def test_plan_simulate_profile_existing_output_needs_force(tmp_path):
+    from moeflow.perf import profiler
+
+    old = tmp_path / "old.json"
+    old.write_text("keep")
+    cases = [
+        (plan_cli.add_plan_arguments, plan_cli.validate_plan_args, "--out"),
+        (sim_cli.add_simulate_arguments, sim_cli.validate_simulate_args, "--trace"),
+        (sim_cli.add_simulate_arguments, sim_cli.validate_simulate_args, "--png"),
+        (profiler.add_profile_arguments, profiler.validate_profile_args, "--out"),
+    ]
+    for adder, validate, flag in cases:
+        with pytest.raises(InputError, match=f"{flag} .*exists; pass --force"):
+            validate(_parse(adder, [flag, str(old)]))
+        validate(_parse(adder, [flag, str(old), "--force"]))
+    assert old.read_text() == "keep"
+
+
+def test_plan_out_force_replaces_atomically(tmp_path):
+    out = tmp_path / "p.json"
+    out.write_text("old")
+    args = _parse(plan_cli.add_plan_arguments, ["--layers", "2", "--out", str(out), "--force"])
+    assert plan_cli.run_plan(args) == 0
+    assert json.loads(out.read_text())["layers"]
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]
