@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -922,3 +923,41 @@ def test_plan_out_force_replaces_atomically(tmp_path):
     assert plan_cli.run_plan(args) == 0
     assert json.loads(out.read_text())["layers"]
     assert [p.name for p in tmp_path.iterdir()] == ["p.json"]
+
+
+@pytest.mark.parametrize("timeout", [0, -5.0, math.nan, math.inf])
+def test_serve_api_checks_timeout_before_forking(timeout, monkeypatch):
+    import moeflow.launch as launch
+    from moeflow.runtime.serving import serve
+
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("forked"))
+    with pytest.raises(ConfigError, match="timeout_s"):
+        serve(object(), [], timeout_s=timeout)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_atomic_outputs_keep_the_old_one_on_error(tmp_path, exc):
+    from moeflow.files import atomic_dir, atomic_file
+
+    f = tmp_path / "out.json"
+    f.write_text("old")
+    d = tmp_path / "export"
+    d.mkdir()
+    (d / "config.json").write_text("old")
+    with pytest.raises(exc):
+        with atomic_file(f, force=True) as fh:
+            fh.write("half")
+            raise exc()
+    with pytest.raises(exc):
+        with atomic_dir(d, force=True) as tmp:
+            (Path(tmp) / "model.safetensors").write_text("half")
+            raise exc()
+    assert f.read_text() == "old" and [p.name for p in d.iterdir()] == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out.json"]
+    with atomic_dir(d, force=True) as tmp:
+        (Path(tmp) / "new.bin").write_text("new")
+    assert [p.name for p in d.iterdir()] == ["new.bin"]
+    with pytest.raises(InputError, match="appeared while writing"):
+        with atomic_file(tmp_path / "late.json", force=False) as fh:
+            (tmp_path / "late.json").write_text("someone else's")
+    assert (tmp_path / "late.json").read_text() == "someone else's"
