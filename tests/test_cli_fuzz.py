@@ -866,6 +866,9 @@ def test_bench_hf_dense_model_refused_before_any_step(tmp_path):
     with pytest.raises(ConfigError, match="--path.*mixture-of-experts") as ei:
         build_job(_bench_args("train", "--model", "hf", "--path", str(d)))
     _one_line(ei.value, "--path")
+    nested = {"model_type": "qwen3_vl_moe", "text_config": {"num_experts": 4}}
+    (d / "config.json").write_text(json.dumps(nested))
+    build_job(_bench_args("train", "--model", "hf", "--path", str(d)))  # experts named inside
 
 
 def test_bench_hf_model_without_moe_layers_refused_at_build(tmp_path, monkeypatch):

@@ -157,7 +157,13 @@ def _check_moe_config(path: str) -> None:
     if not isinstance(cfg, dict):
         return
     keys = ("num_experts", "num_local_experts", "n_routed_experts")
-    if not any(isinstance(cfg.get(k), int) and cfg[k] > 0 for k in keys):
+
+    def names_experts(d) -> bool:  # also in a nested text_config (vision-language models)
+        if any(isinstance(d.get(k), int) and d[k] > 0 for k in keys):
+            return True
+        return any(isinstance(v, dict) and names_experts(v) for v in d.values())
+
+    if not names_experts(cfg):
         raise ConfigError(
             "--path", path, "a mixture-of-experts model (its config.json names no experts)"
         )
