@@ -350,11 +350,15 @@ def test_train_sizes_refused_before_building(argv, flag, monkeypatch):
     _one_line(ei.value, flag)
 
 
-def test_train_export_without_model_is_refused():
+@pytest.mark.parametrize(
+    "argv", [["--export", "out"], ["--checkpoint-dir", "c"], ["--data", "d.txt"], ["--resume"]]
+)
+def test_train_model_only_flags_without_model_are_refused(argv):
     from moeflow.train import add_train_arguments, validate_train_args
 
-    with pytest.raises(ConfigError, match="--export.*--model"):
-        validate_train_args(_parse(add_train_arguments, ["--export", "out"]))
+    with pytest.raises(ConfigError, match=f"{argv[0]}.*only with --model") as ei:
+        validate_train_args(_parse(add_train_arguments, argv))
+    _one_line(ei.value, argv[0])
 
 
 def test_train_steps_0_is_a_config_error():

@@ -172,8 +172,10 @@ def validate_train_args(args: argparse.Namespace, world: int | None = None) -> N
     if getattr(args, "model", None):
         validate_hf_args(args, world)
         return
-    if getattr(args, "export", None):
-        raise ConfigError("--export", args.export, "only with --model (a checkpoint directory)")
+    for flag in ("--export", "--checkpoint-dir", "--data", "--resume"):
+        v = getattr(args, flag[2:].replace("-", "_"), None)
+        if v:  # the demo model trains on the bundled corpus and writes nothing
+            raise ConfigError(flag, v, "only with --model (a checkpoint directory)")
     for flag in (
         "steps",
         "batch_size",
