@@ -201,3 +201,76 @@ def test_config_error_keeps_its_fields_through_pickle():
     back = pickle.loads(pickle.dumps(ConfigError("a", 1, "b")))
     assert (back.field, back.value, back.allowed) == ("a", 1, "b")
     assert str(back) == "a=1 is not allowed: b"
+
+
+def _moeflow(*argv, **kw):
+    env = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
+    return subprocess.run(
+        [sys.executable, "-m", "moeflow.cli", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["serve-bench", "--timeout", "0"], "--timeout"),
+        (["serve-bench", "--requests", "100000000000"], "--requests"),
+        (["serve-bench", "--demo-layers", "1000000"], "--demo-layers"),
+        (["geo", "plan", "--devices", "x.json", "--layers", "100000"], "--layers"),
+        (["geo", "train", "--dim", "10000000"], "--dim"),
+        (["geo", "train", "--stages", "0"], "--stages"),
+    ],
+)
+def test_bad_sizes_and_timeouts_exit_2_before_any_work(argv, flag):
+    t0 = time.monotonic()
+    r = _moeflow(*argv)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1 and flag in r.stderr and "ConfigError" in r.stderr
+    assert "serve-bench: this host" not in r.stdout  # nothing was profiled
+    assert "starting" not in r.stderr  # nothing was forked
+    assert time.monotonic() - t0 < 30
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+def test_geo_train_stopped_rank_is_detected_within_the_timeout():
+    timeout = 3.0
+    env = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
+    argv = ["geo", "train", "--stages", "2", "--steps", "1000000", "--timeout", str(timeout)]
+    argv += ["--dim", "16", "--layers", "1", "--heads", "2", "--seq-len", "8"]
+    argv += ["--microbatches", "2", "--microbatch-size", "1"]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "moeflow.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        for line in p.stderr:
+            if "ranks started" in line:
+                break
+        time.sleep(1.0)  # the ranks are training
+        kids = _children(p.pid)
+        assert len(kids) == 2 and p.poll() is None
+        os.kill(kids[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = p.communicate(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1, err
+    assert "rank 1" in err and ("no progress" in err or "stopped" in err), err
+    assert waited < timeout + 5, waited

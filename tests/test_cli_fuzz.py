@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -128,13 +129,13 @@ def test_simulate_int_flags(flag, v):
 
 TRAIN_INT_FLAGS = {
     "--steps": lambda v: v >= 1,
-    "--batch-size": lambda v: v >= 1,
-    "--seq-len": lambda v: 1 <= v <= 1_000_000 - 2,  # the corpus must hold a sequence
-    "--dim": lambda v: v >= 1 and v % 4 == 0,  # 4 attention heads
-    "--layers": lambda v: v >= 1,
-    "--experts": lambda v: v >= 2,  # top-k 2
+    "--batch-size": lambda v: 1 <= v <= 4096,
+    "--seq-len": lambda v: 1 <= v <= 65536,  # the 1 MB corpus holds a sequence of them all
+    "--dim": lambda v: 1 <= v <= 8192 and v % 4 == 0,  # 4 attention heads
+    "--layers": lambda v: 1 <= v <= 128,
+    "--experts": lambda v: 2 <= v <= 1024,  # top-k 2
     "--top-k": lambda v: 1 <= v <= 8,  # 8 experts
-    "--ffn": lambda v: v >= 1,
+    "--ffn": lambda v: 1 <= v <= 65536,
     "--log-every": lambda v: v >= 1,
     "--threads": lambda v: v >= 1,
     "--r-fwd": lambda v: v >= 1,
@@ -332,6 +333,35 @@ def test_simulate_checks_output_dirs_before_simulating(tmp_path, monkeypatch):
         plan_cli.run_plan(args)
 
 
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--dim", "10000000"], "--dim"),
+        (["--seq-len", "100000000"], "--seq-len"),
+        (["--dim", "8192", "--layers", "128"], "--dim/--layers/--experts/--ffn"),
+        (["--batch-size", "4096", "--seq-len", "65536"], "--batch-size/--seq-len"),
+    ],
+)
+def test_train_sizes_refused_before_building(argv, flag, monkeypatch):
+    import moeflow.apps.train as train
+
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("built the model"))
+    with pytest.raises(ConfigError) as ei:
+        train.main(argv)
+    _one_line(ei.value, flag)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--export", "out"], ["--checkpoint-dir", "c"], ["--data", "d.txt"], ["--resume"]]
+)
+def test_train_model_only_flags_without_model_are_refused(argv):
+    from moeflow.apps.train import add_train_arguments, validate_train_args
+
+    with pytest.raises(ConfigError, match=f"{argv[0]}.*only with --model") as ei:
+        validate_train_args(_parse(add_train_arguments, argv))
+    _one_line(ei.value, argv[0])
+
+
 def test_train_steps_0_is_a_config_error():
     from moeflow.apps.train import main
 
@@ -502,3 +532,576 @@ def test_fuzzed_safetensors_bytes_are_typed_errors(model_dir, tmp_path_factory, 
     except MoeflowError as e:
         assert "\n" not in str(e)
         assert shard.name in str(e) or "config.json" in str(e), e
+
+
+# ---- serve-bench ----------------------------------------------------------------------------
+def _serve_args(*argv):
+    from moeflow.apps import serve_bench
+
+    return _parse(serve_bench.add_serve_bench_arguments, list(argv))
+
+
+def _no_model(monkeypatch):
+    """Make building the serve-bench model fail loudly: validation must come first."""
+    from moeflow.apps import serve_bench
+
+    def must_not_run(args):
+        raise AssertionError("the model was built before every flag was checked")
+
+    monkeypatch.setattr(serve_bench, "_model", must_not_run)
+
+
+def _hf_dir(tmp_path):
+    d = tmp_path / "qwen"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "qwen3_moe"}')
+    (d / "model.safetensors").write_bytes(b"weights")
+    return d
+
+
+SERVE_INT_FLAGS = {
+    "--requests": lambda v: 1 <= v <= 10_000,
+    "--demo-layers": lambda v: 1 <= v <= 64,
+    "--demo-hidden": lambda v: 1 <= v <= 8192,
+    "--demo-experts": lambda v: 1 <= v <= 256,
+    "--repeat": lambda v: 1 <= v <= 100,
+    "--pppipe-r1": lambda v: 1 <= v <= 64,
+    "--r1": lambda v: 1 <= v <= 64,
+    "--r2": lambda v: 1 <= v <= 64,
+}
+
+
+@FUZZ
+@given(flag=st.sampled_from(sorted(SERVE_INT_FLAGS)), v=INTS)
+def test_serve_bench_sizes_are_bounded(flag, v):
+    from moeflow.apps.serve_bench import MAX_DEMO_PARAMS, demo_params, validate_serve_bench_args
+
+    args = _serve_args(f"{flag}={v}")
+    valid = SERVE_INT_FLAGS[flag](v)
+    if valid and flag.startswith("--demo-"):
+        valid = demo_params(args.demo_layers, args.demo_hidden, args.demo_experts) <= (
+            MAX_DEMO_PARAMS
+        )
+    try:
+        validate_serve_bench_args(args)
+    except ConfigError as e:
+        assert not valid, f"{flag} {v} refused: {e}"
+        _one_line(e, flag)
+        return
+    assert valid, f"{flag} {v} accepted"
+
+
+def test_serve_bench_demo_model_size_is_checked_before_building(monkeypatch):
+    from moeflow.apps.serve_bench import run_serve_bench
+
+    _no_model(monkeypatch)
+    argv = ["--demo-layers", "64", "--demo-hidden", "8192", "--demo-experts", "256"]
+    with pytest.raises(ConfigError, match="--demo-hidden.*parameters"):
+        run_serve_bench(_serve_args(*argv))
+
+
+@FUZZ
+@given(v=FLOATS)
+def test_serve_bench_timeout_checked_first(v):
+    from moeflow.apps.serve_bench import validate_serve_bench_args
+
+    args = _serve_args(f"--timeout={v!r}")
+    if math.isfinite(v) and v > 0:
+        validate_serve_bench_args(args)
+    else:
+        with pytest.raises(ConfigError) as ei:
+            validate_serve_bench_args(args)
+        _one_line(ei.value, "--timeout")
+
+
+def test_serve_bench_nproc_cap_and_force_nproc(monkeypatch):
+    from moeflow import launch
+    from moeflow.apps.serve_bench import validate_serve_bench_args
+
+    monkeypatch.setattr(launch, "max_ranks", lambda: 2)
+    monkeypatch.setattr(launch, "_cpus", lambda: 1)
+    args = _serve_args("--ag", "2", "--eg", "1")
+    with pytest.raises(ConfigError, match="--ag \\+ --eg.*--force-nproc"):
+        validate_serve_bench_args(args)
+    validate_serve_bench_args(_serve_args("--ag", "2", "--eg", "1", "--force-nproc"))
+
+
+def test_serve_bench_json_never_overwrites_an_input(tmp_path, monkeypatch):
+    from moeflow.apps.serve_bench import run_serve_bench
+
+    _no_model(monkeypatch)
+    model = _hf_dir(tmp_path)
+    cfg = model / "config.json"
+    before = cfg.read_bytes()
+    (tmp_path / "link.json").symlink_to(cfg)
+    monkeypatch.chdir(tmp_path)
+    for out in (str(cfg), "./qwen/config.json", "qwen//config.json", "link.json"):
+        for force in ([], ["--force"]):
+            args = _serve_args("--model", "./qwen/", "--json", out, *force)
+            with pytest.raises(InputError, match="--json .*input") as ei:
+                run_serve_bench(args)
+            _one_line(ei.value, "--json")
+    assert cfg.read_bytes() == before
+
+
+def test_serve_bench_existing_json_needs_force(tmp_path, monkeypatch):
+    from moeflow.apps.serve_bench import run_serve_bench
+
+    _no_model(monkeypatch)
+    out = tmp_path / "rec.json"
+    out.write_text("keep")
+    with pytest.raises(InputError, match="--json .*exists; pass --force"):
+        run_serve_bench(_serve_args("--json", str(out)))
+    with pytest.raises(AssertionError, match="model was built"):  # passed validation
+        run_serve_bench(_serve_args("--json", str(out), "--force"))
+    assert out.read_text() == "keep"
+
+
+# ---- geo plan | train -----------------------------------------------------------------------
+def _geo_args(*argv):
+    from moeflow.cli import geo as geo_cli
+
+    return _parse(geo_cli.add_geo_arguments, list(argv))
+
+
+def _devices_file(tmp_path):
+    doc = {
+        "devices": [
+            {"name": "a0", "tflops": 10, "memory_gb": 16, "site": "a"},
+            {"name": "b0", "tflops": 10, "memory_gb": 16, "site": "b"},
+        ],
+        "sites": {
+            "a": {"bandwidth_mbps": 1000, "latency_ms": 0.1},
+            "b": {"bandwidth_mbps": 1000, "latency_ms": 0.1},
+        },
+        "site_links": [{"a": "a", "b": "b", "bandwidth_mbps": 10, "latency_ms": 20}],
+    }
+    path = tmp_path / "sites.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+GEO_INT_FLAGS = {
+    "--dim": ("dim", 8192),
+    "--layers": ("layers", 128),
+    "--heads": ("heads", 128),
+    "--seq-len": ("seq_len", 8192),
+    "--experts": ("experts", 256),
+    "--microbatch-size": ("microbatch_size", 1024),
+    "--microbatches": ("microbatches", 1024),
+}
+
+
+@FUZZ
+@given(flag=st.sampled_from(sorted(GEO_INT_FLAGS)), v=INTS, sub=st.sampled_from(["plan", "train"]))
+def test_geo_sizes_are_bounded(flag, v, sub):
+    from moeflow.cli.geo import validate_model_args
+
+    extra = ["--devices", "d.json"] if sub == "plan" else []
+    args = _geo_args(sub, f"{flag}={v}", *extra)
+    attr, cap = GEO_INT_FLAGS[flag]
+    try:
+        validate_model_args(args)
+    except ConfigError as e:
+        assert not 1 <= v <= cap, f"{flag} {v} refused: {e}"
+        _one_line(e, flag)
+        return
+    assert 1 <= v <= cap and getattr(args, attr) == v
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--layers", "100000"], "--layers"),
+        (["--dim", "10000000"], "--dim"),
+        (["--seq-len", "100000000"], "--seq-len"),
+        (["--dim", "8192", "--layers", "128"], "--dim/--layers/--experts"),
+        (["--seq-len", "8192", "--microbatch-size", "1024"], "--microbatch-size/--seq-len"),
+    ],
+)
+def test_geo_train_sizes_refused_before_building(argv, flag, monkeypatch):
+    from moeflow.runtime import geo, geo_cli
+
+    monkeypatch.setattr(geo, "build_module", lambda job: pytest.fail("built the model"))
+    with pytest.raises(ConfigError) as ei:
+        geo_cli.job_from_args(_geo_args("train", *argv))
+    _one_line(ei.value, flag)
+
+
+def test_geo_plan_sizes_refused_before_tracing(tmp_path, monkeypatch):
+    from moeflow.runtime import geo, geo_cli
+
+    monkeypatch.setattr(geo, "build_module", lambda job: pytest.fail("built the model"))
+    args = _geo_args("plan", "--devices", str(_devices_file(tmp_path)), "--layers", "100000")
+    with pytest.raises(ConfigError, match="--layers"):
+        geo_cli.run_geo(args)
+
+
+@pytest.mark.parametrize("v", ["0", "1", "-3"])
+def test_geo_train_stages_below_2_refused(v):
+    from moeflow.cli import geo as geo_cli
+
+    with pytest.raises(ConfigError) as ei:
+        geo_cli.job_from_args(_geo_args("train", "--stages", v))
+    _one_line(ei.value, "--stages")
+
+
+@FUZZ
+@given(v=FLOATS)
+def test_geo_train_timeout(v):
+    from moeflow.cli import geo as geo_cli
+
+    args = _geo_args("train", f"--timeout={v!r}")
+    if math.isfinite(v) and v > 0:
+        assert geo_cli.job_from_args(args).timeout_s == v
+    else:
+        with pytest.raises(ConfigError) as ei:
+            geo_cli.job_from_args(args)
+        _one_line(ei.value, "--timeout")
+
+
+def test_geo_train_bad_plan_bounds_refused_before_forking(tmp_path, monkeypatch):
+    import moeflow.launch as launch
+    from moeflow.cli import geo as geo_cli
+
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("forked"))
+    plan = tmp_path / "plan.json"
+    small = {"dim": 16, "layers": 1, "heads": 2, "seq_len": 8}
+    for bounds in ([0, 3, 10**6], [0, 10**6]):
+        d = {"plan": {"bounds": bounds, "densities": [1.0] * (len(bounds) - 2)}, "job": small}
+        plan.write_text(json.dumps(d))
+        with pytest.raises(ConfigError, match="--plan .*bounds"):
+            geo_cli.run_geo(_geo_args("train", "--plan", str(plan), "--steps", "1"))
+    plan.write_text(json.dumps({"plan": {"bounds": [0, 5], "densities": []}, "job": {"x": 1}}))
+    with pytest.raises(ConfigError, match="--plan"):
+        geo_cli.run_geo(_geo_args("train", "--plan", str(plan)))
+
+
+def test_geo_train_checkpoint_dir_file_refused_first(tmp_path, monkeypatch):
+    from moeflow.runtime import geo, geo_cli
+
+    monkeypatch.setattr(geo, "build_module", lambda job: pytest.fail("built the model"))
+    f = tmp_path / "ckpt"
+    f.write_text("x")
+    with pytest.raises(InputError, match="--checkpoint-dir .*is a file"):
+        geo_cli.run_geo(_geo_args("train", "--checkpoint-dir", str(f), "--checkpoint-every", "1"))
+
+
+def test_geo_outputs_never_overwrite_inputs(tmp_path, monkeypatch):
+    from moeflow.runtime import geo, geo_cli
+
+    monkeypatch.setattr(geo, "build_module", lambda job: pytest.fail("built the model"))
+    devices = _devices_file(tmp_path)
+    before = devices.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link.json").symlink_to(devices)
+    for out in (str(devices), "./sites.json", "link.json"):
+        with pytest.raises(InputError, match="--out .*is the input"):
+            geo_cli.run_geo(_geo_args("plan", "--devices", "sites.json", "--out", out, "--force"))
+    assert devices.read_bytes() == before
+    other = tmp_path / "old.json"
+    other.write_text("keep")
+    with pytest.raises(InputError, match="--out .*--force"):
+        geo_cli.run_geo(_geo_args("plan", "--devices", "sites.json", "--out", str(other)))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"plan": {"bounds": [0, 5, 9], "densities": [1.0]}}))
+    for out in (str(plan), "./plan.json"):
+        with pytest.raises(InputError, match="--json .*is the input"):
+            geo_cli.run_geo(_geo_args("train", "--plan", "plan.json", "--json", out, "--force"))
+    with pytest.raises(InputError, match="--json .*--force"):
+        geo_cli.run_geo(_geo_args("train", "--json", str(other)))
+    assert other.read_text() == "keep"
+
+
+def test_geo_plan_devices_not_utf8(tmp_path):
+    from moeflow.cli import geo as geo_cli
+
+    bad = tmp_path / "sites.json"
+    bad.write_bytes(b'{"devices": "\xff\xfe"}')
+    with pytest.raises(InputError, match="UTF-8") as ei:
+        geo_cli.run_geo(_geo_args("plan", "--devices", str(bad)))
+    _one_line(ei.value, str(bad))
+
+
+def test_geo_plan_writes_atomically_with_force(tmp_path):
+    from moeflow.cli import geo as geo_cli
+
+    out = tmp_path / "plan.json"
+    out.write_text("old")
+    argv = ["--dim", "16", "--layers", "1", "--heads", "2", "--seq-len", "8"]
+    args = _geo_args("plan", "--devices", str(_devices_file(tmp_path)), "--out", str(out), *argv)
+    args.force = True
+    assert geo_cli.run_geo(args) == 0
+    assert json.loads(out.read_text())["plan"]["bounds"][0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "sites.json"]
+
+
+# ---- train --model DIR: --export, --checkpoint-dir, --data -----------------------------------
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tests.runtime.test_parallelize import save_tiny
+
+    return save_tiny("qwen3_moe", tmp_path_factory.mktemp("hf") / "qwen")
+
+
+def _snapshot(d) -> dict:
+    from pathlib import Path
+
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+
+
+def _train_refuses(monkeypatch, argv, err, match):
+    import moeflow.apps.train as train
+    import moeflow.launch as launch
+
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("forked"))
+    monkeypatch.setattr(train, "hf_train_loop", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(err, match=match) as ei:
+        train.main(argv)
+    assert "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2", "--batch-size", "2"]])
+def test_train_export_never_replaces_the_input_model(tiny_qwen, tmp_path, monkeypatch, nproc):
+    import os
+
+    before = _snapshot(tiny_qwen)
+    parent, name = os.path.split(tiny_qwen)
+    (tmp_path / "link").symlink_to(tiny_qwen)
+    monkeypatch.chdir(parent)
+    for export in (name, f"./{name}/", str(tmp_path / "link"), f"{name}/sub", parent):
+        argv = ["--model", name, "--export", export, "--force", "--steps", "1", *nproc]
+        _train_refuses(monkeypatch, argv, InputError, "--export .*input")
+    assert _snapshot(tiny_qwen) == before
+
+
+def test_train_export_existing_dir_or_file(tiny_qwen, tmp_path, monkeypatch):
+    old = tmp_path / "out"
+    old.mkdir()
+    (old / "keep.txt").write_text("x")
+    argv = ["--model", tiny_qwen, "--steps", "1", "--export"]
+    _train_refuses(monkeypatch, [*argv, str(old)], InputError, "--export .*--force")
+    f = tmp_path / "some_file"
+    f.write_text("x")
+    _train_refuses(monkeypatch, [*argv, str(f), "--force"], InputError, "not a directory")
+    _train_refuses(monkeypatch, [*argv, str(tmp_path / "no" / "dir")], InputError, "does not exist")
+
+
+def test_train_checkpoint_dir_file_and_empty_data_refused_first(tiny_qwen, tmp_path, monkeypatch):
+    f = tmp_path / "ckpt"
+    f.write_text("x")
+    argv = ["--model", tiny_qwen, "--steps", "1"]
+    _train_refuses(monkeypatch, [*argv, "--checkpoint-dir", str(f)], InputError, "--checkpoint-dir")
+    _train_refuses(
+        monkeypatch, [*argv, "--checkpoint-dir", tiny_qwen], InputError, "--checkpoint-dir"
+    )
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    _train_refuses(monkeypatch, [*argv, "--data", str(empty)], ConfigError, "--data")
+
+
+def test_train_export_force_replaces_the_directory_whole(tiny_qwen, tmp_path):
+    from moeflow.apps.train import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.safetensors").write_text("old weights")
+    argv = ["--model", tiny_qwen, "--steps", "1", "--batch-size", "1", "--seq-len", "8"]
+    argv += ["--corpus-bytes", "2000", "--export", str(out), "--force"]
+    assert main(argv) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "config.json" in names and "stale.safetensors" not in names  # not mixed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporaries left
+
+
+def test_export_pretrained_checks_before_gathering(tiny_qwen, tmp_path, monkeypatch):
+    import importlib
+
+    import transformers
+
+    from moeflow.runtime import export_pretrained
+
+    par = importlib.import_module("moeflow.parallel.parallelize")
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    monkeypatch.setattr(par, "gather_hf_state_dict", lambda m: pytest.fail("gathered"))
+    with pytest.raises(InputError, match="is the input"):
+        export_pretrained(model, tiny_qwen, overwrite=True)
+    existing = tmp_path / "e"
+    existing.mkdir()
+    with pytest.raises(InputError, match="--force"):
+        export_pretrained(model, str(existing))
+    f = tmp_path / "f"
+    f.write_text("x")
+    with pytest.raises(InputError, match="not a directory"):
+        export_pretrained(model, str(f), overwrite=True)
+
+
+# ---- bench train | decode -------------------------------------------------------------------
+def _bench_args(*argv):
+    from moeflow.cli.bench import add_bench_arguments
+
+    return _parse(add_bench_arguments, list(argv))
+
+
+@pytest.mark.parametrize("mode", ["train", "decode"])
+@pytest.mark.parametrize("flag", ["--json", "--png", "--profile-out"])
+def test_bench_outputs_never_overwrite_inputs(tiny_qwen, tmp_path, monkeypatch, mode, flag):
+    import os
+
+    from moeflow.cli.bench import build_job
+
+    cfg = os.path.join(tiny_qwen, "config.json")
+    before = open(cfg, "rb").read()
+    perf = tmp_path / "perf.json"
+    perf.write_text(json.dumps(_perf_dict()))
+    monkeypatch.chdir(os.path.dirname(tiny_qwen))
+    for out in (cfg, "./qwen/config.json"):
+        args = _bench_args(mode, "--model", "decoder", "--path", "qwen", flag, out, "--force")
+        with pytest.raises(InputError, match=f"{flag} .*input") as ei:
+            build_job(args)
+        _one_line(ei.value, flag)
+    args = _bench_args(mode, "--perf", str(perf), flag, str(perf), "--force")
+    with pytest.raises(InputError, match="is the input"):
+        build_job(args)
+    old = tmp_path / "old.out"
+    old.write_text("keep")
+    with pytest.raises(InputError, match=f"{flag} .*--force"):
+        build_job(_bench_args(mode, flag, str(old)))
+    build_job(_bench_args(mode, flag, str(old), "--force"))
+    assert open(cfg, "rb").read() == before and old.read_text() == "keep"
+
+
+def test_bench_trace_dir_that_is_a_file(tmp_path):
+    from moeflow.cli.bench import build_job
+
+    f = tmp_path / "t"
+    f.write_text("x")
+    with pytest.raises(InputError, match="--trace-dir .*not a directory") as ei:
+        build_job(_bench_args("train", "--trace-dir", str(f), "--force"))
+    _one_line(ei.value, "--trace-dir")
+    with pytest.raises(InputError, match="--trace-dir .*--force"):
+        build_job(_bench_args("train", "--trace-dir", str(tmp_path)))
+    assert build_job(_bench_args("train", "--trace-dir", str(tmp_path), "--force")).trace_dir
+
+
+def test_bench_trace_dir_file_exit_2_one_line(tmp_path):
+    f = tmp_path / "t"
+    f.write_text("x")
+    r = subprocess.run(
+        [sys.executable, "-m", "moeflow.cli", "bench", "train", "--trace-dir", str(f)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--trace-dir" in r.stderr
+
+
+def test_bench_hf_dense_model_refused_before_any_step(tmp_path):
+    from moeflow.cli.bench import build_job
+
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    with pytest.raises(ConfigError, match="--path.*mixture-of-experts") as ei:
+        build_job(_bench_args("train", "--model", "hf", "--path", str(d)))
+    _one_line(ei.value, "--path")
+    nested = {"model_type": "qwen3_vl_moe", "text_config": {"num_experts": 4}}
+    (d / "config.json").write_text(json.dumps(nested))
+    build_job(_bench_args("train", "--model", "hf", "--path", str(d)))  # experts named inside
+
+
+def test_bench_hf_model_without_moe_layers_refused_at_build(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from moeflow.apps.bench import workloads
+
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match="--path.*no MoE layer"):
+        workloads._hf_model(str(tmp_path / "gpt2"))
+
+
+# ---- plan --out, simulate --trace/--png, profile --out --------------------------------------
+def test_plan_and_simulate_outputs_never_overwrite_inputs(tmp_path, monkeypatch):
+    perf = tmp_path / "perf.json"
+    perf.write_text(json.dumps(_perf_dict()))
+    before = perf.read_bytes()
+    (tmp_path / "link.json").symlink_to(perf)
+    monkeypatch.chdir(tmp_path)
+    for out in (str(perf), "./perf.json", "link.json"):
+        args = _parse(plan_cli.add_plan_arguments, ["--perf", "perf.json", "--out", out])
+        args.force = True
+        with pytest.raises(InputError, match="--out .*is the input"):
+            plan_cli.validate_plan_args(args)
+        for flag in ("--trace", "--png"):
+            args = _parse(sim_cli.add_simulate_arguments, ["--perf", "perf.json", flag, out])
+            args.force = True
+            with pytest.raises(InputError, match=f"{flag} .*is the input"):
+                sim_cli.validate_simulate_args(args)
+    assert perf.read_bytes() == before
+
+
+def test_plan_simulate_profile_existing_output_needs_force(tmp_path):
+    from moeflow.apps import profile as profiler
+
+    old = tmp_path / "old.json"
+    old.write_text("keep")
+    cases = [
+        (plan_cli.add_plan_arguments, plan_cli.validate_plan_args, "--out"),
+        (sim_cli.add_simulate_arguments, sim_cli.validate_simulate_args, "--trace"),
+        (sim_cli.add_simulate_arguments, sim_cli.validate_simulate_args, "--png"),
+        (profiler.add_profile_arguments, profiler.validate_profile_args, "--out"),
+    ]
+    for adder, validate, flag in cases:
+        with pytest.raises(InputError, match=f"{flag} .*exists; pass --force"):
+            validate(_parse(adder, [flag, str(old)]))
+        validate(_parse(adder, [flag, str(old), "--force"]))
+    assert old.read_text() == "keep"
+
+
+def test_plan_out_force_replaces_atomically(tmp_path):
+    out = tmp_path / "p.json"
+    out.write_text("old")
+    args = _parse(plan_cli.add_plan_arguments, ["--layers", "2", "--out", str(out), "--force"])
+    assert plan_cli.run_plan(args) == 0
+    assert json.loads(out.read_text())["layers"]
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]
+
+
+@pytest.mark.parametrize("timeout", [0, -5.0, math.nan, math.inf])
+def test_serve_api_checks_timeout_before_forking(timeout, monkeypatch):
+    import moeflow.launch as launch
+    from moeflow.serving.disaggregated import serve
+
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("forked"))
+    with pytest.raises(ConfigError, match="timeout_s"):
+        serve(object(), [], timeout_s=timeout)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_atomic_outputs_keep_the_old_one_on_error(tmp_path, exc):
+    from moeflow.files import atomic_dir, atomic_file
+
+    f = tmp_path / "out.json"
+    f.write_text("old")
+    d = tmp_path / "export"
+    d.mkdir()
+    (d / "config.json").write_text("old")
+    with pytest.raises(exc):
+        with atomic_file(f, force=True) as fh:
+            fh.write("half")
+            raise exc()
+    with pytest.raises(exc):
+        with atomic_dir(d, force=True) as tmp:
+            (Path(tmp) / "model.safetensors").write_text("half")
+            raise exc()
+    assert f.read_text() == "old" and [p.name for p in d.iterdir()] == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out.json"]
+    with atomic_dir(d, force=True) as tmp:
+        (Path(tmp) / "new.bin").write_text("new")
+    assert [p.name for p in d.iterdir()] == ["new.bin"]
+    with pytest.raises(InputError, match="appeared while writing"):
+        with atomic_file(tmp_path / "late.json", force=False) as fh:
+            (tmp_path / "late.json").write_text("someone else's")
+    assert (tmp_path / "late.json").read_text() == "someone else's"

@@ -406,9 +406,9 @@ def test_sharded_resume_with_code_in_its_objects_stops_in_the_parent(
     """``--nproc 2 --resume`` reads the DCP checkpoint's replicated objects before forking:
     a crafted pickle there is a CorruptDataError, exit 2, and never runs."""
     import torch
-    from tests.parallel.test_checkpoint import _save_rank
 
     from tests._dist import run_ranks
+    from tests.parallel.test_checkpoint import _save_rank
 
     model_dir, _ = _single_ckpt_once
     ckpt = tmp_path / "ckpt"

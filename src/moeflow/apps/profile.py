@@ -31,7 +31,6 @@ import socket
 import time
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -333,7 +332,12 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="declare the ranks as this many nodes (adds a2a@intra / a2a@inter)",
     )
-    p.add_argument("--out", default="perf.json", help="where to write the PerfModel JSON")
+    p.add_argument(
+        "--out",
+        default="perf.json",
+        help="where to write the PerfModel JSON (atomically; refused if it exists, unless --force)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--min-kb", type=float, default=16, help="smallest collective size (KiB)")
     p.add_argument("--max-kb", type=float, default=4096, help="largest collective size (KiB)")
     p.add_argument("--points", type=int, default=5, help="collective sizes (log-spaced)")
@@ -376,21 +380,9 @@ def validate_profile_args(args) -> None:
     args.gemm = [positive_int("--gemm", m, maximum=MAX_GEMM) for m in args.gemm]
     args.reps = positive_int("--reps", args.reps)
     args.trials = positive_int("--trials", args.trials)
-    _check_out(args.out)
+    from moeflow.files import check_output
 
-
-def _check_out(path: str) -> None:
-    # before forking; plan.cli has the same check, not imported here (it imports perf)
-    from moeflow.errors import InputError
-
-    out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    if out.is_dir():
-        raise InputError(f"--out {path!r} is a directory, expected a file path")
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(
-            f"--out {path!r}: directory {str(parent)!r} does not exist or is not writable"
-        )
+    check_output("--out", args.out, force=getattr(args, "force", False))
 
 
 def log_sizes(min_bytes: float, max_bytes: float, points: int) -> list[int]:
@@ -430,7 +422,10 @@ def run_profile(args) -> int:
     )
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(format_table(model))
-        model.save(args.out)
+        from moeflow.files import atomic_path
+
+        with atomic_path(args.out, force=getattr(args, "force", False)) as tmp:
+            model.save(tmp)
         print(f"written to {args.out}")
     if owns_group:
         dist.destroy_process_group()

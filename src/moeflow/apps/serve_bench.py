@@ -23,15 +23,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
 from functools import partial
 
 from moeflow.errors import ConfigError, InputError
-from moeflow.validate import output_file, positive_int
+from moeflow.files import atomic_file, check_output
+from moeflow.validate import positive_float, positive_int
 
 SCHEDULE_CHOICES = ("naive", "pppipe", "findep")
+#: upper limits of the size flags, checked before anything is allocated
+MAX_REQUESTS = 10_000
+MAX_DEMO_LAYERS = 64
+MAX_DEMO_HIDDEN = 8192
+MAX_DEMO_EXPERTS = 256
+#: the demo model may have at most this many parameters (2 GB in float32)
+MAX_DEMO_PARAMS = 500_000_000
+MAX_REPEAT = 100
+MAX_DEGREE = 64
+DEMO_CONTEXT = 1024
+DEMO_VOCAB = 2048
 
 
 def add_serve_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -93,9 +106,78 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=120.0,
         help="seconds any transfer may take before CommTimeoutError (120)",
     )
-    p.add_argument("--json", default=None, metavar="PATH", help="write the records as JSON")
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="write the records as JSON (atomically; refused if it exists, unless --force)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing --json file (never an input)"
+    )
+    p.add_argument(
+        "--force-nproc",
+        action="store_true",
+        help="allow more ranks (--ag + --eg) than the per-CPU cap",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def demo_params(layers: int, hidden: int, experts: int) -> int:
+    """Parameters of the demo model (experts and the shared expert of width ``2 hidden``,
+    attention, embeddings), for the size check before it is built."""
+    ffn = 3 * hidden * 2 * hidden
+    attn = 4 * hidden * hidden
+    return layers * ((experts + 1) * ffn + attn + hidden * experts) + 2 * DEMO_VOCAB * hidden
+
+
+def validate_serve_bench_args(args) -> None:
+    """Check every flag before any work (model, profiling, ranks); typed errors name the
+    flag. Sizes are bounded (``MAX_*``) so a typo cannot allocate the machine away."""
+    from moeflow.launch import check_nproc
+
+    args.ag = positive_int("--ag", args.ag)
+    args.eg = positive_int("--eg", args.eg)
+    check_nproc(args.ag + args.eg, force=args.force_nproc, flag="--ag + --eg")
+    args.repeat = positive_int("--repeat", args.repeat, maximum=MAX_REPEAT)
+    args.requests = positive_int("--requests", args.requests, maximum=MAX_REQUESTS)
+    args.timeout = positive_float("--timeout", args.timeout)
+    for flag in ("--pppipe-r1", "--r1", "--r2"):
+        attr = flag[2:].replace("-", "_")
+        setattr(args, attr, positive_int(flag, getattr(args, attr), maximum=MAX_DEGREE))
+    _schedules(args)
+    plo, phi = _range("--prompt-len", args.prompt_len)
+    olo, ohi = _range("--output-len", args.output_len)
+    if args.model == "demo":
+        args.demo_layers = positive_int("--demo-layers", args.demo_layers, maximum=MAX_DEMO_LAYERS)
+        args.demo_hidden = positive_int("--demo-hidden", args.demo_hidden, maximum=MAX_DEMO_HIDDEN)
+        args.demo_experts = positive_int(
+            "--demo-experts", args.demo_experts, maximum=MAX_DEMO_EXPERTS
+        )
+        n = demo_params(args.demo_layers, args.demo_hidden, args.demo_experts)
+        if n > MAX_DEMO_PARAMS:
+            raise ConfigError(
+                "--demo-layers/--demo-hidden/--demo-experts",
+                f"{args.demo_layers}/{args.demo_hidden}/{args.demo_experts}",
+                f"a demo model of at most {MAX_DEMO_PARAMS:,} parameters (this one has {n:,})",
+            )
+        if phi + ohi > DEMO_CONTEXT:
+            raise ConfigError(
+                "--prompt-len/--output-len",
+                f"{phi}+{ohi}",
+                f"at most the model's context {DEMO_CONTEXT} together",
+            )
+    elif not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise InputError(
+            f"--model {args.model!r} is not a checkpoint directory: no config.json (or 'demo')"
+        )
+    check_output(
+        "--json",
+        args.json,
+        inputs=[None if args.model == "demo" else args.model],
+        force=args.force,
+    )
 
 
 def _range(flag: str, text: str) -> tuple[int, int]:
@@ -177,7 +259,7 @@ def _model(args):
 
         d = positive_int("--demo-hidden", args.demo_hidden)
         cfg = DecoderConfig(
-            vocab_size=2048,
+            vocab_size=DEMO_VOCAB,
             num_layers=positive_int("--demo-layers", args.demo_layers),
             num_heads=8,
             num_kv_heads=4,
@@ -189,7 +271,7 @@ def _model(args):
                 top_k=2,
                 num_shared_experts=1,
             ),
-            max_position_embeddings=1024,
+            max_position_embeddings=DEMO_CONTEXT,
         )
         torch.manual_seed(0)
         return MoEDecoder(cfg).eval()
@@ -423,13 +505,8 @@ def run_serve_bench(args) -> int:
     from moeflow.progress import Progress
     from moeflow.serving.disaggregated import check_layout, serve
 
-    output_file("--json", args.json)
-    ag, eg = positive_int("--ag", args.ag), positive_int("--eg", args.eg)
-    repeat = positive_int("--repeat", args.repeat)
-    _schedules(args)  # flags checked before any work
-    _range("--prompt-len", args.prompt_len)
-    _range("--output-len", args.output_len)
-    positive_int("--requests", args.requests)
+    validate_serve_bench_args(args)  # every flag checked before any work
+    ag, eg, repeat = args.ag, args.eg, args.repeat
     model = _model(args)
     check_layout(ag + eg, ag, eg, model.cfg.moe.num_experts)
     reqs = request_set(args, model.cfg.vocab_size, model.cfg.max_position_embeddings)
@@ -465,7 +542,14 @@ def run_serve_bench(args) -> int:
         for _ in range(repeat):
             for s in schedules:  # interleaved, so drift on a shared machine hits all alike
                 res = serve(
-                    model, reqs, ag=ag, eg=eg, schedule=s, timeout_s=args.timeout, warmup=True
+                    model,
+                    reqs,
+                    ag=ag,
+                    eg=eg,
+                    schedule=s,
+                    timeout_s=args.timeout,
+                    warmup=True,
+                    force=args.force_nproc,
                 )
                 failed = [r for r in res if not r.ok]
                 if failed:
@@ -509,7 +593,7 @@ def run_serve_bench(args) -> int:
             "results": [m.to_dict() for m in ms],
             "median_tok_s": statistics.median(m.output_tok_s for m in ms),
         }
-        with open(args.json, "w") as f:
+        with atomic_file(args.json, force=args.force) as f:
             json.dump(rec, f, indent=1)
             f.write("\n")
     return 0

@@ -33,10 +33,24 @@ import time
 import torch
 
 from moeflow.errors import ConfigError, DistributedConfigError
+from moeflow.files import atomic_dir, check_output
 from moeflow.validate import nonnegative_int, positive_float, positive_int
 
 #: the demo model's attention heads (DemoModelConfig.num_heads): --dim must be a multiple
 NUM_HEADS = 4
+#: upper limits of the size flags, checked before anything is allocated
+MAX = {
+    "--batch-size": 4096,
+    "--seq-len": 65536,
+    "--dim": 8192,
+    "--layers": 128,
+    "--experts": 1024,
+    "--ffn": 65536,
+}
+#: the demo model may have at most this many parameters (4 GB in float32 per copy)
+MAX_PARAMS = 1_000_000_000
+#: tokens in one global batch (--batch-size x --seq-len)
+MAX_BATCH_TOKENS = 2**22
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,7 +139,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="continue from the checkpoint in --checkpoint-dir (if there is one)",
     )
     g.add_argument(
-        "--export", default=None, help="write the fine-tuned model here as a transformers directory"
+        "--export",
+        default=None,
+        help="write the fine-tuned model here as a transformers directory (atomically; "
+        "refused if it exists, unless --force; never the --model directory)",
+    )
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --export directory as a whole (never an input)",
     )
 
 
@@ -150,6 +172,10 @@ def validate_train_args(args: argparse.Namespace, world: int | None = None) -> N
     if getattr(args, "model", None):
         validate_hf_args(args, world)
         return
+    for flag in ("--export", "--checkpoint-dir", "--data", "--resume"):
+        v = getattr(args, flag[2:].replace("-", "_"), None)
+        if v:  # the demo model trains on the bundled corpus and writes nothing
+            raise ConfigError(flag, v, "only with --model (a checkpoint directory)")
     for flag in (
         "steps",
         "batch_size",
@@ -166,7 +192,17 @@ def validate_train_args(args: argparse.Namespace, world: int | None = None) -> N
         "r_fwd",
         "r_bwd",
     ):
-        setattr(args, flag, positive_int("--" + flag.replace("_", "-"), getattr(args, flag)))
+        name = "--" + flag.replace("_", "-")
+        setattr(args, flag, positive_int(name, getattr(args, flag), maximum=MAX.get(name)))
+    _check_batch_tokens(args)
+    params = args.layers * (args.experts * 3 * args.dim * args.ffn + 4 * args.dim * args.dim)
+    params += 2 * 256 * args.dim
+    if params > MAX_PARAMS:
+        raise ConfigError(
+            "--dim/--layers/--experts/--ffn",
+            f"{args.dim}/{args.layers}/{args.experts}/{args.ffn}",
+            f"a model of at most {MAX_PARAMS:,} parameters (this one has ~{params:,})",
+        )
     args.ranks_per_node = nonnegative_int("--ranks-per-node", args.ranks_per_node)
     for flag in ("max_seconds", "lr", "timeout"):
         setattr(args, flag, positive_float("--" + flag.replace("_", "-"), getattr(args, flag)))
@@ -362,7 +398,9 @@ def validate_hf_args(args: argparse.Namespace, world: int) -> None:
         "r_bwd",
         "corpus_bytes",
     ):
-        setattr(args, flag, positive_int("--" + flag.replace("_", "-"), getattr(args, flag)))
+        name = "--" + flag.replace("_", "-")
+        setattr(args, flag, positive_int(name, getattr(args, flag), maximum=MAX.get(name)))
+    _check_batch_tokens(args)
     args.checkpoint_every = nonnegative_int("--checkpoint-every", args.checkpoint_every)
     for flag in ("max_seconds", "lr", "timeout"):
         setattr(args, flag, positive_float("--" + flag.replace("_", "-"), getattr(args, flag)))
@@ -372,8 +410,28 @@ def validate_hf_args(args: argparse.Namespace, world: int) -> None:
         )
     if args.data is not None and not os.path.isfile(args.data):
         raise ConfigError("--data", args.data, "an existing text file")
+    if args.data is not None:
+        # without a tokenizer every byte is a token; with one, at least the file is not empty
+        need = 1 if _has_tokenizer(args.model) else args.seq_len + 2
+        size = os.path.getsize(args.data)
+        if size < need:
+            raise ConfigError(
+                "--data",
+                args.data,
+                f"a text file of at least {need} bytes (--seq-len + 2 tokens; it has {size})",
+            )
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume", True, "together with --checkpoint-dir")
+    inputs = [args.model, args.data]
+    # an existing checkpoint directory is expected (it is replaced, or resumed from)
+    check_output("--checkpoint-dir", args.checkpoint_dir, inputs=inputs, force=True, directory=True)
+    args.export = check_output(
+        "--export",
+        args.export,
+        inputs=[*inputs, args.checkpoint_dir],
+        force=getattr(args, "force", False),
+        directory=True,
+    )
     from moeflow.parallel.parallelize import check_hf_checkpoint
 
     # the config, the weights' headers and their shapes, here, before any rank starts
@@ -439,6 +497,23 @@ def checkpoint_layout(args, world: int, config) -> dict:
     }
 
 
+def _has_tokenizer(model_dir: str) -> bool:
+    return any(
+        os.path.exists(os.path.join(model_dir, n))
+        for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )
+
+
+def _check_batch_tokens(args) -> None:
+    tokens = args.batch_size * args.seq_len
+    if tokens > MAX_BATCH_TOKENS:
+        raise ConfigError(
+            "--batch-size/--seq-len",
+            f"{args.batch_size}/{args.seq_len}",
+            f"at most {MAX_BATCH_TOKENS:,} tokens per global batch (this one has {tokens:,})",
+        )
+
+
 def _tokens(args, config) -> torch.Tensor:
     """The training tokens: ``--data`` through the model's tokenizer when the directory has one,
     else bytes (folded into the vocabulary when it is smaller than 256)."""
@@ -450,18 +525,16 @@ def _tokens(args, config) -> torch.Tensor:
     else:
         raw = getattr(args, "_corpus", None) or load_corpus(max_bytes=args.corpus_bytes)
     tok = None
-    has_tokenizer = any(
-        os.path.exists(os.path.join(args.model, n))
-        for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    )
-    if args.data is not None and has_tokenizer:
+    if args.data is not None and _has_tokenizer(args.model):
         try:
             import transformers
 
             tok = transformers.AutoTokenizer.from_pretrained(args.model)
         except Exception:  # no tokenizer files: train on bytes
             tok = None
-    if tok is not None:
+    if not raw:
+        ids = torch.zeros(0, dtype=torch.long)
+    elif tok is not None:
         ids = torch.tensor(tok(raw.decode("utf-8", "replace"))["input_ids"], dtype=torch.long)
     else:
         ids = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long() % config.vocab_size
@@ -590,10 +663,13 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
     if args.checkpoint_dir and (not args.checkpoint_every or step % args.checkpoint_every):
         save(step)
     if args.export:
+        force = getattr(args, "force", False)
         if dist_on:
-            export_pretrained(model, args.export)
+            export_pretrained(model, args.export, overwrite=force)
         else:
-            model.save_pretrained(args.export)
+            check_output("--export", args.export, inputs=[args.model], force=force, directory=True)
+            with atomic_dir(args.export, force=force) as tmp:
+                model.save_pretrained(tmp)
     if log:
         print(
             f"summary: steps {first}..{step}, loss "

@@ -12,10 +12,13 @@ Every flag is checked before any model is built; typed errors name the flag.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from moeflow.errors import ConfigError, InputError
-from moeflow.validate import output_file, positive_float, positive_int
+from moeflow.files import atomic_path, check_output
+from moeflow.validate import positive_float, positive_int
 
 _ONOFF = {"off": False, "on": True}
 #: upper limits of the size flags, so a typo cannot allocate the machine away
@@ -114,6 +117,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="write Chrome traces (one file per rank, HTA layout) under here",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing --json/--png/--profile-out files and write into an existing "
+        "--trace-dir (never over an input); outputs are written atomically",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -135,6 +144,29 @@ def _onoff(flag: str, values) -> list[bool]:
             raise ConfigError(flag, v, "off or on")
         out.append(_ONOFF[v])
     return out
+
+
+def _check_moe_config(path: str) -> None:
+    """ConfigError naming ``--path`` when its ``config.json`` names no experts (a dense
+    model); an unreadable file is left to the loader, which names it."""
+    try:
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            cfg = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(cfg, dict):
+        return
+    keys = ("num_experts", "num_local_experts", "n_routed_experts")
+
+    def names_experts(d) -> bool:  # also in a nested text_config (vision-language models)
+        if any(isinstance(d.get(k), int) and d[k] > 0 for k in keys):
+            return True
+        return any(isinstance(v, dict) and names_experts(v) for v in d.values())
+
+    if not names_experts(cfg):
+        raise ConfigError(
+            "--path", path, "a mixture-of-experts model (its config.json names no experts)"
+        )
 
 
 def build_job(args):
@@ -173,6 +205,8 @@ def build_job(args):
             dims[key] = positive_int(flag, v, maximum=MAX[flag])
     if args.model == "hf" and not args.path:
         raise InputError("--model hf needs --path, a transformers model directory")
+    if args.model == "hf":
+        _check_moe_config(args.path)
     if args.path and args.model == "demo":
         raise ConfigError("--path", args.path, "only with --model decoder or hf")
     if args.path and args.model == "decoder":  # checked here, not once per setting
@@ -190,8 +224,11 @@ def build_job(args):
         nproc = check_nproc(nproc)
         if shape.batch % nproc:
             raise ConfigError("--batch-size", shape.batch, f"a multiple of --nproc={nproc}")
+    force = getattr(args, "force", False)
+    inputs = [args.path, args.perf]
     for flag in ("--json", "--png", "--profile-out"):
-        output_file(flag, getattr(args, flag[2:].replace("-", "_")))
+        check_output(flag, getattr(args, flag[2:].replace("-", "_")), inputs=inputs, force=force)
+    check_output("--trace-dir", args.trace_dir, inputs=inputs, force=force, directory=True)
     if args.threads:
         positive_int("--threads", args.threads)
     peak = None
@@ -252,7 +289,8 @@ def run_bench(args) -> int:
             progress=not args.quiet,
         )
         if args.profile_out:
-            job.perf.save(args.profile_out)
+            with atomic_path(args.profile_out, force=args.force) as tmp:
+                job.perf.save(tmp)
     from moeflow.apps.bench.report import format_table, write_json, write_png
     from moeflow.apps.bench.run import bench
 
@@ -261,10 +299,12 @@ def run_bench(args) -> int:
         return 0
     print(format_table(report))
     if args.json:
-        write_json(report, args.json)
+        with atomic_path(args.json, force=args.force) as tmp:
+            write_json(report, tmp)
         print(f"report written to {args.json}")
     if args.png:
-        write_png(report, args.png)
+        with atomic_path(args.png, force=args.force) as tmp:
+            write_png(report, tmp)
         print(f"chart written to {args.png}")
     return 0 if any(s["status"] == "ok" for s in report["settings"]) else 1
 

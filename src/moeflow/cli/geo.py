@@ -18,12 +18,15 @@ import json
 import os
 import sys
 
-from moeflow.errors import ConfigError
+from moeflow.errors import ConfigError, InputError
+from moeflow.files import atomic_file, check_output
 
 #: the lowest AdaTopK density ``plan`` uses by default: the lowest that kept the demo model's
 #: 300-step loss within 2% of exact links on a cut after its first block (notes/REJECTED.md;
 #: on a mid-model cut it did not, record geo_train_*)
 MIN_DENSITY = 0.25
+#: the most pipeline stages (devices) a plan may have
+MAX_STAGES = 64
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +41,34 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--microbatches", type=int, default=4)
 
 
+#: the model and batch flags and their upper limits (those of :class:`GeoJob`'s fields)
+_SIZE_FLAGS = (
+    ("--dim", "dim"),
+    ("--layers", "layers"),
+    ("--heads", "heads"),
+    ("--seq-len", "seq_len"),
+    ("--experts", "experts"),
+    ("--microbatch-size", "microbatch_size"),
+    ("--microbatches", "microbatches"),
+)
+
+
+def validate_model_args(args) -> None:
+    """The model and batch flags, bounded, before anything is built: ConfigError naming the
+    flag and its allowed range."""
+    from moeflow.geo.pipeline import MAX_SIZES
+    from moeflow.validate import positive_int
+
+    for flag, attr in _SIZE_FLAGS:
+        setattr(args, attr, positive_int(flag, getattr(args, attr), maximum=MAX_SIZES[attr]))
+
+
+def _force(p: argparse.ArgumentParser, flag: str) -> None:
+    p.add_argument(
+        "--force", action="store_true", help=f"replace an existing {flag} file (never an input)"
+    )
+
+
 def add_geo_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="geo_command", metavar="{plan,train}", required=True)
     pl = sub.add_parser("plan", help="partition the model's operator graph over a device file")
@@ -49,7 +80,10 @@ def add_geo_arguments(p: argparse.ArgumentParser) -> None:
         default=MIN_DENSITY,
         help="lowest AdaTopK density the plan may use (default: %(default)s)",
     )
-    pl.add_argument("--out", help="write the plan as JSON here")
+    pl.add_argument(
+        "--out", help="write the plan as JSON here (refused if it exists, unless --force)"
+    )
+    _force(pl, "--out")
     _model_arguments(pl)
     tr = sub.add_parser("train", help="run a plan as a pipeline of gloo ranks")
     src = tr.add_mutually_exclusive_group()
@@ -70,7 +104,18 @@ def add_geo_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--compare", action="store_true", help="also print the 1-process curve")
     tr.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     tr.add_argument("--force-nproc", action="store_true", help="allow more ranks than CPUs x4")
-    tr.add_argument("--json", dest="json_out", help="write losses, times and events here")
+    tr.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds any one transfer or rank may stall before the run ends (120)",
+    )
+    tr.add_argument(
+        "--json",
+        dest="json_out",
+        help="write losses, times and events here (refused if it exists, unless --force)",
+    )
+    _force(tr, "--json")
     _model_arguments(tr)
 
 
@@ -96,15 +141,20 @@ def run_geo(args: argparse.Namespace) -> int:
 def _plan(args) -> int:
     from moeflow.geo.pipeline import GeoJob, trace_job
     from moeflow.plan import geo as pgeo
-    from moeflow.validate import output_file
 
-    if args.out:
-        output_file("--out", args.out)
-    graph = pgeo.DeviceGraph.load(args.devices)
-    job = GeoJob(stages=max(2, len(graph.devices)), **_job_kwargs(args))
-    _, traced = trace_job(job)
+    validate_model_args(args)
     if not 0 < args.min_density <= 1:
         raise ConfigError("--min-density", args.min_density, "a density in (0, 1]")
+    check_output("--out", args.out, inputs=[args.devices], force=args.force)
+    graph = pgeo.DeviceGraph.load(args.devices)
+    if len(graph.devices) > MAX_STAGES:
+        raise ConfigError(
+            "--devices",
+            f"{len(graph.devices)} devices",
+            f"at most {MAX_STAGES} devices (one pipeline stage each)",
+        )
+    job = GeoJob(stages=max(2, len(graph.devices)), **_job_kwargs(args))
+    _, traced = trace_job(job)
     plan = pgeo.partition(
         traced.ops,
         graph,
@@ -131,7 +181,7 @@ def _plan(args) -> int:
     )
     if args.out:
         doc = {"plan": plan.to_dict(), "job": _job_kwargs(args), "devices": names}
-        with open(args.out, "w") as f:
+        with atomic_file(args.out, force=args.force) as f:
             json.dump(doc, f, indent=1)
         print(f"wrote {args.out}")
     return 0
@@ -140,15 +190,26 @@ def _plan(args) -> int:
 def job_from_args(args) -> object:
     from moeflow.geo.pipeline import GeoJob
 
+    validate_model_args(args)
     kw = _job_kwargs(args)
     bounds = densities = None
-    stages = args.stages or 2
+    stages = 2 if args.stages is None else args.stages
+    if stages < 2:
+        raise ConfigError("--stages", stages, "an int >= 2 (a pipeline)")
+    if args.checkpoint_dir is not None and (
+        os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir)
+    ):
+        raise InputError(f"--checkpoint-dir {args.checkpoint_dir!r} is a file, not a directory")
     if args.plan:
         try:
-            with open(args.plan) as f:
-                doc = json.load(f)
-            bounds, densities = tuple(doc["plan"]["bounds"]), tuple(doc["plan"]["densities"])
-            kw.update(doc.get("job", {}))
+            with open(args.plan, "rb") as f:
+                doc = json.loads(f.read().decode("utf-8"))
+            bounds = tuple(int(b) for b in doc["plan"]["bounds"])
+            densities = tuple(float(d) for d in doc["plan"]["densities"])
+            job_kw = doc.get("job", {})
+            if not isinstance(job_kw, dict) or set(job_kw) - set(kw):
+                raise ValueError(f"'job' must be an object with keys from {sorted(kw)}")
+            kw.update(job_kw)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(
                 "--plan", args.plan, f"a plan from 'moeflow geo plan' ({e})"
@@ -160,31 +221,38 @@ def job_from_args(args) -> object:
         except ValueError:
             raise ConfigError("--kill", args.kill, "STAGE:STEP, two integers") from None
         kill = (s, k)
-    return GeoJob(
-        **kw,
-        bounds=bounds,
-        densities=densities,
-        stages=stages,
-        steps=args.steps,
-        lr=args.lr,
-        seed=args.seed,
-        backups=args.backups,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        kill=kill,
-        threads=args.threads,
-    )
+    try:
+        return GeoJob(
+            **kw,
+            bounds=bounds,
+            densities=densities,
+            stages=stages,
+            steps=args.steps,
+            lr=args.lr,
+            seed=args.seed,
+            backups=args.backups,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            kill=kill,
+            threads=args.threads,
+            timeout_s=args.timeout,
+        )
+    except ConfigError as e:  # name the flag (or the --plan file) the field came from
+        names = e.field.split("/")
+        if args.plan and any(n in ("bounds", "densities", "stages") for n in names):
+            raise ConfigError(f"--plan {args.plan!r}: {e.field}", e.value, e.allowed) from None
+        flag = "/".join(
+            "--" + ("timeout" if n == "timeout_s" else n).replace("_", "-") for n in names
+        )
+        raise ConfigError(flag, e.value, e.allowed) from None
 
 
 def _train(args) -> int:
     from moeflow.geo import pipeline as geo
 
     job = job_from_args(args)
-    if args.json_out:
-        from moeflow.validate import output_file
-
-        output_file("--json", args.json_out)
+    check_output("--json", args.json_out, inputs=[args.plan, args.checkpoint_dir], force=args.force)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # one rank under torchrun
         out = geo.run_torchrun(job)
         if "losses" in out:  # this rank held the last stage at the end
@@ -195,6 +263,12 @@ def _train(args) -> int:
     from moeflow.launch import check_nproc
 
     check_nproc(job.stages + job.backups, force=args.force_nproc)
+    try:  # the plan's bounds against the traced graph, before any fork
+        geo.check_bounds(job)
+    except ConfigError as e:
+        if args.plan:
+            raise ConfigError(f"--plan {args.plan!r}: {e.field}", e.value, e.allowed) from None
+        raise ConfigError("--stages", job.stages, e.allowed) from None
     result = geo.train(job, force=args.force_nproc)
     ref = geo.reference_losses(job) if args.compare else None
     _report(args, job, result, ref)
@@ -224,7 +298,7 @@ def _report(args, job, result, ref) -> None:
             "wire_bytes": result.wire_bytes,
             "reference_losses": ref,
         }
-        with open(args.json_out, "w") as f:
+        with atomic_file(args.json_out, force=args.force) as f:
             json.dump(doc, f, indent=1)
 
 

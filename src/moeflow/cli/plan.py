@@ -21,6 +21,7 @@ import json
 import math
 
 from moeflow.errors import ConfigError
+from moeflow.files import atomic_path, check_output
 from moeflow.plan.io import (
     MAX_DEGREE,
     MAX_LAYERS,
@@ -28,7 +29,7 @@ from moeflow.plan.io import (
     MAX_TOKENS,
     load_perf_file,
 )
-from moeflow.validate import output_file, positive_int
+from moeflow.validate import positive_int
 
 #: ``--method``: FSMoE degrees, HierMoE dedup levels, or Parm schedules
 METHODS = ("fsmoe", "hiermoe", "parm")
@@ -71,7 +72,14 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lina-chunk-mb", type=float, default=4.0, help="Lina chunk size (MiB)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--out", default=None, help="write the FSMoE plan JSON here")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write the FSMoE plan JSON here (atomically; refused if it exists, unless --force)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing --out file (never the --perf)"
+    )
     p.add_argument(
         "--method",
         default="fsmoe",
@@ -99,7 +107,7 @@ def validate_plan_args(args) -> None:
     mb = args.lina_chunk_mb
     if not (isinstance(mb, (int, float)) and math.isfinite(mb) and mb > 0):
         raise ConfigError("--lina-chunk-mb", mb, "a finite number > 0 (MiB)")
-    output_file("--out", args.out)
+    check_output("--out", args.out, inputs=[args.perf], force=getattr(args, "force", False))
 
 
 def setup(args):
@@ -251,7 +259,8 @@ def run_plan(args) -> int:
     res = compare(args)
     fs = res.pop("plan")
     if args.out:
-        fs.save(args.out)
+        with atomic_path(args.out, force=getattr(args, "force", False)) as tmp:
+            fs.save(tmp)
     if args.json:
         res["fsmoe_plan"] = fs.to_dict()
         print(json.dumps(res, indent=2))

@@ -26,16 +26,23 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tutel-r", type=int, default=2, help="Tutel-style fixed degree")
     p.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace JSON here")
     p.add_argument("--png", default=None, help="write a Gantt chart PNG here")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing --trace/--png files (never an input); both are written "
+        "atomically and refused if they exist without it",
+    )
 
 
 def validate_simulate_args(args) -> None:
     """Check every ``moeflow simulate`` flag and output path before simulating."""
     from moeflow.cli.plan import validate_common_args
-    from moeflow.validate import output_file
+    from moeflow.files import check_output
 
     validate_common_args(args)
-    output_file("--trace", args.trace)
-    output_file("--png", args.png)
+    force = getattr(args, "force", False)
+    check_output("--trace", args.trace, inputs=[args.perf, args.plan], force=force)
+    check_output("--png", args.png, inputs=[args.perf, args.plan], force=force)
 
 
 def _make_plan(args):
@@ -54,6 +61,7 @@ def _make_plan(args):
 
 
 def run_simulate(args) -> int:
+    from moeflow.files import atomic_path
     from moeflow.sim.builders import simulate_plan
 
     validate_simulate_args(args)
@@ -69,13 +77,15 @@ def run_simulate(args) -> int:
     cp = tl.critical_path()
     shown = cp if len(cp) <= 12 else cp[:6] + ["..."] + cp[-5:]
     print(f"critical path ({len(cp)} tasks): {' -> '.join(shown)}")
+    force = getattr(args, "force", False)
     if args.trace:
-        tl.to_chrome_trace(args.trace)
+        with atomic_path(args.trace, force=force) as tmp:
+            tl.to_chrome_trace(tmp)
         print(f"trace written to {args.trace} (open in https://ui.perfetto.dev)")
     if args.png:
-        tl.to_png(
-            args.png, title=f"{plan.method}: {plan.model} on {plan.cluster}, {tl.makespan:.1f} ms"
-        )
+        title = f"{plan.method}: {plan.model} on {plan.cluster}, {tl.makespan:.1f} ms"
+        with atomic_path(args.png, force=force) as tmp:
+            tl.to_png(tmp, title=title)
         print(f"Gantt chart written to {args.png}")
     return 0
 

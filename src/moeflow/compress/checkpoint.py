@@ -36,7 +36,6 @@ import json
 import os
 import signal
 import struct
-import tempfile
 import threading
 import zlib
 from contextlib import contextmanager
@@ -55,6 +54,7 @@ from moeflow.compress.bits import (
 from moeflow.compress.container import CODECS, CompressedTensor, header_nbytes, resolve_codec
 from moeflow.compress.stats import stats_from_bits
 from moeflow.errors import CorruptDataError, InputError
+from moeflow.files import atomic_file, check_output
 from moeflow.progress import Progress
 
 MAGIC = b"MFZ1"
@@ -139,19 +139,11 @@ def _signals_unwind():
 
 def check_paths(src: str, dst: str, overwrite: bool) -> None:
     """Refuse a missing input, an output that is the input (also through a symlink or a hard
-    link), a directory as output, and an existing output unless ``overwrite``."""
+    link), a directory as output, and an existing output unless ``overwrite``
+    (:func:`moeflow.files.check_output`)."""
     if not os.path.isfile(src):
         raise InputError(f"input file {src!r} does not exist or is not a regular file")
-    if os.path.isdir(dst):
-        raise InputError(f"output {dst!r} is a directory; give a file name")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
-        raise InputError(f"the directory of output {dst!r} does not exist")
-    if os.path.exists(dst) and (
-        os.path.samefile(src, dst) or os.path.realpath(src) == os.path.realpath(dst)
-    ):
-        raise InputError(f"output {dst!r} is the input file; write to another path")
-    if os.path.lexists(dst) and not overwrite:
-        raise InputError(f"output {dst!r} exists; pass --force to overwrite it")
+    check_output("output", dst, inputs=[src], force=overwrite)
 
 
 @contextmanager
@@ -159,34 +151,12 @@ def atomic_output(path: str, overwrite: bool = True):
     """Yield a binary file object whose content replaces ``path`` only on success.
 
     The data go to a temporary file in the same directory, are fsynced, and the file is
-    renamed over ``path``; on any exception, Ctrl-C or SIGTERM the temporary file is removed
-    and ``path`` is left as it was. Without ``overwrite``, a ``path`` that appeared while
-    writing is not replaced (``InputError``)."""
-    d = os.path.dirname(os.path.abspath(path)) or "."
+    renamed over ``path`` (:func:`moeflow.files.atomic_file`); on any exception, Ctrl-C or
+    SIGTERM the temporary file is removed and ``path`` is left as it was. Without
+    ``overwrite``, a ``path`` that appeared while writing is not replaced (``InputError``)."""
     with _signals_unwind():
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
-            with os.fdopen(fd, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            raise_pending_signal()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-            if not overwrite and os.path.lexists(path):
-                raise InputError(
-                    f"output {path!r} appeared while writing; pass --force to overwrite it"
-                )
-            os.replace(tmp, path)
-            tmp = None
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
+        with atomic_file(path, "wb", force=overwrite, before_commit=raise_pending_signal) as f:
+            yield f
 
 
 # ----------------------------------------------------------------------------- safetensors

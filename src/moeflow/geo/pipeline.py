@@ -77,6 +77,23 @@ DEAD_AFTER_S = 2.0
 _POLL_S = 0.05
 
 
+#: upper limits of a job's sizes, checked before anything is built (the command line's
+#: flags of the same names)
+MAX_SIZES = {
+    "dim": 8192,
+    "layers": 128,
+    "heads": 128,
+    "seq_len": 8192,
+    "experts": 256,
+    "microbatch_size": 1024,
+    "microbatches": 1024,
+}
+#: a model of at most this many parameters (4 GB in float32 per copy)
+MAX_PARAMS = 1_000_000_000
+#: activation elements of one layer for one micro-batch (hidden states or attention scores)
+MAX_ACTIVATION = 2**28
+
+
 class GeoJobFailed(MoeflowError, RuntimeError):
     """The job cannot go on (a stage's rank left and no backup is left)."""
 
@@ -114,14 +131,17 @@ class GeoJob:
     #: fault injection: (stage, step) - the rank holding ``stage`` dies during ``step``
     kill: tuple[int, int] | None = None
     threads: int = 1
-    timeout_s: float = 600.0
+    #: deadline of every operation (a stage's send or receive; a rank's heartbeat): a rank
+    #: that stops for this long ends the run. There is no deadline on the whole run.
+    timeout_s: float = 120.0
     max_bytes: int = 2_000_000
 
     def __post_init__(self):
         if self.model not in MODELS:
             raise ConfigError("model", self.model, f"one of {', '.join(MODELS)}")
         for name in ("dim", "layers", "heads", "seq_len", "microbatch_size", "microbatches"):
-            positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name), maximum=MAX_SIZES[name])
+        positive_int("experts", self.experts, maximum=MAX_SIZES["experts"])
         positive_int("steps", self.steps, maximum=1_000_000)
         positive_int("stages", self.stages, maximum=64)
         positive_float("lr", self.lr)
@@ -159,6 +179,27 @@ class GeoJob:
                 raise ConfigError(
                     "kill", self.kill, f"(stage < {self.stages}, step < {self.steps})"
                 )
+        if self.checkpoint_dir is not None and (
+            os.path.exists(self.checkpoint_dir) and not os.path.isdir(self.checkpoint_dir)
+        ):
+            raise ConfigError("checkpoint_dir", self.checkpoint_dir, "a directory (this is a file)")
+        params = self.dim * self.dim * 12 * self.layers
+        if self.model == "demo":
+            params += 3 * self.dim * self.ffn * self.experts * self.layers
+        if params > MAX_PARAMS:
+            raise ConfigError(
+                "dim/layers/experts",
+                f"{self.dim}/{self.layers}/{self.experts}",
+                f"a model of at most {MAX_PARAMS:,} parameters (this one has ~{params:,})",
+            )
+        acts = self.microbatch_size * self.seq_len * max(self.dim, self.heads * self.seq_len)
+        if acts > MAX_ACTIVATION:
+            raise ConfigError(
+                "microbatch_size/seq_len",
+                f"{self.microbatch_size}/{self.seq_len}",
+                f"at most {MAX_ACTIVATION:,} activation elements per layer and micro-batch "
+                f"(this one has {acts:,})",
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -765,6 +806,15 @@ def _cut_specs(traced, bounds, job) -> dict:
 
 
 # ---- the parent: the broker's store and the local ranks ------------------------------------
+def check_bounds(job: GeoJob) -> None:
+    """ConfigError unless the job's stage bounds (or its even split) fit the traced graph."""
+    _, traced = trace_job(job)
+    n = len(traced.ops.nodes)
+    bounds = job.bounds or even_bounds(n, job.stages)
+    if bounds[-1] != n:
+        raise ConfigError("bounds", bounds, f"ending at the traced graph's {n} nodes")
+
+
 def train(job: GeoJob, *, force: bool = False, progress: bool = True) -> GeoResult:
     """Run ``job`` on ``stages + backups`` local ranks; the parent hosts the store (the
     broker), so membership survives any rank."""
@@ -773,6 +823,7 @@ def train(job: GeoJob, *, force: bool = False, progress: bool = True) -> GeoResu
     from moeflow.launch import RankFailed, launch
 
     world = job.stages + job.backups
+    check_bounds(job)  # in the parent: a plan that does not fit fails before any fork
     start = 0
     if job.resume:
         step = latest_checkpoint(job.checkpoint_dir)
@@ -792,8 +843,7 @@ def train(job: GeoJob, *, force: bool = False, progress: bool = True) -> GeoResu
             name="moeflow geo",
             init_group=False,
             threads=job.threads,
-            timeout_s=job.timeout_s,
-            stall_timeout_s=max(60.0, job.timeout_s / 4),
+            stall_timeout_s=job.timeout_s,
             expect_exit=expect,
             progress=progress,
         )

@@ -91,6 +91,7 @@ class ParallelLayout:
     timeout_s: float = 120.0
     layers: list[str] = field(default_factory=list)  # paths of the ExpertParallel modules
     checkpoint_bytes_read: int = 0  # tensor bytes this rank read from ``checkpoint``
+    checkpoint: str | None = None  # the ``checkpoint`` the weights came from (an input)
     dense: str = "fsdp"  # "fsdp" or "replicate" (see parallelize)
 
     @property
@@ -422,6 +423,7 @@ def parallelize(
     if ckpt is not None:
         with ckpt:
             layout.checkpoint_bytes_read = load_checkpoint(model, ckpt)
+        layout.checkpoint = str(checkpoint)
     layout.dense = dense
     if dense == "fsdp":
         _fully_shard_dense(model, t)
@@ -543,13 +545,45 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return full_tensor() if full_tensor is not None else t
 
 
-def export_pretrained(model: nn.Module, out_dir: str, *, rank0_only: bool = True) -> None:
+def export_pretrained(
+    model: nn.Module, out_dir: str, *, rank0_only: bool = True, overwrite: bool = False
+) -> None:
     """Save a parallelized transformers model as a transformers checkpoint directory
     (``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it, patched or not).
 
     Collective: every rank gathers the experts; rank 0 builds the unpatched transformers
     model from ``model.config``, loads the gathered state dict strictly and writes it with
-    ``save_pretrained`` (transformers' own on-disk layout)."""
+    ``save_pretrained`` (transformers' own on-disk layout) into a temporary directory that
+    then replaces ``out_dir`` as a whole.
+
+    Before any gathering, ``out_dir`` is checked (:func:`moeflow.files.check_output`): the
+    checkpoint the model was loaded from (or a directory that holds it) and a path that is
+    not a directory are refused, and an existing directory is replaced only with
+    ``overwrite``. Rank 0 checks; every rank raises InputError when it refuses."""
+    from moeflow.files import atomic_dir, check_output
+
+    writer = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
+    layout = getattr(model, "moeflow_layout", None)
+    cfg = getattr(model, "config", None)
+    inputs = [getattr(layout, "checkpoint", None), getattr(cfg, "_name_or_path", None) or None]
+    refused = None
+    if writer:
+        try:
+            check_output("out_dir", out_dir, inputs=inputs, force=overwrite, directory=True)
+        except InputError as e:
+            refused = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from moeflow.comm.collectives import all_reduce
+
+        on_gpu = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
+        flag = torch.tensor([1.0 if refused is not None else 0.0], device=device)
+        timeout = getattr(layout, "timeout_s", None) or resolve_timeout(None)
+        all_reduce(flag, None, "export path check", timeout, reduce_op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and refused is None:
+            raise InputError(f"export: out_dir {str(out_dir)!r} was refused on rank 0")
+    if refused is not None:
+        raise refused
     sd = gather_hf_state_dict(model)
     if rank0_only and dist.get_rank() != 0:
         return
@@ -568,7 +602,8 @@ def export_pretrained(model: nn.Module, out_dir: str, *, rank0_only: bool = True
         raise InputError(f"export: the gathered state dict lacks {missing[:8]}")
     hf.tie_weights()
     _init_non_persistent_meta(hf)
-    hf.save_pretrained(out_dir)
+    with atomic_dir(out_dir, force=overwrite) as tmp:
+        hf.save_pretrained(tmp)
 
 
 def _init_non_persistent_meta(model: nn.Module) -> None:

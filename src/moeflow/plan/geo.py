@@ -118,6 +118,8 @@ ADATOPK_BUDGETS = 12
 
 _GB = 1e9
 _INF = math.inf
+#: device files larger than this are refused before reading
+MAX_FILE_BYTES = 64 * 2**20
 
 
 def _gb(x: float) -> str:
@@ -343,11 +345,19 @@ class DeviceGraph:
         """Read a device graph from a JSON file (:meth:`from_dict`)."""
         p = Path(path)
         try:
-            d = json.loads(p.read_text())
+            if p.stat().st_size > MAX_FILE_BYTES:
+                raise InputError(
+                    f"device file {str(path)!r} is larger than the {MAX_FILE_BYTES} byte limit"
+                )
+            d = json.loads(p.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise InputError(f"device file {str(path)!r} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise InputError(f"device file {str(path)!r} is not UTF-8 text: {e}") from None
         except json.JSONDecodeError as e:
             raise InputError(f"device file {str(path)!r} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise InputError(f"device file {str(path)!r} is nested too deeply") from None
         return cls.from_dict(d)
 
     def to_dict(self) -> dict:

@@ -453,6 +453,7 @@ def serve(
     threads: int = 1,
     progress: bool = False,
     warmup: bool = False,
+    force: bool = False,
 ):
     """Fork ``ag + eg`` gloo ranks on this host, serve ``requests`` and return the
     :class:`~moeflow.models.generate.GenerationResult` of each, in request order.
@@ -460,14 +461,19 @@ def serve(
     As in :func:`~moeflow.models.generate.generate`, a bad request (empty prompt, ids out of
     range, sampling parameters out of range) gets a result with its typed ``error`` and no
     tokens, and the others are served; bad requests are found here, before any rank starts.
-    """
+
+    ``timeout_s`` bounds every transfer; ``force`` allows more ranks than
+    :func:`moeflow.launch.max_ranks`. Both are checked before any rank starts."""
     import time
 
     from moeflow.errors import MoeflowError
-    from moeflow.launch import launch
+    from moeflow.launch import check_nproc, launch
     from moeflow.models.generate import GenerationResult, validate_request
+    from moeflow.validate import positive_float
 
+    timeout_s = positive_float("timeout_s", timeout_s)
     check_layout(ag + eg, ag, eg, model.cfg.moe.num_experts)
+    check_nproc(ag + eg, force=force, flag="ag + eg")
     schedule = schedule or ServeSchedule.naive()
     requests = list(requests)
     results = [None] * len(requests)
@@ -502,6 +508,7 @@ def serve(
         threads=threads,
         progress=progress,
         name="serve",
+        force=force,
         stall_timeout_s=max(30.0, 2 * timeout_s),
         timeout_s=None,
     )

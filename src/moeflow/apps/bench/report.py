@@ -42,6 +42,7 @@ from pathlib import Path
 
 from moeflow.apps.bench.workloads import CATEGORIES
 from moeflow.errors import InputError
+from moeflow.files import atomic_file
 
 FORMAT = "moeflow.bench/1"
 PHASES = ("forward", "backward", "optimizer")
@@ -261,7 +262,8 @@ def write_trace(
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"rank{rank}.json"
-    path.write_text(json.dumps(with_rank_metadata(trace, rank, world_size, backend)))
+    with atomic_file(path) as f:
+        f.write(json.dumps(with_rank_metadata(trace, rank, world_size, backend)))
     return path
 
 

@@ -382,6 +382,10 @@ def _hf_model(path: str | None):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     patch_model(model)
+    if not moe_layers(model):
+        raise ConfigError(
+            "--path", path, "a mixture-of-experts model (moeflow.patch_model found no MoE layer)"
+        )
     return model, model.config.vocab_size
 
 
