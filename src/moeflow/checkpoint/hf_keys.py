@@ -33,7 +33,15 @@ import torch
 
 from moeflow.errors import InputError
 
-__all__ = ["KeyRule", "StateDictAdapter", "ADAPTERS"]
+__all__ = [
+    "KeyRule",
+    "StateDictAdapter",
+    "ADAPTERS",
+    "EXPERT_DISK_NAMES",
+    "BLOCK_DISK_RENAMES",
+    "fuse_disk_experts",
+    "split_disk_experts",
+]
 
 
 @dataclass(frozen=True)
@@ -156,3 +164,44 @@ ADAPTERS: dict[str, StateDictAdapter] = {
         ),
     ),
 }
+
+
+# ---- transformers' on-disk expert layout ----------------------------------------------------
+# In memory transformers fuses a block's experts (``experts.gate_up_proj`` (E, 2F, D),
+# ``experts.down_proj`` (E, D, F)), which the adapters above map; on disk it keeps one tensor
+# per expert. These names are the one table of that layout, for whole-model loading and
+# export (moeflow.checkpoint.pretrained) and for sharded slice reads (moeflow.checkpoint.shards).
+
+#: per-expert (gate, up, down) names under ``<block>.experts.{e}.``, by naming style
+EXPERT_DISK_NAMES: dict[str, tuple[str, str, str]] = {
+    "proj": ("gate_proj.weight", "up_proj.weight", "down_proj.weight"),  # Qwen, DeepSeek, OLMoE
+    "w": ("w1.weight", "w3.weight", "w2.weight"),  # Mixtral
+}
+#: in-memory block path -> on-disk block path renames transformers applies (Mixtral)
+BLOCK_DISK_RENAMES = ((".mlp.", ".block_sparse_moe."),)
+
+
+def fuse_disk_experts(take, prefix: str, num_experts: int, style: str) -> dict[str, torch.Tensor]:
+    """``{"experts.gate_up_proj", "experts.down_proj"}`` from per-expert tensors on disk.
+
+    ``take(key)`` returns (and consumes) one tensor; ``prefix`` is ``"<block>."``."""
+    gate, up, down = EXPERT_DISK_NAMES[style]
+    ex = f"{prefix}experts."
+    w_in = [torch.cat([take(f"{ex}{e}.{gate}"), take(f"{ex}{e}.{up}")]) for e in range(num_experts)]
+    w_out = [take(f"{ex}{e}.{down}") for e in range(num_experts)]
+    return {"experts.gate_up_proj": torch.stack(w_in), "experts.down_proj": torch.stack(w_out)}
+
+
+def split_disk_experts(
+    gate_up: torch.Tensor, down: torch.Tensor, prefix: str, style: str
+) -> dict[str, torch.Tensor]:
+    """The per-expert on-disk tensors (copies) of fused ``gate_up_proj`` (E, 2F, D) and
+    ``down_proj`` (E, D, F), keyed under ``prefix`` (``"<block>."``)."""
+    gate, up, down_name = EXPERT_DISK_NAMES[style]
+    F = gate_up.shape[1] // 2
+    out = {}
+    for e in range(gate_up.shape[0]):
+        out[f"{prefix}experts.{e}.{gate}"] = gate_up[e, :F].clone()
+        out[f"{prefix}experts.{e}.{up}"] = gate_up[e, F:].clone()
+        out[f"{prefix}experts.{e}.{down_name}"] = down[e].clone()
+    return out

@@ -32,6 +32,12 @@ from pathlib import Path
 
 import torch
 
+from moeflow.checkpoint.hf_keys import (
+    ADAPTERS,
+    StateDictAdapter,
+    fuse_disk_experts,
+    split_disk_experts,
+)
 from moeflow.config import MoEConfig
 from moeflow.errors import CorruptDataError, InputError, UnsupportedModelError
 from moeflow.models.config import DecoderConfig
@@ -40,24 +46,26 @@ from moeflow.models.decoder import MoEDecoder
 
 @dataclass(frozen=True)
 class Family:
-    """A transformers model family: its MoE block's attribute name, per-expert names and the
-    name of its shared-expert block (if any)."""
+    """A transformers model family: its MoE block's attribute name, the block's key table
+    (:data:`moeflow.checkpoint.hf_keys.ADAPTERS`), the on-disk per-expert naming
+    (:data:`~moeflow.checkpoint.hf_keys.EXPERT_DISK_NAMES`) and whether attention has q/k
+    norms."""
 
     model_type: str
     moe_attr: str
-    gate: str
-    up: str
-    down: str
+    adapter: str
+    disk_names: str
     qk_norm: bool
-    shared_attr: str | None = None
+
+    @property
+    def block(self) -> StateDictAdapter:
+        return ADAPTERS[self.adapter]
 
 
 FAMILIES: dict[str, Family] = {
-    "qwen3_moe": Family("qwen3_moe", "mlp", "gate_proj", "up_proj", "down_proj", True),
-    "mixtral": Family("mixtral", "block_sparse_moe", "w1", "w3", "w2", False),
-    "deepseek_v2": Family(
-        "deepseek_v2", "mlp", "gate_proj", "up_proj", "down_proj", False, "shared_experts"
-    ),
+    "qwen3_moe": Family("qwen3_moe", "mlp", "gate_experts", "proj", True),
+    "mixtral": Family("mixtral", "block_sparse_moe", "gate_experts", "w", False),
+    "deepseek_v2": Family("deepseek_v2", "mlp", "deepseek_v2", "proj", False),
 }
 
 _GQA_KEYS = (
@@ -201,7 +209,8 @@ def config_from_hf(hf: dict) -> tuple[DecoderConfig, Family]:
 
 
 def from_hf_state_dict(sd: dict, cfg: DecoderConfig, fam: Family) -> dict:
-    """transformers keys (per-expert or fused) -> :class:`MoEDecoder` keys."""
+    """transformers keys (per-expert or fused) -> :class:`MoEDecoder` keys. Each MoE block
+    goes through its family's key table (:mod:`moeflow.checkpoint.hf_keys`)."""
     sd = dict(sd)
     out: dict[str, torch.Tensor] = {}
 
@@ -220,31 +229,23 @@ def from_hf_state_dict(sd: dict, cfg: DecoderConfig, fam: Family) -> dict:
     else:
         raise CorruptDataError("checkpoint has no tensor 'lm_head.weight'")
     E = cfg.moe.num_experts
+    ours = ["router.weight", "experts.w_in", "experts.w_out"]
+    if cfg.moe.num_shared_experts and any(r.ours == "shared.w_in" for r in fam.block.rules):
+        ours += ["shared.w_in", "shared.w_out"]
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         names = _attention_keys(cfg) + ("input_layernorm.weight", "post_attention_layernorm.weight")
         for n in names:
             out[dst + n] = take(src + n)
         moe = f"{src}{fam.moe_attr}."
-        if fam.shared_attr and cfg.moe.num_shared_experts:
-            sh = f"{moe}{fam.shared_attr}."
-            out[dst + "mlp.shared.w_in"] = torch.cat(
-                [take(sh + "gate_proj.weight"), take(sh + "up_proj.weight")]
-            )
-            out[dst + "mlp.shared.w_out"] = take(sh + "down_proj.weight")
-        out[dst + "mlp.router.weight"] = take(moe + "gate.weight")
-        if moe + "experts.gate_up_proj" in sd:
-            out[dst + "mlp.experts.w_in"] = take(moe + "experts.gate_up_proj")
-            out[dst + "mlp.experts.w_out"] = take(moe + "experts.down_proj")
-        else:
-            ex = f"{moe}experts."
-            w_in = [
-                torch.cat([take(f"{ex}{e}.{fam.gate}.weight"), take(f"{ex}{e}.{fam.up}.weight")])
-                for e in range(E)
-            ]
-            w_out = [take(f"{ex}{e}.{fam.down}.weight") for e in range(E)]
-            out[dst + "mlp.experts.w_in"] = torch.stack(w_in)
-            out[dst + "mlp.experts.w_out"] = torch.stack(w_out)
+        block = {k[len(moe) :]: sd.pop(k) for k in [k for k in sd if k.startswith(moe)]}
+        if "experts.gate_up_proj" not in block:  # per-expert tensors, as on disk
+            take_expert = lambda k, b=block, m=moe: _pop(b, m, k)  # noqa: E731
+            block.update(fuse_disk_experts(take_expert, "", E, fam.disk_names))
+        fam.block.from_hf_(block)
+        for k in ours:
+            out[f"{dst}mlp.{k}"] = _pop(block, moe, k)
+        sd.update({moe + k: v for k, v in block.items()})  # left over: reported below
     left = sorted(k for k in sd if "rotary_emb" not in k)
     if left:
         raise UnsupportedModelError(
@@ -254,8 +255,16 @@ def from_hf_state_dict(sd: dict, cfg: DecoderConfig, fam: Family) -> dict:
     return out
 
 
+def _pop(block: dict, prefix: str, key: str) -> torch.Tensor:
+    try:
+        return block.pop(key)
+    except KeyError:
+        raise CorruptDataError(f"checkpoint has no tensor {prefix + key!r}") from None
+
+
 def to_hf_state_dict(model: MoEDecoder, fam: Family | str) -> dict:
-    """:class:`MoEDecoder` state -> transformers' on-disk keys (per-expert tensors)."""
+    """:class:`MoEDecoder` state -> transformers' on-disk keys (per-expert tensors), each MoE
+    block through its family's key table."""
     fam = FAMILIES[fam] if isinstance(fam, str) else fam
     cfg, sd = model.cfg, model.state_dict()
     out = {
@@ -263,25 +272,17 @@ def to_hf_state_dict(model: MoEDecoder, fam: Family | str) -> dict:
         "model.norm.weight": sd["norm.weight"],
         "lm_head.weight": sd["lm_head.weight"],
     }
-    F_ = cfg.moe.ffn_hidden_size
     for i in range(cfg.num_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         for k, v in sd.items():
             if k.startswith(src) and ".mlp." not in k:
                 out[dst + k[len(src) :]] = v
+        mlp = f"{src}mlp."
+        block = fam.block.to_hf({k[len(mlp) :]: v for k, v in sd.items() if k.startswith(mlp)})
         moe = f"{dst}{fam.moe_attr}."
-        out[moe + "gate.weight"] = sd[src + "mlp.router.weight"]
-        if fam.shared_attr and cfg.moe.num_shared_experts:
-            w_in, Fs = sd[src + "mlp.shared.w_in"], cfg.moe.shared_ffn_size
-            sh = f"{moe}{fam.shared_attr}."
-            out[sh + "gate_proj.weight"] = w_in[:Fs].clone()
-            out[sh + "up_proj.weight"] = w_in[Fs:].clone()
-            out[sh + "down_proj.weight"] = sd[src + "mlp.shared.w_out"]
-        w_in, w_out = sd[src + "mlp.experts.w_in"], sd[src + "mlp.experts.w_out"]
-        for e in range(cfg.moe.num_experts):
-            out[f"{moe}experts.{e}.{fam.gate}.weight"] = w_in[e, :F_].clone()
-            out[f"{moe}experts.{e}.{fam.up}.weight"] = w_in[e, F_:].clone()
-            out[f"{moe}experts.{e}.{fam.down}.weight"] = w_out[e].clone()
+        gate_up, down = block.pop("experts.gate_up_proj"), block.pop("experts.down_proj")
+        out.update({moe + k: v for k, v in block.items()})
+        out.update(split_disk_experts(gate_up, down, moe, fam.disk_names))
     return out
 
 

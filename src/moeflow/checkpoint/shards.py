@@ -34,6 +34,7 @@ import struct
 
 import torch
 
+from moeflow.checkpoint.hf_keys import BLOCK_DISK_RENAMES, EXPERT_DISK_NAMES
 from moeflow.errors import CorruptDataError, InputError
 
 __all__ = [
@@ -199,13 +200,9 @@ def checkpoint_tensors(path: str) -> dict[str, tuple[str, str, tuple[int, ...]]]
     raise InputError(f"checkpoint directory {path!r} has neither {INDEX_NAME} nor {SINGLE_NAME}")
 
 
-#: per-expert on-disk names: (gate, up, down) under ``<block>.experts.{e}.``
-EXPERT_DISK_LAYOUTS = (
-    ("gate_proj.weight", "up_proj.weight", "down_proj.weight"),
-    ("w1.weight", "w3.weight", "w2.weight"),
-)
-#: in-memory block path -> on-disk block path renames transformers applies (Mixtral)
-_BLOCK_RENAMES = ((".mlp.", ".block_sparse_moe."),)
+#: per-expert on-disk names and block renames: the one table in moeflow.checkpoint.hf_keys
+EXPERT_DISK_LAYOUTS = tuple(EXPERT_DISK_NAMES.values())
+_BLOCK_RENAMES = BLOCK_DISK_RENAMES
 
 
 class SafetensorsCheckpoint:
