@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 PARALLEL = Path(__file__).resolve().parents[2] / "src" / "moeflow" / "parallel"
-DISPATCHER_MODULES = ("contract.py", "dispatch.py", "dedup.py")
 
 
 def _tree(name: str) -> ast.Module:
@@ -27,6 +26,27 @@ def _dotted(node) -> str:
     if isinstance(node, ast.Name):
         return node.id
     return "?"
+
+
+def _defines_a_dispatcher(tree: ast.Module) -> bool:
+    from moeflow.parallel import DISPATCHER_CLASSES, TokenDispatcher
+
+    names = {TokenDispatcher.__name__} | {c.__name__ for c in DISPATCHER_CLASSES.values()}
+    return any(
+        isinstance(n, ast.ClassDef) and any(_dotted(b).split(".")[-1] in names for b in n.bases)
+        for n in ast.walk(tree)
+    )
+
+
+# the contract, and every module that defines a dispatcher (a new one is picked up here)
+DISPATCHER_MODULES = ["contract.py"] + [
+    p.name for p in sorted(PARALLEL.glob("*.py")) if _defines_a_dispatcher(_tree(p.name))
+]
+
+
+def test_the_dispatcher_modules_are_found():
+    assert {"contract.py", "dispatch.py", "dedup.py"} <= set(DISPATCHER_MODULES)
+    assert "expert_parallel.py" not in DISPATCHER_MODULES
 
 
 def autograd_functions(tree: ast.Module) -> list[str]:
