@@ -109,7 +109,7 @@ def _time_once(fn):
 
 def _rank(rank, world, args):
     """One rank (forked by moeflow.launch, gloo group up); rank 0 returns the timings."""
-    import moeflow.parallel.dispatch as dispatch_mod
+    import moeflow.parallel.contract as dispatch_mod  # CommStep.issue's all_to_all_v
     from moeflow.comm import Topology
     from moeflow.parallel import ExpertParallel
 
@@ -159,7 +159,7 @@ def _rank(rank, world, args):
             dispatch_mod.all_to_all_v = _fake_a2a
             ep.dispatcher.exchange = replay_exchange
         if mode in ("comm", "local"):  # no expert GEMMs
-            ep._expert_fn = lambda x_e, counts, wi, wo, act, k: x_e * 1.0
+            ep.expert_fn = lambda x_e, counts, wi, wo, act, k: x_e * 1.0
         try:
             if backward:
                 ep.zero_grad(set_to_none=True)
@@ -170,7 +170,7 @@ def _rank(rank, world, args):
         finally:
             dispatch_mod.all_to_all_v = real_a2a
             ep.dispatcher.exchange = real_exchange
-            ep._expert_fn = expert_ffn
+            ep.expert_fn = expert_ffn
 
     for backward in (False, True):
         samples = {(r, m): [] for r in args.degrees for m in modes}

@@ -130,6 +130,9 @@ def run_case(rank: int, world: int, case: Case, group=None) -> float:
         r_bwd=case.r_bwd,
         timeout_s=30,
     )
+    # an alias ("2dh") builds the dispatcher registered under its role name
+    assert ep.dispatcher_name == ep.dispatcher.name
+    assert ep.dispatcher_name == {"2dh": "hierarchical"}.get(case.dispatcher, case.dispatcher)
     x = x_all[offs[rank] : offs[rank + 1]].clone().requires_grad_(True)
     y = ep(x)
     loss = (y * g_all[offs[rank] : offs[rank + 1]]).sum() + ep.aux_loss

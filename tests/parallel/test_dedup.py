@@ -132,6 +132,7 @@ def _bytes(rank, world, level, routes):
     from moeflow.kernels import expert_ffn
     from moeflow.layer.routers import Routing
     from moeflow.parallel import make_dispatcher
+    from moeflow.parallel.expert_parallel import pipelined_experts
 
     E, D = 8, 16
     T = [len(r) for r in routes]
@@ -161,14 +162,18 @@ def _bytes(rank, world, level, routes):
         tok, exp, w, torch.bincount(exp, minlength=E), torch.zeros(()), torch.zeros(T[rank], E)
     )
 
-    class _EP:  # the fields forward_tokens reads from ExpertParallel
-        activation, kernel, _expert_fn = "gelu", "loop", staticmethod(expert_ffn)
-        w_in = torch.randn(E // world, 8, D)
-        w_out = torch.randn(E // world, D, 8)
+    w_in = torch.randn(E // world, 8, D)
+    w_out = torch.randn(E // world, D, 8)
+
+    def ffn(x_MD, counts, wi, wo):
+        return expert_ffn(x_MD, counts, wi, wo, "gelu", "loop")
 
     x = torch.randn(T[rank], D)
-    with torch.no_grad():
-        y = d.forward_tokens(_EP, x, routing, 2, 2)
+    with torch.no_grad():  # the dispatcher through the one pipeline, as ExpertParallel runs it
+        x_in, weight = d.pipeline_input(x, routing)
+        ex = d.exchange(routing.counts_E, routing=routing, tokens=x)
+        y = pipelined_experts(d, ex, x_in, weight, w_in, w_out, ffn, 2, 2)
+        y = d.pipeline_output(y, routing, T[rank])
     # the result is the weighted sum of this rank's expert outputs (all ranks' weights)
     assert y.shape == (T[rank], D)
     got = torch.tensor([d.bytes_sent["intra_node"], d.bytes_sent["inter_node"]])

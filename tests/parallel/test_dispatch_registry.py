@@ -32,14 +32,50 @@ COMMON = dict(
 
 
 def test_registry_lists_the_dispatchers():
-    assert DISPATCHERS == ("a2a", "capacity", "2dh", "dedup")
+    assert DISPATCHERS == ("a2a", "capacity", "hierarchical", "dedup")
     assert DISPATCHER_CLASSES == {
         "a2a": A2ADispatcher,
         "capacity": CapacityDispatcher,
-        "2dh": HierarchicalDispatcher,
+        "hierarchical": HierarchicalDispatcher,
         "dedup": DedupDispatcher,
     }
+    assert dispatcher_class("hierarchical") is HierarchicalDispatcher
+
+
+def test_the_paper_name_2dh_is_an_alias_of_hierarchical():
+    from moeflow.parallel.dispatch import canonical_dispatcher
+
     assert dispatcher_class("2dh") is HierarchicalDispatcher
+    assert canonical_dispatcher("2dh") == "hierarchical"
+    assert canonical_dispatcher("a2a") == "a2a"
+    d = make_dispatcher("2dh", intra_group=None, inter_group=None, ranks_per_node=1, **COMMON)
+    assert isinstance(d, HierarchicalDispatcher) and d.name == "hierarchical"
+    assert "2dh" not in DISPATCHERS  # listed once, under its role name
+
+
+@pytest.mark.parametrize("flag", ["hierarchical", "2dh"])
+def test_train_cli_accepts_the_role_name_and_the_alias(flag):
+    import argparse
+
+    from moeflow.apps.train import add_train_arguments
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    assert p.parse_args(["--dispatcher", flag]).dispatcher == flag
+    assert dispatcher_class(flag) is HierarchicalDispatcher
+    with pytest.raises(SystemExit):
+        p.parse_args(["--dispatcher", "3dh"])
+
+
+def test_every_dispatcher_fits_the_one_contract():
+    from moeflow.parallel.contract import TokenDispatcher as Contract
+
+    assert TokenDispatcher is Contract
+    for name, cls in DISPATCHER_CLASSES.items():
+        assert issubclass(cls, TokenDispatcher), name
+        assert cls.name == name
+        assert isinstance(cls.consumes_tokens, bool), name
+    assert DedupDispatcher.consumes_tokens and not A2ADispatcher.consumes_tokens
 
 
 @pytest.mark.parametrize("cls", list(DISPATCHER_CLASSES.values()))
@@ -63,7 +99,9 @@ def test_builds_each_dispatcher_with_its_own_arguments():
     assert isinstance(d, A2ADispatcher) and (d.P, d.p_me, d.E_l) == (2, 1, 4)
     d = make_dispatcher("capacity", world_group=None, **COMMON)
     assert isinstance(d, CapacityDispatcher)
-    d = make_dispatcher("2dh", intra_group=None, inter_group=None, ranks_per_node=1, **COMMON)
+    d = make_dispatcher(
+        "hierarchical", intra_group=None, inter_group=None, ranks_per_node=1, **COMMON
+    )
     assert isinstance(d, HierarchicalDispatcher) and (d.n, d.a_me, d.j_me) == (2, 1, 0)
 
 
@@ -82,7 +120,7 @@ def test_unknown_name_names_the_known_ones(name):
         ("a2a", {"world_group": None}, "world_group"),
         ("capacity", {"ranks_per_node": 2}, "ranks_per_node"),
         (
-            "2dh",
+            "hierarchical",
             {"intra_group": None, "inter_group": None, "ranks_per_node": 1, "world_group": None},
             "world_group",
         ),

@@ -25,7 +25,7 @@ def _world2_cases() -> list:
     cases = []
     # every dispatcher x degrees x ESP on/off, routers cycled through
     rot = itertools.cycle(ROUTERS)
-    for d in ("a2a", "capacity", "2dh"):
+    for d in ("a2a", "capacity", "hierarchical"):
         for esp in (1, 2):
             for rf, rb in [(1, 1), (2, 4), (4, 2), (4, 4)]:
                 cases.append(
@@ -51,7 +51,7 @@ def _world2_cases() -> list:
             r_bwd=2,
             tokens=(10, 21),
         ),
-        Case(expert_type="gelu", dispatcher="2dh", ranks_per_node=1, r_fwd=4, r_bwd=2),
+        Case(expert_type="gelu", dispatcher="hierarchical", ranks_per_node=1, r_fwd=4, r_bwd=2),
     ]
     return cases
 
@@ -60,7 +60,7 @@ def _world4_cases() -> list:
     cases = []
     # every dispatcher x ESP on/off x all 9 (r_fwd, r_bwd) in {1,2,4}^2, routers cycled
     rot = itertools.cycle([r for r in ROUTERS if r != "expert_choice"])
-    for d in ("a2a", "capacity", "2dh"):
+    for d in ("a2a", "capacity", "hierarchical"):
         for esp in (1, 2):
             for rf, rb in R_PAIRS:
                 cases.append(
@@ -75,9 +75,17 @@ def _world4_cases() -> list:
                         capacity_factor=1.0 if d == "capacity" else None,
                     )
                 )
-    # every router through 2DH with uneven token counts and a rank with no tokens at all
+    # every router through the hierarchical (2DH) dispatcher with uneven token counts and a
+    # rank with no tokens at all
     cases += [
-        Case(router=r, dispatcher="2dh", ranks_per_node=2, r_fwd=2, r_bwd=4, tokens=(5, 17, 0, 9))
+        Case(
+            router=r,
+            dispatcher="hierarchical",
+            ranks_per_node=2,
+            r_fwd=2,
+            r_bwd=4,
+            tokens=(5, 17, 0, 9),
+        )
         for r in ROUTERS
     ]
     # all tokens to experts 0 and 1 (rank 0's shard): ranks 1-3 receive zero rows
@@ -91,7 +99,7 @@ def _world4_cases() -> list:
             r_fwd=4,
             r_bwd=2,
         )
-        for d in ("a2a", "2dh", "capacity")
+        for d in ("a2a", "hierarchical", "capacity")
         for e in (1, 2)
     ]
     # drop mode: per-rank capacity, as the single-device layer on each rank's batch
@@ -106,7 +114,7 @@ def _world4_cases() -> list:
             r_bwd=4,
             tokens=(11, 20, 4, 13),
         )
-        for d in ("a2a", "capacity", "2dh")
+        for d in ("a2a", "capacity", "hierarchical")
         for e in (1, 2)
     ]
     cases += [
@@ -120,8 +128,13 @@ def _world4_cases() -> list:
             tokens=(16, 16, 16, 16),
         )
     ]
-    cases += [Case(expert_type="gelu", dispatcher="2dh", esp=2, ranks_per_node=4, r_fwd=4, r_bwd=1)]
-    # 2DH on other layouts: 4 nodes x 1 (no intra step), 1 node x 4 (no inter step)
+    cases += [
+        Case(
+            expert_type="gelu", dispatcher="hierarchical", esp=2, ranks_per_node=4, r_fwd=4, r_bwd=1
+        )
+    ]
+    # 2DH on other layouts: 4 nodes x 1 (no intra step), 1 node x 4 (no inter step), built
+    # by the paper's name "2dh" (an alias of "hierarchical")
     cases += [
         Case(dispatcher="2dh", ranks_per_node=rpn, r_fwd=2, r_bwd=4, tokens=(3, 9, 0, 5))
         for rpn in (1, 4)
@@ -184,7 +197,7 @@ def test_ep_matches_single_device_world4_and_config_errors():
 def _full_grid() -> list:
     cases = []
     for d, esp, (rf, rb), router in itertools.product(
-        ("a2a", "capacity", "2dh"), (1, 2), R_PAIRS, ROUTERS
+        ("a2a", "capacity", "hierarchical"), (1, 2), R_PAIRS, ROUTERS
     ):
         cases.append(
             Case(
@@ -347,7 +360,7 @@ def _on_subgroups(rank, world):
             tokens=(7, 12),
             capacity_factor=1.0 if d == "capacity" else None,
         )
-        for d in ("a2a", "capacity", "2dh")
+        for d in ("a2a", "capacity", "hierarchical")
         for e in (1, 2)
     ]
     return [run_case(me, 2, c, group=g) for c in cases]

@@ -1,9 +1,10 @@
 """Parm schedules on gloo ranks: world 4 as 2 nodes x 2, MP = ESP = 2 (the node).
 
 Every MP rank holds its node's batch. ``plain`` equals the single-device layer on that batch;
-``s2`` (split after the gate) equals it too; ``s1`` (MP-Split) equals it on each split
-(routing acts on the batch a rank routes); outputs, input gradients and every parameter
-gradient are compared. S1 and S2 send 1/S of plain's inter-node bytes.
+``split_rows`` (Parm's S2, split after the gate) equals it too; ``split_tokens`` (Parm's S1,
+MP-Split) equals it on each split (routing acts on the batch a rank routes); outputs, input
+gradients and every parameter gradient are compared. Both splits send 1/S of plain's
+inter-node bytes. Parm's names ``s1`` / ``s2`` are accepted as aliases.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.parallel.ep_cases import ROUTER_CFGS, Case, _ws, build
 pytestmark = pytest.mark.dist
 
 BATCH = (14, 9)  # tokens of node 0 and node 1
+SCHEDULES = ("plain", "split_tokens", "split_rows")
 
 
 def _run(rank, world, case: Case, schedule: str):
@@ -39,7 +41,8 @@ def _run(rank, world, case: Case, schedule: str):
     loss, y_ref, xr = 0.0, None, [x.clone().requires_grad_(True) for x in xs]
     for m in range(2):
         T = BATCH[m]
-        pieces = [(0, T)] if schedule != "s1" else [split_range(T, 2, i) for i in range(2)]
+        split = schedule == "split_tokens"
+        pieces = [split_range(T, 2, i) for i in range(2)] if split else [(0, T)]
         ys = []
         for lo, hi in pieces:
             y = ref(xr[m][lo:hi])
@@ -85,11 +88,11 @@ def _run(rank, world, case: Case, schedule: str):
 
 
 def _cases():
-    cases = [(Case(router=r), sch) for r in ROUTER_CFGS for sch in ("plain", "s1", "s2")]
+    cases = [(Case(router=r), sch) for r in ROUTER_CFGS for sch in SCHEDULES]
     # drop mode (capacity factor 1) and a chunked pipeline
     cases += [
         (Case(router="softmax_topk", capacity_factor=1.0, r_fwd=2, r_bwd=3), sch)
-        for sch in ("plain", "s1", "s2")
+        for sch in SCHEDULES
     ]
     return cases
 
@@ -106,10 +109,10 @@ def test_parm_schedules_match_single_device_and_split_ones_send_1_over_S():
     for c, sch in cases:
         if sch == "plain" and c.router != "expert_choice" and c.capacity_factor is None:
             # token-choice dropless: the same rows cross, S = 2 copies under plain
-            plain, s1, s2 = (by[(str(c), sch)] for sch in ("plain", "s1", "s2"))
-            assert s1 > 0 and plain == 2 * s1 == 2 * s2, (str(c), plain, s1, s2)
-        if sch == "plain":  # S2 splits the rows of the same routing: exactly 1/S in any mode
-            assert by[(str(c), "plain")] == 2 * by[(str(c), "s2")], str(c)
+            plain, tok, rows = (by[(str(c), sch)] for sch in SCHEDULES)
+            assert tok > 0 and plain == 2 * tok == 2 * rows, (str(c), plain, tok, rows)
+        if sch == "plain":  # split_rows splits the same routing's rows: 1/S in any mode
+            assert by[(str(c), "plain")] == 2 * by[(str(c), "split_rows")], str(c)
 
 
 def _auto(rank, world):
@@ -138,6 +141,16 @@ def _auto(rank, world):
         torch.manual_seed(node)
         ep(torch.randn(10, cfg.hidden_size))
         chosen.append(ep.last_schedule)
+    aliases = [
+        ExpertParallel(
+            copy.deepcopy(layer),
+            topology=Topology.explicit(world, 2),
+            esp_size=2,
+            mp_group=mp,
+            schedule=old,
+        ).parm_schedule
+        for old in ("s1", "s2")
+    ]
     errors = []
     for kw in (
         dict(esp_size=2, mp_group=mp, schedule="s3"),
@@ -148,11 +161,13 @@ def _auto(rank, world):
             ExpertParallel(copy.deepcopy(layer), topology=Topology.explicit(world, 2), **kw)
         except ConfigError as e:
             errors.append(e.field)
-    return chosen, errors
+    return chosen, errors, aliases
 
 
 def test_auto_follows_the_cost_model_and_bad_settings_are_config_errors():
     res = run_ranks(_auto, 4, timeout_s=60)
     # a slow network favours the split; a costly intra-node collective favours plain
-    assert res[0][0] == ["s1", "plain"]
+    assert res[0][0] == ["split_tokens", "plain"]
     assert res[0][1] == ["schedule", "mp_group", "schedule"]
+    # Parm's names still select the schedules, recorded under their role names
+    assert res[0][2] == ["split_tokens", "split_rows"]

@@ -73,7 +73,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="ranks per (pretend) node for the topology; 0: LOCAL_WORLD_SIZE "
         "under torchrun, else 2 when --nproc is even",
     )
-    p.add_argument("--dispatcher", default="a2a", choices=["a2a", "capacity", "2dh"])
+    p.add_argument(
+        "--dispatcher",
+        default="a2a",
+        choices=["a2a", "capacity", "hierarchical", "2dh"],
+        help="token dispatcher ('2dh' is an alias of 'hierarchical')",
+    )
     p.add_argument("--esp", type=int, default=1, help="expert-sharding group size")
     p.add_argument("--r-fwd", type=int, default=2, help="forward pipeline degree")
     p.add_argument("--r-bwd", type=int, default=2, help="backward pipeline degree")

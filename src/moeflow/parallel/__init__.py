@@ -12,7 +12,7 @@ Usage (every rank, after ``torch.distributed.init_process_group``)::
     layer = mf.MoELayer(cfg)
     ep = ExpertParallel(layer, group=None,       # None: the default group
                         topology=Topology.from_env(),   # or Topology.explicit(4, 2)
-                        dispatcher="2dh",        # "a2a" | "capacity" | "2dh"
+                        dispatcher="hierarchical",  # "a2a" | "capacity" | "dedup"
                         esp_size=1, r_fwd=2, r_bwd=4,    # or plan=moeflow.plan.Plan
                         timeout_s=120)
     y = ep(x_local)                              # this rank's tokens, any [..., D] shape

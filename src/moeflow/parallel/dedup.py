@@ -11,16 +11,19 @@ the expert outputs of a token are weighted and summed at their rank, the per-ran
 sums are summed at the relay, and only then cross back. The schedule, its message sizes and
 the level choice ``d* = argmin_d t_d`` are in :mod:`moeflow.plan.hiermoe` (Eq. 3-6).
 
-How a call runs: the routing of every rank (token, expert, weight of each assignment) is
-all-gathered over the EP group, so every rank derives every hop's layout from the same
-data with no count exchange per chunk. Tokens are cut into r contiguous ranges (chunks);
-each chunk runs dispatch hops -> copy to experts -> expert FFN -> weighted reduction ->
-combine hops on the wavefront scheduler (FSMoE overlap), forward with r_fwd chunks and
-backward with r_bwd. Backward sends the output gradient along the dispatch hops (the
-adjoint of a sum is a copy), recomputes each chunk's expert FFN from the rows saved in
-forward, and sends the input gradient back along the combine hops; the gradient of each
-combine weight, ``<dL/dy_t, y_e(x_t)>``, is formed at the expert's rank and summed over
-the group (one float per assignment).
+The dispatcher fits the contract of :mod:`moeflow.parallel.contract` with a token layout
+(``consumes_tokens``): it only describes chunks, and the one chunk pipeline of
+:mod:`moeflow.parallel.expert_parallel` (wavefront, FSMoE overlap, and its autograd) runs
+them. ``exchange`` all-gathers the routing of every rank (token, expert, weight of each
+assignment) over the EP group, so every rank derives every hop's layout from the same data
+with no count exchange per chunk. Tokens are cut into r contiguous ranges (chunks); each
+chunk's route is: dispatch hops (each a gather of the previous hop's rows, one copy per
+destination group, then an all-to-all) -> expansion to the token's local experts, expert
+FFN, weighted sum per arrived row -> combine hops (all-to-all, then a sum into the previous
+hop's rows, the adjoint of its gather) -> sum into the tokens. Backward runs the same route
+with the output gradient (the adjoint of a sum is a copy); the gradient of each combine
+weight, ``<dL/dy_t, y_e(x_t)>``, is formed at the expert's rank and summed over the group
+by :meth:`DedupDispatcher.weight_grad` (one float per assignment).
 
 Capacity (drop) mode needs nothing special: the router has already dropped, and dedup
 moves only the kept assignments with variable splits.
@@ -29,12 +32,13 @@ moves only the kept assignments with variable splits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from moeflow.comm.collectives import all_gather_equal, all_gather_v, all_reduce, all_to_all_v
-from moeflow.comm.timeouts import Pending
+from moeflow.comm.collectives import all_gather_equal, all_gather_v, all_reduce
 from moeflow.errors import ConfigError
+from moeflow.parallel.contract import ChunkRoute, CommStep, CountExchange, TokenDispatcher
 
 LEVELS = ("rank", "node")
 LINK_NAMES = {1: "intra_node", 2: "inter_node"}
@@ -62,64 +66,31 @@ def _position_in_group(group_R: torch.Tensor, order_R: torch.Tensor) -> torch.Te
 
 
 @dataclass
-class Hop:
-    """One all-to-all of a chunk, as this rank sees it.
+class DedupExchange(CountExchange):
+    """The exchange of one call: every rank's routing, the level, the assignments held here."""
 
-    Dispatch: ``buf_prev.index_select(0, send_index)`` goes out with ``in_splits`` and
-    ``out_splits`` rows arrive. Combine: the reverse all-to-all, then ``index_add`` into the
-    previous buffer at ``send_index`` (the adjoint of the copy).
-    """
+    routing: dict | None = None  # see DedupDispatcher._gather_routing
+    level: int = 0
+    held: torch.Tensor | None = None  # sorted global ids of the assignments computed here
 
-    group: object
-    send_index: torch.Tensor
-    in_splits: list
-    out_splits: list
-    prev_rows: int  # rows of the buffer this hop gathers from
-    dest_links: list  # link name (or None: self) of each group member
-    label: str
-
-    def to(self, device) -> Hop:
-        self.send_index = self.send_index.to(device)
-        return self
+    @property
+    def computed_rows(self) -> int:
+        return int(self.held.numel())
 
 
-@dataclass
-class DedupRoute:
-    """The hops of one chunk and the copy from the last hop's rows to expert-major rows."""
-
-    hops: list
-    expand_index: torch.Tensor  # last-hop row of each local assignment (expert-major)
-    counts_El: torch.Tensor  # local assignments per local expert
-    weight_M: torch.Tensor  # combine weight of each local assignment
-    gid_M: torch.Tensor  # global id of each local assignment
-    recv_rows: int  # rows that the last hop delivers here
-    device: object = None
-
-    def to(self, device) -> DedupRoute:
-        if self.device != device:
-            for h in self.hops:
-                h.to(device)
-            self.expand_index = self.expand_index.to(device)
-            self.counts_El = self.counts_El.to(device)
-            self.device = device
-        return self
-
-
-class DedupDispatcher:
+class DedupDispatcher(TokenDispatcher):
     """HierMoE token dedup at level ``level`` (0 / "rank", 1 / "node", or "auto").
 
     Built by ``make_dispatcher("dedup", ...)`` like the row dispatchers of
-    :mod:`moeflow.parallel.dispatch` (same common arguments), but it works on tokens, not on
-    permuted rows: ``ExpertParallel`` calls :meth:`forward_tokens` with the routing of the
-    batch instead of the count exchange / per-chunk route interface. ``bytes_sent`` counts the row
-    bytes this rank put on each link level (``intra_node`` / ``inter_node``), dispatch and
-    combine, forward and backward; ``reset_bytes`` clears it.
+    :mod:`moeflow.parallel.dispatch`, and driven by the same pipeline; its layout is tokens
+    (``consumes_tokens``): ``exchange`` takes the routing of the batch. ``bytes_sent`` counts
+    the row bytes this rank put on each link level (``intra_node`` / ``inter_node``),
+    dispatch and combine, forward and backward; ``reset_bytes`` clears it.
     """
 
     name = "dedup"
     options = ("intra_group", "inter_group", "ranks_per_node", "level", "links")
-    #: ExpertParallel hands this dispatcher the tokens and the routing (see forward_tokens)
-    token_level = True
+    consumes_tokens = True
 
     @property
     def compression(self):
@@ -133,7 +104,7 @@ class DedupDispatcher:
                 "compress",
                 "on",
                 "False with dispatcher='dedup' (ZipCCL "
-                "compresses the a2a / capacity / 2dh all-to-alls)",
+                "compresses the a2a / capacity / hierarchical all-to-alls)",
             )
 
     def __init__(
@@ -153,10 +124,16 @@ class DedupDispatcher:
         level="auto",
         links=None,
     ):
-        self.ep_group, self.P, self.p_me = ep_group, ep_size, ep_rank
-        self.esp_group, self.S, self.s_me = esp_group, esp_size, esp_rank
-        self.E_l = num_local_experts
-        self.timeout_s = timeout_s
+        super().__init__(
+            ep_group=ep_group,
+            ep_size=ep_size,
+            ep_rank=ep_rank,
+            esp_group=esp_group,
+            esp_size=esp_size,
+            esp_rank=esp_rank,
+            num_local_experts=num_local_experts,
+            timeout_s=timeout_s,
+        )
         if self.S != 1:
             raise ConfigError(
                 "esp_size",
@@ -200,10 +177,6 @@ class DedupDispatcher:
     def set_placement(self, owner_E: torch.Tensor, slot_E: torch.Tensor) -> None:
         """Expert -> (rank, local slot) map; every rank must set the same one."""
         self.owner_E, self.slot_E = owner_E.to("cpu", torch.long), slot_E.to("cpu", torch.long)
-
-    def begin(self, capacity, device=None):
-        """Nothing goes before routing: the routing itself is what dedup exchanges."""
-        return None
 
     # -- routing of the whole group -----------------------------------------------------
     def _gather_routing(self, routing, T: int, device, dtype):
@@ -317,14 +290,14 @@ class DedupDispatcher:
             return None
         return "intra_node" if a // self.L == b // self.L else "inter_node"
 
-    def build_route(self, g: dict, level: int, r: int, c: int) -> DedupRoute:
+    def build_route(self, g: dict, level: int, r: int, c: int) -> ChunkRoute:
         """Layout of chunk c of r: token ranges ``split_offsets(T_s, r, c)`` of every source."""
         me = self.p_me
         lo, hi = _range_start(g["T_P"], r, c), _range_start(g["T_P"], r, c + 1)
         in_chunk = (g["tok"] >= lo[g["src"]]) & (g["tok"] < hi[g["src"]])
         hops_rows = self._hop_rows(g, level, in_chunk)
         Tmax = int(g["T_P"].max()) + 1 if g["T_P"].numel() else 1
-        hops, prev_recv_pos = [], None
+        dispatch, combine, send0, prev_recv_pos = [], [], None, None
         prev_rows = int(g["T_P"][me])
         for k, h in enumerate(hops_rows):
             tie = h["src"] * Tmax + h["tok"]
@@ -339,16 +312,31 @@ class DedupDispatcher:
             in_splits = torch.bincount(h["rgr"][mine], minlength=G).tolist()
             out_splits = torch.bincount(h["sgr"][h["receiver"] == me], minlength=G).tolist()
             tag = f"(level {LEVELS[level]}, hop {k + 1}, chunk {c + 1}/{r})"
-            hops.append(
-                Hop(
+            meter = partial(self._count, [self._link_name(me, m) for m in members])
+            # hop k gathers from the previous hop's rows (hop 1: the tokens, the route's
+            # send_index); its combine mirror sums the arrived rows back into them
+            send0 = send_index if k == 0 else send0
+            dispatch.append(
+                CommStep(
+                    f"dedup dispatch {tag}",
                     group,
-                    send_index,
                     in_splits,
                     out_splits,
-                    prev_rows,
-                    [self._link_name(me, m) for m in members],
-                    f"dedup {tag}",
+                    pre_index=None if k == 0 else send_index,
+                    meter=meter,
                 )
+            )
+            combine.insert(
+                0,
+                CommStep(
+                    f"dedup combine {tag}",
+                    group,
+                    out_splits,
+                    in_splits,
+                    post_index=None if k == 0 else send_index,
+                    post_reduce_rows=None if k == 0 else prev_rows,
+                    meter=meter,
+                ),
             )
             prev_rows = int((h["receiver"] == me).sum())
             prev_recv_pos = recv_pos
@@ -362,180 +350,58 @@ class DedupDispatcher:
         row = prev_recv_pos[torch.searchsorted(last["key"], key[mine])]
         slot = self.slot_E[e[mine]]
         order = torch.argsort(slot * (prev_rows + 1) + row, stable=True)
-        return DedupRoute(
-            hops,
-            row[order],
-            torch.bincount(slot, minlength=self.E_l),
-            w[mine.to(w.device)][order.to(w.device)],
-            gid[mine][order],
-            prev_rows,
+        return ChunkRoute(
+            send0,
+            dispatch,
+            combine,
+            expand=True,
+            expert_major=row[order],
+            expert_counts=torch.bincount(slot, minlength=self.E_l),
+            expert_weights=w[mine.to(w.device)][order.to(w.device)],
+            assignment_index=gid[mine][order],
         )
 
-    # -- moving rows -------------------------------------------------------------------
-    def _count(self, hop: Hop, splits: list, row_bytes: int) -> None:
-        for n, link in zip(splits, hop.dest_links):
+    # -- the contract ------------------------------------------------------------------
+    def exchange(
+        self, counts_E, *, capacity=None, device=None, started=None, routing=None, tokens=None
+    ) -> DedupExchange:
+        """All-gather the routing of ``tokens`` over the EP group and pick the level.
+
+        Capacity (drop) mode needs nothing here: the router has already dropped."""
+        T = tokens.shape[0]
+        row_bytes = tokens.shape[-1] * tokens.element_size()
+        g = self._gather_routing(routing, T, tokens.device, tokens.dtype)
+        self.last_routing = g
+        level = self.choose_level(g, row_bytes)
+        self.last_level = level
+        held = torch.nonzero(self.owner_E[g["exp"]] == self.p_me).view(-1)
+        return DedupExchange(
+            num_rows=T,
+            num_assignments=int(g["src"].numel()),
+            routing=g,
+            level=level,
+            held=held,
+        )
+
+    def _route(self, ex: DedupExchange, r: int, c: int) -> ChunkRoute:
+        return self.build_route(ex.routing, ex.level, r, c)
+
+    def canonical_index(self, ex: DedupExchange, r: int, c: int) -> torch.Tensor:
+        """Position of each assignment of the chunk among those held here (by global id)."""
+        return torch.searchsorted(ex.held, self.route(ex, r, c).assignment_index.cpu())
+
+    def weight_grad(self, ex: DedupExchange, grad_A: torch.Tensor) -> torch.Tensor:
+        """Every assignment's weight gradient was formed at its expert's rank: sum over the
+        EP group, keep this rank's."""
+        all_reduce(grad_A, self.ep_group, "dedup weight-gradient all-reduce", self.timeout_s)
+        g = ex.routing
+        b, n = int(g["base_P"][self.p_me]), int(g["N_P"][self.p_me])
+        return grad_A[b : b + n]
+
+    def _count(self, dest_links: list, splits: list, row_bytes: int) -> None:
+        for n, link in zip(splits, dest_links):
             if link is not None and n:
                 self.bytes_sent[link] += int(n) * row_bytes
-
-    def _issue(self, hop: Hop, buf: torch.Tensor, reverse: bool) -> Pending:
-        ins, outs = (hop.out_splits, hop.in_splits) if reverse else (hop.in_splits, hop.out_splits)
-        self._count(hop, ins, buf.shape[-1] * buf.element_size())
-        label = hop.label.replace("dedup", "dedup combine" if reverse else "dedup dispatch")
-        return all_to_all_v(buf, ins, outs, hop.group, label, self.timeout_s)
-
-    def run_chunks(self, routes: list, x_TD: torch.Tensor, T: int, expert_stage) -> torch.Tensor:
-        """Dispatch hops -> ``expert_stage(c, rows_of_last_hop)`` -> combine hops -> tokens."""
-        # lazy: the runtime package imports the dispatcher registry at import time
-        from moeflow.parallel.pipeline import run_wavefront
-
-        out = x_TD.new_zeros(T, expert_stage.out_dim)
-        H = len(routes[0].hops)
-        stages = [
-            lambda c, _: self._issue(
-                routes[c].hops[0], x_TD.index_select(0, routes[c].hops[0].send_index), False
-            )
-        ]
-        for k in range(1, H):
-            stages.append(
-                lambda c, buf, k=k: self._issue(
-                    routes[c].hops[k], buf.index_select(0, routes[c].hops[k].send_index), False
-                )
-            )
-
-        def experts(c, buf):
-            z = expert_stage(c, buf)  # rows of the last hop, reduced per row
-            return self._issue(routes[c].hops[H - 1], z, True)
-
-        stages.append(experts)
-        for k in range(H - 1, 0, -1):
-
-            def back(c, buf, k=k):
-                hop = routes[c].hops[k]
-                z = buf.new_zeros(hop.prev_rows, buf.shape[-1]).index_add_(0, hop.send_index, buf)
-                return self._issue(routes[c].hops[k - 1], z, True)
-
-            stages.append(back)
-
-        def place(c, buf):
-            out.index_add_(0, routes[c].hops[0].send_index, buf)
-            return None
-
-        stages.append(place)
-        run_wavefront(len(routes), stages)
-        return out
-
-    def forward_tokens(
-        self, ep, x_TD: torch.Tensor, routing, r_fwd: int, r_bwd: int
-    ) -> torch.Tensor:
-        """The routed experts' weighted sum per token, ``y_TD`` (shared experts excluded)."""
-        T = x_TD.shape[0]
-        g = self._gather_routing(routing, T, x_TD.device, x_TD.dtype)
-        self.last_routing = g
-        level = self.choose_level(g, x_TD.shape[-1] * x_TD.element_size())
-        self.last_level = level
-        call = _DedupCall(self, ep, g, level, r_fwd, r_bwd)
-        call.grad_enabled = torch.is_grad_enabled()
-        return _DedupExperts.apply(x_TD, routing.weight_N, ep.w_in, ep.w_out, call)
-
-
-class _ExpertStage:
-    """Callable for one pass: the last hop's rows -> per-row weighted expert sums."""
-
-    def __init__(self, fn, out_dim: int):
-        self.fn, self.out_dim = fn, out_dim
-
-    def __call__(self, c, buf):
-        return self.fn(c, buf)
-
-
-class _DedupCall:
-    """State of one forward call that backward reuses."""
-
-    def __init__(self, disp: DedupDispatcher, ep, g: dict, level: int, r_fwd: int, r_bwd: int):
-        self.disp, self.ep, self.g, self.level = disp, ep, g, level
-        self.r_fwd, self.r_bwd = r_fwd, r_bwd
-        self.saved_x: list = []
-        self.saved_gid: list = []
-
-    def routes(self, r: int, device) -> list:
-        return [self.disp.build_route(self.g, self.level, r, c).to(device) for c in range(r)]
-
-    def forward(self, x_TD, w_in, w_out, needs_grad: bool) -> torch.Tensor:
-        ep, D = self.ep, x_TD.shape[-1]
-        routes = self.routes(self.r_fwd, x_TD.device)
-
-        def stage(c, buf):
-            rt = routes[c]
-            x_M = buf.index_select(0, rt.expand_index)
-            if needs_grad:
-                self.saved_x.append(x_M)
-                self.saved_gid.append(rt.gid_M)
-            if x_M.shape[0] == 0:
-                return buf.new_zeros(rt.recv_rows, D)
-            y_M = ep._expert_fn(x_M, rt.counts_El, w_in, w_out, ep.activation, ep.kernel)
-            y_M = y_M * rt.weight_M.to(y_M.dtype).unsqueeze(1)
-            return y_M.new_zeros(rt.recv_rows, D).index_add_(0, rt.expand_index, y_M)
-
-        return self.disp.run_chunks(routes, x_TD, x_TD.shape[0], _ExpertStage(stage, D))
-
-    def backward(self, gy_TD, w_in, w_out):
-        ep, disp, g = self.ep, self.disp, self.g
-        D = gy_TD.shape[-1]
-        x_all = torch.cat(self.saved_x) if self.saved_x else gy_TD.new_zeros(0, D)
-        gid_all = torch.cat(self.saved_gid) if self.saved_gid else torch.zeros(0, dtype=torch.long)
-        where = torch.full((g["src"].numel(),), -1, dtype=torch.long)
-        where[gid_all] = torch.arange(gid_all.numel())
-        self.saved_x, self.saved_gid = [], []
-        w_in_d = w_in.detach().requires_grad_(True)
-        w_out_d = w_out.detach().requires_grad_(True)
-        gw_in, gw_out = torch.zeros_like(w_in), torch.zeros_like(w_out)
-        gweight_A = torch.zeros(g["src"].numel(), dtype=gy_TD.dtype, device=gy_TD.device)
-        routes = self.routes(self.r_bwd, gy_TD.device)
-
-        def stage(c, buf):
-            rt = routes[c]
-            if rt.gid_M.numel() == 0:
-                return buf.new_zeros(rt.recv_rows, D)
-            g_M = buf.index_select(0, rt.expand_index)
-            xc = x_all.index_select(0, where[rt.gid_M].to(x_all.device)).requires_grad_(True)
-            with torch.enable_grad():
-                yc = ep._expert_fn(xc, rt.counts_El, w_in_d, w_out_d, ep.activation, ep.kernel)
-            # dL/dw_a = <dL/dy_t, y_a> for assignment a of token t
-            gweight_A.index_add_(0, rt.gid_M.to(gy_TD.device), (g_M * yc.detach()).sum(1))
-            gy_M = g_M * rt.weight_M.to(g_M.dtype).unsqueeze(1)
-            gx, gi, go = torch.autograd.grad(yc, (xc, w_in_d, w_out_d), gy_M, allow_unused=True)
-            if gi is not None:
-                gw_in.add_(gi)
-            if go is not None:
-                gw_out.add_(go)
-            return gx.new_zeros(rt.recv_rows, D).index_add_(0, rt.expand_index, gx)
-
-        gx_TD = disp.run_chunks(routes, gy_TD.contiguous(), gy_TD.shape[0], _ExpertStage(stage, D))
-        # every assignment's weight gradient was formed at its expert's rank
-        all_reduce(gweight_A, disp.ep_group, "dedup weight-gradient all-reduce", disp.timeout_s)
-        b, n = int(g["base_P"][disp.p_me]), int(g["N_P"][disp.p_me])
-        return gx_TD, gweight_A[b : b + n], gw_in, gw_out
-
-
-class _DedupExperts(torch.autograd.Function):
-    """x_TD, combine weights, local expert weights -> routed y_TD (dedup dispatch/combine)."""
-
-    @staticmethod
-    def forward(ctx, x_TD, weight_N, w_in, w_out, call: _DedupCall):
-        # grad mode is off inside forward: the caller's mode was recorded on the call
-        needs = call.grad_enabled and any(ctx.needs_input_grad[:4])
-        y = call.forward(x_TD, w_in, w_out, needs)
-        ctx.call = call
-        ctx.save_for_backward(w_in, w_out)
-        ctx.weight_dtype = weight_N.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, gy_TD):
-        w_in, w_out = ctx.saved_tensors
-        gx, gweight, gi, go = ctx.call.backward(gy_TD, w_in, w_out)
-        ctx.call = None
-        return gx, gweight.to(ctx.weight_dtype), gi, go, None
 
 
 # -- expert placement (HierMoE expert swap) --------------------------------------------------
@@ -601,4 +467,4 @@ def apply_placement(ep, owner_E, optimizer=None) -> None:
     disp.set_placement(owner, slot)
 
 
-__all__ = ["DedupDispatcher", "LEVELS", "DedupRoute", "Hop", "apply_placement", "local_experts"]
+__all__ = ["DedupDispatcher", "DedupExchange", "LEVELS", "apply_placement", "local_experts"]

@@ -1,10 +1,13 @@
-"""Token dispatchers: move (token, expert) rows to the ranks that own the experts and back.
+"""Row dispatchers and the registry: move (token, expert) rows to the expert owners and back.
 
 Shapes: N local assignments (rows of ``x_ND``, sorted by global expert), E global experts,
 P expert-parallel ranks (the EP group), E_l = E / P local experts per EP rank, S the ESP
 group size (ranks that share the same experts, each with an F-slice), r pipeline chunks.
 
-Three dispatchers share one interface (FSMoE, ASPLOS'25: the dispatch module of the layer):
+Every dispatcher fits the contract of :mod:`moeflow.parallel.contract` (FSMoE, ASPLOS'25:
+the dispatch module of the layer), driven by the one chunk pipeline of
+:mod:`moeflow.parallel.expert_parallel`. The row dispatchers here move the layer's permuted
+rows; ``"dedup"`` (HierMoE, :mod:`moeflow.parallel.dedup`) moves tokens:
 
 * ``A2ADispatcher`` ("a2a"): flat, dropless. Per-expert counts are exchanged first
   (an all-to-all of a ``[P, E_l]`` int tensor), then rows move with variable splits.
@@ -14,11 +17,13 @@ Three dispatchers share one interface (FSMoE, ASPLOS'25: the dispatch module of 
   issued by ``begin`` before routing so it overlaps the router), so drop semantics stay
   those of the single-device layer on each rank's batch (the router has already dropped;
   padding rows are zeros, which every expert maps to zeros).
-* ``HierarchicalDispatcher`` ("2dh"): 2-D hierarchical all-to-all (FSMoE / Tutel 2DH):
+* ``HierarchicalDispatcher`` ("hierarchical"; alias "2dh", the 2-D hierarchical all-to-all
+  of FSMoE / Tutel 2DH):
   an intra-node all-to-all that gathers on rank (a, j) every row of node a headed for
   local index j on any node, then an inter-node all-to-all among ranks with local index j.
   Combine runs the mirror image. Counts are all-gathered over the EP group (``[P, P, E_l]``)
   because the intermediate rank needs them.
+* ``DedupDispatcher`` ("dedup"): HierMoE token dedup, a token crosses a level's link once.
 
 Pipelining cuts every (source, destination, expert) block into r near-equal pieces
 (``split_sizes``). Both ends compute the same pieces from the exchanged counts, so chunk c
@@ -27,271 +32,23 @@ needs no further count exchange, and any chunk degree works for forward and back
 
 from __future__ import annotations
 
-import abc
-from dataclasses import dataclass, field
-
 import torch
 
-from moeflow.comm.collectives import all_gather_equal, all_to_all_equal, all_to_all_v
+from moeflow.comm.collectives import all_gather_equal, all_to_all_equal
 from moeflow.comm.timeouts import Pending
 from moeflow.errors import ConfigError
-from moeflow.parallel.dedup import DedupDispatcher
-
-# keyword arguments every dispatcher takes; each class adds its own in ``options``
-COMMON_ARGS = (
-    "ep_group",
-    "ep_size",
-    "ep_rank",
-    "esp_group",
-    "esp_size",
-    "esp_rank",
-    "num_local_experts",
-    "timeout_s",
+from moeflow.parallel.contract import (
+    COMMON_ARGS,
+    ChunkRoute,
+    CommStep,
+    CountExchange,
+    TokenDispatcher,
+    exclusive_cumsum,
+    split_offsets,
+    split_sizes,
+    sub_block_index,
 )
-
-
-# -- index arithmetic on variable-size blocks -----------------------------------------------
-def split_sizes(n: torch.Tensor, r: int, c: int) -> torch.Tensor:
-    """Size of piece c when each entry of ``n`` is cut into r pieces (first n % r get +1)."""
-    return n // r + (n % r > c).long()
-
-
-def split_offsets(n: torch.Tensor, r: int, c: int) -> torch.Tensor:
-    """Offset of piece c inside each block of size ``n``."""
-    return (n // r) * c + torch.clamp(n % r, max=c)
-
-
-def exclusive_cumsum(t: torch.Tensor) -> torch.Tensor:
-    flat = t.reshape(-1)
-    out = torch.zeros_like(flat)
-    if flat.numel() > 1:
-        out[1:] = torch.cumsum(flat[:-1], 0)
-    return out.view(t.shape)
-
-
-def sub_block_index(
-    sizes: torch.Tensor,
-    sub_off: torch.Tensor | None = None,
-    sub_len: torch.Tensor | None = None,
-    perm: tuple | None = None,
-) -> torch.Tensor:
-    """Row index that picks ``[sub_off, sub_off+sub_len)`` of every block and reorders blocks.
-
-    Blocks are stored contiguously in C order of ``sizes`` (any number of dims). The result
-    lists the picked rows block by block in the order of ``sizes.permute(perm)``.
-    """
-    base = exclusive_cumsum(sizes)
-    if sub_off is not None:
-        base = base + sub_off
-    length = sizes if sub_len is None else sub_len
-    if perm is not None:
-        base, length = base.permute(perm), length.permute(perm)
-    base, length = base.reshape(-1), length.reshape(-1)
-    total = int(length.sum())
-    starts = exclusive_cumsum(length)
-    return torch.repeat_interleave(base - starts, length, output_size=total) + torch.arange(
-        total, dtype=torch.long
-    )
-
-
-# -- one communication step of a chunk -----------------------------------------------------
-@dataclass
-class CommStep:
-    """Reorder rows (``pre_index``), all-to-all them, reorder the result (``post_index``)."""
-
-    label: str
-    group: object
-    in_splits: list
-    out_splits: list
-    pre_index: torch.Tensor | None = None
-    post_index: torch.Tensor | None = None
-    compression: object | None = None  # a comm.compressed.Compression: ZipCCL a2a (CPU)
-
-    def to(self, device) -> CommStep:
-        """Move the reorder indices to ``device`` once (no host sync inside the pipeline)."""
-        if self.pre_index is not None:
-            self.pre_index = self.pre_index.to(device)
-        if self.post_index is not None:
-            self.post_index = self.post_index.to(device)
-        return self
-
-    def issue(self, buf: torch.Tensor, timeout_s: float, skip_pre: bool = False) -> Pending:
-        """Start the step on ``buf`` (already reordered when ``skip_pre``)."""
-        if self.pre_index is not None and not skip_pre:
-            buf = buf.index_select(0, self.pre_index)
-        if self.compression is not None and not buf.is_cuda and buf.is_floating_point():
-            from moeflow.comm.compressed import all_to_all as compressed_all_to_all
-
-            p = Pending.ready(
-                compressed_all_to_all(
-                    buf,
-                    self.in_splits,
-                    self.out_splits,
-                    self.group,
-                    self.compression,
-                    op=self.label,
-                    timeout_s=timeout_s,
-                )
-            )
-        else:
-            p = all_to_all_v(
-                buf, self.in_splits, self.out_splits, self.group, self.label, timeout_s
-            )
-        if self.post_index is None:
-            return p
-        post = self.post_index
-
-        def finish() -> torch.Tensor:
-            out = p.wait()
-            return out.index_select(0, post)
-
-        return Pending(None, self.label, timeout_s, finish)
-
-
-@dataclass
-class ChunkRoute:
-    """Everything one chunk needs to travel: which local rows, and the steps each way.
-
-    ``recv_SPE[s, p, e]`` rows reach ESP peer s from EP source p for local expert e; on
-    this rank the dispatch steps deliver rows in ``[p][e]`` order with sizes
-    ``recv_SPE[my_esp_rank]``; the combine steps take that order back to ``send_index``'s.
-    """
-
-    send_index: torch.Tensor  # rows of x_ext (index N = a zero padding row)
-    dispatch: list  # CommSteps, source -> expert owner
-    combine: list  # CommSteps, expert owner -> source
-    recv_SPE: torch.Tensor
-    device: object = None
-    send_gather: torch.Tensor | None = None  # send_index fused with dispatch[0]'s regroup
-    expert_major: torch.Tensor | None = None  # [s][p][e] -> expert-major (None: same)
-    expert_counts: torch.Tensor | None = None  # rows per local expert, on the device
-
-    def to(self, device) -> ChunkRoute:
-        """Build the fused/expert-major indices and move every index to ``device`` once."""
-        if self.device == device:
-            return self
-        gather = self.send_index
-        if self.dispatch[0].pre_index is not None:  # one gather instead of two
-            gather = gather.index_select(0, self.dispatch[0].pre_index.cpu())
-        self.send_gather = gather.to(device)
-        self.send_index = self.send_index.to(device)
-        em = sub_block_index(self.recv_SPE, perm=(2, 0, 1))
-        # one local expert, or one source: rows already arrive expert-major (skip 2 copies)
-        identity = bool(torch.equal(em, torch.arange(em.numel())))
-        self.expert_major = None if identity else em.to(device)
-        self.expert_counts = self.recv_SPE.sum((0, 1)).to(device)
-        for st in (*self.dispatch, *self.combine):
-            st.to(device)
-        self.device = device
-        return self
-
-
-@dataclass
-class CountExchange:
-    """Result of the count exchange for one forward call (shared by fwd and bwd chunks)."""
-
-    counts_E: torch.Tensor  # this rank's real assignments per global expert
-    send_PE: torch.Tensor  # rows sent per (EP destination, local expert)
-    recv_SPE: torch.Tensor  # rows received by each ESP peer from each EP source
-    full_PPE: torch.Tensor | None = None  # [src, dst, e] over the EP group (2dh only)
-    slots: int | None = None  # capacity mode: rows per (rank, expert)
-    num_rows: int = 0  # N
-    cache: dict = field(default_factory=dict)
-
-    @property
-    def padded(self) -> bool:
-        return self.slots is not None
-
-
-class TokenDispatcher(abc.ABC):
-    """Interface: ``exchange`` once per forward, then ``route(exchange, r, c)`` per chunk.
-
-    ``ep_group`` holds the P expert shards (group rank p owns experts
-    ``[p*E_l, (p+1)*E_l)``), ``esp_group`` the S ranks sharing this rank's experts.
-    """
-
-    name = "base"
-    #: keyword arguments this dispatcher takes beyond :data:`COMMON_ARGS`
-    options: tuple[str, ...] = ()
-
-    def __init__(
-        self,
-        *,
-        ep_group,
-        ep_size: int,
-        ep_rank: int,
-        esp_group,
-        esp_size: int,
-        esp_rank: int,
-        num_local_experts: int,
-        timeout_s: float,
-    ):
-        self.ep_group, self.P, self.p_me = ep_group, ep_size, ep_rank
-        self.esp_group, self.S, self.s_me = esp_group, esp_size, esp_rank
-        self.E_l = num_local_experts
-        self.timeout_s = timeout_s
-
-    def begin(self, capacity: int | None, device=None) -> Pending | None:
-        """Start whatever can go before routing (capacity mode: agree on the slot count)."""
-        return None
-
-    # collective: every rank of the EP and ESP groups must call it, in the same order
-    @abc.abstractmethod
-    def exchange(
-        self,
-        counts_E: torch.Tensor,
-        *,
-        capacity: int | None = None,
-        device=None,
-        started: Pending | None = None,
-    ) -> CountExchange:
-        """Exchange per-expert counts; returns what every chunk's routing is derived from."""
-
-    #: ZipCCL policy (``moeflow.comm.compressed.Compression``) for the row all-to-alls, or
-    #: None (plain); set by ``ExpertParallel(compress=...)``
-    compression = None
-
-    def route(self, ex: CountExchange, r: int, c: int) -> ChunkRoute:
-        key = (r, c)
-        if key not in ex.cache:
-            rt = self._route(ex, r, c)
-            if self.compression is not None:
-                for step in rt.dispatch + rt.combine:
-                    step.compression = self.compression
-            ex.cache[key] = rt
-        return ex.cache[key]
-
-    @abc.abstractmethod
-    def _route(self, ex: CountExchange, r: int, c: int) -> ChunkRoute:
-        """The send/receive layout of chunk ``c`` of ``r`` (cached by :meth:`route`)."""
-
-    # helpers ---------------------------------------------------------------------------
-    def _gather_esp(self, recv_PE: torch.Tensor, device) -> torch.Tensor:
-        if self.S == 1:
-            return recv_PE.unsqueeze(0)
-        t = all_gather_equal(
-            recv_PE.to(device), self.esp_group, "ESP count all-gather", self.timeout_s
-        )
-        return t.cpu()
-
-    def _dropless_send_index(self, ex: CountExchange, r: int, c: int) -> torch.Tensor:
-        n = ex.counts_E
-        return sub_block_index(n, split_offsets(n, r, c), split_sizes(n, r, c))
-
-    def _flat_steps(self, send_c: torch.Tensor, recv_c: torch.Tensor, c: int, r: int):
-        d = CommStep(
-            f"dispatch all-to-all (chunk {c + 1}/{r})",
-            self.ep_group,
-            send_c.sum(1).tolist(),
-            recv_c[self.s_me].sum(1).tolist(),
-        )
-        k = CommStep(
-            f"combine all-to-all (chunk {c + 1}/{r})",
-            self.ep_group,
-            recv_c[self.s_me].sum(1).tolist(),
-            send_c.sum(1).tolist(),
-        )
-        return [d], [k]
+from moeflow.parallel.dedup import DedupDispatcher
 
 
 class A2ADispatcher(TokenDispatcher):
@@ -299,7 +56,9 @@ class A2ADispatcher(TokenDispatcher):
 
     name = "a2a"
 
-    def exchange(self, counts_E, *, capacity=None, device=None, started=None):
+    def exchange(
+        self, counts_E, *, capacity=None, device=None, started=None, routing=None, tokens=None
+    ):
         counts_E = counts_E.detach().to("cpu", torch.long)
         send_PE = counts_E.view(self.P, self.E_l)
         recv_PE = (
@@ -348,7 +107,9 @@ class CapacityDispatcher(TokenDispatcher):
         """With a capacity known from T alone, agree on it while the router runs."""
         return None if capacity is None else self._max_over_ranks(int(capacity), device)
 
-    def exchange(self, counts_E, *, capacity=None, device=None, started=None):
+    def exchange(
+        self, counts_E, *, capacity=None, device=None, started=None, routing=None, tokens=None
+    ):
         counts_E = counts_E.detach().to("cpu", torch.long)
         if started is not None:  # issued by begin() before routing
             slots = int(started.wait().item())
@@ -387,14 +148,15 @@ class CapacityDispatcher(TokenDispatcher):
 
 
 class HierarchicalDispatcher(TokenDispatcher):
-    """2DH: intra-node all-to-all, then inter-node all-to-all (and the mirror to combine).
+    """Intra-node all-to-all, then inter-node all-to-all (and the mirror to combine): the
+    2-D hierarchical all-to-all (2DH) of FSMoE / Tutel.
 
     The EP group is node-major with L members per node and n = P / L nodes; EP rank
     p = a*L + i sits on node a with local index i. ``intra_group`` holds the L members of
     this node, ``inter_group`` the n members with this local index.
     """
 
-    name = "2dh"
+    name = "hierarchical"
     options = ("intra_group", "inter_group", "ranks_per_node")
 
     def __init__(self, *, intra_group, inter_group, ranks_per_node: int, **kw):
@@ -404,12 +166,14 @@ class HierarchicalDispatcher(TokenDispatcher):
         self.n = self.P // self.L
         self.a_me, self.j_me = divmod(self.p_me, self.L)
 
-    def exchange(self, counts_E, *, capacity=None, device=None, started=None):
+    def exchange(
+        self, counts_E, *, capacity=None, device=None, started=None, routing=None, tokens=None
+    ):
         counts_E = counts_E.detach().to("cpu", torch.long)
         send_PE = counts_E.view(self.P, self.E_l)
         full = (
             all_gather_equal(
-                send_PE.to(device), self.ep_group, "count all-gather (2dh)", self.timeout_s
+                send_PE.to(device), self.ep_group, "count all-gather (hierarchical)", self.timeout_s
             ).cpu()
             if self.P > 1
             else send_PE.unsqueeze(0)
@@ -432,7 +196,7 @@ class HierarchicalDispatcher(TokenDispatcher):
         # dispatch step 1 (intra-node): my rows [b][j'][e] regrouped as [j'][b][e]
         mine = send_c.view(n, L, E_l)
         s1 = CommStep(
-            f"2dh dispatch intra-node all-to-all {tag}",
+            f"hierarchical dispatch intra-node all-to-all {tag}",
             self.intra_group,
             mine.sum((0, 2)).tolist(),
             f5[a, :, :, j, :].sum((1, 2)).tolist(),
@@ -441,7 +205,7 @@ class HierarchicalDispatcher(TokenDispatcher):
         # dispatch step 2 (inter-node): received [i][b][e] regrouped as [b][i][e]
         m = f5[a, :, :, j, :]  # [i, b, e]
         s2 = CommStep(
-            f"2dh dispatch inter-node all-to-all {tag}",
+            f"hierarchical dispatch inter-node all-to-all {tag}",
             self.inter_group,
             m.sum((0, 2)).tolist(),
             f5[:, :, a, j, :].sum((1, 2)).tolist(),
@@ -451,7 +215,7 @@ class HierarchicalDispatcher(TokenDispatcher):
         back = f5[:, :, a, j, :]  # [a', i, e]
         got = f5[a, :, :, j, :].permute(1, 0, 2)  # [b', i, e] arrival order
         k1 = CommStep(
-            f"2dh combine inter-node all-to-all {tag}",
+            f"hierarchical combine inter-node all-to-all {tag}",
             self.inter_group,
             back.sum((1, 2)).tolist(),
             got.sum((1, 2)).tolist(),
@@ -461,7 +225,7 @@ class HierarchicalDispatcher(TokenDispatcher):
         mine_back = f5[a, :, :, j, :]  # [i, b, e] after k1
         arr = send_c.view(n, L, E_l).permute(1, 0, 2).contiguous()  # [j', b, e]
         k2 = CommStep(
-            f"2dh combine intra-node all-to-all {tag}",
+            f"hierarchical combine intra-node all-to-all {tag}",
             self.intra_group,
             mine_back.sum((1, 2)).tolist(),
             arr.sum((1, 2)).tolist(),
@@ -470,25 +234,34 @@ class HierarchicalDispatcher(TokenDispatcher):
         return ChunkRoute(self._dropless_send_index(ex, r, c), [s1, s2], [k1, k2], recv_c)
 
 
-# "dedup" (HierMoE token dedup, :mod:`moeflow.parallel.dedup`) moves tokens, not permuted rows:
-# same constructor arguments, its own forward_tokens instead of exchange/route
 DISPATCHER_CLASSES: dict[str, type] = {
     cls.name: cls
     for cls in (A2ADispatcher, CapacityDispatcher, HierarchicalDispatcher, DedupDispatcher)
 }
 DISPATCHERS = tuple(DISPATCHER_CLASSES)
+#: older spellings still accepted (the paper's name for the hierarchical all-to-all)
+DISPATCHER_ALIASES = {"2dh": "hierarchical"}
+
+
+def canonical_dispatcher(name: str) -> str:
+    """The registered name of ``name`` (an alias such as ``"2dh"`` resolved)."""
+    return dispatcher_class(name).name
 
 
 def dispatcher_class(name: str) -> type:
-    """The dispatcher class registered as ``name``; ConfigError naming the known ones."""
+    """The dispatcher class registered as ``name`` or an alias of it; ConfigError naming the
+    known ones."""
     try:
-        return DISPATCHER_CLASSES[name]
+        return DISPATCHER_CLASSES[DISPATCHER_ALIASES.get(name, name)]
     except (KeyError, TypeError):
-        raise ConfigError("dispatcher", name, f"one of {DISPATCHERS}") from None
+        raise ConfigError(
+            "dispatcher", name, f"one of {DISPATCHERS} (aliases: {DISPATCHER_ALIASES})"
+        ) from None
 
 
 def make_dispatcher(name: str, **kw):
-    """Build dispatcher ``name`` from :data:`COMMON_ARGS` plus the class's own ``options``.
+    """Build dispatcher ``name`` (or an alias) from :data:`COMMON_ARGS` plus the class's
+    own ``options``.
 
     An argument the class does not declare is a ConfigError naming the ones it takes, so a
     group meant for another dispatcher is never silently dropped.

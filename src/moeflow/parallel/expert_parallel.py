@@ -10,12 +10,14 @@ s holds F-slice ``[s*F/S, (s+1)*F/S)`` of each.
 
 Per forward call (FSMoE, ASPLOS'25: the MoE layer as swappable modules, gate -> order ->
 dispatch -> expert FFN -> combine):
-  route (replicated router, local tokens) -> permute -> count exchange ->
-  r chunks of [dispatch a2a -> ESP all-gather -> expert GEMMs on the F-slice ->
-  ESP reduce-scatter -> combine a2a] (wavefront, :mod:`moeflow.parallel.pipeline`) ->
-  unpermute and weight -> + shared experts (replicated).
+  route (replicated router, local tokens) -> the dispatcher's layout (permuted rows, or
+  tokens) -> exchange -> r chunks of [dispatch steps -> ESP all-gather -> expert GEMMs on
+  the F-slice -> ESP reduce-scatter -> combine steps] (wavefront,
+  :mod:`moeflow.parallel.pipeline`) -> unpermute and weight (row layouts) -> + shared
+  experts (replicated).
 Backward is the mirror image in :class:`PipelinedExperts` with its own degree r_bwd: grads
 travel like tokens (the adjoint of combine is a dispatch, of reduce-scatter an all-gather).
+Every dispatcher (:mod:`moeflow.parallel.contract`) runs through this one pipeline.
 
 Semantics: routing, capacity (drop mode) and expert choice act on each rank's own batch,
 exactly as the single-device layer on that batch; aux losses are per rank. Token-choice
@@ -45,15 +47,9 @@ from moeflow.layer.moe import MoELayer
 from moeflow.layer.routers import Routing
 from moeflow.layer.routers import capacity as capacity_of
 from moeflow.parallel import mp_schedule as parm
-from moeflow.parallel.dispatch import (
-    CountExchange,
-    TokenDispatcher,
-    dispatcher_class,
-    make_dispatcher,
-    split_offsets,
-    split_sizes,
-    sub_block_index,
-)
+from moeflow.parallel.contract import CountExchange, TokenDispatcher
+from moeflow.parallel.dedup import apply_placement
+from moeflow.parallel.dispatch import dispatcher_class, make_dispatcher
 from moeflow.parallel.pipeline import run_wavefront
 from moeflow.validate import positive_int
 
@@ -73,22 +69,35 @@ def resolve_degrees(plan, layer_index: int, r_fwd: int, r_bwd: int) -> tuple[int
 
 
 class _Run:
-    """State of one forward call that backward reuses (exchange, routes, saved inputs)."""
+    """State of one forward call that backward reuses (exchange, routes, saved inputs).
 
-    def __init__(self, ep: ExpertParallel, ex: CountExchange, r_fwd: int, r_bwd: int):
-        self.ep, self.ex, self.r_fwd, self.r_bwd = ep, ex, r_fwd, r_bwd
+    The one driver of every dispatcher: it runs the routes of
+    :mod:`moeflow.parallel.contract` on the wavefront scheduler, forward with r_fwd chunks
+    and backward with r_bwd. ``expert_fn(x_MD, counts, w_in, w_out)`` is the grouped
+    expert FFN on expert-major rows.
+    """
+
+    def __init__(
+        self, dispatcher: TokenDispatcher, ex: CountExchange, expert_fn, r_fwd: int, r_bwd: int
+    ):
+        self.disp, self.ex, self.expert_fn = dispatcher, ex, expert_fn
+        self.r_fwd, self.r_bwd = r_fwd, r_bwd
         self.grad_enabled = torch.is_grad_enabled()
         self.graphs: list | None = None
         self.x_full: torch.Tensor | None = None
         self.w_in_d = self.w_out_d = None
 
     # -- the chunk pipeline, shared by forward and backward -------------------------------
-    def _pipeline(self, rows_ND: torch.Tensor, r: int, compute) -> torch.Tensor:
-        ep, disp, ex = self.ep, self.ep.dispatcher, self.ex
-        S, timeout = ep.esp_size, ep.timeout_s
-        D = rows_ND.shape[-1]
+    def _pipeline(self, rows: torch.Tensor, r: int, compute) -> torch.Tensor:
+        """send -> dispatch steps -> ESP gather -> experts -> ESP reduce-scatter -> combine
+        steps -> place, for r chunks (FSMoE's wavefront); ``compute(c, x_e, counts, w_e)``
+        runs the experts on chunk c's expert-major rows (``w_e``: their combine weights
+        where the route expands rows, else None)."""
+        disp, ex = self.disp, self.ex
+        S, timeout = disp.S, disp.timeout_s
+        D = rows.shape[-1]
         pad = ex.padded
-        ext = torch.cat([rows_ND, rows_ND.new_zeros(1, D)]) if pad else rows_ND
+        ext = torch.cat([rows, rows.new_zeros(1, D)]) if pad else rows
         out = ext.new_zeros(ext.shape)
         # all index tensors reach the device before any chunk is queued (no syncs later)
         routes = [disp.route(ex, r, c).to(ext.device) for c in range(r)]
@@ -107,29 +116,31 @@ class _Run:
             def gather(c, buf):
                 sizes = routes[c].recv_SPE.sum((1, 2)).tolist()
                 return all_gather_v(
-                    buf, sizes, ep.esp_group, f"ESP all-gather (chunk {c + 1}/{r})", timeout
+                    buf, sizes, disp.esp_group, f"ESP all-gather (chunk {c + 1}/{r})", timeout
                 )
 
             stages.append(gather)
 
         def experts(c, buf):
-            recv = routes[c].recv_SPE  # [S, P, E_l] for this chunk
-            idx = routes[c].expert_major
-            counts = routes[c].expert_counts
-            if idx is None:
-                y = compute(c, buf, counts)
+            rt = routes[c]
+            idx, counts = rt.expert_major, rt.expert_counts
+            if rt.expand:  # rows -> (token, expert) assignments -> weighted sum per row
+                y_e = compute(c, buf.index_select(0, idx), counts, rt.expert_weights)
+                y = buf.new_zeros(buf.shape[0], y_e.shape[-1]).index_add_(0, idx, y_e)
+            elif idx is None:
+                y = compute(c, buf, counts, None)
             else:
-                y_e = compute(c, buf.index_select(0, idx), counts)
+                y_e = compute(c, buf.index_select(0, idx), counts, None)
                 y = buf.new_empty(buf.shape[0], y_e.shape[-1]).index_copy_(0, idx, y_e)
             if S > 1:
                 return reduce_scatter_v(
                     y,
-                    recv.sum((1, 2)).tolist(),
-                    ep.esp_group,
+                    rt.recv_SPE.sum((1, 2)).tolist(),
+                    disp.esp_group,
                     f"ESP reduce-scatter (chunk {c + 1}/{r})",
                     timeout,
                 )
-            return routes[c].combine[0].issue(y, timeout)
+            return rt.combine[0].issue(y, timeout)
 
         stages.append(experts)
         if S > 1:
@@ -138,21 +149,23 @@ class _Run:
             stages.append(lambda c, y, k=k: routes[c].combine[k].issue(y, timeout))
 
         def place(c, y):
-            out.index_copy_(0, routes[c].send_index, y)
+            rt = routes[c]
+            if rt.expand:  # a token sent to several destinations comes back once from each
+                out.index_add_(0, rt.send_index, y)
+            else:
+                out.index_copy_(0, rt.send_index, y)
             return None
 
         stages.append(place)
         run_wavefront(r, stages)
-        return out[: rows_ND.shape[0]] if pad else out
+        return out[: rows.shape[0]] if pad else out
 
-    def _canonical_index(self, r: int, c: int) -> torch.Tensor:
-        """Rows of chunk c (expert-major) inside the full ``[s][p][e]`` received buffer."""
-        R = self.ex.recv_SPE
-        return sub_block_index(R, split_offsets(R, r, c), split_sizes(R, r, c), perm=(2, 0, 1))
+    def _canonical(self, r: int, device) -> list:
+        return [self.disp.canonical_index(self.ex, r, c).to(device) for c in range(r)]
 
     # -- forward / backward ---------------------------------------------------------------
-    def forward(self, x_ND, w_in, w_out, needs_grad: bool) -> torch.Tensor:
-        ep = self.ep
+    def forward(self, x, w_in, w_out, needs_grad: bool) -> torch.Tensor:
+        expert_fn = self.expert_fn
         keep_graphs = needs_grad and self.r_fwd == self.r_bwd
         if needs_grad:
             self.w_in_d = w_in.detach().requires_grad_(True)
@@ -160,12 +173,10 @@ class _Run:
         if keep_graphs:
             self.graphs = [None] * self.r_fwd
         elif needs_grad:
-            self.x_full = x_ND.new_empty(int(self.ex.recv_SPE.sum()), x_ND.shape[-1])
-            canon = [
-                self._canonical_index(self.r_fwd, c).to(x_ND.device) for c in range(self.r_fwd)
-            ]
+            self.x_full = x.new_empty(self.ex.computed_rows, x.shape[-1])
+            canon = self._canonical(self.r_fwd, x.device)
 
-        def compute(c, x_e, counts):
+        def compute(c, x_e, counts, w_e):
             if x_e.shape[0] == 0:
                 if keep_graphs:
                     self.graphs[c] = None
@@ -173,30 +184,28 @@ class _Run:
             if keep_graphs:
                 xc = x_e.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    yc = ep._expert_fn(
-                        xc, counts, self.w_in_d, self.w_out_d, ep.activation, ep.kernel
-                    )
+                    yc = expert_fn(xc, counts, self.w_in_d, self.w_out_d)
                 self.graphs[c] = (xc, yc)
-                return yc.detach()
-            if needs_grad:
-                self.x_full.index_copy_(0, canon[c], x_e)
-            return ep._expert_fn(x_e, counts, w_in, w_out, ep.activation, ep.kernel)
+                y = yc.detach()
+            else:
+                if needs_grad:
+                    self.x_full.index_copy_(0, canon[c], x_e)
+                y = expert_fn(x_e, counts, w_in, w_out)
+            return y if w_e is None else y * w_e.to(y.dtype).unsqueeze(1)
 
-        return self._pipeline(x_ND, self.r_fwd, compute)
+        return self._pipeline(x, self.r_fwd, compute)
 
-    def backward(self, grad_y_ND):
-        ep = self.ep
+    def backward(self, grad_y):
+        """``(grad x, grad of the exchange's weights or None, grad w_in, grad w_out)``."""
+        disp, ex, expert_fn = self.disp, self.ex, self.expert_fn
         gw_in = torch.zeros_like(self.w_in_d)
         gw_out = torch.zeros_like(self.w_out_d)
-        canon = (
-            None
-            if self.graphs is not None
-            else [
-                self._canonical_index(self.r_bwd, c).to(grad_y_ND.device) for c in range(self.r_bwd)
-            ]
-        )
+        expands = disp.consumes_tokens
+        g_A = grad_y.new_zeros(ex.num_assignments) if expands else None
+        canon = None if self.graphs is not None else self._canonical(self.r_bwd, grad_y.device)
+        routes = [disp.route(ex, self.r_bwd, c) for c in range(self.r_bwd)]
 
-        def compute(c, g_e, counts):
+        def compute(c, g_e, counts, w_e):
             if g_e.shape[0] == 0:
                 return g_e.new_zeros(0, g_e.shape[-1])
             if self.graphs is not None:
@@ -205,9 +214,12 @@ class _Run:
             else:
                 xc = self.x_full.index_select(0, canon[c]).requires_grad_(True)
                 with torch.enable_grad():  # recompute: backward chunks differ from forward's
-                    yc = ep._expert_fn(
-                        xc, counts, self.w_in_d, self.w_out_d, ep.activation, ep.kernel
-                    )
+                    yc = expert_fn(xc, counts, self.w_in_d, self.w_out_d)
+            if w_e is not None:
+                # HierMoE: dL/dw_a = <dL/dy_t, y_a> for assignment a of token t
+                idx = routes[c].assignment_index.to(g_A.device)
+                g_A.index_add_(0, idx, (g_e * yc.detach()).sum(1).to(g_A.dtype))
+                g_e = g_e * w_e.to(g_e.dtype).unsqueeze(1)
             gx, gi, go = torch.autograd.grad(
                 yc, (xc, self.w_in_d, self.w_out_d), g_e, allow_unused=True
             )
@@ -217,33 +229,60 @@ class _Run:
                 gw_out.add_(go)
             return gx
 
-        gx = self._pipeline(grad_y_ND.contiguous(), self.r_bwd, compute)
+        gx = self._pipeline(grad_y.contiguous(), self.r_bwd, compute)
         self.graphs = self.x_full = None
-        return gx, gw_in, gw_out
+        g_weight = disp.weight_grad(ex, g_A) if expands else None
+        return gx, g_weight, gw_in, gw_out
 
 
 class PipelinedExperts(torch.autograd.Function):
     """Dispatch -> experts -> combine over r_fwd chunks; backward over r_bwd chunks.
 
-    Inputs: ``x_ND`` local assignments sorted by expert, the local (ESP-sliced) expert
-    weights, and the call state. Output: ``y_ND`` (expert outputs, unweighted) in x_ND's
-    row order. FSMoE's overlap: chunk i's GEMMs run under chunk i+1's dispatch and chunk
-    i-1's combine, in both directions.
+    Inputs: ``x`` in the dispatcher's layout (``consumes_tokens``: local assignments sorted
+    by expert, or tokens), the combine weights the pipeline applies (token layouts; None
+    for row layouts, whose output is unweighted), the local (ESP-sliced) expert weights,
+    and the call state. Output: in x's row order. FSMoE's overlap: chunk i's GEMMs run
+    under chunk i+1's dispatch and chunk i-1's combine, in both directions. The only
+    autograd Function of the expert-parallel engine: every dispatcher runs through it.
     """
 
     @staticmethod
-    def forward(ctx, x_ND, w_in, w_out, run: _Run):
-        # under torch.no_grad (eval) keep nothing for a backward that cannot come
-        needs = run.grad_enabled and any(ctx.needs_input_grad[:3])
-        y = run.forward(x_ND, w_in, w_out, needs)
+    def forward(ctx, x, weight_N, w_in, w_out, run: _Run):
+        # grad mode is off inside forward: the caller's mode was recorded on the run
+        needs = run.grad_enabled and any(ctx.needs_input_grad[:4])
+        y = run.forward(x, w_in, w_out, needs)
         ctx.run = run
+        ctx.weight_dtype = None if weight_N is None else weight_N.dtype
         return y
 
     @staticmethod
-    def backward(ctx, grad_y_ND):
-        gx, gw_in, gw_out = ctx.run.backward(grad_y_ND)
+    def backward(ctx, grad_y):
+        gx, g_weight, gw_in, gw_out = ctx.run.backward(grad_y)
         ctx.run = None
-        return gx, gw_in, gw_out, None
+        if g_weight is not None:
+            g_weight = g_weight.to(ctx.weight_dtype)
+        return gx, g_weight, gw_in, gw_out, None
+
+
+def pipelined_experts(
+    dispatcher: TokenDispatcher,
+    ex: CountExchange,
+    x: torch.Tensor,
+    weight_N: torch.Tensor | None,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    expert_fn,
+    r_fwd: int,
+    r_bwd: int,
+) -> torch.Tensor:
+    """Run the experts on ``x`` (the layout of ``dispatcher``) through the one pipeline.
+
+    ``ex`` is ``dispatcher.exchange(...)`` of this call, ``weight_N`` the routing's combine
+    weights for token layouts (None for row layouts), ``expert_fn(x_MD, counts, w_in,
+    w_out)`` the grouped expert FFN. Collective over the dispatcher's groups.
+    """
+    run = _Run(dispatcher, ex, expert_fn, r_fwd, r_bwd)
+    return PipelinedExperts.apply(x, weight_N, w_in, w_out, run)
 
 
 def slice_w_in(w_in: torch.Tensor, e0: int, e1: int, s: int, S: int, swiglu: bool) -> torch.Tensor:
@@ -302,8 +341,9 @@ class ExpertParallel(nn.Module):
             load this rank's share (:func:`moeflow.parallel.parallelize` does both).
         group: process group of the W ranks (None: the default group).
         topology: :class:`Topology` of ``group`` (default ``Topology.from_env``).
-        dispatcher: ``"a2a"`` (flat dropless), ``"capacity"`` (fixed capacity, padded) or
-            ``"2dh"`` (hierarchical intra-node then inter-node).
+        dispatcher: ``"a2a"`` (flat dropless), ``"capacity"`` (fixed capacity, padded),
+            ``"hierarchical"`` (intra-node then inter-node: FSMoE / Tutel's 2DH; ``"2dh"``
+            is accepted as an alias) or ``"dedup"`` (HierMoE token dedup).
         esp_size: S, ranks sharing each expert's FFN (must fit inside a node).
         r_fwd, r_bwd: pipeline degrees (chunks) of forward and backward.
         plan: a ``moeflow.plan.Plan`` (read with ``degrees_for_layer(plan, layer_index)``),
@@ -320,9 +360,11 @@ class ExpertParallel(nn.Module):
             :mod:`moeflow.parallel.mp_schedule`): the
             model-parallel group holding the same tokens on each rank, which must be this
             rank's ESP group; ``schedule`` ``"plain"`` (every MP rank dispatches the tokens),
-            ``"s1"`` (MP-Split before the gate, MP-AllGather after combine), ``"s2"``
-            (split of the routed rows after the gate, MP-AllGather of expert outputs) or
-            ``"auto"`` (α-β choice of :mod:`moeflow.plan.parm` under ``parm_cluster``).
+            ``"split_tokens"`` (Parm's S1: MP-Split before the gate, MP-AllGather after
+            combine), ``"split_rows"`` (Parm's S2: split of the routed rows after the gate,
+            MP-AllGather of expert outputs) or ``"auto"`` (α-β choice of
+            :mod:`moeflow.plan.parm` under ``parm_cluster``); ``"s1"`` / ``"s2"`` are
+            accepted as aliases.
 
     Raises DistributedConfigError before any communication when E is not divisible by
     P = W / S, S does not divide the node, or F is not divisible by S.
@@ -427,7 +469,7 @@ class ExpertParallel(nn.Module):
         ep_members = [self.esp_rank + S * p for p in range(P)]
         self.ep_group = subgroup(group, ep_members, t)
         # Only the groups the dispatcher declares (``options``) are built: making a group is
-        # collective, and the 2dh groups cost every rank a rendezvous.
+        # collective, and the hierarchical groups cost every rank a rendezvous.
         options = {}
         if "world_group" in dispatcher_cls.options:
             options["world_group"] = group
@@ -453,13 +495,14 @@ class ExpertParallel(nn.Module):
             timeout_s=t,
             **options,
         )
-        self.dispatcher_name = dispatcher
+        self.dispatcher_name = dispatcher_cls.name  # the registered name, aliases resolved
         if compress is not False:  # ZipCCL: compressed row all-to-alls
             from moeflow.comm.compressed import as_compression
 
             self.dispatcher.compression = as_compression(compress, perf, timeout_s=t)
-        # The grouped expert FFN; a seam so benchmarks can time communication alone.
-        self._expert_fn = local_expert_ffn(self.activation, self.gated)
+        # The grouped expert FFN (signature of moeflow.kernels.expert_ffn); a public seam so
+        # benchmarks can time communication alone.
+        self.expert_fn = local_expert_ffn(self.activation, self.gated)
         self.aux_loss = torch.zeros(())
         self.last_counts_E = torch.zeros(E, dtype=torch.long)
         self.parm_schedule = parm.check_mp_group(self, mp_group, schedule)
@@ -503,8 +546,6 @@ class ExpertParallel(nn.Module):
     def apply_placement(self, owner_E, optimizer=None) -> None:
         """HierMoE expert swap: move experts to ranks ``owner_E`` (weights, gradients and
         optimizer state; dispatcher="dedup"). See :func:`moeflow.parallel.dedup.apply_placement`."""
-        from moeflow.parallel.dedup import apply_placement
-
         apply_placement(self, owner_E, optimizer)
 
     @torch.no_grad()
@@ -532,9 +573,9 @@ class ExpertParallel(nn.Module):
         else:
             full_in = w_in.permute(0, 2, 1, 3, 4).reshape(P * E_l, -1, w_in.shape[-1])
         full_out = w_out.permute(0, 2, 3, 1, 4).reshape(P * E_l, w_out.shape[3], -1)
-        rows = getattr(self.dispatcher, "expert_rows", None)  # a swapped placement (dedup)
+        rows = self.dispatcher.expert_rows()  # a swapped placement (dedup)
         if rows is not None:
-            full_in, full_out = full_in[rows()], full_out[rows()]
+            full_in, full_out = full_in[rows], full_out[rows]
         return full_in, full_out
 
     @torch.no_grad()
@@ -570,44 +611,59 @@ class ExpertParallel(nn.Module):
         self, x: torch.Tensor, r_fwd: int | None = None, r_bwd: int | None = None
     ) -> torch.Tensor:
         if self.mp_group is not None:  # Parm: tokens replicated over the MP group
-            return parm.parm_forward(self, x, r_fwd, r_bwd)
-        return self._forward_local(x, r_fwd, r_bwd)
+            y, aux = parm.parm_forward(self, x, r_fwd, r_bwd)
+        else:
+            y, aux = self.forward_local(x, r_fwd, r_bwd)
+        self.aux_loss = aux
+        return y
 
-    def _forward_local(
+    def forward_local(
         self, x: torch.Tensor, r_fwd: int | None = None, r_bwd: int | None = None, mp_rows=None
-    ) -> torch.Tensor:
-        layer = self._layer
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on this rank's tokens ``x``: ``(output, aux loss of this rank's batch)``.
+
+        The step the model-parallel schedules of :mod:`moeflow.parallel.mp_schedule` build
+        on: ``mp_rows`` (Parm's split of the routed rows, a ``RowShare``) makes this rank
+        dispatch only its share of the rows and gathers every share's expert outputs before
+        the combine. Records ``last_counts_E``; :meth:`forward` records ``aux_loss``.
+        """
+        layer, disp = self._layer, self.dispatcher
         layer.check_input(x)
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
         cap = self._local_capacity(T)
-        started = self.dispatcher.begin(cap, device=x.device)  # overlaps routing
+        started = disp.begin(cap, device=x.device)  # overlaps routing
         # A rank with no tokens still takes part in every collective.
         routing = layer.route(x_TD) if T > 0 else self._empty_routing(x_TD)
-        if getattr(self.dispatcher, "token_level", False):
-            # HierMoE dedup moves tokens and does the weighted combine itself
-            y_TD = self.dispatcher.forward_tokens(
-                self, x_TD, routing, r_fwd or self.r_fwd, r_bwd or self.r_bwd
-            )
-            if layer.shared is not None:
-                y_TD = y_TD + layer.shared(x_TD)
-            self.aux_loss = routing.aux_loss
-            self.last_counts_E = routing.counts_E.detach()
-            return y_TD.reshape(shape)
-        x_ND = layer.permute(x_TD, routing)
+        x_in, weight_N = disp.pipeline_input(x_TD, routing)  # the dispatcher's layout
         counts_E = routing.counts_E
         if mp_rows is not None:  # Parm S2: this MP rank's share of the rows (comm.parm)
-            x_ND, counts_E = mp_rows.select(x_ND, routing)
-        ex = self.dispatcher.exchange(counts_E, capacity=cap, device=x.device, started=started)
-        run = _Run(self, ex, r_fwd or self.r_fwd, r_bwd or self.r_bwd)
-        y_ND = PipelinedExperts.apply(x_ND, self.w_in, self.w_out, run)
+            x_in, counts_E = mp_rows.select(x_in, routing)
+        ex = disp.exchange(
+            counts_E, capacity=cap, device=x.device, started=started, routing=routing, tokens=x_TD
+        )
+        y = pipelined_experts(
+            disp,
+            ex,
+            x_in,
+            weight_N,
+            self.w_in,
+            self.w_out,
+            self._bound_expert_fn,
+            r_fwd or self.r_fwd,
+            r_bwd or self.r_bwd,
+        )
         if mp_rows is not None:
-            y_ND = mp_rows.gather(y_ND)
-        y_TD = layer.combine_with_shared(y_ND, routing, x_TD)
-        self.aux_loss = routing.aux_loss
+            y = mp_rows.gather(y)
+        y_TD = disp.pipeline_output(y, routing, T)
+        if layer.shared is not None:
+            y_TD = y_TD + layer.shared(x_TD)
         self.last_counts_E = routing.counts_E.detach()
-        return y_TD.reshape(shape)
+        return y_TD.reshape(shape), routing.aux_loss
+
+    def _bound_expert_fn(self, x_MD, counts, w_in, w_out):
+        return self.expert_fn(x_MD, counts, w_in, w_out, self.activation, self.kernel)
 
     def extra_repr(self) -> str:
         return (

@@ -10,25 +10,29 @@ mp_group=..., schedule=...)`` runs the MoE layer on them with:
   S copies of each row cross the network and every F-slice computes S copies. The loss is
   replicated over the MP group, so gradients are scaled by 1/S on the way back (the S
   copies then add up to one) and the input gradient is all-reduced over the MP group.
-* ``s1``: MP-Split before the gate (rank s takes its T_s tokens), the expert-parallel
-  layer on the split (dispatch all-to-all, ESP all-gather, expert GEMMs on the F-slice,
-  ESP reduce-scatter, combine all-to-all, the ESP collectives of one chunk overlapping the
-  all-to-all of the next on the wavefront), and an MP-AllGather after combine. Each row
-  crosses the network once: 1/S of plain's inter-node bytes.
-* ``s2``: MP-Split after the gate: every MP rank routes all T tokens (the same routing
-  everywhere), keeps the assignment rows ``n ≡ s (mod S)``, runs the expert-parallel
-  pipeline on them, and an MP-AllGather of the expert-output rows rebuilds all N rows for
-  the (replicated) combine. Also 1/S of plain's inter-node bytes; the MP collective moves
-  k·T/S rows instead of s1's T/S tokens, in exchange routing and capacity act on the MP
-  group's whole batch, exactly as plain and the single-device layer (s1 routes each split).
+* ``split_tokens`` (Parm's S1; ``"s1"`` is accepted): MP-Split before the gate (rank s
+  takes its T_s tokens), the expert-parallel layer on the split (dispatch all-to-all, ESP
+  all-gather, expert GEMMs on the F-slice, ESP reduce-scatter, combine all-to-all, the ESP
+  collectives of one chunk overlapping the all-to-all of the next on the wavefront), and an
+  MP-AllGather after combine. Each row crosses the network once: 1/S of plain's inter-node
+  bytes.
+* ``split_rows`` (Parm's S2; ``"s2"`` is accepted): MP-Split after the gate: every MP rank
+  routes all T tokens (the same routing everywhere), keeps the assignment rows
+  ``n ≡ s (mod S)``, runs the expert-parallel pipeline on them, and an MP-AllGather of the
+  expert-output rows rebuilds all N rows for the (replicated) combine. Also 1/S of plain's
+  inter-node bytes; the MP collective moves k·T/S rows instead of split_tokens' T/S
+  tokens, in exchange routing and capacity act on the MP group's whole batch, exactly as
+  plain and the single-device layer (split_tokens routes each split).
 * ``auto``: the cheapest under :mod:`moeflow.plan.parm`'s α-β model, per call.
 
 Routing acts on the batch each rank routes (the rule of ``ExpertParallel``): T tokens for
-plain and s2, the split for s1; for dropless token-choice routers all give the same outputs.
+plain and split_rows, the split for split_tokens; for dropless token-choice routers all
+give the same outputs.
 
-``ep.parm_bytes`` counts the bytes of this rank's EP all-to-alls per link level
-(``intra_node`` / ``inter_node``), dispatch + combine, from the splits they were issued
-with.
+Each schedule runs the layer through the public ``ExpertParallel.forward_local`` and hands
+its output and aux loss back to ``ExpertParallel.forward``. ``ep.parm_bytes`` counts the
+bytes of this rank's EP all-to-alls per link level (``intra_node`` / ``inter_node``),
+dispatch + combine, from the splits they were issued with.
 """
 
 from __future__ import annotations
@@ -39,7 +43,14 @@ import torch.distributed as dist
 from moeflow.comm.collectives import all_gather_v, all_reduce, reduce_scatter_v
 from moeflow.errors import ConfigError
 
-SCHEDULES = ("plain", "s1", "s2", "auto")
+SCHEDULES = ("plain", "split_tokens", "split_rows", "auto")
+#: Parm's names (INFOCOM'24, S1 / S2), still accepted
+SCHEDULE_ALIASES = {"s1": "split_tokens", "s2": "split_rows"}
+
+
+def canonical_schedule(name: str) -> str:
+    """The role name of schedule ``name`` (``"s1"`` -> ``"split_tokens"``, ...)."""
+    return SCHEDULE_ALIASES.get(name, name) if isinstance(name, str) else name
 
 
 def split_range(T: int, S: int, s: int) -> tuple[int, int]:
@@ -111,7 +122,7 @@ class _MPAllGather(torch.autograd.Function):
 
 
 class _GatherRows(torch.autograd.Function):
-    """S2's MP-AllGather of expert-output rows into the full row order; backward sums the
+    """split_rows' MP-AllGather of expert-output rows into the full row order; backward sums the
     MP ranks' gradients of this rank's rows (reduce-scatter)."""
 
     @staticmethod
@@ -141,8 +152,9 @@ class _GatherRows(torch.autograd.Function):
 
 
 class RowShare:
-    """Parm S2: MP rank s keeps the assignment rows ``n ≡ s (mod S)`` (a subsequence of rows
-    sorted by expert stays sorted); ``gather`` puts every rank's expert outputs back."""
+    """Parm's S2 (``split_rows``): MP rank s keeps the assignment rows ``n ≡ s (mod S)``
+    (a subsequence of rows sorted by expert stays sorted); ``gather`` puts every rank's
+    expert outputs back."""
 
     def __init__(self, S: int, s: int, group, timeout_s: float):
         self.S, self.s, self.group, self.timeout_s = S, s, group, timeout_s
@@ -166,8 +178,9 @@ def check_mp_group(ep, mp_group, schedule: str) -> str:
     """The MP group must hold exactly this rank's ESP group (Parm's setting)."""
     from moeflow.comm.groups import global_ranks
 
+    schedule = canonical_schedule(schedule)
     if schedule not in SCHEDULES:
-        raise ConfigError("schedule", schedule, f"one of {SCHEDULES}")
+        raise ConfigError("schedule", schedule, f"one of {SCHEDULES} (aliases: {SCHEDULE_ALIASES})")
     if mp_group is None:
         if schedule != "plain":
             raise ConfigError("schedule", schedule, "'plain' unless mp_group is given")
@@ -214,11 +227,12 @@ def choose(ep, T: int, D: int, row_bytes: int) -> str:
         from moeflow.plan.parm import ParmCluster
 
         cluster = ParmCluster()
-    return choose_schedule(layer, cluster, ep.r_fwd)[0]
+    return canonical_schedule(choose_schedule(layer, cluster, ep.r_fwd)[0])
 
 
-def parm_forward(ep, x: torch.Tensor, r_fwd=None, r_bwd=None) -> torch.Tensor:
-    """The MoE layer on the MP group's replicated tokens ``x`` under ``ep.parm_schedule``."""
+def parm_forward(ep, x: torch.Tensor, r_fwd=None, r_bwd=None) -> tuple:
+    """The MoE layer on the MP group's replicated tokens ``x`` under ``ep.parm_schedule``:
+    ``(output, aux loss)`` through the public ``ep.forward_local``."""
     shape = x.shape
     x_TD = x.reshape(-1, shape[-1])
     T, D = x_TD.shape
@@ -230,22 +244,21 @@ def parm_forward(ep, x: torch.Tensor, r_fwd=None, r_bwd=None) -> torch.Tensor:
     ep.last_schedule = schedule
     if schedule == "plain" or S == 1:
         x_in = _MPCopy.apply(x_TD, group, t) if S > 1 else x_TD
-        y_TD = ep._forward_local(x_in, r_fwd, r_bwd)
+        y_TD, aux = ep.forward_local(x_in, r_fwd, r_bwd)
         _count_bytes(ep, row_bytes)
         if S > 1:
             y_TD = _ScaleGrad.apply(y_TD, 1.0 / S)
-            ep.aux_loss = ep.aux_loss / S  # each MP rank holds the same batch's aux loss
-        return y_TD.reshape(shape)
+            aux = aux / S  # each MP rank holds the same batch's aux loss
+        return y_TD.reshape(shape), aux
     if dist.get_world_size(group) != S:
         raise ConfigError("mp_group", dist.get_world_size(group), f"{S} ranks (= esp_size)")
-    if schedule == "s2":
+    if schedule == "split_rows":
         share = RowShare(S, s, group, t)
-        y_TD = ep._forward_local(_MPCopy.apply(x_TD, group, t), r_fwd, r_bwd, mp_rows=share)
+        y_TD, aux = ep.forward_local(_MPCopy.apply(x_TD, group, t), r_fwd, r_bwd, mp_rows=share)
         _count_bytes(ep, row_bytes, share.counts_E)
-        ep.aux_loss = ep.aux_loss / S
-        return _ScaleGrad.apply(y_TD, 1.0 / S).reshape(shape)
+        return _ScaleGrad.apply(y_TD, 1.0 / S).reshape(shape), aux / S
     sizes = [split_range(T, S, i)[1] - split_range(T, S, i)[0] for i in range(S)]
     x_s = _MPSplit.apply(x_TD, sizes, s, group, t)
-    y_s = ep._forward_local(x_s, r_fwd, r_bwd)
+    y_s, aux = ep.forward_local(x_s, r_fwd, r_bwd)
     _count_bytes(ep, row_bytes)
-    return _MPAllGather.apply(y_s, sizes, s, group, t).reshape(shape)
+    return _MPAllGather.apply(y_s, sizes, s, group, t).reshape(shape), aux
