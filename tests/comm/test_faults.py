@@ -42,7 +42,7 @@ def test_killed_rank_raises_comm_timeout_not_hang():
     res = run_ranks(_kill_one, 4, timeout_s=90, expect_exit={3})
     for kind, msg, elapsed in res[:3]:
         assert kind == "CommTimeoutError", msg
-        assert "all-gather (2dh) failed after" in msg or "all-to-all" in msg, msg
+        assert "all-gather (hierarchical) failed after" in msg or "all-to-all" in msg, msg
         assert elapsed < 20.0
     assert res[3] is None
 
