@@ -558,7 +558,8 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
     import torch.distributed as dist
     import transformers
 
-    from moeflow.integrations import patch_model
+    from moeflow.checkpoint.state import load_single, save_single
+    from moeflow.integrations import moeflow_state_dict_keys, patch_model
     from moeflow.parallel import checkpoint as ckpt
     from moeflow.parallel import clip_grad_norm_, export_pretrained, parallelize, sync_gradients
     from moeflow.progress import Progress
@@ -613,7 +614,7 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
         if dist_on:
             extra = ckpt.load_checkpoint(args.checkpoint_dir, model, opt, layout=layout)
         else:
-            extra = _load_single(args.checkpoint_dir, model, opt, layout)
+            extra = load_single(args.checkpoint_dir, model, opt, layout)
         first, sampler = _resume_point(args.checkpoint_dir, extra)
         gen.set_state(sampler)
     b = args.batch_size // W
@@ -625,7 +626,8 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
         if dist_on:
             ckpt.save_checkpoint(args.checkpoint_dir, model, opt, extra=extra, layout=layout)
         else:
-            _save_single(args.checkpoint_dir, model, opt, extra, layout)
+            with moeflow_state_dict_keys(model):  # moeflow's own keys, as DCP's save
+                save_single(args.checkpoint_dir, model, opt, extra, layout)
 
     step = first - 1
     with Progress(
@@ -683,58 +685,6 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
             flush=True,
         )
     return {"losses": losses, "first_step": first, "steps": step}
-
-
-def _save_single(path: str, model, opt, extra: dict, layout: dict | None = None) -> None:
-    """One process: the same atomic layout as the sharded save (temp dir, rename)."""
-    import shutil
-
-    from moeflow.integrations import moeflow_state_dict_keys
-    from moeflow.parallel.checkpoint import write_layout
-
-    tmp, old = path + ".tmp", path + ".old"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    with moeflow_state_dict_keys(model):
-        state = {"model": model.state_dict(), "optim": opt.state_dict(), "extra": extra}
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    write_layout(tmp, layout)
-    with open(os.path.join(tmp, ".metadata"), "w") as f:
-        f.write("moeflow single-process checkpoint\n")
-    if os.path.exists(path):  # else a checkpoint left at old is the only one: keep it
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.rename(path, old)
-    os.rename(tmp, path)
-    if os.path.exists(old):
-        shutil.rmtree(old)
-
-
-def _load_single(path: str, model, opt, layout: dict | None = None) -> dict:
-    from moeflow.errors import CorruptDataError, InputError
-    from moeflow.parallel.checkpoint import check_layout, load_plain
-
-    check_layout(path, layout)
-    file = os.path.join(path, "state.pt")
-    if not os.path.exists(file):
-        raise InputError(
-            f"checkpoint {path!r} is not a single-process checkpoint (no state.pt): it was "
-            "saved by a run with more ranks; resume it with the same --nproc"
-        )
-    state = load_plain(file)
-    if not isinstance(state, dict) or not {"model", "optim", "extra"} <= set(state):
-        raise CorruptDataError(f"{file}: not a moeflow single-process checkpoint")
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, TypeError, AttributeError) as e:
-        text = " ".join(str(e).split())
-        raise InputError(f"{file} does not match this model: {text[:300]}") from None
-    try:
-        opt.load_state_dict(state["optim"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise InputError(f"{file} does not match this optimizer: {e}") from None
-    return state["extra"]
 
 
 def _resume_point(path: str, extra) -> tuple[int, torch.Tensor]:

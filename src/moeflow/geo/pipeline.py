@@ -490,7 +490,7 @@ class _StageRunner:
     def load_file(self, path: str) -> None:
         """:meth:`load` the stage file ``path`` (tensors and plain data only); a typed error
         naming the file when it is damaged or belongs to another job."""
-        from moeflow.parallel.checkpoint import load_plain
+        from moeflow.checkpoint.state import load_plain
 
         st = load_plain(path)
         try:
@@ -528,10 +528,11 @@ def _stage_file(root: str, step: int, stage: int) -> str:
 
 
 def _save(root: str, step: int, stage: int, state: dict) -> None:
+    from moeflow.checkpoint.state import save_plain
+
     path = _stage_file(root, step, stage)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_plain(state, path)
 
 
 def latest_checkpoint(root: str) -> int | None:

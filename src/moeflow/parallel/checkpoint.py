@@ -28,7 +28,6 @@ another layout is an InputError naming what differs.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -37,6 +36,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moeflow.checkpoint.state import (
+    META,
+    check_layout,
+    checkpoint_exists,
+    load_plain,
+    publish,
+    recover_checkpoint,
+    save_plain,
+    write_layout,
+)
 from moeflow.errors import CorruptDataError, InputError
 
 __all__ = [
@@ -50,34 +59,7 @@ __all__ = [
     "write_layout",
 ]
 
-_META = ".metadata"  # what DCP's coordinator writes last
 _OBJECTS = "moeflow_objects.pt"
-LAYOUT = "moeflow_layout.json"
-
-
-def load_plain(path: str):
-    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain data only. A file
-    that is missing is an InputError; one that holds anything else (a pickled object, code)
-    or is truncated or not a torch file is a CorruptDataError naming it."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        default = lines[-1] if lines else "UnpicklingError"
-        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), default)
-        raise CorruptDataError(
-            f"{path}: holds more than tensors and plain data; refusing to unpickle it ({why})"
-        ) from None
-    except MemoryError:
-        raise CorruptDataError(f"{path}: claims more data than fits in memory") from None
-    except Exception as e:  # noqa: BLE001 - zip, pickle and storage errors of a damaged file
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CorruptDataError(
-            f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first[:200]})"
-        ) from None
 
 
 #: the only globals DCP's ``.metadata`` pickle may name
@@ -117,12 +99,12 @@ def read_metadata(path: str, rank: int | None = None):
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import Metadata
 
-    file = os.path.join(os.fspath(path), _META if rank is None else f"__{rank}{_META}")
+    file = os.path.join(os.fspath(path), META if rank is None else f"__{rank}{META}")
     try:
         with open(file, "rb") as f:
             meta = _MetadataUnpickler(f).load()
     except FileNotFoundError:
-        raise InputError(f"no checkpoint at {os.fspath(path)!r} (no {_META})") from None
+        raise InputError(f"no checkpoint at {os.fspath(path)!r} (no {META})") from None
     except MemoryError:
         raise CorruptDataError(f"{file}: claims more data than fits in memory") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure of a damaged file
@@ -155,52 +137,6 @@ def _reader(path: str):
             return meta
 
     return _SafeReader(path)
-
-
-def write_layout(path: str, layout: dict | None) -> None:
-    """Record ``layout`` in checkpoint directory ``path`` (nothing when None)."""
-    if layout is None:
-        return
-    with open(os.path.join(os.fspath(path), LAYOUT), "w") as f:
-        json.dump(layout, f, sort_keys=True)
-
-
-def check_layout(path: str, layout: dict | None) -> None:
-    """InputError naming every entry of ``layout`` that differs from the one the checkpoint at
-    ``path`` was saved with (nothing to check when either side has none)."""
-    file = os.path.join(os.fspath(path), LAYOUT)
-    if layout is None or not os.path.exists(file):
-        return
-    try:
-        with open(file) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CorruptDataError(f"{file}: not a layout record ({e})") from None
-    if not isinstance(saved, dict):
-        raise CorruptDataError(f"{file}: not a layout record (a {type(saved).__name__})")
-    want = json.loads(json.dumps(layout))  # tuples as lists, as the file has them
-    diff = [
-        f"{k} {saved.get(k, 'unset')!r} (this run: {want.get(k, 'unset')!r})"
-        for k in sorted(set(saved) | set(want))
-        if saved.get(k) != want.get(k)
-    ]
-    if diff:
-        raise InputError(
-            f"checkpoint {os.fspath(path)!r} was saved with another layout: " + ", ".join(diff)
-        )
-
-
-def recover_checkpoint(path: str) -> None:
-    """Clean up after a save that was cut short: move a checkpoint left at ``<path>.old``
-    (interrupted between the two renames) back to ``path`` and delete a stale ``<path>.tmp``.
-    Call it from one process only (rank 0), before anyone reads ``path``."""
-    path = os.fspath(path)
-    old, tmp = path + ".old", path + ".tmp"
-    if not os.path.exists(path) and checkpoint_exists(old):
-        os.rename(old, path)
-    for stale in (tmp, old):
-        if os.path.exists(stale):
-            shutil.rmtree(stale)
 
 
 def _single_process_error(path: str) -> InputError:
@@ -300,10 +236,6 @@ def _state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], list]:
     return state, groups
 
 
-def checkpoint_exists(path: str) -> bool:
-    return os.path.exists(os.path.join(os.fspath(path), _META))
-
-
 def save_checkpoint(
     path: str,
     model: nn.Module,
@@ -327,7 +259,7 @@ def save_checkpoint(
     state, groups = _state(model, optimizer)
     dcp.save(state, checkpoint_id=tmp)
     if rank == 0:  # replicated, small: hyper-parameters and the caller's extras
-        torch.save(
+        save_plain(
             {"param_groups": groups, "extra": dict(extra or {})}, os.path.join(tmp, _OBJECTS)
         )
         write_layout(tmp, layout)
@@ -335,14 +267,7 @@ def save_checkpoint(
     if _before_publish is not None:
         _before_publish()  # tests: an interruption between writing and publishing
     if rank == 0:
-        old = path + ".old"
-        if os.path.exists(path):  # else a checkpoint left at old is the only one: keep it
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if os.path.exists(old):
-            shutil.rmtree(old)
+        publish(tmp, path)
     dist.barrier()
 
 
@@ -357,7 +282,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, *, layout: dict
 
     path = os.fspath(path)
     if not checkpoint_exists(path):
-        raise InputError(f"no checkpoint at {path!r} (no {_META})")
+        raise InputError(f"no checkpoint at {path!r} (no {META})")
     check_layout(path, layout)
     if os.path.exists(os.path.join(path, "state.pt")):
         raise _single_process_error(path)
@@ -377,7 +302,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, *, layout: dict
     for k, t in state.items():
         md = saved[k]
         if not isinstance(md, TensorStorageMetadata):
-            raise CorruptDataError(f"{path}/{_META}: {k} is not stored as a tensor")
+            raise CorruptDataError(f"{path}/{META}: {k} is not stored as a tensor")
         if tuple(md.size) != tuple(t.shape):
             raise InputError(
                 f"checkpoint {path!r} does not match this model/layout: {k} has shape "
