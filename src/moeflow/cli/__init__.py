@@ -1,7 +1,8 @@
 """The ``moeflow`` command line.
 
-Each sub-command lives next to the code it drives, in a module that defines
-``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their
+Each sub-command has one module in this package that defines its arguments
+(``add_arguments(parser)``) and ``run(args) -> int``, which drives the library or an
+application of :mod:`moeflow.apps`. Modules are imported only when their
 command runs, so ``moeflow --help`` stays fast and never imports torch.
 
 Every command runs inside one error boundary (:func:`main`): moeflow's typed errors, ``OSError``
@@ -26,13 +27,13 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("moeflow.apps.demo", "train a small character-level MoE language model on CPU"),
-    "train": ("moeflow.apps.train", "train the demo model with expert parallelism (gloo/NCCL)"),
-    "profile": ("moeflow.apps.profile", "time GEMMs and collectives, fit alpha-beta costs"),
+    "demo": ("moeflow.cli.demo", "train a small character-level MoE language model on CPU"),
+    "train": ("moeflow.cli.train", "train the demo model with expert parallelism (gloo/NCCL)"),
+    "profile": ("moeflow.cli.profile", "time GEMMs and collectives, fit alpha-beta costs"),
     "plan": ("moeflow.cli.plan", "choose FSMoE pipeline degrees and compare with baselines"),
     "simulate": ("moeflow.cli.simulate", "simulate a plan; write a Chrome trace and a Gantt PNG"),
     "serve-bench": (
-        "moeflow.apps.serve_bench",
+        "moeflow.cli.serve_bench",
         "serve the MoE model disaggregated (FinDEP, PPPipe, naive DEP) and time it",
     ),
     "geo": (
