@@ -16,6 +16,14 @@ MOVED = [
 ]
 
 
+def test_a_renamed_name_resolves_to_its_new_name():
+    import moeflow.runtime
+    from moeflow.parallel import load_pretrained_weights
+
+    with pytest.warns(DeprecationWarning, match="parallelize.load_pretrained_weights"):
+        assert moeflow.runtime.load_checkpoint is load_pretrained_weights
+
+
 @pytest.mark.parametrize("old, name, new", MOVED)
 def test_old_location_warns_and_gives_the_same_object(old, name, new):
     with pytest.warns(DeprecationWarning, match=f"{old}.{name} moved to {new}"):

@@ -28,6 +28,7 @@ know which parameters are expert slices, whether the model came from :func:`para
 was built by hand. ``moeflow train`` is a complete example.
 """
 
+from moeflow.parallel.checkpoint import load_checkpoint, save_checkpoint
 from moeflow.parallel.dispatch import (
     COMMON_ARGS,
     DISPATCHER_CLASSES,
@@ -47,7 +48,7 @@ from moeflow.parallel.parallelize import (
     clip_grad_norm_,
     export_pretrained,
     load_balancing_loss,
-    load_checkpoint,
+    load_pretrained_weights,
     parallelize,
     sync_gradients,
 )
@@ -72,6 +73,8 @@ __all__ = [
     "run_wavefront",
     "parallelize",
     "sync_gradients",
+    "load_pretrained_weights",
+    "save_checkpoint",
     "load_checkpoint",
     "export_pretrained",
     "load_balancing_loss",

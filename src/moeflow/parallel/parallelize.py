@@ -61,7 +61,7 @@ __all__ = [
     "ParallelLayout",
     "sync_gradients",
     "clip_grad_norm_",
-    "load_checkpoint",
+    "load_pretrained_weights",
     "check_checkpoint",
     "check_hf_checkpoint",
     "load_balancing_loss",
@@ -422,7 +422,7 @@ def parallelize(
         _init_non_persistent(model)
     if ckpt is not None:
         with ckpt:
-            layout.checkpoint_bytes_read = load_checkpoint(model, ckpt)
+            layout.checkpoint_bytes_read = load_pretrained_weights(model, ckpt)
         layout.checkpoint = str(checkpoint)
     layout.dense = dense
     if dense == "fsdp":
@@ -465,13 +465,13 @@ def _init_non_persistent(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def load_checkpoint(model: nn.Module, ckpt) -> int:
+def load_pretrained_weights(model: nn.Module, ckpt) -> int:
     """Fill a parallelized model from ``ckpt`` (a path or a :class:`SafetensorsCheckpoint`):
     dense tensors whole, each ExpertParallel's expert range x FFN slice only. Returns the
     bytes read."""
     if not isinstance(ckpt, SafetensorsCheckpoint):
         with SafetensorsCheckpoint(ckpt) as c:
-            return load_checkpoint(model, c)
+            return load_pretrained_weights(model, c)
     eps = {p: m for p, m in model.named_modules() if isinstance(m, ExpertParallel)}
     paths = list(eps)
     before = ckpt.bytes_read

@@ -14,11 +14,11 @@ __getattr__ = moved_names(
             "run_wavefront",
             "parallelize",
             "sync_gradients",
-            "load_checkpoint",
             "export_pretrained",
             "load_balancing_loss",
             "clip_grad_norm_",
         ),
         "moeflow.parallel",
-    ),
+    )
+    | {"load_checkpoint": "moeflow.parallel.parallelize:load_pretrained_weights"},
 )
