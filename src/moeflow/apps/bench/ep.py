@@ -23,13 +23,14 @@ dominates the waits.
 from __future__ import annotations
 
 import statistics
-import time
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch.profiler import record_function
 
 from moeflow.apps.bench.dissect import dissect
+from moeflow.perf.measure import time_ms
 
 WAIT = "moeflow.bench::wait::"
 
@@ -97,7 +98,8 @@ def a2a_bytes(inventory) -> list[tuple[str, int]]:
 
 def replay_comm(sizes: list[tuple[str, int]], esize: int, reps: int = 3) -> dict:
     """Serial time (ms, per phase) of the step's all-to-alls: call j with the largest
-    element count any rank sent in its call j, equal splits, best of ``reps``."""
+    element count any rank sent in its call j, equal splits, the median of ``reps`` (the slowest
+    rank's, :func:`moeflow.perf.measure.time_ms`)."""
     import torch.distributed as dist
 
     world = dist.get_world_size()
@@ -111,16 +113,9 @@ def replay_comm(sizes: list[tuple[str, int]], esize: int, reps: int = 3) -> dict
         n = max(world, (int(counts[j]) // world) * world)
         x = torch.zeros(n, dtype=torch.float32 if esize == 4 else torch.bfloat16)
         y = torch.empty_like(x)
-        best = float("inf")
-        for _ in range(reps):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_to_all_single(y, x)
-            best = min(best, (time.perf_counter() - t0) * 1e3)
-        t = torch.tensor([best], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = time_ms(partial(dist.all_to_all_single, y, x), trials=reps, group=dist.group.WORLD)
         phase = sizes[j][0]
-        out[phase] = out.get(phase, 0.0) + float(t)
+        out[phase] = out.get(phase, 0.0) + t
     return out
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import itertools
 import platform
 import socket
-import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -70,17 +70,14 @@ def settings_grid(
 
 
 def measure_peak(dtype: str = "float32", m: int = PEAK_GEMM, reps: int = 5) -> float:
-    """Best FLOP/s of an ``m x m`` GEMM on this process: the stated peak when none is given."""
+    """FLOP/s of an ``m x m`` GEMM on this process (the median of ``reps`` calls, by the one
+    harness :func:`moeflow.perf.measure.time_ms`): the stated peak when none is given."""
+    from moeflow.perf.measure import time_ms
+
     td = getattr(torch, dtype)
     a = torch.randn(m, m).to(td)
     b = torch.randn(m, m).to(td)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * m**3 / best
+    return 2.0 * m**3 / (time_ms(partial(torch.mm, a, b), trials=reps) / 1e3)
 
 
 @dataclass
