@@ -182,3 +182,13 @@ def test_cli_plan_writes_the_plan_when_a_baseline_does_not_fit(tmp_path, capsys)
     assert p.bounds[-1] == 76 and p.num_stages >= 3
     assert {graph.devices[d].site for d in p.devices} != {"A"}
     assert p.device_names == tuple(graph.devices[d].name for d in p.devices)
+
+
+def test_gpt2_graph_from_a_meta_build_equals_the_real_one():
+    # what `geo plan --model gpt2` plans: no weights initialised, nothing computed
+    job = geo.GeoJob(model="gpt2", dim=32, layers=2, heads=2, seq_len=16, microbatch_size=2)
+    module, meta = geo.trace_job(job, device="meta")
+    assert all(p.is_meta for p in module.parameters())
+    _, real = geo.trace_job(job)
+    assert meta.ops == real.ops and meta.node_names == real.node_names
+    assert meta.ops.flops > 0

@@ -102,7 +102,8 @@ def _plan(args) -> int:
         output_file("--out", args.out)
     graph = pgeo.DeviceGraph.load(args.devices)
     job = GeoJob(stages=max(2, len(graph.devices)), **_job_kwargs(args))
-    _, traced = trace_job(job)
+    # GPT-2 has no data-dependent node: plan it from a meta build (no weights to initialise)
+    _, traced = trace_job(job, device="meta" if job.model == "gpt2" else "cpu")
     if not 0 < args.min_density <= 1:
         raise ConfigError("--min-density", args.min_density, "a density in (0, 1]")
     plan = pgeo.partition(
