@@ -1134,9 +1134,10 @@ class _Search:
             # a better plan has S + (M - 1) m < best with S >= m and S >= rest[0]
             if best_step == _INF:
                 return _INF
-            return max(
-                min(best_step / self.M, (best_step - float(self.rest[0])) / max(M1, 1)), 0.0
-            ) * (1 + 1e-12)
+            top = best_step / self.M
+            if M1 > 0:
+                top = min(top, (best_step - float(self.rest[0])) / M1)
+            return max(top, 0.0) * (1 + 1e-12)
 
         cap = top()
         while cap >= lo:
