@@ -25,7 +25,7 @@ with AdaTopK on the slow links between clusters (min density 0.01; 0.1 in a seco
 ``even-48`` = an even layer split over all 48 GPUs in site order; ``even-same`` = an even layer
 split over the GPUs our exact plan uses, in its order (what the partition alone is worth);
 ``DP`` = plain data parallelism with a ring all-reduce over the GPUs that can hold a replica.
-Writes ``geo_sim_<host>_<date>.{md,json}``. Pure Python (no torch).
+Writes ``geo_sim_<host>_<date>.{md,json}``. No torch (Python and numpy).
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
         "",
         "`python benchmarks/geo_sim.py`"
         + (" --quick" if args.quick else "")
-        + "; pure Python, simulated figures (planning times depend on the machine: "
+        + "; no torch, simulated figures (planning times depend on the machine: "
         f"{cpu_name()}, Python {platform.python_version()}).",
         "",
         "Setup (our assumptions; FusionLLM's testbed mix is not published): 6 sites x 8 GPUs "

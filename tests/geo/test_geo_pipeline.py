@@ -3,6 +3,7 @@ and a rank that leaves being replaced from the backup pool."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -124,7 +125,7 @@ def _devices(tmp_path, memory_gb=4):
         "site_links": [{"a": "a", "b": "b", "bandwidth_mbps": 10, "latency_ms": 20}],
     }
     path = tmp_path / "devices.json"
-    path.write_text(__import__("json").dumps(doc))
+    path.write_text(json.dumps(doc))
     return path
 
 
@@ -210,3 +211,43 @@ def test_resume_names_a_stage_file_of_another_job_and_clears_leftovers(tmp_path)
     (tmp_path / "step0000001" / "stage1.pt").unlink()
     with pytest.raises(InputError, match=r"stage1\.pt: no such checkpoint file"):
         geo.check_resume(job, 1)
+
+
+SITES_6 = os.path.join(os.path.dirname(__file__), "data", "geo_3sites_6devices.json")
+
+
+def test_cli_plan_writes_the_plan_when_a_baseline_does_not_fit(tmp_path, capsys):
+    """Six devices in three sites (4-12 GB, 10-100 Mbit/s between sites): the even split puts
+    a stage on a 4 GB device that needs more, which is reported while the plan is written."""
+    from moeflow.cli import main
+    from moeflow.plan.geo import DeviceGraph, GeoPlan
+
+    graph = DeviceGraph.load(SITES_6)
+    assert len(graph) == 6 and len({d.site for d in graph.devices}) == 3
+    plan = tmp_path / "plan.json"
+    args = ["--dim", "128", "--layers", "4", "--heads", "4", "--seq-len", "1024"]
+    args += ["--microbatch-size", "16", "--microbatches", "64"]
+    assert main(["geo", "plan", "--devices", SITES_6, "--out", str(plan)] + args) == 0
+    out = capsys.readouterr().out
+    assert "even split does not fit" in out
+    assert "baseline even split does not fit: device 'c0' (4 GB) cannot hold stage" in out
+    doc = json.loads(plan.read_text())
+    even = doc["baselines"]["even split"]
+    assert even["fits"] is False and "'c0'" in even["error"]
+    assert doc["baselines"]["data parallel"]["fits"] is True
+    p = GeoPlan.from_dict(doc["plan"])
+    # 24.2 GB of weights, optimizer state and 64 micro-batches of activations: more than the
+    # two 12 GB devices of site A hold, so the plan leaves the site
+    assert p.bounds[-1] == 76 and p.num_stages >= 3
+    assert {graph.devices[d].site for d in p.devices} != {"A"}
+    assert p.device_names == tuple(graph.devices[d].name for d in p.devices)
+
+
+def test_gpt2_graph_from_a_meta_build_equals_the_real_one():
+    # what `geo plan --model gpt2` plans: no weights initialised, nothing computed
+    job = geo.GeoJob(model="gpt2", dim=32, layers=2, heads=2, seq_len=16, microbatch_size=2)
+    module, meta = geo.trace_job(job, device="meta")
+    assert all(p.is_meta for p in module.parameters())
+    _, real = geo.trace_job(job)
+    assert meta.ops == real.ops and meta.node_names == real.node_names
+    assert meta.ops.flops > 0

@@ -152,6 +152,32 @@ def test_flops_total_equals_the_counter_on_the_eager_module(case):
     assert case.traced.ops.flops == counter.get_total_flops() > 0
 
 
+def test_fake_measurement_equals_a_real_forward(case, monkeypatch):
+    """GPT-2 is measured on fake tensors (no arithmetic) and gives the graph a real forward
+    pass gives; the demo model's MoE routing depends on data, so it is measured for real."""
+    import torch._subclasses.fake_tensor as ft
+
+    faked = []
+    run = opgraph._Measure.run
+
+    def spy(self, *args):
+        out = run(self, *args)
+        faked.append(self.fake is not None)
+        return out
+
+    monkeypatch.setattr(opgraph._Measure, "run", spy)
+    auto = opgraph.trace(case.module, case.inputs)
+    assert faked == [case.name == "gpt2"]
+
+    def no_fake(*a, **k):
+        raise RuntimeError("no fake tensors")
+
+    monkeypatch.setattr(ft, "FakeTensorMode", no_fake)
+    real = opgraph.trace(case.module, case.inputs)
+    assert faked[-1] is False
+    assert auto.ops == real.ops and auto.node_names == real.node_names
+
+
 def test_node_flops_match_the_analytic_counts(demo):
     ops, names = demo.traced.ops, demo.traced.node_names
     flops = dict(zip(names, (n.flops for n in ops.nodes)))

@@ -1,11 +1,10 @@
 """Geo planner (pure Python): cut tensors by hand, device files and their errors, the partition
 against brute force over every device order and segmentation, AdaTopK densities, baselines,
-GPT-2's analytic graph and the planning time at 48 devices."""
+GPT-2's analytic graph and a plan for 48 devices."""
 
 import itertools
 import json
 import random
-import time
 
 import pytest
 
@@ -64,8 +63,8 @@ def random_devices(rng, d, sites=2, mem=1.0):
 
 
 def brute_force(ops, graph, m, *, adatopk=False, max_stages=None):
-    """Best plan over every ordered choice of devices and every segmentation, (bottleneck,
-    step time) lexicographically; ``None`` when nothing fits."""
+    """Best plan over every ordered choice of devices and every segmentation: the shortest
+    GPipe step ``sum t_s + (M - 1) max t_s``; ``None`` when nothing fits."""
     n, best = len(ops), None
     top = min(n, len(graph), max_stages or n)
     for k in range(1, top + 1):
@@ -81,14 +80,7 @@ def brute_force(ops, graph, m, *, adatopk=False, max_stages=None):
                     )
                 except PlanError:
                     continue
-                if (
-                    best is None
-                    or p.bottleneck_s < best.bottleneck_s * (1 - 1e-12)
-                    or (
-                        p.bottleneck_s <= best.bottleneck_s * (1 + 1e-12)
-                        and p.step_time_s < best.step_time_s * (1 - 1e-12)
-                    )
-                ):
+                if best is None or p.step_time_s < best.step_time_s * (1 - 1e-12):
                     best = p
     return best
 
@@ -259,7 +251,6 @@ def check_against_brute_force(ops, graph, m, **kw) -> int:
             geo.partition(ops, graph, microbatches=m, exhaustive=True, **kw)
         return 0
     got = geo.partition(ops, graph, microbatches=m, exhaustive=True, **kw)
-    assert got.bottleneck_s == pytest.approx(want.bottleneck_s, rel=1e-9)
     assert got.step_time_s == pytest.approx(want.step_time_s, rel=1e-9)
     if kw.get("max_stages"):
         assert got.num_stages <= kw["max_stages"]
@@ -299,7 +290,7 @@ def test_brute_force_cases_cover_memory_limits_and_long_pipelines():
     plan without memory limits does not fit) and some use four stages."""
     rng = random.Random(0)
     shaped, long = 0, 0
-    for _ in range(40):
+    for _ in range(80):
         ops = random_dag(rng, rng.randint(4, 7))
         graph = random_devices(rng, 4, mem=4)
         m = rng.randint(1, 6)
@@ -312,7 +303,7 @@ def test_brute_force_cases_cover_memory_limits_and_long_pipelines():
             graph.bandwidth,
             graph.latency,
         )
-        shaped += geo.partition(ops, roomy, microbatches=m).bottleneck_s < p.bottleneck_s
+        shaped += geo.partition(ops, roomy, microbatches=m).step_time_s < p.step_time_s
         long += p.num_stages == 4
     assert shaped >= 3 and long >= 3
 
@@ -330,7 +321,7 @@ def test_clustered_search_is_never_better_than_the_optimum():
         except PlanError:  # memory so tight that only some device orders fit (or none)
             continue
         compared += 1
-        assert got.bottleneck_s >= best.bottleneck_s * (1 - 1e-12)
+        assert got.step_time_s >= best.step_time_s * (1 - 1e-12)
     assert compared >= 6
 
 
@@ -359,7 +350,7 @@ def test_partition_keeps_a_big_cut_inside_the_fast_site():
 def test_adatopk_compresses_only_slow_links():
     rng = random.Random(11)
     seen = 0
-    for _ in range(40):
+    for _ in range(80):
         ops = random_dag(rng, rng.randint(3, 7))
         graph = random_devices(rng, rng.randint(2, 4))
         m = rng.randint(1, 4)
@@ -391,8 +382,53 @@ def test_adatopk_compresses_only_slow_links():
             else:
                 assert sent > pre_budget
         exact = geo.partition(ops, graph, microbatches=m)
-        assert p.bottleneck_s <= exact.bottleneck_s * (1 + 1e-12)
+        assert p.step_time_s <= exact.step_time_s * (1 + 1e-12)
     assert seen >= 5
+
+
+def bottleneck_first(ops, graph, m, *, adatopk=False):
+    """The earlier objective, by brute force: the smallest bottleneck, then the shortest step."""
+    n, best = len(ops), None
+    for k in range(1, min(n, len(graph)) + 1):
+        for devs in itertools.permutations(range(len(graph)), k):
+            for cuts in itertools.combinations(range(1, n), k - 1):
+                b = [0, *cuts, n]
+                dens = None
+                if adatopk:
+                    dens = geo.link_densities(ops, graph, bounds=b, devices=devs, microbatches=m)
+                try:
+                    p = geo.evaluate(
+                        ops, graph, bounds=b, devices=devs, microbatches=m, densities=dens
+                    )
+                except PlanError:
+                    continue
+                key = (p.bottleneck_s, p.step_time_s)
+                if best is None or key < (best.bottleneck_s, best.step_time_s):
+                    best = p
+    return best
+
+
+def test_adatopk_plan_is_never_slower_than_the_exact_plan():
+    """The planner minimises the step, so an AdaTopK plan whose predicted step is longer than
+    the exact plan's is never returned; minimising the bottleneck first returned one in most
+    of these cases (more stages, more links, a longer fill and drain)."""
+    rng = random.Random(5)
+    slower_by_bottleneck, compared = 0, 0
+    for _ in range(20):
+        ops = random_dag(rng, rng.randint(3, 6))
+        graph = random_devices(rng, rng.randint(2, 4), mem=4)
+        m = rng.randint(1, 4)
+        try:
+            exact = geo.partition(ops, graph, microbatches=m)
+            ada = geo.partition(ops, graph, microbatches=m, adatopk=True)
+        except PlanError:
+            continue
+        compared += 1
+        assert ada.step_time_s <= exact.step_time_s * (1 + 1e-12)
+        old = bottleneck_first(ops, graph, m, adatopk=True)
+        assert old.bottleneck_s <= ada.bottleneck_s * (1 + 1e-12)
+        slower_by_bottleneck += old.step_time_s > exact.step_time_s * (1 + 1e-9)
+    assert compared >= 15 and slower_by_bottleneck >= 5
 
 
 def test_adatopk_leaves_links_inside_a_cluster_exact():
@@ -426,6 +462,8 @@ def test_adatopk_density():
     assert geo.adatopk_density(100.0, 1000.0, 1.0) == pytest.approx(1 / 30)
     assert geo.adatopk_density(100.0, 1e6, 1.0, min_density=0.01) == 0.01
     assert geo.adatopk_density(100.0, 1e6, -1.0) == 0.01
+    # at density 0.5 values and indices are 1.5x the dense bytes: the link stays exact
+    assert geo.adatopk_density(100.0, 1e6, 1.0, min_density=0.5) == 1.0
     with pytest.raises(ConfigError):
         geo.adatopk_density(0.0, 1.0, 1.0)
     with pytest.raises(ConfigError):
@@ -577,12 +615,12 @@ def paper_scale_graph(seed=0):
     return DeviceGraph.from_dict({"devices": devices, "sites": sites, "site_links": links})
 
 
-def test_plans_48_devices_in_seconds():
+def test_plans_48_devices():
+    # planning time is measured by benchmarks/geo_plan_time.py, not here
     g = paper_scale_graph()
     ops = geo.gpt2_opgraph(layers=24, dim=1024, seq_len=1024, vocab=50257, batch=1)
-    t = time.perf_counter()
     p = geo.partition(ops, g, microbatches=32)
     q = geo.partition(ops, g, microbatches=32, adatopk=True)
-    assert time.perf_counter() - t < 15
-    assert q.bottleneck_s <= p.bottleneck_s
-    assert p.bottleneck_s < geo.even_split(ops, g, microbatches=32).bottleneck_s
+    assert q.step_time_s <= p.step_time_s
+    assert p.step_time_s < geo.even_split(ops, g, microbatches=32).step_time_s
+    assert p.num_stages > 1

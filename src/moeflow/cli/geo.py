@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from moeflow.errors import ConfigError, InputError
+from moeflow.errors import ConfigError, InputError, PlanError
 from moeflow.files import atomic_file, check_output
 
 #: the lowest AdaTopK density ``plan`` uses by default: the lowest that kept the demo model's
@@ -154,7 +154,8 @@ def _plan(args) -> int:
             f"at most {MAX_STAGES} devices (one pipeline stage each)",
         )
     job = GeoJob(stages=max(2, len(graph.devices)), **_job_kwargs(args))
-    _, traced = trace_job(job)
+    # GPT-2 has no data-dependent node: plan it from a meta build (no weights to initialise)
+    _, traced = trace_job(job, device="meta" if job.model == "gpt2" else "cpu")
     plan = pgeo.partition(
         traced.ops,
         graph,
@@ -172,19 +173,46 @@ def _plan(args) -> int:
             cut = traced.ops.cut_bytes(b) / 1e6
             link = f"  -> {cut:.2f} MB cut" + (f", AdaTopK density {d:.3f}" if d < 1 else "")
         print(f"stage {s} on {names[dev]:<10} nodes [{a},{b})  {t * 1e3:9.2f} ms{link}")
-    even = pgeo.even_split(traced.ops, graph, microbatches=job.microbatches)
-    dp = pgeo.data_parallel_step_s(traced.ops, graph, microbatches=job.microbatches)
-    print(
-        f"step (model): {plan.step_time_s * 1e3:.1f} ms; even split {even.step_time_s * 1e3:.1f}"
-        f" ms ({even.step_time_s / plan.step_time_s:.2f}x); data parallel {dp * 1e3:.1f} ms"
-        f" ({dp / plan.step_time_s:.2f}x)"
-    )
+    baselines = _baselines(pgeo, traced.ops, graph, job.microbatches, plan.step_time_s)
+    parts = []
+    for name, b in baselines.items():
+        if "step_time_s" in b:
+            parts.append(f"{name} {b['step_time_s'] * 1e3:.1f} ms ({b['slowdown']:.2f}x)")
+        else:
+            parts.append(f"{name} does not fit")
+    print(f"step (model): {plan.step_time_s * 1e3:.1f} ms; " + "; ".join(parts))
+    for name, b in baselines.items():
+        if "error" in b:
+            print(f"baseline {name} does not fit: {b['error']}")
     if args.out:
-        doc = {"plan": plan.to_dict(), "job": _job_kwargs(args), "devices": names}
+        doc = {
+            "plan": plan.to_dict(),
+            "job": _job_kwargs(args),
+            "devices": names,
+            "baselines": baselines,
+        }
         with atomic_file(args.out, force=args.force) as f:
             json.dump(doc, f, indent=1)
         print(f"wrote {args.out}")
     return 0
+
+
+def _baselines(pgeo, ops, graph, microbatches: int, step_s: float) -> dict:
+    """The even layer split and data parallelism over the same devices: each one's model step
+    and its ratio to the plan's, or why it cannot run (a stage or replica that does not fit a
+    device's memory, consecutive devices without a link)."""
+    out = {}
+    for name, fn in (
+        ("even split", lambda: pgeo.even_split(ops, graph, microbatches=microbatches).step_time_s),
+        ("data parallel", lambda: pgeo.data_parallel_step_s(ops, graph, microbatches=microbatches)),
+    ):
+        try:
+            t = fn()
+        except PlanError as e:
+            out[name] = {"fits": False, "error": str(e)}
+        else:
+            out[name] = {"fits": True, "step_time_s": t, "slowdown": t / step_s}
+    return out
 
 
 def job_from_args(args) -> object:

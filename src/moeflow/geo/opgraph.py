@@ -127,15 +127,25 @@ class _Tracer(fx.Tracer):
 
 
 class _Measure(fx.Interpreter):
-    """One forward pass that records each node's FLOPs, tensor bytes and non-tensor values."""
+    """One forward pass that records each node's FLOPs, tensor bytes and non-tensor values.
 
-    def __init__(self, gm: fx.GraphModule):
+    With ``fake`` (a ``FakeTensorMode``) the pass runs on fake tensors: shapes, dtypes and
+    storages without data or arithmetic; parameters and buffers are faked as they are read."""
+
+    def __init__(self, gm: fx.GraphModule, fake=None):
         super().__init__(gm)
+        self.fake = fake
         self.flops: dict[fx.Node, int] = {}
         self.nbytes: dict[fx.Node, int] = {}  # tensor-valued nodes
         self.kind: dict[fx.Node, str] = {}  # "tensor" | "tuple" | "other"
         self.value: dict[fx.Node, object] = {}  # non-tensor values
         self.views: set[fx.Node] = set()  # outputs that share an input's storage
+
+    def fetch_attr(self, target: str):
+        v = super().fetch_attr(target)
+        if self.fake is not None and isinstance(v, torch.Tensor):
+            return self.fake.from_tensor(v)  # memoised: one fake per parameter
+        return v
 
     def run_node(self, n: fx.Node):
         with flop_counter() as counter:
@@ -171,8 +181,9 @@ def _is_view(out, inputs: list[torch.Tensor]) -> bool:
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     if not tensors or not inputs:
         return False
-    storages = {t.untyped_storage().data_ptr() for t in inputs}
-    return all(t.untyped_storage().data_ptr() in storages for t in tensors)
+    # the storage object itself, not its data pointer: meta and fake tensors have none
+    storages = {t.untyped_storage()._cdata for t in inputs}
+    return all(t.untyped_storage()._cdata in storages for t in tensors)
 
 
 def _is_meta(n: fx.Node, meta: set[fx.Node]) -> bool:
@@ -377,15 +388,37 @@ def trace(
             f"({[p.name for p in placeholders]}), {len(inputs)} example inputs were given"
         )
 
-    measure = _Measure(gm)
-    cuda = sorted({x.device.index or 0 for x in inputs if x.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda), torch.no_grad():
-        measure.run(*inputs)
-
+    measure = _measure(gm, inputs)
     _specialise(gm, measure)
     units = _units(gm, measure)
     ops = _op_graph(gm, measure, units)
     return Traced(model, gm, ops, units)
+
+
+def _measure(gm: fx.GraphModule, inputs: tuple) -> _Measure:
+    """Each node's FLOPs, bytes and metadata on the example inputs.
+
+    First on fake tensors (``torch._subclasses.FakeTensorMode``): FLOPs, output bytes and
+    views follow from shapes, dtypes and storages alone, so no arithmetic runs (GPT-2 medium,
+    492 nodes: 0.5 s instead of a forward pass of 10-45 s on 2 CPUs). A graph whose shapes
+    or values depend on tensor data (MoE routing, ``.item()``) cannot run on fake tensors;
+    it is measured by one real forward pass instead, which also raises that graph's own
+    errors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cuda = sorted({x.device.index or 0 for x in inputs if x.device.type == "cuda"})
+    try:
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        measure = _Measure(gm, fake)
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), fake:
+            measure.run(*(fake.from_tensor(x) for x in inputs))
+        return measure
+    except Exception:  # any op fake tensors cannot run: measure for real
+        pass
+    measure = _Measure(gm)
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        measure.run(*inputs)
+    return measure
 
 
 def _specialise(gm: fx.GraphModule, m: _Measure) -> None:

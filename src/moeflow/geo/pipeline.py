@@ -272,15 +272,24 @@ class Batches:
         return list(zip(idx.split(j.microbatch_size), tgt.split(j.microbatch_size), strict=True))
 
 
-def trace_job(job: GeoJob, module: torch.nn.Module | None = None):
-    """``(module, Traced)`` for ``job`` (the graph the planner sees and the runtime splits)."""
+def trace_job(job: GeoJob, module: torch.nn.Module | None = None, *, device: str = "cpu"):
+    """``(module, Traced)`` for ``job`` (the graph the planner sees and the runtime splits).
+
+    ``device="meta"`` builds the module and the example batch on the meta device: no weight
+    is initialised and nothing is computed, for a plan only. The graph is then measured on
+    fake tensors (:func:`moeflow.geo.opgraph.trace`), which gives the OpGraph of a real
+    build when no node depends on data (GPT-2; not the demo model's MoE routing)."""
     from moeflow.geo import opgraph
 
-    module = build_module(job) if module is None else module
+    if module is None and device == "cpu":
+        module = build_module(job)
+    elif module is None:
+        with torch.device(device):
+            module = build_module(job)
     b = job.microbatch_size
     example = (
-        torch.zeros(b, job.seq_len, dtype=torch.long),
-        torch.zeros(b, job.seq_len, dtype=torch.long),
+        torch.zeros(b, job.seq_len, dtype=torch.long, device=device),
+        torch.zeros(b, job.seq_len, dtype=torch.long, device=device),
     )
     return module, opgraph.trace(module, example)
 

@@ -55,23 +55,35 @@ stages later is forwarded through the middle stage. Per micro-batch:
 
 Partition (our derivation)
 --------------------------
-:func:`partition` orders devices into a chain and solves a dynamic program over (node prefix,
-chain position): the value of a state is the best bottleneck of the stages before the stage that
-starts at node ``i`` on chain device ``j``. A pass minimises the bottleneck ``B*``; a second pass
-with the same recurrence minimises the sum of stage times subject to every stage ``<= B*``, which
-gives the shortest GPipe step among the plans with the smallest bottleneck. Chains:
+:func:`partition` minimises the GPipe step ``sum t_s + (M - 1) max t_s`` (the closed form that
+:mod:`moeflow.plan.geo_sim` checks against the event simulation), not the bottleneck first:
+with few micro-batches a plan with a lower bottleneck but more stages and links can take
+longer. It orders devices into a chain and solves a dynamic program over (node prefix, chain
+state): the value of a state is the smallest sum of the stage times before the stage that
+starts at node ``i`` on the state's device, with every stage ``<= cap`` (and, with AdaTopK,
+every compute ``<= budget``). For one cap the DP is exact, and its transition is a range
+minimum: the stage on device ``u`` from ``i0`` to ``t`` costs ``3 (F[t] - F[i0]) / flops_u +
+l(t)`` (prefix sums ``F``), the ``i0`` allowed by memory and the cap form a range ``[lo(t), t -
+1]`` (stage compute and memory grow as ``i0`` falls), so the best predecessor is ``min (h[i0] -
+3 F[i0] / flops_u)`` over that range, a sparse-table query (numpy, all ``t`` at once). The step
+is minimised over caps by branch and bound on the bottleneck: the first cap is the largest
+bottleneck a better plan can have (``step >= M max t_s``), and a run capped just below the
+bottleneck ``m`` of the plan it found gives the best sum ``S`` among plans with a lower
+bottleneck; each of those takes at least ``S + (M - 1) b`` (``b`` a lower bound on
+bottlenecks), so the walk down stops when that reaches the best step. States whose sum plus the
+remaining compute on the fastest device cannot beat the best step are dropped. Chains:
 
-* exhaustive (default for at most 6 devices): every order of the devices, searched depth first
-  over shared prefixes; a plan may use any number of devices (a prefix of some order), so this is
-  the optimum of the cost model over every device order and segmentation;
+* exhaustive (default for at most 6 devices): every order of the devices, as a DP over (set of
+  devices used, last device) (Held and Karp's subset DP: what follows a stage depends only on
+  the devices left and the link from the last one); a plan may use any number of devices, so
+  this is the optimum of the cost model over every device order and segmentation;
 * otherwise the devices are clustered by bandwidth (:func:`cluster_devices`, our reading of
   OP-Fence), each cluster's devices sorted by decreasing FLOP/s (by decreasing memory when
-  that order fits no plan), and the orders of the clusters
-  are searched depth first (every order up to 7 clusters, else a greedy widest-link order from
-  each cluster). A plan uses the fastest devices of each cluster it enters (a prefix of the
+  that order fits no plan), and the orders of the clusters are searched (every order up to 7
+  clusters, as the same subset DP over clusters, else a greedy widest-link order from each
+  cluster). A plan uses the fastest devices of each cluster it enters (a prefix of the
   cluster) and may stop at any cluster; it can miss a plan that only an order visiting a
   cluster twice, or skipping a device inside one, would fit (devices with very tight memory).
-  Both searches prune a branch whose states are no better than the best complete plan found.
 
 AdaTopK (our derivation of the budget): only links between bandwidth clusters may be
 compressed (inside an OP-Fence cluster every link is fast by construction), and such a link is
@@ -85,10 +97,14 @@ compressed links faster, so the run whose budget is the optimal plan's own slowe
 a plan at least as good. With every stage compute time as a candidate the search is exact;
 that is done when there are at most ``ADATOPK_EXACT_MAX`` candidates (small graphs); otherwise
 ``ADATOPK_BUDGETS`` candidates on a geometric grid are tried, then as many on a finer grid
-between the neighbours of the best one. Candidates above the best bottleneck found are skipped
-(the optimal plan's slowest compute is at most its bottleneck).
+between the neighbours of the best one. Candidates above ``1/M`` of the best step found are
+skipped (the optimal plan's slowest compute is at most its bottleneck, at most ``1/M`` of its
+step), and the run at budget ``b`` only looks for plans whose bottleneck is at least ``b`` (the
+plan it exists for has a compute of ``b``; on a grid, at least the grid point below). The
+exact plan evaluated with its own AdaTopK densities is the first incumbent, so an AdaTopK plan
+is never slower (in this model) than the exact one.
 
-Pure Python (no torch): plans for clusters you do not have run anywhere.
+Python and numpy (no torch): plans for clusters you do not have run anywhere.
 """
 
 from __future__ import annotations
@@ -99,6 +115,8 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from moeflow.errors import ConfigError, InputError, PlanError
 from moeflow.validate import is_int, positive_int
@@ -586,7 +604,9 @@ def adatopk_density(
 ) -> float:
     """The top-k density whose compressed transfer of ``dense_bytes`` takes ``budget_s`` on a
     link of ``bandwidth_Bps`` (values and int64 indices on the wire), clamped to
-    ``[min_density, 1]``; 1.0 when the exact transfer fits the budget."""
+    ``[min_density, 1]``; 1.0 when the exact transfer fits the budget, and when the clamped
+    density would put more bytes on the wire than the dense tensor (``min_density`` above
+    ``VALUE_BYTES / (VALUE_BYTES + INDEX_BYTES)``)."""
     if not _real(bandwidth_Bps) or bandwidth_Bps <= 0:
         raise ConfigError("bandwidth_Bps", bandwidth_Bps, "a finite number > 0")
     if not _real(dense_bytes) or dense_bytes < 0:
@@ -596,7 +616,8 @@ def adatopk_density(
     if dense_bytes / bandwidth_Bps <= budget_s:
         return 1.0
     d = budget_s * bandwidth_Bps * VALUE_BYTES / (dense_bytes * (VALUE_BYTES + INDEX_BYTES))
-    return min(1.0, max(min_density, d))
+    d = min(1.0, max(min_density, d))
+    return d if wire_factor(d) < 1.0 else 1.0
 
 
 def _pair_time(graph: DeviceGraph, u: int, v: int, nbytes: float, density: float) -> float:
@@ -820,17 +841,22 @@ def link_densities(
 
 # ---- the search ---------------------------------------------------------------------------
 class _Col:
-    """DP column of one chain device: ``val[c][i]`` is the best objective of the stages before
-    the stage that starts at node ``i`` on ``dev`` after ``c`` earlier stages (one count when
-    the number of stages is not bounded); ``back`` points at the previous stage."""
+    """DP column of one chain device: ``h[c, i]`` is the smallest sum of the stage times before
+    the stage that starts at node ``i`` on ``dev`` after ``c`` earlier stages (one row when
+    the number of stages is not bounded); ``src[c, i]`` is the column of the previous stage
+    (-1: none, the plan starts here). ``table`` is the sparse table of
+    ``h - 3 F / flops`` (range minima in O(1))."""
 
-    __slots__ = ("dev", "val", "back")
+    __slots__ = ("dev", "h", "src", "table")
 
-    def __init__(self, dev: int, val, back):
-        self.dev, self.val, self.back = dev, val, back
+    def __init__(self, dev: int, h, src):
+        self.dev, self.h, self.src, self.table = dev, h, src, None
 
 
 class _Search:
+    """The dynamic program of :func:`partition` over chains of devices (module docstring),
+    vectorised over the node index with numpy."""
+
     def __init__(
         self,
         ops: OpGraph,
@@ -842,175 +868,302 @@ class _Search:
         min_density: float,
     ):
         self.g = graph
-        self.pre = _Prefix(ops, microbatches)
-        self.n = self.pre.n
+        self.pre = pre = _Prefix(ops, microbatches)
+        self.n = n = pre.n
+        self.M = microbatches
         self.groups = groups
         self.orders = orders
         self.max_stages = max_stages
         self.C = 1 if max_stages is None else max_stages
         self.min_density = min_density
         self.flops = [d.flops for d in graph.devices]
-        self.mem = [d.memory_bytes for d in graph.devices]
+        self.F = np.asarray(pre.F, dtype=np.float64)
+        self.cut = np.asarray(pre.cut, dtype=np.float64)
         self.budget = _INF
         self.cluster = _cluster_of(graph)
-        self._links: dict[tuple[int, int], list[float]] = {}
+        self._links: dict[tuple[int, int], np.ndarray] = {}
+        self._lo_mem: dict[float, np.ndarray] = {}
+        # remaining compute on the fastest device: a lower bound on the rest of a plan's sum
+        self.rest = 3.0 * (self.F[-1] - self.F) / max(self.flops)
+        self.ts = np.arange(1, n, dtype=np.int64)  # where a next stage can start
+        self.log2 = np.zeros(n + 2, dtype=np.int64)
+        for k in range(2, n + 2):
+            self.log2[k] = self.log2[k // 2] + 1
+        self.K = int(self.log2[n + 1]) + 1
+        # a lower bound on any plan's bottleneck: the dearest node on the fastest device
+        self.min_bottleneck = max(
+            3.0 * max(nd.flops for nd in ops.nodes) / max(self.flops),
+            3.0 * pre.F[-1] / sum(self.flops),
+        )
 
     def set_budget(self, budget: float) -> None:
         self.budget = budget
         self._links = {}
 
-    def link(self, u: int, v: int) -> list[float]:
-        """Two-way link times of every cut between stages on ``u`` and ``v`` at the budget."""
+    def link(self, u: int, v: int) -> np.ndarray:
+        """Two-way link times of every cut between stages on ``u`` and ``v`` at the budget
+        (:func:`_pair_time` at :func:`_pair_density`, elementwise)."""
         key = (u, v)
         got = self._links.get(key)
         if got is None:
-            got = []
-            bud = self.budget if self.cluster[u] != self.cluster[v] else _INF
-            for c in self.pre.cut:
-                d = _pair_density(self.g, u, v, c, bud, self.min_density)
-                got.append(_pair_time(self.g, u, v, c, d))
+            g = self.g
+            bu, bv = g.bandwidth[u][v], g.bandwidth[v][u]
+            if bu <= 0 or bv <= 0:
+                got = np.full(self.n + 1, _INF)
+            else:
+                lat = g.latency[u][v] + g.latency[v][u]
+                inv = 1.0 / bu + 1.0 / bv
+                wf = np.ones(self.n + 1)
+                bud = self.budget if self.cluster[u] != self.cluster[v] else _INF
+                if bud < _INF:
+                    cut = self.cut
+                    bw_eff = 1.0 / inv
+                    slow = (cut > 0) & (cut / bw_eff > bud - lat)
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        d = (bud - lat) * bw_eff * VALUE_BYTES / (cut * (VALUE_BYTES + INDEX_BYTES))
+                    d = np.clip(d, self.min_density, 1.0)
+                    w = d * (VALUE_BYTES + INDEX_BYTES) / VALUE_BYTES
+                    wf = np.where(slow & (w < 1.0), w, 1.0)
+                got = lat + self.cut * wf * inv
             self._links[key] = got
         return got
 
-    # one transition: stages on ``col.dev`` ending at i, then device ``v`` (None: the end)
-    def extend(self, cols: list[_Col], v: int | None, mode: str, cap: float, best: float):
-        """The column of device ``v`` fed from ``cols`` (``v=None``: the best complete plan).
+    def lo_mem(self, u: int) -> np.ndarray:
+        """``lo[t]``: the first node a stage on ``u`` ending before node ``t`` may start at
+        within ``u``'s memory (``t``: none fits)."""
+        mem = self.g.devices[u].memory_bytes
+        got = self._lo_mem.get(mem)
+        if got is None:
+            pre, n = self.pre, self.n
+            got = np.zeros(n + 1, dtype=np.int64)
+            i0 = 0
+            for t in range(1, n + 1):
+                while i0 < t and pre.memory(i0, t) > mem:
+                    i0 += 1
+                got[t] = i0
+            self._lo_mem[mem] = got
+        return got
 
-        ``mode`` 'max' minimises the bottleneck, 'sum' the sum of stage times with every stage
-        ``<= cap``; ``best`` is the incumbent, used to cut loops short."""
-        n, C, pre = self.n, self.C, self.pre
-        F, P, A, M = pre.F, pre.P, pre.A, pre.M
-        bud = self.budget
-        is_max = mode == "max"
-        if v is None:
-            targets = [n]
-            val = [[_INF] for _ in range(C)]
+    def _lo(self, u: int, t: np.ndarray, lim: np.ndarray) -> np.ndarray:
+        """First start of a stage on ``u`` ending before each ``t`` that fits memory and
+        computes within ``lim`` (with a relative tolerance of 1e-12, so that a stage whose
+        compute is a candidate budget or cap, rounded otherwise, is not lost)."""
+        thr = self.F[t] - lim * (1 + 1e-12) * (self.flops[u] / 3.0)
+        return np.maximum(self.lo_mem(u)[t], np.searchsorted(self.F, thr, "left"))
+
+    def _table(self, col: _Col) -> np.ndarray:
+        N = self.n + 1
+        T = np.full((self.C, self.K, N), _INF)
+        T[:, 0] = col.h - 3.0 * self.F / self.flops[col.dev]
+        for k in range(1, self.K):
+            w, m = 1 << (k - 1), N - (1 << k) + 1
+            np.minimum(T[:, k - 1, :m], T[:, k - 1, w : w + m], out=T[:, k, :m])
+        return T
+
+    def _new(self, dev: int) -> _Col:
+        N = self.n + 1
+        return _Col(dev, np.full((self.C, N), _INF), np.full((self.C, N), -1, dtype=np.int64))
+
+    def _feed(self, col: _Col, cid: int, out: _Col, cap: float) -> None:
+        """Stages on ``col.dev`` ending before each node ``t``, then ``out.dev`` from ``t``."""
+        u, v = col.dev, out.dev
+        L = self.link(u, v)
+        t = self.ts
+        lim = np.minimum(self.budget, cap - L[t])
+        lo = self._lo(u, t, lim)
+        ok = lo < t
+        if not ok.all():
+            t, lo = t[ok], lo[ok]
+            if not t.size:
+                return
+        hi = t - 1
+        k = self.log2[hi - lo + 1]
+        if col.table is None:
+            col.table = self._table(col)
+        T = col.table
+        best = np.minimum(T[:, k, lo], T[:, k, hi - (1 << k) + 1])
+        best += L[t] + 3.0 * self.F[t] / self.flops[u]
+        if self.C > 1:
+            tgt, src = out.h[1:], out.src[1:]
+            best = best[:-1]
         else:
-            targets = range(1, n)
-            val = [[_INF] * n for _ in range(C)]
-        back: list[list[tuple | None]] = [[None] * len(val[0]) for _ in range(C)]
-        for col in cols:
-            u = col.dev
-            fl, mem = self.flops[u], self.mem[u]
-            link = self.link(u, v) if v is not None else None
-            for c in range(C):
-                h = col.val[c]
-                if min(h) == _INF:
+            tgt, src = out.h, out.src
+        cur = tgt[:, t]
+        better = best < cur
+        if better.any():
+            tgt[:, t] = np.where(better, best, cur)
+            src[:, t] = np.where(better, cid, src[:, t])
+
+    def _end(self, col: _Col, cap: float) -> tuple[float, int, int]:
+        """The best sum of a plan whose last stage runs on ``col.dev``: (sum, row, start)."""
+        n, u = self.n, col.dev
+        lim = min(self.budget, cap)
+        lo = int(self._lo(u, np.array([n]), np.array([lim]))[0])
+        if lo >= n:
+            return _INF, -1, -1
+        vals = col.h[:, lo:n] + 3.0 * (self.F[n] - self.F[lo:n]) / self.flops[u]
+        j = int(np.argmin(vals))
+        c, i0 = divmod(j, n - lo)
+        return float(vals[c, i0]), c, lo + i0
+
+    def _prune(self, col: _Col, thr: float) -> bool:
+        """Drop states that cannot lead to a plan whose bound is below ``thr``; is any left?"""
+        h = col.h
+        h[h + self.rest >= thr] = _INF
+        return bool(np.isfinite(h).any())
+
+    def run(self, cap: float, thr: float):
+        """The smallest sum of stage times of a plan with every stage ``<= cap`` (and compute
+        ``<=`` the budget), among those with ``sum + (M - 1) * lower bound < thr`` (states
+        whose sum plus :attr:`rest` reaches ``thr`` are dropped); ``None`` when there is
+        none, else (sum, bounds, devices) of the plan (the plan's own times:
+        :meth:`times`)."""
+        cols: list[_Col] = []
+        best = [thr, None]
+
+        def add(col: _Col) -> bool:
+            if not self._prune(col, thr):
+                return False
+            cols.append(col)
+            s, c, i0 = self._end(col, cap)
+            if s < best[0]:
+                best[0], best[1] = s, (len(cols) - 1, c, i0)
+            return True
+
+        def start(v: int) -> _Col:
+            col = self._new(v)
+            col.h[0, 0] = 0.0
+            return col
+
+        def chain(first: _Col, g: list[int]) -> list[int]:
+            """Add ``first`` and the rest of group ``g`` after it; the ids added."""
+            ids = []
+            if not add(first):
+                return ids
+            ids.append(len(cols) - 1)
+            for v in g[1:]:
+                nxt = self._new(v)
+                self._feed(cols[ids[-1]], ids[-1], nxt, cap)
+                if not add(nxt):
+                    break
+                ids.append(len(cols) - 1)
+            return ids
+
+        groups, G = self.groups, len(self.groups)
+        limit = G if self.max_stages is None else self.max_stages
+        if self.orders is None:  # every order of the groups: subsets, by their last group
+            by_mask: dict[int, list[int]] = {}
+            for mask in range(1, 1 << G):
+                if bin(mask).count("1") > limit:
                     continue
-                nc = c if (C == 1 or v is None) else c + 1
-                if nc >= C:
-                    continue
-                out, bk = val[nc], back[nc]
-                for t in targets:
-                    ti = 0 if v is None else t
-                    lk = 0.0 if link is None else link[t]
-                    if lk == _INF:
+                ids_here: list[int] = []
+                for gi in range(G):
+                    bit = 1 << gi
+                    if not mask & bit:
                         continue
-                    cur = out[ti]
-                    for i0 in range(t - 1, -1, -1):
-                        if 4.0 * (P[t] - P[i0]) + M * (A[t] - A[i0]) > mem:
-                            break
-                        comp = 3.0 * (F[t] - F[i0]) / fl
-                        if comp > bud:
-                            break
-                        st = comp + lk
-                        if is_max:
-                            if st >= cur or st >= best:
-                                break
-                            hv = h[i0]
-                            cand = hv if hv > st else st
-                        else:
-                            if st > cap or st >= cur or st >= best:
-                                break
-                            cand = h[i0] + st
-                        if cand < cur:
-                            cur = cand
-                            bk[ti] = (col, c, i0)
-                    out[ti] = cur
-        return _Col(-1 if v is None else v, val, back)
-
-    def start(self, v: int) -> _Col:
-        val = [[_INF] * self.n for _ in range(self.C)]
-        val[0][0] = 0.0
-        return _Col(v, val, [[None] * self.n for _ in range(self.C)])
-
-    def run(self, mode: str, cap: float = _INF, bound: float = _INF):
-        """Depth-first search over cluster orders; returns (objective, end column), or
-        ``(inf, None)`` when no plan beats ``bound``."""
-        groups = self.groups
-        best = [bound, None]
-
-        def group_cols(prev: list[_Col] | None, g: list[int]) -> list[_Col]:
-            cols = []
-            for k, v in enumerate(g):
-                if k == 0:
-                    cols.append(
-                        self.start(v) if prev is None else self.extend(prev, v, mode, cap, best[0])
-                    )
-                else:
-                    cols.append(self.extend([cols[-1]], v, mode, cap, best[0]))
-            return cols
-
-        def finish(cols: list[_Col]) -> None:
-            end = self.extend(cols, None, mode, cap, best[0])
-            v = min(end.val[c][0] for c in range(self.C))
-            if v < best[0]:
-                best[0], best[1] = v, end
-
-        def alive(cols: list[_Col]) -> bool:
-            return any(x < best[0] for col in cols for row in col.val for x in row)
-
-        def rank(last: list[_Col], left: list[int]) -> list[int]:
-            u = last[0].dev
-            return sorted(left, key=lambda gi: -_sym_bw(self.g, u, groups[gi][0]))
-
-        def dfs(prev: list[_Col] | None, left: list[int], depth: int) -> None:
-            cand = left if prev is None else rank(prev, left)
-            for gi in cand:
-                cols = group_cols(prev, groups[gi])
-                finish(cols)
-                rest = [x for x in left if x != gi]
-                if (
-                    rest
-                    and alive(cols)
-                    and (self.max_stages is None or depth + 1 < self.max_stages)
-                ):
-                    dfs(cols, rest, depth + 1)
-
-        if self.orders is None:
-            first = sorted(
-                range(len(groups)), key=lambda gi: -sum(self.flops[d] for d in groups[gi])
-            )
-            dfs(None, first, 0)
+                    rest = mask ^ bit
+                    if rest == 0:
+                        first = start(groups[gi][0])
+                    else:
+                        prev = by_mask.get(rest)
+                        if not prev:
+                            continue
+                        first = self._new(groups[gi][0])
+                        for cid in prev:
+                            self._feed(cols[cid], cid, first, cap)
+                    ids_here += chain(first, groups[gi])
+                if ids_here:
+                    by_mask[mask] = ids_here
         else:
             for order in self.orders:
-                cols = None
+                prev: list[int] = []
                 for depth, gi in enumerate(order):
-                    if self.max_stages is not None and depth >= self.max_stages:
+                    if depth >= limit:
                         break
-                    cols = group_cols(cols, groups[gi])
-                    finish(cols)
-                    if not alive(cols):
+                    if depth == 0:
+                        first = start(groups[gi][0])
+                    else:
+                        first = self._new(groups[gi][0])
+                        for cid in prev:
+                            self._feed(cols[cid], cid, first, cap)
+                    prev = chain(first, groups[gi])
+                    if not prev:
                         break
-        return best[0], best[1]
-
-    def solve(self, bound: float = _INF) -> tuple[list[int], list[int]] | None:
-        """Bounds and devices of the best plan at the current budget whose bottleneck is below
-        ``bound`` (None: there is none)."""
-        bott, end = self.run("max", bound=bound)
-        if end is None:
+        if best[1] is None:
             return None
-        _, end = self.run("sum", cap=bott * (1 + 1e-12))
-        if end is None:  # the cap is met by construction; guard against float ties
-            _, end = self.run("sum", cap=bott * (1 + 1e-9))
-        c = min(range(self.C), key=lambda k: end.val[k][0])
-        ptr, bounds, devs = end.back[c][0], [self.n], []
-        while ptr is not None:
-            col, cc, i0 = ptr
+        return best[0], *self._backtrack(cols, cap, *best[1])
+
+    def _backtrack(self, cols: list[_Col], cap: float, cid: int, c: int, i0: int):
+        bounds, devs = [self.n], []
+        lim = min(self.budget, cap)
+        while True:
+            col = cols[cid]
             devs.append(col.dev)
             bounds.append(i0)
-            ptr = col.back[cc][i0]
+            prev = int(col.src[c, i0])
+            if prev < 0:
+                break
+            pc = c - 1 if self.C > 1 else c
+            p = cols[prev]
+            u, t = p.dev, i0
+            L = float(self.link(u, col.dev)[t])
+            lo = int(self._lo(u, np.array([t]), np.array([min(lim, cap - L)]))[0])
+            w = np.arange(lo, t)
+            vals = p.h[pc, w] + (3.0 * (self.F[t] - self.F[w]) / self.flops[u] + L)
+            i0 = int(w[int(np.argmin(vals))])
+            cid, c = prev, pc
         return bounds[::-1], devs[::-1]
+
+    def times(self, bounds, devs) -> list[float]:
+        """Stage times of a plan at the current budget (the DP's links)."""
+        out = []
+        for k, d in enumerate(devs):
+            t = self.pre.compute(bounds[k], bounds[k + 1], self.flops[d])
+            if k + 1 < len(devs):
+                t += float(self.link(d, devs[k + 1])[bounds[k + 1]])
+            out.append(t)
+        return out
+
+    def solve(self, bound: float = _INF, floor: float = 0.0) -> tuple[list[int], list[int]] | None:
+        """Bounds and devices of the plan with the shortest GPipe step ``sum t_s + (M - 1)
+        max t_s`` at the current budget, if that step is below ``bound`` (None otherwise).
+
+        The sum-DP (:meth:`run`) is exact for a cap on every stage; the step is minimised
+        over caps by branch and bound on the bottleneck: a run capped just below the
+        bottleneck ``m`` of the last plan found gives the best sum ``S`` among plans whose
+        bottleneck is lower, and every such plan takes at least ``S + (M - 1) b`` for the
+        lower bound ``b`` on bottlenecks, so the walk stops when that reaches the best step.
+        Plans whose bottleneck is below ``floor`` may be missed (a caller that knows the plan
+        it looks for has a bottleneck of at least ``floor`` prunes harder).
+        """
+        M1 = self.M - 1
+        lo = max(self.min_bottleneck, floor)
+        best_step, best = bound, None
+
+        def top() -> float:
+            # a better plan has S + (M - 1) m < best with S >= m and S >= rest[0]
+            if best_step == _INF:
+                return _INF
+            top = best_step / self.M
+            if M1 > 0:
+                top = min(top, (best_step - float(self.rest[0])) / M1)
+            return max(top, 0.0) * (1 + 1e-12)
+
+        cap = top()
+        while cap >= lo:
+            got = self.run(cap, best_step * (1 - 1e-12) - M1 * lo)
+            if got is None:
+                break
+            _, bounds, devs = got
+            ts = self.times(bounds, devs)
+            m = max(ts)
+            step = sum(ts) + M1 * m
+            if step < best_step:
+                best_step, best = step, (bounds, devs)
+            if M1 == 0 or m <= lo:
+                break
+            cap = min(m * (1 - 1e-9), top())
+        return best
 
 
 def _budget_values(pre: _Prefix, graph: DeviceGraph, lo: float, hi: float) -> list[float]:
@@ -1053,7 +1206,7 @@ def partition(
     max_stages: int | None = None,
     exhaustive: bool | None = None,
 ) -> GeoPlan:
-    """The pipeline partition minimising the bottleneck stage time, then the GPipe step time
+    """The pipeline partition with the shortest GPipe step ``sum t_s + (M - 1) max t_s``
     (search and AdaTopK budget in the module docstring).
 
     Raises PlanError naming the device when a device cannot hold even the smallest stage, and
@@ -1101,44 +1254,45 @@ def partition(
     best = consistent(*got)
     if adatopk:
         lo = 3.0 * pre.F[-1] / sum(d.flops for d in graph.devices)
-        vals = _budget_values(pre, graph, lo, best.bottleneck_s)
+        vals = _budget_values(pre, graph, lo, best.step_time_s / m)
         best_b = None
 
-        def attempt(b: float) -> None:
+        def attempt(b: float, floor: float) -> None:
+            """The best plan at budget ``b`` among those whose bottleneck is at least
+            ``floor`` (a plan whose slowest compute is above ``floor`` has such a bottleneck)."""
             nonlocal best, best_b
-            if b > best.bottleneck_s:  # c* <= T* <= the best bottleneck so far
+            # c* <= T* / M: a step is at least M times its bottleneck, which is at least the
+            # plan's slowest compute (its budget)
+            if max(b, floor) * m > best.step_time_s:
                 return
             search.set_budget(b)
-            # the plan's own budget only makes it faster, so a run that cannot reach the best
-            # bottleneck (ties included, for the step time) cannot give a better plan
-            got = search.solve(bound=best.bottleneck_s * (1 + 1e-9))
+            # the plan's own budget only makes it faster, so a run that cannot beat the best
+            # step at budget b cannot give a better plan
+            got = search.solve(bound=best.step_time_s, floor=floor)
             if got is not None:
                 p = consistent(*got)
                 if _better(p, best):
                     best, best_b = p, b
 
         if len(vals) <= ADATOPK_EXACT_MAX:
-            for b in vals:
-                attempt(b)
+            for b in vals:  # the plan whose slowest compute is b has a bottleneck >= b
+                attempt(b, b)
         else:  # a geometric grid, then a finer one between the best point's neighbours
             picks = _geometric_picks(vals, ADATOPK_BUDGETS)
-            for b in picks:
-                attempt(b)
+            for k, b in enumerate(picks):
+                attempt(b, picks[k - 1] if k else 0.0)
             if best_b is not None:
                 k = picks.index(best_b)
                 lo_b, hi_b = picks[max(0, k - 1)], picks[min(len(picks) - 1, k + 1)]
                 inner = [v for v in vals if lo_b < v < hi_b and v != best_b]
-                for b in _geometric_picks(inner, ADATOPK_BUDGETS):
-                    attempt(b)
+                fine = _geometric_picks(inner, ADATOPK_BUDGETS)
+                for j, b in enumerate(fine):
+                    attempt(b, fine[j - 1] if j else lo_b)
     return best
 
 
 def _better(a: GeoPlan, b: GeoPlan) -> bool:
-    """Lexicographic (bottleneck, step time), with a relative tolerance for float ties."""
-    if a.bottleneck_s < b.bottleneck_s * (1 - 1e-12):
-        return True
-    if a.bottleneck_s > b.bottleneck_s * (1 + 1e-12):
-        return False
+    """A shorter GPipe step, with a relative tolerance for float ties."""
     return a.step_time_s < b.step_time_s * (1 - 1e-12)
 
 
