@@ -103,6 +103,22 @@ def sync_gradients(
         for p in expert:
             if p.grad is not None:
                 p.grad.div_(g.world)
+    _scale_parm_layers(model)
+
+
+def _scale_parm_layers(model: nn.Module) -> None:
+    """Layers under a Parm schedule (INFOCOM'24): the S ranks of an MP group hold one batch
+    and each of them carries 1/S of that batch's gradient of the layer's own parameters
+    (router, shared and routed experts), while every other parameter gets the whole batch's
+    on each of them. Scaling the layer's gradients by S makes every parameter's gradient the
+    same reduction (sum or mean) over ranks, i.e. over the W/S distinct batches."""
+    from moeflow.parallel.expert_parallel import ExpertParallel
+
+    for m in model.modules():
+        if isinstance(m, ExpertParallel) and m.mp_group is not None and m.esp_size > 1:
+            for p in m.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(m.esp_size)
 
 
 @torch.no_grad()
