@@ -174,6 +174,23 @@ def expert_topology(world_topology: Topology | None, expert_ranks: list[int], S:
     return Topology.explicit(len(expert_ranks), k)
 
 
+def check_dispatcher(dispatcher: str, esp: int) -> str:
+    """The dispatcher's registered name (aliases resolved), checked against the ESP size
+    before any communication: ``"dedup"`` (HierMoE) sends tokens, copied to whole experts
+    after crossing, so it takes no ESP slicing. Raises ConfigError."""
+    from moeflow.parallel.dispatch import dispatcher_class
+
+    name = dispatcher_class(dispatcher).name
+    if name == "dedup" and esp > 1:
+        raise ConfigError(
+            "dispatcher",
+            dispatcher,
+            f"a row dispatcher ('a2a', 'capacity', 'hierarchical') with esp={esp}: 'dedup' "
+            "copies tokens to whole experts after crossing (esp must be 1)",
+        )
+    return name
+
+
 def _check_schedule(schedule: str | None, S: int) -> str | None:
     """A Parm schedule's role name, checked before any communication (ConfigError)."""
     if schedule is None:
@@ -440,6 +457,7 @@ def parallelize(
     P, S = sizes["ep"], sizes["esp"]
     expert_topo = expert_topology(topology, expert_ranks, S)
     schedule = _check_schedule(schedule, S)
+    check_dispatcher(dispatcher, S)
     for path, layer in layers:
         cfg = layer.cfg
         if cfg.num_experts % P:
