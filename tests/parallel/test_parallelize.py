@@ -593,8 +593,88 @@ def _bad_topology(rank, world, path, ranks_per_node, shape, names):
     return None
 
 
-def test_esp_across_declared_nodes_is_refused_before_communication(tmp_path):
+def test_layouts_that_cannot_work_are_refused_before_communication(tmp_path):
     path = save_tiny("qwen3_moe", tmp_path / "ckpt")
     # an ESP group of 2 cannot span nodes of 1 rank
     res = run_ranks(_bad_topology, 2, path, 1, (1, 2), ("ep", "esp"), timeout_s=60)
     assert all(r[0] == "DistributedConfigError" and "ESP group" in r[1] for r in res)
+    # dedup sends tokens to whole experts: no ESP slicing
+    res = run_ranks(_dedup_esp_error, 4, path, timeout_s=60)
+    assert all(r[0] == "ConfigError" and "a row dispatcher" in r[1] for r in res)
+
+
+# -- parallelize(aux_loss="global"): moeflow routers' aux loss over the world's batch -----
+def _with_aux_coefs(model):
+    """Turn on the moeflow routers' load-balancing and z-losses (patched transformers layers
+    leave them off: transformers computes its own from ``router_logits``)."""
+    from moeflow import MoELayer
+
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.cfg = m.cfg.replace(aux_loss_coef=0.1, z_loss_coef=0.01)
+            m.router.cfg = m.cfg
+    return model
+
+
+def _global_aux_rank(rank, world, path, aux_loss):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moeflow.integrations import patch_model
+    from moeflow.parallel import parallelize, sync_gradients
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = patch_model(
+            transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        )
+    _with_aux_coefs(model)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    parallelize(model, mesh, checkpoint=path, dense="replicate", aux_loss=aux_loss)
+    assert model.moeflow_layout.aux_loss == aux_loss
+    model.train()
+    ids = batch(world)[rank : rank + 1]
+    model(input_ids=ids)
+    aux = sum(m.aux_loss for m in model.modules() if hasattr(m, "expert_range"))
+    aux.backward()
+    sync_gradients(model)
+    grads = {
+        n: p.grad.clone()
+        for n, p in model.named_parameters()
+        if "router" in n and p.grad is not None
+    }
+    return aux.item(), grads
+
+
+def test_parallelize_global_aux_loss_is_the_whole_batch_loss(tmp_path):
+    from moeflow import MoELayer
+    from moeflow.integrations import patch_model
+
+    path = save_tiny("qwen3_moe", tmp_path / "ckpt")
+    ref = _with_aux_coefs(
+        patch_model(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    )
+    ref.train()
+    ref(input_ids=batch(4))
+    want = sum(m.aux_loss for m in ref.modules() if isinstance(m, MoELayer))
+    want.backward()
+    ref_grads = {
+        n: p.grad for n, p in ref.named_parameters() if "router" in n and p.grad is not None
+    }
+    glob = run_ranks(_global_aux_rank, 4, path, "global", timeout_s=120)
+    local = run_ranks(_global_aux_rank, 4, path, "local", timeout_s=120)
+    for aux, grads in glob:
+        assert abs(aux - want.item()) < 1e-6, (aux, want.item())
+        assert set(grads) == set(ref_grads) and grads
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[n], atol=1e-8, rtol=1e-5, msg=n)
+    assert max(abs(aux - want.item()) for aux, _ in local) > 1e-4
+
+
+def _dedup_esp_error(rank, world, path):
+    from moeflow.errors import MoeflowError
+
+    try:
+        build_parallel(path, (2, 2), ("ep", "esp"), dispatcher="dedup")
+    except MoeflowError as e:
+        return type(e).__name__, str(e)
+    return None
