@@ -7,6 +7,7 @@ import argparse
 import pytest
 import torch
 
+from moeflow.errors import ConfigError, DistributedConfigError
 from tests._dist import run_ranks
 
 pytestmark = pytest.mark.dist
@@ -382,6 +383,40 @@ def test_train_model_dir_bad_layout_fails_before_forking(tmp_path):
     model_dir = save_tiny("qwen3_moe", tmp_path / "hf", experts=6)
     with pytest.raises(DistributedConfigError, match="6 experts"):
         main(["--model", str(model_dir), "--nproc", "4", "--steps", "1"])
+
+
+def test_train_model_dir_on_declared_nodes_with_dedup_and_parm_follows_one_process(tmp_path):
+    """--model on 4 ranks as --nodes 2: dedup, and hierarchical under Parm's split_rows
+    (--esp 2: 2 distinct batches of 2 rows), follow the one-process fine-tuning run."""
+    pytest.importorskip("transformers")
+    from moeflow.apps.train import _hf_rank, hf_train_loop, validate_train_args
+    from moeflow.launch import launch
+    from tests.parallel.test_parallelize import save_tiny
+
+    model_dir = save_tiny("qwen3_moe", tmp_path / "hf")
+    single = _hf_args(model_dir, steps=4)
+    validate_train_args(single, world=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = hf_train_loop(single, verbose=False)["losses"]
+    finally:
+        torch.set_num_threads(threads)
+    for flags in (
+        dict(dispatcher="dedup", nodes=2, dense="replicate"),
+        dict(dispatcher="hierarchical", nodes=2, esp=2, schedule="s2"),
+    ):
+        a = _hf_args(model_dir, steps=4, **flags)
+        validate_train_args(a, world=4)
+        assert a.ranks_per_node == 2
+        out = launch(_hf_rank, 4, a, force=True, timeout_s=180, progress=False)
+        losses = out[0]["losses"]
+        assert max(abs(x - y) for x, y in zip(losses, ref)) < 1e-5, (flags, losses, ref)
+    bad = _hf_args(model_dir, esp=4, nodes=2)
+    with pytest.raises(DistributedConfigError, match="ESP group"):
+        validate_train_args(bad, world=4)
+    with pytest.raises(ConfigError, match="--dtype"):
+        validate_train_args(_hf_args(model_dir, dtype="bfloat16"), world=4)
 
 
 @pytest.mark.slow
