@@ -9,7 +9,13 @@ Two launch paths, same training loop:
 Every MoE layer of :mod:`moeflow.models.demo`'s model is wrapped in
 :class:`moeflow.parallel.ExpertParallel`. All ranks draw the same global batch (same seed)
 and each trains on its slice, so the run follows the single-process run of the same
-global batch (``--nproc 1``), up to per-rank aux-loss statistics. Prints loss and tokens/s.
+global batch (``--nproc 1``), up to per-rank aux-loss statistics (``--aux-loss global``
+removes that difference). Prints loss and tokens/s.
+
+Layout flags: ``--dispatcher`` (a2a, capacity, hierarchical / 2dh, dedup), ``--nodes K``
+(the ranks declared as K nodes), ``--esp`` and a Parm ``--schedule`` (the ESP group as the
+model-parallel group, whose ranks share their rows), checked against each other before any
+rank starts. ``--dtype bfloat16`` trains a bf16 model with fp32 master weights.
 
 With ``--model PATH`` (a transformers checkpoint directory: Qwen3-MoE, Mixtral, DeepSeek, ...)
 the model is built on the meta device, patched (:func:`moeflow.integrations.patch_model`) and
