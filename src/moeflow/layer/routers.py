@@ -250,7 +250,8 @@ class Router(nn.Module, abc.ABC):
     def global_aux_active(self) -> bool:
         """Whether this router's aux loss is the global one (a collective per forward)."""
         lb = self.cfg.aux_loss_coef > 0 and isinstance(self, TopKRouter)
-        return self.aux_reduce is not None and (lb or self.cfg.z_loss_coef > 0)
+        reduce = getattr(self, "aux_reduce", None)  # routers pickled before it existed
+        return reduce is not None and (lb or self.cfg.z_loss_coef > 0)
 
     def empty_aux(self, x_TD: torch.Tensor) -> torch.Tensor:
         """The aux loss of a rank with no tokens: zero, or under a global aux loss this rank's
