@@ -7,6 +7,7 @@ import argparse
 import pytest
 import torch
 
+from moeflow.errors import ConfigError, DistributedConfigError
 from tests._dist import run_ranks
 
 pytestmark = pytest.mark.dist
@@ -73,6 +74,120 @@ def test_ep_training_matches_single_process_20_steps():
         worst = max(abs(a - b) for a, b in zip(losses, ref))
         assert worst < 2e-3, (worst, losses, ref)
     assert res[1] == res[0]  # every rank reports the same global loss
+
+
+def _single(corpus, **kw):
+    from moeflow.apps.train import train_loop
+
+    a = _args(**kw)
+    a._corpus = corpus
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_loop(a, verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_every_dispatcher_schedule_and_the_global_aux_loss_match_single_process():
+    """4 ranks declared as 2 nodes x 2 (as ``--nodes 2``): dedup, hierarchical under Parm's
+    split_rows and a2a under split_tokens (ESP = MP group of 2: 2 distinct batches), and the
+    global-batch aux loss, all follow the single-process run of the same global batch."""
+    from moeflow.models.demo import load_corpus
+
+    corpus = load_corpus(max_bytes=100_000)
+    ref = _single(corpus, steps=10)["losses"]
+    ref_aux = _single(corpus, steps=10, aux_loss_coef=0.05)["losses"]
+    variants = [
+        _args(steps=10, dispatcher="dedup", nodes=2),
+        _args(steps=10, dispatcher="hierarchical", esp=2, schedule="split_rows", nodes=2),
+        _args(steps=10, dispatcher="a2a", esp=2, schedule="split_tokens", nodes=2, r_fwd=2),
+        _args(steps=10, dispatcher="2dh", aux_loss="global", aux_loss_coef=0.05, nodes=2),
+        _args(steps=10, dispatcher="2dh", aux_loss="local", aux_loss_coef=0.05, nodes=2),
+    ]
+    res = run_ranks(_ep_run, 4, variants, corpus, timeout_s=300)
+    assert ref[-1] < ref[0] - 0.3
+    for a, losses in zip(variants[:4], res[0]):
+        want = ref_aux if a.aux_loss == "global" else ref
+        worst = max(abs(x - y) for x, y in zip(losses, want))
+        assert len(losses) == 10 and worst < 2e-3, (a.dispatcher, a.schedule, worst)
+    # with the aux loss on: the global one is the single-process objective (float rounding
+    # apart); the per-rank default trains another model
+    glob, local = (max(abs(x - y) for x, y in zip(res[0][i], ref_aux)) for i in (3, 4))
+    assert glob < 1e-5 and local > 1e-4, (glob, local)
+    assert res[1] == res[0] == res[3]
+
+
+def test_bfloat16_trains_with_fp32_masters_and_tracks_fp32():
+    """``--dtype bfloat16``: the model runs in bf16, the masters and AdamW's state are fp32,
+    the loss falls, and over 20 steps every global loss stays within 0.1 nats of the fp32
+    run's (2% of the initial loss; bf16 keeps 8 mantissa bits), the last within 0.05."""
+    from moeflow.models.demo import load_corpus
+
+    corpus = load_corpus(max_bytes=100_000)
+    fp32 = _single(corpus, aux_loss_coef=0.01)["losses"]
+    out = _single(corpus, aux_loss_coef=0.01, dtype="bfloat16")
+    bf16, masters, opt = out["losses"], out["masters"], out["optimizer"]
+    assert all(p.dtype == torch.float32 for p in masters.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in masters.model_params)
+    state = [t for s in opt.state.values() for t in s.values() if t.dim() > 0]
+    assert state and all(t.dtype == torch.float32 for t in state)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(p) for p in masters.parameters()
+    }
+    # the bf16 model holds the masters rounded to bf16
+    for m, p in zip(masters.parameters(), masters.model_params):
+        assert torch.equal(p, m.detach().to(torch.bfloat16))
+    assert len(bf16) == 20 and bf16[-1] < bf16[0] - 0.5
+    assert max(abs(a - b) for a, b in zip(bf16, fp32)) < 0.1, (bf16, fp32)
+    assert abs(bf16[-1] - fp32[-1]) < 0.05
+    assert bf16 != fp32  # it did run in bf16
+
+
+def test_bfloat16_on_expert_parallel_ranks_tracks_fp32():
+    from moeflow.models.demo import load_corpus
+
+    corpus = load_corpus(max_bytes=100_000)
+    fp32 = _single(corpus, steps=10)["losses"]
+    res = run_ranks(_ep_run, 2, [_args(steps=10, dtype="bfloat16")], corpus, timeout_s=240)
+    bf16 = res[0][0]
+    assert max(abs(a - b) for a, b in zip(bf16, fp32)) < 0.1 and bf16[-1] < bf16[0] - 0.3
+
+
+@pytest.mark.parametrize(
+    "flags, error, text",
+    [
+        (dict(dispatcher="dedup", esp=2), "ConfigError", "--dispatcher"),
+        (dict(schedule="plain"), "ConfigError", "--schedule"),
+        (dict(schedule="s1", esp=2, nproc=1), "ConfigError", "--schedule"),
+        (dict(nodes=3), "DistributedConfigError", "--nodes 3"),
+        (dict(nodes=2, ranks_per_node=1), "ConfigError", "--ranks-per-node"),
+        (dict(schedule="s2", esp=2, aux_loss="global"), "ConfigError", "--aux-loss"),
+        (dict(esp=4, nodes=2), "DistributedConfigError", "--esp 4"),
+    ],
+)
+def test_impossible_layouts_fail_before_forking(flags, error, text):
+    from moeflow.apps.train import validate_train_args
+    from moeflow.errors import MoeflowError
+
+    a = _args(nproc=4, force_nproc=True)
+    for k, v in flags.items():
+        setattr(a, k, v)
+    with pytest.raises(MoeflowError) as e:
+        validate_train_args(a)
+    assert type(e.value).__name__ == error and text in str(e.value), str(e.value)
+
+
+def test_schedule_aliases_and_nodes_set_the_layout():
+    from moeflow.apps.train import _topology, validate_train_args
+
+    a = _args(nproc=4, force_nproc=True, esp=2, schedule="s1", nodes=2)
+    validate_train_args(a)
+    assert a.schedule == "split_tokens" and a.ranks_per_node == 2
+    assert _topology(a, 4).num_nodes == 2
+    b = _args(nproc=4, force_nproc=True, nodes=4, dispatcher="dedup")
+    validate_train_args(b)
+    assert _topology(b, 4).num_nodes == 4
 
 
 @pytest.mark.slow
@@ -268,6 +383,40 @@ def test_train_model_dir_bad_layout_fails_before_forking(tmp_path):
     model_dir = save_tiny("qwen3_moe", tmp_path / "hf", experts=6)
     with pytest.raises(DistributedConfigError, match="6 experts"):
         main(["--model", str(model_dir), "--nproc", "4", "--steps", "1"])
+
+
+def test_train_model_dir_on_declared_nodes_with_dedup_and_parm_follows_one_process(tmp_path):
+    """--model on 4 ranks as --nodes 2: dedup, and hierarchical under Parm's split_rows
+    (--esp 2: 2 distinct batches of 2 rows), follow the one-process fine-tuning run."""
+    pytest.importorskip("transformers")
+    from moeflow.apps.train import _hf_rank, hf_train_loop, validate_train_args
+    from moeflow.launch import launch
+    from tests.parallel.test_parallelize import save_tiny
+
+    model_dir = save_tiny("qwen3_moe", tmp_path / "hf")
+    single = _hf_args(model_dir, steps=4)
+    validate_train_args(single, world=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = hf_train_loop(single, verbose=False)["losses"]
+    finally:
+        torch.set_num_threads(threads)
+    for flags in (
+        dict(dispatcher="dedup", nodes=2, dense="replicate"),
+        dict(dispatcher="hierarchical", nodes=2, esp=2, schedule="s2"),
+    ):
+        a = _hf_args(model_dir, steps=4, **flags)
+        validate_train_args(a, world=4)
+        assert a.ranks_per_node == 2
+        out = launch(_hf_rank, 4, a, force=True, timeout_s=180, progress=False)
+        losses = out[0]["losses"]
+        assert max(abs(x - y) for x, y in zip(losses, ref)) < 1e-5, (flags, losses, ref)
+    bad = _hf_args(model_dir, esp=4, nodes=2)
+    with pytest.raises(DistributedConfigError, match="ESP group"):
+        validate_train_args(bad, world=4)
+    with pytest.raises(ConfigError, match="--dtype"):
+        validate_train_args(_hf_args(model_dir, dtype="bfloat16"), world=4)
 
 
 @pytest.mark.slow

@@ -109,3 +109,44 @@ def test_model_sync_matches_layer_sync_world2():
     for changed, same in run_ranks(_model_vs_layer, 2, timeout_s=60):
         assert changed  # the sync did something
         assert same and all(same.values()), same
+
+
+def test_master_weights_step_in_fp32_and_round_into_the_bf16_model():
+    """MasterWeights: the model runs in bf16 (parameters and floating buffers), the optimizer
+    steps fp32 masters, and an update smaller than bf16's resolution still accumulates in the
+    masters (what the fp32 copy is for)."""
+    from moeflow.parallel.data_parallel import MasterWeights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model.register_buffer("scale", torch.ones(4))
+    ref = [p.detach().clone() for p in model.parameters()]
+    masters = MasterWeights(model, torch.bfloat16)
+    ids = [id(p) for p in model.parameters()]
+    assert [id(p) for p in masters.model_params] == ids  # the same Parameter objects
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.scale.dtype == torch.bfloat16
+    assert all(m.dtype == torch.float32 for m in masters.parameters())
+    assert all(torch.equal(m, r) for m, r in zip(masters.parameters(), ref))
+    opt = torch.optim.SGD(masters.parameters(), lr=1.0)
+    w, m = model[0].weight, masters.parameters()[0]
+    with torch.no_grad():
+        m.fill_(1.0)
+        w.fill_(1.0)
+
+    def steps(n):  # SGD steps of +2**-13: below half of bf16's spacing at 1.0 (2**-7)
+        for _ in range(n):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, -(2.0**-13))
+            masters.step(opt)
+            assert all(p.grad is None for p in model.parameters())
+
+    steps(8)
+    assert torch.all(m == 1.0 + 2.0**-10)  # the fp32 master keeps every small update
+    assert torch.all(w == 1.0)  # the bf16 copy alone would have lost them
+    steps(56)
+    assert torch.all(m == 1.0 + 2.0**-7) and torch.all(w == 1.0 + 2.0**-7)
+    y = model(torch.randn(2, 4, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="dtype"):
+        MasterWeights(model, torch.int8)

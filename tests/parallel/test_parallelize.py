@@ -464,3 +464,217 @@ def test_config_that_disagrees_with_the_weights_names_the_tensor(tmp_path):
     json.dump(cfg, open(cfg_file, "w"))
     with pytest.raises(CorruptDataError, match=r"embed_tokens\.weight is"):
         check_checkpoint(_meta_model(path), path)
+
+
+# -- the topology from the mesh: node-level dispatchers and Parm schedules -----------------
+NODE_CASES = [
+    # (mesh shape, names, dispatcher, schedule): 2 declared nodes x 2 ranks each
+    ((4,), ("ep",), "hierarchical", None),
+    ((4,), ("ep",), "dedup", None),
+    ((2, 2), ("ep", "esp"), "a2a", "split_tokens"),
+    ((2, 2), ("ep", "esp"), "hierarchical", "split_rows"),
+]
+
+
+def _grads_by_reference_name(model) -> dict:
+    """This rank's gradients keyed by the single-process model's names; expert slices as
+    ``(name, expert range, ffn slice, esp rank, esp size, grad)``."""
+    out = {}
+    eps = {p: m for p, m in model.named_modules() if hasattr(m, "expert_range")}
+    for name, p in model.named_parameters():
+        owner = next((e for e in eps if name.startswith(e + ".")), None)
+        rel = name[len(owner) + 1 :] if owner else None
+        if rel in ("w_in", "w_out"):
+            out[f"{owner}.experts.{rel}"] = (eps[owner], p.grad)
+        else:
+            out[name] = (None, p.grad)
+    return out
+
+
+def _node_rank(rank, world, path, cases):
+    import torch.distributed as dist
+
+    from moeflow.comm import Topology
+    from moeflow.parallel import sync_gradients
+
+    results = []
+    for shape, names, dispatcher, schedule in cases:
+        model = build_parallel(
+            path,
+            shape,
+            names,
+            dense="replicate",
+            dispatcher=dispatcher,
+            schedule=schedule,
+            topology=Topology.explicit(world, 2),
+        )
+        model.train()
+        topo = {m.topology.num_nodes for m in model.modules() if hasattr(m, "topology")}
+        # with a Parm schedule the ranks of an ESP (= MP) group feed the same row
+        S = dict(zip(names, shape)).get("esp", 1)
+        row = rank // S if schedule else rank
+        ids = batch(world)[row : row + 1]
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        losses, grads = [], None
+        for step in range(3):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            sync_gradients(model)
+            if step == 0:
+                grads = {}
+                for k, (ep, g) in _grads_by_reference_name(model).items():
+                    info = None if ep is None else (ep.expert_range, ep.ffn_slice, ep.esp_rank)
+                    grads[k] = (info, None if g is None else g.clone())
+            opt.step()
+            g = loss.detach().clone()
+            dist.all_reduce(g)
+            losses.append(g.item() / world)
+        results.append((topo, losses, grads, model.moeflow_layout.topology.num_nodes))
+    return results
+
+
+def _reference_grads(path: str, rows: int):
+    from moeflow.integrations import patch_model
+
+    model = patch_model(
+        transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    )
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    ids = batch(4)[:rows]
+    losses, grads = [], None
+    for step in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        losses.append(loss.item())
+    return losses, grads
+
+
+def test_declared_nodes_hierarchical_dedup_and_parm_match_single_process(tmp_path):
+    from moeflow.parallel.expert_parallel import slice_w_in
+
+    path = save_tiny("qwen3_moe", tmp_path / "ckpt")
+    res = run_ranks(_node_rank, 4, path, NODE_CASES, timeout_s=300)
+    refs = {rows: _reference_grads(path, rows) for rows in (2, 4)}
+    for rank_res in res:
+        for (shape, names, dispatcher, schedule), (topo, losses, grads, nodes) in zip(
+            NODE_CASES, rank_res
+        ):
+            case = f"{dispatcher}/{schedule}"
+            assert topo == {2} and nodes == 2, case  # every layer sees 2 nodes of 2 ranks
+            ref_losses, ref_grads = refs[2 if schedule else 4]
+            assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < TOL, (case, losses)
+            assert set(grads) == set(ref_grads), case
+            S = dict(zip(names, shape)).get("esp", 1)
+            for name, (info, got) in grads.items():
+                want = ref_grads[name]
+                if info is not None:
+                    (e0, e1), (f0, f1), s = info
+                    if name.endswith("w_in"):
+                        want = slice_w_in(want, e0, e1, s, S, True)
+                    else:
+                        want = want[e0:e1, :, f0:f1]
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4, msg=f"{case} {name}")
+
+
+def _bad_topology(rank, world, path, ranks_per_node, shape, names):
+    from moeflow.comm import Topology
+    from moeflow.errors import MoeflowError
+
+    try:
+        build_parallel(path, shape, names, topology=Topology.explicit(world, ranks_per_node))
+    except MoeflowError as e:
+        return type(e).__name__, str(e)
+    return None
+
+
+def test_layouts_that_cannot_work_are_refused_before_communication(tmp_path):
+    path = save_tiny("qwen3_moe", tmp_path / "ckpt")
+    # an ESP group of 2 cannot span nodes of 1 rank
+    res = run_ranks(_bad_topology, 2, path, 1, (1, 2), ("ep", "esp"), timeout_s=60)
+    assert all(r[0] == "DistributedConfigError" and "ESP group" in r[1] for r in res)
+    # dedup sends tokens to whole experts: no ESP slicing
+    res = run_ranks(_dedup_esp_error, 4, path, timeout_s=60)
+    assert all(r[0] == "ConfigError" and "a row dispatcher" in r[1] for r in res)
+
+
+# -- parallelize(aux_loss="global"): moeflow routers' aux loss over the world's batch -----
+def _with_aux_coefs(model):
+    """Turn on the moeflow routers' load-balancing and z-losses (patched transformers layers
+    leave them off: transformers computes its own from ``router_logits``)."""
+    from moeflow import MoELayer
+
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.cfg = m.cfg.replace(aux_loss_coef=0.1, z_loss_coef=0.01)
+            m.router.cfg = m.cfg
+    return model
+
+
+def _global_aux_rank(rank, world, path, aux_loss):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moeflow.integrations import patch_model
+    from moeflow.parallel import parallelize, sync_gradients
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = patch_model(
+            transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        )
+    _with_aux_coefs(model)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    parallelize(model, mesh, checkpoint=path, dense="replicate", aux_loss=aux_loss)
+    assert model.moeflow_layout.aux_loss == aux_loss
+    model.train()
+    ids = batch(world)[rank : rank + 1]
+    model(input_ids=ids)
+    aux = sum(m.aux_loss for m in model.modules() if hasattr(m, "expert_range"))
+    aux.backward()
+    sync_gradients(model)
+    grads = {
+        n: p.grad.clone()
+        for n, p in model.named_parameters()
+        if "router" in n and p.grad is not None
+    }
+    return aux.item(), grads
+
+
+def test_parallelize_global_aux_loss_is_the_whole_batch_loss(tmp_path):
+    from moeflow import MoELayer
+    from moeflow.integrations import patch_model
+
+    path = save_tiny("qwen3_moe", tmp_path / "ckpt")
+    ref = _with_aux_coefs(
+        patch_model(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    )
+    ref.train()
+    ref(input_ids=batch(4))
+    want = sum(m.aux_loss for m in ref.modules() if isinstance(m, MoELayer))
+    want.backward()
+    ref_grads = {
+        n: p.grad for n, p in ref.named_parameters() if "router" in n and p.grad is not None
+    }
+    glob = run_ranks(_global_aux_rank, 4, path, "global", timeout_s=120)
+    local = run_ranks(_global_aux_rank, 4, path, "local", timeout_s=120)
+    for aux, grads in glob:
+        assert abs(aux - want.item()) < 1e-6, (aux, want.item())
+        assert set(grads) == set(ref_grads) and grads
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[n], atol=1e-8, rtol=1e-5, msg=n)
+    assert max(abs(aux - want.item()) for aux, _ in local) > 1e-4
+
+
+def _dedup_esp_error(rank, world, path):
+    from moeflow.errors import MoeflowError
+
+    try:
+        build_parallel(path, (2, 2), ("ep", "esp"), dispatcher="dedup")
+    except MoeflowError as e:
+        return type(e).__name__, str(e)
+    return None

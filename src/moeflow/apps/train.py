@@ -9,7 +9,13 @@ Two launch paths, same training loop:
 Every MoE layer of :mod:`moeflow.models.demo`'s model is wrapped in
 :class:`moeflow.parallel.ExpertParallel`. All ranks draw the same global batch (same seed)
 and each trains on its slice, so the run follows the single-process run of the same
-global batch (``--nproc 1``), up to per-rank aux-loss statistics. Prints loss and tokens/s.
+global batch (``--nproc 1``), up to per-rank aux-loss statistics (``--aux-loss global``
+removes that difference). Prints loss and tokens/s.
+
+Layout flags: ``--dispatcher`` (a2a, capacity, hierarchical / 2dh, dedup), ``--nodes K``
+(the ranks declared as K nodes), ``--esp`` and a Parm ``--schedule`` (the ESP group as the
+model-parallel group, whose ranks share their rows), checked against each other before any
+rank starts. ``--dtype bfloat16`` trains a bf16 model with fp32 master weights.
 
 With ``--model PATH`` (a transformers checkpoint directory: Qwen3-MoE, Mixtral, DeepSeek, ...)
 the model is built on the meta device, patched (:func:`moeflow.integrations.patch_model`) and
@@ -51,6 +57,10 @@ MAX = {
 MAX_PARAMS = 1_000_000_000
 #: tokens in one global batch (--batch-size x --seq-len)
 MAX_BATCH_TOKENS = 2**22
+#: --dispatcher values (moeflow.parallel.dispatch's registry and its alias)
+DISPATCHER_CHOICES = ("a2a", "capacity", "hierarchical", "2dh", "dedup")
+#: --schedule values (moeflow.parallel.mp_schedule's schedules and Parm's names)
+SCHEDULE_CHOICES = ("plain", "split_tokens", "split_rows", "auto", "s1", "s2")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,10 +84,39 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "under torchrun, else 2 when --nproc is even",
     )
     p.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="declare the ranks as this many nodes (loopback: node-level dispatchers and "
+        "Parm schedules run for real); 0: see --ranks-per-node",
+    )
+    p.add_argument(
         "--dispatcher",
         default="a2a",
-        choices=["a2a", "capacity", "hierarchical", "2dh"],
-        help="token dispatcher ('2dh' is an alias of 'hierarchical')",
+        choices=list(DISPATCHER_CHOICES),
+        help="token dispatcher: flat a2a, capacity (padded), hierarchical (alias 2dh: "
+        "intra-node then inter-node) or dedup (HierMoE token dedup; --esp 1)",
+    )
+    p.add_argument(
+        "--schedule",
+        default=None,
+        choices=list(SCHEDULE_CHOICES),
+        help="a Parm schedule with the ESP group as the model-parallel group (its ranks "
+        "train on the same rows; needs --esp > 1): plain, split_tokens (s1), split_rows "
+        "(s2) or auto; default: none (every rank its own rows)",
+    )
+    p.add_argument(
+        "--aux-loss",
+        default="local",
+        choices=["local", "global"],
+        help="load-balancing loss over each rank's batch (local) or over the global batch "
+        "(global: statistics all-reduced)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="bfloat16: forward/backward in bf16 with fp32 master weights and optimizer state",
     )
     p.add_argument("--esp", type=int, default=1, help="expert-sharding group size")
     p.add_argument("--r-fwd", type=int, default=2, help="forward pipeline degree")
@@ -209,6 +248,7 @@ def validate_train_args(args: argparse.Namespace, world: int | None = None) -> N
             f"a model of at most {MAX_PARAMS:,} parameters (this one has ~{params:,})",
         )
     args.ranks_per_node = nonnegative_int("--ranks-per-node", args.ranks_per_node)
+    _check_layout_flags(args, world)
     for flag in ("max_seconds", "lr", "timeout"):
         setattr(args, flag, positive_float("--" + flag.replace("_", "-"), getattr(args, flag)))
     args.aux_loss_coef = positive_float("--aux-loss-coef", args.aux_loss_coef, allow_zero=True)
@@ -246,6 +286,68 @@ def validate_train_args(args: argparse.Namespace, world: int | None = None) -> N
             )
 
 
+def _check_layout_flags(args, world: int) -> None:
+    """--nodes, --dispatcher, --schedule, --aux-loss and --dtype against each other and the
+    world (ConfigError / DistributedConfigError naming the flag), for both model paths."""
+    from moeflow.parallel.aux_loss import check_aux_loss
+    from moeflow.parallel.mp_schedule import canonical_schedule
+
+    args.nodes = nonnegative_int("--nodes", getattr(args, "nodes", 0))
+    if args.nodes:
+        if world % args.nodes:
+            raise DistributedConfigError(
+                f"--nodes {args.nodes} does not divide the world size {world}: nodes must "
+                "hold the same number of ranks"
+            )
+        rpn = world // args.nodes
+        if args.ranks_per_node and args.ranks_per_node != rpn:
+            raise ConfigError(
+                "--ranks-per-node",
+                args.ranks_per_node,
+                f"{rpn} (= world {world} / --nodes {args.nodes}) or left out",
+            )
+        args.ranks_per_node = rpn
+    schedule = getattr(args, "schedule", None)
+    if schedule is not None:
+        args.schedule = schedule = canonical_schedule(schedule)
+        if world == 1 or args.esp == 1:
+            raise ConfigError(
+                "--schedule",
+                schedule,
+                "only with --esp > 1 on several ranks (Parm's model-parallel group is the "
+                "ESP group, whose ranks train on the same rows)",
+            )
+    if args.dispatcher == "dedup" and args.esp > 1:
+        raise ConfigError(
+            "--dispatcher",
+            "dedup",
+            f"a row dispatcher (a2a, capacity, hierarchical) with --esp {args.esp}: dedup "
+            "copies tokens to whole experts after crossing (--esp 1)",
+        )
+    try:
+        check_aux_loss(getattr(args, "aux_loss", "local"), schedule)
+    except ConfigError:
+        raise ConfigError(
+            "--aux-loss", "global", "local with --schedule (its MP ranks route the same rows)"
+        ) from None
+    if getattr(args, "model", None):
+        for flag, value, ok in (
+            ("--aux-loss", args.aux_loss, "local"),
+            ("--dtype", args.dtype, "float32"),
+        ):
+            if value != ok:
+                raise ConfigError(
+                    flag, value, f"{ok} with --model (its loop trains on the LM loss in fp32)"
+                )
+
+
+def data_parallel_rows(world: int, rank: int, args) -> tuple[int, int]:
+    """``(distinct batches, this rank's one)``: under a Parm schedule the ranks of an ESP
+    group (consecutive ranks) share one."""
+    S = args.esp if getattr(args, "schedule", None) else 1
+    return world // S, rank // S
+
+
 def _model_config(args):
     from moeflow.models.demo import DemoModelConfig
 
@@ -278,6 +380,14 @@ def build_model(args, group=None, topology=None):
     if plan is None and args.plan:
         plan = args._plan = _plan_from_file(args.plan)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
+        from moeflow.comm.groups import subgroup
+
+        schedule = getattr(args, "schedule", None)
+        mp_group = None
+        if schedule is not None:  # Parm: the MP group is this rank's ESP group
+            S = args.esp
+            p = dist.get_rank(group) // S
+            mp_group = subgroup(group, [p * S + s for s in range(S)], args.timeout)
         for i, b in enumerate(model.blocks):
             b.moe = ExpertParallel(
                 b.moe,
@@ -290,14 +400,24 @@ def build_model(args, group=None, topology=None):
                 plan=plan,
                 layer_index=i,
                 timeout_s=args.timeout,
+                mp_group=mp_group,
+                schedule=schedule or "plain",
             )
+        if getattr(args, "aux_loss", "local") == "global":
+            from moeflow.parallel.aux_loss import use_global_aux_loss
+
+            use_global_aux_loss(model, group, args.timeout)
     return model
 
 
 def train_loop(args, group=None, topology=None, device=None, verbose=True) -> dict:
-    """Train; returns ``{"losses": [...], "tokens_per_s": float, "steps": int}``.
+    """Train; returns ``{"losses": [...], "tokens_per_s": float, "steps": int, "seconds":
+    float, "optimizer": ...}`` (and ``"masters"``, the :class:`MasterWeights`, with
+    ``args.dtype == "bfloat16"``).
 
-    ``losses`` are global-batch LM losses (mean over ranks of local means).
+    ``losses`` are global-batch LM losses (mean over ranks of local means). ``args.dtype``
+    ``"bfloat16"`` runs forward and backward on a bf16 model with fp32 master weights and
+    fp32 AdamW state (:class:`moeflow.parallel.data_parallel.MasterWeights`).
     """
     import torch.distributed as dist
 
@@ -315,8 +435,16 @@ def train_loop(args, group=None, topology=None, device=None, verbose=True) -> di
         max_bytes=getattr(args, "corpus_bytes", 1_000_000)
     )
     sample = BatchSampler(corpus, args.seq_len, args.batch_size, seed=args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    b = args.batch_size // W
+    masters = None
+    if getattr(args, "dtype", "float32") == "bfloat16":
+        from moeflow.parallel.data_parallel import MasterWeights
+
+        masters = MasterWeights(model, torch.bfloat16)
+        opt = torch.optim.AdamW(masters.parameters(), lr=args.lr, weight_decay=0.01)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    batches, row = data_parallel_rows(W, rank, args)
+    b = args.batch_size // batches
     losses, tokens = [], 0
     log = verbose and rank == 0
     if log:
@@ -324,6 +452,8 @@ def train_loop(args, group=None, topology=None, device=None, verbose=True) -> di
         degrees = [(m.r_fwd, m.r_bwd) for m in model.modules() if hasattr(m, "dispatcher")]
         print(
             f"moeflow train: world {W}, dispatcher {args.dispatcher}, esp {args.esp}, "
+            f"schedule {getattr(args, 'schedule', None) or 'none'}, "
+            f"aux loss {getattr(args, 'aux_loss', 'local')}, {getattr(args, 'dtype', 'float32')}, "
             f"(r_fwd, r_bwd) per layer {degrees or 'n/a (1 rank)'}, "
             f"{args.layers} layers x {args.experts} "
             f"experts, {n_local / 1e6:.2f} M params on rank 0, global batch "
@@ -337,16 +467,20 @@ def train_loop(args, group=None, topology=None, device=None, verbose=True) -> di
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = sample()  # the same global batch on every rank
-        x, y = x[rank * b : (rank + 1) * b].to(device), y[rank * b : (rank + 1) * b].to(device)
+        x, y = x[row * b : (row + 1) * b].to(device), y[row * b : (row + 1) * b].to(device)
         _, loss, aux = model(x, y)
         opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         (loss + aux).backward()
         if dist_on:
             sync_gradients(model, group, "mean", args.timeout)
             clip_grad_norm_(model, 1.0, group, args.timeout)
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if masters is not None:  # fp32 step on the masters, then the bf16 copies
+            masters.step(opt)
+        else:
+            opt.step()
         lv = loss.detach().reshape(1).double()
         if dist_on:
             from moeflow.comm.collectives import all_reduce
@@ -370,6 +504,9 @@ def train_loop(args, group=None, topology=None, device=None, verbose=True) -> di
             break
     elapsed = time.perf_counter() - start
     out = {"losses": losses, "tokens_per_s": tokens / elapsed, "steps": step, "seconds": elapsed}
+    out["optimizer"] = opt
+    if masters is not None:
+        out["masters"] = masters
     if log:
         print(
             f"summary: {step} steps, {tokens:,} tokens in {elapsed:.1f} s "
@@ -407,6 +544,8 @@ def validate_hf_args(args: argparse.Namespace, world: int) -> None:
         setattr(args, flag, positive_int(name, getattr(args, flag), maximum=MAX.get(name)))
     _check_batch_tokens(args)
     args.checkpoint_every = nonnegative_int("--checkpoint-every", args.checkpoint_every)
+    args.ranks_per_node = nonnegative_int("--ranks-per-node", args.ranks_per_node)
+    _check_layout_flags(args, world)
     for flag in ("max_seconds", "lr", "timeout"):
         setattr(args, flag, positive_float("--" + flag.replace("_", "-"), getattr(args, flag)))
     if not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -457,6 +596,16 @@ def validate_hf_args(args: argparse.Namespace, world: int) -> None:
             f"expert-parallel size {ep} (= world {world} / --dp "
             f"{args.dp} / --esp {args.esp})"
         )
+    R = args.ranks_per_node
+    if R and world > 1:  # the expert group (dp outermost: consecutive ranks) on the nodes
+        G = ep * args.esp
+        k = R if G >= R else G
+        if world % R or (G >= R and G % R) or (G < R and R % G) or k % args.esp:
+            raise DistributedConfigError(
+                f"--esp {args.esp} x expert-parallel {ep} ranks do not fit nodes of {R} "
+                f"ranks (world {world}): an expert group spans whole nodes or lies in one, "
+                "and an ESP group lies in one node"
+            )
     if args.batch_size % world:
         raise ConfigError("--batch-size", args.batch_size, f"a multiple of the world size {world}")
     args._hf_config = config
@@ -595,6 +744,8 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
             timeout_s=args.timeout,
             device=device,
             dense=args.dense,
+            topology=_hf_topology(args, W),
+            schedule=getattr(args, "schedule", None),
         )
     else:
         model = patch_model(transformers.AutoModelForCausalLM.from_pretrained(args.model))
@@ -617,7 +768,8 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
             extra = load_single(args.checkpoint_dir, model, opt, layout)
         first, sampler = _resume_point(args.checkpoint_dir, extra)
         gen.set_state(sampler)
-    b = args.batch_size // W
+    batches, row = data_parallel_rows(W, rank, args)
+    b = args.batch_size // batches
     losses = []
     log = verbose and rank == 0
 
@@ -641,8 +793,8 @@ def hf_train_loop(args, device=None, verbose=True) -> dict:
                 0, data.numel() - args.seq_len - 1, (args.batch_size,), generator=gen
             )
             window = data[starts[:, None] + torch.arange(args.seq_len + 1)]
-            x = window[rank * b : (rank + 1) * b, :-1].to(device)
-            y = window[rank * b : (rank + 1) * b, 1:].to(device)
+            x = window[row * b : (row + 1) * b, :-1].to(device)
+            y = window[row * b : (row + 1) * b, 1:].to(device)
             logits = model(input_ids=x).logits
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             opt.zero_grad(set_to_none=True)
@@ -714,6 +866,14 @@ def _topology(args, world: int):
             return Topology.from_env()
         rpn = 2 if world % 2 == 0 and world > 2 else world
     return Topology.explicit(world, rpn)
+
+
+def _hf_topology(args, world: int):
+    """--model: the declared nodes (--nodes / --ranks-per-node), else None (parallelize
+    reads LOCAL_WORLD_SIZE, or takes one node)."""
+    from moeflow.comm import Topology
+
+    return Topology.explicit(world, args.ranks_per_node) if args.ranks_per_node else None
 
 
 def _rank(rank: int, world: int, args) -> float:

@@ -134,6 +134,56 @@ def load_balancing_loss(
     return num_experts * torch.sum(f_E * p_E)
 
 
+def global_aux_loss(
+    logits_TE: torch.Tensor,
+    probs_TE: torch.Tensor | None,
+    topk_idx_TK: torch.Tensor | None,
+    num_experts: int,
+    lb_coef: float,
+    z_coef: float,
+    reduce,
+) -> torch.Tensor:
+    """``lb_coef * load_balancing + z_coef * z_loss`` over the *global* batch: the value the
+    single-device router gets on the concatenation of every rank's tokens.
+
+    The load-balancing loss of Switch (Fedus et al., JMLR'22, Eq. 4-6) / GShard is
+    ``E * sum_e f_e P_e`` with ``f`` the fraction of routed slots and ``P`` the mean router
+    probability; the ST-MoE z-loss a mean over tokens. All are ratios of sums over tokens, so
+    the global values come from summed statistics: the routed counts, the slots, the
+    probability sums, the token count and the z sums, all-reduced in one vector by
+    ``reduce`` (Megatron-LM's global-batch aux loss all-reduces the expert loads the same
+    way). ``reduce(stats) -> summed stats`` must be differentiable, with the gradient of the
+    sum over ranks (its backward an all-reduce of the gradients): then the probability sums,
+    the only differentiable statistics, get every rank's share of the gradient.
+    ``probs_TE`` / ``topk_idx_TK`` None: the load-balancing part is absent (expert choice).
+    """
+    E = num_experts
+    dev = logits_TE.device
+    stats = []
+    if probs_TE is not None and lb_coef > 0:
+        counts = torch.bincount(topk_idx_TK.reshape(-1), minlength=E).to(torch.float64)
+        slots = torch.tensor([float(topk_idx_TK.numel())], dtype=torch.float64, device=dev)
+        stats += [counts, slots, probs_TE.to(torch.float64).sum(0)]
+    tokens = torch.tensor([float(logits_TE.shape[0])], dtype=torch.float64, device=dev)
+    stats.append(tokens)
+    if z_coef > 0:
+        lse = torch.logsumexp(logits_TE.float(), dim=-1).to(torch.float64)
+        stats.append(lse.square().sum().reshape(1))
+    g = reduce(torch.cat(stats))
+    aux = g.new_zeros(())
+    i = 0
+    if probs_TE is not None and lb_coef > 0:
+        counts, slots, psum = g[:E], g[E], g[E + 1 : 2 * E + 1]
+        T = g[2 * E + 1]
+        f_E = counts / slots.clamp_min(1.0)
+        aux = aux + lb_coef * E * torch.sum(f_E * psum) / T.clamp_min(1.0)
+        i = 2 * E + 1
+    T = g[i]
+    if z_coef > 0:
+        aux = aux + z_coef * g[i + 1] / T.clamp_min(1.0)
+    return aux.to(logits_TE.dtype)
+
+
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE): mean over tokens of ``logsumexp(logits)^2``."""
     if logits_TE.shape[0] == 0:
@@ -151,6 +201,9 @@ class Router(nn.Module, abc.ABC):
         self.top_k = cfg.top_k
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         self.bias = nn.Parameter(torch.zeros(cfg.num_experts)) if cfg.router_bias else None
+        # None: aux losses on this batch; else a differentiable sum over ranks of the
+        # statistics of :func:`global_aux_loss` (set by moeflow.parallel.aux_loss)
+        self.aux_reduce = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -182,6 +235,37 @@ class Router(nn.Module, abc.ABC):
     def forward(self, x_TD: torch.Tensor) -> Routing:
         """Route ``x_TD``: the expert-sorted assignments, counts and auxiliary loss."""
 
+    def _global_aux(self, logits_TE, probs_TE, topk_idx_TK) -> torch.Tensor:
+        lb = self.cfg.aux_loss_coef if probs_TE is not None else 0.0
+        return global_aux_loss(
+            logits_TE,
+            probs_TE,
+            topk_idx_TK,
+            self.num_experts,
+            lb,
+            self.cfg.z_loss_coef,
+            self.aux_reduce,
+        )
+
+    def global_aux_active(self) -> bool:
+        """Whether this router's aux loss is the global one (a collective per forward)."""
+        lb = self.cfg.aux_loss_coef > 0 and isinstance(self, TopKRouter)
+        reduce = getattr(self, "aux_reduce", None)  # routers pickled before it existed
+        return reduce is not None and (lb or self.cfg.z_loss_coef > 0)
+
+    def empty_aux(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The aux loss of a rank with no tokens: zero, or under a global aux loss this rank's
+        part of the collective (zero statistics, still attached to the router's parameters
+        so that its backward runs with every other rank's)."""
+        if not self.global_aux_active():
+            return x_TD.new_zeros(()) + 0.0 * x_TD.sum()
+        E = self.num_experts
+        anchor = sum(p.sum() for p in self.parameters()) * 0.0 + 0.0 * x_TD.sum()
+        logits_TE = x_TD.new_zeros(0, E, dtype=torch.float32) + anchor.float()
+        probs_TE = logits_TE if isinstance(self, TopKRouter) else None
+        idx_TK = torch.zeros(0, self.top_k, dtype=torch.long, device=x_TD.device)
+        return self._global_aux(logits_TE, probs_TE, idx_TK) + anchor
+
 
 class TopKRouter(Router):
     """Token choice: each token picks experts in :meth:`select`; capacity and losses here.
@@ -191,6 +275,8 @@ class TopKRouter(Router):
     """
 
     def _aux(self, logits_TE, probs_TE, topk_idx_TK) -> torch.Tensor:
+        if self.global_aux_active():
+            return self._global_aux(logits_TE, probs_TE, topk_idx_TK)
         aux = logits_TE.new_zeros(())
         if self.cfg.aux_loss_coef > 0:
             aux = aux + self.cfg.aux_loss_coef * load_balancing_loss(
@@ -326,7 +412,10 @@ class ExpertChoiceRouter(Router):
         counts_E = torch.full((E,), cap, dtype=torch.long, device=x_TD.device)
         aux = logits_TE.new_zeros(())
         if self.cfg.z_loss_coef > 0:
-            aux = aux + self.cfg.z_loss_coef * z_loss(logits_TE)
+            if self.global_aux_active():
+                aux = self._global_aux(logits_TE, None, None)
+            else:
+                aux = aux + self.cfg.z_loss_coef * z_loss(logits_TE)
         return Routing(
             token_idx_N, expert_idx_N, w_EC.reshape(-1).to(x_TD.dtype), counts_E, aux, logits_TE, 0
         )

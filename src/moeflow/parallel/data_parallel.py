@@ -103,6 +103,22 @@ def sync_gradients(
         for p in expert:
             if p.grad is not None:
                 p.grad.div_(g.world)
+    _scale_parm_layers(model)
+
+
+def _scale_parm_layers(model: nn.Module) -> None:
+    """Layers under a Parm schedule (INFOCOM'24): the S ranks of an MP group hold one batch
+    and each of them carries 1/S of that batch's gradient of the layer's own parameters
+    (router, shared and routed experts), while every other parameter gets the whole batch's
+    on each of them. Scaling the layer's gradients by S makes every parameter's gradient the
+    same reduction (sum or mean) over ranks, i.e. over the W/S distinct batches."""
+    from moeflow.parallel.expert_parallel import ExpertParallel
+
+    for m in model.modules():
+        if isinstance(m, ExpertParallel) and m.mp_group is not None and m.esp_size > 1:
+            for p in m.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(m.esp_size)
 
 
 @torch.no_grad()
@@ -137,3 +153,49 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group=None, timeout_s=Non
         for _, grad in grads:
             grad.mul_(coef)
     return total
+
+
+class MasterWeights:
+    """Mixed-precision training with fp32 master weights (Micikevicius et al., "Mixed
+    Precision Training", ICLR'18; the bf16 recipe of Megatron-LM and DeepSpeed): the model's
+    floating parameters and buffers become ``dtype`` copies that run forward and backward,
+    while fp32 masters, the optimizer and its state hold the weights that are updated.
+
+        masters = MasterWeights(model, torch.bfloat16)
+        opt = torch.optim.AdamW(masters.parameters(), lr=...)
+        loss.backward(); sync_gradients(model); clip_grad_norm_(model, 1.0)
+        masters.step(opt)          # fp32 grads -> fp32 step -> rounded into the model
+
+    Parameters keep their identity (their ``.data`` changes dtype), so ExpertParallel's
+    expert slices and the gradient helpers above still recognise them.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ConfigError("dtype", dtype, "a floating torch dtype (torch.bfloat16)")
+        self.dtype = dtype
+        self.model_params = [p for p in model.parameters() if p.is_floating_point()]
+        self.masters = []
+        for p in self.model_params:
+            m = nn.Parameter(p.detach().to(torch.float32).clone(), requires_grad=p.requires_grad)
+            self.masters.append(m)
+            p.data = p.data.to(dtype)
+        for mod in model.modules():
+            for name, b in mod._buffers.items():
+                if b is not None and b.is_floating_point():
+                    mod._buffers[name] = b.to(dtype)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The fp32 masters, in the model's parameter order (give these to the optimizer)."""
+        return self.masters
+
+    @torch.no_grad()
+    def step(self, optimizer) -> None:
+        """Masters' gradients := the model's (in fp32), ``optimizer.step()``, and the updated
+        masters rounded into the model; the model's gradients are released."""
+        for m, p in zip(self.masters, self.model_params):
+            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+            p.grad = None
+        optimizer.step()
+        for m, p in zip(self.masters, self.model_params):
+            p.data.copy_(m.data)

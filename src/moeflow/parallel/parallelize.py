@@ -93,6 +93,9 @@ class ParallelLayout:
     checkpoint_bytes_read: int = 0  # tensor bytes this rank read from ``checkpoint``
     checkpoint: str | None = None  # the ``checkpoint`` the weights came from (an input)
     dense: str = "fsdp"  # "fsdp" or "replicate" (see parallelize)
+    topology: Topology | None = None  # the expert group's node layout
+    schedule: str | None = None  # a Parm schedule (MP group = ESP group), or None
+    aux_loss: str = "local"  # "local" or "global" (see parallelize)
 
     @property
     def world(self) -> int:
@@ -131,6 +134,80 @@ def _mesh_layout(mesh) -> tuple[dict[str, int], dict[str, int], list[int], list[
     expert_ranks = [int(r) for r in grid[pos["dp"]].reshape(-1)]
     dp_ranks = [int(r) for r in grid[:, pos["ep"], pos["esp"]]]
     return sizes, pos, expert_ranks, dp_ranks
+
+
+def expert_topology(world_topology: Topology | None, expert_ranks: list[int], S: int) -> Topology:
+    """The node layout of an expert group (global ranks ``expert_ranks`` in group order)
+    from the world's (``None``: :meth:`Topology.from_env`). The group must be node-major with
+    the same number of ranks on every node it spans, a multiple of the ESP size ``S``.
+    Raises DistributedConfigError otherwise; communicates nothing."""
+    world = dist.get_world_size()
+    if world_topology is None:
+        world_topology = Topology.from_env()
+    if not isinstance(world_topology, Topology):
+        raise DistributedConfigError(
+            f"topology must be a moeflow.comm.Topology, got {type(world_topology).__name__}"
+        )
+    if world_topology.world_size != world:
+        raise DistributedConfigError(
+            f"topology.world_size={world_topology.world_size} but the world has {world} "
+            "ranks: the topology describes the whole world"
+        )
+    nodes = [world_topology.node_of(r) for r in expert_ranks]
+    k = nodes.count(nodes[0])
+    blocks = [nodes[i : i + k] for i in range(0, len(nodes), k)]
+    if (
+        len(nodes) % k
+        or any(len(set(b)) != 1 or len(b) != k for b in blocks)
+        or len({b[0] for b in blocks}) != len(blocks)
+    ):
+        raise DistributedConfigError(
+            f"the expert group {expert_ranks} lies on nodes {nodes} "
+            f"({world_topology.ranks_per_node} ranks per node): it must be node-major with "
+            "the same number of ranks on each node"
+        )
+    if k % S:
+        raise DistributedConfigError(
+            f"the mesh's esp={S} must divide the expert group's ranks per node ({k}): "
+            "an ESP group lives inside one node"
+        )
+    return Topology.explicit(len(expert_ranks), k)
+
+
+def check_dispatcher(dispatcher: str, esp: int) -> str:
+    """The dispatcher's registered name (aliases resolved), checked against the ESP size
+    before any communication: ``"dedup"`` (HierMoE) sends tokens, copied to whole experts
+    after crossing, so it takes no ESP slicing. Raises ConfigError."""
+    from moeflow.parallel.dispatch import dispatcher_class
+
+    name = dispatcher_class(dispatcher).name
+    if name == "dedup" and esp > 1:
+        raise ConfigError(
+            "dispatcher",
+            dispatcher,
+            f"a row dispatcher ('a2a', 'capacity', 'hierarchical') with esp={esp}: 'dedup' "
+            "copies tokens to whole experts after crossing (esp must be 1)",
+        )
+    return name
+
+
+def _check_schedule(schedule: str | None, S: int) -> str | None:
+    """A Parm schedule's role name, checked before any communication (ConfigError)."""
+    if schedule is None:
+        return None
+    from moeflow.parallel.mp_schedule import SCHEDULE_ALIASES, SCHEDULES, canonical_schedule
+
+    name = canonical_schedule(schedule)
+    if name not in SCHEDULES:
+        raise ConfigError("schedule", schedule, f"one of {SCHEDULES} (aliases: {SCHEDULE_ALIASES})")
+    if S == 1:
+        raise ConfigError(
+            "schedule",
+            schedule,
+            "None unless the mesh has an 'esp' dimension > 1 (Parm's model-parallel group "
+            "is the ESP group)",
+        )
+    return name
 
 
 def _moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
@@ -317,6 +394,10 @@ def parallelize(
     kernel: str | None = None,
     compress=False,
     dense: str = "fsdp",
+    topology: Topology | None = None,
+    schedule: str | None = None,
+    parm_cluster=None,
+    aux_loss: str = "local",
 ) -> nn.Module:
     """Make every MoE layer of ``model`` expert parallel over ``mesh``; returns ``model``.
 
@@ -337,6 +418,22 @@ def parallelize(
             reduce-scattered by FSDP; it runs on gloo) or ``"replicate"`` (every rank holds
             them; :func:`sync_gradients` all-reduces their gradients in flat buckets, DDP's
             algorithm).
+        topology: the world's node layout (a :class:`~moeflow.comm.Topology` over all
+            ranks, e.g. ``Topology.explicit(world, ranks_per_node)`` to declare loopback
+            ranks as nodes); default ``Topology.from_env()`` (``LOCAL_WORLD_SIZE`` /
+            ``MOEFLOW_RANKS_PER_NODE``, else one node). The expert group's topology follows
+            from the mesh: its ranks must be node-major (the same number on each node it
+            spans), and ``esp`` must divide that number (an ESP group lives in one node).
+            Node-level dispatchers (``"hierarchical"``, ``"dedup"``) and Parm's schedules
+            use it.
+        schedule, parm_cluster: a Parm schedule (``"plain"``, ``"split_tokens"``,
+            ``"split_rows"``, ``"auto"``; ``"s1"`` / ``"s2"``), with the mesh's ``esp``
+            sub-group as the model-parallel group: the ranks of one ESP group then feed the
+            *same* tokens (Parm, INFOCOM'24). None (default): every rank its own tokens.
+            Needs ``esp`` > 1.
+        aux_loss: ``"local"`` (default: each rank's routers compute the load-balancing and
+            z-losses on its own batch) or ``"global"`` (over the whole batch of the world,
+            statistics all-reduced: :func:`moeflow.parallel.aux_loss.use_global_aux_loss`).
 
     The layout is stored as ``model.moeflow_layout`` (:class:`ParallelLayout`). After
     ``backward`` call :func:`sync_gradients`.
@@ -352,9 +449,15 @@ def parallelize(
         )
     if dense not in ("replicate", "fsdp"):
         raise ConfigError("dense", dense, "'replicate' or 'fsdp'")
+    from moeflow.parallel.aux_loss import check_aux_loss
+
+    aux_loss = check_aux_loss(aux_loss, schedule)
     sizes, pos, expert_ranks, dp_ranks = _mesh_layout(mesh)
     layers = _moe_layers(model)
     P, S = sizes["ep"], sizes["esp"]
+    expert_topo = expert_topology(topology, expert_ranks, S)
+    schedule = _check_schedule(schedule, S)
+    check_dispatcher(dispatcher, S)
     for path, layer in layers:
         cfg = layer.cfg
         if cfg.num_experts % P:
@@ -392,13 +495,18 @@ def parallelize(
     # local-synchronisation sub-groups: each is made by its members only
     layout.expert_group = subgroup(None, expert_ranks, t)
     layout.dp_group = subgroup(None, dp_ranks, t) if len(dp_ranks) > 1 else None
-    topo = Topology.explicit(P * S, P * S)
+    layout.topology = expert_topo
+    layout.schedule = schedule
+    mp_group = None
+    if schedule is not None:  # Parm: the MP group is this rank's ESP group
+        p = pos["ep"]
+        mp_group = subgroup(None, expert_ranks[p * S : (p + 1) * S], t)
     for i, (path, layer) in enumerate(layers):
         adapter = layer.__dict__.get("hf_state_dict_adapter")
         ep = ExpertParallel(
             layer,
             group=layout.expert_group,
-            topology=topo,
+            topology=expert_topo,
             dispatcher=dispatcher,
             esp_size=S,
             r_fwd=r_fwd,
@@ -408,6 +516,9 @@ def parallelize(
             timeout_s=t,
             kernel=kernel,
             compress=compress,
+            mp_group=mp_group,
+            schedule=schedule or "plain",
+            parm_cluster=parm_cluster,
         )
         ep.hf_adapter = adapter
         ep.layer_path = path
@@ -425,6 +536,11 @@ def parallelize(
             layout.checkpoint_bytes_read = load_pretrained_weights(model, ckpt)
         layout.checkpoint = str(checkpoint)
     layout.dense = dense
+    if aux_loss == "global":  # distinct batches: the whole world (EP x DP)
+        from moeflow.parallel.aux_loss import use_global_aux_loss
+
+        use_global_aux_loss(model, None, t)
+    layout.aux_loss = aux_loss
     if dense == "fsdp":
         _fully_shard_dense(model, t)
     model.moeflow_layout = layout
