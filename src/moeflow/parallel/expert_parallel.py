@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moeflow.comm.bytes import node_map
 from moeflow.comm.collectives import (
     DEFAULT_BUCKET_BYTES,
     all_gather_v,
@@ -549,6 +550,8 @@ class ExpertParallel(nn.Module):
             **options,
         )
         self.dispatcher_name = dispatcher_cls.name  # the registered name, aliases resolved
+        # link levels of the measured bytes (``dispatcher.bytes_sent``): this group's layout
+        self.dispatcher.byte_counter.nodes = node_map(topology, group)
         if compress is not False:  # ZipCCL: compressed row all-to-alls
             from moeflow.comm.compressed import as_compression
 
