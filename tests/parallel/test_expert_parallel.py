@@ -486,3 +486,76 @@ def test_custom_expert_fn_recomputes_and_matches():
     for errs, n in res:
         assert max(errs) < 1e-5
         assert n > 2  # forward chunks, then the backward chunks' recompute
+
+
+def _saved_bytes(rank, world):
+    """Bytes a forward call keeps for backward: the chunks' graphs (equal degrees) or the
+    canonical residual buffers (different degrees)."""
+    import copy
+
+    import moeflow.parallel.expert_parallel as m
+    from moeflow import MoEConfig, MoELayer
+    from moeflow.comm import Topology
+    from moeflow.parallel import ExpertParallel
+
+    runs = []
+    orig = m._Run.forward
+
+    def spy(self, *args):
+        out = orig(self, *args)
+        runs.append(self)
+        return out
+
+    def nbytes(tensors, weights):
+        seen = {}
+        skip = {w.untyped_storage().data_ptr() for w in weights}  # weights are not kept
+        for t in tensors:
+            if t is not None and t.untyped_storage().data_ptr() not in skip:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    m._Run.forward = spy
+    out = []
+    try:
+        for expert_type in ("swiglu", "gelu"):
+            torch.manual_seed(0)
+            cfg = MoEConfig(
+                hidden_size=16,
+                ffn_hidden_size=32,
+                num_experts=4,
+                top_k=2,
+                expert_type=expert_type,
+            )
+            layer = MoELayer(cfg)
+            torch.manual_seed(1 + rank)
+            x = torch.randn(40, 16)
+            kept = []
+            for rf, rb in ((4, 4), (4, 2)):
+                ep = ExpertParallel(
+                    copy.deepcopy(layer),
+                    topology=Topology.explicit(world, world),
+                    r_fwd=rf,
+                    r_bwd=rb,
+                )
+                y = ep(x.clone().requires_grad_(True))
+                run = runs[-1]
+                if run.graphs is not None:
+                    ts = []
+                    for xc, yc in (g for g in run.graphs if g is not None):
+                        ts += [xc, yc, *yc.grad_fn.saved_tensors]
+                    kept.append(nbytes(ts, (run.w_in_d, run.w_out_d)))
+                else:
+                    assert run.x_full is None  # nothing to recompute from
+                    kept.append(nbytes(run.saved + [run.y_full], (run.w_in_d, run.w_out_d)))
+                y.sum().backward()
+            out.append(kept)
+    finally:
+        m._Run.forward = orig
+    return out
+
+
+def test_residuals_for_other_degrees_keep_no_more_than_the_chunk_graphs():
+    res = run_ranks(_saved_bytes, 2, timeout_s=60)
+    for per_rank in res:
+        for graphs, residuals in per_rank:
+            assert 0.5 * graphs <= residuals <= graphs, (graphs, residuals)
