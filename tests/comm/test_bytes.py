@@ -206,7 +206,7 @@ def _compressed(rank, world):
 
 def test_compressed_all_to_all_records_its_wire_bytes():
     res = run_ranks(_compressed, 4, timeout_s=60)
-    for rank, (by_op, by_op_level, wire, raw) in enumerate(res):
+    for by_op, by_op_level, wire, raw in res:
         # the encoded messages as handed over, self excluded: the codec's own wire figure
         assert by_op["compressed_all_to_all"] == wire
         assert 0 < wire < raw  # the rows did shrink: not the raw sizes
