@@ -369,3 +369,193 @@ def _on_subgroups(rank, world):
 def test_ep_on_explicit_subgroups():
     res = run_ranks(_on_subgroups, 4, timeout_s=120)
     assert all(len(r) == 6 and max(r) < 2e-5 for r in res)
+
+
+def _expert_calls(rank, world):
+    """Count the expert FFN's entry points per phase while equivalence cases run."""
+    import moeflow.parallel.expert_parallel as m
+    from moeflow.layer.experts import ExpertFFN
+    from tests.parallel.ep_cases import run_case
+    from tests.parallel.test_dedup import _equivalence
+
+    phase = ["-"]
+    calls: dict = {}
+
+    def counted(cls, name):
+        orig = getattr(cls, name)
+
+        def wrapper(self, *args, **kwargs):
+            calls[(phase[0], name)] = calls.get((phase[0], name), 0) + 1
+            return orig(self, *args, **kwargs)
+
+        setattr(cls, name, wrapper)
+
+    for name in ("__call__", "forward_saving", "backward"):
+        counted(ExpertFFN, name)
+    for name in ("forward", "backward"):
+        orig = getattr(m._Run, name)
+
+        def in_phase(self, *args, orig=orig, name=name):
+            phase[0] = name
+            try:
+                return orig(self, *args)
+            finally:
+                phase[0] = "-"
+
+        setattr(m._Run, name, in_phase)
+
+    out = []
+    cases = [
+        Case(dispatcher=d, esp=esp, r_fwd=rf, r_bwd=rb, ranks_per_node=2, tokens=(13, 6, 21, 10))
+        for d in ("a2a", "capacity", "hierarchical")
+        for esp in (1, 2)
+        for rf, rb in ((2, 4), (4, 1))
+    ]
+    cases += [  # activations outside the fused kernel: the generic residual backward
+        Case(expert_type="gelu", extra=dict(activation="relu"), r_fwd=3, r_bwd=2),
+        Case(expert_type="swiglu", extra=dict(activation="gelu"), r_fwd=1, r_bwd=3, esp=2),
+    ]
+    for case in cases:
+        if case.dispatcher == "capacity":
+            case.capacity_factor = 1.0
+        case.ranks_per_node = case.ranks_per_node or 2
+        calls.clear()
+        err = run_case(rank, world, case)
+        out.append((str(case), err, dict(calls)))
+    calls.clear()
+    err, _ = _equivalence(
+        rank, world, Case(router="softmax_topk", tokens=(13, 0, 21, 10), r_fwd=3, r_bwd=2), 1
+    )
+    out.append(("dedup r3,2", err, dict(calls)))
+    return out
+
+
+def test_no_expert_forward_is_recomputed_when_degrees_differ():
+    """r_fwd != r_bwd: backward runs the hand-written expert backward on the residuals the
+    forward chunks saved, and never the expert forward; outputs and gradients still equal
+    the single-device layer (every dispatcher, ESP, dedup, activations outside the kernel)."""
+    res = run_ranks(_expert_calls, 4, timeout_s=300)
+    for per_rank in res:
+        for name, err, calls in per_rank:
+            assert err < 2e-5, name
+            assert calls.get(("backward", "__call__"), 0) == 0, (name, calls)
+            assert calls.get(("backward", "forward_saving"), 0) == 0, (name, calls)
+            assert calls.get(("forward", "__call__"), 0) == 0, (name, calls)
+    # the ranks that hold rows ran the residual forward and the hand-written backward
+    for i in range(len(res[0])):
+        assert sum(r[i][2].get(("forward", "forward_saving"), 0) for r in res) > 0
+        assert sum(r[i][2].get(("backward", "backward"), 0) for r in res) > 0
+
+
+def _custom_expert_fn(rank, world):
+    """An ``expert_fn`` without a hand-written backward (the benchmark seam) still trains
+    with r_fwd != r_bwd: its inputs are saved and its forward re-run per backward chunk."""
+    import copy
+
+    from moeflow import MoEConfig, MoELayer
+    from moeflow.comm import Topology
+    from moeflow.layer.experts import experts_eager
+
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2))
+    calls = []
+
+    def plain(x, counts, w_in, w_out, activation, kernel):
+        calls.append(x.shape[0])
+        return experts_eager(x, counts, w_in, w_out, activation, True, kernel)
+
+    grads = []
+    for custom in (False, True):
+        from moeflow.parallel import ExpertParallel
+
+        ep = ExpertParallel(
+            copy.deepcopy(layer), topology=Topology.explicit(world, world), r_fwd=2, r_bwd=3
+        )
+        if custom:
+            ep.expert_fn = plain
+        torch.manual_seed(1 + rank)
+        x = torch.randn(11, 8, requires_grad=True)
+        ep(x).square().sum().backward()
+        grads.append((x.grad, ep.w_in.grad, ep.w_out.grad))
+    errs = [float((a - b).abs().max()) for a, b in zip(*grads)]
+    return errs, len(calls)
+
+
+def test_custom_expert_fn_recomputes_and_matches():
+    res = run_ranks(_custom_expert_fn, 2, timeout_s=60)
+    for errs, n in res:
+        assert max(errs) < 1e-5
+        assert n > 2  # forward chunks, then the backward chunks' recompute
+
+
+def _saved_bytes(rank, world):
+    """Bytes a forward call keeps for backward: the chunks' graphs (equal degrees) or the
+    canonical residual buffers (different degrees)."""
+    import copy
+
+    import moeflow.parallel.expert_parallel as m
+    from moeflow import MoEConfig, MoELayer
+    from moeflow.comm import Topology
+    from moeflow.parallel import ExpertParallel
+
+    runs = []
+    orig = m._Run.forward
+
+    def spy(self, *args):
+        out = orig(self, *args)
+        runs.append(self)
+        return out
+
+    def nbytes(tensors, weights):
+        seen = {}
+        skip = {w.untyped_storage().data_ptr() for w in weights}  # weights are not kept
+        for t in tensors:
+            if t is not None and t.untyped_storage().data_ptr() not in skip:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    m._Run.forward = spy
+    out = []
+    try:
+        for expert_type in ("swiglu", "gelu"):
+            torch.manual_seed(0)
+            cfg = MoEConfig(
+                hidden_size=16,
+                ffn_hidden_size=32,
+                num_experts=4,
+                top_k=2,
+                expert_type=expert_type,
+            )
+            layer = MoELayer(cfg)
+            torch.manual_seed(1 + rank)
+            x = torch.randn(40, 16)
+            kept = []
+            for rf, rb in ((4, 4), (4, 2)):
+                ep = ExpertParallel(
+                    copy.deepcopy(layer),
+                    topology=Topology.explicit(world, world),
+                    r_fwd=rf,
+                    r_bwd=rb,
+                )
+                y = ep(x.clone().requires_grad_(True))
+                run = runs[-1]
+                if run.graphs is not None:
+                    ts = []
+                    for xc, yc in (g for g in run.graphs if g is not None):
+                        ts += [xc, yc, *yc.grad_fn.saved_tensors]
+                    kept.append(nbytes(ts, (run.w_in_d, run.w_out_d)))
+                else:
+                    assert run.x_full is None  # nothing to recompute from
+                    kept.append(nbytes(run.saved + [run.y_full], (run.w_in_d, run.w_out_d)))
+                y.sum().backward()
+            out.append(kept)
+    finally:
+        m._Run.forward = orig
+    return out
+
+
+def test_residuals_for_other_degrees_keep_no_more_than_the_chunk_graphs():
+    res = run_ranks(_saved_bytes, 2, timeout_s=60)
+    for per_rank in res:
+        for graphs, residuals in per_rank:
+            assert 0.5 * graphs <= residuals <= graphs, (graphs, residuals)

@@ -3,6 +3,7 @@ collectives and DDP comm hooks. The expert-parallel engine that uses them is
 :mod:`moeflow.parallel`."""
 
 from moeflow._moved import moved_names
+from moeflow.comm import bytes as bytes  # measured bytes: comm.bytes.count(topology)
 from moeflow.comm.timeouts import DEFAULT_TIMEOUT_S, Pending, wait_work
 from moeflow.comm.topology import LINK_LEVELS, Topology, TopologyGroups
 
@@ -27,6 +28,7 @@ __getattr__ = moved_names(
     ),
 )
 
+# ``bytes`` stays out of __all__: a star import must not shadow the builtin
 __all__ = [
     "Topology",
     "TopologyGroups",

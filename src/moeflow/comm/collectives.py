@@ -14,12 +14,31 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from moeflow.comm import bytes as comm_bytes
 from moeflow.comm.timeouts import Pending, wait_work
 from moeflow.errors import ConfigError
 
 # Flat gradient buckets are capped at DDP's default size: large enough that the per-call
 # latency (alpha) is paid a few times per step, small enough to bound the extra memory.
 DEFAULT_BUCKET_BYTES = 25 * 2**20
+
+
+def _row_bytes(x: torch.Tensor) -> int:
+    return (x[0].numel() if x.shape[0] else x[0:1].numel()) * x.element_size()
+
+
+def _all_to_all_v(x_RD, in_splits, out_splits, group, op, timeout_s, kind):
+    in_splits = [int(s) for s in in_splits]
+    out_splits = [int(s) for s in out_splits]
+    if len(in_splits) == 1:  # a group of one: nothing to send
+        return Pending.ready(x_RD)
+    out = x_RD.new_empty((sum(out_splits),) + tuple(x_RD.shape[1:]))
+    x_RD = x_RD.contiguous()
+    if comm_bytes.active():
+        row = _row_bytes(x_RD)
+        comm_bytes.record(kind, group, [n * row for n in in_splits], op)
+    work = dist.all_to_all_single(out, x_RD, out_splits, in_splits, group=group, async_op=True)
+    return Pending(work, op, timeout_s, lambda: out, stream_ordered=x_RD.is_cuda)
 
 
 def all_to_all_v(
@@ -31,15 +50,7 @@ def all_to_all_v(
     timeout_s: float,
 ) -> Pending:
     """Send ``x_RD[sum(in_splits[:j]):...]`` to rank j; receive ``out_splits[j]`` rows from j."""
-    in_splits = [int(s) for s in in_splits]
-    out_splits = [int(s) for s in out_splits]
-    if len(in_splits) == 1:  # a group of one: nothing to send
-        return Pending.ready(x_RD)
-    out = x_RD.new_empty((sum(out_splits),) + tuple(x_RD.shape[1:]))
-    work = dist.all_to_all_single(
-        out, x_RD.contiguous(), out_splits, in_splits, group=group, async_op=True
-    )
-    return Pending(work, op, timeout_s, lambda: out, stream_ordered=x_RD.is_cuda)
+    return _all_to_all_v(x_RD, in_splits, out_splits, group, op, timeout_s, "all_to_all_v")
 
 
 def all_gather_v(
@@ -51,7 +62,7 @@ def all_gather_v(
         return Pending.ready(x_RD)
     x_rep = x_RD.repeat((n,) + (1,) * (x_RD.dim() - 1)) if x_RD.shape[0] else x_RD
     in_splits = [x_RD.shape[0]] * n
-    return all_to_all_v(x_rep, in_splits, sizes, group, op, timeout_s)
+    return _all_to_all_v(x_rep, in_splits, sizes, group, op, timeout_s, "all_gather_v")
 
 
 def reduce_scatter_v(
@@ -63,7 +74,7 @@ def reduce_scatter_v(
         return Pending.ready(x_RD)
     me = dist.get_rank(group)
     mine = int(sizes[me])
-    p = all_to_all_v(x_RD, sizes, [mine] * n, group, op, timeout_s)
+    p = _all_to_all_v(x_RD, sizes, [mine] * n, group, op, timeout_s, "reduce_scatter_v")
 
     def finish() -> torch.Tensor:
         buf = p.wait()
@@ -78,6 +89,7 @@ def all_gather_equal(x: torch.Tensor, group, op: str, timeout_s: float) -> torch
     if n == 1:
         return x.unsqueeze(0)
     outs = [torch.empty_like(x) for _ in range(n)]
+    comm_bytes.record("all_gather_equal", group, [x.numel() * x.element_size()] * n, op)
     work = dist.all_gather(outs, x.contiguous(), group=group, async_op=True)
     wait_work(work, op, timeout_s)
     return torch.stack(outs)
@@ -89,6 +101,7 @@ def all_to_all_equal(x: torch.Tensor, group, op: str, timeout_s: float) -> torch
     if n == 1:
         return x
     out = torch.empty_like(x)
+    comm_bytes.record("all_to_all_equal", group, [x.numel() * x.element_size() // n] * n, op)
     work = dist.all_to_all_single(out, x.contiguous(), group=group, async_op=True)
     wait_work(work, op, timeout_s)
     return out
@@ -98,11 +111,19 @@ def all_reduce(
     x: torch.Tensor, group, op: str, timeout_s: float, reduce_op=dist.ReduceOp.SUM
 ) -> torch.Tensor:
     """Blocking in-place all-reduce with a deadline."""
-    if dist.get_world_size(group) == 1:
-        return x
-    work = dist.all_reduce(x, op=reduce_op, group=group, async_op=True)
-    wait_work(work, op, timeout_s)
+    all_reduce_start(x, group, op, timeout_s, reduce_op).wait()
     return x
+
+
+def all_reduce_start(
+    x: torch.Tensor, group, op: str, timeout_s: float, reduce_op=dist.ReduceOp.SUM
+) -> Pending:
+    """In-place all-reduce, issued now; ``wait()`` gives ``x`` (deadline ``timeout_s``)."""
+    if dist.get_world_size(group) == 1:
+        return Pending.ready(x)
+    comm_bytes.record_span("all_reduce", group, x.numel() * x.element_size(), op)
+    work = dist.all_reduce(x, op=reduce_op, group=group, async_op=True)
+    return Pending(work, op, timeout_s, lambda: x)
 
 
 def flat_buckets(
@@ -150,6 +171,7 @@ def all_reduce_flat(
     issued = []
     for i, bucket in enumerate(flat_buckets(tensors, bucket_bytes)):
         flat = torch.cat([t.reshape(-1) for t in bucket])
+        comm_bytes.record_span("all_reduce", group, flat.numel() * flat.element_size(), op)
         work = dist.all_reduce(flat, group=group, async_op=True)
         issued.append((f"{op} (bucket {i + 1})", work, flat, bucket))
     for name, work, flat, bucket in issued:

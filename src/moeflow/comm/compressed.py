@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moeflow.comm import bytes as comm_bytes
 from moeflow.comm.timeouts import DEFAULT_TIMEOUT_S, resolve_timeout, wait_work
 from moeflow.errors import ConfigError, InputError
 
@@ -313,6 +314,7 @@ def all_to_all(
         use = exchange = bool(cz.mode)
     if not exchange:  # the plain path: no size exchange, bytes as they are
         out = x_RD.new_empty((sum(out_splits),) + tail)
+        comm_bytes.record("all_to_all_v", group, [n * row for n in in_splits], op)
         work = dist.all_to_all_single(out, x_RD, out_splits, in_splits, group=group, async_op=True)
         _wait(work, op, cz.timeout_s)
         cz.stats.add(op, False, raw_send, raw_send)
@@ -330,6 +332,7 @@ def all_to_all(
             msgs.append(p.reshape(-1).view(torch.uint8))
             sizes[j] = -1
     rsizes = torch.empty(W, dtype=torch.int64)
+    comm_bytes.record("compressed_all_to_all_sizes", group, [sizes.element_size()] * W, op)
     _wait(
         dist.all_to_all_single(rsizes, sizes, group=group, async_op=True),
         f"{op} (sizes)",
@@ -339,6 +342,7 @@ def all_to_all(
     recv_b = [int(s) if s >= 0 else out_splits[j] * row for j, s in enumerate(rsizes.tolist())]
     sendbuf = torch.cat(msgs) if msgs else torch.empty(0, dtype=torch.uint8)
     recvbuf = torch.empty(sum(recv_b), dtype=torch.uint8)
+    comm_bytes.record("compressed_all_to_all", group, send_b, op)
     _wait(
         dist.all_to_all_single(recvbuf, sendbuf, recv_b, send_b, group=group, async_op=True),
         op,
@@ -400,6 +404,7 @@ def all_gather(
         buf = torch.empty(W * max(counts) * per, dtype=x.dtype)
         mine = torch.zeros(max(counts) * per, dtype=x.dtype)
         mine[: x.numel()] = x.reshape(-1)
+        comm_bytes.record("compressed_all_gather", group, [mine.numel() * x.element_size()] * W, op)
         _wait(_ALL_GATHER(buf, mine, group=group, async_op=True), op, cz.timeout_s)
         for j in range(W):
             outs[j].copy_(
@@ -411,6 +416,7 @@ def all_gather(
         return out
     msg = torch.from_numpy(cz.codec.encode(_bits_np(x), dtype, cz.threads, cz.shapes))
     sizes = torch.empty(W, dtype=torch.int64)
+    comm_bytes.record("compressed_all_gather_sizes", group, [sizes.element_size()] * W, op)
     _wait(
         _ALL_GATHER(sizes, torch.tensor([msg.numel()]), group=group, async_op=True),
         f"{op} (sizes)",
@@ -420,6 +426,7 @@ def all_gather(
     mine = torch.zeros(big, dtype=torch.uint8)
     mine[: msg.numel()] = msg
     buf = torch.empty(W * big, dtype=torch.uint8)
+    comm_bytes.record("compressed_all_gather", group, [big] * W, op)
     _wait(_ALL_GATHER(buf, mine, group=group, async_op=True), op, cz.timeout_s)
     _recv_hook(op, buf)
     cz.stats.add(op, True, x.numel() * x.element_size(), big)

@@ -312,27 +312,75 @@ class ExpertFFNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy_ND):
         x_ND, w_in_EXD, w_out_EDF, h_NX, silu_gate, a_NF = ctx.saved_tensors
-        w_in_EXD, w_out_EDF = _UPCAST.get(w_in_EXD, ctx.cd), _UPCAST.get(w_out_EDF, ctx.cd)
-        groups = ctx.groups
-        gy_ND = gy_ND.to(x_ND.dtype).contiguous()
-        g_w_out = groups.wgrad(gy_ND, a_NF) if ctx.needs_input_grad[2] else None
-        del a_NF
-        g_x = g_w_in = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            da_NF = groups.linear_t(gy_ND, w_out_EDF)
-            dh_NX = _act_backward(da_NF, h_NX, ctx.activation, silu_gate)
-            del da_NF, silu_gate
-            g_w_in = groups.wgrad(dh_NX, x_ND) if ctx.needs_input_grad[1] else None
-            g_x = groups.linear_t(dh_NX, w_in_EXD) if ctx.needs_input_grad[0] else None
-        x_dt, wi_dt, wo_dt = ctx.dtypes
-        return (
-            None if g_x is None else g_x.to(x_dt),
-            None if g_w_in is None else g_w_in.to(wi_dt),
-            None if g_w_out is None else g_w_out.to(wo_dt),
-            None,
-            None,
-            None,
+        g_x, g_w_in, g_w_out = ffn_backward(
+            ctx.groups,
+            gy_ND,
+            x_ND,
+            h_NX,
+            a_NF,
+            w_in_EXD,
+            w_out_EDF,
+            lambda da, h: _act_backward(da, h, ctx.activation, silu_gate),
+            ctx.cd,
+            ctx.dtypes,
+            ctx.needs_input_grad[:3],
         )
+        return g_x, g_w_in, g_w_out, None, None, None
+
+
+def ffn_backward(groups, gy_ND, x_ND, h_NX, a_NF, w_in, w_out, act_backward, cd, dtypes, needs):
+    """Gradients ``(x, w_in, w_out)`` of ``y = act(x W_in^T) W_out^T`` per expert from the
+    forward's residuals (``x`` in the compute dtype ``cd``, pre-activation ``h``, activation
+    ``a``), with the grouped GEMMs and no autograd: ``dW_out = dy^T a``, ``da = dy W_out``,
+    ``dh = act_backward(da, h)``, ``dW_in = dh^T x``, ``dx = dh W_in``. ``dtypes``: those of
+    (x, w_in, w_out) for the results; ``needs``: which of the three to compute (else None)."""
+    w_in_c, w_out_c = _UPCAST.get(w_in, cd), _UPCAST.get(w_out, cd)
+    gy_ND = gy_ND.to(x_ND.dtype).contiguous()
+    g_w_out = groups.wgrad(gy_ND, a_NF) if needs[2] else None
+    g_x = g_w_in = None
+    if needs[0] or needs[1]:
+        da_NF = groups.linear_t(gy_ND, w_out_c)
+        dh_NX = act_backward(da_NF, h_NX)
+        del da_NF
+        g_w_in = groups.wgrad(dh_NX, x_ND) if needs[1] else None
+        g_x = groups.linear_t(dh_NX, w_in_c) if needs[0] else None
+    x_dt, wi_dt, wo_dt = dtypes
+    return (
+        None if g_x is None else g_x.to(x_dt),
+        None if g_w_in is None else g_w_in.to(wi_dt),
+        None if g_w_out is None else g_w_out.to(wo_dt),
+    )
+
+
+def activation_pair(activation: str):
+    """``(forward(h) -> a, backward(da, h) -> dh)`` of the kernel activation ``"swiglu"`` or
+    ``"gelu"`` (SwiGLU's backward writes both halves of dh in place)."""
+    if activation not in ACTIVATIONS:
+        raise InputError(f"activation={activation!r} is not allowed: one of {ACTIVATIONS}")
+    return (
+        lambda h: _act_forward(h, activation),
+        lambda da, h: _act_backward(da, h, activation),
+    )
+
+
+def groups_of(counts_E: torch.Tensor, n_rows: int, impl: str) -> _Groups:
+    """The grouping of ``n_rows`` rows by expert (``counts_E``) that :func:`ffn_backward`
+    takes, for ``impl`` ``"grouped_mm"`` or ``"bmm"``."""
+    return _Groups(counts_E.to(dtype=torch.long), n_rows, impl)
+
+
+def ffn_forward_saving(x_ND, counts_E, w_in, w_out, act_forward, impl: str):
+    """``(y_ND, (x_c, h_NX, a_NF), groups)``: the grouped FFN forward keeping what
+    :func:`ffn_backward` needs (input in the compute dtype, pre-activation, activation), with
+    ``act_forward(h) -> a`` for any activation. ``impl``: ``"grouped_mm"`` or ``"bmm"``."""
+    cd = compute_dtype(x_ND)
+    x_c = x_ND.to(cd).contiguous()
+    counts_E = counts_E.to(device=x_ND.device, dtype=torch.long)
+    groups = _Groups(counts_E, x_ND.shape[0], impl)
+    h_NX = groups.linear(x_c, _UPCAST.get(w_in, cd))
+    a_NF = act_forward(h_NX)
+    y_ND = groups.linear(a_NF, _UPCAST.get(w_out, cd))
+    return y_ND.to(x_ND.dtype), (x_c, h_NX, a_NF), groups
 
 
 def expert_ffn_reference(x_ND, counts_E, w_in_EXD, w_out_EDF, activation):

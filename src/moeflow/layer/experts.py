@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from moeflow.config import EXPERT_ACTIVATIONS, EXPERT_TYPES, MoEConfig
 from moeflow.errors import ConfigError
-from moeflow.kernels import expert_ffn
+from moeflow.kernels import expert_ffn, grouped
 from moeflow.kernels.grouped import compute_dtype
 
 
@@ -111,6 +111,73 @@ def experts_eager(
     if kernel_act is None:
         return _experts_loop(x_ND, counts_E, w_in, w_out, activation, gated)
     return expert_ffn(x_ND, counts_E, w_in, w_out, kernel_act, kernel)
+
+
+class ExpertFFN:
+    """The grouped expert FFN of one ``(activation, gated)`` pair with two extra entry points
+    for callers that split the backward into other row chunks than the forward (FSMoE,
+    ASPLOS'25: separate pipeline degrees for forward and backward).
+
+    ``ffn(x, counts, w_in, w_out)`` is :func:`experts_eager`. :meth:`forward_saving` also
+    returns the residuals ``(x, h, a)`` (input in the compute dtype, pre-activation,
+    activation), one row each per input row, so a caller may regroup rows freely;
+    :meth:`backward` takes any rows of them (grouped by expert, ``counts``) with their output
+    gradients and returns ``(grad x, grad w_in, grad w_out)`` with the grouped GEMMs and no
+    autograd: the expert forward is never run again.
+    """
+
+    def __init__(self, activation: str, gated: bool, kernel: str = "auto"):
+        activation_fn(activation)  # validates
+        self.activation, self.gated, self.kernel = activation, gated, kernel
+        fused = _kernel_activation(gated, activation)
+        if fused is not None:  # the fused kernel's activation (SwiGLU backward in place)
+            self._act, self._act_bwd = grouped.activation_pair(fused)
+        else:
+            self._act = lambda h: apply_activation(h, activation, gated)
+            self._act_bwd = self._glu_backward if gated else self._plain_backward
+
+    def _plain_backward(self, da, h):
+        return _act_backward(da, h, self.activation)
+
+    def _glu_backward(self, da, h):
+        gate, up = h.chunk(2, dim=-1)
+        s = activation_fn(self.activation)(gate)
+        return torch.cat([_act_backward(da * up, gate, self.activation), da * s], dim=-1)
+
+    def _impl(self, x: torch.Tensor) -> str:
+        impl = grouped.resolve_impl("auto" if self.kernel == "loop" else self.kernel, x)
+        return "bmm" if impl == "loop" else impl
+
+    def __call__(self, x_ND, counts_E, w_in, w_out) -> torch.Tensor:
+        return experts_eager(x_ND, counts_E, w_in, w_out, self.activation, self.gated, self.kernel)
+
+    def forward_saving(self, x_ND, counts_E, w_in, w_out) -> tuple[torch.Tensor, tuple]:
+        """``(y, (x, h, a))`` with no autograd graph (weights are read, not recorded)."""
+        with torch.no_grad():
+            y, saved, _ = grouped.ffn_forward_saving(
+                x_ND, counts_E, w_in, w_out, self._act, self._impl(x_ND)
+            )
+        return y, saved
+
+    def backward(self, gy_ND, saved, counts_E, w_in, w_out, out_dtype) -> tuple:
+        """``(grad x, grad w_in, grad w_out)`` of the rows ``saved = (x, h, a)`` grouped by
+        expert as ``counts_E``; ``out_dtype``: the dtype of the forward's input rows."""
+        x_c, h, a = saved
+        impl = self._impl(gy_ND)
+        with torch.no_grad():
+            return grouped.ffn_backward(
+                grouped.groups_of(counts_E.to(x_c.device), x_c.shape[0], impl),
+                gy_ND,
+                x_c,
+                h,
+                a,
+                w_in,
+                w_out,
+                self._act_bwd,
+                x_c.dtype,
+                (out_dtype, w_in.dtype, w_out.dtype),
+                (True, True, True),
+            )
 
 
 # Under torch.compile the experts run as one opaque op: its eager body may branch on the

@@ -35,11 +35,11 @@ pipeline then also differentiates the combine weights).
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from moeflow.comm.bytes import ByteCounter, counting
 from moeflow.comm.collectives import all_gather_equal, all_to_all_v
 from moeflow.comm.timeouts import Pending
 from moeflow.layer.moe import MoELayer
@@ -115,8 +115,9 @@ class CommStep:
     post_index: torch.Tensor | None = None
     compression: object | None = None  # a comm.compressed.Compression: ZipCCL a2a (CPU)
     post_reduce_rows: int | None = None
-    #: called as ``meter(in_splits, row_bytes)`` when the step is issued (byte counters)
-    meter: Callable[[list, int], None] | None = None
+    #: a :class:`moeflow.comm.bytes.ByteCounter` that receives the bytes this step hands to
+    #: torch.distributed (measured by the collective), or None
+    meter: ByteCounter | None = None
 
     def to(self, device) -> CommStep:
         """Move the reorder indices to ``device`` once (no host sync inside the pipeline)."""
@@ -130,8 +131,24 @@ class CommStep:
         """Start the step on ``buf`` (already gathered when ``skip_pre``)."""
         if self.pre_index is not None and not skip_pre:
             buf = buf.index_select(0, self.pre_index)
-        if self.meter is not None:
-            self.meter(self.in_splits, buf.shape[-1] * buf.element_size())
+        if self.meter is None:
+            p = self._send(buf, timeout_s)
+        else:
+            with counting(self.meter):
+                p = self._send(buf, timeout_s)
+        if self.post_index is None:
+            return p
+        post, rows = self.post_index, self.post_reduce_rows
+
+        def finish() -> torch.Tensor:
+            out = p.wait()
+            if rows is None:
+                return out.index_select(0, post)
+            return out.new_zeros(rows, out.shape[-1]).index_add_(0, post, out)
+
+        return Pending(None, self.label, timeout_s, finish)
+
+    def _send(self, buf: torch.Tensor, timeout_s: float) -> Pending:
         if self.compression is not None and not buf.is_cuda and buf.is_floating_point():
             from moeflow.comm.compressed import all_to_all as compressed_all_to_all
 
@@ -150,17 +167,7 @@ class CommStep:
             p = all_to_all_v(
                 buf, self.in_splits, self.out_splits, self.group, self.label, timeout_s
             )
-        if self.post_index is None:
-            return p
-        post, rows = self.post_index, self.post_reduce_rows
-
-        def finish() -> torch.Tensor:
-            out = p.wait()
-            if rows is None:
-                return out.index_select(0, post)
-            return out.new_zeros(rows, out.shape[-1]).index_add_(0, post, out)
-
-        return Pending(None, self.label, timeout_s, finish)
+        return p
 
 
 @dataclass
@@ -276,6 +283,22 @@ class TokenDispatcher(abc.ABC):
         self.esp_group, self.S, self.s_me = esp_group, esp_size, esp_rank
         self.E_l = num_local_experts
         self.timeout_s = timeout_s
+        #: the bytes the row all-to-alls of every route hand to torch.distributed (dispatch
+        #: and combine, forward and backward), measured by the collectives; its ``nodes``
+        #: (global rank -> node) name the link levels, ``unknown`` until someone sets them
+        self.byte_counter = ByteCounter()
+
+    @property
+    def bytes_sent(self) -> dict:
+        """Measured row bytes this rank sent per link level (``intra_node`` / ``inter_node``;
+        ``unknown`` too while the node map is not set) since the last :meth:`reset_bytes`."""
+        out = {"intra_node": 0, "inter_node": 0}
+        for level, n in self.byte_counter.by_level.items():
+            out[level] = out.get(level, 0) + n
+        return out
+
+    def reset_bytes(self) -> None:
+        self.byte_counter.reset()
 
     def begin(self, capacity: int | None, device=None) -> Pending | None:
         """Start whatever can go before routing (capacity mode: agree on the slot count)."""
@@ -317,8 +340,9 @@ class TokenDispatcher(abc.ABC):
         key = (r, c)
         if key not in ex.cache:
             rt = self._route(ex, r, c)
-            if self.compression is not None:
-                for step in rt.dispatch + rt.combine:
+            for step in rt.dispatch + rt.combine:
+                step.meter = self.byte_counter
+                if self.compression is not None:
                     step.compression = self.compression
             ex.cache[key] = rt
         return ex.cache[key]

@@ -32,11 +32,11 @@ moves only the kept assignments with variable splits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
 from moeflow.comm.collectives import all_gather_equal, all_gather_v, all_reduce
+from moeflow.comm.groups import global_ranks
 from moeflow.errors import ConfigError
 from moeflow.parallel.contract import ChunkRoute, CommStep, CountExchange, TokenDispatcher
 
@@ -83,9 +83,10 @@ class DedupDispatcher(TokenDispatcher):
 
     Built by ``make_dispatcher("dedup", ...)`` like the row dispatchers of
     :mod:`moeflow.parallel.dispatch`, and driven by the same pipeline; its layout is tokens
-    (``consumes_tokens``): ``exchange`` takes the routing of the batch. ``bytes_sent`` counts
-    the row bytes this rank put on each link level (``intra_node`` / ``inter_node``),
-    dispatch and combine, forward and backward; ``reset_bytes`` clears it.
+    (``consumes_tokens``): ``exchange`` takes the routing of the batch. ``bytes_sent`` (of
+    every dispatcher) holds the row bytes this rank handed to torch.distributed per link
+    level, dispatch and combine, forward and backward, as the collectives measured them;
+    ``reset_bytes`` clears it.
     """
 
     name = "dedup"
@@ -153,7 +154,10 @@ class DedupDispatcher(TokenDispatcher):
         self.n = self.P // self.L
         self.owner_E = torch.arange(self.P * self.E_l) // self.E_l  # expert -> EP rank
         self.slot_E = torch.arange(self.P * self.E_l) % self.E_l  # expert -> local slot
-        self.bytes_sent = {"intra_node": 0, "inter_node": 0}
+        # EP rank p sits on node p // L (one rank per expert shard: S == 1)
+        self.byte_counter.nodes = lambda: {
+            g: p // self.L for p, g in enumerate(global_ranks(self.ep_group))
+        }
         self.last_level: int | None = None
         self.last_routing: dict | None = None
         self.last_times: list | None = None
@@ -166,9 +170,6 @@ class DedupDispatcher(TokenDispatcher):
         for s, t, e in zip(g["src"].tolist(), g["tok"].tolist(), g["exp"].tolist()):
             out[s][t].append(e)
         return out
-
-    def reset_bytes(self) -> None:
-        self.bytes_sent = {"intra_node": 0, "inter_node": 0}
 
     def expert_rows(self) -> torch.Tensor:
         """Row of each expert when the ranks' local experts are stacked in rank order."""
@@ -285,11 +286,6 @@ class DedupDispatcher(TokenDispatcher):
             return self.inter_group, [b * L + me % L for b in range(self.n)]
         return self.intra_group, [(me // L) * L + i for i in range(L)]
 
-    def _link_name(self, a: int, b: int) -> str | None:
-        if a == b:
-            return None
-        return "intra_node" if a // self.L == b // self.L else "inter_node"
-
     def build_route(self, g: dict, level: int, r: int, c: int) -> ChunkRoute:
         """Layout of chunk c of r: token ranges ``split_offsets(T_s, r, c)`` of every source."""
         me = self.p_me
@@ -312,7 +308,6 @@ class DedupDispatcher(TokenDispatcher):
             in_splits = torch.bincount(h["rgr"][mine], minlength=G).tolist()
             out_splits = torch.bincount(h["sgr"][h["receiver"] == me], minlength=G).tolist()
             tag = f"(level {LEVELS[level]}, hop {k + 1}, chunk {c + 1}/{r})"
-            meter = partial(self._count, [self._link_name(me, m) for m in members])
             # hop k gathers from the previous hop's rows (hop 1: the tokens, the route's
             # send_index); its combine mirror sums the arrived rows back into them
             send0 = send_index if k == 0 else send0
@@ -323,7 +318,6 @@ class DedupDispatcher(TokenDispatcher):
                     in_splits,
                     out_splits,
                     pre_index=None if k == 0 else send_index,
-                    meter=meter,
                 )
             )
             combine.insert(
@@ -335,7 +329,6 @@ class DedupDispatcher(TokenDispatcher):
                     in_splits,
                     post_index=None if k == 0 else send_index,
                     post_reduce_rows=None if k == 0 else prev_rows,
-                    meter=meter,
                 ),
             )
             prev_rows = int((h["receiver"] == me).sum())
@@ -397,11 +390,6 @@ class DedupDispatcher(TokenDispatcher):
         g = ex.routing
         b, n = int(g["base_P"][self.p_me]), int(g["N_P"][self.p_me])
         return grad_A[b : b + n]
-
-    def _count(self, dest_links: list, splits: list, row_bytes: int) -> None:
-        for n, link in zip(splits, dest_links):
-            if link is not None and n:
-                self.bytes_sent[link] += int(n) * row_bytes
 
 
 # -- expert placement (HierMoE expert swap) --------------------------------------------------

@@ -33,8 +33,10 @@ needs no further count exchange, and any chunk degree works for forward and back
 from __future__ import annotations
 
 import torch
+from torch.distributed import ReduceOp
 
-from moeflow.comm.collectives import all_gather_equal, all_to_all_equal
+from moeflow.comm.collectives import all_gather_equal, all_reduce_start, all_to_all_equal
+from moeflow.comm.groups import global_ranks
 from moeflow.comm.timeouts import Pending
 from moeflow.errors import ConfigError
 from moeflow.parallel.contract import (
@@ -98,10 +100,9 @@ class CapacityDispatcher(TokenDispatcher):
         t = torch.tensor([local], dtype=torch.long, device=device)
         if self.P * self.S == 1:
             return Pending.ready(t)
-        work = torch.distributed.all_reduce(
-            t, op=torch.distributed.ReduceOp.MAX, group=self.world_group, async_op=True
+        return all_reduce_start(
+            t, self.world_group, "capacity all-reduce", self.timeout_s, ReduceOp.MAX
         )
-        return Pending(work, "capacity all-reduce", self.timeout_s, lambda: t)
 
     def begin(self, capacity, device=None):
         """With a capacity known from T alone, agree on it while the router runs."""
@@ -165,6 +166,10 @@ class HierarchicalDispatcher(TokenDispatcher):
         self.L = ranks_per_node
         self.n = self.P // self.L
         self.a_me, self.j_me = divmod(self.p_me, self.L)
+        # EP rank p = a*L + i sits on node a (ExpertParallel sets the whole group's map)
+        self.byte_counter.nodes = lambda: {
+            g: p // self.L for p, g in enumerate(global_ranks(self.ep_group))
+        }
 
     def exchange(
         self, counts_E, *, capacity=None, device=None, started=None, routing=None, tokens=None

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moeflow.comm.bytes import node_map
 from moeflow.comm.collectives import (
     DEFAULT_BUCKET_BYTES,
     all_gather_v,
@@ -42,7 +43,7 @@ from moeflow.comm.groups import subgroup
 from moeflow.comm.timeouts import resolve_timeout
 from moeflow.comm.topology import Topology
 from moeflow.errors import DistributedConfigError
-from moeflow.layer.experts import experts_eager
+from moeflow.layer.experts import ExpertFFN, experts_eager
 from moeflow.layer.moe import MoELayer
 from moeflow.layer.routers import Routing
 from moeflow.layer.routers import capacity as capacity_of
@@ -84,7 +85,9 @@ class _Run:
         self.r_fwd, self.r_bwd = r_fwd, r_bwd
         self.grad_enabled = torch.is_grad_enabled()
         self.graphs: list | None = None
-        self.x_full: torch.Tensor | None = None
+        self.x_full: torch.Tensor | None = None  # recompute path (no hand-written backward)
+        self.saved: list | None = None  # residual path: expert residuals, canonical order
+        self.y_full: torch.Tensor | None = None  # residual path, expanding routes: outputs
         self.w_in_d = self.w_out_d = None
 
     # -- the chunk pipeline, shared by forward and backward -------------------------------
@@ -165,16 +168,37 @@ class _Run:
 
     # -- forward / backward ---------------------------------------------------------------
     def forward(self, x, w_in, w_out, needs_grad: bool) -> torch.Tensor:
+        """Forward over r_fwd chunks. What backward gets: r_fwd == r_bwd, each chunk's
+        autograd graph; otherwise each chunk's expert residuals (``expert_fn.forward_saving``:
+        input, pre-activation, activation) scattered into canonical order, so a backward
+        chunk gathers its rows and runs the hand-written backward (FSMoE, ASPLOS'25: the
+        degrees of the two directions are chosen independently, so backward must not pay a
+        second expert forward). An expert function without ``forward_saving`` (a custom
+        one) has its inputs saved and its forward re-run per backward chunk."""
         expert_fn = self.expert_fn
         keep_graphs = needs_grad and self.r_fwd == self.r_bwd
+        residuals = needs_grad and not keep_graphs and hasattr(expert_fn, "forward_saving")
+        expands = self.disp.consumes_tokens
+        M = self.ex.computed_rows
         if needs_grad:
             self.w_in_d = w_in.detach().requires_grad_(True)
             self.w_out_d = w_out.detach().requires_grad_(True)
         if keep_graphs:
             self.graphs = [None] * self.r_fwd
         elif needs_grad:
-            self.x_full = x.new_empty(self.ex.computed_rows, x.shape[-1])
             canon = self._canonical(self.r_fwd, x.device)
+            if not residuals:
+                self.x_full = x.new_empty(M, x.shape[-1])
+
+        def save_residuals(c, y, saved):
+            if self.saved is None:  # shapes are known at the first non-empty chunk
+                self.saved = [t.new_empty((M,) + tuple(t.shape[1:])) for t in saved]
+                if expands:  # the combine weights' gradient needs y per assignment
+                    self.y_full = y.new_empty(M, y.shape[-1])
+            for buf, t in zip(self.saved, saved):
+                buf.index_copy_(0, canon[c], t)
+            if expands:
+                self.y_full.index_copy_(0, canon[c], y)
 
         def compute(c, x_e, counts, w_e):
             if x_e.shape[0] == 0:
@@ -187,6 +211,9 @@ class _Run:
                     yc = expert_fn(xc, counts, self.w_in_d, self.w_out_d)
                 self.graphs[c] = (xc, yc)
                 y = yc.detach()
+            elif residuals:
+                y, saved = expert_fn.forward_saving(x_e, counts, w_in, w_out)
+                save_residuals(c, y, saved)
             else:
                 if needs_grad:
                     self.x_full.index_copy_(0, canon[c], x_e)
@@ -195,9 +222,32 @@ class _Run:
 
         return self._pipeline(x, self.r_fwd, compute)
 
+    def _chunk_backward(self, c, g_e, counts, canon, x_dtype):
+        """``(grad x, grad w_in, grad w_out, y)`` of backward chunk c's expert rows."""
+        expert_fn = self.expert_fn
+        if self.graphs is not None:
+            xc, yc = self.graphs[c]
+            self.graphs[c] = None  # free the chunk's activations as soon as used
+        elif self.saved is not None:
+            idx = canon[c]
+            saved = [buf.index_select(0, idx) for buf in self.saved]
+            y = None if self.y_full is None else self.y_full.index_select(0, idx)
+            return (
+                lambda g: expert_fn.backward(g, saved, counts, self.w_in_d, self.w_out_d, x_dtype)
+            ), y
+        else:
+            xc = self.x_full.index_select(0, canon[c]).requires_grad_(True)
+            with torch.enable_grad():  # recompute: backward chunks differ from forward's
+                yc = expert_fn(xc, counts, self.w_in_d, self.w_out_d)
+
+        def grads(g):
+            return torch.autograd.grad(yc, (xc, self.w_in_d, self.w_out_d), g, allow_unused=True)
+
+        return grads, yc.detach()
+
     def backward(self, grad_y):
         """``(grad x, grad of the exchange's weights or None, grad w_in, grad w_out)``."""
-        disp, ex, expert_fn = self.disp, self.ex, self.expert_fn
+        disp, ex = self.disp, self.ex
         gw_in = torch.zeros_like(self.w_in_d)
         gw_out = torch.zeros_like(self.w_out_d)
         expands = disp.consumes_tokens
@@ -208,21 +258,13 @@ class _Run:
         def compute(c, g_e, counts, w_e):
             if g_e.shape[0] == 0:
                 return g_e.new_zeros(0, g_e.shape[-1])
-            if self.graphs is not None:
-                xc, yc = self.graphs[c]
-                self.graphs[c] = None  # free the chunk's activations as soon as used
-            else:
-                xc = self.x_full.index_select(0, canon[c]).requires_grad_(True)
-                with torch.enable_grad():  # recompute: backward chunks differ from forward's
-                    yc = expert_fn(xc, counts, self.w_in_d, self.w_out_d)
+            grads, y = self._chunk_backward(c, g_e, counts, canon, grad_y.dtype)
             if w_e is not None:
                 # HierMoE: dL/dw_a = <dL/dy_t, y_a> for assignment a of token t
                 idx = routes[c].assignment_index.to(g_A.device)
-                g_A.index_add_(0, idx, (g_e * yc.detach()).sum(1).to(g_A.dtype))
+                g_A.index_add_(0, idx, (g_e * y).sum(1).to(g_A.dtype))
                 g_e = g_e * w_e.to(g_e.dtype).unsqueeze(1)
-            gx, gi, go = torch.autograd.grad(
-                yc, (xc, self.w_in_d, self.w_out_d), g_e, allow_unused=True
-            )
+            gx, gi, go = grads(g_e)
             if gi is not None:
                 gw_in.add_(gi)
             if go is not None:
@@ -230,7 +272,7 @@ class _Run:
             return gx
 
         gx = self._pipeline(grad_y.contiguous(), self.r_bwd, compute)
-        self.graphs = self.x_full = None
+        self.graphs = self.x_full = self.saved = self.y_full = None
         g_weight = disp.weight_grad(ex, g_A) if expands else None
         return gx, g_weight, gw_in, gw_out
 
@@ -300,15 +342,27 @@ def slice_w_in(w_in: torch.Tensor, e0: int, e1: int, s: int, S: int, swiglu: boo
     return torch.cat([w[:, s * f : (s + 1) * f], w[:, F + s * f : F + (s + 1) * f]], dim=1)
 
 
-def local_expert_ffn(activation: str, gated: bool):
+class LocalExpertFFN:
     """The grouped expert FFN for ``(activation, gated)`` (``MoEConfig.expert_activation``):
-    the fused kernel where it covers the pair, else the per-expert loop; the signature of
-    :func:`moeflow.kernels.expert_ffn` (its activation argument is ignored: bound here)."""
+    called with the signature of :func:`moeflow.kernels.expert_ffn` (its activation argument
+    is ignored: bound here), it runs the fused kernel where it covers the pair, else the
+    per-expert loop. :meth:`bind` gives the :class:`moeflow.layer.experts.ExpertFFN` of a
+    kernel, whose saved-residual forward and hand-written backward let backward chunks
+    differ from forward chunks without re-running the experts."""
 
-    def run(x_ND, counts_E, w_in, w_out, _activation, kernel):
-        return experts_eager(x_ND, counts_E, w_in, w_out, activation, gated, kernel)
+    def __init__(self, activation: str, gated: bool):
+        self.activation, self.gated = activation, gated
 
-    return run
+    def __call__(self, x_ND, counts_E, w_in, w_out, _activation, kernel):
+        return experts_eager(x_ND, counts_E, w_in, w_out, self.activation, self.gated, kernel)
+
+    def bind(self, kernel: str) -> ExpertFFN:
+        return ExpertFFN(self.activation, self.gated, kernel)
+
+
+def local_expert_ffn(activation: str, gated: bool) -> LocalExpertFFN:
+    """The grouped expert FFN for ``(activation, gated)``; see :class:`LocalExpertFFN`."""
+    return LocalExpertFFN(activation, gated)
 
 
 class _LayerSteps(nn.Module):
@@ -496,6 +550,8 @@ class ExpertParallel(nn.Module):
             **options,
         )
         self.dispatcher_name = dispatcher_cls.name  # the registered name, aliases resolved
+        # link levels of the measured bytes (``dispatcher.bytes_sent``): this group's layout
+        self.dispatcher.byte_counter.nodes = node_map(topology, group)
         if compress is not False:  # ZipCCL: compressed row all-to-alls
             from moeflow.comm.compressed import as_compression
 
@@ -650,7 +706,7 @@ class ExpertParallel(nn.Module):
             weight_N,
             self.w_in,
             self.w_out,
-            self._bound_expert_fn,
+            self._expert_kernel(),
             r_fwd or self.r_fwd,
             r_bwd or self.r_bwd,
         )
@@ -661,6 +717,14 @@ class ExpertParallel(nn.Module):
             y_TD = y_TD + layer.shared(x_TD)
         self.last_counts_E = routing.counts_E.detach()
         return y_TD.reshape(shape), routing.aux_loss
+
+    def _expert_kernel(self):
+        """What the pipeline runs: the bound :class:`ExpertFFN` (residual backward) for the
+        built-in expert function, else the seam ``expert_fn`` with activation and kernel."""
+        fn = self.expert_fn
+        if isinstance(fn, LocalExpertFFN):
+            return fn.bind(self.kernel)
+        return self._bound_expert_fn
 
     def _bound_expert_fn(self, x_MD, counts, w_in, w_out):
         return self.expert_fn(x_MD, counts, w_in, w_out, self.activation, self.kernel)

@@ -31,8 +31,9 @@ give the same outputs.
 
 Each schedule runs the layer through the public ``ExpertParallel.forward_local`` and hands
 its output and aux loss back to ``ExpertParallel.forward``. ``ep.parm_bytes`` counts the
-bytes of this rank's EP all-to-alls per link level (``intra_node`` / ``inter_node``),
-dispatch + combine, from the splits they were issued with.
+bytes this rank's EP all-to-alls (dispatch + combine, forward) handed to torch.distributed
+per link level (``intra_node`` / ``inter_node``), measured by the collectives
+(:mod:`moeflow.comm.bytes`); capacity's padded rows included.
 """
 
 from __future__ import annotations
@@ -195,19 +196,16 @@ def check_mp_group(ep, mp_group, schedule: str) -> str:
     return schedule
 
 
-def _count_bytes(ep, row_bytes: int, counts_E=None) -> None:
-    """Bytes of this call's EP all-to-alls per link level (dispatch + combine)."""
-    P, E_l, S = ep.ep_size, ep.num_local_experts, ep.esp_size
-    if ep.dispatcher_name == "capacity":
-        return  # padded splits: not what this counter models
-    counts_E = ep.last_counts_E if counts_E is None else counts_E
-    rows_P = counts_E.detach().cpu().view(P, E_l).sum(1).tolist()
-    me = ep.rank
-    for p, n in enumerate(rows_P):
-        dest = p * S + ep.esp_rank
-        if dest != me and n:
-            link = ep.topology.link_level(me, dest)
-            ep.parm_bytes[link] = ep.parm_bytes.get(link, 0) + 2 * int(n) * row_bytes
+def _forward_counting(ep, *args, **kwargs) -> tuple:
+    """``ep.forward_local(*args)``, adding to ``ep.parm_bytes`` the bytes its EP all-to-alls
+    (dispatch + combine) handed to torch.distributed per link level, as measured by the
+    dispatcher's counter (:mod:`moeflow.comm.bytes`)."""
+    before = dict(ep.dispatcher.bytes_sent)
+    out = ep.forward_local(*args, **kwargs)
+    for link, n in ep.dispatcher.bytes_sent.items():
+        if n - before.get(link, 0):
+            ep.parm_bytes[link] = ep.parm_bytes.get(link, 0) + n - before.get(link, 0)
+    return out
 
 
 def choose(ep, T: int, D: int, row_bytes: int) -> str:
@@ -244,8 +242,7 @@ def parm_forward(ep, x: torch.Tensor, r_fwd=None, r_bwd=None) -> tuple:
     ep.last_schedule = schedule
     if schedule == "plain" or S == 1:
         x_in = _MPCopy.apply(x_TD, group, t) if S > 1 else x_TD
-        y_TD, aux = ep.forward_local(x_in, r_fwd, r_bwd)
-        _count_bytes(ep, row_bytes)
+        y_TD, aux = _forward_counting(ep, x_in, r_fwd, r_bwd)
         if S > 1:
             y_TD = _ScaleGrad.apply(y_TD, 1.0 / S)
             aux = aux / S  # each MP rank holds the same batch's aux loss
@@ -254,11 +251,11 @@ def parm_forward(ep, x: torch.Tensor, r_fwd=None, r_bwd=None) -> tuple:
         raise ConfigError("mp_group", dist.get_world_size(group), f"{S} ranks (= esp_size)")
     if schedule == "split_rows":
         share = RowShare(S, s, group, t)
-        y_TD, aux = ep.forward_local(_MPCopy.apply(x_TD, group, t), r_fwd, r_bwd, mp_rows=share)
-        _count_bytes(ep, row_bytes, share.counts_E)
+        y_TD, aux = _forward_counting(
+            ep, _MPCopy.apply(x_TD, group, t), r_fwd, r_bwd, mp_rows=share
+        )
         return _ScaleGrad.apply(y_TD, 1.0 / S).reshape(shape), aux / S
     sizes = [split_range(T, S, i)[1] - split_range(T, S, i)[0] for i in range(S)]
     x_s = _MPSplit.apply(x_TD, sizes, s, group, t)
-    y_s, aux = ep.forward_local(x_s, r_fwd, r_bwd)
-    _count_bytes(ep, row_bytes)
+    y_s, aux = _forward_counting(ep, x_s, r_fwd, r_bwd)
     return _MPAllGather.apply(y_s, sizes, s, group, t).reshape(shape), aux
