@@ -126,32 +126,46 @@ def test_late_request_ttft_on_the_engine_thread(model):
 
 
 def test_request_waits_for_kv_blocks_then_completes(model):
-    # pool of 4 blocks of 4 positions; each request reserves ceil((5 + 8 - 1) / 4) = 3
+    # pool of 4 blocks of 4 positions; a 9-token prompt takes 3 of them, so the second waits
     eng = Engine(model, EngineConfig(block_size=4, num_blocks=4))
-    reqs = [
-        Request([1, 2, 3, 4, 5], SamplingParams(8)),
-        Request([6, 7, 8, 9, 10], SamplingParams(8)),
-    ]
+    reqs = [Request(list(range(1, 10)), SamplingParams(3)), Request([7] * 9, SamplingParams(3))]
     a, b = (eng.submit(r.prompt, r.params) for r in reqs)
     eng.step()
     assert eng.num_running == 1 and eng.num_waiting == 1 and eng.cache.pool.free == 1
     assert len(a.result.tokens) == 2 and b.result.tokens == []
-    while not a.done:
-        eng.step()
-    assert b.result.tokens == [] and eng.num_waiting == 1  # admitted at the next step
     eng.step()
-    assert eng.num_running == 1 and eng.num_waiting == 0 and b.result.tokens
+    assert a.done and b.result.tokens == [] and eng.num_waiting == 1  # admitted next step
+    eng.step()
+    assert eng.num_running == 1 and eng.num_waiting == 0 and len(b.result.tokens) == 2
     while eng.step():
         pass
     ref = generate(model, reqs)
     assert [a.result.tokens, b.result.tokens] == [r.tokens for r in ref]
     assert b.result.token_times[0] > a.result.token_times[-1]
-    assert eng.cache.pool.free == 4
+    assert eng.cache.pool.free == 4 and eng.preemptions == 0
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_preempted_request_recomputes_and_draws_the_same_tokens(model, sampled):
+    # 6 blocks of 4: two requests of 5-6 prompt tokens fit at admission (2 blocks each), but
+    # growing to 16 positions (4 blocks each) they do not; the newer one is preempted
+    temp = 0.9 if sampled else 0.0
+    reqs = [
+        Request([3, 1, 4, 1, 5], SamplingParams(12, temp, seed=1)),
+        Request([2, 7, 1, 8, 2, 8], SamplingParams(12, temp, seed=2)),
+        Request([9, 9], SamplingParams(4, temp, seed=3)),
+    ]
+    eng = Engine(model, EngineConfig(block_size=4, num_blocks=6))
+    out = eng.generate(reqs)
+    assert eng.preemptions >= 1
+    assert [o.tokens for o in out] == [r.tokens for r in generate(model, reqs)]
+    assert all(o.finish_reason == "length" for o in out)
+    assert eng.cache.pool.free == 6
 
 
 def test_typed_errors_at_submit(model):
     eng = Engine(model, EngineConfig(block_size=4, num_blocks=2))
-    with pytest.raises(InputError, match="needs 3 KV blocks"):
+    with pytest.raises(InputError, match="needs 3 KV blocks"):  # 3 + 8 - 1 positions
         eng.submit([1, 2, 3], SamplingParams(8))
     with pytest.raises(InputError, match="outside"):
         eng.submit([1, 99], SamplingParams(2))
@@ -216,3 +230,15 @@ def test_abort_frees_blocks_and_shutdown_drains(model):
         r.finish_reason == "length" and len(r.tokens) == 10 + i for i, r in enumerate(finished)
     )
     assert eng.cache.pool.free == eng.cache.pool.num_blocks
+
+
+def test_default_pool_is_capped_by_memory_but_fits_one_sequence(model, monkeypatch):
+    import moeflow.serving.engine as engine_mod
+
+    per_seq = -(-model.cfg.max_position_embeddings // 4)  # 12 blocks of 4 for 48 positions
+    assert Engine(model, EngineConfig(block_size=4, max_seqs=3)).cache.pool.num_blocks == 36
+    block = 4 * kv_bytes_per_token(model.cfg)
+    monkeypatch.setattr(engine_mod, "default_kv_cache_bytes", lambda device: 20 * block)
+    assert Engine(model, EngineConfig(block_size=4, max_seqs=3)).cache.pool.num_blocks == 20
+    monkeypatch.setattr(engine_mod, "default_kv_cache_bytes", lambda device: block)
+    assert Engine(model, EngineConfig(block_size=4)).cache.pool.num_blocks == per_seq

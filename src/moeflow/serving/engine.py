@@ -2,18 +2,15 @@
 scheduling, Yu et al., OSDI'22; vLLM, Kwon et al., SOSP'23).
 
 Requests are submitted from any thread (:meth:`Engine.submit`) and run on the engine's own
-thread (:meth:`Engine.start`) or by calling :meth:`Engine.step` directly. Each request owns a
-row of a :class:`~moeflow.serving.kv_blocks.PagedKVCache` block table and the blocks it
-needs; the pool holds at most ``num_blocks`` blocks, so KV memory is bounded.
+thread (:meth:`Engine.start`) or by calling :meth:`Engine.step` directly. Each running
+request owns a row of a :class:`~moeflow.serving.kv_blocks.PagedKVCache` block table and the
+blocks its tokens fill; the pool holds at most ``num_blocks`` blocks, so KV memory is bounded.
 
 Scheduling rule, one step:
 
 1. **Admit** waiting requests first come, first served while a block-table row is free and
-   the pool can give the request all the blocks it may write (``prompt + max_new_tokens -
-   1`` positions, capped by the context). The head of the queue that does not fit blocks
-   the ones behind it (no starvation of long requests). Reserving up front means a running
-   request never has to be preempted; vLLM's alternative allocates block by block and
-   preempts (recomputes) under pressure.
+   the pool has the blocks of the request's prompt. The head of the queue that does not fit
+   blocks the ones behind it (no starvation of long requests).
 2. **Prefill** admitted requests whose prompt is not fully in the cache, oldest first, in
    chunks, up to ``max_prefill_tokens`` prompt tokens in the step (chunked prefill as in
    Sarathi-Serve, Agrawal et al., OSDI'24, and vLLM): a long prompt cannot stall the
@@ -22,6 +19,14 @@ Scheduling rule, one step:
    requests' remaining decodes).
 3. **Decode** every request whose prompt is in the cache and that has not finished: one
    batched forward of one token each; each samples its next token.
+
+Blocks are taken as sequences grow (vLLM's block-by-block allocation). When the pool runs
+dry, the most recently admitted running request is preempted (vLLM's recompute preemption):
+its blocks go back to the pool and it returns to the head of the queue; readmitted, it
+prefills its prompt and the tokens it had generated, then goes on decoding from its last
+token with the same sampling state, so its tokens are those it would have drawn without the
+interruption. The oldest request always fits alone (a request that could not is refused at
+:meth:`Engine.submit`), so every request finishes.
 
 A request leaves as soon as it finishes (a stop token, ``max_new_tokens``, the context
 length, or :meth:`RequestHandle.abort`), and its blocks go back to the pool for the next
@@ -44,7 +49,7 @@ import torch
 from moeflow.errors import ConfigError, InputError, MoeflowError
 from moeflow.models import GenerationResult, Request, SamplingParams, validate_request
 from moeflow.models.generate import sample
-from moeflow.serving.kv_blocks import PagedKVCache, kv_bytes_per_token
+from moeflow.serving.kv_blocks import PagedKVCache, default_kv_cache_bytes, kv_bytes_per_token
 from moeflow.validate import is_int
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,8 @@ class EngineError(MoeflowError, RuntimeError):
 class EngineConfig:
     """``block_size`` token positions per KV block; ``num_blocks`` blocks in the pool, or
     ``kv_cache_bytes`` to derive it (whichever is given; default: room for ``max_seqs``
-    full-context sequences); ``max_seqs`` requests running at once; ``max_prefill_tokens``
+    full-context sequences, capped by :func:`~moeflow.serving.kv_blocks.default_kv_cache_bytes`
+    but never below one); ``max_seqs`` requests running at once; ``max_prefill_tokens``
     prompt tokens prefilled per step (the chunk budget)."""
 
     block_size: int = 16
@@ -118,7 +124,7 @@ class RequestHandle:
 
 
 class _Seq:
-    __slots__ = ("handle", "prompt", "params", "gen", "row", "blocks", "computed", "last")
+    __slots__ = ("handle", "prompt", "params", "gen", "row", "blocks", "computed", "target")
 
     def __init__(self, handle: RequestHandle, prompt: list[int], params: SamplingParams):
         self.handle, self.prompt, self.params = handle, prompt, params
@@ -130,12 +136,22 @@ class _Seq:
         self.row = -1
         self.blocks: list[int] = []
         self.computed = 0  # positions of this sequence whose keys/values are in the cache
+        self.target = len(prompt)  # positions a (re)prefill must fill before decoding
 
     @property
     def tokens(self) -> list[int]:
         return self.handle.result.tokens
 
-    def reserve(self, context: int) -> int:
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < self.target
+
+    def ids(self, start: int, stop: int) -> list[int]:
+        """Token ids at positions ``start .. stop-1`` (prompt, then generated tokens)."""
+        n = len(self.prompt)
+        return self.prompt[start:stop] + self.tokens[max(start - n, 0) : max(stop - n, 0)]
+
+    def max_positions(self, context: int) -> int:
         """Positions this request may write: every prompt and generated token but the last."""
         return min(len(self.prompt) + self.params.max_new_tokens - 1, context)
 
@@ -162,9 +178,12 @@ class Engine:
                     config.kv_cache_bytes,
                     f">= {bs * kv_bytes_per_token(cfg, p.dtype)} (one block of {bs} positions)",
                 )
-        else:
-            num_blocks = per_seq * config.max_seqs
+        else:  # max_seqs full-context sequences, within a share of the device's memory
+            budget = default_kv_cache_bytes(p.device)
+            by_budget = budget // (bs * kv_bytes_per_token(cfg, p.dtype))
+            num_blocks = max(per_seq, min(per_seq * config.max_seqs, by_budget))
         self.cache = PagedKVCache(cfg, num_blocks, bs, config.max_seqs, p.dtype, p.device)
+        self.preemptions = 0
         self.device = p.device
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []
@@ -192,7 +211,7 @@ class Engine:
         validate_request(req, self.model.cfg.vocab_size, self.context)
         prompt = [int(t) for t in prompt]
         seq = _Seq(RequestHandle(request_id, len(prompt), on_token, on_finish), prompt, params)
-        need = self.cache.blocks_for(seq.reserve(self.context))
+        need = self.cache.blocks_for(seq.max_positions(self.context))
         if need > self.cache.pool.num_blocks:
             raise InputError(
                 f"request {request_id!r} needs {need} KV blocks of {self.cache.block_size} "
@@ -257,13 +276,42 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and self._free_rows:
             s = self._waiting[0]
-            blocks = self.cache.pool.allocate(self.cache.blocks_for(s.reserve(self.context)))
+            blocks = self.cache.pool.allocate(self.cache.blocks_for(s.target))
             if blocks is None:
                 return  # FCFS: the head waits for blocks, the rest wait behind it
             self._waiting.popleft()
             s.row, s.blocks = self._free_rows.pop(), blocks
             self.cache.assign(s.row, blocks)
             self._running.append(s)
+
+    def _release(self, s: _Seq) -> None:
+        self._running.remove(s)
+        self.cache.pool.release(s.blocks)
+        self._free_rows.append(s.row)
+        s.blocks, s.row = [], -1
+
+    def _preempt(self, s: _Seq) -> None:
+        """Free ``s``'s blocks and queue it first, to recompute its cache when readmitted."""
+        self._release(s)
+        s.computed = 0
+        s.target = len(s.prompt) + max(len(s.tokens) - 1, 0)
+        with self._cond:
+            self._waiting.appendleft(s)
+        self.preemptions += 1
+
+    def _grow(self, s: _Seq, positions: int) -> bool:
+        """Give ``s`` the blocks of its first ``positions`` positions, preempting the newest
+        running requests if the pool is short; False when ``s`` itself was preempted."""
+        need = self.cache.blocks_for(positions) - len(s.blocks)
+        while need > self.cache.pool.free:
+            victim = self._running[-1]
+            self._preempt(victim)
+            if victim is s:
+                return False
+        if need > 0:
+            s.blocks += self.cache.pool.allocate(need)
+            self.cache.assign(s.row, s.blocks)
+        return True
 
     def _forward(self, ids: list[list[int]], rows: list[int], starts: list[int]) -> torch.Tensor:
         dev = self.device
@@ -279,18 +327,21 @@ class Engine:
         for s in list(self._running):
             if budget == 0:
                 break
-            if s.computed >= len(s.prompt):
+            if s.row < 0 or not s.prefilling:
                 continue
-            n = min(budget, len(s.prompt) - s.computed)
-            chunk = s.prompt[s.computed : s.computed + n]
-            logits = self._forward([chunk], [s.row], [s.computed])
+            n = min(budget, s.target - s.computed)
+            logits = self._forward([s.ids(s.computed, s.computed + n)], [s.row], [s.computed])
             s.computed += n
             budget -= n
-            if s.computed == len(s.prompt):
+            if not s.prefilling and not s.tokens:  # a fresh prompt: its first token
                 self._emit(s, logits[0, -1])
 
     def _decode(self) -> None:
-        batch = [s for s in self._running if s.computed >= len(s.prompt) and s.tokens]
+        batch = [s for s in self._running if not s.prefilling and s.tokens]
+        for s in batch:
+            if s.row >= 0:
+                self._grow(s, s.computed + 1)
+        batch = [s for s in batch if s.row >= 0]
         if not batch:
             return
         logits = self._forward(
@@ -319,10 +370,7 @@ class Engine:
 
     def _finish(self, s: _Seq, reason: str) -> None:
         if s in self._running:
-            self._running.remove(s)
-            self.cache.pool.release(s.blocks)
-            self._free_rows.append(s.row)
-            s.blocks, s.row = [], -1
+            self._release(s)
         s.handle.result.finish_reason = reason
         if s.handle._on_finish is not None:
             try:

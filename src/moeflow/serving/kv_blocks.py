@@ -19,6 +19,7 @@ those positions are after the query in causal order, so the mask never lets them
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -34,6 +35,20 @@ def kv_bytes_per_token(cfg: DecoderConfig, dtype: torch.dtype = torch.float32) -
     else:
         width = 2 * cfg.num_kv_heads * cfg.head_dim
     return cfg.num_layers * width * torch.empty((), dtype=dtype).element_size()
+
+
+def default_kv_cache_bytes(device) -> int:
+    """The KV budget when none is given: 90% of a GPU's free memory (vLLM's default
+    ``gpu_memory_utilization``, with the weights already loaded), a quarter of host memory
+    on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): 4 GiB
+        return 4 << 30
 
 
 class BlockPool:
