@@ -242,3 +242,32 @@ def test_default_pool_is_capped_by_memory_but_fits_one_sequence(model, monkeypat
     assert Engine(model, EngineConfig(block_size=4, max_seqs=3)).cache.pool.num_blocks == 20
     monkeypatch.setattr(engine_mod, "default_kv_cache_bytes", lambda device: block)
     assert Engine(model, EngineConfig(block_size=4)).cache.pool.num_blocks == per_seq
+
+
+def test_a_failing_step_ends_its_requests_not_the_engine(model, monkeypatch):
+    from moeflow.serving.engine import EngineError
+
+    eng = Engine(model, EngineConfig(block_size=4)).start()
+    try:
+        real = eng._forward
+        calls = {"n": 0}
+
+        def flaky(*a):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("device lost")
+            return real(*a)
+
+        monkeypatch.setattr(eng, "_forward", flaky)
+        hit = eng.submit([1, 2, 3], SamplingParams(10))
+        res = hit.wait(10)
+        assert res.finish_reason == "error" and isinstance(res.error, EngineError)
+        assert "device lost" in str(res.error)
+        after = eng.submit([1, 2, 3], SamplingParams(5)).wait(10)
+        assert (
+            after.ok
+            and after.tokens == generate(model, [Request([1, 2, 3], SamplingParams(5))])[0].tokens
+        )
+        assert eng.cache.pool.free == eng.cache.pool.num_blocks
+    finally:
+        eng.shutdown()

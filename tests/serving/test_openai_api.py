@@ -4,6 +4,8 @@ non-streamed text; stop / max_tokens / ignore_eos; OpenAI-style 400s; /health, /
 
 import asyncio
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -259,3 +261,62 @@ def test_malformed_json_unknown_model_and_server_state(served):
     m = httpx.get(f"{url}/v1/models", timeout=30).json()
     assert m["object"] == "list" and [c["id"] for c in m["data"]] == ["tiny"]
     assert m["data"][0]["max_model_len"] == 96
+
+
+def _stream_events(url, body, on_first=None):
+    events = []
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json=body | {"stream": True}, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                events.append((json.loads(line[len("data: ") :]), time.monotonic()))
+                if len(events) == 1 and on_first is not None:
+                    on_first()
+    return events
+
+
+def test_late_request_finishes_while_long_streams_decode(served):
+    # continuous batching seen from HTTP: a short request sent after two long streams have
+    # started gets all its tokens before they end
+    _, url = served
+    long_body = {"prompt": "hello", "max_tokens": 90, "temperature": 0, "ignore_eos": True}
+    started = threading.Barrier(3)
+    out = {}
+
+    def run(i):
+        out[i] = _stream_events(url, long_body, on_first=started.wait)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    started.wait(60)
+    short = httpx.post(
+        f"{url}/v1/completions",
+        json={"prompt": "hi", "max_tokens": 2, "temperature": 0, "ignore_eos": True},
+        timeout=60,
+    )
+    t_short = time.monotonic()
+    for t in threads:
+        t.join(60)
+    assert short.json()["usage"]["completion_tokens"] == 2
+    for events in out.values():
+        assert events[-1][0]["choices"][0]["finish_reason"] == "length"
+        assert events[-1][1] > t_short  # still streaming when the short one was done
+
+
+def test_client_that_goes_away_frees_its_blocks(served):
+    server, url = served
+    aborted = server.engine.finished["abort"]
+    body = {"prompt": "hello", "max_tokens": 90, "temperature": 0, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True}) as r:
+        next(r.iter_lines())  # the first token, then hang up
+    pool = server.engine.cache.pool
+    deadline = time.monotonic() + 10
+    while (server.engine.num_running or pool.free != pool.num_blocks) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+    assert server.engine.num_running == 0 and pool.free == pool.num_blocks
+    assert server.engine.finished["abort"] == aborted + 1  # dropped, not run to the end

@@ -184,6 +184,7 @@ class Engine:
             num_blocks = max(per_seq, min(per_seq * config.max_seqs, by_budget))
         self.cache = PagedKVCache(cfg, num_blocks, bs, config.max_seqs, p.dtype, p.device)
         self.preemptions = 0
+        self.finished: collections.Counter[str] = collections.Counter()  # by finish reason
         self.device = p.device
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []
@@ -372,6 +373,7 @@ class Engine:
         if s in self._running:
             self._release(s)
         s.handle.result.finish_reason = reason
+        self.finished[reason] += 1
         if s.handle._on_finish is not None:
             try:
                 s.handle._on_finish(s.handle)

@@ -4,8 +4,8 @@ Kwon et al., SOSP'23).
 The keys and values of every layer live in one pool of ``num_blocks`` blocks of
 ``block_size`` token positions. A sequence owns a list of blocks (its block table row);
 position ``p`` of the sequence sits at offset ``p % block_size`` of its block
-``p // block_size``. Blocks are allocated when a request is admitted and returned when it
-leaves, so memory is bounded by the pool and never fragmented by sequence length.
+``p // block_size``. Blocks are taken as a sequence grows and returned when it leaves or is
+preempted, so memory is bounded by the pool and never fragmented by sequence length.
 
 :class:`PagedKVCache` has :class:`moeflow.models.KVCache`'s interface
 (``write_and_read(layer, rows_B, pos_BT, k, v, upto)``), so :class:`moeflow.models.MoEDecoder`
