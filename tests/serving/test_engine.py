@@ -271,3 +271,22 @@ def test_a_failing_step_ends_its_requests_not_the_engine(model, monkeypatch):
         assert eng.cache.pool.free == eng.cache.pool.num_blocks
     finally:
         eng.shutdown()
+
+
+def test_padded_prefill_never_runs_past_the_context(model):
+    # step 2 prefills a's last 8 prompt tokens (positions 32-39) and b's 20: padded to 20,
+    # a's row would reach position 51 of a 48-position context, so a runs in its own call
+    eng = Engine(model, EngineConfig(block_size=4, max_prefill_tokens=32))
+    reqs = [Request([5] * 40, SamplingParams(8)), Request(list(range(1, 21)), SamplingParams(5))]
+    a = eng.submit(reqs[0].prompt, reqs[0].params)
+    eng.step()
+    assert a.result.tokens == []  # 32 of 40 prompt tokens in the cache
+    b = eng.submit(reqs[1].prompt, reqs[1].params)
+    calls = []
+    real = eng._forward
+    eng._forward = lambda ids, rows, starts: calls.append(len(ids[0])) or real(ids, rows, starts)
+    eng.step()
+    assert sorted(calls[:2]) == [8, 20] and len(a.result.tokens) >= 1 and b.result.tokens
+    while eng.step():
+        pass
+    assert [a.result.tokens, b.result.tokens] == [r.tokens for r in generate(model, reqs)]

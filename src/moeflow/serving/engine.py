@@ -14,7 +14,9 @@ Scheduling rule, one step:
 2. **Prefill** admitted requests whose prompt is not fully in the cache, oldest first, in
    chunks, up to ``max_prefill_tokens`` prompt tokens in the step (chunked prefill as in
    Sarathi-Serve, Agrawal et al., OSDI'24, and vLLM): a long prompt cannot stall the
-   running decodes for more than one chunk. A request whose prompt completes samples its
+   running decodes for more than one chunk. The step's chunks run as few right-padded
+   forward calls: longest first, a chunk joins a call while padding at most doubles the
+   call's tokens. A request whose prompt completes samples its
    first token in the same step (its time to first token is one prefill, not the running
    requests' remaining decodes).
 3. **Decode** every request whose prompt is in the cache and that has not finished: one
@@ -48,7 +50,7 @@ import torch
 
 from moeflow.errors import ConfigError, InputError, MoeflowError
 from moeflow.models import GenerationResult, Request, SamplingParams, validate_request
-from moeflow.models.generate import sample
+from moeflow.models.generate import PAD_ID, sample
 from moeflow.serving.kv_blocks import PagedKVCache, default_kv_cache_bytes, kv_bytes_per_token
 from moeflow.validate import is_int
 
@@ -324,18 +326,32 @@ class Engine:
         )
 
     def _prefill(self) -> None:
-        budget = self.config.max_prefill_tokens
-        for s in list(self._running):
+        budget, chunks = self.config.max_prefill_tokens, []
+        for s in self._running:
             if budget == 0:
                 break
-            if s.row < 0 or not s.prefilling:
-                continue
-            n = min(budget, s.target - s.computed)
-            logits = self._forward([s.ids(s.computed, s.computed + n)], [s.row], [s.computed])
-            s.computed += n
-            budget -= n
-            if not s.prefilling and not s.tokens:  # a fresh prompt: its first token
-                self._emit(s, logits[0, -1])
+            if s.prefilling:
+                n = min(budget, s.target - s.computed)
+                chunks.append((s, n))
+                budget -= n
+        groups: list[list[tuple[_Seq, int]]] = []
+        for s, n in sorted(chunks, key=lambda c: -c[1]):
+            for g in groups:
+                width, real = g[0][1], sum(m for _, m in g) + n
+                # padding rows stay inside the context and cost at most the real tokens
+                if s.computed + width <= self.context and (len(g) + 1) * width <= 2 * real:
+                    g.append((s, n))
+                    break
+            else:
+                groups.append([(s, n)])
+        for g in groups:
+            width = g[0][1]
+            ids = [s.ids(s.computed, s.computed + n) + [PAD_ID] * (width - n) for s, n in g]
+            logits = self._forward(ids, [s.row for s, _ in g], [s.computed for s, _ in g])
+            for b, (s, n) in enumerate(g):
+                s.computed += n
+                if not s.prefilling and not s.tokens:  # a fresh prompt: its first token
+                    self._emit(s, logits[b, n - 1])
 
     def _decode(self) -> None:
         batch = [s for s in self._running if not s.prefilling and s.tokens]

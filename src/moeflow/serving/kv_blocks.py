@@ -12,8 +12,10 @@ preempted, so memory is bounded by the pool and never fragmented by sequence len
 runs over it unchanged: ``rows_B`` names block-table rows instead of dense slots. Reads
 gather each sequence's blocks into a contiguous (B, K, upto, d) view for
 ``scaled_dot_product_attention``; a fused paged-attention kernel that reads the blocks in
-place is the GPU-side refinement. Table entries past a sequence's length point at block 0:
-those positions are after the query in causal order, so the mask never lets them in.
+place is the GPU-side refinement. Table entries past a sequence's blocks point at a scratch
+block outside the pool: padding positions of a batched prefill write there (never into
+another sequence's block), and a query never reads them, since they are after it in causal
+order and the mask keeps them out.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ class PagedKVCache:
             raise ConfigError("max_seqs", max_seqs, "an int >= 1")
         self.pool = BlockPool(num_blocks)
         self.block_size, self.max_len = block_size, cfg.max_position_embeddings
-        n = num_blocks * block_size
+        self.scratch = num_blocks  # one more block, for writes past a sequence's blocks
+        n = (num_blocks + 1) * block_size
         if cfg.attention == "mla":
             k_shape, v_shape = (n, 1, cfg.kv_lora_rank), (n, 1, cfg.head_dim)
         else:
@@ -101,7 +104,9 @@ class PagedKVCache:
         self.k = [torch.zeros(k_shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.blocks_per_seq = math.ceil(self.max_len / block_size)
-        self.table = torch.zeros(max_seqs, self.blocks_per_seq, dtype=torch.long, device=device)
+        self.table = torch.full(
+            (max_seqs, self.blocks_per_seq), self.scratch, dtype=torch.long, device=device
+        )
         self._offsets = torch.arange(block_size, device=device)
 
     def blocks_for(self, tokens: int) -> int:
@@ -109,7 +114,7 @@ class PagedKVCache:
 
     def assign(self, row: int, blocks: list[int]) -> None:
         """Give block-table row ``row`` the blocks ``blocks`` (positions 0 .. len*bs-1)."""
-        self.table[row].zero_()
+        self.table[row].fill_(self.scratch)
         self.table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
 
     def _slots(self, rows_B: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
