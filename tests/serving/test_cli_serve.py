@@ -45,7 +45,7 @@ def test_build_app_without_fastapi_names_the_extra(monkeypatch):
 def test_bad_model_dir_is_bad_input(capsys, tmp_path):
     pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
-    assert main(["serve", str(tmp_path / "nope")]) == 2
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moeflow: ")
     assert main(["serve", str(tmp_path), "--block-size", "0"]) == 2
@@ -116,3 +116,18 @@ def test_sigterm_drains_streams_in_flight(checkpoint):
         assert events[-1]["usage"]["completion_tokens"] == n_tokens
         assert events[-2]["choices"][0]["finish_reason"] == "length"
     assert max(t for _, t in done.values()) > t_term  # they were in flight at the signal
+
+
+def test_a_taken_port_is_one_line_and_exit_1(capsys, tmp_path):
+    import socket
+
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        # the port is checked before the model directory is read
+        assert main(["serve", str(tmp_path / "nope"), "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use" in err[0]

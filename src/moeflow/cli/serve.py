@@ -13,6 +13,7 @@ exits (143 after SIGTERM, 130 after Ctrl-C, as every moeflow command).
 from __future__ import annotations
 
 import argparse
+import socket
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -20,7 +21,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="transformers checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default 8000; 0: any)")
     p.add_argument(
         "--served-model-name", default=None, help="the model id clients name (default: dir name)"
     )
@@ -63,21 +64,29 @@ def run(args) -> int:
         max_prefill_tokens=args.max_prefill_tokens,
     )
     cfg.check()
+    # bind before loading the model: a taken port is one OSError line (exit 1), at once
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]
     server = from_pretrained(
         args.model_dir, cfg, args.served_model_name, getattr(torch, args.dtype), args.device
     )
     pool = server.engine.cache.pool
     print(
-        f"moeflow serve: {server.model_name} on http://{args.host}:{args.port} "
+        f"moeflow serve: {server.model_name} on http://{args.host}:{port} "
         f"({pool.num_blocks} KV blocks of {cfg.block_size} positions, "
         f"context {server.engine.context})",
         flush=True,
     )
     app = build_app(server)
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on"
-    )
+    config = uvicorn.Config(app, log_level=args.log_level, lifespan="on")
     # uvicorn's shutdown on SIGTERM/SIGINT: stop accepting, wait for the responses in
     # flight, then the app's lifespan drains the engine; the signal is re-raised after.
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
