@@ -320,3 +320,25 @@ def test_client_that_goes_away_frees_its_blocks(served):
         time.sleep(0.01)
     assert server.engine.num_running == 0 and pool.free == pool.num_blocks
     assert server.engine.finished["abort"] == aborted + 1  # dropped, not run to the end
+
+
+def test_error_messages_stay_short(served):
+    r = httpx.post(f"{served[1]}/v1/completions", json={"prompt": [0.5] * 5000}, timeout=30)
+    assert r.status_code == 400 and len(r.json()["error"]["message"]) < 300
+
+
+def test_a_failing_model_is_a_json_500_and_the_server_lives_on(served, monkeypatch):
+    server, url = served
+
+    def broken(*a):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(server.engine, "_forward", broken)
+    body = {"prompt": "hi", "max_tokens": 3}
+    for stream in (False, True):
+        r = httpx.post(f"{url}/v1/completions", json=body | {"stream": stream}, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+        assert "Traceback" not in r.text and "exploded" not in r.text
+    monkeypatch.undo()
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -31,6 +31,7 @@ non-streamed text.
 
 import asyncio
 import json
+import logging
 import math
 import time
 import uuid
@@ -60,6 +61,20 @@ _UNSUPPORTED = {
 _FINISH = {"stop": "stop", "length": "length", "context": "length", "abort": "abort"}
 
 
+log = logging.getLogger(__name__)
+
+
+def _show(v, limit: int = 80):
+    """``v`` for an error message: itself if its repr is short, else a truncated repr."""
+    r = repr(v)
+    return v if len(r) <= limit else _Shown(r[: limit - 3] + "...")
+
+
+class _Shown(str):
+    def __repr__(self) -> str:
+        return str(self)
+
+
 class ModelNotFoundError(MoeflowError, LookupError):
     """The request names a model this server does not serve."""
 
@@ -74,7 +89,7 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open
     bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
     if bad or v > hi or v < lo or (lo_open and v == lo):
         rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise ConfigError(name, v, f"a number in {rng}")
+        raise ConfigError(name, _show(v), f"a number in {rng}")
     return float(v)
 
 
@@ -83,7 +98,7 @@ def _bool(body: dict, name: str) -> bool:
     if v is None:
         return False
     if not isinstance(v, bool):
-        raise ConfigError(name, v, "true or false")
+        raise ConfigError(name, _show(v), "true or false")
     return v
 
 
@@ -93,7 +108,7 @@ def _stops(body: dict) -> list[str]:
         return []
     v = [v] if isinstance(v, str) else v
     if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
-        raise ConfigError("stop", body.get("stop"), "a non-empty string or a list of them")
+        raise ConfigError("stop", _show(body.get("stop")), "a non-empty string or a list of them")
     return v
 
 
@@ -102,7 +117,7 @@ def _token_ids(body: dict, name: str) -> list[int]:
     if v is None:
         return []
     if not isinstance(v, list) or not all(is_int(t) and t >= 0 for t in v):
-        raise ConfigError(name, v, "a list of token ids (ints >= 0)")
+        raise ConfigError(name, _show(v), "a list of token ids (ints >= 0)")
     return v
 
 
@@ -111,10 +126,12 @@ def check_unsupported(body: dict) -> None:
         if name in body and not any(
             body[name] == u and type(body[name]) is type(u) for u in unused
         ):
-            raise ConfigError(name, body[name], "not supported by this server (leave it out)")
+            raise ConfigError(
+                name, _show(body[name]), "not supported by this server (leave it out)"
+            )
     n = body.get("n")
     if n is not None and (not is_int(n) or n != 1):
-        raise ConfigError("n", n, "1 (one choice per request)")
+        raise ConfigError("n", _show(n), "1 (one choice per request)")
 
 
 def sampling_params(
@@ -132,7 +149,7 @@ def sampling_params(
     if max_tokens is None:
         max_tokens = context - prompt_len
     elif not is_int(max_tokens) or max_tokens < 1:
-        raise ConfigError(name, max_tokens, "an int >= 1")
+        raise ConfigError(name, _show(max_tokens), "an int >= 1")
     elif prompt_len + max_tokens > context:
         raise ConfigError(
             name,
@@ -142,7 +159,7 @@ def sampling_params(
         )
     seed = body.get("seed")
     if seed is not None and not is_int(seed):
-        raise ConfigError("seed", seed, "an int or null")
+        raise ConfigError("seed", _show(seed), "an int or null")
     stop_ids = _token_ids(body, "stop_token_ids")
     if not _bool(body, "ignore_eos"):
         stop_ids = stop_ids + [t for t in eos_token_ids if t not in stop_ids]
@@ -158,18 +175,18 @@ def sampling_params(
 def _chat_messages(body: dict) -> list[dict]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise ConfigError("messages", msgs, "a non-empty list of {role, content} objects")
+        raise ConfigError("messages", _show(msgs), "a non-empty list of {role, content} objects")
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ConfigError(f"messages[{i}]", m, "an object with a string role")
+            raise ConfigError(f"messages[{i}]", _show(m), "an object with a string role")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI's content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise ConfigError(f"messages[{i}].content", content, "text parts only")
+                raise ConfigError(f"messages[{i}].content", _show(content), "text parts only")
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
-            raise ConfigError(f"messages[{i}].content", m.get("content"), "a string")
+            raise ConfigError(f"messages[{i}].content", _show(m.get("content")), "a string")
         out.append({"role": m["role"], "content": content})
     return out
 
@@ -221,6 +238,7 @@ def error_response(exc: BaseException):
     if isinstance(exc, MoeflowError) and isinstance(exc, ValueError):
         param = getattr(exc, "field", None)
         return _error(400, str(exc), "invalid_request_error", param)
+    log.error("request failed", exc_info=exc)  # the traceback stays in the server's log
     return _error(500, f"internal error: {type(exc).__name__}", "internal_error")
 
 
@@ -270,7 +288,9 @@ class OpenAIServer:
             ids = list(p)
         else:
             raise ConfigError(
-                "prompt", p, "a non-empty string or list of token ids (one prompt per request)"
+                "prompt",
+                _show(p),
+                "a non-empty string or list of token ids (one prompt per request)",
             )
         if not ids:
             raise InputError("the prompt encodes to no tokens")
