@@ -369,6 +369,8 @@ class Engine:
             self._emit(s, logits[j, 0])
 
     def _emit(self, s: _Seq, logits_V: torch.Tensor) -> None:
+        if s.gen is not None and logits_V.device.type != "cpu":
+            logits_V = logits_V.cpu()  # the request's seeded generator lives on the CPU
         tok = sample(logits_V, s.params, s.gen)
         res = s.handle.result
         res.tokens.append(tok)
