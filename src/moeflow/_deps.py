@@ -11,6 +11,8 @@ EXTRAS = {
     "transformers": "hf",
     "triton": "triton",
     "matplotlib": "plot",
+    "fastapi": "serve",
+    "uvicorn": "serve",
 }
 
 

@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "moeflow.cli.serve_bench",
         "serve the MoE model disaggregated (FinDEP, PPPipe, naive DEP) and time it",
     ),
+    "serve": (
+        "moeflow.cli.serve",
+        "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)",
+    ),
     "geo": (
         "moeflow.cli.geo",
         "plan and run pipeline training over slow, uneven links (FusionLLM)",
