@@ -20,9 +20,9 @@ travel like tokens (the adjoint of combine is a dispatch, of reduce-scatter an a
 Every dispatcher (:mod:`moeflow.parallel.contract`) runs through this one pipeline.
 
 Semantics: routing, capacity (drop mode) and expert choice act on each rank's own batch,
-exactly as the single-device layer on that batch; aux losses are per rank. Token-choice
-dropless routing is per token, so the output equals the single-device layer on the
-global batch.
+exactly as the single-device layer on that batch; aux losses are per rank by default, or
+over the global batch with :mod:`moeflow.parallel.aux_loss`. Token-choice dropless routing
+is per token, so the output equals the single-device layer on the global batch.
 """
 
 from __future__ import annotations
