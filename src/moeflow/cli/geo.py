@@ -327,10 +327,13 @@ def diloco_job_from_args(args) -> object:
             if getattr(args, attr) is not None:
                 raise ConfigError(flag, getattr(args, attr), "absent with --mode dp")
     validate_model_args(args)
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if args.devices is not None:
         replicas = diloco.replicas_from_devices(args.devices)
-    else:
-        replicas = 2 if args.replicas is None else args.replicas
+    elif args.replicas is not None:
+        replicas = args.replicas
+    else:  # one replica per torchrun rank, else two local ranks
+        replicas = int(os.environ["WORLD_SIZE"]) if under_torchrun else 2
     kw = {}
     for _, attr in _DILOCO_ONLY:
         if getattr(args, attr) is not None:
@@ -363,8 +366,13 @@ def _train_replicas(args) -> int:
 
     job = diloco_job_from_args(args)
     check_output("--json", args.json_out, inputs=[args.devices], force=args.force)
-    check_nproc(job.replicas, force=args.force_nproc)
-    result = diloco.train(job, force=args.force_nproc)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # one replica under torchrun
+        result = diloco.run_torchrun(job)
+        if result is None:  # rank 0 reports
+            return 0
+    else:
+        check_nproc(job.replicas, force=args.force_nproc)
+        result = diloco.train(job, force=args.force_nproc)
     for k, loss in enumerate(result.losses):
         if k % max(1, job.steps // 10) == 0 or k == job.steps - 1:
             print(f"step {k:4d}  loss {loss:.4f}  {result.step_times_s[k] * 1e3:8.1f} ms")
@@ -381,6 +389,7 @@ def _train_replicas(args) -> int:
             "losses": result.losses,
             "replica_losses": result.replica_losses,
             "step_times_s": result.step_times_s,
+            "allreduce_s": result.allreduce_s,
             "allreduce_bytes": result.allreduce_bytes,
             "param_bytes": result.param_bytes,
             "bytes_per_inner_step": result.bytes_per_inner_step,

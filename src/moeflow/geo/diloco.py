@@ -117,6 +117,8 @@ class DilocoResult:
     #: bytes handed to all-reduce by one replica at each synchronisation (outer step; in mode
     #: dp every inner step)
     allreduce_bytes: list[int]
+    #: rank 0's wall time in each of those all-reduces
+    allreduce_s: list[float]
     #: training tokens of all replicas per second of the slowest replica's loop
     tokens_per_s: float
     #: bytes of the model's parameters (one replica)
@@ -160,14 +162,17 @@ class CountingAllReduce:
 
     def __init__(self, world: int):
         self.world = world
-        self.calls: list[int] = []
+        self.calls: list[int] = []  # bytes handed to each call
+        self.seconds: list[float] = []  # wall time of each call
 
     def __call__(self, t: torch.Tensor) -> None:
         self.calls.append(t.numel() * t.element_size())
+        t0 = time.perf_counter()
         if self.world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(t)  # the default group's timeout is the job's deadline
+        self.seconds.append(time.perf_counter() - t0)
 
 
 class Replica:
@@ -258,6 +263,7 @@ def run_replica(rank: int, world: int, job: DilocoJob, allreduce=None) -> dict:
         "times": times,
         "wall_s": wall,
         "allreduce_bytes": list(allreduce.calls),
+        "allreduce_s": list(getattr(allreduce, "seconds", [])),
         "param_bytes": rep.param_bytes,
         "params": final if rank == 0 else [],
     }
@@ -273,6 +279,7 @@ def merge(results: list[dict], job: DilocoJob) -> DilocoResult:
         replica_losses=per,
         step_times_s=[max(x) for x in zip(*(r["times"] for r in results), strict=True)],
         allreduce_bytes=r0["allreduce_bytes"],
+        allreduce_s=r0["allreduce_s"],
         tokens_per_s=tokens / wall if wall > 0 else float("inf"),
         param_bytes=r0["param_bytes"],
         params=r0["params"],
@@ -296,6 +303,31 @@ def train(job: DilocoJob, *, force: bool = False, progress: bool = True) -> Dilo
         progress=progress,
     )
     return merge(results, job)
+
+
+def run_torchrun(job: DilocoJob) -> DilocoResult | None:
+    """Entry for one rank under torchrun (``RANK``/``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``):
+    one replica per rank, the gloo group's timeout is ``job.timeout_s``. Every rank's report
+    is gathered after the run (outside the timed loop); rank 0 returns the merged result,
+    the others None."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != job.replicas:
+        raise ConfigError("WORLD_SIZE", world, f"replicas = {job.replicas}")
+    torch.set_num_threads(job.threads)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=job.timeout_s))
+    try:
+        out = run_replica(rank, world, job)
+        reports: list = [None] * world
+        dist.all_gather_object(reports, {k: v for k, v in out.items() if k != "params"})
+        reports[0]["params"] = out["params"] if rank == 0 else []
+        return merge(reports, job) if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
 
 
 def replicas_from_devices(path: str) -> int:
