@@ -226,3 +226,30 @@ def test_cli_diloco_replicas_from_device_sites(tmp_path, capsys):
     assert doc["allreduce_bytes"] == [doc["param_bytes"]] * 2
     assert len(doc["replica_losses"]) == 3
     assert "3 replicas, 2 all-reduces" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_diloco_under_torchrun_one_replica_per_rank(tmp_path):
+    """Under torchrun each process is one replica; rank 0 writes the report."""
+    import os
+
+    from moeflow.comm.ports import free_port
+
+    out = tmp_path / "run.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(free_port()), "-m", "moeflow.cli", "geo", "train",
+            "--mode", "diloco", "--steps", "4", "--inner-steps", "2", "--dim", "32",
+            "--layers", "1", "--heads", "2", "--seq-len", "16", "--microbatch-size", "2",
+            "--microbatches", "1", "--json", str(out),
+        ],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["job"]["replicas"] == 2  # from WORLD_SIZE
+    assert doc["allreduce_bytes"] == [doc["param_bytes"]] * 2
+    assert len(doc["replica_losses"]) == 2
+    assert doc["replica_losses"][0] != doc["replica_losses"][1]  # two shards
