@@ -157,6 +157,26 @@ def test_data_parallel_baseline_allreduces_every_step(one_thread):
     assert worst < 1e-5, worst
 
 
+def test_a_stalled_replica_ends_the_run_at_the_all_reduce_deadline(monkeypatch):
+    import time
+
+    from moeflow.errors import CommTimeoutError
+
+    outer = diloco.Replica.outer_step
+
+    def stall(self, allreduce):  # replica 1 never reaches its all-reduce in time
+        if self.rank == 1:
+            time.sleep(60)
+        return outer(self, allreduce)
+
+    monkeypatch.setattr(diloco.Replica, "outer_step", stall)  # inherited by the forked ranks
+    job = _job(replicas=2, inner_steps=2, steps=4, layers=1, microbatches=1, timeout_s=2.0)
+    t0 = time.monotonic()
+    with pytest.raises(CommTimeoutError, match="replica 0: all-reduce 1"):
+        diloco.train(job, progress=False)
+    assert time.monotonic() - t0 < 30  # the deadline, not the sleep
+
+
 def _cli(*args, timeout=120):
     return subprocess.run(
         [sys.executable, "-m", "moeflow.cli", "geo", "train", *args],

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moeflow.errors import ConfigError
+from moeflow.errors import CommTimeoutError, ConfigError
 from moeflow.validate import positive_float, positive_int
 
 MODES = ("diloco", "dp")
@@ -160,18 +160,27 @@ class ShardBatches:
 class CountingAllReduce:
     """Sum a tensor over the group in place, and count the bytes handed to each call."""
 
-    def __init__(self, world: int):
-        self.world = world
+    def __init__(self, world: int, timeout_s: float | None = None):
+        self.world, self.timeout_s = world, timeout_s
         self.calls: list[int] = []  # bytes handed to each call
         self.seconds: list[float] = []  # wall time of each call
 
     def __call__(self, t: torch.Tensor) -> None:
-        self.calls.append(t.numel() * t.element_size())
+        nbytes = t.numel() * t.element_size()
+        self.calls.append(nbytes)
         t0 = time.perf_counter()
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(t)  # the default group's timeout is the job's deadline
+            try:
+                dist.all_reduce(t)  # the default group's timeout is the job's deadline
+            except RuntimeError as e:
+                if "timed out" not in str(e).lower():
+                    raise
+                raise CommTimeoutError(
+                    f"all-reduce {len(self.calls)} ({nbytes:,} bytes) got no answer from a "
+                    f"peer within timeout_s={self.timeout_s} s"
+                ) from None
         self.seconds.append(time.perf_counter() - t0)
 
 
@@ -242,7 +251,7 @@ def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tenso
 
 def run_replica(rank: int, world: int, job: DilocoJob, allreduce=None) -> dict:
     """Replica ``rank``'s whole run (also callable in one process with ``world == 1``)."""
-    allreduce = allreduce if allreduce is not None else CountingAllReduce(world)
+    allreduce = allreduce if allreduce is not None else CountingAllReduce(world, job.timeout_s)
     rep = Replica(job, rank, world)
     losses, times = [], []
     t_start = time.perf_counter()
@@ -287,21 +296,28 @@ def merge(results: list[dict], job: DilocoJob) -> DilocoResult:
 
 
 def train(job: DilocoJob, *, force: bool = False, progress: bool = True) -> DilocoResult:
-    """Run ``job`` on ``replicas`` forked gloo ranks (one replica each)."""
-    from moeflow.launch import launch
+    """Run ``job`` on ``replicas`` forked gloo ranks (one replica each). A replica that
+    stalls for ``timeout_s`` (in an all-reduce, or its heartbeat) ends the run with
+    :class:`moeflow.errors.CommTimeoutError` naming the rank."""
+    from moeflow.launch import RankFailed, launch
 
-    results = launch(
-        run_replica,
-        job.replicas,
-        job,
-        force=force,
-        name="moeflow geo diloco",
-        init_group=True,
-        pg_timeout_s=job.timeout_s,
-        stall_timeout_s=job.timeout_s,
-        threads=job.threads,
-        progress=progress,
-    )
+    try:
+        results = launch(
+            run_replica,
+            job.replicas,
+            job,
+            force=force,
+            name="moeflow geo diloco",
+            init_group=True,
+            pg_timeout_s=job.timeout_s,
+            stall_timeout_s=job.timeout_s,
+            threads=job.threads,
+            progress=progress,
+        )
+    except RankFailed as e:
+        if e.kind == CommTimeoutError.__name__:
+            raise CommTimeoutError(f"replica {e.rank}: {e.message}") from None
+        raise
     return merge(results, job)
 
 
