@@ -282,7 +282,7 @@ def main(argv=None) -> int:
         f"Device rate for the planner: {flops / 1e9:.2f} GFLOP/s per rank (measured, "
         f"halved for {RANKS_PER_CORE} ranks per core). AdaTopK plans use densities of at "
         f"least {MIN_DENSITY} (`moeflow geo plan --min-density`); activations go as plain "
-        "top-k, gradients with error feedback.",
+        "top-k, their gradients at the positions sent (values only).",
         "",
     ]
     reason = ec.unavailable()

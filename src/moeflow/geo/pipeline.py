@@ -27,18 +27,22 @@ How a run is laid out:
   on a ``TCPStore`` (rendezvous, membership and heartbeats live in the store). Nothing else
   carries bytes.
 * **AdaTopK.** On a link whose density is below 1 (the plan marks it slow), each floating
-  tensor goes as its top-k entries (fp32 values, int32 positions)
-  (:class:`moeflow.geo.sparsify.TopKFeedback`): forward the activations' top-k, backward,
-  independently, the gradients' top-k with error feedback. Error feedback on the activations
-  was measured and dropped: it adds one micro-batch's leftovers to the next micro-batch's
-  (other samples') activations. Links at density 1 are exact.
+  tensor goes forward as its top-k entries (fp32 values, int32 positions)
+  (:class:`moeflow.geo.sparsify.TopKFeedback`, plain top-k), and backward as the gradient at
+  those same positions only (fp32 values; both ends know the positions): the exact gradient
+  of the sparsified forward, ``d top-k(x) / dx`` being the mask of the kept entries. Handing
+  the receiver's dense gradient to every entry of the sender's activation (straight
+  through), with or without an independent top-k of it, ended 37% above the exact loss on a
+  mid-model cut (notes/REJECTED.md). Error feedback on the activations was measured and
+  dropped too: it adds one micro-batch's leftovers to the next micro-batch's (other
+  samples') activations. Links at density 1 are exact.
 * **Membership (FusionAI).** The job starts ``stages + backups`` ranks; backups wait in a
   pool. Every rank beats a counter in the store. A rank whose peer vanished (a failed
   ``send``/``recv``), or that sees the failure flag, stops, the ranks agree through the store
   (``compare_set``: the first proposal wins) on which rank is gone (its counter stopped) and
   which backup takes its stage, and everyone builds a new process group. All stages go back
   to the last complete checkpoint (each stage saved its parameters, optimizer and AdaTopK
-  residuals; step 0 is the seeded initial model), so nothing is lost but the steps since
+  codec state; step 0 is the seeded initial model), so nothing is lost but the steps since
   that checkpoint, and the log says which. With no backup left the job stops with
   :class:`GeoJobFailed` naming the stage, the rank and the checkpoint to resume from
   (``GeoJob(resume=True)``, ``moeflow geo train --resume``).
@@ -390,13 +394,12 @@ class _StageRunner:
         dens = job.densities or (1.0,) * (self.S - 1)
         self.d_in = dens[stage_idx - 1] if stage_idx > 0 else 1.0
         self.d_out = dens[stage_idx] if stage_idx < self.S - 1 else 1.0
-        # per (direction, tensor): activations go as plain top-k, gradients with error
-        # feedback (feedback on activations adds one sample's leftovers to another sample's
-        # activations: +41% final loss at density 0.25, notes/REJECTED.md)
+        # activations go as plain top-k (feedback on activations adds one sample's leftovers
+        # to another sample's activations: +41% final loss at density 0.25,
+        # notes/REJECTED.md); their gradients go back at the positions sent, no codec
         self.fb_act = {
             n: TopKFeedback(self.d_out, feedback=False) for n in self.out_names if self.d_out < 1
         }
-        self.fb_grad = {n: TopKFeedback(self.d_in) for n in self.in_names if self.d_in < 1}
         self.wire = [0, 0]  # bytes sent forward, backward
 
     # -- wire format: exact tensors, or (values fp32, positions int32) at density < 1
@@ -405,10 +408,11 @@ class _StageRunner:
 
         return topk_count(density, math.prod(self.specs[name][0]))
 
-    def _encode(self, name, t, density, fb) -> list[torch.Tensor]:
+    def _encode(self, name, t, density) -> list[torch.Tensor]:
+        """Forward: the dense tensor, or its top-k as (fp32 values, int32 positions)."""
         if density >= 1 or not t.is_floating_point():
             return [t.detach()]
-        values, positions = fb[name].compress(t.detach())
+        values, positions = self.fb_act[name].compress(t.detach())
         return [values.float(), positions.to(torch.int32)]
 
     def _buffers(self, name, density) -> list[torch.Tensor]:
@@ -418,13 +422,30 @@ class _StageRunner:
         k = self._k(name, density)
         return [torch.empty(k, dtype=torch.float32), torch.empty(k, dtype=torch.int32)]
 
-    def _decode(self, name, bufs, density) -> torch.Tensor:
+    def _decode(self, name, bufs, density) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dense tensor and, for a top-k, its positions (int64, flat)."""
         shape, dtype = self.specs[name]
         if len(bufs) == 1:
-            return bufs[0]
+            return bufs[0], None
         from moeflow.geo.sparsify import TopKFeedback
 
-        return TopKFeedback.decompress(bufs[0].to(dtype), bufs[1].long(), shape, dtype)
+        positions = bufs[1].long()
+        return TopKFeedback.decompress(bufs[0].to(dtype), positions, shape, dtype), positions
+
+    def _grad_buffers(self, name, density) -> list[torch.Tensor]:
+        """Backward: the dense gradient, or its values at the forward's positions (fp32)."""
+        shape, dtype = self.specs[name]
+        if density >= 1:
+            return [torch.empty(shape, dtype=dtype)]
+        return [torch.empty(self._k(name, density), dtype=torch.float32)]
+
+    def _grad_dense(self, name, bufs, positions) -> torch.Tensor:
+        shape, dtype = self.specs[name]
+        if positions is None:
+            return bufs[0]
+        out = torch.zeros(math.prod(shape), dtype=dtype)
+        out[positions] = bufs[0].to(dtype)
+        return out.view(shape)
 
     def step(self, group: _Group, batches, step: int) -> float | None:
         first, last = self.s == 0, self.s == self.S - 1
@@ -435,27 +456,29 @@ class _StageRunner:
                 given = dict(zip(self.placeholders, mbs[m], strict=True))
                 inputs = {n: given[n] for n in self.stage.input_names}
             else:
-                inputs = {}
+                inputs, kept_in = {}, {}
                 for n in self.in_names:
                     bufs = self._buffers(n, self.d_in)
                     group.recv(bufs, self.s - 1, tag=0)
-                    inputs[n] = self._decode(n, bufs, self.d_in)
+                    inputs[n], kept_in[n] = self._decode(n, bufs, self.d_in)
                 for t in inputs.values():
                     if t.is_floating_point():
                         t.requires_grad_(True)
             if self.kill_step == step and m == min(1, self.job.microbatches - 1):
                 _die()
             out = self.stage(inputs)
+            kept_out = {}
             if last:
                 losses.append(out["output"] / self.job.microbatches)
             else:
                 for n in self.out_names:
-                    ts = self._encode(n, out[n], self.d_out, self.fb_act)
+                    ts = self._encode(n, out[n], self.d_out)
+                    kept_out[n] = ts[1].long() if len(ts) == 2 else None
                     self.wire[0] += sum(t.numel() * t.element_size() for t in ts)
                     pending += group.send(ts, self.s + 1, tag=0)
-            saved.append((inputs, out))
+            saved.append((inputs, out, None if first else kept_in, kept_out))
         for m in range(self.job.microbatches):
-            inputs, out = saved[m]
+            inputs, out, kept_in, kept_out = saved[m]
             if last:
                 losses[m].backward()
             else:
@@ -463,11 +486,13 @@ class _StageRunner:
                 for n in self.out_names:
                     if not self.specs[n][1].is_floating_point:
                         continue
-                    bufs = self._buffers(n, self.d_out)
+                    bufs = self._grad_buffers(n, self.d_out)
                     group.recv(bufs, self.s + 1, tag=1)
                     if out[n].requires_grad:
                         outs.append(out[n])
-                        grads.append(self._decode(n, bufs, self.d_out))
+                        # zero where the forward sent nothing: those entries did not reach
+                        # the loss, so their gradient is 0 (the mask of top-k)
+                        grads.append(self._grad_dense(n, bufs, kept_out[n]))
                 if outs:
                     torch.autograd.backward(outs, grads)
             if not first:
@@ -476,7 +501,9 @@ class _StageRunner:
                     if not t.is_floating_point():
                         continue
                     g = t.grad if t.grad is not None else torch.zeros_like(t)
-                    ts = self._encode(n, g, self.d_in, self.fb_grad)
+                    if kept_in[n] is not None:  # only the positions the forward carried
+                        g = g.reshape(-1)[kept_in[n]].float()
+                    ts = [g.detach().contiguous()]
                     self.wire[1] += sum(x.numel() * x.element_size() for x in ts)
                     pending += group.send(ts, self.s - 1, tag=1)
         for w in pending:
@@ -493,7 +520,6 @@ class _StageRunner:
             "params": [p.detach().clone() for p in self.params],
             "optim": self.opt.state_dict() if self.opt is not None else None,
             "fb_act": {n: f.state_dict() for n, f in self.fb_act.items()},
-            "fb_grad": {n: f.state_dict() for n, f in self.fb_grad.items()},
         }
 
     def load_file(self, path: str) -> None:
@@ -521,8 +547,6 @@ class _StageRunner:
             self.opt.zero_grad(set_to_none=True)  # a step cut short left partial gradients
         for n, f in self.fb_act.items():
             f.load_state_dict(st["fb_act"][n])
-        for n, f in self.fb_grad.items():
-            f.load_state_dict(st["fb_grad"][n])
 
 
 def _die() -> None:
