@@ -196,6 +196,11 @@ class ChunkRoute:
     expert_weights: torch.Tensor | None = None  # combine weight of each assignment (expand)
     #: index of each assignment in the call's weight-gradient vector (expand)
     assignment_index: torch.Tensor | None = None
+    #: padded layouts (GShard capacity slots): the input row each send slot copies (a
+    #: padding slot names any valid row; ``pad_slots`` overwrites it), and the send slots
+    #: that are padding, zeroed in place: the pipeline gathers straight into its send buffer
+    send_src: torch.Tensor | None = None
+    pad_slots: torch.Tensor | None = None
 
     def to(self, device) -> ChunkRoute:
         """Build the fused/expert-major indices and move every index to ``device`` once."""
@@ -206,6 +211,14 @@ class ChunkRoute:
             gather = gather.index_select(0, self.dispatch[0].pre_index.cpu())
         self.send_gather = gather.to(device)
         self.send_index = self.send_index.to(device)
+        if self.pad_slots is not None:
+            if self.dispatch and self.dispatch[0].pre_index is not None:
+                raise ValueError(
+                    "a padded route gathers straight into its send buffer: its "
+                    "first dispatch step must not regroup rows (pre_index)"
+                )
+            self.send_src = self.send_src.to(device)
+            self.pad_slots = self.pad_slots.to(device)
         if self.expand:
             self.expert_major = self.expert_major.to(device)
             self.expert_counts = self.expert_counts.to(device)
