@@ -113,7 +113,7 @@ class CommStep:
     out_splits: list
     pre_index: torch.Tensor | None = None
     post_index: torch.Tensor | None = None
-    compression: object | None = None  # a comm.compressed.Compression: ZipCCL a2a (CPU)
+    compression: object | None = None  # a comm.compressed.Compression: ZipCCL a2a (CPU only)
     post_reduce_rows: int | None = None
     #: a :class:`moeflow.comm.bytes.ByteCounter` that receives the bytes this step hands to
     #: torch.distributed (measured by the collective), or None
@@ -149,8 +149,13 @@ class CommStep:
         return Pending(None, self.label, timeout_s, finish)
 
     def _send(self, buf: torch.Tensor, timeout_s: float) -> Pending:
-        if self.compression is not None and not buf.is_cuda and buf.is_floating_point():
+        if self.compression is not None and buf.is_floating_point():
             from moeflow.comm.compressed import all_to_all as compressed_all_to_all
+            from moeflow.comm.compressed import check_codec_device
+
+            # ZipCCL's codec here is the CPU one: a device buffer is a ConfigError, never
+            # raw bytes sent under a compression setting
+            check_codec_device(self.compression, buf.device, self.label)
 
             p = Pending.ready(
                 compressed_all_to_all(

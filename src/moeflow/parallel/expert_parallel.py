@@ -424,6 +424,8 @@ class ExpertParallel(nn.Module):
         compress: ZipCCL lossless compression of the dispatch/combine all-to-alls (CPU):
             False (default), True, or "auto" (per call, under ``perf``, a PerfModel with
             codec costs; see :mod:`moeflow.comm.compressed`). Results are bit-identical.
+            The codec runs on CPU tensors: True or "auto" on a device input is a
+            ConfigError naming ``compress``, raised before the first collective.
         dispatcher_options: extra keyword arguments of the dispatcher class, e.g.
             ``{"level": "auto"}`` for ``dispatcher="dedup"`` (HierMoE token dedup at level
             0 = rank, 1 = node, or chosen per batch; :mod:`moeflow.parallel.dedup`).
@@ -701,6 +703,10 @@ class ExpertParallel(nn.Module):
         the combine. Records ``last_counts_E``; :meth:`forward` records ``aux_loss``.
         """
         layer, disp = self._layer, self.dispatcher
+        if disp.compression is not None:  # decided before the first collective (begin)
+            from moeflow.comm.compressed import check_codec_device
+
+            check_codec_device(disp.compression, x.device, "ExpertParallel row all-to-alls")
         layer.check_input(x)
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
