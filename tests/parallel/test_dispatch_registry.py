@@ -3,6 +3,7 @@
 import inspect
 
 import pytest
+import torch
 
 from moeflow.errors import ConfigError
 from moeflow.parallel import (
@@ -141,3 +142,35 @@ def test_missing_common_argument_is_named():
     del kw["timeout_s"]
     with pytest.raises(ConfigError, match=r"missing \['timeout_s'\]"):
         make_dispatcher("a2a", **kw)
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 5])
+def test_capacity_route_fills_the_send_buffer_as_the_padded_gather(r):
+    """The fused send (gather ``send_src`` into the buffer, zero ``pad_slots``) equals the
+    gather of the input with one zero row appended, for every chunk; the padding slots are
+    exactly the slots whose ``send_index`` names that zero row."""
+    from moeflow.parallel.contract import CountExchange
+
+    d = CapacityDispatcher(**{**COMMON, "ep_size": 1, "ep_rank": 0, "num_local_experts": 4})
+    counts = torch.tensor([3, 0, 5, 1])
+    slots, N = 5, int(counts.sum())
+    ex = CountExchange(
+        counts_E=counts,
+        send_PE=torch.full((1, 4), slots),
+        recv_SPE=torch.full((1, 1, 4), slots),
+        slots=slots,
+        num_rows=N,
+    )
+    x = torch.randn(N, 6) + 10.0  # no real row is zero
+    padded = torch.cat([x, x.new_zeros(1, 6)])
+    seen = []
+    for c in range(r):
+        rt = d.route(ex, r, c)
+        buf = torch.full((rt.send_index.numel(), 6), float("nan"))
+        torch.index_select(x, 0, rt.send_src, out=buf)
+        buf.index_fill_(0, rt.pad_slots, 0)
+        assert torch.equal(buf, padded.index_select(0, rt.send_index))
+        assert torch.equal(rt.pad_slots, torch.nonzero(rt.send_index == N).view(-1))
+        seen.append(rt.send_index[rt.send_index < N])
+    # every real row is sent exactly once over the chunks, padding fills the rest
+    assert torch.equal(torch.sort(torch.cat(seen)).values, torch.arange(N))

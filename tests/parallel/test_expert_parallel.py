@@ -42,6 +42,8 @@ def _world2_cases() -> list:
     # a rank with zero tokens, all tokens to one expert, drop mode
     cases += [
         Case(tokens=(0, 19), dispatcher="a2a", r_fwd=2, r_bwd=4),
+        # capacity: every slot of the empty rank is padding (nothing to gather)
+        Case(tokens=(0, 19), dispatcher="capacity", capacity_factor=1.25, r_fwd=2, r_bwd=4),
         Case(one_expert=True, dispatcher="capacity", r_fwd=4, r_bwd=1, tokens=(9, 14)),
         Case(
             router="switch",

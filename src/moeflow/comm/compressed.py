@@ -235,6 +235,53 @@ def as_compression(compress, perf=None, **kw) -> Compression:
     return compress if isinstance(compress, Compression) else Compression(compress, perf, **kw)
 
 
+# ------------------------------------------------------------------------ devices
+def codec_device_error(
+    compress, device, where: str, *, any_mode: bool = False
+) -> ConfigError | None:
+    """The error a compression setting meets on ``device``, or None when it can be honoured.
+
+    ``compress``: a :class:`Compression`, its mode (True / False / "auto"), or None. The
+    collectives of this module encode with the CPU codec (``moeflow.compress.collective``,
+    numpy buffers) and stage their messages in host memory, so they serve CPU tensors
+    only. The GPU codec (``moeflow.compress.collective_gpu``, ZipCCL's fixed-length
+    exponent code) encodes one bf16/fp32 tensor into one device message, but no collective
+    here exchanges such messages, so a setting that may compress (True or "auto") on any
+    other device is refused rather than sent as raw bytes under a compression setting.
+    ``any_mode``: refuse False too (the collectives of this module themselves, which stage
+    their buffers in host memory whatever the mode).
+    """
+    mode = compress.mode if isinstance(compress, Compression) else compress
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    if dev.type == "cpu" or (not any_mode and (compress is None or mode is False)):
+        return None
+    fix = (
+        "on CPU tensors only (for device tensors use the plain collectives)"
+        if any_mode
+        else f"False for {dev.type} tensors"
+    )
+    return ConfigError(
+        "compress",
+        mode,
+        f"{fix} ({where}): ZipCCL's compressed collectives (moeflow.comm.compressed) "
+        "run on CPU tensors only; the GPU codec (moeflow.compress.collective_gpu) has no "
+        "compressed collective yet",
+    )
+
+
+def check_codec_device(compress, device, where: str, *, any_mode: bool = False) -> None:
+    """Raise :func:`codec_device_error`'s ConfigError, if any (call it before any
+    communication of the collective it guards)."""
+    err = codec_device_error(compress, device, where, any_mode=any_mode)
+    if err is not None:
+        raise err
+
+
+def _check_cpu(x: torch.Tensor, cz: Compression, op: str) -> None:
+    # even uncompressed, these collectives stage buffers in host memory
+    check_codec_device(cz, x.device, op, any_mode=True)
+
+
 # ------------------------------------------------------------------------ helpers
 def _dtype_name(t: torch.Tensor) -> str:
     if t.dtype not in _DTYPES:
@@ -289,6 +336,7 @@ def all_to_all(
     ``compress``: a :class:`Compression`, or its ``mode`` (True / False / "auto" with
     ``perf``)."""
     cz = as_compression(compress, perf, timeout_s=timeout_s)
+    _check_cpu(x_RD, cz, op)
     W = _group_size(group)
     me = dist.get_rank(group)
     in_splits = [int(s) for s in in_splits]
@@ -382,6 +430,7 @@ def all_gather(
     each rank's contribution sent as one compressed message. ``counts``: rows per rank when
     they differ (default: all equal to ``x.shape[0]``)."""
     cz = as_compression(compress, perf, timeout_s=timeout_s)
+    _check_cpu(x, cz, op)
     W = _group_size(group)
     me = dist.get_rank(group)
     dtype = _dtype_name(x)
@@ -464,6 +513,7 @@ def reduce_scatter(
     """Rank j gets the sum over ranks of rows ``[sum(counts[:j]), ...)`` of ``x`` (default
     counts: ``x.shape[0] / W`` each): compressed all-to-all, decode, fp32 sum in rank order."""
     cz = as_compression(compress, perf, timeout_s=timeout_s)
+    _check_cpu(x, cz, op)
     W = _group_size(group)
     me = dist.get_rank(group)
     if counts is None:
@@ -501,6 +551,7 @@ def all_reduce(
     all-gather. The same algorithm runs uncompressed when the switch says so, so the result
     is bit-identical either way."""
     cz = as_compression(compress, perf, timeout_s=timeout_s)
+    _check_cpu(x, cz, op)
     W = _group_size(group)
     dtype = _dtype_name(x)
     if W == 1:
@@ -525,6 +576,8 @@ def timed(fn, *args, **kw) -> tuple[object, float]:
 
 
 __all__ = [
+    "check_codec_device",
+    "codec_device_error",
     "Compression",
     "CompressionStats",
     "all_to_all",

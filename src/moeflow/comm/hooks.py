@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moeflow.comm.compressed import Compression, all_reduce, as_compression
+from moeflow.comm.compressed import Compression, all_reduce, as_compression, check_codec_device
 
 
 @dataclass
@@ -64,8 +64,16 @@ def register_comm_hook(
     state = ZipCCLHookState(
         as_compression(compress, perf, timeout_s=timeout_s, threads=threads), group
     )
+    # decided at registration, before any bucket travels: the buckets live with the
+    # parameters, and ZipCCL's collectives here run on CPU tensors only
+    _check_parameters(ddp_model, state.compression, "DDP comm hook")
     ddp_model.register_comm_hook(state, zipccl_hook)
     return state
+
+
+def _check_parameters(model, compression: Compression, where: str) -> None:
+    for p in model.parameters():
+        check_codec_device(compression, p.device, where, any_mode=True)
 
 
 # -- FSDP2 ---------------------------------------------------------------------------------
@@ -91,7 +99,8 @@ def _make_fsdp_comms(compression: Compression):
             return torch.empty(*size, dtype=dtype, device=device)
 
         def __call__(self, output_tensor, input_tensor, group, async_op=False):
-            if input_tensor.dtype not in floats or input_tensor.is_cuda:
+            check_codec_device(compression, input_tensor.device, "FSDP all-gather", any_mode=True)
+            if input_tensor.dtype not in floats:
                 return plain_ag(output_tensor, input_tensor, group=group, async_op=async_op)
             out = all_gather(input_tensor.reshape(-1), group, compression, op="fsdp all-gather")
             output_tensor.copy_(out.view_as(output_tensor))
@@ -104,12 +113,11 @@ def _make_fsdp_comms(compression: Compression):
             return torch.empty(*size, dtype=dtype, device=device)
 
         def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            check_codec_device(
+                compression, input_tensor.device, "FSDP reduce-scatter", any_mode=True
+            )
             avg = op == dist.ReduceOp.AVG
-            if (
-                input_tensor.dtype not in floats
-                or input_tensor.is_cuda
-                or not (avg or op == dist.ReduceOp.SUM)
-            ):
+            if input_tensor.dtype not in floats or not (avg or op == dist.ReduceOp.SUM):
                 return plain_rs(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
             out = reduce_scatter(
                 input_tensor.reshape(-1), group, compression, op="fsdp reduce-scatter"
@@ -131,6 +139,7 @@ def compress_fsdp(
     from torch.distributed.fsdp import FSDPModule
 
     compression = as_compression(compress, perf, timeout_s=timeout_s, threads=threads)
+    _check_parameters(module, compression, "FSDP collectives")  # before any communication
     ag, rs = _make_fsdp_comms(compression)
     for m in module.modules():
         if isinstance(m, FSDPModule):

@@ -113,7 +113,7 @@ class CommStep:
     out_splits: list
     pre_index: torch.Tensor | None = None
     post_index: torch.Tensor | None = None
-    compression: object | None = None  # a comm.compressed.Compression: ZipCCL a2a (CPU)
+    compression: object | None = None  # a comm.compressed.Compression: ZipCCL a2a (CPU only)
     post_reduce_rows: int | None = None
     #: a :class:`moeflow.comm.bytes.ByteCounter` that receives the bytes this step hands to
     #: torch.distributed (measured by the collective), or None
@@ -149,8 +149,13 @@ class CommStep:
         return Pending(None, self.label, timeout_s, finish)
 
     def _send(self, buf: torch.Tensor, timeout_s: float) -> Pending:
-        if self.compression is not None and not buf.is_cuda and buf.is_floating_point():
+        if self.compression is not None and buf.is_floating_point():
             from moeflow.comm.compressed import all_to_all as compressed_all_to_all
+            from moeflow.comm.compressed import check_codec_device
+
+            # ZipCCL's codec here is the CPU one: a device buffer is a ConfigError, never
+            # raw bytes sent under a compression setting
+            check_codec_device(self.compression, buf.device, self.label)
 
             p = Pending.ready(
                 compressed_all_to_all(
@@ -196,6 +201,11 @@ class ChunkRoute:
     expert_weights: torch.Tensor | None = None  # combine weight of each assignment (expand)
     #: index of each assignment in the call's weight-gradient vector (expand)
     assignment_index: torch.Tensor | None = None
+    #: padded layouts (GShard capacity slots): the input row each send slot copies (a
+    #: padding slot names any valid row; ``pad_slots`` overwrites it), and the send slots
+    #: that are padding, zeroed in place: the pipeline gathers straight into its send buffer
+    send_src: torch.Tensor | None = None
+    pad_slots: torch.Tensor | None = None
 
     def to(self, device) -> ChunkRoute:
         """Build the fused/expert-major indices and move every index to ``device`` once."""
@@ -206,6 +216,14 @@ class ChunkRoute:
             gather = gather.index_select(0, self.dispatch[0].pre_index.cpu())
         self.send_gather = gather.to(device)
         self.send_index = self.send_index.to(device)
+        if self.pad_slots is not None:
+            if self.dispatch and self.dispatch[0].pre_index is not None:
+                raise ValueError(
+                    "a padded route gathers straight into its send buffer: its "
+                    "first dispatch step must not regroup rows (pre_index)"
+                )
+            self.send_src = self.send_src.to(device)
+            self.pad_slots = self.pad_slots.to(device)
         if self.expand:
             self.expert_major = self.expert_major.to(device)
             self.expert_counts = self.expert_counts.to(device)

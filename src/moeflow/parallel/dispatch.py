@@ -143,9 +143,19 @@ class CapacityDispatcher(TokenDispatcher):
         v = sub_block_index(full, split_offsets(full, r, c), split_sizes(full, r, c))
         e, j = v // max(C, 1), v % max(C, 1)
         start = exclusive_cumsum(ex.counts_E)
-        send_index = torch.where(j < ex.counts_E[e], start[e] + j, torch.full_like(v, N))
+        real = j < ex.counts_E[e]
+        send_index = torch.where(real, start[e] + j, torch.full_like(v, N))
         d, k = self._flat_steps(split_sizes(ex.send_PE, r, c), split_sizes(ex.recv_SPE, r, c), c, r)
-        return ChunkRoute(send_index, d, k, split_sizes(ex.recv_SPE, r, c))
+        # GShard's fixed slots: the pipeline gathers the real rows straight into the send
+        # buffer and zeroes only the padding slots (no zero row appended to the input)
+        return ChunkRoute(
+            send_index,
+            d,
+            k,
+            split_sizes(ex.recv_SPE, r, c),
+            send_src=torch.where(real, send_index, torch.zeros_like(v)),
+            pad_slots=torch.nonzero(~real).view(-1),
+        )
 
 
 class HierarchicalDispatcher(TokenDispatcher):

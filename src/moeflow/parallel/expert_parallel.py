@@ -98,17 +98,34 @@ class _Run:
         where the route expands rows, else None)."""
         disp, ex = self.disp, self.ex
         S, timeout = disp.S, disp.timeout_s
-        D = rows.shape[-1]
+        N, D = rows.shape[0], rows.shape[-1]
         pad = ex.padded
-        ext = torch.cat([rows, rows.new_zeros(1, D)]) if pad else rows
-        out = ext.new_zeros(ext.shape)
         # all index tensors reach the device before any chunk is queued (no syncs later)
-        routes = [disp.route(ex, r, c).to(ext.device) for c in range(r)]
+        routes = [disp.route(ex, r, c).to(rows.device) for c in range(r)]
         stages = []
+        if pad:
+            # GShard's fixed slots: one send buffer for the call, a disjoint slice per chunk
+            # (a slice is never reused while its all-to-all may still read it). Each chunk
+            # gathers its real rows straight into its slice and zeroes only its padding
+            # slots; nothing else of the input is copied. Padding slots come back to a
+            # scratch row N of the output, which is neither zeroed nor returned.
+            sizes = [rt.send_index.numel() for rt in routes]
+            offsets = [sum(sizes[:c]) for c in range(r)]
+            send_buf = rows.new_empty(sum(sizes), D)
+            out = rows.new_empty(N + 1, D)
+        else:
+            out = rows.new_zeros(rows.shape)
 
         def send(c, _):
             rt = routes[c]
-            buf = ext.index_select(0, rt.send_gather)
+            if pad:
+                buf = send_buf.narrow(0, offsets[c], sizes[c])
+                if N:  # with no rows every slot is padding
+                    torch.index_select(rows, 0, rt.send_src, out=buf)
+                if rt.pad_slots.numel():
+                    buf.index_fill_(0, rt.pad_slots, 0)
+            else:
+                buf = rows.index_select(0, rt.send_gather)
             return rt.dispatch[0].issue(buf, timeout, skip_pre=True)
 
         stages.append(send)
@@ -161,7 +178,7 @@ class _Run:
 
         stages.append(place)
         run_wavefront(r, stages)
-        return out[: rows.shape[0]] if pad else out
+        return out[:N] if pad else out
 
     def _canonical(self, r: int, device) -> list:
         return [self.disp.canonical_index(self.ex, r, c).to(device) for c in range(r)]
@@ -407,6 +424,8 @@ class ExpertParallel(nn.Module):
         compress: ZipCCL lossless compression of the dispatch/combine all-to-alls (CPU):
             False (default), True, or "auto" (per call, under ``perf``, a PerfModel with
             codec costs; see :mod:`moeflow.comm.compressed`). Results are bit-identical.
+            The codec runs on CPU tensors: True or "auto" on a device input is a
+            ConfigError naming ``compress``, raised before the first collective.
         dispatcher_options: extra keyword arguments of the dispatcher class, e.g.
             ``{"level": "auto"}`` for ``dispatcher="dedup"`` (HierMoE token dedup at level
             0 = rank, 1 = node, or chosen per batch; :mod:`moeflow.parallel.dedup`).
@@ -684,6 +703,10 @@ class ExpertParallel(nn.Module):
         the combine. Records ``last_counts_E``; :meth:`forward` records ``aux_loss``.
         """
         layer, disp = self._layer, self.dispatcher
+        if disp.compression is not None:  # decided before the first collective (begin)
+            from moeflow.comm.compressed import check_codec_device
+
+            check_codec_device(disp.compression, x.device, "ExpertParallel row all-to-alls")
         layer.check_input(x)
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])

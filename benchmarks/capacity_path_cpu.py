@@ -1,0 +1,246 @@
+"""The ``capacity`` dispatcher's padded-slot path against ``a2a`` on 2 gloo ranks (CPU).
+
+Like-for-like setting of the expert-parallel peer comparison: 2 forked gloo ranks, one
+thread each, T = 2048 tokens per rank, D = 256, F = 1024, E = 8, top-2, capacity factor
+1.25, GELU experts, fp32; one step = forward + backward of one ``ExpertParallel`` layer.
+Arms, interleaved (the order alternates every repeat; the machine is shared):
+
+* ``capacity``     - ``dispatcher="capacity"`` as the tree has it (GShard fixed slots);
+* ``capacity-old`` - the same dispatcher through the chunk pipeline as it was before the
+  fused send buffer (a copy of that ``_Run._pipeline`` lives in this script and is patched
+  in for this arm only);
+* ``a2a``          - ``dispatcher="a2a"`` at the same capacity factor (the router drops the
+  same rows; only real rows travel and are computed).
+
+Each repeat times ``--steps`` steps per arm; a step's time is the max over the ranks. The
+record gives median and spread (min-max) of the per-repeat mean step time. DeepSpeed-MoE is
+not installed on this machine, so it is not an arm.
+
+    python benchmarks/capacity_path_cpu.py [--repeats 7 --steps 3]
+writes benchmarks/results/capacity_path_cpu_<hardware>_<date>.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path)
+
+ARMS = ("capacity", "capacity-old", "a2a")
+
+
+def _old_pipeline(self, rows, r, compute):
+    """``_Run._pipeline`` before the fused capacity send buffer: the padded path appends a
+    zero row to the whole input (a copy of all N rows), gathers every slot from it, and
+    places into a zeroed output of N + 1 rows."""
+    from moeflow.comm.collectives import all_gather_v, reduce_scatter_v
+    from moeflow.parallel.pipeline import run_wavefront
+
+    disp, ex = self.disp, self.ex
+    S, timeout = disp.S, disp.timeout_s
+    D = rows.shape[-1]
+    pad = ex.padded
+    ext = torch.cat([rows, rows.new_zeros(1, D)]) if pad else rows
+    out = ext.new_zeros(ext.shape)
+    routes = [disp.route(ex, r, c).to(ext.device) for c in range(r)]
+    stages = []
+
+    def send(c, _):
+        rt = routes[c]
+        buf = ext.index_select(0, rt.send_gather)
+        return rt.dispatch[0].issue(buf, timeout, skip_pre=True)
+
+    stages.append(send)
+    for k in range(1, len(routes[0].dispatch)):
+        stages.append(lambda c, buf, k=k: routes[c].dispatch[k].issue(buf, timeout))
+    if S > 1:
+
+        def gather(c, buf):
+            sizes = routes[c].recv_SPE.sum((1, 2)).tolist()
+            return all_gather_v(buf, sizes, disp.esp_group, f"ESP all-gather {c}", timeout)
+
+        stages.append(gather)
+
+    def experts(c, buf):
+        rt = routes[c]
+        idx, counts = rt.expert_major, rt.expert_counts
+        if rt.expand:
+            y_e = compute(c, buf.index_select(0, idx), counts, rt.expert_weights)
+            y = buf.new_zeros(buf.shape[0], y_e.shape[-1]).index_add_(0, idx, y_e)
+        elif idx is None:
+            y = compute(c, buf, counts, None)
+        else:
+            y_e = compute(c, buf.index_select(0, idx), counts, None)
+            y = buf.new_empty(buf.shape[0], y_e.shape[-1]).index_copy_(0, idx, y_e)
+        if S > 1:
+            sizes = rt.recv_SPE.sum((1, 2)).tolist()
+            return reduce_scatter_v(y, sizes, disp.esp_group, f"ESP reduce-scatter {c}", timeout)
+        return rt.combine[0].issue(y, timeout)
+
+    stages.append(experts)
+    if S > 1:
+        stages.append(lambda c, y: routes[c].combine[0].issue(y, timeout))
+    for k in range(1, len(routes[0].combine)):
+        stages.append(lambda c, y, k=k: routes[c].combine[k].issue(y, timeout))
+
+    def place(c, y):
+        rt = routes[c]
+        if rt.expand:
+            out.index_add_(0, rt.send_index, y)
+        else:
+            out.index_copy_(0, rt.send_index, y)
+
+    stages.append(place)
+    run_wavefront(r, stages)
+    return out[: rows.shape[0]] if pad else out
+
+
+def _rank(rank, world, args):
+    from moeflow import MoEConfig, MoELayer
+    from moeflow.parallel import ExpertParallel
+    from moeflow.parallel import expert_parallel as ep_mod
+
+    new_pipeline = ep_mod._Run._pipeline
+    cfg = MoEConfig(
+        hidden_size=args.dim,
+        ffn_hidden_size=args.ffn,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        router="softmax_topk",
+        expert_type="gelu",
+        capacity_factor=args.capacity_factor,
+    )
+    models = {}
+    for arm in ARMS:
+        torch.manual_seed(0)  # every rank and arm the same layer
+        disp = "a2a" if arm == "a2a" else "capacity"
+        models[arm] = ExpertParallel(
+            MoELayer(cfg), dispatcher=disp, r_fwd=args.r, r_bwd=args.r, timeout_s=600
+        )
+    torch.manual_seed(1 + rank)
+    x = torch.randn(args.tokens, args.dim)
+
+    def step(arm):
+        ep_mod._Run._pipeline = _old_pipeline if arm == "capacity-old" else new_pipeline
+        m = models[arm]
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.square().mean().backward()
+        return y.detach(), xi.grad
+
+    # the old and new capacity paths must agree bit for bit before anything is timed
+    y_new, g_new = step("capacity")
+    y_old, g_old = step("capacity-old")
+    assert torch.equal(y_new, y_old) and torch.equal(g_new, g_old), "capacity paths differ"
+    for arm in ARMS:  # warm-up
+        step(arm)
+    times = {arm: [] for arm in ARMS}
+    for rep in range(args.repeats):
+        order = ARMS if rep % 2 == 0 else ARMS[::-1]
+        for arm in order:
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(arm)
+            dt = torch.tensor([(time.perf_counter() - t0) / args.steps])
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            times[arm].append(float(dt))
+    return times
+
+
+def _git(*a):
+    try:
+        return subprocess.check_output(["git", *a], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--ffn", type=int, default=1024)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--capacity-factor", type=float, default=1.25)
+    ap.add_argument("--r", type=int, default=1, help="pipeline degree (forward and backward)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--hardware", default="2cpu-x86")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    from moeflow.launch import launch
+
+    times = launch(_rank, 2, args, threads=1, stall_timeout_s=600, progress=False)[0]
+    stats = {
+        a: {
+            "median_ms": 1e3 * statistics.median(t),
+            "min_ms": 1e3 * min(t),
+            "max_ms": 1e3 * max(t),
+            "runs_ms": [1e3 * v for v in t],
+        }
+        for a, t in times.items()
+    }
+    flags = subprocess.run(
+        "lscpu | grep -o 'avx512_bf16\\|avx2' | sort -u",
+        shell=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    cmd = "python " + " ".join(["benchmarks/capacity_path_cpu.py", *sys.argv[1:]])
+    rec = {
+        "date": date,
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, CPU flags {flags}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "command": cmd,
+        "setting": {k: v for k, v in vars(args).items() if k not in ("out", "hardware")},
+        "arms": stats,
+    }
+    base = stats["capacity-old"]["median_ms"]
+    lines = [
+        f"# capacity_path_cpu ({args.hardware}, {date})",
+        "",
+        f"- machine: {rec['machine']}; Python {rec['python']}, torch {rec['torch']}",
+        f"- commit: {rec['commit']}; command: `{cmd}`",
+        f"- setting: 2 gloo ranks x 1 thread, T={args.tokens}, D={args.dim}, F={args.ffn}, "
+        f"E={args.experts}, top-{args.top_k}, capacity factor {args.capacity_factor}, GELU, "
+        f"fp32, r_fwd = r_bwd = {args.r}; step = fwd + bwd, max over ranks",
+        f"- {args.repeats} interleaved repeats of {args.steps} steps per arm (order "
+        "alternating); DeepSpeed-MoE is not installed here, so it is not an arm",
+        "",
+        "| arm | median ms/step | min-max ms | vs capacity-old |",
+        "| --- | --- | --- | --- |",
+    ]
+    for a, s in stats.items():
+        lines.append(
+            f"| {a} | {s['median_ms']:.1f} | {s['min_ms']:.1f}-{s['max_ms']:.1f} | "
+            f"{base / s['median_ms']:.3f}x |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    tag = os.path.join(args.out, f"capacity_path_cpu_{args.hardware}_{date}")
+    if args.r != 1:  # a second configuration of the same benchmark
+        tag += f"_r{args.r}"
+    with open(tag + ".md", "w") as f:
+        f.write(text)
+    with open(tag + ".json", "w") as f:
+        json.dump(rec, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
