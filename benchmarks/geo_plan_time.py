@@ -41,7 +41,7 @@ from geo_sim import device_file  # noqa: E402
 from moeflow.plan import geo
 
 ROOT = Path(__file__).resolve().parents[1]
-SITES_6 = ROOT / "tests" / "runtime" / "data" / "geo_3sites_6devices.json"
+SITES_6 = ROOT / "tests" / "geo" / "data" / "geo_3sites_6devices.json"
 TRACED = dict(model="gpt2", dim=1024, layers=24, heads=16, seq_len=512)
 MIN_DENSITY = 0.25
 TARGETS = {"6dev-492": 10.0, "48dev-50": 30.0, "48dev-492": 30.0}

@@ -49,6 +49,18 @@ from moeflow.errors import PlanError
 from moeflow.plan import geo
 from moeflow.plan import geo_sim as sg
 
+
+def cpu_flags() -> str:
+    """The vector extensions of this CPU that matter for timings (planning time here)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split()
+    have = [f for f in ("avx512_bf16", "avx512f", "avx2") if f in flags]
+    return ", ".join(have) or "none of avx2 / avx512"
+
+
 GPUS = {  # sustained training FLOP/s, memory bytes (our assumptions)
     "A100": (60e12, 40e9),
     "V100": (14e12, 32e9),
@@ -276,7 +288,7 @@ def main(argv=None) -> int:
         "`python benchmarks/geo_sim.py`"
         + (" --quick" if args.quick else "")
         + "; no torch, simulated figures (planning times depend on the machine: "
-        f"{cpu_name()}, Python {platform.python_version()}).",
+        f"{cpu_name()} ({cpu_flags()}), Python {platform.python_version()}).",
         "",
         "Setup (our assumptions; FusionLLM's testbed mix is not published): 6 sites x 8 GPUs "
         "(S0 8x A100-40GB, S1 8x V100-32GB, S2 4x A100 + 4x V100, S3 8x RTX 3090-24GB, S4 4x "
@@ -307,7 +319,8 @@ def main(argv=None) -> int:
         f"- closed-form step vs event simulation on our plans: {100 * min(dev):+.2f}% to "
         f"{100 * max(dev):+.2f}% (the simulation runs forward and backward as two flow lines, "
         "the closed form charges each stage's forward and backward together: see "
-        "moeflow.plan.geo_sim; the bound is +16.7%)",
+        "moeflow.plan.geo_sim; the bound is +16.7% with exact links, +33.3% with a link "
+        "AdaTopK sparsifies, whose forward carries twice the backward's bytes)",
         f"- data parallel, closed form vs simulation: max {100 * max(dp_dev, default=0):.2f}%",
         f"- planning time for 48 GPUs: exact links max {max(r['plan_s'] for r in rows):.2f} s, "
         f"with AdaTopK max "
@@ -317,9 +330,10 @@ def main(argv=None) -> int:
         "their pace, while our plan crosses as few and as fast links as memory allows (GPT-2 "
         "medium fits in S0's eight A100s, so its plan never leaves S0); that is why the ratios "
         "over those baselines exceed the published range. `even-same` isolates the layer split "
-        "on the same devices. AdaTopK at min density 0.01 cuts the one or two WAN transfers "
-        "about 30x (values and int64 indices); this simulation does not model what that costs "
-        "in convergence.",
+        "on the same devices. AdaTopK at min density 0.01 cuts the bytes of the one or two WAN "
+        "links about 67x (forward 2% of the dense bytes: fp32 values and int32 positions; "
+        "backward 1%: the values at the forward's positions, as moeflow.geo.pipeline sends "
+        "them); this simulation does not model what that costs in convergence.",
         "",
     ]
     out = Path(args.out)
@@ -334,6 +348,8 @@ def main(argv=None) -> int:
         "sites": SITES,
         "mixes": MIXES,
         "published": PUBLISHED,
+        "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
         "rows": rows,
     }
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")

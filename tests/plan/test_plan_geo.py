@@ -375,8 +375,8 @@ def test_adatopk_compresses_only_slow_links():
                 continue
             seen += 1
             assert 0.05 <= dens < 1.0
-            wire = cut * dens * 3
-            sent = graph.link_time(u, v, wire) + graph.link_time(v, u, wire)
+            # forward: values and int32 positions; backward: values at those positions
+            sent = graph.link_time(u, v, cut * dens * 2) + graph.link_time(v, u, cut * dens)
             if dens > 0.05:  # the compressed transfer takes exactly the budget
                 assert sent == pytest.approx(pre_budget)
             else:
@@ -452,22 +452,48 @@ def test_adatopk_leaves_links_inside_a_cluster_exact():
     )
     assert geo.cluster_devices(h) == [[0, 1], [2]]
     (d,) = geo.link_densities(ops, h, bounds=(0, 3, 6), devices=(0, 2), microbatches=4)
-    # budget 9 s: 0.2 s of latency, then 8.8 s for 100 * 3 * d bytes each way at 10 B/s
-    assert d == pytest.approx(8.8 * 5 / 300)
+    # budget 9 s: 0.2 s of latency, then 8.8 s for 100 * 2 * d bytes forward (values and
+    # positions) and 100 * d bytes backward (values only) at 10 B/s
+    assert d == pytest.approx(8.8 * 10 / 300)
 
 
 def test_adatopk_density():
-    assert geo.adatopk_density(100.0, 50.0, 1.0) == 1.0  # 0.5 s fits
-    # 1000 bytes over 100 B/s in 1 s: 100 wire bytes = density * 3 * 1000
-    assert geo.adatopk_density(100.0, 1000.0, 1.0) == pytest.approx(1 / 30)
-    assert geo.adatopk_density(100.0, 1e6, 1.0, min_density=0.01) == 0.01
-    assert geo.adatopk_density(100.0, 1e6, -1.0) == 0.01
-    # at density 0.5 values and indices are 1.5x the dense bytes: the link stays exact
-    assert geo.adatopk_density(100.0, 1e6, 1.0, min_density=0.5) == 1.0
+    assert geo.adatopk_density(100.0, 100.0, 25.0, 1.0) == 1.0  # 0.5 s both ways fits
+    # 1000 bytes each way over 100 B/s in 1 s: 100 wire bytes = density * (2 + 1) * 1000
+    # (forward values and positions, backward values only)
+    assert geo.adatopk_density(100.0, 100.0, 1000.0, 1.0) == pytest.approx(1 / 30)
+    # the directions are charged at their own rates: 2 d 1000 / 100 + d 1000 / 50 = 1
+    assert geo.adatopk_density(100.0, 50.0, 1000.0, 1.0) == pytest.approx(1 / 40)
+    assert geo.adatopk_density(100.0, 100.0, 1e6, 1.0, min_density=0.01) == 0.01
+    assert geo.adatopk_density(100.0, 100.0, 1e6, -1.0) == 0.01
+    # at density 0.6 the wire carries 1.2x the dense bytes forward and 0.6x backward: faster
+    # than exact, so the link is compressed; at 0.7 (2.1x in all) it stays exact
+    assert geo.adatopk_density(100.0, 100.0, 1e6, 1.0, min_density=0.6) == 0.6
+    assert geo.adatopk_density(100.0, 100.0, 1e6, 1.0, min_density=0.7) == 1.0
+    assert geo.adatopk_density(100.0, 100.0, 0.0, 0.0) == 1.0
     with pytest.raises(ConfigError):
-        geo.adatopk_density(0.0, 1.0, 1.0)
+        geo.adatopk_density(0.0, 1.0, 1.0, 1.0)
     with pytest.raises(ConfigError):
-        geo.adatopk_density(1.0, 1.0, 1.0, min_density=0)
+        geo.adatopk_density(1.0, 0.0, 1.0, 1.0)
+    with pytest.raises(ConfigError):
+        geo.adatopk_density(1.0, 1.0, 1.0, 1.0, min_density=0)
+
+
+def test_wire_bytes_per_direction():
+    assert geo.wire_bytes(400.0, 1.0) == (400.0, 400.0)
+    # 100 fp32 values: 10 values and 10 int32 positions forward, 10 values backward
+    assert geo.wire_bytes(400.0, 0.1) == pytest.approx((80.0, 40.0))
+    assert geo.wire_factors(0.25) == (0.5, 0.25)
+
+
+def test_stage_costs_charge_each_direction_its_own_bytes():
+    ops = chain_graph([1.0, 1.0], out=100.0)
+    g = uniform_devices(2, bw=10.0, lat=0.5)
+    p = geo.evaluate(ops, g, bounds=(0, 1, 2), devices=(0, 1), microbatches=1, densities=(0.1,))
+    (f0, x0, y0), (f1, x1, y1) = geo.stage_costs(ops, g, p)
+    assert (f0, f1, x1, y1) == (1.0, 1.0, 0.0, 0.0)
+    assert x0 == pytest.approx(0.5 + 100 * 0.2 / 10) and y0 == pytest.approx(0.5 + 100 * 0.1 / 10)
+    assert p.stage_times[0] == pytest.approx(3.0 + x0 + y0)
 
 
 def test_device_too_small_for_any_stage_is_named():

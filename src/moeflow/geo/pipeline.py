@@ -49,11 +49,11 @@ How a run is laid out:
 
 Why not ``torch.distributed.pipelining``: its stages exchange one dense tensor per output
 whose gradient comes back on the same channel with the same shape. AdaTopK sends a top-k of
-the activations forward and an independent top-k of the gradients backward (different
-positions, different sizes than the dense tensor), and a stage here may receive several cut
-tensors (skip connections, the targets). Its schedules also tie a group to a fixed world,
-while a replaced rank needs a new group mid-run. The stage runner below is ~100 lines on the
-same P2P primitives.
+the activations forward (values and positions) and the gradient at those positions backward
+(values only): sizes other than the dense tensor's, different in each direction; and a stage
+here may receive several cut tensors (skip connections, the targets). Its schedules also tie a
+group to a fixed world, while a replaced rank needs a new group mid-run. The stage runner below
+is ~100 lines on the same P2P primitives.
 """
 
 from __future__ import annotations
@@ -432,6 +432,14 @@ class _StageRunner:
         positions = bufs[1].long()
         return TopKFeedback.decompress(bufs[0].to(dtype), positions, shape, dtype), positions
 
+    @staticmethod
+    def _encode_grad(g, positions) -> list[torch.Tensor]:
+        """Backward: the dense gradient, or (``positions`` of a top-k forward) its fp32 values
+        at those positions only, without the positions (the receiver kept them)."""
+        if positions is not None:
+            g = g.reshape(-1)[positions].float()
+        return [g.detach().contiguous()]
+
     def _grad_buffers(self, name, density) -> list[torch.Tensor]:
         """Backward: the dense gradient, or its values at the forward's positions (fp32)."""
         shape, dtype = self.specs[name]
@@ -501,9 +509,7 @@ class _StageRunner:
                     if not t.is_floating_point():
                         continue
                     g = t.grad if t.grad is not None else torch.zeros_like(t)
-                    if kept_in[n] is not None:  # only the positions the forward carried
-                        g = g.reshape(-1)[kept_in[n]].float()
-                    ts = [g.detach().contiguous()]
+                    ts = self._encode_grad(g, kept_in[n])
                     self.wire[1] += sum(x.numel() * x.element_size() for x in ts)
                     pending += group.send(ts, self.s - 1, tag=1)
         for w in pending:

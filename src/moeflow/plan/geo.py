@@ -42,10 +42,16 @@ stages later is forwarded through the middle stage. Per micro-batch:
 
 * stage compute ``c_s = 3 * sum(flops) / device.flops`` (backward = 2 x forward);
 * link time between stages ``s`` and ``s+1`` on devices ``u`` and ``v``:
-  ``l_s = lat(u,v) + lat(v,u) + cut_bytes * w_s * (1/bw(u,v) + 1/bw(v,u))``, activations
-  forward and their gradients backward (``2 * link_time`` on a symmetric link); ``w_s`` is the
-  wire factor, 1 on exact links and ``density * (VALUE_BYTES + INDEX_BYTES) / VALUE_BYTES`` where
-  AdaTopK sends values with int64 indices;
+  ``l_s = lat(u,v) + lat(v,u) + cut_bytes * (x_s / bw(u,v) + y_s / bw(v,u))``, activations
+  forward and their gradients backward; ``x_s`` and ``y_s`` are the wire factors of the two
+  directions (:func:`wire_factors`), both 1 on exact links. Where AdaTopK sparsifies
+  (FusionLLM, arXiv 2410.12707) the forward carries the top-k values with their positions,
+  ``x_s = density * (VALUE_BYTES + INDEX_BYTES) / VALUE_BYTES``, and the backward only the
+  gradient at those positions (the exact gradient of the sparsified forward; both ends know
+  the positions), ``y_s = density``. This is what ``moeflow.geo.pipeline`` sends: fp32 values
+  and int32 positions in fixed-size buffers whose length ``k`` both ends derive from the
+  tensor's shape and the density, so no size header (k is rounded up per tensor there, taken
+  as ``density * numel`` here); the dense tensors are taken to be fp32;
 * stage time ``t_s = c_s + l_s`` (the last stage has no link): the device computes and sends;
 * bottleneck ``max t_s``; a GPipe step of ``M`` micro-batches takes
   ``sum t_s + (M - 1) * max t_s`` (a flow line of identical items);
@@ -121,9 +127,14 @@ import numpy as np
 from moeflow.errors import ConfigError, InputError, PlanError
 from moeflow.validate import is_int, positive_int
 
-#: bytes of one value and one index on an AdaTopK wire (fp32 values, int64 flat indices)
+#: bytes of one value and one position on an AdaTopK wire (fp32 values, int32 flat positions,
+#: as ``moeflow.geo.pipeline`` sends them); VALUE_BYTES is also a dense value's size
 VALUE_BYTES = 4
-INDEX_BYTES = 8
+INDEX_BYTES = 4
+#: wire bytes per dense byte at density 1 in each direction of a sparsified link: the forward
+#: sends values and positions, the backward values only (the forward's positions)
+_FWD_RATE = (VALUE_BYTES + INDEX_BYTES) / VALUE_BYTES
+_BWD_RATE = VALUE_BYTES / VALUE_BYTES
 #: exhaustive device-order search by default up to this many devices
 EXHAUSTIVE_MAX_DEVICES = 6
 #: every order of the clusters is searched up to this many clusters
@@ -592,32 +603,72 @@ class GeoPlan:
 
 
 # ---- cost model ---------------------------------------------------------------------------
-def wire_factor(density: float) -> float:
-    """Bytes on the wire per dense byte at ``density`` (1.0: exact, no indices)."""
+def wire_factors(density: float) -> tuple[float, float]:
+    """Bytes on the wire per dense byte at ``density``, ``(forward, backward)``: the forward
+    sends the top-k values and their positions, the backward the gradient at those positions
+    only (values without positions); ``(1.0, 1.0)`` on an exact link (density 1)."""
     if density >= 1.0:
-        return 1.0
-    return density * (VALUE_BYTES + INDEX_BYTES) / VALUE_BYTES
+        return 1.0, 1.0
+    return density * _FWD_RATE, density * _BWD_RATE
+
+
+def wire_bytes(dense_bytes: float, density: float) -> tuple[float, float]:
+    """Bytes a link sends for a cut of ``dense_bytes`` (fp32) at ``density``,
+    ``(forward, backward)`` (:func:`wire_factors`)."""
+    fwd, bwd = wire_factors(density)
+    return dense_bytes * fwd, dense_bytes * bwd
+
+
+def _transfer(nbytes, density, inv_fwd: float, inv_bwd: float):
+    """Seconds of both transfers of a cut of ``nbytes`` (a float or an array of cuts) at
+    ``density`` (a float or an array) without latency, given ``1 / bandwidth`` each way: the
+    one expression :func:`evaluate` and the search share."""
+    if np.ndim(density) == 0:
+        fwd, bwd = wire_factors(density)
+    else:
+        fwd = np.where(density < 1.0, density * _FWD_RATE, 1.0)
+        bwd = np.where(density < 1.0, density * _BWD_RATE, 1.0)
+    return nbytes * (fwd * inv_fwd + bwd * inv_bwd)
+
+
+def _solve_density(budget_s, dense_bytes, inv_fwd: float, inv_bwd: float, min_density: float):
+    """The density (a float or an array, like ``budget_s`` and ``dense_bytes``) whose two
+    transfers take ``budget_s``, clamped to ``[min_density, 1]``; 1.0 where the exact transfers
+    fit the budget, or where the clamped density would not be faster than exact (forward values
+    and positions outweigh what the backward saves)."""
+    rate = _FWD_RATE * inv_fwd + _BWD_RATE * inv_bwd
+    exact = inv_fwd + inv_bwd
+    budget_s, dense_bytes = np.asarray(budget_s, float), np.asarray(dense_bytes, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.clip(budget_s / (dense_bytes * rate), min_density, 1.0)
+        slow = (dense_bytes > 0) & (dense_bytes * exact > budget_s)
+        out = np.where(slow & (d * rate < exact), d, 1.0)
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def adatopk_density(
-    bandwidth_Bps: float, dense_bytes: float, budget_s: float, *, min_density: float = 0.01
+    forward_Bps: float,
+    backward_Bps: float,
+    dense_bytes: float,
+    budget_s: float,
+    *,
+    min_density: float = 0.01,
 ) -> float:
-    """The top-k density whose compressed transfer of ``dense_bytes`` takes ``budget_s`` on a
-    link of ``bandwidth_Bps`` (values and int64 indices on the wire), clamped to
-    ``[min_density, 1]``; 1.0 when the exact transfer fits the budget, and when the clamped
-    density would put more bytes on the wire than the dense tensor (``min_density`` above
-    ``VALUE_BYTES / (VALUE_BYTES + INDEX_BYTES)``)."""
-    if not _real(bandwidth_Bps) or bandwidth_Bps <= 0:
-        raise ConfigError("bandwidth_Bps", bandwidth_Bps, "a finite number > 0")
+    """The top-k density at which a cut of ``dense_bytes`` goes forward at ``forward_Bps``
+    (values and positions) and its gradient comes back at ``backward_Bps`` (values at the
+    forward's positions) in ``budget_s`` together (:func:`wire_factors`), clamped to
+    ``[min_density, 1]``; 1.0 when the exact transfers fit the budget, and when the clamped
+    density would not be faster than the exact link."""
+    for name, v in (("forward_Bps", forward_Bps), ("backward_Bps", backward_Bps)):
+        if not _real(v) or v <= 0:
+            raise ConfigError(name, v, "a finite number > 0")
     if not _real(dense_bytes) or dense_bytes < 0:
         raise ConfigError("dense_bytes", dense_bytes, "a finite number >= 0")
     if not _real(min_density) or not 0 < min_density <= 1:
         raise ConfigError("min_density", min_density, "a number in (0, 1]")
-    if dense_bytes / bandwidth_Bps <= budget_s:
-        return 1.0
-    d = budget_s * bandwidth_Bps * VALUE_BYTES / (dense_bytes * (VALUE_BYTES + INDEX_BYTES))
-    d = min(1.0, max(min_density, d))
-    return d if wire_factor(d) < 1.0 else 1.0
+    return _solve_density(
+        float(budget_s), float(dense_bytes), 1.0 / forward_Bps, 1.0 / backward_Bps, min_density
+    )
 
 
 def _pair_time(graph: DeviceGraph, u: int, v: int, nbytes: float, density: float) -> float:
@@ -628,7 +679,7 @@ def _pair_time(graph: DeviceGraph, u: int, v: int, nbytes: float, density: float
     return (
         graph.latency[u][v]
         + graph.latency[v][u]
-        + nbytes * wire_factor(density) * (1.0 / bu + 1.0 / bv)
+        + float(_transfer(nbytes, density, 1.0 / bu, 1.0 / bv))
     )
 
 
@@ -639,9 +690,8 @@ def _pair_density(
     bu, bv = graph.bandwidth[u][v], graph.bandwidth[v][u]
     if budget == _INF or bu <= 0 or bv <= 0 or nbytes <= 0:
         return 1.0
-    bw_eff = 1.0 / (1.0 / bu + 1.0 / bv)
     lat = graph.latency[u][v] + graph.latency[v][u]
-    return adatopk_density(bw_eff, nbytes, budget - lat, min_density=min_density)
+    return adatopk_density(bu, bv, nbytes, budget - lat, min_density=min_density)
 
 
 class _Prefix:
@@ -744,8 +794,8 @@ def stage_costs(
         fwd = (pre.F[hi] - pre.F[lo]) / graph.devices[d].flops
         if k + 1 < len(plan.devices):
             e = plan.devices[k + 1]
-            nbytes = pre.cut[hi] * wire_factor(plan.densities[k])
-            out.append((fwd, graph.link_time(d, e, nbytes), graph.link_time(e, d, nbytes)))
+            x, y = wire_bytes(pre.cut[hi], plan.densities[k])
+            out.append((fwd, graph.link_time(d, e, x), graph.link_time(e, d, y)))
         else:
             out.append((fwd, 0.0, 0.0))
     return out
@@ -912,19 +962,12 @@ class _Search:
                 got = np.full(self.n + 1, _INF)
             else:
                 lat = g.latency[u][v] + g.latency[v][u]
-                inv = 1.0 / bu + 1.0 / bv
-                wf = np.ones(self.n + 1)
+                inv_f, inv_b = 1.0 / bu, 1.0 / bv
+                d = np.ones(self.n + 1)
                 bud = self.budget if self.cluster[u] != self.cluster[v] else _INF
                 if bud < _INF:
-                    cut = self.cut
-                    bw_eff = 1.0 / inv
-                    slow = (cut > 0) & (cut / bw_eff > bud - lat)
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        d = (bud - lat) * bw_eff * VALUE_BYTES / (cut * (VALUE_BYTES + INDEX_BYTES))
-                    d = np.clip(d, self.min_density, 1.0)
-                    w = d * (VALUE_BYTES + INDEX_BYTES) / VALUE_BYTES
-                    wf = np.where(slow & (w < 1.0), w, 1.0)
-                got = lat + self.cut * wf * inv
+                    d = _solve_density(bud - lat, self.cut, inv_f, inv_b, self.min_density)
+                got = lat + _transfer(self.cut, d, inv_f, inv_b)
             self._links[key] = got
         return got
 

@@ -20,9 +20,12 @@ transfers do not block. That is the planner's cost model, where stage ``s`` pays
 ``blocking`` and identical micro-batches the forward and the backward are each a flow line, so
 the step takes ``sum_s t_s + (M-1) (max_s (f_s + x_s) + max_s (2 f_s + y_s))`` where the closed
 form charges ``(M-1) max_s (3 f_s + x_s + y_s)`` (``f`` forward compute, ``x``/``y`` forward and
-backward transfer): the two are equal when one stage is the slowest in both directions, and
-otherwise the simulated step is longer by at most one sixth of ``(M-1)`` bottlenecks on
-symmetric links (a compute-bound stage next to a link-bound one).
+backward transfer, :func:`moeflow.plan.geo.stage_costs`): the two are equal when one stage is
+the slowest in both directions, and otherwise the simulated step is longer by at most one sixth
+of ``(M-1)`` bottlenecks on symmetric exact links (``x = y``; a compute-bound stage next to a
+link-bound one). A link that AdaTopK sparsifies (FusionLLM, arXiv 2410.12707) sends values and
+positions forward but only values backward, so ``y <= x <= 2 y`` on a symmetric link and the
+bound is one third.
 
 Data parallelism: each device computes its share, then a ring all-reduce runs ``2 (N - 1)``
 steps; device ``ring[k]`` sends step ``t`` to ``ring[k+1]`` once it received step ``t-1`` from
