@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "moeflow.cli.serve",
         "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)",
     ),
+    "load": (
+        "moeflow.cli.load",
+        "drive an OpenAI-compatible server with Poisson load; TTFT, TPOT, ITL, goodput",
+    ),
     "geo": (
         "moeflow.cli.geo",
         "plan and run pipeline training over slow, uneven links (FusionLLM)",
