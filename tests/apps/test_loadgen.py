@@ -154,3 +154,66 @@ def test_text_prompts_reach_input_len_with_a_character_tokenizer(url):
     rep = run_load(_cfg(url, prompt_text=True, requests=3, input_len=7, output_len=5))
     assert rep["completed"] == 3
     assert rep["input_tokens"] == 3 * 7 and rep["output_tokens"] == 3 * 5
+
+
+@pytest.fixture(scope="module")
+def strict_url():
+    """A server that, like transformers serve, takes text prompts only and answers HTTP 422 to
+    any field it does not know (vLLM's ``ignore_eos`` included); it streams 3 one-letter chunks,
+    an empty finish chunk, then the usage."""
+    fastapi = pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from fastapi import responses
+
+    from tests.serving.conftest import LiveServer
+
+    known = {"model", "prompt", "max_tokens", "temperature", "stream", "stream_options"}
+    app = fastapi.FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "strict"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: fastapi.Request):
+        body = await request.json()
+        extra = set(body) - known
+        if extra or not isinstance(body.get("prompt"), str):
+            return responses.JSONResponse({"detail": f"unexpected {sorted(extra)}"}, 422)
+
+        def ev(text, finish=None, usage=None):
+            d = {"choices": [] if usage else [{"text": text, "finish_reason": finish}]}
+            if usage:
+                d["usage"] = usage
+            return f"data: {json.dumps(d)}\n\n"
+
+        async def sse():
+            for c in "abc":
+                yield ev(c)
+            yield ev("", "length")
+            n = len(body["prompt"])
+            yield ev("", usage={"prompt_tokens": n, "completion_tokens": 3, "total_tokens": n + 3})
+            yield "data: [DONE]\n\n"
+
+        return responses.StreamingResponse(sse(), media_type="text/event-stream")
+
+    with LiveServer(app) as live:
+        yield live.url
+
+
+def test_servers_without_ignore_eos(strict_url, capfd):
+    cfg = dict(model="strict", requests=3, input_len=6, output_len=3)
+    rep = run_load(_cfg(strict_url, **cfg, prompt_text=True, ignore_eos=False))
+    assert rep["completed"] == 3 and rep["output_tokens"] == 9 and rep["input_tokens"] == 18
+    for r in rep["requests"]:
+        assert r["chunks"] == 3  # the empty finish chunk is not a token
+        assert r["ttft_ms"] <= r["e2el_ms"]
+    # with ignore_eos (the default) every request is refused: counted, then one line, exit 1
+    rep = run_load(_cfg(strict_url, **cfg, prompt_text=True))
+    assert rep["completed"] == 0 and rep["failed"] == 3
+    assert "HTTP 422" in rep["errors"][0] and "ignore_eos" in rep["errors"][0]
+    argv = ["load", "--url", strict_url, "--model", "strict", "--requests", "2", "--prompt-text"]
+    assert main(argv) == 1
+    err = capfd.readouterr().err.strip()
+    assert err.count("\n") == 0 and "LoadFailedError" in err and "HTTP 422" in err
+    assert main([*argv, "--no-ignore-eos"]) == 0
