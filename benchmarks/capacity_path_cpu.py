@@ -5,12 +5,9 @@ thread each, T = 2048 tokens per rank, D = 256, F = 1024, E = 8, top-2, capacity
 1.25, GELU experts, fp32; one step = forward + backward of one ``ExpertParallel`` layer.
 Arms, interleaved (the order alternates every repeat; the machine is shared):
 
-* ``capacity``     - ``dispatcher="capacity"`` as the tree has it (GShard fixed slots);
-* ``capacity-old`` - the same dispatcher through the chunk pipeline as it was before the
-  fused send buffer (a copy of that ``_Run._pipeline`` lives in this script and is patched
-  in for this arm only);
-* ``a2a``          - ``dispatcher="a2a"`` at the same capacity factor (the router drops the
-  same rows; only real rows travel and are computed).
+* ``capacity`` - ``dispatcher="capacity"`` (GShard fixed slots, padded);
+* ``a2a``      - ``dispatcher="a2a"`` at the same capacity factor (the router drops the same
+  rows; only real rows travel and are computed).
 
 Each repeat times ``--steps`` steps per arm; a step's time is the max over the ranks. The
 record gives median and spread (min-max) of the per-repeat mean step time. DeepSpeed-MoE is
@@ -36,81 +33,13 @@ import torch
 import torch.distributed as dist
 from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path)
 
-ARMS = ("capacity", "capacity-old", "a2a")
-
-
-def _old_pipeline(self, rows, r, compute):
-    """``_Run._pipeline`` before the fused capacity send buffer: the padded path appends a
-    zero row to the whole input (a copy of all N rows), gathers every slot from it, and
-    places into a zeroed output of N + 1 rows."""
-    from moeflow.comm.collectives import all_gather_v, reduce_scatter_v
-    from moeflow.parallel.pipeline import run_wavefront
-
-    disp, ex = self.disp, self.ex
-    S, timeout = disp.S, disp.timeout_s
-    D = rows.shape[-1]
-    pad = ex.padded
-    ext = torch.cat([rows, rows.new_zeros(1, D)]) if pad else rows
-    out = ext.new_zeros(ext.shape)
-    routes = [disp.route(ex, r, c).to(ext.device) for c in range(r)]
-    stages = []
-
-    def send(c, _):
-        rt = routes[c]
-        buf = ext.index_select(0, rt.send_gather)
-        return rt.dispatch[0].issue(buf, timeout, skip_pre=True)
-
-    stages.append(send)
-    for k in range(1, len(routes[0].dispatch)):
-        stages.append(lambda c, buf, k=k: routes[c].dispatch[k].issue(buf, timeout))
-    if S > 1:
-
-        def gather(c, buf):
-            sizes = routes[c].recv_SPE.sum((1, 2)).tolist()
-            return all_gather_v(buf, sizes, disp.esp_group, f"ESP all-gather {c}", timeout)
-
-        stages.append(gather)
-
-    def experts(c, buf):
-        rt = routes[c]
-        idx, counts = rt.expert_major, rt.expert_counts
-        if rt.expand:
-            y_e = compute(c, buf.index_select(0, idx), counts, rt.expert_weights)
-            y = buf.new_zeros(buf.shape[0], y_e.shape[-1]).index_add_(0, idx, y_e)
-        elif idx is None:
-            y = compute(c, buf, counts, None)
-        else:
-            y_e = compute(c, buf.index_select(0, idx), counts, None)
-            y = buf.new_empty(buf.shape[0], y_e.shape[-1]).index_copy_(0, idx, y_e)
-        if S > 1:
-            sizes = rt.recv_SPE.sum((1, 2)).tolist()
-            return reduce_scatter_v(y, sizes, disp.esp_group, f"ESP reduce-scatter {c}", timeout)
-        return rt.combine[0].issue(y, timeout)
-
-    stages.append(experts)
-    if S > 1:
-        stages.append(lambda c, y: routes[c].combine[0].issue(y, timeout))
-    for k in range(1, len(routes[0].combine)):
-        stages.append(lambda c, y, k=k: routes[c].combine[k].issue(y, timeout))
-
-    def place(c, y):
-        rt = routes[c]
-        if rt.expand:
-            out.index_add_(0, rt.send_index, y)
-        else:
-            out.index_copy_(0, rt.send_index, y)
-
-    stages.append(place)
-    run_wavefront(r, stages)
-    return out[: rows.shape[0]] if pad else out
+ARMS = ("capacity", "a2a")
 
 
 def _rank(rank, world, args):
     from moeflow import MoEConfig, MoELayer
     from moeflow.parallel import ExpertParallel
-    from moeflow.parallel import expert_parallel as ep_mod
 
-    new_pipeline = ep_mod._Run._pipeline
     cfg = MoEConfig(
         hidden_size=args.dim,
         ffn_hidden_size=args.ffn,
@@ -131,7 +60,6 @@ def _rank(rank, world, args):
     x = torch.randn(args.tokens, args.dim)
 
     def step(arm):
-        ep_mod._Run._pipeline = _old_pipeline if arm == "capacity-old" else new_pipeline
         m = models[arm]
         m.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
@@ -139,10 +67,6 @@ def _rank(rank, world, args):
         y.square().mean().backward()
         return y.detach(), xi.grad
 
-    # the old and new capacity paths must agree bit for bit before anything is timed
-    y_new, g_new = step("capacity")
-    y_old, g_old = step("capacity-old")
-    assert torch.equal(y_new, y_old) and torch.equal(g_new, g_old), "capacity paths differ"
     for arm in ARMS:  # warm-up
         step(arm)
     times = {arm: [] for arm in ARMS}
@@ -210,7 +134,7 @@ def main(argv=None):
         "setting": {k: v for k, v in vars(args).items() if k not in ("out", "hardware")},
         "arms": stats,
     }
-    base = stats["capacity-old"]["median_ms"]
+    base = stats["a2a"]["median_ms"]
     lines = [
         f"# capacity_path_cpu ({args.hardware}, {date})",
         "",
@@ -222,13 +146,13 @@ def main(argv=None):
         f"- {args.repeats} interleaved repeats of {args.steps} steps per arm (order "
         "alternating); DeepSpeed-MoE is not installed here, so it is not an arm",
         "",
-        "| arm | median ms/step | min-max ms | vs capacity-old |",
+        "| arm | median ms/step | min-max ms | a2a / arm |",
         "| --- | --- | --- | --- |",
     ]
     for a, s in stats.items():
         lines.append(
             f"| {a} | {s['median_ms']:.1f} | {s['min_ms']:.1f}-{s['max_ms']:.1f} | "
-            f"{base / s['median_ms']:.3f}x |"
+            f"{base / s['median_ms']:.3f} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
