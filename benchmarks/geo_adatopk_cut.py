@@ -191,7 +191,8 @@ def main(argv=None) -> int:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "losses": res}, f)
+            args_ = {k: v for k, v in vars(args).items() if k != "json"}  # the output path
+            json.dump({"args": args_, "losses": res}, f)
     return 0
 
 

@@ -201,6 +201,7 @@ def main() -> int:
                                 )
                             )
                             r.pop("requests")
+                            r["config"]["model"] = os.path.basename(r["config"]["model"])
                             row = {"arm": arm, "repeat": rep, "rate": rate, "report": r}
                             runs.append(row)
                             print(
@@ -254,7 +255,8 @@ def write(args, rates, arms, runs, failures) -> None:
                     "p99_tpot_ms_max": max(tpot),
                 }
             )
-    cmd = "PYTHONPATH=src python " + " ".join(sys.argv)
+    argv = [("DIR" if args.tf_pythonpath and a == args.tf_pythonpath else a) for a in sys.argv]
+    cmd = "PYTHONPATH=src python " + " ".join(argv)
     import importlib.metadata as md
 
     def ver(pkg: str, path: str = "") -> str:
@@ -283,7 +285,11 @@ def write(args, rates, arms, runs, failures) -> None:
         "cpu_flags": _flags(),
         "command": cmd,
         "versions": versions,
-        "args": vars(args),
+        # paths name this run's machine, not the product: the record keeps what was set
+        "args": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "tf_pythonpath": "DIR" if args.tf_pythonpath else None,
+        },
         "summary": summary,
         "failures": failures,
         "runs": runs,
