@@ -376,10 +376,12 @@ class TokenDispatcher(abc.ABC):
         R = ex.recv_SPE
         return sub_block_index(R, split_offsets(R, r, c), split_sizes(R, r, c), perm=(2, 0, 1))
 
-    def weight_grad(self, ex: CountExchange, grad_A: torch.Tensor) -> torch.Tensor:
+    def weight_grad(self, ex: CountExchange, grad_A: torch.Tensor | None) -> torch.Tensor | None:
         """Gradient of this rank's combine weights from the ``ex.num_assignments`` partial
-        sums formed where the experts ran (token layouts; collective)."""
-        raise NotImplementedError(f"{type(self).__name__} moves rows: the layer weights them")
+        sums formed where the experts ran (token layouts; collective). A row layout returns
+        None: its rows come back unweighted and the layer's combine differentiates the
+        weights itself."""
+        return None
 
     def expert_rows(self) -> torch.Tensor | None:
         """Row of each global expert when the ranks' local experts are stacked in EP rank

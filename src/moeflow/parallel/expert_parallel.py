@@ -290,7 +290,7 @@ class _Run:
 
         gx = self._pipeline(grad_y.contiguous(), self.r_bwd, compute)
         self.graphs = self.x_full = self.saved = self.y_full = None
-        g_weight = disp.weight_grad(ex, g_A) if expands else None
+        g_weight = disp.weight_grad(ex, g_A)
         return gx, g_weight, gw_in, gw_out
 
 
