@@ -50,8 +50,11 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-#: namespace prefix (switch: PREFIX + "sw", nodes: PREFIX + "0", PREFIX + "1", ...)
-PREFIX = "mfpe"
+#: namespace prefix (switch: PREFIX + "sw", nodes: PREFIX + "0", PREFIX + "1", ...); set
+#: MOEFLOW_EMU_PREFIX to run two emulated clusters side by side (each tears down only its own)
+PREFIX = os.environ.get("MOEFLOW_EMU_PREFIX", "mfpe")
+if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", PREFIX):
+    raise ValueError(f"MOEFLOW_EMU_PREFIX={PREFIX!r}: expected 1-8 lowercase letters or digits")
 #: the node-side interface name (what GLOO_SOCKET_IFNAME names)
 IFACE = "mfpe0"
 SUBNET = "10.78.0"
@@ -159,7 +162,8 @@ def namespaces() -> list[str]:
     """The namespaces this module made (and did not remove yet)."""
     r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     names = [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
-    return [n for n in names if n.startswith(PREFIX)]
+    mine = re.compile(re.escape(PREFIX) + r"(sw|\d+)")
+    return [n for n in names if mine.fullmatch(n)]
 
 
 def down() -> None:
