@@ -1,22 +1,23 @@
-"""Measured naive DEP vs PPPipe vs FinDEP on this host's loopback (issue 15), two workloads.
+"""Measured naive DEP vs tuned PPPipe vs FinDEP per step (issue 26): loopback and emulated links.
 
-    python benchmarks/serve_bench_cpu.py [--repeat 3] [--out benchmarks/results]
+    python benchmarks/serve_bench_cpu.py [--repeat 5] [--layouts 1x1,1x2]
+        [--links loopback,1gbit,100mbit] [--out benchmarks/results]
 
-AG = 1 and EG = 1 gloo ranks with one thread each, so on a 2-core machine the two groups run
-in parallel. Two fixed request sets over the demo MoE model (4 layers, hidden 256, 8 experts
-top-2, one shared expert):
+For each layout (AG x EG gloo ranks, one thread each) and each link, one fixed request set
+over the demo MoE model (4 layers, hidden 256, 8 experts top-2, one shared expert, fp32):
+32 requests, prompts 16-48 tokens, outputs 32-64 tokens, all arriving at once. Every schedule
+is solved per step by the same :class:`moeflow.plan.findep.StepPlanner` from costs measured
+first on this host (``moeflow serve-bench --plan auto``): FinDEP over (r1, r2, order), PPPipe
+its best r1, naive DEP r1 = r2 = 1. ``--repeat`` rounds, each running every schedule once in a
+fresh random order after the same one-token warm-up; the record gives every run, the median and
+the range. Goodput (vLLM's ``--goodput``) under one SLO for every schedule: TTFT <= 3 s and
+TPOT <= 100 ms.
 
-* ``prefill-heavy``: 16 requests, prompts 128-256 tokens, 2-4 output tokens;
-* ``decode-heavy``: 32 requests, prompts 16-48 tokens, 32-64 output tokens.
-
-Each schedule runs ``--repeat`` times, interleaved with the others, and keeps its best
-output throughput (``moeflow serve-bench``). Writes ``serve_bench_cpu_<host>_<date>.md``
-and ``.json`` under ``--out``.
-
-``--shaped 1gbit,100mbit`` also runs the decode-heavy set with the AG rank and the EG rank in
-two network namespaces joined by a link shaped to each rate (``emulated_cluster.py``; needs
-root), so a2e/e2a time is real link time. There the FinDEP plan comes from the solver with
-the link profiled across the shaped link itself.
+``loopback``: ``moeflow serve-bench`` forks the ranks on 127.0.0.1. A tc rate (``1gbit``,
+``100mbit``): each rank in its own network namespace, every link shaped to that rate
+(``emulated_cluster.py``, needs root; ``MOEFLOW_EMU_PREFIX`` names the namespaces), the link
+cost measured across the shaped link itself. Writes ``serve_bench_cpu_<host>_<date>.md`` and
+``.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import datetime
 import io
 import json
 import os
+import platform
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -34,15 +37,16 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import cpu_name  # noqa: E402
 
-from moeflow.apps.serve_bench import add_serve_bench_arguments, run_serve_bench  # noqa: E402
+from moeflow.apps.serve_bench import (  # noqa: E402
+    add_serve_bench_arguments,
+    format_runs,
+    format_table,
+    metrics_from_dict,
+    run_serve_bench,
+)
 
-WORKLOADS = {
-    "prefill-heavy": ["--requests", "16", "--prompt-len", "128:256", "--output-len", "2:4"],
-    "decode-heavy": ["--requests", "32", "--prompt-len", "16:48", "--output-len", "32:64"],
-}
-
-
-SHAPED_FLAGS = WORKLOADS["decode-heavy"]
+SLO = ["--slo-ttft-ms", "3000", "--slo-tpot-ms", "100"]
+FLAGS = ["--requests", "32", "--prompt-len", "16:48", "--output-len", "32:64", *SLO]
 SMOKE_FLAGS = [
     "--requests",
     "3",
@@ -54,19 +58,22 @@ SMOKE_FLAGS = [
     "1",
     "--demo-hidden",
     "32",
+    *SLO,
 ]
+PORT = 29611
 
 
-def node_main(rank: int, master: str, port: int, repeat: int, flags) -> int:
-    """One rank of the shaped-link run (inside a namespace): rank 0 is the AG, rank 1 the EG.
-    Rank 0 prints one JSON line per measured schedule."""
+def node_main(rank: int, world: int, master: str, port: int, flags, rate: str) -> int:
+    """One rank of a shaped-link run (inside a namespace): rank 0 is the AG, the others the
+    EG. Rank 0 measures the costs (the link across the shaped link, with ranks 0 and 1) and
+    prints the run's record as one JSON line."""
     import datetime as dt
 
     import torch
     import torch.distributed as dist
 
     from moeflow.apps import serve_bench as sbm
-    from moeflow.plan import findep as fd
+    from moeflow.perf.measure import fit
     from moeflow.serving.disaggregated import ServeSchedule, serve_rank
 
     torch.set_num_threads(1)
@@ -74,195 +81,238 @@ def node_main(rank: int, master: str, port: int, repeat: int, flags) -> int:
         "gloo",
         init_method=f"tcp://{master}:{port}",
         rank=rank,
-        world_size=2,
+        world_size=world,
         timeout=dt.timedelta(seconds=600),
     )
     args = add_serve_bench_arguments(argparse.ArgumentParser()).parse_args(flags)
+    args.ag, args.eg = 1, world - 1
     model = sbm._model(args)
     reqs = sbm.request_set(args, model.cfg.vocab_size, model.cfg.max_position_embeddings)
     sizes = [4096, 65536, 1 << 20, 4 << 20]
-    ms = sbm._pingpong(rank, 2, sizes)  # across the shaped link
-    plan_t = torch.zeros(6, dtype=torch.long)
+    ms = sbm._pingpong(rank, world, sizes)  # across the shaped link
+    planner = costs = None
     if rank == 0:
-        from moeflow.perf.cost import LinearCost
+        link = fit(sizes, ms, note=f"gloo across a {rate} tc-shaped link")
+        gemm, attn = sbm._fit_gemm(model.cfg, args.eg), sbm._fit_attention(model.cfg)
+        costs = (gemm, link, attn)
+        planner = sbm.step_planner(model.cfg, 1, args.eg, gemm, link, attn, name=rate)
+    dist.barrier()
+    schedules = [ServeSchedule.per_step(n, planner) for n in sbm.SCHEDULE_CHOICES]
 
-        link = LinearCost.fit(sizes, ms, source="measured", nonneg_alpha=True)
-        gemm = sbm._fit_gemm(model.cfg, 1)
-        width, seqs = max(len(r.prompt) for r in reqs), len(reqs)
-        w = sbm.findep_workload(model.cfg, 1, 1, width, seqs, gemm, link)
-        p = fd.solve(w)
-        d = fd.solve(sbm.findep_workload(model.cfg, 1, 1, 1, seqs, gemm, link))
-        plan_t = torch.tensor(
-            [p.r1, p.r2, fd.ORDERS.index(p.order), d.r1, d.r2, fd.ORDERS.index(d.order)]
+    def serve_once(s):
+        steps: list = []
+        out = serve_rank(rank, world, model, reqs, 1, args.eg, s, 300.0, warmup=True, steps=steps)
+        dist.barrier()
+        return ([r for _, r in out] if rank == 0 else []), steps
+
+    def summarize_run(res, s, steps):
+        if rank:
+            return None
+        return sbm.summarize(
+            res, s, args.slo_ttft_ms, args.slo_tpot_ms, steps=steps, predict=planner.predict_ms
         )
-        print(
-            json.dumps(
-                {"link_alpha_ms": link.alpha, "link_beta_ms_per_B": link.beta, "link_r2": link.r2}
-            ),
-            flush=True,
-        )
-    dist.broadcast(plan_t, 0)
-    v = plan_t.tolist()
-    schedules = [
-        ServeSchedule.naive(),
-        ServeSchedule.pppipe(),
-        ServeSchedule("findep", v[0], v[1], fd.ORDERS[v[2]], (v[3], v[4], fd.ORDERS[v[5]])),
-    ]
-    best = {}
-    for _ in range(repeat):
-        for s in schedules:
-            out = serve_rank(rank, 2, model, reqs, 1, 1, s, timeout_s=300, warmup=True)
-            if rank == 0:
-                m = sbm.summarize([r for _, r in out], s)
-                if s.name not in best or m.output_tok_s > best[s.name].output_tok_s:
-                    best[s.name] = m
-            dist.barrier()
+
+    order, runs = sbm.run_rounds(serve_once, schedules, args.repeat, args.seed, summarize_run)
     if rank == 0:
-        for s in schedules:
-            print(json.dumps(best[s.name].to_dict()), flush=True)
+        print(json.dumps(sbm.bench_record(args, model.cfg, reqs, costs, order, runs)), flush=True)
     dist.destroy_process_group()
     return 0
 
 
-def shaped(rate: str, repeat: int, smoke: bool):
-    """(metrics list, link fit) of the decode-heavy set over a link shaped to ``rate``, or
-    (None, reason) when no emulated cluster can be built here."""
+def shaped(rate: str, eg: int, flags) -> tuple[dict | None, str]:
+    """(record, "") of a run with every link shaped to ``rate``, or (None, why not)."""
     import subprocess
 
     import emulated_cluster as ec
 
-    # our own namespace names: another benchmark's cluster (default prefix) is never rebuilt
-    # or removed by this run, nor ours by it
-    ec.PREFIX = "mfsb"
     reason = ec.unavailable()
     if reason:
         return None, reason
     if ec.namespaces():
-        return None, "an emulated cluster of this benchmark is already up; not touched"
-    ec.up(2, rate)
+        return None, f"namespaces with prefix {ec.PREFIX} are already up; not touched"
+    world = 1 + eg
+    ec.up(world, rate)
     try:
-        me = [sys.executable, os.path.abspath(__file__), "--repeat", str(repeat)]
-        me += ["--smoke"] if smoke else []
-        port = 29611
+        me = [sys.executable, os.path.abspath(__file__), "--node-world", str(world)]
         procs = [
             subprocess.Popen(
                 ec.node_command(
-                    i, me + ["--node-rank", str(i), "--master", ec.addr(0), "--port", str(port)]
+                    i,
+                    me
+                    + ["--node-rank", str(i), "--master", ec.addr(0), "--port", str(PORT)]
+                    + ["--rate", rate, "--"]
+                    + flags,
                 ),
                 stdout=subprocess.PIPE,
                 text=True,
             )
-            for i in (0, 1)
+            for i in range(world)
         ]
-        outs = [p.communicate(timeout=1800)[0] for p in procs]
+        outs = [p.communicate(timeout=3600)[0] for p in procs]
         if any(p.returncode for p in procs):
             return None, f"a node exited with {[p.returncode for p in procs]}"
-        lines = [json.loads(ln) for ln in outs[0].splitlines() if ln.startswith("{")]
-        return lines[1:], lines[0]
+        rec = [json.loads(ln) for ln in outs[0].splitlines() if ln.startswith("{")]
+        return rec[-1], ""
     finally:
         ec.down()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--host", default=f"{os.cpu_count()}cpu-x86")
-    ap.add_argument("--shaped", default="", help="comma-separated tc rates, e.g. 1gbit,100mbit")
-    ap.add_argument("--skip-loopback", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="tiny request sets (code path check)")
-    ap.add_argument("--node-rank", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--master", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.node_rank is not None:
-        return node_main(
-            args.node_rank,
-            args.master,
-            args.port,
-            args.repeat,
-            SMOKE_FLAGS if args.smoke else SHAPED_FLAGS,
+def loopback(eg: int, flags) -> dict:
+    """The record of ``moeflow serve-bench`` on 127.0.0.1 (AG = 1, EG = ``eg``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rec.json"
+        sb = add_serve_bench_arguments(argparse.ArgumentParser())
+        args = sb.parse_args(
+            flags + ["--eg", str(eg), "--json", str(path), "--no-progress", "--force-nproc"]
         )
-    date = datetime.date.today().isoformat()
-    import platform
+        with contextlib.redirect_stdout(io.StringIO()):
+            run_serve_bench(args)
+        return json.loads(path.read_text())
 
-    import torch
 
-    lines = [
-        f"# serve-bench: naive DEP vs PPPipe vs FinDEP, loopback and shaped link ({date}, "
-        f"{args.host})",
+def _costs_line(rec: dict) -> str:
+    c = rec["costs"]
+    return (
+        "measured costs: "
+        + ", ".join(
+            f"{k} {v['alpha_ms']:.3g} ms + {v['beta_ms']:.3g} ms/{'B' if k == 'link' else 'FLOP'}"
+            f" (R^2 {v['r2']:.3f})"
+            for k, v in c.items()
+        )
+        + "; solver grid: r1 <= 8, r2 <= 8, ASAS/AASS"
+    )
+
+
+def section(title: str, rec: dict) -> list[str]:
+    runs = {n: [metrics_from_dict(m) for m in ms] for n, ms in rec["runs"].items()}
+    sp = rec["speedups"]
+    return [
+        f"## {title}",
         "",
-        f"CPU: {cpu_name()}; Python {platform.python_version()}, torch {torch.__version__}; "
-        "AG = 1, EG = 1 gloo ranks, one thread each; best of "
-        f"{args.repeat} interleaved runs per schedule; demo model (4 layers, hidden 256, "
-        "8 experts top-2, 1 shared expert, fp32).",
+        _costs_line(rec),
         "",
-        "`python benchmarks/serve_bench_cpu.py` (each workload is one `moeflow "
-        "serve-bench` run; flags below).",
+        "Median [min-max] of the rounds; meas/pred: measured over predicted time of the prefill "
+        "and of the decode steps.",
+        "",
+        format_table(runs),
+        "",
+        "FinDEP / best other (medians): " + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items()),
+        "",
+        "Every run (in the order run):",
+        "",
+        format_runs(rec["order"], runs),
         "",
     ]
-    records = {}
-    loads = {"smoke": SMOKE_FLAGS} if args.smoke else WORKLOADS
-    for name, flags in ({} if args.skip_loopback else loads).items():
-        with tempfile.TemporaryDirectory() as tmp:
-            rec_path = Path(tmp) / "rec.json"
-            sb = add_serve_bench_arguments(argparse.ArgumentParser())
-            sb_args = sb.parse_args(flags + ["--repeat", str(args.repeat), "--json", str(rec_path)])
-            buf = io.StringIO()
-            with contextlib.redirect_stdout(buf):
-                run_serve_bench(sb_args)
-            out = buf.getvalue()
-            print(out, end="")
-            records[name] = json.loads(rec_path.read_text())
-        lines += [
-            f"## {name}",
-            "",
-            f"flags: `{' '.join(flags)} --repeat {args.repeat}`",
-            "",
-            *[ln for ln in out.splitlines() if ln.startswith(("|", "serve-bench:"))],
-            "",
-        ]
-    for rate in [r for r in args.shaped.split(",") if r]:
-        from moeflow.apps.serve_bench import Metrics, format_table
 
-        ms, info = shaped(rate, args.repeat, args.smoke)
-        lines += [
-            f"## decode-heavy over a {rate} shaped link (AG and EG in two namespaces)",
-            "",
-            f"flags: `{' '.join(SMOKE_FLAGS if args.smoke else SHAPED_FLAGS)} "
-            f"--repeat {args.repeat}`",
-            "",
-        ]
-        if ms is None:
-            lines += [f"skipped: {info}", ""]
-            records[f"shaped-{rate}"] = {"skipped": info}
+
+def wait_share(rec: dict) -> dict[str, dict[str, float]]:
+    """Per schedule and step kind: the share of the AG's step time spent waiting for e2a."""
+    out = {}
+    for n, ms in rec["runs"].items():
+        out[n] = {}
+        for kind, pick in (("prefill", lambda t: t > 1), ("decode", lambda t: t == 1)):
+            sts = [st for m in ms for st in m["steps"] if pick(st["tokens"])]
+            tot = sum(st["ms"] for st in sts)
+            out[n][kind] = sum(st["wait_ms"] for st in sts) / tot if tot else float("nan")
+    return out
+
+
+def summary(records: dict) -> list[str]:
+    lines = [
+        "| layout | link | FinDEP / best other, goodput | output tok/s | naive meas/pred "
+        "prefill, decode | pppipe | findep | AG waiting (prefill, decode) naive / pppipe / "
+        "findep |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, rec in records.items():
+        if "skipped" in rec:
+            lines.append(f"| {key} | skipped: {rec['skipped']} | | | | | | |")
             continue
-        lines += [
-            f"link across the shaped link: {info['link_alpha_ms']:.3g} ms + "
-            f"{info['link_beta_ms_per_B']:.3g} ms/B (R^2 {info['link_r2']:.3f})",
-            "",
-            format_table(
-                [
-                    Metrics(
-                        **{
-                            **m,
-                            "ttft_ms": tuple(m["ttft_ms"]),
-                            "tpot_ms": tuple(m["tpot_ms"]),
-                            "decode": None if m["decode"] is None else tuple(m["decode"]),
-                        }
-                    )
-                    for m in ms
-                ]
-            ),
-            "",
-        ]
-        records[f"shaped-{rate}"] = {"link": info, "results": ms}
-        print("\n".join(lines[-2:]))
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        layout, link = key.split(" ", 1)
+        runs = {n: [metrics_from_dict(m) for m in ms] for n, ms in rec["runs"].items()}
+
+        def rat(n, runs=runs):
+            p = statistics.median(m.prefill_ratio for m in runs[n])
+            d = statistics.median(m.decode_ratio for m in runs[n])
+            return f"{p:.2f}, {d:.2f}"
+
+        ws = wait_share(rec)
+        wait = " / ".join(f"{ws[n]['prefill']:.0%}, {ws[n]['decode']:.0%}" for n in runs)
+        sp = rec["speedups"]
+        lines.append(
+            f"| {layout} | {link} | {sp.get('goodput', float('nan')):.2f}x | "
+            f"{sp.get('output_tok_s', float('nan')):.2f}x | {rat('naive')} | {rat('pppipe')} | "
+            f"{rat('findep')} | {wait} |"
+        )
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--host", default=f"{os.cpu_count()}cpu-x86")
+    ap.add_argument("--layouts", default="1x1,1x2", help="AGxEG, comma-separated")
+    ap.add_argument("--links", default="loopback,1gbit,100mbit", help="loopback or tc rates")
+    ap.add_argument("--smoke", action="store_true", help="tiny request set (code path check)")
+    ap.add_argument("--node-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--node-world", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--master", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rate", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.node_rank is not None:
+        flags = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        return node_main(args.node_rank, args.node_world, args.master, args.port, flags, args.rate)
+    import torch
+
+    flags = (SMOKE_FLAGS if args.smoke else FLAGS) + ["--repeat", str(args.repeat)]
+    date = datetime.date.today().isoformat()
+    records: dict = {}
+    sections: list[str] = []
+    for layout in [x for x in args.layouts.split(",") if x]:
+        ag, eg = (int(v) for v in layout.split("x"))
+        if ag != 1:
+            raise SystemExit(f"--layouts {layout}: this benchmark runs AG = 1")
+        for link in [x for x in args.links.split(",") if x]:
+            key = f"AG{ag}xEG{eg} {link}"
+            print(f"serve_bench_cpu: {key} ...", flush=True)
+            if link == "loopback":
+                rec = loopback(eg, flags)
+            else:
+                rec, why = shaped(link, eg, flags)
+                if rec is None:
+                    records[key] = {"skipped": why}
+                    sections += [f"## {key}", "", f"skipped: {why}", ""]
+                    continue
+            records[key] = rec
+            sections += section(key, rec)
+            print("\n".join(section(key, rec)[:9]), flush=True)
+    flags_txt = " ".join(flags)
+    lines = [
+        f"# serve-bench: naive DEP vs tuned PPPipe vs FinDEP per step ({date}, {args.host})",
+        "",
+        f"CPU: {cpu_name()}; Python {platform.python_version()}, torch {torch.__version__}; "
+        "gloo ranks with one thread each; demo model (4 layers, hidden 256, 8 experts top-2, "
+        "1 shared expert, fp32).",
+        "",
+        f"`python benchmarks/serve_bench_cpu.py --repeat {args.repeat} --layouts {args.layouts} "
+        f"--links {args.links}`; each configuration is `moeflow serve-bench {flags_txt}` "
+        "(loopback) or the same flags on ranks in network namespaces (shaped links).",
+        "",
+        "## Summary",
+        "",
+        *summary(records),
+        "",
+        *sections,
+    ]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     stem = f"serve_bench_cpu_{args.host}_{date}"
-    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    (out_dir / f"{stem}.json").write_text(json.dumps(records, indent=1) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(records, indent=1) + "\n")
+    print("\n".join(lines[:12]))
     return 0
 
 

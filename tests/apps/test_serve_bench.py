@@ -1,5 +1,6 @@
-"""serve-bench: vLLM's metric definitions on hand-made timestamps, a tiny end-to-end run with
---json, and flags refused with typed errors before any rank starts."""
+"""serve-bench: vLLM's metric definitions (goodput included) on hand-made timestamps, rounds in
+random order, a tiny end-to-end run with --json, and flags refused with typed errors before any
+rank starts."""
 
 import argparse
 import json
@@ -9,7 +10,9 @@ import pytest
 from moeflow.apps.serve_bench import (
     add_serve_bench_arguments,
     request_set,
+    run_rounds,
     run_serve_bench,
+    speedups,
     summarize,
 )
 from moeflow.errors import ConfigError, DistributedConfigError, InputError
@@ -30,8 +33,52 @@ def test_metrics_follow_vllm_definitions():
     assert m.ttft_ms[0] == pytest.approx(150.0)  # mean of 100 and 200 ms
     assert m.ttft_ms[2] == pytest.approx(199.0)  # p99, linear
     assert m.tpot_ms == pytest.approx((200.0, 200.0, 200.0))  # (500 - 100) / 2; b has 1 token
+    assert m.goodput_req_s is None  # no SLO, no goodput
     with pytest.raises(InputError):
         summarize([GenerationResult(0, 1)], ServeSchedule.naive())
+
+
+def test_goodput_counts_requests_within_every_slo():
+    a = GenerationResult(0, 5, tokens=[1, 2, 3], start_time=10.0, token_times=[10.1, 10.3, 10.5])
+    b = GenerationResult(1, 5, tokens=[4], start_time=10.0, token_times=[10.2])
+    sched = ServeSchedule.naive()
+    # a: TTFT 100, TPOT 200; b: TTFT 200, TPOT 0 (one token); duration 0.5 s
+    assert summarize([a, b], sched, 150.0, None).goodput_req_s == pytest.approx(2.0)
+    assert summarize([a, b], sched, 250.0, 100.0).good_requests == 1
+    assert summarize([a, b], sched, 250.0, 201.0).goodput_req_s == pytest.approx(4.0)
+    assert summarize([a, b], sched, 50.0, 500.0).good_requests == 0
+
+
+def test_steps_are_set_against_the_prediction():
+    a = GenerationResult(0, 5, tokens=[1, 2], start_time=0.0, token_times=[0.1, 0.2])
+    steps = [
+        {"seqs": 1, "tokens": 5, "r1": 1, "r2": 2, "order": "AASS", "ms": 90.0},
+        {"seqs": 1, "tokens": 1, "r1": 1, "r2": 1, "order": "ASAS", "ms": 30.0},
+    ]
+    m = summarize([a], ServeSchedule("findep"), steps=steps, predict=lambda b, t, *_: 10.0 * t)
+    assert (m.r1, m.r2, m.order, m.decode) == (1, 2, "AASS", (1, 1, "ASAS"))
+    assert m.prefill_ratio == pytest.approx(90 / 50) and m.decode_ratio == pytest.approx(3.0)
+
+
+def test_rounds_run_every_schedule_once_in_varying_order():
+    scheds = [ServeSchedule.naive(), ServeSchedule.pppipe(), ServeSchedule("findep", 2, 2)]
+    ran = []
+
+    def serve_once(s):
+        ran.append(s.name)
+        k = len(ran)
+        r = GenerationResult(0, 1, tokens=[1, 2], start_time=0.0, token_times=[0.1, 0.1 + k])
+        return [r], []
+
+    order, runs = run_rounds(
+        serve_once, scheds, 6, 0, lambda res, s, st: summarize(res, s, None, 1e7)
+    )
+    assert [n for rnd in order for n in rnd] == ran
+    assert all(sorted(rnd) == ["findep", "naive", "pppipe"] for rnd in order)
+    assert len({tuple(rnd) for rnd in order}) > 1  # not one fixed order
+    assert all(len(ms) == 6 for ms in runs.values())
+    sp = speedups(runs)
+    assert set(sp) == {"goodput", "output_tok_s"} and sp["output_tok_s"] > 0
 
 
 def test_request_set_is_fixed_by_the_seed():
@@ -61,13 +108,18 @@ def test_tiny_run_writes_json(tmp_path, capsys):
             "2",
             "--json",
             str(out),
+            "--repeat",
+            "2",
+            "--slo-tpot-ms",
+            "1000",
             "--no-progress",
         )
     )
     assert rc == 0
     rec = json.loads(out.read_text())
-    assert [r["schedule"] for r in rec["results"]] == ["naive", "pppipe", "findep"]
-    for r in rec["results"]:
+    assert list(rec["runs"]) == ["naive", "pppipe", "findep"]
+    assert rec["repeat"] == 2 and all(sorted(o) == sorted(rec["runs"]) for o in rec["order"])
+    for r in (r for rs in rec["runs"].values() for r in rs):
         assert r["output_tokens"] == sum(
             request_set(
                 parse("--requests", "3", "--prompt-len", "4:8", "--output-len", "3:4"), 2048, 1024
@@ -75,9 +127,12 @@ def test_tiny_run_writes_json(tmp_path, capsys):
             for i in range(3)
         )
         assert r["output_tok_s"] > 0 and r["ttft_ms"][0] > 0
+        assert r["predicted_prefill_ms"] > 0 and r["measured_decode_ms"] > 0
+        assert r["goodput_req_s"] is not None
+        # one prefill step and one decode step per token after the first of the longest
+        assert len(r["steps"]) == 1 + 3
     out = capsys.readouterr().out
     assert "| findep |" in out and "FinDEP solver: prefill r1=" in out
-    assert rec["results"][0]["predicted_prefill_ms"] > 0
 
 
 def test_manual_findep_schedule(capsys):
@@ -95,7 +150,7 @@ def test_manual_findep_schedule(capsys):
             "32",
             "--schedules",
             "findep",
-            "--findep",
+            "--plan",
             "manual",
             "--r1",
             "2",
@@ -103,11 +158,13 @@ def test_manual_findep_schedule(capsys):
             "3",
             "--order",
             "ASAS",
+            "--repeat",
+            "1",
             "--no-progress",
         )
     )
     assert rc == 0
-    assert "| findep | 2 / 3 / ASAS | same |" in capsys.readouterr().out
+    assert "| findep | 2/3/ASAS | 2/3/ASAS |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -118,6 +175,7 @@ def test_manual_findep_schedule(capsys):
         (("--output-len", "x"), ConfigError, "--output-len"),
         (("--requests", "0"), ConfigError, "--requests"),
         (("--r2", "0"), ConfigError, "--r2"),
+        (("--slo-ttft-ms", "-1"), ConfigError, "--slo-ttft-ms"),
         (
             (
                 "--eg",

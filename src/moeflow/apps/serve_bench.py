@@ -6,22 +6,35 @@ every request produces exactly its output length) is served once per schedule by
 ``--ag`` attention ranks and ``--eg`` expert ranks (:func:`moeflow.serving.disaggregated.serve`).
 All requests arrive at once (offline batch, vLLM's ``request_rate=inf``).
 
+Plans (``--plan auto``, the default): this host's costs are measured first
+(:mod:`moeflow.perf.measure`: the expert FFN, the attention half of a layer, the gloo link)
+and every schedule is solved at every forward call ("step") for that step's shape by one
+:class:`moeflow.plan.findep.StepPlanner`: FinDEP over ``(r1, r2, order)``, PPPipe its best
+``r1`` (``r2 = 1``, ASAS), naive DEP ``r1 = r2 = 1``. ``--plan manual`` fixes FinDEP at
+``--r1/--r2/--order`` and PPPipe at ``--pppipe-r1``.
+
+Fairness: every run forks fresh ranks, which exchange the same one-token warm-up before the
+clock starts (gloo connects peers lazily). Each of ``--repeat`` rounds runs every schedule
+once, in a fresh random order (seeded by ``--seed``); the table gives the median and the range
+(min-max) of every round, and the JSON every run. Nothing is best-of.
+
 Metrics, as vLLM's ``benchmark_serving`` defines them:
 
 * output throughput: generated tokens / duration (first request start to last token);
 * TTFT: time from a request's arrival to its first token;
 * TPOT: ``(latency - TTFT) / (output tokens - 1)`` per request with more than one token;
-* each with mean, median (p50) and p99 (``numpy.percentile``, linear).
+* each with mean, median (p50) and p99 (``numpy.percentile``, linear);
+* goodput (with ``--slo-ttft-ms`` and/or ``--slo-tpot-ms``, vLLM's ``--goodput``): requests
+  that meet every SLO given, per second of the run's duration.
 
-Each run forks fresh ranks; before the clock starts they exchange one warm-up token (gloo
-connects peers lazily), so TTFT holds no connection set-up. ``--repeat`` runs every schedule
-several times, interleaved, and keeps each one's best throughput.
+Every forward call of the AG is timed and set against the closed form's time for its shape and
+plan (:meth:`~moeflow.plan.findep.StepPlanner.predict_ms`): the table gives measured /
+predicted over the prefill and over the decode steps (sum of measured over sum of predicted).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -60,7 +73,7 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument(
         "--schedules",
         default="naive,pppipe,findep",
-        help="comma-separated, measured in this order (default all three)",
+        help="comma-separated (default all three); each round runs them in a random order",
     )
     p.add_argument("--requests", type=int, default=16, help="number of requests (16)")
     p.add_argument(
@@ -70,32 +83,42 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--output-len", default="16:32", help="output length range lo:hi, uniform (default 16:32)"
     )
     p.add_argument("--seed", type=int, default=0, help="request-set seed (0)")
-    p.add_argument("--pppipe-r1", type=int, default=2, help="PPPipe micro-batches (2)")
     p.add_argument(
-        "--findep",
+        "--pppipe-r1", type=int, default=2, help="PPPipe micro-batches with --plan manual (2)"
+    )
+    p.add_argument(
+        "--plan",
         default="auto",
         choices=("auto", "manual"),
-        help="FinDEP's (r1, r2, order): 'auto' (default) profiles this host's GEMM "
-        "and loopback link and solves FinDEP's model for the prefill batch; "
-        "'manual' takes --r1/--r2/--order",
+        help="'auto' (default): measure this host's costs and solve every schedule per step "
+        "(FinDEP over r1, r2 and order, PPPipe its best r1, naive r1 = r2 = 1); "
+        "'manual': FinDEP fixed at --r1/--r2/--order, PPPipe at --pppipe-r1",
     )
-    p.add_argument(
-        "--r1", type=int, default=2, help="FinDEP micro-batches with --findep manual (2)"
-    )
-    p.add_argument(
-        "--r2", type=int, default=2, help="FinDEP expert chunks with --findep manual (2)"
-    )
+    p.add_argument("--r1", type=int, default=2, help="FinDEP micro-batches with --plan manual (2)")
+    p.add_argument("--r2", type=int, default=2, help="FinDEP expert chunks with --plan manual (2)")
     p.add_argument(
         "--order",
         default="AASS",
         choices=("ASAS", "AASS"),
-        help="FinDEP order of attention and shared experts with --findep manual",
+        help="FinDEP order of attention and shared experts with --plan manual",
     )
     p.add_argument(
         "--repeat",
         type=int,
-        default=1,
-        help="runs per schedule, interleaved; the best throughput is kept (1)",
+        default=5,
+        help="rounds; each runs every schedule once, in a random order (5)",
+    )
+    p.add_argument(
+        "--slo-ttft-ms",
+        type=float,
+        default=None,
+        help="goodput SLO: time to first token at most this (ms)",
+    )
+    p.add_argument(
+        "--slo-tpot-ms",
+        type=float,
+        default=None,
+        help="goodput SLO: time per output token at most this (ms)",
     )
     p.add_argument("--demo-layers", type=int, default=4)
     p.add_argument("--demo-hidden", type=int, default=256)
@@ -143,6 +166,10 @@ def validate_serve_bench_args(args) -> None:
     args.repeat = positive_int("--repeat", args.repeat, maximum=MAX_REPEAT)
     args.requests = positive_int("--requests", args.requests, maximum=MAX_REQUESTS)
     args.timeout = positive_float("--timeout", args.timeout)
+    for flag in ("--slo-ttft-ms", "--slo-tpot-ms"):
+        attr = flag[2:].replace("-", "_")
+        if getattr(args, attr) is not None:
+            setattr(args, attr, positive_float(flag, getattr(args, attr)))
     for flag in ("--pppipe-r1", "--r1", "--r2"):
         attr = flag[2:].replace("-", "_")
         setattr(args, attr, positive_int(flag, getattr(args, attr), maximum=MAX_DEGREE))
@@ -192,7 +219,9 @@ def _range(flag: str, text: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Metrics:
-    """One schedule's run (times in ms)."""
+    """One schedule's run (times in ms). ``r1``/``r2``/``order``: the plan of the run's
+    prefill steps (the first step's); ``decode``: that of its decode steps, or None when it is
+    the same. ``steps``: every AG forward call (shape, plan, measured and predicted ms)."""
 
     schedule: str
     r1: int
@@ -205,10 +234,30 @@ class Metrics:
     output_tok_s: float
     ttft_ms: tuple[float, float, float]  # mean, p50, p99
     tpot_ms: tuple[float, float, float]
-    predicted_prefill_ms: float | None = None  # FinDEP's closed form for the prefill pass
+    good_requests: int | None = None
+    goodput_req_s: float | None = None
+    steps: tuple = ()
+    predicted_prefill_ms: float | None = None  # the closed form's time of the prefill steps
+    measured_prefill_ms: float | None = None
+    predicted_decode_ms: float | None = None  # the closed form's time of the decode steps
+    measured_decode_ms: float | None = None
 
     def to_dict(self) -> dict:
-        return {**self.__dict__}
+        return {**self.__dict__, "steps": list(self.steps)}
+
+    @property
+    def prefill_ratio(self) -> float | None:
+        """Measured / predicted time of the prefill steps."""
+        return _ratio(self.measured_prefill_ms, self.predicted_prefill_ms)
+
+    @property
+    def decode_ratio(self) -> float | None:
+        """Measured / predicted time of the decode steps."""
+        return _ratio(self.measured_decode_ms, self.predicted_decode_ms)
+
+
+def _ratio(a, b):
+    return None if a is None or not b else a / b
 
 
 def _stats(xs: list[float]) -> tuple[float, float, float]:
@@ -220,33 +269,82 @@ def _stats(xs: list[float]) -> tuple[float, float, float]:
     return float(a.mean()), float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
-def summarize(results, schedule) -> Metrics:
-    """vLLM's metrics from :class:`~moeflow.models.generate.GenerationResult` timestamps."""
+def summarize(
+    results,
+    schedule,
+    slo_ttft_ms: float | None = None,
+    slo_tpot_ms: float | None = None,
+    steps=(),
+    predict=None,
+) -> Metrics:
+    """vLLM's metrics from :class:`~moeflow.models.generate.GenerationResult` timestamps.
+
+    Goodput (vLLM ``benchmark_serving --goodput``): a request is good when its TTFT is at
+    most ``slo_ttft_ms`` and its TPOT (0 for a one-token request) at most ``slo_tpot_ms``
+    (each SLO only when given); goodput is good requests per second of the run's duration
+    (None without an SLO). ``steps``: the AG's step records (``serve(steps=...)``);
+    ``predict(seqs, tokens, r1, r2, order)``: the model's ms for one, to set beside it."""
     ok = [r for r in results if r.ok and r.tokens]
     if not ok:
         raise InputError("no request produced a token: nothing to measure")
     start = min(r.start_time for r in ok)
     end = max(r.token_times[-1] for r in ok)
     ttft = [1e3 * (r.token_times[0] - r.start_time) for r in ok]
-    tpot = [
+    tpot_all = [
         1e3 * (r.token_times[-1] - r.token_times[0]) / (len(r.tokens) - 1)
-        for r in ok
         if len(r.tokens) > 1
+        else 0.0
+        for r in ok
     ]
+    tpot = [t for t, r in zip(tpot_all, ok) if len(r.tokens) > 1]
     n_out = sum(len(r.tokens) for r in ok)
     dur = max(end - start, 1e-9)
+    good = goodput = None
+    if slo_ttft_ms is not None or slo_tpot_ms is not None:
+        good = sum(
+            (slo_ttft_ms is None or a <= slo_ttft_ms) and (slo_tpot_ms is None or b <= slo_tpot_ms)
+            for a, b in zip(ttft, tpot_all)
+        )
+        goodput = good / dur
+    steps = tuple(
+        {**st, "predicted_ms": predict(st["seqs"], st["tokens"], st["r1"], st["r2"], st["order"])}
+        if predict is not None
+        else dict(st)
+        for st in steps
+    )
+    pre = [st for st in steps if st["tokens"] > 1]
+    dec = [st for st in steps if st["tokens"] == 1]
+    first = pre[0] if pre else (steps[0] if steps else None)
+    plan = (
+        (first["r1"], first["r2"], first["order"])
+        if first
+        else (schedule.r1, schedule.r2, schedule.order)
+    )
+    decode = schedule.decode
+    if dec:
+        decode = (dec[0]["r1"], dec[0]["r2"], dec[0]["order"])
+        decode = None if decode == plan else decode
+
+    def total(sts, key):
+        return sum(st[key] for st in sts) if sts and key in sts[0] else None
+
     return Metrics(
         schedule.name,
-        schedule.r1,
-        schedule.r2,
-        schedule.order,
-        schedule.decode,
+        *plan,
+        decode,
         len(ok),
         n_out,
         dur,
         n_out / dur,
         _stats(ttft),
         _stats(tpot),
+        good,
+        goodput,
+        steps,
+        total(pre, "predicted_ms"),
+        total(pre, "ms"),
+        total(dec, "predicted_ms"),
+        total(dec, "ms"),
     )
 
 
@@ -303,7 +401,9 @@ def request_set(args, vocab_size: int, context: int):
     return out
 
 
-def _schedules(args, plan=None, decode_plan=None):
+def _schedules(args, planner=None):
+    """The schedules of ``--schedules``: solved per step by ``planner`` (``--plan auto``), or
+    fixed by the manual flags."""
     from moeflow.serving.disaggregated import ServeSchedule
 
     names = [s.strip() for s in str(args.schedules).split(",") if s.strip()]
@@ -314,15 +414,13 @@ def _schedules(args, plan=None, decode_plan=None):
             args.schedules,
             f"distinct names from {SCHEDULE_CHOICES}, comma-separated",
         )
+    if planner is not None:
+        return [ServeSchedule.per_step(n, planner) for n in names]
     make = {
         "naive": ServeSchedule.naive,
         "pppipe": lambda: ServeSchedule.pppipe(positive_int("--pppipe-r1", args.pppipe_r1)),
-        "findep": lambda: (
-            ServeSchedule.from_plan(plan, decode_plan)
-            if plan is not None
-            else ServeSchedule(
-                "findep", positive_int("--r1", args.r1), positive_int("--r2", args.r2), args.order
-            )
+        "findep": lambda: ServeSchedule(
+            "findep", positive_int("--r1", args.r1), positive_int("--r2", args.r2), args.order
         ),
     }
     return [make[n]() for n in names]
@@ -404,6 +502,8 @@ def _pingpong(rank, world, sizes):
     from moeflow.perf.measure import time_ms
 
     out = []
+    if rank > 1:  # the round trips are between ranks 0 and 1; others wait for them
+        return out
     header = torch.zeros(8, dtype=torch.long)
     for n in sizes:
         x = torch.zeros(n // 4)
@@ -434,14 +534,13 @@ def _fit_link():
     return fit(sizes, ms, note="gloo loopback, this host")
 
 
-def findep_workload(cfg, ag: int, eg: int, seq_len: int, seqs: int, gemm, link, attention=None):
-    """FinDEP's workload of one prefill pass of ``seqs`` sequences of ``seq_len`` tokens per
-    AG rank on this host (memory is not the limit here: ``max_seqs`` is)."""
+def findep_model(cfg):
+    """FinDEP's view of a :class:`moeflow.models.DecoderConfig` (fp32 weights and cache)."""
     from moeflow.plan import findep as fd
 
     D, H, K, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     moe = cfg.moe
-    model = fd.FinDEPModel(
+    return fd.FinDEPModel(
         name="serve-bench",
         hidden_size=D,
         expert_ffn=moe.ffn_hidden_size,
@@ -456,8 +555,14 @@ def findep_workload(cfg, ag: int, eg: int, seq_len: int, seqs: int, gemm, link, 
         bytes_per_element=4,
         source="derived",
     )
-    tb = fd.Testbed(
-        name="loopback",
+
+
+def host_testbed(ag: int, eg: int, gemm, link, attention=None, name: str = "loopback"):
+    """This host as a FinDEP testbed: the measured costs (memory is not the limit here)."""
+    from moeflow.plan import findep as fd
+
+    return fd.Testbed(
+        name=name,
         gpu="cpu thread",
         ag=ag,
         eg=eg,
@@ -468,40 +573,181 @@ def findep_workload(cfg, ag: int, eg: int, seq_len: int, seqs: int, gemm, link, 
         note="profiled on this host",
         attention=attention,
     )
-    return fd.Workload(model=model, testbed=tb, seq_len=seq_len, max_seqs=seqs, max_r2=8)
 
 
-def predicted_prefill_ms(w, schedule, seqs: int) -> float:
-    """The closed form's time of the prefill pass of ``seqs`` sequences under ``schedule``."""
+def step_planner(cfg, ag: int, eg: int, gemm, link, attention=None, name: str = "loopback"):
+    """The :class:`~moeflow.plan.findep.StepPlanner` of this host (``max_r2 = 8``)."""
     from moeflow.plan import findep as fd
 
-    m_a = -(-seqs // schedule.r1)
-    return fd.predicted_time(w, m_a, schedule.r1, schedule.r2, schedule.order)
+    tb = host_testbed(ag, eg, gemm, link, attention, name)
+    return fd.StepPlanner(findep_model(cfg), tb, max_r2=8)
 
 
-def format_table(ms: list[Metrics]) -> str:
-    base = next((m.output_tok_s for m in ms if m.schedule == "naive"), None)
-    head = (
-        "| schedule | prefill r1 / r2 / order | decode r1 / r2 / order | output tok/s "
-        "| vs naive | TTFT mean / p50 / p99 ms | TPOT mean / p50 / p99 ms "
-        "| prefill predicted ms |"
+def _fmt_range(xs, digits: int = 1) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    med = statistics.median(xs)
+    return f"{med:.{digits}f} [{min(xs):.{digits}f}-{max(xs):.{digits}f}]"
+
+
+def _plans_used(ms: list[Metrics], prefill: bool) -> str:
+    from collections import Counter
+
+    c = Counter(
+        (st["r1"], st["r2"], st["order"])
+        for m in ms
+        for st in m.steps
+        if (st["tokens"] > 1) == prefill
     )
-    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for m in ms:
-        rel = f"{m.output_tok_s / base:.2f}x" if base else "-"
-        dec = "same" if m.decode is None else " / ".join(str(v) for v in m.decode)
+    if not c:
+        return "-"
+    return ", ".join(f"{r1}/{r2}/{o}" for (r1, r2, o), _ in c.most_common(2)) + (
+        f" (+{len(c) - 2})" if len(c) > 2 else ""
+    )
+
+
+def format_table(runs: dict[str, list[Metrics]]) -> str:
+    """Per schedule: the median [min-max] over its runs."""
+    head = (
+        "| schedule | prefill r1/r2/order | decode r1/r2/order (most used) | output tok/s "
+        "| goodput req/s | TTFT p50 ms | TPOT p50 ms | prefill meas/pred | decode meas/pred |"
+    )
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, ms in runs.items():
         lines.append(
-            f"| {m.schedule} | {m.r1} / {m.r2} / {m.order} | {dec} | "
-            f"{m.output_tok_s:.1f} | "
-            f"{rel} | {' / '.join(f'{v:.1f}' for v in m.ttft_ms)} | "
-            f"{' / '.join(f'{v:.2f}' for v in m.tpot_ms)} | "
-            + (f"{m.predicted_prefill_ms:.1f} |" if m.predicted_prefill_ms else "- |")
+            f"| {name} | {_plans_used(ms, True)} | {_plans_used(ms, False)} | "
+            f"{_fmt_range([m.output_tok_s for m in ms])} | "
+            f"{_fmt_range([m.goodput_req_s for m in ms], 2)} | "
+            f"{_fmt_range([m.ttft_ms[1] for m in ms])} | "
+            f"{_fmt_range([m.tpot_ms[1] for m in ms], 2)} | "
+            f"{_fmt_range([m.prefill_ratio for m in ms], 2)} | "
+            f"{_fmt_range([m.decode_ratio for m in ms], 2)} |"
         )
     return "\n".join(lines)
 
 
+def format_runs(order: list[list[str]], runs: dict[str, list[Metrics]]) -> str:
+    """Every run, in the order it ran."""
+    lines = [
+        "| round | slot | schedule | output tok/s | goodput req/s | TTFT p50 ms | TPOT p50 ms "
+        "| prefill meas/pred ms | decode meas/pred ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    seen = {n: 0 for n in runs}
+    for i, names in enumerate(order):
+        for j, n in enumerate(names):
+            m = runs[n][seen[n]]
+            seen[n] += 1
+            gp = "-" if m.goodput_req_s is None else f"{m.goodput_req_s:.2f}"
+
+            def pair(a, b):
+                return "-" if a is None or b is None else f"{a:.0f} / {b:.0f}"
+
+            lines.append(
+                f"| {i + 1} | {j + 1} | {n} | {m.output_tok_s:.1f} | {gp} | "
+                f"{m.ttft_ms[1]:.1f} | {m.tpot_ms[1]:.2f} | "
+                f"{pair(m.measured_prefill_ms, m.predicted_prefill_ms)} | "
+                f"{pair(m.measured_decode_ms, m.predicted_decode_ms)} |"
+            )
+    return "\n".join(lines)
+
+
+def run_rounds(serve_once, schedules, repeat: int, seed: int, summarize_run, on_run=None):
+    """``repeat`` rounds of every schedule, each round in a fresh random order
+    (``random.Random(seed)``). ``serve_once(schedule) -> (results, steps)``;
+    ``summarize_run(results, schedule, steps) -> Metrics``. Returns (the order of each round,
+    {name: [Metrics per round]})."""
+    import random
+
+    rng = random.Random(seed)
+    runs: dict[str, list[Metrics]] = {s.name: [] for s in schedules}
+    order = []
+    for _ in range(repeat):
+        todo = list(schedules)
+        rng.shuffle(todo)
+        order.append([s.name for s in todo])
+        for s in todo:
+            res, steps = serve_once(s)
+            failed = [r for r in res if not r.ok]
+            if failed:
+                raise InputError(f"request {failed[0].request_id} failed: {failed[0].error}")
+            m = summarize_run(res, s, steps)
+            runs[s.name].append(m)
+            if on_run is not None:
+                on_run(m)
+    return order, runs
+
+
+def speedups(runs: dict[str, list[Metrics]]) -> dict[str, float]:
+    """FinDEP's median over the best of the other schedules' medians: goodput (when an SLO
+    was given) and output tok/s."""
+    out = {}
+    if "findep" not in runs or len(runs) < 2:
+        return out
+    for key, get in (
+        ("goodput", lambda m: m.goodput_req_s),
+        ("output_tok_s", lambda m: m.output_tok_s),
+    ):
+        med = {}
+        for n, ms in runs.items():
+            xs = [get(m) for m in ms if get(m) is not None]
+            if xs:
+                med[n] = statistics.median(xs)
+        others = [v for n, v in med.items() if n != "findep"]
+        if "findep" in med and others and max(others) > 0:
+            out[key] = med["findep"] / max(others)
+    return out
+
+
+def bench_record(args, cfg, reqs, costs, order, runs) -> dict:
+    """The JSON record of a run (``moeflow.serve-bench/2``): flags, the measured costs
+    (gemm, link, attention), the order of every round and every run's metrics."""
+    plo, phi = _range("--prompt-len", args.prompt_len)
+    olo, ohi = _range("--output-len", args.output_len)
+    return {
+        "format": "moeflow.serve-bench/2",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ag": args.ag,
+        "eg": args.eg,
+        "requests": len(reqs),
+        "prompt_len": [plo, phi],
+        "output_len": [olo, ohi],
+        "seed": args.seed,
+        "repeat": args.repeat,
+        "plan": args.plan,
+        "slo_ttft_ms": args.slo_ttft_ms,
+        "slo_tpot_ms": args.slo_tpot_ms,
+        "costs": {
+            k: {"alpha_ms": c.alpha, "beta_ms": c.beta, "r2": c.r2}
+            for k, c in zip(("gemm", "link", "attention"), costs)
+        },
+        "model": {
+            "source": args.model,
+            "layers": cfg.num_layers,
+            "hidden": cfg.hidden_size,
+            "experts": cfg.moe.num_experts,
+            "top_k": cfg.moe.top_k,
+            "shared": cfg.moe.num_shared_experts,
+        },
+        "order": order,
+        "runs": {n: [m.to_dict() for m in ms] for n, ms in runs.items()},
+        "speedups": speedups(runs),
+    }
+
+
+def metrics_from_dict(d: dict) -> Metrics:
+    """A :class:`Metrics` back from its ``to_dict``."""
+    d = dict(d)
+    for k in ("ttft_ms", "tpot_ms", "steps"):
+        d[k] = tuple(d[k])
+    if d["decode"] is not None:
+        d["decode"] = tuple(d["decode"])
+    return Metrics(**d)
+
+
 def run_serve_bench(args) -> int:
-    """Run the benchmark; print the table (and write ``--json``). Raises typed errors."""
+    """Run the benchmark; print the tables (and write ``--json``). Raises typed errors."""
     from moeflow.progress import Progress
     from moeflow.serving.disaggregated import check_layout, serve
 
@@ -510,89 +756,80 @@ def run_serve_bench(args) -> int:
     model = _model(args)
     check_layout(ag + eg, ag, eg, model.cfg.moe.num_experts)
     reqs = request_set(args, model.cfg.vocab_size, model.cfg.max_position_embeddings)
-    seqs = -(-len(reqs) // ag)
-    # prefill runs right-padded to the longest prompt, so that is the S the model must see
-    padded_prompt = max(len(r.prompt) for r in reqs)
-    plan = decode_plan = None
     gemm, link, attn = _fit_gemm(model.cfg, eg), _fit_link(), _fit_attention(model.cfg)
-    model_w = findep_workload(model.cfg, ag, eg, padded_prompt, seqs, gemm, link, attn)
-    if args.findep == "auto":
-        from moeflow.plan import findep as fd
-
-        plan = fd.solve(model_w)
-        # a decode step: one token per sequence (FinDEP's model with S = 1)
-        decode_plan = fd.solve(findep_workload(model.cfg, ag, eg, 1, seqs, gemm, link, attn))
+    planner = step_planner(model.cfg, ag, eg, gemm, link, attn)
+    schedules = _schedules(args, planner if args.plan == "auto" else None)
+    seqs = -(-len(reqs) // ag)
+    width = max(len(r.prompt) for r in reqs)  # prefill runs right-padded to the longest
+    solved = {
+        n: (planner.plan(n, seqs, width), planner.plan(n, seqs, 1))
+        for n in ("naive", "pppipe", "findep")
+    }
     print(
         f"serve-bench: this host: gemm {gemm.alpha:.3g} ms + {gemm.beta:.3g} ms/FLOP "
         f"(R^2 {gemm.r2:.3f}), link {link.alpha:.3g} ms + {link.beta:.3g} ms/B "
         f"(R^2 {link.r2:.3f}), attention {attn.alpha:.3g} ms + {attn.beta:.3g} ms/FLOP "
-        f"(R^2 {attn.r2:.3f})"
-        + (
-            f"; FinDEP solver: prefill r1={plan.r1} r2={plan.r2} "
-            f"{plan.order}, decode r1={decode_plan.r1} "
-            f"r2={decode_plan.r2} {decode_plan.order}"
-            if plan
-            else ""
+        f"(R^2 {attn.r2:.3f}); step solver ({seqs} x {width} prefill, {seqs} x 1 decode): "
+        + "; ".join(
+            f"{n} {p.r1}/{p.r2}/{p.order} then {d.r1}/{d.r2}/{d.order}"
+            for n, (p, d) in solved.items()
         )
+        + f"; FinDEP solver: prefill r1={solved['findep'][0].r1} r2={solved['findep'][0].r2} "
+        f"{solved['findep'][0].order}"
     )
-    schedules = _schedules(args, plan, decode_plan)
-    best: dict[str, Metrics] = {}
-    total = repeat * len(schedules)
-    with Progress(total, "serve-bench", enabled=not args.no_progress) as bar:
-        for _ in range(repeat):
-            for s in schedules:  # interleaved, so drift on a shared machine hits all alike
-                res = serve(
-                    model,
-                    reqs,
-                    ag=ag,
-                    eg=eg,
-                    schedule=s,
-                    timeout_s=args.timeout,
-                    warmup=True,
-                    force=args.force_nproc,
-                )
-                failed = [r for r in res if not r.ok]
-                if failed:
-                    raise InputError(f"request {failed[0].request_id} failed: {failed[0].error}")
-                m = dataclasses.replace(
-                    summarize(res, s), predicted_prefill_ms=(predicted_prefill_ms(model_w, s, seqs))
-                )
-                if s.name not in best or m.output_tok_s > best[s.name].output_tok_s:
-                    best[s.name] = m
-                bar.update(1, **{s.name: round(m.output_tok_s, 1)})
-    ms = [best[s.name] for s in schedules]
+
+    def serve_once(s):
+        steps: list = []
+        res = serve(
+            model,
+            reqs,
+            ag=ag,
+            eg=eg,
+            schedule=s,
+            timeout_s=args.timeout,
+            warmup=True,
+            force=args.force_nproc,
+            steps=steps,
+        )
+        return res, steps
+
+    def summarize_run(res, s, steps):
+        return summarize(
+            res, s, args.slo_ttft_ms, args.slo_tpot_ms, steps=steps, predict=planner.predict_ms
+        )
+
+    with Progress(repeat * len(schedules), "serve-bench", enabled=not args.no_progress) as bar:
+        order, runs = run_rounds(
+            serve_once,
+            schedules,
+            repeat,
+            args.seed,
+            summarize_run,
+            on_run=lambda m: bar.update(1, **{m.schedule: round(m.output_tok_s, 1)}),
+        )
     n_out = sum(r.params.max_new_tokens for r in reqs)
     plo, phi = _range("--prompt-len", args.prompt_len)
     olo, ohi = _range("--output-len", args.output_len)
+    slo = ", ".join(
+        f"{k} <= {v:g} ms"
+        for k, v in (("TTFT", args.slo_ttft_ms), ("TPOT", args.slo_tpot_ms))
+        if v is not None
+    )
     print(
         f"serve-bench: {len(reqs)} requests, prompt {plo}-{phi}, output {olo}-{ohi} tokens "
         f"(uniform, seed {args.seed}; {n_out} output tokens), ag={ag} eg={eg}, "
-        f"best of {repeat}"
+        f"{repeat} rounds in random order, median [min-max]"
+        + (f"; goodput SLO {slo}" if slo else "")
     )
-    print(format_table(ms))
+    print(format_table(runs))
+    sp = speedups(runs)
+    if sp:
+        print(
+            "serve-bench: findep / best other (medians): "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items())
+        )
     if args.json:
-        cfg = model.cfg
-        rec = {
-            "format": "moeflow.serve-bench/1",
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "ag": ag,
-            "eg": eg,
-            "requests": len(reqs),
-            "prompt_len": [plo, phi],
-            "output_len": [olo, ohi],
-            "seed": args.seed,
-            "repeat": repeat,
-            "model": {
-                "source": args.model,
-                "layers": cfg.num_layers,
-                "hidden": cfg.hidden_size,
-                "experts": cfg.moe.num_experts,
-                "top_k": cfg.moe.top_k,
-                "shared": cfg.moe.num_shared_experts,
-            },
-            "results": [m.to_dict() for m in ms],
-            "median_tok_s": statistics.median(m.output_tok_s for m in ms),
-        }
+        rec = bench_record(args, model.cfg, reqs, (gemm, link, attn), order, runs)
         with atomic_file(args.json, force=args.force) as f:
             json.dump(rec, f, indent=1)
             f.write("\n")

@@ -267,7 +267,7 @@ class Workload:
     def costs(self, m_a: int, r2: int) -> StageCosts:
         """The per-micro-batch (``t_a``, ``t_s``) and per-chunk (``t_e``, ``t_a2e``) costs."""
         m, tb, s = self.model, self.testbed, self.seq_len
-        gm, c = tb.gemm, tb.link
+        gm = tb.gemm
         tokens = m_a * s
         proj, core = 2.0 * tokens * m.attn_proj_params, float(m_a * m.attn_core_dim * s * s)
         t_a = tb.attention(proj + core) if tb.attention is not None else gm(proj) + gm(core)
@@ -276,11 +276,27 @@ class Workload:
             if m.num_shared
             else 0.0
         )
-        m_e = m_a * tb.ag * m.top_k * s / (r2 * m.num_experts)  # token conservation
-        local = m.num_experts // tb.eg
-        t_e = 3 * local * gm(2.0 * m_e * m.hidden_size * m.expert_ffn)
-        t_a2e = c(m_e * local * m.hidden_size * m.bytes_per_element)
+        t_e, t_a2e = self.chunk_costs(m_a * tb.ag * m.top_k * s / r2)
         return StageCosts(t_a=t_a, t_s=t_s, t_e=t_e, t_a2e=t_a2e)
+
+    def chunk_costs(self, assignments: float) -> tuple[float, float]:
+        """(``t_e``, ``t_a2e``) of a chunk of ``assignments`` (token, expert) pairs over all EG
+        GPUs (token conservation: ``m_e = assignments / E`` rows per expert).
+
+        An expert that receives no row runs no GEMM (grouped and loop kernels skip it), which
+        matters for decode steps of a few sequences: with the pairs spread uniformly, an EG GPU
+        expects ``(E / eg) (1 - (1 - 1/E)^n)`` of its experts busy, each with the GPU's
+        ``n / eg`` rows shared among them. With ``n >> E`` (FinDEP's prefill shapes) that is
+        every expert with ``m_e`` rows, the paper's ``t_e = 3 (E / eg) t_gm(2 m_e M H)``."""
+        m, tb = self.model, self.testbed
+        local = m.num_experts // tb.eg
+        rows = assignments / tb.eg  # rows this EG GPU receives
+        busy = local * -math.expm1(assignments * math.log1p(-1.0 / m.num_experts))
+        if m.num_experts == 1:
+            busy = 1.0 if assignments > 0 else 0.0
+        t_e = 3 * busy * tb.gemm(2.0 * rows / busy * m.hidden_size * m.expert_ffn) if busy else 0.0
+        t_a2e = tb.link(rows * m.hidden_size * m.bytes_per_element)
+        return t_e, t_a2e
 
 
 @dataclass(frozen=True)
@@ -436,16 +452,8 @@ def _best_r2(w: Workload, m_a: int, r1: int, order: str, count: list[int]) -> tu
 def _relaxed_time(w: Workload, m_a: int, r1: int, r2: float, order: str) -> float:
     """The closed form at a real ``r2`` (the continuous relaxation the ternary search uses)."""
     m, tb, s = w.model, w.testbed, w.seq_len
-    gm, link = tb.gemm, tb.link
     base = w.costs(m_a, 1)
-    local = m.num_experts // tb.eg
-    m_e = m_a * tb.ag * m.top_k * s / (r2 * m.num_experts)
-    c = StageCosts(
-        base.t_a,
-        base.t_s,
-        3 * local * gm(2.0 * m_e * m.hidden_size * m.expert_ffn),
-        link(m_e * local * m.hidden_size * m.bytes_per_element),
-    )
+    c = StageCosts(base.t_a, base.t_s, *w.chunk_costs(m_a * tb.ag * m.top_k * s / r2))
     fn = asas_time if order == "ASAS" else aass_time
     return fn(c, r1, r2, m.num_layers)
 
@@ -536,6 +544,98 @@ def plan_for(w: Workload, schedule: str) -> FinDEPPlan:
     if schedule == "naive":
         return naive_plan(w)
     raise ConfigError("schedule", schedule, f"one of {SCHEDULES}")
+
+
+class StepPlanner:
+    """FinDEP per step: the ``(r1, r2, order)`` of one forward call ("step") of a server.
+
+    A serving step runs ``seqs`` sequences with ``tokens`` new tokens each (a prefill chunk:
+    the padded prompt width; a decode step: 1), so the batch is given and memory is not the
+    question; what is left of FinDEP's problem (section 5) is the split. The step solver
+    evaluates the closed form (:func:`predicted_time`) at every ``r1 <= min(seqs, max_r1)``
+    (``m_a = ceil(seqs / r1)``, the largest micro-batch), every ``r2`` up to the rows of the
+    smallest micro-batch (``max_r2`` at most) and both orders, and keeps the fastest (ties: the
+    fewer micro-batches and chunks). The grid is at most ``2 * max_r1 * max_r2`` closed-form
+    evaluations, well under a millisecond, and plans are cached by ``(schedule, seqs, tokens)``,
+    so a server can ask at every step.
+
+    Every schedule gets the same grid: ``findep`` the whole of it, ``pppipe``
+    (MegaScale-Infer's ping-pong) its best ``r1`` with ``r2 = 1`` and ASAS, ``naive`` is
+    ``r1 = r2 = 1``. Costs come from ``testbed`` (measured on the serving host by the caller).
+    """
+
+    def __init__(
+        self,
+        model: FinDEPModel,
+        testbed: Testbed,
+        *,
+        max_r1: int = MAX_R1,
+        max_r2: int = MAX_R2,
+    ):
+        self.model, self.testbed = model, testbed
+        self.max_r1 = positive_int("max_r1", max_r1)
+        self.max_r2 = positive_int("max_r2", max_r2)
+        self._plans: dict[tuple[str, int, int], FinDEPPlan] = {}
+        self._loads: dict[tuple[int, int], Workload] = {}
+
+    def workload(self, seqs: int, tokens: int) -> Workload:
+        """The step as a FinDEP workload: ``seqs`` sequences of ``tokens`` new tokens."""
+        key = (positive_int("seqs", seqs), positive_int("tokens", tokens))
+        w = self._loads.get(key)
+        if w is None:
+            w = Workload(
+                model=self.model,
+                testbed=self.testbed,
+                seq_len=tokens,
+                max_seqs=seqs,
+                max_r1=self.max_r1,
+                max_r2=self.max_r2,
+            )
+            self._loads[key] = w
+        return w
+
+    def predict_ms(self, seqs: int, tokens: int, r1: int, r2: int, order: str) -> float:
+        """The closed form's time of the step under ``(r1, r2, order)`` (``r1`` micro-batches
+        of at most ``ceil(seqs / r1)`` sequences)."""
+        r1 = min(positive_int("r1", r1), seqs)
+        return predicted_time(self.workload(seqs, tokens), -(-seqs // r1), r1, r2, order)
+
+    def grid(self, schedule: str, seqs: int, tokens: int) -> Iterator[tuple[int, int, str]]:
+        """The ``(r1, r2, order)`` candidates of ``schedule`` for the step."""
+        if schedule not in SCHEDULES:
+            raise ConfigError("schedule", schedule, f"one of {SCHEDULES}")
+        if schedule == "naive":
+            yield 1, 1, "ASAS"
+            return
+        for r1 in range(1, min(seqs, self.max_r1) + 1):
+            if schedule == "pppipe":
+                yield r1, 1, "ASAS"
+                continue
+            rows = (seqs // r1) * tokens  # the smallest micro-batch's rows
+            for r2 in range(1, min(self.max_r2, rows) + 1):
+                for order in ORDERS:
+                    yield r1, r2, order
+
+    def plan(self, schedule: str, seqs: int, tokens: int) -> FinDEPPlan:
+        """The fastest ``(r1, r2, order)`` of ``schedule``'s grid for the step (cached)."""
+        key = (schedule, positive_int("seqs", seqs), positive_int("tokens", tokens))
+        hit = self._plans.get(key)
+        if hit is not None:
+            return hit
+        t0 = time.perf_counter()
+        best, n = None, 0
+        for r1, r2, order in self.grid(schedule, seqs, tokens):
+            n += 1
+            t = self.predict_ms(seqs, tokens, r1, r2, order)
+            if best is None or t < best[0] * (1 - 1e-9):
+                best = (t, r1, r2, order)
+        t, r1, r2, order = best
+        tok_s = self.testbed.ag * seqs * tokens / (t * 1e-3)
+        plan = FinDEPPlan(
+            schedule, -(-seqs // r1), r1, r2, order, t, tok_s, time.perf_counter() - t0, n
+        )
+        self._plans[key] = plan
+        return plan
 
 
 def search_space(w: Workload, max_m_a: int | None = None) -> Iterator[tuple[int, int, int, str]]:

@@ -21,6 +21,12 @@ Schedules (:class:`ServeSchedule`), per forward call of ``B`` sequences:
   ``ASAS`` (A_0 S_0 A_1 S_1 ...) or ``AASS`` (A_0 A_1 ... S_0 S_1 ...); from
   :func:`moeflow.plan.findep.solve` or given.
 
+A schedule built with :meth:`ServeSchedule.per_step` and a
+:class:`moeflow.plan.findep.StepPlanner` is solved at every forward call for that call's shape
+(sequences x new tokens: a prefill or a decode step), over its own grid (FinDEP: r1, r2 and
+order; PPPipe: r1; naive: none). :attr:`DisaggregatedForward.steps` logs each call's shape,
+plan and wall time.
+
 Overlap comes from asynchronous transfers (``isend`` / ``irecv``): while the EG computes
 micro-batch ``j``'s experts, the AG runs micro-batch ``j+1``'s attention or ``j``'s shared
 experts. A micro-batch's layer is finished (routed outputs combined, shared output and
@@ -39,7 +45,7 @@ rows share a GEMM; logits match single-process generation to rounding (tests: 1e
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,6 +72,7 @@ class ServeSchedule:
     r2: int = 1
     order: str = "ASAS"
     decode: tuple[int, int, str] | None = None
+    planner: object | None = field(default=None, compare=False, repr=False)
 
     def for_tokens(self, tokens_per_seq: int) -> ServeSchedule:
         """The schedule of a forward call with ``tokens_per_seq`` new tokens per sequence."""
@@ -73,6 +80,21 @@ class ServeSchedule:
             r1, r2, order = self.decode
             return ServeSchedule(self.name, r1, r2, order)
         return self
+
+    def for_step(self, seqs: int, tokens_per_seq: int) -> ServeSchedule:
+        """The schedule of a forward call of ``seqs`` sequences with ``tokens_per_seq`` new
+        tokens each: with a ``planner`` (a :class:`moeflow.plan.findep.StepPlanner`), the
+        plan it solves for that step shape and this schedule's grid (FinDEP per step);
+        otherwise :meth:`for_tokens`."""
+        if self.planner is None:
+            return self.for_tokens(tokens_per_seq)
+        p = self.planner.plan(self.name, seqs, tokens_per_seq)
+        return ServeSchedule(self.name, p.r1, p.r2, p.order)
+
+    @classmethod
+    def per_step(cls, name: str, planner) -> ServeSchedule:
+        """``name``'s schedule solved at every step by ``planner``."""
+        return cls(name, planner=planner)
 
     def __post_init__(self) -> None:
         if self.decode is not None:
@@ -197,6 +219,10 @@ class DisaggregatedForward:
         self.local = model.cfg.moe.num_experts // eg
         self.sends: list = []
         self.calls = 0
+        #: one record per forward call: seqs, tokens (new per sequence), r1, r2, order, ms
+        #: (wall time) and wait_ms (of it, the time spent waiting for e2a replies)
+        self.steps: list[dict] = []
+        self._waited = 0.0
 
     # -- a2e ---------------------------------------------------------------------------
     def _send_chunk(self, l: int, j: int, c: int, x_TD: torch.Tensor) -> _Chunk:
@@ -230,7 +256,9 @@ class DisaggregatedForward:
             for p in ch.parts:
                 if p is not None:
                     n, buf, work, op = p
+                    t0 = time.perf_counter()
                     wait_work(work, op, self.timeout_s)
+                    self._waited += time.perf_counter() - t0
                     outs.append(buf)
             y_ND = torch.cat(outs) if outs else h_attn.new_zeros(0, h_attn.shape[-1])
             ys.append(mlp.combine(y_ND, ch.routing, ch.rows))
@@ -242,7 +270,8 @@ class DisaggregatedForward:
     # -- the forward pass ----------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, ids_BT, rows_B, start_B) -> torch.Tensor:
-        m, s = self.model, self.s.for_tokens(ids_BT.shape[1])
+        t0, self._waited = time.perf_counter(), 0.0
+        m, s = self.model, self.s.for_step(ids_BT.shape[0], ids_BT.shape[1])
         rows_B, pos_BT = m.positions(ids_BT, rows_B, start_B)
         B = ids_BT.shape[0]
         mbs = []
@@ -290,7 +319,19 @@ class DisaggregatedForward:
             wait_work(w, "a2e send", self.timeout_s)
         self.sends.clear()
         self.calls += 1
-        return m.head(torch.cat([mb["h"] for mb in mbs]))
+        logits = m.head(torch.cat([mb["h"] for mb in mbs]))
+        self.steps.append(
+            {
+                "seqs": int(ids_BT.shape[0]),
+                "tokens": int(ids_BT.shape[1]),
+                "r1": s.r1,
+                "r2": s.r2,
+                "order": s.order,
+                "ms": 1e3 * (time.perf_counter() - t0),
+                "wait_ms": 1e3 * self._waited,
+            }
+        )
+        return logits
 
     @staticmethod
     def _shared(layer, x_TD):
@@ -398,11 +439,14 @@ def serve_rank(
     return_logits: bool = False,
     on_token=None,
     warmup: bool = False,
+    steps: list | None = None,
 ):
     """One rank of a disaggregated run (call it on every rank of an initialised gloo or NCCL
     group, e.g. under ``torchrun``). AG ranks return ``[(request index, GenerationResult)]``
     for their share of ``requests``; EG ranks return their expert statistics. ``warmup``:
-    one unmeasured one-token request first (gloo connects peers on first use)."""
+    one unmeasured one-token request first (gloo connects peers on first use). ``steps``: on
+    AG ranks, a list that receives one record per measured forward call (step shape, its
+    ``(r1, r2, order)`` and wall time; :attr:`DisaggregatedForward.steps`)."""
     from moeflow.models.generate import Request, SamplingParams, generate
 
     check_layout(world, ag, eg, model.cfg.moe.num_experts)  # before any communication
@@ -414,6 +458,7 @@ def serve_rank(
     try:
         if warmup:  # slot 0, position 0: the real prefill overwrites it
             generate(model, [Request([1], SamplingParams(1))], forward=fwd)
+            fwd.steps.clear()
         res = generate(
             model,
             [requests[i] for i in mine],
@@ -428,16 +473,20 @@ def serve_rank(
             pass
         raise
     fwd.close()
+    if steps is not None:
+        steps.extend(fwd.steps)
     return list(zip(mine, res))
 
 
 def _serve_rank_portable(rank, world, *args):
     # torch pickles tensors through shared memory, which a rank that exits right after
     # sending cannot serve; numpy arrays travel by value
-    out = serve_rank(rank, world, *args)
+    steps: list = []
+    out = serve_rank(rank, world, *args, steps=steps)
     if isinstance(out, list):
         for _, r in out:
             r.logits = [t.numpy() for t in r.logits]
+        return out, steps
     return out
 
 
@@ -454,6 +503,7 @@ def serve(
     progress: bool = False,
     warmup: bool = False,
     force: bool = False,
+    steps: list | None = None,
 ):
     """Fork ``ag + eg`` gloo ranks on this host, serve ``requests`` and return the
     :class:`~moeflow.models.generate.GenerationResult` of each, in request order.
@@ -463,7 +513,9 @@ def serve(
     tokens, and the others are served; bad requests are found here, before any rank starts.
 
     ``timeout_s`` bounds every transfer; ``force`` allows more ranks than
-    :func:`moeflow.launch.max_ranks`. Both are checked before any rank starts."""
+    :func:`moeflow.launch.max_ranks`. Both are checked before any rank starts. ``steps``: a
+    list that receives every AG rank's step records (``serve_rank``'s ``steps``, with
+    ``"rank"`` added)."""
     import time
 
     from moeflow.errors import MoeflowError
@@ -512,7 +564,9 @@ def serve(
         stall_timeout_s=max(30.0, 2 * timeout_s),
         timeout_s=None,
     )
-    for part in out[:ag]:
+    for rank, (part, part_steps) in enumerate(out[:ag]):
+        if steps is not None:
+            steps.extend({"rank": rank, **st} for st in part_steps)
         for j, r in part:
             r.logits = [torch.from_numpy(a) for a in r.logits]
             results[live[j]] = r
