@@ -61,6 +61,7 @@ SMOKE_FLAGS = [
     *SLO,
 ]
 PORT = 29611
+UNITS = {"gemm": "FLOP", "link": "B", "attention": "FLOP", "head": "token"}
 
 
 def node_main(rank: int, world: int, master: str, port: int, flags, rate: str) -> int:
@@ -89,15 +90,29 @@ def node_main(rank: int, world: int, master: str, port: int, flags, rate: str) -
     model = sbm._model(args)
     reqs = sbm.request_set(args, model.cfg.vocab_size, model.cfg.max_position_embeddings)
     sizes = [4096, 65536, 1 << 20, 4 << 20]
-    ms = sbm._pingpong(rank, world, sizes)  # across the shaped link
-    planner = costs = None
+    costs: list = []
+
+    def measure():
+        ms = sbm._pingpong(rank, world, sizes)  # across the shaped link
+        if rank == 0:
+            link = fit(sizes, ms, note=f"gloo across a {rate} tc-shaped link")
+            gemm, attn = sbm._fit_gemm(model.cfg, args.eg), sbm._fit_attention(model.cfg)
+            costs.append((gemm, link, attn, sbm._fit_head(model)))
+        dist.barrier()
+
+    measure()
+    planner = None
     if rank == 0:
-        link = fit(sizes, ms, note=f"gloo across a {rate} tc-shaped link")
-        gemm, attn = sbm._fit_gemm(model.cfg, args.eg), sbm._fit_attention(model.cfg)
-        costs = (gemm, link, attn)
-        planner = sbm.step_planner(model.cfg, 1, args.eg, gemm, link, attn, name=rate)
-    dist.barrier()
+        gemm, link, attn, head = costs[0]
+        planner = sbm.step_planner(model.cfg, 1, args.eg, gemm, link, attn, name=rate, head=head)
     schedules = [ServeSchedule.per_step(n, planner) for n in sbm.SCHEDULE_CHOICES]
+
+    def before_round(i):
+        if i:
+            measure()
+            if rank == 0:
+                g, lk, at, hd = costs[-1]
+                planner.recost(sbm.host_testbed(1, args.eg, g, lk, at, rate), hd)
 
     def serve_once(s):
         steps: list = []
@@ -112,11 +127,50 @@ def node_main(rank: int, world: int, master: str, port: int, flags, rate: str) -
             res, s, args.slo_ttft_ms, args.slo_tpot_ms, steps=steps, predict=planner.predict_ms
         )
 
-    order, runs = sbm.run_rounds(serve_once, schedules, args.repeat, args.seed, summarize_run)
+    order, runs = sbm.run_rounds(
+        serve_once, schedules, args.repeat, args.seed, summarize_run, before_round=before_round
+    )
     if rank == 0:
         print(json.dumps(sbm.bench_record(args, model.cfg, reqs, costs, order, runs)), flush=True)
     dist.destroy_process_group()
     return 0
+
+
+def _busy(n: int, q) -> None:
+    import time
+
+    import torch
+
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a = torch.tanh(a @ a)
+    q.put(time.perf_counter() - t0)
+
+
+def parallelism(n: int = 400) -> float:
+    """How many of two single-thread processes this machine runs at once right now:
+    ``2 t_alone / t_together`` for the same GEMM loop (2: two free cores, the overlap the
+    pipelined schedules count on; 1: none). Medians of 3 tries each."""
+    import multiprocessing as mp
+    import time
+
+    ctx = mp.get_context("fork")
+
+    def run(k: int) -> float:
+        q = ctx.Queue()
+        ps = [ctx.Process(target=_busy, args=(n, q)) for _ in range(k)]
+        t0 = time.perf_counter()
+        for p in ps:
+            p.start()
+        for p in ps:
+            p.join()
+        return time.perf_counter() - t0 if k > 1 else q.get()
+
+    alone = statistics.median(run(1) for _ in range(3))
+    both = statistics.median(run(2) for _ in range(3))
+    return 2 * alone / both
 
 
 def shaped(rate: str, eg: int, flags) -> tuple[dict | None, str]:
@@ -171,25 +225,29 @@ def loopback(eg: int, flags) -> dict:
 
 
 def _costs_line(rec: dict) -> str:
-    c = rec["costs"]
-    return (
-        "measured costs: "
-        + ", ".join(
-            f"{k} {v['alpha_ms']:.3g} ms + {v['beta_ms']:.3g} ms/{'B' if k == 'link' else 'FLOP'}"
-            f" (R^2 {v['r2']:.3f})"
-            for k, v in c.items()
+    lines = ["Costs measured before each round (alpha ms + beta ms/unit, R^2):", ""]
+    for i, c in enumerate(rec["costs"]):
+        lines.append(
+            f"- round {i + 1}: "
+            + ", ".join(
+                f"{k} {v['alpha_ms']:.3g} + {v['beta_ms']:.3g}/{UNITS[k]} ({v['r2']:.2f})"
+                for k, v in c.items()
+            )
         )
-        + "; solver grid: r1 <= 8, r2 <= 8, ASAS/AASS"
-    )
+    return "\n".join(lines + ["", "Solver grid: r1 <= 8, r2 <= 8, ASAS and AASS."])
 
 
 def section(title: str, rec: dict) -> list[str]:
     runs = {n: [metrics_from_dict(m) for m in ms] for n, ms in rec["runs"].items()}
     sp = rec["speedups"]
+    par = rec.get("parallelism")
     return [
         f"## {title}",
         "",
         _costs_line(rec),
+        "",
+        "parallelism of two single-thread processes before / after: "
+        + " / ".join(f"{p:.2f}" for p in par or ()),
         "",
         "Median [min-max] of the rounds; meas/pred: measured over predicted time of the prefill "
         "and of the decode steps.",
@@ -278,6 +336,7 @@ def main(argv=None) -> int:
         for link in [x for x in args.links.split(",") if x]:
             key = f"AG{ag}xEG{eg} {link}"
             print(f"serve_bench_cpu: {key} ...", flush=True)
+            before = parallelism()
             if link == "loopback":
                 rec = loopback(eg, flags)
             else:
@@ -286,6 +345,7 @@ def main(argv=None) -> int:
                     records[key] = {"skipped": why}
                     sections += [f"## {key}", "", f"skipped: {why}", ""]
                     continue
+            rec["parallelism"] = [before, parallelism()]
             records[key] = rec
             sections += section(key, rec)
             print("\n".join(section(key, rec)[:9]), flush=True)

@@ -103,3 +103,19 @@ def test_experts_without_tokens_cost_nothing():
     assert one.t_e < 3 * 8 * gm(0) / 3  # under a third of the all-experts intercept
     # 128 pairs: all 8 experts busy (to 1e-7), 16 rows each, as FinDEP's t_e has it
     assert many.t_e == pytest.approx(3 * 8 * gm(2.0 * 16 * 256 * 512), rel=1e-6)
+
+
+def test_recost_replans_and_head_adds_to_every_prediction():
+    p = planner()
+    before = p.plan("findep", 32, 48)
+    fast = LinearCost(0.001, 1e-9)
+    p.recost(
+        fd.Testbed(name="fast", gpu="cpu", ag=1, eg=1, mem_GB=64.0, gemm=p.testbed.gemm, link=fast),
+        head=LinearCost(2.0, 0.01),
+    )
+    after = p.plan("findep", 32, 48)
+    assert after is not before and p.plan("findep", 32, 48) is after
+    bare = fd.StepPlanner(p.model, p.testbed, max_r2=8)
+    for r1, r2, o in ((1, 1, "ASAS"), (4, 2, "AASS")):
+        got = p.predict_ms(32, 48, r1, r2, o)
+        assert got == pytest.approx(bare.predict_ms(32, 48, r1, r2, o) + 2.0 + 0.01 * 32 * 48)

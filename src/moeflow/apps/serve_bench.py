@@ -6,12 +6,13 @@ every request produces exactly its output length) is served once per schedule by
 ``--ag`` attention ranks and ``--eg`` expert ranks (:func:`moeflow.serving.disaggregated.serve`).
 All requests arrive at once (offline batch, vLLM's ``request_rate=inf``).
 
-Plans (``--plan auto``, the default): this host's costs are measured first
-(:mod:`moeflow.perf.measure`: the expert FFN, the attention half of a layer, the gloo link)
-and every schedule is solved at every forward call ("step") for that step's shape by one
-:class:`moeflow.plan.findep.StepPlanner`: FinDEP over ``(r1, r2, order)``, PPPipe its best
-``r1`` (``r2 = 1``, ASAS), naive DEP ``r1 = r2 = 1``. ``--plan manual`` fixes FinDEP at
-``--r1/--r2/--order`` and PPPipe at ``--pppipe-r1``.
+Plans (``--plan auto``, the default): this host's costs are measured before every round
+(:mod:`moeflow.perf.measure`: the expert FFN, the attention half of a layer, the gloo link,
+the embedding and LM head; a shared host's speed drifts) and every schedule is solved at every
+forward call ("step") for that step's shape by one :class:`moeflow.plan.findep.StepPlanner`:
+FinDEP over ``(r1, r2, order)``, PPPipe its best ``r1`` (``r2 = 1``, ASAS), naive DEP
+``r1 = r2 = 1``. No plan sees the timed run: the costs are micro-benchmarks. ``--plan
+manual`` fixes FinDEP at ``--r1/--r2/--order`` and PPPipe at ``--pppipe-r1``.
 
 Fairness: every run forks fresh ranks, which exchange the same one-token warm-up before the
 clock starts (gloo connects peers lazily). Each of ``--repeat`` rounds runs every schedule
@@ -452,7 +453,7 @@ def _fit_gemm(cfg, eg: int):
         ).eval()
         flops, ms = [], []
         with torch.no_grad():
-            for n in (local * 2, local * 16, local * 64, local * 256, local * 512):
+            for n in (local, local * 4, local * 16, local * 64, local * 256, local * 512):
                 x = torch.randn(n, moe.hidden_size)
                 counts = torch.full((local,), n // local)
                 t = time_ms(partial(ex, x, counts), trials=5)
@@ -460,13 +461,15 @@ def _fit_gemm(cfg, eg: int):
                 ms.append(t / (3 * local))
     finally:
         torch.set_num_threads(n_threads)
-    return fit(flops, ms, note="expert FFN of this runtime, 1 thread, per GEMM")
+    # relative error: a decode step's GEMMs of a few rows count as much as a prefill's
+    return fit(flops, ms, relative=True, note="expert FFN of this runtime, 1 thread, per GEMM")
 
 
 def _fit_attention(cfg):
     """``t_a`` (ms vs FLOPs of projections plus causal core, FinDEP's ``t_a`` terms) of this
     host's attention half of a layer (norm, projections, RoPE, KV-cache write, SDPA; one
-    thread), over prefill shapes (sequences x tokens), the median of 5 runs each."""
+    thread), over prefill shapes (sequences x tokens) and decode shapes (sequences x 1 token
+    after 32 cached positions), the median of 5 runs each, fitted on relative error."""
     import torch
 
     from moeflow.models.decoder import DecoderLayer, KVCache, Rotary
@@ -480,11 +483,13 @@ def _fit_attention(cfg):
         layer, rotary = DecoderLayer(cfg).eval(), Rotary(d, cfg.rope_theta)
         flops, ms = [], []
         with torch.no_grad():
-            for b, s in ((1, 16), (4, 32), (4, 128), (8, 128), (4, 256)):
+            shapes = ((1, 1), (8, 1), (32, 1), (1, 16), (4, 32), (4, 128), (8, 128), (4, 256))
+            for b, s in shapes:
                 s = min(s, cfg.max_position_embeddings)
-                cache = KVCache(cfg, b, s)
+                past = 32 if s == 1 else 0
+                cache = KVCache(cfg, b, past + s)
                 h = torch.randn(b, s, D)
-                pos = torch.arange(s).repeat(b, 1)
+                pos = torch.arange(past, past + s).repeat(b, 1)
                 cos, sin = rotary(pos, h.dtype)
                 rows = torch.arange(b)
                 t = time_ms(partial(layer.attend, h, cos, sin, cache, 0, rows, pos), trials=5)
@@ -492,7 +497,34 @@ def _fit_attention(cfg):
                 ms.append(t)
     finally:
         torch.set_num_threads(n_threads)
-    return fit(flops, ms, note="attention half of a layer, 1 thread, this host")
+    return fit(flops, ms, relative=True, note="attention half of a layer, 1 thread, this host")
+
+
+def _fit_head(model):
+    """The AG's per-step work outside the layers (embedding, final norm, LM head; one
+    thread), ms vs the step's tokens, 1 to 1536, the median of 5 runs each, fitted on relative
+    error."""
+    import torch
+
+    from moeflow.perf.measure import fit, time_ms
+
+    def step(ids):
+        pos = torch.zeros_like(ids)
+        h, _, _ = model.embed(ids, pos)
+        return model.head(h)
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        xs, ms = [], []
+        with torch.no_grad():
+            for b, s in ((1, 1), (8, 1), (32, 1), (8, 32), (32, 48)):
+                ids = torch.ones(b, s, dtype=torch.long)
+                xs.append(b * s)
+                ms.append(time_ms(partial(step, ids), trials=5))
+    finally:
+        torch.set_num_threads(n_threads)
+    return fit(xs, ms, relative=True, note="embedding and LM head, 1 thread, this host")
 
 
 def _pingpong(rank, world, sizes):
@@ -575,12 +607,14 @@ def host_testbed(ag: int, eg: int, gemm, link, attention=None, name: str = "loop
     )
 
 
-def step_planner(cfg, ag: int, eg: int, gemm, link, attention=None, name: str = "loopback"):
+def step_planner(
+    cfg, ag: int, eg: int, gemm, link, attention=None, name: str = "loopback", head=None
+):
     """The :class:`~moeflow.plan.findep.StepPlanner` of this host (``max_r2 = 8``)."""
     from moeflow.plan import findep as fd
 
     tb = host_testbed(ag, eg, gemm, link, attention, name)
-    return fd.StepPlanner(findep_model(cfg), tb, max_r2=8)
+    return fd.StepPlanner(findep_model(cfg), tb, max_r2=8, head=head)
 
 
 def _fmt_range(xs, digits: int = 1) -> str:
@@ -653,17 +687,22 @@ def format_runs(order: list[list[str]], runs: dict[str, list[Metrics]]) -> str:
     return "\n".join(lines)
 
 
-def run_rounds(serve_once, schedules, repeat: int, seed: int, summarize_run, on_run=None):
+def run_rounds(
+    serve_once, schedules, repeat: int, seed: int, summarize_run, on_run=None, before_round=None
+):
     """``repeat`` rounds of every schedule, each round in a fresh random order
     (``random.Random(seed)``). ``serve_once(schedule) -> (results, steps)``;
-    ``summarize_run(results, schedule, steps) -> Metrics``. Returns (the order of each round,
+    ``summarize_run(results, schedule, steps) -> Metrics``; ``before_round(i)`` runs before
+    round ``i`` (serve-bench measures the costs there). Returns (the order of each round,
     {name: [Metrics per round]})."""
     import random
 
     rng = random.Random(seed)
     runs: dict[str, list[Metrics]] = {s.name: [] for s in schedules}
     order = []
-    for _ in range(repeat):
+    for i in range(repeat):
+        if before_round is not None:
+            before_round(i)
         todo = list(schedules)
         rng.shuffle(todo)
         order.append([s.name for s in todo])
@@ -701,8 +740,9 @@ def speedups(runs: dict[str, list[Metrics]]) -> dict[str, float]:
 
 
 def bench_record(args, cfg, reqs, costs, order, runs) -> dict:
-    """The JSON record of a run (``moeflow.serve-bench/2``): flags, the measured costs
-    (gemm, link, attention), the order of every round and every run's metrics."""
+    """The JSON record of a run (``moeflow.serve-bench/2``): flags, the costs measured before
+    each round (gemm, link, attention, head), the order of every round and every run's
+    metrics."""
     plo, phi = _range("--prompt-len", args.prompt_len)
     olo, ohi = _range("--output-len", args.output_len)
     return {
@@ -718,10 +758,13 @@ def bench_record(args, cfg, reqs, costs, order, runs) -> dict:
         "plan": args.plan,
         "slo_ttft_ms": args.slo_ttft_ms,
         "slo_tpot_ms": args.slo_tpot_ms,
-        "costs": {
-            k: {"alpha_ms": c.alpha, "beta_ms": c.beta, "r2": c.r2}
-            for k, c in zip(("gemm", "link", "attention"), costs)
-        },
+        "costs": [
+            {
+                k: {"alpha_ms": c.alpha, "beta_ms": c.beta, "r2": c.r2}
+                for k, c in zip(("gemm", "link", "attention", "head"), round_costs)
+            }
+            for round_costs in costs
+        ],
         "model": {
             "source": args.model,
             "layers": cfg.num_layers,
@@ -756,9 +799,24 @@ def run_serve_bench(args) -> int:
     model = _model(args)
     check_layout(ag + eg, ag, eg, model.cfg.moe.num_experts)
     reqs = request_set(args, model.cfg.vocab_size, model.cfg.max_position_embeddings)
-    gemm, link, attn = _fit_gemm(model.cfg, eg), _fit_link(), _fit_attention(model.cfg)
-    planner = step_planner(model.cfg, ag, eg, gemm, link, attn)
+
+    def measure():
+        c = (_fit_gemm(model.cfg, eg), _fit_link(), _fit_attention(model.cfg), _fit_head(model))
+        costs.append(c)
+        return c
+
+    costs: list = []
+    gemm, link, attn, head = measure()
+    planner = step_planner(model.cfg, ag, eg, gemm, link, attn, head=head)
     schedules = _schedules(args, planner if args.plan == "auto" else None)
+
+    def before_round(i):
+        # every round plans and predicts with costs measured just before it (this host's
+        # speed drifts when it is shared); the first round uses the costs measured above
+        if i:
+            g, lk, at, hd = measure()
+            planner.recost(host_testbed(ag, eg, g, lk, at), hd)
+
     seqs = -(-len(reqs) // ag)
     width = max(len(r.prompt) for r in reqs)  # prefill runs right-padded to the longest
     solved = {
@@ -769,7 +827,8 @@ def run_serve_bench(args) -> int:
         f"serve-bench: this host: gemm {gemm.alpha:.3g} ms + {gemm.beta:.3g} ms/FLOP "
         f"(R^2 {gemm.r2:.3f}), link {link.alpha:.3g} ms + {link.beta:.3g} ms/B "
         f"(R^2 {link.r2:.3f}), attention {attn.alpha:.3g} ms + {attn.beta:.3g} ms/FLOP "
-        f"(R^2 {attn.r2:.3f}); step solver ({seqs} x {width} prefill, {seqs} x 1 decode): "
+        f"(R^2 {attn.r2:.3f}), head {head.alpha:.3g} ms + {head.beta:.3g} ms/token "
+        f"(R^2 {head.r2:.3f}); step solver ({seqs} x {width} prefill, {seqs} x 1 decode): "
         + "; ".join(
             f"{n} {p.r1}/{p.r2}/{p.order} then {d.r1}/{d.r2}/{d.order}"
             for n, (p, d) in solved.items()
@@ -806,6 +865,7 @@ def run_serve_bench(args) -> int:
             args.seed,
             summarize_run,
             on_run=lambda m: bar.update(1, **{m.schedule: round(m.output_tok_s, 1)}),
+            before_round=before_round,
         )
     n_out = sum(r.params.max_new_tokens for r in reqs)
     plo, phi = _range("--prompt-len", args.prompt_len)
@@ -829,7 +889,7 @@ def run_serve_bench(args) -> int:
             + ", ".join(f"{k} {v:.2f}x" for k, v in sp.items())
         )
     if args.json:
-        rec = bench_record(args, model.cfg, reqs, (gemm, link, attn), order, runs)
+        rec = bench_record(args, model.cfg, reqs, costs, order, runs)
         with atomic_file(args.json, force=args.force) as f:
             json.dump(rec, f, indent=1)
             f.write("\n")

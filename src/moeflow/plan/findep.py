@@ -562,6 +562,9 @@ class StepPlanner:
     Every schedule gets the same grid: ``findep`` the whole of it, ``pppipe``
     (MegaScale-Infer's ping-pong) its best ``r1`` with ``r2 = 1`` and ASAS, ``naive`` is
     ``r1 = r2 = 1``. Costs come from ``testbed`` (measured on the serving host by the caller).
+    ``head`` (optional, ms vs the step's tokens ``seqs * tokens``): the embedding and the
+    final norm and LM head, which run once per step outside the layers on the AG, whatever
+    the split; it adds to every prediction and changes no plan.
     """
 
     def __init__(
@@ -571,12 +574,19 @@ class StepPlanner:
         *,
         max_r1: int = MAX_R1,
         max_r2: int = MAX_R2,
+        head: LinearCost | None = None,
     ):
-        self.model, self.testbed = model, testbed
+        self.model, self.testbed, self.head = model, testbed, head
         self.max_r1 = positive_int("max_r1", max_r1)
         self.max_r2 = positive_int("max_r2", max_r2)
         self._plans: dict[tuple[str, int, int], FinDEPPlan] = {}
         self._loads: dict[tuple[int, int], Workload] = {}
+
+    def recost(self, testbed: Testbed, head: LinearCost | None = None) -> None:
+        """Replace the costs (a fresh measurement of the same host) and forget every plan."""
+        self.testbed, self.head = testbed, head
+        self._plans.clear()
+        self._loads.clear()
 
     def workload(self, seqs: int, tokens: int) -> Workload:
         """The step as a FinDEP workload: ``seqs`` sequences of ``tokens`` new tokens."""
@@ -598,7 +608,8 @@ class StepPlanner:
         """The closed form's time of the step under ``(r1, r2, order)`` (``r1`` micro-batches
         of at most ``ceil(seqs / r1)`` sequences)."""
         r1 = min(positive_int("r1", r1), seqs)
-        return predicted_time(self.workload(seqs, tokens), -(-seqs // r1), r1, r2, order)
+        t = predicted_time(self.workload(seqs, tokens), -(-seqs // r1), r1, r2, order)
+        return t + (self.head(seqs * tokens) if self.head is not None else 0.0)
 
     def grid(self, schedule: str, seqs: int, tokens: int) -> Iterator[tuple[int, int, str]]:
         """The ``(r1, r2, order)`` candidates of ``schedule`` for the step."""
