@@ -554,16 +554,27 @@ def _pingpong(rank, world, sizes):
     return out
 
 
-def _fit_link():
-    """``t_c`` (ms, bytes): half the round trip of an a2e message (header and rows) and its
-    e2a reply between two forked gloo ranks on 127.0.0.1, 4 KiB to 16 MiB, the median of 14
-    round trips each."""
-    from moeflow.launch import launch
+#: message sizes of the link fit: a decode step's messages are tens of KiB, a prefill's MiB
+LINK_SIZES = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
+
+
+def fit_link(sizes, ms, note: str):
+    """The link cost from :func:`_pingpong` figures, fitted on relative error: on absolute
+    error the MiB messages set the line and the per-message latency (which every chunk and
+    micro-batch pays, and which dominates decode steps) can come out as 0."""
     from moeflow.perf.measure import fit
 
-    sizes = [4096, 65536, 1 << 20, 4 << 20, 16 << 20]
-    ms = launch(_pingpong, 2, sizes, progress=False, timeout_s=120)[0]
-    return fit(sizes, ms, note="gloo loopback, this host")
+    return fit(list(sizes), ms, relative=True, note=note)
+
+
+def _fit_link():
+    """``t_c`` (ms, bytes): half the round trip of an a2e message (header and rows) and its
+    e2a reply between two forked gloo ranks on 127.0.0.1, 1 KiB to 4 MiB, the median of 14
+    round trips each (:func:`fit_link`)."""
+    from moeflow.launch import launch
+
+    ms = launch(_pingpong, 2, list(LINK_SIZES), progress=False, timeout_s=120)[0]
+    return fit_link(LINK_SIZES, ms, note="gloo loopback, this host")
 
 
 def findep_model(cfg):
