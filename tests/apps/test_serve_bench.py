@@ -191,3 +191,16 @@ def test_manual_findep_schedule(capsys):
 def test_bad_flags_are_typed_errors(argv, err, word):
     with pytest.raises(err, match=word):
         run_serve_bench(parse(*argv, "--no-progress"))
+
+
+def test_link_fit_takes_latency_from_small_and_bandwidth_from_large_messages():
+    from moeflow.apps.serve_bench import LINK_SIZES, fit_link
+
+    # a token-bucket link: 2 ms per message, 1e-4 ms/B once the bucket is drained, and the
+    # small messages through the burst at line rate
+    ms = [2.0 + (1e-6 if n <= 64 << 10 else 1e-4) * n for n in LINK_SIZES]
+    c = fit_link(LINK_SIZES, ms, note="toy")
+    assert c.beta == pytest.approx(1e-4, rel=1e-9)
+    assert c.alpha == pytest.approx(2.0 - (1e-4 - 1e-6) * (4 << 10), rel=1e-6)
+    with pytest.raises(InputError):
+        fit_link([1024, 1 << 20], [1.0, 2.0], note="toy")
