@@ -192,6 +192,25 @@ def test_streamed_chat_equals_the_non_streamed_text(disagg):
     assert "".join(text) == whole["choices"][0]["message"]["content"]
 
 
+def test_a_client_that_goes_away_frees_its_blocks(disagg):
+    import httpx
+
+    server, url = disagg
+    body = {"prompt": [5, 6], "max_tokens": 80, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # hang up after the first token
+    deadline = time.monotonic() + 20
+    while True:  # the attention rank dropped the request and reports its pool whole again
+        h = httpx.get(f"{url}/health").json()
+        if h["running"] == 0 and h["free_kv_blocks"] == server.engine.num_blocks:
+            break
+        assert time.monotonic() < deadline, h
+        time.sleep(0.1)
+    assert not server.engine._inflight
+
+
 def _stream_tokens(url, n, started):
     import httpx
 
@@ -209,7 +228,8 @@ def _stream_tokens(url, n, started):
     return events
 
 
-def test_a_dead_expert_rank_fails_requests_in_flight(checkpoint):
+@pytest.mark.parametrize("dead", [2, 0], ids=["expert rank", "attention rank"])
+def test_a_dead_rank_fails_requests_in_flight(checkpoint, dead):
     import concurrent.futures as cf
     import threading
 
@@ -232,22 +252,23 @@ def test_a_dead_expert_rank_fails_requests_in_flight(checkpoint):
                 futs = [pool.submit(_stream_tokens, live.url, 90, started) for _ in range(2)]
                 assert started.wait(30)
                 t_kill = time.monotonic()
-                os.kill(eng.pids[2], signal.SIGKILL)
+                os.kill(eng.pids[dead], signal.SIGKILL)
                 streams = [f.result(30) for f in futs]
             waited = time.monotonic() - t_kill
+            name = f"{'expert' if dead else 'attention'} rank {dead}"
             for events in streams:  # an error event in the stream, or a 503 before it
                 assert events[-1].get("status", 503) == 503
                 err = events[-1]["error"]
-                assert "expert rank 2" in err["message"] and "SIGKILL" in err["message"]
+                assert name in err["message"] and "SIGKILL" in err["message"]
                 assert err["type"] == "service_unavailable"
                 assert len(events) < 90  # it did not finish
             assert waited < 10  # the deadline is 20 s: the death was noticed, not waited out
             h = httpx.get(f"{live.url}/health")
             assert h.status_code == 503
-            assert h.json()["dead_ranks"][0]["rank"] == 2
-            assert [r["alive"] for r in h.json()["ranks"]] == [True, True, False]
+            assert h.json()["dead_ranks"][0]["rank"] == dead
+            assert not h.json()["ranks"][dead]["alive"]
             r = httpx.post(f"{live.url}/v1/completions", json={"prompt": "ab", "max_tokens": 2})
-            assert r.status_code == 503 and "expert rank 2" in r.json()["error"]["message"]
+            assert r.status_code == 503 and name in r.json()["error"]["message"]
             t0 = time.monotonic()
     finally:
         eng.shutdown(drain=True)

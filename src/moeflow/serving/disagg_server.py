@@ -84,6 +84,34 @@ class _Sender:
             self.conn.send(msg)
 
 
+_STATUS = {"VmRSS": "rss", "VmHWM": "peak_rss", "RssAnon": "rss_anon", "RssFile": "rss_file"}
+
+
+def _memory() -> dict:
+    """This process's resident set now (``rss``: anonymous ``rss_anon`` + file-backed
+    ``rss_file``, i.e. code and mapped files) and its peak (``peak_rss``), in bytes, from
+    /proc/self/status; {} where there is none."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name = line.split(":", 1)[0]
+                if name in _STATUS:
+                    out[_STATUS[name]] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM to the current resident set (Linux >= 4.0), where allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _watch_parent(parent_pid: int) -> None:
     while True:  # an orphaned rank (the server was killed) exits
         if os.getppid() != parent_pid:
@@ -113,10 +141,14 @@ def _rank_main(rank: int, spec: dict, conn, parent_pid: int) -> None:
             world_size=spec["ag"] + spec["eg"],
             timeout=datetime.timedelta(seconds=spec["start_timeout_s"]),
         )
+        # the rank's memory before its weights: forked code and data, the gloo group
+        _reset_peak()
+        baseline = _memory()
         if rank < spec["ag"]:
-            _attention_rank(rank, spec, conn, send)
+            _attention_rank(rank, spec, conn, send, baseline)
         else:
-            _expert_rank(rank, spec, send)
+            _expert_rank(rank, spec, send, baseline)
+        send(("done", rank, {"memory_end": _memory()}))
     except BaseException as e:  # noqa: BLE001 - the server reports it
         status = 1
         try:
@@ -136,7 +168,7 @@ def _rank_main(rank: int, spec: dict, conn, parent_pid: int) -> None:
         os._exit(status)  # skip the forked server's atexit handlers
 
 
-def _attention_rank(rank: int, spec: dict, conn, send: _Sender) -> None:
+def _attention_rank(rank: int, spec: dict, conn, send: _Sender, baseline) -> None:
     from moeflow.serving.disagg_weights import (
         expert_weight_bytes,
         load_attention_part,
@@ -165,6 +197,8 @@ def _attention_rank(rank: int, spec: dict, conn, send: _Sender) -> None:
                 "weight_bytes": module_bytes(model),
                 "expert_bytes": expert_weight_bytes(model),
                 "bytes_read": read,
+                "memory_baseline": baseline,
+                "memory_loaded": _memory(),
             },
         )
     )
@@ -218,7 +252,7 @@ def _attention_rank(rank: int, spec: dict, conn, send: _Sender) -> None:
         pass
 
 
-def _expert_rank(rank: int, spec: dict, send: _Sender) -> None:
+def _expert_rank(rank: int, spec: dict, send: _Sender, baseline) -> None:
     from moeflow.serving.disagg_weights import load_expert_part, module_bytes
     from moeflow.serving.disaggregated import ExpertServer
 
@@ -238,7 +272,9 @@ def _expert_rank(rank: int, spec: dict, send: _Sender) -> None:
         idle_timeout_s=spec["idle_timeout_s"],
     )
     held = sum(module_bytes(x) for x in experts)
-    send(("ready", rank, {"expert_bytes": held, "weight_bytes": held, "bytes_read": read}))
+    info = {"expert_bytes": held, "weight_bytes": held, "bytes_read": read}
+    info.update(memory_baseline=baseline, memory_loaded=_memory())
+    send(("ready", rank, info))
     server.run()
 
 
@@ -368,7 +404,10 @@ class DisaggregatedEngine:
     @property
     def rank_info(self) -> dict[int, dict]:
         """What each rank reported once loaded: ``weight_bytes`` and ``expert_bytes`` it
-        holds, ``bytes_read`` from the checkpoint (and the AG ranks' KV pool)."""
+        holds, ``bytes_read`` from the checkpoint, the AG ranks' KV pool, and its memory
+        (Linux, :func:`_memory`; the peak is reset at the baseline): ``memory_baseline``
+        before loading, ``memory_loaded`` once loaded and, after a clean shutdown,
+        ``memory_end``."""
         return dict(self._info)
 
     def _send(self, rank: int, msg) -> None:
@@ -415,6 +454,9 @@ class DisaggregatedEngine:
                 if msg[1] < self.ag:
                     self._stats[msg[1]] = (0, 0, msg[2]["num_blocks"])
                 self._ready.notify_all()
+        elif kind == "done":
+            with self._lock:
+                self._info.setdefault(msg[1], {}).update(msg[2])
         elif kind == "fatal":
             _, rank, name, text, _ = msg
             self._fatal[rank] = f"{name}: {text}"
