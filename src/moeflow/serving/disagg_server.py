@@ -186,7 +186,7 @@ def _attention_rank(rank: int, spec: dict, conn, send: _Sender, baseline) -> Non
             model, cache, spec["schedule"], ag, eg, timeout_s
         ),
     )
-    fwd = engine._model_forward
+    fwd = engine.model_forward
     send(
         (
             "ready",

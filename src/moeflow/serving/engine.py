@@ -195,7 +195,8 @@ class Engine:
             by_budget = budget // (bs * kv_bytes_per_token(cfg, p.dtype))
             num_blocks = max(per_seq, min(per_seq * config.max_seqs, by_budget))
         self.cache = PagedKVCache(cfg, num_blocks, bs, config.max_seqs, p.dtype, p.device)
-        self._model_forward = None if forward is None else forward(self.cache)
+        #: the forward pass built by ``forward`` (None: ``model(ids, cache, rows, starts)``)
+        self.model_forward = None if forward is None else forward(self.cache)
         self.preemptions = 0
         self.finished: collections.Counter[str] = collections.Counter()  # by finish reason
         self.device = p.device
@@ -339,8 +340,8 @@ class Engine:
 
     def _forward(self, ids: list[list[int]], rows: list[int], starts: list[int]) -> torch.Tensor:
         dev = self.device
-        if self._model_forward is not None:
-            return self._model_forward(
+        if self.model_forward is not None:
+            return self.model_forward(
                 torch.tensor(ids, device=dev),
                 torch.tensor(rows, device=dev),
                 torch.tensor(starts, device=dev),
