@@ -335,6 +335,18 @@ class TokenDispatcher(abc.ABC):
             return y
         return MoELayer.combine(y, routing, num_tokens)
 
+    # collective: every rank of the EP group must call it, in the same order
+    def start_exchange(
+        self, counts_E: torch.Tensor, *, started: Pending | None = None, device=None
+    ) -> Pending | None:
+        """Issue the count exchange as soon as routing has counted, without waiting for it.
+
+        The layer calls this between routing and the permutation into the dispatcher's
+        layout and hands the result to :meth:`exchange` as ``started``, so the exchange
+        travels while the rows are permuted (FSMoE's overlap applied to the split sizes).
+        The default has nothing to start and passes on what :meth:`begin` started."""
+        return started
+
     # collective: every rank of the EP and ESP groups must call it, in the same order
     @abc.abstractmethod
     def exchange(
@@ -348,7 +360,8 @@ class TokenDispatcher(abc.ABC):
         tokens: torch.Tensor | None = None,
     ) -> CountExchange:
         """Exchange what every chunk's routing is derived from: the per-expert counts of the
-        rows to send (row layouts), or the ``routing`` of the ``tokens`` (token layouts)."""
+        rows to send (row layouts), or the ``routing`` of the ``tokens`` (token layouts).
+        ``started``: what :meth:`start_exchange` issued (waited on here), or None."""
 
     #: ZipCCL policy (``moeflow.comm.compressed.Compression``) for the row all-to-alls, or
     #: None (plain); set by ``ExpertParallel(compress=...)``
