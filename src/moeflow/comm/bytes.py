@@ -18,12 +18,16 @@ spans (the payload; the wire traffic of the backend's algorithm is not visible h
 ``compressed_all_to_all`` the encoded bytes of message j (``compressed_all_to_all_sizes``:
 its size exchange).
 
-Used from one thread (the wavefront scheduler issues every collective from the caller's).
+Counters are installed per thread: a collective that a worker thread runs on behalf of the
+caller (the asynchronous compressed collectives of :mod:`moeflow.comm.compressed`) records
+into the counters that were installed where it was issued (:func:`installed`, then
+:func:`counting_all` in the worker), never into another thread's.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -31,7 +35,17 @@ import torch.distributed as dist
 
 from moeflow.comm.groups import global_ranks
 
-_ACTIVE: list[ByteCounter] = []
+_LOCAL = threading.local()
+
+
+def _active() -> list[ByteCounter]:
+    """The counters installed in the calling thread."""
+    stack = getattr(_LOCAL, "counters", None)
+    if stack is None:
+        stack = _LOCAL.counters = []
+    return stack
+
+
 _CHUNK = re.compile(r" \(chunk \d+/\d+\)")
 
 
@@ -98,39 +112,58 @@ class ByteCounter:
 
 
 def active() -> bool:
-    """True while any counter is installed (collectives skip the bookkeeping otherwise)."""
-    return bool(_ACTIVE)
+    """True while any counter is installed in this thread (collectives skip the bookkeeping
+    otherwise)."""
+    return bool(_active())
+
+
+def installed() -> tuple[ByteCounter, ...]:
+    """The counters installed in this thread now (for a worker to record into:
+    :func:`counting_all`)."""
+    return tuple(_active())
 
 
 def record(kind: str, group, sent_per_peer: Sequence[int], label: str = "") -> None:
     """This rank handed ``sent_per_peer[j]`` bytes for group rank j of ``group`` to
     torch.distributed in one ``kind`` collective."""
-    if not _ACTIVE:
+    counters = _active()
+    if not counters:
         return
     ranks = global_ranks(group)
     me = dist.get_rank(group)
-    for c in _ACTIVE:
+    for c in counters:
         c.record(kind, label, ranks, me, sent_per_peer)
 
 
 def record_span(kind: str, group, nbytes: int, label: str = "") -> None:
     """A collective whose per-peer traffic depends on the backend's algorithm (all-reduce):
     its payload ``nbytes``, on the widest link level ``group`` spans."""
-    if not _ACTIVE:
+    counters = _active()
+    if not counters:
         return
     ranks = global_ranks(group)
-    for c in _ACTIVE:
+    for c in counters:
         c.record_span(kind, label, ranks, nbytes)
 
 
 @contextmanager
 def counting(counter: ByteCounter) -> Iterator[ByteCounter]:
-    """Install ``counter`` for the scope (nested counters all receive the records)."""
-    _ACTIVE.append(counter)
-    try:
+    """Install ``counter`` for the scope, in this thread (nested counters all receive the
+    records)."""
+    with counting_all((counter,)):
         yield counter
+
+
+@contextmanager
+def counting_all(counters: Sequence[ByteCounter]) -> Iterator[None]:
+    """Install every one of ``counters`` for the scope, in this thread."""
+    stack = _active()
+    stack.extend(counters)
+    try:
+        yield
     finally:
-        _ACTIVE.remove(counter)
+        for c in counters:
+            stack.remove(c)
 
 
 @contextmanager
@@ -151,6 +184,8 @@ __all__ = [
     "active",
     "count",
     "counting",
+    "counting_all",
+    "installed",
     "node_map",
     "record",
     "record_span",

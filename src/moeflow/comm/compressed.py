@@ -16,6 +16,14 @@ Algorithms (the uncompressed path runs the same ones, so results do not depend o
 - **all-reduce**: the flat tensor is cut into ``W`` chunks; reduce-scatter them as above, then
   encode the reduced chunk and all-gather it compressed (ZipCCL's composition).
 
+Asynchronous forms (:func:`all_to_all_start`, :func:`all_reduce_start`): the whole algorithm
+(encode, size exchange, bytes, decode) runs on a worker thread of the process group and the
+caller gets a handle at once, so a pipeline overlaps one chunk's encode, transfer and decode
+with another chunk's expert compute (the numba codec releases the GIL). One worker per
+process group issues that group's collectives in submission order, so every rank issues them
+in the same order - the condition for collectives not to deadlock; the caller must not issue
+other collectives on the group while a handle of it is pending.
+
 Every message carries a checksum: a rank that receives corrupted bytes raises
 ``CorruptDataError``; it then leaves the collective sequence, so its peers fail their next
 wait with ``CommTimeoutError`` (every wait has the deadline ``timeout_s``), never a hang.
@@ -23,8 +31,10 @@ wait with ``CommTimeoutError`` (every wait has the deadline ``timeout_s``), neve
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +44,8 @@ import torch
 import torch.distributed as dist
 
 from moeflow.comm import bytes as comm_bytes
-from moeflow.comm.timeouts import DEFAULT_TIMEOUT_S, resolve_timeout, wait_work
-from moeflow.errors import ConfigError, InputError
+from moeflow.comm.timeouts import DEFAULT_TIMEOUT_S, Pending, resolve_timeout, wait_work
+from moeflow.errors import CommTimeoutError, ConfigError, InputError
 
 # torch >= 2.13 names the tensor variant all_gather_single
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -70,7 +80,13 @@ class CompressionStats:
     raw_bytes: dict = field(default_factory=dict)
     wire_bytes: dict = field(default_factory=dict)
 
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
     def add(self, op: str, compressed: bool, raw_bytes: int, wire_bytes: int) -> None:
+        with self._lock:  # workers of several process groups may share one policy
+            self._add(op, compressed, raw_bytes, wire_bytes)
+
+    def _add(self, op: str, compressed: bool, raw_bytes: int, wire_bytes: int) -> None:
         for d, v in (
             (self.calls, 1),
             (self.compressed, int(compressed)),
@@ -415,6 +431,84 @@ def all_to_all(
     return out
 
 
+# ------------------------------------------------------------------------ asynchronous
+_WORKERS: dict[int, tuple[object, concurrent.futures.ThreadPoolExecutor]] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def _worker(group) -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that issues this process's asynchronous compressed collectives on
+    ``group`` (FIFO: the submission order is the issue order)."""
+    key = id(group) if group is not None else id(dist.GroupMember.WORLD)
+    with _WORKERS_LOCK:
+        entry = _WORKERS.get(key)
+        if entry is None or entry[0] is not group:
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zipccl")
+            entry = _WORKERS[key] = (group, pool)
+    return entry[1]
+
+
+def submit(group, fn: Callable, *args, **kw) -> concurrent.futures.Future:
+    """Run ``fn(*args, **kw)`` (collectives on ``group``) on the group's worker thread; the
+    bytes it hands to torch.distributed go to the counters installed here, now."""
+    counters = comm_bytes.installed()
+
+    def job():
+        with comm_bytes.counting_all(counters):
+            return fn(*args, **kw)
+
+    return _worker(group).submit(job)
+
+
+def _pending(fut: concurrent.futures.Future, op: str, timeout_s: float) -> Pending:
+    # Each collective inside the job waits with its own deadline; this bound covers the
+    # job's few collectives plus the jobs queued before it on the same worker.
+    bound = 4 * timeout_s
+
+    def finish() -> torch.Tensor:
+        try:
+            return fut.result(timeout=bound)
+        except concurrent.futures.TimeoutError:
+            raise CommTimeoutError(f"{op} did not finish within {bound:g}s") from None
+
+    return Pending(None, op, timeout_s, finish)
+
+
+def all_to_all_start(
+    x_RD: torch.Tensor,
+    in_splits: Sequence[int],
+    out_splits: Sequence[int],
+    group=None,
+    compress="auto",
+    perf=None,
+    *,
+    op: str = "all-to-all",
+    timeout_s: float | None = None,
+) -> Pending:
+    """:func:`all_to_all`, issued now on the group's worker thread; ``wait()`` gives the
+    decoded rows. ``x_RD`` must not change until then."""
+    cz = as_compression(compress, perf, timeout_s=timeout_s)
+    _check_cpu(x_RD, cz, op)  # before anything is queued
+    fut = submit(group, all_to_all, x_RD, in_splits, out_splits, group, cz, op=op)
+    return _pending(fut, op, cz.timeout_s)
+
+
+def all_reduce_start(
+    x: torch.Tensor,
+    group=None,
+    compress="auto",
+    perf=None,
+    *,
+    op: str = "all-reduce",
+    timeout_s: float | None = None,
+) -> concurrent.futures.Future:
+    """:func:`all_reduce`, issued now on the group's worker thread: a future of the sum.
+    ``x`` must not change until it completes."""
+    cz = as_compression(compress, perf, timeout_s=timeout_s)
+    _check_cpu(x, cz, op)
+    return submit(group, all_reduce, x, group, cz, op=op)
+
+
 # ------------------------------------------------------------------------ all-gather
 def all_gather(
     x: torch.Tensor,
@@ -581,10 +675,13 @@ __all__ = [
     "Compression",
     "CompressionStats",
     "all_to_all",
+    "all_to_all_start",
     "all_gather",
     "reduce_scatter",
     "all_reduce",
+    "all_reduce_start",
     "codec_costs",
+    "submit",
     "set_transit_hook",
     "DEFAULT_TIMEOUT_S",
     "ENCODE",
