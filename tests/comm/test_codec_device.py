@@ -68,9 +68,10 @@ def test_comm_step_refuses_a_cuda_buffer(monkeypatch):
     with pytest.raises(ConfigError, match="compress"):
         step.issue(fake_cuda(torch.randn(2, 4)), 5.0)
     assert calls == []  # neither raw bytes nor the CPU codec
-    # the same step on a CPU buffer reaches the compressed all-to-all (the setup is live)
+    # the same step on a CPU buffer reaches the compressed all-to-all (the setup is live;
+    # it runs on the group's worker thread, its error surfaces at the wait)
     with pytest.raises(AssertionError, match="compressed all_to_all"):
-        step.issue(torch.randn(2, 4), 5.0)
+        step.issue(torch.randn(2, 4), 5.0).wait()
     assert calls == ["compressed all_to_all"]
 
 

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from moeflow.comm.groups import global_ranks
 
 _LOCAL = threading.local()
+_RECORD_LOCK = threading.Lock()  # module-level: counters stay copyable and picklable
 
 
 def _active() -> list[ByteCounter]:
@@ -97,6 +98,10 @@ class ByteCounter:
         self.by_label[label] = self.by_label.get(label, 0) + nbytes
 
     def record(self, kind: str, label: str, ranks: list[int], me: int, sent: Sequence[int]):
+        with _RECORD_LOCK:  # a worker thread may record while the caller does
+            self._record(kind, label, ranks, me, sent)
+
+    def _record(self, kind: str, label: str, ranks: list[int], me: int, sent: Sequence[int]):
         self.calls[kind] = self.calls.get(kind, 0) + 1
         for j, n in enumerate(sent):
             if j == me:
@@ -105,6 +110,10 @@ class ByteCounter:
                 self.add(kind, label, self.level(ranks[me], ranks[j]), int(n))
 
     def record_span(self, kind: str, label: str, ranks: list[int], nbytes: int) -> None:
+        with _RECORD_LOCK:  # a worker thread may record while the caller does
+            self._record_span(kind, label, ranks, nbytes)
+
+    def _record_span(self, kind: str, label: str, ranks: list[int], nbytes: int) -> None:
         self.calls[kind] = self.calls.get(kind, 0) + 1
         levels = {self.level(ranks[0], g) for g in ranks[1:]}
         level = next((lv for lv in ("unknown", "inter_node") if lv in levels), "intra_node")

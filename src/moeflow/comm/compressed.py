@@ -71,6 +71,9 @@ def set_transit_hook(hook: Callable[[str, np.ndarray], None] | None) -> None:
 
 
 # ------------------------------------------------------------------------ the policy
+_STATS_LOCK = threading.Lock()  # module-level: the statistics stay copyable
+
+
 @dataclass
 class CompressionStats:
     """What the switch decided and what it saved, per operation name (this rank's sends)."""
@@ -80,10 +83,8 @@ class CompressionStats:
     raw_bytes: dict = field(default_factory=dict)
     wire_bytes: dict = field(default_factory=dict)
 
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
     def add(self, op: str, compressed: bool, raw_bytes: int, wire_bytes: int) -> None:
-        with self._lock:  # workers of several process groups may share one policy
+        with _STATS_LOCK:  # workers of several process groups may share one policy
             self._add(op, compressed, raw_bytes, wire_bytes)
 
     def _add(self, op: str, compressed: bool, raw_bytes: int, wire_bytes: int) -> None:

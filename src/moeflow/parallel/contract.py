@@ -113,7 +113,8 @@ class CommStep:
     out_splits: list
     pre_index: torch.Tensor | None = None
     post_index: torch.Tensor | None = None
-    compression: object | None = None  # a comm.compressed.Compression: ZipCCL a2a (CPU only)
+    #: a comm.compressed.Compression: ZipCCL a2a (CPU only), run as a pending stage
+    compression: object | None = None
     post_reduce_rows: int | None = None
     #: a :class:`moeflow.comm.bytes.ByteCounter` that receives the bytes this step hands to
     #: torch.distributed (measured by the collective), or None
@@ -150,29 +151,23 @@ class CommStep:
 
     def _send(self, buf: torch.Tensor, timeout_s: float) -> Pending:
         if self.compression is not None and buf.is_floating_point():
-            from moeflow.comm.compressed import all_to_all as compressed_all_to_all
-            from moeflow.comm.compressed import check_codec_device
+            from moeflow.comm.compressed import all_to_all_start, check_codec_device
 
             # ZipCCL's codec here is the CPU one: a device buffer is a ConfigError, never
             # raw bytes sent under a compression setting
             check_codec_device(self.compression, buf.device, self.label)
-
-            p = Pending.ready(
-                compressed_all_to_all(
-                    buf,
-                    self.in_splits,
-                    self.out_splits,
-                    self.group,
-                    self.compression,
-                    op=self.label,
-                    timeout_s=timeout_s,
-                )
+            # a stage of the chunk pipeline: encode, send and decode run on the group's
+            # worker thread while the caller computes other chunks' experts
+            return all_to_all_start(
+                buf,
+                self.in_splits,
+                self.out_splits,
+                self.group,
+                self.compression,
+                op=self.label,
+                timeout_s=timeout_s,
             )
-        else:
-            p = all_to_all_v(
-                buf, self.in_splits, self.out_splits, self.group, self.label, timeout_s
-            )
-        return p
+        return all_to_all_v(buf, self.in_splits, self.out_splits, self.group, self.label, timeout_s)
 
 
 @dataclass
