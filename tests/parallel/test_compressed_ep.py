@@ -76,6 +76,12 @@ def _pending_step(rank, world):
     issue_s = time.perf_counter() - t0
     got = p.wait()
     stats = step.compression.stats.as_dict()[step.label]
+    # mode False: every rank knows nothing is encoded, the plain all-to-all goes out at once
+    step.compression = Compression(False, timeout_s=30)
+    plain = step.issue(x, 30)
+    assert plain.work is not None  # a gloo Work, not a worker-thread job
+    assert torch.equal(plain.wait().view(torch.int16), got.view(torch.int16))
+    assert step.compression.stats.as_dict()[step.label]["compressed"] == 0
     bits = (got.view(torch.int16).numpy().copy(), x.view(torch.int16).numpy().copy())
     return issue_s, bits, stats
 

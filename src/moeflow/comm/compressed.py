@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from moeflow.comm import bytes as comm_bytes
+from moeflow.comm.collectives import all_to_all_v
 from moeflow.comm.timeouts import DEFAULT_TIMEOUT_S, Pending, resolve_timeout, wait_work
 from moeflow.errors import CommTimeoutError, ConfigError, InputError
 
@@ -490,6 +491,16 @@ def all_to_all_start(
     decoded rows. ``x_RD`` must not change until then."""
     cz = as_compression(compress, perf, timeout_s=timeout_s)
     _check_cpu(x_RD, cz, op)  # before anything is queued
+    dtype = _dtype_name(x_RD)
+    if cz.mode is False or (cz.mode == "auto" and cz.never_pays("a2a", dtype)):
+        # every rank knows nothing will be encoded: the plain all-to-all, issued here
+        # (no worker, no size exchange), as :func:`all_to_all`'s plain path sends it
+        p = all_to_all_v(x_RD, in_splits, out_splits, group, op, cz.timeout_s)
+        me = dist.get_rank(group)
+        row = math.prod(x_RD.shape[1:]) * x_RD.element_size()
+        raw_send = (sum(int(n) for n in in_splits) - int(in_splits[me])) * row
+        cz.stats.add(op, False, raw_send, raw_send)
+        return p
     fut = submit(group, all_to_all, x_RD, in_splits, out_splits, group, cz, op=op)
     return _pending(fut, op, cz.timeout_s)
 
