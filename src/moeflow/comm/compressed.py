@@ -16,13 +16,16 @@ Algorithms (the uncompressed path runs the same ones, so results do not depend o
 - **all-reduce**: the flat tensor is cut into ``W`` chunks; reduce-scatter them as above, then
   encode the reduced chunk and all-gather it compressed (ZipCCL's composition).
 
-Asynchronous forms (:func:`all_to_all_start`, :func:`all_reduce_start`): the whole algorithm
-(encode, size exchange, bytes, decode) runs on a worker thread of the process group and the
-caller gets a handle at once, so a pipeline overlaps one chunk's encode, transfer and decode
-with another chunk's expert compute (the numba codec releases the GIL). One worker per
-process group issues that group's collectives in submission order, so every rank issues them
-in the same order - the condition for collectives not to deadlock; the caller must not issue
-other collectives on the group while a handle of it is pending.
+Asynchronous forms (:func:`all_to_all_start`, :func:`all_reduce_start`): the caller gets a
+handle at once and a worker thread of the process group does the work. For the all-to-all the
+worker encodes, exchanges the sizes and issues the bytes, then takes its next job while they
+travel (the next chunk's encode overlaps this chunk's transfer); the decode runs where the
+handle is waited on. A pipeline thus overlaps one chunk's encode, transfer and decode with
+other chunks' expert compute (the numba codec releases the GIL). The all-reduce (DDP hook)
+runs whole on the worker. One worker per process group issues that group's collectives in
+submission order, so every rank issues them in the same order - the condition for collectives
+not to deadlock; the caller must not issue other collectives on the group while a handle of
+it is pending.
 
 Every message carries a checksum: a rank that receives corrupted bytes raises
 ``CorruptDataError``; it then leaves the collective sequence, so its peers fail their next
@@ -355,6 +358,14 @@ def all_to_all(
     ``perf``)."""
     cz = as_compression(compress, perf, timeout_s=timeout_s)
     _check_cpu(x_RD, cz, op)
+    return _all_to_all_begin(x_RD, in_splits, out_splits, group, cz, op)()
+
+
+def _all_to_all_begin(
+    x_RD: torch.Tensor, in_splits, out_splits, group, cz: Compression, op: str
+) -> Callable[[], torch.Tensor]:
+    """Encode, exchange the message sizes and issue the bytes; returns the step that waits
+    for them and decodes (so the bytes travel while the caller does other work)."""
     W = _group_size(group)
     me = dist.get_rank(group)
     in_splits = [int(s) for s in in_splits]
@@ -370,21 +381,30 @@ def all_to_all(
     row = math.prod(tail) * x_RD.element_size()
     raw_send = (sum(in_splits) - in_splits[me]) * row
     if W == 1:
-        return x_RD.clone()
+        out1 = x_RD.clone()
+        return lambda: out1
     if cz.mode == "auto":
         # senders choose, receivers learn the choice from the size exchange, unless no
-        # size can pay (then every rank knows it and nothing is exchanged)
+        # size can pay (then every rank knows it and nothing is exchanged). The PerfModel
+        # sizes an all-to-all by the buffer each rank hands over, its own rows included.
         exchange = not cz.never_pays("a2a", dtype)
-        use = exchange and cz.decide(op, "a2a", raw_send, dtype)
+        buf_bytes = raw_send * W / (W - 1)
+        use = exchange and cz.decide(
+            op, "a2a", buf_bytes, dtype, enc_bytes=raw_send, dec_bytes=raw_send
+        )
     else:
         use = exchange = bool(cz.mode)
     if not exchange:  # the plain path: no size exchange, bytes as they are
         out = x_RD.new_empty((sum(out_splits),) + tail)
         comm_bytes.record("all_to_all_v", group, [n * row for n in in_splits], op)
         work = dist.all_to_all_single(out, x_RD, out_splits, in_splits, group=group, async_op=True)
-        _wait(work, op, cz.timeout_s)
         cz.stats.add(op, False, raw_send, raw_send)
-        return out
+
+        def finish_plain() -> torch.Tensor:
+            _wait(work, op, cz.timeout_s)
+            return out
+
+        return finish_plain
     # encode one message per peer (or send raw bytes: size -1)
     pieces = list(x_RD.split(in_splits))
     msgs: list = []
@@ -409,28 +429,29 @@ def all_to_all(
     sendbuf = torch.cat(msgs) if msgs else torch.empty(0, dtype=torch.uint8)
     recvbuf = torch.empty(sum(recv_b), dtype=torch.uint8)
     comm_bytes.record("compressed_all_to_all", group, send_b, op)
-    _wait(
-        dist.all_to_all_single(recvbuf, sendbuf, recv_b, send_b, group=group, async_op=True),
-        op,
-        cz.timeout_s,
-    )
-    _recv_hook(op, recvbuf)
+    work = dist.all_to_all_single(recvbuf, sendbuf, recv_b, send_b, group=group, async_op=True)
     wire = sum(send_b) - send_b[me]
     cz.stats.add(op, use, raw_send, wire)
     if use:
         cz.learn_ratio(op, dtype, raw_send, wire)
-    out = x_RD.new_empty((sum(out_splits),) + tail)
-    outs = out.split(out_splits)
-    offs = np.concatenate([[0], np.cumsum(recv_b)])
-    for j in range(W):
-        seg = recvbuf[int(offs[j]) : int(offs[j + 1])]
-        if rsizes[j] < 0:
-            outs[j].reshape(-1).view(torch.uint8).copy_(seg)
-        else:
-            n = out_splits[j] * (row // x_RD.element_size())
-            bits = _bits_np(outs[j])
-            cz.codec.decode(seg.numpy(), cz.threads, out=bits, expect=(dtype, n))
-    return out
+
+    def finish() -> torch.Tensor:
+        _wait(work, op, cz.timeout_s)
+        _recv_hook(op, recvbuf)
+        out = x_RD.new_empty((sum(out_splits),) + tail)
+        outs = out.split(out_splits)
+        offs = np.concatenate([[0], np.cumsum(recv_b)])
+        for j in range(W):
+            seg = recvbuf[int(offs[j]) : int(offs[j + 1])]
+            if rsizes[j] < 0:
+                outs[j].reshape(-1).view(torch.uint8).copy_(seg)
+            else:
+                n = out_splits[j] * (row // x_RD.element_size())
+                bits = _bits_np(outs[j])
+                cz.codec.decode(seg.numpy(), cz.threads, out=bits, expect=(dtype, n))
+        return out
+
+    return finish
 
 
 # ------------------------------------------------------------------------ asynchronous
@@ -487,8 +508,9 @@ def all_to_all_start(
     op: str = "all-to-all",
     timeout_s: float | None = None,
 ) -> Pending:
-    """:func:`all_to_all`, issued now on the group's worker thread; ``wait()`` gives the
-    decoded rows. ``x_RD`` must not change until then."""
+    """:func:`all_to_all`, issued now: the group's worker thread encodes the messages,
+    exchanges their sizes and issues the bytes; ``wait()`` waits for them and decodes, on
+    the waiting thread. ``x_RD`` must not change until then."""
     cz = as_compression(compress, perf, timeout_s=timeout_s)
     _check_cpu(x_RD, cz, op)  # before anything is queued
     dtype = _dtype_name(x_RD)
@@ -501,8 +523,11 @@ def all_to_all_start(
         raw_send = (sum(int(n) for n in in_splits) - int(in_splits[me])) * row
         cz.stats.add(op, False, raw_send, raw_send)
         return p
-    fut = submit(group, all_to_all, x_RD, in_splits, out_splits, group, cz, op=op)
-    return _pending(fut, op, cz.timeout_s)
+    # the worker encodes, exchanges sizes and issues the bytes, then takes the next job
+    # while they travel; the decode runs where the handle is waited on
+    fut = submit(group, _all_to_all_begin, x_RD, in_splits, out_splits, group, cz, op)
+    begun = _pending(fut, op, cz.timeout_s)
+    return Pending(None, op, cz.timeout_s, lambda: begun.wait()())
 
 
 def all_reduce_start(
