@@ -88,7 +88,7 @@ def _pending_step(rank, world):
 
 def test_compressed_step_is_a_pending_stage_world2():
     """The compressed all-to-all of a chunk returns a handle before the exchange finishes
-    (encode, send and decode run on the group's worker), and the rows arrive bit-exact."""
+    (the group's worker encodes and sends; the wait decodes), and the rows arrive bit-exact."""
     res = run_ranks(_pending_step, 2, timeout_s=60)
     assert res[0][0] < 0.5  # returned while rank 1 had not even joined
     (_, (got0, x0), stats0), (_, (got1, x1), _) = res

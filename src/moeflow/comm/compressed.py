@@ -663,8 +663,15 @@ def reduce_scatter(
 def _decide_all_reduce(cz: Compression, op: str, nbytes: int, dtype: str, W: int) -> bool:
     # the ratio estimate comes from the all-gather step, whose message sizes every rank sees
     part = nbytes * (W - 1) / W  # sent (and received) in the a2a, received in the all-gather
+    # the PerfModel sizes an all-to-all by the buffer each rank hands over (own part included)
     return cz.decide(
-        f"{op} (all-gather)", "a2a", part, dtype, steps=[("ag", nbytes, nbytes / W, part)]
+        f"{op} (all-gather)",
+        "a2a",
+        nbytes,
+        dtype,
+        steps=[("ag", nbytes, nbytes / W, part)],
+        enc_bytes=part,
+        dec_bytes=part,
     )
 
 

@@ -156,8 +156,8 @@ class CommStep:
             # ZipCCL's codec here is the CPU one: a device buffer is a ConfigError, never
             # raw bytes sent under a compression setting
             check_codec_device(self.compression, buf.device, self.label)
-            # a stage of the chunk pipeline: encode, send and decode run on the group's
-            # worker thread while the caller computes other chunks' experts
+            # a stage of the chunk pipeline: the group's worker thread encodes and sends
+            # while the caller computes other chunks' experts; the decode runs at the wait
             return all_to_all_start(
                 buf,
                 self.in_splits,
