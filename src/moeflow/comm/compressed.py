@@ -37,6 +37,7 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -457,6 +458,8 @@ def _all_to_all_begin(
 # ------------------------------------------------------------------------ asynchronous
 _WORKERS: dict[int, tuple[object, concurrent.futures.ThreadPoolExecutor]] = {}
 _WORKERS_LOCK = threading.Lock()
+# a forked child has none of its parent's threads: it starts its own workers
+os.register_at_fork(after_in_child=_WORKERS.clear)
 
 
 def _worker(group) -> concurrent.futures.ThreadPoolExecutor:
