@@ -123,6 +123,11 @@ def _cuda_input_step(rank, world):
             out[dispatcher] = ("no error", begun)
         except ConfigError as e:
             out[dispatcher] = (e.field, len(begun))
+    # no rank leaves while another may still build its groups through rank 0's store
+    # (an early exit broke the other rank's pipe now and then)
+    import torch.distributed as dist
+
+    dist.barrier()
     return out
 
 
