@@ -10,7 +10,9 @@ the dispatch module of the layer), driven by the one chunk pipeline of
 rows; ``"dedup"`` (HierMoE, :mod:`moeflow.parallel.dedup`) moves tokens:
 
 * ``A2ADispatcher`` ("a2a"): flat, dropless. Per-expert counts are exchanged first
-  (an all-to-all of a ``[P, E_l]`` int tensor), then rows move with variable splits.
+  (an all-to-all of a ``[P, E_l]`` int tensor, issued by ``start_exchange`` as soon as
+  routing has counted and waited on after the permutation), then rows move with variable
+  splits.
 * ``CapacityDispatcher`` ("capacity"): fixed-capacity, GShard style. Every (rank, expert)
   sends exactly ``slots`` rows, zero-padded, with equal splits: no count exchange before
   the rows move. ``slots`` is the largest per-rank capacity ``ceil(f*T*K/E)`` over the
@@ -41,9 +43,9 @@ import torch
 from torch.distributed import ReduceOp
 
 from moeflow.comm.collectives import (
-    all_gather_equal,
+    all_gather_equal_start,
     all_reduce_start,
-    all_to_all_equal,
+    all_to_all_equal_start,
     all_to_all_v,
 )
 from moeflow.comm.groups import global_ranks
@@ -68,18 +70,21 @@ class A2ADispatcher(TokenDispatcher):
 
     name = "a2a"
 
+    def start_exchange(self, counts_E, *, started=None, device=None):
+        """Issue the count all-to-all (a ``[P, E_l]`` int tensor); :meth:`exchange` waits."""
+        send_PE = counts_E.detach().to(device if device is not None else "cpu", torch.long)
+        return all_to_all_equal_start(
+            send_PE.view(self.P, self.E_l), self.ep_group, "count all-to-all", self.timeout_s
+        )
+
     def exchange(
         self, counts_E, *, capacity=None, device=None, started=None, routing=None, tokens=None
     ):
         counts_E = counts_E.detach().to("cpu", torch.long)
         send_PE = counts_E.view(self.P, self.E_l)
-        recv_PE = (
-            all_to_all_equal(
-                send_PE.to(device), self.ep_group, "count all-to-all", self.timeout_s
-            ).cpu()
-            if self.P > 1
-            else send_PE
-        )
+        if started is None:  # nobody issued it early: issue it now
+            started = self.start_exchange(counts_E, device=device)
+        recv_PE = started.wait().cpu()
         return CountExchange(
             counts_E=counts_E,
             send_PE=send_PE,
@@ -278,18 +283,25 @@ class HierarchicalDispatcher(TokenDispatcher):
             g: p // self.L for p, g in enumerate(global_ranks(self.ep_group))
         }
 
+    def start_exchange(self, counts_E, *, started=None, device=None):
+        """Issue the count all-gather (``[P, P, E_l]``: the intermediate rank needs every
+        pair's counts); :meth:`exchange` waits."""
+        send_PE = counts_E.detach().to(device if device is not None else "cpu", torch.long)
+        return all_gather_equal_start(
+            send_PE.view(self.P, self.E_l),
+            self.ep_group,
+            "count all-gather (hierarchical)",
+            self.timeout_s,
+        )
+
     def exchange(
         self, counts_E, *, capacity=None, device=None, started=None, routing=None, tokens=None
     ):
         counts_E = counts_E.detach().to("cpu", torch.long)
         send_PE = counts_E.view(self.P, self.E_l)
-        full = (
-            all_gather_equal(
-                send_PE.to(device), self.ep_group, "count all-gather (hierarchical)", self.timeout_s
-            ).cpu()
-            if self.P > 1
-            else send_PE.unsqueeze(0)
-        )
+        if started is None:  # nobody issued it early: issue it now
+            started = self.start_exchange(counts_E, device=device)
+        full = started.wait().cpu()
         recv_PE = full[:, self.p_me]
         return CountExchange(
             counts_E=counts_E,

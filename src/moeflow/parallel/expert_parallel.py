@@ -723,10 +723,13 @@ class ExpertParallel(nn.Module):
         started = disp.begin(cap, device=x.device)  # overlaps routing
         # A rank with no tokens still takes part in every collective.
         routing = layer.route(x_TD) if T > 0 else self._empty_routing(x_TD)
-        x_in, weight_N = disp.pipeline_input(x_TD, routing)  # the dispatcher's layout
         counts_E = routing.counts_E
+        if mp_rows is None:  # the count exchange travels while the rows are permuted
+            started = disp.start_exchange(counts_E, started=started, device=x.device)
+        x_in, weight_N = disp.pipeline_input(x_TD, routing)  # the dispatcher's layout
         if mp_rows is not None:  # Parm S2: this MP rank's share of the rows (comm.parm)
             x_in, counts_E = mp_rows.select(x_in, routing)
+            started = disp.start_exchange(counts_E, started=started, device=x.device)
         ex = disp.exchange(
             counts_E, capacity=cap, device=x.device, started=started, routing=routing, tokens=x_TD
         )
