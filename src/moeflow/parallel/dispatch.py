@@ -46,7 +46,6 @@ from moeflow.comm.collectives import (
     all_gather_equal_start,
     all_reduce_start,
     all_to_all_equal_start,
-    all_to_all_v,
 )
 from moeflow.comm.groups import global_ranks
 from moeflow.comm.timeouts import Pending
@@ -203,13 +202,8 @@ class CapacityDispatcher(TokenDispatcher):
         # The real counts travel beside the rows (started now, waited for by the experts):
         # nothing waits for them before the first chunk's slots are sent.
         filled = (
-            all_to_all_v(
-                real_PE.to(device),
-                [1] * self.P,
-                [1] * self.P,
-                self.ep_group,
-                "capacity count all-to-all",
-                self.timeout_s,
+            all_to_all_equal_start(
+                real_PE.to(device), self.ep_group, "capacity count all-to-all", self.timeout_s
             )
             if self.P > 1
             else Pending.ready(real_PE)
