@@ -145,13 +145,7 @@ class DedupDispatcher(TokenDispatcher):
                 self.S,
                 "1 with dispatcher='dedup' (a token is copied to whole experts after crossing)",
             )
-        if level in LEVELS:
-            level = LEVELS.index(level)
-        if level != "auto" and not (
-            isinstance(level, int) and not isinstance(level, bool) and 0 <= level < len(LEVELS)
-        ):
-            raise ConfigError("level", level, f"0, 1, one of {LEVELS} or 'auto'")
-        self.level = level
+        self.set_level(level)
         self.links = links
         self.intra_group, self.inter_group = intra_group, inter_group
         self.L = int(ranks_per_node)
@@ -165,6 +159,18 @@ class DedupDispatcher(TokenDispatcher):
         self.last_level: int | None = None
         self.last_routing: dict | None = None
         self.last_times: list | None = None
+
+    def set_level(self, level) -> None:
+        """The dedup level of the next calls: 0 / "rank", 1 / "node", or "auto" (d* of each
+        batch, HierMoE Eq. 6); e.g. the level :func:`moeflow.plan.hiermoe.plan_dedup` chose
+        from earlier batches. Every rank must set the same one."""
+        if level in LEVELS:
+            level = LEVELS.index(level)
+        if level != "auto" and not (
+            isinstance(level, int) and not isinstance(level, bool) and 0 <= level < len(LEVELS)
+        ):
+            raise ConfigError("level", level, f"0, 1, one of {LEVELS} or 'auto'")
+        self.level = level
 
     def last_assignments(self) -> list:
         """``[s][t] -> experts`` of the last call's batch on every source rank (the input of
