@@ -25,7 +25,9 @@ Timing: after one untimed step per arm, ``--reps`` rounds; each round runs every
 that round's batch (fresh batches, the same for every arm) in a shuffled order (seeded by
 the round). Reported per arm: every round's step time, median and spread; bytes per step
 per link level as ``moeflow.comm.bytes`` counted them where tensors entered
-torch.distributed (every collective of the step, summed over the 4 ranks).
+torch.distributed (every collective of the step, summed over the 4 ranks). Then where the
+time goes: a few more steps of the a2a and dedup arms under cProfile on rank 0, bucketed
+into expert compute, waiting on collectives, issuing them and other host work.
 
 Writes ``hiermoe_parm_emulated_<host>_<date>.md`` (and ``.json``) under ``--out``.
 """
@@ -50,6 +52,8 @@ D, F, E, K, T = 512, 1024, 16, 4, 512
 GROUPS, TOPK_GROUPS = 4, 2
 WARMUP = 4  # batches whose routing the dedup plan reads (search on 3, check on the last)
 FIXED = (1, 2, 4, 8)
+PROFILED = (*(f"a2a-r{r}" for r in FIXED), "a2a-planned", "dedup")
+PROFILE_STEPS = 3
 ARMS = (
     *(f"a2a-r{r}" for r in FIXED),
     "a2a-planned",
@@ -106,6 +110,42 @@ def _fsmoe_degrees(cfg) -> dict:
         except Exception as e:  # noqa: BLE001 - the record names it
             errors.append(f"{type(e).__name__}: {e}")
     return {"r_fwd": 1, "r_bwd": 1, "errors": errors, "failed": True}
+
+
+def _category(name: str) -> str:
+    """Bucket of a cProfile entry: expert compute, waiting on or issuing a collective, or
+    other host work (routing, index building, copies, autograd and Python glue)."""
+    if "grouped_mm" in name or "gelu" in name:
+        return "expert_compute"
+    if "_distributed_c10d" in name:
+        return "comm_wait" if "wait" in name else "comm_issue"
+    return "host_other"
+
+
+def _where_the_time_goes(step, batch, dist) -> dict:
+    """After the timed rounds: ``PROFILE_STEPS`` steps of each arm in ``PROFILED`` under
+    cProfile (every rank; rank 0's figures are kept), on fresh batches, the arms
+    interleaved. Per arm: median wall time of the step and median self time per bucket."""
+    import cProfile
+    import pstats
+
+    rows: dict = {n: {} for n in PROFILED}
+    for i in range(PROFILE_STEPS):
+        for name in PROFILED if i % 2 == 0 else PROFILED[::-1]:
+            x = batch(13, i, False)
+            prof = cProfile.Profile()
+            dist.barrier()
+            t0 = time.perf_counter()
+            prof.enable()
+            step(name, x)
+            prof.disable()
+            dist.barrier()
+            cat = {"step": time.perf_counter() - t0}
+            for (_, _, fn), (_, _, tt, _, _) in pstats.Stats(prof).stats.items():
+                cat[_category(fn)] = cat.get(_category(fn), 0.0) + tt
+            for k, v in cat.items():
+                rows[name].setdefault(k, []).append(1e3 * v)
+    return {n: {k: statistics.median(v) for k, v in r.items()} for n, r in rows.items()}
 
 
 def rank_main(rank: int, master: str, port: int, reps: int, rate: str) -> None:
@@ -231,6 +271,8 @@ def rank_main(rank: int, master: str, port: int, reps: int, rate: str) -> None:
             for k, v in c.by_level.items():
                 nbytes[name][k] = nbytes[name].get(k, 0) + v
     times["dedup"] = [t + swap_s / reps for t in times["dedup"]]
+    log("profiled steps")
+    where = _where_the_time_goes(step, batch, dist)
     for k, v in swap_bytes.items():
         nbytes["dedup"][k] = nbytes["dedup"].get(k, 0) + v
     levels = ("intra_node", "inter_node")
@@ -248,6 +290,7 @@ def rank_main(rank: int, master: str, port: int, reps: int, rate: str) -> None:
             for j, n in enumerate(ARMS)
         },
         "fsmoe": fsmoe,
+        "where_ms": where,
         "dedup_plan": {
             "level": plan.level_name,
             "moved_experts": plan.moved,
@@ -415,6 +458,22 @@ def main(argv=None) -> int:
             lines.append(
                 f"| {label} | {target} | {q['ratio']:.2f}x | {q['per_round_median']:.2f}x "
                 f"({q['per_round_min']:.2f}-{q['per_round_max']:.2f}) |"
+            )
+        lines += [
+            "",
+            f"Where the time goes (rank 0, {PROFILE_STEPS} more steps per arm under cProfile "
+            "after the timed rounds, interleaved; median ms of the step's wall time and of the "
+            "self time per bucket: expert GEMMs and activation, waiting on collectives, "
+            "issuing them, other host work):",
+            "",
+            "| arm | step | expert compute | comm wait | comm issue | other host |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, w in res["where_ms"].items():
+            lines.append(
+                f"| {name} | {w['step']:.0f} | {w.get('expert_compute', 0):.0f} | "
+                f"{w.get('comm_wait', 0):.0f} | {w.get('comm_issue', 0):.0f} | "
+                f"{w.get('host_other', 0):.0f} |"
             )
         lines.append("")
     lines += [
