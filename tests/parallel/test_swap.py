@@ -252,7 +252,7 @@ def _swap_mid_training(rank, world, steps_before, steps_after):
 
 @pytest.mark.dist
 def test_swap_mid_training_equals_the_new_placement_from_the_start():
-    res = run_ranks(_swap_mid_training, 4, 3, 3, timeout_s=120)
+    res = run_ranks(_swap_mid_training, 4, 2, 2, timeout_s=120)
     assert [sorted(r) for r in res] == [
         ["intra_node"],
         ["inter_node", "intra_node"],
