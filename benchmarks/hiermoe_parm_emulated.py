@@ -27,7 +27,9 @@ the round). Reported per arm: every round's step time, median and spread; bytes 
 per link level as ``moeflow.comm.bytes`` counted them where tensors entered
 torch.distributed (every collective of the step, summed over the 4 ranks). Then where the
 time goes: a few more steps of the a2a and dedup arms under cProfile on rank 0, bucketed
-into expert compute, waiting on collectives, issuing them and other host work.
+into expert compute, waiting on collectives, issuing them and other host work; and a
+swap check: one expert of rank 0 and one of rank 2 trade places and back, timed and counted
+next to the prediction of ``moeflow.plan.hiermoe.swap_time``.
 
 Writes ``hiermoe_parm_emulated_<host>_<date>.md`` (and ``.json``) under ``--out``.
 """
@@ -146,6 +148,44 @@ def _where_the_time_goes(step, batch, dist) -> dict:
             for k, v in cat.items():
                 rows[name].setdefault(k, []).append(1e3 * v)
     return {n: {k: statistics.median(v) for k, v in r.items()} for n, r in rows.items()}
+
+
+def _swap_check(arm, topo, U, expert_bytes: float, links, dist) -> dict:
+    """After the timed rounds: swap one expert of rank 0 with one of rank 2 (across the
+    nodes) and back, each timed and counted, next to ``swap_time``'s prediction."""
+    from moeflow.comm import bytes as comm_bytes
+    from moeflow.plan.hiermoe import swap_time
+
+    ep, opt = arm
+    owner = ep.dispatcher.owner_E.tolist()
+    a, b = owner.index(0), owner.index(2)
+    there = list(owner)
+    there[a], there[b] = 2, 0
+    out = {"predicted_ms": 1e3 * swap_time(owner, there, U, expert_bytes, links)}
+    opt.zero_grad(set_to_none=True)
+    for name, target in (("there", there), ("back", owner)):
+        dist.barrier()
+        t0 = time.perf_counter()
+        with comm_bytes.count(topo) as c:
+            ep.apply_placement(target, opt)
+        dist.barrier()
+        sent = _summed(dist, [c.by_level.get(lv, 0) for lv in ("intra_node", "inter_node")])
+        out[name] = {
+            "ms": 1e3 * (time.perf_counter() - t0),
+            "intra_MB": sent[0] / 1e6,
+            "inter_MB": sent[1] / 1e6,
+        }
+    out["expected_inter_MB"] = 2 * expert_bytes / 1e6  # one expert each way
+    return out
+
+
+def _summed(dist, xs: list) -> list:
+    """``xs`` summed over the ranks."""
+    import torch
+
+    t = torch.tensor([float(x) for x in xs])
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def rank_main(rank: int, master: str, port: int, reps: int, rate: str) -> None:
@@ -273,6 +313,10 @@ def rank_main(rank: int, master: str, port: int, reps: int, rate: str) -> None:
     times["dedup"] = [t + swap_s / reps for t in times["dedup"]]
     log("profiled steps")
     where = _where_the_time_goes(step, batch, dist)
+    check = None
+    if kind == "dedup":  # the swap's cost model against a measured swap, there and back
+        log("swap check")
+        check = _swap_check(dedup, topo, U, expert_bytes, _links(rate), dist)
     for k, v in swap_bytes.items():
         nbytes["dedup"][k] = nbytes["dedup"].get(k, 0) + v
     levels = ("intra_node", "inter_node")
@@ -291,6 +335,7 @@ def rank_main(rank: int, master: str, port: int, reps: int, rate: str) -> None:
         },
         "fsmoe": fsmoe,
         "where_ms": where,
+        "swap_check": check,
         "dedup_plan": {
             "level": plan.level_name,
             "moved_experts": plan.moved,
@@ -459,6 +504,18 @@ def main(argv=None) -> int:
                 f"| {label} | {target} | {q['ratio']:.2f}x | {q['per_round_median']:.2f}x "
                 f"({q['per_round_min']:.2f}-{q['per_round_max']:.2f}) |"
             )
+        sc = res.get("swap_check")
+        if sc:
+            lines += [
+                "",
+                "Swap check (after the timed rounds): one expert of rank 0 and one of rank 2 "
+                "trade places and back, each with its weights and Adam moments; measured "
+                f"{sc['there']['ms']:.0f} / {sc['back']['ms']:.0f} ms against "
+                f"{sc['predicted_ms']:.0f} ms predicted (`swap_time`), "
+                f"{sc['there']['inter_MB']:.2f} / {sc['back']['inter_MB']:.2f} MB inter-node "
+                f"and {sc['there']['intra_MB']:.2f} / {sc['back']['intra_MB']:.2f} MB "
+                f"intra-node counted, {sc['expected_inter_MB']:.2f} MB expected.",
+            ]
         lines += [
             "",
             f"Where the time goes (rank 0, {PROFILE_STEPS} more steps per arm under cProfile "
