@@ -626,10 +626,12 @@ class ExpertParallel(nn.Module):
             bucket_bytes=bucket_bytes,
         )
 
-    def apply_placement(self, owner_E, optimizer=None) -> None:
-        """HierMoE expert swap: move experts to ranks ``owner_E`` (weights, gradients and
-        optimizer state; dispatcher="dedup"). See :func:`moeflow.parallel.dedup.apply_placement`."""
-        apply_placement(self, owner_E, optimizer)
+    def apply_placement(self, owner_E, optimizer=None) -> dict[str, int]:
+        """HierMoE expert swap: move the experts whose owner changes to ranks ``owner_E``,
+        point to point (weights, gradients and optimizer state; dispatcher="dedup"); returns
+        the bytes this rank sent per link level. See
+        :func:`moeflow.parallel.dedup.apply_placement`."""
+        return apply_placement(self, owner_E, optimizer)
 
     @torch.no_grad()
     def full_expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
