@@ -5,13 +5,16 @@ thread each, T = 2048 tokens per rank, D = 256, F = 1024, E = 8, top-2, capacity
 1.25, GELU experts, fp32; one step = forward + backward of one ``ExpertParallel`` layer.
 Arms, interleaved (the order alternates every repeat; the machine is shared):
 
-* ``capacity`` - ``dispatcher="capacity"`` (GShard fixed slots, padded);
+* ``capacity`` - ``dispatcher="capacity"`` (GShard fixed slots, padded on the wire; the
+  experts compute only the filled slots);
 * ``a2a``      - ``dispatcher="a2a"`` at the same capacity factor (the router drops the same
   rows; only real rows travel and are computed).
 
 Each repeat times ``--steps`` steps per arm; a step's time is the max over the ranks. The
-record gives median and spread (min-max) of the per-repeat mean step time. DeepSpeed-MoE is
-not installed on this machine, so it is not an arm.
+record gives median and spread (min-max) of the per-repeat mean step time, wall and process
+CPU time (the latter less inflated by other jobs on a shared machine). The peers
+(DeepSpeed-MoE, Tutel) live in their own environment and are measured side by side with
+``capacity`` by ``peers_ep.py``.
 
     python benchmarks/capacity_path_cpu.py [--repeats 7 --steps 3]
 writes benchmarks/results/capacity_path_cpu_<hardware>_<date>.md and .json.
@@ -70,17 +73,19 @@ def _rank(rank, world, args):
     for arm in ARMS:  # warm-up
         step(arm)
     times = {arm: [] for arm in ARMS}
+    cpu = {arm: [] for arm in ARMS}
     for rep in range(args.repeats):
         order = ARMS if rep % 2 == 0 else ARMS[::-1]
         for arm in order:
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 step(arm)
-            dt = torch.tensor([(time.perf_counter() - t0) / args.steps])
+            dt = torch.tensor([time.perf_counter() - t0, time.process_time() - c0]) / args.steps
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-            times[arm].append(float(dt))
-    return times
+            times[arm].append(float(dt[0]))
+            cpu[arm].append(float(dt[1]))
+    return times, cpu
 
 
 def _git(*a):
@@ -106,13 +111,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from moeflow.launch import launch
 
-    times = launch(_rank, 2, args, threads=1, stall_timeout_s=600, progress=False)[0]
+    load = os.getloadavg()
+
+    times, cpu = launch(_rank, 2, args, threads=1, stall_timeout_s=600, progress=False)[0]
     stats = {
         a: {
             "median_ms": 1e3 * statistics.median(t),
             "min_ms": 1e3 * min(t),
             "max_ms": 1e3 * max(t),
             "runs_ms": [1e3 * v for v in t],
+            "cpu_median_ms": 1e3 * statistics.median(cpu[a]),
+            "cpu_runs_ms": [1e3 * v for v in cpu[a]],
         }
         for a, t in times.items()
     }
@@ -144,16 +153,25 @@ def main(argv=None):
         f"E={args.experts}, top-{args.top_k}, capacity factor {args.capacity_factor}, GELU, "
         f"fp32, r_fwd = r_bwd = {args.r}; step = fwd + bwd, max over ranks",
         f"- {args.repeats} interleaved repeats of {args.steps} steps per arm (order "
-        "alternating); DeepSpeed-MoE is not installed here, so it is not an arm",
+        "alternating); the peers are measured by `peers_ep.py`",
         "",
-        "| arm | median ms/step | min-max ms | a2a / arm |",
-        "| --- | --- | --- | --- |",
+        "- CPU ms: process CPU time per step (all threads, max over the ranks), which a "
+        "loaded machine inflates less than wall time; load average before "
+        f"{load[0]:.2f}, after {os.getloadavg()[0]:.2f}",
+        "",
+        "| arm | median ms/step | min-max ms | a2a / arm | median CPU ms/step | a2a / arm (CPU) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
+    cbase = stats["a2a"]["cpu_median_ms"]
     for a, s in stats.items():
         lines.append(
             f"| {a} | {s['median_ms']:.1f} | {s['min_ms']:.1f}-{s['max_ms']:.1f} | "
-            f"{base / s['median_ms']:.3f} |"
+            f"{base / s['median_ms']:.3f} | {s['cpu_median_ms']:.1f} | "
+            f"{cbase / s['cpu_median_ms']:.3f} |"
         )
+    lines += ["", "Every repeat (ms/step, wall):", ""]
+    for a, s in stats.items():
+        lines.append(f"- {a}: " + ", ".join(f"{v:.1f}" for v in s["runs_ms"]))
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.out, exist_ok=True)

@@ -4,12 +4,18 @@
 
 1. HierMoE (32 GPUs, U = [1, 4, 8, 16, 32]): simulated dispatch all-to-all of flat a2a,
    Tutel-2DH, dedup at the best level d* (Eq. 6) and dedup + expert swap (smooth max
-   γ = 10, a few swap steps on the batch) on DeepSeek-V3-half (128 experts, top-8,
-   D = 7168) and Qwen3-30B-A3B (128 experts, top-8, D = 2048) shapes, next to the
-   published 1.55-3.32x (a2a over Megatron-LM / Tutel-2DH / SmartMoE-style baselines).
-   The routing is synthetic (seeded): each token belongs to one of 8 topics, draws 6 of its
-   8 experts from its topic's 16 and 2 uniformly, so experts co-occur as in trained models;
-   the paper used the models' real routing, which is why the duplication here differs.
+   γ = 10, a few swap steps searched on ``SEARCH`` earlier batches, the prefix kept that
+   is best on one more earlier batch, never on the batch simulated) on DeepSeek-V3-half
+   (128 experts, top-8, D = 7168, F = 2048) and Qwen3-30B-A3B (128 experts, top-8,
+   D = 2048, F = 768) shapes, next to the published 1.55-3.32x (a2a over Megatron-LM /
+   Tutel-2DH / SmartMoE-style baselines). The swap's
+   own cost is the simulated point-to-point move of the experts whose owner changes
+   (bf16 weights and fp32 Adam moments, ``moeflow.plan.hiermoe.swap_time``), with the
+   number of all-to-alls it takes to pay back.
+   The routing is synthetic (seeded): each token belongs to one of 8 topics (fixed across
+   batches), draws 6 of its 8 experts from its topic's 16 and 2 uniformly, so experts
+   co-occur as in trained models; the paper used the models' real routing, which is why
+   the duplication here differs.
 2. Parm (8-GPU server and 32-GPU cluster): the simulated layer time of DeepSpeed-MoE's plain
    MP+EP+ESP schedule over the best of Parm's S1/S2 on a layer sweep (tokens, hidden, top-k,
    MP size), next to the published 1.13-5.77x over 1296 layers.
@@ -35,15 +41,24 @@ from _common import cpu_name, write_record  # noqa: E402
 
 from moeflow.plan import hiermoe_sim as sh  # noqa: E402
 from moeflow.plan import parm_sim as sp  # noqa: E402
-from moeflow.plan.hiermoe import contiguous_owner, dedup_hops, level_bytes, swap_step  # noqa: E402
+from moeflow.plan.hiermoe import (  # noqa: E402
+    contiguous_owner,
+    dedup_hops,
+    level_bytes,
+    swap_step,
+    swap_time,
+)
 from moeflow.plan.parm import ParmCluster, ParmLayer  # noqa: E402
 
-SHAPES = {"deepseek-v3-half": (128, 8, 7168), "qwen3-30b-a3b": (128, 8, 2048)}
+SHAPES = {"deepseek-v3-half": (128, 8, 7168, 2048), "qwen3-30b-a3b": (128, 8, 2048, 768)}
+SEARCH = 3  # earlier batches the swap search reads; one more checks it; then the simulated one
 
 
-def topic_routing(P: int, T: int, E: int, k: int, seed: int) -> list:
+def topic_routing(P: int, T: int, E: int, k: int, seed: int, topic_seed: int = 0) -> list:
+    """Tokens of batch ``seed``; the topics (seeded by ``topic_seed``) persist across
+    batches, as a trained router's expert co-occurrence does."""
+    topics = [random.Random(topic_seed).sample(range(E), 16) for _ in range(8)]
     rng = random.Random(seed)
-    topics = [rng.sample(range(E), 16) for _ in range(8)]
     out = []
     for _ in range(P):
         toks = []
@@ -62,22 +77,42 @@ def hiermoe_rows(quick: bool) -> list[dict]:
     sample, tokens_per_gpu = (16, 4096) if quick else (32, 4096)
     swaps = 2 if quick else 6
     rows = []
-    for name, (E, k, D) in SHAPES.items():
+    for name, (E, k, D, F) in SHAPES.items():
         routes = topic_routing(P, sample, E, k, seed=1)
+        earlier = [topic_routing(P, sample, E, k, seed=2 + i) for i in range(SEARCH + 1)]
+        pool = [[t for b in earlier[:-1] for t in b[s]] for s in range(P)]
+        check = earlier[-1]
         row_bytes = D * 2 * tokens_per_gpu / sample  # bf16 rows, scaled to the batch
         owner = contiguous_owner(E, P)
         base = sh.schedules_ms(routes, owner, cl, row_bytes)
         d_star = min((v, d) for d, v in enumerate(base[f"dedup{d}"] for d in range(4)))[1]
+
         t0 = time.perf_counter()
-        state, steps = None, 0
+        state, found = None, [owner]
         for _ in range(swaps):
-            pair, owner, _, state = swap_step(
-                routes, owner, U, row_bytes, cl.links, state=state, level=d_star
+            pair, cur, _, state = swap_step(
+                pool,
+                found[-1],
+                U,
+                row_bytes * sample / len(pool[0]),
+                cl.links,
+                state=state,
+                level=d_star,
             )
-            steps += pair is not None
+            if pair is None:
+                break
+            found.append(cur)
         swap_s = (time.perf_counter() - t0) / max(swaps, 1)
+        # as moeflow.plan.hiermoe.plan_dedup: keep the prefix of swaps that is best on the
+        # check batch (an earlier batch the search did not read)
+        on_check = [sh.schedules_ms(check, o, cl, row_bytes)[f"dedup{d_star}"] for o in found]
+        steps = min(range(len(found)), key=lambda i: (on_check[i], i))
+        owner = found[steps]
         swapped = sh.schedules_ms(routes, owner, cl, row_bytes)
         best_swapped = min(swapped[f"dedup{d}"] for d in range(4))
+        expert_bytes = 3 * D * F * (2 + 2 * 4)  # bf16 weights, two fp32 Adam moments
+        move_ms = 1e3 * swap_time(contiguous_owner(E, P), owner, U, expert_bytes, cl.links)
+        gain = base[f"dedup{d_star}"] - best_swapped
         flat_spine = level_bytes(sh.flat_hops(routes, contiguous_owner(E, P), U), 1)[4]
         dedup_spine = level_bytes(dedup_hops(routes, contiguous_owner(E, P), U, 3), 1)[4]
         rows.append(
@@ -93,6 +128,8 @@ def hiermoe_rows(quick: bool) -> list[dict]:
                 "dedup_swap_ms": best_swapped,
                 "swaps_applied": steps,
                 "swap_step_s": swap_s,
+                "swap_move_ms": move_ms,
+                "payback_a2a": move_ms / gain if gain > 0 else None,
                 "spine_rows_removed": 1 - dedup_spine / flat_spine,
                 "speedup_vs_flat": base["flat"] / best_swapped,
                 "speedup_vs_2dh": base["2dh"] / best_swapped,
@@ -167,16 +204,19 @@ def main(argv=None) -> int:
         "## HierMoE: dispatch all-to-all, 32 GPUs, U = [1, 4, 8, 16, 32]",
         "",
         "| shape | d* | flat (ms) | Tutel-2DH (ms) | dedup (ms) | dedup + swap (ms) | "
-        "x flat | x 2DH | x no-swap | spine rows removed | swap step (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "x flat | x 2DH | x no-swap | spine rows removed | swap step (s) | swap move (ms) | "
+        "pays back after (all-to-alls) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in h:
+        payback = "never" if r["payback_a2a"] is None else f"{r['payback_a2a']:.0f}"
+        payback = "no swap" if not r["swaps_applied"] else payback
         lines.append(
             f"| {r['shape']} | {r['d_star']} | {r['flat_ms']:.2f} | {r['2dh_ms']:.2f} | "
             f"{r['dedup_ms']:.2f} | {r['dedup_swap_ms']:.2f} | "
             f"{r['speedup_vs_flat']:.2f} | {r['speedup_vs_2dh']:.2f} | "
             f"{r['speedup_vs_noswap']:.3f} | {r['spine_rows_removed']:.0%} | "
-            f"{r['swap_step_s']:.2f} |"
+            f"{r['swap_step_s']:.2f} | {r['swap_move_ms']:.2f} | {payback} |"
         )
     lines += [
         "",
@@ -186,9 +226,11 @@ def main(argv=None) -> int:
         "",
         "Why ours differs: the routing is synthetic (topic-correlated, seeded), not a "
         "trained model's; the swap search scores hop 1 of the chosen level and runs a "
-        "few steps on one batch; Tutel-2DH pays its relay hop on the level-3 links and "
-        "gains nothing from aggregating messages, because this α-β model charges one α "
-        "per hop rather than per message, so it trails flat a2a here.",
+        f"few steps on {SEARCH} earlier batches and keeps only what also pays on a "
+        "fourth (where the table says no swap, nothing the search found lowered that "
+        "batch's all-to-all); Tutel-2DH pays its relay hop on the "
+        "level-3 links and gains nothing from aggregating messages, because this α-β "
+        "model charges one α per hop rather than per message, so it trails flat a2a here.",
         "",
         "## Parm: plain (DeepSpeed-MoE MP+EP+ESP) over the best of S1/S2",
         "",

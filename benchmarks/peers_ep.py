@@ -65,8 +65,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 IMPLS = ("deepspeed", "tutel", "torchtitan", "moeflow")
 PEERS = ("deepspeed", "tutel", "torchtitan")
+#: fixed pipeline degrees (r_fwd = r_bwd = r) of the ``a2a`` dispatcher: the planned row is
+#: compared with the best of them in the same cell (r = 1 is ``moeflow-a2a``)
+FIXED_DEGREES = (2, 4, 8)
+FIXED_VARIANTS = ("moeflow-a2a",) + tuple(f"moeflow-a2a-r{r}" for r in FIXED_DEGREES)
 #: which moeflow variants have a peer's semantics (capacity drop + GELU, or dropless SwiGLU)
-DROP_VARIANTS = ("moeflow", "moeflow-a2a", "moeflow-2dh", "moeflow-planned")
+DROP_VARIANTS = (
+    "moeflow",
+    "moeflow-capacity",
+    *FIXED_VARIANTS,
+    "moeflow-2dh",
+    "moeflow-planned",
+)
 DROPLESS_VARIANT = "moeflow-dropless-swiglu"
 #: the same in bf16 (parameters and activations): torchtitan's grouped GEMMs always run in bf16
 DROPLESS_BF16 = "moeflow-dropless-swiglu-bf16"
@@ -325,7 +335,11 @@ def _build_moeflow(c: dict, W: int, nodes: int, meta: dict, deferred: dict):
 
     deferred["moeflow-planned"] = planned
     out = {
+        "moeflow-capacity": ep(drop, dispatcher="capacity"),
         "moeflow-a2a": ep(drop, dispatcher="a2a"),
+        **{
+            f"moeflow-a2a-r{r}": ep(drop, dispatcher="a2a", r_fwd=r, r_bwd=r) for r in FIXED_DEGREES
+        },
         "moeflow-2dh": ep(drop, dispatcher="2dh"),
         DROPLESS_VARIANT: ep(dropless, dispatcher="a2a"),
     }
@@ -399,7 +413,9 @@ def worker(args) -> int:
                 _touch(os.path.join(d, f"{impl}.meta.json"), json.dumps(meta))
             deferred = {}
             times = {}
-            for name, (module, fn) in variants.items():
+            items = list(variants.items())  # the variants take turns too (rotating order)
+            items = items[r % len(items) :] + items[: r % len(items)]
+            for name, (module, fn) in items:
                 n = c["steps"] + (c["warmup"] if r == 0 else 0)
                 ts = [step(module, fn) for _ in range(n)]
                 times[name] = ts[c["warmup"] :] if r == 0 else ts
@@ -711,19 +727,23 @@ def _scrub(obj, rundir: str = ""):
     return obj
 
 
-def summarize(res: dict, tokens: int) -> list:
-    """Rows ``(variant, impl, median_s, min_s, tokens_per_s, steps)`` of one cell."""
+def summarize(res: dict, tokens: int, steps: int) -> list:
+    """Rows of one cell: per variant the median, min and max step over every round, the
+    median of each round (``steps`` steps), and tokens/s at the median."""
     rows = []
     for impl, v in res.get("impls", {}).items():
         for name, ts in v.get("times", {}).items():
             if ts:
                 med = statistics.median(ts)
+                rounds = [ts[i : i + steps] for i in range(0, len(ts), steps)]
                 rows.append(
                     {
                         "variant": name,
                         "impl": impl,
+                        "round_median_ms": [statistics.median(x) * 1e3 for x in rounds],
                         "median_ms": med * 1e3,
                         "min_ms": min(ts) * 1e3,
+                        "max_ms": max(ts) * 1e3,
                         "steps": len(ts),
                         "tokens_per_s": res["world"] * tokens / med,
                     }
@@ -741,6 +761,45 @@ def ratios(rows: list) -> dict:
         for v in mine:
             if v in tps:
                 out[(v, peer)] = tps[v] / tps[peer]
+    return out
+
+
+#: the issue's targets: (label, moeflow variant, reference, minimum ratio); the reference
+#: ``best-fixed`` is the fastest of FIXED_VARIANTS in the same cell
+TARGETS = (
+    ("capacity / DeepSpeed-MoE", "capacity", "deepspeed", 1.1),
+    ("capacity / Tutel", "capacity", "tutel", 1.1),
+    ("bf16 dropless / torchtitan", DROPLESS_BF16, "torchtitan", 1.2),
+    ("planned / best fixed degree", "moeflow-planned", "best-fixed", 0.97),
+)
+
+
+def targets(rows: list) -> list:
+    """The target ratios of one cell (tokens/s at the median, so reference step / ours), with
+    the spread of the same ratio taken round by round (rounds are interleaved)."""
+    by = {r["variant"]: r for r in rows}
+    out = []
+    for label, mine, ref, goal in TARGETS:
+        if mine == "capacity":  # one process has no dispatcher: the layer itself
+            mine = "moeflow-capacity" if "moeflow-capacity" in by else "moeflow"
+        if ref == "best-fixed":
+            fixed = [by[v] for v in FIXED_VARIANTS if v in by]
+            ref = min(fixed, key=lambda r: r["median_ms"])["variant"] if fixed else None
+        if mine not in by or ref not in by:
+            continue
+        a, b = by[mine], by[ref]
+        per_round = [x / y for x, y in zip(b["round_median_ms"], a["round_median_ms"])]
+        out.append(
+            {
+                "target": label,
+                "mine": mine,
+                "ref": ref,
+                "ratio": b["median_ms"] / a["median_ms"],
+                "round_ratios": per_round,
+                "goal": goal,
+                "met": b["median_ms"] / a["median_ms"] >= goal,
+            }
+        )
     return out
 
 
@@ -773,8 +832,9 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         res = run_cell(CELLS[name], impls, args, status)
         res["wall_s"] = time.perf_counter() - t0
-        res["rows"] = summarize(res, args.tokens)
+        res["rows"] = summarize(res, args.tokens, args.steps)
         res["ratios"] = {f"{a}|{b}": x for (a, b), x in ratios(res["rows"]).items()}
+        res["targets"] = targets(res["rows"])
         results["cells"][name] = res
         if not args.quiet:
             print(format_cell(name, res), flush=True)
@@ -792,10 +852,16 @@ def format_cell(name: str, res: dict) -> str:
     for r in res["rows"]:
         lines.append(
             f"  {r['variant']:<26} {r['tokens_per_s']:>10.0f} tok/s  "
-            f"median {r['median_ms']:.1f} ms  min {r['min_ms']:.1f} ms  n={r['steps']}"
+            f"median {r['median_ms']:.1f} ms  min-max {r['min_ms']:.1f}-{r['max_ms']:.1f} ms"
+            f"  n={r['steps']}"
         )
     for k, x in res["ratios"].items():
         lines.append(f"  {k.replace('|', ' / ')}: {x:.2f}x")
+    for t in res["targets"]:
+        lines.append(
+            f"  target {t['target']} ({t['mine']} / {t['ref']}): {t['ratio']:.2f}x "
+            f"(>= {t['goal']}: {'met' if t['met'] else 'MISSED'})"
+        )
     return "\n".join(lines)
 
 
@@ -805,6 +871,14 @@ def _git_commit() -> str:
         ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     )
     return r.stdout.strip() or "unknown"
+
+
+def _cpu_flags() -> str:
+    """Which of AVX-512 BF16 / AVX2 the CPU has (lscpu), for the machine line."""
+    r = subprocess.run(["lscpu"], capture_output=True, text=True)
+    flags = set(r.stdout.split())
+    have = [f for f in ("avx512_bf16", "avx2") if f in flags]
+    return ", ".join(have) if have else "neither avx512_bf16 nor avx2"
 
 
 def record_markdown(results: dict, argv: list) -> str:
@@ -820,7 +894,8 @@ def record_markdown(results: dict, argv: list) -> str:
     L = [
         "# moeflow expert parallelism vs DeepSpeed-MoE, Tutel, torchtitan (CPU, gloo)",
         "",
-        f"date {results['date']}; machine: {os.cpu_count()} cores, {cpu_name()}, no GPU; "
+        f"date {results['date']}; machine: {os.cpu_count()} cores, {cpu_name()} "
+        f"({_cpu_flags()}), no GPU; "
         f"moeflow commit {_git_commit()}; load average before {results['load_before'][0]:.2f}"
         f", after {results['load_after'][0]:.2f}",
         "",
@@ -831,8 +906,11 @@ def record_markdown(results: dict, argv: list) -> str:
         f"(capacity ceil({cf}*{c['top_k']}*T/E) per expert and rank) for DeepSpeed, Tutel and "
         f"moeflow's GELU layer; dropless for torchtitan and moeflow's SwiGLU layer. fwd+bwd "
         f"of `y.sum()`, all parameter gradients; {c['warmup']} warm-up steps, then "
-        f"{c['rounds']} rounds x {c['steps']} steps, implementations in turn (rotating order); "
-        f"median step (slowest rank) over all rounds. tokens/s = world x T / median.",
+        f"{c['rounds']} rounds x {c['steps']} steps, implementations in turn and each "
+        f"implementation's variants in turn (both orders rotating every round); median step "
+        f"(slowest rank) over all rounds, spread min-max over every step. tokens/s = world x T "
+        f"/ median. The machine is shared (2 cores, other jobs running: see the load "
+        f"averages): absolute times are noisy, the interleaved ratios less so.",
         "",
         "Command: `python benchmarks/peers_ep.py " + " ".join(argv) + "`",
         "",
@@ -860,9 +938,13 @@ def record_markdown(results: dict, argv: list) -> str:
         '- moeflow: `MoELayer` (`router="softmax_topk"`, `norm_topk_prob=True`, '
         '`expert_type="gelu"`, `capacity_factor=f`: same drop rule as GShard/DeepSpeed/Tutel, '
         "first choices first, then token order) under `ExpertParallel`: `a2a` (counts first, "
-        "then only the kept rows), `2dh` (intra-node then inter-node), and `a2a` with the "
-        "FSMoE planner's degrees (ASPLOS'25) from a `moeflow.perf.profile` of the same ranks "
-        "at start-up. Single device: `MoELayer` itself.",
+        "then only the kept rows), `capacity` (GShard's E x C zero-padded slots, equal "
+        "splits, no count exchange before the rows move; the experts compute only the real "
+        "rows, whose counts travel beside the first chunk), `2dh` (intra-node then "
+        "inter-node), `a2a` at fixed pipeline degrees r_fwd = r_bwd = r "
+        f"(r in {', '.join(map(str, FIXED_DEGREES))}), and `a2a` with the FSMoE planner's "
+        "degrees (ASPLOS'25) from a `moeflow.perf.profile` of the same ranks at start-up. "
+        "Single device: `MoELayer` itself.",
         "- Routers and experts are initialised by each library; the inputs are the same "
         "(seeded per rank); there is no optimizer step, so every step routes alike.",
         "",
@@ -884,9 +966,31 @@ def record_markdown(results: dict, argv: list) -> str:
         "",
     ]
     L += [
+        "## Targets",
+        "",
+        "Each ratio is tokens/s of the moeflow variant over the reference's at the median step "
+        "(equal to the reference's median step over ours); the range is the same ratio taken "
+        "round by round (each round times every variant once, in rotating order). The "
+        "planned row's reference is the fastest fixed degree r_fwd = r_bwd = r in the same "
+        f"cell, r in (1, {', '.join(map(str, FIXED_DEGREES))}). One process has no dispatcher: "
+        "its capacity row is the drop layer itself (`moeflow`).",
+        "",
+        "| cell | target | moeflow / reference | ratio | per-round range | goal | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, res in results["cells"].items():
+        for t in res.get("targets", []):
+            rr = t["round_ratios"]
+            L.append(
+                f"| {name} | {t['target']} | {t['mine']} / {t['ref']} | {t['ratio']:.2f}x | "
+                f"{min(rr):.2f}-{max(rr):.2f}x | >= {t['goal']} | "
+                f"{'yes' if t['met'] else '**no**'} |"
+            )
+    L += [
+        "",
         "## Results",
         "",
-        "| cell | ranks | implementation | semantics | tokens/s | median ms | min ms | "
+        "| cell | ranks | implementation | semantics | tokens/s | median ms | min-max ms | "
         "vs DeepSpeed | vs Tutel | vs torchtitan |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -918,7 +1022,9 @@ def record_markdown(results: dict, argv: list) -> str:
                 s += f", r_fwd={p.get('r_fwd')}, r_bwd={p.get('r_bwd')}"
             L.append(
                 f"| {name} | {res['world']} | {vname} | {s} | {r['tokens_per_s']:.0f} | "
-                f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | " + " | ".join(cells) + " |"
+                f"{r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | "
+                + " | ".join(cells)
+                + " |"
             )
         if "link" in res:
             notes.append(f"- {name}: {res['link']}; {res['threads_per_rank']} thread(s) per rank")

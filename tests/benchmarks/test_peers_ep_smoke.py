@@ -61,8 +61,12 @@ def test_moeflow_two_ranks_positive_and_absent_peers_reported():
         assert res["probe"][peer] is not None
     assert cell["impls"]["moeflow"]["status"] == "ok"
     rows = {r["variant"]: r for r in cell["rows"]}
-    for v in ("moeflow-a2a", "moeflow-2dh", "moeflow-planned", peers_ep.DROPLESS_VARIANT):
+    fixed = [f"moeflow-a2a-r{r}" for r in peers_ep.FIXED_DEGREES]
+    for v in ("moeflow-capacity", "moeflow-a2a", "moeflow-2dh", "moeflow-planned", *fixed):
         assert rows[v]["tokens_per_s"] > 0 and rows[v]["steps"] == 2, rows
+    assert rows[peers_ep.DROPLESS_VARIANT]["steps"] == 2
+    # only the planned row's target can be formed without peers
+    assert [t["target"] for t in cell["targets"]] == ["planned / best fixed degree"]
     planned = cell["impls"]["moeflow"]["meta"]["planned"]
     assert planned["r_fwd"] >= 1 and planned["r_bwd"] >= 1
     assert cell["ratios"] == {}  # no peer ran, so no ratio
@@ -93,10 +97,44 @@ def test_ratios_pair_only_matching_semantics():
 
 
 def test_summarize_counts_every_rank_tokens():
-    res = {"world": 4, "impls": {"tutel": {"times": {"tutel": [0.5, 0.1, 0.2]}}}}
-    (row,) = peers_ep.summarize(res, tokens=100)
-    assert row["median_ms"] == pytest.approx(200.0) and row["min_ms"] == pytest.approx(100.0)
-    assert row["tokens_per_s"] == pytest.approx(4 * 100 / 0.2)
+    res = {"world": 4, "impls": {"tutel": {"times": {"tutel": [0.5, 0.1, 0.2, 0.4]}}}}
+    (row,) = peers_ep.summarize(res, tokens=100, steps=2)
+    assert row["median_ms"] == pytest.approx(300.0) and row["min_ms"] == pytest.approx(100.0)
+    assert row["max_ms"] == pytest.approx(500.0)
+    assert row["round_median_ms"] == pytest.approx([300.0, 300.0])
+    assert row["tokens_per_s"] == pytest.approx(4 * 100 / 0.3)
+
+
+def _row(v, *round_ms):
+    return {
+        "variant": v,
+        "median_ms": sorted(round_ms)[len(round_ms) // 2],
+        "round_median_ms": list(round_ms),
+    }
+
+
+def test_targets_use_the_capacity_row_and_the_best_fixed_degree():
+    rows = [
+        _row("deepspeed", 120.0, 100.0, 110.0),
+        _row("tutel", 220.0, 200.0, 210.0),
+        _row("moeflow-capacity", 100.0, 100.0, 100.0),
+        _row("moeflow-a2a", 90.0, 90.0, 90.0),
+        _row("moeflow-a2a-r2", 60.0, 40.0, 50.0),  # the best fixed degree
+        _row("moeflow-a2a-r4", 70.0, 70.0, 70.0),
+        _row("moeflow-planned", 55.0, 50.0, 50.0),
+    ]
+    t = {x["target"]: x for x in peers_ep.targets(rows)}
+    cap = t["capacity / DeepSpeed-MoE"]
+    assert cap["mine"] == "moeflow-capacity" and cap["ratio"] == pytest.approx(1.1)
+    assert cap["round_ratios"] == pytest.approx([1.2, 1.0, 1.1]) and cap["met"]
+    assert t["capacity / Tutel"]["ratio"] == pytest.approx(2.1)
+    plan = t["planned / best fixed degree"]
+    assert plan["ref"] == "moeflow-a2a-r2" and plan["ratio"] == pytest.approx(1.0) and plan["met"]
+    assert "bf16 dropless / torchtitan" not in t  # neither side ran
+    # one process: the drop layer itself is the capacity row; a loss is marked
+    single = [_row("deepspeed", 90.0), _row("moeflow", 100.0)]
+    (only,) = peers_ep.targets(single)
+    assert only["mine"] == "moeflow" and not only["met"]
 
 
 def test_emulated_cluster_without_root_skips_with_reason(monkeypatch, capsys):

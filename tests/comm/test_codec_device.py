@@ -63,14 +63,15 @@ def test_comm_step_refuses_a_cuda_buffer(monkeypatch):
 
     calls = []
     monkeypatch.setattr(contract, "all_to_all_v", _record(calls, "raw all_to_all_v"))
-    monkeypatch.setattr(compressed, "all_to_all", _record(calls, "compressed all_to_all"))
+    monkeypatch.setattr(compressed, "_all_to_all_begin", _record(calls, "compressed all_to_all"))
     step = contract.CommStep("dispatch", None, [2], [2], compression=Compression(True))
     with pytest.raises(ConfigError, match="compress"):
         step.issue(fake_cuda(torch.randn(2, 4)), 5.0)
     assert calls == []  # neither raw bytes nor the CPU codec
-    # the same step on a CPU buffer reaches the compressed all-to-all (the setup is live)
+    # the same step on a CPU buffer reaches the compressed all-to-all (the setup is live;
+    # it runs on the group's worker thread, its error surfaces at the wait)
     with pytest.raises(AssertionError, match="compressed all_to_all"):
-        step.issue(torch.randn(2, 4), 5.0)
+        step.issue(torch.randn(2, 4), 5.0).wait()
     assert calls == ["compressed all_to_all"]
 
 

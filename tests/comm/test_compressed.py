@@ -204,3 +204,19 @@ def test_profiled_model_meta_carries_codec_costs_through_json():
     model = PerfModel("profiled", dict(FAST_LINK.costs), meta=meta)
     enc, dec = codec_costs(PerfModel.from_json(model.to_json()))
     assert enc.beta > 0 and dec.beta > 0
+
+
+def test_a_forked_child_starts_its_own_worker_threads():
+    """A child forked after a worker ran (the test harness forks ranks) must not queue jobs
+    on its parent's thread, which does not exist in the child."""
+    import os
+
+    from moeflow.comm import compressed as cc
+
+    assert cc.submit(None, lambda: 1).result(timeout=10) == 1
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh worker answers
+        ok = not cc._WORKERS and cc.submit(None, lambda: 2).result(timeout=10) == 2
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -97,3 +97,44 @@ def test_fsdp2_custom_collectives_world2():
         assert stats["fsdp all-gather"]["compressed"] >= 4
         assert stats["fsdp reduce-scatter"]["compressed"] >= 2
         assert res[False][1]["fsdp all-gather"]["compressed"] == 0
+
+
+class _Bucket:
+    """The one method of DDP's ``GradBucket`` the hook uses."""
+
+    def __init__(self, buf):
+        self._buf = buf
+
+    def buffer(self):
+        return self._buf
+
+
+def _hook_future(rank, world):
+    import time
+
+    from moeflow.comm.compressed import Compression
+    from moeflow.comm.hooks import ZipCCLHookState, zipccl_hook
+
+    state = ZipCCLHookState(Compression(True, timeout_s=30))
+    g = torch.Generator().manual_seed(rank)
+    bufs = [torch.randn(3000, generator=g) for _ in range(3)]
+    want = [b.clone() for b in bufs]
+    if rank == 1:
+        time.sleep(1.0)  # rank 0's collective cannot finish before rank 1 joins
+    futs = [zipccl_hook(state, _Bucket(b)) for b in bufs]  # three buckets in flight
+    pending_at_return = [not f.done() for f in futs]
+    got = [f.wait().numpy().copy() for f in futs]
+    return pending_at_return, got, [w.numpy() for w in want]
+
+
+def test_hook_returns_a_future_that_completes_later_world2():
+    res = run_ranks(_hook_future, 2, timeout_s=60)
+    assert all(res[0][0])  # rank 0 returned while its collectives were still in flight
+    for _, got, _ in res:
+        for j, g in enumerate(got):
+            mean = (res[0][2][j].astype("float64") + res[1][2][j]) / 2
+            torch.testing.assert_close(
+                torch.from_numpy(g).double(), torch.from_numpy(mean), rtol=1e-6, atol=1e-7
+            )
+    for a, b in zip(res[0][1], res[1][1]):
+        assert (a == b).all()  # every rank gets the same bits

@@ -293,9 +293,25 @@ def _config_errors(rank, world):
         ep.apply_placement(list(range(8)))
     except ConfigError as e:
         fields.append(e.field)
+    ep = ExpertParallel(
+        copy.deepcopy(layer), topology=Topology.explicit(world, 2), dispatcher="dedup"
+    )
+    ep.dispatcher.set_level("node")  # the level a plan chose
+    assert ep.dispatcher.level == 1
+    for bad in ("socket", 2, True):
+        try:
+            ep.dispatcher.set_level(bad)
+        except ConfigError as e:
+            fields.append(e.field)
+    try:
+        ep.apply_placement([0] * 8)  # rank 0 would own every expert
+    except ConfigError as e:
+        fields.append(e.field)
     return fields
 
 
 def test_dedup_config_errors_name_the_field():
     res = run_ranks(_config_errors, 4, timeout_s=60)
-    assert res[0] == ["compress", "esp_size", "level", "level", "dispatcher"]
+    assert res[0] == ["compress", "esp_size", "level", "level", "dispatcher"] + ["level"] * 3 + [
+        "owner_E"
+    ]

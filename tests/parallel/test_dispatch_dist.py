@@ -83,6 +83,7 @@ def _roundtrip(rank, world):
             ex = d.exchange(counts, capacity=3 if name == "capacity" else None)
             back = torch.zeros(N + 1, 2)
             ext = torch.cat([x, torch.full((1, 2), -1.0)])
+            canon = []
             for c in range(r):
                 rt = d.route(ex, r, c)
                 buf = ext[rt.send_index]
@@ -92,12 +93,24 @@ def _roundtrip(rank, world):
                 # every received row belongs to one of my experts
                 assert bool(((real[:, 0] // E_l) == rank).all()), (name, buf)
                 assert int(rt.recv_SPE[0].sum()) == buf.shape[0]
+                # the expert stage computes exactly the real rows, expert-major (capacity:
+                # no padding slot reaches a GEMM)
+                rt.to(torch.device("cpu"))
+                em = rt.expert_major
+                picked = buf if em is None else buf.index_select(0, em)
+                assert picked.shape[0] == real.shape[0], (name, r, c)
+                local_e = picked[:, 0].long() - rank * E_l
+                assert torch.equal(rt.expert_counts, torch.bincount(local_e, minlength=E_l))
+                assert bool((local_e.diff() >= 0).all()), (name, picked)
+                canon.append(d.canonical_index(ex, r, c))
                 y = buf.clone()
                 y[:, 1] = y[:, 1] * 100 + rank  # owner stamps the row
                 for step in rt.combine:
                     y = step.issue(y, 20).wait()
                 back.index_copy_(0, rt.send_index, y)
             back = back[:N]
+            # the chunks' canonical positions tile the call's computed rows exactly once
+            assert torch.equal(torch.cat(canon).sort().values, torch.arange(ex.computed_rows))
             assert torch.equal(back[:, 0], x[:, 0]), name
             owners = x[:, 0] // E_l
             assert torch.equal(back[:, 1], rank * 100 + owners), name

@@ -157,3 +157,105 @@ def test_swaps_every_step_keep_the_loss_curve_50_steps():
     (plain, _), (swapped, n) = res[0]
     assert n == 50
     assert max(abs(a - b) for a, b in zip(plain, swapped)) <= 1e-5 * max(map(abs, plain))
+
+
+def _by_expert(ep, t):
+    """A tensor of the local experts (first dim = local slot) of every rank, by expert id."""
+    full = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(full, t.detach().contiguous())
+    return torch.cat(full)[ep.dispatcher.expert_rows()]
+
+
+def _expert_state(ep, opt):
+    """Weights and Adam moments of every expert, by expert id (the same on every rank)."""
+    out = {}
+    for name, p in (("w_in", ep.w_in), ("w_out", ep.w_out)):
+        out[name] = _by_expert(ep, p)
+        for k in ("exp_avg", "exp_avg_sq"):
+            out[f"{name}.{k}"] = _by_expert(ep, opt.state[p][k])
+    return out
+
+
+# from contiguous [0, 0, 1, 1, 2, 2, 3, 3]: experts 0 (0 -> 1) and 3 (1 -> 0) move inside
+# node 0, 2 (1 -> 2) and 4 (2 -> 1) between the nodes; rank 3 keeps its experts
+NEW_PLACEMENT = [1, 0, 2, 0, 1, 2, 3, 3]
+
+
+def _swap_mid_training(rank, world, steps_before, steps_after):
+    from moeflow.comm import Topology
+    from moeflow.comm import bytes as comm_bytes
+    from moeflow.parallel import ExpertParallel
+    from moeflow.parallel.dedup import local_experts
+
+    layer, cfg = build(Case(router="softmax_topk", experts=8))
+    topo = Topology.explicit(world, 2)
+
+    def make():
+        ep = ExpertParallel(
+            copy.deepcopy(layer),
+            topology=topo,
+            dispatcher="dedup",
+            dispatcher_options={"level": "auto"},
+            timeout_s=30,
+        )
+        return ep, torch.optim.Adam(ep.parameters(), lr=1e-2)
+
+    def steps(ep, opt, n, gen):
+        for _ in range(n):
+            x = torch.randn(12, cfg.hidden_size, generator=gen)
+            target = torch.randn(12, cfg.hidden_size, generator=gen)
+            opt.zero_grad()
+            (((ep(x) - target) ** 2).mean() + ep.aux_loss).backward()
+            ep.sync_gradients("mean")
+            opt.step()
+
+    # A: contiguous placement, swap mid-training (weights, gradients and Adam state move)
+    ep_a, opt_a = make()
+    gen = torch.Generator().manual_seed(100 + rank)
+    steps(ep_a, opt_a, steps_before, gen)
+    before = _expert_state(ep_a, opt_a)
+    grads = {n: _by_expert(ep_a, p.grad) for n, p in (("w_in", ep_a.w_in), ("w_out", ep_a.w_out))}
+    with comm_bytes.count(topo) as c:
+        sent = ep_a.apply_placement(NEW_PLACEMENT, opt_a)
+    mine = local_experts(ep_a.dispatcher)
+    assert mine == [e for e in range(8) if NEW_PLACEMENT[e] == rank]
+    # the swap itself is exact: every local tensor is the old one of its expert
+    for name, p in (("w_in", ep_a.w_in), ("w_out", ep_a.w_out)):
+        assert torch.equal(p.data, before[name][mine])
+        assert torch.equal(p.grad, grads[name][mine])
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_a.state[p][k], before[f"{name}.{k}"][mine])
+    # bytes: the experts leaving this rank, each with weights, gradients and two moments
+    per_expert = 4 * (ep_a.w_in[0].numel() + ep_a.w_out[0].numel()) * 4  # fp32, 4 tensors
+    want: dict[str, int] = {}
+    for e in range(8):
+        old, new = e // 2, NEW_PLACEMENT[e]
+        if old == rank and new != rank:
+            lv = "intra_node" if old // 2 == new // 2 else "inter_node"
+            want[lv] = want.get(lv, 0) + per_expert
+    assert sent == want
+    assert c.by_level == want
+    assert c.by_op == ({"expert_swap": sum(want.values())} if want else {})
+    steps(ep_a, opt_a, steps_after, gen)
+
+    # B: the new placement from the start, the same batches
+    ep_b, opt_b = make()
+    ep_b.apply_placement(NEW_PLACEMENT)
+    gen = torch.Generator().manual_seed(100 + rank)
+    steps(ep_b, opt_b, steps_before + steps_after, gen)
+    a, b = _expert_state(ep_a, opt_a), _expert_state(ep_b, opt_b)
+    for k in a:
+        err = ((a[k] - b[k]).abs().max() / b[k].abs().max()).item()
+        assert err < 1e-5, f"rank {rank}: {k} differs by {err:.3g} (relative)"
+    return sent
+
+
+@pytest.mark.dist
+def test_swap_mid_training_equals_the_new_placement_from_the_start():
+    res = run_ranks(_swap_mid_training, 4, 2, 2, timeout_s=120)
+    assert [sorted(r) for r in res] == [
+        ["intra_node"],
+        ["inter_node", "intra_node"],
+        ["inter_node"],
+        [],
+    ]

@@ -148,3 +148,103 @@ def test_simulated_a2a_of_each_schedule():
         )
     )
     assert a > 0 and b > 0
+
+
+# -- plan_dedup: the level (or none) and the placement from earlier batches ------------------
+MBIT100 = {1: (20e-6, 1 / 5e9), 2: (1e-3, 8 / 100e6)}  # loopback-class node, 100 Mbit/s
+
+
+def _group_limited(seed, tokens=64, P=4, E=16, k=4, groups=4, topk_group=2):
+    """DeepSeek-style routing: experts in ``groups`` contiguous groups, each token picks
+    ``topk_group`` groups, then k experts among theirs."""
+    import random
+
+    rng = random.Random(seed)
+    per = E // groups
+    out = []
+    for _ in range(P):
+        rows = []
+        for _ in range(tokens):
+            gs = rng.sample(range(groups), topk_group)
+            rows.append(rng.sample([g * per + i for g in gs for i in range(per)], k))
+        out.append(rows)
+    return out
+
+
+def test_plan_dedup_picks_dedup_for_group_limited_routing():
+    from moeflow.plan.hiermoe import PASSES, dedup_overhead, plan_dedup
+
+    hist = [_group_limited(s) for s in range(3)]
+    owner = contiguous_owner(16, 4)
+    plan = plan_dedup(hist, owner, U, 512 * 4, MBIT100, expert_bytes=4 * 2 * 512 * 256 * 4)
+    assert plan.level_name in ("rank", "node")
+    assert plan.times_s[plan.level_name] < plan.times_s["none"]
+    # "none" is the flat all-to-all priced the same way, on the check batch
+    flat = PASSES * level_time(flat_hops(hist[-1], owner, U), 512 * 4, MBIT100) + 1e-3
+    assert plan.times_s["none"] == pytest.approx(flat)
+    assert dedup_overhead(hist[-1], U, MBIT100) > 0
+
+
+def test_plan_dedup_picks_none_when_dedup_would_not_pay():
+    from moeflow.plan.hiermoe import plan_dedup
+
+    # top-1: nothing to deduplicate, and dedup still pays its routing all-gather
+    hist = [_group_limited(s, k=1, topk_group=1) for s in range(3)]
+    plan = plan_dedup(hist, contiguous_owner(16, 4), U, 512 * 4, MBIT100)
+    assert plan.level is None and plan.level_name == "none" and plan.moved == 0
+    assert plan.times_s["none"] < min(plan.times_s["rank"], plan.times_s["node"])
+    # top-4 but rows of 8 bytes: the 20 routing bytes per assignment outweigh the saving
+    hist = [_group_limited(s) for s in range(3)]
+    plan = plan_dedup(hist, contiguous_owner(16, 4), U, 8, MBIT100)
+    assert plan.level is None
+    assert tuple(plan.owner) == tuple(contiguous_owner(16, 4))
+
+
+def _paired(pair_b, batches, tokens=40):
+    """Rank 0's tokens all use experts 0 (rank 0) and ``pair_b``; the others stay home."""
+    return [[[[0, pair_b]] * tokens, [[4, 5]] * 8, [[8, 9]] * 8, [[12, 13]] * 8]] * batches
+
+
+def test_plan_dedup_swaps_only_what_pays_on_the_check_batch():
+    from moeflow.plan.hiermoe import plan_dedup, swap_time
+
+    owner = contiguous_owner(16, 4)
+    # a lasting pattern: rank 0 always needs expert 8 (rank 2); moving 8 next to 0 pays
+    plan = plan_dedup(_paired(8, 3), owner, U, 2048, MBIT100, expert_bytes=1e5, horizon=50)
+    assert plan.moved == 2 and plan.owner[8] == 0  # one swap: 8 in, one of rank 0's out
+    assert plan.swap_s == pytest.approx(swap_time(owner, plan.owner, U, 1e5, MBIT100))
+    # the same swap found on the search batches, but the check batch needs expert 12: no swap
+    hist = _paired(8, 2) + _paired(12, 1)
+    plan = plan_dedup(hist, owner, U, 2048, MBIT100, expert_bytes=1e5, horizon=50)
+    assert plan.moved == 0 and list(plan.owner) == owner
+    # a lasting pattern, but the move costs more than it saves over the horizon
+    plan = plan_dedup(_paired(8, 3), owner, U, 2048, MBIT100, expert_bytes=1e9, horizon=2)
+    assert plan.moved == 0
+
+
+def test_swap_time_counts_moving_experts_once():
+    from moeflow.plan.hiermoe import swap_time
+
+    owner = contiguous_owner(8, 4)
+    assert swap_time(owner, owner, U, 1e6, MBIT100) == 0.0
+    new = list(owner)
+    new[0], new[4] = owner[4], owner[0]  # rank 0 <-> rank 2: one expert each way, inter-node
+    assert swap_time(owner, new, U, 1e6, MBIT100) == pytest.approx(1e-3 + 1e6 * 8 / 100e6)
+
+
+def test_plan_levels_and_the_plans_dispatcher_include_none():
+    from moeflow.plan.hiermoe import plan_dedup, plan_levels
+
+    kw = dict(hidden=512, bytes_per_elem=4, ranks_per_node=2, num_ranks=4, tokens=64)
+    kw.update(layers=1, links=MBIT100, num_experts=16)
+    assert plan_levels(top_k=1, **kw)[0]["level"] == "none"
+    row = plan_levels(top_k=4, **kw)[0]
+    assert row["level"] in ("rank", "node")
+    assert row["t_step_ms"][row["level"]] < row["t_step_ms"]["none"]
+    hist = [_group_limited(s, k=1, topk_group=1) for s in range(2)]
+    assert plan_dedup(hist, contiguous_owner(16, 4), U, 2048, MBIT100).dispatcher() == (
+        "a2a",
+        None,
+    )
+    plan = plan_dedup([_group_limited(0)], contiguous_owner(16, 4), U, 2048, MBIT100)
+    assert plan.dispatcher() == ("dedup", {"level": plan.level})

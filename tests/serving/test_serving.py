@@ -9,7 +9,7 @@ import torch
 from moeflow.config import MoEConfig
 from moeflow.errors import CommTimeoutError, ConfigError, DistributedConfigError, InputError
 from moeflow.models import DecoderConfig, MoEDecoder, Request, SamplingParams, generate
-from moeflow.serving.disaggregated import ServeSchedule, serve, serve_rank
+from moeflow.serving.disaggregated import ServeSchedule, _Link, serve, serve_rank
 from tests._dist import run_ranks
 
 SCHEDULES = [
@@ -144,7 +144,7 @@ def _dying_expert_rank(rank, world, model, reqs):
     import torch.distributed as dist
 
     if rank == 1:  # the EG rank takes the first header, then dies
-        dist.recv(torch.empty(3 + 4, dtype=torch.long), 0, tag=2)  # header 1: 2 * 1 + 0
+        dist.recv(torch.empty(3 + 4, dtype=torch.long), 0, tag=_Link.HEADER_TAG)
         os._exit(1)
     try:
         serve_rank(rank, world, model, reqs, 1, 1, ServeSchedule.pppipe(), timeout_s=5.0)

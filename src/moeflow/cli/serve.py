@@ -1,13 +1,17 @@
 """``moeflow serve``: an OpenAI-compatible HTTP server for a transformers MoE checkpoint,
-colocated on one process, with continuous batching (:mod:`moeflow.serving.engine`,
-:mod:`moeflow.serving.openai_api`; needs the ``[serve]`` extra).
+with continuous batching (:mod:`moeflow.serving.engine`, :mod:`moeflow.serving.openai_api`;
+needs the ``[serve]`` extra). Colocated on one process, or disaggregated with ``--ag N --eg
+M``: N attention ranks and M expert ranks on gloo, each loading only its part of the
+checkpoint (:mod:`moeflow.serving.disagg_server`).
 
     moeflow serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME]
         [--block-size 16] [--kv-cache-gib G | --num-blocks N] [--max-seqs 32]
         [--max-prefill-tokens 512] [--dtype float32|bfloat16|float16] [--device cpu|cuda]
+        [--ag N --eg M [--schedule naive|pppipe] [--r1 2] [--timeout-s 30] [--threads 1]]
 
-SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in flight finish, then
-exits (143 after SIGTERM, 130 after Ctrl-C, as every moeflow command).
+With ``--ag``/``--eg`` the KV cache flags apply to each attention rank. SIGTERM (or Ctrl-C)
+stops accepting connections, lets the requests in flight finish, then exits (143 after
+SIGTERM, 130 after Ctrl-C, as every moeflow command).
 """
 
 from __future__ import annotations
@@ -36,6 +40,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=_DTYPES, help="weights and KV dtype")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    d = p.add_argument_group("disaggregated serving (attention and expert ranks, gloo on CPU)")
+    d.add_argument("--ag", type=int, default=None, help="attention ranks (default 1 with --eg)")
+    d.add_argument("--eg", type=int, default=None, help="expert ranks; must divide the experts")
+    d.add_argument(
+        "--schedule",
+        default="naive",
+        choices=["naive", "pppipe"],
+        help="per-step schedule: naive, or pppipe's r1 ping-pong micro-batches",
+    )
+    d.add_argument("--r1", type=int, default=2, help="pppipe micro-batches (default 2)")
+    d.add_argument(
+        "--timeout-s", type=float, default=30.0, help="deadline of every AG<->EG transfer"
+    )
+    d.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    d.add_argument("--force-nproc", action="store_true", help="allow more ranks than 4 per CPU")
 
 
 def run(args) -> int:
@@ -64,6 +83,12 @@ def run(args) -> int:
         max_prefill_tokens=args.max_prefill_tokens,
     )
     cfg.check()
+    disaggregated = args.ag is not None or args.eg is not None
+    if disaggregated:
+        if args.eg is None:
+            raise ConfigError("--eg", None, "the number of expert ranks, given with --ag")
+        if args.device != "cpu":
+            raise ConfigError("--device", args.device, "cpu with --ag/--eg (gloo ranks)")
     # bind before loading the model: a taken port is one OSError line (exit 1), at once
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -74,19 +99,53 @@ def run(args) -> int:
         sock.close()
         raise
     port = sock.getsockname()[1]
-    server = from_pretrained(
-        args.model_dir, cfg, args.served_model_name, getattr(torch, args.dtype), args.device
-    )
-    pool = server.engine.cache.pool
+    dtype = getattr(torch, args.dtype)
+    try:
+        if disaggregated:
+            server = _disaggregated(args, cfg, dtype, sock)
+            where = f"{args.ag or 1} attention + {args.eg} expert ranks, "
+            blocks = server.engine.num_blocks
+        else:
+            server = from_pretrained(
+                args.model_dir, cfg, args.served_model_name, dtype, args.device
+            )
+            where, blocks = "", server.engine.cache.pool.num_blocks
+    except BaseException:
+        sock.close()
+        raise
     print(
         f"moeflow serve: {server.model_name} on http://{args.host}:{port} "
-        f"({pool.num_blocks} KV blocks of {cfg.block_size} positions, "
-        f"context {server.engine.context})",
+        f"({where}{blocks} KV blocks of {cfg.block_size} positions"
+        f"{' per attention rank' if disaggregated else ''}, context {server.engine.context})",
         flush=True,
     )
     app = build_app(server)
     config = uvicorn.Config(app, log_level=args.log_level, lifespan="on")
     # uvicorn's shutdown on SIGTERM/SIGINT: stop accepting, wait for the responses in
     # flight, then the app's lifespan drains the engine; the signal is re-raised after.
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if disaggregated:  # ends the ranks if the lifespan did not (a no-op if it did)
+            server.engine.shutdown(drain=False)
     return 0
+
+
+def _disaggregated(args, cfg, dtype, sock):
+    from moeflow.serving.disagg_server import disaggregated_server
+    from moeflow.serving.disaggregated import ServeSchedule
+
+    schedule = ServeSchedule.naive() if args.schedule == "naive" else ServeSchedule.pppipe(args.r1)
+    return disaggregated_server(
+        args.model_dir,
+        cfg,
+        args.served_model_name,
+        ag=1 if args.ag is None else args.ag,
+        eg=args.eg,
+        dtype=dtype,
+        schedule=schedule,
+        timeout_s=args.timeout_s,
+        threads=args.threads,
+        force=args.force_nproc,
+        close_fds=[sock.fileno()],
+    )

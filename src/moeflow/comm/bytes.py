@@ -18,12 +18,16 @@ spans (the payload; the wire traffic of the backend's algorithm is not visible h
 ``compressed_all_to_all`` the encoded bytes of message j (``compressed_all_to_all_sizes``:
 its size exchange).
 
-Used from one thread (the wavefront scheduler issues every collective from the caller's).
+Counters are installed per thread: a collective that a worker thread runs on behalf of the
+caller (the asynchronous compressed collectives of :mod:`moeflow.comm.compressed`) records
+into the counters that were installed where it was issued (:func:`installed`, then
+:func:`counting_all` in the worker), never into another thread's.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -31,7 +35,18 @@ import torch.distributed as dist
 
 from moeflow.comm.groups import global_ranks
 
-_ACTIVE: list[ByteCounter] = []
+_LOCAL = threading.local()
+_RECORD_LOCK = threading.Lock()  # module-level: counters stay copyable and picklable
+
+
+def _active() -> list[ByteCounter]:
+    """The counters installed in the calling thread."""
+    stack = getattr(_LOCAL, "counters", None)
+    if stack is None:
+        stack = _LOCAL.counters = []
+    return stack
+
+
 _CHUNK = re.compile(r" \(chunk \d+/\d+\)")
 
 
@@ -83,6 +98,10 @@ class ByteCounter:
         self.by_label[label] = self.by_label.get(label, 0) + nbytes
 
     def record(self, kind: str, label: str, ranks: list[int], me: int, sent: Sequence[int]):
+        with _RECORD_LOCK:  # a worker thread may record while the caller does
+            self._record(kind, label, ranks, me, sent)
+
+    def _record(self, kind: str, label: str, ranks: list[int], me: int, sent: Sequence[int]):
         self.calls[kind] = self.calls.get(kind, 0) + 1
         for j, n in enumerate(sent):
             if j == me:
@@ -91,6 +110,10 @@ class ByteCounter:
                 self.add(kind, label, self.level(ranks[me], ranks[j]), int(n))
 
     def record_span(self, kind: str, label: str, ranks: list[int], nbytes: int) -> None:
+        with _RECORD_LOCK:  # a worker thread may record while the caller does
+            self._record_span(kind, label, ranks, nbytes)
+
+    def _record_span(self, kind: str, label: str, ranks: list[int], nbytes: int) -> None:
         self.calls[kind] = self.calls.get(kind, 0) + 1
         levels = {self.level(ranks[0], g) for g in ranks[1:]}
         level = next((lv for lv in ("unknown", "inter_node") if lv in levels), "intra_node")
@@ -98,39 +121,58 @@ class ByteCounter:
 
 
 def active() -> bool:
-    """True while any counter is installed (collectives skip the bookkeeping otherwise)."""
-    return bool(_ACTIVE)
+    """True while any counter is installed in this thread (collectives skip the bookkeeping
+    otherwise)."""
+    return bool(_active())
+
+
+def installed() -> tuple[ByteCounter, ...]:
+    """The counters installed in this thread now (for a worker to record into:
+    :func:`counting_all`)."""
+    return tuple(_active())
 
 
 def record(kind: str, group, sent_per_peer: Sequence[int], label: str = "") -> None:
     """This rank handed ``sent_per_peer[j]`` bytes for group rank j of ``group`` to
     torch.distributed in one ``kind`` collective."""
-    if not _ACTIVE:
+    counters = _active()
+    if not counters:
         return
     ranks = global_ranks(group)
     me = dist.get_rank(group)
-    for c in _ACTIVE:
+    for c in counters:
         c.record(kind, label, ranks, me, sent_per_peer)
 
 
 def record_span(kind: str, group, nbytes: int, label: str = "") -> None:
     """A collective whose per-peer traffic depends on the backend's algorithm (all-reduce):
     its payload ``nbytes``, on the widest link level ``group`` spans."""
-    if not _ACTIVE:
+    counters = _active()
+    if not counters:
         return
     ranks = global_ranks(group)
-    for c in _ACTIVE:
+    for c in counters:
         c.record_span(kind, label, ranks, nbytes)
 
 
 @contextmanager
 def counting(counter: ByteCounter) -> Iterator[ByteCounter]:
-    """Install ``counter`` for the scope (nested counters all receive the records)."""
-    _ACTIVE.append(counter)
-    try:
+    """Install ``counter`` for the scope, in this thread (nested counters all receive the
+    records)."""
+    with counting_all((counter,)):
         yield counter
+
+
+@contextmanager
+def counting_all(counters: Sequence[ByteCounter]) -> Iterator[None]:
+    """Install every one of ``counters`` for the scope, in this thread."""
+    stack = _active()
+    stack.extend(counters)
+    try:
+        yield
     finally:
-        _ACTIVE.remove(counter)
+        for c in counters:
+            stack.remove(c)
 
 
 @contextmanager
@@ -151,6 +193,8 @@ __all__ = [
     "active",
     "count",
     "counting",
+    "counting_all",
+    "installed",
     "node_map",
     "record",
     "record_span",

@@ -85,26 +85,34 @@ def reduce_scatter_v(
 
 def all_gather_equal(x: torch.Tensor, group, op: str, timeout_s: float) -> torch.Tensor:
     """Blocking all-gather of same-shaped tensors -> stacked ``[group_size, *x.shape]``."""
+    return all_gather_equal_start(x, group, op, timeout_s).wait()
+
+
+def all_gather_equal_start(x: torch.Tensor, group, op: str, timeout_s: float) -> Pending:
+    """:func:`all_gather_equal`, issued now; ``wait()`` gives the stacked result."""
     n = dist.get_world_size(group)
     if n == 1:
-        return x.unsqueeze(0)
+        return Pending.ready(x.unsqueeze(0))
     outs = [torch.empty_like(x) for _ in range(n)]
     comm_bytes.record("all_gather_equal", group, [x.numel() * x.element_size()] * n, op)
     work = dist.all_gather(outs, x.contiguous(), group=group, async_op=True)
-    wait_work(work, op, timeout_s)
-    return torch.stack(outs)
+    return Pending(work, op, timeout_s, lambda: torch.stack(outs), stream_ordered=x.is_cuda)
 
 
 def all_to_all_equal(x: torch.Tensor, group, op: str, timeout_s: float) -> torch.Tensor:
     """Blocking all-to-all of ``x[j]`` to rank j (first dim = group size)."""
+    return all_to_all_equal_start(x, group, op, timeout_s).wait()
+
+
+def all_to_all_equal_start(x: torch.Tensor, group, op: str, timeout_s: float) -> Pending:
+    """:func:`all_to_all_equal`, issued now; ``wait()`` gives the received ``[W, ...]``."""
     n = dist.get_world_size(group)
     if n == 1:
-        return x
+        return Pending.ready(x)
     out = torch.empty_like(x)
     comm_bytes.record("all_to_all_equal", group, [x.numel() * x.element_size() // n] * n, op)
     work = dist.all_to_all_single(out, x.contiguous(), group=group, async_op=True)
-    wait_work(work, op, timeout_s)
-    return out
+    return Pending(work, op, timeout_s, lambda: out, stream_ordered=x.is_cuda)
 
 
 def all_reduce(

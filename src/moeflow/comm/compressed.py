@@ -16,6 +16,17 @@ Algorithms (the uncompressed path runs the same ones, so results do not depend o
 - **all-reduce**: the flat tensor is cut into ``W`` chunks; reduce-scatter them as above, then
   encode the reduced chunk and all-gather it compressed (ZipCCL's composition).
 
+Asynchronous forms (:func:`all_to_all_start`, :func:`all_reduce_start`): the caller gets a
+handle at once and a worker thread of the process group does the work. For the all-to-all the
+worker encodes, exchanges the sizes and issues the bytes, then takes its next job while they
+travel (the next chunk's encode overlaps this chunk's transfer); the decode runs where the
+handle is waited on. A pipeline thus overlaps one chunk's encode, transfer and decode with
+other chunks' expert compute (the numba codec releases the GIL). The all-reduce (DDP hook)
+runs whole on the worker. One worker per process group issues that group's collectives in
+submission order, so every rank issues them in the same order - the condition for collectives
+not to deadlock; the caller must not issue other collectives on the group while a handle of
+it is pending.
+
 Every message carries a checksum: a rank that receives corrupted bytes raises
 ``CorruptDataError``; it then leaves the collective sequence, so its peers fail their next
 wait with ``CommTimeoutError`` (every wait has the deadline ``timeout_s``), never a hang.
@@ -23,8 +34,11 @@ wait with ``CommTimeoutError`` (every wait has the deadline ``timeout_s``), neve
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +48,9 @@ import torch
 import torch.distributed as dist
 
 from moeflow.comm import bytes as comm_bytes
-from moeflow.comm.timeouts import DEFAULT_TIMEOUT_S, resolve_timeout, wait_work
-from moeflow.errors import ConfigError, InputError
+from moeflow.comm.collectives import all_to_all_v
+from moeflow.comm.timeouts import DEFAULT_TIMEOUT_S, Pending, resolve_timeout, wait_work
+from moeflow.errors import CommTimeoutError, ConfigError, InputError
 
 # torch >= 2.13 names the tensor variant all_gather_single
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -61,6 +76,9 @@ def set_transit_hook(hook: Callable[[str, np.ndarray], None] | None) -> None:
 
 
 # ------------------------------------------------------------------------ the policy
+_STATS_LOCK = threading.Lock()  # module-level: the statistics stay copyable
+
+
 @dataclass
 class CompressionStats:
     """What the switch decided and what it saved, per operation name (this rank's sends)."""
@@ -71,6 +89,10 @@ class CompressionStats:
     wire_bytes: dict = field(default_factory=dict)
 
     def add(self, op: str, compressed: bool, raw_bytes: int, wire_bytes: int) -> None:
+        with _STATS_LOCK:  # workers of several process groups may share one policy
+            self._add(op, compressed, raw_bytes, wire_bytes)
+
+    def _add(self, op: str, compressed: bool, raw_bytes: int, wire_bytes: int) -> None:
         for d, v in (
             (self.calls, 1),
             (self.compressed, int(compressed)),
@@ -337,6 +359,14 @@ def all_to_all(
     ``perf``)."""
     cz = as_compression(compress, perf, timeout_s=timeout_s)
     _check_cpu(x_RD, cz, op)
+    return _all_to_all_begin(x_RD, in_splits, out_splits, group, cz, op)()
+
+
+def _all_to_all_begin(
+    x_RD: torch.Tensor, in_splits, out_splits, group, cz: Compression, op: str
+) -> Callable[[], torch.Tensor]:
+    """Encode, exchange the message sizes and issue the bytes; returns the step that waits
+    for them and decodes (so the bytes travel while the caller does other work)."""
     W = _group_size(group)
     me = dist.get_rank(group)
     in_splits = [int(s) for s in in_splits]
@@ -352,21 +382,30 @@ def all_to_all(
     row = math.prod(tail) * x_RD.element_size()
     raw_send = (sum(in_splits) - in_splits[me]) * row
     if W == 1:
-        return x_RD.clone()
+        out1 = x_RD.clone()
+        return lambda: out1
     if cz.mode == "auto":
         # senders choose, receivers learn the choice from the size exchange, unless no
-        # size can pay (then every rank knows it and nothing is exchanged)
+        # size can pay (then every rank knows it and nothing is exchanged). The PerfModel
+        # sizes an all-to-all by the buffer each rank hands over, its own rows included.
         exchange = not cz.never_pays("a2a", dtype)
-        use = exchange and cz.decide(op, "a2a", raw_send, dtype)
+        buf_bytes = raw_send * W / (W - 1)
+        use = exchange and cz.decide(
+            op, "a2a", buf_bytes, dtype, enc_bytes=raw_send, dec_bytes=raw_send
+        )
     else:
         use = exchange = bool(cz.mode)
     if not exchange:  # the plain path: no size exchange, bytes as they are
         out = x_RD.new_empty((sum(out_splits),) + tail)
         comm_bytes.record("all_to_all_v", group, [n * row for n in in_splits], op)
         work = dist.all_to_all_single(out, x_RD, out_splits, in_splits, group=group, async_op=True)
-        _wait(work, op, cz.timeout_s)
         cz.stats.add(op, False, raw_send, raw_send)
-        return out
+
+        def finish_plain() -> torch.Tensor:
+            _wait(work, op, cz.timeout_s)
+            return out
+
+        return finish_plain
     # encode one message per peer (or send raw bytes: size -1)
     pieces = list(x_RD.split(in_splits))
     msgs: list = []
@@ -391,28 +430,123 @@ def all_to_all(
     sendbuf = torch.cat(msgs) if msgs else torch.empty(0, dtype=torch.uint8)
     recvbuf = torch.empty(sum(recv_b), dtype=torch.uint8)
     comm_bytes.record("compressed_all_to_all", group, send_b, op)
-    _wait(
-        dist.all_to_all_single(recvbuf, sendbuf, recv_b, send_b, group=group, async_op=True),
-        op,
-        cz.timeout_s,
-    )
-    _recv_hook(op, recvbuf)
+    work = dist.all_to_all_single(recvbuf, sendbuf, recv_b, send_b, group=group, async_op=True)
     wire = sum(send_b) - send_b[me]
     cz.stats.add(op, use, raw_send, wire)
     if use:
         cz.learn_ratio(op, dtype, raw_send, wire)
-    out = x_RD.new_empty((sum(out_splits),) + tail)
-    outs = out.split(out_splits)
-    offs = np.concatenate([[0], np.cumsum(recv_b)])
-    for j in range(W):
-        seg = recvbuf[int(offs[j]) : int(offs[j + 1])]
-        if rsizes[j] < 0:
-            outs[j].reshape(-1).view(torch.uint8).copy_(seg)
-        else:
-            n = out_splits[j] * (row // x_RD.element_size())
-            bits = _bits_np(outs[j])
-            cz.codec.decode(seg.numpy(), cz.threads, out=bits, expect=(dtype, n))
-    return out
+
+    def finish() -> torch.Tensor:
+        _wait(work, op, cz.timeout_s)
+        _recv_hook(op, recvbuf)
+        out = x_RD.new_empty((sum(out_splits),) + tail)
+        outs = out.split(out_splits)
+        offs = np.concatenate([[0], np.cumsum(recv_b)])
+        for j in range(W):
+            seg = recvbuf[int(offs[j]) : int(offs[j + 1])]
+            if rsizes[j] < 0:
+                outs[j].reshape(-1).view(torch.uint8).copy_(seg)
+            else:
+                n = out_splits[j] * (row // x_RD.element_size())
+                bits = _bits_np(outs[j])
+                cz.codec.decode(seg.numpy(), cz.threads, out=bits, expect=(dtype, n))
+        return out
+
+    return finish
+
+
+# ------------------------------------------------------------------------ asynchronous
+_WORKERS: dict[int, tuple[object, concurrent.futures.ThreadPoolExecutor]] = {}
+_WORKERS_LOCK = threading.Lock()
+# a forked child has none of its parent's threads: it starts its own workers
+os.register_at_fork(after_in_child=_WORKERS.clear)
+
+
+def _worker(group) -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that issues this process's asynchronous compressed collectives on
+    ``group`` (FIFO: the submission order is the issue order)."""
+    key = id(group) if group is not None else id(dist.GroupMember.WORLD)
+    with _WORKERS_LOCK:
+        entry = _WORKERS.get(key)
+        if entry is None or entry[0] is not group:
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zipccl")
+            entry = _WORKERS[key] = (group, pool)
+    return entry[1]
+
+
+def submit(group, fn: Callable, *args, **kw) -> concurrent.futures.Future:
+    """Run ``fn(*args, **kw)`` (collectives on ``group``) on the group's worker thread; the
+    bytes it hands to torch.distributed go to the counters installed here, now."""
+    counters = comm_bytes.installed()
+
+    def job():
+        with comm_bytes.counting_all(counters):
+            return fn(*args, **kw)
+
+    return _worker(group).submit(job)
+
+
+def _pending(fut: concurrent.futures.Future, op: str, timeout_s: float) -> Pending:
+    # Each collective inside the job waits with its own deadline; this bound covers the
+    # job's few collectives plus the jobs queued before it on the same worker.
+    bound = 4 * timeout_s
+
+    def finish() -> torch.Tensor:
+        try:
+            return fut.result(timeout=bound)
+        except concurrent.futures.TimeoutError:
+            raise CommTimeoutError(f"{op} did not finish within {bound:g}s") from None
+
+    return Pending(None, op, timeout_s, finish)
+
+
+def all_to_all_start(
+    x_RD: torch.Tensor,
+    in_splits: Sequence[int],
+    out_splits: Sequence[int],
+    group=None,
+    compress="auto",
+    perf=None,
+    *,
+    op: str = "all-to-all",
+    timeout_s: float | None = None,
+) -> Pending:
+    """:func:`all_to_all`, issued now: the group's worker thread encodes the messages,
+    exchanges their sizes and issues the bytes; ``wait()`` waits for them and decodes, on
+    the waiting thread. ``x_RD`` must not change until then."""
+    cz = as_compression(compress, perf, timeout_s=timeout_s)
+    _check_cpu(x_RD, cz, op)  # before anything is queued
+    dtype = _dtype_name(x_RD)
+    if cz.mode is False or (cz.mode == "auto" and cz.never_pays("a2a", dtype)):
+        # every rank knows nothing will be encoded: the plain all-to-all, issued here
+        # (no worker, no size exchange), as :func:`all_to_all`'s plain path sends it
+        p = all_to_all_v(x_RD, in_splits, out_splits, group, op, cz.timeout_s)
+        me = dist.get_rank(group)
+        row = math.prod(x_RD.shape[1:]) * x_RD.element_size()
+        raw_send = (sum(int(n) for n in in_splits) - int(in_splits[me])) * row
+        cz.stats.add(op, False, raw_send, raw_send)
+        return p
+    # the worker encodes, exchanges sizes and issues the bytes, then takes the next job
+    # while they travel; the decode runs where the handle is waited on
+    fut = submit(group, _all_to_all_begin, x_RD, in_splits, out_splits, group, cz, op)
+    begun = _pending(fut, op, cz.timeout_s)
+    return Pending(None, op, cz.timeout_s, lambda: begun.wait()())
+
+
+def all_reduce_start(
+    x: torch.Tensor,
+    group=None,
+    compress="auto",
+    perf=None,
+    *,
+    op: str = "all-reduce",
+    timeout_s: float | None = None,
+) -> concurrent.futures.Future:
+    """:func:`all_reduce`, issued now on the group's worker thread: a future of the sum.
+    ``x`` must not change until it completes."""
+    cz = as_compression(compress, perf, timeout_s=timeout_s)
+    _check_cpu(x, cz, op)
+    return submit(group, all_reduce, x, group, cz, op=op)
 
 
 # ------------------------------------------------------------------------ all-gather
@@ -532,8 +666,15 @@ def reduce_scatter(
 def _decide_all_reduce(cz: Compression, op: str, nbytes: int, dtype: str, W: int) -> bool:
     # the ratio estimate comes from the all-gather step, whose message sizes every rank sees
     part = nbytes * (W - 1) / W  # sent (and received) in the a2a, received in the all-gather
+    # the PerfModel sizes an all-to-all by the buffer each rank hands over (own part included)
     return cz.decide(
-        f"{op} (all-gather)", "a2a", part, dtype, steps=[("ag", nbytes, nbytes / W, part)]
+        f"{op} (all-gather)",
+        "a2a",
+        nbytes,
+        dtype,
+        steps=[("ag", nbytes, nbytes / W, part)],
+        enc_bytes=part,
+        dec_bytes=part,
     )
 
 
@@ -581,10 +722,13 @@ __all__ = [
     "Compression",
     "CompressionStats",
     "all_to_all",
+    "all_to_all_start",
     "all_gather",
     "reduce_scatter",
     "all_reduce",
+    "all_reduce_start",
     "codec_costs",
+    "submit",
     "set_transit_hook",
     "DEFAULT_TIMEOUT_S",
     "ENCODE",

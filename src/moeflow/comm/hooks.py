@@ -11,6 +11,12 @@ encode -> compressed all-gather, then divided by the group size (DDP's mean). Th
 is fixed, so gradients are bit-identical whether a bucket was compressed or not; they match
 DDP's own all-reduce up to fp32 rounding (its ring sums in another order).
 
+The hook returns at once: the bucket's collectives run on the process group's worker thread
+(:func:`moeflow.comm.compressed.all_reduce_start`), so backward goes on computing the next
+buckets' gradients while this one is encoded, sent and decoded, and the returned future
+completes when it is done (DDP waits for it at the end of backward). The worker issues the
+buckets in the order DDP hands them over, the same on every rank.
+
 FSDP2: torch 2.13's ``FSDPModule.set_custom_all_gather`` / ``set_custom_reduce_scatter``
 take objects implementing its ``AllGather`` / ``ReduceScatter`` interfaces;
 :func:`compress_fsdp` installs ZipCCL's on every ``fully_shard``-ed module (parameters are
@@ -25,7 +31,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moeflow.comm.compressed import Compression, all_reduce, as_compression, check_codec_device
+from moeflow.comm.compressed import (
+    Compression,
+    all_reduce_start,
+    as_compression,
+    check_codec_device,
+)
 
 
 @dataclass
@@ -38,12 +49,21 @@ class ZipCCLHookState:
 
 def zipccl_hook(state: ZipCCLHookState, bucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: the mean of ``bucket.buffer()`` over ``state.group``, compressed per the
-    policy. Runs the collective to completion before returning (a completed future)."""
+    policy. Returns before the collective finishes: a future that completes with the mean
+    (or with the collective's error) when the worker thread is done."""
     buf = bucket.buffer()
-    total = all_reduce(buf, state.group, state.compression, op="ddp bucket all-reduce")
-    total.div_(dist.get_world_size(state.group))
-    fut = torch.futures.Future()
-    fut.set_result(total)
+    world = dist.get_world_size(state.group)
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+
+    def done(job) -> None:
+        err = job.exception()
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(job.result().div_(world))
+
+    job = all_reduce_start(buf, state.group, state.compression, op="ddp bucket all-reduce")
+    job.add_done_callback(done)
     return fut
 
 

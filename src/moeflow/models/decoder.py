@@ -136,13 +136,16 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         upto = int(pos_BT.max()) + 1
         k_all, v_all = cache.write_and_read(layer, rows_B, pos_BT, k.transpose(1, 2), v, upto)
-        rep = self.H // self.K
-        k_all = k_all.to(q.dtype).repeat_interleave(rep, dim=1)
-        v_all = v_all.to(q.dtype).repeat_interleave(rep, dim=1)
         key_pos = torch.arange(upto, device=x_BTD.device)
         mask_BTL = key_pos.view(1, 1, -1) <= pos_BT.unsqueeze(-1)  # causal, per sequence
+        # grouped-query attention without copying the K shared heads H/K times
         out = F.scaled_dot_product_attention(
-            q, k_all, v_all, attn_mask=mask_BTL.unsqueeze(1), scale=self.d**-0.5
+            q,
+            k_all.to(q.dtype),
+            v_all.to(q.dtype),
+            attn_mask=mask_BTL.unsqueeze(1),
+            scale=self.d**-0.5,
+            enable_gqa=self.H != self.K,
         )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.d))
 

@@ -53,8 +53,12 @@ from moeflow.parallel.parallelize import (
     sync_gradients,
 )
 from moeflow.parallel.pipeline import run_wavefront
+from moeflow.parallel.tune import DegreeTuning, degree_candidates, tune_degrees
 
 __all__ = [
+    "DegreeTuning",
+    "degree_candidates",
+    "tune_degrees",
     "COMMON_ARGS",
     "DISPATCHER_CLASSES",
     "DISPATCHERS",

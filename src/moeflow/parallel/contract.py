@@ -113,7 +113,8 @@ class CommStep:
     out_splits: list
     pre_index: torch.Tensor | None = None
     post_index: torch.Tensor | None = None
-    compression: object | None = None  # a comm.compressed.Compression: ZipCCL a2a (CPU only)
+    #: a comm.compressed.Compression: ZipCCL a2a (CPU only), run as a pending stage
+    compression: object | None = None
     post_reduce_rows: int | None = None
     #: a :class:`moeflow.comm.bytes.ByteCounter` that receives the bytes this step hands to
     #: torch.distributed (measured by the collective), or None
@@ -150,29 +151,23 @@ class CommStep:
 
     def _send(self, buf: torch.Tensor, timeout_s: float) -> Pending:
         if self.compression is not None and buf.is_floating_point():
-            from moeflow.comm.compressed import all_to_all as compressed_all_to_all
-            from moeflow.comm.compressed import check_codec_device
+            from moeflow.comm.compressed import all_to_all_start, check_codec_device
 
             # ZipCCL's codec here is the CPU one: a device buffer is a ConfigError, never
             # raw bytes sent under a compression setting
             check_codec_device(self.compression, buf.device, self.label)
-
-            p = Pending.ready(
-                compressed_all_to_all(
-                    buf,
-                    self.in_splits,
-                    self.out_splits,
-                    self.group,
-                    self.compression,
-                    op=self.label,
-                    timeout_s=timeout_s,
-                )
+            # a stage of the chunk pipeline: the group's worker thread encodes and sends
+            # while the caller computes other chunks' experts; the decode runs at the wait
+            return all_to_all_start(
+                buf,
+                self.in_splits,
+                self.out_splits,
+                self.group,
+                self.compression,
+                op=self.label,
+                timeout_s=timeout_s,
             )
-        else:
-            p = all_to_all_v(
-                buf, self.in_splits, self.out_splits, self.group, self.label, timeout_s
-            )
-        return p
+        return all_to_all_v(buf, self.in_splits, self.out_splits, self.group, self.label, timeout_s)
 
 
 @dataclass
@@ -335,6 +330,18 @@ class TokenDispatcher(abc.ABC):
             return y
         return MoELayer.combine(y, routing, num_tokens)
 
+    # collective: every rank of the EP group must call it, in the same order
+    def start_exchange(
+        self, counts_E: torch.Tensor, *, started: Pending | None = None, device=None
+    ) -> Pending | None:
+        """Issue the count exchange as soon as routing has counted, without waiting for it.
+
+        The layer calls this between routing and the permutation into the dispatcher's
+        layout and hands the result to :meth:`exchange` as ``started``, so the exchange
+        travels while the rows are permuted (FSMoE's overlap applied to the split sizes).
+        The default has nothing to start and passes on what :meth:`begin` started."""
+        return started
+
     # collective: every rank of the EP and ESP groups must call it, in the same order
     @abc.abstractmethod
     def exchange(
@@ -348,7 +355,8 @@ class TokenDispatcher(abc.ABC):
         tokens: torch.Tensor | None = None,
     ) -> CountExchange:
         """Exchange what every chunk's routing is derived from: the per-expert counts of the
-        rows to send (row layouts), or the ``routing`` of the ``tokens`` (token layouts)."""
+        rows to send (row layouts), or the ``routing`` of the ``tokens`` (token layouts).
+        ``started``: what :meth:`start_exchange` issued (waited on here), or None."""
 
     #: ZipCCL policy (``moeflow.comm.compressed.Compression``) for the row all-to-alls, or
     #: None (plain); set by ``ExpertParallel(compress=...)``

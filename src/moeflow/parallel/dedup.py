@@ -34,9 +34,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
+from moeflow.comm import bytes as comm_bytes
+from moeflow.comm.bytes import ByteCounter, counting
 from moeflow.comm.collectives import all_gather_equal, all_gather_v, all_reduce
 from moeflow.comm.groups import global_ranks
+from moeflow.comm.timeouts import wait_work
 from moeflow.errors import ConfigError
 from moeflow.parallel.contract import ChunkRoute, CommStep, CountExchange, TokenDispatcher
 
@@ -141,13 +145,7 @@ class DedupDispatcher(TokenDispatcher):
                 self.S,
                 "1 with dispatcher='dedup' (a token is copied to whole experts after crossing)",
             )
-        if level in LEVELS:
-            level = LEVELS.index(level)
-        if level != "auto" and not (
-            isinstance(level, int) and not isinstance(level, bool) and 0 <= level < len(LEVELS)
-        ):
-            raise ConfigError("level", level, f"0, 1, one of {LEVELS} or 'auto'")
-        self.level = level
+        self.set_level(level)
         self.links = links
         self.intra_group, self.inter_group = intra_group, inter_group
         self.L = int(ranks_per_node)
@@ -161,6 +159,18 @@ class DedupDispatcher(TokenDispatcher):
         self.last_level: int | None = None
         self.last_routing: dict | None = None
         self.last_times: list | None = None
+
+    def set_level(self, level) -> None:
+        """The dedup level of the next calls: 0 / "rank", 1 / "node", or "auto" (d* of each
+        batch, HierMoE Eq. 6); e.g. the level :func:`moeflow.plan.hiermoe.plan_dedup` chose
+        from earlier batches. Every rank must set the same one."""
+        if level in LEVELS:
+            level = LEVELS.index(level)
+        if level != "auto" and not (
+            isinstance(level, int) and not isinstance(level, bool) and 0 <= level < len(LEVELS)
+        ):
+            raise ConfigError("level", level, f"0, 1, one of {LEVELS} or 'auto'")
+        self.level = level
 
     def last_assignments(self) -> list:
         """``[s][t] -> experts`` of the last call's batch on every source rank (the input of
@@ -400,22 +410,7 @@ def local_experts(disp: DedupDispatcher, rank: int | None = None) -> list[int]:
     return sorted(mine, key=lambda e: int(disp.slot_E[e]))
 
 
-@torch.no_grad()
-def apply_placement(ep, owner_E, optimizer=None) -> None:
-    """Move experts to the ranks ``owner_E[e]`` names: weights, gradients and the optimizer
-    state shaped like them (e.g. Adam's moments), with no change to the layer's function.
-
-    Collective over the EP group; every rank passes the same ``owner_E`` and the same kind of
-    optimizer. Each rank must keep E_l experts (a swap exchanges two). The new local order
-    is by expert id. The parameters stay the same objects, so optimizers keep them.
-    """
-    disp = ep.dispatcher
-    if not isinstance(disp, DedupDispatcher):
-        raise ConfigError(
-            "dispatcher",
-            getattr(ep, "dispatcher_name", type(disp).__name__),
-            "'dedup' (the dispatcher that takes any expert placement)",
-        )
+def _check_owner(disp: DedupDispatcher, owner_E) -> torch.Tensor:
     P, E_l = disp.P, disp.E_l
     owner = torch.as_tensor(owner_E, dtype=torch.long).cpu().reshape(-1)
     if (
@@ -429,30 +424,103 @@ def apply_placement(ep, owner_E, optimizer=None) -> None:
             owner.tolist(),
             f"{P * E_l} ranks in [0, {P}), each rank owning exactly {E_l} experts",
         )
-    old_pos = disp.owner_E * E_l + disp.slot_E  # row of each expert in the gather
-    mine = [e for e in range(P * E_l) if int(owner[e]) == disp.p_me]
-    take = old_pos[torch.tensor(mine, dtype=torch.long)]
-    slot = torch.zeros(P * E_l, dtype=torch.long)
-    for p in range(P):
-        for i, e in enumerate(e for e in range(P * E_l) if int(owner[e]) == p):
-            slot[e] = i
+    return owner
 
-    def moved(t: torch.Tensor) -> torch.Tensor:
-        full = all_gather_equal(
-            t.contiguous(), disp.ep_group, "expert placement all-gather", disp.timeout_s
-        )
-        return full.reshape(P * E_l, *t.shape[1:]).index_select(0, take.to(t.device))
 
+def _expert_tensors(ep, optimizer) -> list[torch.Tensor]:
+    """Every tensor of the local experts, first dim = local slot: the weights, their
+    gradients and the optimizer state shaped like them (e.g. Adam's exp_avg, exp_avg_sq),
+    in an order every rank derives the same way."""
+    out = []
     for param in (ep.w_in, ep.w_out):
-        param.data.copy_(moved(param.data))
+        out.append(param.data)
         if param.grad is not None:
-            param.grad.copy_(moved(param.grad))
+            out.append(param.grad)
         state = optimizer.state.get(param, {}) if optimizer is not None else {}
         for key in sorted(state):
             v = state[key]
             if torch.is_tensor(v) and v.shape == param.shape:
-                v.copy_(moved(v))
+                out.append(v)
+    return out
+
+
+@torch.no_grad()
+def apply_placement(ep, owner_E, optimizer=None) -> dict[str, int]:
+    """Move experts to the ranks ``owner_E[e]`` names: weights, gradients and the optimizer
+    state shaped like them (e.g. Adam's moments), with no change to the layer's function.
+
+    Only the experts whose owner changes travel, point to point (one
+    ``batch_isend_irecv`` of one message per peer and dtype: the leaving experts' rows of
+    every tensor, packed). Their bytes are recorded with :mod:`moeflow.comm.bytes` (kind
+    ``expert_swap``, per peer), so a counter installed around the call sees them; the
+    dispatcher's ``bytes_sent`` (the dispatch traffic) does not. Returns the bytes this
+    rank sent per link level (``intra_node`` / ``inter_node``).
+
+    Collective over the EP group; every rank passes the same ``owner_E`` and the same kind
+    of optimizer (with state for the same parameters). Each rank keeps E_l experts. The new
+    local order is by expert id. The parameters stay the same objects, so optimizers keep
+    them.
+    """
+    disp = ep.dispatcher
+    if not isinstance(disp, DedupDispatcher):
+        raise ConfigError(
+            "dispatcher",
+            getattr(ep, "dispatcher_name", type(disp).__name__),
+            "'dedup' (the dispatcher that takes any expert placement)",
+        )
+    P, E_l, me = disp.P, disp.E_l, disp.p_me
+    owner = _check_owner(disp, owner_E)
+    old_owner, old_slot = disp.owner_E, disp.slot_E
+    slot = torch.zeros(P * E_l, dtype=torch.long)
+    for p in range(P):
+        slot[owner == p] = torch.arange(E_l)  # new local order: by expert id
+    moving = old_owner != owner
+    ranks = global_ranks(disp.ep_group)
+    # experts leaving this rank for q / arriving from q, by expert id (both ends agree)
+    leave = [torch.nonzero(moving & (old_owner == me) & (owner == q)).view(-1) for q in range(P)]
+    arrive = [torch.nonzero(moving & (old_owner == q) & (owner == me)).view(-1) for q in range(P)]
+    tensors = _expert_tensors(ep, optimizer)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    ops, recvs, sent = [], [], [0] * P
+    for dtype, ts in by_dtype.items():
+        width = [t[0].numel() for t in ts]  # elements of one expert in each tensor
+        for q in range(P):
+            if q == me:
+                continue
+            if leave[q].numel():
+                rows = old_slot[leave[q]].to(ts[0].device)
+                buf = torch.cat([t.index_select(0, rows).reshape(-1) for t in ts])
+                ops.append(dist.P2POp(dist.isend, buf, ranks[q], disp.ep_group))
+                sent[q] += buf.numel() * buf.element_size()
+            if arrive[q].numel():
+                n = arrive[q].numel()
+                buf = torch.empty(n * sum(width), dtype=dtype, device=ts[0].device)
+                ops.append(dist.P2POp(dist.irecv, buf, ranks[q], disp.ep_group))
+                recvs.append((arrive[q], ts, width, buf))
+    counter = ByteCounter(disp.byte_counter.nodes)
+    with counting(counter):
+        comm_bytes.record("expert_swap", disp.ep_group, sent, "expert swap")
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            wait_work(work, "expert swap (point to point)", disp.timeout_s)
+    # arrived rows, per tensor: (expert ids, their rows), unpacked from each message
+    arrived: dict[int, list] = {id(t): [] for t in tensors}
+    for experts, ts, width, buf in recvs:
+        n, off = experts.numel(), 0
+        for t, w in zip(ts, width):
+            arrived[id(t)].append((experts, buf[off : off + n * w].view(n, *t.shape[1:])))
+            off += n * w
+    stay = torch.nonzero((owner == me) & ~moving).view(-1)
+    for t in tensors:
+        fresh = torch.empty_like(t)
+        fresh[slot[stay].to(t.device)] = t.index_select(0, old_slot[stay].to(t.device))
+        for experts, block in arrived[id(t)]:
+            fresh[slot[experts].to(t.device)] = block
+        t.copy_(fresh)
     disp.set_placement(owner, slot)
+    return dict(counter.by_level)
 
 
 __all__ = ["DedupDispatcher", "DedupExchange", "LEVELS", "apply_placement", "local_experts"]

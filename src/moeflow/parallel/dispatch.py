@@ -10,13 +10,18 @@ the dispatch module of the layer), driven by the one chunk pipeline of
 rows; ``"dedup"`` (HierMoE, :mod:`moeflow.parallel.dedup`) moves tokens:
 
 * ``A2ADispatcher`` ("a2a"): flat, dropless. Per-expert counts are exchanged first
-  (an all-to-all of a ``[P, E_l]`` int tensor), then rows move with variable splits.
+  (an all-to-all of a ``[P, E_l]`` int tensor, issued by ``start_exchange`` as soon as
+  routing has counted and waited on after the permutation), then rows move with variable
+  splits.
 * ``CapacityDispatcher`` ("capacity"): fixed-capacity, GShard style. Every (rank, expert)
-  sends exactly ``slots`` rows, zero-padded; no count exchange, equal splits. ``slots`` is
-  the largest per-rank capacity ``ceil(f*T*K/E)`` over the group (one tiny all-reduce,
-  issued by ``begin`` before routing so it overlaps the router), so drop semantics stay
-  those of the single-device layer on each rank's batch (the router has already dropped;
-  padding rows are zeros, which every expert maps to zeros).
+  sends exactly ``slots`` rows, zero-padded, with equal splits: no count exchange before
+  the rows move. ``slots`` is the largest per-rank capacity ``ceil(f*T*K/E)`` over the
+  group (one tiny all-reduce, issued by ``begin`` before routing so it overlaps the
+  router), so drop semantics stay those of the single-device layer on each rank's batch
+  (the router has already dropped). The real rows of each slot block are its first ones;
+  their counts travel in an all-to-all issued beside the first chunk's rows and read only
+  by the expert stage, which computes the real rows alone (no GEMM over padding) and
+  returns zeros in the padding slots.
 * ``HierarchicalDispatcher`` ("hierarchical"; alias "2dh", the 2-D hierarchical all-to-all
   of FSMoE / Tutel 2DH):
   an intra-node all-to-all that gathers on rank (a, j) every row of node a headed for
@@ -32,10 +37,16 @@ needs no further count exchange, and any chunk degree works for forward and back
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.distributed import ReduceOp
 
-from moeflow.comm.collectives import all_gather_equal, all_reduce_start, all_to_all_equal
+from moeflow.comm.collectives import (
+    all_gather_equal_start,
+    all_reduce_start,
+    all_to_all_equal_start,
+)
 from moeflow.comm.groups import global_ranks
 from moeflow.comm.timeouts import Pending
 from moeflow.errors import ConfigError
@@ -58,18 +69,21 @@ class A2ADispatcher(TokenDispatcher):
 
     name = "a2a"
 
+    def start_exchange(self, counts_E, *, started=None, device=None):
+        """Issue the count all-to-all (a ``[P, E_l]`` int tensor); :meth:`exchange` waits."""
+        send_PE = counts_E.detach().to(device if device is not None else "cpu", torch.long)
+        return all_to_all_equal_start(
+            send_PE.view(self.P, self.E_l), self.ep_group, "count all-to-all", self.timeout_s
+        )
+
     def exchange(
         self, counts_E, *, capacity=None, device=None, started=None, routing=None, tokens=None
     ):
         counts_E = counts_E.detach().to("cpu", torch.long)
         send_PE = counts_E.view(self.P, self.E_l)
-        recv_PE = (
-            all_to_all_equal(
-                send_PE.to(device), self.ep_group, "count all-to-all", self.timeout_s
-            ).cpu()
-            if self.P > 1
-            else send_PE
-        )
+        if started is None:  # nobody issued it early: issue it now
+            started = self.start_exchange(counts_E, device=device)
+        recv_PE = started.wait().cpu()
         return CountExchange(
             counts_E=counts_E,
             send_PE=send_PE,
@@ -84,8 +98,65 @@ class A2ADispatcher(TokenDispatcher):
         return ChunkRoute(self._dropless_send_index(ex, r, c), d, k, recv_c)
 
 
+@dataclass
+class CapacityExchange(CountExchange):
+    """The capacity exchange: ``recv_SPE`` is the padded arrival layout (``slots`` rows per
+    block); the real rows of each block, its first ``filled_SPE[s, p, e]``, come from a
+    count all-to-all issued beside the first chunk's rows and waited for only where the
+    experts first need them."""
+
+    filled_pending: Pending | None = None
+    gather_esp: object = None  # the dispatcher's ESP count all-gather
+    device: object = None
+    _filled: torch.Tensor | None = None
+
+    @property
+    def filled_SPE(self) -> torch.Tensor:
+        """Real rows per arrival block ``[s, p, e]`` (collective over ESP on first use)."""
+        if self._filled is None:
+            recv_PE = self.filled_pending.wait().cpu()
+            self._filled = self.gather_esp(recv_PE, self.device)
+            self.filled_pending = None
+        return self._filled
+
+    @property
+    def computed_rows(self) -> int:
+        return int(self.filled_SPE.sum())
+
+
+class CapacityRoute(ChunkRoute):
+    """A capacity chunk's route: the experts compute only the filled prefix of each slot
+    block. ``expert_major`` / ``expert_counts`` are derived from the exchanged real counts
+    when the expert stage first reads them (after the chunk's rows have arrived)."""
+
+    def __init__(self, *args, ex: CapacityExchange, r: int, c: int, **kw):
+        self._ex, self._r, self._c = ex, r, c
+        self._major = None
+        super().__init__(*args, **kw)
+
+    # the base class's eager expert-major order of every slot is replaced by the lazy one
+    expert_major = property(
+        lambda self: self._resolve()[0], lambda self, v: None, doc="filled rows, expert-major"
+    )
+    expert_counts = property(
+        lambda self: self._resolve()[1], lambda self, v: None, doc="filled rows per expert"
+    )
+
+    def _resolve(self):
+        if self._major is None:
+            F, C, r, c = self._ex.filled_SPE, self._ex.slots, self._r, self._c
+            full = torch.full_like(F, C)
+            off, size = split_offsets(full, r, c), split_sizes(full, r, c)
+            n = torch.clamp(torch.minimum(F - off, size), min=0)  # filled rows of the piece
+            idx = sub_block_index(size, sub_len=n, perm=(2, 0, 1))
+            dev = self.device
+            self._major = (idx.to(dev), n.sum((0, 1)).to(dev))
+        return self._major
+
+
 class CapacityDispatcher(TokenDispatcher):
-    """Fixed-capacity all-to-all: ``slots`` zero-padded rows per (rank, expert), equal splits."""
+    """Fixed-capacity all-to-all: ``slots`` zero-padded rows per (rank, expert), equal splits;
+    the experts compute only the real rows (no GEMM over padding)."""
 
     name = "capacity"
     options = ("world_group",)
@@ -127,14 +198,27 @@ class CapacityDispatcher(TokenDispatcher):
             raise ConfigError(
                 "capacity", slots, f"at least the largest expert count {int(counts_E.max())}"
             )
+        real_PE = counts_E.view(self.P, self.E_l)
+        # The real counts travel beside the rows (started now, waited for by the experts):
+        # nothing waits for them before the first chunk's slots are sent.
+        filled = (
+            all_to_all_equal_start(
+                real_PE.to(device), self.ep_group, "capacity count all-to-all", self.timeout_s
+            )
+            if self.P > 1
+            else Pending.ready(real_PE)
+        )
         send_PE = torch.full((self.P, self.E_l), slots, dtype=torch.long)
         recv_SPE = torch.full((self.S, self.P, self.E_l), slots, dtype=torch.long)
-        return CountExchange(
+        return CapacityExchange(
             counts_E=counts_E,
             send_PE=send_PE,
             recv_SPE=recv_SPE,
             slots=slots,
             num_rows=int(counts_E.sum()),
+            filled_pending=filled,
+            gather_esp=self._gather_esp,
+            device=device,
         )
 
     def _route(self, ex, r, c):
@@ -148,14 +232,26 @@ class CapacityDispatcher(TokenDispatcher):
         d, k = self._flat_steps(split_sizes(ex.send_PE, r, c), split_sizes(ex.recv_SPE, r, c), c, r)
         # GShard's fixed slots: the pipeline gathers the real rows straight into the send
         # buffer and zeroes only the padding slots (no zero row appended to the input)
-        return ChunkRoute(
+        return CapacityRoute(
             send_index,
             d,
             k,
             split_sizes(ex.recv_SPE, r, c),
             send_src=torch.where(real, send_index, torch.zeros_like(v)),
             pad_slots=torch.nonzero(~real).view(-1),
+            ex=ex,
+            r=r,
+            c=c,
         )
+
+    def canonical_index(self, ex, r, c):
+        """Real rows only, in ``[e][s][p]`` blocks of ``filled_SPE``; chunk c holds slots
+        ``[off, off + size)`` of each block, so its rows start at ``off`` in the block."""
+        F, C = ex.filled_SPE, ex.slots
+        full = torch.full_like(F, C)
+        off, size = split_offsets(full, r, c), split_sizes(full, r, c)
+        n = torch.clamp(torch.minimum(F - off, size), min=0)
+        return sub_block_index(F, torch.minimum(off, F), n, perm=(2, 0, 1))
 
 
 class HierarchicalDispatcher(TokenDispatcher):
@@ -181,18 +277,25 @@ class HierarchicalDispatcher(TokenDispatcher):
             g: p // self.L for p, g in enumerate(global_ranks(self.ep_group))
         }
 
+    def start_exchange(self, counts_E, *, started=None, device=None):
+        """Issue the count all-gather (``[P, P, E_l]``: the intermediate rank needs every
+        pair's counts); :meth:`exchange` waits."""
+        send_PE = counts_E.detach().to(device if device is not None else "cpu", torch.long)
+        return all_gather_equal_start(
+            send_PE.view(self.P, self.E_l),
+            self.ep_group,
+            "count all-gather (hierarchical)",
+            self.timeout_s,
+        )
+
     def exchange(
         self, counts_E, *, capacity=None, device=None, started=None, routing=None, tokens=None
     ):
         counts_E = counts_E.detach().to("cpu", torch.long)
         send_PE = counts_E.view(self.P, self.E_l)
-        full = (
-            all_gather_equal(
-                send_PE.to(device), self.ep_group, "count all-gather (hierarchical)", self.timeout_s
-            ).cpu()
-            if self.P > 1
-            else send_PE.unsqueeze(0)
-        )
+        if started is None:  # nobody issued it early: issue it now
+            started = self.start_exchange(counts_E, device=device)
+        full = started.wait().cpu()
         recv_PE = full[:, self.p_me]
         return CountExchange(
             counts_E=counts_E,

@@ -151,7 +151,9 @@ class _Run:
                 y = compute(c, buf, counts, None)
             else:
                 y_e = compute(c, buf.index_select(0, idx), counts, None)
-                y = buf.new_empty(buf.shape[0], y_e.shape[-1]).index_copy_(0, idx, y_e)
+                # padded routes compute only the filled slots; the others go back as zeros
+                new = buf.new_zeros if pad else buf.new_empty
+                y = new(buf.shape[0], y_e.shape[-1]).index_copy_(0, idx, y_e)
             if S > 1:
                 return reduce_scatter_v(
                     y,
@@ -196,26 +198,30 @@ class _Run:
         keep_graphs = needs_grad and self.r_fwd == self.r_bwd
         residuals = needs_grad and not keep_graphs and hasattr(expert_fn, "forward_saving")
         expands = self.disp.consumes_tokens
-        M = self.ex.computed_rows
         if needs_grad:
             self.w_in_d = w_in.detach().requires_grad_(True)
             self.w_out_d = w_out.detach().requires_grad_(True)
         if keep_graphs:
             self.graphs = [None] * self.r_fwd
-        elif needs_grad:
-            canon = self._canonical(self.r_fwd, x.device)
-            if not residuals:
-                self.x_full = x.new_empty(M, x.shape[-1])
+        # the rows each chunk computes are known when its experts run (a padded route learns
+        # its filled slots then), so the canonical order and M are built on first use
+        canon: list = []
+
+        def canonical(c):
+            if not canon:
+                canon.extend(self._canonical(self.r_fwd, x.device))
+            return canon[c]
 
         def save_residuals(c, y, saved):
+            M = self.ex.computed_rows
             if self.saved is None:  # shapes are known at the first non-empty chunk
                 self.saved = [t.new_empty((M,) + tuple(t.shape[1:])) for t in saved]
                 if expands:  # the combine weights' gradient needs y per assignment
                     self.y_full = y.new_empty(M, y.shape[-1])
             for buf, t in zip(self.saved, saved):
-                buf.index_copy_(0, canon[c], t)
+                buf.index_copy_(0, canonical(c), t)
             if expands:
-                self.y_full.index_copy_(0, canon[c], y)
+                self.y_full.index_copy_(0, canonical(c), y)
 
         def compute(c, x_e, counts, w_e):
             if x_e.shape[0] == 0:
@@ -233,7 +239,9 @@ class _Run:
                 save_residuals(c, y, saved)
             else:
                 if needs_grad:
-                    self.x_full.index_copy_(0, canon[c], x_e)
+                    if self.x_full is None:
+                        self.x_full = x.new_empty(self.ex.computed_rows, x.shape[-1])
+                    self.x_full.index_copy_(0, canonical(c), x_e)
                 y = expert_fn(x_e, counts, w_in, w_out)
             return y if w_e is None else y * w_e.to(y.dtype).unsqueeze(1)
 
@@ -618,10 +626,12 @@ class ExpertParallel(nn.Module):
             bucket_bytes=bucket_bytes,
         )
 
-    def apply_placement(self, owner_E, optimizer=None) -> None:
-        """HierMoE expert swap: move experts to ranks ``owner_E`` (weights, gradients and
-        optimizer state; dispatcher="dedup"). See :func:`moeflow.parallel.dedup.apply_placement`."""
-        apply_placement(self, owner_E, optimizer)
+    def apply_placement(self, owner_E, optimizer=None) -> dict[str, int]:
+        """HierMoE expert swap: move the experts whose owner changes to ranks ``owner_E``,
+        point to point (weights, gradients and optimizer state; dispatcher="dedup"); returns
+        the bytes this rank sent per link level. See
+        :func:`moeflow.parallel.dedup.apply_placement`."""
+        return apply_placement(self, owner_E, optimizer)
 
     @torch.no_grad()
     def full_expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -715,10 +725,13 @@ class ExpertParallel(nn.Module):
         started = disp.begin(cap, device=x.device)  # overlaps routing
         # A rank with no tokens still takes part in every collective.
         routing = layer.route(x_TD) if T > 0 else self._empty_routing(x_TD)
-        x_in, weight_N = disp.pipeline_input(x_TD, routing)  # the dispatcher's layout
         counts_E = routing.counts_E
+        if mp_rows is None:  # the count exchange travels while the rows are permuted
+            started = disp.start_exchange(counts_E, started=started, device=x.device)
+        x_in, weight_N = disp.pipeline_input(x_TD, routing)  # the dispatcher's layout
         if mp_rows is not None:  # Parm S2: this MP rank's share of the rows (comm.parm)
             x_in, counts_E = mp_rows.select(x_in, routing)
+            started = disp.start_exchange(counts_E, started=started, device=x.device)
         ex = disp.exchange(
             counts_E, capacity=cap, device=x.device, started=started, routing=routing, tokens=x_TD
         )

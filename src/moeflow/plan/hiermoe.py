@@ -350,6 +350,143 @@ def rank_rows(assignments, owner, P: int) -> list[list[int]]:
     return _RankRows(assignments, owner, P).rows
 
 
+# -- planning from earlier batches: the level (or none), the placement, the swap's cost ----
+#: bytes the dedup dispatcher all-gathers per assignment (token and expert as int64, the
+#: combine weight as fp32) and all-reduces per assignment in backward (the weight gradient)
+ROUTING_BYTES = 20
+WGRAD_BYTES = 4
+#: a step sends a schedule's rows four times: dispatch and combine, forward and backward
+PASSES = 4
+
+
+def _widest(links) -> tuple[float, float]:
+    return links[max(links)]
+
+
+def dedup_overhead(assignments, U, links) -> float:
+    """What the dedup dispatcher pays per step that the plain all-to-all does not (s): the
+    all-gather of every assignment's (token, expert, weight) and of the sizes before it, and
+    the all-reduce of the combine weights' gradient (its payload on the widest link)."""
+    U = check_group_sizes(U)
+    P = U[-1]
+    rows = []
+    for s in range(P):
+        n = sum(len(e) for e in assignments[s])
+        per: dict[int, int] = {}
+        for q in range(P):
+            if q != s:
+                lk = link_level(s, q, U)
+                per[lk] = per.get(lk, 0) + n
+        rows.append(per)
+    a, b = _widest(links)
+    total = sum(len(e) for tokens in assignments for e in tokens)
+    gather = hop_time(HopRows(tuple(rows)), ROUTING_BYTES, links) if P > 1 else 0.0
+    return gather + (a if P > 1 else 0.0) + (a + total * WGRAD_BYTES * b if P > 1 else 0.0)
+
+
+def swap_time(old_owner, new_owner, U, expert_bytes: float, links) -> float:
+    """Time of the point-to-point swap from ``old_owner`` to ``new_owner``: every expert
+    whose owner changes travels once (``expert_bytes``: its weights, gradients and
+    optimizer state); the α-β time of the largest per-rank message on the slowest link."""
+    U = check_group_sizes(U)
+    rows = [dict() for _ in range(U[-1])]
+    for a, b in zip(old_owner, new_owner):
+        if a != b:
+            lk = link_level(a, b, U)
+            rows[a][lk] = rows[a].get(lk, 0) + 1
+    return hop_time(HopRows(tuple(rows)), expert_bytes, links)
+
+
+@dataclass(frozen=True)
+class DedupPlan:
+    """The plan :func:`plan_dedup` makes from earlier batches.
+
+    ``level``: the dedup level (index into ``U``'s groups) or None, no dedup (the plain
+    all-to-all pays less). ``owner``: the placement to run (the input one when no swap
+    pays). ``times_s``: the predicted communication time of one step of each option on the
+    check batch, the swap's time spread over ``horizon`` steps included, by
+    :func:`level_label` (``"none"``, ``"rank"``, ``"node"``). ``moved``: experts whose
+    owner changes; ``swap_s`` the swap's predicted time."""
+
+    level: int | None
+    owner: tuple[int, ...]
+    times_s: dict
+    moved: int
+    swap_s: float
+
+    @property
+    def level_name(self) -> str:
+        return level_label(self.level)
+
+    def dispatcher(self) -> tuple[str, dict | None]:
+        """``(dispatcher, dispatcher_options)`` for :class:`moeflow.parallel.ExpertParallel`:
+        ``("a2a", None)`` for no dedup, else ``("dedup", {"level": level})`` (then
+        ``apply_placement(owner)``)."""
+        return ("a2a", None) if self.level is None else ("dedup", {"level": self.level})
+
+
+def level_label(d: int | None) -> str:
+    """``"none"`` (no dedup), ``"rank"``, ``"node"``, then ``"level d"`` for deeper trees."""
+    return "none" if d is None else ("rank", "node")[d] if d < 2 else f"level {d}"
+
+
+def plan_dedup(
+    history: Sequence,
+    owner: Sequence[int],
+    U: Sequence[int],
+    row_bytes: int,
+    links=None,
+    *,
+    expert_bytes: float = 0.0,
+    horizon: int = 100,
+    max_swaps: int = 8,
+    gamma: float = 10.0,
+) -> DedupPlan:
+    """Dedup level (or none) and expert placement from the routing of earlier batches.
+
+    ``history``: the routing of earlier batches, each ``[rank][token] -> experts`` of the
+    whole group. The swap search (:func:`swap_step`, up to ``max_swaps`` swaps per level)
+    runs on all batches but the last; the last one checks: every option is priced on it
+    (:data:`PASSES` x ``t_d`` of the level's hops, plus :func:`dedup_overhead`, plus the
+    swap's :func:`swap_time` over ``horizon`` steps), and a swap prefix is kept only if it
+    pays there. With one batch, it is both searched and checked. The plain all-to-all
+    (``"none"``) pays ``PASSES`` x the flat rows plus one α for its count exchange. The
+    batch the plan will run on is never an input.
+    """
+    if not history:
+        raise ConfigError("history", "[]", "the routing of at least one earlier batch")
+    U = check_group_sizes(U)
+    links = DEFAULT_LINKS if links is None else links
+    P = U[-1]
+    owner = list(owner)
+    search = history[:-1] or history
+    check = history[-1]
+    pool = [[t for batch in search for t in batch[s]] for s in range(P)]
+    overhead = dedup_overhead(check, U, links)
+    times = {"none": PASSES * level_time(flat_hops(check, owner, U), row_bytes, links)}
+    times["none"] += _widest(links)[0] if P > 1 else 0.0
+    best: tuple = (times["none"], None, owner, 0.0)
+    for d in range(len(U) - 1):
+        cands, cur, state = [owner], owner, None
+        for _ in range(max_swaps):
+            pair, cur, _, state = swap_step(pool, cur, U, row_bytes, links, gamma, state, d)
+            if pair is None:
+                break
+            cands.append(cur)
+        scored = []
+        for cand in cands:
+            sw = swap_time(owner, cand, U, expert_bytes, links) if cand != owner else 0.0
+            t = PASSES * level_time(dedup_hops(check, cand, U, d), row_bytes, links)
+            scored.append((t + overhead + sw / horizon, cand, sw))
+        t, cand, sw = min(scored, key=lambda x: x[0])  # ties: the fewest swaps
+        times[level_label(d)] = t
+        if t < best[0]:
+            best = (t, d, cand, sw)
+    _, level, new, sw = best
+    moved = sum(a != b for a, b in zip(owner, new))
+    return DedupPlan(level=level, owner=tuple(new), times_s=times, moved=moved, swap_s=sw)
+
+
 # -- planning without a batch (``moeflow plan --method hiermoe``) -----------------------------
 def synthetic_routing(num_ranks: int, tokens: int, num_experts: int, top_k: int, seed: int) -> list:
     """Uniform top-k routing of ``tokens`` tokens on each rank (a stand-in for a batch)."""
@@ -383,7 +520,9 @@ def plan_levels(
     links,
     sample_tokens: int = 64,
 ) -> list[dict]:
-    """d* per layer (HierMoE Eq. 6) from a synthetic batch of each layer (seeded by layer).
+    """The level per layer from a synthetic batch of each layer (seeded by layer): d*
+    (HierMoE Eq. 6) among the dedup levels, or ``"none"`` where the plain all-to-all costs
+    less per step than dedup with its overhead (:func:`plan_dedup`, no swap).
 
     ``tokens`` is tokens per rank; the message sizes of a sample of ``sample_tokens`` tokens
     are scaled up to it (the dedup counts are sums over tokens).
@@ -404,14 +543,16 @@ def plan_levels(
     out = []
     for i in range(layers):
         routes = synthetic_routing(num_ranks, n, num_experts, top_k, seed=i)
-        d, times = choose_level(routes, owner, U, row, links)
+        _, times = choose_level(routes, owner, U, row, links)
         flat = level_time(flat_hops(routes, owner, U), row, links)
+        plan = plan_dedup([routes], owner, U, row, links, max_swaps=0)
         out.append(
             {
                 "layer": i,
-                "level": ("rank", "node")[d] if len(U) == 3 else "rank",
+                "level": plan.level_name,
                 "t_levels_ms": [t * 1e3 for t in times],
                 "t_flat_ms": flat * 1e3,
+                "t_step_ms": {k: v * 1e3 for k, v in plan.times_s.items()},
             }
         )
     return out

@@ -156,11 +156,17 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 class _Link:
-    """Point-to-point messages to one peer. Headers and rows count separately (both sides
-    count), and the tag is ``2 * count + kind``, so a receiver may post the next header
-    before the rows of the current message."""
+    """Point-to-point messages to one peer. Rows messages are tagged ``2 * count + 1`` (both
+    sides count), headers all ``HEADER_TAG`` (even), so a receiver may post the next header
+    before the rows of the current message, and an EG rank serving several AG ranks may post
+    one header receive from any of them (gloo delivers one pair's messages in order)."""
 
     HEADER, ROWS = 0, 1
+    HEADER_TAG = 0  # every header: an EG rank may receive the next one from any AG rank
+
+    def _tag(self, counts: list[int], kind: int) -> int:
+        counts[kind] += 1
+        return self.HEADER_TAG if kind == self.HEADER else 2 * counts[kind] + kind
 
     def __init__(self, peer: int, timeout_s: float):
         self.peer, self.timeout_s = peer, timeout_s
@@ -170,9 +176,9 @@ class _Link:
     def isend(self, t: torch.Tensor, op: str, kind: int):
         import torch.distributed as dist
 
-        self.sent[kind] += 1
+        tag = self._tag(self.sent, kind)
         try:
-            return dist.isend(t.contiguous(), self.peer, tag=2 * self.sent[kind] + kind)
+            return dist.isend(t.contiguous(), self.peer, tag=tag)
         except RuntimeError as e:  # gloo fails at once when the peer is already gone
             raise CommTimeoutError(
                 f"{op} to rank {self.peer} failed: a peer rank died or "
@@ -182,13 +188,26 @@ class _Link:
     def irecv(self, t: torch.Tensor, op: str, kind: int):
         import torch.distributed as dist
 
-        self.received[kind] += 1
+        tag = self._tag(self.received, kind)
         try:
-            return dist.irecv(t, self.peer, tag=2 * self.received[kind] + kind)
+            return dist.irecv(t, self.peer, tag=tag)
         except RuntimeError as e:
             raise CommTimeoutError(
                 f"{op} from rank {self.peer} failed: a peer rank died or "
                 f"dropped its connection ({str(e).splitlines()[0][:200]})"
+            ) from e
+
+    @classmethod
+    def irecv_any(cls, t: torch.Tensor, op: str):
+        """A header from whichever rank sends one first (``work._source_rank()`` names it)."""
+        import torch.distributed as dist
+
+        try:
+            return dist.irecv(t, None, tag=cls.HEADER_TAG)
+        except RuntimeError as e:
+            raise CommTimeoutError(
+                f"{op} failed: a peer rank died or dropped its connection "
+                f"({str(e).splitlines()[0][:200]})"
             ) from e
 
 
@@ -348,7 +367,8 @@ class DisaggregatedForward:
 
 class ExpertServer:
     """The EG side: this rank's ``E / eg`` experts of every layer, serving AG ranks until each
-    has sent its stop message. Messages are taken round-robin over the AG ranks."""
+    has sent its stop message. With several AG ranks, messages are taken in the order they
+    arrive (:meth:`_arrivals`)."""
 
     def __init__(
         self,
@@ -360,14 +380,13 @@ class ExpertServer:
         idle_timeout_s: float | None = None,
     ):
         cfg = model.cfg
-        self.e = rank - ag
-        self.local = cfg.moe.num_experts // eg
-        lo = self.e * self.local
-        self.experts = []
+        local = cfg.moe.num_experts // eg
+        lo = (rank - ag) * local
+        experts = []
         for layer in model.layers:
             full = layer.mlp.experts
             mine = Experts(
-                self.local,
+                local,
                 full.hidden_size,
                 full.ffn_hidden_size,
                 full.expert_type,
@@ -375,11 +394,38 @@ class ExpertServer:
                 full.activation,
             )
             with torch.no_grad():
-                mine.w_in.copy_(full.w_in[lo : lo + self.local])
-                mine.w_out.copy_(full.w_out[lo : lo + self.local])
-            self.experts.append(mine.eval())
+                mine.w_in.copy_(full.w_in[lo : lo + local])
+                mine.w_out.copy_(full.w_out[lo : lo + local])
+            experts.append(mine.eval())
+        self._setup(cfg, experts, rank, ag, eg, timeout_s, idle_timeout_s)
+
+    @classmethod
+    def from_experts(
+        cls,
+        cfg,
+        experts: list,
+        rank: int,
+        ag: int,
+        eg: int,
+        timeout_s: float | None = None,
+        idle_timeout_s: float | None = None,
+    ) -> ExpertServer:
+        """A server over ``experts`` (this rank's :class:`Experts` of every layer, e.g. from
+        :func:`moeflow.serving.disagg_weights.load_expert_part`), with no model around them."""
+        self = cls.__new__(cls)
+        self._setup(cfg, experts, rank, ag, eg, timeout_s, idle_timeout_s)
+        return self
+
+    def _setup(self, cfg, experts, rank, ag, eg, timeout_s, idle_timeout_s) -> None:
+        self.e = rank - ag
+        self.local = cfg.moe.num_experts // eg
+        if len(experts) != cfg.num_layers or any(x.num_experts != self.local for x in experts):
+            raise ConfigError(
+                "experts", f"{len(experts)} layers", f"{cfg.num_layers} layers of {self.local}"
+            )
+        self.experts = experts
         self.D = cfg.hidden_size
-        self.dtype = model.embed_tokens.weight.dtype
+        self.dtype = experts[0].w_in.dtype
         self.timeout_s = resolve_timeout(timeout_s)
         self.idle_timeout_s = resolve_timeout(idle_timeout_s or 10 * self.timeout_s)
         self.links = {a: _Link(a, self.timeout_s) for a in range(ag)}
@@ -389,42 +435,49 @@ class ExpertServer:
     def run(self) -> dict:
         active = list(self.links)
         sends = []
-        # each AG rank's next header is posted as soon as the previous one arrived, so its
-        # latency hides behind this rank's expert work
-        posted = {a: self._post_header(a) for a in active}
+        # the next header is posted as soon as the previous one arrived, so its latency
+        # hides behind this rank's expert work; with several AG ranks it may come from any
+        # of them, in the order they send (a server's AG ranks step independently)
+        posted = self._post_header(active)
         while active:
-            for a in list(active):
-                lk = self.links[a]
-                header, work, op = posted.pop(a)
-                wait_work(work, op, self.idle_timeout_s)
-                if int(header[0]) == _CMD_STOP:
-                    active.remove(a)
-                    continue
-                posted[a] = self._post_header(a)
-                l, n = int(header[1]), int(header[2])
-                if n == 0:
-                    continue
-                x_ND = torch.empty(n, self.D, dtype=self.dtype)
-                op = f"a2e rows from AG rank {a} (layer {l})"
-                wait_work(lk.irecv(x_ND, op, _Link.ROWS), op, self.timeout_s)
-                t0 = time.perf_counter()
-                y_ND = self.experts[l](x_ND, header[3:])
-                self.stats["busy_s"] += time.perf_counter() - t0
-                self.stats["messages"] += 1
-                self.stats["rows"] += n
-                sends.append(lk.isend(y_ND, f"e2a (layer {l})", _Link.ROWS))
-                if len(sends) > 64:  # keep the list short; old sends are done
-                    for w in sends[:32]:
-                        wait_work(w, f"e2a send to AG rank {a}", self.timeout_s)
-                    del sends[:32]
+            header, work, op = posted
+            wait_work(work, op, self.idle_timeout_s)
+            a = active[0] if len(self.links) == 1 else work._source_rank()
+            lk = self.links[a]
+            if int(header[0]) == _CMD_STOP:
+                active.remove(a)
+                if active:
+                    posted = self._post_header(active)
+                continue
+            posted = self._post_header(active)
+            l, n = int(header[1]), int(header[2])
+            if n == 0:
+                continue
+            x_ND = torch.empty(n, self.D, dtype=self.dtype)
+            op = f"a2e rows from AG rank {a} (layer {l})"
+            wait_work(lk.irecv(x_ND, op, _Link.ROWS), op, self.timeout_s)
+            t0 = time.perf_counter()
+            y_ND = self.experts[l](x_ND, header[3:])
+            self.stats["busy_s"] += time.perf_counter() - t0
+            self.stats["messages"] += 1
+            self.stats["rows"] += n
+            sends.append(lk.isend(y_ND, f"e2a (layer {l})", _Link.ROWS))
+            if len(sends) > 64:  # keep the list short; old sends are done
+                for w in sends[:32]:
+                    wait_work(w, f"e2a send to AG rank {a}", self.timeout_s)
+                del sends[:32]
         for w in sends:
             wait_work(w, "e2a send", self.timeout_s)
         return self.stats
 
-    def _post_header(self, a: int):
+    def _post_header(self, active: list[int]):
         header = torch.empty(3 + self.local, dtype=torch.long)
-        op = f"a2e header from AG rank {a}"
-        return header, self.links[a].irecv(header, op, _Link.HEADER), op
+        if len(self.links) == 1:
+            a = active[0]
+            op = f"a2e header from AG rank {a}"
+            return header, self.links[a].irecv(header, op, _Link.HEADER), op
+        op = f"a2e header from any of AG ranks {active}"
+        return header, _Link.irecv_any(header, op), op
 
 
 def serve_rank(

@@ -65,6 +65,11 @@ class EngineError(MoeflowError, RuntimeError):
     """A step of the engine failed; the requests in that step end with this error."""
 
 
+class RankDiedError(MoeflowError, RuntimeError):
+    """A rank of a disaggregated server died; the requests in flight end with this error,
+    which names the rank (:mod:`moeflow.serving.disagg_server`)."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """``block_size`` token positions per KV block; ``num_blocks`` blocks in the pool, or
@@ -159,9 +164,14 @@ class _Seq:
 
 
 class Engine:
-    """Continuous batching over one :class:`moeflow.models.MoEDecoder` (see the module doc)."""
+    """Continuous batching over one :class:`moeflow.models.MoEDecoder` (see the module doc).
 
-    def __init__(self, model, config: EngineConfig | None = None):
+    ``forward``: a function of the engine's KV cache returning the forward pass
+    ``(ids_BT, rows_B, start_B) -> logits_BTV`` to run instead of ``model(ids, cache, ...)``,
+    e.g. a :class:`~moeflow.serving.disaggregated.DisaggregatedForward` over that cache (an
+    attention rank whose routed experts live on expert ranks)."""
+
+    def __init__(self, model, config: EngineConfig | None = None, forward: Callable | None = None):
         config = config or EngineConfig()
         config.check()
         self.model, self.config = model, config
@@ -185,6 +195,8 @@ class Engine:
             by_budget = budget // (bs * kv_bytes_per_token(cfg, p.dtype))
             num_blocks = max(per_seq, min(per_seq * config.max_seqs, by_budget))
         self.cache = PagedKVCache(cfg, num_blocks, bs, config.max_seqs, p.dtype, p.device)
+        #: the forward pass built by ``forward`` (None: ``model(ids, cache, rows, starts)``)
+        self.model_forward = None if forward is None else forward(self.cache)
         self.preemptions = 0
         self.finished: collections.Counter[str] = collections.Counter()  # by finish reason
         self.device = p.device
@@ -249,6 +261,16 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def health(self) -> dict:
+        """What ``GET /health`` reports: ``status`` ("ok"), requests running and waiting, free
+        KV blocks."""
+        return {
+            "status": "ok",
+            "running": self.num_running,
+            "waiting": self.num_waiting,
+            "free_kv_blocks": self.cache.pool.free,
+        }
 
     # ---- one iteration ----------------------------------------------------------------
 
@@ -318,6 +340,12 @@ class Engine:
 
     def _forward(self, ids: list[list[int]], rows: list[int], starts: list[int]) -> torch.Tensor:
         dev = self.device
+        if self.model_forward is not None:
+            return self.model_forward(
+                torch.tensor(ids, device=dev),
+                torch.tensor(rows, device=dev),
+                torch.tensor(starts, device=dev),
+            )
         return self.model(
             torch.tensor(ids, device=dev),
             self.cache,

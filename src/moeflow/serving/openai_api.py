@@ -17,7 +17,11 @@ rejected rather than silently ignored; unknown fields are ignored, as OpenAI's A
 
 Errors are OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: a bad
 request (a moeflow ``ValueError``: ConfigError, InputError) is HTTP 400 naming the field, an
-unknown model 404, a server that is shutting down 503; nothing returns a traceback.
+unknown model 404, a server that is shutting down or lost a rank (a disaggregated server's
+:class:`~moeflow.serving.engine.RankDiedError`, or a transfer that failed) 503 with a message
+naming it; nothing returns a traceback. ``GET /health`` is the engine's
+:meth:`~moeflow.serving.engine.Engine.health`: HTTP 200 while its ``status`` is ``"ok"``,
+else 503 with the same body.
 
 Text: tokens are decoded with ``skip_special_tokens``; the stop token that ends a request
 (EOS or a ``stop_token_ids`` entry) is not part of the text. A streamed response sends the
@@ -39,9 +43,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from moeflow._deps import require
-from moeflow.errors import ConfigError, InputError, MoeflowError
+from moeflow.errors import CommTimeoutError, ConfigError, InputError, MoeflowError
 from moeflow.models import SamplingParams
-from moeflow.serving.engine import Engine, EngineClosedError, RequestHandle
+from moeflow.serving.engine import Engine, EngineClosedError, RankDiedError, RequestHandle
 from moeflow.validate import is_int
 
 # Fields that change what OpenAI's API returns and that this server does not implement:
@@ -233,7 +237,9 @@ def error_response(exc: BaseException):
     """The OpenAI-style JSON error response for ``exc``."""
     if isinstance(exc, ModelNotFoundError):
         return _error(404, str(exc), "invalid_request_error", "model", "model_not_found")
-    if isinstance(exc, EngineClosedError):
+    if isinstance(exc, (EngineClosedError, CommTimeoutError, RankDiedError)):
+        # the server cannot serve (closing, or a rank of a disaggregated server is gone):
+        # the message names what failed, and no traceback
         return _error(503, str(exc), "service_unavailable")
     if isinstance(exc, MoeflowError) and isinstance(exc, ValueError):
         param = getattr(exc, "field", None)
@@ -380,13 +386,10 @@ def build_app(server: OpenAIServer, *, manage_engine: bool = True):
 
     @app.get("/health")
     async def health():
-        eng = server.engine
-        return {
-            "status": "ok",
-            "running": eng.num_running,
-            "waiting": eng.num_waiting,
-            "free_kv_blocks": eng.cache.pool.free,
-        }
+        state = server.engine.health()
+        if state.get("status") == "ok":
+            return state
+        return responses.JSONResponse(state, status_code=503)
 
     @app.get("/v1/models")
     async def models():
@@ -537,12 +540,18 @@ def from_pretrained(
 
     from moeflow.checkpoint import load_pretrained
 
-    transformers = require("transformers", "moeflow serve (the checkpoint's tokenizer)")
+    require("transformers", "moeflow serve (the checkpoint's tokenizer)")
     model = load_pretrained(model_dir, dtype=dtype or torch.float32).to(device)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{model_dir}: no usable tokenizer ({type(e).__name__}: {e})") from e
+    tokenizer = load_tokenizer(model_dir)
     name = model_name or Path(model_dir).resolve().name
     engine = Engine(model, engine_config)
     return OpenAIServer(engine, tokenizer, name, eos_token_ids(model_dir, tokenizer))
+
+
+def load_tokenizer(model_dir):
+    """The checkpoint's own tokenizer (``AutoTokenizer``); InputError when there is none."""
+    transformers = require("transformers", "moeflow serve (the checkpoint's tokenizer)")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{model_dir}: no usable tokenizer ({type(e).__name__}: {e})") from e

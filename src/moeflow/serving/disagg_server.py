@@ -1,0 +1,657 @@
+"""The engine behind ``moeflow serve MODEL_DIR --ag N --eg M``: continuous batching on
+attention ranks whose routed experts live on expert ranks.
+
+Layout (:mod:`moeflow.serving.disaggregated`): ranks ``0 .. N-1`` are the attention group
+(AG), ``N .. N+M-1`` the expert group (EG), one gloo process group over 127.0.0.1. The
+serving process (HTTP, tokenizer) holds no weight; it forks the ranks and talks to each over
+a pipe.
+
+* **AG rank**: loads embeddings, attention, norms, router, shared experts and LM head
+  (:func:`~moeflow.serving.disagg_weights.load_attention_part`) and runs an
+  :class:`~moeflow.serving.engine.Engine` (the same continuous batching, block KV cache and
+  scheduling rule as colocated serving) whose forward pass is a
+  :class:`~moeflow.serving.disaggregated.DisaggregatedForward` over the engine's cache.
+* **EG rank**: loads only its ``E / M`` experts of every layer
+  (:func:`~moeflow.serving.disagg_weights.load_expert_part`) and runs an
+  :class:`~moeflow.serving.disaggregated.ExpertServer` until every AG rank has stopped.
+* **Serving process**: :class:`DisaggregatedEngine` has the interface
+  :class:`~moeflow.serving.openai_api.OpenAIServer` uses (``submit``, ``context``,
+  ``health``, ``start``, ``shutdown``). A request goes to the AG rank with the fewest requests
+  in flight; its tokens come back one message each.
+
+Failures: the serving process watches every rank's process. When one dies, every request in
+flight ends at once with :class:`~moeflow.serving.engine.RankDiedError` naming the rank
+(HTTP 503), ``/health`` turns 503 listing the dead ranks, and new requests are refused with
+the same error; an AG rank blocked on a dead peer gives up at its transfer deadline
+(``timeout_s``, :func:`moeflow.comm.timeouts.wait_work`). Shutdown (SIGTERM) drains the
+requests in flight, stops the AG ranks (which release the EG ranks), and ends any rank that
+has not exited within a grace period, so the server never hangs on a dead rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import wait as _wait_any
+
+import torch
+
+from moeflow.errors import CommTimeoutError, InputError, MoeflowError
+from moeflow.models import Request, SamplingParams, validate_request
+from moeflow.serving.engine import (
+    EngineClosedError,
+    EngineConfig,
+    EngineError,
+    RankDiedError,
+    RequestHandle,
+)
+
+__all__ = ["DisaggregatedEngine", "disaggregated_server"]
+
+_GRACE_S = 10.0  # stop message -> SIGTERM -> SIGKILL
+
+
+def _error_info(e: BaseException) -> tuple[str, str, bool]:
+    return type(e).__name__, " ".join(str(e).split())[:500], isinstance(e, ValueError)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "is running"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+# ---- the rank side -------------------------------------------------------------------------
+class _Sender:
+    """One pipe end shared by threads: whole messages, one at a time."""
+
+    def __init__(self, conn):
+        self.conn, self.lock = conn, threading.Lock()
+
+    def __call__(self, msg) -> None:
+        with self.lock:
+            self.conn.send(msg)
+
+
+_STATUS = {"VmRSS": "rss", "VmHWM": "peak_rss", "RssAnon": "rss_anon", "RssFile": "rss_file"}
+
+
+def _memory() -> dict:
+    """This process's resident set now (``rss``: anonymous ``rss_anon`` + file-backed
+    ``rss_file``, i.e. code and mapped files) and its peak (``peak_rss``), in bytes, from
+    /proc/self/status; {} where there is none."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name = line.split(":", 1)[0]
+                if name in _STATUS:
+                    out[_STATUS[name]] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM to the current resident set (Linux >= 4.0), where allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:  # an orphaned rank (the server was killed) exits
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(0.5)
+
+
+def _rank_main(rank: int, spec: dict, conn, parent_pid: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server; it ends us
+    for fd in spec["close_fds"]:  # the server's listening socket is not ours to hold
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    send = _Sender(conn)
+    status = 0
+    try:
+        import torch.distributed as dist
+
+        torch.set_num_threads(spec["threads"])
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{spec['port']}",
+            rank=rank,
+            world_size=spec["ag"] + spec["eg"],
+            timeout=datetime.timedelta(seconds=spec["start_timeout_s"]),
+        )
+        # the rank's memory before its weights: forked code and data, the gloo group
+        _reset_peak()
+        baseline = _memory()
+        if rank < spec["ag"]:
+            _attention_rank(rank, spec, conn, send, baseline)
+        else:
+            _expert_rank(rank, spec, send, baseline)
+        send(("done", rank, {"memory_end": _memory()}))
+    except BaseException as e:  # noqa: BLE001 - the server reports it
+        status = 1
+        try:
+            send(("fatal", rank, *_error_info(e)))
+        except Exception:
+            pass
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)  # skip the forked server's atexit handlers
+
+
+def _attention_rank(rank: int, spec: dict, conn, send: _Sender, baseline) -> None:
+    from moeflow.serving.disagg_weights import (
+        expert_weight_bytes,
+        load_attention_part,
+        module_bytes,
+    )
+    from moeflow.serving.disaggregated import DisaggregatedForward
+    from moeflow.serving.engine import Engine
+
+    model, read = load_attention_part(spec["model_dir"], spec["dtype"])
+    ag, eg, timeout_s = spec["ag"], spec["eg"], spec["timeout_s"]
+    engine = Engine(
+        model,
+        spec["config"],
+        forward=lambda cache: DisaggregatedForward(
+            model, cache, spec["schedule"], ag, eg, timeout_s
+        ),
+    )
+    fwd = engine.model_forward
+    send(
+        (
+            "ready",
+            rank,
+            {
+                "num_blocks": engine.cache.pool.num_blocks,
+                "block_size": engine.cache.block_size,
+                "weight_bytes": module_bytes(model),
+                "expert_bytes": expert_weight_bytes(model),
+                "bytes_read": read,
+                "memory_baseline": baseline,
+                "memory_loaded": _memory(),
+            },
+        )
+    )
+    handles: dict[int, RequestHandle] = {}
+
+    def on_token(h: RequestHandle, tok: int) -> None:
+        send(("token", h.request_id, tok))
+
+    def on_finish(h: RequestHandle) -> None:
+        handles.pop(h.request_id, None)
+        err = None if h.result.error is None else _error_info(h.result.error)
+        send(("finish", h.request_id, h.result.finish_reason, err))
+
+    stop = threading.Event()
+
+    def report() -> None:  # the pool's state for /health, when it changes
+        last = None
+        while not stop.wait(0.25):
+            now = (engine.num_running, engine.num_waiting, engine.cache.pool.free)
+            if now != last:
+                send(("stats", rank, *now))
+                last = now
+
+    threading.Thread(target=report, daemon=True).start()
+    engine.start()
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the server is gone: stop without draining
+            engine.shutdown(drain=False, timeout=_GRACE_S)
+            return
+        if msg[0] == "submit":
+            _, key, prompt, params = msg
+            try:
+                handles[key] = engine.submit(
+                    prompt, params, key, on_token=on_token, on_finish=on_finish
+                )
+            except Exception as e:
+                send(("finish", key, "error", _error_info(e)))
+        elif msg[0] == "abort":
+            h = handles.get(msg[1])
+            if h is not None:
+                h.abort()
+        elif msg[0] == "stop":
+            break
+    stop.set()
+    engine.shutdown(drain=True, timeout=_GRACE_S)
+    try:
+        fwd.close()  # releases the EG ranks
+    except MoeflowError:  # an EG rank is gone; the server ends the others
+        pass
+
+
+def _expert_rank(rank: int, spec: dict, send: _Sender, baseline) -> None:
+    from moeflow.serving.disagg_weights import load_expert_part, module_bytes
+    from moeflow.serving.disaggregated import ExpertServer
+
+    ag, eg = spec["ag"], spec["eg"]
+    num_experts = spec["num_experts"]
+    e0 = (rank - ag) * (num_experts // eg)
+    cfg, experts, read = load_expert_part(
+        spec["model_dir"], e0, e0 + num_experts // eg, spec["dtype"]
+    )
+    server = ExpertServer.from_experts(
+        cfg,
+        experts,
+        rank,
+        ag,
+        eg,
+        spec["timeout_s"],
+        idle_timeout_s=spec["idle_timeout_s"],
+    )
+    held = sum(module_bytes(x) for x in experts)
+    info = {"expert_bytes": held, "weight_bytes": held, "bytes_read": read}
+    info.update(memory_baseline=baseline, memory_loaded=_memory())
+    send(("ready", rank, info))
+    server.run()
+
+
+# ---- the serving process ------------------------------------------------------------------
+class _RemoteHandle(RequestHandle):
+    def __init__(self, engine: DisaggregatedEngine, key: int, rank: int, *args, **kw):
+        super().__init__(*args, **kw)
+        self._engine, self._key, self.rank = engine, key, rank
+
+    def abort(self) -> None:
+        if not self.done and not self._abort:
+            self._abort = True
+            self._engine._send(self.rank, ("abort", self._key))
+
+
+class DisaggregatedEngine:
+    """``ag`` attention ranks and ``eg`` expert ranks serving one checkpoint (module doc).
+
+    The constructor checks the checkpoint and the layout in this process, forks the ranks,
+    and returns once every rank has loaded its part (``start_timeout_s``); a rank that fails
+    to start raises :class:`RankDiedError` naming it, after the others are ended.
+    ``close_fds``: descriptors of this process the ranks must close (a listening socket).
+    """
+
+    def __init__(
+        self,
+        model_dir,
+        config: EngineConfig | None = None,
+        *,
+        ag: int = 1,
+        eg: int = 1,
+        dtype: torch.dtype = torch.float32,
+        schedule=None,
+        timeout_s: float = 30.0,
+        threads: int = 1,
+        start_timeout_s: float = 300.0,
+        force: bool = False,
+        close_fds: Sequence[int] = (),
+    ):
+        import multiprocessing as mp
+
+        from moeflow.checkpoint.pretrained import check_pretrained
+        from moeflow.comm.ports import free_port
+        from moeflow.launch import check_nproc
+        from moeflow.serving.disaggregated import ServeSchedule, check_layout
+        from moeflow.validate import positive_float, positive_int
+
+        config = config or EngineConfig()
+        config.check()
+        timeout_s = positive_float("timeout_s", timeout_s)
+        threads = positive_int("threads", threads)
+        cfg, _ = check_pretrained(model_dir)
+        check_layout(ag + eg, ag, eg, cfg.moe.num_experts)
+        check_nproc(ag + eg, force=force, flag="ag + eg")
+        self.cfg, self.ag, self.eg = cfg, ag, eg
+        self.context = cfg.max_position_embeddings
+        self.config = config
+        spec = {
+            "model_dir": str(model_dir),
+            "config": config,
+            "dtype": dtype,
+            "schedule": schedule or ServeSchedule.naive(),
+            "ag": ag,
+            "eg": eg,
+            "num_experts": cfg.moe.num_experts,
+            "timeout_s": timeout_s,
+            # an idle server waits for requests as long as it runs; a dead AG rank still
+            # ends an EG rank's wait at once (gloo reports the dropped connection)
+            "idle_timeout_s": 10 * 365 * 86400.0,
+            "threads": threads,
+            "start_timeout_s": start_timeout_s,
+            "port": free_port(),
+            "close_fds": list(close_fds),
+        }
+        self._lock = threading.Lock()
+        self._inflight: dict[int, _RemoteHandle] = {}
+        self._load = [0] * ag
+        self._stats: dict[int, tuple[int, int, int]] = {}
+        self._info: dict[int, dict] = {}
+        self._fatal: dict[int, str] = {}
+        self._dead: dict[int, str] = {}
+        self._keys = itertools.count()
+        self._closing = self._stopping = False
+        self._ready = threading.Condition(self._lock)
+        ctx = mp.get_context("fork")
+        self._procs, self._conns, self._senders = [], [], []
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for rank in range(ag + eg):
+            mine, theirs = ctx.Pipe(duplex=True)
+            p = ctx.Process(target=_rank_main, args=(rank, spec, theirs, os.getpid()), daemon=False)
+            p.start()
+            theirs.close()
+            self._procs.append(p)
+            self._conns.append(mine)
+            self._senders.append(_Sender(mine))
+        self._pump_thread = threading.Thread(target=self._pump, name="moeflow-disagg", daemon=True)
+        self._pump_thread.start()
+        deadline = time.monotonic() + start_timeout_s
+        with self._ready:
+            while len(self._info) < ag + eg and not self._dead:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._ready.wait(min(left, 0.5))
+            failed = dict(self._dead)
+            waiting = [r for r in range(ag + eg) if r not in self._info]
+        if failed or waiting:
+            self._end_ranks(0.0)
+            if failed:
+                raise RankDiedError(next(iter(failed.values())))
+            raise RankDiedError(
+                f"{self._role(waiting[0])} rank {waiting[0]} did not load its part within "
+                f"{start_timeout_s:g} s"
+            )
+        self.num_blocks = min(self._info[r]["num_blocks"] for r in range(ag))
+        self.block_size = self._info[0]["block_size"]
+
+    # -- ranks -------------------------------------------------------------------------------
+    def _role(self, rank: int) -> str:
+        return "attention" if rank < self.ag else "expert"
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    @property
+    def rank_info(self) -> dict[int, dict]:
+        """What each rank reported once loaded: ``weight_bytes`` and ``expert_bytes`` it
+        holds, ``bytes_read`` from the checkpoint, the AG ranks' KV pool, and its memory
+        (Linux, :func:`_memory`; the peak is reset at the baseline): ``memory_baseline``
+        before loading, ``memory_loaded`` once loaded and, after a clean shutdown,
+        ``memory_end``."""
+        return dict(self._info)
+
+    def _send(self, rank: int, msg) -> None:
+        try:
+            self._senders[rank](msg)
+        except (OSError, ValueError):  # the rank is gone; the pump reports it
+            pass
+
+    def _pump(self) -> None:
+        """Receive the ranks' messages and notice their exits, until the ranks are ended."""
+        conns = {c: r for r, c in enumerate(self._conns)}
+        sentinels = {p.sentinel: r for r, p in enumerate(self._procs)}
+        while conns or sentinels:
+            for obj in _wait_any(list(conns) + list(sentinels), timeout=0.5):
+                if obj in conns:
+                    try:
+                        msg = obj.recv()
+                    except (EOFError, OSError):
+                        del conns[obj]
+                        continue
+                    self._on_message(msg)
+                else:
+                    rank = sentinels.pop(obj)
+                    self._on_exit(rank)
+
+    def _on_message(self, msg) -> None:
+        kind = msg[0]
+        if kind == "token":
+            _, key, tok = msg
+            h = self._inflight.get(key)
+            if h is not None:
+                h.result.tokens.append(tok)
+                h.result.token_times.append(time.perf_counter())
+                self._callback(h._on_token, h, tok)
+        elif kind == "finish":
+            _, key, reason, err = msg
+            error = None if err is None else self._rebuild(*err)
+            self._finish(key, reason, error)
+        elif kind == "stats":
+            self._stats[msg[1]] = tuple(msg[2:])
+        elif kind == "ready":
+            with self._ready:
+                self._info[msg[1]] = {"role": self._role(msg[1]), **msg[2]}
+                if msg[1] < self.ag:
+                    self._stats[msg[1]] = (0, 0, msg[2]["num_blocks"])
+                self._ready.notify_all()
+        elif kind == "done":
+            with self._lock:
+                self._info.setdefault(msg[1], {}).update(msg[2])
+        elif kind == "fatal":
+            _, rank, name, text, _ = msg
+            self._fatal[rank] = f"{name}: {text}"
+
+    def _rebuild(self, name: str, text: str, is_value: bool) -> BaseException:
+        if name == "CommTimeoutError":
+            # a transfer to a peer failed: when that peer died (gloo may tell the AG rank a
+            # moment before the process is reaped), name the dead rank instead
+            if not self._dead:
+                ended = _wait_any([p.sentinel for p in self._procs], timeout=0.5)
+                for p in self._procs:
+                    if p.sentinel in ended:
+                        p.join(1.0)  # its sentinel closes a moment before it can be reaped
+            self._poll_exits()
+            if self._dead:
+                return RankDiedError(next(iter(self._dead.values())))
+            return CommTimeoutError(text)
+        if name == "EngineClosedError":
+            return EngineClosedError(text)
+        if is_value:
+            return InputError(text)
+        return EngineError(f"{name}: {text}")
+
+    def _poll_exits(self) -> None:
+        for r, p in enumerate(self._procs):
+            if p.exitcode is not None and r not in self._dead:
+                self._on_exit(r)
+
+    @staticmethod
+    def _callback(fn: Callable | None, *args) -> None:
+        if fn is not None:
+            try:
+                fn(*args)
+            except Exception:  # a listener that went away must not stop the pump
+                pass
+
+    def _finish(self, key: int, reason: str, error: BaseException | None) -> None:
+        with self._lock:
+            h = self._inflight.pop(key, None)
+            if h is None:
+                return
+            self._load[h.rank] -= 1
+        h.result.finish_reason = reason
+        h.result.error = error
+        self._callback(h._on_finish, h)
+        h._done.set()
+
+    def _on_exit(self, rank: int) -> None:
+        p, conn = self._procs[rank], self._conns[rank]
+        p.join(1.0)
+        try:  # its last words (a "fatal" message) may still be in the pipe
+            while conn.poll():
+                self._on_message(conn.recv())
+        except (EOFError, OSError):
+            pass
+        with self._lock:
+            if rank in self._dead or self._stopping:
+                return
+            why = self._fatal.get(rank)
+            text = f"{self._role(rank)} rank {rank} (pid {p.pid}) {_exit_text(p.exitcode)}"
+            self._dead[rank] = text + (f" after {why}" if why else "")
+            first = next(iter(self._dead.values()))
+            keys = list(self._inflight)
+            self._ready.notify_all()
+        for key in keys:  # every request needs every EG rank: none can finish now
+            self._finish(key, "error", RankDiedError(f"{first}; the request cannot finish"))
+
+    # -- the engine interface ------------------------------------------------------------------
+    def start(self) -> DisaggregatedEngine:
+        """The ranks run from the constructor on; nothing to start."""
+        return self
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams | None = None,
+        request_id=None,
+        *,
+        on_token: Callable | None = None,
+        on_finish: Callable | None = None,
+    ) -> RequestHandle:
+        """As :meth:`moeflow.serving.engine.Engine.submit`; raises RankDiedError once a rank
+        has died."""
+        params = params or SamplingParams()
+        validate_request(Request(prompt, params, request_id), self.cfg.vocab_size, self.context)
+        prompt = [int(t) for t in prompt]
+        positions = min(len(prompt) + params.max_new_tokens - 1, self.context)
+        need = -(-positions // self.block_size)
+        if need > self.num_blocks:
+            raise InputError(
+                f"request {request_id!r} needs {need} KV blocks of {self.block_size} "
+                f"positions (prompt {len(prompt)} + max_new_tokens {params.max_new_tokens}); "
+                f"the pool has {self.num_blocks}"
+            )
+        with self._lock:
+            if self._dead:
+                raise RankDiedError(next(iter(self._dead.values())))
+            if self._closing:
+                raise EngineClosedError("the engine is shutting down and takes no new requests")
+            rank = min(range(self.ag), key=lambda r: self._load[r])
+            key = next(self._keys)
+            h = _RemoteHandle(
+                self, key, rank, request_id, len(prompt), on_token=on_token, on_finish=on_finish
+            )
+            self._inflight[key] = h
+            self._load[rank] += 1
+        self._send(rank, ("submit", key, prompt, params))
+        return h
+
+    @property
+    def num_running(self) -> int:
+        return sum(s[0] for s in self._stats.values())
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(s[1] for s in self._stats.values())
+
+    def health(self) -> dict:
+        """``status`` "ok", or "error" with ``error`` naming the first dead rank; the AG
+        ranks' requests running and waiting and free KV blocks; every rank's role, pid and
+        state."""
+        with self._lock:
+            dead = dict(self._dead)
+        out = {
+            "status": "error" if dead else "ok",
+            "running": self.num_running,
+            "waiting": self.num_waiting,
+            "free_kv_blocks": sum(s[2] for s in self._stats.values()),
+            "ranks": [
+                {
+                    "rank": r,
+                    "role": self._role(r),
+                    "pid": p.pid,
+                    "alive": r not in dead and p.exitcode is None,
+                }
+                for r, p in enumerate(self._procs)
+            ],
+        }
+        if dead:
+            out["error"] = next(iter(dead.values()))
+            out["dead_ranks"] = [{"rank": r, "message": m} for r, m in dead.items()]
+        return out
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Take no new requests; with ``drain`` let those in flight finish (else abort
+        them); stop the AG ranks, which release the EG ranks; end what has not exited
+        within ``timeout`` (default: a grace of 10 s)."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._closing = True
+        if not drain:
+            for h in list(self._inflight.values()):
+                h.abort()
+        while self._inflight:  # a dead rank fails them all, so this ends
+            time.sleep(0.02)
+        with self._lock:
+            self._stopping = True
+        for r in range(self.ag):
+            self._send(r, ("stop",))
+        self._end_ranks(_GRACE_S if timeout is None else timeout)
+
+    def _end_ranks(self, wait_s: float) -> None:
+        with self._lock:
+            self._stopping = True
+        deadline = time.monotonic() + wait_s
+        for p in self._procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for sig_wait, end in ((2.0, "terminate"), (5.0, "kill")):
+            live = [p for p in self._procs if p.is_alive()]
+            for p in live:
+                try:
+                    getattr(p, end)()
+                except OSError:
+                    pass
+            for p in live:
+                p.join(sig_wait)
+        self._pump_thread.join(5.0)  # it ends once every rank's pipe and process closed
+        for c in self._conns:
+            c.close()
+
+
+def disaggregated_server(model_dir, engine_config=None, model_name: str | None = None, **engine_kw):
+    """An :class:`~moeflow.serving.openai_api.OpenAIServer` over a
+    :class:`DisaggregatedEngine` of ``model_dir`` (``engine_kw``: its keywords). The ranks
+    are forked before the tokenizer is loaded (its thread pool must not be forked)."""
+    from pathlib import Path
+
+    from moeflow.serving.openai_api import OpenAIServer, eos_token_ids, load_tokenizer
+
+    engine = DisaggregatedEngine(model_dir, engine_config, **engine_kw)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except BaseException:
+        engine.shutdown(drain=False)
+        raise
+    name = model_name or Path(model_dir).resolve().name
+    return OpenAIServer(engine, tokenizer, name, eos_token_ids(model_dir, tokenizer))
