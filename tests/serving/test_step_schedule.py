@@ -6,7 +6,7 @@ import pytest
 
 from moeflow.perf.cost import LinearCost
 from moeflow.plan import findep as fd
-from moeflow.serving.disaggregated import ServeSchedule, serve
+from moeflow.serving.disaggregated import DisaggregatedForward, ServeSchedule, serve
 from tests.serving.test_serving import check_same, reference, requests, tiny_model
 
 
@@ -52,6 +52,12 @@ def test_for_step_asks_the_planner():
     # without a planner a schedule is what it says (decode override aside)
     fixed = ServeSchedule("findep", 2, 3, "AASS", (1, 1, "ASAS"))
     assert fixed.for_step(5, 11) is fixed and fixed.for_step(5, 1).r2 == 1
+
+
+def test_a_server_forward_keeps_no_step_log():
+    model = tiny_model()
+    fwd = DisaggregatedForward(model, model.new_cache(1), ServeSchedule.naive(), 1, 1)
+    assert fwd.steps is None  # a long-running server must not grow a list per step
 
 
 @pytest.mark.parametrize("name", ["pppipe", "findep"])

@@ -25,7 +25,7 @@ A schedule built with :meth:`ServeSchedule.per_step` and a
 :class:`moeflow.plan.findep.StepPlanner` is solved at every forward call for that call's shape
 (sequences x new tokens: a prefill or a decode step), over its own grid (FinDEP: r1, r2 and
 order; PPPipe: r1; naive: none). :attr:`DisaggregatedForward.steps` logs each call's shape,
-plan and wall time.
+plan and wall time when given a list (``serve_rank``'s ``steps``).
 
 Overlap comes from asynchronous transfers (``isend`` / ``irecv``): while the EG computes
 micro-batch ``j``'s experts, the AG runs micro-batch ``j+1``'s attention or ``j``'s shared
@@ -238,9 +238,10 @@ class DisaggregatedForward:
         self.local = model.cfg.moe.num_experts // eg
         self.sends: list = []
         self.calls = 0
-        #: one record per forward call: seqs, tokens (new per sequence), r1, r2, order, ms
-        #: (wall time) and wait_ms (of it, the time spent waiting for e2a replies)
-        self.steps: list[dict] = []
+        #: None (a server's default: nothing kept), or a list that gets one record per
+        #: forward call: seqs, tokens (new per sequence), r1, r2, order, ms (wall time) and
+        #: wait_ms (of it, the time spent waiting for e2a replies)
+        self.steps: list[dict] | None = None
         self._waited = 0.0
 
     # -- a2e ---------------------------------------------------------------------------
@@ -339,6 +340,8 @@ class DisaggregatedForward:
         self.sends.clear()
         self.calls += 1
         logits = m.head(torch.cat([mb["h"] for mb in mbs]))
+        if self.steps is None:
+            return logits
         self.steps.append(
             {
                 "seqs": int(ids_BT.shape[0]),
@@ -511,7 +514,7 @@ def serve_rank(
     try:
         if warmup:  # slot 0, position 0: the real prefill overwrites it
             generate(model, [Request([1], SamplingParams(1))], forward=fwd)
-            fwd.steps.clear()
+        fwd.steps = steps  # the measured calls only
         res = generate(
             model,
             [requests[i] for i in mine],
@@ -526,8 +529,6 @@ def serve_rank(
             pass
         raise
     fwd.close()
-    if steps is not None:
-        steps.extend(fwd.steps)
     return list(zip(mine, res))
 
 
