@@ -154,7 +154,8 @@ def fit(
     ``relative``: minimise relative rather than absolute squared error (``alpha`` >= 0).
     ``increasing``: when noise makes the fitted line fall with size, return the steepest
     per-unit rate through the origin instead (a cost must not shrink as ``n`` grows).
-    ``source``: the label the cost carries (``"fitted"`` in ``moeflow profile`` files)."""
+    ``source``: the label the cost carries (``"fitted"`` in ``moeflow profile`` files).
+    The cost carries its fit quality (``r2``, ``max_rel_err``) and the points."""
     if len(xs) != len(ys) or len(xs) < 2:
         raise InputError(
             f"a cost fit needs at least 2 points of equal length, got {len(xs)} and {len(ys)}"
@@ -170,4 +171,4 @@ def fit(
             source=source,
             note=(note + "; " if note else "") + "through the origin (the fit was not increasing)",
         )
-    return c
+    return c.with_points(xs, ys)
