@@ -41,10 +41,23 @@ def test_profile_two_nodes_of_one_rank_fits_every_primitive(tmp_path, capsys):
     )
     assert profiler.run_profile(args) == 0
     m = PerfModel.load(out)
-    for k in ("gemm", "a2a", "ag", "rs", "ar"):
-        c = m.cost(k)
-        assert c.r2 is not None and c.source == "fitted"
+    # every cost a planner or the simulator reads, each with its fit quality and points
+    keys = ["gemm", "a2a", "ag", "rs", "ar", "send", "zipccl_encode", "zipccl_decode"]
+    for dt in ("float32", "bfloat16"):
+        for kind in ("gemm", "expert_fwd", "expert_bwd", "attention", "elementwise", "norm"):
+            keys.append(f"{kind}@{dt}")
+        keys.append(f"index@{dt}")
+    m.require(*keys)
+    for k in keys:
+        c = m.costs[k]
+        assert c.r2 is not None and c.source in ("fitted", "measured")
+        assert c.max_rel_err is not None and len(c.points) >= 2
+        assert c.max_rel_err == pytest.approx(max(abs(c(n) - t) / t for n, t in c.points if t > 0))
     assert m.meta["world_size"] == 2 and m.meta["backend"] == "gloo"
+    import torch
+
+    assert m.meta["torch"] == torch.__version__ and m.meta["threads_per_rank"] >= 1
+    assert m.meta["date"].endswith("UTC") and m.meta["host"]
     # bigger GEMMs take longer: the fitted slope is positive
     assert m.cost("gemm").beta > 0
     printed = capsys.readouterr().out
