@@ -226,6 +226,26 @@ class PerfModel:
     def has(self, primitive: str) -> bool:
         return primitive in self.costs or primitive.split("@", 1)[0] in self.costs
 
+    def link_costs(self) -> dict[int, tuple[float, float]]:
+        """``{level: (alpha s, beta s per byte that crosses the link)}`` for link level 1
+        (inside a node) and 2 (across nodes), the form HierMoE's Eq. 1 and Parm's schedule
+        model read, from the profiled ``a2a@intra`` / ``a2a@inter`` (else ``a2a``).
+
+        A profiled a2a's ``n`` is a rank's whole buffer, of which ``(p-1)/p`` leaves the rank
+        in a group of ``p``, so beta per crossing byte is ``beta * p / (p-1)``; ``p`` comes
+        from ``meta`` (``world_size``, ``nodes``)."""
+        self.require("a2a", who="link_costs")
+        world = int(self.meta.get("world_size", 2))
+        nodes = int(self.meta.get("nodes", 1))
+        out = {}
+        for level, key, p in ((1, "a2a@intra", world // nodes), (2, "a2a@inter", nodes)):
+            if key not in self.costs:
+                key, p = "a2a", world
+            c = self.costs[key]
+            share = p / (p - 1) if p > 1 else 1.0
+            out[level] = (c.alpha * 1e-3, c.beta * share * 1e-3)
+        return out
+
     def require(self, *primitives: str, who: str = "the planner") -> None:
         """ConfigError naming every cost of ``primitives`` this model lacks (resolved as
         :meth:`cost` resolves them): a planner calls this before it plans, so a model
