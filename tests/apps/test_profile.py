@@ -184,3 +184,42 @@ def test_profile_layout_and_output_checked_before_forking(monkeypatch, tmp_path)
         profiler.run_profile(p.parse_args(["--nproc", "3", "--nodes", "2"]))
     with pytest.raises(InputError, match="--out"):
         profiler.run_profile(p.parse_args(["--out", str(tmp_path / "no" / "perf.json")]))
+
+
+def test_profile_refit_updates_a_model_from_samples(tmp_path, capsys):
+    import json
+
+    from moeflow.apps import profile as profiler
+    from moeflow.errors import ConfigError, InputError
+    from moeflow.perf import LinearCost
+
+    base = {k: LinearCost(1.0, 1e-6) for k in ("gemm", "a2a", "ag", "rs", "ar")}
+    PerfModel("m", base).save(tmp_path / "perf.json")
+    true = LinearCost(0.25, 3e-6)
+    (tmp_path / "s.json").write_text(json.dumps({"a2a": [[n, true(n)] for n in (1e4, 1e5, 1e6)]}))
+    p = argparse.ArgumentParser()
+    profiler.add_profile_arguments(p)
+    out = tmp_path / "refit.json"
+    argv = ["--refit", str(tmp_path / "s.json"), "--perf", str(tmp_path / "perf.json")]
+    assert profiler.run_profile(p.parse_args([*argv, "--out", str(out)])) == 0
+    m = PerfModel.load(out)
+    assert m.cost("a2a").alpha == pytest.approx(0.25) and m.cost("a2a").beta == pytest.approx(3e-6)
+    assert m.cost("ar") == base["ar"] and m.meta["refits"] == {"a2a": 3}
+    (tmp_path / "bad.json").write_text('{"a2a": [1, 2]}')
+    with pytest.raises(InputError, match="--refit"):
+        profiler.run_profile(
+            p.parse_args(
+                [
+                    "--refit",
+                    str(tmp_path / "bad.json"),
+                    "--perf",
+                    str(tmp_path / "perf.json"),
+                    "--out",
+                    str(tmp_path / "x.json"),
+                ]
+            )
+        )
+    with pytest.raises(ConfigError, match="--perf"):
+        profiler.run_profile(
+            p.parse_args(["--refit", str(tmp_path / "s.json"), "--out", str(tmp_path / "y.json")])
+        )

@@ -1,6 +1,7 @@
 """Online profiler: time GEMMs and collectives over a size sweep, fit alpha-beta costs.
 
     moeflow profile [--nproc N] [--nodes K] [--out perf.json]
+    moeflow profile --refit samples.json --perf perf.json --out refit.json
 
 * Inside a torchrun job (``torch.distributed`` already initialised) it profiles the current
   group; otherwise it forks ``N`` gloo ranks on 127.0.0.1 (a free port) with
@@ -31,6 +32,9 @@
   when its last rank ends), fitted by least squares on relative error (a planner splits work
   into chunks, so the small sizes' latency matters as much as the large sizes' rate).
 
+``--refit`` refits an existing model from durations measured at run time
+(:meth:`moeflow.perf.PerfModel.update`) instead of profiling.
+
 This module imports torch; ``moeflow.perf`` itself does not.
 """
 
@@ -46,7 +50,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from moeflow.errors import ConfigError, DistributedConfigError
+from moeflow.errors import ConfigError, DistributedConfigError, InputError
 from moeflow.perf.cost import LinearCost, PerfModel
 from moeflow.perf.measure import fit, time_ms
 from moeflow.progress import Progress
@@ -487,6 +491,14 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--refit",
+        metavar="SAMPLES",
+        default=None,
+        help="instead of profiling: refit --perf from measured durations, a JSON object "
+        '{"<cost key>": [[n, t_ms], ...]} (PerfModel.update), and write --out',
+    )
+    p.add_argument("--perf", default=None, help="the PerfModel JSON that --refit updates")
 
 
 def validate_profile_args(args) -> None:
@@ -541,7 +553,43 @@ def format_table(model: PerfModel) -> str:
     return "\n".join(lines)
 
 
+def refit_file(perf_path, samples_path):
+    """``PerfModel.update`` of the model in ``perf_path`` with the samples in
+    ``samples_path`` (``{"<cost key>": [[n, t_ms], ...]}``); InputError / ConfigError naming
+    the file or the key."""
+    from moeflow.plan.io import MAX_JSON_BYTES, load_perf_file
+    from moeflow.validate import read_json_file
+
+    perf = load_perf_file(perf_path)
+    d = read_json_file(samples_path, "--refit", MAX_JSON_BYTES)
+    if not isinstance(d, dict) or not all(
+        isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v)
+        for v in d.values()
+    ):
+        raise InputError(
+            f"--refit {str(samples_path)!r}: expected an object of cost key -> [[n, t_ms], ...]"
+        )
+    try:
+        return perf.update({k: [(float(n), float(t)) for n, t in v] for k, v in d.items()})
+    except (TypeError, ValueError) as e:
+        if isinstance(e, (InputError, ConfigError)):
+            raise
+        raise InputError(f"--refit {str(samples_path)!r}: {e}") from None
+
+
 def run_profile(args) -> int:
+    if getattr(args, "refit", None) is not None:
+        if args.perf is None:
+            raise ConfigError("--perf", None, "the PerfModel JSON that --refit updates")
+        from moeflow.files import atomic_path, check_output
+
+        check_output("--out", args.out, force=getattr(args, "force", False))
+        model = refit_file(args.perf, args.refit)
+        print(format_table(model))
+        with atomic_path(args.out, force=getattr(args, "force", False)) as tmp:
+            model.save(tmp)
+        print(f"written to {args.out}")
+        return 0
     validate_profile_args(args)
     sizes = log_sizes(args.min_kb * 1024, args.max_kb * 1024, args.points)
     owns_group = not dist.is_initialized() and _under_torchrun()

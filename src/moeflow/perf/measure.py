@@ -29,6 +29,8 @@ from moeflow.errors import ConfigError, InputError
 from moeflow.perf.cost import LinearCost
 
 DEFAULT_TRIALS = 5
+#: the smallest time a relative fit weighs by (ms)
+TINY_MS = 1e-6
 
 
 def llc_bytes() -> int:
@@ -115,7 +117,7 @@ def time_ms(
 
 def _fit_relative(xs: Sequence[float], ys: Sequence[float], note: str, source: str) -> LinearCost:
     """``alpha + beta * n`` minimising sum ((fit - t) / t)^2 (weights 1/t^2), ``alpha`` >= 0."""
-    w = [1.0 / (y * y) for y in ys]
+    w = [1.0 / max(y, TINY_MS) ** 2 for y in ys]  # a 0 ms point (noise) must not divide
     sw = sum(w)
     mx = sum(wi * x for wi, x in zip(w, xs)) / sw
     my = sum(wi * y for wi, y in zip(w, ys)) / sw
