@@ -58,6 +58,7 @@ def test_profile_two_nodes_of_one_rank_fits_every_primitive(tmp_path, capsys):
 
     assert m.meta["torch"] == torch.__version__ and m.meta["threads_per_rank"] >= 1
     assert m.meta["date"].endswith("UTC") and m.meta["host"]
+    assert 0.0 <= m.meta["overlap"] <= 1.0 and m.meta["overlap_probe"]["a2a_ms"] > 0
     # bigger GEMMs take longer: the fitted slope is positive
     assert m.cost("gemm").beta > 0
     printed = capsys.readouterr().out

@@ -24,6 +24,8 @@
 * Codec costs (ZipCCL's switch): ``zipccl_encode`` / ``zipccl_decode``, the collective
   codec's encode and decode of a Gaussian bf16 message (n = raw bytes), fitted the same way
   (:func:`profile_codec`) and stored as costs of the model.
+* ``meta["overlap"]`` (:func:`overlap_probe`): how far an all-to-all progresses while the
+  rank computes (1: separate resources, 0: the same cores carry both).
 * Every cost carries its fit quality (R^2 and the largest relative residual) and its points;
   ``meta`` holds the measuring conditions (host, ranks, threads per rank, dtype, torch
   version, UTC date).
@@ -154,6 +156,7 @@ def _profile_collectives(
     )
     bar.close()
     codec = _codec_costs(sizes, reps, trials, world_group if device.type == "cpu" else None)
+    probe = overlap_probe(world_group, max(sizes), dtype, device, reps, trials)
     costs = {
         k: fit(
             xs,
@@ -183,6 +186,8 @@ def _profile_collectives(
             "torch": torch.__version__,
             "compute_dtypes": list(compute_dtypes),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "overlap": probe["overlap"],
+            "overlap_probe": probe,
         },
     )
 
@@ -244,6 +249,47 @@ def _codec_costs(sizes, reps: int, trials: int, group=None) -> dict:
         )
     except ImportError:  # the compress extra is not installed: no codec costs
         return {}
+
+
+def overlap_probe(group, nbytes: int, dtype, device, reps: int = 3, trials: int = 3) -> dict:
+    """How far an all-to-all progresses while the rank computes: ``overlap = (t_c + t_a -
+    t_both) / min(t_c, t_a)`` in [0, 1], with ``t_a`` an ``nbytes`` all-to-all alone, ``t_c``
+    as many square matmuls as take about as long, and ``t_both`` the all-to-all issued
+    asynchronously while the matmuls run. 1: link and compute are separate resources (a
+    NIC and a GPU, a shaped wire); 0: the same cores carry both (gloo on loopback), so
+    splitting work into chunks cannot hide one behind the other (FSMoE's planner reads it)."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    world = dist.get_world_size(group)
+    numel = max(world, (nbytes // esize) // world * world)
+    x = torch.randn(numel, dtype=dtype, device=device)
+    out = torch.empty_like(x)
+    a = torch.randn(192, 192, dtype=dtype, device=device)
+    timer = partial(time_ms, reps=reps, trials=trials, group=group, device=device)
+    t_a = timer(partial(dist.all_to_all_single, out, x, group=group))
+    t_mm = timer(partial(torch.mm, a, a))
+    # the same count on every rank: the largest any rank needs
+    k = torch.tensor([max(1, round(t_a / max(t_mm, 1e-6)))], dtype=torch.float64)
+    dist.all_reduce(k, op=dist.ReduceOp.MAX, group=group)
+    k = int(min(k.item(), 10_000))
+
+    def compute():
+        for _ in range(k):
+            torch.mm(a, a)
+
+    def both():
+        work = dist.all_to_all_single(out, x, group=group, async_op=True)
+        compute()
+        work.wait()
+
+    t_c, t_b = timer(compute), timer(both)
+    eta = (t_c + t_a - t_b) / max(min(t_c, t_a), 1e-9)
+    return {
+        "overlap": max(0.0, min(1.0, eta)),
+        "a2a_ms": t_a,
+        "compute_ms": t_c,
+        "both_ms": t_b,
+        "bytes": numel * esize,
+    }
 
 
 def _exchange(x: torch.Tensor, out: torch.Tensor, peer: int, rank: int) -> None:
