@@ -28,7 +28,8 @@ nodes of L ranks behind links of RATE, ``emulated_cluster.py``, needs root and
    that rotates (and reverses) every round; a time is the slowest rank's.
 3. Each option's predicted time: the chunked pass of FSMoE's model simulated by
    ``moeflow.sim`` (``pass_time``: a2a and expert tasks from the profiled ``a2a`` and
-   ``expert_fwd/bwd@<dtype>``; on loopback the link and the compute share the cores) plus
+   ``expert_fwd/bwd@<dtype>``; link and compute one resource when the profile measured
+   that they barely overlap, as the planner assumes: ``plan.fsmoe.shared_resources``) plus
    the replicated rest of the layer priced by the profiled ``gemm``, ``index`` and
    ``elementwise`` costs of the dtype. Compression replaces each a2a by encode + a2a of
    ``n / ratio`` + decode (ratio: ZipCCL's prior for the dtype); dedup's a2a by HierMoE's
@@ -129,27 +130,29 @@ def compressed_a2a(perf, dtype: str):
     )
 
 
-def predict_ms(perf, shape, dtype, world, r_fwd, r_bwd, shared: bool, a2a=None) -> float:
+def predict_ms(perf, shape, dtype, world, r_fwd, r_bwd, a2a=None) -> float:
     """Predicted forward + backward of the layer (ms) with degrees (r_fwd, r_bwd)."""
     from moeflow.sim.builders import pass_time
 
     p = perf if a2a is None else with_a2a(perf, a2a)
     w = workload(shape, world, dtype)
-    kw = {"order": "wavefront"}
-    if shared:  # gloo on loopback: the link's work is done by the same cores
-        kw.update(link="cpu", compute="cpu")
+    from moeflow.plan.fsmoe import shared_resources
+
+    # the runtime's issue order; link and compute as the planner sees them (the profile's
+    # measured overlap)
+    kw = {"order": "wavefront", **dict(shared_resources(perf))}
     fwd = pass_time(w.pass_cost(p), r_fwd, **kw)
     bwd = pass_time(w.pass_cost(p, True), r_bwd, 0.0, True, **kw)
     return fwd + bwd + rest_ms(perf, shape, dtype)
 
 
-def predict_dedup_ms(perf, shape, dtype, world, level_s: float, shared: bool) -> float:
+def predict_dedup_ms(perf, shape, dtype, world, level_s: float) -> float:
     """Dedup at one level: the a2a-free layer plus four exchanges of ``t_d`` (dispatch and
     combine, forward and backward; HierMoE Eq. 3 of this batch's routing)."""
     from moeflow.perf import LinearCost
 
     free = LinearCost(0.0, 0.0, source="derived")
-    return predict_ms(perf, shape, dtype, world, 1, 1, shared, a2a=free) + 4e3 * level_s
+    return predict_ms(perf, shape, dtype, world, 1, 1, a2a=free) + 4e3 * level_s
 
 
 def predict_parm_ms(perf, shape, dtype, nodes, schedule: str) -> float:
@@ -204,7 +207,6 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
         compute_dtypes=tuple(dtypes),
     )
     profile_s = time.perf_counter() - t0
-    shared = nodes == 1
     topo = Topology.explicit(world, per_node)
     node = rank // per_node
     mp = (
@@ -238,14 +240,12 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
                 if pick not in opts:
                     opts.append(pick)
                 for rf, rb in opts:
-                    pred = predict_ms(perf, shape, dtype, world, rf, rb, shared)
+                    pred = predict_ms(perf, shape, dtype, world, rf, rb)
                     arms[("degrees", f"{rf},{rb}")] = (ep(r_fwd=rf, r_bwd=rb), x, pred)
                 arms[("degrees", "auto")] = (None, f"{pick[0]},{pick[1]}", None)
             if "zipccl" in decisions:
-                raw = predict_ms(perf, shape, dtype, world, 1, 1, shared)
-                on = predict_ms(
-                    perf, shape, dtype, world, 1, 1, shared, a2a=compressed_a2a(perf, dtype)
-                )
+                raw = predict_ms(perf, shape, dtype, world, 1, 1)
+                on = predict_ms(perf, shape, dtype, world, 1, 1, a2a=compressed_a2a(perf, dtype))
                 arms[("zipccl", "off")] = (ep(compress=False), x, raw)
                 arms[("zipccl", "on")] = (ep(compress=True), x, on)
                 arms[("zipccl", "auto")] = (ep(compress="auto", perf=perf), x, None)
@@ -310,7 +310,7 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
                 lt = arms[("dedup", "auto")][0].dispatcher.last_times
                 for lv in (0, 1):
                     case["dedup"][str(lv)]["predicted_ms"] = predict_dedup_ms(
-                        perf, shape, dtype, world, lt[lv], shared
+                        perf, shape, dtype, world, lt[lv]
                     )
             case["picks"] = picks
             out["cases"][f"{sname}/{dtype}"] = case
