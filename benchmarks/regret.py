@@ -473,6 +473,24 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
             f"- regret <= 5% in {n5} of {len(rows)} cells ({n5 / len(rows):.0%}; target >= 90%), "
             f"<= 10% in {n10} of {len(rows)} (target: all).",
             f"- predicted within 15% of measured for {f15} of {len(fids)} options (target: all).",
+        ]
+        # the auto arm ran the same configuration as its pick wherever its choice was
+        # uniform: the gap between the two medians is this machine's noise at these repeats
+        noise = sorted(
+            abs((1 + s["auto_arm_regret"]) / (1 + s["regret"]) - 1)
+            for _, _, s in rows
+            if s["pick"] != "auto" and s["auto_arm_regret"] is not None
+        )
+        if noise:
+            L.append(
+                f"- noise floor: where `auto` ran the same configuration as an option "
+                f"({len(noise)} cells), the two medians differ by {statistics.median(noise):.1%} "
+                f"(median over cells), up to {noise[-1]:.1%}: a regret below that cannot be "
+                "told from zero on this machine."
+            )
+        L += [
+            "- not covered: FinDEP's (r1, r2, order) and the geo planner's partition (no "
+            "grid cell here runs them); every cell of the grid above ran.",
             "",
         ]
         for dec in DECISIONS:
