@@ -562,6 +562,33 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
             parts.append(f"{case}: {', '.join(got)}")
         L.append(f"- {cell}: profile {res['profile_s']:.0f} s; " + "; ".join(parts))
     L.append("")
+    L += [
+        "## Fit quality of each cell's profile",
+        "",
+        "Largest relative residual of the fits the predictions read (over the profiled "
+        "points), and the measured overlap of an all-to-all with compute (the planner "
+        "models link and compute as one resource below 0.5).",
+        "",
+        "| cell | overlap | a2a | expert_fwd fp32 / bf16 | expert_bwd fp32 / bf16 | "
+        "zipccl encode / decode |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for cell, res in results.items():
+        c, meta = res["perf"]["costs"], res["perf"]["meta"]
+
+        def q(*keys, c=c):
+            return " / ".join(
+                "-" if c.get(k, {}).get("max_rel_err") is None else f"{c[k]['max_rel_err']:.0%}"
+                for k in keys
+            )
+
+        L.append(
+            f"| {cell} | {meta.get('overlap', float('nan')):.2f} | {q('a2a')} | "
+            f"{q('expert_fwd@float32', 'expert_fwd@bfloat16')} | "
+            f"{q('expert_bwd@float32', 'expert_bwd@bfloat16')} | "
+            f"{q('zipccl_encode', 'zipccl_decode')} |"
+        )
+    L.append("")
     if skipped:
         L += ["## Cells not run", ""] + [f"- {c}: {why}" for c, why in skipped.items()] + [""]
     return L
