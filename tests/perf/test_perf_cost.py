@@ -171,3 +171,14 @@ def test_require_names_every_missing_cost():
     with pytest.raises(ConfigError, match=r"zipccl_encode.*send|send.*zipccl_encode") as e:
         p.require("zipccl_encode", "send", "a2a", who="ZipCCL")
     assert "ZipCCL" in str(e.value) and "'box'" in str(e.value)
+
+
+def test_relative_fit_never_returns_a_falling_line():
+    from moeflow.perf.measure import fit
+
+    n = [1e4, 1e5, 1e6]
+    c = fit(n, [3.5, 3.2, 1.9], relative=True)  # noise: time falls as the size grows
+    assert c.beta == 0.0 and c.alpha == pytest.approx((3.5 + 3.2 + 1.9) / 3)
+    ok = fit(n, [0.5 + 2e-6 * x for x in n], relative=True)
+    assert (ok.alpha, ok.beta) == (pytest.approx(0.5), pytest.approx(2e-6))
+    assert fit(n, [0.0, 1.0, 2.0], relative=True).beta > 0  # a 0 ms point does not divide

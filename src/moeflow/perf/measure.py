@@ -116,7 +116,8 @@ def time_ms(
 
 
 def _fit_relative(xs: Sequence[float], ys: Sequence[float], note: str, source: str) -> LinearCost:
-    """``alpha + beta * n`` minimising sum ((fit - t) / t)^2 (weights 1/t^2), ``alpha`` >= 0."""
+    """``alpha + beta * n`` minimising sum ((fit - t) / t)^2 (weights 1/t^2), ``alpha`` >= 0;
+    a falling line (noise) becomes the constant ``mean(t)``, as :meth:`LinearCost.fit` does."""
     w = [1.0 / max(y, TINY_MS) ** 2 for y in ys]  # a 0 ms point (noise) must not divide
     sw = sum(w)
     mx = sum(wi * x for wi, x in zip(w, xs)) / sw
@@ -130,6 +131,8 @@ def _fit_relative(xs: Sequence[float], ys: Sequence[float], note: str, source: s
             wi * x * x for wi, x in zip(w, xs)
         )
     mean = sum(ys) / len(ys)
+    if beta < 0:  # noise: time cannot fall as the size grows (a planner would favour size)
+        alpha, beta = mean, 0.0
     ss_tot = sum((y - mean) ** 2 for y in ys)
     ss_res = sum((y - alpha - beta * x) ** 2 for x, y in zip(xs, ys))
     return LinearCost(
