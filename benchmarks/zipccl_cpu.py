@@ -39,6 +39,7 @@ shapes under ``TRITON_INTERPRET=1`` on CPU (figures mean nothing, checks must pa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -198,7 +199,7 @@ def _worker(args) -> int:
             progress=False,
         )
         codec = profile_codec(threads=args.threads, reps=2, trials=2, group=dist.group.WORLD)
-        perf.meta["codec_costs"] = {k: c.to_dict() for k, c in codec.items()}
+        perf = dataclasses.replace(perf, costs={**perf.costs, **codec})
         t_prof = time.perf_counter() - t0
     corpus = load_corpus(400_000)
     dtype = FLOATS[args.dtype]
@@ -212,7 +213,7 @@ def _worker(args) -> int:
     }
     if perf is not None:
         out["perf"] = {k: [c.alpha, c.beta] for k, c in perf.costs.items()}
-        out["codec"] = {k: [v["alpha"], v["beta"]] for k, v in perf.meta["codec_costs"].items()}
+        out["codec"] = {k: [perf.costs[k].alpha, perf.costs[k].beta] for k in codec}
     for mode in args.modes:
         model = build_demo_model(seed=0).to(dtype)
         ddp = DDP(model)

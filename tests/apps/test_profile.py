@@ -41,10 +41,24 @@ def test_profile_two_nodes_of_one_rank_fits_every_primitive(tmp_path, capsys):
     )
     assert profiler.run_profile(args) == 0
     m = PerfModel.load(out)
-    for k in ("gemm", "a2a", "ag", "rs", "ar"):
-        c = m.cost(k)
-        assert c.r2 is not None and c.source == "fitted"
+    # every cost a planner or the simulator reads, each with its fit quality and points
+    keys = ["gemm", "a2a", "ag", "rs", "ar", "send", "zipccl_encode", "zipccl_decode"]
+    for dt in ("float32", "bfloat16"):
+        for kind in ("gemm", "expert_fwd", "expert_bwd", "attention", "elementwise", "norm"):
+            keys.append(f"{kind}@{dt}")
+        keys.append(f"index@{dt}")
+    m.require(*keys)
+    for k in keys:
+        c = m.costs[k]
+        assert c.r2 is not None and c.source in ("fitted", "measured")
+        assert c.max_rel_err is not None and len(c.points) >= 2
+        assert c.max_rel_err == pytest.approx(max(abs(c(n) - t) / t for n, t in c.points if t > 0))
     assert m.meta["world_size"] == 2 and m.meta["backend"] == "gloo"
+    import torch
+
+    assert m.meta["torch"] == torch.__version__ and m.meta["threads_per_rank"] >= 1
+    assert m.meta["date"].endswith("UTC") and m.meta["host"]
+    assert 0.0 <= m.meta["overlap"] <= 1.0 and m.meta["overlap_probe"]["a2a_ms"] > 0
     # bigger GEMMs take longer: the fitted slope is positive
     assert m.cost("gemm").beta > 0
     printed = capsys.readouterr().out
@@ -171,3 +185,42 @@ def test_profile_layout_and_output_checked_before_forking(monkeypatch, tmp_path)
         profiler.run_profile(p.parse_args(["--nproc", "3", "--nodes", "2"]))
     with pytest.raises(InputError, match="--out"):
         profiler.run_profile(p.parse_args(["--out", str(tmp_path / "no" / "perf.json")]))
+
+
+def test_profile_refit_updates_a_model_from_samples(tmp_path, capsys):
+    import json
+
+    from moeflow.apps import profile as profiler
+    from moeflow.errors import ConfigError, InputError
+    from moeflow.perf import LinearCost
+
+    base = {k: LinearCost(1.0, 1e-6) for k in ("gemm", "a2a", "ag", "rs", "ar")}
+    PerfModel("m", base).save(tmp_path / "perf.json")
+    true = LinearCost(0.25, 3e-6)
+    (tmp_path / "s.json").write_text(json.dumps({"a2a": [[n, true(n)] for n in (1e4, 1e5, 1e6)]}))
+    p = argparse.ArgumentParser()
+    profiler.add_profile_arguments(p)
+    out = tmp_path / "refit.json"
+    argv = ["--refit", str(tmp_path / "s.json"), "--perf", str(tmp_path / "perf.json")]
+    assert profiler.run_profile(p.parse_args([*argv, "--out", str(out)])) == 0
+    m = PerfModel.load(out)
+    assert m.cost("a2a").alpha == pytest.approx(0.25) and m.cost("a2a").beta == pytest.approx(3e-6)
+    assert m.cost("ar") == base["ar"] and m.meta["refits"] == {"a2a": 3}
+    (tmp_path / "bad.json").write_text('{"a2a": [1, 2]}')
+    with pytest.raises(InputError, match="--refit"):
+        profiler.run_profile(
+            p.parse_args(
+                [
+                    "--refit",
+                    str(tmp_path / "bad.json"),
+                    "--perf",
+                    str(tmp_path / "perf.json"),
+                    "--out",
+                    str(tmp_path / "x.json"),
+                ]
+            )
+        )
+    with pytest.raises(ConfigError, match="--perf"):
+        profiler.run_profile(
+            p.parse_args(["--refit", str(tmp_path / "s.json"), "--out", str(tmp_path / "y.json")])
+        )

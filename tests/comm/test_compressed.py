@@ -196,12 +196,11 @@ def test_profile_codec_fits_costs_that_auto_uses():
     assert auto.costs[1].alpha == costs["zipccl_decode"].alpha
 
 
-def test_profiled_model_meta_carries_codec_costs_through_json():
-    from moeflow.apps.profile import _codec_meta
+def test_profiled_model_carries_codec_costs_through_json():
+    from moeflow.apps.profile import _codec_costs
     from moeflow.comm.compressed import codec_costs
 
-    meta = _codec_meta((1 << 15, 1 << 18), 1, 1)
-    model = PerfModel("profiled", dict(FAST_LINK.costs), meta=meta)
+    model = PerfModel("profiled", {**FAST_LINK.costs, **_codec_costs((1 << 15, 1 << 18), 1, 1)})
     enc, dec = codec_costs(PerfModel.from_json(model.to_json()))
     assert enc.beta > 0 and dec.beta > 0
 

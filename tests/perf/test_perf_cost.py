@@ -116,3 +116,69 @@ def test_nonneg_fit_clamps_a_negative_slope_to_the_mean():
     c = LinearCost.fit(n, t, nonneg_alpha=True)
     assert c.beta == 0.0 and c.alpha == pytest.approx(0.25)
     assert c(1e6) == pytest.approx(0.25)  # never a negative task time for the planner
+
+
+def test_fit_reports_max_relative_residual_and_keeps_points():
+    n = [1.0, 2.0, 4.0]
+    t = [1.0, 2.2, 3.8]
+    c = LinearCost.fit(n, t)
+    assert c.points == tuple(zip(n, t))
+    assert c.max_rel_err == pytest.approx(max(abs(c(x) - y) / y for x, y in zip(n, t)))
+    assert c.max_rel_err > 0
+    back = LinearCost.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert back == c
+
+
+def test_update_recovers_a_known_line_from_runtime_samples():
+    # the profile's line is wrong (a loaded machine): the runtime's samples of the true
+    # line t = 0.4 + 2e-6 n replace it
+    stale = LinearCost.fit([1e4, 1e5, 1e6], [1.0, 1.3, 5.0])
+    p = PerfModel("x", {"gemm": LinearCost(0, 1), "a2a": stale})
+    rng = random.Random(0)
+    true = LinearCost(0.4, 2e-6)
+    samples = [(n, true(n)) for n in (1e4, 1e5, 1e6) for _ in range(3)]
+    rng.shuffle(samples)
+    q = p.update({"a2a": samples})
+    assert q.cost("a2a").alpha == pytest.approx(0.4, rel=1e-9)
+    assert q.cost("a2a").beta == pytest.approx(2e-6, rel=1e-9)
+    assert q.cost("a2a").r2 == pytest.approx(1.0)
+    assert q.meta["refits"] == {"a2a": 9}
+    assert p.cost("a2a") == stale  # pure: the old model is unchanged
+    # samples of a size the model never saw are merged with the stored points
+    r = q.update({"a2a": [(4e6, true(4e6))]})
+    assert r.cost("a2a").beta == pytest.approx(2e-6, rel=1e-9)
+    assert len(r.cost("a2a").points) == 10
+
+
+def test_update_with_one_size_scales_the_line_and_new_keys_need_two_sizes():
+    p = PerfModel("x", {"gemm": LinearCost(1.0, 1e-3)})
+    q = p.update({"gemm": [(1000.0, 4.0), (1000.0, 4.4), (1000.0, 3.6)]})
+    assert q.cost("gemm")(1000.0) == pytest.approx(4.0)  # the median, at that size
+    assert q.cost("gemm").alpha / q.cost("gemm").beta == pytest.approx(1000.0)  # same shape
+    with pytest.raises(InputError, match="expert_fwd"):
+        p.update({"expert_fwd@float32": [(10.0, 1.0)]})
+    added = p.update({"expert_fwd@float32": [(10.0, 1.0), (20.0, 1.5)]})
+    assert added.cost("expert_fwd@float32")(30.0) == pytest.approx(2.0)
+    with pytest.raises(InputError):
+        p.update({"gemm": [(1.0, math.nan)]})
+    with pytest.raises(ConfigError):
+        p.update({"bogus": [(1.0, 1.0), (2.0, 2.0)]})
+
+
+def test_require_names_every_missing_cost():
+    p = PerfModel("box", {"gemm": LinearCost(0, 1), "a2a": LinearCost(1, 2)})
+    p.require("gemm", "a2a@inter")  # the level falls back to the plain fit
+    with pytest.raises(ConfigError, match=r"zipccl_encode.*send|send.*zipccl_encode") as e:
+        p.require("zipccl_encode", "send", "a2a", who="ZipCCL")
+    assert "ZipCCL" in str(e.value) and "'box'" in str(e.value)
+
+
+def test_relative_fit_never_returns_a_falling_line():
+    from moeflow.perf.measure import fit
+
+    n = [1e4, 1e5, 1e6]
+    c = fit(n, [3.5, 3.2, 1.9], relative=True)  # noise: time falls as the size grows
+    assert c.beta == 0.0 and c.alpha == pytest.approx((3.5 + 3.2 + 1.9) / 3)
+    ok = fit(n, [0.5 + 2e-6 * x for x in n], relative=True)
+    assert (ok.alpha, ok.beta) == (pytest.approx(0.5), pytest.approx(2e-6))
+    assert fit(n, [0.0, 1.0, 2.0], relative=True).beta > 0  # a 0 ms point does not divide

@@ -101,3 +101,28 @@ def test_formula_agrees_with_the_simulator(tokens, hidden, mp):
         for r in (2, 4, 8):  # pipelined: an estimate, within 15% of the task graph
             sim, model = layer_ms(layer, c, sch, r), schedule_time(layer, c, sch, r) * 1e3
             assert 0.85 <= sim / model <= 1.0 + 1e-9, (sch, r, sim, model)
+
+
+def test_cluster_from_perf_reads_the_profiled_links_and_expert_costs():
+    import pytest
+
+    from moeflow.errors import ConfigError
+    from moeflow.perf import LinearCost, PerfModel
+    from moeflow.plan.parm import cluster_from_perf
+
+    costs = {
+        "gemm": LinearCost(0.0, 1e-9),
+        "a2a": LinearCost(0.5, 4e-6),
+        "a2a@intra": LinearCost(0.1, 1e-6),  # 2 ranks per node: half the buffer crosses
+        "a2a@inter": LinearCost(2.0, 8e-6),  # 2 nodes
+        "expert_fwd@float32": LinearCost(0.3, 2e-8),
+        "gemm@float32": LinearCost(0.0, 1e-8),
+    }
+    perf = PerfModel("p", costs, meta={"world_size": 4, "nodes": 2})
+    c = cluster_from_perf(perf, hidden=64, ffn=128, num_experts=8, dtype="float32")
+    assert (c.alpha_intra, c.beta_intra) == (pytest.approx(1e-4), pytest.approx(2e-9))
+    assert (c.alpha_inter, c.beta_inter) == (pytest.approx(2e-3), pytest.approx(1.6e-8))
+    assert c.row_time == pytest.approx(2e-8 * 6 * 64 * 128 * 1e-3)
+    assert c.gate_time == pytest.approx(1e-8 * 2 * 64 * 8 * 1e-3)
+    with pytest.raises(ConfigError, match="expert_fwd@bfloat16"):
+        cluster_from_perf(perf, hidden=64, ffn=128, num_experts=8, dtype="bfloat16")

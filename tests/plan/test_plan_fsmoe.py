@@ -196,3 +196,49 @@ def test_positive_int_fields_name_themselves(make, field):
     with pytest.raises(ConfigError, match="a positive int") as info:
         make()
     assert info.value.field == field
+
+
+def test_pass_cost_prices_experts_by_the_profiled_kernel_of_its_dtype():
+    from moeflow.errors import ConfigError
+    from moeflow.perf import LinearCost, PerfModel
+    from moeflow.plan.workload import LayerWorkload
+
+    w = LayerWorkload(B=1, L=512, M=64, H=128, E=4, n_ep=2, bytes_per_element=4)
+    base = {"gemm": LinearCost(0.0, 1e-9), "a2a": LinearCost(0.1, 1e-6)}
+    fwd, bwd = LinearCost(0.2, 3e-9), LinearCost(0.5, 7e-9)
+    perf = PerfModel("p", {**base, "expert_fwd@float32": fwd, "expert_bwd@float32": bwd})
+    pf, pb = w.pass_cost(perf), w.pass_cost(perf, True)
+    assert (pf.alpha_exp, pf.work_exp) == (0.2, pytest.approx(3e-9 * w.expert_flops))
+    assert (pb.alpha_exp, pb.work_exp) == (0.5, pytest.approx(7e-9 * w.expert_flops))
+    # bf16 has no expert cost in this model: the square-GEMM fit, doubled for backward
+    pb16 = w.replace(bytes_per_element=2).pass_cost(perf, True)
+    assert pb16.work_exp == pytest.approx(2e-9 * w.expert_flops)
+    with pytest.raises(ConfigError, match="'a2a'"):
+        w.pass_cost(PerfModel("g", {"gemm": LinearCost(0.0, 1e-9)}))
+
+
+def test_planner_keeps_one_chunk_when_the_profile_measured_no_overlap():
+    from dataclasses import replace
+
+    from moeflow.perf import LinearCost, PerfModel
+    from moeflow.plan import fsmoe
+    from moeflow.plan.workload import LayerWorkload
+
+    # a2a and experts of equal size: on separate resources chunks hide one behind the other
+    w = LayerWorkload(B=1, L=4096, M=1024, H=4096, E=8, n_ep=8)
+    a2a_beta = 1.0 / w.a2a_bytes
+    gemm_beta = 1.0 / w.expert_flops
+    costs = {
+        "gemm": LinearCost(0.01, gemm_beta),
+        "a2a": LinearCost(0.01, a2a_beta),
+        "ar": LinearCost(0.01, 1e-9),
+    }
+    separate = PerfModel("sep", costs, meta={"overlap": 0.9})
+    shared = replace(separate, name="shared", meta={"overlap": 0.1})
+    assert fsmoe.shared_resources(separate) == ()
+    assert fsmoe.shared_resources(PerfModel("preset", costs)) == ()
+    d_sep, d_shared = fsmoe.plan_layer(w, separate), fsmoe.plan_layer(w, shared)
+    assert d_sep.r_fwd > 1 and d_sep.r_bwd > 1
+    # one resource: every chunk only adds start-ups, so one chunk is best
+    assert (d_shared.r_fwd, d_shared.r_bwd) == (1, 1)
+    assert d_shared.t_ms > d_sep.t_ms

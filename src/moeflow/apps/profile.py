@@ -1,6 +1,7 @@
 """Online profiler: time GEMMs and collectives over a size sweep, fit alpha-beta costs.
 
     moeflow profile [--nproc N] [--nodes K] [--out perf.json]
+    moeflow profile --refit samples.json --perf perf.json --out refit.json
 
 * Inside a torchrun job (``torch.distributed`` already initialised) it profiles the current
   group; otherwise it forks ``N`` gloo ranks on 127.0.0.1 (a free port) with
@@ -12,13 +13,29 @@
   bytes), ``ar`` (``all_reduce``, n = bytes). With ``--nodes K`` the ranks are declared as K
   nodes of N/K ranks and ``a2a@intra`` (inside a node) and ``a2a@inter`` (ranks with the same
   local index across nodes) are timed too.
+* ``send``: point-to-point ``isend`` / ``irecv`` between rank pairs ``(r, r + world/2)``
+  (across the declared nodes when there are two), n = bytes one rank sends.
+* Compute, per dtype of ``compute_dtypes`` (float32 and bfloat16 by default), every rank at
+  once (:func:`profile_compute`): ``gemm@<dtype>`` (square matmuls), ``expert_fwd@<dtype>``
+  / ``expert_bwd@<dtype>`` (the SwiGLU expert FFN kernel ``moeflow.kernels.expert_ffn`` over
+  two shape classes, n = forward FLOPs ``6 N D F``), ``attention@<dtype>`` (SDPA forward,
+  n = ``4 B H L^2 d`` FLOPs), ``elementwise@<dtype>`` (add), ``norm@<dtype>`` (RMS norm)
+  and ``index@<dtype>`` (row gather), n = bytes of the input.
 * Codec costs (ZipCCL's switch): ``zipccl_encode`` / ``zipccl_decode``, the collective
   codec's encode and decode of a Gaussian bf16 message (n = raw bytes), fitted the same way
-  and stored in the model's ``meta["codec_costs"]`` (:func:`profile_codec`), so models
-  written before them still load.
+  (:func:`profile_codec`) and stored as costs of the model.
+* ``meta["overlap"]`` (:func:`overlap_probe`): how far an all-to-all progresses while the
+  rank computes (1: separate resources, 0: the same cores carry both).
+* Every cost carries its fit quality (R^2 and the largest relative residual) and its points;
+  ``meta`` holds the measuring conditions (host, ranks, threads per rank, dtype, torch
+  version, UTC date).
 * Each point is timed and fitted by the one harness, :mod:`moeflow.perf.measure`: the median
   of ``trials`` means over ``reps`` back-to-back calls, the slowest rank's (a collective ends
-  when its last rank ends), fitted by least squares.
+  when its last rank ends), fitted by least squares on relative error (a planner splits work
+  into chunks, so the small sizes' latency matters as much as the large sizes' rate).
+
+``--refit`` refits an existing model from durations measured at run time
+(:meth:`moeflow.perf.PerfModel.update`) instead of profiling.
 
 This module imports torch; ``moeflow.perf`` itself does not.
 """
@@ -35,7 +52,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from moeflow.errors import ConfigError, DistributedConfigError
+from moeflow.errors import ConfigError, DistributedConfigError, InputError
 from moeflow.perf.cost import LinearCost, PerfModel
 from moeflow.perf.measure import fit, time_ms
 from moeflow.progress import Progress
@@ -64,6 +81,7 @@ def _profile_collectives(
     progress: bool,
     dtype: torch.dtype,
     device: torch.device,
+    compute_dtypes: Sequence[str] = ("float32", "bfloat16"),
 ) -> PerfModel:
     """Runs on every rank of ``world_group``; every rank returns the same fitted model."""
     if world % nodes:
@@ -81,9 +99,11 @@ def _profile_collectives(
             "a2a@intra": (intra[rank // per_node], per_node),
             "a2a@inter": (inter[rank % per_node], nodes),
         }
-    kinds = ["a2a", "ag", "rs", "ar", *levels]
+    kinds = ["a2a", "ag", "rs", "ar", *levels, *(["send"] if world % 2 == 0 else [])]
     bar = Progress(
-        len(gemm_sizes) + len(kinds) * len(sizes), "profile", enabled=progress and rank == 0
+        len(gemm_sizes) + len(kinds) * len(sizes) + len(compute_dtypes) * COMPUTE_POINTS,
+        "profile",
+        enabled=progress and rank == 0,
     )
     samples: dict[str, tuple[list[float], list[float]]] = {}
 
@@ -104,7 +124,10 @@ def _profile_collectives(
         )
         bar.update(1, op=f"gemm {m}^3")
     for kind in kinds:
-        grp, p = (world_group, world) if kind in ("a2a", "ag", "rs", "ar") else levels[kind]
+        if kind == "send":
+            grp, p = world_group, 1
+        else:
+            grp, p = (world_group, world) if kind in ("a2a", "ag", "rs", "ar") else levels[kind]
         for nbytes in sizes:
             numel = max(p, (nbytes // esize) // p * p)
             x = torch.randn(numel, dtype=dtype, device=device)
@@ -117,6 +140,8 @@ def _profile_collectives(
             elif kind == "rs":
                 out = torch.empty(numel // p, dtype=dtype, device=device)
                 fn = partial(_REDUCE_SCATTER, out, x, group=grp)
+            elif kind == "send":
+                fn = partial(_exchange, x, torch.empty_like(x), (rank + world // 2) % world, rank)
             else:
                 fn = partial(dist.all_reduce, x, group=grp)
             # level groups: time with the world barrier so all groups run at once
@@ -126,18 +151,25 @@ def _profile_collectives(
                 time_ms(fn, reps=reps, trials=trials, group=world_group, device=device),
             )
             bar.update(1, op=f"{kind} {numel * esize / 2**10:.0f} KiB")
+    compute = profile_compute(
+        compute_dtypes, group=world_group, device=device, reps=reps, trials=trials, bar=bar
+    )
     bar.close()
-    codec = _codec_meta(sizes, reps, trials, world_group if device.type == "cpu" else None)
+    codec = _codec_costs(sizes, reps, trials, world_group if device.type == "cpu" else None)
+    probe = overlap_probe(world_group, max(sizes), dtype, device, reps, trials)
     costs = {
         k: fit(
             xs,
             ys,
             note=f"{'FLOPs' if k == 'gemm' else 'bytes'}, "
             f"{len(xs)} sizes, {dist.get_backend(world_group)}",
+            relative=True,
             source="fitted",
         )
         for k, (xs, ys) in samples.items()
     }
+    costs.update(compute)
+    costs.update(codec)
     return PerfModel(
         name=f"profiled-{socket.gethostname()}-{world}r{nodes}n",
         costs=costs,
@@ -150,8 +182,12 @@ def _profile_collectives(
             "dtype": str(dtype).replace("torch.", ""),
             "device": str(device),
             "threads_per_rank": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            **codec,
+            "host": socket.gethostname(),
+            "torch": torch.__version__,
+            "compute_dtypes": list(compute_dtypes),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "overlap": probe["overlap"],
+            "overlap_probe": probe,
         },
     )
 
@@ -200,24 +236,169 @@ def profile_codec(
     out = {}
     for k, (xs, ys) in samples.items():
         note = f"bytes, {len(xs)} sizes, {dtype}, {threads} threads"
-        out[k] = fit(xs, ys, note=note, increasing=True)
+        out[k] = fit(xs, ys, note=note, relative=True, increasing=True)
     return out
 
 
-def _codec_meta(sizes, reps: int, trials: int, group=None) -> dict:
-    """``{"codec_costs": {...}}`` for the model's meta (the slowest rank's of ``group``), or
+def _codec_costs(sizes, reps: int, trials: int, group=None) -> dict:
+    """``zipccl_encode`` / ``zipccl_decode`` costs (the slowest rank's of ``group``), or
     ``{}`` without numba."""
     try:
-        costs = profile_codec(
+        return profile_codec(
             sizes, threads=torch.get_num_threads(), reps=reps, trials=trials, group=group
         )
     except ImportError:  # the compress extra is not installed: no codec costs
         return {}
-    return {"codec_costs": {k: c.to_dict() for k, c in costs.items()}}
+
+
+def overlap_probe(group, nbytes: int, dtype, device, reps: int = 3, trials: int = 3) -> dict:
+    """How far an all-to-all progresses while the rank computes: ``overlap = (t_c + t_a -
+    t_both) / min(t_c, t_a)`` in [0, 1], with ``t_a`` an ``nbytes`` all-to-all alone, ``t_c``
+    as many square matmuls as take about as long, and ``t_both`` the all-to-all issued
+    asynchronously while the matmuls run. 1: link and compute are separate resources (a
+    NIC and a GPU, a shaped wire); 0: the same cores carry both (gloo on loopback), so
+    splitting work into chunks cannot hide one behind the other (FSMoE's planner reads it)."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    world = dist.get_world_size(group)
+    numel = max(world, (nbytes // esize) // world * world)
+    x = torch.randn(numel, dtype=dtype, device=device)
+    out = torch.empty_like(x)
+    a = torch.randn(192, 192, dtype=dtype, device=device)
+    timer = partial(time_ms, reps=reps, trials=trials, group=group, device=device)
+    t_a = timer(partial(dist.all_to_all_single, out, x, group=group))
+    t_mm = timer(partial(torch.mm, a, a))
+    # the same count on every rank: the largest any rank needs
+    k = torch.tensor([max(1, round(t_a / max(t_mm, 1e-6)))], dtype=torch.float64)
+    dist.all_reduce(k, op=dist.ReduceOp.MAX, group=group)
+    k = int(min(k.item(), 10_000))
+
+    def compute():
+        for _ in range(k):
+            torch.mm(a, a)
+
+    def both():
+        work = dist.all_to_all_single(out, x, group=group, async_op=True)
+        compute()
+        work.wait()
+
+    t_c, t_b = timer(compute), timer(both)
+    eta = (t_c + t_a - t_b) / max(min(t_c, t_a), 1e-9)
+    return {
+        "overlap": max(0.0, min(1.0, eta)),
+        "a2a_ms": t_a,
+        "compute_ms": t_c,
+        "both_ms": t_b,
+        "bytes": numel * esize,
+    }
+
+
+def _exchange(x: torch.Tensor, out: torch.Tensor, peer: int, rank: int) -> None:
+    """One point-to-point exchange with ``peer``: the lower rank sends first."""
+    if peer == rank:
+        return
+    ops = [dist.P2POp(dist.isend, x, peer), dist.P2POp(dist.irecv, out, peer)]
+    for w in dist.batch_isend_irecv(ops if rank < peer else ops[::-1]):
+        w.wait()
+
+
+#: compute points per dtype (progress bar): 3 GEMMs + 6 expert shapes + 3 attention + 3 x 3 ops
+COMPUTE_POINTS = 3 + 6 + 3 + 9
+#: (D, F) shape classes of the expert FFN sweep, and its rows per rank
+EXPERT_SHAPES = ((128, 256), (256, 512))
+EXPERT_ROWS = (256, 1024, 2048)
+EXPERTS_PER_RANK = 4
+
+
+def profile_compute(
+    dtypes: Sequence[str] = ("float32", "bfloat16"),
+    *,
+    group=None,
+    device: torch.device | None = None,
+    reps: int = 3,
+    trials: int = 3,
+    bar=None,
+) -> dict[str, LinearCost]:
+    """Fit the compute costs a planner or the simulator reads, per dtype (see the module
+    docstring for keys and units). With ``group`` every rank of it must call this (they run
+    at once, as in a step, and each point is the slowest rank's)."""
+    import torch.nn.functional as F
+
+    from moeflow.kernels import expert_ffn
+
+    device = device or torch.device("cpu")
+    timer = partial(time_ms, reps=reps, trials=trials, group=group, device=device)
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dt, grad=False):
+        t = torch.randn(*shape, generator=gen).to(device=device, dtype=dt)
+        return t.requires_grad_(grad)
+
+    out: dict[str, LinearCost] = {}
+    for name in dtypes:
+        dt = getattr(torch, name)
+        esize = torch.empty((), dtype=dt).element_size()
+        pts: dict[str, tuple[list[float], list[float]]] = {}
+
+        def add(key, n, t, name=name, pts=pts):
+            xs, ys = pts.setdefault(f"{key}@{name}", ([], []))
+            xs.append(float(n))
+            ys.append(t)
+            if bar is not None:
+                bar.update(1, op=f"{key}@{name}")
+
+        for m in (128, 256, 384):
+            a, b = rand(m, m, dt=dt), rand(m, m, dt=dt)
+            add("gemm", 2.0 * m**3, timer(partial(torch.mm, a, b)))
+        for D, Fh in EXPERT_SHAPES:
+            E = EXPERTS_PER_RANK
+            w_in, w_out = rand(E, 2 * Fh, D, dt=dt, grad=True), rand(E, D, Fh, dt=dt, grad=True)
+            for N in EXPERT_ROWS:
+                x = rand(N, D, dt=dt, grad=True)
+                c = torch.full((E,), N // E, dtype=torch.long)
+
+                def fwd(x=x, c=c, w_in=w_in, w_out=w_out):
+                    with torch.no_grad():
+                        expert_ffn(x, c, w_in, w_out)
+
+                def fwdbwd(x=x, c=c, w_in=w_in, w_out=w_out):
+                    expert_ffn(x, c, w_in, w_out).float().sum().backward()
+
+                flops = 6.0 * N * D * Fh
+                tf = timer(fwd)
+                add("expert_fwd", flops, tf)
+                add("expert_bwd", flops, max(timer(fwdbwd) - tf, 0.0))
+        for L in (128, 256, 512):
+            q, k, v = (rand(1, 4, L, 64, dt=dt) for _ in range(3))
+            add(
+                "attention",
+                4.0 * 4 * L * L * 64,
+                timer(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)),
+            )
+        for numel in (2**14, 2**17, 2**20):
+            x, y = rand(numel, dt=dt), rand(numel, dt=dt)
+            add("elementwise", numel * esize, timer(partial(torch.add, x, y)))
+            xr = x.view(-1, 256)
+            wn = rand(256, dt=dt)
+            add("norm", numel * esize, timer(partial(F.rms_norm, xr, (256,), wn)))
+            idx = torch.randint(0, xr.shape[0], (xr.shape[0],), generator=gen).to(device)
+            add("index", numel * esize, timer(partial(torch.index_select, xr, 0, idx)))
+        for key, (xs, ys) in pts.items():
+            unit = "bytes" if key.split("@")[0] in ("elementwise", "norm", "index") else "FLOPs"
+            out[key] = fit(xs, ys, note=f"{unit}, {len(xs)} points", relative=True, source="fitted")
+    return out
 
 
 def _rank_profile(
-    rank: int, world: int, nodes: int, sizes, gemm_sizes, reps, trials, progress, dtype_name
+    rank: int,
+    world: int,
+    nodes: int,
+    sizes,
+    gemm_sizes,
+    reps,
+    trials,
+    progress,
+    dtype_name,
+    compute_dtypes=("float32", "bfloat16"),
 ) -> dict | None:
     """One forked rank (gloo group up): profile; rank 0 returns the model as a dict."""
     model = _profile_collectives(
@@ -232,6 +413,7 @@ def _rank_profile(
         progress,
         getattr(torch, dtype_name),
         torch.device("cpu"),
+        compute_dtypes,
     )
     dist.barrier()
     return model.to_dict() if rank == 0 else None
@@ -248,12 +430,13 @@ def profile(
     nodes: int = 1,
     sizes: Sequence[int] = DEFAULT_SIZES,
     gemm_sizes: Sequence[int] = DEFAULT_GEMM,
-    reps: int = 5,
+    reps: int = 3,
     trials: int = 3,
     progress: bool = True,
     dtype: str = "float32",
     threads_per_rank: int | None = None,
     force: bool = False,
+    compute_dtypes: Sequence[str] = ("float32", "bfloat16"),
 ) -> PerfModel:
     """Profile and fit a :class:`PerfModel`.
 
@@ -287,6 +470,7 @@ def profile(
             progress,
             getattr(torch, dtype),
             device,
+            tuple(compute_dtypes),
         )
     from moeflow.launch import check_nproc, launch
 
@@ -304,6 +488,7 @@ def profile(
         trials,
         progress,
         dtype,
+        tuple(compute_dtypes),
         force=force,
         name="moeflow profile",
         threads=threads,
@@ -348,10 +533,18 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
         default=list(DEFAULT_GEMM),
         help="square GEMM sizes m (n = 2 m^3 FLOPs)",
     )
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--refit",
+        metavar="SAMPLES",
+        default=None,
+        help="instead of profiling: refit --perf from measured durations, a JSON object "
+        '{"<cost key>": [[n, t_ms], ...]} (PerfModel.update), and write --out',
+    )
+    p.add_argument("--perf", default=None, help="the PerfModel JSON that --refit updates")
 
 
 def validate_profile_args(args) -> None:
@@ -393,19 +586,56 @@ def log_sizes(min_bytes: float, max_bytes: float, points: int) -> list[int]:
 
 
 def format_table(model: PerfModel) -> str:
-    lines = [f"{'primitive':<10} {'alpha (ms)':>12} {'beta (ms/unit)':>15} {'R^2':>8}  unit"]
+    lines = [
+        f"{'primitive':<22} {'alpha (ms)':>11} {'beta (ms/unit)':>15} {'R^2':>7} "
+        f"{'max rel':>8}  unit"
+    ]
     for k, c in sorted(model.costs.items()):
-        unit = "FLOP" if k == "gemm" else "byte"
+        base = k.split("@")[0]
+        unit = "FLOP" if base in ("gemm", "expert_fwd", "expert_bwd", "attention") else "byte"
         r2 = "-" if c.r2 is None else f"{c.r2:.4f}"
-        lines.append(f"{k:<10} {c.alpha:>12.4g} {c.beta:>15.4g} {r2:>8}  {unit}")
-    for k, d in sorted((model.meta or {}).get("codec_costs", {}).items()):  # ZipCCL's codec
-        c = LinearCost.from_dict(d)
-        r2 = "-" if c.r2 is None else f"{c.r2:.4f}"
-        lines.append(f"{k:<10} {c.alpha:>12.4g} {c.beta:>15.4g} {r2:>8}  byte")
+        rel = "-" if c.max_rel_err is None else f"{c.max_rel_err:.1%}"
+        lines.append(f"{k:<22} {c.alpha:>11.4g} {c.beta:>15.4g} {r2:>7} {rel:>8}  {unit}")
     return "\n".join(lines)
 
 
+def refit_file(perf_path, samples_path):
+    """``PerfModel.update`` of the model in ``perf_path`` with the samples in
+    ``samples_path`` (``{"<cost key>": [[n, t_ms], ...]}``); InputError / ConfigError naming
+    the file or the key."""
+    from moeflow.plan.io import MAX_JSON_BYTES, load_perf_file
+    from moeflow.validate import read_json_file
+
+    perf = load_perf_file(perf_path)
+    d = read_json_file(samples_path, "--refit", MAX_JSON_BYTES)
+    if not isinstance(d, dict) or not all(
+        isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v)
+        for v in d.values()
+    ):
+        raise InputError(
+            f"--refit {str(samples_path)!r}: expected an object of cost key -> [[n, t_ms], ...]"
+        )
+    try:
+        return perf.update({k: [(float(n), float(t)) for n, t in v] for k, v in d.items()})
+    except (TypeError, ValueError) as e:
+        if isinstance(e, (InputError, ConfigError)):
+            raise
+        raise InputError(f"--refit {str(samples_path)!r}: {e}") from None
+
+
 def run_profile(args) -> int:
+    if getattr(args, "refit", None) is not None:
+        if args.perf is None:
+            raise ConfigError("--perf", None, "the PerfModel JSON that --refit updates")
+        from moeflow.files import atomic_path, check_output
+
+        check_output("--out", args.out, force=getattr(args, "force", False))
+        model = refit_file(args.perf, args.refit)
+        print(format_table(model))
+        with atomic_path(args.out, force=getattr(args, "force", False)) as tmp:
+            model.save(tmp)
+        print(f"written to {args.out}")
+        return 0
     validate_profile_args(args)
     sizes = log_sizes(args.min_kb * 1024, args.max_kb * 1024, args.points)
     owns_group = not dist.is_initialized() and _under_torchrun()

@@ -61,7 +61,7 @@ _UINT = {2: torch.int16, 4: torch.int32}
 PRIOR_RATIO = {"bfloat16": 1.5, "float16": 1.17, "float32": 1.2}
 #: the best ratio a code storing the non-exponent bits raw can reach (exponents free)
 MAX_RATIO = {"bfloat16": 2.0, "float16": 16 / 11, "float32": 32 / 24}
-CODEC_COSTS_KEY = "codec_costs"  # PerfModel.meta entry written by ``moeflow profile``
+CODEC_COSTS_KEY = "codec_costs"  # PerfModel.meta entry of models profiled before the costs
 ENCODE, DECODE = "zipccl_encode", "zipccl_decode"
 
 # test hook: called as hook(op, received_bytes_uint8_numpy) on the receiving side before
@@ -120,9 +120,9 @@ class CompressionStats:
 def codec_costs(model) -> tuple | None:
     """(encode, decode) ``LinearCost`` (ms per raw byte) of a PerfModel, or None.
 
-    Read from ``model.costs`` when the model lists them as primitives, else from
-    ``model.meta["codec_costs"]`` (where ``moeflow profile`` writes them), so models written
-    before the codec existed still load."""
+    Read from ``model.costs`` (where ``moeflow profile`` writes them), else from
+    ``model.meta["codec_costs"]`` (where earlier versions of it wrote them), so older models
+    still load."""
     from moeflow.perf.cost import LinearCost
 
     if model is None:

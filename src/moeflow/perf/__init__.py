@@ -9,10 +9,17 @@ imports torch and is not loaded here. The ``moeflow profile`` job is
 from __future__ import annotations
 
 from moeflow._moved import moved_names
-from moeflow.perf.cost import PRIMITIVES, LinearCost, PerfModel
+from moeflow.perf.cost import PLANNER_PRIMITIVES, PRIMITIVES, LinearCost, PerfModel
 from moeflow.perf.presets import perf_preset, perf_preset_names
 
 __getattr__ = moved_names(__name__, {"profile": "moeflow.apps.profile"})
 
 
-__all__ = ["PRIMITIVES", "LinearCost", "PerfModel", "perf_preset", "perf_preset_names"]
+__all__ = [
+    "PLANNER_PRIMITIVES",
+    "PRIMITIVES",
+    "LinearCost",
+    "PerfModel",
+    "perf_preset",
+    "perf_preset_names",
+]

@@ -29,6 +29,8 @@ from moeflow.errors import ConfigError, InputError
 from moeflow.perf.cost import LinearCost
 
 DEFAULT_TRIALS = 5
+#: the smallest time a relative fit weighs by (ms)
+TINY_MS = 1e-6
 
 
 def llc_bytes() -> int:
@@ -114,8 +116,9 @@ def time_ms(
 
 
 def _fit_relative(xs: Sequence[float], ys: Sequence[float], note: str, source: str) -> LinearCost:
-    """``alpha + beta * n`` minimising sum ((fit - t) / t)^2 (weights 1/t^2), ``alpha`` >= 0."""
-    w = [1.0 / (y * y) for y in ys]
+    """``alpha + beta * n`` minimising sum ((fit - t) / t)^2 (weights 1/t^2), ``alpha`` >= 0;
+    a falling line (noise) becomes the constant ``mean(t)``, as :meth:`LinearCost.fit` does."""
+    w = [1.0 / max(y, TINY_MS) ** 2 for y in ys]  # a 0 ms point (noise) must not divide
     sw = sum(w)
     mx = sum(wi * x for wi, x in zip(w, xs)) / sw
     my = sum(wi * y for wi, y in zip(w, ys)) / sw
@@ -128,6 +131,8 @@ def _fit_relative(xs: Sequence[float], ys: Sequence[float], note: str, source: s
             wi * x * x for wi, x in zip(w, xs)
         )
     mean = sum(ys) / len(ys)
+    if beta < 0:  # noise: time cannot fall as the size grows (a planner would favour size)
+        alpha, beta = mean, 0.0
     ss_tot = sum((y - mean) ** 2 for y in ys)
     ss_res = sum((y - alpha - beta * x) ** 2 for x, y in zip(xs, ys))
     return LinearCost(
@@ -154,7 +159,8 @@ def fit(
     ``relative``: minimise relative rather than absolute squared error (``alpha`` >= 0).
     ``increasing``: when noise makes the fitted line fall with size, return the steepest
     per-unit rate through the origin instead (a cost must not shrink as ``n`` grows).
-    ``source``: the label the cost carries (``"fitted"`` in ``moeflow profile`` files)."""
+    ``source``: the label the cost carries (``"fitted"`` in ``moeflow profile`` files).
+    The cost carries its fit quality (``r2``, ``max_rel_err``) and the points."""
     if len(xs) != len(ys) or len(xs) < 2:
         raise InputError(
             f"a cost fit needs at least 2 points of equal length, got {len(xs)} and {len(ys)}"
@@ -170,4 +176,4 @@ def fit(
             source=source,
             note=(note + "; " if note else "") + "through the origin (the fit was not increasing)",
         )
-    return c
+    return c.with_points(xs, ys)

@@ -146,15 +146,21 @@ def plan_pass(
     gar_ms: float = 0.0,
     backward: bool = False,
     evaluator: str = "sim",
+    sim_kw: tuple = (),
 ) -> PassDecision:
-    """Choose the pipeline degree of one pass (relaxation, then integer search)."""
+    """Choose the pipeline degree of one pass (relaxation, then integer search).
+
+    ``sim_kw``: ``(name, value)`` pairs for the simulator's pass (:func:`shared_resources`)."""
     cases = four_cases(pc, gar_ms)
     r_rel, binding, feasible = relax(cases, r_max)
     cands = integer_candidates(r_rel, feasible, r_max)
+    if sim_kw and 1 not in cands:
+        # the relaxation models separate resources; on shared ones one chunk may win
+        cands = [1, *cands]
     if evaluator == "sim":
 
         def ev(r: int) -> float:
-            return pass_time(pc, r, gar_ms, backward)
+            return pass_time(pc, r, gar_ms, backward, **dict(sim_kw))
     elif evaluator == "model":
 
         def ev(r: int) -> float:
@@ -164,8 +170,24 @@ def plan_pass(
     scored = [(ev(r), r) for r in cands]
     t, r = min(scored)
     if evaluator == "model":
-        t = pass_time(pc, r, gar_ms, backward)
+        t = pass_time(pc, r, gar_ms, backward, **dict(sim_kw))
     return PassDecision(r=r, t_ms=t, r_relaxed=r_rel, case=binding, candidates=tuple(cands))
+
+
+#: below this measured overlap (``meta["overlap"]`` of ``moeflow profile``) the planner
+#: models the link and the compute as one resource
+SHARED_BELOW = 0.5
+
+
+def shared_resources(perf: PerfModel) -> tuple:
+    """Simulator keywords for ``perf``'s host: ``(("link", "cpu"), ("compute", "cpu"))``
+    when its profile measured that an all-to-all barely progresses while the rank computes
+    (``meta["overlap"] < SHARED_BELOW``, e.g. gloo on loopback), else ``()`` (separate link
+    and compute, FSMoE's setting; also for presets without a measured overlap)."""
+    eta = (perf.meta or {}).get("overlap")
+    if eta is not None and float(eta) < SHARED_BELOW:
+        return (("link", "cpu"), ("compute", "cpu"))
+    return ()
 
 
 @dataclass(frozen=True)
@@ -195,12 +217,20 @@ def plan_layer(
     gar_bytes: float = 0.0,
     evaluator: str = "sim",
 ) -> LayerDecision:
-    """Forward and backward degrees of one MoE layer, planned separately."""
+    """Forward and backward degrees of one MoE layer, planned separately; on a host whose
+    profile says link and compute share the cores (:func:`shared_resources`) the simulated
+    chunks cannot overlap."""
     t0 = time.perf_counter()
+    kw = shared_resources(perf)
     gar_ms = perf.cost("ar")(gar_bytes) if gar_bytes > 0 else 0.0
-    fwd = plan_pass(w.pass_cost(perf, False), r_max=r_max, evaluator=evaluator)
+    fwd = plan_pass(w.pass_cost(perf, False), r_max=r_max, evaluator=evaluator, sim_kw=kw)
     bwd = plan_pass(
-        w.pass_cost(perf, True), r_max=r_max, gar_ms=gar_ms, backward=True, evaluator=evaluator
+        w.pass_cost(perf, True),
+        r_max=r_max,
+        gar_ms=gar_ms,
+        backward=True,
+        evaluator=evaluator,
+        sim_kw=kw,
     )
     return LayerDecision(fwd=fwd, bwd=bwd, solve_ms=(time.perf_counter() - t0) * 1e3)
 
@@ -307,10 +337,13 @@ def plan(
         raise PlanError("plan needs at least one layer workload")
     table, widx = build_workload_table(workloads)
     ar = perf.cost("ar")
+    kw = shared_resources(perf)
     fwd_dec: dict[int, PassDecision] = {}
     for wi, d in enumerate(table):
         w = LayerWorkload.from_dict(d)
-        fwd_dec[wi] = plan_pass(w.pass_cost(perf, False), r_max=r_max, evaluator=evaluator)
+        fwd_dec[wi] = plan_pass(
+            w.pass_cost(perf, False), r_max=r_max, evaluator=evaluator, sim_kw=kw
+        )
     bwd_cache: dict[tuple[int, float], PassDecision] = {}
 
     def bwd_decision(wi: int, n: float) -> PassDecision:
@@ -323,6 +356,7 @@ def plan(
                 gar_ms=ar(n) if n > 0 else 0.0,
                 backward=True,
                 evaluator=evaluator,
+                sim_kw=kw,
             )
         return bwd_cache[key]
 

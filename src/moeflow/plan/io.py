@@ -39,13 +39,13 @@ def load_perf_file(path, flag: str = "--perf"):
     """A :class:`moeflow.perf.PerfModel` from ``path``, with every primitive the planner
     uses (``gemm``, ``a2a``, ``ag``, ``rs``, ``ar``); InputError naming the file otherwise."""
     from moeflow.perf import PerfModel
-    from moeflow.perf.cost import PRIMITIVES
+    from moeflow.perf.cost import PLANNER_PRIMITIVES
 
     def build(d):
         perf = PerfModel.from_dict(d)
-        missing = [k for k in PRIMITIVES if k not in perf.costs]
+        missing = [k for k in PLANNER_PRIMITIVES if k not in perf.costs]
         if missing:
-            raise ValueError(f"no cost for {missing} (needs {list(PRIMITIVES)})")
+            raise ValueError(f"no cost for {missing} (needs {list(PLANNER_PRIMITIVES)})")
         positive_int("bytes_per_element", perf.bytes_per_element)
         return perf
 

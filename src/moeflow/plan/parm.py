@@ -135,6 +135,7 @@ __all__ = [
     "schedule_time",
     "choose_schedule",
     "inter_node_bytes",
+    "cluster_from_perf",
 ]
 
 
@@ -147,6 +148,23 @@ def cluster_of(spec, row_time: float = 0.0) -> ParmCluster:
         alpha_inter=inter.latency_us * 1e-6,
         beta_inter=1 / (inter.bandwidth_GBps * 1e9),
         row_time=row_time,
+    )
+
+
+def cluster_from_perf(perf, *, hidden: int, ffn: int, num_experts: int, dtype: str):
+    """A :class:`ParmCluster` from a profiled :class:`moeflow.perf.PerfModel`: links from
+    :meth:`~moeflow.perf.PerfModel.link_costs`, ``row_time`` from ``expert_fwd@<dtype>``
+    (a row through a SwiGLU expert is ``6 D F`` FLOPs) and ``gate_time`` from
+    ``gemm@<dtype>`` (``2 D E`` FLOPs per token); ConfigError naming a missing cost."""
+    perf.require(f"expert_fwd@{dtype}", f"gemm@{dtype}", "a2a", who="Parm's schedule choice")
+    links = perf.link_costs()
+    return ParmCluster(
+        alpha_intra=links[1][0],
+        beta_intra=links[1][1],
+        alpha_inter=links[2][0],
+        beta_inter=links[2][1],
+        row_time=perf.cost(f"expert_fwd@{dtype}").beta * 6 * hidden * ffn * 1e-3,
+        gate_time=perf.cost(f"gemm@{dtype}").beta * 2 * hidden * num_experts * 1e-3,
     )
 
 

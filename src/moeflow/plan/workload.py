@@ -111,10 +111,18 @@ class LayerWorkload:
         return (4 * self.M * self.M + self.M * self.E) * self.bytes_per_element
 
     def pass_cost(self, perf: PerfModel, backward: bool = False) -> PassCost:
-        """alpha/work of each task kind (see :class:`moeflow.perf.layer.PassCost`)."""
+        """alpha/work of each task kind (see :class:`moeflow.perf.layer.PassCost`).
+
+        The expert task is priced by ``expert_fwd@<dtype>`` / ``expert_bwd@<dtype>`` (n =
+        forward expert FLOPs) when ``perf`` has them (``moeflow profile`` measures the
+        expert FFN kernel), else by ``gemm`` (backward: twice the forward GEMMs)."""
         a2a = perf.cost("a2a")
-        gemm = perf.cost("gemm")
         mult = 2.0 if backward else 1.0
+        expert = f"expert_{'bwd' if backward else 'fwd'}@{self.dtype}"
+        if expert in perf.costs:  # the expert FFN kernel itself, profiled per dtype
+            gemm, mult = perf.costs[expert], 1.0
+        else:  # square matmuls; backward is two GEMMs per forward GEMM
+            gemm = perf.cost("gemm")
         if self.n_esp > 1:
             ag, rs = perf.cost("ag"), perf.cost("rs")
             alpha_ag, work_ag = ag.alpha, ag.beta * self.ag_bytes
@@ -131,6 +139,12 @@ class LayerWorkload:
             alpha_exp=gemm.alpha * mult,
             work_exp=gemm.beta * self.expert_flops * mult,
         )
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype the profiled expert costs are keyed by (4 bytes: float32, 2:
+        bfloat16)."""
+        return {4: "float32", 2: "bfloat16"}.get(self.bytes_per_element, "bfloat16")
 
     # ---- construction / JSON -------------------------------------------------------------
     @classmethod

@@ -111,3 +111,19 @@ def test_op_classes():
 def test_op_class_fit_is_positive():
     c = profile_op_class("elementwise", "float32", reps=2, trials=1)
     assert c.alpha > 0 and c.beta > 0 and c.source == "measured"
+
+
+def test_costs_fitted_by_moeflow_profile_are_read_from_the_model(demo_train):
+    from dataclasses import replace
+
+    from moeflow.errors import ConfigError
+
+    _, d = demo_train
+    perf = _perf()
+    table = dict(perf.meta["bench_costs"])
+    elementwise = LinearCost.from_dict(table.pop("elementwise@float32"))
+    without = replace(perf, meta={"bench_costs": table})
+    with pytest.raises(ConfigError, match="elementwise@float32"):
+        predict_rows(d, without, "float32")
+    profiled = replace(without, costs={**perf.costs, "elementwise@float32": elementwise})
+    assert predict_rows(d, profiled, "float32") == predict_rows(d, perf, "float32")

@@ -469,6 +469,8 @@ def _cost(perf: PerfModel, kind: str, dtype: str) -> LinearCost:
     key = f"{kind}@{dtype}"
     if key in table:
         return LinearCost.from_dict(table[key])
+    if key in perf.costs:  # fitted by `moeflow profile` (gemm, attention, elementwise)
+        return perf.costs[key]
     if kind in ("gemm", "gemm_square", "grouped_gemm", "attention"):
         return (
             LinearCost.from_dict(table[f"gemm@{dtype}"])
