@@ -567,3 +567,46 @@ def test_sharded_resume_with_code_in_its_objects_stops_in_the_parent(
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("moeflow: CorruptDataError: ") and "moeflow_objects.pt" in err[0]
     assert not code_pickle.marker.exists()
+
+
+def _tuned_run(rank, world, corpus):
+    import io
+    from contextlib import redirect_stdout
+
+    from moeflow.apps.train import train_loop
+    from moeflow.comm import Topology
+
+    out = []
+    for k in (0, 2):
+        a = _args(steps=6, dispatcher="a2a", r_fwd=2, r_bwd=2, tune_degrees=k, log_every=100)
+        a._corpus = corpus
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            res = train_loop(a, topology=Topology.explicit(world, 1), verbose=True)
+        # the model is not returned; the degrees are printed by rank 0 when tuned
+        out.append((res["losses"], buf.getvalue()))
+    return out
+
+
+def test_tune_degrees_times_earlier_batches_and_leaves_the_training_unchanged():
+    from moeflow.models.demo import load_corpus
+
+    corpus = load_corpus(max_bytes=100_000)
+    res = run_ranks(_tuned_run, 2, corpus, timeout_s=240)
+    (plain, _), (tuned, log) = res[0]
+    assert len(plain) == len(tuned) == 6
+    # tuning runs forward + backward only and restores the gradients: the same curve
+    # (another degree pair only reorders float sums)
+    assert max(abs(a - b) for a, b in zip(plain, tuned)) < 1e-4, (plain, tuned)
+    line = [ln for ln in log.splitlines() if ln.startswith("tuned (r_fwd, r_bwd)")]
+    assert len(line) == 1
+    for pair in ("(2, 2)", "(1, 1)", "(4, 4)", "(8, 8)"):
+        assert pair in line[0].split(":", 1)[1]
+
+
+@pytest.mark.parametrize("k", [-1, 65, 1.5])
+def test_tune_degrees_refuses_bad_counts(k):
+    from moeflow.apps.train import validate_train_args
+
+    with pytest.raises(ConfigError):
+        validate_train_args(_args(tune_degrees=k), 1)

@@ -55,6 +55,7 @@ MAX = {
 }
 #: the demo model may have at most this many parameters (4 GB in float32 per copy)
 MAX_PARAMS = 1_000_000_000
+MAX_TUNE_BATCHES = 64
 #: tokens in one global batch (--batch-size x --seq-len)
 MAX_BATCH_TOKENS = 2**22
 #: --dispatcher values (moeflow.parallel.dispatch's registry and its alias)
@@ -122,6 +123,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r-fwd", type=int, default=2, help="forward pipeline degree")
     p.add_argument("--r-bwd", type=int, default=2, help="backward pipeline degree")
     p.add_argument("--plan", default=None, help="a moeflow plan JSON (overrides --r-*)")
+    p.add_argument(
+        "--tune-degrees",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after K steps, time forward+backward of those K batches at the current degrees "
+        "and r = 1, 2, 4, 8 (every MoE layer alike) and keep the fastest (0: off)",
+    )
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--max-seconds", type=float, default=120.0)
     p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
@@ -248,6 +257,9 @@ def validate_train_args(args: argparse.Namespace, world: int | None = None) -> N
             f"a model of at most {MAX_PARAMS:,} parameters (this one has ~{params:,})",
         )
     args.ranks_per_node = nonnegative_int("--ranks-per-node", args.ranks_per_node)
+    args.tune_degrees = nonnegative_int("--tune-degrees", getattr(args, "tune_degrees", 0))
+    if args.tune_degrees > MAX_TUNE_BATCHES:
+        raise ConfigError("--tune-degrees", args.tune_degrees, f"at most {MAX_TUNE_BATCHES}")
     _check_layout_flags(args, world)
     for flag in ("max_seconds", "lr", "timeout"):
         setattr(args, flag, positive_float("--" + flag.replace("_", "-"), getattr(args, flag)))
@@ -410,6 +422,30 @@ def build_model(args, group=None, topology=None):
     return model
 
 
+def _tune_degrees(model, batches, group, log: bool) -> None:
+    """Every MoE layer's (r_fwd, r_bwd) from timing earlier batches (``--tune-degrees``)."""
+    from moeflow.parallel.expert_parallel import ExpertParallel
+    from moeflow.parallel.tune import degree_candidates, tune_model_degrees
+
+    cur = {(m.r_fwd, m.r_bwd) for m in model.modules() if isinstance(m, ExpertParallel)}
+    planned = cur.pop() if len(cur) == 1 else None
+
+    def step(batch):
+        _, loss, aux = model(*batch)
+        (loss + aux).backward()
+
+    res = tune_model_degrees(
+        model, batches, step, group=group, candidates=degree_candidates(planned)
+    )
+    model.zero_grad(set_to_none=True)
+    if log:
+        tried = ", ".join(f"({t.r_fwd}, {t.r_bwd}) {t.median_ms:.0f} ms" for t in res.trials)
+        print(
+            f"tuned (r_fwd, r_bwd) = ({res.r_fwd}, {res.r_bwd}) in {res.seconds:.1f} s: {tried}",
+            flush=True,
+        )
+
+
 def train_loop(args, group=None, topology=None, device=None, verbose=True) -> dict:
     """Train; returns ``{"losses": [...], "tokens_per_s": float, "steps": int, "seconds":
     float, "optimizer": ...}`` (and ``"masters"``, the :class:`MasterWeights`, with
@@ -460,6 +496,8 @@ def train_loop(args, group=None, topology=None, device=None, verbose=True) -> di
             f"{args.batch_size}x{args.seq_len}",
             flush=True,
         )
+    tune_k = getattr(args, "tune_degrees", 0) if dist_on else 0
+    seen: list = []  # the last tune_k batches, for the degree tuning
     start = time.perf_counter()
     step = 0
     for step in range(1, args.steps + 1):
@@ -468,6 +506,10 @@ def train_loop(args, group=None, topology=None, device=None, verbose=True) -> di
             g["lr"] = lr
         x, y = sample()  # the same global batch on every rank
         x, y = x[row * b : (row + 1) * b].to(device), y[row * b : (row + 1) * b].to(device)
+        if tune_k and step == tune_k + 1:
+            _tune_degrees(model, seen, group, log)
+        elif tune_k and step <= tune_k:
+            seen.append((x, y))
         _, loss, aux = model(x, y)
         opt.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
@@ -543,6 +585,8 @@ def validate_hf_args(args: argparse.Namespace, world: int) -> None:
         name = "--" + flag.replace("_", "-")
         setattr(args, flag, positive_int(name, getattr(args, flag), maximum=MAX.get(name)))
     _check_batch_tokens(args)
+    if getattr(args, "tune_degrees", 0):
+        raise ConfigError("--tune-degrees", args.tune_degrees, "0 with --model (demo model only)")
     args.checkpoint_every = nonnegative_int("--checkpoint-every", args.checkpoint_every)
     args.ranks_per_node = nonnegative_int("--ranks-per-node", args.ranks_per_node)
     _check_layout_flags(args, world)

@@ -53,12 +53,18 @@ from moeflow.parallel.parallelize import (
     sync_gradients,
 )
 from moeflow.parallel.pipeline import run_wavefront
-from moeflow.parallel.tune import DegreeTuning, degree_candidates, tune_degrees
+from moeflow.parallel.tune import (
+    DegreeTuning,
+    degree_candidates,
+    tune_degrees,
+    tune_model_degrees,
+)
 
 __all__ = [
     "DegreeTuning",
     "degree_candidates",
     "tune_degrees",
+    "tune_model_degrees",
     "COMMON_ARGS",
     "DISPATCHER_CLASSES",
     "DISPATCHERS",

@@ -106,6 +106,40 @@ def tune_degrees(
     Every rank of ``ep``'s group must call this with the same candidates, rounds and number
     of batches. ``batches`` are this rank's earlier inputs: never the batch being timed.
     Each candidate runs once untimed first (warm-up)."""
+
+    cands = _check(batches, candidates, rounds)
+
+    def step(x):
+        x = x.detach().requires_grad_(x.is_floating_point())
+        loss_fn(ep(x)).backward()
+
+    return _tune([ep], ep, ep.group, batches, step, cands, rounds, apply)
+
+
+def tune_model_degrees(
+    model: torch.nn.Module,
+    batches: Sequence,
+    step: Callable[[object], None],
+    *,
+    group=None,
+    candidates: Sequence[tuple[int, int]] | None = None,
+    rounds: int = 3,
+    apply: bool = True,
+) -> DegreeTuning:
+    """:func:`tune_degrees` for a whole model: each candidate pair is set on every
+    :class:`~moeflow.parallel.ExpertParallel` module of ``model`` at once, and
+    ``step(batch)`` (forward and backward of one of the caller's earlier batches, no
+    optimizer step) is timed over ``batches``. Every rank of ``group`` calls it alike."""
+    from moeflow.parallel.expert_parallel import ExpertParallel
+
+    cands = _check(batches, candidates, rounds)
+    eps = [m for m in model.modules() if isinstance(m, ExpertParallel)]
+    if not eps:
+        raise ConfigError("model", type(model).__name__, "a model with ExpertParallel layers")
+    return _tune(eps, model, group, batches, step, cands, rounds, apply)
+
+
+def _check(batches, candidates, rounds) -> list[tuple[int, int]]:
     if not batches:
         raise InputError("tune_degrees needs at least one warm-up batch")
     if not (isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1):
@@ -117,19 +151,22 @@ def tune_degrees(
         raise ConfigError("candidates", candidates, "at least one (r_fwd, r_bwd) pair")
     if len(set(cands)) != len(cands):
         raise ConfigError("candidates", candidates, "distinct pairs")
+    return cands
+
+
+def _tune(eps, owner, group, batches, step, cands, rounds, apply) -> DegreeTuning:
     t_start = time.perf_counter()
-    params = [p for p in ep.parameters() if p.requires_grad]
+    params = [p for p in owner.parameters() if p.requires_grad]
     saved = [None if p.grad is None else p.grad.clone() for p in params]
-    group = ep.group
 
     def run(pair) -> None:
-        ep.r_fwd, ep.r_bwd = pair
-        for x in batches:
-            x = x.detach().requires_grad_(x.is_floating_point())
-            loss_fn(ep(x)).backward()
+        for ep in eps:
+            ep.r_fwd, ep.r_bwd = pair
+        for b in batches:
+            step(b)
 
     times: dict[tuple[int, int], list[float]] = {c: [] for c in cands}
-    old = (ep.r_fwd, ep.r_bwd)
+    old = [(ep.r_fwd, ep.r_bwd) for ep in eps]
     try:
         for c in cands:
             run(c)
@@ -137,18 +174,22 @@ def tune_degrees(
         for k in range(rounds):
             for i in range(n):
                 c = cands[(i + k) % n]  # rotate the order per round, the same on every rank
-                dist.barrier(group=group)
+                if group is not None or dist.is_initialized():
+                    dist.barrier(group=group)
                 t0 = time.perf_counter()
                 run(c)
                 buf = torch.tensor([(time.perf_counter() - t0) * 1e3], dtype=torch.float64)
-                dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+                if group is not None or dist.is_initialized():
+                    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
                 times[c].append(float(buf.item()))
     finally:
-        ep.r_fwd, ep.r_bwd = old
+        for ep, pair in zip(eps, old):
+            ep.r_fwd, ep.r_bwd = pair
         for p, g in zip(params, saved):
             p.grad = g
     trials = tuple(DegreeTrial(c[0], c[1], tuple(times[c])) for c in cands)
     best = min(trials, key=lambda t: (t.median_ms, cands.index((t.r_fwd, t.r_bwd))))
     if apply:
-        ep.r_fwd, ep.r_bwd = best.r_fwd, best.r_bwd
+        for ep in eps:
+            ep.r_fwd, ep.r_bwd = best.r_fwd, best.r_bwd
     return DegreeTuning(best.r_fwd, best.r_bwd, trials, time.perf_counter() - t_start)
