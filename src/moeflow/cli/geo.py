@@ -4,6 +4,7 @@
     moeflow geo train --plan plan.json --steps 30 [--backups 1 --checkpoint-every 5 ...]
     moeflow geo train --stages 2 --steps 30 --compare      # also the single-process curve
     moeflow geo train --mode diloco --replicas 2 --inner-steps 10 --steps 30
+    moeflow geo train --mode pipeline-diloco --devices sites.json --inner-steps 10 --steps 30
 
 ``plan`` traces the model (``torch.fx``), partitions its operator graph over the devices of
 the file (:mod:`moeflow.plan.geo`) and prints the stages, their times and the AdaTopK density
@@ -13,6 +14,9 @@ one rank and the agent's store is the broker. ``train --mode diloco`` runs data-
 replicas instead (one gloo rank each; ``--replicas N`` or one per site of ``--devices``) that
 all-reduce once every ``--inner-steps`` steps (DiLoCo, :mod:`moeflow.geo.diloco`);
 ``--mode dp`` is the plain data-parallel baseline (gradients all-reduced every step).
+``train --mode pipeline-diloco`` runs a pipeline of ``--stages`` ranks in each site (one per
+device of the site with ``--devices``) and DiLoCo between the sites
+(:mod:`moeflow.geo.diloco`).
 """
 
 from __future__ import annotations
@@ -93,15 +97,20 @@ def add_geo_arguments(p: argparse.ArgumentParser) -> None:
     tr = sub.add_parser("train", help="run a plan as a pipeline of gloo ranks (or DiLoCo)")
     tr.add_argument(
         "--mode",
-        choices=("pipeline", "diloco", "dp"),
+        choices=("pipeline", "diloco", "dp", "pipeline-diloco"),
         default="pipeline",
         help="pipeline (default); diloco: replicas synchronised every --inner-steps; "
-        "dp: plain data parallel (gradients all-reduced every step)",
+        "dp: plain data parallel (gradients all-reduced every step); pipeline-diloco: a "
+        "pipeline of --stages ranks per site, DiLoCo between the sites",
     )
-    dl = tr.add_argument_group("diloco and dp (--mode diloco|dp)")
+    dl = tr.add_argument_group("diloco, dp and pipeline-diloco (--mode diloco|dp|pipeline-diloco)")
     reps = dl.add_mutually_exclusive_group()
     reps.add_argument("--replicas", type=int, help="data-parallel replicas, one rank each (2)")
-    reps.add_argument("--devices", help="device graph JSON: one replica per site")
+    reps.add_argument(
+        "--devices",
+        help="device graph JSON: one replica per site (pipeline-diloco: a stage per device "
+        "of the smallest site unless --stages)",
+    )
     dl.add_argument(
         "--inner-steps", type=int, help="H: AdamW steps between outer steps (diloco; 10)"
     )
@@ -320,7 +329,10 @@ def diloco_job_from_args(args) -> object:
     (ConfigError naming it) before anything is forked."""
     from moeflow.geo import diloco
 
+    hybrid = args.mode == "pipeline-diloco"
     for flag, attr, default in _PIPELINE_ONLY:
+        if hybrid and attr == "stages":
+            continue
         if getattr(args, attr) != default:
             raise ConfigError(flag, getattr(args, attr), f"absent with --mode {args.mode}")
     if args.mode == "dp":
@@ -329,13 +341,17 @@ def diloco_job_from_args(args) -> object:
                 raise ConfigError(flag, getattr(args, attr), "absent with --mode dp")
     validate_model_args(args)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    stages = args.stages if hybrid and args.stages is not None else 1
     if args.devices is not None:
-        replicas = diloco.replicas_from_devices(args.devices)
+        sites = diloco.sites_from_devices(args.devices)
+        replicas = len(sites)
+        if hybrid and args.stages is None:
+            stages = min(sites)
     elif args.replicas is not None:
         replicas = args.replicas
-    else:  # one replica per torchrun rank, else two local ranks
-        replicas = int(os.environ["WORLD_SIZE"]) if under_torchrun else 2
-    kw = {}
+    else:  # one replica per torchrun rank (per `stages` ranks), else two local replicas
+        replicas = max(1, int(os.environ["WORLD_SIZE"]) // stages) if under_torchrun else 2
+    kw = {"stages": stages} if hybrid else {}
     for _, attr in _DILOCO_ONLY:
         if getattr(args, attr) is not None:
             kw[attr] = getattr(args, attr)
@@ -372,17 +388,19 @@ def _train_replicas(args) -> int:
         if result is None:  # rank 0 reports
             return 0
     else:
-        check_nproc(job.replicas, force=args.force_nproc)
+        check_nproc(job.world, force=args.force_nproc)
         result = diloco.train(job, force=args.force_nproc)
     for k, loss in enumerate(result.losses):
         if k % max(1, job.steps // 10) == 0 or k == job.steps - 1:
             print(f"step {k:4d}  loss {loss:.4f}  {result.step_times_s[k] * 1e3:8.1f} ms")
     syncs = len(result.allreduce_bytes)
+    shape = f"{job.replicas} replicas" + (f" x {job.stages} stages" if job.stages > 1 else "")
+    util = ", ".join(f"{u:.0%}" for u in result.utilization)
     print(
-        f"{job.mode}: {job.replicas} replicas, {syncs} all-reduces of "
+        f"{job.mode}: {shape}, {syncs} all-reduces of "
         f"{result.param_bytes / 1e6:.3f} MB (the parameters); "
         f"{result.bytes_per_inner_step / 1e6:.4f} MB per replica and inner step; "
-        f"{result.tokens_per_s:.0f} tokens/s"
+        f"{result.tokens_per_s:.0f} tokens/s; compute utilization per rank {util}"
     )
     if args.json_out:
         doc = {
@@ -395,6 +413,10 @@ def _train_replicas(args) -> int:
             "param_bytes": result.param_bytes,
             "bytes_per_inner_step": result.bytes_per_inner_step,
             "tokens_per_s": result.tokens_per_s,
+            "elapsed_s": result.elapsed_s,
+            "wall_s": result.wall_s,
+            "busy_s": result.busy_s,
+            "utilization": result.utilization,
         }
         with atomic_file(args.json_out, force=args.force) as f:
             json.dump(doc, f, indent=1)
