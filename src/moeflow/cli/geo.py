@@ -466,6 +466,9 @@ def _report(args, job, result, ref) -> None:
         print(e)
     mb = ", ".join(f"{b / 1e6:.2f}" for b in result.wire_bytes)
     print(f"bytes on each link (MB, both directions, all steps): {mb}")
+    if result.wall_s:
+        util = ", ".join(f"{u:.0%}" for u in result.utilization)
+        print(f"compute utilization per stage (busy / wall): {util}")
     if ref is not None:
         worst = max(abs(a - b) for a, b in zip(result.losses, ref, strict=True))
         print(f"max |pipeline - 1 process| over {job.steps} steps: {worst:.2e}")
@@ -476,6 +479,10 @@ def _report(args, job, result, ref) -> None:
             "step_times_s": result.step_times_s,
             "events": result.events,
             "wire_bytes": result.wire_bytes,
+            "elapsed_s": result.elapsed_s,
+            "busy_s": result.busy_s,
+            "wall_s": result.wall_s,
+            "utilization": result.utilization,
             "reference_losses": ref,
         }
         with atomic_file(args.json_out, force=args.force) as f:
