@@ -333,6 +333,8 @@ def diloco_job_from_args(args) -> object:
     for flag, attr, default in _PIPELINE_ONLY:
         if hybrid and attr == "stages":
             continue
+        if args.mode == "diloco" and attr in ("checkpoint_dir", "checkpoint_every", "resume"):
+            continue
         if getattr(args, attr) != default:
             raise ConfigError(flag, getattr(args, attr), f"absent with --mode {args.mode}")
     if args.mode == "dp":
@@ -352,6 +354,12 @@ def diloco_job_from_args(args) -> object:
     else:  # one replica per torchrun rank (per `stages` ranks), else two local replicas
         replicas = max(1, int(os.environ["WORLD_SIZE"]) // stages) if under_torchrun else 2
     kw = {"stages": stages} if hybrid else {}
+    if args.mode == "diloco":
+        kw.update(
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+        )
     for _, attr in _DILOCO_ONLY:
         if getattr(args, attr) is not None:
             kw[attr] = getattr(args, attr)
@@ -382,7 +390,11 @@ def _train_replicas(args) -> int:
     from moeflow.launch import check_nproc
 
     job = diloco_job_from_args(args)
-    check_output("--json", args.json_out, inputs=[args.devices], force=args.force)
+    check_output(
+        "--json", args.json_out, inputs=[args.devices, args.checkpoint_dir], force=args.force
+    )
+    if job.resume:  # the checkpoint loads into this job, before any fork
+        diloco.check_resume(job)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # one replica under torchrun
         result = diloco.run_torchrun(job)
         if result is None:  # rank 0 reports

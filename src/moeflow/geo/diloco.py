@@ -49,13 +49,17 @@ geo pipeline does, and a rank that stalls for that long ends the run.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from moeflow.errors import CommTimeoutError, ConfigError
-from moeflow.validate import positive_float, positive_int
+from moeflow.checkpoint.state import save_plain
+from moeflow.errors import CommTimeoutError, ConfigError, InputError
+from moeflow.validate import nonnegative_int, positive_float, positive_int
 
 MODES = ("diloco", "dp", "pipeline-diloco")
 #: DiLoCo's published outer optimizer (arXiv 2311.08105, section 3)
@@ -97,6 +101,12 @@ class DilocoJob:
     #: deadline of every all-reduce (and of a rank's heartbeat)
     timeout_s: float = 120.0
     max_bytes: int = 2_000_000
+    #: mode diloco: save every replica's state after every ``checkpoint_every`` inner steps
+    #: (a multiple of ``inner_steps``: right after an outer step) into ``checkpoint_dir``
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    #: start after the last complete checkpoint of ``checkpoint_dir``
+    resume: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -122,6 +132,20 @@ class DilocoJob:
                 f"{self.replicas}/{self.stages}",
                 f"at most {MAX_REPLICAS} ranks (replicas x stages)",
             )
+        nonnegative_int("checkpoint_every", self.checkpoint_every)
+        if self.checkpoint_every or self.resume:
+            if self.mode != "diloco":
+                raise ConfigError("checkpoint_every/resume", self.mode, "mode diloco")
+            if not self.checkpoint_dir:
+                raise ConfigError(
+                    "checkpoint_dir", None, "a directory when checkpointing or resuming"
+                )
+            if self.checkpoint_every % self.inner_steps:
+                raise ConfigError(
+                    "checkpoint_every",
+                    self.checkpoint_every,
+                    f"a multiple of inner_steps={self.inner_steps} (right after an outer step)",
+                )
         if self.mode != "dp" and self.steps % self.inner_steps:
             raise ConfigError("steps", self.steps, f"a multiple of inner_steps={self.inner_steps}")
         positive_int("threads", self.threads)
@@ -293,6 +317,83 @@ class Replica:
         self.outer.zero_grad(set_to_none=True)
         torch._foreach_copy_(self.params, self.global_params)
 
+    def state(self, step: int) -> dict:
+        """Right after an outer step (the local parameters are the global ones): what a
+        resumed replica needs to go on exactly as this one would."""
+        return {
+            "step": step,
+            "params": [g.detach().clone() for g in self.global_params],
+            "inner": self.inner.state_dict(),
+            "outer": self.outer.state_dict(),
+        }
+
+    def load_file(self, path: str) -> None:
+        """:meth:`state` back from ``path`` (tensors and plain data only); a typed error
+        naming the file when it is damaged or belongs to another job."""
+        from moeflow.checkpoint.state import load_plain
+
+        st = load_plain(path)
+        try:
+            with torch.no_grad():
+                params = list(st["params"])
+                if len(params) != len(self.params) or any(
+                    p.shape != v.shape for p, v in zip(self.params, params, strict=True)
+                ):
+                    raise ValueError("its parameters have other shapes than this job's model")
+                torch._foreach_copy_(self.params, params)
+                torch._foreach_copy_(self.global_params, params)
+            self.inner.load_state_dict(st["inner"])
+            self.outer.load_state_dict(st["outer"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            text = " ".join(str(e).split())[:300]
+            raise InputError(
+                f"{path} does not fit replica {self.rank} of this job ({type(e).__name__}: {text})"
+            ) from None
+
+
+def _replica_file(root: str, step: int, replica: int) -> str:
+    return os.path.join(root, f"step{step:07d}", f"replica{replica}.pt")
+
+
+def _mark_complete(root: str, step: int, replicas: int) -> None:
+    """Point ``<root>/latest`` at ``step`` (atomically) and drop older checkpoints."""
+    tmp = os.path.join(root, "latest.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "replicas": replicas}, f)
+    os.replace(tmp, os.path.join(root, "latest"))
+    for name in os.listdir(root):
+        if name.startswith("step") and name[4:].isdigit() and int(name[4:]) < step:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def latest_checkpoint(root: str) -> int | None:
+    """The last step every replica saved (``<root>/latest``), or None."""
+    from moeflow.geo.pipeline import latest_checkpoint as latest
+
+    return latest(root)
+
+
+def check_resume(job: DilocoJob) -> int:
+    """Before any rank starts: the last complete checkpoint of ``job.checkpoint_dir`` (a
+    typed error when there is none, or it holds another number of replicas, or a replica's
+    file does not load into this job's model)."""
+    root = job.checkpoint_dir
+    step = latest_checkpoint(root)
+    if step is None:
+        raise InputError(f"{root}: no complete checkpoint to resume from")
+    with open(os.path.join(root, "latest")) as f:
+        saved = json.load(f).get("replicas")
+    if saved != job.replicas:
+        raise InputError(
+            f"{root}: checkpoint step {step} holds {saved} replicas; this job has "
+            f"{job.replicas} (resume with the same replicas)"
+        )
+    if step + 1 >= job.steps:
+        raise InputError(f"{root}: checkpoint step {step} is at or past this job's last step")
+    for r in range(job.replicas):
+        Replica(job, r, job.replicas).load_file(_replica_file(root, step, r))
+    return step
+
 
 def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     out, o = [], 0
@@ -305,18 +406,35 @@ def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tenso
 def run_replica(rank: int, world: int, job: DilocoJob, allreduce=None) -> dict:
     """Replica ``rank``'s whole run (also callable in one process with ``world == 1``)."""
     allreduce = allreduce if allreduce is not None else CountingAllReduce(world, job.timeout_s)
+    distributed = world > 1 and isinstance(allreduce, CountingAllReduce)
     rep = Replica(job, rank, world)
-    losses, times, elapsed = [], [], []
-    if world > 1 and isinstance(allreduce, CountingAllReduce):
+    start = 0
+    if job.resume:
+        done = latest_checkpoint(job.checkpoint_dir)
+        if done is None:
+            raise InputError(f"{job.checkpoint_dir}: no complete checkpoint to resume from")
+        rep.load_file(_replica_file(job.checkpoint_dir, done, rank))
+        start = done + 1
+    nan = float("nan")  # steps done before a resumed run
+    losses, times, elapsed = [nan] * start, [0.0] * start, [0.0] * start
+    if distributed:
         import torch.distributed as dist
 
         dist.barrier()  # every rank starts its clock together
     t_start = time.perf_counter()
-    for step in range(job.steps):
+    for step in range(start, job.steps):
         t0 = time.perf_counter()
         losses.append(rep.inner_step(step, allreduce if job.mode == "dp" else None))
         if job.mode == "diloco" and (step + 1) % job.inner_steps == 0:
             rep.outer_step(allreduce)
+            if job.checkpoint_every and (step + 1) % job.checkpoint_every == 0:
+                path = _replica_file(job.checkpoint_dir, step, rank)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_plain(rep.state(step), path)
+                if distributed:
+                    dist.barrier()  # every replica's file is written
+                if rank == 0:
+                    _mark_complete(job.checkpoint_dir, step, job.replicas)
         times.append(time.perf_counter() - t0)
         elapsed.append(time.perf_counter() - t_start)
     wall = time.perf_counter() - t_start
