@@ -118,3 +118,66 @@ def test_a_device_that_joins_a_full_job_is_a_spare_that_replaces_a_leaver(tmp_pa
     assert result.replicas == [2] * 8
     worst = max((a - b).abs().max().item() for a, b in zip(result.params, full.params, strict=True))
     assert worst < 1e-6, worst
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["--mode", "dp", "--backups", "1"], "--backups"),
+        (["--mode", "diloco", "--join-id", "3"], "--join-id"),
+        (["--mode", "diloco", "--max-replicas", "1"], "--max-replicas"),
+        (["--mode", "diloco", "--kill", "x"], "--kill"),
+        (["--mode", "diloco", "--join", "nohost"], "--join"),
+        (["--mode", "diloco", "--join", "127.0.0.1:1"], "--join-id"),
+        (["--max-replicas", "3"], "--max-replicas"),  # pipeline mode
+    ],
+)
+def test_cli_rejects_bad_elastic_flags_before_forking(monkeypatch, args, flag):
+    import moeflow.launch
+    from moeflow.cli import geo as cli
+
+    monkeypatch.setattr(moeflow.launch, "launch", lambda *a, **k: pytest.fail("forked"))
+    with pytest.raises(ConfigError) as e:
+        cli.main(["train", *args])
+    assert e.value.field.startswith(flag), e.value
+
+
+@pytest.mark.slow
+def test_cli_a_device_joins_a_running_job_through_the_printed_broker(tmp_path):
+    """``moeflow geo train --mode diloco --max-replicas 3`` prints its broker; a second
+    command with ``--join`` becomes the third replica at an outer step."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
+    flags = [
+        "--mode", "diloco", "--replicas", "2", "--inner-steps", "2", "--dim", "16",
+        "--layers", "1", "--heads", "2", "--seq-len", "8", "--microbatch-size", "1",
+        "--microbatches", "1",
+    ]  # fmt: skip
+    out = tmp_path / "run.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "moeflow.cli", "geo", "train", *flags]
+    job = subprocess.Popen(
+        [*cmd, "--steps", "3000", "--max-replicas", "3", "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    first = job.stdout.readline()
+    addr = re.search(r"broker at (\S+):", first).group(1)
+    t0 = time.monotonic()
+    joined = subprocess.run(
+        [*cmd, "--steps", "3000", "--join", addr, "--join-id", "2"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    rest, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-3000:]
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    assert time.monotonic() - t0 < 600
+    doc = json.loads(out.read_text())
+    assert doc["replicas"][0] == 2 and doc["replicas"][-1] == 3, doc["replicas"][-5:]
+    k = doc["replicas"].index(3)
+    assert k % 2 == 0  # right after an outer step (H = 2)
+    assert f"device 2 joined: replica 2 from step {k}" in doc["events"]

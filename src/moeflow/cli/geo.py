@@ -14,9 +14,12 @@ one rank and the agent's store is the broker. ``train --mode diloco`` runs data-
 replicas instead (one gloo rank each; ``--replicas N`` or one per site of ``--devices``) that
 all-reduce once every ``--inner-steps`` steps (DiLoCo, :mod:`moeflow.geo.diloco`);
 ``--mode dp`` is the plain data-parallel baseline (gradients all-reduced every step).
-``train --mode pipeline-diloco`` runs a pipeline of ``--stages`` ranks in each site (one per
-device of the site with ``--devices``) and DiLoCo between the sites
-(:mod:`moeflow.geo.diloco`).
+``train --mode diloco`` with ``--backups``, ``--max-replicas`` or ``--kill`` lets replicas
+change at an outer step (:mod:`moeflow.geo.elastic`): spares replace a replica that leaves,
+and a device started with ``--join HOST:PORT`` (the broker address the job prints) becomes a
+replica or a spare at the next outer step. ``train --mode pipeline-diloco`` runs a pipeline
+of ``--stages`` ranks in each site (one per device of the site with ``--devices``) and DiLoCo
+between the sites (:mod:`moeflow.geo.diloco`).
 """
 
 from __future__ import annotations
@@ -116,6 +119,18 @@ def add_geo_arguments(p: argparse.ArgumentParser) -> None:
     )
     dl.add_argument("--outer-lr", type=float, help="outer Nesterov SGD lr (diloco; 0.7)")
     dl.add_argument("--outer-momentum", type=float, help="outer momentum in [0, 1) (diloco; 0.9)")
+    dl.add_argument(
+        "--max-replicas",
+        type=int,
+        help="diloco: devices that join become replicas up to this many, then spares",
+    )
+    dl.add_argument(
+        "--join",
+        metavar="HOST:PORT",
+        help="diloco: join the running job whose broker is at HOST:PORT (printed by it) with "
+        "the same flags, from its next outer step on",
+    )
+    dl.add_argument("--join-id", type=int, help="with --join: this device's id, unique in the job")
     src = tr.add_mutually_exclusive_group()
     src.add_argument("--plan", help="a plan written by 'moeflow geo plan --out'")
     src.add_argument("--stages", type=int, help="even split into this many stages (no plan)")
@@ -333,7 +348,13 @@ def diloco_job_from_args(args) -> object:
     for flag, attr, default in _PIPELINE_ONLY:
         if hybrid and attr == "stages":
             continue
-        if args.mode == "diloco" and attr in ("checkpoint_dir", "checkpoint_every", "resume"):
+        if args.mode == "diloco" and attr in (
+            "checkpoint_dir",
+            "checkpoint_every",
+            "resume",
+            "backups",
+            "kill",
+        ):
             continue
         if getattr(args, attr) != default:
             raise ConfigError(flag, getattr(args, attr), f"absent with --mode {args.mode}")
@@ -385,16 +406,96 @@ def diloco_job_from_args(args) -> object:
         raise ConfigError(flag, e.value, e.allowed) from None
 
 
+def elastic_job_from_args(args, job) -> object:
+    """The :class:`moeflow.geo.elastic.ElasticJob` of ``--mode diloco`` with ``--backups``,
+    ``--kill``, ``--max-replicas`` or ``--join`` (None without them)."""
+    from moeflow.geo import elastic
+
+    if not (args.backups or args.kill or args.max_replicas is not None or args.join):
+        if args.join_id is not None:
+            raise ConfigError("--join-id", args.join_id, "given with --join")
+        return None
+    if args.mode != "diloco":
+        raise ConfigError("--backups/--kill/--max-replicas/--join", args.mode, "--mode diloco")
+    kill = None
+    if args.kill:
+        try:
+            kill = tuple(int(x) for x in args.kill.split(":"))
+            if len(kill) != 2:
+                raise ValueError
+        except ValueError:
+            raise ConfigError("--kill", args.kill, "SLOT:STEP, two integers") from None
+    try:
+        return elastic.ElasticJob(
+            diloco=job, backups=args.backups, max_replicas=args.max_replicas, kill=kill
+        )
+    except ConfigError as e:
+        flag = "--" + e.field.replace("_", "-")
+        raise ConfigError(flag, e.value, e.allowed) from None
+
+
+def _join_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("--join", text, "HOST:PORT of a running job's broker")
+    return host, int(port)
+
+
+def _train_elastic(args, ejob) -> int:
+    from torch.distributed import TCPStore
+
+    from moeflow.geo import elastic
+    from moeflow.launch import check_nproc
+
+    if args.join:
+        addr = _join_address(args.join)
+        if args.join_id is None:
+            raise ConfigError("--join-id", None, f"an int >= {ejob.world} with --join")
+        elastic.join(addr, args.join_id, ejob)
+        print(f"device {args.join_id}: the job ended")
+        return 0
+    check_nproc(ejob.world, force=args.force_nproc)
+    store = TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    print(
+        f"broker at 127.0.0.1:{store.port}: a device joins with 'moeflow geo train --mode "
+        f"diloco --join 127.0.0.1:{store.port} --join-id N' and this job's flags "
+        f"(N >= {ejob.world})",
+        flush=True,
+    )
+    result = elastic.train(ejob, force=args.force_nproc, store=store)
+    steps = ejob.diloco.steps
+    for k, loss in enumerate(result.losses):
+        if k % max(1, steps // 10) == 0 or k == steps - 1:
+            print(f"step {k:4d}  loss {loss:.4f}  replicas {result.replicas[k]}")
+    for e in result.events:
+        print(e)
+    if args.json_out:
+        doc = {
+            "job": ejob.diloco.to_dict(),
+            "backups": ejob.backups,
+            "max_replicas": ejob.max_replicas,
+            "losses": result.losses,
+            "replicas": result.replicas,
+            "events": result.events,
+        }
+        with atomic_file(args.json_out, force=args.force) as f:
+            json.dump(doc, f, indent=1)
+    return 0
+
+
 def _train_replicas(args) -> int:
     from moeflow.geo import diloco
     from moeflow.launch import check_nproc
 
     job = diloco_job_from_args(args)
+    ejob = elastic_job_from_args(args, job)
     check_output(
         "--json", args.json_out, inputs=[args.devices, args.checkpoint_dir], force=args.force
     )
     if job.resume:  # the checkpoint loads into this job, before any fork
         diloco.check_resume(job)
+    if ejob is not None:
+        return _train_elastic(args, ejob)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # one replica under torchrun
         result = diloco.run_torchrun(job)
         if result is None:  # rank 0 reports
@@ -440,7 +541,14 @@ def _train(args) -> int:
 
     if args.mode != "pipeline":
         return _train_replicas(args)
-    for flag, attr in (("--replicas", "replicas"), ("--devices", "devices"), *_DILOCO_ONLY):
+    for flag, attr in (
+        ("--replicas", "replicas"),
+        ("--devices", "devices"),
+        ("--max-replicas", "max_replicas"),
+        ("--join", "join"),
+        ("--join-id", "join_id"),
+        *_DILOCO_ONLY,
+    ):
         if getattr(args, attr) is not None:
             raise ConfigError(flag, getattr(args, attr), "absent with --mode pipeline")
     job = job_from_args(args)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moeflow.errors import ConfigError, InputError
+from moeflow.errors import ConfigError
 from moeflow.geo import diloco
 from moeflow.geo.pipeline import GeoJobFailed, _beat, _client_store, _Group, _Membership
 from moeflow.validate import nonnegative_int, positive_int
@@ -289,8 +289,11 @@ def _rank_main(uid: int, world: int, job: ElasticJob, store_addr) -> dict:
 
 def join(store_addr: tuple[str, int], uid: int, job: ElasticJob) -> dict:
     """Entry of a device that joins a running job: register with the broker at
-    ``store_addr`` under process id ``uid`` (unique in the job), then take part from the
-    next outer step on (as a replica or a spare)."""
+    ``store_addr`` under process id ``uid`` (unique in the job, at least ``job.world``), then
+    take part from the next outer step on (as a replica or a spare) until the job ends."""
+    if isinstance(uid, bool) or not isinstance(uid, int) or uid < job.world:
+        raise ConfigError("join id", uid, f"an int >= {job.world} (the job's own processes)")
+    torch.set_num_threads(job.diloco.threads)
     return _rank_main(uid, 0, job, store_addr)
 
 
@@ -404,9 +407,12 @@ def _allreduce(group: _Group):
     return run
 
 
-def train(job: ElasticJob, *, force: bool = False, progress: bool = True) -> ElasticResult:
+def train(
+    job: ElasticJob, *, force: bool = False, progress: bool = True, store=None
+) -> ElasticResult:
     """Run ``job`` on local processes: the replicas, the spares, and one process per entry of
-    ``joins`` that arrives during the run; the parent hosts the store (the broker)."""
+    ``joins`` that arrives during the run. The parent hosts the broker: ``store`` (a server
+    ``TCPStore``; devices from elsewhere :func:`join` it), or a new one on 127.0.0.1."""
     from torch.distributed import TCPStore
 
     from moeflow.launch import RankFailed, launch
@@ -414,14 +420,15 @@ def train(job: ElasticJob, *, force: bool = False, progress: bool = True) -> Ela
     dj = job.diloco
     if dj.resume:
         diloco.check_resume(dj)
-    store = TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    if store is None:
+        store = TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
     expect = [job.kill[0]] if job.kill else []
     try:
         results = launch(
             _rank_main,
             job.world,
             job,
-            ("127.0.0.1", store.port),
+            (store.host, store.port),
             force=force,
             name="moeflow geo diloco",
             init_group=False,
@@ -434,14 +441,21 @@ def train(job: ElasticJob, *, force: bool = False, progress: bool = True) -> Ela
         if e.kind == GeoJobFailed.__name__:
             raise GeoJobFailed(str(e).split(": ", 2)[-1]) from None
         raise
+    return collect(store, job, [r for r in results if r is not None])
+
+
+def collect(store, job: ElasticJob, results: list[dict]) -> ElasticResult:
+    """The run's result from the broker (losses, replicas per step, events) and the
+    processes' reports (slot 0's global parameters)."""
+    dj = job.diloco
     losses, counts = [], []
     start = 0
     if dj.resume:
-        start = diloco.latest_checkpoint(dj.checkpoint_dir) or 0
+        start = (diloco.latest_checkpoint(dj.checkpoint_dir) or 0) + 1
     for k in range(dj.steps):
         if not store.check([f"count/{k}"]):
-            if k > start:
-                raise InputError(f"the run ended without a loss for step {k}")
+            if k >= start:
+                raise GeoJobFailed(f"the run ended without a loss for step {k}")
             losses.append(float("nan"))
             counts.append(0)
             continue
@@ -449,12 +463,11 @@ def train(job: ElasticJob, *, force: bool = False, progress: bool = True) -> Ela
         vals = [float(store.get(f"loss/{k}/{s}")) for s in range(n)]
         losses.append(sum(vals) / n)
         counts.append(n)
-    r0 = next((r for r in results if r is not None and r["params"]), None)
+    r0 = next((r for r in results if r["params"]), None)
     n = int(store.add("events", 0))
     events = [store.get(f"event/{i}").decode() for i in range(1, n + 1)]
     for r in results:
-        if r is not None:
-            events += r.get("events", [])
+        events += r.get("events", [])
     return ElasticResult(
         losses=losses,
         replicas=counts,
