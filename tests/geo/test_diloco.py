@@ -237,7 +237,7 @@ def no_fork(monkeypatch):
     "args,flag",
     [
         (["--mode", "diloco", "--stages", "2"], "--stages"),
-        (["--mode", "diloco", "--backups", "1"], "--backups"),
+        (["--mode", "dp", "--backups", "1"], "--backups"),
         (["--mode", "dp", "--resume"], "--resume"),
         (["--mode", "diloco", "--resume"], "--checkpoint-dir"),
         (
