@@ -529,6 +529,7 @@ def _train_replicas(args) -> int:
             "elapsed_s": result.elapsed_s,
             "wall_s": result.wall_s,
             "busy_s": result.busy_s,
+            "cpu_s": result.cpu_s,
             "utilization": result.utilization,
         }
         with atomic_file(args.json_out, force=args.force) as f:
@@ -601,6 +602,7 @@ def _report(args, job, result, ref) -> None:
             "wire_bytes": result.wire_bytes,
             "elapsed_s": result.elapsed_s,
             "busy_s": result.busy_s,
+            "cpu_s": result.cpu_s,
             "wall_s": result.wall_s,
             "utilization": result.utilization,
             "reference_losses": ref,

@@ -197,6 +197,8 @@ class DilocoResult:
     busy_s: list[float] = field(default_factory=list)
     #: per inner step: seconds since the loop started when the slowest rank ended the step
     elapsed_s: list[float] = field(default_factory=list)
+    #: per rank: CPU seconds its process used in the loop (all its threads)
+    cpu_s: list[float] = field(default_factory=list)
 
     @property
     def utilization(self) -> list[float]:
@@ -421,7 +423,7 @@ def run_replica(rank: int, world: int, job: DilocoJob, allreduce=None) -> dict:
         import torch.distributed as dist
 
         dist.barrier()  # every rank starts its clock together
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(start, job.steps):
         t0 = time.perf_counter()
         losses.append(rep.inner_step(step, allreduce if job.mode == "dp" else None))
@@ -437,7 +439,7 @@ def run_replica(rank: int, world: int, job: DilocoJob, allreduce=None) -> dict:
                     _mark_complete(job.checkpoint_dir, step, job.replicas)
         times.append(time.perf_counter() - t0)
         elapsed.append(time.perf_counter() - t_start)
-    wall = time.perf_counter() - t_start
+    wall, cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
     if job.mode == "dp":
         final = [p.detach().clone() for p in rep.params]
     else:
@@ -451,6 +453,7 @@ def run_replica(rank: int, world: int, job: DilocoJob, allreduce=None) -> dict:
         "elapsed": elapsed,
         "wall_s": wall,
         "busy_s": wall - sum(getattr(allreduce, "seconds", [])),
+        "cpu_s": cpu,
         "allreduce_bytes": list(allreduce.calls),
         "allreduce_s": list(getattr(allreduce, "seconds", [])),
         "param_bytes": rep.param_bytes,
@@ -583,7 +586,7 @@ def run_stage(rank: int, world: int, job, groups=None) -> dict:
     losses, elapsed = [], []
     if world > 1 and groups is None:
         dist.barrier()  # every rank starts its clock together
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(job.steps):
         loss = runner.step(pipe, batches, step)
         if loss is not None:
@@ -591,7 +594,7 @@ def run_stage(rank: int, world: int, job, groups=None) -> dict:
         if (step + 1) % job.inner_steps == 0 and params:
             _outer_step(params, global_params, outer, allreduce, R)
         elapsed.append(time.perf_counter() - t_start)
-    wall = time.perf_counter() - t_start
+    wall, cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
     comm = pipe.wait_s + sum(allreduce.seconds)
     return {
         "rank": rank,
@@ -601,6 +604,7 @@ def run_stage(rank: int, world: int, job, groups=None) -> dict:
         "elapsed": elapsed,
         "wall_s": wall,
         "busy_s": wall - comm,
+        "cpu_s": cpu,
         "allreduce_bytes": list(allreduce.calls),
         "allreduce_s": list(allreduce.seconds),
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
@@ -645,6 +649,7 @@ def merge(results: list[dict], job: DilocoJob) -> DilocoResult:
         params=[p for r in first for p in r["params"]],
         wall_s=[r["wall_s"] for r in results],
         busy_s=[r["busy_s"] for r in results],
+        cpu_s=[r["cpu_s"] for r in results],
         elapsed_s=elapsed,
     )
 

@@ -223,6 +223,8 @@ class GeoResult:
     #: per step: seconds since its rank's loop started when the step ended (the slowest
     #: rank that reported it)
     elapsed_s: list[float] = field(default_factory=list)
+    #: per stage (last generation): CPU seconds its process used in the loop
+    cpu_s: list[float] = field(default_factory=list)
 
     @property
     def utilization(self) -> list[float]:
@@ -780,7 +782,7 @@ def _run(uid, world, job, store, events, result) -> None:
         group = _Group(store, gen, s, S, job.timeout_s)
         graveyard.append(group)  # a failed group is dropped, never torn down mid-wait
         try:
-            t_loop = time.perf_counter()
+            t_loop, cpu_loop = time.perf_counter(), time.process_time()
             for step in range(start, job.steps):
                 if s == 0:
                     store.set(f"step/{gen}", str(step))
@@ -797,7 +799,8 @@ def _run(uid, world, job, store, events, result) -> None:
                 result["elapsed"][step] = time.perf_counter() - t_loop
             wall = time.perf_counter() - t_loop
             store.set(f"wire/{gen}/{s}", json.dumps(runner.wire))
-            store.set(f"util/{gen}/{s}", json.dumps([wall - group.wait_s, wall]))
+            cpu = time.process_time() - cpu_loop
+            store.set(f"util/{gen}/{s}", json.dumps([wall - group.wait_s, wall, cpu]))
             # leave together: nobody tears down while a peer still waits on it
             group.wait(group.pg.barrier())
             result["stage"] = s
@@ -943,6 +946,7 @@ def merge_results(results: list[dict], losses: dict, job: GeoJob, start: int = 0
         wire_bytes=wire,
         busy_s=[u[0] for u in util],
         wall_s=[u[1] for u in util],
+        cpu_s=[u[2] for u in util],
         elapsed_s=[elapsed.get(k, float("nan")) for k in range(job.steps)],
     )
 
