@@ -3,8 +3,8 @@
 The training module (``geo.pipeline.build_module``) is traced and split at one cut into two
 stages that run in this process; every floating tensor crossing the cut goes through a
 codec forward (activations) and backward (their gradients), as on a pipeline link, and the
-loss curve is compared with the exact one. Same model, data, micro-batching and AdamW as
-``benchmarks/geo_train.py``'s convergence part.
+loss curve is compared with the exact one. The demo model of ``benchmarks/geo_diloco.py``
+(dim 128, 4 layers, 4 micro-batches of 4), its data and AdamW.
 
     python benchmarks/geo_adatopk_cut.py --steps 300 --cut 37 --density 0.25 [variants...]
 
@@ -42,7 +42,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from geo_train import MICROBATCHES, MODEL  # noqa: E402
+from geo_diloco import MICROBATCHES, MODEL  # noqa: E402
 
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""AdaTopK's convergence on the pipeline itself: the 4-stage even split of the demo model that
-``benchmarks/geo_train.py`` records (bounds [0, 18, 37, 54, 76]), the mid-model link 1
-sparsified, 300 steps, against the 1-process exact curve (4 local gloo ranks).
+"""AdaTopK's convergence on the pipeline itself: the 4-stage even split of the demo model
+(dim 128, 4 layers; bounds [0, 18, 37, 54, 76]), the mid-model link 1 sparsified, 300 steps,
+against the 1-process exact curve (4 local gloo ranks).
 
     python benchmarks/geo_adatopk_pipeline.py [--densities 0.25,0.1] [--steps 300]
 """
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from geo_train import MICROBATCHES, MODEL  # noqa: E402
+from geo_diloco import MICROBATCHES, MODEL  # noqa: E402
 
 BOUNDS = (0, 18, 37, 54, 76)
 

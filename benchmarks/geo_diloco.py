@@ -24,7 +24,11 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import cpu_name, write_record  # noqa: E402
-from geo_train import MICROBATCHES, MODEL, torchrun_on  # noqa: E402
+from geo_train import torchrun_on  # noqa: E402
+
+#: the demo model and micro-batching of this record
+MODEL = dict(dim=128, layers=4, heads=4, seq_len=64, experts=4, microbatch_size=4)
+MICROBATCHES = 4
 
 
 def flags(mode: str, steps: int, h: int | None) -> list[str]:

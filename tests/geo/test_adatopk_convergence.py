@@ -81,7 +81,7 @@ def test_pipeline_adatopk_is_the_gradient_of_the_sparsified_forward():
 
 @pytest.mark.slow
 def test_adatopk_mid_cut_ends_within_2_percent_of_exact():
-    """The record's setting: the demo model of benchmarks/geo_train.py, the even split's
+    """The record's setting: the demo model of benchmarks/geo_diloco.py, the even split's
     mid-model cut (node 37 of 76), density 0.25, 300 steps (2 ranks, ~2 min)."""
     model = dict(dim=128, layers=4, heads=4, seq_len=64, experts=4, microbatch_size=4)
     base = dict(model, microbatches=4, steps=300, timeout_s=1800.0)

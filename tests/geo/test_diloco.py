@@ -5,6 +5,7 @@ trains, and each outer step all-reduces exactly the parameters' bytes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -122,6 +123,42 @@ def test_two_replicas_outer_update_matches_hand_reference(one_thread):
     assert result.replica_losses[0] != result.replica_losses[1]
 
 
+def test_checkpoint_and_resume_equal_the_uninterrupted_run(tmp_path, one_thread):
+    base = dict(replicas=2, inner_steps=2)
+    full = diloco.train(_job(**base, steps=8), progress=False)
+    ck = str(tmp_path / "ck")
+    cut = diloco.train(_job(**base, steps=4, checkpoint_dir=ck, checkpoint_every=2), progress=False)
+    assert cut.losses == full.losses[:4]
+    assert diloco.latest_checkpoint(ck) == 3
+    assert sorted(os.listdir(ck)) == ["latest", "step0000003"]  # older checkpoints dropped
+    job = _job(**base, steps=8, checkpoint_dir=ck, resume=True)
+    assert diloco.check_resume(job) == 3
+    rest = diloco.train(job, progress=False)
+    # the inner AdamW state, the global parameters and the outer momentum came back: the
+    # same floats as without the interruption
+    assert rest.losses[4:] == full.losses[4:]
+    assert all(x != x for x in rest.losses[:4])  # steps before the resume are NaN
+    assert all(torch.equal(a, b) for a, b in zip(rest.params, full.params, strict=True))
+
+
+def test_resume_refuses_a_checkpoint_of_another_job(tmp_path):
+    from moeflow.errors import InputError
+
+    ck = str(tmp_path / "ck")
+    with pytest.raises(InputError, match="no complete checkpoint"):
+        diloco.check_resume(_job(steps=4, inner_steps=2, checkpoint_dir=ck, resume=True))
+    diloco.train(
+        _job(replicas=2, steps=2, inner_steps=2, checkpoint_dir=ck, checkpoint_every=2),
+        progress=False,
+    )
+    with pytest.raises(InputError, match="holds 2 replicas"):
+        diloco.check_resume(
+            _job(replicas=3, steps=4, inner_steps=2, checkpoint_dir=ck, resume=True)
+        )
+    with pytest.raises(InputError, match="does not fit replica 0"):
+        diloco.check_resume(_job(dim=64, steps=4, inner_steps=2, checkpoint_dir=ck, resume=True))
+
+
 def _param_bytes(job) -> int:
     return sum(p.numel() * p.element_size() for p in geo.build_module(job.model_job()).parameters())
 
@@ -200,8 +237,13 @@ def no_fork(monkeypatch):
     "args,flag",
     [
         (["--mode", "diloco", "--stages", "2"], "--stages"),
-        (["--mode", "diloco", "--backups", "1"], "--backups"),
-        (["--mode", "diloco", "--resume"], "--resume"),
+        (["--mode", "dp", "--backups", "1"], "--backups"),
+        (["--mode", "dp", "--resume"], "--resume"),
+        (["--mode", "diloco", "--resume"], "--checkpoint-dir"),
+        (
+            ["--mode", "diloco", "--checkpoint-dir", "ck", "--checkpoint-every", "3"],
+            "--checkpoint-every",
+        ),  # not right after an outer step (H = 10)
         (["--mode", "diloco", "--inner-steps", "0"], "--inner-steps"),
         (["--mode", "diloco", "--outer-momentum", "1"], "--outer-momentum"),
         (["--mode", "diloco", "--outer-momentum", "nan"], "--outer-momentum"),

@@ -57,6 +57,11 @@ def test_two_stages_equal_one_process(reference):
     diff = max(abs(a - b) for a, b in zip(result.losses, reference, strict=True))
     assert diff < 1e-5, diff
     assert result.losses[-1] < result.losses[0]  # it trains
+    # each stage's busy time (not blocked on a transfer) is measured, within its wall time
+    assert len(result.utilization) == 2
+    assert all(0 < u <= 1 for u in result.utilization), result.utilization
+    assert all(b < w for b, w in zip(result.busy_s, result.wall_s, strict=True))
+    assert all(x < y for x, y in zip(result.elapsed_s, result.elapsed_s[1:]))
 
 
 def test_four_uneven_stages_with_skip_tensors_equal_one_process(reference):

@@ -155,3 +155,19 @@ def test_without_feedback_is_plain_topk_every_time():
         assert indices.tolist() == [0, 1]
         assert values.tolist() == [4.0, -3.0]
         assert fb.residual is None
+
+
+def test_a_non_contiguous_tensor_is_compressed_in_row_major_order():
+    """A tensor crossing a pipeline cut may be a transposed view; its positions are those of
+    the row-major flattening, as the receiver and the backward index them."""
+    x = torch.randn(6, 5).t()  # (5, 6), not contiguous
+    assert not x.is_contiguous()
+    for feedback in (False, True):
+        fb = TopKFeedback(0.3, feedback=feedback)
+        values, positions = fb.compress(x)
+        assert torch.equal(values, x.reshape(-1)[positions])
+        dense = TopKFeedback.decompress(values, positions, x.shape, x.dtype)
+        kept = dense != 0
+        assert torch.equal(dense[kept], x[kept])
+        assert x[kept].abs().min() >= x[~kept].abs().max()  # the largest entries
+        fb.compress(x)  # and again with the residual of the first call

@@ -4,6 +4,7 @@
     moeflow geo train --plan plan.json --steps 30 [--backups 1 --checkpoint-every 5 ...]
     moeflow geo train --stages 2 --steps 30 --compare      # also the single-process curve
     moeflow geo train --mode diloco --replicas 2 --inner-steps 10 --steps 30
+    moeflow geo train --mode pipeline-diloco --devices sites.json --inner-steps 10 --steps 30
 
 ``plan`` traces the model (``torch.fx``), partitions its operator graph over the devices of
 the file (:mod:`moeflow.plan.geo`) and prints the stages, their times and the AdaTopK density
@@ -13,6 +14,12 @@ one rank and the agent's store is the broker. ``train --mode diloco`` runs data-
 replicas instead (one gloo rank each; ``--replicas N`` or one per site of ``--devices``) that
 all-reduce once every ``--inner-steps`` steps (DiLoCo, :mod:`moeflow.geo.diloco`);
 ``--mode dp`` is the plain data-parallel baseline (gradients all-reduced every step).
+``train --mode diloco`` with ``--backups``, ``--max-replicas`` or ``--kill`` lets replicas
+change at an outer step (:mod:`moeflow.geo.elastic`): spares replace a replica that leaves,
+and a device started with ``--join HOST:PORT`` (the broker address the job prints) becomes a
+replica or a spare at the next outer step. ``train --mode pipeline-diloco`` runs a pipeline
+of ``--stages`` ranks in each site (one per device of the site with ``--devices``) and DiLoCo
+between the sites (:mod:`moeflow.geo.diloco`).
 """
 
 from __future__ import annotations
@@ -93,20 +100,37 @@ def add_geo_arguments(p: argparse.ArgumentParser) -> None:
     tr = sub.add_parser("train", help="run a plan as a pipeline of gloo ranks (or DiLoCo)")
     tr.add_argument(
         "--mode",
-        choices=("pipeline", "diloco", "dp"),
+        choices=("pipeline", "diloco", "dp", "pipeline-diloco"),
         default="pipeline",
         help="pipeline (default); diloco: replicas synchronised every --inner-steps; "
-        "dp: plain data parallel (gradients all-reduced every step)",
+        "dp: plain data parallel (gradients all-reduced every step); pipeline-diloco: a "
+        "pipeline of --stages ranks per site, DiLoCo between the sites",
     )
-    dl = tr.add_argument_group("diloco and dp (--mode diloco|dp)")
+    dl = tr.add_argument_group("diloco, dp and pipeline-diloco (--mode diloco|dp|pipeline-diloco)")
     reps = dl.add_mutually_exclusive_group()
     reps.add_argument("--replicas", type=int, help="data-parallel replicas, one rank each (2)")
-    reps.add_argument("--devices", help="device graph JSON: one replica per site")
+    reps.add_argument(
+        "--devices",
+        help="device graph JSON: one replica per site (pipeline-diloco: a stage per device "
+        "of the smallest site unless --stages)",
+    )
     dl.add_argument(
         "--inner-steps", type=int, help="H: AdamW steps between outer steps (diloco; 10)"
     )
     dl.add_argument("--outer-lr", type=float, help="outer Nesterov SGD lr (diloco; 0.7)")
     dl.add_argument("--outer-momentum", type=float, help="outer momentum in [0, 1) (diloco; 0.9)")
+    dl.add_argument(
+        "--max-replicas",
+        type=int,
+        help="diloco: devices that join become replicas up to this many, then spares",
+    )
+    dl.add_argument(
+        "--join",
+        metavar="HOST:PORT",
+        help="diloco: join the running job whose broker is at HOST:PORT (printed by it) with "
+        "the same flags, from its next outer step on",
+    )
+    dl.add_argument("--join-id", type=int, help="with --join: this device's id, unique in the job")
     src = tr.add_mutually_exclusive_group()
     src.add_argument("--plan", help="a plan written by 'moeflow geo plan --out'")
     src.add_argument("--stages", type=int, help="even split into this many stages (no plan)")
@@ -320,7 +344,18 @@ def diloco_job_from_args(args) -> object:
     (ConfigError naming it) before anything is forked."""
     from moeflow.geo import diloco
 
+    hybrid = args.mode == "pipeline-diloco"
     for flag, attr, default in _PIPELINE_ONLY:
+        if hybrid and attr == "stages":
+            continue
+        if args.mode == "diloco" and attr in (
+            "checkpoint_dir",
+            "checkpoint_every",
+            "resume",
+            "backups",
+            "kill",
+        ):
+            continue
         if getattr(args, attr) != default:
             raise ConfigError(flag, getattr(args, attr), f"absent with --mode {args.mode}")
     if args.mode == "dp":
@@ -329,13 +364,23 @@ def diloco_job_from_args(args) -> object:
                 raise ConfigError(flag, getattr(args, attr), "absent with --mode dp")
     validate_model_args(args)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    stages = args.stages if hybrid and args.stages is not None else 1
     if args.devices is not None:
-        replicas = diloco.replicas_from_devices(args.devices)
+        sites = diloco.sites_from_devices(args.devices)
+        replicas = len(sites)
+        if hybrid and args.stages is None:
+            stages = min(sites)
     elif args.replicas is not None:
         replicas = args.replicas
-    else:  # one replica per torchrun rank, else two local ranks
-        replicas = int(os.environ["WORLD_SIZE"]) if under_torchrun else 2
-    kw = {}
+    else:  # one replica per torchrun rank (per `stages` ranks), else two local replicas
+        replicas = max(1, int(os.environ["WORLD_SIZE"]) // stages) if under_torchrun else 2
+    kw = {"stages": stages} if hybrid else {}
+    if args.mode == "diloco":
+        kw.update(
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+        )
     for _, attr in _DILOCO_ONLY:
         if getattr(args, attr) is not None:
             kw[attr] = getattr(args, attr)
@@ -361,28 +406,114 @@ def diloco_job_from_args(args) -> object:
         raise ConfigError(flag, e.value, e.allowed) from None
 
 
+def elastic_job_from_args(args, job) -> object:
+    """The :class:`moeflow.geo.elastic.ElasticJob` of ``--mode diloco`` with ``--backups``,
+    ``--kill``, ``--max-replicas`` or ``--join`` (None without them)."""
+    from moeflow.geo import elastic
+
+    if not (args.backups or args.kill or args.max_replicas is not None or args.join):
+        if args.join_id is not None:
+            raise ConfigError("--join-id", args.join_id, "given with --join")
+        return None
+    if args.mode != "diloco":
+        raise ConfigError("--backups/--kill/--max-replicas/--join", args.mode, "--mode diloco")
+    kill = None
+    if args.kill:
+        try:
+            kill = tuple(int(x) for x in args.kill.split(":"))
+            if len(kill) != 2:
+                raise ValueError
+        except ValueError:
+            raise ConfigError("--kill", args.kill, "SLOT:STEP, two integers") from None
+    try:
+        return elastic.ElasticJob(
+            diloco=job, backups=args.backups, max_replicas=args.max_replicas, kill=kill
+        )
+    except ConfigError as e:
+        flag = "--" + e.field.replace("_", "-")
+        raise ConfigError(flag, e.value, e.allowed) from None
+
+
+def _join_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("--join", text, "HOST:PORT of a running job's broker")
+    return host, int(port)
+
+
+def _train_elastic(args, ejob) -> int:
+    from torch.distributed import TCPStore
+
+    from moeflow.geo import elastic
+    from moeflow.launch import check_nproc
+
+    if args.join:
+        addr = _join_address(args.join)
+        if args.join_id is None:
+            raise ConfigError("--join-id", None, f"an int >= {ejob.world} with --join")
+        elastic.join(addr, args.join_id, ejob)
+        print(f"device {args.join_id}: the job ended")
+        return 0
+    check_nproc(ejob.world, force=args.force_nproc)
+    store = TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    print(
+        f"broker at 127.0.0.1:{store.port}: a device joins with 'moeflow geo train --mode "
+        f"diloco --join 127.0.0.1:{store.port} --join-id N' and this job's flags "
+        f"(N >= {ejob.world})",
+        flush=True,
+    )
+    result = elastic.train(ejob, force=args.force_nproc, store=store)
+    steps = ejob.diloco.steps
+    for k, loss in enumerate(result.losses):
+        if k % max(1, steps // 10) == 0 or k == steps - 1:
+            print(f"step {k:4d}  loss {loss:.4f}  replicas {result.replicas[k]}")
+    for e in result.events:
+        print(e)
+    if args.json_out:
+        doc = {
+            "job": ejob.diloco.to_dict(),
+            "backups": ejob.backups,
+            "max_replicas": ejob.max_replicas,
+            "losses": result.losses,
+            "replicas": result.replicas,
+            "events": result.events,
+        }
+        with atomic_file(args.json_out, force=args.force) as f:
+            json.dump(doc, f, indent=1)
+    return 0
+
+
 def _train_replicas(args) -> int:
     from moeflow.geo import diloco
     from moeflow.launch import check_nproc
 
     job = diloco_job_from_args(args)
-    check_output("--json", args.json_out, inputs=[args.devices], force=args.force)
+    ejob = elastic_job_from_args(args, job)
+    check_output(
+        "--json", args.json_out, inputs=[args.devices, args.checkpoint_dir], force=args.force
+    )
+    if job.resume:  # the checkpoint loads into this job, before any fork
+        diloco.check_resume(job)
+    if ejob is not None:
+        return _train_elastic(args, ejob)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # one replica under torchrun
         result = diloco.run_torchrun(job)
         if result is None:  # rank 0 reports
             return 0
     else:
-        check_nproc(job.replicas, force=args.force_nproc)
+        check_nproc(job.world, force=args.force_nproc)
         result = diloco.train(job, force=args.force_nproc)
     for k, loss in enumerate(result.losses):
         if k % max(1, job.steps // 10) == 0 or k == job.steps - 1:
             print(f"step {k:4d}  loss {loss:.4f}  {result.step_times_s[k] * 1e3:8.1f} ms")
     syncs = len(result.allreduce_bytes)
+    shape = f"{job.replicas} replicas" + (f" x {job.stages} stages" if job.stages > 1 else "")
+    util = ", ".join(f"{u:.0%}" for u in result.utilization)
     print(
-        f"{job.mode}: {job.replicas} replicas, {syncs} all-reduces of "
+        f"{job.mode}: {shape}, {syncs} all-reduces of "
         f"{result.param_bytes / 1e6:.3f} MB (the parameters); "
         f"{result.bytes_per_inner_step / 1e6:.4f} MB per replica and inner step; "
-        f"{result.tokens_per_s:.0f} tokens/s"
+        f"{result.tokens_per_s:.0f} tokens/s; compute utilization per rank {util}"
     )
     if args.json_out:
         doc = {
@@ -395,6 +526,11 @@ def _train_replicas(args) -> int:
             "param_bytes": result.param_bytes,
             "bytes_per_inner_step": result.bytes_per_inner_step,
             "tokens_per_s": result.tokens_per_s,
+            "elapsed_s": result.elapsed_s,
+            "wall_s": result.wall_s,
+            "busy_s": result.busy_s,
+            "cpu_s": result.cpu_s,
+            "utilization": result.utilization,
         }
         with atomic_file(args.json_out, force=args.force) as f:
             json.dump(doc, f, indent=1)
@@ -406,7 +542,14 @@ def _train(args) -> int:
 
     if args.mode != "pipeline":
         return _train_replicas(args)
-    for flag, attr in (("--replicas", "replicas"), ("--devices", "devices"), *_DILOCO_ONLY):
+    for flag, attr in (
+        ("--replicas", "replicas"),
+        ("--devices", "devices"),
+        ("--max-replicas", "max_replicas"),
+        ("--join", "join"),
+        ("--join-id", "join_id"),
+        *_DILOCO_ONLY,
+    ):
         if getattr(args, attr) is not None:
             raise ConfigError(flag, getattr(args, attr), "absent with --mode pipeline")
     job = job_from_args(args)
@@ -444,6 +587,9 @@ def _report(args, job, result, ref) -> None:
         print(e)
     mb = ", ".join(f"{b / 1e6:.2f}" for b in result.wire_bytes)
     print(f"bytes on each link (MB, both directions, all steps): {mb}")
+    if result.wall_s:
+        util = ", ".join(f"{u:.0%}" for u in result.utilization)
+        print(f"compute utilization per stage (busy / wall): {util}")
     if ref is not None:
         worst = max(abs(a - b) for a, b in zip(result.losses, ref, strict=True))
         print(f"max |pipeline - 1 process| over {job.steps} steps: {worst:.2e}")
@@ -454,6 +600,11 @@ def _report(args, job, result, ref) -> None:
             "step_times_s": result.step_times_s,
             "events": result.events,
             "wire_bytes": result.wire_bytes,
+            "elapsed_s": result.elapsed_s,
+            "busy_s": result.busy_s,
+            "cpu_s": result.cpu_s,
+            "wall_s": result.wall_s,
+            "utilization": result.utilization,
             "reference_losses": ref,
         }
         with atomic_file(args.json_out, force=args.force) as f:

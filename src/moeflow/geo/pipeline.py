@@ -216,6 +216,20 @@ class GeoResult:
     events: list[str] = field(default_factory=list)
     #: per link s -> s+1, both directions, all steps of the last generation of the group
     wire_bytes: list[int] = field(default_factory=list)
+    #: per stage (last generation): wall time of its training loop, and the part of it not
+    #: blocked on a transfer (a receive, or a send's completion) - computing
+    busy_s: list[float] = field(default_factory=list)
+    wall_s: list[float] = field(default_factory=list)
+    #: per step: seconds since its rank's loop started when the step ended (the slowest
+    #: rank that reported it)
+    elapsed_s: list[float] = field(default_factory=list)
+    #: per stage (last generation): CPU seconds its process used in the loop
+    cpu_s: list[float] = field(default_factory=list)
+
+    @property
+    def utilization(self) -> list[float]:
+        """Per stage: compute utilization, busy time over wall time."""
+        return [b / w if w > 0 else 0.0 for b, w in zip(self.busy_s, self.wall_s, strict=True)]
 
 
 # ---- model, data, graph -----------------------------------------------------------------
@@ -336,6 +350,7 @@ class _Group:
             datetime.timedelta(seconds=timeout_s),
         )
         self.flag = f"fail/{gen}"
+        self.wait_s = 0.0  # time this rank spent blocked on a transfer of this group
 
     def failed(self) -> bool:
         return self.store.check([self.flag])
@@ -347,6 +362,7 @@ class _Group:
         """``work.wait()`` in a thread; give up when the group is marked failed. (A gloo wait
         with a timeout closes the pair, so the wait itself cannot be polled.)"""
         done, err = threading.Event(), []
+        t0 = time.perf_counter()
 
         def run():
             try:
@@ -359,6 +375,7 @@ class _Group:
         while not done.wait(_POLL_S):
             if self.failed():
                 raise _Membership(self.store.get(self.flag).decode())
+        self.wait_s += time.perf_counter() - t0
         if err:
             self.fail(f"stage {self.rank}: {type(err[0]).__name__}: {err[0]}")
             raise _Membership(str(err[0]))
@@ -689,7 +706,7 @@ def _rank_main(uid: int, world: int, job: GeoJob, store_addr: tuple[str, int] | 
     stop = threading.Event()
     threading.Thread(target=_beat, args=(store, uid, stop), daemon=True).start()
     events: list[str] = []
-    result = {"uid": uid, "times": {}, "events": events, "wire": None}
+    result = {"uid": uid, "times": {}, "elapsed": {}, "events": events, "wire": None}
     try:
         _run(uid, world, job, store, events, result)
     finally:
@@ -765,6 +782,7 @@ def _run(uid, world, job, store, events, result) -> None:
         group = _Group(store, gen, s, S, job.timeout_s)
         graveyard.append(group)  # a failed group is dropped, never torn down mid-wait
         try:
+            t_loop, cpu_loop = time.perf_counter(), time.process_time()
             for step in range(start, job.steps):
                 if s == 0:
                     store.set(f"step/{gen}", str(step))
@@ -778,7 +796,11 @@ def _run(uid, world, job, store, events, result) -> None:
                     if store.add(f"ckpt/{gen}/{step}", 1) == S:
                         _mark_complete(job.checkpoint_dir, step, S)
                         store.set("ckpt/latest", str(step))
+                result["elapsed"][step] = time.perf_counter() - t_loop
+            wall = time.perf_counter() - t_loop
             store.set(f"wire/{gen}/{s}", json.dumps(runner.wire))
+            cpu = time.process_time() - cpu_loop
+            store.set(f"util/{gen}/{s}", json.dumps([wall - group.wait_s, wall, cpu]))
             # leave together: nobody tears down while a peer still waits on it
             group.wait(group.pg.barrier())
             result["stage"] = s
@@ -786,6 +808,7 @@ def _run(uid, world, job, store, events, result) -> None:
                 # from a rank that has left since) and the bytes of every link
                 sent = [json.loads(store.get(f"wire/{gen}/{i}")) for i in range(S)]
                 result["wire"] = [sent[i][0] + sent[i + 1][1] for i in range(S - 1)]
+                result["util"] = [json.loads(store.get(f"util/{gen}/{i}")) for i in range(S)]
                 result["losses"] = {
                     k: float(store.get(f"loss/{k}"))
                     for k in range(job.steps)
@@ -900,14 +923,18 @@ def train(job: GeoJob, *, force: bool = False, progress: bool = True) -> GeoResu
 def merge_results(results: list[dict], losses: dict, job: GeoJob, start: int = 0) -> GeoResult:
     """One :class:`GeoResult` from the ranks' reports and the losses the last stage stored;
     steps before ``start`` (done before a resumed run) are NaN."""
-    times = {}
+    times, elapsed = {}, {}
     wire = [0] * (job.stages - 1)
+    util: list = []
     events = []
     for r in results:
         for k, v in r["times"].items():
-            times[k] = max(times.get(k, 0.0), v)
+            times[int(k)] = max(times.get(int(k), 0.0), v)
+        for k, v in r.get("elapsed", {}).items():
+            elapsed[int(k)] = max(elapsed.get(int(k), 0.0), v)
         if r.get("wire") is not None:
             wire = r["wire"]
+            util = r.get("util", [])
         events += r["events"]
     missing = [k for k in range(start, job.steps) if k not in losses]
     if missing:
@@ -917,6 +944,10 @@ def merge_results(results: list[dict], losses: dict, job: GeoJob, start: int = 0
         step_times_s=[times.get(k, float("nan")) for k in range(job.steps)],
         events=list(dict.fromkeys(events)),
         wire_bytes=wire,
+        busy_s=[u[0] for u in util],
+        wall_s=[u[1] for u in util],
+        cpu_s=[u[2] for u in util],
+        elapsed_s=[elapsed.get(k, float("nan")) for k in range(job.steps)],
     )
 
 

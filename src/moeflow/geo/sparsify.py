@@ -105,9 +105,9 @@ class TopKFeedback:
         with torch.no_grad():
             acc = x.detach().to(acc_dtype)
             if self.residual is not None:
-                acc = acc + self.residual.to(acc.device)
-            else:
-                acc = acc.clone()
+                acc = (acc + self.residual.to(acc.device)).contiguous()
+            else:  # a copy in row-major order (a cut tensor may be a transposed view)
+                acc = acc.clone(memory_format=torch.contiguous_format)
             flat = acc.view(-1)
             k = self.k(flat.numel())
             if k == flat.numel():
