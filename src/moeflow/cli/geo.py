@@ -35,7 +35,7 @@ from moeflow.files import atomic_file, check_output
 #: the lowest AdaTopK density ``plan`` uses by default. With the backward sending the gradient
 #: at the forward's positions, the demo model's 300-step loss ends within 2% of exact links at
 #: 0.25 and at 0.1 on a mid-model cut (notes/REJECTED.md, record geo_adatopk_cut_*); 0.25 is
-#: the value the geo_train record was measured with
+#: the density the geo_train record's AdaTopK arm uses on its cross-site links
 MIN_DENSITY = 0.25
 #: the most pipeline stages (devices) a plan may have
 MAX_STAGES = 64
