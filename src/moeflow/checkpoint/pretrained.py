@@ -87,7 +87,9 @@ _MLA_Q = (
 )
 
 
-def _attention_keys(cfg: DecoderConfig) -> tuple[str, ...]:
+def attention_keys(cfg: DecoderConfig) -> tuple[str, ...]:
+    """The attention tensors of one decoder layer, as named under ``model.layers.N.``
+    (MLA or grouped-query attention, with q/k norms where the config has them)."""
     if cfg.attention == "mla":
         q = ("self_attn.q_proj.weight",) if cfg.q_lora_rank is None else _MLA_Q
         return q + _MLA_KEYS
@@ -234,7 +236,7 @@ def from_hf_state_dict(sd: dict, cfg: DecoderConfig, fam: Family) -> dict:
         ours += ["shared.w_in", "shared.w_out"]
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        names = _attention_keys(cfg) + ("input_layernorm.weight", "post_attention_layernorm.weight")
+        names = attention_keys(cfg) + ("input_layernorm.weight", "post_attention_layernorm.weight")
         for n in names:
             out[dst + n] = take(src + n)
         moe = f"{src}{fam.moe_attr}."

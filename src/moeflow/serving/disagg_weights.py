@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from moeflow.checkpoint.hf_keys import EXPERT_DISK_NAMES
-from moeflow.checkpoint.pretrained import _attention_keys, check_pretrained
+from moeflow.checkpoint.pretrained import attention_keys, check_pretrained
 from moeflow.checkpoint.shards import SafetensorsCheckpoint
 from moeflow.errors import CorruptDataError, UnsupportedModelError
 from moeflow.layer.experts import Experts
@@ -124,7 +124,7 @@ def _dense_sources(cfg, fam) -> dict[str, list[str]]:
     }
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = ["lm_head.weight"]
-    names = _attention_keys(cfg) + ("input_layernorm.weight", "post_attention_layernorm.weight")
+    names = attention_keys(cfg) + ("input_layernorm.weight", "post_attention_layernorm.weight")
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         for n in names:
