@@ -12,19 +12,7 @@ import torch
 from moeflow.errors import ConfigError
 from moeflow.geo import diloco
 from moeflow.geo import pipeline as geo
-
-SMALL = dict(
-    dim=32,
-    layers=2,
-    heads=2,
-    seq_len=16,
-    experts=4,
-    ffn=64,
-    microbatch_size=2,
-    microbatches=2,
-    max_bytes=200_000,
-    timeout_s=120.0,
-)
+from tests.geo.diloco_cases import SMALL
 
 
 def _job(**kw) -> diloco.DilocoJob:
