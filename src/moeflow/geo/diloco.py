@@ -237,10 +237,12 @@ class ShardBatches:
 
 
 class CountingAllReduce:
-    """Sum a tensor over the group in place, and count the bytes handed to each call."""
+    """Sum a tensor in place over the default group, or over ``pg`` (a process group object:
+    the same stage of every replica in mode pipeline-diloco), and count the bytes handed to
+    each call and its wall time."""
 
-    def __init__(self, world: int, timeout_s: float | None = None):
-        self.world, self.timeout_s = world, timeout_s
+    def __init__(self, world: int, timeout_s: float | None = None, pg=None):
+        self.world, self.timeout_s, self.pg = world, timeout_s, pg
         self.calls: list[int] = []  # bytes handed to each call
         self.seconds: list[float] = []  # wall time of each call
 
@@ -252,7 +254,10 @@ class CountingAllReduce:
             import torch.distributed as dist
 
             try:
-                dist.all_reduce(t)  # the default group's timeout is the job's deadline
+                if self.pg is None:
+                    dist.all_reduce(t)  # the default group's timeout is the job's deadline
+                else:
+                    self.pg.allreduce([t]).wait()
             except RuntimeError as e:
                 if "timed out" not in str(e).lower():
                     raise
@@ -492,32 +497,6 @@ class _Pipe:
             self.wait(self.pg.recv([t], src, tag))
 
 
-class _GroupAllReduce:
-    """In-place sum over a stage's group (the same stage of every replica); counts the bytes
-    handed to each call and its wall time, as :class:`moeflow.geo.diloco.CountingAllReduce`."""
-
-    def __init__(self, pg, world: int, timeout_s: float):
-        self.pg, self.world, self.timeout_s = pg, world, timeout_s
-        self.calls: list[int] = []
-        self.seconds: list[float] = []
-
-    def __call__(self, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        self.calls.append(nbytes)
-        t0 = time.perf_counter()
-        if self.world > 1:
-            try:
-                self.pg.allreduce([t]).wait()
-            except RuntimeError as e:
-                if "timed out" not in str(e).lower():
-                    raise
-                raise CommTimeoutError(
-                    f"all-reduce {len(self.calls)} ({nbytes:,} bytes) got no answer from a "
-                    f"peer within timeout_s={self.timeout_s} s"
-                ) from None
-        self.seconds.append(time.perf_counter() - t0)
-
-
 def stage_bounds(job, traced) -> tuple[int, ...]:
     """The job's stage bounds over the traced graph (``bounds``, or an even split; one stage
     is the whole graph)."""
@@ -569,7 +548,7 @@ def run_stage(rank: int, world: int, job, groups=None) -> dict:
     bounds = stage_bounds(job, traced)
     if groups is None:
         pipe, pg = _groups(job, r, s)
-        allreduce = _GroupAllReduce(pg, R, job.timeout_s)
+        allreduce = CountingAllReduce(R, job.timeout_s, pg)
     else:
         pipe, allreduce = groups
     pipe = pipe or _NoPipe()
