@@ -23,6 +23,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """ "AVX-512 BF16" or "AVX2 only", from the CPU flags (every CPU record states which)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        flags = ""
+    return "AVX-512 BF16" if "avx512_bf16" in flags else "AVX2 only"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a loopback process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def collect_ranks(procs, timeout_s: float) -> tuple[dict | None, str | None]:
+    """Wait for rank processes started with ``stdout=PIPE``; ``(rank 0's last JSON line,
+    None)``, or ``(None, why)`` when a rank failed."""
+    outs = [p.communicate(timeout=timeout_s)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        return None, f"a rank exited with {[p.returncode for p in procs]}"
+    return json.loads([ln for ln in outs[0].splitlines() if ln.startswith("{")][-1]), None
+
+
 # --------------------------------------------------------------------------- GPU scripts
 def gpu_timer(smoke: bool, rep_ms: int = 40):
     """``ms(fn)``: milliseconds per call of ``fn``.

@@ -34,14 +34,13 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_name, write_record  # noqa: E402
+from _common import collect_ranks, cpu_isa, cpu_name, free_port, write_record  # noqa: E402
 
 # F / D = 0.375, the fine-grained experts of Qwen3-30B-A3B (hidden 2048, expert FFN 768)
 D, F, E, K, T = 1024, 384, 8, 2, 1024
@@ -201,12 +200,6 @@ def rank_main(rank: int, master: str, port: int, args) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_cmd(master: str, port: int, rank: int, args) -> list[str]:
     return [
         sys.executable,
@@ -226,23 +219,16 @@ def _rank_cmd(master: str, port: int, rank: int, args) -> list[str]:
     ]
 
 
-def _collect(procs) -> tuple[dict | None, str | None]:
-    outs = [p.communicate(timeout=3000)[0] for p in procs]
-    if any(p.returncode for p in procs):
-        return None, f"a rank exited with {[p.returncode for p in procs]}"
-    return json.loads([ln for ln in outs[0].splitlines() if ln.startswith("{")][-1]), None
-
-
 def run_cell(cell: str, args):
     if cell == "loopback":
-        port = _free_port()
+        port = free_port()
         procs = [
             subprocess.Popen(
                 _rank_cmd("127.0.0.1", port, r, args), stdout=subprocess.PIPE, text=True
             )
             for r in range(2)
         ]
-        return _collect(procs)
+        return collect_ranks(procs, 3000)
     import emulated_cluster as ec
 
     reason = ec.unavailable()
@@ -259,7 +245,7 @@ def run_cell(cell: str, args):
             )
             for r in range(2)
         ]
-        return _collect(procs)
+        return collect_ranks(procs, 3000)
     finally:
         ec.down()
 
@@ -288,8 +274,7 @@ def main(argv=None) -> int:
     import torch
 
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    isa = "AVX-512 BF16" if "avx512_bf16" in flags else "AVX2 only"
+    isa = cpu_isa()
     cmd = (
         f"python benchmarks/compressed_dispatch_cpu.py --cells {args.cells} --reps {args.reps} "
         f"--steps {args.steps} --r {args.r}"

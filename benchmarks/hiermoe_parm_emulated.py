@@ -48,7 +48,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_name, write_record  # noqa: E402
+from _common import cpu_isa, cpu_name, write_record  # noqa: E402
 
 D, F, E, K, T = 512, 1024, 16, 4, 512
 GROUPS, TOPK_GROUPS = 4, 2
@@ -427,8 +427,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    flags = open("/proc/cpuinfo").read()
-    isa = "AVX-512 BF16" if "avx512_bf16" in flags else "AVX2 only"
+    isa = cpu_isa()
     date = datetime.date.today().isoformat()
     lines = [
         f"# HierMoE dedup, FSMoE degrees and Parm on an emulated 2-node cluster ({date})",

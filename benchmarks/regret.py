@@ -53,7 +53,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_name, write_record  # noqa: E402
+from _common import cpu_isa, cpu_name, write_record  # noqa: E402
 
 SHAPES = {
     "S": dict(hidden_size=128, ffn_hidden_size=256, num_experts=8, top_k=2),
@@ -430,8 +430,7 @@ def spread(xs) -> str:
 def render(results: dict, args, skipped: dict, date: str) -> list[str]:
     import torch
 
-    flags = open("/proc/cpuinfo").read()
-    isa = "AVX-512 BF16" if "avx512_bf16" in flags else "AVX2 only"
+    isa = cpu_isa()
     L = [
         f"# Regret of moeflow's automatic choices ({date}, {args.host})",
         "",
