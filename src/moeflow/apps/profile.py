@@ -18,7 +18,8 @@
 * Compute, per dtype of ``compute_dtypes`` (float32 and bfloat16 by default), every rank at
   once (:func:`profile_compute`): ``gemm@<dtype>`` (square matmuls), ``expert_fwd@<dtype>``
   / ``expert_bwd@<dtype>`` (the SwiGLU expert FFN kernel ``moeflow.kernels.expert_ffn`` over
-  two shape classes, n = forward FLOPs ``6 N D F``), ``attention@<dtype>`` (SDPA forward,
+  two shape classes, n = forward FLOPs ``6 N D F``, ``meta["expert_experts"]`` experts per
+  call), ``attention@<dtype>`` (SDPA forward,
   n = ``4 B H L^2 d`` FLOPs), ``elementwise@<dtype>`` (add), ``norm@<dtype>`` (RMS norm)
   and ``index@<dtype>`` (row gather), n = bytes of the input.
 * Codec costs (ZipCCL's switch): ``zipccl_encode`` / ``zipccl_decode``, the collective
@@ -186,6 +187,7 @@ def _profile_collectives(
             "torch": torch.__version__,
             "compute_dtypes": list(compute_dtypes),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "expert_experts": EXPERTS_PER_RANK if compute_dtypes else None,
             "overlap": probe["overlap"],
             "overlap_probe": probe,
         },
