@@ -63,7 +63,33 @@ DTYPES = ("float32", "bfloat16")
 TOKENS = 512
 DEGREES = (1, 2, 4)
 CELLS = ("loopback", "2x1@1gbit", "2x1@100mbit", "2x2@1gbit", "2x2@100mbit")
-DECISIONS = ("degrees", "zipccl", "dedup", "parm")
+EP_DECISIONS = ("degrees", "zipccl", "dedup", "parm")
+#: FinDEP and the geo planner need two ranks: they run in the cells of world size 2
+PAIR_DECISIONS = ("findep", "geo")
+DECISIONS = EP_DECISIONS + PAIR_DECISIONS
+#: FinDEP's serving model (AG rank 0, EG rank 1), its step shapes (sequences, new tokens per
+#: sequence, cached positions before them) and the options timed besides naive and the pick
+FINDEP_MODEL = dict(hidden=128, layers=2, experts=8, vocab=2048, context=256)
+FINDEP_STEPS = {"prefill 8x64": (8, 64, 0), "decode 8x1": (8, 1, 64)}
+FINDEP_PPPIPE = (2, 4)
+FINDEP_R1 = (1, 2, 4)
+FINDEP_R2 = (2, 4, 8)
+#: the geo pipeline's job (2 stages, one per rank) and its steps per timed run
+GEO_JOB = dict(
+    model="demo",
+    dim=64,
+    layers=2,
+    heads=4,
+    seq_len=128,
+    experts=4,
+    ffn=128,
+    microbatch_size=4,
+    microbatches=4,
+)
+GEO_STEPS = 4
+#: each device's memory as a share of what the whole model needs (so a plan uses both)
+GEO_MEMORY_FRACTION = 0.6
+GEO_MIN_DENSITY = 0.05
 #: the profile sweep inside each job: collective sizes (bytes) and square GEMM sizes
 PROFILE_SIZES = (16384, 65536, 262144, 1048576)
 PROFILE_GEMM = (64, 128, 192, 256)
@@ -215,7 +241,7 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
         else None
     )
     out = {"perf": perf.to_dict(), "profile_s": profile_s, "cases": {}}
-    for sname in shapes:
+    for sname in shapes if set(EP_DECISIONS) & set(decisions) else ():
         shape = SHAPES[sname]
         for dtype in dtypes:
             dt = getattr(torch, dtype)
@@ -314,10 +340,227 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
                     )
             case["picks"] = picks
             out["cases"][f"{sname}/{dtype}"] = case
+    if "findep" in decisions and world == 2:
+        out["cases"].update(findep_cases(rank, perf, reps))
+    if "geo" in decisions and world == 2:
+        out["cases"].update(geo_cases(rank, master, port, perf, reps))
     if rank == 0:
         print("RESULT " + json.dumps(out), flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+# ---- FinDEP: (r1, r2, order) of a disaggregated step ----------------------------------------
+def findep_config():
+    from moeflow.config import MoEConfig
+    from moeflow.models import DecoderConfig
+
+    d = FINDEP_MODEL["hidden"]
+    return DecoderConfig(
+        vocab_size=FINDEP_MODEL["vocab"],
+        num_layers=FINDEP_MODEL["layers"],
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=d // 8,
+        moe=MoEConfig(
+            hidden_size=d,
+            ffn_hidden_size=2 * d,
+            num_experts=FINDEP_MODEL["experts"],
+            top_k=2,
+            num_shared_experts=1,
+        ),
+        max_position_embeddings=FINDEP_MODEL["context"],
+    )
+
+
+def findep_name(r1: int, r2: int, order: str) -> str:
+    """An option's name: ``naive``, ``pppipe <r1>`` or ``<r1>,<r2>,<order>``."""
+    if r2 == 1 and order == "ASAS":
+        return "naive" if r1 == 1 else f"pppipe {r1}"
+    return f"{r1},{r2},{order}"
+
+
+def findep_cases(rank: int, perf, reps: int) -> dict:
+    """FinDEP's decision on two ranks (AG rank 0, EG rank 1; ``moeflow.serving.disaggregated``):
+    per step shape, naive, PPPipe at each r1 of ``FINDEP_PPPIPE``, FinDEP's (r1, r2, order) over
+    ``FINDEP_R1 x FINDEP_R2 x`` both orders, the step planner's pick, and the ``auto`` arm (a
+    per-step schedule solved by the planner at every call). The planner is
+    ``StepPlanner.from_perf`` of the job's profile; a time is the AG's wall time of the
+    forward call (it ends when the last e2a reply is combined and the LM head ran)."""
+    import torch
+    import torch.distributed as dist
+
+    from moeflow.apps.serve_bench import findep_model
+    from moeflow.models import MoEDecoder
+    from moeflow.plan.findep import StepPlanner
+    from moeflow.serving.disaggregated import DisaggregatedForward, ExpertServer, ServeSchedule
+
+    cfg = findep_config()
+    torch.manual_seed(0)
+    model = MoEDecoder(cfg).eval()
+    planner = StepPlanner.from_perf(
+        findep_model(cfg), perf, ag=1, eg=1, vocab_size=cfg.vocab_size, max_r2=max(FINDEP_R2)
+    )
+    cases = {}
+    if rank == 1:
+        ExpertServer(model, 1, 1, 1, timeout_s=600).run()
+    else:
+        seqs_max = max(s for s, _, _ in FINDEP_STEPS.values())
+        cache = model.new_cache(seqs_max, cfg.max_position_embeddings)
+        fwd = DisaggregatedForward(model, cache, ServeSchedule.naive(), 1, 1, timeout_s=600)
+        auto = ServeSchedule.per_step("findep", planner)
+        for step, (seqs, tokens, past) in FINDEP_STEPS.items():
+            grid = set(planner.grid("findep", seqs, tokens))
+            opts = {"naive": (1, 1, "ASAS")}
+            for r1 in FINDEP_PPPIPE:
+                if r1 <= seqs:
+                    opts[findep_name(r1, 1, "ASAS")] = (r1, 1, "ASAS")
+            for r1 in FINDEP_R1:
+                for r2 in FINDEP_R2:
+                    for order in ("ASAS", "AASS"):
+                        if (r1, r2, order) in grid:
+                            opts[findep_name(r1, r2, order)] = (r1, r2, order)
+            p = planner.plan("findep", seqs, tokens)
+            pick = findep_name(p.r1, p.r2, p.order)
+            opts.setdefault(pick, (p.r1, p.r2, p.order))
+            arms = {o: ServeSchedule("findep", *v) for o, v in opts.items()}
+            arms["auto"] = auto
+            g = torch.Generator().manual_seed(1)
+            ids = torch.randint(1, cfg.vocab_size, (seqs, tokens), generator=g)
+            rows = torch.arange(seqs)
+            start = torch.full((seqs,), past, dtype=torch.long)
+            times = {o: [] for o in arms}
+            keys = list(arms)
+            for it in range(reps + 1):
+                order = keys[it % len(keys) :] + keys[: it % len(keys)]
+                if it % 2:
+                    order.reverse()
+                for o in order:
+                    fwd.s = arms[o]
+                    t0 = time.perf_counter()
+                    fwd(ids, rows, start)
+                    if it:
+                        times[o].append((time.perf_counter() - t0) * 1e3)
+            case = {
+                o: {
+                    "predicted_ms": planner.predict_ms(seqs, tokens, *opts[o]),
+                    "times_ms": times[o],
+                }
+                for o in opts
+            }
+            case["auto"] = {"predicted_ms": None, "times_ms": times["auto"], "pick": pick}
+            cases[f"{step}/float32"] = {"findep": case, "picks": {}}
+        fwd.close()
+    dist.barrier()
+    return cases
+
+
+# ---- the geo planner: partition and AdaTopK densities of a 2-stage pipeline -----------------
+def geo_options(ops, graph, m: int) -> tuple[dict, str]:
+    """The geo decision's options (name -> (bounds, densities)) and the name of the pick
+    (``partition(adatopk=True)``): the exact plan (``adatopk=False``), the even split, the
+    pick's cut at density 1 and at half and twice its density, the exact plan's cut at the
+    pick's density."""
+    from moeflow.plan import geo as pgeo
+
+    exact = pgeo.partition(ops, graph, microbatches=m)
+    ada = pgeo.partition(ops, graph, microbatches=m, adatopk=True, min_density=GEO_MIN_DENSITY)
+
+    def name(b, d):
+        return f"cut {b[1]}, d {d:.3g}"
+
+    n = len(ops.nodes)
+    opts = {}
+    for b, d in (
+        (exact.bounds, 1.0),
+        ((0, n // 2, n), 1.0),
+        (ada.bounds, ada.densities[0] if ada.densities else 1.0),
+        (ada.bounds, 1.0),
+        (exact.bounds, ada.densities[0] if ada.densities else 1.0),
+    ):
+        if len(b) == 3:
+            opts.setdefault(name(b, d), (tuple(b), (float(d),)))
+    if len(ada.bounds) == 3 and ada.densities[0] < 1.0:
+        d = ada.densities[0]
+        for x in (max(GEO_MIN_DENSITY, d / 2), min(1.0, 2 * d)):
+            opts.setdefault(name(ada.bounds, x), (tuple(ada.bounds), (x,)))
+    pick = name(ada.bounds, ada.densities[0]) if len(ada.bounds) == 3 else None
+    return opts, pick
+
+
+def geo_cases(rank: int, master: str, port: int, perf, reps: int) -> dict:
+    """The geo planner's decision on two ranks: the demo model of ``GEO_JOB`` cut into two
+    stages (``moeflow.geo.pipeline``, GPipe, AdaTopK on the link where its density is below
+    1), each device holding ``GEO_MEMORY_FRACTION`` of what the whole model needs so that
+    every plan uses both. The planner reads ``device_graph_from_perf`` of the job's profile.
+    Each repeat of an option is one run of ``GEO_STEPS`` steps (a fresh store and group, both
+    ranks in the run); its time is the median over steps 2.. of the slower rank's step time.
+    The ``auto`` arm runs the pick again."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed import TCPStore
+
+    from moeflow.errors import PlanError
+    from moeflow.geo import pipeline as gp
+    from moeflow.plan import geo as pgeo
+
+    base = gp.GeoJob(**GEO_JOB, steps=GEO_STEPS, timeout_s=600.0)
+    _, traced = gp.trace_job(base)
+    ops, m = traced.ops, base.microbatches
+    need = 4.0 * ops.param_bytes + m * sum(nd.saved_bytes for nd in ops.nodes)
+    frac = GEO_MEMORY_FRACTION
+    while True:  # from the given share up: the smallest at which a plan fits
+        graph = pgeo.device_graph_from_perf(perf, ops, memory_bytes=frac * need)
+        try:
+            opts, pick = geo_options(ops, graph, m)
+            break
+        except PlanError:
+            frac += 0.05
+    got = [(opts, pick)]
+    dist.broadcast_object_list(got, src=0)  # rank 0's plan: every rank runs the same arms
+    opts, pick = got[0]
+    if pick is None:
+        return {}
+    arms = {**opts, "auto": opts[pick]}
+    times = {o: [] for o in arms}
+    keys = list(arms)
+    run = 0
+    for it in range(reps + 1):
+        order = keys[it % len(keys) :] + keys[: it % len(keys)]
+        if it % 2:
+            order.reverse()
+        for o in order:
+            bounds, dens = arms[o]
+            job = gp.GeoJob(
+                **GEO_JOB, steps=GEO_STEPS, timeout_s=600.0, bounds=bounds, densities=dens
+            )
+            p = port + 1000 + run
+            run += 1
+            store = TCPStore(master, p, None, True, wait_for_workers=False) if rank == 0 else None
+            os.environ.update(
+                {"MASTER_ADDR": master, "MASTER_PORT": str(p), "RANK": str(rank), "WORLD_SIZE": "2"}
+            )
+            res = gp.run_torchrun(job)
+            mine = torch.tensor([res["times"][k] for k in range(GEO_STEPS)], dtype=torch.float64)
+            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+            dist.barrier()
+            del store
+            if it:
+                times[o].append(1e3 * statistics.median(mine[1:].tolist()))
+    case = {}
+    for o, (bounds, dens) in opts.items():
+        plan = pgeo.evaluate(
+            ops,
+            graph,
+            bounds=bounds,
+            devices=(0, 1),
+            microbatches=m,
+            densities=dens,
+            check_memory=False,
+        )
+        case[o] = {"predicted_ms": 1e3 * plan.step_time_s, "times_ms": times[o]}
+    case["auto"] = {"predicted_ms": None, "times_ms": times["auto"], "pick": pick}
+    return {f"demo d{GEO_JOB['dim']} M{m}/float32": {"geo": case, "picks": {}}}
 
 
 # ---- the driver --------------------------------------------------------------------------

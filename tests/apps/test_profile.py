@@ -54,6 +54,9 @@ def test_profile_two_nodes_of_one_rank_fits_every_primitive(tmp_path, capsys):
         assert c.max_rel_err is not None and len(c.points) >= 2
         assert c.max_rel_err == pytest.approx(max(abs(c(n) - t) / t for n, t in c.points if t > 0))
     assert m.meta["world_size"] == 2 and m.meta["backend"] == "gloo"
+    # what FinDEP's testbed reads besides the costs: the experts of one timed expert call
+    assert m.meta["expert_experts"] == profiler.EXPERTS_PER_RANK
+    assert m.meta["expert_rows"] == list(profiler.EXPERT_ROWS)
     import torch
 
     assert m.meta["torch"] == torch.__version__ and m.meta["threads_per_rank"] >= 1
@@ -224,3 +227,15 @@ def test_profile_refit_updates_a_model_from_samples(tmp_path, capsys):
         profiler.run_profile(
             p.parse_args(["--refit", str(tmp_path / "s.json"), "--out", str(tmp_path / "y.json")])
         )
+
+
+@pytest.mark.slow
+def test_expert_rows_add_points_to_the_expert_sweep():
+    from moeflow.apps import profile as profiler
+
+    costs = profiler.profile_compute(("float32",), reps=1, trials=1, expert_rows=(16,))
+    pts = [n for n, _ in costs["expert_fwd@float32"].points]
+    per_shape = len(profiler.EXPERT_ROWS) + 1
+    assert len(pts) == len(profiler.EXPERT_SHAPES) * per_shape
+    for D, F in profiler.EXPERT_SHAPES:
+        assert 6.0 * 16 * D * F in pts

@@ -83,6 +83,7 @@ def _profile_collectives(
     dtype: torch.dtype,
     device: torch.device,
     compute_dtypes: Sequence[str] = ("float32", "bfloat16"),
+    expert_rows: Sequence[int] = (),
 ) -> PerfModel:
     """Runs on every rank of ``world_group``; every rank returns the same fitted model."""
     if world % nodes:
@@ -102,7 +103,9 @@ def _profile_collectives(
         }
     kinds = ["a2a", "ag", "rs", "ar", *levels, *(["send"] if world % 2 == 0 else [])]
     bar = Progress(
-        len(gemm_sizes) + len(kinds) * len(sizes) + len(compute_dtypes) * COMPUTE_POINTS,
+        len(gemm_sizes)
+        + len(kinds) * len(sizes)
+        + len(compute_dtypes) * (COMPUTE_POINTS + len(EXPERT_SHAPES) * len(expert_rows)),
         "profile",
         enabled=progress and rank == 0,
     )
@@ -153,7 +156,13 @@ def _profile_collectives(
             )
             bar.update(1, op=f"{kind} {numel * esize / 2**10:.0f} KiB")
     compute = profile_compute(
-        compute_dtypes, group=world_group, device=device, reps=reps, trials=trials, bar=bar
+        compute_dtypes,
+        group=world_group,
+        device=device,
+        reps=reps,
+        trials=trials,
+        bar=bar,
+        expert_rows=expert_rows,
     )
     bar.close()
     codec = _codec_costs(sizes, reps, trials, world_group if device.type == "cpu" else None)
@@ -188,6 +197,7 @@ def _profile_collectives(
             "compute_dtypes": list(compute_dtypes),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "expert_experts": EXPERTS_PER_RANK if compute_dtypes else None,
+            "expert_rows": sorted({*EXPERT_ROWS, *expert_rows}) if compute_dtypes else None,
             "overlap": probe["overlap"],
             "overlap_probe": probe,
         },
@@ -295,8 +305,16 @@ def overlap_probe(group, nbytes: int, dtype, device, reps: int = 3, trials: int 
 
 
 def _exchange(x: torch.Tensor, out: torch.Tensor, peer: int, rank: int) -> None:
-    """One point-to-point exchange with ``peer``: the lower rank sends first."""
+    """One point-to-point exchange with ``peer``: on CPU (gloo) a plain ``isend`` and
+    ``irecv``, as the disaggregated runtime sends; elsewhere (NCCL, where two unpaired sends
+    would wait on each other) one ``batch_isend_irecv``, the lower rank sending first. Gloo's
+    batched path costs milliseconds per call (notes/REJECTED.md)."""
     if peer == rank:
+        return
+    if x.device.type == "cpu":
+        works = [dist.isend(x, peer), dist.irecv(out, peer)]
+        for w in works:
+            w.wait()
         return
     ops = [dist.P2POp(dist.isend, x, peer), dist.P2POp(dist.irecv, out, peer)]
     for w in dist.batch_isend_irecv(ops if rank < peer else ops[::-1]):
@@ -319,10 +337,13 @@ def profile_compute(
     reps: int = 3,
     trials: int = 3,
     bar=None,
+    expert_rows: Sequence[int] = (),
 ) -> dict[str, LinearCost]:
     """Fit the compute costs a planner or the simulator reads, per dtype (see the module
     docstring for keys and units). With ``group`` every rank of it must call this (they run
-    at once, as in a step, and each point is the slowest rank's)."""
+    at once, as in a step, and each point is the slowest rank's). ``expert_rows``: rows per
+    rank timed in the expert sweep besides ``EXPERT_ROWS`` (a serving planner adds the few
+    rows of a decode step, whose kernel start-up the default sweep only extrapolates)."""
     import torch.nn.functional as F
 
     from moeflow.kernels import expert_ffn
@@ -354,7 +375,7 @@ def profile_compute(
         for D, Fh in EXPERT_SHAPES:
             E = EXPERTS_PER_RANK
             w_in, w_out = rand(E, 2 * Fh, D, dt=dt, grad=True), rand(E, D, Fh, dt=dt, grad=True)
-            for N in EXPERT_ROWS:
+            for N in sorted({*EXPERT_ROWS, *expert_rows}):
                 x = rand(N, D, dt=dt, grad=True)
                 c = torch.full((E,), N // E, dtype=torch.long)
 
@@ -401,6 +422,7 @@ def _rank_profile(
     progress,
     dtype_name,
     compute_dtypes=("float32", "bfloat16"),
+    expert_rows=(),
 ) -> dict | None:
     """One forked rank (gloo group up): profile; rank 0 returns the model as a dict."""
     model = _profile_collectives(
@@ -416,6 +438,7 @@ def _rank_profile(
         getattr(torch, dtype_name),
         torch.device("cpu"),
         compute_dtypes,
+        expert_rows,
     )
     dist.barrier()
     return model.to_dict() if rank == 0 else None
@@ -439,6 +462,7 @@ def profile(
     threads_per_rank: int | None = None,
     force: bool = False,
     compute_dtypes: Sequence[str] = ("float32", "bfloat16"),
+    expert_rows: Sequence[int] = (),
 ) -> PerfModel:
     """Profile and fit a :class:`PerfModel`.
 
@@ -446,7 +470,8 @@ def profile(
     collectively (call it on every rank; all return the same model). Under torchrun without a
     group yet, one is initialised from the environment (NCCL with GPUs, else gloo). Otherwise
     ``nproc`` gloo ranks are forked on 127.0.0.1 by :func:`moeflow.launch.launch`
-    (``force`` lifts its per-CPU cap on ``nproc``).
+    (``force`` lifts its per-CPU cap on ``nproc``). ``expert_rows``: rows per rank added to
+    the expert FFN sweep (:func:`profile_compute`; ``meta["expert_rows"]`` lists them all).
     """
     if group is None and not dist.is_initialized() and _under_torchrun():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -473,6 +498,7 @@ def profile(
             getattr(torch, dtype),
             device,
             tuple(compute_dtypes),
+            tuple(expert_rows),
         )
     from moeflow.launch import check_nproc, launch
 
@@ -491,6 +517,7 @@ def profile(
         progress,
         dtype,
         tuple(compute_dtypes),
+        tuple(expert_rows),
         force=force,
         name="moeflow profile",
         threads=threads,
