@@ -90,9 +90,15 @@ GEO_STEPS = 4
 #: each device's memory as a share of what the whole model needs (so a plan uses both)
 GEO_MEMORY_FRACTION = 0.6
 GEO_MIN_DENSITY = 0.05
+#: densities timed at the pick's cut besides its own, half and twice it
+GEO_DENSITIES = (1.0, 0.25, 0.1)
 #: the profile sweep inside each job: collective sizes (bytes) and square GEMM sizes
 PROFILE_SIZES = (16384, 65536, 262144, 1048576)
 PROFILE_GEMM = (64, 128, 192, 256)
+#: added to the sweep when FinDEP runs: a decode step's messages (a few KiB) and expert calls
+#: (a few rows per expert)
+PAIR_PROFILE_SIZES = (4096,)
+PAIR_EXPERT_ROWS = (16, 64)
 
 
 def parse_cell(cell: str) -> tuple[int, int, str | None]:
@@ -222,15 +228,17 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
     )
     nodes = world // per_node
     t0 = time.perf_counter()
+    pair = "findep" in decisions and world == 2
     perf = profile(
         dist.group.WORLD,
         nodes=nodes,
-        sizes=PROFILE_SIZES,
+        sizes=(PAIR_PROFILE_SIZES if pair else ()) + PROFILE_SIZES,
         gemm_sizes=PROFILE_GEMM,
         reps=2,
         trials=3,
         progress=False,
         compute_dtypes=tuple(dtypes),
+        expert_rows=PAIR_EXPERT_ROWS if pair else (),
     )
     profile_s = time.perf_counter() - t0
     topo = Topology.explicit(world, per_node)
@@ -459,8 +467,8 @@ def findep_cases(rank: int, perf, reps: int) -> dict:
 def geo_options(ops, graph, m: int) -> tuple[dict, str]:
     """The geo decision's options (name -> (bounds, densities)) and the name of the pick
     (``partition(adatopk=True)``): the exact plan (``adatopk=False``), the even split, the
-    pick's cut at density 1 and at half and twice its density, the exact plan's cut at the
-    pick's density."""
+    exact plan's cut at the pick's density, the pick's cut at its density, half and twice
+    it and ``GEO_DENSITIES``."""
     from moeflow.plan import geo as pgeo
 
     exact = pgeo.partition(ops, graph, microbatches=m)
@@ -480,9 +488,9 @@ def geo_options(ops, graph, m: int) -> tuple[dict, str]:
     ):
         if len(b) == 3:
             opts.setdefault(name(b, d), (tuple(b), (float(d),)))
-    if len(ada.bounds) == 3 and ada.densities[0] < 1.0:
+    if len(ada.bounds) == 3:
         d = ada.densities[0]
-        for x in (max(GEO_MIN_DENSITY, d / 2), min(1.0, 2 * d)):
+        for x in sorted({max(GEO_MIN_DENSITY, d / 2), min(1.0, 2 * d), *GEO_DENSITIES}):
             opts.setdefault(name(ada.bounds, x), (tuple(ada.bounds), (x,)))
     pick = name(ada.bounds, ada.densities[0]) if len(ada.bounds) == 3 else None
     return opts, pick
@@ -670,14 +678,24 @@ def spread(xs) -> str:
     return f"{min(xs):.1f}-{max(xs):.1f}"
 
 
-def render(results: dict, args, skipped: dict, date: str) -> list[str]:
+def runs_text(runs) -> str:
+    """The commands a record merges, each with its decisions and repeats."""
+    return "Commands (each a job per cell; as root for the emulated cells): " + "; ".join(
+        f"`{r['command']}` ({', '.join(r['decisions'])}: {r['reps']} timed repeats per arm)"
+        for r in runs
+    )
+
+
+def render(results: dict, args, skipped: dict, date: str, runs=None) -> list[str]:
     import torch
 
     isa = cpu_isa()
+    if runs is None:
+        runs = [{"command": args.command, "decisions": list(DECISIONS), "reps": args.reps}]
     L = [
         f"# Regret of moeflow's automatic choices ({date}, {args.host})",
         "",
-        f"Command: `{args.command}` (as root for the emulated cells). "
+        runs_text(runs) + ". "
         f"Machine: {cpu_name()} ({isa}), {os.cpu_count()} vCPUs shared with other work "
         f"(timings are noisy: every repeat is listed); Python {platform.python_version()}, "
         f"torch {torch.__version__}. One MoE layer forward + backward under "
@@ -688,9 +706,27 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
             f"top-{v['top_k']})"
             for k, v in SHAPES.items()
         )
-        + f". {args.reps} timed repeats per arm after a warm-up round, arms interleaved in a "
+        + ". Every arm timed after a warm-up round, arms interleaved in a "
         "rotating order; medians, with the min-max spread. The plans come from a "
         "`moeflow profile` run inside each cell's job before any timed step.",
+        "",
+        f"FinDEP (two ranks: AG rank 0, EG rank 1, `moeflow.serving.disaggregated`): one "
+        f"forward call of a {FINDEP_MODEL['layers']}-layer decoder (D {FINDEP_MODEL['hidden']}, "
+        f"{FINDEP_MODEL['experts']} experts top-2, one shared expert, fp32) per step shape "
+        f"({', '.join(FINDEP_STEPS)}: sequences x new tokens), the AG's wall time; options "
+        "naive, PPPipe r1 = " + ", ".join(map(str, FINDEP_PPPIPE)) + ", FinDEP (r1, r2, order) "
+        f"over r1 in {FINDEP_R1}, r2 in {FINDEP_R2}, both orders, and the pick of "
+        "`StepPlanner.from_perf` (its closed form on the profiled `expert_fwd`, `gemm`, "
+        "`attention` and `send`); the `auto` arm solves each call (`ServeSchedule.per_step`). "
+        f"Geo (two ranks, `moeflow.geo.pipeline`): a GPipe step of the demo model (dim "
+        f"{GEO_JOB['dim']}, {GEO_JOB['layers']} layers, sequence {GEO_JOB['seq_len']}, "
+        f"{GEO_JOB['microbatches']} micro-batches of {GEO_JOB['microbatch_size']}) cut into two "
+        f"stages, each device holding {GEO_MEMORY_FRACTION:.0%} (or the least share above it "
+        "that fits a plan) of what the whole model needs; options the exact plan "
+        "(`partition`), the even split, the AdaTopK pick (`partition(adatopk=True)` on "
+        "`device_graph_from_perf`) and its cut at other densities; a repeat is one run of "
+        f"{GEO_STEPS} steps (median of steps 2..{GEO_STEPS}, the slower rank's). Geo regret "
+        "is step time only (a lower density also changes the loss curve).",
         "",
         "Regret: the median of the option the pick ran (the planned degrees; the level, "
         "schedule or compression setting `auto` chose on every batch; the `auto` arm itself "
@@ -730,9 +766,22 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
                 f"(median over cells), up to {noise[-1]:.1%}: a regret below that cannot be "
                 "told from zero on this machine."
             )
+        ran = {d: {c for c, k, _ in rows if k.endswith("/" + d)} for d in DECISIONS}
+        gaps = [
+            f"{d} in {', '.join(c for c in results if c not in ran[d])}"
+            for d in DECISIONS
+            if ran[d] and any(c not in ran[d] for c in results)
+        ]
         L += [
-            "- not covered: FinDEP's (r1, r2, order) and the geo planner's partition (no "
-            "grid cell here runs them); every cell of the grid above ran.",
+            "- not run: "
+            + (
+                "; ".join(gaps)
+                + " (FinDEP and geo run in the cells of two ranks; dedup and Parm need two "
+                "ranks per node)"
+                if gaps
+                else "nothing; every cell of the grid ran every decision"
+            )
+            + ".",
             "",
         ]
         for dec in DECISIONS:
@@ -802,7 +851,11 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
                     n = sum(x["compressed"] for x in v.values())
                     got.append(f"{d} {n}/{sum(x['calls'] for x in v.values())}")
             parts.append(f"{case}: {', '.join(got)}")
-        L.append(f"- {cell}: profile {res['profile_s']:.0f} s; " + "; ".join(parts))
+        extra = "".join(
+            f"; profile of the {d} run {p['profile_s']:.0f} s"
+            for d, p in res.get("profiles", {}).items()
+        )
+        L.append(f"- {cell}: profile {res['profile_s']:.0f} s{extra}; " + "; ".join(parts))
     L.append("")
     L += [
         "## Fit quality of each cell's profile",
@@ -831,9 +884,89 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
             f"{q('zipccl_encode', 'zipccl_decode')} |"
         )
     L.append("")
+    pair = [(c, d, p["perf"]) for c, r in results.items() for d, p in r.get("profiles", {}).items()]
+    if pair:
+        L += [
+            "Profiles of the later runs (the FinDEP and geo planners read them): largest "
+            "relative residual of each fit they read.",
+            "",
+            "| cell | run | send | expert_fwd fp32 | gemm fp32 | attention fp32 | "
+            "elementwise fp32 |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for cell, d, perf in pair:
+            c = perf["costs"]
+            q = [
+                "-" if c.get(k, {}).get("max_rel_err") is None else f"{c[k]['max_rel_err']:.0%}"
+                for k in (
+                    "send",
+                    "expert_fwd@float32",
+                    "gemm@float32",
+                    "attention@float32",
+                    "elementwise@float32",
+                )
+            ]
+            L.append(f"| {cell} | {d} | " + " | ".join(q) + " |")
+        L.append("")
     if skipped:
         L += ["## Cells not run", ""] + [f"- {c}: {why}" for c, why in skipped.items()] + [""]
     return L
+
+
+def record_runs(info: dict) -> list[dict]:
+    """The runs a record holds (a record written before merging held one, of the EP
+    decisions)."""
+    if info.get("runs"):
+        return info["runs"]
+    return [
+        {
+            "command": info["command"],
+            "decisions": list(EP_DECISIONS),
+            "reps": info["reps"],
+            "date": info["date"],
+            "cells": list(info["cells"]),
+        }
+    ]
+
+
+def merge_records(old: dict, results: dict, skipped: dict, run: dict) -> dict:
+    """``old`` with this run merged: in each cell run here, the cases of ``run``'s decisions
+    are replaced by this run's and its profile is kept under ``profiles`` (the cell's own
+    ``perf`` stays the one its other decisions were planned with); cells new to the record
+    come whole. The summary is recomputed."""
+    cells = old["cells"]
+    tag = ",".join(run["decisions"])
+    for cell, res in results.items():
+        if cell not in cells:
+            cells[cell] = res
+            continue
+        c = cells[cell]
+        for case in list(c["cases"]):
+            decs = c["cases"][case]
+            for d in run["decisions"]:
+                decs.pop(d, None)
+                decs.get("picks", {}).pop(d, None)
+            if not set(decs) - {"picks"}:
+                del c["cases"][case]
+        c["cases"].update(res["cases"])
+        c.setdefault("profiles", {})[tag] = {"perf": res["perf"], "profile_s": res["profile_s"]}
+    skips = dict(old.get("skipped", {}))
+    skips.update({f"{c} ({tag})": why for c, why in skipped.items()})
+    # a run whose decisions and cells this one ran again is gone from the record
+    runs = [
+        r
+        for r in record_runs(old)
+        if r["decisions"] != run["decisions"] or not set(r["cells"]) <= set(run["cells"])
+    ] + [run]
+    return {
+        **old,
+        "date": run["date"],
+        "command": "; ".join(r["command"] for r in runs),
+        "runs": runs,
+        "cells": cells,
+        "summary": {c: summarize(r) for c, r in cells.items()},
+        "skipped": skips,
+    }
 
 
 def main(argv=None) -> int:
@@ -850,6 +983,13 @@ def main(argv=None) -> int:
         ap.add_argument(hidden, type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--master", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--render", default=None, help="re-render a record from its JSON")
+    ap.add_argument(
+        "--merge",
+        default=None,
+        metavar="JSON",
+        help="merge into this record (same host): the decisions run here replace theirs in "
+        "the cells run here, the rest is kept, and the one record is re-rendered",
+    )
     args = ap.parse_args(argv)
     if args.render:
         with open(args.render) as f:
@@ -857,7 +997,7 @@ def main(argv=None) -> int:
         args.command, args.host = info["command"], info["host"]
         args.reps = info.get("reps", args.reps)
         tag = os.path.splitext(os.path.basename(args.render))[0]
-        lines = render(info["cells"], args, info["skipped"], info["date"])
+        lines = render(info["cells"], args, info["skipped"], info["date"], record_runs(info))
         write_record(os.path.dirname(args.render) or ".", tag, info, lines)
         return 0
     decisions = args.decisions.split(",")
@@ -888,18 +1028,38 @@ def main(argv=None) -> int:
         else:
             results[cell] = res
     date = datetime.date.today().isoformat()
-    info = {
-        "date": date,
-        "host": args.host,
-        "machine": cpu_name(),
+    run = {
         "command": args.command,
+        "decisions": decisions,
         "reps": args.reps,
-        "torch": __import__("torch").__version__,
-        "cells": results,
-        "summary": {c: summarize(r) for c, r in results.items()},
-        "skipped": skipped,
+        "date": date,
+        "cells": list(results),
     }
-    write_record(args.out, f"regret_{args.host}_{date}", info, render(results, args, skipped, date))
+    if args.merge:
+        with open(args.merge) as f:
+            old = json.load(f)
+        if old["host"] != args.host:
+            print(f"--merge: {args.merge} is of host {old['host']!r}, not {args.host!r}")
+            return 2
+        info = merge_records(old, results, skipped, run)
+        out = os.path.dirname(args.merge) or "."
+        results, skipped = info["cells"], info["skipped"]
+    else:
+        info = {
+            "date": date,
+            "host": args.host,
+            "machine": cpu_name(),
+            "command": args.command,
+            "reps": args.reps,
+            "runs": [run],
+            "torch": __import__("torch").__version__,
+            "cells": results,
+            "summary": {c: summarize(r) for c, r in results.items()},
+            "skipped": skipped,
+        }
+        out = args.out
+    lines = render(results, args, skipped, date, info["runs"])
+    write_record(out, f"regret_{args.host}_{date}", info, lines)
     return 0
 
 

@@ -70,3 +70,10 @@ def test_a_dtype_the_profile_did_not_measure_is_refused():
 def test_names_must_match_the_profiled_ranks():
     with pytest.raises(ConfigError, match="names"):
         geo.device_graph_from_perf(perf(), OPS, memory_bytes=1e6, names=["a"])
+
+
+def test_a_flat_send_fit_is_a_link_of_free_bytes():
+    p = perf()
+    flat = PerfModel("flat", {**p.costs, "send": LinearCost(0.2, 0.0)}, meta=p.meta)
+    g = geo.device_graph_from_perf(flat, OPS, memory_bytes=1e6)
+    assert g.bandwidth[0][1] == pytest.approx(1e15) and g.latency[0][1] == pytest.approx(2e-4)

@@ -474,8 +474,8 @@ def device_graph_from_perf(
       :func:`graph_seconds` (the cost model's ``c_s = 3 F_s / flops`` then charges every
       stage the graph's mean per-FLOP time, start-ups included);
     * every pair of devices is linked by the profiled point-to-point ``send`` (bytes one rank
-      sends): bandwidth ``1 / beta``, latency ``alpha`` (the profile times one class of pair,
-      across the declared nodes when there are two);
+      sends): bandwidth ``1 / beta`` (1e15 bytes/s for a flat fit), latency ``alpha`` (the
+      profile times one class of pair, across the declared nodes when there are two);
     * ``memory_bytes`` per device (the profile does not measure memory).
     """
     perf.require(*(c.format(dtype=dtype) for c in PERF_COSTS), who="the geo planner")
@@ -485,9 +485,9 @@ def device_graph_from_perf(
         raise ConfigError("names", names, f"{n} names, one per profiled rank")
     rate = ops.flops / graph_seconds(ops, perf, dtype)
     link = perf.cost("send")
-    if link.beta <= 0:
-        raise ConfigError("perf 'send'", link.beta, "a positive per-byte cost (beta)")
-    bw, lat = 1e3 / link.beta, max(0.0, link.alpha) * 1e-3
+    # a flat fit (no per-byte cost told apart from the noise, as on loopback) is a link whose
+    # bytes cost nothing next to its latency: 1e15 bytes/s
+    bw, lat = 1e3 / max(link.beta, 1e-12), max(0.0, link.alpha) * 1e-3
     devs = [Device(nm, rate, memory_bytes) for nm in names]
     return DeviceGraph(
         devices=tuple(devs),
