@@ -239,3 +239,20 @@ def test_expert_rows_add_points_to_the_expert_sweep():
     assert len(pts) == len(profiler.EXPERT_SHAPES) * per_shape
     for D, F in profiler.EXPERT_SHAPES:
         assert 6.0 * 16 * D * F in pts
+
+
+def test_send_is_fitted_as_hockney_where_the_sweep_allows():
+    from moeflow.apps.profile import _send_cost
+
+    xs = [4096, 16384, 65536, 262144, 1048576]
+    ys = [0.1, 0.15, 0.8, 3.0, 11.0]
+    c = _send_cost(xs, ys, "gloo")
+    # the slope of the two large messages, the latency of the small ones under it
+    beta = (11.0 - 3.0) / (1048576 - 262144)
+    assert c.beta == pytest.approx(beta)
+    lat = [0.1 - beta * 4096, 0.15 - beta * 16384]
+    assert c.alpha == pytest.approx(max(0.0, sum(lat) / 2))
+    assert c.max_rel_err is not None and len(c.points) == 5
+    # without two messages of 256 KiB or more: the relative line of the other collectives
+    small = _send_cost(xs[:3], ys[:3], "gloo")
+    assert small.beta > 0 and len(small.points) == 3

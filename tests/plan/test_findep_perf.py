@@ -94,3 +94,23 @@ def test_step_planner_from_perf_prices_the_head_and_plans():
         bare.plan("findep", 8, 64).r2,
         bare.plan("findep", 8, 64).order,
     )
+
+
+def test_a_profile_without_overlap_plans_every_task_on_one_resource():
+    shared = PerfModel("prof", perf().costs, meta={"expert_experts": 4, "overlap": 0.1})
+    p = fd.StepPlanner.from_perf(MODEL, shared, ag=1, eg=1, max_r2=4)
+    assert p.serial
+    assert not fd.StepPlanner.from_perf(MODEL, perf(), ag=1, eg=1).serial  # no overlap measured
+    apart = PerfModel("prof", perf().costs, meta={"expert_experts": 4, "overlap": 0.9})
+    assert not fd.StepPlanner.from_perf(MODEL, apart, ag=1, eg=1).serial
+    for seqs, tokens in ((8, 64), (8, 1)):
+        w = p.workload(seqs, tokens)
+        for r1, r2 in ((1, 1), (2, 2), (4, 1)):
+            c = w.costs(-(-seqs // r1), r2)
+            want = MODEL.num_layers * (r1 * (c.t_a + c.t_s) + r1 * r2 * (c.t_e + 2 * c.t_a2e))
+            assert p.predict_ms(seqs, tokens, r1, r2, "AASS") == pytest.approx(want)
+        # nothing overlaps, so every split only adds start-ups: the plan is one micro-batch,
+        # one chunk, for every schedule
+        for name in fd.SCHEDULES:
+            plan = p.plan(name, seqs, tokens)
+            assert (plan.r1, plan.r2) == (1, 1)

@@ -14,7 +14,8 @@
   nodes of N/K ranks and ``a2a@intra`` (inside a node) and ``a2a@inter`` (ranks with the same
   local index across nodes) are timed too.
 * ``send``: point-to-point ``isend`` / ``irecv`` between rank pairs ``(r, r + world/2)``
-  (across the declared nodes when there are two), n = bytes one rank sends.
+  (across the declared nodes when there are two), n = bytes one rank sends; fitted as
+  Hockney's model where the sweep allows (:func:`_send_cost`).
 * Compute, per dtype of ``compute_dtypes`` (float32 and bfloat16 by default), every rank at
   once (:func:`profile_compute`): ``gemm@<dtype>`` (square matmuls), ``expert_fwd@<dtype>``
   / ``expert_bwd@<dtype>`` (the SwiGLU expert FFN kernel ``moeflow.kernels.expert_ffn`` over
@@ -178,6 +179,8 @@ def _profile_collectives(
         )
         for k, (xs, ys) in samples.items()
     }
+    if "send" in samples:
+        costs["send"] = _send_cost(*samples["send"], dist.get_backend(world_group))
     costs.update(compute)
     costs.update(codec)
     return PerfModel(
@@ -202,6 +205,23 @@ def _profile_collectives(
             "overlap_probe": probe,
         },
     )
+
+
+def _send_cost(xs, ys, backend: str) -> LinearCost:
+    """The point-to-point cost as Hockney's model is fitted
+    (:func:`moeflow.apps.serve_bench.fit_link`: the slope over the messages of 256 KiB and
+    more, the latency from those of 16 KiB and less) when the sweep has such sizes, else the
+    relative least-squares line. A relative fit over every size takes its slope from the
+    small messages, which a shaped link's token bucket passes at line rate: FinDEP's and the
+    geo planner's transfers (hundreds of KiB per layer) then cost a fraction of their time."""
+    from moeflow.apps.serve_bench import fit_link
+
+    note = f"bytes, {len(xs)} sizes, {backend}"
+    try:
+        c = fit_link(xs, ys, note=note + ", Hockney: slope >= 256 KiB, latency <= 16 KiB")
+        return LinearCost(c.alpha, c.beta, source="fitted", note=c.note).with_points(xs, ys)
+    except InputError:  # the sweep lacks the sizes: the line of the other collectives
+        return fit(xs, ys, note=note, relative=True, source="fitted")
 
 
 CODEC_DTYPE = "bfloat16"

@@ -435,6 +435,17 @@ def aass_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
     return (num_layers - 1) * max(g, r1 * f) + drain
 
 
+def serial_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
+    """Time (ms) with every task on one resource: per layer the AG's ``r1 X`` and, per chunk,
+    the a2e, the experts and the e2a, one after another,
+    ``T (r1 X + r1 r2 (t_e + 2 t_a2e))``. This is the host whose AG and EG ranks share their
+    cores and whose transfers take those cores too (``moeflow profile`` measured that an
+    all-to-all barely progresses while the rank computes): no schedule hides one task behind
+    another, and each micro-batch and chunk only adds its start-up costs."""
+    x = c.t_a + c.t_s
+    return num_layers * (r1 * x + r1 * r2 * (c.t_e + 2 * c.t_a2e))
+
+
 def predicted_time(w: Workload, m_a: int, r1: int, r2: int, order: str) -> float:
     """Closed-form time (ms) of one pass of ``r1`` micro-batches of ``m_a`` sequences."""
     c = w.costs(m_a, r2)
@@ -634,7 +645,8 @@ class StepPlanner:
     :meth:`from_perf` builds it from ``moeflow profile``'s PerfModel).
     ``head`` (optional, ms vs the step's tokens ``seqs * tokens``): the embedding and the
     final norm and LM head, which run once per step outside the layers on the AG, whatever
-    the split; it adds to every prediction and changes no plan.
+    the split; it adds to every prediction and changes no plan. ``serial``: price every step
+    with :func:`serial_time` instead of the closed form (a host where nothing overlaps).
     """
 
     def __init__(
@@ -645,8 +657,10 @@ class StepPlanner:
         max_r1: int = MAX_R1,
         max_r2: int = MAX_R2,
         head: LinearCost | None = None,
+        serial: bool = False,
     ):
         self.model, self.testbed, self.head = model, testbed, head
+        self.serial = bool(serial)
         self.max_r1 = positive_int("max_r1", max_r1)
         self.max_r2 = positive_int("max_r2", max_r2)
         self._plans: dict[tuple[str, int, int], FinDEPPlan] = {}
@@ -667,14 +681,20 @@ class StepPlanner:
     ) -> StepPlanner:
         """The planner of a profiled host: the testbed from :func:`testbed_from_perf` and,
         with ``vocab_size``, the ``head`` priced as the LM head GEMM (``2 M V`` FLOPs per
-        token) at the rate of ``gemm@<dtype>``. ConfigError naming any cost ``perf`` lacks."""
+        token) at the rate of ``gemm@<dtype>``; ``serial`` (:func:`serial_time`) where the
+        profile measured that transfers and compute share the cores
+        (``meta["overlap"]`` below FSMoE's ``SHARED_BELOW``, the rule its planner uses).
+        ConfigError naming any cost ``perf`` lacks."""
+        from moeflow.plan.fsmoe import shared_resources
+
         tb = testbed_from_perf(perf, ag=ag, eg=eg, dtype=dtype)
         head = None
         if vocab_size is not None:
             g = perf.cost(f"gemm@{dtype}")
             f = 2.0 * model.hidden_size * positive_int("vocab_size", vocab_size)
             head = LinearCost(g.alpha, g.beta * f, source="derived", note=f"LM head, gemm@{dtype}")
-        return cls(model, tb, max_r1=max_r1, max_r2=max_r2, head=head)
+        serial = bool(shared_resources(perf))
+        return cls(model, tb, max_r1=max_r1, max_r2=max_r2, head=head, serial=serial)
 
     def recost(self, testbed: Testbed, head: LinearCost | None = None) -> None:
         """Replace the costs (a fresh measurement of the same host) and forget every plan."""
@@ -702,7 +722,13 @@ class StepPlanner:
         """The closed form's time of the step under ``(r1, r2, order)`` (``r1`` micro-batches
         of at most ``ceil(seqs / r1)`` sequences)."""
         r1 = min(positive_int("r1", r1), seqs)
-        t = predicted_time(self.workload(seqs, tokens), -(-seqs // r1), r1, r2, order)
+        w = self.workload(seqs, tokens)
+        if self.serial:
+            if order not in ORDERS:
+                raise ConfigError("order", order, f"one of {ORDERS}")
+            t = serial_time(w.costs(-(-seqs // r1), r2), r1, r2, self.model.num_layers)
+        else:
+            t = predicted_time(w, -(-seqs // r1), r1, r2, order)
         return t + (self.head(seqs * tokens) if self.head is not None else 0.0)
 
     def grid(self, schedule: str, seqs: int, tokens: int) -> Iterator[tuple[int, int, str]]:
