@@ -99,6 +99,9 @@ PROFILE_GEMM = (64, 128, 192, 256)
 #: (a few rows per expert)
 PAIR_PROFILE_SIZES = (4096,)
 PAIR_EXPERT_ROWS = (16, 64)
+#: trials per profiled point when FinDEP runs (the median of them): its few-KiB messages and
+#: few-row expert calls are where a loaded machine's spikes land
+PAIR_PROFILE_TRIALS = 7
 
 
 def parse_cell(cell: str) -> tuple[int, int, str | None]:
@@ -235,7 +238,7 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
         sizes=(PAIR_PROFILE_SIZES if pair else ()) + PROFILE_SIZES,
         gemm_sizes=PROFILE_GEMM,
         reps=2,
-        trials=3,
+        trials=PAIR_PROFILE_TRIALS if pair else 3,
         progress=False,
         compute_dtypes=tuple(dtypes),
         expert_rows=PAIR_EXPERT_ROWS if pair else (),
@@ -726,7 +729,12 @@ def render(results: dict, args, skipped: dict, date: str, runs=None) -> list[str
         "(`partition`), the even split, the AdaTopK pick (`partition(adatopk=True)` on "
         "`device_graph_from_perf`) and its cut at other densities; a repeat is one run of "
         f"{GEO_STEPS} steps (median of steps 2..{GEO_STEPS}, the slower rank's). Geo regret "
-        "is step time only (a lower density also changes the loss curve).",
+        "is step time only (a lower density also changes the loss curve). The profile of a "
+        "FinDEP run adds messages of "
+        + ", ".join(f"{n // 1024} KiB" for n in PAIR_PROFILE_SIZES)
+        + " and expert calls of "
+        + ", ".join(map(str, PAIR_EXPERT_ROWS))
+        + f" rows, and takes the median of {PAIR_PROFILE_TRIALS} trials per point.",
         "",
         "Regret: the median of the option the pick ran (the planned degrees; the level, "
         "schedule or compression setting `auto` chose on every batch; the `auto` arm itself "
