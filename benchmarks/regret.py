@@ -861,6 +861,11 @@ def render(results: dict, args, skipped: dict, date: str, runs=None) -> list[str
             parts.append(f"{case}: {', '.join(got)}")
         extra = "".join(
             f"; profile of the {d} run {p['profile_s']:.0f} s"
+            + (
+                f" (load average {p['load'][0]:.1f} before the job, {p['load'][1]:.1f} after)"
+                if p.get("load")
+                else ""
+            )
             for d, p in res.get("profiles", {}).items()
         )
         L.append(f"- {cell}: profile {res['profile_s']:.0f} s{extra}; " + "; ".join(parts))
@@ -957,7 +962,11 @@ def merge_records(old: dict, results: dict, skipped: dict, run: dict) -> dict:
             if not set(decs) - {"picks"}:
                 del c["cases"][case]
         c["cases"].update(res["cases"])
-        c.setdefault("profiles", {})[tag] = {"perf": res["perf"], "profile_s": res["profile_s"]}
+        c.setdefault("profiles", {})[tag] = {
+            "perf": res["perf"],
+            "profile_s": res["profile_s"],
+            "load": res.get("load"),
+        }
     skips = dict(old.get("skipped", {}))
     skips.update({f"{c} ({tag})": why for c, why in skipped.items()})
     # a run whose decisions and cells this one ran again is gone from the record
@@ -1028,8 +1037,10 @@ def main(argv=None) -> int:
     )
     results, skipped = {}, {}
     for i, cell in enumerate(args.cells.split(",")):
-        t0 = time.time()
+        t0, load0 = time.time(), os.getloadavg()[0]
         res, why = run_cell(cell, args.reps, decisions, shapes, dtypes, args.port + i)
+        if res is not None:  # the machine's 1-minute load average before and after the job
+            res["load"] = [load0, os.getloadavg()[0]]
         print(f"{cell}: {'done' if res else why} in {time.time() - t0:.0f} s", flush=True)
         if res is None:
             skipped[cell] = why
