@@ -1,6 +1,8 @@
 """Regret of every automatic choice: each option and the ``auto`` pick measured side by side.
 
     python benchmarks/regret.py [--cells loopback,2x1@1gbit,...] [--reps 5] [--out DIR]
+    python benchmarks/regret.py --decisions findep,geo --cells loopback,2x1@1gbit \
+        --dtypes float32 --merge benchmarks/results/regret_<host>_<date>.json
 
 Per cell (a topology: ``loopback`` = 2 gloo ranks on 127.0.0.1; ``NxL@RATE`` = N emulated
 nodes of L ranks behind links of RATE, ``emulated_cluster.py``, needs root and
@@ -26,6 +28,18 @@ nodes of L ranks behind links of RATE, ``emulated_cluster.py``, needs root and
 
    Every arm is timed ``reps`` times after a warm-up round, arms interleaved in an order
    that rotates (and reverses) every round; a time is the slowest rank's.
+
+   In the cells of two ranks, two more decisions (``findep_cases``, ``geo_cases``):
+
+   * ``findep`` (FinDEP, arXiv 2512.21487): AG rank 0 and EG rank 1 of
+     ``moeflow.serving.disaggregated`` run one forward call of a small decoder per step
+     shape (a prefill and a decode step) under naive DEP, PPPipe r1, FinDEP's (r1, r2, order)
+     on a grid and the pick of ``StepPlanner.from_perf``; predictions are the planner's
+     (closed form, or ``serial_time`` where the profile measured no overlap).
+   * ``geo`` (FusionLLM, arXiv 2410.12707): a 2-stage ``moeflow.geo.pipeline`` GPipe step of
+     the demo model under the exact plan, the even split, the AdaTopK pick of
+     ``partition(adatopk=True)`` on ``device_graph_from_perf`` and its cut at other
+     densities; predictions are the plan cost model's step time.
 3. Each option's predicted time: the chunked pass of FSMoE's model simulated by
    ``moeflow.sim`` (``pass_time``: a2a and expert tasks from the profiled ``a2a`` and
    ``expert_fwd/bwd@<dtype>``; link and compute one resource when the profile measured
@@ -37,7 +51,9 @@ nodes of L ranks behind links of RATE, ``emulated_cluster.py``, needs root and
 
 Regret of a pick: its median time over the best median of all arms of that decision, - 1.
 
-Writes ``regret_<host>_<date>.md`` and ``.json`` under ``--out``.
+Writes ``regret_<host>_<date>.md`` and ``.json`` under ``--out``; with ``--merge RECORD``
+the decisions run replace theirs in that record's cells (the others are kept) and the one
+record is rewritten in its directory.
 """
 
 from __future__ import annotations
