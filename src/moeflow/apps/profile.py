@@ -208,20 +208,31 @@ def _profile_collectives(
 
 
 def _send_cost(xs, ys, backend: str) -> LinearCost:
-    """The point-to-point cost as Hockney's model is fitted
-    (:func:`moeflow.apps.serve_bench.fit_link`: the slope over the messages of 256 KiB and
-    more, the latency from those of 16 KiB and less) when the sweep has such sizes, else the
-    relative least-squares line. A relative fit over every size takes its slope from the
-    small messages, which a shaped link's token bucket passes at line rate: FinDEP's and the
-    geo planner's transfers (hundreds of KiB per layer) then cost a fraction of their time."""
-    from moeflow.apps.serve_bench import fit_link
+    """The point-to-point cost as Hockney's model is fitted, where the sweep has messages of
+    256 KiB and more (two at least) and of 16 KiB and less: ``beta`` the least-squares slope
+    over the large ones (what a byte costs once a shaped link's token bucket is drained, as
+    in a step's stream of messages), ``alpha`` the median time of the small ones (which the
+    bucket's burst passes at line rate, so their time is the per-message latency). Else the
+    relative least-squares line of the other collectives.
+
+    A relative fit over every size takes its slope from the small messages, and subtracting
+    the drained rate from the small messages' times (``serve-bench``'s ``fit_link``) gave a
+    latency of 0 across 100 Mbit/s (notes/REJECTED.md)."""
+    import statistics
 
     note = f"bytes, {len(xs)} sizes, {backend}"
-    try:
-        c = fit_link(xs, ys, note=note + ", Hockney: slope >= 256 KiB, latency <= 16 KiB")
-        return LinearCost(c.alpha, c.beta, source="fitted", note=c.note).with_points(xs, ys)
-    except InputError:  # the sweep lacks the sizes: the line of the other collectives
+    big = [(n, t) for n, t in zip(xs, ys) if n >= 256 << 10]
+    small = [t for n, t in zip(xs, ys) if n <= 16 << 10]
+    if len(big) < 2 or not small:  # the sweep lacks the sizes: the line of the collectives
         return fit(xs, ys, note=note, relative=True, source="fitted")
+    mx = statistics.fmean(n for n, _ in big)
+    my = statistics.fmean(t for _, t in big)
+    beta = sum((n - mx) * (t - my) for n, t in big) / sum((n - mx) ** 2 for n, _ in big)
+    beta = max(beta, max(t / n for n, t in big) * 1e-3)  # never free or falling
+    note += ", Hockney: slope >= 256 KiB, latency the median <= 16 KiB"
+    return LinearCost(statistics.median(small), beta, source="fitted", note=note).with_points(
+        xs, ys
+    )
 
 
 CODEC_DTYPE = "bfloat16"
