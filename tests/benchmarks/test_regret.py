@@ -114,7 +114,8 @@ def test_merge_replaces_only_the_decisions_run_and_keeps_the_rest():
     assert lb["cases"]["S/float32"]["degrees"]["1,1"]["times_ms"] == [5.0]
     assert lb["perf"] == {"name": "ep"}
     assert lb["cases"]["prefill 8x64/float32"]["findep"] is fd
-    assert lb["profiles"]["findep,geo"] == {"perf": {"name": "pair"}, "profile_s": 30.0, "load": None}
+    want = {"perf": {"name": "pair"}, "profile_s": 30.0, "load": None}
+    assert lb["profiles"]["findep,geo"] == want
     assert info["cells"]["2x1@1gbit"]["perf"] == {"name": "pair2"}
     assert "2x2@1gbit" in info["cells"]
     assert [r["decisions"] for r in info["runs"]] == [list(regret.EP_DECISIONS), ["findep", "geo"]]
