@@ -738,6 +738,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fidelity-only", action="store_true")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--host", default=f"{os.cpu_count()}cpu-x86", help="machine label")
     args = ap.parse_args(argv)
     t0 = time.time()
     load0 = os.getloadavg()[0]
@@ -757,9 +758,7 @@ def main(argv=None) -> int:
     md = render(sw, mods, fid, cmd.strip(), time.time() - t0, (load0, os.getloadavg()[0]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"plan_validation_{os.cpu_count()}cpu-{platform.machine()}_{DATE}" + (
-        "_fidelity" if args.fidelity_only else ""
-    )
+    name = f"plan_validation_{args.host}_{DATE}" + ("_fidelity" if args.fidelity_only else "")
     (out / f"{name}.md").write_text(md)
     (out / f"{name}.json").write_text(
         json.dumps({"sweep": sw, "models": mods, "fidelity": fid}, indent=1)
