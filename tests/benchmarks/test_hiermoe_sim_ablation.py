@@ -34,7 +34,7 @@ def test_a_slower_spine_raises_dedups_speedup_toward_its_limit(rows):
     # with spine time beta*f (flat) and beta*d (dedup), d < f, the ratio (A + beta f) /
     # (B + beta d) rises with beta while it is below f / d
     labels = [
-        lb for lb, factor, _, scale, _ in hp.HIER_ABLATIONS if "L4" in scale or factor == "none"
+        lb for lb, factor, _, scale, _, _ in hp.HIER_ABLATIONS if "L4" in scale or factor == "none"
     ]
     assert len(labels) == 3
     for shape in hp.SHAPES:
@@ -52,6 +52,17 @@ def test_the_first_row_is_the_main_tables_setting_without_the_swap(rows):
     for a in ours.values():
         assert a["factor"] == "none" and a["d_star"] in range(4)
         assert a["dedup_ms"] <= a["flat_ms"]
+
+
+def test_one_alpha_per_message_slows_every_schedule_and_2dh_still_trails(rows):
+    ours = _by(rows, hp.HIER_ABLATIONS[0][0])
+    (label,) = [a[0] for a in hp.HIER_ABLATIONS if a[1] == "baseline strength"]
+    msg = _by(rows, label)
+    for shape in hp.SHAPES:
+        assert msg[shape]["flat_ms"] > ours[shape]["flat_ms"]
+        assert msg[shape]["2dh_ms"] > ours[shape]["2dh_ms"]
+        # what the reading says: aggregation does not put Tutel-2DH ahead of flat a2a here
+        assert msg[shape]["2dh_ms"] > msg[shape]["flat_ms"]
 
 
 def test_the_reading_quotes_this_runs_figures(rows):
