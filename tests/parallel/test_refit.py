@@ -1,0 +1,150 @@
+"""Online refinement: the runtime records its durations, refits the PerfModel after a
+warm-up window and decides its ``auto`` choices again (moeflow.parallel.refit)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests._dist import run_ranks
+
+WINDOW = 6
+
+
+def _wrong_model():
+    """A model that is wrong for this host in a known direction: free chunks (alpha 0) and
+    a slow link, so FSMoE's planner pipelines as deep as it may."""
+    from moeflow.perf import LinearCost, PerfModel
+
+    z = dict(source="assumed")
+    return PerfModel(
+        name="wrong",
+        costs={
+            "gemm": LinearCost(0.0, 1e-9, **z),
+            "a2a": LinearCost(0.0, 1e-3, **z),
+            "expert_fwd@float32": LinearCost(0.0, 1e-7, **z),
+            "expert_bwd@float32": LinearCost(0.0, 2e-7, **z),
+            # a codec that never pays: the switch sends raw, so the a2a is timed
+            "zipccl_encode": LinearCost(0.0, 1.0, **z),
+            "zipccl_decode": LinearCost(0.0, 1.0, **z),
+        },
+        meta={"world_size": 2, "nodes": 1},
+    )
+
+
+def _refit_rank(rank, world):
+    import torch
+
+    from moeflow import MoEConfig, MoELayer
+    from moeflow.comm import Topology
+    from moeflow.parallel import ExpertParallel
+
+    cfg = MoEConfig(hidden_size=32, ffn_hidden_size=64, num_experts=4, top_k=2)
+    torch.manual_seed(0)
+    perf = _wrong_model()
+    ep = ExpertParallel(
+        MoELayer(cfg),
+        topology=Topology.explicit(world, 1),
+        plan="auto",
+        perf=perf,
+        compress="auto",
+        refit_after=WINDOW,
+    )
+    gen = torch.Generator().manual_seed(rank)
+    degrees = []
+    for _ in range(WINDOW + 3):
+        x = torch.randn(64 + 16 * rank, 32, generator=gen).requires_grad_(True)
+        ep(x).sum().backward()
+        degrees.append((ep.r_fwd, ep.r_bwd))
+    samples = ep.perf.meta["refits"]
+    return {
+        "degrees": degrees,
+        "perf": ep.perf.to_dict(),
+        "refits": samples,
+        "codec_perf_is_refit": ep.dispatcher.compression.perf is ep.perf,
+        "compressed": ep.dispatcher.compression.stats.as_dict(),
+    }
+
+
+@pytest.mark.dist
+def test_refit_moves_the_model_to_the_recorded_durations_and_redecides():
+    from moeflow.parallel.refit import PROBE_DEGREES, R_MAX_AUTO
+    from moeflow.perf import PerfModel
+
+    a, b = run_ranks(_refit_rank, 2, timeout_s=120)
+    # one model and one choice on every rank
+    assert a["perf"] == b["perf"] and a["degrees"] == b["degrees"]
+    assert a["codec_perf_is_refit"] and b["codec_perf_is_refit"]
+    wrong, new = _wrong_model(), PerfModel.from_dict(a["perf"])
+    # the wrong model pipelines as deep as allowed; the window probes 1, 2, 4 chunks
+    probes = [(PROBE_DEGREES[i % 3],) * 2 for i in range(WINDOW)]
+    assert a["degrees"][1 : WINDOW + 1] == probes
+    assert all(r <= R_MAX_AUTO for pair in a["degrees"] for r in pair)
+    # every key the pipeline times was refitted from samples of both ranks and all chunks
+    for key in ("a2a", "expert_fwd@float32", "expert_bwd@float32"):
+        assert a["refits"][key] > 0
+        pts = new.cost(key).points
+        assert pts, key
+        ts = sorted(t for _, t in pts)
+        med_n = sorted(n for n, _ in pts)[len(pts) // 2]
+        med_t = ts[len(ts) // 2]
+        # the refitted line is closer to what was recorded than the wrong one
+        assert abs(new.time(key, med_n) - med_t) < abs(wrong.time(key, med_n) - med_t), key
+    # the re-decided degrees are the planner's pick on the refitted model
+    from moeflow.plan.fsmoe import plan_layer
+    from moeflow.plan.workload import LayerWorkload
+
+    w = LayerWorkload(
+        B=1, L=80, M=32, H=64, E=4, k=2, f=None, ffn="mixtral", n_ep=2, bytes_per_element=4
+    )
+    d = plan_layer(w, new, r_max=R_MAX_AUTO)
+    assert a["degrees"][-1] == (d.r_fwd, d.r_bwd)
+    d0 = plan_layer(w, wrong, r_max=R_MAX_AUTO)
+    assert (d0.r_fwd, d0.r_bwd) != (d.r_fwd, d.r_bwd)
+
+
+def test_redecide_gives_every_auto_choice_the_refitted_model():
+    from types import SimpleNamespace
+
+    from moeflow.comm.compressed import Compression
+    from moeflow.config import MoEConfig
+    from moeflow.parallel.refit import redecide
+    from moeflow.plan.parm import cluster_from_perf
+
+    perf = _wrong_model()
+    cz = Compression("auto", perf)
+    disp = SimpleNamespace(compression=cz, level="auto", links=perf.link_costs())
+    cfg = MoEConfig(hidden_size=32, ffn_hidden_size=64, num_experts=4, top_k=2)
+    ep = SimpleNamespace(
+        perf=perf,
+        auto_degrees=False,
+        plan_tokens=None,
+        dispatcher=disp,
+        cfg=cfg,
+        parm_schedule="auto",
+        plan_dtype="float32",
+        parm_cluster=None,
+    )
+    new = perf.update(
+        {"a2a": [(1e3, 0.5), (1e4, 0.6)], "expert_fwd@float32": [(1e5, 0.2), (1e6, 0.9)]},
+        fresh=["a2a", "expert_fwd@float32"],
+    )
+    redecide(ep, new)
+    assert ep.perf is new and cz.perf is new
+    assert disp.links == new.link_costs() != perf.link_costs()
+    kw = dict(hidden=32, ffn=64, num_experts=4, dtype="float32")
+    assert ep.parm_cluster == cluster_from_perf(new, **kw) != cluster_from_perf(perf, **kw)
+    assert cz.decide("a2a", "a2a", 1e4, "float32") is False  # the codec never pays here
+
+
+def test_auto_degrees_and_refit_need_a_model():
+    from moeflow import MoEConfig, MoELayer
+    from moeflow.errors import ConfigError
+    from moeflow.parallel import ExpertParallel
+
+    layer = MoELayer(MoEConfig(hidden_size=16, ffn_hidden_size=32, num_experts=4, top_k=2))
+    with pytest.raises(ConfigError, match="perf"):
+        ExpertParallel(layer, plan="auto")
+    with pytest.raises(ConfigError, match="perf"):
+        ExpertParallel(layer, refit_after=4)
+    with pytest.raises(ConfigError, match="refit_after"):
+        ExpertParallel(layer, perf=_wrong_model(), refit_after=0)
