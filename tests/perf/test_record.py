@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from moeflow.errors import ConfigError, InputError
-from moeflow.perf import LinearCost, PerfModel
-from moeflow.perf.record import DurationRecorder, bucket_medians, merge_samples, spans_sizes
+from moeflow.perf import LinearCost
+from moeflow.perf.record import DurationRecorder, bucket_medians, merge_samples
 
 
 def test_recorder_keeps_checked_samples_bounded_and_grouped():
@@ -44,22 +44,5 @@ def test_bucket_medians_drop_a_stall_that_a_line_would_learn():
     fit = LinearCost.fit([n for n, _ in pts], [t for _, t in pts])
     assert fit.alpha == pytest.approx(0.3, abs=0.01)
     assert fit.beta == pytest.approx(1e-4, rel=0.02)
-    assert spans_sizes(pts) and not spans_sizes([(100, 1.0), (110, 1.0)])
     with pytest.raises(ConfigError):
         bucket_medians(pairs, width=0.5)
-
-
-def test_update_fresh_replaces_the_profiled_points():
-    stale = LinearCost.fit([1e4, 1e5, 1e6], [1.0, 1.3, 5.0])
-    p = PerfModel("x", {"gemm": LinearCost(0, 1), "a2a": stale})
-    true = LinearCost(0.4, 2e-6)
-    new = [(n, true(n)) for n in (2e4, 4e4, 8e4)]
-    merged = p.update({"a2a": new})
-    fresh = p.update({"a2a": new}, fresh=["a2a"])
-    assert len(merged.cost("a2a").points) == 6  # merged with the profile's three sizes
-    assert merged.cost("a2a").alpha != pytest.approx(0.4)
-    assert len(fresh.cost("a2a").points) == 3
-    assert fresh.cost("a2a").alpha == pytest.approx(0.4, rel=1e-9)
-    assert fresh.cost("a2a").beta == pytest.approx(2e-6, rel=1e-9)
-    with pytest.raises(ConfigError):
-        p.update({"a2a": new}, fresh=["bogus"])

@@ -205,6 +205,8 @@ class _Run:
           does per chunk, with ``n`` = the chunk's forward expert FLOPs (``2 M D X`` for its
           M rows through ``w_in`` and ``w_out``, the ``moeflow profile`` convention), so the
           host work per chunk enters the cost's alpha and compute under contention its beta;
+        * the whole pass's wall time at its degree ``r`` (``add_pass``), which the refit
+          matches with FSMoE's simulated pass;
         * ``a2a`` per collective, where nothing else of this rank runs between its issue
           and its wait: the dispatch of the first chunk and the combine of the last (the
           flat route: one dispatch and one combine step, no ESP), with ``n`` = the buffer
@@ -238,12 +240,15 @@ class _Run:
         disp = self.disp
         cz = disp.compression
         squeezed = None if cz is None else sum(cz.stats.compressed.values())
+        t_pass = clock()
         run_wavefront(r, [timed(i, st) for i, st in enumerate(stages)])
+        t_pass = clock() - t_pass
         rec = self.recorder
         if cz is not None and sum(cz.stats.compressed.values()) != squeezed:
             return  # the codec's work and size exchange are its own costs, not these
         dtype = str(rows.dtype).removeprefix("torch.")
         key = f"expert_{'bwd' if backward else 'fwd'}@{dtype}"
+        rec.add_pass(key, r, t_pass * 1e3)
         D = rows.shape[-1]
         for c, rt in enumerate(routes):
             counts = rt.expert_counts

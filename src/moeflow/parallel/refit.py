@@ -12,25 +12,36 @@ refitted model:
 * HierMoE's dedup ``level="auto"`` (``link_costs`` of the model);
 * Parm's ``schedule="auto"`` (``cluster_from_perf`` of the model).
 
-The window runs its calls at 1, 2 and 4 chunks in turn (:data:`PROBE_DEGREES`), so its
-samples hold three chunk sizes per pass: a line fitted to them alone separates the
-per-chunk alpha (host work, collective start-up) from the per-byte / per-FLOP beta. Keys
-whose samples span sizes that way replace the profiled line (the running job's machine:
-its shared cores, its routing, its host overhead); the others are merged into the
-profiled points (:meth:`PerfModel.update`). Every rank refits from the samples of all
-ranks, merged in rank order (one ``all_gather_object``), so the model, and every choice
-made from it, is the same on every rank. The window's outputs are the layer's outputs at
-those degrees (the chunking changes the order of floating-point sums, not the function).
+The window runs its calls at 1, 2 and 4 chunks in turn (:data:`PROBE_DEGREES`). The refit
+merges each compute key's samples, as one median point per size bucket, into the profiled
+points (:meth:`PerfModel.update`). The collectives keep their profiled, barrier-
+synchronised costs: a recorded all-to-all ends when the last rank arrives, so it also holds
+the ranks' skew, which no link choice removes (refitted from it, ZipCCL's switch paid the
+codec to shrink a wait it cannot shrink). Then the refit calibrates the expert task of each
+pass on the whole pass: the per-chunk alpha and the work under which FSMoE's simulated pass
+matches the pass times measured at the three degrees (:func:`calibrate_expert`). That is
+where the profile misses this job's machine: the host work each chunk adds (gathers,
+issuing, placing), and compute slowed by ranks that share the cores. Every rank refits from
+the samples of all ranks, merged in rank order (one ``all_gather_object``), so the model,
+and every choice made from it, is the same on every rank. The window's outputs are the
+layer's outputs at those degrees (the chunking changes the order of floating-point sums,
+not the function).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from moeflow.errors import ConfigError
-from moeflow.perf.record import DurationRecorder, bucket_medians, merge_samples, spans_sizes
+from moeflow.perf.record import DurationRecorder, bucket_medians, merge_samples
 
+#: cost keys the refit leaves as profiled: a recorded collective also holds the ranks'
+#: skew (it ends when the last rank arrives), which no link choice removes
+COLLECTIVES = ("a2a", "ag", "rs", "ar", "send")
 #: the degrees (r_fwd = r_bwd) the warm-up window cycles through
 PROBE_DEGREES = (1, 2, 4)
 #: the largest degree ``plan="auto"`` picks: the refitted model is trusted over the chunk
@@ -38,35 +49,105 @@ PROBE_DEGREES = (1, 2, 4)
 R_MAX_AUTO = max(PROBE_DEGREES)
 
 
-def gather_samples(recorder: DurationRecorder, group=None) -> dict:
-    """Every rank's samples, merged in rank order (collective over ``group``)."""
-    mine = recorder.samples()
+def gather_samples(recorder: DurationRecorder, group=None) -> tuple[dict, dict]:
+    """Every rank's samples and passes, merged in rank order (collective over ``group``)."""
+    mine = (recorder.samples(), recorder.passes())
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return merge_samples([mine])
-    parts: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, mine, group=group)
-    return merge_samples(parts)
+        parts = [mine]
+    else:
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, mine, group=group)
+    return merge_samples(p[0] for p in parts), merge_samples(p[1] for p in parts)
 
 
-def refit_model(perf, samples: dict, probed: bool):
-    """``perf`` refitted from ``samples``, each key's samples reduced to one median point
-    per size bucket (:func:`moeflow.perf.record.bucket_medians`): keys whose buckets span
-    sizes (:func:`spans_sizes`) after a probing window are fitted afresh, the others merged
-    into the stored points."""
-    if not samples:
-        return perf
-    points = {k: bucket_medians(v) for k, v in samples.items()}
-    fresh = [k for k, v in points.items() if probed and len(v) >= 2 and spans_sizes(v)]
-    return perf.update(points, fresh=fresh)
+def refit_model(perf, samples: dict, passes: dict | None = None, workload=None):
+    """``perf`` refitted from ``samples``, each compute key's samples reduced to one median
+    point per size bucket (:func:`moeflow.perf.record.bucket_medians`) and merged into the
+    stored points (:meth:`PerfModel.update`); collectives keep their profiled cost. Then
+    each expert key with ``passes`` at two degrees or more (a probing window) and a
+    ``workload`` is calibrated on the whole pass (:func:`calibrate_expert`), which
+    replaces its per-chunk line."""
+    compute = {k: v for k, v in (samples or {}).items() if k.split("@")[0] not in COLLECTIVES}
+    if compute:
+        perf = perf.update({k: bucket_medians(v) for k, v in compute.items()})
+    if passes and workload is not None:
+        costs = dict(perf.costs)
+        for key, runs in sorted(passes.items()):
+            if len({r for r, _ in runs}) >= 2:
+                costs[key] = calibrate_expert(perf, key, runs, workload)
+        perf = replace(perf, costs=costs)
+    return perf
 
 
-def plan_degrees(ep, perf, tokens: int, bytes_per_element: int) -> tuple[int, int]:
-    """FSMoE's ``(r_fwd, r_bwd)`` of ``ep``'s layer for ``tokens`` per rank under ``perf``."""
-    from moeflow.plan.fsmoe import plan_layer
+def _log_err(sim: dict[int, float], meas: dict[int, float]) -> float:
+    return sum(math.log(max(sim[r], 1e-9) / meas[r]) ** 2 for r in meas)
+
+
+def calibrate_expert(perf, key: str, runs, workload):
+    """The expert task (``alpha`` ms per chunk, ``beta`` ms per forward FLOP) under which the
+    planner's simulated pass (:func:`moeflow.sim.builders.pass_time` of
+    ``workload.pass_cost`` in the runtime's wavefront order, on ``perf``'s link costs
+    and its measured link / compute sharing) matches the pass times measured at each
+    degree: the median over every rank's passes of a degree, matched in least squares of
+    ``log(simulated / measured)`` by a zooming grid over ``(alpha, work)``. The per-
+    chunk alpha so found is the host work and start-up each chunk adds in this job; the
+    work, its size-proportional rest (compute under the job's contention, rank skew).
+    The line's note lists the pass medians it matched."""
+    from moeflow.perf.cost import LinearCost
+    from moeflow.plan.fsmoe import shared_resources
+    from moeflow.sim.builders import pass_time
+
+    backward = key.startswith("expert_bwd")
+    by_r: dict[int, list[float]] = {}
+    for r, t in runs:
+        by_r.setdefault(int(r), []).append(float(t))
+    meas = {r: _median(ts) for r, ts in sorted(by_r.items()) if _median(ts) > 0}
+    base = workload.pass_cost(perf, backward)
+    kw = {**dict(shared_resources(perf)), "order": "wavefront"}  # the runtime's order
+    flops = workload.expert_flops
+
+    def sim(a: float, w: float) -> dict[int, float]:
+        pc = replace(base, alpha_exp=a, work_exp=w)
+        return {r: pass_time(pc, r, 0.0, backward, **kw) for r in meas}
+
+    top = max(meas.values())
+    a_lo, a_hi, w_lo, w_hi = 0.0, top, 0.0, top
+    best = (math.inf, 0.0, 0.0)
+    for _ in range(4):
+        n = 12
+        for i in range(n + 1):
+            a = a_lo + (a_hi - a_lo) * i / n
+            for j in range(n + 1):
+                w = w_lo + (w_hi - w_lo) * j / n
+                e = _log_err(sim(a, w), meas)
+                if e < best[0]:
+                    best = (e, a, w)
+        _, a, w = best
+        da, dw = 2 * (a_hi - a_lo) / n, 2 * (w_hi - w_lo) / n
+        a_lo, a_hi, w_lo, w_hi = max(a - da, 0.0), a + da, max(w - dw, 0.0), w + dw
+    _, a, w = best
+    return LinearCost(
+        a,
+        w / flops if flops > 0 else 0.0,
+        source="fitted",
+        note="calibrated on whole passes at degrees "
+        + ", ".join(f"r={r}: {t:.3f} ms" for r, t in meas.items()),
+    )
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    k = len(xs)
+    return xs[k // 2] if k % 2 else 0.5 * (xs[k // 2 - 1] + xs[k // 2])
+
+
+def layer_workload(ep, tokens: int, bytes_per_element: int):
+    """The :class:`moeflow.plan.workload.LayerWorkload` of ``ep``'s layer for ``tokens``
+    per rank."""
     from moeflow.plan.workload import LayerWorkload
 
     cfg = ep.cfg
-    w = LayerWorkload(
+    return LayerWorkload(
         B=1,
         L=max(int(tokens), 1),
         M=cfg.hidden_size,
@@ -79,7 +160,14 @@ def plan_degrees(ep, perf, tokens: int, bytes_per_element: int) -> tuple[int, in
         n_esp=ep.esp_size,
         bytes_per_element=bytes_per_element,
     )
-    d = plan_layer(w, perf, r_max=R_MAX_AUTO)
+
+
+def plan_degrees(ep, perf, tokens: int, bytes_per_element: int) -> tuple[int, int]:
+    """FSMoE's ``(r_fwd, r_bwd)`` of ``ep``'s layer for ``tokens`` per rank under ``perf``."""
+    from moeflow.plan.fsmoe import plan_layer
+
+    w = layer_workload(ep, tokens, bytes_per_element)
+    d = plan_layer(w, perf, r_max=R_MAX_AUTO, order="wavefront")
     return d.r_fwd, d.r_bwd
 
 
@@ -125,8 +213,11 @@ def refit(ep):
         raise ConfigError("perf", None, "a PerfModel to refit (ExpertParallel(perf=...))")
     if ep.recorder is None:
         raise ConfigError("recorder", None, "a DurationRecorder that recorded the calls")
-    samples = gather_samples(ep.recorder, ep.group)
-    new = refit_model(ep.perf, samples, ep.probed)
+    samples, passes = gather_samples(ep.recorder, ep.group)
+    w = None
+    if ep.plan_tokens is not None:
+        w = layer_workload(ep, ep.plan_tokens, ep.plan_bytes)
+    new = refit_model(ep.perf, samples, passes if ep.probed else None, w)
     redecide(ep, new)
     return new
 
@@ -138,8 +229,9 @@ def before_call(ep, x: torch.Tensor) -> None:
     if ep.plan_dtype is None:
         ep.plan_dtype = str(x.dtype).removeprefix("torch.")
         ep.plan_bytes = x.element_size()
-        if ep.auto_degrees:
+        if ep.auto_degrees or ep.refit_after is not None:
             ep.plan_tokens = agreed_tokens(ep, x.reshape(-1, x.shape[-1]).shape[0])
+        if ep.auto_degrees:
             ep.r_fwd, ep.r_bwd = plan_degrees(ep, ep.perf, ep.plan_tokens, ep.plan_bytes)
             ep.fixed_degrees = (ep.r_fwd, ep.r_bwd)
     n, c = ep.refit_after, ep.calls

@@ -261,30 +261,19 @@ class PerfModel:
                 "(`moeflow profile` measures them)",
             )
 
-    def update(
-        self,
-        samples: Mapping[str, Iterable[tuple[float, float]]],
-        *,
-        fresh: Iterable[str] = (),
-    ) -> PerfModel:
+    def update(self, samples: Mapping[str, Iterable[tuple[float, float]]]) -> PerfModel:
         """A copy refitted from measured durations: ``samples`` maps a cost key to
         ``(n, t_ms)`` pairs the runtime recorded (per chunk, per collective).
 
         Per key, the new samples replace the stored points at the same sizes (the latest
         measurement of a size wins; the others are kept) and the line is refitted by least
-        squares with ``alpha >= 0``. For the keys in ``fresh`` every stored point is
-        dropped: the line is fitted to the new samples alone (the running job's costs, when
-        its samples span sizes enough to separate alpha from beta). When the merged points
-        hold a single size, the line cannot be refitted, so it is scaled by
-        ``median(t) / cost(n)`` at that size (same shape, calibrated level). A key that is
-        not in the model needs samples of two sizes (InputError otherwise).
-        ``meta["refits"]`` counts the samples taken per key.
+        squares with ``alpha >= 0``. When the merged points hold a single size, the line
+        cannot be refitted, so it is scaled by ``median(t) / cost(n)`` at that size (same
+        shape, calibrated level). A key that is not in the model needs samples of two sizes
+        (InputError otherwise). ``meta["refits"]`` counts the samples taken per key.
         """
         costs = dict(self.costs)
         refits = dict(self.meta.get("refits", {}))
-        fresh = set(fresh)
-        for k in fresh:
-            _check_key(k)
         for key, pairs in samples.items():
             _check_key(key)
             new = [(float(n), float(t)) for n, t in pairs]
@@ -294,9 +283,7 @@ class PerfModel:
                 raise InputError(f"update({key!r}): samples must be finite with t >= 0")
             old = costs.get(key)
             sizes = {n for n, _ in new}
-            kept = [
-                p for p in (old.points if old and key not in fresh else ()) if p[0] not in sizes
-            ]
+            kept = [p for p in (old.points if old else ()) if p[0] not in sizes]
             pts = new + kept
             note = f"refit from {len(new)} runtime samples"
             if len({n for n, _ in pts}) >= 2:

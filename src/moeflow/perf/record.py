@@ -35,6 +35,7 @@ class DurationRecorder:
         if not (isinstance(max_samples, int) and max_samples >= 1):
             raise ConfigError("max_samples", max_samples, "an int >= 1")
         self._log: deque = deque(maxlen=max_samples)
+        self._passes: deque = deque(maxlen=max_samples)
         self.steps = 0  # calls of the layer that recorded (forward + backward = one step)
 
     def add(self, key: str, n: float, t_ms: float) -> None:
@@ -44,11 +45,28 @@ class DurationRecorder:
             raise InputError(f"DurationRecorder.add({key!r}): n and t_ms must be finite, >= 0")
         self._log.append((key, n, t_ms))
 
+    def add_pass(self, key: str, r: int, t_ms: float) -> None:
+        """One whole chunked pass: its expert cost key (``expert_fwd@<dtype>`` /
+        ``expert_bwd@<dtype>``), its degree ``r`` and its wall time (ms)."""
+        _check_key(key)
+        t_ms = float(t_ms)
+        if not (isinstance(r, int) and r >= 1) or not math.isfinite(t_ms) or t_ms < 0:
+            raise InputError(f"DurationRecorder.add_pass({key!r}): r >= 1 and finite t_ms >= 0")
+        self._passes.append((key, r, t_ms))
+
+    def passes(self) -> dict[str, list[tuple[int, float]]]:
+        """``{expert key: [(r, t_ms), ...]}`` of the recorded passes, in recording order."""
+        out: dict[str, list[tuple[int, float]]] = {}
+        for key, r, t in self._passes:
+            out.setdefault(key, []).append((r, t))
+        return out
+
     def __len__(self) -> int:
         return len(self._log)
 
     def clear(self) -> None:
         self._log.clear()
+        self._passes.clear()
         self.steps = 0
 
     def samples(self) -> dict[str, list[tuple[float, float]]]:
@@ -71,13 +89,6 @@ def merge_samples(
         for key in sorted(part):
             out.setdefault(key, []).extend((float(n), float(t)) for n, t in part[key])
     return {k: out[k] for k in sorted(out)}
-
-
-def spans_sizes(pairs: Iterable[tuple[float, float]], ratio: float = 1.5) -> bool:
-    """Whether the samples' sizes span at least ``ratio`` (largest / smallest): enough
-    spread that a line fitted to them alone separates the per-call alpha from beta."""
-    ns = [n for n, _ in pairs if n > 0]
-    return bool(ns) and max(ns) >= ratio * min(ns)
 
 
 def bucket_medians(
