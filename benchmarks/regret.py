@@ -21,7 +21,8 @@ nodes of L ranks behind links of RATE, ``emulated_cluster.py``, needs root and
    task, the unoverlapped all-to-alls) and decides again:
 
    * ``degrees`` (FSMoE, ASPLOS'25): r = 1, 2, 4 for both passes; auto = ``plan="auto"``
-     (``plan_layer`` on the refitted costs, r <= 4; separate forward / backward degrees).
+     (the degree with the smallest forward + backward of FSMoE's simulated pass on the
+     refitted costs, ``moeflow.parallel.refit.plan_degrees``).
    * ``zipccl`` (ZipCCL): dispatch / combine all-to-alls raw or compressed; auto =
      ``compress="auto"`` under the refitted link and profiled codec costs (per call).
    * ``dedup`` (HierMoE, Eq. 6; cells with 2 ranks per node): level 0 (rank) and 1 (node);
@@ -182,8 +183,8 @@ def predict_parm_ms(perf, shape, dtype, nodes, schedule: str) -> float:
         bytes_per_elem=4 if dtype == "float32" else 2,
     )
     t = schedule_terms(layer, c, schedule)
-    bwd_exp = t["experts"] * perf.cost(f"expert_bwd@{dtype}").beta
-    bwd_exp /= perf.cost(f"expert_fwd@{dtype}").beta
+    fb = perf.cost(f"expert_fwd@{dtype}").beta
+    bwd_exp = t["experts"] * (perf.cost(f"expert_bwd@{dtype}").beta / fb if fb > 0 else 2.0)
     comm = t["a2a"] + t["esp"] + t["mp_allgather"]
     return 1e3 * (2 * comm + t["experts"] + bwd_exp + 3 * t["gate"]) + rest_ms(perf, shape, dtype)
 
@@ -498,9 +499,17 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
             f"top-{v['top_k']})"
             for k, v in SHAPES.items()
         )
+        + (
+            f". Load average (1 min) during the run: {min(args.load):.1f}-{max(args.load):.1f} "
+            "on the 2 vCPUs"
+            if getattr(args, "load", None)
+            else ""
+        )
         + f". {args.reps} timed repeats per arm after a warm-up round, arms interleaved in a "
         "rotating order; medians, with the min-max spread. The plans come from a "
-        "`moeflow profile` run inside each cell's job before any timed step.",
+        "`moeflow profile` run inside each cell's job before any timed step, refitted by "
+        f"each `auto` arm after a {getattr(args, 'window', WINDOW)}-call window on a warm-up "
+        "batch.",
         "",
         "Regret: the median of the option the pick ran (the planned degrees; the level, "
         "schedule or compression setting `auto` chose on every batch; the `auto` arm itself "
@@ -621,11 +630,13 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
         "and 4 chunks in turn) on a warm-up batch, refitted the profile from every rank's "
         "recorded durations and decided again; the predictions above read each decision's "
         "refitted model. Per cell and case: the window's wall time (all auto arms), and the "
-        "refitted a2a and expert costs of the degrees arm (alpha ms + beta per byte / FLOP; "
-        "the profile's in brackets).",
+        "refitted expert costs of the degrees arm (alpha ms per chunk + beta ms per forward "
+        "FLOP, calibrated on the window's whole passes; the profile's in brackets). The "
+        "collectives keep their profiled costs (a recorded all-to-all also holds the ranks' "
+        "skew).",
         "",
-        "| cell | case | window s | a2a | expert_fwd | expert_bwd |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| cell | case | window s | expert_fwd | expert_bwd |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for cell, res in results.items():
         prof = res["perf"]["costs"]
@@ -640,7 +651,7 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
                 return "-" if new is None else f"{new[0]:.3f} + {new[1]:.2e}{was}"
 
             L.append(
-                f"| {cell} | {case} | {c.get('window_s', float('nan')):.1f} | {cost('a2a')} | "
+                f"| {cell} | {case} | {c.get('window_s', float('nan')):.1f} | "
                 f"{cost('expert_fwd@' + dt)} | {cost('expert_bwd@' + dt)} |"
             )
     L.append("")
@@ -700,6 +711,7 @@ def main(argv=None) -> int:
         args.command, args.host = info["command"], info["host"]
         args.reps = info.get("reps", args.reps)
         args.window = info.get("window", args.window)
+        args.load = info.get("load_1min")
         tag = os.path.splitext(os.path.basename(args.render))[0]
         lines = render(info["cells"], args, info["skipped"], info["date"])
         write_record(os.path.dirname(args.render) or ".", tag, info, lines)
@@ -724,12 +736,14 @@ def main(argv=None) -> int:
         a for a in (argv if argv is not None else sys.argv[1:])
     )
     results, skipped = {}, {}
+    args.load = [os.getloadavg()[0]]
     for i, cell in enumerate(args.cells.split(",")):
         t0 = time.time()
         res, why = run_cell(
             cell, args.reps, decisions, shapes, dtypes, args.port + i, window=args.window
         )
         print(f"{cell}: {'done' if res else why} in {time.time() - t0:.0f} s", flush=True)
+        args.load.append(os.getloadavg()[0])
         if res is None:
             skipped[cell] = why
         else:
@@ -742,6 +756,7 @@ def main(argv=None) -> int:
         "command": args.command,
         "reps": args.reps,
         "window": args.window,
+        "load_1min": args.load,
         "torch": __import__("torch").__version__,
         "cells": results,
         "summary": {c: summarize(r) for c, r in results.items()},

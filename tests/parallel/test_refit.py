@@ -72,9 +72,14 @@ def _refit_rank(rank, world):
 
 @pytest.mark.dist
 def test_refit_moves_the_model_to_the_recorded_durations_and_redecides():
-    from moeflow.parallel.refit import PROBE_DEGREES, R_MAX_AUTO, _log_err, _median
+    from moeflow.parallel.refit import (
+        PROBE_DEGREES,
+        _log_err,
+        _median,
+        degree_times,
+    )
     from moeflow.perf import PerfModel
-    from moeflow.plan.fsmoe import plan_layer, shared_resources
+    from moeflow.plan.fsmoe import shared_resources
     from moeflow.plan.workload import LayerWorkload
     from moeflow.sim.builders import pass_time
 
@@ -86,7 +91,7 @@ def test_refit_moves_the_model_to_the_recorded_durations_and_redecides():
     # the wrong model pipelines as deep as allowed; the window probes 1, 2, 4 chunks
     probes = [(PROBE_DEGREES[i % 3],) * 2 for i in range(WINDOW)]
     assert a["degrees"][1 : WINDOW + 1] == probes
-    assert all(r <= R_MAX_AUTO for pair in a["degrees"] for r in pair)
+    assert all(r <= max(PROBE_DEGREES) for pair in a["degrees"] for r in pair)
     w = LayerWorkload(
         B=1, L=80, M=32, H=64, E=4, k=2, f=None, ffn="mixtral", n_ep=2, bytes_per_element=4
     )
@@ -107,11 +112,11 @@ def test_refit_moves_the_model_to_the_recorded_durations_and_redecides():
 
         assert "calibrated on whole passes" in new.cost(key).note
         assert err(new) < err(wrong), key
-    # the re-decided degrees are the planner's pick on the refitted model
-    d = plan_layer(w, new, r_max=R_MAX_AUTO, order="wavefront")
-    assert a["degrees"][-1] == (d.r_fwd, d.r_bwd)
-    d0 = plan_layer(w, wrong, r_max=R_MAX_AUTO, order="wavefront")
-    assert (d0.r_fwd, d0.r_bwd) == (R_MAX_AUTO, R_MAX_AUTO) != (d.r_fwd, d.r_bwd)
+    # the re-decided degrees are the fastest predicted on the refitted model
+    t_new, t_wrong = degree_times(new, w), degree_times(wrong, w)
+    r_new = min(t_new, key=lambda k: (t_new[k], k))
+    assert a["degrees"][-1] == (r_new, r_new)
+    assert min(t_wrong, key=lambda k: (t_wrong[k], k)) == max(PROBE_DEGREES) != r_new
 
 
 def test_redecide_gives_every_auto_choice_the_refitted_model():

@@ -506,8 +506,8 @@ class ExpertParallel(nn.Module):
         esp_size: S, ranks sharing each expert's FFN (must fit inside a node).
         r_fwd, r_bwd: pipeline degrees (chunks) of forward and backward.
         plan: a ``moeflow.plan.Plan`` (read with ``degrees_for_layer(plan, layer_index)``),
-            an int, a ``(r_fwd, r_bwd)`` pair, or ``"auto"`` (FSMoE's planner on ``perf``);
-            overrides r_fwd / r_bwd.
+            an int, a ``(r_fwd, r_bwd)`` pair, or ``"auto"`` (planned on ``perf``, see
+            below); overrides r_fwd / r_bwd.
         timeout_s: deadline of every collective; a dead or stalled peer raises
             :class:`moeflow.errors.CommTimeoutError` naming the operation.
         compress: ZipCCL lossless compression of the dispatch/combine all-to-alls (CPU):
@@ -528,9 +528,10 @@ class ExpertParallel(nn.Module):
             :mod:`moeflow.plan.parm` under ``parm_cluster``); ``"s1"`` / ``"s2"`` are
             accepted as aliases.
         perf: the :class:`moeflow.perf.PerfModel` (``moeflow profile``) that the ``auto``
-            choices read: ``compress="auto"``, ``plan="auto"`` (FSMoE's degrees of this
-            layer, planned at the first call for the largest token count of any rank, at
-            most :data:`moeflow.parallel.refit.R_MAX_AUTO`), and the refit below.
+            choices read: ``compress="auto"``, ``plan="auto"`` (the degree of 1, 2 and 4
+            with the smallest predicted forward + backward under FSMoE's simulated pass,
+            one for both passes, planned at the first call for the largest token count of
+            any rank: :func:`moeflow.parallel.refit.plan_degrees`), and the refit below.
         refit_after: online refinement (:mod:`moeflow.parallel.refit`): record the
             pipeline's durations over this many calls after the first (a warm-up window
             run at 1, 2 and 4 chunks in turn), then refit ``perf`` from every rank's

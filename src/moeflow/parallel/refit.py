@@ -7,7 +7,8 @@ window of N calls (after one unrecorded first call), then, at its next call, ref
 :class:`~moeflow.perf.PerfModel` from them and decides its ``auto`` choices again on the
 refitted model:
 
-* FSMoE's pipeline degrees (``plan="auto"``; :func:`moeflow.plan.fsmoe.plan_layer`);
+* FSMoE's pipeline degrees (``plan="auto"``: FSMoE's simulated pass at each probed degree,
+  :func:`plan_degrees`);
 * ZipCCL's ``compress="auto"`` (the switch's link and codec costs);
 * HierMoE's dedup ``level="auto"`` (``link_costs`` of the model);
 * Parm's ``schedule="auto"`` (``cluster_from_perf`` of the model).
@@ -44,9 +45,6 @@ from moeflow.perf.record import DurationRecorder, bucket_medians, merge_samples
 COLLECTIVES = ("a2a", "ag", "rs", "ar", "send")
 #: the degrees (r_fwd = r_bwd) the warm-up window cycles through
 PROBE_DEGREES = (1, 2, 4)
-#: the largest degree ``plan="auto"`` picks: the refitted model is trusted over the chunk
-#: sizes the window measured
-R_MAX_AUTO = max(PROBE_DEGREES)
 
 
 def gather_samples(recorder: DurationRecorder, group=None) -> tuple[dict, dict]:
@@ -162,13 +160,32 @@ def layer_workload(ep, tokens: int, bytes_per_element: int):
     )
 
 
-def plan_degrees(ep, perf, tokens: int, bytes_per_element: int) -> tuple[int, int]:
-    """FSMoE's ``(r_fwd, r_bwd)`` of ``ep``'s layer for ``tokens`` per rank under ``perf``."""
-    from moeflow.plan.fsmoe import plan_layer
+def degree_times(perf, workload) -> dict[int, float]:
+    """Predicted forward + backward pipeline time (ms) of ``workload`` at each degree of
+    :data:`PROBE_DEGREES` (``r_fwd = r_bwd = r``): FSMoE's simulated pass
+    (:func:`moeflow.sim.builders.pass_time`) in the runtime's wavefront order, link and
+    compute shared where ``perf``'s profile measured that they barely overlap."""
+    from moeflow.plan.fsmoe import shared_resources
+    from moeflow.sim.builders import pass_time
 
-    w = layer_workload(ep, tokens, bytes_per_element)
-    d = plan_layer(w, perf, r_max=R_MAX_AUTO, order="wavefront")
-    return d.r_fwd, d.r_bwd
+    kw = {**dict(shared_resources(perf)), "order": "wavefront"}
+    fwd, bwd = workload.pass_cost(perf, False), workload.pass_cost(perf, True)
+    return {
+        r: pass_time(fwd, r, 0.0, False, **kw) + pass_time(bwd, r, 0.0, True, **kw)
+        for r in PROBE_DEGREES
+    }
+
+
+def plan_degrees(ep, perf, tokens: int, bytes_per_element: int) -> tuple[int, int]:
+    """``plan="auto"``: the degree of :data:`PROBE_DEGREES` with the smallest predicted
+    forward + backward (:func:`degree_times`), for both passes. The choice stays among the
+    configurations the window measures: with ``r_fwd != r_bwd`` the runtime saves each
+    chunk's expert residuals in canonical order for the backward's other chunking, a cost
+    no probe calibrates (in the regret benchmark such picks of FSMoE's separate planning
+    lost more than 5% in 8 of 10 cells; notes/REJECTED.md)."""
+    times = degree_times(perf, layer_workload(ep, tokens, bytes_per_element))
+    r = min(times, key=lambda k: (times[k], k))
+    return r, r
 
 
 def agreed_tokens(ep, T: int) -> int:
@@ -215,7 +232,9 @@ def refit(ep):
         raise ConfigError("recorder", None, "a DurationRecorder that recorded the calls")
     samples, passes = gather_samples(ep.recorder, ep.group)
     w = None
-    if ep.plan_tokens is not None:
+    if ep.plan_tokens is not None and ep.mp_group is None:
+        # Parm's passes run on an MP share of the tokens or rows, not on this workload:
+        # there the per-chunk samples alone refit the expert task
         w = layer_workload(ep, ep.plan_tokens, ep.plan_bytes)
     new = refit_model(ep.perf, samples, passes if ep.probed else None, w)
     redecide(ep, new)

@@ -216,16 +216,12 @@ def plan_layer(
     r_max: int = R_MAX,
     gar_bytes: float = 0.0,
     evaluator: str = "sim",
-    order: str = "fsmoe",
 ) -> LayerDecision:
     """Forward and backward degrees of one MoE layer, planned separately; on a host whose
     profile says link and compute share the cores (:func:`shared_resources`) the simulated
-    chunks cannot overlap. ``order``: the simulator's task order, ``"fsmoe"`` (the paper's
-    per-resource order) or ``"wavefront"`` (the order ``ExpertParallel`` issues work in)."""
+    chunks cannot overlap."""
     t0 = time.perf_counter()
     kw = shared_resources(perf)
-    if order != "fsmoe":
-        kw = (*kw, ("order", order))
     gar_ms = perf.cost("ar")(gar_bytes) if gar_bytes > 0 else 0.0
     fwd = plan_pass(w.pass_cost(perf, False), r_max=r_max, evaluator=evaluator, sim_kw=kw)
     bwd = plan_pass(
