@@ -70,6 +70,22 @@ def test_engine_matches_generate(model, cfg, sampled):
     assert eng.cache.pool.free == eng.cache.pool.num_blocks  # every block came back
 
 
+def test_greedy_and_sampled_requests_in_one_step_match_generate(model):
+    # greedy rows take the batched argmax, sampled rows their own generator, in one step
+    reqs = [
+        Request(r.prompt, SamplingParams(r.params.max_new_tokens, 0.8, 0.9, seed=7 + i), i)
+        if i % 2
+        else r
+        for i, r in enumerate(_requests())
+    ]
+    ref = generate(model, reqs)
+    out = Engine(model, EngineConfig(block_size=4)).generate(reqs)
+    assert [o.tokens for o in out] == [r.tokens for r in ref]
+    assert any(r.params.temperature > 0 for r in reqs) and any(
+        r.params.temperature == 0 for r in reqs
+    )
+
+
 def test_latent_attention_cache_matches_generate():
     m = tiny_model(
         attention="mla",

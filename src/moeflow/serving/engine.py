@@ -376,10 +376,17 @@ class Engine:
             width = g[0][1]
             ids = [s.ids(s.computed, s.computed + n) + [PAD_ID] * (width - n) for s, n in g]
             logits = self._forward(ids, [s.row for s, _ in g], [s.computed for s, _ in g])
+            first: list[tuple[int, _Seq, int]] = []
             for b, (s, n) in enumerate(g):
                 s.computed += n
                 if not s.prefilling and not s.tokens:  # a fresh prompt: its first token
-                    self._emit(s, logits[b, n - 1])
+                    first.append((b, s, n - 1))
+            if first:
+                b_M = torch.tensor([b for b, _, _ in first], device=logits.device)
+                t_M = torch.tensor([t for _, _, t in first], device=logits.device)
+                seqs = [s for _, s, _ in first]
+                for s, tok in zip(seqs, self._sample(seqs, logits[b_M, t_M])):
+                    self._emit(s, tok)
 
     def _decode(self) -> None:
         batch = [s for s in self._running if not s.prefilling and s.tokens]
@@ -392,14 +399,26 @@ class Engine:
         logits = self._forward(
             [[s.tokens[-1]] for s in batch], [s.row for s in batch], [s.computed for s in batch]
         )
-        for j, s in enumerate(batch):
+        for s, tok in zip(batch, self._sample(batch, logits[:, 0])):
             s.computed += 1
-            self._emit(s, logits[j, 0])
+            self._emit(s, tok)
 
-    def _emit(self, s: _Seq, logits_V: torch.Tensor) -> None:
-        if s.gen is not None and logits_V.device.type != "cpu":
-            logits_V = logits_V.cpu()  # the request's seeded generator lives on the CPU
-        tok = sample(logits_V, s.params, s.gen)
+    @staticmethod
+    def _sample(seqs: list[_Seq], logits_BV: torch.Tensor) -> list[int]:
+        """The next token of each of ``seqs`` from its row of ``logits_BV``: the greedy rows
+        with one ``argmax`` and one host transfer for the batch (the first maximum, as
+        :func:`~moeflow.models.generate.sample`'s), the others with :func:`sample` and the
+        request's own generator."""
+        toks = logits_BV.argmax(dim=-1).tolist()
+        for j, s in enumerate(seqs):
+            if s.params.temperature > 0:
+                logits_V = logits_BV[j]
+                if logits_V.device.type != "cpu":
+                    logits_V = logits_V.cpu()  # the request's seeded generator lives on the CPU
+                toks[j] = sample(logits_V, s.params, s.gen)
+        return toks
+
+    def _emit(self, s: _Seq, tok: int) -> None:
         res = s.handle.result
         res.tokens.append(tok)
         res.token_times.append(time.perf_counter())
