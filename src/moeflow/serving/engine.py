@@ -207,6 +207,7 @@ class Engine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self._step_listeners: list[Callable[[], None]] = []
 
     # ---- submission (any thread) ------------------------------------------------------
 
@@ -272,10 +273,34 @@ class Engine:
             "free_kv_blocks": self.cache.pool.free,
         }
 
+    def add_step_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` on the engine's thread at the end of every :meth:`step`, after the
+        step's ``on_token`` and ``on_finish`` callbacks (a listener can hand their events on
+        in one batch), and also between a step's prefill and its decode when the prefill
+        produced first tokens (so they do not wait for the decode). Like the callbacks, it
+        must not block."""
+        self._step_listeners = [*self._step_listeners, fn]  # copy: step() may be iterating
+
+    def remove_step_listener(self, fn: Callable[[], None]) -> None:
+        self._step_listeners = [f for f in self._step_listeners if f != fn]
+
     # ---- one iteration ----------------------------------------------------------------
 
     def step(self) -> bool:
         """Run one iteration (admit, prefill, decode); False when there was nothing to do."""
+        try:
+            return self._step()
+        finally:
+            self._notify_step_listeners()
+
+    def _notify_step_listeners(self) -> None:
+        for fn in self._step_listeners:
+            try:
+                fn()
+            except Exception:  # a listener must not stop the engine
+                log.exception("step listener failed")
+
+    def _step(self) -> bool:
         with self._cond:
             for s in [s for s in self._waiting if s.handle._abort]:
                 self._waiting.remove(s)
@@ -288,7 +313,8 @@ class Engine:
         self.steps += 1
         try:
             with torch.no_grad():
-                self._prefill()
+                if self._prefill():  # first tokens go out now, not after the decode
+                    self._notify_step_listeners()
                 self._decode()
         except Exception as e:  # a failed forward ends its step's requests, not the engine
             log.exception("engine step failed")
@@ -353,8 +379,9 @@ class Engine:
             torch.tensor(starts, device=dev),
         )
 
-    def _prefill(self) -> None:
-        budget, chunks = self.config.max_prefill_tokens, []
+    def _prefill(self) -> bool:
+        """Prefill this step's chunks; True when a request emitted its first token."""
+        budget, chunks, emitted = self.config.max_prefill_tokens, [], False
         for s in self._running:
             if budget == 0:
                 break
@@ -387,6 +414,8 @@ class Engine:
                 seqs = [s for _, s, _ in first]
                 for s, tok in zip(seqs, self._sample(seqs, logits[b_M, t_M])):
                     self._emit(s, tok)
+                emitted = True
+        return emitted
 
     def _decode(self) -> None:
         batch = [s for s in self._running if not s.prefilling and s.tokens]
