@@ -280,9 +280,14 @@ def _stream_events(url, body, on_first=None):
 def test_late_request_finishes_while_long_streams_decode(served):
     # continuous batching seen from HTTP: a short request sent after two long streams have
     # started gets all its tokens before they end
-    _, url = served
+    server, url = served
     long_body = {"prompt": "hello", "max_tokens": 90, "temperature": 0, "ignore_eos": True}
     started = threading.Barrier(3)
+
+    def pace():  # >= 90 x 20 ms for the long streams, so a loaded machine cannot outrun them
+        time.sleep(0.02)
+
+    server.engine.add_step_listener(pace)
     out = {}
 
     def run(i):
@@ -300,6 +305,7 @@ def test_late_request_finishes_while_long_streams_decode(served):
     t_short = time.monotonic()
     for t in threads:
         t.join(60)
+    server.engine.remove_step_listener(pace)
     assert short.json()["usage"]["completion_tokens"] == 2
     for events in out.values():
         assert events[-1][0]["choices"][0]["finish_reason"] == "length"
