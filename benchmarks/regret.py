@@ -1,6 +1,7 @@
 """Regret of every automatic choice: each option and the ``auto`` pick measured side by side.
 
-    python benchmarks/regret.py [--cells loopback,2x1@1gbit,...] [--reps 5] [--out DIR]
+    python benchmarks/regret.py [--cells loopback,2x1@1gbit,...] [--reps 5] [--window 12]
+                                [--out DIR]
     python benchmarks/regret.py --decisions findep,geo --cells loopback,2x1@1gbit \
         --dtypes float32 --merge benchmarks/results/regret_<host>_<date>.json
 
@@ -14,17 +15,23 @@ nodes of L ranks behind links of RATE, ``emulated_cluster.py``, needs root and
    batch it is timed on.
 2. Per model shape and dtype, one MoE layer forward + backward of ``ExpertParallel``
    (T tokens per rank, SwiGLU experts, dropless) under each decision's options and its
-   ``auto`` pick:
+   ``auto`` arm. Every ``auto`` arm is built with the profile and ``refit_after=--window``
+   (online refinement, ``moeflow.parallel.refit``): before any timed step it runs one
+   warm-up call and ``--window`` recorded calls at 1, 2 and 4 chunks in turn on a warm-up
+   batch (never the timed one; the auto arms interleaved call by call), then refits the
+   profile from every rank's recorded durations (each chunk's local work as the expert
+   task, the unoverlapped all-to-alls) and decides again:
 
-   * ``degrees`` (FSMoE, ASPLOS'25): r = 1, 2, 4 for both passes; auto = ``plan_layer``
-     on the profiled costs (``r_max`` 4; separate forward / backward degrees).
+   * ``degrees`` (FSMoE, ASPLOS'25): r = 1, 2, 4 for both passes; auto = ``plan="auto"``
+     (the degree with the smallest forward + backward of FSMoE's simulated pass on the
+     refitted costs, ``moeflow.parallel.refit.plan_degrees``).
    * ``zipccl`` (ZipCCL): dispatch / combine all-to-alls raw or compressed; auto =
-     ``compress="auto"`` under the profiled codec and link costs (decided per call).
+     ``compress="auto"`` under the refitted link and profiled codec costs (per call).
    * ``dedup`` (HierMoE, Eq. 6; cells with 2 ranks per node): level 0 (rank) and 1 (node);
-     auto = ``level="auto"`` with the profiled ``link_costs`` (decided per batch from its
+     auto = ``level="auto"`` with the refitted ``link_costs`` (decided per batch from its
      routing, never from its timing).
    * ``parm`` (Parm, INFOCOM'24; cells with 2 ranks per node, MP = ESP = the node): plain,
-     s1, s2; auto = ``schedule="auto"`` under ``cluster_from_perf``.
+     s1, s2; auto = ``schedule="auto"`` under ``cluster_from_perf`` of the refitted model.
 
    Every arm is timed ``reps`` times after a warm-up round, arms interleaved in an order
    that rotates (and reverses) every round; a time is the slowest rank's.
@@ -40,14 +47,15 @@ nodes of L ranks behind links of RATE, ``emulated_cluster.py``, needs root and
      the demo model under the exact plan, the even split, the AdaTopK pick of
      ``partition(adatopk=True)`` on ``device_graph_from_perf`` and its cut at other
      densities; predictions are the plan cost model's step time.
-3. Each option's predicted time: the chunked pass of FSMoE's model simulated by
-   ``moeflow.sim`` (``pass_time``: a2a and expert tasks from the profiled ``a2a`` and
-   ``expert_fwd/bwd@<dtype>``; link and compute one resource when the profile measured
-   that they barely overlap, as the planner assumes: ``plan.fsmoe.shared_resources``) plus
-   the replicated rest of the layer priced by the profiled ``gemm``, ``index`` and
-   ``elementwise`` costs of the dtype. Compression replaces each a2a by encode + a2a of
-   ``n / ratio`` + decode (ratio: ZipCCL's prior for the dtype); dedup's a2a by HierMoE's
-   ``t_d`` of the batch's routing; Parm's terms come from ``plan.parm.schedule_terms``.
+3. Each option's predicted time, from its decision's refitted model: the chunked pass of
+   FSMoE's model simulated by ``moeflow.sim`` (``pass_time``: a2a and expert tasks from
+   ``a2a`` and ``expert_fwd/bwd@<dtype>``; link and compute one resource when the profile
+   measured that they barely overlap, as the planner assumes:
+   ``plan.fsmoe.shared_resources``) plus the replicated rest of the layer priced by the
+   profiled ``gemm``, ``index`` and ``elementwise`` costs of the dtype. Compression
+   replaces each a2a by encode + a2a of ``n / ratio`` + decode (ratio: ZipCCL's prior for
+   the dtype); dedup's a2a by HierMoE's ``t_d`` of the batch's routing; Parm's terms come
+   from ``plan.parm.schedule_terms``.
 
 Regret of a pick: its median time over the best median of all arms of that decision, - 1.
 
@@ -108,6 +116,10 @@ GEO_MEMORY_FRACTION = 0.6
 GEO_MIN_DENSITY = 0.05
 #: densities timed at the pick's cut besides its own, half and twice it
 GEO_DENSITIES = (1.0, 0.25, 0.1)
+#: a case's entries that are not decisions
+CASE_INFO = ("picks", "window_s", "refits")
+#: the auto arms' online-refinement window: recorded calls at 1, 2, 4 chunks in turn
+WINDOW = 12
 #: the profile sweep inside each job: collective sizes (bytes) and square GEMM sizes
 PROFILE_SIZES = (16384, 65536, 262144, 1048576)
 PROFILE_GEMM = (64, 128, 192, 256)
@@ -222,14 +234,20 @@ def predict_parm_ms(perf, shape, dtype, nodes, schedule: str) -> float:
         bytes_per_elem=4 if dtype == "float32" else 2,
     )
     t = schedule_terms(layer, c, schedule)
-    bwd_exp = t["experts"] * perf.cost(f"expert_bwd@{dtype}").beta
-    bwd_exp /= perf.cost(f"expert_fwd@{dtype}").beta
+    fb = perf.cost(f"expert_fwd@{dtype}").beta
+    bwd_exp = t["experts"] * (perf.cost(f"expert_bwd@{dtype}").beta / fb if fb > 0 else 2.0)
     comm = t["a2a"] + t["esp"] + t["mp_allgather"]
     return 1e3 * (2 * comm + t["experts"] + bwd_exp + 3 * t["gate"]) + rest_ms(perf, shape, dtype)
 
 
 # ---- one rank ----------------------------------------------------------------------------
-def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtypes) -> None:
+def refit_summary(perf) -> dict:
+    """The costs a refit moved: ``{key: [alpha ms, beta ms/unit, points]}``."""
+    keys = sorted(perf.meta.get("refits", {}))
+    return {k: [perf.costs[k].alpha, perf.costs[k].beta, len(perf.costs[k].points)] for k in keys}
+
+
+def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtypes, window) -> None:
     import torch
     import torch.distributed as dist
 
@@ -238,7 +256,6 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
     from moeflow.comm import Topology
     from moeflow.comm.groups import subgroup
     from moeflow.parallel import ExpertParallel
-    from moeflow.plan.fsmoe import plan_layer
     from moeflow.plan.parm import cluster_from_perf
 
     torch.set_num_threads(1)
@@ -281,42 +298,31 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
             x_node = torch.randn(
                 TOKENS, cfg.hidden_size, generator=torch.Generator().manual_seed(100 + node)
             ).to(dt)
+            # the warm-up window's batches: earlier batches, never the timed one
+            x_warm = torch.randn(
+                TOKENS, cfg.hidden_size, generator=torch.Generator().manual_seed(1000 + rank)
+            ).to(dt)
+            xn_warm = torch.randn(
+                TOKENS, cfg.hidden_size, generator=torch.Generator().manual_seed(2000 + node)
+            ).to(dt)
             arms = {}  # (decision, option) -> (module, input, predicted ms or None)
+            picks: dict = {}
+            autos = {}  # decision -> (its auto arm, its warm-up batch)
 
             def ep(layer=layer, **kw):
                 return ExpertParallel(layer, topology=topo, timeout_s=600, **kw)
 
+            refit = {"perf": perf, "refit_after": window}
             if "degrees" in decisions:
-                d = plan_layer(workload(shape, world, dtype), perf, r_max=max(DEGREES))
-                pick = (d.r_fwd, d.r_bwd)
-                opts = [(r, r) for r in DEGREES]
-                if pick not in opts:
-                    opts.append(pick)
-                for rf, rb in opts:
-                    pred = predict_ms(perf, shape, dtype, world, rf, rb)
-                    arms[("degrees", f"{rf},{rb}")] = (ep(r_fwd=rf, r_bwd=rb), x, pred)
-                arms[("degrees", "auto")] = (None, f"{pick[0]},{pick[1]}", None)
+                autos["degrees"] = (ep(plan="auto", **refit), x_warm)
             if "zipccl" in decisions:
-                raw = predict_ms(perf, shape, dtype, world, 1, 1)
-                on = predict_ms(perf, shape, dtype, world, 1, 1, a2a=compressed_a2a(perf, dtype))
-                arms[("zipccl", "off")] = (ep(compress=False), x, raw)
-                arms[("zipccl", "on")] = (ep(compress=True), x, on)
-                arms[("zipccl", "auto")] = (ep(compress="auto", perf=perf), x, None)
-            if "dedup" in decisions and per_node > 1 and nodes > 1:
-                links = perf.link_costs()
-                for lv in (0, 1):
-                    o = {"level": lv, "links": links}
-                    arms[("dedup", str(lv))] = (
-                        ep(dispatcher="dedup", dispatcher_options=o),
-                        x,
-                        None,
-                    )
-                arms[("dedup", "auto")] = (
-                    ep(dispatcher="dedup", dispatcher_options={"level": "auto", "links": links}),
-                    x,
-                    None,
-                )
-            if "parm" in decisions and per_node > 1 and nodes > 1:
+                autos["zipccl"] = (ep(compress="auto", **refit), x_warm)
+            ep_dedup = "dedup" in decisions and per_node > 1 and nodes > 1
+            if ep_dedup:
+                o = {"level": "auto", "links": perf.link_costs()}
+                autos["dedup"] = (ep(dispatcher="dedup", dispatcher_options=o, **refit), x_warm)
+            ep_parm = "parm" in decisions and per_node > 1 and nodes > 1
+            if ep_parm:
                 pc = cluster_from_perf(
                     perf,
                     hidden=cfg.hidden_size,
@@ -324,13 +330,58 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
                     num_experts=cfg.num_experts,
                     dtype=dtype,
                 )
-                for s in ("plain", "s1", "s2", "auto"):
-                    pred = None if s == "auto" else predict_parm_ms(perf, shape, dtype, nodes, s)
+                m = ep(esp_size=per_node, mp_group=mp, schedule="auto", parm_cluster=pc, **refit)
+                autos["parm"] = (m, xn_warm)
+            # online refinement: the auto arms run their window (one warm-up call, then
+            # `window` recorded calls at 1, 2, 4 chunks) on the warm-up batch, arms
+            # interleaved call by call; the next call refits and re-decides
+            t0 = time.perf_counter()
+            for _ in range(window + 2):
+                for m, xw in autos.values():
+                    m(xw.clone().requires_grad_(True)).float().sum().backward()
+            window_s = time.perf_counter() - t0
+            refits = {d: m.perf for d, (m, _) in autos.items()}
+            if "zipccl" in autos:  # the picks count the timed calls only
+                cz = autos["zipccl"][0].dispatcher.compression
+                cz.stats = type(cz.stats)()
+            if "degrees" in decisions:
+                m, _ = autos["degrees"]
+                pm = refits["degrees"]
+                pick = (m.r_fwd, m.r_bwd)
+                opts = [(r, r) for r in DEGREES]
+                if pick not in opts:
+                    opts.append(pick)
+                for rf, rb in opts:
+                    pred = predict_ms(pm, shape, dtype, world, rf, rb)
+                    arms[("degrees", f"{rf},{rb}")] = (ep(r_fwd=rf, r_bwd=rb), x, pred)
+                arms[("degrees", "auto")] = (m, x, None)
+                picks["degrees"] = f"{pick[0]},{pick[1]}"
+            if "zipccl" in decisions:
+                pm = refits["zipccl"]
+                raw = predict_ms(pm, shape, dtype, world, 1, 1)
+                on = predict_ms(pm, shape, dtype, world, 1, 1, a2a=compressed_a2a(pm, dtype))
+                arms[("zipccl", "off")] = (ep(compress=False), x, raw)
+                arms[("zipccl", "on")] = (ep(compress=True), x, on)
+                arms[("zipccl", "auto")] = (autos["zipccl"][0], x, None)
+            if ep_dedup:
+                links = refits["dedup"].link_costs()
+                for lv in (0, 1):
+                    o = {"level": lv, "links": links}
+                    arms[("dedup", str(lv))] = (
+                        ep(dispatcher="dedup", dispatcher_options=o),
+                        x,
+                        None,
+                    )
+                arms[("dedup", "auto")] = (autos["dedup"][0], x, None)
+            if ep_parm:
+                pm = refits["parm"]
+                for s in ("plain", "s1", "s2"):
+                    pred = predict_parm_ms(pm, shape, dtype, nodes, s)
                     m = ep(esp_size=per_node, mp_group=mp, schedule=s, parm_cluster=pc)
                     arms[("parm", s)] = (m, x_node, pred)
+                arms[("parm", "auto")] = (autos["parm"][0], x_node, None)
             timed = [k for k, v in arms.items() if v[0] is not None]
             times = {k: [] for k in timed}
-            picks: dict = {}
             for it in range(reps + 1):
                 order = timed[it % len(timed) :] + timed[: it % len(timed)]
                 if it % 2:
@@ -352,20 +403,21 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
                     if key == ("zipccl", "auto"):
                         picks["zipccl"] = m.dispatcher.compression.stats.as_dict()
             case = {}
-            for (dec, opt), (m, _, pred) in arms.items():
-                row = {"predicted_ms": pred}
-                if m is not None:
-                    row["times_ms"] = times[(dec, opt)]
-                else:
-                    row["pick"] = arms[(dec, opt)][1]
+            for (dec, opt), (_m, _, pred) in arms.items():
+                row = {"predicted_ms": pred, "times_ms": times[(dec, opt)]}
+                if dec == "degrees" and opt == "auto":
+                    row["pick"] = picks["degrees"]
                 case.setdefault(dec, {})[opt] = row
             if "dedup" in case:  # HierMoE's t_d of the last batch, per level (s)
                 lt = arms[("dedup", "auto")][0].dispatcher.last_times
                 for lv in (0, 1):
                     case["dedup"][str(lv)]["predicted_ms"] = predict_dedup_ms(
-                        perf, shape, dtype, world, lt[lv]
+                        refits["dedup"], shape, dtype, world, lt[lv]
                     )
+            picks.pop("degrees", None)
             case["picks"] = picks
+            case["window_s"] = window_s
+            case["refits"] = {d: refit_summary(p) for d, p in refits.items()}
             out["cases"][f"{sname}/{dtype}"] = case
     if "findep" in decisions and world == 2:
         out["cases"].update(findep_cases(rank, perf, reps))
@@ -591,7 +643,9 @@ def geo_cases(rank: int, master: str, port: int, perf, reps: int) -> dict:
 
 
 # ---- the driver --------------------------------------------------------------------------
-def run_cell(cell: str, reps: int, decisions, shapes, dtypes, port: int) -> tuple[dict | None, str]:
+def run_cell(
+    cell: str, reps: int, decisions, shapes, dtypes, port: int, window: int = WINDOW
+) -> tuple[dict | None, str]:
     """Run one cell's job; (result, "") or (None, why)."""
     nodes, per_node, rate = parse_cell(cell)
     world = nodes * per_node
@@ -610,7 +664,7 @@ def run_cell(cell: str, reps: int, decisions, shapes, dtypes, port: int) -> tupl
         me = [sys.executable, os.path.abspath(__file__), "--master", master, "--port", str(port)]
         me += ["--reps", str(reps), "--world", str(world), "--per-node", str(per_node)]
         me += ["--decisions", ",".join(decisions), "--shapes", ",".join(shapes)]
-        me += ["--dtypes", ",".join(dtypes)]
+        me += ["--dtypes", ",".join(dtypes), "--window", str(window)]
         env = {"OMP_NUM_THREADS": "1"}
         procs = []
         for r in range(world):
@@ -668,7 +722,7 @@ def summarize(res: dict) -> dict:
     out = {}
     for case, decs in res["cases"].items():
         for dec, opts in decs.items():
-            if dec == "picks":
+            if dec in CASE_INFO:
                 continue
             med = {o: median(r["times_ms"]) for o, r in opts.items() if "times_ms" in r}
             pick = resolve_pick(dec, opts, decs["picks"].get(dec))
@@ -700,7 +754,13 @@ def spread(xs) -> str:
 def runs_text(runs) -> str:
     """The commands a record merges, each with its decisions and repeats."""
     return "Commands (each a job per cell; as root for the emulated cells): " + "; ".join(
-        f"`{r['command']}` ({', '.join(r['decisions'])}: {r['reps']} timed repeats per arm)"
+        f"`{r['command']}` ({', '.join(r['decisions'])}: {r['reps']} timed repeats per arm"
+        + (
+            f"; load average (1 min) {min(r['load_1min']):.1f}-{max(r['load_1min']):.1f}"
+            if r.get("load_1min")
+            else ""
+        )
+        + ")"
         for r in runs
     )
 
@@ -725,9 +785,17 @@ def render(results: dict, args, skipped: dict, date: str, runs=None) -> list[str
             f"top-{v['top_k']})"
             for k, v in SHAPES.items()
         )
+        + (
+            f". Load average (1 min) during the run: {min(args.load):.1f}-{max(args.load):.1f} "
+            "on the 2 vCPUs"
+            if getattr(args, "load", None) and len(runs) == 1
+            else ""
+        )
         + ". Every arm timed after a warm-up round, arms interleaved in a "
         "rotating order; medians, with the min-max spread. The plans come from a "
-        "`moeflow profile` run inside each cell's job before any timed step.",
+        "`moeflow profile` run inside each cell's job before any timed step, refitted by "
+        f"each `auto` arm after a {getattr(args, 'window', WINDOW)}-call window on a warm-up "
+        "batch.",
         "",
         f"FinDEP (two ranks: AG rank 0, EG rank 1, `moeflow.serving.disaggregated`): one "
         f"forward call of a {FINDEP_MODEL['layers']}-layer decoder (D {FINDEP_MODEL['hidden']}, "
@@ -889,6 +957,40 @@ def render(results: dict, args, skipped: dict, date: str, runs=None) -> list[str
         L.append(f"- {cell}: profile {res['profile_s']:.0f} s{extra}; " + "; ".join(parts))
     L.append("")
     L += [
+        "## Online refinement",
+        "",
+        "Each `auto` arm ran its warm-up window (one call, then the recorded calls at 1, 2 "
+        "and 4 chunks in turn) on a warm-up batch, refitted the profile from every rank's "
+        "recorded durations and decided again; the predictions above read each decision's "
+        "refitted model. Per cell and case: the window's wall time (all auto arms), and the "
+        "refitted expert costs of the degrees arm (alpha ms per chunk + beta ms per forward "
+        "FLOP, calibrated on the window's whole passes; the profile's in brackets). The "
+        "collectives keep their profiled costs (a recorded all-to-all also holds the ranks' "
+        "skew).",
+        "",
+        "| cell | case | window s | expert_fwd | expert_bwd |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for cell, res in results.items():
+        prof = res["perf"]["costs"]
+        for case, c in res["cases"].items():
+            if "window_s" not in c:  # FinDEP and geo cases: no refit window
+                continue
+            ref = c.get("refits", {}).get("degrees", {})
+            dt = case.split("/")[1]
+
+            def cost(key, ref=ref, prof=prof):
+                old = prof.get(key)
+                new = ref.get(key)
+                was = "" if old is None else f" ({old['alpha']:.3f} + {old['beta']:.2e})"
+                return "-" if new is None else f"{new[0]:.3f} + {new[1]:.2e}{was}"
+
+            L.append(
+                f"| {cell} | {case} | {c.get('window_s', float('nan')):.1f} | "
+                f"{cost('expert_fwd@' + dt)} | {cost('expert_bwd@' + dt)} |"
+            )
+    L.append("")
+    L += [
         "## Fit quality of each cell's profile",
         "",
         "Largest relative residual of the fits the predictions read (over the profiled "
@@ -956,6 +1058,8 @@ def record_runs(info: dict) -> list[dict]:
             "reps": info["reps"],
             "date": info["date"],
             "cells": list(info["cells"]),
+            "window": info.get("window"),
+            "load_1min": info.get("load_1min"),
         }
     ]
 
@@ -1011,6 +1115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument(
+        "--window", type=int, default=WINDOW, help="recorded calls before the auto arms refit"
+    )
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--host", default=f"{os.cpu_count()}cpu-x86")
     ap.add_argument("--port", type=int, default=29811)
@@ -1031,6 +1138,8 @@ def main(argv=None) -> int:
             info = json.load(f)
         args.command, args.host = info["command"], info["host"]
         args.reps = info.get("reps", args.reps)
+        args.window = info.get("window", args.window)
+        args.load = info.get("load_1min")
         tag = os.path.splitext(os.path.basename(args.render))[0]
         lines = render(info["cells"], args, info["skipped"], info["date"], record_runs(info))
         write_record(os.path.dirname(args.render) or ".", tag, info, lines)
@@ -1048,18 +1157,23 @@ def main(argv=None) -> int:
             decisions,
             shapes,
             dtypes,
+            args.window,
         )
         return 0
     args.command = "python benchmarks/regret.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:])
     )
     results, skipped = {}, {}
+    args.load = [os.getloadavg()[0]]
     for i, cell in enumerate(args.cells.split(",")):
         t0, load0 = time.time(), os.getloadavg()[0]
-        res, why = run_cell(cell, args.reps, decisions, shapes, dtypes, args.port + i)
+        res, why = run_cell(
+            cell, args.reps, decisions, shapes, dtypes, args.port + i, window=args.window
+        )
         if res is not None:  # the machine's 1-minute load average before and after the job
             res["load"] = [load0, os.getloadavg()[0]]
         print(f"{cell}: {'done' if res else why} in {time.time() - t0:.0f} s", flush=True)
+        args.load.append(os.getloadavg()[0])
         if res is None:
             skipped[cell] = why
         else:
@@ -1071,6 +1185,8 @@ def main(argv=None) -> int:
         "reps": args.reps,
         "date": date,
         "cells": list(results),
+        "window": args.window,
+        "load_1min": args.load,
     }
     if args.merge:
         with open(args.merge) as f:
@@ -1088,6 +1204,8 @@ def main(argv=None) -> int:
             "machine": cpu_name(),
             "command": args.command,
             "reps": args.reps,
+            "window": args.window,
+            "load_1min": args.load,
             "runs": [run],
             "torch": __import__("torch").__version__,
             "cells": results,
