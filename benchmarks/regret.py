@@ -2,6 +2,8 @@
 
     python benchmarks/regret.py [--cells loopback,2x1@1gbit,...] [--reps 5] [--window 12]
                                 [--out DIR]
+    python benchmarks/regret.py --decisions findep,geo --cells loopback,2x1@1gbit \
+        --dtypes float32 --merge benchmarks/results/regret_<host>_<date>.json
 
 Per cell (a topology: ``loopback`` = 2 gloo ranks on 127.0.0.1; ``NxL@RATE`` = N emulated
 nodes of L ranks behind links of RATE, ``emulated_cluster.py``, needs root and
@@ -33,6 +35,18 @@ nodes of L ranks behind links of RATE, ``emulated_cluster.py``, needs root and
 
    Every arm is timed ``reps`` times after a warm-up round, arms interleaved in an order
    that rotates (and reverses) every round; a time is the slowest rank's.
+
+   In the cells of two ranks, two more decisions (``findep_cases``, ``geo_cases``):
+
+   * ``findep`` (FinDEP, arXiv 2512.21487): AG rank 0 and EG rank 1 of
+     ``moeflow.serving.disaggregated`` run one forward call of a small decoder per step
+     shape (a prefill and a decode step) under naive DEP, PPPipe r1, FinDEP's (r1, r2, order)
+     on a grid and the pick of ``StepPlanner.from_perf``; predictions are the planner's
+     (closed form, or ``serial_time`` where the profile measured no overlap).
+   * ``geo`` (FusionLLM, arXiv 2410.12707): a 2-stage ``moeflow.geo.pipeline`` GPipe step of
+     the demo model under the exact plan, the even split, the AdaTopK pick of
+     ``partition(adatopk=True)`` on ``device_graph_from_perf`` and its cut at other
+     densities; predictions are the plan cost model's step time.
 3. Each option's predicted time, from its decision's refitted model: the chunked pass of
    FSMoE's model simulated by ``moeflow.sim`` (``pass_time``: a2a and expert tasks from
    ``a2a`` and ``expert_fwd/bwd@<dtype>``; link and compute one resource when the profile
@@ -45,7 +59,9 @@ nodes of L ranks behind links of RATE, ``emulated_cluster.py``, needs root and
 
 Regret of a pick: its median time over the best median of all arms of that decision, - 1.
 
-Writes ``regret_<host>_<date>.md`` and ``.json`` under ``--out``.
+Writes ``regret_<host>_<date>.md`` and ``.json`` under ``--out``; with ``--merge RECORD``
+the decisions run replace theirs in that record's cells (the others are kept) and the one
+record is rewritten in its directory.
 """
 
 from __future__ import annotations
@@ -71,7 +87,35 @@ DTYPES = ("float32", "bfloat16")
 TOKENS = 512
 DEGREES = (1, 2, 4)
 CELLS = ("loopback", "2x1@1gbit", "2x1@100mbit", "2x2@1gbit", "2x2@100mbit")
-DECISIONS = ("degrees", "zipccl", "dedup", "parm")
+EP_DECISIONS = ("degrees", "zipccl", "dedup", "parm")
+#: FinDEP and the geo planner need two ranks: they run in the cells of world size 2
+PAIR_DECISIONS = ("findep", "geo")
+DECISIONS = EP_DECISIONS + PAIR_DECISIONS
+#: FinDEP's serving model (AG rank 0, EG rank 1), its step shapes (sequences, new tokens per
+#: sequence, cached positions before them) and the options timed besides naive and the pick
+FINDEP_MODEL = dict(hidden=128, layers=2, experts=8, vocab=2048, context=256)
+FINDEP_STEPS = {"prefill 8x64": (8, 64, 0), "decode 8x1": (8, 1, 64)}
+FINDEP_PPPIPE = (2, 4)
+FINDEP_R1 = (1, 2, 4)
+FINDEP_R2 = (2, 4, 8)
+#: the geo pipeline's job (2 stages, one per rank) and its steps per timed run
+GEO_JOB = dict(
+    model="demo",
+    dim=64,
+    layers=2,
+    heads=4,
+    seq_len=128,
+    experts=4,
+    ffn=128,
+    microbatch_size=4,
+    microbatches=4,
+)
+GEO_STEPS = 4
+#: each device's memory as a share of what the whole model needs (so a plan uses both)
+GEO_MEMORY_FRACTION = 0.6
+GEO_MIN_DENSITY = 0.05
+#: densities timed at the pick's cut besides its own, half and twice it
+GEO_DENSITIES = (1.0, 0.25, 0.1)
 #: a case's entries that are not decisions
 CASE_INFO = ("picks", "window_s", "refits")
 #: the auto arms' online-refinement window: recorded calls at 1, 2, 4 chunks in turn
@@ -79,6 +123,13 @@ WINDOW = 12
 #: the profile sweep inside each job: collective sizes (bytes) and square GEMM sizes
 PROFILE_SIZES = (16384, 65536, 262144, 1048576)
 PROFILE_GEMM = (64, 128, 192, 256)
+#: added to the sweep when FinDEP runs: a decode step's messages (a few KiB) and expert calls
+#: (a few rows per expert)
+PAIR_PROFILE_SIZES = (4096,)
+PAIR_EXPERT_ROWS = (16, 64)
+#: trials per profiled point when FinDEP runs (the median of them): its few-KiB messages and
+#: few-row expert calls are where a loaded machine's spikes land
+PAIR_PROFILE_TRIALS = 7
 
 
 def parse_cell(cell: str) -> tuple[int, int, str | None]:
@@ -213,15 +264,17 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
     )
     nodes = world // per_node
     t0 = time.perf_counter()
+    pair = "findep" in decisions and world == 2
     perf = profile(
         dist.group.WORLD,
         nodes=nodes,
-        sizes=PROFILE_SIZES,
+        sizes=(PAIR_PROFILE_SIZES if pair else ()) + PROFILE_SIZES,
         gemm_sizes=PROFILE_GEMM,
         reps=2,
-        trials=3,
+        trials=PAIR_PROFILE_TRIALS if pair else 3,
         progress=False,
         compute_dtypes=tuple(dtypes),
+        expert_rows=PAIR_EXPERT_ROWS if pair else (),
     )
     profile_s = time.perf_counter() - t0
     topo = Topology.explicit(world, per_node)
@@ -232,7 +285,7 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
         else None
     )
     out = {"perf": perf.to_dict(), "profile_s": profile_s, "cases": {}}
-    for sname in shapes:
+    for sname in shapes if set(EP_DECISIONS) & set(decisions) else ():
         shape = SHAPES[sname]
         for dtype in dtypes:
             dt = getattr(torch, dtype)
@@ -366,10 +419,227 @@ def rank_main(rank, world, per_node, master, port, reps, decisions, shapes, dtyp
             case["window_s"] = window_s
             case["refits"] = {d: refit_summary(p) for d, p in refits.items()}
             out["cases"][f"{sname}/{dtype}"] = case
+    if "findep" in decisions and world == 2:
+        out["cases"].update(findep_cases(rank, perf, reps))
+    if "geo" in decisions and world == 2:
+        out["cases"].update(geo_cases(rank, master, port, perf, reps))
     if rank == 0:
         print("RESULT " + json.dumps(out), flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+# ---- FinDEP: (r1, r2, order) of a disaggregated step ----------------------------------------
+def findep_config():
+    from moeflow.config import MoEConfig
+    from moeflow.models import DecoderConfig
+
+    d = FINDEP_MODEL["hidden"]
+    return DecoderConfig(
+        vocab_size=FINDEP_MODEL["vocab"],
+        num_layers=FINDEP_MODEL["layers"],
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=d // 8,
+        moe=MoEConfig(
+            hidden_size=d,
+            ffn_hidden_size=2 * d,
+            num_experts=FINDEP_MODEL["experts"],
+            top_k=2,
+            num_shared_experts=1,
+        ),
+        max_position_embeddings=FINDEP_MODEL["context"],
+    )
+
+
+def findep_name(r1: int, r2: int, order: str) -> str:
+    """An option's name: ``naive``, ``pppipe <r1>`` or ``<r1>,<r2>,<order>``."""
+    if r2 == 1 and order == "ASAS":
+        return "naive" if r1 == 1 else f"pppipe {r1}"
+    return f"{r1},{r2},{order}"
+
+
+def findep_cases(rank: int, perf, reps: int) -> dict:
+    """FinDEP's decision on two ranks (AG rank 0, EG rank 1; ``moeflow.serving.disaggregated``):
+    per step shape, naive, PPPipe at each r1 of ``FINDEP_PPPIPE``, FinDEP's (r1, r2, order) over
+    ``FINDEP_R1 x FINDEP_R2 x`` both orders, the step planner's pick, and the ``auto`` arm (a
+    per-step schedule solved by the planner at every call). The planner is
+    ``StepPlanner.from_perf`` of the job's profile; a time is the AG's wall time of the
+    forward call (it ends when the last e2a reply is combined and the LM head ran)."""
+    import torch
+    import torch.distributed as dist
+
+    from moeflow.apps.serve_bench import findep_model
+    from moeflow.models import MoEDecoder
+    from moeflow.plan.findep import StepPlanner
+    from moeflow.serving.disaggregated import DisaggregatedForward, ExpertServer, ServeSchedule
+
+    cfg = findep_config()
+    torch.manual_seed(0)
+    model = MoEDecoder(cfg).eval()
+    planner = StepPlanner.from_perf(
+        findep_model(cfg), perf, ag=1, eg=1, vocab_size=cfg.vocab_size, max_r2=max(FINDEP_R2)
+    )
+    cases = {}
+    if rank == 1:
+        ExpertServer(model, 1, 1, 1, timeout_s=600).run()
+    else:
+        seqs_max = max(s for s, _, _ in FINDEP_STEPS.values())
+        cache = model.new_cache(seqs_max, cfg.max_position_embeddings)
+        fwd = DisaggregatedForward(model, cache, ServeSchedule.naive(), 1, 1, timeout_s=600)
+        auto = ServeSchedule.per_step("findep", planner)
+        for step, (seqs, tokens, past) in FINDEP_STEPS.items():
+            grid = set(planner.grid("findep", seqs, tokens))
+            opts = {"naive": (1, 1, "ASAS")}
+            for r1 in FINDEP_PPPIPE:
+                if r1 <= seqs:
+                    opts[findep_name(r1, 1, "ASAS")] = (r1, 1, "ASAS")
+            for r1 in FINDEP_R1:
+                for r2 in FINDEP_R2:
+                    for order in ("ASAS", "AASS"):
+                        if (r1, r2, order) in grid:
+                            opts[findep_name(r1, r2, order)] = (r1, r2, order)
+            p = planner.plan("findep", seqs, tokens)
+            pick = findep_name(p.r1, p.r2, p.order)
+            opts.setdefault(pick, (p.r1, p.r2, p.order))
+            arms = {o: ServeSchedule("findep", *v) for o, v in opts.items()}
+            arms["auto"] = auto
+            g = torch.Generator().manual_seed(1)
+            ids = torch.randint(1, cfg.vocab_size, (seqs, tokens), generator=g)
+            rows = torch.arange(seqs)
+            start = torch.full((seqs,), past, dtype=torch.long)
+            times = {o: [] for o in arms}
+            keys = list(arms)
+            for it in range(reps + 1):
+                order = keys[it % len(keys) :] + keys[: it % len(keys)]
+                if it % 2:
+                    order.reverse()
+                for o in order:
+                    fwd.s = arms[o]
+                    t0 = time.perf_counter()
+                    fwd(ids, rows, start)
+                    if it:
+                        times[o].append((time.perf_counter() - t0) * 1e3)
+            case = {
+                o: {
+                    "predicted_ms": planner.predict_ms(seqs, tokens, *opts[o]),
+                    "times_ms": times[o],
+                }
+                for o in opts
+            }
+            case["auto"] = {"predicted_ms": None, "times_ms": times["auto"], "pick": pick}
+            cases[f"{step}/float32"] = {"findep": case, "picks": {}}
+        fwd.close()
+    dist.barrier()
+    return cases
+
+
+# ---- the geo planner: partition and AdaTopK densities of a 2-stage pipeline -----------------
+def geo_options(ops, graph, m: int) -> tuple[dict, str]:
+    """The geo decision's options (name -> (bounds, densities)) and the name of the pick
+    (``partition(adatopk=True)``): the exact plan (``adatopk=False``), the even split, the
+    exact plan's cut at the pick's density, the pick's cut at its density, half and twice
+    it and ``GEO_DENSITIES``."""
+    from moeflow.plan import geo as pgeo
+
+    exact = pgeo.partition(ops, graph, microbatches=m)
+    ada = pgeo.partition(ops, graph, microbatches=m, adatopk=True, min_density=GEO_MIN_DENSITY)
+
+    def name(b, d):
+        return f"cut {b[1]}, d {d:.3g}"
+
+    n = len(ops.nodes)
+    opts = {}
+    for b, d in (
+        (exact.bounds, 1.0),
+        ((0, n // 2, n), 1.0),
+        (ada.bounds, ada.densities[0] if ada.densities else 1.0),
+        (ada.bounds, 1.0),
+        (exact.bounds, ada.densities[0] if ada.densities else 1.0),
+    ):
+        if len(b) == 3:
+            opts.setdefault(name(b, d), (tuple(b), (float(d),)))
+    if len(ada.bounds) == 3:
+        d = ada.densities[0]
+        for x in sorted({max(GEO_MIN_DENSITY, d / 2), min(1.0, 2 * d), *GEO_DENSITIES}):
+            opts.setdefault(name(ada.bounds, x), (tuple(ada.bounds), (x,)))
+    pick = name(ada.bounds, ada.densities[0]) if len(ada.bounds) == 3 else None
+    return opts, pick
+
+
+def geo_cases(rank: int, master: str, port: int, perf, reps: int) -> dict:
+    """The geo planner's decision on two ranks: the demo model of ``GEO_JOB`` cut into two
+    stages (``moeflow.geo.pipeline``, GPipe, AdaTopK on the link where its density is below
+    1), each device holding ``GEO_MEMORY_FRACTION`` of what the whole model needs so that
+    every plan uses both. The planner reads ``device_graph_from_perf`` of the job's profile.
+    Each repeat of an option is one run of ``GEO_STEPS`` steps (a fresh store and group, both
+    ranks in the run); its time is the median over steps 2.. of the slower rank's step time.
+    The ``auto`` arm runs the pick again."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed import TCPStore
+
+    from moeflow.errors import PlanError
+    from moeflow.geo import pipeline as gp
+    from moeflow.plan import geo as pgeo
+
+    base = gp.GeoJob(**GEO_JOB, steps=GEO_STEPS, timeout_s=600.0)
+    _, traced = gp.trace_job(base)
+    ops, m = traced.ops, base.microbatches
+    need = 4.0 * ops.param_bytes + m * sum(nd.saved_bytes for nd in ops.nodes)
+    frac = GEO_MEMORY_FRACTION
+    while True:  # from the given share up: the smallest at which a plan fits
+        graph = pgeo.device_graph_from_perf(perf, ops, memory_bytes=frac * need)
+        try:
+            opts, pick = geo_options(ops, graph, m)
+            break
+        except PlanError:
+            frac += 0.05
+    got = [(opts, pick)]
+    dist.broadcast_object_list(got, src=0)  # rank 0's plan: every rank runs the same arms
+    opts, pick = got[0]
+    if pick is None:
+        return {}
+    arms = {**opts, "auto": opts[pick]}
+    times = {o: [] for o in arms}
+    keys = list(arms)
+    run = 0
+    for it in range(reps + 1):
+        order = keys[it % len(keys) :] + keys[: it % len(keys)]
+        if it % 2:
+            order.reverse()
+        for o in order:
+            bounds, dens = arms[o]
+            job = gp.GeoJob(
+                **GEO_JOB, steps=GEO_STEPS, timeout_s=600.0, bounds=bounds, densities=dens
+            )
+            p = port + 1000 + run
+            run += 1
+            store = TCPStore(master, p, None, True, wait_for_workers=False) if rank == 0 else None
+            os.environ.update(
+                {"MASTER_ADDR": master, "MASTER_PORT": str(p), "RANK": str(rank), "WORLD_SIZE": "2"}
+            )
+            res = gp.run_torchrun(job)
+            mine = torch.tensor([res["times"][k] for k in range(GEO_STEPS)], dtype=torch.float64)
+            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+            dist.barrier()
+            del store
+            if it:
+                times[o].append(1e3 * statistics.median(mine[1:].tolist()))
+    case = {}
+    for o, (bounds, dens) in opts.items():
+        plan = pgeo.evaluate(
+            ops,
+            graph,
+            bounds=bounds,
+            devices=(0, 1),
+            microbatches=m,
+            densities=dens,
+            check_memory=False,
+        )
+        case[o] = {"predicted_ms": 1e3 * plan.step_time_s, "times_ms": times[o]}
+    case["auto"] = {"predicted_ms": None, "times_ms": times["auto"], "pick": pick}
+    return {f"demo d{GEO_JOB['dim']} M{m}/float32": {"geo": case, "picks": {}}}
 
 
 # ---- the driver --------------------------------------------------------------------------
@@ -481,14 +751,30 @@ def spread(xs) -> str:
     return f"{min(xs):.1f}-{max(xs):.1f}"
 
 
-def render(results: dict, args, skipped: dict, date: str) -> list[str]:
+def runs_text(runs) -> str:
+    """The commands a record merges, each with its decisions and repeats."""
+    return "Commands (each a job per cell; as root for the emulated cells): " + "; ".join(
+        f"`{r['command']}` ({', '.join(r['decisions'])}: {r['reps']} timed repeats per arm"
+        + (
+            f"; load average (1 min) {min(r['load_1min']):.1f}-{max(r['load_1min']):.1f}"
+            if r.get("load_1min")
+            else ""
+        )
+        + ")"
+        for r in runs
+    )
+
+
+def render(results: dict, args, skipped: dict, date: str, runs=None) -> list[str]:
     import torch
 
     isa = cpu_isa()
+    if runs is None:
+        runs = [{"command": args.command, "decisions": list(DECISIONS), "reps": args.reps}]
     L = [
         f"# Regret of moeflow's automatic choices ({date}, {args.host})",
         "",
-        f"Command: `{args.command}` (as root for the emulated cells). "
+        runs_text(runs) + ". "
         f"Machine: {cpu_name()} ({isa}), {os.cpu_count()} vCPUs shared with other work "
         f"(timings are noisy: every repeat is listed); Python {platform.python_version()}, "
         f"torch {torch.__version__}. One MoE layer forward + backward under "
@@ -502,14 +788,39 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
         + (
             f". Load average (1 min) during the run: {min(args.load):.1f}-{max(args.load):.1f} "
             "on the 2 vCPUs"
-            if getattr(args, "load", None)
+            if getattr(args, "load", None) and len(runs) == 1
             else ""
         )
-        + f". {args.reps} timed repeats per arm after a warm-up round, arms interleaved in a "
+        + ". Every arm timed after a warm-up round, arms interleaved in a "
         "rotating order; medians, with the min-max spread. The plans come from a "
         "`moeflow profile` run inside each cell's job before any timed step, refitted by "
         f"each `auto` arm after a {getattr(args, 'window', WINDOW)}-call window on a warm-up "
         "batch.",
+        "",
+        f"FinDEP (two ranks: AG rank 0, EG rank 1, `moeflow.serving.disaggregated`): one "
+        f"forward call of a {FINDEP_MODEL['layers']}-layer decoder (D {FINDEP_MODEL['hidden']}, "
+        f"{FINDEP_MODEL['experts']} experts top-2, one shared expert, fp32) per step shape "
+        f"({', '.join(FINDEP_STEPS)}: sequences x new tokens), the AG's wall time; options "
+        "naive, PPPipe r1 = " + ", ".join(map(str, FINDEP_PPPIPE)) + ", FinDEP (r1, r2, order) "
+        f"over r1 in {FINDEP_R1}, r2 in {FINDEP_R2}, both orders, and the pick of "
+        "`StepPlanner.from_perf` (its closed form on the profiled `expert_fwd`, `gemm`, "
+        "`attention` and `send`; every task on one resource, `serial_time`, where the "
+        "profile's overlap probe read below 0.5); the `auto` arm solves each call "
+        "(`ServeSchedule.per_step`). "
+        f"Geo (two ranks, `moeflow.geo.pipeline`): a GPipe step of the demo model (dim "
+        f"{GEO_JOB['dim']}, {GEO_JOB['layers']} layers, sequence {GEO_JOB['seq_len']}, "
+        f"{GEO_JOB['microbatches']} micro-batches of {GEO_JOB['microbatch_size']}) cut into two "
+        f"stages, each device holding {GEO_MEMORY_FRACTION:.0%} (or the least share above it "
+        "that fits a plan) of what the whole model needs; options the exact plan "
+        "(`partition`), the even split, the AdaTopK pick (`partition(adatopk=True)` on "
+        "`device_graph_from_perf`) and its cut at other densities; a repeat is one run of "
+        f"{GEO_STEPS} steps (median of steps 2..{GEO_STEPS}, the slower rank's). Geo regret "
+        "is step time only (a lower density also changes the loss curve). The profile of a "
+        "FinDEP run adds messages of "
+        + ", ".join(f"{n // 1024} KiB" for n in PAIR_PROFILE_SIZES)
+        + " and expert calls of "
+        + ", ".join(map(str, PAIR_EXPERT_ROWS))
+        + f" rows, and takes the median of {PAIR_PROFILE_TRIALS} trials per point.",
         "",
         "Regret: the median of the option the pick ran (the planned degrees; the level, "
         "schedule or compression setting `auto` chose on every batch; the `auto` arm itself "
@@ -549,9 +860,22 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
                 f"(median over cells), up to {noise[-1]:.1%}: a regret below that cannot be "
                 "told from zero on this machine."
             )
+        ran = {d: {c for c, k, _ in rows if k.endswith("/" + d)} for d in DECISIONS}
+        gaps = [
+            f"{d} in {', '.join(c for c in results if c not in ran[d])}"
+            for d in DECISIONS
+            if ran[d] and any(c not in ran[d] for c in results)
+        ]
         L += [
-            "- not covered: FinDEP's (r1, r2, order) and the geo planner's partition (no "
-            "grid cell here runs them); every cell of the grid above ran.",
+            "- not run: "
+            + (
+                "; ".join(gaps)
+                + " (FinDEP and geo run in the cells of two ranks; dedup and Parm need two "
+                "ranks per node)"
+                if gaps
+                else "nothing; every cell of the grid ran every decision"
+            )
+            + ".",
             "",
         ]
         for dec in DECISIONS:
@@ -621,7 +945,16 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
                     n = sum(x["compressed"] for x in v.values())
                     got.append(f"{d} {n}/{sum(x['calls'] for x in v.values())}")
             parts.append(f"{case}: {', '.join(got)}")
-        L.append(f"- {cell}: profile {res['profile_s']:.0f} s; " + "; ".join(parts))
+        extra = "".join(
+            f"; profile of the {d} run {p['profile_s']:.0f} s"
+            + (
+                f" (load average {p['load'][0]:.1f} before the job, {p['load'][1]:.1f} after)"
+                if p.get("load")
+                else ""
+            )
+            for d, p in res.get("profiles", {}).items()
+        )
+        L.append(f"- {cell}: profile {res['profile_s']:.0f} s{extra}; " + "; ".join(parts))
     L.append("")
     L += [
         "## Online refinement",
@@ -641,6 +974,8 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
     for cell, res in results.items():
         prof = res["perf"]["costs"]
         for case, c in res["cases"].items():
+            if "window_s" not in c:  # FinDEP and geo cases: no refit window
+                continue
             ref = c.get("refits", {}).get("degrees", {})
             dt = case.split("/")[1]
 
@@ -682,9 +1017,95 @@ def render(results: dict, args, skipped: dict, date: str) -> list[str]:
             f"{q('zipccl_encode', 'zipccl_decode')} |"
         )
     L.append("")
+    pair = [(c, d, p["perf"]) for c, r in results.items() for d, p in r.get("profiles", {}).items()]
+    if pair:
+        L += [
+            "Profiles of the later runs (the FinDEP and geo planners read them): largest "
+            "relative residual of each fit they read.",
+            "",
+            "| cell | run | send | expert_fwd fp32 | gemm fp32 | attention fp32 | "
+            "elementwise fp32 |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for cell, d, perf in pair:
+            c = perf["costs"]
+            q = [
+                "-" if c.get(k, {}).get("max_rel_err") is None else f"{c[k]['max_rel_err']:.0%}"
+                for k in (
+                    "send",
+                    "expert_fwd@float32",
+                    "gemm@float32",
+                    "attention@float32",
+                    "elementwise@float32",
+                )
+            ]
+            L.append(f"| {cell} | {d} | " + " | ".join(q) + " |")
+        L.append("")
     if skipped:
         L += ["## Cells not run", ""] + [f"- {c}: {why}" for c, why in skipped.items()] + [""]
     return L
+
+
+def record_runs(info: dict) -> list[dict]:
+    """The runs a record holds (a record written before merging held one, of the EP
+    decisions)."""
+    if info.get("runs"):
+        return info["runs"]
+    return [
+        {
+            "command": info["command"],
+            "decisions": list(EP_DECISIONS),
+            "reps": info["reps"],
+            "date": info["date"],
+            "cells": list(info["cells"]),
+            "window": info.get("window"),
+            "load_1min": info.get("load_1min"),
+        }
+    ]
+
+
+def merge_records(old: dict, results: dict, skipped: dict, run: dict) -> dict:
+    """``old`` with this run merged: in each cell run here, the cases of ``run``'s decisions
+    are replaced by this run's and its profile is kept under ``profiles`` (the cell's own
+    ``perf`` stays the one its other decisions were planned with); cells new to the record
+    come whole. The summary is recomputed."""
+    cells = old["cells"]
+    tag = ",".join(run["decisions"])
+    for cell, res in results.items():
+        if cell not in cells:
+            cells[cell] = res
+            continue
+        c = cells[cell]
+        for case in list(c["cases"]):
+            decs = c["cases"][case]
+            for d in run["decisions"]:
+                decs.pop(d, None)
+                decs.get("picks", {}).pop(d, None)
+            if not set(decs) - {"picks"}:
+                del c["cases"][case]
+        c["cases"].update(res["cases"])
+        c.setdefault("profiles", {})[tag] = {
+            "perf": res["perf"],
+            "profile_s": res["profile_s"],
+            "load": res.get("load"),
+        }
+    skips = dict(old.get("skipped", {}))
+    skips.update({f"{c} ({tag})": why for c, why in skipped.items()})
+    # a run whose decisions and cells this one ran again is gone from the record
+    runs = [
+        r
+        for r in record_runs(old)
+        if r["decisions"] != run["decisions"] or not set(r["cells"]) <= set(run["cells"])
+    ] + [run]
+    return {
+        **old,
+        "date": run["date"],
+        "command": "; ".join(r["command"] for r in runs),
+        "runs": runs,
+        "cells": cells,
+        "summary": {c: summarize(r) for c, r in cells.items()},
+        "skipped": skips,
+    }
 
 
 def main(argv=None) -> int:
@@ -704,6 +1125,13 @@ def main(argv=None) -> int:
         ap.add_argument(hidden, type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--master", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--render", default=None, help="re-render a record from its JSON")
+    ap.add_argument(
+        "--merge",
+        default=None,
+        metavar="JSON",
+        help="merge into this record (same host): the decisions run here replace theirs in "
+        "the cells run here, the rest is kept, and the one record is re-rendered",
+    )
     args = ap.parse_args(argv)
     if args.render:
         with open(args.render) as f:
@@ -713,7 +1141,7 @@ def main(argv=None) -> int:
         args.window = info.get("window", args.window)
         args.load = info.get("load_1min")
         tag = os.path.splitext(os.path.basename(args.render))[0]
-        lines = render(info["cells"], args, info["skipped"], info["date"])
+        lines = render(info["cells"], args, info["skipped"], info["date"], record_runs(info))
         write_record(os.path.dirname(args.render) or ".", tag, info, lines)
         return 0
     decisions = args.decisions.split(",")
@@ -738,10 +1166,12 @@ def main(argv=None) -> int:
     results, skipped = {}, {}
     args.load = [os.getloadavg()[0]]
     for i, cell in enumerate(args.cells.split(",")):
-        t0 = time.time()
+        t0, load0 = time.time(), os.getloadavg()[0]
         res, why = run_cell(
             cell, args.reps, decisions, shapes, dtypes, args.port + i, window=args.window
         )
+        if res is not None:  # the machine's 1-minute load average before and after the job
+            res["load"] = [load0, os.getloadavg()[0]]
         print(f"{cell}: {'done' if res else why} in {time.time() - t0:.0f} s", flush=True)
         args.load.append(os.getloadavg()[0])
         if res is None:
@@ -749,20 +1179,42 @@ def main(argv=None) -> int:
         else:
             results[cell] = res
     date = datetime.date.today().isoformat()
-    info = {
-        "date": date,
-        "host": args.host,
-        "machine": cpu_name(),
+    run = {
         "command": args.command,
+        "decisions": decisions,
         "reps": args.reps,
+        "date": date,
+        "cells": list(results),
         "window": args.window,
         "load_1min": args.load,
-        "torch": __import__("torch").__version__,
-        "cells": results,
-        "summary": {c: summarize(r) for c, r in results.items()},
-        "skipped": skipped,
     }
-    write_record(args.out, f"regret_{args.host}_{date}", info, render(results, args, skipped, date))
+    if args.merge:
+        with open(args.merge) as f:
+            old = json.load(f)
+        if old["host"] != args.host:
+            print(f"--merge: {args.merge} is of host {old['host']!r}, not {args.host!r}")
+            return 2
+        info = merge_records(old, results, skipped, run)
+        out = os.path.dirname(args.merge) or "."
+        results, skipped = info["cells"], info["skipped"]
+    else:
+        info = {
+            "date": date,
+            "host": args.host,
+            "machine": cpu_name(),
+            "command": args.command,
+            "reps": args.reps,
+            "window": args.window,
+            "load_1min": args.load,
+            "runs": [run],
+            "torch": __import__("torch").__version__,
+            "cells": results,
+            "summary": {c: summarize(r) for c, r in results.items()},
+            "skipped": skipped,
+        }
+        out = args.out
+    lines = render(results, args, skipped, date, info["runs"])
+    write_record(out, f"regret_{args.host}_{date}", info, lines)
     return 0
 
 
