@@ -1,0 +1,383 @@
+"""Predict the settings of :mod:`moeflow.apps.bench.matrix` with the same PerfModel.
+
+The step's work comes from its operator inventory and is priced by
+:func:`moeflow.apps.bench.predict.predict_rows`, as for every other setting; each factor then
+adds what the inventory's operators do not carry:
+
+* **SDPA ``math``** runs the attention as a chain of operators inside one top-level
+  ``aten::scaled_dot_product_attention`` whose inventory record lists only its two batched
+  GEMMs (the scaling, mask and softmax between them are not priced). The record is repriced
+  with a fit of its own, ``attention_math@<dtype>``: ``alpha + beta * FLOPs`` of causal SDPA
+  under ``sdpa_kernel(MATH)`` over the shapes of :func:`moeflow.apps.bench.predict.
+  profile_attention` (the FLOPs of the full rectangle, as for the fused kernel);
+* **weight-only int8** dequantizes each weight on every call (torchao's CPU path:
+  ``w_int8.t().to(dtype)``, then ``mm`` and the per-channel scale): the ``aten::to`` of a
+  quantized weight's shape is repriced with ``int8_dequant@<dtype>``, ``alpha + beta *
+  elements`` of that conversion;
+* **a fixed cost per unit** (an adapted Linear for LoRA, an FSDP unit for ZeRO-3, a quantized
+  Linear, a block under a forced SDPA back-end): the Python machinery of the library around
+  its operators (peft's adapter loop and module calls, FSDP2's pre/post forward and backward
+  hooks and DTensor bookkeeping) which no operator of the inventory carries. It is
+  calibrated per phase on a small model (:data:`CAL_DIMS`, :data:`CAL_SHAPE`: never the
+  timed workload) as the difference of the prediction's residuals with and without the
+  factor, divided by the units, and stored as ``<factor>_unit@<dtype>/<mode>``.
+
+Every fit lives in ``PerfModel.meta["bench_costs"]`` next to the fits of
+:mod:`moeflow.apps.bench.predict`; a model that lacks one raises :class:`ConfigError` naming
+it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from functools import partial
+
+import torch
+
+from moeflow.apps.bench.dissect import StepDissection
+from moeflow.apps.bench.predict import (
+    ESIZE,
+    OP_CLASSES,
+    _cost,
+    predict_rows,
+    profile_attention,
+    step_graph,
+)
+from moeflow.apps.bench.workloads import Setting, Shape
+from moeflow.errors import ConfigError
+from moeflow.perf.cost import LinearCost, PerfModel
+from moeflow.perf.measure import fit, time_ms
+from moeflow.sim import simulate
+
+#: the calibration model of the per-unit costs (not the bench's workload)
+CAL_DIMS = {
+    "dim": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_experts": 4,
+    "top_k": 2,
+    "ffn_hidden_size": 128,
+}
+CAL_SHAPE = Shape(batch=2, seq_len=32)
+#: the row a factor's fixed cost is charged to
+UNIT_ROW = {"lora": "attention", "zero3": "other", "int8": "attention", "sdpa": "attention"}
+#: (rows, K) of the int8 dequantization sweep: the weight seen transposed, as torchao reads it
+DEQUANT_SHAPES = tuple((n, k) for n in (64, 256, 1024) for k in (64, 256, 1024))
+
+
+def factors(setting: Setting) -> list[tuple[str, str]]:
+    """(unit kind, cost name) of each matrix factor of ``setting``."""
+    out = []
+    if setting.finetune == "lora":
+        out.append(("lora", "lora"))
+    if setting.zero3:
+        out.append(("zero3", "zero3"))
+    if setting.quant == "int8":
+        out.append(("int8", "int8"))
+    if setting.sdpa != "default":
+        out.append(("sdpa", f"sdpa_{setting.sdpa}"))
+    return out
+
+
+def unit_key(name: str, dtype: str, mode: str) -> str:
+    return f"{name}_unit@{dtype}/{mode}"
+
+
+# -- fits --------------------------------------------------------------------------------
+def profile_attention_math(dtype: str) -> LinearCost:
+    """``attention_math@<dtype>``: :func:`profile_attention` under ``sdpa_kernel(MATH)``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        c = profile_attention(dtype)
+    return dataclasses.replace(c, note=c.note.replace("causal SDPA", "causal SDPA, math back-end"))
+
+
+def profile_int8_dequant(dtype: str, trials: int = 5) -> LinearCost:
+    """``int8_dequant@<dtype>``: ``alpha + beta * elements`` of ``w.t().to(dtype)`` for an
+    ``int8`` weight of :data:`DEQUANT_SHAPES` (out of cache, as a step reads each weight
+    once). Relative least squares."""
+    td = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    for n, k in DEQUANT_SHAPES:
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        xs.append(float(n * k))
+        ys.append(time_ms(partial(lambda w: w.t().to(td), w), trials=trials, cold=True))
+    return fit(
+        xs,
+        ys,
+        relative=True,
+        note=f"elements, int8 weight .t().to({dtype}), {len(xs)} shapes, relative least "
+        f"squares, {torch.get_num_threads()} threads",
+    )
+
+
+def _phase_ms(d: StepDissection) -> dict:
+    """Measured ms per phase, the profiler's rows scaled to the plain step (as
+    :func:`moeflow.apps.bench.predict.compare` scales them)."""
+    scale = d.unprofiled_ms / d.step_ms if d.step_ms > 0 else 1.0
+    out: dict = {}
+    for (phase, _), v in d.rows.items():
+        out[phase] = out.get(phase, 0.0) + v * scale
+    return out
+
+
+def calibrate_unit(
+    perf: PerfModel, setting: Setting, mode: str, *, repeats: int = 5
+) -> dict[str, dict]:
+    """{unit key: entry} of the factors of ``setting`` (one factor per call is what the
+    entries mean: calibrate each factor alone). The base and the factor's step run
+    interleaved, alternating first, ``repeats`` times on :data:`CAL_DIMS`; an entry is the
+    median over repeats of ``((measured - predicted) with the factor - (measured - predicted)
+    without it) / units`` per phase."""
+    from moeflow.apps.bench import matrix
+    from moeflow.apps.bench.dissect import dissect
+    from moeflow.apps.bench.workloads import build_workload
+
+    fs = factors(setting)
+    if len(fs) != 1:
+        raise ConfigError("setting", setting.label, "exactly one LoRA, ZeRO-3, int8 or SDPA factor")
+    kind, name = fs[0]
+    base = Setting(kernel=setting.kernel, dtype=setting.dtype)
+    one = Setting(
+        kernel=setting.kernel,
+        dtype=setting.dtype,
+        finetune=setting.finetune,
+        zero3=setting.zero3,
+        quant=setting.quant,
+        sdpa=setting.sdpa,
+    )
+    try:
+        ws = {
+            s: build_workload("demo", mode, s, CAL_SHAPE, dims=CAL_DIMS, seed=1)
+            for s in (base, one)
+        }
+        res: dict = {"forward": [], "backward": [], "optimizer": []}
+        for r in range(repeats):
+            order = (base, one) if r % 2 == 0 else (one, base)
+            resid = {}
+            for s in order:
+                d = dissect(ws[s], warmup=1, steps=2, unprofiled=3)
+                pred = predict_matrix_rows(d, perf, s, ws[s].units, fixed=False)
+                pp: dict = {}
+                for (phase, _), v in pred.items():
+                    pp[phase] = pp.get(phase, 0.0) + v
+                mp = _phase_ms(d)
+                resid[s] = {p: mp.get(p, 0.0) - pp.get(p, 0.0) for p in set(mp) | set(pp)}
+            units = ws[one].units[kind]
+            for p in res:
+                if p in resid[one] or p in resid[base]:
+                    res[p].append(
+                        (resid[one].get(p, 0.0) - resid[base].get(p, 0.0)) / max(1, units)
+                    )
+    finally:
+        if setting.zero3:
+            matrix.release_group()
+    phases = {p: statistics.median(v) for p, v in res.items() if v}
+    spread = {p: (min(v), max(v)) for p, v in res.items() if v}
+    return {
+        unit_key(name, setting.dtype, mode): {
+            "phases_ms": phases,
+            "spread_ms": spread,
+            "repeats": repeats,
+            "source": "calibrated",
+            "note": f"ms per {kind} unit per step beyond the priced operators, residual "
+            f"difference on demo {CAL_DIMS} batch {CAL_SHAPE.batch} x {CAL_SHAPE.seq_len}, "
+            f"median of {repeats} interleaved repeats, {torch.get_num_threads()} threads",
+        }
+    }
+
+
+def with_matrix_costs(perf: PerfModel, settings, mode: str) -> PerfModel:
+    """``perf`` plus the fits and unit costs the matrix factors of ``settings`` need (each
+    dtype, factor and mode once); ``perf`` needs the operator fits of
+    :func:`moeflow.apps.bench.predict.with_op_costs` already."""
+    table = dict(perf.meta.get("bench_costs", {}))
+    meta = dict(perf.meta)
+    out = PerfModel(
+        name=perf.name,
+        costs=perf.costs,
+        bytes_per_element=perf.bytes_per_element,
+        notes=perf.notes,
+        meta=meta,
+    )
+    meta["bench_costs"] = table
+    for s in settings:
+        if not s.matrix:
+            continue
+        if s.sdpa == "math" and f"attention_math@{s.dtype}" not in table:
+            table[f"attention_math@{s.dtype}"] = profile_attention_math(s.dtype).to_dict()
+        if s.quant == "int8" and f"int8_dequant@{s.dtype}" not in table:
+            table[f"int8_dequant@{s.dtype}"] = profile_int8_dequant(s.dtype).to_dict()
+        for kind, name in factors(s):
+            if unit_key(name, s.dtype, mode) in table:
+                continue
+            alone = Setting(
+                kernel=s.kernel,
+                dtype=s.dtype,
+                finetune=s.finetune if kind == "lora" else "full",
+                zero3=s.zero3 if kind == "zero3" else False,
+                quant=s.quant if kind == "int8" else "none",
+                sdpa=s.sdpa if kind == "sdpa" else "default",
+            )
+            table.update(calibrate_unit(out, alone, mode))
+    return out
+
+
+# -- prediction --------------------------------------------------------------------------
+def _entry(perf: PerfModel, key: str) -> dict:
+    table = perf.meta.get("bench_costs", {})
+    if key not in table:
+        raise ConfigError(
+            "perf model",
+            perf.name,
+            f"a meta['bench_costs'] entry {key!r} (moeflow bench --simulate calibrates it)",
+        )
+    return table[key]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def sdpa_math_rows(d: StepDissection, perf: PerfModel, dtype: str) -> dict:
+    """{(phase, row): ms to add} so that every math-back-end SDPA record is priced by
+    ``attention_math@<dtype>`` instead of its two GEMMs alone."""
+    from moeflow.apps.bench.flops import sdpa_cpu_flop
+    from moeflow.apps.bench.predict import gemm_flops
+
+    am = LinearCost.from_dict(_entry(perf, f"attention_math@{dtype}"))
+    g = _cost(perf, "gemm", dtype)
+    out: dict = {}
+    for rec in d.inventory:
+        if rec.name != "aten::scaled_dot_product_attention" or rec.phase != "forward":
+            continue
+        if any("flash" in n for n, _ in rec.gemms):
+            continue
+        before = sum(g(gemm_flops(n, s)) for n, s in rec.gemms)
+        after = am(sdpa_cpu_flop(*[list(x) for x in rec.shapes[:3]]))
+        key = (rec.phase, rec.row)
+        out[key] = out.get(key, 0.0) + after - before
+    return out
+
+
+def int8_rows(d: StepDissection, perf: PerfModel, dtype: str, weights: list) -> dict:
+    """{(phase, row): ms to add} so that every dequantization of a quantized weight (an
+    ``aten::to`` of the transposed weight's shape, after the ``aten::t`` of the weight) is
+    priced by ``int8_dequant@<dtype>`` instead of the copy class."""
+    from moeflow.apps.bench.predict import op_class
+
+    deq = LinearCost.from_dict(_entry(perf, f"int8_dequant@{dtype}"))
+    copy = _cost(perf, op_class("aten::to"), dtype)
+    py = LinearCost.from_dict(perf.meta["bench_costs"]["python_op"]).alpha
+    shapes = {(k, n) for n, k in weights}
+    es = ESIZE[dtype]
+    out: dict = {}
+    inv = d.inventory
+    for i, rec in enumerate(inv):
+        if rec.name != "aten::to" or rec.phase != "forward" or not rec.shapes:
+            continue
+        s0 = rec.shapes[0]
+        if not isinstance(s0, (list, tuple)) or tuple(int(x) for x in s0) not in shapes:
+            continue
+        # torchao's path: t(weight) [N, K], reshape(x), to(weight) [K, N]; an activation's
+        # ``to`` of the same shape has no transpose of the weight before it
+        k, n_ = (int(x) for x in s0)
+        if not any(
+            r.name == "aten::t" and r.shapes and list(r.shapes[0]) == [n_, k]
+            for r in inv[max(0, i - 3) : i]
+        ):
+            continue
+        n = _numel(s0)
+        before = copy(2 * es * n) + max(0.0, py - copy.alpha)
+        key = (rec.phase, rec.row)
+        out[key] = out.get(key, 0.0) + deq(n) - before
+    return out
+
+
+def predict_matrix_rows(
+    d: StepDissection, perf: PerfModel, setting: Setting, units: dict, *, fixed: bool = True
+) -> dict:
+    """{(phase, row): predicted ms} of a matrix setting: :func:`predict_rows`, the repricing
+    of SDPA math and int8 dequantization, and (``fixed``) each factor's unit cost."""
+    dtype = setting.dtype
+    rows = dict(predict_rows(d, perf, dtype))
+    adds = []
+    if setting.sdpa == "math":
+        adds.append(sdpa_math_rows(d, perf, dtype))
+    if setting.quant == "int8":
+        adds.append(int8_rows(d, perf, dtype, units.get("int8_weights", [])))
+    for add in adds:
+        for k, v in add.items():
+            rows[k] = rows.get(k, 0.0) + v
+    if fixed:
+        mode = "train" if any(p == "backward" for p, _ in rows) else "decode"
+        for kind, name in factors(setting):
+            e = _entry(perf, unit_key(name, dtype, mode))
+            for phase, ms in e["phases_ms"].items():
+                key = (phase, UNIT_ROW[kind])
+                rows[key] = rows.get(key, 0.0) + ms * units.get(kind, 0)
+    return {k: max(0.0, v) for k, v in rows.items()}
+
+
+def compare_matrix(d: StepDissection, perf: PerfModel, setting: Setting, units: dict) -> dict:
+    """:func:`moeflow.apps.bench.predict.compare` for a matrix setting: the same fields, with
+    the prediction of :func:`predict_matrix_rows` and the unit costs it added."""
+    pred = predict_matrix_rows(d, perf, setting, units)
+    base = predict_rows(d, perf, setting.dtype)
+    tl = simulate(step_graph(pred))
+    scale = d.unprofiled_ms / d.step_ms if d.step_ms > 0 else 1.0
+    rows = []
+    for key in sorted(set(pred) | set(d.rows)):
+        m = d.rows.get(key, 0.0) * scale
+        p = pred.get(key, 0.0)
+        rows.append(
+            {
+                "phase": key[0],
+                "row": key[1],
+                "measured_ms": m,
+                "predicted_ms": p,
+                "ratio": p / m if m > 0 else None,
+            }
+        )
+    total_m = d.unprofiled_ms
+    mode = "train" if any(p == "backward" for p, _ in pred) else "decode"
+    return {
+        "perf_model": perf.name,
+        "dtype": setting.dtype,
+        "predicted_ms": tl.makespan,
+        "predicted_ms_operators_only": simulate(step_graph(base)).makespan,
+        "measured_ms": total_m,
+        "ratio": tl.makespan / total_m if total_m > 0 else None,
+        "error": abs(tl.makespan - total_m) / total_m if total_m > 0 else None,
+        "rows": rows,
+        "units": {k: v for k, v in units.items() if isinstance(v, int)},
+        "unit_costs": {
+            name: _entry(perf, unit_key(name, setting.dtype, mode)) for _, name in factors(setting)
+        },
+        "gemm_cost": _cost(perf, "gemm", setting.dtype).to_dict(),
+        "op_costs": {
+            c: _cost(perf, c, setting.dtype).to_dict() for c in ("elementwise", *OP_CLASSES)
+        },
+    }
+
+
+__all__ = [
+    "CAL_DIMS",
+    "CAL_SHAPE",
+    "factors",
+    "unit_key",
+    "profile_attention_math",
+    "profile_int8_dequant",
+    "calibrate_unit",
+    "with_matrix_costs",
+    "sdpa_math_rows",
+    "int8_rows",
+    "predict_matrix_rows",
+    "compare_matrix",
+]
