@@ -208,7 +208,8 @@ def test_every_matrix_setting_is_run_and_predicted(mode, setting):
     perf = with_matrix_costs(_synthetic_perf(), [setting], mode)
     for _, name in factors(setting):
         entry = perf.meta["bench_costs"][unit_key(name, "float32", mode)]
-        assert entry["source"] == "calibrated" and entry["phases_ms"]
+        assert entry["source"] == "calibrated" and entry["units"] > 0
+        assert set(entry["measured_ms"]) == {"base", "factor"}
     if setting.sdpa == "math":
         assert "attention_math@float32" in perf.meta["bench_costs"]
     job = BenchJob(
@@ -235,10 +236,9 @@ def test_every_matrix_setting_is_run_and_predicted(mode, setting):
 
 
 def test_sdpa_math_is_priced_by_its_own_fit():
-    """Under the math back-end the SDPA record is repriced by ``attention_math``: doubling
-    that fit's beta adds exactly the attention FLOPs once more."""
+    """Under the math back-end each SDPA record gets ``attention_math`` per score element on
+    top of its GEMMs: doubling that fit's beta adds exactly the score elements once more."""
     from moeflow.apps.bench.dissect import dissect
-    from moeflow.apps.bench.flops import sdpa_cpu_flop
     from moeflow.apps.bench.predict_matrix import sdpa_math_rows
     from moeflow.perf.cost import LinearCost
 
@@ -250,14 +250,15 @@ def test_sdpa_math_is_priced_by_its_own_fit():
         if r.name == "aten::scaled_dot_product_attention" and r.phase == "forward"
     ]
     assert len(recs) == TINY["num_layers"] and all(r.gemms for r in recs)
-    flops = sum(sdpa_cpu_flop(*[list(x) for x in r.shapes[:3]]) for r in recs)
+    B, H, L = SHAPE.batch, TINY["num_heads"], SHAPE.seq_len
+    scores = len(recs) * B * H * L * L
     perf = _synthetic_perf()
     table = perf.meta["bench_costs"]
     table["attention_math@float32"] = LinearCost(0.0, 1e-8).to_dict()
     a = sum(sdpa_math_rows(d, perf, "float32").values())
     table["attention_math@float32"] = LinearCost(0.0, 2e-8).to_dict()
     b = sum(sdpa_math_rows(d, perf, "float32").values())
-    assert b - a == pytest.approx(flops * 1e-8)
+    assert b - a == pytest.approx(scores * 1e-8)
     del table["attention_math@float32"]
     with pytest.raises(ConfigError, match="attention_math"):
         sdpa_math_rows(d, perf, "float32")

@@ -6,10 +6,8 @@ adds what the inventory's operators do not carry:
 
 * **SDPA ``math``** runs the attention as a chain of operators inside one top-level
   ``aten::scaled_dot_product_attention`` whose inventory record lists only its two batched
-  GEMMs (the scaling, mask and softmax between them are not priced). The record is repriced
-  with a fit of its own, ``attention_math@<dtype>``: ``alpha + beta * FLOPs`` of causal SDPA
-  under ``sdpa_kernel(MATH)`` over the shapes of :func:`moeflow.apps.bench.predict.
-  profile_attention` (the FLOPs of the full rectangle, as for the fused kernel);
+  GEMMs (the scaling, mask and softmax between them are not priced). ``attention_math@<dtype>``
+  prices that rest per element of the score matrix (:func:`profile_attention_math`);
 * **weight-only int8** dequantizes each weight on every call (torchao's CPU path:
   ``w_int8.t().to(dtype)``, then ``mm`` and the per-channel scale): the ``aten::to`` of a
   quantized weight's shape is repriced with ``int8_dequant@<dtype>``, ``alpha + beta *
@@ -18,9 +16,11 @@ adds what the inventory's operators do not carry:
   Linear, a block under a forced SDPA back-end): the Python machinery of the library around
   its operators (peft's adapter loop and module calls, FSDP2's pre/post forward and backward
   hooks and DTensor bookkeeping) which no operator of the inventory carries. It is
-  calibrated per phase on a small model (:data:`CAL_DIMS`, :data:`CAL_SHAPE`: never the
-  timed workload) as the difference of the prediction's residuals with and without the
-  factor, divided by the units, and stored as ``<factor>_unit@<dtype>/<mode>``.
+  calibrated on a small model (:data:`CAL_DIMS`, :data:`CAL_SHAPE`: never the timed
+  workload) as the difference of the prediction's residuals with and without the factor,
+  divided by the units (:func:`calibrate_unit`), stored as ``<factor>_unit@<dtype>/<mode>``
+  and charged to the forward phase's row of the factor (:data:`UNIT_ROW`: the calibration
+  times whole steps).
 
 Every fit lives in ``PerfModel.meta["bench_costs"]`` next to the fits of
 :mod:`moeflow.apps.bench.predict`; a model that lacks one raises :class:`ConfigError` naming
@@ -29,7 +29,6 @@ it.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from functools import partial
 
@@ -41,7 +40,6 @@ from moeflow.apps.bench.predict import (
     OP_CLASSES,
     _cost,
     predict_rows,
-    profile_attention,
     step_graph,
 )
 from moeflow.apps.bench.workloads import Setting, Shape
@@ -85,13 +83,37 @@ def unit_key(name: str, dtype: str, mode: str) -> str:
 
 
 # -- fits --------------------------------------------------------------------------------
-def profile_attention_math(dtype: str) -> LinearCost:
-    """``attention_math@<dtype>``: :func:`profile_attention` under ``sdpa_kernel(MATH)``."""
+def profile_attention_math(perf: PerfModel, dtype: str, trials: int = 5) -> LinearCost:
+    """``attention_math@<dtype>``: ``alpha + beta * score elements`` (``B * H * Lq * Lk``) of
+    causal SDPA under ``sdpa_kernel(MATH)`` beyond its two batched GEMMs, which keep their
+    price from ``perf``'s GEMM fit: the scaling, causal mask and softmax over the score
+    matrix, memory-bound work that grows with the scores, not with the head dimension.
+    Batches 1 and 8, 4 heads, L in {64, 128, 256}, head dims 32 and 64; relative least
+    squares."""
+    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH):
-        c = profile_attention(dtype)
-    return dataclasses.replace(c, note=c.note.replace("causal SDPA", "causal SDPA, math back-end"))
+    td = getattr(torch, dtype)
+    g = _cost(perf, "gemm", dtype)
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    for B in (1, 8):
+        for L in (64, 128, 256):
+            for d in (32, 64):
+                q, k, v = (torch.randn(B, 4, L, d, generator=gen).to(td) for _ in range(3))
+                fn = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+                with sdpa_kernel(SDPBackend.MATH):
+                    t = time_ms(fn, trials=trials)
+                gemms = 2 * g(2.0 * B * 4 * L * L * d)
+                xs.append(float(B * 4 * L * L))
+                ys.append(max(t - gemms, 1e-6))
+    return fit(
+        xs,
+        ys,
+        relative=True,
+        note=f"score elements, causal SDPA math back-end minus its two GEMMs (gemm@{dtype}), "
+        f"{len(xs)} shapes, relative least squares, {torch.get_num_threads()} threads",
+    )
 
 
 def profile_int8_dequant(dtype: str, trials: int = 5) -> LinearCost:
@@ -125,15 +147,16 @@ def _phase_ms(d: StepDissection) -> dict:
 
 
 def calibrate_unit(
-    perf: PerfModel, setting: Setting, mode: str, *, repeats: int = 5
+    perf: PerfModel, setting: Setting, mode: str, *, rounds: int = 8, steps: int = 5
 ) -> dict[str, dict]:
-    """{unit key: entry} of the factors of ``setting`` (one factor per call is what the
-    entries mean: calibrate each factor alone). The base and the factor's step run
-    interleaved, alternating first, ``repeats`` times on :data:`CAL_DIMS`; an entry is the
-    median over repeats of ``((measured - predicted) with the factor - (measured - predicted)
-    without it) / units`` per phase."""
+    """{unit key: entry} of the one matrix factor of ``setting``: its fixed cost per unit,
+    ``((measured - predicted) with the factor - (measured - predicted) without it) / units``
+    on :data:`CAL_DIMS` at :data:`CAL_SHAPE`. The predictions price each step's inventory
+    (one dissected step each); the measurements are the medians of plain steps (no profiler,
+    no hooks), the two steps taking turns in blocks of ``steps``, the first arm alternating,
+    for ``rounds`` rounds."""
     from moeflow.apps.bench import matrix
-    from moeflow.apps.bench.dissect import dissect
+    from moeflow.apps.bench.dissect import _timed_step, dissect
     from moeflow.apps.bench.workloads import build_workload
 
     fs = factors(setting)
@@ -141,51 +164,36 @@ def calibrate_unit(
         raise ConfigError("setting", setting.label, "exactly one LoRA, ZeRO-3, int8 or SDPA factor")
     kind, name = fs[0]
     base = Setting(kernel=setting.kernel, dtype=setting.dtype)
-    one = Setting(
-        kernel=setting.kernel,
-        dtype=setting.dtype,
-        finetune=setting.finetune,
-        zero3=setting.zero3,
-        quant=setting.quant,
-        sdpa=setting.sdpa,
-    )
     try:
         ws = {
             s: build_workload("demo", mode, s, CAL_SHAPE, dims=CAL_DIMS, seed=1)
-            for s in (base, one)
+            for s in (base, setting)
         }
-        res: dict = {"forward": [], "backward": [], "optimizer": []}
-        for r in range(repeats):
-            order = (base, one) if r % 2 == 0 else (one, base)
-            resid = {}
-            for s in order:
-                d = dissect(ws[s], warmup=1, steps=2, unprofiled=3)
-                pred = predict_matrix_rows(d, perf, s, ws[s].units, fixed=False)
-                pp: dict = {}
-                for (phase, _), v in pred.items():
-                    pp[phase] = pp.get(phase, 0.0) + v
-                mp = _phase_ms(d)
-                resid[s] = {p: mp.get(p, 0.0) - pp.get(p, 0.0) for p in set(mp) | set(pp)}
-            units = ws[one].units[kind]
-            for p in res:
-                if p in resid[one] or p in resid[base]:
-                    res[p].append(
-                        (resid[one].get(p, 0.0) - resid[base].get(p, 0.0)) / max(1, units)
-                    )
+        pred = {}
+        for s, w in ws.items():
+            d = dissect(w, warmup=1, steps=1, unprofiled=1)
+            pred[s] = sum(predict_matrix_rows(d, perf, s, w.units, fixed=False).values())
+        times: dict = {base: [], setting: []}
+        for r in range(rounds):
+            for s in (base, setting) if r % 2 == 0 else (setting, base):
+                times[s] += [_timed_step(ws[s]) for _ in range(steps)]
+        units = max(1, ws[setting].units[kind])
     finally:
         if setting.zero3:
             matrix.release_group()
-    phases = {p: statistics.median(v) for p, v in res.items() if v}
-    spread = {p: (min(v), max(v)) for p, v in res.items() if v}
+    m = {s: statistics.median(t) for s, t in times.items()}
+    unit = ((m[setting] - pred[setting]) - (m[base] - pred[base])) / units
     return {
         unit_key(name, setting.dtype, mode): {
-            "phases_ms": phases,
-            "spread_ms": spread,
-            "repeats": repeats,
+            "alpha": unit,
+            "measured_ms": {"base": m[base], "factor": m[setting]},
+            "predicted_ms": {"base": pred[base], "factor": pred[setting]},
+            "units": units,
             "source": "calibrated",
-            "note": f"ms per {kind} unit per step beyond the priced operators, residual "
+            "note": f"ms per {kind} unit per step beyond the priced operators: residual "
             f"difference on demo {CAL_DIMS} batch {CAL_SHAPE.batch} x {CAL_SHAPE.seq_len}, "
-            f"median of {repeats} interleaved repeats, {torch.get_num_threads()} threads",
+            f"medians of {rounds * steps} plain steps per arm taking turns, "
+            f"{torch.get_num_threads()} threads",
         }
     }
 
@@ -208,7 +216,7 @@ def with_matrix_costs(perf: PerfModel, settings, mode: str) -> PerfModel:
         if not s.matrix:
             continue
         if s.sdpa == "math" and f"attention_math@{s.dtype}" not in table:
-            table[f"attention_math@{s.dtype}"] = profile_attention_math(s.dtype).to_dict()
+            table[f"attention_math@{s.dtype}"] = profile_attention_math(out, s.dtype).to_dict()
         if s.quant == "int8" and f"int8_dequant@{s.dtype}" not in table:
             table[f"int8_dequant@{s.dtype}"] = profile_int8_dequant(s.dtype).to_dict()
         for kind, name in factors(s):
@@ -246,23 +254,18 @@ def _numel(shape) -> int:
 
 
 def sdpa_math_rows(d: StepDissection, perf: PerfModel, dtype: str) -> dict:
-    """{(phase, row): ms to add} so that every math-back-end SDPA record is priced by
-    ``attention_math@<dtype>`` instead of its two GEMMs alone."""
-    from moeflow.apps.bench.flops import sdpa_cpu_flop
-    from moeflow.apps.bench.predict import gemm_flops
-
+    """{(phase, row): ms to add} for every math-back-end SDPA record: its two GEMMs are
+    priced already, ``attention_math@<dtype>`` adds the work on its score matrix."""
     am = LinearCost.from_dict(_entry(perf, f"attention_math@{dtype}"))
-    g = _cost(perf, "gemm", dtype)
     out: dict = {}
     for rec in d.inventory:
         if rec.name != "aten::scaled_dot_product_attention" or rec.phase != "forward":
             continue
         if any("flash" in n for n, _ in rec.gemms):
             continue
-        before = sum(g(gemm_flops(n, s)) for n, s in rec.gemms)
-        after = am(sdpa_cpu_flop(*[list(x) for x in rec.shapes[:3]]))
+        (*bh, lq, _), (*_, lk, _) = (list(x) for x in rec.shapes[:2])
         key = (rec.phase, rec.row)
-        out[key] = out.get(key, 0.0) + after - before
+        out[key] = out.get(key, 0.0) + am(_numel(bh) * int(lq) * int(lk))
     return out
 
 
@@ -319,9 +322,8 @@ def predict_matrix_rows(
         mode = "train" if any(p == "backward" for p, _ in rows) else "decode"
         for kind, name in factors(setting):
             e = _entry(perf, unit_key(name, dtype, mode))
-            for phase, ms in e["phases_ms"].items():
-                key = (phase, UNIT_ROW[kind])
-                rows[key] = rows.get(key, 0.0) + ms * units.get(kind, 0)
+            key = ("forward", UNIT_ROW[kind])
+            rows[key] = rows.get(key, 0.0) + e["alpha"] * units.get(kind, 0)
     return {k: max(0.0, v) for k, v in rows.items()}
 
 
