@@ -147,14 +147,15 @@ def _phase_ms(d: StepDissection) -> dict:
 
 
 def calibrate_unit(
-    perf: PerfModel, setting: Setting, mode: str, *, rounds: int = 8, steps: int = 5
+    perf: PerfModel, setting: Setting, mode: str, *, rounds: int = 40
 ) -> dict[str, dict]:
     """{unit key: entry} of the one matrix factor of ``setting``: its fixed cost per unit,
-    ``((measured - predicted) with the factor - (measured - predicted) without it) / units``
-    on :data:`CAL_DIMS` at :data:`CAL_SHAPE`. The predictions price each step's inventory
-    (one dissected step each); the measurements are the medians of plain steps (no profiler,
-    no hooks), the two steps taking turns in blocks of ``steps``, the first arm alternating,
-    for ``rounds`` rounds."""
+    ``(measured difference - predicted difference) / units`` between the step with the
+    factor and without it, on :data:`CAL_DIMS` at :data:`CAL_SHAPE`. The predictions price
+    each step's inventory (one dissected step each); the measured difference is the median
+    over ``rounds`` rounds of one plain step of each (no profiler, no hooks, the first arm
+    alternating) of their difference, so that a change of the machine's load between
+    rounds cancels."""
     from moeflow.apps.bench import matrix
     from moeflow.apps.bench.dissect import _timed_step, dissect
     from moeflow.apps.bench.workloads import build_workload
@@ -173,16 +174,21 @@ def calibrate_unit(
         for s, w in ws.items():
             d = dissect(w, warmup=1, steps=1, unprofiled=1)
             pred[s] = sum(predict_matrix_rows(d, perf, s, w.units, fixed=False).values())
-        times: dict = {base: [], setting: []}
+        for w in ws.values():
+            _timed_step(w)
+        diffs, times = [], {base: [], setting: []}
         for r in range(rounds):
+            t = {}
             for s in (base, setting) if r % 2 == 0 else (setting, base):
-                times[s] += [_timed_step(ws[s]) for _ in range(steps)]
+                t[s] = _timed_step(ws[s])
+                times[s].append(t[s])
+            diffs.append(t[setting] - t[base])
         units = max(1, ws[setting].units[kind])
     finally:
         if setting.zero3:
             matrix.release_group()
     m = {s: statistics.median(t) for s, t in times.items()}
-    unit = ((m[setting] - pred[setting]) - (m[base] - pred[base])) / units
+    unit = (statistics.median(diffs) - (pred[setting] - pred[base])) / units
     return {
         unit_key(name, setting.dtype, mode): {
             "alpha": unit,
@@ -192,7 +198,7 @@ def calibrate_unit(
             "source": "calibrated",
             "note": f"ms per {kind} unit per step beyond the priced operators: residual "
             f"difference on demo {CAL_DIMS} batch {CAL_SHAPE.batch} x {CAL_SHAPE.seq_len}, "
-            f"medians of {rounds * steps} plain steps per arm taking turns, "
+            f"median of {rounds} paired differences of plain steps taking turns, "
             f"{torch.get_num_threads()} threads",
         }
     }
