@@ -64,7 +64,7 @@ def run_arm(kind, mode, s, shape, perf, args) -> dict:
     finally:
         if s.zero3:
             release_group()
-    c = compare_matrix(d, perf, s, w.units) if s.matrix else compare(d, perf, s.dtype)
+    c = compare_matrix(d, perf, s, w.units, kind) if s.matrix else compare(d, perf, s.dtype)
     phases: dict = {}
     for r in c["rows"]:
         m, p = phases.setdefault(r["phase"], [0.0, 0.0]), r
@@ -205,8 +205,10 @@ def main(argv=None) -> int:
         perf = profile_machine(("float32",))
     t_profile = time.time() - t0
     grid = arms()
-    for mode in ("train", "decode"):
-        perf = with_matrix_costs(perf, [s for _, m, s in grid if m == mode], mode)
+    for kind, mode in dict.fromkeys((k, m) for k, m, _ in grid):
+        perf = with_matrix_costs(
+            perf, [s for k, m, s in grid if (k, m) == (kind, mode)], mode, kind
+        )
     t_cal = time.time() - t0 - t_profile
     runs: dict = {f"{k}/{m}/{s.label}": [] for k, m, s in grid}
     for rep in range(args.repeats):

@@ -362,7 +362,7 @@ def run_bench(args) -> int:
         # LoRA, ZeRO-3, int8 and SDPA settings: their fits and unit costs, calibrated here
         from moeflow.apps.bench.predict_matrix import with_matrix_costs
 
-        job.perf = with_matrix_costs(job.perf, job.settings, job.mode)
+        job.perf = with_matrix_costs(job.perf, job.settings, job.mode, job.kind)
     from moeflow.apps.bench.report import format_table, write_json, write_png
     from moeflow.apps.bench.run import bench
 

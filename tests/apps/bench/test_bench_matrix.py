@@ -332,3 +332,11 @@ def test_cli_grid_one_factor_at_a_time():
     ]
     job = _cli("decode", "--quant", "none", "int8")
     assert [s.quant for s in job.settings] == ["none", "int8"]
+
+
+def test_unit_costs_are_calibrated_on_a_model_of_the_workloads_kind():
+    from moeflow.apps.bench.predict_matrix import unit_key
+
+    assert unit_key("int8", "float32", "decode", "demo") == "int8_unit@float32/decode/demo"
+    assert unit_key("int8", "float32", "decode", "decoder").endswith("/decoder")
+    assert unit_key("int8", "float32", "decode", "hf").endswith("/decoder")

@@ -6,8 +6,8 @@ MoE router / experts / rest, norms, embeddings, LM head; forward and backward ap
 operator, from ``torch.profiler`` joined with module hooks (:mod:`moeflow.apps.bench.dissect`),
 over several settings (expert kernel, dtype, recomputation, ``torch.compile``, expert
 parallelism: :mod:`moeflow.apps.bench.ep`; LoRA fine-tuning, ZeRO-3 through FSDP2,
-weight-only int8 and the SDPA back-ends: :mod:`moeflow.apps.bench.matrix`). FLOPs and MFU come from analytic formulas checked
-against ``FlopCounterMode`` (:mod:`moeflow.apps.bench.flops`);
+weight-only int8 and the SDPA back-ends: :mod:`moeflow.apps.bench.matrix`). FLOPs and MFU
+come from analytic formulas checked against ``FlopCounterMode`` (:mod:`moeflow.apps.bench.flops`);
 :mod:`moeflow.apps.bench.predict` predicts the same step with :mod:`moeflow.sim` from a
 PerfModel profiled on the machine (the matrix settings by
 :mod:`moeflow.apps.bench.predict_matrix`).

@@ -16,9 +16,10 @@ adds what the inventory's operators do not carry:
   Linear, a block under a forced SDPA back-end): the Python machinery of the library around
   its operators (peft's adapter loop and module calls, FSDP2's pre/post forward and backward
   hooks and DTensor bookkeeping) which no operator of the inventory carries. It is
-  calibrated on a small model (:data:`CAL_DIMS`, :data:`CAL_SHAPE`: never the timed
+  calibrated on a small model of the workload's kind (:data:`CAL_DIMS`, :data:`CAL_SHAPE`;
+  the demo model for ``demo``, ``MoEDecoder`` for ``decoder`` and ``hf``: never the timed
   workload) as the difference of the prediction's residuals with and without the factor,
-  divided by the units (:func:`calibrate_unit`), stored as ``<factor>_unit@<dtype>/<mode>``
+  divided by the units (:func:`calibrate_unit`), stored as ``<factor>_unit@<dtype>/<mode>/<model>``
   and charged to the forward phase's row of the factor (:data:`UNIT_ROW`: the calibration
   times whole steps).
 
@@ -78,8 +79,14 @@ def factors(setting: Setting) -> list[tuple[str, str]]:
     return out
 
 
-def unit_key(name: str, dtype: str, mode: str) -> str:
-    return f"{name}_unit@{dtype}/{mode}"
+def cal_kind(kind: str) -> str:
+    """The calibration model of a workload kind: the demo model for ``demo`` (no KV cache),
+    :class:`moeflow.models.MoEDecoder` for ``decoder`` and ``hf`` (cached decode)."""
+    return "demo" if kind == "demo" else "decoder"
+
+
+def unit_key(name: str, dtype: str, mode: str, kind: str = "demo") -> str:
+    return f"{name}_unit@{dtype}/{mode}/{cal_kind(kind)}"
 
 
 # -- fits --------------------------------------------------------------------------------
@@ -147,11 +154,12 @@ def _phase_ms(d: StepDissection) -> dict:
 
 
 def calibrate_unit(
-    perf: PerfModel, setting: Setting, mode: str, *, rounds: int = 40
+    perf: PerfModel, setting: Setting, mode: str, kind: str = "demo", *, rounds: int = 40
 ) -> dict[str, dict]:
     """{unit key: entry} of the one matrix factor of ``setting``: its fixed cost per unit,
     ``(measured difference - predicted difference) / units`` between the step with the
-    factor and without it, on :data:`CAL_DIMS` at :data:`CAL_SHAPE`. The predictions price
+    factor and without it, on the calibration model of ``kind`` (:func:`cal_kind`) at
+    :data:`CAL_DIMS` and :data:`CAL_SHAPE`. The predictions price
     each step's inventory (one dissected step each); the measured difference is the median
     over ``rounds`` rounds of one plain step of each (no profiler, no hooks, the first arm
     alternating) of their difference, so that a change of the machine's load between
@@ -163,17 +171,18 @@ def calibrate_unit(
     fs = factors(setting)
     if len(fs) != 1:
         raise ConfigError("setting", setting.label, "exactly one LoRA, ZeRO-3, int8 or SDPA factor")
-    kind, name = fs[0]
+    factor, name = fs[0]
+    model = cal_kind(kind)
     base = Setting(kernel=setting.kernel, dtype=setting.dtype)
     try:
         ws = {
-            s: build_workload("demo", mode, s, CAL_SHAPE, dims=CAL_DIMS, seed=1)
+            s: build_workload(model, mode, s, CAL_SHAPE, dims=CAL_DIMS, seed=1)
             for s in (base, setting)
         }
         pred = {}
         for s, w in ws.items():
             d = dissect(w, warmup=1, steps=1, unprofiled=1)
-            pred[s] = sum(predict_matrix_rows(d, perf, s, w.units, fixed=False).values())
+            pred[s] = sum(predict_matrix_rows(d, perf, s, w.units, fixed=False, kind=kind).values())
         for w in ws.values():
             _timed_step(w)
         diffs, times = [], {base: [], setting: []}
@@ -183,30 +192,31 @@ def calibrate_unit(
                 t[s] = _timed_step(ws[s])
                 times[s].append(t[s])
             diffs.append(t[setting] - t[base])
-        units = max(1, ws[setting].units[kind])
+        units = max(1, ws[setting].units[factor])
     finally:
         if setting.zero3:
             matrix.release_group()
     m = {s: statistics.median(t) for s, t in times.items()}
     unit = (statistics.median(diffs) - (pred[setting] - pred[base])) / units
     return {
-        unit_key(name, setting.dtype, mode): {
+        unit_key(name, setting.dtype, mode, kind): {
             "alpha": unit,
             "measured_ms": {"base": m[base], "factor": m[setting]},
             "predicted_ms": {"base": pred[base], "factor": pred[setting]},
             "units": units,
             "source": "calibrated",
-            "note": f"ms per {kind} unit per step beyond the priced operators: residual "
-            f"difference on demo {CAL_DIMS} batch {CAL_SHAPE.batch} x {CAL_SHAPE.seq_len}, "
+            "note": f"ms per {factor} unit per step beyond the priced operators: residual "
+            f"difference on {model} {CAL_DIMS} batch {CAL_SHAPE.batch} x {CAL_SHAPE.seq_len}, "
             f"median of {rounds} paired differences of plain steps taking turns, "
             f"{torch.get_num_threads()} threads",
         }
     }
 
 
-def with_matrix_costs(perf: PerfModel, settings, mode: str) -> PerfModel:
-    """``perf`` plus the fits and unit costs the matrix factors of ``settings`` need (each
-    dtype, factor and mode once); ``perf`` needs the operator fits of
+def with_matrix_costs(perf: PerfModel, settings, mode: str, kind: str = "demo") -> PerfModel:
+    """``perf`` plus the fits and unit costs the matrix factors of ``settings`` need on a
+    workload of ``kind`` (each dtype, factor, mode and calibration model once); ``perf``
+    needs the operator fits of
     :func:`moeflow.apps.bench.predict.with_op_costs` already."""
     table = dict(perf.meta.get("bench_costs", {}))
     meta = dict(perf.meta)
@@ -225,18 +235,18 @@ def with_matrix_costs(perf: PerfModel, settings, mode: str) -> PerfModel:
             table[f"attention_math@{s.dtype}"] = profile_attention_math(out, s.dtype).to_dict()
         if s.quant == "int8" and f"int8_dequant@{s.dtype}" not in table:
             table[f"int8_dequant@{s.dtype}"] = profile_int8_dequant(s.dtype).to_dict()
-        for kind, name in factors(s):
-            if unit_key(name, s.dtype, mode) in table:
+        for factor, name in factors(s):
+            if unit_key(name, s.dtype, mode, kind) in table:
                 continue
             alone = Setting(
                 kernel=s.kernel,
                 dtype=s.dtype,
-                finetune=s.finetune if kind == "lora" else "full",
-                zero3=s.zero3 if kind == "zero3" else False,
-                quant=s.quant if kind == "int8" else "none",
-                sdpa=s.sdpa if kind == "sdpa" else "default",
+                finetune=s.finetune if factor == "lora" else "full",
+                zero3=s.zero3 if factor == "zero3" else False,
+                quant=s.quant if factor == "int8" else "none",
+                sdpa=s.sdpa if factor == "sdpa" else "default",
             )
-            table.update(calibrate_unit(out, alone, mode))
+            table.update(calibrate_unit(out, alone, mode, kind))
     return out
 
 
@@ -310,7 +320,13 @@ def int8_rows(d: StepDissection, perf: PerfModel, dtype: str, weights: list) -> 
 
 
 def predict_matrix_rows(
-    d: StepDissection, perf: PerfModel, setting: Setting, units: dict, *, fixed: bool = True
+    d: StepDissection,
+    perf: PerfModel,
+    setting: Setting,
+    units: dict,
+    *,
+    fixed: bool = True,
+    kind: str = "demo",
 ) -> dict:
     """{(phase, row): predicted ms} of a matrix setting: :func:`predict_rows`, the repricing
     of SDPA math and int8 dequantization, and (``fixed``) each factor's unit cost."""
@@ -326,17 +342,19 @@ def predict_matrix_rows(
             rows[k] = rows.get(k, 0.0) + v
     if fixed:
         mode = "train" if any(p == "backward" for p, _ in rows) else "decode"
-        for kind, name in factors(setting):
-            e = _entry(perf, unit_key(name, dtype, mode))
-            key = ("forward", UNIT_ROW[kind])
-            rows[key] = rows.get(key, 0.0) + e["alpha"] * units.get(kind, 0)
+        for factor, name in factors(setting):
+            e = _entry(perf, unit_key(name, dtype, mode, kind))
+            key = ("forward", UNIT_ROW[factor])
+            rows[key] = rows.get(key, 0.0) + e["alpha"] * units.get(factor, 0)
     return {k: max(0.0, v) for k, v in rows.items()}
 
 
-def compare_matrix(d: StepDissection, perf: PerfModel, setting: Setting, units: dict) -> dict:
+def compare_matrix(
+    d: StepDissection, perf: PerfModel, setting: Setting, units: dict, kind: str = "demo"
+) -> dict:
     """:func:`moeflow.apps.bench.predict.compare` for a matrix setting: the same fields, with
     the prediction of :func:`predict_matrix_rows` and the unit costs it added."""
-    pred = predict_matrix_rows(d, perf, setting, units)
+    pred = predict_matrix_rows(d, perf, setting, units, kind=kind)
     base = predict_rows(d, perf, setting.dtype)
     tl = simulate(step_graph(pred))
     scale = d.unprofiled_ms / d.step_ms if d.step_ms > 0 else 1.0
@@ -366,7 +384,8 @@ def compare_matrix(d: StepDissection, perf: PerfModel, setting: Setting, units: 
         "rows": rows,
         "units": {k: v for k, v in units.items() if isinstance(v, int)},
         "unit_costs": {
-            name: _entry(perf, unit_key(name, setting.dtype, mode)) for _, name in factors(setting)
+            name: _entry(perf, unit_key(name, setting.dtype, mode, kind))
+            for _, name in factors(setting)
         },
         "gemm_cost": _cost(perf, "gemm", setting.dtype).to_dict(),
         "op_costs": {
@@ -379,6 +398,7 @@ __all__ = [
     "CAL_DIMS",
     "CAL_SHAPE",
     "factors",
+    "cal_kind",
     "unit_key",
     "profile_attention_math",
     "profile_int8_dequant",

@@ -185,7 +185,7 @@ def _setting_result(
         if w.setting.matrix:
             from moeflow.apps.bench.predict_matrix import compare_matrix
 
-            res["prediction"] = compare_matrix(d, job.perf, w.setting, w.units)
+            res["prediction"] = compare_matrix(d, job.perf, w.setting, w.units, w.kind)
         else:
             from moeflow.apps.bench.predict import compare
 
