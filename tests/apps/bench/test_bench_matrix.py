@@ -340,3 +340,31 @@ def test_unit_costs_are_calibrated_on_a_model_of_the_workloads_kind():
     assert unit_key("int8", "float32", "decode", "demo") == "int8_unit@float32/decode/demo"
     assert unit_key("int8", "float32", "decode", "decoder").endswith("/decoder")
     assert unit_key("int8", "float32", "decode", "hf").endswith("/decoder")
+
+
+@pytest.mark.slow
+def test_cli_calibrates_and_reports_a_matrix_setting(tmp_path):
+    """``moeflow bench train --finetune full lora --perf P``: the matrix costs are
+    calibrated into the PerfModel before the run, and the report predicts the LoRA setting."""
+    import argparse
+    import json
+
+    from moeflow.apps.bench.report import validate_report
+    from moeflow.cli.bench import add_bench_arguments, run_bench
+
+    pytest.importorskip("peft")
+    perf = tmp_path / "perf.json"
+    _synthetic_perf().save(str(perf))
+    out = tmp_path / "r.json"
+    p = argparse.ArgumentParser()
+    add_bench_arguments(p)
+    argv = ["train", "--dim", "32", "--layers", "1", "--experts", "4", "--ffn", "64"]
+    argv += ["--batch-size", "2", "--seq-len", "16", "--warmup", "1", "--steps", "1"]
+    argv += ["--unprofiled", "1", "--finetune", "full", "lora", "--perf", str(perf)]
+    argv += ["--json", str(out), "--quiet", "--no-count", "--peak-tflops", "0.1"]
+    assert run_bench(p.parse_args(argv)) == 0
+    rep = json.loads(out.read_text())
+    validate_report(rep)
+    lora = [s for s in rep["settings"] if s["setting"]["finetune"] == "lora"]
+    assert len(lora) == 1 and lora[0]["prediction"]["unit_costs"]["lora"]["units"] > 0
+    assert "lora_unit@float32/train/demo" in rep["perf_model"]["meta"]["bench_costs"]
