@@ -5,6 +5,7 @@ where the solver's do); costs are measured by the ranks at start, or given."""
 
 import concurrent.futures as cf
 import json
+import os
 
 import pytest
 
@@ -181,3 +182,17 @@ def test_bad_schedule_and_costs_are_typed_errors(checkpoint, tmp_path, capsys):
     assert "the link cost is missing" in capsys.readouterr().err
     assert main(["serve", ckpt, "--port", "0", "--eg", "2", "--r1", "2"]) == 2
     assert "--r1" in capsys.readouterr().err
+
+
+def test_rank_init_runs_in_every_rank_before_it_joins(checkpoint, tmp_path):
+    from moeflow.serving.disagg_server import DisaggregatedEngine
+
+    def mark(rank):  # each forked rank, first thing: its pid under its rank
+        (tmp_path / str(rank)).write_text(str(os.getpid()))
+
+    eng = DisaggregatedEngine(checkpoint[1], ag=1, eg=2, rank_init=mark, timeout_s=20)
+    try:
+        pids = eng.pids
+    finally:
+        eng.shutdown(drain=False)
+    assert [int((tmp_path / str(r)).read_text()) for r in range(3)] == pids

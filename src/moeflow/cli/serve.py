@@ -75,7 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--force-nproc", action="store_true", help="allow more ranks than 4 per CPU")
 
 
-def run(args) -> int:
+def run(args, engine_kw: dict | None = None) -> int:
+    """Serve until SIGTERM or Ctrl-C. ``engine_kw``: extra keywords of
+    :class:`~moeflow.serving.disagg_server.DisaggregatedEngine` with ``--ag``/``--eg`` (a
+    caller's ``rank_init`` and ``master_addr``; the command line gives none)."""
     from moeflow._deps import require
     from moeflow.errors import ConfigError
 
@@ -120,7 +123,7 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype)
     try:
         if disaggregated:
-            server = _disaggregated(args, cfg, dtype, sock)
+            server = _disaggregated(args, cfg, dtype, sock, engine_kw or {})
             where = f"{args.ag or 1} attention + {args.eg} expert ranks, "
             blocks = server.engine.num_blocks
         else:
@@ -149,7 +152,7 @@ def run(args) -> int:
     return 0
 
 
-def _disaggregated(args, cfg, dtype, sock):
+def _disaggregated(args, cfg, dtype, sock, engine_kw: dict):
     from moeflow.errors import ConfigError
     from moeflow.serving.disagg_server import disaggregated_server
     from moeflow.serving.disaggregated import ServeSchedule
@@ -179,4 +182,5 @@ def _disaggregated(args, cfg, dtype, sock):
         threads=args.threads,
         force=args.force_nproc,
         close_fds=[sock.fileno()],
+        **engine_kw,
     )

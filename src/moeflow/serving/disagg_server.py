@@ -127,16 +127,18 @@ def _rank_main(rank: int, spec: dict, conn, parent_pid: int) -> None:
             os.close(fd)
         except OSError:
             pass
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     send = _Sender(conn)
     status = 0
     try:
+        if spec["rank_init"] is not None:  # before any thread or socket of ours
+            spec["rank_init"](rank)
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
         import torch.distributed as dist
 
         torch.set_num_threads(spec["threads"])
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://127.0.0.1:{spec['port']}",
+            init_method=f"tcp://{spec['master_addr']}:{spec['port']}",
             rank=rank,
             world_size=spec["ag"] + spec["eg"],
             timeout=datetime.timedelta(seconds=spec["start_timeout_s"]),
@@ -358,6 +360,10 @@ class DisaggregatedEngine:
     and returns once every rank has loaded its part (``start_timeout_s``); a rank that fails
     to start raises :class:`RankDiedError` naming it, after the others are ended.
     ``close_fds``: descriptors of this process the ranks must close (a listening socket).
+    ``rank_init(rank)``: called first in each forked rank, before it joins the group (e.g. to
+    enter the network namespace of an emulated node and set ``GLOO_SOCKET_IFNAME``, as
+    ``benchmarks/serve_disagg_http_cpu.py`` does for its shaped links); ``master_addr``: the
+    address rank 0 listens on for the group's rendezvous (default 127.0.0.1).
 
     ``schedule``: a fixed :class:`~moeflow.serving.disaggregated.ServeSchedule`, or a name:
     ``"naive"`` (``r1 = r2 = 1``), or ``"findep"`` / ``"pppipe"`` solved at every forward
@@ -384,6 +390,8 @@ class DisaggregatedEngine:
         start_timeout_s: float = 300.0,
         force: bool = False,
         close_fds: Sequence[int] = (),
+        rank_init: Callable[[int], None] | None = None,
+        master_addr: str = "127.0.0.1",
     ):
         import multiprocessing as mp
 
@@ -429,6 +437,8 @@ class DisaggregatedEngine:
             "start_timeout_s": start_timeout_s,
             "port": free_port(),
             "close_fds": list(close_fds),
+            "rank_init": rank_init,
+            "master_addr": str(master_addr),
         }
         self._lock = threading.Lock()
         self._inflight: dict[int, _RemoteHandle] = {}
