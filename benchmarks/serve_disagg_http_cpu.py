@@ -2,8 +2,8 @@
 vs tuned PPPipe, on loopback and across tc-shaped links.
 
     python benchmarks/serve_disagg_http_cpu.py [--repeat 5] [--layouts 1x1,1x2]
-        [--links loopback,1gbit,100mbit] [--rates 2] [--requests 16] [--input-len 32]
-        [--output-len 32] [--out benchmarks/results]
+        [--links loopback,1gbit,100mbit] [--shaped-repeat N] [--rates 8,32] [--requests 16]
+        [--input-len 32] [--output-len 32] [--out benchmarks/results]
 
 One random-weight Qwen3-MoE checkpoint (that of ``serve_http_cpu.py``: hidden 256, 4 layers,
 8 experts top-2, no shared expert, a 64-token character tokenizer, float32) is served by
@@ -148,7 +148,8 @@ def cell(args, ckpt: str, eg: int, link: str, rng: random.Random, tmp: str) -> d
         slo_tpot_ms=args.slo_tpot_ms,
     )
     runs, order = [], []
-    for rep in range(args.repeat):
+    repeat = args.repeat if not shaped or args.shaped_repeat is None else args.shaped_repeat
+    for rep in range(repeat):
         todo = rng.sample(SCHEDULES, len(SCHEDULES))
         order.append(todo)
         for s in todo:
@@ -160,11 +161,11 @@ def cell(args, ckpt: str, eg: int, link: str, rng: random.Random, tmp: str) -> d
                     warm = run_load(LoadConfig(url=url, **base, requests=4, seed=999))
                     if warm["completed"] != 4:
                         raise RuntimeError(f"{s} warm-up failed: {warm['errors']}")
-                    h0 = _health(url)
-                    steps0 = {_key(p): p for p in h0["plans"]}
+                    before = _health(url)  # after the warm-up
                     for rate in rng.sample(rates, len(rates)):
                         r = run_load(LoadConfig(url=url, **base, rate=rate, requests=args.requests))
                         r.pop("requests")
+                        after = _health(url)
                         runs.append(
                             {
                                 "repeat": rep,
@@ -172,8 +173,11 @@ def cell(args, ckpt: str, eg: int, link: str, rng: random.Random, tmp: str) -> d
                                 "rate": rate,
                                 "start_s": start_s,
                                 "report": r,
+                                "steps": _step_delta(before, after),
+                                "costs": after["costs"],
                             }
                         )
+                        before = after
                         print(
                             f"  rep {rep} {s:>6} rate {rate:g}: goodput {r['goodput']:.3f} "
                             f"req/s, {r['output_throughput']:.1f} tok/s, TTFT p50 "
@@ -181,20 +185,21 @@ def cell(args, ckpt: str, eg: int, link: str, rng: random.Random, tmp: str) -> d
                             f" done {r['completed']}/{args.requests}",
                             flush=True,
                         )
-                    h = _health(url)
                 finally:
                     stop(proc)
-            # the step log of the timed loads only (the warm-up's steps subtracted)
-            steps = []
-            for p in h["plans"]:
-                q = steps0.get(_key(p))
-                n = p["steps"] - (q["steps"] if q else 0)
-                if n > 0:
-                    ms = p["ms"] - (q["ms"] if q else 0.0)
-                    steps.append({**p, "steps": n, "ms": ms})
-            runs[-1]["steps"] = steps
-            runs[-1]["costs"] = h["costs"]
     return {"order": order, "runs": runs}
+
+
+def _step_delta(before: dict, after: dict) -> list[dict]:
+    """The steps of one load: ``/health``'s step log after it less the log before it."""
+    old = {_key(p): p for p in before["plans"]}
+    out = []
+    for p in after["plans"]:
+        q = old.get(_key(p))
+        n = p["steps"] - (q["steps"] if q else 0)
+        if n > 0:
+            out.append({**p, "steps": n, "ms": p["ms"] - (q["ms"] if q else 0.0)})
+    return out
 
 
 def _key(p: dict) -> tuple:
@@ -213,8 +218,9 @@ def summarize(rec: dict, rates: list[float]) -> tuple[list[str], dict]:
     best other schedule's (medians)."""
     lines = [
         "| rate req/s | schedule | n | goodput req/s | output tok/s | TTFT p50 ms | TTFT p99 ms "
-        "| TPOT p50 ms | ITL p50 ms | steps split (r1 or r2 > 1) | step meas/pred |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| TPOT p50 ms | ITL p50 ms | prefill step ms | decode step ms "
+        "| steps split (r1 or r2 > 1) | step meas/pred |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     ratios = {}
     for rate in rates:
@@ -225,9 +231,12 @@ def summarize(rec: dict, rates: list[float]) -> tuple[list[str], dict]:
             if not reps:
                 continue
             med[s] = statistics.median(r["goodput"] for r in reps)
-            splits, ratio = [], []
+            splits, ratio, pre_ms, dec_ms = [], [], [], []
             for x in rs:
                 st = x.get("steps") or []
+                for out, pick in ((pre_ms, lambda t: t > 1), (dec_ms, lambda t: t == 1)):
+                    k = sum(p["steps"] for p in st if pick(p["tokens"]))
+                    out.append(sum(p["ms"] for p in st if pick(p["tokens"])) / k if k else None)
                 n = sum(p["steps"] for p in st)
                 split = sum(p["steps"] for p in st if p["r1"] > 1 or p["r2"] > 1)
                 splits.append(split / n if n else None)
@@ -241,7 +250,7 @@ def summarize(rec: dict, rates: list[float]) -> tuple[list[str], dict]:
                 f"{_med(r['ttft_ms']['p99'] for r in reps)} | "
                 f"{_med(r['tpot_ms']['p50'] for r in reps)} | "
                 f"{_med(r['itl_ms']['p50'] for r in reps)} | "
-                f"{_med(splits)} | {_med(ratio)} |"
+                f"{_med(pre_ms)} | {_med(dec_ms)} | {_med(splits)} | {_med(ratio)} |"
             )
         others = [v for k, v in med.items() if k != "findep"]
         if "findep" in med and others and max(others) > 0:
@@ -283,9 +292,14 @@ def _flags() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument(
+        "--shaped-repeat", type=int, default=None, help="repeats on shaped links (--repeat)"
+    )
     ap.add_argument("--layouts", default="1x1,1x2", help="AGxEG, comma-separated (AG = 1)")
     ap.add_argument("--links", default="loopback,1gbit,100mbit", help="loopback or tc rates")
-    ap.add_argument("--rates", default="2", help="Poisson request rates (req/s), comma-separated")
+    ap.add_argument(
+        "--rates", default="8,32", help="Poisson request rates (req/s), comma-separated"
+    )
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=32)
@@ -391,7 +405,7 @@ def write(args, rates, records, minutes: float, torch_version: str) -> None:
                 f"| {layout} | {link} (rate {rate:g}) | "
                 f"{'-' if r is None else f'{r:.2f}x'} | {best} |"
             )
-        costs = [x.get("costs") for x in rec["runs"] if x.get("costs")]
+        costs = [x["costs"] for x in rec["runs"] if x["costs"] and x["rate"] == rates[0]]
         cost_lines = []
         for i, c in enumerate(costs):
             cost_lines.append(
@@ -406,9 +420,11 @@ def write(args, rates, records, minutes: float, torch_version: str) -> None:
             "",
             "Round order: " + "; ".join(" ".join(o) for o in rec["order"]),
             "",
-            "Median [min-max] over the repeats; steps split: the share of the timed steps "
-            "run with r1 > 1 or r2 > 1; step meas/pred: measured over the solver's predicted "
-            "time of those steps (findep and pppipe).",
+            "Median [min-max] over the repeats; prefill / decode step ms: the mean wall time of "
+            "the attention rank's forward steps with new prompt tokens / with one token per "
+            "sequence; steps split: the share of the timed steps run with r1 > 1 or r2 > 1; "
+            "step meas/pred: measured over the solver's predicted time of those steps (findep "
+            "and pppipe).",
             "",
             *table,
             "",
@@ -433,8 +449,9 @@ def write(args, rates, records, minutes: float, torch_version: str) -> None:
         f"`moeflow load` with {args.requests} requests per run at Poisson rate(s) {args.rates} "
         f"req/s, {args.input_len} prompt tokens, {args.output_len} output tokens (ignore_eos); "
         f"goodput SLO TTFT <= {args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms; "
-        f"one torch thread per rank; {args.repeat} repeats, schedules in a fresh random order "
-        f"each; {minutes:.0f} minutes in all",
+        f"one torch thread per rank; {args.repeat} repeats on loopback, "
+        f"{args.shaped_repeat or args.repeat} on shaped links, schedules in a fresh random "
+        f"order each; {minutes:.0f} minutes in all",
         "",
         "## Summary",
         "",
