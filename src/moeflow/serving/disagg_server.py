@@ -14,6 +14,13 @@ a pipe.
 * **EG rank**: loads only its ``E / M`` experts of every layer
   (:func:`~moeflow.serving.disagg_weights.load_expert_part`) and runs an
   :class:`~moeflow.serving.disaggregated.ExpertServer` until every AG rank has stopped.
+* **Schedule** (``schedule="findep"`` or ``"pppipe"``): once loaded, attention rank 0 and
+  expert rank ``N`` time gloo round trips over the ranks' own group (the link), attention
+  rank 0 times the expert GEMM, the attention half of a layer and the LM head on one thread
+  (:mod:`moeflow.serving.host_costs`) and sends the costs to every rank, unless ``costs``
+  were given; each AG rank's forward pass then asks a
+  :class:`~moeflow.plan.findep.StepPlanner` for every step's ``(r1, r2, order)`` (cached by
+  the step's shape) and counts the steps of each shape and plan, which ``/health`` shows.
 * **Serving process**: :class:`DisaggregatedEngine` has the interface
   :class:`~moeflow.serving.openai_api.OpenAIServer` uses (``submit``, ``context``,
   ``health``, ``start``, ``shutdown``). A request goes to the AG rank with the fewest requests
@@ -371,8 +378,8 @@ class DisaggregatedEngine:
     :class:`~moeflow.plan.findep.StepPlanner` (FinDEP over ``(r1, r2, order)``, PPPipe its
     best ``r1``; plans cached by shape) from ``costs``
     (:class:`~moeflow.serving.host_costs.HostCosts`), or, without ``costs``, from costs the
-    ranks measure once loaded (:func:`~moeflow.serving.disagg_server._host_costs`). Default:
-    naive. :meth:`health` reports the costs and every plan used.
+    ranks measure once loaded (module doc). Default: naive (``moeflow serve``'s default is
+    findep). :meth:`health` reports the costs and every plan used.
     """
 
     def __init__(
