@@ -11,8 +11,10 @@ Plans (``--plan auto``, the default): this host's costs are measured before ever
 the embedding and LM head; a shared host's speed drifts) and every schedule is solved at every
 forward call ("step") for that step's shape by one :class:`moeflow.plan.findep.StepPlanner`:
 FinDEP over ``(r1, r2, order)``, PPPipe its best ``r1`` (``r2 = 1``, ASAS), naive DEP
-``r1 = r2 = 1``. No plan sees the timed run: the costs are micro-benchmarks. ``--plan
-manual`` fixes FinDEP at ``--r1/--r2/--order`` and PPPipe at ``--pppipe-r1``.
+``r1 = r2 = 1``. No plan sees the timed run: the costs are micro-benchmarks. With ``--perf``
+the costs come from a ``moeflow profile`` file instead, once
+(:meth:`~moeflow.plan.findep.StepPlanner.from_perf`; a cost it lacks is a ConfigError naming
+it). ``--plan manual`` fixes FinDEP at ``--r1/--r2/--order`` and PPPipe at ``--pppipe-r1``.
 
 Fairness: every run forks fresh ranks, which exchange the same one-token warm-up before the
 clock starts (gloo connects peers lazily). Each of ``--repeat`` rounds runs every schedule
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 from moeflow.errors import ConfigError, InputError
 from moeflow.files import atomic_file, check_output
 from moeflow.serving.host_costs import (
+    findep_model,
     fit_attention,
     fit_gemm,
     fit_head,
@@ -144,6 +147,13 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="write the records as JSON (atomically; refused if it exists, unless --force)",
     )
     p.add_argument(
+        "--perf",
+        default=None,
+        metavar="PATH",
+        help="plan and predict from this `moeflow profile` PerfModel "
+        "(plan.findep.StepPlanner.from_perf) instead of measuring the host before each round",
+    )
+    p.add_argument(
         "--force", action="store_true", help="replace an existing --json file (never an input)"
     )
     p.add_argument(
@@ -210,7 +220,7 @@ def validate_serve_bench_args(args) -> None:
     check_output(
         "--json",
         args.json,
-        inputs=[None if args.model == "demo" else args.model],
+        inputs=[None if args.model == "demo" else args.model, getattr(args, "perf", None)],
         force=args.force,
     )
 
@@ -434,6 +444,27 @@ def _schedules(args, planner=None):
     return [make[n]() for n in names]
 
 
+def perf_step_planner(cfg, perf_path, ag: int, eg: int):
+    """The :class:`~moeflow.plan.findep.StepPlanner` of ``cfg`` (``max_r2 = 8``, the LM head
+    priced) with every cost from the PerfModel in ``perf_path``
+    (:meth:`~moeflow.plan.findep.StepPlanner.from_perf`): InputError naming the file when it
+    is not one, ConfigError naming a cost it lacks."""
+    from moeflow.perf import PerfModel
+    from moeflow.plan import findep as fd
+    from moeflow.plan.io import MAX_JSON_BYTES
+    from moeflow.validate import read_json_file
+
+    perf = PerfModel.from_dict(read_json_file(perf_path, "--perf", MAX_JSON_BYTES))
+    return fd.StepPlanner.from_perf(
+        findep_model(cfg), perf, ag=ag, eg=eg, vocab_size=cfg.vocab_size, max_r2=8
+    )
+
+
+def _r2(c) -> str:
+    """A cost's R^2 for the summary line (``-``: a cost derived, not fitted here)."""
+    return "-" if c.r2 is None else f"{c.r2:.3f}"
+
+
 def _fmt_range(xs, digits: int = 1) -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -623,14 +654,20 @@ def run_serve_bench(args) -> int:
         return c
 
     costs: list = []
-    gemm, link, attn, head = measure()
-    planner = step_planner(model.cfg, ag, eg, gemm, link, attn, head=head)
+    if getattr(args, "perf", None) is not None:  # the one cost model: nothing measured here
+        planner = perf_step_planner(model.cfg, args.perf, ag, eg)
+        tb = planner.testbed
+        gemm, link, attn, head = tb.gemm, tb.link, tb.attention, planner.head
+        costs.append((gemm, link, attn, head))
+    else:
+        gemm, link, attn, head = measure()
+        planner = step_planner(model.cfg, ag, eg, gemm, link, attn, head=head)
     schedules = _schedules(args, planner if args.plan == "auto" else None)
 
     def before_round(i):
         # every round plans and predicts with costs measured just before it (this host's
         # speed drifts when it is shared); the first round uses the costs measured above
-        if i:
+        if i and getattr(args, "perf", None) is None:
             g, lk, at, hd = measure()
             planner.recost(host_testbed(ag, eg, g, lk, at), hd)
 
@@ -642,10 +679,10 @@ def run_serve_bench(args) -> int:
     }
     print(
         f"serve-bench: this host: gemm {gemm.alpha:.3g} ms + {gemm.beta:.3g} ms/FLOP "
-        f"(R^2 {gemm.r2:.3f}), link {link.alpha:.3g} ms + {link.beta:.3g} ms/B "
-        f"(R^2 {link.r2:.3f}), attention {attn.alpha:.3g} ms + {attn.beta:.3g} ms/FLOP "
-        f"(R^2 {attn.r2:.3f}), head {head.alpha:.3g} ms + {head.beta:.3g} ms/token "
-        f"(R^2 {head.r2:.3f}); step solver ({seqs} x {width} prefill, {seqs} x 1 decode): "
+        f"(R^2 {_r2(gemm)}), link {link.alpha:.3g} ms + {link.beta:.3g} ms/B "
+        f"(R^2 {_r2(link)}), attention {attn.alpha:.3g} ms + {attn.beta:.3g} ms/FLOP "
+        f"(R^2 {_r2(attn)}), head {head.alpha:.3g} ms + {head.beta:.3g} ms/token "
+        f"(R^2 {_r2(head)}); step solver ({seqs} x {width} prefill, {seqs} x 1 decode): "
         + "; ".join(
             f"{n} {p.r1}/{p.r2}/{p.order} then {d.r1}/{d.r2}/{d.order}"
             for n, (p, d) in solved.items()
