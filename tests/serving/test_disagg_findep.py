@@ -36,7 +36,7 @@ def full(checkpoint):
     return load_pretrained(checkpoint[1])
 
 
-def _server(checkpoint, schedule, costs):
+def _server(checkpoint, schedule, costs, perf=None):
     from conftest import LiveServer  # noqa: I001 - the serving tests' helper
     from moeflow.serving.disagg_server import disaggregated_server
     from moeflow.serving.engine import EngineConfig
@@ -50,6 +50,7 @@ def _server(checkpoint, schedule, costs):
         eg=2,
         schedule=schedule,
         costs=costs,
+        perf=perf,
         timeout_s=20,
     )
     return server, LiveServer(build_app(server))
@@ -196,3 +197,45 @@ def test_rank_init_runs_in_every_rank_before_it_joins(checkpoint, tmp_path):
     finally:
         eng.shutdown(drain=False)
     assert [int((tmp_path / str(r)).read_text()) for r in range(3)] == pids
+
+
+def _perf(drop=None):
+    from moeflow.perf.cost import PerfModel
+
+    costs = {  # a slow link, as TOY
+        "gemm": LinearCost(0.01, 1e-8),
+        "gemm@float32": LinearCost(0.01, 1e-7),
+        "expert_fwd@float32": LinearCost(0.03, 1e-7),
+        "attention@float32": LinearCost(0.01, 1e-7),
+        "send": LinearCost(0.5, 1e-3),
+    }
+    costs.pop(drop, None)
+    return PerfModel("toy", costs, meta={"expert_experts": 3})
+
+
+def test_costs_from_a_profile_file(checkpoint, full, tmp_path, capsys):
+    from moeflow.errors import ConfigError
+    from moeflow.serving.disagg_server import DisaggregatedEngine
+    from moeflow.serving.host_costs import perf_planner
+
+    with pytest.raises(ConfigError, match="send"):  # refused by name, before any rank starts
+        DisaggregatedEngine(checkpoint[1], eg=2, schedule="findep", perf=_perf("send"))
+    f = tmp_path / "perf.json"
+    f.write_text(json.dumps(_perf("send").to_dict()))
+    ckpt = str(checkpoint[1])
+    assert main(["serve", ckpt, "--port", "0", "--eg", "2", "--perf", str(f)]) == 2
+    assert "send" in capsys.readouterr().err
+    server, live = _server(checkpoint, "findep", None, perf=_perf())
+    try:
+        with live:
+            got = _ask(live.url, PROMPTS[0], LENS[0])
+            h = _health_when_counted(live.url, LENS[0])
+    finally:
+        server.engine.shutdown(drain=False)
+    ref = generate(full, [Request(PROMPTS[0], SamplingParams(LENS[0]))])[0].tokens
+    assert got == ref
+    planner = perf_planner(full.cfg, 1, 2, _perf())
+    assert h["costs"]["link"]["alpha_ms"] == planner.testbed.link.alpha
+    for p in h["plans"]:
+        want = planner.plan("findep", p["seqs"], p["tokens"])
+        assert (p["r1"], p["r2"], p["order"]) == (want.r1, want.r2, want.order)

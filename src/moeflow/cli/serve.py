@@ -7,15 +7,16 @@ checkpoint (:mod:`moeflow.serving.disagg_server`).
     moeflow serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME]
         [--block-size 16] [--kv-cache-gib G | --num-blocks N] [--max-seqs 32]
         [--max-prefill-tokens 512] [--dtype float32|bfloat16|float16] [--device cpu|cuda]
-        [--ag N --eg M [--schedule findep|pppipe|naive] [--costs FILE] [--r1 R]
+        [--ag N --eg M [--schedule findep|pppipe|naive] [--costs FILE | --perf FILE] [--r1 R]
          [--timeout-s 30] [--threads 1]]
 
 With ``--ag``/``--eg`` the KV cache flags apply to each attention rank. ``--schedule``
 (default findep): every forward step's ``(r1, r2, order)`` is solved for that step's mix of
 sequences and new tokens (prefill chunks and decodes) by FinDEP's step solver
 (:class:`moeflow.plan.findep.StepPlanner`), from this host's costs, measured by the ranks at
-start (:mod:`moeflow.serving.host_costs`) or read from ``--costs FILE`` (the JSON of
-``/health``'s ``costs``); pppipe gets its best ``r1`` from the same solver (or ``--r1``),
+start (:mod:`moeflow.serving.host_costs`), read from ``--costs FILE`` (the JSON of
+``/health``'s ``costs``) or from ``--perf FILE`` (a ``moeflow profile`` PerfModel; a cost it
+lacks is refused by name); pppipe gets its best ``r1`` from the same solver (or ``--r1``),
 naive runs ``r1 = r2 = 1``. ``/health`` lists every step shape served and its plan.
 
 SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in flight finish, then
@@ -64,6 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="the step solver's costs as JSON (gemm, link, attention, head: alpha_ms, "
         "beta_ms; as /health reports them) instead of measuring them at start",
+    )
+    d.add_argument(
+        "--perf",
+        default=None,
+        metavar="FILE",
+        help="the step solver's costs from a `moeflow profile` PerfModel file "
+        "(plan.findep.StepPlanner.from_perf) instead of measuring them at start",
     )
     d.add_argument(
         "--r1", type=int, default=None, help="pppipe: fixed micro-batches instead of solved"
@@ -164,11 +172,20 @@ def _disaggregated(args, cfg, dtype, sock, engine_kw: dict):
         if schedule != "pppipe":
             raise ConfigError("--r1", args.r1, "given only with --schedule pppipe")
         schedule = ServeSchedule.pppipe(positive_int("--r1", args.r1))
-    costs = None
+    costs = perf = None
+    for flag, value in (("--costs", args.costs), ("--perf", args.perf)):
+        if value is not None and (args.schedule == "naive" or args.r1 is not None):
+            raise ConfigError(flag, value, "given only with a solved schedule")
+    if args.costs is not None and args.perf is not None:
+        raise ConfigError("--costs/--perf", "both", "one of them")
     if args.costs is not None:
-        if args.schedule == "naive" or args.r1 is not None:
-            raise ConfigError("--costs", args.costs, "given only with a solved schedule")
         costs = load_costs(args.costs)
+    if args.perf is not None:
+        from moeflow.perf import PerfModel
+        from moeflow.plan.io import MAX_JSON_BYTES
+        from moeflow.validate import read_json_file
+
+        perf = PerfModel.from_dict(read_json_file(args.perf, "--perf", MAX_JSON_BYTES))
     return disaggregated_server(
         args.model_dir,
         cfg,
@@ -178,6 +195,7 @@ def _disaggregated(args, cfg, dtype, sock, engine_kw: dict):
         dtype=dtype,
         schedule=schedule,
         costs=costs,
+        perf=perf,
         timeout_s=args.timeout_s,
         threads=args.threads,
         force=args.force_nproc,

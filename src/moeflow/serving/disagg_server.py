@@ -187,7 +187,7 @@ def _host_costs(rank: int, spec: dict, model):
     between attention rank 0 and expert rank ``ag`` over the ranks' own group, the compute
     on attention rank 0 (``model``), which sends them to every rank. None when the schedule
     is fixed or naive (no solver)."""
-    if not _needs_costs(spec):
+    if not _needs_costs(spec) or spec["perf"] is not None:
         return None
     if spec["costs"] is not None:
         return spec["costs"]
@@ -216,11 +216,14 @@ def _attention_schedule(spec: dict, cfg, costs):
         return name
     if name == "naive":
         return ServeSchedule.naive()
-    from moeflow.serving.host_costs import step_planner
+    from moeflow.serving.host_costs import perf_planner, step_planner
 
-    planner = step_planner(
-        cfg, spec["ag"], spec["eg"], costs.gemm, costs.link, costs.attention, head=costs.head
-    )
+    if spec["perf"] is not None:
+        planner = perf_planner(cfg, spec["ag"], spec["eg"], spec["perf"])
+    else:
+        planner = step_planner(
+            cfg, spec["ag"], spec["eg"], costs.gemm, costs.link, costs.attention, head=costs.head
+        )
     return ServeSchedule.per_step(name, planner)
 
 
@@ -236,6 +239,10 @@ def _attention_rank(rank: int, spec: dict, conn, send: _Sender, baseline) -> Non
     model, read = load_attention_part(spec["model_dir"], spec["dtype"])
     costs = _host_costs(rank, spec, model)
     schedule = _attention_schedule(spec, model.cfg, costs)
+    if costs is None and schedule.planner is not None:  # from --perf
+        from moeflow.serving.host_costs import planner_costs
+
+        costs = planner_costs(schedule.planner)
     ag, eg, timeout_s = spec["ag"], spec["eg"], spec["timeout_s"]
     engine = Engine(
         model,
@@ -377,8 +384,11 @@ class DisaggregatedEngine:
     step for that step's shape (sequences x new tokens) by a
     :class:`~moeflow.plan.findep.StepPlanner` (FinDEP over ``(r1, r2, order)``, PPPipe its
     best ``r1``; plans cached by shape) from ``costs``
-    (:class:`~moeflow.serving.host_costs.HostCosts`), or, without ``costs``, from costs the
-    ranks measure once loaded (module doc). Default: naive (``moeflow serve``'s default is
+    (:class:`~moeflow.serving.host_costs.HostCosts`), or from ``perf`` (a ``moeflow
+    profile`` :class:`~moeflow.perf.PerfModel`, read by
+    :meth:`~moeflow.plan.findep.StepPlanner.from_perf`; a cost it lacks is a ConfigError
+    naming it, raised here), or, with neither, from costs the ranks measure once loaded
+    (module doc). Default: naive (``moeflow serve``'s default is
     findep). :meth:`health` reports the costs and every plan used.
     """
 
@@ -392,6 +402,7 @@ class DisaggregatedEngine:
         dtype: torch.dtype = torch.float32,
         schedule=None,
         costs=None,
+        perf=None,
         timeout_s: float = 30.0,
         threads: int = 1,
         start_timeout_s: float = 300.0,
@@ -419,11 +430,17 @@ class DisaggregatedEngine:
             raise ConfigError("schedule", schedule, f"one of {SCHEDULES} or a ServeSchedule")
         if costs is not None and not isinstance(costs, HostCosts):
             raise ConfigError("costs", type(costs).__name__, "None or a HostCosts")
+        if perf is not None and (costs is not None or schedule not in ("findep", "pppipe")):
+            raise ConfigError("perf", "given", 'only without costs, with "findep" or "pppipe"')
         timeout_s = positive_float("timeout_s", timeout_s)
         threads = positive_int("threads", threads)
         cfg, _ = check_pretrained(model_dir)
         check_layout(ag + eg, ag, eg, cfg.moe.num_experts)
         check_nproc(ag + eg, force=force, flag="ag + eg")
+        if perf is not None:  # a cost the profile lacks is refused here, by name
+            from moeflow.serving.host_costs import perf_planner
+
+            perf_planner(cfg, ag, eg, perf)
         self.cfg, self.ag, self.eg = cfg, ag, eg
         self.context = cfg.max_position_embeddings
         self.config = config
@@ -433,6 +450,7 @@ class DisaggregatedEngine:
             "dtype": dtype,
             "schedule": schedule,
             "costs": costs,
+            "perf": perf,
             "ag": ag,
             "eg": eg,
             "num_experts": cfg.moe.num_experts,

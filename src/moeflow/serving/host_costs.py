@@ -328,3 +328,22 @@ def measure_compute(model, eg: int, link) -> HostCosts:
     needs ``cfg``, ``embed`` and ``head``: a full model or an attention rank's part), with the
     ``link`` cost measured by the caller (:func:`pingpong` across the link the ranks use)."""
     return HostCosts(fit_gemm(model.cfg, eg), link, fit_attention(model.cfg), fit_head(model))
+
+
+def perf_planner(cfg, ag: int, eg: int, perf):
+    """The :class:`~moeflow.plan.findep.StepPlanner` of ``cfg`` (``max_r2 = 8``, the LM head
+    priced) from a ``moeflow profile`` :class:`~moeflow.perf.PerfModel`
+    (:meth:`~moeflow.plan.findep.StepPlanner.from_perf`; ConfigError naming a cost it
+    lacks)."""
+    from moeflow.plan import findep as fd
+
+    return fd.StepPlanner.from_perf(
+        findep_model(cfg), perf, ag=ag, eg=eg, vocab_size=cfg.vocab_size, max_r2=8
+    )
+
+
+def planner_costs(planner) -> HostCosts:
+    """The costs a :class:`~moeflow.plan.findep.StepPlanner` solves from, as
+    :class:`HostCosts`."""
+    tb = planner.testbed
+    return HostCosts(tb.gemm, tb.link, tb.attention, planner.head)
