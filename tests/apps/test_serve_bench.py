@@ -194,7 +194,7 @@ def test_bad_flags_are_typed_errors(argv, err, word):
 
 
 def test_link_fit_takes_latency_from_small_and_bandwidth_from_large_messages():
-    from moeflow.apps.serve_bench import LINK_SIZES, fit_link
+    from moeflow.serving.host_costs import LINK_SIZES, fit_link
 
     # a token-bucket link: 2 ms per message, 1e-4 ms/B once the bucket is drained, and the
     # small messages through the burst at line rate
