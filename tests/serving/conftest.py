@@ -1,11 +1,8 @@
 """A tiny Qwen3-MoE checkpoint with a character-level tokenizer and a ChatML template, and a
 real uvicorn server over it on a free local port."""
 
-import socket
-import threading
-import time
-
 import pytest
+from serving_live import LiveServer
 
 SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 \n.,!?:;'-()[]{}/\"@#$%&*"
@@ -65,38 +62,6 @@ def checkpoint(tmp_path_factory):
     pytest.importorskip("safetensors")
     path = tmp_path_factory.mktemp("serve_ckpt")
     return make_checkpoint(path), path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn running ``app`` on a thread; ``url`` to reach it."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(20)
 
 
 @pytest.fixture

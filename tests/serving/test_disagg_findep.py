@@ -37,7 +37,8 @@ def full(checkpoint):
 
 
 def _server(checkpoint, schedule, costs, perf=None):
-    from conftest import LiveServer  # noqa: I001 - the serving tests' helper
+    from serving_live import LiveServer
+
     from moeflow.serving.disagg_server import disaggregated_server
     from moeflow.serving.engine import EngineConfig
     from moeflow.serving.openai_api import build_app

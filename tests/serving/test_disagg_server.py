@@ -112,7 +112,8 @@ def disagg(checkpoint):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     pytest.importorskip("httpx")
-    from conftest import LiveServer  # noqa: I001 - the serving tests' helper
+    from serving_live import LiveServer
+
     from moeflow.serving.disagg_server import disaggregated_server
     from moeflow.serving.engine import EngineConfig
     from moeflow.serving.openai_api import build_app
@@ -235,7 +236,7 @@ def test_a_dead_rank_fails_requests_in_flight(checkpoint, dead):
 
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
-    from conftest import LiveServer
+    from serving_live import LiveServer
 
     from moeflow.serving.disagg_server import disaggregated_server
     from moeflow.serving.engine import EngineConfig
@@ -288,7 +289,7 @@ def test_cli_layout_errors_are_bad_input(capsys, checkpoint):
 @pytest.mark.slow
 def test_cli_serves_disaggregated_and_drains_on_sigterm(checkpoint, full):
     httpx = pytest.importorskip("httpx")
-    from conftest import free_port
+    from serving_live import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
