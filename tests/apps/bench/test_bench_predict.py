@@ -9,6 +9,8 @@ from moeflow.apps.bench.predict import (
     compare,
     ep_step_graph,
     gemm_flops,
+    is_wgrad,
+    op_bytes_and_dtype,
     op_class,
     predict_rows,
     profile_op_class,
@@ -17,13 +19,18 @@ from moeflow.apps.bench.predict import (
 from moeflow.perf.cost import LinearCost, PerfModel
 from moeflow.sim import simulate
 
+GEMM_FITS = ("gemm", "grouped_gemm_wgrad", "attention_bwd")
 
-def _perf(gemm_beta=1e-9, op_alpha=1e-3):
+
+def _perf(gemm_beta=1e-9, op_alpha=1e-3, **betas):
+    """Every operator class at ``op_alpha`` ms; the GEMM fits at ``gemm_beta`` ms/FLOP
+    unless ``betas`` names one (``attention_bwd=...``)."""
     costs = {
         f"{c}@float32": LinearCost(op_alpha, 0.0, source="assumed").to_dict()
         for c in ("elementwise", *OP_CLASSES)
     }
-    costs["gemm@float32"] = LinearCost(0.0, gemm_beta, source="assumed").to_dict()
+    for k in GEMM_FITS:
+        costs[f"{k}@float32"] = LinearCost(0.0, betas.get(k, gemm_beta), source="assumed").to_dict()
     return PerfModel(
         name="synthetic", costs={"gemm": LinearCost(0.0, gemm_beta)}, meta={"bench_costs": costs}
     )
@@ -105,7 +112,9 @@ def test_op_classes():
     assert op_class("aten::softmax") == "reduce"
     assert op_class("aten::index_add_") == "index"
     assert op_class("aten::copy_") == "copy"
-    assert op_class("aten::silu") == "elementwise"
+    assert op_class("aten::add") == "elementwise"
+    assert op_class("aten::silu") == "transcendental"
+    assert op_class("aten::silu_backward") == "transcendental"
 
 
 def test_op_class_fit_is_positive():
@@ -127,3 +136,94 @@ def test_costs_fitted_by_moeflow_profile_are_read_from_the_model(demo_train):
         predict_rows(d, without, "float32")
     profiled = replace(without, costs={**perf.costs, "elementwise@float32": elementwise})
     assert predict_rows(d, profiled, "float32") == predict_rows(d, perf, "float32")
+
+
+@pytest.mark.parametrize(
+    ("fit", "op", "phase", "row"),
+    [
+        ("grouped_gemm_wgrad", "aten::_grouped_mm", "backward", "moe_experts"),
+        (
+            "attention_bwd",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+            "backward",
+            "attention",
+        ),
+    ],
+)
+def test_backward_gemm_fits_price_their_operators(demo_train, fit, op, phase, row):
+    """The expert weight gradient (2-D x 2-D grouped_mm) and the flash-attention backward
+    have fits of their own: changing one moves exactly its operators' FLOPs, in its row."""
+    _, d = demo_train
+    flops = sum(
+        gemm_flops(n, s)
+        for rec in d.inventory
+        for n, s in rec.gemms
+        if n == op and (fit != "grouped_gemm_wgrad" or is_wgrad(n, s))
+    )
+    assert flops > 0
+    base = predict_rows(d, _perf(), "float32")
+    more = predict_rows(d, _perf(**{fit: 3e-9}), "float32")
+    assert more[(phase, row)] - base[(phase, row)] == pytest.approx(flops * 2e-9)
+    assert sum(more.values()) - sum(base.values()) == pytest.approx(flops * 2e-9)
+    # the forward grouped GEMMs (2-D x 3-D) stay on the forward fit
+    assert more[("forward", "moe_experts")] == pytest.approx(base[("forward", "moe_experts")])
+
+
+@pytest.mark.parametrize("missing", ["grouped_gemm_wgrad", "attention_bwd", "transcendental"])
+def test_a_model_without_a_new_cost_is_refused_by_name(demo_train, missing):
+    from dataclasses import replace
+
+    from moeflow.errors import ConfigError
+
+    _, d = demo_train
+    perf = _perf()
+    table = dict(perf.meta["bench_costs"])
+    del table[f"{missing}@float32"]
+    with pytest.raises(ConfigError, match=f"{missing}@float32"):
+        predict_rows(d, replace(perf, meta={"bench_costs": table}), "float32")
+
+
+def test_transcendental_ops_use_their_own_fit(demo_train):
+    _, d = demo_train
+    n = sum(1 for rec in d.inventory if not rec.gemms and op_class(rec.name) == "transcendental")
+    assert n > 0  # SwiGLU's silu and its backward
+    perf = _perf(op_alpha=0.0)
+    table = dict(perf.meta["bench_costs"])
+    table["transcendental@float32"] = LinearCost(0.5, 0.0).to_dict()
+    from dataclasses import replace
+
+    more = predict_rows(d, replace(perf, meta={"bench_costs": table}), "float32")
+    assert sum(more.values()) - sum(predict_rows(d, perf, "float32").values()) == pytest.approx(
+        0.5 * n
+    )
+
+
+def test_each_operator_is_priced_at_its_own_dtype():
+    """A float32 operator in a bf16 step is priced with the float32 fit at 4 bytes per
+    element; integer inputs count their own element size."""
+    from moeflow.apps.bench.dissect import OpRecord
+
+    stat = OpRecord("forward", "norm", "aten::mean", 0.0, [[8, 16]], dtypes=["float"])
+    assert op_bytes_and_dtype(stat, "bfloat16") == (2 * 8 * 16 * 4, "float32")
+    mixed = OpRecord(
+        "forward",
+        "moe_other",
+        "aten::index_add",
+        0.0,
+        [[4, 16], [], [8]],
+        dtypes=["c10::BFloat16", "Scalar", "long int"],
+    )
+    assert op_bytes_and_dtype(mixed, "bfloat16") == (64 * 2 + 8 * 8 + 64 * 2, "bfloat16")
+    # an inventory without dtypes (an older report) falls back to the step's dtype
+    bare = OpRecord("forward", "norm", "aten::mean", 0.0, [[8, 16]])
+    assert op_bytes_and_dtype(bare, "bfloat16") == (2 * 8 * 16 * 2, "bfloat16")
+
+
+@pytest.mark.parametrize("fn", ["attention_bwd", "grouped_gemm_wgrad"])
+def test_backward_fits_carry_their_fit_quality(fn):
+    import moeflow.apps.bench.predict as predict
+
+    c = getattr(predict, f"profile_{fn}")("float32", reps=1, trials=1)
+    assert c.beta > 0 and c.source == "measured"
+    assert c.r2 is not None and c.max_rel_err is not None and len(c.points) >= 12
+    assert LinearCost.from_dict(c.to_dict()) == c

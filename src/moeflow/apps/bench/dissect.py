@@ -65,6 +65,8 @@ class OpRecord:
     self_us: float
     shapes: list
     gemms: list = field(default_factory=list)  # (name, shapes) of the GEMMs inside it
+    dtypes: list = field(default_factory=list)  # the profiler's input dtypes ("float", ...)
+    total_us: float = 0.0  # inclusive time (its children's too), for per-term comparisons
 
 
 @dataclass
@@ -186,7 +188,15 @@ def attribute(events) -> tuple[list[dict], list[dict], list[list[OpRecord]]]:
             rec[0] += us
             rec[1] += 1
             if name.startswith(("aten::", "c10d::")) and top is None:
-                top = OpRecord(phase, row, name, us, list(e.input_shapes or []))
+                top = OpRecord(
+                    phase,
+                    row,
+                    name,
+                    us,
+                    list(e.input_shapes or []),
+                    dtypes=list(getattr(e, "input_dtypes", None) or []),
+                    total_us=float(e.cpu_time_total),
+                )
                 inv.append(top)
             if top is not None and name in GEMM_OPS and not in_gemm:
                 # a GEMM inside a GEMM (CPU grouped_mm runs mm per group) is counted once

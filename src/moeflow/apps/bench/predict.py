@@ -12,9 +12,15 @@ What is measured and what is predicted are kept apart:
   - dense GEMMs ``alpha + beta * FLOPs`` over tall-skinny shapes with their operands out of
     cache (``gemm``; ``moeflow profile``'s square-GEMM fit is kept as ``gemm_square`` and the
     report also shows the prediction with it), expert GEMMs (``torch._grouped_mm``) and the
-    attention core (causal SDPA) with fits of their own (``grouped_gemm``, ``attention``);
+    attention core (causal SDPA) with fits of their own (``grouped_gemm``, ``attention``),
+    and so have their backward kernels, which run at other rates than their forwards (most
+    of all in bf16): the 2-D x 2-D weight-gradient ``_grouped_mm`` (``grouped_gemm_wgrad``)
+    and the CPU flash-attention backward (``attention_bwd``);
   - any other operator ``alpha + beta * bytes`` (its inputs plus one output the size of its
-    largest input), fitted per class: element-wise, reduction, indexing, copy/layout;
+    largest input, each at its own element size), fitted per class: element-wise,
+    transcendental element-wise (silu, exp, rsqrt, ...), reduction, indexing, copy/layout,
+    and per dtype: an operator takes the fit of its largest floating input's dtype (the
+    float32 statistics of a bf16 step are priced as float32);
   - fixed costs: the Python around each forward operator (``python_op``), each module call
     (``module_call``), each backward node (``autograd_node``), each optimizer operator
     (``optimizer_op``);
@@ -44,6 +50,28 @@ ESIZE = {"float32": 4, "bfloat16": 2}
 
 #: operator classes with a cost fit of their own; anything else is ``elementwise``
 OP_CLASSES = {
+    # element-wise operators that evaluate a transcendental function per element: several
+    # times the cost of a multiply per byte, and more so in bf16 (converted per element)
+    "transcendental": (
+        "silu",
+        "silu_",
+        "silu_backward",
+        "sigmoid",
+        "sigmoid_backward",
+        "exp",
+        "exp_",
+        "log",
+        "tanh",
+        "tanh_backward",
+        "gelu",
+        "gelu_",
+        "gelu_backward",
+        "rsqrt",
+        "sqrt",
+        "pow",
+        "erf",
+        "softplus",
+    ),
     "reduce": (
         "sum",
         "mean",
@@ -155,7 +183,8 @@ _CLASS_OF = {op: cls for cls, ops in OP_CLASSES.items() for op in ops}
 
 
 def op_class(name: str) -> str:
-    """``reduce``, ``index``, ``copy`` or ``elementwise`` for an ``aten::`` operator."""
+    """``transcendental``, ``reduce``, ``index``, ``copy`` or ``elementwise`` for an
+    ``aten::`` operator."""
     return _CLASS_OF.get(name.split("::", 1)[-1], "elementwise")
 
 
@@ -167,6 +196,8 @@ def _sweep_fns(cls: str, n: int, td: torch.dtype):
     es = a.element_size()
     if cls == "elementwise":
         return (partial(torch.mul, a, b), 3 * n * es)
+    if cls == "transcendental":
+        return (partial(torch.nn.functional.silu, a), 2 * n * es)
     if cls == "reduce":
         x = a.view(-1, min(n, 128))
         return (partial(torch.softmax, x, -1), 2 * n * es)
@@ -285,6 +316,69 @@ def profile_attention(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
         relative=True,
         note=f"FLOPs, causal SDPA, {len(xs)} shapes, relative least "
         f"squares, {dtype}, {torch.get_num_threads()} threads",
+    )
+
+
+def profile_grouped_gemm_wgrad(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
+    """``alpha + beta * FLOPs`` of the expert weight gradient's ``torch._grouped_mm``: a
+    2-D x 2-D call grouped along the contraction (the ``(O, N)`` transposed gradient times the
+    ``(N, I)`` activations, one ``(O, I)`` product per expert), the class
+    :class:`moeflow.kernels.grouped` runs backward besides the forward-shaped data gradient.
+    CPU ``_grouped_mm`` loops ``mm`` per group over a transposed, strided operand, and bf16
+    runs it well below its forward rate, so the forward fit misprices it. Same grid as
+    :func:`profile_grouped_gemm`, operands out of cache, relative least squares."""
+    if not hasattr(torch, "_grouped_mm"):
+        return profile_gemm_shapes(dtype, reps, trials)
+    td = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    for E in (4, 8, 16):
+        for rows in (64, 256):
+            for K, N in ((128, 512), (512, 128), (256, 256)):
+                offs = (torch.arange(1, E + 1) * rows).to(torch.int32)
+                grad = torch.randn(E * rows, N, generator=g).to(td)
+                act = torch.randn(E * rows, K, generator=g).to(td)
+                fn = partial(torch._grouped_mm, grad.t(), act, offs=offs)
+                xs.append(2.0 * E * rows * K * N)
+                ys.append(time_ms(fn, trials=reps * trials, cold=True))
+    return fit(
+        xs,
+        ys,
+        relative=True,
+        note=f"FLOPs, torch._grouped_mm weight gradient (2-D x 2-D), {len(xs)} shapes, "
+        f"relative least squares, {dtype}, {torch.get_num_threads()} threads",
+    )
+
+
+def profile_attention_bwd(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
+    """``alpha + beta * FLOPs`` of the backward of causal ``scaled_dot_product_attention``
+    (the CPU flash-attention backward kernel, n = twice the forward FLOPs, as
+    :func:`gemm_flops` counts it), timed alone by replaying the backward of one recorded
+    forward. The backward recomputes the probabilities block by block, and in bf16 runs far
+    below the forward's rate, so the forward fit does not price it. Same shapes as
+    :func:`profile_attention`, relative least squares."""
+    import torch.nn.functional as F
+
+    td = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    for B in (1, 8):
+        for L in (64, 128, 256):
+            for d in (32, 64):
+                q, k, v = (
+                    torch.randn(B, 4, L, d, generator=g).to(td).requires_grad_() for _ in range(3)
+                )
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                grad = torch.randn_like(out)
+                fn = partial(torch.autograd.grad, out, (q, k, v), grad, retain_graph=True)
+                xs.append(2 * 4.0 * B * 4 * L * L * d)
+                ys.append(time_ms(fn, reps=reps, trials=trials))
+    return fit(
+        xs,
+        ys,
+        relative=True,
+        note=f"FLOPs (2x forward), causal SDPA backward, {len(xs)} shapes, relative "
+        f"least squares, {dtype}, {torch.get_num_threads()} threads",
     )
 
 
@@ -440,11 +534,14 @@ def with_op_costs(perf: PerfModel, dtypes=("float32",), *, nproc: int = 1) -> Pe
     extra = {}
     torch.set_num_threads(max(1, threads // nproc))
     try:
-        for dt in dtypes:
+        # a bf16 step still runs float32 operators (norm statistics, router, loss)
+        for dt in dict.fromkeys((*dtypes, "float32")):
             extra[f"gemm_square@{dt}"] = perf.cost("gemm").to_dict()
             extra[f"gemm@{dt}"] = profile_gemm_shapes(dt).to_dict()
             extra[f"grouped_gemm@{dt}"] = profile_grouped_gemm(dt).to_dict()
             extra[f"attention@{dt}"] = profile_attention(dt).to_dict()
+            extra[f"attention_bwd@{dt}"] = profile_attention_bwd(dt).to_dict()
+            extra[f"grouped_gemm_wgrad@{dt}"] = profile_grouped_gemm_wgrad(dt).to_dict()
             for cls in ("elementwise", *OP_CLASSES):
                 extra[f"{cls}@{dt}"] = profile_op_class(cls, dt).to_dict()
         extra["python_op"] = profile_python_op().to_dict()
@@ -482,7 +579,8 @@ def _cost(perf: PerfModel, kind: str, dtype: str) -> LinearCost:
     raise ConfigError(
         "perf model",
         perf.name,
-        f"a meta['bench_costs'] entry {key!r} (profile with moeflow bench --profile)",
+        f"a meta['bench_costs'] entry {key!r} (moeflow bench --simulate profiles it, "
+        "and adds the missing operator costs to a --perf model that has none)",
     )
 
 
@@ -517,22 +615,88 @@ def gemm_flops(name: str, shapes: list) -> int:
     return sdpa_cpu_flop(s[0], s[1], s[2])
 
 
+#: bytes per element of the profiler's input dtype names (``FunctionEvent.input_dtypes``)
+PROFILER_ESIZE = {
+    "float": 4,
+    "double": 8,
+    "c10::BFloat16": 2,
+    "c10::Half": 2,
+    "long int": 8,
+    "int": 4,
+    "short int": 2,
+    "bool": 1,
+    "unsigned char": 1,
+    "signed char": 1,
+}
+#: the fit dtype of an operator whose largest input has this profiler dtype
+PROFILER_DTYPE = {"float": "float32", "c10::BFloat16": "bfloat16"}
+
+
+def op_bytes_and_dtype(rec, dtype: str) -> tuple[int, str]:
+    """(bytes, fit dtype) of a non-GEMM operator: its tensor inputs plus one output the size
+    of its largest input, each at its own element size when the inventory recorded dtypes;
+    the fit is the one of its largest floating input's dtype (a float32 norm statistic in a
+    bf16 step is priced as float32), else the step's ``dtype``."""
+    dts = list(rec.dtypes) if getattr(rec, "dtypes", None) else []
+    sizes = []
+    for i, shp in enumerate(rec.shapes):
+        if isinstance(shp, (list, tuple)) and shp:
+            name = dts[i] if i < len(dts) else ""
+            sizes.append((_numel(shp), PROFILER_ESIZE.get(name, ESIZE[dtype]), name))
+    if not sizes:
+        return 0, dtype
+    nbytes = sum(n * es for n, es, _ in sizes) + max(n * es for n, es, _ in sizes)
+    floats = [(n, name) for n, _, name in sizes if name in PROFILER_DTYPE]
+    fit_dtype = PROFILER_DTYPE[max(floats)[1]] if floats else dtype
+    return nbytes, fit_dtype
+
+
+def is_wgrad(name: str, shapes: list) -> bool:
+    """A 2-D x 2-D ``torch._grouped_mm``: grouped along the contraction (weight gradients)."""
+    return name == "aten::_grouped_mm" and len(shapes) > 1 and len(shapes[0]) == len(shapes[1]) == 2
+
+
 def predict_rows(d: StepDissection, perf: PerfModel, dtype: str, gemm: str = "gemm") -> dict:
     """{(phase, row): predicted ms} of one step from its inventory and ``perf``; ``gemm``
     names the GEMM fit (``gemm``: the tall-skinny sweep when the model has one, else
-    ``moeflow profile``'s square fit; ``gemm_square``: the square fit)."""
+    ``moeflow profile``'s square fit; ``gemm_square``: the square fit, for every GEMM).
+
+    Expert GEMMs (``torch._grouped_mm``) are priced with ``grouped_gemm`` (2-D x 3-D: the
+    forward and the data gradient) and ``grouped_gemm_wgrad`` (2-D x 2-D), the CPU
+    flash-attention forward with ``attention`` and its backward with ``attention_bwd``;
+    other operators with their class fit (:func:`op_class`) at their own dtype
+    (:func:`op_bytes_and_dtype`): a model without a fit the step needs raises ConfigError
+    naming it."""
     g = _cost(perf, gemm, dtype)
-    # expert GEMMs and the attention core have fits of their own (same fallback: the GEMM's)
-    grouped = g if gemm == "gemm_square" else _cost(perf, "grouped_gemm", dtype)
-    attn = g if gemm == "gemm_square" else _cost(perf, "attention", dtype)
-    cost = {c: _cost(perf, c, dtype) for c in ("elementwise", *OP_CLASSES)}
+    square = gemm == "gemm_square"
+    # expert GEMMs and the attention core have fits of their own, forward and backward
+    grouped = g if square else _cost(perf, "grouped_gemm", dtype)
+    attn = g if square else _cost(perf, "attention", dtype)
+    gemms = [(n, s) for rec in d.inventory for n, s in rec.gemms]
+    # the backward fits are read only when the step runs such a GEMM
+    wgrad = (
+        _cost(perf, "grouped_gemm_wgrad", dtype)
+        if not square and any(is_wgrad(n, s) for n, s in gemms)
+        else grouped
+    )
+    attn_bwd = (
+        _cost(perf, "attention_bwd", dtype)
+        if not square and any(n.endswith("_for_cpu_backward") for n, _ in gemms)
+        else attn
+    )
+    cost: dict = {}
+
+    def class_cost(cls: str, dt: str) -> LinearCost:
+        if (cls, dt) not in cost:
+            cost[(cls, dt)] = _cost(perf, cls, dt)
+        return cost[(cls, dt)]
+
     table = perf.meta.get("bench_costs", {})
     fixed = {
         k: (LinearCost.from_dict(table[k]).alpha if k in table else 0.0)
         for k in ("python_op", "module_call", "autograd_node", "optimizer_op")
     }
     py = fixed["python_op"]
-    es = ESIZE[dtype]
     out: dict = {}
     for rec in d.inventory:
         if rec.name.startswith("c10d::"):
@@ -543,16 +707,18 @@ def predict_rows(d: StepDissection, perf: PerfModel, dtype: str, gemm: str = "ge
             out[key] = out.get(key, 0.0) + fixed[cost_key]
             continue
         if rec.gemms:
-            t = sum(
-                (grouped if n == "aten::_grouped_mm" else attn if "attention" in n else g)(
-                    gemm_flops(n, s)
-                )
-                for n, s in rec.gemms
-            )
+
+            def price(n, s):
+                if n == "aten::_grouped_mm":
+                    return wgrad if is_wgrad(n, s) else grouped
+                if n.endswith("_for_cpu_backward"):
+                    return attn_bwd
+                return attn if "attention" in n else g
+
+            t = sum(price(n, s)(gemm_flops(n, s)) for n, s in rec.gemms)
         else:
-            sizes = [_numel(s) for s in rec.shapes if isinstance(s, (list, tuple)) and s]
-            nbytes = es * (sum(sizes) + (max(sizes) if sizes else 0))
-            c = cost[op_class(rec.name)]
+            nbytes, dt = op_bytes_and_dtype(rec, dtype)
+            c = class_cost(op_class(rec.name), dt)
             t = c(nbytes)
             if rec.phase == "forward":  # forward ops run from Python module code
                 t += max(0.0, py - c.alpha)
@@ -643,7 +809,11 @@ def compare(d: StepDissection, perf: PerfModel, dtype: str) -> dict:
         "rows": rows,
         "gemm_cost": _cost(perf, "gemm", dtype).to_dict(),
         "gemm_square_cost": _cost(perf, "gemm_square", dtype).to_dict(),
-        "op_costs": {c: _cost(perf, c, dtype).to_dict() for c in ("elementwise", *OP_CLASSES)},
+        "op_costs": {
+            c: _cost(perf, c, dtype).to_dict()
+            for c in ("elementwise", *OP_CLASSES)
+            if f"{c}@{dtype}" in perf.meta.get("bench_costs", {})
+        },
     }
 
 
