@@ -227,3 +227,70 @@ def test_backward_fits_carry_their_fit_quality(fn):
     assert c.beta > 0 and c.source == "measured"
     assert c.r2 is not None and c.max_rel_err is not None and len(c.points) >= 12
     assert LinearCost.from_dict(c.to_dict()) == c
+
+
+def _synthetic_step(inventory):
+    from moeflow.apps.bench.dissect import StepDissection
+
+    return StepDissection(
+        step_ms=1.0,
+        wall_ms=1.0,
+        unprofiled_ms=1.0,
+        rows={},
+        ops={},
+        steps=1,
+        step_ms_each=[1.0],
+        inventory=inventory,
+    )
+
+
+def test_compiled_graph_calls_are_priced_by_their_own_cost():
+    """Each inductor graph call of a compiled step costs ``compiled_call`` forward and
+    ``compiled_call_bwd`` backward; a model without them is refused by name."""
+    from dataclasses import replace
+
+    from moeflow.apps.bench.dissect import COMPILED_CALL, OpRecord
+    from moeflow.errors import ConfigError
+
+    d = _synthetic_step(
+        [
+            OpRecord("forward", "norm", COMPILED_CALL, 0.0, []),
+            OpRecord("forward", "norm", COMPILED_CALL, 0.0, []),
+            OpRecord("backward", "norm", COMPILED_CALL, 0.0, []),
+        ]
+    )
+    perf = _perf()
+    with pytest.raises(ConfigError, match="compiled_call"):
+        predict_rows(d, perf, "float32")
+    table = {
+        **perf.meta["bench_costs"],
+        "compiled_call": LinearCost(0.25, 0.0).to_dict(),
+        "compiled_call_bwd": LinearCost(0.5, 0.0).to_dict(),
+    }
+    rows = predict_rows(d, replace(perf, meta={"bench_costs": table}), "float32")
+    assert rows == {("forward", "norm"): pytest.approx(0.5), ("backward", "norm"): 0.5}
+
+
+def test_compiled_call_cost_is_measured():
+    from moeflow.apps.bench.predict import profile_compiled_call
+
+    fwd, bwd = profile_compiled_call(reps=20, trials=3)
+    assert fwd.alpha > 0 and bwd.alpha > 0
+    assert fwd.source == bwd.source == "measured"
+
+
+@pytest.mark.slow
+def test_compiled_step_inventory_lists_its_graph_calls():
+    """Under torch.compile the inventory holds the inductor graph calls (their fused
+    kernels are no aten operators) and the extern GEMMs, so the step is predicted."""
+    from moeflow.apps.bench import Setting, Shape, build_workload, dissect
+    from moeflow.apps.bench.dissect import COMPILED_CALL
+    from tests.apps.bench.conftest import TINY
+
+    w = build_workload(
+        "demo", "train", Setting(compile=True), Shape(batch=4, seq_len=32), dims=TINY
+    )
+    d = dissect(w, warmup=2, steps=1, unprofiled=1)
+    calls = [rec for rec in d.inventory if rec.name == COMPILED_CALL]
+    assert {rec.phase for rec in calls} == {"forward", "backward"}
+    assert any(rec.gemms for rec in d.inventory)

@@ -23,7 +23,9 @@ What is measured and what is predicted are kept apart:
     float32 statistics of a bf16 step are priced as float32);
   - fixed costs: the Python around each forward operator (``python_op``), each module call
     (``module_call``), each backward node (``autograd_node``), each optimizer operator
-    (``optimizer_op``);
+    (``optimizer_op``), and under ``torch.compile`` each inductor graph call, forward and
+    backward (``compiled_call``, ``compiled_call_bwd``: guards, wrapper and fused kernels;
+    the extern GEMMs a graph runs are operators of the inventory, priced as above);
 
   fits use relative least squares (:func:`moeflow.perf.measure.fit`) over medians;
 * :mod:`moeflow.sim` turns the per-(phase, row) costs into a task graph on one compute
@@ -37,7 +39,8 @@ from functools import partial
 
 import torch
 
-from moeflow.apps.bench.dissect import AUTOGRAD_NODE, MODULE_CALL, StepDissection
+from moeflow.apps.bench.dissect import AUTOGRAD_NODE, COMPILED_CALL, MODULE_CALL, StepDissection
+from moeflow.errors import ConfigError
 from moeflow.perf.cost import LinearCost, PerfModel
 from moeflow.perf.measure import fit, time_ms
 from moeflow.sim import TaskGraph, simulate
@@ -450,6 +453,33 @@ def profile_autograd_node(reps: int = 200, trials: int = 5) -> LinearCost:
     )
 
 
+def profile_compiled_call(reps: int = 200, trials: int = 5) -> tuple[LinearCost, LinearCost]:
+    """Time of one inductor graph call of ``torch.compile`` (as the bench compiles its
+    modules: ``dynamic=True``) on tiny tensors, forward with autograd recording
+    (``compiled_call``: guards, the AOT wrapper, the graph's fused kernel) and its backward
+    graph (``compiled_call_bwd``: forward plus backward minus forward). The fused kernels of
+    a compiled step are priced by these: at the bench's sizes their bytes cost less than the
+    calls around them. ``alpha`` only."""
+    fn = torch.compile(_reference_ops, dynamic=True)
+    w = torch.ones(16, requires_grad=True)
+    x = torch.randn(1, 16)
+
+    def fwd():
+        fn(x, w)
+
+    def fwdbwd():
+        fn(x, w).sum().backward()
+
+    fwdbwd()  # compile both graphs outside the timing
+    t_f = time_ms(fwd, reps=reps, trials=trials)
+    t_b = max(0.0, time_ms(fwdbwd, reps=reps, trials=trials) - t_f)
+    note = "ms per inductor graph call (torch.compile(dynamic=True), tiny tensors)"
+    return (
+        LinearCost(alpha=t_f, beta=0.0, source="measured", note=note + ", forward"),
+        LinearCost(alpha=t_b, beta=0.0, source="measured", note=note + ", backward graph"),
+    )
+
+
 def profile_optimizer_op(params: int = 16, reps: int = 20, trials: int = 5) -> LinearCost:
     """Time per operator of an ``AdamW`` step over ``params`` tiny tensors: the optimizer's
     Python loop around its operators (per-parameter bookkeeping, state lookups). ``alpha``
@@ -478,7 +508,13 @@ def profile_optimizer_op(params: int = 16, reps: int = 20, trials: int = 5) -> L
 
 
 def profile_machine(
-    dtypes=("float32",), *, nproc: int = 1, reps: int = 5, trials: int = 3, progress: bool = False
+    dtypes=("float32",),
+    *,
+    nproc: int = 1,
+    reps: int = 5,
+    trials: int = 3,
+    progress: bool = False,
+    compiled: bool = False,
 ) -> PerfModel:
     """``moeflow.perf.profile`` per dtype on ``nproc`` gloo ranks (the GEMM fit, and with
     ``nproc > 1`` the collectives), plus the operator-class fits of this process (run with
@@ -511,7 +547,7 @@ def profile_machine(
         notes=base.notes,
         meta=dict(base.meta),
     )
-    out = with_op_costs(perf, dtypes, nproc=nproc)
+    out = with_op_costs(perf, dtypes, nproc=nproc, compiled=compiled)
     extra = dict(out.meta["bench_costs"])
     for dt, pm in profiled.items():
         extra[f"gemm_square@{dt}"] = pm.costs["gemm"].to_dict()
@@ -526,10 +562,13 @@ def profile_machine(
     )
 
 
-def with_op_costs(perf: PerfModel, dtypes=("float32",), *, nproc: int = 1) -> PerfModel:
+def with_op_costs(
+    perf: PerfModel, dtypes=("float32",), *, nproc: int = 1, compiled: bool = False
+) -> PerfModel:
     """``perf`` (e.g. from ``moeflow profile`` inside a cluster) plus this process's
     operator-class fits, with the threads one of ``nproc`` ranks gets; its GEMM and collective
-    fits are kept (``gemm@<dtype>`` falls back to its ``gemm``)."""
+    fits are kept (``gemm@<dtype>`` falls back to its ``gemm``). ``compiled``: also the
+    inductor graph call costs (:func:`profile_compiled_call`) that compiled settings need."""
     threads = torch.get_num_threads()
     extra = {}
     torch.set_num_threads(max(1, threads // nproc))
@@ -548,6 +587,9 @@ def with_op_costs(perf: PerfModel, dtypes=("float32",), *, nproc: int = 1) -> Pe
         extra["module_call"] = profile_module_call().to_dict()
         extra["autograd_node"] = profile_autograd_node().to_dict()
         extra["optimizer_op"] = profile_optimizer_op().to_dict()
+        if compiled:
+            fwd, bwd = profile_compiled_call()
+            extra["compiled_call"], extra["compiled_call_bwd"] = fwd.to_dict(), bwd.to_dict()
     finally:
         torch.set_num_threads(threads)
     meta = dict(perf.meta)
@@ -705,6 +747,18 @@ def predict_rows(d: StepDissection, perf: PerfModel, dtype: str, gemm: str = "ge
             key = (rec.phase, rec.row)
             cost_key = "module_call" if rec.name == MODULE_CALL else "autograd_node"
             out[key] = out.get(key, 0.0) + fixed[cost_key]
+            continue
+        if rec.name == COMPILED_CALL:  # an inductor graph: its fused kernels and wrapper
+            key = (rec.phase, rec.row)
+            k = "compiled_call_bwd" if rec.phase == "backward" else "compiled_call"
+            if k not in table:
+                raise ConfigError(
+                    "perf model",
+                    perf.name,
+                    f"a meta['bench_costs'] entry {k!r} for the compiled step's graph calls "
+                    "(moeflow bench --simulate profiles it when a setting compiles)",
+                )
+            out[key] = out.get(key, 0.0) + LinearCost.from_dict(table[k]).alpha
             continue
         if rec.gemms:
 
