@@ -294,3 +294,21 @@ def test_compiled_step_inventory_lists_its_graph_calls():
     calls = [rec for rec in d.inventory if rec.name == COMPILED_CALL]
     assert {rec.phase for rec in calls} == {"forward", "backward"}
     assert any(rec.gemms for rec in d.inventory)
+
+
+def test_terms_partition_the_prediction(demo_train):
+    """The per-term comparison splits the same prediction by cost term: its predicted
+    times sum to the rows', and every phase's measured terms sum to its profiled time."""
+    from moeflow.apps.bench.predict import compare_terms
+
+    _, d = demo_train
+    perf = _perf()
+    terms = compare_terms(d, perf, "float32")
+    rows = predict_rows(d, perf, "float32")
+    assert sum(t["predicted_ms"] for t in terms) == pytest.approx(sum(rows.values()))
+    names = {t["term"] for t in terms}
+    assert {"grouped_gemm", "grouped_gemm_wgrad", "attention_bwd", "host"} <= names
+    assert "elementwise@float32" in names
+    for phase in ("forward", "backward", "optimizer"):
+        measured = sum(t["measured_ms"] for t in terms if t["phase"] == phase)
+        assert measured >= d.phase_total(phase) * (1 - 1e-9)

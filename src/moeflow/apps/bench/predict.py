@@ -215,7 +215,8 @@ def _sweep_fns(cls: str, n: int, td: torch.dtype):
 def profile_op_class(cls: str, dtype: str, reps: int = 20, trials: int = 3) -> LinearCost:
     """``alpha + beta * bytes`` of one operator class on this process: ``alpha`` is the
     time of the op on 16 elements (dispatch and launch, which a least-squares intercept over
-    large sizes would lose in the noise), ``beta`` the least-squares slope of the rest."""
+    large sizes would lose in the noise), ``beta`` the least-squares slope of the rest; the
+    cost carries its fit quality on the sweep (``r2``, ``max_rel_err``, the points)."""
     td = getattr(torch, dtype)
     fn, _ = _sweep_fns(cls, 16, td)
     alpha = time_ms(fn, reps=reps * 5, trials=trials)
@@ -225,17 +226,13 @@ def profile_op_class(cls: str, dtype: str, reps: int = 20, trials: int = 3) -> L
         xs.append(float(nbytes))
         ys.append(time_ms(fn, reps=reps, trials=trials))
     beta = max(0.0, sum(x * (y - alpha) for x, y in zip(xs, ys)) / sum(x * x for x in xs))
-    my = sum(ys) / len(ys)
-    ss_tot = sum((y - my) ** 2 for y in ys)
-    ss_res = sum((y - alpha - beta * x) ** 2 for x, y in zip(xs, ys))
     return LinearCost(
         alpha=alpha,
         beta=beta,
-        r2=1 - ss_res / ss_tot if ss_tot else 1.0,
         source="measured",
         note=f"bytes, {cls} ({fn.func.__name__}), {len(xs)} sizes, {dtype}, "
         f"{torch.get_num_threads()} threads",
-    )
+    ).with_points(xs, ys)
 
 
 #: GEMM shapes (m, k, n) of the tall-skinny sweep: token rows by model widths
@@ -698,8 +695,9 @@ def is_wgrad(name: str, shapes: list) -> bool:
     return name == "aten::_grouped_mm" and len(shapes) > 1 and len(shapes[0]) == len(shapes[1]) == 2
 
 
-def predict_rows(d: StepDissection, perf: PerfModel, dtype: str, gemm: str = "gemm") -> dict:
-    """{(phase, row): predicted ms} of one step from its inventory and ``perf``; ``gemm``
+def priced_inventory(d: StepDissection, perf: PerfModel, dtype: str, gemm: str = "gemm"):
+    """``(record, cost term, operator ms, host ms)`` for every entry of a step's inventory,
+    priced from ``perf``; ``gemm``
     names the GEMM fit (``gemm``: the tall-skinny sweep when the model has one, else
     ``moeflow profile``'s square fit; ``gemm_square``: the square fit, for every GEMM).
 
@@ -739,17 +737,14 @@ def predict_rows(d: StepDissection, perf: PerfModel, dtype: str, gemm: str = "ge
         for k in ("python_op", "module_call", "autograd_node", "optimizer_op")
     }
     py = fixed["python_op"]
-    out: dict = {}
     for rec in d.inventory:
         if rec.name.startswith("c10d::"):
             continue  # collectives are the link's work (ep_step_graph), not compute
         if rec.name in (MODULE_CALL, AUTOGRAD_NODE):
-            key = (rec.phase, rec.row)
             cost_key = "module_call" if rec.name == MODULE_CALL else "autograd_node"
-            out[key] = out.get(key, 0.0) + fixed[cost_key]
+            yield rec, cost_key, 0.0, fixed[cost_key]
             continue
         if rec.name == COMPILED_CALL:  # an inductor graph: its fused kernels and wrapper
-            key = (rec.phase, rec.row)
             k = "compiled_call_bwd" if rec.phase == "backward" else "compiled_call"
             if k not in table:
                 raise ConfigError(
@@ -758,29 +753,76 @@ def predict_rows(d: StepDissection, perf: PerfModel, dtype: str, gemm: str = "ge
                     f"a meta['bench_costs'] entry {k!r} for the compiled step's graph calls "
                     "(moeflow bench --simulate profiles it when a setting compiles)",
                 )
-            out[key] = out.get(key, 0.0) + LinearCost.from_dict(table[k]).alpha
+            yield rec, k, LinearCost.from_dict(table[k]).alpha, 0.0
             continue
         if rec.gemms:
 
             def price(n, s):
                 if n == "aten::_grouped_mm":
-                    return wgrad if is_wgrad(n, s) else grouped
+                    return (
+                        ("grouped_gemm_wgrad", wgrad)
+                        if is_wgrad(n, s)
+                        else ("grouped_gemm", grouped)
+                    )
                 if n.endswith("_for_cpu_backward"):
-                    return attn_bwd
-                return attn if "attention" in n else g
+                    return "attention_bwd", attn_bwd
+                return ("attention", attn) if "attention" in n else (gemm, g)
 
-            t = sum(price(n, s)(gemm_flops(n, s)) for n, s in rec.gemms)
+            term = price(*rec.gemms[0])[0]
+            yield rec, term, sum(price(n, s)[1](gemm_flops(n, s)) for n, s in rec.gemms), 0.0
         else:
             nbytes, dt = op_bytes_and_dtype(rec, dtype)
-            c = class_cost(op_class(rec.name), dt)
-            t = c(nbytes)
+            cls = op_class(rec.name)
+            c = class_cost(cls, dt)
+            host = 0.0
             if rec.phase == "forward":  # forward ops run from Python module code
-                t += max(0.0, py - c.alpha)
+                host = max(0.0, py - c.alpha)
             elif rec.phase == "optimizer":  # and the optimizer's ops from its Python loop
-                t += max(0.0, fixed["optimizer_op"] - c.alpha)
+                host = max(0.0, fixed["optimizer_op"] - c.alpha)
+            yield rec, f"{cls}@{dt}", c(nbytes), host
+
+
+def predict_rows(d: StepDissection, perf: PerfModel, dtype: str, gemm: str = "gemm") -> dict:
+    """{(phase, row): predicted ms} of one step: the sum of :func:`priced_inventory`."""
+    out: dict = {}
+    for rec, _, t_op, t_host in priced_inventory(d, perf, dtype, gemm):
         key = (rec.phase, rec.row)
-        out[key] = out.get(key, 0.0) + t
+        out[key] = out.get(key, 0.0) + t_op + t_host
     return out
+
+
+def compare_terms(d: StepDissection, perf: PerfModel, dtype: str) -> list[dict]:
+    """Predicted vs profiled time per (phase, cost term): where a prediction misses.
+
+    Per term (a GEMM fit, an operator class at a dtype, a compiled graph call) the
+    predicted time of its operators against their inclusive profiled time in the inventory's
+    step (recorded with shapes, so somewhat slower than the plain step); per phase, ``host``
+    is the predicted fixed costs (Python per operator, module calls, backward nodes,
+    optimizer loop) against the profiled phase time that no operator covers."""
+    pred: dict = {}
+    meas: dict = {}
+    calls: dict = {}
+    for rec, term, t_op, t_host in priced_inventory(d, perf, dtype):
+        if t_op or rec.total_us or term.startswith("compiled"):
+            key = (rec.phase, term)
+            pred[key] = pred.get(key, 0.0) + t_op
+            meas[key] = meas.get(key, 0.0) + rec.total_us / 1e3
+            calls[key] = calls.get(key, 0) + 1
+        if t_host:
+            pred[(rec.phase, "host")] = pred.get((rec.phase, "host"), 0.0) + t_host
+    for phase in {p for p, _ in pred}:
+        ops = sum(v for (p, t), v in meas.items() if p == phase)
+        meas[(phase, "host")] = max(0.0, d.phase_total(phase) - ops)
+    return [
+        {
+            "phase": p,
+            "term": t,
+            "calls": calls.get((p, t), 0),
+            "measured_ms": meas.get((p, t), 0.0),
+            "predicted_ms": pred.get((p, t), 0.0),
+        }
+        for p, t in sorted(set(pred) | set(meas))
+    ]
 
 
 def step_graph(rows: dict) -> TaskGraph:
@@ -861,6 +903,7 @@ def compare(d: StepDissection, perf: PerfModel, dtype: str) -> dict:
         "ratio": tl.makespan / total_m if total_m > 0 else None,
         "error": abs(tl.makespan - total_m) / total_m if total_m > 0 else None,
         "rows": rows,
+        "terms": compare_terms(d, perf, dtype),
         "gemm_cost": _cost(perf, "gemm", dtype).to_dict(),
         "gemm_square_cost": _cost(perf, "gemm_square", dtype).to_dict(),
         "op_costs": {
