@@ -109,9 +109,11 @@ def test_ep_graph_overlaps_link_and_compute():
 
 
 def test_op_classes():
-    assert op_class("aten::softmax") == "reduce"
+    assert op_class("aten::softmax") == "softmax"
     assert op_class("aten::index_add_") == "index"
     assert op_class("aten::copy_") == "copy"
+    assert op_class("aten::transpose") == "view" and op_class("aten::empty") == "view"
+    assert op_class("aten::sum") == "reduce" and op_class("aten::_softmax") == "softmax"
     assert op_class("aten::add") == "elementwise"
     assert op_class("aten::silu") == "transcendental"
     assert op_class("aten::silu_backward") == "transcendental"
@@ -120,6 +122,18 @@ def test_op_classes():
 def test_op_class_fit_is_positive():
     c = profile_op_class("elementwise", "float32", reps=2, trials=1)
     assert c.alpha > 0 and c.beta > 0 and c.source == "measured"
+    assert c.r2 is not None and c.max_rel_err is not None and len(c.points) >= 2
+
+
+def test_a_view_costs_no_bytes():
+    """A view's time does not grow with its tensor: over the sweep (4 KiB .. 16 MiB) its
+    largest time stays within a few times its smallest, where a copy grows ~4000-fold."""
+    c = profile_op_class("view", "float32", reps=5, trials=3)
+    ts = [t for _, t in c.points]
+    assert max(ts) < 20 * min(ts)
+    copy = profile_op_class("copy", "float32", reps=2, trials=3)
+    cts = [t for _, t in copy.points]
+    assert max(cts) > 50 * min(cts)
 
 
 def test_costs_fitted_by_moeflow_profile_are_read_from_the_model(demo_train):

@@ -18,7 +18,8 @@ What is measured and what is predicted are kept apart:
     and the CPU flash-attention backward (``attention_bwd``);
   - any other operator ``alpha + beta * bytes`` (its inputs plus one output the size of its
     largest input, each at its own element size), fitted per class: element-wise,
-    transcendental element-wise (silu, exp, rsqrt, ...), reduction, indexing, copy/layout,
+    transcendental element-wise (silu, exp, rsqrt, ...), softmax and norms, plain reduction,
+    indexing, copy (memory writes), views and allocations (no bytes: their fit is flat),
     and per dtype: an operator takes the fit of its largest floating input's dtype (the
     float32 statistics of a bf16 step are priced as float32);
   - fixed costs: the Python around each forward operator (``python_op``), each module call
@@ -75,6 +76,23 @@ OP_CLASSES = {
         "erf",
         "softplus",
     ),
+    # normalisations along a row: softmax-like (exp per element) and the norms
+    "softmax": (
+        "softmax",
+        "_softmax",
+        "log_softmax",
+        "_log_softmax",
+        "_softmax_backward_data",
+        "_log_softmax_backward_data",
+        "cross_entropy_loss",
+        "rms_norm",
+        "_fused_rms_norm",
+        "_fused_rms_norm_backward",
+        "layer_norm",
+        "native_layer_norm",
+        "native_layer_norm_backward",
+    ),
+    # plain reductions, sorts and searches
     "reduce": (
         "sum",
         "mean",
@@ -82,20 +100,10 @@ OP_CLASSES = {
         "amin",
         "max",
         "min",
-        "softmax",
-        "_softmax",
-        "log_softmax",
-        "_log_softmax",
         "topk",
         "sort",
         "argsort",
-        "rms_norm",
-        "_fused_rms_norm",
-        "_fused_rms_norm_backward",
         "norm",
-        "layer_norm",
-        "native_layer_norm",
-        "native_layer_norm_backward",
         "var",
         "std",
         "cumsum",
@@ -103,9 +111,6 @@ OP_CLASSES = {
         "nll_loss_backward",
         "nll_loss",
         "nll_loss_nd",
-        "cross_entropy_loss",
-        "_softmax_backward_data",
-        "_log_softmax_backward_data",
         "linalg_vector_norm",
         "argmax",
         "bincount",
@@ -136,6 +141,7 @@ OP_CLASSES = {
         "where",
         "_index_put_impl_",
     ),
+    # operators that write memory: copies, casts, concatenation, fills
     "copy": (
         "copy_",
         "to",
@@ -149,13 +155,19 @@ OP_CLASSES = {
         "new_zeros",
         "zero_",
         "fill_",
-        "empty",
-        "empty_like",
-        "new_empty",
         "ones",
         "ones_like",
         "full",
         "arange",
+        "repeat",
+    ),
+    # views and allocations: metadata only, no bytes moved whatever the size (priced by
+    # bytes, a transpose of a large activation would cost as much as copying it)
+    "view": (
+        "empty",
+        "empty_like",
+        "new_empty",
+        "empty_strided",
         "expand",
         "view",
         "reshape",
@@ -178,7 +190,6 @@ OP_CLASSES = {
         "split_with_sizes",
         "lift_fresh",
         "resize_",
-        "empty_strided",
         "unflatten",
     ),
 }
@@ -186,8 +197,8 @@ _CLASS_OF = {op: cls for cls, ops in OP_CLASSES.items() for op in ops}
 
 
 def op_class(name: str) -> str:
-    """``transcendental``, ``reduce``, ``index``, ``copy`` or ``elementwise`` for an
-    ``aten::`` operator."""
+    """``transcendental``, ``softmax``, ``reduce``, ``index``, ``copy``, ``view`` or
+    ``elementwise`` for an ``aten::`` operator."""
     return _CLASS_OF.get(name.split("::", 1)[-1], "elementwise")
 
 
@@ -201,9 +212,15 @@ def _sweep_fns(cls: str, n: int, td: torch.dtype):
         return (partial(torch.mul, a, b), 3 * n * es)
     if cls == "transcendental":
         return (partial(torch.nn.functional.silu, a), 2 * n * es)
-    if cls == "reduce":
+    if cls == "softmax":
         x = a.view(-1, min(n, 128))
         return (partial(torch.softmax, x, -1), 2 * n * es)
+    if cls == "reduce":
+        x = a.view(-1, min(n, 128))
+        return (partial(torch.sum, x, -1), 2 * n * es)
+    if cls == "view":
+        x = a.view(-1, min(n, 128))
+        return (partial(torch.transpose, x, 0, 1), 2 * n * es)
     if cls == "index":
         x = a.view(-1, min(n, 128))
         idx = torch.randint(0, x.shape[0], (x.shape[0],), generator=g)
