@@ -114,6 +114,19 @@ def test_op_classes():
     assert op_class("aten::copy_") == "copy"
     assert op_class("aten::transpose") == "view" and op_class("aten::empty") == "view"
     assert op_class("aten::sum") == "reduce" and op_class("aten::_softmax") == "softmax"
+    # a cast or reshape copies only when it calls a copying operator
+    assert op_class("aten::to", ["aten::_to_copy"]) == "copy"
+    assert op_class("aten::to", []) == "view"
+    assert op_class("aten::reshape", ["aten::clone", "aten::_unsafe_view"]) == "copy"
+    assert op_class("aten::reshape", ["aten::view"]) == "view"
+
+
+def test_inventory_records_the_operators_each_op_calls(demo_train):
+    _, d = demo_train
+    casts = [rec for rec in d.inventory if rec.name == "aten::to"]
+    assert casts and all(isinstance(rec.calls, list) for rec in casts)
+    grouped = [rec for rec in d.inventory if rec.name == "aten::_grouped_mm"]
+    assert grouped and all("aten::mm" in rec.calls for rec in grouped)  # CPU: mm per group
     assert op_class("aten::add") == "elementwise"
     assert op_class("aten::silu") == "transcendental"
     assert op_class("aten::silu_backward") == "transcendental"

@@ -74,6 +74,7 @@ class OpRecord:
     gemms: list = field(default_factory=list)  # (name, shapes) of the GEMMs inside it
     dtypes: list = field(default_factory=list)  # the profiler's input dtypes ("float", ...)
     total_us: float = 0.0  # inclusive time (its children's too), for per-term comparisons
+    calls: list = field(default_factory=list)  # the aten operators it calls (a copy or not)
 
 
 @dataclass
@@ -205,6 +206,7 @@ def attribute(events) -> tuple[list[dict], list[dict], list[list[OpRecord]]]:
                     list(e.input_shapes or []),
                     dtypes=list(getattr(e, "input_dtypes", None) or []),
                     total_us=float(e.cpu_time_total),
+                    calls=sorted({c.name for c in e.cpu_children if c.name.startswith("aten::")}),
                 )
                 inv.append(top)
             if top is not None and name in GEMM_OPS and not in_gemm:

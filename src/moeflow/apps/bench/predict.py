@@ -196,10 +196,20 @@ OP_CLASSES = {
 _CLASS_OF = {op: cls for cls, ops in OP_CLASSES.items() for op in ops}
 
 
-def op_class(name: str) -> str:
+#: operators that copy only when they call a copying operator (``x.to(x.dtype)`` returns
+#: ``x``; ``reshape`` of a contiguous tensor is a view), else they are views
+MAYBE_COPY = ("to", "type_as", "contiguous", "reshape", "flatten", "expand_as", "view_as")
+COPYING = ("aten::_to_copy", "aten::clone", "aten::copy_", "aten::_reshape_copy")
+
+
+def op_class(name: str, calls=None) -> str:
     """``transcendental``, ``softmax``, ``reduce``, ``index``, ``copy``, ``view`` or
-    ``elementwise`` for an ``aten::`` operator."""
-    return _CLASS_OF.get(name.split("::", 1)[-1], "elementwise")
+    ``elementwise`` for an ``aten::`` operator; ``calls`` (the operators it called, from the
+    inventory) makes a :data:`MAYBE_COPY` operator a ``copy`` or a ``view``."""
+    base = name.split("::", 1)[-1]
+    if calls is not None and base in MAYBE_COPY:
+        return "copy" if any(c in COPYING for c in calls) else "view"
+    return _CLASS_OF.get(base, "elementwise")
 
 
 def _sweep_fns(cls: str, n: int, td: torch.dtype):
@@ -789,7 +799,7 @@ def priced_inventory(d: StepDissection, perf: PerfModel, dtype: str, gemm: str =
             yield rec, term, sum(price(n, s)[1](gemm_flops(n, s)) for n, s in rec.gemms), 0.0
         else:
             nbytes, dt = op_bytes_and_dtype(rec, dtype)
-            cls = op_class(rec.name)
+            cls = op_class(rec.name, getattr(rec, "calls", None))
             c = class_cost(cls, dt)
             host = 0.0
             if rec.phase == "forward":  # forward ops run from Python module code
