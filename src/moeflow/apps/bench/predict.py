@@ -3,8 +3,10 @@
 What is measured and what is predicted are kept apart:
 
 * the *work* of the step comes from its operator inventory (each top-level aten operator,
-  its row and phase, its input shapes, the GEMMs inside it), which the profiled run records
-  along with the times, but whose times the prediction never reads;
+  its row and phase, its input shapes and dtypes, the GEMMs inside it, the operators it
+  calls; each module call, backward node and compiled graph call), which the profiled run
+  records along with the times, but whose times the prediction never reads (only
+  :func:`compare_terms` sets them beside the prediction, per cost term);
 * the *cost* of each operator comes from the :class:`moeflow.perf.PerfModel` (the
   alpha-beta model of FSMoE, ASPLOS'25, profiled online before the run), every fit stored in
   ``meta["bench_costs"]`` under ``<primitive>@<dtype>``:
