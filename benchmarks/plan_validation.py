@@ -9,6 +9,9 @@
    DeepSpeed-MoE (no overlap) over the sweep, and whole-model steps (with gradient all-reduce
    partitioning) for GPT2-XL-MoE, Mixtral-8x7B and Mixtral-8x22B; next to the published
    1.18x / 1.22x (over Tutel+PipeMoE) and 1.28-3.01x (over DeepSpeed-MoE).
+   An ablation table moves one factor at a time toward the paper's setting (the cost fits,
+   the topology, the baseline's pipelining of ag/rs) and reports the per-layer speedup over
+   Tutel+PipeMoE next to the published 1.18x / 1.22x.
 3. Solve time: median per layer (forward + backward), target < 20 ms (paper: 193 ms).
 4. Fidelity (--fidelity): 4 gloo ranks declared as 2 nodes x 2, profile them, predict the
    step time (forward + backward) of moeflow.parallel.ExpertParallel for r in {1, 2, 4} with
@@ -21,6 +24,7 @@ expert sharding inside a node (N_ESP = GPUs per node), one expert per EP rank, t
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -30,6 +34,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import cpu_isa, cpu_name  # noqa: E402
 
 from moeflow.config import model_preset  # noqa: E402
 from moeflow.perf import perf_preset  # noqa: E402
@@ -37,8 +44,8 @@ from moeflow.plan import LayerWorkload, baselines, fsmoe, fsmoe_sweep  # noqa: E
 from moeflow.sim import pass_time  # noqa: E402
 
 TESTBEDS = {"fsmoe-testbed-a": (6, 8), "fsmoe-testbed-b": (8, 4)}
-DATE = "2026-11-28"
-MACHINE = "2 cores, AMD EPYC, no GPU"
+DATE = datetime.date.today().isoformat()
+MACHINE = f"{os.cpu_count()} vCPUs, {cpu_name()} ({cpu_isa()}), no GPU"
 
 
 def layer_time(w, perf, r_f, r_b):
@@ -67,14 +74,34 @@ def variants() -> list[tuple[str, str, object, int, int]]:
     return out
 
 
-def sweep(label: str, perf, ep: int, esp: int) -> dict:
+def esp_whole_time(w, perf, r: int) -> float:
+    """Forward + backward of a baseline that pipelines a2a and the expert GEMMs in ``r``
+    chunks but runs the ESP all-gather and reduce-scatter whole, outside the pipeline (as
+    Tutel does; pipelining them is one of FSMoE's contributions). Without ESP it is the
+    chunked pass itself."""
+    from dataclasses import replace
+
+    total = 0.0
+    for backward in (False, True):
+        pc = w.pass_cost(perf, backward)
+        bare = replace(pc, alpha_ag=0.0, work_ag=0.0, alpha_rs=0.0, work_rs=0.0)
+        total += pass_time(bare, r, 0.0, backward)
+        total += pc.alpha_ag + pc.work_ag + pc.alpha_rs + pc.work_rs
+    return total
+
+
+WHOLE = "tutel+pipemoe, ag/rs whole"
+
+
+def sweep(label: str, perf, ep: int, esp: int, step: int = 1) -> dict:
+    """Section 1-3 figures over FSMoE's sweep (every ``step``-th layer)."""
     name = label
-    ws = fsmoe_sweep(n_ep=ep, n_esp=esp)
+    ws = fsmoe_sweep(n_ep=ep, n_esp=esp)[::step]
     within = within_model = differ = 0
     worst = 0.0
     solve = []
     cases: dict[str, int] = {}
-    sp = {"tutel(r=2)": [], "tutel+pipemoe": [], "deepspeed-moe": []}
+    sp = {"tutel(r=2)": [], "tutel+pipemoe": [], "deepspeed-moe": [], WHOLE: []}
     for w in ws:
         d = fsmoe.plan_layer(w, perf)
         solve.append(d.solve_ms)
@@ -93,6 +120,7 @@ def sweep(label: str, perf, ep: int, esp: int) -> dict:
         sp["tutel(r=2)"].append((tf[1] + tb[1]) / d.t_ms)
         sp["tutel+pipemoe"].append((tf[rp - 1] + tb[rp - 1]) / d.t_ms)
         sp["deepspeed-moe"].append((tf[0] + tb[0]) / d.t_ms)
+        sp[WHOLE].append(esp_whole_time(w, perf, rp) / d.t_ms)
     n = len(ws)
     return {
         "cluster": name,
@@ -448,6 +476,92 @@ def gaps(sw: list[dict], mods: dict) -> str:
     return txt
 
 
+PUBLISHED_VS_PIPEMOE = {"fsmoe-testbed-a": 1.18, "fsmoe-testbed-b": 1.22}
+
+
+def ablation_rows(sw: list[dict]) -> list[dict]:
+    """Per testbed, the per-layer speedup over Tutel+PipeMoE as one factor at a time moves
+    toward the paper's setting (and the two that move it most together)."""
+    by = {s["cluster"]: s for s in sw}
+    out = []
+    for name, (ep, esp) in TESTBEDS.items():
+        agrs, esp1 = (
+            by.get(f"{name}, ag beta := rs beta"),
+            by.get(f"{name}, ESP=1 (EP over all {ep * esp} GPUs)"),
+        )
+        if name not in by or agrs is None or esp1 is None:
+            continue
+        for setting, factor, s, key in (
+            ("preset, FSMoE's layout (table above)", "none", by[name], "tutel+pipemoe"),
+            ("ag beta := rs beta", "cost fits", agrs, "tutel+pipemoe"),
+            (f"ESP=1 (EP over all {ep * esp} GPUs, no ag/rs)", "topology", esp1, "tutel+pipemoe"),
+            (
+                "baseline runs ag/rs whole, outside its pipeline (Tutel)",
+                "baseline strength",
+                by[name],
+                WHOLE,
+            ),
+            (
+                "ag beta := rs beta and baseline runs ag/rs whole",
+                "cost fits + baseline strength",
+                agrs,
+                WHOLE,
+            ),
+        ):
+            v = s["speedup"][key]
+            out.append(
+                {
+                    "testbed": name,
+                    "setting": setting,
+                    "factor": factor,
+                    "mean": v["mean"],
+                    "min": v["min"],
+                    "max": v["max"],
+                    "published": PUBLISHED_VS_PIPEMOE[name],
+                }
+            )
+    return out
+
+
+def ablation_lines(sw: list[dict]) -> list[str]:
+    rows = ablation_rows(sw)
+    if not rows:
+        return []
+    L = [
+        "",
+        "**Ablation toward the paper's setting** (per layer, forward + backward, over the "
+        f"{sw[0]['layers']} layers; speedup of the FSMoE plan over Tutel+PipeMoE, one factor "
+        "moved at a time, then the cost fit and the baseline together):",
+        "",
+        "| testbed | setting | factor | mean | range | published |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        L.append(
+            f"| {r['testbed']} | {r['setting']} | {r['factor']} | {r['mean']:.3f}x | "
+            f"{r['min']:.3f}-{r['max']:.3f}x | {r['published']:.2f}x |"
+        )
+    single = [r for r in rows if "+" not in r["factor"] and r["factor"] != "none"]
+    top = max(single, key=lambda r: r["mean"])
+    both = [r for r in rows if "+" in r["factor"]]
+    L += [
+        "",
+        f"The single factor that moves the mean most is {top['factor']} "
+        f"({top['testbed']}: {top['mean']:.3f}x, up to {top['max']:.3f}x). With the cost "
+        "fit and the baseline both moved the means are "
+        + ", ".join(f"{r['testbed']} {r['mean']:.3f}x (up to {r['max']:.3f}x)" for r in both)
+        + ", against the published "
+        + " / ".join(f"{v:.2f}x" for v in PUBLISHED_VS_PIPEMOE.values())
+        + ". What none of these rows can move: the simulator overlaps streams perfectly and "
+        "charges no contention or framework time to either schedule, while the published "
+        "figures are measured on real systems whose baselines also differ in kernels and "
+        "a2a implementation. The ag := rs rows are a sensitivity check, not a correction: "
+        "the preset keeps FSMoE's published ag fit (2.32e-6 ms/B, ten times rs's), which "
+        "makes most layers intra-node bound, where no degree hides much.",
+    ]
+    return L
+
+
 # ---- report ---------------------------------------------------------------------------------
 def render(
     sw: list[dict], mods: dict, fid: dict | None, cmd: str, wall: float, load: tuple = ()
@@ -517,6 +631,7 @@ def render(
             + " |"
         )
     L += ["", gaps(sw, mods)]
+    L += ablation_lines(sw)
     L += [
         "",
         "Whole-model training step (all MoE layers, attention GEMMs, data-parallel "
@@ -623,6 +738,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fidelity-only", action="store_true")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--host", default=f"{os.cpu_count()}cpu-x86", help="machine label")
     args = ap.parse_args(argv)
     t0 = time.time()
     load0 = os.getloadavg()[0]
@@ -642,9 +758,7 @@ def main(argv=None) -> int:
     md = render(sw, mods, fid, cmd.strip(), time.time() - t0, (load0, os.getloadavg()[0]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"plan_validation_{os.cpu_count()}cpu-{platform.machine()}_{DATE}" + (
-        "_fidelity" if args.fidelity_only else ""
-    )
+    name = f"plan_validation_{args.host}_{DATE}" + ("_fidelity" if args.fidelity_only else "")
     (out / f"{name}.md").write_text(md)
     (out / f"{name}.json").write_text(
         json.dumps({"sweep": sw, "models": mods, "fidelity": fid}, indent=1)

@@ -44,6 +44,7 @@ from moeflow.apps.serve_bench import (  # noqa: E402
     metrics_from_dict,
     run_serve_bench,
 )
+from moeflow.serving import host_costs as hc  # noqa: E402
 
 #: one SLO for every schedule, set for this shared host under load (steps 2-5x slower than
 #: when it is quiet), so that it separates runs rather than failing all of them
@@ -93,18 +94,18 @@ def node_main(rank: int, world: int, master: str, port: int, flags, rate: str) -
     costs: list = []
 
     def measure():
-        ms = sbm._pingpong(rank, world, list(sbm.LINK_SIZES))  # across the shaped link
+        ms = hc.pingpong(rank, world, list(hc.LINK_SIZES))  # across the shaped link
         if rank == 0:
-            link = sbm.fit_link(sbm.LINK_SIZES, ms, note=f"gloo across a {rate} tc-shaped link")
-            gemm, attn = sbm._fit_gemm(model.cfg, args.eg), sbm._fit_attention(model.cfg)
-            costs.append((gemm, link, attn, sbm._fit_head(model)))
+            link = hc.fit_link(hc.LINK_SIZES, ms, note=f"gloo across a {rate} tc-shaped link")
+            gemm, attn = hc.fit_gemm(model.cfg, args.eg), hc.fit_attention(model.cfg)
+            costs.append((gemm, link, attn, hc.fit_head(model)))
         dist.barrier()
 
     measure()
     planner = None
     if rank == 0:
         gemm, link, attn, head = costs[0]
-        planner = sbm.step_planner(model.cfg, 1, args.eg, gemm, link, attn, name=rate, head=head)
+        planner = hc.step_planner(model.cfg, 1, args.eg, gemm, link, attn, name=rate, head=head)
     schedules = [ServeSchedule.per_step(n, planner) for n in sbm.SCHEDULE_CHOICES]
 
     def before_round(i):
@@ -112,7 +113,7 @@ def node_main(rank: int, world: int, master: str, port: int, flags, rate: str) -
             measure()
             if rank == 0:
                 g, lk, at, hd = costs[-1]
-                planner.recost(sbm.host_testbed(1, args.eg, g, lk, at, rate), hd)
+                planner.recost(hc.host_testbed(1, args.eg, g, lk, at, rate), hd)
 
     def serve_once(s):
         steps: list = []

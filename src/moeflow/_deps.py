@@ -13,6 +13,8 @@ EXTRAS = {
     "matplotlib": "plot",
     "fastapi": "serve",
     "uvicorn": "serve",
+    "peft": "bench",
+    "torchao": "bench",
 }
 
 

@@ -54,6 +54,9 @@ def test_profile_two_nodes_of_one_rank_fits_every_primitive(tmp_path, capsys):
         assert c.max_rel_err is not None and len(c.points) >= 2
         assert c.max_rel_err == pytest.approx(max(abs(c(n) - t) / t for n, t in c.points if t > 0))
     assert m.meta["world_size"] == 2 and m.meta["backend"] == "gloo"
+    # what FinDEP's testbed reads besides the costs: the experts of one timed expert call
+    assert m.meta["expert_experts"] == profiler.EXPERTS_PER_RANK
+    assert m.meta["expert_rows"] == list(profiler.EXPERT_ROWS)
     import torch
 
     assert m.meta["torch"] == torch.__version__ and m.meta["threads_per_rank"] >= 1
@@ -251,3 +254,35 @@ def test_profile_op_costs_stores_every_bench_cost_with_its_fit(tmp_path, capsys)
     for fixed in ("python_op", "module_call", "autograd_node", "optimizer_op", "compiled_call"):
         assert LinearCost.from_dict(table[fixed]).alpha > 0
     assert "attention_bwd@bfloat16" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_expert_rows_add_points_to_the_expert_sweep():
+    from moeflow.apps import profile as profiler
+
+    costs = profiler.profile_compute(("float32",), reps=1, trials=1, expert_rows=(16,))
+    pts = [n for n, _ in costs["expert_fwd@float32"].points]
+    per_shape = len(profiler.EXPERT_ROWS) + 1
+    assert len(pts) == len(profiler.EXPERT_SHAPES) * per_shape
+    for D, F in profiler.EXPERT_SHAPES:
+        assert 6.0 * 16 * D * F in pts
+
+
+def test_send_is_fitted_as_hockney_where_the_sweep_allows():
+    from moeflow.apps.profile import _send_cost
+
+    xs = [4096, 16384, 65536, 262144, 1048576]
+    ys = [0.1, 0.15, 0.8, 3.0, 11.0]
+    c = _send_cost(xs, ys, "gloo")
+    # the slope of the two large messages, the latency of the small ones under it
+    beta = (11.0 - 3.0) / (1048576 - 262144)
+    assert c.beta == pytest.approx(beta)
+    assert c.alpha == pytest.approx((0.1 + 0.15) / 2)  # the small messages' median
+    # a small message inside a shaped link's burst is faster than the drained rate: the
+    # latency is still its time, not a negative remainder clamped to 0
+    burst = _send_cost(xs, [2.0, 0.25, 4.0, 21.9, 142.0], "gloo")
+    assert burst.alpha == pytest.approx(1.125) and burst.beta == pytest.approx(120.1 / 786432)
+    assert c.max_rel_err is not None and len(c.points) == 5
+    # without two messages of 256 KiB or more: the relative line of the other collectives
+    small = _send_cost(xs[:3], ys[:3], "gloo")
+    assert small.beta > 0 and len(small.points) == 3

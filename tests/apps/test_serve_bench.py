@@ -194,7 +194,7 @@ def test_bad_flags_are_typed_errors(argv, err, word):
 
 
 def test_link_fit_takes_latency_from_small_and_bandwidth_from_large_messages():
-    from moeflow.apps.serve_bench import LINK_SIZES, fit_link
+    from moeflow.serving.host_costs import LINK_SIZES, fit_link
 
     # a token-bucket link: 2 ms per message, 1e-4 ms/B once the bucket is drained, and the
     # small messages through the burst at line rate
@@ -204,3 +204,46 @@ def test_link_fit_takes_latency_from_small_and_bandwidth_from_large_messages():
     assert c.alpha == pytest.approx(2.0 - (1e-4 - 1e-6) * (4 << 10), rel=1e-6)
     with pytest.raises(InputError):
         fit_link([1024, 1 << 20], [1.0, 2.0], note="toy")
+
+
+def _perf_file(tmp_path, drop=None):
+    from moeflow.perf.cost import LinearCost, PerfModel
+
+    costs = {
+        "gemm": LinearCost(0.01, 1e-8),
+        "gemm@float32": LinearCost(0.01, 1e-8),
+        "expert_fwd@float32": LinearCost(0.12, 3e-8),
+        "attention@float32": LinearCost(0.05, 4e-8),
+        "send": LinearCost(0.1, 1e-6),
+    }
+    costs.pop(drop, None)
+    path = tmp_path / "perf.json"
+    PerfModel("prof", costs, meta={"expert_experts": 4, "world_size": 2}).save(path)
+    return path
+
+
+def test_perf_file_replaces_the_measured_costs(tmp_path, capsys):
+    from moeflow.plan import findep as fd
+
+    out = tmp_path / "rec.json"
+    argv = ["--requests", "2", "--prompt-len", "4:6", "--output-len", "2:3", "--demo-layers"]
+    argv += ["1", "--demo-hidden", "32", "--repeat", "1", "--no-progress", "--json", str(out)]
+    assert run_serve_bench(parse(*argv, "--perf", str(_perf_file(tmp_path)))) == 0
+    rec = json.loads(out.read_text())
+    # one set of costs (none measured per round): FinDEP's testbed of the profile
+    assert len(rec["costs"]) == 1
+    from moeflow.perf import PerfModel
+
+    tb = fd.testbed_from_perf(PerfModel.load(_perf_file(tmp_path)), ag=1, eg=1)
+    assert rec["costs"][0]["gemm"]["alpha_ms"] == pytest.approx(tb.gemm.alpha)
+    assert rec["costs"][0]["link"]["beta_ms"] == pytest.approx(1e-6)
+    assert all(r["predicted_prefill_ms"] > 0 for rs in rec["runs"].values() for r in rs)
+    assert "R^2 -" in capsys.readouterr().out
+
+
+def test_perf_file_without_a_cost_is_refused_by_name(tmp_path):
+    from moeflow.errors import ConfigError
+
+    argv = ["--requests", "2", "--demo-layers", "1", "--demo-hidden", "32", "--no-progress"]
+    with pytest.raises(ConfigError, match="send"):
+        run_serve_bench(parse(*argv, "--perf", str(_perf_file(tmp_path, drop="send"))))

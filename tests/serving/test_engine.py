@@ -70,6 +70,40 @@ def test_engine_matches_generate(model, cfg, sampled):
     assert eng.cache.pool.free == eng.cache.pool.num_blocks  # every block came back
 
 
+def test_greedy_and_sampled_requests_in_one_step_match_generate(model):
+    # greedy rows take the batched argmax, sampled rows their own generator, in one step
+    reqs = [
+        Request(r.prompt, SamplingParams(r.params.max_new_tokens, 0.8, 0.9, seed=7 + i), i)
+        if i % 2
+        else r
+        for i, r in enumerate(_requests())
+    ]
+    ref = generate(model, reqs)
+    out = Engine(model, EngineConfig(block_size=4)).generate(reqs)
+    assert [o.tokens for o in out] == [r.tokens for r in ref]
+    assert any(r.params.temperature > 0 for r in reqs) and any(
+        r.params.temperature == 0 for r in reqs
+    )
+
+
+def test_step_listeners_follow_the_steps_callbacks(model):
+    # a listener sees each step's tokens already delivered, and first tokens before the
+    # decode of the same step runs
+    eng = Engine(model, EngineConfig(block_size=4))
+    log = []
+    eng.add_step_listener(lambda: log.append(("step", eng.steps)))
+    h = eng.submit([1, 2, 3], SamplingParams(3), on_token=lambda h, t: log.append(("tok", t)))
+    eng.step()
+    toks = h.result.tokens
+    # step 1: prefill emits token 0 (listener), decode emits token 1 (listener)
+    assert log == [("tok", toks[0]), ("step", 1), ("tok", toks[1]), ("step", 1)]
+    eng.step()
+    assert log[-2:] == [("tok", toks[2]), ("step", 2)] and h.done
+    eng.remove_step_listener(eng._step_listeners[0])
+    eng.generate([Request([4], SamplingParams(2))])
+    assert log[-1] == ("step", 2)
+
+
 def test_latent_attention_cache_matches_generate():
     m = tiny_model(
         attention="mla",

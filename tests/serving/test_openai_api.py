@@ -280,9 +280,14 @@ def _stream_events(url, body, on_first=None):
 def test_late_request_finishes_while_long_streams_decode(served):
     # continuous batching seen from HTTP: a short request sent after two long streams have
     # started gets all its tokens before they end
-    _, url = served
+    server, url = served
     long_body = {"prompt": "hello", "max_tokens": 90, "temperature": 0, "ignore_eos": True}
     started = threading.Barrier(3)
+
+    def pace():  # >= 90 x 20 ms for the long streams, so a loaded machine cannot outrun them
+        time.sleep(0.02)
+
+    server.engine.add_step_listener(pace)
     out = {}
 
     def run(i):
@@ -300,6 +305,7 @@ def test_late_request_finishes_while_long_streams_decode(served):
     t_short = time.monotonic()
     for t in threads:
         t.join(60)
+    server.engine.remove_step_listener(pace)
     assert short.json()["usage"]["completion_tokens"] == 2
     for events in out.values():
         assert events[-1][0]["choices"][0]["finish_reason"] == "length"
@@ -342,3 +348,41 @@ def test_a_failing_model_is_a_json_500_and_the_server_lives_on(served, monkeypat
     monkeypatch.undo()
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["step-batched", "per-event"])
+def test_mailbox_wakes_the_loop_once_per_step_and_keeps_each_queue_in_order(batched):
+    from moeflow.serving.openai_api import _Mailbox
+
+    loop = asyncio.new_event_loop()
+    wakes = []
+    real = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *a: (wakes.append(a), real(*a))[1]
+    try:
+        queues = [asyncio.Queue() for _ in range(3)]
+        box = _Mailbox(loop, batched)
+        before_flush = []
+
+        def engine_step(first):  # another thread, as the engine's: 4 tokens per queue
+            for t in range(first, first + 4):
+                for q in queues:
+                    box.put(q, t)
+            before_flush.append(len(wakes))
+            box.flush()
+
+        for first in (0, 4):
+            th = threading.Thread(target=engine_step, args=(first,))
+            th.start()
+            th.join()
+            loop.run_until_complete(asyncio.sleep(0))  # the loop drains
+        # one wake-up per step: at the flush (batched) or at the step's first put
+        assert len(wakes) == 2
+        assert before_flush == ([0, 1] if batched else [1, 2])
+        for q in queues:
+            assert [q.get_nowait() for _ in range(q.qsize())] == list(range(8))
+        box.flush()  # nothing pending: no wake-up
+        assert len(wakes) == 2
+    finally:
+        loop.close()
+    box.put(queues[0], 9)
+    box.flush()  # a closed loop: dropped, no error

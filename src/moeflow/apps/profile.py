@@ -14,11 +14,13 @@
   nodes of N/K ranks and ``a2a@intra`` (inside a node) and ``a2a@inter`` (ranks with the same
   local index across nodes) are timed too.
 * ``send``: point-to-point ``isend`` / ``irecv`` between rank pairs ``(r, r + world/2)``
-  (across the declared nodes when there are two), n = bytes one rank sends.
+  (across the declared nodes when there are two), n = bytes one rank sends; fitted as
+  Hockney's model where the sweep allows (:func:`_send_cost`).
 * Compute, per dtype of ``compute_dtypes`` (float32 and bfloat16 by default), every rank at
   once (:func:`profile_compute`): ``gemm@<dtype>`` (square matmuls), ``expert_fwd@<dtype>``
   / ``expert_bwd@<dtype>`` (the SwiGLU expert FFN kernel ``moeflow.kernels.expert_ffn`` over
-  two shape classes, n = forward FLOPs ``6 N D F``), ``attention@<dtype>`` (SDPA forward,
+  two shape classes, n = forward FLOPs ``6 N D F``, ``meta["expert_experts"]`` experts per
+  call), ``attention@<dtype>`` (SDPA forward,
   n = ``4 B H L^2 d`` FLOPs), ``elementwise@<dtype>`` (add), ``norm@<dtype>`` (RMS norm)
   and ``index@<dtype>`` (row gather), n = bytes of the input.
 * Codec costs (ZipCCL's switch): ``zipccl_encode`` / ``zipccl_decode``, the collective
@@ -90,6 +92,7 @@ def _profile_collectives(
     dtype: torch.dtype,
     device: torch.device,
     compute_dtypes: Sequence[str] = ("float32", "bfloat16"),
+    expert_rows: Sequence[int] = (),
 ) -> PerfModel:
     """Runs on every rank of ``world_group``; every rank returns the same fitted model."""
     if world % nodes:
@@ -109,7 +112,9 @@ def _profile_collectives(
         }
     kinds = ["a2a", "ag", "rs", "ar", *levels, *(["send"] if world % 2 == 0 else [])]
     bar = Progress(
-        len(gemm_sizes) + len(kinds) * len(sizes) + len(compute_dtypes) * COMPUTE_POINTS,
+        len(gemm_sizes)
+        + len(kinds) * len(sizes)
+        + len(compute_dtypes) * (COMPUTE_POINTS + len(EXPERT_SHAPES) * len(expert_rows)),
         "profile",
         enabled=progress and rank == 0,
     )
@@ -160,7 +165,13 @@ def _profile_collectives(
             )
             bar.update(1, op=f"{kind} {numel * esize / 2**10:.0f} KiB")
     compute = profile_compute(
-        compute_dtypes, group=world_group, device=device, reps=reps, trials=trials, bar=bar
+        compute_dtypes,
+        group=world_group,
+        device=device,
+        reps=reps,
+        trials=trials,
+        bar=bar,
+        expert_rows=expert_rows,
     )
     bar.close()
     codec = _codec_costs(sizes, reps, trials, world_group if device.type == "cpu" else None)
@@ -176,6 +187,8 @@ def _profile_collectives(
         )
         for k, (xs, ys) in samples.items()
     }
+    if "send" in samples:
+        costs["send"] = _send_cost(*samples["send"], dist.get_backend(world_group))
     costs.update(compute)
     costs.update(codec)
     return PerfModel(
@@ -194,9 +207,39 @@ def _profile_collectives(
             "torch": torch.__version__,
             "compute_dtypes": list(compute_dtypes),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "expert_experts": EXPERTS_PER_RANK if compute_dtypes else None,
+            "expert_rows": sorted({*EXPERT_ROWS, *expert_rows}) if compute_dtypes else None,
             "overlap": probe["overlap"],
             "overlap_probe": probe,
         },
+    )
+
+
+def _send_cost(xs, ys, backend: str) -> LinearCost:
+    """The point-to-point cost as Hockney's model is fitted, where the sweep has messages of
+    256 KiB and more (two at least) and of 16 KiB and less: ``beta`` the least-squares slope
+    over the large ones (what a byte costs once a shaped link's token bucket is drained, as
+    in a step's stream of messages), ``alpha`` the median time of the small ones (which the
+    bucket's burst passes at line rate, so their time is the per-message latency). Else the
+    relative least-squares line of the other collectives.
+
+    A relative fit over every size takes its slope from the small messages, and subtracting
+    the drained rate from the small messages' times (``serve-bench``'s ``fit_link``) gave a
+    latency of 0 across 100 Mbit/s (notes/REJECTED.md)."""
+    import statistics
+
+    note = f"bytes, {len(xs)} sizes, {backend}"
+    big = [(n, t) for n, t in zip(xs, ys) if n >= 256 << 10]
+    small = [t for n, t in zip(xs, ys) if n <= 16 << 10]
+    if len(big) < 2 or not small:  # the sweep lacks the sizes: the line of the collectives
+        return fit(xs, ys, note=note, relative=True, source="fitted")
+    mx = statistics.fmean(n for n, _ in big)
+    my = statistics.fmean(t for _, t in big)
+    beta = sum((n - mx) * (t - my) for n, t in big) / sum((n - mx) ** 2 for n, _ in big)
+    beta = max(beta, max(t / n for n, t in big) * 1e-3)  # never free or falling
+    note += ", Hockney: slope >= 256 KiB, latency the median <= 16 KiB"
+    return LinearCost(statistics.median(small), beta, source="fitted", note=note).with_points(
+        xs, ys
     )
 
 
@@ -301,8 +344,16 @@ def overlap_probe(group, nbytes: int, dtype, device, reps: int = 3, trials: int 
 
 
 def _exchange(x: torch.Tensor, out: torch.Tensor, peer: int, rank: int) -> None:
-    """One point-to-point exchange with ``peer``: the lower rank sends first."""
+    """One point-to-point exchange with ``peer``: on CPU (gloo) a plain ``isend`` and
+    ``irecv``, as the disaggregated runtime sends; elsewhere (NCCL, where two unpaired sends
+    would wait on each other) one ``batch_isend_irecv``, the lower rank sending first. Gloo's
+    batched path costs milliseconds per call (notes/REJECTED.md)."""
     if peer == rank:
+        return
+    if x.device.type == "cpu":
+        works = [dist.isend(x, peer), dist.irecv(out, peer)]
+        for w in works:
+            w.wait()
         return
     ops = [dist.P2POp(dist.isend, x, peer), dist.P2POp(dist.irecv, out, peer)]
     for w in dist.batch_isend_irecv(ops if rank < peer else ops[::-1]):
@@ -325,10 +376,13 @@ def profile_compute(
     reps: int = 3,
     trials: int = 3,
     bar=None,
+    expert_rows: Sequence[int] = (),
 ) -> dict[str, LinearCost]:
     """Fit the compute costs a planner or the simulator reads, per dtype (see the module
     docstring for keys and units). With ``group`` every rank of it must call this (they run
-    at once, as in a step, and each point is the slowest rank's)."""
+    at once, as in a step, and each point is the slowest rank's). ``expert_rows``: rows per
+    rank timed in the expert sweep besides ``EXPERT_ROWS`` (a serving planner adds the few
+    rows of a decode step, whose kernel start-up the default sweep only extrapolates)."""
     import torch.nn.functional as F
 
     from moeflow.kernels import expert_ffn
@@ -360,7 +414,7 @@ def profile_compute(
         for D, Fh in EXPERT_SHAPES:
             E = EXPERTS_PER_RANK
             w_in, w_out = rand(E, 2 * Fh, D, dt=dt, grad=True), rand(E, D, Fh, dt=dt, grad=True)
-            for N in EXPERT_ROWS:
+            for N in sorted({*EXPERT_ROWS, *expert_rows}):
                 x = rand(N, D, dt=dt, grad=True)
                 c = torch.full((E,), N // E, dtype=torch.long)
 
@@ -407,6 +461,7 @@ def _rank_profile(
     progress,
     dtype_name,
     compute_dtypes=("float32", "bfloat16"),
+    expert_rows=(),
 ) -> dict | None:
     """One forked rank (gloo group up): profile; rank 0 returns the model as a dict."""
     model = _profile_collectives(
@@ -422,6 +477,7 @@ def _rank_profile(
         getattr(torch, dtype_name),
         torch.device("cpu"),
         compute_dtypes,
+        expert_rows,
     )
     dist.barrier()
     return model.to_dict() if rank == 0 else None
@@ -445,6 +501,7 @@ def profile(
     threads_per_rank: int | None = None,
     force: bool = False,
     compute_dtypes: Sequence[str] = ("float32", "bfloat16"),
+    expert_rows: Sequence[int] = (),
 ) -> PerfModel:
     """Profile and fit a :class:`PerfModel`.
 
@@ -452,7 +509,8 @@ def profile(
     collectively (call it on every rank; all return the same model). Under torchrun without a
     group yet, one is initialised from the environment (NCCL with GPUs, else gloo). Otherwise
     ``nproc`` gloo ranks are forked on 127.0.0.1 by :func:`moeflow.launch.launch`
-    (``force`` lifts its per-CPU cap on ``nproc``).
+    (``force`` lifts its per-CPU cap on ``nproc``). ``expert_rows``: rows per rank added to
+    the expert FFN sweep (:func:`profile_compute`; ``meta["expert_rows"]`` lists them all).
     """
     if group is None and not dist.is_initialized() and _under_torchrun():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -479,6 +537,7 @@ def profile(
             getattr(torch, dtype),
             device,
             tuple(compute_dtypes),
+            tuple(expert_rows),
         )
     from moeflow.launch import check_nproc, launch
 
@@ -497,6 +556,7 @@ def profile(
         progress,
         dtype,
         tuple(compute_dtypes),
+        tuple(expert_rows),
         force=force,
         name="moeflow profile",
         threads=threads,

@@ -7,12 +7,14 @@ every request produces exactly its output length) is served once per schedule by
 All requests arrive at once (offline batch, vLLM's ``request_rate=inf``).
 
 Plans (``--plan auto``, the default): this host's costs are measured before every round
-(:mod:`moeflow.perf.measure`: the expert FFN, the attention half of a layer, the gloo link,
+(:mod:`moeflow.serving.host_costs`: the expert FFN, the attention half of a layer, the gloo link,
 the embedding and LM head; a shared host's speed drifts) and every schedule is solved at every
 forward call ("step") for that step's shape by one :class:`moeflow.plan.findep.StepPlanner`:
 FinDEP over ``(r1, r2, order)``, PPPipe its best ``r1`` (``r2 = 1``, ASAS), naive DEP
-``r1 = r2 = 1``. No plan sees the timed run: the costs are micro-benchmarks. ``--plan
-manual`` fixes FinDEP at ``--r1/--r2/--order`` and PPPipe at ``--pppipe-r1``.
+``r1 = r2 = 1``. No plan sees the timed run: the costs are micro-benchmarks. With ``--perf``
+the costs come from a ``moeflow profile`` file instead, once
+(:meth:`~moeflow.plan.findep.StepPlanner.from_perf`; a cost it lacks is a ConfigError naming
+it). ``--plan manual`` fixes FinDEP at ``--r1/--r2/--order`` and PPPipe at ``--pppipe-r1``.
 
 Fairness: every run forks fresh ranks, which exchange the same one-token warm-up before the
 clock starts (gloo connects peers lazily). Each of ``--repeat`` rounds runs every schedule
@@ -41,10 +43,18 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from functools import partial
 
 from moeflow.errors import ConfigError, InputError
 from moeflow.files import atomic_file, check_output
+from moeflow.serving.host_costs import (
+    findep_model,
+    fit_attention,
+    fit_gemm,
+    fit_head,
+    host_testbed,
+    measure_link,
+    step_planner,
+)
 from moeflow.validate import positive_float, positive_int
 
 SCHEDULE_CHOICES = ("naive", "pppipe", "findep")
@@ -137,6 +147,13 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="write the records as JSON (atomically; refused if it exists, unless --force)",
     )
     p.add_argument(
+        "--perf",
+        default=None,
+        metavar="PATH",
+        help="plan and predict from this `moeflow profile` PerfModel "
+        "(plan.findep.StepPlanner.from_perf) instead of measuring the host before each round",
+    )
+    p.add_argument(
         "--force", action="store_true", help="replace an existing --json file (never an input)"
     )
     p.add_argument(
@@ -203,7 +220,7 @@ def validate_serve_bench_args(args) -> None:
     check_output(
         "--json",
         args.json,
-        inputs=[None if args.model == "demo" else args.model],
+        inputs=[None if args.model == "demo" else args.model, getattr(args, "perf", None)],
         force=args.force,
     )
 
@@ -427,227 +444,25 @@ def _schedules(args, planner=None):
     return [make[n]() for n in names]
 
 
-# ---- FinDEP's model of this host ------------------------------------------------------------
-def _fit_gemm(cfg, eg: int):
-    """``t_gm`` (ms, FLOPs) as the EG runs it: this host's expert FFN (one thread, ``E / eg``
-    experts, n rows spread evenly, the median of 5 runs by :func:`moeflow.perf.measure.time_ms`)
-    read through FinDEP's ``t_e = 3 (E/eg) t_gm(2 m_e M H)``, so the intercept holds the
-    per-GEMM and per-call overheads of this runtime."""
-    import torch
+def perf_step_planner(cfg, perf_path, ag: int, eg: int):
+    """The :class:`~moeflow.plan.findep.StepPlanner` of ``cfg`` (``max_r2 = 8``, the LM head
+    priced) with every cost from the PerfModel in ``perf_path``
+    (:meth:`~moeflow.plan.findep.StepPlanner.from_perf`): InputError naming the file when it
+    is not one, ConfigError naming a cost it lacks."""
+    from moeflow.perf import PerfModel
+    from moeflow.plan import findep as fd
+    from moeflow.plan.io import MAX_JSON_BYTES
+    from moeflow.validate import read_json_file
 
-    from moeflow.layer.experts import Experts
-    from moeflow.perf.measure import fit, time_ms
-
-    moe = cfg.moe
-    local = moe.num_experts // eg
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ex = Experts(
-            local,
-            moe.hidden_size,
-            moe.ffn_hidden_size,
-            moe.expert_type,
-            moe.kernel,
-            moe.expert_activation,
-        ).eval()
-        flops, ms = [], []
-        with torch.no_grad():
-            for n in (local, local * 4, local * 16, local * 64, local * 256, local * 512):
-                x = torch.randn(n, moe.hidden_size)
-                counts = torch.full((local,), n // local)
-                t = time_ms(partial(ex, x, counts), trials=5)
-                flops.append(2.0 * (n / local) * moe.hidden_size * moe.ffn_hidden_size)
-                ms.append(t / (3 * local))
-    finally:
-        torch.set_num_threads(n_threads)
-    # relative error: a decode step's GEMMs of a few rows count as much as a prefill's
-    return fit(flops, ms, relative=True, note="expert FFN of this runtime, 1 thread, per GEMM")
-
-
-def _fit_attention(cfg):
-    """``t_a`` (ms vs FLOPs of projections plus causal core, FinDEP's ``t_a`` terms) of this
-    host's attention half of a layer (norm, projections, RoPE, KV-cache write, SDPA; one
-    thread), over prefill shapes (sequences x tokens) and decode shapes (sequences x 1 token
-    after 32 cached positions), the median of 5 runs each, fitted on relative error."""
-    import torch
-
-    from moeflow.models.decoder import DecoderLayer, KVCache, Rotary
-    from moeflow.perf.measure import fit, time_ms
-
-    D, H, K, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    proj_params = D * H * d + 2 * D * K * d + H * d * D
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        layer, rotary = DecoderLayer(cfg).eval(), Rotary(d, cfg.rope_theta)
-        flops, ms = [], []
-        with torch.no_grad():
-            shapes = ((1, 1), (8, 1), (32, 1), (1, 16), (4, 32), (4, 128), (8, 128), (4, 256))
-            for b, s in shapes:
-                s = min(s, cfg.max_position_embeddings)
-                past = 32 if s == 1 else 0
-                cache = KVCache(cfg, b, past + s)
-                h = torch.randn(b, s, D)
-                pos = torch.arange(past, past + s).repeat(b, 1)
-                cos, sin = rotary(pos, h.dtype)
-                rows = torch.arange(b)
-                t = time_ms(partial(layer.attend, h, cos, sin, cache, 0, rows, pos), trials=5)
-                flops.append(2.0 * b * s * proj_params + b * H * 2 * d * s * s)
-                ms.append(t)
-    finally:
-        torch.set_num_threads(n_threads)
-    return fit(flops, ms, relative=True, note="attention half of a layer, 1 thread, this host")
-
-
-def _fit_head(model):
-    """The AG's per-step work outside the layers (embedding, final norm, LM head; one
-    thread), ms vs the step's tokens, 1 to 1536, the median of 5 runs each, fitted on relative
-    error."""
-    import torch
-
-    from moeflow.perf.measure import fit, time_ms
-
-    def step(ids):
-        pos = torch.zeros_like(ids)
-        h, _, _ = model.embed(ids, pos)
-        return model.head(h)
-
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        xs, ms = [], []
-        with torch.no_grad():
-            for b, s in ((1, 1), (8, 1), (32, 1), (8, 32), (32, 48)):
-                ids = torch.ones(b, s, dtype=torch.long)
-                xs.append(b * s)
-                ms.append(time_ms(partial(step, ids), trials=5))
-    finally:
-        torch.set_num_threads(n_threads)
-    return fit(xs, ms, relative=True, note="embedding and LM head, 1 thread, this host")
-
-
-def _pingpong(rank, world, sizes):
-    import torch
-    import torch.distributed as dist
-
-    from moeflow.perf.measure import time_ms
-
-    out = []
-    if rank > 1:  # the round trips are between ranks 0 and 1; others wait for them
-        return out
-    header = torch.zeros(8, dtype=torch.long)
-    for n in sizes:
-        x = torch.zeros(n // 4)
-
-        def round_trip(x=x):
-            if rank == 0:  # an a2e message (header, then rows) and its e2a reply
-                dist.send(header, 1)
-                dist.send(x, 1)
-                dist.recv(x, 1)
-            else:
-                dist.recv(header, 0)
-                dist.recv(x, 0)
-                dist.send(x, 0)
-
-        out.append(time_ms(round_trip, trials=14) / 2)
-    return out
-
-
-#: message sizes of the link fit: a decode step's messages are tens of KiB, a prefill's MiB
-LINK_SIZES = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
-
-
-def fit_link(sizes, ms, note: str):
-    """The link cost from :func:`_pingpong` figures, as Hockney's model is fitted: ``beta``
-    the least-squares slope over the messages of 256 KiB and more (what a byte costs once a
-    shaped link's token bucket is drained, as it is in a step's stream of messages), ``alpha``
-    the median of ``t - beta n`` over the messages of 16 KiB and less (the per-message latency,
-    which every chunk and micro-batch pays and which dominates decode steps), at least 0.
-
-    A least-squares line over all sizes fits neither: on absolute error the MiB messages set
-    it and the latency came out as 0 ms across a 100 Mbit/s link; on relative error the small
-    messages, which the bucket's burst lets through at line rate, halved its per-byte cost."""
-    import statistics
-
-    from moeflow.perf.cost import LinearCost
-
-    big = [(n, t) for n, t in zip(sizes, ms) if n >= 256 << 10]
-    small = [(n, t) for n, t in zip(sizes, ms) if n <= 16 << 10]
-    if len(big) < 2 or not small:
-        raise InputError("the link fit needs two sizes >= 256 KiB and one <= 16 KiB")
-    mx = statistics.fmean(n for n, _ in big)
-    my = statistics.fmean(t for _, t in big)
-    beta = sum((n - mx) * (t - my) for n, t in big) / sum((n - mx) ** 2 for n, _ in big)
-    beta = max(beta, max(t / n for n, t in big) * 1e-3)  # never free or falling
-    alpha = max(0.0, statistics.median(t - beta * n for n, t in small))
-    mean = statistics.fmean(ms)
-    ss_tot = sum((t - mean) ** 2 for t in ms)
-    ss_res = sum((t - alpha - beta * n) ** 2 for n, t in zip(sizes, ms))
-    return LinearCost(
-        alpha, beta, r2=1 - ss_res / ss_tot if ss_tot else 1.0, source="measured", note=note
+    perf = PerfModel.from_dict(read_json_file(perf_path, "--perf", MAX_JSON_BYTES))
+    return fd.StepPlanner.from_perf(
+        findep_model(cfg), perf, ag=ag, eg=eg, vocab_size=cfg.vocab_size, max_r2=8
     )
 
 
-def _fit_link():
-    """``t_c`` (ms, bytes): half the round trip of an a2e message (header and rows) and its
-    e2a reply between two forked gloo ranks on 127.0.0.1, 1 KiB to 4 MiB, the median of 14
-    round trips each (:func:`fit_link`)."""
-    from moeflow.launch import launch
-
-    ms = launch(_pingpong, 2, list(LINK_SIZES), progress=False, timeout_s=120)[0]
-    return fit_link(LINK_SIZES, ms, note="gloo loopback, this host")
-
-
-def findep_model(cfg):
-    """FinDEP's view of a :class:`moeflow.models.DecoderConfig` (fp32 weights and cache)."""
-    from moeflow.plan import findep as fd
-
-    D, H, K, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    moe = cfg.moe
-    return fd.FinDEPModel(
-        name="serve-bench",
-        hidden_size=D,
-        expert_ffn=moe.ffn_hidden_size,
-        num_experts=moe.num_experts,
-        top_k=moe.top_k,
-        num_shared=moe.num_shared_experts,
-        shared_ffn=moe.shared_ffn_hidden_size or moe.ffn_hidden_size,
-        attn_proj_params=D * H * d + 2 * D * K * d + H * d * D,
-        attn_core_dim=H * 2 * d,
-        kv_bytes_per_token=2 * K * d * 4,
-        num_layers=cfg.num_layers,
-        bytes_per_element=4,
-        source="derived",
-    )
-
-
-def host_testbed(ag: int, eg: int, gemm, link, attention=None, name: str = "loopback"):
-    """This host as a FinDEP testbed: the measured costs (memory is not the limit here)."""
-    from moeflow.plan import findep as fd
-
-    return fd.Testbed(
-        name=name,
-        gpu="cpu thread",
-        ag=ag,
-        eg=eg,
-        mem_GB=64.0,
-        gemm=gemm,
-        link=link,
-        source="derived",
-        note="profiled on this host",
-        attention=attention,
-    )
-
-
-def step_planner(
-    cfg, ag: int, eg: int, gemm, link, attention=None, name: str = "loopback", head=None
-):
-    """The :class:`~moeflow.plan.findep.StepPlanner` of this host (``max_r2 = 8``)."""
-    from moeflow.plan import findep as fd
-
-    tb = host_testbed(ag, eg, gemm, link, attention, name)
-    return fd.StepPlanner(findep_model(cfg), tb, max_r2=8, head=head)
+def _r2(c) -> str:
+    """A cost's R^2 for the summary line (``-``: a cost derived, not fitted here)."""
+    return "-" if c.r2 is None else f"{c.r2:.3f}"
 
 
 def _fmt_range(xs, digits: int = 1) -> str:
@@ -834,19 +649,25 @@ def run_serve_bench(args) -> int:
     reqs = request_set(args, model.cfg.vocab_size, model.cfg.max_position_embeddings)
 
     def measure():
-        c = (_fit_gemm(model.cfg, eg), _fit_link(), _fit_attention(model.cfg), _fit_head(model))
+        c = (fit_gemm(model.cfg, eg), measure_link(), fit_attention(model.cfg), fit_head(model))
         costs.append(c)
         return c
 
     costs: list = []
-    gemm, link, attn, head = measure()
-    planner = step_planner(model.cfg, ag, eg, gemm, link, attn, head=head)
+    if getattr(args, "perf", None) is not None:  # the one cost model: nothing measured here
+        planner = perf_step_planner(model.cfg, args.perf, ag, eg)
+        tb = planner.testbed
+        gemm, link, attn, head = tb.gemm, tb.link, tb.attention, planner.head
+        costs.append((gemm, link, attn, head))
+    else:
+        gemm, link, attn, head = measure()
+        planner = step_planner(model.cfg, ag, eg, gemm, link, attn, head=head)
     schedules = _schedules(args, planner if args.plan == "auto" else None)
 
     def before_round(i):
         # every round plans and predicts with costs measured just before it (this host's
         # speed drifts when it is shared); the first round uses the costs measured above
-        if i:
+        if i and getattr(args, "perf", None) is None:
             g, lk, at, hd = measure()
             planner.recost(host_testbed(ag, eg, g, lk, at), hd)
 
@@ -858,10 +679,10 @@ def run_serve_bench(args) -> int:
     }
     print(
         f"serve-bench: this host: gemm {gemm.alpha:.3g} ms + {gemm.beta:.3g} ms/FLOP "
-        f"(R^2 {gemm.r2:.3f}), link {link.alpha:.3g} ms + {link.beta:.3g} ms/B "
-        f"(R^2 {link.r2:.3f}), attention {attn.alpha:.3g} ms + {attn.beta:.3g} ms/FLOP "
-        f"(R^2 {attn.r2:.3f}), head {head.alpha:.3g} ms + {head.beta:.3g} ms/token "
-        f"(R^2 {head.r2:.3f}); step solver ({seqs} x {width} prefill, {seqs} x 1 decode): "
+        f"(R^2 {_r2(gemm)}), link {link.alpha:.3g} ms + {link.beta:.3g} ms/B "
+        f"(R^2 {_r2(link)}), attention {attn.alpha:.3g} ms + {attn.beta:.3g} ms/FLOP "
+        f"(R^2 {_r2(attn)}), head {head.alpha:.3g} ms + {head.beta:.3g} ms/token "
+        f"(R^2 {_r2(head)}); step solver ({seqs} x {width} prefill, {seqs} x 1 decode): "
         + "; ".join(
             f"{n} {p.r1}/{p.r2}/{p.order} then {d.r1}/{d.r2}/{d.order}"
             for n, (p, d) in solved.items()

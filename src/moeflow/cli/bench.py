@@ -5,6 +5,8 @@
     moeflow bench decode --model decoder
     moeflow bench train --model hf --path ./tiny-qwen3-moe
     moeflow bench train --nproc 2 --r 2          # expert parallel over 2 gloo ranks
+    moeflow bench train --finetune full lora --zero3 off on --sdpa default math
+    moeflow bench decode --quant none int8       # weight-only int8 (torchao)
 
 Every flag is checked before any model is built; typed errors name the flag.
 """
@@ -75,6 +77,34 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="activation recomputation: off on (train only)",
     )
     p.add_argument("--compile", nargs="+", default=["off"], help="torch.compile: off on")
+    p.add_argument(
+        "--finetune",
+        nargs="+",
+        default=["full"],
+        help="full: every parameter trains; lora: peft LoRA adapters on the attention "
+        "projections, the rest frozen (train only; moeflow[bench])",
+    )
+    p.add_argument(
+        "--zero3",
+        nargs="+",
+        default=["off"],
+        help="ZeRO-3 through FSDP2 fully_shard per block, on a world of one process: off on "
+        "(train only)",
+    )
+    p.add_argument(
+        "--quant",
+        nargs="+",
+        default=["none"],
+        help="none; int8: torchao weight-only int8 of the Linears outside the MoE layers "
+        "(decode only; moeflow[bench])",
+    )
+    p.add_argument(
+        "--sdpa",
+        nargs="+",
+        default=["default"],
+        help="SDPA back-end forced by sdpa_kernel: default math flash efficient cudnn "
+        "(one this build cannot run on CPU is refused)",
+    )
     p.add_argument(
         "--full-grid", action="store_true", help="every combination (default: one factor at a time)"
     )
@@ -184,6 +214,26 @@ def build_job(args):
             raise ConfigError("--dtype", d, f"one of {DTYPES}")
     rc = _onoff("--recompute", args.recompute)
     cp = _onoff("--compile", args.compile)
+    z3 = _onoff("--zero3", args.zero3)
+    from moeflow.apps.bench.matrix import FINETUNES, QUANTS, check_sdpa
+
+    for flag, values, allowed in (
+        ("--finetune", args.finetune, FINETUNES),
+        ("--quant", args.quant, QUANTS),
+    ):
+        for v in values:
+            if v not in allowed:
+                raise ConfigError(flag, v, f"one of {allowed}")
+    for b in args.sdpa:
+        for d in args.dtype:
+            check_sdpa(b, d, "--sdpa")
+    if args.bench_mode == "decode":
+        if "lora" in args.finetune:
+            raise ConfigError("--finetune", "lora", "full in decode (LoRA trains)")
+        if True in z3:
+            raise ConfigError("--zero3", "on", "off in decode (ZeRO-3 shards training state)")
+    elif "int8" in args.quant:
+        raise ConfigError("--quant", "int8", "none in train (weight-only int8 serves)")
     shape = Shape(
         batch=positive_int("--batch-size", args.batch_size, maximum=MAX["--batch-size"]),
         seq_len=positive_int("--seq-len", args.seq_len, maximum=MAX["--seq-len"]),
@@ -224,6 +274,14 @@ def build_job(args):
         nproc = check_nproc(nproc)
         if shape.batch % nproc:
             raise ConfigError("--batch-size", shape.batch, f"a multiple of --nproc={nproc}")
+        for flag, values, default in (
+            ("--finetune", args.finetune, ["full"]),
+            ("--zero3", args.zero3, ["off"]),
+            ("--quant", args.quant, ["none"]),
+            ("--sdpa", args.sdpa, ["default"]),
+        ):
+            if list(values) != default:
+                raise ConfigError(flag, " ".join(values), f"{default[0]} with --nproc > 1")
     force = getattr(args, "force", False)
     inputs = [args.path, args.perf]
     for flag in ("--json", "--png", "--profile-out"):
@@ -250,7 +308,16 @@ def build_job(args):
         mode=args.bench_mode,
         shape=shape,
         settings=settings_grid(
-            args.kernel, args.dtype, rc, cp, full=args.full_grid, mode=args.bench_mode
+            args.kernel,
+            args.dtype,
+            rc,
+            cp,
+            finetune=args.finetune,
+            zero3=z3,
+            quant=args.quant,
+            sdpa=args.sdpa,
+            full=args.full_grid,
+            mode=args.bench_mode,
         ),
         warmup=positive_int("--warmup", args.warmup, maximum=MAX["--warmup"]),
         steps=positive_int("--steps", args.steps, maximum=MAX["--steps"]),
@@ -305,6 +372,11 @@ def run_bench(args) -> int:
         if args.profile_out:
             with atomic_path(args.profile_out, force=args.force) as tmp:
                 job.perf.save(tmp)
+    if job.perf is not None and any(s.matrix for s in job.settings):
+        # LoRA, ZeRO-3, int8 and SDPA settings: their fits and unit costs, calibrated here
+        from moeflow.apps.bench.predict_matrix import with_matrix_costs
+
+        job.perf = with_matrix_costs(job.perf, job.settings, job.mode, job.kind)
     from moeflow.apps.bench.report import format_table, write_json, write_png
     from moeflow.apps.bench.run import bench
 

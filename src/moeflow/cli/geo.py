@@ -1,6 +1,7 @@
 """``moeflow geo``: plan and run pipeline training over slow, uneven links (FusionLLM).
 
     moeflow geo plan --devices sites.json [--adatopk] [--out plan.json]
+    moeflow geo plan --perf perf.json --memory-gb 16     # the ranks `moeflow profile` measured
     moeflow geo train --plan plan.json --steps 30 [--backups 1 --checkpoint-every 5 ...]
     moeflow geo train --stages 2 --steps 30 --compare      # also the single-process curve
     moeflow geo train --mode diloco --replicas 2 --inner-steps 10 --steps 30
@@ -84,7 +85,18 @@ def _force(p: argparse.ArgumentParser, flag: str) -> None:
 def add_geo_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="geo_command", metavar="{plan,train}", required=True)
     pl = sub.add_parser("plan", help="partition the model's operator graph over a device file")
-    pl.add_argument("--devices", required=True, help="device graph JSON (moeflow.plan.geo)")
+    pl.add_argument("--devices", help="device graph JSON (moeflow.plan.geo)")
+    pl.add_argument(
+        "--perf",
+        help="instead of --devices: a `moeflow profile` PerfModel JSON; one device per "
+        "profiled rank (moeflow.plan.geo.device_graph_from_perf)",
+    )
+    pl.add_argument(
+        "--memory-gb",
+        type=float,
+        default=16.0,
+        help="memory of each device with --perf (GB; default %(default)s)",
+    )
     pl.add_argument("--adatopk", action="store_true", help="sparsify the links the plan marks slow")
     pl.add_argument(
         "--min-density",
@@ -190,17 +202,34 @@ def _plan(args) -> int:
     validate_model_args(args)
     if not 0 < args.min_density <= 1:
         raise ConfigError("--min-density", args.min_density, "a density in (0, 1]")
-    check_output("--out", args.out, inputs=[args.devices], force=args.force)
-    graph = pgeo.DeviceGraph.load(args.devices)
-    if len(graph.devices) > MAX_STAGES:
+    if (args.devices is None) == (args.perf is None):
+        raise ConfigError("--devices/--perf", (args.devices, args.perf), "exactly one of them")
+    source = args.devices or args.perf
+    check_output("--out", args.out, inputs=[source], force=args.force)
+    perf = None
+    if args.perf is not None:
+        from moeflow.perf import PerfModel
+        from moeflow.plan.io import MAX_JSON_BYTES
+        from moeflow.validate import positive_float, read_json_file
+
+        positive_float("--memory-gb", args.memory_gb)
+        perf = PerfModel.from_dict(read_json_file(args.perf, "--perf", MAX_JSON_BYTES))
+        count = int(perf.meta.get("world_size", 2))
+    else:
+        graph = pgeo.DeviceGraph.load(args.devices)
+        count = len(graph.devices)
+    if count > MAX_STAGES:
         raise ConfigError(
-            "--devices",
-            f"{len(graph.devices)} devices",
+            "--perf" if perf is not None else "--devices",
+            f"{count} devices",
             f"at most {MAX_STAGES} devices (one pipeline stage each)",
         )
-    job = GeoJob(stages=max(2, len(graph.devices)), **_job_kwargs(args))
+    job = GeoJob(stages=max(2, count), **_job_kwargs(args))
     # GPT-2 has no data-dependent node: plan it from a meta build (no weights to initialise)
     _, traced = trace_job(job, device="meta" if job.model == "gpt2" else "cpu")
+    if perf is not None:  # rates on this graph and links, from the profile; a missing cost
+        # is a ConfigError naming it
+        graph = pgeo.device_graph_from_perf(perf, traced.ops, memory_bytes=args.memory_gb * 1e9)
     plan = pgeo.partition(
         traced.ops,
         graph,

@@ -7,11 +7,20 @@ checkpoint (:mod:`moeflow.serving.disagg_server`).
     moeflow serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME]
         [--block-size 16] [--kv-cache-gib G | --num-blocks N] [--max-seqs 32]
         [--max-prefill-tokens 512] [--dtype float32|bfloat16|float16] [--device cpu|cuda]
-        [--ag N --eg M [--schedule naive|pppipe] [--r1 2] [--timeout-s 30] [--threads 1]]
+        [--ag N --eg M [--schedule findep|pppipe|naive] [--costs FILE | --perf FILE] [--r1 R]
+         [--timeout-s 30] [--threads 1]]
 
-With ``--ag``/``--eg`` the KV cache flags apply to each attention rank. SIGTERM (or Ctrl-C)
-stops accepting connections, lets the requests in flight finish, then exits (143 after
-SIGTERM, 130 after Ctrl-C, as every moeflow command).
+With ``--ag``/``--eg`` the KV cache flags apply to each attention rank. ``--schedule``
+(default findep): every forward step's ``(r1, r2, order)`` is solved for that step's mix of
+sequences and new tokens (prefill chunks and decodes) by FinDEP's step solver
+(:class:`moeflow.plan.findep.StepPlanner`), from this host's costs, measured by the ranks at
+start (:mod:`moeflow.serving.host_costs`), read from ``--costs FILE`` (the JSON of
+``/health``'s ``costs``) or from ``--perf FILE`` (a ``moeflow profile`` PerfModel; a cost it
+lacks is refused by name); pppipe gets its best ``r1`` from the same solver (or ``--r1``),
+naive runs ``r1 = r2 = 1``. ``/health`` lists every step shape served and its plan.
+
+SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in flight finish, then
+exits (143 after SIGTERM, 130 after Ctrl-C, as every moeflow command).
 """
 
 from __future__ import annotations
@@ -45,11 +54,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--eg", type=int, default=None, help="expert ranks; must divide the experts")
     d.add_argument(
         "--schedule",
-        default="naive",
-        choices=["naive", "pppipe"],
-        help="per-step schedule: naive, or pppipe's r1 ping-pong micro-batches",
+        default="findep",
+        choices=["findep", "pppipe", "naive"],
+        help="findep (default): (r1, r2, order) solved per step from this host's costs; "
+        "pppipe: its best r1 per step; naive: r1 = r2 = 1",
     )
-    d.add_argument("--r1", type=int, default=2, help="pppipe micro-batches (default 2)")
+    d.add_argument(
+        "--costs",
+        default=None,
+        metavar="FILE",
+        help="the step solver's costs as JSON (gemm, link, attention, head: alpha_ms, "
+        "beta_ms; as /health reports them) instead of measuring them at start",
+    )
+    d.add_argument(
+        "--perf",
+        default=None,
+        metavar="FILE",
+        help="the step solver's costs from a `moeflow profile` PerfModel file "
+        "(plan.findep.StepPlanner.from_perf) instead of measuring them at start",
+    )
+    d.add_argument(
+        "--r1", type=int, default=None, help="pppipe: fixed micro-batches instead of solved"
+    )
     d.add_argument(
         "--timeout-s", type=float, default=30.0, help="deadline of every AG<->EG transfer"
     )
@@ -57,7 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--force-nproc", action="store_true", help="allow more ranks than 4 per CPU")
 
 
-def run(args) -> int:
+def run(args, engine_kw: dict | None = None) -> int:
+    """Serve until SIGTERM or Ctrl-C. ``engine_kw``: extra keywords of
+    :class:`~moeflow.serving.disagg_server.DisaggregatedEngine` with ``--ag``/``--eg`` (a
+    caller's ``rank_init`` and ``master_addr``; the command line gives none)."""
     from moeflow._deps import require
     from moeflow.errors import ConfigError
 
@@ -102,7 +131,7 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype)
     try:
         if disaggregated:
-            server = _disaggregated(args, cfg, dtype, sock)
+            server = _disaggregated(args, cfg, dtype, sock, engine_kw or {})
             where = f"{args.ag or 1} attention + {args.eg} expert ranks, "
             blocks = server.engine.num_blocks
         else:
@@ -131,11 +160,32 @@ def run(args) -> int:
     return 0
 
 
-def _disaggregated(args, cfg, dtype, sock):
+def _disaggregated(args, cfg, dtype, sock, engine_kw: dict):
+    from moeflow.errors import ConfigError
     from moeflow.serving.disagg_server import disaggregated_server
     from moeflow.serving.disaggregated import ServeSchedule
+    from moeflow.serving.host_costs import load_costs
+    from moeflow.validate import positive_int
 
-    schedule = ServeSchedule.naive() if args.schedule == "naive" else ServeSchedule.pppipe(args.r1)
+    schedule = args.schedule
+    if args.r1 is not None:
+        if schedule != "pppipe":
+            raise ConfigError("--r1", args.r1, "given only with --schedule pppipe")
+        schedule = ServeSchedule.pppipe(positive_int("--r1", args.r1))
+    costs = perf = None
+    for flag, value in (("--costs", args.costs), ("--perf", args.perf)):
+        if value is not None and (args.schedule == "naive" or args.r1 is not None):
+            raise ConfigError(flag, value, "given only with a solved schedule")
+    if args.costs is not None and args.perf is not None:
+        raise ConfigError("--costs/--perf", "both", "one of them")
+    if args.costs is not None:
+        costs = load_costs(args.costs)
+    if args.perf is not None:
+        from moeflow.perf import PerfModel
+        from moeflow.plan.io import MAX_JSON_BYTES
+        from moeflow.validate import read_json_file
+
+        perf = PerfModel.from_dict(read_json_file(args.perf, "--perf", MAX_JSON_BYTES))
     return disaggregated_server(
         args.model_dir,
         cfg,
@@ -144,8 +194,11 @@ def _disaggregated(args, cfg, dtype, sock):
         eg=args.eg,
         dtype=dtype,
         schedule=schedule,
+        costs=costs,
+        perf=perf,
         timeout_s=args.timeout_s,
         threads=args.threads,
         force=args.force_nproc,
         close_fds=[sock.fileno()],
+        **engine_kw,
     )

@@ -42,16 +42,18 @@ from moeflow.comm.collectives import (
 from moeflow.comm.groups import subgroup
 from moeflow.comm.timeouts import resolve_timeout
 from moeflow.comm.topology import Topology
-from moeflow.errors import DistributedConfigError
+from moeflow.errors import ConfigError, DistributedConfigError
 from moeflow.layer.experts import ExpertFFN, experts_eager
 from moeflow.layer.moe import MoELayer
 from moeflow.layer.routers import Routing
 from moeflow.layer.routers import capacity as capacity_of
 from moeflow.parallel import mp_schedule as parm
+from moeflow.parallel import refit as online
 from moeflow.parallel.contract import CountExchange, TokenDispatcher
 from moeflow.parallel.dedup import apply_placement
 from moeflow.parallel.dispatch import dispatcher_class, make_dispatcher
 from moeflow.parallel.pipeline import run_wavefront
+from moeflow.perf.record import DurationRecorder
 from moeflow.validate import positive_int
 
 
@@ -79,10 +81,17 @@ class _Run:
     """
 
     def __init__(
-        self, dispatcher: TokenDispatcher, ex: CountExchange, expert_fn, r_fwd: int, r_bwd: int
+        self,
+        dispatcher: TokenDispatcher,
+        ex: CountExchange,
+        expert_fn,
+        r_fwd: int,
+        r_bwd: int,
+        recorder=None,
     ):
         self.disp, self.ex, self.expert_fn = dispatcher, ex, expert_fn
         self.r_fwd, self.r_bwd = r_fwd, r_bwd
+        self.recorder = recorder  # a moeflow.perf.record.DurationRecorder, or None
         self.grad_enabled = torch.is_grad_enabled()
         self.graphs: list | None = None
         self.x_full: torch.Tensor | None = None  # recompute path (no hand-written backward)
@@ -91,11 +100,14 @@ class _Run:
         self.w_in_d = self.w_out_d = None
 
     # -- the chunk pipeline, shared by forward and backward -------------------------------
-    def _pipeline(self, rows: torch.Tensor, r: int, compute) -> torch.Tensor:
+    def _pipeline(
+        self, rows: torch.Tensor, r: int, compute, backward: bool = False
+    ) -> torch.Tensor:
         """send -> dispatch steps -> ESP gather -> experts -> ESP reduce-scatter -> combine
         steps -> place, for r chunks (FSMoE's wavefront); ``compute(c, x_e, counts, w_e)``
         runs the experts on chunk c's expert-major rows (``w_e``: their combine weights
-        where the route expands rows, else None)."""
+        where the route expands rows, else None). With a recorder, the pass's durations
+        are recorded (:meth:`_record`)."""
         disp, ex = self.disp, self.ex
         S, timeout = disp.S, disp.timeout_s
         N, D = rows.shape[0], rows.shape[-1]
@@ -179,8 +191,73 @@ class _Run:
             return None
 
         stages.append(place)
-        run_wavefront(r, stages)
+        if self.recorder is None or rows.device.type != "cpu":  # host clocks time CPU work
+            run_wavefront(r, stages)
+        else:
+            self._record(r, stages, routes, rows, backward)
         return out[:N] if pad else out
+
+    def _record(self, r: int, stages: list, routes: list, rows: torch.Tensor, backward: bool):
+        """Run the wavefront timing each stage, and record (:mod:`moeflow.perf.record`):
+
+        * ``expert_fwd@<dtype>`` / ``expert_bwd@<dtype>`` per chunk: the chunk's local work
+          (send gather, expert GEMMs, placing), what the compute resource of FSMoE's model
+          does per chunk, with ``n`` = the chunk's forward expert FLOPs (``2 M D X`` for its
+          M rows through ``w_in`` and ``w_out``, the ``moeflow profile`` convention), so the
+          host work per chunk enters the cost's alpha and compute under contention its beta;
+        * the whole pass's wall time at its degree ``r`` (``add_pass``), which the refit
+          matches with FSMoE's simulated pass;
+        * ``a2a`` per collective, where nothing else of this rank runs between its issue
+          and its wait: the dispatch of the first chunk and the combine of the last (the
+          flat route: one dispatch and one combine step, no ESP), with ``n`` = the buffer
+          this rank hands over, its own rows included.
+
+        A pass that compressed a message records nothing (ZipCCL's encode and its blocking
+        size exchange run inside the issue: they are the codec's costs).
+        """
+        import time
+
+        clock = time.perf_counter
+        n_st = len(stages)
+        start = [[0.0] * n_st for _ in range(r)]
+        end = [[0.0] * n_st for _ in range(r)]
+        in_rows = [[0] * n_st for _ in range(r)]
+        local = [0.0] * r
+
+        def timed(i, stage):
+            def run(c, value):
+                if isinstance(value, torch.Tensor):
+                    in_rows[c][i] = value.shape[0]
+                t0 = clock()
+                out = stage(c, value)
+                t1 = clock()
+                start[c][i], end[c][i] = t0, t1
+                local[c] += t1 - t0
+                return out
+
+            return run
+
+        disp = self.disp
+        cz = disp.compression
+        squeezed = None if cz is None else sum(cz.stats.compressed.values())
+        t_pass = clock()
+        run_wavefront(r, [timed(i, st) for i, st in enumerate(stages)])
+        t_pass = clock() - t_pass
+        rec = self.recorder
+        if cz is not None and sum(cz.stats.compressed.values()) != squeezed:
+            return  # the codec's work and size exchange are its own costs, not these
+        dtype = str(rows.dtype).removeprefix("torch.")
+        key = f"expert_{'bwd' if backward else 'fwd'}@{dtype}"
+        rec.add_pass(key, r, t_pass * 1e3)
+        D = rows.shape[-1]
+        for c, rt in enumerate(routes):
+            counts = rt.expert_counts
+            m = int(counts.sum()) if counts is not None else in_rows[c][n_st - 2]
+            rec.add(key, 2.0 * m * D * self.expert_width, local[c] * 1e3)
+        if n_st == 3 and disp.S == 1:  # send, experts (+ combine issue), place
+            row = D * rows.element_size()
+            rec.add("a2a", routes[0].send_index.numel() * row, (start[0][1] - end[0][0]) * 1e3)
+            rec.add("a2a", in_rows[r - 1][1] * row, (start[r - 1][2] - end[r - 1][1]) * 1e3)
 
     def _canonical(self, r: int, device) -> list:
         return [self.disp.canonical_index(self.ex, r, c).to(device) for c in range(r)]
@@ -245,6 +322,7 @@ class _Run:
                 y = expert_fn(x_e, counts, w_in, w_out)
             return y if w_e is None else y * w_e.to(y.dtype).unsqueeze(1)
 
+        self.expert_width = w_in.shape[1] + w_out.shape[-1]  # X + F/S: FLOPs per row / 2D
         return self._pipeline(x, self.r_fwd, compute)
 
     def _chunk_backward(self, c, g_e, counts, canon, x_dtype):
@@ -296,7 +374,7 @@ class _Run:
                 gw_out.add_(go)
             return gx
 
-        gx = self._pipeline(grad_y.contiguous(), self.r_bwd, compute)
+        gx = self._pipeline(grad_y.contiguous(), self.r_bwd, compute, backward=True)
         self.graphs = self.x_full = self.saved = self.y_full = None
         g_weight = disp.weight_grad(ex, g_A)
         return gx, g_weight, gw_in, gw_out
@@ -341,14 +419,16 @@ def pipelined_experts(
     expert_fn,
     r_fwd: int,
     r_bwd: int,
+    recorder=None,
 ) -> torch.Tensor:
     """Run the experts on ``x`` (the layout of ``dispatcher``) through the one pipeline.
 
     ``ex`` is ``dispatcher.exchange(...)`` of this call, ``weight_N`` the routing's combine
     weights for token layouts (None for row layouts), ``expert_fn(x_MD, counts, w_in,
-    w_out)`` the grouped expert FFN. Collective over the dispatcher's groups.
+    w_out)`` the grouped expert FFN. Collective over the dispatcher's groups. ``recorder``
+    (a :class:`moeflow.perf.record.DurationRecorder`) records both passes' durations.
     """
-    run = _Run(dispatcher, ex, expert_fn, r_fwd, r_bwd)
+    run = _Run(dispatcher, ex, expert_fn, r_fwd, r_bwd, recorder)
     return PipelinedExperts.apply(x, weight_N, w_in, w_out, run)
 
 
@@ -426,7 +506,8 @@ class ExpertParallel(nn.Module):
         esp_size: S, ranks sharing each expert's FFN (must fit inside a node).
         r_fwd, r_bwd: pipeline degrees (chunks) of forward and backward.
         plan: a ``moeflow.plan.Plan`` (read with ``degrees_for_layer(plan, layer_index)``),
-            an int, or a ``(r_fwd, r_bwd)`` pair; overrides r_fwd / r_bwd.
+            an int, a ``(r_fwd, r_bwd)`` pair, or ``"auto"`` (planned on ``perf``, see
+            below); overrides r_fwd / r_bwd.
         timeout_s: deadline of every collective; a dead or stalled peer raises
             :class:`moeflow.errors.CommTimeoutError` naming the operation.
         compress: ZipCCL lossless compression of the dispatch/combine all-to-alls (CPU):
@@ -446,6 +527,17 @@ class ExpertParallel(nn.Module):
             MP-AllGather of expert outputs) or ``"auto"`` (α-β choice of
             :mod:`moeflow.plan.parm` under ``parm_cluster``); ``"s1"`` / ``"s2"`` are
             accepted as aliases.
+        perf: the :class:`moeflow.perf.PerfModel` (``moeflow profile``) that the ``auto``
+            choices read: ``compress="auto"``, ``plan="auto"`` (the degree of 1, 2 and 4
+            with the smallest predicted forward + backward under FSMoE's simulated pass,
+            one for both passes, planned at the first call for the largest token count of
+            any rank: :func:`moeflow.parallel.refit.plan_degrees`), and the refit below.
+        refit_after: online refinement (:mod:`moeflow.parallel.refit`): record the
+            pipeline's durations over this many calls after the first (a warm-up window
+            run at 1, 2 and 4 chunks in turn), then refit ``perf`` from every rank's
+            samples and decide the ``auto`` choices again (degrees, ZipCCL, dedup level,
+            Parm schedule); None (default) records nothing. :meth:`refit` is the same
+            step on demand.
 
     Raises DistributedConfigError before any communication when E is not divisible by
     P = W / S, S does not divide the node, or F is not divisible by S.
@@ -470,12 +562,28 @@ class ExpertParallel(nn.Module):
         mp_group=None,
         schedule: str = "plain",
         parm_cluster=None,
+        refit_after: int | None = None,
     ):
         super().__init__()
         cfg = layer.cfg
         dispatcher_cls = dispatcher_class(dispatcher)
         esp_size = positive_int("esp_size", esp_size)
+        self.auto_degrees = isinstance(plan, str) and plan == "auto"
+        if self.auto_degrees:
+            if perf is None:
+                raise ConfigError("perf", None, "a PerfModel (`moeflow profile`) for plan='auto'")
+            perf.require("a2a", who="plan='auto'")
+            plan = None
         self.r_fwd, self.r_bwd = resolve_degrees(plan, layer_index, r_fwd, r_bwd)
+        if refit_after is not None:
+            refit_after = positive_int("refit_after", refit_after)
+            if perf is None:
+                raise ConfigError("perf", None, "a PerfModel (`moeflow profile`) to refit")
+        self.perf, self.refit_after = perf, refit_after
+        self.recorder = DurationRecorder() if refit_after is not None else None
+        self.fixed_degrees = (self.r_fwd, self.r_bwd)  # what the refit window restores
+        self.calls, self.probed, self.recording = 0, False, False
+        self.plan_tokens = self.plan_bytes = self.plan_dtype = None
         self.timeout_s = resolve_timeout(timeout_s)
         if not dist.is_initialized():
             raise DistributedConfigError(
@@ -692,9 +800,17 @@ class ExpertParallel(nn.Module):
             0,
         )
 
+    def refit(self):
+        """Refit ``self.perf`` from the durations ``self.recorder`` holds (every rank's,
+        merged in rank order) and decide the ``auto`` choices again; collective over the
+        group, every rank calls it alike. Returns the refitted model. See
+        :mod:`moeflow.parallel.refit`."""
+        return online.refit(self)
+
     def forward(
         self, x: torch.Tensor, r_fwd: int | None = None, r_bwd: int | None = None
     ) -> torch.Tensor:
+        online.before_call(self, x)
         if self.mp_group is not None:  # Parm: tokens replicated over the MP group
             y, aux = parm.parm_forward(self, x, r_fwd, r_bwd)
         else:
@@ -745,6 +861,7 @@ class ExpertParallel(nn.Module):
             self._expert_kernel(),
             r_fwd or self.r_fwd,
             r_bwd or self.r_bwd,
+            self.recorder if self.recording else None,
         )
         if mp_rows is not None:
             y = mp_rows.gather(y)

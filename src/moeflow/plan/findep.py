@@ -131,8 +131,11 @@ class Testbed:
     path; ``mem_GB`` per GPU and ``reserve_frac`` (the share kept free for the framework and
     workspace). ``attention`` (optional, ms vs the attention's FLOPs: projections plus core)
     replaces ``t_gm(proj) + t_gm(core)`` where attention was profiled as a whole (a host
-    whose attention kernels do not run at GEMM rate). ``source`` is ``published`` or
-    ``derived``; ``note`` says from what.
+    whose attention kernels do not run at GEMM rate). ``attention_core`` (optional, ms vs the
+    causal core's FLOPs as :class:`FinDEPModel` counts them) prices the core apart from the
+    projections: ``t_a = attention(proj) + attention_core(core)`` (``gemm`` for the
+    projections without ``attention``); :func:`testbed_from_perf` sets it from the profiled
+    SDPA cost. ``source`` is ``published`` or ``derived``; ``note`` says from what.
     """
 
     name: str
@@ -146,6 +149,7 @@ class Testbed:
     source: str = "derived"
     note: str = ""
     attention: LinearCost | None = None
+    attention_core: LinearCost | None = None
 
     def __post_init__(self) -> None:
         positive_int("Testbed.ag", self.ag)
@@ -153,6 +157,66 @@ class Testbed:
         positive_float("Testbed.mem_GB", self.mem_GB)
         if not (0.0 <= self.reserve_frac < 1.0):
             raise ConfigError("Testbed.reserve_frac", self.reserve_frac, "a float in [0, 1)")
+
+
+#: the PerfModel costs :func:`testbed_from_perf` reads (``<dtype>``: the serving dtype)
+PERF_COSTS = ("gemm@{dtype}", "expert_fwd@{dtype}", "attention@{dtype}", "send")
+
+
+def testbed_from_perf(
+    perf,
+    *,
+    ag: int,
+    eg: int,
+    dtype: str = "float32",
+    name: str | None = None,
+    mem_GB: float = 64.0,
+) -> Testbed:
+    """The testbed of a host profiled by ``moeflow profile``: every cost FinDEP reads comes
+    from the one :class:`moeflow.perf.PerfModel` (``PERF_COSTS``); a model that lacks one is
+    refused with a ConfigError naming it (:meth:`~moeflow.perf.PerfModel.require`), never
+    measured here.
+
+    * ``t_gm`` (``gemm``, per expert GEMM, FLOPs) from ``expert_fwd@<dtype>``: the profile
+      times the expert FFN kernel over ``meta["expert_experts"]`` experts per call (1 when
+      the model does not say) at ``n = 6 N D F`` forward FLOPs, i.e. three GEMMs per expert,
+      so ``t_gm(f) = alpha / (3 * experts) + beta * f`` and FinDEP's
+      ``t_e = 3 busy t_gm(2 m_e M H)`` reads the fit back at the kernel's FLOPs with the
+      per-call start-up shared by the busy experts;
+    * the attention projections at the rate of ``gemm@<dtype>`` (square matmuls), the causal
+      core from ``attention@<dtype>`` (SDPA; its ``n = 4 B H L^2 d`` is twice FinDEP's core
+      count ``B * attn_core_dim * S^2 = 2 B H d S^2``, so beta is doubled);
+    * ``t_c`` (``link``) from ``send`` (point-to-point, bytes one rank sends; across the
+      declared nodes when the profile had two).
+
+    ``mem_GB`` is per rank (memory is rarely the limit of a profiled host).
+    """
+    perf.require(*(c.format(dtype=dtype) for c in PERF_COSTS), who="FinDEP's testbed")
+    ex = perf.cost(f"expert_fwd@{dtype}")
+    experts = int(perf.meta.get("expert_experts") or 1)
+    gm = LinearCost(
+        ex.alpha / (3 * experts),
+        ex.beta,
+        source="derived",
+        note=f"expert_fwd@{dtype} of {perf.name} per GEMM ({experts} experts per call)",
+    )
+    g = perf.cost(f"gemm@{dtype}")
+    at = perf.cost(f"attention@{dtype}")
+    return Testbed(
+        name=name or perf.name,
+        gpu=str(perf.meta.get("device", "profiled")),
+        ag=ag,
+        eg=eg,
+        mem_GB=mem_GB,
+        gemm=gm,
+        link=perf.cost("send"),
+        attention=LinearCost(g.alpha, g.beta, source="derived", note=f"gemm@{dtype}"),
+        attention_core=LinearCost(
+            at.alpha, 2 * at.beta, source="derived", note=f"attention@{dtype}, FinDEP's FLOPs"
+        ),
+        source="derived",
+        note=f"from PerfModel {perf.name!r}",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,7 +334,12 @@ class Workload:
         gm = tb.gemm
         tokens = m_a * s
         proj, core = 2.0 * tokens * m.attn_proj_params, float(m_a * m.attn_core_dim * s * s)
-        t_a = tb.attention(proj + core) if tb.attention is not None else gm(proj) + gm(core)
+        if tb.attention_core is not None:
+            t_a = (tb.attention or gm)(proj) + tb.attention_core(core)
+        elif tb.attention is not None:
+            t_a = tb.attention(proj + core)
+        else:
+            t_a = gm(proj) + gm(core)
         t_s = (
             3 * m.num_shared * gm(2.0 * tokens * m.hidden_size * m.shared_ffn)
             if m.num_shared
@@ -364,6 +433,17 @@ def aass_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
     x, y, f, g = t["X"], t["Y"], t["F"], t["G"]
     drain = max(r1 * x, (r1 - 1) * max(c.t_a, r2 * y) + g)
     return (num_layers - 1) * max(g, r1 * f) + drain
+
+
+def serial_time(c: StageCosts, r1: int, r2: int, num_layers: int) -> float:
+    """Time (ms) with every task on one resource: per layer the AG's ``r1 X`` and, per chunk,
+    the a2e, the experts and the e2a, one after another,
+    ``T (r1 X + r1 r2 (t_e + 2 t_a2e))``. This is the host whose AG and EG ranks share their
+    cores and whose transfers take those cores too (``moeflow profile`` measured that an
+    all-to-all barely progresses while the rank computes): no schedule hides one task behind
+    another, and each micro-batch and chunk only adds its start-up costs."""
+    x = c.t_a + c.t_s
+    return num_layers * (r1 * x + r1 * r2 * (c.t_e + 2 * c.t_a2e))
 
 
 def predicted_time(w: Workload, m_a: int, r1: int, r2: int, order: str) -> float:
@@ -561,10 +641,12 @@ class StepPlanner:
 
     Every schedule gets the same grid: ``findep`` the whole of it, ``pppipe``
     (MegaScale-Infer's ping-pong) its best ``r1`` with ``r2 = 1`` and ASAS, ``naive`` is
-    ``r1 = r2 = 1``. Costs come from ``testbed`` (measured on the serving host by the caller).
+    ``r1 = r2 = 1``. Costs come from ``testbed`` (measured on the serving host by the caller;
+    :meth:`from_perf` builds it from ``moeflow profile``'s PerfModel).
     ``head`` (optional, ms vs the step's tokens ``seqs * tokens``): the embedding and the
     final norm and LM head, which run once per step outside the layers on the AG, whatever
-    the split; it adds to every prediction and changes no plan.
+    the split; it adds to every prediction and changes no plan. ``serial``: price every step
+    with :func:`serial_time` instead of the closed form (a host where nothing overlaps).
     """
 
     def __init__(
@@ -575,12 +657,44 @@ class StepPlanner:
         max_r1: int = MAX_R1,
         max_r2: int = MAX_R2,
         head: LinearCost | None = None,
+        serial: bool = False,
     ):
         self.model, self.testbed, self.head = model, testbed, head
+        self.serial = bool(serial)
         self.max_r1 = positive_int("max_r1", max_r1)
         self.max_r2 = positive_int("max_r2", max_r2)
         self._plans: dict[tuple[str, int, int], FinDEPPlan] = {}
         self._loads: dict[tuple[int, int], Workload] = {}
+
+    @classmethod
+    def from_perf(
+        cls,
+        model: FinDEPModel,
+        perf,
+        *,
+        ag: int,
+        eg: int,
+        dtype: str = "float32",
+        vocab_size: int | None = None,
+        max_r1: int = MAX_R1,
+        max_r2: int = MAX_R2,
+    ) -> StepPlanner:
+        """The planner of a profiled host: the testbed from :func:`testbed_from_perf` and,
+        with ``vocab_size``, the ``head`` priced as the LM head GEMM (``2 M V`` FLOPs per
+        token) at the rate of ``gemm@<dtype>``; ``serial`` (:func:`serial_time`) where the
+        profile measured that transfers and compute share the cores
+        (``meta["overlap"]`` below FSMoE's ``SHARED_BELOW``, the rule its planner uses).
+        ConfigError naming any cost ``perf`` lacks."""
+        from moeflow.plan.fsmoe import shared_resources
+
+        tb = testbed_from_perf(perf, ag=ag, eg=eg, dtype=dtype)
+        head = None
+        if vocab_size is not None:
+            g = perf.cost(f"gemm@{dtype}")
+            f = 2.0 * model.hidden_size * positive_int("vocab_size", vocab_size)
+            head = LinearCost(g.alpha, g.beta * f, source="derived", note=f"LM head, gemm@{dtype}")
+        serial = bool(shared_resources(perf))
+        return cls(model, tb, max_r1=max_r1, max_r2=max_r2, head=head, serial=serial)
 
     def recost(self, testbed: Testbed, head: LinearCost | None = None) -> None:
         """Replace the costs (a fresh measurement of the same host) and forget every plan."""
@@ -608,7 +722,13 @@ class StepPlanner:
         """The closed form's time of the step under ``(r1, r2, order)`` (``r1`` micro-batches
         of at most ``ceil(seqs / r1)`` sequences)."""
         r1 = min(positive_int("r1", r1), seqs)
-        t = predicted_time(self.workload(seqs, tokens), -(-seqs // r1), r1, r2, order)
+        w = self.workload(seqs, tokens)
+        if self.serial:
+            if order not in ORDERS:
+                raise ConfigError("order", order, f"one of {ORDERS}")
+            t = serial_time(w.costs(-(-seqs // r1), r2), r1, r2, self.model.num_layers)
+        else:
+            t = predicted_time(w, -(-seqs // r1), r1, r2, order)
         return t + (self.head(seqs * tokens) if self.head is not None else 0.0)
 
     def grid(self, schedule: str, seqs: int, tokens: int) -> Iterator[tuple[int, int, str]]:

@@ -29,6 +29,8 @@ Inputs
   names the offending device: duplicate names, non-positive rates or memory, matrices that are
   not N x N or hold negative entries, a link present in one direction only, and a graph that
   is not connected.
+* :func:`device_graph_from_perf`: the device graph of a host profiled by ``moeflow profile``
+  (rates and links from its PerfModel; a missing cost is a ConfigError naming it).
 * :class:`OpGraph`: operator nodes in topological order with forward FLOPs, output bytes,
   parameter bytes and the earlier nodes each reads. :func:`gpt2_opgraph` builds GPT-2's
   analytically; ``moeflow.geo.opgraph`` builds one from ``torch.fx``.
@@ -440,6 +442,58 @@ def _link_spec(where: str, spec) -> tuple[float, float]:
     if not _real(lat) or lat < 0:
         raise ConfigError(f"{where}.latency_ms", lat, "a finite number >= 0")
     return float(bw) * 1e6 / 8, float(lat) * 1e-3
+
+
+# ---- devices from the one cost model -----------------------------------------------------------
+#: the PerfModel costs :func:`device_graph_from_perf` reads (``<dtype>``: the training dtype)
+PERF_COSTS = ("gemm@{dtype}", "elementwise@{dtype}", "send")
+
+
+def graph_seconds(ops: OpGraph, perf, dtype: str = "float32") -> float:
+    """Forward time (s) of one micro-batch of ``ops`` on one profiled rank: each node with
+    FLOPs priced by ``gemm@<dtype>`` (``alpha + beta * flops``: a kernel's start-up and its
+    rate), each node without by ``elementwise@<dtype>`` of its output bytes."""
+    perf.require(*(c.format(dtype=dtype) for c in PERF_COSTS[:2]), who="the geo planner")
+    g, e = perf.cost(f"gemm@{dtype}"), perf.cost(f"elementwise@{dtype}")
+    return 1e-3 * sum(g(nd.flops) if nd.flops > 0 else e(nd.out_bytes) for nd in ops.nodes)
+
+
+def device_graph_from_perf(
+    perf,
+    ops: OpGraph,
+    *,
+    memory_bytes: float,
+    dtype: str = "float32",
+    names: list[str] | None = None,
+) -> DeviceGraph:
+    """The :class:`DeviceGraph` of the ranks a ``moeflow profile`` run measured (one device
+    per rank, ``perf.meta["world_size"]``), every cost from the one PerfModel (``PERF_COSTS``;
+    ConfigError naming a missing one, never measured here):
+
+    * a device's ``flops`` is the rate at which a rank runs ``ops``: its FLOPs over
+      :func:`graph_seconds` (the cost model's ``c_s = 3 F_s / flops`` then charges every
+      stage the graph's mean per-FLOP time, start-ups included);
+    * every pair of devices is linked by the profiled point-to-point ``send`` (bytes one rank
+      sends): bandwidth ``1 / beta`` (1e15 bytes/s for a flat fit), latency ``alpha`` (the
+      profile times one class of pair, across the declared nodes when there are two);
+    * ``memory_bytes`` per device (the profile does not measure memory).
+    """
+    perf.require(*(c.format(dtype=dtype) for c in PERF_COSTS), who="the geo planner")
+    n = int(perf.meta.get("world_size", 2))
+    names = list(names) if names is not None else [f"rank{i}" for i in range(n)]
+    if len(names) != n:
+        raise ConfigError("names", names, f"{n} names, one per profiled rank")
+    rate = ops.flops / graph_seconds(ops, perf, dtype)
+    link = perf.cost("send")
+    # a flat fit (no per-byte cost told apart from the noise, as on loopback) is a link whose
+    # bytes cost nothing next to its latency: 1e15 bytes/s
+    bw, lat = 1e3 / max(link.beta, 1e-12), max(0.0, link.alpha) * 1e-3
+    devs = [Device(nm, rate, memory_bytes) for nm in names]
+    return DeviceGraph(
+        devices=tuple(devs),
+        bandwidth=tuple(tuple(0.0 if i == j else bw for j in range(n)) for i in range(n)),
+        latency=tuple(tuple(0.0 if i == j else lat for j in range(n)) for i in range(n)),
+    )
 
 
 # ---- operator graph -----------------------------------------------------------------------

@@ -14,6 +14,13 @@ a pipe.
 * **EG rank**: loads only its ``E / M`` experts of every layer
   (:func:`~moeflow.serving.disagg_weights.load_expert_part`) and runs an
   :class:`~moeflow.serving.disaggregated.ExpertServer` until every AG rank has stopped.
+* **Schedule** (``schedule="findep"`` or ``"pppipe"``): once loaded, attention rank 0 and
+  expert rank ``N`` time gloo round trips over the ranks' own group (the link), attention
+  rank 0 times the expert GEMM, the attention half of a layer and the LM head on one thread
+  (:mod:`moeflow.serving.host_costs`) and sends the costs to every rank, unless ``costs``
+  were given; each AG rank's forward pass then asks a
+  :class:`~moeflow.plan.findep.StepPlanner` for every step's ``(r1, r2, order)`` (cached by
+  the step's shape) and counts the steps of each shape and plan, which ``/health`` shows.
 * **Serving process**: :class:`DisaggregatedEngine` has the interface
   :class:`~moeflow.serving.openai_api.OpenAIServer` uses (``submit``, ``context``,
   ``health``, ``start``, ``shutdown``). A request goes to the AG rank with the fewest requests
@@ -42,7 +49,7 @@ from multiprocessing.connection import wait as _wait_any
 
 import torch
 
-from moeflow.errors import CommTimeoutError, InputError, MoeflowError
+from moeflow.errors import CommTimeoutError, ConfigError, InputError, MoeflowError
 from moeflow.models import Request, SamplingParams, validate_request
 from moeflow.serving.engine import (
     EngineClosedError,
@@ -127,16 +134,18 @@ def _rank_main(rank: int, spec: dict, conn, parent_pid: int) -> None:
             os.close(fd)
         except OSError:
             pass
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     send = _Sender(conn)
     status = 0
     try:
+        if spec["rank_init"] is not None:  # before any thread or socket of ours
+            spec["rank_init"](rank)
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
         import torch.distributed as dist
 
         torch.set_num_threads(spec["threads"])
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://127.0.0.1:{spec['port']}",
+            init_method=f"tcp://{spec['master_addr']}:{spec['port']}",
             rank=rank,
             world_size=spec["ag"] + spec["eg"],
             timeout=datetime.timedelta(seconds=spec["start_timeout_s"]),
@@ -168,6 +177,56 @@ def _rank_main(rank: int, spec: dict, conn, parent_pid: int) -> None:
         os._exit(status)  # skip the forked server's atexit handlers
 
 
+def _needs_costs(spec: dict) -> bool:
+    return isinstance(spec["schedule"], str) and spec["schedule"] != "naive"
+
+
+def _host_costs(rank: int, spec: dict, model):
+    """The costs the step planner solves from (:mod:`moeflow.serving.host_costs`): those
+    given, or measured now, once every rank has loaded its part: the link by round trips
+    between attention rank 0 and expert rank ``ag`` over the ranks' own group, the compute
+    on attention rank 0 (``model``), which sends them to every rank. None when the schedule
+    is fixed or naive (no solver)."""
+    if not _needs_costs(spec) or spec["perf"] is not None:
+        return None
+    if spec["costs"] is not None:
+        return spec["costs"]
+    import torch.distributed as dist
+
+    from moeflow.serving.host_costs import LINK_SIZES, fit_link, measure_compute, pingpong
+
+    ag, eg = spec["ag"], spec["eg"]
+    ms = pingpong(rank, ag + eg, LINK_SIZES, 0, ag)
+    out = [None]
+    if rank == 0:
+        note = f"gloo between attention rank 0 and expert rank {ag}, at server start"
+        out = [measure_compute(model, eg, fit_link(LINK_SIZES, ms, note=note))]
+    dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
+def _attention_schedule(spec: dict, cfg, costs):
+    """The AG rank's :class:`~moeflow.serving.disaggregated.ServeSchedule`: the one given,
+    naive, or ``findep`` / ``pppipe`` solved at every step by a
+    :class:`~moeflow.plan.findep.StepPlanner` over ``costs``."""
+    from moeflow.serving.disaggregated import ServeSchedule
+
+    name = spec["schedule"]
+    if not isinstance(name, str):
+        return name
+    if name == "naive":
+        return ServeSchedule.naive()
+    from moeflow.serving.host_costs import perf_planner, step_planner
+
+    if spec["perf"] is not None:
+        planner = perf_planner(cfg, spec["ag"], spec["eg"], spec["perf"])
+    else:
+        planner = step_planner(
+            cfg, spec["ag"], spec["eg"], costs.gemm, costs.link, costs.attention, head=costs.head
+        )
+    return ServeSchedule.per_step(name, planner)
+
+
 def _attention_rank(rank: int, spec: dict, conn, send: _Sender, baseline) -> None:
     from moeflow.serving.disagg_weights import (
         expert_weight_bytes,
@@ -178,13 +237,17 @@ def _attention_rank(rank: int, spec: dict, conn, send: _Sender, baseline) -> Non
     from moeflow.serving.engine import Engine
 
     model, read = load_attention_part(spec["model_dir"], spec["dtype"])
+    costs = _host_costs(rank, spec, model)
+    schedule = _attention_schedule(spec, model.cfg, costs)
+    if costs is None and schedule.planner is not None:  # from --perf
+        from moeflow.serving.host_costs import planner_costs
+
+        costs = planner_costs(schedule.planner)
     ag, eg, timeout_s = spec["ag"], spec["eg"], spec["timeout_s"]
     engine = Engine(
         model,
         spec["config"],
-        forward=lambda cache: DisaggregatedForward(
-            model, cache, spec["schedule"], ag, eg, timeout_s
-        ),
+        forward=lambda cache: DisaggregatedForward(model, cache, schedule, ag, eg, timeout_s),
     )
     fwd = engine.model_forward
     send(
@@ -199,6 +262,8 @@ def _attention_rank(rank: int, spec: dict, conn, send: _Sender, baseline) -> Non
                 "bytes_read": read,
                 "memory_baseline": baseline,
                 "memory_loaded": _memory(),
+                "schedule": schedule.name,
+                "costs": None if costs is None else costs.to_dict(),
             },
         )
     )
@@ -214,13 +279,24 @@ def _attention_rank(rank: int, spec: dict, conn, send: _Sender, baseline) -> Non
 
     stop = threading.Event()
 
-    def report() -> None:  # the pool's state for /health, when it changes
-        last = None
+    planner = schedule.planner
+
+    def report() -> None:  # the pool's state and the plans used, for /health, when changed
+        last, calls = None, 0
         while not stop.wait(0.25):
             now = (engine.num_running, engine.num_waiting, engine.cache.pool.free)
             if now != last:
                 send(("stats", rank, *now))
                 last = now
+            if fwd.calls != calls:
+                calls = fwd.calls
+                plans = []
+                for (b, t, r1, r2, order), (n, ms) in dict(fwd.plan_counts).items():
+                    pred = None
+                    if planner is not None:
+                        pred = planner.predict_ms(b, t, r1, r2, order)
+                    plans.append((b, t, r1, r2, order, n, ms, pred))
+                send(("plans", rank, plans))
 
     threading.Thread(target=report, daemon=True).start()
     engine.start()
@@ -262,6 +338,7 @@ def _expert_rank(rank: int, spec: dict, send: _Sender, baseline) -> None:
     cfg, experts, read = load_expert_part(
         spec["model_dir"], e0, e0 + num_experts // eg, spec["dtype"]
     )
+    _host_costs(rank, spec, None)
     server = ExpertServer.from_experts(
         cfg,
         experts,
@@ -297,6 +374,22 @@ class DisaggregatedEngine:
     and returns once every rank has loaded its part (``start_timeout_s``); a rank that fails
     to start raises :class:`RankDiedError` naming it, after the others are ended.
     ``close_fds``: descriptors of this process the ranks must close (a listening socket).
+    ``rank_init(rank)``: called first in each forked rank, before it joins the group (e.g. to
+    enter the network namespace of an emulated node and set ``GLOO_SOCKET_IFNAME``, as
+    ``benchmarks/serve_disagg_http_cpu.py`` does for its shaped links); ``master_addr``: the
+    address rank 0 listens on for the group's rendezvous (default 127.0.0.1).
+
+    ``schedule``: a fixed :class:`~moeflow.serving.disaggregated.ServeSchedule`, or a name:
+    ``"naive"`` (``r1 = r2 = 1``), or ``"findep"`` / ``"pppipe"`` solved at every forward
+    step for that step's shape (sequences x new tokens) by a
+    :class:`~moeflow.plan.findep.StepPlanner` (FinDEP over ``(r1, r2, order)``, PPPipe its
+    best ``r1``; plans cached by shape) from ``costs``
+    (:class:`~moeflow.serving.host_costs.HostCosts`), or from ``perf`` (a ``moeflow
+    profile`` :class:`~moeflow.perf.PerfModel`, read by
+    :meth:`~moeflow.plan.findep.StepPlanner.from_perf`; a cost it lacks is a ConfigError
+    naming it, raised here), or, with neither, from costs the ranks measure once loaded
+    (module doc). Default: naive (``moeflow serve``'s default is
+    findep). :meth:`health` reports the costs and every plan used.
     """
 
     def __init__(
@@ -308,27 +401,46 @@ class DisaggregatedEngine:
         eg: int = 1,
         dtype: torch.dtype = torch.float32,
         schedule=None,
+        costs=None,
+        perf=None,
         timeout_s: float = 30.0,
         threads: int = 1,
         start_timeout_s: float = 300.0,
         force: bool = False,
         close_fds: Sequence[int] = (),
+        rank_init: Callable[[int], None] | None = None,
+        master_addr: str = "127.0.0.1",
     ):
         import multiprocessing as mp
 
         from moeflow.checkpoint.pretrained import check_pretrained
         from moeflow.comm.ports import free_port
         from moeflow.launch import check_nproc
-        from moeflow.serving.disaggregated import ServeSchedule, check_layout
+        from moeflow.serving.disaggregated import SCHEDULES, ServeSchedule, check_layout
+        from moeflow.serving.host_costs import HostCosts
         from moeflow.validate import positive_float, positive_int
 
         config = config or EngineConfig()
         config.check()
+        if schedule is None:
+            schedule = ServeSchedule.naive()
+        if isinstance(schedule, str) and schedule not in SCHEDULES:
+            raise ConfigError("schedule", schedule, f"one of {SCHEDULES} or a ServeSchedule")
+        if not isinstance(schedule, (str, ServeSchedule)):
+            raise ConfigError("schedule", schedule, f"one of {SCHEDULES} or a ServeSchedule")
+        if costs is not None and not isinstance(costs, HostCosts):
+            raise ConfigError("costs", type(costs).__name__, "None or a HostCosts")
+        if perf is not None and (costs is not None or schedule not in ("findep", "pppipe")):
+            raise ConfigError("perf", "given", 'only without costs, with "findep" or "pppipe"')
         timeout_s = positive_float("timeout_s", timeout_s)
         threads = positive_int("threads", threads)
         cfg, _ = check_pretrained(model_dir)
         check_layout(ag + eg, ag, eg, cfg.moe.num_experts)
         check_nproc(ag + eg, force=force, flag="ag + eg")
+        if perf is not None:  # a cost the profile lacks is refused here, by name
+            from moeflow.serving.host_costs import perf_planner
+
+            perf_planner(cfg, ag, eg, perf)
         self.cfg, self.ag, self.eg = cfg, ag, eg
         self.context = cfg.max_position_embeddings
         self.config = config
@@ -336,7 +448,9 @@ class DisaggregatedEngine:
             "model_dir": str(model_dir),
             "config": config,
             "dtype": dtype,
-            "schedule": schedule or ServeSchedule.naive(),
+            "schedule": schedule,
+            "costs": costs,
+            "perf": perf,
             "ag": ag,
             "eg": eg,
             "num_experts": cfg.moe.num_experts,
@@ -348,11 +462,14 @@ class DisaggregatedEngine:
             "start_timeout_s": start_timeout_s,
             "port": free_port(),
             "close_fds": list(close_fds),
+            "rank_init": rank_init,
+            "master_addr": str(master_addr),
         }
         self._lock = threading.Lock()
         self._inflight: dict[int, _RemoteHandle] = {}
         self._load = [0] * ag
         self._stats: dict[int, tuple[int, int, int]] = {}
+        self._plans: dict[int, list] = {}
         self._info: dict[int, dict] = {}
         self._fatal: dict[int, str] = {}
         self._dead: dict[int, str] = {}
@@ -448,6 +565,8 @@ class DisaggregatedEngine:
             self._finish(key, reason, error)
         elif kind == "stats":
             self._stats[msg[1]] = tuple(msg[2:])
+        elif kind == "plans":
+            self._plans[msg[1]] = msg[2]
         elif kind == "ready":
             with self._ready:
                 self._info[msg[1]] = {"role": self._role(msg[1]), **msg[2]}
@@ -574,17 +693,34 @@ class DisaggregatedEngine:
     def num_waiting(self) -> int:
         return sum(s[1] for s in self._stats.values())
 
+    def plans(self) -> list[dict]:
+        """Every forward step shape the AG ranks ran and the plan each used: ``rank``,
+        ``seqs``, ``tokens`` (new per sequence), ``r1``, ``r2``, ``order``, ``steps`` (how
+        many), ``ms`` (their total wall time) and ``predicted_ms`` (the step planner's time of
+        one such step; None without a planner). Updated about every 0.25 s."""
+        keys = ("seqs", "tokens", "r1", "r2", "order", "steps", "ms", "predicted_ms")
+        return [
+            {"rank": r, **dict(zip(keys, p))}
+            for r, ps in sorted(dict(self._plans).items())
+            for p in ps
+        ]
+
     def health(self) -> dict:
         """``status`` "ok", or "error" with ``error`` naming the first dead rank; the AG
-        ranks' requests running and waiting and free KV blocks; every rank's role, pid and
-        state."""
+        ranks' requests running and waiting and free KV blocks; the ``schedule``, the
+        ``costs`` it is solved from (None when not solved) and the ``plans`` used
+        (:meth:`plans`); every rank's role, pid and state."""
         with self._lock:
             dead = dict(self._dead)
+        info0 = self._info.get(0, {})
         out = {
             "status": "error" if dead else "ok",
             "running": self.num_running,
             "waiting": self.num_waiting,
             "free_kv_blocks": sum(s[2] for s in self._stats.values()),
+            "schedule": info0.get("schedule"),
+            "costs": info0.get("costs"),
+            "plans": self.plans(),
             "ranks": [
                 {
                     "rank": r,

@@ -242,6 +242,10 @@ class DisaggregatedForward:
         #: forward call: seqs, tokens (new per sequence), r1, r2, order, ms (wall time) and
         #: wait_ms (of it, the time spent waiting for e2a replies)
         self.steps: list[dict] | None = None
+        #: every forward call counted by its shape and plan, kept by a server for
+        #: ``/health``: ``(seqs, tokens, r1, r2, order) -> [calls, total ms]`` (bounded by
+        #: the step shapes the engine can form)
+        self.plan_counts: dict[tuple[int, int, int, int, str], list] = {}
         self._waited = 0.0
 
     # -- a2e ---------------------------------------------------------------------------
@@ -340,6 +344,14 @@ class DisaggregatedForward:
         self.sends.clear()
         self.calls += 1
         logits = m.head(torch.cat([mb["h"] for mb in mbs]))
+        ms = 1e3 * (time.perf_counter() - t0)
+        key = (int(ids_BT.shape[0]), int(ids_BT.shape[1]), s.r1, s.r2, s.order)
+        count = self.plan_counts.get(key)
+        if count is None:
+            self.plan_counts[key] = [1, ms]
+        else:
+            count[0] += 1
+            count[1] += ms
         if self.steps is None:
             return logits
         self.steps.append(
@@ -349,7 +361,7 @@ class DisaggregatedForward:
                 "r1": s.r1,
                 "r2": s.r2,
                 "order": s.order,
-                "ms": 1e3 * (time.perf_counter() - t0),
+                "ms": ms,
                 "wait_ms": 1e3 * self._waited,
             }
         )

@@ -207,6 +207,7 @@ class Engine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self._step_listeners: list[Callable[[], None]] = []
 
     # ---- submission (any thread) ------------------------------------------------------
 
@@ -272,10 +273,34 @@ class Engine:
             "free_kv_blocks": self.cache.pool.free,
         }
 
+    def add_step_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` on the engine's thread at the end of every :meth:`step`, after the
+        step's ``on_token`` and ``on_finish`` callbacks (a listener can hand their events on
+        in one batch), and also between a step's prefill and its decode when the prefill
+        produced first tokens (so they do not wait for the decode). Like the callbacks, it
+        must not block."""
+        self._step_listeners = [*self._step_listeners, fn]  # copy: step() may be iterating
+
+    def remove_step_listener(self, fn: Callable[[], None]) -> None:
+        self._step_listeners = [f for f in self._step_listeners if f != fn]
+
     # ---- one iteration ----------------------------------------------------------------
 
     def step(self) -> bool:
         """Run one iteration (admit, prefill, decode); False when there was nothing to do."""
+        try:
+            return self._step()
+        finally:
+            self._notify_step_listeners()
+
+    def _notify_step_listeners(self) -> None:
+        for fn in self._step_listeners:
+            try:
+                fn()
+            except Exception:  # a listener must not stop the engine
+                log.exception("step listener failed")
+
+    def _step(self) -> bool:
         with self._cond:
             for s in [s for s in self._waiting if s.handle._abort]:
                 self._waiting.remove(s)
@@ -288,7 +313,8 @@ class Engine:
         self.steps += 1
         try:
             with torch.no_grad():
-                self._prefill()
+                if self._prefill():  # first tokens go out now, not after the decode
+                    self._notify_step_listeners()
                 self._decode()
         except Exception as e:  # a failed forward ends its step's requests, not the engine
             log.exception("engine step failed")
@@ -353,8 +379,9 @@ class Engine:
             torch.tensor(starts, device=dev),
         )
 
-    def _prefill(self) -> None:
-        budget, chunks = self.config.max_prefill_tokens, []
+    def _prefill(self) -> bool:
+        """Prefill this step's chunks; True when a request emitted its first token."""
+        budget, chunks, emitted = self.config.max_prefill_tokens, [], False
         for s in self._running:
             if budget == 0:
                 break
@@ -376,10 +403,19 @@ class Engine:
             width = g[0][1]
             ids = [s.ids(s.computed, s.computed + n) + [PAD_ID] * (width - n) for s, n in g]
             logits = self._forward(ids, [s.row for s, _ in g], [s.computed for s, _ in g])
+            first: list[tuple[int, _Seq, int]] = []
             for b, (s, n) in enumerate(g):
                 s.computed += n
                 if not s.prefilling and not s.tokens:  # a fresh prompt: its first token
-                    self._emit(s, logits[b, n - 1])
+                    first.append((b, s, n - 1))
+            if first:
+                b_M = torch.tensor([b for b, _, _ in first], device=logits.device)
+                t_M = torch.tensor([t for _, _, t in first], device=logits.device)
+                seqs = [s for _, s, _ in first]
+                for s, tok in zip(seqs, self._sample(seqs, logits[b_M, t_M])):
+                    self._emit(s, tok)
+                emitted = True
+        return emitted
 
     def _decode(self) -> None:
         batch = [s for s in self._running if not s.prefilling and s.tokens]
@@ -392,14 +428,26 @@ class Engine:
         logits = self._forward(
             [[s.tokens[-1]] for s in batch], [s.row for s in batch], [s.computed for s in batch]
         )
-        for j, s in enumerate(batch):
+        for s, tok in zip(batch, self._sample(batch, logits[:, 0])):
             s.computed += 1
-            self._emit(s, logits[j, 0])
+            self._emit(s, tok)
 
-    def _emit(self, s: _Seq, logits_V: torch.Tensor) -> None:
-        if s.gen is not None and logits_V.device.type != "cpu":
-            logits_V = logits_V.cpu()  # the request's seeded generator lives on the CPU
-        tok = sample(logits_V, s.params, s.gen)
+    @staticmethod
+    def _sample(seqs: list[_Seq], logits_BV: torch.Tensor) -> list[int]:
+        """The next token of each of ``seqs`` from its row of ``logits_BV``: the greedy rows
+        with one ``argmax`` and one host transfer for the batch (the first maximum, as
+        :func:`~moeflow.models.generate.sample`'s), the others with :func:`sample` and the
+        request's own generator."""
+        toks = logits_BV.argmax(dim=-1).tolist()
+        for j, s in enumerate(seqs):
+            if s.params.temperature > 0:
+                logits_V = logits_BV[j]
+                if logits_V.device.type != "cpu":
+                    logits_V = logits_V.cpu()  # the request's seeded generator lives on the CPU
+                toks[j] = sample(logits_V, s.params, s.gen)
+        return toks
+
+    def _emit(self, s: _Seq, tok: int) -> None:
         res = s.handle.result
         res.tokens.append(tok)
         res.token_times.append(time.perf_counter())

@@ -10,7 +10,9 @@ preempted, so memory is bounded by the pool and never fragmented by sequence len
 :class:`PagedKVCache` has :class:`moeflow.models.KVCache`'s interface
 (``write_and_read(layer, rows_B, pos_BT, k, v, upto)``), so :class:`moeflow.models.MoEDecoder`
 runs over it unchanged: ``rows_B`` names block-table rows instead of dense slots. Reads
-gather each sequence's blocks into a contiguous (B, K, upto, d) view for
+gather each sequence's blocks, whole blocks at a time (one ``index_select`` over the pool
+viewed as (blocks, block_size, K, d): a few contiguous copies per sequence instead of an
+index per position), into a contiguous (B, upto, K, d) tensor for
 ``scaled_dot_product_attention``; a fused paged-attention kernel that reads the blocks in
 place is the GPU-side refinement. Table entries past a sequence's blocks point at a scratch
 block outside the pool: padding positions of a batched prefill write there (never into
@@ -107,7 +109,6 @@ class PagedKVCache:
         self.table = torch.full(
             (max_seqs, self.blocks_per_seq), self.scratch, dtype=torch.long, device=device
         )
-        self._offsets = torch.arange(block_size, device=device)
 
     def blocks_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.block_size)
@@ -127,7 +128,11 @@ class PagedKVCache:
         slots = self._slots(rows_B, pos_BT)
         self.k[layer][slots] = k_BTKd.to(self.k[layer].dtype)
         self.v[layer][slots] = v_BTKd.to(self.v[layer].dtype)
-        nb = math.ceil(upto / self.block_size)
-        read = self.table[rows_B, :nb].unsqueeze(-1) * self.block_size + self._offsets
-        read = read.flatten(1)[:, :upto]  # B upto
-        return self.k[layer][read].transpose(1, 2), self.v[layer][read].transpose(1, 2)
+        B, bs = rows_B.shape[0], self.block_size
+        nb = math.ceil(upto / bs)
+        blocks = self.table[rows_B, :nb].flatten()  # B*nb
+        out = []
+        for pool in (self.k[layer], self.v[layer]):
+            x = pool.view(-1, bs, *pool.shape[1:]).index_select(0, blocks)
+            out.append(x.view(B, nb * bs, *pool.shape[1:])[:, :upto].transpose(1, 2))
+        return out[0], out[1]

@@ -37,6 +37,7 @@ import asyncio
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -224,6 +225,55 @@ class TextAssembler:
         return delta
 
 
+# ---- engine thread -> event loop ---------------------------------------------------------
+
+
+class _Mailbox:
+    """Hands the engine thread's token events to one event loop's request queues.
+
+    Each wake-up of the loop (``call_soon_threadsafe``: a write to its self-pipe) hands the
+    GIL to the loop thread while the engine thread is mid-step, so the engine wakes the loop
+    once per step, not once per token: events collect here and :meth:`flush`, which the
+    engine calls at the end of each step (:meth:`Engine.add_step_listener`), schedules one
+    drain. Without ``batched`` (an engine with no step listeners) the first event into an
+    empty mailbox schedules the drain. Each queue receives its events in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, batched: bool):
+        self.loop, self.batched = loop, batched
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+        self._scheduled = False  # a drain is queued on the loop and has not run yet
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        """Queue ``item`` for ``queue`` (engine thread)."""
+        with self._lock:
+            self._items.append((queue, item))
+            wake = not self.batched and not self._scheduled
+            self._scheduled |= wake
+        if wake:
+            self._wake()
+
+    def flush(self) -> None:
+        """Schedule a drain of the events put so far (engine thread, end of a step)."""
+        with self._lock:
+            wake = bool(self._items) and not self._scheduled
+            self._scheduled |= wake
+        if wake:
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: its requests are gone with it
+            pass
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 # ---- the app ----------------------------------------------------------------------------
 
 
@@ -264,6 +314,20 @@ class OpenAIServer:
             eos_token_ids = [eos] if is_int(eos) else []
         self.eos_token_ids = [int(t) for t in eos_token_ids]
         self.created = int(time.time())
+        self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}  # one per event loop
+
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        box = self._mailboxes.get(loop)
+        if box is None:
+            for old in [b for lp, b in self._mailboxes.items() if lp.is_closed()]:
+                del self._mailboxes[old.loop]
+                if old.batched:
+                    self.engine.remove_step_listener(old.flush)
+            batched = hasattr(self.engine, "add_step_listener")
+            box = self._mailboxes[loop] = _Mailbox(loop, batched)
+            if batched:
+                self.engine.add_step_listener(box.flush)
+        return box
 
     # -- parsing
     def _check_model(self, body: dict) -> None:
@@ -315,14 +379,14 @@ class OpenAIServer:
     # -- running
     async def run(self, ids, params, stops) -> AsyncIterator[tuple[str, list[int], str | None]]:
         """Yield (text delta, tokens so far, finish_reason or None) until the request ends."""
-        loop = asyncio.get_running_loop()
+        box = self._mailbox(asyncio.get_running_loop())
         queue: asyncio.Queue = asyncio.Queue()
 
         def on_token(h: RequestHandle, tok: int) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, tok)
+            box.put(queue, tok)
 
         def on_finish(h: RequestHandle) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+            box.put(queue, None)
 
         handle = self.engine.submit(
             ids, params, uuid.uuid4().hex, on_token=on_token, on_finish=on_finish

@@ -5,10 +5,12 @@ runtime-dissection studies of LLM training and serving do: end to end, per modul
 MoE router / experts / rest, norms, embeddings, LM head; forward and backward apart) and per
 operator, from ``torch.profiler`` joined with module hooks (:mod:`moeflow.apps.bench.dissect`),
 over several settings (expert kernel, dtype, recomputation, ``torch.compile``, expert
-parallelism: :mod:`moeflow.apps.bench.ep`). FLOPs and MFU come from analytic formulas checked
-against ``FlopCounterMode`` (:mod:`moeflow.apps.bench.flops`);
+parallelism: :mod:`moeflow.apps.bench.ep`; LoRA fine-tuning, ZeRO-3 through FSDP2,
+weight-only int8 and the SDPA back-ends: :mod:`moeflow.apps.bench.matrix`). FLOPs and MFU
+come from analytic formulas checked against ``FlopCounterMode`` (:mod:`moeflow.apps.bench.flops`);
 :mod:`moeflow.apps.bench.predict` predicts the same step with :mod:`moeflow.sim` from a
-PerfModel profiled on the machine.
+PerfModel profiled on the machine (the matrix settings by
+:mod:`moeflow.apps.bench.predict_matrix`).
 
     from moeflow.apps.bench import BenchJob, Setting, bench
     report = bench(BenchJob(mode="train", settings=[Setting(kernel="bmm")]))

@@ -14,7 +14,8 @@ JSON report, ``format: "moeflow.bench/1"`` (checked by :func:`validate_report`):
       "nproc": int,
       "settings": [{
         "setting": {"kernel": str, "dtype": str, "recompute": bool, "compile": bool,
-                    "label": str},
+                    "finetune": "full" | "lora", "zero3": bool, "quant": "none" | "int8",
+                    "sdpa": str, "label": str},
         "status": "ok" | "failed", "error": str | null,
         "step_ms": float,            # median of the plain (unprofiled) steps
         "profiled_step_ms": float,   # mean of the profiler's step scopes
@@ -26,6 +27,8 @@ JSON report, ``format: "moeflow.bench/1"`` (checked by :func:`validate_report`):
         "tokens_per_s": float, "mfu": float, "mfu_6n": float,
         "prediction": null | {"predicted_ms": float, "measured_ms": float, "ratio": float,
                               "error": float, "rows": [...], ...},
+                              # matrix settings add "units" and "unit_costs"
+                              # (moeflow.apps.bench.predict_matrix.compare_matrix)
         "ep": null | {"world_size": int, "r": int, "dispatch_ms": float, ...}
       }]
     }

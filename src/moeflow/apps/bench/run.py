@@ -29,7 +29,7 @@ from moeflow.apps.bench.workloads import (
     model_dims,
     moe_layers,
 )
-from moeflow.errors import MoeflowError
+from moeflow.errors import ConfigError, MoeflowError
 from moeflow.progress import Progress
 from moeflow.validate import positive_int
 
@@ -42,19 +42,24 @@ def settings_grid(
     recompute=(False,),
     compile_=(False,),
     *,
+    finetune=("full",),
+    zero3=(False,),
+    quant=("none",),
+    sdpa=("default",),
     full: bool = False,
     mode: str = "train",
 ) -> list[Setting]:
     """The settings to compare. One factor at a time (default): the first value of every
     factor, then each other value of one factor with the others at their first. ``full``:
-    every combination. Recomputation is dropped for decode (there is no backward)."""
+    every combination. Factors a mode has no use for are dropped: recomputation, LoRA and
+    ZeRO-3 for decode (there is no backward), weight-only int8 for train."""
     if mode == "decode":
-        recompute = (False,)
+        recompute, finetune, zero3 = (False,), ("full",), (False,)
+    else:
+        quant = ("none",)
     factors = [
-        list(dict.fromkeys(kernels)),
-        list(dict.fromkeys(dtypes)),
-        list(dict.fromkeys(recompute)),
-        list(dict.fromkeys(compile_)),
+        list(dict.fromkeys(f))
+        for f in (kernels, dtypes, recompute, compile_, finetune, zero3, quant, sdpa)
     ]
     if full:
         combos = list(itertools.product(*factors))
@@ -66,7 +71,8 @@ def settings_grid(
                 c = list(base)
                 c[i] = v
                 combos.append(tuple(c))
-    return [Setting(kernel=k, dtype=d, recompute=r, compile=c) for k, d, r, c in combos]
+    names = ("kernel", "dtype", "recompute", "compile", "finetune", "zero3", "quant", "sdpa")
+    return [Setting(**dict(zip(names, c))) for c in combos]
 
 
 def measure_peak(dtype: str = "float32", m: int = PEAK_GEMM, reps: int = 5) -> float:
@@ -176,9 +182,14 @@ def _setting_result(
     }
     if job.perf is not None:
         # compiled steps too: their inventory lists each inductor graph call (dissect)
-        from moeflow.apps.bench.predict import compare
+        if w.setting.matrix:
+            from moeflow.apps.bench.predict_matrix import compare_matrix
 
-        res["prediction"] = compare(d, job.perf, w.setting.dtype)
+            res["prediction"] = compare_matrix(d, job.perf, w.setting, w.units, w.kind)
+        else:
+            from moeflow.apps.bench.predict import compare
+
+            res["prediction"] = compare(d, job.perf, w.setting.dtype)
     return res
 
 
@@ -200,15 +211,21 @@ def _run_single(job: BenchJob, setting: Setting, peak: float, tick) -> tuple[dic
     w = build_workload(
         job.kind, job.mode, setting, job.shape, seed=job.seed, path=job.path, dims=job.dims
     )
-    d = dissect(
-        w,
-        warmup=job.warmup,
-        steps=job.steps,
-        unprofiled=job.unprofiled,
-        on_step=tick,
-        keep_trace=job.trace_dir is not None,
-    )
-    counted = _counted_flops(w) if (job.count and not setting.compile) else None
+    try:
+        d = dissect(
+            w,
+            warmup=job.warmup,
+            steps=job.steps,
+            unprofiled=job.unprofiled,
+            on_step=tick,
+            keep_trace=job.trace_dir is not None,
+        )
+        counted = _counted_flops(w) if (job.count and not setting.compile) else None
+    finally:
+        if setting.zero3:
+            from moeflow.apps.bench.matrix import release_group
+
+            release_group()
     res = _setting_result(job, w, d, peak, counted, None)
     if job.trace_dir is not None:
         from moeflow.apps.bench.report import write_trace
@@ -307,6 +324,12 @@ def _run_ep(job: BenchJob, setting: Setting, peak: float) -> tuple[dict, Workloa
 def bench(job: BenchJob) -> dict | None:
     """Run every setting of ``job``; return the ``moeflow.bench/1`` report (None on the
     non-zero ranks of a job started by torchrun: rank 0 reports)."""
+    if job.nproc > 1:
+        for s in job.settings:
+            if s.matrix:
+                raise ConfigError(
+                    "setting", s.label, "no LoRA, ZeRO-3, int8 or SDPA factor with nproc > 1"
+                )
     peaks = dict(job.peak_flops or {})
     source = "stated"
     threads = torch.get_num_threads()

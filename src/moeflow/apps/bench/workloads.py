@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moeflow.apps.bench.matrix import FINETUNES, QUANTS, SDPA_BACKENDS
 from moeflow.errors import ConfigError, InputError, UnsupportedModelError
 from moeflow.layer.moe import MoELayer
 
@@ -58,26 +59,64 @@ MOE_CATEGORIES = ("moe_router", "moe_experts", "moe_other")
 
 @dataclass(frozen=True, kw_only=True)
 class Setting:
-    """One column of the comparison: expert kernel, dtype, recomputation, torch.compile."""
+    """One column of the comparison: expert kernel, dtype, recomputation, torch.compile, and
+    the factors of :mod:`moeflow.apps.bench.matrix`: LoRA fine-tuning (train), ZeRO-3 through
+    FSDP2 (train), weight-only int8 (decode) and the SDPA back-end."""
 
     kernel: str = "grouped_mm"
     dtype: str = "float32"
     recompute: bool = False
     compile: bool = False
+    finetune: str = "full"
+    zero3: bool = False
+    quant: str = "none"
+    sdpa: str = "default"
 
     def __post_init__(self) -> None:
         if self.kernel not in BENCH_KERNELS:
             raise ConfigError("kernel", self.kernel, f"one of {BENCH_KERNELS}")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"one of {DTYPES}")
+        if self.finetune not in FINETUNES:
+            raise ConfigError("finetune", self.finetune, f"one of {FINETUNES}")
+        if self.quant not in QUANTS:
+            raise ConfigError("quant", self.quant, f"one of {QUANTS}")
+        if self.sdpa not in SDPA_BACKENDS:
+            raise ConfigError("sdpa", self.sdpa, f"one of {SDPA_BACKENDS}")
+
+    @property
+    def matrix(self) -> bool:
+        """Whether a factor of :mod:`moeflow.apps.bench.matrix` is off its default."""
+        return (self.finetune, self.zero3, self.quant, self.sdpa) != (
+            "full",
+            False,
+            "none",
+            "default",
+        )
 
     @property
     def label(self) -> str:
         dt = {"float32": "fp32", "bfloat16": "bf16"}[self.dtype]
+        extra = (
+            ("/lora" if self.finetune == "lora" else "")
+            + ("/zero3" if self.zero3 else "")
+            + ("/int8wo" if self.quant == "int8" else "")
+            + (f"/sdpa-{self.sdpa}" if self.sdpa != "default" else "")
+        )
         return (
             f"{self.kernel}/{dt}/rc-{'on' if self.recompute else 'off'}"
-            f"/compile-{'on' if self.compile else 'off'}"
+            f"/compile-{'on' if self.compile else 'off'}{extra}"
         )
+
+    def check_mode(self, mode: str) -> None:
+        """ConfigError for a factor the mode has no use for (LoRA and ZeRO-3 shape a training
+        step, weight-only int8 a decode step)."""
+        if mode != "train" and self.finetune != "full":
+            raise ConfigError("finetune", self.finetune, "full in decode (LoRA trains)")
+        if mode != "train" and self.zero3:
+            raise ConfigError("zero3", "on", "off in decode (ZeRO-3 shards training state)")
+        if mode != "decode" and self.quant != "none":
+            raise ConfigError("quant", self.quant, "none in train (weight-only int8 serves)")
 
     def to_dict(self) -> dict:
         return {
@@ -85,6 +124,10 @@ class Setting:
             "dtype": self.dtype,
             "recompute": self.recompute,
             "compile": self.compile,
+            "finetune": self.finetune,
+            "zero3": self.zero3,
+            "quant": self.quant,
+            "sdpa": self.sdpa,
             "label": self.label,
         }
 
@@ -230,14 +273,35 @@ class Workload:
         self.kind, self.model, self.vocab, self.shape = kind, model, vocab, shape
         self.setting, self.mode, self.seed = setting, mode, seed
         self.context = context
+        setting.check_mode(mode)
         dtype = getattr(torch, setting.dtype)
         model.to(dtype)
         for m in moe_layers(model):
             layer = m.layer if hasattr(m, "layer") and isinstance(m.layer, MoELayer) else m
             layer.experts.kernel = setting.kernel
+        from moeflow.apps.bench import matrix
+
+        #: units each matrix factor applies to (adapted / quantized Linears, FSDP units,
+        #: blocks under a forced SDPA back-end): what its prediction prices per unit
+        self.units: dict = {}
+        if setting.finetune == "lora":
+            self.units["lora"] = len(matrix.lora_targets(model))
+            matrix.apply_lora(model)
+        if setting.quant == "int8":
+            shapes = dict(model.named_modules())
+            self.units["int8_weights"] = [
+                tuple(shapes[n].weight.shape) for n in matrix.quant_targets(model)
+            ]
+            self.units["int8"] = matrix.apply_int8(model)
+        if setting.sdpa != "default":
+            blocks = _block_list(model)
+            matrix.apply_sdpa(blocks, setting.sdpa, setting.dtype)
+            self.units["sdpa"] = len(blocks)
         if setting.recompute and mode == "train":
             for blk in _block_list(model):
                 _recompute(blk)
+        if setting.zero3:
+            self.units["zero3"] = matrix.apply_zero3(model, _block_list(model))
         if setting.compile:
             _compile(model)
         g = torch.Generator().manual_seed(seed)
@@ -249,7 +313,10 @@ class Workload:
         self._cache = None
         if mode == "train":
             model.train()
-            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            # the trainable parameters only (all but the frozen base weights under LoRA)
+            self.opt = torch.optim.AdamW(
+                [p for p in model.parameters() if p.requires_grad], lr=1e-4
+            )
         else:
             model.eval()
             self._prefill()
