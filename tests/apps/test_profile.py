@@ -230,6 +230,33 @@ def test_profile_refit_updates_a_model_from_samples(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
+def test_profile_op_costs_stores_every_bench_cost_with_its_fit(tmp_path, capsys):
+    """``moeflow profile --op-costs`` writes the costs ``moeflow bench --simulate`` prices a
+    step with into the same file, each fitted one with its fit quality."""
+    from moeflow.apps.bench.predict import OP_CLASSES
+    from moeflow.cli import profile as cli
+    from moeflow.perf import LinearCost
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    out = tmp_path / "perf.json"
+    argv = ["--nproc", "2", "--out", str(out), "--min-kb", "4", "--max-kb", "64"]
+    argv += ["--points", "2", "--gemm", "32", "96", "--reps", "1", "--trials", "1"]
+    assert cli.run(p.parse_args([*argv, "--quiet", "--op-costs"])) == 0
+    table = PerfModel.load(out).meta["bench_costs"]
+    fitted = ("gemm", "grouped_gemm", "grouped_gemm_wgrad", "attention", "attention_bwd")
+    for dt in ("float32", "bfloat16"):
+        for kind in (*fitted, "elementwise", *OP_CLASSES):
+            c = LinearCost.from_dict(table[f"{kind}@{dt}"])
+            assert c.r2 is not None and c.max_rel_err is not None and len(c.points) >= 2
+            assert c.beta > 0
+    for fixed in ("python_op", "module_call", "autograd_node", "optimizer_op", "compiled_call"):
+        assert LinearCost.from_dict(table[fixed]).alpha > 0
+    assert "attention_bwd@bfloat16" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_expert_rows_add_points_to_the_expert_sweep():
     from moeflow.apps import profile as profiler
 

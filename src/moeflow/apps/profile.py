@@ -36,6 +36,14 @@
   when its last rank ends), fitted by least squares on relative error (a planner splits work
   into chunks, so the small sizes' latency matters as much as the large sizes' rate).
 
+``--op-costs`` (the CLI, :mod:`moeflow.cli.profile`) also measures, in this process with the
+threads one rank gets, the per-operator costs ``moeflow bench --simulate`` prices a step with
+(:func:`moeflow.apps.bench.predict.with_op_costs`: GEMMs by shape class and dtype, the
+flash-attention and weight-gradient backward kernels, the element-wise, transcendental,
+softmax, reduction, index, copy and view classes per dtype, the host costs per operator,
+module call, autograd node and optimizer operator, and the inductor graph call of
+``torch.compile``), each with its fit quality, into ``meta["bench_costs"]`` of the same file.
+
 ``--refit`` refits an existing model from durations measured at run time
 (:meth:`moeflow.perf.PerfModel.update`) instead of profiling.
 
@@ -598,6 +606,13 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
+        "--op-costs",
+        action="store_true",
+        help="also measure the per-operator costs moeflow bench --simulate reads "
+        "(meta['bench_costs']: GEMM shape classes, attention backward, element-wise classes "
+        "per dtype, host overheads, compiled graph calls)",
+    )
+    p.add_argument(
         "--refit",
         metavar="SAMPLES",
         default=None,
@@ -656,6 +671,11 @@ def format_table(model: PerfModel) -> str:
         r2 = "-" if c.r2 is None else f"{c.r2:.4f}"
         rel = "-" if c.max_rel_err is None else f"{c.max_rel_err:.1%}"
         lines.append(f"{k:<22} {c.alpha:>11.4g} {c.beta:>15.4g} {r2:>7} {rel:>8}  {unit}")
+    for k, d in sorted(model.meta.get("bench_costs", {}).items()):
+        c = LinearCost.from_dict(d)
+        r2 = "-" if c.r2 is None else f"{c.r2:.4f}"
+        rel = "-" if c.max_rel_err is None else f"{c.max_rel_err:.1%}"
+        lines.append(f"{k:<22} {c.alpha:>11.4g} {c.beta:>15.4g} {r2:>7} {rel:>8}  (bench)")
     return "\n".join(lines)
 
 
@@ -683,7 +703,9 @@ def refit_file(perf_path, samples_path):
         raise InputError(f"--refit {str(samples_path)!r}: {e}") from None
 
 
-def run_profile(args) -> int:
+def run_profile(args, extend=None) -> int:
+    """``moeflow profile``. ``extend(model, args)``, when given, returns the profiled model
+    with more costs before it is written (the CLI adds ``--op-costs`` this way)."""
     if getattr(args, "refit", None) is not None:
         if args.perf is None:
             raise ConfigError("--perf", None, "the PerfModel JSON that --refit updates")
@@ -710,6 +732,8 @@ def run_profile(args) -> int:
         dtype=args.dtype,
         force=args.force_nproc,
     )
+    if extend is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        model = extend(model, args)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(format_table(model))
         from moeflow.files import atomic_path

@@ -345,8 +345,21 @@ def run_bench(args) -> int:
         from moeflow.apps.bench.predict import with_op_costs
 
         job.perf = with_op_costs(
-            job.perf, tuple(dict.fromkeys(s.dtype for s in job.settings)), nproc=job.nproc
+            job.perf,
+            tuple(dict.fromkeys(s.dtype for s in job.settings)),
+            nproc=job.nproc,
+            compiled=any(s.compile for s in job.settings),
         )
+    elif job.perf is not None and any(s.compile for s in job.settings):
+        table = job.perf.meta["bench_costs"]
+        if "compiled_call" not in table:  # a model profiled without compiled settings
+            from dataclasses import replace
+
+            from moeflow.apps.bench.predict import profile_compiled_call
+
+            fwd, bwd = profile_compiled_call()
+            table = {**table, "compiled_call": fwd.to_dict(), "compiled_call_bwd": bwd.to_dict()}
+            job.perf = replace(job.perf, meta={**job.perf.meta, "bench_costs": table})
     if args.simulate and job.perf is None:
         from moeflow.apps.bench.predict import profile_machine
 
@@ -354,6 +367,7 @@ def run_bench(args) -> int:
             tuple(dict.fromkeys(s.dtype for s in job.settings)),
             nproc=job.nproc,
             progress=not args.quiet,
+            compiled=any(s.compile for s in job.settings),
         )
         if args.profile_out:
             with atomic_path(args.profile_out, force=args.force) as tmp:

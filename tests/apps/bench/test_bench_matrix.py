@@ -178,7 +178,8 @@ def _synthetic_perf():
         f"{c}@float32": LinearCost(1e-3, 0.0, source="assumed").to_dict()
         for c in ("elementwise", *OP_CLASSES)
     }
-    costs["gemm@float32"] = LinearCost(0.0, 1e-9, source="assumed").to_dict()
+    for k in ("gemm", "grouped_gemm_wgrad", "attention_bwd"):
+        costs[f"{k}@float32"] = LinearCost(0.0, 1e-9, source="assumed").to_dict()
     costs["python_op"] = LinearCost(2e-3, 0.0, source="assumed").to_dict()
     return PerfModel(
         name="synthetic", costs={"gemm": LinearCost(0.0, 1e-9)}, meta={"bench_costs": costs}

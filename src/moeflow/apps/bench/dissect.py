@@ -17,6 +17,9 @@ apart, per operator) on one process:
    its number (``AccumulateGrad`` nodes, which have none, take the row of the node before).
    Recomputed forwards (activation checkpointing) run inside their module scopes again, so
    their time is backward time of their own row.
+4. Under ``torch.compile`` the fused kernels of an inductor graph are no aten operators: the
+   inventory lists each graph call (``[compiled graph call]``) with the extern operators it
+   runs (GEMMs, attention) as operators of their own.
 
 Self times partition each step scope exactly, so the rows sum to the profiler's step time;
 the step is also timed with ``perf_counter`` (with and without the profiler) as a check.
@@ -42,6 +45,10 @@ PYTHON = "[python]"
 #: inventory entries that are not operators: a module call, a backward node
 MODULE_CALL = "[module call]"
 AUTOGRAD_NODE = "[autograd node]"
+#: an inductor graph call (``torch.compile``): its fused kernels run inside this scope and
+#: are no aten operators, so the inventory holds the call itself
+COMPILED_GRAPH = "## Call CompiledFxGraph"
+COMPILED_CALL = "[compiled graph call]"
 PHASES = ("forward", "backward", "optimizer")
 #: operators that are matrix products (their FLOPs are priced with the GEMM cost)
 GEMM_OPS = (
@@ -65,6 +72,9 @@ class OpRecord:
     self_us: float
     shapes: list
     gemms: list = field(default_factory=list)  # (name, shapes) of the GEMMs inside it
+    dtypes: list = field(default_factory=list)  # the profiler's input dtypes ("float", ...)
+    total_us: float = 0.0  # inclusive time (its children's too), for per-term comparisons
+    calls: list = field(default_factory=list)  # the aten operators it calls (a copy or not)
 
 
 @dataclass
@@ -179,6 +189,8 @@ def attribute(events) -> tuple[list[dict], list[dict], list[list[OpRecord]]]:
                 inv.append(OpRecord(phase, row, AUTOGRAD_NODE, 0.0, []))
             elif not in_node and e.sequence_nr >= 0 and "Backward" not in name:
                 fwd_row.setdefault(e.sequence_nr, row)
+            if name.startswith(COMPILED_GRAPH):
+                inv.append(OpRecord(phase, row, COMPILED_CALL, 0.0, []))
             op = name if _is_op(name) else PYTHON
             us = float(e.self_cpu_time_total)
             rows[(phase, row)] = rows.get((phase, row), 0.0) + us
@@ -186,7 +198,16 @@ def attribute(events) -> tuple[list[dict], list[dict], list[list[OpRecord]]]:
             rec[0] += us
             rec[1] += 1
             if name.startswith(("aten::", "c10d::")) and top is None:
-                top = OpRecord(phase, row, name, us, list(e.input_shapes or []))
+                top = OpRecord(
+                    phase,
+                    row,
+                    name,
+                    us,
+                    list(e.input_shapes or []),
+                    dtypes=list(getattr(e, "input_dtypes", None) or []),
+                    total_us=float(e.cpu_time_total),
+                    calls=sorted({c.name for c in e.cpu_children if c.name.startswith("aten::")}),
+                )
                 inv.append(top)
             if top is not None and name in GEMM_OPS and not in_gemm:
                 # a GEMM inside a GEMM (CPU grouped_mm runs mm per group) is counted once

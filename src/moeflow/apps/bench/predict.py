@@ -3,8 +3,10 @@
 What is measured and what is predicted are kept apart:
 
 * the *work* of the step comes from its operator inventory (each top-level aten operator,
-  its row and phase, its input shapes, the GEMMs inside it), which the profiled run records
-  along with the times, but whose times the prediction never reads;
+  its row and phase, its input shapes and dtypes, the GEMMs inside it, the operators it
+  calls; each module call, backward node and compiled graph call), which the profiled run
+  records along with the times, but whose times the prediction never reads (only
+  :func:`compare_terms` sets them beside the prediction, per cost term);
 * the *cost* of each operator comes from the :class:`moeflow.perf.PerfModel` (the
   alpha-beta model of FSMoE, ASPLOS'25, profiled online before the run), every fit stored in
   ``meta["bench_costs"]`` under ``<primitive>@<dtype>``:
@@ -12,12 +14,21 @@ What is measured and what is predicted are kept apart:
   - dense GEMMs ``alpha + beta * FLOPs`` over tall-skinny shapes with their operands out of
     cache (``gemm``; ``moeflow profile``'s square-GEMM fit is kept as ``gemm_square`` and the
     report also shows the prediction with it), expert GEMMs (``torch._grouped_mm``) and the
-    attention core (causal SDPA) with fits of their own (``grouped_gemm``, ``attention``);
+    attention core (causal SDPA) with fits of their own (``grouped_gemm``, ``attention``),
+    and so have their backward kernels, which run at other rates than their forwards (most
+    of all in bf16): the 2-D x 2-D weight-gradient ``_grouped_mm`` (``grouped_gemm_wgrad``)
+    and the CPU flash-attention backward (``attention_bwd``);
   - any other operator ``alpha + beta * bytes`` (its inputs plus one output the size of its
-    largest input), fitted per class: element-wise, reduction, indexing, copy/layout;
+    largest input, each at its own element size), fitted per class: element-wise,
+    transcendental element-wise (silu, exp, rsqrt, ...), softmax and norms, plain reduction,
+    indexing, copy (memory writes), views and allocations (no bytes: their fit is flat),
+    and per dtype: an operator takes the fit of its largest floating input's dtype (the
+    float32 statistics of a bf16 step are priced as float32);
   - fixed costs: the Python around each forward operator (``python_op``), each module call
     (``module_call``), each backward node (``autograd_node``), each optimizer operator
-    (``optimizer_op``);
+    (``optimizer_op``), and under ``torch.compile`` each inductor graph call, forward and
+    backward (``compiled_call``, ``compiled_call_bwd``: guards, wrapper and fused kernels;
+    the extern GEMMs a graph runs are operators of the inventory, priced as above);
 
   fits use relative least squares (:func:`moeflow.perf.measure.fit`) over medians;
 * :mod:`moeflow.sim` turns the per-(phase, row) costs into a task graph on one compute
@@ -31,7 +42,8 @@ from functools import partial
 
 import torch
 
-from moeflow.apps.bench.dissect import AUTOGRAD_NODE, MODULE_CALL, StepDissection
+from moeflow.apps.bench.dissect import AUTOGRAD_NODE, COMPILED_CALL, MODULE_CALL, StepDissection
+from moeflow.errors import ConfigError
 from moeflow.perf.cost import LinearCost, PerfModel
 from moeflow.perf.measure import fit, time_ms
 from moeflow.sim import TaskGraph, simulate
@@ -44,6 +56,45 @@ ESIZE = {"float32": 4, "bfloat16": 2}
 
 #: operator classes with a cost fit of their own; anything else is ``elementwise``
 OP_CLASSES = {
+    # element-wise operators that evaluate a transcendental function per element: several
+    # times the cost of a multiply per byte, and more so in bf16 (converted per element)
+    "transcendental": (
+        "silu",
+        "silu_",
+        "silu_backward",
+        "sigmoid",
+        "sigmoid_backward",
+        "exp",
+        "exp_",
+        "log",
+        "tanh",
+        "tanh_backward",
+        "gelu",
+        "gelu_",
+        "gelu_backward",
+        "rsqrt",
+        "sqrt",
+        "pow",
+        "erf",
+        "softplus",
+    ),
+    # normalisations along a row: softmax-like (exp per element) and the norms
+    "softmax": (
+        "softmax",
+        "_softmax",
+        "log_softmax",
+        "_log_softmax",
+        "_softmax_backward_data",
+        "_log_softmax_backward_data",
+        "cross_entropy_loss",
+        "rms_norm",
+        "_fused_rms_norm",
+        "_fused_rms_norm_backward",
+        "layer_norm",
+        "native_layer_norm",
+        "native_layer_norm_backward",
+    ),
+    # plain reductions, sorts and searches
     "reduce": (
         "sum",
         "mean",
@@ -51,20 +102,10 @@ OP_CLASSES = {
         "amin",
         "max",
         "min",
-        "softmax",
-        "_softmax",
-        "log_softmax",
-        "_log_softmax",
         "topk",
         "sort",
         "argsort",
-        "rms_norm",
-        "_fused_rms_norm",
-        "_fused_rms_norm_backward",
         "norm",
-        "layer_norm",
-        "native_layer_norm",
-        "native_layer_norm_backward",
         "var",
         "std",
         "cumsum",
@@ -72,9 +113,6 @@ OP_CLASSES = {
         "nll_loss_backward",
         "nll_loss",
         "nll_loss_nd",
-        "cross_entropy_loss",
-        "_softmax_backward_data",
-        "_log_softmax_backward_data",
         "linalg_vector_norm",
         "argmax",
         "bincount",
@@ -105,6 +143,7 @@ OP_CLASSES = {
         "where",
         "_index_put_impl_",
     ),
+    # operators that write memory: copies, casts, concatenation, fills
     "copy": (
         "copy_",
         "to",
@@ -118,13 +157,19 @@ OP_CLASSES = {
         "new_zeros",
         "zero_",
         "fill_",
-        "empty",
-        "empty_like",
-        "new_empty",
         "ones",
         "ones_like",
         "full",
         "arange",
+        "repeat",
+    ),
+    # views and allocations: metadata only, no bytes moved whatever the size (priced by
+    # bytes, a transpose of a large activation would cost as much as copying it)
+    "view": (
+        "empty",
+        "empty_like",
+        "new_empty",
+        "empty_strided",
         "expand",
         "view",
         "reshape",
@@ -147,16 +192,26 @@ OP_CLASSES = {
         "split_with_sizes",
         "lift_fresh",
         "resize_",
-        "empty_strided",
         "unflatten",
     ),
 }
 _CLASS_OF = {op: cls for cls, ops in OP_CLASSES.items() for op in ops}
 
 
-def op_class(name: str) -> str:
-    """``reduce``, ``index``, ``copy`` or ``elementwise`` for an ``aten::`` operator."""
-    return _CLASS_OF.get(name.split("::", 1)[-1], "elementwise")
+#: operators that copy only when they call a copying operator (``x.to(x.dtype)`` returns
+#: ``x``; ``reshape`` of a contiguous tensor is a view), else they are views
+MAYBE_COPY = ("to", "type_as", "contiguous", "reshape", "flatten", "expand_as", "view_as")
+COPYING = ("aten::_to_copy", "aten::clone", "aten::copy_", "aten::_reshape_copy")
+
+
+def op_class(name: str, calls=None) -> str:
+    """``transcendental``, ``softmax``, ``reduce``, ``index``, ``copy``, ``view`` or
+    ``elementwise`` for an ``aten::`` operator; ``calls`` (the operators it called, from the
+    inventory) makes a :data:`MAYBE_COPY` operator a ``copy`` or a ``view``."""
+    base = name.split("::", 1)[-1]
+    if calls is not None and base in MAYBE_COPY:
+        return "copy" if any(c in COPYING for c in calls) else "view"
+    return _CLASS_OF.get(base, "elementwise")
 
 
 def _sweep_fns(cls: str, n: int, td: torch.dtype):
@@ -167,9 +222,17 @@ def _sweep_fns(cls: str, n: int, td: torch.dtype):
     es = a.element_size()
     if cls == "elementwise":
         return (partial(torch.mul, a, b), 3 * n * es)
-    if cls == "reduce":
+    if cls == "transcendental":
+        return (partial(torch.nn.functional.silu, a), 2 * n * es)
+    if cls == "softmax":
         x = a.view(-1, min(n, 128))
         return (partial(torch.softmax, x, -1), 2 * n * es)
+    if cls == "reduce":
+        x = a.view(-1, min(n, 128))
+        return (partial(torch.sum, x, -1), 2 * n * es)
+    if cls == "view":
+        x = a.view(-1, min(n, 128))
+        return (partial(torch.transpose, x, 0, 1), 2 * n * es)
     if cls == "index":
         x = a.view(-1, min(n, 128))
         idx = torch.randint(0, x.shape[0], (x.shape[0],), generator=g)
@@ -181,7 +244,8 @@ def _sweep_fns(cls: str, n: int, td: torch.dtype):
 def profile_op_class(cls: str, dtype: str, reps: int = 20, trials: int = 3) -> LinearCost:
     """``alpha + beta * bytes`` of one operator class on this process: ``alpha`` is the
     time of the op on 16 elements (dispatch and launch, which a least-squares intercept over
-    large sizes would lose in the noise), ``beta`` the least-squares slope of the rest."""
+    large sizes would lose in the noise), ``beta`` the least-squares slope of the rest; the
+    cost carries its fit quality on the sweep (``r2``, ``max_rel_err``, the points)."""
     td = getattr(torch, dtype)
     fn, _ = _sweep_fns(cls, 16, td)
     alpha = time_ms(fn, reps=reps * 5, trials=trials)
@@ -191,17 +255,13 @@ def profile_op_class(cls: str, dtype: str, reps: int = 20, trials: int = 3) -> L
         xs.append(float(nbytes))
         ys.append(time_ms(fn, reps=reps, trials=trials))
     beta = max(0.0, sum(x * (y - alpha) for x, y in zip(xs, ys)) / sum(x * x for x in xs))
-    my = sum(ys) / len(ys)
-    ss_tot = sum((y - my) ** 2 for y in ys)
-    ss_res = sum((y - alpha - beta * x) ** 2 for x, y in zip(xs, ys))
     return LinearCost(
         alpha=alpha,
         beta=beta,
-        r2=1 - ss_res / ss_tot if ss_tot else 1.0,
         source="measured",
         note=f"bytes, {cls} ({fn.func.__name__}), {len(xs)} sizes, {dtype}, "
         f"{torch.get_num_threads()} threads",
-    )
+    ).with_points(xs, ys)
 
 
 #: GEMM shapes (m, k, n) of the tall-skinny sweep: token rows by model widths
@@ -288,6 +348,69 @@ def profile_attention(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
     )
 
 
+def profile_grouped_gemm_wgrad(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
+    """``alpha + beta * FLOPs`` of the expert weight gradient's ``torch._grouped_mm``: a
+    2-D x 2-D call grouped along the contraction (the ``(O, N)`` transposed gradient times the
+    ``(N, I)`` activations, one ``(O, I)`` product per expert), the class
+    :class:`moeflow.kernels.grouped` runs backward besides the forward-shaped data gradient.
+    CPU ``_grouped_mm`` loops ``mm`` per group over a transposed, strided operand, and bf16
+    runs it well below its forward rate, so the forward fit misprices it. Same grid as
+    :func:`profile_grouped_gemm`, operands out of cache, relative least squares."""
+    if not hasattr(torch, "_grouped_mm"):
+        return profile_gemm_shapes(dtype, reps, trials)
+    td = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    for E in (4, 8, 16):
+        for rows in (64, 256):
+            for K, N in ((128, 512), (512, 128), (256, 256)):
+                offs = (torch.arange(1, E + 1) * rows).to(torch.int32)
+                grad = torch.randn(E * rows, N, generator=g).to(td)
+                act = torch.randn(E * rows, K, generator=g).to(td)
+                fn = partial(torch._grouped_mm, grad.t(), act, offs=offs)
+                xs.append(2.0 * E * rows * K * N)
+                ys.append(time_ms(fn, trials=reps * trials, cold=True))
+    return fit(
+        xs,
+        ys,
+        relative=True,
+        note=f"FLOPs, torch._grouped_mm weight gradient (2-D x 2-D), {len(xs)} shapes, "
+        f"relative least squares, {dtype}, {torch.get_num_threads()} threads",
+    )
+
+
+def profile_attention_bwd(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
+    """``alpha + beta * FLOPs`` of the backward of causal ``scaled_dot_product_attention``
+    (the CPU flash-attention backward kernel, n = twice the forward FLOPs, as
+    :func:`gemm_flops` counts it), timed alone by replaying the backward of one recorded
+    forward. The backward recomputes the probabilities block by block, and in bf16 runs far
+    below the forward's rate, so the forward fit does not price it. Same shapes as
+    :func:`profile_attention`, relative least squares."""
+    import torch.nn.functional as F
+
+    td = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    for B in (1, 8):
+        for L in (64, 128, 256):
+            for d in (32, 64):
+                q, k, v = (
+                    torch.randn(B, 4, L, d, generator=g).to(td).requires_grad_() for _ in range(3)
+                )
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                grad = torch.randn_like(out)
+                fn = partial(torch.autograd.grad, out, (q, k, v), grad, retain_graph=True)
+                xs.append(2 * 4.0 * B * 4 * L * L * d)
+                ys.append(time_ms(fn, reps=reps, trials=trials))
+    return fit(
+        xs,
+        ys,
+        relative=True,
+        note=f"FLOPs (2x forward), causal SDPA backward, {len(xs)} shapes, relative "
+        f"least squares, {dtype}, {torch.get_num_threads()} threads",
+    )
+
+
 def _reference_ops(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Nine small operators written as module code writes them (an RMSNorm and a residual)."""
     x32 = x.float()
@@ -356,6 +479,33 @@ def profile_autograd_node(reps: int = 200, trials: int = 5) -> LinearCost:
     )
 
 
+def profile_compiled_call(reps: int = 200, trials: int = 5) -> tuple[LinearCost, LinearCost]:
+    """Time of one inductor graph call of ``torch.compile`` (as the bench compiles its
+    modules: ``dynamic=True``) on tiny tensors, forward with autograd recording
+    (``compiled_call``: guards, the AOT wrapper, the graph's fused kernel) and its backward
+    graph (``compiled_call_bwd``: forward plus backward minus forward). The fused kernels of
+    a compiled step are priced by these: at the bench's sizes their bytes cost less than the
+    calls around them. ``alpha`` only."""
+    fn = torch.compile(_reference_ops, dynamic=True)
+    w = torch.ones(16, requires_grad=True)
+    x = torch.randn(1, 16)
+
+    def fwd():
+        fn(x, w)
+
+    def fwdbwd():
+        fn(x, w).sum().backward()
+
+    fwdbwd()  # compile both graphs outside the timing
+    t_f = time_ms(fwd, reps=reps, trials=trials)
+    t_b = max(0.0, time_ms(fwdbwd, reps=reps, trials=trials) - t_f)
+    note = "ms per inductor graph call (torch.compile(dynamic=True), tiny tensors)"
+    return (
+        LinearCost(alpha=t_f, beta=0.0, source="measured", note=note + ", forward"),
+        LinearCost(alpha=t_b, beta=0.0, source="measured", note=note + ", backward graph"),
+    )
+
+
 def profile_optimizer_op(params: int = 16, reps: int = 20, trials: int = 5) -> LinearCost:
     """Time per operator of an ``AdamW`` step over ``params`` tiny tensors: the optimizer's
     Python loop around its operators (per-parameter bookkeeping, state lookups). ``alpha``
@@ -384,7 +534,13 @@ def profile_optimizer_op(params: int = 16, reps: int = 20, trials: int = 5) -> L
 
 
 def profile_machine(
-    dtypes=("float32",), *, nproc: int = 1, reps: int = 5, trials: int = 3, progress: bool = False
+    dtypes=("float32",),
+    *,
+    nproc: int = 1,
+    reps: int = 5,
+    trials: int = 3,
+    progress: bool = False,
+    compiled: bool = False,
 ) -> PerfModel:
     """``moeflow.perf.profile`` per dtype on ``nproc`` gloo ranks (the GEMM fit, and with
     ``nproc > 1`` the collectives), plus the operator-class fits of this process (run with
@@ -417,7 +573,7 @@ def profile_machine(
         notes=base.notes,
         meta=dict(base.meta),
     )
-    out = with_op_costs(perf, dtypes, nproc=nproc)
+    out = with_op_costs(perf, dtypes, nproc=nproc, compiled=compiled)
     extra = dict(out.meta["bench_costs"])
     for dt, pm in profiled.items():
         extra[f"gemm_square@{dt}"] = pm.costs["gemm"].to_dict()
@@ -432,25 +588,34 @@ def profile_machine(
     )
 
 
-def with_op_costs(perf: PerfModel, dtypes=("float32",), *, nproc: int = 1) -> PerfModel:
+def with_op_costs(
+    perf: PerfModel, dtypes=("float32",), *, nproc: int = 1, compiled: bool = False
+) -> PerfModel:
     """``perf`` (e.g. from ``moeflow profile`` inside a cluster) plus this process's
     operator-class fits, with the threads one of ``nproc`` ranks gets; its GEMM and collective
-    fits are kept (``gemm@<dtype>`` falls back to its ``gemm``)."""
+    fits are kept (``gemm@<dtype>`` falls back to its ``gemm``). ``compiled``: also the
+    inductor graph call costs (:func:`profile_compiled_call`) that compiled settings need."""
     threads = torch.get_num_threads()
     extra = {}
     torch.set_num_threads(max(1, threads // nproc))
     try:
-        for dt in dtypes:
+        # a bf16 step still runs float32 operators (norm statistics, router, loss)
+        for dt in dict.fromkeys((*dtypes, "float32")):
             extra[f"gemm_square@{dt}"] = perf.cost("gemm").to_dict()
             extra[f"gemm@{dt}"] = profile_gemm_shapes(dt).to_dict()
             extra[f"grouped_gemm@{dt}"] = profile_grouped_gemm(dt).to_dict()
             extra[f"attention@{dt}"] = profile_attention(dt).to_dict()
+            extra[f"attention_bwd@{dt}"] = profile_attention_bwd(dt).to_dict()
+            extra[f"grouped_gemm_wgrad@{dt}"] = profile_grouped_gemm_wgrad(dt).to_dict()
             for cls in ("elementwise", *OP_CLASSES):
                 extra[f"{cls}@{dt}"] = profile_op_class(cls, dt).to_dict()
         extra["python_op"] = profile_python_op().to_dict()
         extra["module_call"] = profile_module_call().to_dict()
         extra["autograd_node"] = profile_autograd_node().to_dict()
         extra["optimizer_op"] = profile_optimizer_op().to_dict()
+        if compiled:
+            fwd, bwd = profile_compiled_call()
+            extra["compiled_call"], extra["compiled_call_bwd"] = fwd.to_dict(), bwd.to_dict()
     finally:
         torch.set_num_threads(threads)
     meta = dict(perf.meta)
@@ -482,7 +647,8 @@ def _cost(perf: PerfModel, kind: str, dtype: str) -> LinearCost:
     raise ConfigError(
         "perf model",
         perf.name,
-        f"a meta['bench_costs'] entry {key!r} (profile with moeflow bench --profile)",
+        f"a meta['bench_costs'] entry {key!r} (moeflow bench --simulate profiles it, "
+        "and adds the missing operator costs to a --perf model that has none)",
     )
 
 
@@ -517,50 +683,175 @@ def gemm_flops(name: str, shapes: list) -> int:
     return sdpa_cpu_flop(s[0], s[1], s[2])
 
 
-def predict_rows(d: StepDissection, perf: PerfModel, dtype: str, gemm: str = "gemm") -> dict:
-    """{(phase, row): predicted ms} of one step from its inventory and ``perf``; ``gemm``
+#: bytes per element of the profiler's input dtype names (``FunctionEvent.input_dtypes``)
+PROFILER_ESIZE = {
+    "float": 4,
+    "double": 8,
+    "c10::BFloat16": 2,
+    "c10::Half": 2,
+    "long int": 8,
+    "int": 4,
+    "short int": 2,
+    "bool": 1,
+    "unsigned char": 1,
+    "signed char": 1,
+}
+#: the fit dtype of an operator whose largest input has this profiler dtype
+PROFILER_DTYPE = {"float": "float32", "c10::BFloat16": "bfloat16"}
+
+
+def op_bytes_and_dtype(rec, dtype: str) -> tuple[int, str]:
+    """(bytes, fit dtype) of a non-GEMM operator: its tensor inputs plus one output the size
+    of its largest input, each at its own element size when the inventory recorded dtypes;
+    the fit is the one of its largest floating input's dtype (a float32 norm statistic in a
+    bf16 step is priced as float32), else the step's ``dtype``."""
+    dts = list(rec.dtypes) if getattr(rec, "dtypes", None) else []
+    sizes = []
+    for i, shp in enumerate(rec.shapes):
+        if isinstance(shp, (list, tuple)) and shp:
+            name = dts[i] if i < len(dts) else ""
+            sizes.append((_numel(shp), PROFILER_ESIZE.get(name, ESIZE[dtype]), name))
+    if not sizes:
+        return 0, dtype
+    nbytes = sum(n * es for n, es, _ in sizes) + max(n * es for n, es, _ in sizes)
+    floats = [(n, name) for n, _, name in sizes if name in PROFILER_DTYPE]
+    fit_dtype = PROFILER_DTYPE[max(floats)[1]] if floats else dtype
+    return nbytes, fit_dtype
+
+
+def is_wgrad(name: str, shapes: list) -> bool:
+    """A 2-D x 2-D ``torch._grouped_mm``: grouped along the contraction (weight gradients)."""
+    return name == "aten::_grouped_mm" and len(shapes) > 1 and len(shapes[0]) == len(shapes[1]) == 2
+
+
+def priced_inventory(d: StepDissection, perf: PerfModel, dtype: str, gemm: str = "gemm"):
+    """``(record, cost term, operator ms, host ms)`` for every entry of a step's inventory,
+    priced from ``perf``; ``gemm``
     names the GEMM fit (``gemm``: the tall-skinny sweep when the model has one, else
-    ``moeflow profile``'s square fit; ``gemm_square``: the square fit)."""
+    ``moeflow profile``'s square fit; ``gemm_square``: the square fit, for every GEMM).
+
+    Expert GEMMs (``torch._grouped_mm``) are priced with ``grouped_gemm`` (2-D x 3-D: the
+    forward and the data gradient) and ``grouped_gemm_wgrad`` (2-D x 2-D), the CPU
+    flash-attention forward with ``attention`` and its backward with ``attention_bwd``;
+    other operators with their class fit (:func:`op_class`) at their own dtype
+    (:func:`op_bytes_and_dtype`): a model without a fit the step needs raises ConfigError
+    naming it."""
     g = _cost(perf, gemm, dtype)
-    # expert GEMMs and the attention core have fits of their own (same fallback: the GEMM's)
-    grouped = g if gemm == "gemm_square" else _cost(perf, "grouped_gemm", dtype)
-    attn = g if gemm == "gemm_square" else _cost(perf, "attention", dtype)
-    cost = {c: _cost(perf, c, dtype) for c in ("elementwise", *OP_CLASSES)}
+    square = gemm == "gemm_square"
+    # expert GEMMs and the attention core have fits of their own, forward and backward
+    grouped = g if square else _cost(perf, "grouped_gemm", dtype)
+    attn = g if square else _cost(perf, "attention", dtype)
+    gemms = [(n, s) for rec in d.inventory for n, s in rec.gemms]
+    # the backward fits are read only when the step runs such a GEMM
+    wgrad = (
+        _cost(perf, "grouped_gemm_wgrad", dtype)
+        if not square and any(is_wgrad(n, s) for n, s in gemms)
+        else grouped
+    )
+    attn_bwd = (
+        _cost(perf, "attention_bwd", dtype)
+        if not square and any(n.endswith("_for_cpu_backward") for n, _ in gemms)
+        else attn
+    )
+    cost: dict = {}
+
+    def class_cost(cls: str, dt: str) -> LinearCost:
+        if (cls, dt) not in cost:
+            cost[(cls, dt)] = _cost(perf, cls, dt)
+        return cost[(cls, dt)]
+
     table = perf.meta.get("bench_costs", {})
     fixed = {
         k: (LinearCost.from_dict(table[k]).alpha if k in table else 0.0)
         for k in ("python_op", "module_call", "autograd_node", "optimizer_op")
     }
     py = fixed["python_op"]
-    es = ESIZE[dtype]
-    out: dict = {}
     for rec in d.inventory:
         if rec.name.startswith("c10d::"):
             continue  # collectives are the link's work (ep_step_graph), not compute
         if rec.name in (MODULE_CALL, AUTOGRAD_NODE):
-            key = (rec.phase, rec.row)
             cost_key = "module_call" if rec.name == MODULE_CALL else "autograd_node"
-            out[key] = out.get(key, 0.0) + fixed[cost_key]
+            yield rec, cost_key, 0.0, fixed[cost_key]
+            continue
+        if rec.name == COMPILED_CALL:  # an inductor graph: its fused kernels and wrapper
+            k = "compiled_call_bwd" if rec.phase == "backward" else "compiled_call"
+            if k not in table:
+                raise ConfigError(
+                    "perf model",
+                    perf.name,
+                    f"a meta['bench_costs'] entry {k!r} for the compiled step's graph calls "
+                    "(moeflow bench --simulate profiles it when a setting compiles)",
+                )
+            yield rec, k, LinearCost.from_dict(table[k]).alpha, 0.0
             continue
         if rec.gemms:
-            t = sum(
-                (grouped if n == "aten::_grouped_mm" else attn if "attention" in n else g)(
-                    gemm_flops(n, s)
-                )
-                for n, s in rec.gemms
-            )
+
+            def price(n, s):
+                if n == "aten::_grouped_mm":
+                    return (
+                        ("grouped_gemm_wgrad", wgrad)
+                        if is_wgrad(n, s)
+                        else ("grouped_gemm", grouped)
+                    )
+                if n.endswith("_for_cpu_backward"):
+                    return "attention_bwd", attn_bwd
+                return ("attention", attn) if "attention" in n else (gemm, g)
+
+            term = price(*rec.gemms[0])[0]
+            yield rec, term, sum(price(n, s)[1](gemm_flops(n, s)) for n, s in rec.gemms), 0.0
         else:
-            sizes = [_numel(s) for s in rec.shapes if isinstance(s, (list, tuple)) and s]
-            nbytes = es * (sum(sizes) + (max(sizes) if sizes else 0))
-            c = cost[op_class(rec.name)]
-            t = c(nbytes)
+            nbytes, dt = op_bytes_and_dtype(rec, dtype)
+            cls = op_class(rec.name, getattr(rec, "calls", None))
+            c = class_cost(cls, dt)
+            host = 0.0
             if rec.phase == "forward":  # forward ops run from Python module code
-                t += max(0.0, py - c.alpha)
+                host = max(0.0, py - c.alpha)
             elif rec.phase == "optimizer":  # and the optimizer's ops from its Python loop
-                t += max(0.0, fixed["optimizer_op"] - c.alpha)
+                host = max(0.0, fixed["optimizer_op"] - c.alpha)
+            yield rec, f"{cls}@{dt}", c(nbytes), host
+
+
+def predict_rows(d: StepDissection, perf: PerfModel, dtype: str, gemm: str = "gemm") -> dict:
+    """{(phase, row): predicted ms} of one step: the sum of :func:`priced_inventory`."""
+    out: dict = {}
+    for rec, _, t_op, t_host in priced_inventory(d, perf, dtype, gemm):
         key = (rec.phase, rec.row)
-        out[key] = out.get(key, 0.0) + t
+        out[key] = out.get(key, 0.0) + t_op + t_host
     return out
+
+
+def compare_terms(d: StepDissection, perf: PerfModel, dtype: str) -> list[dict]:
+    """Predicted vs profiled time per (phase, cost term): where a prediction misses.
+
+    Per term (a GEMM fit, an operator class at a dtype, a compiled graph call) the
+    predicted time of its operators against their inclusive profiled time in the inventory's
+    step (recorded with shapes, so somewhat slower than the plain step); per phase, ``host``
+    is the predicted fixed costs (Python per operator, module calls, backward nodes,
+    optimizer loop) against the profiled phase time that no operator covers."""
+    pred: dict = {}
+    meas: dict = {}
+    calls: dict = {}
+    for rec, term, t_op, t_host in priced_inventory(d, perf, dtype):
+        if t_op or rec.total_us or term.startswith("compiled"):
+            key = (rec.phase, term)
+            pred[key] = pred.get(key, 0.0) + t_op
+            meas[key] = meas.get(key, 0.0) + rec.total_us / 1e3
+            calls[key] = calls.get(key, 0) + 1
+        if t_host:
+            pred[(rec.phase, "host")] = pred.get((rec.phase, "host"), 0.0) + t_host
+    for phase in {p for p, _ in pred}:
+        ops = sum(v for (p, t), v in meas.items() if p == phase)
+        meas[(phase, "host")] = max(0.0, d.phase_total(phase) - ops)
+    return [
+        {
+            "phase": p,
+            "term": t,
+            "calls": calls.get((p, t), 0),
+            "measured_ms": meas.get((p, t), 0.0),
+            "predicted_ms": pred.get((p, t), 0.0),
+        }
+        for p, t in sorted(set(pred) | set(meas))
+    ]
 
 
 def step_graph(rows: dict) -> TaskGraph:
@@ -641,9 +932,14 @@ def compare(d: StepDissection, perf: PerfModel, dtype: str) -> dict:
         "ratio": tl.makespan / total_m if total_m > 0 else None,
         "error": abs(tl.makespan - total_m) / total_m if total_m > 0 else None,
         "rows": rows,
+        "terms": compare_terms(d, perf, dtype),
         "gemm_cost": _cost(perf, "gemm", dtype).to_dict(),
         "gemm_square_cost": _cost(perf, "gemm_square", dtype).to_dict(),
-        "op_costs": {c: _cost(perf, c, dtype).to_dict() for c in ("elementwise", *OP_CLASSES)},
+        "op_costs": {
+            c: _cost(perf, c, dtype).to_dict()
+            for c in ("elementwise", *OP_CLASSES)
+            if f"{c}@{dtype}" in perf.meta.get("bench_costs", {})
+        },
     }
 
 

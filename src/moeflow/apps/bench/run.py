@@ -180,8 +180,8 @@ def _setting_result(
         "prediction": None,
         "ep": ep,
     }
-    if job.perf is not None and not w.setting.compile:
-        # compiled code runs fused kernels the operator inventory does not list: no prediction
+    if job.perf is not None:
+        # compiled steps too: their inventory lists each inductor graph call (dissect)
         if w.setting.matrix:
             from moeflow.apps.bench.predict_matrix import compare_matrix
 
