@@ -100,7 +100,7 @@ def render_md(rec: dict) -> str:
         f"**Machine**: {m['cpu']} ({m['isa']}), {m['threads']} torch thread(s), no GPU; "
         f"torch {sw['torch']}, peft {sw['peft']}, torchao {sw['torchao']}, transformers "
         f"{sw['transformers']}, Python {sw['python']}. **Load caveat**: the 2 cores were shared "
-        f"with other engineers' jobs during the run (load average {rec['load_avg_start'][0]:.1f}"
+        f"with other work during the run (load average {rec['load_avg_start'][0]:.1f}"
         f" at the start, {rec['load_avg_end'][0]:.1f} at the end), so every time is slowed and "
         "noisy by a varying factor; the arms take turns in a shuffled order per repeat and "
         "every repeat is listed.",
