@@ -21,7 +21,8 @@ def url(tmp_path_factory):
     pytest.importorskip("transformers")
     from moeflow.serving.engine import EngineConfig
     from moeflow.serving.openai_api import build_app, from_pretrained
-    from tests.serving.conftest import LiveServer, make_checkpoint
+    from tests.serving.conftest import make_checkpoint
+    from tests.serving.serving_live import LiveServer
 
     path = tmp_path_factory.mktemp("loadgen_ckpt")
     make_checkpoint(path)
@@ -33,7 +34,7 @@ def url(tmp_path_factory):
 
 
 def _dead_url() -> str:
-    from tests.serving.conftest import free_port
+    from tests.serving.serving_live import free_port
 
     return f"http://127.0.0.1:{free_port()}"  # bound then closed: nothing listens
 
@@ -165,7 +166,7 @@ def strict_url():
     pytest.importorskip("uvicorn")
     from fastapi import responses
 
-    from tests.serving.conftest import LiveServer
+    from tests.serving.serving_live import LiveServer
 
     known = {"model", "prompt", "max_tokens", "temperature", "stream", "stream_options"}
     app = fastapi.FastAPI()

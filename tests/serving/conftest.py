@@ -2,7 +2,8 @@
 real uvicorn server over it on a free local port."""
 
 import pytest
-from serving_live import LiveServer
+
+from tests.serving.serving_live import LiveServer
 
 SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 \n.,!?:;'-()[]{}/\"@#$%&*"

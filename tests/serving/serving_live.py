@@ -1,5 +1,6 @@
-"""A real uvicorn server on a free local port, for the serving tests (a module of its own, so
-test files import it by a name no other test directory's conftest shadows)."""
+"""A real uvicorn server on a free local port, for the serving tests and the load generator's
+(imported as ``tests.serving.serving_live``: a bare ``conftest`` import resolves to whichever
+test directory's conftest was loaded first)."""
 
 import socket
 import threading

@@ -37,11 +37,10 @@ def full(checkpoint):
 
 
 def _server(checkpoint, schedule, costs, perf=None):
-    from serving_live import LiveServer
-
     from moeflow.serving.disagg_server import disaggregated_server
     from moeflow.serving.engine import EngineConfig
     from moeflow.serving.openai_api import build_app
+    from tests.serving.serving_live import LiveServer
 
     server = disaggregated_server(
         checkpoint[1],

@@ -112,11 +112,10 @@ def disagg(checkpoint):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     pytest.importorskip("httpx")
-    from serving_live import LiveServer
-
     from moeflow.serving.disagg_server import disaggregated_server
     from moeflow.serving.engine import EngineConfig
     from moeflow.serving.openai_api import build_app
+    from tests.serving.serving_live import LiveServer
 
     server = disaggregated_server(
         checkpoint[1],
@@ -236,11 +235,10 @@ def test_a_dead_rank_fails_requests_in_flight(checkpoint, dead):
 
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
-    from serving_live import LiveServer
-
     from moeflow.serving.disagg_server import disaggregated_server
     from moeflow.serving.engine import EngineConfig
     from moeflow.serving.openai_api import build_app
+    from tests.serving.serving_live import LiveServer
 
     server = disaggregated_server(
         checkpoint[1], EngineConfig(block_size=4, max_seqs=8), "tiny", ag=1, eg=2, timeout_s=20
@@ -289,7 +287,7 @@ def test_cli_layout_errors_are_bad_input(capsys, checkpoint):
 @pytest.mark.slow
 def test_cli_serves_disaggregated_and_drains_on_sigterm(checkpoint, full):
     httpx = pytest.importorskip("httpx")
-    from serving_live import free_port
+    from tests.serving.serving_live import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
