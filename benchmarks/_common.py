@@ -7,6 +7,8 @@ import datetime
 import json
 import os
 import platform
+import signal
+import subprocess
 import sys
 import time
 
@@ -108,3 +110,35 @@ def write_record(out_dir: str, tag: str, info: dict, lines: list[str]) -> None:
     with open(os.path.join(out_dir, f"{tag}.md"), "w") as f:
         f.write(text)
     print(text, end="", flush=True)
+
+
+def wait_for_server(proc: subprocess.Popen, url: str, name: str, timeout_s: float) -> str:
+    """Poll ``url`` (an HTTP endpoint of the server ``proc`` started) until it answers 200;
+    ``RuntimeError`` naming ``name`` when the process exits first or after ``timeout_s`` (then
+    the server is stopped)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} server exited with {proc.returncode}; see its log")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc, 30)
+    raise RuntimeError(f"{name} server did not answer within {timeout_s:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the server's process group (started with ``start_new_session=True``), then
+    SIGKILL it if it has not exited within ``grace_s``."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -44,7 +44,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_name, free_port  # noqa: E402
+from _common import cpu_name, free_port, stop_server, wait_for_server  # noqa: E402
 
 SCHEDULES = ("naive", "pppipe", "findep")
 MODEL = "qwen3moe-tiny"
@@ -100,30 +99,12 @@ def start(ckpt: str, eg: int, schedule: str, shaped: bool, log) -> tuple[subproc
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{schedule} server exited with {proc.returncode}; see its log")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError(f"{schedule} server did not answer within 300 s")
+    wait_for_server(proc, url + "/health", schedule, 300)
+    return proc, url
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    stop_server(proc, 60)
 
 
 def _health(url: str) -> dict:

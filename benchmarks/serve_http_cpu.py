@@ -30,16 +30,14 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_name  # noqa: E402
+from _common import cpu_name, stop_server, wait_for_server  # noqa: E402
 
 from moeflow.apps.loadgen import LoadConfig, run_load  # noqa: E402
 
@@ -111,30 +109,12 @@ def start(arm: str, ckpt: str, threads: int, log, extra_path: str) -> tuple[subp
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path, env.get("PYTHONPATH")]))
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{arm} server exited with {proc.returncode}; see its log")
-        try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError(f"{arm} server did not answer within 180 s")
+    wait_for_server(proc, url + "/v1/models", arm, 180)
+    return proc, url
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    stop_server(proc, 30)
 
 
 def main() -> int:

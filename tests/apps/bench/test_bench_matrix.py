@@ -10,15 +10,7 @@ from moeflow.apps.bench import Setting, Shape, build_workload
 from moeflow.apps.bench.dissect import run_step
 from moeflow.apps.bench.matrix import SDPA_BACKENDS, available_sdpa, lora_targets
 from moeflow.errors import ConfigError
-
-TINY = {
-    "dim": 32,
-    "num_layers": 1,
-    "num_heads": 4,
-    "num_experts": 4,
-    "top_k": 2,
-    "ffn_hidden_size": 64,
-}
+from tests.apps.bench.conftest import TINY
 
 SHAPE = Shape(batch=2, seq_len=16)
 

@@ -908,14 +908,9 @@ def ep_step_graph(rows: dict, comm: dict, r: int, moe_row: str = "moe_experts") 
     return g
 
 
-def compare(d: StepDissection, perf: PerfModel, dtype: str) -> dict:
-    """Predicted vs measured per row and in total.
-
-    The measured rows are the profiler's, scaled by ``unprofiled / profiled`` step time so
-    their sum is the plain step (the profiler's own overhead spread in proportion); the
-    total is compared with the plain (unprofiled) step time."""
-    pred = predict_rows(d, perf, dtype)
-    tl = simulate(step_graph(pred))
+def row_table(d: StepDissection, pred: dict) -> list[dict]:
+    """Predicted vs measured per ``(phase, row)``; the measured rows are the profiler's,
+    scaled by ``unprofiled / profiled`` step time so their sum is the plain step."""
     scale = d.unprofiled_ms / d.step_ms if d.step_ms > 0 else 1.0
     rows = []
     for key in sorted(set(pred) | set(d.rows)):
@@ -930,6 +925,18 @@ def compare(d: StepDissection, perf: PerfModel, dtype: str) -> dict:
                 "ratio": p / m if m > 0 else None,
             }
         )
+    return rows
+
+
+def compare(d: StepDissection, perf: PerfModel, dtype: str) -> dict:
+    """Predicted vs measured per row and in total.
+
+    The measured rows are the profiler's, scaled by ``unprofiled / profiled`` step time so
+    their sum is the plain step (the profiler's own overhead spread in proportion); the
+    total is compared with the plain (unprofiled) step time."""
+    pred = predict_rows(d, perf, dtype)
+    tl = simulate(step_graph(pred))
+    rows = row_table(d, pred)
     total_m = d.unprofiled_ms
     square = simulate(step_graph(predict_rows(d, perf, dtype, gemm="gemm_square"))).makespan
     return {

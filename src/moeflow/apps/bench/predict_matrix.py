@@ -41,6 +41,7 @@ from moeflow.apps.bench.predict import (
     OP_CLASSES,
     _cost,
     predict_rows,
+    row_table,
     step_graph,
 )
 from moeflow.apps.bench.workloads import Setting, Shape
@@ -357,20 +358,7 @@ def compare_matrix(
     pred = predict_matrix_rows(d, perf, setting, units, kind=kind)
     base = predict_rows(d, perf, setting.dtype)
     tl = simulate(step_graph(pred))
-    scale = d.unprofiled_ms / d.step_ms if d.step_ms > 0 else 1.0
-    rows = []
-    for key in sorted(set(pred) | set(d.rows)):
-        m = d.rows.get(key, 0.0) * scale
-        p = pred.get(key, 0.0)
-        rows.append(
-            {
-                "phase": key[0],
-                "row": key[1],
-                "measured_ms": m,
-                "predicted_ms": p,
-                "ratio": p / m if m > 0 else None,
-            }
-        )
+    rows = row_table(d, pred)
     total_m = d.unprofiled_ms
     mode = "train" if any(p == "backward" for p, _ in pred) else "decode"
     return {
