@@ -37,3 +37,19 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(20)
+
+
+def greedy_token_ids(url: str, prompt: str, n: int) -> list[int]:
+    """The ``n`` greedy token ids a live server at ``url`` completes ``prompt`` with."""
+    import httpx
+
+    body = {
+        "prompt": prompt,
+        "max_tokens": n,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]

@@ -12,6 +12,7 @@ import pytest
 from moeflow.cli import main
 from moeflow.models import Request, SamplingParams, generate
 from moeflow.perf.cost import LinearCost
+from tests.serving.serving_live import greedy_token_ids
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -56,24 +57,13 @@ def _server(checkpoint, schedule, costs, perf=None):
     return server, LiveServer(build_app(server))
 
 
-def _ask(url, prompt, n):
-    body = {
-        "prompt": prompt,
-        "max_tokens": n,
-        "temperature": 0,
-        "ignore_eos": True,
-        "return_token_ids": True,
-    }
-    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["token_ids"]
-
-
 def _serve_all(url):
     """The 16-token prompt alone (a 1 x 16 prefill, then 1 x 1 decodes), then all at once."""
-    first = _ask(url, PROMPTS[0], LENS[0])
+    first = greedy_token_ids(url, PROMPTS[0], LENS[0])
     with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
-        rest = list(pool.map(lambda i: _ask(url, PROMPTS[i], LENS[i]), range(len(PROMPTS))))
+        rest = list(
+            pool.map(lambda i: greedy_token_ids(url, PROMPTS[i], LENS[i]), range(len(PROMPTS)))
+        )
     return [first, *rest]
 
 
@@ -144,7 +134,7 @@ def test_costs_are_measured_at_start_and_solve_every_step(checkpoint, full):
     server, live = _server(checkpoint, "findep", None)
     try:
         with live:
-            got = _ask(live.url, PROMPTS[1], 8)
+            got = greedy_token_ids(live.url, PROMPTS[1], 8)
             h = _health_when_counted(live.url, 8)
     finally:
         server.engine.shutdown(drain=False)
@@ -228,7 +218,7 @@ def test_costs_from_a_profile_file(checkpoint, full, tmp_path, capsys):
     server, live = _server(checkpoint, "findep", None, perf=_perf())
     try:
         with live:
-            got = _ask(live.url, PROMPTS[0], LENS[0])
+            got = greedy_token_ids(live.url, PROMPTS[0], LENS[0])
             h = _health_when_counted(live.url, LENS[0])
     finally:
         server.engine.shutdown(drain=False)

@@ -152,16 +152,9 @@ def test_greedy_tokens_over_http_equal_generate(disagg, full):
     lens = [4, 12, 7, 20, 9, 15]
 
     def ask(i):
-        body = {
-            "prompt": prompts[i],
-            "max_tokens": lens[i],
-            "temperature": 0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        }
-        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["token_ids"]
+        from tests.serving.serving_live import greedy_token_ids
+
+        return greedy_token_ids(url, prompts[i], lens[i])
 
     with cf.ThreadPoolExecutor(6) as pool:
         got = list(pool.map(ask, range(6)))
