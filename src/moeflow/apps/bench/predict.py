@@ -296,6 +296,15 @@ def profile_gemm_shapes(dtype: str, reps: int = 3, trials: int = 3) -> LinearCos
     )
 
 
+def _expert_grid():
+    """The expert GEMM grid of :func:`profile_grouped_gemm` and its weight gradient: E in
+    {4, 8, 16} experts, 64 or 256 rows each, three (K, N) pairs; with the group offsets."""
+    for E in (4, 8, 16):
+        for rows in (64, 256):
+            for K, N in ((128, 512), (512, 128), (256, 256)):
+                yield E, rows, K, N, (torch.arange(1, E + 1) * rows).to(torch.int32)
+
+
 def profile_grouped_gemm(dtype: str, reps: int = 3, trials: int = 3) -> LinearCost:
     """``alpha + beta * FLOPs`` of ``torch._grouped_mm`` as the expert kernel calls it (rows
     grouped by expert, one ``(E, K, N)`` weight seen through a transpose): the expert GEMM
@@ -306,15 +315,12 @@ def profile_grouped_gemm(dtype: str, reps: int = 3, trials: int = 3) -> LinearCo
     td = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
     xs, ys = [], []
-    for E in (4, 8, 16):
-        for rows in (64, 256):
-            for K, N in ((128, 512), (512, 128), (256, 256)):
-                a = torch.randn(E * rows, K, generator=g).to(td)
-                w = torch.randn(E, N, K, generator=g).to(td)
-                offs = (torch.arange(1, E + 1) * rows).to(torch.int32)
-                fn = partial(torch._grouped_mm, a, w.transpose(-2, -1), offs=offs)
-                xs.append(2.0 * E * rows * K * N)
-                ys.append(time_ms(fn, trials=reps * trials, cold=True))
+    for E, rows, K, N, offs in _expert_grid():
+        a = torch.randn(E * rows, K, generator=g).to(td)
+        w = torch.randn(E, N, K, generator=g).to(td)
+        fn = partial(torch._grouped_mm, a, w.transpose(-2, -1), offs=offs)
+        xs.append(2.0 * E * rows * K * N)
+        ys.append(time_ms(fn, trials=reps * trials, cold=True))
     return fit(
         xs,
         ys,
@@ -363,15 +369,12 @@ def profile_grouped_gemm_wgrad(dtype: str, reps: int = 3, trials: int = 3) -> Li
     td = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
     xs, ys = [], []
-    for E in (4, 8, 16):
-        for rows in (64, 256):
-            for K, N in ((128, 512), (512, 128), (256, 256)):
-                offs = (torch.arange(1, E + 1) * rows).to(torch.int32)
-                grad = torch.randn(E * rows, N, generator=g).to(td)
-                act = torch.randn(E * rows, K, generator=g).to(td)
-                fn = partial(torch._grouped_mm, grad.t(), act, offs=offs)
-                xs.append(2.0 * E * rows * K * N)
-                ys.append(time_ms(fn, trials=reps * trials, cold=True))
+    for E, rows, K, N, offs in _expert_grid():
+        grad = torch.randn(E * rows, N, generator=g).to(td)
+        act = torch.randn(E * rows, K, generator=g).to(td)
+        fn = partial(torch._grouped_mm, grad.t(), act, offs=offs)
+        xs.append(2.0 * E * rows * K * N)
+        ys.append(time_ms(fn, trials=reps * trials, cold=True))
     return fit(
         xs,
         ys,
