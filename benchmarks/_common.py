@@ -77,6 +77,21 @@ def gpu_timer(smoke: bool, rep_ms: int = 40):
     return ms
 
 
+def cpu_record_info(host: str, cmd: str) -> dict:
+    """The fields a CPU benchmark record starts with: date (UTC), host label, machine with its
+    instruction set, Python and torch versions, and the command."""
+    import torch
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        "host": host,
+        "machine": f"{cpu_name()} ({cpu_isa()})",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "command": cmd,
+    }
+
+
 def run_info(smoke: bool) -> dict:
     """Machine and software fields every GPU record starts with."""
     import torch

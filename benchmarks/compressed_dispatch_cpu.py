@@ -29,7 +29,6 @@ Writes ``compressed_dispatch_cpu_<host>_<date>.md`` (and ``.json``) under ``--ou
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -40,7 +39,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import collect_ranks, cpu_isa, cpu_name, free_port, write_record  # noqa: E402
+from _common import (  # noqa: E402
+    collect_ranks,
+    cpu_isa,
+    cpu_name,
+    cpu_record_info,
+    free_port,
+    write_record,
+)
 
 # F / D = 0.375, the fine-grained experts of Qwen3-30B-A3B (hidden 2048, expert FFN 768)
 D, F, E, K, T = 1024, 384, 8, 2, 1024
@@ -273,23 +279,17 @@ def main(argv=None) -> int:
     import numba
     import torch
 
-    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    isa = cpu_isa()
     cmd = (
         f"python benchmarks/compressed_dispatch_cpu.py --cells {args.cells} --reps {args.reps} "
         f"--steps {args.steps} --r {args.r}"
     )
     info = {
-        "date": date,
-        "host": args.host,
-        "machine": f"{cpu_name()} ({isa})",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **cpu_record_info(args.host, cmd),
         "numba": numba.__version__,
-        "command": cmd,
         "shape": dict(D=D, F=F, E=E, K=K, T=T, r=args.r, dtype="bfloat16"),
         "cells": {},
     }
+    date, isa = info["date"], cpu_isa()
     lines = [
         f"# ZipCCL-compressed vs raw bf16 dispatch through ExpertParallel ({date}, {args.host})",
         "",

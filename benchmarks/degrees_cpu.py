@@ -23,7 +23,6 @@ under ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -34,7 +33,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import collect_ranks, cpu_isa, cpu_name, free_port, write_record  # noqa: E402
+from _common import (  # noqa: E402
+    collect_ranks,
+    cpu_isa,
+    cpu_name,
+    cpu_record_info,
+    free_port,
+    write_record,
+)
 
 D, F, E, K, T = 256, 512, 8, 2, 1024
 FIXED = (1, 2, 4, 8)
@@ -186,22 +192,16 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    isa = cpu_isa()
     cmd = (
         f"python benchmarks/degrees_cpu.py --cells {args.cells} --reps {args.reps} "
         f"--steps {args.steps}"
     )
     info = {
-        "date": date,
-        "host": args.host,
-        "machine": f"{cpu_name()} ({isa})",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "command": cmd,
+        **cpu_record_info(args.host, cmd),
         "shape": dict(D=D, F=F, E=E, K=K, T=T, dtype="float32"),
         "cells": {},
     }
+    date, isa = info["date"], cpu_isa()
     lines = [
         f"# Pipeline degrees: planned and tuned vs fixed ({date}, {args.host})",
         "",

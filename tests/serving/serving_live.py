@@ -53,3 +53,18 @@ def greedy_token_ids(url: str, prompt: str, n: int) -> list[int]:
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["token_ids"]
+
+
+def wait_healthy(proc, url: str, timeout_s: float = 120, poll_s: float = 0.1) -> None:
+    """Wait until the server process ``proc`` answers 200 on ``url``/health; fails the test
+    if the process exits or ``timeout_s`` passes first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(poll_s)

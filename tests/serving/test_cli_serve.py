@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from moeflow.cli import main
+from tests.serving.serving_live import wait_healthy
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -67,14 +68,7 @@ def test_sigterm_drains_streams_in_flight(checkpoint):
         cmd + ["--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+        wait_healthy(proc, url, poll_s=0.1)
         n_streams, n_tokens = 6, 90
         streaming = threading.Barrier(n_streams + 1)
         done = {}

@@ -17,6 +17,7 @@ import torch
 
 from moeflow.cli import main
 from moeflow.models import Request, SamplingParams, generate
+from tests.serving.serving_live import wait_healthy
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -289,14 +290,7 @@ def test_cli_serves_disaggregated_and_drains_on_sigterm(checkpoint, full):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_healthy(proc, url, poll_s=0.2)
         pids = [r["pid"] for r in httpx.get(f"{url}/health").json()["ranks"]]
         body = {"prompt": [3, 4, 5], "max_tokens": 16, "temperature": 0, "ignore_eos": True}
         got = [
