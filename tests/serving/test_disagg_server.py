@@ -276,6 +276,29 @@ def test_cli_layout_errors_are_bad_input(capsys, checkpoint):
     assert "--eg" in capsys.readouterr().err
     assert main(["serve", str(checkpoint[1]), "--port", "0", "--eg", "4"]) == 2
     assert "does not divide num_experts=6" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint[1]), "--port", "0", "--eg", "2", "--device", "mps"]) == 2
+    assert "cpu (gloo ranks) or cuda" in capsys.readouterr().err
+
+
+def test_nccl_ranks_are_checked_before_any_rank_starts(checkpoint, monkeypatch):
+    """device="cuda": one NCCL rank per GPU, refused by name where the GPUs are too few; a
+    solved schedule needs its costs given (the start-up measurement times the CPU)."""
+    import torch.distributed as dist
+
+    from moeflow.errors import ConfigError, DistributedConfigError
+    from moeflow.serving.disagg_server import DisaggregatedEngine, check_device
+
+    with pytest.raises(ConfigError, match="device"):
+        DisaggregatedEngine(checkpoint[1], eg=2, device="tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    with pytest.raises(DistributedConfigError, match="3 ranks need 3 GPUs, this host has 2"):
+        DisaggregatedEngine(checkpoint[1], ag=1, eg=2, device="cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ConfigError, match="costs measured at start time the CPU"):
+        check_device("cuda", 3, "findep", None, None)
+    check_device("cuda", 3, "naive", None, None)  # enough GPUs, nothing to measure
 
 
 @pytest.mark.slow

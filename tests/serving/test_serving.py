@@ -9,7 +9,7 @@ import torch
 from moeflow.config import MoEConfig
 from moeflow.errors import CommTimeoutError, ConfigError, DistributedConfigError, InputError
 from moeflow.models import DecoderConfig, MoEDecoder, Request, SamplingParams, generate
-from moeflow.serving.disaggregated import ServeSchedule, _Link, serve, serve_rank
+from moeflow.serving.disaggregated import ServeSchedule, header_size, serve, serve_rank
 from tests._dist import run_ranks
 
 SCHEDULES = [
@@ -144,7 +144,7 @@ def _dying_expert_rank(rank, world, model, reqs):
     import torch.distributed as dist
 
     if rank == 1:  # the EG rank takes the first header, then dies
-        dist.recv(torch.empty(3 + 4, dtype=torch.long), 0, tag=_Link.HEADER_TAG)
+        dist.recv(torch.empty(header_size(4), dtype=torch.long), 0)
         os._exit(1)
     try:
         serve_rank(rank, world, model, reqs, 1, 1, ServeSchedule.pppipe(), timeout_s=5.0)
@@ -187,3 +187,59 @@ def test_only_bad_requests_start_no_rank(monkeypatch):
     got = serve(tiny_model(), reqs)
     assert [type(r.error) for r in got] == [InputError, ConfigError, InputError]
     assert [r.request_id for r in got] == ["e", None, "i"] and not any(r.tokens for r in got)
+
+
+def _traced_rank(rank, world, model, reqs, ag, eg, schedule):
+    """serve_rank with every point-to-point call recorded: (peer, "send" / "recv", shape,
+    dtype, tag), and any-source receives flagged."""
+    import threading
+
+    import torch.distributed as dist
+
+    log, lock = [], threading.Lock()
+    real_isend, real_irecv = dist.isend, dist.irecv
+
+    def isend(t, dst, *a, tag=0, **k):
+        with lock:
+            log.append((dst, "send", tuple(t.shape), str(t.dtype), tag))
+        return real_isend(t, dst, *a, tag=tag, **k)
+
+    def irecv(t, src=None, *a, tag=0, **k):
+        with lock:
+            log.append((src, "recv", tuple(t.shape), str(t.dtype), tag))
+        return real_irecv(t, src, *a, tag=tag, **k)
+
+    dist.isend, dist.irecv = isend, irecv
+    try:
+        serve_rank(rank, world, model, reqs, ag, eg, schedule, timeout_s=30.0)
+    finally:
+        dist.isend, dist.irecv = real_isend, real_irecv
+    return log
+
+
+@pytest.mark.parametrize(
+    "ag,eg,schedule",
+    [(1, 2, ServeSchedule("findep", 2, 3, "ASAS")), (2, 2, ServeSchedule("findep", 3, 2, "AASS"))],
+)
+def test_every_pair_posts_one_sequence_on_both_sides(ag, eg, schedule):
+    """NCCL matches a pair's messages by position (it ignores tags and has no any-source
+    receive) and runs them in the order posted, so both sides of every pair must post the
+    same sequence: each send opposite a receive of the same shape and dtype, in the same
+    place. Checked on the calls the ranks make while serving."""
+    model, reqs = tiny_model(), requests()
+    reqs = [r for r in reqs if r.prompt]  # bad requests never reach a transfer
+    logs = run_ranks(_traced_rank, ag + eg, model, reqs, ag, eg, schedule, timeout_s=120)
+    flip = {"send": "recv", "recv": "send"}
+    chunked = 0
+    for a in range(ag):
+        for e in range(ag, ag + eg):
+            mine = [(k, s, d) for p, k, s, d, _ in logs[a] if p == e]
+            theirs = [(flip[k], s, d) for p, k, s, d, _ in logs[e] if p == a]
+            assert mine and mine == theirs, (a, e)
+            # a group's other headers travel in one message of (chunks - 1) rows
+            chunked += sum(
+                1 for k, s, d in mine if k == "send" and d == "torch.int64" and len(s) == 2
+            )
+    assert chunked > 0
+    for log in logs:
+        assert all(p is not None and tag == 0 for p, *_, tag in log)

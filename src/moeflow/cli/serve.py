@@ -1,8 +1,10 @@
 """``moeflow serve``: an OpenAI-compatible HTTP server for a transformers MoE checkpoint,
 with continuous batching (:mod:`moeflow.serving.engine`, :mod:`moeflow.serving.openai_api`;
 needs the ``[serve]`` extra). Colocated on one process, or disaggregated with ``--ag N --eg
-M``: N attention ranks and M expert ranks on gloo, each loading only its part of the
-checkpoint (:mod:`moeflow.serving.disagg_server`).
+M``: N attention ranks and M expert ranks, each loading only its part of the checkpoint
+(:mod:`moeflow.serving.disagg_server`): gloo ranks on the CPU, or with ``--device cuda`` NCCL
+ranks, rank ``r`` on GPU ``r`` (one GPU per rank; a solved schedule then needs ``--costs`` or
+``--perf``).
 
     moeflow serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME]
         [--block-size 16] [--kv-cache-gib G | --num-blocks N] [--max-seqs 32]
@@ -49,7 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=_DTYPES, help="weights and KV dtype")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    d = p.add_argument_group("disaggregated serving (attention and expert ranks, gloo on CPU)")
+    d = p.add_argument_group(
+        "disaggregated serving (attention and expert ranks: gloo on CPU, NCCL with --device cuda)"
+    )
     d.add_argument("--ag", type=int, default=None, help="attention ranks (default 1 with --eg)")
     d.add_argument("--eg", type=int, default=None, help="expert ranks; must divide the experts")
     d.add_argument(
@@ -116,8 +120,12 @@ def run(args, engine_kw: dict | None = None) -> int:
     if disaggregated:
         if args.eg is None:
             raise ConfigError("--eg", None, "the number of expert ranks, given with --ag")
-        if args.device != "cpu":
-            raise ConfigError("--device", args.device, "cpu with --ag/--eg (gloo ranks)")
+        if args.device not in ("cpu", "cuda"):
+            raise ConfigError(
+                "--device",
+                args.device,
+                "cpu (gloo ranks) or cuda (NCCL, a GPU per rank) with --ag/--eg",
+            )
     # bind before loading the model: a taken port is one OSError line (exit 1), at once
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -198,6 +206,7 @@ def _disaggregated(args, cfg, dtype, sock, engine_kw: dict):
         perf=perf,
         timeout_s=args.timeout_s,
         threads=args.threads,
+        device=args.device,
         force=args.force_nproc,
         close_fds=[sock.fileno()],
         **engine_kw,

@@ -143,8 +143,15 @@ def _rank_main(rank: int, spec: dict, conn, parent_pid: int) -> None:
         import torch.distributed as dist
 
         torch.set_num_threads(spec["threads"])
+        backend = "gloo"
+        if spec["device"] == "cuda":
+            # one GPU per rank; no device_id: the group connects lazily, and each pair of
+            # ranks gets its own NCCL communicator for its point-to-point messages, so an
+            # idle attention rank's pending receive holds back no other pair
+            torch.cuda.set_device(rank)
+            backend = "nccl"
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://{spec['master_addr']}:{spec['port']}",
             rank=rank,
             world_size=spec["ag"] + spec["eg"],
@@ -175,6 +182,11 @@ def _rank_main(rank: int, spec: dict, conn, parent_pid: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)  # skip the forked server's atexit handlers
+
+
+def _rank_device(rank: int, spec: dict) -> torch.device:
+    """Where a rank's part lives: the CPU (gloo), or GPU ``rank`` (NCCL)."""
+    return torch.device("cuda", rank) if spec["device"] == "cuda" else torch.device("cpu")
 
 
 def _needs_costs(spec: dict) -> bool:
@@ -237,6 +249,7 @@ def _attention_rank(rank: int, spec: dict, conn, send: _Sender, baseline) -> Non
     from moeflow.serving.engine import Engine
 
     model, read = load_attention_part(spec["model_dir"], spec["dtype"])
+    model.to(_rank_device(rank, spec))
     costs = _host_costs(rank, spec, model)
     schedule = _attention_schedule(spec, model.cfg, costs)
     if costs is None and schedule.planner is not None:  # from --perf
@@ -338,6 +351,7 @@ def _expert_rank(rank: int, spec: dict, send: _Sender, baseline) -> None:
     cfg, experts, read = load_expert_part(
         spec["model_dir"], e0, e0 + num_experts // eg, spec["dtype"]
     )
+    experts = [x.to(_rank_device(rank, spec)) for x in experts]
     _host_costs(rank, spec, None)
     server = ExpertServer.from_experts(
         cfg,
@@ -356,6 +370,36 @@ def _expert_rank(rank: int, spec: dict, send: _Sender, baseline) -> None:
 
 
 # ---- the serving process ------------------------------------------------------------------
+def check_device(device, world: int, schedule, costs, perf) -> None:
+    """Refuse a device the ranks cannot run on, before any rank starts: ``"cpu"`` runs gloo
+    ranks; ``"cuda"`` runs NCCL ranks, one GPU each, so it needs NCCL and ``world`` GPUs, and
+    a solved schedule (``findep`` / ``pppipe``) needs its costs given (``costs`` or a
+    ``moeflow profile`` ``perf`` of the GPU host): the start-up measurement times the
+    CPU."""
+    from moeflow.errors import DistributedConfigError
+
+    if device not in ("cpu", "cuda"):
+        raise ConfigError("device", device, '"cpu" (gloo ranks) or "cuda" (NCCL ranks)')
+    if device == "cpu":
+        return
+    import torch.distributed as dist
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not dist.is_nccl_available() or have < world:
+        raise DistributedConfigError(
+            f"device='cuda' runs one NCCL rank per GPU: {world} ranks need {world} GPUs, "
+            f"this host has {have}"
+            + ("" if dist.is_nccl_available() else " and this torch has no NCCL")
+        )
+    if isinstance(schedule, str) and schedule != "naive" and costs is None and perf is None:
+        raise ConfigError(
+            "costs",
+            None,
+            f"given (costs or perf) for the {schedule!r} schedule on device='cuda': "
+            "the costs measured at start time the CPU",
+        )
+
+
 class _RemoteHandle(RequestHandle):
     def __init__(self, engine: DisaggregatedEngine, key: int, rank: int, *args, **kw):
         super().__init__(*args, **kw)
@@ -378,6 +422,9 @@ class DisaggregatedEngine:
     enter the network namespace of an emulated node and set ``GLOO_SOCKET_IFNAME``, as
     ``benchmarks/serve_disagg_http_cpu.py`` does for its shaped links); ``master_addr``: the
     address rank 0 listens on for the group's rendezvous (default 127.0.0.1).
+
+    ``device``: ``"cpu"`` (gloo ranks) or ``"cuda"`` (NCCL ranks, rank ``r`` on GPU ``r``
+    of this host: one GPU per rank; :func:`check_device`).
 
     ``schedule``: a fixed :class:`~moeflow.serving.disaggregated.ServeSchedule`, or a name:
     ``"naive"`` (``r1 = r2 = 1``), or ``"findep"`` / ``"pppipe"`` solved at every forward
@@ -410,6 +457,7 @@ class DisaggregatedEngine:
         close_fds: Sequence[int] = (),
         rank_init: Callable[[int], None] | None = None,
         master_addr: str = "127.0.0.1",
+        device: str = "cpu",
     ):
         import multiprocessing as mp
 
@@ -437,6 +485,7 @@ class DisaggregatedEngine:
         cfg, _ = check_pretrained(model_dir)
         check_layout(ag + eg, ag, eg, cfg.moe.num_experts)
         check_nproc(ag + eg, force=force, flag="ag + eg")
+        check_device(device, ag + eg, schedule, costs, perf)
         if perf is not None:  # a cost the profile lacks is refused here, by name
             from moeflow.serving.host_costs import perf_planner
 
@@ -464,6 +513,7 @@ class DisaggregatedEngine:
             "close_fds": list(close_fds),
             "rank_init": rank_init,
             "master_addr": str(master_addr),
+            "device": device,
         }
         self._lock = threading.Lock()
         self._inflight: dict[int, _RemoteHandle] = {}

@@ -32,6 +32,15 @@ micro-batch ``j``'s experts, the AG runs micro-batch ``j+1``'s attention or ``j`
 experts. A micro-batch's layer is finished (routed outputs combined, shared output and
 residual added) only when its next layer needs it.
 
+Protocol (:class:`_Link`): each AG-EG pair posts one sequence of messages, identical on
+both sides, matched by position only (no tags, no any-source receive), so that it runs on
+NCCL, which ignores tags and runs a pair's operations in the order posted. Per micro-batch
+and layer, the AG rank sends each EG rank a first header (command, layer, chunk count, and
+chunk 0's row count and per-expert counts), the other chunks' headers in one message, then
+the rows of every chunk, and posts a receive for each chunk's reply; the EG rank receives
+the headers, posts every chunk's row receive at once, runs each chunk's experts as its rows
+arrive and sends its reply. An EG rank serves each AG rank from its own thread.
+
 Every wait has a deadline (:func:`moeflow.comm.timeouts.wait_work`): an EG rank that dies
 makes the AG raise :class:`moeflow.errors.CommTimeoutError` naming the transfer (layer,
 micro-batch, chunk, peer). A layout that cannot work (``ag + eg != world``, experts not
@@ -156,59 +165,47 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 class _Link:
-    """Point-to-point messages to one peer. Rows messages are tagged ``2 * count + 1`` (both
-    sides count), headers all ``HEADER_TAG`` (even), so a receiver may post the next header
-    before the rows of the current message, and an EG rank serving several AG ranks may post
-    one header receive from any of them (gloo delivers one pair's messages in order)."""
+    """Point-to-point messages with one peer, in one order both sides agree on.
 
-    HEADER, ROWS = 0, 1
-    HEADER_TAG = 0  # every header: an EG rank may receive the next one from any AG rank
+    Every message of a pair is matched by its position in that pair's sequence, never by a
+    tag or an any-source receive: NCCL ignores tags, has no any-source receive, and runs a
+    pair's sends and receives in the order they were posted, so a receive posted ahead of its
+    turn holds back every later send of the pair. The protocol (module doc, "Protocol") posts
+    the same sequence on both sides, so it runs on NCCL as it does on gloo (which matches one
+    pair's messages of one tag in order, too)."""
 
-    def _tag(self, counts: list[int], kind: int) -> int:
-        counts[kind] += 1
-        return self.HEADER_TAG if kind == self.HEADER else 2 * counts[kind] + kind
+    TAG = 0
 
     def __init__(self, peer: int, timeout_s: float):
         self.peer, self.timeout_s = peer, timeout_s
-        self.sent = [0, 0]
-        self.received = [0, 0]
 
-    def isend(self, t: torch.Tensor, op: str, kind: int):
+    def isend(self, t: torch.Tensor, op: str):
         import torch.distributed as dist
 
-        tag = self._tag(self.sent, kind)
         try:
-            return dist.isend(t.contiguous(), self.peer, tag=tag)
+            return dist.isend(t.contiguous(), self.peer, tag=self.TAG)
         except RuntimeError as e:  # gloo fails at once when the peer is already gone
             raise CommTimeoutError(
                 f"{op} to rank {self.peer} failed: a peer rank died or "
                 f"dropped its connection ({str(e).splitlines()[0][:200]})"
             ) from e
 
-    def irecv(self, t: torch.Tensor, op: str, kind: int):
+    def irecv(self, t: torch.Tensor, op: str):
         import torch.distributed as dist
 
-        tag = self._tag(self.received, kind)
         try:
-            return dist.irecv(t, self.peer, tag=tag)
+            return dist.irecv(t, self.peer, tag=self.TAG)
         except RuntimeError as e:
             raise CommTimeoutError(
                 f"{op} from rank {self.peer} failed: a peer rank died or "
                 f"dropped its connection ({str(e).splitlines()[0][:200]})"
             ) from e
 
-    @classmethod
-    def irecv_any(cls, t: torch.Tensor, op: str):
-        """A header from whichever rank sends one first (``work._source_rank()`` names it)."""
-        import torch.distributed as dist
 
-        try:
-            return dist.irecv(t, None, tag=cls.HEADER_TAG)
-        except RuntimeError as e:
-            raise CommTimeoutError(
-                f"{op} failed: a peer rank died or dropped its connection "
-                f"({str(e).splitlines()[0][:200]})"
-            ) from e
+def header_size(local: int) -> int:
+    """Longs in a group's first header: command, layer, chunks, then chunk 0's row count
+    and per-expert counts (``local`` experts on the receiving EG rank)."""
+    return 4 + local
 
 
 @dataclass
@@ -249,28 +246,49 @@ class DisaggregatedForward:
         self._waited = 0.0
 
     # -- a2e ---------------------------------------------------------------------------
-    def _send_chunk(self, l: int, j: int, c: int, x_TD: torch.Tensor) -> _Chunk:
+    def _send_group(self, l: int, j: int, x_TD: torch.Tensor, r2: int) -> list[_Chunk]:
+        """Micro-batch ``j``'s MoE input at layer ``l``, cut into ``r2`` token chunks: to each
+        EG rank its headers, then its rows of every chunk, then a receive for each reply
+        (the order :meth:`ExpertServer._serve` posts the other side of)."""
         mlp = self.model.layers[l].mlp
-        routing = mlp.route(x_TD)
-        x_ND = mlp.permute(x_TD, routing)
-        counts_E = routing.counts_E
-        per_rank = counts_E.view(self.eg, self.local)
-        n_R = per_rank.sum(1).tolist()
-        parts, off = [], 0
-        for e, n in enumerate(n_R):
-            header = torch.tensor([_CMD_DATA, l, n, *per_rank[e].tolist()], dtype=torch.long)
-            where = f"(layer {l}, micro-batch {j}, chunk {c}, {n} rows)"
-            self.sends.append(self.links[e].isend(header, f"a2e header {where}", _Link.HEADER))
-            if n == 0:
-                parts.append(None)
-                continue
-            self.sends.append(self.links[e].isend(x_ND[off : off + n], f"a2e {where}", _Link.ROWS))
-            buf = torch.empty(n, x_ND.shape[1], dtype=x_ND.dtype)
-            op = f"e2a from EG rank {self.ag + e} {where}"
-            work = self.links[e].irecv(buf, op, _Link.ROWS)
-            parts.append((n, buf, work, op))
-            off += n
-        return _Chunk(routing, x_TD.shape[0], parts)
+        bounds = _split(x_TD.shape[0], r2)
+        routed = []
+        for a, b in bounds:
+            routing = mlp.route(x_TD[a:b])
+            per_rank = routing.counts_E.view(self.eg, self.local)
+            routed.append((routing, mlp.permute(x_TD[a:b], routing), per_rank))
+        # per chunk, per EG rank: [rows, rows per local expert]; one host read for them all
+        table = torch.stack([pr for _, _, pr in routed])  # chunk x eg x local
+        table = torch.cat([table.sum(2, keepdim=True), table], 2).to(torch.long)
+        rows_CR = table[:, :, 0].tolist()
+        chunks = [_Chunk(routing, b - a, []) for (routing, _, _), (a, b) in zip(routed, bounds)]
+        for e, lk in enumerate(self.links):
+            where = f"(layer {l}, micro-batch {j}, {len(bounds)} chunks)"
+            cmd = torch.tensor([_CMD_DATA, l, len(bounds)], device=table.device)
+            first = torch.cat([cmd, table[0, e]])
+            self.sends.append(lk.isend(first, f"a2e header {where}"))
+            if len(bounds) > 1:
+                self.sends.append(lk.isend(table[1:, e], f"a2e headers {where}"))
+            off = [sum(rows_CR[c][:e]) for c in range(len(bounds))]
+            for c, (_, x_ND, _) in enumerate(routed):
+                n = rows_CR[c][e]
+                if n:
+                    rows = x_ND[off[c] : off[c] + n]
+                    self.sends.append(
+                        lk.isend(rows, f"a2e (layer {l}, micro-batch {j}, chunk {c})")
+                    )
+            for c, (_, x_ND, _) in enumerate(routed):
+                n = rows_CR[c][e]
+                if not n:
+                    chunks[c].parts.append(None)
+                    continue
+                buf = torch.empty(n, x_ND.shape[1], dtype=x_ND.dtype, device=x_ND.device)
+                op = (
+                    f"e2a from EG rank {self.ag + e} "
+                    f"(layer {l}, micro-batch {j}, chunk {c}, {n} rows)"
+                )
+                chunks[c].parts.append((n, buf, lk.irecv(buf, op), op))
+        return chunks
 
     def _finish(self, l: int, h_attn, chunks: list[_Chunk], shared_TD) -> torch.Tensor:
         mlp = self.model.layers[l].mlp
@@ -326,10 +344,7 @@ class DisaggregatedForward:
                     mb["h"], mb["cos"], mb["sin"], self.cache, l, mb["rows"], mb["pos"]
                 )
                 x_TD = layer.ffn_input(h_attn)
-                chunks = [
-                    self._send_chunk(l, j, c, x_TD[a:b])
-                    for c, (a, b) in enumerate(_split(x_TD.shape[0], s.r2))
-                ]
+                chunks = self._send_group(l, j, x_TD, s.r2)
                 mb["pending"] = [h_attn, chunks, None]
                 xs.append(x_TD)
                 if s.order == "ASAS":
@@ -374,16 +389,20 @@ class DisaggregatedForward:
 
     def close(self) -> None:
         """Tell every EG rank this AG rank is done."""
-        stop = torch.tensor([_CMD_STOP, 0, 0, *([0] * self.local)], dtype=torch.long)
-        works = [lk.isend(stop.clone(), "stop message", _Link.HEADER) for lk in self.links]
+        device = next(self.model.parameters()).device
+        stop = torch.zeros(header_size(self.local), dtype=torch.long, device=device)
+        stop[0] = _CMD_STOP
+        works = [lk.isend(stop.clone(), "stop message") for lk in self.links]
         for w in works:
             wait_work(w, "stop message to the EG", self.timeout_s)
 
 
 class ExpertServer:
     """The EG side: this rank's ``E / eg`` experts of every layer, serving AG ranks until each
-    has sent its stop message. With several AG ranks, messages are taken in the order they
-    arrive (:meth:`_arrivals`)."""
+    has sent its stop message. Each AG rank is served by its own thread (:meth:`_serve`),
+    since a server's AG ranks step independently and a receive cannot name "whichever peer
+    sends first" on NCCL; the expert GEMMs of different AG ranks take turns under one lock
+    (one device, one stream of work), in the order their rows arrive."""
 
     def __init__(
         self,
@@ -443,56 +462,89 @@ class ExpertServer:
         self.dtype = experts[0].w_in.dtype
         self.timeout_s = resolve_timeout(timeout_s)
         self.idle_timeout_s = resolve_timeout(idle_timeout_s or 10 * self.timeout_s)
+        self.device = experts[0].w_in.device
         self.links = {a: _Link(a, self.timeout_s) for a in range(ag)}
         self.stats = {"messages": 0, "rows": 0, "busy_s": 0.0}
 
-    @torch.no_grad()
     def run(self) -> dict:
-        active = list(self.links)
-        sends = []
-        # the next header is posted as soon as the previous one arrived, so its latency
-        # hides behind this rank's expert work; with several AG ranks it may come from any
-        # of them, in the order they send (a server's AG ranks step independently)
-        posted = self._post_header(active)
-        while active:
-            header, work, op = posted
-            wait_work(work, op, self.idle_timeout_s)
-            a = active[0] if len(self.links) == 1 else work._source_rank()
-            lk = self.links[a]
-            if int(header[0]) == _CMD_STOP:
-                active.remove(a)
-                if active:
-                    posted = self._post_header(active)
-                continue
-            posted = self._post_header(active)
-            l, n = int(header[1]), int(header[2])
-            if n == 0:
-                continue
-            x_ND = torch.empty(n, self.D, dtype=self.dtype)
-            op = f"a2e rows from AG rank {a} (layer {l})"
-            wait_work(lk.irecv(x_ND, op, _Link.ROWS), op, self.timeout_s)
-            t0 = time.perf_counter()
-            y_ND = self.experts[l](x_ND, header[3:])
-            self.stats["busy_s"] += time.perf_counter() - t0
-            self.stats["messages"] += 1
-            self.stats["rows"] += n
-            sends.append(lk.isend(y_ND, f"e2a (layer {l})", _Link.ROWS))
+        """Serve every AG rank until each has sent its stop message; the first error of any
+        AG rank's thread is raised here (the others are left to the process's end)."""
+        import threading
+
+        self._lock = threading.Lock()
+        peers = sorted(self.links)
+        if len(peers) == 1:
+            self._serve(peers[0])
+            return self.stats
+        done = threading.Condition()
+        finished: list = []
+        errors: list[BaseException] = []
+
+        def serve(a: int) -> None:
+            try:
+                self._serve(a)
+            except BaseException as e:  # noqa: BLE001 - raised by run()
+                errors.append(e)
+            with done:
+                finished.append(a)
+                done.notify_all()
+
+        for a in peers:
+            name = f"moeflow-eg{self.e}-ag{a}"
+            threading.Thread(target=serve, args=(a,), name=name, daemon=True).start()
+        with done:
+            while len(finished) < len(peers) and not errors:
+                done.wait()
+        if errors:
+            raise errors[0]
+        return self.stats
+
+    @torch.no_grad()
+    def _serve(self, a: int) -> None:
+        """AG rank ``a``'s messages, in the order :meth:`DisaggregatedForward._send_group`
+        sends them: per micro-batch and layer, the first header (command, layer, chunks,
+        chunk 0's rows and per-expert counts), the other chunks' headers in one message, then
+        every chunk's rows, all received at once; each chunk's experts run as soon as its
+        rows are in, and its reply is sent. The next header is received after the last
+        reply is posted, its turn in the pair's sequence."""
+        lk, local = self.links[a], self.local
+        sends: list = []
+        while True:
+            first = torch.empty(header_size(local), dtype=torch.long, device=self.device)
+            op = f"a2e header from AG rank {a}"
+            wait_work(lk.irecv(first, op), op, self.idle_timeout_s)
+            head = first.tolist()
+            if head[0] == _CMD_STOP:
+                break
+            l, chunks = head[1], head[2]
+            table = [head[3:]]
+            if chunks > 1:
+                rest = torch.empty(chunks - 1, 1 + local, dtype=torch.long, device=self.device)
+                op = f"a2e headers from AG rank {a} (layer {l})"
+                wait_work(lk.irecv(rest, op), op, self.timeout_s)
+                table += rest.tolist()
+            posted = []
+            for c, (n, *_) in enumerate(table):
+                if n:
+                    x_ND = torch.empty(n, self.D, dtype=self.dtype, device=self.device)
+                    op = f"a2e rows from AG rank {a} (layer {l}, chunk {c})"
+                    posted.append((c, x_ND, lk.irecv(x_ND, op), op))
+            for c, x_ND, work, op in posted:
+                wait_work(work, op, self.timeout_s)
+                counts = first[4:] if c == 0 else rest[c - 1, 1:]
+                with self._lock:
+                    t0 = time.perf_counter()
+                    y_ND = self.experts[l](x_ND, counts)
+                    self.stats["busy_s"] += time.perf_counter() - t0
+                    self.stats["messages"] += 1
+                    self.stats["rows"] += x_ND.shape[0]
+                sends.append(lk.isend(y_ND, f"e2a to AG rank {a} (layer {l}, chunk {c})"))
             if len(sends) > 64:  # keep the list short; old sends are done
                 for w in sends[:32]:
                     wait_work(w, f"e2a send to AG rank {a}", self.timeout_s)
                 del sends[:32]
         for w in sends:
-            wait_work(w, "e2a send", self.timeout_s)
-        return self.stats
-
-    def _post_header(self, active: list[int]):
-        header = torch.empty(3 + self.local, dtype=torch.long)
-        if len(self.links) == 1:
-            a = active[0]
-            op = f"a2e header from AG rank {a}"
-            return header, self.links[a].irecv(header, op, _Link.HEADER), op
-        op = f"a2e header from any of AG ranks {active}"
-        return header, _Link.irecv_any(header, op), op
+            wait_work(w, f"e2a send to AG rank {a}", self.timeout_s)
 
 
 def serve_rank(
