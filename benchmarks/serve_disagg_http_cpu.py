@@ -3,7 +3,7 @@ vs tuned PPPipe, on loopback and across tc-shaped links.
 
     python benchmarks/serve_disagg_http_cpu.py [--repeat 5] [--layouts 1x1,1x2]
         [--links loopback,1gbit,100mbit] [--shaped-repeat N] [--rates 8,32] [--requests 16]
-        [--input-len 32] [--output-len 32] [--out benchmarks/results]
+        [--input-len 32[,384]] [--output-len 32[,16]] [--out benchmarks/results]
 
 One random-weight Qwen3-MoE checkpoint (that of ``serve_http_cpu.py``: hidden 256, 4 layers,
 8 experts top-2, no shared expert, a 64-token character tokenizer, float32) is served by
@@ -16,7 +16,8 @@ One random-weight Qwen3-MoE checkpoint (that of ``serve_http_cpu.py``: hidden 25
 
 ``moeflow load`` (:mod:`moeflow.apps.loadgen`, vLLM's ``benchmark_serving`` metrics) drives
 each server at every rate with the same seeded requests (random token-id prompts of
-``--input-len``, exactly ``--output-len`` output tokens via ``ignore_eos``) and reports
+``--input-len``, exactly ``--output-len`` output tokens via ``ignore_eos``; comma lists give
+several workloads, each its own cells) and reports
 throughput, TTFT, TPOT, ITL and goodput under one SLO for every schedule (``--slo-ttft-ms``,
 ``--slo-tpot-ms``). A repeat runs every schedule once, in a fresh random order: a fresh server
 (which measures its costs), the same 4-request warm-up, the rates in a shuffled order, then
@@ -114,16 +115,18 @@ def _health(url: str) -> dict:
     return httpx.get(url + "/health", timeout=5).json()
 
 
-def cell(args, ckpt: str, eg: int, link: str, rng: random.Random, tmp: str) -> dict:
-    """Every run of one layout and link."""
+def cell(
+    args, ckpt: str, eg: int, link: str, io: tuple[int, int], rng: random.Random, tmp: str
+) -> dict:
+    """Every run of one layout, link and workload (``io``: prompt and output tokens)."""
     from moeflow.apps.loadgen import LoadConfig, run_load
 
     shaped = link != "loopback"
     rates = [float(r) for r in args.rates.split(",")]
     base = dict(
         model=MODEL,
-        input_len=args.input_len,
-        output_len=args.output_len,
+        input_len=io[0],
+        output_len=io[1],
         vocab_size=64,
         slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms,
@@ -282,8 +285,12 @@ def main(argv=None) -> int:
         "--rates", default="8,32", help="Poisson request rates (req/s), comma-separated"
     )
     ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--input-len", type=int, default=32)
-    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument(
+        "--input-len", default="32", help="prompt tokens; a comma list: one workload each"
+    )
+    ap.add_argument(
+        "--output-len", default="32", help="output tokens, one per --input-len workload"
+    )
     ap.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
     ap.add_argument("--seed", type=int, default=0, help="order of schedules and rates")
@@ -300,6 +307,11 @@ def main(argv=None) -> int:
 
     rng = random.Random(args.seed)
     rates = [float(r) for r in args.rates.split(",")]
+    ins = [int(v) for v in args.input_len.split(",")]
+    outs = [int(v) for v in args.output_len.split(",")]
+    if len(ins) != len(outs):
+        raise SystemExit("--input-len and --output-len: one output length per prompt length")
+    workloads = list(zip(ins, outs))
     tmp = tempfile.mkdtemp(prefix="serve_disagg_http_")
     ckpt = os.path.join(tmp, MODEL)
     os.makedirs(ckpt)
@@ -312,8 +324,11 @@ def main(argv=None) -> int:
             if ag != 1:
                 raise SystemExit(f"--layouts {layout}: this benchmark runs AG = 1")
             for link in [x for x in args.links.split(",") if x]:
-                key = f"AG1xEG{eg} {link}"
-                print(f"serve_disagg_http_cpu: {key} ...", flush=True)
+                keys = {
+                    io: f"AG1xEG{eg} {link}" + (f" {io[0]}/{io[1]}" if len(workloads) > 1 else "")
+                    for io in workloads
+                }
+                print(f"serve_disagg_http_cpu: AG1xEG{eg} {link} ...", flush=True)
                 if link != "loopback":
                     why = ec.unavailable() or (
                         f"namespaces with prefix {ec.PREFIX} are already up; not touched"
@@ -321,14 +336,16 @@ def main(argv=None) -> int:
                         else None
                     )
                     if why:
-                        records[key] = {"skipped": why}
+                        records.update({key: {"skipped": why} for key in keys.values()})
                         continue
                     ec.up(1 + eg, link)
                 try:
-                    records[key] = cell(args, ckpt, eg, link, rng, tmp)
-                except RuntimeError as e:
-                    records[key] = {"skipped": f"failed: {e}"}
-                    print(f"  {e}", flush=True)
+                    for io, key in keys.items():
+                        try:
+                            records[key] = cell(args, ckpt, eg, link, io, rng, tmp)
+                        except RuntimeError as e:
+                            records[key] = {"skipped": f"failed: {e}"}
+                            print(f"  {e}", flush=True)
                 finally:
                     if link != "loopback":
                         ec.down()
@@ -428,7 +445,11 @@ def write(args, rates, records, minutes: float, torch_version: str) -> None:
         "the namespaces)",
         f"- workload: random-weight Qwen3-MoE (hidden 256, 4 layers, 8 experts top-2, float32), "
         f"`moeflow load` with {args.requests} requests per run at Poisson rate(s) {args.rates} "
-        f"req/s, {args.input_len} prompt tokens, {args.output_len} output tokens (ignore_eos); "
+        f"req/s; prompt / output tokens (ignore_eos) per workload: "
+        + ", ".join(
+            f"{i}/{o}" for i, o in zip(args.input_len.split(","), args.output_len.split(","))
+        )
+        + "; "
         f"goodput SLO TTFT <= {args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms; "
         f"one torch thread per rank; {args.repeat} repeats on loopback, "
         f"{args.shaped_repeat or args.repeat} on shaped links, schedules in a fresh random "
