@@ -162,7 +162,12 @@ def cell(args, ckpt: str, eg: int, link: str, rng: random.Random, tmp: str) -> d
                                 "report": r,
                                 "steps": _step_delta(before, after),
                                 "costs": after.get("start_costs", after["costs"]),
-                                "refit": {k: after.get(k) for k in ("costs", "serial", "refits")},
+                                "refit": {
+                                    "costs": after.get("costs"),
+                                    "serial": after.get("serial"),
+                                    "refits": after.get("refits"),
+                                    "last": (after.get("planners") or [{}])[0].get("last_refit"),
+                                },
                             }
                         )
                         before = after
