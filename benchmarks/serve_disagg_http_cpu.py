@@ -3,7 +3,8 @@ vs tuned PPPipe, on loopback and across tc-shaped links.
 
     python benchmarks/serve_disagg_http_cpu.py [--repeat 5] [--layouts 1x1,1x2]
         [--links loopback,1gbit,100mbit] [--shaped-repeat N] [--rates 8,32] [--requests 16]
-        [--input-len 32[,384]] [--output-len 32[,16]] [--out benchmarks/results]
+        [--input-len 32[,384]] [--output-len 32[,16]] [--refit-every K]
+        [--out benchmarks/results]
 
 One random-weight Qwen3-MoE checkpoint (that of ``serve_http_cpu.py``: hidden 256, 4 layers,
 8 experts top-2, no shared expert, a 64-token character tokenizer, float32) is served by
@@ -21,8 +22,10 @@ several workloads, each its own cells) and reports
 throughput, TTFT, TPOT, ITL and goodput under one SLO for every schedule (``--slo-ttft-ms``,
 ``--slo-tpot-ms``). A repeat runs every schedule once, in a fresh random order: a fresh server
 (which measures its costs), the same 4-request warm-up, the rates in a shuffled order, then
-``/health``'s step log (every step shape, its plan, count, measured and predicted ms) and
-the server is stopped. The record gives every run, and per schedule the median and the range.
+``/health``'s step log (every step shape, its plan, count, measured and predicted ms, the
+prediction under the costs in use: the server refits them to its served steps every
+``--refit-every`` steps) and the server is stopped. The record gives every run, and per
+schedule the median and the range.
 
 Links: ``loopback``: the ranks on 127.0.0.1. A tc rate (``1gbit``, ``100mbit``): every rank
 in its own network namespace of an emulated cluster (``emulated_cluster.py``: one node per
@@ -89,9 +92,13 @@ def serve_shaped(serve_argv: list[str]) -> int:
 
 
 # ---- the driver ----------------------------------------------------------------------------
-def start(ckpt: str, eg: int, schedule: str, shaped: bool, log) -> tuple[subprocess.Popen, str]:
+def start(
+    ckpt: str, eg: int, schedule: str, shaped: bool, log, refit_every: int | None = None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     serve = [ckpt, "--port", str(port), "--ag", "1", "--eg", str(eg), "--schedule", schedule]
+    if refit_every is not None and schedule != "naive":
+        serve += ["--refit-every", str(refit_every)]
     serve += ["--log-level", "warning", "--force-nproc", "--timeout-s", "120"]
     if shaped:
         cmd = [sys.executable, os.path.abspath(__file__), "--serve-shaped", "--", *serve]
@@ -139,7 +146,7 @@ def cell(
         for s in todo:
             with open(os.path.join(tmp, f"{s}.log"), "ab") as log:
                 t0 = time.monotonic()
-                proc, url = start(ckpt, eg, s, shaped, log)
+                proc, url = start(ckpt, eg, s, shaped, log, args.refit_every)
                 start_s = time.monotonic() - t0
                 try:
                     warm = run_load(LoadConfig(url=url, **base, requests=4, seed=999))
@@ -158,7 +165,13 @@ def cell(
                                 "start_s": start_s,
                                 "report": r,
                                 "steps": _step_delta(before, after),
-                                "costs": after["costs"],
+                                "costs": after.get("start_costs", after["costs"]),
+                                "refit": {
+                                    "costs": after.get("costs"),
+                                    "serial": after.get("serial"),
+                                    "refits": after.get("refits"),
+                                    "last": (after.get("planners") or [{}])[0].get("last_refit"),
+                                },
                             }
                         )
                         before = after
@@ -294,6 +307,12 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
     ap.add_argument("--seed", type=int, default=0, help="order of schedules and rates")
+    ap.add_argument(
+        "--refit-every",
+        type=int,
+        default=None,
+        help="the servers' --refit-every (default: moeflow serve's)",
+    )
     ap.add_argument("--host", default=f"{os.cpu_count()}cpu-x86")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--serve-shaped", action="store_true", help=argparse.SUPPRESS)

@@ -37,7 +37,7 @@ def full(checkpoint):
     return load_pretrained(checkpoint[1])
 
 
-def _server(checkpoint, schedule, costs, perf=None):
+def _server(checkpoint, schedule, costs, perf=None, refit_every=64):
     from moeflow.serving.disagg_server import disaggregated_server
     from moeflow.serving.engine import EngineConfig
     from moeflow.serving.openai_api import build_app
@@ -53,6 +53,7 @@ def _server(checkpoint, schedule, costs, perf=None):
         costs=costs,
         perf=perf,
         timeout_s=20,
+        refit_every=refit_every,
     )
     return server, LiveServer(build_app(server))
 
@@ -173,6 +174,70 @@ def test_bad_schedule_and_costs_are_typed_errors(checkpoint, tmp_path, capsys):
     assert "the link cost is missing" in capsys.readouterr().err
     assert main(["serve", ckpt, "--port", "0", "--eg", "2", "--r1", "2"]) == 2
     assert "--r1" in capsys.readouterr().err
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError, match="refit_every"):
+            DisaggregatedEngine(checkpoint[1], schedule="findep", refit_every=bad)
+    assert main(["serve", ckpt, "--port", "0", "--eg", "2", "--refit-every", "-1"]) == 2
+    assert "--refit-every" in capsys.readouterr().err
+    assert main(["serve", ckpt, "--port", "0", "--refit-every", "8"]) == 2  # colocated
+    assert "--refit-every" in capsys.readouterr().err
+    argv = ["serve", ckpt, "--port", "0", "--eg", "2", "--schedule", "naive", "--refit-every", "8"]
+    assert main(argv) == 2
+    assert "--refit-every" in capsys.readouterr().err
+
+
+def _miss(plans, predicted):
+    """The step-weighted mean of |predicted / measured - 1| over the plans' step shapes."""
+    n = sum(p["steps"] for p in plans)
+    return sum(p["steps"] * abs(predicted(p) / p["mean_ms"] - 1) for p in plans) / n
+
+
+def test_the_planner_is_refitted_to_the_served_steps(checkpoint, full):
+    """TOY's link (0.5 ms a message, 1 s a MB) is far slower than loopback: after every 8
+    steps the rank refits its costs to the steps it timed, and the predictions of the shapes
+    it served move toward their measured times."""
+    import time
+
+    from moeflow.serving.host_costs import HostCosts
+
+    costs = HostCosts(**TOY)
+    server, live = _server(checkpoint, "findep", costs, refit_every=8)
+    try:
+        with live:
+            got = _serve_all(live.url)
+            h = _health_when_counted(live.url, 16)
+            time.sleep(0.75)  # the plans' predictions follow the last refit within 0.25 s
+            h = httpx.get(f"{live.url}/health").json()
+    finally:
+        server.engine.shutdown(drain=False)
+    ref = generate(full, [Request(p, SamplingParams(n)) for p, n in zip(PROMPTS, LENS)])
+    assert got == [ref[0].tokens, *(r.tokens for r in ref)]
+    steps = sum(p["steps"] for p in h["plans"])
+    assert h["refits"] == steps // 8 >= 2
+    (state,) = h["planners"]
+    assert state["rank"] == 0 and state["refit_every"] == 8 and state["refits"] == h["refits"]
+    last = state["last_refit"]
+    assert "error" not in last and last["at_step"] == 8 * h["refits"]
+    assert last["records"] == last["at_step"] and last["error_after"] < last["error_before"]
+    assert isinstance(h["serial"], bool) and h["serial"] == last["serial"]
+    back = HostCosts.from_dict(h["start_costs"])
+    assert [(c.alpha, c.beta) for c in (back.gemm, back.link, back.attention, back.head)] == [
+        (c.alpha, c.beta) for c in TOY.values()
+    ]
+    now = HostCosts.from_dict(h["costs"])
+    assert now.link.beta < TOY["link"].beta and "refit to" in h["costs"]["link"]["note"]
+    start = _planner(full.cfg, costs)
+    before = _miss(h["plans"], lambda p: start.predict_ms(*(p[k] for k in _PLAN)))
+    after = _miss(h["plans"], lambda p: p["predicted_ms"])
+    assert after < before, (after, before)
+    # the plans since the last refit are the refitted planner's
+    planner = _planner(full.cfg, now)
+    planner.serial = h["serial"]
+    for p in h["plans"]:
+        assert p["predicted_ms"] == pytest.approx(planner.predict_ms(*(p[k] for k in _PLAN)))
+
+
+_PLAN = ("seqs", "tokens", "r1", "r2", "order")
 
 
 def test_rank_init_runs_in_every_rank_before_it_joins(checkpoint, tmp_path):

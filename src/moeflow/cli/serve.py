@@ -10,7 +10,7 @@ ranks, rank ``r`` on GPU ``r`` (one GPU per rank; a solved schedule then needs `
         [--block-size 16] [--kv-cache-gib G | --num-blocks N] [--max-seqs 32]
         [--max-prefill-tokens 512] [--dtype float32|bfloat16|float16] [--device cpu|cuda]
         [--ag N --eg M [--schedule findep|pppipe|naive] [--costs FILE | --perf FILE] [--r1 R]
-         [--timeout-s 30] [--threads 1]]
+         [--refit-every 64] [--timeout-s 30] [--threads 1]]
 
 With ``--ag``/``--eg`` the KV cache flags apply to each attention rank. ``--schedule``
 (default findep): every forward step's ``(r1, r2, order)`` is solved for that step's mix of
@@ -19,7 +19,11 @@ sequences and new tokens (prefill chunks and decodes) by FinDEP's step solver
 start (:mod:`moeflow.serving.host_costs`), read from ``--costs FILE`` (the JSON of
 ``/health``'s ``costs``) or from ``--perf FILE`` (a ``moeflow profile`` PerfModel; a cost it
 lacks is refused by name); pppipe gets its best ``r1`` from the same solver (or ``--r1``),
-naive runs ``r1 = r2 = 1``. ``/health`` lists every step shape served and its plan.
+naive runs ``r1 = r2 = 1``. ``--refit-every K`` (default 64; 0: never): every attention rank
+refits those costs to the steps it has served (the last 256) after every ``K`` steps
+(:meth:`moeflow.plan.findep.StepPlanner.refit`), and prices steps serially where split steps
+ran as if nothing overlapped. ``/health`` lists every step shape served and its plan,
+measured and predicted, the costs in use, whether serial, and the refits.
 
 SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in flight finish, then
 exits (143 after SIGTERM, 130 after Ctrl-C, as every moeflow command).
@@ -81,6 +85,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--r1", type=int, default=None, help="pppipe: fixed micro-batches instead of solved"
     )
     d.add_argument(
+        "--refit-every",
+        type=int,
+        default=None,
+        metavar="K",
+        help="refit the step solver's costs to the served steps every K steps (default 64; "
+        "0: never)",
+    )
+    d.add_argument(
         "--timeout-s", type=float, default=30.0, help="deadline of every AG<->EG transfer"
     )
     d.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -126,6 +138,8 @@ def run(args, engine_kw: dict | None = None) -> int:
                 args.device,
                 "cpu (gloo ranks) or cuda (NCCL, a GPU per rank) with --ag/--eg",
             )
+    elif args.refit_every is not None:
+        raise ConfigError("--refit-every", args.refit_every, "given only with --ag/--eg")
     # bind before loading the model: a taken port is one OSError line (exit 1), at once
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -186,6 +200,11 @@ def _disaggregated(args, cfg, dtype, sock, engine_kw: dict):
             raise ConfigError(flag, value, "given only with a solved schedule")
     if args.costs is not None and args.perf is not None:
         raise ConfigError("--costs/--perf", "both", "one of them")
+    refit_every = 64 if args.refit_every is None else args.refit_every
+    if refit_every < 0:
+        raise ConfigError("--refit-every", refit_every, "an int >= 0 (0: never refit)")
+    if args.refit_every is not None and (args.schedule == "naive" or args.r1 is not None):
+        raise ConfigError("--refit-every", args.refit_every, "given only with a solved schedule")
     if args.costs is not None:
         costs = load_costs(args.costs)
     if args.perf is not None:
@@ -209,5 +228,6 @@ def _disaggregated(args, cfg, dtype, sock, engine_kw: dict):
         device=args.device,
         force=args.force_nproc,
         close_fds=[sock.fileno()],
+        refit_every=refit_every,
         **engine_kw,
     )

@@ -38,6 +38,11 @@ in ``1 / r2``. So walk ``m_a`` down from the memory limit, take the largest ``r1
 allows (only the ``m_a`` where that ``r1`` changes matter: O(sqrt(M)) candidates), try both
 orders and solve the 1-D convex problem in ``r2`` by ternary search on ``x = 1 / r2``.
 
+Per step (:class:`StepPlanner`): a server's forward call has its batch given, so only the
+split is solved, per step shape; :meth:`StepPlanner.refit` refits the costs to the steps a
+server has timed (least squares on the predicted step times, and the choice between the
+closed form and :func:`serial_time` from the split steps).
+
 Pure Python (no torch): plans for clusters you do not have run anywhere.
 """
 
@@ -647,6 +652,7 @@ class StepPlanner:
     final norm and LM head, which run once per step outside the layers on the AG, whatever
     the split; it adds to every prediction and changes no plan. ``serial``: price every step
     with :func:`serial_time` instead of the closed form (a host where nothing overlaps).
+    :meth:`refit` replaces the costs (and ``serial``) by a fit to timed steps.
     """
 
     def __init__(
@@ -665,6 +671,10 @@ class StepPlanner:
         self.max_r2 = positive_int("max_r2", max_r2)
         self._plans: dict[tuple[str, int, int], FinDEPPlan] = {}
         self._loads: dict[tuple[int, int], Workload] = {}
+        #: the costs :meth:`refit` regularises toward (these, or :meth:`recost`'s)
+        self.start_testbed, self.start_head = testbed, head
+        #: how many times :meth:`refit` replaced the costs
+        self.refits = 0
 
     @classmethod
     def from_perf(
@@ -697,7 +707,12 @@ class StepPlanner:
         return cls(model, tb, max_r1=max_r1, max_r2=max_r2, head=head, serial=serial)
 
     def recost(self, testbed: Testbed, head: LinearCost | None = None) -> None:
-        """Replace the costs (a fresh measurement of the same host) and forget every plan."""
+        """Replace the costs (a fresh measurement of the same host: :meth:`refit` regularises
+        toward them from now on) and forget every plan."""
+        self.start_testbed, self.start_head = testbed, head
+        self._use(testbed, head)
+
+    def _use(self, testbed: Testbed, head: LinearCost | None) -> None:
         self.testbed, self.head = testbed, head
         self._plans.clear()
         self._loads.clear()
@@ -706,7 +721,7 @@ class StepPlanner:
         """The step as a FinDEP workload: ``seqs`` sequences of ``tokens`` new tokens."""
         key = (positive_int("seqs", seqs), positive_int("tokens", tokens))
         w = self._loads.get(key)
-        if w is None:
+        if w is None or w.testbed is not self.testbed:
             w = Workload(
                 model=self.model,
                 testbed=self.testbed,
@@ -767,6 +782,320 @@ class StepPlanner:
         )
         self._plans[key] = plan
         return plan
+
+    def refit(self, records, *, prior_weight: float = 1e-6, iterations: int = 8) -> RefitResult:
+        """Refit the costs to served steps, then :meth:`recost`'s effect (plans forgotten).
+
+        ``records``: steps as :attr:`moeflow.serving.disaggregated.DisaggregatedForward.steps`
+        holds them, mappings with ``seqs``, ``tokens``, ``r1``, ``r2``, ``order`` and ``ms``
+        (the measured wall time; other keys are ignored). Steps of one ``(seqs, tokens, r1,
+        r2, order)`` count as their median, weighted by how many there are.
+
+        Every cost of the testbed (``gemm``, ``link``, and ``attention`` / ``attention_core``
+        where set) and the ``head`` is linear in its ``alpha`` and ``beta``, so a step's
+        predicted time is piecewise linear in them (linear for :func:`serial_time`; the
+        closed form's ``max`` picks the piece) and positively homogeneous:
+        ``t(theta) = g(theta) . theta`` with ``g`` its gradient. The fit is Gauss-Newton on
+        that: at ``theta`` take every step's ``g``, solve the non-negative least squares
+        problem (Lawson and Hanson's active set) on relative errors
+        ``sum_k n_k ((g_k . theta - y_k) / y_k)^2 / sum_k n_k``, plus
+        ``prior_weight * sum_i ((theta_i - theta0_i) / s_i)^2`` toward the start-up costs
+        ``theta0`` (:attr:`start_testbed`, :attr:`start_head`; ``s_i`` = ``theta0_i``, or
+        where that is 0 the value at which the parameter alone would take a mean step), which
+        decides what the data leave open (only decode shapes seen: attention and expert
+        intercepts and slopes trade off), then repeat at the new ``theta`` (at most
+        ``iterations`` times; the best of them is kept). Both pricings are fitted, the
+        closed form and :func:`serial_time`; ``serial`` becomes the one whose fit misses the
+        split steps (``r1 > 1`` or ``r2 > 1``) less (unchanged when no step was split: the
+        data cannot tell). Deterministic; a few ms for a few hundred steps of tens of shapes.
+
+        Returns a :class:`RefitResult`; an empty window changes nothing. InputError for a
+        malformed record."""
+        positive_int("iterations", iterations)
+        if not (isinstance(prior_weight, (int, float)) and prior_weight > 0):
+            raise ConfigError("prior_weight", prior_weight, "a number > 0")
+        groups = _step_groups(records)
+        before = self._fit_error(groups, self.testbed, self.head, self.serial)
+        if not groups:
+            return RefitResult(0, 0, self.serial, before, before, None, None)
+        slots = [n for n in _REFIT_SLOTS if _slot(self.start_testbed, self.start_head, n)]
+        theta0 = [
+            float(getattr(_slot(self.start_testbed, self.start_head, n), f))
+            for n in slots
+            for f in ("alpha", "beta")
+        ]
+        fits = {}
+        for serial in (False, True):
+            theta = self._gauss_newton(groups, slots, theta0, serial, prior_weight, iterations)
+            tb, head = self._costs_of(slots, theta, len(records))
+            split = [g for g in groups if g[2] > 1 or g[3] > 1]
+            fits[serial] = (
+                tb,
+                head,
+                self._fit_error(groups, tb, head, serial),
+                self._fit_error(split, tb, head, serial) if split else None,
+            )
+        closed, serial = fits[False][3], fits[True][3]
+        use_serial = self.serial if closed is None else serial < closed
+        tb, head, after, _ = fits[use_serial]
+        self.serial = use_serial
+        self._use(tb, head)
+        self.refits += 1
+        n = sum(len(g[5]) for g in groups)
+        return RefitResult(n, len(groups), use_serial, before, after, closed, serial)
+
+    # -- refit helpers --------------------------------------------------------------------
+    def _fit_error(self, groups, testbed, head, serial) -> float | None:
+        """The count-weighted RMS relative error of ``groups``' medians under these costs."""
+        if not groups:
+            return None
+        p = StepPlanner(self.model, testbed, max_r1=self.max_r1, max_r2=self.max_r2, head=head)
+        p.serial = serial
+        num = den = 0.0
+        for seqs, tokens, r1, r2, order, ms in groups:
+            y = _median(ms)
+            rel = (p.predict_ms(seqs, tokens, r1, r2, order) - y) / y
+            num += len(ms) * rel * rel
+            den += len(ms)
+        return math.sqrt(num / den)
+
+    def _duals(self, groups, slots, theta, serial):
+        """Every group's (predicted ms, its gradient in ``theta``) at ``theta``."""
+        n = len(theta)
+        dual = {}
+        for i, name in enumerate(slots):
+            a = _Dual(theta[2 * i], tuple(1.0 if j == 2 * i else 0.0 for j in range(n)))
+            b = _Dual(theta[2 * i + 1], tuple(1.0 if j == 2 * i + 1 else 0.0 for j in range(n)))
+            dual[name] = _DualCost(a, b)
+        head = dual.pop("head", None)
+        tb = dataclasses.replace(self.testbed, **dual)
+        p = StepPlanner(self.model, tb, max_r1=self.max_r1, max_r2=self.max_r2, head=head)
+        p.serial = serial
+        out = []
+        for seqs, tokens, r1, r2, order, _ in groups:
+            t = p.predict_ms(seqs, tokens, r1, r2, order)
+            out.append((t.v, t.g) if isinstance(t, _Dual) else (float(t), (0.0,) * n))
+        return out
+
+    def _gauss_newton(self, groups, slots, theta0, serial, prior_weight, iterations):
+        n = len(theta0)
+        ys = [_median(g[5]) for g in groups]
+        ws = [len(g[5]) for g in groups]
+        wsum = float(sum(ws))
+        first = self._duals(groups, slots, theta0, serial)
+        mean_y = sum(w * y for w, y in zip(ws, ys)) / wsum
+        scale = []
+        for i in range(n):
+            if theta0[i] > 0:
+                scale.append(theta0[i])
+                continue
+            g = sum(w * abs(d[1][i]) for w, d in zip(ws, first)) / wsum
+            scale.append(mean_y / g if g > 0 else 1.0)
+        u0 = [t / s for t, s in zip(theta0, scale)]
+
+        def objective(duals, u):
+            r = sum(w * ((d[0] - y) / y) ** 2 for w, d, y in zip(ws, duals, ys)) / wsum
+            return r + prior_weight * sum((a - b) ** 2 for a, b in zip(u, u0))
+
+        u, duals = list(u0), first
+        best = (objective(duals, u), list(theta0))
+        for _ in range(iterations):
+            # normal equations of the linearised problem in u = theta / scale
+            a = [[prior_weight if i == j else 0.0 for j in range(n)] for i in range(n)]
+            b = [prior_weight * u0[i] for i in range(n)]
+            for w, (_, g), y in zip(ws, duals, ys):
+                row = [g[i] * scale[i] / y for i in range(n)]
+                c = w / wsum
+                for i in range(n):
+                    if row[i]:
+                        b[i] += c * row[i]
+                        for j in range(n):
+                            a[i][j] += c * row[i] * row[j]
+            nxt = _nnls_normal(a, b)
+            theta = [x * s for x, s in zip(nxt, scale)]
+            duals = self._duals(groups, slots, theta, serial)
+            obj = objective(duals, nxt)
+            if obj < best[0]:
+                best = (obj, theta)
+            if max(abs(x - y) for x, y in zip(nxt, u)) <= 1e-9 * (1 + max(map(abs, u))):
+                break
+            u = nxt
+        return best[1]
+
+    def _costs_of(self, slots, theta, n_records) -> tuple[Testbed, LinearCost | None]:
+        note = f"refit to {n_records} served steps"
+        new = {
+            name: LinearCost(theta[2 * i], theta[2 * i + 1], source="fitted", note=note)
+            for i, name in enumerate(slots)
+        }
+        head = new.pop("head", self.start_head)
+        return dataclasses.replace(self.start_testbed, **new), head
+
+
+#: the costs :meth:`StepPlanner.refit` refits (those set), testbed fields then the head
+_REFIT_SLOTS = ("attention", "attention_core", "gemm", "link", "head")
+
+
+def _slot(testbed: Testbed, head: LinearCost | None, name: str) -> LinearCost | None:
+    return head if name == "head" else getattr(testbed, name)
+
+
+@dataclass(frozen=True)
+class RefitResult:
+    """What one :meth:`StepPlanner.refit` did: the ``records`` and step ``shapes`` (distinct
+    ``(seqs, tokens, r1, r2, order)``) it fitted, the ``serial`` pricing it chose, the
+    count-weighted RMS relative error of the shapes' median times under the costs before and
+    after, and on the split steps alone under the closed form's and the serial fit (None: no
+    split step)."""
+
+    records: int
+    shapes: int
+    serial: bool
+    error_before: float | None
+    error_after: float | None
+    split_error_closed: float | None
+    split_error_serial: float | None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
+
+
+def _step_groups(records) -> list[tuple[int, int, int, int, str, list[float]]]:
+    """``(seqs, tokens, r1, r2, order, [ms, ...])`` per distinct step, in a fixed order
+    (``r1`` capped at ``seqs``, as :meth:`StepPlanner.predict_ms` does)."""
+    from moeflow.errors import InputError
+
+    out: dict[tuple, list[float]] = {}
+    for rec in records:
+        try:
+            seqs, tokens = int(rec["seqs"]), int(rec["tokens"])
+            r1, r2, order, ms = int(rec["r1"]), int(rec["r2"]), rec["order"], float(rec["ms"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(
+                f"step record {rec!r}: needs seqs, tokens, r1, r2, order and ms ({e})"
+            ) from None
+        if min(seqs, tokens, r1, r2) < 1 or order not in ORDERS:
+            raise InputError(f"step record {rec!r}: positive sizes and an order of {ORDERS}")
+        if not (math.isfinite(ms) and ms > 0):
+            continue  # a step whose clock failed says nothing
+        out.setdefault((seqs, tokens, min(r1, seqs), r2, order), []).append(ms)
+    return [(*k, v) for k, v in sorted(out.items())]
+
+
+def _nnls_normal(a: list[list[float]], b: list[float]) -> list[float]:
+    """``argmin_{x >= 0} x^T a x / 2 - b^T x`` for a symmetric positive definite ``a``: the
+    non-negative least squares of Lawson and Hanson ("Solving Least Squares Problems", 1974,
+    ch. 23, algorithm NNLS) on the normal equations."""
+    n = len(b)
+    x = [0.0] * n
+    free: list[int] = []
+    tol = 1e-12 * max(1.0, max(abs(v) for v in b))
+    for _ in range(10 * n + 10):
+        grad = [b[i] - sum(a[i][j] * x[j] for j in range(n)) for i in range(n)]
+        cand = [i for i in range(n) if i not in free and grad[i] > tol]
+        if not cand:
+            break
+        free.append(max(cand, key=lambda i: (grad[i], -i)))
+        while free:
+            z = _solve([[a[i][j] for j in free] for i in free], [b[i] for i in free])
+            if all(v > 0 for v in z):
+                x = [0.0] * n
+                for i, v in zip(free, z):
+                    x[i] = v
+                break
+            # move toward z until the first free variable reaches 0; it leaves the set
+            step, out = min(
+                (x[i] / (x[i] - v) if x[i] > v else 0.0, i) for i, v in zip(free, z) if v <= 0
+            )
+            for i, v in zip(free, z):
+                x[i] += step * (v - x[i])
+            x[out] = 0.0
+            free = [i for i in free if x[i] > 0]
+            for i in range(n):
+                if i not in free:
+                    x[i] = 0.0
+    return x
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """``a x = b`` by Gaussian elimination with partial pivoting (``a`` is small and
+    positive definite)."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[p] = m[p], m[c]
+        for r in range(c + 1, n):
+            f = m[r][c] / m[c][c]
+            if f:
+                for k in range(c, n + 1):
+                    m[r][k] -= f * m[c][k]
+    x = [0.0] * n
+    for c in range(n - 1, -1, -1):
+        x[c] = (m[c][n] - sum(m[c][k] * x[k] for k in range(c + 1, n))) / m[c][c]
+    return x
+
+
+class _Dual:
+    """A value and its gradient in the refit's parameters (forward-mode differentiation):
+    enough arithmetic (``+``, ``-``, times a number, comparisons for ``max``) for the cost
+    model and the closed forms to run on it unchanged."""
+
+    __slots__ = ("v", "g")
+
+    def __init__(self, v: float, g: tuple[float, ...]):
+        self.v, self.g = v, g
+
+    def __add__(self, o):
+        if isinstance(o, _Dual):
+            return _Dual(self.v + o.v, tuple(a + b for a, b in zip(self.g, o.g)))
+        return _Dual(self.v + o, self.g)
+
+    __radd__ = __add__
+
+    def __sub__(self, o):
+        return self + (-1.0) * o
+
+    def __rsub__(self, o):
+        return (-1.0) * self + o
+
+    def __mul__(self, k):
+        if isinstance(k, _Dual):
+            raise TypeError("the cost model is linear in its parameters")
+        return _Dual(self.v * k, tuple(a * k for a in self.g))
+
+    __rmul__ = __mul__
+
+    def _val(self, o) -> float:
+        return o.v if isinstance(o, _Dual) else o
+
+    def __lt__(self, o):
+        return self.v < self._val(o)
+
+    def __gt__(self, o):
+        return self.v > self._val(o)
+
+    def __le__(self, o):
+        return self.v <= self._val(o)
+
+    def __ge__(self, o):
+        return self.v >= self._val(o)
+
+
+class _DualCost:
+    """A :class:`LinearCost` whose ``alpha`` and ``beta`` are :class:`_Dual`."""
+
+    def __init__(self, alpha: _Dual, beta: _Dual):
+        self.alpha, self.beta = alpha, beta
+
+    def __call__(self, n: float) -> _Dual:
+        return self.alpha + self.beta * n
 
 
 def search_space(w: Workload, max_m_a: int | None = None) -> Iterator[tuple[int, int, int, str]]:

@@ -21,6 +21,12 @@ a pipe.
   were given; each AG rank's forward pass then asks a
   :class:`~moeflow.plan.findep.StepPlanner` for every step's ``(r1, r2, order)`` (cached by
   the step's shape) and counts the steps of each shape and plan, which ``/health`` shows.
+  Start-up costs misread a loaded host (a link latency of 0.1 or 8 ms per message), and a
+  host with no spare core does not overlap what the closed form overlaps, so after every
+  ``refit_every`` steps the rank refits the planner to the last :data:`REFIT_WINDOW` steps
+  it timed (:meth:`~moeflow.plan.findep.StepPlanner.refit`: the costs by least squares on
+  the predicted step times, and the closed form or ``serial_time`` by which misses the split
+  steps less), between two steps on the step thread; the plans are then solved again.
 * **Serving process**: :class:`DisaggregatedEngine` has the interface
   :class:`~moeflow.serving.openai_api.OpenAIServer` uses (``submit``, ``context``,
   ``health``, ``start``, ``shutdown``). A request goes to the AG rank with the fewest requests
@@ -62,6 +68,8 @@ from moeflow.serving.engine import (
 __all__ = ["DisaggregatedEngine", "disaggregated_server"]
 
 _GRACE_S = 10.0  # stop message -> SIGTERM -> SIGKILL
+#: the served steps an attention rank refits its step planner to: the last this many
+REFIT_WINDOW = 256
 
 
 def _error_info(e: BaseException) -> tuple[str, str, bool]:
@@ -280,6 +288,10 @@ def _attention_rank(rank: int, spec: dict, conn, send: _Sender, baseline) -> Non
             },
         )
     )
+    planner = schedule.planner
+    lock = threading.Lock()  # the planner's costs change under a refit
+    if planner is not None:
+        _refit_hook(rank, spec["refit_every"], planner, fwd, send, lock)
     handles: dict[int, RequestHandle] = {}
 
     def on_token(h: RequestHandle, tok: int) -> None:
@@ -292,23 +304,22 @@ def _attention_rank(rank: int, spec: dict, conn, send: _Sender, baseline) -> Non
 
     stop = threading.Event()
 
-    planner = schedule.planner
-
     def report() -> None:  # the pool's state and the plans used, for /health, when changed
-        last, calls = None, 0
+        last, calls = None, (0, 0)
         while not stop.wait(0.25):
             now = (engine.num_running, engine.num_waiting, engine.cache.pool.free)
             if now != last:
                 send(("stats", rank, *now))
                 last = now
-            if fwd.calls != calls:
-                calls = fwd.calls
+            if (fwd.calls, getattr(planner, "refits", 0)) != calls:
                 plans = []
-                for (b, t, r1, r2, order), (n, ms) in dict(fwd.plan_counts).items():
-                    pred = None
-                    if planner is not None:
-                        pred = planner.predict_ms(b, t, r1, r2, order)
-                    plans.append((b, t, r1, r2, order, n, ms, pred))
+                with lock:  # predicted under the costs in use
+                    calls = (fwd.calls, getattr(planner, "refits", 0))
+                    for (b, t, r1, r2, order), (n, ms) in dict(fwd.plan_counts).items():
+                        pred = None
+                        if planner is not None:
+                            pred = planner.predict_ms(b, t, r1, r2, order)
+                        plans.append((b, t, r1, r2, order, n, ms, pred))
                 send(("plans", rank, plans))
 
     threading.Thread(target=report, daemon=True).start()
@@ -339,6 +350,46 @@ def _attention_rank(rank: int, spec: dict, conn, send: _Sender, baseline) -> Non
         fwd.close()  # releases the EG ranks
     except MoeflowError:  # an EG rank is gone; the server ends the others
         pass
+
+
+def _planner_state(planner, every: int, last: dict | None) -> dict:
+    from moeflow.serving.host_costs import planner_costs
+
+    return {
+        "costs": planner_costs(planner).to_dict(),
+        "serial": planner.serial,
+        "refits": planner.refits,
+        "refit_every": every,
+        "last_refit": last,
+    }
+
+
+def _refit_hook(rank: int, every: int, planner, fwd, send: _Sender, lock) -> None:
+    """Refit ``planner`` (:meth:`~moeflow.plan.findep.StepPlanner.refit`) to the last
+    :data:`REFIT_WINDOW` steps ``fwd`` served after every ``every`` of them (0: never), on the
+    step's own thread between steps, and report its state (costs in use, ``serial``, refits,
+    the last refit's errors and time) for ``/health``."""
+    from collections import deque
+
+    send(("planner", rank, _planner_state(planner, every, None)))
+    if not every:
+        return
+    window: deque = deque(maxlen=REFIT_WINDOW)
+
+    def on_step(record: dict) -> None:
+        window.append(record)
+        if fwd.calls % every:
+            return
+        t0 = time.perf_counter()
+        try:
+            with lock:
+                last = planner.refit(list(window)).to_dict()
+        except Exception as e:  # a failed refit keeps the costs; it must not fail the step
+            last = {"error": f"{type(e).__name__}: {e}"}
+        last.update(ms=1e3 * (time.perf_counter() - t0), at_step=fwd.calls)
+        send(("planner", rank, _planner_state(planner, every, last)))
+
+    fwd.on_step = on_step
 
 
 def _expert_rank(rank: int, spec: dict, send: _Sender, baseline) -> None:
@@ -436,7 +487,10 @@ class DisaggregatedEngine:
     :meth:`~moeflow.plan.findep.StepPlanner.from_perf`; a cost it lacks is a ConfigError
     naming it, raised here), or, with neither, from costs the ranks measure once loaded
     (module doc). Default: naive (``moeflow serve``'s default is
-    findep). :meth:`health` reports the costs and every plan used.
+    findep). ``refit_every``: each AG rank refits its planner's costs to the last
+    :data:`REFIT_WINDOW` steps it served after every ``refit_every`` steps
+    (:meth:`~moeflow.plan.findep.StepPlanner.refit`; 0: never; ConfigError unless an int >=
+    0). :meth:`health` reports the costs in use and every plan used.
     """
 
     def __init__(
@@ -458,6 +512,7 @@ class DisaggregatedEngine:
         rank_init: Callable[[int], None] | None = None,
         master_addr: str = "127.0.0.1",
         device: str = "cpu",
+        refit_every: int = 64,
     ):
         import multiprocessing as mp
 
@@ -482,6 +537,8 @@ class DisaggregatedEngine:
             raise ConfigError("perf", "given", 'only without costs, with "findep" or "pppipe"')
         timeout_s = positive_float("timeout_s", timeout_s)
         threads = positive_int("threads", threads)
+        if isinstance(refit_every, bool) or not isinstance(refit_every, int) or refit_every < 0:
+            raise ConfigError("refit_every", refit_every, "an int >= 0 (0: never refit)")
         cfg, _ = check_pretrained(model_dir)
         check_layout(ag + eg, ag, eg, cfg.moe.num_experts)
         check_nproc(ag + eg, force=force, flag="ag + eg")
@@ -514,12 +571,14 @@ class DisaggregatedEngine:
             "rank_init": rank_init,
             "master_addr": str(master_addr),
             "device": device,
+            "refit_every": refit_every,
         }
         self._lock = threading.Lock()
         self._inflight: dict[int, _RemoteHandle] = {}
         self._load = [0] * ag
         self._stats: dict[int, tuple[int, int, int]] = {}
         self._plans: dict[int, list] = {}
+        self._planner: dict[int, dict] = {}
         self._info: dict[int, dict] = {}
         self._fatal: dict[int, str] = {}
         self._dead: dict[int, str] = {}
@@ -617,6 +676,8 @@ class DisaggregatedEngine:
             self._stats[msg[1]] = tuple(msg[2:])
         elif kind == "plans":
             self._plans[msg[1]] = msg[2]
+        elif kind == "planner":
+            self._planner[msg[1]] = msg[2]
         elif kind == "ready":
             with self._ready:
                 self._info[msg[1]] = {"role": self._role(msg[1]), **msg[2]}
@@ -746,30 +807,45 @@ class DisaggregatedEngine:
     def plans(self) -> list[dict]:
         """Every forward step shape the AG ranks ran and the plan each used: ``rank``,
         ``seqs``, ``tokens`` (new per sequence), ``r1``, ``r2``, ``order``, ``steps`` (how
-        many), ``ms`` (their total wall time) and ``predicted_ms`` (the step planner's time of
-        one such step; None without a planner). Updated about every 0.25 s."""
+        many), ``ms`` (their total wall time), ``mean_ms`` (``ms / steps``) and
+        ``predicted_ms`` (the step planner's time of one such step under the costs in use,
+        refitted or not; None without a planner). Updated about every 0.25 s."""
         keys = ("seqs", "tokens", "r1", "r2", "order", "steps", "ms", "predicted_ms")
-        return [
-            {"rank": r, **dict(zip(keys, p))}
-            for r, ps in sorted(dict(self._plans).items())
-            for p in ps
-        ]
+        out = []
+        for r, ps in sorted(dict(self._plans).items()):
+            for p in ps:
+                d = {"rank": r, **dict(zip(keys, p))}
+                d["mean_ms"] = d["ms"] / d["steps"]
+                out.append(d)
+        return out
 
     def health(self) -> dict:
         """``status`` "ok", or "error" with ``error`` naming the first dead rank; the AG
         ranks' requests running and waiting and free KV blocks; the ``schedule``, the
-        ``costs`` it is solved from (None when not solved) and the ``plans`` used
-        (:meth:`plans`); every rank's role, pid and state."""
+        ``costs`` attention rank 0 solves it from now (None when not solved; refitted to the
+        served steps every ``refit_every`` steps) and ``start_costs`` (those it started with),
+        ``serial`` (steps priced by :func:`~moeflow.plan.findep.serial_time` rather than the
+        closed form) and ``refits`` (how many so far), ``planners`` (each AG rank's state:
+        ``costs``, ``serial``, ``refits``, ``refit_every`` and ``last_refit``, the
+        :class:`~moeflow.plan.findep.RefitResult` with its ``ms`` and ``at_step``) and the
+        ``plans`` used (:meth:`plans`: measured vs predicted per step shape); every rank's
+        role, pid and state."""
         with self._lock:
             dead = dict(self._dead)
         info0 = self._info.get(0, {})
+        planners = dict(self._planner)
+        p0 = planners.get(0, {})
         out = {
             "status": "error" if dead else "ok",
             "running": self.num_running,
             "waiting": self.num_waiting,
             "free_kv_blocks": sum(s[2] for s in self._stats.values()),
             "schedule": info0.get("schedule"),
-            "costs": info0.get("costs"),
+            "costs": p0.get("costs", info0.get("costs")),
+            "start_costs": info0.get("costs"),
+            "serial": p0.get("serial"),
+            "refits": p0.get("refits"),
+            "planners": [{"rank": r, **st} for r, st in sorted(planners.items())],
             "plans": self.plans(),
             "ranks": [
                 {

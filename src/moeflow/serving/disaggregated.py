@@ -243,6 +243,9 @@ class DisaggregatedForward:
         #: ``/health``: ``(seqs, tokens, r1, r2, order) -> [calls, total ms]`` (bounded by
         #: the step shapes the engine can form)
         self.plan_counts: dict[tuple[int, int, int, int, str], list] = {}
+        #: None, or a function called with each forward call's record (as :attr:`steps`
+        #: gets it) once the call is done: a server refits its step planner there
+        self.on_step = None
         self._waited = 0.0
 
     # -- a2e ---------------------------------------------------------------------------
@@ -367,19 +370,21 @@ class DisaggregatedForward:
         else:
             count[0] += 1
             count[1] += ms
-        if self.steps is None:
+        if self.steps is None and self.on_step is None:
             return logits
-        self.steps.append(
-            {
-                "seqs": int(ids_BT.shape[0]),
-                "tokens": int(ids_BT.shape[1]),
-                "r1": s.r1,
-                "r2": s.r2,
-                "order": s.order,
-                "ms": ms,
-                "wait_ms": 1e3 * self._waited,
-            }
-        )
+        record = {
+            "seqs": int(ids_BT.shape[0]),
+            "tokens": int(ids_BT.shape[1]),
+            "r1": s.r1,
+            "r2": s.r2,
+            "order": s.order,
+            "ms": ms,
+            "wait_ms": 1e3 * self._waited,
+        }
+        if self.steps is not None:
+            self.steps.append(record)
+        if self.on_step is not None:
+            self.on_step(record)
         return logits
 
     @staticmethod

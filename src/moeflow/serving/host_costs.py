@@ -10,7 +10,8 @@ ranks of an initialised group (across whatever link joins them) and :func:`fit_l
 them. :class:`HostCosts` holds the four, with a JSON form (``moeflow serve --costs FILE``,
 and what ``/health`` reports). :func:`step_planner` builds the
 :class:`moeflow.plan.findep.StepPlanner` that solves every forward step from them; it is used
-by ``moeflow serve --ag N --eg M`` (:mod:`moeflow.serving.disagg_server`) and by ``moeflow
+by ``moeflow serve --ag N --eg M`` (:mod:`moeflow.serving.disagg_server`, which refits them
+to the steps it serves: :meth:`moeflow.plan.findep.StepPlanner.refit`) and by ``moeflow
 serve-bench``.
 """
 
