@@ -316,6 +316,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    ap.add_argument(
+        "--burst",
+        default="256kb",
+        help="tc token bucket of each shaped link (emulated_cluster.up's default)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="order of schedules and rates")
     ap.add_argument(
         "--refit-every",
@@ -367,7 +372,7 @@ def main(argv=None) -> int:
                     if why:
                         records.update({key: {"skipped": why} for key in keys.values()})
                         continue
-                    ec.up(1 + eg, link)
+                    ec.up(1 + eg, link, burst=args.burst)
                 try:
                     for io, key in keys.items():
                         try:

@@ -126,3 +126,24 @@ def test_empty_and_bad_records():
         p.refit([{"seqs": 1, "tokens": 1, "r1": 1, "r2": 1, "order": "SASA", "ms": 1.0}])
     with pytest.raises(ConfigError, match="prior_weight"):
         p.refit([], prior_weight=0)
+
+
+def test_the_steps_that_take_the_time_set_the_fit():
+    """Many short decode steps that ran 80% slower than the costs say (a host's noise), and
+    few long prefill steps on time: the fit weights each step shape by its total time, so the
+    prefill steps, which take most of the time, keep their predictions, and the predicted
+    total time stays close to the measured one."""
+    truth = _truth(False)
+    recs = _records(truth, n=400, split=False, tokens=(1, 1, 1, 1, 1, 1, 1, 64))
+    for r in recs:
+        if r["tokens"] == 1:
+            r["ms"] *= 1.8
+    p = _start(truth)
+    p.refit(recs)
+    pre = [r for r in recs if r["tokens"] > 1]
+    dec = [r for r in recs if r["tokens"] == 1]
+    assert len(dec) > 5 * len(pre)
+    assert sum(r["ms"] for r in pre) > sum(r["ms"] for r in dec)  # the prefills take the time
+    keys = ("seqs", "tokens", "r1", "r2", "order")
+    pred = sum(p.predict_ms(*(r[k] for k in keys)) for r in recs)
+    assert abs(pred / sum(r["ms"] for r in recs) - 1) < 0.03

@@ -789,7 +789,9 @@ class StepPlanner:
         ``records``: steps as :attr:`moeflow.serving.disaggregated.DisaggregatedForward.steps`
         holds them, mappings with ``seqs``, ``tokens``, ``r1``, ``r2``, ``order`` and ``ms``
         (the measured wall time; other keys are ignored). Steps of one ``(seqs, tokens, r1,
-        r2, order)`` count as their median, weighted by how many there are.
+        r2, order)`` count as their median, weighted by their total time (how many there are
+        times that median): the steps that take the server's time set the fit, not the many
+        short decode steps alone.
 
         Every cost of the testbed (``gemm``, ``link``, and ``attention`` / ``attention_core``
         where set) and the ``head`` is linear in its ``alpha`` and ``beta``, so a step's
@@ -798,7 +800,7 @@ class StepPlanner:
         ``t(theta) = g(theta) . theta`` with ``g`` its gradient. The fit is Gauss-Newton on
         that: at ``theta`` take every step's ``g``, solve the non-negative least squares
         problem (Lawson and Hanson's active set) on relative errors
-        ``sum_k n_k ((g_k . theta - y_k) / y_k)^2 / sum_k n_k``, plus
+        ``sum_k w_k ((g_k . theta - y_k) / y_k)^2 / sum_k w_k`` (``w_k = n_k y_k``), plus
         ``prior_weight * sum_i ((theta_i - theta0_i) / s_i)^2`` toward the start-up costs
         ``theta0`` (:attr:`start_testbed`, :attr:`start_head`; ``s_i`` = ``theta0_i``, or
         where that is 0 the value at which the parameter alone would take a mean step), which
@@ -846,7 +848,8 @@ class StepPlanner:
 
     # -- refit helpers --------------------------------------------------------------------
     def _fit_error(self, groups, testbed, head, serial) -> float | None:
-        """The count-weighted RMS relative error of ``groups``' medians under these costs."""
+        """The RMS relative error of ``groups``' medians under these costs, each weighted by
+        its total time (count x median)."""
         if not groups:
             return None
         p = StepPlanner(self.model, testbed, max_r1=self.max_r1, max_r2=self.max_r2, head=head)
@@ -855,8 +858,8 @@ class StepPlanner:
         for seqs, tokens, r1, r2, order, ms in groups:
             y = _median(ms)
             rel = (p.predict_ms(seqs, tokens, r1, r2, order) - y) / y
-            num += len(ms) * rel * rel
-            den += len(ms)
+            num += len(ms) * y * rel * rel
+            den += len(ms) * y
         return math.sqrt(num / den)
 
     def _duals(self, groups, slots, theta, serial):
@@ -880,7 +883,7 @@ class StepPlanner:
     def _gauss_newton(self, groups, slots, theta0, serial, prior_weight, iterations):
         n = len(theta0)
         ys = [_median(g[5]) for g in groups]
-        ws = [len(g[5]) for g in groups]
+        ws = [len(g[5]) * y for g, y in zip(groups, ys)]
         wsum = float(sum(ws))
         first = self._duals(groups, slots, theta0, serial)
         mean_y = sum(w * y for w, y in zip(ws, ys)) / wsum
@@ -944,7 +947,7 @@ def _slot(testbed: Testbed, head: LinearCost | None, name: str) -> LinearCost | 
 class RefitResult:
     """What one :meth:`StepPlanner.refit` did: the ``records`` and step ``shapes`` (distinct
     ``(seqs, tokens, r1, r2, order)``) it fitted, the ``serial`` pricing it chose, the
-    count-weighted RMS relative error of the shapes' median times under the costs before and
+    time-weighted RMS relative error of the shapes' median times under the costs before and
     after, and on the split steps alone under the closed form's and the serial fit (None: no
     split step)."""
 
