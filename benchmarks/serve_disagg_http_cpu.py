@@ -398,7 +398,7 @@ def write(args, rates, records, minutes: float, torch_version: str) -> None:
     cmd = "python benchmarks/serve_disagg_http_cpu.py " + " ".join(
         f"--{k.replace('_', '-')} {v}"
         for k, v in vars(args).items()
-        if k not in ("out", "host", "serve_shaped", "rest")
+        if k not in ("out", "host", "serve_shaped", "rest") and v is not None
     )
     versions = {
         "python": platform.python_version(),
