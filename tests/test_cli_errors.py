@@ -20,6 +20,7 @@ from moeflow.errors import (
     DistributedConfigError,
     InputError,
 )
+from tests._proc import default_sigint
 
 FAKE = textwrap.dedent("""
     import time
@@ -114,13 +115,6 @@ def test_usage_error_is_exit_2(fake_command, capsys):
     assert e.value.code == 2
 
 
-def _default_sigint() -> None:
-    """In the child before it starts: SIGINT's default action. A test run started as a
-    shell's background job inherits SIGINT ignored, and Python then installs no
-    KeyboardInterrupt handler, so the signal these tests send would do nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _spawn_sleeper(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
     code = (
@@ -134,7 +128,7 @@ def _spawn_sleeper(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_default_sigint,
+        preexec_fn=default_sigint,
     )
     assert p.stdout.readline().strip() == "ready"
     return p

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from moeflow.compress import CompressedTensor, decompress
 from moeflow.compress.checkpoint import compress_file, decompress_file, inspect_file
 from moeflow.errors import CorruptDataError, InputError
+from tests._proc import default_sigint
 
 FUZZ = settings(
     max_examples=int(os.environ.get("MOEFLOW_FUZZ_EXAMPLES", "150")),
@@ -605,13 +606,6 @@ def _big_checkpoint(path, n_tensors=40, tensor_mb=4):
             f.write(rng.integers(0, 2**16, n, dtype=np.uint16).tobytes())
 
 
-def _default_sigint() -> None:
-    """In the child before it starts: SIGINT's default action. A test run started as a
-    shell's background job inherits SIGINT ignored, and Python then installs no
-    KeyboardInterrupt handler, so the signal these tests send would do nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.parametrize("how,code", [("cli-term", 143), ("cli-int", 130), ("api-term", 143)])
 def test_stopping_a_compress_leaves_no_temp_file_and_no_output(tmp_path_factory, how, code):
     d = tmp_path_factory.mktemp("stop")
@@ -645,7 +639,7 @@ def test_stopping_a_compress_leaves_no_temp_file_and_no_output(tmp_path_factory,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_default_sigint,
+        preexec_fn=default_sigint,
     )
     try:
         deadline = time.monotonic() + 60
