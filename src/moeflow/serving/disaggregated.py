@@ -53,6 +53,7 @@ rows share a GEMM; logits match single-process generation to rounding (tests: 1e
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -265,9 +266,9 @@ class DisaggregatedForward:
         table = torch.cat([table.sum(2, keepdim=True), table], 2).to(torch.long)
         rows_CR = table[:, :, 0].tolist()
         chunks = [_Chunk(routing, b - a, []) for (routing, _, _), (a, b) in zip(routed, bounds)]
+        where = f"(layer {l}, micro-batch {j}, {len(bounds)} chunks)"
+        cmd = torch.tensor([_CMD_DATA, l, len(bounds)], device=table.device)
         for e, lk in enumerate(self.links):
-            where = f"(layer {l}, micro-batch {j}, {len(bounds)} chunks)"
-            cmd = torch.tensor([_CMD_DATA, l, len(bounds)], device=table.device)
             first = torch.cat([cmd, table[0, e]])
             self.sends.append(lk.isend(first, f"a2e header {where}"))
             if len(bounds) > 1:
@@ -471,14 +472,12 @@ class ExpertServer:
         self.idle_timeout_s = resolve_timeout(idle_timeout_s or 10 * self.timeout_s)
         self.device = experts[0].w_in.device
         self.links = {a: _Link(a, self.timeout_s) for a in range(ag)}
+        self._lock = threading.Lock()  # one AG rank's expert GEMMs at a time
         self.stats = {"messages": 0, "rows": 0, "busy_s": 0.0}
 
     def run(self) -> dict:
         """Serve every AG rank until each has sent its stop message; the first error of any
         AG rank's thread is raised here (the others are left to the process's end)."""
-        import threading
-
-        self._lock = threading.Lock()
         peers = sorted(self.links)
         if len(peers) == 1:
             self._serve(peers[0])
